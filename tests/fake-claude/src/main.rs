@@ -1,1 +1,455 @@
-fn main() {}
+//! `fake-claude`: a stand-in for the Claude Code CLI, installed as `claude` in
+//! berth's test image so a node runs exactly what it runs in production.
+//!
+//! It accepts the real CLI's flags, reads stream-json user messages and control
+//! requests on stdin, and writes stream-json lines on stdout. What it does is
+//! scripted by the text of each user message (first word):
+//!
+//! | message                 | behaviour                                                        |
+//! |-------------------------|------------------------------------------------------------------|
+//! | `echo TEXT`             | replies TEXT                                                      |
+//! | `tool COMMAND`          | a Bash tool_use, its tool_result, then a reply                    |
+//! | `delay MS [TEXT]`       | waits MS (interruptible), then replies                            |
+//! | `events N [BYTES]`      | N assistant text events of BYTES bytes each (default 64)          |
+//! | `longline BYTES`        | one assistant event whose text is BYTES long                      |
+//! | `garbage`               | writes a line that is not JSON, then replies                      |
+//! | `crash [CODE]`          | writes one event, then exits with CODE (default 3) mid-turn       |
+//! | `hang`                  | never answers; an interrupt ends the turn                         |
+//! | `exit [CODE]`           | exits with CODE (default 0) without ending the turn               |
+//! | `replay PATH [MS]`      | writes the recorded transcript at PATH line by line, MS apart     |
+//! | anything else           | replies `You said: …`                                             |
+//!
+//! Every turn but `replay` (which carries its own) ends with a `result` line
+//! whose usage is deterministic: input tokens = bytes of the message, output
+//! tokens = bytes of the reply, cost = (3·in + 15·out) / 1e6 USD.
+
+use std::io::{BufRead, Write};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+/// Flags of the real CLI that take a value.
+const VALUE_FLAGS: &[&str] = &[
+    "--input-format",
+    "--output-format",
+    "--model",
+    "--append-system-prompt",
+    "--system-prompt",
+    "--resume",
+    "-r",
+    "--session-id",
+    "--permission-mode",
+    "--max-turns",
+    "--allowedTools",
+    "--allowed-tools",
+    "--disallowedTools",
+    "--disallowed-tools",
+    "--mcp-config",
+    "--add-dir",
+    "--settings",
+    "--fallback-model",
+    "--permission-prompt-tool",
+];
+
+/// Flags of the real CLI that take no value.
+const BOOL_FLAGS: &[&str] = &[
+    "-p",
+    "--print",
+    "--verbose",
+    "--continue",
+    "-c",
+    "--dangerously-skip-permissions",
+    "--include-partial-messages",
+    "--replay-user-messages",
+    "--debug",
+    "--strict-mcp-config",
+];
+
+#[derive(Debug, Default)]
+struct Args {
+    print: bool,
+    verbose: bool,
+    input_format: String,
+    output_format: String,
+    model: String,
+    resume: Option<String>,
+    session_id: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        input_format: "text".into(),
+        output_format: "text".into(),
+        model: "claude-sonnet-4-6".into(),
+        ..Args::default()
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if BOOL_FLAGS.contains(&flag.as_str()) {
+            match flag.as_str() {
+                "-p" | "--print" => args.print = true,
+                "--verbose" => args.verbose = true,
+                _ => {}
+            }
+        } else if VALUE_FLAGS.contains(&flag.as_str()) {
+            let value = match inline {
+                Some(v) => v,
+                None => it.next().ok_or_else(|| format!("error: option '{flag}' argument missing"))?,
+            };
+            match flag.as_str() {
+                "--input-format" => args.input_format = value,
+                "--output-format" => args.output_format = value,
+                "--model" => args.model = value,
+                "--resume" | "-r" => args.resume = Some(value),
+                "--session-id" => args.session_id = Some(value),
+                _ => {}
+            }
+        } else if flag.starts_with('-') {
+            return Err(format!("error: unknown option '{flag}'"));
+        } else {
+            return Err(format!(
+                "error: a prompt argument ('{arg}') cannot be combined with --input-format=stream-json"
+            ));
+        }
+    }
+    if !args.print {
+        return Err("error: fake-claude only supports --print mode".into());
+    }
+    if args.input_format != "stream-json" || args.output_format != "stream-json" {
+        return Err("error: fake-claude needs --input-format stream-json --output-format stream-json".into());
+    }
+    if !args.verbose {
+        return Err("Error: When using --print, --output-format=stream-json requires --verbose".into());
+    }
+    Ok(args)
+}
+
+/// What arrives on stdin.
+enum Input {
+    User(String),
+    Interrupt(String),
+    Eof,
+}
+
+fn read_stdin(tx: mpsc::Sender<Input>) {
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            eprintln!("fake-claude: ignoring a stdin line that is not JSON: {line}");
+            continue;
+        };
+        let input = match v["type"].as_str() {
+            Some("user") => Input::User(message_text(&v["message"]["content"])),
+            Some("control_request") if v["request"]["subtype"] == "interrupt" => {
+                Input::Interrupt(v["request_id"].as_str().unwrap_or_default().to_string())
+            }
+            _ => {
+                eprintln!("fake-claude: ignoring stdin line: {line}");
+                continue;
+            }
+        };
+        if tx.send(input).is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(Input::Eof);
+}
+
+/// The text of a user message's content: a string, or text blocks.
+fn message_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+struct Agent {
+    out: std::io::Stdout,
+    rx: Receiver<Input>,
+    session_id: String,
+    model: String,
+    init_sent: bool,
+    /// Messages that arrived while a turn was running, answered in order.
+    queued: std::collections::VecDeque<String>,
+    eof: bool,
+}
+
+/// How a wait inside a turn ended.
+enum Wait {
+    Elapsed,
+    Interrupted,
+    Eof,
+}
+
+impl Agent {
+    fn emit(&mut self, v: &Value) {
+        let mut out = self.out.lock();
+        // A broken stdout means berth went away: nothing left to do.
+        if writeln!(out, "{v}").and_then(|()| out.flush()).is_err() {
+            std::process::exit(141);
+        }
+    }
+
+    fn emit_raw(&mut self, line: &str) {
+        let mut out = self.out.lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            std::process::exit(141);
+        }
+    }
+
+    fn ensure_init(&mut self) {
+        if self.init_sent {
+            return;
+        }
+        self.init_sent = true;
+        let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+        let init = json!({
+            "type": "system", "subtype": "init", "cwd": cwd, "session_id": self.session_id,
+            "tools": ["Bash", "Read", "Write"], "mcp_servers": [], "model": self.model,
+            "permissionMode": "default", "apiKeySource": "none", "claude_code_version": "fake",
+        });
+        self.emit(&init);
+    }
+
+    fn assistant(&mut self, content: Value) {
+        let msg = json!({
+            "type": "assistant",
+            "message": {"id": format!("msg_fake_{}", nonce()), "type": "message", "role": "assistant",
+                        "model": self.model, "content": [content], "stop_reason": null},
+            "parent_tool_use_id": null, "session_id": self.session_id,
+        });
+        self.emit(&msg);
+    }
+
+    fn text(&mut self, text: &str) {
+        self.assistant(json!({"type": "text", "text": text}));
+    }
+
+    fn result(&mut self, prompt: &str, reply_bytes: usize, started: Instant, interrupted: bool) {
+        let input = prompt.len() as u64;
+        let output = reply_bytes as u64;
+        let cost = (3 * input + 15 * output) as f64 / 1e6;
+        let result = json!({
+            "type": "result",
+            "subtype": if interrupted { "error_during_execution" } else { "success" },
+            "is_error": interrupted,
+            "duration_ms": started.elapsed().as_millis() as u64,
+            "num_turns": 1,
+            "result": if interrupted { "interrupted" } else { "ok" },
+            "stop_reason": if interrupted { "interrupted" } else { "end_turn" },
+            "session_id": self.session_id,
+            "total_cost_usd": cost,
+            "usage": {"input_tokens": input, "output_tokens": output,
+                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            "modelUsage": {self.model.clone(): {"inputTokens": input, "outputTokens": output, "costUSD": cost}},
+        });
+        self.emit(&result);
+    }
+
+    /// Waits up to `d` (forever if `None`) for an interrupt; other input is queued.
+    fn wait(&mut self, d: Option<Duration>) -> Wait {
+        let deadline = d.map(|d| Instant::now() + d);
+        loop {
+            let got = match deadline {
+                Some(dl) => {
+                    let left = dl.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Wait::Elapsed;
+                    }
+                    self.rx.recv_timeout(left)
+                }
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match got {
+                Ok(Input::User(text)) => self.queued.push_back(text),
+                Ok(Input::Interrupt(id)) => {
+                    self.control_ack(&id);
+                    return Wait::Interrupted;
+                }
+                Ok(Input::Eof) | Err(RecvTimeoutError::Disconnected) => {
+                    self.eof = true;
+                    return Wait::Eof;
+                }
+                Err(RecvTimeoutError::Timeout) => return Wait::Elapsed,
+            }
+        }
+    }
+
+    fn control_ack(&mut self, request_id: &str) {
+        let ack = json!({"type": "control_response",
+                         "response": {"subtype": "success", "request_id": request_id}});
+        self.emit(&ack);
+    }
+
+    /// Runs one turn. Returns false when the process should exit.
+    fn turn(&mut self, prompt: &str) -> bool {
+        let started = Instant::now();
+        let mut words = prompt.split_whitespace();
+        let cmd = words.next().unwrap_or_default();
+        let rest: Vec<&str> = words.collect();
+        let num = |i: usize, default: u64| rest.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
+        if cmd != "replay" {
+            self.ensure_init();
+        }
+        let reply = match cmd {
+            "echo" => rest.join(" "),
+            "tool" => {
+                let command = rest.join(" ");
+                let id = format!("toolu_fake_{}", nonce());
+                self.assistant(json!({"type": "tool_use", "id": id, "name": "Bash",
+                                      "input": {"command": command}}));
+                let tool_result = json!({
+                    "type": "user",
+                    "message": {"role": "user", "content": [
+                        {"tool_use_id": id, "type": "tool_result", "content": format!("ran: {command}"), "is_error": false}]},
+                    "parent_tool_use_id": null, "session_id": self.session_id,
+                });
+                self.emit(&tool_result);
+                format!("Ran `{command}`.")
+            }
+            "delay" => {
+                match self.wait(Some(Duration::from_millis(num(0, 1000)))) {
+                    Wait::Elapsed => {}
+                    Wait::Interrupted => {
+                        self.result(prompt, 0, started, true);
+                        return true;
+                    }
+                    Wait::Eof => return false,
+                }
+                rest.get(1..).map(|w| w.join(" ")).unwrap_or_default()
+            }
+            "events" => {
+                let n = num(0, 10);
+                let size = num(1, 64) as usize;
+                for i in 0..n {
+                    let prefix = format!("event {i} ");
+                    let pad = size.saturating_sub(prefix.len());
+                    self.text(&format!("{prefix}{}", "x".repeat(pad)));
+                }
+                format!("sent {n} events")
+            }
+            "longline" => "L".repeat(num(0, 1 << 20) as usize),
+            "garbage" => {
+                self.emit_raw("this line is not JSON {{{");
+                "after garbage".to_string()
+            }
+            "crash" => {
+                self.text("crashing now");
+                eprintln!("fake-claude: crashing on request");
+                std::process::exit(num(0, 3) as i32);
+            }
+            "exit" => std::process::exit(num(0, 0) as i32),
+            "hang" => {
+                return match self.wait(None) {
+                    Wait::Interrupted => {
+                        self.result(prompt, 0, started, true);
+                        true
+                    }
+                    _ => false,
+                };
+            }
+            "replay" => {
+                let Some(path) = rest.first() else {
+                    self.ensure_init();
+                    self.text("replay needs a path");
+                    self.result(prompt, 0, started, false);
+                    return true;
+                };
+                let pace = Duration::from_millis(num(1, 0));
+                let body = match std::fs::read_to_string(path) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("fake-claude: cannot read {path}: {e}");
+                        std::process::exit(2);
+                    }
+                };
+                self.init_sent = true;
+                for line in body.lines().filter(|l| !l.trim().is_empty()) {
+                    self.emit_raw(line);
+                    if !pace.is_zero() {
+                        match self.wait(Some(pace)) {
+                            Wait::Elapsed => {}
+                            Wait::Interrupted => {
+                                self.result(prompt, 0, started, true);
+                                return true;
+                            }
+                            Wait::Eof => return false,
+                        }
+                    }
+                }
+                return true;
+            }
+            _ => format!("You said: {prompt}"),
+        };
+        self.text(&reply);
+        self.result(prompt, reply.len(), started, false);
+        true
+    }
+
+    fn run(&mut self) {
+        loop {
+            let next = match self.queued.pop_front() {
+                Some(text) => Input::User(text),
+                None if self.eof => return,
+                None => self.rx.recv().unwrap_or(Input::Eof),
+            };
+            match next {
+                Input::User(text) => {
+                    if !self.turn(&text) {
+                        return;
+                    }
+                }
+                // No turn in flight: acknowledge and carry on.
+                Input::Interrupt(id) => self.control_ack(&id),
+                Input::Eof => return,
+            }
+        }
+    }
+}
+
+fn nonce() -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:x}{:x}", nanos, std::process::id())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let session_id = match (&args.resume, &args.session_id) {
+        // The real CLI may report a fresh id after --resume; so does this one.
+        (Some(_), _) => format!("resumed-{}", nonce()),
+        (None, Some(id)) => id.clone(),
+        (None, None) => format!("fake-{}", nonce()),
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || read_stdin(tx));
+    let mut agent = Agent {
+        out: std::io::stdout(),
+        rx,
+        session_id,
+        model: args.model,
+        init_sent: false,
+        queued: Default::default(),
+        eof: false,
+    };
+    agent.run();
+}

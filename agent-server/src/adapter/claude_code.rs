@@ -1,0 +1,237 @@
+//! Claude Code's stream-json protocol.
+//!
+//! Started as `claude -p --input-format stream-json --output-format stream-json
+//! --verbose`. User messages and the interrupt control request go to stdin; each
+//! stdout line is one JSON object. A `result` line ends a turn and carries the
+//! turn's `usage` and `total_cost_usd`.
+
+use berth_common::events as ev;
+use serde_json::{Map, Value, json};
+
+use super::{Adapter, AgentEvent, TurnUsage, int};
+use crate::spec::SessionSpec;
+
+/// State kept across lines: the model the runtime reported, for usage rows.
+#[derive(Debug, Default)]
+pub struct ClaudeCode {
+    model: String,
+    interrupts: u64,
+}
+
+impl Adapter for ClaudeCode {
+    fn command(&self, spec: &SessionSpec) -> Vec<String> {
+        let mut cmd: Vec<String> = ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"]
+            .map(String::from)
+            .into();
+        if !spec.model.is_empty() {
+            cmd.extend(["--model".into(), spec.model.clone()]);
+        }
+        if !spec.system_prompt.is_empty() {
+            cmd.extend(["--append-system-prompt".into(), spec.system_prompt.clone()]);
+        }
+        if !spec.resume_id.is_empty() {
+            cmd.extend(["--resume".into(), spec.resume_id.clone()]);
+        }
+        cmd.extend(spec.runtime_args.iter().cloned());
+        cmd
+    }
+
+    fn encode_message(&mut self, text: &str) -> Vec<u8> {
+        let msg = json!({"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": text}]}});
+        line(&msg)
+    }
+
+    fn encode_interrupt(&mut self) -> Vec<u8> {
+        self.interrupts += 1;
+        let req = json!({"type": "control_request", "request_id": format!("berth-interrupt-{}", self.interrupts),
+                         "request": {"subtype": "interrupt"}});
+        line(&req)
+    }
+
+    fn decode(&mut self, raw: &str) -> AgentEvent {
+        let Ok(Value::Object(v)) = serde_json::from_str::<Value>(raw) else {
+            return AgentEvent::raw(raw);
+        };
+        let v = Value::Object(v);
+        let mut f = Map::new();
+        let kind = match v["type"].as_str().unwrap_or_default() {
+            "system" if v["subtype"] == "init" => {
+                if let Some(m) = v["model"].as_str() {
+                    self.model = m.to_string();
+                }
+                copy(&v, &mut f, &["session_id", "model", "cwd"]);
+                let mut e = AgentEvent::new(ev::RUNTIME_INIT, f, raw);
+                e.runtime_session_id = v["session_id"].as_str().map(String::from);
+                return e;
+            }
+            "system" | "rate_limit_event" | "control_response" | "stream_event" => {
+                let subtype = v["subtype"].as_str().or(v["type"].as_str()).unwrap_or_default();
+                f.insert("subtype".into(), subtype.into());
+                ev::RUNTIME_SYSTEM
+            }
+            "assistant" => match assistant(&v, &mut f) {
+                Some(kind) => kind,
+                None => return AgentEvent::raw(raw),
+            },
+            "user" => user(&v, &mut f),
+            "result" => {
+                copy(&v, &mut f, &["subtype", "is_error", "result", "num_turns", "duration_ms", "stop_reason", "session_id"]);
+                let mut e = AgentEvent::new(ev::AGENT_RESULT, f, raw);
+                e.turn_end = Some(self.usage(&v));
+                return e;
+            }
+            _ => return AgentEvent::raw(raw),
+        };
+        AgentEvent::new(kind, f, raw)
+    }
+}
+
+impl ClaudeCode {
+    /// The turn's usage: top-level `usage` and `total_cost_usd` of the result line.
+    fn usage(&self, v: &Value) -> TurnUsage {
+        let u = &v["usage"];
+        let model = if self.model.is_empty() {
+            // No init line seen: the model that cost the most this turn.
+            v["modelUsage"]
+                .as_object()
+                .and_then(|m| {
+                    m.iter()
+                        .max_by(|a, b| a.1["costUSD"].as_f64().partial_cmp(&b.1["costUSD"].as_f64()).unwrap_or(std::cmp::Ordering::Equal))
+                        .map(|(k, _)| k.clone())
+                })
+                .unwrap_or_default()
+        } else {
+            self.model.clone()
+        };
+        TurnUsage {
+            input_tokens: int(u, "input_tokens"),
+            output_tokens: int(u, "output_tokens"),
+            cache_read_input_tokens: int(u, "cache_read_input_tokens"),
+            cache_creation_input_tokens: int(u, "cache_creation_input_tokens"),
+            cost_usd: v["total_cost_usd"].as_f64().unwrap_or(0.0),
+            model,
+        }
+    }
+}
+
+/// Maps an assistant line by its first content block.
+fn assistant(v: &Value, f: &mut Map<String, Value>) -> Option<&'static str> {
+    let blocks = v["message"]["content"].as_array()?;
+    let first = blocks.first()?;
+    copy(v, f, &["parent_tool_use_id"]);
+    if let Some(id) = v["message"]["id"].as_str() {
+        f.insert("message_id".into(), id.into());
+    }
+    let kind = match first["type"].as_str()? {
+        "text" => {
+            let text: String = blocks.iter().filter_map(|b| b["text"].as_str()).collect::<Vec<_>>().join("");
+            f.insert("text".into(), text.into());
+            ev::AGENT_MESSAGE
+        }
+        "thinking" => {
+            f.insert("text".into(), first["thinking"].clone());
+            ev::AGENT_THINKING
+        }
+        "redacted_thinking" => ev::AGENT_THINKING,
+        "tool_use" | "server_tool_use" => {
+            f.insert("tool_use_id".into(), first["id"].clone());
+            f.insert("name".into(), first["name"].clone());
+            f.insert("input".into(), first["input"].clone());
+            ev::AGENT_TOOL_USE
+        }
+        _ => return None,
+    };
+    Some(kind)
+}
+
+/// Maps a user-role line: tool results, or echoes of prompts (sub-agents).
+fn user(v: &Value, f: &mut Map<String, Value>) -> &'static str {
+    copy(v, f, &["parent_tool_use_id"]);
+    let content = &v["message"]["content"];
+    if let Some(result) = content.as_array().and_then(|b| b.iter().find(|b| b["type"] == "tool_result")) {
+        f.insert("tool_use_id".into(), result["tool_use_id"].clone());
+        f.insert("content".into(), result["content"].clone());
+        f.insert("is_error".into(), result["is_error"].as_bool().unwrap_or(false).into());
+        return ev::AGENT_TOOL_RESULT;
+    }
+    let text = match content {
+        Value::String(s) => s.clone(),
+        Value::Array(b) => b.iter().filter_map(|b| b["text"].as_str()).collect::<Vec<_>>().join(""),
+        _ => String::new(),
+    };
+    f.insert("subtype".into(), "user_echo".into());
+    f.insert("text".into(), text.into());
+    ev::RUNTIME_SYSTEM
+}
+
+fn copy(v: &Value, f: &mut Map<String, Value>, keys: &[&str]) {
+    for k in keys {
+        if let Some(x) = v.get(*k) {
+            f.insert((*k).to_string(), x.clone());
+        }
+    }
+}
+
+fn line(v: &Value) -> Vec<u8> {
+    let mut out = v.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!("../../../tests/fixtures/claude-code/explore_count_files.jsonl");
+
+    #[test]
+    fn every_fixture_line_is_one_event_and_the_result_carries_usage() {
+        let mut a = ClaudeCode::default();
+        let events: Vec<_> = FIXTURE.lines().map(|l| a.decode(l)).collect();
+        assert_eq!(events.len(), FIXTURE.lines().count());
+        assert_eq!(events[0].kind, ev::RUNTIME_INIT);
+        assert_eq!(events[0].runtime_session_id.as_deref(), Some("4e3453f9-129a-4da9-bc25-a287453d58d9"));
+        assert!(events.iter().all(|e| e.kind != ev::RUNTIME_RAW), "the fixture has only known line types");
+        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        for k in [ev::AGENT_THINKING, ev::AGENT_MESSAGE, ev::AGENT_TOOL_USE, ev::AGENT_TOOL_RESULT] {
+            assert!(kinds.contains(&k), "missing {k}");
+        }
+        let last = events.last().and_then(|e| e.turn_end.clone()).expect("result ends the turn");
+        assert_eq!(
+            last,
+            TurnUsage {
+                input_tokens: 4,
+                output_tokens: 576,
+                cache_read_input_tokens: 40618,
+                cache_creation_input_tokens: 7281,
+                cost_usd: 0.0763163,
+                model: "claude-sonnet-4-6".into(),
+            }
+        );
+        // The original line is kept verbatim.
+        for (line, e) in FIXTURE.lines().zip(&events) {
+            let p: Value = serde_json::from_str(&e.payload).expect("payload is JSON");
+            assert_eq!(p["raw"].as_str(), Some(line));
+        }
+    }
+
+    #[test]
+    fn lines_that_are_not_json_are_kept_raw() {
+        let mut a = ClaudeCode::default();
+        let e = a.decode("Segmentation fault (core dumped)");
+        assert_eq!(e.kind, ev::RUNTIME_RAW);
+        assert!(e.payload.contains("Segmentation fault"));
+        assert_eq!(a.decode(r#"{"type":"brand_new_thing"}"#).kind, ev::RUNTIME_RAW);
+        assert_eq!(a.decode("[1,2]").kind, ev::RUNTIME_RAW);
+    }
+
+    #[test]
+    fn input_is_stream_json() {
+        let mut a = ClaudeCode::default();
+        let m: Value = serde_json::from_slice(&a.encode_message("hi \"there\"")).expect("json");
+        assert_eq!(m["type"], "user");
+        assert_eq!(m["message"]["content"][0]["text"], "hi \"there\"");
+        let i: Value = serde_json::from_slice(&a.encode_interrupt()).expect("json");
+        assert_eq!(i["request"]["subtype"], "interrupt");
+    }
+}

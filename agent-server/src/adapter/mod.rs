@@ -1,0 +1,79 @@
+//! Runtime adapters: how to start an agent, how to write user input to its
+//! stdin, and how to map each line it writes to an event.
+//!
+//! Invariant: every output line becomes exactly one event. A line an adapter
+//! does not recognise is kept whole as `runtime.raw`.
+
+mod claude_code;
+mod jsonl;
+
+pub use claude_code::ClaudeCode;
+pub use jsonl::Jsonl;
+
+use crate::spec::{RuntimeKind, SessionSpec};
+
+/// Usage and cost of one turn, as the runtime reported it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TurnUsage {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_input_tokens: i64,
+    pub cache_creation_input_tokens: i64,
+    pub cost_usd: f64,
+    pub model: String,
+}
+
+/// One event decoded from one output line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentEvent {
+    /// Event type, one of [`berth_common::events`].
+    pub kind: &'static str,
+    /// JSON object; runtime lines keep the original under `raw`.
+    pub payload: String,
+    /// Set on the line that ends a turn.
+    pub turn_end: Option<TurnUsage>,
+    /// Set when the line reports the runtime's own session id.
+    pub runtime_session_id: Option<String>,
+}
+
+impl AgentEvent {
+    fn new(kind: &'static str, mut fields: serde_json::Map<String, serde_json::Value>, raw: &str) -> Self {
+        fields.insert("raw".into(), raw.into());
+        Self {
+            kind,
+            payload: serde_json::Value::Object(fields).to_string(),
+            turn_end: None,
+            runtime_session_id: None,
+        }
+    }
+
+    /// A line nobody recognised, kept whole.
+    pub fn raw(line: &str) -> Self {
+        Self::new(berth_common::events::RUNTIME_RAW, Default::default(), line)
+    }
+}
+
+/// Speaks one runtime's protocol.
+pub trait Adapter: Send {
+    /// The command that starts the agent.
+    fn command(&self, spec: &SessionSpec) -> Vec<String>;
+    /// Bytes to write to stdin for a user message (one line, newline included).
+    fn encode_message(&mut self, text: &str) -> Vec<u8>;
+    /// Bytes to write to stdin to interrupt the current turn.
+    fn encode_interrupt(&mut self) -> Vec<u8>;
+    /// Maps one output line (without its newline) to an event.
+    fn decode(&mut self, line: &str) -> AgentEvent;
+}
+
+/// The adapter for a runtime.
+pub fn for_runtime(kind: RuntimeKind) -> Box<dyn Adapter> {
+    match kind {
+        RuntimeKind::ClaudeCode => Box::new(ClaudeCode::default()),
+        RuntimeKind::Jsonl => Box::new(Jsonl),
+    }
+}
+
+/// Reads an integer field, 0 when absent.
+fn int(v: &serde_json::Value, key: &str) -> i64 {
+    v.get(key).and_then(serde_json::Value::as_i64).unwrap_or(0)
+}

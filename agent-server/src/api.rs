@@ -1,0 +1,193 @@
+//! The node's gRPC API: thin handlers over [`Node`] and [`session::run`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use berth_proto::node::v1::{self as pb, agent_server_server::AgentServer, dispatcher_frame, node_frame};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::Error;
+use crate::node::{Load, Node};
+use crate::session::{self, Command, Output};
+use crate::spec::SessionSpec;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Frames buffered toward the dispatcher before the agent is backpressured.
+const OUT_BUFFER: usize = 256;
+
+/// Serves `berth.node.v1.AgentServer`.
+pub struct NodeApi {
+    node: Arc<Node>,
+}
+
+impl NodeApi {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+fn report(node: &Node, load: &Load) -> pb::LoadReport {
+    pb::LoadReport {
+        node_id: node.cfg.node_id.clone(),
+        capacity: i32::try_from(load.capacity).unwrap_or(i32::MAX),
+        running: i32::try_from(load.running).unwrap_or(i32::MAX),
+        warm: Vec::new(),
+        cpu_utilization: load.cpu_utilization,
+        memory_used_bytes: load.memory_used_bytes,
+        memory_total_bytes: load.memory_total_bytes,
+        draining: load.draining,
+        generation: node.next_generation(),
+    }
+}
+
+fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
+    let kind = match output {
+        Output::Accepted { container_id, warm } => node_frame::Kind::Accepted(pb::Accepted { container_id, warm }),
+        Output::Refused(reason) => node_frame::Kind::Refused(pb::Refused { reason }),
+        Output::Event(e) => node_frame::Kind::Event(pb::RuntimeEvent {
+            r#type: e.kind.to_string(),
+            payload_json: e.payload,
+            turn_end: e.turn_end.map(|u| pb::TurnUsage {
+                input_tokens: u.input_tokens,
+                output_tokens: u.output_tokens,
+                cache_read_input_tokens: u.cache_read_input_tokens,
+                cache_creation_input_tokens: u.cache_creation_input_tokens,
+                cost_usd: u.cost_usd,
+                model: u.model,
+            }),
+            runtime_session_id: e.runtime_session_id.unwrap_or_default(),
+        }),
+        Output::Exited(x) => node_frame::Kind::Exited(pb::Exited {
+            exit_code: x.code,
+            reason: x.reason,
+            stderr_tail: x.stderr_tail,
+            stopped: x.stopped,
+        }),
+    };
+    pb::NodeFrame { node_seq, kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl AgentServer for NodeApi {
+    type WatchLoadStream = BoxStream<pb::LoadReport>;
+
+    async fn watch_load(&self, _: Request<pb::WatchLoadRequest>) -> Result<Response<Self::WatchLoadStream>, Status> {
+        let node = self.node.clone();
+        let mut rx = node.watch_load();
+        let (tx, out) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(node.cfg.load_heartbeat);
+            loop {
+                let load = rx.borrow_and_update().clone();
+                if tx.send(Ok(report(&node, &load))).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = node.shutdown.cancelled() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = heartbeat.tick() => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    type RunSessionStream = BoxStream<pb::NodeFrame>;
+
+    async fn run_session(
+        &self,
+        request: Request<Streaming<pb::DispatcherFrame>>,
+    ) -> Result<Response<Self::RunSessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("RunSession: the stream ended before its `start` frame"))?;
+        let Some(dispatcher_frame::Kind::Start(start)) = first.kind else {
+            return Err(Status::invalid_argument("RunSession: the first frame must be `start`"));
+        };
+        if start.session_id.is_empty() {
+            return Err(Error::invalid("start.session_id", "must not be empty").into());
+        }
+        let spec = SessionSpec::try_from(start.spec.unwrap_or_default())?;
+        let epoch = start.epoch;
+
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (out_tx, mut out_rx) = mpsc::channel(OUT_BUFFER);
+        let (frame_tx, frames) = mpsc::channel(OUT_BUFFER);
+        tokio::spawn(session::run(self.node.clone(), start.session_id.clone(), epoch, spec, cmd_rx, out_tx));
+        // Inbound frames become commands. Epoch fencing: a frame from another
+        // epoch is a dispatcher that lost the session; the run stops.
+        let fence_tx = frame_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let cmd = match inbound.message().await {
+                    Ok(Some(f)) if f.epoch != epoch => {
+                        let msg = format!("frame carries epoch {}, this run is epoch {epoch}", f.epoch);
+                        let _ = fence_tx.send(Err(Status::failed_precondition(msg))).await;
+                        Command::Stop("stale epoch".into())
+                    }
+                    Ok(Some(pb::DispatcherFrame { kind: Some(kind), .. })) => match kind {
+                        dispatcher_frame::Kind::Message(m) => Command::Message(m.text),
+                        dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
+                        dispatcher_frame::Kind::Stop(s) => Command::Stop(s.reason),
+                        dispatcher_frame::Kind::Start(_) => continue,
+                    },
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => return,
+                };
+                let stop = matches!(cmd, Command::Stop(_));
+                if cmd_tx.send(cmd).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        // Outputs become numbered frames.
+        tokio::spawn(async move {
+            let mut node_seq = 0;
+            while let Some(output) = out_rx.recv().await {
+                node_seq += 1;
+                if frame_tx.send(Ok(frame(node_seq, output))).await.is_err() {
+                    // The dispatcher is gone; dropping `out_rx` tells the runner.
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(frames))))
+    }
+
+    type AttachSessionStream = BoxStream<pb::NodeFrame>;
+
+    async fn attach_session(
+        &self,
+        _: Request<pb::AttachSessionRequest>,
+    ) -> Result<Response<Self::AttachSessionStream>, Status> {
+        Err(Status::unimplemented(
+            "AttachSession is not available yet: this node stops a session when its dispatcher link drops",
+        ))
+    }
+
+    async fn drain(&self, _: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        let running = self.node.drain();
+        tracing::info!(running, "draining: no new sessions will be accepted");
+        Ok(Response::new(pb::DrainResponse { running: i32::try_from(running).unwrap_or(i32::MAX) }))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListNodeSessionsRequest>,
+    ) -> Result<Response<pb::ListNodeSessionsResponse>, Status> {
+        let sessions = self
+            .node
+            .running()
+            .into_iter()
+            .map(|s| pb::NodeSession { session_id: s.session_id, epoch: s.epoch, container_id: s.container_id })
+            .collect();
+        Ok(Response::new(pb::ListNodeSessionsResponse { sessions }))
+    }
+}

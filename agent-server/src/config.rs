@@ -1,0 +1,105 @@
+//! Agent-server configuration: flags, each with an environment variable and a
+//! default. `berth-agent-server --help` lists them all.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use berth_common::telemetry::LogFormat;
+
+/// Configuration of one agent-server node.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "berth-agent-server", version, about = "berth node: runs agent sessions in Docker containers")]
+pub struct Config {
+    /// Address the node API (berth.node.v1.AgentServer) listens on.
+    #[arg(long, env = "BERTH_NODE_LISTEN", default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+
+    /// This node's id: labels its containers (`berth.node`) and names it in load
+    /// reports. Must be stable across restarts so leftovers are reaped.
+    #[arg(long, env = "BERTH_NODE_ID", default_value_t = default_node_id())]
+    pub node_id: String,
+
+    /// Session slots on this node.
+    #[arg(long, env = "BERTH_NODE_CAPACITY", default_value_t = 16)]
+    pub capacity: u32,
+
+    /// User the agent runs as inside the container (uid:gid). Never root.
+    #[arg(long, env = "BERTH_AGENT_USER", default_value = "1000:1000")]
+    pub agent_user: String,
+
+    /// Writable workspace inside the container (a volume; the root filesystem is read-only).
+    #[arg(long, env = "BERTH_WORKSPACE", default_value = "/workspace")]
+    pub workspace: String,
+
+    /// Memory limit per container, in MiB (memory+swap is set to the same value).
+    #[arg(long, env = "BERTH_CONTAINER_MEMORY_MIB", default_value_t = 2048)]
+    pub memory_mib: i64,
+
+    /// CPU limit per container, in cores.
+    #[arg(long, env = "BERTH_CONTAINER_CPUS", default_value_t = 2.0)]
+    pub cpus: f64,
+
+    /// Process limit per container.
+    #[arg(long, env = "BERTH_CONTAINER_PIDS", default_value_t = 512)]
+    pub pids_limit: i64,
+
+    /// The container's main process: it only keeps the container alive; the agent is exec'd.
+    #[arg(long, env = "BERTH_KEEPALIVE_CMD", value_delimiter = ' ', default_value = "tail -f /dev/null")]
+    pub keepalive_cmd: Vec<String>,
+
+    /// Longest runtime output line kept whole, in bytes. Longer lines become a
+    /// truncated `runtime.raw` event.
+    #[arg(long, env = "BERTH_MAX_LINE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_line_bytes: usize,
+
+    /// How long a stopped agent gets to exit after its stdin closes, before its container is killed.
+    #[arg(long, env = "BERTH_STOP_GRACE", value_parser = humantime_secs, default_value = "5")]
+    pub stop_grace: Duration,
+
+    /// Interval between load reports when nothing changes, in seconds.
+    #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = humantime_secs, default_value = "1")]
+    pub load_heartbeat: Duration,
+
+    /// Log format.
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+/// Parses seconds, fractional allowed (`0.5`, `30`).
+pub fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))
+}
+
+impl Config {
+    /// A configuration with every default, for tests and the in-process node.
+    pub fn defaults() -> Self {
+        <Self as clap::Parser>::parse_from(["berth-agent-server"])
+    }
+
+    /// Checks values clap cannot, naming the offending field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.capacity > 0, "--capacity must be at least 1");
+        anyhow::ensure!(!self.node_id.is_empty(), "--node-id must not be empty");
+        anyhow::ensure!(
+            !self.agent_user.is_empty() && !self.agent_user.starts_with("0:") && self.agent_user != "0" && self.agent_user != "root",
+            "--agent-user must be a non-root uid:gid, got `{}`",
+            self.agent_user
+        );
+        anyhow::ensure!(self.memory_mib >= 16, "--memory-mib must be at least 16");
+        anyhow::ensure!(self.cpus > 0.0, "--cpus must be positive");
+        anyhow::ensure!(self.pids_limit > 0, "--pids-limit must be positive");
+        anyhow::ensure!(!self.keepalive_cmd.is_empty(), "--keepalive-cmd must not be empty");
+        anyhow::ensure!(self.max_line_bytes >= 1024, "--max-line-bytes must be at least 1024");
+        Ok(())
+    }
+}

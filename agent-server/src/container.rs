@@ -1,0 +1,201 @@
+//! The container runtime: Docker through bollard.
+//!
+//! A session's container runs only a keep-alive process; the agent is started
+//! with `exec` so the session's env (credentials included) enters the container
+//! only at that moment. Everything created here carries `berth.*` labels so a
+//! restarted node can find and reap its leftovers.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use futures::Stream;
+use tokio::io::AsyncWrite;
+
+use crate::config::Config;
+use crate::error::Error;
+
+/// Label every berth container carries.
+pub const LABEL_MANAGED: &str = "berth.managed";
+/// Label naming the node that owns a container.
+pub const LABEL_NODE: &str = "berth.node";
+/// Label naming the session a container runs.
+pub const LABEL_SESSION: &str = "berth.session";
+
+/// A started agent process: its output and its stdin.
+pub struct AgentProcess {
+    pub exec_id: String,
+    pub output: Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>,
+    pub input: Pin<Box<dyn AsyncWrite + Send>>,
+}
+
+/// Creates, execs into and removes containers on the local Docker daemon.
+#[derive(Clone)]
+pub struct ContainerRuntime {
+    docker: Docker,
+    cfg: Config,
+}
+
+impl ContainerRuntime {
+    /// Connects to the daemon (`DOCKER_HOST` or the local socket) and
+    /// negotiates the API version with it.
+    pub async fn connect(cfg: Config) -> Result<Self, Error> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| Error::Docker(format!("cannot connect to Docker: {e}")))?
+            .negotiate_version()
+            .await
+            .map_err(|e| Error::Docker(format!("cannot reach the Docker daemon: {e}")))?;
+        Ok(Self { docker, cfg })
+    }
+
+    /// The bollard client, for callers that inspect containers directly.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Creates and starts a hardened container for `image`, running only the
+    /// keep-alive process. Returns its id.
+    pub async fn start_container(&self, image: &str, session_id: &str) -> Result<String, Error> {
+        let cfg = &self.cfg;
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_NODE.to_string(), cfg.node_id.clone()),
+            (LABEL_SESSION.to_string(), session_id.to_string()),
+        ]);
+        let memory = cfg.memory_mib * 1024 * 1024;
+        let host_config = HostConfig {
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            pids_limit: Some(cfg.pids_limit),
+            memory: Some(memory),
+            // Equal to memory: no swap beyond the limit.
+            memory_swap: Some(memory),
+            nano_cpus: Some((cfg.cpus * 1e9) as i64),
+            readonly_rootfs: Some(true),
+            // Reaps the exec'd agent's children; forwards signals.
+            init: Some(true),
+            tmpfs: Some(HashMap::from([("/tmp".to_string(), "rw,nosuid,nodev,size=256m".to_string())])),
+            // An anonymous volume: writable, removed with the container (`v=true`).
+            mounts: Some(vec![Mount {
+                target: Some(cfg.workspace.clone()),
+                typ: Some(MountType::VOLUME),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: Some(cfg.keepalive_cmd.clone()),
+            user: Some(cfg.agent_user.clone()),
+            working_dir: Some(cfg.workspace.clone()),
+            labels: Some(labels),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let name = format!("berth-{}-{}", sanitize(&cfg.node_id), &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let opts = CreateContainerOptionsBuilder::new().name(&name).build();
+        let created = self.docker.create_container(Some(opts), body).await.map_err(|e| match e {
+            bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => {
+                Error::ImageNotFound(image.to_string())
+            }
+            e => Error::Docker(format!("create container from `{image}`: {e}")),
+        })?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            self.remove(&created.id).await;
+            return Err(Error::Docker(format!("start container from `{image}`: {e}")));
+        }
+        Ok(created.id)
+    }
+
+    /// Starts the agent in the container with `env`, stdin and stdout attached.
+    pub async fn exec_agent(
+        &self,
+        container_id: &str,
+        cmd: Vec<String>,
+        env: Vec<String>,
+    ) -> Result<AgentProcess, Error> {
+        let exec = self
+            .docker
+            .create_exec(
+                container_id,
+                CreateExecOptions {
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(false),
+                    cmd: Some(cmd),
+                    env: Some(env),
+                    user: Some(self.cfg.agent_user.clone()),
+                    working_dir: Some(self.cfg.workspace.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| Error::Docker(format!("create exec: {e}")))?;
+        let opts = StartExecOptions { detach: false, tty: false, output_capacity: Some(64 * 1024) };
+        match self.docker.start_exec(&exec.id, Some(opts)).await {
+            Ok(StartExecResults::Attached { output, input }) => Ok(AgentProcess { exec_id: exec.id, output, input }),
+            Ok(StartExecResults::Detached) => Err(Error::Docker("exec started detached".into())),
+            Err(e) => Err(Error::Docker(format!("start exec: {e}"))),
+        }
+    }
+
+    /// The exit code of a finished exec, if Docker knows it.
+    pub async fn exit_code(&self, exec_id: &str) -> Option<i64> {
+        // The output stream can end a moment before Docker records the exit.
+        for _ in 0..50 {
+            match self.docker.inspect_exec(exec_id).await {
+                Ok(info) if info.running == Some(false) => return info.exit_code,
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Force-removes a container and its anonymous volumes. Errors are logged:
+    /// a container that is already gone is what we wanted.
+    pub async fn remove(&self, container_id: &str) {
+        let opts = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        match self.docker.remove_container(container_id, Some(opts)).await {
+            Ok(()) => {}
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => tracing::warn!(container_id, error = %e, "failed to remove container"),
+        }
+    }
+
+    /// Ids of every container this node owns (running or not).
+    pub async fn list_owned(&self) -> Result<Vec<String>, Error> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_NODE}={}", self.cfg.node_id)],
+        )]);
+        let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| Error::Docker(format!("list containers: {e}")))?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    /// Removes every container a previous run of this node left behind.
+    pub async fn reap(&self) -> Result<usize, Error> {
+        let ids = self.list_owned().await?;
+        for id in &ids {
+            self.remove(id).await;
+        }
+        Ok(ids.len())
+    }
+}
+
+/// Container names allow `[a-zA-Z0-9_.-]`.
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' }).collect()
+}

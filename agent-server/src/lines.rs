@@ -1,0 +1,116 @@
+//! Reassembles output lines from the chunks Docker delivers.
+//!
+//! Invariant: memory per session is bounded by `max` bytes. A line longer than
+//! that is cut: its first `max` bytes are returned as a truncated line and the
+//! rest, up to the next newline, is counted and dropped.
+
+/// One reassembled line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A whole line, newline removed.
+    Whole(String),
+    /// The first `max` bytes of a longer line, and its full length.
+    Truncated { prefix: String, total_bytes: usize },
+}
+
+/// Splits a byte stream into lines.
+#[derive(Debug)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    max: usize,
+    /// Bytes seen of the line being dropped, when one is too long.
+    overflow: Option<usize>,
+}
+
+impl LineBuffer {
+    pub fn new(max: usize) -> Self {
+        Self { buf: Vec::new(), max, overflow: None }
+    }
+
+    /// Feeds a chunk; returns the lines it completed.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Vec<Line> {
+        let mut out = Vec::new();
+        while !chunk.is_empty() {
+            let nl = chunk.iter().position(|&b| b == b'\n');
+            let (part, rest, complete) = match nl {
+                Some(i) => (&chunk[..i], &chunk[i + 1..], true),
+                None => (chunk, &[][..], false),
+            };
+            chunk = rest;
+            if let Some(seen) = self.overflow.as_mut() {
+                *seen += part.len() + usize::from(complete);
+                if complete {
+                    let total_bytes = self.overflow.take().unwrap_or(0) - 1;
+                    let prefix = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+                    out.push(Line::Truncated { prefix, total_bytes });
+                }
+                continue;
+            }
+            let room = self.max - self.buf.len();
+            if part.len() > room {
+                self.buf.extend_from_slice(&part[..room]);
+                self.overflow = Some(self.max + (part.len() - room) + usize::from(complete));
+                if complete {
+                    let total_bytes = self.overflow.take().unwrap_or(0) - 1;
+                    let prefix = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+                    out.push(Line::Truncated { prefix, total_bytes });
+                }
+                continue;
+            }
+            self.buf.extend_from_slice(part);
+            if complete {
+                let mut line = std::mem::take(&mut self.buf);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if !line.is_empty() {
+                    out.push(Line::Whole(String::from_utf8_lossy(&line).into_owned()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The unterminated tail, when the stream ends.
+    pub fn finish(&mut self) -> Option<Line> {
+        let buf = std::mem::take(&mut self.buf);
+        match self.overflow.take() {
+            Some(total_bytes) => Some(Line::Truncated { prefix: String::from_utf8_lossy(&buf).into_owned(), total_bytes }),
+            None if buf.is_empty() => None,
+            None => Some(Line::Whole(String::from_utf8_lossy(&buf).into_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(s: &str) -> Line {
+        Line::Whole(s.into())
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_joined() {
+        let mut b = LineBuffer::new(1024);
+        assert_eq!(b.push(b"{\"a\":"), vec![]);
+        assert_eq!(b.push(b"1}\n{\"b\""), vec![whole("{\"a\":1}")]);
+        assert_eq!(b.push(b":2}\r\n\n"), vec![whole("{\"b\":2}")]);
+        assert_eq!(b.finish(), None);
+    }
+
+    #[test]
+    fn an_unterminated_tail_is_returned_at_the_end() {
+        let mut b = LineBuffer::new(1024);
+        assert_eq!(b.push(b"one\ntwo"), vec![whole("one")]);
+        assert_eq!(b.finish(), Some(whole("two")));
+    }
+
+    #[test]
+    fn overlong_lines_are_cut_and_counted_and_the_next_line_survives() {
+        let mut b = LineBuffer::new(4);
+        assert_eq!(b.push(b"abcdef"), vec![]);
+        assert_eq!(b.push(b"gh\nok\n"), vec![Line::Truncated { prefix: "abcd".into(), total_bytes: 8 }, whole("ok")]);
+        assert_eq!(b.push(b"123456\n"), vec![Line::Truncated { prefix: "1234".into(), total_bytes: 6 }]);
+    }
+}

@@ -1,0 +1,194 @@
+//! The node: its session slots, the registry of running sessions, and its load.
+//!
+//! Invariant: a session id occupies at most one slot. A start for a session
+//! the node already runs under an older epoch fences the old run: its
+//! container is killed before the new one takes the slot.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::container::ContainerRuntime;
+
+/// A point-in-time view of the node's load.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Load {
+    pub capacity: u32,
+    pub running: u32,
+    pub draining: bool,
+    pub cpu_utilization: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+}
+
+/// A session the node is running.
+#[derive(Debug, Clone)]
+pub struct RunningSession {
+    pub session_id: String,
+    pub epoch: i64,
+    pub container_id: String,
+    cancel: CancellationToken,
+}
+
+/// Why a start was refused (late binding: the dispatcher places it elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("node is at capacity ({0} sessions)")]
+    AtCapacity(u32),
+    #[error("node is draining")]
+    Draining,
+    #[error("node already runs this session at epoch {0}, newer than the start's")]
+    StaleEpoch(i64),
+}
+
+/// Shared node state.
+pub struct Node {
+    pub cfg: Config,
+    pub runtime: ContainerRuntime,
+    sessions: Mutex<HashMap<String, RunningSession>>,
+    draining: AtomicBool,
+    load: watch::Sender<Load>,
+    generation: AtomicU64,
+    /// Cancelled when the node shuts down; every session's token is a child.
+    pub shutdown: CancellationToken,
+}
+
+/// A held session slot. Dropping it frees the slot.
+pub struct Slot {
+    node: Arc<Node>,
+    session_id: String,
+    epoch: i64,
+    pub cancel: CancellationToken,
+}
+
+impl Node {
+    pub fn new(cfg: Config, runtime: ContainerRuntime, shutdown: CancellationToken) -> Arc<Self> {
+        let load = Load { capacity: cfg.capacity, ..Load::default() };
+        Arc::new(Self {
+            cfg,
+            runtime,
+            sessions: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            load: watch::channel(load).0,
+            generation: AtomicU64::new(0),
+            shutdown,
+        })
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningSession>> {
+        // A poisoned map is still a consistent map: every mutation is one insert or remove.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot for `session_id` at `epoch`, or says why not.
+    pub fn reserve(self: &Arc<Self>, session_id: &str, epoch: i64) -> Result<Slot, Refusal> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Refusal::Draining);
+        }
+        let mut sessions = self.sessions();
+        if let Some(old) = sessions.get(session_id) {
+            if old.epoch >= epoch {
+                return Err(Refusal::StaleEpoch(old.epoch));
+            }
+            tracing::warn!(session_id, old_epoch = old.epoch, epoch, "fencing a superseded run of this session");
+            old.cancel.cancel();
+            sessions.remove(session_id);
+        }
+        let capacity = self.cfg.capacity;
+        if sessions.len() >= capacity as usize {
+            return Err(Refusal::AtCapacity(capacity));
+        }
+        let cancel = self.shutdown.child_token();
+        sessions.insert(
+            session_id.to_string(),
+            RunningSession { session_id: session_id.to_string(), epoch, container_id: String::new(), cancel: cancel.clone() },
+        );
+        let running = sessions.len() as u32;
+        drop(sessions);
+        self.load.send_modify(|l| l.running = running);
+        Ok(Slot { node: self.clone(), session_id: session_id.to_string(), epoch, cancel })
+    }
+
+    /// Records the container a slot's session runs in.
+    pub fn set_container(&self, slot: &Slot, container_id: &str) {
+        if let Some(s) = self.sessions().get_mut(&slot.session_id).filter(|s| s.epoch == slot.epoch) {
+            s.container_id = container_id.to_string();
+        }
+    }
+
+    /// Sessions running now.
+    pub fn running(&self) -> Vec<RunningSession> {
+        self.sessions().values().cloned().collect()
+    }
+
+    /// Stops new placements. Running sessions finish.
+    pub fn drain(&self) -> u32 {
+        self.draining.store(true, Ordering::SeqCst);
+        self.load.send_modify(|l| l.draining = true);
+        self.sessions().len() as u32
+    }
+
+    /// Subscribes to load changes.
+    pub fn watch_load(&self) -> watch::Receiver<Load> {
+        self.load.subscribe()
+    }
+
+    /// The next report generation: increases with every report sent.
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Samples CPU and memory (sysinfo) into the load, every heartbeat.
+    pub fn spawn_sampler(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut sys = match sysinfo::System::new() {
+                Ok(sys) => sys,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot sample CPU and memory; load reports will carry zeros");
+                    return;
+                }
+            };
+            let mut tick = tokio::time::interval(node.cfg.load_heartbeat);
+            loop {
+                tokio::select! {
+                    _ = node.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                sys.refresh_cpu_usage();
+                sys.refresh_memory();
+                let cpu = f64::from(sys.global_cpu_usage()) / 100.0;
+                let (used, total) = (sys.used_memory(), sys.total_memory());
+                node.load.send_if_modified(|l| {
+                    let changed = (l.cpu_utilization - cpu).abs() > 0.05 || l.memory_total_bytes != total;
+                    l.cpu_utilization = cpu;
+                    l.memory_used_bytes = used;
+                    l.memory_total_bytes = total;
+                    changed
+                });
+            }
+        });
+    }
+
+    /// Waits until every session has released its slot.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.load.subscribe();
+        let _ = rx.wait_for(|l| l.running == 0).await;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut sessions = self.node.sessions();
+        if sessions.get(&self.session_id).is_some_and(|s| s.epoch == self.epoch) {
+            sessions.remove(&self.session_id);
+        }
+        let running = sessions.len() as u32;
+        drop(sessions);
+        self.node.load.send_modify(|l| l.running = running);
+    }
+}

@@ -1,0 +1,263 @@
+//! Runs one session: container, agent exec, stdin and stdout, exit.
+//!
+//! Invariants:
+//! - the container is removed however the run ends (exit, crash, stop, a
+//!   dropped dispatcher link, a fence, or this task being aborted);
+//! - every stdout line becomes exactly one event, in order;
+//! - output is never dropped for a slow dispatcher: sending blocks, which
+//!   blocks reading stdout, which blocks the agent (backpressure).
+
+use std::sync::Arc;
+
+use bollard::container::LogOutput;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::adapter::{self, AgentEvent};
+use crate::container::ContainerRuntime;
+use crate::lines::{Line, LineBuffer};
+use crate::node::{Node, Slot};
+use crate::spec::SessionSpec;
+
+/// What the dispatcher asks of a running session.
+#[derive(Debug)]
+pub enum Command {
+    Message(String),
+    Interrupt,
+    Stop(String),
+}
+
+/// What the session reports back.
+#[derive(Debug)]
+pub enum Output {
+    Accepted { container_id: String, warm: bool },
+    Refused(String),
+    Event(AgentEvent),
+    Exited(Exit),
+}
+
+/// How the agent ended.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    /// The process's exit code; -1 when it had none (never started, killed).
+    pub code: i64,
+    pub reason: String,
+    pub stderr_tail: String,
+    /// The exit followed a stop request.
+    pub stopped: bool,
+}
+
+impl Exit {
+    fn failed(reason: impl Into<String>) -> Self {
+        Self { code: -1, reason: reason.into(), stderr_tail: String::new(), stopped: false }
+    }
+}
+
+/// Bytes of stderr kept for the exit report.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+/// Removes the container when dropped, even if the run is aborted.
+struct ContainerGuard {
+    runtime: ContainerRuntime,
+    id: Option<String>,
+}
+
+impl ContainerGuard {
+    async fn remove(mut self) {
+        if let Some(id) = self.id.take() {
+            self.runtime.remove(&id).await;
+        }
+    }
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let runtime = self.runtime.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { runtime.remove(&id).await });
+            }
+        }
+    }
+}
+
+/// Runs a session to its end. `commands` closing means the dispatcher went away.
+pub async fn run(
+    node: Arc<Node>,
+    session_id: String,
+    epoch: i64,
+    spec: SessionSpec,
+    commands: mpsc::Receiver<Command>,
+    out: mpsc::Sender<Output>,
+) {
+    let span = tracing::info_span!("session", session_id = %session_id, epoch);
+    async move {
+        let slot = match node.reserve(&session_id, epoch) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::info!(%refusal, "refused start");
+                let _ = out.send(Output::Refused(refusal.to_string())).await;
+                return;
+            }
+        };
+        let exit = run_in_slot(&node, &slot, &session_id, spec, commands, &out).await;
+        tracing::info!(code = exit.code, reason = %exit.reason, "session ended");
+        let _ = out.send(Output::Exited(exit)).await;
+        drop(slot);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run_in_slot(
+    node: &Arc<Node>,
+    slot: &Slot,
+    session_id: &str,
+    spec: SessionSpec,
+    mut commands: mpsc::Receiver<Command>,
+    out: &mpsc::Sender<Output>,
+) -> Exit {
+    let runtime = node.runtime.clone();
+    let container_id = match runtime.start_container(&spec.image, session_id).await {
+        Ok(id) => id,
+        Err(e) => return Exit::failed(format!("container did not start: {e}")),
+    };
+    node.set_container(slot, &container_id);
+    let guard = ContainerGuard { runtime: runtime.clone(), id: Some(container_id.clone()) };
+    let mut adapter = adapter::for_runtime(spec.runtime);
+    let process = match runtime.exec_agent(&container_id, adapter.command(&spec), spec.env_pairs()).await {
+        Ok(p) => p,
+        Err(e) => {
+            guard.remove().await;
+            return Exit::failed(format!("agent did not start: {e}"));
+        }
+    };
+    if out.send(Output::Accepted { container_id: container_id.clone(), warm: false }).await.is_err() {
+        guard.remove().await;
+        return Exit::failed("dispatcher went away before the session was accepted");
+    }
+
+    // stdin has its own task so a full pipe never stalls reading stdout.
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(64);
+    let stdin_task = tokio::spawn(write_stdin(process.input, stdin_rx));
+    let mut stdin_tx = Some(stdin_tx);
+    let mut output = process.output;
+    let mut lines = LineBuffer::new(node.cfg.max_line_bytes);
+    let mut stderr_tail: Vec<u8> = Vec::new();
+    let mut stop_reason: Option<String> = None;
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut killed = false;
+
+    loop {
+        tokio::select! {
+            chunk = output.next() => match chunk {
+                Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
+                    for line in lines.push(&message) {
+                        if !emit(out, &mut *adapter, line).await {
+                            stop_reason.get_or_insert_with(|| "dispatcher link lost".into());
+                            killed = true;
+                        }
+                    }
+                    if killed { break; }
+                }
+                Some(Ok(LogOutput::StdErr { message })) => {
+                    stderr_tail.extend_from_slice(&message);
+                    if stderr_tail.len() > STDERR_TAIL_BYTES {
+                        stderr_tail.drain(..stderr_tail.len() - STDERR_TAIL_BYTES);
+                    }
+                }
+                Some(Ok(LogOutput::StdIn { .. })) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "agent output stream failed");
+                    break;
+                }
+                None => break,
+            },
+            cmd = commands.recv(), if stop_reason.is_none() => {
+                let bytes = match cmd {
+                    Some(Command::Message(text)) => Some(adapter.encode_message(&text)),
+                    Some(Command::Interrupt) => Some(adapter.encode_interrupt()),
+                    Some(Command::Stop(reason)) => { stop_reason = Some(reason); None }
+                    None => { stop_reason = Some("dispatcher link lost".into()); None }
+                };
+                match (bytes, &stdin_tx) {
+                    (Some(b), Some(tx)) => { let _ = tx.send(b).await; }
+                    _ => {
+                        // Closing stdin asks the agent to finish; the grace period bounds it.
+                        stdin_tx = None;
+                        kill_at = Some(tokio::time::Instant::now() + node.cfg.stop_grace);
+                    }
+                }
+            },
+            _ = sleep_until(kill_at) => {
+                tracing::info!("agent did not exit within the stop grace period; killing its container");
+                killed = true;
+                break;
+            }
+            _ = slot.cancel.cancelled() => {
+                stop_reason.get_or_insert_with(|| "node shutting down or session fenced".into());
+                killed = true;
+                break;
+            }
+        }
+    }
+    if !killed {
+        if let Some(line) = lines.finish() {
+            emit(out, &mut *adapter, line).await;
+        }
+    }
+    drop(stdin_tx);
+    stdin_task.abort();
+    let code = if killed { None } else { runtime.exit_code(&process.exec_id).await };
+    guard.remove().await;
+
+    let stopped = stop_reason.is_some();
+    let reason = match (&stop_reason, code) {
+        (Some(r), _) => format!("stopped: {r}"),
+        (None, Some(0)) => "agent exited".to_string(),
+        (None, Some(c)) => format!("agent exited with code {c}"),
+        (None, None) => "agent ended without an exit code".to_string(),
+    };
+    Exit { code: code.unwrap_or(-1), reason, stderr_tail: String::from_utf8_lossy(&stderr_tail).into_owned(), stopped }
+}
+
+/// Decodes and sends one line. False when the dispatcher is gone.
+async fn emit(out: &mpsc::Sender<Output>, adapter: &mut dyn adapter::Adapter, line: Line) -> bool {
+    let event = match line {
+        Line::Whole(l) => adapter.decode(&l),
+        Line::Truncated { prefix, total_bytes } => {
+            let payload = serde_json::json!({"raw": prefix, "truncated": true, "total_bytes": total_bytes});
+            AgentEvent {
+                kind: berth_common::events::RUNTIME_RAW,
+                payload: payload.to_string(),
+                turn_end: None,
+                runtime_session_id: None,
+            }
+        }
+    };
+    out.send(Output::Event(event)).await.is_ok()
+}
+
+async fn write_stdin(mut input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = rx.recv().await {
+        if let Err(e) = async {
+            input.write_all(&bytes).await?;
+            input.flush().await
+        }
+        .await
+        {
+            tracing::debug!(error = %e, "agent stdin closed");
+            return;
+        }
+    }
+    let _ = input.shutdown().await;
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending::<()>().await,
+    }
+}

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds berth's test agent image offline (no registry): a root filesystem with
+# Debian's busybox-static, the project's fake `claude` (with the shared
+# libraries it links) and the recorded transcripts, imported with `docker import`.
+#
+# Usage: deploy/test-image/build.sh [IMAGE]      (default berth-test-agent:latest)
+set -euo pipefail
+image="${1:-berth-test-agent:latest}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+
+busybox=/bin/busybox
+if [ ! -x "$busybox" ] || ldd "$busybox" >/dev/null 2>&1; then
+  echo "build.sh: needs a static busybox at /bin/busybox: apt-get install busybox-static" >&2
+  exit 1
+fi
+
+echo "==> building fake-claude"
+cargo build --quiet -p berth-fake-claude
+fake="${CARGO_TARGET_DIR:-$root/target}/debug/fake-claude"
+
+rootfs="$(mktemp -d)"
+trap 'rm -rf "$rootfs"' EXIT
+mkdir -p "$rootfs"/{bin,usr/local/bin,etc,tmp,workspace,home/agent,fixtures,lib,lib64}
+cp "$busybox" "$rootfs/bin/busybox"
+for applet in $("$busybox" --list); do
+  [ -e "$rootfs/bin/$applet" ] || ln -s busybox "$rootfs/bin/$applet"
+done
+cp "$fake" "$rootfs/usr/local/bin/claude"
+# The shared libraries fake-claude links, at the same paths.
+for lib in $(ldd "$fake" | grep -oE '/[^ ]+\.so[^ ]*'); do
+  mkdir -p "$rootfs$(dirname "$lib")"
+  cp -L "$lib" "$rootfs$lib"
+done
+cp -r tests/fixtures/claude-code "$rootfs/fixtures/"
+printf 'root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n' > "$rootfs/etc/passwd"
+printf 'root:x:0:\nagent:x:1000:\n' > "$rootfs/etc/group"
+chmod 1777 "$rootfs/tmp"
+chown -R 1000:1000 "$rootfs/workspace" "$rootfs/home/agent" 2>/dev/null || true
+
+echo "==> importing $image"
+tar --numeric-owner -C "$rootfs" -c . | docker import \
+  --change 'USER 1000:1000' \
+  --change 'WORKDIR /workspace' \
+  --change 'ENV HOME=/home/agent PATH=/usr/local/bin:/bin' \
+  --change 'CMD ["tail", "-f", "/dev/null"]' \
+  - "$image" >/dev/null
+echo "==> built $image"
