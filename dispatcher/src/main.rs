@@ -1,1 +1,50 @@
-fn main() {}
+//! `berth-dispatcher`: the control plane. With `AGENT_SERVERS` unset it also
+//! runs one node in process, so one command gives a working berth.
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let mut cfg = berth_dispatcher::Config::parse();
+    berth_common::telemetry::init(cfg.log_format);
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        berth_common::shutdown_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    let result = async {
+        let mut local_node = None;
+        if cfg.agent_servers.is_empty() {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let mut node_cfg = berth_agent_server::Config::defaults();
+            node_cfg.node_id = "local".into();
+            node_cfg.capacity = cfg.local_capacity;
+            node_cfg.log_format = cfg.log_format;
+            tracing::warn!(%url, "AGENT_SERVERS is unset: running one node in process over plaintext loopback (local development)");
+            let node_shutdown = shutdown.clone();
+            local_node = Some(tokio::spawn(berth_agent_server::run(node_cfg, listener, node_shutdown)));
+            cfg.agent_servers = vec![url];
+        }
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen / BERTH_LISTEN): {e}", cfg.listen))?;
+        let served = berth_dispatcher::run(cfg, listener, shutdown.clone()).await;
+        shutdown.cancel();
+        if let Some(node) = local_node {
+            node.await??;
+        }
+        served
+    }
+    .await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth-dispatcher: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The public gRPC API: thin handlers that unpack, call [`crate::sessions`],
+//! and map the error.
+
+pub mod convert;
+pub mod sessions;

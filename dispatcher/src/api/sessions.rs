@@ -1,0 +1,179 @@
+//! `berth.v1.Sessions`.
+
+use std::pin::Pin;
+
+use berth_proto::v1::{self as pb, sessions_server::Sessions as SessionsApi};
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, session_id};
+use crate::error::Error;
+use crate::session::NewSession;
+use crate::sessions::Sessions;
+use crate::store::SessionFilter;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Serves `berth.v1.Sessions`.
+pub struct SessionsService {
+    pub sessions: Sessions,
+}
+
+fn page_size(requested: i32, default: i64) -> Result<i64, Error> {
+    match requested {
+        0 => Ok(default),
+        1..=1000 => Ok(i64::from(requested)),
+        _ => Err(Error::invalid("page_size", "must be between 1 and 1000")),
+    }
+}
+
+fn session_page_token(s: &crate::session::Session) -> String {
+    format!("{}.{}", s.create_time.timestamp_micros(), s.id)
+}
+
+fn parse_session_page_token(t: &str) -> Result<Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>, Error> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Error::invalid("page_token", "not a token from a previous ListSessions response");
+    let (micros, id) = t.split_once('.').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let time = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok(Some((time, id.parse().map_err(|_| bad())?)))
+}
+
+#[tonic::async_trait]
+impl SessionsApi for SessionsService {
+    async fn create_session(&self, r: Request<pb::CreateSessionRequest>) -> Result<Response<pb::Session>, Status> {
+        let new = NewSession::try_from(r.into_inner())?;
+        Ok(Response::new(self.sessions.create(new).await?.into()))
+    }
+
+    async fn get_session(&self, r: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
+        let id = session_id(&r.into_inner().name)?;
+        Ok(Response::new(self.sessions.get(id).await?.into()))
+    }
+
+    async fn list_sessions(&self, r: Request<pb::ListSessionsRequest>) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let r = r.into_inner();
+        let limit = page_size(r.page_size, 50)?;
+        let filter = SessionFilter {
+            status: convert::status_from_pb(r.status)?,
+            labels: r.labels.into_iter().collect(),
+            before: parse_session_page_token(&r.page_token)?,
+            limit,
+        };
+        let sessions = self.sessions.list(filter).await?;
+        let next_page_token = match sessions.last() {
+            Some(last) if sessions.len() as i64 == limit => session_page_token(last),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListSessionsResponse { sessions: sessions.into_iter().map(Into::into).collect(), next_page_token }))
+    }
+
+    async fn send_message(&self, r: Request<pb::SendMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let r = r.into_inner();
+        let id = session_id(&r.name)?;
+        let text = convert::message_text(&r.text)?;
+        let seq = self.sessions.send_message(id, text).await?;
+        Ok(Response::new(pb::SendMessageResponse { seq }))
+    }
+
+    async fn interrupt(&self, r: Request<pb::InterruptRequest>) -> Result<Response<pb::InterruptResponse>, Status> {
+        let id = session_id(&r.into_inner().name)?;
+        let seq = self.sessions.interrupt(id).await?;
+        Ok(Response::new(pb::InterruptResponse { seq }))
+    }
+
+    async fn stop_session(&self, r: Request<pb::StopSessionRequest>) -> Result<Response<pb::Session>, Status> {
+        let id = session_id(&r.into_inner().name)?;
+        Ok(Response::new(self.sessions.stop(id).await?.into()))
+    }
+
+    async fn list_events(&self, r: Request<pb::ListEventsRequest>) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let r = r.into_inner();
+        let id = session_id(&r.name)?;
+        let limit = page_size(r.page_size, 100)?;
+        let after = if r.page_token.is_empty() {
+            r.after_seq
+        } else {
+            r.page_token.parse().map_err(|_| Error::invalid("page_token", "not a token from a previous ListEvents response"))?
+        };
+        if after < 0 {
+            return Err(Error::invalid("after_seq", "must not be negative").into());
+        }
+        let events = self.sessions.list_events(id, after, limit).await?;
+        let next_page_token = match events.last() {
+            Some(last) if events.len() as i64 == limit => last.seq.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListEventsResponse { events: events.iter().map(Into::into).collect(), next_page_token }))
+    }
+
+    type StreamEventsStream = BoxStream<pb::Event>;
+
+    async fn stream_events(&self, r: Request<pb::StreamEventsRequest>) -> Result<Response<Self::StreamEventsStream>, Status> {
+        let r = r.into_inner();
+        let id = session_id(&r.name)?;
+        let rx = self.sessions.stream(id, r.after_seq).await?;
+        let stream = ReceiverStream::new(rx).map(|item| item.map(|e| pb::Event::from(&*e)).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ConnectStream = BoxStream<pb::ConnectResponse>;
+
+    async fn connect(&self, r: Request<Streaming<pb::ConnectRequest>>) -> Result<Response<Self::ConnectStream>, Status> {
+        use pb::connect_request::Kind;
+        let mut inbound = r.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::ConnectRequest { kind: Some(Kind::Open(open)) }) => open,
+            _ => return Err(Status::invalid_argument("Connect: the first request must be `open`")),
+        };
+        let id = session_id(&open.name)?;
+        let events = self.sessions.stream(id, open.after_seq).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ConnectResponse, Status>>(128);
+        // Events out.
+        let out = tx.clone();
+        tokio::spawn(async move {
+            let mut events = ReceiverStream::new(events);
+            while let Some(item) = events.next().await {
+                let msg = item
+                    .map(|e| pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))) })
+                    .map_err(Status::from);
+                if out.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Commands in, each acknowledged.
+        let sessions = self.sessions.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                let (reference, result) = match req.kind {
+                    Some(Kind::Message(m)) => {
+                        let r = match convert::message_text(&m.text) {
+                            Ok(text) => sessions.send_message(id, text).await,
+                            Err(e) => Err(e),
+                        };
+                        (m.r#ref, r)
+                    }
+                    Some(Kind::Interrupt(i)) => (i.r#ref, sessions.interrupt(id).await),
+                    Some(Kind::Open(_)) => (String::new(), Err(Error::invalid("open", "the stream is already open"))),
+                    None => (String::new(), Err(Error::invalid("kind", "required"))),
+                };
+                let ack = match result {
+                    Ok(seq) => pb::ConnectAck { r#ref: reference, code: 0, message: String::new(), seq },
+                    Err(e) => {
+                        let status = Status::from(e);
+                        pb::ConnectAck { r#ref: reference, code: status.code() as i32, message: status.message().to_string(), seq: 0 }
+                    }
+                };
+                if tx.send(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Ack(ack)) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,83 @@
+//! The dispatcher's one error type and its one mapping to gRPC status.
+//!
+//! Internal details (SQL, node transport) are logged, not sent: clients get a
+//! precise code and a message that says what to fix.
+
+use uuid::Uuid;
+
+use crate::session::{InvalidTransition, SessionStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("session {0} not found")]
+    SessionNotFound(String),
+    #[error("session {id} is {status}: {what}")]
+    WrongStatus { id: Uuid, status: SessionStatus, what: &'static str },
+    #[error("the session changed concurrently; retry")]
+    Conflict,
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument { field, reason: reason.into() }
+    }
+
+    /// Whether retrying the same operation may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Conflict)
+    }
+}
+
+/// Postgres error codes we act on.
+mod pg_code {
+    pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+}
+
+impl From<sqlx::Error> for Error {
+    /// Classifies database errors once, for the whole crate.
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some(pg_code::SERIALIZATION_FAILURE | pg_code::DEADLOCK_DETECTED) => Self::Conflict,
+                Some(pg_code::FOREIGN_KEY_VIOLATION) => Self::SessionNotFound("(referenced)".into()),
+                _ => Self::Internal(e.to_string()),
+            },
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                Self::Unavailable(e.to_string())
+            }
+            _ => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Status;
+        match &e {
+            Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            Error::SessionNotFound(_) => Status::not_found(e.to_string()),
+            Error::WrongStatus { .. } | Error::Transition(_) => Status::failed_precondition(e.to_string()),
+            Error::Conflict => Status::aborted(e.to_string()),
+            Error::Unavailable(_) => {
+                tracing::error!(error = %e, "database unavailable");
+                Status::unavailable("the dispatcher cannot reach its database; retry shortly")
+            }
+            Error::Internal(_) => {
+                tracing::error!(error = %e, "internal error");
+                Status::internal("internal error; see the dispatcher's log")
+            }
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

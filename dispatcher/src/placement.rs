@@ -1,0 +1,115 @@
+//! Placement: a pure function from node snapshots to a choice.
+//!
+//! Least-loaded by each node's used slots — the larger of what it last
+//! reported and what this dispatcher has in flight there (always fresh) —
+//! with power-of-two-choices among the eligible nodes, so dispatchers acting
+//! on the same stale reports don't all herd onto one node. A node with a
+//! warm container for the session's image is preferred.
+
+/// What placement knows of one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSnapshot {
+    /// Whether its load stream is live.
+    pub up: bool,
+    pub draining: bool,
+    pub capacity: u32,
+    /// Sessions it last reported running.
+    pub running: u32,
+    /// Sessions this dispatcher has placed there and not seen end.
+    pub inflight: u32,
+    /// Warm containers ready for the session's image.
+    pub warm_ready: u32,
+}
+
+impl NodeSnapshot {
+    /// Slots in use, as best this dispatcher knows.
+    pub fn used(&self) -> u32 {
+        self.running.max(self.inflight)
+    }
+
+    /// Whether a new session may go here.
+    pub fn eligible(&self) -> bool {
+        self.up && !self.draining && self.used() < self.capacity
+    }
+
+    /// Fraction of capacity in use.
+    fn load(&self) -> f64 {
+        f64::from(self.used()) / f64::from(self.capacity.max(1))
+    }
+}
+
+/// Picks a node index, or `None` when every node is full, draining or down.
+/// `random(n)` returns a uniform index below `n`.
+pub fn choose(nodes: &[NodeSnapshot], mut random: impl FnMut(usize) -> usize) -> Option<usize> {
+    let eligible: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].eligible()).collect();
+    let warm: Vec<usize> = eligible.iter().copied().filter(|&i| nodes[i].warm_ready > 0).collect();
+    let pool = if warm.is_empty() { eligible } else { warm };
+    match pool.len() {
+        0 => None,
+        1 => Some(pool[0]),
+        n => {
+            let a = pool[random(n)];
+            let mut b = pool[random(n - 1)];
+            if b == a {
+                b = pool[n - 1];
+            }
+            Some(if nodes[b].load() < nodes[a].load() { b } else { a })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(capacity: u32, running: u32) -> NodeSnapshot {
+        NodeSnapshot { up: true, draining: false, capacity, running, inflight: 0, warm_ready: 0 }
+    }
+
+    fn snapshot() -> impl Strategy<Value = NodeSnapshot> {
+        (any::<bool>(), any::<bool>(), 0u32..8, 0u32..10, 0u32..10, 0u32..3).prop_map(|(up, draining, capacity, running, inflight, warm_ready)| {
+            NodeSnapshot { up, draining, capacity, running, inflight, warm_ready }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn never_picks_a_full_draining_or_down_node(nodes in prop::collection::vec(snapshot(), 0..12), seed in any::<u64>()) {
+            let mut s = seed;
+            let pick = choose(&nodes, |n| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); (s >> 33) as usize % n });
+            match pick {
+                Some(i) => prop_assert!(nodes[i].eligible()),
+                None => prop_assert!(nodes.iter().all(|n| !n.eligible())),
+            }
+        }
+
+        #[test]
+        fn balance_stays_within_bounds_under_random_arrivals(n in 2usize..10, arrivals in 1usize..200, seed in any::<u64>()) {
+            let mut nodes: Vec<_> = (0..n).map(|_| node(1000, 0)).collect();
+            let mut s = seed;
+            for _ in 0..arrivals {
+                let i = choose(&nodes, |k| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (s >> 33) as usize % k }).expect("room");
+                nodes[i].inflight += 1;
+            }
+            let max = nodes.iter().map(|x| x.inflight).max().unwrap_or(0) as f64;
+            let mean = arrivals as f64 / n as f64;
+            // Two choices keep the maximum within O(log log n) of the mean.
+            prop_assert!(max <= mean + 3.0, "max {max} mean {mean}");
+        }
+    }
+
+    #[test]
+    fn prefers_a_node_with_a_warm_container() {
+        let mut nodes = vec![node(10, 0), node(10, 5)];
+        nodes[1].warm_ready = 1;
+        assert_eq!(choose(&nodes, |_| 0), Some(1));
+    }
+
+    #[test]
+    fn the_dispatchers_own_inflight_count_outranks_a_stale_report() {
+        let mut nodes = vec![node(4, 0), node(4, 1)];
+        nodes[0].inflight = 4;
+        assert_eq!(choose(&nodes, |_| 0), Some(1));
+    }
+}

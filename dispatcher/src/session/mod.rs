@@ -1,0 +1,148 @@
+//! The session domain: what a session is, with no wire or SQL types.
+
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use status::{InvalidTransition, SessionStatus, StatusEvent};
+
+/// Limits on what a client may send. Documented in the README.
+pub mod limits {
+    /// Largest user message, in bytes.
+    pub const MESSAGE_BYTES: usize = 1024 * 1024;
+    pub const REQUEST_ID_CHARS: usize = 128;
+    pub const DISPLAY_NAME_CHARS: usize = 256;
+    pub const LABELS: usize = 64;
+    pub const LABEL_KEY_CHARS: usize = 63;
+    pub const LABEL_VALUE_CHARS: usize = 256;
+    pub const ENV_VARS: usize = 128;
+    pub const ENV_BYTES: usize = 64 * 1024;
+    pub const RUNTIME_ARGS: usize = 64;
+    pub const IMAGE_CHARS: usize = 512;
+}
+
+/// Which runtime adapter drives the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    #[default]
+    ClaudeCode,
+    Jsonl,
+}
+
+/// What runs in the session's container. Stored as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SessionSpec {
+    pub image: String,
+    pub runtime: Runtime,
+    #[serde(default)]
+    pub runtime_args: Vec<String>,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub system_prompt: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Token usage and cost summed over a session.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_input_tokens: i64,
+    pub cache_creation_input_tokens: i64,
+    pub cost_usd: f64,
+    pub turns: i64,
+}
+
+/// One turn's usage, as the runtime reported it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TurnUsage {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_input_tokens: i64,
+    pub cache_creation_input_tokens: i64,
+    pub cost_usd: f64,
+    pub model: String,
+}
+
+/// A session as stored.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: Uuid,
+    pub request_id: Option<String>,
+    pub display_name: String,
+    pub status: SessionStatus,
+    pub status_reason: String,
+    pub spec: SessionSpec,
+    pub labels: BTreeMap<String, String>,
+    /// The node running it, or empty.
+    pub node: String,
+    /// The dispatcher driving it, or empty.
+    pub owner: String,
+    pub epoch: i64,
+    pub last_seq: i64,
+    /// Seq of the last user event forwarded to the runtime.
+    pub input_seq: i64,
+    pub runtime_session_id: String,
+    pub usage: Usage,
+    pub timeout: Option<Duration>,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+    pub start_time: Option<DateTime<Utc>>,
+    pub end_time: Option<DateTime<Utc>>,
+}
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub request_id: Option<String>,
+    pub display_name: String,
+    pub spec: SessionSpec,
+    pub labels: BTreeMap<String, String>,
+    pub initial_message: Option<String>,
+    pub timeout: Option<Duration>,
+}
+
+/// One persisted event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub session_id: Uuid,
+    pub seq: i64,
+    pub id: Uuid,
+    pub kind: String,
+    pub create_time: DateTime<Utc>,
+    /// A JSON object.
+    pub payload: String,
+}
+
+impl Event {
+    /// Whether this event moves its session to a status where nothing runs:
+    /// live tails end after it.
+    pub fn ends_run(&self) -> bool {
+        self.kind
+            .strip_prefix(berth_common::events::SESSION_STATUS_PREFIX)
+            .and_then(|s| s.parse::<SessionStatus>().ok())
+            .is_some_and(|s| !s.is_live())
+    }
+}
+
+/// An event about to be persisted: the log assigns its seq.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: Uuid,
+    pub kind: String,
+    pub payload: String,
+}
+
+impl NewEvent {
+    pub fn new(kind: impl Into<String>, payload: impl Into<String>) -> Self {
+        Self { id: Uuid::now_v7(), kind: kind.into(), payload: payload.into() }
+    }
+}

@@ -1,0 +1,132 @@
+//! The dispatcher's SQL, one named statement each, with what every predicate
+//! is for. Each write is a single statement, so it is atomic without an
+//! explicit transaction and costs one round trip.
+
+/// Columns read into a `Session`.
+pub const SESSION_COLUMNS: &str = "id, request_id, display_name, status, status_reason, spec, labels, node, owner, \
+     epoch, last_seq, input_seq, runtime_session_id, input_tokens, output_tokens, cache_read_input_tokens, \
+     cache_creation_input_tokens, cost_usd, turns, timeout_ms, create_time, update_time, start_time, end_time";
+
+/// Creates a session with its first events, and wakes the queue.
+/// `ON CONFLICT (request_id) DO NOTHING`: a retried create inserts nothing and
+/// the caller reads the existing row instead.
+pub const CREATE_SESSION: &str = r#"
+WITH created AS (
+    INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq)
+    VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]))
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id, pg_notify('berth_queue', id::text) IS NULL AS notified
+), logged AS (
+    INSERT INTO events (session_id, seq, id, type, payload)
+    SELECT c.id, e.seq, e.id, e.type, e.payload::jsonb
+    FROM created c, unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[]) AS e(seq, id, type, payload)
+)
+SELECT id FROM created
+"#;
+
+/// Claims the oldest queued session for this dispatcher and moves it to
+/// `starting` with a new epoch, logging the status change.
+/// `FOR UPDATE SKIP LOCKED`: dispatchers claiming at once take different rows.
+pub const CLAIM_SESSION: &str = r#"
+WITH next AS (
+    SELECT id, status FROM sessions
+    WHERE status IN ('pending', 'rescheduling')
+    ORDER BY create_time
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE sessions s
+    SET status = 'starting', status_reason = '', epoch = s.epoch + 1, owner = $1,
+        last_seq = s.last_seq + 1, update_time = now()
+    FROM next
+    WHERE s.id = next.id
+    RETURNING s.id, s.last_seq, s.epoch, next.status AS previous,
+              pg_notify('berth_events', s.id::text || ':' || s.last_seq) IS NULL AS notified
+), logged AS (
+    INSERT INTO events (session_id, seq, id, type, payload)
+    SELECT id, last_seq, $2, 'session.status_starting',
+           jsonb_build_object('status', 'starting', 'previous', previous, 'epoch', epoch, 'reason', '')
+    FROM moved
+)
+SELECT id FROM moved
+"#;
+
+/// Compare-and-set of a status, logging the change as an event.
+/// `status = $2`: the change applies only if nobody moved the session since
+/// the caller read it; no row back means the caller must re-read.
+pub const TRANSITION: &str = r#"
+WITH moved AS (
+    UPDATE sessions
+    SET status = $3, status_reason = $4, last_seq = last_seq + 1, update_time = now(),
+        start_time = CASE WHEN $3 IN ('running', 'idle') THEN coalesce(start_time, now()) ELSE start_time END,
+        end_time = CASE WHEN $5 THEN now() ELSE end_time END,
+        node = CASE WHEN $5 THEN '' ELSE node END,
+        owner = CASE WHEN $5 THEN '' ELSE owner END
+    WHERE id = $1 AND status = $2
+    RETURNING id, last_seq, pg_notify('berth_events', id::text || ':' || last_seq) IS NULL AS notified
+)
+INSERT INTO events (session_id, seq, id, type, payload)
+SELECT id, last_seq, $6, $7, $8::jsonb FROM moved
+RETURNING seq, create_time
+"#;
+
+/// Appends a batch of events for any number of sessions, numbering each
+/// session's events from its `last_seq` under the row lock (gapless), and
+/// notifies other dispatchers once per session.
+pub const APPEND_EVENTS: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY
+        AS t(session_id, id, type, payload, ord)
+), counts AS (
+    SELECT session_id, count(*) AS n FROM input GROUP BY session_id
+), bumped AS (
+    UPDATE sessions s
+    SET last_seq = s.last_seq + c.n, update_time = now()
+    FROM counts c
+    WHERE s.id = c.session_id
+    RETURNING s.id, s.last_seq - c.n AS base,
+              pg_notify('berth_events', s.id::text || ':' || s.last_seq) IS NULL AS notified
+)
+INSERT INTO events (session_id, seq, id, type, payload)
+SELECT i.session_id, b.base + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord), i.id, i.type, i.payload::jsonb
+FROM input i JOIN bumped b ON b.id = i.session_id
+RETURNING session_id, seq, id, create_time
+"#;
+
+/// Adds a turn's usage to the session's totals, records the turn, and logs
+/// a `session.usage` event carrying both.
+pub const RECORD_USAGE: &str = r#"
+WITH totals AS (
+    UPDATE sessions
+    SET input_tokens = input_tokens + $2, output_tokens = output_tokens + $3,
+        cache_read_input_tokens = cache_read_input_tokens + $4,
+        cache_creation_input_tokens = cache_creation_input_tokens + $5,
+        cost_usd = cost_usd + $6, turns = turns + 1, last_seq = last_seq + 1, update_time = now()
+    WHERE id = $1
+    RETURNING id, turns, last_seq, input_tokens, output_tokens, cache_read_input_tokens,
+              cache_creation_input_tokens, cost_usd,
+              pg_notify('berth_events', id::text || ':' || last_seq) IS NULL AS notified
+), turn AS (
+    INSERT INTO session_turns (session_id, turn, model, input_tokens, output_tokens,
+                               cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
+    SELECT id, turns, $7, $2, $3, $4, $5, $6 FROM totals
+)
+INSERT INTO events (session_id, seq, id, type, payload)
+SELECT id, last_seq, $8, 'session.usage', jsonb_build_object(
+    'turn', jsonb_build_object('number', turns, 'model', $7::text, 'input_tokens', $2::bigint,
+        'output_tokens', $3::bigint, 'cache_read_input_tokens', $4::bigint,
+        'cache_creation_input_tokens', $5::bigint, 'cost_usd', $6::float8),
+    'total', jsonb_build_object('turns', turns, 'input_tokens', input_tokens, 'output_tokens', output_tokens,
+        'cache_read_input_tokens', cache_read_input_tokens,
+        'cache_creation_input_tokens', cache_creation_input_tokens, 'cost_usd', cost_usd))
+FROM totals
+RETURNING session_id, seq, id, create_time, payload::text
+"#;
+
+/// One page of a session's log after a seq.
+pub const LIST_EVENTS: &str = "SELECT session_id, seq, id, type, create_time, payload::text AS payload \
+     FROM events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+
+/// Whether user input is waiting beyond the forwarded cursor.
+pub const PENDING_INPUT: &str = "SELECT EXISTS (SELECT 1 FROM events \
+     WHERE session_id = $1 AND seq > $2 AND type = 'user.message')";
