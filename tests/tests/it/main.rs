@@ -1,1 +1,5 @@
-fn main(){}
+//! berth's end-to-end tests: one binary, real Docker, real Postgres.
+//! Run `scripts/setup.sh` first (it starts Postgres and builds the test image).
+
+mod faults;
+mod spine;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Starts berth (a dispatcher with one in-process node) and runs a demo session
+# on the fake agent. The dispatcher keeps running afterwards; its log is in
+# .berth/dispatcher.log and `kill $(cat .berth/dispatcher.pid)` stops it.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scripts/setup.sh
+echo "==> building berth"
+cargo build --quiet -p berth-dispatcher -p berth-cli
+mkdir -p .berth
+if [ -f .berth/dispatcher.pid ] && kill -0 "$(cat .berth/dispatcher.pid)" 2>/dev/null; then
+  echo "==> dispatcher already running (pid $(cat .berth/dispatcher.pid))"
+else
+  echo "==> starting the dispatcher on :7000 (log: .berth/dispatcher.log)"
+  nohup target/debug/berth-dispatcher > .berth/dispatcher.log 2>&1 &
+  echo $! > .berth/dispatcher.pid
+fi
+for _ in $(seq 1 50); do
+  target/debug/berth sessions list >/dev/null 2>&1 && break
+  sleep 0.2
+done
+echo "==> berth run --image berth-test-agent:latest \"tool ls -la\""
+target/debug/berth run --image berth-test-agent:latest "tool ls -la"
+echo
+echo "==> replaying a recorded Claude Code transcript"
+target/debug/berth run --image berth-test-agent:latest "replay /fixtures/claude-code/explore_count_files.jsonl"
+echo
+echo "berth is running at http://127.0.0.1:7000 — try: target/debug/berth sessions list"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine for berth: installs and starts Postgres, creates the
+# `berth` role and database, and builds the test agent image offline.
+# Idempotent: safe to run again.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need=()
+command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]}"
+  sudo_ apt-get update -qq
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "==> starting Postgres"
+version="$(ls /etc/postgresql | sort -n | tail -1)"
+if ! pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main"' | grep -q .; then
+  sudo_ pg_createcluster "$version" main >/dev/null
+fi
+pg_lsclusters -h | awk -v v="$version" '$1==v && $2=="main" {print $4}' | grep -q online || sudo_ pg_ctlcluster "$version" main start
+for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 && break; sleep 0.5; done
+sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='berth'\"" | grep -q 1 ||
+  sudo_ su postgres -c "psql -qc \"CREATE ROLE berth LOGIN SUPERUSER PASSWORD 'berth'\""
+sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='berth'\"" | grep -q 1 ||
+  sudo_ su postgres -c "psql -qc 'CREATE DATABASE berth OWNER berth'"
+
+echo "==> building the test agent image"
+"$root/deploy/test-image/build.sh"
