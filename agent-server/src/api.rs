@@ -3,7 +3,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use berth_proto::node::v1::{self as pb, agent_server_server::AgentServer, dispatcher_frame, node_frame};
+use berth_proto::node::v1::{
+    self as pb, agent_server_server::AgentServer, dispatcher_frame, node_frame,
+};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,7 +48,9 @@ fn report(node: &Node, load: &Load) -> pb::LoadReport {
 
 fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
     let kind = match output {
-        Output::Accepted { container_id, warm } => node_frame::Kind::Accepted(pb::Accepted { container_id, warm }),
+        Output::Accepted { container_id, warm } => {
+            node_frame::Kind::Accepted(pb::Accepted { container_id, warm })
+        }
         Output::Refused(reason) => node_frame::Kind::Refused(pb::Refused { reason }),
         Output::Event(e) => node_frame::Kind::Event(pb::RuntimeEvent {
             r#type: e.kind.to_string(),
@@ -68,14 +72,20 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             stopped: x.stopped,
         }),
     };
-    pb::NodeFrame { node_seq, kind: Some(kind) }
+    pb::NodeFrame {
+        node_seq,
+        kind: Some(kind),
+    }
 }
 
 #[tonic::async_trait]
 impl AgentServer for NodeApi {
     type WatchLoadStream = BoxStream<pb::LoadReport>;
 
-    async fn watch_load(&self, _: Request<pb::WatchLoadRequest>) -> Result<Response<Self::WatchLoadStream>, Status> {
+    async fn watch_load(
+        &self,
+        _: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
         let node = self.node.clone();
         let mut rx = node.watch_load();
         let (tx, out) = mpsc::channel(4);
@@ -104,12 +114,13 @@ impl AgentServer for NodeApi {
         request: Request<Streaming<pb::DispatcherFrame>>,
     ) -> Result<Response<Self::RunSessionStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("RunSession: the stream ended before its `start` frame"))?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("RunSession: the stream ended before its `start` frame")
+        })?;
         let Some(dispatcher_frame::Kind::Start(start)) = first.kind else {
-            return Err(Status::invalid_argument("RunSession: the first frame must be `start`"));
+            return Err(Status::invalid_argument(
+                "RunSession: the first frame must be `start`",
+            ));
         };
         if start.session_id.is_empty() {
             return Err(Error::invalid("start.session_id", "must not be empty").into());
@@ -120,7 +131,14 @@ impl AgentServer for NodeApi {
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (out_tx, mut out_rx) = mpsc::channel(OUT_BUFFER);
         let (frame_tx, frames) = mpsc::channel(OUT_BUFFER);
-        tokio::spawn(session::run(self.node.clone(), start.session_id.clone(), epoch, spec, cmd_rx, out_tx));
+        tokio::spawn(session::run(
+            self.node.clone(),
+            start.session_id.clone(),
+            epoch,
+            spec,
+            cmd_rx,
+            out_tx,
+        ));
         // Inbound frames become commands. Epoch fencing: a frame from another
         // epoch is a dispatcher that lost the session; the run stops.
         let fence_tx = frame_tx.clone();
@@ -128,11 +146,14 @@ impl AgentServer for NodeApi {
             loop {
                 let cmd = match inbound.message().await {
                     Ok(Some(f)) if f.epoch != epoch => {
-                        let msg = format!("frame carries epoch {}, this run is epoch {epoch}", f.epoch);
+                        let msg =
+                            format!("frame carries epoch {}, this run is epoch {epoch}", f.epoch);
                         let _ = fence_tx.send(Err(Status::failed_precondition(msg))).await;
                         Command::Stop("stale epoch".into())
                     }
-                    Ok(Some(pb::DispatcherFrame { kind: Some(kind), .. })) => match kind {
+                    Ok(Some(pb::DispatcherFrame {
+                        kind: Some(kind), ..
+                    })) => match kind {
                         dispatcher_frame::Kind::Message(m) => Command::Message(m.text),
                         dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
                         dispatcher_frame::Kind::Stop(s) => Command::Stop(s.reason),
@@ -172,10 +193,15 @@ impl AgentServer for NodeApi {
         ))
     }
 
-    async fn drain(&self, _: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+    async fn drain(
+        &self,
+        _: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
         let running = self.node.drain();
         tracing::info!(running, "draining: no new sessions will be accepted");
-        Ok(Response::new(pb::DrainResponse { running: i32::try_from(running).unwrap_or(i32::MAX) }))
+        Ok(Response::new(pb::DrainResponse {
+            running: i32::try_from(running).unwrap_or(i32::MAX),
+        }))
     }
 
     async fn list_sessions(
@@ -186,7 +212,11 @@ impl AgentServer for NodeApi {
             .node
             .running()
             .into_iter()
-            .map(|s| pb::NodeSession { session_id: s.session_id, epoch: s.epoch, container_id: s.container_id })
+            .map(|s| pb::NodeSession {
+                session_id: s.session_id,
+                epoch: s.epoch,
+                container_id: s.container_id,
+            })
             .collect();
         Ok(Response::new(pb::ListNodeSessionsResponse { sessions }))
     }

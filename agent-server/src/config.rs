@@ -8,7 +8,11 @@ use berth_common::telemetry::LogFormat;
 
 /// Configuration of one agent-server node.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "berth-agent-server", version, about = "berth node: runs agent sessions in Docker containers")]
+#[command(
+    name = "berth-agent-server",
+    version,
+    about = "berth node: runs agent sessions in Docker containers"
+)]
 pub struct Config {
     /// Address the node API (berth.node.v1.AgentServer) listens on.
     #[arg(long, env = "BERTH_NODE_LISTEN", default_value = "0.0.0.0:7443")]
@@ -44,7 +48,12 @@ pub struct Config {
     pub pids_limit: i64,
 
     /// The container's main process: it only keeps the container alive; the agent is exec'd.
-    #[arg(long, env = "BERTH_KEEPALIVE_CMD", value_delimiter = ' ', default_value = "tail -f /dev/null")]
+    #[arg(
+        long,
+        env = "BERTH_KEEPALIVE_CMD",
+        value_delimiter = ' ',
+        default_value = "tail -f /dev/null"
+    )]
     pub keepalive_cmd: Vec<String>,
 
     /// Longest runtime output line kept whole, in bytes. Longer lines become a
@@ -69,14 +78,20 @@ fn default_node_id() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node".to_string())
 }
 
 /// Parses seconds, fractional allowed (`0.5`, `30`).
 pub fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))
 }
 
@@ -91,15 +106,24 @@ impl Config {
         anyhow::ensure!(self.capacity > 0, "--capacity must be at least 1");
         anyhow::ensure!(!self.node_id.is_empty(), "--node-id must not be empty");
         anyhow::ensure!(
-            !self.agent_user.is_empty() && !self.agent_user.starts_with("0:") && self.agent_user != "0" && self.agent_user != "root",
+            !self.agent_user.is_empty()
+                && !self.agent_user.starts_with("0:")
+                && self.agent_user != "0"
+                && self.agent_user != "root",
             "--agent-user must be a non-root uid:gid, got `{}`",
             self.agent_user
         );
         anyhow::ensure!(self.memory_mib >= 16, "--memory-mib must be at least 16");
         anyhow::ensure!(self.cpus > 0.0, "--cpus must be positive");
         anyhow::ensure!(self.pids_limit > 0, "--pids-limit must be positive");
-        anyhow::ensure!(!self.keepalive_cmd.is_empty(), "--keepalive-cmd must not be empty");
-        anyhow::ensure!(self.max_line_bytes >= 1024, "--max-line-bytes must be at least 1024");
+        anyhow::ensure!(
+            !self.keepalive_cmd.is_empty(),
+            "--keepalive-cmd must not be empty"
+        );
+        anyhow::ensure!(
+            self.max_line_bytes >= 1024,
+            "--max-line-bytes must be at least 1024"
+        );
         Ok(())
     }
 }

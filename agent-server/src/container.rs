@@ -80,7 +80,10 @@ impl ContainerRuntime {
             readonly_rootfs: Some(true),
             // Reaps the exec'd agent's children; forwards signals.
             init: Some(true),
-            tmpfs: Some(HashMap::from([("/tmp".to_string(), "rw,nosuid,nodev,size=256m".to_string())])),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_string(),
+                "rw,nosuid,nodev,size=256m".to_string(),
+            )])),
             // An anonymous volume: writable, removed with the container (`v=true`).
             mounts: Some(vec![Mount {
                 target: Some(cfg.workspace.clone()),
@@ -98,17 +101,27 @@ impl ContainerRuntime {
             host_config: Some(host_config),
             ..Default::default()
         };
-        let name = format!("berth-{}-{}", sanitize(&cfg.node_id), &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let name = format!(
+            "berth-{}-{}",
+            sanitize(&cfg.node_id),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let opts = CreateContainerOptionsBuilder::new().name(&name).build();
-        let created = self.docker.create_container(Some(opts), body).await.map_err(|e| match e {
-            bollard::errors::Error::DockerResponseServerError { status_code: 404, .. } => {
-                Error::ImageNotFound(image.to_string())
-            }
-            e => Error::Docker(format!("create container from `{image}`: {e}")),
-        })?;
+        let created = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| match e {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                } => Error::ImageNotFound(image.to_string()),
+                e => Error::Docker(format!("create container from `{image}`: {e}")),
+            })?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             self.remove(&created.id).await;
-            return Err(Error::Docker(format!("start container from `{image}`: {e}")));
+            return Err(Error::Docker(format!(
+                "start container from `{image}`: {e}"
+            )));
         }
         Ok(created.id)
     }
@@ -138,9 +151,17 @@ impl ContainerRuntime {
             )
             .await
             .map_err(|e| Error::Docker(format!("create exec: {e}")))?;
-        let opts = StartExecOptions { detach: false, tty: false, output_capacity: Some(64 * 1024) };
+        let opts = StartExecOptions {
+            detach: false,
+            tty: false,
+            output_capacity: Some(64 * 1024),
+        };
         match self.docker.start_exec(&exec.id, Some(opts)).await {
-            Ok(StartExecResults::Attached { output, input }) => Ok(AgentProcess { exec_id: exec.id, output, input }),
+            Ok(StartExecResults::Attached { output, input }) => Ok(AgentProcess {
+                exec_id: exec.id,
+                output,
+                input,
+            }),
             Ok(StartExecResults::Detached) => Err(Error::Docker("exec started detached".into())),
             Err(e) => Err(Error::Docker(format!("start exec: {e}"))),
         }
@@ -162,10 +183,15 @@ impl ContainerRuntime {
     /// Force-removes a container and its anonymous volumes. Errors are logged:
     /// a container that is already gone is what we wanted.
     pub async fn remove(&self, container_id: &str) {
-        let opts = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        let opts = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
         match self.docker.remove_container(container_id, Some(opts)).await {
             Ok(()) => {}
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
             Err(e) => tracing::warn!(container_id, error = %e, "failed to remove container"),
         }
     }
@@ -174,9 +200,15 @@ impl ContainerRuntime {
     pub async fn list_owned(&self) -> Result<Vec<String>, Error> {
         let filters = HashMap::from([(
             "label".to_string(),
-            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_NODE}={}", self.cfg.node_id)],
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_NODE}={}", self.cfg.node_id),
+            ],
         )]);
-        let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
         let list = self
             .docker
             .list_containers(Some(opts))
@@ -197,5 +229,13 @@ impl ContainerRuntime {
 
 /// Container names allow `[a-zA-Z0-9_.-]`.
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }

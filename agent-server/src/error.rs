@@ -7,7 +7,9 @@ pub enum Error {
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     /// The image is not present on this node. Nodes never pull.
-    #[error("image `{0}` is not present on this node; build or load it there first (nodes never pull)")]
+    #[error(
+        "image `{0}` is not present on this node; build or load it there first (nodes never pull)"
+    )]
     ImageNotFound(String),
     /// A Docker call failed.
     #[error("docker: {0}")]
@@ -20,7 +22,10 @@ pub enum Error {
 impl Error {
     /// An invalid-argument error naming `field`.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Self::Invalid { field, reason: reason.into() }
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
     }
 }
 

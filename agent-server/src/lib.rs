@@ -27,12 +27,19 @@ pub use config::Config;
 /// Runs a node on `listener` until `shutdown` is cancelled. Leftover
 /// containers of this node id are reaped first; on shutdown every running
 /// session's container is removed before this returns.
-pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     cfg.validate()?;
     let runtime = container::ContainerRuntime::connect(cfg.clone()).await?;
     let reaped = runtime.reap().await?;
     if reaped > 0 {
-        tracing::info!(reaped, "removed containers a previous run of this node left behind");
+        tracing::info!(
+            reaped,
+            "removed containers a previous run of this node left behind"
+        );
     }
     let node = node::Node::new(cfg, runtime, shutdown.child_token());
     node.spawn_sampler();
@@ -42,9 +49,15 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     Ok(())
 }
 
-async fn serve(node: Arc<node::Node>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn serve(
+    node: Arc<node::Node>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (reporter, health, reflection) = health_and_reflection()?;
-    reporter.set_serving::<AgentServerServer<api::NodeApi>>().await;
+    reporter
+        .set_serving::<AgentServerServer<api::NodeApi>>()
+        .await;
     let svc = AgentServerServer::new(api::NodeApi::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -53,7 +66,10 @@ async fn serve(node: Arc<node::Node>, listener: TcpListener, shutdown: Cancellat
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

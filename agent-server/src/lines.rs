@@ -24,7 +24,11 @@ pub struct LineBuffer {
 
 impl LineBuffer {
     pub fn new(max: usize) -> Self {
-        Self { buf: Vec::new(), max, overflow: None }
+        Self {
+            buf: Vec::new(),
+            max,
+            overflow: None,
+        }
     }
 
     /// Feeds a chunk; returns the lines it completed.
@@ -41,8 +45,12 @@ impl LineBuffer {
                 *seen += part.len() + usize::from(complete);
                 if complete {
                     let total_bytes = self.overflow.take().unwrap_or(0) - 1;
-                    let prefix = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
-                    out.push(Line::Truncated { prefix, total_bytes });
+                    let prefix =
+                        String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+                    out.push(Line::Truncated {
+                        prefix,
+                        total_bytes,
+                    });
                 }
                 continue;
             }
@@ -52,8 +60,12 @@ impl LineBuffer {
                 self.overflow = Some(self.max + (part.len() - room) + usize::from(complete));
                 if complete {
                     let total_bytes = self.overflow.take().unwrap_or(0) - 1;
-                    let prefix = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
-                    out.push(Line::Truncated { prefix, total_bytes });
+                    let prefix =
+                        String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+                    out.push(Line::Truncated {
+                        prefix,
+                        total_bytes,
+                    });
                 }
                 continue;
             }
@@ -75,7 +87,10 @@ impl LineBuffer {
     pub fn finish(&mut self) -> Option<Line> {
         let buf = std::mem::take(&mut self.buf);
         match self.overflow.take() {
-            Some(total_bytes) => Some(Line::Truncated { prefix: String::from_utf8_lossy(&buf).into_owned(), total_bytes }),
+            Some(total_bytes) => Some(Line::Truncated {
+                prefix: String::from_utf8_lossy(&buf).into_owned(),
+                total_bytes,
+            }),
             None if buf.is_empty() => None,
             None => Some(Line::Whole(String::from_utf8_lossy(&buf).into_owned())),
         }
@@ -110,7 +125,22 @@ mod tests {
     fn overlong_lines_are_cut_and_counted_and_the_next_line_survives() {
         let mut b = LineBuffer::new(4);
         assert_eq!(b.push(b"abcdef"), vec![]);
-        assert_eq!(b.push(b"gh\nok\n"), vec![Line::Truncated { prefix: "abcd".into(), total_bytes: 8 }, whole("ok")]);
-        assert_eq!(b.push(b"123456\n"), vec![Line::Truncated { prefix: "1234".into(), total_bytes: 6 }]);
+        assert_eq!(
+            b.push(b"gh\nok\n"),
+            vec![
+                Line::Truncated {
+                    prefix: "abcd".into(),
+                    total_bytes: 8
+                },
+                whole("ok")
+            ]
+        );
+        assert_eq!(
+            b.push(b"123456\n"),
+            vec![Line::Truncated {
+                prefix: "1234".into(),
+                total_bytes: 6
+            }]
+        );
     }
 }

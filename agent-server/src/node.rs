@@ -67,7 +67,10 @@ pub struct Slot {
 
 impl Node {
     pub fn new(cfg: Config, runtime: ContainerRuntime, shutdown: CancellationToken) -> Arc<Self> {
-        let load = Load { capacity: cfg.capacity, ..Load::default() };
+        let load = Load {
+            capacity: cfg.capacity,
+            ..Load::default()
+        };
         Arc::new(Self {
             cfg,
             runtime,
@@ -94,7 +97,12 @@ impl Node {
             if old.epoch >= epoch {
                 return Err(Refusal::StaleEpoch(old.epoch));
             }
-            tracing::warn!(session_id, old_epoch = old.epoch, epoch, "fencing a superseded run of this session");
+            tracing::warn!(
+                session_id,
+                old_epoch = old.epoch,
+                epoch,
+                "fencing a superseded run of this session"
+            );
             old.cancel.cancel();
             sessions.remove(session_id);
         }
@@ -105,17 +113,31 @@ impl Node {
         let cancel = self.shutdown.child_token();
         sessions.insert(
             session_id.to_string(),
-            RunningSession { session_id: session_id.to_string(), epoch, container_id: String::new(), cancel: cancel.clone() },
+            RunningSession {
+                session_id: session_id.to_string(),
+                epoch,
+                container_id: String::new(),
+                cancel: cancel.clone(),
+            },
         );
         let running = sessions.len() as u32;
         drop(sessions);
         self.load.send_modify(|l| l.running = running);
-        Ok(Slot { node: self.clone(), session_id: session_id.to_string(), epoch, cancel })
+        Ok(Slot {
+            node: self.clone(),
+            session_id: session_id.to_string(),
+            epoch,
+            cancel,
+        })
     }
 
     /// Records the container a slot's session runs in.
     pub fn set_container(&self, slot: &Slot, container_id: &str) {
-        if let Some(s) = self.sessions().get_mut(&slot.session_id).filter(|s| s.epoch == slot.epoch) {
+        if let Some(s) = self
+            .sessions()
+            .get_mut(&slot.session_id)
+            .filter(|s| s.epoch == slot.epoch)
+        {
             s.container_id = container_id.to_string();
         }
     }
@@ -164,7 +186,8 @@ impl Node {
                 let cpu = f64::from(sys.global_cpu_usage()) / 100.0;
                 let (used, total) = (sys.used_memory(), sys.total_memory());
                 node.load.send_if_modified(|l| {
-                    let changed = (l.cpu_utilization - cpu).abs() > 0.05 || l.memory_total_bytes != total;
+                    let changed =
+                        (l.cpu_utilization - cpu).abs() > 0.05 || l.memory_total_bytes != total;
                     l.cpu_utilization = cpu;
                     l.memory_used_bytes = used;
                     l.memory_total_bytes = total;
@@ -184,7 +207,10 @@ impl Node {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut sessions = self.node.sessions();
-        if sessions.get(&self.session_id).is_some_and(|s| s.epoch == self.epoch) {
+        if sessions
+            .get(&self.session_id)
+            .is_some_and(|s| s.epoch == self.epoch)
+        {
             sessions.remove(&self.session_id);
         }
         let running = sessions.len() as u32;

@@ -51,7 +51,12 @@ pub struct Exit {
 
 impl Exit {
     fn failed(reason: impl Into<String>) -> Self {
-        Self { code: -1, reason: reason.into(), stderr_tail: String::new(), stopped: false }
+        Self {
+            code: -1,
+            reason: reason.into(),
+            stderr_tail: String::new(),
+            stopped: false,
+        }
     }
 }
 
@@ -125,16 +130,29 @@ async fn run_in_slot(
         Err(e) => return Exit::failed(format!("container did not start: {e}")),
     };
     node.set_container(slot, &container_id);
-    let guard = ContainerGuard { runtime: runtime.clone(), id: Some(container_id.clone()) };
+    let guard = ContainerGuard {
+        runtime: runtime.clone(),
+        id: Some(container_id.clone()),
+    };
     let mut adapter = adapter::for_runtime(spec.runtime);
-    let process = match runtime.exec_agent(&container_id, adapter.command(&spec), spec.env_pairs()).await {
+    let process = match runtime
+        .exec_agent(&container_id, adapter.command(&spec), spec.env_pairs())
+        .await
+    {
         Ok(p) => p,
         Err(e) => {
             guard.remove().await;
             return Exit::failed(format!("agent did not start: {e}"));
         }
     };
-    if out.send(Output::Accepted { container_id: container_id.clone(), warm: false }).await.is_err() {
+    if out
+        .send(Output::Accepted {
+            container_id: container_id.clone(),
+            warm: false,
+        })
+        .await
+        .is_err()
+    {
         guard.remove().await;
         return Exit::failed("dispatcher went away before the session was accepted");
     }
@@ -210,7 +228,11 @@ async fn run_in_slot(
     }
     drop(stdin_tx);
     stdin_task.abort();
-    let code = if killed { None } else { runtime.exit_code(&process.exec_id).await };
+    let code = if killed {
+        None
+    } else {
+        runtime.exit_code(&process.exec_id).await
+    };
     guard.remove().await;
 
     let stopped = stop_reason.is_some();
@@ -220,15 +242,24 @@ async fn run_in_slot(
         (None, Some(c)) => format!("agent exited with code {c}"),
         (None, None) => "agent ended without an exit code".to_string(),
     };
-    Exit { code: code.unwrap_or(-1), reason, stderr_tail: String::from_utf8_lossy(&stderr_tail).into_owned(), stopped }
+    Exit {
+        code: code.unwrap_or(-1),
+        reason,
+        stderr_tail: String::from_utf8_lossy(&stderr_tail).into_owned(),
+        stopped,
+    }
 }
 
 /// Decodes and sends one line. False when the dispatcher is gone.
 async fn emit(out: &mpsc::Sender<Output>, adapter: &mut dyn adapter::Adapter, line: Line) -> bool {
     let event = match line {
         Line::Whole(l) => adapter.decode(&l),
-        Line::Truncated { prefix, total_bytes } => {
-            let payload = serde_json::json!({"raw": prefix, "truncated": true, "total_bytes": total_bytes});
+        Line::Truncated {
+            prefix,
+            total_bytes,
+        } => {
+            let payload =
+                serde_json::json!({"raw": prefix, "truncated": true, "total_bytes": total_bytes});
             AgentEvent {
                 kind: berth_common::events::RUNTIME_RAW,
                 payload: payload.to_string(),
@@ -240,7 +271,10 @@ async fn emit(out: &mpsc::Sender<Output>, adapter: &mut dyn adapter::Adapter, li
     out.send(Output::Event(event)).await.is_ok()
 }
 
-async fn write_stdin(mut input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn write_stdin(
+    mut input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
     while let Some(bytes) = rx.recv().await {
         if let Err(e) = async {
             input.write_all(&bytes).await?;

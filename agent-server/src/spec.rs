@@ -35,14 +35,25 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
         let runtime = match pb::Runtime::try_from(s.runtime) {
             Ok(pb::Runtime::ClaudeCode | pb::Runtime::Unspecified) => RuntimeKind::ClaudeCode,
             Ok(pb::Runtime::Jsonl) => RuntimeKind::Jsonl,
-            Err(_) => return Err(Error::invalid("spec.runtime", format!("unknown runtime {}", s.runtime))),
+            Err(_) => {
+                return Err(Error::invalid(
+                    "spec.runtime",
+                    format!("unknown runtime {}", s.runtime),
+                ));
+            }
         };
         if runtime == RuntimeKind::Jsonl && s.runtime_args.is_empty() {
-            return Err(Error::invalid("spec.runtime_args", "the jsonl runtime needs the program to run"));
+            return Err(Error::invalid(
+                "spec.runtime_args",
+                "the jsonl runtime needs the program to run",
+            ));
         }
         for key in s.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(Error::invalid("spec.env", format!("bad variable name `{key}`")));
+                return Err(Error::invalid(
+                    "spec.env",
+                    format!("bad variable name `{key}`"),
+                ));
             }
         }
         Ok(Self {

@@ -11,10 +11,19 @@ use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "Run and inspect AI-agent sessions on a berth dispatcher")]
+#[command(
+    name = "berth",
+    version,
+    about = "Run and inspect AI-agent sessions on a berth dispatcher"
+)]
 struct Cli {
     /// Dispatcher URL.
-    #[arg(long, global = true, env = "BERTH_DISPATCHER", default_value = "http://127.0.0.1:7000")]
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_DISPATCHER",
+        default_value = "http://127.0.0.1:7000"
+    )]
     dispatcher: String,
     /// Machine-readable output: one JSON object per line.
     #[arg(long, global = true)]
@@ -103,7 +112,9 @@ enum SessionsCmd {
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -130,11 +141,17 @@ impl std::fmt::Display for CliError {
 
 fn explain(dispatcher: &str, session: Option<&str>, status: tonic::Status) -> CliError {
     let msg = match status.code() {
-        tonic::Code::Unavailable if status.message().contains("transport") || status.message().contains("connect") => format!(
-            "cannot reach the dispatcher at {dispatcher}: is it running? Start it (see README) or set --dispatcher / BERTH_DISPATCHER"
-        ),
+        tonic::Code::Unavailable
+            if status.message().contains("transport") || status.message().contains("connect") =>
+        {
+            format!(
+                "cannot reach the dispatcher at {dispatcher}: is it running? Start it (see README) or set --dispatcher / BERTH_DISPATCHER"
+            )
+        }
         tonic::Code::NotFound => match session {
-            Some(s) => format!("session {s} not found; `berth sessions list` shows the sessions there are"),
+            Some(s) => {
+                format!("session {s} not found; `berth sessions list` shows the sessions there are")
+            }
             None => status.message().to_string(),
         },
         code => format!("{} ({code:?})", status.message()),
@@ -144,14 +161,19 @@ fn explain(dispatcher: &str, session: Option<&str>, status: tonic::Status) -> Cl
 
 async fn connect(dispatcher: &str) -> Result<SessionsClient<Channel>, CliError> {
     let endpoint = Endpoint::from_shared(dispatcher.to_string())
-        .map_err(|e| CliError(format!("--dispatcher `{dispatcher}` is not a valid URL: {e}")))?
+        .map_err(|e| {
+            CliError(format!(
+                "--dispatcher `{dispatcher}` is not a valid URL: {e}"
+            ))
+        })?
         .connect_timeout(std::time::Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|_| {
         CliError(format!(
             "cannot reach the dispatcher at {dispatcher}: is it running? Start it (see README) or set --dispatcher / BERTH_DISPATCHER"
         ))
     })?;
-    Ok(SessionsClient::new(channel).max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES))
+    Ok(SessionsClient::new(channel)
+        .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES))
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
@@ -161,13 +183,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run(args) => run_session(&mut client, d, json, args).await,
         Command::Sessions(cmd) => match cmd {
-            SessionsCmd::List { status, page_size, page_token } => {
+            SessionsCmd::List {
+                status,
+                page_size,
+                page_token,
+            } => {
                 let status = match status {
                     None => 0,
-                    Some(s) => render::parse_status(&s).ok_or_else(|| CliError(format!("unknown status `{s}`")))? as i32,
+                    Some(s) => render::parse_status(&s)
+                        .ok_or_else(|| CliError(format!("unknown status `{s}`")))?
+                        as i32,
                 };
                 let resp = client
-                    .list_sessions(pb::ListSessionsRequest { page_size, page_token, status, labels: HashMap::new() })
+                    .list_sessions(pb::ListSessionsRequest {
+                        page_size,
+                        page_token,
+                        status,
+                        labels: HashMap::new(),
+                    })
                     .await
                     .map_err(|s| explain(d, None, s))?
                     .into_inner();
@@ -185,7 +218,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             SessionsCmd::Get { session } => {
                 let s = client
-                    .get_session(pb::GetSessionRequest { name: session.clone() })
+                    .get_session(pb::GetSessionRequest {
+                        name: session.clone(),
+                    })
                     .await
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
@@ -196,10 +231,17 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 }
                 Ok(())
             }
-            SessionsCmd::Events { session, after, follow } => {
+            SessionsCmd::Events {
+                session,
+                after,
+                follow,
+            } => {
                 if follow {
                     let mut stream = client
-                        .stream_events(pb::StreamEventsRequest { name: session.clone(), after_seq: after })
+                        .stream_events(pb::StreamEventsRequest {
+                            name: session.clone(),
+                            after_seq: after,
+                        })
                         .await
                         .map_err(|e| explain(d, Some(&session), e))?
                         .into_inner();
@@ -212,7 +254,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 let mut token = String::new();
                 loop {
                     let resp = client
-                        .list_events(pb::ListEventsRequest { name: session.clone(), after_seq: after, page_size: 500, page_token: token })
+                        .list_events(pb::ListEventsRequest {
+                            name: session.clone(),
+                            after_seq: after,
+                            page_size: 500,
+                            page_token: token,
+                        })
                         .await
                         .map_err(|e| explain(d, Some(&session), e))?
                         .into_inner();
@@ -227,29 +274,57 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             SessionsCmd::Send { session, text } => {
                 let r = client
-                    .send_message(pb::SendMessageRequest { name: session.clone(), text })
+                    .send_message(pb::SendMessageRequest {
+                        name: session.clone(),
+                        text,
+                    })
                     .await
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
-                println!("{}", if json { serde_json::json!({"seq": r.seq}).to_string() } else { format!("sent (seq {})", r.seq) });
+                println!(
+                    "{}",
+                    if json {
+                        serde_json::json!({"seq": r.seq}).to_string()
+                    } else {
+                        format!("sent (seq {})", r.seq)
+                    }
+                );
                 Ok(())
             }
             SessionsCmd::Interrupt { session } => {
                 let r = client
-                    .interrupt(pb::InterruptRequest { name: session.clone() })
+                    .interrupt(pb::InterruptRequest {
+                        name: session.clone(),
+                    })
                     .await
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
-                println!("{}", if json { serde_json::json!({"seq": r.seq}).to_string() } else { format!("interrupted (seq {})", r.seq) });
+                println!(
+                    "{}",
+                    if json {
+                        serde_json::json!({"seq": r.seq}).to_string()
+                    } else {
+                        format!("interrupted (seq {})", r.seq)
+                    }
+                );
                 Ok(())
             }
             SessionsCmd::Stop { session } => {
                 let s = client
-                    .stop_session(pb::StopSessionRequest { name: session.clone() })
+                    .stop_session(pb::StopSessionRequest {
+                        name: session.clone(),
+                    })
                     .await
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
-                println!("{}", if json { render::session_json(&s) } else { render::session_line(&s) });
+                println!(
+                    "{}",
+                    if json {
+                        render::session_json(&s)
+                    } else {
+                        render::session_line(&s)
+                    }
+                );
                 Ok(())
             }
         },
@@ -264,7 +339,12 @@ fn print_event(e: &pb::Event, json: bool) {
     }
 }
 
-async fn run_session(client: &mut SessionsClient<Channel>, d: &str, json: bool, a: RunArgs) -> Result<(), CliError> {
+async fn run_session(
+    client: &mut SessionsClient<Channel>,
+    d: &str,
+    json: bool,
+    a: RunArgs,
+) -> Result<(), CliError> {
     let started = Instant::now();
     let req = pb::CreateSessionRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
@@ -284,12 +364,19 @@ async fn run_session(client: &mut SessionsClient<Channel>, d: &str, json: bool, 
         labels: a.labels.into_iter().collect(),
         timeout: None,
     };
-    let session = client.create_session(req).await.map_err(|s| explain(d, None, s))?.into_inner();
+    let session = client
+        .create_session(req)
+        .await
+        .map_err(|s| explain(d, None, s))?
+        .into_inner();
     if !json {
         eprintln!("session {} created", session.id);
     }
     let mut stream = client
-        .stream_events(pb::StreamEventsRequest { name: session.name.clone(), after_seq: 0 })
+        .stream_events(pb::StreamEventsRequest {
+            name: session.name.clone(),
+            after_seq: 0,
+        })
         .await
         .map_err(|e| explain(d, Some(&session.id), e))?
         .into_inner();
@@ -297,7 +384,9 @@ async fn run_session(client: &mut SessionsClient<Channel>, d: &str, json: bool, 
     let mut turn_done = false;
     while let Some(e) = stream.next().await {
         let e = e.map_err(|e| explain(d, Some(&session.id), e))?;
-        if first_agent_event.is_none() && (e.r#type.starts_with("agent.") || e.r#type.starts_with("runtime.")) {
+        if first_agent_event.is_none()
+            && (e.r#type.starts_with("agent.") || e.r#type.starts_with("runtime."))
+        {
             first_agent_event = Some(started.elapsed());
         }
         print_event(&e, json);
@@ -309,12 +398,24 @@ async fn run_session(client: &mut SessionsClient<Channel>, d: &str, json: bool, 
         }
     }
     let s = client
-        .get_session(pb::GetSessionRequest { name: session.name.clone() })
+        .get_session(pb::GetSessionRequest {
+            name: session.name.clone(),
+        })
         .await
         .map_err(|e| explain(d, Some(&session.id), e))?
         .into_inner();
-    if !a.keep && matches!(pb::SessionStatus::try_from(s.status), Ok(pb::SessionStatus::Idle | pb::SessionStatus::Running)) {
-        client.stop_session(pb::StopSessionRequest { name: session.name.clone() }).await.map_err(|e| explain(d, Some(&session.id), e))?;
+    if !a.keep
+        && matches!(
+            pb::SessionStatus::try_from(s.status),
+            Ok(pb::SessionStatus::Idle | pb::SessionStatus::Running)
+        )
+    {
+        client
+            .stop_session(pb::StopSessionRequest {
+                name: session.name.clone(),
+            })
+            .await
+            .map_err(|e| explain(d, Some(&session.id), e))?;
     }
     if !json {
         let u = s.usage.unwrap_or_default();
@@ -332,11 +433,18 @@ async fn run_session(client: &mut SessionsClient<Channel>, d: &str, json: bool, 
             eprintln!("first agent event after {} ms", t.as_millis());
         }
         if a.keep {
-            eprintln!("left running: `berth sessions send {} \"…\"` to continue, `berth sessions stop {}` to end", s.id, s.id);
+            eprintln!(
+                "left running: `berth sessions send {} \"…\"` to continue, `berth sessions stop {}` to end",
+                s.id, s.id
+            );
         }
     }
     if !turn_done {
-        return Err(CliError(format!("the session ended before its turn did: {} ({})", render::status_name(s.status), s.status_reason)));
+        return Err(CliError(format!(
+            "the session ended before its turn did: {} ({})",
+            render::status_name(s.status),
+            s.status_reason
+        )));
     }
     Ok(())
 }

@@ -6,7 +6,11 @@ use serde_json::{Value, json};
 /// The lowercase status name (`idle`, `failed`…).
 pub fn status_name(status: i32) -> String {
     pb::SessionStatus::try_from(status)
-        .map(|s| s.as_str_name().trim_start_matches("SESSION_STATUS_").to_lowercase())
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("SESSION_STATUS_")
+                .to_lowercase()
+        })
         .unwrap_or_else(|_| format!("status({status})"))
 }
 
@@ -37,9 +41,21 @@ pub fn session_json(s: &pb::Session) -> String {
 }
 
 pub fn session_line(s: &pb::Session) -> String {
-    let image = s.spec.as_ref().map(|x| x.image.as_str()).unwrap_or_default();
+    let image = s
+        .spec
+        .as_ref()
+        .map(|x| x.image.as_str())
+        .unwrap_or_default();
     let cost = s.usage.as_ref().map_or(0.0, |u| u.cost_usd);
-    format!("{}  {:<12} {:<28} node={:<10} ${:.4}  {}", s.id, status_name(s.status), image, s.node, cost, time(&s.create_time))
+    format!(
+        "{}  {:<12} {:<28} node={:<10} ${:.4}  {}",
+        s.id,
+        status_name(s.status),
+        image,
+        s.node,
+        cost,
+        time(&s.create_time)
+    )
 }
 
 pub fn session_details(s: &pb::Session) -> String {
@@ -48,14 +64,34 @@ pub fn session_details(s: &pb::Session) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<20} {v}\n"));
     line("session", s.name.clone());
-    line("status", format!("{}{}", status_name(s.status), if s.status_reason.is_empty() { String::new() } else { format!(" ({})", s.status_reason) }));
+    line(
+        "status",
+        format!(
+            "{}{}",
+            status_name(s.status),
+            if s.status_reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", s.status_reason)
+            }
+        ),
+    );
     line("image", spec.image);
     line("node", s.node.clone());
     line("epoch", s.epoch.to_string());
     line("events", s.last_seq.to_string());
     line("runtime session", s.runtime_session_id.clone());
     line("turns", u.turns.to_string());
-    line("tokens", format!("in {} / out {} / cache read {} / cache write {}", u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens));
+    line(
+        "tokens",
+        format!(
+            "in {} / out {} / cache read {} / cache write {}",
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_input_tokens,
+            u.cache_creation_input_tokens
+        ),
+    );
     line("cost", format!("${:.6}", u.cost_usd));
     line("created", time(&s.create_time));
     line("started", time(&s.start_time));
@@ -64,13 +100,18 @@ pub fn session_details(s: &pb::Session) -> String {
 }
 
 pub fn event_json(e: &pb::Event) -> String {
-    let payload: Value = serde_json::from_str(&e.payload_json).unwrap_or(Value::String(e.payload_json.clone()));
+    let payload: Value =
+        serde_json::from_str(&e.payload_json).unwrap_or(Value::String(e.payload_json.clone()));
     json!({"session_id": e.session_id, "seq": e.seq, "id": e.id, "type": e.r#type, "time": time(&e.create_time), "payload": payload}).to_string()
 }
 
 fn clip(s: &str, n: usize) -> String {
     let one_line = s.replace('\n', " ");
-    if one_line.chars().count() <= n { one_line } else { format!("{}…", one_line.chars().take(n).collect::<String>()) }
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(n).collect::<String>())
+    }
 }
 
 /// A readable line for an event, or `None` for bookkeeping events.
@@ -84,20 +125,41 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
         "agent.thinking" => format!("(thinking) {}", clip(&s("text"), 160)),
         "agent.tool_use" => format!("→ {} {}", s("name"), clip(&p["input"].to_string(), 160)),
         "agent.tool_result" => {
-            let c = match &p["content"] { Value::String(x) => x.clone(), other => other.to_string() };
+            let c = match &p["content"] {
+                Value::String(x) => x.clone(),
+                other => other.to_string(),
+            };
             format!("  ← {}", clip(&c, 160))
         }
         "agent.result" => return None,
         "session.usage" => {
             let t = &p["turn"];
-            format!("[turn {}] tokens in {} out {}  ${:.6}", t["number"], t["input_tokens"], t["output_tokens"], t["cost_usd"].as_f64().unwrap_or(0.0))
+            format!(
+                "[turn {}] tokens in {} out {}  ${:.6}",
+                t["number"],
+                t["input_tokens"],
+                t["output_tokens"],
+                t["cost_usd"].as_f64().unwrap_or(0.0)
+            )
         }
         "runtime.raw" => format!("[raw] {}", clip(&s("raw"), 200)),
         "runtime.init" | "runtime.system" => return None,
         t if t.starts_with("session.status_") => {
             let reason = s("reason");
-            let code = p.get("exit_code").map(|c| format!(" exit code {c}")).unwrap_or_default();
-            format!("[{}]{}{}", t.trim_start_matches("session.status_"), if reason.is_empty() { String::new() } else { format!(" {reason}") }, code)
+            let code = p
+                .get("exit_code")
+                .map(|c| format!(" exit code {c}"))
+                .unwrap_or_default();
+            format!(
+                "[{}]{}{}",
+                t.trim_start_matches("session.status_"),
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {reason}")
+                },
+                code
+            )
         }
         other => format!("[{other}]"),
     };

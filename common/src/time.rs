@@ -42,7 +42,13 @@ mod tests {
 
     #[test]
     fn negative_durations_are_rejected() {
-        assert_eq!(from_duration(&prost_types::Duration { seconds: -1, nanos: 0 }), None);
+        assert_eq!(
+            from_duration(&prost_types::Duration {
+                seconds: -1,
+                nanos: 0
+            }),
+            None
+        );
         let d = std::time::Duration::from_millis(1500);
         assert_eq!(from_duration(&to_duration(d)), Some(d));
     }

@@ -8,14 +8,22 @@ use berth_common::telemetry::LogFormat;
 
 /// Configuration of one dispatcher.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "berth-dispatcher", version, about = "berth control plane: queues sessions, places them on nodes, relays their events")]
+#[command(
+    name = "berth-dispatcher",
+    version,
+    about = "berth control plane: queues sessions, places them on nodes, relays their events"
+)]
 pub struct Config {
     /// Address the public API (berth.v1.Sessions) listens on.
     #[arg(long, env = "BERTH_LISTEN", default_value = "0.0.0.0:7000")]
     pub listen: SocketAddr,
 
     /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://berth:berth@127.0.0.1:5432/berth")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://berth:berth@127.0.0.1:5432/berth"
+    )]
     pub database_url: String,
 
     /// Largest number of Postgres connections this dispatcher holds.
@@ -45,7 +53,10 @@ pub struct Config {
 }
 
 fn default_id() -> String {
-    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "dispatcher".into());
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "dispatcher".into());
     format!("{host}-{}", std::process::id())
 }
 
@@ -57,7 +68,10 @@ impl Config {
 
     /// Checks values clap cannot, naming the offending field.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.db_max_connections >= 2, "--db-max-connections must be at least 2 (one is held for LISTEN)");
+        anyhow::ensure!(
+            self.db_max_connections >= 2,
+            "--db-max-connections must be at least 2 (one is held for LISTEN)"
+        );
         anyhow::ensure!(!self.queue_poll.is_zero(), "--queue-poll must be positive");
         for url in &self.agent_servers {
             anyhow::ensure!(

@@ -41,7 +41,16 @@ pub async fn drive(ctx: Arc<Ctx>, session: Session) {
         if let Err(e) = run(&ctx, &session).await {
             tracing::warn!(error = %e, "session run failed");
             let reason = e.to_string();
-            if let Err(e) = ctx.log.transition(session.id, StatusEvent::Failed, &reason, serde_json::json!({})).await {
+            if let Err(e) = ctx
+                .log
+                .transition(
+                    session.id,
+                    StatusEvent::Failed,
+                    &reason,
+                    serde_json::json!({}),
+                )
+                .await
+            {
                 tracing::debug!(error = %e, "could not mark the session failed");
             }
         }
@@ -58,12 +67,22 @@ struct Link {
 }
 
 async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
-    let Some(mut link) = start(ctx, session).await? else { return Ok(()) };
+    let Some(mut link) = start(ctx, session).await? else {
+        return Ok(());
+    };
     let node = link.placed.link.name();
     ctx.store.set_node(session.id, session.epoch, &node).await?;
-    let busy = ctx.store.has_pending_input(session.id, session.input_seq).await?;
+    let busy = ctx
+        .store
+        .has_pending_input(session.id, session.input_seq)
+        .await?;
     ctx.log
-        .transition(session.id, StatusEvent::Started { busy }, "", serde_json::json!({"node": node, "epoch": session.epoch}))
+        .transition(
+            session.id,
+            StatusEvent::Started { busy },
+            "",
+            serde_json::json!({"node": node, "epoch": session.epoch}),
+        )
         .await?;
     tracing::info!(%node, "session started");
     relay(ctx, session, &mut link).await
@@ -76,8 +95,14 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
     let mut reasons: Vec<String> = Vec::new();
     loop {
         let Some(placed) = ctx.nodes.place(&session.spec.image, &refused) else {
-            let why = if reasons.is_empty() { "no node has free capacity".to_string() } else { reasons.join("; ") };
-            return Err(Error::Internal(format!("no node could start the session: {why}")));
+            let why = if reasons.is_empty() {
+                "no node has free capacity".to_string()
+            } else {
+                reasons.join("; ")
+            };
+            return Err(Error::Internal(format!(
+                "no node could start the session: {why}"
+            )));
         };
         let url = placed.link.url.clone();
         let (to_node, rx) = mpsc::channel(64);
@@ -91,7 +116,12 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
         };
         // The channel is fresh: this send cannot fail.
         let _ = to_node.send(start).await;
-        let mut frames = match placed.link.client().run_session(ReceiverStream::new(rx)).await {
+        let mut frames = match placed
+            .link
+            .client()
+            .run_session(ReceiverStream::new(rx))
+            .await
+        {
             Ok(r) => r.into_inner(),
             Err(status) => {
                 reasons.push(format!("{url}: {}", status.message()));
@@ -100,21 +130,40 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
             }
         };
         match frames.message().await {
-            Ok(Some(pb::NodeFrame { kind: Some(node_frame::Kind::Accepted(a)), .. })) => {
+            Ok(Some(pb::NodeFrame {
+                kind: Some(node_frame::Kind::Accepted(a)),
+                ..
+            })) => {
                 tracing::debug!(%url, container_id = %a.container_id, warm = a.warm, "node accepted the session");
-                return Ok(Some(Link { placed, frames, to_node }));
+                return Ok(Some(Link {
+                    placed,
+                    frames,
+                    to_node,
+                }));
             }
-            Ok(Some(pb::NodeFrame { kind: Some(node_frame::Kind::Refused(r)), .. })) => {
+            Ok(Some(pb::NodeFrame {
+                kind: Some(node_frame::Kind::Refused(r)),
+                ..
+            })) => {
                 tracing::info!(%url, reason = %r.reason, "node refused the session; placing it elsewhere");
                 reasons.push(format!("{url}: {}", r.reason));
                 refused.push(url);
             }
-            Ok(Some(pb::NodeFrame { kind: Some(node_frame::Kind::Exited(x)), .. })) => {
+            Ok(Some(pb::NodeFrame {
+                kind: Some(node_frame::Kind::Exited(x)),
+                ..
+            })) => {
                 let extra = serde_json::json!({"exit_code": x.exit_code, "stderr_tail": x.stderr_tail, "node": url});
-                ctx.log.transition(session.id, StatusEvent::Failed, &x.reason, extra).await?;
+                ctx.log
+                    .transition(session.id, StatusEvent::Failed, &x.reason, extra)
+                    .await?;
                 return Ok(None);
             }
-            Ok(_) => return Err(Error::Internal(format!("node {url} broke the protocol: expected accepted or refused"))),
+            Ok(_) => {
+                return Err(Error::Internal(format!(
+                    "node {url} broke the protocol: expected accepted or refused"
+                )));
+            }
             Err(status) => {
                 reasons.push(format!("{url}: {}", status.message()));
                 refused.push(url);
@@ -239,7 +288,9 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
     }
 }
 
-async fn recv(feed: &mut Option<mpsc::Receiver<Result<Arc<crate::session::Event>>>>) -> Option<Result<Arc<crate::session::Event>>> {
+async fn recv(
+    feed: &mut Option<mpsc::Receiver<Result<Arc<crate::session::Event>>>>,
+) -> Option<Result<Arc<crate::session::Event>>> {
     match feed {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -249,10 +300,17 @@ async fn recv(feed: &mut Option<mpsc::Receiver<Result<Arc<crate::session::Event>
 /// A node's runtime event as a log event. A node is trusted to run sessions,
 /// not to produce valid JSON: a bad payload is kept, wrapped, never dropped.
 fn node_event(e: pb::RuntimeEvent) -> NewEvent {
-    let valid_type = !e.r#type.is_empty() && e.r#type.len() <= 64 && e.r#type.bytes().all(|b| b.is_ascii_graphic());
-    let is_object = e.payload_json.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(&e.payload_json).is_ok();
+    let valid_type = !e.r#type.is_empty()
+        && e.r#type.len() <= 64
+        && e.r#type.bytes().all(|b| b.is_ascii_graphic());
+    let is_object = e.payload_json.starts_with('{')
+        && serde_json::from_str::<serde::de::IgnoredAny>(&e.payload_json).is_ok();
     // Postgres jsonb cannot hold U+0000.
-    let payload = if e.payload_json.contains("\\u0000") { e.payload_json.replace("\\u0000", "\\ufffd") } else { e.payload_json };
+    let payload = if e.payload_json.contains("\\u0000") {
+        e.payload_json.replace("\\u0000", "\\ufffd")
+    } else {
+        e.payload_json
+    };
     if valid_type && is_object {
         NewEvent::new(e.r#type, payload)
     } else {
@@ -306,7 +364,8 @@ pub async fn listen(ctx: Arc<Ctx>, wake: Arc<tokio::sync::Notify>) {
     loop {
         let listener = async {
             let mut l = sqlx::postgres::PgListener::connect_with(ctx.store.pool()).await?;
-            l.listen_all([crate::store::QUEUE_CHANNEL, crate::store::EVENTS_CHANNEL]).await?;
+            l.listen_all([crate::store::QUEUE_CHANNEL, crate::store::EVENTS_CHANNEL])
+                .await?;
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = tokio::select! {

@@ -14,7 +14,11 @@ pub enum Error {
     #[error("session {0} not found")]
     SessionNotFound(String),
     #[error("session {id} is {status}: {what}")]
-    WrongStatus { id: Uuid, status: SessionStatus, what: &'static str },
+    WrongStatus {
+        id: Uuid,
+        status: SessionStatus,
+        what: &'static str,
+    },
     #[error("the session changed concurrently; retry")]
     Conflict,
     #[error(transparent)]
@@ -27,7 +31,10 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Self::InvalidArgument { field, reason: reason.into() }
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// Whether retrying the same operation may succeed.
@@ -49,12 +56,15 @@ impl From<sqlx::Error> for Error {
         match &e {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some(pg_code::SERIALIZATION_FAILURE | pg_code::DEADLOCK_DETECTED) => Self::Conflict,
-                Some(pg_code::FOREIGN_KEY_VIOLATION) => Self::SessionNotFound("(referenced)".into()),
+                Some(pg_code::FOREIGN_KEY_VIOLATION) => {
+                    Self::SessionNotFound("(referenced)".into())
+                }
                 _ => Self::Internal(e.to_string()),
             },
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-                Self::Unavailable(e.to_string())
-            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => Self::Unavailable(e.to_string()),
             _ => Self::Internal(e.to_string()),
         }
     }
@@ -66,8 +76,13 @@ impl From<Error> for tonic::Status {
         match &e {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             Error::SessionNotFound(_) => Status::not_found(e.to_string()),
-            Error::WrongStatus { .. } | Error::Transition(_) => Status::failed_precondition(e.to_string()),
+            Error::WrongStatus { .. } | Error::Transition(_) => {
+                Status::failed_precondition(e.to_string())
+            }
             Error::Conflict => Status::aborted(e.to_string()),
+            Error::Unavailable(msg) if msg.starts_with("dispatcher shutting down") => {
+                Status::unavailable(msg.clone())
+            }
             Error::Unavailable(_) => {
                 tracing::error!(error = %e, "database unavailable");
                 Status::unavailable("the dispatcher cannot reach its database; retry shortly")

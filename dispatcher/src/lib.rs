@@ -28,9 +28,16 @@ pub use config::Config;
 
 /// Runs a dispatcher on `listener` against the nodes in `cfg.agent_servers`
 /// until `shutdown` is cancelled.
-pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     cfg.validate()?;
-    anyhow::ensure!(!cfg.agent_servers.is_empty(), "no agent-server nodes: set AGENT_SERVERS");
+    anyhow::ensure!(
+        !cfg.agent_servers.is_empty(),
+        "no agent-server nodes: set AGENT_SERVERS"
+    );
     let store = store::Store::connect(&cfg.database_url, cfg.db_max_connections).await?;
     let log = log::EventLog::start(store.clone(), shutdown.clone());
     let nodes = nodes::Nodes::connect(&cfg.agent_servers, shutdown.clone())?;
@@ -46,16 +53,24 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
     tokio::spawn(driver::claim_loop(ctx.clone(), wake, cfg.queue_poll));
 
     let (reporter, health, reflection) = health_and_reflection()?;
-    reporter.set_serving::<SessionsServer<api::sessions::SessionsService>>().await;
-    let svc = SessionsServer::new(api::sessions::SessionsService { sessions: sessions::Sessions { store, log } })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    reporter
+        .set_serving::<SessionsServer<api::sessions::SessionsService>>()
+        .await;
+    let svc = SessionsServer::new(api::sessions::SessionsService {
+        sessions: sessions::Sessions { store, log },
+        shutdown: shutdown.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

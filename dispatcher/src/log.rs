@@ -72,7 +72,9 @@ impl Hub {
     fn publish(&self, events: &[Event]) {
         let mut feeds = self.feeds();
         for e in events {
-            let Some(feed) = feeds.get_mut(&e.session_id) else { continue };
+            let Some(feed) = feeds.get_mut(&e.session_id) else {
+                continue;
+            };
             if feed.tx.receiver_count() == 0 {
                 feeds.remove(&e.session_id);
                 continue;
@@ -95,9 +97,23 @@ impl Hub {
 }
 
 enum Op {
-    Append { session: Uuid, event: NewEvent, done: Option<oneshot::Sender<Result<Event>>> },
-    Transition { session: Uuid, event: StatusEvent, reason: String, extra: serde_json::Value, done: oneshot::Sender<Result<Transitioned>> },
-    Usage { session: Uuid, usage: TurnUsage, done: oneshot::Sender<Result<Event>> },
+    Append {
+        session: Uuid,
+        event: NewEvent,
+        done: Option<oneshot::Sender<Result<Event>>>,
+    },
+    Transition {
+        session: Uuid,
+        event: StatusEvent,
+        reason: String,
+        extra: serde_json::Value,
+        done: oneshot::Sender<Result<Transitioned>>,
+    },
+    Usage {
+        session: Uuid,
+        usage: TurnUsage,
+        done: oneshot::Sender<Result<Event>>,
+    },
 }
 
 /// The event log of every session this dispatcher touches.
@@ -105,6 +121,8 @@ pub struct EventLog {
     store: Store,
     ops: mpsc::Sender<Op>,
     hub: Arc<Hub>,
+    /// Ends every follower with UNAVAILABLE, so clients reconnect elsewhere.
+    shutdown: CancellationToken,
 }
 
 impl EventLog {
@@ -112,39 +130,78 @@ impl EventLog {
     pub fn start(store: Store, shutdown: CancellationToken) -> Arc<Self> {
         let (ops, rx) = mpsc::channel(MAX_BATCH * 4);
         let hub = Arc::new(Hub::default());
-        tokio::spawn(writer(store.clone(), hub.clone(), rx, shutdown));
-        Arc::new(Self { store, ops, hub })
+        tokio::spawn(writer(store.clone(), hub.clone(), rx, shutdown.clone()));
+        Arc::new(Self {
+            store,
+            ops,
+            hub,
+            shutdown,
+        })
     }
 
     async fn submit(&self, op: Op) -> Result<()> {
-        self.ops.send(op).await.map_err(|_| Error::Unavailable("the event writer has stopped".into()))
+        self.ops
+            .send(op)
+            .await
+            .map_err(|_| Error::Unavailable("the event writer has stopped".into()))
     }
 
     /// Appends one event and waits until it is persisted.
     pub async fn append(&self, session: Uuid, event: NewEvent) -> Result<Event> {
         let (done, rx) = oneshot::channel();
-        self.submit(Op::Append { session, event, done: Some(done) }).await?;
-        rx.await.map_err(|_| Error::Unavailable("the event writer has stopped".into()))?
+        self.submit(Op::Append {
+            session,
+            event,
+            done: Some(done),
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the event writer has stopped".into()))?
     }
 
     /// Queues an event behind everything queued before it, without waiting.
     /// Failures are logged by the writer.
     pub async fn append_queued(&self, session: Uuid, event: NewEvent) -> Result<()> {
-        self.submit(Op::Append { session, event, done: None }).await
+        self.submit(Op::Append {
+            session,
+            event,
+            done: None,
+        })
+        .await
     }
 
     /// Applies a status change, ordered after everything queued before it.
-    pub async fn transition(&self, session: Uuid, event: StatusEvent, reason: &str, extra: serde_json::Value) -> Result<Transitioned> {
+    pub async fn transition(
+        &self,
+        session: Uuid,
+        event: StatusEvent,
+        reason: &str,
+        extra: serde_json::Value,
+    ) -> Result<Transitioned> {
         let (done, rx) = oneshot::channel();
-        self.submit(Op::Transition { session, event, reason: reason.to_string(), extra, done }).await?;
-        rx.await.map_err(|_| Error::Unavailable("the event writer has stopped".into()))?
+        self.submit(Op::Transition {
+            session,
+            event,
+            reason: reason.to_string(),
+            extra,
+            done,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the event writer has stopped".into()))?
     }
 
     /// Records a turn's usage, ordered after everything queued before it.
     pub async fn record_usage(&self, session: Uuid, usage: TurnUsage) -> Result<Event> {
         let (done, rx) = oneshot::channel();
-        self.submit(Op::Usage { session, usage, done }).await?;
-        rx.await.map_err(|_| Error::Unavailable("the event writer has stopped".into()))?
+        self.submit(Op::Usage {
+            session,
+            usage,
+            done,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the event writer has stopped".into()))?
     }
 
     /// Another dispatcher persisted `session`'s events up to `seq`.
@@ -154,9 +211,20 @@ impl EventLog {
 
     /// Streams the session's events after `after_seq`, then live ones, ending
     /// after an event that stops the run. An error ends the stream.
-    pub fn follow(&self, session: Uuid, after_seq: i64, buffer: usize) -> mpsc::Receiver<Result<Arc<Event>>> {
+    pub fn follow(
+        &self,
+        session: Uuid,
+        after_seq: i64,
+        buffer: usize,
+    ) -> mpsc::Receiver<Result<Arc<Event>>> {
         let (tx, rx) = mpsc::channel(buffer);
-        let follower = Follower { store: self.store.clone(), session, last: after_seq, tx };
+        let follower = Follower {
+            store: self.store.clone(),
+            session,
+            last: after_seq,
+            tx,
+            shutdown: self.shutdown.clone(),
+        };
         let feed = self.hub.subscribe(session);
         tokio::spawn(follower.run(feed));
         rx
@@ -168,6 +236,7 @@ struct Follower {
     session: Uuid,
     last: i64,
     tx: mpsc::Sender<Result<Arc<Event>>>,
+    shutdown: CancellationToken,
 }
 
 /// Why a follower stops sending.
@@ -193,6 +262,11 @@ impl Follower {
             let signal = tokio::select! {
                 s = feed.recv() => s,
                 () = self.tx.closed() => return,
+                () = self.shutdown.cancelled() => {
+                    let e = Error::Unavailable(format!("dispatcher shutting down; reconnect with after_seq={}", self.last));
+                    let _ = self.tx.send(Err(e)).await;
+                    return;
+                }
             };
             let step = match signal {
                 Ok(Signal::Event(e)) if e.seq <= self.last => Ok(()),
@@ -225,7 +299,11 @@ impl Follower {
     /// Reads from the store past `last`, up to `upto` (or everything there is).
     async fn catch_up(&mut self, upto: Option<i64>) -> Result<(), Stop> {
         loop {
-            let page = match self.store.list_events(self.session, self.last, HISTORY_PAGE).await {
+            let page = match self
+                .store
+                .list_events(self.session, self.last, HISTORY_PAGE)
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = self.tx.send(Err(e)).await;
@@ -245,7 +323,12 @@ impl Follower {
 
 /// The writer: takes everything queued, commits consecutive appends in one
 /// statement, and runs transitions and usage in order between them.
-async fn writer(store: Store, hub: Arc<Hub>, mut rx: mpsc::Receiver<Op>, shutdown: CancellationToken) {
+async fn writer(
+    store: Store,
+    hub: Arc<Hub>,
+    mut rx: mpsc::Receiver<Op>,
+    shutdown: CancellationToken,
+) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     loop {
         if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
@@ -254,16 +337,33 @@ async fn writer(store: Store, hub: Arc<Hub>, mut rx: mpsc::Receiver<Op>, shutdow
         let mut appends: Vec<(Uuid, NewEvent, Option<oneshot::Sender<Result<Event>>>)> = Vec::new();
         for op in ops.drain(..) {
             match op {
-                Op::Append { session, event, done } => appends.push((session, event, done)),
-                Op::Transition { session, event, reason, extra, done } => {
+                Op::Append {
+                    session,
+                    event,
+                    done,
+                } => appends.push((session, event, done)),
+                Op::Transition {
+                    session,
+                    event,
+                    reason,
+                    extra,
+                    done,
+                } => {
                     flush(&store, &hub, &mut appends, &shutdown).await;
-                    let r = retry(&shutdown, || store.transition(session, event, &reason, extra.clone())).await;
+                    let r = retry(&shutdown, || {
+                        store.transition(session, event, &reason, extra.clone())
+                    })
+                    .await;
                     if let Ok(Transitioned { event: Some(e), .. }) = &r {
                         hub.publish(std::slice::from_ref(e));
                     }
                     let _ = done.send(r);
                 }
-                Op::Usage { session, usage, done } => {
+                Op::Usage {
+                    session,
+                    usage,
+                    done,
+                } => {
                     flush(&store, &hub, &mut appends, &shutdown).await;
                     let r = retry(&shutdown, || store.record_usage(session, &usage)).await;
                     if let Ok(e) = &r {

@@ -33,7 +33,11 @@ impl NodeLink {
 
     /// The node's id as it reports it, or its URL before the first report.
     pub fn name(&self) -> String {
-        self.load.borrow().as_ref().map(|r| r.node_id.clone()).unwrap_or_else(|| self.url.clone())
+        self.load
+            .borrow()
+            .as_ref()
+            .map(|r| r.node_id.clone())
+            .unwrap_or_else(|| self.url.clone())
     }
 
     fn snapshot(&self, image: &str) -> NodeSnapshot {
@@ -46,9 +50,20 @@ impl NodeLink {
                 capacity: u32::try_from(r.capacity).unwrap_or(0),
                 running: u32::try_from(r.running).unwrap_or(0),
                 inflight,
-                warm_ready: r.warm.iter().find(|w| w.image == image).map_or(0, |w| u32::try_from(w.ready).unwrap_or(0)),
+                warm_ready: r
+                    .warm
+                    .iter()
+                    .find(|w| w.image == image)
+                    .map_or(0, |w| u32::try_from(w.ready).unwrap_or(0)),
             },
-            None => NodeSnapshot { up: false, draining: false, capacity: 0, running: 0, inflight, warm_ready: 0 },
+            None => NodeSnapshot {
+                up: false,
+                draining: false,
+                capacity: 0,
+                running: 0,
+                inflight,
+                warm_ready: 0,
+            },
         }
     }
 }
@@ -89,8 +104,19 @@ impl Nodes {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let (tx, rx) = watch::channel(None);
-            tokio::spawn(watch_load(url.clone(), client.clone(), tx, changed.clone(), shutdown.clone()));
-            links.push(Arc::new(NodeLink { url: url.clone(), client, load: rx, inflight: AtomicU32::new(0) }));
+            tokio::spawn(watch_load(
+                url.clone(),
+                client.clone(),
+                tx,
+                changed.clone(),
+                shutdown.clone(),
+            ));
+            links.push(Arc::new(NodeLink {
+                url: url.clone(),
+                client,
+                load: rx,
+                inflight: AtomicU32::new(0),
+            }));
         }
         Ok(Arc::new(Self { links, changed }))
     }
@@ -113,12 +139,19 @@ impl Nodes {
     /// Places a session for `image`, skipping `exclude`d URLs (nodes that
     /// already refused it). The slot is held until the returned value drops.
     pub fn place(self: &Arc<Self>, image: &str, exclude: &[String]) -> Option<Placed> {
-        let candidates: Vec<&Arc<NodeLink>> = self.links.iter().filter(|l| !exclude.contains(&l.url)).collect();
+        let candidates: Vec<&Arc<NodeLink>> = self
+            .links
+            .iter()
+            .filter(|l| !exclude.contains(&l.url))
+            .collect();
         let snapshots: Vec<NodeSnapshot> = candidates.iter().map(|l| l.snapshot(image)).collect();
         let i = placement::choose(&snapshots, |n| fastrand::usize(..n))?;
         let link = candidates[i].clone();
         link.inflight.fetch_add(1, Ordering::SeqCst);
-        Some(Placed { link, nodes: self.clone() })
+        Some(Placed {
+            link,
+            nodes: self.clone(),
+        })
     }
 
     /// Waits until at least one node has reported its load, or `timeout`.
@@ -128,7 +161,10 @@ impl Nodes {
             if self.links.iter().any(|l| l.load.borrow().is_some()) {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, self.changed.notified()).await.is_err() {
+            if tokio::time::timeout_at(deadline, self.changed.notified())
+                .await
+                .is_err()
+            {
                 return false;
             }
         }

@@ -42,7 +42,11 @@ impl NodeSnapshot {
 /// `random(n)` returns a uniform index below `n`.
 pub fn choose(nodes: &[NodeSnapshot], mut random: impl FnMut(usize) -> usize) -> Option<usize> {
     let eligible: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].eligible()).collect();
-    let warm: Vec<usize> = eligible.iter().copied().filter(|&i| nodes[i].warm_ready > 0).collect();
+    let warm: Vec<usize> = eligible
+        .iter()
+        .copied()
+        .filter(|&i| nodes[i].warm_ready > 0)
+        .collect();
     let pool = if warm.is_empty() { eligible } else { warm };
     match pool.len() {
         0 => None,
@@ -53,7 +57,11 @@ pub fn choose(nodes: &[NodeSnapshot], mut random: impl FnMut(usize) -> usize) ->
             if b == a {
                 b = pool[n - 1];
             }
-            Some(if nodes[b].load() < nodes[a].load() { b } else { a })
+            Some(if nodes[b].load() < nodes[a].load() {
+                b
+            } else {
+                a
+            })
         }
     }
 }
@@ -64,13 +72,35 @@ mod tests {
     use proptest::prelude::*;
 
     fn node(capacity: u32, running: u32) -> NodeSnapshot {
-        NodeSnapshot { up: true, draining: false, capacity, running, inflight: 0, warm_ready: 0 }
+        NodeSnapshot {
+            up: true,
+            draining: false,
+            capacity,
+            running,
+            inflight: 0,
+            warm_ready: 0,
+        }
     }
 
     fn snapshot() -> impl Strategy<Value = NodeSnapshot> {
-        (any::<bool>(), any::<bool>(), 0u32..8, 0u32..10, 0u32..10, 0u32..3).prop_map(|(up, draining, capacity, running, inflight, warm_ready)| {
-            NodeSnapshot { up, draining, capacity, running, inflight, warm_ready }
-        })
+        (
+            any::<bool>(),
+            any::<bool>(),
+            0u32..8,
+            0u32..10,
+            0u32..10,
+            0u32..3,
+        )
+            .prop_map(|(up, draining, capacity, running, inflight, warm_ready)| {
+                NodeSnapshot {
+                    up,
+                    draining,
+                    capacity,
+                    running,
+                    inflight,
+                    warm_ready,
+                }
+            })
     }
 
     proptest! {

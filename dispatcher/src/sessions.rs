@@ -37,31 +37,62 @@ impl Sessions {
 
     /// Persists a user message; the driver forwards it. Returns its seq.
     pub async fn send_message(&self, id: Uuid, text: &str) -> Result<i64> {
-        self.require_input(id, "messages can only be sent to pending, starting, running or idle sessions").await?;
-        let e = self.log.append(id, NewEvent::new(ev::USER_MESSAGE, user_message_payload(text))).await?;
+        self.require_input(
+            id,
+            "messages can only be sent to pending, starting, running or idle sessions",
+        )
+        .await?;
+        let e = self
+            .log
+            .append(
+                id,
+                NewEvent::new(ev::USER_MESSAGE, user_message_payload(text)),
+            )
+            .await?;
         Ok(e.seq)
     }
 
     pub async fn interrupt(&self, id: Uuid) -> Result<i64> {
-        self.require_input(id, "only a live session can be interrupted").await?;
-        let e = self.log.append(id, NewEvent::new(ev::USER_INTERRUPT, "{}")).await?;
+        self.require_input(id, "only a live session can be interrupted")
+            .await?;
+        let e = self
+            .log
+            .append(id, NewEvent::new(ev::USER_INTERRUPT, "{}"))
+            .await?;
         Ok(e.seq)
     }
 
     async fn require_input(&self, id: Uuid, what: &'static str) -> Result<()> {
         let s = self.store.get_session(id).await?;
         if !s.status.accepts_input() {
-            return Err(Error::WrongStatus { id, status: s.status, what });
+            return Err(Error::WrongStatus {
+                id,
+                status: s.status,
+                what,
+            });
         }
         Ok(())
     }
 
     /// Stops the session with reason `user`. Stopping twice is not an error.
     pub async fn stop(&self, id: Uuid) -> Result<Session> {
-        match self.log.transition(id, StatusEvent::StopRequested, "user", serde_json::json!({})).await {
+        match self
+            .log
+            .transition(
+                id,
+                StatusEvent::StopRequested,
+                "user",
+                serde_json::json!({}),
+            )
+            .await
+        {
             Ok(_) => {}
             Err(Error::Transition(t)) => {
-                return Err(Error::WrongStatus { id, status: t.from, what: "only a live session can be stopped" });
+                return Err(Error::WrongStatus {
+                    id,
+                    status: t.from,
+                    what: "only a live session can be stopped",
+                });
             }
             Err(e) => return Err(e),
         }
@@ -75,7 +106,11 @@ impl Sessions {
     }
 
     /// Replays after `after_seq`, then tails.
-    pub async fn stream(&self, id: Uuid, after_seq: i64) -> Result<mpsc::Receiver<Result<Arc<Event>>>> {
+    pub async fn stream(
+        &self,
+        id: Uuid,
+        after_seq: i64,
+    ) -> Result<mpsc::Receiver<Result<Arc<Event>>>> {
         if after_seq < 0 {
             return Err(Error::invalid("after_seq", "must not be negative"));
         }

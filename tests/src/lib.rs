@@ -25,7 +25,8 @@ pub const FIXTURE: &str = include_str!("../fixtures/claude-code/explore_count_fi
 
 /// Postgres server for tests; each cluster creates its own database on it.
 fn admin_url() -> String {
-    std::env::var("BERTH_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://berth:berth@127.0.0.1:5432/postgres".into())
+    std::env::var("BERTH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://berth:berth@127.0.0.1:5432/postgres".into())
 }
 
 /// Configures a [`TestCluster`].
@@ -50,16 +51,22 @@ impl Builder {
 
     /// Starts the cluster and waits until its dispatcher answers and sees a node.
     pub async fn start(self) -> anyhow::Result<TestCluster> {
-        let _ = tracing_subscriber::fmt().with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        ).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
         let database = format!("berth_test_{tag}");
         let admin = admin_url();
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
             .await
             .with_context(|| format!("tests need Postgres at {admin} (run scripts/setup.sh)"))?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}"))).execute(&mut conn).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+            .execute(&mut conn)
+            .await?;
         let database_url = match admin.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{database}"),
             None => anyhow::bail!("BERTH_TEST_DATABASE_URL must end in /DBNAME"),
@@ -80,7 +87,11 @@ impl Builder {
             cfg.memory_mib = 256;
             cfg.cpus = 1.0;
             node_ids.push(cfg.node_id.clone());
-            tasks.push(tokio::spawn(berth_agent_server::run(cfg, listener, shutdown.child_token())));
+            tasks.push(tokio::spawn(berth_agent_server::run(
+                cfg,
+                listener,
+                shutdown.child_token(),
+            )));
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let dispatcher_url = format!("http://{}", listener.local_addr()?);
@@ -90,19 +101,38 @@ impl Builder {
         cfg.queue_poll = Duration::from_millis(250);
         cfg.db_max_connections = 8;
         cfg.dispatcher_id = format!("test-dispatcher-{tag}");
-        tasks.push(tokio::spawn(berth_dispatcher::run(cfg, listener, shutdown.clone())));
+        tasks.push(tokio::spawn(berth_dispatcher::run(
+            cfg,
+            listener,
+            shutdown.clone(),
+        )));
 
-        let channel = tonic::transport::Endpoint::from_shared(dispatcher_url.clone())?.connect_lazy();
-        let client = SessionsClient::new(channel).max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
-        let cluster = TestCluster { client, dispatcher_url, node_urls, node_ids, database, shutdown, tasks };
+        let channel =
+            tonic::transport::Endpoint::from_shared(dispatcher_url.clone())?.connect_lazy();
+        let client = SessionsClient::new(channel)
+            .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
+        let cluster = TestCluster {
+            client,
+            dispatcher_url,
+            node_urls,
+            node_ids,
+            database,
+            shutdown,
+            tasks,
+        };
         let mut probe = cluster.client();
         for _ in 0..100 {
-            let req = pb::ListSessionsRequest { page_size: 1, ..Default::default() };
+            let req = pb::ListSessionsRequest {
+                page_size: 1,
+                ..Default::default()
+            };
             if probe.list_sessions(req).await.is_ok() {
                 return Ok(cluster);
             }
             if let Some(t) = cluster.tasks.iter().find(|t| t.is_finished()) {
-                anyhow::bail!("a cluster process exited during start-up ({t:?}); run with RUST_LOG=info to see why");
+                anyhow::bail!(
+                    "a cluster process exited during start-up ({t:?}); run with RUST_LOG=info to see why"
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -123,7 +153,10 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub fn builder() -> Builder {
-        Builder { nodes: 1, capacity: 4 }
+        Builder {
+            nodes: 1,
+            capacity: 4,
+        }
     }
 
     /// A client for the public API.
@@ -138,9 +171,12 @@ impl TestCluster {
             t.await??;
         }
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database)))
-            .execute(&mut conn)
-            .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        )))
+        .execute(&mut conn)
+        .await?;
         Ok(())
     }
 }
@@ -148,7 +184,10 @@ impl TestCluster {
 /// A create request for the fake agent with `prompt` as the first message.
 pub fn fake_session(prompt: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
-        spec: Some(pb::SessionSpec { image: TEST_IMAGE.into(), ..Default::default() }),
+        spec: Some(pb::SessionSpec {
+            image: TEST_IMAGE.into(),
+            ..Default::default()
+        }),
         initial_message: prompt.into(),
         ..Default::default()
     }
@@ -164,7 +203,10 @@ pub async fn collect_until(
     mut done: impl FnMut(&pb::Event) -> bool,
 ) -> anyhow::Result<Vec<pb::Event>> {
     let mut stream = client
-        .stream_events(pb::StreamEventsRequest { name: name.into(), after_seq })
+        .stream_events(pb::StreamEventsRequest {
+            name: name.into(),
+            after_seq,
+        })
         .await?
         .into_inner();
     let mut out = Vec::new();
@@ -186,7 +228,11 @@ pub async fn collect_until(
 }
 
 /// Reads events until the session's first turn has ended (usage recorded, idle).
-pub async fn until_turn_ends(client: &mut SessionsClient<Channel>, name: &str, after_seq: i64) -> anyhow::Result<Vec<pb::Event>> {
+pub async fn until_turn_ends(
+    client: &mut SessionsClient<Channel>,
+    name: &str,
+    after_seq: i64,
+) -> anyhow::Result<Vec<pb::Event>> {
     let mut usage_seen = false;
     collect_until(client, name, after_seq, Duration::from_secs(60), |e| {
         usage_seen |= e.r#type == "session.usage";
@@ -204,12 +250,19 @@ pub async fn wait_for_status(
 ) -> anyhow::Result<pb::Session> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let s = client.get_session(pb::GetSessionRequest { name: name.into() }).await?.into_inner();
+        let s = client
+            .get_session(pb::GetSessionRequest { name: name.into() })
+            .await?
+            .into_inner();
         if s.status == status as i32 {
             return Ok(s);
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("session {name} is {:?} ({}), not {status:?}", pb::SessionStatus::try_from(s.status), s.status_reason);
+            anyhow::bail!(
+                "session {name} is {:?} ({}), not {status:?}",
+                pb::SessionStatus::try_from(s.status),
+                s.status_reason
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -217,10 +270,23 @@ pub async fn wait_for_status(
 
 /// Containers Docker still has for a session (running or not).
 pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
-    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
-    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("berth.session={session_id}")])]);
-    let opts = bollard::query_parameters::ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
-    Ok(docker.list_containers(Some(opts)).await?.into_iter().filter_map(|c| c.id).collect())
+    let docker = bollard::Docker::connect_with_local_defaults()?
+        .negotiate_version()
+        .await?;
+    let filters = std::collections::HashMap::from([(
+        "label".to_string(),
+        vec![format!("berth.session={session_id}")],
+    )]);
+    let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    Ok(docker
+        .list_containers(Some(opts))
+        .await?
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect())
 }
 
 /// Parses an event's JSON payload.

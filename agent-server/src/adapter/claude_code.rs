@@ -20,9 +20,17 @@ pub struct ClaudeCode {
 
 impl Adapter for ClaudeCode {
     fn command(&self, spec: &SessionSpec) -> Vec<String> {
-        let mut cmd: Vec<String> = ["claude", "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"]
-            .map(String::from)
-            .into();
+        let mut cmd: Vec<String> = [
+            "claude",
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+        ]
+        .map(String::from)
+        .into();
         if !spec.model.is_empty() {
             cmd.extend(["--model".into(), spec.model.clone()]);
         }
@@ -65,7 +73,10 @@ impl Adapter for ClaudeCode {
                 return e;
             }
             "system" | "rate_limit_event" | "control_response" | "stream_event" => {
-                let subtype = v["subtype"].as_str().or(v["type"].as_str()).unwrap_or_default();
+                let subtype = v["subtype"]
+                    .as_str()
+                    .or(v["type"].as_str())
+                    .unwrap_or_default();
                 f.insert("subtype".into(), subtype.into());
                 ev::RUNTIME_SYSTEM
             }
@@ -75,7 +86,19 @@ impl Adapter for ClaudeCode {
             },
             "user" => user(&v, &mut f),
             "result" => {
-                copy(&v, &mut f, &["subtype", "is_error", "result", "num_turns", "duration_ms", "stop_reason", "session_id"]);
+                copy(
+                    &v,
+                    &mut f,
+                    &[
+                        "subtype",
+                        "is_error",
+                        "result",
+                        "num_turns",
+                        "duration_ms",
+                        "stop_reason",
+                        "session_id",
+                    ],
+                );
                 let mut e = AgentEvent::new(ev::AGENT_RESULT, f, raw);
                 e.turn_end = Some(self.usage(&v));
                 return e;
@@ -96,7 +119,12 @@ impl ClaudeCode {
                 .as_object()
                 .and_then(|m| {
                     m.iter()
-                        .max_by(|a, b| a.1["costUSD"].as_f64().partial_cmp(&b.1["costUSD"].as_f64()).unwrap_or(std::cmp::Ordering::Equal))
+                        .max_by(|a, b| {
+                            a.1["costUSD"]
+                                .as_f64()
+                                .partial_cmp(&b.1["costUSD"].as_f64())
+                                .unwrap_or(std::cmp::Ordering::Equal)
+                        })
                         .map(|(k, _)| k.clone())
                 })
                 .unwrap_or_default()
@@ -124,7 +152,11 @@ fn assistant(v: &Value, f: &mut Map<String, Value>) -> Option<&'static str> {
     }
     let kind = match first["type"].as_str()? {
         "text" => {
-            let text: String = blocks.iter().filter_map(|b| b["text"].as_str()).collect::<Vec<_>>().join("");
+            let text: String = blocks
+                .iter()
+                .filter_map(|b| b["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("");
             f.insert("text".into(), text.into());
             ev::AGENT_MESSAGE
         }
@@ -148,15 +180,25 @@ fn assistant(v: &Value, f: &mut Map<String, Value>) -> Option<&'static str> {
 fn user(v: &Value, f: &mut Map<String, Value>) -> &'static str {
     copy(v, f, &["parent_tool_use_id"]);
     let content = &v["message"]["content"];
-    if let Some(result) = content.as_array().and_then(|b| b.iter().find(|b| b["type"] == "tool_result")) {
+    if let Some(result) = content
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["type"] == "tool_result"))
+    {
         f.insert("tool_use_id".into(), result["tool_use_id"].clone());
         f.insert("content".into(), result["content"].clone());
-        f.insert("is_error".into(), result["is_error"].as_bool().unwrap_or(false).into());
+        f.insert(
+            "is_error".into(),
+            result["is_error"].as_bool().unwrap_or(false).into(),
+        );
         return ev::AGENT_TOOL_RESULT;
     }
     let text = match content {
         Value::String(s) => s.clone(),
-        Value::Array(b) => b.iter().filter_map(|b| b["text"].as_str()).collect::<Vec<_>>().join(""),
+        Value::Array(b) => b
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
         _ => String::new(),
     };
     f.insert("subtype".into(), "user_echo".into());
@@ -182,7 +224,8 @@ fn line(v: &Value) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../../tests/fixtures/claude-code/explore_count_files.jsonl");
+    const FIXTURE: &str =
+        include_str!("../../../tests/fixtures/claude-code/explore_count_files.jsonl");
 
     #[test]
     fn every_fixture_line_is_one_event_and_the_result_carries_usage() {
@@ -190,13 +233,27 @@ mod tests {
         let events: Vec<_> = FIXTURE.lines().map(|l| a.decode(l)).collect();
         assert_eq!(events.len(), FIXTURE.lines().count());
         assert_eq!(events[0].kind, ev::RUNTIME_INIT);
-        assert_eq!(events[0].runtime_session_id.as_deref(), Some("4e3453f9-129a-4da9-bc25-a287453d58d9"));
-        assert!(events.iter().all(|e| e.kind != ev::RUNTIME_RAW), "the fixture has only known line types");
+        assert_eq!(
+            events[0].runtime_session_id.as_deref(),
+            Some("4e3453f9-129a-4da9-bc25-a287453d58d9")
+        );
+        assert!(
+            events.iter().all(|e| e.kind != ev::RUNTIME_RAW),
+            "the fixture has only known line types"
+        );
         let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
-        for k in [ev::AGENT_THINKING, ev::AGENT_MESSAGE, ev::AGENT_TOOL_USE, ev::AGENT_TOOL_RESULT] {
+        for k in [
+            ev::AGENT_THINKING,
+            ev::AGENT_MESSAGE,
+            ev::AGENT_TOOL_USE,
+            ev::AGENT_TOOL_RESULT,
+        ] {
             assert!(kinds.contains(&k), "missing {k}");
         }
-        let last = events.last().and_then(|e| e.turn_end.clone()).expect("result ends the turn");
+        let last = events
+            .last()
+            .and_then(|e| e.turn_end.clone())
+            .expect("result ends the turn");
         assert_eq!(
             last,
             TurnUsage {
@@ -221,7 +278,10 @@ mod tests {
         let e = a.decode("Segmentation fault (core dumped)");
         assert_eq!(e.kind, ev::RUNTIME_RAW);
         assert!(e.payload.contains("Segmentation fault"));
-        assert_eq!(a.decode(r#"{"type":"brand_new_thing"}"#).kind, ev::RUNTIME_RAW);
+        assert_eq!(
+            a.decode(r#"{"type":"brand_new_thing"}"#).kind,
+            ev::RUNTIME_RAW
+        );
         assert_eq!(a.decode("[1,2]").kind, ev::RUNTIME_RAW);
     }
 

@@ -23,7 +23,9 @@ impl Adapter for Jsonl {
     }
 
     fn encode_message(&mut self, text: &str) -> Vec<u8> {
-        let mut b = json!({"type": "user", "text": text}).to_string().into_bytes();
+        let mut b = json!({"type": "user", "text": text})
+            .to_string()
+            .into_bytes();
         b.push(b'\n');
         b
     }
@@ -68,7 +70,10 @@ mod tests {
     #[test]
     fn maps_known_types_and_keeps_the_rest() {
         let mut a = Jsonl;
-        assert_eq!(a.decode(r#"{"type":"message","text":"hi"}"#).kind, ev::AGENT_MESSAGE);
+        assert_eq!(
+            a.decode(r#"{"type":"message","text":"hi"}"#).kind,
+            ev::AGENT_MESSAGE
+        );
         let end = a.decode(r#"{"type":"turn_end","usage":{"input_tokens":3,"cost_usd":0.5}}"#);
         assert_eq!(end.kind, ev::AGENT_RESULT);
         let u = end.turn_end.expect("turn end");

@@ -37,7 +37,11 @@ pub struct AgentEvent {
 }
 
 impl AgentEvent {
-    fn new(kind: &'static str, mut fields: serde_json::Map<String, serde_json::Value>, raw: &str) -> Self {
+    fn new(
+        kind: &'static str,
+        mut fields: serde_json::Map<String, serde_json::Value>,
+        raw: &str,
+    ) -> Self {
         fields.insert("raw".into(), raw.into());
         Self {
             kind,

@@ -14,7 +14,10 @@ use crate::session::{Event, NewSession, Runtime, Session, SessionSpec, SessionSt
 /// The session id in `sessions/{id}` or a bare id.
 pub fn session_id(name: &str) -> Result<Uuid> {
     if name.is_empty() {
-        return Err(Error::invalid("name", "required: `sessions/{id}` or the session id"));
+        return Err(Error::invalid(
+            "name",
+            "required: `sessions/{id}` or the session id",
+        ));
     }
     let id = names::session_id(name);
     Uuid::parse_str(id).map_err(|_| Error::SessionNotFound(id.to_string()))
@@ -39,13 +42,19 @@ pub fn status_to_pb(s: SessionStatus) -> pb::SessionStatus {
 }
 
 pub fn status_from_pb(value: i32) -> Result<Option<SessionStatus>> {
-    let s = pb::SessionStatus::try_from(value).map_err(|_| Error::invalid("status", format!("unknown status {value}")))?;
-    Ok(SessionStatus::ALL.into_iter().find(|d| status_to_pb(*d) == s))
+    let s = pb::SessionStatus::try_from(value)
+        .map_err(|_| Error::invalid("status", format!("unknown status {value}")))?;
+    Ok(SessionStatus::ALL
+        .into_iter()
+        .find(|d| status_to_pb(*d) == s))
 }
 
 fn check_len(field: &'static str, value: &str, max: usize) -> Result<()> {
     if value.chars().count() > max {
-        return Err(Error::invalid(field, format!("longer than {max} characters")));
+        return Err(Error::invalid(
+            field,
+            format!("longer than {max} characters"),
+        ));
     }
     Ok(())
 }
@@ -56,19 +65,37 @@ pub fn message_text(text: &str) -> Result<&str> {
         return Err(Error::invalid("text", "must not be empty"));
     }
     if text.len() > limits::MESSAGE_BYTES {
-        return Err(Error::invalid("text", format!("{} bytes; the limit is {} bytes", text.len(), limits::MESSAGE_BYTES)));
+        return Err(Error::invalid(
+            "text",
+            format!(
+                "{} bytes; the limit is {} bytes",
+                text.len(),
+                limits::MESSAGE_BYTES
+            ),
+        ));
     }
     Ok(text)
 }
 
 fn labels(map: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
     if map.len() > limits::LABELS {
-        return Err(Error::invalid("labels", format!("at most {} labels", limits::LABELS)));
+        return Err(Error::invalid(
+            "labels",
+            format!("at most {} labels", limits::LABELS),
+        ));
     }
     for (k, v) in &map {
-        let ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        let ok = !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
         if !ok || k.len() > limits::LABEL_KEY_CHARS {
-            return Err(Error::invalid("labels", format!("bad key `{k}`: 1-{} of [A-Za-z0-9-_./]", limits::LABEL_KEY_CHARS)));
+            return Err(Error::invalid(
+                "labels",
+                format!(
+                    "bad key `{k}`: 1-{} of [A-Za-z0-9-_./]",
+                    limits::LABEL_KEY_CHARS
+                ),
+            ));
         }
         check_len("labels", v, limits::LABEL_VALUE_CHARS)?;
     }
@@ -84,30 +111,55 @@ fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
     let runtime = match pb::Runtime::try_from(s.runtime) {
         Ok(pb::Runtime::Unspecified | pb::Runtime::ClaudeCode) => Runtime::ClaudeCode,
         Ok(pb::Runtime::Jsonl) => Runtime::Jsonl,
-        Err(_) => return Err(Error::invalid("spec.runtime", format!("unknown runtime {}", s.runtime))),
+        Err(_) => {
+            return Err(Error::invalid(
+                "spec.runtime",
+                format!("unknown runtime {}", s.runtime),
+            ));
+        }
     };
     if runtime == Runtime::Jsonl && s.runtime_args.is_empty() {
-        return Err(Error::invalid("spec.runtime_args", "the jsonl runtime needs the program to run"));
+        return Err(Error::invalid(
+            "spec.runtime_args",
+            "the jsonl runtime needs the program to run",
+        ));
     }
     if s.runtime_args.len() > limits::RUNTIME_ARGS {
-        return Err(Error::invalid("spec.runtime_args", format!("at most {} arguments", limits::RUNTIME_ARGS)));
+        return Err(Error::invalid(
+            "spec.runtime_args",
+            format!("at most {} arguments", limits::RUNTIME_ARGS),
+        ));
     }
     if s.env.len() > limits::ENV_VARS {
-        return Err(Error::invalid("spec.env", format!("at most {} variables", limits::ENV_VARS)));
+        return Err(Error::invalid(
+            "spec.env",
+            format!("at most {} variables", limits::ENV_VARS),
+        ));
     }
     let mut env_bytes = 0;
     for (k, v) in &s.env {
-        let ok = !k.is_empty() && !k.starts_with(|c: char| c.is_ascii_digit()) && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
-            return Err(Error::invalid("spec.env", format!("bad variable name `{k}`: use [A-Za-z_][A-Za-z0-9_]*")));
+            return Err(Error::invalid(
+                "spec.env",
+                format!("bad variable name `{k}`: use [A-Za-z_][A-Za-z0-9_]*"),
+            ));
         }
         if v.contains('\0') {
-            return Err(Error::invalid("spec.env", format!("`{k}` contains a NUL byte")));
+            return Err(Error::invalid(
+                "spec.env",
+                format!("`{k}` contains a NUL byte"),
+            ));
         }
         env_bytes += k.len() + v.len();
     }
     if env_bytes > limits::ENV_BYTES {
-        return Err(Error::invalid("spec.env", format!("{env_bytes} bytes; the limit is {}", limits::ENV_BYTES)));
+        return Err(Error::invalid(
+            "spec.env",
+            format!("{env_bytes} bytes; the limit is {}", limits::ENV_BYTES),
+        ));
     }
     Ok(SessionSpec {
         image: s.image,
@@ -129,13 +181,23 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
             None
         } else {
             Some(message_text(&r.initial_message).map_err(|_| {
-                Error::invalid("initial_message", format!("must be non-blank and at most {} bytes", limits::MESSAGE_BYTES))
+                Error::invalid(
+                    "initial_message",
+                    format!(
+                        "must be non-blank and at most {} bytes",
+                        limits::MESSAGE_BYTES
+                    ),
+                )
             })?)
             .map(String::from)
         };
         let timeout = match &r.timeout {
             None => None,
-            Some(d) => Some(from_duration(d).filter(|d| !d.is_zero()).ok_or_else(|| Error::invalid("timeout", "must be positive"))?),
+            Some(d) => Some(
+                from_duration(d)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| Error::invalid("timeout", "must be positive"))?,
+            ),
         };
         Ok(NewSession {
             request_id: Some(r.request_id).filter(|s| !s.is_empty()),

@@ -18,6 +18,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Serves `berth.v1.Sessions`.
 pub struct SessionsService {
     pub sessions: Sessions,
+    /// Ends Connect streams on shutdown (their event side ends by itself).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 fn page_size(requested: i32, default: i64) -> Result<i64, Error> {
@@ -32,11 +34,18 @@ fn session_page_token(s: &crate::session::Session) -> String {
     format!("{}.{}", s.create_time.timestamp_micros(), s.id)
 }
 
-fn parse_session_page_token(t: &str) -> Result<Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>, Error> {
+fn parse_session_page_token(
+    t: &str,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>, Error> {
     if t.is_empty() {
         return Ok(None);
     }
-    let bad = || Error::invalid("page_token", "not a token from a previous ListSessions response");
+    let bad = || {
+        Error::invalid(
+            "page_token",
+            "not a token from a previous ListSessions response",
+        )
+    };
     let (micros, id) = t.split_once('.').ok_or_else(bad)?;
     let micros: i64 = micros.parse().map_err(|_| bad())?;
     let time = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
@@ -45,17 +54,26 @@ fn parse_session_page_token(t: &str) -> Result<Option<(chrono::DateTime<chrono::
 
 #[tonic::async_trait]
 impl SessionsApi for SessionsService {
-    async fn create_session(&self, r: Request<pb::CreateSessionRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn create_session(
+        &self,
+        r: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         let new = NewSession::try_from(r.into_inner())?;
         Ok(Response::new(self.sessions.create(new).await?.into()))
     }
 
-    async fn get_session(&self, r: Request<pb::GetSessionRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn get_session(
+        &self,
+        r: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         let id = session_id(&r.into_inner().name)?;
         Ok(Response::new(self.sessions.get(id).await?.into()))
     }
 
-    async fn list_sessions(&self, r: Request<pb::ListSessionsRequest>) -> Result<Response<pb::ListSessionsResponse>, Status> {
+    async fn list_sessions(
+        &self,
+        r: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let r = r.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let filter = SessionFilter {
@@ -69,10 +87,16 @@ impl SessionsApi for SessionsService {
             Some(last) if sessions.len() as i64 == limit => session_page_token(last),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListSessionsResponse { sessions: sessions.into_iter().map(Into::into).collect(), next_page_token }))
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
     }
 
-    async fn send_message(&self, r: Request<pb::SendMessageRequest>) -> Result<Response<pb::SendMessageResponse>, Status> {
+    async fn send_message(
+        &self,
+        r: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let text = convert::message_text(&r.text)?;
@@ -80,25 +104,39 @@ impl SessionsApi for SessionsService {
         Ok(Response::new(pb::SendMessageResponse { seq }))
     }
 
-    async fn interrupt(&self, r: Request<pb::InterruptRequest>) -> Result<Response<pb::InterruptResponse>, Status> {
+    async fn interrupt(
+        &self,
+        r: Request<pb::InterruptRequest>,
+    ) -> Result<Response<pb::InterruptResponse>, Status> {
         let id = session_id(&r.into_inner().name)?;
         let seq = self.sessions.interrupt(id).await?;
         Ok(Response::new(pb::InterruptResponse { seq }))
     }
 
-    async fn stop_session(&self, r: Request<pb::StopSessionRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn stop_session(
+        &self,
+        r: Request<pb::StopSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         let id = session_id(&r.into_inner().name)?;
         Ok(Response::new(self.sessions.stop(id).await?.into()))
     }
 
-    async fn list_events(&self, r: Request<pb::ListEventsRequest>) -> Result<Response<pb::ListEventsResponse>, Status> {
+    async fn list_events(
+        &self,
+        r: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let limit = page_size(r.page_size, 100)?;
         let after = if r.page_token.is_empty() {
             r.after_seq
         } else {
-            r.page_token.parse().map_err(|_| Error::invalid("page_token", "not a token from a previous ListEvents response"))?
+            r.page_token.parse().map_err(|_| {
+                Error::invalid(
+                    "page_token",
+                    "not a token from a previous ListEvents response",
+                )
+            })?
         };
         if after < 0 {
             return Err(Error::invalid("after_seq", "must not be negative").into());
@@ -108,27 +146,43 @@ impl SessionsApi for SessionsService {
             Some(last) if events.len() as i64 == limit => last.seq.to_string(),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListEventsResponse { events: events.iter().map(Into::into).collect(), next_page_token }))
+        Ok(Response::new(pb::ListEventsResponse {
+            events: events.iter().map(Into::into).collect(),
+            next_page_token,
+        }))
     }
 
     type StreamEventsStream = BoxStream<pb::Event>;
 
-    async fn stream_events(&self, r: Request<pb::StreamEventsRequest>) -> Result<Response<Self::StreamEventsStream>, Status> {
+    async fn stream_events(
+        &self,
+        r: Request<pb::StreamEventsRequest>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let rx = self.sessions.stream(id, r.after_seq).await?;
-        let stream = ReceiverStream::new(rx).map(|item| item.map(|e| pb::Event::from(&*e)).map_err(Status::from));
+        let stream = ReceiverStream::new(rx)
+            .map(|item| item.map(|e| pb::Event::from(&*e)).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
 
     type ConnectStream = BoxStream<pb::ConnectResponse>;
 
-    async fn connect(&self, r: Request<Streaming<pb::ConnectRequest>>) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn connect(
+        &self,
+        r: Request<Streaming<pb::ConnectRequest>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
         use pb::connect_request::Kind;
         let mut inbound = r.into_inner();
         let open = match inbound.message().await? {
-            Some(pb::ConnectRequest { kind: Some(Kind::Open(open)) }) => open,
-            _ => return Err(Status::invalid_argument("Connect: the first request must be `open`")),
+            Some(pb::ConnectRequest {
+                kind: Some(Kind::Open(open)),
+            }) => open,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "Connect: the first request must be `open`",
+                ));
+            }
         };
         let id = session_id(&open.name)?;
         let events = self.sessions.stream(id, open.after_seq).await?;
@@ -139,7 +193,9 @@ impl SessionsApi for SessionsService {
             let mut events = ReceiverStream::new(events);
             while let Some(item) = events.next().await {
                 let msg = item
-                    .map(|e| pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))) })
+                    .map(|e| pb::ConnectResponse {
+                        kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))),
+                    })
                     .map_err(Status::from);
                 if out.send(msg).await.is_err() {
                     return;
@@ -148,8 +204,13 @@ impl SessionsApi for SessionsService {
         });
         // Commands in, each acknowledged.
         let sessions = self.sessions.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            while let Ok(Some(req)) = inbound.message().await {
+            loop {
+                let req = tokio::select! {
+                    m = inbound.message() => match m { Ok(Some(req)) => req, _ => return },
+                    () = shutdown.cancelled() => return,
+                };
                 let (reference, result) = match req.kind {
                     Some(Kind::Message(m)) => {
                         let r = match convert::message_text(&m.text) {
@@ -159,17 +220,36 @@ impl SessionsApi for SessionsService {
                         (m.r#ref, r)
                     }
                     Some(Kind::Interrupt(i)) => (i.r#ref, sessions.interrupt(id).await),
-                    Some(Kind::Open(_)) => (String::new(), Err(Error::invalid("open", "the stream is already open"))),
+                    Some(Kind::Open(_)) => (
+                        String::new(),
+                        Err(Error::invalid("open", "the stream is already open")),
+                    ),
                     None => (String::new(), Err(Error::invalid("kind", "required"))),
                 };
                 let ack = match result {
-                    Ok(seq) => pb::ConnectAck { r#ref: reference, code: 0, message: String::new(), seq },
+                    Ok(seq) => pb::ConnectAck {
+                        r#ref: reference,
+                        code: 0,
+                        message: String::new(),
+                        seq,
+                    },
                     Err(e) => {
                         let status = Status::from(e);
-                        pb::ConnectAck { r#ref: reference, code: status.code() as i32, message: status.message().to_string(), seq: 0 }
+                        pb::ConnectAck {
+                            r#ref: reference,
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                            seq: 0,
+                        }
                     }
                 };
-                if tx.send(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Ack(ack)) })).await.is_err() {
+                if tx
+                    .send(Ok(pb::ConnectResponse {
+                        kind: Some(pb::connect_response::Kind::Ack(ack)),
+                    }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

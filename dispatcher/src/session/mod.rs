@@ -143,6 +143,10 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn new(kind: impl Into<String>, payload: impl Into<String>) -> Self {
-        Self { id: Uuid::now_v7(), kind: kind.into(), payload: payload.into() }
+        Self {
+            id: Uuid::now_v7(),
+            kind: kind.into(),
+            payload: payload.into(),
+        }
     }
 }

@@ -120,8 +120,20 @@ impl SessionStatus {
             (Stopping | Stopped, E::StopRequested) => self,
             (Stopping, E::Exited { .. }) => Stopped,
             (Starting | Running | Idle, E::Exited { stopped: true, .. }) => Stopped,
-            (Starting | Running | Idle, E::Exited { success: true, stopped: false }) => Completed,
-            (Starting | Running | Idle, E::Exited { success: false, stopped: false }) => Failed,
+            (
+                Starting | Running | Idle,
+                E::Exited {
+                    success: true,
+                    stopped: false,
+                },
+            ) => Completed,
+            (
+                Starting | Running | Idle,
+                E::Exited {
+                    success: false,
+                    stopped: false,
+                },
+            ) => Failed,
             (Pending | Starting | Running | Idle | Stopping | Rescheduling, E::Failed) => Failed,
             (Pending | Starting | Running | Idle | Stopping | Rescheduling, E::TimedOut) => Timeout,
             (Starting | Running | Idle | Stopping, E::NodeLost) => Rescheduling,
@@ -135,12 +147,23 @@ impl SessionStatus {
 
     /// Whether a container may be running for this session (or soon will be).
     pub fn is_live(self) -> bool {
-        matches!(self, Self::Pending | Self::Starting | Self::Running | Self::Idle | Self::Stopping | Self::Rescheduling)
+        matches!(
+            self,
+            Self::Pending
+                | Self::Starting
+                | Self::Running
+                | Self::Idle
+                | Self::Stopping
+                | Self::Rescheduling
+        )
     }
 
     /// Whether the session accepts user messages.
     pub fn accepts_input(self) -> bool {
-        matches!(self, Self::Pending | Self::Starting | Self::Running | Self::Idle | Self::Rescheduling)
+        matches!(
+            self,
+            Self::Pending | Self::Starting | Self::Running | Self::Idle | Self::Rescheduling
+        )
     }
 
     /// The lowercase name stored in the database and used in event types.
@@ -163,7 +186,11 @@ impl SessionStatus {
 
     /// The event type recording a change to this status.
     pub fn event_type(self) -> String {
-        format!("{}{}", berth_common::events::SESSION_STATUS_PREFIX, self.as_str())
+        format!(
+            "{}{}",
+            berth_common::events::SESSION_STATUS_PREFIX,
+            self.as_str()
+        )
     }
 }
 
@@ -177,7 +204,10 @@ impl FromStr for SessionStatus {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown session status `{s}`"))
+        Self::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown session status `{s}`"))
     }
 }
 
@@ -194,9 +224,18 @@ mod tests {
         E::TurnStarted,
         E::TurnEnded,
         E::StopRequested,
-        E::Exited { success: true, stopped: false },
-        E::Exited { success: false, stopped: false },
-        E::Exited { success: false, stopped: true },
+        E::Exited {
+            success: true,
+            stopped: false,
+        },
+        E::Exited {
+            success: false,
+            stopped: false,
+        },
+        E::Exited {
+            success: false,
+            stopped: true,
+        },
         E::Failed,
         E::TimedOut,
         E::NodeLost,
@@ -207,18 +246,38 @@ mod tests {
 
     #[test]
     fn the_happy_path() {
-        let s = Pending.transition(E::Claimed).and_then(|s| s.transition(E::Started { busy: true }));
+        let s = Pending
+            .transition(E::Claimed)
+            .and_then(|s| s.transition(E::Started { busy: true }));
         assert_eq!(s, Ok(Running));
         assert_eq!(Running.transition(E::TurnEnded), Ok(Idle));
         assert_eq!(Idle.transition(E::TurnStarted), Ok(Running));
         assert_eq!(Idle.transition(E::StopRequested), Ok(Stopping));
-        assert_eq!(Stopping.transition(E::Exited { success: true, stopped: true }), Ok(Stopped));
+        assert_eq!(
+            Stopping.transition(E::Exited {
+                success: true,
+                stopped: true
+            }),
+            Ok(Stopped)
+        );
     }
 
     #[test]
     fn agent_exits_decide_completed_or_failed() {
-        assert_eq!(Running.transition(E::Exited { success: false, stopped: false }), Ok(Failed));
-        assert_eq!(Idle.transition(E::Exited { success: true, stopped: false }), Ok(Completed));
+        assert_eq!(
+            Running.transition(E::Exited {
+                success: false,
+                stopped: false
+            }),
+            Ok(Failed)
+        );
+        assert_eq!(
+            Idle.transition(E::Exited {
+                success: true,
+                stopped: false
+            }),
+            Ok(Completed)
+        );
         assert_eq!(Starting.transition(E::Failed), Ok(Failed));
     }
 
@@ -236,7 +295,11 @@ mod tests {
     fn only_queued_sessions_are_claimed_and_claims_start_them() {
         for s in SessionStatus::ALL {
             let claimed = s.transition(E::Claimed);
-            assert_eq!(claimed.is_ok(), SessionStatus::CLAIMABLE.contains(&s), "{s}");
+            assert_eq!(
+                claimed.is_ok(),
+                SessionStatus::CLAIMABLE.contains(&s),
+                "{s}"
+            );
             if let Ok(next) = claimed {
                 assert_eq!(next, Starting);
             }

@@ -12,7 +12,9 @@ use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::session::{Event, NewEvent, NewSession, Session, SessionStatus, StatusEvent, TurnUsage, Usage};
+use crate::session::{
+    Event, NewEvent, NewSession, Session, SessionStatus, StatusEvent, TurnUsage, Usage,
+};
 
 /// Channel a new pending session is announced on.
 pub const QUEUE_CHANNEL: &str = "berth_queue";
@@ -52,7 +54,12 @@ impl Store {
             .acquire_timeout(Duration::from_secs(10))
             .connect(url)
             .await
-            .map_err(|e| Error::Unavailable(format!("cannot connect to Postgres at {}: {e}", redact(url))))?;
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot connect to Postgres at {}: {e}",
+                    redact(url)
+                ))
+            })?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
@@ -74,11 +81,15 @@ impl Store {
             serde_json::json!({"status": "pending", "reason": ""}).to_string(),
         )];
         if let Some(text) = &new.initial_message {
-            events.push(NewEvent::new(berth_common::events::USER_MESSAGE, user_message_payload(text)));
+            events.push(NewEvent::new(
+                berth_common::events::USER_MESSAGE,
+                user_message_payload(text),
+            ));
         }
         let seqs: Vec<i64> = (1..=events.len() as i64).collect();
         let spec = serde_json::to_value(&new.spec).map_err(|e| Error::Internal(e.to_string()))?;
-        let labels = serde_json::to_value(&new.labels).map_err(|e| Error::Internal(e.to_string()))?;
+        let labels =
+            serde_json::to_value(&new.labels).map_err(|e| Error::Internal(e.to_string()))?;
         let created: Option<Uuid> = sqlx::query_scalar(sql::CREATE_SESSION)
             .bind(id)
             .bind(&new.request_id)
@@ -109,11 +120,14 @@ impl Store {
     }
 
     pub async fn get_session(&self, id: Uuid) -> Result<Session> {
-        let row = sqlx::query(AssertSqlSafe(format!("SELECT {} FROM sessions WHERE id = $1", sql::SESSION_COLUMNS)))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM sessions WHERE id = $1",
+            sql::SESSION_COLUMNS
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
         session_from_row(&row)
     }
 
@@ -166,10 +180,16 @@ impl Store {
             let current = self.get_session(id).await?;
             let to = current.status.transition(event)?;
             if to == current.status {
-                return Ok(Transitioned { from: current.status, to, event: None });
+                return Ok(Transitioned {
+                    from: current.status,
+                    to,
+                    event: None,
+                });
             }
             let mut payload = serde_json::json!({"status": to.as_str(), "previous": current.status.as_str(), "reason": reason});
-            if let (Some(p), serde_json::Value::Object(extra)) = (payload.as_object_mut(), extra.clone()) {
+            if let (Some(p), serde_json::Value::Object(extra)) =
+                (payload.as_object_mut(), extra.clone())
+            {
                 p.extend(extra);
             }
             let payload = payload.to_string();
@@ -195,7 +215,11 @@ impl Store {
                     create_time: row.try_get("create_time")?,
                     payload,
                 };
-                return Ok(Transitioned { from: current.status, to, event: Some(event) });
+                return Ok(Transitioned {
+                    from: current.status,
+                    to,
+                    event: Some(event),
+                });
             }
         }
         Err(Error::Conflict)
@@ -206,14 +230,30 @@ impl Store {
         let rows = sqlx::query(sql::APPEND_EVENTS)
             .bind(batch.iter().map(|(s, _)| *s).collect::<Vec<_>>())
             .bind(batch.iter().map(|(_, e)| e.id).collect::<Vec<_>>())
-            .bind(batch.iter().map(|(_, e)| e.kind.as_str()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|(_, e)| e.payload.as_str()).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|(_, e)| e.kind.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                batch
+                    .iter()
+                    .map(|(_, e)| e.payload.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(&self.pool)
             .await?;
         let mut by_id = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
             let id: Uuid = row.try_get("id")?;
-            by_id.insert(id, (row.try_get::<i64, _>("seq")?, row.try_get::<DateTime<Utc>, _>("create_time")?));
+            by_id.insert(
+                id,
+                (
+                    row.try_get::<i64, _>("seq")?,
+                    row.try_get::<DateTime<Utc>, _>("create_time")?,
+                ),
+            );
         }
         let mut out = Vec::with_capacity(batch.len());
         for (session_id, e) in batch {
@@ -221,7 +261,14 @@ impl Store {
             let Some((seq, create_time)) = by_id.get(&e.id).copied() else {
                 return Err(Error::SessionNotFound(session_id.to_string()));
             };
-            out.push(Event { session_id: *session_id, seq, id: e.id, kind: e.kind.clone(), create_time, payload: e.payload.clone() });
+            out.push(Event {
+                session_id: *session_id,
+                seq,
+                id: e.id,
+                kind: e.kind.clone(),
+                create_time,
+                payload: e.payload.clone(),
+            });
         }
         out.sort_by_key(|e| (e.session_id, e.seq));
         Ok(out)
@@ -254,7 +301,12 @@ impl Store {
 
     /// Up to `limit` events after `after_seq`, in seq order.
     pub async fn list_events(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<Event>> {
-        let rows = sqlx::query(sql::LIST_EVENTS).bind(id).bind(after_seq).bind(limit).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sql::LIST_EVENTS)
+            .bind(id)
+            .bind(after_seq)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(Event {
@@ -271,7 +323,11 @@ impl Store {
 
     /// Whether a user message beyond `after_seq` waits for the runtime.
     pub async fn has_pending_input(&self, id: Uuid, after_seq: i64) -> Result<bool> {
-        Ok(sqlx::query_scalar(sql::PENDING_INPUT).bind(id).bind(after_seq).fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar(sql::PENDING_INPUT)
+            .bind(id)
+            .bind(after_seq)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Moves the forwarded-input cursor forward (never back).
@@ -287,23 +343,27 @@ impl Store {
     /// Records where the session runs.
     pub async fn set_node(&self, id: Uuid, epoch: i64, node: &str) -> Result<()> {
         // epoch = $2: a superseded placement does not overwrite the current one.
-        sqlx::query("UPDATE sessions SET node = $3, update_time = now() WHERE id = $1 AND epoch = $2")
-            .bind(id)
-            .bind(epoch)
-            .bind(node)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE sessions SET node = $3, update_time = now() WHERE id = $1 AND epoch = $2",
+        )
+        .bind(id)
+        .bind(epoch)
+        .bind(node)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// Keeps the first runtime session id the runtime reports.
     pub async fn set_runtime_session_id(&self, id: Uuid, runtime_session_id: &str) -> Result<()> {
         // runtime_session_id = '': only the first one sticks; on resume the CLI may report another.
-        sqlx::query("UPDATE sessions SET runtime_session_id = $2 WHERE id = $1 AND runtime_session_id = ''")
-            .bind(id)
-            .bind(runtime_session_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE sessions SET runtime_session_id = $2 WHERE id = $1 AND runtime_session_id = ''",
+        )
+        .bind(id)
+        .bind(runtime_session_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }
@@ -323,8 +383,10 @@ fn session_from_row(r: &PgRow) -> Result<Session> {
         display_name: r.try_get("display_name")?,
         status: status.parse().map_err(Error::Internal)?,
         status_reason: r.try_get("status_reason")?,
-        spec: serde_json::from_value(spec).map_err(|e| Error::Internal(format!("stored spec: {e}")))?,
-        labels: serde_json::from_value(labels).map_err(|e| Error::Internal(format!("stored labels: {e}")))?,
+        spec: serde_json::from_value(spec)
+            .map_err(|e| Error::Internal(format!("stored spec: {e}")))?,
+        labels: serde_json::from_value(labels)
+            .map_err(|e| Error::Internal(format!("stored labels: {e}")))?,
         node: r.try_get("node")?,
         owner: r.try_get("owner")?,
         epoch: r.try_get("epoch")?,
@@ -339,7 +401,9 @@ fn session_from_row(r: &PgRow) -> Result<Session> {
             cost_usd: r.try_get("cost_usd")?,
             turns: r.try_get("turns")?,
         },
-        timeout: r.try_get::<Option<i64>, _>("timeout_ms")?.map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        timeout: r
+            .try_get::<Option<i64>, _>("timeout_ms")?
+            .map(|ms| Duration::from_millis(ms.max(0) as u64)),
         create_time: r.try_get("create_time")?,
         update_time: r.try_get("update_time")?,
         start_time: r.try_get("start_time")?,

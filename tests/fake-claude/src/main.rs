@@ -99,7 +99,9 @@ fn parse_args() -> Result<Args, String> {
         } else if VALUE_FLAGS.contains(&flag.as_str()) {
             let value = match inline {
                 Some(v) => v,
-                None => it.next().ok_or_else(|| format!("error: option '{flag}' argument missing"))?,
+                None => it
+                    .next()
+                    .ok_or_else(|| format!("error: option '{flag}' argument missing"))?,
             };
             match flag.as_str() {
                 "--input-format" => args.input_format = value,
@@ -121,10 +123,15 @@ fn parse_args() -> Result<Args, String> {
         return Err("error: fake-claude only supports --print mode".into());
     }
     if args.input_format != "stream-json" || args.output_format != "stream-json" {
-        return Err("error: fake-claude needs --input-format stream-json --output-format stream-json".into());
+        return Err(
+            "error: fake-claude needs --input-format stream-json --output-format stream-json"
+                .into(),
+        );
     }
     if !args.verbose {
-        return Err("Error: When using --print, --output-format=stream-json requires --verbose".into());
+        return Err(
+            "Error: When using --print, --output-format=stream-json requires --verbose".into(),
+        );
     }
     Ok(args)
 }
@@ -216,7 +223,9 @@ impl Agent {
             return;
         }
         self.init_sent = true;
-        let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+        let cwd = std::env::current_dir()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let init = json!({
             "type": "system", "subtype": "init", "cwd": cwd, "session_id": self.session_id,
             "tools": ["Bash", "Read", "Write"], "mcp_servers": [], "model": self.model,
@@ -301,7 +310,8 @@ impl Agent {
         let mut words = prompt.split_whitespace();
         let cmd = words.next().unwrap_or_default();
         let rest: Vec<&str> = words.collect();
-        let num = |i: usize, default: u64| rest.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
+        let num =
+            |i: usize, default: u64| rest.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
         if cmd != "replay" {
             self.ensure_init();
         }
@@ -422,7 +432,10 @@ impl Agent {
 }
 
 fn nonce() -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{:x}{:x}", nanos, std::process::id())
 }
 

@@ -10,11 +10,28 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
     let unknown = "sessions/01a1f000-0000-7000-8000-000000000000";
-    let e = c.get_session(pb::GetSessionRequest { name: unknown.into() }).await.expect_err("unknown");
+    let e = c
+        .get_session(pb::GetSessionRequest {
+            name: unknown.into(),
+        })
+        .await
+        .expect_err("unknown");
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let e = c.send_message(pb::SendMessageRequest { name: unknown.into(), text: "hi".into() }).await.expect_err("unknown");
+    let e = c
+        .send_message(pb::SendMessageRequest {
+            name: unknown.into(),
+            text: "hi".into(),
+        })
+        .await
+        .expect_err("unknown");
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let e = c.stream_events(pb::StreamEventsRequest { name: "not-a-uuid".into(), after_seq: 0 }).await.expect_err("unknown");
+    let e = c
+        .stream_events(pb::StreamEventsRequest {
+            name: "not-a-uuid".into(),
+            after_seq: 0,
+        })
+        .await
+        .expect_err("unknown");
     assert_eq!(e.code(), tonic::Code::NotFound);
 
     let mut no_image = fake_session("hi");
@@ -23,43 +40,98 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("spec.image"), "{}", e.message());
 
-    let s = c.create_session(fake_session("echo hi")).await?.into_inner();
+    let s = c
+        .create_session(fake_session("echo hi"))
+        .await?
+        .into_inner();
     for (text, why) in [("", "empty"), ("  \n", "blank")] {
-        let e = c.send_message(pb::SendMessageRequest { name: s.name.clone(), text: text.into() }).await.expect_err(why);
+        let e = c
+            .send_message(pb::SendMessageRequest {
+                name: s.name.clone(),
+                text: text.into(),
+            })
+            .await
+            .expect_err(why);
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}");
         assert!(e.message().contains("text"), "{}", e.message());
     }
     let huge = "x".repeat(1024 * 1024 + 1);
-    let e = c.send_message(pb::SendMessageRequest { name: s.name.clone(), text: huge }).await.expect_err("huge");
+    let e = c
+        .send_message(pb::SendMessageRequest {
+            name: s.name.clone(),
+            text: huge,
+        })
+        .await
+        .expect_err("huge");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("limit"), "{}", e.message());
 
     until_turn_ends(&mut c, &s.name, 0).await?;
-    c.stop_session(pb::StopSessionRequest { name: s.name.clone() }).await?;
-    wait_for_status(&mut c, &s.name, pb::SessionStatus::Stopped, Duration::from_secs(20)).await?;
-    let e = c.send_message(pb::SendMessageRequest { name: s.name.clone(), text: "too late".into() }).await.expect_err("finished");
+    c.stop_session(pb::StopSessionRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Stopped,
+        Duration::from_secs(20),
+    )
+    .await?;
+    let e = c
+        .send_message(pb::SendMessageRequest {
+            name: s.name.clone(),
+            text: "too late".into(),
+        })
+        .await
+        .expect_err("finished");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("stopped"), "{}", e.message());
     cluster.shutdown().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_crash_fails_the_session_with_its_exit_code_and_leaves_no_container() -> anyhow::Result<()> {
+async fn an_agent_crash_fails_the_session_with_its_exit_code_and_leaves_no_container()
+-> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c.create_session(fake_session("crash 7")).await?.into_inner();
+    let s = c
+        .create_session(fake_session("crash 7"))
+        .await?
+        .into_inner();
     let events = collect_until(&mut c, &s.name, 0, Duration::from_secs(60), |_| false).await?;
     let last = events.last().expect("events");
     assert_eq!(last.r#type, "session.status_failed");
     let p = payload(last);
     assert_eq!(p["exit_code"], 7);
-    assert!(p["reason"].as_str().unwrap_or_default().contains("code 7"), "{p}");
-    assert!(p["stderr_tail"].as_str().unwrap_or_default().contains("crashing on request"), "{p}");
+    assert!(
+        p["reason"].as_str().unwrap_or_default().contains("code 7"),
+        "{p}"
+    );
+    assert!(
+        p["stderr_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("crashing on request"),
+        "{p}"
+    );
     // The event the agent wrote before crashing was kept.
-    assert!(events.iter().any(|e| e.r#type == "agent.message" && payload(e)["text"] == "crashing now"));
-    let got = c.get_session(pb::GetSessionRequest { name: s.name.clone() }).await?.into_inner();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.r#type == "agent.message" && payload(e)["text"] == "crashing now")
+    );
+    let got = c
+        .get_session(pb::GetSessionRequest {
+            name: s.name.clone(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(got.status, pb::SessionStatus::Failed as i32);
-    assert!(containers_of(&s.id).await?.is_empty(), "the crashed session's container was left behind");
+    assert!(
+        containers_of(&s.id).await?.is_empty(),
+        "the crashed session's container was left behind"
+    );
     cluster.shutdown().await
 }
 
@@ -67,17 +139,37 @@ async fn an_agent_crash_fails_the_session_with_its_exit_code_and_leaves_no_conta
 async fn non_json_and_huge_lines_are_kept_and_the_stream_goes_on() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c.create_session(fake_session("garbage")).await?.into_inner();
+    let s = c
+        .create_session(fake_session("garbage"))
+        .await?
+        .into_inner();
     let events = until_turn_ends(&mut c, &s.name, 0).await?;
-    let raw = events.iter().find(|e| e.r#type == "runtime.raw").expect("runtime.raw");
+    let raw = events
+        .iter()
+        .find(|e| e.r#type == "runtime.raw")
+        .expect("runtime.raw");
     assert_eq!(payload(raw)["raw"], "this line is not JSON {{{");
-    assert!(events.iter().any(|e| e.r#type == "agent.message" && payload(e)["text"] == "after garbage"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.r#type == "agent.message" && payload(e)["text"] == "after garbage")
+    );
 
     let last = events.last().map_or(0, |e| e.seq);
-    c.send_message(pb::SendMessageRequest { name: s.name.clone(), text: "longline 2000000".into() }).await?;
+    c.send_message(pb::SendMessageRequest {
+        name: s.name.clone(),
+        text: "longline 2000000".into(),
+    })
+    .await?;
     let events = until_turn_ends(&mut c, &s.name, last).await?;
-    let long = events.iter().find(|e| e.r#type == "agent.message").expect("long message");
-    assert_eq!(payload(long)["text"].as_str().map(str::len), Some(2_000_000));
+    let long = events
+        .iter()
+        .find(|e| e.r#type == "agent.message")
+        .expect("long message");
+    assert_eq!(
+        payload(long)["text"].as_str().map(str::len),
+        Some(2_000_000)
+    );
     cluster.shutdown().await
 }
 
@@ -86,11 +178,23 @@ async fn an_interrupt_ends_a_hanging_turn() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
     let s = c.create_session(fake_session("hang")).await?.into_inner();
-    wait_for_status(&mut c, &s.name, pb::SessionStatus::Running, Duration::from_secs(30)).await?;
-    c.interrupt(pb::InterruptRequest { name: s.name.clone() }).await?;
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Running,
+        Duration::from_secs(30),
+    )
+    .await?;
+    c.interrupt(pb::InterruptRequest {
+        name: s.name.clone(),
+    })
+    .await?;
     let events = until_turn_ends(&mut c, &s.name, 0).await?;
     assert!(events.iter().any(|e| e.r#type == "user.interrupt"));
-    let result = events.iter().find(|e| e.r#type == "agent.result").expect("result");
+    let result = events
+        .iter()
+        .find(|e| e.r#type == "agent.result")
+        .expect("result");
     assert_eq!(payload(result)["subtype"], "error_during_execution");
     cluster.shutdown().await
 }

@@ -11,10 +11,18 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
     let started = Instant::now();
-    let s = c.create_session(fake_session(&format!("replay {FIXTURE_IN_IMAGE}"))).await?.into_inner();
+    let s = c
+        .create_session(fake_session(&format!("replay {FIXTURE_IN_IMAGE}")))
+        .await?
+        .into_inner();
     let events = until_turn_ends(&mut c, &s.name, 0).await?;
-    let first_runtime = events.iter().position(|e| e.r#type.starts_with("runtime.") || e.r#type.starts_with("agent."));
-    eprintln!("cold start: CreateSession → first agent event in {:?} (includes waiting for the stream)", started.elapsed());
+    let first_runtime = events
+        .iter()
+        .position(|e| e.r#type.starts_with("runtime.") || e.r#type.starts_with("agent."));
+    eprintln!(
+        "cold start: CreateSession → first agent event in {:?} (includes waiting for the stream)",
+        started.elapsed()
+    );
 
     // Seqs are gapless from 1.
     for (i, e) in events.iter().enumerate() {
@@ -29,19 +37,47 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
     assert_eq!(raws, lines);
     assert!(first_runtime.is_some());
     let kinds: Vec<&str> = events.iter().map(|e| e.r#type.as_str()).collect();
-    for k in ["runtime.init", "agent.thinking", "agent.message", "agent.tool_use", "agent.tool_result", "agent.result", "session.usage"] {
+    for k in [
+        "runtime.init",
+        "agent.thinking",
+        "agent.message",
+        "agent.tool_use",
+        "agent.tool_result",
+        "agent.result",
+        "session.usage",
+    ] {
         assert!(kinds.contains(&k), "no {k} event in {kinds:?}");
     }
     // Usage and cost are what the transcript's result line says.
-    let s = c.get_session(pb::GetSessionRequest { name: s.name.clone() }).await?.into_inner();
+    let s = c
+        .get_session(pb::GetSessionRequest {
+            name: s.name.clone(),
+        })
+        .await?
+        .into_inner();
     let u = s.usage.expect("usage");
-    assert_eq!((u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens), (4, 576, 40618, 7281));
+    assert_eq!(
+        (
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_input_tokens,
+            u.cache_creation_input_tokens
+        ),
+        (4, 576, 40618, 7281)
+    );
     assert!((u.cost_usd - 0.0763163).abs() < 1e-9, "cost {}", u.cost_usd);
     assert_eq!(u.turns, 1);
     assert_eq!(s.runtime_session_id, "4e3453f9-129a-4da9-bc25-a287453d58d9");
     assert_eq!(s.node, cluster.node_ids[0]);
     // The persisted log is what was streamed.
-    let listed = c.list_events(pb::ListEventsRequest { name: s.name.clone(), page_size: 1000, ..Default::default() }).await?.into_inner();
+    let listed = c
+        .list_events(pb::ListEventsRequest {
+            name: s.name.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
     assert_eq!(listed.events[..events.len()], events[..]);
     cluster.shutdown().await
 }
@@ -50,31 +86,70 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
 async fn a_conversation_with_tools_then_a_stop_removes_the_container() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c.create_session(fake_session("tool ls -la")).await?.into_inner();
+    let s = c
+        .create_session(fake_session("tool ls -la"))
+        .await?
+        .into_inner();
     let first = until_turn_ends(&mut c, &s.name, 0).await?;
-    let tool = first.iter().find(|e| e.r#type == "agent.tool_use").expect("tool_use");
+    let tool = first
+        .iter()
+        .find(|e| e.r#type == "agent.tool_use")
+        .expect("tool_use");
     assert_eq!(payload(tool)["input"]["command"], "ls -la");
-    let result = first.iter().find(|e| e.r#type == "agent.tool_result").expect("tool_result");
+    let result = first
+        .iter()
+        .find(|e| e.r#type == "agent.tool_result")
+        .expect("tool_result");
     assert_eq!(payload(result)["content"], "ran: ls -la");
-    assert!(!containers_of(&s.id).await?.is_empty(), "a running session has a container");
+    assert!(
+        !containers_of(&s.id).await?.is_empty(),
+        "a running session has a container"
+    );
 
     // A second turn through SendMessage.
     let last = first.last().map_or(0, |e| e.seq);
-    let sent = c.send_message(pb::SendMessageRequest { name: s.name.clone(), text: "echo second turn".into() }).await?.into_inner();
+    let sent = c
+        .send_message(pb::SendMessageRequest {
+            name: s.name.clone(),
+            text: "echo second turn".into(),
+        })
+        .await?
+        .into_inner();
     assert!(sent.seq > last);
     let second = until_turn_ends(&mut c, &s.name, last).await?;
-    let reply = second.iter().find(|e| e.r#type == "agent.message").expect("reply");
+    let reply = second
+        .iter()
+        .find(|e| e.r#type == "agent.message")
+        .expect("reply");
     assert_eq!(payload(reply)["text"], "second turn");
-    let statuses: Vec<&str> = second.iter().filter(|e| e.r#type.starts_with("session.status_")).map(|e| e.r#type.as_str()).collect();
+    let statuses: Vec<&str> = second
+        .iter()
+        .filter(|e| e.r#type.starts_with("session.status_"))
+        .map(|e| e.r#type.as_str())
+        .collect();
     assert_eq!(statuses, ["session.status_running", "session.status_idle"]);
 
     // Stop: reason user, container gone.
-    let stopped = c.stop_session(pb::StopSessionRequest { name: s.name.clone() }).await?.into_inner();
+    let stopped = c
+        .stop_session(pb::StopSessionRequest {
+            name: s.name.clone(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(stopped.status, pb::SessionStatus::Stopping as i32);
-    let s2 = wait_for_status(&mut c, &s.name, pb::SessionStatus::Stopped, Duration::from_secs(20)).await?;
+    let s2 = wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Stopped,
+        Duration::from_secs(20),
+    )
+    .await?;
     assert_eq!(s2.status_reason, "user");
     assert_eq!(s2.usage.expect("usage").turns, 2);
-    assert!(containers_of(&s.id).await?.is_empty(), "the container outlived its session");
+    assert!(
+        containers_of(&s.id).await?.is_empty(),
+        "the container outlived its session"
+    );
     cluster.shutdown().await
 }
 
@@ -82,9 +157,13 @@ async fn a_conversation_with_tools_then_a_stop_removes_the_container() -> anyhow
 async fn a_reconnecting_client_gets_exactly_the_missing_events() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c.create_session(fake_session("events 300 128")).await?.into_inner();
+    let s = c
+        .create_session(fake_session("events 300 128"))
+        .await?
+        .into_inner();
     // Read ten events, then drop the stream mid-session.
-    let mut seen = collect_until(&mut c, &s.name, 0, Duration::from_secs(60), |e| e.seq == 10).await?;
+    let mut seen =
+        collect_until(&mut c, &s.name, 0, Duration::from_secs(60), |e| e.seq == 10).await?;
     assert_eq!(seen.len(), 10);
     // Reconnect from the last seq seen.
     let rest = until_turn_ends(&mut c, &s.name, 10).await?;
@@ -92,7 +171,10 @@ async fn a_reconnecting_client_gets_exactly_the_missing_events() -> anyhow::Resu
     let seqs: Vec<i64> = seen.iter().map(|e| e.seq).collect();
     let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
     assert_eq!(seqs, expected, "duplicates or gaps after reconnecting");
-    assert_eq!(seen.iter().filter(|e| e.r#type == "agent.message").count(), 301);
+    assert_eq!(
+        seen.iter().filter(|e| e.r#type == "agent.message").count(),
+        301
+    );
     cluster.shutdown().await
 }
 
@@ -115,7 +197,15 @@ async fn create_is_idempotent_and_sessions_list_in_pages() -> anyhow::Result<()>
     let mut token = String::new();
     loop {
         let labels = [("suite".to_string(), "idem".to_string())].into();
-        let page = c.list_sessions(pb::ListSessionsRequest { page_size: 2, page_token: token, labels, ..Default::default() }).await?.into_inner();
+        let page = c
+            .list_sessions(pb::ListSessionsRequest {
+                page_size: 2,
+                page_token: token,
+                labels,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
         assert!(page.sessions.len() <= 2);
         ids.extend(page.sessions.into_iter().map(|s| s.id));
         if page.next_page_token.is_empty() {
@@ -134,10 +224,22 @@ async fn create_is_idempotent_and_sessions_list_in_pages() -> anyhow::Result<()>
 async fn connect_carries_messages_in_and_events_out_on_one_stream() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c.create_session(fake_session("echo first")).await?.into_inner();
+    let s = c
+        .create_session(fake_session("echo first"))
+        .await?
+        .into_inner();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(pb::ConnectRequest { kind: Some(pb::connect_request::Kind::Open(pb::ConnectOpen { name: s.name.clone(), after_seq: 0 })) }).await?;
-    let mut inbound = c.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    tx.send(pb::ConnectRequest {
+        kind: Some(pb::connect_request::Kind::Open(pb::ConnectOpen {
+            name: s.name.clone(),
+            after_seq: 0,
+        })),
+    })
+    .await?;
+    let mut inbound = c
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     let mut replies = Vec::new();
     let mut acks = Vec::new();
     let mut sent = false;
@@ -150,10 +252,22 @@ async fn connect_carries_messages_in_and_events_out_on_one_stream() -> anyhow::R
                     }
                     if e.r#type == "session.status_idle" && !sent {
                         sent = true;
-                        let m = pb::ConnectMessage { text: "echo over connect".into(), r#ref: "m1".into() };
-                        tx.send(pb::ConnectRequest { kind: Some(pb::connect_request::Kind::Message(m)) }).await?;
-                        let bad = pb::ConnectMessage { text: "   ".into(), r#ref: "bad".into() };
-                        tx.send(pb::ConnectRequest { kind: Some(pb::connect_request::Kind::Message(bad)) }).await?;
+                        let m = pb::ConnectMessage {
+                            text: "echo over connect".into(),
+                            r#ref: "m1".into(),
+                        };
+                        tx.send(pb::ConnectRequest {
+                            kind: Some(pb::connect_request::Kind::Message(m)),
+                        })
+                        .await?;
+                        let bad = pb::ConnectMessage {
+                            text: "   ".into(),
+                            r#ref: "bad".into(),
+                        };
+                        tx.send(pb::ConnectRequest {
+                            kind: Some(pb::connect_request::Kind::Message(bad)),
+                        })
+                        .await?;
                     }
                     if replies.len() == 2 && e.r#type == "session.status_idle" {
                         break;
@@ -189,8 +303,16 @@ async fn the_jsonl_runtime_runs_any_line_program() -> anyhow::Result<()> {
     let s = c.create_session(req).await?.into_inner();
     let events = until_turn_ends(&mut c, &s.name, 0).await?;
     let kinds: Vec<&str> = events.iter().map(|e| e.r#type.as_str()).collect();
-    assert!(kinds.contains(&"agent.message") && kinds.contains(&"runtime.raw") && kinds.contains(&"agent.result"), "{kinds:?}");
-    let s = c.get_session(pb::GetSessionRequest { name: s.name }).await?.into_inner();
+    assert!(
+        kinds.contains(&"agent.message")
+            && kinds.contains(&"runtime.raw")
+            && kinds.contains(&"agent.result"),
+        "{kinds:?}"
+    );
+    let s = c
+        .get_session(pb::GetSessionRequest { name: s.name })
+        .await?
+        .into_inner();
     let u = s.usage.expect("usage");
     assert_eq!((u.input_tokens, u.output_tokens, u.cost_usd), (5, 7, 0.25));
     cluster.shutdown().await
@@ -202,7 +324,10 @@ async fn relay_throughput_is_reported() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
     let n = 5000;
-    let s = c.create_session(fake_session(&format!("events {n} 256"))).await?.into_inner();
+    let s = c
+        .create_session(fake_session(&format!("events {n} 256")))
+        .await?
+        .into_inner();
     let mut first = None;
     let events = collect_until(&mut c, &s.name, 0, Duration::from_secs(120), |e| {
         if e.r#type == "agent.message" && first.is_none() {
@@ -212,8 +337,14 @@ async fn relay_throughput_is_reported() -> anyhow::Result<()> {
     })
     .await?;
     let elapsed = first.map(|f| f.elapsed()).unwrap_or_default();
-    let count = events.iter().filter(|e| e.r#type == "agent.message").count();
+    let count = events
+        .iter()
+        .filter(|e| e.r#type == "agent.message")
+        .count();
     assert_eq!(count, n + 1);
-    eprintln!("relay: {count} events of 256 B in {elapsed:?} = {:.0} events/s (debug build)", count as f64 / elapsed.as_secs_f64());
+    eprintln!(
+        "relay: {count} events of 256 B in {elapsed:?} = {:.0} events/s (debug build)",
+        count as f64 / elapsed.as_secs_f64()
+    );
     cluster.shutdown().await
 }
