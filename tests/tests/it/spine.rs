@@ -78,7 +78,11 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
         })
         .await?
         .into_inner();
-    assert_eq!(listed.events[..events.len()], events[..]);
+    // (Payloads compare as JSON: Postgres normalises the text of what it stores.)
+    let key = |e: &pb::Event| (e.seq, e.id.clone(), e.r#type.clone(), payload(e));
+    let listed: Vec<_> = listed.events[..events.len()].iter().map(key).collect();
+    let streamed: Vec<_> = events.iter().map(key).collect();
+    assert_eq!(listed, streamed);
     cluster.shutdown().await
 }
 
