@@ -20,7 +20,7 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
         .iter()
         .position(|e| e.r#type.starts_with("runtime.") || e.r#type.starts_with("agent."));
     eprintln!(
-        "cold start: CreateSession → first agent event in {:?} (includes waiting for the stream)",
+        "cold start: CreateSession → end of the replayed turn in {:?}",
         started.elapsed()
     );
 
