@@ -41,31 +41,21 @@ impl LineBuffer {
                 None => (chunk, &[][..], false),
             };
             chunk = rest;
-            if let Some(seen) = self.overflow.as_mut() {
-                *seen += part.len() + usize::from(complete);
-                if complete {
-                    let total_bytes = self.overflow.take().unwrap_or(0) - 1;
-                    let prefix =
-                        String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
-                    out.push(Line::Truncated {
-                        prefix,
-                        total_bytes,
-                    });
+            // The first byte past `max` starts the overflow: keep the prefix, count the rest.
+            let mut part = part;
+            if self.overflow.is_none() {
+                let room = self.max - self.buf.len();
+                if part.len() > room {
+                    self.buf.extend_from_slice(&part[..room]);
+                    self.overflow = Some(self.max);
+                    part = &part[room..];
                 }
-                continue;
             }
-            let room = self.max - self.buf.len();
-            if part.len() > room {
-                self.buf.extend_from_slice(&part[..room]);
-                self.overflow = Some(self.max + (part.len() - room) + usize::from(complete));
+            if let Some(seen) = self.overflow.as_mut() {
+                *seen += part.len();
                 if complete {
-                    let total_bytes = self.overflow.take().unwrap_or(0) - 1;
-                    let prefix =
-                        String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
-                    out.push(Line::Truncated {
-                        prefix,
-                        total_bytes,
-                    });
+                    let total_bytes = self.overflow.take().unwrap_or(0);
+                    out.push(self.take_truncated(total_bytes));
                 }
                 continue;
             }
@@ -83,16 +73,22 @@ impl LineBuffer {
         out
     }
 
+    fn take_truncated(&mut self, total_bytes: usize) -> Line {
+        let prefix = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+        Line::Truncated {
+            prefix,
+            total_bytes,
+        }
+    }
+
     /// The unterminated tail, when the stream ends.
     pub fn finish(&mut self) -> Option<Line> {
-        let buf = std::mem::take(&mut self.buf);
         match self.overflow.take() {
-            Some(total_bytes) => Some(Line::Truncated {
-                prefix: String::from_utf8_lossy(&buf).into_owned(),
-                total_bytes,
-            }),
-            None if buf.is_empty() => None,
-            None => Some(Line::Whole(String::from_utf8_lossy(&buf).into_owned())),
+            Some(total_bytes) => Some(self.take_truncated(total_bytes)),
+            None if self.buf.is_empty() => None,
+            None => Some(Line::Whole(
+                String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned(),
+            )),
         }
     }
 }
@@ -112,6 +108,19 @@ mod tests {
         assert_eq!(b.push(b"1}\n{\"b\""), vec![whole("{\"a\":1}")]);
         assert_eq!(b.push(b":2}\r\n\n"), vec![whole("{\"b\":2}")]);
         assert_eq!(b.finish(), None);
+    }
+
+    #[test]
+    fn an_overlong_unterminated_tail_is_reported_truncated() {
+        let mut b = LineBuffer::new(4);
+        assert_eq!(b.push(b"abcdefg"), vec![]);
+        assert_eq!(
+            b.finish(),
+            Some(Line::Truncated {
+                prefix: "abcd".into(),
+                total_bytes: 7
+            })
+        );
     }
 
     #[test]

@@ -28,3 +28,15 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
 }
+
+/// Usage and cost of one turn, as the runtime reported it. Shared by the
+/// node's adapters and the dispatcher's usage accounting.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TurnUsage {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_input_tokens: i64,
+    pub cache_creation_input_tokens: i64,
+    pub cost_usd: f64,
+    pub model: String,
+}

@@ -10,18 +10,9 @@ mod jsonl;
 pub use claude_code::ClaudeCode;
 pub use jsonl::Jsonl;
 
-use crate::spec::{RuntimeKind, SessionSpec};
+pub use berth_common::TurnUsage;
 
-/// Usage and cost of one turn, as the runtime reported it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TurnUsage {
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cache_read_input_tokens: i64,
-    pub cache_creation_input_tokens: i64,
-    pub cost_usd: f64,
-    pub model: String,
-}
+use crate::spec::{RuntimeKind, SessionSpec};
 
 /// One event decoded from one output line.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use berth_common::TurnUsage;
 pub use status::{InvalidTransition, SessionStatus, StatusEvent};
 
 /// Limits on what a client may send. Documented in the README.
@@ -59,17 +60,6 @@ pub struct Usage {
     pub cache_creation_input_tokens: i64,
     pub cost_usd: f64,
     pub turns: i64,
-}
-
-/// One turn's usage, as the runtime reported it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TurnUsage {
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cache_read_input_tokens: i64,
-    pub cache_creation_input_tokens: i64,
-    pub cost_usd: f64,
-    pub model: String,
 }
 
 /// A session as stored.
