@@ -37,7 +37,14 @@ fn report(node: &Node, load: &Load) -> pb::LoadReport {
         node_id: node.cfg.node_id.clone(),
         capacity: i32::try_from(load.capacity).unwrap_or(i32::MAX),
         running: i32::try_from(load.running).unwrap_or(i32::MAX),
-        warm: Vec::new(),
+        warm: load
+            .warm
+            .iter()
+            .map(|(image, ready)| pb::WarmPool {
+                image: image.clone(),
+                ready: i32::try_from(*ready).unwrap_or(i32::MAX),
+            })
+            .collect(),
         cpu_utilization: load.cpu_utilization,
         memory_used_bytes: load.memory_used_bytes,
         memory_total_bytes: load.memory_total_bytes,
@@ -198,7 +205,6 @@ impl AgentServer for NodeApi {
         _: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let running = self.node.drain();
-        tracing::info!(running, "draining: no new sessions will be accepted");
         Ok(Response::new(pb::DrainResponse {
             running: i32::try_from(running).unwrap_or(i32::MAX),
         }))

@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use berth_common::telemetry::LogFormat;
+use berth_common::tls::TlsArgs;
+
+use crate::pool::PoolSpec;
 
 /// Configuration of one agent-server node.
 #[derive(Debug, Clone, clap::Parser)]
@@ -69,6 +72,48 @@ pub struct Config {
     #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = humantime_secs, default_value = "1")]
     pub load_heartbeat: Duration,
 
+    /// Warm pools, comma-separated `IMAGE=MIN[:MAX]` (e.g.
+    /// `agent:latest=2:8`). Each keeps MIN..MAX containers started ahead of
+    /// demand: a miss raises its target, an idle expiry lowers it. Images
+    /// without a pool start cold.
+    #[arg(long = "warm-pool", env = "BERTH_WARM_POOLS", value_delimiter = ',')]
+    pub warm_pools: Vec<PoolSpec>,
+
+    /// Most warm containers each pool starts per second.
+    #[arg(long, env = "BERTH_WARM_REFILL_PER_SEC", default_value_t = 4.0)]
+    pub warm_refill_per_sec: f64,
+
+    /// A warm container unclaimed this long (seconds) is replaced by a fresh one.
+    #[arg(long, env = "BERTH_WARM_MAX_IDLE", value_parser = humantime_secs, default_value = "900")]
+    pub warm_max_idle: Duration,
+
+    /// Command run in each new warm container; it is offered only if this exits 0.
+    /// Empty disables the check.
+    #[arg(
+        long,
+        env = "BERTH_WARM_HEALTH_CMD",
+        value_delimiter = ' ',
+        default_value = "true"
+    )]
+    pub warm_health_cmd: Vec<String>,
+
+    /// How often ready warm containers are checked for death and age, in seconds.
+    #[arg(long, env = "BERTH_WARM_CHECK_INTERVAL", value_parser = humantime_secs, default_value = "10")]
+    pub warm_check_interval: Duration,
+
+    /// mTLS for the node API.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// Names a client certificate must carry to use this node (comma-separated).
+    #[arg(
+        long,
+        env = "BERTH_TLS_ALLOWED_CLIENTS",
+        value_delimiter = ',',
+        default_value = berth_common::tls::DISPATCHER_NAME
+    )]
+    pub tls_allowed_clients: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -101,6 +146,11 @@ impl Config {
         <Self as clap::Parser>::parse_from(["berth-agent-server"])
     }
 
+    /// `--warm-health-cmd ""` means no check.
+    pub fn normalize(&mut self) {
+        self.warm_health_cmd.retain(|a| !a.is_empty());
+    }
+
     /// Checks values clap cannot, naming the offending field.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.capacity > 0, "--capacity must be at least 1");
@@ -124,6 +174,23 @@ impl Config {
             self.max_line_bytes >= 1024,
             "--max-line-bytes must be at least 1024"
         );
+        anyhow::ensure!(
+            self.warm_refill_per_sec > 0.0 && self.warm_refill_per_sec.is_finite(),
+            "--warm-refill-per-sec must be positive"
+        );
+        anyhow::ensure!(
+            !self.warm_max_idle.is_zero(),
+            "--warm-max-idle must be positive"
+        );
+        anyhow::ensure!(
+            !self.warm_check_interval.is_zero(),
+            "--warm-check-interval must be positive"
+        );
+        let mut images: Vec<&str> = self.warm_pools.iter().map(|p| p.image.as_str()).collect();
+        images.sort_unstable();
+        if let Some(w) = images.windows(2).find(|w| w[0] == w[1]) {
+            anyhow::bail!("--warm-pool: `{}` is configured twice", w[0]);
+        }
         Ok(())
     }
 }

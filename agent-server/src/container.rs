@@ -25,8 +25,20 @@ use crate::error::Error;
 pub const LABEL_MANAGED: &str = "berth.managed";
 /// Label naming the node that owns a container.
 pub const LABEL_NODE: &str = "berth.node";
-/// Label naming the session a container runs.
+/// Label naming the session a container runs (cold starts only: a warm
+/// container is created before its session is known).
 pub const LABEL_SESSION: &str = "berth.session";
+/// Label naming the warm pool (image) a container was created for.
+pub const LABEL_POOL: &str = "berth.pool";
+
+/// What a container is created for.
+#[derive(Debug, Clone, Copy)]
+pub enum Purpose<'a> {
+    /// A cold start for this session.
+    Session(&'a str),
+    /// A warm pool's spare: no session, no session data, no credentials.
+    Warm,
+}
 
 /// A started agent process: its output and its stdin.
 pub struct AgentProcess {
@@ -60,14 +72,18 @@ impl ContainerRuntime {
     }
 
     /// Creates and starts a hardened container for `image`, running only the
-    /// keep-alive process. Returns its id.
-    pub async fn start_container(&self, image: &str, session_id: &str) -> Result<String, Error> {
+    /// keep-alive process. Returns its id. Nothing session-specific goes in
+    /// but the `berth.session` label of a cold start: env enters at exec.
+    pub async fn start_container(&self, image: &str, purpose: Purpose<'_>) -> Result<String, Error> {
         let cfg = &self.cfg;
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_MANAGED.to_string(), "true".to_string()),
             (LABEL_NODE.to_string(), cfg.node_id.clone()),
-            (LABEL_SESSION.to_string(), session_id.to_string()),
         ]);
+        match purpose {
+            Purpose::Session(id) => labels.insert(LABEL_SESSION.to_string(), id.to_string()),
+            Purpose::Warm => labels.insert(LABEL_POOL.to_string(), image.to_string()),
+        };
         let memory = cfg.memory_mib * 1024 * 1024;
         let host_config = HostConfig {
             cap_drop: Some(vec!["ALL".into()]),
@@ -165,6 +181,62 @@ impl ContainerRuntime {
             Ok(StartExecResults::Detached) => Err(Error::Docker("exec started detached".into())),
             Err(e) => Err(Error::Docker(format!("start exec: {e}"))),
         }
+    }
+
+    /// Runs `cmd` in the container to completion and checks it exits 0: the
+    /// warm pool's health check before a container is offered.
+    pub async fn check(&self, container_id: &str, cmd: &[String]) -> Result<(), Error> {
+        let exec = self
+            .docker
+            .create_exec(
+                container_id,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(cmd.to_vec()),
+                    user: Some(self.cfg.agent_user.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| Error::Docker(format!("create health check exec: {e}")))?;
+        if let StartExecResults::Attached { mut output, .. } = self
+            .docker
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| Error::Docker(format!("start health check: {e}")))?
+        {
+            use futures::StreamExt;
+            while output.next().await.is_some() {}
+        }
+        match self.exit_code(&exec.id).await {
+            Some(0) => Ok(()),
+            code => Err(Error::Docker(format!(
+                "health check `{}` exited with {code:?}",
+                cmd.join(" ")
+            ))),
+        }
+    }
+
+    /// Ids of this node's running warm (pool) containers.
+    pub async fn running_warm(&self) -> Result<std::collections::HashSet<String>, Error> {
+        let filters = HashMap::from([
+            (
+                "label".to_string(),
+                vec![
+                    format!("{LABEL_NODE}={}", self.cfg.node_id),
+                    LABEL_POOL.to_string(),
+                ],
+            ),
+            ("status".to_string(), vec!["running".to_string()]),
+        ]);
+        let opts = ListContainersOptionsBuilder::new().filters(&filters).build();
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| Error::Docker(format!("list containers: {e}")))?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
     }
 
     /// The exit code of a finished exec, if Docker knows it.

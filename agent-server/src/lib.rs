@@ -12,12 +12,15 @@ pub mod container;
 pub mod error;
 pub mod lines;
 pub mod node;
+pub mod pool;
 pub mod session;
 pub mod spec;
 
 use std::sync::Arc;
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
+use berth_common::tls::{TlsMaterial, check_peer};
+use tonic::service::interceptor::InterceptedService;
 use berth_proto::node::v1::agent_server_server::AgentServerServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +35,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut cfg = cfg;
+    cfg.normalize();
     cfg.validate()?;
+    let tls = cfg.tls.load()?;
+    if tls.is_none() {
+        tracing::warn!("node API runs WITHOUT TLS (--insecure-plaintext): local development only");
+    }
     let runtime = container::ContainerRuntime::connect(cfg.clone()).await?;
     let reaped = runtime.reap().await?;
     if reaped > 0 {
@@ -43,26 +52,63 @@ pub async fn run(
     }
     let node = node::Node::new(cfg, runtime, shutdown.child_token());
     node.spawn_sampler();
-    serve(node.clone(), listener, shutdown).await?;
+    let pools = node.pools.spawn();
+    let served = serve(node.clone(), listener, tls, shutdown).await;
     node.shutdown.cancel();
     node.wait_idle().await;
-    Ok(())
+    // Each pool removes its spares as it stops.
+    for p in pools {
+        let _ = p.await;
+    }
+    served
 }
 
 async fn serve(
     node: Arc<node::Node>,
     listener: TcpListener,
+    tls: Option<TlsMaterial>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (reporter, health, reflection) = health_and_reflection()?;
     reporter
         .set_serving::<AgentServerServer<api::NodeApi>>()
         .await;
+    // grpc.health.v1 watchers see a draining node as NOT_SERVING.
+    let mut load = node.watch_load();
+    tokio::spawn(async move {
+        if load.wait_for(|l| l.draining).await.is_ok() {
+            reporter
+                .set_not_serving::<AgentServerServer<api::NodeApi>>()
+                .await;
+        }
+    });
     let svc = AgentServerServer::new(api::NodeApi::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tracing::info!(addr = %listener.local_addr()?, node_id = %node.cfg.node_id, capacity = node.cfg.capacity, "agent-server listening");
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+    // With TLS, the handshake requires a CA-signed client certificate and the
+    // interceptor requires one of the allowed names on it.
+    let allowed = tls.is_some().then(|| node.cfg.tls_allowed_clients.clone());
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server())?;
+    }
+    let svc = InterceptedService::new(svc, move |req: tonic::Request<()>| {
+        match &allowed {
+            Some(allowed) => check_peer(&req, allowed).map(|()| req),
+            None => Ok(req),
+        }
+    });
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        node_id = %node.cfg.node_id,
+        capacity = node.capacity,
+        tls = tls.is_some(),
+        pools = ?node.cfg.warm_pools.iter().map(|p| &p.image).collect::<Vec<_>>(),
+        "agent-server listening"
+    );
+    builder
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)

@@ -13,6 +13,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::container::ContainerRuntime;
+use crate::pool::Pools;
+
+/// Slots the configured capacity allows, bounded by what the machine's memory
+/// holds at the per-container limit.
+fn capacity_for_memory(cfg: &Config) -> u32 {
+    let mut sys = match sysinfo::System::new() {
+        Ok(sys) => sys,
+        Err(_) => return cfg.capacity,
+    };
+    sys.refresh_memory();
+    let per = u64::try_from(cfg.memory_mib).unwrap_or(1).max(1) * 1024 * 1024;
+    let fits = u32::try_from(sys.total_memory() / per).unwrap_or(u32::MAX).max(1);
+    if fits < cfg.capacity {
+        tracing::warn!(
+            configured = cfg.capacity,
+            fits,
+            memory_mib = cfg.memory_mib,
+            "capacity bounded by memory: --capacity sessions at --memory-mib each do not fit"
+        );
+    }
+    cfg.capacity.min(fits)
+}
 
 /// A point-in-time view of the node's load.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -20,6 +42,8 @@ pub struct Load {
     pub capacity: u32,
     pub running: u32,
     pub draining: bool,
+    /// Warm containers ready per image, sorted by image.
+    pub warm: Vec<(String, u32)>,
     pub cpu_utilization: f64,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
@@ -51,7 +75,10 @@ pub struct Node {
     pub runtime: ContainerRuntime,
     sessions: Mutex<HashMap<String, RunningSession>>,
     draining: AtomicBool,
-    load: watch::Sender<Load>,
+    load: Arc<watch::Sender<Load>>,
+    pub pools: Arc<Pools>,
+    /// Session slots: the configured capacity, bounded by memory.
+    pub capacity: u32,
     generation: AtomicU64,
     /// Cancelled when the node shuts down; every session's token is a child.
     pub shutdown: CancellationToken,
@@ -67,19 +94,28 @@ pub struct Slot {
 
 impl Node {
     pub fn new(cfg: Config, runtime: ContainerRuntime, shutdown: CancellationToken) -> Arc<Self> {
-        let load = Load {
-            capacity: cfg.capacity,
+        let capacity = capacity_for_memory(&cfg);
+        let load = Arc::new(watch::channel(Load {
+            capacity,
             ..Load::default()
-        };
+        }).0);
+        let pools = Pools::new(&cfg, runtime.clone(), load.clone(), shutdown.child_token());
         Arc::new(Self {
             cfg,
             runtime,
             sessions: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
-            load: watch::channel(load).0,
+            load,
+            pools,
+            capacity,
             generation: AtomicU64::new(0),
             shutdown,
         })
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningSession>> {
@@ -106,7 +142,7 @@ impl Node {
             old.cancel.cancel();
             sessions.remove(session_id);
         }
-        let capacity = self.cfg.capacity;
+        let capacity = self.capacity;
         if sessions.len() >= capacity as usize {
             return Err(Refusal::AtCapacity(capacity));
         }
@@ -147,9 +183,13 @@ impl Node {
         self.sessions().values().cloned().collect()
     }
 
-    /// Stops new placements. Running sessions finish.
+    /// Stops new placements and warm-pool refills (the spares are removed).
+    /// Running sessions finish.
     pub fn drain(&self) -> u32 {
-        self.draining.store(true, Ordering::SeqCst);
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!("draining: no new sessions; removing warm containers");
+        }
+        self.pools.stop();
         self.load.send_modify(|l| l.draining = true);
         self.sessions().len() as u32
     }

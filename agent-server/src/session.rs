@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::adapter::{self, AgentEvent};
-use crate::container::ContainerRuntime;
+use crate::container::{ContainerRuntime, Purpose};
 use crate::lines::{Line, LineBuffer};
 use crate::node::{Node, Slot};
 use crate::spec::SessionSpec;
@@ -125,30 +125,56 @@ async fn run_in_slot(
     out: &mpsc::Sender<Output>,
 ) -> Exit {
     let runtime = node.runtime.clone();
-    let container_id = match runtime.start_container(&spec.image, session_id).await {
-        Ok(id) => id,
-        Err(e) => return Exit::failed(format!("container did not start: {e}")),
-    };
-    node.set_container(slot, &container_id);
-    let guard = ContainerGuard {
-        runtime: runtime.clone(),
-        id: Some(container_id.clone()),
-    };
     let mut adapter = adapter::for_runtime(spec.runtime);
-    let process = match runtime
-        .exec_agent(&container_id, adapter.command(&spec), spec.env_pairs())
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => {
-            guard.remove().await;
-            return Exit::failed(format!("agent did not start: {e}"));
+    let cmd = adapter.command(&spec);
+    // Warm first: a pop from the pool, then the exec. A claimed container
+    // that died since its last check falls back to a cold start.
+    let mut warm = None;
+    if let Some(id) = node.pools.claim(&spec.image) {
+        node.set_container(slot, &id);
+        let guard = ContainerGuard {
+            runtime: runtime.clone(),
+            id: Some(id.clone()),
+        };
+        match runtime.exec_agent(&id, cmd.clone(), spec.env_pairs()).await {
+            Ok(p) => warm = Some((id, guard, p)),
+            Err(e) => {
+                tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");
+                node.pools.claimed_dead(&spec.image);
+                guard.remove().await;
+            }
+        }
+    }
+    let is_warm = warm.is_some();
+    let (container_id, guard, process) = match warm {
+        Some(w) => w,
+        None => {
+            let id = match runtime
+                .start_container(&spec.image, Purpose::Session(session_id))
+                .await
+            {
+                Ok(id) => id,
+                Err(e) => return Exit::failed(format!("container did not start: {e}")),
+            };
+            node.set_container(slot, &id);
+            let guard = ContainerGuard {
+                runtime: runtime.clone(),
+                id: Some(id.clone()),
+            };
+            match runtime.exec_agent(&id, cmd, spec.env_pairs()).await {
+                Ok(p) => (id, guard, p),
+                Err(e) => {
+                    guard.remove().await;
+                    return Exit::failed(format!("agent did not start: {e}"));
+                }
+            }
         }
     };
+    tracing::debug!(%container_id, warm = is_warm, "agent started");
     if out
         .send(Output::Accepted {
             container_id: container_id.clone(),
-            warm: false,
+            warm: is_warm,
         })
         .await
         .is_err()

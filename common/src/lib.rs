@@ -6,6 +6,7 @@ pub mod grpc;
 pub mod names;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

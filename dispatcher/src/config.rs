@@ -5,6 +5,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use berth_common::telemetry::LogFormat;
+use berth_common::tls::TlsArgs;
+
+fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected HOST:PORT=ADDR:PORT"))?;
+    if !name.contains(':') {
+        return Err(format!("`{s}`: `{name}` needs a port (HOST:PORT)"));
+    }
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("`{s}`: `{addr}` is not an IP:PORT address"))?;
+    Ok((name.to_string(), addr))
+}
 
 /// Configuration of one dispatcher.
 #[derive(Debug, Clone, clap::Parser)]
@@ -30,10 +44,32 @@ pub struct Config {
     #[arg(long, env = "BERTH_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
 
-    /// Agent-server nodes, comma-separated URLs (`http://node-a:7443,http://node-b:7443`).
-    /// Unset: the dispatcher runs one node in process on the local Docker daemon.
+    /// Agent-server nodes, comma-separated URLs (`https://node-a:7443,https://node-b:7443`).
+    /// A name that resolves to several addresses is several nodes (a Kubernetes
+    /// headless service). Unset: the dispatcher runs one node in process on the
+    /// local Docker daemon, over mTLS with an ephemeral CA; that node takes the
+    /// agent-server's BERTH_* variables (e.g. BERTH_WARM_POOLS).
     #[arg(long, env = "AGENT_SERVERS", value_delimiter = ',')]
     pub agent_servers: Vec<String>,
+
+    /// Static name resolution for nodes, comma-separated `HOST:PORT=ADDR:PORT`
+    /// (like curl's --resolve). TLS still verifies HOST; the connection goes to ADDR.
+    #[arg(long, env = "BERTH_NODE_RESOLVE", value_delimiter = ',', value_parser = parse_resolve)]
+    pub node_resolve: Vec<(String, SocketAddr)>,
+
+    /// How often node names are re-resolved, in seconds.
+    #[arg(long, env = "BERTH_NODE_RESOLVE_INTERVAL", value_parser = berth_agent_server::config::humantime_secs, default_value = "30")]
+    pub node_resolve_interval: Duration,
+
+    /// A node whose load stream is silent this long (seconds) is down, and its
+    /// sessions are rescheduled. Keep it several node heartbeats long.
+    #[arg(long, env = "BERTH_NODE_LEASE", value_parser = berth_agent_server::config::humantime_secs, default_value = "5")]
+    pub node_lease: Duration,
+
+    /// mTLS to the nodes: the CA, and this dispatcher's client certificate
+    /// (it must carry a name the nodes allow, `berth-dispatcher` by default).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// Session slots of the in-process node (only when AGENT_SERVERS is unset).
     #[arg(long, env = "BERTH_LOCAL_CAPACITY", default_value_t = 8)]
@@ -73,12 +109,11 @@ impl Config {
             "--db-max-connections must be at least 2 (one is held for LISTEN)"
         );
         anyhow::ensure!(!self.queue_poll.is_zero(), "--queue-poll must be positive");
-        for url in &self.agent_servers {
-            anyhow::ensure!(
-                url.starts_with("http://") || url.starts_with("https://"),
-                "AGENT_SERVERS: `{url}` must start with http:// or https://"
-            );
-        }
+        anyhow::ensure!(!self.node_lease.is_zero(), "--node-lease must be positive");
+        anyhow::ensure!(
+            !self.node_resolve_interval.is_zero(),
+            "--node-resolve-interval must be positive"
+        );
         Ok(())
     }
 }

@@ -62,6 +62,8 @@ pub async fn drive(ctx: Arc<Ctx>, session: Session) {
 /// A started run: the node, the frames it sends, the frames we send.
 struct Link {
     placed: Placed,
+    /// Whether the node started it in a warm container.
+    warm: bool,
     frames: tonic::Streaming<pb::NodeFrame>,
     to_node: mpsc::Sender<pb::DispatcherFrame>,
 }
@@ -81,10 +83,10 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
             session.id,
             StatusEvent::Started { busy },
             "",
-            serde_json::json!({"node": node, "epoch": session.epoch}),
+            serde_json::json!({"node": node, "epoch": session.epoch, "warm": link.warm}),
         )
         .await?;
-    tracing::info!(%node, "session started");
+    tracing::info!(%node, warm = link.warm, "session started");
     relay(ctx, session, &mut link).await
 }
 
@@ -104,7 +106,7 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
                 "no node could start the session: {why}"
             )));
         };
-        let url = placed.link.url.clone();
+        let url = placed.link.key();
         let (to_node, rx) = mpsc::channel(64);
         let start = pb::DispatcherFrame {
             epoch: session.epoch,
@@ -129,7 +131,12 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
                 continue;
             }
         };
-        match frames.message().await {
+        // A node that goes down before answering counts as a refusal.
+        let first = tokio::select! {
+            m = frames.message() => m,
+            () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
+        };
+        match first {
             Ok(Some(pb::NodeFrame {
                 kind: Some(node_frame::Kind::Accepted(a)),
                 ..
@@ -137,6 +144,7 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
                 tracing::debug!(%url, container_id = %a.container_id, warm = a.warm, "node accepted the session");
                 return Ok(Some(Link {
                     placed,
+                    warm: a.warm,
                     frames,
                     to_node,
                 }));
@@ -233,7 +241,7 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                 Ok(Some(_)) => tracing::warn!("node sent an empty frame; ignored"),
                 Ok(None) | Err(_) => {
                     let why = match frame { Err(s) => s.message().to_string(), _ => "stream closed".into() };
-                    tracing::warn!(node = %link.placed.link.url, %why, "lost the node running this session; rescheduling");
+                    tracing::warn!(node = %link.placed.link.key(), %why, "lost the node running this session; rescheduling");
                     let reason = format!("node link lost: {why}");
                     ctx.log.transition(id, StatusEvent::NodeLost, &reason, serde_json::json!({})).await?;
                     return Ok(());
@@ -280,6 +288,15 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                     let _ = link.to_node.send(pb::DispatcherFrame { epoch, kind: Some(dispatcher_frame::Kind::Stop(pb::Stop { reason: "session ended".into() })) }).await;
                 }
             },
+            // The node missed its lease: its stream may never end by itself.
+            () = link.placed.link.down() => {
+                let node = link.placed.link.name();
+                let why = link.placed.link.last_error();
+                tracing::warn!(%node, %why, "node down; rescheduling this session");
+                let reason = format!("node {node} down: {why}");
+                ctx.log.transition(id, StatusEvent::NodeLost, &reason, serde_json::json!({"node": node})).await?;
+                return Ok(());
+            }
             () = ctx.shutdown.cancelled() => {
                 ctx.log.transition(id, StatusEvent::NodeLost, "dispatcher shut down", serde_json::json!({})).await?;
                 return Ok(());

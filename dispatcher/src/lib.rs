@@ -20,6 +20,7 @@ pub mod store;
 use std::sync::Arc;
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
+use berth_proto::v1::nodes_server::NodesServer;
 use berth_proto::v1::sessions_server::SessionsServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,13 +35,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    anyhow::ensure!(
-        !cfg.agent_servers.is_empty(),
-        "no agent-server nodes: set AGENT_SERVERS"
-    );
+    let fleet = fleet_config(&cfg)?;
     let store = store::Store::connect(&cfg.database_url, cfg.db_max_connections).await?;
     let log = log::EventLog::start(store.clone(), shutdown.clone());
-    let nodes = nodes::Nodes::connect(&cfg.agent_servers, shutdown.clone())?;
+    let nodes = nodes::Nodes::start(fleet, shutdown.clone()).await?;
     let ctx = Arc::new(driver::Ctx {
         store: store.clone(),
         log: log.clone(),
@@ -56,21 +54,92 @@ pub async fn run(
     reporter
         .set_serving::<SessionsServer<api::sessions::SessionsService>>()
         .await;
+    reporter
+        .set_serving::<NodesServer<api::nodes::NodesService>>()
+        .await;
     let svc = SessionsServer::new(api::sessions::SessionsService {
         sessions: sessions::Sessions { store, log },
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let nodes_svc = NodesServer::new(api::nodes::NodesService {
+        nodes: ctx.nodes.clone(),
+    });
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
+        .add_service(nodes_svc)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.cancelled_owned(),
         )
         .await?;
     Ok(())
+}
+
+/// How to reach the nodes: URLs, TLS, static resolution, lease. Plaintext
+/// only with `--insecure-plaintext`; https needs the TLS files.
+fn fleet_config(cfg: &Config) -> anyhow::Result<nodes::FleetConfig> {
+    anyhow::ensure!(
+        !cfg.agent_servers.is_empty(),
+        "no agent-server nodes: set AGENT_SERVERS"
+    );
+    let urls = cfg
+        .agent_servers
+        .iter()
+        .map(|u| nodes::NodeUrl::parse(u.trim()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(u) = urls.iter().find(|u| !u.tls) {
+        anyhow::ensure!(
+            cfg.tls.insecure_plaintext,
+            "AGENT_SERVERS: `{}` is plaintext; use https:// with --tls-ca/--tls-cert/--tls-key, \
+             or pass --insecure-plaintext for local development",
+            u.url
+        );
+        tracing::warn!(url = %u.url, "node link WITHOUT TLS (--insecure-plaintext): local development only");
+    }
+    let tls = if urls.iter().any(|u| u.tls) {
+        let tls = cfg.tls.load()?;
+        anyhow::ensure!(
+            tls.is_some(),
+            "https nodes need --tls-ca, --tls-cert and --tls-key (`berth certs init` makes a development set)"
+        );
+        tls
+    } else {
+        None
+    };
+    Ok(nodes::FleetConfig {
+        urls,
+        tls,
+        resolve: cfg.node_resolve.iter().cloned().collect(),
+        resolve_interval: cfg.node_resolve_interval,
+        lease: cfg.node_lease,
+    })
+}
+
+/// Starts one node in process for a dispatcher with no `AGENT_SERVERS`: on
+/// loopback, over mTLS with a CA made for this process. Points `cfg` at it.
+pub async fn start_local_node(
+    cfg: &mut Config,
+    node_cfg: berth_agent_server::Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let ca = DevCa::generate("berth in-process CA")?;
+    let node_cert = ca.issue(CertKind::Node, &["local".to_string()])?;
+    let dispatcher_cert = ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.to_string()])?;
+    let mut node_cfg = node_cfg;
+    node_cfg.tls.material = Some(ca.material(&node_cert));
+    node_cfg.tls_allowed_clients = vec![DISPATCHER_NAME.to_string()];
+    cfg.tls.material = Some(ca.material(&dispatcher_cert));
+    cfg.agent_servers = vec![format!("https://local:{}", addr.port())];
+    cfg.node_resolve
+        .push((format!("local:{}", addr.port()), addr));
+    tracing::info!(%addr, "AGENT_SERVERS is unset: running one node in process (mTLS, ephemeral CA)");
+    Ok(tokio::spawn(berth_agent_server::run(node_cfg, listener, shutdown)))
 }

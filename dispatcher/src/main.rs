@@ -18,16 +18,11 @@ async fn main() -> std::process::ExitCode {
     let result = async {
         let mut local_node = None;
         if cfg.agent_servers.is_empty() {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let url = format!("http://{}", listener.local_addr()?);
             let mut node_cfg = berth_agent_server::Config::defaults();
             node_cfg.node_id = "local".into();
             node_cfg.capacity = cfg.local_capacity;
             node_cfg.log_format = cfg.log_format;
-            tracing::warn!(%url, "AGENT_SERVERS is unset: running one node in process over plaintext loopback (local development)");
-            let node_shutdown = shutdown.clone();
-            local_node = Some(tokio::spawn(berth_agent_server::run(node_cfg, listener, node_shutdown)));
-            cfg.agent_servers = vec![url];
+            local_node = Some(berth_dispatcher::start_local_node(&mut cfg, node_cfg, shutdown.clone()).await?);
         }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await

@@ -1,11 +1,24 @@
-//! Links to agent-server nodes: a gRPC client each, and the node's last load
-//! report, kept fresh by a `WatchLoad` stream.
+//! The fleet as this dispatcher sees it: a link per node address, each with
+//! a gRPC client (mTLS) and the node's last load report, kept fresh by a
+//! `WatchLoad` stream under a lease.
+//!
+//! - `AGENT_SERVERS` names are re-resolved every `resolve_interval`; a name
+//!   with several addresses is several nodes (a Kubernetes headless service).
+//!   A node that stops resolving is dropped once nothing uses it.
+//! - TLS verifies each node's certificate against the *name* in its URL,
+//!   while the connection goes to the resolved address.
+//! - A node whose load stream is silent past `lease` is down: its link's
+//!   state flips, and drivers relaying its sessions reschedule them. The
+//!   link keeps redialling; a node that comes back is used again.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_common::grpc::MAX_MESSAGE_BYTES;
+use berth_common::tls::TlsMaterial;
 use berth_proto::node::v1::{LoadReport, WatchLoadRequest, agent_server_client::AgentServerClient};
 use futures::StreamExt;
 use tokio::sync::{Notify, watch};
@@ -14,30 +27,141 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::placement::{self, NodeSnapshot};
 
-/// One node.
-pub struct NodeLink {
-    /// The URL it was dialled at.
+/// One configured `AGENT_SERVERS` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeUrl {
     pub url: String,
-    client: AgentServerClient<Channel>,
-    /// Last report; `None` while its load stream is down.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl NodeUrl {
+    /// Parses `https://host:port` (or `http://` for plaintext development).
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            anyhow::bail!("AGENT_SERVERS: `{url}` must start with https:// (or http:// with --insecure-plaintext)");
+        };
+        let authority = rest.trim_end_matches('/');
+        anyhow::ensure!(
+            !authority.contains('/'),
+            "AGENT_SERVERS: `{url}` must be a bare https://host:port"
+        );
+        let uri: tonic::codegen::http::uri::Authority = authority
+            .parse()
+            .map_err(|e| anyhow::anyhow!("AGENT_SERVERS: `{url}` is not a valid URL: {e}"))?;
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Self {
+            url: url.to_string(),
+            tls,
+            host: uri.host().trim_matches(['[', ']']).to_string(),
+            port,
+        })
+    }
+
+    fn host_port(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// How this dispatcher reaches its nodes.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub urls: Vec<NodeUrl>,
+    /// Client certificate and CA; `None` only for plaintext development.
+    pub tls: Option<TlsMaterial>,
+    /// `host:port` → address, consulted before DNS (like curl's `--resolve`).
+    pub resolve: HashMap<String, SocketAddr>,
+    pub resolve_interval: Duration,
+    pub lease: Duration,
+}
+
+/// A node's state as this dispatcher sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Up,
+    Draining,
+    Down,
+}
+
+/// One node: a resolved address of a configured URL.
+pub struct NodeLink {
+    /// The configured URL it came from.
+    pub url: NodeUrl,
+    /// The address it is dialled at.
+    pub addr: SocketAddr,
+    client: Mutex<AgentServerClient<Channel>>,
+    /// Last report; `None` while down.
     load: watch::Receiver<Option<LoadReport>>,
+    /// When the last report arrived.
+    last_report: Mutex<Option<std::time::Instant>>,
+    /// Why the node is down, if it is.
+    last_error: Mutex<String>,
     /// Sessions this dispatcher placed here that have not ended.
     inflight: AtomicU32,
+    /// Cancelled when the address stops resolving.
+    gone: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every value behind these locks is replaced whole: poison is harmless.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl NodeLink {
     /// A client for the node API.
     pub fn client(&self) -> AgentServerClient<Channel> {
-        self.client.clone()
+        lock(&self.client).clone()
     }
 
-    /// The node's id as it reports it, or its URL before the first report.
+    /// A stable key: the URL and the address it resolved to.
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.url.url, self.addr)
+    }
+
+    /// The node's id as it reports it, or `host@addr` before its first report.
     pub fn name(&self) -> String {
         self.load
             .borrow()
             .as_ref()
             .map(|r| r.node_id.clone())
-            .unwrap_or_else(|| self.url.clone())
+            .unwrap_or_else(|| format!("{}@{}", self.url.host, self.addr))
+    }
+
+    /// Last report, if the node is up.
+    pub fn report(&self) -> Option<LoadReport> {
+        self.load.borrow().clone()
+    }
+
+    pub fn state(&self) -> NodeState {
+        match self.load.borrow().as_ref() {
+            None => NodeState::Down,
+            Some(r) if r.draining => NodeState::Draining,
+            Some(_) => NodeState::Up,
+        }
+    }
+
+    pub fn last_error(&self) -> String {
+        lock(&self.last_error).clone()
+    }
+
+    /// Time since the last report.
+    pub fn report_age(&self) -> Option<Duration> {
+        lock(&self.last_report).map(|t| t.elapsed())
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the node is down (lease expired or stream failed).
+    pub async fn down(&self) {
+        let mut rx = self.load.clone();
+        let _ = rx.wait_for(Option::is_none).await;
     }
 
     fn snapshot(&self, image: &str) -> NodeSnapshot {
@@ -83,52 +207,122 @@ impl Drop for Placed {
 
 /// Every node this dispatcher places on.
 pub struct Nodes {
-    links: Vec<Arc<NodeLink>>,
-    /// Notified when capacity may have freed up.
+    cfg: FleetConfig,
+    links: Mutex<Vec<Arc<NodeLink>>>,
+    /// Notified when capacity may have changed.
     pub changed: Arc<Notify>,
+    shutdown: CancellationToken,
 }
 
 impl Nodes {
-    /// Dials every node lazily and starts following its load.
-    pub fn connect(urls: &[String], shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
-        let changed = Arc::new(Notify::new());
-        let mut links = Vec::new();
-        for url in urls {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| anyhow::anyhow!("AGENT_SERVERS: `{url}` is not a valid URL: {e}"))?
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_while_idle(true);
-            let client = AgentServerClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            let (tx, rx) = watch::channel(None);
-            tokio::spawn(watch_load(
-                url.clone(),
-                client.clone(),
-                tx,
-                changed.clone(),
-                shutdown.clone(),
-            ));
-            links.push(Arc::new(NodeLink {
-                url: url.clone(),
-                client,
-                load: rx,
-                inflight: AtomicU32::new(0),
-            }));
-        }
-        Ok(Arc::new(Self { links, changed }))
+    /// Resolves every URL, dials each address lazily and follows its load;
+    /// re-resolves in the background.
+    pub async fn start(cfg: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
+        anyhow::ensure!(!cfg.urls.is_empty(), "no agent-server nodes: set AGENT_SERVERS");
+        let nodes = Arc::new(Self {
+            cfg,
+            links: Mutex::new(Vec::new()),
+            changed: Arc::new(Notify::new()),
+            shutdown,
+        });
+        nodes.resolve_once().await;
+        tokio::spawn(nodes.clone().resolve_loop());
+        Ok(nodes)
     }
 
     /// All links.
-    pub fn links(&self) -> &[Arc<NodeLink>] {
-        &self.links
+    pub fn links(&self) -> Vec<Arc<NodeLink>> {
+        lock(&self.links).clone()
+    }
+
+    async fn resolve_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.resolve_interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => self.resolve_once().await,
+            }
+        }
+    }
+
+    /// Resolves every URL and reconciles links with the addresses found. A
+    /// name that fails to resolve keeps its links (DNS blips are not node loss;
+    /// the lease decides that).
+    async fn resolve_once(&self) {
+        let mut found: Vec<(NodeUrl, SocketAddr)> = Vec::new();
+        let mut failed: Vec<&NodeUrl> = Vec::new();
+        for url in &self.cfg.urls {
+            if let Some(addr) = self.cfg.resolve.get(&url.host_port()) {
+                found.push((url.clone(), *addr));
+                continue;
+            }
+            match tokio::net::lookup_host(url.host_port()).await {
+                Ok(addrs) => {
+                    let mut addrs: Vec<SocketAddr> = addrs.collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    found.extend(addrs.into_iter().map(|a| (url.clone(), a)));
+                }
+                Err(e) => {
+                    tracing::warn!(url = %url.url, error = %e, "cannot resolve node; keeping its known addresses");
+                    failed.push(url);
+                }
+            }
+        }
+        let mut links = lock(&self.links);
+        let before = links.len();
+        links.retain(|l| {
+            let keep = failed.contains(&&l.url)
+                || found.iter().any(|(u, a)| *u == l.url && *a == l.addr);
+            if !keep {
+                tracing::info!(node = %l.key(), "node no longer resolves; dropping it");
+                l.gone.cancel();
+            }
+            keep
+        });
+        for (url, addr) in found {
+            if links.iter().any(|l| l.url == url && l.addr == addr) {
+                continue;
+            }
+            match self.link(url.clone(), addr) {
+                Ok(link) => {
+                    tracing::info!(node = %link.key(), "dialling node");
+                    links.push(link);
+                }
+                Err(e) => tracing::warn!(url = %url.url, %addr, error = %e, "cannot dial node"),
+            }
+        }
+        if links.len() != before {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn link(&self, url: NodeUrl, addr: SocketAddr) -> anyhow::Result<Arc<NodeLink>> {
+        let client = dial(&self.cfg, &url, addr)?;
+        let (tx, rx) = watch::channel(None);
+        let link = Arc::new(NodeLink {
+            url,
+            addr,
+            client: Mutex::new(client),
+            load: rx,
+            last_report: Mutex::new(None),
+            last_error: Mutex::new(String::new()),
+            inflight: AtomicU32::new(0),
+            gone: self.shutdown.child_token(),
+        });
+        tokio::spawn(watch_load(
+            link.clone(),
+            tx,
+            self.changed.clone(),
+            self.cfg.clone(),
+        ));
+        Ok(link)
     }
 
     /// Free slots across live nodes, as this dispatcher sees them.
     pub fn free_slots(&self) -> u32 {
-        self.links
+        lock(&self.links)
             .iter()
             .map(|l| l.snapshot(""))
             .filter(|s| s.up && !s.draining)
@@ -136,13 +330,13 @@ impl Nodes {
             .sum()
     }
 
-    /// Places a session for `image`, skipping `exclude`d URLs (nodes that
+    /// Places a session for `image`, skipping `exclude`d link keys (nodes that
     /// already refused it). The slot is held until the returned value drops.
     pub fn place(self: &Arc<Self>, image: &str, exclude: &[String]) -> Option<Placed> {
-        let candidates: Vec<&Arc<NodeLink>> = self
-            .links
+        let candidates: Vec<Arc<NodeLink>> = lock(&self.links)
             .iter()
-            .filter(|l| !exclude.contains(&l.url))
+            .filter(|l| !exclude.contains(&l.key()))
+            .cloned()
             .collect();
         let snapshots: Vec<NodeSnapshot> = candidates.iter().map(|l| l.snapshot(image)).collect();
         let i = placement::choose(&snapshots, |n| fastrand::usize(..n))?;
@@ -154,71 +348,129 @@ impl Nodes {
         })
     }
 
+    /// Finds a link by node id, key, URL or address.
+    pub fn find(&self, name: &str) -> Vec<Arc<NodeLink>> {
+        lock(&self.links)
+            .iter()
+            .filter(|l| {
+                l.name() == name
+                    || l.key() == name
+                    || l.url.url == name
+                    || l.url.host == name
+                    || l.addr.to_string() == name
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Waits until at least one node has reported its load, or `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.links.iter().any(|l| l.load.borrow().is_some()) {
+            let notified = self.changed.notified();
+            if self.links().iter().any(|l| l.report().is_some()) {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, self.changed.notified())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return false;
             }
         }
     }
 }
 
-/// Follows one node's load stream, reconnecting with backoff.
+/// A lazily connecting client for one node address: TLS verifies the name
+/// in the URL, the connection goes to `addr`.
+fn dial(cfg: &FleetConfig, url: &NodeUrl, addr: SocketAddr) -> anyhow::Result<AgentServerClient<Channel>> {
+    let scheme = if url.tls { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    if url.tls {
+        let tls = cfg.tls.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("{} is https but no TLS material is configured", url.url)
+        })?;
+        endpoint = endpoint.tls_config(tls.client(&url.host))?;
+    }
+    Ok(AgentServerClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Follows one node's load stream under a lease, redialling with backoff.
 async fn watch_load(
-    url: String,
-    mut client: AgentServerClient<Channel>,
+    link: Arc<NodeLink>,
     tx: watch::Sender<Option<LoadReport>>,
     changed: Arc<Notify>,
-    shutdown: CancellationToken,
+    cfg: FleetConfig,
 ) {
+    let lease = cfg.lease;
+    let node = link.key();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = client.watch_load(WatchLoadRequest {}) => r,
-        };
-        match stream {
-            Ok(resp) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    let next = tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        n = stream.next() => n,
-                    };
-                    match next {
-                        Some(Ok(report)) => {
-                            if tx.borrow().is_none() {
-                                tracing::info!(node = %url, node_id = %report.node_id, capacity = report.capacity, "node up");
-                            }
-                            backoff = Duration::from_millis(100);
-                            tx.send_replace(Some(report));
-                            changed.notify_one();
+        let why = async {
+            type Never = std::convert::Infallible;
+            let mut client = link.client();
+            let mut stream = tokio::time::timeout(lease, client.watch_load(WatchLoadRequest {}))
+                .await
+                .map_err(|_| format!("no answer to WatchLoad within the {lease:?} lease"))?
+                .map_err(|s| describe(&s))?
+                .into_inner();
+            loop {
+                match tokio::time::timeout(lease, stream.next()).await {
+                    Err(_) => return Err::<Never, _>(format!("load stream silent past its {lease:?} lease")),
+                    Ok(Some(Ok(report))) => {
+                        if tx.borrow().is_none() {
+                            tracing::info!(%node, node_id = %report.node_id, capacity = report.capacity, "node up");
+                            lock(&link.last_error).clear();
                         }
-                        Some(Err(status)) => {
-                            tracing::warn!(node = %url, %status, "node load stream failed");
-                            break;
-                        }
-                        None => break,
+                        *lock(&link.last_report) = Some(std::time::Instant::now());
+                        backoff = Duration::from_millis(100);
+                        tx.send_replace(Some(report));
+                        changed.notify_waiters();
                     }
+                    Ok(Some(Err(status))) => return Err(describe(&status)),
+                    Ok(None) => return Err("load stream ended".to_string()),
                 }
             }
-            Err(status) => tracing::debug!(node = %url, %status, "cannot open node load stream"),
+        };
+        let why: String = tokio::select! {
+            () = link.gone.cancelled() => return,
+            r = why => match r { Err(why) => why, Ok(never) => match never {} },
+        };
+        let was_up = tx.send_replace(None).is_some();
+        if was_up {
+            tracing::warn!(%node, %why, "node down");
+            changed.notify_waiters();
+            // A silent connection would hold every new RPC: start afresh.
+            match dial(&cfg, &link.url, link.addr) {
+                Ok(client) => *lock(&link.client) = client,
+                Err(e) => tracing::warn!(%node, error = %e, "cannot redial node"),
+            }
+        } else {
+            tracing::debug!(%node, %why, "node still down");
         }
-        if tx.send_replace(None).is_some() {
-            tracing::warn!(node = %url, "node down");
-        }
+        *lock(&link.last_error) = why;
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = link.gone.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// A status in words, with the transport cause (a TLS error names the
+/// certificate problem) when there is one.
+fn describe(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut msg = status.message().to_string();
+    let mut source = status.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }

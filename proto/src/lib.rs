@@ -1,7 +1,7 @@
 //! berth's gRPC protocols, generated at build time from `proto/` by protox and
 //! tonic-prost-build (no protoc needed).
 //!
-//! - [`v1`]: the public API (`berth.v1.Sessions`), served by the dispatcher.
+//! - [`v1`]: the public API (`berth.v1.Sessions`, `berth.v1.Nodes`), served by the dispatcher.
 //! - [`node::v1`]: the node API (`berth.node.v1.AgentServer`), served by agent-servers.
 
 #![allow(clippy::all, missing_docs)]

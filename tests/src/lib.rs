@@ -8,10 +8,12 @@
 //! # Ok(()) }
 //! ```
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
+use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
+use berth_proto::v1::{self as pb, nodes_client::NodesClient, sessions_client::SessionsClient};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -29,11 +31,18 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://berth:berth@127.0.0.1:5432/postgres".into())
 }
 
+/// Adjusts one node's configuration before it starts: its index, its
+/// config, and the cluster's CA (to issue it other certificates).
+pub type NodeHook = std::sync::Arc<dyn Fn(usize, &mut berth_agent_server::Config, &DevCa) + Send + Sync>;
+
 /// Configures a [`TestCluster`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Builder {
     nodes: usize,
     capacity: u32,
+    warm_pools: Vec<String>,
+    lease: Duration,
+    node_hook: Option<NodeHook>,
 }
 
 impl Builder {
@@ -49,7 +58,30 @@ impl Builder {
         self
     }
 
-    /// Starts the cluster and waits until its dispatcher answers and sees a node.
+    /// A warm pool on every node, `IMAGE=MIN[:MAX]`.
+    pub fn warm_pool(mut self, spec: &str) -> Self {
+        self.warm_pools.push(spec.to_string());
+        self
+    }
+
+    /// The dispatcher's node lease (default 1 s; nodes report every 200 ms).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Adjusts each node's configuration before it starts.
+    pub fn configure_node(
+        mut self,
+        hook: impl Fn(usize, &mut berth_agent_server::Config, &DevCa) + Send + Sync + 'static,
+    ) -> Self {
+        self.node_hook = Some(std::sync::Arc::new(hook));
+        self
+    }
+
+    /// Starts the cluster and waits until its dispatcher answers. Every node
+    /// link is mTLS with a CA made for this cluster; node `i` is dialled as
+    /// `https://node-i:PORT` (resolved to a [`Proxy`] in front of it).
     pub async fn start(self) -> anyhow::Result<TestCluster> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -72,13 +104,18 @@ impl Builder {
             None => anyhow::bail!("BERTH_TEST_DATABASE_URL must end in /DBNAME"),
         };
 
+        let ca = DevCa::generate("berth test CA")?;
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let mut node_urls = Vec::new();
-        let mut node_ids = Vec::new();
+        let mut nodes = Vec::new();
+        let mut resolve = Vec::new();
         for i in 0..self.nodes {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            node_urls.push(format!("http://{}", listener.local_addr()?));
+            let node_addr = listener.local_addr()?;
+            let proxy = Proxy::start(node_addr).await?;
+            let name = format!("node-{i}");
+            let url = format!("https://{name}:{}", proxy.addr.port());
+            resolve.push((format!("{name}:{}", proxy.addr.port()), proxy.addr));
             let mut cfg = berth_agent_server::Config::defaults();
             cfg.node_id = format!("test-{tag}-{i}");
             cfg.capacity = self.capacity;
@@ -86,18 +123,36 @@ impl Builder {
             cfg.load_heartbeat = Duration::from_millis(200);
             cfg.memory_mib = 256;
             cfg.cpus = 1.0;
-            node_ids.push(cfg.node_id.clone());
-            tasks.push(tokio::spawn(berth_agent_server::run(
-                cfg,
-                listener,
-                shutdown.child_token(),
-            )));
+            cfg.warm_check_interval = Duration::from_secs(1);
+            cfg.warm_pools = self
+                .warm_pools
+                .iter()
+                .map(|p| p.parse().map_err(|e: String| anyhow::anyhow!(e)))
+                .collect::<anyhow::Result<_>>()?;
+            cfg.tls.material = Some(ca.material(&ca.issue(CertKind::Node, &[name.clone()])?));
+            if let Some(hook) = &self.node_hook {
+                hook(i, &mut cfg, &ca);
+            }
+            let stop = shutdown.child_token();
+            let task = tokio::spawn(berth_agent_server::run(cfg.clone(), listener, stop.clone()));
+            nodes.push(TestNode {
+                id: cfg.node_id.clone(),
+                url,
+                addr: node_addr,
+                proxy,
+                stop,
+                task: Some(task),
+            });
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let dispatcher_url = format!("http://{}", listener.local_addr()?);
         let mut cfg = berth_dispatcher::Config::defaults();
         cfg.database_url = database_url.clone();
-        cfg.agent_servers = node_urls.clone();
+        cfg.agent_servers = nodes.iter().map(|n| n.url.clone()).collect();
+        cfg.node_resolve = resolve;
+        cfg.node_lease = self.lease;
+        cfg.tls.material =
+            Some(ca.material(&ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.to_string()])?));
         cfg.queue_poll = Duration::from_millis(250);
         cfg.db_max_connections = 8;
         cfg.dispatcher_id = format!("test-dispatcher-{tag}");
@@ -109,13 +164,14 @@ impl Builder {
 
         let channel =
             tonic::transport::Endpoint::from_shared(dispatcher_url.clone())?.connect_lazy();
-        let client = SessionsClient::new(channel)
+        let client = SessionsClient::new(channel.clone())
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
         let cluster = TestCluster {
             client,
+            nodes_client: NodesClient::new(channel),
             dispatcher_url,
-            node_urls,
-            node_ids,
+            nodes,
+            ca,
             database,
             shutdown,
             tasks,
@@ -140,12 +196,28 @@ impl Builder {
     }
 }
 
+/// One node of a [`TestCluster`].
+pub struct TestNode {
+    /// Its node id (as in load reports and `Session.node`).
+    pub id: String,
+    /// The URL the dispatcher dials.
+    pub url: String,
+    /// Where the node itself listens (behind the proxy).
+    pub addr: SocketAddr,
+    /// The proxy the dispatcher reaches it through.
+    pub proxy: Proxy,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
 /// A running dispatcher and its nodes.
 pub struct TestCluster {
     client: SessionsClient<Channel>,
+    nodes_client: NodesClient<Channel>,
     pub dispatcher_url: String,
-    pub node_urls: Vec<String>,
-    pub node_ids: Vec<String>,
+    pub nodes: Vec<TestNode>,
+    /// The CA every certificate of the cluster is signed by.
+    pub ca: DevCa,
     pub database: String,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -156,6 +228,9 @@ impl TestCluster {
         Builder {
             nodes: 1,
             capacity: 4,
+            warm_pools: Vec::new(),
+            lease: Duration::from_secs(1),
+            node_hook: None,
         }
     }
 
@@ -164,11 +239,71 @@ impl TestCluster {
         self.client.clone()
     }
 
+    /// A client for the fleet API.
+    pub fn nodes_client(&self) -> NodesClient<Channel> {
+        self.nodes_client.clone()
+    }
+
+    /// The dispatcher's view of node `i`.
+    pub async fn node_status(&self, i: usize) -> anyhow::Result<pb::Node> {
+        let id = &self.nodes[i].id;
+        let url = &self.nodes[i].url;
+        let nodes = self
+            .nodes_client()
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes;
+        nodes
+            .into_iter()
+            .find(|n| &n.name == id || &n.url == url)
+            .ok_or_else(|| anyhow::anyhow!("node {i} is not listed"))
+    }
+
+    /// Waits until node `i` satisfies `pred`, as ListNodes shows it.
+    pub async fn wait_node(
+        &self,
+        i: usize,
+        timeout: Duration,
+        pred: impl Fn(&pb::Node) -> bool,
+    ) -> anyhow::Result<pb::Node> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let n = self.node_status(i).await?;
+            if pred(&n) {
+                return Ok(n);
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("node {i} did not reach the expected state: {n:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops node `i` the way SIGTERM would, and waits for it.
+    pub async fn stop_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        node.proxy.set_paused(false);
+        node.stop.cancel();
+        if let Some(t) = node.task.take() {
+            t.await??;
+        }
+        Ok(())
+    }
+
     /// Stops everything and drops the cluster's database.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        for n in &self.nodes {
+            n.proxy.set_paused(false);
+        }
         self.shutdown.cancel();
         for t in self.tasks {
             t.await??;
+        }
+        for n in &mut self.nodes {
+            if let Some(t) = n.task.take() {
+                t.await??;
+            }
         }
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await?;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -179,6 +314,65 @@ impl TestCluster {
         .await?;
         Ok(())
     }
+}
+
+/// A TCP proxy in front of a node that can go silent: while paused it
+/// forwards nothing but keeps every connection open, as a hung or
+/// partitioned machine does. Only the node *lease* can tell.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (paused, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    tokio::join!(pipe(ri, wo, rx.clone()), pipe(ro, wi, rx));
+                });
+            }
+        });
+        Ok(Self { addr, paused })
+    }
+
+    /// Pauses (silences) or resumes forwarding.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if paused.wait_for(|p| !*p).await.is_err() {
+            break;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// A create request for the fake agent with `prompt` as the first message.

@@ -2,4 +2,5 @@
 //! and map the error.
 
 pub mod convert;
+pub mod nodes;
 pub mod sessions;

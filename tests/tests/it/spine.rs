@@ -68,7 +68,7 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
     assert!((u.cost_usd - 0.0763163).abs() < 1e-9, "cost {}", u.cost_usd);
     assert_eq!(u.turns, 1);
     assert_eq!(s.runtime_session_id, "4e3453f9-129a-4da9-bc25-a287453d58d9");
-    assert_eq!(s.node, cluster.node_ids[0]);
+    assert_eq!(s.node, cluster.nodes[0].id);
     // The persisted log is what was streamed.
     let listed = c
         .list_events(pb::ListEventsRequest {

@@ -1,0 +1,114 @@
+//! `berth.v1.Nodes`: the fleet as this dispatcher sees it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::node::v1 as node_pb;
+use berth_proto::v1::{self as pb, nodes_server::Nodes as NodesApi};
+use tonic::{Request, Response, Status};
+
+use crate::nodes::{NodeLink, NodeState, Nodes};
+
+/// How long ListNodes waits for each node's own session list.
+const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves `berth.v1.Nodes`.
+pub struct NodesService {
+    pub nodes: Arc<Nodes>,
+}
+
+async fn describe(link: Arc<NodeLink>) -> pb::Node {
+    let state = link.state();
+    let report = link.report().unwrap_or_default();
+    let session_ids = if state == NodeState::Down {
+        Vec::new()
+    } else {
+        let mut client = link.client();
+        match tokio::time::timeout(
+            NODE_CALL_TIMEOUT,
+            client.list_sessions(node_pb::ListNodeSessionsRequest {}),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r
+                .into_inner()
+                .sessions
+                .into_iter()
+                .map(|s| s.session_id)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    pb::Node {
+        name: link.name(),
+        url: link.url.url.clone(),
+        address: link.addr.to_string(),
+        state: match state {
+            NodeState::Up => pb::NodeState::Up,
+            NodeState::Draining => pb::NodeState::Draining,
+            NodeState::Down => pb::NodeState::Down,
+        } as i32,
+        capacity: report.capacity,
+        running: report.running,
+        inflight: i32::try_from(link.inflight()).unwrap_or(i32::MAX),
+        warm: report
+            .warm
+            .into_iter()
+            .map(|w| pb::WarmPoolStatus {
+                image: w.image,
+                ready: w.ready,
+            })
+            .collect(),
+        cpu_utilization: report.cpu_utilization,
+        memory_used_bytes: report.memory_used_bytes,
+        memory_total_bytes: report.memory_total_bytes,
+        generation: report.generation,
+        report_age_ms: link
+            .report_age()
+            .map_or(-1, |a| i64::try_from(a.as_millis()).unwrap_or(i64::MAX)),
+        last_error: link.last_error(),
+        session_ids,
+    }
+}
+
+#[tonic::async_trait]
+impl NodesApi for NodesService {
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let mut nodes = futures::future::join_all(self.nodes.links().into_iter().map(describe)).await;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.address.cmp(&b.address)));
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn drain_node(
+        &self,
+        r: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let name = r.into_inner().node;
+        if name.trim().is_empty() {
+            return Err(Status::invalid_argument("invalid node: must not be empty"));
+        }
+        let links = self.nodes.find(&name);
+        let link = match links.as_slice() {
+            [] => return Err(Status::not_found(format!("node {name} not found; see ListNodes"))),
+            [one] => one.clone(),
+            many => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid node: `{name}` matches {} nodes; name one by its address",
+                    many.len()
+                )));
+            }
+        };
+        let mut client = link.client();
+        let resp = tokio::time::timeout(NODE_CALL_TIMEOUT, client.drain(node_pb::DrainRequest {}))
+            .await
+            .map_err(|_| Status::unavailable(format!("node {name} did not answer the drain in time")))?
+            .map_err(|s| Status::unavailable(format!("node {name} refused the drain: {}", s.message())))?;
+        tracing::info!(node = %link.key(), "node draining on request");
+        Ok(Response::new(pb::DrainNodeResponse {
+            running: resp.into_inner().running,
+        }))
+    }
+}
