@@ -277,6 +277,8 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                         }
                     }
                 }
+                // Shutting down: the shutdown branch ends the relay.
+                Some(Err(_)) if ctx.shutdown.is_cancelled() => feed = None,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "input feed failed; re-following");
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -159,9 +159,12 @@ impl NodeLink {
     }
 
     /// Resolves when the node is down (lease expired or stream failed).
+    /// Never resolves once the link itself is dropped (shutdown).
     pub async fn down(&self) {
         let mut rx = self.load.clone();
-        let _ = rx.wait_for(Option::is_none).await;
+        if rx.wait_for(Option::is_none).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     fn snapshot(&self, image: &str) -> NodeSnapshot {
@@ -440,6 +443,7 @@ async fn watch_load(
             () = link.gone.cancelled() => return,
             r = why => match r { Err(why) => why, Ok(never) => match never {} },
         };
+        *lock(&link.last_error) = why.clone();
         let was_up = tx.send_replace(None).is_some();
         if was_up {
             tracing::warn!(%node, %why, "node down");
@@ -452,7 +456,6 @@ async fn watch_load(
         } else {
             tracing::debug!(%node, %why, "node still down");
         }
-        *lock(&link.last_error) = why;
         tokio::select! {
             () = link.gone.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
@@ -468,8 +471,12 @@ fn describe(status: &tonic::Status) -> String {
     let mut msg = status.message().to_string();
     let mut source = status.source();
     while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
+        let s_msg = s.to_string();
+        // Transport errors repeat their cause in their own text.
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
         source = s.source();
     }
     msg

@@ -9,8 +9,11 @@ use tonic::{Request, Response, Status};
 
 use crate::nodes::{NodeLink, NodeState, Nodes};
 
-/// How long ListNodes waits for each node's own session list.
-const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long ListNodes waits for each node's own session list: a node that
+/// is silent but still within its lease must not stall the listing.
+const LIST_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long DrainNode waits for the node.
+const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `berth.v1.Nodes`.
 pub struct NodesService {
@@ -25,7 +28,7 @@ async fn describe(link: Arc<NodeLink>) -> pb::Node {
     } else {
         let mut client = link.client();
         match tokio::time::timeout(
-            NODE_CALL_TIMEOUT,
+            LIST_TIMEOUT,
             client.list_sessions(node_pb::ListNodeSessionsRequest {}),
         )
         .await

@@ -2,4 +2,5 @@
 //! Run `scripts/setup.sh` first (it starts Postgres and builds the test image).
 
 mod faults;
+mod fleet;
 mod spine;

@@ -1,0 +1,491 @@
+//! The fleet: placement across nodes, drain, warm pools, node loss, epochs
+//! and mTLS. Real Docker, real Postgres, real TLS.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
+use berth_proto::node::v1 as node_pb;
+use berth_proto::node::v1::agent_server_client::AgentServerClient;
+use berth_proto::v1 as pb;
+use berth_tests::{TEST_IMAGE, TestCluster, collect_until, fake_session, payload, wait_for_status};
+use futures::StreamExt;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// Creates a session and waits until it is idle after its first turn.
+async fn started_session(
+    client: &mut berth_proto::v1::sessions_client::SessionsClient<tonic::transport::Channel>,
+    req: pb::CreateSessionRequest,
+) -> anyhow::Result<pb::Session> {
+    let s = client.create_session(req).await?.into_inner();
+    wait_for_status(client, &s.name, pb::SessionStatus::Idle, Duration::from_secs(60)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::builder().nodes(3).capacity(30).start().await?;
+    let mut client = cluster.client();
+    for i in 0..3 {
+        cluster.wait_node(i, Duration::from_secs(10), |n| n.state == pb::NodeState::Up as i32).await?;
+    }
+
+    // 30 sessions in three bursts of ten, all alive at the end.
+    let mut names = Vec::new();
+    for _burst in 0..3 {
+        let creates = (0..10).map(|_| {
+            let mut c = client.clone();
+            async move { c.create_session(fake_session("echo hi")).await }
+        });
+        for s in futures::future::join_all(creates).await {
+            names.push(s?.into_inner().name);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    for name in &names {
+        let s = wait_for_status(&mut client, name, pb::SessionStatus::Idle, Duration::from_secs(120)).await?;
+        *per_node.entry(s.node).or_default() += 1;
+    }
+    let mean = names.len() as f64 / 3.0;
+    let max = per_node.values().copied().max().unwrap_or(0) as f64;
+    println!("spread of 30 sessions over 3 nodes: {per_node:?} (max/mean {:.2})", max / mean);
+    assert_eq!(per_node.len(), 3, "every node got sessions: {per_node:?}");
+    assert!(max <= 1.5 * mean, "max {max} > 1.5 x mean {mean}: {per_node:?}");
+
+    // Drain node 2: the next sessions all go elsewhere.
+    let drained = cluster.nodes[2].id.clone();
+    cluster
+        .nodes_client()
+        .drain_node(pb::DrainNodeRequest { node: drained.clone() })
+        .await?;
+    cluster
+        .wait_node(2, Duration::from_secs(5), |n| n.state == pb::NodeState::Draining as i32)
+        .await?;
+    for _ in 0..6 {
+        let s = started_session(&mut client, fake_session("echo after drain")).await?;
+        assert_ne!(s.node, drained, "a draining node received session {}", s.name);
+    }
+    // Its running sessions were left alone.
+    let status = cluster.node_status(2).await?;
+    assert_eq!(status.running as usize, per_node[&drained]);
+
+    // Unknown and ambiguous drains are precise errors.
+    let err = cluster
+        .nodes_client()
+        .drain_node(pb::DrainNodeRequest { node: "no-such-node".into() })
+        .await
+        .expect_err("unknown node");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = cluster
+        .nodes_client()
+        .drain_node(pb::DrainNodeRequest { node: " ".into() })
+        .await
+        .expect_err("empty node");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("node"), "{}", err.message());
+    cluster.shutdown().await
+}
+
+/// Docker's view of a container: its env and labels.
+async fn inspect(id: &str) -> anyhow::Result<(Vec<String>, HashMap<String, String>)> {
+    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    let info = docker
+        .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await?;
+    let config = info.config.unwrap_or_default();
+    Ok((config.env.unwrap_or_default(), config.labels.unwrap_or_default()))
+}
+
+/// Containers of a node with a label (key or key=value).
+async fn containers_with(node_id: &str, label: &str) -> anyhow::Result<Vec<String>> {
+    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("berth.node={node_id}"), label.to_string()],
+    )]);
+    let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    Ok(docker.list_containers(Some(opts)).await?.into_iter().filter_map(|c| c.id).collect())
+}
+
+/// Time from CreateSession to the first agent (runtime) event at the client,
+/// and whether the run started warm.
+async fn time_to_first_event(
+    client: &mut berth_proto::v1::sessions_client::SessionsClient<tonic::transport::Channel>,
+    req: pb::CreateSessionRequest,
+) -> anyhow::Result<(Duration, bool, pb::Session)> {
+    let t0 = Instant::now();
+    let s = client.create_session(req).await?.into_inner();
+    let mut warm = None;
+    let mut first = None;
+    collect_until(client, &s.name, 0, Duration::from_secs(60), |e| {
+        if e.r#type == "session.status_running" || e.r#type == "session.status_idle" {
+            warm = warm.or(payload(e)["warm"].as_bool());
+        }
+        if !e.r#type.starts_with("session.") && !e.r#type.starts_with("user.") {
+            first.get_or_insert_with(|| t0.elapsed());
+        }
+        first.is_some() && warm.is_some()
+    })
+    .await?;
+    let elapsed = first.ok_or_else(|| anyhow::anyhow!("no agent event"))?;
+    Ok((elapsed, warm.unwrap_or(false), s))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills() -> anyhow::Result<()> {
+    // The same image under a second name has no pool: it starts cold.
+    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    let cold_image = "berth-test-agent:cold";
+    let (repo, tag) = cold_image.split_once(':').unwrap_or((cold_image, "latest"));
+    docker
+        .tag_image(
+            TEST_IMAGE,
+            Some(bollard::query_parameters::TagImageOptionsBuilder::new().repo(repo).tag(tag).build()),
+        )
+        .await?;
+
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .capacity(10)
+        .warm_pool(&format!("{TEST_IMAGE}=3"))
+        .start()
+        .await?;
+    let node = cluster.nodes[0].id.clone();
+    let mut client = cluster.client();
+    let full = |n: &pb::Node| n.warm.iter().any(|w| w.image == TEST_IMAGE && w.ready == 3);
+    cluster.wait_node(0, Duration::from_secs(30), full).await?;
+
+    // Warm containers: no session label, no session env, as Docker sees them.
+    let spares = containers_with(&node, "berth.pool").await?;
+    assert_eq!(spares.len(), 3, "{spares:?}");
+
+    let mut warm_times = Vec::new();
+    let mut cold_times = Vec::new();
+    let mut secret = fake_session("echo hi");
+    secret
+        .spec
+        .as_mut()
+        .map(|s| s.env.insert("BERTH_TEST_SECRET".into(), "s3cr3t".into()));
+    for round in 0..3 {
+        let mut req = secret.clone();
+        req.initial_message = format!("echo warm {round}");
+        let (t, warm, s) = time_to_first_event(&mut client, req).await?;
+        assert!(warm, "session {} should have claimed a warm container", s.name);
+        warm_times.push(t);
+
+        let mut req = secret.clone();
+        req.initial_message = format!("echo cold {round}");
+        req.spec.as_mut().map(|s| s.image = cold_image.into());
+        let (t, warm, s) = time_to_first_event(&mut client, req).await?;
+        assert!(!warm, "session {} has no pool and must start cold", s.name);
+        cold_times.push(t);
+    }
+    let (warm_p50, cold_p50) = (median(warm_times.clone()), median(cold_times.clone()));
+    println!(
+        "time to first agent event: warm {warm_times:?} (median {warm_p50:?}), cold {cold_times:?} (median {cold_p50:?})"
+    );
+    assert!(warm_p50 < cold_p50, "warm {warm_p50:?} is not faster than cold {cold_p50:?}");
+
+    // Every container, spare or claimed, holds no session env: it enters at exec.
+    for id in containers_with(&node, "berth.managed=true").await? {
+        let (env, _) = inspect(&id).await?;
+        assert!(
+            !env.iter().any(|e| e.contains("BERTH_TEST_SECRET") || e.contains("s3cr3t")),
+            "container {id} carries session env: {env:?}"
+        );
+    }
+    // Spares carry no session label; cold starts do.
+    for id in containers_with(&node, "berth.pool").await? {
+        let (_, labels) = inspect(&id).await?;
+        assert!(!labels.contains_key("berth.session"), "spare {id} is labelled {labels:?}");
+    }
+
+    // The pool refills to its minimum after three claims.
+    cluster.wait_node(0, Duration::from_secs(30), full).await?;
+    cluster.shutdown().await?;
+    // Shutdown removes the spares too.
+    assert!(containers_with(&node, "berth.managed=true").await?.is_empty());
+    docker
+        .remove_image(cold_image, None::<bollard::query_parameters::RemoveImageOptions>, None)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_elsewhere()
+-> anyhow::Result<()> {
+    let lease = Duration::from_secs(1);
+    let cluster = TestCluster::builder().nodes(2).capacity(4).lease(lease).start().await?;
+    let mut client = cluster.client();
+    for i in 0..2 {
+        cluster.wait_node(i, Duration::from_secs(10), |n| n.state == pb::NodeState::Up as i32).await?;
+    }
+    let s = started_session(&mut client, fake_session("echo before the loss")).await?;
+    let lost = cluster
+        .nodes
+        .iter()
+        .position(|n| n.id == s.node)
+        .ok_or_else(|| anyhow::anyhow!("session on an unknown node {}", s.node))?;
+    let before = client
+        .list_events(pb::ListEventsRequest { name: s.name.clone(), page_size: 1000, ..Default::default() })
+        .await?
+        .into_inner()
+        .events;
+
+    // The node goes silent: connections stay open, nothing flows.
+    let t0 = Instant::now();
+    cluster.nodes[lost].proxy.set_paused(true);
+    let down = cluster
+        .wait_node(lost, lease * 4, |n| n.state == pb::NodeState::Down as i32)
+        .await?;
+    let noticed = t0.elapsed();
+    println!("silent node marked down after {noticed:?} (lease {lease:?}): {}", down.last_error);
+    assert!(noticed < lease + Duration::from_secs(1), "took {noticed:?}");
+    assert!(down.last_error.contains("lease"), "{}", down.last_error);
+
+    // Its session is rescheduled and runs on the other node.
+    let other = &cluster.nodes[1 - lost].id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let moved = loop {
+        let now = client
+            .get_session(pb::GetSessionRequest { name: s.name.clone() })
+            .await?
+            .into_inner();
+        if &now.node == other && now.status == pb::SessionStatus::Idle as i32 {
+            break now;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "session not moved: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(moved.epoch > s.epoch, "a new placement has a new epoch");
+    let after = client
+        .list_events(pb::ListEventsRequest { name: s.name.clone(), page_size: 1000, ..Default::default() })
+        .await?
+        .into_inner()
+        .events;
+    assert!(after.iter().any(|e| e.r#type == "session.status_rescheduling"));
+    // Everything persisted before the loss is there exactly once, unchanged.
+    assert_eq!(&after[..before.len()], &before[..]);
+    let seqs: Vec<i64> = after.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=after.len() as i64).collect::<Vec<_>>(), "gapless, no duplicates");
+    let mut ids: Vec<&str> = after.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), after.len(), "no event appears twice");
+
+    // The node comes back and is used again.
+    cluster.nodes[lost].proxy.set_paused(false);
+    cluster
+        .wait_node(lost, Duration::from_secs(15), |n| n.state == pb::NodeState::Up as i32)
+        .await?;
+    cluster.shutdown().await
+}
+
+/// A client of node 0 with `identity`, trusting `ca`, dialling it as `node-0`.
+async fn node_client(
+    cluster: &TestCluster,
+    ca: &str,
+    identity: Option<(String, String)>,
+    name: &str,
+) -> anyhow::Result<AgentServerClient<tonic::transport::Channel>> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(name);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://{}", cluster.nodes[0].addr))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(AgentServerClient::new(channel))
+}
+
+/// A status with every transport cause, where TLS alerts show.
+fn error_chain(status: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut out = format!("{status}");
+    let mut source = status.source();
+    while let Some(s) = source {
+        out.push_str(&format!(" <- {s:?}"));
+        source = s.source();
+    }
+    out
+}
+
+/// Whether a call failed in the transport (the TLS session was torn down)
+/// rather than with an answer from the server. Under TLS 1.3 the client
+/// learns of a rejected certificate on its first read: as the server's alert
+/// (`CertificateRequired`, `UnknownCA`) or as the connection closing.
+fn refused_by_transport(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    status
+        .source()
+        .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
+    // Node 1 has a certificate from another CA; node 2 presents node 0's name.
+    let stranger = DevCa::generate("another CA")?;
+    let stranger_cert = stranger.issue(CertKind::Node, &["node-1".into()])?;
+    let stranger_material = stranger.material(&stranger_cert);
+    let cluster = TestCluster::builder()
+        .nodes(3)
+        .configure_node(move |i, cfg, ca| match i {
+            1 => cfg.tls.material = Some(stranger_material.clone()),
+            2 => {
+                let wrong = ca.issue(CertKind::Node, &["node-0".into()]).expect("issue");
+                cfg.tls.material = Some(ca.material(&wrong));
+            }
+            _ => {}
+        })
+        .start()
+        .await?;
+    cluster.wait_node(0, Duration::from_secs(10), |n| n.state == pb::NodeState::Up as i32).await?;
+    let bad_ca = cluster
+        .wait_node(1, Duration::from_secs(10), |n| !n.last_error.is_empty())
+        .await?;
+    let bad_name = cluster
+        .wait_node(2, Duration::from_secs(10), |n| !n.last_error.is_empty())
+        .await?;
+    println!("node with another CA: {}\nnode with another's name: {}", bad_ca.last_error, bad_name.last_error);
+    assert_eq!(bad_ca.state, pb::NodeState::Down as i32);
+    assert!(bad_ca.last_error.contains("UnknownIssuer"), "{}", bad_ca.last_error);
+    assert!(!bad_ca.last_error.contains("not valid for name"), "{}", bad_ca.last_error);
+    assert_eq!(bad_name.state, pb::NodeState::Down as i32);
+    assert!(
+        bad_name.last_error.contains(r#"not valid for name "node-2""#),
+        "{}",
+        bad_name.last_error
+    );
+
+    // Sessions go only to the node that proved itself.
+    let mut client = cluster.client();
+    let s = started_session(&mut client, fake_session("echo hi")).await?;
+    assert_eq!(s.node, cluster.nodes[0].id);
+
+    let ca = cluster.ca.cert_pem.clone();
+    // No client certificate: refused at the handshake.
+    let mut anonymous = node_client(&cluster, &ca, None, "node-0").await?;
+    let err = anonymous.list_sessions(node_pb::ListNodeSessionsRequest {}).await.expect_err("anonymous");
+    assert!(refused_by_transport(&err), "{}", error_chain(&err));
+    // A certificate from another CA: refused at the handshake.
+    let other_client = stranger.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let mut forged = node_client(&cluster, &ca, Some((other_client.cert_pem, other_client.key_pem)), "node-0").await?;
+    let err = forged.list_sessions(node_pb::ListNodeSessionsRequest {}).await.expect_err("forged");
+    assert!(refused_by_transport(&err), "{}", error_chain(&err));
+    // The control: the same call with a dispatcher certificate from the CA works.
+    let dispatcher = cluster.ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let mut trusted = node_client(&cluster, &ca, Some((dispatcher.cert_pem, dispatcher.key_pem)), "node-0").await?;
+    let listed = trusted.list_sessions(node_pb::ListNodeSessionsRequest {}).await?.into_inner();
+    assert_eq!(listed.sessions.len(), 1);
+    // A client certificate from the right CA but not a dispatcher's: denied.
+    let user = cluster.ca.issue(CertKind::Client, &["alice".into()])?;
+    let mut alice = node_client(&cluster, &ca, Some((user.cert_pem, user.key_pem)), "node-0").await?;
+    let err = alice.list_sessions(node_pb::ListNodeSessionsRequest {}).await.expect_err("alice");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("alice"), "{}", err.message());
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().nodes(1).start().await?;
+    let dispatcher = cluster.ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let ca = cluster.ca.cert_pem.clone();
+    let mut node = node_client(&cluster, &ca, Some((dispatcher.cert_pem, dispatcher.key_pem)), "node-0").await?;
+    let session_id = uuid::Uuid::new_v4().to_string();
+    let start = |epoch: i64| {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let frame = node_pb::DispatcherFrame {
+            epoch,
+            kind: Some(node_pb::dispatcher_frame::Kind::Start(node_pb::Start {
+                session_id: session_id.clone(),
+                epoch,
+                spec: Some(node_pb::SessionSpec {
+                    image: TEST_IMAGE.into(),
+                    runtime: node_pb::Runtime::Jsonl as i32,
+                    runtime_args: vec!["sh".into(), "-c".into(), "sleep 600".into()],
+                    ..Default::default()
+                }),
+            })),
+        };
+        (tx, rx, frame)
+    };
+    let first_kind = |f: Option<Result<node_pb::NodeFrame, tonic::Status>>| match f {
+        Some(Ok(node_pb::NodeFrame { kind: Some(k), .. })) => Ok(k),
+        other => Err(anyhow::anyhow!("unexpected {other:?}")),
+    };
+
+    // Epoch 5 runs.
+    let (tx5, rx5, f5) = start(5);
+    tx5.send(f5).await?;
+    let mut run5 = node.run_session(tokio_stream::wrappers::ReceiverStream::new(rx5)).await?.into_inner();
+    let node_pb::node_frame::Kind::Accepted(a5) = first_kind(run5.next().await)? else {
+        anyhow::bail!("epoch 5 was not accepted");
+    };
+    // Epoch 4 is stale: refused, and epoch 5 keeps running.
+    let (tx4, rx4, f4) = start(4);
+    tx4.send(f4).await?;
+    let mut run4 = node.run_session(tokio_stream::wrappers::ReceiverStream::new(rx4)).await?.into_inner();
+    let node_pb::node_frame::Kind::Refused(r) = first_kind(run4.next().await)? else {
+        anyhow::bail!("epoch 4 was not refused");
+    };
+    assert!(r.reason.contains("epoch 5"), "{}", r.reason);
+    // Epoch 6 supersedes 5: the old run ends and its container goes.
+    let (tx6, rx6, f6) = start(6);
+    tx6.send(f6).await?;
+    let mut run6 = node.run_session(tokio_stream::wrappers::ReceiverStream::new(rx6)).await?.into_inner();
+    let node_pb::node_frame::Kind::Accepted(a6) = first_kind(run6.next().await)? else {
+        anyhow::bail!("epoch 6 was not accepted");
+    };
+    assert_ne!(a5.container_id, a6.container_id);
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(f) = run5.next().await {
+            if let Ok(node_pb::NodeFrame { kind: Some(node_pb::node_frame::Kind::Exited(x)), .. }) = f {
+                return Some(x);
+            }
+        }
+        None
+    })
+    .await?;
+    assert!(ended.is_some_and(|x| x.stopped), "the superseded run must end stopped");
+    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while docker
+        .inspect_container(&a5.container_id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .await
+        .is_ok()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "fenced container still exists");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A frame carrying a stale epoch on the live run is rejected and stops it.
+    tx6.send(node_pb::DispatcherFrame {
+        epoch: 5,
+        kind: Some(node_pb::dispatcher_frame::Kind::Message(node_pb::UserMessage { text: "hi".into(), seq: 1 })),
+    })
+    .await?;
+    let mut rejected = false;
+    while let Some(f) = tokio::time::timeout(Duration::from_secs(20), run6.next()).await? {
+        if let Err(status) = f {
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}");
+            assert!(status.message().contains("epoch 5"), "{}", status.message());
+            rejected = true;
+            break;
+        }
+    }
+    assert!(rejected, "the stale frame was not rejected");
+    drop((tx4, tx5, tx6));
+    cluster.shutdown().await
+}
