@@ -74,7 +74,11 @@ impl ContainerRuntime {
     /// Creates and starts a hardened container for `image`, running only the
     /// keep-alive process. Returns its id. Nothing session-specific goes in
     /// but the `berth.session` label of a cold start: env enters at exec.
-    pub async fn start_container(&self, image: &str, purpose: Purpose<'_>) -> Result<String, Error> {
+    pub async fn start_container(
+        &self,
+        image: &str,
+        purpose: Purpose<'_>,
+    ) -> Result<String, Error> {
         let cfg = &self.cfg;
         let mut labels = HashMap::from([
             (LABEL_MANAGED.to_string(), "true".to_string()),
@@ -230,7 +234,9 @@ impl ContainerRuntime {
             ),
             ("status".to_string(), vec!["running".to_string()]),
         ]);
-        let opts = ListContainersOptionsBuilder::new().filters(&filters).build();
+        let opts = ListContainersOptionsBuilder::new()
+            .filters(&filters)
+            .build();
         let list = self
             .docker
             .list_containers(Some(opts))

@@ -20,10 +20,10 @@ use std::sync::Arc;
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
 use berth_common::tls::{TlsMaterial, check_peer};
-use tonic::service::interceptor::InterceptedService;
 use berth_proto::node::v1::agent_server_server::AgentServerServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 
@@ -94,11 +94,9 @@ async fn serve(
     if let Some(tls) = &tls {
         builder = builder.tls_config(tls.server())?;
     }
-    let svc = InterceptedService::new(svc, move |req: tonic::Request<()>| {
-        match &allowed {
-            Some(allowed) => check_peer(&req, allowed).map(|()| req),
-            None => Ok(req),
-        }
+    let svc = InterceptedService::new(svc, move |req: tonic::Request<()>| match &allowed {
+        Some(allowed) => check_peer(&req, allowed).map(|()| req),
+        None => Ok(req),
     });
     tracing::info!(
         addr = %listener.local_addr()?,

@@ -24,7 +24,9 @@ fn capacity_for_memory(cfg: &Config) -> u32 {
     };
     sys.refresh_memory();
     let per = u64::try_from(cfg.memory_mib).unwrap_or(1).max(1) * 1024 * 1024;
-    let fits = u32::try_from(sys.total_memory() / per).unwrap_or(u32::MAX).max(1);
+    let fits = u32::try_from(sys.total_memory() / per)
+        .unwrap_or(u32::MAX)
+        .max(1);
     if fits < cfg.capacity {
         tracing::warn!(
             configured = cfg.capacity,
@@ -95,10 +97,13 @@ pub struct Slot {
 impl Node {
     pub fn new(cfg: Config, runtime: ContainerRuntime, shutdown: CancellationToken) -> Arc<Self> {
         let capacity = capacity_for_memory(&cfg);
-        let load = Arc::new(watch::channel(Load {
-            capacity,
-            ..Load::default()
-        }).0);
+        let load = Arc::new(
+            watch::channel(Load {
+                capacity,
+                ..Load::default()
+            })
+            .0,
+        );
         let pools = Pools::new(&cfg, runtime.clone(), load.clone(), shutdown.child_token());
         Arc::new(Self {
             cfg,

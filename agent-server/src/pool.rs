@@ -283,11 +283,11 @@ impl Pools {
     async fn start_one(&self, image: &str) -> Result<String, crate::error::Error> {
         let id = self.runtime.start_container(image, Purpose::Warm).await?;
         let check = &self.cfg.warm_health_cmd;
-        if !check.is_empty() {
-            if let Err(e) = self.runtime.check(&id, check).await {
-                self.runtime.remove(&id).await;
-                return Err(e);
-            }
+        if !check.is_empty()
+            && let Err(e) = self.runtime.check(&id, check).await
+        {
+            self.runtime.remove(&id).await;
+            return Err(e);
         }
         Ok(id)
     }
@@ -353,10 +353,19 @@ mod tests {
             })
         );
         assert_eq!(
-            "registry:5000/agent=3".parse::<PoolSpec>().map(|p| (p.min, p.max)),
+            "registry:5000/agent=3"
+                .parse::<PoolSpec>()
+                .map(|p| (p.min, p.max)),
             Ok((3, 3))
         );
-        for bad in ["agent", "=2", "agent=x", "agent=4:2", "agent=0", "agent=1:y"] {
+        for bad in [
+            "agent",
+            "=2",
+            "agent=x",
+            "agent=4:2",
+            "agent=0",
+            "agent=1:y",
+        ] {
             assert!(bad.parse::<PoolSpec>().is_err(), "{bad} should not parse");
         }
         assert_eq!("agent=0:4".parse::<PoolSpec>().map(|p| p.min), Ok(0));

@@ -247,10 +247,8 @@ async fn run_in_slot(
             }
         }
     }
-    if !killed {
-        if let Some(line) = lines.finish() {
-            emit(out, &mut *adapter, line).await;
-        }
+    if !killed && let Some(line) = lines.finish() {
+        emit(out, &mut *adapter, line).await;
     }
     drop(stdin_tx);
     stdin_task.abort();

@@ -1,11 +1,12 @@
 //! `berth`: the command-line client for a berth dispatcher.
 
+mod certs;
 mod render;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
+use berth_proto::v1::{self as pb, nodes_client::NodesClient, sessions_client::SessionsClient};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
@@ -39,6 +40,28 @@ enum Command {
     /// Inspect and control sessions.
     #[command(subcommand)]
     Sessions(SessionsCmd),
+    /// List the dispatcher's nodes (state, load, warm pools, sessions), or drain one.
+    Nodes(NodesArgs),
+    /// Make a development CA and mTLS certificates (no dispatcher needed).
+    #[command(subcommand)]
+    Certs(certs::CertsCmd),
+}
+
+#[derive(Args)]
+struct NodesArgs {
+    #[command(subcommand)]
+    command: Option<NodesCmd>,
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    /// List nodes (the default).
+    List,
+    /// Stop new placements on a node; its running sessions finish.
+    Drain {
+        /// The node's name, URL, host or address, as `berth nodes` shows them.
+        node: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -159,7 +182,7 @@ fn explain(dispatcher: &str, session: Option<&str>, status: tonic::Status) -> Cl
     CliError(msg)
 }
 
-async fn connect(dispatcher: &str) -> Result<SessionsClient<Channel>, CliError> {
+async fn connect(dispatcher: &str) -> Result<Channel, CliError> {
     let endpoint = Endpoint::from_shared(dispatcher.to_string())
         .map_err(|e| {
             CliError(format!(
@@ -172,15 +195,65 @@ async fn connect(dispatcher: &str) -> Result<SessionsClient<Channel>, CliError> 
             "cannot reach the dispatcher at {dispatcher}: is it running? Start it (see README) or set --dispatcher / BERTH_DISPATCHER"
         ))
     })?;
-    Ok(SessionsClient::new(channel)
-        .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES))
+    Ok(channel)
+}
+
+async fn nodes(
+    mut client: NodesClient<Channel>,
+    d: &str,
+    json: bool,
+    cmd: Option<NodesCmd>,
+) -> Result<(), CliError> {
+    match cmd.unwrap_or(NodesCmd::List) {
+        NodesCmd::List => {
+            let resp = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(|s| explain(d, None, s))?
+                .into_inner();
+            if json {
+                for n in &resp.nodes {
+                    println!("{}", render::node_json(n));
+                }
+            } else {
+                print!("{}", render::node_table(&resp.nodes));
+            }
+            Ok(())
+        }
+        NodesCmd::Drain { node } => {
+            let r = client
+                .drain_node(pb::DrainNodeRequest { node: node.clone() })
+                .await
+                .map_err(|s| explain(d, None, s))?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"node": node, "running": r.running})
+                );
+            } else {
+                println!(
+                    "{node} is draining; {} session(s) still running there",
+                    r.running
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let mut client = connect(&cli.dispatcher).await?;
+    if let Command::Certs(cmd) = cli.command {
+        return certs::run(cmd);
+    }
+    let channel = connect(&cli.dispatcher).await?;
+    let mut client = SessionsClient::new(channel.clone())
+        .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
     let d = cli.dispatcher.as_str();
     let json = cli.json;
     match cli.command {
+        Command::Certs(_) => Ok(()),
+        Command::Nodes(args) => nodes(NodesClient::new(channel), d, json, args.command).await,
         Command::Run(args) => run_session(&mut client, d, json, args).await,
         Command::Sessions(cmd) => match cmd {
             SessionsCmd::List {

@@ -26,7 +26,7 @@ fn time(t: &Option<prost_types::Timestamp>) -> String {
 }
 
 pub fn session_json(s: &pb::Session) -> String {
-    let u = s.usage.clone().unwrap_or_default();
+    let u = s.usage.unwrap_or_default();
     let spec = s.spec.clone().unwrap_or_default();
     json!({
         "name": s.name, "id": s.id, "display_name": s.display_name, "status": status_name(s.status),
@@ -59,7 +59,7 @@ pub fn session_line(s: &pb::Session) -> String {
 }
 
 pub fn session_details(s: &pb::Session) -> String {
-    let u = s.usage.clone().unwrap_or_default();
+    let u = s.usage.unwrap_or_default();
     let spec = s.spec.clone().unwrap_or_default();
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<20} {v}\n"));
@@ -164,4 +164,74 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
         other => format!("[{other}]"),
     };
     Some(text)
+}
+
+/// The lowercase node state name (`up`, `draining`, `down`).
+fn node_state(state: i32) -> String {
+    pb::NodeState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("NODE_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| format!("state({state})"))
+}
+
+pub fn node_json(n: &pb::Node) -> String {
+    json!({
+        "name": n.name, "url": n.url, "address": n.address, "state": node_state(n.state),
+        "capacity": n.capacity, "running": n.running, "inflight": n.inflight,
+        "warm": n.warm.iter().map(|w| json!({"image": w.image, "ready": w.ready})).collect::<Vec<_>>(),
+        "cpu_utilization": n.cpu_utilization, "memory_used_bytes": n.memory_used_bytes,
+        "memory_total_bytes": n.memory_total_bytes, "generation": n.generation,
+        "report_age_ms": n.report_age_ms, "last_error": n.last_error, "session_ids": n.session_ids,
+    })
+    .to_string()
+}
+
+/// A table of nodes, one per line, then each node's sessions and errors.
+pub fn node_table(nodes: &[pb::Node]) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "{:<24} {:<9} {:>9} {:>5} {:>5} {:>6}  {:<21} WARM\n",
+        "NAME", "STATE", "RUN/CAP", "MINE", "CPU", "MEM", "ADDRESS"
+    );
+    for n in nodes {
+        let warm = if n.warm.is_empty() {
+            "-".to_string()
+        } else {
+            n.warm
+                .iter()
+                .map(|w| format!("{}={}", w.image, w.ready))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mem = if n.memory_total_bytes > 0 {
+            format!(
+                "{:.0}%",
+                100.0 * n.memory_used_bytes as f64 / n.memory_total_bytes as f64
+            )
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:<9} {:>9} {:>5} {:>4.0}% {:>6}  {:<21} {}",
+            n.name,
+            node_state(n.state),
+            format!("{}/{}", n.running, n.capacity),
+            n.inflight,
+            100.0 * n.cpu_utilization,
+            mem,
+            n.address,
+            warm
+        );
+        if !n.last_error.is_empty() {
+            let _ = writeln!(out, "    error: {}", n.last_error);
+        }
+        for s in &n.session_ids {
+            let _ = writeln!(out, "    session {s}");
+        }
+    }
+    out
 }

@@ -212,7 +212,9 @@ impl DevCa {
     pub fn issue(&self, kind: CertKind, names: &[String]) -> anyhow::Result<Issued> {
         anyhow::ensure!(!names.is_empty(), "a certificate needs at least one name");
         let mut params = CertificateParams::new(names.to_vec())?;
-        params.distinguished_name.push(DnType::CommonName, &names[0]);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, &names[0]);
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -269,7 +271,10 @@ mod tests {
         let node = ca
             .issue(CertKind::Node, &["node-a".into(), "nodes.berth".into()])
             .expect("issue");
-        assert_eq!(cert_names(&der(&node.cert_pem)), ["node-a", "nodes.berth", "node-a"]);
+        assert_eq!(
+            cert_names(&der(&node.cert_pem)),
+            ["node-a", "nodes.berth", "node-a"]
+        );
 
         let reloaded = DevCa::load(&ca.cert_pem, &ca.key_pem()).expect("load");
         let client = reloaded

@@ -408,10 +408,10 @@ pub async fn listen(ctx: Arc<Ctx>, wake: Arc<tokio::sync::Notify>) {
             match n {
                 Ok(n) if n.channel() == crate::store::QUEUE_CHANNEL => wake.notify_one(),
                 Ok(n) => {
-                    if let Some((id, seq)) = n.payload().split_once(':') {
-                        if let (Ok(id), Ok(seq)) = (id.parse::<Uuid>(), seq.parse::<i64>()) {
-                            ctx.log.remote_append(id, seq);
-                        }
+                    if let Some((id, seq)) = n.payload().split_once(':')
+                        && let (Ok(id), Ok(seq)) = (id.parse::<Uuid>(), seq.parse::<i64>())
+                    {
+                        ctx.log.remote_append(id, seq);
                     }
                 }
                 Err(e) => {

@@ -141,5 +141,7 @@ pub async fn start_local_node(
     cfg.node_resolve
         .push((format!("local:{}", addr.port()), addr));
     tracing::info!(%addr, "AGENT_SERVERS is unset: running one node in process (mTLS, ephemeral CA)");
-    Ok(tokio::spawn(berth_agent_server::run(node_cfg, listener, shutdown)))
+    Ok(tokio::spawn(berth_agent_server::run(
+        node_cfg, listener, shutdown,
+    )))
 }

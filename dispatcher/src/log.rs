@@ -24,6 +24,9 @@ use crate::error::{Error, Result};
 use crate::session::{Event, NewEvent, StatusEvent, TurnUsage};
 use crate::store::{Store, Transitioned};
 
+/// An append waiting for the next batch, with whom to tell the result.
+type PendingAppend = (Uuid, NewEvent, Option<oneshot::Sender<Result<Event>>>);
+
 /// Most writes committed in one statement.
 const MAX_BATCH: usize = 1024;
 /// Events a live subscriber may fall behind before it reads from the store.
@@ -334,7 +337,7 @@ async fn writer(
         if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
             return;
         }
-        let mut appends: Vec<(Uuid, NewEvent, Option<oneshot::Sender<Result<Event>>>)> = Vec::new();
+        let mut appends: Vec<PendingAppend> = Vec::new();
         for op in ops.drain(..) {
             match op {
                 Op::Append {
@@ -380,7 +383,7 @@ async fn writer(
 async fn flush(
     store: &Store,
     hub: &Hub,
-    appends: &mut Vec<(Uuid, NewEvent, Option<oneshot::Sender<Result<Event>>>)>,
+    appends: &mut Vec<PendingAppend>,
     shutdown: &CancellationToken,
 ) {
     if appends.is_empty() {

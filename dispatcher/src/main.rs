@@ -22,11 +22,18 @@ async fn main() -> std::process::ExitCode {
             node_cfg.node_id = "local".into();
             node_cfg.capacity = cfg.local_capacity;
             node_cfg.log_format = cfg.log_format;
-            local_node = Some(berth_dispatcher::start_local_node(&mut cfg, node_cfg, shutdown.clone()).await?);
+            local_node = Some(
+                berth_dispatcher::start_local_node(&mut cfg, node_cfg, shutdown.clone()).await?,
+            );
         }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen / BERTH_LISTEN): {e}", cfg.listen))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {} (--listen / BERTH_LISTEN): {e}",
+                    cfg.listen
+                )
+            })?;
         let served = berth_dispatcher::run(cfg, listener, shutdown.clone()).await;
         shutdown.cancel();
         if let Some(node) = local_node {

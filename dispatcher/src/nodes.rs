@@ -44,7 +44,9 @@ impl NodeUrl {
         } else if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else {
-            anyhow::bail!("AGENT_SERVERS: `{url}` must start with https:// (or http:// with --insecure-plaintext)");
+            anyhow::bail!(
+                "AGENT_SERVERS: `{url}` must start with https:// (or http:// with --insecure-plaintext)"
+            );
         };
         let authority = rest.trim_end_matches('/');
         anyhow::ensure!(
@@ -221,7 +223,10 @@ impl Nodes {
     /// Resolves every URL, dials each address lazily and follows its load;
     /// re-resolves in the background.
     pub async fn start(cfg: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
-        anyhow::ensure!(!cfg.urls.is_empty(), "no agent-server nodes: set AGENT_SERVERS");
+        anyhow::ensure!(
+            !cfg.urls.is_empty(),
+            "no agent-server nodes: set AGENT_SERVERS"
+        );
         let nodes = Arc::new(Self {
             cfg,
             links: Mutex::new(Vec::new()),
@@ -276,8 +281,8 @@ impl Nodes {
         let mut links = lock(&self.links);
         let before = links.len();
         links.retain(|l| {
-            let keep = failed.contains(&&l.url)
-                || found.iter().any(|(u, a)| *u == l.url && *a == l.addr);
+            let keep =
+                failed.contains(&&l.url) || found.iter().any(|(u, a)| *u == l.url && *a == l.addr);
             if !keep {
                 tracing::info!(node = %l.key(), "node no longer resolves; dropping it");
                 l.gone.cancel();
@@ -323,9 +328,24 @@ impl Nodes {
         Ok(link)
     }
 
+    /// Links to place on: one per node. Two addresses of one node (a name
+    /// resolving to both 127.0.0.1 and ::1, say) report the same node id and
+    /// count once.
+    fn distinct_links(&self) -> Vec<Arc<NodeLink>> {
+        let mut seen = std::collections::HashSet::new();
+        lock(&self.links)
+            .iter()
+            .filter(|l| match l.report() {
+                Some(r) => seen.insert(r.node_id),
+                None => true,
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Free slots across live nodes, as this dispatcher sees them.
     pub fn free_slots(&self) -> u32 {
-        lock(&self.links)
+        self.distinct_links()
             .iter()
             .map(|l| l.snapshot(""))
             .filter(|s| s.up && !s.draining)
@@ -336,10 +356,10 @@ impl Nodes {
     /// Places a session for `image`, skipping `exclude`d link keys (nodes that
     /// already refused it). The slot is held until the returned value drops.
     pub fn place(self: &Arc<Self>, image: &str, exclude: &[String]) -> Option<Placed> {
-        let candidates: Vec<Arc<NodeLink>> = lock(&self.links)
-            .iter()
+        let candidates: Vec<Arc<NodeLink>> = self
+            .distinct_links()
+            .into_iter()
             .filter(|l| !exclude.contains(&l.key()))
-            .cloned()
             .collect();
         let snapshots: Vec<NodeSnapshot> = candidates.iter().map(|l| l.snapshot(image)).collect();
         let i = placement::choose(&snapshots, |n| fastrand::usize(..n))?;
@@ -383,7 +403,11 @@ impl Nodes {
 
 /// A lazily connecting client for one node address: TLS verifies the name
 /// in the URL, the connection goes to `addr`.
-fn dial(cfg: &FleetConfig, url: &NodeUrl, addr: SocketAddr) -> anyhow::Result<AgentServerClient<Channel>> {
+fn dial(
+    cfg: &FleetConfig,
+    url: &NodeUrl,
+    addr: SocketAddr,
+) -> anyhow::Result<AgentServerClient<Channel>> {
     let scheme = if url.tls { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -423,7 +447,11 @@ async fn watch_load(
                 .into_inner();
             loop {
                 match tokio::time::timeout(lease, stream.next()).await {
-                    Err(_) => return Err::<Never, _>(format!("load stream silent past its {lease:?} lease")),
+                    Err(_) => {
+                        return Err::<Never, _>(format!(
+                            "load stream silent past its {lease:?} lease"
+                        ));
+                    }
                     Ok(Some(Ok(report))) => {
                         if tx.borrow().is_none() {
                             tracing::info!(%node, node_id = %report.node_id, capacity = report.capacity, "node up");

@@ -33,7 +33,8 @@ fn admin_url() -> String {
 
 /// Adjusts one node's configuration before it starts: its index, its
 /// config, and the cluster's CA (to issue it other certificates).
-pub type NodeHook = std::sync::Arc<dyn Fn(usize, &mut berth_agent_server::Config, &DevCa) + Send + Sync>;
+pub type NodeHook =
+    std::sync::Arc<dyn Fn(usize, &mut berth_agent_server::Config, &DevCa) + Send + Sync>;
 
 /// Configures a [`TestCluster`].
 #[derive(Clone)]
@@ -129,7 +130,8 @@ impl Builder {
                 .iter()
                 .map(|p| p.parse().map_err(|e: String| anyhow::anyhow!(e)))
                 .collect::<anyhow::Result<_>>()?;
-            cfg.tls.material = Some(ca.material(&ca.issue(CertKind::Node, &[name.clone()])?));
+            cfg.tls.material =
+                Some(ca.material(&ca.issue(CertKind::Node, std::slice::from_ref(&name))?));
             if let Some(hook) = &self.node_hook {
                 hook(i, &mut cfg, &ca);
             }
@@ -297,7 +299,7 @@ impl TestCluster {
             n.proxy.set_paused(false);
         }
         self.shutdown.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             t.await??;
         }
         for n in &mut self.nodes {
@@ -313,6 +315,35 @@ impl TestCluster {
         .execute(&mut conn)
         .await?;
         Ok(())
+    }
+}
+
+impl Drop for TestCluster {
+    /// A test that fails before `shutdown` still leaves no containers: its
+    /// nodes' containers are removed through the docker CLI (Drop cannot await).
+    fn drop(&mut self) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        for n in &self.nodes {
+            let filter = format!("label=berth.node={}", n.id);
+            let Ok(out) = std::process::Command::new("docker")
+                .args(["ps", "-aq", "--filter", &filter])
+                .output()
+            else {
+                continue;
+            };
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            if !ids.is_empty() {
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "-fv"])
+                    .args(&ids)
+                    .output();
+            }
+        }
     }
 }
 

@@ -180,16 +180,17 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
         let initial_message = if r.initial_message.is_empty() {
             None
         } else {
-            Some(message_text(&r.initial_message).map_err(|_| {
-                Error::invalid(
-                    "initial_message",
-                    format!(
-                        "must be non-blank and at most {} bytes",
-                        limits::MESSAGE_BYTES
-                    ),
-                )
-            })?)
-            .map(String::from)
+            Some(String::from(message_text(&r.initial_message).map_err(
+                |_| {
+                    Error::invalid(
+                        "initial_message",
+                        format!(
+                            "must be non-blank and at most {} bytes",
+                            limits::MESSAGE_BYTES
+                        ),
+                    )
+                },
+            )?))
         };
         let timeout = match &r.timeout {
             None => None,

@@ -80,7 +80,8 @@ impl NodesApi for NodesService {
         &self,
         _: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let mut nodes = futures::future::join_all(self.nodes.links().into_iter().map(describe)).await;
+        let mut nodes =
+            futures::future::join_all(self.nodes.links().into_iter().map(describe)).await;
         nodes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.address.cmp(&b.address)));
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -95,7 +96,11 @@ impl NodesApi for NodesService {
         }
         let links = self.nodes.find(&name);
         let link = match links.as_slice() {
-            [] => return Err(Status::not_found(format!("node {name} not found; see ListNodes"))),
+            [] => {
+                return Err(Status::not_found(format!(
+                    "node {name} not found; see ListNodes"
+                )));
+            }
             [one] => one.clone(),
             many => {
                 return Err(Status::invalid_argument(format!(
@@ -107,8 +112,12 @@ impl NodesApi for NodesService {
         let mut client = link.client();
         let resp = tokio::time::timeout(NODE_CALL_TIMEOUT, client.drain(node_pb::DrainRequest {}))
             .await
-            .map_err(|_| Status::unavailable(format!("node {name} did not answer the drain in time")))?
-            .map_err(|s| Status::unavailable(format!("node {name} refused the drain: {}", s.message())))?;
+            .map_err(|_| {
+                Status::unavailable(format!("node {name} did not answer the drain in time"))
+            })?
+            .map_err(|s| {
+                Status::unavailable(format!("node {name} refused the drain: {}", s.message()))
+            })?;
         tracing::info!(node = %link.key(), "node draining on request");
         Ok(Response::new(pb::DrainNodeResponse {
             running: resp.into_inner().running,

@@ -18,7 +18,13 @@ async fn started_session(
     req: pb::CreateSessionRequest,
 ) -> anyhow::Result<pb::Session> {
     let s = client.create_session(req).await?.into_inner();
-    wait_for_status(client, &s.name, pb::SessionStatus::Idle, Duration::from_secs(60)).await
+    wait_for_status(
+        client,
+        &s.name,
+        pb::SessionStatus::Idle,
+        Duration::from_secs(60),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -27,7 +33,11 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
     let cluster = TestCluster::builder().nodes(3).capacity(30).start().await?;
     let mut client = cluster.client();
     for i in 0..3 {
-        cluster.wait_node(i, Duration::from_secs(10), |n| n.state == pb::NodeState::Up as i32).await?;
+        cluster
+            .wait_node(i, Duration::from_secs(10), |n| {
+                n.state == pb::NodeState::Up as i32
+            })
+            .await?;
     }
 
     // 30 sessions in three bursts of ten, all alive at the end.
@@ -44,27 +54,47 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
     }
     let mut per_node: HashMap<String, usize> = HashMap::new();
     for name in &names {
-        let s = wait_for_status(&mut client, name, pb::SessionStatus::Idle, Duration::from_secs(120)).await?;
+        let s = wait_for_status(
+            &mut client,
+            name,
+            pb::SessionStatus::Idle,
+            Duration::from_secs(120),
+        )
+        .await?;
         *per_node.entry(s.node).or_default() += 1;
     }
     let mean = names.len() as f64 / 3.0;
     let max = per_node.values().copied().max().unwrap_or(0) as f64;
-    println!("spread of 30 sessions over 3 nodes: {per_node:?} (max/mean {:.2})", max / mean);
+    println!(
+        "spread of 30 sessions over 3 nodes: {per_node:?} (max/mean {:.2})",
+        max / mean
+    );
     assert_eq!(per_node.len(), 3, "every node got sessions: {per_node:?}");
-    assert!(max <= 1.5 * mean, "max {max} > 1.5 x mean {mean}: {per_node:?}");
+    assert!(
+        max <= 1.5 * mean,
+        "max {max} > 1.5 x mean {mean}: {per_node:?}"
+    );
 
     // Drain node 2: the next sessions all go elsewhere.
     let drained = cluster.nodes[2].id.clone();
     cluster
         .nodes_client()
-        .drain_node(pb::DrainNodeRequest { node: drained.clone() })
+        .drain_node(pb::DrainNodeRequest {
+            node: drained.clone(),
+        })
         .await?;
     cluster
-        .wait_node(2, Duration::from_secs(5), |n| n.state == pb::NodeState::Draining as i32)
+        .wait_node(2, Duration::from_secs(5), |n| {
+            n.state == pb::NodeState::Draining as i32
+        })
         .await?;
     for _ in 0..6 {
         let s = started_session(&mut client, fake_session("echo after drain")).await?;
-        assert_ne!(s.node, drained, "a draining node received session {}", s.name);
+        assert_ne!(
+            s.node, drained,
+            "a draining node received session {}",
+            s.name
+        );
     }
     // Its running sessions were left alone.
     let status = cluster.node_status(2).await?;
@@ -73,7 +103,9 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
     // Unknown and ambiguous drains are precise errors.
     let err = cluster
         .nodes_client()
-        .drain_node(pb::DrainNodeRequest { node: "no-such-node".into() })
+        .drain_node(pb::DrainNodeRequest {
+            node: "no-such-node".into(),
+        })
         .await
         .expect_err("unknown node");
     assert_eq!(err.code(), tonic::Code::NotFound);
@@ -89,17 +121,27 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
 
 /// Docker's view of a container: its env and labels.
 async fn inspect(id: &str) -> anyhow::Result<(Vec<String>, HashMap<String, String>)> {
-    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    let docker = bollard::Docker::connect_with_local_defaults()?
+        .negotiate_version()
+        .await?;
     let info = docker
-        .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .inspect_container(
+            id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
         .await?;
     let config = info.config.unwrap_or_default();
-    Ok((config.env.unwrap_or_default(), config.labels.unwrap_or_default()))
+    Ok((
+        config.env.unwrap_or_default(),
+        config.labels.unwrap_or_default(),
+    ))
 }
 
 /// Containers of a node with a label (key or key=value).
 async fn containers_with(node_id: &str, label: &str) -> anyhow::Result<Vec<String>> {
-    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    let docker = bollard::Docker::connect_with_local_defaults()?
+        .negotiate_version()
+        .await?;
     let filters = HashMap::from([(
         "label".to_string(),
         vec![format!("berth.node={node_id}"), label.to_string()],
@@ -108,7 +150,12 @@ async fn containers_with(node_id: &str, label: &str) -> anyhow::Result<Vec<Strin
         .all(true)
         .filters(&filters)
         .build();
-    Ok(docker.list_containers(Some(opts)).await?.into_iter().filter_map(|c| c.id).collect())
+    Ok(docker
+        .list_containers(Some(opts))
+        .await?
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect())
 }
 
 /// Time from CreateSession to the first agent (runtime) event at the client,
@@ -141,15 +188,23 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills() -> anyhow::Result<()> {
+async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills()
+-> anyhow::Result<()> {
     // The same image under a second name has no pool: it starts cold.
-    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    let docker = bollard::Docker::connect_with_local_defaults()?
+        .negotiate_version()
+        .await?;
     let cold_image = "berth-test-agent:cold";
     let (repo, tag) = cold_image.split_once(':').unwrap_or((cold_image, "latest"));
     docker
         .tag_image(
             TEST_IMAGE,
-            Some(bollard::query_parameters::TagImageOptionsBuilder::new().repo(repo).tag(tag).build()),
+            Some(
+                bollard::query_parameters::TagImageOptionsBuilder::new()
+                    .repo(repo)
+                    .tag(tag)
+                    .build(),
+            ),
         )
         .await?;
 
@@ -171,20 +226,25 @@ async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills(
     let mut warm_times = Vec::new();
     let mut cold_times = Vec::new();
     let mut secret = fake_session("echo hi");
-    secret
-        .spec
-        .as_mut()
-        .map(|s| s.env.insert("BERTH_TEST_SECRET".into(), "s3cr3t".into()));
+    if let Some(spec) = secret.spec.as_mut() {
+        spec.env.insert("BERTH_TEST_SECRET".into(), "s3cr3t".into());
+    }
     for round in 0..3 {
         let mut req = secret.clone();
         req.initial_message = format!("echo warm {round}");
         let (t, warm, s) = time_to_first_event(&mut client, req).await?;
-        assert!(warm, "session {} should have claimed a warm container", s.name);
+        assert!(
+            warm,
+            "session {} should have claimed a warm container",
+            s.name
+        );
         warm_times.push(t);
 
         let mut req = secret.clone();
         req.initial_message = format!("echo cold {round}");
-        req.spec.as_mut().map(|s| s.image = cold_image.into());
+        if let Some(spec) = req.spec.as_mut() {
+            spec.image = cold_image.into();
+        }
         let (t, warm, s) = time_to_first_event(&mut client, req).await?;
         assert!(!warm, "session {} has no pool and must start cold", s.name);
         cold_times.push(t);
@@ -193,29 +253,44 @@ async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills(
     println!(
         "time to first agent event: warm {warm_times:?} (median {warm_p50:?}), cold {cold_times:?} (median {cold_p50:?})"
     );
-    assert!(warm_p50 < cold_p50, "warm {warm_p50:?} is not faster than cold {cold_p50:?}");
+    assert!(
+        warm_p50 < cold_p50,
+        "warm {warm_p50:?} is not faster than cold {cold_p50:?}"
+    );
 
     // Every container, spare or claimed, holds no session env: it enters at exec.
     for id in containers_with(&node, "berth.managed=true").await? {
         let (env, _) = inspect(&id).await?;
         assert!(
-            !env.iter().any(|e| e.contains("BERTH_TEST_SECRET") || e.contains("s3cr3t")),
+            !env.iter()
+                .any(|e| e.contains("BERTH_TEST_SECRET") || e.contains("s3cr3t")),
             "container {id} carries session env: {env:?}"
         );
     }
     // Spares carry no session label; cold starts do.
     for id in containers_with(&node, "berth.pool").await? {
         let (_, labels) = inspect(&id).await?;
-        assert!(!labels.contains_key("berth.session"), "spare {id} is labelled {labels:?}");
+        assert!(
+            !labels.contains_key("berth.session"),
+            "spare {id} is labelled {labels:?}"
+        );
     }
 
     // The pool refills to its minimum after three claims.
     cluster.wait_node(0, Duration::from_secs(30), full).await?;
     cluster.shutdown().await?;
     // Shutdown removes the spares too.
-    assert!(containers_with(&node, "berth.managed=true").await?.is_empty());
+    assert!(
+        containers_with(&node, "berth.managed=true")
+            .await?
+            .is_empty()
+    );
     docker
-        .remove_image(cold_image, None::<bollard::query_parameters::RemoveImageOptions>, None)
+        .remove_image(
+            cold_image,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
         .await?;
     Ok(())
 }
@@ -224,10 +299,19 @@ async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills(
 async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_elsewhere()
 -> anyhow::Result<()> {
     let lease = Duration::from_secs(1);
-    let cluster = TestCluster::builder().nodes(2).capacity(4).lease(lease).start().await?;
+    let cluster = TestCluster::builder()
+        .nodes(2)
+        .capacity(4)
+        .lease(lease)
+        .start()
+        .await?;
     let mut client = cluster.client();
     for i in 0..2 {
-        cluster.wait_node(i, Duration::from_secs(10), |n| n.state == pb::NodeState::Up as i32).await?;
+        cluster
+            .wait_node(i, Duration::from_secs(10), |n| {
+                n.state == pb::NodeState::Up as i32
+            })
+            .await?;
     }
     let s = started_session(&mut client, fake_session("echo before the loss")).await?;
     let lost = cluster
@@ -236,7 +320,11 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
         .position(|n| n.id == s.node)
         .ok_or_else(|| anyhow::anyhow!("session on an unknown node {}", s.node))?;
     let before = client
-        .list_events(pb::ListEventsRequest { name: s.name.clone(), page_size: 1000, ..Default::default() })
+        .list_events(pb::ListEventsRequest {
+            name: s.name.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .events;
@@ -248,7 +336,10 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
         .wait_node(lost, lease * 4, |n| n.state == pb::NodeState::Down as i32)
         .await?;
     let noticed = t0.elapsed();
-    println!("silent node marked down after {noticed:?} (lease {lease:?}): {}", down.last_error);
+    println!(
+        "silent node marked down after {noticed:?} (lease {lease:?}): {}",
+        down.last_error
+    );
     assert!(noticed < lease + Duration::from_secs(1), "took {noticed:?}");
     assert!(down.last_error.contains("lease"), "{}", down.last_error);
 
@@ -257,7 +348,9 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
     let deadline = Instant::now() + Duration::from_secs(30);
     let moved = loop {
         let now = client
-            .get_session(pb::GetSessionRequest { name: s.name.clone() })
+            .get_session(pb::GetSessionRequest {
+                name: s.name.clone(),
+            })
             .await?
             .into_inner();
         if &now.node == other && now.status == pb::SessionStatus::Idle as i32 {
@@ -268,15 +361,27 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
     };
     assert!(moved.epoch > s.epoch, "a new placement has a new epoch");
     let after = client
-        .list_events(pb::ListEventsRequest { name: s.name.clone(), page_size: 1000, ..Default::default() })
+        .list_events(pb::ListEventsRequest {
+            name: s.name.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .events;
-    assert!(after.iter().any(|e| e.r#type == "session.status_rescheduling"));
+    assert!(
+        after
+            .iter()
+            .any(|e| e.r#type == "session.status_rescheduling")
+    );
     // Everything persisted before the loss is there exactly once, unchanged.
     assert_eq!(&after[..before.len()], &before[..]);
     let seqs: Vec<i64> = after.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=after.len() as i64).collect::<Vec<_>>(), "gapless, no duplicates");
+    assert_eq!(
+        seqs,
+        (1..=after.len() as i64).collect::<Vec<_>>(),
+        "gapless, no duplicates"
+    );
     let mut ids: Vec<&str> = after.iter().map(|e| e.id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -285,7 +390,9 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
     // The node comes back and is used again.
     cluster.nodes[lost].proxy.set_paused(false);
     cluster
-        .wait_node(lost, Duration::from_secs(15), |n| n.state == pb::NodeState::Up as i32)
+        .wait_node(lost, Duration::from_secs(15), |n| {
+            n.state == pb::NodeState::Up as i32
+        })
         .await?;
     cluster.shutdown().await
 }
@@ -351,20 +458,37 @@ async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
         })
         .start()
         .await?;
-    cluster.wait_node(0, Duration::from_secs(10), |n| n.state == pb::NodeState::Up as i32).await?;
+    cluster
+        .wait_node(0, Duration::from_secs(10), |n| {
+            n.state == pb::NodeState::Up as i32
+        })
+        .await?;
     let bad_ca = cluster
         .wait_node(1, Duration::from_secs(10), |n| !n.last_error.is_empty())
         .await?;
     let bad_name = cluster
         .wait_node(2, Duration::from_secs(10), |n| !n.last_error.is_empty())
         .await?;
-    println!("node with another CA: {}\nnode with another's name: {}", bad_ca.last_error, bad_name.last_error);
+    println!(
+        "node with another CA: {}\nnode with another's name: {}",
+        bad_ca.last_error, bad_name.last_error
+    );
     assert_eq!(bad_ca.state, pb::NodeState::Down as i32);
-    assert!(bad_ca.last_error.contains("UnknownIssuer"), "{}", bad_ca.last_error);
-    assert!(!bad_ca.last_error.contains("not valid for name"), "{}", bad_ca.last_error);
+    assert!(
+        bad_ca.last_error.contains("UnknownIssuer"),
+        "{}",
+        bad_ca.last_error
+    );
+    assert!(
+        !bad_ca.last_error.contains("not valid for name"),
+        "{}",
+        bad_ca.last_error
+    );
     assert_eq!(bad_name.state, pb::NodeState::Down as i32);
     assert!(
-        bad_name.last_error.contains(r#"not valid for name "node-2""#),
+        bad_name
+            .last_error
+            .contains(r#"not valid for name "node-2""#),
         "{}",
         bad_name.last_error
     );
@@ -377,22 +501,49 @@ async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
     let ca = cluster.ca.cert_pem.clone();
     // No client certificate: refused at the handshake.
     let mut anonymous = node_client(&cluster, &ca, None, "node-0").await?;
-    let err = anonymous.list_sessions(node_pb::ListNodeSessionsRequest {}).await.expect_err("anonymous");
+    let err = anonymous
+        .list_sessions(node_pb::ListNodeSessionsRequest {})
+        .await
+        .expect_err("anonymous");
     assert!(refused_by_transport(&err), "{}", error_chain(&err));
     // A certificate from another CA: refused at the handshake.
     let other_client = stranger.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
-    let mut forged = node_client(&cluster, &ca, Some((other_client.cert_pem, other_client.key_pem)), "node-0").await?;
-    let err = forged.list_sessions(node_pb::ListNodeSessionsRequest {}).await.expect_err("forged");
+    let mut forged = node_client(
+        &cluster,
+        &ca,
+        Some((other_client.cert_pem, other_client.key_pem)),
+        "node-0",
+    )
+    .await?;
+    let err = forged
+        .list_sessions(node_pb::ListNodeSessionsRequest {})
+        .await
+        .expect_err("forged");
     assert!(refused_by_transport(&err), "{}", error_chain(&err));
     // The control: the same call with a dispatcher certificate from the CA works.
-    let dispatcher = cluster.ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
-    let mut trusted = node_client(&cluster, &ca, Some((dispatcher.cert_pem, dispatcher.key_pem)), "node-0").await?;
-    let listed = trusted.list_sessions(node_pb::ListNodeSessionsRequest {}).await?.into_inner();
+    let dispatcher = cluster
+        .ca
+        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let mut trusted = node_client(
+        &cluster,
+        &ca,
+        Some((dispatcher.cert_pem, dispatcher.key_pem)),
+        "node-0",
+    )
+    .await?;
+    let listed = trusted
+        .list_sessions(node_pb::ListNodeSessionsRequest {})
+        .await?
+        .into_inner();
     assert_eq!(listed.sessions.len(), 1);
     // A client certificate from the right CA but not a dispatcher's: denied.
     let user = cluster.ca.issue(CertKind::Client, &["alice".into()])?;
-    let mut alice = node_client(&cluster, &ca, Some((user.cert_pem, user.key_pem)), "node-0").await?;
-    let err = alice.list_sessions(node_pb::ListNodeSessionsRequest {}).await.expect_err("alice");
+    let mut alice =
+        node_client(&cluster, &ca, Some((user.cert_pem, user.key_pem)), "node-0").await?;
+    let err = alice
+        .list_sessions(node_pb::ListNodeSessionsRequest {})
+        .await
+        .expect_err("alice");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     assert!(err.message().contains("alice"), "{}", err.message());
     cluster.shutdown().await
@@ -401,9 +552,17 @@ async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().nodes(1).start().await?;
-    let dispatcher = cluster.ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let dispatcher = cluster
+        .ca
+        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
     let ca = cluster.ca.cert_pem.clone();
-    let mut node = node_client(&cluster, &ca, Some((dispatcher.cert_pem, dispatcher.key_pem)), "node-0").await?;
+    let mut node = node_client(
+        &cluster,
+        &ca,
+        Some((dispatcher.cert_pem, dispatcher.key_pem)),
+        "node-0",
+    )
+    .await?;
     let session_id = uuid::Uuid::new_v4().to_string();
     let start = |epoch: i64| {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -430,14 +589,20 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     // Epoch 5 runs.
     let (tx5, rx5, f5) = start(5);
     tx5.send(f5).await?;
-    let mut run5 = node.run_session(tokio_stream::wrappers::ReceiverStream::new(rx5)).await?.into_inner();
+    let mut run5 = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx5))
+        .await?
+        .into_inner();
     let node_pb::node_frame::Kind::Accepted(a5) = first_kind(run5.next().await)? else {
         anyhow::bail!("epoch 5 was not accepted");
     };
     // Epoch 4 is stale: refused, and epoch 5 keeps running.
     let (tx4, rx4, f4) = start(4);
     tx4.send(f4).await?;
-    let mut run4 = node.run_session(tokio_stream::wrappers::ReceiverStream::new(rx4)).await?.into_inner();
+    let mut run4 = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx4))
+        .await?
+        .into_inner();
     let node_pb::node_frame::Kind::Refused(r) = first_kind(run4.next().await)? else {
         anyhow::bail!("epoch 4 was not refused");
     };
@@ -445,25 +610,40 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     // Epoch 6 supersedes 5: the old run ends and its container goes.
     let (tx6, rx6, f6) = start(6);
     tx6.send(f6).await?;
-    let mut run6 = node.run_session(tokio_stream::wrappers::ReceiverStream::new(rx6)).await?.into_inner();
+    let mut run6 = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx6))
+        .await?
+        .into_inner();
     let node_pb::node_frame::Kind::Accepted(a6) = first_kind(run6.next().await)? else {
         anyhow::bail!("epoch 6 was not accepted");
     };
     assert_ne!(a5.container_id, a6.container_id);
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(f) = run5.next().await {
-            if let Ok(node_pb::NodeFrame { kind: Some(node_pb::node_frame::Kind::Exited(x)), .. }) = f {
+            if let Ok(node_pb::NodeFrame {
+                kind: Some(node_pb::node_frame::Kind::Exited(x)),
+                ..
+            }) = f
+            {
                 return Some(x);
             }
         }
         None
     })
     .await?;
-    assert!(ended.is_some_and(|x| x.stopped), "the superseded run must end stopped");
-    let docker = bollard::Docker::connect_with_local_defaults()?.negotiate_version().await?;
+    assert!(
+        ended.is_some_and(|x| x.stopped),
+        "the superseded run must end stopped"
+    );
+    let docker = bollard::Docker::connect_with_local_defaults()?
+        .negotiate_version()
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while docker
-        .inspect_container(&a5.container_id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .inspect_container(
+            &a5.container_id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
         .await
         .is_ok()
     {
@@ -473,7 +653,12 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     // A frame carrying a stale epoch on the live run is rejected and stops it.
     tx6.send(node_pb::DispatcherFrame {
         epoch: 5,
-        kind: Some(node_pb::dispatcher_frame::Kind::Message(node_pb::UserMessage { text: "hi".into(), seq: 1 })),
+        kind: Some(node_pb::dispatcher_frame::Kind::Message(
+            node_pb::UserMessage {
+                text: "hi".into(),
+                seq: 1,
+            },
+        )),
     })
     .await?;
     let mut rejected = false;
