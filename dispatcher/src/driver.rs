@@ -32,6 +32,9 @@ pub struct Ctx {
     /// This dispatcher's id, recorded as the owner of sessions it drives.
     pub owner: String,
     pub shutdown: CancellationToken,
+    /// Every running driver, so shutdown waits for each to record where its
+    /// session stands (re-queued for another dispatcher).
+    pub drivers: tokio_util::task::TaskTracker,
 }
 
 /// Runs a session from `starting` until its run ends.
@@ -97,14 +100,25 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
     let mut reasons: Vec<String> = Vec::new();
     loop {
         let Some(placed) = ctx.nodes.place(&session.spec.image, &refused) else {
+            // Every node is full, draining, down or refused: back to the
+            // queue (late binding never loses a session). The claim loop
+            // takes it again when a node reports free capacity.
             let why = if reasons.is_empty() {
                 "no node has free capacity".to_string()
             } else {
                 reasons.join("; ")
             };
-            return Err(Error::Internal(format!(
-                "no node could start the session: {why}"
-            )));
+            tracing::info!(%why, "no node could start the session; re-queued");
+            let reason = format!("re-queued: no node could start it ({why})");
+            ctx.log
+                .transition(
+                    session.id,
+                    StatusEvent::NodeLost,
+                    &reason,
+                    serde_json::json!({}),
+                )
+                .await?;
+            return Ok(None);
         };
         let url = placed.link.key();
         let (to_node, rx) = mpsc::channel(64);
@@ -359,7 +373,7 @@ pub async fn claim_loop(ctx: Arc<Ctx>, wake: Arc<tokio::sync::Notify>, poll: std
                 Ok(Some(session)) => {
                     free -= 1;
                     tracing::info!(session_id = %session.id, "claimed session");
-                    tokio::spawn(drive(ctx.clone(), session));
+                    ctx.drivers.spawn(drive(ctx.clone(), session));
                 }
                 Ok(None) => break,
                 Err(e) => {

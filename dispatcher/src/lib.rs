@@ -45,6 +45,7 @@ pub async fn run(
         nodes,
         owner: cfg.dispatcher_id.clone(),
         shutdown: shutdown.clone(),
+        drivers: tokio_util::task::TaskTracker::new(),
     });
     let wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(driver::listen(ctx.clone(), wake.clone()));
@@ -77,8 +78,23 @@ pub async fn run(
             shutdown.cancelled_owned(),
         )
         .await?;
+    // Each driver re-queues its session (status `rescheduling`) so another
+    // dispatcher picks it up; wait for them, within reason.
+    ctx.drivers.close();
+    if tokio::time::timeout(DRIVER_SHUTDOWN_GRACE, ctx.drivers.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = ctx.drivers.len(),
+            "sessions still being handed back at exit"
+        );
+    }
     Ok(())
 }
+
+/// How long shutdown waits for drivers to hand their sessions back.
+const DRIVER_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How to reach the nodes: URLs, TLS, static resolution, lease. Plaintext
 /// only with `--insecure-plaintext`; https needs the TLS files.

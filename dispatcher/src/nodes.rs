@@ -103,6 +103,8 @@ pub struct NodeLink {
     last_report: Mutex<Option<std::time::Instant>>,
     /// Why the node is down, if it is.
     last_error: Mutex<String>,
+    /// The node id it last reported, kept while it is down.
+    known_id: Mutex<Option<String>>,
     /// Sessions this dispatcher placed here that have not ended.
     inflight: AtomicU32,
     /// Cancelled when the address stops resolving.
@@ -125,12 +127,11 @@ impl NodeLink {
         format!("{}@{}", self.url.url, self.addr)
     }
 
-    /// The node's id as it reports it, or `host@addr` before its first report.
+    /// The node's id as it last reported it, or `host@addr` before its
+    /// first report.
     pub fn name(&self) -> String {
-        self.load
-            .borrow()
-            .as_ref()
-            .map(|r| r.node_id.clone())
+        lock(&self.known_id)
+            .clone()
             .unwrap_or_else(|| format!("{}@{}", self.url.host, self.addr))
     }
 
@@ -316,6 +317,7 @@ impl Nodes {
             load: rx,
             last_report: Mutex::new(None),
             last_error: Mutex::new(String::new()),
+            known_id: Mutex::new(None),
             inflight: AtomicU32::new(0),
             gone: self.shutdown.child_token(),
         });
@@ -458,6 +460,7 @@ async fn watch_load(
                             lock(&link.last_error).clear();
                         }
                         *lock(&link.last_report) = Some(std::time::Instant::now());
+                        *lock(&link.known_id) = Some(report.node_id.clone());
                         backoff = Duration::from_millis(100);
                         tx.send_replace(Some(report));
                         changed.notify_waiters();
