@@ -79,6 +79,12 @@ pub struct Config {
     #[arg(long, env = "BERTH_DISPATCHER_ID", default_value_t = default_id())]
     pub dispatcher_id: String,
 
+    /// A dispatcher that has not heartbeated (through Postgres) for this long,
+    /// in seconds, is gone: any other dispatcher re-queues its live sessions.
+    /// Heartbeats go every third of it.
+    #[arg(long, env = "BERTH_DISPATCHER_LEASE", value_parser = berth_agent_server::config::humantime_secs, default_value = "15")]
+    pub dispatcher_lease: Duration,
+
     /// How often the queue is polled when no NOTIFY wakes it, in seconds.
     #[arg(long, env = "BERTH_QUEUE_POLL", value_parser = berth_agent_server::config::humantime_secs, default_value = "1")]
     pub queue_poll: Duration,
@@ -110,6 +116,10 @@ impl Config {
         );
         anyhow::ensure!(!self.queue_poll.is_zero(), "--queue-poll must be positive");
         anyhow::ensure!(!self.node_lease.is_zero(), "--node-lease must be positive");
+        anyhow::ensure!(
+            self.dispatcher_lease >= Duration::from_secs(1),
+            "--dispatcher-lease must be at least 1 second"
+        );
         anyhow::ensure!(
             !self.node_resolve_interval.is_zero(),
             "--node-resolve-interval must be positive"

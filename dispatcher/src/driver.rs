@@ -42,12 +42,18 @@ pub async fn drive(ctx: Arc<Ctx>, session: Session) {
     let span = tracing::info_span!("session", session_id = %session.id, epoch = session.epoch);
     async move {
         if let Err(e) = run(&ctx, &session).await {
+            if let Error::Superseded { .. } = e {
+                // Another placement owns the session now; this run just ends.
+                tracing::info!(error = %e, "run superseded");
+                return;
+            }
             tracing::warn!(error = %e, "session run failed");
             let reason = e.to_string();
             if let Err(e) = ctx
                 .log
-                .transition(
+                .transition_at(
                     session.id,
+                    session.epoch,
                     StatusEvent::Failed,
                     &reason,
                     serde_json::json!({}),
@@ -82,8 +88,9 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
         .has_pending_input(session.id, session.input_seq)
         .await?;
     ctx.log
-        .transition(
+        .transition_at(
             session.id,
+            session.epoch,
             StatusEvent::Started { busy },
             "",
             serde_json::json!({"node": node, "epoch": session.epoch, "warm": link.warm}),
@@ -111,8 +118,9 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
             tracing::info!(%why, "no node could start the session; re-queued");
             let reason = format!("re-queued: no node could start it ({why})");
             ctx.log
-                .transition(
+                .transition_at(
                     session.id,
+                    session.epoch,
                     StatusEvent::NodeLost,
                     &reason,
                     serde_json::json!({}),
@@ -177,7 +185,13 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
             })) => {
                 let extra = serde_json::json!({"exit_code": x.exit_code, "stderr_tail": x.stderr_tail, "node": url});
                 ctx.log
-                    .transition(session.id, StatusEvent::Failed, &x.reason, extra)
+                    .transition_at(
+                        session.id,
+                        session.epoch,
+                        StatusEvent::Failed,
+                        &x.reason,
+                        extra,
+                    )
                     .await?;
                 return Ok(None);
             }
@@ -234,7 +248,7 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                             ctx.log.record_usage(id, turn_usage(u)).await?;
                             open_turns = open_turns.saturating_sub(1);
                             if open_turns == 0 {
-                                ctx.log.transition(id, StatusEvent::TurnEnded, "", serde_json::json!({})).await?;
+                                ctx.log.transition_at(id, epoch, StatusEvent::TurnEnded, "", serde_json::json!({})).await?;
                             }
                         }
                     }
@@ -242,8 +256,8 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                         let success = x.exit_code == 0;
                         let reason = if x.stopped { "user".to_string() } else { x.reason.clone() };
                         let extra = serde_json::json!({"exit_code": x.exit_code, "stderr_tail": x.stderr_tail, "detail": x.reason});
-                        match ctx.log.transition(id, StatusEvent::Exited { success, stopped: x.stopped }, &reason, extra).await {
-                            Ok(_) | Err(Error::Transition(_)) => {}
+                        match ctx.log.transition_at(id, epoch, StatusEvent::Exited { success, stopped: x.stopped }, &reason, extra).await {
+                            Ok(_) | Err(Error::Transition(_) | Error::Superseded { .. }) => {}
                             Err(e) => return Err(e),
                         }
                         return Ok(());
@@ -257,7 +271,7 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                     let why = match frame { Err(s) => s.message().to_string(), _ => "stream closed".into() };
                     tracing::warn!(node = %link.placed.link.key(), %why, "lost the node running this session; rescheduling");
                     let reason = format!("node link lost: {why}");
-                    ctx.log.transition(id, StatusEvent::NodeLost, &reason, serde_json::json!({})).await?;
+                    ctx.log.transition_at(id, epoch, StatusEvent::NodeLost, &reason, serde_json::json!({})).await?;
                     return Ok(());
                 }
             },
@@ -286,7 +300,7 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                             input_seq = e.seq;
                             ctx.store.set_input_seq(id, e.seq).await?;
                             if e.kind == ev::USER_MESSAGE && open_turns == 1 {
-                                ctx.log.transition(id, StatusEvent::TurnStarted, "", serde_json::json!({})).await?;
+                                ctx.log.transition_at(id, epoch, StatusEvent::TurnStarted, "", serde_json::json!({})).await?;
                             }
                         }
                     }
@@ -310,11 +324,11 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                 let why = link.placed.link.last_error();
                 tracing::warn!(%node, %why, "node down; rescheduling this session");
                 let reason = format!("node {node} down: {why}");
-                ctx.log.transition(id, StatusEvent::NodeLost, &reason, serde_json::json!({"node": node})).await?;
+                ctx.log.transition_at(id, epoch, StatusEvent::NodeLost, &reason, serde_json::json!({"node": node})).await?;
                 return Ok(());
             }
             () = ctx.shutdown.cancelled() => {
-                ctx.log.transition(id, StatusEvent::NodeLost, "dispatcher shut down", serde_json::json!({})).await?;
+                ctx.log.transition_at(id, epoch, StatusEvent::NodeLost, "dispatcher shut down", serde_json::json!({})).await?;
                 return Ok(());
             }
         }
@@ -431,6 +445,52 @@ pub async fn listen(ctx: Arc<Ctx>, wake: Arc<tokio::sync::Notify>) {
                 Err(e) => {
                     tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
                     break;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps this dispatcher's liveness row fresh and re-queues the sessions of
+/// dispatchers that stopped heartbeating (crashed without handing back).
+pub async fn liveness_loop(ctx: Arc<Ctx>, lease: std::time::Duration) {
+    let mut tick = tokio::time::interval(lease / 3);
+    loop {
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = ctx.store.heartbeat(&ctx.owner).await {
+            tracing::warn!(error = %e, "dispatcher heartbeat failed");
+            continue;
+        }
+        let orphans = match ctx.store.orphaned(lease).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for orphaned sessions failed");
+                continue;
+            }
+        };
+        for (id, epoch, owner) in orphans {
+            let reason = format!("dispatcher {owner} stopped heartbeating; re-queued");
+            match ctx
+                .log
+                .transition_at(
+                    id,
+                    epoch,
+                    StatusEvent::NodeLost,
+                    &reason,
+                    serde_json::json!({"owner": owner}),
+                )
+                .await
+            {
+                Ok(_) => {
+                    tracing::warn!(session_id = %id, %owner, "re-queued a session its dispatcher abandoned")
+                }
+                // Another dispatcher got there first, or it just ended.
+                Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(session_id = %id, error = %e, "could not re-queue an orphaned session")
                 }
             }
         }

@@ -21,6 +21,9 @@ pub enum Error {
     },
     #[error("the session changed concurrently; retry")]
     Conflict,
+    /// A write from a run (placement) that a newer placement has replaced.
+    #[error("session {id} has moved on to epoch {current}; this run (epoch {epoch}) is stale")]
+    Superseded { id: Uuid, epoch: i64, current: i64 },
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
     #[error("database unavailable: {0}")]
@@ -76,7 +79,7 @@ impl From<Error> for tonic::Status {
         match &e {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             Error::SessionNotFound(_) => Status::not_found(e.to_string()),
-            Error::WrongStatus { .. } | Error::Transition(_) => {
+            Error::WrongStatus { .. } | Error::Transition(_) | Error::Superseded { .. } => {
                 Status::failed_precondition(e.to_string())
             }
             Error::Conflict => Status::aborted(e.to_string()),

@@ -50,6 +50,7 @@ pub async fn run(
     let wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(driver::listen(ctx.clone(), wake.clone()));
     tokio::spawn(driver::claim_loop(ctx.clone(), wake, cfg.queue_poll));
+    tokio::spawn(driver::liveness_loop(ctx.clone(), cfg.dispatcher_lease));
 
     let (reporter, health, reflection) = health_and_reflection()?;
     reporter

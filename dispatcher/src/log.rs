@@ -107,6 +107,8 @@ enum Op {
     },
     Transition {
         session: Uuid,
+        /// Applies only while the session is at this epoch (fencing).
+        epoch: Option<i64>,
         event: StatusEvent,
         reason: String,
         extra: serde_json::Value,
@@ -181,9 +183,37 @@ impl EventLog {
         reason: &str,
         extra: serde_json::Value,
     ) -> Result<Transitioned> {
+        self.transition_op(session, None, event, reason, extra)
+            .await
+    }
+
+    /// A transition fenced by epoch: it applies only while the session is
+    /// still at `epoch`, so a superseded run cannot move the session of the
+    /// run that replaced it ([`Error::Superseded`] otherwise).
+    pub async fn transition_at(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        event: StatusEvent,
+        reason: &str,
+        extra: serde_json::Value,
+    ) -> Result<Transitioned> {
+        self.transition_op(session, Some(epoch), event, reason, extra)
+            .await
+    }
+
+    async fn transition_op(
+        &self,
+        session: Uuid,
+        epoch: Option<i64>,
+        event: StatusEvent,
+        reason: &str,
+        extra: serde_json::Value,
+    ) -> Result<Transitioned> {
         let (done, rx) = oneshot::channel();
         self.submit(Op::Transition {
             session,
+            epoch,
             event,
             reason: reason.to_string(),
             extra,
@@ -347,6 +377,7 @@ async fn writer(
                 } => appends.push((session, event, done)),
                 Op::Transition {
                     session,
+                    epoch,
                     event,
                     reason,
                     extra,
@@ -354,7 +385,7 @@ async fn writer(
                 } => {
                     flush(&store, &hub, &mut appends, &shutdown).await;
                     let r = retry(&shutdown, || {
-                        store.transition(session, event, &reason, extra.clone())
+                        store.transition(session, epoch, event, &reason, extra.clone())
                     })
                     .await;
                     if let Ok(Transitioned { event: Some(e), .. }) = &r {

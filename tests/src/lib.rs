@@ -153,6 +153,7 @@ impl Builder {
         cfg.agent_servers = nodes.iter().map(|n| n.url.clone()).collect();
         cfg.node_resolve = resolve;
         cfg.node_lease = self.lease;
+        cfg.dispatcher_lease = Duration::from_secs(2);
         cfg.tls.material =
             Some(ca.material(&ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.to_string()])?));
         cfg.queue_poll = Duration::from_millis(250);
@@ -175,6 +176,7 @@ impl Builder {
             nodes,
             ca,
             database,
+            database_url,
             shutdown,
             tasks,
         };
@@ -221,6 +223,8 @@ pub struct TestCluster {
     /// The CA every certificate of the cluster is signed by.
     pub ca: DevCa,
     pub database: String,
+    /// The cluster's own database, for tests that inspect or tamper with it.
+    pub database_url: String,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }

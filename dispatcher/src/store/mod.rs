@@ -172,12 +172,20 @@ impl Store {
     pub async fn transition(
         &self,
         id: Uuid,
+        epoch: Option<i64>,
         event: StatusEvent,
         reason: &str,
         extra: serde_json::Value,
     ) -> Result<Transitioned> {
         for _ in 0..8 {
             let current = self.get_session(id).await?;
+            if let Some(epoch) = epoch.filter(|e| *e != current.epoch) {
+                return Err(Error::Superseded {
+                    id,
+                    epoch,
+                    current: current.epoch,
+                });
+            }
             let to = current.status.transition(event)?;
             if to == current.status {
                 return Ok(Transitioned {
@@ -204,6 +212,7 @@ impl Store {
                 .bind(event_id)
                 .bind(&kind)
                 .bind(&payload)
+                .bind(current.epoch)
                 .fetch_optional(&self.pool)
                 .await?;
             if let Some(row) = row {
@@ -352,6 +361,23 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records that dispatcher `id` is alive.
+    pub async fn heartbeat(&self, id: &str) -> Result<()> {
+        sqlx::query(sql::HEARTBEAT)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Live sessions whose owning dispatcher missed its lease, with that owner.
+    pub async fn orphaned(&self, lease: std::time::Duration) -> Result<Vec<(Uuid, i64, String)>> {
+        Ok(sqlx::query_as(sql::ORPHANED_SESSIONS)
+            .bind(lease.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Keeps the first runtime session id the runtime reports.

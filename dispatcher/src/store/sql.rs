@@ -52,8 +52,9 @@ SELECT id FROM moved
 "#;
 
 /// Compare-and-set of a status, logging the change as an event.
-/// `status = $2`: the change applies only if nobody moved the session since
-/// the caller read it; no row back means the caller must re-read.
+/// `status = $2 AND epoch = $9`: the change applies only if nobody moved or
+/// re-placed the session since the caller read it; no row back means the
+/// caller must re-read.
 pub const TRANSITION: &str = r#"
 WITH moved AS (
     UPDATE sessions
@@ -62,7 +63,7 @@ WITH moved AS (
         end_time = CASE WHEN $5 THEN now() ELSE end_time END,
         node = CASE WHEN $5 THEN '' ELSE node END,
         owner = CASE WHEN $5 THEN '' ELSE owner END
-    WHERE id = $1 AND status = $2
+    WHERE id = $1 AND status = $2 AND epoch = $9
     RETURNING id, last_seq, pg_notify('berth_events', id::text || ':' || last_seq) IS NULL AS notified
 )
 INSERT INTO events (session_id, seq, id, type, payload)
@@ -130,3 +131,22 @@ pub const LIST_EVENTS: &str = "SELECT session_id, seq, id, type, create_time, pa
 /// Whether user input is waiting beyond the forwarded cursor.
 pub const PENDING_INPUT: &str = "SELECT EXISTS (SELECT 1 FROM events \
      WHERE session_id = $1 AND seq > $2 AND type = 'user.message')";
+
+/// Records that dispatcher $1 is alive.
+pub const HEARTBEAT: &str = r#"
+INSERT INTO dispatchers (id, heartbeat_time) VALUES ($1, now())
+ON CONFLICT (id) DO UPDATE SET heartbeat_time = now()
+"#;
+
+/// Live sessions whose owner has not heartbeated within $1 seconds: their
+/// dispatcher is gone. (`owner <> ''`: claimed sessions only.)
+pub const ORPHANED_SESSIONS: &str = r#"
+SELECT s.id, s.epoch, s.owner FROM sessions s
+WHERE s.status IN ('starting', 'running', 'idle', 'stopping')
+  AND s.owner <> ''
+  AND NOT EXISTS (
+      SELECT 1 FROM dispatchers d
+      WHERE d.id = s.owner AND d.heartbeat_time > now() - make_interval(secs => $1)
+  )
+LIMIT 1000
+"#;

@@ -674,3 +674,53 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     drop((tx4, tx5, tx6));
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_of_a_dispatcher_that_stopped_heartbeating_are_requeued() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().nodes(1).start().await?;
+    let mut client = cluster.client();
+    let s = started_session(&mut client, fake_session("echo hi")).await?;
+    // Hand the session to a dispatcher that never heartbeats, as if its
+    // owner had crashed.
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.database_url).await?;
+    sqlx::query("UPDATE sessions SET owner = 'ghost-dispatcher' WHERE id = $1::uuid")
+        .bind(&s.id)
+        .execute(&mut db)
+        .await?;
+    // Within the 2 s lease it is re-queued, claimed again and runs at a new epoch.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = client
+            .get_session(pb::GetSessionRequest {
+                name: s.name.clone(),
+            })
+            .await?
+            .into_inner();
+        if now.epoch > s.epoch && now.status == pb::SessionStatus::Idle as i32 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not re-queued: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = client
+        .list_events(pb::ListEventsRequest {
+            name: s.name.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    let requeued = events
+        .iter()
+        .find(|e| e.r#type == "session.status_rescheduling")
+        .ok_or_else(|| anyhow::anyhow!("no rescheduling event"))?;
+    assert!(
+        payload(requeued)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ghost-dispatcher")),
+        "{}",
+        requeued.payload_json
+    );
+    cluster.shutdown().await
+}
