@@ -56,11 +56,27 @@ impl NodeUrl {
         let uri: tonic::codegen::http::uri::Authority = authority
             .parse()
             .map_err(|e| anyhow::anyhow!("AGENT_SERVERS: `{url}` is not a valid URL: {e}"))?;
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let port = match uri.port() {
+            Some(p) => p.as_str().parse::<u16>().map_err(|_| {
+                anyhow::anyhow!(
+                    "AGENT_SERVERS: `{url}` has an invalid port `{}`",
+                    p.as_str()
+                )
+            })?,
+            None => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+        };
+        let host = uri.host().trim_matches(['[', ']']).to_string();
+        anyhow::ensure!(!host.is_empty(), "AGENT_SERVERS: `{url}` has no host");
         Ok(Self {
             url: url.to_string(),
             tls,
-            host: uri.host().trim_matches(['[', ']']).to_string(),
+            host,
             port,
         })
     }
@@ -511,4 +527,31 @@ fn describe(status: &tonic::Status) -> String {
         source = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_urls_parse_with_their_dial_name_and_port() {
+        let u = NodeUrl::parse("https://node-a.berth.svc:7443").expect("parse");
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (true, "node-a.berth.svc", 7443)
+        );
+        let u = NodeUrl::parse("https://node-b/").expect("parse");
+        assert_eq!((u.host.as_str(), u.port), ("node-b", 443));
+        let u = NodeUrl::parse("http://[::1]:7443").expect("parse");
+        assert_eq!((u.tls, u.host.as_str()), (false, "::1"));
+        for bad in [
+            "node-a:7443",
+            "ftp://node-a",
+            "https://node-a:7443/path",
+            "https://:x",
+        ] {
+            let e = NodeUrl::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("AGENT_SERVERS"), "{bad}: {e}");
+        }
+    }
 }

@@ -99,6 +99,28 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
     // Its running sessions were left alone.
     let status = cluster.node_status(2).await?;
     assert_eq!(status.running as usize, per_node[&drained]);
+    // And grpc.health.v1 on the node says NOT_SERVING for the node API.
+    let dispatcher = cluster
+        .ca
+        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let channel = Endpoint::from_shared(format!("https://{}", cluster.nodes[2].addr))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&cluster.ca.cert_pem))
+                .identity(Identity::from_pem(dispatcher.cert_pem, dispatcher.key_pem))
+                .domain_name("node-2"),
+        )?
+        .connect_lazy();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "berth.node.v1.AgentServer".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
 
     // Unknown and ambiguous drains are precise errors.
     let err = cluster
