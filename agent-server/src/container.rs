@@ -224,25 +224,8 @@ impl ContainerRuntime {
 
     /// Ids of this node's running warm (pool) containers.
     pub async fn running_warm(&self) -> Result<std::collections::HashSet<String>, Error> {
-        let filters = HashMap::from([
-            (
-                "label".to_string(),
-                vec![
-                    format!("{LABEL_NODE}={}", self.cfg.node_id),
-                    LABEL_POOL.to_string(),
-                ],
-            ),
-            ("status".to_string(), vec!["running".to_string()]),
-        ]);
-        let opts = ListContainersOptionsBuilder::new()
-            .filters(&filters)
-            .build();
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| Error::Docker(format!("list containers: {e}")))?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
+        let ids = self.list(&[LABEL_POOL.to_string()], true).await?;
+        Ok(ids.into_iter().collect())
     }
 
     /// The exit code of a finished exec, if Docker knows it.
@@ -276,15 +259,20 @@ impl ContainerRuntime {
 
     /// Ids of every container this node owns (running or not).
     pub async fn list_owned(&self) -> Result<Vec<String>, Error> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![
-                format!("{LABEL_MANAGED}=true"),
-                format!("{LABEL_NODE}={}", self.cfg.node_id),
-            ],
-        )]);
+        self.list(&[format!("{LABEL_MANAGED}=true")], false).await
+    }
+
+    /// Ids of this node's containers carrying every label in `labels`
+    /// (`key` or `key=value`); only running ones if `running_only`.
+    async fn list(&self, labels: &[String], running_only: bool) -> Result<Vec<String>, Error> {
+        let mut label_filter = vec![format!("{LABEL_NODE}={}", self.cfg.node_id)];
+        label_filter.extend_from_slice(labels);
+        let mut filters = HashMap::from([("label".to_string(), label_filter)]);
+        if running_only {
+            filters.insert("status".to_string(), vec!["running".to_string()]);
+        }
         let opts = ListContainersOptionsBuilder::new()
-            .all(true)
+            .all(!running_only)
             .filters(&filters)
             .build();
         let list = self

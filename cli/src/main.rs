@@ -354,14 +354,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     .await
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
-                println!(
-                    "{}",
-                    if json {
-                        serde_json::json!({"seq": r.seq}).to_string()
-                    } else {
-                        format!("sent (seq {})", r.seq)
-                    }
-                );
+                print_seq(json, "sent", r.seq);
                 Ok(())
             }
             SessionsCmd::Interrupt { session } => {
@@ -372,14 +365,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     .await
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
-                println!(
-                    "{}",
-                    if json {
-                        serde_json::json!({"seq": r.seq}).to_string()
-                    } else {
-                        format!("interrupted (seq {})", r.seq)
-                    }
-                );
+                print_seq(json, "interrupted", r.seq);
                 Ok(())
             }
             SessionsCmd::Stop { session } => {
@@ -401,6 +387,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
         },
+    }
+}
+
+/// Prints the seq a request was logged at.
+fn print_seq(json: bool, verb: &str, seq: i64) {
+    if json {
+        println!("{}", serde_json::json!({"seq": seq}));
+    } else {
+        println!("{verb} (seq {seq})");
     }
 }
 
