@@ -129,44 +129,34 @@ async fn run_in_slot(
     let cmd = adapter.command(&spec);
     // Warm first: a pop from the pool, then the exec. A claimed container
     // that died since its last check falls back to a cold start.
-    let mut warm = None;
-    if let Some(id) = node.pools.claim(&spec.image) {
+    let mut claimed = node.pools.claim(&spec.image);
+    let (container_id, guard, process, is_warm) = loop {
+        let warm = claimed.is_some();
+        let id = match claimed.take() {
+            Some(id) => id,
+            None => match runtime
+                .start_container(&spec.image, Purpose::Session(session_id))
+                .await
+            {
+                Ok(id) => id,
+                Err(e) => return Exit::failed(format!("container did not start: {e}")),
+            },
+        };
         node.set_container(slot, &id);
         let guard = ContainerGuard {
             runtime: runtime.clone(),
             id: Some(id.clone()),
         };
         match runtime.exec_agent(&id, cmd.clone(), spec.env_pairs()).await {
-            Ok(p) => warm = Some((id, guard, p)),
-            Err(e) => {
+            Ok(p) => break (id, guard, p, warm),
+            Err(e) if warm => {
                 tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");
                 node.pools.claimed_dead(&spec.image);
                 guard.remove().await;
             }
-        }
-    }
-    let is_warm = warm.is_some();
-    let (container_id, guard, process) = match warm {
-        Some(w) => w,
-        None => {
-            let id = match runtime
-                .start_container(&spec.image, Purpose::Session(session_id))
-                .await
-            {
-                Ok(id) => id,
-                Err(e) => return Exit::failed(format!("container did not start: {e}")),
-            };
-            node.set_container(slot, &id);
-            let guard = ContainerGuard {
-                runtime: runtime.clone(),
-                id: Some(id.clone()),
-            };
-            match runtime.exec_agent(&id, cmd, spec.env_pairs()).await {
-                Ok(p) => (id, guard, p),
-                Err(e) => {
-                    guard.remove().await;
-                    return Exit::failed(format!("agent did not start: {e}"));
-                }
+            Err(e) => {
+                guard.remove().await;
+                return Exit::failed(format!("agent did not start: {e}"));
             }
         }
     };

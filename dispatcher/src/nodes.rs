@@ -353,8 +353,9 @@ impl Nodes {
         let mut seen = std::collections::HashSet::new();
         lock(&self.links)
             .iter()
-            .filter(|l| match l.report() {
-                Some(r) => seen.insert(r.node_id),
+            // Placement runs this per session: borrow the report, don't copy it.
+            .filter(|l| match l.load.borrow().as_ref() {
+                Some(r) => seen.insert(r.node_id.clone()),
                 None => true,
             })
             .cloned()

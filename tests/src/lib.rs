@@ -470,12 +470,14 @@ pub async fn until_turn_ends(
     .await
 }
 
-/// Waits until the session reaches `status`.
-pub async fn wait_for_status(
+/// Waits until the session satisfies `pred`; `what` describes it for the
+/// error when it does not within `timeout`.
+pub async fn wait_for_session(
     client: &mut SessionsClient<Channel>,
     name: &str,
-    status: pb::SessionStatus,
     timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&pb::Session) -> bool,
 ) -> anyhow::Result<pb::Session> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -483,39 +485,77 @@ pub async fn wait_for_status(
             .get_session(pb::GetSessionRequest { name: name.into() })
             .await?
             .into_inner();
-        if s.status == status as i32 {
+        if pred(&s) {
             return Ok(s);
         }
         if tokio::time::Instant::now() > deadline {
             anyhow::bail!(
-                "session {name} is {:?} ({}), not {status:?}",
+                "session {name} is not {what} within {timeout:?}: {:?} ({}) on `{}` at epoch {}",
                 pb::SessionStatus::try_from(s.status),
-                s.status_reason
+                s.status_reason,
+                s.node,
+                s.epoch
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Containers Docker still has for a session (running or not).
-pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
-    let docker = bollard::Docker::connect_with_local_defaults()?
+/// Waits until the session reaches `status`.
+pub async fn wait_for_status(
+    client: &mut SessionsClient<Channel>,
+    name: &str,
+    status: pb::SessionStatus,
+    timeout: Duration,
+) -> anyhow::Result<pb::Session> {
+    wait_for_session(client, name, timeout, &format!("{status:?}"), |s| {
+        s.status == status as i32
+    })
+    .await
+}
+
+/// Every persisted event of a session (up to 1000), as ListEvents returns them.
+pub async fn events_of(
+    client: &mut SessionsClient<Channel>,
+    name: &str,
+) -> anyhow::Result<Vec<pb::Event>> {
+    Ok(client
+        .list_events(pb::ListEventsRequest {
+            name: name.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events)
+}
+
+/// The local Docker daemon, API version negotiated.
+pub async fn docker() -> anyhow::Result<bollard::Docker> {
+    Ok(bollard::Docker::connect_with_local_defaults()?
         .negotiate_version()
-        .await?;
-    let filters = std::collections::HashMap::from([(
-        "label".to_string(),
-        vec![format!("berth.session={session_id}")],
-    )]);
+        .await?)
+}
+
+/// Containers (running or not) carrying every label in `labels` (`key` or `key=value`).
+pub async fn containers_labelled(labels: &[String]) -> anyhow::Result<Vec<String>> {
+    let filters = std::collections::HashMap::from([("label".to_string(), labels.to_vec())]);
     let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
         .all(true)
         .filters(&filters)
         .build();
-    Ok(docker
+    Ok(docker()
+        .await?
         .list_containers(Some(opts))
         .await?
         .into_iter()
         .filter_map(|c| c.id)
         .collect())
+}
+
+/// Containers Docker still has for a session (running or not).
+pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
+    containers_labelled(&[format!("berth.session={session_id}")]).await
 }
 
 /// Parses an event's JSON payload.

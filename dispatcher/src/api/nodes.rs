@@ -104,7 +104,7 @@ impl NodesApi for NodesService {
             [one] => one.clone(),
             many => {
                 return Err(Status::invalid_argument(format!(
-                    "invalid node: `{name}` matches {} nodes; name one by its address",
+                    "invalid node: `{name}` matches {} nodes; name one by its address (see `berth nodes`)",
                     many.len()
                 )));
             }

@@ -8,7 +8,10 @@ use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
 use berth_proto::node::v1 as node_pb;
 use berth_proto::node::v1::agent_server_client::AgentServerClient;
 use berth_proto::v1 as pb;
-use berth_tests::{TEST_IMAGE, TestCluster, collect_until, fake_session, payload, wait_for_status};
+use berth_tests::{
+    TEST_IMAGE, TestCluster, collect_until, containers_labelled, docker, events_of, fake_session,
+    payload, wait_for_session, wait_for_status,
+};
 use futures::StreamExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -143,9 +146,7 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
 
 /// Docker's view of a container: its env and labels.
 async fn inspect(id: &str) -> anyhow::Result<(Vec<String>, HashMap<String, String>)> {
-    let docker = bollard::Docker::connect_with_local_defaults()?
-        .negotiate_version()
-        .await?;
+    let docker = docker().await?;
     let info = docker
         .inspect_container(
             id,
@@ -161,23 +162,7 @@ async fn inspect(id: &str) -> anyhow::Result<(Vec<String>, HashMap<String, Strin
 
 /// Containers of a node with a label (key or key=value).
 async fn containers_with(node_id: &str, label: &str) -> anyhow::Result<Vec<String>> {
-    let docker = bollard::Docker::connect_with_local_defaults()?
-        .negotiate_version()
-        .await?;
-    let filters = HashMap::from([(
-        "label".to_string(),
-        vec![format!("berth.node={node_id}"), label.to_string()],
-    )]);
-    let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
-        .all(true)
-        .filters(&filters)
-        .build();
-    Ok(docker
-        .list_containers(Some(opts))
-        .await?
-        .into_iter()
-        .filter_map(|c| c.id)
-        .collect())
+    containers_labelled(&[format!("berth.node={node_id}"), label.to_string()]).await
 }
 
 /// Time from CreateSession to the first agent (runtime) event at the client,
@@ -213,9 +198,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills()
 -> anyhow::Result<()> {
     // The same image under a second name has no pool: it starts cold.
-    let docker = bollard::Docker::connect_with_local_defaults()?
-        .negotiate_version()
-        .await?;
+    let docker = docker().await?;
     let cold_image = "berth-test-agent:cold";
     let (repo, tag) = cold_image.split_once(':').unwrap_or((cold_image, "latest"));
     docker
@@ -341,15 +324,7 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
         .iter()
         .position(|n| n.id == s.node)
         .ok_or_else(|| anyhow::anyhow!("session on an unknown node {}", s.node))?;
-    let before = client
-        .list_events(pb::ListEventsRequest {
-            name: s.name.clone(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events;
+    let before = events_of(&mut client, &s.name).await?;
 
     // The node goes silent: connections stay open, nothing flows.
     let t0 = Instant::now();
@@ -367,30 +342,16 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
 
     // Its session is rescheduled and runs on the other node.
     let other = &cluster.nodes[1 - lost].id;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let moved = loop {
-        let now = client
-            .get_session(pb::GetSessionRequest {
-                name: s.name.clone(),
-            })
-            .await?
-            .into_inner();
-        if &now.node == other && now.status == pb::SessionStatus::Idle as i32 {
-            break now;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "session not moved: {now:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let moved = wait_for_session(
+        &mut client,
+        &s.name,
+        Duration::from_secs(30),
+        "idle on the other node",
+        |now| &now.node == other && now.status == pb::SessionStatus::Idle as i32,
+    )
+    .await?;
     assert!(moved.epoch > s.epoch, "a new placement has a new epoch");
-    let after = client
-        .list_events(pb::ListEventsRequest {
-            name: s.name.clone(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events;
+    let after = events_of(&mut client, &s.name).await?;
     assert!(
         after
             .iter()
@@ -657,9 +618,7 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
         ended.is_some_and(|x| x.stopped),
         "the superseded run must end stopped"
     );
-    let docker = bollard::Docker::connect_with_local_defaults()?
-        .negotiate_version()
-        .await?;
+    let docker = docker().await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while docker
         .inspect_container(
@@ -710,29 +669,15 @@ async fn sessions_of_a_dispatcher_that_stopped_heartbeating_are_requeued() -> an
         .execute(&mut db)
         .await?;
     // Within the 2 s lease it is re-queued, claimed again and runs at a new epoch.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let now = client
-            .get_session(pb::GetSessionRequest {
-                name: s.name.clone(),
-            })
-            .await?
-            .into_inner();
-        if now.epoch > s.epoch && now.status == pb::SessionStatus::Idle as i32 {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "not re-queued: {now:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let events = client
-        .list_events(pb::ListEventsRequest {
-            name: s.name.clone(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events;
+    wait_for_session(
+        &mut client,
+        &s.name,
+        Duration::from_secs(20),
+        "idle at a new epoch",
+        |now| now.epoch > s.epoch && now.status == pb::SessionStatus::Idle as i32,
+    )
+    .await?;
+    let events = events_of(&mut client, &s.name).await?;
     let requeued = events
         .iter()
         .find(|e| e.r#type == "session.status_rescheduling")
