@@ -7,6 +7,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/berth/v1/sessions.proto",
+        "proto/berth/v1/agents.proto",
         "proto/berth/v1/nodes.proto",
         "proto/berth/node/v1/agent_server.proto",
     ];

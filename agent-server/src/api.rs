@@ -77,6 +77,10 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             reason: x.reason,
             stderr_tail: x.stderr_tail,
             stopped: x.stopped,
+            snapshot_key: x.snapshot.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            snapshot_bytes: x.snapshot.as_ref().map_or(0, |s| s.1 as i64),
+            snapshot_error: x.snapshot_error,
+            memory_errors: x.memory_errors,
         }),
     };
     pb::NodeFrame {
@@ -133,6 +137,7 @@ impl AgentServer for NodeApi {
             return Err(Error::invalid("start.session_id", "must not be empty").into());
         }
         let spec = SessionSpec::try_from(start.spec.unwrap_or_default())?;
+        spec.check_paths(&crate::workspace::Layout::new(&self.node.cfg))?;
         let epoch = start.epoch;
 
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
@@ -156,20 +161,20 @@ impl AgentServer for NodeApi {
                         let msg =
                             format!("frame carries epoch {}, this run is epoch {epoch}", f.epoch);
                         let _ = fence_tx.send(Err(Status::failed_precondition(msg))).await;
-                        Command::Stop("stale epoch".into())
+                        Command::Stop { reason: "stale epoch".into(), snapshot_key: String::new() }
                     }
                     Ok(Some(pb::DispatcherFrame {
                         kind: Some(kind), ..
                     })) => match kind {
                         dispatcher_frame::Kind::Message(m) => Command::Message(m.text),
                         dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
-                        dispatcher_frame::Kind::Stop(s) => Command::Stop(s.reason),
+                        dispatcher_frame::Kind::Stop(s) => Command::Stop { reason: s.reason, snapshot_key: s.snapshot_key },
                         dispatcher_frame::Kind::Start(_) => continue,
                     },
                     Ok(Some(_)) => continue,
                     Ok(None) | Err(_) => return,
                 };
-                let stop = matches!(cmd, Command::Stop(_));
+                let stop = matches!(cmd, Command::Stop { .. });
                 if cmd_tx.send(cmd).await.is_err() || stop {
                     return;
                 }

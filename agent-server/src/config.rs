@@ -38,6 +38,31 @@ pub struct Config {
     #[arg(long, env = "BERTH_WORKSPACE", default_value = "/workspace")]
     pub workspace: String,
 
+    /// The agent's home directory in the container: a second writable
+    /// volume. Its contents (Claude Code's session files, skills) are part of
+    /// every snapshot.
+    #[arg(long, env = "BERTH_AGENT_HOME", default_value = "/home/agent")]
+    pub home: String,
+
+    /// Where snapshots, memory stores and files are kept. Must be the store
+    /// the dispatcher uses.
+    #[command(flatten)]
+    pub objects: berth_common::objects::ObjectStoreArgs,
+
+    /// The git program used to clone git resources (on the node; containers
+    /// need neither git nor network).
+    #[arg(long, env = "BERTH_GIT", default_value = "git")]
+    pub git_bin: String,
+
+    /// Longest a git clone may take, in seconds.
+    #[arg(long, env = "BERTH_GIT_TIMEOUT", value_parser = humantime_secs, default_value = "120")]
+    pub git_timeout: Duration,
+
+    /// Largest volume archive read for a snapshot or memory store, in bytes
+    /// (uncompressed). A bigger workspace fails its snapshot with that reason.
+    #[arg(long, env = "BERTH_SNAPSHOT_MAX_BYTES", default_value_t = 1 << 30)]
+    pub snapshot_max_bytes: u64,
+
     /// Memory limit per container, in MiB (memory+swap is set to the same value).
     #[arg(long, env = "BERTH_CONTAINER_MEMORY_MIB", default_value_t = 2048)]
     pub memory_mib: i64,

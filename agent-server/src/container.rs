@@ -13,7 +13,7 @@ use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, UploadToContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures::Stream;
 use tokio::io::AsyncWrite;
@@ -104,12 +104,17 @@ impl ContainerRuntime {
                 "/tmp".to_string(),
                 "rw,nosuid,nodev,size=256m".to_string(),
             )])),
-            // An anonymous volume: writable, removed with the container (`v=true`).
-            mounts: Some(vec![Mount {
-                target: Some(cfg.workspace.clone()),
-                typ: Some(MountType::VOLUME),
-                ..Default::default()
-            }]),
+            // Anonymous volumes: writable, removed with the container (`v=true`).
+            mounts: Some(
+                [&cfg.workspace, &cfg.home]
+                    .into_iter()
+                    .map(|target| Mount {
+                        target: Some(target.clone()),
+                        typ: Some(MountType::VOLUME),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
             ..Default::default()
         };
         let body = ContainerCreateBody {
@@ -185,6 +190,55 @@ impl ContainerRuntime {
             Ok(StartExecResults::Detached) => Err(Error::Docker("exec started detached".into())),
             Err(e) => Err(Error::Docker(format!("start exec: {e}"))),
         }
+    }
+
+    /// Unpacks `tar` into `dir` (a volume: the root filesystem is read-only).
+    pub async fn upload_tar(&self, container_id: &str, dir: &str, tar: bytes::Bytes) -> Result<(), Error> {
+        let opts = UploadToContainerOptionsBuilder::new().path(dir).build();
+        self.docker
+            .upload_to_container(container_id, Some(opts), bollard::body_full(tar))
+            .await
+            .map_err(|e| Error::Docker(format!("copy into {dir}: {e}")))
+    }
+
+    /// A tar of `path` in the container (entries rooted at its basename), up
+    /// to `max_bytes`.
+    pub async fn download_tar(
+        &self,
+        container_id: &str,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<bytes::Bytes, Error> {
+        use futures::StreamExt;
+        let opts = DownloadFromContainerOptionsBuilder::new().path(path).build();
+        let mut stream = self.docker.download_from_container(container_id, Some(opts));
+        let mut out = bytes::BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::Docker(format!("copy out of {path}: {e}")))?;
+            if (out.len() + chunk.len()) as u64 > max_bytes {
+                return Err(Error::Docker(format!(
+                    "{path} holds more than {max_bytes} bytes (--snapshot-max-bytes)"
+                )));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Applies a session's own limits to a (warm) container before its agent
+    /// starts. Memory+swap follows memory, as at creation.
+    pub async fn update_limits(&self, container_id: &str, limits: &crate::spec::Limits) -> Result<(), Error> {
+        let body = bollard::models::ContainerUpdateBody {
+            memory: limits.memory_bytes,
+            memory_swap: limits.memory_bytes,
+            nano_cpus: limits.cpus.map(|c| (c * 1e9) as i64),
+            pids_limit: limits.pids,
+            ..Default::default()
+        };
+        self.docker
+            .update_container(container_id, body)
+            .await
+            .map_err(|e| Error::Docker(format!("apply limits: {e}")))
     }
 
     /// Runs `cmd` in the container to completion and checks it exits 0: the

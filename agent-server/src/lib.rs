@@ -15,6 +15,7 @@ pub mod node;
 pub mod pool;
 pub mod session;
 pub mod spec;
+pub mod workspace;
 
 use std::sync::Arc;
 
@@ -50,7 +51,9 @@ pub async fn run(
             "removed containers a previous run of this node left behind"
         );
     }
-    let node = node::Node::new(cfg, runtime, shutdown.child_token());
+    let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
+    tracing::info!(store = ?objects, "object store");
+    let node = node::Node::new(cfg, runtime, objects, shutdown.child_token());
     node.spawn_sampler();
     let pools = node.pools.spawn();
     let served = serve(node.clone(), listener, tls, shutdown).await;

@@ -75,6 +75,8 @@ pub enum Refusal {
 pub struct Node {
     pub cfg: Config,
     pub runtime: ContainerRuntime,
+    /// Snapshots, memory stores and files.
+    pub objects: berth_common::objects::ObjectStore,
     sessions: Mutex<HashMap<String, RunningSession>>,
     draining: AtomicBool,
     load: Arc<watch::Sender<Load>>,
@@ -95,7 +97,12 @@ pub struct Slot {
 }
 
 impl Node {
-    pub fn new(cfg: Config, runtime: ContainerRuntime, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        cfg: Config,
+        runtime: ContainerRuntime,
+        objects: berth_common::objects::ObjectStore,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let capacity = capacity_for_memory(&cfg);
         let load = Arc::new(
             watch::channel(Load {
@@ -108,6 +115,7 @@ impl Node {
         Arc::new(Self {
             cfg,
             runtime,
+            objects,
             sessions: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             load,

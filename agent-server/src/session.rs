@@ -26,7 +26,8 @@ use crate::spec::SessionSpec;
 pub enum Command {
     Message(String),
     Interrupt,
-    Stop(String),
+    /// Stop the agent; save a snapshot to `snapshot_key` first, if set.
+    Stop { reason: String, snapshot_key: String },
 }
 
 /// What the session reports back.
@@ -47,6 +48,10 @@ pub struct Exit {
     pub stderr_tail: String,
     /// The exit followed a stop request.
     pub stopped: bool,
+    /// The snapshot saved on the way out: key and compressed size.
+    pub snapshot: Option<(String, u64)>,
+    pub snapshot_error: String,
+    pub memory_errors: Vec<String>,
 }
 
 impl Exit {
@@ -56,6 +61,9 @@ impl Exit {
             reason: reason.into(),
             stderr_tail: String::new(),
             stopped: false,
+            snapshot: None,
+            snapshot_error: String::new(),
+            memory_errors: Vec::new(),
         }
     }
 }
@@ -147,7 +155,24 @@ async fn run_in_slot(
             runtime: runtime.clone(),
             id: Some(id.clone()),
         };
-        match runtime.exec_agent(&id, cmd.clone(), spec.env_pairs()).await {
+        // The session's own limits, then its resources: all before the agent
+        // runs, and a failure removes the container (never half-prepared).
+        let prepared = async {
+            if !spec.limits.is_default() {
+                runtime
+                    .update_limits(&id, &spec.limits)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            crate::workspace::prepare(&runtime, &node.objects, &node.cfg, &id, &spec).await
+        }
+        .await;
+        if let Err(reason) = prepared {
+            guard.remove().await;
+            tracing::info!(%reason, "session preparation failed");
+            return Exit::failed(format!("preparing the session failed: {reason}"));
+        }
+        match runtime.exec_agent(&id, cmd.clone(), env_with_home(&spec, &node.cfg)).await {
             Ok(p) => break (id, guard, p, warm),
             Err(e) if warm => {
                 tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");
@@ -181,6 +206,7 @@ async fn run_in_slot(
     let mut lines = LineBuffer::new(node.cfg.max_line_bytes);
     let mut stderr_tail: Vec<u8> = Vec::new();
     let mut stop_reason: Option<String> = None;
+    let mut snapshot_key = String::new();
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut killed = false;
 
@@ -213,7 +239,11 @@ async fn run_in_slot(
                 let bytes = match cmd {
                     Some(Command::Message(text)) => Some(adapter.encode_message(&text)),
                     Some(Command::Interrupt) => Some(adapter.encode_interrupt()),
-                    Some(Command::Stop(reason)) => { stop_reason = Some(reason); None }
+                    Some(Command::Stop { reason, snapshot_key: key }) => {
+                        stop_reason = Some(reason);
+                        snapshot_key = key;
+                        None
+                    }
                     None => { stop_reason = Some("dispatcher link lost".into()); None }
                 };
                 match (bytes, &stdin_tx) {
@@ -247,6 +277,26 @@ async fn run_in_slot(
     } else {
         runtime.exit_code(&process.exec_id).await
     };
+    // Save what the run asked to keep while the container still exists.
+    let mut snapshot = None;
+    let mut snapshot_error = String::new();
+    if !snapshot_key.is_empty() {
+        match crate::workspace::snapshot(&runtime, &node.objects, &node.cfg, &container_id, &snapshot_key).await {
+            Ok(bytes) => {
+                tracing::info!(key = %snapshot_key, bytes, "snapshot saved");
+                snapshot = Some((snapshot_key.clone(), bytes));
+            }
+            Err(e) => {
+                tracing::warn!(key = %snapshot_key, error = %e, "snapshot failed");
+                snapshot_error = e;
+            }
+        }
+    }
+    let memory_errors =
+        crate::workspace::write_back_memory(&runtime, &node.objects, &node.cfg, &container_id, &spec).await;
+    for e in &memory_errors {
+        tracing::warn!(error = %e, "memory store write-back failed");
+    }
     guard.remove().await;
 
     let stopped = stop_reason.is_some();
@@ -261,7 +311,20 @@ async fn run_in_slot(
         reason,
         stderr_tail: String::from_utf8_lossy(&stderr_tail).into_owned(),
         stopped,
+        snapshot,
+        snapshot_error,
+        memory_errors,
     }
+}
+
+/// The agent's env, with `HOME` at the node's home volume unless the session
+/// sets its own.
+fn env_with_home(spec: &SessionSpec, cfg: &crate::config::Config) -> Vec<String> {
+    let mut env = spec.env_pairs();
+    if !spec.env.contains_key("HOME") {
+        env.push(format!("HOME={}", cfg.home));
+    }
+    env
 }
 
 /// Decodes and sends one line. False when the dispatcher is gone.

@@ -4,6 +4,8 @@
 pub mod events;
 pub mod grpc;
 pub mod names;
+#[cfg(feature = "objects")]
+pub mod objects;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

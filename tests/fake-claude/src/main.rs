@@ -17,7 +17,16 @@
 //! | `hang`                  | never answers; an interrupt ends the turn                         |
 //! | `exit [CODE]`           | exits with CODE (default 0) without ending the turn               |
 //! | `replay PATH [MS]`      | writes the recorded transcript at PATH line by line, MS apart     |
+//! | `write PATH TEXT`       | writes TEXT to the file PATH (relative to the cwd), then replies  |
+//! | `read PATH`             | replies the file's contents, or `missing: PATH`                   |
+//! | `history`               | replies the conversation's earlier prompts, joined by ` | `        |
 //! | anything else           | replies `You said: …`                                             |
+//!
+//! Like the real CLI it keeps its conversation in
+//! `$HOME/.claude/projects/{cwd with / as -}/{session_id}.jsonl`, one prompt a
+//! line. `--resume ID` needs that file (else it exits 1 with the real CLI's
+//! "No conversation found" error), continues it, and reports a fresh session
+//! id, as the real CLI may.
 //!
 //! Every turn but `replay` (which carries its own) ends with a `result` line
 //! whose usage is deterministic: input tokens = bytes of the message, output
@@ -190,6 +199,9 @@ struct Agent {
     session_id: String,
     model: String,
     init_sent: bool,
+    /// Where the conversation is kept, and its earlier prompts.
+    transcript: std::path::PathBuf,
+    history: Vec<String>,
     /// Messages that arrived while a turn was running, answered in order.
     queued: std::collections::VecDeque<String>,
     eof: bool,
@@ -298,6 +310,25 @@ impl Agent {
         }
     }
 
+    /// Appends a prompt to the conversation file, as the real CLI keeps its sessions.
+    fn remember(&mut self, prompt: &str) {
+        self.history.push(prompt.to_string());
+        let line = json!({"type": "user", "prompt": prompt}).to_string();
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = self.transcript.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.transcript)?;
+            writeln!(f, "{line}")
+        };
+        if let Err(e) = write() {
+            eprintln!("fake-claude: cannot save the conversation: {e}");
+        }
+    }
+
     fn control_ack(&mut self, request_id: &str) {
         let ack = json!({"type": "control_response",
                          "response": {"subtype": "success", "request_id": request_id}});
@@ -403,8 +434,22 @@ impl Agent {
                 }
                 return true;
             }
+            "write" => {
+                let path = rest.first().copied().unwrap_or("out.txt");
+                let text = rest.get(1..).map(|w| w.join(" ")).unwrap_or_default();
+                match std::fs::write(path, &text) {
+                    Ok(()) => format!("wrote {} bytes to {path}", text.len()),
+                    Err(e) => format!("cannot write {path}: {e}"),
+                }
+            }
+            "read" => {
+                let path = rest.first().copied().unwrap_or("out.txt");
+                std::fs::read_to_string(path).unwrap_or_else(|_| format!("missing: {path}"))
+            }
+            "history" => self.history.join(" | "),
             _ => format!("You said: {prompt}"),
         };
+        self.remember(prompt);
         self.text(&reply);
         self.result(prompt, reply.len(), started, false);
         true
@@ -439,6 +484,18 @@ fn nonce() -> String {
     format!("{:x}{:x}", nanos, std::process::id())
 }
 
+/// `$HOME/.claude/projects/{cwd, / as -}/{id}.jsonl`, where the real CLI keeps sessions.
+fn transcript_path(id: &str) -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    let cwd = std::env::current_dir()
+        .map(|p| p.display().to_string().replace('/', "-"))
+        .unwrap_or_default();
+    std::path::Path::new(&home)
+        .join(".claude/projects")
+        .join(cwd)
+        .join(format!("{id}.jsonl"))
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -453,6 +510,22 @@ fn main() {
         (None, Some(id)) => id.clone(),
         (None, None) => format!("fake-{}", nonce()),
     };
+    // The conversation file is named by the first id: a resumed run keeps
+    // appending to the original, whatever id it reports.
+    let conversation_id = args.resume.clone().unwrap_or_else(|| session_id.clone());
+    let transcript = transcript_path(&conversation_id);
+    let history = match (&args.resume, std::fs::read_to_string(&transcript)) {
+        (_, Ok(body)) => body
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["prompt"].as_str().map(String::from))
+            .collect(),
+        (Some(id), Err(_)) => {
+            eprintln!("No conversation found with session ID: {id}");
+            std::process::exit(1);
+        }
+        (None, Err(_)) => Vec::new(),
+    };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || read_stdin(tx));
     let mut agent = Agent {
@@ -461,6 +534,8 @@ fn main() {
         session_id,
         model: args.model,
         init_sent: false,
+        transcript,
+        history,
         queued: Default::default(),
         eof: false,
     };

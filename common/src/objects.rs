@@ -1,0 +1,381 @@
+//! The object-store seam: snapshots, memory stores and uploaded files.
+//!
+//! Two backends behind one type:
+//! - S3 through aws-sdk-s3: custom endpoint, path-style addressing and
+//!   checksums only "when required", so S3-compatible servers (MinIO, Ceph,
+//!   s3s) work as well as AWS;
+//! - a local directory, the default when no bucket is configured. A dispatcher
+//!   and the nodes it drives must see the same store: a shared directory works
+//!   only when they share a filesystem (one machine); a fleet needs S3.
+//!
+//! Keys (ARCHITECTURE.md §7): `sessions/{id}/snapshots/{n}.tar.zst`,
+//! `agents/{id}/memory/{store}.tar.zst`, `files/{id}`.
+
+use std::path::{Path, PathBuf};
+
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+
+/// Why an object operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("bad object key `{0}`: keys are relative, `/`-separated, without `.` or `..` segments")]
+    BadKey(String),
+    #[error("object store: {0}")]
+    Backend(String),
+    #[error("object store configuration: {0}")]
+    Config(String),
+}
+
+type Result<T> = std::result::Result<T, ObjectError>;
+
+/// Where objects live. `--s3-bucket` selects S3; otherwise `--objects-dir`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ObjectStoreArgs {
+    /// Directory of the local object store, used when no S3 bucket is set.
+    #[arg(long, env = "BERTH_OBJECTS_DIR", default_value = ".berth/objects")]
+    pub objects_dir: PathBuf,
+    /// S3 bucket for snapshots, memory stores and files. Setting it selects S3.
+    #[arg(long, env = "BERTH_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3 endpoint URL, for S3-compatible servers (e.g. `http://minio:9000`).
+    /// Unset: AWS's endpoint for the region.
+    #[arg(long, env = "BERTH_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "BERTH_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Prefix prepended to every key, to share a bucket (e.g. `berth/`).
+    #[arg(long, env = "BERTH_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<String>,
+}
+
+impl Default for ObjectStoreArgs {
+    fn default() -> Self {
+        Self {
+            objects_dir: PathBuf::from(".berth/objects"),
+            s3_bucket: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".into(),
+            s3_prefix: String::new(),
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+        }
+    }
+}
+
+/// An object store: S3 or a local directory.
+#[derive(Clone)]
+pub enum ObjectStore {
+    Local(PathBuf),
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        prefix: String,
+    },
+}
+
+impl std::fmt::Debug for ObjectStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(dir) => write!(f, "local directory {}", dir.display()),
+            Self::S3 { bucket, prefix, .. } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+impl ObjectStore {
+    /// Opens the store `args` describe.
+    pub fn open(args: &ObjectStoreArgs) -> Result<Self> {
+        let Some(bucket) = args.s3_bucket.clone().filter(|b| !b.is_empty()) else {
+            std::fs::create_dir_all(&args.objects_dir).map_err(|e| {
+                ObjectError::Config(format!(
+                    "cannot create --objects-dir {}: {e}",
+                    args.objects_dir.display()
+                ))
+            })?;
+            let dir = args
+                .objects_dir
+                .canonicalize()
+                .unwrap_or_else(|_| args.objects_dir.clone());
+            return Ok(Self::Local(dir));
+        };
+        let (Some(key_id), Some(secret)) = (&args.s3_access_key_id, &args.s3_secret_access_key)
+        else {
+            return Err(ObjectError::Config(
+                "--s3-bucket needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
+            ));
+        };
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut cfg = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(args.s3_region.clone()))
+            .credentials_provider(Credentials::new(
+                key_id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "berth-static",
+            ))
+            .http_client(http)
+            // S3-compatible servers: bucket in the path, and checksums only
+            // where the API requires them.
+            .force_path_style(true)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(endpoint) = args.s3_endpoint.as_ref().filter(|e| !e.is_empty()) {
+            cfg = cfg.endpoint_url(endpoint.clone());
+        }
+        Ok(Self::S3 {
+            client: aws_sdk_s3::Client::from_conf(cfg.build()),
+            bucket,
+            prefix: args.s3_prefix.clone(),
+        })
+    }
+
+    /// Stores `body` at `key`, replacing what was there.
+    pub async fn put(&self, key: &str, body: Bytes) -> Result<()> {
+        check_key(key)?;
+        match self {
+            Self::Local(dir) => {
+                let path = dir.join(key);
+                let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+                let write = async {
+                    if let Some(parent) = path.parent() {
+                        tokio::fs::create_dir_all(parent).await?;
+                    }
+                    tokio::fs::write(&tmp, &body).await?;
+                    // Readers see the old object or the new one, never half.
+                    tokio::fs::rename(&tmp, &path).await
+                };
+                write.await.map_err(|e| backend("put", key, e))
+            }
+            Self::S3 {
+                client,
+                bucket,
+                prefix,
+            } => client
+                .put_object()
+                .bucket(bucket)
+                .key(format!("{prefix}{key}"))
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| backend("put", key, aws_sdk_s3::error::DisplayErrorContext(e))),
+        }
+    }
+
+    /// The object at `key`, or `None` when there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        check_key(key)?;
+        match self {
+            Self::Local(dir) => match tokio::fs::read(dir.join(key)).await {
+                Ok(b) => Ok(Some(Bytes::from(b))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(backend("get", key, e)),
+            },
+            Self::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let out = match client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(format!("{prefix}{key}"))
+                    .send()
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        return Err(backend("get", key, aws_sdk_s3::error::DisplayErrorContext(e)));
+                    }
+                };
+                let body = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| backend("read", key, e))?;
+                Ok(Some(body.into_bytes()))
+            }
+        }
+    }
+
+    /// Keys under `prefix`, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        match self {
+            Self::Local(dir) => {
+                let root = dir.clone();
+                let prefix = prefix.to_string();
+                tokio::task::spawn_blocking(move || list_local(&root, &prefix))
+                    .await
+                    .map_err(|e| ObjectError::Backend(e.to_string()))?
+            }
+            Self::S3 {
+                client,
+                bucket,
+                prefix: base,
+            } => {
+                let mut keys = Vec::new();
+                let mut token = None;
+                loop {
+                    let out = client
+                        .list_objects_v2()
+                        .bucket(bucket)
+                        .prefix(format!("{base}{prefix}"))
+                        .set_continuation_token(token)
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            backend("list", prefix, aws_sdk_s3::error::DisplayErrorContext(e))
+                        })?;
+                    keys.extend(
+                        out.contents()
+                            .iter()
+                            .filter_map(|o| o.key())
+                            .filter_map(|k| k.strip_prefix(base.as_str()))
+                            .map(String::from),
+                    );
+                    match out.next_continuation_token() {
+                        Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                        _ => break,
+                    }
+                }
+                keys.sort();
+                Ok(keys)
+            }
+        }
+    }
+
+    /// Removes `key`; removing a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        match self {
+            Self::Local(dir) => match tokio::fs::remove_file(dir.join(key)).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(backend("delete", key, e)),
+            },
+            Self::S3 {
+                client,
+                bucket,
+                prefix,
+            } => client
+                .delete_object()
+                .bucket(bucket)
+                .key(format!("{prefix}{key}"))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| backend("delete", key, aws_sdk_s3::error::DisplayErrorContext(e))),
+        }
+    }
+
+    /// Removes every object under `prefix`; returns how many there were.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<u64> {
+        let keys = self.list(prefix).await?;
+        for key in &keys {
+            self.delete(key).await?;
+        }
+        Ok(keys.len() as u64)
+    }
+}
+
+/// Keys are relative paths with no empty, `.` or `..` segments, so a local
+/// store can never be led outside its directory.
+fn check_key(key: &str) -> Result<()> {
+    let ok = !key.is_empty()
+        && key.len() <= 1024
+        && !key.contains('\0')
+        && key
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(ObjectError::BadKey(key.to_string()))
+    }
+}
+
+fn backend(op: &str, key: &str, e: impl std::fmt::Display) -> ObjectError {
+    ObjectError::Backend(format!("{op} `{key}`: {e}"))
+}
+
+fn list_local(root: &Path, prefix: &str) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(backend("list", prefix, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| backend("list", prefix, e))?;
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(rel) = path.strip_prefix(root) {
+                let key = rel.to_string_lossy().replace('\\', "/");
+                // In-flight writes are not objects yet.
+                if key.starts_with(prefix) && !key.contains(".tmp-") {
+                    keys.push(key);
+                }
+            }
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape_the_store() {
+        for bad in ["", "/etc/passwd", "a/../../b", "a//b", "./a", "a/.", "a\0b"] {
+            assert!(check_key(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["files/1", "sessions/x/snapshots/1.tar.zst", "a.b/c..d"] {
+            assert!(check_key(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_local_store_puts_gets_lists_and_deletes() {
+        let dir = std::env::temp_dir().join(format!("berth-objects-{}", std::process::id()));
+        let store = ObjectStore::open(&ObjectStoreArgs {
+            objects_dir: dir.clone(),
+            ..Default::default()
+        })
+        .expect("open");
+        store.put("a/1", Bytes::from_static(b"one")).await.expect("put");
+        store.put("a/2", Bytes::from_static(b"two")).await.expect("put");
+        store.put("b/1", Bytes::from_static(b"x")).await.expect("put");
+        assert_eq!(store.get("a/1").await.expect("get").as_deref(), Some(&b"one"[..]));
+        assert_eq!(store.get("a/3").await.expect("get"), None);
+        assert_eq!(store.list("a/").await.expect("list"), ["a/1", "a/2"]);
+        assert_eq!(store.delete_prefix("a/").await.expect("delete"), 2);
+        assert!(store.list("a/").await.expect("list").is_empty());
+        store.delete("a/1").await.expect("deleting a missing object is fine");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
