@@ -1,6 +1,7 @@
 //! `berth`: the command-line client for a berth dispatcher.
 
 mod certs;
+mod durable;
 mod render;
 
 use std::collections::HashMap;
@@ -40,6 +41,12 @@ enum Command {
     /// Inspect and control sessions.
     #[command(subcommand)]
     Sessions(SessionsCmd),
+    /// Create, version and archive agents (session templates).
+    #[command(subcommand)]
+    Agents(durable::AgentsCmd),
+    /// Upload files to attach to sessions.
+    #[command(subcommand)]
+    Files(durable::FilesCmd),
     /// List the dispatcher's nodes (state, load, warm pools, sessions), or drain one.
     Nodes(NodesArgs),
     /// Make a development CA and mTLS certificates (no dispatcher needed).
@@ -65,31 +72,21 @@ enum NodesCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum RuntimeArg {
+pub(crate) enum RuntimeArg {
     ClaudeCode,
     Jsonl,
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Container image on the nodes (e.g. berth-test-agent:latest).
+    /// Run an agent: NAME for its latest version, NAME@VERSION to pin one.
+    /// The agent supplies image, runtime, model, prompt, limits and skills.
     #[arg(long)]
-    image: String,
-    /// Runtime adapter.
-    #[arg(long, value_enum, default_value = "claude-code")]
-    runtime: RuntimeArg,
-    /// Model passed to the runtime.
-    #[arg(long, default_value = "")]
-    model: String,
-    /// System prompt appended by the runtime.
-    #[arg(long, default_value = "")]
-    system_prompt: String,
-    /// Extra runtime argument (repeatable). For jsonl: the program and its arguments.
-    #[arg(long = "arg")]
-    args: Vec<String>,
-    /// Environment variable for the agent, KEY=VALUE (repeatable).
-    #[arg(long = "env", value_parser = key_value)]
-    env: Vec<(String, String)>,
+    agent: Option<String>,
+    #[command(flatten)]
+    spec: durable::SpecArgs,
+    #[command(flatten)]
+    opts: durable::SessionOpts,
     /// Label, KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = key_value)]
     labels: Vec<(String, String)>,
@@ -130,11 +127,30 @@ enum SessionsCmd {
     Send { session: String, text: String },
     /// Interrupt the current turn.
     Interrupt { session: String },
-    /// Stop a session.
+    /// Stop a session (its workspace is snapshotted; it stays resumable).
     Stop { session: String },
+    /// Snapshot a running or idle session and free its container.
+    Pause { session: String },
+    /// Run a paused or stopped session again, from its snapshot, on any node.
+    Resume { session: String },
+    /// Make a finished session read-only (events kept for the retention period).
+    Archive { session: String },
+    /// Delete a session that is not live, with its events, usage and snapshots.
+    Delete { session: String },
+    /// Create a new session with the same configuration and no history.
+    Clone { session: String },
+    /// Print the session as a Markdown transcript or as JSON.
+    Export {
+        session: String,
+        #[arg(long, value_enum, default_value = "markdown")]
+        format: durable::ExportFormatArg,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<String>,
+    },
 }
 
-fn key_value(s: &str) -> Result<(String, String), String> {
+pub(crate) fn key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
@@ -154,7 +170,7 @@ async fn main() -> std::process::ExitCode {
 
 /// A one-line error that says what to do.
 #[derive(Debug)]
-struct CliError(String);
+pub(crate) struct CliError(pub(crate) String);
 
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,7 +178,7 @@ impl std::fmt::Display for CliError {
     }
 }
 
-fn explain(dispatcher: &str, session: Option<&str>, status: tonic::Status) -> CliError {
+pub(crate) fn explain(dispatcher: &str, session: Option<&str>, status: tonic::Status) -> CliError {
     let msg = match status.code() {
         tonic::Code::Unavailable
             if status.message().contains("transport") || status.message().contains("connect") =>
@@ -254,7 +270,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Certs(_) => Ok(()),
         Command::Nodes(args) => nodes(NodesClient::new(channel), d, json, args.command).await,
-        Command::Run(args) => run_session(&mut client, d, json, args).await,
+        Command::Run(args) => run_session(&mut client, &channel, d, json, args).await,
+        Command::Agents(cmd) => durable::agents(channel, d, json, cmd).await,
+        Command::Files(cmd) => durable::files(channel, d, json, cmd).await,
         Command::Sessions(cmd) => match cmd {
             SessionsCmd::List {
                 status,
@@ -376,17 +394,105 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     .await
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
-                println!(
-                    "{}",
-                    if json {
-                        render::session_json(&s)
-                    } else {
-                        render::session_line(&s)
+                print_session(&s, json);
+                Ok(())
+            }
+            SessionsCmd::Pause { session } => {
+                let s = client
+                    .pause_session(pb::PauseSessionRequest {
+                        name: session.clone(),
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                print_session(&s, json);
+                Ok(())
+            }
+            SessionsCmd::Resume { session } => {
+                let s = client
+                    .resume_session(pb::ResumeSessionRequest {
+                        name: session.clone(),
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                print_session(&s, json);
+                Ok(())
+            }
+            SessionsCmd::Archive { session } => {
+                let s = client
+                    .archive_session(pb::ArchiveSessionRequest {
+                        name: session.clone(),
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                print_session(&s, json);
+                Ok(())
+            }
+            SessionsCmd::Clone { session } => {
+                let s = client
+                    .clone_session(pb::CloneSessionRequest {
+                        name: session.clone(),
+                        request_id: uuid::Uuid::new_v4().to_string(),
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                print_session(&s, json);
+                Ok(())
+            }
+            SessionsCmd::Delete { session } => {
+                let r = client
+                    .delete_session(pb::DeleteSessionRequest {
+                        name: session.clone(),
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                if json {
+                    println!("{}", serde_json::json!({"deleted": session, "objects_deleted": r.objects_deleted}));
+                } else {
+                    println!("deleted {session} ({} stored objects removed)", r.objects_deleted);
+                }
+                Ok(())
+            }
+            SessionsCmd::Export {
+                session,
+                format,
+                output,
+            } => {
+                let format = match format {
+                    durable::ExportFormatArg::Markdown => pb::ExportFormat::Markdown,
+                    durable::ExportFormatArg::Json => pb::ExportFormat::Json,
+                };
+                let r = client
+                    .export_session(pb::ExportSessionRequest {
+                        name: session.clone(),
+                        format: format as i32,
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                match output {
+                    Some(path) => {
+                        std::fs::write(&path, &r.content)
+                            .map_err(|e| CliError(format!("cannot write {path}: {e}")))?;
+                        eprintln!("wrote {} bytes to {path}", r.content.len());
                     }
-                );
+                    None => print!("{}", r.content),
+                }
                 Ok(())
             }
         },
+    }
+}
+
+fn print_session(s: &pb::Session, json: bool) {
+    if json {
+        println!("{}", render::session_json(s));
+    } else {
+        println!("{}", render::session_line(s));
     }
 }
 
@@ -409,29 +515,25 @@ fn print_event(e: &pb::Event, json: bool) {
 
 async fn run_session(
     client: &mut SessionsClient<Channel>,
+    channel: &Channel,
     d: &str,
     json: bool,
     a: RunArgs,
 ) -> Result<(), CliError> {
     let started = Instant::now();
-    let req = pb::CreateSessionRequest {
+    let spec = match &a.agent {
+        Some(_) => a.spec.env_only()?,
+        None => a.spec.session_spec()?,
+    };
+    let mut req = pb::CreateSessionRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
-        spec: Some(pb::SessionSpec {
-            image: a.image,
-            runtime: match a.runtime {
-                RuntimeArg::ClaudeCode => pb::Runtime::ClaudeCode,
-                RuntimeArg::Jsonl => pb::Runtime::Jsonl,
-            } as i32,
-            runtime_args: a.args,
-            model: a.model,
-            system_prompt: a.system_prompt,
-            env: a.env.into_iter().collect(),
-        }),
-        display_name: String::new(),
+        spec: Some(spec),
         initial_message: a.prompt,
         labels: a.labels.into_iter().collect(),
-        timeout: None,
+        agent: a.agent.unwrap_or_default(),
+        ..Default::default()
     };
+    a.opts.apply(channel, d, &mut req).await?;
     let session = client
         .create_session(req)
         .await

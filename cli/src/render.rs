@@ -36,6 +36,9 @@ pub fn session_json(s: &pb::Session) -> String {
                   "cache_read_input_tokens": u.cache_read_input_tokens,
                   "cache_creation_input_tokens": u.cache_creation_input_tokens, "cost_usd": u.cost_usd, "turns": u.turns},
         "create_time": time(&s.create_time), "start_time": time(&s.start_time), "end_time": time(&s.end_time),
+        "agent": s.agent, "agent_version": s.agent_version, "budget_usd": s.budget_usd,
+        "snapshot": s.snapshot.as_ref().map(|x| json!({"key": x.key, "size_bytes": x.size_bytes, "create_time": time(&x.create_time)})),
+        "archive_time": time(&s.archive_time),
     })
     .to_string()
 }
@@ -76,8 +79,20 @@ pub fn session_details(s: &pb::Session) -> String {
             }
         ),
     );
+    if !s.agent.is_empty() {
+        line("agent", format!("{}@{}", s.agent, s.agent_version));
+    }
     line("image", spec.image);
     line("node", s.node.clone());
+    if let Some(snap) = &s.snapshot {
+        line(
+            "snapshot",
+            format!("{} ({} bytes, {})", snap.key, snap.size_bytes, time(&snap.create_time)),
+        );
+    }
+    if s.budget_usd > 0.0 {
+        line("budget", format!("${:.6}", s.budget_usd));
+    }
     line("epoch", s.epoch.to_string());
     line("events", s.last_seq.to_string());
     line("runtime session", s.runtime_session_id.clone());

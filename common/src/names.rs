@@ -7,6 +7,11 @@ pub const AGENTS: &str = "agents/";
 /// Collection prefix of file resource names.
 pub const FILES: &str = "files/";
 
+/// Accepts `files/{id}` or a bare id, returns the id part.
+pub fn file_id(name: &str) -> &str {
+    name.strip_prefix(FILES).unwrap_or(name)
+}
+
 /// A name for skills and memory stores: 1–64 of `[A-Za-z0-9_-]`.
 pub fn is_simple_name(s: &str) -> bool {
     !s.is_empty()

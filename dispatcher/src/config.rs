@@ -89,6 +89,28 @@ pub struct Config {
     #[arg(long, env = "BERTH_QUEUE_POLL", value_parser = berth_agent_server::config::humantime_secs, default_value = "1")]
     pub queue_poll: Duration,
 
+    /// Where snapshots, memory stores and uploaded files are kept. The nodes
+    /// must use the same store (S3 for a fleet; a shared directory on one machine).
+    #[command(flatten)]
+    pub objects: berth_common::objects::ObjectStoreArgs,
+
+    /// Default inactivity timeout in seconds (no events and no input): the
+    /// session is stopped with reason `inactivity`. A session's own value
+    /// wins; unset here and there, 24 hours.
+    #[arg(long, env = "BERTH_INACTIVITY_TIMEOUT", value_parser = berth_agent_server::config::humantime_secs)]
+    pub inactivity_timeout: Option<Duration>,
+
+    /// Default queue timeout in seconds: a session still pending (never
+    /// placed) this long after it was queued fails. A session's own value
+    /// wins. 0 = no deadline.
+    #[arg(long, env = "BERTH_QUEUE_TIMEOUT", value_parser = berth_agent_server::config::humantime_secs, default_value = "3600")]
+    pub queue_timeout: Duration,
+
+    /// Days an archived session's events are kept; then they are deleted (the
+    /// session row, usage totals and snapshots stay until DeleteSession).
+    #[arg(long, env = "BERTH_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u32,
+
     /// Log format.
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

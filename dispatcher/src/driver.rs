@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::log::EventLog;
 use crate::nodes::{Nodes, Placed};
 use crate::session::{NewEvent, Runtime, Session, StatusEvent, TurnUsage};
+
 use crate::store::Store;
 
 /// What every driver shares.
@@ -35,6 +36,10 @@ pub struct Ctx {
     /// Every running driver, so shutdown waits for each to record where its
     /// session stands (re-queued for another dispatcher).
     pub drivers: tokio_util::task::TaskTracker,
+    /// Inactivity timeout for sessions that set none.
+    pub inactivity_default: std::time::Duration,
+    /// Days archived sessions keep their events.
+    pub retention_days: u32,
 }
 
 /// Runs a session from `starting` until its run ends.
@@ -209,7 +214,44 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
 }
 
 fn node_spec(session: &Session) -> pb::SessionSpec {
+    use crate::session::{Resource, file_key, memory_key};
     let s = &session.spec;
+    let mut files = Vec::new();
+    let mut memory = Vec::new();
+    let mut git = Vec::new();
+    for r in &session.resources {
+        match r {
+            Resource::File { file_id, path } => files.push(pb::FileCopy {
+                key: file_key(*file_id),
+                path: path.clone(),
+            }),
+            Resource::Memory {
+                store,
+                path,
+                read_write,
+            } => {
+                // Creation refuses memory stores without an agent.
+                let Some((agent, _)) = &session.agent else { continue };
+                memory.push(pb::MemoryCopy {
+                    key: memory_key(agent, store),
+                    path: path.clone(),
+                    write_back: *read_write,
+                });
+            }
+            Resource::Git { url, git_ref, path } => git.push(pb::GitClone {
+                url: url.clone(),
+                r#ref: git_ref.clone(),
+                path: path.clone(),
+            }),
+        }
+    }
+    // With a snapshot, the runtime resumes its own conversation, under the
+    // first id it ever reported.
+    let (restore_snapshot_key, resume_id) = match &session.snapshot {
+        Some(snap) => (snap.key.clone(), session.runtime_session_id.clone()),
+        None => (String::new(), String::new()),
+    };
+    let resume_id = if s.runtime == Runtime::ClaudeCode { resume_id } else { String::new() };
     pb::SessionSpec {
         image: s.image.clone(),
         runtime: match s.runtime {
@@ -220,8 +262,97 @@ fn node_spec(session: &Session) -> pb::SessionSpec {
         model: s.model.clone(),
         system_prompt: s.system_prompt.clone(),
         env: s.env.clone().into_iter().collect(),
-        resume_id: String::new(),
+        resume_id,
+        limits: Some(pb::Limits {
+            cpus: s.limits.cpus,
+            memory_bytes: s.limits.memory_bytes,
+            pids: s.limits.pids,
+        }),
+        skills: s
+            .skills
+            .iter()
+            .map(|k| pb::Skill {
+                name: k.name.clone(),
+                content: k.content.clone(),
+            })
+            .collect(),
+        restore_snapshot_key,
+        files,
+        memory,
+        git,
     }
+}
+
+/// What the relay must do on its own, with no frame to prompt it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// The hard session timeout elapsed: the session ends in `timeout`.
+    Hard,
+    /// No events and no input for the inactivity timeout: stop (`inactivity`).
+    Inactive,
+}
+
+/// The relay's two clocks. Pure bookkeeping over `tokio::time::Instant`, so
+/// it is tested on a paused clock.
+#[derive(Debug)]
+pub struct Deadlines {
+    hard: Option<tokio::time::Instant>,
+    inactivity: std::time::Duration,
+    last_activity: Option<tokio::time::Instant>,
+}
+
+impl Deadlines {
+    /// `timeout` counts from now (this run's start).
+    pub fn new(timeout: Option<std::time::Duration>, inactivity: std::time::Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            hard: timeout.map(|t| now + t),
+            inactivity,
+            last_activity: Some(now),
+        }
+    }
+
+    /// Something happened: an event from the agent or input from a user.
+    pub fn touch(&mut self) {
+        if self.last_activity.is_some() {
+            self.last_activity = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// The next expiry, if any clock is running.
+    pub fn next(&self) -> Option<(tokio::time::Instant, Expiry)> {
+        let idle = self.last_activity.map(|t| (t + self.inactivity, Expiry::Inactive));
+        let hard = self.hard.map(|t| (t, Expiry::Hard));
+        match (hard, idle) {
+            (Some(h), Some(i)) => Some(if h.0 <= i.0 { h } else { i }),
+            (h, i) => h.or(i),
+        }
+    }
+
+    /// Stops the clock that fired (each fires once).
+    pub fn fired(&mut self, e: Expiry) {
+        match e {
+            Expiry::Hard => self.hard = None,
+            Expiry::Inactive => self.last_activity = None,
+        }
+    }
+
+    /// Resolves when the next clock expires.
+    async fn expired(&self) -> Expiry {
+        match self.next() {
+            Some((at, e)) => {
+                tokio::time::sleep_until(at).await;
+                e
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A stop the driver asked the node for.
+struct StopAsked {
+    reason: String,
+    pause: bool,
 }
 
 /// Relays until the agent exits or the link is lost.
@@ -233,11 +364,17 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
     // Turns sent to the agent that have not ended yet.
     let mut open_turns: u32 = 0;
     let mut runtime_id_seen = !session.runtime_session_id.is_empty();
+    let mut deadlines = Deadlines::new(
+        session.timeout,
+        session.inactivity_timeout.unwrap_or(ctx.inactivity_default),
+    );
+    let mut stop_asked: Option<StopAsked> = None;
     loop {
         tokio::select! {
             frame = link.frames.message() => match frame {
                 Ok(Some(pb::NodeFrame { kind: Some(kind), .. })) => match kind {
                     node_frame::Kind::Event(e) => {
+                        deadlines.touch();
                         if !runtime_id_seen && !e.runtime_session_id.is_empty() {
                             runtime_id_seen = true;
                             ctx.store.set_runtime_session_id(id, &e.runtime_session_id).await?;
@@ -245,7 +382,8 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                         let turn_end = e.turn_end.clone();
                         ctx.log.append_queued(id, node_event(e)).await?;
                         if let Some(u) = turn_end {
-                            ctx.log.record_usage(id, turn_usage(u)).await?;
+                            let usage = ctx.log.record_usage(id, turn_usage(u)).await?;
+                            check_budget(ctx, session, &usage).await?;
                             open_turns = open_turns.saturating_sub(1);
                             if open_turns == 0 {
                                 ctx.log.transition_at(id, epoch, StatusEvent::TurnEnded, "", serde_json::json!({})).await?;
@@ -254,9 +392,28 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                     }
                     node_frame::Kind::Exited(x) => {
                         let success = x.exit_code == 0;
-                        let reason = if x.stopped { "user".to_string() } else { x.reason.clone() };
-                        let extra = serde_json::json!({"exit_code": x.exit_code, "stderr_tail": x.stderr_tail, "detail": x.reason});
-                        match ctx.log.transition_at(id, epoch, StatusEvent::Exited { success, stopped: x.stopped }, &reason, extra).await {
+                        for e in x.memory_errors.iter().chain(Some(&x.snapshot_error).filter(|e| !e.is_empty())) {
+                            ctx.log.append_queued(id, NewEvent::new(ev::SESSION_ERROR, serde_json::json!({"message": e}).to_string())).await?;
+                        }
+                        if !x.snapshot_key.is_empty() {
+                            ctx.store.record_snapshot(id, &x.snapshot_key, x.snapshot_bytes).await?;
+                        }
+                        let (event, reason) = match (&stop_asked, x.stopped) {
+                            (Some(StopAsked { pause: true, .. }), true) if !x.snapshot_key.is_empty() => {
+                                (StatusEvent::Paused, "user".to_string())
+                            }
+                            (Some(StopAsked { pause: true, .. }), true) => (
+                                StatusEvent::Exited { success, stopped: true },
+                                format!("pause failed, stopped instead: snapshot: {}", x.snapshot_error),
+                            ),
+                            (Some(asked), true) => (StatusEvent::Exited { success, stopped: true }, asked.reason.clone()),
+                            (_, stopped) => (
+                                StatusEvent::Exited { success, stopped },
+                                if stopped { "user".to_string() } else { x.reason.clone() },
+                            ),
+                        };
+                        let extra = serde_json::json!({"exit_code": x.exit_code, "stderr_tail": x.stderr_tail, "detail": x.reason, "snapshot": x.snapshot_key});
+                        match ctx.log.transition_at(id, epoch, event, &reason, extra).await {
                             Ok(_) | Err(Error::Transition(_) | Error::Superseded { .. }) => {}
                             Err(e) => return Err(e),
                         }
@@ -277,6 +434,9 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
             },
             item = recv(&mut feed) => match item {
                 Some(Ok(e)) => {
+                    if e.kind.starts_with("user.") {
+                        deadlines.touch();
+                    }
                     let frame = match e.kind.as_str() {
                         ev::USER_MESSAGE if e.seq > input_seq => {
                             let text = serde_json::from_str::<serde_json::Value>(&e.payload)
@@ -288,7 +448,18 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                         }
                         ev::USER_INTERRUPT if e.seq > input_seq => Some(dispatcher_frame::Kind::Interrupt(pb::Interrupt {})),
                         k if k == crate::session::SessionStatus::Stopping.event_type() => {
-                            Some(dispatcher_frame::Kind::Stop(pb::Stop { reason: "user".into() }))
+                            // Every stop and pause keeps a snapshot, so the session can resume.
+                            let p: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
+                            let asked = StopAsked {
+                                reason: p["reason"].as_str().filter(|r| !r.is_empty()).unwrap_or("user").to_string(),
+                                pause: p[crate::sessions::PAUSE_KEY].as_bool() == Some(true),
+                            };
+                            let stop = pb::Stop {
+                                reason: asked.reason.clone(),
+                                snapshot_key: crate::session::snapshot_key(id, session.snapshots + 1),
+                            };
+                            stop_asked = Some(asked);
+                            Some(dispatcher_frame::Kind::Stop(stop))
                         }
                         _ => None,
                     };
@@ -315,9 +486,32 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                 // The session left its run (failed or timed out elsewhere): stop the agent.
                 None => {
                     feed = None;
-                    let _ = link.to_node.send(pb::DispatcherFrame { epoch, kind: Some(dispatcher_frame::Kind::Stop(pb::Stop { reason: "session ended".into() })) }).await;
+                    let stop = pb::Stop { reason: "session ended".into(), snapshot_key: String::new() };
+                    let _ = link.to_node.send(pb::DispatcherFrame { epoch, kind: Some(dispatcher_frame::Kind::Stop(stop)) }).await;
                 }
             },
+            expiry = deadlines.expired() => {
+                deadlines.fired(expiry);
+                let result = match expiry {
+                    Expiry::Hard => {
+                        let t = session.timeout.unwrap_or_default();
+                        tracing::info!(timeout = ?t, "hard session timeout elapsed");
+                        let reason = format!("session timeout of {}s elapsed", t.as_secs_f64());
+                        ctx.log.transition_at(id, epoch, StatusEvent::TimedOut, &reason, serde_json::json!({})).await
+                    }
+                    Expiry::Inactive => {
+                        tracing::info!("inactivity timeout elapsed; stopping");
+                        let idle = session.inactivity_timeout.unwrap_or(ctx.inactivity_default);
+                        let extra = serde_json::json!({"inactivity_timeout_s": idle.as_secs_f64()});
+                        ctx.log.transition_at(id, epoch, StatusEvent::StopRequested, "inactivity", extra).await
+                    }
+                };
+                match result {
+                    // Already stopping or ended: the frames say how it ends.
+                    Ok(_) | Err(Error::Transition(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             // The node missed its lease: its stream may never end by itself.
             () = link.placed.link.down() => {
                 let node = link.placed.link.name();
@@ -332,6 +526,28 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Stops the session (reason `budget`) once its cost reaches its budget.
+async fn check_budget(ctx: &Ctx, session: &Session, usage: &crate::session::Event) -> Result<()> {
+    let Some(budget) = session.budget_usd.filter(|b| *b > 0.0) else {
+        return Ok(());
+    };
+    let p: serde_json::Value = serde_json::from_str(&usage.payload).unwrap_or_default();
+    let cost = p["total"]["cost_usd"].as_f64().unwrap_or(0.0);
+    if cost < budget {
+        return Ok(());
+    }
+    tracing::info!(cost, budget, "budget reached; stopping");
+    let extra = serde_json::json!({"budget_usd": budget, "cost_usd": cost});
+    match ctx
+        .log
+        .transition_at(session.id, session.epoch, StatusEvent::StopRequested, "budget", extra)
+        .await
+    {
+        Ok(_) | Err(Error::Transition(_)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -451,10 +667,38 @@ pub async fn listen(ctx: Arc<Ctx>, wake: Arc<tokio::sync::Notify>) {
     }
 }
 
+/// How often a dispatcher deletes events past retention.
+const RETENTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Fails pending sessions still unplaced at their queue deadline.
+async fn expire_queued(ctx: &Ctx) {
+    let expired = match ctx.store.expired_pending().await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "looking for expired queued sessions failed");
+            return;
+        }
+    };
+    for (id, epoch) in expired {
+        let reason = "queue deadline passed: no node took the session in time";
+        match ctx
+            .log
+            .transition_at(id, epoch, StatusEvent::Failed, reason, serde_json::json!({}))
+            .await
+        {
+            Ok(_) => tracing::warn!(session_id = %id, "session failed at its queue deadline"),
+            // Claimed or stopped meanwhile.
+            Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
+            Err(e) => tracing::warn!(session_id = %id, error = %e, "could not fail an expired session"),
+        }
+    }
+}
+
 /// Keeps this dispatcher's liveness row fresh and re-queues the sessions of
 /// dispatchers that stopped heartbeating (crashed without handing back).
 pub async fn liveness_loop(ctx: Arc<Ctx>, lease: std::time::Duration) {
     let mut tick = tokio::time::interval(lease / 3);
+    let mut last_retention = None;
     loop {
         tokio::select! {
             () = ctx.shutdown.cancelled() => return,
@@ -471,6 +715,15 @@ pub async fn liveness_loop(ctx: Arc<Ctx>, lease: std::time::Duration) {
                 continue;
             }
         };
+        expire_queued(&ctx).await;
+        if last_retention.is_none_or(|t: tokio::time::Instant| t.elapsed() >= RETENTION_INTERVAL) {
+            last_retention = Some(tokio::time::Instant::now());
+            match ctx.store.purge_archived_events(ctx.retention_days).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, days = ctx.retention_days, "deleted events of archived sessions past retention"),
+                Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+            }
+        }
         for (id, epoch, owner) in orphans {
             let reason = format!("dispatcher {owner} stopped heartbeating; re-queued");
             match ctx
@@ -494,5 +747,40 @@ pub async fn liveness_loop(ctx: Arc<Ctx>, lease: std::time::Duration) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn inactivity_counts_from_the_last_activity_and_fires_once() {
+        let mut d = Deadlines::new(None, Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        d.touch();
+        tokio::time::advance(Duration::from_secs(50)).await;
+        let (at, e) = d.next().expect("armed");
+        assert_eq!(e, Expiry::Inactive);
+        assert_eq!(at - tokio::time::Instant::now(), Duration::from_secs(10));
+        assert_eq!(d.expired().await, Expiry::Inactive);
+        d.fired(Expiry::Inactive);
+        d.touch();
+        assert!(d.next().is_none(), "inactivity fires once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hard_timeout_ignores_activity() {
+        let mut d = Deadlines::new(Some(Duration::from_secs(30)), Duration::from_secs(20));
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            d.touch();
+        }
+        // Busy all along (inactivity would fire at 50 s), yet due at 30 s.
+        assert_eq!(d.next(), Some((tokio::time::Instant::now(), Expiry::Hard)));
+        assert_eq!(d.expired().await, Expiry::Hard);
+        d.fired(Expiry::Hard);
+        assert_eq!(d.next().map(|n| n.1), Some(Expiry::Inactive));
     }
 }

@@ -19,6 +19,17 @@ pub enum Error {
         status: SessionStatus,
         what: &'static str,
     },
+    /// Something other than a session is missing (an agent, a file).
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is valid but the system is not in a state to do it.
+    #[error("{0}")]
+    Precondition(String),
+    /// The object store failed.
+    #[error("object store: {0}")]
+    Objects(String),
     #[error("the session changed concurrently; retry")]
     Conflict,
     /// A write from a run (placement) that a newer placement has replaced.
@@ -53,6 +64,12 @@ mod pg_code {
     pub const DEADLOCK_DETECTED: &str = "40P01";
 }
 
+impl From<berth_common::objects::ObjectError> for Error {
+    fn from(e: berth_common::objects::ObjectError) -> Self {
+        Self::Objects(e.to_string())
+    }
+}
+
 impl From<sqlx::Error> for Error {
     /// Classifies database errors once, for the whole crate.
     fn from(e: sqlx::Error) -> Self {
@@ -78,7 +95,13 @@ impl From<Error> for tonic::Status {
         use tonic::Status;
         match &e {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            Error::SessionNotFound(_) => Status::not_found(e.to_string()),
+            Error::SessionNotFound(_) | Error::NotFound(_) => Status::not_found(e.to_string()),
+            Error::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            Error::Precondition(_) => Status::failed_precondition(e.to_string()),
+            Error::Objects(_) => {
+                tracing::error!(error = %e, "object store failure");
+                Status::unavailable(e.to_string())
+            }
             Error::WrongStatus { .. } | Error::Transition(_) | Error::Superseded { .. } => {
                 Status::failed_precondition(e.to_string())
             }

@@ -6,10 +6,12 @@
 //! and relays their streams. [`session`] holds the domain types and the
 //! status machine.
 
+pub mod agents;
 pub mod api;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod export;
 pub mod log;
 pub mod nodes;
 pub mod placement;
@@ -20,6 +22,8 @@ pub mod store;
 use std::sync::Arc;
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
+use berth_proto::v1::agents_server::AgentsServer;
+use berth_proto::v1::files_server::FilesServer;
 use berth_proto::v1::nodes_server::NodesServer;
 use berth_proto::v1::sessions_server::SessionsServer;
 use tokio::net::TcpListener;
@@ -37,6 +41,8 @@ pub async fn run(
     cfg.validate()?;
     let fleet = fleet_config(&cfg)?;
     let store = store::Store::connect(&cfg.database_url, cfg.db_max_connections).await?;
+    let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
+    tracing::info!(store = ?objects, "object store");
     let log = log::EventLog::start(store.clone(), shutdown.clone());
     let nodes = nodes::Nodes::start(fleet, shutdown.clone()).await?;
     let ctx = Arc::new(driver::Ctx {
@@ -46,6 +52,10 @@ pub async fn run(
         owner: cfg.dispatcher_id.clone(),
         shutdown: shutdown.clone(),
         drivers: tokio_util::task::TaskTracker::new(),
+        inactivity_default: cfg
+            .inactivity_timeout
+            .unwrap_or(session::DEFAULT_INACTIVITY_TIMEOUT),
+        retention_days: cfg.retention_days,
     });
     let wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(driver::listen(ctx.clone(), wake.clone()));
@@ -59,8 +69,25 @@ pub async fn run(
     reporter
         .set_serving::<NodesServer<api::nodes::NodesService>>()
         .await;
+    reporter
+        .set_serving::<AgentsServer<api::agents::AgentsService>>()
+        .await;
+    reporter
+        .set_serving::<FilesServer<api::agents::AgentsService>>()
+        .await;
+    let agents_svc = api::agents::AgentsService {
+        agents: agents::Agents {
+            store: store.clone(),
+            objects: objects.clone(),
+        },
+    };
     let svc = SessionsServer::new(api::sessions::SessionsService {
-        sessions: sessions::Sessions { store, log },
+        sessions: sessions::Sessions {
+            store,
+            log,
+            objects,
+            queue_timeout: Some(cfg.queue_timeout).filter(|t| !t.is_zero()),
+        },
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -74,6 +101,11 @@ pub async fn run(
         .add_service(reflection)
         .add_service(svc)
         .add_service(nodes_svc)
+        .add_service(AgentsServer::new(agents_svc.clone()))
+        .add_service(
+            FilesServer::new(agents_svc)
+                .max_decoding_message_size(session::limits::FILE_BYTES + 64 * 1024),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.cancelled_owned(),

@@ -8,7 +8,9 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::log::EventLog;
-use crate::session::{Event, NewEvent, NewSession, Session, StatusEvent};
+use crate::session::{
+    Event, NewEvent, NewSession, Resource, Session, SessionStatus, StatusEvent, session_prefix,
+};
 use crate::store::{SessionFilter, Store, user_message_payload};
 
 /// The session operations clients call.
@@ -16,10 +18,59 @@ use crate::store::{SessionFilter, Store, user_message_payload};
 pub struct Sessions {
     pub store: Store,
     pub log: Arc<EventLog>,
+    pub objects: berth_common::objects::ObjectStore,
+    /// The deployment's queue timeout, for sessions that set none.
+    pub queue_timeout: Option<std::time::Duration>,
+}
+
+/// Payload key marking a stop request as a pause.
+pub const PAUSE_KEY: &str = "pause";
+
+/// How `ExportSession` renders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    Markdown,
+    Json,
 }
 
 impl Sessions {
-    pub async fn create(&self, new: NewSession) -> Result<Session> {
+    /// Resolves the agent (pinning its version), checks the resources, queues.
+    pub async fn create(&self, mut new: NewSession) -> Result<Session> {
+        if let Some(agent) = &new.agent {
+            let (id, version) = berth_common::names::agent_ref(agent)
+                .map_err(|e| Error::invalid("agent", e))?;
+            let a = self.store.get_agent(id, version).await?;
+            if a.archived {
+                return Err(Error::Precondition(format!(
+                    "agent `{}` is archived; new sessions cannot use it",
+                    a.id
+                )));
+            }
+            // The version's spec, with the request's env merged over its env.
+            let env = std::mem::take(&mut new.spec.env);
+            new.spec = a.spec;
+            new.spec.env.extend(env);
+            new.pinned = Some((a.id, a.version));
+        }
+        for r in &new.resources {
+            match r {
+                Resource::Memory { .. } if new.pinned.is_none() => {
+                    return Err(Error::invalid(
+                        "resources.memory",
+                        "memory stores belong to an agent: create the session with `agent`",
+                    ));
+                }
+                Resource::File { file_id, .. } => {
+                    if let Err(Error::NotFound(m)) = self.store.get_file(*file_id).await {
+                        return Err(Error::invalid("resources.file", m));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if new.queue_timeout.is_none() {
+            new.queue_timeout = self.queue_timeout;
+        }
         let (session, created) = self.store.create_session(&new).await?;
         if created {
             tracing::info!(session_id = %session.id, image = %session.spec.image, "session created");
@@ -74,7 +125,8 @@ impl Sessions {
         Ok(())
     }
 
-    /// Stops the session with reason `user`. Stopping twice is not an error.
+    /// Stops the session with reason `user` (a snapshot is kept, so it can be
+    /// resumed). Stopping twice is not an error.
     pub async fn stop(&self, id: Uuid) -> Result<Session> {
         match self
             .log
@@ -99,6 +151,117 @@ impl Sessions {
         self.store.get_session(id).await
     }
 
+    /// Asks the driver to snapshot the session and free its container.
+    pub async fn pause(&self, id: Uuid) -> Result<Session> {
+        let s = self.store.get_session(id).await?;
+        if !matches!(s.status, SessionStatus::Running | SessionStatus::Idle) {
+            return Err(Error::WrongStatus {
+                id,
+                status: s.status,
+                what: "only a running or idle session can be paused",
+            });
+        }
+        self.log
+            .transition(
+                id,
+                StatusEvent::StopRequested,
+                "pausing",
+                serde_json::json!({ PAUSE_KEY: true }),
+            )
+            .await
+            .map_err(|e| wrong_status(id, e, "only a running or idle session can be paused"))?;
+        self.store.get_session(id).await
+    }
+
+    /// Queues a paused or stopped session again; it restores its snapshot.
+    pub async fn resume(&self, id: Uuid) -> Result<Session> {
+        self.log
+            .transition(id, StatusEvent::Resumed, "resumed", serde_json::json!({}))
+            .await
+            .map_err(|e| wrong_status(id, e, "only a paused or stopped session can be resumed"))?;
+        self.store.notify_queue().await?;
+        self.store.get_session(id).await
+    }
+
+    pub async fn archive(&self, id: Uuid) -> Result<Session> {
+        self.log
+            .transition(id, StatusEvent::Archived, "user", serde_json::json!({}))
+            .await
+            .map_err(|e| {
+                wrong_status(
+                    id,
+                    e,
+                    "only a stopped, paused, completed, failed or timed-out session can be archived",
+                )
+            })?;
+        self.store.get_session(id).await
+    }
+
+    /// Deletes a session that is not live: its objects, then its rows.
+    /// Returns how many objects went.
+    pub async fn delete(&self, id: Uuid) -> Result<u64> {
+        const WHAT: &str = "a live session cannot be deleted; stop it first";
+        let s = self.store.get_session(id).await?;
+        if s.status.is_live() {
+            return Err(Error::WrongStatus {
+                id,
+                status: s.status,
+                what: WHAT,
+            });
+        }
+        let objects = self.objects.delete_prefix(&session_prefix(id)).await?;
+        if !self.store.delete_session(id).await? {
+            let s = self.store.get_session(id).await?;
+            return Err(Error::WrongStatus {
+                id,
+                status: s.status,
+                what: WHAT,
+            });
+        }
+        tracing::info!(session_id = %id, objects, "session deleted");
+        Ok(objects)
+    }
+
+    /// A new pending session with the same configuration and no history.
+    pub async fn clone_session(&self, id: Uuid, request_id: Option<String>) -> Result<Session> {
+        let s = self.store.get_session(id).await?;
+        let new = NewSession {
+            request_id,
+            display_name: s.display_name,
+            spec: s.spec,
+            labels: s.labels,
+            initial_message: None,
+            timeout: s.timeout,
+            agent: None,
+            resources: s.resources,
+            inactivity_timeout: s.inactivity_timeout,
+            budget_usd: s.budget_usd,
+            queue_timeout: s.queue_timeout,
+            pinned: s.agent,
+        };
+        let (clone, _) = self.store.create_session(&new).await?;
+        tracing::info!(session_id = %clone.id, from = %id, "session cloned");
+        Ok(clone)
+    }
+
+    /// The whole session rendered as `format`.
+    pub async fn export(&self, id: Uuid, format: ExportFormat) -> Result<String> {
+        let s = self.store.get_session(id).await?;
+        let mut events = Vec::new();
+        loop {
+            let after = events.last().map_or(0, |e: &Event| e.seq);
+            let page = self.store.list_events(id, after, 1000).await?;
+            if page.is_empty() {
+                break;
+            }
+            events.extend(page);
+        }
+        Ok(match format {
+            ExportFormat::Markdown => crate::export::markdown(&s, &events),
+            ExportFormat::Json => crate::export::json(&s, &events),
+        })
+    }
+
     pub async fn list_events(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<Event>> {
         // NOT_FOUND for an unknown session, not an empty page.
         self.store.get_session(id).await?;
@@ -116,5 +279,17 @@ impl Sessions {
         }
         self.store.get_session(id).await?;
         Ok(self.log.follow(id, after_seq, 128))
+    }
+}
+
+/// A refused transition as the client should see it.
+fn wrong_status(id: Uuid, e: Error, what: &'static str) -> Error {
+    match e {
+        Error::Transition(t) => Error::WrongStatus {
+            id,
+            status: t.from,
+            what,
+        },
+        e => e,
     }
 }

@@ -8,6 +8,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod s3;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -44,7 +46,10 @@ pub struct Builder {
     warm_pools: Vec<String>,
     lease: Duration,
     node_hook: Option<NodeHook>,
+    dispatcher_hook: Option<DispatcherHook>,
 }
+
+type DispatcherHook = std::sync::Arc<dyn Fn(&mut berth_dispatcher::Config) + Send + Sync>;
 
 impl Builder {
     /// Number of agent-server nodes.
@@ -68,6 +73,15 @@ impl Builder {
     /// The dispatcher's node lease (default 1 s; nodes report every 200 ms).
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Adjusts the dispatcher's configuration before it starts.
+    pub fn configure_dispatcher(
+        mut self,
+        hook: impl Fn(&mut berth_dispatcher::Config) + Send + Sync + 'static,
+    ) -> Self {
+        self.dispatcher_hook = Some(std::sync::Arc::new(hook));
         self
     }
 
@@ -106,6 +120,7 @@ impl Builder {
         };
 
         let ca = DevCa::generate("berth test CA")?;
+        let s3 = s3::S3Server::start().await?;
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut nodes = Vec::new();
@@ -125,6 +140,7 @@ impl Builder {
             cfg.memory_mib = 256;
             cfg.cpus = 1.0;
             cfg.warm_check_interval = Duration::from_secs(1);
+            cfg.objects = s3.args();
             cfg.warm_pools = self
                 .warm_pools
                 .iter()
@@ -159,6 +175,10 @@ impl Builder {
         cfg.queue_poll = Duration::from_millis(250);
         cfg.db_max_connections = 8;
         cfg.dispatcher_id = format!("test-dispatcher-{tag}");
+        cfg.objects = s3.args();
+        if let Some(hook) = &self.dispatcher_hook {
+            hook(&mut cfg);
+        }
         tasks.push(tokio::spawn(berth_dispatcher::run(
             cfg,
             listener,
@@ -177,6 +197,7 @@ impl Builder {
             ca,
             database,
             database_url,
+            s3,
             shutdown,
             tasks,
         };
@@ -225,6 +246,8 @@ pub struct TestCluster {
     pub database: String,
     /// The cluster's own database, for tests that inspect or tamper with it.
     pub database_url: String,
+    /// The S3 server every part of the cluster keeps its objects in.
+    pub s3: s3::S3Server,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -237,6 +260,7 @@ impl TestCluster {
             warm_pools: Vec::new(),
             lease: Duration::from_secs(1),
             node_hook: None,
+            dispatcher_hook: None,
         }
     }
 

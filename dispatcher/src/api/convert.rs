@@ -9,7 +9,11 @@ use berth_proto::v1 as pb;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::session::{Event, NewSession, Runtime, Session, SessionSpec, SessionStatus, limits};
+use crate::agents::{Agent, FileInfo};
+use crate::session::{
+    Event, Limits, NewSession, Resource, Runtime, Session, SessionSpec, SessionStatus, Skill,
+    limits,
+};
 
 /// The session id in `sessions/{id}` or a bare id.
 pub fn session_id(name: &str) -> Result<Uuid> {
@@ -161,6 +165,39 @@ fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
             format!("{env_bytes} bytes; the limit is {}", limits::ENV_BYTES),
         ));
     }
+    if s.system_prompt.len() > limits::SYSTEM_PROMPT_BYTES {
+        return Err(Error::invalid(
+            "spec.system_prompt",
+            format!("longer than {} bytes", limits::SYSTEM_PROMPT_BYTES),
+        ));
+    }
+    let lim = s.limits.unwrap_or_default();
+    if !(lim.cpus >= 0.0 && lim.cpus.is_finite()) {
+        return Err(Error::invalid("spec.limits.cpus", "must be 0 (node default) or positive"));
+    }
+    if lim.memory_bytes != 0 && lim.memory_bytes < 64 * 1024 * 1024 {
+        return Err(Error::invalid("spec.limits.memory_bytes", "must be 0 (node default) or at least 64 MiB"));
+    }
+    if lim.pids < 0 {
+        return Err(Error::invalid("spec.limits.pids", "must be 0 (node default) or positive"));
+    }
+    if s.skills.len() > limits::SKILLS {
+        return Err(Error::invalid("spec.skills", format!("at most {} skills", limits::SKILLS)));
+    }
+    for k in &s.skills {
+        if !names::is_simple_name(&k.name) {
+            return Err(Error::invalid(
+                "spec.skills.name",
+                format!("`{}`: 1-64 of [A-Za-z0-9_-]", k.name),
+            ));
+        }
+        if k.content.len() > limits::SKILL_BYTES {
+            return Err(Error::invalid(
+                "spec.skills.content",
+                format!("skill `{}` is longer than {} bytes", k.name, limits::SKILL_BYTES),
+            ));
+        }
+    }
     Ok(SessionSpec {
         image: s.image,
         runtime,
@@ -168,7 +205,242 @@ fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
         model: s.model,
         system_prompt: s.system_prompt,
         env: s.env.into_iter().collect(),
+        limits: Limits {
+            cpus: lim.cpus,
+            memory_bytes: lim.memory_bytes,
+            pids: lim.pids,
+        },
+        skills: s
+            .skills
+            .into_iter()
+            .map(|k| Skill {
+                name: k.name,
+                content: k.content,
+            })
+            .collect(),
     })
+}
+
+/// An agent version's spec, validated like a session's.
+pub fn agent_spec(s: Option<pb::AgentSpec>) -> Result<SessionSpec> {
+    let s = s.ok_or_else(|| Error::invalid("spec", "required"))?;
+    spec(Some(pb::SessionSpec {
+        image: s.image,
+        runtime: s.runtime,
+        runtime_args: s.runtime_args,
+        model: s.model,
+        system_prompt: s.system_prompt,
+        env: s.env,
+        limits: s.limits,
+        skills: s.skills,
+    }))
+}
+
+/// With `agent` set, the request's spec may carry only env.
+fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
+    let s = s.unwrap_or_default();
+    let set = [
+        ("spec.image", !s.image.is_empty()),
+        ("spec.runtime", s.runtime != 0),
+        ("spec.runtime_args", !s.runtime_args.is_empty()),
+        ("spec.model", !s.model.is_empty()),
+        ("spec.system_prompt", !s.system_prompt.is_empty()),
+        ("spec.limits", s.limits.is_some()),
+        ("spec.skills", !s.skills.is_empty()),
+    ];
+    if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+        return Err(Error::invalid(
+            field,
+            "must be empty when `agent` is set: the agent's version supplies it (only spec.env may be given)",
+        ));
+    }
+    let env = s.env;
+    let checked = spec(Some(pb::SessionSpec {
+        image: "agent".into(),
+        env,
+        ..Default::default()
+    }))?;
+    Ok(SessionSpec {
+        env: checked.env,
+        ..Default::default()
+    })
+}
+
+fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
+    use pb::resource::Kind;
+    if rs.len() > limits::RESOURCES {
+        return Err(Error::invalid(
+            "resources",
+            format!("at most {} resources", limits::RESOURCES),
+        ));
+    }
+    let path = |field: &'static str, p: &str| -> Result<String> {
+        if !p.starts_with('/') || p.split('/').any(|seg| seg == "..") || p.contains('\0') {
+            return Err(Error::invalid(field, format!("`{p}` must be an absolute path without `..`")));
+        }
+        check_len(field, p, limits::PATH_CHARS)?;
+        Ok(p.to_string())
+    };
+    rs.into_iter()
+        .map(|r| match r.kind {
+            Some(Kind::File(f)) => {
+                let id = names::file_id(&f.file);
+                let file_id = Uuid::parse_str(id).map_err(|_| {
+                    Error::invalid("resources.file.file", format!("`{}` is not `files/{{id}}`", f.file))
+                })?;
+                Ok(Resource::File {
+                    file_id,
+                    path: path("resources.file.path", &f.path)?,
+                })
+            }
+            Some(Kind::Memory(m)) => {
+                if !names::is_simple_name(&m.store) {
+                    return Err(Error::invalid(
+                        "resources.memory.store",
+                        format!("`{}`: 1-64 of [A-Za-z0-9_-]", m.store),
+                    ));
+                }
+                let read_write = match pb::MemoryAccess::try_from(m.access) {
+                    Ok(pb::MemoryAccess::ReadWrite) => true,
+                    Ok(_) => false,
+                    Err(_) => {
+                        return Err(Error::invalid(
+                            "resources.memory.access",
+                            format!("unknown access {}", m.access),
+                        ));
+                    }
+                };
+                Ok(Resource::Memory {
+                    store: m.store,
+                    path: path("resources.memory.path", &m.path)?,
+                    read_write,
+                })
+            }
+            Some(Kind::Git(g)) => {
+                if g.url.is_empty() || g.url.starts_with('-') {
+                    return Err(Error::invalid("resources.git.url", "must be a repository URL or path"));
+                }
+                check_len("resources.git.url", &g.url, limits::GIT_URL_CHARS)?;
+                if g.r#ref.starts_with('-') {
+                    return Err(Error::invalid("resources.git.ref", "must not start with `-`"));
+                }
+                Ok(Resource::Git {
+                    url: g.url,
+                    git_ref: g.r#ref,
+                    path: path("resources.git.path", &g.path)?,
+                })
+            }
+            None => Err(Error::invalid("resources", "each resource needs file, memory or git")),
+        })
+        .collect()
+}
+
+fn resource_to_pb(r: Resource) -> pb::Resource {
+    use pb::resource::Kind;
+    let kind = match r {
+        Resource::File { file_id, path } => Kind::File(pb::FileResource {
+            file: format!("{}{file_id}", names::FILES),
+            path,
+        }),
+        Resource::Memory {
+            store,
+            path,
+            read_write,
+        } => Kind::Memory(pb::MemoryResource {
+            store,
+            path,
+            access: if read_write {
+                pb::MemoryAccess::ReadWrite
+            } else {
+                pb::MemoryAccess::ReadOnly
+            } as i32,
+        }),
+        Resource::Git { url, git_ref, path } => Kind::Git(pb::GitResource {
+            url,
+            r#ref: git_ref,
+            path,
+        }),
+    };
+    pb::Resource { kind: Some(kind) }
+}
+
+fn positive(field: &'static str, d: &Option<prost_types::Duration>) -> Result<Option<std::time::Duration>> {
+    match d {
+        None => Ok(None),
+        Some(d) => Ok(Some(
+            from_duration(d)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| Error::invalid(field, "must be positive"))?,
+        )),
+    }
+}
+
+fn spec_to_pb(s: SessionSpec) -> pb::SessionSpec {
+    let runtime = match s.runtime {
+        Runtime::ClaudeCode => pb::Runtime::ClaudeCode,
+        Runtime::Jsonl => pb::Runtime::Jsonl,
+    };
+    pb::SessionSpec {
+        image: s.image,
+        runtime: runtime as i32,
+        runtime_args: s.runtime_args,
+        model: s.model,
+        system_prompt: s.system_prompt,
+        // Write-only.
+        env: Default::default(),
+        limits: Some(pb::Limits {
+            cpus: s.limits.cpus,
+            memory_bytes: s.limits.memory_bytes,
+            pids: s.limits.pids,
+        }),
+        skills: s
+            .skills
+            .into_iter()
+            .map(|k| pb::Skill {
+                name: k.name,
+                content: k.content,
+            })
+            .collect(),
+    }
+}
+
+impl From<Agent> for pb::Agent {
+    fn from(a: Agent) -> Self {
+        let env_keys = a.spec.env.keys().cloned().collect();
+        let s = spec_to_pb(a.spec);
+        Self {
+            name: format!("{}{}", names::AGENTS, a.id),
+            agent_id: a.id,
+            version: a.version,
+            latest_version: a.latest_version,
+            spec: Some(pb::AgentSpec {
+                image: s.image,
+                runtime: s.runtime,
+                runtime_args: s.runtime_args,
+                model: s.model,
+                system_prompt: s.system_prompt,
+                env: Default::default(),
+                limits: s.limits,
+                skills: s.skills,
+            }),
+            env_keys,
+            archived: a.archived,
+            create_time: Some(to_timestamp(a.create_time)),
+            version_create_time: Some(to_timestamp(a.version_create_time)),
+        }
+    }
+}
+
+impl From<FileInfo> for pb::File {
+    fn from(f: FileInfo) -> Self {
+        Self {
+            name: format!("{}{}", names::FILES, f.id),
+            display_name: f.display_name,
+            size_bytes: f.size_bytes,
+            sha256: f.sha256,
+            create_time: Some(to_timestamp(f.create_time)),
+        }
+    }
 }
 
 impl TryFrom<pb::CreateSessionRequest> for NewSession {
@@ -192,31 +464,37 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
                 },
             )?))
         };
-        let timeout = match &r.timeout {
-            None => None,
-            Some(d) => Some(
-                from_duration(d)
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| Error::invalid("timeout", "must be positive"))?,
-            ),
+        let timeout = positive("timeout", &r.timeout)?;
+        if !(r.budget_usd >= 0.0 && r.budget_usd.is_finite()) {
+            return Err(Error::invalid("budget_usd", "must be 0 (no budget) or positive"));
+        }
+        let agent = Some(r.agent).filter(|a| !a.is_empty());
+        let spec = match &agent {
+            Some(a) => {
+                names::agent_ref(a).map_err(|e| Error::invalid("agent", e))?;
+                env_only_spec(r.spec)?
+            }
+            None => spec(r.spec)?,
         };
         Ok(NewSession {
             request_id: Some(r.request_id).filter(|s| !s.is_empty()),
             display_name: r.display_name,
-            spec: spec(r.spec)?,
+            spec,
             labels: labels(r.labels)?,
             initial_message,
             timeout,
+            agent,
+            resources: resources(r.resources)?,
+            inactivity_timeout: positive("inactivity_timeout", &r.inactivity_timeout)?,
+            budget_usd: Some(r.budget_usd).filter(|b| *b > 0.0),
+            queue_timeout: positive("queue_timeout", &r.queue_timeout)?,
+            pinned: None,
         })
     }
 }
 
 impl From<Session> for pb::Session {
     fn from(s: Session) -> Self {
-        let runtime = match s.spec.runtime {
-            Runtime::ClaudeCode => pb::Runtime::ClaudeCode,
-            Runtime::Jsonl => pb::Runtime::Jsonl,
-        };
         Self {
             name: names::session_name(s.id),
             id: s.id.to_string(),
@@ -224,14 +502,7 @@ impl From<Session> for pb::Session {
             status: status_to_pb(s.status) as i32,
             status_reason: s.status_reason,
             env_keys: s.spec.env.keys().cloned().collect(),
-            spec: Some(pb::SessionSpec {
-                image: s.spec.image,
-                runtime: runtime as i32,
-                runtime_args: s.spec.runtime_args,
-                model: s.spec.model,
-                system_prompt: s.spec.system_prompt,
-                env: Default::default(),
-            }),
+            spec: Some(spec_to_pb(s.spec)),
             labels: s.labels.into_iter().collect(),
             node: s.node,
             epoch: s.epoch,
@@ -250,6 +521,23 @@ impl From<Session> for pb::Session {
             update_time: Some(to_timestamp(s.update_time)),
             start_time: s.start_time.map(to_timestamp),
             end_time: s.end_time.map(to_timestamp),
+            agent: s
+                .agent
+                .as_ref()
+                .map(|(a, _)| format!("{}{a}", names::AGENTS))
+                .unwrap_or_default(),
+            agent_version: s.agent.as_ref().map_or(0, |(_, v)| *v),
+            resources: s.resources.into_iter().map(resource_to_pb).collect(),
+            timeout: s.timeout.map(berth_common::time::to_duration),
+            inactivity_timeout: s.inactivity_timeout.map(berth_common::time::to_duration),
+            budget_usd: s.budget_usd.unwrap_or(0.0),
+            queue_deadline: s.queue_deadline.map(to_timestamp),
+            snapshot: s.snapshot.map(|snap| pb::Snapshot {
+                key: snap.key,
+                size_bytes: snap.size_bytes,
+                create_time: Some(to_timestamp(snap.create_time)),
+            }),
+            archive_time: s.archive_time.map(to_timestamp),
         }
     }
 }

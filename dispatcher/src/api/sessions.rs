@@ -121,6 +121,79 @@ impl SessionsApi for SessionsService {
         Ok(Response::new(self.sessions.stop(id).await?.into()))
     }
 
+    async fn pause_session(
+        &self,
+        r: Request<pb::PauseSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let id = session_id(&r.into_inner().name)?;
+        Ok(Response::new(self.sessions.pause(id).await?.into()))
+    }
+
+    async fn resume_session(
+        &self,
+        r: Request<pb::ResumeSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let id = session_id(&r.into_inner().name)?;
+        Ok(Response::new(self.sessions.resume(id).await?.into()))
+    }
+
+    async fn archive_session(
+        &self,
+        r: Request<pb::ArchiveSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let id = session_id(&r.into_inner().name)?;
+        Ok(Response::new(self.sessions.archive(id).await?.into()))
+    }
+
+    async fn delete_session(
+        &self,
+        r: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let id = session_id(&r.into_inner().name)?;
+        let objects_deleted = self.sessions.delete(id).await? as i64;
+        Ok(Response::new(pb::DeleteSessionResponse { objects_deleted }))
+    }
+
+    async fn clone_session(
+        &self,
+        r: Request<pb::CloneSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let r = r.into_inner();
+        let id = session_id(&r.name)?;
+        if r.request_id.chars().count() > crate::session::limits::REQUEST_ID_CHARS {
+            return Err(Error::invalid("request_id", "longer than 128 characters").into());
+        }
+        let request_id = Some(r.request_id).filter(|s| !s.is_empty());
+        Ok(Response::new(
+            self.sessions.clone_session(id, request_id).await?.into(),
+        ))
+    }
+
+    async fn export_session(
+        &self,
+        r: Request<pb::ExportSessionRequest>,
+    ) -> Result<Response<pb::ExportSessionResponse>, Status> {
+        use crate::sessions::ExportFormat;
+        let r = r.into_inner();
+        let id = session_id(&r.name)?;
+        let format = match pb::ExportFormat::try_from(r.format) {
+            Ok(pb::ExportFormat::Unspecified | pb::ExportFormat::Markdown) => ExportFormat::Markdown,
+            Ok(pb::ExportFormat::Json) => ExportFormat::Json,
+            Err(_) => {
+                return Err(Error::invalid("format", format!("unknown format {}", r.format)).into());
+            }
+        };
+        let content = self.sessions.export(id, format).await?;
+        let content_type = match format {
+            ExportFormat::Markdown => "text/markdown",
+            ExportFormat::Json => "application/json",
+        };
+        Ok(Response::new(pb::ExportSessionResponse {
+            content_type: content_type.into(),
+            content,
+        }))
+    }
+
     async fn list_events(
         &self,
         r: Request<pb::ListEventsRequest>,

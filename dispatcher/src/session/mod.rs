@@ -25,6 +25,15 @@ pub mod limits {
     pub const ENV_BYTES: usize = 64 * 1024;
     pub const RUNTIME_ARGS: usize = 64;
     pub const IMAGE_CHARS: usize = 512;
+    /// Resources attached to one session.
+    pub const RESOURCES: usize = 32;
+    pub const SKILLS: usize = 32;
+    pub const SKILL_BYTES: usize = 256 * 1024;
+    /// Largest uploaded file.
+    pub const FILE_BYTES: usize = 32 * 1024 * 1024;
+    pub const SYSTEM_PROMPT_BYTES: usize = 256 * 1024;
+    pub const PATH_CHARS: usize = 1024;
+    pub const GIT_URL_CHARS: usize = 2048;
 }
 
 /// Which runtime adapter drives the agent.
@@ -49,7 +58,81 @@ pub struct SessionSpec {
     pub system_prompt: String,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub skills: Vec<Skill>,
 }
+
+/// Container limits; zero = the node's default.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Limits {
+    #[serde(default)]
+    pub cpus: f64,
+    #[serde(default)]
+    pub memory_bytes: i64,
+    #[serde(default)]
+    pub pids: i64,
+}
+
+/// A Claude Code skill, written to `~/.claude/skills/{name}/SKILL.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skill {
+    pub name: String,
+    pub content: String,
+}
+
+/// Something copied into the container before the agent starts. Stored as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Resource {
+    /// An uploaded file, `files/{id}`.
+    File { file_id: Uuid, path: String },
+    /// A per-agent memory store.
+    Memory {
+        store: String,
+        path: String,
+        read_write: bool,
+    },
+    /// A git repository, cloned by the node.
+    Git {
+        url: String,
+        #[serde(default)]
+        git_ref: String,
+        path: String,
+    },
+}
+
+/// The newest snapshot of a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub key: String,
+    pub size_bytes: i64,
+    pub create_time: DateTime<Utc>,
+}
+
+/// Object key of a session's `n`th snapshot.
+pub fn snapshot_key(id: Uuid, n: i64) -> String {
+    format!("sessions/{id}/snapshots/{n}.tar.zst")
+}
+
+/// Prefix of every object a session owns.
+pub fn session_prefix(id: Uuid) -> String {
+    format!("sessions/{id}/")
+}
+
+/// Object key of an agent's memory store.
+pub fn memory_key(agent_id: &str, store: &str) -> String {
+    format!("agents/{agent_id}/memory/{store}.tar.zst")
+}
+
+/// Object key of an uploaded file.
+pub fn file_key(id: Uuid) -> String {
+    format!("files/{id}")
+}
+
+/// Longest a session may sit idle when neither it nor the deployment says.
+pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Token usage and cost summed over a session.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -83,6 +166,18 @@ pub struct Session {
     pub runtime_session_id: String,
     pub usage: Usage,
     pub timeout: Option<Duration>,
+    /// The agent and version it was made from.
+    pub agent: Option<(String, i64)>,
+    pub resources: Vec<Resource>,
+    /// The session's own inactivity timeout (the deployment's applies if `None`).
+    pub inactivity_timeout: Option<Duration>,
+    pub budget_usd: Option<f64>,
+    pub queue_timeout: Option<Duration>,
+    pub queue_deadline: Option<DateTime<Utc>>,
+    pub snapshot: Option<Snapshot>,
+    /// Snapshots taken so far.
+    pub snapshots: i64,
+    pub archive_time: Option<DateTime<Utc>>,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
     pub start_time: Option<DateTime<Utc>>,
@@ -98,6 +193,15 @@ pub struct NewSession {
     pub labels: BTreeMap<String, String>,
     pub initial_message: Option<String>,
     pub timeout: Option<Duration>,
+    /// `agents/{id}` (with `@{version}` to pin), resolved at creation.
+    pub agent: Option<String>,
+    pub resources: Vec<Resource>,
+    pub inactivity_timeout: Option<Duration>,
+    pub budget_usd: Option<f64>,
+    pub queue_timeout: Option<Duration>,
+    /// The agent version `agent` resolved to; set by the operations layer,
+    /// which also fills `spec` from that version.
+    pub pinned: Option<(String, i64)>,
 }
 
 /// One persisted event.

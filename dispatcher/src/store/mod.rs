@@ -1,6 +1,7 @@
 //! The `Store` seam: every SQL statement the dispatcher runs lives behind it.
 //! Postgres through sqlx; migrations are embedded.
 
+mod agents;
 mod sql;
 
 use std::collections::BTreeMap;
@@ -90,6 +91,8 @@ impl Store {
         let spec = serde_json::to_value(&new.spec).map_err(|e| Error::Internal(e.to_string()))?;
         let labels =
             serde_json::to_value(&new.labels).map_err(|e| Error::Internal(e.to_string()))?;
+        let resources =
+            serde_json::to_value(&new.resources).map_err(|e| Error::Internal(e.to_string()))?;
         let created: Option<Uuid> = sqlx::query_scalar(sql::CREATE_SESSION)
             .bind(id)
             .bind(&new.request_id)
@@ -101,6 +104,12 @@ impl Store {
             .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
             .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
+            .bind(new.pinned.as_ref().map(|p| p.0.clone()))
+            .bind(new.pinned.as_ref().map(|p| p.1))
+            .bind(resources)
+            .bind(new.inactivity_timeout.map(|t| t.as_millis() as i64))
+            .bind(new.budget_usd)
+            .bind(new.queue_timeout.map(|t| t.as_millis() as i64))
             .fetch_optional(&self.pool)
             .await?;
         match (created, &new.request_id) {
@@ -380,6 +389,58 @@ impl Store {
             .await?)
     }
 
+    /// Wakes every dispatcher's claim loop (a session was queued again).
+    pub async fn notify_queue(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(QUEUE_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Pending sessions past their queue deadline, with their epochs.
+    pub async fn expired_pending(&self) -> Result<Vec<(Uuid, i64)>> {
+        Ok(sqlx::query_as(sql::EXPIRED_PENDING)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Records a saved snapshot as the session's newest.
+    pub async fn record_snapshot(&self, id: Uuid, key: &str, size_bytes: i64) -> Result<()> {
+        sqlx::query(sql::RECORD_SNAPSHOT)
+            .bind(id)
+            .bind(key)
+            .bind(size_bytes)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a session that is not live with its events and usage rows.
+    /// `false` when it was live (or appeared live) at the time.
+    pub async fn delete_session(&self, id: Uuid) -> Result<bool> {
+        let live: Vec<&str> = SessionStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_live())
+            .map(SessionStatus::as_str)
+            .collect();
+        let deleted: Option<Uuid> = sqlx::query_scalar(sql::DELETE_SESSION)
+            .bind(id)
+            .bind(&live)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(deleted.is_some())
+    }
+
+    /// Deletes the events of sessions archived more than `days` ago.
+    pub async fn purge_archived_events(&self, days: u32) -> Result<u64> {
+        let r = sqlx::query(sql::PURGE_ARCHIVED_EVENTS)
+            .bind(days as i32)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     /// Keeps the first runtime session id the runtime reports.
     pub async fn set_runtime_session_id(&self, id: Uuid, runtime_session_id: &str) -> Result<()> {
         // runtime_session_id = '': only the first one sticks; on resume the CLI may report another.
@@ -427,14 +488,40 @@ fn session_from_row(r: &PgRow) -> Result<Session> {
             cost_usd: r.try_get("cost_usd")?,
             turns: r.try_get("turns")?,
         },
-        timeout: r
-            .try_get::<Option<i64>, _>("timeout_ms")?
-            .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        timeout: millis(r, "timeout_ms")?,
+        agent: match (
+            r.try_get::<Option<String>, _>("agent_id")?,
+            r.try_get::<Option<i64>, _>("agent_version")?,
+        ) {
+            (Some(id), Some(v)) => Some((id, v)),
+            _ => None,
+        },
+        resources: serde_json::from_value(r.try_get("resources")?)
+            .map_err(|e| Error::Internal(format!("stored resources: {e}")))?,
+        inactivity_timeout: millis(r, "inactivity_timeout_ms")?,
+        budget_usd: r.try_get("budget_usd")?,
+        queue_timeout: millis(r, "queue_timeout_ms")?,
+        queue_deadline: r.try_get("queue_deadline")?,
+        snapshot: match r.try_get::<Option<DateTime<Utc>>, _>("snapshot_time")? {
+            Some(create_time) => Some(crate::session::Snapshot {
+                key: r.try_get("snapshot_key")?,
+                size_bytes: r.try_get("snapshot_bytes")?,
+                create_time,
+            }),
+            None => None,
+        },
+        snapshots: r.try_get("snapshots")?,
+        archive_time: r.try_get("archive_time")?,
         create_time: r.try_get("create_time")?,
         update_time: r.try_get("update_time")?,
         start_time: r.try_get("start_time")?,
         end_time: r.try_get("end_time")?,
     })
+}
+
+fn millis(r: &PgRow, col: &str) -> Result<Option<Duration>> {
+    Ok(r.try_get::<Option<i64>, _>(col)?
+        .map(|ms| Duration::from_millis(ms.max(0) as u64)))
 }
 
 /// A database URL without its password, for error messages.

@@ -5,15 +5,20 @@
 /// Columns read into a `Session`.
 pub const SESSION_COLUMNS: &str = "id, request_id, display_name, status, status_reason, spec, labels, node, owner, \
      epoch, last_seq, input_seq, runtime_session_id, input_tokens, output_tokens, cache_read_input_tokens, \
-     cache_creation_input_tokens, cost_usd, turns, timeout_ms, create_time, update_time, start_time, end_time";
+     cache_creation_input_tokens, cost_usd, turns, timeout_ms, create_time, update_time, start_time, end_time, \
+     agent_id, agent_version, resources, inactivity_timeout_ms, budget_usd, queue_timeout_ms, queue_deadline, \
+     snapshot_key, snapshot_bytes, snapshot_time, snapshots, archive_time";
 
 /// Creates a session with its first events, and wakes the queue.
 /// `ON CONFLICT (request_id) DO NOTHING`: a retried create inserts nothing and
 /// the caller reads the existing row instead.
 pub const CREATE_SESSION: &str = r#"
 WITH created AS (
-    INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq)
-    VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]))
+    INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq,
+                          agent_id, agent_version, resources, inactivity_timeout_ms, budget_usd,
+                          queue_timeout_ms, queue_deadline)
+    VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]),
+            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond')
     ON CONFLICT (request_id) DO NOTHING
     RETURNING id, pg_notify('berth_queue', id::text) IS NULL AS notified
 ), logged AS (
@@ -60,7 +65,12 @@ WITH moved AS (
     UPDATE sessions
     SET status = $3, status_reason = $4, last_seq = last_seq + 1, update_time = now(),
         start_time = CASE WHEN $3 IN ('running', 'idle') THEN coalesce(start_time, now()) ELSE start_time END,
-        end_time = CASE WHEN $5 THEN now() ELSE end_time END,
+        end_time = CASE WHEN $5 THEN now() WHEN $3 = 'pending' THEN NULL ELSE end_time END,
+        -- Archiving stamps the time retention counts from.
+        archive_time = CASE WHEN $3 = 'archived' THEN now() ELSE archive_time END,
+        -- Back in the queue (resumed): a fresh queue deadline.
+        queue_deadline = CASE WHEN $3 = 'pending' THEN now() + queue_timeout_ms * interval '1 millisecond'
+                              ELSE queue_deadline END,
         node = CASE WHEN $5 THEN '' ELSE node END,
         owner = CASE WHEN $5 THEN '' ELSE owner END
     WHERE id = $1 AND status = $2 AND epoch = $9
@@ -149,4 +159,59 @@ WHERE s.status IN ('starting', 'running', 'idle', 'stopping')
       WHERE d.id = s.owner AND d.heartbeat_time > now() - make_interval(secs => $1)
   )
 LIMIT 1000
+"#;
+
+/// Pending sessions whose queue deadline has passed (`status = 'pending'`:
+/// never placed since they were queued), oldest first.
+pub const EXPIRED_PENDING: &str = r#"
+SELECT id, epoch FROM sessions
+WHERE status = 'pending' AND queue_deadline IS NOT NULL AND queue_deadline < now()
+ORDER BY queue_deadline
+LIMIT 1000
+"#;
+
+/// Records a saved snapshot as the session's newest.
+pub const RECORD_SNAPSHOT: &str = r#"
+UPDATE sessions
+SET snapshot_key = $2, snapshot_bytes = $3, snapshot_time = now(), snapshots = snapshots + 1
+WHERE id = $1
+"#;
+
+/// Deletes a session that is not live; events and turns go with it (cascade).
+/// `status <> ALL($2)`: a live session is never deleted.
+pub const DELETE_SESSION: &str = "DELETE FROM sessions WHERE id = $1 AND status <> ALL($2) RETURNING id";
+
+/// Deletes the events of sessions archived before the cutoff ($1 days ago).
+pub const PURGE_ARCHIVED_EVENTS: &str = r#"
+DELETE FROM events e
+USING sessions s
+WHERE e.session_id = s.id
+  AND s.status = 'archived'
+  AND s.archive_time < now() - make_interval(days => $1)
+"#;
+
+/// Columns read into an `Agent`: the agent joined with one of its versions.
+pub const AGENT_COLUMNS: &str = "a.id, v.version, a.latest_version, v.spec, a.archived, a.create_time, v.create_time AS version_create_time";
+
+/// Creates an agent at version 1. `ON CONFLICT DO NOTHING`: an existing id
+/// returns no row (ALREADY_EXISTS).
+pub const CREATE_AGENT: &str = r#"
+WITH a AS (
+    INSERT INTO agents (id) VALUES ($1) ON CONFLICT (id) DO NOTHING RETURNING id
+)
+INSERT INTO agent_versions (agent_id, version, spec)
+SELECT id, 1, $2 FROM a
+RETURNING agent_id
+"#;
+
+/// Adds the next version of an agent that is not archived.
+pub const UPDATE_AGENT: &str = r#"
+WITH a AS (
+    UPDATE agents SET latest_version = latest_version + 1, update_time = now()
+    WHERE id = $1 AND NOT archived
+    RETURNING id, latest_version
+)
+INSERT INTO agent_versions (agent_id, version, spec)
+SELECT id, latest_version, $2 FROM a
+RETURNING version
 "#;

@@ -1,0 +1,406 @@
+//! `berth agents …`, `berth files …`, and the session options that build on
+//! them (agent versions, resources, timeouts, budget).
+
+use std::time::Duration;
+
+use berth_proto::v1::{self as pb, agents_client::AgentsClient, files_client::FilesClient};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::{CliError, RuntimeArg, explain, key_value};
+
+/// What an agent version (or an inline session) runs.
+#[derive(Args, Default)]
+pub struct SpecArgs {
+    /// Container image on the nodes (e.g. berth-test-agent:latest).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Runtime adapter.
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeArg>,
+    /// Model passed to the runtime.
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// System prompt appended by the runtime.
+    #[arg(long, default_value = "")]
+    pub system_prompt: String,
+    /// Extra runtime argument (repeatable). For jsonl: the program and its arguments.
+    #[arg(long = "arg")]
+    pub args: Vec<String>,
+    /// Environment variable for the agent, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// CPU limit for the container (e.g. 1.5). Default: the node's.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory limit for the container in MiB (at least 64). Default: the node's.
+    #[arg(long)]
+    pub memory_mib: Option<i64>,
+    /// Process limit for the container. Default: the node's.
+    #[arg(long)]
+    pub pids: Option<i64>,
+    /// Claude Code skill, NAME=FILE with the SKILL.md text (repeatable).
+    #[arg(long = "skill", value_parser = key_value)]
+    pub skills: Vec<(String, String)>,
+}
+
+impl SpecArgs {
+    fn limits(&self) -> Option<pb::Limits> {
+        if self.cpus.is_none() && self.memory_mib.is_none() && self.pids.is_none() {
+            return None;
+        }
+        Some(pb::Limits {
+            cpus: self.cpus.unwrap_or(0.0),
+            memory_bytes: self.memory_mib.unwrap_or(0) * 1024 * 1024,
+            pids: self.pids.unwrap_or(0),
+        })
+    }
+
+    fn skills(&self) -> Result<Vec<pb::Skill>, CliError> {
+        self.skills
+            .iter()
+            .map(|(name, file)| {
+                let content = std::fs::read_to_string(file)
+                    .map_err(|e| CliError(format!("--skill {name}={file}: {e}")))?;
+                Ok(pb::Skill {
+                    name: name.clone(),
+                    content,
+                })
+            })
+            .collect()
+    }
+
+    /// The session spec these flags describe (`--image` required).
+    pub fn session_spec(&self) -> Result<pb::SessionSpec, CliError> {
+        let image = self
+            .image
+            .clone()
+            .ok_or_else(|| CliError("--image is required unless --agent is given".into()))?;
+        Ok(pb::SessionSpec {
+            image,
+            runtime: runtime(self.runtime),
+            runtime_args: self.args.clone(),
+            model: self.model.clone(),
+            system_prompt: self.system_prompt.clone(),
+            env: self.env.iter().cloned().collect(),
+            limits: self.limits(),
+            skills: self.skills()?,
+        })
+    }
+
+    /// With `--agent`, only `--env` may be given: the agent supplies the rest.
+    pub fn env_only(&self) -> Result<pb::SessionSpec, CliError> {
+        let other = self.image.is_some()
+            || self.runtime.is_some()
+            || !self.model.is_empty()
+            || !self.system_prompt.is_empty()
+            || !self.args.is_empty()
+            || self.limits().is_some()
+            || !self.skills.is_empty();
+        if other {
+            return Err(CliError(
+                "with --agent only --env may be given: the agent's version supplies image, runtime, model, prompt, limits and skills".into(),
+            ));
+        }
+        Ok(pb::SessionSpec {
+            env: self.env.iter().cloned().collect(),
+            ..Default::default()
+        })
+    }
+
+    fn agent_spec(&self) -> Result<pb::AgentSpec, CliError> {
+        let s = self.session_spec()?;
+        Ok(pb::AgentSpec {
+            image: s.image,
+            runtime: s.runtime,
+            runtime_args: s.runtime_args,
+            model: s.model,
+            system_prompt: s.system_prompt,
+            env: s.env,
+            limits: s.limits,
+            skills: s.skills,
+        })
+    }
+}
+
+fn runtime(r: Option<RuntimeArg>) -> i32 {
+    match r.unwrap_or(RuntimeArg::ClaudeCode) {
+        RuntimeArg::ClaudeCode => pb::Runtime::ClaudeCode as i32,
+        RuntimeArg::Jsonl => pb::Runtime::Jsonl as i32,
+    }
+}
+
+/// Resources, limits of time and money for a new session.
+#[derive(Args, Default)]
+pub struct SessionOpts {
+    /// Upload a local file and place it in the container: PATH=LOCAL_FILE
+    /// (PATH absolute, under /workspace or the agent's home). Repeatable.
+    #[arg(long = "file", value_parser = key_value)]
+    pub files: Vec<(String, String)>,
+    /// Attach an agent's memory store: PATH=STORE, or PATH=STORE:rw to have
+    /// changes copied back when the session stops, pauses or ends. Repeatable.
+    #[arg(long = "memory", value_parser = key_value)]
+    pub memory: Vec<(String, String)>,
+    /// Clone a git repository into the container: PATH=URL, or PATH=URL#REF
+    /// for a branch, tag or commit. Repeatable.
+    #[arg(long = "git", value_parser = key_value)]
+    pub git: Vec<(String, String)>,
+    /// Hard limit on the session's run time, in seconds (ends in `timeout`).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Stop after this many seconds with no events and no input (reason `inactivity`).
+    #[arg(long)]
+    pub inactivity_timeout: Option<f64>,
+    /// Fail if not placed within this many seconds.
+    #[arg(long)]
+    pub queue_timeout: Option<f64>,
+    /// Stop once the session's cost reaches this, in USD (reason `budget`).
+    #[arg(long)]
+    pub budget: Option<f64>,
+}
+
+fn duration(flag: &str, secs: Option<f64>) -> Result<Option<prost_types::Duration>, CliError> {
+    secs.map(|s| {
+        Duration::try_from_secs_f64(s)
+            .map(berth_common::time::to_duration)
+            .map_err(|_| CliError(format!("{flag}: `{s}` is not a number of seconds")))
+    })
+    .transpose()
+}
+
+impl SessionOpts {
+    /// Fills the request's resources and limits, uploading `--file`s first.
+    pub async fn apply(
+        &self,
+        channel: &Channel,
+        d: &str,
+        req: &mut pb::CreateSessionRequest,
+    ) -> Result<(), CliError> {
+        use pb::resource::Kind;
+        for (path, local) in &self.files {
+            let f = upload(channel, d, local, None).await?;
+            req.resources.push(pb::Resource {
+                kind: Some(Kind::File(pb::FileResource {
+                    file: f.name,
+                    path: path.clone(),
+                })),
+            });
+        }
+        for (path, store) in &self.memory {
+            let (store, access) = match store.strip_suffix(":rw") {
+                Some(s) => (s, pb::MemoryAccess::ReadWrite),
+                None => (
+                    store.strip_suffix(":ro").unwrap_or(store),
+                    pb::MemoryAccess::ReadOnly,
+                ),
+            };
+            req.resources.push(pb::Resource {
+                kind: Some(Kind::Memory(pb::MemoryResource {
+                    store: store.to_string(),
+                    path: path.clone(),
+                    access: access as i32,
+                })),
+            });
+        }
+        for (path, url) in &self.git {
+            let (url, git_ref) = url.rsplit_once('#').unwrap_or((url, ""));
+            req.resources.push(pb::Resource {
+                kind: Some(Kind::Git(pb::GitResource {
+                    url: url.to_string(),
+                    r#ref: git_ref.to_string(),
+                    path: path.clone(),
+                })),
+            });
+        }
+        req.timeout = duration("--timeout", self.timeout)?;
+        req.inactivity_timeout = duration("--inactivity-timeout", self.inactivity_timeout)?;
+        req.queue_timeout = duration("--queue-timeout", self.queue_timeout)?;
+        req.budget_usd = self.budget.unwrap_or(0.0);
+        Ok(())
+    }
+}
+
+async fn upload(
+    channel: &Channel,
+    d: &str,
+    local: &str,
+    name: Option<String>,
+) -> Result<pb::File, CliError> {
+    let content = std::fs::read(local).map_err(|e| CliError(format!("cannot read {local}: {e}")))?;
+    let display_name = name.unwrap_or_else(|| {
+        std::path::Path::new(local)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let f = FilesClient::new(channel.clone())
+        .max_encoding_message_size(64 * 1024 * 1024)
+        .upload_file(pb::UploadFileRequest {
+            display_name,
+            content,
+        })
+        .await
+        .map_err(|s| explain(d, None, s))?
+        .into_inner();
+    eprintln!("uploaded {local} as {} ({} bytes)", f.name, f.size_bytes);
+    Ok(f)
+}
+
+#[derive(Subcommand)]
+pub enum AgentsCmd {
+    /// Create an agent (version 1).
+    Create {
+        /// 1-63 lowercase letters, digits and `-`, starting with a letter.
+        id: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Show an agent: the latest version, or NAME@VERSION.
+    Get { agent: String },
+    /// List agents.
+    List {
+        /// Include archived agents.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Make a new version from a whole new spec. Running sessions keep theirs.
+    Update {
+        agent: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Archive an agent: no new sessions may use it.
+    Archive { agent: String },
+}
+
+#[derive(Subcommand)]
+pub enum FilesCmd {
+    /// Upload a file (up to 32 MiB); attach it with `berth run --file PATH=…`
+    /// or a FileResource naming `files/{id}`.
+    Upload {
+        path: String,
+        /// Name to record (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show a file's metadata.
+    Get { file: String },
+    /// Delete a file.
+    Delete { file: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportFormatArg {
+    Markdown,
+    Json,
+}
+
+fn agent_line(a: &pb::Agent, json: bool) -> String {
+    let spec = a.spec.clone().unwrap_or_default();
+    if json {
+        return json!({
+            "name": a.name, "agent_id": a.agent_id, "version": a.version, "latest_version": a.latest_version,
+            "image": spec.image, "model": spec.model, "env_keys": a.env_keys, "archived": a.archived,
+            "skills": spec.skills.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+        })
+        .to_string();
+    }
+    format!(
+        "{}@{}  (latest {})  image {}  model {}{}",
+        a.name,
+        a.version,
+        a.latest_version,
+        spec.image,
+        if spec.model.is_empty() { "-" } else { &spec.model },
+        if a.archived { "  [archived]" } else { "" }
+    )
+}
+
+pub async fn agents(channel: Channel, d: &str, json: bool, cmd: AgentsCmd) -> Result<(), CliError> {
+    let mut client = AgentsClient::new(channel);
+    let err = |s| explain(d, None, s);
+    let agent = match cmd {
+        AgentsCmd::Create { id, spec } => client
+            .create_agent(pb::CreateAgentRequest {
+                agent_id: id,
+                spec: Some(spec.agent_spec()?),
+            })
+            .await
+            .map_err(err)?
+            .into_inner(),
+        AgentsCmd::Get { agent } => client
+            .get_agent(pb::GetAgentRequest {
+                name: agent,
+                version: 0,
+            })
+            .await
+            .map_err(err)?
+            .into_inner(),
+        AgentsCmd::Update { agent, spec } => client
+            .update_agent(pb::UpdateAgentRequest {
+                name: agent,
+                spec: Some(spec.agent_spec()?),
+            })
+            .await
+            .map_err(err)?
+            .into_inner(),
+        AgentsCmd::Archive { agent } => client
+            .archive_agent(pb::ArchiveAgentRequest { name: agent })
+            .await
+            .map_err(err)?
+            .into_inner(),
+        AgentsCmd::List { all } => {
+            let mut token = String::new();
+            loop {
+                let r = client
+                    .list_agents(pb::ListAgentsRequest {
+                        page_size: 200,
+                        page_token: token,
+                        show_archived: all,
+                    })
+                    .await
+                    .map_err(err)?
+                    .into_inner();
+                for a in &r.agents {
+                    println!("{}", agent_line(a, json));
+                }
+                if r.next_page_token.is_empty() {
+                    return Ok(());
+                }
+                token = r.next_page_token;
+            }
+        }
+    };
+    println!("{}", agent_line(&agent, json));
+    Ok(())
+}
+
+pub async fn files(channel: Channel, d: &str, json: bool, cmd: FilesCmd) -> Result<(), CliError> {
+    let mut client = FilesClient::new(channel.clone());
+    let f = match cmd {
+        FilesCmd::Upload { path, name } => upload(&channel, d, &path, name).await?,
+        FilesCmd::Get { file } => client
+            .get_file(pb::GetFileRequest { name: file })
+            .await
+            .map_err(|s| explain(d, None, s))?
+            .into_inner(),
+        FilesCmd::Delete { file } => {
+            client
+                .delete_file(pb::DeleteFileRequest { name: file.clone() })
+                .await
+                .map_err(|s| explain(d, None, s))?;
+            println!("deleted {file}");
+            return Ok(());
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            json!({"name": f.name, "display_name": f.display_name, "size_bytes": f.size_bytes, "sha256": f.sha256})
+        );
+    } else {
+        println!("{}  {}  {} bytes  sha256 {}", f.name, f.display_name, f.size_bytes, f.sha256);
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Agents and files: the operations behind `berth.v1.Agents` and
+//! `berth.v1.Files`, with no wire types.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use berth_common::objects::ObjectStore;
+
+use crate::error::{Error, Result};
+use crate::session::{SessionSpec, file_key};
+use crate::store::Store;
+
+/// One version of an agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub id: String,
+    pub version: i64,
+    pub latest_version: i64,
+    /// What this version runs (image, runtime, prompt, env, limits, skills).
+    pub spec: SessionSpec,
+    pub archived: bool,
+    pub create_time: DateTime<Utc>,
+    pub version_create_time: DateTime<Utc>,
+}
+
+/// An uploaded file's metadata; its bytes are the object `files/{id}`.
+#[derive(Debug, Clone)]
+pub struct FileInfo {
+    pub id: Uuid,
+    pub display_name: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub create_time: DateTime<Utc>,
+}
+
+/// Agent and file operations.
+#[derive(Clone)]
+pub struct Agents {
+    pub store: Store,
+    pub objects: ObjectStore,
+}
+
+impl Agents {
+    pub async fn create(&self, id: &str, spec: &SessionSpec) -> Result<Agent> {
+        let a = self.store.create_agent(id, spec).await?;
+        tracing::info!(agent = %id, "agent created");
+        Ok(a)
+    }
+
+    pub async fn get(&self, id: &str, version: Option<i64>) -> Result<Agent> {
+        self.store.get_agent(id, version).await
+    }
+
+    pub async fn list(&self, after: &str, show_archived: bool, limit: i64) -> Result<Vec<Agent>> {
+        self.store.list_agents(after, show_archived, limit).await
+    }
+
+    pub async fn update(&self, id: &str, spec: &SessionSpec) -> Result<Agent> {
+        let a = self.store.update_agent(id, spec).await?;
+        tracing::info!(agent = %id, version = a.version, "agent updated");
+        Ok(a)
+    }
+
+    pub async fn archive(&self, id: &str) -> Result<Agent> {
+        self.store.archive_agent(id).await
+    }
+
+    /// Stores the object first, then the row: a row always has its object.
+    pub async fn upload_file(&self, display_name: String, content: Bytes) -> Result<FileInfo> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &content);
+        let sha256 = digest
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        let info = FileInfo {
+            id: Uuid::now_v7(),
+            display_name,
+            size_bytes: content.len() as i64,
+            sha256,
+            create_time: Utc::now(),
+        };
+        self.objects.put(&file_key(info.id), content).await?;
+        self.store.insert_file(&info).await?;
+        tracing::info!(file_id = %info.id, bytes = info.size_bytes, "file uploaded");
+        Ok(info)
+    }
+
+    pub async fn get_file(&self, id: Uuid) -> Result<FileInfo> {
+        self.store.get_file(id).await
+    }
+
+    pub async fn delete_file(&self, id: Uuid) -> Result<()> {
+        if !self.store.delete_file(id).await? {
+            return Err(Error::NotFound(format!("file files/{id} not found")));
+        }
+        self.objects.delete(&file_key(id)).await?;
+        Ok(())
+    }
+}

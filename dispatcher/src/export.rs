@@ -1,0 +1,225 @@
+//! `ExportSession`: a session as a readable Markdown transcript, or as JSON.
+//!
+//! The Markdown keeps what a reader follows: user messages, agent messages,
+//! thinking, tool calls with their input and results, per-turn usage and the
+//! status changes that end or pause a run. Runtime bookkeeping (init, system
+//! lines, turn results) is left to the JSON export, which holds every event.
+
+use std::fmt::Write;
+
+use berth_common::events as ev;
+use serde_json::{Value, json};
+
+use crate::session::{Event, Session, SessionStatus};
+
+/// The transcript as Markdown.
+pub fn markdown(s: &Session, events: &[Event]) -> String {
+    let mut out = String::new();
+    let title = if s.display_name.is_empty() {
+        format!("Session {}", s.id)
+    } else {
+        s.display_name.clone()
+    };
+    let _ = writeln!(out, "# {title}\n");
+    let _ = writeln!(out, "- Session: `sessions/{}`", s.id);
+    let reason = if s.status_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", s.status_reason)
+    };
+    let _ = writeln!(out, "- Status: {}{reason}", s.status);
+    if let Some((agent, version)) = &s.agent {
+        let _ = writeln!(out, "- Agent: `agents/{agent}@{version}`");
+    }
+    let _ = writeln!(out, "- Image: `{}`", s.spec.image);
+    if !s.spec.model.is_empty() {
+        let _ = writeln!(out, "- Model: `{}`", s.spec.model);
+    }
+    let _ = writeln!(out, "- Created: {}", s.create_time.to_rfc3339());
+    let u = &s.usage;
+    let _ = writeln!(
+        out,
+        "- Usage: {} turns, {} input / {} output tokens, {} cache read / {} cache write, ${:.6}",
+        u.turns,
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_read_input_tokens,
+        u.cache_creation_input_tokens,
+        u.cost_usd
+    );
+    out.push_str("\n---\n");
+    for e in events {
+        let p: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
+        let text = |k: &str| p[k].as_str().unwrap_or_default().to_string();
+        match e.kind.as_str() {
+            ev::USER_MESSAGE => {
+                let _ = write!(out, "\n## User\n\n{}\n", text("text"));
+            }
+            ev::USER_INTERRUPT => out.push_str("\n_The user interrupted the turn._\n"),
+            ev::AGENT_MESSAGE => {
+                let _ = write!(out, "\n## Assistant\n\n{}\n", text("text"));
+            }
+            ev::AGENT_THINKING => {
+                let t = text("text");
+                if !t.is_empty() {
+                    out.push_str("\n> _Thinking:_ ");
+                    out.push_str(&t.replace('\n', "\n> "));
+                    out.push('\n');
+                }
+            }
+            ev::AGENT_TOOL_USE => {
+                let input = serde_json::to_string_pretty(&p["input"]).unwrap_or_default();
+                let _ = write!(
+                    out,
+                    "\n**Tool call** `{}` ({})\n\n{}",
+                    text("name"),
+                    text("tool_use_id"),
+                    fenced("json", &input)
+                );
+            }
+            ev::AGENT_TOOL_RESULT => {
+                let error = if p["is_error"].as_bool() == Some(true) {
+                    " (error)"
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    out,
+                    "\n**Tool result**{error} ({})\n\n{}",
+                    text("tool_use_id"),
+                    fenced("", &tool_result_text(&p["content"]))
+                );
+            }
+            ev::SESSION_USAGE => {
+                let t = &p["turn"];
+                let _ = write!(
+                    out,
+                    "\n_Turn {} usage: {} input / {} output tokens, {} cache read / {} cache write, ${:.6}{}_\n",
+                    t["number"],
+                    t["input_tokens"],
+                    t["output_tokens"],
+                    t["cache_read_input_tokens"],
+                    t["cache_creation_input_tokens"],
+                    t["cost_usd"].as_f64().unwrap_or(0.0),
+                    t["model"].as_str().filter(|m| !m.is_empty()).map(|m| format!(" ({m})")).unwrap_or_default(),
+                );
+            }
+            ev::SESSION_ERROR => {
+                let _ = write!(out, "\n_Error: {}_\n", text("message"));
+            }
+            kind => {
+                let status = kind
+                    .strip_prefix(ev::SESSION_STATUS_PREFIX)
+                    .and_then(|s| s.parse::<SessionStatus>().ok());
+                if let Some(status) = status.filter(|s| notable(*s)) {
+                    let reason = text("reason");
+                    let reason = if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    };
+                    let _ = write!(out, "\n_Session {status}{reason}_\n");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Statuses worth a line in a transcript: where a run ends or resumes.
+fn notable(s: SessionStatus) -> bool {
+    !matches!(
+        s,
+        SessionStatus::Starting | SessionStatus::Running | SessionStatus::Idle
+    )
+}
+
+/// A tool result's content: a string, or text blocks.
+fn tool_result_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .map(|b| match b["text"].as_str() {
+                Some(t) => t.to_string(),
+                None => b.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// A code block whose fence is longer than any backtick run in `body`.
+fn fenced(lang: &str, body: &str) -> String {
+    let mut longest = 0;
+    let mut run = 0;
+    for c in body.chars() {
+        if c == '`' {
+            run += 1;
+            longest = longest.max(run);
+        } else {
+            run = 0;
+        }
+    }
+    let fence = "`".repeat(longest.max(2) + 1);
+    format!("{fence}{lang}\n{}\n{fence}\n", body.trim_end_matches('\n'))
+}
+
+/// The session and every event, as JSON.
+pub fn json(s: &Session, events: &[Event]) -> String {
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            json!({
+                "seq": e.seq,
+                "id": e.id.to_string(),
+                "type": e.kind,
+                "create_time": e.create_time.to_rfc3339(),
+                "payload": serde_json::from_str::<Value>(&e.payload).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    let session = json!({
+        "name": format!("sessions/{}", s.id),
+        "id": s.id.to_string(),
+        "display_name": s.display_name,
+        "status": s.status.as_str(),
+        "status_reason": s.status_reason,
+        "agent": s.agent.as_ref().map(|(a, v)| format!("agents/{a}@{v}")),
+        "image": s.spec.image,
+        "model": s.spec.model,
+        "labels": s.labels,
+        "runtime_session_id": s.runtime_session_id,
+        "create_time": s.create_time.to_rfc3339(),
+        "usage": {
+            "turns": s.usage.turns,
+            "input_tokens": s.usage.input_tokens,
+            "output_tokens": s.usage.output_tokens,
+            "cache_read_input_tokens": s.usage.cache_read_input_tokens,
+            "cache_creation_input_tokens": s.usage.cache_creation_input_tokens,
+            "cost_usd": s.usage.cost_usd,
+        },
+    });
+    let doc = json!({ "session": session, "events": events });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fences_outgrow_backticks_in_the_body() {
+        assert_eq!(fenced("", "a"), "```\na\n```\n");
+        assert_eq!(fenced("", "x ```` y"), "`````\nx ```` y\n`````\n");
+    }
+
+    #[test]
+    fn tool_results_read_as_text() {
+        assert_eq!(tool_result_text(&json!("12 files")), "12 files");
+        let blocks = json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]);
+        assert_eq!(tool_result_text(&blocks), "a\nb");
+    }
+}
