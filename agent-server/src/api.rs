@@ -161,14 +161,20 @@ impl AgentServer for NodeApi {
                         let msg =
                             format!("frame carries epoch {}, this run is epoch {epoch}", f.epoch);
                         let _ = fence_tx.send(Err(Status::failed_precondition(msg))).await;
-                        Command::Stop { reason: "stale epoch".into(), snapshot_key: String::new() }
+                        Command::Stop {
+                            reason: "stale epoch".into(),
+                            snapshot_key: String::new(),
+                        }
                     }
                     Ok(Some(pb::DispatcherFrame {
                         kind: Some(kind), ..
                     })) => match kind {
                         dispatcher_frame::Kind::Message(m) => Command::Message(m.text),
                         dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
-                        dispatcher_frame::Kind::Stop(s) => Command::Stop { reason: s.reason, snapshot_key: s.snapshot_key },
+                        dispatcher_frame::Kind::Stop(s) => Command::Stop {
+                            reason: s.reason,
+                            snapshot_key: s.snapshot_key,
+                        },
                         dispatcher_frame::Kind::Start(_) => continue,
                     },
                     Ok(Some(_)) => continue,

@@ -13,7 +13,8 @@ use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder, UploadToContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use futures::Stream;
 use tokio::io::AsyncWrite;
@@ -193,7 +194,12 @@ impl ContainerRuntime {
     }
 
     /// Unpacks `tar` into `dir` (a volume: the root filesystem is read-only).
-    pub async fn upload_tar(&self, container_id: &str, dir: &str, tar: bytes::Bytes) -> Result<(), Error> {
+    pub async fn upload_tar(
+        &self,
+        container_id: &str,
+        dir: &str,
+        tar: bytes::Bytes,
+    ) -> Result<(), Error> {
         let opts = UploadToContainerOptionsBuilder::new().path(dir).build();
         self.docker
             .upload_to_container(container_id, Some(opts), bollard::body_full(tar))
@@ -210,8 +216,12 @@ impl ContainerRuntime {
         max_bytes: u64,
     ) -> Result<bytes::Bytes, Error> {
         use futures::StreamExt;
-        let opts = DownloadFromContainerOptionsBuilder::new().path(path).build();
-        let mut stream = self.docker.download_from_container(container_id, Some(opts));
+        let opts = DownloadFromContainerOptionsBuilder::new()
+            .path(path)
+            .build();
+        let mut stream = self
+            .docker
+            .download_from_container(container_id, Some(opts));
         let mut out = bytes::BytesMut::new();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| Error::Docker(format!("copy out of {path}: {e}")))?;
@@ -227,7 +237,11 @@ impl ContainerRuntime {
 
     /// Applies a session's own limits to a (warm) container before its agent
     /// starts. Memory+swap follows memory, as at creation.
-    pub async fn update_limits(&self, container_id: &str, limits: &crate::spec::Limits) -> Result<(), Error> {
+    pub async fn update_limits(
+        &self,
+        container_id: &str,
+        limits: &crate::spec::Limits,
+    ) -> Result<(), Error> {
         let body = bollard::models::ContainerUpdateBody {
             memory: limits.memory_bytes,
             memory_swap: limits.memory_bytes,

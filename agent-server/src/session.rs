@@ -27,7 +27,10 @@ pub enum Command {
     Message(String),
     Interrupt,
     /// Stop the agent; save a snapshot to `snapshot_key` first, if set.
-    Stop { reason: String, snapshot_key: String },
+    Stop {
+        reason: String,
+        snapshot_key: String,
+    },
 }
 
 /// What the session reports back.
@@ -172,7 +175,10 @@ async fn run_in_slot(
             tracing::info!(%reason, "session preparation failed");
             return Exit::failed(format!("preparing the session failed: {reason}"));
         }
-        match runtime.exec_agent(&id, cmd.clone(), env_with_home(&spec, &node.cfg)).await {
+        match runtime
+            .exec_agent(&id, cmd.clone(), env_with_home(&spec, &node.cfg))
+            .await
+        {
             Ok(p) => break (id, guard, p, warm),
             Err(e) if warm => {
                 tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");
@@ -281,7 +287,15 @@ async fn run_in_slot(
     let mut snapshot = None;
     let mut snapshot_error = String::new();
     if !snapshot_key.is_empty() {
-        match crate::workspace::snapshot(&runtime, &node.objects, &node.cfg, &container_id, &snapshot_key).await {
+        match crate::workspace::snapshot(
+            &runtime,
+            &node.objects,
+            &node.cfg,
+            &container_id,
+            &snapshot_key,
+        )
+        .await
+        {
             Ok(bytes) => {
                 tracing::info!(key = %snapshot_key, bytes, "snapshot saved");
                 snapshot = Some((snapshot_key.clone(), bytes));
@@ -292,8 +306,14 @@ async fn run_in_slot(
             }
         }
     }
-    let memory_errors =
-        crate::workspace::write_back_memory(&runtime, &node.objects, &node.cfg, &container_id, &spec).await;
+    let memory_errors = crate::workspace::write_back_memory(
+        &runtime,
+        &node.objects,
+        &node.cfg,
+        &container_id,
+        &spec,
+    )
+    .await;
     for e in &memory_errors {
         tracing::warn!(error = %e, "memory store write-back failed");
     }

@@ -107,7 +107,10 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
                     return Err(Error::invalid("spec.limits.cpus", "must be 0 or positive"));
                 }
                 if l.memory_bytes != 0 && l.memory_bytes < MIN_MEMORY_BYTES {
-                    return Err(Error::invalid("spec.limits.memory_bytes", "must be 0 or at least 64 MiB"));
+                    return Err(Error::invalid(
+                        "spec.limits.memory_bytes",
+                        "must be 0 or at least 64 MiB",
+                    ));
                 }
                 if l.pids < 0 {
                     return Err(Error::invalid("spec.limits.pids", "must be 0 or positive"));
@@ -127,8 +130,14 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
                 ));
             }
         }
-        if s.git.iter().any(|g| g.url.is_empty() || g.url.starts_with('-')) {
-            return Err(Error::invalid("spec.git.url", "must be a repository URL or path"));
+        if s.git
+            .iter()
+            .any(|g| g.url.is_empty() || g.url.starts_with('-'))
+        {
+            return Err(Error::invalid(
+                "spec.git.url",
+                "must be a repository URL or path",
+            ));
         }
         if s.git.iter().any(|g| g.r#ref.starts_with('-')) {
             return Err(Error::invalid("spec.git.ref", "must not start with `-`"));
@@ -147,7 +156,10 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
             files: s
                 .files
                 .into_iter()
-                .map(|f| FileCopy { key: f.key, path: f.path })
+                .map(|f| FileCopy {
+                    key: f.key,
+                    path: f.path,
+                })
                 .collect(),
             memory: s
                 .memory

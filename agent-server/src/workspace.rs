@@ -194,7 +194,9 @@ fn layout_volumes(layout: &Layout) -> Vec<String> {
 }
 
 fn locate<'a>(layout: &'a Layout, path: &str) -> Result<(&'a str, String), String> {
-    layout.locate(path).ok_or_else(|| layout.check(path).unwrap_err())
+    layout
+        .locate(path)
+        .ok_or_else(|| layout.check(path).unwrap_err())
 }
 
 /// Saves the workspace and home volumes to `key`. Returns the compressed size.
@@ -270,10 +272,24 @@ async fn clone_repo(cfg: &Config, layout: &Layout, g: &GitClone) -> Result<Bytes
     let (_, rel) = locate(layout, &g.path)?;
     let dir = std::env::temp_dir().join(format!("berth-git-{}", uuid::Uuid::new_v4().simple()));
     let result = async {
-        git(cfg, None, &["clone", "--quiet", "--no-checkout", &g.url, &dir.to_string_lossy()])
-            .await
-            .map_err(|e| format!("git repository {}: clone failed: {e}", g.url))?;
-        let target = if g.git_ref.is_empty() { "HEAD" } else { &g.git_ref };
+        git(
+            cfg,
+            None,
+            &[
+                "clone",
+                "--quiet",
+                "--no-checkout",
+                &g.url,
+                &dir.to_string_lossy(),
+            ],
+        )
+        .await
+        .map_err(|e| format!("git repository {}: clone failed: {e}", g.url))?;
+        let target = if g.git_ref.is_empty() {
+            "HEAD"
+        } else {
+            &g.git_ref
+        };
         git(cfg, Some(&dir), &["checkout", "--quiet", target, "--"])
             .await
             .map_err(|e| format!("git repository {}: no ref `{}`: {e}", g.url, target))?;
@@ -349,7 +365,10 @@ fn rebase(tar: &[u8], from: &str, to: &str) -> std::io::Result<Vec<u8>> {
         let mut header = entry.header().clone();
         let kind = header.entry_type();
         if kind.is_symlink() {
-            let target = entry.link_name()?.map(|t| t.into_owned()).unwrap_or_default();
+            let target = entry
+                .link_name()?
+                .map(|t| t.into_owned())
+                .unwrap_or_default();
             out.append_link(&mut header, join(&rest), target)?;
         } else if kind.is_hard_link() {
             let target = entry
@@ -423,7 +442,12 @@ fn memory_tar(packed: Option<&[u8]>, rel: &str, uid: u64, gid: u64) -> std::io::
 }
 
 /// Directory entries for `rel` and each of its parents, owned by uid:gid.
-fn append_dirs(out: &mut tar::Builder<Vec<u8>>, rel: &str, uid: u64, gid: u64) -> std::io::Result<()> {
+fn append_dirs(
+    out: &mut tar::Builder<Vec<u8>>,
+    rel: &str,
+    uid: u64,
+    gid: u64,
+) -> std::io::Result<()> {
     let mut path = String::new();
     for part in rel.split('/').filter(|p| !p.is_empty()) {
         if !path.is_empty() {
@@ -476,7 +500,11 @@ fn dir_tar(src: &Path, rel: &str, uid: u64, gid: u64) -> std::io::Result<Bytes> 
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            let to = if at.is_empty() { name } else { format!("{at}/{name}") };
+            let to = if at.is_empty() {
+                name
+            } else {
+                format!("{at}/{name}")
+            };
             let meta = std::fs::symlink_metadata(&path)?;
             let mut h = tar::Header::new_gnu();
             h.set_metadata(&meta);
@@ -534,10 +562,22 @@ mod tests {
     #[test]
     fn paths_must_lie_in_a_volume() {
         let l = layout();
-        assert_eq!(l.locate("/workspace/a/b.txt"), Some(("/workspace", "a/b.txt".into())));
-        assert_eq!(l.locate("/home/agent/.mem/"), Some(("/home/agent", ".mem".into())));
+        assert_eq!(
+            l.locate("/workspace/a/b.txt"),
+            Some(("/workspace", "a/b.txt".into()))
+        );
+        assert_eq!(
+            l.locate("/home/agent/.mem/"),
+            Some(("/home/agent", ".mem".into()))
+        );
         assert_eq!(l.locate("/workspace"), Some(("/workspace", String::new())));
-        for bad in ["/etc/passwd", "workspace/a", "/workspace/../etc", "/workspacex/a", "/home"] {
+        for bad in [
+            "/etc/passwd",
+            "workspace/a",
+            "/workspace/../etc",
+            "/workspacex/a",
+            "/home",
+        ] {
             assert!(l.check(bad).is_err(), "{bad} accepted");
         }
     }
@@ -547,7 +587,8 @@ mod tests {
         let ws = files_tar(&[("a.txt".into(), b"alpha".to_vec())], 1000, 1000).expect("tar");
         // Docker's archive of /workspace roots entries at the basename.
         let ws = rebase(&ws, "", "workspace").expect("rebase");
-        let home = files_tar(&[(".claude/x.jsonl".into(), b"{}".to_vec())], 1000, 1000).expect("tar");
+        let home =
+            files_tar(&[(".claude/x.jsonl".into(), b"{}".to_vec())], 1000, 1000).expect("tar");
         let home = rebase(&home, "", "agent").expect("rebase");
         let packed = join_snapshot(&[
             ("/workspace".into(), Bytes::from(ws)),
@@ -556,7 +597,10 @@ mod tests {
         .expect("join");
         let parts = split_snapshot(&packed, &layout_volumes(&layout())).expect("split");
         assert_eq!(parts[0].0, "/workspace");
-        assert_eq!(entries(&parts[0].1), [("a.txt".to_string(), "alpha".to_string())]);
+        assert_eq!(
+            entries(&parts[0].1),
+            [("a.txt".to_string(), "alpha".to_string())]
+        );
         assert_eq!(parts[1].0, "/home/agent");
         let home: Vec<_> = entries(&parts[1].1).into_iter().map(|e| e.0).collect();
         assert!(home.contains(&".claude/x.jsonl".to_string()), "{home:?}");

@@ -227,7 +227,8 @@ async fn upload(
     local: &str,
     name: Option<String>,
 ) -> Result<pb::File, CliError> {
-    let content = std::fs::read(local).map_err(|e| CliError(format!("cannot read {local}: {e}")))?;
+    let content =
+        std::fs::read(local).map_err(|e| CliError(format!("cannot read {local}: {e}")))?;
     let display_name = name.unwrap_or_else(|| {
         std::path::Path::new(local)
             .file_name()
@@ -312,7 +313,11 @@ fn agent_line(a: &pb::Agent, json: bool) -> String {
         a.version,
         a.latest_version,
         spec.image,
-        if spec.model.is_empty() { "-" } else { &spec.model },
+        if spec.model.is_empty() {
+            "-"
+        } else {
+            &spec.model
+        },
         if a.archived { "  [archived]" } else { "" }
     )
 }
@@ -400,7 +405,10 @@ pub async fn files(channel: Channel, d: &str, json: bool, cmd: FilesCmd) -> Resu
             json!({"name": f.name, "display_name": f.display_name, "size_bytes": f.size_bytes, "sha256": f.sha256})
         );
     } else {
-        println!("{}  {}  {} bytes  sha256 {}", f.name, f.display_name, f.size_bytes, f.sha256);
+        println!(
+            "{}  {}  {} bytes  sha256 {}",
+            f.name, f.display_name, f.size_bytes, f.sha256
+        );
     }
     Ok(())
 }

@@ -451,9 +451,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
                 if json {
-                    println!("{}", serde_json::json!({"deleted": session, "objects_deleted": r.objects_deleted}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"deleted": session, "objects_deleted": r.objects_deleted})
+                    );
                 } else {
-                    println!("deleted {session} ({} stored objects removed)", r.objects_deleted);
+                    println!(
+                        "deleted {session} ({} stored objects removed)",
+                        r.objects_deleted
+                    );
                 }
                 Ok(())
             }

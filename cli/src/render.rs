@@ -87,7 +87,12 @@ pub fn session_details(s: &pb::Session) -> String {
     if let Some(snap) = &s.snapshot {
         line(
             "snapshot",
-            format!("{} ({} bytes, {})", snap.key, snap.size_bytes, time(&snap.create_time)),
+            format!(
+                "{} ({} bytes, {})",
+                snap.key,
+                snap.size_bytes,
+                time(&snap.create_time)
+            ),
         );
     }
     if s.budget_usd > 0.0 {

@@ -112,7 +112,8 @@ impl ObjectStore {
         let (Some(key_id), Some(secret)) = (&args.s3_access_key_id, &args.s3_secret_access_key)
         else {
             return Err(ObjectError::Config(
-                "--s3-bucket needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
+                "--s3-bucket needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                    .into(),
             ));
         };
         let http = aws_smithy_http_client::Builder::new()
@@ -205,7 +206,11 @@ impl ObjectStore {
                         return Ok(None);
                     }
                     Err(e) => {
-                        return Err(backend("get", key, aws_sdk_s3::error::DisplayErrorContext(e)));
+                        return Err(backend(
+                            "get",
+                            key,
+                            aws_sdk_s3::error::DisplayErrorContext(e),
+                        ));
                     }
                 };
                 let body = out
@@ -367,15 +372,30 @@ mod tests {
             ..Default::default()
         })
         .expect("open");
-        store.put("a/1", Bytes::from_static(b"one")).await.expect("put");
-        store.put("a/2", Bytes::from_static(b"two")).await.expect("put");
-        store.put("b/1", Bytes::from_static(b"x")).await.expect("put");
-        assert_eq!(store.get("a/1").await.expect("get").as_deref(), Some(&b"one"[..]));
+        store
+            .put("a/1", Bytes::from_static(b"one"))
+            .await
+            .expect("put");
+        store
+            .put("a/2", Bytes::from_static(b"two"))
+            .await
+            .expect("put");
+        store
+            .put("b/1", Bytes::from_static(b"x"))
+            .await
+            .expect("put");
+        assert_eq!(
+            store.get("a/1").await.expect("get").as_deref(),
+            Some(&b"one"[..])
+        );
         assert_eq!(store.get("a/3").await.expect("get"), None);
         assert_eq!(store.list("a/").await.expect("list"), ["a/1", "a/2"]);
         assert_eq!(store.delete_prefix("a/").await.expect("delete"), 2);
         assert!(store.list("a/").await.expect("list").is_empty());
-        store.delete("a/1").await.expect("deleting a missing object is fine");
+        store
+            .delete("a/1")
+            .await
+            .expect("deleting a missing object is fine");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -231,7 +231,9 @@ fn node_spec(session: &Session) -> pb::SessionSpec {
                 read_write,
             } => {
                 // Creation refuses memory stores without an agent.
-                let Some((agent, _)) = &session.agent else { continue };
+                let Some((agent, _)) = &session.agent else {
+                    continue;
+                };
                 memory.push(pb::MemoryCopy {
                     key: memory_key(agent, store),
                     path: path.clone(),
@@ -251,7 +253,11 @@ fn node_spec(session: &Session) -> pb::SessionSpec {
         Some(snap) => (snap.key.clone(), session.runtime_session_id.clone()),
         None => (String::new(), String::new()),
     };
-    let resume_id = if s.runtime == Runtime::ClaudeCode { resume_id } else { String::new() };
+    let resume_id = if s.runtime == Runtime::ClaudeCode {
+        resume_id
+    } else {
+        String::new()
+    };
     pb::SessionSpec {
         image: s.image.clone(),
         runtime: match s.runtime {
@@ -321,7 +327,9 @@ impl Deadlines {
 
     /// The next expiry, if any clock is running.
     pub fn next(&self) -> Option<(tokio::time::Instant, Expiry)> {
-        let idle = self.last_activity.map(|t| (t + self.inactivity, Expiry::Inactive));
+        let idle = self
+            .last_activity
+            .map(|t| (t + self.inactivity, Expiry::Inactive));
         let hard = self.hard.map(|t| (t, Expiry::Hard));
         match (hard, idle) {
             (Some(h), Some(i)) => Some(if h.0 <= i.0 { h } else { i }),
@@ -447,7 +455,8 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                             Some(dispatcher_frame::Kind::Message(pb::UserMessage { text, seq: e.seq }))
                         }
                         ev::USER_INTERRUPT if e.seq > input_seq => Some(dispatcher_frame::Kind::Interrupt(pb::Interrupt {})),
-                        k if k == crate::session::SessionStatus::Stopping.event_type() => {
+                        // A stop logged before this run was claimed belongs to an earlier run.
+                        k if k == crate::session::SessionStatus::Stopping.event_type() && e.seq > session.last_seq => {
                             // Every stop and pause keeps a snapshot, so the session can resume.
                             let p: serde_json::Value = serde_json::from_str(&e.payload).unwrap_or_default();
                             let asked = StopAsked {
@@ -543,7 +552,13 @@ async fn check_budget(ctx: &Ctx, session: &Session, usage: &crate::session::Even
     let extra = serde_json::json!({"budget_usd": budget, "cost_usd": cost});
     match ctx
         .log
-        .transition_at(session.id, session.epoch, StatusEvent::StopRequested, "budget", extra)
+        .transition_at(
+            session.id,
+            session.epoch,
+            StatusEvent::StopRequested,
+            "budget",
+            extra,
+        )
         .await
     {
         Ok(_) | Err(Error::Transition(_)) => Ok(()),
@@ -683,13 +698,21 @@ async fn expire_queued(ctx: &Ctx) {
         let reason = "queue deadline passed: no node took the session in time";
         match ctx
             .log
-            .transition_at(id, epoch, StatusEvent::Failed, reason, serde_json::json!({}))
+            .transition_at(
+                id,
+                epoch,
+                StatusEvent::Failed,
+                reason,
+                serde_json::json!({}),
+            )
             .await
         {
             Ok(_) => tracing::warn!(session_id = %id, "session failed at its queue deadline"),
             // Claimed or stopped meanwhile.
             Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
-            Err(e) => tracing::warn!(session_id = %id, error = %e, "could not fail an expired session"),
+            Err(e) => {
+                tracing::warn!(session_id = %id, error = %e, "could not fail an expired session")
+            }
         }
     }
 }
@@ -720,7 +743,11 @@ pub async fn liveness_loop(ctx: Arc<Ctx>, lease: std::time::Duration) {
             last_retention = Some(tokio::time::Instant::now());
             match ctx.store.purge_archived_events(ctx.retention_days).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(events = n, days = ctx.retention_days, "deleted events of archived sessions past retention"),
+                Ok(n) => tracing::info!(
+                    events = n,
+                    days = ctx.retention_days,
+                    "deleted events of archived sessions past retention"
+                ),
                 Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
             }
         }

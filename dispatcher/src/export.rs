@@ -101,7 +101,11 @@ pub fn markdown(s: &Session, events: &[Event]) -> String {
                     t["cache_read_input_tokens"],
                     t["cache_creation_input_tokens"],
                     t["cost_usd"].as_f64().unwrap_or(0.0),
-                    t["model"].as_str().filter(|m| !m.is_empty()).map(|m| format!(" ({m})")).unwrap_or_default(),
+                    t["model"]
+                        .as_str()
+                        .filter(|m| !m.is_empty())
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default(),
                 );
             }
             ev::SESSION_ERROR => {

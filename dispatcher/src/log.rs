@@ -243,7 +243,8 @@ impl EventLog {
     }
 
     /// Streams the session's events after `after_seq`, then live ones, ending
-    /// after an event that stops the run. An error ends the stream.
+    /// after the event that stops the session's latest run (earlier runs'
+    /// ends, before a resume, pass through). An error ends the stream.
     pub fn follow(
         &self,
         session: Uuid,
@@ -322,11 +323,20 @@ impl Follower {
 
     async fn send(&mut self, e: Arc<Event>) -> Result<(), Stop> {
         self.last = e.seq;
-        let ends = e.ends_run();
+        let ends = e.ends_run() && self.is_last_run_end(e.seq).await;
         if self.tx.send(Ok(e)).await.is_err() || ends {
             return Err(Stop::Done);
         }
         Ok(())
+    }
+
+    /// Whether a run-ending event at `seq` is where the log ends for now: a
+    /// paused or stopped session that was resumed since has more to come.
+    async fn is_last_run_end(&self, seq: i64) -> bool {
+        match self.store.get_session(self.session).await {
+            Ok(s) => !(s.status.is_live() || s.last_seq > seq),
+            Err(_) => true,
+        }
     }
 
     /// Reads from the store past `last`, up to `upto` (or everything there is).

@@ -37,8 +37,8 @@ impl Sessions {
     /// Resolves the agent (pinning its version), checks the resources, queues.
     pub async fn create(&self, mut new: NewSession) -> Result<Session> {
         if let Some(agent) = &new.agent {
-            let (id, version) = berth_common::names::agent_ref(agent)
-                .map_err(|e| Error::invalid("agent", e))?;
+            let (id, version) =
+                berth_common::names::agent_ref(agent).map_err(|e| Error::invalid("agent", e))?;
             let a = self.store.get_agent(id, version).await?;
             if a.archived {
                 return Err(Error::Precondition(format!(

@@ -1,7 +1,9 @@
 //! `berth.v1.Agents` and `berth.v1.Files`.
 
 use berth_common::names;
-use berth_proto::v1::{self as pb, agents_server::Agents as AgentsApi, files_server::Files as FilesApi};
+use berth_proto::v1::{
+    self as pb, agents_server::Agents as AgentsApi, files_server::Files as FilesApi,
+};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -19,7 +21,10 @@ pub struct AgentsService {
 /// The id and optional pinned version in `agents/{id}[@{version}]`.
 fn agent_name(name: &str) -> Result<(&str, Option<i64>), Error> {
     if name.is_empty() {
-        return Err(Error::invalid("name", "required: `agents/{id}` or the agent id"));
+        return Err(Error::invalid(
+            "name",
+            "required: `agents/{id}` or the agent id",
+        ));
     }
     names::agent_ref(name).map_err(|e| Error::invalid("name", e))
 }
@@ -47,10 +52,15 @@ impl AgentsApi for AgentsService {
             .into());
         }
         let spec = agent_spec(r.spec)?;
-        Ok(Response::new(self.agents.create(&r.agent_id, &spec).await?.into()))
+        Ok(Response::new(
+            self.agents.create(&r.agent_id, &spec).await?.into(),
+        ))
     }
 
-    async fn get_agent(&self, r: Request<pb::GetAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+    async fn get_agent(
+        &self,
+        r: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
         let r = r.into_inner();
         let (id, pinned) = agent_name(&r.name)?;
         let version = match (r.version, pinned) {
@@ -75,7 +85,10 @@ impl AgentsApi for AgentsService {
             1..=1000 => i64::from(r.page_size),
             _ => return Err(Error::invalid("page_size", "must be between 1 and 1000").into()),
         };
-        let agents = self.agents.list(&r.page_token, r.show_archived, limit).await?;
+        let agents = self
+            .agents
+            .list(&r.page_token, r.show_archived, limit)
+            .await?;
         let next_page_token = if agents.len() as i64 == limit {
             agents.last().map(|a| a.id.clone()).unwrap_or_default()
         } else {
@@ -94,7 +107,11 @@ impl AgentsApi for AgentsService {
         let r = r.into_inner();
         let (id, pinned) = agent_name(&r.name)?;
         if pinned.is_some() {
-            return Err(Error::invalid("name", "name the agent, not a version: versions are immutable").into());
+            return Err(Error::invalid(
+                "name",
+                "name the agent, not a version: versions are immutable",
+            )
+            .into());
         }
         let spec = agent_spec(r.spec)?;
         Ok(Response::new(self.agents.update(id, &spec).await?.into()))
@@ -112,12 +129,19 @@ impl AgentsApi for AgentsService {
 
 #[tonic::async_trait]
 impl FilesApi for AgentsService {
-    async fn upload_file(&self, r: Request<pb::UploadFileRequest>) -> Result<Response<pb::File>, Status> {
+    async fn upload_file(
+        &self,
+        r: Request<pb::UploadFileRequest>,
+    ) -> Result<Response<pb::File>, Status> {
         let r = r.into_inner();
         if r.content.len() > limits::FILE_BYTES {
             return Err(Error::invalid(
                 "content",
-                format!("{} bytes; the limit is {}", r.content.len(), limits::FILE_BYTES),
+                format!(
+                    "{} bytes; the limit is {}",
+                    r.content.len(),
+                    limits::FILE_BYTES
+                ),
             )
             .into());
         }

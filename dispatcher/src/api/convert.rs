@@ -8,8 +8,8 @@ use berth_common::time::{from_duration, to_timestamp};
 use berth_proto::v1 as pb;
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
 use crate::agents::{Agent, FileInfo};
+use crate::error::{Error, Result};
 use crate::session::{
     Event, Limits, NewSession, Resource, Runtime, Session, SessionSpec, SessionStatus, Skill,
     limits,
@@ -173,16 +173,28 @@ fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
     }
     let lim = s.limits.unwrap_or_default();
     if !(lim.cpus >= 0.0 && lim.cpus.is_finite()) {
-        return Err(Error::invalid("spec.limits.cpus", "must be 0 (node default) or positive"));
+        return Err(Error::invalid(
+            "spec.limits.cpus",
+            "must be 0 (node default) or positive",
+        ));
     }
     if lim.memory_bytes != 0 && lim.memory_bytes < 64 * 1024 * 1024 {
-        return Err(Error::invalid("spec.limits.memory_bytes", "must be 0 (node default) or at least 64 MiB"));
+        return Err(Error::invalid(
+            "spec.limits.memory_bytes",
+            "must be 0 (node default) or at least 64 MiB",
+        ));
     }
     if lim.pids < 0 {
-        return Err(Error::invalid("spec.limits.pids", "must be 0 (node default) or positive"));
+        return Err(Error::invalid(
+            "spec.limits.pids",
+            "must be 0 (node default) or positive",
+        ));
     }
     if s.skills.len() > limits::SKILLS {
-        return Err(Error::invalid("spec.skills", format!("at most {} skills", limits::SKILLS)));
+        return Err(Error::invalid(
+            "spec.skills",
+            format!("at most {} skills", limits::SKILLS),
+        ));
     }
     for k in &s.skills {
         if !names::is_simple_name(&k.name) {
@@ -194,7 +206,11 @@ fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
         if k.content.len() > limits::SKILL_BYTES {
             return Err(Error::invalid(
                 "spec.skills.content",
-                format!("skill `{}` is longer than {} bytes", k.name, limits::SKILL_BYTES),
+                format!(
+                    "skill `{}` is longer than {} bytes",
+                    k.name,
+                    limits::SKILL_BYTES
+                ),
             ));
         }
     }
@@ -276,7 +292,10 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
     }
     let path = |field: &'static str, p: &str| -> Result<String> {
         if !p.starts_with('/') || p.split('/').any(|seg| seg == "..") || p.contains('\0') {
-            return Err(Error::invalid(field, format!("`{p}` must be an absolute path without `..`")));
+            return Err(Error::invalid(
+                field,
+                format!("`{p}` must be an absolute path without `..`"),
+            ));
         }
         check_len(field, p, limits::PATH_CHARS)?;
         Ok(p.to_string())
@@ -286,7 +305,10 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
             Some(Kind::File(f)) => {
                 let id = names::file_id(&f.file);
                 let file_id = Uuid::parse_str(id).map_err(|_| {
-                    Error::invalid("resources.file.file", format!("`{}` is not `files/{{id}}`", f.file))
+                    Error::invalid(
+                        "resources.file.file",
+                        format!("`{}` is not `files/{{id}}`", f.file),
+                    )
                 })?;
                 Ok(Resource::File {
                     file_id,
@@ -318,11 +340,17 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
             }
             Some(Kind::Git(g)) => {
                 if g.url.is_empty() || g.url.starts_with('-') {
-                    return Err(Error::invalid("resources.git.url", "must be a repository URL or path"));
+                    return Err(Error::invalid(
+                        "resources.git.url",
+                        "must be a repository URL or path",
+                    ));
                 }
                 check_len("resources.git.url", &g.url, limits::GIT_URL_CHARS)?;
                 if g.r#ref.starts_with('-') {
-                    return Err(Error::invalid("resources.git.ref", "must not start with `-`"));
+                    return Err(Error::invalid(
+                        "resources.git.ref",
+                        "must not start with `-`",
+                    ));
                 }
                 Ok(Resource::Git {
                     url: g.url,
@@ -330,7 +358,10 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
                     path: path("resources.git.path", &g.path)?,
                 })
             }
-            None => Err(Error::invalid("resources", "each resource needs file, memory or git")),
+            None => Err(Error::invalid(
+                "resources",
+                "each resource needs file, memory or git",
+            )),
         })
         .collect()
 }
@@ -364,14 +395,17 @@ fn resource_to_pb(r: Resource) -> pb::Resource {
     pb::Resource { kind: Some(kind) }
 }
 
-fn positive(field: &'static str, d: &Option<prost_types::Duration>) -> Result<Option<std::time::Duration>> {
+fn positive(
+    field: &'static str,
+    d: &Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>> {
     match d {
         None => Ok(None),
-        Some(d) => Ok(Some(
-            from_duration(d)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| Error::invalid(field, "must be positive"))?,
-        )),
+        Some(d) => {
+            Ok(Some(from_duration(d).filter(|d| !d.is_zero()).ok_or_else(
+                || Error::invalid(field, "must be positive"),
+            )?))
+        }
     }
 }
 
@@ -466,7 +500,10 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
         };
         let timeout = positive("timeout", &r.timeout)?;
         if !(r.budget_usd >= 0.0 && r.budget_usd.is_finite()) {
-            return Err(Error::invalid("budget_usd", "must be 0 (no budget) or positive"));
+            return Err(Error::invalid(
+                "budget_usd",
+                "must be 0 (no budget) or positive",
+            ));
         }
         let agent = Some(r.agent).filter(|a| !a.is_empty());
         let spec = match &agent {

@@ -177,10 +177,14 @@ impl SessionsApi for SessionsService {
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let format = match pb::ExportFormat::try_from(r.format) {
-            Ok(pb::ExportFormat::Unspecified | pb::ExportFormat::Markdown) => ExportFormat::Markdown,
+            Ok(pb::ExportFormat::Unspecified | pb::ExportFormat::Markdown) => {
+                ExportFormat::Markdown
+            }
             Ok(pb::ExportFormat::Json) => ExportFormat::Json,
             Err(_) => {
-                return Err(Error::invalid("format", format!("unknown format {}", r.format)).into());
+                return Err(
+                    Error::invalid("format", format!("unknown format {}", r.format)).into(),
+                );
             }
         };
         let content = self.sessions.export(id, format).await?;

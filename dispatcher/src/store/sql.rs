@@ -179,7 +179,8 @@ WHERE id = $1
 
 /// Deletes a session that is not live; events and turns go with it (cascade).
 /// `status <> ALL($2)`: a live session is never deleted.
-pub const DELETE_SESSION: &str = "DELETE FROM sessions WHERE id = $1 AND status <> ALL($2) RETURNING id";
+pub const DELETE_SESSION: &str =
+    "DELETE FROM sessions WHERE id = $1 AND status <> ALL($2) RETURNING id";
 
 /// Deletes the events of sessions archived before the cutoff ($1 days ago).
 pub const PURGE_ARCHIVED_EVENTS: &str = r#"
