@@ -8,6 +8,8 @@ sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need=()
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
+# Nodes clone git resources with the host's git.
+command -v git >/dev/null || need+=(git)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"

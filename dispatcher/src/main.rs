@@ -22,6 +22,8 @@ async fn main() -> std::process::ExitCode {
             node_cfg.node_id = "local".into();
             node_cfg.capacity = cfg.local_capacity;
             node_cfg.log_format = cfg.log_format;
+            // One object store for both, whatever flags the dispatcher was given.
+            node_cfg.objects = cfg.objects.clone();
             local_node = Some(
                 berth_dispatcher::start_local_node(&mut cfg, node_cfg, shutdown.clone()).await?,
             );
