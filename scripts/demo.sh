@@ -26,4 +26,23 @@ echo
 echo "==> replaying a recorded Claude Code transcript"
 target/debug/berth run --image berth-test-agent:latest "replay /fixtures/claude-code/explore_count_files.jsonl"
 echo
+echo "==> a durable session: write a file, pause (snapshot), resume, read it back"
+B=target/debug/berth
+id=$($B --json run --keep --image berth-test-agent:latest "write notes.txt kept across pause" \
+  | grep -o '"session_id":"[^"]*"' | head -1 | cut -d'"' -f4)
+$B sessions pause "$id"
+for _ in $(seq 1 100); do
+  $B sessions get "$id" | grep -q '^status  *paused' && break
+  sleep 0.2
+done
+$B sessions get "$id" | grep -E '^(status|snapshot)'
+$B sessions resume "$id"
+$B sessions send "$id" "read notes.txt" >/dev/null
+for _ in $(seq 1 100); do
+  $B sessions events "$id" | grep -v '^>' | grep -q 'kept across pause' && break
+  sleep 0.2
+done
+echo "after resume, the agent read back: $($B sessions events "$id" | grep -v '^>' | grep 'kept across pause' | tail -1)"
+$B sessions stop "$id" >/dev/null
+echo
 echo "berth is running at http://127.0.0.1:7000 — try: target/debug/berth sessions list"
