@@ -387,60 +387,44 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
             SessionsCmd::Stop { session } => {
-                let s = client
+                let r = client
                     .stop_session(pb::StopSessionRequest {
                         name: session.clone(),
                     })
-                    .await
-                    .map_err(|e| explain(d, Some(&session), e))?
-                    .into_inner();
-                print_session(&s, json);
-                Ok(())
+                    .await;
+                show_session(d, &session, json, r)
             }
             SessionsCmd::Pause { session } => {
-                let s = client
+                let r = client
                     .pause_session(pb::PauseSessionRequest {
                         name: session.clone(),
                     })
-                    .await
-                    .map_err(|e| explain(d, Some(&session), e))?
-                    .into_inner();
-                print_session(&s, json);
-                Ok(())
+                    .await;
+                show_session(d, &session, json, r)
             }
             SessionsCmd::Resume { session } => {
-                let s = client
+                let r = client
                     .resume_session(pb::ResumeSessionRequest {
                         name: session.clone(),
                     })
-                    .await
-                    .map_err(|e| explain(d, Some(&session), e))?
-                    .into_inner();
-                print_session(&s, json);
-                Ok(())
+                    .await;
+                show_session(d, &session, json, r)
             }
             SessionsCmd::Archive { session } => {
-                let s = client
+                let r = client
                     .archive_session(pb::ArchiveSessionRequest {
                         name: session.clone(),
                     })
-                    .await
-                    .map_err(|e| explain(d, Some(&session), e))?
-                    .into_inner();
-                print_session(&s, json);
-                Ok(())
+                    .await;
+                show_session(d, &session, json, r)
             }
             SessionsCmd::Clone { session } => {
-                let s = client
-                    .clone_session(pb::CloneSessionRequest {
-                        name: session.clone(),
-                        request_id: uuid::Uuid::new_v4().to_string(),
-                    })
-                    .await
-                    .map_err(|e| explain(d, Some(&session), e))?
-                    .into_inner();
-                print_session(&s, json);
-                Ok(())
+                let req = pb::CloneSessionRequest {
+                    name: session.clone(),
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                };
+                let r = client.clone_session(req).await;
+                show_session(d, &session, json, r)
             }
             SessionsCmd::Delete { session } => {
                 let r = client
@@ -494,12 +478,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-fn print_session(s: &pb::Session, json: bool) {
+/// Prints the session a control call returned, or explains its error.
+fn show_session(
+    d: &str,
+    session: &str,
+    json: bool,
+    r: Result<tonic::Response<pb::Session>, tonic::Status>,
+) -> Result<(), CliError> {
+    let s = r.map_err(|e| explain(d, Some(session), e))?.into_inner();
     if json {
-        println!("{}", render::session_json(s));
+        println!("{}", render::session_json(&s));
     } else {
-        println!("{}", render::session_line(s));
+        println!("{}", render::session_line(&s));
     }
+    Ok(())
 }
 
 /// Prints the seq a request was logged at.
