@@ -42,8 +42,8 @@ ALTER TABLE sessions
     ADD COLUMN snapshots             bigint NOT NULL DEFAULT 0,
     ADD COLUMN archive_time          timestamptz;
 
--- The queue-deadline sweep reads only pending sessions that have a deadline.
+-- The queue-deadline sweep reads only queued sessions that have a deadline.
 CREATE INDEX sessions_queue_deadline ON sessions (queue_deadline)
-    WHERE status = 'pending' AND queue_deadline IS NOT NULL;
+    WHERE status IN ('pending', 'rescheduling') AND queue_deadline IS NOT NULL;
 -- Retention reads archived sessions by archive time.
 CREATE INDEX sessions_archived ON sessions (archive_time) WHERE status = 'archived';

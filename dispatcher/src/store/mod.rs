@@ -398,7 +398,7 @@ impl Store {
         Ok(())
     }
 
-    /// Pending sessions past their queue deadline, with their epochs.
+    /// Never-placed queued sessions past their queue deadline, with their epochs.
     pub async fn expired_pending(&self) -> Result<Vec<(Uuid, i64)>> {
         Ok(sqlx::query_as(sql::EXPIRED_PENDING)
             .fetch_all(&self.pool)

@@ -161,11 +161,13 @@ WHERE s.status IN ('starting', 'running', 'idle', 'stopping')
 LIMIT 1000
 "#;
 
-/// Pending sessions whose queue deadline has passed (`status = 'pending'`:
-/// never placed since they were queued), oldest first.
+/// Queued sessions whose queue deadline has passed and that were never
+/// placed (`start_time IS NULL`: a `rescheduling` session that no node would
+/// take never ran either), oldest first.
 pub const EXPIRED_PENDING: &str = r#"
 SELECT id, epoch FROM sessions
-WHERE status = 'pending' AND queue_deadline IS NOT NULL AND queue_deadline < now()
+WHERE status IN ('pending', 'rescheduling') AND start_time IS NULL
+  AND queue_deadline IS NOT NULL AND queue_deadline < now()
 ORDER BY queue_deadline
 LIMIT 1000
 "#;
