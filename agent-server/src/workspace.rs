@@ -66,13 +66,17 @@ impl Layout {
 
     /// A path a session may name: absolute, normal, inside a volume.
     pub fn check(&self, path: &str) -> Result<(), String> {
-        if self.locate(path).is_none() {
-            return Err(format!(
+        self.volume_of(path).map(|_| ())
+    }
+
+    /// [`Layout::locate`], with an error saying where paths may go.
+    pub fn volume_of<'a>(&'a self, path: &str) -> Result<(&'a str, String), String> {
+        self.locate(path).ok_or_else(|| {
+            format!(
                 "`{path}` must be an absolute path under {} or {} (the container's writable volumes), without `..`",
                 self.workspace, self.home
-            ));
-        }
-        Ok(())
+            )
+        })
     }
 }
 
@@ -132,7 +136,7 @@ pub async fn prepare(
                 .await
                 .map_err(|e| format!("file {}: {e}", f.key))?
                 .ok_or_else(|| format!("file {} does not exist", f.key))?;
-            let (volume, rel) = locate(&layout, &f.path)?;
+            let (volume, rel) = layout.volume_of(&f.path)?;
             let (uid, gid) = (layout.uid, layout.gid);
             let tar = blocking(move || single_file_tar(&rel, &body, uid, gid))
                 .await
@@ -144,7 +148,7 @@ pub async fn prepare(
         }
         for g in &spec.git {
             let tar = clone_repo(cfg, &layout, g).await?;
-            let (volume, _) = locate(&layout, &g.path)?;
+            let (volume, _) = layout.volume_of(&g.path)?;
             runtime
                 .upload_tar(container, volume, tar)
                 .await
@@ -156,7 +160,7 @@ pub async fn prepare(
             .get(&m.key)
             .await
             .map_err(|e| format!("memory store {}: {e}", m.key))?;
-        let (volume, rel) = locate(&layout, &m.path)?;
+        let (volume, rel) = layout.volume_of(&m.path)?;
         let (uid, gid) = (layout.uid, layout.gid);
         let tar = blocking(move || memory_tar(packed.as_deref(), &rel, uid, gid))
             .await
@@ -191,12 +195,6 @@ pub async fn prepare(
 
 fn layout_volumes(layout: &Layout) -> Vec<String> {
     layout.volumes().iter().map(|v| v.to_string()).collect()
-}
-
-fn locate<'a>(layout: &'a Layout, path: &str) -> Result<(&'a str, String), String> {
-    layout
-        .locate(path)
-        .ok_or_else(|| layout.check(path).unwrap_err())
 }
 
 /// Saves the workspace and home volumes to `key`. Returns the compressed size.
@@ -269,7 +267,7 @@ pub async fn write_back_memory(
 /// Clones `g` on the node (the container has no network or git) and returns
 /// a tar of the checkout placed at its path relative to its volume.
 async fn clone_repo(cfg: &Config, layout: &Layout, g: &GitClone) -> Result<Bytes, String> {
-    let (_, rel) = locate(layout, &g.path)?;
+    let (_, rel) = layout.volume_of(&g.path)?;
     let dir = std::env::temp_dir().join(format!("berth-git-{}", uuid::Uuid::new_v4().simple()));
     let result = async {
         git(

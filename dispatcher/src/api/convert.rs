@@ -106,6 +106,42 @@ fn labels(map: std::collections::HashMap<String, String>) -> Result<BTreeMap<Str
     Ok(map.into_iter().collect())
 }
 
+/// Validates a spec's env: names, NUL bytes, count and total size.
+fn env(env: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    if env.len() > limits::ENV_VARS {
+        return Err(Error::invalid(
+            "spec.env",
+            format!("at most {} variables", limits::ENV_VARS),
+        ));
+    }
+    let mut env_bytes = 0;
+    for (k, v) in &env {
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(Error::invalid(
+                "spec.env",
+                format!("bad variable name `{k}`: use [A-Za-z_][A-Za-z0-9_]*"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(Error::invalid(
+                "spec.env",
+                format!("`{k}` contains a NUL byte"),
+            ));
+        }
+        env_bytes += k.len() + v.len();
+    }
+    if env_bytes > limits::ENV_BYTES {
+        return Err(Error::invalid(
+            "spec.env",
+            format!("{env_bytes} bytes; the limit is {}", limits::ENV_BYTES),
+        ));
+    }
+    Ok(env.into_iter().collect())
+}
+
 fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
     let s = s.ok_or_else(|| Error::invalid("spec", "required"))?;
     if s.image.trim().is_empty() {
@@ -134,37 +170,7 @@ fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
             format!("at most {} arguments", limits::RUNTIME_ARGS),
         ));
     }
-    if s.env.len() > limits::ENV_VARS {
-        return Err(Error::invalid(
-            "spec.env",
-            format!("at most {} variables", limits::ENV_VARS),
-        ));
-    }
-    let mut env_bytes = 0;
-    for (k, v) in &s.env {
-        let ok = !k.is_empty()
-            && !k.starts_with(|c: char| c.is_ascii_digit())
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !ok {
-            return Err(Error::invalid(
-                "spec.env",
-                format!("bad variable name `{k}`: use [A-Za-z_][A-Za-z0-9_]*"),
-            ));
-        }
-        if v.contains('\0') {
-            return Err(Error::invalid(
-                "spec.env",
-                format!("`{k}` contains a NUL byte"),
-            ));
-        }
-        env_bytes += k.len() + v.len();
-    }
-    if env_bytes > limits::ENV_BYTES {
-        return Err(Error::invalid(
-            "spec.env",
-            format!("{env_bytes} bytes; the limit is {}", limits::ENV_BYTES),
-        ));
-    }
+    let env = env(s.env)?;
     if s.system_prompt.len() > limits::SYSTEM_PROMPT_BYTES {
         return Err(Error::invalid(
             "spec.system_prompt",
@@ -220,7 +226,7 @@ fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
         runtime_args: s.runtime_args,
         model: s.model,
         system_prompt: s.system_prompt,
-        env: s.env.into_iter().collect(),
+        env,
         limits: Limits {
             cpus: lim.cpus,
             memory_bytes: lim.memory_bytes,
@@ -270,14 +276,8 @@ fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
             "must be empty when `agent` is set: the agent's version supplies it (only spec.env may be given)",
         ));
     }
-    let env = s.env;
-    let checked = spec(Some(pb::SessionSpec {
-        image: "agent".into(),
-        env,
-        ..Default::default()
-    }))?;
     Ok(SessionSpec {
-        env: checked.env,
+        env: env(s.env)?,
         ..Default::default()
     })
 }
