@@ -81,6 +81,7 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             snapshot_bytes: x.snapshot.as_ref().map_or(0, |s| s.1 as i64),
             snapshot_error: x.snapshot_error,
             memory_errors: x.memory_errors,
+            evicted: x.evicted,
         }),
     };
     pb::NodeFrame {

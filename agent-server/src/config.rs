@@ -139,10 +139,27 @@ pub struct Config {
     )]
     pub tls_allowed_clients: Vec<String>,
 
-    /// Log format.
+    /// Log format: `text`, or `json` (one object per line; session log lines
+    /// carry `session_id`).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Address of the HTTP endpoint with `/metrics` (Prometheus), `/healthz`
+    /// (liveness) and `/readyz` (readiness: 503 while draining), or `off`.
+    #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "0.0.0.0:9401")]
+    pub metrics_listen: berth_common::metrics::Listen,
+
+    /// On SIGTERM the node drains: it takes no new sessions and gives running
+    /// ones this long (seconds) to finish. Then each remaining session is
+    /// stopped with a snapshot and placed again on another node by its
+    /// dispatcher. A second SIGTERM (or SIGINT) stops at once.
+    #[arg(long, env = "BERTH_DRAIN_TIMEOUT", value_parser = humantime_secs, default_value = "60")]
+    pub drain_timeout: Duration,
 }
+
+/// How long evicted sessions get to save their snapshots before the node
+/// exits anyway (on top of `--stop-grace`).
+pub const EVICT_SNAPSHOT_GRACE: Duration = Duration::from_secs(60);
 
 fn default_node_id() -> String {
     std::env::var("HOSTNAME")

@@ -80,6 +80,15 @@ impl ContainerRuntime {
         image: &str,
         purpose: Purpose<'_>,
     ) -> Result<String, Error> {
+        let label = match purpose {
+            Purpose::Session(_) => "session",
+            Purpose::Warm => "warm",
+        };
+        let histogram = metrics::histogram!(crate::metrics::CONTAINER_START, "purpose" => label);
+        crate::metrics::timed(histogram, self.create_and_start(image, purpose)).await
+    }
+
+    async fn create_and_start(&self, image: &str, purpose: Purpose<'_>) -> Result<String, Error> {
         let cfg = &self.cfg;
         let mut labels = HashMap::from([
             (LABEL_MANAGED.to_string(), "true".to_string()),
@@ -154,6 +163,16 @@ impl ContainerRuntime {
 
     /// Starts the agent in the container with `env`, stdin and stdout attached.
     pub async fn exec_agent(
+        &self,
+        container_id: &str,
+        cmd: Vec<String>,
+        env: Vec<String>,
+    ) -> Result<AgentProcess, Error> {
+        let histogram = metrics::histogram!(crate::metrics::CONTAINER_EXEC);
+        crate::metrics::timed(histogram, self.exec(container_id, cmd, env)).await
+    }
+
+    async fn exec(
         &self,
         container_id: &str,
         cmd: Vec<String>,
@@ -316,7 +335,11 @@ impl ContainerRuntime {
             .force(true)
             .v(true)
             .build();
-        match self.docker.remove_container(container_id, Some(opts)).await {
+        let histogram = metrics::histogram!(crate::metrics::CONTAINER_REMOVE);
+        let removed =
+            crate::metrics::timed(histogram, self.docker.remove_container(container_id, Some(opts)))
+                .await;
+        match removed {
             Ok(()) => {}
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..

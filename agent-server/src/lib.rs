@@ -11,6 +11,7 @@ pub mod config;
 pub mod container;
 pub mod error;
 pub mod lines;
+pub mod metrics;
 pub mod node;
 pub mod pool;
 pub mod session;
@@ -36,6 +37,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_drain(cfg, listener, CancellationToken::new(), shutdown).await
+}
+
+/// [`run`], plus a graceful drain: when `drain` is cancelled (SIGTERM) the
+/// node stops taking sessions, gives running ones `--drain-timeout` to
+/// finish, snapshots the rest so their dispatchers place them elsewhere, and
+/// then shuts down. Cancelling `shutdown` stops at once.
+pub async fn run_with_drain(
+    cfg: Config,
+    listener: TcpListener,
+    drain: CancellationToken,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut cfg = cfg;
     cfg.normalize();
     cfg.validate()?;
@@ -55,7 +69,44 @@ pub async fn run(
     tracing::info!(store = ?objects, "object store");
     let node = node::Node::new(cfg, runtime, objects, shutdown.child_token());
     node.spawn_sampler();
+    if let Some(addr) = node.cfg.metrics_listen.0 {
+        let handle = metrics::install()?;
+        let listener = berth_common::metrics::bind(addr, "--metrics-listen").await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness on HTTP");
+        let ready = {
+            let node = node.clone();
+            Arc::new(move || {
+                if node.is_draining() {
+                    Err("node is draining".to_string())
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        tokio::spawn(berth_common::metrics::serve(
+            listener,
+            handle,
+            ready,
+            shutdown.clone(),
+        ));
+    }
+    spawn_load_gauges(&node);
     let pools = node.pools.spawn();
+    {
+        let (node, shutdown) = (node.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = drain.cancelled() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let grace = node.cfg.stop_grace + config::EVICT_SNAPSHOT_GRACE;
+            tokio::select! {
+                () = node.drain_for_shutdown(node.cfg.drain_timeout, grace) => {}
+                () = shutdown.cancelled() => {}
+            }
+            shutdown.cancel();
+        });
+    }
     let served = serve(node.clone(), listener, tls, shutdown).await;
     node.shutdown.cancel();
     node.wait_idle().await;
@@ -64,6 +115,26 @@ pub async fn run(
         let _ = p.await;
     }
     served
+}
+
+/// Keeps the node's capacity, running and draining gauges current.
+fn spawn_load_gauges(node: &Arc<node::Node>) {
+    let mut load = node.watch_load();
+    let shutdown = node.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            {
+                let l = load.borrow_and_update();
+                ::metrics::gauge!(metrics::NODE_CAPACITY).set(f64::from(l.capacity));
+                ::metrics::gauge!(metrics::NODE_RUNNING).set(f64::from(l.running));
+                ::metrics::gauge!(metrics::NODE_DRAINING).set(if l.draining { 1.0 } else { 0.0 });
+            }
+            tokio::select! {
+                changed = load.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
 }
 
 async fn serve(
@@ -110,6 +181,7 @@ async fn serve(
         "agent-server listening"
     );
     builder
+        .layer(berth_common::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)

@@ -7,18 +7,28 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> std::process::ExitCode {
     let cfg = berth_agent_server::Config::parse();
     berth_common::telemetry::init(cfg.log_format);
+    let drain = CancellationToken::new();
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        berth_common::shutdown_signal().await;
-        tracing::info!("shutting down: stopping sessions and removing their containers");
-        signal.cancel();
-    });
+    {
+        let (drain, shutdown) = (drain.clone(), shutdown.clone());
+        let drain_timeout = cfg.drain_timeout;
+        tokio::spawn(async move {
+            berth_common::shutdown_signal().await;
+            tracing::info!(
+                ?drain_timeout,
+                "signal received: draining (no new sessions; running ones finish or move); a second signal stops at once"
+            );
+            drain.cancel();
+            berth_common::shutdown_signal().await;
+            tracing::warn!("second signal: stopping sessions and removing their containers now");
+            shutdown.cancel();
+        });
+    }
     let result = async {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
-        berth_agent_server::run(cfg, listener, shutdown).await
+        berth_agent_server::run_with_drain(cfg, listener, drain, shutdown).await
     }
     .await;
     match result {

@@ -71,6 +71,17 @@ pub enum Refusal {
     StaleEpoch(i64),
 }
 
+impl Refusal {
+    /// The metrics label of this refusal.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::AtCapacity(_) => "at_capacity",
+            Self::Draining => "draining",
+            Self::StaleEpoch(_) => "stale_epoch",
+        }
+    }
+}
+
 /// Shared node state.
 pub struct Node {
     pub cfg: Config,
@@ -86,6 +97,8 @@ pub struct Node {
     generation: AtomicU64,
     /// Cancelled when the node shuts down; every session's token is a child.
     pub shutdown: CancellationToken,
+    /// Cancelled when a drain's deadline passes; every slot's `evict` is a child.
+    evict: CancellationToken,
 }
 
 /// A held session slot. Dropping it frees the slot.
@@ -94,6 +107,8 @@ pub struct Slot {
     session_id: String,
     epoch: i64,
     pub cancel: CancellationToken,
+    /// Cancelled when a drain's deadline passes: the run ends with a snapshot.
+    pub evict: CancellationToken,
 }
 
 impl Node {
@@ -123,6 +138,7 @@ impl Node {
             capacity,
             generation: AtomicU64::new(0),
             shutdown,
+            evict: CancellationToken::new(),
         })
     }
 
@@ -160,6 +176,7 @@ impl Node {
             return Err(Refusal::AtCapacity(capacity));
         }
         let cancel = self.shutdown.child_token();
+        let evict = self.evict.child_token();
         sessions.insert(
             session_id.to_string(),
             RunningSession {
@@ -177,6 +194,7 @@ impl Node {
             session_id: session_id.to_string(),
             epoch,
             cancel,
+            evict,
         })
     }
 
@@ -205,6 +223,32 @@ impl Node {
         self.pools.stop();
         self.load.send_modify(|l| l.draining = true);
         self.sessions().len() as u32
+    }
+
+    /// Drains the node for a shutdown (SIGTERM): no new sessions; running
+    /// ones get `deadline` to finish, then are stopped with a snapshot (the
+    /// dispatcher places them again). Returns once no session holds a slot,
+    /// or `deadline` plus `grace` have passed.
+    pub async fn drain_for_shutdown(
+        &self,
+        deadline: std::time::Duration,
+        grace: std::time::Duration,
+    ) {
+        let running = self.drain();
+        tracing::info!(running, deadline = ?deadline, "draining for shutdown: waiting for running sessions to finish");
+        if tokio::time::timeout(deadline, self.wait_idle()).await.is_ok() {
+            tracing::info!("drained: every session finished");
+            return;
+        }
+        let left = self.sessions().len();
+        tracing::info!(sessions = left, "drain deadline passed: snapshotting the remaining sessions so they resume elsewhere");
+        self.evict.cancel();
+        if tokio::time::timeout(grace, self.wait_idle()).await.is_err() {
+            tracing::warn!(
+                sessions = self.sessions().len(),
+                "sessions still running after the drain grace period; stopping them without a snapshot"
+            );
+        }
     }
 
     /// Subscribes to load changes.

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::container::{ContainerRuntime, Purpose};
+use crate::metrics::{
+    POOL_EVICTIONS, POOL_HITS, POOL_MISSES, POOL_READY, POOL_REFILL_FAILURES, POOL_REFILLS,
+    POOL_TARGET,
+};
 use crate::node::Load;
 
 /// One pool's configuration: `IMAGE=MIN[:MAX]`.
@@ -67,16 +71,6 @@ impl FromStr for PoolSpec {
     }
 }
 
-/// Counters of one pool, for load reports and metrics.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub refills: AtomicU64,
-    pub refill_failures: AtomicU64,
-    pub evictions: AtomicU64,
-}
-
 struct Warm {
     id: String,
     ready_at: Instant,
@@ -89,7 +83,6 @@ pub struct Pool {
     /// Containers to keep ready or starting.
     target: AtomicU32,
     wake: Notify,
-    pub stats: PoolStats,
 }
 
 impl Pool {
@@ -135,7 +128,6 @@ impl Pools {
                     ready: Mutex::new(VecDeque::new()),
                     target: AtomicU32::new(spec.min),
                     wake: Notify::new(),
-                    stats: PoolStats::default(),
                 };
                 (spec.image.clone(), Arc::new(pool))
             })
@@ -153,6 +145,9 @@ impl Pools {
 
     /// Starts each pool's refill loop.
     pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        for image in self.pools.keys() {
+            crate::metrics::init_pool_series(image);
+        }
         self.pools
             .values()
             .map(|pool| tokio::spawn(self.clone().refill_loop(pool.clone())))
@@ -181,30 +176,33 @@ impl Pools {
             let i = ready.iter().position(|w| w.ready_at.elapsed() < max_idle);
             i.and_then(|i| ready.remove(i))
         };
-        match &claimed {
-            Some(_) => {
-                pool.stats.hits.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                pool.stats.misses.fetch_add(1, Ordering::Relaxed);
-                let _ = pool
-                    .target
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                        (t < pool.spec.max).then_some(t + 1)
-                    });
-            }
+        // Hits and misses are counted where the start's outcome is known
+        // (`session`): a claimed container can still turn out dead.
+        if claimed.is_none() {
+            let _ = pool
+                .target
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    (t < pool.spec.max).then_some(t + 1)
+                });
         }
         pool.wake.notify_one();
         self.publish();
         claimed.map(|w| w.id)
     }
 
-    /// Records that a claimed container turned out dead at exec: a miss.
+    /// Records that a claimed container turned out dead at exec.
     pub fn claimed_dead(&self, image: &str) {
-        if let Some(pool) = self.pools.get(image) {
-            pool.stats.hits.fetch_sub(1, Ordering::Relaxed);
-            pool.stats.misses.fetch_add(1, Ordering::Relaxed);
-            pool.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        if self.pools.contains_key(image) {
+            metrics::counter!(POOL_EVICTIONS, "image" => image.to_string(), "reason" => "dead")
+                .increment(1);
+        }
+    }
+
+    /// Counts a start of `image` as a pool hit or miss (pooled images only).
+    pub fn count_start(&self, image: &str, warm: bool) {
+        if self.pools.contains_key(image) {
+            let name = if warm { POOL_HITS } else { POOL_MISSES };
+            metrics::counter!(name, "image" => image.to_string()).increment(1);
         }
     }
 
@@ -215,6 +213,11 @@ impl Pools {
             .values()
             .map(|p| (p.spec.image.clone(), p.ready_count()))
             .collect();
+        for p in self.pools.values() {
+            let image = p.spec.image.clone();
+            metrics::gauge!(POOL_READY, "image" => image.clone()).set(f64::from(p.ready_count()));
+            metrics::gauge!(POOL_TARGET, "image" => image).set(f64::from(p.target()));
+        }
         warm.sort();
         self.load.send_if_modified(|l| {
             let changed = l.warm != warm;
@@ -248,7 +251,7 @@ impl Pools {
                             id,
                             ready_at: Instant::now(),
                         });
-                        pool.stats.refills.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(POOL_REFILLS, "image" => image.clone()).increment(1);
                         backoff = Duration::from_millis(500);
                         self.publish();
                     }
@@ -257,7 +260,7 @@ impl Pools {
                         break;
                     }
                     Err(e) => {
-                        pool.stats.refill_failures.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(POOL_REFILL_FAILURES, "image" => image.clone()).increment(1);
                         tracing::warn!(%image, error = %e, retry_in = ?backoff, "warm container failed to start");
                         next_start = Instant::now() + backoff;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -322,9 +325,11 @@ impl Pools {
             return;
         }
         tracing::info!(image = %pool.spec.image, evicted = evicted.len(), expired, "evicting warm containers");
-        pool.stats
-            .evictions
-            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        let image = pool.spec.image.clone();
+        let dead = evicted.len() as u64 - u64::from(expired);
+        metrics::counter!(POOL_EVICTIONS, "image" => image.clone(), "reason" => "dead").increment(dead);
+        metrics::counter!(POOL_EVICTIONS, "image" => image, "reason" => "expired")
+            .increment(u64::from(expired));
         let min = pool.spec.min;
         let _ = pool
             .target

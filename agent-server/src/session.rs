@@ -55,6 +55,8 @@ pub struct Exit {
     pub snapshot: Option<(String, u64)>,
     pub snapshot_error: String,
     pub memory_errors: Vec<String>,
+    /// The node ended the run itself, to drain.
+    pub evicted: bool,
 }
 
 impl Exit {
@@ -67,6 +69,7 @@ impl Exit {
             snapshot: None,
             snapshot_error: String::new(),
             memory_errors: Vec::new(),
+            evicted: false,
         }
     }
 }
@@ -114,6 +117,8 @@ pub async fn run(
             Ok(slot) => slot,
             Err(refusal) => {
                 tracing::info!(%refusal, "refused start");
+                metrics::counter!(crate::metrics::NODE_REFUSALS, "reason" => refusal.label())
+                    .increment(1);
                 let _ = out.send(Output::Refused(refusal.to_string())).await;
                 return;
             }
@@ -168,8 +173,9 @@ async fn run_in_slot(
                     .map_err(|e| e.to_string())?;
             }
             crate::workspace::prepare(&runtime, &node.objects, &node.cfg, &id, &spec).await
-        }
-        .await;
+        };
+        let prepared =
+            crate::metrics::timed(metrics::histogram!(crate::metrics::PREPARE), prepared).await;
         if let Err(reason) = prepared {
             guard.remove().await;
             tracing::info!(%reason, "session preparation failed");
@@ -192,6 +198,9 @@ async fn run_in_slot(
         }
     };
     tracing::debug!(%container_id, warm = is_warm, "agent started");
+    node.pools.count_start(&spec.image, is_warm);
+    let start = if is_warm { "warm" } else { "cold" };
+    metrics::counter!(crate::metrics::NODE_STARTS, "start" => start).increment(1);
     if out
         .send(Output::Accepted {
             container_id: container_id.clone(),
@@ -215,6 +224,7 @@ async fn run_in_slot(
     let mut snapshot_key = String::new();
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut killed = false;
+    let mut evicted = false;
 
     loop {
         tokio::select! {
@@ -261,6 +271,16 @@ async fn run_in_slot(
                     }
                 }
             },
+            // The node is draining and its deadline passed: end the run
+            // with a snapshot, so the session resumes on another node.
+            () = slot.evict.cancelled(), if stop_reason.is_none() => {
+                tracing::info!(key = %spec.evict_snapshot_key, "drain deadline passed; stopping the agent to move the session");
+                stop_reason = Some("node draining: session moved to another node".into());
+                snapshot_key = spec.evict_snapshot_key.clone();
+                evicted = true;
+                stdin_tx = None;
+                kill_at = Some(tokio::time::Instant::now() + node.cfg.stop_grace);
+            }
             _ = sleep_until(kill_at) => {
                 tracing::info!("agent did not exit within the stop grace period; killing its container");
                 killed = true;
@@ -287,17 +307,22 @@ async fn run_in_slot(
     let mut snapshot = None;
     let mut snapshot_error = String::new();
     if !snapshot_key.is_empty() {
-        match crate::workspace::snapshot(
+        let started = std::time::Instant::now();
+        let saved = crate::workspace::snapshot(
             &runtime,
             &node.objects,
             &node.cfg,
             &container_id,
             &snapshot_key,
         )
-        .await
-        {
+        .await;
+        let result = if saved.is_ok() { "ok" } else { "error" };
+        metrics::histogram!(crate::metrics::SNAPSHOT, "result" => result)
+            .record(started.elapsed().as_secs_f64());
+        match saved {
             Ok(bytes) => {
                 tracing::info!(key = %snapshot_key, bytes, "snapshot saved");
+                metrics::histogram!(crate::metrics::SNAPSHOT_BYTES).record(bytes as f64);
                 snapshot = Some((snapshot_key.clone(), bytes));
             }
             Err(e) => {
@@ -334,6 +359,7 @@ async fn run_in_slot(
         snapshot,
         snapshot_error,
         memory_errors,
+        evicted,
     }
 }
 
@@ -365,6 +391,7 @@ async fn emit(out: &mpsc::Sender<Output>, adapter: &mut dyn adapter::Adapter, li
             }
         }
     };
+    metrics::counter!(crate::metrics::AGENT_EVENTS).increment(1);
     out.send(Output::Event(event)).await.is_ok()
 }
 

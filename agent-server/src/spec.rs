@@ -27,6 +27,8 @@ pub struct SessionSpec {
     /// (name, SKILL.md content).
     pub skills: Vec<(String, String)>,
     pub restore_snapshot_key: String,
+    /// Where to save a snapshot if a drain evicts the run.
+    pub evict_snapshot_key: String,
     pub files: Vec<FileCopy>,
     pub memory: Vec<MemoryCopy>,
     pub git: Vec<GitClone>,
@@ -153,6 +155,7 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
             limits,
             skills: s.skills.into_iter().map(|k| (k.name, k.content)).collect(),
             restore_snapshot_key: s.restore_snapshot_key,
+            evict_snapshot_key: s.evict_snapshot_key,
             files: s
                 .files
                 .into_iter()

@@ -3,6 +3,8 @@
 
 pub mod events;
 pub mod grpc;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod names;
 #[cfg(feature = "objects")]
 pub mod objects;

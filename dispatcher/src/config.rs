@@ -111,9 +111,17 @@ pub struct Config {
     #[arg(long, env = "BERTH_RETENTION_DAYS", default_value_t = 30)]
     pub retention_days: u32,
 
-    /// Log format.
+    /// Log format: `text`, or `json` (one object per line; session log lines
+    /// carry `session_id`).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Address of the HTTP endpoint with `/metrics` (Prometheus), `/healthz`
+    /// (liveness) and `/readyz` (readiness: 503 while Postgres is unreachable
+    /// or the dispatcher is shutting down), or `off`. With no AGENT_SERVERS
+    /// it also carries the in-process node's metrics.
+    #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "0.0.0.0:9400")]
+    pub metrics_listen: berth_common::metrics::Listen,
 }
 
 fn default_id() -> String {

@@ -40,6 +40,8 @@ pub struct Ctx {
     pub inactivity_default: std::time::Duration,
     /// Days archived sessions keep their events.
     pub retention_days: u32,
+    /// Whether the last heartbeat reached Postgres (readiness).
+    pub db_ok: std::sync::atomic::AtomicBool,
 }
 
 /// Runs a session from `starting` until its run ends.
@@ -76,6 +78,8 @@ pub async fn drive(ctx: Arc<Ctx>, session: Session) {
 /// A started run: the node, the frames it sends, the frames we send.
 struct Link {
     placed: Placed,
+    /// When the session was claimed (start of placement).
+    claimed: std::time::Instant,
     /// Whether the node started it in a warm container.
     warm: bool,
     frames: tonic::Streaming<pb::NodeFrame>,
@@ -83,9 +87,24 @@ struct Link {
 }
 
 async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
-    let Some(mut link) = start(ctx, session).await? else {
+    if session.epoch == 1 {
+        let waited = (chrono::Utc::now() - session.create_time).to_std().unwrap_or_default();
+        metrics::histogram!(crate::metrics::QUEUE_WAIT).record(waited.as_secs_f64());
+    }
+    let claimed = std::time::Instant::now();
+    let placed = start(ctx, session, claimed).await;
+    let result = match &placed {
+        Ok(Some(_)) => "placed",
+        Ok(None) => "not_placed",
+        Err(_) => "error",
+    };
+    metrics::histogram!(crate::metrics::PLACEMENT, "result" => result)
+        .record(claimed.elapsed().as_secs_f64());
+    let Some(mut link) = placed? else {
         return Ok(());
     };
+    metrics::histogram!(crate::metrics::SESSION_START, "start" => start_label(link.warm))
+        .record(claimed.elapsed().as_secs_f64());
     let node = link.placed.link.name();
     ctx.store.set_node(session.id, session.epoch, &node).await?;
     let busy = ctx
@@ -107,7 +126,15 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
 
 /// Places the session and sends `start`, trying other nodes when one refuses
 /// (late binding). `None` when the start failed and the session was marked so.
-async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
+fn start_label(warm: bool) -> &'static str {
+    if warm { "warm" } else { "cold" }
+}
+
+async fn start(
+    ctx: &Ctx,
+    session: &Session,
+    claimed: std::time::Instant,
+) -> Result<Option<Link>> {
     let mut refused: Vec<String> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
     loop {
@@ -171,6 +198,7 @@ async fn start(ctx: &Ctx, session: &Session) -> Result<Option<Link>> {
                 tracing::debug!(%url, container_id = %a.container_id, warm = a.warm, "node accepted the session");
                 return Ok(Some(Link {
                     placed,
+                    claimed,
                     warm: a.warm,
                     frames,
                     to_node,
@@ -283,6 +311,7 @@ fn node_spec(session: &Session) -> pb::SessionSpec {
             })
             .collect(),
         restore_snapshot_key,
+        evict_snapshot_key: crate::session::snapshot_key(session.id, session.snapshots + 1),
         files,
         memory,
         git,
@@ -377,12 +406,21 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
         session.inactivity_timeout.unwrap_or(ctx.inactivity_default),
     );
     let mut stop_asked: Option<StopAsked> = None;
+    let mut first_event = true;
+    // Set when this dispatcher shuts down: the node was asked to stop the
+    // agent with a snapshot, and the session is re-queued once it has.
+    let mut handing_back: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             frame = link.frames.message() => match frame {
                 Ok(Some(pb::NodeFrame { kind: Some(kind), .. })) => match kind {
                     node_frame::Kind::Event(e) => {
                         deadlines.touch();
+                        metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(1);
+                        if std::mem::take(&mut first_event) {
+                            metrics::histogram!(crate::metrics::FIRST_EVENT, "start" => start_label(link.warm))
+                                .record(link.claimed.elapsed().as_secs_f64());
+                        }
                         if !runtime_id_seen && !e.runtime_session_id.is_empty() {
                             runtime_id_seen = true;
                             ctx.store.set_runtime_session_id(id, &e.runtime_session_id).await?;
@@ -390,7 +428,9 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                         let turn_end = e.turn_end.clone();
                         ctx.log.append_queued(id, node_event(e)).await?;
                         if let Some(u) = turn_end {
-                            let usage = ctx.log.record_usage(id, turn_usage(u)).await?;
+                            let u = turn_usage(u);
+                            crate::metrics::record_usage(&u);
+                            let usage = ctx.log.record_usage(id, u).await?;
                             check_budget(ctx, session, &usage).await?;
                             open_turns = open_turns.saturating_sub(1);
                             if open_turns == 0 {
@@ -405,6 +445,22 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                         }
                         if !x.snapshot_key.is_empty() {
                             ctx.store.record_snapshot(id, &x.snapshot_key, x.snapshot_bytes).await?;
+                        }
+                        // The run moves, with its snapshot: another node (a
+                        // drain) or another dispatcher (our shutdown) resumes it.
+                        let moved = if x.evicted {
+                            Some(format!("node {} drained; re-queued", link.placed.link.name()))
+                        } else if handing_back.is_some() && stop_asked.is_none() {
+                            Some("dispatcher shut down; re-queued".to_string())
+                        } else {
+                            None
+                        };
+                        if let Some(why) = moved {
+                            let from = if x.snapshot_key.is_empty() { "restarts without a snapshot" } else { "resumes from its snapshot" };
+                            tracing::info!(snapshot = %x.snapshot_key, "{why}: the session {from}");
+                            let extra = serde_json::json!({"snapshot": x.snapshot_key, "snapshot_error": x.snapshot_error});
+                            ctx.log.transition_at(id, epoch, StatusEvent::NodeLost, &why, extra).await?;
+                            return Ok(());
                         }
                         let (event, reason) = match (&stop_asked, x.stopped) {
                             (Some(StopAsked { pause: true, .. }), true) if !x.snapshot_key.is_empty() => {
@@ -530,11 +586,35 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                 ctx.log.transition_at(id, epoch, StatusEvent::NodeLost, &reason, serde_json::json!({"node": node})).await?;
                 return Ok(());
             }
-            () = ctx.shutdown.cancelled() => {
+            // Shutting down: ask the node to stop the agent with a snapshot,
+            // so whichever dispatcher claims the session next resumes it.
+            () = ctx.shutdown.cancelled(), if handing_back.is_none() => {
+                handing_back = Some(tokio::time::Instant::now() + HAND_BACK_TIMEOUT);
+                if stop_asked.is_none() {
+                    let stop = pb::Stop {
+                        reason: "dispatcher shutting down".into(),
+                        snapshot_key: crate::session::snapshot_key(id, session.snapshots + 1),
+                    };
+                    let _ = link.to_node.send(pb::DispatcherFrame { epoch, kind: Some(dispatcher_frame::Kind::Stop(stop)) }).await;
+                }
+            }
+            () = sleep_until(handing_back) => {
+                tracing::warn!("the node did not stop the session in time for shutdown; re-queued without a snapshot");
                 ctx.log.transition_at(id, epoch, StatusEvent::NodeLost, "dispatcher shut down", serde_json::json!({})).await?;
                 return Ok(());
             }
         }
+    }
+}
+
+/// How long a shutting-down dispatcher waits for a node to snapshot a
+/// session it hands back.
+const HAND_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -729,8 +809,10 @@ pub async fn liveness_loop(ctx: Arc<Ctx>, lease: std::time::Duration) {
         }
         if let Err(e) = ctx.store.heartbeat(&ctx.owner).await {
             tracing::warn!(error = %e, "dispatcher heartbeat failed");
+            ctx.db_ok.store(false, std::sync::atomic::Ordering::Relaxed);
             continue;
         }
+        ctx.db_ok.store(true, std::sync::atomic::Ordering::Relaxed);
         let orphans = match ctx.store.orphaned(lease).await {
             Ok(o) => o,
             Err(e) => {

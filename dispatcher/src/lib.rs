@@ -13,6 +13,7 @@ pub mod driver;
 pub mod error;
 pub mod export;
 pub mod log;
+pub mod metrics;
 pub mod nodes;
 pub mod placement;
 pub mod session;
@@ -56,7 +57,33 @@ pub async fn run(
             .inactivity_timeout
             .unwrap_or(session::DEFAULT_INACTIVITY_TIMEOUT),
         retention_days: cfg.retention_days,
+        db_ok: std::sync::atomic::AtomicBool::new(true),
     });
+    if let Some(addr) = cfg.metrics_listen.0 {
+        let handle = metrics::install()?;
+        let listener = berth_common::metrics::bind(addr, "--metrics-listen").await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness on HTTP");
+        let ready = {
+            let ctx = ctx.clone();
+            Arc::new(move || {
+                if ctx.shutdown.is_cancelled() {
+                    Err("shutting down".to_string())
+                } else if !ctx.db_ok.load(std::sync::atomic::Ordering::Relaxed) {
+                    Err("Postgres unreachable (last heartbeat failed)".to_string())
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        // Serves until the process ends: probes see `shutting down` meanwhile.
+        tokio::spawn(berth_common::metrics::serve(
+            listener,
+            handle,
+            ready,
+            CancellationToken::new(),
+        ));
+        tokio::spawn(metrics::sampler(ctx.clone()));
+    }
     let wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(driver::listen(ctx.clone(), wake.clone()));
     tokio::spawn(driver::claim_loop(ctx.clone(), wake, cfg.queue_poll));
@@ -97,6 +124,7 @@ pub async fn run(
     });
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
     tonic::transport::Server::builder()
+        .layer(berth_common::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
@@ -127,7 +155,8 @@ pub async fn run(
 }
 
 /// How long shutdown waits for drivers to hand their sessions back.
-const DRIVER_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longer than a node's hand-back snapshot ([`driver`]'s 20 s).
+const DRIVER_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// How to reach the nodes: URLs, TLS, static resolution, lease. Plaintext
 /// only with `--insecure-plaintext`; https needs the TLS files.

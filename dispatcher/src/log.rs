@@ -27,6 +27,8 @@ use crate::store::{Store, Transitioned};
 /// An append waiting for the next batch, with whom to tell the result.
 type PendingAppend = (Uuid, NewEvent, Option<oneshot::Sender<Result<Event>>>);
 
+use crate::metrics as m;
+
 /// Most writes committed in one statement.
 const MAX_BATCH: usize = 1024;
 /// Events a live subscriber may fall behind before it reads from the store.
@@ -104,6 +106,8 @@ enum Op {
         session: Uuid,
         event: NewEvent,
         done: Option<oneshot::Sender<Result<Event>>>,
+        /// When it was queued (persist lag).
+        queued: std::time::Instant,
     },
     Transition {
         session: Uuid,
@@ -158,6 +162,7 @@ impl EventLog {
             session,
             event,
             done: Some(done),
+            queued: std::time::Instant::now(),
         })
         .await?;
         rx.await
@@ -171,6 +176,7 @@ impl EventLog {
             session,
             event,
             done: None,
+            queued: std::time::Instant::now(),
         })
         .await
     }
@@ -310,6 +316,7 @@ impl Follower {
                 Ok(Signal::Upto(seq)) if seq > self.last => self.catch_up(Some(seq)).await,
                 Ok(Signal::Upto(_)) => Ok(()),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    metrics::counter!(m::STREAM_CATCHUPS).increment(1);
                     tracing::debug!(session_id = %self.session, missed, "slow subscriber catching up from the store");
                     self.catch_up(None).await
                 }
@@ -374,17 +381,24 @@ async fn writer(
 ) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
     loop {
+        metrics::gauge!(m::WRITER_QUEUE).set(rx.len() as f64);
         if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
             return;
         }
+        metrics::gauge!(m::WRITER_QUEUE).set((rx.len() + ops.len()) as f64);
         let mut appends: Vec<PendingAppend> = Vec::new();
+        let mut oldest: Option<std::time::Instant> = None;
         for op in ops.drain(..) {
             match op {
                 Op::Append {
                     session,
                     event,
                     done,
-                } => appends.push((session, event, done)),
+                    queued,
+                } => {
+                    oldest.get_or_insert(queued);
+                    appends.push((session, event, done));
+                }
                 Op::Transition {
                     session,
                     epoch,
@@ -393,12 +407,16 @@ async fn writer(
                     extra,
                     done,
                 } => {
-                    flush(&store, &hub, &mut appends, &shutdown).await;
+                    flush(&store, &hub, &mut appends, &shutdown, oldest.take()).await;
                     let r = retry(&shutdown, || {
                         store.transition(session, epoch, event, &reason, extra.clone())
                     })
                     .await;
-                    if let Ok(Transitioned { event: Some(e), .. }) = &r {
+                    if let Ok(Transitioned { event: Some(e), to, .. }) = &r {
+                        metrics::counter!(m::EVENTS_PERSISTED).increment(1);
+                        if to.ends_run() {
+                            metrics::counter!(m::SESSIONS_ENDED, "status" => to.as_str()).increment(1);
+                        }
                         hub.publish(std::slice::from_ref(e));
                     }
                     let _ = done.send(r);
@@ -408,16 +426,17 @@ async fn writer(
                     usage,
                     done,
                 } => {
-                    flush(&store, &hub, &mut appends, &shutdown).await;
+                    flush(&store, &hub, &mut appends, &shutdown, oldest.take()).await;
                     let r = retry(&shutdown, || store.record_usage(session, &usage)).await;
                     if let Ok(e) = &r {
+                        metrics::counter!(m::EVENTS_PERSISTED).increment(1);
                         hub.publish(std::slice::from_ref(e));
                     }
                     let _ = done.send(r);
                 }
             }
         }
-        flush(&store, &hub, &mut appends, &shutdown).await;
+        flush(&store, &hub, &mut appends, &shutdown, oldest.take()).await;
     }
 }
 
@@ -426,13 +445,22 @@ async fn flush(
     hub: &Hub,
     appends: &mut Vec<PendingAppend>,
     shutdown: &CancellationToken,
+    oldest: Option<std::time::Instant>,
 ) {
     if appends.is_empty() {
         return;
     }
     let batch: Vec<(Uuid, NewEvent)> = appends.iter().map(|(s, e, _)| (*s, e.clone())).collect();
-    match retry(shutdown, || store.append(&batch)).await {
+    let started = std::time::Instant::now();
+    let result = retry(shutdown, || store.append(&batch)).await;
+    metrics::histogram!(m::PERSIST_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::PERSIST_BATCH).record(batch.len() as f64);
+    if let Some(oldest) = oldest {
+        metrics::histogram!(m::PERSIST_LAG).record(oldest.elapsed().as_secs_f64());
+    }
+    match result {
         Ok(events) => {
+            metrics::counter!(m::EVENTS_PERSISTED).increment(events.len() as u64);
             hub.publish(&events);
             let mut by_id: HashMap<Uuid, Event> = events.into_iter().map(|e| (e.id, e)).collect();
             for (_, e, done) in appends.drain(..) {
@@ -448,6 +476,7 @@ async fn flush(
                 let r = retry(shutdown, || store.append(&one)).await;
                 match r {
                     Ok(mut evs) => {
+                        metrics::counter!(m::EVENTS_PERSISTED).increment(evs.len() as u64);
                         hub.publish(&evs);
                         if let (Some(done), Some(e)) = (done, evs.pop()) {
                             let _ = done.send(Ok(e));
@@ -466,6 +495,7 @@ async fn flush(
 }
 
 fn report(session: Uuid, e: Error, done: Option<oneshot::Sender<Result<Event>>>) {
+    metrics::counter!(m::PERSIST_FAILURES).increment(1);
     match done {
         Some(done) => {
             let _ = done.send(Err(e));

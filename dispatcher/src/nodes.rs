@@ -101,9 +101,20 @@ pub struct FleetConfig {
 /// A node's state as this dispatcher sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
-    Up,
-    Draining,
-    Down,
+    Up = 0,
+    Draining = 1,
+    Down = 2,
+}
+
+impl NodeState {
+    /// The lowercase name used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        }
+    }
 }
 
 /// One node: a resolved address of a configured URL.

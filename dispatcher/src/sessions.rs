@@ -73,6 +73,7 @@ impl Sessions {
         }
         let (session, created) = self.store.create_session(&new).await?;
         if created {
+            metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
             tracing::info!(session_id = %session.id, image = %session.spec.image, "session created");
         }
         Ok(session)

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use berth_common::metrics::Listen;
 use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
 use berth_proto::v1::{self as pb, nodes_client::NodesClient, sessions_client::SessionsClient};
 use futures::StreamExt;
@@ -47,11 +48,24 @@ pub struct Builder {
     lease: Duration,
     node_hook: Option<NodeHook>,
     dispatcher_hook: Option<DispatcherHook>,
+    metrics: bool,
+}
+
+/// A free loopback port (bound, then released) for a service that binds it itself.
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 type DispatcherHook = std::sync::Arc<dyn Fn(&mut berth_dispatcher::Config) + Send + Sync>;
 
 impl Builder {
+    /// Serve `/metrics`, `/healthz` and `/readyz` on every part of the
+    /// cluster (the recorder is process-wide: each endpoint shows all).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
     /// Number of agent-server nodes.
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
@@ -133,6 +147,10 @@ impl Builder {
             let url = format!("https://{name}:{}", proxy.addr.port());
             resolve.push((format!("{name}:{}", proxy.addr.port()), proxy.addr));
             let mut cfg = berth_agent_server::Config::defaults();
+            cfg.metrics_listen = Listen(None);
+            if self.metrics {
+                cfg.metrics_listen = Listen(Some(free_addr()?));
+            }
             cfg.node_id = format!("test-{tag}-{i}");
             cfg.capacity = self.capacity;
             cfg.stop_grace = Duration::from_secs(2);
@@ -152,19 +170,31 @@ impl Builder {
                 hook(i, &mut cfg, &ca);
             }
             let stop = shutdown.child_token();
-            let task = tokio::spawn(berth_agent_server::run(cfg.clone(), listener, stop.clone()));
+            let drain = CancellationToken::new();
+            let task = tokio::spawn(berth_agent_server::run_with_drain(
+                cfg.clone(),
+                listener,
+                drain.clone(),
+                stop.clone(),
+            ));
             nodes.push(TestNode {
                 id: cfg.node_id.clone(),
                 url,
                 addr: node_addr,
+                metrics: cfg.metrics_listen.0,
                 proxy,
                 stop,
+                drain,
                 task: Some(task),
             });
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let dispatcher_url = format!("http://{}", listener.local_addr()?);
         let mut cfg = berth_dispatcher::Config::defaults();
+        cfg.metrics_listen = Listen(None);
+        if self.metrics {
+            cfg.metrics_listen = Listen(Some(free_addr()?));
+        }
         cfg.database_url = database_url.clone();
         cfg.agent_servers = nodes.iter().map(|n| n.url.clone()).collect();
         cfg.node_resolve = resolve;
@@ -179,10 +209,13 @@ impl Builder {
         if let Some(hook) = &self.dispatcher_hook {
             hook(&mut cfg);
         }
+        let dispatcher_stop = shutdown.child_token();
+        let dispatcher_metrics = cfg.metrics_listen.0;
+        let dispatcher_cfg = cfg.clone();
         tasks.push(tokio::spawn(berth_dispatcher::run(
             cfg,
             listener,
-            shutdown.clone(),
+            dispatcher_stop.clone(),
         )));
 
         let channel =
@@ -199,6 +232,9 @@ impl Builder {
             database_url,
             s3,
             shutdown,
+            dispatcher_stop,
+            dispatcher_metrics,
+            dispatcher_cfg,
             tasks,
         };
         let mut probe = cluster.client();
@@ -229,6 +265,10 @@ pub struct TestNode {
     pub url: String,
     /// Where the node itself listens (behind the proxy).
     pub addr: SocketAddr,
+    /// Its `/metrics` endpoint, with [`Builder::metrics`].
+    pub metrics: Option<SocketAddr>,
+    /// Cancelled by [`TestCluster::sigterm_node`].
+    drain: CancellationToken,
     /// The proxy the dispatcher reaches it through.
     pub proxy: Proxy,
     stop: CancellationToken,
@@ -249,6 +289,11 @@ pub struct TestCluster {
     /// The S3 server every part of the cluster keeps its objects in.
     pub s3: s3::S3Server,
     shutdown: CancellationToken,
+    /// The first dispatcher's own shutdown (SIGTERM).
+    dispatcher_stop: CancellationToken,
+    /// Its `/metrics` endpoint, with [`Builder::metrics`].
+    pub dispatcher_metrics: Option<SocketAddr>,
+    dispatcher_cfg: berth_dispatcher::Config,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -261,6 +306,7 @@ impl TestCluster {
             lease: Duration::from_secs(1),
             node_hook: None,
             dispatcher_hook: None,
+            metrics: false,
         }
     }
 
@@ -310,7 +356,54 @@ impl TestCluster {
         }
     }
 
-    /// Stops node `i` the way SIGTERM would, and waits for it.
+    /// Sends node `i` what SIGTERM sends: it drains (its drain timeout, then
+    /// snapshots what still runs). Returns its task, to await.
+    pub fn sigterm_node(&mut self, i: usize) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let node = &mut self.nodes[i];
+        node.drain.cancel();
+        node.task.take().expect("node already stopped")
+    }
+
+    /// Shuts the first dispatcher down as SIGTERM does, and waits for it.
+    pub async fn sigterm_dispatcher(&mut self) -> anyhow::Result<()> {
+        self.dispatcher_stop.cancel();
+        if !self.tasks.is_empty() {
+            self.tasks.remove(0).await??;
+        }
+        Ok(())
+    }
+
+    /// Starts another dispatcher on the same database and nodes; returns
+    /// its client.
+    pub async fn add_dispatcher(&mut self) -> anyhow::Result<SessionsClient<Channel>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let mut cfg = self.dispatcher_cfg.clone();
+        cfg.dispatcher_id = format!("{}-{}", cfg.dispatcher_id, self.tasks.len() + 1);
+        cfg.metrics_listen = Listen(None);
+        self.tasks.push(tokio::spawn(berth_dispatcher::run(
+            cfg,
+            listener,
+            self.shutdown.child_token(),
+        )));
+        let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
+        let mut client = SessionsClient::new(channel)
+            .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
+        for _ in 0..100 {
+            let req = pb::ListSessionsRequest {
+                page_size: 1,
+                ..Default::default()
+            };
+            if client.list_sessions(req).await.is_ok() {
+                return Ok(client);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the added dispatcher did not answer within 10 s")
+    }
+
+    /// Stops node `i` at once (a second SIGTERM, or SIGKILL but cleaner),
+    /// and waits for it.
     pub async fn stop_node(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
         node.proxy.set_paused(false);

@@ -238,8 +238,12 @@ impl SessionsApi for SessionsService {
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let rx = self.sessions.stream(id, r.after_seq).await?;
-        let stream = ReceiverStream::new(rx)
-            .map(|item| item.map(|e| pb::Event::from(&*e)).map_err(Status::from));
+        // Counted while the client holds the stream open.
+        let open = crate::metrics::StreamGauge::open("events");
+        let stream = ReceiverStream::new(rx).map(move |item| {
+            let _open = &open;
+            item.map(|e| pb::Event::from(&*e)).map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -266,7 +270,9 @@ impl SessionsApi for SessionsService {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ConnectResponse, Status>>(128);
         // Events out.
         let out = tx.clone();
+        let open = crate::metrics::StreamGauge::open("connect");
         tokio::spawn(async move {
+            let _open = open;
             let mut events = ReceiverStream::new(events);
             while let Some(item) = events.next().await {
                 let msg = item

@@ -158,6 +158,20 @@ impl SessionStatus {
         )
     }
 
+    /// Whether the session has not ended: live, or paused (counted by the
+    /// metrics sampler).
+    pub fn is_open(self) -> bool {
+        self.is_live() || self == Self::Paused
+    }
+
+    /// Whether this status ends a run (what `berth_sessions_ended_total` counts).
+    pub fn ends_run(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Stopped | Self::Failed | Self::Timeout | Self::Paused
+        )
+    }
+
     /// Whether the session accepts user messages.
     pub fn accepts_input(self) -> bool {
         matches!(

@@ -41,6 +41,14 @@ pub struct Transitioned {
     pub event: Option<Event>,
 }
 
+/// Sessions not yet ended, by status.
+#[derive(Debug, Default)]
+pub struct OpenCounts {
+    pub by_status: std::collections::HashMap<SessionStatus, i64>,
+    /// How long the oldest pending or rescheduling session has waited.
+    pub oldest_queued_age: std::time::Duration,
+}
+
 /// Postgres-backed storage for sessions and their event logs.
 #[derive(Clone)]
 pub struct Store {
@@ -430,6 +438,26 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         Ok(deleted.is_some())
+    }
+
+    /// Sessions not yet ended, by status (for the metrics sampler).
+    pub async fn open_counts(&self) -> Result<OpenCounts> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(sql::OPEN_COUNTS)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = OpenCounts::default();
+        for (status, n, oldest_s) in rows {
+            let Ok(status) = status.parse::<SessionStatus>() else {
+                continue;
+            };
+            if matches!(status, SessionStatus::Pending | SessionStatus::Rescheduling) {
+                counts.oldest_queued_age = counts
+                    .oldest_queued_age
+                    .max(std::time::Duration::from_secs_f64(oldest_s.max(0.0)));
+            }
+            counts.by_status.insert(status, n);
+        }
+        Ok(counts)
     }
 
     /// Deletes the events of sessions archived more than `days` ago.

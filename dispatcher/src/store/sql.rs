@@ -218,3 +218,14 @@ INSERT INTO agent_versions (agent_id, version, spec)
 SELECT id, latest_version, $2 FROM a
 RETURNING version
 "#;
+
+/// Sessions not yet ended, by status, and how long the oldest queued one has
+/// waited (its last status change: creation, a resume or a re-queue).
+/// Served by `sessions_open_status`.
+pub const OPEN_COUNTS: &str = r#"
+SELECT status, count(*) AS n,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(update_time)), 0)::float8 AS oldest_s
+FROM sessions
+WHERE status IN ('pending', 'starting', 'running', 'idle', 'stopping', 'rescheduling', 'paused')
+GROUP BY status
+"#;

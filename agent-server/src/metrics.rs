@@ -1,0 +1,194 @@
+//! Every metric a node exports, in one place. `deploy/grafana` and
+//! `deploy/prometheus` use these names; a test checks them against a live
+//! scrape. Pool metrics are labelled by image, and only for configured pools
+//! (a client cannot mint label values by asking for images).
+
+use berth_common::metrics::{BYTE_BUCKETS, Def, Kind, LATENCY_BUCKETS};
+
+pub const POOL_HITS: &str = "berth_pool_hits_total";
+pub const POOL_MISSES: &str = "berth_pool_misses_total";
+pub const POOL_REFILLS: &str = "berth_pool_refills_total";
+pub const POOL_REFILL_FAILURES: &str = "berth_pool_refill_failures_total";
+pub const POOL_EVICTIONS: &str = "berth_pool_evictions_total";
+pub const POOL_READY: &str = "berth_pool_ready_containers";
+pub const POOL_TARGET: &str = "berth_pool_target_containers";
+pub const CONTAINER_START: &str = "berth_container_start_seconds";
+pub const CONTAINER_EXEC: &str = "berth_container_exec_seconds";
+pub const CONTAINER_REMOVE: &str = "berth_container_remove_seconds";
+pub const PREPARE: &str = "berth_session_prepare_seconds";
+pub const SNAPSHOT: &str = "berth_snapshot_seconds";
+pub const SNAPSHOT_BYTES: &str = "berth_snapshot_bytes";
+pub const NODE_CAPACITY: &str = "berth_agent_server_capacity_sessions";
+pub const NODE_RUNNING: &str = "berth_agent_server_running_sessions";
+pub const NODE_DRAINING: &str = "berth_agent_server_draining";
+pub const NODE_STARTS: &str = "berth_agent_server_session_starts_total";
+pub const NODE_REFUSALS: &str = "berth_agent_server_refusals_total";
+pub const AGENT_EVENTS: &str = "berth_agent_events_total";
+
+/// The node's metrics.
+pub const ALL: &[Def] = &[
+    Def {
+        name: POOL_HITS,
+        kind: Kind::Counter,
+        help: "Sessions that started in a warm container, by image.",
+        labels: &["image"],
+    },
+    Def {
+        name: POOL_MISSES,
+        kind: Kind::Counter,
+        help: "Sessions of a pooled image that had to start cold (none ready, or the claimed one was dead), by image.",
+        labels: &["image"],
+    },
+    Def {
+        name: POOL_REFILLS,
+        kind: Kind::Counter,
+        help: "Warm containers started and health-checked, by image.",
+        labels: &["image"],
+    },
+    Def {
+        name: POOL_REFILL_FAILURES,
+        kind: Kind::Counter,
+        help: "Warm containers that failed to start or failed their health check, by image.",
+        labels: &["image"],
+    },
+    Def {
+        name: POOL_EVICTIONS,
+        kind: Kind::Counter,
+        help: "Ready warm containers removed unused, by image and reason (dead, expired).",
+        labels: &["image", "reason"],
+    },
+    Def {
+        name: POOL_READY,
+        kind: Kind::Gauge,
+        help: "Warm containers ready to take a session, by image.",
+        labels: &["image"],
+    },
+    Def {
+        name: POOL_TARGET,
+        kind: Kind::Gauge,
+        help: "Warm containers the pool aims to keep ready or starting, by image (between its MIN and MAX).",
+        labels: &["image"],
+    },
+    Def {
+        name: CONTAINER_START,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds to create and start a container, by purpose (session: a cold start; warm: a pool refill).",
+        labels: &["purpose"],
+    },
+    Def {
+        name: CONTAINER_EXEC,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds to create, start and attach the agent's exec in its container.",
+        labels: &[],
+    },
+    Def {
+        name: CONTAINER_REMOVE,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds to force-remove a container and its volumes.",
+        labels: &[],
+    },
+    Def {
+        name: PREPARE,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds to apply limits and copy a session's snapshot, files, git clones, memory and skills in before the agent starts.",
+        labels: &[],
+    },
+    Def {
+        name: SNAPSHOT,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds to save a session's snapshot to the object store, by result (ok, error).",
+        labels: &["result"],
+    },
+    Def {
+        name: SNAPSHOT_BYTES,
+        kind: Kind::Histogram(BYTE_BUCKETS),
+        help: "Compressed size of saved snapshots, in bytes.",
+        labels: &[],
+    },
+    Def {
+        name: NODE_CAPACITY,
+        kind: Kind::Gauge,
+        help: "Session slots this node offers.",
+        labels: &[],
+    },
+    Def {
+        name: NODE_RUNNING,
+        kind: Kind::Gauge,
+        help: "Sessions holding a slot on this node.",
+        labels: &[],
+    },
+    Def {
+        name: NODE_DRAINING,
+        kind: Kind::Gauge,
+        help: "1 while the node is draining (no new sessions), else 0.",
+        labels: &[],
+    },
+    Def {
+        name: NODE_STARTS,
+        kind: Kind::Counter,
+        help: "Agents started, by start (warm, cold).",
+        labels: &["start"],
+    },
+    Def {
+        name: NODE_REFUSALS,
+        kind: Kind::Counter,
+        help: "Starts this node refused, by reason (draining, at_capacity, stale_epoch).",
+        labels: &["reason"],
+    },
+    Def {
+        name: AGENT_EVENTS,
+        kind: Kind::Counter,
+        help: "Events agents emitted on this node and sent to a dispatcher.",
+        labels: &[],
+    },
+];
+
+/// Installs the recorder with the node's metrics.
+pub fn install() -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
+    let handle = berth_common::metrics::install("agent-server", &[ALL])?;
+    init_series();
+    Ok(handle)
+}
+
+/// Registers every series whose labels are known up front, at zero, so
+/// `rate()` and alerts see them before the first event. Pool series are
+/// registered per configured image by [`init_pool_series`].
+fn init_series() {
+    let _ = metrics::counter!(AGENT_EVENTS);
+    for start in ["warm", "cold"] {
+        let _ = metrics::counter!(NODE_STARTS, "start" => start);
+    }
+    for reason in ["draining", "at_capacity", "stale_epoch"] {
+        let _ = metrics::counter!(NODE_REFUSALS, "reason" => reason);
+    }
+    for purpose in ["session", "warm"] {
+        let _ = metrics::histogram!(CONTAINER_START, "purpose" => purpose);
+    }
+    for result in ["ok", "error"] {
+        let _ = metrics::histogram!(SNAPSHOT, "result" => result);
+    }
+    for name in [CONTAINER_EXEC, CONTAINER_REMOVE, PREPARE, SNAPSHOT_BYTES] {
+        let _ = metrics::histogram!(name);
+    }
+}
+
+/// Registers a pool's series at zero.
+pub fn init_pool_series(image: &str) {
+    for name in [POOL_HITS, POOL_MISSES, POOL_REFILLS, POOL_REFILL_FAILURES] {
+        let _ = metrics::counter!(name, "image" => image.to_string());
+    }
+    for reason in ["dead", "expired"] {
+        let _ = metrics::counter!(POOL_EVICTIONS, "image" => image.to_string(), "reason" => reason);
+    }
+}
+
+/// Times a future into a histogram (seconds).
+pub async fn timed<T>(
+    histogram: metrics::Histogram,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    let started = std::time::Instant::now();
+    let out = f.await;
+    histogram.record(started.elapsed().as_secs_f64());
+    out
+}
