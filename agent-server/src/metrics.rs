@@ -153,7 +153,7 @@ pub fn install() -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
 /// Registers every series whose labels are known up front, at zero, so
 /// `rate()` and alerts see them before the first event. Pool series are
 /// registered per configured image by [`init_pool_series`].
-fn init_series() {
+pub fn init_series() {
     let _ = metrics::counter!(AGENT_EVENTS);
     for start in ["warm", "cold"] {
         let _ = metrics::counter!(NODE_STARTS, "start" => start);

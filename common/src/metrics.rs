@@ -85,20 +85,35 @@ pub const COMMON: &[Def] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the process-wide recorder with `defs` (first call wins; later
-/// calls only add descriptions) and returns the handle that renders it.
-/// Histograms not in the first call's `defs` fall back to
-/// [`LATENCY_BUCKETS`], so none is ever rendered as a summary.
+/// Buckets by unit suffix: a histogram's buckets follow from its name, so
+/// they are right whichever crate installs the recorder (a dispatcher with
+/// an in-process node, or a test process running both).
+const BUCKETS_BY_SUFFIX: &[(&str, &[f64])] = &[
+    ("_seconds", LATENCY_BUCKETS),
+    ("_size", SIZE_BUCKETS),
+    ("_bytes", BYTE_BUCKETS),
+];
+
+/// The buckets a histogram named `name` gets.
+pub fn buckets_for(name: &str) -> Option<&'static [f64]> {
+    BUCKETS_BY_SUFFIX
+        .iter()
+        .find(|(suffix, _)| name.ends_with(suffix))
+        .map(|(_, b)| *b)
+}
+
+/// Installs the process-wide recorder (first call wins; later calls only
+/// add descriptions) and returns the handle that renders it. Histogram
+/// buckets come from the unit suffix ([`buckets_for`]); a [`Def`] whose
+/// buckets disagree is refused.
 pub fn install(service: &'static str, defs: &[&[Def]]) -> anyhow::Result<PrometheusHandle> {
     let handle = match HANDLE.get() {
         Some(h) => h.clone(),
         None => {
             let mut builder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS)?;
-            for def in defs.iter().copied().flatten().chain(COMMON) {
-                if let Kind::Histogram(buckets) = def.kind {
-                    builder = builder
-                        .set_buckets_for_metric(Matcher::Full(def.name.to_string()), buckets)?;
-                }
+            for (suffix, buckets) in BUCKETS_BY_SUFFIX {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Suffix((*suffix).to_string()), buckets)?;
             }
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -115,6 +130,13 @@ pub fn install(service: &'static str, defs: &[&[Def]]) -> anyhow::Result<Prometh
         }
     };
     for def in defs.iter().copied().flatten().chain(COMMON) {
+        if let Kind::Histogram(buckets) = def.kind {
+            anyhow::ensure!(
+                buckets_for(def.name) == Some(buckets),
+                "histogram {} must end in a unit suffix whose buckets it uses",
+                def.name
+            );
+        }
         describe(def);
     }
     metrics::gauge!(BUILD_INFO, "service" => service, "version" => env!("CARGO_PKG_VERSION"))

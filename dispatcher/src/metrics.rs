@@ -192,6 +192,7 @@ pub fn install() -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
         &[ALL, berth_agent_server::metrics::ALL],
     )?;
     init_series();
+    berth_agent_server::metrics::init_series();
     Ok(handle)
 }
 

@@ -679,3 +679,50 @@ pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
 pub fn payload(e: &pb::Event) -> serde_json::Value {
     serde_json::from_str(&e.payload_json).unwrap_or(serde_json::Value::Null)
 }
+
+/// Sends `text` and waits for its turn to end; returns the agent's reply.
+pub async fn turn(c: &mut SessionsClient<Channel>, name: &str, text: &str) -> anyhow::Result<String> {
+    let seq = c
+        .send_message(pb::SendMessageRequest {
+            name: name.into(),
+            text: text.into(),
+        })
+        .await?
+        .into_inner()
+        .seq;
+    reply_after(c, name, seq).await
+}
+
+/// The agent's reply to the turn whose input is at `seq`.
+pub async fn reply_after(c: &mut SessionsClient<Channel>, name: &str, seq: i64) -> anyhow::Result<String> {
+    let mut usage = false;
+    let events = collect_until(c, name, seq, Duration::from_secs(60), |e| {
+        usage |= e.r#type == "session.usage";
+        usage && e.r#type == "session.status_idle"
+    })
+    .await?;
+    Ok(events
+        .iter()
+        .filter(|e| e.r#type == "agent.message")
+        .map(|e| payload(e)["text"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+pub async fn get(c: &mut SessionsClient<Channel>, name: &str) -> anyhow::Result<pb::Session> {
+    Ok(c.get_session(pb::GetSessionRequest { name: name.into() })
+        .await?
+        .into_inner())
+}
+
+/// Waits (briefly) until no container of the session exists: removal
+/// follows the status change by a moment.
+pub async fn no_containers_left(id: &str) -> anyhow::Result<()> {
+    for _ in 0..50 {
+        if containers_of(id).await?.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("session {id} still has containers after 10 s")
+}

@@ -6,60 +6,13 @@ use std::time::Duration;
 
 use berth_proto::v1::{self as pb, agents_client::AgentsClient, files_client::FilesClient};
 use berth_tests::{
-    TEST_IMAGE, TestCluster, collect_until, containers_of, events_of, fake_session, payload,
-    wait_for_status,
+    TEST_IMAGE, TestCluster, containers_of, events_of, fake_session, get,
+    no_containers_left, payload, reply_after, turn, wait_for_status,
 };
 use sqlx::Row;
 use tonic::transport::Channel;
 
-type Client = pb::sessions_client::SessionsClient<Channel>;
 
-/// Sends `text` and waits for its turn to end; returns the agent's reply.
-async fn turn(c: &mut Client, name: &str, text: &str) -> anyhow::Result<String> {
-    let seq = c
-        .send_message(pb::SendMessageRequest {
-            name: name.into(),
-            text: text.into(),
-        })
-        .await?
-        .into_inner()
-        .seq;
-    reply_after(c, name, seq).await
-}
-
-/// The agent's reply to the turn whose input is at `seq`.
-async fn reply_after(c: &mut Client, name: &str, seq: i64) -> anyhow::Result<String> {
-    let mut usage = false;
-    let events = collect_until(c, name, seq, Duration::from_secs(60), |e| {
-        usage |= e.r#type == "session.usage";
-        usage && e.r#type == "session.status_idle"
-    })
-    .await?;
-    Ok(events
-        .iter()
-        .filter(|e| e.r#type == "agent.message")
-        .map(|e| payload(e)["text"].as_str().unwrap_or_default().to_string())
-        .collect::<Vec<_>>()
-        .join("\n"))
-}
-
-async fn get(c: &mut Client, name: &str) -> anyhow::Result<pb::Session> {
-    Ok(c.get_session(pb::GetSessionRequest { name: name.into() })
-        .await?
-        .into_inner())
-}
-
-/// Waits (briefly) until no container of the session exists: removal
-/// follows the status change by a moment.
-async fn no_containers_left(id: &str) -> anyhow::Result<()> {
-    for _ in 0..50 {
-        if containers_of(id).await?.is_empty() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    anyhow::bail!("session {id} still has containers after 10 s")
-}
 
 fn agents(cluster: &TestCluster) -> anyhow::Result<AgentsClient<Channel>> {
     let ch =

@@ -5,3 +5,4 @@ mod durable;
 mod faults;
 mod fleet;
 mod spine;
+mod ops;
