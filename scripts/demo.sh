@@ -46,3 +46,4 @@ echo "after resume, the agent read back: $($B sessions events "$id" | grep -v '^
 $B sessions stop "$id" >/dev/null
 echo
 echo "berth is running at http://127.0.0.1:7000 — try: target/debug/berth sessions list"
+echo "metrics: http://127.0.0.1:9400/metrics, health: /healthz, readiness: /readyz"

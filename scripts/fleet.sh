@@ -13,12 +13,24 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 dir=.berth/fleet
 
+# SIGTERM: the dispatcher hands its sessions back, nodes drain (then exit
+# once empty). Whatever still runs after 30 s gets a second SIGTERM: stop now.
 stop() {
+  local pids=()
   for pid in "$dir"/*.pid; do
     [ -e "$pid" ] || continue
-    kill "$(cat "$pid")" 2>/dev/null || true
+    pids+=("$(cat "$pid")")
     rm -f "$pid"
   done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 1 150); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 1 ] || return 0
+    sleep 0.2
+  done
+  kill "${pids[@]}" 2>/dev/null || true
 }
 
 if [ "${1:-}" = "stop" ]; then
@@ -44,7 +56,7 @@ urls=()
 for i in $(seq 0 $((nodes - 1))); do
   port=$((7441 + i))
   echo "==> node-$i on https://localhost:$port"
-  BERTH_NODE_ID="node-$i" BERTH_NODE_LISTEN="127.0.0.1:$port" \
+  BERTH_NODE_ID="node-$i" BERTH_NODE_LISTEN="127.0.0.1:$port" BERTH_METRICS_LISTEN="127.0.0.1:$((9401 + i))" \
     BERTH_TLS_CERT="$dir/certs/node-localhost.pem" BERTH_TLS_KEY="$dir/certs/node-localhost-key.pem" \
     nohup target/debug/berth-agent-server > "$dir/node-$i.log" 2>&1 &
   echo $! > "$dir/node-$i.pid"
@@ -65,4 +77,5 @@ done
 target/debug/berth nodes
 echo
 echo "fleet running — try: target/debug/berth run --image berth-test-agent:latest \"echo hello\""
-echo "stop it with: scripts/fleet.sh stop"
+echo "metrics: http://127.0.0.1:9400/metrics (dispatcher), :9401.. (nodes); /readyz on each"
+echo "stop it with: scripts/fleet.sh stop (a node alone: kill -TERM \$(cat $dir/node-0.pid) drains it)"
