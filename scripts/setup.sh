@@ -10,6 +10,8 @@ need=()
 command -v pg_ctlcluster >/dev/null || need+=(postgresql)
 # Nodes clone git resources with the host's git.
 command -v git >/dev/null || need+=(git)
+# The deploy tests validate deploy/compose with `docker-compose config`.
+command -v docker-compose >/dev/null || need+=(docker-compose)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"

@@ -336,9 +336,11 @@ impl ContainerRuntime {
             .v(true)
             .build();
         let histogram = metrics::histogram!(crate::metrics::CONTAINER_REMOVE);
-        let removed =
-            crate::metrics::timed(histogram, self.docker.remove_container(container_id, Some(opts)))
-                .await;
+        let removed = crate::metrics::timed(
+            histogram,
+            self.docker.remove_container(container_id, Some(opts)),
+        )
+        .await;
         match removed {
             Ok(()) => {}
             Err(bollard::errors::Error::DockerResponseServerError {

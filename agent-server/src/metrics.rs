@@ -183,10 +183,7 @@ pub fn init_pool_series(image: &str) {
 }
 
 /// Times a future into a histogram (seconds).
-pub async fn timed<T>(
-    histogram: metrics::Histogram,
-    f: impl std::future::Future<Output = T>,
-) -> T {
+pub async fn timed<T>(histogram: metrics::Histogram, f: impl std::future::Future<Output = T>) -> T {
     let started = std::time::Instant::now();
     let out = f.await;
     histogram.record(started.elapsed().as_secs_f64());

@@ -236,12 +236,18 @@ impl Node {
     ) {
         let running = self.drain();
         tracing::info!(running, deadline = ?deadline, "draining for shutdown: waiting for running sessions to finish");
-        if tokio::time::timeout(deadline, self.wait_idle()).await.is_ok() {
+        if tokio::time::timeout(deadline, self.wait_idle())
+            .await
+            .is_ok()
+        {
             tracing::info!("drained: every session finished");
             return;
         }
         let left = self.sessions().len();
-        tracing::info!(sessions = left, "drain deadline passed: snapshotting the remaining sessions so they resume elsewhere");
+        tracing::info!(
+            sessions = left,
+            "drain deadline passed: snapshotting the remaining sessions so they resume elsewhere"
+        );
         self.evict.cancel();
         if tokio::time::timeout(grace, self.wait_idle()).await.is_err() {
             tracing::warn!(

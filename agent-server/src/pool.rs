@@ -260,7 +260,8 @@ impl Pools {
                         break;
                     }
                     Err(e) => {
-                        metrics::counter!(POOL_REFILL_FAILURES, "image" => image.clone()).increment(1);
+                        metrics::counter!(POOL_REFILL_FAILURES, "image" => image.clone())
+                            .increment(1);
                         tracing::warn!(%image, error = %e, retry_in = ?backoff, "warm container failed to start");
                         next_start = Instant::now() + backoff;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -327,7 +328,8 @@ impl Pools {
         tracing::info!(image = %pool.spec.image, evicted = evicted.len(), expired, "evicting warm containers");
         let image = pool.spec.image.clone();
         let dead = evicted.len() as u64 - u64::from(expired);
-        metrics::counter!(POOL_EVICTIONS, "image" => image.clone(), "reason" => "dead").increment(dead);
+        metrics::counter!(POOL_EVICTIONS, "image" => image.clone(), "reason" => "dead")
+            .increment(dead);
         metrics::counter!(POOL_EVICTIONS, "image" => image, "reason" => "expired")
             .increment(u64::from(expired));
         let min = pool.spec.min;

@@ -13,8 +13,8 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 pub use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio_util::sync::CancellationToken;
 
 /// What kind of metric a [`Def`] is.
@@ -41,7 +41,9 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Buckets for counts of things in one batch.
-pub const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+pub const SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 /// Buckets for byte sizes, from 1 KiB to 1 GiB.
 pub const BYTE_BUCKETS: &[f64] = &[
     1024.0,
@@ -124,7 +126,9 @@ pub fn install(service: &'static str, defs: &[&[Def]]) -> anyhow::Result<Prometh
                     let _ = HANDLE.set(handle.clone());
                 }
                 Err(_) if HANDLE.get().is_some() => {}
-                Err(_) => tracing::warn!("a metrics recorder was already installed; /metrics may be empty"),
+                Err(_) => tracing::warn!(
+                    "a metrics recorder was already installed; /metrics may be empty"
+                ),
             }
             HANDLE.get().cloned().unwrap_or(handle)
         }
@@ -189,7 +193,10 @@ pub async fn serve(
                 async move {
                     match ready() {
                         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
                     }
                 }
             }),
@@ -260,7 +267,12 @@ fn method_labels(path: &str) -> (String, String) {
 
 /// The gRPC status in a header map (`grpc-status`), as its name.
 fn code_in(headers: &http::HeaderMap) -> Option<&'static str> {
-    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    let v = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
     Some(code_name(tonic::Code::from_i32(v)))
 }
 
@@ -426,7 +438,10 @@ mod tests {
             ("berth.v1.Sessions".into(), "CreateSession".into())
         );
         assert_eq!(method_labels("/evil/x"), ("other".into(), "other".into()));
-        assert_eq!(method_labels("/berth.v1.Sessions/a/b"), ("other".into(), "other".into()));
+        assert_eq!(
+            method_labels("/berth.v1.Sessions/a/b"),
+            ("other".into(), "other".into())
+        );
     }
 
     #[test]

@@ -60,7 +60,10 @@ mod tests {
 
     impl std::io::Write for Buffer {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().map_err(|_| std::io::ErrorKind::Other)?.extend_from_slice(b);
+            self.0
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -72,7 +75,9 @@ mod tests {
     fn json_lines_inside_a_session_span_carry_the_session_id() {
         let buf = Buffer::default();
         let writer = buf.clone();
-        let sub = subscriber(LogFormat::Json, EnvFilter::new("info"), move || writer.clone());
+        let sub = subscriber(LogFormat::Json, EnvFilter::new("info"), move || {
+            writer.clone()
+        });
         tracing::subscriber::with_default(sub, || {
             let span = tracing::info_span!("session", session_id = "s-1", epoch = 2);
             let _g = span.enter();

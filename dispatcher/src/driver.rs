@@ -88,7 +88,9 @@ struct Link {
 
 async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     if session.epoch == 1 {
-        let waited = (chrono::Utc::now() - session.create_time).to_std().unwrap_or_default();
+        let waited = (chrono::Utc::now() - session.create_time)
+            .to_std()
+            .unwrap_or_default();
         metrics::histogram!(crate::metrics::QUEUE_WAIT).record(waited.as_secs_f64());
     }
     let claimed = std::time::Instant::now();
@@ -130,11 +132,7 @@ fn start_label(warm: bool) -> &'static str {
     if warm { "warm" } else { "cold" }
 }
 
-async fn start(
-    ctx: &Ctx,
-    session: &Session,
-    claimed: std::time::Instant,
-) -> Result<Option<Link>> {
+async fn start(ctx: &Ctx, session: &Session, claimed: std::time::Instant) -> Result<Option<Link>> {
     let mut refused: Vec<String> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
     loop {

@@ -412,10 +412,14 @@ async fn writer(
                         store.transition(session, epoch, event, &reason, extra.clone())
                     })
                     .await;
-                    if let Ok(Transitioned { event: Some(e), to, .. }) = &r {
+                    if let Ok(Transitioned {
+                        event: Some(e), to, ..
+                    }) = &r
+                    {
                         metrics::counter!(m::EVENTS_PERSISTED).increment(1);
                         if to.ends_run() {
-                            metrics::counter!(m::SESSIONS_ENDED, "status" => to.as_str()).increment(1);
+                            metrics::counter!(m::SESSIONS_ENDED, "status" => to.as_str())
+                                .increment(1);
                         }
                         hub.publish(std::slice::from_ref(e));
                     }

@@ -187,10 +187,8 @@ pub const ALL: &[Def] = &[
 /// Installs the recorder with the dispatcher's metrics and, since a
 /// dispatcher may run a node in process, the node's.
 pub fn install() -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
-    let handle = berth_common::metrics::install(
-        "dispatcher",
-        &[ALL, berth_agent_server::metrics::ALL],
-    )?;
+    let handle =
+        berth_common::metrics::install("dispatcher", &[ALL, berth_agent_server::metrics::ALL])?;
     init_series();
     berth_agent_server::metrics::init_series();
     Ok(handle)
@@ -314,10 +312,16 @@ fn sample_nodes(
         let node = link.name();
         let report = link.report().unwrap_or_default();
         let up = state != NodeState::Down;
-        metrics::gauge!(NODE_CAPACITY, "node" => node.clone())
-            .set(if up { f64::from(report.capacity) } else { 0.0 });
-        metrics::gauge!(NODE_RUNNING, "node" => node.clone())
-            .set(if up { f64::from(report.running) } else { 0.0 });
+        metrics::gauge!(NODE_CAPACITY, "node" => node.clone()).set(if up {
+            f64::from(report.capacity)
+        } else {
+            0.0
+        });
+        metrics::gauge!(NODE_RUNNING, "node" => node.clone()).set(if up {
+            f64::from(report.running)
+        } else {
+            0.0
+        });
         for w in &report.warm {
             let ready = if up { f64::from(w.ready) } else { 0.0 };
             metrics::gauge!(NODE_WARM_READY, "node" => node.clone(), "image" => w.image.clone())
@@ -339,8 +343,7 @@ fn sample_nodes(
         metrics::gauge!(NODE_RUNNING, "node" => gone.clone()).set(0.0);
     }
     for (node, image) in seen_pools.difference(&pools) {
-        metrics::gauge!(NODE_WARM_READY, "node" => node.clone(), "image" => image.clone())
-            .set(0.0);
+        metrics::gauge!(NODE_WARM_READY, "node" => node.clone(), "image" => image.clone()).set(0.0);
     }
     *seen_nodes = nodes;
     *seen_pools = pools;

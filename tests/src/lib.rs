@@ -681,7 +681,11 @@ pub fn payload(e: &pb::Event) -> serde_json::Value {
 }
 
 /// Sends `text` and waits for its turn to end; returns the agent's reply.
-pub async fn turn(c: &mut SessionsClient<Channel>, name: &str, text: &str) -> anyhow::Result<String> {
+pub async fn turn(
+    c: &mut SessionsClient<Channel>,
+    name: &str,
+    text: &str,
+) -> anyhow::Result<String> {
     let seq = c
         .send_message(pb::SendMessageRequest {
             name: name.into(),
@@ -694,7 +698,11 @@ pub async fn turn(c: &mut SessionsClient<Channel>, name: &str, text: &str) -> an
 }
 
 /// The agent's reply to the turn whose input is at `seq`.
-pub async fn reply_after(c: &mut SessionsClient<Channel>, name: &str, seq: i64) -> anyhow::Result<String> {
+pub async fn reply_after(
+    c: &mut SessionsClient<Channel>,
+    name: &str,
+    seq: i64,
+) -> anyhow::Result<String> {
     let mut usage = false;
     let events = collect_until(c, name, seq, Duration::from_secs(60), |e| {
         usage |= e.r#type == "session.usage";

@@ -6,13 +6,11 @@ use std::time::Duration;
 
 use berth_proto::v1::{self as pb, agents_client::AgentsClient, files_client::FilesClient};
 use berth_tests::{
-    TEST_IMAGE, TestCluster, containers_of, events_of, fake_session, get,
-    no_containers_left, payload, reply_after, turn, wait_for_status,
+    TEST_IMAGE, TestCluster, containers_of, events_of, fake_session, get, no_containers_left,
+    payload, reply_after, turn, wait_for_status,
 };
 use sqlx::Row;
 use tonic::transport::Channel;
-
-
 
 fn agents(cluster: &TestCluster) -> anyhow::Result<AgentsClient<Channel>> {
     let ch =

@@ -4,5 +4,5 @@
 mod durable;
 mod faults;
 mod fleet;
-mod spine;
 mod ops;
+mod spine;

@@ -87,7 +87,10 @@ impl Scrape {
         self.samples
             .iter()
             .filter(|(n, l, _)| {
-                n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
             })
             .map(|(_, _, v)| v)
             .sum()
@@ -97,8 +100,9 @@ impl Scrape {
     fn exports(&self, name: &str) -> bool {
         self.types.contains_key(name)
             || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
-                name.strip_suffix(suffix)
-                    .is_some_and(|base| self.types.get(base).map(String::as_str) == Some("histogram"))
+                name.strip_suffix(suffix).is_some_and(|base| {
+                    self.types.get(base).map(String::as_str) == Some("histogram")
+                })
             })
     }
 }
@@ -110,7 +114,8 @@ fn berth_names(text: &str) -> BTreeSet<String> {
     let mut i = 0;
     while let Some(pos) = text[i..].find("berth_") {
         let start = i + pos;
-        let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let mut end = start;
         while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
             end += 1;
@@ -142,17 +147,24 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     let node = cluster.nodes[0].metrics.expect("metrics on");
     let mut c = cluster.client();
     cluster
-        .wait_node(0, Duration::from_secs(30), |n| n.warm.iter().any(|w| w.ready > 0))
+        .wait_node(0, Duration::from_secs(30), |n| {
+            n.warm.iter().any(|w| w.ready > 0)
+        })
         .await?;
     let s = c.create_session(fake_session("hello")).await?.into_inner();
     reply_after(&mut c, &s.name, 0).await?;
     // A stop takes a snapshot: the snapshot series get samples too.
     c.stop_session(pb::StopSessionRequest {
         name: s.name.clone(),
-        ..Default::default()
     })
     .await?;
-    wait_for_status(&mut c, &s.name, pb::SessionStatus::Stopped, Duration::from_secs(30)).await?;
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Stopped,
+        Duration::from_secs(30),
+    )
+    .await?;
 
     // Sampled gauges refresh every few seconds: scrape until they caught up.
     let mut scrape = Scrape::default();
@@ -175,11 +187,19 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         let kind = scrape.types.get(def.name).map(String::as_str);
         let want = match def.kind {
             Kind::Counter => {
-                assert!(def.name.ends_with("_total"), "counter {} ends in _total", def.name);
+                assert!(
+                    def.name.ends_with("_total"),
+                    "counter {} ends in _total",
+                    def.name
+                );
                 "counter"
             }
             Kind::Gauge => {
-                assert!(!def.name.ends_with("_total"), "gauge {} must not end in _total", def.name);
+                assert!(
+                    !def.name.ends_with("_total"),
+                    "gauge {} must not end in _total",
+                    def.name
+                );
                 "gauge"
             }
             Kind::Histogram(buckets) => {
@@ -204,7 +224,11 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
             .filter(|k| *k != "le")
             .collect();
         let declared: BTreeSet<&str> = def.labels.iter().copied().collect();
-        assert!(labels.is_subset(&declared), "{}: labels {labels:?} beyond {declared:?}", def.name);
+        assert!(
+            labels.is_subset(&declared),
+            "{}: labels {labels:?} beyond {declared:?}",
+            def.name
+        );
     }
     for (name, labels, _) in &scrape.samples {
         for k in labels.keys() {
@@ -232,7 +256,11 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     // The node's own endpoint serves the same registry (one process here).
     let (status, body) = http_get(node, "/metrics").await?;
     assert_eq!(status, 200);
-    assert!(parse_scrape(&body).types.contains_key("berth_pool_ready_containers"));
+    assert!(
+        parse_scrape(&body)
+            .types
+            .contains_key("berth_pool_ready_containers")
+    );
     assert_eq!(http_get(dispatcher, "/healthz").await?.0, 200);
     assert_eq!(http_get(dispatcher, "/readyz").await?.0, 200);
     assert_eq!(http_get(node, "/readyz").await?.0, 200);
@@ -242,7 +270,8 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     let dash: serde_json::Value = serde_json::from_str(&read("deploy/grafana/berth.json"))?;
     let vars = dash["templating"]["list"].as_array().expect("templating");
     assert!(
-        vars.iter().any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
+        vars.iter()
+            .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
         "the dashboard has a Prometheus datasource variable"
     );
     let mut used = BTreeSet::new();
@@ -252,15 +281,22 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         shown += 1;
         let title = p["title"].as_str().unwrap_or("?");
         assert!(
-            p["fieldConfig"]["defaults"]["unit"].as_str().is_some_and(|u| !u.is_empty()),
+            p["fieldConfig"]["defaults"]["unit"]
+                .as_str()
+                .is_some_and(|u| !u.is_empty()),
             "panel `{title}` has a unit"
         );
-        assert_eq!(p["datasource"]["uid"], "${datasource}", "panel `{title}` uses the variable");
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "panel `{title}` uses the variable"
+        );
         for t in p["targets"].as_array().expect("targets") {
             let expr = t["expr"].as_str().expect("expr");
             if expr.contains("rate(") {
                 assert!(
-                    !expr.contains("rate(") || expr.matches("[$__rate_interval]").count() == expr.matches("rate(").count(),
+                    !expr.contains("rate(")
+                        || expr.matches("[$__rate_interval]").count()
+                            == expr.matches("rate(").count(),
                     "panel `{title}`: every rate uses $__rate_interval: {expr}"
                 );
             }
@@ -277,8 +313,14 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
             let name = rule["alert"].as_str().expect("alert name");
             let expr = rule["expr"].as_str().expect("expr");
             assert!(rule["for"].as_str().is_some(), "{name} has `for`");
-            assert!(rule["labels"]["severity"].as_str().is_some(), "{name} has a severity");
-            assert!(rule["annotations"]["summary"].as_str().is_some(), "{name} has a summary");
+            assert!(
+                rule["labels"]["severity"].as_str().is_some(),
+                "{name} has a severity"
+            );
+            assert!(
+                rule["annotations"]["summary"].as_str().is_some(),
+                "{name} has a summary"
+            );
             used.extend(berth_names(expr));
             alerts.insert(name.to_string());
         }
@@ -293,24 +335,40 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         assert!(alerts.contains(want), "alert {want} exists: {alerts:?}");
     }
     let missing: Vec<_> = used.iter().filter(|n| !scrape.exports(n)).collect();
-    assert!(missing.is_empty(), "dashboard/alerts use metrics nobody exports: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "dashboard/alerts use metrics nobody exports: {missing:?}"
+    );
 
     // The scrape configs parse and point at the metrics ports.
     let prom = &yaml_docs("deploy/prometheus/prometheus.yml")[0];
-    assert_eq!(prom["rule_files"][0].as_str(), Some("/etc/prometheus/alerts.yml"));
+    assert_eq!(
+        prom["rule_files"][0].as_str(),
+        Some("/etc/prometheus/alerts.yml")
+    );
     let targets: Vec<String> = prom["scrape_configs"]
         .as_vec()
         .expect("scrape_configs")
         .iter()
-        .flat_map(|j| j["static_configs"][0]["targets"].as_vec().cloned().unwrap_or_default())
+        .flat_map(|j| {
+            j["static_configs"][0]["targets"]
+                .as_vec()
+                .cloned()
+                .unwrap_or_default()
+        })
         .filter_map(|t| t.as_str().map(String::from))
         .collect();
     assert!(
-        targets.iter().any(|t| t == "dispatcher:9400") && targets.iter().any(|t| t == "node-0:9401"),
+        targets.iter().any(|t| t == "dispatcher:9400")
+            && targets.iter().any(|t| t == "node-0:9401"),
         "{targets:?}"
     );
     let k8s = &yaml_docs("deploy/prometheus/kubernetes-scrape.yml")[0];
-    assert!(k8s["scrape_configs"][0]["kubernetes_sd_configs"].as_vec().is_some());
+    assert!(
+        k8s["scrape_configs"][0]["kubernetes_sd_configs"]
+            .as_vec()
+            .is_some()
+    );
     cluster.shutdown().await
 }
 
@@ -352,7 +410,11 @@ fn dockerfile_stage(text: &str, stage: &str) -> (Vec<String>, String) {
             continue;
         }
         if let Some(rest) = line.strip_prefix("ENV ") {
-            env.extend(rest.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, _)| k.to_string()));
+            env.extend(
+                rest.split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, _)| k.to_string()),
+            );
         }
         if let Some(rest) = line.strip_prefix("ENTRYPOINT ") {
             entry = rest.to_string();
@@ -366,26 +428,47 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
     let dispatcher = berth_dispatcher::Config::command();
     let node = berth_agent_server::Config::command();
     let (dispatcher_env, node_env) = (env_names(&dispatcher), env_names(&node));
-    let known = |service: &str| if service.contains("node") || service.contains("agent-server") {
-        &node_env
-    } else {
-        &dispatcher_env
+    let known = |service: &str| {
+        if service.contains("node") || service.contains("agent-server") {
+            &node_env
+        } else {
+            &dispatcher_env
+        }
     };
 
     // Dockerfiles: the entrypoints are the binaries, their ENV are flags.
     let df = read("deploy/docker/Dockerfile");
-    for (stage, bin) in [("dispatcher", "berth-dispatcher"), ("agent-server", "berth-agent-server")] {
+    for (stage, bin) in [
+        ("dispatcher", "berth-dispatcher"),
+        ("agent-server", "berth-agent-server"),
+    ] {
         let (env, entry) = dockerfile_stage(&df, stage);
-        assert_eq!(entry, format!("[\"/usr/local/bin/{bin}\"]"), "{stage} entrypoint");
+        assert_eq!(
+            entry,
+            format!("[\"/usr/local/bin/{bin}\"]"),
+            "{stage} entrypoint"
+        );
         assert!(!env.is_empty());
         for k in env {
-            assert!(known(stage).contains(&k), "{stage} image sets {k}, which {bin} does not read");
+            assert!(
+                known(stage).contains(&k),
+                "{stage} image sets {k}, which {bin} does not read"
+            );
         }
     }
     let agent = read("deploy/docker/agent.Dockerfile");
-    assert!(agent.contains("FROM ${NODE_IMAGE}") && agent.contains("NODE_IMAGE=node:20"), "Node 20");
-    assert!(agent.contains("@anthropic-ai/claude-code@"), "installs a pinned Claude Code CLI");
-    assert!(agent.lines().any(|l| l.trim() == "USER 1000:1000"), "runs as non-root");
+    assert!(
+        agent.contains("FROM ${NODE_IMAGE}") && agent.contains("NODE_IMAGE=node:20"),
+        "Node 20"
+    );
+    assert!(
+        agent.contains("@anthropic-ai/claude-code@"),
+        "installs a pinned Claude Code CLI"
+    );
+    assert!(
+        agent.lines().any(|l| l.trim() == "USER 1000:1000"),
+        "runs as non-root"
+    );
 
     // Compose: `docker-compose config` accepts it, and each berth service's
     // env names flags its binary reads.
@@ -395,7 +478,9 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
         .arg(&compose)
         .args(["config", "-q"])
         .output()
-        .map_err(|e| anyhow::anyhow!("docker-compose (Debian's docker-compose package) is needed: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!("docker-compose (Debian's docker-compose package) is needed: {e}")
+        })?;
     assert!(
         out.status.success(),
         "docker-compose config: {}",
@@ -403,8 +488,19 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
     );
     let doc = &yaml_docs("deploy/compose/docker-compose.yml")[0];
     let services = doc["services"].as_hash().expect("services");
-    for want in ["postgres", "minio", "dispatcher", "node-0", "node-1", "prometheus", "grafana"] {
-        assert!(services.contains_key(&Yaml::String(want.into())), "compose has {want}");
+    for want in [
+        "postgres",
+        "minio",
+        "dispatcher",
+        "node-0",
+        "node-1",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(
+            services.contains_key(&Yaml::String(want.into())),
+            "compose has {want}"
+        );
     }
     // docker-compose resolves anchors and merges; read env from its output.
     let out = std::process::Command::new("docker-compose")
@@ -417,11 +513,18 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
     for service in ["dispatcher", "node-0", "node-1"] {
         let env = &resolved["services"][service]["environment"];
         for k in env_keys(env) {
-            assert!(known(service).contains(&k), "compose {service} sets {k}, which its binary does not read");
+            assert!(
+                known(service).contains(&k),
+                "compose {service} sets {k}, which its binary does not read"
+            );
         }
         if service.starts_with("node") {
             let cert = env["BERTH_TLS_CERT"].as_str().expect("node cert");
-            assert_eq!(cert, format!("/certs/node-{service}.pem"), "`berth certs init` names");
+            assert_eq!(
+                cert,
+                format!("/certs/node-{service}.pem"),
+                "`berth certs init` names"
+            );
             node_names.push(service);
         }
     }
@@ -433,7 +536,10 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
     }
     let certs = format!("{:?}", resolved["services"]["certs"]["entrypoint"]);
     for n in &node_names {
-        assert!(certs.contains(&format!("--node {n}")), "a certificate for {n}: {certs}");
+        assert!(
+            certs.contains(&format!("--node {n}")),
+            "a certificate for {n}: {certs}"
+        );
     }
 
     // Kubernetes: every document parses; env and args match the flags; the
@@ -441,51 +547,118 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
     let mut kinds = BTreeMap::new();
     let mut headless = BTreeSet::new();
     let mut agent_servers = String::new();
-    for file in ["namespace.yaml", "dispatcher.yaml", "agent-server.yaml", "secrets.example.yaml", "kustomization.yaml"] {
+    for file in [
+        "namespace.yaml",
+        "dispatcher.yaml",
+        "agent-server.yaml",
+        "secrets.example.yaml",
+        "kustomization.yaml",
+    ] {
         for doc in yaml_docs(&format!("deploy/kubernetes/{file}")) {
-            let kind = doc["kind"].as_str().unwrap_or_else(|| panic!("{file}: a document without kind")).to_string();
-            assert!(doc["apiVersion"].as_str().is_some(), "{file}: {kind} has apiVersion");
+            let kind = doc["kind"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: a document without kind"))
+                .to_string();
+            assert!(
+                doc["apiVersion"].as_str().is_some(),
+                "{file}: {kind} has apiVersion"
+            );
             if kind == "Service" && doc["spec"]["clusterIP"].as_str() == Some("None") {
                 headless.insert(doc["metadata"]["name"].as_str().expect("name").to_string());
             }
             if matches!(kind.as_str(), "Deployment" | "StatefulSet") {
                 let tpl = &doc["spec"]["template"];
                 let ann = &tpl["metadata"]["annotations"];
-                assert_eq!(ann["prometheus.io/scrape"].as_str(), Some("true"), "{kind} is scraped");
+                assert_eq!(
+                    ann["prometheus.io/scrape"].as_str(),
+                    Some("true"),
+                    "{kind} is scraped"
+                );
                 let port = ann["prometheus.io/port"].as_str().expect("scrape port");
                 for c in tpl["spec"]["containers"].as_vec().expect("containers") {
                     let name = c["name"].as_str().expect("container name");
-                    let cmd = if name == "dispatcher" { &dispatcher } else { &node };
+                    let cmd = if name == "dispatcher" {
+                        &dispatcher
+                    } else {
+                        &node
+                    };
                     for k in env_keys(&c["env"]) {
-                        assert!(known(name).contains(&k), "k8s {name} sets {k}, which its binary does not read");
+                        assert!(
+                            known(name).contains(&k),
+                            "k8s {name} sets {k}, which its binary does not read"
+                        );
                     }
-                    let listen = c["env"].as_vec().expect("env").iter()
+                    let listen = c["env"]
+                        .as_vec()
+                        .expect("env")
+                        .iter()
                         .find(|e| e["name"].as_str() == Some("BERTH_METRICS_LISTEN"))
-                        .and_then(|e| e["value"].as_str()).expect("metrics listen");
-                    assert!(listen.ends_with(&format!(":{port}")), "{name}: scrape port {port} vs {listen}");
-                    let args: Vec<String> = c["args"].as_vec().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default();
+                        .and_then(|e| e["value"].as_str())
+                        .expect("metrics listen");
+                    assert!(
+                        listen.ends_with(&format!(":{port}")),
+                        "{name}: scrape port {port} vs {listen}"
+                    );
+                    let args: Vec<String> = c["args"]
+                        .as_vec()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     let argv = std::iter::once(cmd.get_name().to_string()).chain(args);
-                    cmd.clone().try_get_matches_from(argv).map_err(|e| anyhow::anyhow!("{name} args: {e}"))?;
-                    assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
-                    assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
-                    if let Some(v) = c["env"].as_vec().expect("env").iter().find(|e| e["name"].as_str() == Some("AGENT_SERVERS")) {
+                    cmd.clone()
+                        .try_get_matches_from(argv)
+                        .map_err(|e| anyhow::anyhow!("{name} args: {e}"))?;
+                    assert_eq!(
+                        c["readinessProbe"]["httpGet"]["path"].as_str(),
+                        Some("/readyz")
+                    );
+                    assert_eq!(
+                        c["livenessProbe"]["httpGet"]["path"].as_str(),
+                        Some("/healthz")
+                    );
+                    if let Some(v) = c["env"]
+                        .as_vec()
+                        .expect("env")
+                        .iter()
+                        .find(|e| e["name"].as_str() == Some("AGENT_SERVERS"))
+                    {
                         agent_servers = v["value"].as_str().expect("value").to_string();
                     }
                 }
                 if kind == "StatefulSet" {
-                    let svc = doc["spec"]["serviceName"].as_str().expect("serviceName").to_string();
+                    let svc = doc["spec"]["serviceName"]
+                        .as_str()
+                        .expect("serviceName")
+                        .to_string();
                     kinds.insert("statefulset-service".to_string(), svc);
                 } else {
-                    assert!(doc["spec"]["replicas"].as_i64().unwrap_or(1) >= 2, "dispatcher replicas");
+                    assert!(
+                        doc["spec"]["replicas"].as_i64().unwrap_or(1) >= 2,
+                        "dispatcher replicas"
+                    );
                 }
             }
             *kinds.entry(kind).or_default() += "+";
         }
     }
-    let svc = kinds.get("statefulset-service").expect("a StatefulSet of nodes");
-    assert!(headless.contains(svc), "the StatefulSet's service {svc} is headless");
-    assert!(agent_servers.starts_with(&format!("https://{svc}.")), "AGENT_SERVERS resolves the headless service: {agent_servers}");
-    assert!(kinds.contains_key("Secret"), "certificates and credentials as secrets");
+    let svc = kinds
+        .get("statefulset-service")
+        .expect("a StatefulSet of nodes");
+    assert!(
+        headless.contains(svc),
+        "the StatefulSet's service {svc} is headless"
+    );
+    assert!(
+        agent_servers.starts_with(&format!("https://{svc}.")),
+        "AGENT_SERVERS resolves the headless service: {agent_servers}"
+    );
+    assert!(
+        kinds.contains_key("Secret"),
+        "certificates and credentials as secrets"
+    );
     Ok(())
 }
 
@@ -502,8 +675,15 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
     let mut c = cluster.client();
     // Both sessions on node 0: node 1 is silent (down) while they start.
     cluster.nodes[1].proxy.set_paused(true);
-    cluster.wait_node(1, Duration::from_secs(10), |n| n.state == pb::NodeState::Down as i32).await?;
-    let moving = c.create_session(fake_session("write notes.txt kept")).await?.into_inner();
+    cluster
+        .wait_node(1, Duration::from_secs(10), |n| {
+            n.state == pb::NodeState::Down as i32
+        })
+        .await?;
+    let moving = c
+        .create_session(fake_session("write notes.txt kept"))
+        .await?
+        .into_inner();
     let finishing = c.create_session(fake_session("hello")).await?.into_inner();
     reply_after(&mut c, &moving.name, 0).await?;
     reply_after(&mut c, &finishing.name, 0).await?;
@@ -512,7 +692,11 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
     assert_eq!(get(&mut c, &moving.name).await?.node, node0);
     assert_eq!(get(&mut c, &finishing.name).await?.node, node0);
     cluster.nodes[1].proxy.set_paused(false);
-    cluster.wait_node(1, Duration::from_secs(10), |n| n.state == pb::NodeState::Up as i32).await?;
+    cluster
+        .wait_node(1, Duration::from_secs(10), |n| {
+            n.state == pb::NodeState::Up as i32
+        })
+        .await?;
 
     let metrics = cluster.nodes[0].metrics.expect("metrics on");
     let sigterm = std::time::Instant::now();
@@ -527,40 +711,86 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(ready, 503, "a draining node is not ready");
-    cluster.wait_node(0, Duration::from_secs(5), |n| n.state == pb::NodeState::Draining as i32).await?;
+    cluster
+        .wait_node(0, Duration::from_secs(5), |n| {
+            n.state == pb::NodeState::Draining as i32
+        })
+        .await?;
     let refused = c.create_session(fake_session("new")).await?.into_inner();
 
     // One session finishes within the drain deadline.
-    c.stop_session(pb::StopSessionRequest { name: finishing.name.clone(), ..Default::default() }).await?;
-    wait_for_status(&mut c, &finishing.name, pb::SessionStatus::Stopped, Duration::from_secs(20)).await?;
-    assert!(sigterm.elapsed() < Duration::from_secs(4), "it finished before the drain deadline");
+    c.stop_session(pb::StopSessionRequest {
+        name: finishing.name.clone(),
+    })
+    .await?;
+    wait_for_status(
+        &mut c,
+        &finishing.name,
+        pb::SessionStatus::Stopped,
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert!(
+        sigterm.elapsed() < Duration::from_secs(4),
+        "it finished before the drain deadline"
+    );
 
     // The other outlives the deadline: snapshotted, moved, resumed with its
     // files and its conversation.
-    let moved = wait_for_session(&mut c, &moving.name, Duration::from_secs(60), "running on node 1", |s| {
-        s.node == node1 && s.status == pb::SessionStatus::Idle as i32
-    })
+    let moved = wait_for_session(
+        &mut c,
+        &moving.name,
+        Duration::from_secs(60),
+        "running on node 1",
+        |s| s.node == node1 && s.status == pb::SessionStatus::Idle as i32,
+    )
     .await?;
-    assert!(sigterm.elapsed() >= Duration::from_secs(4), "moved only after the drain deadline");
+    assert!(
+        sigterm.elapsed() >= Duration::from_secs(4),
+        "moved only after the drain deadline"
+    );
     assert!(moved.epoch > moving.epoch);
     assert!(moved.snapshot.is_some(), "moved from a snapshot");
     assert_eq!(turn(&mut c, &moving.name, "read notes.txt").await?, "kept");
     let history = turn(&mut c, &moving.name, "history").await?;
-    assert!(history.starts_with("write notes.txt kept | "), "conversation resumed: {history}");
+    assert!(
+        history.starts_with("write notes.txt kept | "),
+        "conversation resumed: {history}"
+    );
     let events = events_of(&mut c, &moving.name).await?;
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "one gapless log");
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "one gapless log"
+    );
     assert!(
-        events.iter().any(|e| berth_tests::payload(e)["reason"].as_str().is_some_and(|r| r.contains("drained"))),
+        events.iter().any(|e| berth_tests::payload(e)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("drained"))),
         "the log says why it moved"
     );
 
     // The node exits once it is empty, leaving no containers; the session
     // created during the drain ran on the other node.
     tokio::time::timeout(Duration::from_secs(60), task).await???;
-    assert!(containers_labelled(&[format!("berth.node={node0}")]).await?.is_empty());
-    let placed = wait_for_session(&mut c, &refused.name, Duration::from_secs(30), "placed", |s| !s.node.is_empty()).await?;
-    assert_eq!(placed.node, node1, "no new session lands on a draining node");
+    assert!(
+        containers_labelled(&[format!("berth.node={node0}")])
+            .await?
+            .is_empty()
+    );
+    let placed = wait_for_session(
+        &mut c,
+        &refused.name,
+        Duration::from_secs(30),
+        "placed",
+        |s| !s.node.is_empty(),
+    )
+    .await?;
+    assert_eq!(
+        placed.node, node1,
+        "no new session lands on a draining node"
+    );
     cluster.shutdown().await
 }
 
@@ -568,13 +798,19 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
 async fn dispatcher_sigterm_ends_streams_retryably_and_hands_sessions_back() -> anyhow::Result<()> {
     let mut cluster = TestCluster::builder().start().await?;
     let mut first = cluster.client();
-    let s = first.create_session(fake_session("write notes.txt v1")).await?.into_inner();
+    let s = first
+        .create_session(fake_session("write notes.txt v1"))
+        .await?
+        .into_inner();
     reply_after(&mut first, &s.name, 0).await?;
     let before = get(&mut first, &s.name).await?;
     // A second dispatcher on the same database takes over.
     let mut second = cluster.add_dispatcher().await?;
     let mut stream = first
-        .stream_events(pb::StreamEventsRequest { name: s.name.clone(), after_seq: before.last_seq })
+        .stream_events(pb::StreamEventsRequest {
+            name: s.name.clone(),
+            after_seq: before.last_seq,
+        })
         .await?
         .into_inner();
     cluster.sigterm_dispatcher().await?;
@@ -585,16 +821,27 @@ async fn dispatcher_sigterm_ends_streams_retryably_and_hands_sessions_back() -> 
             Err(status) => break status,
         }
     };
-    assert_eq!(ended.code(), tonic::Code::Unavailable, "clients retry UNAVAILABLE: {ended:?}");
+    assert_eq!(
+        ended.code(),
+        tonic::Code::Unavailable,
+        "clients retry UNAVAILABLE: {ended:?}"
+    );
     assert!(ended.message().contains("after_seq"), "{}", ended.message());
 
-    let resumed = wait_for_session(&mut second, &s.name, Duration::from_secs(60), "resumed", |x| {
-        x.epoch > before.epoch && x.status == pb::SessionStatus::Idle as i32
-    })
+    let resumed = wait_for_session(
+        &mut second,
+        &s.name,
+        Duration::from_secs(60),
+        "resumed",
+        |x| x.epoch > before.epoch && x.status == pb::SessionStatus::Idle as i32,
+    )
     .await?;
     assert!(resumed.snapshot.is_some(), "handed back with a snapshot");
     assert_eq!(turn(&mut second, &s.name, "read notes.txt").await?, "v1");
     let history = turn(&mut second, &s.name, "history").await?;
-    assert!(history.starts_with("write notes.txt v1 | "), "conversation kept: {history}");
+    assert!(
+        history.starts_with("write notes.txt v1 | "),
+        "conversation kept: {history}"
+    );
     cluster.shutdown().await
 }
