@@ -71,8 +71,6 @@ pub async fn run_with_drain(
     node.spawn_sampler();
     if let Some(addr) = node.cfg.metrics_listen.0 {
         let handle = metrics::install()?;
-        let listener = berth_common::metrics::bind(addr, "--metrics-listen").await?;
-        tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness on HTTP");
         let ready = {
             let node = node.clone();
             Arc::new(move || {
@@ -83,12 +81,7 @@ pub async fn run_with_drain(
                 }
             })
         };
-        tokio::spawn(berth_common::metrics::serve(
-            listener,
-            handle,
-            ready,
-            shutdown.clone(),
-        ));
+        berth_common::metrics::spawn_endpoint(addr, handle, ready, shutdown.clone()).await?;
     }
     spawn_load_gauges(&node);
     let pools = node.pools.spawn();

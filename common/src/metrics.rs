@@ -223,11 +223,25 @@ impl std::str::FromStr for Listen {
     }
 }
 
-/// Binds `addr` for [`serve`], naming the flag in the error.
-pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
+/// Binds `addr` (errors name `--metrics-listen`) and runs [`serve`] in the
+/// background until `stop`. Returns the bound address.
+pub async fn spawn_endpoint(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    ready: Readiness,
+    stop: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-listen): {e}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "metrics (/metrics), health (/healthz) and readiness (/readyz) on HTTP");
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, handle, ready, stop).await {
+            tracing::warn!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    Ok(bound)
 }
 
 /// A tower layer over a tonic server that counts requests by method and

@@ -59,10 +59,10 @@ pub async fn run(
         retention_days: cfg.retention_days,
         db_ok: std::sync::atomic::AtomicBool::new(true),
     });
+    let endpoint_stop = CancellationToken::new();
+    let _endpoint = endpoint_stop.clone().drop_guard();
     if let Some(addr) = cfg.metrics_listen.0 {
         let handle = metrics::install()?;
-        let listener = berth_common::metrics::bind(addr, "--metrics-listen").await?;
-        tracing::info!(addr = %listener.local_addr()?, "metrics, health and readiness on HTTP");
         let ready = {
             let ctx = ctx.clone();
             Arc::new(move || {
@@ -75,13 +75,8 @@ pub async fn run(
                 }
             })
         };
-        // Serves until the process ends: probes see `shutting down` meanwhile.
-        tokio::spawn(berth_common::metrics::serve(
-            listener,
-            handle,
-            ready,
-            CancellationToken::new(),
-        ));
+        // Serves until this returns: probes see `shutting down` meanwhile.
+        berth_common::metrics::spawn_endpoint(addr, handle, ready, endpoint_stop.clone()).await?;
         tokio::spawn(metrics::sampler(ctx.clone()));
     }
     let wake = Arc::new(tokio::sync::Notify::new());

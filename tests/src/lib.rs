@@ -237,24 +237,33 @@ impl Builder {
             dispatcher_cfg,
             tasks,
         };
-        let mut probe = cluster.client();
-        for _ in 0..100 {
-            let req = pb::ListSessionsRequest {
-                page_size: 1,
-                ..Default::default()
-            };
-            if probe.list_sessions(req).await.is_ok() {
-                return Ok(cluster);
-            }
-            if let Some(t) = cluster.tasks.iter().find(|t| t.is_finished()) {
-                anyhow::bail!(
-                    "a cluster process exited during start-up ({t:?}); run with RUST_LOG=info to see why"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!("the test dispatcher did not answer within 10 s")
+        answering(cluster.client(), &cluster.tasks).await?;
+        Ok(cluster)
     }
+}
+
+/// Waits until the dispatcher behind `client` answers, failing early if a
+/// cluster task exits.
+async fn answering(
+    mut client: SessionsClient<Channel>,
+    tasks: &[tokio::task::JoinHandle<anyhow::Result<()>>],
+) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let req = pb::ListSessionsRequest {
+            page_size: 1,
+            ..Default::default()
+        };
+        if client.list_sessions(req).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(t) = tasks.iter().find(|t| t.is_finished()) {
+            anyhow::bail!(
+                "a cluster process exited during start-up ({t:?}); run with RUST_LOG=info to see why"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the test dispatcher did not answer within 10 s")
 }
 
 /// One node of a [`TestCluster`].
@@ -387,19 +396,10 @@ impl TestCluster {
             self.shutdown.child_token(),
         )));
         let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
-        let mut client = SessionsClient::new(channel)
+        let client = SessionsClient::new(channel)
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
-        for _ in 0..100 {
-            let req = pb::ListSessionsRequest {
-                page_size: 1,
-                ..Default::default()
-            };
-            if client.list_sessions(req).await.is_ok() {
-                return Ok(client);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!("the added dispatcher did not answer within 10 s")
+        answering(client.clone(), &self.tasks).await?;
+        Ok(client)
     }
 
     /// Stops node `i` at once (a second SIGTERM, or SIGKILL but cleaner),
