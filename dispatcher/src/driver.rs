@@ -126,12 +126,13 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     relay(ctx, session, &mut link).await
 }
 
-/// Places the session and sends `start`, trying other nodes when one refuses
-/// (late binding). `None` when the start failed and the session was marked so.
+/// The `start` label of the latency metrics.
 fn start_label(warm: bool) -> &'static str {
     if warm { "warm" } else { "cold" }
 }
 
+/// Places the session and sends `start`, trying other nodes when one refuses
+/// (late binding). `None` when the start failed and the session was marked so.
 async fn start(ctx: &Ctx, session: &Session, claimed: std::time::Instant) -> Result<Option<Link>> {
     let mut refused: Vec<String> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
