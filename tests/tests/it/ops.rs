@@ -662,6 +662,9 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
     Ok(())
 }
 
+/// Long enough for a user's stop (and its snapshot) on a loaded CI machine.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+
 #[tokio::test]
 async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> anyhow::Result<()> {
     let mut cluster = TestCluster::builder()
@@ -669,7 +672,7 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
         .capacity(4)
         .lease(Duration::from_secs(1))
         .metrics()
-        .configure_node(|_, cfg, _| cfg.drain_timeout = Duration::from_secs(4))
+        .configure_node(|_, cfg, _| cfg.drain_timeout = DRAIN_TIMEOUT)
         .start()
         .await?;
     let mut c = cluster.client();
@@ -731,7 +734,7 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
     )
     .await?;
     assert!(
-        sigterm.elapsed() < Duration::from_secs(4),
+        sigterm.elapsed() < DRAIN_TIMEOUT,
         "it finished before the drain deadline"
     );
 
@@ -746,7 +749,7 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
     )
     .await?;
     assert!(
-        sigterm.elapsed() >= Duration::from_secs(4),
+        sigterm.elapsed() >= DRAIN_TIMEOUT,
         "moved only after the drain deadline"
     );
     assert!(moved.epoch > moving.epoch);
