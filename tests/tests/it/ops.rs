@@ -252,7 +252,8 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
             &[("method", "CreateSession"), ("code", "OK")]
         ) >= 1.0
     );
-    assert_eq!(scrape.sum("berth_nodes", &[("state", "up")]), 1.0);
+    // (≥: the recorder is process-wide, and other tests' clusters run beside this one.)
+    assert!(scrape.sum("berth_nodes", &[("state", "up")]) >= 1.0);
     // The node's own endpoint serves the same registry (one process here).
     let (status, body) = http_get(node, "/metrics").await?;
     assert_eq!(status, 200);
