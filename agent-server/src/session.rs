@@ -219,6 +219,8 @@ async fn run_in_slot(
     let mut stdin_tx = Some(stdin_tx);
     let mut output = process.output;
     let mut lines = LineBuffer::new(node.cfg.max_line_bytes);
+    // One handle for the run: no registry lookup per event.
+    let events = metrics::counter!(crate::metrics::AGENT_EVENTS);
     let mut stderr_tail: Vec<u8> = Vec::new();
     let mut stop_reason: Option<String> = None;
     let mut snapshot_key = String::new();
@@ -231,7 +233,7 @@ async fn run_in_slot(
             chunk = output.next() => match chunk {
                 Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                     for line in lines.push(&message) {
-                        if !emit(out, &mut *adapter, line).await {
+                        if !emit(out, &mut *adapter, &events, line).await {
                             stop_reason.get_or_insert_with(|| "dispatcher link lost".into());
                             killed = true;
                         }
@@ -294,7 +296,7 @@ async fn run_in_slot(
         }
     }
     if !killed && let Some(line) = lines.finish() {
-        emit(out, &mut *adapter, line).await;
+        emit(out, &mut *adapter, &events, line).await;
     }
     drop(stdin_tx);
     stdin_task.abort();
@@ -374,7 +376,12 @@ fn env_with_home(spec: &SessionSpec, cfg: &crate::config::Config) -> Vec<String>
 }
 
 /// Decodes and sends one line. False when the dispatcher is gone.
-async fn emit(out: &mpsc::Sender<Output>, adapter: &mut dyn adapter::Adapter, line: Line) -> bool {
+async fn emit(
+    out: &mpsc::Sender<Output>,
+    adapter: &mut dyn adapter::Adapter,
+    events: &metrics::Counter,
+    line: Line,
+) -> bool {
     let event = match line {
         Line::Whole(l) => adapter.decode(&l),
         Line::Truncated {
@@ -391,7 +398,7 @@ async fn emit(out: &mpsc::Sender<Output>, adapter: &mut dyn adapter::Adapter, li
             }
         }
     };
-    metrics::counter!(crate::metrics::AGENT_EVENTS).increment(1);
+    events.increment(1);
     out.send(Output::Event(event)).await.is_ok()
 }
 

@@ -406,6 +406,8 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
     );
     let mut stop_asked: Option<StopAsked> = None;
     let mut first_event = true;
+    // One handle for the run: no registry lookup per event.
+    let relayed = metrics::counter!(crate::metrics::EVENTS_RELAYED);
     // Set when this dispatcher shuts down: the node was asked to stop the
     // agent with a snapshot, and the session is re-queued once it has.
     let mut handing_back: Option<tokio::time::Instant> = None;
@@ -415,7 +417,7 @@ async fn relay(ctx: &Ctx, session: &Session, link: &mut Link) -> Result<()> {
                 Ok(Some(pb::NodeFrame { kind: Some(kind), .. })) => match kind {
                     node_frame::Kind::Event(e) => {
                         deadlines.touch();
-                        metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(1);
+                        relayed.increment(1);
                         if std::mem::take(&mut first_event) {
                             metrics::histogram!(crate::metrics::FIRST_EVENT, "start" => start_label(link.warm))
                                 .record(link.claimed.elapsed().as_secs_f64());

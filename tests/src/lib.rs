@@ -734,3 +734,13 @@ pub async fn no_containers_left(id: &str) -> anyhow::Result<()> {
     }
     anyhow::bail!("session {id} still has containers after 10 s")
 }
+
+/// Stops a session and waits until it is `stopped` (its snapshot saved).
+pub async fn stop_and_wait(
+    c: &mut SessionsClient<Channel>,
+    name: &str,
+) -> anyhow::Result<pb::Session> {
+    c.stop_session(pb::StopSessionRequest { name: name.into() })
+        .await?;
+    wait_for_status(c, name, pb::SessionStatus::Stopped, Duration::from_secs(60)).await
+}

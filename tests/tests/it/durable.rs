@@ -7,7 +7,7 @@ use std::time::Duration;
 use berth_proto::v1::{self as pb, agents_client::AgentsClient, files_client::FilesClient};
 use berth_tests::{
     TEST_IMAGE, TestCluster, containers_of, events_of, fake_session, get, no_containers_left,
-    payload, reply_after, turn, wait_for_status,
+    payload, reply_after, stop_and_wait, turn, wait_for_status,
 };
 use sqlx::Row;
 use tonic::transport::Channel;
@@ -190,17 +190,7 @@ async fn a_read_write_memory_store_outlives_its_session() -> anyhow::Result<()> 
         async move {
             let s = c.create_session(req).await?.into_inner();
             let reply = reply_after(&mut c, &s.name, 0).await?;
-            c.stop_session(pb::StopSessionRequest {
-                name: s.name.clone(),
-            })
-            .await?;
-            wait_for_status(
-                &mut c,
-                &s.name,
-                pb::SessionStatus::Stopped,
-                Duration::from_secs(60),
-            )
-            .await?;
+            stop_and_wait(&mut c, &s.name).await?;
             anyhow::Ok((s, reply))
         }
     };
@@ -518,17 +508,7 @@ async fn delete_is_refused_while_live_and_then_leaves_nothing_behind() -> anyhow
         .await
         .expect_err("deleting a live session");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    c.stop_session(pb::StopSessionRequest {
-        name: s.name.clone(),
-    })
-    .await?;
-    let stopped = wait_for_status(
-        &mut c,
-        &s.name,
-        pb::SessionStatus::Stopped,
-        Duration::from_secs(60),
-    )
-    .await?;
+    let stopped = stop_and_wait(&mut c, &s.name).await?;
     assert!(stopped.snapshot.is_some());
     let prefix = format!("sessions/{}", s.id);
     assert!(
@@ -607,17 +587,7 @@ async fn export_reads_as_the_recorded_conversation() -> anyhow::Result<()> {
     let prompt = "replay /fixtures/claude-code/explore_count_files.jsonl";
     let s = c.create_session(fake_session(prompt)).await?.into_inner();
     reply_after(&mut c, &s.name, 0).await?;
-    c.stop_session(pb::StopSessionRequest {
-        name: s.name.clone(),
-    })
-    .await?;
-    wait_for_status(
-        &mut c,
-        &s.name,
-        pb::SessionStatus::Stopped,
-        Duration::from_secs(60),
-    )
-    .await?;
+    stop_and_wait(&mut c, &s.name).await?;
     c.archive_session(pb::ArchiveSessionRequest {
         name: s.name.clone(),
     })

@@ -67,17 +67,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
     assert!(e.message().contains("limit"), "{}", e.message());
 
     until_turn_ends(&mut c, &s.name, 0).await?;
-    c.stop_session(pb::StopSessionRequest {
-        name: s.name.clone(),
-    })
-    .await?;
-    wait_for_status(
-        &mut c,
-        &s.name,
-        pb::SessionStatus::Stopped,
-        Duration::from_secs(20),
-    )
-    .await?;
+    stop_and_wait(&mut c, &s.name).await?;
     let e = c
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 use berth_common::metrics::{Def, Kind};
 use berth_proto::v1 as pb;
 use berth_tests::{
-    TEST_IMAGE, TestCluster, containers_labelled, events_of, fake_session, get, reply_after, turn,
-    wait_for_session, wait_for_status,
+    TEST_IMAGE, TestCluster, containers_labelled, events_of, fake_session, get, reply_after,
+    stop_and_wait, turn, wait_for_session,
 };
 use clap::CommandFactory;
 use yaml_rust2::{Yaml, YamlLoader};
@@ -154,17 +154,7 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     let s = c.create_session(fake_session("hello")).await?.into_inner();
     reply_after(&mut c, &s.name, 0).await?;
     // A stop takes a snapshot: the snapshot series get samples too.
-    c.stop_session(pb::StopSessionRequest {
-        name: s.name.clone(),
-    })
-    .await?;
-    wait_for_status(
-        &mut c,
-        &s.name,
-        pb::SessionStatus::Stopped,
-        Duration::from_secs(30),
-    )
-    .await?;
+    stop_and_wait(&mut c, &s.name).await?;
 
     // Sampled gauges refresh every few seconds: scrape until they caught up.
     let mut scrape = Scrape::default();
@@ -723,17 +713,7 @@ async fn sigterm_drains_a_node_letting_sessions_finish_and_moving_the_rest() -> 
     let refused = c.create_session(fake_session("new")).await?.into_inner();
 
     // One session finishes within the drain deadline.
-    c.stop_session(pb::StopSessionRequest {
-        name: finishing.name.clone(),
-    })
-    .await?;
-    wait_for_status(
-        &mut c,
-        &finishing.name,
-        pb::SessionStatus::Stopped,
-        Duration::from_secs(20),
-    )
-    .await?;
+    stop_and_wait(&mut c, &finishing.name).await?;
     assert!(
         sigterm.elapsed() < DRAIN_TIMEOUT,
         "it finished before the drain deadline"
