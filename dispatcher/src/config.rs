@@ -71,6 +71,13 @@ pub struct Config {
     #[command(flatten)]
     pub tls: TlsArgs,
 
+    /// Serve the public API over mTLS too, with the same --tls-ca/--tls-cert/--tls-key:
+    /// clients must present a certificate signed by the CA (`berth certs init
+    /// --client NAME`) and dial the name on this dispatcher's certificate
+    /// (`berth-dispatcher` by default). Off: the public API is plaintext.
+    #[arg(long, env = "BERTH_API_TLS", default_value_t = false)]
+    pub api_tls: bool,
+
     /// Session slots of the in-process node (only when AGENT_SERVERS is unset).
     #[arg(long, env = "BERTH_LOCAL_CAPACITY", default_value_t = 8)]
     pub local_capacity: u32,
@@ -153,6 +160,10 @@ impl Config {
         anyhow::ensure!(
             !self.node_resolve_interval.is_zero(),
             "--node-resolve-interval must be positive"
+        );
+        anyhow::ensure!(
+            !self.api_tls || self.tls.material.is_some() || self.tls.cert.is_some(),
+            "--api-tls needs --tls-ca, --tls-cert and --tls-key (the dispatcher's certificate)"
         );
         Ok(())
     }

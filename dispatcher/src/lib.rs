@@ -118,7 +118,14 @@ pub async fn run(
         nodes: ctx.nodes.clone(),
     });
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if cfg.api_tls {
+        let tls = cfg.tls.load()?.ok_or_else(|| {
+            anyhow::anyhow!("--api-tls needs --tls-ca, --tls-cert and --tls-key")
+        })?;
+        server = server.tls_config(tls.server())?;
+    }
+    server
         .layer(berth_common::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection)

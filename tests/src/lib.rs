@@ -49,6 +49,10 @@ pub struct Builder {
     node_hook: Option<NodeHook>,
     dispatcher_hook: Option<DispatcherHook>,
     metrics: bool,
+    /// The CA to sign the cluster's certificates with (PEM cert, PEM key).
+    ca: Option<(String, String)>,
+    api_tls: bool,
+    direct: bool,
 }
 
 /// A free loopback port (bound, then released) for a service that binds it itself.
@@ -63,6 +67,27 @@ impl Builder {
     /// cluster (the recorder is process-wide: each endpoint shows all).
     pub fn metrics(mut self) -> Self {
         self.metrics = true;
+        self
+    }
+
+    /// Signs the cluster's certificates with `ca` instead of a fresh CA, so
+    /// the caller can issue certificates (for its own nodes or clients) first.
+    pub fn ca(mut self, ca: &DevCa) -> Self {
+        self.ca = Some((ca.cert_pem.clone(), ca.key_pem()));
+        self
+    }
+
+    /// Serves the dispatcher's public API over mTLS (`--api-tls`); the
+    /// cluster's own client then presents a client certificate.
+    pub fn api_tls(mut self) -> Self {
+        self.api_tls = true;
+        self
+    }
+
+    /// The dispatcher dials nodes directly, not through their [`Proxy`]
+    /// (benchmarks: no extra hop; `Proxy::set_paused` then has no effect).
+    pub fn direct(mut self) -> Self {
+        self.direct = true;
         self
     }
 
@@ -120,20 +145,11 @@ impl Builder {
             .with_test_writer()
             .try_init();
         let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
-        let database = format!("berth_test_{tag}");
-        let admin = admin_url();
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-            .await
-            .with_context(|| format!("tests need Postgres at {admin} (run scripts/setup.sh)"))?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-            .execute(&mut conn)
-            .await?;
-        let database_url = match admin.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{database}"),
-            None => anyhow::bail!("BERTH_TEST_DATABASE_URL must end in /DBNAME"),
+        let (database, database_url) = create_database(&tag).await?;
+        let ca = match &self.ca {
+            Some((cert, key)) => DevCa::load(cert, key)?,
+            None => DevCa::generate("berth test CA")?,
         };
-
-        let ca = DevCa::generate("berth test CA")?;
         let s3 = s3::S3Server::start().await?;
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -145,7 +161,8 @@ impl Builder {
             let proxy = Proxy::start(node_addr).await?;
             let name = format!("node-{i}");
             let url = format!("https://{name}:{}", proxy.addr.port());
-            resolve.push((format!("{name}:{}", proxy.addr.port()), proxy.addr));
+            let target = if self.direct { node_addr } else { proxy.addr };
+            resolve.push((format!("{name}:{}", proxy.addr.port()), target));
             let mut cfg = berth_agent_server::Config::defaults();
             cfg.metrics_listen = Listen(None);
             if self.metrics {
@@ -189,8 +206,14 @@ impl Builder {
             });
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let dispatcher_url = format!("http://{}", listener.local_addr()?);
+        let scheme = if self.api_tls { "https" } else { "http" };
+        let dispatcher_url = format!("{scheme}://{}", listener.local_addr()?);
+        let client_tls = match self.api_tls {
+            true => Some(ca.material(&ca.issue(CertKind::Client, &[format!("client-{tag}")])?)),
+            false => None,
+        };
         let mut cfg = berth_dispatcher::Config::defaults();
+        cfg.api_tls = self.api_tls;
         cfg.metrics_listen = Listen(None);
         if self.metrics {
             cfg.metrics_listen = Listen(Some(free_addr()?));
@@ -218,14 +241,18 @@ impl Builder {
             dispatcher_stop.clone(),
         )));
 
-        let channel =
-            tonic::transport::Endpoint::from_shared(dispatcher_url.clone())?.connect_lazy();
+        let mut endpoint = tonic::transport::Endpoint::from_shared(dispatcher_url.clone())?;
+        if let Some(tls) = &client_tls {
+            endpoint = endpoint.tls_config(tls.client(DISPATCHER_NAME))?;
+        }
+        let channel = endpoint.connect_lazy();
         let client = SessionsClient::new(channel.clone())
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
         let cluster = TestCluster {
             client,
             nodes_client: NodesClient::new(channel),
             dispatcher_url,
+            client_tls,
             nodes,
             ca,
             database,
@@ -240,6 +267,35 @@ impl Builder {
         answering(cluster.client(), &cluster.tasks).await?;
         Ok(cluster)
     }
+}
+
+/// Creates a fresh database `berth_test_{tag}` on the test Postgres server
+/// (`BERTH_TEST_DATABASE_URL`); returns its name and URL.
+pub async fn create_database(tag: &str) -> anyhow::Result<(String, String)> {
+    let database = format!("berth_test_{tag}");
+    let admin = admin_url();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .with_context(|| format!("needs Postgres at {admin} (run scripts/setup.sh)"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+        .execute(&mut conn)
+        .await?;
+    let url = match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{database}"),
+        None => anyhow::bail!("BERTH_TEST_DATABASE_URL must end in /DBNAME"),
+    };
+    Ok((database, url))
+}
+
+/// Drops a database made by [`create_database`].
+pub async fn drop_database(database: &str) -> anyhow::Result<()> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await?;
+    Ok(())
 }
 
 /// Waits until the dispatcher behind `client` answers, failing early if a
@@ -289,6 +345,9 @@ pub struct TestCluster {
     client: SessionsClient<Channel>,
     nodes_client: NodesClient<Channel>,
     pub dispatcher_url: String,
+    /// With [`Builder::api_tls`]: a client certificate for the public API
+    /// (dial the dispatcher as [`DISPATCHER_NAME`]).
+    pub client_tls: Option<berth_common::tls::TlsMaterial>,
     pub nodes: Vec<TestNode>,
     /// The CA every certificate of the cluster is signed by.
     pub ca: DevCa,
@@ -316,6 +375,9 @@ impl TestCluster {
             node_hook: None,
             dispatcher_hook: None,
             metrics: false,
+            ca: None,
+            api_tls: false,
+            direct: false,
         }
     }
 
@@ -428,14 +490,7 @@ impl TestCluster {
                 t.await??;
             }
         }
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.database
-        )))
-        .execute(&mut conn)
-        .await?;
-        Ok(())
+        drop_database(&self.database).await
     }
 }
 

@@ -10,7 +10,8 @@
 //! | `echo TEXT`             | replies TEXT                                                      |
 //! | `tool COMMAND`          | a Bash tool_use, its tool_result, then a reply                    |
 //! | `delay MS [TEXT]`       | waits MS (interruptible), then replies                            |
-//! | `events N [BYTES]`      | N assistant text events of BYTES bytes each (default 64)          |
+//! | `events N [BYTES]`      | N assistant text events of BYTES bytes each (default 64), of     |
+//! |                         | pseudo-random letters (storage cannot compress them away)         |
 //! | `longline BYTES`        | one assistant event whose text is BYTES long                      |
 //! | `garbage`               | writes a line that is not JSON, then replies                      |
 //! | `crash [CODE]`          | writes one event, then exits with CODE (default 3) mid-turn       |
@@ -379,7 +380,7 @@ impl Agent {
                 for i in 0..n {
                     let prefix = format!("event {i} ");
                     let pad = size.saturating_sub(prefix.len());
-                    self.text(&format!("{prefix}{}", "x".repeat(pad)));
+                    self.text(&format!("{prefix}{}", filler(i, pad)));
                 }
                 format!("sent {n} events")
             }
@@ -540,4 +541,18 @@ fn main() {
         eof: false,
     };
     agent.run();
+}
+
+/// `len` pseudo-random letters (xorshift from `seed`): text that neither
+/// Postgres nor a transport can compress to nothing, like real output.
+fn filler(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
 }

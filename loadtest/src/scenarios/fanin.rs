@@ -1,0 +1,441 @@
+//! Scenario 5: fan-in of many concurrent low-rate sessions.
+//!
+//! The dispatcher runs as its own process (the real `berth-dispatcher`
+//! binary), so its memory can be read from /proc; its nodes are simulated
+//! (no container per stream: 10 000 containers do not fit on this machine).
+//! Each session holds one `Connect` stream from the driver. Then messages
+//! arrive at a low overall Poisson rate, each on a random stream; the time
+//! from a message's scheduled send to its echo at the client is compared
+//! with the same exchange over direct `RunSession` streams to the same
+//! simulated nodes (no dispatcher). The dispatcher is one relay hop each way.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
+use berth_proto::node::v1 as node;
+use berth_proto::v1 as pb;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::session;
+use crate::cluster::ClusterArgs;
+use crate::driver::{Arrivals, Conns, Progress, open_loop};
+use crate::report::{Errors, Hist, Report, ratio};
+use crate::simnode::SimNode;
+
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct FaninArgs {
+    /// Concurrent sessions (streams) to hold, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    pub streams: Vec<usize>,
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// Sessions created per second while filling up.
+    #[arg(long, default_value_t = 400.0)]
+    pub create_rate: f64,
+    /// Messages per second over all streams (Poisson), once all are held.
+    #[arg(long, default_value_t = 100.0)]
+    pub message_rate: f64,
+    /// Seconds of messages per run.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// The dispatcher binary (default: `berth-dispatcher` next to this one).
+    #[arg(long)]
+    #[serde(skip)]
+    pub dispatcher_bin: Option<PathBuf>,
+}
+
+pub async fn run(cl: &ClusterArgs, a: &FaninArgs) -> anyhow::Result<Report> {
+    cl.in_process_only("fanin", "it reads the dispatcher process's memory and runs on simulated nodes")?;
+    anyhow::ensure!(a.nodes > 0 && a.message_rate > 0.0 && a.seconds > 0.0, "--nodes, --message-rate and --seconds must be positive");
+    let bin = match &a.dispatcher_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("berth-dispatcher"),
+    };
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it beside berth-loadtest (`cargo build --release -p berth-dispatcher -p berth-loadtest`) or pass --dispatcher-bin",
+        bin.display()
+    );
+    let mut report = Report::new("fanin", a);
+    for &n in &a.streams {
+        one(cl, a, &bin, n, &mut report).await?;
+    }
+    report.note("nodes are simulated (they speak the node protocol over mTLS but run no container): 10 000 containers do not fit on this machine; the dispatcher is the real binary in its own process");
+    report.note("added latency per hop = (berth p50 - direct p50) / 2: a message crosses the dispatcher once on its way in and its echo once on its way out; berth also persists both events in Postgres before relaying them");
+    report.note("memory per idle stream = growth of the dispatcher's RSS from before the sessions were created to when all were held and idle, over their number; each holds a client Connect stream and a node RunSession stream");
+    Ok(report)
+}
+
+/// A running dispatcher process.
+struct Child {
+    proc: tokio::process::Child,
+    pid: u32,
+    url: String,
+    database: String,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn spawn_dispatcher(bin: &PathBuf, ca: &DevCa, sims: &[SimNode]) -> anyhow::Result<Child> {
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+    let (database, database_url) = berth_tests::create_database(&tag).await?;
+    let dir = TempDir(std::env::temp_dir().join(format!("berth-loadtest-{tag}")));
+    std::fs::create_dir_all(&dir.0)?;
+    let issued = ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.to_string()])?;
+    std::fs::write(dir.0.join("ca.pem"), &ca.cert_pem)?;
+    std::fs::write(dir.0.join("dispatcher.pem"), &issued.cert_pem)?;
+    std::fs::write(dir.0.join("dispatcher-key.pem"), &issued.key_pem)?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let servers: Vec<String> = sims.iter().map(|s| s.url.clone()).collect();
+    let resolve: Vec<String> = sims
+        .iter()
+        .map(|s| format!("{}={}", s.url.trim_start_matches("https://"), s.addr))
+        .collect();
+    let proc = tokio::process::Command::new(bin)
+        .env("BERTH_LISTEN", addr.to_string())
+        .env("DATABASE_URL", &database_url)
+        .env("AGENT_SERVERS", servers.join(","))
+        .env("BERTH_NODE_RESOLVE", resolve.join(","))
+        .env("BERTH_TLS_CA", dir.0.join("ca.pem"))
+        .env("BERTH_TLS_CERT", dir.0.join("dispatcher.pem"))
+        .env("BERTH_TLS_KEY", dir.0.join("dispatcher-key.pem"))
+        .env("BERTH_METRICS_LISTEN", "off")
+        .env("BERTH_OBJECTS_DIR", dir.0.join("objects"))
+        .env("BERTH_DISPATCHER_ID", format!("loadtest-{tag}"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))?;
+    let pid = proc.id().ok_or_else(|| anyhow::anyhow!("the dispatcher exited at once"))?;
+    Ok(Child {
+        proc,
+        pid,
+        url: format!("http://{addr}"),
+        database,
+        _dir: dir,
+    })
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
+/// A message to send on one stream: when it was due, and its text.
+type Send = (Instant, String);
+
+/// Latencies recorded by every stream of one side.
+#[derive(Default)]
+struct Shared {
+    hist: Mutex<Hist>,
+    errors: Mutex<Errors>,
+}
+
+impl Shared {
+    fn record(&self, d: Duration) {
+        if let Ok(mut h) = self.hist.lock() {
+            h.record(d);
+        }
+    }
+    fn error(&self, what: &str) {
+        if let Ok(mut e) = self.errors.lock() {
+            e.add(what);
+        }
+    }
+}
+
+async fn one(cl: &ClusterArgs, a: &FaninArgs, bin: &PathBuf, n: usize, report: &mut Report) -> anyhow::Result<()> {
+    let ca = DevCa::generate("berth loadtest CA")?;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let mut sims = Vec::new();
+    let per_node = u32::try_from(n / a.nodes + 16)?;
+    for i in 0..a.nodes {
+        sims.push(SimNode::start(i, per_node, Duration::from_secs(1), &ca, stop.clone()).await?);
+    }
+    let mut child = spawn_dispatcher(bin, &ca, &sims).await?;
+    let conns_n = cl.connections.max(n.div_ceil(100));
+    let conns = loop {
+        if let Ok(Some(status)) = child.proc.try_wait() {
+            anyhow::bail!("the dispatcher exited with {status}");
+        }
+        match Conns::open(&child.url, None, conns_n).await {
+            Ok(c) => {
+                let ok = c
+                    .get()
+                    .list_sessions(pb::ListSessionsRequest { page_size: 1, ..Default::default() })
+                    .await
+                    .is_ok();
+                if ok {
+                    break c;
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Let its node links come up and its first allocations settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss0 = rss(child.pid)?;
+
+    // Fill up: N sessions, each with one Connect stream.
+    let berth = Arc::new(Shared::default());
+    let senders: Arc<Mutex<Vec<mpsc::Sender<Send>>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let offsets = Arrivals::Uniform { rate: a.create_rate }.offsets(n, &mut fastrand::Rng::new());
+    let progress = Progress::start(format!("fanin {n}: open"), n as u64);
+    open_loop(&offsets, &progress, |_, _| {
+        let (conns, berth, senders, progress) = (conns.clone(), berth.clone(), senders.clone(), progress.clone());
+        async move {
+            match open_stream(&conns, berth).await {
+                Ok(tx) => {
+                    if let Ok(mut s) = senders.lock() {
+                        s.push(tx);
+                    }
+                    progress.done();
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s, "opening a stream failed");
+                    progress.error();
+                }
+            }
+        }
+    })
+    .await;
+    progress.finish();
+    let held = senders.lock().map(|s| s.len()).unwrap_or(0);
+    // Every session is placed once the nodes run them all.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while sims.iter().map(|s| s.running() as usize).sum::<usize>() < held && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let running: usize = sims.iter().map(|s| s.running() as usize).sum();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss1 = rss(child.pid)?;
+    let per_stream = (rss1.saturating_sub(rss0)) as f64 / held.max(1) as f64;
+
+    // Messages at a low overall rate, each on a random stream.
+    let msgs = ((a.message_rate * a.seconds).round() as usize).max(1);
+    let senders: Vec<mpsc::Sender<Send>> = senders.lock().map(|s| s.clone()).unwrap_or_default();
+    anyhow::ensure!(!senders.is_empty(), "no stream could be opened");
+    messages(&senders, a.message_rate, msgs, &format!("fanin {n}: berth")).await;
+    let berth_hist = wait_recorded(&berth, msgs).await;
+    drop(senders);
+
+    // Baseline: the same exchange on direct streams to the same nodes.
+    let direct = Arc::new(Shared::default());
+    let mut clients = Vec::new();
+    for s in &sims {
+        clients.push(s.client(&ca).await?);
+    }
+    let mut dsenders = Vec::with_capacity(n);
+    let progress = Progress::start(format!("fanin {n}: direct open"), n as u64);
+    for i in 0..n {
+        progress.sent();
+        let k = i % clients.len();
+        match open_direct(&mut clients[k], direct.clone()).await {
+            Ok(tx) => {
+                dsenders.push(tx);
+                progress.done();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "opening a direct stream failed");
+                progress.error();
+            }
+        }
+    }
+    progress.finish();
+    messages(&dsenders, a.message_rate, msgs, &format!("fanin {n}: direct")).await;
+    let direct_hist = wait_recorded(&direct, msgs).await;
+    drop(dsenders);
+
+    let errors = berth.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    report.value(format!("{n} streams: held (placed on nodes)"), running as f64, "sessions");
+    report.latency(format!("{n} streams: berth message → echo"), &berth_hist, &errors);
+    let derr = direct.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    report.latency(format!("{n} streams: direct tonic echo"), &direct_hist, &derr);
+    let added = (berth_hist.quantile_us(0.5) as f64 - direct_hist.quantile_us(0.5) as f64) / 2.0;
+    report.check_at_most(format!("{n} streams: added p50 per relay hop (µs)"), added, 50.0);
+    report.ratio(
+        format!("{n} streams: berth p50 / direct p50"),
+        ratio(berth_hist.quantile_us(0.5) as f64, direct_hist.quantile_us(0.5) as f64),
+    );
+    report.value(format!("{n} streams: dispatcher RSS before"), rss0 as f64 / 1048576.0, "MiB");
+    report.value(format!("{n} streams: dispatcher RSS held"), rss1 as f64 / 1048576.0, "MiB");
+    report.check_at_most(format!("{n} streams: dispatcher memory per idle stream (KiB)"), per_stream / 1024.0, 20.0);
+
+    let _ = child.proc.kill().await;
+    stop.cancel();
+    berth_tests::drop_database(&child.database).await?;
+    Ok(())
+}
+
+/// Sends `count` messages at a Poisson `rate`, each on a random stream.
+async fn messages(senders: &[mpsc::Sender<Send>], rate: f64, count: usize, label: &str) {
+    let offsets = Arrivals::Poisson { rate }.offsets(count, &mut fastrand::Rng::new());
+    let progress = Progress::start(label, count as u64);
+    let mut rng = fastrand::Rng::new();
+    let picks: Vec<usize> = (0..count).map(|_| rng.usize(..senders.len())).collect();
+    open_loop(&offsets, &progress, |i, t0| {
+        let tx = senders[picks[i]].clone();
+        let progress = progress.clone();
+        async move {
+            if tx.send((t0, format!("m{i}-{}", fastrand::u64(..)))).await.is_ok() {
+                progress.done();
+            } else {
+                progress.error();
+            }
+        }
+    })
+    .await;
+    progress.finish();
+}
+
+/// Waits (up to 30 s) until `count` latencies or errors are in, then returns them.
+async fn wait_recorded(s: &Shared, count: usize) -> Hist {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let have = s.hist.lock().map(|h| h.len() as usize).unwrap_or(0)
+            + s.errors.lock().map(|e| e.total() as usize).unwrap_or(0);
+        if have >= count || Instant::now() >= deadline {
+            return s.hist.lock().map(|h| h.clone()).unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Creates a session and holds a `Connect` stream on it; returns where to
+/// send its messages. The stream's task records each echo's latency.
+async fn open_stream(conns: &Conns, shared: Arc<Shared>) -> Result<mpsc::Sender<Send>, tonic::Status> {
+    let mut c = conns.get();
+    let s = c.create_session(session("sim:latest", "")).await?.into_inner();
+    let (req_tx, req_rx) = mpsc::channel(8);
+    let _ = req_tx
+        .send(pb::ConnectRequest {
+            kind: Some(pb::connect_request::Kind::Open(pb::ConnectOpen { name: s.name, after_seq: 0 })),
+        })
+        .await;
+    let mut responses = c
+        .connect(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    let (tx, mut rx) = mpsc::channel::<Send>(16);
+    tokio::spawn(async move {
+        let mut pending: HashMap<String, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some((t0, text)) = m else { return };
+                    pending.insert(text.clone(), t0);
+                    let req = pb::ConnectRequest {
+                        kind: Some(pb::connect_request::Kind::Message(pb::ConnectMessage { text, r#ref: String::new() })),
+                    };
+                    if req_tx.send(req).await.is_err() {
+                        shared.error("stream closed");
+                    }
+                }
+                r = responses.next() => match r {
+                    Some(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Event(e)) })) => {
+                        if e.r#type == "agent.message" {
+                            let hit = pending.keys().find(|k| e.payload_json.contains(k.as_str())).cloned();
+                            if let Some(t0) = hit.and_then(|k| pending.remove(&k)) {
+                                shared.record(t0.elapsed());
+                            }
+                        }
+                    }
+                    Some(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Ack(a)) })) => {
+                        if a.code != 0 {
+                            shared.error(&format!("ack code {}", a.code));
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(s)) => {
+                        shared.error(&format!("{:?}", s.code()));
+                        return;
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    Ok(tx)
+}
+
+/// A direct `RunSession` stream to a simulated node, used like [`open_stream`].
+async fn open_direct(
+    client: &mut node::agent_server_client::AgentServerClient<tonic::transport::Channel>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<mpsc::Sender<Send>> {
+    let (req_tx, req_rx) = mpsc::channel(8);
+    req_tx
+        .send(node::DispatcherFrame {
+            epoch: 1,
+            kind: Some(node::dispatcher_frame::Kind::Start(node::Start {
+                session_id: uuid::Uuid::new_v4().to_string(),
+                epoch: 1,
+                spec: Some(node::SessionSpec { image: "sim:latest".into(), ..Default::default() }),
+            })),
+        })
+        .await?;
+    let mut frames = client
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    let (tx, mut rx) = mpsc::channel::<Send>(16);
+    tokio::spawn(async move {
+        let mut pending: HashMap<String, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some((t0, text)) = m else { return };
+                    pending.insert(text.clone(), t0);
+                    let f = node::DispatcherFrame {
+                        epoch: 1,
+                        kind: Some(node::dispatcher_frame::Kind::Message(node::UserMessage { text, seq: 0 })),
+                    };
+                    if req_tx.send(f).await.is_err() {
+                        shared.error("stream closed");
+                    }
+                }
+                f = frames.next() => match f {
+                    Some(Ok(node::NodeFrame { kind: Some(node::node_frame::Kind::Event(e)), .. })) => {
+                        if e.r#type == "agent.message" {
+                            let hit = pending.keys().find(|k| e.payload_json.contains(k.as_str())).cloned();
+                            if let Some(t0) = hit.and_then(|k| pending.remove(&k)) {
+                                shared.record(t0.elapsed());
+                            }
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(s)) => {
+                        shared.error(&format!("{:?}", s.code()));
+                        return;
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    Ok(tx)
+}

@@ -1,0 +1,181 @@
+//! The six scenarios, each measured beside its baseline in the same run.
+
+pub mod balance;
+pub mod dispatch;
+pub mod fanin;
+pub mod relay;
+pub mod start;
+
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use berth_proto::v1::sessions_client::SessionsClient;
+use futures::StreamExt;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::report::Errors;
+
+/// Whether an event came from the agent (not berth's own status or the user's input).
+pub fn is_agent(e: &pb::Event) -> bool {
+    !e.r#type.starts_with("session.") && !e.r#type.starts_with("user.")
+}
+
+/// A session on `image` whose agent gets `prompt` first (none when empty).
+pub fn session(image: &str, prompt: &str) -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        spec: Some(pb::SessionSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        initial_message: prompt.into(),
+        ..Default::default()
+    }
+}
+
+/// What the start of one session looked like at the client.
+#[derive(Debug)]
+pub struct Started {
+    pub name: String,
+    /// From `t0` to the first agent event.
+    pub first_event: Duration,
+    /// Whether the run claimed a warm container.
+    pub warm: bool,
+}
+
+/// Creates a session and follows its events until the first agent event.
+/// Latency is measured from `t0` (the scheduled time in an open loop).
+pub async fn create_and_wait_first(
+    client: &mut SessionsClient<Channel>,
+    req: pb::CreateSessionRequest,
+    t0: Instant,
+    timeout: Duration,
+) -> Result<Started, tonic::Status> {
+    let s = client.create_session(req).await?.into_inner();
+    let mut stream = client
+        .stream_events(pb::StreamEventsRequest {
+            name: s.name.clone(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut warm = None;
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        let e = tokio::select! {
+            e = stream.next() => e,
+            () = &mut deadline => {
+                return Err(tonic::Status::deadline_exceeded(format!("{}: no agent event within {timeout:?}", s.name)));
+            }
+        };
+        let Some(e) = e else {
+            return Err(tonic::Status::aborted(format!(
+                "{}: stream ended before an agent event",
+                s.name
+            )));
+        };
+        let e = e?;
+        if e.r#type == "session.status_running" {
+            let p: serde_json::Value = serde_json::from_str(&e.payload_json).unwrap_or_default();
+            warm = warm.or(p["warm"].as_bool());
+        }
+        if e.r#type == "session.status_failed" || e.r#type == "session.status_stopped" {
+            return Err(tonic::Status::aborted(format!(
+                "{}: {} before an agent event: {}",
+                s.name, e.r#type, e.payload_json
+            )));
+        }
+        if is_agent(&e) {
+            return Ok(Started {
+                name: s.name,
+                first_event: t0.elapsed(),
+                warm: warm.unwrap_or(false),
+            });
+        }
+    }
+}
+
+/// Stops a session (best effort: errors are counted, not fatal).
+pub async fn stop(client: &mut SessionsClient<Channel>, name: &str, errors: &std::sync::Mutex<Errors>) {
+    if let Err(s) = client
+        .stop_session(pb::StopSessionRequest { name: name.into() })
+        .await
+        && let Ok(mut e) = errors.lock()
+    {
+        e.add(format!("stop:{:?}", s.code()));
+    }
+}
+
+/// Waits until no session of the cluster is open (all stopped, failed or
+/// ended), so the next phase starts from an idle fleet.
+pub async fn wait_all_closed(client: &mut SessionsClient<Channel>, names: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for name in names {
+        while Instant::now() < deadline {
+            match client
+                .get_session(pb::GetSessionRequest { name: name.clone() })
+                .await
+            {
+                Ok(s) => {
+                    let st = s.into_inner().status;
+                    let open = [
+                        pb::SessionStatus::Pending,
+                        pb::SessionStatus::Starting,
+                        pb::SessionStatus::Running,
+                        pb::SessionStatus::Idle,
+                        pb::SessionStatus::Rescheduling,
+                    ]
+                    .iter()
+                    .any(|x| *x as i32 == st);
+                    if !open {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Waits until every node reports `pool` warm containers of `image` ready.
+pub async fn wait_pool_full(
+    nodes: &mut berth_proto::v1::nodes_client::NodesClient<Channel>,
+    image: &str,
+    pool: i32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = nodes.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+        let full = !list.nodes.is_empty()
+            && list
+                .nodes
+                .iter()
+                .all(|n| n.warm.iter().any(|w| w.image == image && w.ready >= pool));
+        if full {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the warm pools did not fill ({pool} of {image} per node) within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Warm containers of `image` ready across the fleet.
+pub async fn warm_ready(
+    nodes: &mut berth_proto::v1::nodes_client::NodesClient<Channel>,
+    image: &str,
+) -> anyhow::Result<i32> {
+    let list = nodes.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+    Ok(list
+        .nodes
+        .iter()
+        .flat_map(|n| n.warm.iter())
+        .filter(|w| w.image == image)
+        .map(|w| w.ready)
+        .sum())
+}

@@ -1,0 +1,231 @@
+//! Scenario 4: relay throughput. One session's agent emits events as fast as
+//! it can; the client reads them through berth. Baselines: the same events
+//! over a direct tonic stream with no relay (a simulated node called
+//! directly), and the same agent's stdout over a bollard attach (no gRPC).
+
+use std::time::Duration;
+
+use berth_proto::node::v1 as node;
+use berth_proto::v1 as pb;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::{create_and_wait_first, session};
+use crate::cluster::{Cluster, ClusterArgs, RealNodes};
+use crate::docker;
+use crate::report::{Report, ratio};
+
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct RelayArgs {
+    /// Events the agent emits per run.
+    #[arg(long, default_value_t = 2000)]
+    pub events: u64,
+    /// Event sizes in bytes, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1024,65536")]
+    pub sizes: Vec<u64>,
+    /// Skip the runs with a real container (node, Docker): only the relay over
+    /// a simulated node and the direct echo.
+    #[arg(long)]
+    pub no_containers: bool,
+}
+
+/// One run's rate, measured from the first event to the last.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    events: u64,
+    span: Duration,
+}
+
+impl Rate {
+    fn per_sec(&self) -> f64 {
+        self.events as f64 / self.span.as_secs_f64().max(1e-9)
+    }
+}
+
+pub async fn run(cl: &ClusterArgs, a: &RelayArgs) -> anyhow::Result<Report> {
+    anyhow::ensure!(a.events > 1, "--events must be at least 2");
+    let mut report = Report::new("relay", a);
+    let mut rows = Vec::new();
+
+    if !a.no_containers {
+        let cluster = Cluster::real(cl, &RealNodes { nodes: 1, capacity: 4, pool: 1 }).await?;
+        let d = docker::connect().await?;
+        for &size in &a.sizes {
+            eprintln!("relay: {} × {size} B through berth (container)", a.events);
+            let berth = through_berth(&cluster, &cl.image, a.events, size).await?;
+            eprintln!("relay: {} × {size} B over a bollard attach", a.events);
+            let attach = over_attach(&d, &cl.image, a.events, size).await?;
+            rows.push((size, "berth, real node (container)", berth));
+            rows.push((size, "baseline: bollard attach, same agent", attach));
+            report.ratio(
+                format!("{size} B: berth (container) / bollard attach"),
+                ratio(berth.per_sec(), attach.per_sec()),
+            );
+        }
+        docker::cleanup(&d).await?;
+        cluster.shutdown().await?;
+    }
+
+    if a.no_containers {
+        cl.in_process_only("relay --no-containers", "the direct echo calls the cluster's simulated node")?;
+    }
+    if cl.target.is_some() {
+        report.note("with --target only the container runs were measured: the relay over a simulated node and the direct echo need an in-process cluster");
+    } else {
+        let cluster = Cluster::simulated(cl, 1, 16, Duration::from_secs(1)).await?;
+        let ca = cluster.ca.as_ref().ok_or_else(|| anyhow::anyhow!("no CA"))?;
+        let mut direct = cluster.sims[0].client(ca).await?;
+        for &size in &a.sizes {
+            eprintln!("relay: {} × {size} B through berth (simulated node)", a.events);
+            let berth = through_berth(&cluster, "sim:latest", a.events, size).await?;
+            eprintln!("relay: {} × {size} B over a direct tonic stream", a.events);
+            let echo = direct_echo(&mut direct, a.events, size).await?;
+            rows.push((size, "berth, simulated node (no container)", berth));
+            rows.push((size, "baseline: direct tonic stream, no relay", echo));
+            report.ratio_at_least(
+                format!("{size} B: berth / direct tonic echo"),
+                ratio(berth.per_sec(), echo.per_sec()),
+                0.8,
+            );
+        }
+        cluster.shutdown().await?;
+    }
+    for (size, what, r) in rows {
+        report.value(format!("{size} B: {what}"), r.per_sec(), "events/s");
+        report.value(
+            format!("{size} B: {what}"),
+            r.per_sec() * size as f64 / (1024.0 * 1024.0),
+            "MiB/s",
+        );
+    }
+    report.note("rates run from the first event the reader sees to the last; every event berth relays is also persisted to Postgres before the client sees it");
+    report.note("the payload is pseudo-random letters, so neither Postgres nor the transports can compress it away; the attach baseline runs the same agent command in a new container of the same image");
+    Ok(report)
+}
+
+/// A session whose agent emits `n` events of `size` bytes, read by the client.
+async fn through_berth(cluster: &Cluster, image: &str, n: u64, size: u64) -> anyhow::Result<Rate> {
+    let mut c = cluster.conns.get();
+    // A first short turn: the session is running and warm before we time.
+    let s = create_and_wait_first(&mut c, session(image, "echo ready"), Instant::now(), Duration::from_secs(60)).await?;
+    let sent = c
+        .send_message(pb::SendMessageRequest {
+            name: s.name.clone(),
+            text: format!("events {n} {size}"),
+        })
+        .await?
+        .into_inner();
+    let mut stream = c
+        .stream_events(pb::StreamEventsRequest {
+            name: s.name.clone(),
+            after_seq: sent.seq,
+        })
+        .await?
+        .into_inner();
+    let mut first = None;
+    let mut count = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while let Some(e) = tokio::time::timeout_at(deadline, stream.next()).await? {
+        let e = e?;
+        if e.r#type == "agent.message" {
+            first.get_or_insert_with(Instant::now);
+            count += 1;
+            if count == n {
+                break;
+            }
+        }
+    }
+    let span = first.map(|f| f.elapsed()).unwrap_or_default();
+    let _ = c.stop_session(pb::StopSessionRequest { name: s.name }).await;
+    anyhow::ensure!(count == n, "berth relayed {count} of {n} events");
+    Ok(Rate { events: n - 1, span })
+}
+
+/// The same agent command in a new container, read over a bollard attach.
+async fn over_attach(d: &bollard::Docker, image: &str, n: u64, size: u64) -> anyhow::Result<Rate> {
+    let id = docker::create(d, image, docker::agent_cmd(&format!("events {n} {size}"))).await?;
+    let opts = bollard::query_parameters::AttachContainerOptionsBuilder::new()
+        .stdout(true)
+        .stream(true)
+        .build();
+    let mut att = d.attach_container(&id, Some(opts)).await?;
+    d.start_container(&id, None).await?;
+    let mut first = None;
+    let mut lines = 0u64;
+    let mut buf = Vec::new();
+    while let Some(chunk) = att.output.next().await {
+        let bytes = chunk?.into_bytes();
+        buf.extend_from_slice(&bytes);
+        // Count whole lines that carry an assistant text event.
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            if line.windows(11).any(|w| w == b"\"assistant\"") {
+                first.get_or_insert_with(Instant::now);
+                lines += 1;
+            }
+        }
+        if lines >= n {
+            break;
+        }
+    }
+    let span = first.map(|f| f.elapsed()).unwrap_or_default();
+    docker::remove(d, &id).await;
+    anyhow::ensure!(lines >= n, "the attach read {lines} of {n} events");
+    Ok(Rate { events: n - 1, span })
+}
+
+/// The same events from a simulated node over a direct `RunSession` stream.
+async fn direct_echo(
+    client: &mut node::agent_server_client::AgentServerClient<tonic::transport::Channel>,
+    n: u64,
+    size: u64,
+) -> anyhow::Result<Rate> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let start = node::DispatcherFrame {
+        epoch: 1,
+        kind: Some(node::dispatcher_frame::Kind::Start(node::Start {
+            session_id: uuid::Uuid::new_v4().to_string(),
+            epoch: 1,
+            spec: Some(node::SessionSpec {
+                image: "sim:latest".into(),
+                ..Default::default()
+            }),
+        })),
+    };
+    tx.send(start).await?;
+    let mut frames = client
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tx.send(node::DispatcherFrame {
+        epoch: 1,
+        kind: Some(node::dispatcher_frame::Kind::Message(node::UserMessage {
+            text: format!("events {n} {size}"),
+            seq: 1,
+        })),
+    })
+    .await?;
+    let mut first = None;
+    let mut count = 0u64;
+    while let Some(f) = frames.next().await {
+        if let Some(node::node_frame::Kind::Event(e)) = f?.kind
+            && e.r#type == "agent.message"
+        {
+            first.get_or_insert_with(Instant::now);
+            count += 1;
+            if count == n {
+                break;
+            }
+        }
+    }
+    let span = first.map(|f| f.elapsed()).unwrap_or_default();
+    let _ = tx
+        .send(node::DispatcherFrame {
+            epoch: 1,
+            kind: Some(node::dispatcher_frame::Kind::Stop(node::Stop::default())),
+        })
+        .await;
+    anyhow::ensure!(count == n, "the direct stream carried {count} of {n} events");
+    Ok(Rate { events: n - 1, span })
+}

@@ -1,0 +1,373 @@
+//! A simulated agent-server: it speaks berth's node protocol (load reports,
+//! `RunSession`) over mTLS exactly as a node does, but runs no container. Its
+//! "agent" answers each user message from memory, so thousands of sessions
+//! fit on one machine. Used where the issue allows it (fan-in, balance,
+//! dispatch) and as the "direct echo" baseline: a client can call
+//! `RunSession` on it with no dispatcher in between.
+//!
+//! The agent, scripted by the message text:
+//! - `hold MS`: the run ends by itself (exit 0) after MS milliseconds;
+//! - `events N BYTES`: N `agent.message` events of BYTES bytes, as fast as the
+//!   stream takes them, then an `agent.result` that ends the turn;
+//! - anything else: one `agent.message` echoing the text, then `agent.result`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_common::tls::{CertKind, DevCa};
+use berth_proto::node::v1::{
+    self as pb, agent_server_client::AgentServerClient, agent_server_server::AgentServer,
+    agent_server_server::AgentServerServer, dispatcher_frame, node_frame,
+};
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// One simulated node, serving until the token it was started with is cancelled.
+pub struct SimNode {
+    /// Its TLS name, as the dispatcher dials it.
+    pub name: String,
+    /// `https://{name}:{port}`.
+    pub url: String,
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+struct State {
+    id: String,
+    capacity: u32,
+    heartbeat: Duration,
+    /// Sessions running, by id (with their epoch).
+    sessions: Mutex<HashMap<String, i64>>,
+    /// Bumped on every change of `sessions`, waking load streams.
+    changed: watch::Sender<u64>,
+    generation: AtomicU64,
+    /// Sessions ever accepted.
+    accepted: AtomicU64,
+}
+
+impl State {
+    fn running(&self) -> u32 {
+        u32::try_from(self.sessions.lock().map(|s| s.len()).unwrap_or(0)).unwrap_or(u32::MAX)
+    }
+
+    fn set(&self, id: &str, epoch: Option<i64>) {
+        if let Ok(mut s) = self.sessions.lock() {
+            match epoch {
+                Some(e) => {
+                    s.insert(id.to_string(), e);
+                }
+                None => {
+                    s.remove(id);
+                }
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+impl SimNode {
+    /// Starts node `index` on loopback with a certificate from `ca`. It reports
+    /// its load at once, on every change and every `heartbeat`.
+    pub async fn start(
+        index: usize,
+        capacity: u32,
+        heartbeat: Duration,
+        ca: &DevCa,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let name = format!("sim-{index}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            id: name.clone(),
+            capacity,
+            heartbeat,
+            sessions: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+            generation: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+        });
+        let tls = ca.material(&ca.issue(CertKind::Node, std::slice::from_ref(&name))?);
+        let svc = AgentServerServer::new(Api(state.clone()))
+            .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls.server())?
+            .max_concurrent_streams(Some(1_000_000))
+            .tcp_nodelay(true)
+            .add_service(svc);
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(e) = server
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+            {
+                tracing::warn!(error = %e, "simulated node stopped");
+            }
+        });
+        Ok(Self {
+            url: format!("https://{name}:{}", addr.port()),
+            name,
+            addr,
+            state,
+        })
+    }
+
+    /// Sessions running here now.
+    pub fn running(&self) -> u32 {
+        self.state.running()
+    }
+
+    /// A reader of [`SimNode::running`] to move into a task.
+    pub fn counter(&self) -> impl Fn() -> u32 + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || state.running()
+    }
+
+    /// Sessions ever accepted here.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// A direct client (no dispatcher), presenting a dispatcher certificate from `ca`.
+    pub async fn client(&self, ca: &DevCa) -> anyhow::Result<AgentServerClient<Channel>> {
+        let tls = ca.material(&ca.issue(
+            CertKind::Dispatcher,
+            &[berth_common::tls::DISPATCHER_NAME.to_string()],
+        )?);
+        let channel = Endpoint::from_shared(format!("https://{}", self.addr))?
+            .tls_config(tls.client(&self.name))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(AgentServerClient::new(channel)
+            .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES))
+    }
+}
+
+struct Api(Arc<State>);
+
+fn event(seq: &mut u64, kind: &str, payload: serde_json::Value, end: bool) -> pb::NodeFrame {
+    *seq += 1;
+    pb::NodeFrame {
+        node_seq: *seq,
+        kind: Some(node_frame::Kind::Event(pb::RuntimeEvent {
+            r#type: kind.into(),
+            payload_json: payload.to_string(),
+            turn_end: end.then(|| pb::TurnUsage {
+                model: "sim".into(),
+                ..Default::default()
+            }),
+            runtime_session_id: String::new(),
+        })),
+    }
+}
+
+fn exited(seq: u64, stopped: bool, reason: &str) -> pb::NodeFrame {
+    pb::NodeFrame {
+        node_seq: seq + 1,
+        kind: Some(node_frame::Kind::Exited(pb::Exited {
+            exit_code: 0,
+            reason: reason.into(),
+            stopped,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Runs one simulated session until it stops, ends by itself, or its
+/// dispatcher goes away.
+async fn run(
+    state: Arc<State>,
+    id: String,
+    mut inbound: Streaming<pb::DispatcherFrame>,
+    tx: mpsc::Sender<Result<pb::NodeFrame, Status>>,
+) {
+    // Frame 1 was `accepted`.
+    let mut seq = 1u64;
+    let mut hold: Option<tokio::time::Instant> = None;
+    loop {
+        let frame = tokio::select! {
+            f = inbound.message() => f,
+            () = async {
+                match hold {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let _ = tx.send(Ok(exited(seq, false, "finished"))).await;
+                break;
+            }
+        };
+        let Ok(Some(frame)) = frame else { break };
+        match frame.kind {
+            Some(dispatcher_frame::Kind::Message(m)) => {
+                let mut words = m.text.split_whitespace();
+                match (words.next(), words.next(), words.next()) {
+                    (Some("hold"), Some(ms), _) => {
+                        let ms = ms.parse().unwrap_or(0);
+                        hold = Some(tokio::time::Instant::now() + Duration::from_millis(ms));
+                    }
+                    (Some("events"), Some(n), bytes) => {
+                        let n: u64 = n.parse().unwrap_or(1);
+                        let bytes: usize = bytes.and_then(|b| b.parse().ok()).unwrap_or(64);
+                        let text = filler(bytes);
+                        for _ in 0..n {
+                            let e = event(
+                                &mut seq,
+                                "agent.message",
+                                serde_json::json!({ "text": text }),
+                                false,
+                            );
+                            if tx.send(Ok(e)).await.is_err() {
+                                break;
+                            }
+                        }
+                        let e = event(&mut seq, "agent.result", serde_json::json!({}), true);
+                        let _ = tx.send(Ok(e)).await;
+                    }
+                    _ => {
+                        let reply = event(
+                            &mut seq,
+                            "agent.message",
+                            serde_json::json!({ "text": m.text }),
+                            false,
+                        );
+                        let end = event(&mut seq, "agent.result", serde_json::json!({}), true);
+                        if tx.send(Ok(reply)).await.is_err() || tx.send(Ok(end)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            Some(dispatcher_frame::Kind::Stop(_)) => {
+                let _ = tx.send(Ok(exited(seq, true, "stopped"))).await;
+                break;
+            }
+            _ => {}
+        }
+    }
+    state.set(&id, None);
+}
+
+#[tonic::async_trait]
+impl AgentServer for Api {
+    type WatchLoadStream = BoxStream<pb::LoadReport>;
+
+    async fn watch_load(
+        &self,
+        _: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
+        let state = self.0.clone();
+        let mut changed = state.changed.subscribe();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut heartbeat = tokio::time::interval(state.heartbeat);
+            loop {
+                changed.borrow_and_update();
+                let report = pb::LoadReport {
+                    node_id: state.id.clone(),
+                    capacity: i32::try_from(state.capacity).unwrap_or(i32::MAX),
+                    running: i32::try_from(state.running()).unwrap_or(i32::MAX),
+                    generation: state.generation.fetch_add(1, Ordering::Relaxed) + 1,
+                    ..Default::default()
+                };
+                if tx.send(Ok(report)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    c = changed.changed() => if c.is_err() { return },
+                    _ = heartbeat.tick() => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type RunSessionStream = BoxStream<pb::NodeFrame>;
+
+    async fn run_session(
+        &self,
+        request: Request<Streaming<pb::DispatcherFrame>>,
+    ) -> Result<Response<Self::RunSessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("RunSession: no `start` frame"))?;
+        let Some(dispatcher_frame::Kind::Start(start)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "RunSession: the first frame must be `start`",
+            ));
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let accepted = pb::NodeFrame {
+            node_seq: 1,
+            kind: Some(node_frame::Kind::Accepted(pb::Accepted {
+                container_id: format!("sim-{}", start.session_id),
+                warm: true,
+            })),
+        };
+        let _ = tx.send(Ok(accepted)).await;
+        self.0.accepted.fetch_add(1, Ordering::Relaxed);
+        self.0.set(&start.session_id, Some(start.epoch));
+        tokio::spawn(run(self.0.clone(), start.session_id, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type AttachSessionStream = BoxStream<pb::NodeFrame>;
+
+    async fn attach_session(
+        &self,
+        _: Request<pb::AttachSessionRequest>,
+    ) -> Result<Response<Self::AttachSessionStream>, Status> {
+        Err(Status::unimplemented("simulated nodes do not re-attach"))
+    }
+
+    async fn drain(
+        &self,
+        _: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        Ok(Response::new(pb::DrainResponse {
+            running: i32::try_from(self.0.running()).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListNodeSessionsRequest>,
+    ) -> Result<Response<pb::ListNodeSessionsResponse>, Status> {
+        let sessions = self
+            .0
+            .sessions
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .map(|(id, epoch)| pb::NodeSession {
+                        session_id: id.clone(),
+                        epoch: *epoch,
+                        container_id: format!("sim-{id}"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(pb::ListNodeSessionsResponse { sessions }))
+    }
+}
+
+/// `len` pseudo-random letters, so nothing on the path compresses them away.
+fn filler(len: usize) -> String {
+    let mut rng = fastrand::Rng::new();
+    (0..len).map(|_| rng.lowercase()).collect()
+}
