@@ -179,7 +179,9 @@ async fn serve(
         .add_service(reflection)
         .add_service(svc)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // No Nagle: a small frame (one event, one ack) goes out at once instead
+            // of waiting up to 40 ms for the peer's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),
         )
         .await?;

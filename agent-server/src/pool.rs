@@ -1,10 +1,13 @@
-//! Warm pools: per image, containers started ahead of demand, so a session
-//! starts with one exec instead of a create and a start.
+//! Warm pools: per image, containers started ahead of demand, each with a
+//! launcher shell already exec'd into it, so a session starts with one line
+//! written to that shell instead of a create, a start and an exec.
 //!
 //! Invariants:
 //! - a claim is a pop from a ready queue: no Docker call on the hot path;
 //! - a warm container holds nothing of any session (no env, no labels, no
-//!   files): the session's env enters at exec, and containers are single-use;
+//!   files): the session's env enters at launch, on the launcher's stdin
+//!   (never in the container's or the exec's config), and containers are
+//!   single-use;
 //! - a container is offered only after its health check passed, and only
 //!   until it is `max_idle` old; a background sweep evicts dead ones;
 //! - each pool keeps `target` containers ready or starting, with
@@ -22,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::container::{ContainerRuntime, Purpose};
+use crate::container::{AgentProcess, ContainerRuntime, Purpose};
 use crate::metrics::{
     POOL_EVICTIONS, POOL_HITS, POOL_MISSES, POOL_READY, POOL_REFILL_FAILURES, POOL_REFILLS,
     POOL_TARGET,
@@ -74,6 +77,14 @@ impl FromStr for PoolSpec {
 struct Warm {
     id: String,
     ready_at: Instant,
+    /// The launcher shell, when the image has `sh` (else the agent is exec'd).
+    launcher: Option<AgentProcess>,
+}
+
+/// A claimed warm container.
+pub struct Claimed {
+    pub id: String,
+    pub launcher: Option<AgentProcess>,
 }
 
 /// One image's pool.
@@ -166,7 +177,7 @@ impl Pools {
 
     /// Takes a ready container for `image`: a pop, no Docker call. `None` is a
     /// miss (no pool, or none ready); a pool's miss raises its target.
-    pub fn claim(&self, image: &str) -> Option<String> {
+    pub fn claim(&self, image: &str) -> Option<Claimed> {
         let pool = self.pools.get(image)?;
         let max_idle = self.cfg.warm_max_idle;
         let claimed = {
@@ -187,7 +198,10 @@ impl Pools {
         }
         pool.wake.notify_one();
         self.publish();
-        claimed.map(|w| w.id)
+        claimed.map(|w| Claimed {
+            id: w.id,
+            launcher: w.launcher,
+        })
     }
 
     /// Records that a claimed container turned out dead at exec.
@@ -246,16 +260,17 @@ impl Pools {
                 }
                 next_start = Instant::now() + interval;
                 match self.start_one(&image).await {
-                    Ok(id) if !self.stop.is_cancelled() => {
+                    Ok((id, launcher)) if !self.stop.is_cancelled() => {
                         pool.ready().push_back(Warm {
                             id,
                             ready_at: Instant::now(),
+                            launcher,
                         });
                         metrics::counter!(POOL_REFILLS, "image" => image.clone()).increment(1);
                         backoff = Duration::from_millis(500);
                         self.publish();
                     }
-                    Ok(id) => {
+                    Ok((id, _)) => {
                         self.runtime.remove(&id).await;
                         break;
                     }
@@ -283,8 +298,12 @@ impl Pools {
         self.publish();
     }
 
-    /// Creates, starts and health-checks one warm container.
-    async fn start_one(&self, image: &str) -> Result<String, crate::error::Error> {
+    /// Creates, starts and health-checks one warm container, and starts its
+    /// launcher (a container whose image has no `sh` goes without one).
+    async fn start_one(
+        &self,
+        image: &str,
+    ) -> Result<(String, Option<AgentProcess>), crate::error::Error> {
         let id = self.runtime.start_container(image, Purpose::Warm).await?;
         let check = &self.cfg.warm_health_cmd;
         if !check.is_empty()
@@ -293,7 +312,14 @@ impl Pools {
             self.runtime.remove(&id).await;
             return Err(e);
         }
-        Ok(id)
+        let launcher = match self.runtime.start_launcher(&id).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!(%image, error = %e, "no launcher in the warm container; sessions will exec");
+                None
+            }
+        };
+        Ok((id, launcher))
     }
 
     /// Evicts ready containers that died or aged past `max_idle`; an idle

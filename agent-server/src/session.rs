@@ -148,8 +148,12 @@ async fn run_in_slot(
     let mut claimed = node.pools.claim(&spec.image);
     let (container_id, guard, process, is_warm) = loop {
         let warm = claimed.is_some();
+        let mut launcher = None;
         let id = match claimed.take() {
-            Some(id) => id,
+            Some(c) => {
+                launcher = c.launcher;
+                c.id
+            }
             None => match runtime
                 .start_container(&spec.image, Purpose::Session(session_id))
                 .await
@@ -181,10 +185,22 @@ async fn run_in_slot(
             tracing::info!(%reason, "session preparation failed");
             return Exit::failed(format!("preparing the session failed: {reason}"));
         }
-        match runtime
-            .exec_agent(&id, cmd.clone(), env_with_home(&spec, &node.cfg))
-            .await
-        {
+        let env = env_with_home(&spec, &node.cfg);
+        // A warm container's launcher starts the agent with one write; else
+        // (none, gone, or a command it cannot carry) a Docker exec.
+        let launched = match launcher {
+            Some(l) => runtime
+                .launch(l, &cmd, &env)
+                .await
+                .inspect_err(|e| tracing::debug!(error = %e, "launcher unusable; exec instead"))
+                .ok(),
+            None => None,
+        };
+        let started = match launched {
+            Some(p) => Ok(p),
+            None => runtime.exec_agent(&id, cmd.clone(), env).await,
+        };
+        match started {
             Ok(p) => break (id, guard, p, warm),
             Err(e) if warm => {
                 tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");

@@ -108,6 +108,7 @@ impl Cluster {
         }
         let mut b = TestCluster::builder()
             .direct()
+            .metrics()
             .nodes(nodes.nodes)
             .capacity(nodes.capacity)
             .lease(Duration::from_secs(5))
@@ -201,6 +202,36 @@ impl Cluster {
             ca,
             sims_stop,
         })
+    }
+
+    /// Mean seconds of each histogram whose name starts with one of
+    /// `families`, by series, from the in-process dispatcher's `/metrics`
+    /// (the recorder is process-wide: node metrics are there too).
+    pub async fn stage_means(&self, families: &[&str]) -> Vec<(String, f64, f64)> {
+        let Some(addr) = self.local.as_ref().and_then(|l| l.dispatcher_metrics) else {
+            return Vec::new();
+        };
+        let Ok((200, text)) = berth_tests::http_get(addr, "/metrics").await else {
+            return Vec::new();
+        };
+        let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            for f in families {
+                if let Some(rest) = series.strip_prefix(f) {
+                    if let Some(labels) = rest.strip_prefix("_sum") {
+                        sums.entry(format!("{f}{labels}")).or_default().0 = value;
+                    } else if let Some(labels) = rest.strip_prefix("_count") {
+                        sums.entry(format!("{f}{labels}")).or_default().1 = value;
+                    }
+                }
+            }
+        }
+        sums.into_iter()
+            .filter(|(_, (_, n))| *n > 0.0)
+            .map(|(k, (sum, n))| (k, sum / n, n))
+            .collect()
     }
 
     /// The in-process cluster's database URL.

@@ -107,7 +107,9 @@ impl SimNode {
             .tcp_nodelay(true)
             .add_service(svc);
         tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // No Nagle, as on a real node.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             if let Err(e) = server
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await

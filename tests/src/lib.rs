@@ -287,6 +287,23 @@ pub async fn create_database(tag: &str) -> anyhow::Result<(String, String)> {
     Ok((database, url))
 }
 
+/// A plain HTTP/1.0 GET on loopback (a `/metrics` scrape): (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: berth\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
 /// Drops a database made by [`create_database`].
 pub async fn drop_database(database: &str) -> anyhow::Result<()> {
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url()).await?;

@@ -52,8 +52,10 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
     wait_pool_full(&mut nc, &cl.image, i32::try_from(a.pool)?, Duration::from_secs(120)).await?;
 
     let offsets = Arrivals::Uniform { rate: a.rate }.offsets(a.sessions, &mut fastrand::Rng::new());
+    let before = cluster.stage_means(STAGES).await;
     let (all, hits, names, errors) = berth_starts(&cluster, &cl.image, &offsets, "warm: berth").await;
     wait_all_closed(&mut c, &names).await;
+    profile(&mut report, &before, &cluster.stage_means(STAGES).await);
     report.latency("berth: all starts", &all, &errors);
     report.latency("berth: warm-pool hits", &hits, &Errors::default());
     report.value("warm-pool hit ratio", ratio(hits.len() as f64, all.len() as f64), "");
@@ -80,6 +82,31 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
         ));
     }
     Ok(report)
+}
+
+/// Histograms whose means show where a start spends its time.
+const STAGES: &[&str] = &[
+    "berth_queue_wait_seconds",
+    "berth_placement_seconds",
+    "berth_container_exec_seconds",
+    "berth_session_start_seconds",
+    "berth_first_event_seconds",
+    "berth_event_persist_seconds",
+];
+
+/// Adds each stage's mean over the measured run (`after` minus `before`).
+fn profile(report: &mut Report, before: &[(String, f64, f64)], after: &[(String, f64, f64)]) {
+    for (name, mean, n) in after {
+        let (sum0, n0) = before
+            .iter()
+            .find(|(k, _, _)| k == name)
+            .map_or((0.0, 0.0), |(_, m, c)| (m * c, *c));
+        let runs = n - n0;
+        if runs > 0.0 {
+            let m = (mean * n - sum0) / runs;
+            report.value(format!("stage mean: {name}"), m * 1e3, "ms");
+        }
+    }
 }
 
 /// Starts a session at each offset and stops it once its first agent event

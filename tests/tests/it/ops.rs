@@ -3,14 +3,13 @@
 //! binaries' flags, and graceful shutdown of nodes and dispatchers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_common::metrics::{Def, Kind};
 use berth_proto::v1 as pb;
 use berth_tests::{
-    TEST_IMAGE, TestCluster, containers_labelled, events_of, fake_session, get, reply_after,
+    TEST_IMAGE, TestCluster, containers_labelled, events_of, fake_session, get, http_get, reply_after,
     stop_and_wait, turn, wait_for_session,
 };
 use clap::CommandFactory;
@@ -27,23 +26,6 @@ fn read(rel: &str) -> String {
 
 fn yaml_docs(rel: &str) -> Vec<Yaml> {
     YamlLoader::load_from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not YAML: {e}"))
-}
-
-/// A plain HTTP/1.0 GET on loopback: (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: berth\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
 }
 
 /// One scrape: family name → type, and every sample line.
