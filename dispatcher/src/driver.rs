@@ -689,19 +689,28 @@ fn turn_usage(u: pb::TurnUsage) -> TurnUsage {
     }
 }
 
+/// Most sessions claimed in one statement.
+const CLAIM_BATCH: u32 = 64;
+
 /// Claims queued sessions while nodes have room, and drives each one.
 pub async fn claim_loop(ctx: Arc<Ctx>, wake: Arc<tokio::sync::Notify>, poll: std::time::Duration) {
     loop {
         // One claim per free slot; the driver takes the slot when it places.
         let mut free = ctx.nodes.free_slots();
         while free > 0 && !ctx.shutdown.is_cancelled() {
-            match ctx.store.claim(&ctx.owner).await {
-                Ok(Some(session)) => {
-                    free -= 1;
-                    tracing::info!(session_id = %session.id, "claimed session");
-                    ctx.drivers.spawn(drive(ctx.clone(), session));
+            let batch = free.min(CLAIM_BATCH);
+            match ctx.store.claim(&ctx.owner, batch as usize).await {
+                Ok(sessions) => {
+                    let claimed = u32::try_from(sessions.len()).unwrap_or(batch);
+                    free = free.saturating_sub(claimed);
+                    for session in sessions {
+                        tracing::info!(session_id = %session.id, "claimed session");
+                        ctx.drivers.spawn(drive(ctx.clone(), session));
+                    }
+                    if claimed < batch {
+                        break;
+                    }
                 }
-                Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming from the queue failed");
                     break;

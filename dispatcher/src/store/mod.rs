@@ -171,17 +171,28 @@ impl Store {
         rows.iter().map(session_from_row).collect()
     }
 
-    /// Claims the oldest queued session for `owner`, moving it to `starting`.
-    pub async fn claim(&self, owner: &str) -> Result<Option<Session>> {
-        let id: Option<Uuid> = sqlx::query_scalar(sql::CLAIM_SESSION)
+    /// Claims up to `limit` of the oldest queued sessions for `owner`, moving
+    /// each to `starting`; oldest first. Two round trips for the batch.
+    pub async fn claim(&self, owner: &str, limit: usize) -> Result<Vec<Session>> {
+        let event_ids: Vec<Uuid> = (0..limit).map(|_| Uuid::now_v7()).collect();
+        let ids: Vec<Uuid> = sqlx::query_scalar(sql::CLAIM_SESSIONS)
             .bind(owner)
-            .bind(Uuid::now_v7())
-            .fetch_optional(&self.pool)
+            .bind(&event_ids)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
             .await?;
-        match id {
-            Some(id) => Ok(Some(self.get_session(id).await?)),
-            None => Ok(None),
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
+        let query = format!(
+            "SELECT {} FROM sessions WHERE id = ANY($1) ORDER BY create_time",
+            sql::SESSION_COLUMNS
+        );
+        let rows = sqlx::query(AssertSqlSafe(query))
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(session_from_row).collect()
     }
 
     /// Applies `event` to the session's current status with compare-and-set,

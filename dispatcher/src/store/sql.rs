@@ -29,15 +29,17 @@ WITH created AS (
 SELECT id FROM created
 "#;
 
-/// Claims the oldest queued session for this dispatcher and moves it to
-/// `starting` with a new epoch, logging the status change.
+/// Claims up to `$3` of the oldest queued sessions for this dispatcher and
+/// moves each to `starting` with a new epoch, logging the status change
+/// (event ids from `$2`, one per row). One statement for a whole batch: at
+/// hundreds of sessions a second, a claim per round trip falls behind.
 /// `FOR UPDATE SKIP LOCKED`: dispatchers claiming at once take different rows.
-pub const CLAIM_SESSION: &str = r#"
+pub const CLAIM_SESSIONS: &str = r#"
 WITH next AS (
     SELECT id, status FROM sessions
     WHERE status IN ('pending', 'rescheduling')
     ORDER BY create_time
-    LIMIT 1
+    LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), moved AS (
     UPDATE sessions s
@@ -47,13 +49,15 @@ WITH next AS (
     WHERE s.id = next.id
     RETURNING s.id, s.last_seq, s.epoch, next.status AS previous,
               pg_notify('berth_events', s.id::text || ':' || s.last_seq) IS NULL AS notified
+), numbered AS (
+    SELECT m.*, row_number() OVER () AS n FROM moved m
 ), logged AS (
     INSERT INTO events (session_id, seq, id, type, payload)
-    SELECT id, last_seq, $2, 'session.status_starting',
+    SELECT id, last_seq, ($2::uuid[])[n], 'session.status_starting',
            jsonb_build_object('status', 'starting', 'previous', previous, 'epoch', epoch, 'reason', '')
-    FROM moved
+    FROM numbered
 )
-SELECT id FROM moved
+SELECT id FROM numbered
 "#;
 
 /// Compare-and-set of a status, logging the change as an event.
