@@ -53,7 +53,8 @@ fn launch_line(cmd: &[String], env: &[String]) -> Option<String> {
     }
     let identifier = |k: &str| {
         let mut c = k.chars();
-        c.next().is_some_and(|f| f == '_' || f.is_ascii_alphabetic())
+        c.next()
+            .is_some_and(|f| f == '_' || f.is_ascii_alphabetic())
             && c.all(|x| x == '_' || x.is_ascii_alphanumeric())
     };
     let mut line = String::new();
@@ -275,7 +276,9 @@ impl ContainerRuntime {
         crate::metrics::timed(histogram, async {
             let alive = self.docker.inspect_exec(&launcher.exec_id).await;
             if !matches!(alive, Ok(ref i) if i.running == Some(true)) {
-                return Err(Error::Docker("the warm container's launcher is gone".into()));
+                return Err(Error::Docker(
+                    "the warm container's launcher is gone".into(),
+                ));
             }
             use tokio::io::AsyncWriteExt;
             launcher
@@ -510,7 +513,13 @@ mod tests {
     fn the_launcher_passes_env_and_arguments_verbatim_and_leaves_stdin_to_the_agent() {
         let tricky = r#"it's "$HOME" `id` $(id) \ ;"#;
         let out = through_launcher(
-            &["sh", "-c", r#"printf '%s|%s|' "$SECRET" "$1"; cat"#, "argv0", tricky],
+            &[
+                "sh",
+                "-c",
+                r#"printf '%s|%s|' "$SECRET" "$1"; cat"#,
+                "argv0",
+                tricky,
+            ],
             &["SECRET=a 'b' $c", "HOME=/home/agent"],
             "first line\nsecond line\n",
         );

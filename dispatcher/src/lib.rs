@@ -120,9 +120,10 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
     let mut server = tonic::transport::Server::builder();
     if cfg.api_tls {
-        let tls = cfg.tls.load()?.ok_or_else(|| {
-            anyhow::anyhow!("--api-tls needs --tls-ca, --tls-cert and --tls-key")
-        })?;
+        let tls = cfg
+            .tls
+            .load()?
+            .ok_or_else(|| anyhow::anyhow!("--api-tls needs --tls-ca, --tls-cert and --tls-key"))?;
         server = server.tls_config(tls.server())?;
     }
     server

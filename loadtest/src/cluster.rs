@@ -46,7 +46,9 @@ pub struct ClusterArgs {
 impl ClusterArgs {
     fn target_tls(&self) -> anyhow::Result<Option<TlsMaterial>> {
         let read = |p: &Option<PathBuf>, flag: &str| -> anyhow::Result<String> {
-            let p = p.as_ref().ok_or_else(|| anyhow::anyhow!("{flag} is required"))?;
+            let p = p
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("{flag} is required"))?;
             std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("{flag}: cannot read {}: {e}", p.display()))
         };
@@ -96,7 +98,10 @@ impl Cluster {
     pub async fn real(args: &ClusterArgs, nodes: &RealNodes) -> anyhow::Result<Self> {
         if let Some(url) = &args.target {
             let tls = args.target_tls()?;
-            eprintln!("target: {url} ({})", if tls.is_some() { "mTLS" } else { "plaintext" });
+            eprintln!(
+                "target: {url} ({})",
+                if tls.is_some() { "mTLS" } else { "plaintext" }
+            );
             let conns = Conns::open(url, tls.as_ref(), args.connections).await?;
             return Ok(Self {
                 conns,
@@ -136,10 +141,8 @@ impl Cluster {
         for i in 0..n {
             sims.push(SimNode::start(i, capacity, heartbeat, &ca, stop.clone()).await?);
         }
-        let urls: Vec<(String, std::net::SocketAddr)> = sims
-            .iter()
-            .map(|s| (s.url.clone(), s.addr))
-            .collect();
+        let urls: Vec<(String, std::net::SocketAddr)> =
+            sims.iter().map(|s| (s.url.clone(), s.addr)).collect();
         let b = TestCluster::builder()
             .nodes(0)
             .ca(&ca)
@@ -216,8 +219,12 @@ impl Cluster {
         };
         let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else { continue };
-            let Ok(value) = value.parse::<f64>() else { continue };
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
             for f in families {
                 if let Some(rest) = series.strip_prefix(f) {
                     if let Some(labels) = rest.strip_prefix("_sum") {

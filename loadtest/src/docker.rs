@@ -47,7 +47,10 @@ pub async fn create(docker: &Docker, image: &str, cmd: Vec<String>) -> anyhow::R
         labels: Some([(LABEL.to_string(), "1".to_string())].into()),
         ..Default::default()
     };
-    let name = format!("berth-loadtest-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let name = format!(
+        "berth-loadtest-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     let opts = CreateContainerOptionsBuilder::new().name(&name).build();
     Ok(docker.create_container(Some(opts), body).await?.id)
 }
@@ -95,7 +98,10 @@ pub async fn start_and_read(
 
 /// Force-removes a container.
 pub async fn remove(docker: &Docker, id: &str) {
-    let opts = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+    let opts = RemoveContainerOptionsBuilder::new()
+        .force(true)
+        .v(true)
+        .build();
     if let Err(e) = docker.remove_container(id, Some(opts)).await {
         tracing::warn!(container = id, error = %e, "removing a baseline container failed");
     }

@@ -196,7 +196,6 @@ impl Conns {
     pub fn nodes(&self) -> NodesClient<Channel> {
         NodesClient::new(self.channels[0].clone())
     }
-
 }
 
 #[cfg(test)]
@@ -217,9 +216,6 @@ mod tests {
     fn uniform_arrivals_are_evenly_spaced() {
         let mut rng = fastrand::Rng::with_seed(7);
         let offs = Arrivals::Uniform { rate: 4.0 }.offsets(3, &mut rng);
-        assert_eq!(
-            offs,
-            [0, 250, 500].map(Duration::from_millis).to_vec()
-        );
+        assert_eq!(offs, [0, 250, 500].map(Duration::from_millis).to_vec());
     }
 }

@@ -70,7 +70,9 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     if cfg!(debug_assertions) {
-        eprintln!("berth-loadtest: this is a debug build; numbers from it are not benchmarks (use --release)");
+        eprintln!(
+            "berth-loadtest: this is a debug build; numbers from it are not benchmarks (use --release)"
+        );
     }
     match run(&cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -107,8 +109,10 @@ fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
         })
         .unwrap_or_default();
     serde_json::json!({

@@ -48,6 +48,9 @@ pub struct BalanceArgs {
 const SHAPE: f64 = 1.5;
 const SAMPLE: Duration = Duration::from_millis(100);
 
+/// When, and the active sessions of each node then.
+type Sample = (Duration, Vec<u32>);
+
 /// A Pareto variate with mean `mean` and shape [`SHAPE`], capped at 20× the mean.
 fn pareto(rng: &mut fastrand::Rng, mean: f64) -> f64 {
     let scale = mean * (SHAPE - 1.0) / SHAPE;
@@ -80,14 +83,24 @@ fn replay(trace: &[(Duration, Duration)], placed: &[usize], nodes: usize, t: Dur
 fn summarize(samples: impl Iterator<Item = Option<f64>>) -> (f64, f64) {
     let v: Vec<f64> = samples.flatten().collect();
     let worst = v.iter().copied().fold(0.0, f64::max);
-    let mean = if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mean = if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    };
     (worst, mean)
 }
 
 pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     cl.in_process_only("balance", "its nodes are simulated in this process")?;
-    anyhow::ensure!((2..=256).contains(&a.nodes), "--nodes must be between 2 and 256");
-    anyhow::ensure!(a.rate > 0.0 && a.seconds > 0.0 && a.mean_ms > 0, "--rate, --seconds and --mean-ms must be positive");
+    anyhow::ensure!(
+        (2..=256).contains(&a.nodes),
+        "--nodes must be between 2 and 256"
+    );
+    anyhow::ensure!(
+        a.rate > 0.0 && a.seconds > 0.0 && a.mean_ms > 0,
+        "--rate, --seconds and --mean-ms must be positive"
+    );
     let mut report = Report::new("balance", a);
 
     // The trace: Poisson arrivals, then the burst halfway, sorted by time.
@@ -103,8 +116,9 @@ pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     trace.extend((0..a.burst).map(|_| (burst_at, Duration::from_secs_f64(pareto(&mut rng, mean)))));
     trace.sort_by_key(|(at, _)| *at);
 
-    let cluster = Cluster::simulated(cl, a.nodes, a.capacity, Duration::from_millis(a.report_ms)).await?;
-    let samples: Arc<Mutex<Vec<(Duration, Vec<u32>)>>> = Arc::default();
+    let cluster =
+        Cluster::simulated(cl, a.nodes, a.capacity, Duration::from_millis(a.report_ms)).await?;
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let t0 = Instant::now();
     let sampler = {
         let samples = samples.clone();
@@ -130,7 +144,10 @@ pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     let trace_ref = &trace;
     open_loop(&offsets, &progress, |i, _| {
         let mut c = cluster.conns.get();
-        let req = session("sim:latest", &format!("hold {}", trace_ref[i].1.as_millis()));
+        let req = session(
+            "sim:latest",
+            &format!("hold {}", trace_ref[i].1.as_millis()),
+        );
         let (errors, progress) = (errors.clone(), progress.clone());
         async move {
             match c.create_session(req).await {
@@ -152,10 +169,21 @@ pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     cluster.shutdown().await?;
 
     // The burst window: from the burst to one report interval after it.
-    let window = |t: &Duration| *t >= burst_at && *t <= burst_at + Duration::from_millis(a.report_ms);
+    let window =
+        |t: &Duration| *t >= burst_at && *t <= burst_at + Duration::from_millis(a.report_ms);
     let steady = |t: &Duration| *t >= Duration::from_secs_f64(a.mean_ms as f64 / 1e3);
-    let (b_worst, b_mean) = summarize(samples.iter().filter(|(t, _)| window(t)).map(|(_, c)| imbalance(c)));
-    let (s_worst, s_mean) = summarize(samples.iter().filter(|(t, _)| steady(t)).map(|(_, c)| imbalance(c)));
+    let (b_worst, b_mean) = summarize(
+        samples
+            .iter()
+            .filter(|(t, _)| window(t))
+            .map(|(_, c)| imbalance(c)),
+    );
+    let (s_worst, s_mean) = summarize(
+        samples
+            .iter()
+            .filter(|(t, _)| steady(t))
+            .map(|(_, c)| imbalance(c)),
+    );
 
     let mut prng = fastrand::Rng::with_seed(a.seed ^ 0x5eed);
     let random: Vec<usize> = (0..trace.len()).map(|_| prng.usize(..a.nodes)).collect();
@@ -174,7 +202,11 @@ pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     let (rrs_worst, _) = base(&rr, &steady);
 
     let errors = errors.lock().map(|e| e.clone()).unwrap_or_default();
-    report.value("sessions in the trace (with the burst)", trace.len() as f64, "");
+    report.value(
+        "sessions in the trace (with the burst)",
+        trace.len() as f64,
+        "",
+    );
     report.value("sessions the nodes accepted", accepted as f64, "");
     if errors.total() > 0 {
         report.note(format!("CreateSession errors: {:?}", errors.0));
@@ -189,7 +221,10 @@ pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     report.ratio("berth: mean max/mean over the run", s_mean);
     report.ratio("random: worst max/mean over the run", rs_worst);
     report.ratio("round-robin: worst max/mean over the run", rrs_worst);
-    report.ratio("random worst / berth worst (burst)", crate::report::ratio(r_worst, b_worst));
+    report.ratio(
+        "random worst / berth worst (burst)",
+        crate::report::ratio(r_worst, b_worst),
+    );
     report.note(format!(
         "burst of {} at {:.1} s; the window runs one load-report interval ({} ms) from it; 'over the run' starts after one mean session length",
         a.burst,

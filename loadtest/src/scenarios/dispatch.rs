@@ -56,8 +56,14 @@ FROM next WHERE q.id = next.id RETURNING q.id
 "#;
 
 pub async fn run(cl: &ClusterArgs, a: &DispatchArgs) -> anyhow::Result<Report> {
-    cl.in_process_only("dispatch", "it reads claim times from the cluster's database and runs on simulated nodes")?;
-    anyhow::ensure!(a.seconds > 0.0 && a.rates.iter().all(|r| *r > 0.0), "--rates and --seconds must be positive");
+    cl.in_process_only(
+        "dispatch",
+        "it reads claim times from the cluster's database and runs on simulated nodes",
+    )?;
+    anyhow::ensure!(
+        a.seconds > 0.0 && a.rates.iter().all(|r| *r > 0.0),
+        "--rates and --seconds must be positive"
+    );
     let mut report = Report::new("dispatch", a);
     let cluster = Cluster::simulated(cl, a.nodes, 1_000_000, Duration::from_secs(1)).await?;
     let url = cluster
@@ -104,7 +110,11 @@ pub async fn run(cl: &ClusterArgs, a: &DispatchArgs) -> anyhow::Result<Report> {
 
         // Bare loop: one claimer woken by LISTEN, a poll as a fallback.
         let bare = bare_loop(&db, &url, &offsets, rate).await?;
-        report.latency(format!("bare SKIP LOCKED @ {rate}/s: insert → claim"), &bare, &Errors::default());
+        report.latency(
+            format!("bare SKIP LOCKED @ {rate}/s: insert → claim"),
+            &bare,
+            &Errors::default(),
+        );
         report.ratio_at_most(
             format!("berth p50 / bare p50 @ {rate}/s"),
             ratio(berth.quantile_us(0.5) as f64, bare.quantile_us(0.5) as f64),
@@ -114,13 +124,21 @@ pub async fn run(cl: &ClusterArgs, a: &DispatchArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(a.hold_ms + 500)).await;
     }
     report.note("both sides are timed by Postgres: now() of the inserting statement to now() of the claiming one; berth's claim also moves the session to `starting` and logs that event, the bare claim only updates the row");
-    report.note(format!("sessions run on {} simulated nodes (no containers) for {} ms each", a.nodes, a.hold_ms));
+    report.note(format!(
+        "sessions run on {} simulated nodes (no containers) for {} ms each",
+        a.nodes, a.hold_ms
+    ));
     cluster.shutdown().await?;
     Ok(report)
 }
 
 /// Insert → claim of `n` sessions labelled `label`, once all are claimed.
-async fn berth_claims(db: &PgPool, label: &str, n: usize, timeout: Duration) -> anyhow::Result<Hist> {
+async fn berth_claims(
+    db: &PgPool,
+    label: &str,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Hist> {
     let deadline = Instant::now() + timeout;
     loop {
         let rows = sqlx::query(
@@ -139,7 +157,11 @@ async fn berth_claims(db: &PgPool, label: &str, n: usize, timeout: Duration) -> 
                 h.record(Duration::from_secs_f64(us.max(0.0) / 1e6));
             }
             if rows.len() < n {
-                tracing::warn!(claimed = rows.len(), n, "not every session was claimed in time");
+                tracing::warn!(
+                    claimed = rows.len(),
+                    n,
+                    "not every session was claimed in time"
+                );
             }
             return Ok(h);
         }
@@ -148,7 +170,12 @@ async fn berth_claims(db: &PgPool, label: &str, n: usize, timeout: Duration) -> 
 }
 
 /// The baseline: insert at the same schedule, claim with a bare loop.
-async fn bare_loop(db: &PgPool, url: &str, offsets: &[Duration], rate: f64) -> anyhow::Result<Hist> {
+async fn bare_loop(
+    db: &PgPool,
+    url: &str,
+    offsets: &[Duration],
+    rate: f64,
+) -> anyhow::Result<Hist> {
     sqlx::query("TRUNCATE loadtest_queue").execute(db).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let claimer = {
@@ -166,7 +193,10 @@ async fn bare_loop(db: &PgPool, url: &str, offsets: &[Duration], rate: f64) -> a
             }
         })
     };
-    let progress = Progress::start(format!("dispatch {rate}/s: bare loop"), offsets.len() as u64);
+    let progress = Progress::start(
+        format!("dispatch {rate}/s: bare loop"),
+        offsets.len() as u64,
+    );
     open_loop(offsets, &progress, |_, _| {
         let (db, progress) = (db.clone(), progress.clone());
         async move {

@@ -53,8 +53,14 @@ pub struct FaninArgs {
 }
 
 pub async fn run(cl: &ClusterArgs, a: &FaninArgs) -> anyhow::Result<Report> {
-    cl.in_process_only("fanin", "it reads the dispatcher process's memory and runs on simulated nodes")?;
-    anyhow::ensure!(a.nodes > 0 && a.message_rate > 0.0 && a.seconds > 0.0, "--nodes, --message-rate and --seconds must be positive");
+    cl.in_process_only(
+        "fanin",
+        "it reads the dispatcher process's memory and runs on simulated nodes",
+    )?;
+    anyhow::ensure!(
+        a.nodes > 0 && a.message_rate > 0.0 && a.seconds > 0.0,
+        "--nodes, --message-rate and --seconds must be positive"
+    );
     let bin = match &a.dispatcher_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("berth-dispatcher"),
@@ -121,7 +127,9 @@ async fn spawn_dispatcher(bin: &PathBuf, ca: &DevCa, sims: &[SimNode]) -> anyhow
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))?;
-    let pid = proc.id().ok_or_else(|| anyhow::anyhow!("the dispatcher exited at once"))?;
+    let pid = proc
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("the dispatcher exited at once"))?;
     Ok(Child {
         proc,
         pid,
@@ -166,7 +174,13 @@ impl Shared {
     }
 }
 
-async fn one(cl: &ClusterArgs, a: &FaninArgs, bin: &PathBuf, n: usize, report: &mut Report) -> anyhow::Result<()> {
+async fn one(
+    cl: &ClusterArgs,
+    a: &FaninArgs,
+    bin: &PathBuf,
+    n: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let ca = DevCa::generate("berth loadtest CA")?;
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
@@ -181,18 +195,18 @@ async fn one(cl: &ClusterArgs, a: &FaninArgs, bin: &PathBuf, n: usize, report: &
         if let Ok(Some(status)) = child.proc.try_wait() {
             anyhow::bail!("the dispatcher exited with {status}");
         }
-        match Conns::open(&child.url, None, conns_n).await {
-            Ok(c) => {
-                let ok = c
-                    .get()
-                    .list_sessions(pb::ListSessionsRequest { page_size: 1, ..Default::default() })
-                    .await
-                    .is_ok();
-                if ok {
-                    break c;
-                }
+        if let Ok(c) = Conns::open(&child.url, None, conns_n).await {
+            let ok = c
+                .get()
+                .list_sessions(pb::ListSessionsRequest {
+                    page_size: 1,
+                    ..Default::default()
+                })
+                .await
+                .is_ok();
+            if ok {
+                break c;
             }
-            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -203,10 +217,18 @@ async fn one(cl: &ClusterArgs, a: &FaninArgs, bin: &PathBuf, n: usize, report: &
     // Fill up: N sessions, each with one Connect stream.
     let berth = Arc::new(Shared::default());
     let senders: Arc<Mutex<Vec<mpsc::Sender<Send>>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
-    let offsets = Arrivals::Uniform { rate: a.create_rate }.offsets(n, &mut fastrand::Rng::new());
+    let offsets = Arrivals::Uniform {
+        rate: a.create_rate,
+    }
+    .offsets(n, &mut fastrand::Rng::new());
     let progress = Progress::start(format!("fanin {n}: open"), n as u64);
     open_loop(&offsets, &progress, |_, _| {
-        let (conns, berth, senders, progress) = (conns.clone(), berth.clone(), senders.clone(), progress.clone());
+        let (conns, berth, senders, progress) = (
+            conns.clone(),
+            berth.clone(),
+            senders.clone(),
+            progress.clone(),
+        );
         async move {
             match open_stream(&conns, berth).await {
                 Ok(tx) => {
@@ -227,7 +249,9 @@ async fn one(cl: &ClusterArgs, a: &FaninArgs, bin: &PathBuf, n: usize, report: &
     let held = senders.lock().map(|s| s.len()).unwrap_or(0);
     // Every session is placed once the nodes run them all.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while sims.iter().map(|s| s.running() as usize).sum::<usize>() < held && Instant::now() < deadline {
+    while sims.iter().map(|s| s.running() as usize).sum::<usize>() < held
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let running: usize = sims.iter().map(|s| s.running() as usize).sum();
@@ -266,24 +290,61 @@ async fn one(cl: &ClusterArgs, a: &FaninArgs, bin: &PathBuf, n: usize, report: &
         }
     }
     progress.finish();
-    messages(&dsenders, a.message_rate, msgs, &format!("fanin {n}: direct")).await;
+    messages(
+        &dsenders,
+        a.message_rate,
+        msgs,
+        &format!("fanin {n}: direct"),
+    )
+    .await;
     let direct_hist = wait_recorded(&direct, msgs).await;
     drop(dsenders);
 
     let errors = berth.errors.lock().map(|e| e.clone()).unwrap_or_default();
-    report.value(format!("{n} streams: held (placed on nodes)"), running as f64, "sessions");
-    report.latency(format!("{n} streams: berth message → echo"), &berth_hist, &errors);
+    report.value(
+        format!("{n} streams: held (placed on nodes)"),
+        running as f64,
+        "sessions",
+    );
+    report.latency(
+        format!("{n} streams: berth message → echo"),
+        &berth_hist,
+        &errors,
+    );
     let derr = direct.errors.lock().map(|e| e.clone()).unwrap_or_default();
-    report.latency(format!("{n} streams: direct tonic echo"), &direct_hist, &derr);
+    report.latency(
+        format!("{n} streams: direct tonic echo"),
+        &direct_hist,
+        &derr,
+    );
     let added = (berth_hist.quantile_us(0.5) as f64 - direct_hist.quantile_us(0.5) as f64) / 2.0;
-    report.check_at_most(format!("{n} streams: added p50 per relay hop (µs)"), added, 50.0);
+    report.check_at_most(
+        format!("{n} streams: added p50 per relay hop (µs)"),
+        added,
+        50.0,
+    );
     report.ratio(
         format!("{n} streams: berth p50 / direct p50"),
-        ratio(berth_hist.quantile_us(0.5) as f64, direct_hist.quantile_us(0.5) as f64),
+        ratio(
+            berth_hist.quantile_us(0.5) as f64,
+            direct_hist.quantile_us(0.5) as f64,
+        ),
     );
-    report.value(format!("{n} streams: dispatcher RSS before"), rss0 as f64 / 1048576.0, "MiB");
-    report.value(format!("{n} streams: dispatcher RSS held"), rss1 as f64 / 1048576.0, "MiB");
-    report.check_at_most(format!("{n} streams: dispatcher memory per idle stream (KiB)"), per_stream / 1024.0, 20.0);
+    report.value(
+        format!("{n} streams: dispatcher RSS before"),
+        rss0 as f64 / 1048576.0,
+        "MiB",
+    );
+    report.value(
+        format!("{n} streams: dispatcher RSS held"),
+        rss1 as f64 / 1048576.0,
+        "MiB",
+    );
+    report.check_at_most(
+        format!("{n} streams: dispatcher memory per idle stream (KiB)"),
+        per_stream / 1024.0,
+        20.0,
+    );
 
     let _ = child.proc.kill().await;
     stop.cancel();
@@ -301,7 +362,11 @@ async fn messages(senders: &[mpsc::Sender<Send>], rate: f64, count: usize, label
         let tx = senders[picks[i]].clone();
         let progress = progress.clone();
         async move {
-            if tx.send((t0, format!("m{i}-{}", fastrand::u64(..)))).await.is_ok() {
+            if tx
+                .send((t0, format!("m{i}-{}", fastrand::u64(..))))
+                .await
+                .is_ok()
+            {
                 progress.done();
             } else {
                 progress.error();
@@ -327,13 +392,22 @@ async fn wait_recorded(s: &Shared, count: usize) -> Hist {
 
 /// Creates a session and holds a `Connect` stream on it; returns where to
 /// send its messages. The stream's task records each echo's latency.
-async fn open_stream(conns: &Conns, shared: Arc<Shared>) -> Result<mpsc::Sender<Send>, tonic::Status> {
+async fn open_stream(
+    conns: &Conns,
+    shared: Arc<Shared>,
+) -> Result<mpsc::Sender<Send>, tonic::Status> {
     let mut c = conns.get();
-    let s = c.create_session(session("sim:latest", "")).await?.into_inner();
+    let s = c
+        .create_session(session("sim:latest", ""))
+        .await?
+        .into_inner();
     let (req_tx, req_rx) = mpsc::channel(8);
     let _ = req_tx
         .send(pb::ConnectRequest {
-            kind: Some(pb::connect_request::Kind::Open(pb::ConnectOpen { name: s.name, after_seq: 0 })),
+            kind: Some(pb::connect_request::Kind::Open(pb::ConnectOpen {
+                name: s.name,
+                after_seq: 0,
+            })),
         })
         .await;
     let mut responses = c
@@ -394,7 +468,10 @@ async fn open_direct(
             kind: Some(node::dispatcher_frame::Kind::Start(node::Start {
                 session_id: uuid::Uuid::new_v4().to_string(),
                 epoch: 1,
-                spec: Some(node::SessionSpec { image: "sim:latest".into(), ..Default::default() }),
+                spec: Some(node::SessionSpec {
+                    image: "sim:latest".into(),
+                    ..Default::default()
+                }),
             })),
         })
         .await?;

@@ -97,7 +97,11 @@ pub async fn create_and_wait_first(
 }
 
 /// Stops a session (best effort: errors are counted, not fatal).
-pub async fn stop(client: &mut SessionsClient<Channel>, name: &str, errors: &std::sync::Mutex<Errors>) {
+pub async fn stop(
+    client: &mut SessionsClient<Channel>,
+    name: &str,
+    errors: &std::sync::Mutex<Errors>,
+) {
     if let Err(s) = client
         .stop_session(pb::StopSessionRequest { name: name.into() })
         .await
@@ -148,7 +152,10 @@ pub async fn wait_pool_full(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let list = nodes.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+        let list = nodes
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner();
         let full = !list.nodes.is_empty()
             && list
                 .nodes
@@ -170,7 +177,10 @@ pub async fn warm_ready(
     nodes: &mut berth_proto::v1::nodes_client::NodesClient<Channel>,
     image: &str,
 ) -> anyhow::Result<i32> {
-    let list = nodes.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+    let list = nodes
+        .list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner();
     Ok(list
         .nodes
         .iter()

@@ -49,7 +49,15 @@ pub async fn run(cl: &ClusterArgs, a: &RelayArgs) -> anyhow::Result<Report> {
     let mut rows = Vec::new();
 
     if !a.no_containers {
-        let cluster = Cluster::real(cl, &RealNodes { nodes: 1, capacity: 4, pool: 1 }).await?;
+        let cluster = Cluster::real(
+            cl,
+            &RealNodes {
+                nodes: 1,
+                capacity: 4,
+                pool: 1,
+            },
+        )
+        .await?;
         let d = docker::connect().await?;
         for &size in &a.sizes {
             eprintln!("relay: {} × {size} B through berth (container)", a.events);
@@ -68,16 +76,25 @@ pub async fn run(cl: &ClusterArgs, a: &RelayArgs) -> anyhow::Result<Report> {
     }
 
     if a.no_containers {
-        cl.in_process_only("relay --no-containers", "the direct echo calls the cluster's simulated node")?;
+        cl.in_process_only(
+            "relay --no-containers",
+            "the direct echo calls the cluster's simulated node",
+        )?;
     }
     if cl.target.is_some() {
         report.note("with --target only the container runs were measured: the relay over a simulated node and the direct echo need an in-process cluster");
     } else {
         let cluster = Cluster::simulated(cl, 1, 16, Duration::from_secs(1)).await?;
-        let ca = cluster.ca.as_ref().ok_or_else(|| anyhow::anyhow!("no CA"))?;
+        let ca = cluster
+            .ca
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no CA"))?;
         let mut direct = cluster.sims[0].client(ca).await?;
         for &size in &a.sizes {
-            eprintln!("relay: {} × {size} B through berth (simulated node)", a.events);
+            eprintln!(
+                "relay: {} × {size} B through berth (simulated node)",
+                a.events
+            );
             let berth = through_berth(&cluster, "sim:latest", a.events, size).await?;
             eprintln!("relay: {} × {size} B over a direct tonic stream", a.events);
             let echo = direct_echo(&mut direct, a.events, size).await?;
@@ -108,7 +125,13 @@ pub async fn run(cl: &ClusterArgs, a: &RelayArgs) -> anyhow::Result<Report> {
 async fn through_berth(cluster: &Cluster, image: &str, n: u64, size: u64) -> anyhow::Result<Rate> {
     let mut c = cluster.conns.get();
     // A first short turn: the session is running and warm before we time.
-    let s = create_and_wait_first(&mut c, session(image, "echo ready"), Instant::now(), Duration::from_secs(60)).await?;
+    let s = create_and_wait_first(
+        &mut c,
+        session(image, "echo ready"),
+        Instant::now(),
+        Duration::from_secs(60),
+    )
+    .await?;
     let sent = c
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),
@@ -137,9 +160,14 @@ async fn through_berth(cluster: &Cluster, image: &str, n: u64, size: u64) -> any
         }
     }
     let span = first.map(|f| f.elapsed()).unwrap_or_default();
-    let _ = c.stop_session(pb::StopSessionRequest { name: s.name }).await;
+    let _ = c
+        .stop_session(pb::StopSessionRequest { name: s.name })
+        .await;
     anyhow::ensure!(count == n, "berth relayed {count} of {n} events");
-    Ok(Rate { events: n - 1, span })
+    Ok(Rate {
+        events: n - 1,
+        span,
+    })
 }
 
 /// The same agent command in a new container, read over a bollard attach.
@@ -172,7 +200,10 @@ async fn over_attach(d: &bollard::Docker, image: &str, n: u64, size: u64) -> any
     let span = first.map(|f| f.elapsed()).unwrap_or_default();
     docker::remove(d, &id).await;
     anyhow::ensure!(lines >= n, "the attach read {lines} of {n} events");
-    Ok(Rate { events: n - 1, span })
+    Ok(Rate {
+        events: n - 1,
+        span,
+    })
 }
 
 /// The same events from a simulated node over a direct `RunSession` stream.
@@ -226,6 +257,12 @@ async fn direct_echo(
             kind: Some(node::dispatcher_frame::Kind::Stop(node::Stop::default())),
         })
         .await;
-    anyhow::ensure!(count == n, "the direct stream carried {count} of {n} events");
-    Ok(Rate { events: n - 1, span })
+    anyhow::ensure!(
+        count == n,
+        "the direct stream carried {count} of {n} events"
+    );
+    Ok(Rate {
+        events: n - 1,
+        span,
+    })
 }

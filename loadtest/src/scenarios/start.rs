@@ -33,7 +33,10 @@ pub struct WarmArgs {
 /// `docker run` (create, attach, start) and `docker start` of a pre-created
 /// container, both through bollard on the same image and prompt.
 pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
-    anyhow::ensure!(a.sessions > 0 && a.rate > 0.0, "--sessions and --rate must be positive");
+    anyhow::ensure!(
+        a.sessions > 0 && a.rate > 0.0,
+        "--sessions and --rate must be positive"
+    );
     let mut report = Report::new("warm", a);
     let nodes = RealNodes {
         nodes: 1,
@@ -42,23 +45,46 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
     };
     let cluster = Cluster::real(cl, &nodes).await?;
     let mut nc = cluster.conns.nodes();
-    wait_pool_full(&mut nc, &cl.image, i32::try_from(a.pool)?, Duration::from_secs(120)).await?;
+    wait_pool_full(
+        &mut nc,
+        &cl.image,
+        i32::try_from(a.pool)?,
+        Duration::from_secs(120),
+    )
+    .await?;
     // One untimed session warms the connections and the node's code paths.
     let mut c = cluster.conns.get();
-    let warmup = create_and_wait_first(&mut c, session(&cl.image, PROMPT), Instant::now(), FIRST_EVENT_TIMEOUT).await?;
+    let warmup = create_and_wait_first(
+        &mut c,
+        session(&cl.image, PROMPT),
+        Instant::now(),
+        FIRST_EVENT_TIMEOUT,
+    )
+    .await?;
     let errors = Mutex::new(Errors::default());
     stop(&mut c, &warmup.name, &errors).await;
     wait_all_closed(&mut c, &[warmup.name]).await;
-    wait_pool_full(&mut nc, &cl.image, i32::try_from(a.pool)?, Duration::from_secs(120)).await?;
+    wait_pool_full(
+        &mut nc,
+        &cl.image,
+        i32::try_from(a.pool)?,
+        Duration::from_secs(120),
+    )
+    .await?;
 
     let offsets = Arrivals::Uniform { rate: a.rate }.offsets(a.sessions, &mut fastrand::Rng::new());
     let before = cluster.stage_means(STAGES).await;
-    let (all, hits, names, errors) = berth_starts(&cluster, &cl.image, &offsets, "warm: berth").await;
+    let (all, hits, names, errors) =
+        berth_starts(&cluster, &cl.image, &offsets, "warm: berth").await;
     wait_all_closed(&mut c, &names).await;
     profile(&mut report, &before, &cluster.stage_means(STAGES).await);
     report.latency("berth: all starts", &all, &errors);
     report.latency("berth: warm-pool hits", &hits, &Errors::default());
-    report.value("warm-pool hit ratio", ratio(hits.len() as f64, all.len() as f64), "");
+    report.value(
+        "warm-pool hit ratio",
+        ratio(hits.len() as f64, all.len() as f64),
+        "",
+    );
 
     let d = docker::connect().await?;
     let (run, run_err) = docker_runs(&d, &cl.image, &offsets, "warm: docker run").await;
@@ -71,8 +97,15 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
     let p50 = hits.quantile_us(0.5) as f64;
     report.check_at_most("warm p50 (ms)", p50 / 1e3, 25.0);
     report.check_at_most("warm p99 (ms)", hits.quantile_us(0.99) as f64 / 1e3, 60.0);
-    report.ratio_at_least("docker run p50 / warm p50", ratio(run.quantile_us(0.5) as f64, p50), 20.0);
-    report.ratio("docker start p50 / warm p50", ratio(start.quantile_us(0.5) as f64, p50));
+    report.ratio_at_least(
+        "docker run p50 / warm p50",
+        ratio(run.quantile_us(0.5) as f64, p50),
+        20.0,
+    );
+    report.ratio(
+        "docker start p50 / warm p50",
+        ratio(start.quantile_us(0.5) as f64, p50),
+    );
     report.note("latency from each session's scheduled arrival to its first agent event at the client; the baselines time the same agent answering the same prompt in the same image, to its first stdout line");
     if hits.len() < all.len() {
         report.note(format!(
@@ -126,8 +159,13 @@ async fn berth_starts(
     open_loop(offsets, &progress, |_, t0| {
         let mut c = cluster.conns.get();
         let req = session(image, PROMPT);
-        let (all, hits, names, errors, progress) =
-            (all.clone(), hits.clone(), names.clone(), errors.clone(), progress.clone());
+        let (all, hits, names, errors, progress) = (
+            all.clone(),
+            hits.clone(),
+            names.clone(),
+            errors.clone(),
+            progress.clone(),
+        );
         async move {
             match create_and_wait_first(&mut c, req, t0, FIRST_EVENT_TIMEOUT).await {
                 Ok(s) => {
@@ -174,7 +212,8 @@ async fn docker_runs(
     let errors = Arc::new(Mutex::new(Errors::default()));
     let progress = Progress::start(label, offsets.len() as u64);
     open_loop(offsets, &progress, |_, t0| {
-        let (d, hist, errors, progress) = (d.clone(), hist.clone(), errors.clone(), progress.clone());
+        let (d, hist, errors, progress) =
+            (d.clone(), hist.clone(), errors.clone(), progress.clone());
         let image = image.to_string();
         async move {
             let run = async {
@@ -223,8 +262,13 @@ async fn docker_starts(
     let errors = Arc::new(Mutex::new(Errors::default()));
     let progress = Progress::start("warm: docker start", offsets.len() as u64);
     open_loop(offsets, &progress, |i, t0| {
-        let (d, ids, hist, errors, progress) =
-            (d.clone(), ids.clone(), hist.clone(), errors.clone(), progress.clone());
+        let (d, ids, hist, errors, progress) = (
+            d.clone(),
+            ids.clone(),
+            hist.clone(),
+            errors.clone(),
+            progress.clone(),
+        );
         async move {
             let r = docker::start_and_read(&d, &ids[i], t0, None).await;
             docker::remove(&d, &ids[i]).await;
@@ -303,21 +347,42 @@ pub async fn burst(cl: &ClusterArgs, a: &BurstArgs) -> anyhow::Result<Report> {
     };
     let offsets = vec![Duration::ZERO; n];
     let t0 = Instant::now();
-    let (all, hits, names, errors) = berth_starts(&cluster, &cl.image, &offsets, "burst: berth").await;
+    let (all, hits, names, errors) =
+        berth_starts(&cluster, &cl.image, &offsets, "burst: berth").await;
     let all_first = t0.elapsed();
     let mut c = cluster.conns.get();
     wait_all_closed(&mut c, &names).await;
     let ((low, low_at), refilled) = watch.await?;
 
     report.latency("berth: first event, per session", &all, &errors);
-    report.value("berth: until all have their first event", all.stats().max_us as f64 / 1e3, "ms");
-    report.value("berth: wall time of the burst", all_first.as_secs_f64() * 1e3, "ms");
-    report.value("warm-pool hit ratio", ratio(hits.len() as f64, n as f64), "");
+    report.value(
+        "berth: until all have their first event",
+        all.stats().max_us as f64 / 1e3,
+        "ms",
+    );
+    report.value(
+        "berth: wall time of the burst",
+        all_first.as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.value(
+        "warm-pool hit ratio",
+        ratio(hits.len() as f64, n as f64),
+        "",
+    );
     match refilled {
         Some(full) => {
             let refill = (pool - low.max(0)) as f64 / (full - low_at).as_secs_f64().max(1e-3);
-            report.value("pool refill rate (low point to full)", refill, "containers/s");
-            report.value("pool refill time", (full - low_at).as_secs_f64() * 1e3, "ms");
+            report.value(
+                "pool refill rate (low point to full)",
+                refill,
+                "containers/s",
+            );
+            report.value(
+                "pool refill time",
+                (full - low_at).as_secs_f64() * 1e3,
+                "ms",
+            );
         }
         None => report.note("the pool did not refill within 180 s"),
     }
@@ -326,7 +391,11 @@ pub async fn burst(cl: &ClusterArgs, a: &BurstArgs) -> anyhow::Result<Report> {
     let (cold, cold_err) = docker_runs(&d, &cl.image, &offsets, "burst: parallel docker run").await;
     docker::cleanup(&d).await?;
     cluster.shutdown().await?;
-    report.latency("baseline: parallel cold starts (docker run)", &cold, &cold_err);
+    report.latency(
+        "baseline: parallel cold starts (docker run)",
+        &cold,
+        &cold_err,
+    );
     let berth_all = all.stats().max_us as f64;
     report.ratio(
         "cold: all first outputs / berth: all first events",

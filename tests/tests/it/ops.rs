@@ -9,8 +9,8 @@ use std::time::Duration;
 use berth_common::metrics::{Def, Kind};
 use berth_proto::v1 as pb;
 use berth_tests::{
-    TEST_IMAGE, TestCluster, containers_labelled, events_of, fake_session, get, http_get, reply_after,
-    stop_and_wait, turn, wait_for_session,
+    TEST_IMAGE, TestCluster, containers_labelled, events_of, fake_session, get, http_get,
+    reply_after, stop_and_wait, turn, wait_for_session,
 };
 use clap::CommandFactory;
 use yaml_rust2::{Yaml, YamlLoader};
