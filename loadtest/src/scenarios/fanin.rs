@@ -390,6 +390,28 @@ async fn wait_recorded(s: &Shared, count: usize) -> Hist {
     }
 }
 
+/// Messages of one stream awaiting their echo, by text.
+#[derive(Default)]
+struct Pending(HashMap<String, Instant>);
+
+impl Pending {
+    fn sent(&mut self, text: &str, due: Instant) {
+        self.0.insert(text.to_string(), due);
+    }
+
+    /// Records the latency of the message whose text `payload` carries.
+    fn echoed(&mut self, payload: &str, shared: &Shared) {
+        let hit = self
+            .0
+            .keys()
+            .find(|k| payload.contains(k.as_str()))
+            .cloned();
+        if let Some(due) = hit.and_then(|k| self.0.remove(&k)) {
+            shared.record(due.elapsed());
+        }
+    }
+}
+
 /// Creates a session and holds a `Connect` stream on it; returns where to
 /// send its messages. The stream's task records each echo's latency.
 async fn open_stream(
@@ -416,12 +438,12 @@ async fn open_stream(
         .into_inner();
     let (tx, mut rx) = mpsc::channel::<Send>(16);
     tokio::spawn(async move {
-        let mut pending: HashMap<String, Instant> = HashMap::new();
+        let mut pending = Pending::default();
         loop {
             tokio::select! {
                 m = rx.recv() => {
                     let Some((t0, text)) = m else { return };
-                    pending.insert(text.clone(), t0);
+                    pending.sent(&text, t0);
                     let req = pb::ConnectRequest {
                         kind: Some(pb::connect_request::Kind::Message(pb::ConnectMessage { text, r#ref: String::new() })),
                     };
@@ -432,10 +454,7 @@ async fn open_stream(
                 r = responses.next() => match r {
                     Some(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Event(e)) })) => {
                         if e.r#type == "agent.message" {
-                            let hit = pending.keys().find(|k| e.payload_json.contains(k.as_str())).cloned();
-                            if let Some(t0) = hit.and_then(|k| pending.remove(&k)) {
-                                shared.record(t0.elapsed());
-                            }
+                            pending.echoed(&e.payload_json, &shared);
                         }
                     }
                     Some(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Ack(a)) })) => {
@@ -481,12 +500,12 @@ async fn open_direct(
         .into_inner();
     let (tx, mut rx) = mpsc::channel::<Send>(16);
     tokio::spawn(async move {
-        let mut pending: HashMap<String, Instant> = HashMap::new();
+        let mut pending = Pending::default();
         loop {
             tokio::select! {
                 m = rx.recv() => {
                     let Some((t0, text)) = m else { return };
-                    pending.insert(text.clone(), t0);
+                    pending.sent(&text, t0);
                     let f = node::DispatcherFrame {
                         epoch: 1,
                         kind: Some(node::dispatcher_frame::Kind::Message(node::UserMessage { text, seq: 0 })),
@@ -498,10 +517,7 @@ async fn open_direct(
                 f = frames.next() => match f {
                     Some(Ok(node::NodeFrame { kind: Some(node::node_frame::Kind::Event(e)), .. })) => {
                         if e.r#type == "agent.message" {
-                            let hit = pending.keys().find(|k| e.payload_json.contains(k.as_str())).cloned();
-                            if let Some(t0) = hit.and_then(|k| pending.remove(&k)) {
-                                shared.record(t0.elapsed());
-                            }
+                            pending.echoed(&e.payload_json, &shared);
                         }
                     }
                     Some(Ok(_)) => {}
