@@ -157,6 +157,43 @@ impl SimNode {
     }
 }
 
+/// Opens a session directly on a simulated node (no dispatcher in between):
+/// where to send its frames, and its frames back. Epoch 1; the `accepted`
+/// frame comes first.
+pub async fn open_direct(
+    client: &mut AgentServerClient<Channel>,
+) -> anyhow::Result<(mpsc::Sender<pb::DispatcherFrame>, Streaming<pb::NodeFrame>)> {
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::DispatcherFrame {
+        epoch: 1,
+        kind: Some(dispatcher_frame::Kind::Start(pb::Start {
+            session_id: uuid::Uuid::new_v4().to_string(),
+            epoch: 1,
+            spec: Some(pb::SessionSpec {
+                image: "sim:latest".into(),
+                ..Default::default()
+            }),
+        })),
+    })
+    .await?;
+    let frames = client
+        .run_session(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, frames))
+}
+
+/// A user message for a session opened with [`open_direct`].
+pub fn direct_message(text: String) -> pb::DispatcherFrame {
+    pb::DispatcherFrame {
+        epoch: 1,
+        kind: Some(dispatcher_frame::Kind::Message(pb::UserMessage {
+            text,
+            seq: 0,
+        })),
+    }
+}
+
 struct Api(Arc<State>);
 
 fn event(seq: &mut u64, kind: &str, payload: serde_json::Value, end: bool) -> pb::NodeFrame {

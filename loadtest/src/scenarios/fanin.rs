@@ -432,47 +432,30 @@ async fn open_stream(
             })),
         })
         .await;
-    let mut responses = c
+    let responses = c
         .connect(tokio_stream::wrappers::ReceiverStream::new(req_rx))
         .await?
         .into_inner();
-    let (tx, mut rx) = mpsc::channel::<Send>(16);
-    tokio::spawn(async move {
-        let mut pending = Pending::default();
-        loop {
-            tokio::select! {
-                m = rx.recv() => {
-                    let Some((t0, text)) = m else { return };
-                    pending.sent(&text, t0);
-                    let req = pb::ConnectRequest {
-                        kind: Some(pb::connect_request::Kind::Message(pb::ConnectMessage { text, r#ref: String::new() })),
-                    };
-                    if req_tx.send(req).await.is_err() {
-                        shared.error("stream closed");
-                    }
-                }
-                r = responses.next() => match r {
-                    Some(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Event(e)) })) => {
-                        if e.r#type == "agent.message" {
-                            pending.echoed(&e.payload_json, &shared);
-                        }
-                    }
-                    Some(Ok(pb::ConnectResponse { kind: Some(pb::connect_response::Kind::Ack(a)) })) => {
-                        if a.code != 0 {
-                            shared.error(&format!("ack code {}", a.code));
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(s)) => {
-                        shared.error(&format!("{:?}", s.code()));
-                        return;
-                    }
-                    None => return,
-                },
+    Ok(echo_loop(
+        req_tx,
+        responses,
+        |text| pb::ConnectRequest {
+            kind: Some(pb::connect_request::Kind::Message(pb::ConnectMessage {
+                text,
+                r#ref: String::new(),
+            })),
+        },
+        |r| match r.kind {
+            Some(pb::connect_response::Kind::Event(e)) if e.r#type == "agent.message" => {
+                Seen::Echo(e.payload_json)
             }
-        }
-    });
-    Ok(tx)
+            Some(pb::connect_response::Kind::Ack(a)) if a.code != 0 => {
+                Seen::Failed(format!("ack code {}", a.code))
+            }
+            _ => Seen::Other,
+        },
+        shared,
+    ))
 }
 
 /// A direct `RunSession` stream to a simulated node, used like [`open_stream`].
@@ -480,47 +463,64 @@ async fn open_direct(
     client: &mut node::agent_server_client::AgentServerClient<tonic::transport::Channel>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<mpsc::Sender<Send>> {
-    let (req_tx, req_rx) = mpsc::channel(8);
-    req_tx
-        .send(node::DispatcherFrame {
-            epoch: 1,
-            kind: Some(node::dispatcher_frame::Kind::Start(node::Start {
-                session_id: uuid::Uuid::new_v4().to_string(),
-                epoch: 1,
-                spec: Some(node::SessionSpec {
-                    image: "sim:latest".into(),
-                    ..Default::default()
-                }),
-            })),
-        })
-        .await?;
-    let mut frames = client
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-        .await?
-        .into_inner();
+    let (req_tx, frames) = crate::simnode::open_direct(client).await?;
+    Ok(echo_loop(
+        req_tx,
+        frames,
+        crate::simnode::direct_message,
+        |f| match f.kind {
+            Some(node::node_frame::Kind::Event(e)) if e.r#type == "agent.message" => {
+                Seen::Echo(e.payload_json)
+            }
+            _ => Seen::Other,
+        },
+        shared,
+    ))
+}
+
+/// What a frame from the far side means to an [`echo_loop`].
+enum Seen {
+    /// An echo, carrying the message's text in its payload.
+    Echo(String),
+    Failed(String),
+    Other,
+}
+
+/// Sends each message handed to the returned sender on `requests` (made by
+/// `message`), and records its latency when its echo comes back on
+/// `responses` (read by `seen`). Ends when either side closes.
+fn echo_loop<Req, Resp>(
+    requests: mpsc::Sender<Req>,
+    mut responses: impl futures::Stream<Item = Result<Resp, tonic::Status>>
+    + Unpin
+    + std::marker::Send
+    + 'static,
+    message: fn(String) -> Req,
+    seen: fn(Resp) -> Seen,
+    shared: Arc<Shared>,
+) -> mpsc::Sender<Send>
+where
+    Req: std::marker::Send + 'static,
+    Resp: std::marker::Send + 'static,
+{
     let (tx, mut rx) = mpsc::channel::<Send>(16);
     tokio::spawn(async move {
         let mut pending = Pending::default();
         loop {
             tokio::select! {
                 m = rx.recv() => {
-                    let Some((t0, text)) = m else { return };
-                    pending.sent(&text, t0);
-                    let f = node::DispatcherFrame {
-                        epoch: 1,
-                        kind: Some(node::dispatcher_frame::Kind::Message(node::UserMessage { text, seq: 0 })),
-                    };
-                    if req_tx.send(f).await.is_err() {
+                    let Some((due, text)) = m else { return };
+                    pending.sent(&text, due);
+                    if requests.send(message(text)).await.is_err() {
                         shared.error("stream closed");
                     }
                 }
-                f = frames.next() => match f {
-                    Some(Ok(node::NodeFrame { kind: Some(node::node_frame::Kind::Event(e)), .. })) => {
-                        if e.r#type == "agent.message" {
-                            pending.echoed(&e.payload_json, &shared);
-                        }
-                    }
-                    Some(Ok(_)) => {}
+                r = responses.next() => match r {
+                    Some(Ok(r)) => match seen(r) {
+                        Seen::Echo(payload) => pending.echoed(&payload, &shared),
+                        Seen::Failed(why) => shared.error(&why),
+                        Seen::Other => {}
+                    },
                     Some(Err(s)) => {
                         shared.error(&format!("{:?}", s.code()));
                         return;
@@ -530,5 +530,5 @@ async fn open_direct(
             }
         }
     });
-    Ok(tx)
+    tx
 }

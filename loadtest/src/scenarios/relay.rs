@@ -212,31 +212,9 @@ async fn direct_echo(
     n: u64,
     size: u64,
 ) -> anyhow::Result<Rate> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let start = node::DispatcherFrame {
-        epoch: 1,
-        kind: Some(node::dispatcher_frame::Kind::Start(node::Start {
-            session_id: uuid::Uuid::new_v4().to_string(),
-            epoch: 1,
-            spec: Some(node::SessionSpec {
-                image: "sim:latest".into(),
-                ..Default::default()
-            }),
-        })),
-    };
-    tx.send(start).await?;
-    let mut frames = client
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    tx.send(node::DispatcherFrame {
-        epoch: 1,
-        kind: Some(node::dispatcher_frame::Kind::Message(node::UserMessage {
-            text: format!("events {n} {size}"),
-            seq: 1,
-        })),
-    })
-    .await?;
+    let (tx, mut frames) = crate::simnode::open_direct(client).await?;
+    tx.send(crate::simnode::direct_message(format!("events {n} {size}")))
+        .await?;
     let mut first = None;
     let mut count = 0u64;
     while let Some(f) = frames.next().await {
