@@ -42,7 +42,7 @@ nodes="${1:-3}"
 
 scripts/setup.sh
 echo "==> building berth"
-cargo build --quiet -p berth-dispatcher -p berth-agent-server -p berth-cli
+cargo build --quiet -p berth-server -p berth-agent-server -p berth-cli
 mkdir -p "$dir"
 stop
 if [ ! -f "$dir/certs/ca.pem" ]; then

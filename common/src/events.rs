@@ -28,3 +28,198 @@ pub const SESSION_USAGE: &str = "session.usage";
 pub const SESSION_ERROR: &str = "session.error";
 /// Prefix of status-change events: `session.status_idle`, `session.status_failed`…
 pub const SESSION_STATUS_PREFIX: &str = "session.status_";
+
+/// Payload types of the events berth itself writes or reads back. Every
+/// reader (the relay, the budget check, the export, the CLI) goes through
+/// these; none indexes into untyped JSON.
+pub mod payload {
+    use serde::{Deserialize, Serialize};
+
+    fn is_false(b: &bool) -> bool {
+        !*b
+    }
+
+    /// `user.message`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct UserMessage {
+        pub text: String,
+    }
+
+    /// `user.interrupt`: no fields.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct UserInterrupt {}
+
+    /// `session.status_*`: the new status, the one before, why, and what
+    /// else the change is about.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct StatusChange {
+        pub status: String,
+        #[serde(default)]
+        pub previous: String,
+        #[serde(default)]
+        pub reason: String,
+        /// On `session.status_stopping`: the stop is a pause (keep the
+        /// container's state as a snapshot and end `paused`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub pause: bool,
+        #[serde(flatten)]
+        pub detail: StatusDetail,
+    }
+
+    /// Facts a status change may carry. Absent fields are left out.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct StatusDetail {
+        /// The node a run started on or left.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub node: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub epoch: Option<i64>,
+        /// Started in a warm container.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub warm: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub exit_code: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub stderr_tail: Option<String>,
+        /// The node's own words about an exit.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub detail: Option<String>,
+        /// The snapshot a run was saved to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub snapshot: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub snapshot_error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub budget_usd: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub cost_usd: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub inactivity_timeout_s: Option<f64>,
+        /// The dispatcher that abandoned the session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub owner: Option<String>,
+    }
+
+    /// One turn's figures in `session.usage`.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct TurnFigures {
+        pub number: i64,
+        #[serde(default)]
+        pub model: String,
+        pub input_tokens: i64,
+        pub output_tokens: i64,
+        pub cache_read_input_tokens: i64,
+        pub cache_creation_input_tokens: i64,
+        pub cost_usd: f64,
+    }
+
+    /// The session's totals in `session.usage`.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct UsageTotals {
+        pub turns: i64,
+        pub input_tokens: i64,
+        pub output_tokens: i64,
+        pub cache_read_input_tokens: i64,
+        pub cache_creation_input_tokens: i64,
+        pub cost_usd: f64,
+    }
+
+    /// `session.usage`: a turn and the totals after it.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Usage {
+        pub turn: TurnFigures,
+        pub total: UsageTotals,
+    }
+
+    /// `session.error`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct SessionError {
+        pub message: String,
+    }
+
+    /// `runtime.raw` made by the dispatcher from a node event it could not
+    /// store as sent (a bad type name, or a payload that is not a JSON object).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct InvalidNodeEvent {
+        pub raw: String,
+        pub node_type: String,
+        pub invalid: bool,
+    }
+
+    /// The fields of `agent.message`, `agent.thinking` and echoed prompts
+    /// that readers show.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct AgentText {
+        #[serde(default)]
+        pub text: String,
+    }
+
+    /// The fields of `agent.tool_use` that readers show.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct ToolUse {
+        #[serde(default)]
+        pub tool_use_id: String,
+        #[serde(default)]
+        pub name: String,
+        #[serde(default)]
+        pub input: serde_json::Value,
+    }
+
+    /// The fields of `agent.tool_result` that readers show.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct ToolResult {
+        #[serde(default)]
+        pub tool_use_id: String,
+        /// A string, or a list of content blocks.
+        #[serde(default)]
+        pub content: serde_json::Value,
+        #[serde(default)]
+        pub is_error: bool,
+    }
+
+    /// A payload as JSON text. The types above hold only strings, numbers and
+    /// JSON values, so serialising cannot fail.
+    pub fn to_json<T: Serialize>(p: &T) -> String {
+        serde_json::to_string(p).unwrap_or_else(|_| "{}".to_string())
+    }
+
+    /// Reads a payload, `None` when it does not have the type's shape.
+    pub fn parse<'a, T: Deserialize<'a>>(json: &'a str) -> Option<T> {
+        serde_json::from_str(json).ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_pause_request_round_trips_and_plain_stops_leave_it_out() {
+            let p = StatusChange {
+                status: "stopping".into(),
+                previous: "idle".into(),
+                reason: "pausing".into(),
+                pause: true,
+                detail: StatusDetail::default(),
+            };
+            let json = to_json(&p);
+            assert_eq!(parse::<StatusChange>(&json), Some(p.clone()));
+            let stop = StatusChange { pause: false, ..p };
+            assert!(!to_json(&stop).contains("pause"));
+        }
+
+        #[test]
+        fn status_details_flatten_into_the_payload() {
+            let p = StatusChange {
+                status: "failed".into(),
+                detail: StatusDetail {
+                    exit_code: Some(3),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let v: serde_json::Value = serde_json::from_str(&to_json(&p)).expect("json");
+            assert_eq!(v["exit_code"], 3);
+            assert!(v.get("node").is_none());
+        }
+    }
+}

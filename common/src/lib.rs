@@ -8,6 +8,8 @@ pub mod metrics;
 pub mod names;
 #[cfg(feature = "objects")]
 pub mod objects;
+pub mod spec;
+pub mod sync;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
@@ -44,4 +46,30 @@ pub struct TurnUsage {
     pub cache_creation_input_tokens: i64,
     pub cost_usd: f64,
     pub model: String,
+}
+
+impl From<berth_proto::node::v1::TurnUsage> for TurnUsage {
+    fn from(u: berth_proto::node::v1::TurnUsage) -> Self {
+        Self {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_input_tokens: u.cache_read_input_tokens,
+            cache_creation_input_tokens: u.cache_creation_input_tokens,
+            cost_usd: u.cost_usd,
+            model: u.model,
+        }
+    }
+}
+
+impl From<TurnUsage> for berth_proto::node::v1::TurnUsage {
+    fn from(u: TurnUsage) -> Self {
+        Self {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_input_tokens: u.cache_read_input_tokens,
+            cache_creation_input_tokens: u.cache_creation_input_tokens,
+            cost_usd: u.cost_usd,
+            model: u.model,
+        }
+    }
 }

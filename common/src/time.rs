@@ -1,4 +1,5 @@
-//! Conversions between chrono and protobuf well-known types.
+//! Time: conversions between chrono and protobuf well-known types, and the
+//! duration parser every service's flags use.
 
 use chrono::{DateTime, Utc};
 
@@ -30,9 +31,25 @@ pub fn to_duration(d: std::time::Duration) -> prost_types::Duration {
     }
 }
 
+/// Parses a flag's duration in seconds, fractional allowed (`0.5`, `30`).
+pub fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("`{s}` is not a valid duration"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flag_durations_are_seconds() {
+        assert_eq!(parse_secs("0.5"), Ok(std::time::Duration::from_millis(500)));
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("10m").is_err());
+    }
 
     #[test]
     fn timestamps_round_trip() {

@@ -2,72 +2,49 @@
 //! `berth.v1.Files`, with no wire types.
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use uuid::Uuid;
 
 use berth_common::objects::ObjectStore;
 
 use crate::error::{Error, Result};
-use crate::session::{SessionSpec, file_key};
+use crate::session::{Agent, AgentSpec, FileInfo, file_key};
 use crate::store::Store;
-
-/// One version of an agent.
-#[derive(Debug, Clone)]
-pub struct Agent {
-    pub id: String,
-    pub version: i64,
-    pub latest_version: i64,
-    /// What this version runs (image, runtime, prompt, env, limits, skills).
-    pub spec: SessionSpec,
-    pub archived: bool,
-    pub create_time: DateTime<Utc>,
-    pub version_create_time: DateTime<Utc>,
-}
-
-/// An uploaded file's metadata; its bytes are the object `files/{id}`.
-#[derive(Debug, Clone)]
-pub struct FileInfo {
-    pub id: Uuid,
-    pub display_name: String,
-    pub size_bytes: i64,
-    pub sha256: String,
-    pub create_time: DateTime<Utc>,
-}
 
 /// Agent and file operations.
 #[derive(Clone)]
-pub struct Agents {
+pub(crate) struct Agents {
     pub store: Store,
     pub objects: ObjectStore,
 }
 
 impl Agents {
-    pub async fn create(&self, id: &str, spec: &SessionSpec) -> Result<Agent> {
+    pub(crate) async fn create(&self, id: &str, spec: &AgentSpec) -> Result<Agent> {
         let a = self.store.create_agent(id, spec).await?;
         tracing::info!(agent = %id, "agent created");
         Ok(a)
     }
 
-    pub async fn get(&self, id: &str, version: Option<i64>) -> Result<Agent> {
+    pub(crate) async fn get(&self, id: &str, version: Option<i64>) -> Result<Agent> {
         self.store.get_agent(id, version).await
     }
 
-    pub async fn list(&self, after: &str, show_archived: bool, limit: i64) -> Result<Vec<Agent>> {
+    pub(crate) async fn list(&self, after: &str, show_archived: bool, limit: i64) -> Result<Vec<Agent>> {
         self.store.list_agents(after, show_archived, limit).await
     }
 
-    pub async fn update(&self, id: &str, spec: &SessionSpec) -> Result<Agent> {
+    pub(crate) async fn update(&self, id: &str, spec: &AgentSpec) -> Result<Agent> {
         let a = self.store.update_agent(id, spec).await?;
         tracing::info!(agent = %id, version = a.version, "agent updated");
         Ok(a)
     }
 
-    pub async fn archive(&self, id: &str) -> Result<Agent> {
+    pub(crate) async fn archive(&self, id: &str) -> Result<Agent> {
         self.store.archive_agent(id).await
     }
 
     /// Stores the object first, then the row: a row always has its object.
-    pub async fn upload_file(&self, display_name: String, content: Bytes) -> Result<FileInfo> {
+    pub(crate) async fn upload_file(&self, display_name: String, content: Bytes) -> Result<FileInfo> {
         let digest = ring::digest::digest(&ring::digest::SHA256, &content);
         let sha256 = digest
             .as_ref()
@@ -87,11 +64,11 @@ impl Agents {
         Ok(info)
     }
 
-    pub async fn get_file(&self, id: Uuid) -> Result<FileInfo> {
+    pub(crate) async fn get_file(&self, id: Uuid) -> Result<FileInfo> {
         self.store.get_file(id).await
     }
 
-    pub async fn delete_file(&self, id: Uuid) -> Result<()> {
+    pub(crate) async fn delete_file(&self, id: Uuid) -> Result<()> {
         if !self.store.delete_file(id).await? {
             return Err(Error::NotFound(format!("file files/{id} not found")));
         }

@@ -64,6 +64,15 @@ mod pg_code {
     pub const DEADLOCK_DETECTED: &str = "40P01";
 }
 
+impl From<berth_common::spec::FieldError> for Error {
+    fn from(e: berth_common::spec::FieldError) -> Self {
+        Self::InvalidArgument {
+            field: e.field,
+            reason: e.message,
+        }
+    }
+}
+
 impl From<berth_common::objects::ObjectError> for Error {
     fn from(e: berth_common::objects::ObjectError) -> Self {
         Self::Objects(e.to_string())

@@ -7,13 +7,13 @@
 
 use std::fmt::Write;
 
-use berth_common::events as ev;
+use berth_common::events::{self as ev, payload};
 use serde_json::{Value, json};
 
 use crate::session::{Event, Session, SessionStatus};
 
 /// The transcript as Markdown.
-pub fn markdown(s: &Session, events: &[Event]) -> String {
+pub(crate) fn markdown(s: &Session, events: &[Event]) -> String {
     let mut out = String::new();
     let title = if s.display_name.is_empty() {
         format!("Session {}", s.id)
@@ -49,85 +49,88 @@ pub fn markdown(s: &Session, events: &[Event]) -> String {
     );
     out.push_str("\n---\n");
     for e in events {
-        let p: Value = serde_json::from_str(&e.payload).unwrap_or(Value::Null);
-        let text = |k: &str| p[k].as_str().unwrap_or_default().to_string();
-        match e.kind.as_str() {
-            ev::USER_MESSAGE => {
-                let _ = write!(out, "\n## User\n\n{}\n", text("text"));
+        transcript_entry(&mut out, e);
+    }
+    out
+}
+
+/// One event's lines in the Markdown transcript (none for bookkeeping).
+fn transcript_entry(out: &mut String, e: &Event) {
+    let text = || payload::parse::<payload::AgentText>(&e.payload).unwrap_or_default().text;
+    match e.kind.as_str() {
+        ev::USER_MESSAGE => {
+            let m = payload::parse::<payload::UserMessage>(&e.payload);
+            let _ = write!(out, "\n## User\n\n{}\n", m.map(|m| m.text).unwrap_or_default());
+        }
+        ev::USER_INTERRUPT => out.push_str("\n_The user interrupted the turn._\n"),
+        ev::AGENT_MESSAGE => {
+            let _ = write!(out, "\n## Assistant\n\n{}\n", text());
+        }
+        ev::AGENT_THINKING => {
+            let t = text();
+            if !t.is_empty() {
+                out.push_str("\n> _Thinking:_ ");
+                out.push_str(&t.replace('\n', "\n> "));
+                out.push('\n');
             }
-            ev::USER_INTERRUPT => out.push_str("\n_The user interrupted the turn._\n"),
-            ev::AGENT_MESSAGE => {
-                let _ = write!(out, "\n## Assistant\n\n{}\n", text("text"));
-            }
-            ev::AGENT_THINKING => {
-                let t = text("text");
-                if !t.is_empty() {
-                    out.push_str("\n> _Thinking:_ ");
-                    out.push_str(&t.replace('\n', "\n> "));
-                    out.push('\n');
-                }
-            }
-            ev::AGENT_TOOL_USE => {
-                let input = serde_json::to_string_pretty(&p["input"]).unwrap_or_default();
-                let _ = write!(
-                    out,
-                    "\n**Tool call** `{}` ({})\n\n{}",
-                    text("name"),
-                    text("tool_use_id"),
-                    fenced("json", &input)
-                );
-            }
-            ev::AGENT_TOOL_RESULT => {
-                let error = if p["is_error"].as_bool() == Some(true) {
-                    " (error)"
+        }
+        ev::AGENT_TOOL_USE => {
+            let t: payload::ToolUse = payload::parse(&e.payload).unwrap_or_default();
+            let input = serde_json::to_string_pretty(&t.input).unwrap_or_default();
+            let _ = write!(
+                out,
+                "\n**Tool call** `{}` ({})\n\n{}",
+                t.name,
+                t.tool_use_id,
+                fenced("json", &input)
+            );
+        }
+        ev::AGENT_TOOL_RESULT => {
+            let r: payload::ToolResult = payload::parse(&e.payload).unwrap_or_default();
+            let error = if r.is_error { " (error)" } else { "" };
+            let _ = write!(
+                out,
+                "\n**Tool result**{error} ({})\n\n{}",
+                r.tool_use_id,
+                fenced("", &tool_result_text(&r.content))
+            );
+        }
+        ev::SESSION_USAGE => {
+            let t = payload::parse::<payload::Usage>(&e.payload).unwrap_or_default().turn;
+            let model = Some(&t.model)
+                .filter(|m| !m.is_empty())
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default();
+            let _ = write!(
+                out,
+                "\n_Turn {} usage: {} input / {} output tokens, {} cache read / {} cache write, ${:.6}{model}_\n",
+                t.number,
+                t.input_tokens,
+                t.output_tokens,
+                t.cache_read_input_tokens,
+                t.cache_creation_input_tokens,
+                t.cost_usd,
+            );
+        }
+        ev::SESSION_ERROR => {
+            let m = payload::parse::<payload::SessionError>(&e.payload);
+            let _ = write!(out, "\n_Error: {}_\n", m.map(|m| m.message).unwrap_or_default());
+        }
+        kind => {
+            let status = kind
+                .strip_prefix(ev::SESSION_STATUS_PREFIX)
+                .and_then(|s| s.parse::<SessionStatus>().ok());
+            if let Some(status) = status.filter(|s| notable(*s)) {
+                let change: payload::StatusChange = payload::parse(&e.payload).unwrap_or_default();
+                let reason = if change.reason.is_empty() {
+                    String::new()
                 } else {
-                    ""
+                    format!(": {}", change.reason)
                 };
-                let _ = write!(
-                    out,
-                    "\n**Tool result**{error} ({})\n\n{}",
-                    text("tool_use_id"),
-                    fenced("", &tool_result_text(&p["content"]))
-                );
-            }
-            ev::SESSION_USAGE => {
-                let t = &p["turn"];
-                let _ = write!(
-                    out,
-                    "\n_Turn {} usage: {} input / {} output tokens, {} cache read / {} cache write, ${:.6}{}_\n",
-                    t["number"],
-                    t["input_tokens"],
-                    t["output_tokens"],
-                    t["cache_read_input_tokens"],
-                    t["cache_creation_input_tokens"],
-                    t["cost_usd"].as_f64().unwrap_or(0.0),
-                    t["model"]
-                        .as_str()
-                        .filter(|m| !m.is_empty())
-                        .map(|m| format!(" ({m})"))
-                        .unwrap_or_default(),
-                );
-            }
-            ev::SESSION_ERROR => {
-                let _ = write!(out, "\n_Error: {}_\n", text("message"));
-            }
-            kind => {
-                let status = kind
-                    .strip_prefix(ev::SESSION_STATUS_PREFIX)
-                    .and_then(|s| s.parse::<SessionStatus>().ok());
-                if let Some(status) = status.filter(|s| notable(*s)) {
-                    let reason = text("reason");
-                    let reason = if reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {reason}")
-                    };
-                    let _ = write!(out, "\n_Session {status}{reason}_\n");
-                }
+                let _ = write!(out, "\n_Session {status}{reason}_\n");
             }
         }
     }
-    out
 }
 
 /// Statuses worth a line in a transcript: where a run ends or resumes.
@@ -172,7 +175,7 @@ fn fenced(lang: &str, body: &str) -> String {
 }
 
 /// The session and every event, as JSON.
-pub fn json(s: &Session, events: &[Event]) -> String {
+pub(crate) fn json(s: &Session, events: &[Event]) -> String {
     let events: Vec<Value> = events
         .iter()
         .map(|e| {

@@ -1,26 +1,37 @@
 //! berth's dispatcher: the control plane.
 //!
-//! Layout: [`api`] (thin gRPC handlers) → [`sessions`] (operations) →
-//! [`log`] (group-commit event log + fan-out) and [`store`] (Postgres).
-//! [`driver`] claims queued sessions, places them ([`placement`], [`nodes`])
-//! and relays their streams. [`session`] holds the domain types and the
-//! status machine.
+//! Layout, each layer using only those below it:
+//! - [`api`]: thin gRPC handlers (unpack, call, map the error), and the one
+//!   wire ↔ domain conversion;
+//! - `sessions`, `agents`, `export`: the operations clients call;
+//! - `queue` (claims, LISTEN), `driver` (start handshake, relay, deadlines),
+//!   `janitor` (liveness, orphans, queue deadline, retention), `sampler`
+//!   (gauges): the background work;
+//! - `log`: the group-commit event log and its followers; `nodes`: links
+//!   to the nodes and the node wire;
+//! - `store`: Postgres, one file per aggregate;
+//! - [`session`]: the domain types and the status machine; [`placement`]:
+//!   the pure placement choice; [`metrics`], `error`, [`config`].
 
-pub mod agents;
-pub mod api;
+mod agents;
+mod api;
 pub mod config;
-pub mod driver;
-pub mod error;
-pub mod export;
-pub mod log;
+mod driver;
+mod error;
+mod export;
+mod janitor;
+mod log;
 pub mod metrics;
-pub mod nodes;
+mod nodes;
 pub mod placement;
+mod queue;
+mod sampler;
 pub mod session;
-pub mod sessions;
-pub mod store;
+mod sessions;
+mod store;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
 use berth_proto::v1::agents_server::AgentsServer;
@@ -29,6 +40,7 @@ use berth_proto::v1::nodes_server::NodesServer;
 use berth_proto::v1::sessions_server::SessionsServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 
@@ -46,29 +58,17 @@ pub async fn run(
     tracing::info!(store = ?objects, "object store");
     let log = log::EventLog::start(store.clone(), shutdown.clone());
     let nodes = nodes::Nodes::start(fleet, shutdown.clone()).await?;
-    let ctx = Arc::new(driver::Ctx {
-        store: store.clone(),
-        log: log.clone(),
-        nodes,
-        owner: cfg.dispatcher_id.clone(),
-        shutdown: shutdown.clone(),
-        drivers: tokio_util::task::TaskTracker::new(),
-        inactivity_default: cfg
-            .inactivity_timeout
-            .unwrap_or(session::DEFAULT_INACTIVITY_TIMEOUT),
-        retention_days: cfg.retention_days,
-        db_ok: std::sync::atomic::AtomicBool::new(true),
-    });
+    let db_ok = Arc::new(AtomicBool::new(true));
     let endpoint_stop = CancellationToken::new();
     let _endpoint = endpoint_stop.clone().drop_guard();
     if let Some(addr) = cfg.metrics_listen.0 {
-        let handle = metrics::install()?;
+        let handle = metrics::install(&[])?;
         let ready = {
-            let ctx = ctx.clone();
+            let (db_ok, shutdown) = (db_ok.clone(), shutdown.clone());
             Arc::new(move || {
-                if ctx.shutdown.is_cancelled() {
+                if shutdown.is_cancelled() {
                     Err("shutting down".to_string())
-                } else if !ctx.db_ok.load(std::sync::atomic::Ordering::Relaxed) {
+                } else if !db_ok.load(Ordering::Relaxed) {
                     Err("Postgres unreachable (last heartbeat failed)".to_string())
                 } else {
                     Ok(())
@@ -77,12 +77,41 @@ pub async fn run(
         };
         // Serves until this returns: probes see `shutting down` meanwhile.
         berth_common::metrics::spawn_endpoint(addr, handle, ready, endpoint_stop.clone()).await?;
-        tokio::spawn(metrics::sampler(ctx.clone()));
+        tokio::spawn(sampler::run(store.clone(), nodes.clone(), shutdown.clone()));
     }
+    let ctx = Arc::new(driver::Ctx {
+        store: store.clone(),
+        log: log.clone(),
+        nodes: nodes.clone(),
+        shutdown: shutdown.clone(),
+        inactivity_default: cfg
+            .inactivity_timeout
+            .unwrap_or(session::DEFAULT_INACTIVITY_TIMEOUT),
+    });
+    // Every running driver, so shutdown waits for each to record where its
+    // session stands (handed back for another dispatcher).
+    let drivers = TaskTracker::new();
     let wake = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(driver::listen(ctx.clone(), wake.clone()));
-    tokio::spawn(driver::claim_loop(ctx.clone(), wake, cfg.queue_poll));
-    tokio::spawn(driver::liveness_loop(ctx.clone(), cfg.dispatcher_lease));
+    tokio::spawn(queue::listen(ctx.clone(), wake.clone()));
+    tokio::spawn(queue::claim_loop(
+        ctx.clone(),
+        cfg.dispatcher_id.clone(),
+        drivers.clone(),
+        wake,
+        cfg.queue_poll,
+    ));
+    tokio::spawn(
+        janitor::Janitor {
+            store: store.clone(),
+            log: log.clone(),
+            owner: cfg.dispatcher_id.clone(),
+            lease: cfg.dispatcher_lease,
+            retention_days: cfg.retention_days,
+            db_ok,
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
 
     let (reporter, health, reflection) = health_and_reflection()?;
     reporter
@@ -114,9 +143,7 @@ pub async fn run(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let nodes_svc = NodesServer::new(api::nodes::NodesService {
-        nodes: ctx.nodes.clone(),
-    });
+    let nodes_svc = NodesServer::new(api::nodes::NodesService { nodes });
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
     let mut server = tonic::transport::Server::builder();
     if cfg.api_tls {
@@ -146,13 +173,13 @@ pub async fn run(
         .await?;
     // Each driver re-queues its session (status `rescheduling`) so another
     // dispatcher picks it up; wait for them, within reason.
-    ctx.drivers.close();
-    if tokio::time::timeout(DRIVER_SHUTDOWN_GRACE, ctx.drivers.wait())
+    drivers.close();
+    if tokio::time::timeout(DRIVER_SHUTDOWN_GRACE, drivers.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            remaining = ctx.drivers.len(),
+            remaining = drivers.len(),
             "sessions still being handed back at exit"
         );
     }
@@ -160,7 +187,7 @@ pub async fn run(
 }
 
 /// How long shutdown waits for drivers to hand their sessions back.
-/// Longer than a node's hand-back snapshot ([`driver`]'s 20 s).
+/// Longer than a node's hand-back snapshot (the relay's 20 s).
 const DRIVER_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// How to reach the nodes: URLs, TLS, static resolution, lease. Plaintext
@@ -201,30 +228,4 @@ fn fleet_config(cfg: &Config) -> anyhow::Result<nodes::FleetConfig> {
         resolve_interval: cfg.node_resolve_interval,
         lease: cfg.node_lease,
     })
-}
-
-/// Starts one node in process for a dispatcher with no `AGENT_SERVERS`: on
-/// loopback, over mTLS with a CA made for this process. Points `cfg` at it.
-pub async fn start_local_node(
-    cfg: &mut Config,
-    node_cfg: berth_agent_server::Config,
-    shutdown: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let ca = DevCa::generate("berth in-process CA")?;
-    let node_cert = ca.issue(CertKind::Node, &["local".to_string()])?;
-    let dispatcher_cert = ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.to_string()])?;
-    let mut node_cfg = node_cfg;
-    node_cfg.tls.material = Some(ca.material(&node_cert));
-    node_cfg.tls_allowed_clients = vec![DISPATCHER_NAME.to_string()];
-    cfg.tls.material = Some(ca.material(&dispatcher_cert));
-    cfg.agent_servers = vec![format!("https://local:{}", addr.port())];
-    cfg.node_resolve
-        .push((format!("local:{}", addr.port()), addr));
-    tracing::info!(%addr, "AGENT_SERVERS is unset: running one node in process (mTLS, ephemeral CA)");
-    Ok(tokio::spawn(berth_agent_server::run(
-        node_cfg, listener, shutdown,
-    )))
 }

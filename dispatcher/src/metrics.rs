@@ -2,14 +2,8 @@
 //! `deploy/prometheus` use these names; a test checks them against a live
 //! scrape.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::time::Duration;
-
 use berth_common::metrics::{Def, Kind, LATENCY_BUCKETS, SIZE_BUCKETS};
 
-use crate::driver::Ctx;
-use crate::nodes::NodeState;
 
 pub const QUEUE_DEPTH: &str = "berth_queue_depth";
 pub const QUEUE_OLDEST_AGE: &str = "berth_queue_oldest_age_seconds";
@@ -184,13 +178,16 @@ pub const ALL: &[Def] = &[
     },
 ];
 
-/// Installs the recorder with the dispatcher's metrics and, since a
-/// dispatcher may run a node in process, the node's.
-pub fn install() -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
-    let handle =
-        berth_common::metrics::install("dispatcher", &[ALL, berth_agent_server::metrics::ALL])?;
+/// Installs the recorder with the dispatcher's metrics and any others that
+/// share its endpoint (an in-process node's), and registers the series
+/// known up front. Installing again returns the same handle.
+pub fn install(
+    also: &[&'static [Def]],
+) -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
+    let mut defs = vec![ALL];
+    defs.extend_from_slice(also);
+    let handle = berth_common::metrics::install("dispatcher", &defs)?;
     init_series();
-    berth_agent_server::metrics::init_series();
     Ok(handle)
 }
 
@@ -257,94 +254,4 @@ pub fn record_usage(u: &crate::session::TurnUsage) {
     if u.cost_usd.is_finite() && u.cost_usd > 0.0 {
         metrics::counter!(COST, "model" => model).increment((u.cost_usd * 1e6).round() as u64);
     }
-}
-
-/// How often the sampled gauges (queue, sessions, nodes) are refreshed.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Refreshes the queue, session and node gauges every [`SAMPLE_INTERVAL`].
-/// Queue and session counts come from Postgres, so every dispatcher reports
-/// the same fleet-wide values (dashboards take `max`).
-pub async fn sampler(ctx: Arc<Ctx>) {
-    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
-    let mut seen_nodes: BTreeSet<String> = BTreeSet::new();
-    let mut seen_pools: BTreeSet<(String, String)> = BTreeSet::new();
-    loop {
-        tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        sample_nodes(&ctx, &mut seen_nodes, &mut seen_pools);
-        match ctx.store.open_counts().await {
-            Ok(counts) => {
-                for status in crate::session::SessionStatus::ALL
-                    .iter()
-                    .filter(|s| s.is_open())
-                {
-                    let n = counts.by_status.get(status).copied().unwrap_or(0);
-                    metrics::gauge!(SESSIONS, "status" => status.as_str()).set(n as f64);
-                    if matches!(
-                        status,
-                        crate::session::SessionStatus::Pending
-                            | crate::session::SessionStatus::Rescheduling
-                    ) {
-                        metrics::gauge!(QUEUE_DEPTH, "status" => status.as_str()).set(n as f64);
-                    }
-                }
-                metrics::gauge!(QUEUE_OLDEST_AGE).set(counts.oldest_queued_age.as_secs_f64());
-            }
-            Err(e) => tracing::debug!(error = %e, "sampling session counts failed"),
-        }
-    }
-}
-
-fn sample_nodes(
-    ctx: &Ctx,
-    seen_nodes: &mut BTreeSet<String>,
-    seen_pools: &mut BTreeSet<(String, String)>,
-) {
-    let mut by_state = [0u32; 3];
-    let mut nodes = BTreeSet::new();
-    let mut pools = BTreeSet::new();
-    for link in ctx.nodes.links() {
-        let state = link.state();
-        by_state[state as usize] += 1;
-        let node = link.name();
-        let report = link.report().unwrap_or_default();
-        let up = state != NodeState::Down;
-        metrics::gauge!(NODE_CAPACITY, "node" => node.clone()).set(if up {
-            f64::from(report.capacity)
-        } else {
-            0.0
-        });
-        metrics::gauge!(NODE_RUNNING, "node" => node.clone()).set(if up {
-            f64::from(report.running)
-        } else {
-            0.0
-        });
-        for w in &report.warm {
-            let ready = if up { f64::from(w.ready) } else { 0.0 };
-            metrics::gauge!(NODE_WARM_READY, "node" => node.clone(), "image" => w.image.clone())
-                .set(ready);
-            pools.insert((node.clone(), w.image.clone()));
-        }
-        nodes.insert(node);
-    }
-    for (state, n) in [
-        (NodeState::Up, by_state[NodeState::Up as usize]),
-        (NodeState::Draining, by_state[NodeState::Draining as usize]),
-        (NodeState::Down, by_state[NodeState::Down as usize]),
-    ] {
-        metrics::gauge!(NODES, "state" => state.as_str()).set(f64::from(n));
-    }
-    // A node that left the fleet (DNS changed) reads as empty, not stale.
-    for gone in seen_nodes.difference(&nodes) {
-        metrics::gauge!(NODE_CAPACITY, "node" => gone.clone()).set(0.0);
-        metrics::gauge!(NODE_RUNNING, "node" => gone.clone()).set(0.0);
-    }
-    for (node, image) in seen_pools.difference(&pools) {
-        metrics::gauge!(NODE_WARM_READY, "node" => node.clone(), "image" => image.clone()).set(0.0);
-    }
-    *seen_nodes = nodes;
-    *seen_pools = pools;
 }

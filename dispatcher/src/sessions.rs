@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use berth_common::events as ev;
+use berth_common::events::payload::StatusDetail;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -11,11 +11,11 @@ use crate::log::EventLog;
 use crate::session::{
     Event, NewEvent, NewSession, Resource, Session, SessionStatus, StatusEvent, session_prefix,
 };
-use crate::store::{SessionFilter, Store, user_message_payload};
+use crate::store::{SessionFilter, Store};
 
 /// The session operations clients call.
 #[derive(Clone)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     pub store: Store,
     pub log: Arc<EventLog>,
     pub objects: berth_common::objects::ObjectStore,
@@ -23,19 +23,16 @@ pub struct Sessions {
     pub queue_timeout: Option<std::time::Duration>,
 }
 
-/// Payload key marking a stop request as a pause.
-pub const PAUSE_KEY: &str = "pause";
-
 /// How `ExportSession` renders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
+pub(crate) enum ExportFormat {
     Markdown,
     Json,
 }
 
 impl Sessions {
     /// Resolves the agent (pinning its version), checks the resources, queues.
-    pub async fn create(&self, mut new: NewSession) -> Result<Session> {
+    pub(crate) async fn create(&self, mut new: NewSession) -> Result<Session> {
         if let Some(agent) = &new.agent {
             let (id, version) =
                 berth_common::names::agent_ref(agent).map_err(|e| Error::invalid("agent", e))?;
@@ -79,16 +76,16 @@ impl Sessions {
         Ok(session)
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn get(&self, id: Uuid) -> Result<Session> {
         self.store.get_session(id).await
     }
 
-    pub async fn list(&self, filter: SessionFilter) -> Result<Vec<Session>> {
+    pub(crate) async fn list(&self, filter: SessionFilter) -> Result<Vec<Session>> {
         self.store.list_sessions(&filter).await
     }
 
     /// Persists a user message; the driver forwards it. Returns its seq.
-    pub async fn send_message(&self, id: Uuid, text: &str) -> Result<i64> {
+    pub(crate) async fn send_message(&self, id: Uuid, text: &str) -> Result<i64> {
         self.require_input(
             id,
             "messages can only be sent to pending, starting, running or idle sessions",
@@ -96,20 +93,17 @@ impl Sessions {
         .await?;
         let e = self
             .log
-            .append(
-                id,
-                NewEvent::new(ev::USER_MESSAGE, user_message_payload(text)),
-            )
+            .append(id, NewEvent::user_message(text))
             .await?;
         Ok(e.seq)
     }
 
-    pub async fn interrupt(&self, id: Uuid) -> Result<i64> {
+    pub(crate) async fn interrupt(&self, id: Uuid) -> Result<i64> {
         self.require_input(id, "only a live session can be interrupted")
             .await?;
         let e = self
             .log
-            .append(id, NewEvent::new(ev::USER_INTERRUPT, "{}"))
+            .append(id, NewEvent::user_interrupt())
             .await?;
         Ok(e.seq)
     }
@@ -128,14 +122,14 @@ impl Sessions {
 
     /// Stops the session with reason `user` (a snapshot is kept, so it can be
     /// resumed). Stopping twice is not an error.
-    pub async fn stop(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn stop(&self, id: Uuid) -> Result<Session> {
         match self
             .log
             .transition(
                 id,
                 StatusEvent::StopRequested,
                 "user",
-                serde_json::json!({}),
+                StatusDetail::default(),
             )
             .await
         {
@@ -153,7 +147,7 @@ impl Sessions {
     }
 
     /// Asks the driver to snapshot the session and free its container.
-    pub async fn pause(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn pause(&self, id: Uuid) -> Result<Session> {
         let s = self.store.get_session(id).await?;
         if !matches!(s.status, SessionStatus::Running | SessionStatus::Idle) {
             return Err(Error::WrongStatus {
@@ -165,9 +159,9 @@ impl Sessions {
         self.log
             .transition(
                 id,
-                StatusEvent::StopRequested,
+                StatusEvent::PauseRequested,
                 "pausing",
-                serde_json::json!({ PAUSE_KEY: true }),
+                StatusDetail::default(),
             )
             .await
             .map_err(|e| wrong_status(id, e, "only a running or idle session can be paused"))?;
@@ -175,18 +169,18 @@ impl Sessions {
     }
 
     /// Queues a paused or stopped session again; it restores its snapshot.
-    pub async fn resume(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn resume(&self, id: Uuid) -> Result<Session> {
         self.log
-            .transition(id, StatusEvent::Resumed, "resumed", serde_json::json!({}))
+            .transition(id, StatusEvent::Resumed, "resumed", StatusDetail::default())
             .await
             .map_err(|e| wrong_status(id, e, "only a paused or stopped session can be resumed"))?;
         self.store.notify_queue().await?;
         self.store.get_session(id).await
     }
 
-    pub async fn archive(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn archive(&self, id: Uuid) -> Result<Session> {
         self.log
-            .transition(id, StatusEvent::Archived, "user", serde_json::json!({}))
+            .transition(id, StatusEvent::Archived, "user", StatusDetail::default())
             .await
             .map_err(|e| {
                 wrong_status(
@@ -200,7 +194,7 @@ impl Sessions {
 
     /// Deletes a session that is not live: its objects, then its rows.
     /// Returns how many objects went.
-    pub async fn delete(&self, id: Uuid) -> Result<u64> {
+    pub(crate) async fn delete(&self, id: Uuid) -> Result<u64> {
         const WHAT: &str = "a live session cannot be deleted; stop it first";
         let s = self.store.get_session(id).await?;
         if s.status.is_live() {
@@ -224,7 +218,7 @@ impl Sessions {
     }
 
     /// A new pending session with the same configuration and no history.
-    pub async fn clone_session(&self, id: Uuid, request_id: Option<String>) -> Result<Session> {
+    pub(crate) async fn clone_session(&self, id: Uuid, request_id: Option<String>) -> Result<Session> {
         let s = self.store.get_session(id).await?;
         let new = NewSession {
             request_id,
@@ -246,7 +240,7 @@ impl Sessions {
     }
 
     /// The whole session rendered as `format`.
-    pub async fn export(&self, id: Uuid, format: ExportFormat) -> Result<String> {
+    pub(crate) async fn export(&self, id: Uuid, format: ExportFormat) -> Result<String> {
         let s = self.store.get_session(id).await?;
         let mut events = Vec::new();
         loop {
@@ -263,14 +257,14 @@ impl Sessions {
         })
     }
 
-    pub async fn list_events(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<Event>> {
+    pub(crate) async fn list_events(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<Event>> {
         // NOT_FOUND for an unknown session, not an empty page.
         self.store.get_session(id).await?;
         self.store.list_events(id, after_seq, limit).await
     }
 
     /// Replays after `after_seq`, then tails.
-    pub async fn stream(
+    pub(crate) async fn stream(
         &self,
         id: Uuid,
         after_seq: i64,

@@ -8,11 +8,11 @@ use berth_common::time::{from_duration, to_timestamp};
 use berth_proto::v1 as pb;
 use uuid::Uuid;
 
-use crate::agents::{Agent, FileInfo};
+use berth_common::spec::{self, check_len, validate_git, validate_path};
+
 use crate::error::{Error, Result};
 use crate::session::{
-    Event, Limits, NewSession, Resource, Runtime, Session, SessionSpec, SessionStatus, Skill,
-    limits,
+    Agent, AgentSpec, Event, FileInfo, NewSession, Resource, Session, SessionStatus, limits,
 };
 
 /// The session id in `sessions/{id}` or a bare id.
@@ -51,16 +51,6 @@ pub fn status_from_pb(value: i32) -> Result<Option<SessionStatus>> {
     Ok(SessionStatus::ALL
         .into_iter()
         .find(|d| status_to_pb(*d) == s))
-}
-
-fn check_len(field: &'static str, value: &str, max: usize) -> Result<()> {
-    if value.chars().count() > max {
-        return Err(Error::invalid(
-            field,
-            format!("longer than {max} characters"),
-        ));
-    }
-    Ok(())
 }
 
 /// Validates a user message's text.
@@ -106,160 +96,19 @@ fn labels(map: std::collections::HashMap<String, String>) -> Result<BTreeMap<Str
     Ok(map.into_iter().collect())
 }
 
-/// Validates a spec's env: names, NUL bytes, count and total size.
-fn env(env: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
-    if env.len() > limits::ENV_VARS {
-        return Err(Error::invalid(
-            "spec.env",
-            format!("at most {} variables", limits::ENV_VARS),
-        ));
-    }
-    let mut env_bytes = 0;
-    for (k, v) in &env {
-        let ok = !k.is_empty()
-            && !k.starts_with(|c: char| c.is_ascii_digit())
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !ok {
-            return Err(Error::invalid(
-                "spec.env",
-                format!("bad variable name `{k}`: use [A-Za-z_][A-Za-z0-9_]*"),
-            ));
-        }
-        if v.contains('\0') {
-            return Err(Error::invalid(
-                "spec.env",
-                format!("`{k}` contains a NUL byte"),
-            ));
-        }
-        env_bytes += k.len() + v.len();
-    }
-    if env_bytes > limits::ENV_BYTES {
-        return Err(Error::invalid(
-            "spec.env",
-            format!("{env_bytes} bytes; the limit is {}", limits::ENV_BYTES),
-        ));
-    }
-    Ok(env.into_iter().collect())
-}
-
-fn spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
+/// A session's spec: required, and valid.
+fn session_spec(s: Option<pb::SessionSpec>) -> Result<AgentSpec> {
     let s = s.ok_or_else(|| Error::invalid("spec", "required"))?;
-    if s.image.trim().is_empty() {
-        return Err(Error::invalid("spec.image", "required"));
-    }
-    check_len("spec.image", &s.image, limits::IMAGE_CHARS)?;
-    let runtime = match pb::Runtime::try_from(s.runtime) {
-        Ok(pb::Runtime::Unspecified | pb::Runtime::ClaudeCode) => Runtime::ClaudeCode,
-        Ok(pb::Runtime::Jsonl) => Runtime::Jsonl,
-        Err(_) => {
-            return Err(Error::invalid(
-                "spec.runtime",
-                format!("unknown runtime {}", s.runtime),
-            ));
-        }
-    };
-    if runtime == Runtime::Jsonl && s.runtime_args.is_empty() {
-        return Err(Error::invalid(
-            "spec.runtime_args",
-            "the jsonl runtime needs the program to run",
-        ));
-    }
-    if s.runtime_args.len() > limits::RUNTIME_ARGS {
-        return Err(Error::invalid(
-            "spec.runtime_args",
-            format!("at most {} arguments", limits::RUNTIME_ARGS),
-        ));
-    }
-    let env = env(s.env)?;
-    if s.system_prompt.len() > limits::SYSTEM_PROMPT_BYTES {
-        return Err(Error::invalid(
-            "spec.system_prompt",
-            format!("longer than {} bytes", limits::SYSTEM_PROMPT_BYTES),
-        ));
-    }
-    let lim = s.limits.unwrap_or_default();
-    if !(lim.cpus >= 0.0 && lim.cpus.is_finite()) {
-        return Err(Error::invalid(
-            "spec.limits.cpus",
-            "must be 0 (node default) or positive",
-        ));
-    }
-    if lim.memory_bytes != 0 && lim.memory_bytes < 64 * 1024 * 1024 {
-        return Err(Error::invalid(
-            "spec.limits.memory_bytes",
-            "must be 0 (node default) or at least 64 MiB",
-        ));
-    }
-    if lim.pids < 0 {
-        return Err(Error::invalid(
-            "spec.limits.pids",
-            "must be 0 (node default) or positive",
-        ));
-    }
-    if s.skills.len() > limits::SKILLS {
-        return Err(Error::invalid(
-            "spec.skills",
-            format!("at most {} skills", limits::SKILLS),
-        ));
-    }
-    for k in &s.skills {
-        if !names::is_simple_name(&k.name) {
-            return Err(Error::invalid(
-                "spec.skills.name",
-                format!("`{}`: 1-64 of [A-Za-z0-9_-]", k.name),
-            ));
-        }
-        if k.content.len() > limits::SKILL_BYTES {
-            return Err(Error::invalid(
-                "spec.skills.content",
-                format!(
-                    "skill `{}` is longer than {} bytes",
-                    k.name,
-                    limits::SKILL_BYTES
-                ),
-            ));
-        }
-    }
-    Ok(SessionSpec {
-        image: s.image,
-        runtime,
-        runtime_args: s.runtime_args,
-        model: s.model,
-        system_prompt: s.system_prompt,
-        env,
-        limits: Limits {
-            cpus: lim.cpus,
-            memory_bytes: lim.memory_bytes,
-            pids: lim.pids,
-        },
-        skills: s
-            .skills
-            .into_iter()
-            .map(|k| Skill {
-                name: k.name,
-                content: k.content,
-            })
-            .collect(),
-    })
+    Ok(AgentSpec::try_from(s)?)
 }
 
 /// An agent version's spec, validated like a session's.
-pub fn agent_spec(s: Option<pb::AgentSpec>) -> Result<SessionSpec> {
-    let s = s.ok_or_else(|| Error::invalid("spec", "required"))?;
-    spec(Some(pb::SessionSpec {
-        image: s.image,
-        runtime: s.runtime,
-        runtime_args: s.runtime_args,
-        model: s.model,
-        system_prompt: s.system_prompt,
-        env: s.env,
-        limits: s.limits,
-        skills: s.skills,
-    }))
+pub fn agent_spec(s: Option<pb::AgentSpec>) -> Result<AgentSpec> {
+    session_spec(s.map(spec::agent_pb_to_session_pb))
 }
 
 /// With `agent` set, the request's spec may carry only env.
-fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
+fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<AgentSpec> {
     let s = s.unwrap_or_default();
     let set = [
         ("spec.image", !s.image.is_empty()),
@@ -276,8 +125,10 @@ fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<SessionSpec> {
             "must be empty when `agent` is set: the agent's version supplies it (only spec.env may be given)",
         ));
     }
-    Ok(SessionSpec {
-        env: env(s.env)?,
+    let env = s.env.into_iter().collect();
+    spec::validate_env(&env)?;
+    Ok(AgentSpec {
+        env,
         ..Default::default()
     })
 }
@@ -291,13 +142,7 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
         ));
     }
     let path = |field: &'static str, p: &str| -> Result<String> {
-        if !p.starts_with('/') || p.split('/').any(|seg| seg == "..") || p.contains('\0') {
-            return Err(Error::invalid(
-                field,
-                format!("`{p}` must be an absolute path without `..`"),
-            ));
-        }
-        check_len(field, p, limits::PATH_CHARS)?;
+        validate_path(field, p)?;
         Ok(p.to_string())
     };
     rs.into_iter()
@@ -339,19 +184,7 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
                 })
             }
             Some(Kind::Git(g)) => {
-                if g.url.is_empty() || g.url.starts_with('-') {
-                    return Err(Error::invalid(
-                        "resources.git.url",
-                        "must be a repository URL or path",
-                    ));
-                }
-                check_len("resources.git.url", &g.url, limits::GIT_URL_CHARS)?;
-                if g.r#ref.starts_with('-') {
-                    return Err(Error::invalid(
-                        "resources.git.ref",
-                        "must not start with `-`",
-                    ));
-                }
+                validate_git("resources.git.url", "resources.git.ref", &g.url, &g.r#ref)?;
                 Ok(Resource::Git {
                     url: g.url,
                     git_ref: g.r#ref,
@@ -409,54 +242,15 @@ fn positive(
     }
 }
 
-fn spec_to_pb(s: SessionSpec) -> pb::SessionSpec {
-    let runtime = match s.runtime {
-        Runtime::ClaudeCode => pb::Runtime::ClaudeCode,
-        Runtime::Jsonl => pb::Runtime::Jsonl,
-    };
-    pb::SessionSpec {
-        image: s.image,
-        runtime: runtime as i32,
-        runtime_args: s.runtime_args,
-        model: s.model,
-        system_prompt: s.system_prompt,
-        // Write-only.
-        env: Default::default(),
-        limits: Some(pb::Limits {
-            cpus: s.limits.cpus,
-            memory_bytes: s.limits.memory_bytes,
-            pids: s.limits.pids,
-        }),
-        skills: s
-            .skills
-            .into_iter()
-            .map(|k| pb::Skill {
-                name: k.name,
-                content: k.content,
-            })
-            .collect(),
-    }
-}
-
 impl From<Agent> for pb::Agent {
     fn from(a: Agent) -> Self {
         let env_keys = a.spec.env.keys().cloned().collect();
-        let s = spec_to_pb(a.spec);
         Self {
             name: format!("{}{}", names::AGENTS, a.id),
             agent_id: a.id,
             version: a.version,
             latest_version: a.latest_version,
-            spec: Some(pb::AgentSpec {
-                image: s.image,
-                runtime: s.runtime,
-                runtime_args: s.runtime_args,
-                model: s.model,
-                system_prompt: s.system_prompt,
-                env: Default::default(),
-                limits: s.limits,
-                skills: s.skills,
-            }),
+            spec: Some(spec::session_pb_to_agent_pb(a.spec.into())),
             env_keys,
             archived: a.archived,
             create_time: Some(to_timestamp(a.create_time)),
@@ -511,7 +305,7 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
                 names::agent_ref(a).map_err(|e| Error::invalid("agent", e))?;
                 env_only_spec(r.spec)?
             }
-            None => spec(r.spec)?,
+            None => session_spec(r.spec)?,
         };
         Ok(NewSession {
             request_id: Some(r.request_id).filter(|s| !s.is_empty()),
@@ -539,7 +333,7 @@ impl From<Session> for pb::Session {
             status: status_to_pb(s.status) as i32,
             status_reason: s.status_reason,
             env_keys: s.spec.env.keys().cloned().collect(),
-            spec: Some(spec_to_pb(s.spec)),
+            spec: Some(s.spec.into()),
             labels: s.labels.into_iter().collect(),
             node: s.node,
             epoch: s.epoch,

@@ -5,6 +5,8 @@ pub mod status;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use berth_common::events::{self as ev, payload};
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -12,75 +14,7 @@ use uuid::Uuid;
 pub use berth_common::TurnUsage;
 pub use status::{InvalidTransition, SessionStatus, StatusEvent};
 
-/// Limits on what a client may send. Documented in the README.
-pub mod limits {
-    /// Largest user message, in bytes.
-    pub const MESSAGE_BYTES: usize = 1024 * 1024;
-    pub const REQUEST_ID_CHARS: usize = 128;
-    pub const DISPLAY_NAME_CHARS: usize = 256;
-    pub const LABELS: usize = 64;
-    pub const LABEL_KEY_CHARS: usize = 63;
-    pub const LABEL_VALUE_CHARS: usize = 256;
-    pub const ENV_VARS: usize = 128;
-    pub const ENV_BYTES: usize = 64 * 1024;
-    pub const RUNTIME_ARGS: usize = 64;
-    pub const IMAGE_CHARS: usize = 512;
-    /// Resources attached to one session.
-    pub const RESOURCES: usize = 32;
-    pub const SKILLS: usize = 32;
-    pub const SKILL_BYTES: usize = 256 * 1024;
-    /// Largest uploaded file.
-    pub const FILE_BYTES: usize = 32 * 1024 * 1024;
-    pub const SYSTEM_PROMPT_BYTES: usize = 256 * 1024;
-    pub const PATH_CHARS: usize = 1024;
-    pub const GIT_URL_CHARS: usize = 2048;
-}
-
-/// Which runtime adapter drives the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Runtime {
-    #[default]
-    ClaudeCode,
-    Jsonl,
-}
-
-/// What runs in the session's container. Stored as JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct SessionSpec {
-    pub image: String,
-    pub runtime: Runtime,
-    #[serde(default)]
-    pub runtime_args: Vec<String>,
-    #[serde(default)]
-    pub model: String,
-    #[serde(default)]
-    pub system_prompt: String,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub limits: Limits,
-    #[serde(default)]
-    pub skills: Vec<Skill>,
-}
-
-/// Container limits; zero = the node's default.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-pub struct Limits {
-    #[serde(default)]
-    pub cpus: f64,
-    #[serde(default)]
-    pub memory_bytes: i64,
-    #[serde(default)]
-    pub pids: i64,
-}
-
-/// A Claude Code skill, written to `~/.claude/skills/{name}/SKILL.md`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Skill {
-    pub name: String,
-    pub content: String,
-}
+pub use berth_common::spec::{AgentSpec, Limits, Runtime, Skill, limits};
 
 /// Something copied into the container before the agent starts. Stored as JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,7 +87,7 @@ pub struct Session {
     pub display_name: String,
     pub status: SessionStatus,
     pub status_reason: String,
-    pub spec: SessionSpec,
+    pub spec: AgentSpec,
     pub labels: BTreeMap<String, String>,
     /// The node running it, or empty.
     pub node: String,
@@ -189,7 +123,7 @@ pub struct Session {
 pub struct NewSession {
     pub request_id: Option<String>,
     pub display_name: String,
-    pub spec: SessionSpec,
+    pub spec: AgentSpec,
     pub labels: BTreeMap<String, String>,
     pub initial_message: Option<String>,
     pub timeout: Option<Duration>,
@@ -221,7 +155,7 @@ impl Event {
     /// live tails end after it.
     pub fn ends_run(&self) -> bool {
         self.kind
-            .strip_prefix(berth_common::events::SESSION_STATUS_PREFIX)
+            .strip_prefix(ev::SESSION_STATUS_PREFIX)
             .and_then(|s| s.parse::<SessionStatus>().ok())
             .is_some_and(|s| !s.is_live())
     }
@@ -243,4 +177,46 @@ impl NewEvent {
             payload: payload.into(),
         }
     }
+
+    /// `user.message` with `text`.
+    pub fn user_message(text: &str) -> Self {
+        let p = payload::UserMessage { text: text.into() };
+        Self::new(ev::USER_MESSAGE, payload::to_json(&p))
+    }
+
+    /// `user.interrupt`.
+    pub fn user_interrupt() -> Self {
+        Self::new(ev::USER_INTERRUPT, payload::to_json(&payload::UserInterrupt {}))
+    }
+
+    /// `session.error` with `message`.
+    pub fn error(message: &str) -> Self {
+        let p = payload::SessionError {
+            message: message.into(),
+        };
+        Self::new(ev::SESSION_ERROR, payload::to_json(&p))
+    }
+}
+
+/// One version of an agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub id: String,
+    pub version: i64,
+    pub latest_version: i64,
+    /// What this version runs (image, runtime, prompt, env, limits, skills).
+    pub spec: AgentSpec,
+    pub archived: bool,
+    pub create_time: DateTime<Utc>,
+    pub version_create_time: DateTime<Utc>,
+}
+
+/// An uploaded file's metadata; its bytes are the object `files/{id}`.
+#[derive(Debug, Clone)]
+pub struct FileInfo {
+    pub id: Uuid,
+    pub display_name: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub create_time: DateTime<Utc>,
 }

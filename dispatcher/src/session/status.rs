@@ -58,6 +58,8 @@ pub enum StatusEvent {
     TurnEnded,
     /// Someone asked it to stop.
     StopRequested,
+    /// Someone asked it to pause: stop with a snapshot and end `paused`.
+    PauseRequested,
     /// The agent process ended; `stopped` when a stop preceded it.
     Exited { success: bool, stopped: bool },
     /// It could not be started, or failed outside the agent.
@@ -118,6 +120,7 @@ impl SessionStatus {
             (Pending | Rescheduling, E::StopRequested) => Stopped,
             (Starting | Running | Idle, E::StopRequested) => Stopping,
             (Stopping | Stopped, E::StopRequested) => self,
+            (Running | Idle, E::PauseRequested) => Stopping,
             (Stopping, E::Exited { .. }) => Stopped,
             (Starting | Running | Idle, E::Exited { stopped: true, .. }) => Stopped,
             (
@@ -231,13 +234,14 @@ mod tests {
     use super::StatusEvent as E;
     use super::*;
 
-    const EVENTS: [StatusEvent; 15] = [
+    const EVENTS: [StatusEvent; 16] = [
         E::Claimed,
         E::Started { busy: true },
         E::Started { busy: false },
         E::TurnStarted,
         E::TurnEnded,
         E::StopRequested,
+        E::PauseRequested,
         E::Exited {
             success: true,
             stopped: false,
@@ -334,6 +338,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_running_or_idle_sessions_pause() {
+        for s in SessionStatus::ALL {
+            let paused = s.transition(E::PauseRequested);
+            assert_eq!(paused.is_ok(), matches!(s, Running | Idle), "{s}");
+        }
+        assert_eq!(Idle.transition(E::PauseRequested), Ok(Stopping));
     }
 
     #[test]

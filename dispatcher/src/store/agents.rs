@@ -1,22 +1,116 @@
 //! Agents (with their immutable versions) and uploaded files.
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{Store, sql};
-use crate::agents::{Agent, FileInfo};
+use super::Store;
 use crate::error::{Error, Result};
-use crate::session::SessionSpec;
+use crate::session::{Agent, AgentSpec, FileInfo};
+
+mod sql {
+    /// An agent joined with one of its versions: `$2` NULL is the latest.
+    pub const GET_AGENT: &str = "SELECT a.id, v.version, a.latest_version, v.spec, a.archived, \
+         a.create_time, v.create_time AS version_create_time \
+         FROM agents a JOIN agent_versions v ON v.agent_id = a.id \
+         WHERE a.id = $1 AND v.version = coalesce($2, a.latest_version)";
+
+    /// Agents by id after the keyset cursor $1 ('' = first page), at their
+    /// latest versions; $2 includes archived ones.
+    pub const LIST_AGENTS: &str = "SELECT a.id, v.version, a.latest_version, v.spec, a.archived, \
+         a.create_time, v.create_time AS version_create_time \
+         FROM agents a JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.latest_version \
+         WHERE a.id > $1 AND ($2 OR NOT a.archived) ORDER BY a.id LIMIT $3";
+
+    pub const AGENT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM agents WHERE id = $1)";
+
+    /// Creates an agent at version 1. `ON CONFLICT DO NOTHING`: an existing
+    /// id returns no row (ALREADY_EXISTS).
+    pub const CREATE_AGENT: &str = r#"
+WITH a AS (
+    INSERT INTO agents (id) VALUES ($1) ON CONFLICT (id) DO NOTHING RETURNING id
+)
+INSERT INTO agent_versions (agent_id, version, spec)
+SELECT id, 1, $2 FROM a
+RETURNING agent_id
+"#;
+
+    /// Adds the next version of an agent that is not archived.
+    pub const UPDATE_AGENT: &str = r#"
+WITH a AS (
+    UPDATE agents SET latest_version = latest_version + 1, update_time = now()
+    WHERE id = $1 AND NOT archived
+    RETURNING id, latest_version
+)
+INSERT INTO agent_versions (agent_id, version, spec)
+SELECT id, latest_version, $2 FROM a
+RETURNING version
+"#;
+
+    pub const ARCHIVE_AGENT: &str =
+        "UPDATE agents SET archived = true, update_time = now() WHERE id = $1";
+
+    pub const INSERT_FILE: &str = "INSERT INTO files (id, display_name, size_bytes, sha256, create_time) \
+         VALUES ($1, $2, $3, $4, $5)";
+
+    pub const GET_FILE: &str =
+        "SELECT id, display_name, size_bytes, sha256, create_time FROM files WHERE id = $1";
+
+    pub const DELETE_FILE: &str = "DELETE FROM files WHERE id = $1";
+}
+
+#[derive(sqlx::FromRow)]
+struct AgentRow {
+    id: String,
+    version: i64,
+    latest_version: i64,
+    spec: Json<AgentSpec>,
+    archived: bool,
+    create_time: DateTime<Utc>,
+    version_create_time: DateTime<Utc>,
+}
+
+impl From<AgentRow> for Agent {
+    fn from(r: AgentRow) -> Self {
+        Self {
+            id: r.id,
+            version: r.version,
+            latest_version: r.latest_version,
+            spec: r.spec.0,
+            archived: r.archived,
+            create_time: r.create_time,
+            version_create_time: r.version_create_time,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct FileRow {
+    id: Uuid,
+    display_name: String,
+    size_bytes: i64,
+    sha256: String,
+    create_time: DateTime<Utc>,
+}
+
+impl From<FileRow> for FileInfo {
+    fn from(r: FileRow) -> Self {
+        Self {
+            id: r.id,
+            display_name: r.display_name,
+            size_bytes: r.size_bytes,
+            sha256: r.sha256,
+            create_time: r.create_time,
+        }
+    }
+}
 
 impl Store {
     /// Creates `id` at version 1.
-    pub async fn create_agent(&self, id: &str, spec: &SessionSpec) -> Result<Agent> {
-        let spec_json = serde_json::to_value(spec).map_err(|e| Error::Internal(e.to_string()))?;
+    pub(crate) async fn create_agent(&self, id: &str, spec: &AgentSpec) -> Result<Agent> {
         let created: Option<String> = sqlx::query_scalar(sql::CREATE_AGENT)
             .bind(id)
-            .bind(spec_json)
+            .bind(Json(spec))
             .fetch_optional(&self.pool)
             .await?;
         if created.is_none() {
@@ -26,62 +120,46 @@ impl Store {
     }
 
     /// The agent at `version`, or at its latest.
-    pub async fn get_agent(&self, id: &str, version: Option<i64>) -> Result<Agent> {
-        // $2 NULL: the latest version.
-        let q = format!(
-            "SELECT {} FROM agents a JOIN agent_versions v ON v.agent_id = a.id \
-             WHERE a.id = $1 AND v.version = coalesce($2, a.latest_version)",
-            sql::AGENT_COLUMNS
-        );
-        let row = sqlx::query(AssertSqlSafe(q))
+    pub(crate) async fn get_agent(&self, id: &str, version: Option<i64>) -> Result<Agent> {
+        let row: Option<AgentRow> = sqlx::query_as(sql::GET_AGENT)
             .bind(id)
             .bind(version)
             .fetch_optional(&self.pool)
             .await?;
-        match row {
-            Some(r) => agent_from_row(&r),
-            None => {
-                let exists: bool =
-                    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agents WHERE id = $1)")
-                        .bind(id)
-                        .fetch_one(&self.pool)
-                        .await?;
-                Err(Error::NotFound(match (exists, version) {
-                    (true, Some(v)) => format!("agent `{id}` has no version {v}"),
-                    _ => format!("agent `{id}` not found"),
-                }))
-            }
+        if let Some(r) = row {
+            return Ok(r.into());
         }
+        let exists: bool = sqlx::query_scalar(sql::AGENT_EXISTS)
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Err(Error::NotFound(match (exists, version) {
+            (true, Some(v)) => format!("agent `{id}` has no version {v}"),
+            _ => format!("agent `{id}` not found"),
+        }))
     }
 
     /// Agents by id after `after`, latest versions.
-    pub async fn list_agents(
+    pub(crate) async fn list_agents(
         &self,
         after: &str,
         show_archived: bool,
         limit: i64,
     ) -> Result<Vec<Agent>> {
-        // $1 keyset cursor ('' = first page); $2 include archived.
-        let q = format!(
-            "SELECT {} FROM agents a JOIN agent_versions v ON v.agent_id = a.id AND v.version = a.latest_version \
-             WHERE a.id > $1 AND ($2 OR NOT a.archived) ORDER BY a.id LIMIT $3",
-            sql::AGENT_COLUMNS
-        );
-        let rows = sqlx::query(AssertSqlSafe(q))
+        let rows: Vec<AgentRow> = sqlx::query_as(sql::LIST_AGENTS)
             .bind(after)
             .bind(show_archived)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(agent_from_row).collect()
+        Ok(rows.into_iter().map(Agent::from).collect())
     }
 
     /// Adds a version; refused for an archived agent.
-    pub async fn update_agent(&self, id: &str, spec: &SessionSpec) -> Result<Agent> {
-        let spec_json = serde_json::to_value(spec).map_err(|e| Error::Internal(e.to_string()))?;
+    pub(crate) async fn update_agent(&self, id: &str, spec: &AgentSpec) -> Result<Agent> {
         let version: Option<i64> = sqlx::query_scalar(sql::UPDATE_AGENT)
             .bind(id)
-            .bind(spec_json)
+            .bind(Json(spec))
             .fetch_optional(&self.pool)
             .await?;
         match version {
@@ -96,64 +174,40 @@ impl Store {
         }
     }
 
-    pub async fn archive_agent(&self, id: &str) -> Result<Agent> {
-        sqlx::query("UPDATE agents SET archived = true, update_time = now() WHERE id = $1")
+    pub(crate) async fn archive_agent(&self, id: &str) -> Result<Agent> {
+        sqlx::query(sql::ARCHIVE_AGENT)
             .bind(id)
             .execute(&self.pool)
             .await?;
         self.get_agent(id, None).await
     }
 
-    pub async fn insert_file(&self, f: &FileInfo) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO files (id, display_name, size_bytes, sha256, create_time) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(f.id)
-        .bind(&f.display_name)
-        .bind(f.size_bytes)
-        .bind(&f.sha256)
-        .bind(f.create_time)
-        .execute(&self.pool)
-        .await?;
+    pub(crate) async fn insert_file(&self, f: &FileInfo) -> Result<()> {
+        sqlx::query(sql::INSERT_FILE)
+            .bind(f.id)
+            .bind(&f.display_name)
+            .bind(f.size_bytes)
+            .bind(&f.sha256)
+            .bind(f.create_time)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
-    pub async fn get_file(&self, id: Uuid) -> Result<FileInfo> {
-        let row = sqlx::query(
-            "SELECT id, display_name, size_bytes, sha256, create_time FROM files WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("file files/{id} not found")))?;
-        Ok(FileInfo {
-            id: row.try_get("id")?,
-            display_name: row.try_get("display_name")?,
-            size_bytes: row.try_get("size_bytes")?,
-            sha256: row.try_get("sha256")?,
-            create_time: row.try_get("create_time")?,
-        })
+    pub(crate) async fn get_file(&self, id: Uuid) -> Result<FileInfo> {
+        let row: FileRow = sqlx::query_as(sql::GET_FILE)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("file files/{id} not found")))?;
+        Ok(row.into())
     }
 
-    pub async fn delete_file(&self, id: Uuid) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM files WHERE id = $1")
+    pub(crate) async fn delete_file(&self, id: Uuid) -> Result<bool> {
+        let r = sqlx::query(sql::DELETE_FILE)
             .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
     }
-}
-
-fn agent_from_row(r: &PgRow) -> Result<Agent> {
-    let spec: serde_json::Value = r.try_get("spec")?;
-    Ok(Agent {
-        id: r.try_get("id")?,
-        version: r.try_get("version")?,
-        latest_version: r.try_get("latest_version")?,
-        spec: serde_json::from_value(spec)
-            .map_err(|e| Error::Internal(format!("stored agent spec: {e}")))?,
-        archived: r.try_get("archived")?,
-        create_time: r.try_get::<DateTime<Utc>, _>("create_time")?,
-        version_create_time: r.try_get("version_create_time")?,
-    })
 }

@@ -1,0 +1,507 @@
+//! What an agent runs (image, runtime, prompt, env, limits, skills), and the
+//! one validator for it. The dispatcher applies it to every create and agent
+//! version; the node applies it again to every `Start`, so a node never
+//! trusts a spec only because a dispatcher sent it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use berth_proto::{node::v1 as node_pb, v1 as pb};
+use serde::{Deserialize, Serialize};
+
+use crate::names;
+
+/// Limits on what a client may send. Documented in the README.
+pub mod limits {
+    /// Largest user message, in bytes.
+    pub const MESSAGE_BYTES: usize = 1024 * 1024;
+    pub const REQUEST_ID_CHARS: usize = 128;
+    pub const DISPLAY_NAME_CHARS: usize = 256;
+    pub const LABELS: usize = 64;
+    pub const LABEL_KEY_CHARS: usize = 63;
+    pub const LABEL_VALUE_CHARS: usize = 256;
+    pub const ENV_VARS: usize = 128;
+    pub const ENV_BYTES: usize = 64 * 1024;
+    pub const RUNTIME_ARGS: usize = 64;
+    pub const IMAGE_CHARS: usize = 512;
+    /// Resources attached to one session.
+    pub const RESOURCES: usize = 32;
+    pub const SKILLS: usize = 32;
+    pub const SKILL_BYTES: usize = 256 * 1024;
+    /// Largest uploaded file.
+    pub const FILE_BYTES: usize = 32 * 1024 * 1024;
+    pub const SYSTEM_PROMPT_BYTES: usize = 256 * 1024;
+    pub const PATH_CHARS: usize = 1024;
+    pub const GIT_URL_CHARS: usize = 2048;
+    /// Smallest memory limit a session may ask for.
+    pub const MIN_MEMORY_BYTES: i64 = 64 * 1024 * 1024;
+}
+
+/// A value that failed validation: which field, and what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// Which runtime adapter drives the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    #[default]
+    ClaudeCode,
+    Jsonl,
+}
+
+/// What runs in a session's container. Stored as JSON (sessions and agent
+/// versions); field names are part of that format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AgentSpec {
+    pub image: String,
+    pub runtime: Runtime,
+    #[serde(default)]
+    pub runtime_args: Vec<String>,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub system_prompt: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub skills: Vec<Skill>,
+}
+
+/// Container limits; zero means the node's default.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+pub struct Limits {
+    #[serde(default)]
+    pub cpus: f64,
+    #[serde(default)]
+    pub memory_bytes: i64,
+    #[serde(default)]
+    pub pids: i64,
+}
+
+impl Limits {
+    /// Whether every limit is the node's default.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn cpus(&self) -> Option<f64> {
+        (self.cpus > 0.0).then_some(self.cpus)
+    }
+
+    pub fn memory_bytes(&self) -> Option<i64> {
+        (self.memory_bytes > 0).then_some(self.memory_bytes)
+    }
+
+    pub fn pids(&self) -> Option<i64> {
+        (self.pids > 0).then_some(self.pids)
+    }
+}
+
+/// A Claude Code skill, written to `~/.claude/skills/{name}/SKILL.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skill {
+    pub name: String,
+    pub content: String,
+}
+
+impl AgentSpec {
+    /// Checks every field, naming the first that is wrong (`spec.…`).
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.image.trim().is_empty() {
+            return Err(FieldError::new("spec.image", "required"));
+        }
+        check_len("spec.image", &self.image, limits::IMAGE_CHARS)?;
+        if self.runtime == Runtime::Jsonl && self.runtime_args.is_empty() {
+            return Err(FieldError::new(
+                "spec.runtime_args",
+                "the jsonl runtime needs the program to run",
+            ));
+        }
+        if self.runtime_args.len() > limits::RUNTIME_ARGS {
+            return Err(FieldError::new(
+                "spec.runtime_args",
+                format!("at most {} arguments", limits::RUNTIME_ARGS),
+            ));
+        }
+        validate_env(&self.env)?;
+        if self.system_prompt.len() > limits::SYSTEM_PROMPT_BYTES {
+            return Err(FieldError::new(
+                "spec.system_prompt",
+                format!("longer than {} bytes", limits::SYSTEM_PROMPT_BYTES),
+            ));
+        }
+        let l = &self.limits;
+        if !(l.cpus >= 0.0 && l.cpus.is_finite()) {
+            return Err(FieldError::new(
+                "spec.limits.cpus",
+                "must be 0 (node default) or positive",
+            ));
+        }
+        if l.memory_bytes != 0 && l.memory_bytes < limits::MIN_MEMORY_BYTES {
+            return Err(FieldError::new(
+                "spec.limits.memory_bytes",
+                "must be 0 (node default) or at least 64 MiB",
+            ));
+        }
+        if l.pids < 0 {
+            return Err(FieldError::new(
+                "spec.limits.pids",
+                "must be 0 (node default) or positive",
+            ));
+        }
+        if self.skills.len() > limits::SKILLS {
+            return Err(FieldError::new(
+                "spec.skills",
+                format!("at most {} skills", limits::SKILLS),
+            ));
+        }
+        for k in &self.skills {
+            if !names::is_simple_name(&k.name) {
+                return Err(FieldError::new(
+                    "spec.skills.name",
+                    format!("`{}`: 1-64 of [A-Za-z0-9_-]", k.name),
+                ));
+            }
+            if k.content.len() > limits::SKILL_BYTES {
+                return Err(FieldError::new(
+                    "spec.skills.content",
+                    format!(
+                        "skill `{}` is longer than {} bytes",
+                        k.name,
+                        limits::SKILL_BYTES
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `KEY=value` pairs for Docker's exec API.
+    pub fn env_pairs(&self) -> Vec<String> {
+        self.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+    }
+}
+
+/// Fails when `value` has more than `max` characters.
+pub fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), FieldError> {
+    if value.chars().count() > max {
+        return Err(FieldError::new(
+            field,
+            format!("longer than {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Env names are shell identifiers (`[A-Za-z_][A-Za-z0-9_]*`), values hold
+/// no NUL, and the whole fits the count and size limits.
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), FieldError> {
+    if env.len() > limits::ENV_VARS {
+        return Err(FieldError::new(
+            "spec.env",
+            format!("at most {} variables", limits::ENV_VARS),
+        ));
+    }
+    let mut bytes = 0;
+    for (k, v) in env {
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(FieldError::new(
+                "spec.env",
+                format!("bad variable name `{k}`: use [A-Za-z_][A-Za-z0-9_]*"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(FieldError::new(
+                "spec.env",
+                format!("`{k}` contains a NUL byte"),
+            ));
+        }
+        bytes += k.len() + v.len();
+    }
+    if bytes > limits::ENV_BYTES {
+        return Err(FieldError::new(
+            "spec.env",
+            format!("{bytes} bytes; the limit is {}", limits::ENV_BYTES),
+        ));
+    }
+    Ok(())
+}
+
+/// A path inside the container: absolute, without `..` or NUL, not too long.
+pub fn validate_path(field: &'static str, p: &str) -> Result<(), FieldError> {
+    if !p.starts_with('/') || p.split('/').any(|seg| seg == "..") || p.contains('\0') {
+        return Err(FieldError::new(
+            field,
+            format!("`{p}` must be an absolute path without `..`"),
+        ));
+    }
+    check_len(field, p, limits::PATH_CHARS)
+}
+
+/// A git resource's URL and ref: neither may pass for a git option.
+pub fn validate_git(url_field: &'static str, ref_field: &'static str, url: &str, git_ref: &str) -> Result<(), FieldError> {
+    if url.is_empty() || url.starts_with('-') {
+        return Err(FieldError::new(url_field, "must be a repository URL or path"));
+    }
+    check_len(url_field, url, limits::GIT_URL_CHARS)?;
+    if git_ref.starts_with('-') {
+        return Err(FieldError::new(ref_field, "must not start with `-`"));
+    }
+    Ok(())
+}
+
+fn runtime_from_pb(value: i32) -> Result<Runtime, FieldError> {
+    match pb::Runtime::try_from(value) {
+        Ok(pb::Runtime::Unspecified | pb::Runtime::ClaudeCode) => Ok(Runtime::ClaudeCode),
+        Ok(pb::Runtime::Jsonl) => Ok(Runtime::Jsonl),
+        Err(_) => Err(FieldError::new(
+            "spec.runtime",
+            format!("unknown runtime {value}"),
+        )),
+    }
+}
+
+fn runtime_to_pb(r: Runtime) -> i32 {
+    match r {
+        Runtime::ClaudeCode => pb::Runtime::ClaudeCode as i32,
+        Runtime::Jsonl => pb::Runtime::Jsonl as i32,
+    }
+}
+
+/// The public API's spec, checked. Env is converted, not echoed back: it is
+/// write-only on the wire.
+impl TryFrom<pb::SessionSpec> for AgentSpec {
+    type Error = FieldError;
+
+    fn try_from(s: pb::SessionSpec) -> Result<Self, FieldError> {
+        let lim = s.limits.unwrap_or_default();
+        let spec = Self {
+            runtime: runtime_from_pb(s.runtime)?,
+            image: s.image,
+            runtime_args: s.runtime_args,
+            model: s.model,
+            system_prompt: s.system_prompt,
+            env: s.env.into_iter().collect(),
+            limits: Limits {
+                cpus: lim.cpus,
+                memory_bytes: lim.memory_bytes,
+                pids: lim.pids,
+            },
+            skills: s
+                .skills
+                .into_iter()
+                .map(|k| Skill {
+                    name: k.name,
+                    content: k.content,
+                })
+                .collect(),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// The spec as clients read it: env values are write-only and left out.
+impl From<AgentSpec> for pb::SessionSpec {
+    fn from(s: AgentSpec) -> Self {
+        Self {
+            image: s.image,
+            runtime: runtime_to_pb(s.runtime),
+            runtime_args: s.runtime_args,
+            model: s.model,
+            system_prompt: s.system_prompt,
+            env: HashMap::new(),
+            limits: Some(pb::Limits {
+                cpus: s.limits.cpus,
+                memory_bytes: s.limits.memory_bytes,
+                pids: s.limits.pids,
+            }),
+            skills: s
+                .skills
+                .into_iter()
+                .map(|k| pb::Skill {
+                    name: k.name,
+                    content: k.content,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `AgentSpec` and `SessionSpec` carry the same fields on the wire; this is
+/// the one place that says so.
+pub fn agent_pb_to_session_pb(s: pb::AgentSpec) -> pb::SessionSpec {
+    pb::SessionSpec {
+        image: s.image,
+        runtime: s.runtime,
+        runtime_args: s.runtime_args,
+        model: s.model,
+        system_prompt: s.system_prompt,
+        env: s.env,
+        limits: s.limits,
+        skills: s.skills,
+    }
+}
+
+/// The other direction of [`agent_pb_to_session_pb`].
+pub fn session_pb_to_agent_pb(s: pb::SessionSpec) -> pb::AgentSpec {
+    pb::AgentSpec {
+        image: s.image,
+        runtime: s.runtime,
+        runtime_args: s.runtime_args,
+        model: s.model,
+        system_prompt: s.system_prompt,
+        env: s.env,
+        limits: s.limits,
+        skills: s.skills,
+    }
+}
+
+/// What the node reads from a `Start`: the agent's part of the node spec.
+pub fn from_node_pb(s: &node_pb::SessionSpec) -> Result<AgentSpec, FieldError> {
+    let lim = s.limits.unwrap_or_default();
+    let spec = AgentSpec {
+        image: s.image.clone(),
+        runtime: runtime_from_pb(s.runtime)?,
+        runtime_args: s.runtime_args.clone(),
+        model: s.model.clone(),
+        system_prompt: s.system_prompt.clone(),
+        env: s.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        limits: Limits {
+            cpus: lim.cpus,
+            memory_bytes: lim.memory_bytes,
+            pids: lim.pids,
+        },
+        skills: s
+            .skills
+            .iter()
+            .map(|k| Skill {
+                name: k.name.clone(),
+                content: k.content.clone(),
+            })
+            .collect(),
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+impl AgentSpec {
+    /// Fills the agent's part of a node spec (the rest is the session's).
+    pub fn fill_node_pb(&self, out: &mut node_pb::SessionSpec) {
+        out.image = self.image.clone();
+        out.runtime = match self.runtime {
+            Runtime::ClaudeCode => node_pb::Runtime::ClaudeCode as i32,
+            Runtime::Jsonl => node_pb::Runtime::Jsonl as i32,
+        };
+        out.runtime_args = self.runtime_args.clone();
+        out.model = self.model.clone();
+        out.system_prompt = self.system_prompt.clone();
+        out.env = self.env.clone().into_iter().collect();
+        out.limits = Some(node_pb::Limits {
+            cpus: self.limits.cpus,
+            memory_bytes: self.limits.memory_bytes,
+            pids: self.limits.pids,
+        });
+        out.skills = self
+            .skills
+            .iter()
+            .map(|k| node_pb::Skill {
+                name: k.name.clone(),
+                content: k.content.clone(),
+            })
+            .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> AgentSpec {
+        AgentSpec {
+            image: "agent:latest".into(),
+            ..AgentSpec::default()
+        }
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut AgentSpec)>)> = vec![
+            ("spec.image", Box::new(|s| s.image = " ".into())),
+            ("spec.runtime_args", Box::new(|s| s.runtime = Runtime::Jsonl)),
+            (
+                "spec.env",
+                Box::new(|s| {
+                    s.env.insert("1X".into(), "v".into());
+                }),
+            ),
+            (
+                "spec.env",
+                Box::new(|s| {
+                    s.env.insert("X".into(), "a\0b".into());
+                }),
+            ),
+            ("spec.limits.cpus", Box::new(|s| s.limits.cpus = f64::NAN)),
+            ("spec.limits.memory_bytes", Box::new(|s| s.limits.memory_bytes = 1024)),
+            ("spec.limits.pids", Box::new(|s| s.limits.pids = -1)),
+            (
+                "spec.skills.name",
+                Box::new(|s| {
+                    s.skills.push(Skill {
+                        name: "../x".into(),
+                        content: String::new(),
+                    })
+                }),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            assert_eq!(s.validate().map_err(|e| e.field), Err(field));
+        }
+        assert_eq!(spec().validate(), Ok(()));
+    }
+
+    #[test]
+    fn paths_and_git_refs_cannot_escape_or_pass_as_options() {
+        assert!(validate_path("p", "/workspace/a").is_ok());
+        for bad in ["workspace", "/workspace/../etc", "/a\0b"] {
+            assert!(validate_path("p", bad).is_err(), "{bad}");
+        }
+        assert!(validate_git("u", "r", "--upload-pack=x", "").is_err());
+        assert!(validate_git("u", "r", "https://h/r.git", "-x").is_err());
+        assert!(validate_git("u", "r", "https://h/r.git", "main").is_ok());
+    }
+
+    #[test]
+    fn the_api_and_node_forms_carry_the_same_spec() {
+        let mut s = spec();
+        s.env.insert("K".into(), "v".into());
+        s.limits.pids = 7;
+        let mut node = node_pb::SessionSpec::default();
+        s.fill_node_pb(&mut node);
+        assert_eq!(from_node_pb(&node), Ok(s.clone()));
+        let mut api = pb::SessionSpec::from(s.clone());
+        assert!(api.env.is_empty(), "env is write-only");
+        api.env.insert("K".into(), "v".into());
+        assert_eq!(AgentSpec::try_from(api), Ok(s));
+    }
+}

@@ -1,0 +1,423 @@
+//! The relay: node frames into the log, user input from the log to the node,
+//! until the agent exits, the node is lost, a deadline fires, or this
+//! dispatcher shuts down (and hands the session back with a snapshot).
+
+use std::sync::Arc;
+
+use berth_common::events::{self as ev, payload};
+use berth_common::events::payload::StatusDetail;
+use berth_common::sync::sleep_until;
+use berth_proto::node::v1 as pb;
+use berth_proto::node::v1::{dispatcher_frame, node_frame};
+use tokio::sync::mpsc;
+
+use super::deadlines::{Deadlines, Expiry};
+use super::start::Link;
+use super::{Ctx, start_label};
+use crate::error::{Error, Result};
+use crate::nodes::wire::node_event;
+use crate::session::{Event, NewEvent, Session, SessionStatus, StatusEvent, snapshot_key};
+use crate::store::UsageRecorded;
+
+/// How long a shutting-down dispatcher waits for a node to snapshot a
+/// session it hands back.
+const HAND_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Events of the input feed buffered ahead of the relay.
+const FEED_BUFFER: usize = 64;
+
+/// A stop the driver asked the node for.
+struct StopAsked {
+    reason: String,
+    pause: bool,
+}
+
+/// Whether the relay goes on after a step.
+enum Flow {
+    Continue,
+    /// The run is over; its end is in the log.
+    Done,
+}
+
+type Feed = mpsc::Receiver<Result<Arc<Event>>>;
+
+/// One run's relay state.
+pub(super) struct Relay<'a> {
+    ctx: &'a Ctx,
+    session: &'a Session,
+    link: Link,
+    /// Seq of the last user event forwarded to the node.
+    input_seq: i64,
+    feed: Option<Feed>,
+    /// Turns sent to the agent that have not ended yet.
+    open_turns: u32,
+    runtime_id_seen: bool,
+    deadlines: Deadlines,
+    stop_asked: Option<StopAsked>,
+    first_event: bool,
+    /// Set when this dispatcher shuts down: the node was asked to stop the
+    /// agent with a snapshot, and the session is re-queued once it has.
+    handing_back: Option<tokio::time::Instant>,
+    /// One handle for the run: no registry lookup per event.
+    relayed: metrics::Counter,
+}
+
+impl<'a> Relay<'a> {
+    pub(super) fn new(ctx: &'a Ctx, session: &'a Session, link: Link) -> Self {
+        Self {
+            ctx,
+            session,
+            link,
+            input_seq: session.input_seq,
+            feed: Some(ctx.log.follow(session.id, session.input_seq, FEED_BUFFER)),
+            open_turns: 0,
+            runtime_id_seen: !session.runtime_session_id.is_empty(),
+            deadlines: Deadlines::new(
+                session.timeout,
+                session.inactivity_timeout.unwrap_or(ctx.inactivity_default),
+            ),
+            stop_asked: None,
+            first_event: true,
+            handing_back: None,
+            relayed: metrics::counter!(crate::metrics::EVENTS_RELAYED),
+        }
+    }
+
+    /// Relays until the run ends.
+    pub(super) async fn run(mut self) -> Result<()> {
+        loop {
+            let flow = tokio::select! {
+                frame = self.link.frames.message() => self.on_frame(frame).await?,
+                item = recv(&mut self.feed) => self.on_input(item).await?,
+                expiry = self.deadlines.expired() => self.on_expiry(expiry).await?,
+                // The node missed its lease: its stream may never end by itself.
+                () = self.link.placed.link.down() => self.on_node_down().await?,
+                () = self.ctx.shutdown.cancelled(), if self.handing_back.is_none() => self.on_shutdown().await,
+                () = sleep_until(self.handing_back) => {
+                    tracing::warn!("the node did not stop the session in time for shutdown; re-queued without a snapshot");
+                    self.transition(StatusEvent::NodeLost, "dispatcher shut down", StatusDetail::default()).await?;
+                    Flow::Done
+                }
+            };
+            if let Flow::Done = flow {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn transition(
+        &self,
+        event: StatusEvent,
+        reason: &str,
+        detail: StatusDetail,
+    ) -> Result<()> {
+        self.ctx
+            .log
+            .transition_at(self.session.id, self.session.epoch, event, reason, detail)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends a frame; a closed channel means the node stream is ending, and
+    /// its frames say how.
+    async fn send(&self, kind: dispatcher_frame::Kind) {
+        let frame = pb::DispatcherFrame {
+            epoch: self.session.epoch,
+            kind: Some(kind),
+        };
+        let _ = self.link.to_node.send(frame).await;
+    }
+
+    fn next_snapshot_key(&self) -> String {
+        snapshot_key(self.session.id, self.session.snapshots + 1)
+    }
+
+    async fn on_frame(&mut self, frame: Result<Option<pb::NodeFrame>, tonic::Status>) -> Result<Flow> {
+        match frame {
+            Ok(Some(pb::NodeFrame {
+                kind: Some(kind), ..
+            })) => match kind {
+                node_frame::Kind::Event(e) => self.on_event(e).await,
+                node_frame::Kind::Exited(x) => self.on_exit(x).await,
+                node_frame::Kind::Accepted(_) | node_frame::Kind::Refused(_) => {
+                    tracing::warn!("node sent a second accepted/refused frame; ignored");
+                    Ok(Flow::Continue)
+                }
+            },
+            Ok(Some(_)) => {
+                tracing::warn!("node sent an empty frame; ignored");
+                Ok(Flow::Continue)
+            }
+            Ok(None) | Err(_) => {
+                let why = match frame {
+                    Err(s) => s.message().to_string(),
+                    _ => "stream closed".into(),
+                };
+                tracing::warn!(node = %self.link.placed.link.key(), %why, "lost the node running this session; rescheduling");
+                let reason = format!("node link lost: {why}");
+                self.transition(StatusEvent::NodeLost, &reason, StatusDetail::default())
+                    .await?;
+                Ok(Flow::Done)
+            }
+        }
+    }
+
+    async fn on_event(&mut self, e: pb::RuntimeEvent) -> Result<Flow> {
+        let (id, epoch) = (self.session.id, self.session.epoch);
+        self.deadlines.touch();
+        self.relayed.increment(1);
+        if std::mem::take(&mut self.first_event) {
+            metrics::histogram!(crate::metrics::FIRST_EVENT, "start" => start_label(self.link.warm))
+                .record(self.link.claimed.elapsed().as_secs_f64());
+        }
+        if !self.runtime_id_seen && !e.runtime_session_id.is_empty() {
+            self.runtime_id_seen = true;
+            self.ctx
+                .store
+                .set_runtime_session_id(id, &e.runtime_session_id)
+                .await?;
+        }
+        let turn_end = e.turn_end.clone();
+        self.ctx.log.append_queued(id, epoch, node_event(e)).await?;
+        if let Some(u) = turn_end {
+            let u = berth_common::TurnUsage::from(u);
+            crate::metrics::record_usage(&u);
+            let usage = self.ctx.log.record_usage(id, u).await?;
+            self.check_budget(&usage).await?;
+            self.open_turns = self.open_turns.saturating_sub(1);
+            if self.open_turns == 0 {
+                self.transition(StatusEvent::TurnEnded, "", StatusDetail::default())
+                    .await?;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Stops the session (reason `budget`) once its cost reaches its budget.
+    async fn check_budget(&self, usage: &UsageRecorded) -> Result<()> {
+        let Some(budget) = self.session.budget_usd.filter(|b| *b > 0.0) else {
+            return Ok(());
+        };
+        let cost = usage.totals.cost_usd;
+        if cost < budget {
+            return Ok(());
+        }
+        tracing::info!(cost, budget, "budget reached; stopping");
+        let detail = StatusDetail {
+            budget_usd: Some(budget),
+            cost_usd: Some(cost),
+            ..StatusDetail::default()
+        };
+        match self.transition(StatusEvent::StopRequested, "budget", detail).await {
+            Ok(()) | Err(Error::Transition(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn on_exit(&mut self, x: pb::Exited) -> Result<Flow> {
+        let id = self.session.id;
+        let snapshot_error = Some(&x.snapshot_error).filter(|e| !e.is_empty());
+        for e in x.memory_errors.iter().chain(snapshot_error) {
+            self.ctx
+                .log
+                .append_queued(id, self.session.epoch, NewEvent::error(e))
+                .await?;
+        }
+        if !x.snapshot_key.is_empty() {
+            self.ctx
+                .store
+                .record_snapshot(id, &x.snapshot_key, x.snapshot_bytes)
+                .await?;
+        }
+        // The run moves, with its snapshot: another node (a drain) or
+        // another dispatcher (our shutdown) resumes it.
+        let moved = if x.evicted {
+            Some(format!("node {} drained; re-queued", self.link.placed.link.name()))
+        } else if self.handing_back.is_some() && self.stop_asked.is_none() {
+            Some("dispatcher shut down; re-queued".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = moved {
+            let from = if x.snapshot_key.is_empty() {
+                "restarts without a snapshot"
+            } else {
+                "resumes from its snapshot"
+            };
+            tracing::info!(snapshot = %x.snapshot_key, "{why}: the session {from}");
+            let detail = StatusDetail {
+                snapshot: Some(x.snapshot_key),
+                snapshot_error: Some(x.snapshot_error),
+                ..StatusDetail::default()
+            };
+            self.transition(StatusEvent::NodeLost, &why, detail).await?;
+            return Ok(Flow::Done);
+        }
+        let success = x.exit_code == 0;
+        let stopped = StatusEvent::Exited {
+            success,
+            stopped: true,
+        };
+        let (event, reason) = match (&self.stop_asked, x.stopped) {
+            (Some(StopAsked { pause: true, .. }), true) if !x.snapshot_key.is_empty() => {
+                (StatusEvent::Paused, "user".to_string())
+            }
+            (Some(StopAsked { pause: true, .. }), true) => (
+                stopped,
+                format!("pause failed, stopped instead: snapshot: {}", x.snapshot_error),
+            ),
+            (Some(asked), true) => (stopped, asked.reason.clone()),
+            (_, stopped) => (
+                StatusEvent::Exited { success, stopped },
+                if stopped { "user".to_string() } else { x.reason.clone() },
+            ),
+        };
+        let detail = StatusDetail {
+            exit_code: Some(x.exit_code),
+            stderr_tail: Some(x.stderr_tail),
+            detail: Some(x.reason),
+            snapshot: Some(x.snapshot_key),
+            ..StatusDetail::default()
+        };
+        match self.transition(event, &reason, detail).await {
+            Ok(()) | Err(Error::Transition(_) | Error::Superseded { .. }) => Ok(Flow::Done),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn on_input(&mut self, item: Option<Result<Arc<Event>>>) -> Result<Flow> {
+        let e = match item {
+            Some(Ok(e)) => e,
+            // Shutting down: the shutdown branch ends the relay.
+            Some(Err(_)) if self.ctx.shutdown.is_cancelled() => {
+                self.feed = None;
+                return Ok(Flow::Continue);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "input feed failed; re-following");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                self.feed = Some(self.ctx.log.follow(self.session.id, self.input_seq, FEED_BUFFER));
+                return Ok(Flow::Continue);
+            }
+            // The session left its run (failed or timed out elsewhere): stop the agent.
+            None => {
+                self.feed = None;
+                let stop = pb::Stop {
+                    reason: "session ended".into(),
+                    snapshot_key: String::new(),
+                };
+                self.send(dispatcher_frame::Kind::Stop(stop)).await;
+                return Ok(Flow::Continue);
+            }
+        };
+        let user_event = e.kind.starts_with("user.");
+        if user_event {
+            self.deadlines.touch();
+        }
+        let kind = match e.kind.as_str() {
+            ev::USER_MESSAGE if e.seq > self.input_seq => {
+                let text = payload::parse::<payload::UserMessage>(&e.payload)
+                    .map(|m| m.text)
+                    .unwrap_or_default();
+                self.open_turns += 1;
+                dispatcher_frame::Kind::Message(pb::UserMessage { text, seq: e.seq })
+            }
+            ev::USER_INTERRUPT if e.seq > self.input_seq => {
+                dispatcher_frame::Kind::Interrupt(pb::Interrupt {})
+            }
+            // A stop logged before this run was claimed belongs to an earlier run.
+            k if k == SessionStatus::Stopping.event_type() && e.seq > self.session.last_seq => {
+                // Every stop and pause keeps a snapshot, so the session can resume.
+                let change: payload::StatusChange = payload::parse(&e.payload).unwrap_or_default();
+                let asked = StopAsked {
+                    reason: Some(change.reason)
+                        .filter(|r| !r.is_empty())
+                        .unwrap_or_else(|| "user".into()),
+                    pause: change.pause,
+                };
+                let stop = pb::Stop {
+                    reason: asked.reason.clone(),
+                    snapshot_key: self.next_snapshot_key(),
+                };
+                self.stop_asked = Some(asked);
+                dispatcher_frame::Kind::Stop(stop)
+            }
+            _ => return Ok(Flow::Continue),
+        };
+        self.send(kind).await;
+        if user_event {
+            self.input_seq = e.seq;
+            self.ctx.store.set_input_seq(self.session.id, e.seq).await?;
+            if e.kind == ev::USER_MESSAGE && self.open_turns == 1 {
+                self.transition(StatusEvent::TurnStarted, "", StatusDetail::default())
+                    .await?;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn on_expiry(&mut self, expiry: Expiry) -> Result<Flow> {
+        self.deadlines.fired(expiry);
+        let result = match expiry {
+            Expiry::Hard => {
+                let t = self.session.timeout.unwrap_or_default();
+                tracing::info!(timeout = ?t, "hard session timeout elapsed");
+                let reason = format!("session timeout of {}s elapsed", t.as_secs_f64());
+                self.transition(StatusEvent::TimedOut, &reason, StatusDetail::default())
+                    .await
+            }
+            Expiry::Inactive => {
+                tracing::info!("inactivity timeout elapsed; stopping");
+                let idle = self
+                    .session
+                    .inactivity_timeout
+                    .unwrap_or(self.ctx.inactivity_default);
+                let detail = StatusDetail {
+                    inactivity_timeout_s: Some(idle.as_secs_f64()),
+                    ..StatusDetail::default()
+                };
+                self.transition(StatusEvent::StopRequested, "inactivity", detail)
+                    .await
+            }
+        };
+        match result {
+            // Already stopping or ended: the frames say how it ends.
+            Ok(()) | Err(Error::Transition(_)) => Ok(Flow::Continue),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn on_node_down(&mut self) -> Result<Flow> {
+        let node = self.link.placed.link.name();
+        let why = self.link.placed.link.last_error();
+        tracing::warn!(%node, %why, "node down; rescheduling this session");
+        let reason = format!("node {node} down: {why}");
+        let detail = StatusDetail {
+            node: Some(node),
+            ..StatusDetail::default()
+        };
+        self.transition(StatusEvent::NodeLost, &reason, detail).await?;
+        Ok(Flow::Done)
+    }
+
+    /// Shutting down: ask the node to stop the agent with a snapshot, so
+    /// whichever dispatcher claims the session next resumes it.
+    async fn on_shutdown(&mut self) -> Flow {
+        self.handing_back = Some(tokio::time::Instant::now() + HAND_BACK_TIMEOUT);
+        if self.stop_asked.is_none() {
+            let stop = pb::Stop {
+                reason: "dispatcher shutting down".into(),
+                snapshot_key: self.next_snapshot_key(),
+            };
+            self.send(dispatcher_frame::Kind::Stop(stop)).await;
+        }
+        Flow::Continue
+    }
+}
+
+async fn recv(feed: &mut Option<Feed>) -> Option<Result<Arc<Event>>> {
+    match feed {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,143 @@
+//! The start handshake: place the session, send `Start`, and wait for the
+//! node to accept or refuse. A refusal places it elsewhere (late binding);
+//! when no node will take it, it goes back to the queue, never lost.
+
+use berth_common::events::payload::StatusDetail;
+use berth_proto::node::v1 as pb;
+use berth_proto::node::v1::{dispatcher_frame, node_frame};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::Ctx;
+use crate::error::{Error, Result};
+use crate::nodes::Placed;
+use crate::nodes::wire::node_spec;
+use crate::session::{Session, StatusEvent};
+
+/// A started run: the node, the frames it sends, the frames we send.
+pub(super) struct Link {
+    pub placed: Placed,
+    /// When the session was claimed (start of placement).
+    pub claimed: std::time::Instant,
+    /// Whether the node started it in a warm container.
+    pub warm: bool,
+    pub frames: tonic::Streaming<pb::NodeFrame>,
+    pub to_node: mpsc::Sender<pb::DispatcherFrame>,
+}
+
+/// Places the session and sends `start`, trying other nodes when one refuses.
+/// `None` when the start failed or the session went back to the queue; the
+/// log says which.
+pub(super) async fn start(
+    ctx: &Ctx,
+    session: &Session,
+    claimed: std::time::Instant,
+) -> Result<Option<Link>> {
+    let mut refused: Vec<String> = Vec::new();
+    let mut reasons: Vec<String> = Vec::new();
+    loop {
+        let Some(placed) = ctx.nodes.place(&session.spec.image, &refused) else {
+            requeue(ctx, session, &reasons).await?;
+            return Ok(None);
+        };
+        let url = placed.link.key();
+        let (to_node, rx) = mpsc::channel(64);
+        let start = pb::DispatcherFrame {
+            epoch: session.epoch,
+            kind: Some(dispatcher_frame::Kind::Start(pb::Start {
+                session_id: session.id.to_string(),
+                epoch: session.epoch,
+                spec: Some(node_spec(session)),
+            })),
+        };
+        // The channel is fresh: this send cannot fail.
+        let _ = to_node.send(start).await;
+        let mut frames = match placed
+            .link
+            .client()
+            .run_session(ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                reasons.push(format!("{url}: {}", status.message()));
+                refused.push(url);
+                continue;
+            }
+        };
+        // A node that goes down before answering counts as a refusal.
+        let first = tokio::select! {
+            m = frames.message() => m,
+            () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
+        };
+        let kind = match first {
+            Ok(Some(pb::NodeFrame { kind: Some(k), .. })) => k,
+            Ok(_) => {
+                return Err(Error::Internal(format!(
+                    "node {url} broke the protocol: expected accepted or refused"
+                )));
+            }
+            Err(status) => {
+                reasons.push(format!("{url}: {}", status.message()));
+                refused.push(url);
+                continue;
+            }
+        };
+        match kind {
+            node_frame::Kind::Accepted(a) => {
+                tracing::debug!(%url, container_id = %a.container_id, warm = a.warm, "node accepted the session");
+                return Ok(Some(Link {
+                    placed,
+                    claimed,
+                    warm: a.warm,
+                    frames,
+                    to_node,
+                }));
+            }
+            node_frame::Kind::Refused(r) => {
+                tracing::info!(%url, reason = %r.reason, "node refused the session; placing it elsewhere");
+                reasons.push(format!("{url}: {}", r.reason));
+                refused.push(url);
+            }
+            node_frame::Kind::Exited(x) => {
+                let detail = StatusDetail {
+                    exit_code: Some(x.exit_code),
+                    stderr_tail: Some(x.stderr_tail),
+                    node: Some(url),
+                    ..StatusDetail::default()
+                };
+                ctx.log
+                    .transition_at(session.id, session.epoch, StatusEvent::Failed, &x.reason, detail)
+                    .await?;
+                return Ok(None);
+            }
+            node_frame::Kind::Event(_) => {
+                return Err(Error::Internal(format!(
+                    "node {url} broke the protocol: expected accepted or refused"
+                )));
+            }
+        }
+    }
+}
+
+/// Every node is full, draining, down or refused: back to the queue. The
+/// claim loop takes it again when a node reports free capacity.
+async fn requeue(ctx: &Ctx, session: &Session, reasons: &[String]) -> Result<()> {
+    let why = if reasons.is_empty() {
+        "no node has free capacity".to_string()
+    } else {
+        reasons.join("; ")
+    };
+    tracing::info!(%why, "no node could start the session; re-queued");
+    let reason = format!("re-queued: no node could start it ({why})");
+    ctx.log
+        .transition_at(
+            session.id,
+            session.epoch,
+            StatusEvent::NodeLost,
+            &reason,
+            StatusDetail::default(),
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! The janitor: this dispatcher's liveness heartbeat, and the sweeps any
+//! dispatcher may run for the fleet: re-queue the sessions of dispatchers
+//! that stopped heartbeating, fail sessions past their queue deadline, and
+//! delete archived sessions' events past retention.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use berth_common::events::payload::StatusDetail;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::log::EventLog;
+use crate::session::StatusEvent;
+use crate::store::Store;
+
+/// How often a dispatcher deletes events past retention.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
+
+/// What the janitor works with.
+pub(crate) struct Janitor {
+    pub store: Store,
+    pub log: Arc<EventLog>,
+    /// This dispatcher's id, as its heartbeat row and sessions name it.
+    pub owner: String,
+    /// A dispatcher silent this long is gone.
+    pub lease: Duration,
+    /// Days archived sessions keep their events.
+    pub retention_days: u32,
+    /// Whether the last heartbeat reached Postgres (readiness).
+    pub db_ok: Arc<AtomicBool>,
+    pub shutdown: CancellationToken,
+}
+
+impl Janitor {
+    /// Heartbeats every third of the lease and sweeps after each heartbeat.
+    pub(crate) async fn run(self) {
+        let mut tick = tokio::time::interval(self.lease / 3);
+        let mut last_retention: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.store.heartbeat(&self.owner).await {
+                tracing::warn!(error = %e, "dispatcher heartbeat failed");
+                self.db_ok.store(false, Ordering::Relaxed);
+                continue;
+            }
+            self.db_ok.store(true, Ordering::Relaxed);
+            self.requeue_orphans().await;
+            self.expire_queued().await;
+            if last_retention.is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL) {
+                last_retention = Some(tokio::time::Instant::now());
+                self.purge().await;
+            }
+        }
+    }
+
+    /// Re-queues the live sessions of dispatchers that stopped heartbeating
+    /// (crashed without handing back).
+    async fn requeue_orphans(&self) {
+        let orphans = match self.store.orphaned(self.lease).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for orphaned sessions failed");
+                return;
+            }
+        };
+        for o in orphans {
+            let reason = format!("dispatcher {} stopped heartbeating; re-queued", o.owner);
+            let detail = StatusDetail {
+                owner: Some(o.owner.clone()),
+                ..StatusDetail::default()
+            };
+            match self
+                .log
+                .transition_at(o.id, o.epoch, StatusEvent::NodeLost, &reason, detail)
+                .await
+            {
+                Ok(_) => {
+                    tracing::warn!(session_id = %o.id, owner = %o.owner, "re-queued a session its dispatcher abandoned")
+                }
+                // Another dispatcher got there first, or it just ended.
+                Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(session_id = %o.id, error = %e, "could not re-queue an orphaned session")
+                }
+            }
+        }
+    }
+
+    /// Fails pending sessions still unplaced at their queue deadline.
+    async fn expire_queued(&self) {
+        let expired = match self.store.expired_pending().await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for expired queued sessions failed");
+                return;
+            }
+        };
+        for (id, epoch) in expired {
+            let reason = "queue deadline passed: no node took the session in time";
+            match self
+                .log
+                .transition_at(id, epoch, StatusEvent::Failed, reason, StatusDetail::default())
+                .await
+            {
+                Ok(_) => tracing::warn!(session_id = %id, "session failed at its queue deadline"),
+                // Claimed or stopped meanwhile.
+                Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(session_id = %id, error = %e, "could not fail an expired session")
+                }
+            }
+        }
+    }
+
+    /// Deletes archived sessions' events past retention.
+    async fn purge(&self) {
+        match self.store.purge_archived_events(self.retention_days).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                events = n,
+                days = self.retention_days,
+                "deleted events of archived sessions past retention"
+            ),
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The event log: a group-commit writer in front of the store, and a hub that
+//! fans persisted events out to live subscribers.
+//!
+//! Invariants:
+//! - every write for a session goes through one ordered queue per dispatcher,
+//!   so a session's events, usage rows and status changes are persisted in the
+//!   order they were submitted; writes queued while a statement is in flight
+//!   are committed together in the next one (no per-event round trip);
+//! - writes from a run carry its epoch and are refused once the session has
+//!   moved to a newer run, so a superseded run can add nothing to the log;
+//! - a follower subscribes to the hub *before* reading history and drops
+//!   anything at or below the last seq it sent: no gap, no duplicate;
+//! - a follower that falls behind its bounded buffer, or hears of events
+//!   another dispatcher wrote, reads them from the store. It never blocks the
+//!   writer and never loses an event.
+
+mod follower;
+mod hub;
+mod writer;
+
+use std::sync::Arc;
+
+use berth_common::TurnUsage;
+use berth_common::events::payload::StatusDetail;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::session::{Event, NewEvent, StatusEvent};
+use crate::store::{Append, Store, Transitioned, UsageRecorded};
+
+/// Most writes committed in one statement.
+const MAX_BATCH: usize = 1024;
+
+/// A write waiting for the writer.
+enum Op {
+    Append {
+        append: Append,
+        done: Option<oneshot::Sender<Result<Event>>>,
+        /// When it was queued (persist lag).
+        queued: std::time::Instant,
+    },
+    Transition {
+        session: Uuid,
+        /// Applies only while the session is at this epoch (fencing).
+        epoch: Option<i64>,
+        event: StatusEvent,
+        reason: String,
+        detail: StatusDetail,
+        done: oneshot::Sender<Result<Transitioned>>,
+    },
+    Usage {
+        session: Uuid,
+        usage: TurnUsage,
+        done: oneshot::Sender<Result<UsageRecorded>>,
+    },
+}
+
+/// The event log of every session this dispatcher touches.
+pub struct EventLog {
+    store: Store,
+    ops: mpsc::Sender<Op>,
+    hub: Arc<hub::Hub>,
+    /// Ends every follower with UNAVAILABLE, so clients reconnect elsewhere.
+    shutdown: CancellationToken,
+}
+
+fn writer_stopped<T>(_: T) -> Error {
+    Error::Unavailable("the event writer has stopped".into())
+}
+
+impl EventLog {
+    /// Starts the writer; it drains its queue and stops after `shutdown`.
+    pub fn start(store: Store, shutdown: CancellationToken) -> Arc<Self> {
+        let (ops, rx) = mpsc::channel(MAX_BATCH * 4);
+        let hub = Arc::new(hub::Hub::default());
+        tokio::spawn(writer::run(store.clone(), hub.clone(), rx, shutdown.clone()));
+        Arc::new(Self {
+            store,
+            ops,
+            hub,
+            shutdown,
+        })
+    }
+
+    async fn submit(&self, op: Op) -> Result<()> {
+        self.ops.send(op).await.map_err(writer_stopped)
+    }
+
+    /// Appends a client's event (no run's epoch) and waits until it is persisted.
+    pub(crate) async fn append(&self, session: Uuid, event: NewEvent) -> Result<Event> {
+        let (done, rx) = oneshot::channel();
+        let append = Append {
+            session,
+            epoch: None,
+            event,
+        };
+        self.submit(Op::Append {
+            append,
+            done: Some(done),
+            queued: std::time::Instant::now(),
+        })
+        .await?;
+        rx.await.map_err(writer_stopped)?
+    }
+
+    /// Queues an event of the run at `epoch` behind everything queued before
+    /// it, without waiting. Failures (the run was superseded, the session
+    /// deleted) are logged by the writer.
+    pub(crate) async fn append_queued(&self, session: Uuid, epoch: i64, event: NewEvent) -> Result<()> {
+        let append = Append {
+            session,
+            epoch: Some(epoch),
+            event,
+        };
+        self.submit(Op::Append {
+            append,
+            done: None,
+            queued: std::time::Instant::now(),
+        })
+        .await
+    }
+
+    /// Applies a status change, ordered after everything queued before it.
+    pub(crate) async fn transition(
+        &self,
+        session: Uuid,
+        event: StatusEvent,
+        reason: &str,
+        detail: StatusDetail,
+    ) -> Result<Transitioned> {
+        self.transition_op(session, None, event, reason, detail).await
+    }
+
+    /// A transition fenced by epoch: it applies only while the session is
+    /// still at `epoch`, so a superseded run cannot move the session of the
+    /// run that replaced it ([`Error::Superseded`] otherwise).
+    pub(crate) async fn transition_at(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        event: StatusEvent,
+        reason: &str,
+        detail: StatusDetail,
+    ) -> Result<Transitioned> {
+        self.transition_op(session, Some(epoch), event, reason, detail)
+            .await
+    }
+
+    async fn transition_op(
+        &self,
+        session: Uuid,
+        epoch: Option<i64>,
+        event: StatusEvent,
+        reason: &str,
+        detail: StatusDetail,
+    ) -> Result<Transitioned> {
+        let (done, rx) = oneshot::channel();
+        self.submit(Op::Transition {
+            session,
+            epoch,
+            event,
+            reason: reason.to_string(),
+            detail,
+            done,
+        })
+        .await?;
+        rx.await.map_err(writer_stopped)?
+    }
+
+    /// Records a turn's usage, ordered after everything queued before it;
+    /// returns the session's totals after it.
+    pub(crate) async fn record_usage(&self, session: Uuid, usage: TurnUsage) -> Result<UsageRecorded> {
+        let (done, rx) = oneshot::channel();
+        self.submit(Op::Usage {
+            session,
+            usage,
+            done,
+        })
+        .await?;
+        rx.await.map_err(writer_stopped)?
+    }
+
+    /// Another dispatcher persisted `session`'s events up to `seq`.
+    pub(crate) fn remote_append(&self, session: Uuid, seq: i64) {
+        self.hub.remote(session, seq);
+    }
+
+    /// Streams the session's events after `after_seq`, then live ones, ending
+    /// after the event that stops the session's latest run (earlier runs'
+    /// ends, before a resume, pass through). An error ends the stream.
+    pub(crate) fn follow(
+        &self,
+        session: Uuid,
+        after_seq: i64,
+        buffer: usize,
+    ) -> mpsc::Receiver<Result<Arc<Event>>> {
+        let feed = self.hub.subscribe(session);
+        follower::spawn(
+            self.store.clone(),
+            session,
+            after_seq,
+            buffer,
+            feed,
+            self.shutdown.clone(),
+        )
+    }
+}

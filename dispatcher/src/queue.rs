@@ -1,0 +1,120 @@
+//! The queue: claims sessions while nodes have room and starts a driver for
+//! each; LISTEN/NOTIFY is the wake-up hint, the poll timer the guarantee.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::driver::{self, Ctx};
+use crate::store::{EVENTS_CHANNEL, QUEUE_CHANNEL};
+
+/// Most sessions claimed in one statement.
+const CLAIM_BATCH: u32 = 64;
+
+/// Claims queued sessions while nodes have room, and drives each one on
+/// `drivers` (shutdown waits for them to hand their sessions back).
+pub(crate) async fn claim_loop(
+    ctx: Arc<Ctx>,
+    owner: String,
+    drivers: TaskTracker,
+    wake: Arc<Notify>,
+    poll: Duration,
+) {
+    loop {
+        // One claim per free slot; the driver takes the slot when it places.
+        let mut free = ctx.nodes.free_slots();
+        while free > 0 && !ctx.shutdown.is_cancelled() {
+            let batch = free.min(CLAIM_BATCH);
+            match ctx.store.claim(&owner, batch as usize).await {
+                Ok(sessions) => {
+                    let claimed = u32::try_from(sessions.len()).unwrap_or(batch);
+                    free = free.saturating_sub(claimed);
+                    for session in sessions {
+                        tracing::info!(session_id = %session.id, "claimed session");
+                        drivers.spawn(driver::drive(ctx.clone(), session));
+                    }
+                    if claimed < batch {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming from the queue failed");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = ctx.nodes.changed.notified() => {}
+            () = tokio::time::sleep(poll) => {}
+            () = ctx.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Listens for queue wake-ups and other dispatchers' event notices, and
+/// reconnects with backoff when the connection drops.
+pub(crate) async fn listen(ctx: Arc<Ctx>, wake: Arc<Notify>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(ctx.store.pool()).await?;
+            l.listen_all([QUEUE_CHANNEL, EVENTS_CHANNEL]).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            l = listener => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN failed; the queue falls back to polling");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let n = tokio::select! {
+                () = ctx.shutdown.cancelled() => return,
+                n = listener.recv() => n,
+            };
+            match n {
+                Ok(n) if n.channel() == QUEUE_CHANNEL => wake.notify_one(),
+                Ok(n) => {
+                    if let Some((id, seq)) = parse_event_notice(n.payload()) {
+                        ctx.log.remote_append(id, seq);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// `{session_id}:{last_seq}`, as the store's statements notify it.
+fn parse_event_notice(payload: &str) -> Option<(Uuid, i64)> {
+    let (id, seq) = payload.split_once(':')?;
+    Some((id.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_notices_parse_and_junk_is_ignored() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_event_notice(&format!("{id}:42")), Some((id, 42)));
+        for junk in ["", "x:1", &format!("{id}"), &format!("{id}:x")] {
+            assert_eq!(parse_event_notice(junk), None, "{junk}");
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The queue: batched claims, dispatcher liveness, and the sweeps that find
+//! orphaned and expired sessions. Status names in these statements come from
+//! [`SessionStatus`], so the queue and the status machine cannot disagree.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+use super::{QUEUE_CHANNEL, Store, status_literals};
+use crate::error::Result;
+use crate::session::{Session, SessionStatus};
+
+mod sql {
+    /// Claims up to `$3` of the oldest queued sessions for this dispatcher
+    /// and moves each to `{starting}` with a new epoch, logging the status
+    /// change (event ids from `$2`, one per row). One statement for a whole
+    /// batch: at hundreds of sessions a second, a claim per round trip falls
+    /// behind. `FOR UPDATE SKIP LOCKED`: dispatchers claiming at once take
+    /// different rows. `status IN ({claimable})` is `sessions_queue`'s
+    /// predicate, so the scan is the index.
+    pub const CLAIM_SESSIONS: &str = r#"
+WITH next AS (
+    SELECT id, status FROM sessions
+    WHERE status IN ({claimable})
+    ORDER BY create_time
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), moved AS (
+    UPDATE sessions s
+    SET status = '{starting}', status_reason = '', epoch = s.epoch + 1, owner = $1,
+        last_seq = s.last_seq + 1, update_time = now()
+    FROM next
+    WHERE s.id = next.id
+    RETURNING s.id, s.last_seq, s.epoch, next.status AS previous,
+              pg_notify('berth_events', s.id::text || ':' || s.last_seq) IS NULL AS notified
+), numbered AS (
+    SELECT m.*, row_number() OVER () AS n FROM moved m
+), logged AS (
+    INSERT INTO events (session_id, seq, id, type, payload)
+    SELECT id, last_seq, ($2::uuid[])[n], 'session.status_{starting}',
+           jsonb_build_object('status', '{starting}', 'previous', previous, 'epoch', epoch, 'reason', '')
+    FROM numbered
+)
+SELECT id FROM numbered
+"#;
+
+    /// Records that dispatcher $1 is alive.
+    pub const HEARTBEAT: &str = r#"
+INSERT INTO dispatchers (id, heartbeat_time) VALUES ($1, now())
+ON CONFLICT (id) DO UPDATE SET heartbeat_time = now()
+"#;
+
+    /// Claimed sessions ({claimed}: a dispatcher drives them) whose owner has
+    /// not heartbeated within $1 seconds: their dispatcher is gone.
+    /// (`owner <> ''`: claimed sessions only.)
+    pub const ORPHANED_SESSIONS: &str = r#"
+SELECT s.id, s.epoch, s.owner FROM sessions s
+WHERE s.status IN ({claimed})
+  AND s.owner <> ''
+  AND NOT EXISTS (
+      SELECT 1 FROM dispatchers d
+      WHERE d.id = s.owner AND d.heartbeat_time > now() - make_interval(secs => $1)
+  )
+LIMIT 1000
+"#;
+
+    /// Queued sessions whose queue deadline has passed and that were never
+    /// placed (`start_time IS NULL`: a rescheduling session that no node
+    /// would take never ran either), oldest first. Served by
+    /// `sessions_queue_deadline`.
+    pub const EXPIRED_PENDING: &str = r#"
+SELECT id, epoch FROM sessions
+WHERE status IN ({claimable}) AND start_time IS NULL
+  AND queue_deadline IS NOT NULL AND queue_deadline < now()
+ORDER BY queue_deadline
+LIMIT 1000
+"#;
+
+    /// Sessions not yet ended ({open}), by status, and how long the oldest
+    /// queued one has waited (its last status change: creation, a resume or
+    /// a re-queue). Served by `sessions_open_status`.
+    pub const OPEN_COUNTS: &str = r#"
+SELECT status, count(*) AS n,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(update_time)), 0)::float8 AS oldest_s
+FROM sessions
+WHERE status IN ({open})
+GROUP BY status
+"#;
+}
+
+/// Fills a statement's `{…}` status lists from [`SessionStatus`].
+fn statuses(sql: &str) -> String {
+    use SessionStatus::*;
+    let claimed = [Starting, Running, Idle, Stopping];
+    let open = SessionStatus::ALL.into_iter().filter(|s| s.is_open());
+    sql.replace("{claimable}", &status_literals(SessionStatus::CLAIMABLE))
+        .replace("{starting}", Starting.as_str())
+        .replace("{claimed}", &status_literals(claimed))
+        .replace("{open}", &status_literals(open))
+}
+
+static CLAIM_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_SESSIONS));
+static ORPHANED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::ORPHANED_SESSIONS));
+static EXPIRED_PENDING: LazyLock<String> = LazyLock::new(|| statuses(sql::EXPIRED_PENDING));
+static OPEN_COUNTS: LazyLock<String> = LazyLock::new(|| statuses(sql::OPEN_COUNTS));
+
+/// A live session whose dispatcher stopped heartbeating.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct Orphan {
+    pub id: Uuid,
+    pub epoch: i64,
+    pub owner: String,
+}
+
+/// Sessions not yet ended, by status.
+#[derive(Debug, Default)]
+pub(crate) struct OpenCounts {
+    pub by_status: HashMap<SessionStatus, i64>,
+    /// How long the oldest pending or rescheduling session has waited.
+    pub oldest_queued_age: Duration,
+}
+
+impl Store {
+    /// Claims up to `limit` of the oldest queued sessions for `owner`, moving
+    /// each to `starting`; oldest first. Two round trips for the batch.
+    pub(crate) async fn claim(&self, owner: &str, limit: usize) -> Result<Vec<Session>> {
+        let event_ids: Vec<Uuid> = (0..limit).map(|_| Uuid::now_v7()).collect();
+        let ids: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(CLAIM_SESSIONS.as_str()))
+            .bind(owner)
+            .bind(&event_ids)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.sessions_by_id(&ids).await
+    }
+
+    /// Wakes every dispatcher's claim loop (a session was queued again).
+    pub(crate) async fn notify_queue(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(QUEUE_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records that dispatcher `id` is alive.
+    pub(crate) async fn heartbeat(&self, id: &str) -> Result<()> {
+        sqlx::query(sql::HEARTBEAT)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Live sessions whose owning dispatcher missed its lease.
+    pub(crate) async fn orphaned(&self, lease: Duration) -> Result<Vec<Orphan>> {
+        Ok(sqlx::query_as(AssertSqlSafe(ORPHANED_SESSIONS.as_str()))
+            .bind(lease.as_secs_f64())
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Never-placed queued sessions past their queue deadline, with their epochs.
+    pub(crate) async fn expired_pending(&self) -> Result<Vec<(Uuid, i64)>> {
+        Ok(sqlx::query_as(AssertSqlSafe(EXPIRED_PENDING.as_str()))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Sessions not yet ended, by status (for the metrics sampler).
+    pub(crate) async fn open_counts(&self) -> Result<OpenCounts> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(AssertSqlSafe(OPEN_COUNTS.as_str()))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = OpenCounts::default();
+        for (status, n, oldest_s) in rows {
+            let Ok(status) = status.parse::<SessionStatus>() else {
+                continue;
+            };
+            if SessionStatus::CLAIMABLE.contains(&status) {
+                counts.oldest_queued_age = counts
+                    .oldest_queued_age
+                    .max(Duration::from_secs_f64(oldest_s.max(0.0)));
+            }
+            counts.by_status.insert(status, n);
+        }
+        Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_list_is_filled_from_the_enum() {
+        for s in [&*CLAIM_SESSIONS, &*ORPHANED_SESSIONS, &*EXPIRED_PENDING, &*OPEN_COUNTS] {
+            for hole in ["{claimable}", "{starting}", "{claimed}", "{open}"] {
+                assert!(!s.contains(hole), "{hole} left in {s}");
+            }
+        }
+        assert!(CLAIM_SESSIONS.contains("status IN ('pending', 'rescheduling')"));
+        assert!(OPEN_COUNTS.contains("'paused'") && !OPEN_COUNTS.contains("'archived'"));
+    }
+}

@@ -1,0 +1,420 @@
+//! Session rows: create (idempotent), read, list, and status changes by
+//! compare-and-set, each logged as an event in the same statement.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use berth_common::events::payload::{self, StatusChange, StatusDetail};
+use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{Store, from_millis, to_millis};
+use crate::error::{Error, Result};
+use crate::session::{
+    AgentSpec, Event, NewEvent, NewSession, Resource, Session, SessionStatus, Snapshot,
+    StatusEvent, Usage,
+};
+
+mod sql {
+    /// Creates a session with its first events, and wakes the queue.
+    /// `ON CONFLICT (request_id) DO NOTHING`: a retried create inserts nothing
+    /// and the caller reads the existing row instead.
+    pub const CREATE_SESSION: &str = r#"
+WITH created AS (
+    INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq,
+                          agent_id, agent_version, resources, inactivity_timeout_ms, budget_usd,
+                          queue_timeout_ms, queue_deadline)
+    VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]),
+            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond')
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id, pg_notify('berth_queue', id::text) IS NULL AS notified
+), logged AS (
+    INSERT INTO events (session_id, seq, id, type, payload)
+    SELECT c.id, e.seq, e.id, e.type, e.payload::jsonb
+    FROM created c, unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[]) AS e(seq, id, type, payload)
+)
+SELECT id FROM created
+"#;
+
+    /// One session by id.
+    pub const GET_SESSION: &str = "SELECT * FROM sessions WHERE id = $1";
+
+    /// The session an earlier create with this request id made.
+    pub const SESSION_BY_REQUEST_ID: &str = "SELECT * FROM sessions WHERE request_id = $1";
+
+    /// Sessions newest first, filtered, one page. $1 status filter (NULL =
+    /// any); $2 labels the session must all carry; $3/$4 keyset cursor (NULL =
+    /// first page). Served by `sessions_list`.
+    pub const LIST_SESSIONS: &str = "SELECT * FROM sessions \
+         WHERE ($1::text IS NULL OR status = $1) AND labels @> $2 \
+           AND ($3::timestamptz IS NULL OR (create_time, id) < ($3, $4)) \
+         ORDER BY create_time DESC, id DESC LIMIT $5";
+
+    /// Compare-and-set of a status, logging the change as an event.
+    /// `status = $2 AND epoch = $9`: the change applies only if nobody moved or
+    /// re-placed the session since the caller read it; no row back means the
+    /// caller must re-read. `{running}` are the statuses that mark a start.
+    pub const TRANSITION: &str = r#"
+WITH moved AS (
+    UPDATE sessions
+    SET status = $3, status_reason = $4, last_seq = last_seq + 1, update_time = now(),
+        start_time = CASE WHEN $3 IN ({running}) THEN coalesce(start_time, now()) ELSE start_time END,
+        end_time = CASE WHEN $5 THEN now() WHEN $3 = '{pending}' THEN NULL ELSE end_time END,
+        -- Archiving stamps the time retention counts from.
+        archive_time = CASE WHEN $3 = '{archived}' THEN now() ELSE archive_time END,
+        -- Back in the queue (resumed): a fresh queue deadline.
+        queue_deadline = CASE WHEN $3 = '{pending}' THEN now() + queue_timeout_ms * interval '1 millisecond'
+                              ELSE queue_deadline END,
+        node = CASE WHEN $5 THEN '' ELSE node END,
+        owner = CASE WHEN $5 THEN '' ELSE owner END
+    WHERE id = $1 AND status = $2 AND epoch = $9
+    RETURNING id, last_seq, pg_notify('berth_events', id::text || ':' || last_seq) IS NULL AS notified
+)
+INSERT INTO events (session_id, seq, id, type, payload)
+SELECT id, last_seq, $6, $7, $8::jsonb FROM moved
+RETURNING seq, create_time
+"#;
+
+    /// Moves the forwarded-input cursor forward (never back).
+    pub const SET_INPUT_SEQ: &str =
+        "UPDATE sessions SET input_seq = greatest(input_seq, $2) WHERE id = $1";
+
+    /// Records where the session runs. `epoch = $2`: a superseded placement
+    /// does not overwrite the current one.
+    pub const SET_NODE: &str =
+        "UPDATE sessions SET node = $3, update_time = now() WHERE id = $1 AND epoch = $2";
+
+    /// `runtime_session_id = ''`: only the first id sticks; on resume the CLI
+    /// may report another.
+    pub const SET_RUNTIME_SESSION_ID: &str =
+        "UPDATE sessions SET runtime_session_id = $2 WHERE id = $1 AND runtime_session_id = ''";
+
+    /// Records a saved snapshot as the session's newest.
+    pub const RECORD_SNAPSHOT: &str = r#"
+UPDATE sessions
+SET snapshot_key = $2, snapshot_bytes = $3, snapshot_time = now(), snapshots = snapshots + 1
+WHERE id = $1
+"#;
+
+    /// Deletes a session that is not live; events and turns go with it
+    /// (cascade). `status <> ALL($2)`: a live session is never deleted.
+    pub const DELETE_SESSION: &str =
+        "DELETE FROM sessions WHERE id = $1 AND status <> ALL($2) RETURNING id";
+}
+
+/// [`sql::TRANSITION`] with its status names filled in from [`SessionStatus`].
+static TRANSITION: LazyLock<String> = LazyLock::new(|| {
+    use SessionStatus::*;
+    sql::TRANSITION
+        .replace("{running}", &super::status_literals([Running, Idle]))
+        .replace("{pending}", Pending.as_str())
+        .replace("{archived}", Archived.as_str())
+});
+
+/// A filter and page for `list_sessions`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SessionFilter {
+    pub status: Option<SessionStatus>,
+    pub labels: BTreeMap<String, String>,
+    /// Keyset cursor: sessions strictly older than this (time, id).
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+/// A status change that was persisted.
+#[derive(Debug, Clone)]
+pub(crate) struct Transitioned {
+    pub to: SessionStatus,
+    /// The logged status event, or `None` when the status did not change.
+    pub event: Option<Event>,
+}
+
+/// A `sessions` row as stored.
+#[derive(sqlx::FromRow)]
+pub(super) struct SessionRow {
+    id: Uuid,
+    request_id: Option<String>,
+    display_name: String,
+    status: String,
+    status_reason: String,
+    spec: Json<AgentSpec>,
+    labels: Json<BTreeMap<String, String>>,
+    node: String,
+    owner: String,
+    epoch: i64,
+    last_seq: i64,
+    input_seq: i64,
+    runtime_session_id: String,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_read_input_tokens: i64,
+    cache_creation_input_tokens: i64,
+    cost_usd: f64,
+    turns: i64,
+    timeout_ms: Option<i64>,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+    start_time: Option<DateTime<Utc>>,
+    end_time: Option<DateTime<Utc>>,
+    agent_id: Option<String>,
+    agent_version: Option<i64>,
+    resources: Json<Vec<Resource>>,
+    inactivity_timeout_ms: Option<i64>,
+    budget_usd: Option<f64>,
+    queue_timeout_ms: Option<i64>,
+    queue_deadline: Option<DateTime<Utc>>,
+    snapshot_key: String,
+    snapshot_bytes: i64,
+    snapshot_time: Option<DateTime<Utc>>,
+    snapshots: i64,
+    archive_time: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<SessionRow> for Session {
+    type Error = Error;
+
+    fn try_from(r: SessionRow) -> Result<Self> {
+        Ok(Self {
+            id: r.id,
+            request_id: r.request_id,
+            display_name: r.display_name,
+            status: r.status.parse().map_err(Error::Internal)?,
+            status_reason: r.status_reason,
+            spec: r.spec.0,
+            labels: r.labels.0,
+            node: r.node,
+            owner: r.owner,
+            epoch: r.epoch,
+            last_seq: r.last_seq,
+            input_seq: r.input_seq,
+            runtime_session_id: r.runtime_session_id,
+            usage: Usage {
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cache_read_input_tokens: r.cache_read_input_tokens,
+                cache_creation_input_tokens: r.cache_creation_input_tokens,
+                cost_usd: r.cost_usd,
+                turns: r.turns,
+            },
+            timeout: from_millis(r.timeout_ms),
+            agent: r.agent_id.zip(r.agent_version),
+            resources: r.resources.0,
+            inactivity_timeout: from_millis(r.inactivity_timeout_ms),
+            budget_usd: r.budget_usd,
+            queue_timeout: from_millis(r.queue_timeout_ms),
+            queue_deadline: r.queue_deadline,
+            snapshot: r.snapshot_time.map(|create_time| Snapshot {
+                key: r.snapshot_key,
+                size_bytes: r.snapshot_bytes,
+                create_time,
+            }),
+            snapshots: r.snapshots,
+            archive_time: r.archive_time,
+            create_time: r.create_time,
+            update_time: r.update_time,
+            start_time: r.start_time,
+            end_time: r.end_time,
+        })
+    }
+}
+
+impl Store {
+    /// Creates a session, or returns the one an earlier call with the same
+    /// `request_id` created. The second value is true when this call created it.
+    pub(crate) async fn create_session(&self, new: &NewSession) -> Result<(Session, bool)> {
+        let id = Uuid::now_v7();
+        let pending = StatusChange {
+            status: SessionStatus::Pending.as_str().into(),
+            ..StatusChange::default()
+        };
+        let mut events = vec![NewEvent::new(
+            SessionStatus::Pending.event_type(),
+            payload::to_json(&pending),
+        )];
+        if let Some(text) = &new.initial_message {
+            events.push(NewEvent::user_message(text));
+        }
+        let seqs: Vec<i64> = (1..=events.len() as i64).collect();
+        let created: Option<Uuid> = sqlx::query_scalar(sql::CREATE_SESSION)
+            .bind(id)
+            .bind(&new.request_id)
+            .bind(&new.display_name)
+            .bind(Json(&new.spec))
+            .bind(Json(&new.labels))
+            .bind(to_millis(new.timeout))
+            .bind(&seqs)
+            .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.payload.clone()).collect::<Vec<_>>())
+            .bind(new.pinned.as_ref().map(|p| p.0.clone()))
+            .bind(new.pinned.as_ref().map(|p| p.1))
+            .bind(Json(&new.resources))
+            .bind(to_millis(new.inactivity_timeout))
+            .bind(new.budget_usd)
+            .bind(to_millis(new.queue_timeout))
+            .fetch_optional(&self.pool)
+            .await?;
+        match (created, &new.request_id) {
+            (Some(id), _) => Ok((self.get_session(id).await?, true)),
+            (None, Some(request_id)) => {
+                let row: SessionRow = sqlx::query_as(sql::SESSION_BY_REQUEST_ID)
+                    .bind(request_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok((row.try_into()?, false))
+            }
+            (None, None) => Err(Error::Internal("session insert returned nothing".into())),
+        }
+    }
+
+    pub(crate) async fn get_session(&self, id: Uuid) -> Result<Session> {
+        let row: SessionRow = sqlx::query_as(sql::GET_SESSION)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+        row.try_into()
+    }
+
+    /// Sessions newest first, filtered, one page.
+    pub(crate) async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<Session>> {
+        let rows: Vec<SessionRow> = sqlx::query_as(sql::LIST_SESSIONS)
+            .bind(f.status.map(SessionStatus::as_str))
+            .bind(Json(&f.labels))
+            .bind(f.before.map(|b| b.0))
+            .bind(f.before.map(|b| b.1))
+            .bind(f.limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Session::try_from).collect()
+    }
+
+    /// Sessions by id, oldest first (the claim reads its batch back).
+    pub(super) async fn sessions_by_id(&self, ids: &[Uuid]) -> Result<Vec<Session>> {
+        let rows: Vec<SessionRow> = sqlx::query_as(AssertSqlSafe(
+            "SELECT * FROM sessions WHERE id = ANY($1) ORDER BY create_time",
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Session::try_from).collect()
+    }
+
+    /// Applies `event` to the session's current status with compare-and-set,
+    /// logging the change. Re-reads and retries when another writer won.
+    /// With `epoch`, applies only while the session is at that epoch.
+    pub(crate) async fn transition(
+        &self,
+        id: Uuid,
+        epoch: Option<i64>,
+        event: StatusEvent,
+        reason: &str,
+        detail: &StatusDetail,
+    ) -> Result<Transitioned> {
+        for _ in 0..8 {
+            let current = self.get_session(id).await?;
+            if let Some(epoch) = epoch.filter(|e| *e != current.epoch) {
+                return Err(Error::Superseded {
+                    id,
+                    epoch,
+                    current: current.epoch,
+                });
+            }
+            let to = current.status.transition(event)?;
+            if to == current.status {
+                return Ok(Transitioned { to, event: None });
+            }
+            let payload = payload::to_json(&StatusChange {
+                status: to.as_str().into(),
+                previous: current.status.as_str().into(),
+                reason: reason.into(),
+                pause: event == StatusEvent::PauseRequested,
+                detail: detail.clone(),
+            });
+            let event_id = Uuid::now_v7();
+            let kind = to.event_type();
+            let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
+                .bind(id)
+                .bind(current.status.as_str())
+                .bind(to.as_str())
+                .bind(reason)
+                .bind(!to.is_live())
+                .bind(event_id)
+                .bind(&kind)
+                .bind(&payload)
+                .bind(current.epoch)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some((seq, create_time)) = row {
+                let event = Event {
+                    session_id: id,
+                    seq,
+                    id: event_id,
+                    kind,
+                    create_time,
+                    payload,
+                };
+                return Ok(Transitioned {
+                    to,
+                    event: Some(event),
+                });
+            }
+        }
+        Err(Error::Conflict)
+    }
+
+    /// Moves the forwarded-input cursor forward (never back).
+    pub(crate) async fn set_input_seq(&self, id: Uuid, seq: i64) -> Result<()> {
+        sqlx::query(sql::SET_INPUT_SEQ)
+            .bind(id)
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records where the session runs.
+    pub(crate) async fn set_node(&self, id: Uuid, epoch: i64, node: &str) -> Result<()> {
+        sqlx::query(sql::SET_NODE)
+            .bind(id)
+            .bind(epoch)
+            .bind(node)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Keeps the first runtime session id the runtime reports.
+    pub(crate) async fn set_runtime_session_id(&self, id: Uuid, runtime_id: &str) -> Result<()> {
+        sqlx::query(sql::SET_RUNTIME_SESSION_ID)
+            .bind(id)
+            .bind(runtime_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a saved snapshot as the session's newest.
+    pub(crate) async fn record_snapshot(&self, id: Uuid, key: &str, size_bytes: i64) -> Result<()> {
+        sqlx::query(sql::RECORD_SNAPSHOT)
+            .bind(id)
+            .bind(key)
+            .bind(size_bytes)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a session that is not live with its events and usage rows.
+    /// `false` when it was live (or appeared live) at the time.
+    pub(crate) async fn delete_session(&self, id: Uuid) -> Result<bool> {
+        let deleted: Option<Uuid> = sqlx::query_scalar(sql::DELETE_SESSION)
+            .bind(id)
+            .bind(super::live_statuses())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(deleted.is_some())
+    }
+}
