@@ -12,7 +12,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
-use crate::node::{Load, Node};
+use crate::load::Load;
+use crate::node::Node;
 use crate::session::{self, Command, Output};
 use crate::spec::SessionSpec;
 
@@ -62,14 +63,7 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
         Output::Event(e) => node_frame::Kind::Event(pb::RuntimeEvent {
             r#type: e.kind.to_string(),
             payload_json: e.payload,
-            turn_end: e.turn_end.map(|u| pb::TurnUsage {
-                input_tokens: u.input_tokens,
-                output_tokens: u.output_tokens,
-                cache_read_input_tokens: u.cache_read_input_tokens,
-                cache_creation_input_tokens: u.cache_creation_input_tokens,
-                cost_usd: u.cost_usd,
-                model: u.model,
-            }),
+            turn_end: e.turn_end.map(pb::TurnUsage::from),
             runtime_session_id: e.runtime_session_id.unwrap_or_default(),
         }),
         Output::Exited(x) => node_frame::Kind::Exited(pb::Exited {
@@ -138,7 +132,7 @@ impl AgentServer for NodeApi {
             return Err(Error::invalid("start.session_id", "must not be empty").into());
         }
         let spec = SessionSpec::try_from(start.spec.unwrap_or_default())?;
-        spec.check_paths(&crate::workspace::Layout::new(&self.node.cfg))?;
+        spec.check_paths(&self.node.workspace.layout)?;
         let epoch = start.epoch;
 
         let (cmd_tx, cmd_rx) = mpsc::channel(64);

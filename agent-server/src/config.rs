@@ -7,7 +7,14 @@ use std::time::Duration;
 use berth_common::telemetry::LogFormat;
 use berth_common::tls::TlsArgs;
 
-use crate::pool::PoolSpec;
+use std::str::FromStr;
+
+use berth_common::time::parse_secs;
+
+use crate::container::ContainerConfig;
+use crate::layout::Layout;
+use crate::pool::PoolConfig;
+use crate::workspace::WorkspaceConfig;
 
 /// Configuration of one agent-server node.
 #[derive(Debug, Clone, clap::Parser)]
@@ -55,7 +62,7 @@ pub struct Config {
     pub git_bin: String,
 
     /// Longest a git clone may take, in seconds.
-    #[arg(long, env = "BERTH_GIT_TIMEOUT", value_parser = humantime_secs, default_value = "120")]
+    #[arg(long, env = "BERTH_GIT_TIMEOUT", value_parser = parse_secs, default_value = "120")]
     pub git_timeout: Duration,
 
     /// Largest volume archive read for a snapshot or memory store, in bytes
@@ -90,11 +97,11 @@ pub struct Config {
     pub max_line_bytes: usize,
 
     /// How long a stopped agent gets to exit after its stdin closes, before its container is killed.
-    #[arg(long, env = "BERTH_STOP_GRACE", value_parser = humantime_secs, default_value = "5")]
+    #[arg(long, env = "BERTH_STOP_GRACE", value_parser = parse_secs, default_value = "5")]
     pub stop_grace: Duration,
 
     /// Interval between load reports when nothing changes, in seconds.
-    #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = humantime_secs, default_value = "1")]
+    #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = parse_secs, default_value = "1")]
     pub load_heartbeat: Duration,
 
     /// Warm pools, comma-separated `IMAGE=MIN[:MAX]` (e.g.
@@ -109,7 +116,7 @@ pub struct Config {
     pub warm_refill_per_sec: f64,
 
     /// A warm container unclaimed this long (seconds) is replaced by a fresh one.
-    #[arg(long, env = "BERTH_WARM_MAX_IDLE", value_parser = humantime_secs, default_value = "900")]
+    #[arg(long, env = "BERTH_WARM_MAX_IDLE", value_parser = parse_secs, default_value = "900")]
     pub warm_max_idle: Duration,
 
     /// Command run in each new warm container; it is offered only if this exits 0.
@@ -123,7 +130,7 @@ pub struct Config {
     pub warm_health_cmd: Vec<String>,
 
     /// How often ready warm containers are checked for death and age, in seconds.
-    #[arg(long, env = "BERTH_WARM_CHECK_INTERVAL", value_parser = humantime_secs, default_value = "10")]
+    #[arg(long, env = "BERTH_WARM_CHECK_INTERVAL", value_parser = parse_secs, default_value = "10")]
     pub warm_check_interval: Duration,
 
     /// mTLS for the node API.
@@ -153,7 +160,7 @@ pub struct Config {
     /// ones this long (seconds) to finish. Then each remaining session is
     /// stopped with a snapshot and placed again on another node by its
     /// dispatcher. A second SIGTERM (or SIGINT) stops at once.
-    #[arg(long, env = "BERTH_DRAIN_TIMEOUT", value_parser = humantime_secs, default_value = "60")]
+    #[arg(long, env = "BERTH_DRAIN_TIMEOUT", value_parser = parse_secs, default_value = "60")]
     pub drain_timeout: Duration,
 }
 
@@ -174,18 +181,87 @@ fn default_node_id() -> String {
         .unwrap_or_else(|| "node".to_string())
 }
 
-/// Parses seconds, fractional allowed (`0.5`, `30`).
-pub fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a valid duration"))
+/// One pool's configuration: `IMAGE=MIN[:MAX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub image: String,
+    pub min: u32,
+    pub max: u32,
+}
+
+impl FromStr for PoolSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (image, sizes) = s
+            .rsplit_once('=')
+            .ok_or_else(|| format!("`{s}`: expected IMAGE=MIN[:MAX], e.g. `agent:latest=2:8`"))?;
+        let image = image.trim();
+        if image.is_empty() {
+            return Err(format!("`{s}`: the image is empty"));
+        }
+        let number = |n: &str| {
+            n.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("`{s}`: `{n}` is not a whole number"))
+        };
+        let (min, max) = match sizes.split_once(':') {
+            Some((min, max)) => (number(min)?, number(max)?),
+            None => {
+                let min = number(sizes)?;
+                (min, min)
+            }
+        };
+        if max < min || max == 0 {
+            return Err(format!("`{s}`: MAX must be at least MIN and at least 1"));
+        }
+        Ok(Self {
+            image: image.to_string(),
+            min,
+            max,
+        })
+    }
 }
 
 impl Config {
     /// A configuration with every default, for tests and the in-process node.
     pub fn defaults() -> Self {
         <Self as clap::Parser>::parse_from(["berth-agent-server"])
+    }
+
+    /// What the container runtime needs.
+    pub fn container(&self) -> ContainerConfig {
+        ContainerConfig {
+            node_id: self.node_id.clone(),
+            agent_user: self.agent_user.clone(),
+            workspace: self.workspace.clone(),
+            home: self.home.clone(),
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            pids_limit: self.pids_limit,
+            keepalive_cmd: self.keepalive_cmd.clone(),
+        }
+    }
+
+    /// What the warm pools need.
+    pub fn pools(&self) -> PoolConfig {
+        PoolConfig {
+            pools: self.warm_pools.clone(),
+            refill_per_sec: self.warm_refill_per_sec,
+            max_idle: self.warm_max_idle,
+            health_cmd: self.warm_health_cmd.clone(),
+            check_interval: self.warm_check_interval,
+        }
+    }
+
+    /// What moving workspaces in and out needs.
+    pub fn workspace(&self) -> WorkspaceConfig {
+        WorkspaceConfig {
+            layout: Layout::new(&self.agent_user, &self.workspace, &self.home),
+            snapshot_max_bytes: self.snapshot_max_bytes,
+            git_bin: self.git_bin.clone(),
+            git_timeout: self.git_timeout,
+        }
     }
 
     /// `--warm-health-cmd ""` means no check.
@@ -234,5 +310,39 @@ impl Config {
             anyhow::bail!("--warm-pool: `{}` is configured twice", w[0]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_specs_parse_with_and_without_a_max() {
+        assert_eq!(
+            "berth-test-agent:latest=2:8".parse::<PoolSpec>(),
+            Ok(PoolSpec {
+                image: "berth-test-agent:latest".into(),
+                min: 2,
+                max: 8
+            })
+        );
+        assert_eq!(
+            "registry:5000/agent=3"
+                .parse::<PoolSpec>()
+                .map(|p| (p.min, p.max)),
+            Ok((3, 3))
+        );
+        for bad in [
+            "agent",
+            "=2",
+            "agent=x",
+            "agent=4:2",
+            "agent=0",
+            "agent=1:y",
+        ] {
+            assert!(bad.parse::<PoolSpec>().is_err(), "{bad} should not parse");
+        }
+        assert_eq!("agent=0:4".parse::<PoolSpec>().map(|p| p.min), Ok(0));
     }
 }

@@ -29,6 +29,15 @@ impl Error {
     }
 }
 
+impl From<berth_common::spec::FieldError> for Error {
+    fn from(e: berth_common::spec::FieldError) -> Self {
+        Self::Invalid {
+            field: e.field,
+            reason: e.message,
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         match &e {

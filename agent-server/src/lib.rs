@@ -1,22 +1,28 @@
 //! berth's agent-server: a stateless node that runs each session in its own
 //! Docker container and streams the agent's events back to the dispatcher.
 //!
-//! Layout: [`api`] (thin gRPC handlers) → [`node`] (slots, load) and
-//! [`session`] (one run) → [`container`] (bollard) and [`adapter`] (runtime
-//! protocols).
+//! Layout, each layer using only those below it:
+//! - `api`: thin gRPC handlers;
+//! - `session`: one run (start, relay, stop), `node`: slots, drain, load;
+//! - `pool`: warm pools (a pure state machine and its Docker side),
+//!   `workspace`: prepare, snapshot and archive;
+//! - `container`: Docker through bollard, `adapter`: runtime protocols;
+//! - `spec`, `layout`, `load`, `lines`, [`config`], [`metrics`], `error`.
 
-pub mod adapter;
-pub mod api;
+mod adapter;
+mod api;
 pub mod config;
-pub mod container;
-pub mod error;
-pub mod lines;
+mod container;
+mod error;
+mod layout;
+mod lines;
+mod load;
 pub mod metrics;
-pub mod node;
-pub mod pool;
-pub mod session;
-pub mod spec;
-pub mod workspace;
+mod node;
+mod pool;
+mod session;
+mod spec;
+mod workspace;
 
 use std::sync::Arc;
 
@@ -57,7 +63,7 @@ pub async fn run_with_drain(
     if tls.is_none() {
         tracing::warn!("node API runs WITHOUT TLS (--insecure-plaintext): local development only");
     }
-    let runtime = container::ContainerRuntime::connect(cfg.clone()).await?;
+    let runtime = container::ContainerRuntime::connect(cfg.container()).await?;
     let reaped = runtime.reap().await?;
     if reaped > 0 {
         tracing::info!(

@@ -11,9 +11,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use berth_common::sync::lock;
+
 use crate::config::Config;
 use crate::container::ContainerRuntime;
+use crate::load::Load;
 use crate::pool::Pools;
+use crate::workspace::WorkspaceConfig;
 
 /// Slots the configured capacity allows, bounded by what the machine's memory
 /// holds at the per-container limit.
@@ -36,19 +40,6 @@ fn capacity_for_memory(cfg: &Config) -> u32 {
         );
     }
     cfg.capacity.min(fits)
-}
-
-/// A point-in-time view of the node's load.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Load {
-    pub capacity: u32,
-    pub running: u32,
-    pub draining: bool,
-    /// Warm containers ready per image, sorted by image.
-    pub warm: Vec<(String, u32)>,
-    pub cpu_utilization: f64,
-    pub memory_used_bytes: u64,
-    pub memory_total_bytes: u64,
 }
 
 /// A session the node is running.
@@ -88,6 +79,8 @@ pub struct Node {
     pub runtime: ContainerRuntime,
     /// Snapshots, memory stores and files.
     pub objects: berth_common::objects::ObjectStore,
+    /// How workspaces move in and out of containers.
+    pub workspace: WorkspaceConfig,
     sessions: Mutex<HashMap<String, RunningSession>>,
     draining: AtomicBool,
     load: Arc<watch::Sender<Load>>,
@@ -126,8 +119,9 @@ impl Node {
             })
             .0,
         );
-        let pools = Pools::new(&cfg, runtime.clone(), load.clone(), shutdown.child_token());
+        let pools = Pools::new(cfg.pools(), runtime.clone(), load.clone(), shutdown.child_token());
         Arc::new(Self {
+            workspace: cfg.workspace(),
             cfg,
             runtime,
             objects,
@@ -149,7 +143,7 @@ impl Node {
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningSession>> {
         // A poisoned map is still a consistent map: every mutation is one insert or remove.
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.sessions)
     }
 
     /// Takes a slot for `session_id` at `epoch`, or says why not.

@@ -141,11 +141,11 @@ async fn run_in_slot(
     out: &mpsc::Sender<Output>,
 ) -> Exit {
     let runtime = node.runtime.clone();
-    let mut adapter = adapter::for_runtime(spec.runtime);
+    let mut adapter = adapter::for_runtime(spec.agent.runtime);
     let cmd = adapter.command(&spec);
     // Warm first: a pop from the pool, then the exec. A claimed container
     // that died since its last check falls back to a cold start.
-    let mut claimed = node.pools.claim(&spec.image);
+    let mut claimed = node.pools.claim(&spec.agent.image);
     let (container_id, guard, process, is_warm) = loop {
         let warm = claimed.is_some();
         let mut launcher = None;
@@ -155,7 +155,7 @@ async fn run_in_slot(
                 c.id
             }
             None => match runtime
-                .start_container(&spec.image, Purpose::Session(session_id))
+                .start_container(&spec.agent.image, Purpose::Session(session_id))
                 .await
             {
                 Ok(id) => id,
@@ -170,13 +170,13 @@ async fn run_in_slot(
         // The session's own limits, then its resources: all before the agent
         // runs, and a failure removes the container (never half-prepared).
         let prepared = async {
-            if !spec.limits.is_default() {
+            if !spec.agent.limits.is_default() {
                 runtime
-                    .update_limits(&id, &spec.limits)
+                    .update_limits(&id, &spec.agent.limits)
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            crate::workspace::prepare(&runtime, &node.objects, &node.cfg, &id, &spec).await
+            crate::workspace::prepare(&runtime, &node.objects, &node.workspace, &id, &spec).await
         };
         let prepared =
             crate::metrics::timed(metrics::histogram!(crate::metrics::PREPARE), prepared).await;
@@ -204,7 +204,7 @@ async fn run_in_slot(
             Ok(p) => break (id, guard, p, warm),
             Err(e) if warm => {
                 tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");
-                node.pools.claimed_dead(&spec.image);
+                node.pools.claimed_dead(&spec.agent.image);
                 guard.remove().await;
             }
             Err(e) => {
@@ -214,7 +214,7 @@ async fn run_in_slot(
         }
     };
     tracing::debug!(%container_id, warm = is_warm, "agent started");
-    node.pools.count_start(&spec.image, is_warm);
+    node.pools.count_start(&spec.agent.image, is_warm);
     let start = if is_warm { "warm" } else { "cold" };
     metrics::counter!(crate::metrics::NODE_STARTS, "start" => start).increment(1);
     if out
@@ -329,7 +329,7 @@ async fn run_in_slot(
         let saved = crate::workspace::snapshot(
             &runtime,
             &node.objects,
-            &node.cfg,
+            &node.workspace,
             &container_id,
             &snapshot_key,
         )
@@ -352,7 +352,7 @@ async fn run_in_slot(
     let memory_errors = crate::workspace::write_back_memory(
         &runtime,
         &node.objects,
-        &node.cfg,
+        &node.workspace,
         &container_id,
         &spec,
     )
@@ -384,8 +384,8 @@ async fn run_in_slot(
 /// The agent's env, with `HOME` at the node's home volume unless the session
 /// sets its own.
 fn env_with_home(spec: &SessionSpec, cfg: &crate::config::Config) -> Vec<String> {
-    let mut env = spec.env_pairs();
-    if !spec.env.contains_key("HOME") {
+    let mut env = spec.agent.env_pairs();
+    if !spec.agent.env.contains_key("HOME") {
         env.push(format!("HOME={}", cfg.home));
     }
     env

@@ -1,51 +1,27 @@
-//! The node's view of what a session runs, converted from the wire once.
+//! The node's view of what a session runs, converted from the wire once and
+//! checked with the same validator the dispatcher applies.
 
-use std::collections::BTreeMap;
-
+use berth_common::spec::{AgentSpec, validate_git};
 use berth_proto::node::v1 as pb;
 
 use crate::error::Error;
+use crate::layout::Layout;
 
-/// Which adapter drives the agent process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuntimeKind {
-    ClaudeCode,
-    Jsonl,
-}
+pub use berth_common::spec::Runtime;
 
-/// A validated session spec.
+/// A validated session spec: the agent's part, and this run's.
 #[derive(Debug, Clone)]
 pub struct SessionSpec {
-    pub image: String,
-    pub runtime: RuntimeKind,
-    pub runtime_args: Vec<String>,
-    pub model: String,
-    pub system_prompt: String,
-    pub env: BTreeMap<String, String>,
+    /// Image, runtime, prompt, env, limits and skills.
+    pub agent: AgentSpec,
+    /// The runtime's own id to resume its conversation under.
     pub resume_id: String,
-    pub limits: Limits,
-    /// (name, SKILL.md content).
-    pub skills: Vec<(String, String)>,
     pub restore_snapshot_key: String,
     /// Where to save a snapshot if a drain evicts the run.
     pub evict_snapshot_key: String,
     pub files: Vec<FileCopy>,
     pub memory: Vec<MemoryCopy>,
     pub git: Vec<GitClone>,
-}
-
-/// Per-session container limits; `None` = the node's default.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Limits {
-    pub cpus: Option<f64>,
-    pub memory_bytes: Option<i64>,
-    pub pids: Option<i64>,
-}
-
-impl Limits {
-    pub fn is_default(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -68,92 +44,17 @@ pub struct GitClone {
     pub path: String,
 }
 
-/// Smallest memory limit a session may ask for.
-const MIN_MEMORY_BYTES: i64 = 64 * 1024 * 1024;
-
 impl TryFrom<pb::SessionSpec> for SessionSpec {
     type Error = Error;
 
     fn try_from(s: pb::SessionSpec) -> Result<Self, Error> {
-        if s.image.trim().is_empty() {
-            return Err(Error::invalid("spec.image", "must not be empty"));
-        }
-        let runtime = match pb::Runtime::try_from(s.runtime) {
-            Ok(pb::Runtime::ClaudeCode | pb::Runtime::Unspecified) => RuntimeKind::ClaudeCode,
-            Ok(pb::Runtime::Jsonl) => RuntimeKind::Jsonl,
-            Err(_) => {
-                return Err(Error::invalid(
-                    "spec.runtime",
-                    format!("unknown runtime {}", s.runtime),
-                ));
-            }
-        };
-        if runtime == RuntimeKind::Jsonl && s.runtime_args.is_empty() {
-            return Err(Error::invalid(
-                "spec.runtime_args",
-                "the jsonl runtime needs the program to run",
-            ));
-        }
-        for key in s.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(Error::invalid(
-                    "spec.env",
-                    format!("bad variable name `{key}`"),
-                ));
-            }
-        }
-        let limits = match s.limits {
-            None => Limits::default(),
-            Some(l) => {
-                if !(l.cpus >= 0.0 && l.cpus.is_finite()) {
-                    return Err(Error::invalid("spec.limits.cpus", "must be 0 or positive"));
-                }
-                if l.memory_bytes != 0 && l.memory_bytes < MIN_MEMORY_BYTES {
-                    return Err(Error::invalid(
-                        "spec.limits.memory_bytes",
-                        "must be 0 or at least 64 MiB",
-                    ));
-                }
-                if l.pids < 0 {
-                    return Err(Error::invalid("spec.limits.pids", "must be 0 or positive"));
-                }
-                Limits {
-                    cpus: (l.cpus > 0.0).then_some(l.cpus),
-                    memory_bytes: (l.memory_bytes > 0).then_some(l.memory_bytes),
-                    pids: (l.pids > 0).then_some(l.pids),
-                }
-            }
-        };
-        for sk in &s.skills {
-            if !berth_common::names::is_simple_name(&sk.name) {
-                return Err(Error::invalid(
-                    "spec.skills.name",
-                    format!("`{}`: letters, digits, `-` and `_` only, up to 64", sk.name),
-                ));
-            }
-        }
-        if s.git
-            .iter()
-            .any(|g| g.url.is_empty() || g.url.starts_with('-'))
-        {
-            return Err(Error::invalid(
-                "spec.git.url",
-                "must be a repository URL or path",
-            ));
-        }
-        if s.git.iter().any(|g| g.r#ref.starts_with('-')) {
-            return Err(Error::invalid("spec.git.ref", "must not start with `-`"));
+        let agent = berth_common::spec::from_node_pb(&s)?;
+        for g in &s.git {
+            validate_git("spec.git.url", "spec.git.ref", &g.url, &g.r#ref)?;
         }
         Ok(Self {
-            image: s.image,
-            runtime,
-            runtime_args: s.runtime_args,
-            model: s.model,
-            system_prompt: s.system_prompt,
-            env: s.env.into_iter().collect(),
+            agent,
             resume_id: s.resume_id,
-            limits,
-            skills: s.skills.into_iter().map(|k| (k.name, k.content)).collect(),
             restore_snapshot_key: s.restore_snapshot_key,
             evict_snapshot_key: s.evict_snapshot_key,
             files: s
@@ -188,7 +89,7 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
 
 impl SessionSpec {
     /// Every path the spec names lies in a writable volume of the container.
-    pub fn check_paths(&self, layout: &crate::workspace::Layout) -> Result<(), Error> {
+    pub fn check_paths(&self, layout: &Layout) -> Result<(), Error> {
         let paths = self
             .files
             .iter()
@@ -199,10 +100,5 @@ impl SessionSpec {
             layout.check(path).map_err(|e| Error::invalid(field, e))?;
         }
         Ok(())
-    }
-
-    /// `KEY=value` pairs for Docker's exec API.
-    pub fn env_pairs(&self) -> Vec<String> {
-        self.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 }

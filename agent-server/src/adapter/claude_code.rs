@@ -31,16 +31,16 @@ impl Adapter for ClaudeCode {
         ]
         .map(String::from)
         .into();
-        if !spec.model.is_empty() {
-            cmd.extend(["--model".into(), spec.model.clone()]);
+        if !spec.agent.model.is_empty() {
+            cmd.extend(["--model".into(), spec.agent.model.clone()]);
         }
-        if !spec.system_prompt.is_empty() {
-            cmd.extend(["--append-system-prompt".into(), spec.system_prompt.clone()]);
+        if !spec.agent.system_prompt.is_empty() {
+            cmd.extend(["--append-system-prompt".into(), spec.agent.system_prompt.clone()]);
         }
         if !spec.resume_id.is_empty() {
             cmd.extend(["--resume".into(), spec.resume_id.clone()]);
         }
-        cmd.extend(spec.runtime_args.iter().cloned());
+        cmd.extend(spec.agent.runtime_args.iter().cloned());
         cmd
     }
 

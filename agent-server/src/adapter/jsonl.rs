@@ -19,7 +19,7 @@ pub struct Jsonl;
 
 impl Adapter for Jsonl {
     fn command(&self, spec: &SessionSpec) -> Vec<String> {
-        spec.runtime_args.clone()
+        spec.agent.runtime_args.clone()
     }
 
     fn encode_message(&mut self, text: &str) -> Vec<u8> {

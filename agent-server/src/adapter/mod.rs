@@ -12,7 +12,7 @@ pub use jsonl::Jsonl;
 
 pub use berth_common::TurnUsage;
 
-use crate::spec::{RuntimeKind, SessionSpec};
+use crate::spec::{Runtime, SessionSpec};
 
 /// One event decoded from one output line.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,10 +61,10 @@ pub trait Adapter: Send {
 }
 
 /// The adapter for a runtime.
-pub fn for_runtime(kind: RuntimeKind) -> Box<dyn Adapter> {
+pub fn for_runtime(kind: Runtime) -> Box<dyn Adapter> {
     match kind {
-        RuntimeKind::ClaudeCode => Box::new(ClaudeCode::default()),
-        RuntimeKind::Jsonl => Box::new(Jsonl),
+        Runtime::ClaudeCode => Box::new(ClaudeCode::default()),
+        Runtime::Jsonl => Box::new(Jsonl),
     }
 }
 

@@ -1,0 +1,167 @@
+//! Copying a session's resources into its container before the agent starts.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+
+use super::WorkspaceConfig;
+use super::archive::{
+    blocking, dir_tar, files_tar, memory_tar, single_file_tar, split_snapshot,
+};
+use super::snapshot::layout_volumes;
+use crate::container::ContainerRuntime;
+use crate::spec::{GitClone, SessionSpec};
+
+/// Copies everything the session needs into its container, in order:
+/// snapshot, then (first start only) files and git clones, then memory
+/// stores and skills. The error names the resource that failed.
+pub async fn prepare(
+    runtime: &ContainerRuntime,
+    objects: &berth_common::objects::ObjectStore,
+    cfg: &WorkspaceConfig,
+    container: &str,
+    spec: &SessionSpec,
+) -> Result<(), String> {
+    let layout = &cfg.layout;
+    let restoring = !spec.restore_snapshot_key.is_empty();
+    if restoring {
+        let key = &spec.restore_snapshot_key;
+        let packed = objects
+            .get(key)
+            .await
+            .map_err(|e| format!("snapshot {key}: {e}"))?
+            .ok_or_else(|| format!("snapshot {key} is missing from the object store"))?;
+        let volumes = layout_volumes(layout);
+        let parts = blocking(move || split_snapshot(&packed, &volumes))
+            .await
+            .map_err(|e| format!("snapshot {key} is unreadable: {e}"))?;
+        for (volume, tar) in parts {
+            runtime
+                .upload_tar(container, &volume, tar)
+                .await
+                .map_err(|e| format!("restoring snapshot {key} into {volume}: {e}"))?;
+        }
+    } else {
+        for f in &spec.files {
+            let body = objects
+                .get(&f.key)
+                .await
+                .map_err(|e| format!("file {}: {e}", f.key))?
+                .ok_or_else(|| format!("file {} does not exist", f.key))?;
+            let (volume, rel) = layout.volume_of(&f.path)?;
+            let (uid, gid) = (layout.uid, layout.gid);
+            let tar = blocking(move || single_file_tar(&rel, &body, uid, gid))
+                .await
+                .map_err(|e| format!("file {}: {e}", f.key))?;
+            runtime
+                .upload_tar(container, volume, tar)
+                .await
+                .map_err(|e| format!("copying file {} to {}: {e}", f.key, f.path))?;
+        }
+        for g in &spec.git {
+            let tar = clone_repo(cfg, g).await?;
+            let (volume, _) = layout.volume_of(&g.path)?;
+            runtime
+                .upload_tar(container, volume, tar)
+                .await
+                .map_err(|e| format!("copying git repository {} to {}: {e}", g.url, g.path))?;
+        }
+    }
+    for m in &spec.memory {
+        let packed = objects
+            .get(&m.key)
+            .await
+            .map_err(|e| format!("memory store {}: {e}", m.key))?;
+        let (volume, rel) = layout.volume_of(&m.path)?;
+        let (uid, gid) = (layout.uid, layout.gid);
+        let tar = blocking(move || memory_tar(packed.as_deref(), &rel, uid, gid))
+            .await
+            .map_err(|e| format!("memory store {} is unreadable: {e}", m.key))?;
+        runtime
+            .upload_tar(container, volume, tar)
+            .await
+            .map_err(|e| format!("copying memory store {} to {}: {e}", m.key, m.path))?;
+    }
+    if !spec.agent.skills.is_empty() {
+        let skills: Vec<(String, Vec<u8>)> = spec
+            .agent
+            .skills
+            .iter()
+            .map(|k| {
+                (
+                    format!(".claude/skills/{}/SKILL.md", k.name),
+                    k.content.clone().into_bytes(),
+                )
+            })
+            .collect();
+        let (uid, gid) = (layout.uid, layout.gid);
+        let tar = blocking(move || files_tar(&skills, uid, gid))
+            .await
+            .map_err(|e| format!("skills: {e}"))?;
+        runtime
+            .upload_tar(container, &layout.home, tar)
+            .await
+            .map_err(|e| format!("copying skills: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Clones `g` on the node (the container has no network or git) and returns
+/// a tar of the checkout placed at its path relative to its volume.
+async fn clone_repo(cfg: &WorkspaceConfig, g: &GitClone) -> Result<Bytes, String> {
+    let layout = &cfg.layout;
+    let (_, rel) = layout.volume_of(&g.path)?;
+    let dir = std::env::temp_dir().join(format!("berth-git-{}", uuid::Uuid::new_v4().simple()));
+    let result = async {
+        git(
+            cfg,
+            None,
+            &[
+                "clone",
+                "--quiet",
+                "--no-checkout",
+                &g.url,
+                &dir.to_string_lossy(),
+            ],
+        )
+        .await
+        .map_err(|e| format!("git repository {}: clone failed: {e}", g.url))?;
+        let target = if g.git_ref.is_empty() {
+            "HEAD"
+        } else {
+            &g.git_ref
+        };
+        git(cfg, Some(&dir), &["checkout", "--quiet", target, "--"])
+            .await
+            .map_err(|e| format!("git repository {}: no ref `{}`: {e}", g.url, target))?;
+        let (uid, gid) = (layout.uid, layout.gid);
+        let src = dir.clone();
+        blocking(move || dir_tar(&src, &rel, uid, gid))
+            .await
+            .map_err(|e| format!("git repository {}: packing the checkout: {e}", g.url))
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
+async fn git(cfg: &WorkspaceConfig, cwd: Option<&PathBuf>, args: &[&str]) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new(&cfg.git_bin);
+    cmd.args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let out = tokio::time::timeout(cfg.git_timeout, cmd.output())
+        .await
+        .map_err(|_| format!("timed out after {:?}", cfg.git_timeout))?
+        .map_err(|e| format!("cannot run `{}`: {e}", cfg.git_bin))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err.trim().lines().last().unwrap_or("failed").to_string())
+    }
+}
