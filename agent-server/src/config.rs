@@ -11,10 +11,7 @@ use std::str::FromStr;
 
 use berth_common::time::parse_secs;
 
-use crate::container::ContainerConfig;
 use crate::layout::Layout;
-use crate::pool::PoolConfig;
-use crate::workspace::WorkspaceConfig;
 
 /// Configuration of one agent-server node.
 #[derive(Debug, Clone, clap::Parser)]
@@ -162,6 +159,50 @@ pub struct Config {
     /// dispatcher. A second SIGTERM (or SIGINT) stops at once.
     #[arg(long, env = "BERTH_DRAIN_TIMEOUT", value_parser = parse_secs, default_value = "60")]
     pub drain_timeout: Duration,
+}
+
+/// What the container runtime needs of the node's configuration.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    /// Labels every container (`berth.node`), so a restarted node reaps its own.
+    pub node_id: String,
+    /// uid:gid the agent runs as (never root).
+    pub agent_user: String,
+    /// The two writable volumes.
+    pub workspace: String,
+    pub home: String,
+    /// Default limits per container.
+    pub memory_mib: i64,
+    pub cpus: f64,
+    pub pids_limit: i64,
+    /// The container's main process (it only keeps the container alive).
+    pub keepalive_cmd: Vec<String>,
+}
+
+/// What the warm pools need of the node's configuration.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub pools: Vec<PoolSpec>,
+    /// Most containers each pool starts per second.
+    pub refill_per_sec: f64,
+    /// A container unclaimed this long is replaced.
+    pub max_idle: Duration,
+    /// Run in each new container; it is offered only if this exits 0 (empty: no check).
+    pub health_cmd: Vec<String>,
+    /// How often ready containers are checked for death and age.
+    pub check_interval: Duration,
+}
+
+/// What moving workspaces in and out needs to know.
+#[derive(Debug, Clone)]
+pub struct WorkspaceConfig {
+    pub layout: Layout,
+    /// Largest volume archive read for a snapshot or memory store (uncompressed).
+    pub snapshot_max_bytes: u64,
+    /// The git program that clones git resources on the node.
+    pub git_bin: String,
+    /// Longest a git clone may take.
+    pub git_timeout: Duration,
 }
 
 /// How long evicted sessions get to save their snapshots before the node

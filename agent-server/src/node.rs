@@ -13,11 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use berth_common::sync::lock;
 
-use crate::config::Config;
+use crate::config::{Config, WorkspaceConfig};
 use crate::container::ContainerRuntime;
 use crate::load::Load;
 use crate::pool::Pools;
-use crate::workspace::WorkspaceConfig;
 
 /// Slots the configured capacity allows, bounded by what the machine's memory
 /// holds at the per-container limit.

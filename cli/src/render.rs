@@ -136,54 +136,55 @@ fn clip(s: &str, n: usize) -> String {
 
 /// A readable line for an event, or `None` for bookkeeping events.
 pub fn event_text(e: &pb::Event) -> Option<String> {
-    let p: Value = serde_json::from_str(&e.payload_json).unwrap_or(Value::Null);
-    let s = |k: &str| p[k].as_str().unwrap_or_default().to_string();
-    let text = match e.r#type.as_str() {
-        "user.message" => format!("> {}", s("text")),
-        "user.interrupt" => "> (interrupt)".to_string(),
-        "agent.message" => s("text"),
-        "agent.thinking" => format!("(thinking) {}", clip(&s("text"), 160)),
-        "agent.tool_use" => format!("→ {} {}", s("name"), clip(&p["input"].to_string(), 160)),
-        "agent.tool_result" => {
-            let c = match &p["content"] {
-                Value::String(x) => x.clone(),
+    use berth_common::events::{self as ev, payload};
+    let json = e.payload_json.as_str();
+    let text = || payload::parse::<payload::AgentText>(json).unwrap_or_default().text;
+    let line = match e.r#type.as_str() {
+        ev::USER_MESSAGE => format!("> {}", text()),
+        ev::USER_INTERRUPT => "> (interrupt)".to_string(),
+        ev::AGENT_MESSAGE => text(),
+        ev::AGENT_THINKING => format!("(thinking) {}", clip(&text(), 160)),
+        ev::AGENT_TOOL_USE => {
+            let t: payload::ToolUse = payload::parse(json).unwrap_or_default();
+            format!("→ {} {}", t.name, clip(&t.input.to_string(), 160))
+        }
+        ev::AGENT_TOOL_RESULT => {
+            let r: payload::ToolResult = payload::parse(json).unwrap_or_default();
+            let c = match r.content {
+                Value::String(x) => x,
                 other => other.to_string(),
             };
             format!("  ← {}", clip(&c, 160))
         }
-        "agent.result" => return None,
-        "session.usage" => {
-            let t = &p["turn"];
+        ev::AGENT_RESULT | ev::RUNTIME_INIT | ev::RUNTIME_SYSTEM => return None,
+        ev::SESSION_USAGE => {
+            let t = payload::parse::<payload::Usage>(json).unwrap_or_default().turn;
             format!(
                 "[turn {}] tokens in {} out {}  ${:.6}",
-                t["number"],
-                t["input_tokens"],
-                t["output_tokens"],
-                t["cost_usd"].as_f64().unwrap_or(0.0)
+                t.number, t.input_tokens, t.output_tokens, t.cost_usd
             )
         }
-        "runtime.raw" => format!("[raw] {}", clip(&s("raw"), 200)),
-        "runtime.init" | "runtime.system" => return None,
-        t if t.starts_with("session.status_") => {
-            let reason = s("reason");
-            let code = p
-                .get("exit_code")
+        ev::RUNTIME_RAW => {
+            let raw = payload::parse::<payload::RawLine>(json).unwrap_or_default().raw;
+            format!("[raw] {}", clip(&raw, 200))
+        }
+        t if t.starts_with(ev::SESSION_STATUS_PREFIX) => {
+            let change: payload::StatusChange = payload::parse(json).unwrap_or_default();
+            let reason = if change.reason.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", change.reason)
+            };
+            let code = change
+                .detail
+                .exit_code
                 .map(|c| format!(" exit code {c}"))
                 .unwrap_or_default();
-            format!(
-                "[{}]{}{}",
-                t.trim_start_matches("session.status_"),
-                if reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {reason}")
-                },
-                code
-            )
+            format!("[{}]{reason}{code}", t.trim_start_matches(ev::SESSION_STATUS_PREFIX))
         }
         other => format!("[{other}]"),
     };
-    Some(text)
+    Some(line)
 }
 
 /// The lowercase node state name (`up`, `draining`, `down`).

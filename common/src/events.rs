@@ -154,6 +154,13 @@ pub mod payload {
         pub text: String,
     }
 
+    /// `runtime.raw`: a line kept whole (and every adapter event's `raw`).
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct RawLine {
+        #[serde(default)]
+        pub raw: String,
+    }
+
     /// The fields of `agent.tool_use` that readers show.
     #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
     pub struct ToolUse {

@@ -19,6 +19,7 @@ use bollard::query_parameters::{
 use futures::Stream;
 use tokio::io::AsyncWrite;
 
+use crate::config::ContainerConfig;
 use crate::error::Error;
 
 mod launcher;
@@ -42,24 +43,6 @@ pub enum Purpose<'a> {
     Session(&'a str),
     /// A warm pool's spare: no session, no session data, no credentials.
     Warm,
-}
-
-/// What the container runtime needs of the node's configuration.
-#[derive(Debug, Clone)]
-pub struct ContainerConfig {
-    /// Labels every container (`berth.node`), so a restarted node reaps its own.
-    pub node_id: String,
-    /// uid:gid the agent runs as (never root).
-    pub agent_user: String,
-    /// The two writable volumes.
-    pub workspace: String,
-    pub home: String,
-    /// Default limits per container.
-    pub memory_mib: i64,
-    pub cpus: f64,
-    pub pids_limit: i64,
-    /// The container's main process (it only keeps the container alive).
-    pub keepalive_cmd: Vec<String>,
 }
 
 /// A started agent process: its output and its stdin.

@@ -25,7 +25,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PoolSpec;
+use crate::config::PoolConfig;
 use crate::container::{AgentProcess, ContainerRuntime, Purpose};
 use crate::load::Load;
 use crate::metrics::{
@@ -33,20 +33,6 @@ use crate::metrics::{
     POOL_TARGET,
 };
 use state::PoolState;
-
-/// What the warm pools need of the node's configuration.
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    pub pools: Vec<PoolSpec>,
-    /// Most containers each pool starts per second.
-    pub refill_per_sec: f64,
-    /// A container unclaimed this long is replaced.
-    pub max_idle: Duration,
-    /// Run in each new container; it is offered only if this exits 0 (empty: no check).
-    pub health_cmd: Vec<String>,
-    /// How often ready containers are checked for death and age.
-    pub check_interval: Duration,
-}
 
 /// A ready warm container.
 pub struct Claimed {

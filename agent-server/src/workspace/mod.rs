@@ -15,21 +15,5 @@ mod archive;
 mod prepare;
 mod snapshot;
 
-use std::time::Duration;
-
-use crate::layout::Layout;
-
 pub use prepare::prepare;
 pub use snapshot::{snapshot, write_back_memory};
-
-/// What moving workspaces in and out needs to know.
-#[derive(Debug, Clone)]
-pub struct WorkspaceConfig {
-    pub layout: Layout,
-    /// Largest volume archive read for a snapshot or memory store (uncompressed).
-    pub snapshot_max_bytes: u64,
-    /// The git program that clones git resources on the node.
-    pub git_bin: String,
-    /// Longest a git clone may take.
-    pub git_timeout: Duration,
-}

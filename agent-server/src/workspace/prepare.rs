@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use super::WorkspaceConfig;
+use crate::config::WorkspaceConfig;
 use super::archive::{
     blocking, dir_tar, files_tar, memory_tar, single_file_tar, split_snapshot,
 };

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::WorkspaceConfig;
+use crate::config::WorkspaceConfig;
 use super::archive::{blocking, compress, join_snapshot, rebase};
 use crate::container::ContainerRuntime;
 use crate::layout::Layout;

@@ -1,0 +1,308 @@
+//! `berth sessions …`: inspect and control sessions.
+
+use std::collections::HashMap;
+
+use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
+use clap::Subcommand;
+use futures::StreamExt;
+use tonic::transport::Channel;
+
+use crate::{CliError, durable, explain, render};
+
+#[derive(Subcommand)]
+pub(crate) enum SessionsCmd {
+    /// List sessions, newest first.
+    List {
+        /// Only sessions in this status (pending, running, idle, stopped, failed…).
+        #[arg(long)]
+        status: Option<String>,
+        /// Sessions per page.
+        #[arg(long, default_value_t = 50)]
+        page_size: i32,
+        /// Page token from a previous listing.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Show one session.
+    Get { session: String },
+    /// Print a session's events.
+    Events {
+        session: String,
+        /// Start after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Keep following live events until the session stops running.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Send a user message.
+    Send { session: String, text: String },
+    /// Interrupt the current turn.
+    Interrupt { session: String },
+    /// Stop a session (its workspace is snapshotted; it stays resumable).
+    Stop { session: String },
+    /// Snapshot a running or idle session and free its container.
+    Pause { session: String },
+    /// Run a paused or stopped session again, from its snapshot, on any node.
+    Resume { session: String },
+    /// Make a finished session read-only (events kept for the retention period).
+    Archive { session: String },
+    /// Delete a session that is not live, with its events, usage and snapshots.
+    Delete { session: String },
+    /// Create a new session with the same configuration and no history.
+    Clone { session: String },
+    /// Print the session as a Markdown transcript or as JSON.
+    Export {
+        session: String,
+        #[arg(long, value_enum, default_value = "markdown")]
+        format: durable::ExportFormatArg,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<String>,
+    },
+}
+
+/// Runs one `berth sessions` command against dispatcher `d`.
+pub(crate) async fn run(
+    client: &mut SessionsClient<Channel>,
+    d: &str,
+    json: bool,
+    cmd: SessionsCmd,
+) -> Result<(), CliError> {
+    match cmd {
+        SessionsCmd::List {
+            status,
+            page_size,
+            page_token,
+        } => {
+            let status = match status {
+                None => 0,
+                Some(s) => render::parse_status(&s)
+                    .ok_or_else(|| CliError(format!("unknown status `{s}`")))?
+                    as i32,
+            };
+            let resp = client
+                .list_sessions(pb::ListSessionsRequest {
+                    page_size,
+                    page_token,
+                    status,
+                    labels: HashMap::new(),
+                })
+                .await
+                .map_err(|s| explain(d, None, s))?
+                .into_inner();
+            for s in &resp.sessions {
+                if json {
+                    println!("{}", render::session_json(s));
+                } else {
+                    println!("{}", render::session_line(s));
+                }
+            }
+            if !resp.next_page_token.is_empty() && !json {
+                println!("(more: --page-token {})", resp.next_page_token);
+            }
+            Ok(())
+        }
+        SessionsCmd::Get { session } => {
+            let s = client
+                .get_session(pb::GetSessionRequest {
+                    name: session.clone(),
+                })
+                .await
+                .map_err(|e| explain(d, Some(&session), e))?
+                .into_inner();
+            if json {
+                println!("{}", render::session_json(&s));
+            } else {
+                print!("{}", render::session_details(&s));
+            }
+            Ok(())
+        }
+        SessionsCmd::Events {
+            session,
+            after,
+            follow,
+        } => {
+            if follow {
+                let mut stream = client
+                    .stream_events(pb::StreamEventsRequest {
+                        name: session.clone(),
+                        after_seq: after,
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                while let Some(e) = stream.next().await {
+                    let e = e.map_err(|e| explain(d, Some(&session), e))?;
+                    print_event(&e, json);
+                }
+                return Ok(());
+            }
+            let mut token = String::new();
+            loop {
+                let resp = client
+                    .list_events(pb::ListEventsRequest {
+                        name: session.clone(),
+                        after_seq: after,
+                        page_size: 500,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(|e| explain(d, Some(&session), e))?
+                    .into_inner();
+                for e in &resp.events {
+                    print_event(e, json);
+                }
+                if resp.next_page_token.is_empty() {
+                    return Ok(());
+                }
+                token = resp.next_page_token;
+            }
+        }
+        SessionsCmd::Send { session, text } => {
+            let r = client
+                .send_message(pb::SendMessageRequest {
+                    name: session.clone(),
+                    text,
+                })
+                .await
+                .map_err(|e| explain(d, Some(&session), e))?
+                .into_inner();
+            print_seq(json, "sent", r.seq);
+            Ok(())
+        }
+        SessionsCmd::Interrupt { session } => {
+            let r = client
+                .interrupt(pb::InterruptRequest {
+                    name: session.clone(),
+                })
+                .await
+                .map_err(|e| explain(d, Some(&session), e))?
+                .into_inner();
+            print_seq(json, "interrupted", r.seq);
+            Ok(())
+        }
+        SessionsCmd::Stop { session } => {
+            let r = client
+                .stop_session(pb::StopSessionRequest {
+                    name: session.clone(),
+                })
+                .await;
+            show_session(d, &session, json, r)
+        }
+        SessionsCmd::Pause { session } => {
+            let r = client
+                .pause_session(pb::PauseSessionRequest {
+                    name: session.clone(),
+                })
+                .await;
+            show_session(d, &session, json, r)
+        }
+        SessionsCmd::Resume { session } => {
+            let r = client
+                .resume_session(pb::ResumeSessionRequest {
+                    name: session.clone(),
+                })
+                .await;
+            show_session(d, &session, json, r)
+        }
+        SessionsCmd::Archive { session } => {
+            let r = client
+                .archive_session(pb::ArchiveSessionRequest {
+                    name: session.clone(),
+                })
+                .await;
+            show_session(d, &session, json, r)
+        }
+        SessionsCmd::Clone { session } => {
+            let req = pb::CloneSessionRequest {
+                name: session.clone(),
+                request_id: uuid::Uuid::new_v4().to_string(),
+            };
+            let r = client.clone_session(req).await;
+            show_session(d, &session, json, r)
+        }
+        SessionsCmd::Delete { session } => {
+            let r = client
+                .delete_session(pb::DeleteSessionRequest {
+                    name: session.clone(),
+                })
+                .await
+                .map_err(|e| explain(d, Some(&session), e))?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"deleted": session, "objects_deleted": r.objects_deleted})
+                );
+            } else {
+                println!(
+                    "deleted {session} ({} stored objects removed)",
+                    r.objects_deleted
+                );
+            }
+            Ok(())
+        }
+        SessionsCmd::Export {
+            session,
+            format,
+            output,
+        } => {
+            let format = match format {
+                durable::ExportFormatArg::Markdown => pb::ExportFormat::Markdown,
+                durable::ExportFormatArg::Json => pb::ExportFormat::Json,
+            };
+            let r = client
+                .export_session(pb::ExportSessionRequest {
+                    name: session.clone(),
+                    format: format as i32,
+                })
+                .await
+                .map_err(|e| explain(d, Some(&session), e))?
+                .into_inner();
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &r.content)
+                        .map_err(|e| CliError(format!("cannot write {path}: {e}")))?;
+                    eprintln!("wrote {} bytes to {path}", r.content.len());
+                }
+                None => print!("{}", r.content),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prints the session a control call returned, or explains its error.
+fn show_session(
+    d: &str,
+    session: &str,
+    json: bool,
+    r: Result<tonic::Response<pb::Session>, tonic::Status>,
+) -> Result<(), CliError> {
+    let s = r.map_err(|e| explain(d, Some(session), e))?.into_inner();
+    if json {
+        println!("{}", render::session_json(&s));
+    } else {
+        println!("{}", render::session_line(&s));
+    }
+    Ok(())
+}
+
+/// Prints the seq a request was logged at.
+fn print_seq(json: bool, verb: &str, seq: i64) {
+    if json {
+        println!("{}", serde_json::json!({"seq": seq}));
+    } else {
+        println!("{verb} (seq {seq})");
+    }
+}
+
+pub(crate) fn print_event(e: &pb::Event, json: bool) {
+    if json {
+        println!("{}", render::event_json(e));
+    } else if let Some(line) = render::event_text(e) {
+        println!("{line}");
+    }
+}
+
