@@ -118,7 +118,12 @@ impl Node {
             })
             .0,
         );
-        let pools = Pools::new(cfg.pools(), runtime.clone(), load.clone(), shutdown.child_token());
+        let pools = Pools::new(
+            cfg.pools(),
+            runtime.clone(),
+            load.clone(),
+            shutdown.child_token(),
+        );
         Arc::new(Self {
             workspace: cfg.workspace(),
             cfg,

@@ -138,7 +138,11 @@ fn clip(s: &str, n: usize) -> String {
 pub fn event_text(e: &pb::Event) -> Option<String> {
     use berth_common::events::{self as ev, payload};
     let json = e.payload_json.as_str();
-    let text = || payload::parse::<payload::AgentText>(json).unwrap_or_default().text;
+    let text = || {
+        payload::parse::<payload::AgentText>(json)
+            .unwrap_or_default()
+            .text
+    };
     let line = match e.r#type.as_str() {
         ev::USER_MESSAGE => format!("> {}", text()),
         ev::USER_INTERRUPT => "> (interrupt)".to_string(),
@@ -158,14 +162,18 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
         }
         ev::AGENT_RESULT | ev::RUNTIME_INIT | ev::RUNTIME_SYSTEM => return None,
         ev::SESSION_USAGE => {
-            let t = payload::parse::<payload::Usage>(json).unwrap_or_default().turn;
+            let t = payload::parse::<payload::Usage>(json)
+                .unwrap_or_default()
+                .turn;
             format!(
                 "[turn {}] tokens in {} out {}  ${:.6}",
                 t.number, t.input_tokens, t.output_tokens, t.cost_usd
             )
         }
         ev::RUNTIME_RAW => {
-            let raw = payload::parse::<payload::RawLine>(json).unwrap_or_default().raw;
+            let raw = payload::parse::<payload::RawLine>(json)
+                .unwrap_or_default()
+                .raw;
             format!("[raw] {}", clip(&raw, 200))
         }
         t if t.starts_with(ev::SESSION_STATUS_PREFIX) => {
@@ -180,7 +188,10 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
                 .exit_code
                 .map(|c| format!(" exit code {c}"))
                 .unwrap_or_default();
-            format!("[{}]{reason}{code}", t.trim_start_matches(ev::SESSION_STATUS_PREFIX))
+            format!(
+                "[{}]{reason}{code}",
+                t.trim_start_matches(ev::SESSION_STATUS_PREFIX)
+            )
         }
         other => format!("[{other}]"),
     };

@@ -305,4 +305,3 @@ pub(crate) fn print_event(e: &pb::Event, json: bool) {
         println!("{line}");
     }
 }
-

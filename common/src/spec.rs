@@ -257,9 +257,17 @@ pub fn validate_path(field: &'static str, p: &str) -> Result<(), FieldError> {
 }
 
 /// A git resource's URL and ref: neither may pass for a git option.
-pub fn validate_git(url_field: &'static str, ref_field: &'static str, url: &str, git_ref: &str) -> Result<(), FieldError> {
+pub fn validate_git(
+    url_field: &'static str,
+    ref_field: &'static str,
+    url: &str,
+    git_ref: &str,
+) -> Result<(), FieldError> {
     if url.is_empty() || url.starts_with('-') {
-        return Err(FieldError::new(url_field, "must be a repository URL or path"));
+        return Err(FieldError::new(
+            url_field,
+            "must be a repository URL or path",
+        ));
     }
     check_len(url_field, url, limits::GIT_URL_CHARS)?;
     if git_ref.starts_with('-') {
@@ -446,7 +454,10 @@ mod tests {
     fn each_bad_field_is_named() {
         let cases: Vec<(&str, Box<dyn Fn(&mut AgentSpec)>)> = vec![
             ("spec.image", Box::new(|s| s.image = " ".into())),
-            ("spec.runtime_args", Box::new(|s| s.runtime = Runtime::Jsonl)),
+            (
+                "spec.runtime_args",
+                Box::new(|s| s.runtime = Runtime::Jsonl),
+            ),
             (
                 "spec.env",
                 Box::new(|s| {
@@ -460,7 +471,10 @@ mod tests {
                 }),
             ),
             ("spec.limits.cpus", Box::new(|s| s.limits.cpus = f64::NAN)),
-            ("spec.limits.memory_bytes", Box::new(|s| s.limits.memory_bytes = 1024)),
+            (
+                "spec.limits.memory_bytes",
+                Box::new(|s| s.limits.memory_bytes = 1024),
+            ),
             ("spec.limits.pids", Box::new(|s| s.limits.pids = -1)),
             (
                 "spec.skills.name",

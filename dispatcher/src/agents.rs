@@ -29,7 +29,12 @@ impl Agents {
         self.store.get_agent(id, version).await
     }
 
-    pub(crate) async fn list(&self, after: &str, show_archived: bool, limit: i64) -> Result<Vec<Agent>> {
+    pub(crate) async fn list(
+        &self,
+        after: &str,
+        show_archived: bool,
+        limit: i64,
+    ) -> Result<Vec<Agent>> {
         self.store.list_agents(after, show_archived, limit).await
     }
 
@@ -44,7 +49,11 @@ impl Agents {
     }
 
     /// Stores the object first, then the row: a row always has its object.
-    pub(crate) async fn upload_file(&self, display_name: String, content: Bytes) -> Result<FileInfo> {
+    pub(crate) async fn upload_file(
+        &self,
+        display_name: String,
+        content: Bytes,
+    ) -> Result<FileInfo> {
         let digest = ring::digest::digest(&ring::digest::SHA256, &content);
         let sha256 = digest
             .as_ref()

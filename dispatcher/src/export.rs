@@ -56,11 +56,19 @@ pub(crate) fn markdown(s: &Session, events: &[Event]) -> String {
 
 /// One event's lines in the Markdown transcript (none for bookkeeping).
 fn transcript_entry(out: &mut String, e: &Event) {
-    let text = || payload::parse::<payload::AgentText>(&e.payload).unwrap_or_default().text;
+    let text = || {
+        payload::parse::<payload::AgentText>(&e.payload)
+            .unwrap_or_default()
+            .text
+    };
     match e.kind.as_str() {
         ev::USER_MESSAGE => {
             let m = payload::parse::<payload::UserMessage>(&e.payload);
-            let _ = write!(out, "\n## User\n\n{}\n", m.map(|m| m.text).unwrap_or_default());
+            let _ = write!(
+                out,
+                "\n## User\n\n{}\n",
+                m.map(|m| m.text).unwrap_or_default()
+            );
         }
         ev::USER_INTERRUPT => out.push_str("\n_The user interrupted the turn._\n"),
         ev::AGENT_MESSAGE => {
@@ -96,7 +104,9 @@ fn transcript_entry(out: &mut String, e: &Event) {
             );
         }
         ev::SESSION_USAGE => {
-            let t = payload::parse::<payload::Usage>(&e.payload).unwrap_or_default().turn;
+            let t = payload::parse::<payload::Usage>(&e.payload)
+                .unwrap_or_default()
+                .turn;
             let model = Some(&t.model)
                 .filter(|m| !m.is_empty())
                 .map(|m| format!(" ({m})"))
@@ -114,7 +124,11 @@ fn transcript_entry(out: &mut String, e: &Event) {
         }
         ev::SESSION_ERROR => {
             let m = payload::parse::<payload::SessionError>(&e.payload);
-            let _ = write!(out, "\n_Error: {}_\n", m.map(|m| m.message).unwrap_or_default());
+            let _ = write!(
+                out,
+                "\n_Error: {}_\n",
+                m.map(|m| m.message).unwrap_or_default()
+            );
         }
         kind => {
             let status = kind

@@ -104,7 +104,13 @@ impl Janitor {
             let reason = "queue deadline passed: no node took the session in time";
             match self
                 .log
-                .transition_at(id, epoch, StatusEvent::Failed, reason, StatusDetail::default())
+                .transition_at(
+                    id,
+                    epoch,
+                    StatusEvent::Failed,
+                    reason,
+                    StatusDetail::default(),
+                )
                 .await
             {
                 Ok(_) => tracing::warn!(session_id = %id, "session failed at its queue deadline"),

@@ -4,7 +4,6 @@
 
 use berth_common::metrics::{Def, Kind, LATENCY_BUCKETS, SIZE_BUCKETS};
 
-
 pub const QUEUE_DEPTH: &str = "berth_queue_depth";
 pub const QUEUE_OLDEST_AGE: &str = "berth_queue_oldest_age_seconds";
 pub const QUEUE_WAIT: &str = "berth_queue_wait_seconds";
@@ -181,9 +180,7 @@ pub const ALL: &[Def] = &[
 /// Installs the recorder with the dispatcher's metrics and any others that
 /// share its endpoint (an in-process node's), and registers the series
 /// known up front. Installing again returns the same handle.
-pub fn install(
-    also: &[&'static [Def]],
-) -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
+pub fn install(also: &[&'static [Def]]) -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
     let mut defs = vec![ALL];
     defs.extend_from_slice(also);
     let handle = berth_common::metrics::install("dispatcher", &defs)?;

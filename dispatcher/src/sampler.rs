@@ -31,10 +31,7 @@ pub(crate) async fn run(store: Store, nodes: Arc<Nodes>, shutdown: CancellationT
         sample_nodes(&nodes, &mut seen_nodes, &mut seen_pools);
         match store.open_counts().await {
             Ok(counts) => {
-                for status in SessionStatus::ALL
-                    .iter()
-                    .filter(|s| s.is_open())
-                {
+                for status in SessionStatus::ALL.iter().filter(|s| s.is_open()) {
                     let n = counts.by_status.get(status).copied().unwrap_or(0);
                     metrics::gauge!(SESSIONS, "status" => status.as_str()).set(n as f64);
                     if SessionStatus::CLAIMABLE.contains(status) {

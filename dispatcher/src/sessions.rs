@@ -91,20 +91,14 @@ impl Sessions {
             "messages can only be sent to pending, starting, running or idle sessions",
         )
         .await?;
-        let e = self
-            .log
-            .append(id, NewEvent::user_message(text))
-            .await?;
+        let e = self.log.append(id, NewEvent::user_message(text)).await?;
         Ok(e.seq)
     }
 
     pub(crate) async fn interrupt(&self, id: Uuid) -> Result<i64> {
         self.require_input(id, "only a live session can be interrupted")
             .await?;
-        let e = self
-            .log
-            .append(id, NewEvent::user_interrupt())
-            .await?;
+        let e = self.log.append(id, NewEvent::user_interrupt()).await?;
         Ok(e.seq)
     }
 
@@ -218,7 +212,11 @@ impl Sessions {
     }
 
     /// A new pending session with the same configuration and no history.
-    pub(crate) async fn clone_session(&self, id: Uuid, request_id: Option<String>) -> Result<Session> {
+    pub(crate) async fn clone_session(
+        &self,
+        id: Uuid,
+        request_id: Option<String>,
+    ) -> Result<Session> {
         let s = self.store.get_session(id).await?;
         let new = NewSession {
             request_id,
@@ -257,7 +255,12 @@ impl Sessions {
         })
     }
 
-    pub(crate) async fn list_events(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<Event>> {
+    pub(crate) async fn list_events(
+        &self,
+        id: Uuid,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<Event>> {
         // NOT_FOUND for an unknown session, not an empty page.
         self.store.get_session(id).await?;
         self.store.list_events(id, after_seq, limit).await

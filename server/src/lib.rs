@@ -81,5 +81,7 @@ async fn start_local_node(
     cfg.node_resolve
         .push((format!("local:{}", addr.port()), addr));
     tracing::info!(%addr, node_id = %node.node_id, "AGENT_SERVERS is unset: running one node in process (mTLS, ephemeral CA)");
-    Ok(tokio::spawn(berth_agent_server::run(node, listener, shutdown)))
+    Ok(tokio::spawn(berth_agent_server::run(
+        node, listener, shutdown,
+    )))
 }

@@ -634,10 +634,14 @@ pub async fn collect_until(
             let stop = done(&e);
             out.push(e);
             if stop {
-                break;
+                return anyhow::Ok(());
             }
         }
-        anyhow::Ok(())
+        let last = out.last().map(|e| e.r#type.clone()).unwrap_or_default();
+        anyhow::bail!(
+            "the event stream of {name} ended after {} events (last `{last}`) before the awaited event",
+            out.len()
+        )
     };
     tokio::time::timeout(timeout, read)
         .await

@@ -35,7 +35,10 @@ impl Adapter for ClaudeCode {
             cmd.extend(["--model".into(), spec.agent.model.clone()]);
         }
         if !spec.agent.system_prompt.is_empty() {
-            cmd.extend(["--append-system-prompt".into(), spec.agent.system_prompt.clone()]);
+            cmd.extend([
+                "--append-system-prompt".into(),
+                spec.agent.system_prompt.clone(),
+            ]);
         }
         if !spec.resume_id.is_empty() {
             cmd.extend(["--resume".into(), spec.resume_id.clone()]);

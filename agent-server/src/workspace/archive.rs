@@ -10,7 +10,6 @@ use bytes::Bytes;
 /// zstd level for snapshots and memory stores: fast, and most of the gain.
 const ZSTD_LEVEL: i32 = 3;
 
-
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
@@ -99,7 +98,10 @@ fn trim_end_blocks(tar: &mut Vec<u8>) {
 }
 
 /// Splits a snapshot into one tar per volume, entries relative to it.
-pub(super) fn split_snapshot(packed: &[u8], volumes: &[String]) -> std::io::Result<Vec<(String, Bytes)>> {
+pub(super) fn split_snapshot(
+    packed: &[u8],
+    volumes: &[String],
+) -> std::io::Result<Vec<(String, Bytes)>> {
     let tar = zstd::decode_all(packed)?;
     volumes
         .iter()
@@ -112,7 +114,12 @@ pub(super) fn split_snapshot(packed: &[u8], volumes: &[String]) -> std::io::Resu
 
 /// A memory store's tar, placed at `rel` (with the directory itself, so an
 /// empty or absent store still gives the agent its directory).
-pub(super) fn memory_tar(packed: Option<&[u8]>, rel: &str, uid: u64, gid: u64) -> std::io::Result<Bytes> {
+pub(super) fn memory_tar(
+    packed: Option<&[u8]>,
+    rel: &str,
+    uid: u64,
+    gid: u64,
+) -> std::io::Result<Bytes> {
     let mut out = tar::Builder::new(Vec::new());
     append_dirs(&mut out, rel, uid, gid)?;
     let mut tar = out.into_inner()?;
@@ -152,7 +159,12 @@ fn append_dirs(
     Ok(())
 }
 
-pub(super) fn single_file_tar(rel: &str, body: &[u8], uid: u64, gid: u64) -> std::io::Result<Bytes> {
+pub(super) fn single_file_tar(
+    rel: &str,
+    body: &[u8],
+    uid: u64,
+    gid: u64,
+) -> std::io::Result<Bytes> {
     files_tar(&[(rel.to_string(), body.to_vec())], uid, gid)
 }
 

@@ -4,11 +4,9 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use crate::config::WorkspaceConfig;
-use super::archive::{
-    blocking, dir_tar, files_tar, memory_tar, single_file_tar, split_snapshot,
-};
+use super::archive::{blocking, dir_tar, files_tar, memory_tar, single_file_tar, split_snapshot};
 use super::snapshot::layout_volumes;
+use crate::config::WorkspaceConfig;
 use crate::container::ContainerRuntime;
 use crate::spec::{GitClone, SessionSpec};
 

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use crate::config::WorkspaceConfig;
 use super::archive::{blocking, compress, join_snapshot, rebase};
+use crate::config::WorkspaceConfig;
 use crate::container::ContainerRuntime;
 use crate::layout::Layout;
 use crate::spec::SessionSpec;
@@ -79,4 +79,3 @@ pub async fn write_back_memory(
     }
     errors
 }
-

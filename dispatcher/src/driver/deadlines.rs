@@ -22,7 +22,10 @@ pub(crate) struct Deadlines {
 
 impl Deadlines {
     /// `timeout` counts from now (this run's start).
-    pub(crate) fn new(timeout: Option<std::time::Duration>, inactivity: std::time::Duration) -> Self {
+    pub(crate) fn new(
+        timeout: Option<std::time::Duration>,
+        inactivity: std::time::Duration,
+    ) -> Self {
         let now = tokio::time::Instant::now();
         Self {
             hard: timeout.map(|t| now + t),

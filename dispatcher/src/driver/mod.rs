@@ -102,7 +102,13 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
         ..StatusDetail::default()
     };
     ctx.log
-        .transition_at(session.id, session.epoch, StatusEvent::Started { busy }, "", detail)
+        .transition_at(
+            session.id,
+            session.epoch,
+            StatusEvent::Started { busy },
+            "",
+            detail,
+        )
         .await?;
     tracing::info!(%node, warm = link.warm, "session started");
     relay::Relay::new(ctx, session, link).run().await

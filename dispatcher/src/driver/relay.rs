@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use berth_common::events::{self as ev, payload};
 use berth_common::events::payload::StatusDetail;
+use berth_common::events::{self as ev, payload};
 use berth_common::sync::sleep_until;
 use berth_proto::node::v1 as pb;
 use berth_proto::node::v1::{dispatcher_frame, node_frame};
@@ -132,7 +132,10 @@ impl<'a> Relay<'a> {
         snapshot_key(self.session.id, self.session.snapshots + 1)
     }
 
-    async fn on_frame(&mut self, frame: Result<Option<pb::NodeFrame>, tonic::Status>) -> Result<Flow> {
+    async fn on_frame(
+        &mut self,
+        frame: Result<Option<pb::NodeFrame>, tonic::Status>,
+    ) -> Result<Flow> {
         match frame {
             Ok(Some(pb::NodeFrame {
                 kind: Some(kind), ..
@@ -208,7 +211,10 @@ impl<'a> Relay<'a> {
             cost_usd: Some(cost),
             ..StatusDetail::default()
         };
-        match self.transition(StatusEvent::StopRequested, "budget", detail).await {
+        match self
+            .transition(StatusEvent::StopRequested, "budget", detail)
+            .await
+        {
             Ok(()) | Err(Error::Transition(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -232,7 +238,10 @@ impl<'a> Relay<'a> {
         // The run moves, with its snapshot: another node (a drain) or
         // another dispatcher (our shutdown) resumes it.
         let moved = if x.evicted {
-            Some(format!("node {} drained; re-queued", self.link.placed.link.name()))
+            Some(format!(
+                "node {} drained; re-queued",
+                self.link.placed.link.name()
+            ))
         } else if self.handing_back.is_some() && self.stop_asked.is_none() {
             Some("dispatcher shut down; re-queued".to_string())
         } else {
@@ -264,12 +273,19 @@ impl<'a> Relay<'a> {
             }
             (Some(StopAsked { pause: true, .. }), true) => (
                 stopped,
-                format!("pause failed, stopped instead: snapshot: {}", x.snapshot_error),
+                format!(
+                    "pause failed, stopped instead: snapshot: {}",
+                    x.snapshot_error
+                ),
             ),
             (Some(asked), true) => (stopped, asked.reason.clone()),
             (_, stopped) => (
                 StatusEvent::Exited { success, stopped },
-                if stopped { "user".to_string() } else { x.reason.clone() },
+                if stopped {
+                    "user".to_string()
+                } else {
+                    x.reason.clone()
+                },
             ),
         };
         let detail = StatusDetail {
@@ -296,7 +312,11 @@ impl<'a> Relay<'a> {
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "input feed failed; re-following");
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                self.feed = Some(self.ctx.log.follow(self.session.id, self.input_seq, FEED_BUFFER));
+                self.feed = Some(
+                    self.ctx
+                        .log
+                        .follow(self.session.id, self.input_seq, FEED_BUFFER),
+                );
                 return Ok(Flow::Continue);
             }
             // The session left its run (failed or timed out elsewhere): stop the agent.
@@ -396,7 +416,8 @@ impl<'a> Relay<'a> {
             node: Some(node),
             ..StatusDetail::default()
         };
-        self.transition(StatusEvent::NodeLost, &reason, detail).await?;
+        self.transition(StatusEvent::NodeLost, &reason, detail)
+            .await?;
         Ok(Flow::Done)
     }
 

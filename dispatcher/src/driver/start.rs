@@ -107,7 +107,13 @@ pub(super) async fn start(
                     ..StatusDetail::default()
                 };
                 ctx.log
-                    .transition_at(session.id, session.epoch, StatusEvent::Failed, &x.reason, detail)
+                    .transition_at(
+                        session.id,
+                        session.epoch,
+                        StatusEvent::Failed,
+                        &x.reason,
+                        detail,
+                    )
                     .await?;
                 return Ok(None);
             }

@@ -75,7 +75,12 @@ impl EventLog {
     pub fn start(store: Store, shutdown: CancellationToken) -> Arc<Self> {
         let (ops, rx) = mpsc::channel(MAX_BATCH * 4);
         let hub = Arc::new(hub::Hub::default());
-        tokio::spawn(writer::run(store.clone(), hub.clone(), rx, shutdown.clone()));
+        tokio::spawn(writer::run(
+            store.clone(),
+            hub.clone(),
+            rx,
+            shutdown.clone(),
+        ));
         Arc::new(Self {
             store,
             ops,
@@ -108,7 +113,12 @@ impl EventLog {
     /// Queues an event of the run at `epoch` behind everything queued before
     /// it, without waiting. Failures (the run was superseded, the session
     /// deleted) are logged by the writer.
-    pub(crate) async fn append_queued(&self, session: Uuid, epoch: i64, event: NewEvent) -> Result<()> {
+    pub(crate) async fn append_queued(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        event: NewEvent,
+    ) -> Result<()> {
         let append = Append {
             session,
             epoch: Some(epoch),
@@ -130,7 +140,8 @@ impl EventLog {
         reason: &str,
         detail: StatusDetail,
     ) -> Result<Transitioned> {
-        self.transition_op(session, None, event, reason, detail).await
+        self.transition_op(session, None, event, reason, detail)
+            .await
     }
 
     /// A transition fenced by epoch: it applies only while the session is
@@ -171,7 +182,11 @@ impl EventLog {
 
     /// Records a turn's usage, ordered after everything queued before it;
     /// returns the session's totals after it.
-    pub(crate) async fn record_usage(&self, session: Uuid, usage: TurnUsage) -> Result<UsageRecorded> {
+    pub(crate) async fn record_usage(
+        &self,
+        session: Uuid,
+        usage: TurnUsage,
+    ) -> Result<UsageRecorded> {
         let (done, rx) = oneshot::channel();
         self.submit(Op::Usage {
             session,

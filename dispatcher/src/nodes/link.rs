@@ -248,4 +248,3 @@ fn describe(status: &tonic::Status) -> String {
     }
     msg
 }
-

@@ -77,7 +77,6 @@ pub struct FleetConfig {
     pub lease: Duration,
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

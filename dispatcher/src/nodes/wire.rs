@@ -4,9 +4,7 @@
 use berth_common::events::{self as ev, payload};
 use berth_proto::node::v1 as pb;
 
-use crate::session::{
-    NewEvent, Resource, Runtime, Session, file_key, memory_key, snapshot_key,
-};
+use crate::session::{NewEvent, Resource, Runtime, Session, file_key, memory_key, snapshot_key};
 
 /// What the node needs to run `session`'s next run.
 pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
@@ -104,12 +102,22 @@ mod tests {
     #[test]
     fn bad_node_events_are_kept_wrapped_never_dropped() {
         let ok = node_event(event("agent.message", r#"{"text":"hi"}"#));
-        assert_eq!((ok.kind.as_str(), ok.payload.as_str()), ("agent.message", r#"{"text":"hi"}"#));
-        for (kind, p) in [("agent.message", "not json"), ("bad type\n", "{}"), ("x", "[1]")] {
+        assert_eq!(
+            (ok.kind.as_str(), ok.payload.as_str()),
+            ("agent.message", r#"{"text":"hi"}"#)
+        );
+        for (kind, p) in [
+            ("agent.message", "not json"),
+            ("bad type\n", "{}"),
+            ("x", "[1]"),
+        ] {
             let e = node_event(event(kind, p));
             assert_eq!(e.kind, ev::RUNTIME_RAW);
             let w: payload::InvalidNodeEvent = payload::parse(&e.payload).expect("wrapped");
-            assert_eq!((w.raw.as_str(), w.node_type.as_str(), w.invalid), (p, kind, true));
+            assert_eq!(
+                (w.raw.as_str(), w.node_type.as_str(), w.invalid),
+                (p, kind, true)
+            );
         }
     }
 }

@@ -186,7 +186,10 @@ impl NewEvent {
 
     /// `user.interrupt`.
     pub fn user_interrupt() -> Self {
-        Self::new(ev::USER_INTERRUPT, payload::to_json(&payload::UserInterrupt {}))
+        Self::new(
+            ev::USER_INTERRUPT,
+            payload::to_json(&payload::UserInterrupt {}),
+        )
     }
 
     /// `session.error` with `message`.

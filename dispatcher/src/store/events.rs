@@ -136,8 +136,18 @@ impl Store {
         let rows: Vec<(Uuid, i64, Uuid, DateTime<Utc>)> = sqlx::query_as(sql::APPEND_EVENTS)
             .bind(batch.iter().map(|a| a.session).collect::<Vec<_>>())
             .bind(batch.iter().map(|a| a.event.id).collect::<Vec<_>>())
-            .bind(batch.iter().map(|a| a.event.kind.as_str()).collect::<Vec<_>>())
-            .bind(batch.iter().map(|a| a.event.payload.as_str()).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|a| a.event.kind.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                batch
+                    .iter()
+                    .map(|a| a.event.payload.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .bind(batch.iter().map(|a| a.epoch).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await?;
@@ -210,7 +220,12 @@ impl Store {
     }
 
     /// Up to `limit` events after `after_seq`, in seq order.
-    pub(crate) async fn list_events(&self, id: Uuid, after_seq: i64, limit: i64) -> Result<Vec<Event>> {
+    pub(crate) async fn list_events(
+        &self,
+        id: Uuid,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<Event>> {
         let rows: Vec<EventRow> = sqlx::query_as(sql::LIST_EVENTS)
             .bind(id)
             .bind(after_seq)

@@ -200,7 +200,12 @@ mod tests {
 
     #[test]
     fn every_status_list_is_filled_from_the_enum() {
-        for s in [&*CLAIM_SESSIONS, &*ORPHANED_SESSIONS, &*EXPIRED_PENDING, &*OPEN_COUNTS] {
+        for s in [
+            &*CLAIM_SESSIONS,
+            &*ORPHANED_SESSIONS,
+            &*EXPIRED_PENDING,
+            &*OPEN_COUNTS,
+        ] {
             for hole in ["{claimable}", "{starting}", "{claimed}", "{open}"] {
                 assert!(!s.contains(hole), "{hole} left in {s}");
             }

@@ -335,18 +335,19 @@ impl Store {
             });
             let event_id = Uuid::now_v7();
             let kind = to.event_type();
-            let row: Option<(i64, DateTime<Utc>)> = sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
-                .bind(id)
-                .bind(current.status.as_str())
-                .bind(to.as_str())
-                .bind(reason)
-                .bind(!to.is_live())
-                .bind(event_id)
-                .bind(&kind)
-                .bind(&payload)
-                .bind(current.epoch)
-                .fetch_optional(&self.pool)
-                .await?;
+            let row: Option<(i64, DateTime<Utc>)> =
+                sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
+                    .bind(id)
+                    .bind(current.status.as_str())
+                    .bind(to.as_str())
+                    .bind(reason)
+                    .bind(!to.is_live())
+                    .bind(event_id)
+                    .bind(&kind)
+                    .bind(&payload)
+                    .bind(current.epoch)
+                    .fetch_optional(&self.pool)
+                    .await?;
             if let Some((seq, create_time)) = row {
                 let event = Event {
                     session_id: id,

@@ -189,14 +189,10 @@ async fn time_to_first_event(
     Ok((elapsed, warm.unwrap_or(false), s))
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills()
--> anyhow::Result<()> {
+/// Warm and cold starts both work, neither carries session env, and the pool
+/// refills. (Which is faster is measured by `berth-loadtest warm`.)
+async fn warm_and_cold_starts_carry_no_session_env_and_the_pool_refills() -> anyhow::Result<()> {
     // The same image under a second name has no pool: it starts cold.
     let docker = docker().await?;
     let cold_image = "berth-test-agent:cold";
@@ -228,8 +224,6 @@ async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills(
     let spares = containers_with(&node, "berth.pool").await?;
     assert_eq!(spares.len(), 3, "{spares:?}");
 
-    let mut warm_times = Vec::new();
-    let mut cold_times = Vec::new();
     let mut secret = fake_session("echo hi");
     if let Some(spec) = secret.spec.as_mut() {
         spec.env.insert("BERTH_TEST_SECRET".into(), "s3cr3t".into());
@@ -237,31 +231,21 @@ async fn warm_starts_beat_cold_starts_carry_no_session_env_and_the_pool_refills(
     for round in 0..3 {
         let mut req = secret.clone();
         req.initial_message = format!("echo warm {round}");
-        let (t, warm, s) = time_to_first_event(&mut client, req).await?;
+        let (_, warm, s) = time_to_first_event(&mut client, req).await?;
         assert!(
             warm,
             "session {} should have claimed a warm container",
             s.name
         );
-        warm_times.push(t);
 
         let mut req = secret.clone();
         req.initial_message = format!("echo cold {round}");
         if let Some(spec) = req.spec.as_mut() {
             spec.image = cold_image.into();
         }
-        let (t, warm, s) = time_to_first_event(&mut client, req).await?;
+        let (_, warm, s) = time_to_first_event(&mut client, req).await?;
         assert!(!warm, "session {} has no pool and must start cold", s.name);
-        cold_times.push(t);
     }
-    let (warm_p50, cold_p50) = (median(warm_times.clone()), median(cold_times.clone()));
-    println!(
-        "time to first agent event: warm {warm_times:?} (median {warm_p50:?}), cold {cold_times:?} (median {cold_p50:?})"
-    );
-    assert!(
-        warm_p50 < cold_p50,
-        "warm {warm_p50:?} is not faster than cold {cold_p50:?}"
-    );
 
     // Every container, spare or claimed, holds no session env: it enters at exec.
     for id in containers_with(&node, "berth.managed=true").await? {

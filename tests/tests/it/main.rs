@@ -4,5 +4,6 @@
 mod durable;
 mod faults;
 mod fleet;
+mod local;
 mod ops;
 mod spine;
