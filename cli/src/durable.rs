@@ -110,17 +110,9 @@ impl SpecArgs {
     }
 
     fn agent_spec(&self) -> Result<pb::AgentSpec, CliError> {
-        let s = self.session_spec()?;
-        Ok(pb::AgentSpec {
-            image: s.image,
-            runtime: s.runtime,
-            runtime_args: s.runtime_args,
-            model: s.model,
-            system_prompt: s.system_prompt,
-            env: s.env,
-            limits: s.limits,
-            skills: s.skills,
-        })
+        Ok(berth_common::spec::session_pb_to_agent_pb(
+            self.session_spec()?,
+        ))
     }
 }
 

@@ -385,3 +385,133 @@ impl From<&Event> for pb::Event {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create() -> pb::CreateSessionRequest {
+        pb::CreateSessionRequest {
+            spec: Some(pb::SessionSpec {
+                image: "agent:latest".into(),
+                ..Default::default()
+            }),
+            initial_message: "hello".into(),
+            ..Default::default()
+        }
+    }
+
+    /// The field an invalid create names, or `None` when it is accepted.
+    fn field(r: pb::CreateSessionRequest) -> Option<&'static str> {
+        match NewSession::try_from(r) {
+            Ok(_) => None,
+            Err(Error::InvalidArgument { field, .. }) => Some(field),
+            Err(e) => panic!("not INVALID_ARGUMENT: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_create_converts() {
+        let n = NewSession::try_from(create()).expect("valid");
+        assert_eq!(n.initial_message.as_deref(), Some("hello"));
+        assert_eq!(n.spec.image, "agent:latest");
+    }
+
+    #[test]
+    fn each_bad_create_names_its_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut pb::CreateSessionRequest)>)> = vec![
+            ("spec", Box::new(|r| r.spec = None)),
+            (
+                "spec.image",
+                Box::new(|r| r.spec = Some(pb::SessionSpec::default())),
+            ),
+            (
+                "initial_message",
+                Box::new(|r| r.initial_message = "  ".into()),
+            ),
+            ("budget_usd", Box::new(|r| r.budget_usd = -1.0)),
+            ("budget_usd", Box::new(|r| r.budget_usd = f64::INFINITY)),
+            (
+                "timeout",
+                Box::new(|r| {
+                    r.timeout = Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 0,
+                    })
+                }),
+            ),
+            ("request_id", Box::new(|r| r.request_id = "x".repeat(200))),
+            (
+                "labels",
+                Box::new(|r| {
+                    r.labels.insert("bad key".into(), "v".into());
+                }),
+            ),
+            (
+                "spec.env",
+                Box::new(|r| {
+                    if let Some(s) = r.spec.as_mut() {
+                        s.env.insert("A-B".into(), "v".into());
+                    }
+                }),
+            ),
+            ("agent", Box::new(|r| r.agent = "Not An Id".into())),
+            (
+                "resources.file.path",
+                Box::new(|r| {
+                    r.resources.push(pb::Resource {
+                        kind: Some(pb::resource::Kind::File(pb::FileResource {
+                            file: format!("files/{}", Uuid::now_v7()),
+                            path: "/workspace/../etc/passwd".into(),
+                        })),
+                    })
+                }),
+            ),
+            (
+                "resources.git.url",
+                Box::new(|r| {
+                    r.resources.push(pb::Resource {
+                        kind: Some(pb::resource::Kind::Git(pb::GitResource {
+                            url: "--upload-pack=x".into(),
+                            r#ref: String::new(),
+                            path: "/workspace/repo".into(),
+                        })),
+                    })
+                }),
+            ),
+        ];
+        for (want, mutate) in cases {
+            let mut r = create();
+            mutate(&mut r);
+            assert_eq!(field(r), Some(want));
+        }
+    }
+
+    #[test]
+    fn with_an_agent_the_spec_may_carry_only_env() {
+        let mut r = create();
+        r.agent = "coder".into();
+        assert_eq!(field(r.clone()), Some("spec.image"));
+        r.spec = Some(pb::SessionSpec {
+            env: [("K".to_string(), "v".to_string())].into(),
+            ..Default::default()
+        });
+        assert_eq!(field(r), None);
+    }
+
+    #[test]
+    fn session_names_and_messages_are_checked() {
+        assert!(matches!(
+            session_id(""),
+            Err(Error::InvalidArgument { field: "name", .. })
+        ));
+        assert!(matches!(
+            session_id("sessions/nope"),
+            Err(Error::SessionNotFound(_))
+        ));
+        let id = Uuid::now_v7();
+        assert_eq!(session_id(&format!("sessions/{id}")).ok(), Some(id));
+        assert!(message_text("").is_err());
+        assert!(message_text(&"x".repeat(limits::MESSAGE_BYTES + 1)).is_err());
+    }
+}

@@ -67,7 +67,7 @@ pub async fn run(cl: &ClusterArgs, a: &FaninArgs) -> anyhow::Result<Report> {
     };
     anyhow::ensure!(
         bin.exists(),
-        "{} not found: build it beside berth-loadtest (`cargo build --release -p berth-dispatcher -p berth-loadtest`) or pass --dispatcher-bin",
+        "{} not found: build it beside berth-loadtest (`cargo build --release -p berth-server -p berth-loadtest`) or pass --dispatcher-bin",
         bin.display()
     );
     let mut report = Report::new("fanin", a);

@@ -89,7 +89,12 @@ async fn an_agent_crash_fails_the_session_with_its_exit_code_and_leaves_no_conta
         .create_session(fake_session("crash 7"))
         .await?
         .into_inner();
-    let events = collect_until(&mut c, &s.name, 0, Duration::from_secs(60), |_| false).await?;
+    // Up to the status that ends the run, whichever it is.
+    let ends = ["failed", "completed", "stopped", "timeout"].map(|s| format!("session.status_{s}"));
+    let events = collect_until(&mut c, &s.name, 0, Duration::from_secs(60), |e| {
+        ends.contains(&e.r#type)
+    })
+    .await?;
     let last = events.last().expect("events");
     assert_eq!(last.r#type, "session.status_failed");
     let p = payload(last);
