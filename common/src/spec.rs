@@ -452,7 +452,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut AgentSpec)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut AgentSpec)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("spec.image", Box::new(|s| s.image = " ".into())),
             (
                 "spec.runtime_args",

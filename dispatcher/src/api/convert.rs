@@ -419,7 +419,8 @@ mod tests {
 
     #[test]
     fn each_bad_create_names_its_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::CreateSessionRequest)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut pb::CreateSessionRequest)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("spec", Box::new(|r| r.spec = None)),
             (
                 "spec.image",
