@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds berth's test agent image offline (no registry): a root filesystem with
 # Debian's busybox-static, the project's fake `claude` (with the shared
-# libraries it links) and the recorded transcripts, imported with `docker import`.
+# libraries it links) and the public Claude Code captures from ../shared, imported with `docker import`.
 #
 # Usage: deploy/test-image/build.sh [IMAGE]      (default berth-test-agent:latest)
 set -euo pipefail
@@ -32,7 +32,15 @@ for lib in $(ldd "$fake" | grep -oE '/[^ ]+\.so[^ ]*'); do
   mkdir -p "$rootfs$(dirname "$lib")"
   cp -L "$lib" "$rootfs$lib"
 done
-cp -r tests/fixtures/claude-code "$rootfs/fixtures/"
+# The public Claude Code captures, read in place (the project keeps no copy).
+shared="${BERTH_SHARED_FIXTURES:-$root/../shared/fixtures/claude-code}"
+if [ ! -f "$shared/explore_count_files.jsonl" ]; then
+  echo "build.sh: no Claude Code captures at $shared (set BERTH_SHARED_FIXTURES)" >&2
+  exit 1
+fi
+mkdir -p "$rootfs/fixtures/claude-code"
+cp -r "$shared/." "$rootfs/fixtures/claude-code/"
+chmod -R u+w,a+rX "$rootfs/fixtures"
 printf 'root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n' > "$rootfs/etc/passwd"
 printf 'root:x:0:\nagent:x:1000:\n' > "$rootfs/etc/group"
 chmod 1777 "$rootfs/tmp"

@@ -25,8 +25,28 @@ use tonic::transport::Channel;
 pub const TEST_IMAGE: &str = "berth-test-agent:latest";
 /// The recorded transcript, as the test image holds it.
 pub const FIXTURE_IN_IMAGE: &str = "/fixtures/claude-code/explore_count_files.jsonl";
-/// The recorded transcript, from this repository.
-pub const FIXTURE: &str = include_str!("../fixtures/claude-code/explore_count_files.jsonl");
+
+/// Where the public Claude Code captures are read in place: `BERTH_SHARED_FIXTURES`,
+/// else `../shared/fixtures/claude-code` beside this checkout. The project
+/// keeps no copy of them (see `SOURCES.md` there).
+pub fn shared_fixtures() -> std::path::PathBuf {
+    match std::env::var_os("BERTH_SHARED_FIXTURES") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/claude-code"),
+    }
+}
+
+/// A public capture by its path under [`shared_fixtures`].
+pub fn fixture(name: &str) -> anyhow::Result<String> {
+    let path = shared_fixtures().join(name);
+    std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read the Claude Code capture {}: the public captures live in ../shared/fixtures/claude-code (or set BERTH_SHARED_FIXTURES)",
+            path.display()
+        )
+    })
+}
 
 /// Postgres server for tests; each cluster creates its own database on it.
 fn admin_url() -> String {

@@ -227,14 +227,25 @@ fn line(v: &Value) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str =
-        include_str!("../../../tests/fixtures/claude-code/explore_count_files.jsonl");
+    /// The public capture, read in place from `../shared` (never copied in).
+    fn fixture() -> String {
+        let dir = std::env::var_os("BERTH_SHARED_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../shared/fixtures/claude-code")
+            });
+        let path = dir.join("explore_count_files.jsonl");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    }
 
     #[test]
     fn every_fixture_line_is_one_event_and_the_result_carries_usage() {
+        let transcript = fixture();
         let mut a = ClaudeCode::default();
-        let events: Vec<_> = FIXTURE.lines().map(|l| a.decode(l)).collect();
-        assert_eq!(events.len(), FIXTURE.lines().count());
+        let events: Vec<_> = transcript.lines().map(|l| a.decode(l)).collect();
+        assert_eq!(events.len(), transcript.lines().count());
         assert_eq!(events[0].kind, ev::RUNTIME_INIT);
         assert_eq!(
             events[0].runtime_session_id.as_deref(),
@@ -269,7 +280,7 @@ mod tests {
             }
         );
         // The original line is kept verbatim.
-        for (line, e) in FIXTURE.lines().zip(&events) {
+        for (line, e) in transcript.lines().zip(&events) {
             let p: Value = serde_json::from_str(&e.payload).expect("payload is JSON");
             assert_eq!(p["raw"].as_str(), Some(line));
         }

@@ -581,7 +581,7 @@ async fn delete_is_refused_while_live_and_then_leaves_nothing_behind() -> anyhow
 
 #[tokio::test]
 async fn export_reads_as_the_recorded_conversation() -> anyhow::Result<()> {
-    const FIXTURE: &str = include_str!("../../fixtures/claude-code/explore_count_files.jsonl");
+    let transcript = berth_tests::fixture("explore_count_files.jsonl")?;
     let cluster = TestCluster::builder().nodes(1).capacity(2).start().await?;
     let mut c = cluster.client();
     let prompt = "replay /fixtures/claude-code/explore_count_files.jsonl";
@@ -613,7 +613,7 @@ async fn export_reads_as_the_recorded_conversation() -> anyhow::Result<()> {
     // What the transcript says, in its order: the prompt, every assistant
     // text, every tool call (name and command) and tool result.
     let mut expected = vec![format!("## User\n\n{prompt}")];
-    for line in FIXTURE.lines() {
+    for line in transcript.lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
         let blocks = v["message"]["content"]
             .as_array()

@@ -33,7 +33,11 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
         .iter()
         .filter_map(|e| payload(e)["raw"].as_str().map(String::from))
         .collect();
-    let lines: Vec<&str> = FIXTURE.lines().filter(|l| !l.trim().is_empty()).collect();
+    let transcript = berth_tests::fixture("explore_count_files.jsonl")?;
+    let lines: Vec<&str> = transcript
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(raws, lines);
     assert!(first_runtime.is_some());
     let kinds: Vec<&str> = events.iter().map(|e| e.r#type.as_str()).collect();
