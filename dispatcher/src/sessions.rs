@@ -8,9 +8,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::log::EventLog;
-use crate::session::{
-    Event, NewEvent, NewSession, Resource, Session, SessionStatus, StatusEvent, session_prefix,
-};
+use crate::session::{Event, NewEvent, NewSession, Resource, Session, StatusEvent, session_prefix};
 use crate::store::{SessionFilter, Store};
 
 /// The session operations clients call.
@@ -140,16 +138,9 @@ impl Sessions {
         self.store.get_session(id).await
     }
 
-    /// Asks the driver to snapshot the session and free its container.
+    /// Asks the driver to snapshot the session and free its container. The
+    /// status machine decides which sessions may pause (running or idle).
     pub(crate) async fn pause(&self, id: Uuid) -> Result<Session> {
-        let s = self.store.get_session(id).await?;
-        if !matches!(s.status, SessionStatus::Running | SessionStatus::Idle) {
-            return Err(Error::WrongStatus {
-                id,
-                status: s.status,
-                what: "only a running or idle session can be paused",
-            });
-        }
         self.log
             .transition(
                 id,

@@ -337,7 +337,7 @@ pub async fn drop_database(database: &str) -> anyhow::Result<()> {
 
 /// Waits until the dispatcher behind `client` answers, failing early if a
 /// cluster task exits.
-async fn answering(
+pub async fn answering(
     mut client: SessionsClient<Channel>,
     tasks: &[tokio::task::JoinHandle<anyhow::Result<()>>],
 ) -> anyhow::Result<()> {

@@ -165,7 +165,7 @@ impl<'a> Relay<'a> {
         }
     }
 
-    async fn on_event(&mut self, e: pb::RuntimeEvent) -> Result<Flow> {
+    async fn on_event(&mut self, mut e: pb::RuntimeEvent) -> Result<Flow> {
         let (id, epoch) = (self.session.id, self.session.epoch);
         self.deadlines.touch();
         self.relayed.increment(1);
@@ -180,7 +180,7 @@ impl<'a> Relay<'a> {
                 .set_runtime_session_id(id, &e.runtime_session_id)
                 .await?;
         }
-        let turn_end = e.turn_end.clone();
+        let turn_end = e.turn_end.take();
         self.ctx.log.append_queued(id, epoch, node_event(e)).await?;
         if let Some(u) = turn_end {
             let u = berth_common::TurnUsage::from(u);

@@ -71,12 +71,7 @@ pub(super) async fn start(
             () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
         };
         let kind = match first {
-            Ok(Some(pb::NodeFrame { kind: Some(k), .. })) => k,
-            Ok(_) => {
-                return Err(Error::Internal(format!(
-                    "node {url} broke the protocol: expected accepted or refused"
-                )));
-            }
+            Ok(frame) => frame.and_then(|f| f.kind),
             Err(status) => {
                 reasons.push(format!("{url}: {}", status.message()));
                 refused.push(url);
@@ -84,7 +79,7 @@ pub(super) async fn start(
             }
         };
         match kind {
-            node_frame::Kind::Accepted(a) => {
+            Some(node_frame::Kind::Accepted(a)) => {
                 tracing::debug!(%url, container_id = %a.container_id, warm = a.warm, "node accepted the session");
                 return Ok(Some(Link {
                     placed,
@@ -94,12 +89,12 @@ pub(super) async fn start(
                     to_node,
                 }));
             }
-            node_frame::Kind::Refused(r) => {
+            Some(node_frame::Kind::Refused(r)) => {
                 tracing::info!(%url, reason = %r.reason, "node refused the session; placing it elsewhere");
                 reasons.push(format!("{url}: {}", r.reason));
                 refused.push(url);
             }
-            node_frame::Kind::Exited(x) => {
+            Some(node_frame::Kind::Exited(x)) => {
                 let detail = StatusDetail {
                     exit_code: Some(x.exit_code),
                     stderr_tail: Some(x.stderr_tail),
@@ -117,9 +112,10 @@ pub(super) async fn start(
                     .await?;
                 return Ok(None);
             }
-            node_frame::Kind::Event(_) => {
+            // No answer, an empty frame, or an event before the answer.
+            None | Some(node_frame::Kind::Event(_)) => {
                 return Err(Error::Internal(format!(
-                    "node {url} broke the protocol: expected accepted or refused"
+                    "node {url} broke the protocol: its first frame must accept or refuse the session"
                 )));
             }
         }

@@ -192,7 +192,7 @@ mod tests {
         }
 
         /// Stores an event of `kind` as the next seq and returns it.
-        fn write(&self, session: Uuid, kind: &str) -> Event {
+        fn write(&self, session: Uuid, kind: &str) -> Arc<Event> {
             let mut events = lock(&self.events);
             let e = Event {
                 session_id: session,
@@ -203,7 +203,7 @@ mod tests {
                 payload: "{}".into(),
             };
             events.push(e.clone());
-            e
+            Arc::new(e)
         }
     }
 

@@ -46,7 +46,9 @@ impl Hub {
         }
     }
 
-    pub(super) fn publish(&self, events: &[Event]) {
+    /// Sends persisted events to their sessions' subscribers; sharing the
+    /// `Arc` costs no copy of the payload.
+    pub(super) fn publish(&self, events: &[Arc<Event>]) {
         let mut feeds = lock(&self.feeds);
         for e in events {
             let Some(feed) = feeds.get_mut(&e.session_id) else {
@@ -57,7 +59,7 @@ impl Hub {
                 continue;
             }
             feed.published = feed.published.max(e.seq);
-            let _ = feed.tx.send(Signal::Event(Arc::new(e.clone())));
+            let _ = feed.tx.send(Signal::Event(e.clone()));
         }
     }
 

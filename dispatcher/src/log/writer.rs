@@ -1,12 +1,11 @@
 //! The writer: takes everything queued, commits consecutive appends in one
 //! statement, and runs transitions and usage in order between them.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::hub::Hub;
 use super::{MAX_BATCH, Op};
@@ -15,19 +14,21 @@ use crate::metrics as m;
 use crate::session::Event;
 use crate::store::{Append, Store};
 
-/// An append waiting for the next batch, with whom to tell the result.
-type Pending = (Append, Option<oneshot::Sender<Result<Event>>>);
+/// Whom to tell an append's result, if anyone waits for it.
+type Done = Option<oneshot::Sender<Result<Event>>>;
 
-/// Appends waiting for the next statement, and when the oldest was queued.
+/// Appends waiting for the next statement, with whom to tell (same order),
+/// and when the oldest was queued.
 #[derive(Default)]
 struct Batch {
-    appends: Vec<Pending>,
+    appends: Vec<Append>,
+    done: Vec<Done>,
     oldest: Option<std::time::Instant>,
 }
 
 pub(super) async fn run(
     store: Store,
-    hub: std::sync::Arc<Hub>,
+    hub: Arc<Hub>,
     mut rx: mpsc::Receiver<Op>,
     shutdown: CancellationToken,
 ) {
@@ -52,7 +53,8 @@ pub(super) async fn run(
                     queued,
                 } => {
                     batch.oldest.get_or_insert(queued);
-                    batch.appends.push((append, done));
+                    batch.appends.push(append);
+                    batch.done.push(done);
                 }
                 Op::Transition {
                     session,
@@ -74,7 +76,7 @@ pub(super) async fn run(
                             metrics::counter!(m::SESSIONS_ENDED, "status" => t.to.as_str())
                                 .increment(1);
                         }
-                        w.hub.publish(std::slice::from_ref(e));
+                        w.hub.publish(&[Arc::new(e.clone())]);
                     }
                     let _ = done.send(r);
                 }
@@ -87,7 +89,7 @@ pub(super) async fn run(
                     let r = w.retry(|| w.store.record_usage(session, &usage)).await;
                     if let Ok(u) = &r {
                         metrics::counter!(m::EVENTS_PERSISTED).increment(1);
-                        w.hub.publish(std::slice::from_ref(&u.event));
+                        w.hub.publish(&[Arc::new(u.event.clone())]);
                     }
                     let _ = done.send(r);
                 }
@@ -99,56 +101,66 @@ pub(super) async fn run(
 
 struct Writer {
     store: Store,
-    hub: std::sync::Arc<Hub>,
+    hub: Arc<Hub>,
     shutdown: CancellationToken,
 }
 
 impl Writer {
     /// Commits the batch's appends in one statement; when any is refused,
-    /// one by one, so one session's failure fails no other's.
+    /// one by one, so one session's failure fails no other's. Each event is
+    /// moved into the log, not copied: this runs for every agent event.
     async fn flush(&self, batch: &mut Batch) {
         if batch.appends.is_empty() {
             return;
         }
-        let appends: Vec<Append> = batch.appends.iter().map(|(a, _)| a.clone()).collect();
         let started = std::time::Instant::now();
-        let result = self.retry(|| self.store.append(&appends)).await;
+        let result = self.retry(|| self.store.append(&batch.appends)).await;
         metrics::histogram!(m::PERSIST_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(m::PERSIST_BATCH).record(appends.len() as f64);
+        metrics::histogram!(m::PERSIST_BATCH).record(batch.appends.len() as f64);
         if let Some(oldest) = batch.oldest.take() {
             metrics::histogram!(m::PERSIST_LAG).record(oldest.elapsed().as_secs_f64());
         }
+        let appends = batch.appends.drain(..).zip(batch.done.drain(..));
         match result {
-            Ok(events) => {
-                metrics::counter!(m::EVENTS_PERSISTED).increment(events.len() as u64);
-                self.hub.publish(&events);
-                let mut by_id: HashMap<Uuid, Event> =
-                    events.into_iter().map(|e| (e.id, e)).collect();
-                for (a, done) in batch.appends.drain(..) {
-                    if let (Some(done), Some(e)) = (done, by_id.remove(&a.event.id)) {
-                        let _ = done.send(Ok(e));
-                    }
-                }
-            }
-            Err(_) if batch.appends.len() > 1 => {
-                for (append, done) in batch.appends.drain(..) {
-                    let one = [append];
-                    match self.retry(|| self.store.append(&one)).await {
-                        Ok(mut evs) => {
-                            metrics::counter!(m::EVENTS_PERSISTED).increment(evs.len() as u64);
-                            self.hub.publish(&evs);
-                            if let (Some(done), Some(e)) = (done, evs.pop()) {
-                                let _ = done.send(Ok(e));
-                            }
-                        }
-                        Err(e) => report(&one[0], e, done),
-                    }
-                }
+            Ok(stored) => {
+                let events: Vec<(Arc<Event>, Done)> = appends
+                    .zip(stored)
+                    .map(|((a, done), at)| (Arc::new(a.into_event(at)), done))
+                    .collect();
+                self.persisted(events);
             }
             Err(e) => {
-                if let Some((append, done)) = batch.appends.pop() {
-                    report(&append, e, done);
+                let appends: Vec<(Append, Done)> = appends.collect();
+                if appends.len() == 1 {
+                    if let Some((a, done)) = appends.into_iter().next() {
+                        report(&a, e, done);
+                    }
+                    return;
                 }
+                for (a, done) in appends {
+                    let one = std::slice::from_ref(&a);
+                    match self.retry(|| self.store.append(one)).await {
+                        Ok(mut at) => match at.pop() {
+                            Some(at) => self.persisted(vec![(Arc::new(a.into_event(at)), done)]),
+                            None => {
+                                report(&a, Error::Internal("no row for an append".into()), done)
+                            }
+                        },
+                        Err(e) => report(&a, e, done),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes persisted events and answers whoever waits for them.
+    fn persisted(&self, events: Vec<(Arc<Event>, Done)>) {
+        metrics::counter!(m::EVENTS_PERSISTED).increment(events.len() as u64);
+        let arcs: Vec<Arc<Event>> = events.iter().map(|(e, _)| e.clone()).collect();
+        self.hub.publish(&arcs);
+        for (e, done) in events {
+            if let Some(done) = done {
+                let _ = done.send(Ok(Event::clone(&e)));
             }
         }
     }

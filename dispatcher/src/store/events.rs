@@ -39,7 +39,8 @@ RETURNING session_id, seq, id, create_time
 "#;
 
     /// Adds a turn's usage to the session's totals, records the turn, and
-    /// logs a `session.usage` event carrying both.
+    /// logs a `session.usage` event carrying both; returns the event's place
+    /// and the new totals.
     pub const RECORD_USAGE: &str = r#"
 WITH totals AS (
     UPDATE sessions
@@ -56,6 +57,7 @@ WITH totals AS (
                                cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
     SELECT id, turns, $7, $2, $3, $4, $5, $6 FROM totals
 )
+), logged AS (
 INSERT INTO events (session_id, seq, id, type, payload)
 SELECT id, last_seq, $8, 'session.usage', jsonb_build_object(
     'turn', jsonb_build_object('number', turns, 'model', $7::text, 'input_tokens', $2::bigint,
@@ -65,7 +67,11 @@ SELECT id, last_seq, $8, 'session.usage', jsonb_build_object(
         'cache_read_input_tokens', cache_read_input_tokens,
         'cache_creation_input_tokens', cache_creation_input_tokens, 'cost_usd', cost_usd))
 FROM totals
-RETURNING seq, create_time, payload::text
+RETURNING seq, create_time, payload::text AS payload
+)
+SELECT l.seq, l.create_time, l.payload, t.turns, t.input_tokens, t.output_tokens,
+       t.cache_read_input_tokens, t.cache_creation_input_tokens, t.cost_usd
+FROM logged l, totals t
 "#;
 
     /// One page of a session's log after a seq.
@@ -97,11 +103,46 @@ pub(crate) struct Append {
     pub event: NewEvent,
 }
 
+/// Where an appended event landed in its session's log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stored {
+    pub seq: i64,
+    pub create_time: DateTime<Utc>,
+}
+
+impl Append {
+    /// The persisted event, once the store has placed it at `at`.
+    pub(crate) fn into_event(self, at: Stored) -> Event {
+        Event {
+            session_id: self.session,
+            seq: at.seq,
+            id: self.event.id,
+            kind: self.event.kind,
+            create_time: at.create_time,
+            payload: self.event.payload,
+        }
+    }
+}
+
 /// A recorded turn: its `session.usage` event and the session's totals.
 #[derive(Debug, Clone)]
 pub(crate) struct UsageRecorded {
     pub event: Event,
     pub totals: payload::UsageTotals,
+}
+
+/// What [`sql::RECORD_USAGE`] returns: the event's place and the totals.
+#[derive(sqlx::FromRow)]
+struct UsageRow {
+    seq: i64,
+    create_time: DateTime<Utc>,
+    payload: String,
+    turns: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_read_input_tokens: i64,
+    cache_creation_input_tokens: i64,
+    cost_usd: f64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -128,11 +169,11 @@ impl From<EventRow> for Event {
 }
 
 impl Store {
-    /// Appends events (any sessions) in one statement; returns them with
-    /// their seqs, ordered by session and seq. When any event is refused (its
-    /// session is gone, or has moved to another epoch) nothing of that
-    /// session is stored and the error says why for the first such event.
-    pub(crate) async fn append(&self, batch: &[Append]) -> Result<Vec<Event>> {
+    /// Appends events (any sessions) in one statement; returns where each
+    /// landed, in `batch` order. When any event is refused (its session is
+    /// gone, or has moved to another epoch) nothing of that session is
+    /// stored and the error says why for the first such event.
+    pub(crate) async fn append(&self, batch: &[Append]) -> Result<Vec<Stored>> {
         let rows: Vec<(Uuid, i64, Uuid, DateTime<Utc>)> = sqlx::query_as(sql::APPEND_EVENTS)
             .bind(batch.iter().map(|a| a.session).collect::<Vec<_>>())
             .bind(batch.iter().map(|a| a.event.id).collect::<Vec<_>>())
@@ -151,71 +192,84 @@ impl Store {
             .bind(batch.iter().map(|a| a.epoch).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await?;
-        let by_id: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> = rows
+        let by_id: std::collections::HashMap<Uuid, Stored> = rows
             .into_iter()
-            .map(|(_, seq, id, t)| (id, (seq, t)))
+            .map(|(_, seq, id, create_time)| (id, Stored { seq, create_time }))
             .collect();
-        let mut out = Vec::with_capacity(batch.len());
-        for a in batch {
-            let Some((seq, create_time)) = by_id.get(&a.event.id).copied() else {
-                return Err(self.refused(a).await);
-            };
-            out.push(Event {
-                session_id: a.session,
-                seq,
-                id: a.event.id,
-                kind: a.event.kind.clone(),
-                create_time,
-                payload: a.event.payload.clone(),
-            });
+        let out: Option<Vec<Stored>> = batch
+            .iter()
+            .map(|a| by_id.get(&a.event.id).copied())
+            .collect();
+        match out {
+            Some(out) => Ok(out),
+            None => Err(self.refused(batch, &by_id).await),
         }
-        out.sort_by_key(|e| (e.session_id, e.seq));
-        Ok(out)
     }
 
-    /// Why an append stored nothing: the session is gone, or a newer run
-    /// owns it.
-    async fn refused(&self, a: &Append) -> Error {
-        match (self.get_session(a.session).await, a.epoch) {
-            (Ok(s), Some(epoch)) if s.epoch != epoch => Error::Superseded {
-                id: a.session,
-                epoch,
-                current: s.epoch,
-            },
-            (Err(e @ Error::Unavailable(_)), _) => e,
-            _ => Error::SessionNotFound(a.session.to_string()),
+    /// Why a batch stored nothing of some session. A stale epoch comes
+    /// first: its session-mates in the batch were refused with it, and go
+    /// through alone when the writer retries them one by one. Neither answer
+    /// is transient, so the batch itself is never retried as it was.
+    async fn refused(
+        &self,
+        batch: &[Append],
+        stored: &std::collections::HashMap<Uuid, Stored>,
+    ) -> Error {
+        let mut first = None;
+        for a in batch.iter().filter(|a| !stored.contains_key(&a.event.id)) {
+            match self.get_session(a.session).await {
+                Ok(s) => {
+                    if let Some(epoch) = a.epoch.filter(|e| *e != s.epoch) {
+                        return Error::Superseded {
+                            id: a.session,
+                            epoch,
+                            current: s.epoch,
+                        };
+                    }
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
         }
+        first.unwrap_or_else(|| {
+            Error::Internal("an append was refused though its session is at its epoch".into())
+        })
     }
 
     /// Records a turn's usage and logs `session.usage`; returns the event
     /// and the session's totals after it.
     pub(crate) async fn record_usage(&self, id: Uuid, u: &TurnUsage) -> Result<UsageRecorded> {
         let event_id = Uuid::now_v7();
-        let (seq, create_time, payload): (i64, DateTime<Utc>, String) =
-            sqlx::query_as(sql::RECORD_USAGE)
-                .bind(id)
-                .bind(u.input_tokens)
-                .bind(u.output_tokens)
-                .bind(u.cache_read_input_tokens)
-                .bind(u.cache_creation_input_tokens)
-                .bind(u.cost_usd)
-                .bind(&u.model)
-                .bind(event_id)
-                .fetch_optional(&self.pool)
-                .await?
-                .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
-        let usage: payload::Usage = payload::parse(&payload)
-            .ok_or_else(|| Error::Internal(format!("session.usage payload: {payload}")))?;
+        let row: UsageRow = sqlx::query_as(sql::RECORD_USAGE)
+            .bind(id)
+            .bind(u.input_tokens)
+            .bind(u.output_tokens)
+            .bind(u.cache_read_input_tokens)
+            .bind(u.cache_creation_input_tokens)
+            .bind(u.cost_usd)
+            .bind(&u.model)
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
         Ok(UsageRecorded {
             event: Event {
                 session_id: id,
-                seq,
+                seq: row.seq,
                 id: event_id,
                 kind: ev::SESSION_USAGE.into(),
-                create_time,
-                payload,
+                create_time: row.create_time,
+                payload: row.payload,
             },
-            totals: usage.total,
+            totals: payload::UsageTotals {
+                turns: row.turns,
+                input_tokens: row.input_tokens,
+                output_tokens: row.output_tokens,
+                cache_read_input_tokens: row.cache_read_input_tokens,
+                cache_creation_input_tokens: row.cache_creation_input_tokens,
+                cost_usd: row.cost_usd,
+            },
         })
     }
 

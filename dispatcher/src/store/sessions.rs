@@ -41,6 +41,10 @@ SELECT id FROM created
     /// One session by id.
     pub const GET_SESSION: &str = "SELECT * FROM sessions WHERE id = $1";
 
+    /// Sessions by id, oldest first.
+    pub const SESSIONS_BY_ID: &str =
+        "SELECT * FROM sessions WHERE id = ANY($1) ORDER BY create_time";
+
     /// The session an earlier create with this request id made.
     pub const SESSION_BY_REQUEST_ID: &str = "SELECT * FROM sessions WHERE request_id = $1";
 
@@ -293,12 +297,10 @@ impl Store {
 
     /// Sessions by id, oldest first (the claim reads its batch back).
     pub(super) async fn sessions_by_id(&self, ids: &[Uuid]) -> Result<Vec<Session>> {
-        let rows: Vec<SessionRow> = sqlx::query_as(AssertSqlSafe(
-            "SELECT * FROM sessions WHERE id = ANY($1) ORDER BY create_time",
-        ))
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<SessionRow> = sqlx::query_as(sql::SESSIONS_BY_ID)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(Session::try_from).collect()
     }
 

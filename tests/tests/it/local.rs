@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use berth_tests::{
-    collect_until, containers_labelled, create_database, drop_database, fake_session,
+    answering, collect_until, containers_labelled, create_database, drop_database, fake_session,
     stop_and_wait, wait_for_status,
 };
 use tokio_util::sync::CancellationToken;
@@ -33,23 +33,9 @@ async fn default_dispatcher(
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(berth_server::run(cfg, node, listener, shutdown.clone()));
-    let mut client = None;
-    for _ in 0..100 {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-        if let Ok(channel) = endpoint.connect().await {
-            let mut c = SessionsClient::new(channel);
-            let probe = pb::ListSessionsRequest {
-                page_size: 1,
-                ..Default::default()
-            };
-            if c.list_sessions(probe).await.is_ok() {
-                client = Some(c);
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let client = client.ok_or_else(|| anyhow::anyhow!("dispatcher {id} never answered"))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+    let client = SessionsClient::new(channel);
+    answering(client.clone(), std::slice::from_ref(&task)).await?;
     Ok((client, shutdown, task))
 }
 
