@@ -56,18 +56,17 @@ WITH totals AS (
     INSERT INTO session_turns (session_id, turn, model, input_tokens, output_tokens,
                                cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
     SELECT id, turns, $7, $2, $3, $4, $5, $6 FROM totals
-)
 ), logged AS (
-INSERT INTO events (session_id, seq, id, type, payload)
-SELECT id, last_seq, $8, 'session.usage', jsonb_build_object(
-    'turn', jsonb_build_object('number', turns, 'model', $7::text, 'input_tokens', $2::bigint,
-        'output_tokens', $3::bigint, 'cache_read_input_tokens', $4::bigint,
-        'cache_creation_input_tokens', $5::bigint, 'cost_usd', $6::float8),
-    'total', jsonb_build_object('turns', turns, 'input_tokens', input_tokens, 'output_tokens', output_tokens,
-        'cache_read_input_tokens', cache_read_input_tokens,
-        'cache_creation_input_tokens', cache_creation_input_tokens, 'cost_usd', cost_usd))
-FROM totals
-RETURNING seq, create_time, payload::text AS payload
+    INSERT INTO events (session_id, seq, id, type, payload)
+    SELECT id, last_seq, $8, 'session.usage', jsonb_build_object(
+        'turn', jsonb_build_object('number', turns, 'model', $7::text, 'input_tokens', $2::bigint,
+            'output_tokens', $3::bigint, 'cache_read_input_tokens', $4::bigint,
+            'cache_creation_input_tokens', $5::bigint, 'cost_usd', $6::float8),
+        'total', jsonb_build_object('turns', turns, 'input_tokens', input_tokens, 'output_tokens', output_tokens,
+            'cache_read_input_tokens', cache_read_input_tokens,
+            'cache_creation_input_tokens', cache_creation_input_tokens, 'cost_usd', cost_usd))
+    FROM totals
+    RETURNING seq, create_time, payload::text AS payload
 )
 SELECT l.seq, l.create_time, l.payload, t.turns, t.input_tokens, t.output_tokens,
        t.cache_read_input_tokens, t.cache_creation_input_tokens, t.cost_usd
