@@ -33,3 +33,6 @@ sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='bert
 
 echo "==> building the test agent image"
 "$root/deploy/test-image/build.sh"
+
+echo "==> building the real Claude Code test image"
+"$root/deploy/test-image/build-claude.sh"

@@ -88,6 +88,12 @@ pub struct Config {
     )]
     pub keepalive_cmd: Vec<String>,
 
+    /// Docker network mode of session containers (`none`: loopback only).
+    /// Empty: Docker's default network. Containers need no network of their
+    /// own: files, git clones and snapshots move through the node.
+    #[arg(long, env = "BERTH_CONTAINER_NETWORK", default_value = "")]
+    pub container_network: String,
+
     /// Longest runtime output line kept whole, in bytes. Longer lines become a
     /// truncated `runtime.raw` event.
     #[arg(long, env = "BERTH_MAX_LINE_BYTES", default_value_t = 8 * 1024 * 1024)]
@@ -177,6 +183,8 @@ pub struct ContainerConfig {
     pub pids_limit: i64,
     /// The container's main process (it only keeps the container alive).
     pub keepalive_cmd: Vec<String>,
+    /// Docker network mode; `None` is Docker's default.
+    pub network: Option<String>,
 }
 
 /// What the warm pools need of the node's configuration.
@@ -281,6 +289,7 @@ impl Config {
             cpus: self.cpus,
             pids_limit: self.pids_limit,
             keepalive_cmd: self.keepalive_cmd.clone(),
+            network: Some(self.container_network.clone()).filter(|n| !n.is_empty()),
         }
     }
 

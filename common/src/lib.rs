@@ -37,7 +37,9 @@ pub async fn shutdown_signal() {
 }
 
 /// Usage and cost of one turn, as the runtime reported it. Shared by the
-/// node's adapters and the dispatcher's usage accounting.
+/// node's adapters and the dispatcher's usage accounting. Counts are never
+/// negative and cost is finite and never negative: adapters clamp what a
+/// runtime wrote.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TurnUsage {
     pub input_tokens: i64,
@@ -46,6 +48,11 @@ pub struct TurnUsage {
     pub cache_creation_input_tokens: i64,
     pub cost_usd: f64,
     pub model: String,
+    /// `cost_usd` is the conversation's running total (Claude Code's
+    /// `total_cost_usd`), not this turn's cost.
+    pub cumulative_cost: bool,
+    /// The token counts are running totals (Claude Code's `modelUsage` sums).
+    pub cumulative_tokens: bool,
 }
 
 impl From<berth_proto::node::v1::TurnUsage> for TurnUsage {
@@ -57,6 +64,8 @@ impl From<berth_proto::node::v1::TurnUsage> for TurnUsage {
             cache_creation_input_tokens: u.cache_creation_input_tokens,
             cost_usd: u.cost_usd,
             model: u.model,
+            cumulative_cost: u.cumulative_cost,
+            cumulative_tokens: u.cumulative_tokens,
         }
     }
 }
@@ -70,6 +79,8 @@ impl From<TurnUsage> for berth_proto::node::v1::TurnUsage {
             cache_creation_input_tokens: u.cache_creation_input_tokens,
             cost_usd: u.cost_usd,
             model: u.model,
+            cumulative_cost: u.cumulative_cost,
+            cumulative_tokens: u.cumulative_tokens,
         }
     }
 }

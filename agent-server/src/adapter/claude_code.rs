@@ -8,7 +8,7 @@
 use berth_common::events as ev;
 use serde_json::{Map, Value, json};
 
-use super::{Adapter, AgentEvent, TurnUsage, int};
+use super::{Adapter, AgentEvent, TurnUsage, int, usd};
 use crate::spec::SessionSpec;
 
 /// State kept across lines: the model the runtime reported, for usage rows.
@@ -113,20 +113,26 @@ impl Adapter for ClaudeCode {
 }
 
 impl ClaudeCode {
-    /// The turn's usage: top-level `usage` and `total_cost_usd` of the result line.
+    /// The turn's usage as Claude Code reports it on a `result` line. Under
+    /// stream-json input, `total_cost_usd` and `modelUsage` are running
+    /// totals of the conversation (continued across `--resume`), while
+    /// `usage` is only the main agent's tokens for this turn. So: cost is the
+    /// running `total_cost_usd`; tokens are the running sums over
+    /// `modelUsage` (sub-agents included), or, from a CLI that sends no
+    /// `modelUsage`, this turn's `usage`. A cost that is missing, negative or
+    /// not a number is reported as 0 for the turn, not as a running total,
+    /// so it moves no baseline. The dispatcher turns running totals into
+    /// the turn's rise.
     fn usage(&self, v: &Value) -> TurnUsage {
-        let u = &v["usage"];
+        let models = v["modelUsage"].as_object().filter(|m| !m.is_empty());
         let model = if self.model.is_empty() {
-            // No init line seen: the model that cost the most this turn.
-            v["modelUsage"]
-                .as_object()
+            // No init line seen: the model that cost the most so far.
+            models
                 .and_then(|m| {
                     m.iter()
                         .max_by(|a, b| {
-                            a.1["costUSD"]
-                                .as_f64()
-                                .partial_cmp(&b.1["costUSD"].as_f64())
-                                .unwrap_or(std::cmp::Ordering::Equal)
+                            let cost = |x: &Value| usd(x, "costUSD").unwrap_or(0.0);
+                            cost(a.1).total_cmp(&cost(b.1))
                         })
                         .map(|(k, _)| k.clone())
                 })
@@ -134,14 +140,36 @@ impl ClaudeCode {
         } else {
             self.model.clone()
         };
-        TurnUsage {
-            input_tokens: int(u, "input_tokens"),
-            output_tokens: int(u, "output_tokens"),
-            cache_read_input_tokens: int(u, "cache_read_input_tokens"),
-            cache_creation_input_tokens: int(u, "cache_creation_input_tokens"),
-            cost_usd: v["total_cost_usd"].as_f64().unwrap_or(0.0),
+        let total_cost = usd(v, "total_cost_usd");
+        let mut u = TurnUsage {
+            cost_usd: total_cost.unwrap_or(0.0),
+            cumulative_cost: total_cost.is_some(),
             model,
+            ..TurnUsage::default()
+        };
+        match models {
+            Some(models) => {
+                let sum = |key: &str| {
+                    models
+                        .values()
+                        .map(|m| int(m, key))
+                        .fold(0i64, i64::saturating_add)
+                };
+                u.input_tokens = sum("inputTokens");
+                u.output_tokens = sum("outputTokens");
+                u.cache_read_input_tokens = sum("cacheReadInputTokens");
+                u.cache_creation_input_tokens = sum("cacheCreationInputTokens");
+                u.cumulative_tokens = true;
+            }
+            None => {
+                let turn = &v["usage"];
+                u.input_tokens = int(turn, "input_tokens");
+                u.output_tokens = int(turn, "output_tokens");
+                u.cache_read_input_tokens = int(turn, "cache_read_input_tokens");
+                u.cache_creation_input_tokens = int(turn, "cache_creation_input_tokens");
+            }
         }
+        u
     }
 }
 
@@ -268,15 +296,19 @@ mod tests {
             .last()
             .and_then(|e| e.turn_end.clone())
             .expect("result ends the turn");
+        // Running totals over `modelUsage`: the main agent (sonnet) and its
+        // Explore sub-agent (haiku), whose tokens `usage` leaves out.
         assert_eq!(
             last,
             TurnUsage {
-                input_tokens: 4,
-                output_tokens: 576,
-                cache_read_input_tokens: 40618,
-                cache_creation_input_tokens: 7281,
+                input_tokens: 4 + 573,
+                output_tokens: 576 + 134,
+                cache_read_input_tokens: 40618 + 7699,
+                cache_creation_input_tokens: 7281 + 7824,
                 cost_usd: 0.0763163,
                 model: "claude-sonnet-4-6".into(),
+                cumulative_cost: true,
+                cumulative_tokens: true,
             }
         );
         // The original line is kept verbatim.
@@ -284,6 +316,23 @@ mod tests {
             let p: Value = serde_json::from_str(&e.payload).expect("payload is JSON");
             assert_eq!(p["raw"].as_str(), Some(line));
         }
+    }
+
+    #[test]
+    fn bad_figures_never_make_negative_or_false_totals() {
+        let mut a = ClaudeCode::default();
+        let line = r#"{"type":"result","total_cost_usd":"lots","usage":{"input_tokens":-5,"output_tokens":"x"}}"#;
+        let u = a.decode(line).turn_end.expect("a result ends the turn");
+        assert_eq!((u.input_tokens, u.output_tokens, u.cost_usd), (0, 0, 0.0));
+        assert!(
+            !u.cumulative_cost,
+            "an unreadable cost moves no running total"
+        );
+        assert!(!u.cumulative_tokens, "no modelUsage: the turn's own usage");
+        let line = r#"{"type":"result","total_cost_usd":-1,"modelUsage":{"m":{"inputTokens":-3,"outputTokens":4,"costUSD":-2}}}"#;
+        let u = a.decode(line).turn_end.expect("a result ends the turn");
+        assert_eq!((u.input_tokens, u.output_tokens, u.cost_usd), (0, 4, 0.0));
+        assert!(!u.cumulative_cost && u.cumulative_tokens);
     }
 
     #[test]

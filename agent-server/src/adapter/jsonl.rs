@@ -10,7 +10,7 @@
 use berth_common::events as ev;
 use serde_json::{Value, json};
 
-use super::{Adapter, AgentEvent, TurnUsage, int};
+use super::{Adapter, AgentEvent, TurnUsage, int, usd};
 use crate::spec::SessionSpec;
 
 /// Stateless.
@@ -55,8 +55,11 @@ impl Adapter for Jsonl {
                 output_tokens: int(&u, "output_tokens"),
                 cache_read_input_tokens: int(&u, "cache_read_input_tokens"),
                 cache_creation_input_tokens: int(&u, "cache_creation_input_tokens"),
-                cost_usd: u["cost_usd"].as_f64().unwrap_or(0.0),
+                cost_usd: usd(&u, "cost_usd").unwrap_or(0.0),
                 model: u["model"].as_str().unwrap_or_default().to_string(),
+                // The jsonl protocol reports each turn's own figures.
+                cumulative_cost: false,
+                cumulative_tokens: false,
             });
         }
         e

@@ -68,7 +68,18 @@ pub fn for_runtime(kind: Runtime) -> Box<dyn Adapter> {
     }
 }
 
-/// Reads an integer field, 0 when absent.
+/// Reads a token count: 0 when absent, not an integer, or negative (a
+/// runtime's bad figure never makes a negative turn).
 fn int(v: &serde_json::Value, key: &str) -> i64 {
-    v.get(key).and_then(serde_json::Value::as_i64).unwrap_or(0)
+    v.get(key)
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or(0)
+        .max(0)
+}
+
+/// Reads a cost in USD: `None` when absent, not a number, negative or not finite.
+fn usd(v: &serde_json::Value, key: &str) -> Option<f64> {
+    v.get(key)
+        .and_then(serde_json::Value::as_f64)
+        .filter(|c| c.is_finite() && *c >= 0.0)
 }

@@ -107,6 +107,7 @@ impl ContainerRuntime {
             memory_swap: Some(memory),
             nano_cpus: Some((cfg.cpus * 1e9) as i64),
             readonly_rootfs: Some(true),
+            network_mode: cfg.network.clone(),
             // Reaps the exec'd agent's children; forwards signals.
             init: Some(true),
             tmpfs: Some(HashMap::from([(

@@ -16,6 +16,7 @@ use super::start::Link;
 use super::{Ctx, start_label};
 use crate::error::{Error, Result};
 use crate::nodes::wire::node_event;
+use crate::session::usage::{self, RunningTotals};
 use crate::session::{Event, NewEvent, Session, SessionStatus, StatusEvent, snapshot_key};
 use crate::store::UsageRecorded;
 
@@ -52,6 +53,8 @@ pub(super) struct Relay<'a> {
     /// Turns sent to the agent that have not ended yet.
     open_turns: u32,
     runtime_id_seen: bool,
+    /// The runtime's running totals after the last turn (usage baseline).
+    runtime_totals: RunningTotals,
     deadlines: Deadlines,
     stop_asked: Option<StopAsked>,
     first_event: bool,
@@ -72,6 +75,7 @@ impl<'a> Relay<'a> {
             feed: Some(ctx.log.follow(session.id, session.input_seq, FEED_BUFFER)),
             open_turns: 0,
             runtime_id_seen: !session.runtime_session_id.is_empty(),
+            runtime_totals: session.runtime_totals,
             deadlines: Deadlines::new(
                 session.timeout,
                 session.inactivity_timeout.unwrap_or(ctx.inactivity_default),
@@ -183,9 +187,18 @@ impl<'a> Relay<'a> {
         let turn_end = e.turn_end.take();
         self.ctx.log.append_queued(id, epoch, node_event(e)).await?;
         if let Some(u) = turn_end {
-            let u = berth_common::TurnUsage::from(u);
-            crate::metrics::record_usage(&u);
-            let usage = self.ctx.log.record_usage(id, u).await?;
+            let turn = usage::account(&self.runtime_totals, &u.into());
+            if turn.restarted {
+                tracing::warn!(before = ?self.runtime_totals, after = ?turn.totals,
+                    "the runtime's running totals went down: its conversation restarted; this turn counts from zero");
+            }
+            self.runtime_totals = turn.totals;
+            crate::metrics::record_usage(&turn.usage);
+            let usage = self
+                .ctx
+                .log
+                .record_usage(id, turn.usage, turn.totals)
+                .await?;
             self.check_budget(&usage).await?;
             self.open_turns = self.open_turns.saturating_sub(1);
             if self.open_turns == 0 {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::session::usage::RunningTotals;
 use crate::session::{Event, NewEvent, StatusEvent};
 use crate::store::{Append, Store, Transitioned, UsageRecorded};
 
@@ -53,6 +54,7 @@ enum Op {
     Usage {
         session: Uuid,
         usage: TurnUsage,
+        totals: RunningTotals,
         done: oneshot::Sender<Result<UsageRecorded>>,
     },
 }
@@ -180,17 +182,20 @@ impl EventLog {
         rx.await.map_err(writer_stopped)?
     }
 
-    /// Records a turn's usage, ordered after everything queued before it;
-    /// returns the session's totals after it.
+    /// Records a turn's own usage and the runtime's running totals after
+    /// it, ordered after everything queued before it; returns the session's
+    /// totals after it.
     pub(crate) async fn record_usage(
         &self,
         session: Uuid,
         usage: TurnUsage,
+        totals: RunningTotals,
     ) -> Result<UsageRecorded> {
         let (done, rx) = oneshot::channel();
         self.submit(Op::Usage {
             session,
             usage,
+            totals,
             done,
         })
         .await?;

@@ -83,10 +83,13 @@ pub(super) async fn run(
                 Op::Usage {
                     session,
                     usage,
+                    totals,
                     done,
                 } => {
                     w.flush(&mut batch).await;
-                    let r = w.retry(|| w.store.record_usage(session, &usage)).await;
+                    let r = w
+                        .retry(|| w.store.record_usage(session, &usage, &totals))
+                        .await;
                     if let Ok(u) = &r {
                         metrics::counter!(m::EVENTS_PERSISTED).increment(1);
                         w.hub.publish(&[Arc::new(u.event.clone())]);

@@ -1,6 +1,7 @@
 //! The session domain: what a session is, with no wire or SQL types.
 
 pub mod status;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -99,6 +100,8 @@ pub struct Session {
     pub input_seq: i64,
     pub runtime_session_id: String,
     pub usage: Usage,
+    /// The runtime's running totals after its last turn: the next turn's baseline.
+    pub runtime_totals: usage::RunningTotals,
     pub timeout: Option<Duration>,
     /// The agent and version it was made from.
     pub agent: Option<(String, i64)>,

@@ -4,10 +4,12 @@
 use berth_common::TurnUsage;
 use berth_common::events::{self as ev, payload};
 use chrono::{DateTime, Utc};
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::Store;
 use crate::error::{Error, Result};
+use crate::session::usage::RunningTotals;
 use crate::session::{Event, NewEvent};
 
 mod sql {
@@ -47,7 +49,8 @@ WITH totals AS (
     SET input_tokens = input_tokens + $2, output_tokens = output_tokens + $3,
         cache_read_input_tokens = cache_read_input_tokens + $4,
         cache_creation_input_tokens = cache_creation_input_tokens + $5,
-        cost_usd = cost_usd + $6, turns = turns + 1, last_seq = last_seq + 1, update_time = now()
+        cost_usd = cost_usd + $6, turns = turns + 1, last_seq = last_seq + 1, update_time = now(),
+        runtime_totals = $9
     WHERE id = $1
     RETURNING id, turns, last_seq, input_tokens, output_tokens, cache_read_input_tokens,
               cache_creation_input_tokens, cost_usd,
@@ -236,9 +239,15 @@ impl Store {
         })
     }
 
-    /// Records a turn's usage and logs `session.usage`; returns the event
-    /// and the session's totals after it.
-    pub(crate) async fn record_usage(&self, id: Uuid, u: &TurnUsage) -> Result<UsageRecorded> {
+    /// Records a turn's own usage (see [`crate::session::usage`]) with the
+    /// runtime's running totals after it, and logs `session.usage`; returns
+    /// the event and the session's totals after it.
+    pub(crate) async fn record_usage(
+        &self,
+        id: Uuid,
+        u: &TurnUsage,
+        runtime_totals: &RunningTotals,
+    ) -> Result<UsageRecorded> {
         let event_id = Uuid::now_v7();
         let row: UsageRow = sqlx::query_as(sql::RECORD_USAGE)
             .bind(id)
@@ -249,6 +258,7 @@ impl Store {
             .bind(u.cost_usd)
             .bind(&u.model)
             .bind(event_id)
+            .bind(Json(runtime_totals))
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{Store, from_millis, to_millis};
 use crate::error::{Error, Result};
+use crate::session::usage::RunningTotals;
 use crate::session::{
     AgentSpec, Event, NewEvent, NewSession, Resource, Session, SessionStatus, Snapshot,
     StatusEvent, Usage,
@@ -174,6 +175,7 @@ pub(super) struct SessionRow {
     snapshot_time: Option<DateTime<Utc>>,
     snapshots: i64,
     archive_time: Option<DateTime<Utc>>,
+    runtime_totals: Json<RunningTotals>,
 }
 
 impl TryFrom<SessionRow> for Session {
@@ -202,6 +204,7 @@ impl TryFrom<SessionRow> for Session {
                 cost_usd: r.cost_usd,
                 turns: r.turns,
             },
+            runtime_totals: r.runtime_totals.0,
             timeout: from_millis(r.timeout_ms),
             agent: r.agent_id.zip(r.agent_version),
             resources: r.resources.0,

@@ -31,7 +31,10 @@
 //!
 //! Every turn but `replay` (which carries its own) ends with a `result` line
 //! whose usage is deterministic: input tokens = bytes of the message, output
-//! tokens = bytes of the reply, cost = (3·in + 15·out) / 1e6 USD.
+//! tokens = bytes of the reply, cost = (3·in + 15·out) / 1e6 USD. As in the
+//! real CLI, `usage` is the turn's, while `total_cost_usd` and `modelUsage`
+//! are running totals of the conversation, continued across `--resume` (they
+//! are kept in the conversation file).
 
 use std::io::{BufRead, Write};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -203,6 +206,8 @@ struct Agent {
     /// Where the conversation is kept, and its earlier prompts.
     transcript: std::path::PathBuf,
     history: Vec<String>,
+    /// The conversation's running totals: input and output tokens, cost.
+    totals: (u64, u64, f64),
     /// Messages that arrived while a turn was running, answered in order.
     queued: std::collections::VecDeque<String>,
     eof: bool,
@@ -264,7 +269,14 @@ impl Agent {
     fn result(&mut self, prompt: &str, reply_bytes: usize, started: Instant, interrupted: bool) {
         let input = prompt.len() as u64;
         let output = reply_bytes as u64;
-        let cost = (3 * input + 15 * output) as f64 / 1e6;
+        let turn_cost = (3 * input + 15 * output) as f64 / 1e6;
+        self.totals = (
+            self.totals.0 + input,
+            self.totals.1 + output,
+            self.totals.2 + turn_cost,
+        );
+        let (all_in, all_out, cost) = self.totals;
+        self.save(&json!({"type": "totals", "input": all_in, "output": all_out, "cost": cost}));
         let result = json!({
             "type": "result",
             "subtype": if interrupted { "error_during_execution" } else { "success" },
@@ -277,7 +289,9 @@ impl Agent {
             "total_cost_usd": cost,
             "usage": {"input_tokens": input, "output_tokens": output,
                       "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
-            "modelUsage": {self.model.clone(): {"inputTokens": input, "outputTokens": output, "costUSD": cost}},
+            "modelUsage": {self.model.clone(): {"inputTokens": all_in, "outputTokens": all_out,
+                                                "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0,
+                                                "costUSD": cost}},
         });
         self.emit(&result);
     }
@@ -314,7 +328,12 @@ impl Agent {
     /// Appends a prompt to the conversation file, as the real CLI keeps its sessions.
     fn remember(&mut self, prompt: &str) {
         self.history.push(prompt.to_string());
-        let line = json!({"type": "user", "prompt": prompt}).to_string();
+        self.save(&json!({"type": "user", "prompt": prompt}));
+    }
+
+    /// Appends one line to the conversation file.
+    fn save(&self, v: &Value) {
+        let line = v.to_string();
         let write = || -> std::io::Result<()> {
             if let Some(dir) = self.transcript.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -515,11 +534,10 @@ fn main() {
     // appending to the original, whatever id it reports.
     let conversation_id = args.resume.clone().unwrap_or_else(|| session_id.clone());
     let transcript = transcript_path(&conversation_id);
-    let history = match (&args.resume, std::fs::read_to_string(&transcript)) {
+    let saved: Vec<Value> = match (&args.resume, std::fs::read_to_string(&transcript)) {
         (_, Ok(body)) => body
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|v| v["prompt"].as_str().map(String::from))
             .collect(),
         (Some(id), Err(_)) => {
             eprintln!("No conversation found with session ID: {id}");
@@ -527,6 +545,21 @@ fn main() {
         }
         (None, Err(_)) => Vec::new(),
     };
+    let history = saved
+        .iter()
+        .filter_map(|v| v["prompt"].as_str().map(String::from))
+        .collect();
+    let totals = saved
+        .iter()
+        .rev()
+        .find(|v| v["type"] == "totals")
+        .map_or((0, 0, 0.0), |v| {
+            (
+                v["input"].as_u64().unwrap_or(0),
+                v["output"].as_u64().unwrap_or(0),
+                v["cost"].as_f64().unwrap_or(0.0),
+            )
+        });
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || read_stdin(tx));
     let mut agent = Agent {
@@ -537,6 +570,7 @@ fn main() {
         init_sent: false,
         transcript,
         history,
+        totals,
         queued: Default::default(),
         eof: false,
     };

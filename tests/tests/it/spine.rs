@@ -52,7 +52,9 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
     ] {
         assert!(kinds.contains(&k), "no {k} event in {kinds:?}");
     }
-    // Usage and cost are what the transcript's result line says.
+    // Usage and cost are what the transcript's result line says: tokens are
+    // its `modelUsage` sums (the sonnet main agent and its haiku Explore
+    // sub-agent, which `usage` leaves out), cost its `total_cost_usd`.
     let s = c
         .get_session(pb::GetSessionRequest {
             name: s.name.clone(),
@@ -67,7 +69,7 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
             u.cache_read_input_tokens,
             u.cache_creation_input_tokens
         ),
-        (4, 576, 40618, 7281)
+        (4 + 573, 576 + 134, 40618 + 7699, 7281 + 7824)
     );
     assert!((u.cost_usd - 0.0763163).abs() < 1e-9, "cost {}", u.cost_usd);
     assert_eq!(u.turns, 1);
