@@ -151,14 +151,15 @@ fn asked(req: &Value) -> Asked {
         .as_array()
         .and_then(|b| b.iter().find(|b| b["type"] == "tool_result"))
     {
-        return Asked::ToolResult(text_of(&r["content"]));
+        let text = text_of(&r["content"]);
+        let own = text.split("<system-reminder>").next().unwrap_or_default();
+        return Asked::ToolResult(own.trim().to_string());
     }
     let text = match content {
         Value::Array(blocks) => blocks
             .iter()
             .filter_map(|b| b["text"].as_str())
-            .filter(|t| !t.trim_start().starts_with('<'))
-            .next_back()
+            .rfind(|t| !t.trim_start().starts_with('<'))
             .unwrap_or_default()
             .to_string(),
         other => text_of(other),
