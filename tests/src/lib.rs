@@ -539,24 +539,30 @@ impl Drop for TestCluster {
             return;
         }
         for n in &self.nodes {
-            let filter = format!("label=berth.node={}", n.id);
-            let Ok(out) = std::process::Command::new("docker")
-                .args(["ps", "-aq", "--filter", &filter])
-                .output()
-            else {
-                continue;
-            };
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(String::from)
-                .collect();
-            if !ids.is_empty() {
-                let _ = std::process::Command::new("docker")
-                    .args(["rm", "-fv"])
-                    .args(&ids)
-                    .output();
-            }
+            remove_node_containers(&n.id);
         }
+    }
+}
+
+/// Removes every container of node `node_id` through the docker CLI: for
+/// `Drop`, which cannot await, when a test fails before its shutdown.
+pub fn remove_node_containers(node_id: &str) {
+    let filter = format!("label=berth.node={node_id}");
+    let Ok(out) = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &filter])
+        .output()
+    else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    if !ids.is_empty() {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-fv"])
+            .args(&ids)
+            .output();
     }
 }
 

@@ -46,6 +46,16 @@ async fn two_default_dispatchers_on_one_docker_host_leave_each_others_sessions_a
     let (database, url) = create_database(&tag).await?;
     let objects = std::env::temp_dir().join(&tag);
     let (a_id, b_id) = (format!("{tag}-a"), format!("{tag}-b"));
+    // A failing assertion still leaves no containers behind.
+    struct Cleanup([String; 2]);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for node in &self.0 {
+                berth_tests::remove_node_containers(node);
+            }
+        }
+    }
+    let _cleanup = Cleanup([format!("local-{a_id}"), format!("local-{b_id}")]);
 
     let (mut a, a_stop, a_task) = default_dispatcher(&a_id, &url, &objects).await?;
     let mut req = fake_session("echo first");
