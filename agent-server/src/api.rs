@@ -60,11 +60,21 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             node_frame::Kind::Accepted(pb::Accepted { container_id, warm })
         }
         Output::Refused(reason) => node_frame::Kind::Refused(pb::Refused { reason }),
-        Output::Event(e) => node_frame::Kind::Event(pb::RuntimeEvent {
-            r#type: e.kind.to_string(),
-            payload_json: e.payload,
-            turn_end: e.turn_end.map(pb::TurnUsage::from),
-            runtime_session_id: e.runtime_session_id.unwrap_or_default(),
+        Output::Line(l) => node_frame::Kind::Line(pb::RuntimeLine {
+            raw: l.raw,
+            events: l
+                .decoded
+                .events
+                .into_iter()
+                .map(|b| pb::RuntimeEvent {
+                    r#type: b.kind.to_string(),
+                    payload_json: b.payload,
+                })
+                .collect(),
+            turn_end: l.decoded.turn_end.map(pb::TurnUsage::from),
+            runtime_session_id: l.decoded.runtime_session_id.unwrap_or_default(),
+            truncated: l.total_bytes.is_some(),
+            total_bytes: l.total_bytes.unwrap_or(0),
         }),
         Output::Exited(x) => node_frame::Kind::Exited(pb::Exited {
             exit_code: x.code,

@@ -7,10 +7,10 @@
 /// One reassembled line.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
-    /// A whole line, newline removed.
-    Whole(String),
+    /// A whole line, newline removed: its bytes as written.
+    Whole(Vec<u8>),
     /// The first `max` bytes of a longer line, and its full length.
-    Truncated { prefix: String, total_bytes: usize },
+    Truncated { prefix: Vec<u8>, total_bytes: usize },
 }
 
 /// Splits a byte stream into lines.
@@ -66,7 +66,7 @@ impl LineBuffer {
                     line.pop();
                 }
                 if !line.is_empty() {
-                    out.push(Line::Whole(String::from_utf8_lossy(&line).into_owned()));
+                    out.push(Line::Whole(line));
                 }
             }
         }
@@ -74,7 +74,7 @@ impl LineBuffer {
     }
 
     fn take_truncated(&mut self, total_bytes: usize) -> Line {
-        let prefix = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+        let prefix = std::mem::take(&mut self.buf);
         Line::Truncated {
             prefix,
             total_bytes,
@@ -86,9 +86,7 @@ impl LineBuffer {
         match self.overflow.take() {
             Some(total_bytes) => Some(self.take_truncated(total_bytes)),
             None if self.buf.is_empty() => None,
-            None => Some(Line::Whole(
-                String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned(),
-            )),
+            None => Some(Line::Whole(std::mem::take(&mut self.buf))),
         }
     }
 }
@@ -98,7 +96,7 @@ mod tests {
     use super::*;
 
     fn whole(s: &str) -> Line {
-        Line::Whole(s.into())
+        Line::Whole(s.as_bytes().to_vec())
     }
 
     #[test]
@@ -117,7 +115,7 @@ mod tests {
         assert_eq!(
             b.finish(),
             Some(Line::Truncated {
-                prefix: "abcd".into(),
+                prefix: b"abcd".to_vec(),
                 total_bytes: 7
             })
         );
@@ -138,7 +136,7 @@ mod tests {
             b.push(b"gh\nok\n"),
             vec![
                 Line::Truncated {
-                    prefix: "abcd".into(),
+                    prefix: b"abcd".to_vec(),
                     total_bytes: 8
                 },
                 whole("ok")
@@ -147,7 +145,7 @@ mod tests {
         assert_eq!(
             b.push(b"123456\n"),
             vec![Line::Truncated {
-                prefix: "1234".into(),
+                prefix: b"1234".to_vec(),
                 total_bytes: 6
             }]
         );

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::adapter::{self, AgentEvent};
+use crate::adapter;
 use crate::container::{ContainerRuntime, Purpose};
 use crate::lines::{Line, LineBuffer};
 use crate::node::{Node, Slot};
@@ -36,9 +36,13 @@ pub enum Command {
 /// What the session reports back.
 #[derive(Debug)]
 pub enum Output {
-    Accepted { container_id: String, warm: bool },
+    Accepted {
+        container_id: String,
+        warm: bool,
+    },
     Refused(String),
-    Event(AgentEvent),
+    /// One line the agent wrote, and its events.
+    Line(AgentLine),
     Exited(Exit),
 }
 
@@ -391,6 +395,15 @@ fn env_with_home(spec: &SessionSpec, cfg: &crate::config::Config) -> Vec<String>
     env
 }
 
+/// A line the agent wrote, verbatim, with what it decoded to.
+#[derive(Debug)]
+pub struct AgentLine {
+    pub raw: Vec<u8>,
+    pub decoded: adapter::Decoded,
+    /// The line was cut short: `raw` is its prefix, this its length.
+    pub total_bytes: Option<u64>,
+}
+
 /// Decodes and sends one line. False when the dispatcher is gone.
 async fn emit(
     out: &mpsc::Sender<Output>,
@@ -398,24 +411,24 @@ async fn emit(
     events: &metrics::Counter,
     line: Line,
 ) -> bool {
-    let event = match line {
-        Line::Whole(l) => adapter.decode(&l),
+    let line = match line {
+        Line::Whole(raw) => AgentLine {
+            decoded: adapter.decode(&raw),
+            raw,
+            total_bytes: None,
+        },
+        // Too long to decode: kept as far as it goes, with its length.
         Line::Truncated {
             prefix,
             total_bytes,
-        } => {
-            let payload =
-                serde_json::json!({"raw": prefix, "truncated": true, "total_bytes": total_bytes});
-            AgentEvent {
-                kind: berth_common::events::RUNTIME_RAW,
-                payload: payload.to_string(),
-                turn_end: None,
-                runtime_session_id: None,
-            }
-        }
+        } => AgentLine {
+            raw: prefix,
+            decoded: adapter::Decoded::truncated(total_bytes as u64),
+            total_bytes: Some(total_bytes as u64),
+        },
     };
-    events.increment(1);
-    out.send(Output::Event(event)).await.is_ok()
+    events.increment(line.decoded.events.len() as u64);
+    out.send(Output::Line(line)).await.is_ok()
 }
 
 async fn write_stdin(

@@ -26,15 +26,25 @@ fn time(t: &Option<prost_types::Timestamp>) -> String {
 }
 
 pub fn session_json(s: &pb::Session) -> String {
-    let u = s.usage.unwrap_or_default();
+    let u = s.usage.clone().unwrap_or_default();
     let spec = s.spec.clone().unwrap_or_default();
+    let models: Vec<_> = u
+        .models
+        .iter()
+        .map(|m| {
+            json!({"model": m.model, "input_tokens": m.input_tokens, "output_tokens": m.output_tokens,
+                   "cache_read_input_tokens": m.cache_read_input_tokens,
+                   "cache_creation_input_tokens": m.cache_creation_input_tokens, "cost_usd": m.cost_usd})
+        })
+        .collect();
     json!({
         "name": s.name, "id": s.id, "display_name": s.display_name, "status": status_name(s.status),
         "status_reason": s.status_reason, "image": spec.image, "node": s.node, "epoch": s.epoch,
         "last_seq": s.last_seq, "runtime_session_id": s.runtime_session_id, "labels": s.labels,
         "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                   "cache_read_input_tokens": u.cache_read_input_tokens,
-                  "cache_creation_input_tokens": u.cache_creation_input_tokens, "cost_usd": u.cost_usd, "turns": u.turns},
+                  "cache_creation_input_tokens": u.cache_creation_input_tokens, "cost_usd": u.cost_usd, "turns": u.turns,
+                  "models": models},
         "create_time": time(&s.create_time), "start_time": time(&s.start_time), "end_time": time(&s.end_time),
         "agent": s.agent, "agent_version": s.agent_version, "budget_usd": s.budget_usd,
         "snapshot": s.snapshot.as_ref().map(|x| json!({"key": x.key, "size_bytes": x.size_bytes, "create_time": time(&x.create_time)})),
@@ -62,7 +72,7 @@ pub fn session_line(s: &pb::Session) -> String {
 }
 
 pub fn session_details(s: &pb::Session) -> String {
-    let u = s.usage.unwrap_or_default();
+    let u = s.usage.clone().unwrap_or_default();
     let spec = s.spec.clone().unwrap_or_default();
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<20} {v}\n"));
@@ -113,6 +123,20 @@ pub fn session_details(s: &pb::Session) -> String {
         ),
     );
     line("cost", format!("${:.6}", u.cost_usd));
+    for m in &u.models {
+        line(
+            "  model",
+            format!(
+                "{}: in {} / out {} / cache read {} / cache write {}, ${:.6}",
+                m.model,
+                m.input_tokens,
+                m.output_tokens,
+                m.cache_read_input_tokens,
+                m.cache_creation_input_tokens,
+                m.cost_usd
+            ),
+        );
+    }
     line("created", time(&s.create_time));
     line("started", time(&s.start_time));
     line("ended", time(&s.end_time));
@@ -122,7 +146,19 @@ pub fn session_details(s: &pb::Session) -> String {
 pub fn event_json(e: &pb::Event) -> String {
     let payload: Value =
         serde_json::from_str(&e.payload_json).unwrap_or(Value::String(e.payload_json.clone()));
-    json!({"session_id": e.session_id, "seq": e.seq, "id": e.id, "type": e.r#type, "time": time(&e.create_time), "payload": payload}).to_string()
+    let mut v = json!({"session_id": e.session_id, "seq": e.seq, "id": e.id, "type": e.r#type,
+                       "time": time(&e.create_time), "payload": payload});
+    if e.line_seq != 0 {
+        v["line_seq"] = e.line_seq.into();
+    }
+    // The agent's line, verbatim: as text, or as bytes when it is not UTF-8.
+    if !e.raw.is_empty() {
+        match std::str::from_utf8(&e.raw) {
+            Ok(text) => v["raw"] = text.into(),
+            Err(_) => v["raw_bytes"] = e.raw.clone().into(),
+        }
+    }
+    v.to_string()
 }
 
 fn clip(s: &str, n: usize) -> String {
@@ -158,8 +194,14 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
                 Value::String(x) => x,
                 other => other.to_string(),
             };
-            format!("  ← {}", clip(&c, 160))
+            format!("  ← {} {}", r.name, clip(&c, 160))
         }
+        ev::AGENT_BLOCK => format!(
+            "[{} block]",
+            payload::parse::<serde_json::Value>(json)
+                .and_then(|v| v["block_type"].as_str().map(String::from))
+                .unwrap_or_default()
+        ),
         ev::AGENT_RESULT | ev::RUNTIME_INIT | ev::RUNTIME_SYSTEM => return None,
         ev::SESSION_USAGE => {
             let t = payload::parse::<payload::Usage>(json)
@@ -167,15 +209,10 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
                 .turn;
             format!(
                 "[turn {}] tokens in {} out {}  ${:.6}",
-                t.number, t.input_tokens, t.output_tokens, t.cost_usd
+                t.number, t.figures.input_tokens, t.figures.output_tokens, t.figures.cost_usd
             )
         }
-        ev::RUNTIME_RAW => {
-            let raw = payload::parse::<payload::RawLine>(json)
-                .unwrap_or_default()
-                .raw;
-            format!("[raw] {}", clip(&raw, 200))
-        }
+        ev::RUNTIME_RAW => format!("[raw] {}", clip(&String::from_utf8_lossy(&e.raw), 200)),
         t if t.starts_with(ev::SESSION_STATUS_PREFIX) => {
             let change: payload::StatusChange = payload::parse(json).unwrap_or_default();
             let reason = if change.reason.is_empty() {

@@ -13,6 +13,8 @@ pub const AGENT_THINKING: &str = "agent.thinking";
 pub const AGENT_TOOL_USE: &str = "agent.tool_use";
 /// A tool's result came back to the agent.
 pub const AGENT_TOOL_RESULT: &str = "agent.tool_result";
+/// A content block of a type berth does not know, kept whole under `block`.
+pub const AGENT_BLOCK: &str = "agent.block";
 /// The runtime ended a turn (Claude Code's `result` line).
 pub const AGENT_RESULT: &str = "agent.result";
 /// The runtime started and reported its session id (Claude Code's `system/init`).
@@ -100,28 +102,28 @@ pub mod payload {
         pub owner: Option<String>,
     }
 
-    /// One turn's figures in `session.usage`.
+    /// One turn's figures in `session.usage`: all models, and each model
+    /// the turn used (a sub-agent on another model has its own entry).
     #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
     pub struct TurnFigures {
         pub number: i64,
+        /// The model the runtime runs (its main agent).
         #[serde(default)]
         pub model: String,
-        pub input_tokens: i64,
-        pub output_tokens: i64,
-        pub cache_read_input_tokens: i64,
-        pub cache_creation_input_tokens: i64,
-        pub cost_usd: f64,
+        #[serde(flatten)]
+        pub figures: crate::usage::Figures,
+        #[serde(default)]
+        pub models: Vec<crate::usage::ModelFigures>,
     }
 
-    /// The session's totals in `session.usage`.
+    /// The session's totals in `session.usage`, also per model.
     #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
     pub struct UsageTotals {
         pub turns: i64,
-        pub input_tokens: i64,
-        pub output_tokens: i64,
-        pub cache_read_input_tokens: i64,
-        pub cache_creation_input_tokens: i64,
-        pub cost_usd: f64,
+        #[serde(flatten)]
+        pub figures: crate::usage::Figures,
+        #[serde(default)]
+        pub models: Vec<crate::usage::ModelFigures>,
     }
 
     /// `session.usage`: a turn and the totals after it.
@@ -138,12 +140,18 @@ pub mod payload {
     }
 
     /// `runtime.raw` made by the dispatcher from a node event it could not
-    /// store as sent (a bad type name, or a payload that is not a JSON object).
+    /// store as sent (a bad type name, or a payload that is not a JSON
+    /// object). The agent's line is the event's `raw`, as always.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct InvalidNodeEvent {
-        pub raw: String,
+        /// The payload the node sent, as text.
+        pub payload: String,
+        /// The type the node sent.
         pub node_type: String,
         pub invalid: bool,
+        /// What was wrong with it.
+        #[serde(default)]
+        pub reason: String,
     }
 
     /// The fields of `agent.message`, `agent.thinking` and echoed prompts
@@ -154,11 +162,14 @@ pub mod payload {
         pub text: String,
     }
 
-    /// `runtime.raw`: a line kept whole (and every adapter event's `raw`).
+    /// `runtime.raw` for a line the node cut short: its length. (The line
+    /// itself is the event's `raw`, like every agent line's.)
     #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-    pub struct RawLine {
+    pub struct TruncatedLine {
         #[serde(default)]
-        pub raw: String,
+        pub truncated: bool,
+        #[serde(default)]
+        pub total_bytes: u64,
     }
 
     /// The fields of `agent.tool_use` that readers show.
@@ -177,6 +188,10 @@ pub mod payload {
     pub struct ToolResult {
         #[serde(default)]
         pub tool_use_id: String,
+        /// The tool the matching `agent.tool_use` called; empty when no
+        /// earlier tool_use of the run has this id.
+        #[serde(default)]
+        pub name: String,
         /// A string, or a list of content blocks.
         #[serde(default)]
         pub content: serde_json::Value,

@@ -47,6 +47,9 @@ pub(crate) fn markdown(s: &Session, events: &[Event]) -> String {
         u.cache_creation_input_tokens,
         u.cost_usd
     );
+    for m in &u.models {
+        let _ = writeln!(out, "  - `{}`: {}", m.model, figures_text(&m.figures));
+    }
     out.push_str("\n---\n");
     for e in events {
         transcript_entry(&mut out, e);
@@ -113,14 +116,16 @@ fn transcript_entry(out: &mut String, e: &Event) {
                 .unwrap_or_default();
             let _ = write!(
                 out,
-                "\n_Turn {} usage: {} input / {} output tokens, {} cache read / {} cache write, ${:.6}{model}_\n",
+                "\n_Turn {} usage: {}{model}_\n",
                 t.number,
-                t.input_tokens,
-                t.output_tokens,
-                t.cache_read_input_tokens,
-                t.cache_creation_input_tokens,
-                t.cost_usd,
+                figures_text(&t.figures)
             );
+            // A turn that used more than one model (a sub-agent) lists each.
+            if t.models.len() > 1 {
+                for m in &t.models {
+                    let _ = writeln!(out, "- _`{}`: {}_", m.model, figures_text(&m.figures));
+                }
+            }
         }
         ev::SESSION_ERROR => {
             let m = payload::parse::<payload::SessionError>(&e.payload);
@@ -188,18 +193,41 @@ fn fenced(lang: &str, body: &str) -> String {
     format!("{fence}{lang}\n{}\n{fence}\n", body.trim_end_matches('\n'))
 }
 
-/// The session and every event, as JSON.
+/// Tokens and cost in words.
+fn figures_text(f: &berth_common::usage::Figures) -> String {
+    format!(
+        "{} input / {} output tokens, {} cache read / {} cache write, ${:.6}",
+        f.input_tokens,
+        f.output_tokens,
+        f.cache_read_input_tokens,
+        f.cache_creation_input_tokens,
+        f.cost_usd
+    )
+}
+
+/// The session and every event, as JSON. An agent's line is under `raw`
+/// on the first event made from it (as text, or as `raw_bytes` when it is
+/// not UTF-8), and every event from a line has its `line_seq`.
 pub(crate) fn json(s: &Session, events: &[Event]) -> String {
     let events: Vec<Value> = events
         .iter()
         .map(|e| {
-            json!({
+            let mut v = json!({
                 "seq": e.seq,
                 "id": e.id.to_string(),
                 "type": e.kind,
                 "create_time": e.create_time.to_rfc3339(),
                 "payload": serde_json::from_str::<Value>(&e.payload).unwrap_or(Value::Null),
-            })
+            });
+            if e.line_seq != 0 {
+                v["line_seq"] = e.line_seq.into();
+            }
+            match e.raw.as_deref().map(std::str::from_utf8) {
+                Some(Ok(text)) => v["raw"] = text.into(),
+                Some(Err(_)) => v["raw_bytes"] = e.raw.clone().unwrap_or_default().into(),
+                None => {}
+            }
+            v
         })
         .collect();
     let session = json!({
@@ -221,6 +249,7 @@ pub(crate) fn json(s: &Session, events: &[Event]) -> String {
             "cache_read_input_tokens": s.usage.cache_read_input_tokens,
             "cache_creation_input_tokens": s.usage.cache_creation_input_tokens,
             "cost_usd": s.usage.cost_usd,
+            "models": s.usage.models,
         },
     });
     let doc = json!({ "session": session, "events": events });

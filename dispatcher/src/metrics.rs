@@ -236,19 +236,22 @@ impl Drop for StreamGauge {
     }
 }
 
-/// Records a turn's tokens and cost.
-pub fn record_usage(u: &crate::session::TurnUsage) {
-    let model = berth_common::metrics::label_value(&u.model);
-    for (kind, n) in [
-        ("input", u.input_tokens),
-        ("output", u.output_tokens),
-        ("cache_read", u.cache_read_input_tokens),
-        ("cache_write", u.cache_creation_input_tokens),
-    ] {
-        metrics::counter!(TOKENS, "model" => model.clone(), "kind" => kind)
-            .increment(u64::try_from(n).unwrap_or(0));
-    }
-    if u.cost_usd.is_finite() && u.cost_usd > 0.0 {
-        metrics::counter!(COST, "model" => model).increment((u.cost_usd * 1e6).round() as u64);
+/// Records a turn's tokens and cost, by model.
+pub fn record_usage(turn: &crate::session::usage::Turn) {
+    for m in &turn.models {
+        let model = berth_common::metrics::label_value(&m.model);
+        let f = &m.figures;
+        for (kind, n) in [
+            ("input", f.input_tokens),
+            ("output", f.output_tokens),
+            ("cache_read", f.cache_read_input_tokens),
+            ("cache_write", f.cache_creation_input_tokens),
+        ] {
+            metrics::counter!(TOKENS, "model" => model.clone(), "kind" => kind)
+                .increment(u64::try_from(n).unwrap_or(0));
+        }
+        if f.cost_usd.is_finite() && f.cost_usd > 0.0 {
+            metrics::counter!(COST, "model" => model).increment((f.cost_usd * 1e6).round() as u64);
+        }
     }
 }

@@ -196,18 +196,27 @@ pub fn direct_message(text: String) -> pb::DispatcherFrame {
 
 struct Api(Arc<State>);
 
+/// One agent line as a real node sends it: the line itself, and the event
+/// made from it.
 fn event(seq: &mut u64, kind: &str, payload: serde_json::Value, end: bool) -> pb::NodeFrame {
     *seq += 1;
+    let raw = serde_json::json!({"type": "sim", "event": kind, "payload": &payload}).to_string();
     pb::NodeFrame {
         node_seq: *seq,
-        kind: Some(node_frame::Kind::Event(pb::RuntimeEvent {
-            r#type: kind.into(),
-            payload_json: payload.to_string(),
+        kind: Some(node_frame::Kind::Line(pb::RuntimeLine {
+            raw: raw.into_bytes(),
+            events: vec![pb::RuntimeEvent {
+                r#type: kind.into(),
+                payload_json: payload.to_string(),
+            }],
             turn_end: end.then(|| pb::TurnUsage {
-                model: "sim".into(),
+                total: Some(pb::ModelUsage {
+                    model: "sim".into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
-            runtime_session_id: String::new(),
+            ..Default::default()
         })),
     }
 }

@@ -782,6 +782,51 @@ pub fn payload(e: &pb::Event) -> serde_json::Value {
     serde_json::from_str(&e.payload_json).unwrap_or(serde_json::Value::Null)
 }
 
+/// The agent's lines, byte for byte, in order: each is carried once, by the
+/// first event made from it.
+pub fn agent_lines(events: &[pb::Event]) -> Vec<Vec<u8>> {
+    events
+        .iter()
+        .filter(|e| e.line_seq == e.seq && e.line_seq != 0)
+        .map(|e| e.raw.clone())
+        .collect()
+}
+
+/// An agent line as JSON (the line the event at `line_seq` carries).
+pub fn line_json(events: &[pb::Event], e: &pb::Event) -> serde_json::Value {
+    events
+        .iter()
+        .find(|l| l.seq == e.line_seq)
+        .and_then(|l| serde_json::from_slice(&l.raw).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Checks what every event of an agent's line must hold: the line is
+/// carried once, by the first of its events, and the rest point back to it
+/// from the seqs right after.
+pub fn assert_lines_well_formed(events: &[pb::Event]) {
+    let mut current = 0;
+    for e in events {
+        if e.line_seq == 0 {
+            assert!(
+                e.raw.is_empty(),
+                "an event not from a line carries one: {e:?}"
+            );
+            continue;
+        }
+        if e.line_seq == e.seq {
+            current = e.seq;
+        } else {
+            assert_eq!(
+                e.line_seq, current,
+                "event {} points to another line",
+                e.seq
+            );
+            assert!(e.raw.is_empty(), "line stored twice at {}", e.seq);
+        }
+    }
+}
+
 /// Sends `text` and waits for its turn to end; returns the agent's reply.
 pub async fn turn(
     c: &mut SessionsClient<Channel>,

@@ -2,20 +2,47 @@
 //!
 //! Started as `claude -p --input-format stream-json --output-format stream-json
 //! --verbose`. User messages and the interrupt control request go to stdin; each
-//! stdout line is one JSON object. A `result` line ends a turn and carries the
-//! turn's `usage` and `total_cost_usd`.
+//! stdout line is one JSON object. An assistant line may carry several
+//! content blocks (thinking, text, tool_use, …) and a user line several
+//! tool_results: each block is one event. A `result` line ends a turn and
+//! carries the conversation's running totals (see [`ClaudeCode::usage`]).
+//!
+//! Events per line:
+//! - `system/init` → `runtime.init`; other `system`, `rate_limit_event`,
+//!   `control_response`, `stream_event` → `runtime.system`;
+//! - `assistant` → per block: `text` → `agent.message`, `thinking` and
+//!   `redacted_thinking` → `agent.thinking`, `tool_use` and
+//!   `server_tool_use` → `agent.tool_use`, any other type → `agent.block`
+//!   (kept whole); no blocks → one `runtime.system` (`empty_message`);
+//! - `user` → per block: `tool_result` → `agent.tool_result` (with the name
+//!   of the tool its `tool_use_id` called), `text` → `runtime.system`
+//!   (`user_echo`: a sub-agent's prompt), others → `agent.block`;
+//! - `result` → `agent.result`; anything else → `runtime.raw`.
+//!
+//! Every block event carries `block_index` (its place in the line's
+//! content), `message_id`, and `parent_tool_use_id` when the line is a
+//! sub-agent's.
+
+use std::collections::HashMap;
 
 use berth_common::events as ev;
+use berth_common::usage::Reported;
 use serde_json::{Map, Value, json};
 
-use super::{Adapter, AgentEvent, TurnUsage, int, usd};
+use super::{Adapter, Block, Decoded, TurnUsage, figures, reported, usd};
 use crate::spec::SessionSpec;
 
-/// State kept across lines: the model the runtime reported, for usage rows.
+/// Tool calls awaiting their result: at most this many names are kept.
+const MAX_OPEN_TOOL_CALLS: usize = 4096;
+
+/// State kept across lines.
 #[derive(Debug, Default)]
 pub struct ClaudeCode {
+    /// The model the init line reported: the main agent's.
     model: String,
     interrupts: u64,
+    /// Tool names by tool_use id, until their result comes back.
+    open_tools: HashMap<String, String>,
 }
 
 impl Adapter for ClaudeCode {
@@ -59,21 +86,20 @@ impl Adapter for ClaudeCode {
         line(&req)
     }
 
-    fn decode(&mut self, raw: &str) -> AgentEvent {
-        let Ok(Value::Object(v)) = serde_json::from_str::<Value>(raw) else {
-            return AgentEvent::raw(raw);
+    fn decode(&mut self, raw: &[u8]) -> Decoded {
+        let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(raw) else {
+            return Decoded::raw();
         };
-        let v = Value::Object(v);
         let mut f = Map::new();
-        let kind = match v["type"].as_str().unwrap_or_default() {
+        match v["type"].as_str().unwrap_or_default() {
             "system" if v["subtype"] == "init" => {
                 if let Some(m) = v["model"].as_str() {
                     self.model = m.to_string();
                 }
                 copy(&v, &mut f, &["session_id", "model", "cwd"]);
-                let mut e = AgentEvent::new(ev::RUNTIME_INIT, f, raw);
-                e.runtime_session_id = v["session_id"].as_str().map(String::from);
-                return e;
+                let mut d = Decoded::one(Block::new(ev::RUNTIME_INIT, f));
+                d.runtime_session_id = v["session_id"].as_str().map(String::from);
+                d
             }
             "system" | "rate_limit_event" | "control_response" | "stream_event" => {
                 let subtype = v["subtype"]
@@ -81,13 +107,10 @@ impl Adapter for ClaudeCode {
                     .or(v["type"].as_str())
                     .unwrap_or_default();
                 f.insert("subtype".into(), subtype.into());
-                ev::RUNTIME_SYSTEM
+                Decoded::one(Block::new(ev::RUNTIME_SYSTEM, f))
             }
-            "assistant" => match assistant(&v, &mut f) {
-                Some(kind) => kind,
-                None => return AgentEvent::raw(raw),
-            },
-            "user" => user(&v, &mut f),
+            "assistant" => self.blocks(&v, Role::Assistant),
+            "user" => self.blocks(&v, Role::User),
             "result" => {
                 copy(
                     &v,
@@ -102,139 +125,190 @@ impl Adapter for ClaudeCode {
                         "session_id",
                     ],
                 );
-                let mut e = AgentEvent::new(ev::AGENT_RESULT, f, raw);
-                e.turn_end = Some(self.usage(&v));
-                return e;
+                let mut d = Decoded::one(Block::new(ev::AGENT_RESULT, f));
+                d.turn_end = Some(self.usage(&v));
+                d
             }
-            _ => return AgentEvent::raw(raw),
-        };
-        AgentEvent::new(kind, f, raw)
+            _ => Decoded::raw(),
+        }
     }
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Assistant,
+    User,
+}
+
 impl ClaudeCode {
+    /// One event per content block of an assistant or user line.
+    fn blocks(&mut self, v: &Value, role: Role) -> Decoded {
+        let mut common = Map::new();
+        if let Some(p) = v.get("parent_tool_use_id").filter(|p| !p.is_null()) {
+            common.insert("parent_tool_use_id".into(), p.clone());
+        }
+        if let Some(id) = v["message"]["id"].as_str() {
+            common.insert("message_id".into(), id.into());
+        }
+        let content = &v["message"]["content"];
+        let blocks: Vec<Value> = match content {
+            Value::Array(b) => b.clone(),
+            // A user line may carry a plain string (a sub-agent's prompt).
+            Value::String(s) => vec![json!({"type": "text", "text": s})],
+            _ => Vec::new(),
+        };
+        if blocks.is_empty() {
+            let mut f = common;
+            f.insert("subtype".into(), "empty_message".into());
+            return Decoded::one(Block::new(ev::RUNTIME_SYSTEM, f));
+        }
+        let events = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let mut f = common.clone();
+                f.insert("block_index".into(), i.into());
+                let kind = self.block(b, role, &mut f);
+                Block::new(kind, f)
+            })
+            .collect();
+        Decoded {
+            events,
+            turn_end: None,
+            runtime_session_id: None,
+        }
+    }
+
+    /// One content block's event type and fields.
+    fn block(&mut self, b: &Value, role: Role, f: &mut Map<String, Value>) -> &'static str {
+        let text = |key: &str| b.get(key).cloned().unwrap_or_else(|| "".into());
+        match (role, b["type"].as_str().unwrap_or_default()) {
+            (Role::Assistant, "text") => {
+                f.insert("text".into(), text("text"));
+                ev::AGENT_MESSAGE
+            }
+            (Role::Assistant, "thinking") => {
+                f.insert("text".into(), text("thinking"));
+                ev::AGENT_THINKING
+            }
+            (Role::Assistant, "redacted_thinking") => {
+                f.insert("redacted".into(), true.into());
+                ev::AGENT_THINKING
+            }
+            (Role::Assistant, t @ ("tool_use" | "server_tool_use")) => {
+                let id = b["id"].as_str().unwrap_or_default();
+                let name = b["name"].as_str().unwrap_or_default();
+                if !id.is_empty() && self.open_tools.len() < MAX_OPEN_TOOL_CALLS {
+                    self.open_tools.insert(id.to_string(), name.to_string());
+                }
+                f.insert("tool_use_id".into(), id.into());
+                f.insert("name".into(), name.into());
+                f.insert("input".into(), b.get("input").cloned().unwrap_or(json!({})));
+                if t == "server_tool_use" {
+                    f.insert("server".into(), true.into());
+                }
+                ev::AGENT_TOOL_USE
+            }
+            (Role::User, "tool_result") => {
+                let id = b["tool_use_id"].as_str().unwrap_or_default();
+                let name = self.open_tools.remove(id).unwrap_or_default();
+                f.insert("tool_use_id".into(), id.into());
+                f.insert("name".into(), name.into());
+                f.insert(
+                    "content".into(),
+                    b.get("content").cloned().unwrap_or(Value::Null),
+                );
+                f.insert(
+                    "is_error".into(),
+                    b["is_error"].as_bool().unwrap_or(false).into(),
+                );
+                ev::AGENT_TOOL_RESULT
+            }
+            (Role::User, "text") => {
+                f.insert("subtype".into(), "user_echo".into());
+                f.insert("text".into(), text("text"));
+                ev::RUNTIME_SYSTEM
+            }
+            (_, t) => {
+                f.insert("block_type".into(), t.into());
+                f.insert("block".into(), b.clone());
+                ev::AGENT_BLOCK
+            }
+        }
+    }
+
     /// The turn's usage as Claude Code reports it on a `result` line. Under
     /// stream-json input, `total_cost_usd` and `modelUsage` are running
     /// totals of the conversation (continued across `--resume`), while
-    /// `usage` is only the main agent's tokens for this turn. So: cost is the
-    /// running `total_cost_usd`; tokens are the running sums over
-    /// `modelUsage` (sub-agents included), or, from a CLI that sends no
-    /// `modelUsage`, this turn's `usage`. A cost that is missing, negative or
-    /// not a number is reported as 0 for the turn, not as a running total,
-    /// so it moves no baseline. The dispatcher turns running totals into
-    /// the turn's rise.
+    /// `usage` is only the main agent's tokens for this turn. So:
+    /// - the turn's cost is the running `total_cost_usd`, each model's its
+    ///   running `costUSD`;
+    /// - tokens are the running sums over `modelUsage` (sub-agents
+    ///   included), each model's its own;
+    /// - a CLI that sends no (or an empty) `modelUsage` gives this turn's
+    ///   `usage` as per-turn tokens, all under the init line's model;
+    /// - a cost that is missing, negative or not a number counts 0 for the
+    ///   turn and moves no baseline; a bad token count counts 0.
+    ///
+    /// The dispatcher turns running totals into the turn's rise.
     fn usage(&self, v: &Value) -> TurnUsage {
-        let models = v["modelUsage"].as_object().filter(|m| !m.is_empty());
+        const KEYS: [&str; 5] = [
+            "inputTokens",
+            "outputTokens",
+            "cacheReadInputTokens",
+            "cacheCreationInputTokens",
+            "costUSD",
+        ];
+        let models: Vec<Reported> = v["modelUsage"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(name, m)| reported(name, figures(m, KEYS)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let model = if self.model.is_empty() {
             // No init line seen: the model that cost the most so far.
             models
-                .and_then(|m| {
-                    m.iter()
-                        .max_by(|a, b| {
-                            let cost = |x: &Value| usd(x, "costUSD").unwrap_or(0.0);
-                            cost(a.1).total_cmp(&cost(b.1))
-                        })
-                        .map(|(k, _)| k.clone())
-                })
+                .iter()
+                .max_by(|a, b| a.figures.cost_usd.total_cmp(&b.figures.cost_usd))
+                .map(|m| m.model.clone())
                 .unwrap_or_default()
         } else {
             self.model.clone()
         };
         let total_cost = usd(v, "total_cost_usd");
-        let mut u = TurnUsage {
-            cost_usd: total_cost.unwrap_or(0.0),
-            cumulative_cost: total_cost.is_some(),
-            model,
-            ..TurnUsage::default()
+        let cumulative_tokens = !models.is_empty();
+        let mut total = if cumulative_tokens {
+            let mut t = berth_common::usage::Figures::default();
+            for m in &models {
+                t.add(&m.figures);
+            }
+            reported(&model, (t, false))
+        } else {
+            reported(
+                &model,
+                figures(
+                    &v["usage"],
+                    [
+                        "input_tokens",
+                        "output_tokens",
+                        "cache_read_input_tokens",
+                        "cache_creation_input_tokens",
+                        "",
+                    ],
+                ),
+            )
         };
-        match models {
-            Some(models) => {
-                let sum = |key: &str| {
-                    models
-                        .values()
-                        .map(|m| int(m, key))
-                        .fold(0i64, i64::saturating_add)
-                };
-                u.input_tokens = sum("inputTokens");
-                u.output_tokens = sum("outputTokens");
-                u.cache_read_input_tokens = sum("cacheReadInputTokens");
-                u.cache_creation_input_tokens = sum("cacheCreationInputTokens");
-                u.cumulative_tokens = true;
-            }
-            None => {
-                let turn = &v["usage"];
-                u.input_tokens = int(turn, "input_tokens");
-                u.output_tokens = int(turn, "output_tokens");
-                u.cache_read_input_tokens = int(turn, "cache_read_input_tokens");
-                u.cache_creation_input_tokens = int(turn, "cache_creation_input_tokens");
-            }
+        total.figures.cost_usd = total_cost.unwrap_or(0.0);
+        total.cost_unknown = total_cost.is_none();
+        TurnUsage {
+            total,
+            models,
+            cumulative_cost: total_cost.is_some(),
+            cumulative_tokens,
         }
-        u
     }
-}
-
-/// Maps an assistant line by its first content block.
-fn assistant(v: &Value, f: &mut Map<String, Value>) -> Option<&'static str> {
-    let blocks = v["message"]["content"].as_array()?;
-    let first = blocks.first()?;
-    copy(v, f, &["parent_tool_use_id"]);
-    if let Some(id) = v["message"]["id"].as_str() {
-        f.insert("message_id".into(), id.into());
-    }
-    let kind = match first["type"].as_str()? {
-        "text" => {
-            let text: String = blocks
-                .iter()
-                .filter_map(|b| b["text"].as_str())
-                .collect::<Vec<_>>()
-                .join("");
-            f.insert("text".into(), text.into());
-            ev::AGENT_MESSAGE
-        }
-        "thinking" => {
-            f.insert("text".into(), first["thinking"].clone());
-            ev::AGENT_THINKING
-        }
-        "redacted_thinking" => ev::AGENT_THINKING,
-        "tool_use" | "server_tool_use" => {
-            f.insert("tool_use_id".into(), first["id"].clone());
-            f.insert("name".into(), first["name"].clone());
-            f.insert("input".into(), first["input"].clone());
-            ev::AGENT_TOOL_USE
-        }
-        _ => return None,
-    };
-    Some(kind)
-}
-
-/// Maps a user-role line: tool results, or echoes of prompts (sub-agents).
-fn user(v: &Value, f: &mut Map<String, Value>) -> &'static str {
-    copy(v, f, &["parent_tool_use_id"]);
-    let content = &v["message"]["content"];
-    if let Some(result) = content
-        .as_array()
-        .and_then(|b| b.iter().find(|b| b["type"] == "tool_result"))
-    {
-        f.insert("tool_use_id".into(), result["tool_use_id"].clone());
-        f.insert("content".into(), result["content"].clone());
-        f.insert(
-            "is_error".into(),
-            result["is_error"].as_bool().unwrap_or(false).into(),
-        );
-        return ev::AGENT_TOOL_RESULT;
-    }
-    let text = match content {
-        Value::String(s) => s.clone(),
-        Value::Array(b) => b
-            .iter()
-            .filter_map(|b| b["text"].as_str())
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
-    };
-    f.insert("subtype".into(), "user_echo".into());
-    f.insert("text".into(), text.into());
-    ev::RUNTIME_SYSTEM
 }
 
 fn copy(v: &Value, f: &mut Map<String, Value>, keys: &[&str]) {
@@ -254,98 +328,201 @@ fn line(v: &Value) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_common::usage::Figures;
 
-    /// The public capture, read in place from `../shared` (never copied in).
-    fn fixture() -> String {
-        let dir = std::env::var_os("BERTH_SHARED_FIXTURES")
+    /// The public captures' directory, read in place (never copied in).
+    fn fixtures() -> std::path::PathBuf {
+        std::env::var_os("BERTH_SHARED_FIXTURES")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("../../shared/fixtures/claude-code")
-            });
-        let path = dir.join("explore_count_files.jsonl");
+            })
+    }
+
+    fn fixture(name: &str) -> String {
+        let path = fixtures().join(name);
         std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
     }
 
-    #[test]
-    fn every_fixture_line_is_one_event_and_the_result_carries_usage() {
-        let transcript = fixture();
+    fn decode_all(transcript: &str) -> Vec<Decoded> {
         let mut a = ClaudeCode::default();
-        let events: Vec<_> = transcript.lines().map(|l| a.decode(l)).collect();
-        assert_eq!(events.len(), transcript.lines().count());
-        assert_eq!(events[0].kind, ev::RUNTIME_INIT);
+        transcript.lines().map(|l| a.decode(l.as_bytes())).collect()
+    }
+
+    fn kinds(d: &Decoded) -> Vec<&'static str> {
+        d.events.iter().map(|e| e.kind).collect()
+    }
+
+    fn payload(b: &Block) -> Value {
+        serde_json::from_str(&b.payload).expect("payload is JSON")
+    }
+
+    #[test]
+    fn every_public_capture_decodes_one_event_per_block() {
+        let mut dirs = vec![fixtures(), fixtures().join("public")];
+        let mut files = Vec::new();
+        while let Some(dir) = dirs.pop() {
+            for e in std::fs::read_dir(&dir).expect("fixtures dir") {
+                let p = e.expect("entry").path();
+                if p.extension().is_some_and(|x| x == "jsonl") {
+                    files.push(p);
+                }
+            }
+        }
+        assert!(files.len() >= 9, "captures found: {files:?}");
+        for path in files {
+            let text = std::fs::read_to_string(&path).expect("read");
+            let mut a = ClaudeCode::default();
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                let d = a.decode(line.as_bytes());
+                let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+                let blocks = match (&v["type"], &v["message"]["content"]) {
+                    (t, Value::Array(b)) if t == "assistant" || t == "user" => b.len().max(1),
+                    _ => 1,
+                };
+                assert_eq!(d.events.len(), blocks, "{}: {line}", path.display());
+                for e in &d.events {
+                    assert!(payload(e).is_object());
+                }
+                if let Some(u) = &d.turn_end {
+                    assert!(u.total.figures.cost_usd >= 0.0);
+                    assert!(u.total.figures.tokens().iter().all(|t| *t >= 0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_explore_capture_has_both_models_running_totals() {
+        let events = decode_all(&fixture("explore_count_files.jsonl"));
+        assert_eq!(kinds(&events[0]), [ev::RUNTIME_INIT]);
         assert_eq!(
             events[0].runtime_session_id.as_deref(),
             Some("4e3453f9-129a-4da9-bc25-a287453d58d9")
         );
-        assert!(
-            events.iter().all(|e| e.kind != ev::RUNTIME_RAW),
-            "the fixture has only known line types"
-        );
-        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        let all: Vec<_> = events.iter().flat_map(kinds).collect();
+        assert!(!all.contains(&ev::RUNTIME_RAW), "only known line types");
         for k in [
             ev::AGENT_THINKING,
             ev::AGENT_MESSAGE,
             ev::AGENT_TOOL_USE,
             ev::AGENT_TOOL_RESULT,
         ] {
-            assert!(kinds.contains(&k), "missing {k}");
+            assert!(all.contains(&k), "missing {k}");
         }
-        let last = events
+        // Sub-agent lines carry their parent tool call.
+        assert!(
+            events
+                .iter()
+                .flat_map(|d| &d.events)
+                .any(|e| { payload(e)["parent_tool_use_id"].as_str().is_some() })
+        );
+        let u = events
             .last()
             .and_then(|e| e.turn_end.clone())
             .expect("result ends the turn");
-        // Running totals over `modelUsage`: the main agent (sonnet) and its
-        // Explore sub-agent (haiku), whose tokens `usage` leaves out.
+        assert!(u.cumulative_cost && u.cumulative_tokens);
+        assert_eq!(u.total.model, "claude-sonnet-4-6");
         assert_eq!(
-            last,
-            TurnUsage {
+            u.total.figures,
+            Figures {
                 input_tokens: 4 + 573,
                 output_tokens: 576 + 134,
                 cache_read_input_tokens: 40618 + 7699,
                 cache_creation_input_tokens: 7281 + 7824,
                 cost_usd: 0.0763163,
-                model: "claude-sonnet-4-6".into(),
-                cumulative_cost: true,
-                cumulative_tokens: true,
             }
         );
-        // The original line is kept verbatim.
-        for (line, e) in transcript.lines().zip(&events) {
-            let p: Value = serde_json::from_str(&e.payload).expect("payload is JSON");
-            assert_eq!(p["raw"].as_str(), Some(line));
-        }
+        let mut models: Vec<_> = u.models.iter().map(|m| m.model.as_str()).collect();
+        models.sort();
+        assert_eq!(models, ["claude-haiku-4-5-20251001", "claude-sonnet-4-6"]);
+        let sum: f64 = u.models.iter().map(|m| m.figures.cost_usd).sum();
+        assert!((sum - 0.0763163).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_multi_block_line_is_one_event_per_block_and_results_find_their_tool() {
+        let mut a = ClaudeCode::default();
+        let line = br#"{"type":"assistant","message":{"id":"m1","content":[{"type":"thinking","thinking":"hmm"},{"type":"text","text":"Let me look."},{"type":"tool_use","id":"t1","name":"Bash","input":{"command":"ls"}},{"type":"tool_use","id":"t2","name":"Read","input":{"file_path":"a"}},{"type":"future_block","x":1}]},"parent_tool_use_id":null}"#;
+        let d = a.decode(line);
+        assert_eq!(
+            kinds(&d),
+            [
+                ev::AGENT_THINKING,
+                ev::AGENT_MESSAGE,
+                ev::AGENT_TOOL_USE,
+                ev::AGENT_TOOL_USE,
+                ev::AGENT_BLOCK
+            ]
+        );
+        let p: Vec<Value> = d.events.iter().map(payload).collect();
+        assert_eq!(p[1]["text"], "Let me look.");
+        assert_eq!(
+            (p[3]["name"].as_str(), p[3]["block_index"].as_u64()),
+            (Some("Read"), Some(3))
+        );
+        assert_eq!(p[4]["block"]["x"], 1);
+        assert!(
+            p.iter()
+                .all(|p| p["message_id"] == "m1" && p.get("parent_tool_use_id").is_none())
+        );
+        let results = br#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t2","content":"data"},{"type":"tool_result","tool_use_id":"t1","content":"a\nb","is_error":true},{"type":"tool_result","tool_use_id":"nope","content":""}]},"parent_tool_use_id":"toolu_parent"}"#;
+        let d = a.decode(results);
+        assert_eq!(kinds(&d), [ev::AGENT_TOOL_RESULT; 3]);
+        let p: Vec<Value> = d.events.iter().map(payload).collect();
+        assert_eq!(
+            (p[0]["name"].as_str(), p[0]["content"].as_str()),
+            (Some("Read"), Some("data"))
+        );
+        assert_eq!(
+            (p[1]["name"].as_str(), p[1]["is_error"].as_bool()),
+            (Some("Bash"), Some(true))
+        );
+        assert_eq!(p[2]["name"], "", "an unknown id matches no tool");
+        assert!(p.iter().all(|p| p["parent_tool_use_id"] == "toolu_parent"));
+        assert!(a.open_tools.is_empty(), "matched calls are forgotten");
     }
 
     #[test]
     fn bad_figures_never_make_negative_or_false_totals() {
         let mut a = ClaudeCode::default();
-        let line = r#"{"type":"result","total_cost_usd":"lots","usage":{"input_tokens":-5,"output_tokens":"x"}}"#;
+        let line = br#"{"type":"result","total_cost_usd":"lots","usage":{"input_tokens":-5,"output_tokens":"x"}}"#;
         let u = a.decode(line).turn_end.expect("a result ends the turn");
-        assert_eq!((u.input_tokens, u.output_tokens, u.cost_usd), (0, 0, 0.0));
+        assert_eq!(u.total.figures, Figures::default());
         assert!(
-            !u.cumulative_cost,
+            u.total.cost_unknown && !u.cumulative_cost,
             "an unreadable cost moves no running total"
         );
         assert!(!u.cumulative_tokens, "no modelUsage: the turn's own usage");
-        let line = r#"{"type":"result","total_cost_usd":-1,"modelUsage":{"m":{"inputTokens":-3,"outputTokens":4,"costUSD":-2}}}"#;
+        let line = br#"{"type":"result","total_cost_usd":-1,"modelUsage":{"m":{"inputTokens":-3,"outputTokens":4,"costUSD":-2}}}"#;
         let u = a.decode(line).turn_end.expect("a result ends the turn");
-        assert_eq!((u.input_tokens, u.output_tokens, u.cost_usd), (0, 4, 0.0));
+        assert_eq!(
+            (
+                u.total.figures.input_tokens,
+                u.total.figures.output_tokens,
+                u.total.figures.cost_usd
+            ),
+            (0, 4, 0.0)
+        );
         assert!(!u.cumulative_cost && u.cumulative_tokens);
+        assert!(u.models[0].cost_unknown);
     }
 
     #[test]
-    fn lines_that_are_not_json_are_kept_raw() {
+    fn lines_that_are_not_json_objects_are_one_raw_event() {
         let mut a = ClaudeCode::default();
-        let e = a.decode("Segmentation fault (core dumped)");
-        assert_eq!(e.kind, ev::RUNTIME_RAW);
-        assert!(e.payload.contains("Segmentation fault"));
-        assert_eq!(
-            a.decode(r#"{"type":"brand_new_thing"}"#).kind,
-            ev::RUNTIME_RAW
-        );
-        assert_eq!(a.decode("[1,2]").kind, ev::RUNTIME_RAW);
+        for line in [
+            &b"Segmentation fault (core dumped)"[..],
+            br#"{"type":"brand_new_thing"}"#,
+            b"[1,2]",
+            b"\xff\x00 not utf-8",
+        ] {
+            assert_eq!(kinds(&a.decode(line)), [ev::RUNTIME_RAW]);
+        }
+        let empty = a.decode(br#"{"type":"assistant","message":{"content":[]}}"#);
+        assert_eq!(kinds(&empty), [ev::RUNTIME_SYSTEM]);
     }
 
     #[test]

@@ -5,12 +5,13 @@
 //! Out: objects with a `type` of `message`, `thinking`, `tool_use`,
 //! `tool_result` or `turn_end` (which may carry `usage`: `input_tokens`,
 //! `output_tokens`, `cache_read_input_tokens`, `cache_creation_input_tokens`,
-//! `cost_usd`, `model`). Anything else is kept as `runtime.raw`.
+//! `cost_usd`, `model`), one event each; the turn's own figures, not running
+//! totals. Anything else is kept as `runtime.raw`.
 
 use berth_common::events as ev;
 use serde_json::{Value, json};
 
-use super::{Adapter, AgentEvent, TurnUsage, int, usd};
+use super::{Adapter, Block, Decoded, TurnUsage, figures, reported};
 use crate::spec::SessionSpec;
 
 /// Stateless.
@@ -34,9 +35,9 @@ impl Adapter for Jsonl {
         b"{\"type\":\"interrupt\"}\n".to_vec()
     }
 
-    fn decode(&mut self, raw: &str) -> AgentEvent {
-        let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(raw) else {
-            return AgentEvent::raw(raw);
+    fn decode(&mut self, raw: &[u8]) -> Decoded {
+        let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(raw) else {
+            return Decoded::raw();
         };
         let kind = match fields.remove("type").as_ref().and_then(Value::as_str) {
             Some("message") => ev::AGENT_MESSAGE,
@@ -44,25 +45,34 @@ impl Adapter for Jsonl {
             Some("tool_use") => ev::AGENT_TOOL_USE,
             Some("tool_result") => ev::AGENT_TOOL_RESULT,
             Some("turn_end") => ev::AGENT_RESULT,
-            _ => return AgentEvent::raw(raw),
+            _ => return Decoded::raw(),
         };
         let usage = fields.get("usage").cloned();
-        let mut e = AgentEvent::new(kind, fields, raw);
+        let mut d = Decoded::one(Block::new(kind, fields));
         if kind == ev::AGENT_RESULT {
             let u = usage.unwrap_or(Value::Null);
-            e.turn_end = Some(TurnUsage {
-                input_tokens: int(&u, "input_tokens"),
-                output_tokens: int(&u, "output_tokens"),
-                cache_read_input_tokens: int(&u, "cache_read_input_tokens"),
-                cache_creation_input_tokens: int(&u, "cache_creation_input_tokens"),
-                cost_usd: usd(&u, "cost_usd").unwrap_or(0.0),
-                model: u["model"].as_str().unwrap_or_default().to_string(),
+            let model = u["model"].as_str().unwrap_or_default();
+            d.turn_end = Some(TurnUsage {
+                total: reported(
+                    model,
+                    figures(
+                        &u,
+                        [
+                            "input_tokens",
+                            "output_tokens",
+                            "cache_read_input_tokens",
+                            "cache_creation_input_tokens",
+                            "cost_usd",
+                        ],
+                    ),
+                ),
+                models: Vec::new(),
                 // The jsonl protocol reports each turn's own figures.
                 cumulative_cost: false,
                 cumulative_tokens: false,
             });
         }
-        e
+        d
     }
 }
 
@@ -74,14 +84,21 @@ mod tests {
     fn maps_known_types_and_keeps_the_rest() {
         let mut a = Jsonl;
         assert_eq!(
-            a.decode(r#"{"type":"message","text":"hi"}"#).kind,
+            a.decode(br#"{"type":"message","text":"hi"}"#).events[0].kind,
             ev::AGENT_MESSAGE
         );
-        let end = a.decode(r#"{"type":"turn_end","usage":{"input_tokens":3,"cost_usd":0.5}}"#);
-        assert_eq!(end.kind, ev::AGENT_RESULT);
+        let end = a.decode(br#"{"type":"turn_end","usage":{"input_tokens":3,"cost_usd":0.5}}"#);
+        assert_eq!(end.events[0].kind, ev::AGENT_RESULT);
         let u = end.turn_end.expect("turn end");
-        assert_eq!((u.input_tokens, u.cost_usd), (3, 0.5));
-        assert_eq!(a.decode(r#"{"type":"mystery"}"#).kind, ev::RUNTIME_RAW);
-        assert_eq!(a.decode("not json").kind, ev::RUNTIME_RAW);
+        assert_eq!(
+            (u.total.figures.input_tokens, u.total.figures.cost_usd),
+            (3, 0.5)
+        );
+        assert_eq!(
+            a.decode(br#"{"type":"mystery"}"#).events[0].kind,
+            ev::RUNTIME_RAW
+        );
+        assert_eq!(a.decode(b"not json").events[0].kind, ev::RUNTIME_RAW);
+        assert_eq!(a.decode(b"\xff\xfe{}").events[0].kind, ev::RUNTIME_RAW);
     }
 }

@@ -1,8 +1,10 @@
 //! Runtime adapters: how to start an agent, how to write user input to its
-//! stdin, and how to map each line it writes to an event.
+//! stdin, and how to map each line it writes to events.
 //!
-//! Invariant: every output line becomes exactly one event. A line an adapter
-//! does not recognise is kept whole as `runtime.raw`.
+//! Invariants: every output line decodes to at least one event, one per
+//! content block where the line has blocks. The line itself travels with its
+//! events, byte for byte, and is stored once. A line an adapter does not
+//! recognise is one `runtime.raw` event.
 
 mod claude_code;
 mod jsonl;
@@ -11,40 +13,67 @@ pub use claude_code::ClaudeCode;
 pub use jsonl::Jsonl;
 
 pub use berth_common::TurnUsage;
+use berth_common::usage::{Figures, Reported};
 
 use crate::spec::{Runtime, SessionSpec};
 
-/// One event decoded from one output line.
+/// One event made from a line: a content block, or the whole line.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AgentEvent {
+pub struct Block {
     /// Event type, one of [`berth_common::events`].
     pub kind: &'static str,
-    /// JSON object; runtime lines keep the original under `raw`.
+    /// JSON object: the block's fields.
     pub payload: String,
+}
+
+impl Block {
+    fn new(kind: &'static str, fields: serde_json::Map<String, serde_json::Value>) -> Self {
+        Self {
+            kind,
+            payload: serde_json::Value::Object(fields).to_string(),
+        }
+    }
+}
+
+/// What one output line decoded to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// At least one.
+    pub events: Vec<Block>,
     /// Set on the line that ends a turn.
     pub turn_end: Option<TurnUsage>,
     /// Set when the line reports the runtime's own session id.
     pub runtime_session_id: Option<String>,
 }
 
-impl AgentEvent {
-    fn new(
-        kind: &'static str,
-        mut fields: serde_json::Map<String, serde_json::Value>,
-        raw: &str,
-    ) -> Self {
-        fields.insert("raw".into(), raw.into());
+impl Decoded {
+    fn one(block: Block) -> Self {
         Self {
-            kind,
-            payload: serde_json::Value::Object(fields).to_string(),
+            events: vec![block],
             turn_end: None,
             runtime_session_id: None,
         }
     }
 
-    /// A line nobody recognised, kept whole.
-    pub fn raw(line: &str) -> Self {
-        Self::new(berth_common::events::RUNTIME_RAW, Default::default(), line)
+    /// A line too long to keep whole: one `runtime.raw` event with its length.
+    pub fn truncated(total_bytes: u64) -> Self {
+        let p = berth_common::events::payload::TruncatedLine {
+            truncated: true,
+            total_bytes,
+        };
+        Self::one(Block {
+            kind: berth_common::events::RUNTIME_RAW,
+            payload: berth_common::events::payload::to_json(&p),
+        })
+    }
+
+    /// A line nobody recognised: one `runtime.raw` event (the line itself
+    /// travels beside it).
+    pub fn raw() -> Self {
+        Self::one(Block::new(
+            berth_common::events::RUNTIME_RAW,
+            Default::default(),
+        ))
     }
 }
 
@@ -56,8 +85,8 @@ pub trait Adapter: Send {
     fn encode_message(&mut self, text: &str) -> Vec<u8>;
     /// Bytes to write to stdin to interrupt the current turn.
     fn encode_interrupt(&mut self) -> Vec<u8>;
-    /// Maps one output line (without its newline) to an event.
-    fn decode(&mut self, line: &str) -> AgentEvent;
+    /// Maps one output line (without its newline; any bytes) to events.
+    fn decode(&mut self, line: &[u8]) -> Decoded;
 }
 
 /// The adapter for a runtime.
@@ -82,4 +111,26 @@ fn usd(v: &serde_json::Value, key: &str) -> Option<f64> {
     v.get(key)
         .and_then(serde_json::Value::as_f64)
         .filter(|c| c.is_finite() && *c >= 0.0)
+}
+
+/// Figures under the given key names (input, output, cache read, cache
+/// creation, cost), clamped; and whether the cost was unreadable.
+fn figures(v: &serde_json::Value, keys: [&str; 5]) -> (Figures, bool) {
+    let cost = usd(v, keys[4]);
+    let f = Figures {
+        input_tokens: int(v, keys[0]),
+        output_tokens: int(v, keys[1]),
+        cache_read_input_tokens: int(v, keys[2]),
+        cache_creation_input_tokens: int(v, keys[3]),
+        cost_usd: cost.unwrap_or(0.0),
+    };
+    (f, cost.is_none())
+}
+
+fn reported(model: &str, (figures, cost_unknown): (Figures, bool)) -> Reported {
+    Reported {
+        model: model.to_string(),
+        figures,
+        cost_unknown,
+    }
 }

@@ -346,6 +346,7 @@ impl From<Session> for pb::Session {
                 cache_creation_input_tokens: s.usage.cache_creation_input_tokens,
                 cost_usd: s.usage.cost_usd,
                 turns: s.usage.turns,
+                models: s.usage.models.into_iter().map(model_usage).collect(),
             }),
             request_id: s.request_id.unwrap_or_default(),
             create_time: Some(to_timestamp(s.create_time)),
@@ -382,7 +383,21 @@ impl From<&Event> for pb::Event {
             r#type: e.kind.clone(),
             create_time: Some(to_timestamp(e.create_time)),
             payload_json: e.payload.clone(),
+            raw: e.raw.clone().unwrap_or_default(),
+            line_seq: e.line_seq,
         }
+    }
+}
+
+fn model_usage(m: berth_common::usage::ModelFigures) -> pb::ModelUsage {
+    let f = m.figures;
+    pb::ModelUsage {
+        model: m.model,
+        input_tokens: f.input_tokens,
+        output_tokens: f.output_tokens,
+        cache_read_input_tokens: f.cache_read_input_tokens,
+        cache_creation_input_tokens: f.cache_creation_input_tokens,
+        cost_usd: f.cost_usd,
     }
 }
 

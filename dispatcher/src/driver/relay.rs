@@ -15,7 +15,7 @@ use super::deadlines::{Deadlines, Expiry};
 use super::start::Link;
 use super::{Ctx, start_label};
 use crate::error::{Error, Result};
-use crate::nodes::wire::node_event;
+use crate::nodes::wire::node_line;
 use crate::session::usage::{self, RunningTotals};
 use crate::session::{Event, NewEvent, Session, SessionStatus, StatusEvent, snapshot_key};
 use crate::store::UsageRecorded;
@@ -75,7 +75,7 @@ impl<'a> Relay<'a> {
             feed: Some(ctx.log.follow(session.id, session.input_seq, FEED_BUFFER)),
             open_turns: 0,
             runtime_id_seen: !session.runtime_session_id.is_empty(),
-            runtime_totals: session.runtime_totals,
+            runtime_totals: session.runtime_totals.clone(),
             deadlines: Deadlines::new(
                 session.timeout,
                 session.inactivity_timeout.unwrap_or(ctx.inactivity_default),
@@ -144,7 +144,7 @@ impl<'a> Relay<'a> {
             Ok(Some(pb::NodeFrame {
                 kind: Some(kind), ..
             })) => match kind {
-                node_frame::Kind::Event(e) => self.on_event(e).await,
+                node_frame::Kind::Line(l) => self.on_line(l).await,
                 node_frame::Kind::Exited(x) => self.on_exit(x).await,
                 node_frame::Kind::Accepted(_) | node_frame::Kind::Refused(_) => {
                     tracing::warn!("node sent a second accepted/refused frame; ignored");
@@ -169,36 +169,33 @@ impl<'a> Relay<'a> {
         }
     }
 
-    async fn on_event(&mut self, mut e: pb::RuntimeEvent) -> Result<Flow> {
+    async fn on_line(&mut self, mut line: pb::RuntimeLine) -> Result<Flow> {
         let (id, epoch) = (self.session.id, self.session.epoch);
         self.deadlines.touch();
-        self.relayed.increment(1);
         if std::mem::take(&mut self.first_event) {
             metrics::histogram!(crate::metrics::FIRST_EVENT, "start" => start_label(self.link.warm))
                 .record(self.link.claimed.elapsed().as_secs_f64());
         }
-        if !self.runtime_id_seen && !e.runtime_session_id.is_empty() {
+        if !self.runtime_id_seen && !line.runtime_session_id.is_empty() {
             self.runtime_id_seen = true;
             self.ctx
                 .store
-                .set_runtime_session_id(id, &e.runtime_session_id)
+                .set_runtime_session_id(id, &line.runtime_session_id)
                 .await?;
         }
-        let turn_end = e.turn_end.take();
-        self.ctx.log.append_queued(id, epoch, node_event(e)).await?;
+        let turn_end = line.turn_end.take();
+        let events = node_line(line);
+        self.relayed.increment(events.len() as u64);
+        self.ctx.log.append_line_queued(id, epoch, events).await?;
         if let Some(u) = turn_end {
             let turn = usage::account(&self.runtime_totals, &u.into());
             if turn.restarted {
                 tracing::warn!(before = ?self.runtime_totals, after = ?turn.totals,
                     "the runtime's running totals went down: its conversation restarted; this turn counts from zero");
             }
-            self.runtime_totals = turn.totals;
-            crate::metrics::record_usage(&turn.usage);
-            let usage = self
-                .ctx
-                .log
-                .record_usage(id, turn.usage, turn.totals)
-                .await?;
+            self.runtime_totals = turn.totals.clone();
+            crate::metrics::record_usage(&turn);
+            let usage = self.ctx.log.record_usage(id, turn).await?;
             self.check_budget(&usage).await?;
             self.open_turns = self.open_turns.saturating_sub(1);
             if self.open_turns == 0 {
@@ -214,7 +211,7 @@ impl<'a> Relay<'a> {
         let Some(budget) = self.session.budget_usd.filter(|b| *b > 0.0) else {
             return Ok(());
         };
-        let cost = usage.totals.cost_usd;
+        let cost = usage.totals.figures.cost_usd;
         if cost < budget {
             return Ok(());
         }

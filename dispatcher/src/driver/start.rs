@@ -113,7 +113,7 @@ pub(super) async fn start(
                 return Ok(None);
             }
             // No answer, an empty frame, or an event before the answer.
-            None | Some(node_frame::Kind::Event(_)) => {
+            None | Some(node_frame::Kind::Line(_)) => {
                 return Err(Error::Internal(format!(
                     "node {url} broke the protocol: its first frame must accept or refuse the session"
                 )));

@@ -201,6 +201,8 @@ mod tests {
                 kind: kind.to_string(),
                 create_time: chrono::Utc::now(),
                 payload: "{}".into(),
+                raw: None,
+                line_seq: 0,
             };
             events.push(e.clone());
             Arc::new(e)

@@ -20,14 +20,13 @@ mod writer;
 
 use std::sync::Arc;
 
-use berth_common::TurnUsage;
 use berth_common::events::payload::StatusDetail;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::session::usage::RunningTotals;
+use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent, StatusEvent};
 use crate::store::{Append, Store, Transitioned, UsageRecorded};
 
@@ -51,10 +50,14 @@ enum Op {
         detail: StatusDetail,
         done: oneshot::Sender<Result<Transitioned>>,
     },
+    /// The events of one agent line: committed together, consecutively.
+    Line {
+        appends: Vec<Append>,
+        queued: std::time::Instant,
+    },
     Usage {
         session: Uuid,
-        usage: TurnUsage,
-        totals: RunningTotals,
+        turn: Turn,
         done: oneshot::Sender<Result<UsageRecorded>>,
     },
 }
@@ -134,6 +137,30 @@ impl EventLog {
         .await
     }
 
+    /// Queues the events of one line of the run at `epoch`, like
+    /// [`Self::append_queued`]; they land consecutively, the first carrying
+    /// the line.
+    pub(crate) async fn append_line_queued(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        events: Vec<NewEvent>,
+    ) -> Result<()> {
+        let appends = events
+            .into_iter()
+            .map(|event| Append {
+                session,
+                epoch: Some(epoch),
+                event,
+            })
+            .collect();
+        self.submit(Op::Line {
+            appends,
+            queued: std::time::Instant::now(),
+        })
+        .await
+    }
+
     /// Applies a status change, ordered after everything queued before it.
     pub(crate) async fn transition(
         &self,
@@ -182,20 +209,14 @@ impl EventLog {
         rx.await.map_err(writer_stopped)?
     }
 
-    /// Records a turn's own usage and the runtime's running totals after
-    /// it, ordered after everything queued before it; returns the session's
+    /// Records an accounted turn with the runtime's running totals after it,
+    /// ordered after everything queued before it; returns the session's
     /// totals after it.
-    pub(crate) async fn record_usage(
-        &self,
-        session: Uuid,
-        usage: TurnUsage,
-        totals: RunningTotals,
-    ) -> Result<UsageRecorded> {
+    pub(crate) async fn record_usage(&self, session: Uuid, turn: Turn) -> Result<UsageRecorded> {
         let (done, rx) = oneshot::channel();
         self.submit(Op::Usage {
             session,
-            usage,
-            totals,
+            turn,
             done,
         })
         .await?;

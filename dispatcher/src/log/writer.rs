@@ -80,16 +80,20 @@ pub(super) async fn run(
                     }
                     let _ = done.send(r);
                 }
+                Op::Line { appends, queued } => {
+                    batch.oldest.get_or_insert(queued);
+                    for a in appends {
+                        batch.appends.push(a);
+                        batch.done.push(None);
+                    }
+                }
                 Op::Usage {
                     session,
-                    usage,
-                    totals,
+                    turn,
                     done,
                 } => {
                     w.flush(&mut batch).await;
-                    let r = w
-                        .retry(|| w.store.record_usage(session, &usage, &totals))
-                        .await;
+                    let r = w.retry(|| w.store.record_usage(session, &turn)).await;
                     if let Ok(u) = &r {
                         metrics::counter!(m::EVENTS_PERSISTED).increment(1);
                         w.hub.publish(&[Arc::new(u.event.clone())]);
@@ -140,16 +144,38 @@ impl Writer {
                     }
                     return;
                 }
-                for (a, done) in appends {
-                    let one = std::slice::from_ref(&a);
-                    match self.retry(|| self.store.append(one)).await {
-                        Ok(mut at) => match at.pop() {
-                            Some(at) => self.persisted(vec![(Arc::new(a.into_event(at)), done)]),
-                            None => {
-                                report(&a, Error::Internal("no row for an append".into()), done)
+                // One group at a time: an event alone, or all the events
+                // of one line (they stay consecutive).
+                let mut groups: Vec<Vec<(Append, Done)>> = Vec::new();
+                for item in appends {
+                    match groups.last_mut() {
+                        Some(g) if item.0.event.line_part.is_some_and(|p| p > 0) => g.push(item),
+                        _ => groups.push(vec![item]),
+                    }
+                }
+                for group in groups {
+                    let (group, dones): (Vec<Append>, Vec<Done>) = group.into_iter().unzip();
+                    match self.retry(|| self.store.append(&group)).await {
+                        Ok(at) if at.len() == group.len() => {
+                            let events = group
+                                .into_iter()
+                                .zip(at)
+                                .map(|(a, at)| Arc::new(a.into_event(at)))
+                                .zip(dones)
+                                .collect();
+                            self.persisted(events);
+                        }
+                        Ok(_) => {
+                            for (a, done) in group.iter().zip(dones) {
+                                report(a, Error::Internal("no row for an append".into()), done);
                             }
-                        },
-                        Err(e) => report(&a, e, done),
+                        }
+                        Err(e) => {
+                            let mut dones = dones.into_iter();
+                            for a in &group {
+                                report(a, same(&e), dones.next().flatten());
+                            }
+                        }
                     }
                 }
             }
@@ -186,6 +212,18 @@ impl Writer {
                 r => return r,
             }
         }
+    }
+}
+
+/// The same failure again, for each event of a group that failed together.
+fn same(e: &Error) -> Error {
+    match e {
+        Error::Superseded { id, epoch, current } => Error::Superseded {
+            id: *id,
+            epoch: *epoch,
+            current: *current,
+        },
+        other => Error::Internal(other.to_string()),
     }
 }
 

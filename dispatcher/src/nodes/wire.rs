@@ -61,63 +61,114 @@ pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
     spec
 }
 
-/// A node's runtime event as a log event. A node is trusted to run sessions,
-/// not to produce valid JSON: a bad payload is kept, wrapped, never dropped.
-pub(crate) fn node_event(e: pb::RuntimeEvent) -> NewEvent {
+/// Longest event type name a node may send.
+const MAX_TYPE_LEN: usize = 64;
+
+/// A node's line as log events: one per event it made from the line, the
+/// first carrying the line byte for byte. A node is trusted to run
+/// sessions, not to produce valid events: a bad one is kept, wrapped as
+/// `runtime.raw` with the reason, never dropped; a line with no events
+/// still gets one, to carry it.
+pub(crate) fn node_line(line: pb::RuntimeLine) -> Vec<NewEvent> {
+    let mut events: Vec<NewEvent> = line.events.into_iter().map(node_event).collect();
+    if events.is_empty() {
+        let wrapped = payload::InvalidNodeEvent {
+            payload: String::new(),
+            node_type: String::new(),
+            invalid: true,
+            reason: "the node sent a line with no events".into(),
+        };
+        events.push(NewEvent::new(ev::RUNTIME_RAW, payload::to_json(&wrapped)));
+    }
+    for (i, e) in events.iter_mut().enumerate() {
+        e.line_part = Some(i32::try_from(i).unwrap_or(i32::MAX));
+    }
+    events[0].raw = Some(line.raw);
+    events
+}
+
+/// One event a node made, checked: a type name of printable ASCII, and a
+/// payload that is a JSON object (kept as sent, byte for byte).
+fn node_event(e: pb::RuntimeEvent) -> NewEvent {
     let valid_type = !e.r#type.is_empty()
-        && e.r#type.len() <= 64
+        && e.r#type.len() <= MAX_TYPE_LEN
         && e.r#type.bytes().all(|b| b.is_ascii_graphic());
     let is_object = e.payload_json.starts_with('{')
         && serde_json::from_str::<serde::de::IgnoredAny>(&e.payload_json).is_ok();
-    // Postgres jsonb cannot hold U+0000.
-    let payload = if e.payload_json.contains("\\u0000") {
-        e.payload_json.replace("\\u0000", "\\ufffd")
-    } else {
-        e.payload_json
-    };
     if valid_type && is_object {
-        NewEvent::new(e.r#type, payload)
-    } else {
-        let wrapped = payload::InvalidNodeEvent {
-            raw: payload,
-            node_type: e.r#type,
-            invalid: true,
-        };
-        NewEvent::new(ev::RUNTIME_RAW, payload::to_json(&wrapped))
+        return NewEvent::new(e.r#type, e.payload_json);
     }
+    let reason = if valid_type {
+        "payload_json is not a JSON object".to_string()
+    } else {
+        format!("type must be 1 to {MAX_TYPE_LEN} printable ASCII characters")
+    };
+    let wrapped = payload::InvalidNodeEvent {
+        payload: e.payload_json,
+        node_type: e.r#type,
+        invalid: true,
+        reason,
+    };
+    NewEvent::new(ev::RUNTIME_RAW, payload::to_json(&wrapped))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn event(kind: &str, payload: &str) -> pb::RuntimeEvent {
-        pb::RuntimeEvent {
-            r#type: kind.into(),
-            payload_json: payload.into(),
+    fn line(raw: &[u8], events: &[(&str, &str)]) -> pb::RuntimeLine {
+        pb::RuntimeLine {
+            raw: raw.to_vec(),
+            events: events
+                .iter()
+                .map(|(t, p)| pb::RuntimeEvent {
+                    r#type: (*t).into(),
+                    payload_json: (*p).into(),
+                })
+                .collect(),
             ..Default::default()
         }
     }
 
     #[test]
+    fn a_line_is_stored_once_with_its_first_event_and_kept_verbatim() {
+        // \u0000 and odd spacing survive: nothing is re-encoded.
+        let raw = br#"{"type":"assistant","message":{"content":[{"type":"text","text":"a\u0000b"},  {"type":"text","text":"c"}]}}"#;
+        let text = r#"{"text":"a\u0000b",  "block_index":0}"#;
+        let out = node_line(line(
+            raw,
+            &[
+                ("agent.message", text),
+                ("agent.message", r#"{"text":"c"}"#),
+            ],
+        ));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].raw.as_deref(), Some(&raw[..]));
+        assert_eq!(out[0].payload, text);
+        assert_eq!(out[1].raw, None, "the line is stored once");
+        assert_eq!((out[0].line_part, out[1].line_part), (Some(0), Some(1)));
+    }
+
+    #[test]
     fn bad_node_events_are_kept_wrapped_never_dropped() {
-        let ok = node_event(event("agent.message", r#"{"text":"hi"}"#));
-        assert_eq!(
-            (ok.kind.as_str(), ok.payload.as_str()),
-            ("agent.message", r#"{"text":"hi"}"#)
-        );
-        for (kind, p) in [
-            ("agent.message", "not json"),
-            ("bad type\n", "{}"),
-            ("x", "[1]"),
+        for (kind, p, why) in [
+            ("agent.message", "not json", "payload_json"),
+            ("bad type\n", "{}", "type"),
+            ("x", "[1]", "payload_json"),
         ] {
-            let e = node_event(event(kind, p));
-            assert_eq!(e.kind, ev::RUNTIME_RAW);
-            let w: payload::InvalidNodeEvent = payload::parse(&e.payload).expect("wrapped");
+            let out = node_line(line(b"\xffline", &[(kind, p)]));
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].kind, ev::RUNTIME_RAW);
+            assert_eq!(out[0].raw.as_deref(), Some(&b"\xffline"[..]));
+            let w: payload::InvalidNodeEvent = payload::parse(&out[0].payload).expect("wrapped");
             assert_eq!(
-                (w.raw.as_str(), w.node_type.as_str(), w.invalid),
+                (w.payload.as_str(), w.node_type.as_str(), w.invalid),
                 (p, kind, true)
             );
+            assert!(w.reason.starts_with(why), "{}", w.reason);
         }
+        let out = node_line(line(b"lonely", &[]));
+        assert_eq!((out.len(), out[0].kind.as_str()), (1, ev::RUNTIME_RAW));
+        assert_eq!(out[0].raw.as_deref(), Some(&b"lonely"[..]));
     }
 }

@@ -78,6 +78,8 @@ pub struct Usage {
     pub cache_creation_input_tokens: i64,
     pub cost_usd: f64,
     pub turns: i64,
+    /// The same per model, largest cost first (empty where not read).
+    pub models: Vec<berth_common::usage::ModelFigures>,
 }
 
 /// A session as stored.
@@ -151,6 +153,10 @@ pub struct Event {
     pub create_time: DateTime<Utc>,
     /// A JSON object.
     pub payload: String,
+    /// The agent's line, byte for byte, on the first event made from it.
+    pub raw: Option<Vec<u8>>,
+    /// Seq of the event carrying this event's line; 0 when not from a line.
+    pub line_seq: i64,
 }
 
 impl Event {
@@ -170,6 +176,10 @@ pub struct NewEvent {
     pub id: Uuid,
     pub kind: String,
     pub payload: String,
+    /// The agent's line, on the first event made from it.
+    pub raw: Option<Vec<u8>>,
+    /// The event's place among its line's events; `None` when not from a line.
+    pub line_part: Option<i32>,
 }
 
 impl NewEvent {
@@ -178,6 +188,8 @@ impl NewEvent {
             id: Uuid::now_v7(),
             kind: kind.into(),
             payload: payload.into(),
+            raw: None,
+            line_part: None,
         }
     }
 

@@ -1,28 +1,30 @@
 //! Each session's event log: batched appends fenced by epoch, pages of
 //! history, turn usage, and retention.
 
-use berth_common::TurnUsage;
 use berth_common::events::{self as ev, payload};
+use berth_common::usage::{Figures, ModelFigures};
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::Store;
 use crate::error::{Error, Result};
-use crate::session::usage::RunningTotals;
+use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent};
 
 mod sql {
     /// Appends a batch of events for any number of sessions, numbering each
     /// session's events from its `last_seq` under the row lock (gapless), and
-    /// notifies other dispatchers once per session.
+    /// notifies other dispatchers once per session. Payloads and lines are
+    /// stored as written (text and bytea, never re-encoded).
     /// `lo`/`hi`: the epochs the batch's fenced events carry for a session
     /// (NULL when none is fenced); a session whose epoch differs takes none
     /// of its events, and the caller learns which by the rows missing.
     pub const APPEND_EVENTS: &str = r#"
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[]) WITH ORDINALITY
-        AS t(session_id, id, type, payload, epoch, ord)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
+                         $6::bytea[], $7::integer[]) WITH ORDINALITY
+        AS t(session_id, id, type, payload, epoch, raw, line_part, ord)
 ), counts AS (
     SELECT session_id, count(*) AS n, min(epoch) AS lo, max(epoch) AS hi
     FROM input GROUP BY session_id
@@ -34,50 +36,66 @@ WITH input AS (
     RETURNING s.id, s.last_seq - c.n AS base,
               pg_notify('berth_events', s.id::text || ':' || s.last_seq) IS NULL AS notified
 )
-INSERT INTO events (session_id, seq, id, type, payload)
-SELECT i.session_id, b.base + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord), i.id, i.type, i.payload::jsonb
+INSERT INTO events (session_id, seq, id, type, payload, raw, line_part)
+SELECT i.session_id, b.base + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord), i.id,
+       i.type, i.payload, i.raw, i.line_part
 FROM input i JOIN bumped b ON b.id = i.session_id
 RETURNING session_id, seq, id, create_time
 "#;
 
-    /// Adds a turn's usage to the session's totals, records the turn, and
-    /// logs a `session.usage` event carrying both; returns the event's place
-    /// and the new totals.
-    pub const RECORD_USAGE: &str = r#"
-WITH totals AS (
-    UPDATE sessions
-    SET input_tokens = input_tokens + $2, output_tokens = output_tokens + $3,
-        cache_read_input_tokens = cache_read_input_tokens + $4,
-        cache_creation_input_tokens = cache_creation_input_tokens + $5,
-        cost_usd = cost_usd + $6, turns = turns + 1, last_seq = last_seq + 1, update_time = now(),
-        runtime_totals = $9
-    WHERE id = $1
-    RETURNING id, turns, last_seq, input_tokens, output_tokens, cache_read_input_tokens,
-              cache_creation_input_tokens, cost_usd,
-              pg_notify('berth_events', id::text || ':' || last_seq) IS NULL AS notified
-), turn AS (
+    /// Adds a turn to the session's totals and runtime baseline; returns
+    /// the turn's number, the new totals and the seq of its `session.usage`.
+    pub const ADD_TURN: &str = r#"
+UPDATE sessions
+SET input_tokens = input_tokens + $2, output_tokens = output_tokens + $3,
+    cache_read_input_tokens = cache_read_input_tokens + $4,
+    cache_creation_input_tokens = cache_creation_input_tokens + $5,
+    cost_usd = cost_usd + $6, turns = turns + 1, last_seq = last_seq + 1, update_time = now(),
+    runtime_totals = $7
+WHERE id = $1
+RETURNING turns, last_seq AS seq, input_tokens, output_tokens, cache_read_input_tokens,
+          cache_creation_input_tokens, cost_usd
+"#;
+
+    /// The turn's rows per model, and the session's totals per model.
+    pub const ADD_TURN_MODELS: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
+                         $8::float8[])
+        AS t(model, input_tokens, output_tokens, cache_read_input_tokens,
+             cache_creation_input_tokens, cost_usd)
+), turns AS (
     INSERT INTO session_turns (session_id, turn, model, input_tokens, output_tokens,
                                cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
-    SELECT id, turns, $7, $2, $3, $4, $5, $6 FROM totals
-), logged AS (
-    INSERT INTO events (session_id, seq, id, type, payload)
-    SELECT id, last_seq, $8, 'session.usage', jsonb_build_object(
-        'turn', jsonb_build_object('number', turns, 'model', $7::text, 'input_tokens', $2::bigint,
-            'output_tokens', $3::bigint, 'cache_read_input_tokens', $4::bigint,
-            'cache_creation_input_tokens', $5::bigint, 'cost_usd', $6::float8),
-        'total', jsonb_build_object('turns', turns, 'input_tokens', input_tokens, 'output_tokens', output_tokens,
-            'cache_read_input_tokens', cache_read_input_tokens,
-            'cache_creation_input_tokens', cache_creation_input_tokens, 'cost_usd', cost_usd))
-    FROM totals
-    RETURNING seq, create_time, payload::text AS payload
+    SELECT $1, $2, * FROM input
 )
-SELECT l.seq, l.create_time, l.payload, t.turns, t.input_tokens, t.output_tokens,
-       t.cache_read_input_tokens, t.cache_creation_input_tokens, t.cost_usd
-FROM logged l, totals t
+INSERT INTO session_models AS m (session_id, model, input_tokens, output_tokens,
+                                 cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
+SELECT $1, * FROM input
+ON CONFLICT (session_id, model) DO UPDATE
+SET input_tokens = m.input_tokens + excluded.input_tokens,
+    output_tokens = m.output_tokens + excluded.output_tokens,
+    cache_read_input_tokens = m.cache_read_input_tokens + excluded.cache_read_input_tokens,
+    cache_creation_input_tokens = m.cache_creation_input_tokens + excluded.cache_creation_input_tokens,
+    cost_usd = m.cost_usd + excluded.cost_usd
+"#;
+
+    /// The session's totals per model, largest cost first.
+    pub const SESSION_MODELS: &str = "SELECT model, input_tokens, output_tokens, \
+         cache_read_input_tokens, cache_creation_input_tokens, cost_usd \
+         FROM session_models WHERE session_id = $1 ORDER BY cost_usd DESC, model";
+
+    /// Logs `session.usage` at the seq the turn took, and tells other
+    /// dispatchers.
+    pub const LOG_USAGE: &str = r#"
+INSERT INTO events (session_id, seq, id, type, payload)
+VALUES ($1, $2, $3, 'session.usage', $4)
+RETURNING create_time, pg_notify('berth_events', $1::text || ':' || $2) IS NULL AS notified
 "#;
 
     /// One page of a session's log after a seq.
-    pub const LIST_EVENTS: &str = "SELECT session_id, seq, id, type AS kind, create_time, payload::text AS payload \
+    pub const LIST_EVENTS: &str = "SELECT session_id, seq, id, type AS kind, create_time, payload, raw, \
+         CASE WHEN line_part IS NULL THEN 0 ELSE seq - line_part END AS line_seq \
          FROM events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
     /// Whether user input is waiting beyond the forwarded cursor.
@@ -115,6 +133,10 @@ pub(crate) struct Stored {
 impl Append {
     /// The persisted event, once the store has placed it at `at`.
     pub(crate) fn into_event(self, at: Stored) -> Event {
+        let line_seq = self
+            .event
+            .line_part
+            .map_or(0, |part| at.seq - i64::from(part));
         Event {
             session_id: self.session,
             seq: at.seq,
@@ -122,6 +144,8 @@ impl Append {
             kind: self.event.kind,
             create_time: at.create_time,
             payload: self.event.payload,
+            raw: self.event.raw,
+            line_seq,
         }
     }
 }
@@ -133,18 +157,41 @@ pub(crate) struct UsageRecorded {
     pub totals: payload::UsageTotals,
 }
 
-/// What [`sql::RECORD_USAGE`] returns: the event's place and the totals.
+/// What [`sql::ADD_TURN`] returns: the turn's number and seq, and the totals.
 #[derive(sqlx::FromRow)]
-struct UsageRow {
-    seq: i64,
-    create_time: DateTime<Utc>,
-    payload: String,
+struct TurnRow {
     turns: i64,
+    seq: i64,
     input_tokens: i64,
     output_tokens: i64,
     cache_read_input_tokens: i64,
     cache_creation_input_tokens: i64,
     cost_usd: f64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ModelRow {
+    model: String,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_read_input_tokens: i64,
+    cache_creation_input_tokens: i64,
+    cost_usd: f64,
+}
+
+impl From<ModelRow> for ModelFigures {
+    fn from(r: ModelRow) -> Self {
+        Self {
+            model: r.model,
+            figures: Figures {
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cache_read_input_tokens: r.cache_read_input_tokens,
+                cache_creation_input_tokens: r.cache_creation_input_tokens,
+                cost_usd: r.cost_usd,
+            },
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -155,6 +202,8 @@ struct EventRow {
     kind: String,
     create_time: DateTime<Utc>,
     payload: String,
+    raw: Option<Vec<u8>>,
+    line_seq: i64,
 }
 
 impl From<EventRow> for Event {
@@ -166,6 +215,8 @@ impl From<EventRow> for Event {
             kind: r.kind,
             create_time: r.create_time,
             payload: r.payload,
+            raw: r.raw,
+            line_seq: r.line_seq,
         }
     }
 }
@@ -192,6 +243,13 @@ impl Store {
                     .collect::<Vec<_>>(),
             )
             .bind(batch.iter().map(|a| a.epoch).collect::<Vec<_>>())
+            .bind(
+                batch
+                    .iter()
+                    .map(|a| a.event.raw.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(batch.iter().map(|a| a.event.line_part).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await?;
         let by_id: std::collections::HashMap<Uuid, Stored> = rows
@@ -239,46 +297,88 @@ impl Store {
         })
     }
 
-    /// Records a turn's own usage (see [`crate::session::usage`]) with the
-    /// runtime's running totals after it, and logs `session.usage`; returns
-    /// the event and the session's totals after it.
-    pub(crate) async fn record_usage(
-        &self,
-        id: Uuid,
-        u: &TurnUsage,
-        runtime_totals: &RunningTotals,
-    ) -> Result<UsageRecorded> {
-        let event_id = Uuid::now_v7();
-        let row: UsageRow = sqlx::query_as(sql::RECORD_USAGE)
+    /// Records an accounted turn (see [`crate::session::usage`]) with the
+    /// runtime's running totals after it: the session's totals, a row per
+    /// model for the turn, the session's per-model totals, and a
+    /// `session.usage` event carrying the turn and the totals. One
+    /// transaction; returns the event and the session's totals after it.
+    pub(crate) async fn record_usage(&self, id: Uuid, turn: &Turn) -> Result<UsageRecorded> {
+        let u = &turn.usage;
+        let mut tx = self.pool.begin().await?;
+        let row: TurnRow = sqlx::query_as(sql::ADD_TURN)
             .bind(id)
             .bind(u.input_tokens)
             .bind(u.output_tokens)
             .bind(u.cache_read_input_tokens)
             .bind(u.cache_creation_input_tokens)
             .bind(u.cost_usd)
-            .bind(&u.model)
-            .bind(event_id)
-            .bind(Json(runtime_totals))
-            .fetch_optional(&self.pool)
+            .bind(Json(&turn.totals))
+            .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
-        Ok(UsageRecorded {
-            event: Event {
-                session_id: id,
-                seq: row.seq,
-                id: event_id,
-                kind: ev::SESSION_USAGE.into(),
-                create_time: row.create_time,
-                payload: row.payload,
-            },
-            totals: payload::UsageTotals {
-                turns: row.turns,
+        let models = &turn.models;
+        let col = |f: fn(&Figures) -> i64| models.iter().map(|m| f(&m.figures)).collect::<Vec<_>>();
+        sqlx::query(sql::ADD_TURN_MODELS)
+            .bind(id)
+            .bind(row.turns)
+            .bind(models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>())
+            .bind(col(|f| f.input_tokens))
+            .bind(col(|f| f.output_tokens))
+            .bind(col(|f| f.cache_read_input_tokens))
+            .bind(col(|f| f.cache_creation_input_tokens))
+            .bind(
+                models
+                    .iter()
+                    .map(|m| m.figures.cost_usd)
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?;
+        let by_model: Vec<ModelRow> = sqlx::query_as(sql::SESSION_MODELS)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let totals = payload::UsageTotals {
+            turns: row.turns,
+            figures: Figures {
                 input_tokens: row.input_tokens,
                 output_tokens: row.output_tokens,
                 cache_read_input_tokens: row.cache_read_input_tokens,
                 cache_creation_input_tokens: row.cache_creation_input_tokens,
                 cost_usd: row.cost_usd,
             },
+            models: by_model.into_iter().map(ModelFigures::from).collect(),
+        };
+        let body = payload::to_json(&payload::Usage {
+            turn: payload::TurnFigures {
+                number: row.turns,
+                model: turn.model.clone(),
+                figures: u.clone(),
+                models: models.clone(),
+            },
+            total: totals.clone(),
+        });
+        let event_id = Uuid::now_v7();
+        let (create_time, _): (DateTime<Utc>, bool) = sqlx::query_as(sql::LOG_USAGE)
+            .bind(id)
+            .bind(row.seq)
+            .bind(event_id)
+            .bind(&body)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(UsageRecorded {
+            event: Event {
+                session_id: id,
+                seq: row.seq,
+                id: event_id,
+                kind: ev::SESSION_USAGE.into(),
+                create_time,
+                payload: body,
+                raw: None,
+                line_seq: 0,
+            },
+            totals,
         })
     }
 

@@ -41,7 +41,7 @@ WITH next AS (
 ), logged AS (
     INSERT INTO events (session_id, seq, id, type, payload)
     SELECT id, last_seq, ($2::uuid[])[n], 'session.status_{starting}',
-           jsonb_build_object('status', '{starting}', 'previous', previous, 'epoch', epoch, 'reason', '')
+           jsonb_build_object('status', '{starting}', 'previous', previous, 'epoch', epoch, 'reason', '')::text
     FROM numbered
 )
 SELECT id FROM numbered

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use berth_common::events::payload::{self, StatusChange, StatusDetail};
+use berth_common::usage::ModelFigures;
 use chrono::{DateTime, Utc};
 use sqlx::AssertSqlSafe;
 use sqlx::types::Json;
@@ -19,6 +20,20 @@ use crate::session::{
 };
 
 mod sql {
+    /// `SELECT` of a session with its usage per model (largest cost first),
+    /// then the rest of the statement.
+    macro_rules! with_models {
+        ($rest:literal) => {
+            concat!(
+                "SELECT s.*, (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' \
+                   ORDER BY m.cost_usd DESC, m.model), '[]') \
+                 FROM session_models m WHERE m.session_id = s.id) AS models \
+                 FROM sessions s ",
+                $rest
+            )
+        };
+    }
+
     /// Creates a session with its first events, and wakes the queue.
     /// `ON CONFLICT (request_id) DO NOTHING`: a retried create inserts nothing
     /// and the caller reads the existing row instead.
@@ -33,29 +48,29 @@ WITH created AS (
     RETURNING id, pg_notify('berth_queue', id::text) IS NULL AS notified
 ), logged AS (
     INSERT INTO events (session_id, seq, id, type, payload)
-    SELECT c.id, e.seq, e.id, e.type, e.payload::jsonb
+    SELECT c.id, e.seq, e.id, e.type, e.payload
     FROM created c, unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[]) AS e(seq, id, type, payload)
 )
 SELECT id FROM created
 "#;
 
     /// One session by id.
-    pub const GET_SESSION: &str = "SELECT * FROM sessions WHERE id = $1";
+    pub const GET_SESSION: &str = with_models!("WHERE id = $1");
 
     /// Sessions by id, oldest first.
-    pub const SESSIONS_BY_ID: &str =
-        "SELECT * FROM sessions WHERE id = ANY($1) ORDER BY create_time";
+    pub const SESSIONS_BY_ID: &str = with_models!("WHERE id = ANY($1) ORDER BY create_time");
 
     /// The session an earlier create with this request id made.
-    pub const SESSION_BY_REQUEST_ID: &str = "SELECT * FROM sessions WHERE request_id = $1";
+    pub const SESSION_BY_REQUEST_ID: &str = with_models!("WHERE request_id = $1");
 
     /// Sessions newest first, filtered, one page. $1 status filter (NULL =
     /// any); $2 labels the session must all carry; $3/$4 keyset cursor (NULL =
     /// first page). Served by `sessions_list`.
-    pub const LIST_SESSIONS: &str = "SELECT * FROM sessions \
-         WHERE ($1::text IS NULL OR status = $1) AND labels @> $2 \
+    pub const LIST_SESSIONS: &str = with_models!(
+        "WHERE ($1::text IS NULL OR status = $1) AND labels @> $2 \
            AND ($3::timestamptz IS NULL OR (create_time, id) < ($3, $4)) \
-         ORDER BY create_time DESC, id DESC LIMIT $5";
+         ORDER BY create_time DESC, id DESC LIMIT $5"
+    );
 
     /// Compare-and-set of a status, logging the change as an event.
     /// `status = $2 AND epoch = $9`: the change applies only if nobody moved or
@@ -78,7 +93,7 @@ WITH moved AS (
     RETURNING id, last_seq, pg_notify('berth_events', id::text || ':' || last_seq) IS NULL AS notified
 )
 INSERT INTO events (session_id, seq, id, type, payload)
-SELECT id, last_seq, $6, $7, $8::jsonb FROM moved
+SELECT id, last_seq, $6, $7, $8 FROM moved
 RETURNING seq, create_time
 "#;
 
@@ -176,6 +191,9 @@ pub(super) struct SessionRow {
     snapshots: i64,
     archive_time: Option<DateTime<Utc>>,
     runtime_totals: Json<RunningTotals>,
+    /// Read only where the statement selects it (see `with_models!`).
+    #[sqlx(default)]
+    models: Option<Json<Vec<ModelFigures>>>,
 }
 
 impl TryFrom<SessionRow> for Session {
@@ -203,6 +221,7 @@ impl TryFrom<SessionRow> for Session {
                 cache_creation_input_tokens: r.cache_creation_input_tokens,
                 cost_usd: r.cost_usd,
                 turns: r.turns,
+                models: r.models.map(|m| m.0).unwrap_or_default(),
             },
             runtime_totals: r.runtime_totals.0,
             timeout: from_millis(r.timeout_ms),
@@ -361,6 +380,8 @@ impl Store {
                     kind,
                     create_time,
                     payload,
+                    raw: None,
+                    line_seq: 0,
                 };
                 return Ok(Transitioned {
                     to,

@@ -469,8 +469,18 @@ async fn open_direct(
         frames,
         crate::simnode::direct_message,
         |f| match f.kind {
-            Some(node::node_frame::Kind::Event(e)) if e.r#type == "agent.message" => {
-                Seen::Echo(e.payload_json)
+            Some(node::node_frame::Kind::Line(l))
+                if l.events
+                    .first()
+                    .is_some_and(|e| e.r#type == "agent.message") =>
+            {
+                Seen::Echo(
+                    l.events
+                        .into_iter()
+                        .next()
+                        .map(|e| e.payload_json)
+                        .unwrap_or_default(),
+                )
             }
             _ => Seen::Other,
         },

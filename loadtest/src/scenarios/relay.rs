@@ -218,8 +218,8 @@ async fn direct_echo(
     let mut first = None;
     let mut count = 0u64;
     while let Some(f) = frames.next().await {
-        if let Some(node::node_frame::Kind::Event(e)) = f?.kind
-            && e.r#type == "agent.message"
+        if let Some(node::node_frame::Kind::Line(l)) = f?.kind
+            && l.events.iter().any(|e| e.r#type == "agent.message")
         {
             first.get_or_insert_with(Instant::now);
             count += 1;

@@ -21,6 +21,10 @@
 //! | `write PATH TEXT`       | writes TEXT to the file PATH (relative to the cwd), then replies  |
 //! | `read PATH`             | replies the file's contents, or `missing: PATH`                   |
 //! | `history`               | replies the conversation's earlier prompts, joined by ` | `        |
+//! | `multi`                 | one assistant line with four blocks (thinking, text, two         |
+//! |                         | tool_uses), one user line with both tool_results, then a reply   |
+//! | `subagent TEXT`         | a Task tool call whose sub-agent (on `claude-haiku-4-5`, lines   |
+//! |                         | carrying `parent_tool_use_id`) replies TEXT, then a reply        |
 //! | anything else           | replies `You said: …`                                             |
 //!
 //! Like the real CLI it keeps its conversation in
@@ -31,16 +35,21 @@
 //!
 //! Every turn but `replay` (which carries its own) ends with a `result` line
 //! whose usage is deterministic: input tokens = bytes of the message, output
-//! tokens = bytes of the reply, cost = (3·in + 15·out) / 1e6 USD. As in the
-//! real CLI, `usage` is the turn's, while `total_cost_usd` and `modelUsage`
-//! are running totals of the conversation, continued across `--resume` (they
-//! are kept in the conversation file).
+//! tokens = bytes of the reply, cost = (3·in + 15·out) / 1e6 USD; a
+//! sub-agent's, on its own model: its prompt's and reply's bytes, at
+//! (1·in + 5·out) / 1e6. As in the real CLI, `usage` is the main agent's for
+//! the turn, while `total_cost_usd` and `modelUsage` (per model) are running
+//! totals of the conversation, continued across `--resume` (they are kept in
+//! the conversation file).
 
 use std::io::{BufRead, Write};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+
+/// The model fake sub-agents run on.
+const SUB_MODEL: &str = "claude-haiku-4-5";
 
 /// Flags of the real CLI that take a value.
 const VALUE_FLAGS: &[&str] = &[
@@ -206,8 +215,9 @@ struct Agent {
     /// Where the conversation is kept, and its earlier prompts.
     transcript: std::path::PathBuf,
     history: Vec<String>,
-    /// The conversation's running totals: input and output tokens, cost.
-    totals: (u64, u64, f64),
+    /// The conversation's running totals per model: input and output
+    /// tokens, cost.
+    totals: std::collections::BTreeMap<String, (u64, u64, f64)>,
     /// Messages that arrived while a turn was running, answered in order.
     queued: std::collections::VecDeque<String>,
     eof: bool,
@@ -267,16 +277,52 @@ impl Agent {
     }
 
     fn result(&mut self, prompt: &str, reply_bytes: usize, started: Instant, interrupted: bool) {
+        self.result_with(prompt, reply_bytes, started, interrupted, None);
+    }
+
+    /// Ends the turn; `sub` is a sub-agent's (input, output) tokens on
+    /// [`SUB_MODEL`].
+    fn result_with(
+        &mut self,
+        prompt: &str,
+        reply_bytes: usize,
+        started: Instant,
+        interrupted: bool,
+        sub: Option<(u64, u64)>,
+    ) {
         let input = prompt.len() as u64;
         let output = reply_bytes as u64;
-        let turn_cost = (3 * input + 15 * output) as f64 / 1e6;
-        self.totals = (
-            self.totals.0 + input,
-            self.totals.1 + output,
-            self.totals.2 + turn_cost,
+        let mut add = |model: &str, i: u64, o: u64, cost: f64| {
+            let t = self.totals.entry(model.to_string()).or_default();
+            *t = (t.0 + i, t.1 + o, t.2 + cost);
+        };
+        add(
+            &self.model.clone(),
+            input,
+            output,
+            (3 * input + 15 * output) as f64 / 1e6,
         );
-        let (all_in, all_out, cost) = self.totals;
-        self.save(&json!({"type": "totals", "input": all_in, "output": all_out, "cost": cost}));
+        if let Some((i, o)) = sub {
+            add(SUB_MODEL, i, o, (i + 5 * o) as f64 / 1e6);
+        }
+        let models: serde_json::Map<String, Value> = self
+            .totals
+            .iter()
+            .map(|(m, (i, o, c))| (m.clone(), json!({"input": i, "output": o, "cost": c})))
+            .collect();
+        self.save(&json!({"type": "totals", "models": models}));
+        let cost: f64 = self.totals.values().map(|t| t.2).sum();
+        let model_usage: serde_json::Map<String, Value> = self
+            .totals
+            .iter()
+            .map(|(m, (i, o, c))| {
+                (
+                    m.clone(),
+                    json!({"inputTokens": i, "outputTokens": o, "cacheReadInputTokens": 0,
+                                   "cacheCreationInputTokens": 0, "costUSD": c}),
+                )
+            })
+            .collect();
         let result = json!({
             "type": "result",
             "subtype": if interrupted { "error_during_execution" } else { "success" },
@@ -289,9 +335,7 @@ impl Agent {
             "total_cost_usd": cost,
             "usage": {"input_tokens": input, "output_tokens": output,
                       "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
-            "modelUsage": {self.model.clone(): {"inputTokens": all_in, "outputTokens": all_out,
-                                                "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0,
-                                                "costUSD": cost}},
+            "modelUsage": model_usage,
         });
         self.emit(&result);
     }
@@ -467,6 +511,60 @@ impl Agent {
                 std::fs::read_to_string(path).unwrap_or_else(|_| format!("missing: {path}"))
             }
             "history" => self.history.join(" | "),
+            "multi" => {
+                let (a, b) = (
+                    format!("toolu_fake_{}", nonce()),
+                    format!("toolu_fake_{}", nonce()),
+                );
+                let line = json!({
+                    "type": "assistant",
+                    "message": {"id": format!("msg_fake_{}", nonce()), "type": "message", "role": "assistant",
+                                "model": self.model, "stop_reason": "tool_use", "content": [
+                        {"type": "thinking", "thinking": "Two tools at once.", "signature": "sig"},
+                        {"type": "text", "text": "Running both."},
+                        {"type": "tool_use", "id": a, "name": "Bash", "input": {"command": "echo one"}},
+                        {"type": "tool_use", "id": b, "name": "Read", "input": {"file_path": "/etc/hostname"}},
+                    ]},
+                    "parent_tool_use_id": null, "session_id": self.session_id,
+                });
+                self.emit(&line);
+                let results = json!({
+                    "type": "user",
+                    "message": {"role": "user", "content": [
+                        {"tool_use_id": a, "type": "tool_result", "content": "one", "is_error": false},
+                        {"tool_use_id": b, "type": "tool_result", "content": "no such file", "is_error": true}]},
+                    "parent_tool_use_id": null, "session_id": self.session_id,
+                });
+                self.emit(&results);
+                "multi done".to_string()
+            }
+            "subagent" => {
+                let text = rest.join(" ");
+                let task = format!("toolu_fake_{}", nonce());
+                let sub_prompt = format!("Say: {text}");
+                self.assistant(json!({"type": "tool_use", "id": task, "name": "Task",
+                    "input": {"description": "sub-agent", "prompt": sub_prompt, "subagent_type": "general-purpose"}}));
+                self.emit(&json!({
+                    "type": "user", "parent_tool_use_id": task, "session_id": self.session_id,
+                    "message": {"role": "user", "content": [{"type": "text", "text": sub_prompt}]},
+                }));
+                self.emit(&json!({
+                    "type": "assistant", "parent_tool_use_id": task, "session_id": self.session_id,
+                    "message": {"id": format!("msg_fake_{}", nonce()), "type": "message", "role": "assistant",
+                                "model": SUB_MODEL, "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"},
+                }));
+                self.emit(&json!({
+                    "type": "user", "parent_tool_use_id": null, "session_id": self.session_id,
+                    "message": {"role": "user", "content": [
+                        {"tool_use_id": task, "type": "tool_result", "content": [{"type": "text", "text": text}]}]},
+                }));
+                let reply = format!("The sub-agent said: {text}");
+                self.text(&reply);
+                let sub = (sub_prompt.len() as u64, text.len() as u64);
+                self.result_with(prompt, reply.len(), started, false, Some(sub));
+                self.remember(prompt);
+                return true;
+            }
             _ => format!("You said: {prompt}"),
         };
         self.remember(prompt);
@@ -553,13 +651,20 @@ fn main() {
         .iter()
         .rev()
         .find(|v| v["type"] == "totals")
-        .map_or((0, 0, 0.0), |v| {
-            (
-                v["input"].as_u64().unwrap_or(0),
-                v["output"].as_u64().unwrap_or(0),
-                v["cost"].as_f64().unwrap_or(0.0),
-            )
-        });
+        .and_then(|v| v["models"].as_object())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let t = (
+                        v["input"].as_u64().unwrap_or(0),
+                        v["output"].as_u64().unwrap_or(0),
+                        v["cost"].as_f64().unwrap_or(0.0),
+                    );
+                    (k.clone(), t)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || read_stdin(tx));
     let mut agent = Agent {

@@ -62,10 +62,7 @@ async fn results(
     events
         .iter()
         .filter(|e| e.r#type == "agent.result")
-        .map(|e| {
-            let raw = payload(e)["raw"].as_str().unwrap_or_default().to_string();
-            Ok(serde_json::from_str(&raw)?)
-        })
+        .map(|e| Ok(serde_json::from_slice(&e.raw)?))
         .collect()
 }
 

@@ -143,7 +143,8 @@ async fn non_json_and_huge_lines_are_kept_and_the_stream_goes_on() -> anyhow::Re
         .iter()
         .find(|e| e.r#type == "runtime.raw")
         .expect("runtime.raw");
-    assert_eq!(payload(raw)["raw"], "this line is not JSON {{{");
+    assert_eq!(raw.raw, b"this line is not JSON {{{");
+    assert_eq!(raw.line_seq, raw.seq);
     assert!(
         events
             .iter()
