@@ -151,7 +151,27 @@ async fn non_json_and_huge_lines_are_kept_and_the_stream_goes_on() -> anyhow::Re
             .any(|e| e.r#type == "agent.message" && payload(e)["text"] == "after garbage")
     );
 
+    // A NUL escape survives, live and stored (jsonb could not hold it).
     let last = events.last().map_or(0, |e| e.seq);
+    let reply = turn(&mut c, &s.name, "echo nul:\u{0}:end").await?;
+    assert_eq!(reply, "nul:\u{0}:end");
+    let stored = events_of(&mut c, &s.name).await?;
+    let line = stored
+        .iter()
+        .find(|e| e.seq > last && e.r#type == "agent.message")
+        .expect("the echo");
+    assert!(
+        line.raw.windows(6).any(|w| w == b"\\u0000"),
+        "{}",
+        String::from_utf8_lossy(&line.raw)
+    );
+    assert!(
+        line.payload_json.contains("nul:\\u0000:end"),
+        "{}",
+        line.payload_json
+    );
+
+    let last = stored.last().map_or(0, |e| e.seq);
     c.send_message(pb::SendMessageRequest {
         name: s.name.clone(),
         text: "longline 2000000".into(),

@@ -28,17 +28,15 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as i64 + 1, "seq gap at {e:?}");
     }
-    // Every transcript line arrives, in order, verbatim, one event each.
-    let raws: Vec<String> = events
-        .iter()
-        .filter_map(|e| payload(e)["raw"].as_str().map(String::from))
-        .collect();
+    // Every transcript line arrives once, in order, byte for byte.
     let transcript = berth_tests::fixture("explore_count_files.jsonl")?;
-    let lines: Vec<&str> = transcript
+    let lines: Vec<&[u8]> = transcript
         .lines()
         .filter(|l| !l.trim().is_empty())
+        .map(str::as_bytes)
         .collect();
-    assert_eq!(raws, lines);
+    assert_eq!(agent_lines(&events), lines);
+    assert_lines_well_formed(&events);
     assert!(first_runtime.is_some());
     let kinds: Vec<&str> = events.iter().map(|e| e.r#type.as_str()).collect();
     for k in [
@@ -84,8 +82,17 @@ async fn recorded_transcript_replays_through_the_whole_system() -> anyhow::Resul
         })
         .await?
         .into_inner();
-    // (Payloads compare as JSON: Postgres normalises the text of what it stores.)
-    let key = |e: &pb::Event| (e.seq, e.id.clone(), e.r#type.clone(), payload(e));
+    // What is stored is what was streamed, byte for byte.
+    let key = |e: &pb::Event| {
+        (
+            e.seq,
+            e.id.clone(),
+            e.r#type.clone(),
+            e.payload_json.clone(),
+            e.raw.clone(),
+            e.line_seq,
+        )
+    };
     let listed: Vec<_> = listed.events[..events.len()].iter().map(key).collect();
     let streamed: Vec<_> = events.iter().map(key).collect();
     assert_eq!(listed, streamed);
@@ -378,5 +385,225 @@ async fn a_burst_of_events_arrives_whole_and_in_order() -> anyhow::Result<()> {
         );
         assert_eq!(a, b, "seq {} differs live and stored", l.seq);
     }
+    cluster.shutdown().await
+}
+
+/// Every public Claude Code capture, replayed by the stand-in agent in one
+/// session: each line arrives once, in order, byte for byte (live and from
+/// the store), and each content block is an event pointing back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_public_capture_arrives_line_for_line_and_block_for_block() -> anyhow::Result<()> {
+    let mut captures = Vec::new();
+    for dir in [shared_fixtures(), shared_fixtures().join("public")] {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|x| x == "jsonl") {
+                let rel = path.strip_prefix(shared_fixtures())?.to_path_buf();
+                captures.push((rel, std::fs::read(&path)?));
+            }
+        }
+    }
+    captures.sort();
+    assert!(captures.len() >= 9, "captures: {captures:?}");
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(fake_session("echo ready"))
+        .await?
+        .into_inner();
+    let mut after = until_turn_ends(&mut c, &s.name, 0)
+        .await?
+        .last()
+        .map_or(0, |e| e.seq);
+    for (rel, bytes) in &captures {
+        let lines: Vec<&[u8]> = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+            .collect();
+        let seq = c
+            .send_message(pb::SendMessageRequest {
+                name: s.name.clone(),
+                text: format!("replay /fixtures/claude-code/{}", rel.display()),
+            })
+            .await?
+            .into_inner()
+            .seq;
+        let mut seen = 0;
+        let events = collect_until(&mut c, &s.name, seq, Duration::from_secs(60), |e| {
+            seen += usize::from(e.line_seq == e.seq);
+            // All lines, and the events of the last one (every capture ends
+            // with a result, which its usage follows).
+            seen == lines.len() && e.line_seq == 0
+        })
+        .await?;
+        let what = rel.display();
+        assert_eq!(agent_lines(&events), lines, "{what}");
+        assert_lines_well_formed(&events);
+        for line_event in events.iter().filter(|e| e.line_seq == e.seq) {
+            let v: serde_json::Value = serde_json::from_slice(&line_event.raw).unwrap_or_default();
+            let blocks: Vec<&pb::Event> = events
+                .iter()
+                .filter(|e| e.line_seq == line_event.seq)
+                .collect();
+            let expected = match (&v["type"], &v["message"]["content"]) {
+                (t, serde_json::Value::Array(b)) if t == "assistant" || t == "user" => {
+                    b.len().max(1)
+                }
+                _ => 1,
+            };
+            assert_eq!(blocks.len(), expected, "{what}: {v}");
+            // A sub-agent's blocks say whose they are.
+            if let Some(parent) = v["parent_tool_use_id"].as_str() {
+                for b in &blocks {
+                    assert_eq!(payload(b)["parent_tool_use_id"], parent, "{what}");
+                }
+            }
+            // Tool results name the tool their id called, when it was called here.
+            for b in blocks.iter().filter(|b| b.r#type == "agent.tool_result") {
+                let id = payload(b)["tool_use_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let called = events.iter().find(|e| {
+                    e.r#type == "agent.tool_use" && payload(e)["tool_use_id"] == id.as_str()
+                });
+                if let Some(call) = called {
+                    assert_eq!(payload(b)["name"], payload(call)["name"], "{what}: {id}");
+                }
+            }
+        }
+        let stored = c
+            .list_events(pb::ListEventsRequest {
+                name: s.name.clone(),
+                after_seq: seq,
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events;
+        let line_events: Vec<_> = stored.iter().filter(|e| e.line_seq != 0).cloned().collect();
+        let streamed: Vec<_> = events.iter().filter(|e| e.line_seq != 0).cloned().collect();
+        assert_eq!(
+            line_events, streamed,
+            "{what}: the store gives back what was streamed"
+        );
+        after = after.max(events.last().map_or(0, |e| e.seq));
+        // Let the replay's turn settle before the next.
+        wait_for_status(
+            &mut c,
+            &s.name,
+            pb::SessionStatus::Idle,
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    assert!(after > 0);
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
+
+/// The stand-in's multi-block lines and sub-agent turn: one event per
+/// block, and usage per model equal to its running totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_and_models_of_the_stand_in_agent() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let s = c.create_session(fake_session("multi")).await?.into_inner();
+    let events = until_turn_ends(&mut c, &s.name, 0).await?;
+    assert_lines_well_formed(&events);
+    let four = events
+        .iter()
+        .find(|e| e.r#type == "agent.thinking")
+        .expect("thinking");
+    let blocks: Vec<&str> = events
+        .iter()
+        .filter(|e| e.line_seq == four.seq)
+        .map(|e| e.r#type.as_str())
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            "agent.thinking",
+            "agent.message",
+            "agent.tool_use",
+            "agent.tool_use"
+        ]
+    );
+    let results: Vec<(String, bool)> = events
+        .iter()
+        .filter(|e| e.r#type == "agent.tool_result")
+        .map(|e| {
+            (
+                payload(e)["name"].as_str().unwrap_or_default().to_string(),
+                payload(e)["is_error"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [("Bash".to_string(), false), ("Read".to_string(), true)]
+    );
+
+    let last = events.last().map_or(0, |e| e.seq);
+    let reply = turn(&mut c, &s.name, "subagent from below").await?;
+    assert!(reply.contains("The sub-agent said: from below"), "{reply}");
+    let events = events_of(&mut c, &s.name).await?;
+    let sub: Vec<&pb::Event> = events
+        .iter()
+        .filter(|e| e.seq > last && payload(e)["parent_tool_use_id"].is_string())
+        .collect();
+    assert!(
+        sub.iter()
+            .any(|e| e.r#type == "agent.message" && payload(e)["text"] == "from below")
+    );
+    // The session's usage per model is the last result's modelUsage.
+    let result = events
+        .iter()
+        .rev()
+        .find(|e| e.r#type == "agent.result")
+        .expect("result");
+    let line = line_json(&events, result);
+    let session = get(&mut c, &s.name).await?;
+    let usage = session.usage.expect("usage");
+    assert_eq!(usage.models.len(), 2, "{:?}", usage.models);
+    for m in &usage.models {
+        let reported = &line["modelUsage"][&m.model];
+        assert_eq!(
+            Some(m.input_tokens),
+            reported["inputTokens"].as_i64(),
+            "{}",
+            m.model
+        );
+        assert_eq!(
+            Some(m.output_tokens),
+            reported["outputTokens"].as_i64(),
+            "{}",
+            m.model
+        );
+        let cost = reported["costUSD"].as_f64().unwrap_or(-1.0);
+        assert!(
+            (m.cost_usd - cost).abs() < 1e-12,
+            "{}: {} vs {cost}",
+            m.model,
+            m.cost_usd
+        );
+    }
+    let total = line["total_cost_usd"].as_f64().unwrap_or(-1.0);
+    assert!((usage.cost_usd - total).abs() < 1e-12);
+    // The sub-agent's turn lists both models; the first turn only the main one.
+    let turns: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|e| e.r#type == "session.usage")
+        .map(|e| payload(e)["turn"].clone())
+        .collect();
+    assert_eq!(turns[0]["models"].as_array().map(Vec::len), Some(1));
+    assert_eq!(turns[1]["models"].as_array().map(Vec::len), Some(2));
+    let haiku = turns[1]["models"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["model"] == "claude-haiku-4-5"))
+        .expect("the sub-agent's model");
+    assert_eq!(haiku["output_tokens"], "from below".len());
+    stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
