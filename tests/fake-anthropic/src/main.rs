@@ -14,10 +14,13 @@
 //!   tool_use, which the CLI runs; the next request (carrying the
 //!   tool_result) is answered with `done: RESULT`;
 //! - `multi`: thinking, text and a Bash tool_use in one message;
-//! - `task TEXT`: a Task tool_use (a sub-agent) whose prompt is `say sub TEXT`;
+//! - `task TEXT`: a Task tool_use: a sub-agent on haiku (a second model)
+//!   whose prompt is `say sub TEXT`;
 //! - `slow N`: N text deltas 200 ms apart (for interrupts);
 //! - `fail 429|500|529`: that API error;
 //! - `cache TEXT`: TEXT, with cache read and write tokens in the usage;
+//! - `recall`: `recall: ` and the user's earlier messages in this request,
+//!   joined by ` | ` (what the CLI sent of its conversation);
 //! - anything else: `ok: TEXT`.
 //!
 //! Usage is deterministic: 10 input tokens plus one per message, 5 output
@@ -73,8 +76,15 @@ async fn main() -> std::process::ExitCode {
         },
         None => None,
     };
+    // Ids are unique across processes, like the real API's: a resumed
+    // conversation (a new container, a new stand-in) must not reuse the ids
+    // of its earlier tool calls, or the CLI takes them for the same call.
+    let first_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+        .saturating_mul(1000);
     let state = Arc::new(State {
-        ids: AtomicU64::new(0),
+        ids: AtomicU64::new(first_id),
         log,
     });
     let app = Router::new()
@@ -138,6 +148,29 @@ fn text_of(content: &Value) -> String {
             .join("\n"),
         _ => String::new(),
     }
+}
+
+/// The user's own text in each user message of the request (tool results
+/// and the CLI's reminders left out), oldest first.
+fn user_texts(req: &Value) -> Vec<String> {
+    req["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["role"] == "user")
+                .filter_map(|m| match &m["content"] {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Array(blocks) => blocks
+                        .iter()
+                        .filter(|b| b["type"] == "text")
+                        .filter_map(|b| b["text"].as_str())
+                        .rfind(|t| !t.trim_start().starts_with('<'))
+                        .map(|t| t.trim().to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn asked(req: &Value) -> Asked {
@@ -230,7 +263,7 @@ fn reply(asked: Asked) -> Result<Reply, (u16, String)> {
         "task" => simple(vec![Block::Tool {
             name: "Task",
             input: json!({"description": "a sub-agent", "prompt": format!("say sub {rest}"),
-                          "subagent_type": "general-purpose"}),
+                          "subagent_type": "general-purpose", "model": "haiku"}),
         }]),
         "slow" => {
             let n = rest.parse::<usize>().unwrap_or(10).max(1);
@@ -273,7 +306,16 @@ async fn messages(
             .unwrap_or_else(|p| p.into_inner())
             .write_all(&line);
     }
-    let reply = match reply(asked(&req)) {
+    let asked = match asked(&req) {
+        // What the conversation held before this message, as the CLI sent it.
+        Asked::Text(t) if t == "recall" => {
+            let mut earlier = user_texts(&req);
+            earlier.pop();
+            Asked::Text(format!("say recall: {}", earlier.join(" | ")))
+        }
+        other => other,
+    };
+    let reply = match reply(asked) {
         Ok(r) => r,
         Err((code, message)) => {
             let (status, kind) = match code {

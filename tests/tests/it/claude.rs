@@ -15,8 +15,12 @@ const CLAUDE_IMAGE: &str = "berth-test-claude:latest";
 const MODEL: &str = "claude-sonnet-4-5";
 
 async fn cluster() -> anyhow::Result<TestCluster> {
+    cluster_of(1).await
+}
+
+async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
     TestCluster::builder()
-        .nodes(1)
+        .nodes(nodes)
         .configure_node(|_, cfg, _| {
             // The stand-in is the container's main process.
             cfg.keepalive_cmd = [
@@ -160,5 +164,292 @@ async fn a_budget_stops_the_real_cli_at_the_turn_that_reaches_it() -> anyhow::Re
     .await?;
     assert_eq!(stopped.status_reason, "budget");
     assert_eq!(stopped.usage.expect("usage").turns, 3);
+    cluster.shutdown().await
+}
+
+/// The last `result` line's own figures: `total_cost_usd`, and per model
+/// (input tokens, output tokens, cost) from `modelUsage`.
+fn cli_totals(result: &serde_json::Value) -> (f64, Vec<(String, i64, i64, f64)>) {
+    let mut models: Vec<(String, i64, i64, f64)> = result["modelUsage"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v["inputTokens"].as_i64().unwrap_or(-1),
+                        v["outputTokens"].as_i64().unwrap_or(-1),
+                        v["costUSD"].as_f64().unwrap_or(-1.0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    models.sort_by(|a, b| a.0.cmp(&b.0));
+    (result["total_cost_usd"].as_f64().unwrap_or(-1.0), models)
+}
+
+/// berth's usage for a session equals the CLI's own running totals after
+/// its last result: in all and per model. (The CLI may add a result of its
+/// own at any time, e.g. when a background sub-agent ends: the session, its
+/// events and the CLI's lines are compared once they agree on the count.)
+async fn assert_billed_as_the_cli_says(
+    c: &mut SessionsClient<Channel>,
+    name: &str,
+) -> anyhow::Result<pb::Usage> {
+    let mut attempts = 0;
+    let (results, usage) = loop {
+        let results = results(c, name).await?;
+        let usage = get(c, name).await?.usage.unwrap_or_default();
+        if usage.turns as usize == results.len() || attempts == 50 {
+            break (results, usage);
+        }
+        attempts += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        usage.turns as usize,
+        results.len(),
+        "one turn per result line"
+    );
+    let last = results.last().expect("a result");
+    let (total, by_model) = cli_totals(last);
+    assert!(
+        (usage.cost_usd - total).abs() < 1e-9,
+        "berth bills {}, the CLI says {total}",
+        usage.cost_usd
+    );
+    let mut ours: Vec<(String, i64, i64, f64)> = usage
+        .models
+        .iter()
+        .map(|m| (m.model.clone(), m.input_tokens, m.output_tokens, m.cost_usd))
+        .collect();
+    ours.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(ours.len(), by_model.len(), "{ours:?} vs {by_model:?}");
+    for (a, b) in ours.iter().zip(&by_model) {
+        assert_eq!((&a.0, a.1, a.2), (&b.0, b.1, b.2));
+        assert!((a.3 - b.3).abs() < 1e-9, "{}: {} vs {}", a.0, a.3, b.3);
+    }
+    Ok(usage)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_cli_is_interrupted_mid_stream_and_goes_on() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(claude_session("say ready"))
+        .await?
+        .into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    // 40 deltas 200 ms apart: eight seconds of streaming, cut short.
+    let seq = c
+        .send_message(pb::SendMessageRequest {
+            name: s.name.clone(),
+            text: "slow 40".into(),
+        })
+        .await?
+        .into_inner()
+        .seq;
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Running,
+        Duration::from_secs(30),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.interrupt(pb::InterruptRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    let reply = reply_after(&mut c, &s.name, seq).await?;
+    let slows = reply.matches("slow").count();
+    assert!(slows < 40, "the stream was not cut: {slows} deltas");
+    let events = events_of(&mut c, &s.name).await?;
+    assert!(events.iter().any(|e| e.r#type == "user.interrupt"));
+    assert!(
+        events.iter().any(|e| e.r#type == "runtime.system"
+            && payload(e)["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("interrupted"))),
+        "the CLI's interruption notice is an event"
+    );
+    // The conversation goes on, and is billed as the CLI says.
+    assert_eq!(turn(&mut c, &s.name, "say after").await?, "after");
+    assert_billed_as_the_cli_says(&mut c, &s.name).await?;
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_real_cli_resumes_on_another_node_with_files_and_conversation()
+-> anyhow::Result<()> {
+    let cluster = cluster_of(2).await?;
+    let mut c = cluster.client();
+    let mut nodes = cluster.nodes_client();
+    let s = c
+        .create_session(claude_session("write /workspace/kept.txt before the pause"))
+        .await?
+        .into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    turn(&mut c, &s.name, "say second turn").await?;
+    let first = get(&mut c, &s.name).await?;
+    c.pause_session(pb::PauseSessionRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Paused,
+        Duration::from_secs(60),
+    )
+    .await?;
+    nodes
+        .drain_node(pb::DrainNodeRequest {
+            node: first.node.clone(),
+        })
+        .await?;
+    c.resume_session(pb::ResumeSessionRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    let read = turn(&mut c, &s.name, "read /workspace/kept.txt").await?;
+    if !read.contains("before the pause") {
+        for l in agent_lines(&events_of(&mut c, &s.name).await?) {
+            eprintln!(
+                "{}",
+                String::from_utf8_lossy(&l)
+                    .chars()
+                    .take(400)
+                    .collect::<String>()
+            );
+        }
+    }
+    assert!(
+        read.contains("before the pause"),
+        "the file was kept: {read}"
+    );
+    let resumed = get(&mut c, &s.name).await?;
+    assert_ne!(resumed.node, first.node, "resumed on the other node");
+    // After --resume the Messages stand-in is sent the earlier turns.
+    let recall = turn(&mut c, &s.name, "recall").await?;
+    for earlier in [
+        "write /workspace/kept.txt before the pause",
+        "say second turn",
+    ] {
+        assert!(
+            recall.contains(earlier),
+            "the CLI lost `{earlier}`: {recall}"
+        );
+    }
+    // The running totals continue across --resume: no turn is billed twice.
+    assert_billed_as_the_cli_says(&mut c, &s.name).await?;
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_agent_on_a_second_model_is_billed_per_model() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(claude_session("task from the sub-agent"))
+        .await?
+        .into_inner();
+    // The CLI runs the sub-agent in the background and reports on it in a
+    // turn of its own: wait until both models are billed.
+    let mut usage = pb::Usage::default();
+    for _ in 0..150 {
+        usage = get(&mut c, &s.name).await?.usage.unwrap_or_default();
+        if usage.models.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(usage.models.len(), 2, "{usage:?}");
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Idle,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let events = events_of(&mut c, &s.name).await?;
+    assert_lines_well_formed(&events);
+    // The sub-agent's own blocks carry the Task call they belong to.
+    let task = events
+        .iter()
+        .find(|e| e.r#type == "agent.tool_use" && payload(e)["name"] == "Task")
+        .expect("the Task call");
+    let task_id = payload(task)["tool_use_id"].clone();
+    assert!(
+        events.iter().any(|e| e.r#type == "agent.message"
+            && payload(e)["parent_tool_use_id"] == task_id
+            && payload(e)["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("sub from the sub-agent"))),
+        "no sub-agent message"
+    );
+    let usage = assert_billed_as_the_cli_says(&mut c, &s.name).await?;
+    assert!(
+        usage.models.iter().any(|m| m.model.contains("haiku")),
+        "{usage:?}"
+    );
+    // The turn that ran the sub-agent lists both models.
+    assert!(events.iter().any(|e| {
+        e.r#type == "session.usage"
+            && payload(e)["turn"]["models"]
+                .as_array()
+                .is_some_and(|m| m.len() == 2)
+    }));
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_surface_as_events_and_cost_nothing_extra() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut c = cluster.client();
+    let mut req = claude_session("say before");
+    // One retry, so the error surfaces in a second rather than minutes.
+    if let Some(spec) = req.spec.as_mut() {
+        spec.env
+            .insert("CLAUDE_CODE_MAX_RETRIES".into(), "1".into());
+    }
+    let s = c.create_session(req).await?.into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    for code in ["429", "500", "529"] {
+        let seq = c
+            .send_message(pb::SendMessageRequest {
+                name: s.name.clone(),
+                text: format!("fail {code}"),
+            })
+            .await?
+            .into_inner()
+            .seq;
+        let reply = reply_after(&mut c, &s.name, seq).await?;
+        assert!(
+            reply.contains(code),
+            "the CLI's error names {code}: {reply}"
+        );
+        let events = events_of(&mut c, &s.name).await?;
+        let turn: Vec<&pb::Event> = events.iter().filter(|e| e.seq > seq).collect();
+        assert!(
+            turn.iter()
+                .any(|e| e.r#type == "runtime.system" && payload(e)["subtype"] == "api_retry"),
+            "{code}: the retry is an event"
+        );
+        let result = turn
+            .iter()
+            .find(|e| e.r#type == "agent.result")
+            .expect("a result");
+        assert_eq!(payload(result)["is_error"], true, "{code}");
+    }
+    assert_eq!(turn(&mut c, &s.name, "say after").await?, "after");
+    // A failed turn restates the running totals: it adds nothing.
+    assert_billed_as_the_cli_says(&mut c, &s.name).await?;
+    stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
