@@ -14,6 +14,11 @@ use berth_common::time::parse_secs;
 use crate::layout::Layout;
 
 /// Configuration of one agent-server node.
+
+/// Largest `--max-line-bytes`: a line travels to the dispatcher with the
+/// events made from it in one gRPC message of at most
+/// [`berth_common::grpc::MAX_MESSAGE_BYTES`].
+pub const MAX_LINE_BYTES: usize = 6 * 1024 * 1024;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "berth-agent-server",
@@ -94,9 +99,9 @@ pub struct Config {
     #[arg(long, env = "BERTH_CONTAINER_NETWORK", default_value = "")]
     pub container_network: String,
 
-    /// Longest runtime output line kept whole, in bytes. Longer lines become a
-    /// truncated `runtime.raw` event.
-    #[arg(long, env = "BERTH_MAX_LINE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    /// Longest runtime output line kept whole, in bytes (at most 6 MiB).
+    /// Longer lines become a truncated `runtime.raw` event.
+    #[arg(long, env = "BERTH_MAX_LINE_BYTES", default_value_t = MAX_LINE_BYTES)]
     pub max_line_bytes: usize,
 
     /// How long a stopped agent gets to exit after its stdin closes, before its container is killed.
@@ -339,8 +344,8 @@ impl Config {
             "--keepalive-cmd must not be empty"
         );
         anyhow::ensure!(
-            self.max_line_bytes >= 1024,
-            "--max-line-bytes must be at least 1024"
+            (1024..=MAX_LINE_BYTES).contains(&self.max_line_bytes),
+            "--max-line-bytes must be between 1024 and {MAX_LINE_BYTES} (a line and its events travel in one gRPC message)"
         );
         anyhow::ensure!(
             self.warm_refill_per_sec > 0.0 && self.warm_refill_per_sec.is_finite(),

@@ -395,6 +395,10 @@ fn env_with_home(spec: &SessionSpec, cfg: &crate::config::Config) -> Vec<String>
     env
 }
 
+/// Bytes a line and its events may take in one frame: the gRPC limit,
+/// less room for the frame's other fields.
+const FRAME_BUDGET: usize = berth_common::grpc::MAX_MESSAGE_BYTES - 256 * 1024;
+
 /// A line the agent wrote, verbatim, with what it decoded to.
 #[derive(Debug)]
 pub struct AgentLine {
@@ -412,11 +416,15 @@ async fn emit(
     line: Line,
 ) -> bool {
     let line = match line {
-        Line::Whole(raw) => AgentLine {
-            decoded: adapter.decode(&raw),
-            raw,
-            total_bytes: None,
-        },
+        Line::Whole(raw) => {
+            let mut decoded = adapter.decode(&raw);
+            decoded.fit(raw.len(), FRAME_BUDGET);
+            AgentLine {
+                decoded,
+                raw,
+                total_bytes: None,
+            }
+        }
         // Too long to decode: kept as far as it goes, with its length.
         Line::Truncated {
             prefix,

@@ -127,6 +127,30 @@ impl Cluster {
         Self::local(args, b, Vec::new(), CancellationToken::new(), None).await
     }
 
+    /// One real node for the real Claude Code image: each container's main
+    /// process is the Messages stand-in on its own loopback, and containers
+    /// have no network but that (`--container-network none`).
+    pub async fn real_claude(args: &ClusterArgs, image: &str, pool: u32) -> anyhow::Result<Self> {
+        args.in_process_only("claude", "it configures the node's containers")?;
+        let mut b = TestCluster::builder()
+            .direct()
+            .metrics()
+            .nodes(1)
+            .capacity(pool.max(2) * 2)
+            .lease(Duration::from_secs(5))
+            .configure_node(|_, cfg, _| {
+                cfg.load_heartbeat = Duration::from_secs(1);
+                cfg.keepalive_cmd = ["fake-anthropic", "--listen", "127.0.0.1:8787"]
+                    .map(String::from)
+                    .to_vec();
+                cfg.container_network = "none".into();
+            });
+        if pool > 0 {
+            b = b.warm_pool(&format!("{image}={pool}"));
+        }
+        Self::local(args, b, Vec::new(), CancellationToken::new(), None).await
+    }
+
     /// A dispatcher in process with `n` simulated nodes of `capacity` slots,
     /// reporting load every `heartbeat` (and on every change).
     pub async fn simulated(

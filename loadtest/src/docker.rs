@@ -39,12 +39,26 @@ pub fn agent_cmd(prompt: &str) -> Vec<String> {
 
 /// Creates (does not start) a container of `image` running `cmd`.
 pub async fn create(docker: &Docker, image: &str, cmd: Vec<String>) -> anyhow::Result<String> {
+    create_in(docker, image, cmd, None).await
+}
+
+/// [`create`] on a network (`none`: loopback only).
+pub async fn create_in(
+    docker: &Docker,
+    image: &str,
+    cmd: Vec<String>,
+    network: Option<&str>,
+) -> anyhow::Result<String> {
     let body = ContainerCreateBody {
         image: Some(image.to_string()),
         cmd: Some(cmd),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
         labels: Some([(LABEL.to_string(), "1".to_string())].into()),
+        host_config: network.map(|n| bollard::models::HostConfig {
+            network_mode: Some(n.to_string()),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let name = format!(

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use cluster::ClusterArgs;
-use scenarios::{balance, dispatch, fanin, relay, start};
+use scenarios::{balance, claude, dispatch, fanin, relay, start};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,6 +58,8 @@ enum Scenario {
     Fanin(fanin::FaninArgs),
     /// 6. max/mean active sessions per node under Poisson load and a burst, vs random and round-robin.
     Balance(balance::BalanceArgs),
+    /// 7. The real Claude Code CLI: CreateSession → its first event, cold and warm, vs `docker run`.
+    Claude(claude::ClaudeArgs),
 }
 
 #[tokio::main]
@@ -92,6 +94,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Scenario::Relay(a) => relay::run(c, a).await?,
         Scenario::Fanin(a) => fanin::run(c, a).await?,
         Scenario::Balance(a) => balance::run(c, a).await?,
+        Scenario::Claude(a) => claude::run(c, a).await?,
     };
     print!("{}", report.table());
     if let Some(path) = &cli.json {

@@ -526,6 +526,25 @@ mod tests {
     }
 
     #[test]
+    fn events_too_big_to_travel_with_their_line_become_one_explicit_event() {
+        let mut a = ClaudeCode::default();
+        let text = "x".repeat(4000);
+        let line = format!(
+            r#"{{"type":"assistant","message":{{"content":[{{"type":"text","text":"{text}"}},{{"type":"text","text":"{text}"}}]}}}}"#
+        );
+        let mut d = a.decode(line.as_bytes());
+        d.fit(line.len(), 1 << 20);
+        assert_eq!(d.events.len(), 2, "fits: unchanged");
+        d.fit(line.len(), 10_000);
+        assert_eq!(kinds(&d), [ev::RUNTIME_RAW]);
+        let p = payload(&d.events[0]);
+        assert_eq!(
+            (p["oversize"].as_bool(), p["events_dropped"].as_u64()),
+            (Some(true), Some(2))
+        );
+    }
+
+    #[test]
     fn input_is_stream_json() {
         let mut a = ClaudeCode::default();
         let m: Value = serde_json::from_slice(&a.encode_message("hi \"there\"")).expect("json");

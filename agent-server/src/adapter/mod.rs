@@ -55,6 +55,31 @@ impl Decoded {
         }
     }
 
+    /// Replaces the events of a line whose events would not fit beside it in
+    /// one message (`budget` bytes for the line and its payloads) with one
+    /// `runtime.raw` saying so: the line itself is still kept whole.
+    pub fn fit(&mut self, line_bytes: usize, budget: usize) {
+        let n = self.events.len();
+        let size = line_bytes
+            + self
+                .events
+                .iter()
+                .map(|e| e.payload.len() + 64)
+                .sum::<usize>();
+        if size <= budget {
+            return;
+        }
+        let mut f = serde_json::Map::new();
+        f.insert("oversize".into(), true.into());
+        f.insert("events_dropped".into(), n.into());
+        f.insert(
+            "reason".into(),
+            format!("the line's {n} events and the line exceed one message ({size} > {budget} bytes); the line is kept whole")
+                .into(),
+        );
+        self.events = vec![Block::new(berth_common::events::RUNTIME_RAW, f)];
+    }
+
     /// A line too long to keep whole: one `runtime.raw` event with its length.
     pub fn truncated(total_bytes: u64) -> Self {
         let p = berth_common::events::payload::TruncatedLine {

@@ -1,6 +1,7 @@
 //! The six scenarios, each measured beside its baseline in the same run.
 
 pub mod balance;
+pub mod claude;
 pub mod dispatch;
 pub mod fanin;
 pub mod relay;
