@@ -13,12 +13,12 @@ use berth_common::time::parse_secs;
 
 use crate::layout::Layout;
 
-/// Configuration of one agent-server node.
-
 /// Largest `--max-line-bytes`: a line travels to the dispatcher with the
 /// events made from it in one gRPC message of at most
 /// [`berth_common::grpc::MAX_MESSAGE_BYTES`].
 pub const MAX_LINE_BYTES: usize = 6 * 1024 * 1024;
+
+/// Configuration of one agent-server node.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "berth-agent-server",
