@@ -604,6 +604,36 @@ async fn blocks_and_models_of_the_stand_in_agent() -> anyhow::Result<()> {
         .and_then(|m| m.iter().find(|m| m["model"] == "claude-haiku-4-5"))
         .expect("the sub-agent's model");
     assert_eq!(haiku["output_tokens"], "from below".len());
+    // The export carries the same: per-model usage, and every line once.
+    let json = c
+        .export_session(pb::ExportSessionRequest {
+            name: s.name.clone(),
+            format: pb::ExportFormat::Json as i32,
+        })
+        .await?
+        .into_inner();
+    let doc: serde_json::Value = serde_json::from_str(&json.content)?;
+    assert_eq!(
+        doc["session"]["usage"]["models"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let exported: Vec<Vec<u8>> = doc["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["raw"].as_str().map(|r| r.as_bytes().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(exported, agent_lines(&events));
+    let md = c
+        .export_session(pb::ExportSessionRequest {
+            name: s.name.clone(),
+            format: pb::ExportFormat::Markdown as i32,
+        })
+        .await?
+        .into_inner();
+    assert!(md.content.contains("`claude-haiku-4-5`"), "{}", md.content);
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
