@@ -35,9 +35,16 @@ pub(crate) struct Janitor {
 
 impl Janitor {
     /// Heartbeats every third of the lease and sweeps after each heartbeat.
+    ///
+    /// Other dispatchers are judged only by a dispatcher that has itself
+    /// reached Postgres without a break for a whole lease: after an outage
+    /// of the database (or of this dispatcher's link to it) every heartbeat
+    /// in it is stale, and the others need a lease of their own to renew
+    /// theirs before anyone may call them gone.
     pub(crate) async fn run(self) {
         let mut tick = tokio::time::interval(self.lease / 3);
         let mut last_retention: Option<tokio::time::Instant> = None;
+        let mut healthy_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -46,10 +53,14 @@ impl Janitor {
             if let Err(e) = self.store.heartbeat(&self.owner).await {
                 tracing::warn!(error = %e, "dispatcher heartbeat failed");
                 self.db_ok.store(false, Ordering::Relaxed);
+                healthy_since = None;
                 continue;
             }
             self.db_ok.store(true, Ordering::Relaxed);
-            self.requeue_orphans().await;
+            let since = *healthy_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= self.lease {
+                self.requeue_orphans().await;
+            }
             self.expire_queued().await;
             if last_retention.is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL) {
                 last_retention = Some(tokio::time::Instant::now());
@@ -133,6 +144,51 @@ impl Janitor {
                 "deleted events of archived sessions past retention"
             ),
             Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+        }
+    }
+}
+
+/// Releases the sessions a previous process under `owner` (a restarted
+/// dispatcher keeps its id) left claimed: each is re-queued at once, or
+/// ends `stopped` if a stop was under way. Retries while Postgres is
+/// unreachable, until it succeeds or shutdown.
+pub(crate) async fn release_previous(
+    store: &Store,
+    log: &EventLog,
+    owner: &str,
+    shutdown: &CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    let owned = loop {
+        match store.owned_by(owner).await {
+            Ok(o) => break o,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot read the sessions a previous process left; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    for o in owned {
+        let reason = format!("dispatcher {owner} restarted; re-queued");
+        let detail = StatusDetail {
+            owner: Some(owner.to_string()),
+            ..StatusDetail::default()
+        };
+        match log
+            .transition_at(o.id, o.epoch, StatusEvent::NodeLost, &reason, detail)
+            .await
+        {
+            Ok(t) => {
+                tracing::warn!(session_id = %o.id, to = %t.to, "released a session a previous process under this id left")
+            }
+            Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
+            Err(e) => {
+                tracing::warn!(session_id = %o.id, error = %e, "could not release a session a previous process left")
+            }
         }
     }
 }

@@ -91,6 +91,9 @@ pub async fn run(
     // Every running driver, so shutdown waits for each to record where its
     // session stands (handed back for another dispatcher).
     let drivers = TaskTracker::new();
+    // Sessions a previous process under this id still owns are released
+    // before this one claims anything (so none of them is its own yet).
+    janitor::release_previous(&store, &log, &cfg.dispatcher_id, &shutdown).await;
     let wake = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(queue::listen(ctx.clone(), wake.clone()));
     tokio::spawn(queue::claim_loop(

@@ -484,10 +484,21 @@ impl TestCluster {
     /// Starts another dispatcher on the same database and nodes; returns
     /// its client.
     pub async fn add_dispatcher(&mut self) -> anyhow::Result<SessionsClient<Channel>> {
+        let id = format!(
+            "{}-{}",
+            self.dispatcher_cfg.dispatcher_id,
+            self.tasks.len() + 1
+        );
+        self.add_dispatcher_as(&id).await
+    }
+
+    /// Starts another dispatcher under the id `id` (as a restarted process
+    /// keeps its id); returns its client.
+    pub async fn add_dispatcher_as(&mut self, id: &str) -> anyhow::Result<SessionsClient<Channel>> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let mut cfg = self.dispatcher_cfg.clone();
-        cfg.dispatcher_id = format!("{}-{}", cfg.dispatcher_id, self.tasks.len() + 1);
+        cfg.dispatcher_id = id.to_string();
         cfg.metrics_listen = Listen(None);
         self.tasks.push(tokio::spawn(berth_dispatcher::run(
             cfg,

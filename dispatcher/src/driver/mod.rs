@@ -42,9 +42,11 @@ pub(crate) async fn drive(ctx: Arc<Ctx>, session: Session) {
     let span = tracing::info_span!("session", session_id = %session.id, epoch = session.epoch);
     async move {
         if let Err(e) = run(&ctx, &session).await {
-            if let Error::Superseded { .. } = e {
-                // Another placement owns the session now; this run just ends.
-                tracing::info!(error = %e, "run superseded");
+            if let Error::Superseded { .. } | Error::Transition(_) = e {
+                // Another placement owns the session now, or it left this
+                // run (re-queued, stopped, timed out elsewhere): this run
+                // just ends; failing the session would undo that.
+                tracing::info!(error = %e, "the session left this run");
                 return;
             }
             tracing::warn!(error = %e, "session run failed");

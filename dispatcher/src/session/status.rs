@@ -139,7 +139,10 @@ impl SessionStatus {
             ) => Failed,
             (Pending | Starting | Running | Idle | Stopping | Rescheduling, E::Failed) => Failed,
             (Pending | Starting | Running | Idle | Stopping | Rescheduling, E::TimedOut) => Timeout,
-            (Starting | Running | Idle | Stopping, E::NodeLost) => Rescheduling,
+            (Starting | Running | Idle, E::NodeLost) => Rescheduling,
+            // A user's stop is never turned into a restart: a run lost
+            // while stopping ends stopped (its last snapshot, if any, kept).
+            (Stopping, E::NodeLost) => Stopped,
             (Running | Idle | Stopping, E::Paused) => Paused,
             (Stopped | Paused, E::Resumed) => Pending,
             (Stopped | Paused | Completed | Failed | Timeout, E::Archived) => Archived,
@@ -347,6 +350,12 @@ mod tests {
             assert_eq!(paused.is_ok(), matches!(s, Running | Idle), "{s}");
         }
         assert_eq!(Idle.transition(E::PauseRequested), Ok(Stopping));
+    }
+
+    #[test]
+    fn a_run_lost_while_stopping_ends_stopped_never_restarts() {
+        assert_eq!(Stopping.transition(E::NodeLost), Ok(Stopped));
+        assert_eq!(Running.transition(E::NodeLost), Ok(Rescheduling));
     }
 
     #[test]

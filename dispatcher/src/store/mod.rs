@@ -38,12 +38,17 @@ pub struct Store {
     pool: PgPool,
 }
 
+/// Longest a call waits for a database connection. While Postgres is down
+/// (or every connection is busy), calls fail with UNAVAILABLE after this
+/// rather than hanging until the client's deadline.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Store {
     /// Connects and applies the embedded migrations.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await
             .map_err(|e| {

@@ -67,6 +67,13 @@ WHERE s.status IN ({claimed})
 LIMIT 1000
 "#;
 
+    /// Claimed sessions ({claimed}) owned by $1: at a dispatcher's start,
+    /// those a previous process under the same id left.
+    pub const OWNED_SESSIONS: &str = r#"
+SELECT s.id, s.epoch, s.owner FROM sessions s
+WHERE s.status IN ({claimed}) AND s.owner = $1
+"#;
+
     /// Queued sessions whose queue deadline has passed and that were never
     /// placed (`start_time IS NULL`: a rescheduling session that no node
     /// would take never ran either), oldest first. Served by
@@ -104,6 +111,7 @@ fn statuses(sql: &str) -> String {
 
 static CLAIM_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_SESSIONS));
 static ORPHANED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::ORPHANED_SESSIONS));
+static OWNED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::OWNED_SESSIONS));
 static EXPIRED_PENDING: LazyLock<String> = LazyLock::new(|| statuses(sql::EXPIRED_PENDING));
 static OPEN_COUNTS: LazyLock<String> = LazyLock::new(|| statuses(sql::OPEN_COUNTS));
 
@@ -156,6 +164,14 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Claimed sessions owned by `owner`.
+    pub(crate) async fn owned_by(&self, owner: &str) -> Result<Vec<Orphan>> {
+        Ok(sqlx::query_as(AssertSqlSafe(OWNED_SESSIONS.as_str()))
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Live sessions whose owning dispatcher missed its lease.

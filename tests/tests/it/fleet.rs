@@ -10,7 +10,7 @@ use berth_proto::node::v1::agent_server_client::AgentServerClient;
 use berth_proto::v1 as pb;
 use berth_tests::{
     TEST_IMAGE, TestCluster, collect_until, containers_labelled, docker, events_of, fake_session,
-    payload, wait_for_session, wait_for_status,
+    get, no_containers_left, payload, wait_for_session, wait_for_status,
 };
 use futures::StreamExt;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -673,5 +673,71 @@ async fn sessions_of_a_dispatcher_that_stopped_heartbeating_are_requeued() -> an
         "{}",
         requeued.payload_json
     );
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_dispatcher_releases_its_sessions_at_once_and_a_stop_stays_a_stop()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::builder().nodes(1).start().await?;
+    let mut client = cluster.client();
+    let kept = started_session(&mut client, fake_session("echo kept")).await?;
+    let stopping = started_session(&mut client, fake_session("echo stopping")).await?;
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.database_url).await?;
+    // `kept` belongs to a process under the id `restarted-dispatcher` that
+    // crashed; `stopping` to a crashed dispatcher while the user's stop was
+    // under way.
+    sqlx::query("UPDATE sessions SET owner = 'restarted-dispatcher' WHERE id = $1::uuid")
+        .bind(&kept.id)
+        .execute(&mut db)
+        .await?;
+    sqlx::query(
+        "UPDATE sessions SET owner = 'ghost-dispatcher', status = 'stopping' WHERE id = $1::uuid",
+    )
+    .bind(&stopping.id)
+    .execute(&mut db)
+    .await?;
+    // The process comes back under the same id: it releases `kept` as it
+    // starts, before any lease could run out.
+    let started = std::time::Instant::now();
+    let _restarted = cluster.add_dispatcher_as("restarted-dispatcher").await?;
+    wait_for_session(
+        &mut client,
+        &kept.name,
+        Duration::from_secs(20),
+        "idle at a new epoch",
+        |now| now.epoch > kept.epoch && now.status == pb::SessionStatus::Idle as i32,
+    )
+    .await?;
+    eprintln!("released and running again after {:?}", started.elapsed());
+    let events = events_of(&mut client, &kept.name).await?;
+    let requeued = events
+        .iter()
+        .find(|e| e.r#type == "session.status_rescheduling")
+        .ok_or_else(|| anyhow::anyhow!("no rescheduling event"))?;
+    assert!(
+        payload(requeued)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restarted")),
+        "{}",
+        requeued.payload_json
+    );
+    // The stop is honoured: the session ends stopped and never runs again.
+    let stopped = wait_for_status(
+        &mut client,
+        &stopping.name,
+        pb::SessionStatus::Stopped,
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert_eq!(
+        stopped.epoch, stopping.epoch,
+        "a stop was turned into a restart"
+    );
+    no_containers_left(&stopping.id).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = get(&mut client, &stopping.name).await?;
+    assert_eq!(after.status, pb::SessionStatus::Stopped as i32);
+    assert_eq!(after.epoch, stopping.epoch);
     cluster.shutdown().await
 }
