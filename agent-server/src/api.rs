@@ -51,7 +51,42 @@ fn report(node: &Node, load: &Load) -> pb::LoadReport {
         memory_total_bytes: load.memory_total_bytes,
         draining: load.draining,
         generation: node.next_generation(),
+        cpus: u32::try_from(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+            .unwrap_or(u32::MAX),
+        volumes: node
+            .workspace
+            .layout
+            .volumes()
+            .iter()
+            .map(|v| (*v).to_string())
+            .collect(),
     }
+}
+
+/// A session's limits must fit this machine: a limit above it would give a
+/// container no effective limit at all.
+fn check_limits(spec: &SessionSpec, load: &Load) -> Result<(), Status> {
+    let l = &spec.agent.limits;
+    let memory = u64::try_from(l.memory_bytes).unwrap_or(0);
+    if load.memory_total_bytes > 0 && memory > load.memory_total_bytes {
+        return Err(Error::invalid(
+            "spec.limits.memory_bytes",
+            format!(
+                "{memory} bytes is more than this node has ({} bytes)",
+                load.memory_total_bytes
+            ),
+        )
+        .into());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if l.cpus > cpus as f64 {
+        return Err(Error::invalid(
+            "spec.limits.cpus",
+            format!("{} is more than this node has ({cpus})", l.cpus),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
@@ -86,6 +121,7 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             snapshot_error: x.snapshot_error,
             memory_errors: x.memory_errors,
             evicted: x.evicted,
+            oom: x.oom,
         }),
     };
     pb::NodeFrame {
@@ -143,6 +179,7 @@ impl AgentServer for NodeApi {
         }
         let spec = SessionSpec::try_from(start.spec.unwrap_or_default())?;
         spec.check_paths(&self.node.workspace.layout)?;
+        check_limits(&spec, &self.node.watch_load().borrow())?;
         let epoch = start.epoch;
 
         let (cmd_tx, cmd_rx) = mpsc::channel(64);

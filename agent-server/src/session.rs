@@ -61,6 +61,8 @@ pub struct Exit {
     pub memory_errors: Vec<String>,
     /// The node ended the run itself, to drain.
     pub evicted: bool,
+    /// The kernel killed the agent for want of memory.
+    pub oom: bool,
 }
 
 impl Exit {
@@ -74,6 +76,7 @@ impl Exit {
             snapshot_error: String::new(),
             memory_errors: Vec::new(),
             evicted: false,
+            oom: false,
         }
     }
 }
@@ -325,6 +328,14 @@ async fn run_in_slot(
     } else {
         runtime.exit_code(&process.exec_id).await
     };
+    // Killed by SIGKILL with no stop asked: the kernel's OOM killer, if the
+    // container's memory cgroup counted a kill.
+    let oom = code == Some(137)
+        && stop_reason.is_none()
+        && runtime
+            .oom_kills(&container_id)
+            .await
+            .is_some_and(|n| n > 0);
     // Save what the run asked to keep while the container still exists.
     let mut snapshot = None;
     let mut snapshot_error = String::new();
@@ -368,6 +379,7 @@ async fn run_in_slot(
 
     let stopped = stop_reason.is_some();
     let reason = match (&stop_reason, code) {
+        _ if oom => "oom: the agent ran out of memory (the container's memory limit)".to_string(),
         (Some(r), _) => format!("stopped: {r}"),
         (None, Some(0)) => "agent exited".to_string(),
         (None, Some(c)) => format!("agent exited with code {c}"),
@@ -382,6 +394,7 @@ async fn run_in_slot(
         snapshot_error,
         memory_errors,
         evicted,
+        oom,
     }
 }
 

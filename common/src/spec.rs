@@ -34,6 +34,12 @@ pub mod limits {
     pub const GIT_URL_CHARS: usize = 2048;
     /// Smallest memory limit a session may ask for.
     pub const MIN_MEMORY_BYTES: i64 = 64 * 1024 * 1024;
+    /// Largest memory limit any spec may ask for (a node checks its own).
+    pub const MAX_MEMORY_BYTES: i64 = 4 * 1024 * 1024 * 1024 * 1024;
+    /// Most CPUs any spec may ask for (a node checks its own).
+    pub const MAX_CPUS: f64 = 1024.0;
+    /// Most processes any spec may ask for.
+    pub const MAX_PIDS: i64 = 4_194_304;
 }
 
 /// A value that failed validation: which field, and what to fix.
@@ -146,22 +152,30 @@ impl AgentSpec {
             ));
         }
         let l = &self.limits;
-        if !(l.cpus >= 0.0 && l.cpus.is_finite()) {
+        if !(l.cpus >= 0.0 && l.cpus <= limits::MAX_CPUS) {
             return Err(FieldError::new(
                 "spec.limits.cpus",
-                "must be 0 (node default) or positive",
+                format!(
+                    "must be 0 (node default) or positive, at most {}",
+                    limits::MAX_CPUS
+                ),
             ));
         }
-        if l.memory_bytes != 0 && l.memory_bytes < limits::MIN_MEMORY_BYTES {
+        if l.memory_bytes != 0
+            && !(limits::MIN_MEMORY_BYTES..=limits::MAX_MEMORY_BYTES).contains(&l.memory_bytes)
+        {
             return Err(FieldError::new(
                 "spec.limits.memory_bytes",
-                "must be 0 (node default) or at least 64 MiB",
+                "must be 0 (node default), or from 64 MiB to 4 TiB",
             ));
         }
-        if l.pids < 0 {
+        if !(0..=limits::MAX_PIDS).contains(&l.pids) {
             return Err(FieldError::new(
                 "spec.limits.pids",
-                "must be 0 (node default) or positive",
+                format!(
+                    "must be 0 (node default) or positive, at most {}",
+                    limits::MAX_PIDS
+                ),
             ));
         }
         if self.skills.len() > limits::SKILLS {

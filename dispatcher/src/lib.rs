@@ -140,6 +140,7 @@ pub async fn run(
             store,
             log,
             objects,
+            nodes: nodes.clone(),
             queue_timeout: Some(cfg.queue_timeout).filter(|t| !t.is_zero()),
         },
         shutdown: shutdown.clone(),

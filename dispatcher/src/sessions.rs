@@ -17,6 +17,8 @@ pub(crate) struct Sessions {
     pub store: Store,
     pub log: Arc<EventLog>,
     pub objects: berth_common::objects::ObjectStore,
+    /// The fleet, for what its nodes can give a session.
+    pub nodes: Arc<crate::nodes::Nodes>,
     /// The deployment's queue timeout, for sessions that set none.
     pub queue_timeout: Option<std::time::Duration>,
 }
@@ -47,6 +49,7 @@ impl Sessions {
             new.spec.env.extend(env);
             new.pinned = Some((a.id, a.version));
         }
+        self.check_fleet_limits(&new)?;
         for r in &new.resources {
             match r {
                 Resource::Memory { .. } if new.pinned.is_none() => {
@@ -72,6 +75,59 @@ impl Sessions {
             tracing::info!(session_id = %session.id, image = %session.spec.image, "session created");
         }
         Ok(session)
+    }
+
+    /// Refuses, at the API, a session no live node could run: limits above
+    /// the largest node's, or a resource path outside the containers'
+    /// writable volumes. (Before any node reports, the nodes check.)
+    fn check_fleet_limits(&self, new: &NewSession) -> Result<()> {
+        let Some(fleet) = self.nodes.limits() else {
+            return Ok(());
+        };
+        let l = &new.spec.limits;
+        if fleet.memory_bytes > 0 && u64::try_from(l.memory_bytes).unwrap_or(0) > fleet.memory_bytes
+        {
+            return Err(Error::invalid(
+                "spec.limits.memory_bytes",
+                format!(
+                    "{} bytes is more than the largest node has ({} bytes)",
+                    l.memory_bytes, fleet.memory_bytes
+                ),
+            ));
+        }
+        if fleet.cpus > 0 && l.cpus > f64::from(fleet.cpus) {
+            return Err(Error::invalid(
+                "spec.limits.cpus",
+                format!(
+                    "{} is more than the largest node has ({})",
+                    l.cpus, fleet.cpus
+                ),
+            ));
+        }
+        if fleet.volumes.is_empty() {
+            return Ok(());
+        }
+        for r in &new.resources {
+            let (field, path) = match r {
+                Resource::File { path, .. } => ("resources.file.path", path),
+                Resource::Memory { path, .. } => ("resources.memory.path", path),
+                Resource::Git { path, .. } => ("resources.git.path", path),
+            };
+            let inside = fleet.volumes.iter().any(|v| {
+                path.strip_prefix(v.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            });
+            if !inside {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "`{path}` is not in a writable directory of the container ({})",
+                        fleet.volumes.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) async fn get(&self, id: Uuid) -> Result<Session> {

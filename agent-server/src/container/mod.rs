@@ -357,6 +357,47 @@ impl ContainerRuntime {
         }
     }
 
+    /// How many processes the kernel killed in the container for want of
+    /// memory (its memory cgroup's `oom_kill`, v2 or v1); `None` when it
+    /// cannot be read.
+    pub async fn oom_kills(&self, container_id: &str) -> Option<u64> {
+        let cmd = [
+            "cat",
+            "/sys/fs/cgroup/memory.events",
+            "/sys/fs/cgroup/memory/memory.oom_control",
+        ]
+        .map(String::from)
+        .to_vec();
+        let exec = self
+            .docker
+            .create_exec(
+                container_id,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(false),
+                    cmd: Some(cmd),
+                    user: Some(self.cfg.agent_user.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .ok()?;
+        let mut text = Vec::new();
+        if let Ok(StartExecResults::Attached { mut output, .. }) =
+            self.docker.start_exec(&exec.id, None).await
+        {
+            use futures::StreamExt;
+            while let Some(Ok(chunk)) = output.next().await {
+                text.extend_from_slice(&chunk.into_bytes());
+            }
+        }
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(|l| l.strip_prefix("oom_kill "))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .max()
+    }
+
     /// Ids of this node's running warm (pool) containers.
     pub async fn running_warm(&self) -> Result<std::collections::HashSet<String>, Error> {
         let ids = self.list(&[LABEL_POOL.to_string()], true).await?;

@@ -289,6 +289,13 @@ impl<'a> Relay<'a> {
                 ),
             ),
             (Some(asked), true) => (stopped, asked.reason.clone()),
+            (_, false) if x.oom => (
+                StatusEvent::Exited {
+                    success: false,
+                    stopped: false,
+                },
+                "oom".to_string(),
+            ),
             (_, stopped) => (
                 StatusEvent::Exited { success, stopped },
                 if stopped {

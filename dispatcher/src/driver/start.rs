@@ -1,6 +1,8 @@
 //! The start handshake: place the session, send `Start`, and wait for the
-//! node to accept or refuse. A refusal places it elsewhere (late binding);
-//! when no node will take it, it goes back to the queue, never lost.
+//! node to accept or refuse. A transient refusal (full, draining, down)
+//! places it elsewhere (late binding); when no node will take it, it goes
+//! back to the queue with a growing, jittered backoff, never lost. A
+//! permanent one (the node says the spec is invalid) fails it at once.
 
 use berth_common::events::payload::StatusDetail;
 use berth_proto::node::v1 as pb;
@@ -59,6 +61,27 @@ pub(super) async fn start(
             .await
         {
             Ok(r) => r.into_inner(),
+            // The spec itself is wrong (a path outside the node's volumes,
+            // limits beyond the machine): no retry will change that, so the
+            // session fails at once with the node's words.
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                tracing::info!(%url, reason = %status.message(), "node refused the spec; failing the session");
+                let detail = StatusDetail {
+                    node: Some(url.clone()),
+                    ..StatusDetail::default()
+                };
+                let reason = format!("node {url} refused the session: {}", status.message());
+                ctx.log
+                    .transition_at(
+                        session.id,
+                        session.epoch,
+                        StatusEvent::Failed,
+                        &reason,
+                        detail,
+                    )
+                    .await?;
+                return Ok(None);
+            }
             Err(status) => {
                 reasons.push(format!("{url}: {}", status.message()));
                 refused.push(url);
@@ -130,8 +153,12 @@ async fn requeue(ctx: &Ctx, session: &Session, reasons: &[String]) -> Result<()>
     } else {
         reasons.join("; ")
     };
-    tracing::info!(%why, "no node could start the session; re-queued");
-    let reason = format!("re-queued: no node could start it ({why})");
+    let delay = ctx.store.back_off(session.id, session.epoch).await?;
+    tracing::info!(%why, ?delay, "no node could start the session; re-queued with a backoff");
+    let reason = format!(
+        "re-queued: no node could start it ({why}); next try in {:.1}s",
+        delay.as_secs_f64()
+    );
     ctx.log
         .transition_at(
             session.id,

@@ -42,6 +42,17 @@ impl Drop for Placed {
 }
 
 /// Every node this dispatcher places on.
+/// What the live nodes can give one session (see [`Nodes::limits`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetLimits {
+    /// 0 when no node said.
+    pub memory_bytes: u64,
+    /// 0 when no node said.
+    pub cpus: u32,
+    /// Empty when no node said.
+    pub volumes: Vec<String>,
+}
+
 pub struct Nodes {
     cfg: FleetConfig,
     links: Mutex<Vec<Arc<NodeLink>>>,
@@ -174,6 +185,31 @@ impl Nodes {
             })
             .cloned()
             .collect()
+    }
+
+    /// The most a session may ask of the fleet's live nodes: the largest
+    /// node's memory and CPUs, and the writable volumes every node has.
+    /// `None` while no node has reported.
+    pub fn limits(&self) -> Option<FleetLimits> {
+        let reports: Vec<_> = self
+            .distinct_links()
+            .iter()
+            .filter_map(|l| l.report())
+            .collect();
+        let first = reports.first()?;
+        let mut volumes = first.volumes.clone();
+        for r in &reports[1..] {
+            volumes.retain(|v| r.volumes.contains(v));
+        }
+        Some(FleetLimits {
+            memory_bytes: reports
+                .iter()
+                .map(|r| r.memory_total_bytes)
+                .max()
+                .unwrap_or(0),
+            cpus: reports.iter().map(|r| r.cpus).max().unwrap_or(0),
+            volumes,
+        })
     }
 
     /// Free slots across live nodes, as this dispatcher sees them.

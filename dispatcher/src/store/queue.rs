@@ -24,7 +24,7 @@ mod sql {
     pub const CLAIM_SESSIONS: &str = r#"
 WITH next AS (
     SELECT id, status FROM sessions
-    WHERE status IN ({claimable})
+    WHERE status IN ({claimable}) AND (claim_after IS NULL OR claim_after <= now())
     ORDER BY create_time
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -65,6 +65,19 @@ WHERE s.status IN ({claimed})
       WHERE d.id = s.owner AND d.heartbeat_time > now() - make_interval(secs => $1)
   )
 LIMIT 1000
+"#;
+
+    /// Holds a session back from the next claim: a backoff that doubles
+    /// with each start in a row that found no node (0.5 s, 1 s, … up to
+    /// 30 s), with jitter (×0.5 to ×1.5). Set before the session goes back
+    /// to the queue, at its epoch.
+    pub const BACK_OFF: &str = r#"
+UPDATE sessions
+SET claim_after = now() + least(30.0, 0.5 * power(2, least(requeues, 10))) * (0.5 + random())
+                          * interval '1 second',
+    requeues = requeues + 1
+WHERE id = $1 AND epoch = $2
+RETURNING claim_after - now() AS delay
 "#;
 
     /// Claimed sessions ({claimed}) owned by $1: at a dispatcher's start,
@@ -164,6 +177,19 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Holds the session back from claims for a growing, jittered while
+    /// (see [`sql::BACK_OFF`]); returns how long.
+    pub(crate) async fn back_off(&self, id: Uuid, epoch: i64) -> Result<Duration> {
+        let delay: Option<sqlx::postgres::types::PgInterval> = sqlx::query_scalar(sql::BACK_OFF)
+            .bind(id)
+            .bind(epoch)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(delay.map_or(Duration::ZERO, |d| {
+            Duration::from_micros(d.microseconds.max(0) as u64)
+        }))
     }
 
     /// Claimed sessions owned by `owner`.

@@ -103,8 +103,9 @@ RETURNING seq, create_time
 
     /// Records where the session runs. `epoch = $2`: a superseded placement
     /// does not overwrite the current one.
-    pub const SET_NODE: &str =
-        "UPDATE sessions SET node = $3, update_time = now() WHERE id = $1 AND epoch = $2";
+    /// A start also ends the backoff of earlier starts that found no node.
+    pub const SET_NODE: &str = "UPDATE sessions SET node = $3, update_time = now(), \
+         requeues = 0, claim_after = NULL WHERE id = $1 AND epoch = $2";
 
     /// `runtime_session_id = ''`: only the first id sticks; on resume the CLI
     /// may report another.

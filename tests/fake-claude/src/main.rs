@@ -23,6 +23,7 @@
 //! | `history`               | replies the conversation's earlier prompts, joined by ` | `        |
 //! | `multi`                 | one assistant line with four blocks (thinking, text, two         |
 //! |                         | tool_uses), one user line with both tool_results, then a reply   |
+//! | `oom`                   | allocates memory until the kernel kills it                        |
 //! | `subagent TEXT`         | a Task tool call whose sub-agent (on `claude-haiku-4-5`, lines   |
 //! |                         | carrying `parent_tool_use_id`) replies TEXT, then a reply        |
 //! | anything else           | replies `You said: …`                                             |
@@ -511,6 +512,14 @@ impl Agent {
                 std::fs::read_to_string(path).unwrap_or_else(|_| format!("missing: {path}"))
             }
             "history" => self.history.join(" | "),
+            "oom" => {
+                // Touch every page, so the memory is really used.
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 16 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
             "multi" => {
                 let (a, b) = (
                     format!("toolu_fake_{}", nonce()),

@@ -40,6 +40,38 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("spec.image"), "{}", e.message());
 
+    // Limits no node could give, and paths outside the container's writable
+    // volumes, are refused at the API, naming the field.
+    let mut greedy = fake_session("hi");
+    if let Some(spec) = greedy.spec.as_mut() {
+        spec.limits = Some(pb::Limits {
+            memory_bytes: 1 << 62,
+            ..Default::default()
+        });
+    }
+    let e = c.create_session(greedy).await.expect_err("2^62 bytes");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("spec.limits.memory_bytes"),
+        "{}",
+        e.message()
+    );
+    let mut outside = fake_session("hi");
+    outside.resources = vec![pb::Resource {
+        kind: Some(pb::resource::Kind::Git(pb::GitResource {
+            url: "/nonexistent/repo".into(),
+            r#ref: String::new(),
+            path: "/etc/passwd".into(),
+        })),
+    }];
+    let e = c.create_session(outside).await.expect_err("/etc/passwd");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("resources.git.path"),
+        "{}",
+        e.message()
+    );
+
     let s = c
         .create_session(fake_session("echo hi"))
         .await?
@@ -212,5 +244,35 @@ async fn an_interrupt_ends_a_hanging_turn() -> anyhow::Result<()> {
         .find(|e| e.r#type == "agent.result")
         .expect("result");
     assert_eq!(payload(result)["subtype"], "error_during_execution");
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_out_of_memory_fails_with_reason_oom() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let mut req = fake_session("oom");
+    if let Some(spec) = req.spec.as_mut() {
+        spec.limits = Some(pb::Limits {
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        });
+    }
+    let s = c.create_session(req).await?.into_inner();
+    let failed = wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Failed,
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert_eq!(failed.status_reason, "oom");
+    let events = events_of(&mut c, &s.name).await?;
+    let end = events
+        .iter()
+        .find(|e| e.r#type == "session.status_failed")
+        .expect("the failure");
+    assert_eq!(payload(end)["exit_code"], 137);
+    no_containers_left(&s.id).await?;
     cluster.shutdown().await
 }
