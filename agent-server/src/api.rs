@@ -89,11 +89,13 @@ fn check_limits(spec: &SessionSpec, load: &Load) -> Result<(), Status> {
     Ok(())
 }
 
-fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
+pub(crate) fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
     let kind = match output {
-        Output::Accepted { container_id, warm } => {
-            node_frame::Kind::Accepted(pb::Accepted { container_id, warm })
-        }
+        Output::Accepted { container_id, warm } => node_frame::Kind::Accepted(pb::Accepted {
+            container_id,
+            warm,
+            attached: false,
+        }),
         Output::Refused(reason) => node_frame::Kind::Refused(pb::Refused { reason }),
         Output::Line(l) => node_frame::Kind::Line(pb::RuntimeLine {
             raw: l.raw,
@@ -178,63 +180,100 @@ impl AgentServer for NodeApi {
             return Err(Error::invalid("start.session_id", "must not be empty").into());
         }
         let spec = SessionSpec::try_from(start.spec.unwrap_or_default())?;
-        spec.check_paths(&self.node.workspace.layout)?;
-        check_limits(&spec, &self.node.watch_load().borrow())?;
         let epoch = start.epoch;
-
-        let (cmd_tx, cmd_rx) = mpsc::channel(64);
-        let (out_tx, mut out_rx) = mpsc::channel(OUT_BUFFER);
         let (frame_tx, frames) = mpsc::channel(OUT_BUFFER);
-        tokio::spawn(session::run(
-            self.node.clone(),
-            start.session_id.clone(),
-            epoch,
-            spec,
-            cmd_rx,
-            out_tx,
-        ));
-        // Inbound frames become commands. Epoch fencing: a frame from another
-        // epoch is a dispatcher that lost the session; the run stops.
-        let fence_tx = frame_tx.clone();
+        let runs = self.node.runs.clone();
+        let (run, generation) = if start.attach {
+            // The session's new owner takes over the run its lost owner left.
+            match runs
+                .attach(
+                    &start.session_id,
+                    epoch,
+                    start.after_node_seq,
+                    frame_tx.clone(),
+                )
+                .await
+            {
+                Ok(attached) => attached,
+                Err(reason) => {
+                    let refused = pb::NodeFrame {
+                        node_seq: 0,
+                        kind: Some(node_frame::Kind::Refused(pb::Refused { reason })),
+                    };
+                    let _ = frame_tx.send(Ok(refused)).await;
+                    return Ok(Response::new(Box::pin(ReceiverStream::new(frames))));
+                }
+            }
+        } else {
+            spec.check_paths(&self.node.workspace.layout)?;
+            check_limits(&spec, &self.node.watch_load().borrow())?;
+            let (cmd_tx, cmd_rx) = mpsc::channel(64);
+            let (out_tx, out_rx) = mpsc::channel(OUT_BUFFER);
+            let evict_key = spec.evict_snapshot_key.clone();
+            tokio::spawn(session::run(
+                self.node.clone(),
+                start.session_id.clone(),
+                epoch,
+                spec,
+                cmd_rx,
+                out_tx,
+            ));
+            let run = runs.start(
+                &start.session_id,
+                epoch,
+                frame_tx.clone(),
+                cmd_tx,
+                out_rx,
+                evict_key,
+            );
+            (run, 0)
+        };
+        // Inbound frames become commands. Epoch fencing: a frame from an
+        // older epoch is a dispatcher that lost the session to another; its
+        // stream ends, and the run goes on for the new owner. (Weak: the
+        // stream ends when the run stops sending, not when this does.)
+        let frame_tx = frame_tx.downgrade();
         tokio::spawn(async move {
             loop {
                 let cmd = match inbound.message().await {
-                    Ok(Some(f)) if f.epoch != epoch => {
-                        let msg =
-                            format!("frame carries epoch {}, this run is epoch {epoch}", f.epoch);
-                        let _ = fence_tx.send(Err(Status::failed_precondition(msg))).await;
-                        Command::Stop {
-                            reason: "stale epoch".into(),
-                            snapshot_key: String::new(),
+                    Ok(Some(f)) if f.epoch != run.epoch() => {
+                        let msg = format!(
+                            "frame carries epoch {}, this run is at epoch {}",
+                            f.epoch,
+                            run.epoch()
+                        );
+                        if let Some(tx) = frame_tx.upgrade() {
+                            let _ = tx.send(Err(Status::failed_precondition(msg))).await;
                         }
+                        return;
                     }
                     Ok(Some(pb::DispatcherFrame {
                         kind: Some(kind), ..
                     })) => match kind {
-                        dispatcher_frame::Kind::Message(m) => Command::Message(m.text),
+                        dispatcher_frame::Kind::Message(m) if run.deliver(m.seq) => {
+                            Command::Message(m.text)
+                        }
+                        // Delivered before, by the owner this one replaced.
+                        dispatcher_frame::Kind::Message(_) => continue,
                         dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
                         dispatcher_frame::Kind::Stop(s) => Command::Stop {
                             reason: s.reason,
                             snapshot_key: s.snapshot_key,
                         },
+                        dispatcher_frame::Kind::Ack(a) => {
+                            run.ack(&runs, a.node_seq);
+                            continue;
+                        }
                         dispatcher_frame::Kind::Start(_) => continue,
                     },
                     Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => return,
+                    // The dispatcher is gone: the run waits for a re-attach.
+                    Ok(None) | Err(_) => {
+                        run.detach(&runs, generation);
+                        return;
+                    }
                 };
-                let stop = matches!(cmd, Command::Stop { .. });
-                if cmd_tx.send(cmd).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
-        // Outputs become numbered frames.
-        tokio::spawn(async move {
-            let mut node_seq = 0;
-            while let Some(output) = out_rx.recv().await {
-                node_seq += 1;
-                if frame_tx.send(Ok(frame(node_seq, output))).await.is_err() {
-                    // The dispatcher is gone; dropping `out_rx` tells the runner.
+                if run.commands.send(cmd).await.is_err() {
                     return;
                 }
             }

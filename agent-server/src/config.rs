@@ -108,6 +108,18 @@ pub struct Config {
     #[arg(long, env = "BERTH_STOP_GRACE", value_parser = parse_secs, default_value = "5")]
     pub stop_grace: Duration,
 
+    /// How long an agent goes on after its dispatcher's stream drops,
+    /// waiting for the session's next owner to re-attach, in seconds. Then
+    /// it is stopped with a snapshot.
+    #[arg(long, env = "BERTH_REATTACH_GRACE", value_parser = parse_secs, default_value = "60")]
+    pub reattach_grace: Duration,
+
+    /// Most bytes of a session's output kept for a re-attach before the
+    /// dispatcher acknowledges them; past it, the agent's output is not read
+    /// until it does (backpressure, never loss).
+    #[arg(long, env = "BERTH_JOURNAL_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub journal_bytes: usize,
+
     /// Interval between load reports when nothing changes, in seconds.
     #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = parse_secs, default_value = "1")]
     pub load_heartbeat: Duration,
@@ -342,6 +354,11 @@ impl Config {
         anyhow::ensure!(
             !self.keepalive_cmd.is_empty(),
             "--keepalive-cmd must not be empty"
+        );
+        anyhow::ensure!(
+            self.journal_bytes >= 2 * berth_common::grpc::MAX_MESSAGE_BYTES,
+            "--journal-bytes must be at least {} (two of the largest frames)",
+            2 * berth_common::grpc::MAX_MESSAGE_BYTES
         );
         anyhow::ensure!(
             (1024..=MAX_LINE_BYTES).contains(&self.max_line_bytes),

@@ -3,7 +3,9 @@
 //!
 //! Layout, each layer using only those below it:
 //! - `api`: thin gRPC handlers;
-//! - `session`: one run (start, relay, stop), `node`: slots, drain, load;
+//! - `runs`: runs and the dispatcher streams attached to them (journal,
+//!   re-attach), `session`: one run (start, relay, stop), `node`: slots,
+//!   drain, load;
 //! - `pool`: warm pools (a pure state machine and its Docker side),
 //!   `workspace`: prepare, snapshot and archive;
 //! - `container`: Docker through bollard, `adapter`: runtime protocols;
@@ -20,6 +22,7 @@ mod load;
 pub mod metrics;
 mod node;
 mod pool;
+mod runs;
 mod session;
 mod spec;
 mod workspace;

@@ -26,6 +26,8 @@ pub const RUNTIME_SYSTEM: &str = "runtime.system";
 pub const RUNTIME_RAW: &str = "runtime.raw";
 /// A turn's token usage and cost.
 pub const SESSION_USAGE: &str = "session.usage";
+/// A turn was lost with its node: the agent never finished it.
+pub const SESSION_TURN_LOST: &str = "session.turn_lost";
 /// Something went wrong that the user should see.
 pub const SESSION_ERROR: &str = "session.error";
 /// Prefix of status-change events: `session.status_idle`, `session.status_failed`…
@@ -131,6 +133,17 @@ pub mod payload {
     pub struct Usage {
         pub turn: TurnFigures,
         pub total: UsageTotals,
+    }
+
+    /// `session.turn_lost`: the turn whose input starts at `message_seq`
+    /// was lost with `node`; `redelivered` when its input goes to the agent
+    /// again.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct TurnLost {
+        pub message_seq: i64,
+        pub node: String,
+        pub reason: String,
+        pub redelivered: bool,
     }
 
     /// `session.error`.

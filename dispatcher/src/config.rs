@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "BERTH_INACTIVITY_TIMEOUT", value_parser = berth_common::time::parse_secs)]
     pub inactivity_timeout: Option<Duration>,
 
+    /// Deliver again the input of a turn lost with its node: the session,
+    /// placed anew, gets the message(s) of the unfinished turn again after a
+    /// `session.turn_lost` event. `false`: the event only.
+    #[arg(long, env = "BERTH_REDELIVER_LOST_TURNS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redeliver_lost_turns: bool,
+
     /// Default queue timeout in seconds: a session still pending (never
     /// placed) this long after it was queued fails. A session's own value
     /// wins. 0 = no deadline.

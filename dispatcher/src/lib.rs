@@ -84,6 +84,8 @@ pub async fn run(
         log: log.clone(),
         nodes: nodes.clone(),
         shutdown: shutdown.clone(),
+        redeliver_lost_turns: cfg.redeliver_lost_turns,
+        dispatcher_id: cfg.dispatcher_id.clone(),
         inactivity_default: cfg
             .inactivity_timeout
             .unwrap_or(session::DEFAULT_INACTIVITY_TIMEOUT),

@@ -26,6 +26,8 @@ pub const PERSIST_LAG: &str = "berth_event_persist_lag_seconds";
 pub const WRITER_QUEUE: &str = "berth_event_writer_queue_depth";
 pub const STREAMS_ACTIVE: &str = "berth_streams_active";
 pub const STREAM_CATCHUPS: &str = "berth_stream_catchups_total";
+pub const REATTACHED: &str = "berth_runs_reattached_total";
+pub const TURNS_LOST: &str = "berth_turns_lost_total";
 pub const TOKENS: &str = "berth_tokens_total";
 pub const COST: &str = "berth_cost_microdollars_total";
 
@@ -158,6 +160,18 @@ pub const ALL: &[Def] = &[
         labels: &["call"],
     },
     Def {
+        name: REATTACHED,
+        kind: Kind::Counter,
+        help: "Runs a dispatcher took over from a lost owner on their node (re-attach), instead of starting them again.",
+        labels: &[],
+    },
+    Def {
+        name: TURNS_LOST,
+        kind: Kind::Counter,
+        help: "Turns lost with their node before they ended (each also a session.turn_lost event).",
+        labels: &[],
+    },
+    Def {
         name: STREAM_CATCHUPS,
         kind: Kind::Counter,
         help: "Times a slow subscriber fell behind its live buffer and caught up from Postgres.",
@@ -198,6 +212,8 @@ fn init_series() {
         EVENTS_PERSISTED,
         PERSIST_FAILURES,
         STREAM_CATCHUPS,
+        REATTACHED,
+        TURNS_LOST,
     ] {
         let _ = metrics::counter!(name);
     }

@@ -173,6 +173,7 @@ pub async fn open_direct(
                 image: "sim:latest".into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })),
     })
     .await?;
@@ -360,11 +361,23 @@ impl AgentServer for Api {
             ));
         };
         let (tx, rx) = mpsc::channel(256);
+        if start.attach {
+            // A simulated node keeps no run past its stream.
+            let refused = pb::NodeFrame {
+                node_seq: 0,
+                kind: Some(node_frame::Kind::Refused(pb::Refused {
+                    reason: "a simulated node keeps no runs to re-attach to".into(),
+                })),
+            };
+            let _ = tx.send(Ok(refused)).await;
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         let accepted = pb::NodeFrame {
             node_seq: 1,
             kind: Some(node_frame::Kind::Accepted(pb::Accepted {
                 container_id: format!("sim-{}", start.session_id),
                 warm: true,
+                attached: false,
             })),
         };
         let _ = tx.send(Ok(accepted)).await;

@@ -191,6 +191,10 @@ impl Builder {
             cfg.node_id = format!("test-{tag}-{i}");
             cfg.capacity = self.capacity;
             cfg.stop_grace = Duration::from_secs(2);
+            // Long enough for a lost dispatcher's sessions to be claimed
+            // and re-attached (the test lease is 2 s), short enough that a
+            // run nobody re-attaches to ends within a test.
+            cfg.reattach_grace = Duration::from_secs(10);
             cfg.load_heartbeat = Duration::from_millis(200);
             cfg.memory_mib = 256;
             cfg.cpus = 1.0;
@@ -283,6 +287,7 @@ impl Builder {
             dispatcher_metrics,
             dispatcher_cfg,
             tasks,
+            added_stops: Vec::new(),
         };
         answering(cluster.client(), &cluster.tasks).await?;
         Ok(cluster)
@@ -400,6 +405,8 @@ pub struct TestCluster {
     pub dispatcher_metrics: Option<SocketAddr>,
     dispatcher_cfg: berth_dispatcher::Config,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The shutdown of each dispatcher added later, by id.
+    added_stops: Vec<(String, CancellationToken)>,
 }
 
 impl TestCluster {
@@ -481,6 +488,16 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Begins the shutdown of the added dispatcher `id`, as SIGTERM does
+    /// (it hands its sessions on; [`Self::shutdown`] waits for it).
+    pub fn sigterm_dispatcher_id(&mut self, id: &str) -> anyhow::Result<()> {
+        let Some((_, stop)) = self.added_stops.iter().find(|(i, _)| i == id) else {
+            anyhow::bail!("no dispatcher `{id}` was added");
+        };
+        stop.cancel();
+        Ok(())
+    }
+
     /// Starts another dispatcher on the same database and nodes; returns
     /// its client.
     pub async fn add_dispatcher(&mut self) -> anyhow::Result<SessionsClient<Channel>> {
@@ -500,11 +517,10 @@ impl TestCluster {
         let mut cfg = self.dispatcher_cfg.clone();
         cfg.dispatcher_id = id.to_string();
         cfg.metrics_listen = Listen(None);
-        self.tasks.push(tokio::spawn(berth_dispatcher::run(
-            cfg,
-            listener,
-            self.shutdown.child_token(),
-        )));
+        let stop = self.shutdown.child_token();
+        self.added_stops.push((id.to_string(), stop.clone()));
+        self.tasks
+            .push(tokio::spawn(berth_dispatcher::run(cfg, listener, stop)));
         let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
         let client = SessionsClient::new(channel)
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
@@ -524,6 +540,48 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Starts another dispatcher in a runtime of its own, so that it can be
+    /// killed as `kill -9` would: every task of it gone at once, with no
+    /// hand-back and no goodbye to its nodes or database.
+    pub fn add_killable_dispatcher(&mut self, id: &str) -> anyhow::Result<KillableDispatcher> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let mut cfg = self.dispatcher_cfg.clone();
+        cfg.dispatcher_id = id.to_string();
+        cfg.metrics_listen = Listen(None);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            berth_dispatcher::run(cfg, listener, token).await
+        });
+        let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
+        let client = SessionsClient::new(channel)
+            .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
+        Ok(KillableDispatcher {
+            rt: Some(rt),
+            client,
+            stop,
+        })
+    }
+
+    /// Kills node `i` as a crash of its machine would: it stops answering
+    /// at once (its proxy stalls), its process is gone, and so are its
+    /// containers.
+    pub fn kill_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.proxy.set_paused(true);
+        if let Some(t) = node.task.take() {
+            t.abort();
+        }
+        remove_node_containers(&node.id);
+    }
+
     /// Stops everything and drops the cluster's database.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         for n in &self.nodes {
@@ -539,6 +597,31 @@ impl TestCluster {
             }
         }
         drop_database(&self.database).await
+    }
+}
+
+/// A dispatcher in a runtime of its own (see
+/// [`TestCluster::add_killable_dispatcher`]).
+pub struct KillableDispatcher {
+    rt: Option<tokio::runtime::Runtime>,
+    pub client: SessionsClient<Channel>,
+    stop: CancellationToken,
+}
+
+impl KillableDispatcher {
+    /// Kills it: its runtime, with every task, connection and stream, is
+    /// dropped at once.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for KillableDispatcher {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.kill();
     }
 }
 

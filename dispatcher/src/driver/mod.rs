@@ -35,6 +35,10 @@ pub(crate) struct Ctx {
     pub shutdown: CancellationToken,
     /// Inactivity timeout for sessions that set none.
     pub inactivity_default: std::time::Duration,
+    /// Whether a turn lost with its node is delivered again.
+    pub redeliver_lost_turns: bool,
+    /// This dispatcher's id, for the reasons it gives.
+    pub dispatcher_id: String,
 }
 
 /// Runs a session from `starting` until its run ends.
@@ -78,7 +82,21 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
         metrics::histogram!(crate::metrics::QUEUE_WAIT).record(waited.as_secs_f64());
     }
     let claimed = std::time::Instant::now();
-    let placed = start::start(ctx, session, claimed).await;
+    // A run its lost owner left may still be going on its node: take it
+    // over. Else, a turn it had in flight is lost (and said so).
+    let mut attached = None;
+    let mut resumed = None;
+    if !session.node.is_empty() {
+        attached = start::attach(ctx, session, claimed).await?;
+        if attached.is_none() {
+            resumed = Some(lost_turn(ctx, session).await?);
+        }
+    }
+    let session = resumed.as_ref().unwrap_or(session);
+    let placed = match attached {
+        Some(link) => Ok(Some(link)),
+        None => start::start(ctx, session, claimed).await,
+    };
     let result = match &placed {
         Ok(Some(_)) => "placed",
         Ok(None) => "not_placed",
@@ -92,11 +110,21 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     metrics::histogram!(crate::metrics::SESSION_START, "start" => start_label(link.warm))
         .record(claimed.elapsed().as_secs_f64());
     let node = link.placed.link.name();
-    ctx.store.set_node(session.id, session.epoch, &node).await?;
-    let busy = ctx
-        .store
-        .has_pending_input(session.id, session.input_seq)
+    ctx.store
+        .set_node(session.id, session.epoch, &node, link.attached)
         .await?;
+    // Busy: input waits, or (re-attached) a turn is still going.
+    let in_flight = link.attached
+        && ctx
+            .store
+            .turn_in_flight(session.id, session.input_seq)
+            .await?
+            .is_some();
+    let busy = in_flight
+        || ctx
+            .store
+            .has_pending_input(session.id, session.input_seq)
+            .await?;
     let detail = StatusDetail {
         node: Some(node.clone()),
         epoch: Some(session.epoch),
@@ -112,8 +140,42 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
             detail,
         )
         .await?;
-    tracing::info!(%node, warm = link.warm, "session started");
-    relay::Relay::new(ctx, session, link).run().await
+    tracing::info!(%node, warm = link.warm, attached = link.attached, "session started");
+    relay::Relay::new(ctx, session, link, in_flight).run().await
+}
+
+/// The run this session's last owner placed is gone with its node. If it
+/// had a turn in flight (input forwarded, no result), logs
+/// `session.turn_lost` and, unless configured off, moves the input cursor
+/// back so the turn's input is delivered again to the next run.
+async fn lost_turn(ctx: &Ctx, session: &Session) -> Result<Session> {
+    let mut s = session.clone();
+    let Some(seq) = ctx.store.turn_in_flight(s.id, s.input_seq).await? else {
+        return Ok(s);
+    };
+    let lost = berth_common::events::payload::TurnLost {
+        message_seq: seq,
+        node: s.node.clone(),
+        reason: "the run was lost with its node before the turn ended".into(),
+        redelivered: ctx.redeliver_lost_turns,
+    };
+    tracing::warn!(message_seq = seq, node = %s.node, redeliver = ctx.redeliver_lost_turns, "a turn was lost with its node");
+    metrics::counter!(crate::metrics::TURNS_LOST).increment(1);
+    ctx.log
+        .append_queued(
+            s.id,
+            s.epoch,
+            crate::session::NewEvent::new(
+                berth_common::events::SESSION_TURN_LOST,
+                berth_common::events::payload::to_json(&lost),
+            ),
+        )
+        .await?;
+    if ctx.redeliver_lost_turns {
+        ctx.store.rewind_input_seq(s.id, seq - 1, s.epoch).await?;
+        s.input_seq = seq - 1;
+    }
+    Ok(s)
 }
 
 /// The `start` label of the latency metrics.

@@ -1,8 +1,14 @@
 //! The relay: node frames into the log, user input from the log to the node,
 //! until the agent exits, the node is lost, a deadline fires, or this
-//! dispatcher shuts down (and hands the session back with a snapshot).
+//! dispatcher shuts down (and leaves the run to the next owner, which
+//! re-attaches to it).
+//!
+//! The node keeps every frame until the relay acknowledges that its events
+//! are persisted (`Ack`, sent as the writer commits them), so an owner that
+//! dies loses nothing: the next one re-attaches and is sent the rest.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 
 use berth_common::events::payload::StatusDetail;
 use berth_common::events::{self as ev, payload};
@@ -23,6 +29,9 @@ use crate::store::UsageRecorded;
 /// How long a shutting-down dispatcher waits for a node to snapshot a
 /// session it hands back.
 const HAND_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How often the relay tells the node which frames are persisted.
+const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Events of the input feed buffered ahead of the relay.
 const FEED_BUFFER: usize = 64;
@@ -63,17 +72,26 @@ pub(super) struct Relay<'a> {
     handing_back: Option<tokio::time::Instant>,
     /// One handle for the run: no registry lookup per event.
     relayed: metrics::Counter,
+    /// The last node frame whose events the writer committed, and the last
+    /// one acknowledged to the node.
+    persisted: Arc<AtomicI64>,
+    acked: i64,
+    ack_tick: tokio::time::Interval,
 }
 
 impl<'a> Relay<'a> {
-    pub(super) fn new(ctx: &'a Ctx, session: &'a Session, link: Link) -> Self {
+    /// `in_flight`: re-attached to a run whose turn is still going.
+    pub(super) fn new(ctx: &'a Ctx, session: &'a Session, link: Link, in_flight: bool) -> Self {
+        let cursor = if link.attached { session.node_seq } else { 0 };
+        let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
+        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             ctx,
             session,
             link,
             input_seq: session.input_seq,
             feed: Some(ctx.log.follow(session.id, session.input_seq, FEED_BUFFER)),
-            open_turns: 0,
+            open_turns: u32::from(in_flight),
             runtime_id_seen: !session.runtime_session_id.is_empty(),
             runtime_totals: session.runtime_totals.clone(),
             deadlines: Deadlines::new(
@@ -84,6 +102,9 @@ impl<'a> Relay<'a> {
             first_event: true,
             handing_back: None,
             relayed: metrics::counter!(crate::metrics::EVENTS_RELAYED),
+            persisted: Arc::new(AtomicI64::new(cursor)),
+            acked: cursor,
+            ack_tick,
         }
     }
 
@@ -92,6 +113,7 @@ impl<'a> Relay<'a> {
         loop {
             let flow = tokio::select! {
                 frame = self.link.frames.message() => self.on_frame(frame).await?,
+                _ = self.ack_tick.tick() => self.ack().await,
                 item = recv(&mut self.feed) => self.on_input(item).await?,
                 expiry = self.deadlines.expired() => self.on_expiry(expiry).await?,
                 // The node missed its lease: its stream may never end by itself.
@@ -142,10 +164,17 @@ impl<'a> Relay<'a> {
     ) -> Result<Flow> {
         match frame {
             Ok(Some(pb::NodeFrame {
-                kind: Some(kind), ..
+                kind: Some(kind),
+                node_seq,
             })) => match kind {
-                node_frame::Kind::Line(l) => self.on_line(l).await,
-                node_frame::Kind::Exited(x) => self.on_exit(x).await,
+                node_frame::Kind::Line(l) => self.on_line(l, node_seq).await,
+                node_frame::Kind::Exited(x) => {
+                    let flow = self.on_exit(x).await;
+                    // Recorded (or refused for good): the node may forget the run.
+                    self.send(dispatcher_frame::Kind::Ack(pb::Ack { node_seq }))
+                        .await;
+                    flow
+                }
                 node_frame::Kind::Accepted(_) | node_frame::Kind::Refused(_) => {
                     tracing::warn!("node sent a second accepted/refused frame; ignored");
                     Ok(Flow::Continue)
@@ -169,7 +198,19 @@ impl<'a> Relay<'a> {
         }
     }
 
-    async fn on_line(&mut self, mut line: pb::RuntimeLine) -> Result<Flow> {
+    /// Tells the node which frames are persisted, when that moved.
+    async fn ack(&mut self) -> Flow {
+        let persisted = self.persisted.load(std::sync::atomic::Ordering::Acquire);
+        if persisted > self.acked {
+            self.acked = persisted;
+            let node_seq = u64::try_from(persisted).unwrap_or(0);
+            self.send(dispatcher_frame::Kind::Ack(pb::Ack { node_seq }))
+                .await;
+        }
+        Flow::Continue
+    }
+
+    async fn on_line(&mut self, mut line: pb::RuntimeLine, node_seq: u64) -> Result<Flow> {
         let (id, epoch) = (self.session.id, self.session.epoch);
         self.deadlines.touch();
         if std::mem::take(&mut self.first_event) {
@@ -186,7 +227,11 @@ impl<'a> Relay<'a> {
         let turn_end = line.turn_end.take();
         let events = node_line(line);
         self.relayed.increment(events.len() as u64);
-        self.ctx.log.append_line_queued(id, epoch, events).await?;
+        let node_seq = i64::try_from(node_seq).unwrap_or(i64::MAX);
+        self.ctx
+            .log
+            .append_line_queued(id, epoch, events, node_seq, &self.persisted)
+            .await?;
         if let Some(u) = turn_end {
             let turn = usage::account(&self.runtime_totals, &u.into());
             if turn.restarted {
@@ -438,18 +483,30 @@ impl<'a> Relay<'a> {
         Ok(Flow::Done)
     }
 
-    /// Shutting down: ask the node to stop the agent with a snapshot, so
-    /// whichever dispatcher claims the session next resumes it.
+    /// Shutting down: leave the run going on its node and the session to
+    /// the next owner, which re-attaches to it (a rolling update loses no
+    /// turn). Everything queued for the log is committed before the session
+    /// is re-queued (the writer keeps order); a stop under way is left to
+    /// finish here first.
     async fn on_shutdown(&mut self) -> Flow {
-        self.handing_back = Some(tokio::time::Instant::now() + HAND_BACK_TIMEOUT);
-        if self.stop_asked.is_none() {
-            let stop = pb::Stop {
-                reason: "dispatcher shutting down".into(),
-                snapshot_key: self.next_snapshot_key(),
-            };
-            self.send(dispatcher_frame::Kind::Stop(stop)).await;
+        if self.stop_asked.is_some() {
+            self.handing_back = Some(tokio::time::Instant::now() + HAND_BACK_TIMEOUT);
+            return Flow::Continue;
         }
-        Flow::Continue
+        let reason = format!(
+            "dispatcher {} shut down; re-queued for another to re-attach",
+            self.ctx.dispatcher_id
+        );
+        match self
+            .transition(StatusEvent::NodeLost, &reason, StatusDetail::default())
+            .await
+        {
+            Ok(()) => tracing::info!("shutting down: the run is left to the next owner"),
+            Err(e) => {
+                tracing::warn!(error = %e, "shutting down: could not re-queue the session; its lease will")
+            }
+        }
+        Flow::Done
     }
 }
 

@@ -23,6 +23,8 @@ pub(super) struct Link {
     pub claimed: std::time::Instant,
     /// Whether the node started it in a warm container.
     pub warm: bool,
+    /// The run was already going: this link re-attached to it.
+    pub attached: bool,
     pub frames: tonic::Streaming<pb::NodeFrame>,
     pub to_node: mpsc::Sender<pb::DispatcherFrame>,
 }
@@ -50,6 +52,8 @@ pub(super) async fn start(
                 session_id: session.id.to_string(),
                 epoch: session.epoch,
                 spec: Some(node_spec(session)),
+                attach: false,
+                after_node_seq: 0,
             })),
         };
         // The channel is fresh: this send cannot fail.
@@ -108,6 +112,7 @@ pub(super) async fn start(
                     placed,
                     claimed,
                     warm: a.warm,
+                    attached: false,
                     frames,
                     to_node,
                 }));
@@ -141,6 +146,78 @@ pub(super) async fn start(
                     "node {url} broke the protocol: its first frame must accept or refuse the session"
                 )));
             }
+        }
+    }
+}
+
+/// Takes over the run the session's lost owner left on `session.node`, at
+/// this claim's epoch: the node sends again every frame after the one the
+/// store has (`session.node_seq`). `None` when that node is down or has no
+/// such run (it ended, or the node lost it): the session is placed anew.
+pub(super) async fn attach(
+    ctx: &Ctx,
+    session: &Session,
+    claimed: std::time::Instant,
+) -> Result<Option<Link>> {
+    let Some(node) = ctx
+        .nodes
+        .find(&session.node)
+        .into_iter()
+        .find(|l| l.report().is_some())
+    else {
+        tracing::info!(node = %session.node, "the node of the lost run is down; placing the session anew");
+        return Ok(None);
+    };
+    let placed = ctx.nodes.hold(node);
+    let url = placed.link.key();
+    let (to_node, rx) = mpsc::channel(64);
+    let start = pb::DispatcherFrame {
+        epoch: session.epoch,
+        kind: Some(dispatcher_frame::Kind::Start(pb::Start {
+            session_id: session.id.to_string(),
+            epoch: session.epoch,
+            spec: Some(node_spec(session)),
+            attach: true,
+            after_node_seq: u64::try_from(session.node_seq).unwrap_or(0),
+        })),
+    };
+    let _ = to_node.send(start).await;
+    let mut frames = match placed
+        .link
+        .client()
+        .run_session(ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            tracing::info!(%url, error = %status.message(), "could not re-attach; placing the session anew");
+            return Ok(None);
+        }
+    };
+    let first = tokio::select! {
+        m = frames.message() => m,
+        () = placed.link.down() => Err(tonic::Status::unavailable("node down")),
+    };
+    match first.map(|f| f.and_then(|f| f.kind)) {
+        Ok(Some(node_frame::Kind::Accepted(a))) if a.attached => {
+            tracing::info!(%url, after = session.node_seq, "re-attached to the run the lost owner left");
+            metrics::counter!(crate::metrics::REATTACHED).increment(1);
+            Ok(Some(Link {
+                placed,
+                claimed,
+                warm: a.warm,
+                attached: true,
+                frames,
+                to_node,
+            }))
+        }
+        Ok(Some(node_frame::Kind::Refused(r))) => {
+            tracing::info!(%url, reason = %r.reason, "no run to re-attach to; placing the session anew");
+            Ok(None)
+        }
+        other => {
+            tracing::info!(%url, answer = ?other.map(|k| k.is_some()), "could not re-attach; placing the session anew");
+            Ok(None)
         }
     }
 }

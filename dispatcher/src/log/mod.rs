@@ -105,6 +105,8 @@ impl EventLog {
             session,
             epoch: None,
             event,
+            node_seq: None,
+            persisted: None,
         };
         self.submit(Op::Append {
             append,
@@ -128,6 +130,8 @@ impl EventLog {
             session,
             epoch: Some(epoch),
             event,
+            node_seq: None,
+            persisted: None,
         };
         self.submit(Op::Append {
             append,
@@ -140,11 +144,16 @@ impl EventLog {
     /// Queues the events of one line of the run at `epoch`, like
     /// [`Self::append_queued`]; they land consecutively, the first carrying
     /// the line.
+    /// `node_seq` is the node frame of the line: once its events are
+    /// persisted it becomes the session's re-attach cursor and is stored
+    /// in `persisted` (the relay acknowledges it to the node).
     pub(crate) async fn append_line_queued(
         &self,
         session: Uuid,
         epoch: i64,
         events: Vec<NewEvent>,
+        node_seq: i64,
+        persisted: &Arc<std::sync::atomic::AtomicI64>,
     ) -> Result<()> {
         let appends = events
             .into_iter()
@@ -152,6 +161,8 @@ impl EventLog {
                 session,
                 epoch: Some(epoch),
                 event,
+                node_seq: Some(node_seq),
+                persisted: Some(persisted.clone()),
             })
             .collect();
         self.submit(Op::Line {

@@ -132,7 +132,10 @@ impl Writer {
             Ok(stored) => {
                 let events: Vec<(Arc<Event>, Done)> = appends
                     .zip(stored)
-                    .map(|((a, done), at)| (Arc::new(a.into_event(at)), done))
+                    .map(|((a, done), at)| {
+                        mark_persisted(&a);
+                        (Arc::new(a.into_event(at)), done)
+                    })
                     .collect();
                 self.persisted(events);
             }
@@ -160,7 +163,10 @@ impl Writer {
                             let events = group
                                 .into_iter()
                                 .zip(at)
-                                .map(|(a, at)| Arc::new(a.into_event(at)))
+                                .map(|(a, at)| {
+                                    mark_persisted(&a);
+                                    Arc::new(a.into_event(at))
+                                })
                                 .zip(dones)
                                 .collect();
                             self.persisted(events);
@@ -212,6 +218,13 @@ impl Writer {
                 r => return r,
             }
         }
+    }
+}
+
+/// Tells the relay that the node frame of `a` is persisted.
+fn mark_persisted(a: &Append) {
+    if let (Some(seq), Some(p)) = (a.node_seq, &a.persisted) {
+        p.fetch_max(seq, std::sync::atomic::Ordering::Release);
     }
 }
 

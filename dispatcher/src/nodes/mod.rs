@@ -41,7 +41,6 @@ impl Drop for Placed {
     }
 }
 
-/// Every node this dispatcher places on.
 /// What the live nodes can give one session (see [`Nodes::limits`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetLimits {
@@ -53,6 +52,7 @@ pub struct FleetLimits {
     pub volumes: Vec<String>,
 }
 
+/// Every node this dispatcher places on.
 pub struct Nodes {
     cfg: FleetConfig,
     links: Mutex<Vec<Arc<NodeLink>>>,
@@ -238,6 +238,15 @@ impl Nodes {
             link,
             nodes: self.clone(),
         })
+    }
+
+    /// Holds `link` as [`Self::place`] would (a run re-attached there).
+    pub fn hold(self: &Arc<Self>, link: Arc<NodeLink>) -> Placed {
+        link.inflight.fetch_add(1, Ordering::SeqCst);
+        Placed {
+            link,
+            nodes: self.clone(),
+        }
     }
 
     /// Finds a link by node id, key, URL or address.

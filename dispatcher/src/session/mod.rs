@@ -94,6 +94,8 @@ pub struct Session {
     pub labels: BTreeMap<String, String>,
     /// The node running it, or empty.
     pub node: String,
+    /// The node frame of the current run last persisted (re-attach cursor).
+    pub node_seq: i64,
     /// The dispatcher driving it, or empty.
     pub owner: String,
     pub epoch: i64,

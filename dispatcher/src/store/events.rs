@@ -7,6 +7,9 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
 use super::Store;
 use crate::error::{Error, Result};
 use crate::session::usage::Turn;
@@ -15,7 +18,8 @@ use crate::session::{Event, NewEvent};
 mod sql {
     /// Appends a batch of events for any number of sessions, numbering each
     /// session's events from its `last_seq` under the row lock (gapless), and
-    /// notifies other dispatchers once per session. Payloads and lines are
+    /// notifies other dispatchers once per session; a run's events move the
+    /// session's `node_seq` (the re-attach cursor). Payloads and lines are
     /// stored as written (text and bytea, never re-encoded).
     /// `lo`/`hi`: the epochs the batch's fenced events carry for a session
     /// (NULL when none is fenced); a session whose epoch differs takes none
@@ -23,14 +27,15 @@ mod sql {
     pub const APPEND_EVENTS: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
-                         $6::bytea[], $7::integer[]) WITH ORDINALITY
-        AS t(session_id, id, type, payload, epoch, raw, line_part, ord)
+                         $6::bytea[], $7::integer[], $8::bigint[]) WITH ORDINALITY
+        AS t(session_id, id, type, payload, epoch, raw, line_part, node_seq, ord)
 ), counts AS (
-    SELECT session_id, count(*) AS n, min(epoch) AS lo, max(epoch) AS hi
+    SELECT session_id, count(*) AS n, min(epoch) AS lo, max(epoch) AS hi, max(node_seq) AS node_seq
     FROM input GROUP BY session_id
 ), bumped AS (
     UPDATE sessions s
-    SET last_seq = s.last_seq + c.n, update_time = now()
+    SET last_seq = s.last_seq + c.n, update_time = now(),
+        node_seq = greatest(s.node_seq, coalesce(c.node_seq, s.node_seq))
     FROM counts c
     WHERE s.id = c.session_id AND (c.lo IS NULL OR (c.lo = s.epoch AND c.hi = s.epoch))
     RETURNING s.id, s.last_seq - c.n AS base,
@@ -121,6 +126,10 @@ pub(crate) struct Append {
     /// another run. `None` for input from clients, which belongs to no run.
     pub epoch: Option<i64>,
     pub event: NewEvent,
+    /// The node frame the event came from, for the re-attach cursor.
+    pub node_seq: Option<i64>,
+    /// Told the node frame once it is persisted (the relay acks it).
+    pub persisted: Option<Arc<AtomicI64>>,
 }
 
 /// Where an appended event landed in its session's log.
@@ -250,6 +259,7 @@ impl Store {
                     .collect::<Vec<_>>(),
             )
             .bind(batch.iter().map(|a| a.event.line_part).collect::<Vec<_>>())
+            .bind(batch.iter().map(|a| a.node_seq).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await?;
         let by_id: std::collections::HashMap<Uuid, Stored> = rows

@@ -103,9 +103,28 @@ RETURNING seq, create_time
 
     /// Records where the session runs. `epoch = $2`: a superseded placement
     /// does not overwrite the current one.
-    /// A start also ends the backoff of earlier starts that found no node.
+    /// A start also ends the backoff of earlier starts that found no node;
+    /// a fresh run (`$4` false) starts the node's frame count over, a
+    /// re-attached one goes on with it.
     pub const SET_NODE: &str = "UPDATE sessions SET node = $3, update_time = now(), \
-         requeues = 0, claim_after = NULL WHERE id = $1 AND epoch = $2";
+         requeues = 0, claim_after = NULL, node_seq = CASE WHEN $4 THEN node_seq ELSE 0 END \
+         WHERE id = $1 AND epoch = $2";
+
+    /// Moves the forwarded-input cursor back, so input from `$2` on is
+    /// delivered again (a turn lost with its node).
+    pub const REWIND_INPUT_SEQ: &str =
+        "UPDATE sessions SET input_seq = $2 WHERE id = $1 AND epoch = $3";
+
+    /// The first user message forwarded ($2: the input cursor) after the
+    /// last turn that ended: a turn the lost run never finished.
+    pub const TURN_IN_FLIGHT: &str = r#"
+WITH last_turn AS (
+    SELECT coalesce(max(seq), 0) AS seq FROM events
+    WHERE session_id = $1 AND type = 'session.usage'
+)
+SELECT min(m.seq) FROM events m, last_turn t
+WHERE m.session_id = $1 AND m.type = 'user.message' AND m.seq > t.seq AND m.seq <= $2
+"#;
 
     /// `runtime_session_id = ''`: only the first id sticks; on resume the CLI
     /// may report another.
@@ -163,6 +182,7 @@ pub(super) struct SessionRow {
     spec: Json<AgentSpec>,
     labels: Json<BTreeMap<String, String>>,
     node: String,
+    node_seq: i64,
     owner: String,
     epoch: i64,
     last_seq: i64,
@@ -210,6 +230,7 @@ impl TryFrom<SessionRow> for Session {
             spec: r.spec.0,
             labels: r.labels.0,
             node: r.node,
+            node_seq: r.node_seq,
             owner: r.owner,
             epoch: r.epoch,
             last_seq: r.last_seq,
@@ -404,11 +425,39 @@ impl Store {
     }
 
     /// Records where the session runs.
-    pub(crate) async fn set_node(&self, id: Uuid, epoch: i64, node: &str) -> Result<()> {
+    pub(crate) async fn set_node(
+        &self,
+        id: Uuid,
+        epoch: i64,
+        node: &str,
+        attached: bool,
+    ) -> Result<()> {
         sqlx::query(sql::SET_NODE)
             .bind(id)
             .bind(epoch)
             .bind(node)
+            .bind(attached)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The seq of the first user message of a turn that was forwarded but
+    /// never ended (see [`sql::TURN_IN_FLIGHT`]).
+    pub(crate) async fn turn_in_flight(&self, id: Uuid, input_seq: i64) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(sql::TURN_IN_FLIGHT)
+            .bind(id)
+            .bind(input_seq)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Moves the input cursor back to `seq` (at `epoch`).
+    pub(crate) async fn rewind_input_seq(&self, id: Uuid, seq: i64, epoch: i64) -> Result<()> {
+        sqlx::query(sql::REWIND_INPUT_SEQ)
+            .bind(id)
+            .bind(seq)
+            .bind(epoch)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -544,6 +544,7 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
                     runtime_args: vec!["sh".into(), "-c".into(), "sleep 600".into()],
                     ..Default::default()
                 }),
+                ..Default::default()
             })),
         };
         (tx, rx, frame)
@@ -615,7 +616,8 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "fenced container still exists");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A frame carrying a stale epoch on the live run is rejected and stops it.
+    // A frame carrying a stale epoch on the live run is rejected: that
+    // stream ends (the run goes on for whoever owns epoch 6).
     tx6.send(node_pb::DispatcherFrame {
         epoch: 5,
         kind: Some(node_pb::dispatcher_frame::Kind::Message(
@@ -739,5 +741,132 @@ async fn a_restarted_dispatcher_releases_its_sessions_at_once_and_a_stop_stays_a
     let after = get(&mut client, &stopping.name).await?;
     assert_eq!(after.status, pb::SessionStatus::Stopped as i32);
     assert_eq!(after.epoch, stopping.epoch);
+    cluster.shutdown().await
+}
+
+/// A node keeps a run going when its dispatcher's stream drops, journals
+/// what it sends until acknowledged, and hands the run, with everything
+/// not acknowledged, to a newer epoch that re-attaches. Input the lost
+/// owner already delivered is not delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().nodes(1).start().await?;
+    let dispatcher = cluster
+        .ca
+        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let ca = cluster.ca.cert_pem.clone();
+    let mut node = node_client(
+        &cluster,
+        &ca,
+        Some((dispatcher.cert_pem, dispatcher.key_pem)),
+        "node-0",
+    )
+    .await?;
+    let session_id = uuid::Uuid::new_v4().to_string();
+    // An agent that answers every line with a message naming it.
+    let script = r#"while read l; do echo "{\"type\":\"message\",\"text\":\"got $l\"}"; done"#;
+    let start = |epoch: i64, attach: bool, after: u64| node_pb::DispatcherFrame {
+        epoch,
+        kind: Some(node_pb::dispatcher_frame::Kind::Start(node_pb::Start {
+            session_id: session_id.clone(),
+            epoch,
+            spec: Some(node_pb::SessionSpec {
+                image: TEST_IMAGE.into(),
+                runtime: node_pb::Runtime::Jsonl as i32,
+                runtime_args: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            }),
+            attach,
+            after_node_seq: after,
+        })),
+    };
+    let message = |epoch: i64, seq: i64| node_pb::DispatcherFrame {
+        epoch,
+        kind: Some(node_pb::dispatcher_frame::Kind::Message(
+            node_pb::UserMessage {
+                text: format!("m{seq}"),
+                seq,
+            },
+        )),
+    };
+    let next = |f: Option<Result<node_pb::NodeFrame, tonic::Status>>| match f {
+        Some(Ok(f)) => Ok(f),
+        other => Err(anyhow::anyhow!("unexpected {other:?}")),
+    };
+    let text = |f: &node_pb::NodeFrame| match &f.kind {
+        Some(node_pb::node_frame::Kind::Line(l)) => String::from_utf8_lossy(&l.raw).to_string(),
+        other => format!("{other:?}"),
+    };
+
+    // Epoch 1: two messages, two lines; the dispatcher acknowledges only
+    // the first, then its stream drops.
+    let (tx1, rx1) = tokio::sync::mpsc::channel(8);
+    tx1.send(start(1, false, 0)).await?;
+    let mut run1 = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx1))
+        .await?
+        .into_inner();
+    let node_pb::NodeFrame {
+        kind: Some(node_pb::node_frame::Kind::Accepted(a1)),
+        ..
+    } = next(run1.next().await)?
+    else {
+        anyhow::bail!("not accepted");
+    };
+    tx1.send(message(1, 1)).await?;
+    let l1 = next(run1.next().await)?;
+    assert!(text(&l1).contains("m1"), "{}", text(&l1));
+    tx1.send(node_pb::DispatcherFrame {
+        epoch: 1,
+        kind: Some(node_pb::dispatcher_frame::Kind::Ack(node_pb::Ack {
+            node_seq: l1.node_seq,
+        })),
+    })
+    .await?;
+    tx1.send(message(1, 2)).await?;
+    let l2 = next(run1.next().await)?;
+    assert!(text(&l2).contains("m2"), "{}", text(&l2));
+    drop(tx1);
+    drop(run1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // An older epoch cannot take it over; epoch 2 can, and is sent what
+    // was not acknowledged, in the same container.
+    let (tx0, rx0) = tokio::sync::mpsc::channel(8);
+    tx0.send(start(1, true, 0)).await?;
+    let mut stale = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx0))
+        .await?
+        .into_inner();
+    assert!(matches!(
+        next(stale.next().await)?.kind,
+        Some(node_pb::node_frame::Kind::Refused(_))
+    ));
+    let (tx2, rx2) = tokio::sync::mpsc::channel(8);
+    tx2.send(start(2, true, l1.node_seq)).await?;
+    let mut run2 = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx2))
+        .await?
+        .into_inner();
+    let node_pb::NodeFrame {
+        kind: Some(node_pb::node_frame::Kind::Accepted(a2)),
+        ..
+    } = next(run2.next().await)?
+    else {
+        anyhow::bail!("not re-attached");
+    };
+    assert!(a2.attached);
+    assert_eq!(a2.container_id, a1.container_id, "the same run goes on");
+    let replayed = next(run2.next().await)?;
+    assert_eq!(replayed.node_seq, l2.node_seq);
+    assert_eq!(text(&replayed), text(&l2));
+    // m2 again (the new owner cannot know it was delivered) is not
+    // delivered twice; m3 is.
+    tx2.send(message(2, 2)).await?;
+    tx2.send(message(2, 3)).await?;
+    let l3 = next(run2.next().await)?;
+    assert!(text(&l3).contains("m3"), "{}", text(&l3));
+    assert_eq!(l3.node_seq, l2.node_seq + 1, "no frame in between");
+    drop((tx0, stale, tx2, run2));
     cluster.shutdown().await
 }

@@ -3,6 +3,7 @@
 
 mod claude;
 mod durable;
+mod failover;
 mod faults;
 mod fleet;
 mod local;

@@ -802,7 +802,15 @@ async fn dispatcher_sigterm_ends_streams_retryably_and_hands_sessions_back() -> 
         |x| x.epoch > before.epoch && x.status == pb::SessionStatus::Idle as i32,
     )
     .await?;
-    assert!(resumed.snapshot.is_some(), "handed back with a snapshot");
+    // Handed on without a restart: the next owner re-attached to the run
+    // on its node (the agent was started once).
+    assert!(resumed.epoch > before.epoch);
+    let inits = events_of(&mut second, &s.name)
+        .await?
+        .iter()
+        .filter(|e| e.r#type == "runtime.init")
+        .count();
+    assert_eq!(inits, 1, "the agent was started again");
     assert_eq!(turn(&mut second, &s.name, "read notes.txt").await?, "v1");
     let history = turn(&mut second, &s.name, "history").await?;
     assert!(

@@ -5,3 +5,8 @@
 ALTER TABLE sessions
     ADD COLUMN claim_after timestamptz,
     ADD COLUMN requeues integer NOT NULL DEFAULT 0;
+
+-- The node-side sequence number of the last frame of the session's current
+-- run whose events are persisted. A dispatcher that takes over a run its
+-- lost owner left (re-attach) asks the node for the frames after it.
+ALTER TABLE sessions ADD COLUMN node_seq bigint NOT NULL DEFAULT 0;

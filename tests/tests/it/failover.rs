@@ -1,0 +1,204 @@
+//! Failover: a dispatcher killed or restarted mid-turn loses no turn and
+//! no event (the next owner re-attaches to the run on its node); a node
+//! lost mid-turn loses that turn only, says so, and delivers its input
+//! again elsewhere.
+
+use std::time::{Duration, Instant};
+
+use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
+use berth_tests::*;
+use tonic::transport::Channel;
+
+/// The owner of a session, from the database.
+async fn owner(cluster: &TestCluster, id: &str) -> anyhow::Result<String> {
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.database_url).await?;
+    Ok(
+        sqlx::query_scalar("SELECT owner FROM sessions WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&mut db)
+            .await?,
+    )
+}
+
+/// Sends `text` and waits until the session is running it.
+async fn send_and_wait_running(
+    c: &mut SessionsClient<Channel>,
+    name: &str,
+    text: &str,
+) -> anyhow::Result<i64> {
+    let seq = c
+        .send_message(pb::SendMessageRequest {
+            name: name.into(),
+            text: text.into(),
+        })
+        .await?
+        .into_inner()
+        .seq;
+    wait_for_status(c, name, pb::SessionStatus::Running, Duration::from_secs(30)).await?;
+    Ok(seq)
+}
+
+/// Every agent line arrived once, and the log is gapless.
+fn assert_no_loss_no_duplicate(events: &[pb::Event]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as i64 + 1, "seq gap at {}", e.seq);
+    }
+    assert_lines_well_formed(events);
+    let lines = agent_lines(events);
+    let mut seen = std::collections::HashSet::new();
+    for l in &lines {
+        assert!(
+            seen.insert(l.clone()),
+            "a line arrived twice: {}",
+            String::from_utf8_lossy(l)
+        );
+    }
+}
+
+/// Waits until the dispatcher answers.
+async fn answers(c: &mut SessionsClient<Channel>) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let req = pb::ListSessionsRequest {
+            page_size: 1,
+            ..Default::default()
+        };
+        if c.list_sessions(req).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the dispatcher did not answer within 10 s")
+}
+
+/// A cluster whose only dispatcher can be killed, and a session it owns,
+/// idle after a first turn.
+async fn owned_by_killable() -> anyhow::Result<(TestCluster, KillableDispatcher, pb::Session)> {
+    let mut cluster = TestCluster::builder().nodes(1).start().await?;
+    let mut k = cluster.add_killable_dispatcher("killable-dispatcher")?;
+    answers(&mut k.client).await?;
+    cluster.sigterm_dispatcher().await?;
+    let s = k
+        .client
+        .create_session(fake_session("echo ready"))
+        .await?
+        .into_inner();
+    reply_after(&mut k.client, &s.name, 0).await?;
+    assert_eq!(owner(&cluster, &s.id).await?, "killable-dispatcher");
+    Ok((cluster, k, s))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_mid_turn_loses_no_turn() -> anyhow::Result<()> {
+    let (mut cluster, mut killable, s) = owned_by_killable().await?;
+    let mut other = cluster.add_dispatcher().await?;
+    let before = get(&mut other, &s.name).await?;
+    let seq = send_and_wait_running(&mut other, &s.name, "delay 4000 survived the kill").await?;
+    let killed = Instant::now();
+    killable.kill();
+    // The other dispatcher takes the session over once the killed one's
+    // lease runs out, re-attaches to the run, and the turn ends as if
+    // nothing happened.
+    let reply = reply_after(&mut other, &s.name, seq).await?;
+    eprintln!("the turn ended {:?} after the kill", killed.elapsed());
+    assert_eq!(reply, "survived the kill");
+    let after = get(&mut other, &s.name).await?;
+    assert!(after.epoch > before.epoch, "a new owner took over");
+    assert_eq!(after.status, pb::SessionStatus::Idle as i32);
+    let events = events_of(&mut other, &s.name).await?;
+    assert!(
+        !events.iter().any(|e| e.r#type == "session.turn_lost"),
+        "no turn was lost"
+    );
+    assert_no_loss_no_duplicate(&events);
+    assert_eq!(
+        events.iter().filter(|e| e.r#type == "agent.result").count(),
+        2
+    );
+    assert_eq!(after.usage.expect("usage").turns, 2);
+    // The same agent went on: it was started once.
+    assert_eq!(
+        events.iter().filter(|e| e.r#type == "runtime.init").count(),
+        1
+    );
+    // And the session goes on.
+    assert_eq!(
+        turn(&mut other, &s.name, "echo still here").await?,
+        "still here"
+    );
+    stop_and_wait(&mut other, &s.name).await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatchers_restarted_one_after_the_other_mid_turn_lose_nothing() -> anyhow::Result<()> {
+    let (mut cluster, mut killable, s) = owned_by_killable().await?;
+    // Restart 1: the owner is killed mid-turn; a new one comes up.
+    let mut c1 = cluster.add_dispatcher().await?;
+    let seq = send_and_wait_running(&mut c1, &s.name, "delay 3000 first restart").await?;
+    killable.kill();
+    assert_eq!(reply_after(&mut c1, &s.name, seq).await?, "first restart");
+    // Restart 2: another comes up, and the owner now (the first one added)
+    // stops for a rolling update (SIGTERM) mid-turn.
+    let mut c2 = cluster.add_dispatcher().await?;
+    let seq = send_and_wait_running(&mut c2, &s.name, "delay 3000 second restart").await?;
+    let owner_now = owner(&cluster, &s.id).await?;
+    cluster.sigterm_dispatcher_id(&owner_now)?;
+    assert_eq!(reply_after(&mut c2, &s.name, seq).await?, "second restart");
+    let events = events_of(&mut c2, &s.name).await?;
+    assert!(!events.iter().any(|e| e.r#type == "session.turn_lost"));
+    assert_no_loss_no_duplicate(&events);
+    assert_eq!(
+        events.iter().filter(|e| e.r#type == "runtime.init").count(),
+        1,
+        "the agent ran on in its container"
+    );
+    stop_and_wait(&mut c2, &s.name).await?;
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_mid_turn_loses_that_turn_says_so_and_delivers_it_again() -> anyhow::Result<()>
+{
+    let mut cluster = TestCluster::builder().nodes(2).start().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(fake_session("echo ready"))
+        .await?
+        .into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    let ran_on = get(&mut c, &s.name).await?.node;
+    let seq = send_and_wait_running(&mut c, &s.name, "delay 3000 delivered again").await?;
+    let i = cluster
+        .nodes
+        .iter()
+        .position(|n| n.id == ran_on)
+        .expect("the node it ran on");
+    let lost = Instant::now();
+    cluster.kill_node(i);
+    // The turn's input reaches the agent again, on the other node.
+    let mut replies = Vec::new();
+    let events = collect_until(&mut c, &s.name, seq, Duration::from_secs(60), |e| {
+        if e.r#type == "agent.message" {
+            replies.push(payload(e)["text"].as_str().unwrap_or_default().to_string());
+        }
+        e.r#type == "session.status_idle" && !replies.is_empty()
+    })
+    .await?;
+    eprintln!(
+        "delivered again and answered {:?} after the node was lost",
+        lost.elapsed()
+    );
+    assert_eq!(replies.last().map(String::as_str), Some("delivered again"));
+    let turn_lost = events
+        .iter()
+        .find(|e| e.r#type == "session.turn_lost")
+        .expect("the lost turn is an event");
+    let p = payload(turn_lost);
+    assert_eq!(p["message_seq"], seq);
+    assert_eq!(p["node"], ran_on.as_str());
+    assert_eq!(p["redelivered"], true);
+    let now = get(&mut c, &s.name).await?;
+    assert_ne!(now.node, ran_on);
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
