@@ -8,6 +8,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod pg;
 pub mod s3;
 
 use std::net::SocketAddr;
@@ -73,6 +74,9 @@ pub struct Builder {
     ca: Option<(String, String)>,
     api_tls: bool,
     direct: bool,
+    /// A database the test owns (on its own server), instead of a fresh one
+    /// on the shared server.
+    database_url: Option<String>,
 }
 
 /// A free loopback port (bound, then released) for a service that binds it itself.
@@ -83,6 +87,13 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 type DispatcherHook = std::sync::Arc<dyn Fn(&mut berth_dispatcher::Config) + Send + Sync>;
 
 impl Builder {
+    /// Uses `url` (a database the test owns, e.g. on a
+    /// [`pg::PrivatePostgres`]) instead of a fresh one on the shared server.
+    pub fn database(mut self, url: String) -> Self {
+        self.database_url = Some(url);
+        self
+    }
+
     /// Serve `/metrics`, `/healthz` and `/readyz` on every part of the
     /// cluster (the recorder is process-wide: each endpoint shows all).
     pub fn metrics(mut self) -> Self {
@@ -165,7 +176,10 @@ impl Builder {
             .with_test_writer()
             .try_init();
         let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
-        let (database, database_url) = create_database(&tag).await?;
+        let (database, database_url) = match &self.database_url {
+            Some(url) => (String::new(), url.clone()),
+            None => create_database(&tag).await?,
+        };
         let ca = match &self.ca {
             Some((cert, key)) => DevCa::load(cert, key)?,
             None => DevCa::generate("berth test CA")?,
@@ -422,6 +436,7 @@ impl TestCluster {
             ca: None,
             api_tls: false,
             direct: false,
+            database_url: None,
         }
     }
 
@@ -595,6 +610,9 @@ impl TestCluster {
             if let Some(t) = n.task.take() {
                 t.await??;
             }
+        }
+        if self.database.is_empty() {
+            return Ok(());
         }
         drop_database(&self.database).await
     }

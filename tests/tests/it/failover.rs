@@ -202,3 +202,81 @@ async fn a_node_lost_mid_turn_loses_that_turn_says_so_and_delivers_it_again() ->
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_fails_calls_fast_and_reschedules_nothing() -> anyhow::Result<()> {
+    let pg = berth_tests::pg::PrivatePostgres::start()?;
+    let mut cluster = TestCluster::builder()
+        .nodes(1)
+        .database(pg.url())
+        .start()
+        .await?;
+    let mut c0 = cluster.client();
+    let mut c1 = cluster.add_dispatcher().await?;
+    let mut sessions = Vec::new();
+    for i in 0..2 {
+        let s = c0
+            .create_session(fake_session(&format!("echo s{i}")))
+            .await?
+            .into_inner();
+        reply_after(&mut c0, &s.name, 0).await?;
+        sessions.push(get(&mut c0, &s.name).await?);
+    }
+    // Postgres goes away for three dispatcher leases.
+    pg.stop()?;
+    let down = Instant::now();
+    // Calls fail with UNAVAILABLE (retryable) instead of hanging until the
+    // client gives up.
+    for c in [&mut c0, &mut c1] {
+        let mut req = tonic::Request::new(pb::GetSessionRequest {
+            name: sessions[0].name.clone(),
+        });
+        req.set_timeout(Duration::from_secs(30));
+        let e = c.get_session(req).await.expect_err("no database");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    }
+    eprintln!(
+        "calls failed UNAVAILABLE within {:?} of the outage",
+        down.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    pg.start_again()?;
+    let up = Instant::now();
+    // Recovery is automatic, and nothing was marked lost for the outage.
+    let mut back = None;
+    for _ in 0..100 {
+        if let Ok(s) = c1
+            .get_session(pb::GetSessionRequest {
+                name: sessions[0].name.clone(),
+            })
+            .await
+        {
+            back = Some(s.into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    back.ok_or_else(|| anyhow::anyhow!("the API did not recover within 10 s"))?;
+    eprintln!(
+        "the API answered {:?} after Postgres came back",
+        up.elapsed()
+    );
+    // Give the janitors a few leases to (wrongly) judge each other.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for before in &sessions {
+        let now = get(&mut c1, &before.name).await?;
+        assert_eq!(now.epoch, before.epoch, "{} was rescheduled", now.name);
+        assert_eq!(now.status, pb::SessionStatus::Idle as i32, "{}", now.name);
+        let events = events_of(&mut c1, &now.name).await?;
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.r#type == "session.status_rescheduling"),
+            "{} was re-queued for the outage",
+            now.name
+        );
+        let reply = turn(&mut c1, &now.name, "echo after the outage").await?;
+        assert_eq!(reply, "after the outage");
+    }
+    cluster.shutdown().await
+}
