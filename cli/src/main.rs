@@ -2,6 +2,7 @@
 
 mod certs;
 mod durable;
+mod follow;
 mod nodes;
 mod render;
 mod run;

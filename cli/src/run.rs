@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Args;
-use futures::StreamExt;
 use tonic::transport::Channel;
 
 use crate::sessions::print_event;
@@ -61,31 +60,22 @@ pub(crate) async fn run(
     if !json {
         eprintln!("session {} created", session.id);
     }
-    let mut stream = client
-        .stream_events(pb::StreamEventsRequest {
-            name: session.name.clone(),
-            after_seq: 0,
-        })
-        .await
-        .map_err(|e| explain(d, Some(&session.id), e))?
-        .into_inner();
     let mut first_agent_event = None;
     let mut turn_done = false;
-    while let Some(e) = stream.next().await {
-        let e = e.map_err(|e| explain(d, Some(&session.id), e))?;
+    crate::follow::follow(client, &session.name, 0, |e| {
         if first_agent_event.is_none()
             && (e.r#type.starts_with("agent.") || e.r#type.starts_with("runtime."))
         {
             first_agent_event = Some(started.elapsed());
         }
-        print_event(&e, json);
+        print_event(e, json);
         if e.r#type == "session.usage" {
             turn_done = true;
         }
-        if turn_done && e.r#type == "session.status_idle" {
-            break;
-        }
-    }
+        !(turn_done && e.r#type == "session.status_idle")
+    })
+    .await
+    .map_err(|e| explain(d, Some(&session.id), e))?;
     let s = client
         .get_session(pb::GetSessionRequest {
             name: session.name.clone(),

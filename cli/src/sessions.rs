@@ -4,7 +4,6 @@ use std::collections::HashMap;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Subcommand;
-use futures::StreamExt;
 use tonic::transport::Channel;
 
 use crate::{CliError, durable, explain, render};
@@ -124,19 +123,12 @@ pub(crate) async fn run(
             follow,
         } => {
             if follow {
-                let mut stream = client
-                    .stream_events(pb::StreamEventsRequest {
-                        name: session.clone(),
-                        after_seq: after,
-                    })
-                    .await
-                    .map_err(|e| explain(d, Some(&session), e))?
-                    .into_inner();
-                while let Some(e) = stream.next().await {
-                    let e = e.map_err(|e| explain(d, Some(&session), e))?;
-                    print_event(&e, json);
-                }
-                return Ok(());
+                return crate::follow::follow(client, &session, after, |e| {
+                    print_event(e, json);
+                    true
+                })
+                .await
+                .map_err(|e| explain(d, Some(&session), e));
             }
             let mut token = String::new();
             loop {
