@@ -113,6 +113,10 @@ pub(crate) fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             truncated: l.total_bytes.is_some(),
             total_bytes: l.total_bytes.unwrap_or(0),
         }),
+        Output::Checkpoint { key, bytes } => node_frame::Kind::Checkpoint(pb::Checkpoint {
+            snapshot_key: key,
+            snapshot_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+        }),
         Output::Exited(x) => node_frame::Kind::Exited(pb::Exited {
             exit_code: x.code,
             reason: x.reason,

@@ -120,6 +120,18 @@ pub struct Config {
     #[arg(long, env = "BERTH_JOURNAL_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub journal_bytes: usize,
 
+    /// Checkpoints: after a turn ends, the session's workspace and home are
+    /// saved in the background (like a pause's snapshot), at most once per
+    /// this many seconds, so a lost node loses at most the current turn's
+    /// files. 0 = no checkpoints.
+    #[arg(long, env = "BERTH_CHECKPOINT_INTERVAL", value_parser = parse_secs, default_value = "60")]
+    pub checkpoint_interval: Duration,
+
+    /// Largest checkpoint, in bytes (uncompressed volumes); a bigger one is
+    /// skipped with a warning (pauses and stops still snapshot).
+    #[arg(long, env = "BERTH_CHECKPOINT_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub checkpoint_max_bytes: u64,
+
     /// Interval between load reports when nothing changes, in seconds.
     #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = parse_secs, default_value = "1")]
     pub load_heartbeat: Duration,

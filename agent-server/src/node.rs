@@ -312,6 +312,13 @@ impl Node {
     }
 }
 
+impl Slot {
+    /// The epoch the run was started at.
+    pub fn epoch(&self) -> i64 {
+        self.epoch
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut sessions = self.node.sessions();

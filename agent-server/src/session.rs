@@ -43,6 +43,11 @@ pub enum Output {
     Refused(String),
     /// One line the agent wrote, and its events.
     Line(AgentLine),
+    /// A checkpoint was saved: key and compressed size.
+    Checkpoint {
+        key: String,
+        bytes: u64,
+    },
     Exited(Exit),
 }
 
@@ -250,15 +255,21 @@ async fn run_in_slot(
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut killed = false;
     let mut evicted = false;
+    let mut checkpoints = Checkpoints::new(node.cfg.checkpoint_interval);
+    let epoch = slot.epoch();
 
     loop {
         tokio::select! {
             chunk = output.next() => match chunk {
                 Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                     for line in lines.push(&message) {
-                        if !emit(out, &mut *adapter, &events, line).await {
-                            stop_reason.get_or_insert_with(|| "dispatcher link lost".into());
-                            killed = true;
+                        match emit(out, &mut *adapter, &events, line).await {
+                            Some(true) => checkpoints.turn_ended(node, &spec, epoch, &container_id, out),
+                            Some(false) => {}
+                            None => {
+                                stop_reason.get_or_insert_with(|| "dispatcher link lost".into());
+                                killed = true;
+                            }
                         }
                     }
                     if killed { break; }
@@ -321,6 +332,7 @@ async fn run_in_slot(
     if !killed && let Some(line) = lines.finish() {
         emit(out, &mut *adapter, &events, line).await;
     }
+    checkpoints.finish().await;
     drop(stdin_tx);
     stdin_task.abort();
     let code = if killed {
@@ -421,13 +433,14 @@ pub struct AgentLine {
     pub total_bytes: Option<u64>,
 }
 
-/// Decodes and sends one line. False when the dispatcher is gone.
+/// Decodes and sends one line: `Some(whether it ended a turn)`, `None`
+/// when the run's output is gone.
 async fn emit(
     out: &mpsc::Sender<Output>,
     adapter: &mut dyn adapter::Adapter,
     events: &metrics::Counter,
     line: Line,
-) -> bool {
+) -> Option<bool> {
     let line = match line {
         Line::Whole(raw) => {
             let mut decoded = adapter.decode(&raw);
@@ -449,7 +462,78 @@ async fn emit(
         },
     };
     events.increment(line.decoded.events.len() as u64);
-    out.send(Output::Line(line)).await.is_ok()
+    let turn_end = line.decoded.turn_end.is_some();
+    out.send(Output::Line(line)).await.ok().map(|()| turn_end)
+}
+
+/// Checkpoints of one run: after a turn ends, at most one per interval,
+/// one at a time, in the background.
+struct Checkpoints {
+    interval: std::time::Duration,
+    last: Option<tokio::time::Instant>,
+    running: Option<tokio::task::JoinHandle<()>>,
+    taken: u64,
+}
+
+impl Checkpoints {
+    fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            running: None,
+            taken: 0,
+        }
+    }
+
+    /// A turn ended: starts a checkpoint if one is due.
+    fn turn_ended(
+        &mut self,
+        node: &Arc<Node>,
+        spec: &SessionSpec,
+        epoch: i64,
+        container_id: &str,
+        out: &mpsc::Sender<Output>,
+    ) {
+        if self.interval.is_zero() || spec.checkpoint_key_prefix.is_empty() {
+            return;
+        }
+        if self.running.as_ref().is_some_and(|h| !h.is_finished())
+            || self.last.is_some_and(|t| t.elapsed() < self.interval)
+        {
+            return;
+        }
+        self.last = Some(tokio::time::Instant::now());
+        let key = format!(
+            "{}{epoch}-{}.tar.zst",
+            spec.checkpoint_key_prefix,
+            self.taken % 2
+        );
+        self.taken += 1;
+        let (node, container_id, out) = (node.clone(), container_id.to_string(), out.clone());
+        self.running = Some(tokio::spawn(async move {
+            let mut ws = node.workspace.clone();
+            ws.snapshot_max_bytes = ws.snapshot_max_bytes.min(node.cfg.checkpoint_max_bytes);
+            let started = std::time::Instant::now();
+            match crate::workspace::snapshot(&node.runtime, &node.objects, &ws, &container_id, &key)
+                .await
+            {
+                Ok(bytes) => {
+                    tracing::debug!(%key, bytes, took = ?started.elapsed(), "checkpoint saved");
+                    let _ = out.send(Output::Checkpoint { key, bytes }).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "checkpoint failed; the last one stands")
+                }
+            }
+        }));
+    }
+
+    /// Waits for a checkpoint under way (before the container goes).
+    async fn finish(&mut self) {
+        if let Some(h) = self.running.take() {
+            let _ = h.await;
+        }
+    }
 }
 
 async fn write_stdin(

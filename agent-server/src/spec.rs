@@ -19,6 +19,8 @@ pub struct SessionSpec {
     pub restore_snapshot_key: String,
     /// Where to save a snapshot if a drain evicts the run.
     pub evict_snapshot_key: String,
+    /// Where checkpoints go (see the proto); empty: none.
+    pub checkpoint_key_prefix: String,
     pub files: Vec<FileCopy>,
     pub memory: Vec<MemoryCopy>,
     pub git: Vec<GitClone>,
@@ -57,6 +59,7 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
             resume_id: s.resume_id,
             restore_snapshot_key: s.restore_snapshot_key,
             evict_snapshot_key: s.evict_snapshot_key,
+            checkpoint_key_prefix: s.checkpoint_key_prefix,
             files: s
                 .files
                 .into_iter()

@@ -110,21 +110,23 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     metrics::histogram!(crate::metrics::SESSION_START, "start" => start_label(link.warm))
         .record(claimed.elapsed().as_secs_f64());
     let node = link.placed.link.name();
-    ctx.store
-        .set_node(session.id, session.epoch, &node, link.attached)
-        .await?;
+    durably(ctx, || {
+        ctx.store
+            .set_node(session.id, session.epoch, &node, link.attached)
+    })
+    .await?;
     // Busy: input waits, or (re-attached) a turn is still going.
     let in_flight = link.attached
-        && ctx
-            .store
-            .turn_in_flight(session.id, session.input_seq)
-            .await?
-            .is_some();
+        && durably(ctx, || {
+            ctx.store.turn_in_flight(session.id, session.input_seq)
+        })
+        .await?
+        .is_some();
     let busy = in_flight
-        || ctx
-            .store
-            .has_pending_input(session.id, session.input_seq)
-            .await?;
+        || durably(ctx, || {
+            ctx.store.has_pending_input(session.id, session.input_seq)
+        })
+        .await?;
     let detail = StatusDetail {
         node: Some(node.clone()),
         epoch: Some(session.epoch),
@@ -150,7 +152,7 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
 /// back so the turn's input is delivered again to the next run.
 async fn lost_turn(ctx: &Ctx, session: &Session) -> Result<Session> {
     let mut s = session.clone();
-    let Some(seq) = ctx.store.turn_in_flight(s.id, s.input_seq).await? else {
+    let Some(seq) = durably(ctx, || ctx.store.turn_in_flight(s.id, s.input_seq)).await? else {
         return Ok(s);
     };
     let lost = berth_common::events::payload::TurnLost {
@@ -172,10 +174,31 @@ async fn lost_turn(ctx: &Ctx, session: &Session) -> Result<Session> {
         )
         .await?;
     if ctx.redeliver_lost_turns {
-        ctx.store.rewind_input_seq(s.id, seq - 1, s.epoch).await?;
+        durably(ctx, || ctx.store.rewind_input_seq(s.id, seq - 1, s.epoch)).await?;
         s.input_seq = seq - 1;
     }
     Ok(s)
+}
+
+/// Runs a store call, retrying while Postgres is unreachable (backoff up
+/// to 2 s) until it answers or this dispatcher shuts down: an outage of the
+/// database never fails the session it happens to.
+pub(super) async fn durably<T, F, Fut>(ctx: &Ctx, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && !ctx.shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, retry_in = ?delay, "database call failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// The `start` label of the latency metrics.

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::deadlines::{Deadlines, Expiry};
 use super::start::Link;
-use super::{Ctx, start_label};
+use super::{Ctx, durably, start_label};
 use crate::error::{Error, Result};
 use crate::nodes::wire::node_line;
 use crate::session::usage::{self, RunningTotals};
@@ -168,6 +168,17 @@ impl<'a> Relay<'a> {
                 node_seq,
             })) => match kind {
                 node_frame::Kind::Line(l) => self.on_line(l, node_seq).await,
+                node_frame::Kind::Checkpoint(c) => {
+                    // The session resumes from it if this run is lost.
+                    let (ctx, id) = (self.ctx, self.session.id);
+                    durably(ctx, || {
+                        ctx.store
+                            .record_checkpoint(id, &c.snapshot_key, c.snapshot_bytes)
+                    })
+                    .await?;
+                    tracing::debug!(key = %c.snapshot_key, bytes = c.snapshot_bytes, "checkpoint recorded");
+                    Ok(Flow::Continue)
+                }
                 node_frame::Kind::Exited(x) => {
                     let flow = self.on_exit(x).await;
                     // Recorded (or refused for good): the node may forget the run.
@@ -219,10 +230,12 @@ impl<'a> Relay<'a> {
         }
         if !self.runtime_id_seen && !line.runtime_session_id.is_empty() {
             self.runtime_id_seen = true;
-            self.ctx
-                .store
-                .set_runtime_session_id(id, &line.runtime_session_id)
-                .await?;
+            let ctx = self.ctx;
+            durably(ctx, || {
+                ctx.store
+                    .set_runtime_session_id(id, &line.runtime_session_id)
+            })
+            .await?;
         }
         let turn_end = line.turn_end.take();
         let events = node_line(line);
@@ -285,10 +298,12 @@ impl<'a> Relay<'a> {
                 .await?;
         }
         if !x.snapshot_key.is_empty() {
-            self.ctx
-                .store
-                .record_snapshot(id, &x.snapshot_key, x.snapshot_bytes)
-                .await?;
+            let ctx = self.ctx;
+            durably(ctx, || {
+                ctx.store
+                    .record_snapshot(id, &x.snapshot_key, x.snapshot_bytes)
+            })
+            .await?;
         }
         // The run moves, with its snapshot: another node (a drain) or
         // another dispatcher (our shutdown) resumes it.
@@ -429,7 +444,8 @@ impl<'a> Relay<'a> {
         self.send(kind).await;
         if user_event {
             self.input_seq = e.seq;
-            self.ctx.store.set_input_seq(self.session.id, e.seq).await?;
+            let (ctx, id) = (self.ctx, self.session.id);
+            durably(ctx, || ctx.store.set_input_seq(id, e.seq)).await?;
             if e.kind == ev::USER_MESSAGE && self.open_turns == 1 {
                 self.transition(StatusEvent::TurnStarted, "", StatusDetail::default())
                     .await?;

@@ -141,7 +141,7 @@ pub(super) async fn start(
                 return Ok(None);
             }
             // No answer, an empty frame, or an event before the answer.
-            None | Some(node_frame::Kind::Line(_)) => {
+            None | Some(node_frame::Kind::Line(_) | node_frame::Kind::Checkpoint(_)) => {
                 return Err(Error::Internal(format!(
                     "node {url} broke the protocol: its first frame must accept or refuse the session"
                 )));
@@ -230,7 +230,7 @@ async fn requeue(ctx: &Ctx, session: &Session, reasons: &[String]) -> Result<()>
     } else {
         reasons.join("; ")
     };
-    let delay = ctx.store.back_off(session.id, session.epoch).await?;
+    let delay = super::durably(ctx, || ctx.store.back_off(session.id, session.epoch)).await?;
     tracing::info!(%why, ?delay, "no node could start the session; re-queued with a backoff");
     let reason = format!(
         "re-queued: no node could start it ({why}); next try in {:.1}s",

@@ -52,6 +52,7 @@ pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
         resume_id,
         restore_snapshot_key,
         evict_snapshot_key: snapshot_key(session.id, session.snapshots + 1),
+        checkpoint_key_prefix: format!("sessions/{}/checkpoints/", session.id),
         files,
         memory,
         git,

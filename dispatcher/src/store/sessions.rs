@@ -138,6 +138,14 @@ SET snapshot_key = $2, snapshot_bytes = $3, snapshot_time = now(), snapshots = s
 WHERE id = $1
 "#;
 
+    /// Records a checkpoint as the session's newest snapshot (checkpoints
+    /// have keys of their own: they do not count toward `snapshots`).
+    pub const RECORD_CHECKPOINT: &str = r#"
+UPDATE sessions
+SET snapshot_key = $2, snapshot_bytes = $3, snapshot_time = now()
+WHERE id = $1
+"#;
+
     /// Deletes a session that is not live; events and turns go with it
     /// (cascade). `status <> ALL($2)`: a live session is never deleted.
     pub const DELETE_SESSION: &str =
@@ -468,6 +476,17 @@ impl Store {
         sqlx::query(sql::SET_RUNTIME_SESSION_ID)
             .bind(id)
             .bind(runtime_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a checkpoint the node saved (see [`sql::RECORD_CHECKPOINT`]).
+    pub(crate) async fn record_checkpoint(&self, id: Uuid, key: &str, bytes: i64) -> Result<()> {
+        sqlx::query(sql::RECORD_CHECKPOINT)
+            .bind(id)
+            .bind(key)
+            .bind(bytes)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -265,6 +265,11 @@ async fn a_postgres_outage_fails_calls_fast_and_reschedules_nothing() -> anyhow:
     tokio::time::sleep(Duration::from_secs(5)).await;
     for before in &sessions {
         let now = get(&mut c1, &before.name).await?;
+        if now.status != pb::SessionStatus::Idle as i32 {
+            for e in events_of(&mut c1, &now.name).await? {
+                eprintln!("{} {} {}", e.seq, e.r#type, e.payload_json);
+            }
+        }
         assert_eq!(now.epoch, before.epoch, "{} was rescheduled", now.name);
         assert_eq!(now.status, pb::SessionStatus::Idle as i32, "{}", now.name);
         let events = events_of(&mut c1, &now.name).await?;
@@ -278,5 +283,60 @@ async fn a_postgres_outage_fails_calls_fast_and_reschedules_nothing() -> anyhow:
         let reply = turn(&mut c1, &now.name, "echo after the outage").await?;
         assert_eq!(reply, "after the outage");
     }
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_after_each_turn_keeps_files_and_conversation_through_a_node_loss()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::builder()
+        .nodes(2)
+        .configure_node(|_, cfg, _| cfg.checkpoint_interval = Duration::from_millis(1))
+        .start()
+        .await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(fake_session("write notes.txt kept by a checkpoint"))
+        .await?
+        .into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    let checkpointed = wait_for_session(
+        &mut c,
+        &s.name,
+        Duration::from_secs(30),
+        "a checkpoint",
+        |x| {
+            x.snapshot
+                .as_ref()
+                .is_some_and(|k| k.key.contains("/checkpoints/"))
+        },
+    )
+    .await?;
+    let seq = send_and_wait_running(&mut c, &s.name, "delay 3000 after the loss").await?;
+    let i = cluster
+        .nodes
+        .iter()
+        .position(|n| n.id == checkpointed.node)
+        .expect("its node");
+    cluster.kill_node(i);
+    let mut replied = false;
+    collect_until(&mut c, &s.name, seq, Duration::from_secs(60), |e| {
+        replied |= e.r#type == "agent.message" && payload(e)["text"] == "after the loss";
+        replied && e.r#type == "session.status_idle"
+    })
+    .await?;
+    // Resumed elsewhere from the checkpoint: the file and the conversation
+    // before the lost turn are there.
+    assert_eq!(
+        turn(&mut c, &s.name, "read notes.txt").await?,
+        "kept by a checkpoint"
+    );
+    let history = turn(&mut c, &s.name, "history").await?;
+    assert!(
+        history.starts_with("write notes.txt kept by a checkpoint"),
+        "conversation lost: {history}"
+    );
+    assert_ne!(get(&mut c, &s.name).await?.node, checkpointed.node);
+    stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
