@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use cluster::ClusterArgs;
-use scenarios::{balance, claude, dispatch, fanin, relay, start};
+use scenarios::{balance, claude, dispatch, failover, fanin, relay, start};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +60,8 @@ enum Scenario {
     Balance(balance::BalanceArgs),
     /// 7. The real Claude Code CLI: CreateSession → its first event, cold and warm, vs `docker run`.
     Claude(claude::ClaudeArgs),
+    /// 8. Sessions mid-turn while dispatchers are restarted and killed: turns and events lost, time to resume.
+    Failover(failover::FailoverArgs),
 }
 
 #[tokio::main]
@@ -95,6 +97,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Scenario::Fanin(a) => fanin::run(c, a).await?,
         Scenario::Balance(a) => balance::run(c, a).await?,
         Scenario::Claude(a) => claude::run(c, a).await?,
+        Scenario::Failover(a) => failover::run(c, a).await?,
     };
     print!("{}", report.table());
     if let Some(path) = &cli.json {

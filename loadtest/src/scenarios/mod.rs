@@ -1,8 +1,9 @@
-//! The six scenarios, each measured beside its baseline in the same run.
+//! The scenarios, each measured beside its baseline in the same run.
 
 pub mod balance;
 pub mod claude;
 pub mod dispatch;
+pub mod failover;
 pub mod fanin;
 pub mod relay;
 pub mod start;
