@@ -22,6 +22,10 @@ use tonic::Status;
 
 use crate::session::Command;
 
+/// Longest a frame waits for room in a dispatcher stream before the stream
+/// counts as lost.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Frames toward one dispatcher stream.
 pub type FrameTx = mpsc::Sender<Result<pb::NodeFrame, Status>>;
 
@@ -49,7 +53,7 @@ pub struct Run {
     state: Mutex<State>,
     /// The attached stream; held while sending, so a re-attach's replay and
     /// new frames never interleave out of order.
-    link: tokio::sync::Mutex<Option<(u64, FrameTx)>>,
+    link: Arc<tokio::sync::Mutex<Option<(u64, FrameTx)>>>,
     /// Wakes the pump when an ack makes room.
     room: Notify,
     cfg: JournalConfig,
@@ -112,7 +116,7 @@ impl Runs {
                 container_id: String::new(),
                 warm: false,
             }),
-            link: tokio::sync::Mutex::new(Some((0, link))),
+            link: Arc::new(tokio::sync::Mutex::new(Some((0, link)))),
             room: Notify::new(),
             cfg: self.cfg,
             evict_snapshot_key,
@@ -138,7 +142,7 @@ impl Runs {
             .ok_or_else(|| "this node has no run of the session to attach to".to_string())?;
         // Hold the link while taking over, so no new frame slips between
         // the replay and the frames after it.
-        let mut current = run.link.lock().await;
+        let current = run.link.clone().lock_owned().await;
         let (generation, replay, accepted) = {
             let mut st = lock(&run.state);
             if epoch <= st.epoch {
@@ -167,26 +171,33 @@ impl Runs {
             (st.generation, replay, accepted)
         };
         run.room.notify_one();
-        let first = pb::NodeFrame {
-            node_seq: 0,
-            kind: Some(pb::node_frame::Kind::Accepted(accepted)),
-        };
-        if link.send(Ok(first)).await.is_err() {
-            return Err("the attaching stream closed".into());
-        }
-        for f in replay {
-            if link.send(Ok(f)).await.is_err() {
-                return Err("the attaching stream closed".into());
-            }
-        }
         tracing::info!(
             session_id,
             epoch,
             after_node_seq,
+            replay = replay.len(),
             "a dispatcher re-attached to the run"
         );
-        *current = Some((generation, link));
-        drop(current);
+        // The replay may be larger than the stream's buffer, and the stream
+        // is read only once this call returns: send it from a task, which
+        // holds the link until the replay is out.
+        let (task_run, runs) = (run.clone(), self.clone());
+        tokio::spawn(async move {
+            let mut current = current;
+            let first = pb::NodeFrame {
+                node_seq: 0,
+                kind: Some(pb::node_frame::Kind::Accepted(accepted)),
+            };
+            for f in std::iter::once(first).chain(replay) {
+                if link.send(Ok(f)).await.is_err() {
+                    *current = None;
+                    drop(current);
+                    task_run.detach(&runs, generation);
+                    return;
+                }
+            }
+            *current = Some((generation, link));
+        });
         Ok((run, generation))
     }
 
@@ -322,8 +333,13 @@ async fn pump(runs: Arc<Runs>, run: Arc<Run>, mut outputs: mpsc::Receiver<crate:
             runs.remove(&run);
         }
         let mut link = run.link.lock().await;
+        // A stream nobody reads for this long is as good as gone (the frame
+        // stays journaled for whoever re-attaches).
         if let Some((generation, tx)) = link.as_ref()
-            && tx.send(Ok(frame)).await.is_err()
+            && !matches!(
+                tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(frame))).await,
+                Ok(Ok(()))
+            )
         {
             let generation = *generation;
             *link = None;

@@ -763,8 +763,12 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
     )
     .await?;
     let session_id = uuid::Uuid::new_v4().to_string();
-    // An agent that answers every line with a message naming it.
-    let script = r#"while read l; do echo "{\"type\":\"message\",\"text\":\"got $l\"}"; done"#;
+    // An agent that answers every line with a message naming it, and a
+    // line with `burst` in it with 400 messages.
+    let script = r#"while read l; do case "$l" in
+        *burst*) i=0; while [ $i -lt 400 ]; do echo "{\"type\":\"message\",\"text\":\"b$i\"}"; i=$((i+1)); done;;
+        *) echo "{\"type\":\"message\",\"text\":\"got $l\"}";;
+    esac; done"#;
     let start = |epoch: i64, attach: bool, after: u64| node_pb::DispatcherFrame {
         epoch,
         kind: Some(node_pb::dispatcher_frame::Kind::Start(node_pb::Start {
@@ -780,15 +784,16 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
             after_node_seq: after,
         })),
     };
-    let message = |epoch: i64, seq: i64| node_pb::DispatcherFrame {
+    let message_text = |epoch: i64, seq: i64, text: &str| node_pb::DispatcherFrame {
         epoch,
         kind: Some(node_pb::dispatcher_frame::Kind::Message(
             node_pb::UserMessage {
-                text: format!("m{seq}"),
+                text: text.to_string(),
                 seq,
             },
         )),
     };
+    let message = |epoch: i64, seq: i64| message_text(epoch, seq, &format!("m{seq}"));
     let next = |f: Option<Result<node_pb::NodeFrame, tonic::Status>>| match f {
         Some(Ok(f)) => Ok(f),
         other => Err(anyhow::anyhow!("unexpected {other:?}")),
@@ -867,6 +872,31 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
     let l3 = next(run2.next().await)?;
     assert!(text(&l3).contains("m3"), "{}", text(&l3));
     assert_eq!(l3.node_seq, l2.node_seq + 1, "no frame in between");
-    drop((tx0, stale, tx2, run2));
+
+    // More unacknowledged frames than a stream buffers: a re-attach gets
+    // every one, in order.
+    tx2.send(message_text(2, 4, "burst")).await?;
+    let mut burst = Vec::new();
+    for _ in 0..400 {
+        burst.push(next(run2.next().await)?);
+    }
+    drop((tx2, run2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (tx3, rx3) = tokio::sync::mpsc::channel(8);
+    tx3.send(start(3, true, l3.node_seq)).await?;
+    let mut run3 = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx3))
+        .await?
+        .into_inner();
+    assert!(matches!(
+        next(run3.next().await)?.kind,
+        Some(node_pb::node_frame::Kind::Accepted(_))
+    ));
+    for (i, want) in burst.iter().enumerate() {
+        let got = next(run3.next().await)?;
+        assert_eq!(got.node_seq, want.node_seq, "frame {i}");
+        assert_eq!(text(&got), text(want));
+    }
+    drop((tx0, stale, tx3, run3));
     cluster.shutdown().await
 }
