@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::Error;
 use crate::load::Load;
 use crate::node::Node;
-use crate::session::{self, Command, Output};
+use crate::runs::{JournalConfig, Runs};
+use crate::session::{self, Command};
 use crate::spec::SessionSpec;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -25,11 +26,17 @@ const OUT_BUFFER: usize = 256;
 /// Serves `berth.node.v1.AgentServer`.
 pub struct NodeApi {
     node: Arc<Node>,
+    /// Runs, and the dispatcher streams attached to them.
+    runs: Arc<Runs>,
 }
 
 impl NodeApi {
     pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+        let runs = Arc::new(Runs::new(JournalConfig {
+            max_bytes: node.cfg.journal_bytes,
+            grace: node.cfg.reattach_grace,
+        }));
+        Self { node, runs }
     }
 }
 
@@ -89,53 +96,6 @@ fn check_limits(spec: &SessionSpec, load: &Load) -> Result<(), Status> {
     Ok(())
 }
 
-pub(crate) fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
-    let kind = match output {
-        Output::Accepted { container_id, warm } => node_frame::Kind::Accepted(pb::Accepted {
-            container_id,
-            warm,
-            attached: false,
-        }),
-        Output::Refused(reason) => node_frame::Kind::Refused(pb::Refused { reason }),
-        Output::Line(l) => node_frame::Kind::Line(pb::RuntimeLine {
-            raw: l.raw,
-            events: l
-                .decoded
-                .events
-                .into_iter()
-                .map(|b| pb::RuntimeEvent {
-                    r#type: b.kind.to_string(),
-                    payload_json: b.payload,
-                })
-                .collect(),
-            turn_end: l.decoded.turn_end.map(pb::TurnUsage::from),
-            runtime_session_id: l.decoded.runtime_session_id.unwrap_or_default(),
-            truncated: l.total_bytes.is_some(),
-            total_bytes: l.total_bytes.unwrap_or(0),
-        }),
-        Output::Checkpoint { key, bytes } => node_frame::Kind::Checkpoint(pb::Checkpoint {
-            snapshot_key: key,
-            snapshot_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
-        }),
-        Output::Exited(x) => node_frame::Kind::Exited(pb::Exited {
-            exit_code: x.code,
-            reason: x.reason,
-            stderr_tail: x.stderr_tail,
-            stopped: x.stopped,
-            snapshot_key: x.snapshot.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
-            snapshot_bytes: x.snapshot.as_ref().map_or(0, |s| s.1 as i64),
-            snapshot_error: x.snapshot_error,
-            memory_errors: x.memory_errors,
-            evicted: x.evicted,
-            oom: x.oom,
-        }),
-    };
-    pb::NodeFrame {
-        node_seq,
-        kind: Some(kind),
-    }
-}
-
 #[tonic::async_trait]
 impl AgentServer for NodeApi {
     type WatchLoadStream = BoxStream<pb::LoadReport>;
@@ -186,7 +146,7 @@ impl AgentServer for NodeApi {
         let spec = SessionSpec::try_from(start.spec.unwrap_or_default())?;
         let epoch = start.epoch;
         let (frame_tx, frames) = mpsc::channel(OUT_BUFFER);
-        let runs = self.node.runs.clone();
+        let runs = self.runs.clone();
         let (run, generation) = if start.attach {
             // The session's new owner takes over the run its lost owner left.
             match runs

@@ -91,8 +91,6 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Cancelled when a drain's deadline passes; every slot's `evict` is a child.
     evict: CancellationToken,
-    /// Runs, and the dispatcher streams attached to them.
-    pub runs: Arc<crate::runs::Runs>,
 }
 
 /// A held session slot. Dropping it frees the slot.
@@ -113,7 +111,6 @@ impl Node {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let capacity = capacity_for_memory(&cfg);
-        let (cfg_journal_bytes, cfg_grace) = (cfg.journal_bytes, cfg.reattach_grace);
         let load = Arc::new(
             watch::channel(Load {
                 capacity,
@@ -140,10 +137,6 @@ impl Node {
             generation: AtomicU64::new(0),
             shutdown,
             evict: CancellationToken::new(),
-            runs: Arc::new(crate::runs::Runs::new(crate::runs::JournalConfig {
-                max_bytes: cfg_journal_bytes,
-                grace: cfg_grace,
-            })),
         })
     }
 

@@ -20,7 +20,7 @@ use prost::Message;
 use tokio::sync::{Notify, mpsc};
 use tonic::Status;
 
-use crate::session::Command;
+use crate::session::{Command, Output};
 
 /// Longest a frame waits for room in a dispatcher stream before the stream
 /// counts as lost.
@@ -99,7 +99,7 @@ impl Runs {
         epoch: i64,
         link: FrameTx,
         commands: mpsc::Sender<Command>,
-        outputs: mpsc::Receiver<crate::session::Output>,
+        outputs: mpsc::Receiver<Output>,
         evict_snapshot_key: String,
     ) -> Arc<Run> {
         let run = Arc::new(Run {
@@ -294,11 +294,11 @@ fn ack_locked(st: &mut State, node_seq: u64) {
 
 /// Numbers the run's outputs, journals them, and sends them to whichever
 /// stream is attached.
-async fn pump(runs: Arc<Runs>, run: Arc<Run>, mut outputs: mpsc::Receiver<crate::session::Output>) {
+async fn pump(runs: Arc<Runs>, run: Arc<Run>, mut outputs: mpsc::Receiver<Output>) {
     let mut node_seq = 0;
     while let Some(output) = outputs.recv().await {
         node_seq += 1;
-        let frame = crate::api::frame(node_seq, output);
+        let frame = frame(node_seq, output);
         let size = frame.encoded_len();
         // Room in the journal, or wait for an ack (backpressure).
         loop {
@@ -358,5 +358,53 @@ async fn pump(runs: Arc<Runs>, run: Arc<Run>, mut outputs: mpsc::Receiver<crate:
     };
     if acked {
         runs.remove(&run);
+    }
+}
+
+/// One output of a run as the frame numbered `node_seq`.
+fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
+    let kind = match output {
+        Output::Accepted { container_id, warm } => pb::node_frame::Kind::Accepted(pb::Accepted {
+            container_id,
+            warm,
+            attached: false,
+        }),
+        Output::Refused(reason) => pb::node_frame::Kind::Refused(pb::Refused { reason }),
+        Output::Line(l) => pb::node_frame::Kind::Line(pb::RuntimeLine {
+            raw: l.raw,
+            events: l
+                .decoded
+                .events
+                .into_iter()
+                .map(|b| pb::RuntimeEvent {
+                    r#type: b.kind.to_string(),
+                    payload_json: b.payload,
+                })
+                .collect(),
+            turn_end: l.decoded.turn_end.map(pb::TurnUsage::from),
+            runtime_session_id: l.decoded.runtime_session_id.unwrap_or_default(),
+            truncated: l.total_bytes.is_some(),
+            total_bytes: l.total_bytes.unwrap_or(0),
+        }),
+        Output::Checkpoint { key, bytes } => pb::node_frame::Kind::Checkpoint(pb::Checkpoint {
+            snapshot_key: key,
+            snapshot_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
+        }),
+        Output::Exited(x) => pb::node_frame::Kind::Exited(pb::Exited {
+            exit_code: x.code,
+            reason: x.reason,
+            stderr_tail: x.stderr_tail,
+            stopped: x.stopped,
+            snapshot_key: x.snapshot.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            snapshot_bytes: x.snapshot.as_ref().map_or(0, |s| s.1 as i64),
+            snapshot_error: x.snapshot_error,
+            memory_errors: x.memory_errors,
+            evicted: x.evicted,
+            oom: x.oom,
+        }),
+    };
+    pb::NodeFrame {
+        node_seq,
+        kind: Some(kind),
     }
 }
