@@ -245,6 +245,10 @@ impl<'a> Relay<'a> {
             .log
             .append_line_queued(id, epoch, events, node_seq, &self.persisted)
             .await?;
+        // (Known window: the line's events move the re-attach cursor when
+        // they are committed; were this dispatcher to die between that and
+        // the usage below, a re-attached owner would not see the line again
+        // and this turn's usage row would be missing. Milliseconds wide.)
         if let Some(u) = turn_end {
             let turn = usage::account(&self.runtime_totals, &u.into());
             if turn.restarted {
