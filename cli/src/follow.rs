@@ -24,7 +24,7 @@ fn retryable(s: &tonic::Status) -> bool {
 /// Streams `name`'s events after `after_seq` into `on_event` until it
 /// returns false, or the stream ends (the session left its run). Returns
 /// the last error that could not be retried.
-pub(crate) async fn follow(
+pub async fn follow(
     client: &mut SessionsClient<Channel>,
     name: &str,
     mut after_seq: i64,

@@ -2,7 +2,6 @@
 
 mod certs;
 mod durable;
-mod follow;
 mod nodes;
 mod render;
 mod run;

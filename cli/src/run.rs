@@ -62,7 +62,7 @@ pub(crate) async fn run(
     }
     let mut first_agent_event = None;
     let mut turn_done = false;
-    crate::follow::follow(client, &session.name, 0, |e| {
+    berth_cli::follow::follow(client, &session.name, 0, |e| {
         if first_agent_event.is_none()
             && (e.r#type.starts_with("agent.") || e.r#type.starts_with("runtime."))
         {

@@ -123,7 +123,7 @@ pub(crate) async fn run(
             follow,
         } => {
             if follow {
-                return crate::follow::follow(client, &session, after, |e| {
+                return berth_cli::follow::follow(client, &session, after, |e| {
                     print_event(e, json);
                     true
                 })

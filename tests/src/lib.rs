@@ -527,7 +527,29 @@ impl TestCluster {
     /// Starts another dispatcher under the id `id` (as a restarted process
     /// keeps its id); returns its client.
     pub async fn add_dispatcher_as(&mut self, id: &str) -> anyhow::Result<SessionsClient<Channel>> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        self.add_dispatcher_on(id, "127.0.0.1:0".parse()?).await
+    }
+
+    /// Starts another dispatcher `id` listening on `addr` (e.g. the address
+    /// of one that stopped: a restart behind the same URL). Retries the
+    /// bind for a few seconds while the old listener lets go.
+    pub async fn add_dispatcher_on(
+        &mut self,
+        id: &str,
+        addr: SocketAddr,
+    ) -> anyhow::Result<SessionsClient<Channel>> {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, %addr, "address still taken; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let url = format!("http://{}", listener.local_addr()?);
         let mut cfg = self.dispatcher_cfg.clone();
         cfg.dispatcher_id = id.to_string();

@@ -4,7 +4,7 @@
 use berth_common::events::{self as ev, payload};
 use berth_proto::node::v1 as pb;
 
-use crate::session::{NewEvent, Resource, Runtime, Session, file_key, memory_key, snapshot_key};
+use crate::session::{NewEvent, Resource, Runtime, Session, file_key, memory_key};
 
 /// What the node needs to run `session`'s next run.
 pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
@@ -51,7 +51,14 @@ pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
     let mut spec = pb::SessionSpec {
         resume_id,
         restore_snapshot_key,
-        evict_snapshot_key: snapshot_key(session.id, session.snapshots + 1),
+        // Per run: a run nobody re-attached to may save it long after a
+        // newer run saved its own snapshot under the next number.
+        evict_snapshot_key: format!(
+            "sessions/{}/snapshots/{}-run{}.tar.zst",
+            session.id,
+            session.snapshots + 1,
+            session.epoch
+        ),
         checkpoint_key_prefix: format!("sessions/{}/checkpoints/", session.id),
         files,
         memory,

@@ -340,3 +340,116 @@ async fn a_checkpoint_after_each_turn_keeps_files_and_conversation_through_a_nod
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// The CLI's follower (`berth run`, `berth sessions events --follow`)
+/// rides through a rolling restart of the dispatcher behind its URL: the
+/// stream ends UNAVAILABLE, it reconnects from the last seq, and sees
+/// every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_follower_reconnects_through_a_restart_behind_its_url() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::builder().nodes(1).start().await?;
+    let addr: std::net::SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let mut c = cluster.add_dispatcher_on("behind-the-url-1", addr).await?;
+    cluster.sigterm_dispatcher().await?;
+    let s = c
+        .create_session(fake_session("echo ready"))
+        .await?
+        .into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    let seq = c
+        .send_message(pb::SendMessageRequest {
+            name: s.name.clone(),
+            text: "delay 3000 across the restart".into(),
+        })
+        .await?
+        .into_inner()
+        .seq;
+    // Follow through a client on the URL, as the CLI does.
+    let mut follower_client = c.clone();
+    let name = s.name.clone();
+    let follower = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut replied = false;
+        berth_cli::follow::follow(&mut follower_client, &name, 0, |e| {
+            replied |= e.r#type == "agent.message" && payload(e)["text"] == "across the restart";
+            seen.push(e.clone());
+            !(replied && e.r#type == "session.status_idle")
+        })
+        .await
+        .map(|()| seen)
+    });
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Running,
+        Duration::from_secs(30),
+    )
+    .await?;
+    // The dispatcher behind the URL is replaced.
+    cluster.sigterm_dispatcher_id("behind-the-url-1")?;
+    let _replacement = cluster.add_dispatcher_on("behind-the-url-2", addr).await?;
+    let seen = tokio::time::timeout(Duration::from_secs(60), follower).await???;
+    assert!(
+        seen.iter()
+            .any(|e| e.seq > seq && e.r#type == "agent.message")
+    );
+    for (i, e) in seen.iter().enumerate() {
+        assert_eq!(
+            e.seq,
+            i as i64 + 1,
+            "the follower missed or repeated an event"
+        );
+    }
+    cluster.shutdown().await
+}
+
+/// A node that stalls (as under SIGSTOP: its connections stop answering)
+/// mid-turn is judged down after its lease; the turn is lost, said so, and
+/// delivered again elsewhere. When the node comes back, its old run is
+/// fenced: it adds nothing to the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_loses_only_the_turn_in_flight_and_its_return_changes_nothing()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::builder().nodes(2).start().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(fake_session("echo ready"))
+        .await?
+        .into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    let ran_on = get(&mut c, &s.name).await?.node;
+    let seq = send_and_wait_running(&mut c, &s.name, "delay 3000 after the stall").await?;
+    let stalled = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == ran_on)
+        .expect("its node");
+    stalled.proxy.set_paused(true);
+    let mut replied = false;
+    let events = collect_until(&mut c, &s.name, seq, Duration::from_secs(60), |e| {
+        replied |= e.r#type == "agent.message" && payload(e)["text"] == "after the stall";
+        replied && e.r#type == "session.status_idle"
+    })
+    .await?;
+    assert!(events.iter().any(|e| e.r#type == "session.turn_lost"));
+    let moved = get(&mut c, &s.name).await?;
+    assert_ne!(moved.node, ran_on);
+    // The stalled node answers again: nothing of its old run lands.
+    stalled.proxy.set_paused(false);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = get(&mut c, &s.name).await?;
+    assert_eq!(
+        after.last_seq, moved.last_seq,
+        "the old run wrote to the log"
+    );
+    assert_eq!(after.epoch, moved.epoch);
+    assert_eq!(
+        turn(&mut c, &s.name, "echo still fine").await?,
+        "still fine"
+    );
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}

@@ -1,0 +1,4 @@
+//! What the `berth` CLI shares with programs that call the API the same
+//! way: following a session's events through dispatcher restarts.
+
+pub mod follow;
