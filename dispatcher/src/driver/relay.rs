@@ -241,29 +241,33 @@ impl<'a> Relay<'a> {
         let events = node_line(line);
         self.relayed.increment(events.len() as u64);
         let node_seq = i64::try_from(node_seq).unwrap_or(i64::MAX);
-        self.ctx
+        let Some(u) = turn_end else {
+            self.ctx
+                .log
+                .append_line_queued(id, epoch, events, node_seq, &self.persisted)
+                .await?;
+            return Ok(Flow::Continue);
+        };
+        let turn = usage::account(&self.runtime_totals, &u.into());
+        if turn.restarted {
+            tracing::warn!(before = ?self.runtime_totals, after = ?turn.totals,
+                "the runtime's running totals went down: its conversation restarted; this turn counts from zero");
+        }
+        self.runtime_totals = turn.totals.clone();
+        crate::metrics::record_usage(&turn);
+        // The line and its turn commit together: a dispatcher that dies
+        // in between leaves neither, and the next owner is sent the line
+        // again when it re-attaches.
+        let usage = self
+            .ctx
             .log
-            .append_line_queued(id, epoch, events, node_seq, &self.persisted)
+            .append_line_with_usage(id, epoch, events, node_seq, &self.persisted, turn)
             .await?;
-        // (Known window: the line's events move the re-attach cursor when
-        // they are committed; were this dispatcher to die between that and
-        // the usage below, a re-attached owner would not see the line again
-        // and this turn's usage row would be missing. Milliseconds wide.)
-        if let Some(u) = turn_end {
-            let turn = usage::account(&self.runtime_totals, &u.into());
-            if turn.restarted {
-                tracing::warn!(before = ?self.runtime_totals, after = ?turn.totals,
-                    "the runtime's running totals went down: its conversation restarted; this turn counts from zero");
-            }
-            self.runtime_totals = turn.totals.clone();
-            crate::metrics::record_usage(&turn);
-            let usage = self.ctx.log.record_usage(id, turn).await?;
-            self.check_budget(&usage).await?;
-            self.open_turns = self.open_turns.saturating_sub(1);
-            if self.open_turns == 0 {
-                self.transition(StatusEvent::TurnEnded, "", StatusDetail::default())
-                    .await?;
-            }
+        self.check_budget(&usage).await?;
+        self.open_turns = self.open_turns.saturating_sub(1);
+        if self.open_turns == 0 {
+            self.transition(StatusEvent::TurnEnded, "", StatusDetail::default())
+                .await?;
         }
         Ok(Flow::Continue)
     }

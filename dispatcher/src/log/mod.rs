@@ -55,7 +55,9 @@ enum Op {
         appends: Vec<Append>,
         queued: std::time::Instant,
     },
-    Usage {
+    /// A line that ends a turn, and the turn: committed together.
+    LineTurn {
+        appends: Vec<Append>,
         session: Uuid,
         turn: Turn,
         done: oneshot::Sender<Result<UsageRecorded>>,
@@ -172,6 +174,39 @@ impl EventLog {
         .await
     }
 
+    /// Appends the events of a line that ends a turn (like
+    /// [`Self::append_line_queued`]) together with the turn's usage, in one
+    /// transaction, and waits: a line is never persisted without its usage.
+    pub(crate) async fn append_line_with_usage(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        events: Vec<NewEvent>,
+        node_seq: i64,
+        persisted: &Arc<std::sync::atomic::AtomicI64>,
+        turn: Turn,
+    ) -> Result<UsageRecorded> {
+        let appends = events
+            .into_iter()
+            .map(|event| Append {
+                session,
+                epoch: Some(epoch),
+                event,
+                node_seq: Some(node_seq),
+                persisted: Some(persisted.clone()),
+            })
+            .collect();
+        let (done, rx) = oneshot::channel();
+        self.submit(Op::LineTurn {
+            appends,
+            session,
+            turn,
+            done,
+        })
+        .await?;
+        rx.await.map_err(writer_stopped)?
+    }
+
     /// Applies a status change, ordered after everything queued before it.
     pub(crate) async fn transition(
         &self,
@@ -214,20 +249,6 @@ impl EventLog {
             event,
             reason: reason.to_string(),
             detail,
-            done,
-        })
-        .await?;
-        rx.await.map_err(writer_stopped)?
-    }
-
-    /// Records an accounted turn with the runtime's running totals after it,
-    /// ordered after everything queued before it; returns the session's
-    /// totals after it.
-    pub(crate) async fn record_usage(&self, session: Uuid, turn: Turn) -> Result<UsageRecorded> {
-        let (done, rx) = oneshot::channel();
-        self.submit(Op::Usage {
-            session,
-            turn,
             done,
         })
         .await?;

@@ -87,17 +87,38 @@ pub(super) async fn run(
                         batch.done.push(None);
                     }
                 }
-                Op::Usage {
+                Op::LineTurn {
+                    appends,
                     session,
                     turn,
                     done,
                 } => {
                     w.flush(&mut batch).await;
-                    let r = w.retry(|| w.store.record_usage(session, &turn)).await;
-                    if let Ok(u) = &r {
-                        metrics::counter!(m::EVENTS_PERSISTED).increment(1);
-                        w.hub.publish(&[Arc::new(u.event.clone())]);
-                    }
+                    let r = w
+                        .retry(|| w.store.append_with_usage(&appends, session, &turn))
+                        .await;
+                    let r = match r {
+                        Ok((stored, usage)) => {
+                            let events = appends
+                                .into_iter()
+                                .zip(stored)
+                                .map(|(a, at)| {
+                                    mark_persisted(&a);
+                                    (Arc::new(a.into_event(at)), None)
+                                })
+                                .collect();
+                            w.persisted(events);
+                            metrics::counter!(m::EVENTS_PERSISTED).increment(1);
+                            w.hub.publish(&[Arc::new(usage.event.clone())]);
+                            Ok(usage)
+                        }
+                        Err(e) => {
+                            if let Some(a) = appends.first() {
+                                report(a, same(&e), None);
+                            }
+                            Err(e)
+                        }
+                    };
                     let _ = done.send(r);
                 }
             }

@@ -236,44 +236,31 @@ impl Store {
     /// gone, or has moved to another epoch) nothing of that session is
     /// stored and the error says why for the first such event.
     pub(crate) async fn append(&self, batch: &[Append]) -> Result<Vec<Stored>> {
-        let rows: Vec<(Uuid, i64, Uuid, DateTime<Utc>)> = sqlx::query_as(sql::APPEND_EVENTS)
-            .bind(batch.iter().map(|a| a.session).collect::<Vec<_>>())
-            .bind(batch.iter().map(|a| a.event.id).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|a| a.event.kind.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                batch
-                    .iter()
-                    .map(|a| a.event.payload.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(batch.iter().map(|a| a.epoch).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|a| a.event.raw.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(batch.iter().map(|a| a.event.line_part).collect::<Vec<_>>())
-            .bind(batch.iter().map(|a| a.node_seq).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
-            .await?;
-        let by_id: std::collections::HashMap<Uuid, Stored> = rows
-            .into_iter()
-            .map(|(_, seq, id, create_time)| (id, Stored { seq, create_time }))
-            .collect();
-        let out: Option<Vec<Stored>> = batch
-            .iter()
-            .map(|a| by_id.get(&a.event.id).copied())
-            .collect();
-        match out {
+        let by_id = append_rows(&self.pool, batch).await?;
+        match placed(batch, &by_id) {
             Some(out) => Ok(out),
             None => Err(self.refused(batch, &by_id).await),
         }
+    }
+
+    /// Appends the events of one line that ends a turn and records the
+    /// turn, in one transaction: the line never lands without its usage
+    /// (the re-attach cursor moves with both, or neither).
+    pub(crate) async fn append_with_usage(
+        &self,
+        batch: &[Append],
+        id: Uuid,
+        turn: &Turn,
+    ) -> Result<(Vec<Stored>, UsageRecorded)> {
+        let mut tx = self.pool.begin().await?;
+        let by_id = append_rows(&mut *tx, batch).await?;
+        let Some(stored) = placed(batch, &by_id) else {
+            tx.rollback().await?;
+            return Err(self.refused(batch, &by_id).await);
+        };
+        let usage = record_usage_in(&mut tx, id, turn).await?;
+        tx.commit().await?;
+        Ok((stored, usage))
     }
 
     /// Why a batch stored nothing of some session. A stale epoch comes
@@ -304,91 +291,6 @@ impl Store {
         }
         first.unwrap_or_else(|| {
             Error::Internal("an append was refused though its session is at its epoch".into())
-        })
-    }
-
-    /// Records an accounted turn (see [`crate::session::usage`]) with the
-    /// runtime's running totals after it: the session's totals, a row per
-    /// model for the turn, the session's per-model totals, and a
-    /// `session.usage` event carrying the turn and the totals. One
-    /// transaction; returns the event and the session's totals after it.
-    pub(crate) async fn record_usage(&self, id: Uuid, turn: &Turn) -> Result<UsageRecorded> {
-        let u = &turn.usage;
-        let mut tx = self.pool.begin().await?;
-        let row: TurnRow = sqlx::query_as(sql::ADD_TURN)
-            .bind(id)
-            .bind(u.input_tokens)
-            .bind(u.output_tokens)
-            .bind(u.cache_read_input_tokens)
-            .bind(u.cache_creation_input_tokens)
-            .bind(u.cost_usd)
-            .bind(Json(&turn.totals))
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
-        let models = &turn.models;
-        let col = |f: fn(&Figures) -> i64| models.iter().map(|m| f(&m.figures)).collect::<Vec<_>>();
-        sqlx::query(sql::ADD_TURN_MODELS)
-            .bind(id)
-            .bind(row.turns)
-            .bind(models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>())
-            .bind(col(|f| f.input_tokens))
-            .bind(col(|f| f.output_tokens))
-            .bind(col(|f| f.cache_read_input_tokens))
-            .bind(col(|f| f.cache_creation_input_tokens))
-            .bind(
-                models
-                    .iter()
-                    .map(|m| m.figures.cost_usd)
-                    .collect::<Vec<_>>(),
-            )
-            .execute(&mut *tx)
-            .await?;
-        let by_model: Vec<ModelRow> = sqlx::query_as(sql::SESSION_MODELS)
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await?;
-        let totals = payload::UsageTotals {
-            turns: row.turns,
-            figures: Figures {
-                input_tokens: row.input_tokens,
-                output_tokens: row.output_tokens,
-                cache_read_input_tokens: row.cache_read_input_tokens,
-                cache_creation_input_tokens: row.cache_creation_input_tokens,
-                cost_usd: row.cost_usd,
-            },
-            models: by_model.into_iter().map(ModelFigures::from).collect(),
-        };
-        let body = payload::to_json(&payload::Usage {
-            turn: payload::TurnFigures {
-                number: row.turns,
-                model: turn.model.clone(),
-                figures: u.clone(),
-                models: models.clone(),
-            },
-            total: totals.clone(),
-        });
-        let event_id = Uuid::now_v7();
-        let (create_time, _): (DateTime<Utc>, bool) = sqlx::query_as(sql::LOG_USAGE)
-            .bind(id)
-            .bind(row.seq)
-            .bind(event_id)
-            .bind(&body)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(UsageRecorded {
-            event: Event {
-                session_id: id,
-                seq: row.seq,
-                id: event_id,
-                kind: ev::SESSION_USAGE.into(),
-                create_time,
-                payload: body,
-                raw: None,
-                line_seq: 0,
-            },
-            totals,
         })
     }
 
@@ -425,4 +327,139 @@ impl Store {
             .await?;
         Ok(r.rows_affected())
     }
+}
+
+/// Runs [`sql::APPEND_EVENTS`]; returns where each stored event landed, by id.
+async fn append_rows<'e, E: sqlx::PgExecutor<'e>>(
+    ex: E,
+    batch: &[Append],
+) -> Result<std::collections::HashMap<Uuid, Stored>> {
+    let rows: Vec<(Uuid, i64, Uuid, DateTime<Utc>)> = sqlx::query_as(sql::APPEND_EVENTS)
+        .bind(batch.iter().map(|a| a.session).collect::<Vec<_>>())
+        .bind(batch.iter().map(|a| a.event.id).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|a| a.event.kind.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|a| a.event.payload.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(batch.iter().map(|a| a.epoch).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|a| a.event.raw.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(batch.iter().map(|a| a.event.line_part).collect::<Vec<_>>())
+        .bind(batch.iter().map(|a| a.node_seq).collect::<Vec<_>>())
+        .fetch_all(ex)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(_, seq, id, create_time)| (id, Stored { seq, create_time }))
+        .collect())
+}
+
+/// Where each event of `batch` landed, in batch order; `None` when any was
+/// refused.
+fn placed(
+    batch: &[Append],
+    by_id: &std::collections::HashMap<Uuid, Stored>,
+) -> Option<Vec<Stored>> {
+    batch
+        .iter()
+        .map(|a| by_id.get(&a.event.id).copied())
+        .collect()
+}
+
+/// Records an accounted turn (see [`crate::session::usage`]) inside `tx`,
+/// with the runtime's running totals after it: the session's totals, a row
+/// per model for the turn, the session's per-model totals, and a
+/// `session.usage` event carrying the turn and the totals.
+async fn record_usage_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: Uuid,
+    turn: &Turn,
+) -> Result<UsageRecorded> {
+    let u = &turn.usage;
+    let row: TurnRow = sqlx::query_as(sql::ADD_TURN)
+        .bind(id)
+        .bind(u.input_tokens)
+        .bind(u.output_tokens)
+        .bind(u.cache_read_input_tokens)
+        .bind(u.cache_creation_input_tokens)
+        .bind(u.cost_usd)
+        .bind(Json(&turn.totals))
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+    let models = &turn.models;
+    let col = |f: fn(&Figures) -> i64| models.iter().map(|m| f(&m.figures)).collect::<Vec<_>>();
+    sqlx::query(sql::ADD_TURN_MODELS)
+        .bind(id)
+        .bind(row.turns)
+        .bind(models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>())
+        .bind(col(|f| f.input_tokens))
+        .bind(col(|f| f.output_tokens))
+        .bind(col(|f| f.cache_read_input_tokens))
+        .bind(col(|f| f.cache_creation_input_tokens))
+        .bind(
+            models
+                .iter()
+                .map(|m| m.figures.cost_usd)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+    let by_model: Vec<ModelRow> = sqlx::query_as(sql::SESSION_MODELS)
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await?;
+    let totals = payload::UsageTotals {
+        turns: row.turns,
+        figures: Figures {
+            input_tokens: row.input_tokens,
+            output_tokens: row.output_tokens,
+            cache_read_input_tokens: row.cache_read_input_tokens,
+            cache_creation_input_tokens: row.cache_creation_input_tokens,
+            cost_usd: row.cost_usd,
+        },
+        models: by_model.into_iter().map(ModelFigures::from).collect(),
+    };
+    let body = payload::to_json(&payload::Usage {
+        turn: payload::TurnFigures {
+            number: row.turns,
+            model: turn.model.clone(),
+            figures: u.clone(),
+            models: models.clone(),
+        },
+        total: totals.clone(),
+    });
+    let event_id = Uuid::now_v7();
+    let (create_time, _): (DateTime<Utc>, bool) = sqlx::query_as(sql::LOG_USAGE)
+        .bind(id)
+        .bind(row.seq)
+        .bind(event_id)
+        .bind(&body)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(UsageRecorded {
+        event: Event {
+            session_id: id,
+            seq: row.seq,
+            id: event_id,
+            kind: ev::SESSION_USAGE.into(),
+            create_time,
+            payload: body,
+            raw: None,
+            line_seq: 0,
+        },
+        totals,
+    })
 }
