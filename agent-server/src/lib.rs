@@ -145,7 +145,7 @@ async fn serve(
     tls: Option<TlsMaterial>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (reporter, health, reflection) = health_and_reflection()?;
+    let (reporter, health, reflection) = health_and_reflection(&["berth.node.v1"])?;
     reporter
         .set_serving::<AgentServerServer<api::NodeApi>>()
         .await;

@@ -7,8 +7,12 @@ use tonic_health::server::HealthReporter;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The `grpc.health.v1` service and its reporter, plus gRPC reflection over
-/// berth's protos and the health proto, so `grpcurl` can list and call them.
-pub fn health_and_reflection() -> anyhow::Result<(
+/// the protos of `packages` (e.g. `berth.v1` on the dispatcher's public
+/// port: it lists nothing of the node API) and the health proto, so
+/// `grpcurl` can list and call them.
+pub fn health_and_reflection(
+    packages: &[&str],
+) -> anyhow::Result<(
     HealthReporter,
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     tonic_reflection::server::v1::ServerReflectionServer<
@@ -17,8 +21,35 @@ pub fn health_and_reflection() -> anyhow::Result<(
 )> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(served(packages)?)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     Ok((reporter, health, reflection))
+}
+
+/// berth's descriptors of `packages`, with the well-known types they use.
+fn served(packages: &[&str]) -> anyhow::Result<prost_types::FileDescriptorSet> {
+    use prost::Message;
+    let mut set = prost_types::FileDescriptorSet::decode(berth_proto::FILE_DESCRIPTOR_SET)?;
+    set.file.retain(|f| {
+        let package = f.package();
+        package.starts_with("google.protobuf") || packages.contains(&package)
+    });
+    Ok(set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_public_descriptors_hold_nothing_of_the_node_api() {
+        let set = served(&["berth.v1"]).expect("descriptors");
+        let packages: Vec<&str> = set.file.iter().map(|f| f.package()).collect();
+        assert!(packages.contains(&"berth.v1"));
+        assert!(
+            !packages.iter().any(|p| p.starts_with("berth.node")),
+            "{packages:?}"
+        );
+    }
 }

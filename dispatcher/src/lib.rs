@@ -118,7 +118,7 @@ pub async fn run(
         .run(),
     );
 
-    let (reporter, health, reflection) = health_and_reflection()?;
+    let (reporter, health, reflection) = health_and_reflection(&["berth.v1"])?;
     reporter
         .set_serving::<SessionsServer<api::sessions::SessionsService>>()
         .await;
