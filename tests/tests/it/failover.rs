@@ -38,8 +38,33 @@ async fn send_and_wait_running(
     Ok(seq)
 }
 
-/// Every agent line arrived once, and the log is gapless.
+/// Every agent line arrived once, the log is gapless, and no two owners
+/// ever drove the session at once: each placement (a `starting` with its
+/// epoch) is at a newer epoch than the last, and every running run's
+/// events come after its own placement.
 fn assert_no_loss_no_duplicate(events: &[pb::Event]) {
+    let mut epoch = 0;
+    for e in events
+        .iter()
+        .filter(|e| e.r#type == "session.status_starting")
+    {
+        let next = payload(e)["epoch"].as_i64().unwrap_or(0);
+        assert!(next > epoch, "placed twice at epoch {next}");
+        epoch = next;
+    }
+    let claims = events
+        .iter()
+        .filter(|e| e.r#type == "session.status_starting")
+        .count();
+    let started = events
+        .iter()
+        .filter(|e| e.r#type == "session.status_running" || e.r#type == "session.status_idle")
+        .filter(|e| payload(e)["epoch"].is_i64())
+        .count();
+    assert!(
+        started <= claims,
+        "more runs started ({started}) than placements ({claims})"
+    );
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as i64 + 1, "seq gap at {}", e.seq);
     }
