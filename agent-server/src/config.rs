@@ -93,10 +93,12 @@ pub struct Config {
     )]
     pub keepalive_cmd: Vec<String>,
 
-    /// Docker network mode of session containers (`none`: loopback only).
-    /// Empty: Docker's default network. Containers need no network of their
-    /// own: files, git clones and snapshots move through the node.
-    #[arg(long, env = "BERTH_CONTAINER_NETWORK", default_value = "")]
+    /// Docker network mode of session containers. The default, `none`,
+    /// gives them only their own loopback: sandboxes reach nothing they were
+    /// not granted. Containers need no network of their own (files, git
+    /// clones and snapshots move through the node). A network name (e.g.
+    /// `bridge`) gives them that network; empty: Docker's default.
+    #[arg(long, env = "BERTH_CONTAINER_NETWORK", default_value = "none")]
     pub container_network: String,
 
     /// Longest runtime output line kept whole, in bytes (at most 6 MiB).

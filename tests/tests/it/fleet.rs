@@ -247,9 +247,20 @@ async fn warm_and_cold_starts_carry_no_session_env_and_the_pool_refills() -> any
         assert!(!warm, "session {} has no pool and must start cold", s.name);
     }
 
-    // Every container, spare or claimed, holds no session env: it enters at exec.
+    // Every container, spare or claimed, holds no session env (it enters
+    // at exec) and, by default, no network but its own loopback.
     for id in containers_with(&node, "berth.managed=true").await? {
         let (env, _) = inspect(&id).await?;
+        let network = docker
+            .inspect_container(
+                &id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await?
+            .host_config
+            .and_then(|h| h.network_mode)
+            .unwrap_or_default();
+        assert_eq!(network, "none", "container {id} has a network");
         assert!(
             !env.iter()
                 .any(|e| e.contains("BERTH_TEST_SECRET") || e.contains("s3cr3t")),
