@@ -453,3 +453,71 @@ async fn api_errors_surface_as_events_and_cost_nothing_extra() -> anyhow::Result
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// The real CLI rides through the loss of its dispatcher: killed mid-turn
+/// (as `kill -9`), the next owner re-attaches to the same CLI process and
+/// the turn ends with its reply, billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_cli_keeps_its_turn_when_its_dispatcher_is_killed() -> anyhow::Result<()> {
+    let mut cluster = cluster().await?;
+    let mut killable = cluster.add_killable_dispatcher("claude-killable")?;
+    for _ in 0..100 {
+        let req = pb::ListSessionsRequest {
+            page_size: 1,
+            ..Default::default()
+        };
+        if killable.client.list_sessions(req).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.sigterm_dispatcher().await?;
+    let s = killable
+        .client
+        .create_session(claude_session("say ready"))
+        .await?
+        .into_inner();
+    reply_after(&mut killable.client, &s.name, 0).await?;
+    let mut other = cluster.add_dispatcher().await?;
+    // 20 deltas 200 ms apart: four seconds of streaming.
+    let seq = other
+        .send_message(pb::SendMessageRequest {
+            name: s.name.clone(),
+            text: "slow 20".into(),
+        })
+        .await?
+        .into_inner()
+        .seq;
+    wait_for_status(
+        &mut other,
+        &s.name,
+        pb::SessionStatus::Running,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let before = containers_of(&s.id).await?;
+    assert_eq!(before.len(), 1);
+    killable.kill();
+    let reply = reply_after(&mut other, &s.name, seq).await?;
+    assert_eq!(
+        reply.matches("slow").count(),
+        20,
+        "the turn was cut: {reply}"
+    );
+    let events = events_of(&mut other, &s.name).await?;
+    assert!(!events.iter().any(|e| e.r#type == "session.turn_lost"));
+    assert_eq!(
+        containers_of(&s.id).await?,
+        before,
+        "the CLI went on in the same container"
+    );
+    let results: Vec<&pb::Event> = events
+        .iter()
+        .filter(|e| e.r#type == "agent.result")
+        .collect();
+    assert_eq!(results.len(), 2);
+    assert_billed_as_the_cli_says(&mut other, &s.name).await?;
+    stop_and_wait(&mut other, &s.name).await?;
+    drop(killable);
+    cluster.shutdown().await
+}
