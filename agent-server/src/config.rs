@@ -63,6 +63,13 @@ pub struct Config {
     #[arg(long, env = "BERTH_GIT", default_value = "git")]
     pub git_bin: String,
 
+    /// Hosts (`HOST` or `HOST:PORT`, comma-separated) git resources may come
+    /// from besides public `https://` hosts (which must also resolve to
+    /// public addresses): allowlisted ones may be internal and use
+    /// `http://`, `git://` or `ssh://`. Host paths and `file://` never.
+    #[arg(long, env = "BERTH_GIT_ALLOW_HOSTS", value_delimiter = ',')]
+    pub git_allow_hosts: Vec<String>,
+
     /// Longest a git clone may take, in seconds.
     #[arg(long, env = "BERTH_GIT_TIMEOUT", value_parser = parse_secs, default_value = "120")]
     pub git_timeout: Duration,
@@ -242,6 +249,8 @@ pub struct WorkspaceConfig {
     pub git_bin: String,
     /// Longest a git clone may take.
     pub git_timeout: Duration,
+    /// Hosts git resources may come from beyond public https.
+    pub git_allow: Vec<String>,
 }
 
 /// How long evicted sessions get to save their snapshots before the node
@@ -342,6 +351,7 @@ impl Config {
             snapshot_max_bytes: self.snapshot_max_bytes,
             git_bin: self.git_bin.clone(),
             git_timeout: self.git_timeout,
+            git_allow: self.git_allow_hosts.clone(),
         }
     }
 

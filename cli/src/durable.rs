@@ -135,6 +135,7 @@ pub struct SessionOpts {
     #[arg(long = "memory", value_parser = key_value)]
     pub memory: Vec<(String, String)>,
     /// Clone a git repository into the container: PATH=URL, or PATH=URL#REF
+    /// (an https:// URL, or a host the deployment allowlists)
     /// for a branch, tag or commit. Repeatable.
     #[arg(long = "git", value_parser = key_value)]
     pub git: Vec<(String, String)>,

@@ -107,6 +107,13 @@ pub struct Config {
     #[arg(long, env = "BERTH_INACTIVITY_TIMEOUT", value_parser = berth_common::time::parse_secs)]
     pub inactivity_timeout: Option<Duration>,
 
+    /// Hosts (`HOST` or `HOST:PORT`, comma-separated) git resources may come
+    /// from besides public `https://` hosts: allowlisted ones may be
+    /// internal and use `http://`, `git://` or `ssh://`. Host paths and
+    /// `file://` are never allowed. Nodes check the same with their own list.
+    #[arg(long, env = "BERTH_GIT_ALLOW_HOSTS", value_delimiter = ',')]
+    pub git_allow_hosts: Vec<String>,
+
     /// Deliver again the input of a turn lost with its node: the session,
     /// placed anew, gets the message(s) of the unfinished turn again after a
     /// `session.turn_lost` event. `false`: the event only.

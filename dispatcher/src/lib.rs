@@ -143,6 +143,7 @@ pub async fn run(
             log,
             objects,
             nodes: nodes.clone(),
+            git_allow: cfg.git_allow_hosts.clone(),
             queue_timeout: Some(cfg.queue_timeout).filter(|t| !t.is_zero()),
         },
         shutdown: shutdown.clone(),

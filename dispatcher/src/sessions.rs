@@ -19,6 +19,8 @@ pub(crate) struct Sessions {
     pub objects: berth_common::objects::ObjectStore,
     /// The fleet, for what its nodes can give a session.
     pub nodes: Arc<crate::nodes::Nodes>,
+    /// Hosts git resources may come from beyond public https.
+    pub git_allow: Vec<String>,
     /// The deployment's queue timeout, for sessions that set none.
     pub queue_timeout: Option<std::time::Duration>,
 }
@@ -50,6 +52,11 @@ impl Sessions {
             new.pinned = Some((a.id, a.version));
         }
         self.check_fleet_limits(&new)?;
+        for r in &new.resources {
+            if let Resource::Git { url, .. } = r {
+                berth_common::spec::check_git_source("resources.git.url", url, &self.git_allow)?;
+            }
+        }
         for r in &new.resources {
             match r {
                 Resource::Memory { .. } if new.pinned.is_none() => {

@@ -8,6 +8,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod git_http;
 pub mod pg;
 pub mod s3;
 

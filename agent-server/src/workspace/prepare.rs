@@ -104,9 +104,42 @@ pub async fn prepare(
     Ok(())
 }
 
+/// The node's own check of a git source: the shared rules, and a host name
+/// that resolves to an internal address is refused too (unless allowlisted).
+async fn check_source(cfg: &WorkspaceConfig, url: &str) -> Result<(), String> {
+    berth_common::spec::check_git_source("git.url", url, &cfg.git_allow)
+        .map_err(|e| format!("git repository {url}: {}", e.message))?;
+    let authority = url
+        .split_once("://")
+        .map(|(_, r)| r.split(['/', '?', '#']).next().unwrap_or_default())
+        .unwrap_or_default();
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    if cfg
+        .git_allow
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(hostport) || a.eq_ignore_ascii_case(host))
+    {
+        return Ok(());
+    }
+    let addrs = tokio::net::lookup_host((host.trim_matches(['[', ']']), 443))
+        .await
+        .map_err(|e| format!("git repository {url}: cannot resolve {host}: {e}"))?;
+    for a in addrs {
+        if berth_common::spec::is_internal_ip(a.ip()) {
+            return Err(format!(
+                "git repository {url}: {host} resolves to the internal address {}; not cloned",
+                a.ip()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Clones `g` on the node (the container has no network or git) and returns
 /// a tar of the checkout placed at its path relative to its volume.
 async fn clone_repo(cfg: &WorkspaceConfig, g: &GitClone) -> Result<Bytes, String> {
+    check_source(cfg, &g.url).await?;
     let layout = &cfg.layout;
     let (_, rel) = layout.volume_of(&g.path)?;
     let dir = std::env::temp_dir().join(format!("berth-git-{}", uuid::Uuid::new_v4().simple()));

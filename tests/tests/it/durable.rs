@@ -250,7 +250,19 @@ async fn a_read_write_memory_store_outlives_its_session() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyhow::Result<()> {
-    let cluster = TestCluster::builder().nodes(1).capacity(4).start().await?;
+    // Repositories come from a git server on loopback, which the dispatcher
+    // and the node allowlist explicitly (internal hosts are refused else).
+    let served = std::env::temp_dir().join(format!("berth-git-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&served)?;
+    let server = berth_tests::git_http::GitServer::start(served.clone()).await?;
+    let (allow_d, allow_n) = (server.host(), server.host());
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .capacity(4)
+        .configure_dispatcher(move |cfg| cfg.git_allow_hosts = vec![allow_d.clone()])
+        .configure_node(move |_, cfg, _| cfg.git_allow_hosts = vec![allow_n.clone()])
+        .start()
+        .await?;
     let mut c = cluster.client();
     let f = files(&cluster)?
         .upload_file(pb::UploadFileRequest {
@@ -291,6 +303,15 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
     std::fs::write(repo.join("README.md"), "feature branch")?;
     git(&["commit", "-qam", "feature"])?;
     git(&["checkout", "-q", "main"])?;
+    // Published as a bare repository over git's dumb HTTP.
+    let bare = served.join("repo.git");
+    git(&["clone", "-q", "--bare", ".", &bare.to_string_lossy()])?;
+    let out = std::process::Command::new("git")
+        .args(["update-server-info"])
+        .current_dir(&bare)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "update-server-info failed");
+    let repo_url = server.url("repo.git");
     let resources = vec![
         pb::Resource {
             kind: Some(pb::resource::Kind::File(pb::FileResource {
@@ -300,7 +321,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
         },
         pb::Resource {
             kind: Some(pb::resource::Kind::Git(pb::GitResource {
-                url: repo.display().to_string(),
+                url: repo_url.clone(),
                 r#ref: "feature".into(),
                 path: "/workspace/repo".into(),
             })),
@@ -347,7 +368,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
         .create_session(pb::CreateSessionRequest {
             resources: vec![pb::Resource {
                 kind: Some(pb::resource::Kind::Git(pb::GitResource {
-                    url: repo.display().to_string(),
+                    url: repo_url.clone(),
                     r#ref: String::new(),
                     path: "/workspace/../etc".into(),
                 })),
@@ -361,12 +382,41 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
         "{}",
         outside.message()
     );
+    // Host paths, file:// and internal hosts not allowlisted are refused
+    // at creation, naming the field.
+    for url in [
+        repo.display().to_string(),
+        format!("file://{}", bare.display()),
+        "http://127.0.0.1:1/repo.git".to_string(),
+        "https://10.0.0.1/repo.git".to_string(),
+    ] {
+        let e = c
+            .create_session(pb::CreateSessionRequest {
+                resources: vec![pb::Resource {
+                    kind: Some(pb::resource::Kind::Git(pb::GitResource {
+                        url: url.clone(),
+                        r#ref: String::new(),
+                        path: "/workspace/repo".into(),
+                    })),
+                }],
+                ..fake_session("echo x")
+            })
+            .await
+            .expect_err("a git source that is not allowed");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{url}");
+        assert!(
+            e.message().contains("resources.git.url"),
+            "{url}: {}",
+            e.message()
+        );
+    }
     // An unreadable repository fails the start with the reason; nothing leaks.
+    let missing = server.url("nonexistent.git");
     let bad = c
         .create_session(pb::CreateSessionRequest {
             resources: vec![pb::Resource {
                 kind: Some(pb::resource::Kind::Git(pb::GitResource {
-                    url: "/nonexistent/repo".into(),
+                    url: missing.clone(),
                     r#ref: String::new(),
                     path: "/workspace/repo".into(),
                 })),
@@ -385,12 +435,13 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
     assert!(
         failed
             .status_reason
-            .contains("git repository /nonexistent/repo"),
+            .contains(&format!("git repository {missing}")),
         "{}",
         failed.status_reason
     );
     no_containers_left(&bad.id).await?;
     let _ = std::fs::remove_dir_all(&repo);
+    let _ = std::fs::remove_dir_all(&served);
     cluster.shutdown().await
 }
 

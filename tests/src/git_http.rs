@@ -1,0 +1,62 @@
+//! A git server on loopback for git resources in tests: bare repositories
+//! served over git's "dumb" HTTP protocol (static files). Clusters that use
+//! it allowlist its address explicitly (`--git-allow-hosts`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tokio_util::sync::CancellationToken;
+
+pub struct GitServer {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl GitServer {
+    /// Serves the files under `root` (bare repositories made ready with
+    /// `git update-server-info`).
+    pub async fn start(root: PathBuf) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::get(file))
+            .with_state(root);
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+        });
+        Ok(Self { addr, stop })
+    }
+
+    /// The URL of repository `name` (a directory under the root).
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{name}", self.addr)
+    }
+
+    /// What a cluster allowlists to reach it: `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn file(State(root): State<PathBuf>, Path(path): Path<String>) -> impl IntoResponse {
+    if path.split('/').any(|p| p == ".." || p.is_empty()) {
+        return (StatusCode::BAD_REQUEST, Vec::new());
+    }
+    match tokio::fs::read(root.join(&path)).await {
+        Ok(bytes) => (StatusCode::OK, bytes),
+        Err(_) => (StatusCode::NOT_FOUND, Vec::new()),
+    }
+}
