@@ -266,6 +266,14 @@ impl AgentServer for NodeApi {
         }))
     }
 
+    async fn undrain(
+        &self,
+        _: Request<pb::UndrainRequest>,
+    ) -> Result<Response<pb::UndrainResponse>, Status> {
+        self.node.undrain().map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::UndrainResponse {}))
+    }
+
     async fn list_sessions(
         &self,
         _: Request<pb::ListNodeSessionsRequest>,

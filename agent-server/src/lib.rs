@@ -149,13 +149,28 @@ async fn serve(
     reporter
         .set_serving::<AgentServerServer<api::NodeApi>>()
         .await;
-    // grpc.health.v1 watchers see a draining node as NOT_SERVING.
+    // grpc.health.v1 watchers see a draining node as NOT_SERVING (and
+    // SERVING again once undrained).
     let mut load = node.watch_load();
     tokio::spawn(async move {
-        if load.wait_for(|l| l.draining).await.is_ok() {
-            reporter
-                .set_not_serving::<AgentServerServer<api::NodeApi>>()
-                .await;
+        let mut draining = false;
+        loop {
+            let now = load.borrow_and_update().draining;
+            if now != draining {
+                draining = now;
+                if draining {
+                    reporter
+                        .set_not_serving::<AgentServerServer<api::NodeApi>>()
+                        .await;
+                } else {
+                    reporter
+                        .set_serving::<AgentServerServer<api::NodeApi>>()
+                        .await;
+                }
+            }
+            if load.changed().await.is_err() {
+                return;
+            }
         }
     });
     let svc = AgentServerServer::new(api::NodeApi::new(node.clone()))

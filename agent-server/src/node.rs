@@ -82,6 +82,8 @@ pub struct Node {
     pub workspace: WorkspaceConfig,
     sessions: Mutex<HashMap<String, RunningSession>>,
     draining: AtomicBool,
+    /// Set by a drain for shutdown, which no undrain ends.
+    shutting_down: AtomicBool,
     load: Arc<watch::Sender<Load>>,
     pub pools: Arc<Pools>,
     /// Session slots: the configured capacity, bounded by memory.
@@ -131,6 +133,7 @@ impl Node {
             objects,
             sessions: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
             load,
             pools,
             capacity,
@@ -223,6 +226,20 @@ impl Node {
         self.sessions().len() as u32
     }
 
+    /// Ends a drain (`UndrainNode`): sessions are accepted again and the
+    /// warm pools refill. Refused while the node is shutting down.
+    pub fn undrain(&self) -> Result<(), &'static str> {
+        if self.shutting_down.load(Ordering::SeqCst) || self.shutdown.is_cancelled() {
+            return Err("the node is shutting down");
+        }
+        if self.draining.swap(false, Ordering::SeqCst) {
+            tracing::info!("undrained: taking sessions and refilling warm pools again");
+        }
+        self.pools.restart();
+        self.load.send_modify(|l| l.draining = false);
+        Ok(())
+    }
+
     /// Drains the node for a shutdown (SIGTERM): no new sessions; running
     /// ones get `deadline` to finish, then are stopped with a snapshot (the
     /// dispatcher places them again). Returns once no session holds a slot,
@@ -232,6 +249,7 @@ impl Node {
         deadline: std::time::Duration,
         grace: std::time::Duration,
     ) {
+        self.shutting_down.store(true, Ordering::SeqCst);
         let running = self.drain();
         tracing::info!(running, deadline = ?deadline, "draining for shutdown: waiting for running sessions to finish");
         if tokio::time::timeout(deadline, self.wait_idle())

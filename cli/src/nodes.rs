@@ -21,9 +21,14 @@ pub(crate) enum NodesCmd {
         /// The node's name, URL, host or address, as `berth nodes` shows them.
         node: String,
     },
+    /// Take a drained node back: it accepts sessions and refills its pools.
+    Undrain {
+        /// The node's name, URL, host or address, as `berth nodes` shows them.
+        node: String,
+    },
 }
 
-/// Runs `berth nodes [list|drain NODE]` against dispatcher `d`.
+/// Runs `berth nodes [list|drain NODE|undrain NODE]` against dispatcher `d`.
 pub(crate) async fn run(
     mut client: NodesClient<Channel>,
     d: &str,
@@ -62,6 +67,18 @@ pub(crate) async fn run(
                     "{node} is draining; {} session(s) still running there",
                     r.running
                 );
+            }
+            Ok(())
+        }
+        NodesCmd::Undrain { node } => {
+            client
+                .undrain_node(pb::UndrainNodeRequest { node: node.clone() })
+                .await
+                .map_err(|s| explain(d, None, s))?;
+            if json {
+                println!("{}", serde_json::json!({"node": node, "draining": false}));
+            } else {
+                println!("{node} takes sessions again");
             }
             Ok(())
         }

@@ -405,6 +405,13 @@ impl AgentServer for Api {
         }))
     }
 
+    async fn undrain(
+        &self,
+        _: Request<pb::UndrainRequest>,
+    ) -> Result<Response<pb::UndrainResponse>, Status> {
+        Ok(Response::new(pb::UndrainResponse {}))
+    }
+
     async fn list_sessions(
         &self,
         _: Request<pb::ListNodeSessionsRequest>,

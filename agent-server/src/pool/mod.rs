@@ -62,7 +62,9 @@ pub struct Pools {
     cfg: PoolConfig,
     load: Arc<watch::Sender<Load>>,
     /// Cancelled on drain or shutdown: refills stop, ready containers go.
-    stop: CancellationToken,
+    /// An undrain puts a fresh one (a child of `shutdown`) in its place.
+    stop: Mutex<CancellationToken>,
+    shutdown: CancellationToken,
 }
 
 impl Pools {
@@ -89,7 +91,8 @@ impl Pools {
             runtime,
             cfg,
             load,
-            stop,
+            stop: Mutex::new(stop.child_token()),
+            shutdown: stop,
         });
         pools.publish();
         pools
@@ -100,10 +103,26 @@ impl Pools {
         for image in self.pools.keys() {
             crate::metrics::init_pool_series(image);
         }
+        let stop = lock(&self.stop).clone();
         self.pools
             .values()
-            .map(|pool| tokio::spawn(self.clone().refill_loop(pool.clone())))
+            .map(|pool| tokio::spawn(self.clone().refill_loop(pool.clone(), stop.clone())))
             .collect()
+    }
+
+    /// Refills again after a drain (no-op unless stopped, or shutting down).
+    pub fn restart(self: &Arc<Self>) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        {
+            let mut stop = lock(&self.stop);
+            if !stop.is_cancelled() {
+                return;
+            }
+            *stop = self.shutdown.child_token();
+        }
+        self.spawn();
     }
 
     /// Takes a ready container for `image`: a pop, no Docker call. `None` is a
@@ -157,10 +176,10 @@ impl Pools {
 
     /// Stops refilling; each pool's loop removes its ready containers.
     pub fn stop(&self) {
-        self.stop.cancel();
+        lock(&self.stop).cancel();
     }
 
-    async fn refill_loop(self: Arc<Self>, pool: Arc<Pool>) {
+    async fn refill_loop(self: Arc<Self>, pool: Arc<Pool>, stop: CancellationToken) {
         let image = pool.image.clone();
         let interval = Duration::from_secs_f64(1.0 / self.cfg.refill_per_sec);
         let mut next_start = Instant::now();
@@ -170,12 +189,12 @@ impl Pools {
             // One start at a time per pool, so the deficit is all there is to count.
             if pool.state().deficit() > 0 {
                 tokio::select! {
-                    () = self.stop.cancelled() => break,
+                    () = stop.cancelled() => break,
                     () = tokio::time::sleep_until(next_start) => {}
                 }
                 next_start = Instant::now() + interval;
                 match self.start_one(&image).await {
-                    Ok(warm) if !self.stop.is_cancelled() => {
+                    Ok(warm) if !stop.is_cancelled() => {
                         pool.state().add(warm, Instant::now());
                         metrics::counter!(POOL_REFILLS, "image" => image.clone()).increment(1);
                         backoff = Duration::from_millis(500);
@@ -196,7 +215,7 @@ impl Pools {
                 continue;
             }
             tokio::select! {
-                () = self.stop.cancelled() => break,
+                () = stop.cancelled() => break,
                 () = pool.wake.notified() => {}
                 _ = sweep.tick() => self.sweep(&pool).await,
             }

@@ -91,24 +91,7 @@ impl NodesApi for NodesService {
         r: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeResponse>, Status> {
         let name = r.into_inner().node;
-        if name.trim().is_empty() {
-            return Err(Status::invalid_argument("invalid node: must not be empty"));
-        }
-        let links = self.nodes.find(&name);
-        let link = match links.as_slice() {
-            [] => {
-                return Err(Status::not_found(format!(
-                    "node {name} not found; see ListNodes"
-                )));
-            }
-            [one] => one.clone(),
-            many => {
-                return Err(Status::invalid_argument(format!(
-                    "invalid node: `{name}` matches {} nodes; name one by its address (see `berth nodes`)",
-                    many.len()
-                )));
-            }
-        };
+        let link = self.one_node(&name)?;
         let mut client = link.client();
         let resp = tokio::time::timeout(NODE_CALL_TIMEOUT, client.drain(node_pb::DrainRequest {}))
             .await
@@ -122,5 +105,52 @@ impl NodesApi for NodesService {
         Ok(Response::new(pb::DrainNodeResponse {
             running: resp.into_inner().running,
         }))
+    }
+
+    async fn undrain_node(
+        &self,
+        r: Request<pb::UndrainNodeRequest>,
+    ) -> Result<Response<pb::UndrainNodeResponse>, Status> {
+        let name = r.into_inner().node;
+        let link = self.one_node(&name)?;
+        let mut client = link.client();
+        tokio::time::timeout(
+            NODE_CALL_TIMEOUT,
+            client.undrain(node_pb::UndrainRequest {}),
+        )
+        .await
+        .map_err(|_| {
+            Status::unavailable(format!("node {name} did not answer the undrain in time"))
+        })?
+        .map_err(|s| match s.code() {
+            tonic::Code::FailedPrecondition => Status::failed_precondition(format!(
+                "node {name} cannot be undrained: {}",
+                s.message()
+            )),
+            _ => Status::unavailable(format!("node {name} refused the undrain: {}", s.message())),
+        })?;
+        tracing::info!(node = %link.key(), "node undrained on request");
+        Ok(Response::new(pb::UndrainNodeResponse {}))
+    }
+}
+
+impl NodesService {
+    /// The one node `name` designates (NOT_FOUND, or INVALID_ARGUMENT when
+    /// it is empty or ambiguous).
+    fn one_node(&self, name: &str) -> Result<std::sync::Arc<crate::nodes::NodeLink>, Status> {
+        if name.trim().is_empty() {
+            return Err(Status::invalid_argument("invalid node: must not be empty"));
+        }
+        let links = self.nodes.find(name);
+        match links.as_slice() {
+            [] => Err(Status::not_found(format!(
+                "node {name} not found; see ListNodes"
+            ))),
+            [one] => Ok(one.clone()),
+            many => Err(Status::invalid_argument(format!(
+                "invalid node: `{name}` matches {} nodes; name one by its address (see `berth nodes`)",
+                many.len()
+            ))),
+        }
     }
 }

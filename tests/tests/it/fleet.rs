@@ -125,6 +125,33 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
 
+    // Undrained, it takes sessions again.
+    cluster
+        .nodes_client()
+        .undrain_node(pb::UndrainNodeRequest {
+            node: drained.clone(),
+        })
+        .await?;
+    cluster
+        .wait_node(2, Duration::from_secs(5), |n| {
+            n.state == pb::NodeState::Up as i32
+        })
+        .await?;
+    let mut back = false;
+    for _ in 0..12 {
+        let s = started_session(&mut client, fake_session("echo after undrain")).await?;
+        back |= s.node == drained;
+    }
+    assert!(back, "no session landed on the undrained node");
+    let err = cluster
+        .nodes_client()
+        .undrain_node(pb::UndrainNodeRequest {
+            node: "no-such-node".into(),
+        })
+        .await
+        .expect_err("unknown node");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
     // Unknown and ambiguous drains are precise errors.
     let err = cluster
         .nodes_client()
