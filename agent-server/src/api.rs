@@ -58,8 +58,7 @@ fn report(node: &Node, load: &Load) -> pb::LoadReport {
         memory_total_bytes: load.memory_total_bytes,
         draining: load.draining,
         generation: node.next_generation(),
-        cpus: u32::try_from(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
-            .unwrap_or(u32::MAX),
+        cpus: u32::try_from(machine_cpus()).unwrap_or(u32::MAX),
         volumes: node
             .workspace
             .layout
@@ -68,6 +67,11 @@ fn report(node: &Node, load: &Load) -> pb::LoadReport {
             .map(|v| (*v).to_string())
             .collect(),
     }
+}
+
+/// CPUs of this machine (what load reports say and starts are held to).
+fn machine_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// A session's limits must fit this machine: a limit above it would give a
@@ -85,7 +89,7 @@ fn check_limits(spec: &SessionSpec, load: &Load) -> Result<(), Status> {
         )
         .into());
     }
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let cpus = machine_cpus();
     if l.cpus > cpus as f64 {
         return Err(Error::invalid(
             "spec.limits.cpus",

@@ -300,7 +300,7 @@ pub fn check_git_source(
     url: &str,
     allow: &[String],
 ) -> Result<(), FieldError> {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some(target) = GitHost::of(url) else {
         return Err(FieldError::new(
             field,
             format!(
@@ -308,18 +308,11 @@ pub fn check_git_source(
             ),
         ));
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = match hostport.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
-    };
+    let (scheme, host) = (target.scheme, target.host);
     if host.is_empty() {
         return Err(FieldError::new(field, format!("`{url}` names no host")));
     }
-    let allowed = allow
-        .iter()
-        .any(|a| a.eq_ignore_ascii_case(hostport) || a.eq_ignore_ascii_case(host));
+    let allowed = target.allowed_by(allow);
     match scheme.to_ascii_lowercase().as_str() {
         "https" => {}
         "http" | "git" | "ssh" if allowed => {}
@@ -341,6 +334,40 @@ pub fn check_git_source(
         ));
     }
     Ok(())
+}
+
+/// Where a git URL points: its scheme, its host as written (`HOST` or
+/// `HOST:PORT`), and the bare host (no port, no IPv6 brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GitHost<'a> {
+    pub scheme: &'a str,
+    pub hostport: &'a str,
+    pub host: &'a str,
+}
+
+impl<'a> GitHost<'a> {
+    /// `None` for anything without `scheme://` (a path, scp-like syntax).
+    pub fn of(url: &'a str) -> Option<Self> {
+        let (scheme, rest) = url.split_once("://")?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = match hostport.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
+        };
+        Some(Self {
+            scheme,
+            hostport,
+            host,
+        })
+    }
+
+    /// Whether the operator allowlists it (`HOST` or `HOST:PORT`).
+    pub fn allowed_by(&self, allow: &[String]) -> bool {
+        allow
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(self.hostport) || a.eq_ignore_ascii_case(self.host))
+    }
 }
 
 /// Whether `host` (a name or an address) is loopback, link-local, private,

@@ -581,7 +581,10 @@ impl TestCluster {
     /// Starts another dispatcher in a runtime of its own, so that it can be
     /// killed as `kill -9` would: every task of it gone at once, with no
     /// hand-back and no goodbye to its nodes or database.
-    pub fn add_killable_dispatcher(&mut self, id: &str) -> anyhow::Result<KillableDispatcher> {
+    pub async fn add_killable_dispatcher(
+        &mut self,
+        id: &str,
+    ) -> anyhow::Result<KillableDispatcher> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -601,11 +604,21 @@ impl TestCluster {
         let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
         let client = SessionsClient::new(channel)
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
-        Ok(KillableDispatcher {
+        let killable = KillableDispatcher {
             rt: Some(rt),
             client,
             stop,
-        })
+        };
+        answering(killable.client.clone(), &[]).await?;
+        Ok(killable)
+    }
+
+    /// The index of the node whose id is `id`.
+    pub fn node_index(&self, id: &str) -> anyhow::Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.id == id)
+            .ok_or_else(|| anyhow::anyhow!("no node `{id}` in this cluster"))
     }
 
     /// Kills node `i` as a crash of its machine would: it stops answering
@@ -962,20 +975,34 @@ pub fn assert_lines_well_formed(events: &[pb::Event]) {
     }
 }
 
+/// Sends `text` to the session; returns the seq of its `user.message`.
+pub async fn send(c: &mut SessionsClient<Channel>, name: &str, text: &str) -> anyhow::Result<i64> {
+    Ok(c.send_message(pb::SendMessageRequest {
+        name: name.into(),
+        text: text.into(),
+    })
+    .await?
+    .into_inner()
+    .seq)
+}
+
+/// Creates a session and waits until its first turn has ended.
+pub async fn idle_session(
+    c: &mut SessionsClient<Channel>,
+    req: pb::CreateSessionRequest,
+) -> anyhow::Result<pb::Session> {
+    let s = c.create_session(req).await?.into_inner();
+    reply_after(c, &s.name, 0).await?;
+    Ok(s)
+}
+
 /// Sends `text` and waits for its turn to end; returns the agent's reply.
 pub async fn turn(
     c: &mut SessionsClient<Channel>,
     name: &str,
     text: &str,
 ) -> anyhow::Result<String> {
-    let seq = c
-        .send_message(pb::SendMessageRequest {
-            name: name.into(),
-            text: text.into(),
-        })
-        .await?
-        .into_inner()
-        .seq;
+    let seq = send(c, name, text).await?;
     reply_after(c, name, seq).await
 }
 

@@ -151,11 +151,16 @@ impl ClaudeCode {
             common.insert("message_id".into(), id.into());
         }
         let content = &v["message"]["content"];
-        let blocks: Vec<Value> = match content {
-            Value::Array(b) => b.clone(),
+        // Borrowed: an assistant line is decoded on every event's path.
+        let echoed;
+        let blocks: &[Value] = match content {
+            Value::Array(b) => b,
             // A user line may carry a plain string (a sub-agent's prompt).
-            Value::String(s) => vec![json!({"type": "text", "text": s})],
-            _ => Vec::new(),
+            Value::String(s) => {
+                echoed = [json!({"type": "text", "text": s})];
+                &echoed
+            }
+            _ => &[],
         };
         if blocks.is_empty() {
             let mut f = common;

@@ -322,9 +322,15 @@ impl ContainerRuntime {
             .map_err(|e| Error::Docker(format!("apply limits: {e}")))
     }
 
-    /// Runs `cmd` in the container to completion and checks it exits 0: the
-    /// warm pool's health check before a container is offered.
-    pub async fn check(&self, container_id: &str, cmd: &[String]) -> Result<(), Error> {
+    /// Runs `cmd` in the container as the agent user, to completion;
+    /// returns its stdout and the exec's id (for [`Self::exit_code`]).
+    /// `what` names it in errors.
+    async fn run_to_end(
+        &self,
+        container_id: &str,
+        cmd: Vec<String>,
+        what: &str,
+    ) -> Result<(Vec<u8>, String), Error> {
         let exec = self
             .docker
             .create_exec(
@@ -332,23 +338,37 @@ impl ContainerRuntime {
                 CreateExecOptions {
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
-                    cmd: Some(cmd.to_vec()),
+                    cmd: Some(cmd),
                     user: Some(self.cfg.agent_user.clone()),
                     ..Default::default()
                 },
             )
             .await
-            .map_err(|e| Error::Docker(format!("create health check exec: {e}")))?;
+            .map_err(|e| Error::Docker(format!("create {what} exec: {e}")))?;
+        let mut stdout = Vec::new();
         if let StartExecResults::Attached { mut output, .. } = self
             .docker
             .start_exec(&exec.id, None)
             .await
-            .map_err(|e| Error::Docker(format!("start health check: {e}")))?
+            .map_err(|e| Error::Docker(format!("start {what}: {e}")))?
         {
             use futures::StreamExt;
-            while output.next().await.is_some() {}
+            while let Some(chunk) = output.next().await {
+                if let Ok(LogOutput::StdOut { message }) = chunk {
+                    stdout.extend_from_slice(&message);
+                }
+            }
         }
-        match self.exit_code(&exec.id).await {
+        Ok((stdout, exec.id))
+    }
+
+    /// Runs `cmd` in the container to completion and checks it exits 0: the
+    /// warm pool's health check before a container is offered.
+    pub async fn check(&self, container_id: &str, cmd: &[String]) -> Result<(), Error> {
+        let (_, exec_id) = self
+            .run_to_end(container_id, cmd.to_vec(), "health check")
+            .await?;
+        match self.exit_code(&exec_id).await {
             Some(0) => Ok(()),
             code => Err(Error::Docker(format!(
                 "health check `{}` exited with {code:?}",
@@ -368,29 +388,10 @@ impl ContainerRuntime {
         ]
         .map(String::from)
         .to_vec();
-        let exec = self
-            .docker
-            .create_exec(
-                container_id,
-                CreateExecOptions {
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(false),
-                    cmd: Some(cmd),
-                    user: Some(self.cfg.agent_user.clone()),
-                    ..Default::default()
-                },
-            )
+        let (text, _) = self
+            .run_to_end(container_id, cmd, "memory check")
             .await
             .ok()?;
-        let mut text = Vec::new();
-        if let Ok(StartExecResults::Attached { mut output, .. }) =
-            self.docker.start_exec(&exec.id, None).await
-        {
-            use futures::StreamExt;
-            while let Some(Ok(chunk)) = output.next().await {
-                text.extend_from_slice(&chunk.into_bytes());
-            }
-        }
         String::from_utf8_lossy(&text)
             .lines()
             .filter_map(|l| l.strip_prefix("oom_kill "))

@@ -109,20 +109,14 @@ pub async fn prepare(
 async fn check_source(cfg: &WorkspaceConfig, url: &str) -> Result<(), String> {
     berth_common::spec::check_git_source("git.url", url, &cfg.git_allow)
         .map_err(|e| format!("git repository {url}: {}", e.message))?;
-    let authority = url
-        .split_once("://")
-        .map(|(_, r)| r.split(['/', '?', '#']).next().unwrap_or_default())
-        .unwrap_or_default();
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
-    if cfg
-        .git_allow
-        .iter()
-        .any(|a| a.eq_ignore_ascii_case(hostport) || a.eq_ignore_ascii_case(host))
-    {
+    let Some(target) = berth_common::spec::GitHost::of(url) else {
+        return Err(format!("git repository {url}: not a URL"));
+    };
+    if target.allowed_by(&cfg.git_allow) {
         return Ok(());
     }
-    let addrs = tokio::net::lookup_host((host.trim_matches(['[', ']']), 443))
+    let host = target.host;
+    let addrs = tokio::net::lookup_host((host, 443))
         .await
         .map_err(|e| format!("git repository {url}: cannot resolve {host}: {e}"))?;
     for a in addrs {

@@ -45,26 +45,8 @@ pub(super) async fn start(
             return Ok(None);
         };
         let url = placed.link.key();
-        let (to_node, rx) = mpsc::channel(64);
-        let start = pb::DispatcherFrame {
-            epoch: session.epoch,
-            kind: Some(dispatcher_frame::Kind::Start(pb::Start {
-                session_id: session.id.to_string(),
-                epoch: session.epoch,
-                spec: Some(node_spec(session)),
-                attach: false,
-                after_node_seq: 0,
-            })),
-        };
-        // The channel is fresh: this send cannot fail.
-        let _ = to_node.send(start).await;
-        let mut frames = match placed
-            .link
-            .client()
-            .run_session(ReceiverStream::new(rx))
-            .await
-        {
-            Ok(r) => r.into_inner(),
+        let (mut frames, to_node) = match open_run(&placed, session, None).await {
+            Ok(opened) => opened,
             // The spec itself is wrong (a path outside the node's volumes,
             // limits beyond the machine): no retry will change that, so the
             // session fails at once with the node's words.
@@ -93,12 +75,8 @@ pub(super) async fn start(
             }
         };
         // A node that goes down before answering counts as a refusal.
-        let first = tokio::select! {
-            m = frames.message() => m,
-            () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
-        };
-        let kind = match first {
-            Ok(frame) => frame.and_then(|f| f.kind),
+        let kind = match first_answer(&placed, &mut frames).await {
+            Ok(kind) => kind,
             Err(status) => {
                 reasons.push(format!("{url}: {}", status.message()));
                 refused.push(url);
@@ -170,35 +148,15 @@ pub(super) async fn attach(
     };
     let placed = ctx.nodes.hold(node);
     let url = placed.link.key();
-    let (to_node, rx) = mpsc::channel(64);
-    let start = pb::DispatcherFrame {
-        epoch: session.epoch,
-        kind: Some(dispatcher_frame::Kind::Start(pb::Start {
-            session_id: session.id.to_string(),
-            epoch: session.epoch,
-            spec: Some(node_spec(session)),
-            attach: true,
-            after_node_seq: u64::try_from(session.node_seq).unwrap_or(0),
-        })),
-    };
-    let _ = to_node.send(start).await;
-    let mut frames = match placed
-        .link
-        .client()
-        .run_session(ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
+    let after = u64::try_from(session.node_seq).unwrap_or(0);
+    let (mut frames, to_node) = match open_run(&placed, session, Some(after)).await {
+        Ok(opened) => opened,
         Err(status) => {
             tracing::info!(%url, error = %status.message(), "could not re-attach; placing the session anew");
             return Ok(None);
         }
     };
-    let first = tokio::select! {
-        m = frames.message() => m,
-        () = placed.link.down() => Err(tonic::Status::unavailable("node down")),
-    };
-    match first.map(|f| f.and_then(|f| f.kind)) {
+    match first_answer(&placed, &mut frames).await {
         Ok(Some(node_frame::Kind::Accepted(a))) if a.attached => {
             tracing::info!(%url, after = session.node_seq, "re-attached to the run the lost owner left");
             metrics::counter!(crate::metrics::REATTACHED).increment(1);
@@ -220,6 +178,54 @@ pub(super) async fn attach(
             Ok(None)
         }
     }
+}
+
+/// Opens a run of `session` on the placed node: a fresh start, or (with
+/// `attach`, the store's cursor) a re-attach to the run already there.
+async fn open_run(
+    placed: &Placed,
+    session: &Session,
+    attach: Option<u64>,
+) -> Result<
+    (
+        tonic::Streaming<pb::NodeFrame>,
+        mpsc::Sender<pb::DispatcherFrame>,
+    ),
+    tonic::Status,
+> {
+    let (to_node, rx) = mpsc::channel(64);
+    let start = pb::DispatcherFrame {
+        epoch: session.epoch,
+        kind: Some(dispatcher_frame::Kind::Start(pb::Start {
+            session_id: session.id.to_string(),
+            epoch: session.epoch,
+            spec: Some(node_spec(session)),
+            attach: attach.is_some(),
+            after_node_seq: attach.unwrap_or(0),
+        })),
+    };
+    // The channel is fresh: this send cannot fail.
+    let _ = to_node.send(start).await;
+    let frames = placed
+        .link
+        .client()
+        .run_session(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((frames, to_node))
+}
+
+/// The node's first frame (accept, refuse, exit); a node that goes down
+/// before answering is an error.
+async fn first_answer(
+    placed: &Placed,
+    frames: &mut tonic::Streaming<pb::NodeFrame>,
+) -> Result<Option<node_frame::Kind>, tonic::Status> {
+    let first = tokio::select! {
+        m = frames.message() => m,
+        () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
+    };
+    Ok(first?.and_then(|f| f.kind))
 }
 
 /// Every node is full, draining, down or refused: back to the queue. The

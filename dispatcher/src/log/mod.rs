@@ -73,6 +73,27 @@ pub struct EventLog {
     shutdown: CancellationToken,
 }
 
+/// The appends of one agent line, from node frame `node_seq` of the run at
+/// `epoch`.
+fn line_appends(
+    session: Uuid,
+    epoch: i64,
+    events: Vec<NewEvent>,
+    node_seq: i64,
+    persisted: &Arc<std::sync::atomic::AtomicI64>,
+) -> Vec<Append> {
+    events
+        .into_iter()
+        .map(|event| Append {
+            session,
+            epoch: Some(epoch),
+            event,
+            node_seq: Some(node_seq),
+            persisted: Some(persisted.clone()),
+        })
+        .collect()
+}
+
 fn writer_stopped<T>(_: T) -> Error {
     Error::Unavailable("the event writer has stopped".into())
 }
@@ -157,16 +178,7 @@ impl EventLog {
         node_seq: i64,
         persisted: &Arc<std::sync::atomic::AtomicI64>,
     ) -> Result<()> {
-        let appends = events
-            .into_iter()
-            .map(|event| Append {
-                session,
-                epoch: Some(epoch),
-                event,
-                node_seq: Some(node_seq),
-                persisted: Some(persisted.clone()),
-            })
-            .collect();
+        let appends = line_appends(session, epoch, events, node_seq, persisted);
         self.submit(Op::Line {
             appends,
             queued: std::time::Instant::now(),
@@ -186,16 +198,7 @@ impl EventLog {
         persisted: &Arc<std::sync::atomic::AtomicI64>,
         turn: Turn,
     ) -> Result<UsageRecorded> {
-        let appends = events
-            .into_iter()
-            .map(|event| Append {
-                session,
-                epoch: Some(epoch),
-                event,
-                node_seq: Some(node_seq),
-                persisted: Some(persisted.clone()),
-            })
-            .collect();
+        let appends = line_appends(session, epoch, events, node_seq, persisted);
         let (done, rx) = oneshot::channel();
         self.submit(Op::LineTurn {
             appends,

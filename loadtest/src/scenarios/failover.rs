@@ -116,7 +116,7 @@ pub async fn run(cl: &ClusterArgs, a: &FailoverArgs) -> anyhow::Result<Report> {
         .start()
         .await?;
     let c0 = cluster.client();
-    let mut killable = cluster.add_killable_dispatcher("failover-killable")?;
+    let mut killable = cluster.add_killable_dispatcher("failover-killable").await?;
     let c2 = cluster.add_dispatcher().await?;
     let clients: Clients = Arc::new(Mutex::new(vec![
         c0.clone(),

@@ -237,20 +237,9 @@ async fn assert_billed_as_the_cli_says(
 async fn the_real_cli_is_interrupted_mid_stream_and_goes_on() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let mut c = cluster.client();
-    let s = c
-        .create_session(claude_session("say ready"))
-        .await?
-        .into_inner();
-    reply_after(&mut c, &s.name, 0).await?;
+    let s = idle_session(&mut c, claude_session("say ready")).await?;
     // 40 deltas 200 ms apart: eight seconds of streaming, cut short.
-    let seq = c
-        .send_message(pb::SendMessageRequest {
-            name: s.name.clone(),
-            text: "slow 40".into(),
-        })
-        .await?
-        .into_inner()
-        .seq;
+    let seq = send(&mut c, &s.name, "slow 40").await?;
     wait_for_status(
         &mut c,
         &s.name,
@@ -288,11 +277,11 @@ async fn a_paused_real_cli_resumes_on_another_node_with_files_and_conversation()
     let cluster = cluster_of(2).await?;
     let mut c = cluster.client();
     let mut nodes = cluster.nodes_client();
-    let s = c
-        .create_session(claude_session("write /workspace/kept.txt before the pause"))
-        .await?
-        .into_inner();
-    reply_after(&mut c, &s.name, 0).await?;
+    let s = idle_session(
+        &mut c,
+        claude_session("write /workspace/kept.txt before the pause"),
+    )
+    .await?;
     turn(&mut c, &s.name, "say second turn").await?;
     let first = get(&mut c, &s.name).await?;
     c.pause_session(pb::PauseSessionRequest {
@@ -421,14 +410,7 @@ async fn api_errors_surface_as_events_and_cost_nothing_extra() -> anyhow::Result
     let s = c.create_session(req).await?.into_inner();
     reply_after(&mut c, &s.name, 0).await?;
     for code in ["429", "500", "529"] {
-        let seq = c
-            .send_message(pb::SendMessageRequest {
-                name: s.name.clone(),
-                text: format!("fail {code}"),
-            })
-            .await?
-            .into_inner()
-            .seq;
+        let seq = send(&mut c, &s.name, &format!("fail {code}")).await?;
         let reply = reply_after(&mut c, &s.name, seq).await?;
         assert!(
             reply.contains(code),
@@ -460,34 +442,12 @@ async fn api_errors_surface_as_events_and_cost_nothing_extra() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_cli_keeps_its_turn_when_its_dispatcher_is_killed() -> anyhow::Result<()> {
     let mut cluster = cluster().await?;
-    let mut killable = cluster.add_killable_dispatcher("claude-killable")?;
-    for _ in 0..100 {
-        let req = pb::ListSessionsRequest {
-            page_size: 1,
-            ..Default::default()
-        };
-        if killable.client.list_sessions(req).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut killable = cluster.add_killable_dispatcher("claude-killable").await?;
     cluster.sigterm_dispatcher().await?;
-    let s = killable
-        .client
-        .create_session(claude_session("say ready"))
-        .await?
-        .into_inner();
-    reply_after(&mut killable.client, &s.name, 0).await?;
+    let s = idle_session(&mut killable.client, claude_session("say ready")).await?;
     let mut other = cluster.add_dispatcher().await?;
     // 20 deltas 200 ms apart: four seconds of streaming.
-    let seq = other
-        .send_message(pb::SendMessageRequest {
-            name: s.name.clone(),
-            text: "slow 20".into(),
-        })
-        .await?
-        .into_inner()
-        .seq;
+    let seq = send(&mut other, &s.name, "slow 20").await?;
     wait_for_status(
         &mut other,
         &s.name,

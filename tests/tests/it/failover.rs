@@ -26,14 +26,7 @@ async fn send_and_wait_running(
     name: &str,
     text: &str,
 ) -> anyhow::Result<i64> {
-    let seq = c
-        .send_message(pb::SendMessageRequest {
-            name: name.into(),
-            text: text.into(),
-        })
-        .await?
-        .into_inner()
-        .seq;
+    let seq = send(c, name, text).await?;
     wait_for_status(c, name, pb::SessionStatus::Running, Duration::from_secs(30)).await?;
     Ok(seq)
 }
@@ -80,34 +73,15 @@ fn assert_no_loss_no_duplicate(events: &[pb::Event]) {
     }
 }
 
-/// Waits until the dispatcher answers.
-async fn answers(c: &mut SessionsClient<Channel>) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        let req = pb::ListSessionsRequest {
-            page_size: 1,
-            ..Default::default()
-        };
-        if c.list_sessions(req).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("the dispatcher did not answer within 10 s")
-}
-
 /// A cluster whose only dispatcher can be killed, and a session it owns,
 /// idle after a first turn.
 async fn owned_by_killable() -> anyhow::Result<(TestCluster, KillableDispatcher, pb::Session)> {
     let mut cluster = TestCluster::builder().nodes(1).start().await?;
-    let mut k = cluster.add_killable_dispatcher("killable-dispatcher")?;
-    answers(&mut k.client).await?;
+    let mut k = cluster
+        .add_killable_dispatcher("killable-dispatcher")
+        .await?;
     cluster.sigterm_dispatcher().await?;
-    let s = k
-        .client
-        .create_session(fake_session("echo ready"))
-        .await?
-        .into_inner();
-    reply_after(&mut k.client, &s.name, 0).await?;
+    let s = idle_session(&mut k.client, fake_session("echo ready")).await?;
     assert_eq!(owner(&cluster, &s.id).await?, "killable-dispatcher");
     Ok((cluster, k, s))
 }
@@ -186,18 +160,10 @@ async fn a_node_lost_mid_turn_loses_that_turn_says_so_and_delivers_it_again() ->
 {
     let mut cluster = TestCluster::builder().nodes(2).start().await?;
     let mut c = cluster.client();
-    let s = c
-        .create_session(fake_session("echo ready"))
-        .await?
-        .into_inner();
-    reply_after(&mut c, &s.name, 0).await?;
+    let s = idle_session(&mut c, fake_session("echo ready")).await?;
     let ran_on = get(&mut c, &s.name).await?.node;
     let seq = send_and_wait_running(&mut c, &s.name, "delay 3000 delivered again").await?;
-    let i = cluster
-        .nodes
-        .iter()
-        .position(|n| n.id == ran_on)
-        .expect("the node it ran on");
+    let i = cluster.node_index(&ran_on)?;
     let lost = Instant::now();
     cluster.kill_node(i);
     // The turn's input reaches the agent again, on the other node.
@@ -320,11 +286,7 @@ async fn a_checkpoint_after_each_turn_keeps_files_and_conversation_through_a_nod
         .start()
         .await?;
     let mut c = cluster.client();
-    let s = c
-        .create_session(fake_session("write notes.txt kept by a checkpoint"))
-        .await?
-        .into_inner();
-    reply_after(&mut c, &s.name, 0).await?;
+    let s = idle_session(&mut c, fake_session("write notes.txt kept by a checkpoint")).await?;
     let checkpointed = wait_for_session(
         &mut c,
         &s.name,
@@ -338,11 +300,7 @@ async fn a_checkpoint_after_each_turn_keeps_files_and_conversation_through_a_nod
     )
     .await?;
     let seq = send_and_wait_running(&mut c, &s.name, "delay 3000 after the loss").await?;
-    let i = cluster
-        .nodes
-        .iter()
-        .position(|n| n.id == checkpointed.node)
-        .expect("its node");
+    let i = cluster.node_index(&checkpointed.node)?;
     cluster.kill_node(i);
     let mut replied = false;
     collect_until(&mut c, &s.name, seq, Duration::from_secs(60), |e| {
@@ -379,19 +337,8 @@ async fn the_cli_follower_reconnects_through_a_restart_behind_its_url() -> anyho
     };
     let mut c = cluster.add_dispatcher_on("behind-the-url-1", addr).await?;
     cluster.sigterm_dispatcher().await?;
-    let s = c
-        .create_session(fake_session("echo ready"))
-        .await?
-        .into_inner();
-    reply_after(&mut c, &s.name, 0).await?;
-    let seq = c
-        .send_message(pb::SendMessageRequest {
-            name: s.name.clone(),
-            text: "delay 3000 across the restart".into(),
-        })
-        .await?
-        .into_inner()
-        .seq;
+    let s = idle_session(&mut c, fake_session("echo ready")).await?;
+    let seq = send(&mut c, &s.name, "delay 3000 across the restart").await?;
     // Follow through a client on the URL, as the CLI does.
     let mut follower_client = c.clone();
     let name = s.name.clone();
@@ -440,18 +387,10 @@ async fn a_stalled_node_loses_only_the_turn_in_flight_and_its_return_changes_not
 -> anyhow::Result<()> {
     let cluster = TestCluster::builder().nodes(2).start().await?;
     let mut c = cluster.client();
-    let s = c
-        .create_session(fake_session("echo ready"))
-        .await?
-        .into_inner();
-    reply_after(&mut c, &s.name, 0).await?;
+    let s = idle_session(&mut c, fake_session("echo ready")).await?;
     let ran_on = get(&mut c, &s.name).await?.node;
     let seq = send_and_wait_running(&mut c, &s.name, "delay 3000 after the stall").await?;
-    let stalled = cluster
-        .nodes
-        .iter()
-        .find(|n| n.id == ran_on)
-        .expect("its node");
+    let stalled = &cluster.nodes[cluster.node_index(&ran_on)?];
     stalled.proxy.set_paused(true);
     let mut replied = false;
     let events = collect_until(&mut c, &s.name, seq, Duration::from_secs(60), |e| {

@@ -402,6 +402,68 @@ async fn a_silent_node_is_marked_down_within_its_lease_and_its_sessions_run_else
     cluster.shutdown().await
 }
 
+/// A client of node `name` with a dispatcher's certificate from the
+/// cluster's CA (what a dispatcher dials with).
+async fn as_dispatcher(
+    cluster: &TestCluster,
+    name: &str,
+) -> anyhow::Result<AgentServerClient<tonic::transport::Channel>> {
+    let dispatcher = cluster
+        .ca
+        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
+    let ca = cluster.ca.cert_pem.clone();
+    node_client(
+        cluster,
+        &ca,
+        Some((dispatcher.cert_pem, dispatcher.key_pem)),
+        name,
+    )
+    .await
+}
+
+/// A `Start` of a jsonl agent running `sh -c SCRIPT`; with `attach`, a
+/// re-attach to the run after that node_seq.
+fn jsonl_start(
+    session_id: &str,
+    epoch: i64,
+    script: &str,
+    attach: Option<u64>,
+) -> node_pb::DispatcherFrame {
+    node_pb::DispatcherFrame {
+        epoch,
+        kind: Some(node_pb::dispatcher_frame::Kind::Start(node_pb::Start {
+            session_id: session_id.to_string(),
+            epoch,
+            spec: Some(node_pb::SessionSpec {
+                image: TEST_IMAGE.into(),
+                runtime: node_pb::Runtime::Jsonl as i32,
+                runtime_args: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            }),
+            attach: attach.is_some(),
+            after_node_seq: attach.unwrap_or(0),
+        })),
+    }
+}
+
+/// Opens `RunSession` on a node with `start` as its first frame: the
+/// sender for the frames after it, and the node's frames.
+async fn open_run(
+    node: &mut AgentServerClient<tonic::transport::Channel>,
+    start: node_pb::DispatcherFrame,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<node_pb::DispatcherFrame>,
+    tonic::Streaming<node_pb::NodeFrame>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(start).await?;
+    let frames = node
+        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, frames))
+}
+
 /// A client of node 0 with `identity`, trusting `ca`, dialling it as `node-0`.
 async fn node_client(
     cluster: &TestCluster,
@@ -526,16 +588,7 @@ async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
         .expect_err("forged");
     assert!(refused_by_transport(&err), "{}", error_chain(&err));
     // The control: the same call with a dispatcher certificate from the CA works.
-    let dispatcher = cluster
-        .ca
-        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
-    let mut trusted = node_client(
-        &cluster,
-        &ca,
-        Some((dispatcher.cert_pem, dispatcher.key_pem)),
-        "node-0",
-    )
-    .await?;
+    let mut trusted = as_dispatcher(&cluster, "node-0").await?;
     let listed = trusted
         .list_sessions(node_pb::ListNodeSessionsRequest {})
         .await?
@@ -557,69 +610,27 @@ async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().nodes(1).start().await?;
-    let dispatcher = cluster
-        .ca
-        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
-    let ca = cluster.ca.cert_pem.clone();
-    let mut node = node_client(
-        &cluster,
-        &ca,
-        Some((dispatcher.cert_pem, dispatcher.key_pem)),
-        "node-0",
-    )
-    .await?;
+    let mut node = as_dispatcher(&cluster, "node-0").await?;
     let session_id = uuid::Uuid::new_v4().to_string();
-    let start = |epoch: i64| {
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let frame = node_pb::DispatcherFrame {
-            epoch,
-            kind: Some(node_pb::dispatcher_frame::Kind::Start(node_pb::Start {
-                session_id: session_id.clone(),
-                epoch,
-                spec: Some(node_pb::SessionSpec {
-                    image: TEST_IMAGE.into(),
-                    runtime: node_pb::Runtime::Jsonl as i32,
-                    runtime_args: vec!["sh".into(), "-c".into(), "sleep 600".into()],
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })),
-        };
-        (tx, rx, frame)
-    };
+    let start = |epoch: i64| jsonl_start(&session_id, epoch, "sleep 600", None);
     let first_kind = |f: Option<Result<node_pb::NodeFrame, tonic::Status>>| match f {
         Some(Ok(node_pb::NodeFrame { kind: Some(k), .. })) => Ok(k),
         other => Err(anyhow::anyhow!("unexpected {other:?}")),
     };
 
     // Epoch 5 runs.
-    let (tx5, rx5, f5) = start(5);
-    tx5.send(f5).await?;
-    let mut run5 = node
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx5))
-        .await?
-        .into_inner();
+    let (tx5, mut run5) = open_run(&mut node, start(5)).await?;
     let node_pb::node_frame::Kind::Accepted(a5) = first_kind(run5.next().await)? else {
         anyhow::bail!("epoch 5 was not accepted");
     };
     // Epoch 4 is stale: refused, and epoch 5 keeps running.
-    let (tx4, rx4, f4) = start(4);
-    tx4.send(f4).await?;
-    let mut run4 = node
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx4))
-        .await?
-        .into_inner();
+    let (tx4, mut run4) = open_run(&mut node, start(4)).await?;
     let node_pb::node_frame::Kind::Refused(r) = first_kind(run4.next().await)? else {
         anyhow::bail!("epoch 4 was not refused");
     };
     assert!(r.reason.contains("epoch 5"), "{}", r.reason);
     // Epoch 6 supersedes 5: the old run ends and its container goes.
-    let (tx6, rx6, f6) = start(6);
-    tx6.send(f6).await?;
-    let mut run6 = node
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx6))
-        .await?
-        .into_inner();
+    let (tx6, mut run6) = open_run(&mut node, start(6)).await?;
     let node_pb::node_frame::Kind::Accepted(a6) = first_kind(run6.next().await)? else {
         anyhow::bail!("epoch 6 was not accepted");
     };
@@ -789,17 +800,7 @@ async fn a_restarted_dispatcher_releases_its_sessions_at_once_and_a_stop_stays_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().nodes(1).start().await?;
-    let dispatcher = cluster
-        .ca
-        .issue(CertKind::Dispatcher, &[DISPATCHER_NAME.into()])?;
-    let ca = cluster.ca.cert_pem.clone();
-    let mut node = node_client(
-        &cluster,
-        &ca,
-        Some((dispatcher.cert_pem, dispatcher.key_pem)),
-        "node-0",
-    )
-    .await?;
+    let mut node = as_dispatcher(&cluster, "node-0").await?;
     let session_id = uuid::Uuid::new_v4().to_string();
     // An agent that answers every line with a message naming it, and a
     // line with `burst` in it with 400 messages.
@@ -807,21 +808,7 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
         *burst*) i=0; while [ $i -lt 400 ]; do echo "{\"type\":\"message\",\"text\":\"b$i\"}"; i=$((i+1)); done;;
         *) echo "{\"type\":\"message\",\"text\":\"got $l\"}";;
     esac; done"#;
-    let start = |epoch: i64, attach: bool, after: u64| node_pb::DispatcherFrame {
-        epoch,
-        kind: Some(node_pb::dispatcher_frame::Kind::Start(node_pb::Start {
-            session_id: session_id.clone(),
-            epoch,
-            spec: Some(node_pb::SessionSpec {
-                image: TEST_IMAGE.into(),
-                runtime: node_pb::Runtime::Jsonl as i32,
-                runtime_args: vec!["sh".into(), "-c".into(), script.into()],
-                ..Default::default()
-            }),
-            attach,
-            after_node_seq: after,
-        })),
-    };
+    let start = |epoch: i64, attach: Option<u64>| jsonl_start(&session_id, epoch, script, attach);
     let message_text = |epoch: i64, seq: i64, text: &str| node_pb::DispatcherFrame {
         epoch,
         kind: Some(node_pb::dispatcher_frame::Kind::Message(
@@ -843,12 +830,7 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
 
     // Epoch 1: two messages, two lines; the dispatcher acknowledges only
     // the first, then its stream drops.
-    let (tx1, rx1) = tokio::sync::mpsc::channel(8);
-    tx1.send(start(1, false, 0)).await?;
-    let mut run1 = node
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx1))
-        .await?
-        .into_inner();
+    let (tx1, mut run1) = open_run(&mut node, start(1, None)).await?;
     let node_pb::NodeFrame {
         kind: Some(node_pb::node_frame::Kind::Accepted(a1)),
         ..
@@ -875,22 +857,12 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
 
     // An older epoch cannot take it over; epoch 2 can, and is sent what
     // was not acknowledged, in the same container.
-    let (tx0, rx0) = tokio::sync::mpsc::channel(8);
-    tx0.send(start(1, true, 0)).await?;
-    let mut stale = node
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx0))
-        .await?
-        .into_inner();
+    let (tx0, mut stale) = open_run(&mut node, start(1, Some(0))).await?;
     assert!(matches!(
         next(stale.next().await)?.kind,
         Some(node_pb::node_frame::Kind::Refused(_))
     ));
-    let (tx2, rx2) = tokio::sync::mpsc::channel(8);
-    tx2.send(start(2, true, l1.node_seq)).await?;
-    let mut run2 = node
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx2))
-        .await?
-        .into_inner();
+    let (tx2, mut run2) = open_run(&mut node, start(2, Some(l1.node_seq))).await?;
     let node_pb::NodeFrame {
         kind: Some(node_pb::node_frame::Kind::Accepted(a2)),
         ..
@@ -920,12 +892,7 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
     }
     drop((tx2, run2));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (tx3, rx3) = tokio::sync::mpsc::channel(8);
-    tx3.send(start(3, true, l3.node_seq)).await?;
-    let mut run3 = node
-        .run_session(tokio_stream::wrappers::ReceiverStream::new(rx3))
-        .await?
-        .into_inner();
+    let (tx3, mut run3) = open_run(&mut node, start(3, Some(l3.node_seq))).await?;
     assert!(matches!(
         next(run3.next().await)?.kind,
         Some(node_pb::node_frame::Kind::Accepted(_))
