@@ -12,10 +12,19 @@ mkdir -p .berth
 if [ -f .berth/dispatcher.pid ] && kill -0 "$(cat .berth/dispatcher.pid)" 2>/dev/null; then
   echo "==> dispatcher already running (pid $(cat .berth/dispatcher.pid))"
 else
+  # Secrets and env values are encrypted at rest under this key file.
+  if [ ! -f .berth/secrets.key ]; then
+    (umask 077; printf 'k1:%s\n' "$(head -c32 /dev/urandom | base64 -w0)" > .berth/secrets.key)
+  fi
   echo "==> starting the dispatcher on :7000 (log: .berth/dispatcher.log)"
-  nohup target/debug/berth-dispatcher > .berth/dispatcher.log 2>&1 &
+  # The first start makes a fleet-admin API key and writes it to .berth/admin.token.
+  BERTH_SECRETS_KEY_FILE="$root/.berth/secrets.key" BERTH_BOOTSTRAP_TOKEN_FILE="$root/.berth/admin.token" \
+    nohup target/debug/berth-dispatcher > .berth/dispatcher.log 2>&1 &
   echo $! > .berth/dispatcher.pid
 fi
+# The CLI's context `local`: this dispatcher, with that key.
+target/debug/berth config set-context local --dispatcher http://127.0.0.1:7000 \
+  --token-file "$root/.berth/admin.token" --use-it >/dev/null
 for _ in $(seq 1 50); do
   target/debug/berth sessions list >/dev/null 2>&1 && break
   sleep 0.2

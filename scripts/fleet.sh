@@ -63,11 +63,17 @@ for i in $(seq 0 $((nodes - 1))); do
   urls+=("https://localhost:$port")
 done
 
+if [ ! -f "$dir/secrets.key" ]; then
+  (umask 077; printf 'k1:%s\n' "$(head -c32 /dev/urandom | base64 -w0)" > "$dir/secrets.key")
+fi
 echo "==> dispatcher on :7000, AGENT_SERVERS=$(IFS=,; echo "${urls[*]}")"
 AGENT_SERVERS="$(IFS=,; echo "${urls[*]}")" \
   BERTH_TLS_CERT="$dir/certs/dispatcher.pem" BERTH_TLS_KEY="$dir/certs/dispatcher-key.pem" \
+  BERTH_SECRETS_KEY_FILE="$dir/secrets.key" BERTH_BOOTSTRAP_TOKEN_FILE="$dir/admin.token" \
   nohup target/debug/berth-dispatcher > "$dir/dispatcher.log" 2>&1 &
 echo $! > "$dir/dispatcher.pid"
+target/debug/berth config set-context fleet --dispatcher http://127.0.0.1:7000 \
+  --token-file "$(cd "$dir" && pwd)/admin.token" --use-it >/dev/null
 
 for _ in $(seq 1 100); do
   up=$(target/debug/berth nodes --json 2>/dev/null | grep -c '"state":"up"' || true)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use berth_proto::v1::{self as pb, agents_client::AgentsClient, files_client::FilesClient};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use tonic::transport::Channel;
+use berth_cli::auth::Api;
 
 use crate::{CliError, RuntimeArg, explain, key_value};
 
@@ -43,6 +43,23 @@ pub struct SpecArgs {
     /// Claude Code skill, NAME=FILE with the SKILL.md text (repeatable).
     #[arg(long = "skill", value_parser = key_value)]
     pub skills: Vec<(String, String)>,
+    /// Secret (id from `berth secrets create`) the node's gateway attaches
+    /// to the session's traffic (repeatable). The agent never sees it.
+    #[arg(long = "secret")]
+    pub secrets: Vec<String>,
+    /// Where the agent may connect beyond the model API: none, allowlist or open.
+    #[arg(long, value_enum)]
+    pub egress: Option<EgressArg>,
+    /// A host the allowlist lets through (`host`, `host:port`, `*.domain`; repeatable).
+    #[arg(long = "allow-host")]
+    pub allow_hosts: Vec<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum EgressArg {
+    None,
+    Allowlist,
+    Open,
 }
 
 impl SpecArgs {
@@ -86,6 +103,21 @@ impl SpecArgs {
             env: self.env.iter().cloned().collect(),
             limits: self.limits(),
             skills: self.skills()?,
+            vault_ids: self.secrets.clone(),
+            egress: self.egress(),
+        })
+    }
+
+    fn egress(&self) -> Option<pb::Egress> {
+        let mode = match self.egress {
+            None if self.allow_hosts.is_empty() => return None,
+            None | Some(EgressArg::Allowlist) => pb::EgressMode::Allowlist,
+            Some(EgressArg::None) => pb::EgressMode::None,
+            Some(EgressArg::Open) => pb::EgressMode::Open,
+        };
+        Some(pb::Egress {
+            mode: mode as i32,
+            allow: self.allow_hosts.clone(),
         })
     }
 
@@ -97,14 +129,16 @@ impl SpecArgs {
             || !self.system_prompt.is_empty()
             || !self.args.is_empty()
             || self.limits().is_some()
-            || !self.skills.is_empty();
+            || !self.skills.is_empty()
+            || self.egress().is_some();
         if other {
             return Err(CliError(
-                "with --agent only --env may be given: the agent's version supplies image, runtime, model, prompt, limits and skills".into(),
+                "with --agent only --env and --secret may be given: the agent's version supplies image, runtime, model, prompt, limits, skills and egress".into(),
             ));
         }
         Ok(pb::SessionSpec {
             env: self.env.iter().cloned().collect(),
+            vault_ids: self.secrets.clone(),
             ..Default::default()
         })
     }
@@ -166,7 +200,7 @@ impl SessionOpts {
     /// Fills the request's resources and limits, uploading `--file`s first.
     pub async fn apply(
         &self,
-        channel: &Channel,
+        channel: &Api,
         d: &str,
         req: &mut pb::CreateSessionRequest,
     ) -> Result<(), CliError> {
@@ -215,7 +249,7 @@ impl SessionOpts {
 }
 
 async fn upload(
-    channel: &Channel,
+    channel: &Api,
     d: &str,
     local: &str,
     name: Option<String>,
@@ -315,7 +349,7 @@ fn agent_line(a: &pb::Agent, json: bool) -> String {
     )
 }
 
-pub async fn agents(channel: Channel, d: &str, json: bool, cmd: AgentsCmd) -> Result<(), CliError> {
+pub async fn agents(channel: Api, d: &str, json: bool, cmd: AgentsCmd) -> Result<(), CliError> {
     let mut client = AgentsClient::new(channel);
     let err = |s| explain(d, None, s);
     let agent = match cmd {
@@ -374,7 +408,7 @@ pub async fn agents(channel: Channel, d: &str, json: bool, cmd: AgentsCmd) -> Re
     Ok(())
 }
 
-pub async fn files(channel: Channel, d: &str, json: bool, cmd: FilesCmd) -> Result<(), CliError> {
+pub async fn files(channel: Api, d: &str, json: bool, cmd: FilesCmd) -> Result<(), CliError> {
     let mut client = FilesClient::new(channel.clone());
     let f = match cmd {
         FilesCmd::Upload { path, name } => upload(&channel, d, &path, name).await?,

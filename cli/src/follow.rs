@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use futures::StreamExt;
-use tonic::transport::Channel;
+use crate::auth::Api;
 
 /// How long a stream may stay interrupted before following gives up.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
@@ -25,7 +25,7 @@ fn retryable(s: &tonic::Status) -> bool {
 /// returns false, or the stream ends (the session left its run). Returns
 /// the last error that could not be retried.
 pub async fn follow(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<Api>,
     name: &str,
     mut after_seq: i64,
     mut on_event: impl FnMut(&pb::Event) -> bool,

@@ -1,4 +1,5 @@
 //! What the `berth` CLI shares with programs that call the API the same
 //! way: following a session's events through dispatcher restarts.
 
+pub mod auth;
 pub mod follow;

@@ -2,7 +2,7 @@
 
 use berth_proto::v1::{self as pb, nodes_client::NodesClient};
 use clap::{Args, Subcommand};
-use tonic::transport::Channel;
+use berth_cli::auth::Api;
 
 use crate::{CliError, explain, render};
 
@@ -30,7 +30,7 @@ pub(crate) enum NodesCmd {
 
 /// Runs `berth nodes [list|drain NODE|undrain NODE]` against dispatcher `d`.
 pub(crate) async fn run(
-    mut client: NodesClient<Channel>,
+    mut client: NodesClient<Api>,
     d: &str,
     json: bool,
     cmd: Option<NodesCmd>,

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Args;
-use tonic::transport::Channel;
+use berth_cli::auth::Api;
 
 use crate::sessions::print_event;
 use crate::{CliError, durable, explain, key_value, render};
@@ -32,8 +32,8 @@ pub(crate) struct RunArgs {
 
 /// Runs `berth run` against dispatcher `d`.
 pub(crate) async fn run(
-    client: &mut SessionsClient<Channel>,
-    channel: &Channel,
+    client: &mut SessionsClient<Api>,
+    channel: &Api,
     d: &str,
     json: bool,
     a: RunArgs,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Subcommand;
-use tonic::transport::Channel;
+use berth_cli::auth::Api;
 
 use crate::{CliError, durable, explain, render};
 
@@ -63,7 +63,7 @@ pub(crate) enum SessionsCmd {
 
 /// Runs one `berth sessions` command against dispatcher `d`.
 pub(crate) async fn run(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<Api>,
     d: &str,
     json: bool,
     cmd: SessionsCmd,

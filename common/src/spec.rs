@@ -40,6 +40,10 @@ pub mod limits {
     pub const MAX_CPUS: f64 = 1024.0;
     /// Most processes any spec may ask for.
     pub const MAX_PIDS: i64 = 4_194_304;
+    /// Secrets one session may use.
+    pub const VAULT_IDS: usize = 16;
+    /// Hosts in one egress allowlist.
+    pub const EGRESS_HOSTS: usize = 64;
 }
 
 /// A value that failed validation: which field, and what to fix.
@@ -86,6 +90,105 @@ pub struct AgentSpec {
     pub limits: Limits,
     #[serde(default)]
     pub skills: Vec<Skill>,
+    /// Secrets (by id) the node's gateway attaches to the session's traffic.
+    #[serde(default)]
+    pub vault_ids: Vec<String>,
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+/// Where a session may connect beyond the model API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressMode {
+    /// The model API only.
+    #[default]
+    None,
+    /// The model API and the hosts in `allow`.
+    Allowlist,
+    /// Any public host.
+    Open,
+}
+
+/// A session's egress policy, enforced by the node's gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Egress {
+    #[serde(default)]
+    pub mode: EgressMode,
+    /// `host`, `host:port` or `*.domain[:port]`; no port means 443.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl Egress {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.allow.len() > limits::EGRESS_HOSTS {
+            return Err(FieldError::new(
+                "spec.egress.allow",
+                format!("at most {} entries", limits::EGRESS_HOSTS),
+            ));
+        }
+        match self.mode {
+            EgressMode::Allowlist if self.allow.is_empty() => {
+                return Err(FieldError::new(
+                    "spec.egress.allow",
+                    "EGRESS_MODE_ALLOWLIST needs at least one host",
+                ));
+            }
+            EgressMode::None | EgressMode::Open if !self.allow.is_empty() => {
+                return Err(FieldError::new(
+                    "spec.egress.allow",
+                    "hosts are only for EGRESS_MODE_ALLOWLIST",
+                ));
+            }
+            _ => {}
+        }
+        for a in &self.allow {
+            let (host, port) = split_host_port(a);
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            let ok_name = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !ok_name || port.is_none() {
+                return Err(FieldError::new(
+                    "spec.egress.allow",
+                    format!("`{a}`: expected `host`, `host:port` or `*.domain[:port]`"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the policy lets the session reach `host:port`. (Internal
+    /// addresses are refused by the gateway whatever this says.)
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        match self.mode {
+            EgressMode::None => false,
+            EgressMode::Open => true,
+            EgressMode::Allowlist => self.allow.iter().any(|a| {
+                let (pattern, p) = split_host_port(a);
+                if p != Some(port) {
+                    return false;
+                }
+                let host = host.to_ascii_lowercase();
+                let pattern = pattern.to_ascii_lowercase();
+                match pattern.strip_prefix("*.") {
+                    Some(domain) => host.ends_with(&format!(".{domain}")),
+                    None => host == pattern,
+                }
+            }),
+        }
+    }
+}
+
+/// `host[:port]`, the port 443 when absent; `None` for a bad port.
+fn split_host_port(s: &str) -> (&str, Option<u16>) {
+    match s.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok().filter(|p| *p > 0)),
+        None => (s, Some(443)),
+    }
 }
 
 /// Container limits; zero means the node's default.
@@ -145,6 +248,25 @@ impl AgentSpec {
             ));
         }
         validate_env(&self.env)?;
+        if self.vault_ids.len() > limits::VAULT_IDS {
+            return Err(FieldError::new(
+                "spec.vault_ids",
+                format!("at most {} secrets", limits::VAULT_IDS),
+            ));
+        }
+        for id in &self.vault_ids {
+            let ok = id.len() == 36
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c) || c == '-');
+            if !ok {
+                return Err(FieldError::new(
+                    "spec.vault_ids",
+                    format!("`{id}` is not a secret id (`secrets/{{uuid}}` or the uuid)"),
+                ));
+            }
+        }
+        self.egress.validate()?;
         if self.system_prompt.len() > limits::SYSTEM_PROMPT_BYTES {
             return Err(FieldError::new(
                 "spec.system_prompt",
@@ -420,6 +542,58 @@ fn runtime_from_pb(value: i32) -> Result<Runtime, FieldError> {
     }
 }
 
+fn egress_from_pb(e: Option<pb::Egress>) -> Result<Egress, FieldError> {
+    let e = e.unwrap_or_default();
+    let mode = match pb::EgressMode::try_from(e.mode) {
+        Ok(pb::EgressMode::Unspecified | pb::EgressMode::None) => EgressMode::None,
+        Ok(pb::EgressMode::Allowlist) => EgressMode::Allowlist,
+        Ok(pb::EgressMode::Open) => EgressMode::Open,
+        Err(_) => {
+            return Err(FieldError::new(
+                "spec.egress.mode",
+                format!("unknown mode {}", e.mode),
+            ));
+        }
+    };
+    Ok(Egress {
+        mode,
+        allow: e.allow,
+    })
+}
+
+fn egress_to_pb(e: &Egress) -> pb::Egress {
+    pb::Egress {
+        mode: match e.mode {
+            EgressMode::None => pb::EgressMode::None,
+            EgressMode::Allowlist => pb::EgressMode::Allowlist,
+            EgressMode::Open => pb::EgressMode::Open,
+        } as i32,
+        allow: e.allow.clone(),
+    }
+}
+
+impl Egress {
+    /// The node wire's form.
+    pub fn to_node_pb(&self) -> node_pb::Egress {
+        let e = egress_to_pb(self);
+        node_pb::Egress {
+            mode: e.mode,
+            allow: e.allow,
+        }
+    }
+
+    /// From the node wire, checked.
+    pub fn from_node_pb(e: Option<&node_pb::Egress>) -> Result<Self, FieldError> {
+        let e = e.cloned().unwrap_or_default();
+        let egress = egress_from_pb(Some(pb::Egress {
+            mode: e.mode,
+            allow: e.allow,
+        }))?;
+        egress.validate()?;
+        Ok(egress)
+    }
+}
+
 fn runtime_to_pb(r: Runtime) -> i32 {
     match r {
         Runtime::ClaudeCode => pb::Runtime::ClaudeCode as i32,
@@ -454,6 +628,12 @@ impl TryFrom<pb::SessionSpec> for AgentSpec {
                     content: k.content,
                 })
                 .collect(),
+            vault_ids: s
+                .vault_ids
+                .into_iter()
+                .map(|v| v.strip_prefix("secrets/").unwrap_or(&v).to_ascii_lowercase())
+                .collect(),
+            egress: egress_from_pb(s.egress)?,
         };
         spec.validate()?;
         Ok(spec)
@@ -483,6 +663,8 @@ impl From<AgentSpec> for pb::SessionSpec {
                     content: k.content,
                 })
                 .collect(),
+            egress: Some(egress_to_pb(&s.egress)),
+            vault_ids: s.vault_ids,
         }
     }
 }
@@ -499,6 +681,8 @@ pub fn agent_pb_to_session_pb(s: pb::AgentSpec) -> pb::SessionSpec {
         env: s.env,
         limits: s.limits,
         skills: s.skills,
+        vault_ids: s.vault_ids,
+        egress: s.egress,
     }
 }
 
@@ -513,6 +697,8 @@ pub fn session_pb_to_agent_pb(s: pb::SessionSpec) -> pb::AgentSpec {
         env: s.env,
         limits: s.limits,
         skills: s.skills,
+        vault_ids: s.vault_ids,
+        egress: s.egress,
     }
 }
 
@@ -539,6 +725,9 @@ pub fn from_node_pb(s: &node_pb::SessionSpec) -> Result<AgentSpec, FieldError> {
                 content: k.content.clone(),
             })
             .collect(),
+        // Secrets reach the node as values (`secrets`), never as ids.
+        vault_ids: Vec::new(),
+        egress: Egress::from_node_pb(s.egress.as_ref())?,
     };
     spec.validate()?;
     Ok(spec)
@@ -569,6 +758,7 @@ impl AgentSpec {
                 content: k.content.clone(),
             })
             .collect();
+        out.egress = Some(self.egress.to_node_pb());
     }
 }
 
@@ -580,6 +770,36 @@ mod tests {
         AgentSpec {
             image: "agent:latest".into(),
             ..AgentSpec::default()
+        }
+    }
+
+    #[test]
+    fn egress_allowlists_match_host_and_port_exactly() {
+        let e = Egress {
+            mode: EgressMode::Allowlist,
+            allow: vec!["pypi.org".into(), "*.github.com".into(), "git.local:8443".into()],
+        };
+        e.validate().unwrap();
+        assert!(e.allows("pypi.org", 443));
+        assert!(e.allows("PyPI.org", 443));
+        assert!(!e.allows("pypi.org", 80));
+        assert!(!e.allows("evil-pypi.org", 443));
+        assert!(e.allows("api.github.com", 443));
+        assert!(!e.allows("github.com", 443));
+        assert!(!e.allows("github.com.evil.net", 443));
+        assert!(e.allows("git.local", 8443));
+        assert!(!Egress::default().allows("pypi.org", 443));
+        let open = Egress {
+            mode: EgressMode::Open,
+            allow: vec![],
+        };
+        assert!(open.allows("anything.example", 1234));
+        for bad in ["", "a b", "host:0", "host:x", "*.:1"] {
+            let e = Egress {
+                mode: EgressMode::Allowlist,
+                allow: vec![bad.into()],
+            };
+            assert_eq!(e.validate().unwrap_err().field, "spec.egress.allow", "{bad}");
         }
     }
 

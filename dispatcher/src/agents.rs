@@ -19,38 +19,42 @@ pub(crate) struct Agents {
 }
 
 impl Agents {
-    pub(crate) async fn create(&self, id: &str, spec: &AgentSpec) -> Result<Agent> {
-        let a = self.store.create_agent(id, spec).await?;
-        tracing::info!(agent = %id, "agent created");
+    pub(crate) async fn create(&self, project: &str, id: &str, spec: &AgentSpec) -> Result<Agent> {
+        let a = self.store.create_agent(project, id, spec).await?;
+        tracing::info!(project, agent = %id, "agent created");
         Ok(a)
     }
 
-    pub(crate) async fn get(&self, id: &str, version: Option<i64>) -> Result<Agent> {
-        self.store.get_agent(id, version).await
+    pub(crate) async fn get(&self, project: &str, id: &str, version: Option<i64>) -> Result<Agent> {
+        self.store.get_agent(project, id, version).await
     }
 
     pub(crate) async fn list(
         &self,
+        project: &str,
         after: &str,
         show_archived: bool,
         limit: i64,
     ) -> Result<Vec<Agent>> {
-        self.store.list_agents(after, show_archived, limit).await
+        self.store
+            .list_agents(project, after, show_archived, limit)
+            .await
     }
 
-    pub(crate) async fn update(&self, id: &str, spec: &AgentSpec) -> Result<Agent> {
-        let a = self.store.update_agent(id, spec).await?;
-        tracing::info!(agent = %id, version = a.version, "agent updated");
+    pub(crate) async fn update(&self, project: &str, id: &str, spec: &AgentSpec) -> Result<Agent> {
+        let a = self.store.update_agent(project, id, spec).await?;
+        tracing::info!(project, agent = %id, version = a.version, "agent updated");
         Ok(a)
     }
 
-    pub(crate) async fn archive(&self, id: &str) -> Result<Agent> {
-        self.store.archive_agent(id).await
+    pub(crate) async fn archive(&self, project: &str, id: &str) -> Result<Agent> {
+        self.store.archive_agent(project, id).await
     }
 
     /// Stores the object first, then the row: a row always has its object.
     pub(crate) async fn upload_file(
         &self,
+        project: &str,
         display_name: String,
         content: Bytes,
     ) -> Result<FileInfo> {
@@ -62,6 +66,7 @@ impl Agents {
             .collect::<String>();
         let info = FileInfo {
             id: Uuid::now_v7(),
+            project: project.to_string(),
             display_name,
             size_bytes: content.len() as i64,
             sha256,
@@ -73,12 +78,12 @@ impl Agents {
         Ok(info)
     }
 
-    pub(crate) async fn get_file(&self, id: Uuid) -> Result<FileInfo> {
-        self.store.get_file(id).await
+    pub(crate) async fn get_file(&self, project: &str, id: Uuid) -> Result<FileInfo> {
+        self.store.get_file(project, id).await
     }
 
-    pub(crate) async fn delete_file(&self, id: Uuid) -> Result<()> {
-        if !self.store.delete_file(id).await? {
+    pub(crate) async fn delete_file(&self, project: &str, id: Uuid) -> Result<()> {
+        if !self.store.delete_file(project, id).await? {
             return Err(Error::NotFound(format!("file files/{id} not found")));
         }
         self.objects.delete(&file_key(id)).await?;

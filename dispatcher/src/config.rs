@@ -131,6 +131,24 @@ pub struct Config {
     #[arg(long, env = "BERTH_RETENTION_DAYS", default_value_t = 30)]
     pub retention_days: u32,
 
+    /// Key file for secrets and env values at rest (envelope encryption):
+    /// one `ID:BASE64` line per 32-byte key, the first sealing, the others
+    /// only opening (rotation: README, "Secrets"). Required: make one with
+    /// `printf 'k1:%s\n' "$(head -c32 /dev/urandom | base64)" > FILE`.
+    #[arg(long, env = "BERTH_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<std::path::PathBuf>,
+
+    /// Accept calls without an API key, as a fleet admin of project
+    /// `default`. Local development only: logged as a warning at start.
+    #[arg(long, env = "BERTH_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// When no active fleet-admin key exists, make one (project `default`)
+    /// and write its token to this file (mode 0600). The first key of a new
+    /// deployment; later ones come from `berth keys create`.
+    #[arg(long, env = "BERTH_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<std::path::PathBuf>,
+
     /// Log format: `text`, or `json` (one object per line; session log lines
     /// carry `session_id`).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -142,6 +160,10 @@ pub struct Config {
     /// it also carries the in-process node's metrics.
     #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "0.0.0.0:9400")]
     pub metrics_listen: berth_common::metrics::Listen,
+
+    /// Keys given in process instead of `--secrets-key-file` (tests).
+    #[arg(skip)]
+    pub sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
 }
 
 fn default_id() -> String {
@@ -173,6 +195,12 @@ impl Config {
         anyhow::ensure!(
             !self.node_resolve_interval.is_zero(),
             "--node-resolve-interval must be positive"
+        );
+        anyhow::ensure!(
+            self.secrets_key_file.is_some() || self.sealer.is_some(),
+            "--secrets-key-file (BERTH_SECRETS_KEY_FILE) is required: secrets and env values \
+             are encrypted under it. Make one with \
+             `printf 'k1:%s\\n' \"$(head -c32 /dev/urandom | base64)\" > secrets.key`"
         );
         anyhow::ensure!(
             !self.api_tls || self.tls.material.is_some() || self.tls.cert.is_some(),

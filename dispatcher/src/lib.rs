@@ -15,6 +15,7 @@
 
 mod agents;
 mod api;
+pub mod auth;
 pub mod config;
 mod driver;
 mod error;
@@ -25,7 +26,9 @@ pub mod metrics;
 mod nodes;
 pub mod placement;
 mod queue;
+mod rewrap;
 mod sampler;
+pub mod seal;
 pub mod session;
 mod sessions;
 mod store;
@@ -35,6 +38,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
 use berth_proto::v1::agents_server::AgentsServer;
+use berth_proto::v1::api_keys_server::ApiKeysServer;
+use berth_proto::v1::secrets_server::SecretsServer;
 use berth_proto::v1::files_server::FilesServer;
 use berth_proto::v1::nodes_server::NodesServer;
 use berth_proto::v1::sessions_server::SessionsServer;
@@ -53,7 +58,24 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     let fleet = fleet_config(&cfg)?;
-    let store = store::Store::connect(&cfg.database_url, cfg.db_max_connections).await?;
+    let sealer = match (&cfg.sealer, &cfg.secrets_key_file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(path)) => Arc::new(seal::Sealer::from_file(path)?),
+        (None, None) => anyhow::bail!("--secrets-key-file is required"),
+    };
+    tracing::info!(keys = ?sealer, "secrets key file loaded");
+    let store = store::Store::connect(&cfg.database_url, cfg.db_max_connections, sealer).await?;
+    if cfg.allow_anonymous {
+        tracing::warn!(
+            "--allow-anonymous: calls without an API key act as a fleet admin of project `default`; \
+             local development only"
+        );
+    }
+    if let Some(path) = &cfg.bootstrap_token_file {
+        bootstrap_admin(&store, path).await?;
+    }
+    tokio::spawn(rewrap::run(store.clone(), shutdown.clone()));
+    let authenticator = Arc::new(auth::Authenticator::new(store.clone(), cfg.allow_anonymous));
     let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
     tracing::info!(store = ?objects, "object store");
     let log = log::EventLog::start(store.clone(), shutdown.clone());
@@ -131,6 +153,19 @@ pub async fn run(
     reporter
         .set_serving::<FilesServer<api::agents::AgentsService>>()
         .await;
+    reporter
+        .set_serving::<ApiKeysServer<api::access::ApiKeysService>>()
+        .await;
+    reporter
+        .set_serving::<SecretsServer<api::access::SecretsService>>()
+        .await;
+    let keys_svc = ApiKeysServer::new(api::access::ApiKeysService {
+        store: store.clone(),
+        auth: authenticator.clone(),
+    });
+    let secrets_svc = SecretsServer::new(api::access::SecretsService {
+        store: store.clone(),
+    });
     let agents_svc = api::agents::AgentsService {
         agents: agents::Agents {
             store: store.clone(),
@@ -162,10 +197,13 @@ pub async fn run(
     }
     server
         .layer(berth_common::metrics::GrpcMetricsLayer)
+        .layer(auth::AuthLayer(authenticator))
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
         .add_service(nodes_svc)
+        .add_service(keys_svc)
+        .add_service(secrets_svc)
         .add_service(AgentsServer::new(agents_svc.clone()))
         .add_service(
             FilesServer::new(agents_svc)
@@ -190,6 +228,38 @@ pub async fn run(
             "sessions still being handed back at exit"
         );
     }
+    Ok(())
+}
+
+/// Makes the first fleet-admin key when there is none, and writes its token
+/// to `path` (mode 0600).
+async fn bootstrap_admin(store: &store::Store, path: &std::path::Path) -> anyhow::Result<()> {
+    let t = auth::new_token();
+    if !store
+        .bootstrap_admin(&t.key_id, auth::DEFAULT_PROJECT, &t.sha256)
+        .await?
+    {
+        tracing::info!(path = %path.display(), "a fleet-admin key exists; no bootstrap key made");
+        return Ok(());
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("--bootstrap-token-file {}: {e}", path.display()))?;
+    writeln!(f, "{}", t.token)?;
+    tracing::warn!(
+        key_id = %t.key_id,
+        path = %path.display(),
+        "no fleet-admin key existed: made one; its token is in the file (keep it safe, or revoke it once you have your own keys)"
+    );
     Ok(())
 }
 

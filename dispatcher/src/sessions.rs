@@ -34,24 +34,32 @@ pub(crate) enum ExportFormat {
 
 impl Sessions {
     /// Resolves the agent (pinning its version), checks the resources, queues.
-    pub(crate) async fn create(&self, mut new: NewSession) -> Result<Session> {
+    pub(crate) async fn create(&self, project: &str, mut new: NewSession) -> Result<Session> {
         if let Some(agent) = &new.agent {
             let (id, version) =
                 berth_common::names::agent_ref(agent).map_err(|e| Error::invalid("agent", e))?;
-            let a = self.store.get_agent(id, version).await?;
+            let a = self.store.get_agent(project, id, version).await?;
             if a.archived {
                 return Err(Error::Precondition(format!(
                     "agent `{}` is archived; new sessions cannot use it",
                     a.id
                 )));
             }
-            // The version's spec, with the request's env merged over its env.
+            // The version's spec, with the request's env merged over its
+            // env, and the request's secrets added to its own.
             let env = std::mem::take(&mut new.spec.env);
+            let vaults = std::mem::take(&mut new.spec.vault_ids);
             new.spec = a.spec;
             new.spec.env.extend(env);
+            for v in vaults {
+                if !new.spec.vault_ids.contains(&v) {
+                    new.spec.vault_ids.push(v);
+                }
+            }
             new.pinned = Some((a.id, a.version));
         }
         self.check_fleet_limits(&new)?;
+        self.check_vault_ids(project, &new.spec.vault_ids).await?;
         for r in &new.resources {
             if let Resource::Git { url, .. } = r {
                 berth_common::spec::check_git_source("resources.git.url", url, &self.git_allow)?;
@@ -66,7 +74,7 @@ impl Sessions {
                     ));
                 }
                 Resource::File { file_id, .. } => {
-                    if let Err(Error::NotFound(m)) = self.store.get_file(*file_id).await {
+                    if let Err(Error::NotFound(m)) = self.store.get_file(project, *file_id).await {
                         return Err(Error::invalid("resources.file", m));
                     }
                 }
@@ -76,10 +84,10 @@ impl Sessions {
         if new.queue_timeout.is_none() {
             new.queue_timeout = self.queue_timeout;
         }
-        let (session, created) = self.store.create_session(&new).await?;
+        let (session, created) = self.store.create_session(project, &new).await?;
         if created {
             metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
-            tracing::info!(session_id = %session.id, image = %session.spec.image, "session created");
+            tracing::info!(session_id = %session.id, project, image = %session.spec.image, "session created");
         }
         Ok(session)
     }
@@ -137,17 +145,44 @@ impl Sessions {
         Ok(())
     }
 
-    pub(crate) async fn get(&self, id: Uuid) -> Result<Session> {
-        self.store.get_session(id).await
+    /// The session, if it is in `project`: another project's is NOT_FOUND,
+    /// exactly as a session that does not exist.
+    pub(crate) async fn get(&self, project: &str, id: Uuid) -> Result<Session> {
+        let s = self.store.get_session(id).await?;
+        if s.project != project {
+            return Err(Error::SessionNotFound(id.to_string()));
+        }
+        Ok(s)
     }
 
-    pub(crate) async fn list(&self, filter: SessionFilter) -> Result<Vec<Session>> {
-        self.store.list_sessions(&filter).await
+    pub(crate) async fn list(&self, project: &str, filter: SessionFilter) -> Result<Vec<Session>> {
+        self.store.list_sessions(project, &filter).await
+    }
+
+    /// Every secret id must name a secret of `project` (else NOT_FOUND).
+    async fn check_vault_ids(&self, project: &str, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let not_found = |id: &str| Error::NotFound(format!("spec.vault_ids: secret secrets/{id} not found"));
+        let ids = ids
+            .iter()
+            .map(|id| id.parse::<Uuid>().map_err(|_| not_found(id)))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = ids.as_slice();
+        let found = self.store.sealed_secrets(project, ids).await?;
+        if let Some(missing) = ids.iter().find(|id| !found.iter().any(|f| f.0 == **id)) {
+            return Err(Error::NotFound(format!(
+                "spec.vault_ids: secret secrets/{missing} not found"
+            )));
+        }
+        Ok(())
     }
 
     /// Persists a user message; the driver forwards it. Returns its seq.
-    pub(crate) async fn send_message(&self, id: Uuid, text: &str) -> Result<i64> {
+    pub(crate) async fn send_message(&self, project: &str, id: Uuid, text: &str) -> Result<i64> {
         self.require_input(
+            project,
             id,
             "messages can only be sent to pending, starting, running or idle sessions",
         )
@@ -156,15 +191,15 @@ impl Sessions {
         Ok(e.seq)
     }
 
-    pub(crate) async fn interrupt(&self, id: Uuid) -> Result<i64> {
-        self.require_input(id, "only a live session can be interrupted")
+    pub(crate) async fn interrupt(&self, project: &str, id: Uuid) -> Result<i64> {
+        self.require_input(project, id, "only a live session can be interrupted")
             .await?;
         let e = self.log.append(id, NewEvent::user_interrupt()).await?;
         Ok(e.seq)
     }
 
-    async fn require_input(&self, id: Uuid, what: &'static str) -> Result<()> {
-        let s = self.store.get_session(id).await?;
+    async fn require_input(&self, project: &str, id: Uuid, what: &'static str) -> Result<()> {
+        let s = self.get(project, id).await?;
         if !s.status.accepts_input() {
             return Err(Error::WrongStatus {
                 id,
@@ -177,7 +212,8 @@ impl Sessions {
 
     /// Stops the session with reason `user` (a snapshot is kept, so it can be
     /// resumed). Stopping twice is not an error.
-    pub(crate) async fn stop(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn stop(&self, project: &str, id: Uuid) -> Result<Session> {
+        self.get(project, id).await?;
         match self
             .log
             .transition(
@@ -203,7 +239,8 @@ impl Sessions {
 
     /// Asks the driver to snapshot the session and free its container. The
     /// status machine decides which sessions may pause (running or idle).
-    pub(crate) async fn pause(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn pause(&self, project: &str, id: Uuid) -> Result<Session> {
+        self.get(project, id).await?;
         self.log
             .transition(
                 id,
@@ -217,7 +254,8 @@ impl Sessions {
     }
 
     /// Queues a paused or stopped session again; it restores its snapshot.
-    pub(crate) async fn resume(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn resume(&self, project: &str, id: Uuid) -> Result<Session> {
+        self.get(project, id).await?;
         self.log
             .transition(id, StatusEvent::Resumed, "resumed", StatusDetail::default())
             .await
@@ -226,7 +264,8 @@ impl Sessions {
         self.store.get_session(id).await
     }
 
-    pub(crate) async fn archive(&self, id: Uuid) -> Result<Session> {
+    pub(crate) async fn archive(&self, project: &str, id: Uuid) -> Result<Session> {
+        self.get(project, id).await?;
         self.log
             .transition(id, StatusEvent::Archived, "user", StatusDetail::default())
             .await
@@ -242,9 +281,9 @@ impl Sessions {
 
     /// Deletes a session that is not live: its objects, then its rows.
     /// Returns how many objects went.
-    pub(crate) async fn delete(&self, id: Uuid) -> Result<u64> {
+    pub(crate) async fn delete(&self, project: &str, id: Uuid) -> Result<u64> {
         const WHAT: &str = "a live session cannot be deleted; stop it first";
-        let s = self.store.get_session(id).await?;
+        let s = self.get(project, id).await?;
         if s.status.is_live() {
             return Err(Error::WrongStatus {
                 id,
@@ -268,10 +307,11 @@ impl Sessions {
     /// A new pending session with the same configuration and no history.
     pub(crate) async fn clone_session(
         &self,
+        project: &str,
         id: Uuid,
         request_id: Option<String>,
     ) -> Result<Session> {
-        let s = self.store.get_session(id).await?;
+        let s = self.get(project, id).await?;
         let new = NewSession {
             request_id,
             display_name: s.display_name,
@@ -286,14 +326,19 @@ impl Sessions {
             queue_timeout: s.queue_timeout,
             pinned: s.agent,
         };
-        let (clone, _) = self.store.create_session(&new).await?;
+        let (clone, _) = self.store.create_session(project, &new).await?;
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
         Ok(clone)
     }
 
     /// The whole session rendered as `format`.
-    pub(crate) async fn export(&self, id: Uuid, format: ExportFormat) -> Result<String> {
-        let s = self.store.get_session(id).await?;
+    pub(crate) async fn export(
+        &self,
+        project: &str,
+        id: Uuid,
+        format: ExportFormat,
+    ) -> Result<String> {
+        let s = self.get(project, id).await?;
         let mut events = Vec::new();
         loop {
             let after = events.last().map_or(0, |e: &Event| e.seq);
@@ -311,25 +356,27 @@ impl Sessions {
 
     pub(crate) async fn list_events(
         &self,
+        project: &str,
         id: Uuid,
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<Event>> {
         // NOT_FOUND for an unknown session, not an empty page.
-        self.store.get_session(id).await?;
+        self.get(project, id).await?;
         self.store.list_events(id, after_seq, limit).await
     }
 
     /// Replays after `after_seq`, then tails.
     pub(crate) async fn stream(
         &self,
+        project: &str,
         id: Uuid,
         after_seq: i64,
     ) -> Result<mpsc::Receiver<Result<Arc<Event>>>> {
         if after_seq < 0 {
             return Err(Error::invalid("after_seq", "must not be negative"));
         }
-        self.store.get_session(id).await?;
+        self.get(project, id).await?;
         Ok(self.log.follow(id, after_seq, 128))
     }
 }

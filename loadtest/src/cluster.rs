@@ -102,7 +102,8 @@ impl Cluster {
                 "target: {url} ({})",
                 if tls.is_some() { "mTLS" } else { "plaintext" }
             );
-            let conns = Conns::open(url, tls.as_ref(), args.connections).await?;
+            let token = std::env::var("BERTH_TOKEN").ok();
+            let conns = Conns::open(url, tls.as_ref(), token.as_deref(), args.connections).await?;
             return Ok(Self {
                 conns,
                 local: None,
@@ -219,6 +220,7 @@ impl Cluster {
         let conns = Conns::open(
             &local.dispatcher_url,
             local.client_tls.as_ref(),
+            Some(&local.token),
             args.connections,
         )
         .await?;

@@ -16,7 +16,7 @@ use berth_common::tls::{DISPATCHER_NAME, TlsMaterial};
 use berth_proto::v1::nodes_client::NodesClient;
 use berth_proto::v1::sessions_client::SessionsClient;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 /// Arrival offsets from the start of a run.
 #[derive(Debug, Clone, Copy)]
@@ -157,14 +157,21 @@ impl Progress {
 /// Several HTTP/2 connections to one dispatcher, handed out round-robin.
 #[derive(Clone)]
 pub struct Conns {
-    channels: Arc<Vec<Channel>>,
+    channels: Arc<Vec<berth_tests::Api>>,
     next: Arc<AtomicUsize>,
 }
 
 impl Conns {
     /// Opens `n` connections to `url`, over mTLS when `tls` is given (the
     /// server is verified as `berth-dispatcher`).
-    pub async fn open(url: &str, tls: Option<&TlsMaterial>, n: usize) -> anyhow::Result<Self> {
+    /// Each call carries `token` (none: anonymous, for `--allow-anonymous`).
+    pub async fn open(
+        url: &str,
+        tls: Option<&TlsMaterial>,
+        token: Option<&str>,
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        let bearer = berth_tests::Bearer::new(token).map_err(anyhow::Error::msg)?;
         let mut channels = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
             let mut e = Endpoint::from_shared(url.to_string())?
@@ -177,7 +184,7 @@ impl Conns {
                 .connect()
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot connect to {url}: {err}"))?;
-            channels.push(channel);
+            channels.push(berth_tests::Api::new(channel, bearer.clone()));
         }
         Ok(Self {
             channels: Arc::new(channels),
@@ -186,14 +193,14 @@ impl Conns {
     }
 
     /// The next connection's client.
-    pub fn get(&self) -> SessionsClient<Channel> {
+    pub fn get(&self) -> SessionsClient<berth_tests::Api> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         SessionsClient::new(self.channels[i].clone())
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES)
     }
 
     /// A client of the fleet API (`berth.v1.Nodes`) on the first connection.
-    pub fn nodes(&self) -> NodesClient<Channel> {
+    pub fn nodes(&self) -> NodesClient<berth_tests::Api> {
         NodesClient::new(self.channels[0].clone())
     }
 }

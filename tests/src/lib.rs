@@ -23,6 +23,8 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub use berth_cli::auth::{Api, Bearer};
+
 /// The image `deploy/test-image/build.sh` builds.
 pub const TEST_IMAGE: &str = "berth-test-agent:latest";
 /// The recorded transcript, as the test image holds it.
@@ -268,6 +270,12 @@ impl Builder {
         cfg.db_max_connections = 8;
         cfg.dispatcher_id = format!("test-dispatcher-{tag}");
         cfg.objects = s3.args();
+        // One key file for every dispatcher of the cluster; the first key
+        // comes from the bootstrap, as on a fresh deployment.
+        cfg.sealer = Some(std::sync::Arc::new(berth_dispatcher::seal::Sealer::ephemeral()));
+        let token_file = std::env::temp_dir().join(format!("berth-admin-{tag}.token"));
+        let _ = std::fs::remove_file(&token_file);
+        cfg.bootstrap_token_file = Some(token_file.clone());
         if let Some(hook) = &self.dispatcher_hook {
             hook(&mut cfg);
         }
@@ -284,12 +292,16 @@ impl Builder {
         if let Some(tls) = &client_tls {
             endpoint = endpoint.tls_config(tls.client(DISPATCHER_NAME))?;
         }
-        let channel = endpoint.connect_lazy();
+        let token = read_token(&token_file, &mut tasks).await?;
+        let _ = std::fs::remove_file(&token_file);
+        let channel = berth_cli::auth::api(endpoint.connect_lazy(), Bearer::new(Some(&token)).map_err(anyhow::Error::msg)?);
         let client = SessionsClient::new(channel.clone())
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
         let cluster = TestCluster {
             client,
-            nodes_client: NodesClient::new(channel),
+            nodes_client: NodesClient::new(channel.clone()),
+            api: channel,
+            token,
             dispatcher_url,
             client_tls,
             nodes,
@@ -357,8 +369,28 @@ pub async fn drop_database(database: &str) -> anyhow::Result<()> {
 
 /// Waits until the dispatcher behind `client` answers, failing early if a
 /// cluster task exits.
+/// Waits for a starting dispatcher's bootstrap token file.
+async fn read_token(
+    path: &std::path::Path,
+    tasks: &mut [tokio::task::JoinHandle<anyhow::Result<()>>],
+) -> anyhow::Result<String> {
+    for _ in 0..600 {
+        if let Ok(t) = std::fs::read_to_string(path)
+            && !t.trim().is_empty()
+        {
+            return Ok(t.trim().to_string());
+        }
+        if let Some(t) = tasks.iter_mut().find(|t| t.is_finished()) {
+            t.await??;
+            anyhow::bail!("the dispatcher ended before writing its bootstrap token");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("no bootstrap token in {} after 30 s", path.display())
+}
+
 pub async fn answering(
-    mut client: SessionsClient<Channel>,
+    mut client: SessionsClient<Api>,
     tasks: &[tokio::task::JoinHandle<anyhow::Result<()>>],
 ) -> anyhow::Result<()> {
     for _ in 0..100 {
@@ -399,8 +431,12 @@ pub struct TestNode {
 
 /// A running dispatcher and its nodes.
 pub struct TestCluster {
-    client: SessionsClient<Channel>,
-    nodes_client: NodesClient<Channel>,
+    client: SessionsClient<Api>,
+    nodes_client: NodesClient<Api>,
+    /// A channel carrying the bootstrap fleet-admin key (project `default`).
+    api: Api,
+    /// That key's token.
+    pub token: String,
     pub dispatcher_url: String,
     /// With [`Builder::api_tls`]: a client certificate for the public API
     /// (dial the dispatcher as [`DISPATCHER_NAME`]).
@@ -442,13 +478,38 @@ impl TestCluster {
     }
 
     /// A client for the public API.
-    pub fn client(&self) -> SessionsClient<Channel> {
+    pub fn client(&self) -> SessionsClient<Api> {
         self.client.clone()
     }
 
+    /// The first dispatcher's API with the bootstrap fleet-admin key.
+    pub fn api(&self) -> Api {
+        self.api.clone()
+    }
+
+    /// The first dispatcher's API as `token` (none: anonymous).
+    pub fn api_as(&self, token: Option<&str>) -> anyhow::Result<Api> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.dispatcher_url.clone())?;
+        if let Some(tls) = &self.client_tls {
+            endpoint = endpoint.tls_config(tls.client(DISPATCHER_NAME))?;
+        }
+        Ok(berth_cli::auth::api(
+            endpoint.connect_lazy(),
+            Bearer::new(token).map_err(anyhow::Error::msg)?,
+        ))
+    }
+
     /// A client for the fleet API.
-    pub fn nodes_client(&self) -> NodesClient<Channel> {
+    pub fn nodes_client(&self) -> NodesClient<Api> {
         self.nodes_client.clone()
+    }
+
+    /// `channel` with the cluster's admin key.
+    pub fn authorized(&self, channel: Channel) -> anyhow::Result<Api> {
+        Ok(berth_cli::auth::api(
+            channel,
+            Bearer::new(Some(&self.token)).map_err(anyhow::Error::msg)?,
+        ))
     }
 
     /// The dispatcher's view of node `i`.
@@ -516,7 +577,7 @@ impl TestCluster {
 
     /// Starts another dispatcher on the same database and nodes; returns
     /// its client.
-    pub async fn add_dispatcher(&mut self) -> anyhow::Result<SessionsClient<Channel>> {
+    pub async fn add_dispatcher(&mut self) -> anyhow::Result<SessionsClient<Api>> {
         let id = format!(
             "{}-{}",
             self.dispatcher_cfg.dispatcher_id,
@@ -527,7 +588,7 @@ impl TestCluster {
 
     /// Starts another dispatcher under the id `id` (as a restarted process
     /// keeps its id); returns its client.
-    pub async fn add_dispatcher_as(&mut self, id: &str) -> anyhow::Result<SessionsClient<Channel>> {
+    pub async fn add_dispatcher_as(&mut self, id: &str) -> anyhow::Result<SessionsClient<Api>> {
         self.add_dispatcher_on(id, "127.0.0.1:0".parse()?).await
     }
 
@@ -538,7 +599,7 @@ impl TestCluster {
         &mut self,
         id: &str,
         addr: SocketAddr,
-    ) -> anyhow::Result<SessionsClient<Channel>> {
+    ) -> anyhow::Result<SessionsClient<Api>> {
         let mut tries = 0;
         let listener = loop {
             match tokio::net::TcpListener::bind(addr).await {
@@ -560,7 +621,7 @@ impl TestCluster {
         self.tasks
             .push(tokio::spawn(berth_dispatcher::run(cfg, listener, stop)));
         let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
-        let client = SessionsClient::new(channel)
+        let client = SessionsClient::new(self.authorized(channel)?)
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
         answering(client.clone(), &self.tasks).await?;
         Ok(client)
@@ -602,7 +663,7 @@ impl TestCluster {
             berth_dispatcher::run(cfg, listener, token).await
         });
         let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
-        let client = SessionsClient::new(channel)
+        let client = SessionsClient::new(self.authorized(channel)?)
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
         let killable = KillableDispatcher {
             rt: Some(rt),
@@ -658,7 +719,7 @@ impl TestCluster {
 /// [`TestCluster::add_killable_dispatcher`]).
 pub struct KillableDispatcher {
     rt: Option<tokio::runtime::Runtime>,
-    pub client: SessionsClient<Channel>,
+    pub client: SessionsClient<Api>,
     stop: CancellationToken,
 }
 
@@ -788,7 +849,7 @@ pub fn fake_session(prompt: &str) -> pb::CreateSessionRequest {
 /// Reads the session's events from `after_seq` until `done` says stop (or the
 /// stream ends), within `timeout`.
 pub async fn collect_until(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<Api>,
     name: &str,
     after_seq: i64,
     timeout: Duration,
@@ -825,7 +886,7 @@ pub async fn collect_until(
 
 /// Reads events until the session's first turn has ended (usage recorded, idle).
 pub async fn until_turn_ends(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<Api>,
     name: &str,
     after_seq: i64,
 ) -> anyhow::Result<Vec<pb::Event>> {
@@ -840,7 +901,7 @@ pub async fn until_turn_ends(
 /// Waits until the session satisfies `pred`; `what` describes it for the
 /// error when it does not within `timeout`.
 pub async fn wait_for_session(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<Api>,
     name: &str,
     timeout: Duration,
     what: &str,
@@ -870,7 +931,7 @@ pub async fn wait_for_session(
 
 /// Waits until the session reaches `status`.
 pub async fn wait_for_status(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<Api>,
     name: &str,
     status: pb::SessionStatus,
     timeout: Duration,
@@ -883,7 +944,7 @@ pub async fn wait_for_status(
 
 /// Every persisted event of a session (up to 1000), as ListEvents returns them.
 pub async fn events_of(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<Api>,
     name: &str,
 ) -> anyhow::Result<Vec<pb::Event>> {
     Ok(client
@@ -976,7 +1037,7 @@ pub fn assert_lines_well_formed(events: &[pb::Event]) {
 }
 
 /// Sends `text` to the session; returns the seq of its `user.message`.
-pub async fn send(c: &mut SessionsClient<Channel>, name: &str, text: &str) -> anyhow::Result<i64> {
+pub async fn send(c: &mut SessionsClient<Api>, name: &str, text: &str) -> anyhow::Result<i64> {
     Ok(c.send_message(pb::SendMessageRequest {
         name: name.into(),
         text: text.into(),
@@ -988,7 +1049,7 @@ pub async fn send(c: &mut SessionsClient<Channel>, name: &str, text: &str) -> an
 
 /// Creates a session and waits until its first turn has ended.
 pub async fn idle_session(
-    c: &mut SessionsClient<Channel>,
+    c: &mut SessionsClient<Api>,
     req: pb::CreateSessionRequest,
 ) -> anyhow::Result<pb::Session> {
     let s = c.create_session(req).await?.into_inner();
@@ -998,7 +1059,7 @@ pub async fn idle_session(
 
 /// Sends `text` and waits for its turn to end; returns the agent's reply.
 pub async fn turn(
-    c: &mut SessionsClient<Channel>,
+    c: &mut SessionsClient<Api>,
     name: &str,
     text: &str,
 ) -> anyhow::Result<String> {
@@ -1008,7 +1069,7 @@ pub async fn turn(
 
 /// The agent's reply to the turn whose input is at `seq`.
 pub async fn reply_after(
-    c: &mut SessionsClient<Channel>,
+    c: &mut SessionsClient<Api>,
     name: &str,
     seq: i64,
 ) -> anyhow::Result<String> {
@@ -1026,7 +1087,7 @@ pub async fn reply_after(
         .join("\n"))
 }
 
-pub async fn get(c: &mut SessionsClient<Channel>, name: &str) -> anyhow::Result<pb::Session> {
+pub async fn get(c: &mut SessionsClient<Api>, name: &str) -> anyhow::Result<pb::Session> {
     Ok(c.get_session(pb::GetSessionRequest { name: name.into() })
         .await?
         .into_inner())
@@ -1046,7 +1107,7 @@ pub async fn no_containers_left(id: &str) -> anyhow::Result<()> {
 
 /// Stops a session and waits until it is `stopped` (its snapshot saved).
 pub async fn stop_and_wait(
-    c: &mut SessionsClient<Channel>,
+    c: &mut SessionsClient<Api>,
     name: &str,
 ) -> anyhow::Result<pb::Session> {
     c.stop_session(pb::StopSessionRequest { name: name.into() })

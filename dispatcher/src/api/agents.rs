@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::convert::agent_spec;
 use crate::agents::Agents;
+use crate::auth::caller;
 use crate::error::Error;
 use crate::session::limits;
 
@@ -43,6 +44,7 @@ impl AgentsApi for AgentsService {
         &self,
         r: Request<pb::CreateAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         if !names::is_agent_id(&r.agent_id) {
             return Err(Error::invalid(
@@ -53,7 +55,10 @@ impl AgentsApi for AgentsService {
         }
         let spec = agent_spec(r.spec)?;
         Ok(Response::new(
-            self.agents.create(&r.agent_id, &spec).await?.into(),
+            self.agents
+                .create(&who.project, &r.agent_id, &spec)
+                .await?
+                .into(),
         ))
     }
 
@@ -61,6 +66,7 @@ impl AgentsApi for AgentsService {
         &self,
         r: Request<pb::GetAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let (id, pinned) = agent_name(&r.name)?;
         let version = match (r.version, pinned) {
@@ -72,13 +78,16 @@ impl AgentsApi for AgentsService {
                 return Err(Error::invalid("version", "differs from the version in `name`").into());
             }
         };
-        Ok(Response::new(self.agents.get(id, version).await?.into()))
+        Ok(Response::new(
+            self.agents.get(&who.project, id, version).await?.into(),
+        ))
     }
 
     async fn list_agents(
         &self,
         r: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let limit = match r.page_size {
             0 => 50,
@@ -87,7 +96,7 @@ impl AgentsApi for AgentsService {
         };
         let agents = self
             .agents
-            .list(&r.page_token, r.show_archived, limit)
+            .list(&who.project, &r.page_token, r.show_archived, limit)
             .await?;
         let next_page_token = if agents.len() as i64 == limit {
             agents.last().map(|a| a.id.clone()).unwrap_or_default()
@@ -104,6 +113,7 @@ impl AgentsApi for AgentsService {
         &self,
         r: Request<pb::UpdateAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let (id, pinned) = agent_name(&r.name)?;
         if pinned.is_some() {
@@ -114,16 +124,21 @@ impl AgentsApi for AgentsService {
             .into());
         }
         let spec = agent_spec(r.spec)?;
-        Ok(Response::new(self.agents.update(id, &spec).await?.into()))
+        Ok(Response::new(
+            self.agents.update(&who.project, id, &spec).await?.into(),
+        ))
     }
 
     async fn archive_agent(
         &self,
         r: Request<pb::ArchiveAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
+        let who = caller(&r)?;
         let name = r.into_inner().name;
         let (id, _) = agent_name(&name)?;
-        Ok(Response::new(self.agents.archive(id).await?.into()))
+        Ok(Response::new(
+            self.agents.archive(&who.project, id).await?.into(),
+        ))
     }
 }
 
@@ -133,6 +148,7 @@ impl FilesApi for AgentsService {
         &self,
         r: Request<pb::UploadFileRequest>,
     ) -> Result<Response<pb::File>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         if r.content.len() > limits::FILE_BYTES {
             return Err(Error::invalid(
@@ -150,22 +166,26 @@ impl FilesApi for AgentsService {
         }
         let f = self
             .agents
-            .upload_file(r.display_name, bytes::Bytes::from(r.content))
+            .upload_file(&who.project, r.display_name, bytes::Bytes::from(r.content))
             .await?;
         Ok(Response::new(f.into()))
     }
 
     async fn get_file(&self, r: Request<pb::GetFileRequest>) -> Result<Response<pb::File>, Status> {
+        let who = caller(&r)?;
         let id = file_id(&r.into_inner().name)?;
-        Ok(Response::new(self.agents.get_file(id).await?.into()))
+        Ok(Response::new(
+            self.agents.get_file(&who.project, id).await?.into(),
+        ))
     }
 
     async fn delete_file(
         &self,
         r: Request<pb::DeleteFileRequest>,
     ) -> Result<Response<pb::DeleteFileResponse>, Status> {
+        let who = caller(&r)?;
         let id = file_id(&r.into_inner().name)?;
-        self.agents.delete_file(id).await?;
+        self.agents.delete_file(&who.project, id).await?;
         Ok(Response::new(pb::DeleteFileResponse {}))
     }
 }

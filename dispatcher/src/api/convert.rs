@@ -118,17 +118,26 @@ fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<AgentSpec> {
         ("spec.system_prompt", !s.system_prompt.is_empty()),
         ("spec.limits", s.limits.is_some()),
         ("spec.skills", !s.skills.is_empty()),
+        ("spec.egress", s.egress.is_some()),
     ];
     if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
         return Err(Error::invalid(
             field,
-            "must be empty when `agent` is set: the agent's version supplies it (only spec.env may be given)",
+            "must be empty when `agent` is set: the agent's version supplies it (only spec.env and spec.vault_ids may be given)",
         ));
     }
     let env = s.env.into_iter().collect();
     spec::validate_env(&env)?;
+    // The same checks as a whole spec's, on the two fields given.
+    let vault_ids = AgentSpec::try_from(pb::SessionSpec {
+        image: "-".into(),
+        vault_ids: s.vault_ids,
+        ..Default::default()
+    })?
+    .vault_ids;
     Ok(AgentSpec {
         env,
+        vault_ids,
         ..Default::default()
     })
 }
@@ -255,6 +264,7 @@ impl From<Agent> for pb::Agent {
             archived: a.archived,
             create_time: Some(to_timestamp(a.create_time)),
             version_create_time: Some(to_timestamp(a.version_create_time)),
+            project: a.project,
         }
     }
 }
@@ -329,6 +339,7 @@ impl From<Session> for pb::Session {
         Self {
             name: names::session_name(s.id),
             id: s.id.to_string(),
+            project: s.project.clone(),
             display_name: s.display_name,
             status: status_to_pb(s.status) as i32,
             status_reason: s.status_reason,

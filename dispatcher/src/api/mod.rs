@@ -1,6 +1,7 @@
 //! The public gRPC API: thin handlers that unpack, call [`crate::sessions`],
 //! and map the error.
 
+pub mod access;
 pub mod agents;
 pub mod convert;
 pub mod nodes;

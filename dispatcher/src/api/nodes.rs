@@ -78,8 +78,9 @@ async fn describe(link: Arc<NodeLink>) -> pb::Node {
 impl NodesApi for NodesService {
     async fn list_nodes(
         &self,
-        _: Request<pb::ListNodesRequest>,
+        r: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        crate::auth::caller(&r)?.require_admin("ListNodes")?;
         let mut nodes =
             futures::future::join_all(self.nodes.links().into_iter().map(describe)).await;
         nodes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.address.cmp(&b.address)));
@@ -90,6 +91,7 @@ impl NodesApi for NodesService {
         &self,
         r: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        crate::auth::caller(&r)?.require_admin("DrainNode")?;
         let name = r.into_inner().node;
         let link = self.one_node(&name)?;
         let mut client = link.client();
@@ -111,6 +113,7 @@ impl NodesApi for NodesService {
         &self,
         r: Request<pb::UndrainNodeRequest>,
     ) -> Result<Response<pb::UndrainNodeResponse>, Status> {
+        crate::auth::caller(&r)?.require_admin("UndrainNode")?;
         let name = r.into_inner().node;
         let link = self.one_node(&name)?;
         let mut client = link.client();

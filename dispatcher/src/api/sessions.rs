@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, session_id};
+use crate::auth::caller;
 use crate::error::Error;
 use crate::session::NewSession;
 use crate::sessions::Sessions;
@@ -58,22 +59,25 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let who = caller(&r)?;
         let new = NewSession::try_from(r.into_inner())?;
-        Ok(Response::new(self.sessions.create(new).await?.into()))
+        Ok(Response::new(self.sessions.create(&who.project, new).await?.into()))
     }
 
     async fn get_session(
         &self,
         r: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.get(id).await?.into()))
+        Ok(Response::new(self.sessions.get(&who.project, id).await?.into()))
     }
 
     async fn list_sessions(
         &self,
         r: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let limit = page_size(r.page_size, 50)?;
         let filter = SessionFilter {
@@ -82,7 +86,7 @@ impl SessionsApi for SessionsService {
             before: parse_session_page_token(&r.page_token)?,
             limit,
         };
-        let sessions = self.sessions.list(filter).await?;
+        let sessions = self.sessions.list(&who.project, filter).await?;
         let next_page_token = match sessions.last() {
             Some(last) if sessions.len() as i64 == limit => session_page_token(last),
             _ => String::new(),
@@ -97,10 +101,11 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::SendMessageRequest>,
     ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let text = convert::message_text(&r.text)?;
-        let seq = self.sessions.send_message(id, text).await?;
+        let seq = self.sessions.send_message(&who.project, id, text).await?;
         Ok(Response::new(pb::SendMessageResponse { seq }))
     }
 
@@ -108,8 +113,9 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::InterruptRequest>,
     ) -> Result<Response<pb::InterruptResponse>, Status> {
+        let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let seq = self.sessions.interrupt(id).await?;
+        let seq = self.sessions.interrupt(&who.project, id).await?;
         Ok(Response::new(pb::InterruptResponse { seq }))
     }
 
@@ -117,40 +123,45 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::StopSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.stop(id).await?.into()))
+        Ok(Response::new(self.sessions.stop(&who.project, id).await?.into()))
     }
 
     async fn pause_session(
         &self,
         r: Request<pb::PauseSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.pause(id).await?.into()))
+        Ok(Response::new(self.sessions.pause(&who.project, id).await?.into()))
     }
 
     async fn resume_session(
         &self,
         r: Request<pb::ResumeSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.resume(id).await?.into()))
+        Ok(Response::new(self.sessions.resume(&who.project, id).await?.into()))
     }
 
     async fn archive_session(
         &self,
         r: Request<pb::ArchiveSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.archive(id).await?.into()))
+        Ok(Response::new(self.sessions.archive(&who.project, id).await?.into()))
     }
 
     async fn delete_session(
         &self,
         r: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let objects_deleted = self.sessions.delete(id).await? as i64;
+        let objects_deleted = self.sessions.delete(&who.project, id).await? as i64;
         Ok(Response::new(pb::DeleteSessionResponse { objects_deleted }))
     }
 
@@ -158,6 +169,7 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::CloneSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         if r.request_id.chars().count() > crate::session::limits::REQUEST_ID_CHARS {
@@ -165,7 +177,7 @@ impl SessionsApi for SessionsService {
         }
         let request_id = Some(r.request_id).filter(|s| !s.is_empty());
         Ok(Response::new(
-            self.sessions.clone_session(id, request_id).await?.into(),
+            self.sessions.clone_session(&who.project, id, request_id).await?.into(),
         ))
     }
 
@@ -173,6 +185,7 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::ExportSessionRequest>,
     ) -> Result<Response<pb::ExportSessionResponse>, Status> {
+        let who = caller(&r)?;
         use crate::sessions::ExportFormat;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
@@ -187,7 +200,7 @@ impl SessionsApi for SessionsService {
                 );
             }
         };
-        let content = self.sessions.export(id, format).await?;
+        let content = self.sessions.export(&who.project, id, format).await?;
         let content_type = match format {
             ExportFormat::Markdown => "text/markdown",
             ExportFormat::Json => "application/json",
@@ -202,6 +215,7 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let limit = page_size(r.page_size, 100)?;
@@ -218,7 +232,7 @@ impl SessionsApi for SessionsService {
         if after < 0 {
             return Err(Error::invalid("after_seq", "must not be negative").into());
         }
-        let events = self.sessions.list_events(id, after, limit).await?;
+        let events = self.sessions.list_events(&who.project, id, after, limit).await?;
         let next_page_token = match events.last() {
             Some(last) if events.len() as i64 == limit => last.seq.to_string(),
             _ => String::new(),
@@ -235,9 +249,10 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<pb::StreamEventsRequest>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        let who = caller(&r)?;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
-        let rx = self.sessions.stream(id, r.after_seq).await?;
+        let rx = self.sessions.stream(&who.project, id, r.after_seq).await?;
         // Counted while the client holds the stream open.
         let open = crate::metrics::StreamGauge::open("events");
         let stream = ReceiverStream::new(rx).map(move |item| {
@@ -254,6 +269,8 @@ impl SessionsApi for SessionsService {
         r: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         use pb::connect_request::Kind;
+        let who = caller(&r)?;
+        let project = who.project.clone();
         let mut inbound = r.into_inner();
         let open = match inbound.message().await? {
             Some(pb::ConnectRequest {
@@ -266,7 +283,7 @@ impl SessionsApi for SessionsService {
             }
         };
         let id = session_id(&open.name)?;
-        let events = self.sessions.stream(id, open.after_seq).await?;
+        let events = self.sessions.stream(&who.project, id, open.after_seq).await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ConnectResponse, Status>>(128);
         // Events out.
         let out = tx.clone();
@@ -297,12 +314,12 @@ impl SessionsApi for SessionsService {
                 let (reference, result) = match req.kind {
                     Some(Kind::Message(m)) => {
                         let r = match convert::message_text(&m.text) {
-                            Ok(text) => sessions.send_message(id, text).await,
+                            Ok(text) => sessions.send_message(&project, id, text).await,
                             Err(e) => Err(e),
                         };
                         (m.r#ref, r)
                     }
-                    Some(Kind::Interrupt(i)) => (i.r#ref, sessions.interrupt(id).await),
+                    Some(Kind::Interrupt(i)) => (i.r#ref, sessions.interrupt(&project, id).await),
                     Some(Kind::Open(_)) => (
                         String::new(),
                         Err(Error::invalid("open", "the stream is already open")),

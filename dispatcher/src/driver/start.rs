@@ -39,13 +39,14 @@ pub(super) async fn start(
 ) -> Result<Option<Link>> {
     let mut refused: Vec<String> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
+    let secrets = gateway_secrets(ctx, session).await?;
     loop {
         let Some(placed) = ctx.nodes.place(&session.spec.image, &refused) else {
             requeue(ctx, session, &reasons).await?;
             return Ok(None);
         };
         let url = placed.link.key();
-        let (mut frames, to_node) = match open_run(&placed, session, None).await {
+        let (mut frames, to_node) = match open_run(&placed, session, &secrets, None).await {
             Ok(opened) => opened,
             // The spec itself is wrong (a path outside the node's volumes,
             // limits beyond the machine): no retry will change that, so the
@@ -149,7 +150,8 @@ pub(super) async fn attach(
     let placed = ctx.nodes.hold(node);
     let url = placed.link.key();
     let after = u64::try_from(session.node_seq).unwrap_or(0);
-    let (mut frames, to_node) = match open_run(&placed, session, Some(after)).await {
+    let secrets = gateway_secrets(ctx, session).await?;
+    let (mut frames, to_node) = match open_run(&placed, session, &secrets, Some(after)).await {
         Ok(opened) => opened,
         Err(status) => {
             tracing::info!(%url, error = %status.message(), "could not re-attach; placing the session anew");
@@ -185,6 +187,7 @@ pub(super) async fn attach(
 async fn open_run(
     placed: &Placed,
     session: &Session,
+    secrets: &[pb::GatewaySecret],
     attach: Option<u64>,
 ) -> Result<
     (
@@ -199,7 +202,7 @@ async fn open_run(
         kind: Some(dispatcher_frame::Kind::Start(pb::Start {
             session_id: session.id.to_string(),
             epoch: session.epoch,
-            spec: Some(node_spec(session)),
+            spec: Some(node_spec(session, secrets.to_vec())),
             attach: attach.is_some(),
             after_node_seq: attach.unwrap_or(0),
         })),
@@ -213,6 +216,49 @@ async fn open_run(
         .await?
         .into_inner();
     Ok((frames, to_node))
+}
+
+/// The values of the session's secrets (its vault ids), opened for the
+/// node's gateway. A secret deleted since the session was made is left out,
+/// with a warning: the traffic it was for then fails at its destination.
+async fn gateway_secrets(ctx: &Ctx, session: &Session) -> Result<Vec<pb::GatewaySecret>> {
+    if session.spec.vault_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<uuid::Uuid> = session
+        .spec
+        .vault_ids
+        .iter()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let rows = super::durably(ctx, || ctx.store.sealed_secrets(&session.project, &ids)).await?;
+    if rows.len() < ids.len() {
+        tracing::warn!(
+            wanted = ids.len(),
+            found = rows.len(),
+            "some of the session's secrets were deleted; it runs without them"
+        );
+    }
+    let context = crate::api::access::secret_context(&session.project);
+    rows.into_iter()
+        .map(|(id, usage, sealed)| {
+            let value = ctx
+                .store
+                .sealer()
+                .open(&context, &sealed)
+                .map_err(|e| Error::Internal(format!("secret secrets/{id}: {e}")))?;
+            let value = String::from_utf8(value)
+                .map_err(|_| Error::Internal(format!("secret secrets/{id} is not UTF-8")))?;
+            let usage = match crate::api::access::usage_from_str(&usage) {
+                berth_proto::v1::SecretUsage::AnthropicApiKey => pb::SecretUsage::AnthropicApiKey,
+                berth_proto::v1::SecretUsage::Unspecified => pb::SecretUsage::Unspecified,
+            };
+            Ok(pb::GatewaySecret {
+                usage: usage as i32,
+                value,
+            })
+        })
+        .collect()
 }
 
 /// The node's first frame (accept, refuse, exit); a node that goes down

@@ -7,7 +7,9 @@ use berth_proto::node::v1 as pb;
 use crate::session::{NewEvent, Resource, Runtime, Session, file_key, memory_key};
 
 /// What the node needs to run `session`'s next run.
-pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
+/// What the node runs for `session`; `secrets` are the values of its
+/// vault ids, for the node's gateway only.
+pub(crate) fn node_spec(session: &Session, secrets: Vec<pb::GatewaySecret>) -> pb::SessionSpec {
     let mut files = Vec::new();
     let mut memory = Vec::new();
     let mut git = Vec::new();
@@ -27,7 +29,7 @@ pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
                     continue;
                 };
                 memory.push(pb::MemoryCopy {
-                    key: memory_key(agent, store),
+                    key: memory_key(&session.project, agent, store),
                     path: path.clone(),
                     write_back: *read_write,
                 });
@@ -63,6 +65,7 @@ pub(crate) fn node_spec(session: &Session) -> pb::SessionSpec {
         files,
         memory,
         git,
+        secrets,
         ..pb::SessionSpec::default()
     };
     session.spec.fill_node_pb(&mut spec);

@@ -56,9 +56,14 @@ pub fn session_prefix(id: Uuid) -> String {
     format!("sessions/{id}/")
 }
 
-/// Object key of an agent's memory store.
-pub fn memory_key(agent_id: &str, store: &str) -> String {
-    format!("agents/{agent_id}/memory/{store}.tar.zst")
+/// Object key of an agent's memory store. The default project keeps the
+/// keys it had before projects existed.
+pub fn memory_key(project: &str, agent_id: &str, store: &str) -> String {
+    if project == crate::auth::DEFAULT_PROJECT {
+        format!("agents/{agent_id}/memory/{store}.tar.zst")
+    } else {
+        format!("projects/{project}/agents/{agent_id}/memory/{store}.tar.zst")
+    }
 }
 
 /// Object key of an uploaded file.
@@ -86,6 +91,8 @@ pub struct Usage {
 #[derive(Debug, Clone)]
 pub struct Session {
     pub id: Uuid,
+    /// The project it belongs to; other projects never see it.
+    pub project: String,
     pub request_id: Option<String>,
     pub display_name: String,
     pub status: SessionStatus,
@@ -221,6 +228,7 @@ impl NewEvent {
 /// One version of an agent.
 #[derive(Debug, Clone)]
 pub struct Agent {
+    pub project: String,
     pub id: String,
     pub version: i64,
     pub latest_version: i64,
@@ -235,6 +243,7 @@ pub struct Agent {
 #[derive(Debug, Clone)]
 pub struct FileInfo {
     pub id: Uuid,
+    pub project: String,
     pub display_name: String,
     pub size_bytes: i64,
     pub sha256: String,

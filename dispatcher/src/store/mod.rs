@@ -5,25 +5,33 @@
 //! - [`sessions`]: the session rows and their status (compare-and-set);
 //! - [`events`]: each session's log, usage and retention;
 //! - [`queue`]: claims, dispatcher liveness and the queue's sweeps;
-//! - [`agents`]: agents with their versions, and uploaded files.
+//! - [`agents`]: agents with their versions, and uploaded files;
+//! - [`access`]: API keys and secrets.
+//!
+//! Env values and secrets are sealed (see `seal`) before they reach a row.
 //!
 //! Rows are read through `#[derive(sqlx::FromRow)]` structs and converted to
 //! domain types with `TryFrom`, so a new column is one field and one line.
 //! Every write is a single statement: atomic without an explicit
 //! transaction, and one round trip.
 
+mod access;
 mod agents;
 mod events;
 mod queue;
 mod sessions;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::error::{Error, Result};
+use crate::seal::Sealer;
 use crate::session::SessionStatus;
 
+pub(crate) use access::{ApiKeyRow, SealedTable, SecretRow};
 pub(crate) use events::{Append, UsageRecorded};
 pub(crate) use sessions::{SessionFilter, Transitioned};
 
@@ -36,6 +44,7 @@ pub(crate) const EVENTS_CHANNEL: &str = "berth_events";
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    sealer: Arc<Sealer>,
 }
 
 /// Longest a call waits for a database connection. While Postgres is down
@@ -45,7 +54,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Store {
     /// Connects and applies the embedded migrations.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+    pub async fn connect(url: &str, max_connections: u32, sealer: Arc<Sealer>) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -61,8 +70,52 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| Error::Internal(format!("database migration failed: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self { pool, sealer })
     }
+
+    /// The deployment's keys.
+    pub(crate) fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Splits env for storage: the keys stay readable (values blanked), the
+    /// values are sealed together. `None` for no env.
+    pub(crate) fn seal_env(
+        &self,
+        project: &str,
+        env: &BTreeMap<String, String>,
+    ) -> (BTreeMap<String, String>, Option<Vec<u8>>) {
+        if env.is_empty() {
+            return (BTreeMap::new(), None);
+        }
+        let blank = env.keys().map(|k| (k.clone(), String::new())).collect();
+        let json = serde_json::to_vec(env).expect("a string map serializes");
+        (blank, Some(self.sealer.seal(&env_context(project), &json)))
+    }
+
+    /// The env values [`Store::seal_env`] sealed.
+    pub(crate) fn open_env(
+        &self,
+        project: &str,
+        sealed: Option<&[u8]>,
+    ) -> Result<BTreeMap<String, String>> {
+        let Some(sealed) = sealed else {
+            return Ok(BTreeMap::new());
+        };
+        let json = self
+            .sealer
+            .open(&env_context(project), sealed)
+            .map_err(|e| Error::Internal(format!("env values: {e}")))?;
+        serde_json::from_slice(&json).map_err(|e| Error::Internal(format!("env values: {e}")))
+    }
+}
+
+/// What sealed env values are bound to: their project.
+fn env_context(project: &str) -> String {
+    format!("env/{project}")
+}
+
+impl Store {
 
     /// The pool, for LISTEN connections.
     pub(crate) fn pool(&self) -> &PgPool {

@@ -35,16 +35,16 @@ mod sql {
     }
 
     /// Creates a session with its first events, and wakes the queue.
-    /// `ON CONFLICT (request_id) DO NOTHING`: a retried create inserts nothing
+    /// `ON CONFLICT (project, request_id) DO NOTHING`: a retried create inserts nothing
     /// and the caller reads the existing row instead.
     pub const CREATE_SESSION: &str = r#"
 WITH created AS (
     INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq,
                           agent_id, agent_version, resources, inactivity_timeout_ms, budget_usd,
-                          queue_timeout_ms, queue_deadline)
+                          queue_timeout_ms, queue_deadline, project, env_sealed, env_kek)
     VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]),
-            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond')
-    ON CONFLICT (request_id) DO NOTHING
+            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19)
+    ON CONFLICT (project, request_id) DO NOTHING
     RETURNING id, pg_notify('berth_queue', id::text) IS NULL AS notified
 ), logged AS (
     INSERT INTO events (session_id, seq, id, type, payload)
@@ -61,13 +61,13 @@ SELECT id FROM created
     pub const SESSIONS_BY_ID: &str = with_models!("WHERE id = ANY($1) ORDER BY create_time");
 
     /// The session an earlier create with this request id made.
-    pub const SESSION_BY_REQUEST_ID: &str = with_models!("WHERE request_id = $1");
+    pub const SESSION_BY_REQUEST_ID: &str = with_models!("WHERE project = $2 AND request_id = $1");
 
     /// Sessions newest first, filtered, one page. $1 status filter (NULL =
     /// any); $2 labels the session must all carry; $3/$4 keyset cursor (NULL =
-    /// first page). Served by `sessions_list`.
+    /// first page); $6 the project. Served by `sessions_project_list`.
     pub const LIST_SESSIONS: &str = with_models!(
-        "WHERE ($1::text IS NULL OR status = $1) AND labels @> $2 \
+        "WHERE project = $6 AND ($1::text IS NULL OR status = $1) AND labels @> $2 \
            AND ($3::timestamptz IS NULL OR (create_time, id) < ($3, $4)) \
          ORDER BY create_time DESC, id DESC LIMIT $5"
     );
@@ -183,6 +183,7 @@ pub(crate) struct Transitioned {
 #[derive(sqlx::FromRow)]
 pub(super) struct SessionRow {
     id: Uuid,
+    project: String,
     request_id: Option<String>,
     display_name: String,
     status: String,
@@ -220,22 +221,28 @@ pub(super) struct SessionRow {
     snapshots: i64,
     archive_time: Option<DateTime<Utc>>,
     runtime_totals: Json<RunningTotals>,
+    env_sealed: Option<Vec<u8>>,
     /// Read only where the statement selects it (see `with_models!`).
     #[sqlx(default)]
     models: Option<Json<Vec<ModelFigures>>>,
 }
 
-impl TryFrom<SessionRow> for Session {
-    type Error = Error;
-
-    fn try_from(r: SessionRow) -> Result<Self> {
-        Ok(Self {
+impl Store {
+    /// A row as a session, its env values opened.
+    fn session(&self, r: SessionRow) -> Result<Session> {
+        let mut spec = r.spec.0;
+        let env = self.open_env(&r.project, r.env_sealed.as_deref())?;
+        if !env.is_empty() {
+            spec.env = env;
+        }
+        Ok(Session {
             id: r.id,
+            project: r.project,
             request_id: r.request_id,
             display_name: r.display_name,
             status: r.status.parse().map_err(Error::Internal)?,
             status_reason: r.status_reason,
-            spec: r.spec.0,
+            spec,
             labels: r.labels.0,
             node: r.node,
             node_seq: r.node_seq,
@@ -279,7 +286,14 @@ impl TryFrom<SessionRow> for Session {
 impl Store {
     /// Creates a session, or returns the one an earlier call with the same
     /// `request_id` created. The second value is true when this call created it.
-    pub(crate) async fn create_session(&self, new: &NewSession) -> Result<(Session, bool)> {
+    pub(crate) async fn create_session(
+        &self,
+        project: &str,
+        new: &NewSession,
+    ) -> Result<(Session, bool)> {
+        let mut spec = new.spec.clone();
+        let (blank, env_sealed) = self.seal_env(project, &spec.env);
+        spec.env = blank;
         let id = Uuid::now_v7();
         let pending = StatusChange {
             status: SessionStatus::Pending.as_str().into(),
@@ -297,7 +311,7 @@ impl Store {
             .bind(id)
             .bind(&new.request_id)
             .bind(&new.display_name)
-            .bind(Json(&new.spec))
+            .bind(Json(&spec))
             .bind(Json(&new.labels))
             .bind(to_millis(new.timeout))
             .bind(&seqs)
@@ -310,6 +324,9 @@ impl Store {
             .bind(to_millis(new.inactivity_timeout))
             .bind(new.budget_usd)
             .bind(to_millis(new.queue_timeout))
+            .bind(project)
+            .bind(&env_sealed)
+            .bind(env_sealed.as_ref().map(|_| self.sealer().primary()))
             .fetch_optional(&self.pool)
             .await?;
         match (created, &new.request_id) {
@@ -317,9 +334,10 @@ impl Store {
             (None, Some(request_id)) => {
                 let row: SessionRow = sqlx::query_as(sql::SESSION_BY_REQUEST_ID)
                     .bind(request_id)
+                    .bind(project)
                     .fetch_one(&self.pool)
                     .await?;
-                Ok((row.try_into()?, false))
+                Ok((self.session(row)?, false))
             }
             (None, None) => Err(Error::Internal("session insert returned nothing".into())),
         }
@@ -331,20 +349,25 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
-        row.try_into()
+        self.session(row)
     }
 
     /// Sessions newest first, filtered, one page.
-    pub(crate) async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<Session>> {
+    pub(crate) async fn list_sessions(
+        &self,
+        project: &str,
+        f: &SessionFilter,
+    ) -> Result<Vec<Session>> {
         let rows: Vec<SessionRow> = sqlx::query_as(sql::LIST_SESSIONS)
             .bind(f.status.map(SessionStatus::as_str))
             .bind(Json(&f.labels))
             .bind(f.before.map(|b| b.0))
             .bind(f.before.map(|b| b.1))
             .bind(f.limit)
+            .bind(project)
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter().map(Session::try_from).collect()
+        rows.into_iter().map(|r| self.session(r)).collect()
     }
 
     /// Sessions by id, oldest first (the claim reads its batch back).
@@ -353,7 +376,7 @@ impl Store {
             .bind(ids)
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter().map(Session::try_from).collect()
+        rows.into_iter().map(|r| self.session(r)).collect()
     }
 
     /// Applies `event` to the session's current status with compare-and-set,

@@ -16,7 +16,6 @@ use berth_tests::TestCluster;
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::cluster::ClusterArgs;
 use crate::report::{Errors, Hist, Report};
@@ -45,7 +44,7 @@ struct Seen {
 }
 
 /// Live dispatchers' clients; a follower tries them in turn.
-type Clients = Arc<Mutex<Vec<SessionsClient<Channel>>>>;
+type Clients = Arc<Mutex<Vec<SessionsClient<berth_tests::Api>>>>;
 
 async fn follow(
     clients: Clients,

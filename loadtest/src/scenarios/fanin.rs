@@ -123,6 +123,9 @@ async fn spawn_dispatcher(bin: &PathBuf, ca: &DevCa, sims: &[SimNode]) -> anyhow
         .env("BERTH_METRICS_LISTEN", "off")
         .env("BERTH_OBJECTS_DIR", dir.0.join("objects"))
         .env("BERTH_DISPATCHER_ID", format!("loadtest-{tag}"))
+        // A benchmark dispatcher of its own: anonymous calls, a fresh key.
+        .env("BERTH_ALLOW_ANONYMOUS", "true")
+        .env("BERTH_SECRETS_KEY_FILE", secrets_key_file(&dir.0)?)
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -195,7 +198,7 @@ async fn one(
         if let Ok(Some(status)) = child.proc.try_wait() {
             anyhow::bail!("the dispatcher exited with {status}");
         }
-        if let Ok(c) = Conns::open(&child.url, None, conns_n).await {
+        if let Ok(c) = Conns::open(&child.url, None, None, conns_n).await {
             let ok = c
                 .get()
                 .list_sessions(pb::ListSessionsRequest {
@@ -541,4 +544,19 @@ where
         }
     });
     tx
+}
+
+/// A fresh secrets key file in `dir`.
+fn secrets_key_file(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("secrets.key");
+    let mut key = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+    let line = format!("k1:{}\n", base64_encode(&key));
+    std::fs::write(&path, line)?;
+    Ok(path)
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }

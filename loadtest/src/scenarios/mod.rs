@@ -14,7 +14,6 @@ use berth_proto::v1 as pb;
 use berth_proto::v1::sessions_client::SessionsClient;
 use futures::StreamExt;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 use crate::report::Errors;
 
@@ -48,7 +47,7 @@ pub struct Started {
 /// Creates a session and follows its events until the first agent event.
 /// Latency is measured from `t0` (the scheduled time in an open loop).
 pub async fn create_and_wait_first(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<berth_tests::Api>,
     req: pb::CreateSessionRequest,
     t0: Instant,
     timeout: Duration,
@@ -100,7 +99,7 @@ pub async fn create_and_wait_first(
 
 /// Stops a session (best effort: errors are counted, not fatal).
 pub async fn stop(
-    client: &mut SessionsClient<Channel>,
+    client: &mut SessionsClient<berth_tests::Api>,
     name: &str,
     errors: &std::sync::Mutex<Errors>,
 ) {
@@ -115,7 +114,7 @@ pub async fn stop(
 
 /// Waits until no session of the cluster is open (all stopped, failed or
 /// ended), so the next phase starts from an idle fleet.
-pub async fn wait_all_closed(client: &mut SessionsClient<Channel>, names: &[String]) {
+pub async fn wait_all_closed(client: &mut SessionsClient<berth_tests::Api>, names: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(120);
     for name in names {
         while Instant::now() < deadline {
@@ -147,7 +146,7 @@ pub async fn wait_all_closed(client: &mut SessionsClient<Channel>, names: &[Stri
 
 /// Waits until every node reports `pool` warm containers of `image` ready.
 pub async fn wait_pool_full(
-    nodes: &mut berth_proto::v1::nodes_client::NodesClient<Channel>,
+    nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
     image: &str,
     pool: i32,
     timeout: Duration,
@@ -176,7 +175,7 @@ pub async fn wait_pool_full(
 
 /// Warm containers of `image` ready across the fleet.
 pub async fn warm_ready(
-    nodes: &mut berth_proto::v1::nodes_client::NodesClient<Channel>,
+    nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
     image: &str,
 ) -> anyhow::Result<i32> {
     let list = nodes

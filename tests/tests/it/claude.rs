@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use berth_tests::*;
-use tonic::transport::Channel;
 
 /// The real-CLI image.
 const CLAUDE_IMAGE: &str = "berth-test-claude:latest";
@@ -59,7 +58,7 @@ fn claude_session(first: &str) -> pb::CreateSessionRequest {
 
 /// The `result` lines of a session, as the CLI wrote them.
 async fn results(
-    c: &mut SessionsClient<Channel>,
+    c: &mut SessionsClient<berth_tests::Api>,
     name: &str,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let events = events_of(c, name).await?;
@@ -194,7 +193,7 @@ fn cli_totals(result: &serde_json::Value) -> (f64, Vec<(String, i64, i64, f64)>)
 /// own at any time, e.g. when a background sub-agent ends: the session, its
 /// events and the CLI's lines are compared once they agree on the count.)
 async fn assert_billed_as_the_cli_says(
-    c: &mut SessionsClient<Channel>,
+    c: &mut SessionsClient<berth_tests::Api>,
     name: &str,
 ) -> anyhow::Result<pb::Usage> {
     let mut attempts = 0;

@@ -10,18 +10,13 @@ use berth_tests::{
     payload, reply_after, stop_and_wait, turn, wait_for_status,
 };
 use sqlx::Row;
-use tonic::transport::Channel;
 
-fn agents(cluster: &TestCluster) -> anyhow::Result<AgentsClient<Channel>> {
-    let ch =
-        tonic::transport::Endpoint::from_shared(cluster.dispatcher_url.clone())?.connect_lazy();
-    Ok(AgentsClient::new(ch))
+fn agents(cluster: &TestCluster) -> anyhow::Result<AgentsClient<berth_tests::Api>> {
+    Ok(AgentsClient::new(cluster.api()))
 }
 
-fn files(cluster: &TestCluster) -> anyhow::Result<FilesClient<Channel>> {
-    let ch =
-        tonic::transport::Endpoint::from_shared(cluster.dispatcher_url.clone())?.connect_lazy();
-    Ok(FilesClient::new(ch))
+fn files(cluster: &TestCluster) -> anyhow::Result<FilesClient<berth_tests::Api>> {
+    Ok(FilesClient::new(cluster.api()))
 }
 
 fn test_agent_spec() -> pb::AgentSpec {

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use berth_tests::*;
-use tonic::transport::Channel;
 
 /// The owner of a session, from the database.
 async fn owner(cluster: &TestCluster, id: &str) -> anyhow::Result<String> {
@@ -22,7 +21,7 @@ async fn owner(cluster: &TestCluster, id: &str) -> anyhow::Result<String> {
 
 /// Sends `text` and waits until the session is running it.
 async fn send_and_wait_running(
-    c: &mut SessionsClient<Channel>,
+    c: &mut SessionsClient<berth_tests::Api>,
     name: &str,
     text: &str,
 ) -> anyhow::Result<i64> {

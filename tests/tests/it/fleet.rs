@@ -17,7 +17,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Creates a session and waits until it is idle after its first turn.
 async fn started_session(
-    client: &mut berth_proto::v1::sessions_client::SessionsClient<tonic::transport::Channel>,
+    client: &mut berth_proto::v1::sessions_client::SessionsClient<berth_tests::Api>,
     req: pb::CreateSessionRequest,
 ) -> anyhow::Result<pb::Session> {
     let s = client.create_session(req).await?.into_inner();
@@ -99,9 +99,32 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
             s.name
         );
     }
-    // Its running sessions were left alone.
-    let status = cluster.node_status(2).await?;
-    assert_eq!(status.running as usize, per_node[&drained]);
+    // Its running sessions were left alone: each is still idle there, and
+    // the node's own count (its next load report) agrees.
+    let mut still_there = 0;
+    for name in &names {
+        let s = client
+            .get_session(pb::GetSessionRequest { name: name.clone() })
+            .await?
+            .into_inner();
+        if s.node == drained {
+            assert_eq!(s.status, pb::SessionStatus::Idle as i32, "{name}: {s:?}");
+            still_there += 1;
+        }
+    }
+    assert_eq!(still_there, per_node[&drained], "sessions left the drained node");
+    let settled = cluster
+        .wait_node(2, Duration::from_secs(10), |n| {
+            n.running as usize == still_there
+        })
+        .await;
+    if settled.is_err() {
+        let status = cluster.node_status(2).await?;
+        panic!(
+            "the drained node runs {} sessions ({:?}); the store puts {still_there} there",
+            status.running, status.session_ids
+        );
+    }
     // And grpc.health.v1 on the node says NOT_SERVING for the node API.
     let dispatcher = cluster
         .ca
@@ -195,7 +218,7 @@ async fn containers_with(node_id: &str, label: &str) -> anyhow::Result<Vec<Strin
 /// Time from CreateSession to the first agent (runtime) event at the client,
 /// and whether the run started warm.
 async fn time_to_first_event(
-    client: &mut berth_proto::v1::sessions_client::SessionsClient<tonic::transport::Channel>,
+    client: &mut berth_proto::v1::sessions_client::SessionsClient<berth_tests::Api>,
     req: pb::CreateSessionRequest,
 ) -> anyhow::Result<(Duration, bool, pb::Session)> {
     let t0 = Instant::now();

@@ -11,6 +11,9 @@ use berth_tests::{
 };
 use tokio_util::sync::CancellationToken;
 
+static SEALER: std::sync::LazyLock<std::sync::Arc<berth_dispatcher::seal::Sealer>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(berth_dispatcher::seal::Sealer::ephemeral()));
+
 /// One default dispatcher (in-process node) on `database_url`, as the binary
 /// assembles it: (its client, its shutdown, its task).
 async fn default_dispatcher(
@@ -18,7 +21,7 @@ async fn default_dispatcher(
     database_url: &str,
     objects: &std::path::Path,
 ) -> anyhow::Result<(
-    SessionsClient<tonic::transport::Channel>,
+    SessionsClient<berth_tests::Api>,
     CancellationToken,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
@@ -28,13 +31,17 @@ async fn default_dispatcher(
     cfg.metrics_listen = berth_common::metrics::Listen(None);
     cfg.local_capacity = 4;
     cfg.objects.objects_dir = objects.to_path_buf();
+    // The local-development set-up: anonymous calls, one key file shared
+    // by both dispatchers (they share the database).
+    cfg.allow_anonymous = true;
+    cfg.sealer = Some(SEALER.clone());
     let node = berth_server::local_node_config(&cfg, berth_agent_server::Config::defaults(), false);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(berth_server::run(cfg, node, listener, shutdown.clone()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
-    let client = SessionsClient::new(channel);
+    let client = SessionsClient::new(berth_tests::Api::new(channel, berth_tests::Bearer::default()));
     answering(client.clone(), std::slice::from_ref(&task)).await?;
     Ok((client, shutdown, task))
 }

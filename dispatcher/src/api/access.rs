@@ -1,0 +1,286 @@
+//! `berth.v1.ApiKeys` and `berth.v1.Secrets`.
+
+use std::sync::Arc;
+
+use berth_common::names;
+use berth_proto::v1::{
+    self as pb, api_keys_server::ApiKeys as ApiKeysApi, secrets_server::Secrets as SecretsApi,
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use berth_common::time::to_timestamp as timestamp;
+use crate::auth::{Authenticator, Caller, Role, caller, new_token};
+use crate::error::Error;
+use crate::store::{ApiKeyRow, SecretRow, Store};
+
+/// Largest secret value.
+pub const SECRET_BYTES: usize = 16 * 1024;
+
+/// Serves `berth.v1.ApiKeys`.
+pub struct ApiKeysService {
+    pub store: Store,
+    pub auth: Arc<Authenticator>,
+}
+
+fn role_from_pb(r: i32) -> Result<Role, Error> {
+    match pb::Role::try_from(r) {
+        Ok(pb::Role::Unspecified | pb::Role::Member) => Ok(Role::Member),
+        Ok(pb::Role::FleetAdmin) => Ok(Role::FleetAdmin),
+        Err(_) => Err(Error::invalid("role", format!("unknown role {r}"))),
+    }
+}
+
+fn key_pb(k: ApiKeyRow) -> pb::ApiKey {
+    let role = match Role::parse(&k.role) {
+        Some(Role::FleetAdmin) => pb::Role::FleetAdmin,
+        Some(Role::Member) => pb::Role::Member,
+        None => pb::Role::Unspecified,
+    };
+    pb::ApiKey {
+        name: format!("apiKeys/{}", k.id),
+        key_id: k.id,
+        project: k.project,
+        role: role as i32,
+        display_name: k.display_name,
+        create_time: Some(timestamp(k.create_time)),
+        revoke_time: k.revoke_time.map(timestamp),
+    }
+}
+
+/// The project a request names: the caller's when empty; another only for
+/// a fleet admin.
+fn target_project(who: &Caller, requested: &str) -> Result<String, Status> {
+    if requested.is_empty() || requested == who.project {
+        return Ok(who.project.clone());
+    }
+    who.require_admin("another project's keys")?;
+    if !names::is_agent_id(requested) {
+        return Err(Error::invalid(
+            "project",
+            "1-63 lowercase letters, digits and `-`, starting with a letter",
+        )
+        .into());
+    }
+    Ok(requested.to_string())
+}
+
+#[tonic::async_trait]
+impl ApiKeysApi for ApiKeysService {
+    async fn create_api_key(
+        &self,
+        r: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let project = target_project(&who, &r.project)?;
+        let role = role_from_pb(r.role)?;
+        if role == Role::FleetAdmin {
+            who.require_admin("a fleet-admin key")?;
+        }
+        if r.display_name.chars().count() > crate::session::limits::DISPLAY_NAME_CHARS {
+            return Err(Error::invalid("display_name", "longer than 256 characters").into());
+        }
+        let t = new_token();
+        let key = self
+            .store
+            .insert_api_key(&t.key_id, &project, role, &r.display_name, &t.sha256)
+            .await?;
+        tracing::info!(key_id = %t.key_id, project, role = role.as_str(), by = ?who.key_id, "API key created");
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            key: Some(key_pb(key)),
+            token: t.token,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        r: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let project = if r.project == "*" {
+            who.require_admin("every project's keys")?;
+            None
+        } else {
+            Some(target_project(&who, &r.project)?)
+        };
+        let keys = self
+            .store
+            .list_api_keys(project.as_deref(), r.show_revoked)
+            .await?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            keys: keys.into_iter().map(key_pb).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        r: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let who = caller(&r)?;
+        let name = r.into_inner().name;
+        let id = name.strip_prefix("apiKeys/").unwrap_or(&name);
+        if id.is_empty() {
+            return Err(Error::invalid("name", "required: `apiKeys/{key_id}`").into());
+        }
+        // A member revokes in its own project; another project's keys are
+        // NOT_FOUND to it. A fleet admin revokes any.
+        let scope = match who.role {
+            Role::FleetAdmin => None,
+            Role::Member => Some(who.project.as_str()),
+        };
+        let key = self
+            .store
+            .revoke_api_key(id, scope)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("API key apiKeys/{id} not found")))?;
+        self.auth.forget(id);
+        tracing::info!(key_id = %id, project = %key.project, by = ?who.key_id, "API key revoked");
+        Ok(Response::new(key_pb(key)))
+    }
+
+    async fn who_am_i(
+        &self,
+        r: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let who = caller(&r)?;
+        let Some(id) = &who.key_id else {
+            return Ok(Response::new(pb::ApiKey {
+                project: who.project.clone(),
+                role: pb::Role::FleetAdmin as i32,
+                display_name: "anonymous (--allow-anonymous)".into(),
+                ..pb::ApiKey::default()
+            }));
+        };
+        let key = self
+            .store
+            .api_key(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("API key apiKeys/{id} not found")))?;
+        Ok(Response::new(key_pb(key)))
+    }
+}
+
+/// Serves `berth.v1.Secrets`.
+pub struct SecretsService {
+    pub store: Store,
+}
+
+fn usage_to_str(u: i32) -> Result<&'static str, Error> {
+    match pb::SecretUsage::try_from(u) {
+        Ok(pb::SecretUsage::AnthropicApiKey) => Ok("anthropic_api_key"),
+        Ok(pb::SecretUsage::Unspecified) => Err(Error::invalid(
+            "usage",
+            "required: how sessions use the secret (SECRET_USAGE_ANTHROPIC_API_KEY)",
+        )),
+        Err(_) => Err(Error::invalid("usage", format!("unknown usage {u}"))),
+    }
+}
+
+pub(crate) fn usage_from_str(u: &str) -> pb::SecretUsage {
+    match u {
+        "anthropic_api_key" => pb::SecretUsage::AnthropicApiKey,
+        _ => pb::SecretUsage::Unspecified,
+    }
+}
+
+fn secret_pb(s: SecretRow) -> pb::Secret {
+    pb::Secret {
+        name: format!("secrets/{}", s.id),
+        secret_id: s.id.to_string(),
+        display_name: s.display_name,
+        usage: usage_from_str(&s.usage) as i32,
+        create_time: Some(timestamp(s.create_time)),
+    }
+}
+
+fn secret_id(name: &str) -> Result<Uuid, Error> {
+    let id = name.strip_prefix("secrets/").unwrap_or(name);
+    if id.is_empty() {
+        return Err(Error::invalid("name", "required: `secrets/{id}`"));
+    }
+    Uuid::parse_str(id).map_err(|_| Error::NotFound(format!("secret secrets/{id} not found")))
+}
+
+/// What sealed secrets are bound to: their project.
+pub(crate) fn secret_context(project: &str) -> String {
+    format!("secret/{project}")
+}
+
+#[tonic::async_trait]
+impl SecretsApi for SecretsService {
+    async fn create_secret(
+        &self,
+        r: Request<pb::CreateSecretRequest>,
+    ) -> Result<Response<pb::Secret>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let usage = usage_to_str(r.usage)?;
+        if r.value.is_empty() {
+            return Err(Error::invalid("value", "required").into());
+        }
+        if r.value.len() > SECRET_BYTES {
+            // The message never repeats the value.
+            return Err(Error::invalid(
+                "value",
+                format!("{} bytes; the limit is {SECRET_BYTES}", r.value.len()),
+            )
+            .into());
+        }
+        if r.display_name.chars().count() > crate::session::limits::DISPLAY_NAME_CHARS {
+            return Err(Error::invalid("display_name", "longer than 256 characters").into());
+        }
+        let sealer = self.store.sealer();
+        let sealed = sealer.seal(&secret_context(&who.project), r.value.as_bytes());
+        let id = Uuid::now_v7();
+        let row = self
+            .store
+            .insert_secret(
+                id,
+                &who.project,
+                &r.display_name,
+                usage,
+                &sealed,
+                sealer.primary(),
+            )
+            .await?;
+        tracing::info!(secret_id = %id, project = %who.project, usage, "secret created");
+        Ok(Response::new(secret_pb(row)))
+    }
+
+    async fn get_secret(
+        &self,
+        r: Request<pb::GetSecretRequest>,
+    ) -> Result<Response<pb::Secret>, Status> {
+        let who = caller(&r)?;
+        let id = secret_id(&r.into_inner().name)?;
+        Ok(Response::new(secret_pb(
+            self.store.get_secret(&who.project, id).await?,
+        )))
+    }
+
+    async fn list_secrets(
+        &self,
+        r: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let who = caller(&r)?;
+        let secrets = self.store.list_secrets(&who.project).await?;
+        Ok(Response::new(pb::ListSecretsResponse {
+            secrets: secrets.into_iter().map(secret_pb).collect(),
+        }))
+    }
+
+    async fn delete_secret(
+        &self,
+        r: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let who = caller(&r)?;
+        let id = secret_id(&r.into_inner().name)?;
+        if !self.store.delete_secret(&who.project, id).await? {
+            return Err(Error::NotFound(format!("secret secrets/{id} not found")).into());
+        }
+        tracing::info!(secret_id = %id, project = %who.project, "secret deleted");
+        Ok(Response::new(pb::DeleteSecretResponse {}))
+    }
+}

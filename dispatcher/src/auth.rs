@@ -1,0 +1,308 @@
+//! Who is calling: API keys (`authorization: Bearer berth_{id}_{secret}`),
+//! checked by a tower layer in front of every public service. The caller
+//! (project and role) rides in the request's extensions to the handlers.
+//!
+//! Keys are high-entropy, shown once, and stored as their SHA-256 (a fast
+//! hash is right for 256 random bits: there is nothing to brute-force). A
+//! checked key is cached for [`CACHE_TTL`]; a revoke clears this
+//! dispatcher's cache at once, the others' within that time.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use ring::rand::{SecureRandom, SystemRandom};
+use tonic::Status;
+
+use crate::store::Store;
+
+/// How long a checked key is trusted without asking Postgres again.
+pub const CACHE_TTL: Duration = Duration::from_secs(10);
+/// The project of anonymous callers (`--allow-anonymous`) and of rows made
+/// before projects existed.
+pub const DEFAULT_PROJECT: &str = "default";
+const TOKEN_PREFIX: &str = "berth_";
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Uses its own project.
+    Member,
+    /// Also manages nodes and every project's keys.
+    FleetAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::FleetAdmin => "fleet_admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "member" => Some(Role::Member),
+            "fleet_admin" => Some(Role::FleetAdmin),
+            _ => None,
+        }
+    }
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub project: String,
+    pub role: Role,
+    /// The key used; `None` for an anonymous caller (`--allow-anonymous`).
+    pub key_id: Option<String>,
+}
+
+impl Caller {
+    /// Refuses callers who are not fleet admins (PERMISSION_DENIED: the
+    /// resource is not secret, the right to change it is).
+    pub fn require_admin(&self, what: &str) -> Result<(), Status> {
+        match self.role {
+            Role::FleetAdmin => Ok(()),
+            Role::Member => Err(Status::permission_denied(format!(
+                "{what} needs a fleet-admin key; this key is a member of project `{}`",
+                self.project
+            ))),
+        }
+    }
+}
+
+/// The caller the auth layer put on `r`.
+pub fn caller<T>(r: &tonic::Request<T>) -> Result<Caller, Status> {
+    r.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("request reached a handler without passing authentication"))
+}
+
+/// A new token and its parts.
+pub struct NewToken {
+    pub key_id: String,
+    pub token: String,
+    pub sha256: Vec<u8>,
+}
+
+/// Makes a token: `berth_` + 16 hex digits of key id + `_` + 43 characters
+/// (256 bits) of secret.
+pub fn new_token() -> NewToken {
+    let rng = SystemRandom::new();
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
+    rng.fill(&mut id).expect("system randomness");
+    rng.fill(&mut secret).expect("system randomness");
+    let key_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let token = format!(
+        "{TOKEN_PREFIX}{key_id}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let sha256 = token_hash(&token);
+    NewToken {
+        key_id,
+        token,
+        sha256,
+    }
+}
+
+pub fn token_hash(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+/// The key id in a token, if it has the shape of one.
+fn key_id_of(token: &str) -> Option<&str> {
+    let rest = token.strip_prefix(TOKEN_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) && secret.len() == 43)
+        .then_some(id)
+}
+
+/// A key as the store has it.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub project: String,
+    pub role: Role,
+    pub sha256: Vec<u8>,
+    pub revoked: bool,
+}
+
+/// Checks tokens against the store, with a short cache.
+pub struct Authenticator {
+    store: Store,
+    allow_anonymous: bool,
+    cache: Mutex<HashMap<String, (KeyRecord, Instant)>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    pub fn new(store: Store, allow_anonymous: bool) -> Self {
+        Self {
+            store,
+            allow_anonymous,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Forgets a key (after a revoke).
+    pub fn forget(&self, key_id: &str) {
+        lock(&self.cache).remove(key_id);
+    }
+
+    async fn record(&self, key_id: &str) -> Result<Option<KeyRecord>, Status> {
+        if let Some((r, at)) = lock(&self.cache).get(key_id)
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok(Some(r.clone()));
+        }
+        let r = self
+            .store
+            .api_key_record(key_id)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot check the API key now: {e}")))?;
+        if let Some(r) = &r {
+            lock(&self.cache).insert(key_id.to_string(), (r.clone(), Instant::now()));
+        }
+        Ok(r)
+    }
+
+    /// The caller `headers` prove, or UNAUTHENTICATED saying what is wrong
+    /// (never echoing the token).
+    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, Status> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            if self.allow_anonymous {
+                return Ok(Caller {
+                    project: DEFAULT_PROJECT.into(),
+                    role: Role::FleetAdmin,
+                    key_id: None,
+                });
+            }
+            return Err(Status::unauthenticated(
+                "missing `authorization: Bearer <API key>` metadata (berth --token / BERTH_TOKEN)",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                Status::unauthenticated("`authorization` metadata must be `Bearer <API key>`")
+            })?;
+        let invalid = || Status::unauthenticated("invalid API key");
+        let key_id = key_id_of(token).ok_or_else(invalid)?;
+        let record = self.record(key_id).await?.ok_or_else(invalid)?;
+        let given = token_hash(token);
+        // Constant-time: the hash comparison must not leak how much matched.
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_slice(), record.sha256.as_slice())) {
+            tracing::warn!(key_id, "API key with a wrong secret");
+            return Err(invalid());
+        }
+        if record.revoked {
+            return Err(Status::unauthenticated(format!("API key {key_id} is revoked")));
+        }
+        Ok(Caller {
+            project: record.project,
+            role: record.role,
+            key_id: Some(key_id.to_string()),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Services every caller may reach without a key: load balancers' probes.
+fn exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+}
+
+/// Tower layer: authenticates each call and hands the [`Caller`] on.
+#[derive(Clone)]
+pub struct AuthLayer(pub Arc<Authenticator>);
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            auth: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    R: Default,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The ready service is the one to call; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            if !exempt(req.uri().path()) {
+                match auth.authenticate(req.headers()).await {
+                    Ok(caller) => {
+                        req.extensions_mut().insert(caller);
+                    }
+                    Err(status) => return Ok(status.into_http()),
+                }
+            }
+            inner.call(req).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_prefixed_high_entropy_and_carry_their_key_id() {
+        let a = new_token();
+        let b = new_token();
+        assert_ne!(a.token, b.token);
+        assert!(a.token.starts_with("berth_"));
+        assert_eq!(key_id_of(&a.token), Some(a.key_id.as_str()));
+        assert_eq!(a.sha256, token_hash(&a.token));
+        assert_eq!(a.sha256.len(), 32);
+        for bad in ["", "berth_", "berth_abc_def", "Bearer x", &a.token[1..]] {
+            assert_eq!(key_id_of(bad), None, "{bad}");
+        }
+    }
+}

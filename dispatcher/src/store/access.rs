@@ -1,0 +1,288 @@
+//! API keys and secrets (sealed values), each row in one project.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::Store;
+use crate::auth::{KeyRecord, Role};
+use crate::error::{Error, Result};
+
+mod sql {
+    pub const INSERT_KEY: &str = "INSERT INTO api_keys (id, project, role, display_name, token_sha256) \
+         VALUES ($1, $2, $3, $4, $5) \
+         RETURNING id, project, role, display_name, create_time, revoke_time";
+
+    pub const KEY_RECORD: &str =
+        "SELECT project, role, token_sha256, revoke_time IS NOT NULL AS revoked FROM api_keys WHERE id = $1";
+
+    /// `$1` NULL = every project.
+    pub const LIST_KEYS: &str = "SELECT id, project, role, display_name, create_time, revoke_time \
+         FROM api_keys WHERE ($1::text IS NULL OR project = $1) AND ($2 OR revoke_time IS NULL) \
+         ORDER BY project, create_time, id";
+
+    /// `$2` NULL = any project.
+    pub const REVOKE_KEY: &str = "UPDATE api_keys SET revoke_time = coalesce(revoke_time, now()) \
+         WHERE id = $1 AND ($2::text IS NULL OR project = $2) \
+         RETURNING id, project, role, display_name, create_time, revoke_time";
+
+    pub const KEY: &str = "SELECT id, project, role, display_name, create_time, revoke_time \
+         FROM api_keys WHERE id = $1";
+
+    /// One bootstrap at a time across dispatchers.
+    pub const BOOTSTRAP_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('berth.bootstrap_admin'))";
+
+    pub const ACTIVE_ADMINS: &str =
+        "SELECT count(*) FROM api_keys WHERE role = 'fleet_admin' AND revoke_time IS NULL";
+
+    pub const INSERT_SECRET: &str = "INSERT INTO secrets (id, project, display_name, usage, sealed, kek) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, display_name, usage, create_time";
+
+    pub const GET_SECRET: &str = "SELECT id, display_name, usage, create_time FROM secrets \
+         WHERE project = $1 AND id = $2";
+
+    pub const LIST_SECRETS: &str = "SELECT id, display_name, usage, create_time FROM secrets \
+         WHERE project = $1 ORDER BY create_time, id";
+
+    pub const DELETE_SECRET: &str = "DELETE FROM secrets WHERE project = $1 AND id = $2";
+
+    pub const SEALED_SECRETS: &str =
+        "SELECT id, usage, sealed FROM secrets WHERE project = $1 AND id = ANY($2)";
+
+    /// Sealed values under another KEK than `$1`, a batch at a time.
+    pub const STALE_SECRETS: &str =
+        "SELECT id::text, project, sealed FROM secrets WHERE kek <> $1 LIMIT 500";
+    pub const STALE_SESSION_ENV: &str =
+        "SELECT id::text, project, env_sealed FROM sessions WHERE env_kek <> $1 LIMIT 500";
+    pub const STALE_AGENT_ENV: &str = "SELECT agent_id || '@' || version, project, env_sealed \
+         FROM agent_versions WHERE env_kek <> $1 LIMIT 500";
+    /// Compare-and-set on the old value: a concurrent rewrap of the same row wins once.
+    pub const REWRAP_SECRET: &str =
+        "UPDATE secrets SET sealed = $3, kek = $4 WHERE id = $1::uuid AND sealed = $2";
+    pub const REWRAP_SESSION_ENV: &str =
+        "UPDATE sessions SET env_sealed = $3, env_kek = $4 WHERE id = $1::uuid AND env_sealed = $2";
+    pub const REWRAP_AGENT_ENV: &str = "UPDATE agent_versions SET env_sealed = $3, env_kek = $4 \
+         WHERE agent_id || '@' || version = $1 AND env_sealed = $2";
+}
+
+/// An API key's public part.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct ApiKeyRow {
+    pub id: String,
+    pub project: String,
+    pub role: String,
+    pub display_name: String,
+    pub create_time: DateTime<Utc>,
+    pub revoke_time: Option<DateTime<Utc>>,
+}
+
+/// A secret without its value.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct SecretRow {
+    pub id: Uuid,
+    pub display_name: String,
+    pub usage: String,
+    pub create_time: DateTime<Utc>,
+}
+
+/// Which sealed column a rewrap batch reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SealedTable {
+    Secrets,
+    SessionEnv,
+    AgentEnv,
+}
+
+impl Store {
+    pub(crate) async fn insert_api_key(
+        &self,
+        id: &str,
+        project: &str,
+        role: Role,
+        display_name: &str,
+        sha256: &[u8],
+    ) -> Result<ApiKeyRow> {
+        Ok(sqlx::query_as(sql::INSERT_KEY)
+            .bind(id)
+            .bind(project)
+            .bind(role.as_str())
+            .bind(display_name)
+            .bind(sha256)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The key's project, role, hash and whether it is revoked.
+    pub(crate) async fn api_key_record(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let row: Option<(String, String, Vec<u8>, bool)> = sqlx::query_as(sql::KEY_RECORD)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|(project, role, sha256, revoked)| {
+            Ok(KeyRecord {
+                project,
+                role: Role::parse(&role)
+                    .ok_or_else(|| Error::Internal(format!("key {id} has unknown role `{role}`")))?,
+                sha256,
+                revoked,
+            })
+        })
+        .transpose()
+    }
+
+    pub(crate) async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>> {
+        Ok(sqlx::query_as(sql::KEY)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Keys of `project` (`None` = all projects).
+    pub(crate) async fn list_api_keys(
+        &self,
+        project: Option<&str>,
+        show_revoked: bool,
+    ) -> Result<Vec<ApiKeyRow>> {
+        Ok(sqlx::query_as(sql::LIST_KEYS)
+            .bind(project)
+            .bind(show_revoked)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Revokes `id` if it is in `project` (`None` = any).
+    pub(crate) async fn revoke_api_key(
+        &self,
+        id: &str,
+        project: Option<&str>,
+    ) -> Result<Option<ApiKeyRow>> {
+        Ok(sqlx::query_as(sql::REVOKE_KEY)
+            .bind(id)
+            .bind(project)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Inserts the given fleet-admin key if no active one exists; true if
+    /// it did. Serialized across dispatchers.
+    pub(crate) async fn bootstrap_admin(
+        &self,
+        id: &str,
+        project: &str,
+        sha256: &[u8],
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(sql::BOOTSTRAP_LOCK).execute(&mut *tx).await?;
+        let active: i64 = sqlx::query_scalar(sql::ACTIVE_ADMINS)
+            .fetch_one(&mut *tx)
+            .await?;
+        if active > 0 {
+            return Ok(false);
+        }
+        sqlx::query(sql::INSERT_KEY)
+            .bind(id)
+            .bind(project)
+            .bind(Role::FleetAdmin.as_str())
+            .bind("bootstrap")
+            .bind(sha256)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(crate) async fn insert_secret(
+        &self,
+        id: Uuid,
+        project: &str,
+        display_name: &str,
+        usage: &str,
+        sealed: &[u8],
+        kek: &str,
+    ) -> Result<SecretRow> {
+        Ok(sqlx::query_as(sql::INSERT_SECRET)
+            .bind(id)
+            .bind(project)
+            .bind(display_name)
+            .bind(usage)
+            .bind(sealed)
+            .bind(kek)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub(crate) async fn get_secret(&self, project: &str, id: Uuid) -> Result<SecretRow> {
+        sqlx::query_as(sql::GET_SECRET)
+            .bind(project)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("secret secrets/{id} not found")))
+    }
+
+    pub(crate) async fn list_secrets(&self, project: &str) -> Result<Vec<SecretRow>> {
+        Ok(sqlx::query_as(sql::LIST_SECRETS)
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub(crate) async fn delete_secret(&self, project: &str, id: Uuid) -> Result<bool> {
+        let r = sqlx::query(sql::DELETE_SECRET)
+            .bind(project)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// `(id, usage, sealed)` of those of `ids` in `project`.
+    pub(crate) async fn sealed_secrets(
+        &self,
+        project: &str,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, String, Vec<u8>)>> {
+        Ok(sqlx::query_as(sql::SEALED_SECRETS)
+            .bind(project)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Up to 500 `(row key, project, sealed)` of `table` not under `kek`.
+    pub(crate) async fn stale_sealed(
+        &self,
+        table: SealedTable,
+        kek: &str,
+    ) -> Result<Vec<(String, String, Vec<u8>)>> {
+        let q = match table {
+            SealedTable::Secrets => sql::STALE_SECRETS,
+            SealedTable::SessionEnv => sql::STALE_SESSION_ENV,
+            SealedTable::AgentEnv => sql::STALE_AGENT_ENV,
+        };
+        Ok(sqlx::query_as(q).bind(kek).fetch_all(&self.pool).await?)
+    }
+
+    /// Replaces `old` with `new` (sealed under `kek`) in one row.
+    pub(crate) async fn rewrap_sealed(
+        &self,
+        table: SealedTable,
+        key: &str,
+        old: &[u8],
+        new: &[u8],
+        kek: &str,
+    ) -> Result<()> {
+        let q = match table {
+            SealedTable::Secrets => sql::REWRAP_SECRET,
+            SealedTable::SessionEnv => sql::REWRAP_SESSION_ENV,
+            SealedTable::AgentEnv => sql::REWRAP_AGENT_ENV,
+        };
+        sqlx::query(q)
+            .bind(key)
+            .bind(old)
+            .bind(new)
+            .bind(kek)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
