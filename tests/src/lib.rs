@@ -982,6 +982,33 @@ pub async fn containers_labelled(labels: &[String]) -> anyhow::Result<Vec<String
 }
 
 /// Containers Docker still has for a session (running or not).
+/// Runs `cmd` in a container, as its image's user (the agent's: what a
+/// prompt-injected agent could run), to its end; its stdout, lossily.
+pub async fn exec_output(container: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    let docker = docker().await?;
+    let exec = docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(cmd.iter().map(|c| c.to_string()).collect()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut out = Vec::new();
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await? {
+        while let Some(chunk) = output.next().await {
+            if let Ok(bollard::container::LogOutput::StdOut { message }) = chunk {
+                out.extend_from_slice(&message);
+            }
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
     containers_labelled(&[format!("berth.session={session_id}")]).await
 }

@@ -1,6 +1,7 @@
 //! berth's end-to-end tests: one binary, real Docker, real Postgres.
 //! Run `scripts/setup.sh` first (it starts Postgres and builds the test image).
 
+mod access;
 mod claude;
 mod durable;
 mod failover;
