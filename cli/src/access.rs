@@ -190,7 +190,11 @@ pub(crate) fn config(cmd: ConfigCmd) -> Result<(), CliError> {
         }
         ConfigCmd::GetContexts => {
             for (name, c) in &file.contexts {
-                let mark = if *name == file.current_context { "*" } else { " " };
+                let mark = if *name == file.current_context {
+                    "*"
+                } else {
+                    " "
+                };
                 let auth = match (&c.token, &c.token_file) {
                     (Some(_), _) => "token".to_string(),
                     (None, Some(f)) => format!("token file {}", f.display()),
@@ -240,8 +244,15 @@ fn key_line(k: &pb::ApiKey) -> String {
         Ok(pb::Role::FleetAdmin) => "fleet-admin",
         _ => "member",
     };
-    let revoked = if k.revoke_time.is_some() { "\trevoked" } else { "" };
-    format!("{}\t{}\t{role}\t{}{revoked}", k.key_id, k.project, k.display_name)
+    let revoked = if k.revoke_time.is_some() {
+        "\trevoked"
+    } else {
+        ""
+    };
+    format!(
+        "{}\t{}\t{role}\t{}{revoked}",
+        k.key_id, k.project, k.display_name
+    )
 }
 
 pub(crate) async fn keys(api: Api, d: &str, json: bool, cmd: KeysCmd) -> Result<(), CliError> {
@@ -332,10 +343,17 @@ pub(crate) enum SecretsCmd {
         usage: UsageArg,
     },
     List,
-    Delete { secret_id: String },
+    Delete {
+        secret_id: String,
+    },
 }
 
-pub(crate) async fn secrets(api: Api, d: &str, json: bool, cmd: SecretsCmd) -> Result<(), CliError> {
+pub(crate) async fn secrets(
+    api: Api,
+    d: &str,
+    json: bool,
+    cmd: SecretsCmd,
+) -> Result<(), CliError> {
     let mut c = SecretsClient::new(api);
     let e = |s| explain(d, None, s);
     let line = |s: &pb::Secret| format!("{}\t{}", s.secret_id, s.display_name);
@@ -358,7 +376,10 @@ pub(crate) async fn secrets(api: Api, d: &str, json: bool, cmd: SecretsCmd) -> R
                 .map_err(e)?
                 .into_inner();
             if json {
-                println!("{}", serde_json::json!({"secret_id": s.secret_id, "name": s.display_name}));
+                println!(
+                    "{}",
+                    serde_json::json!({"secret_id": s.secret_id, "name": s.display_name})
+                );
             } else {
                 println!("{}", line(&s));
             }

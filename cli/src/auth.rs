@@ -13,7 +13,11 @@ pub struct Bearer(Option<MetadataValue<Ascii>>);
 impl std::fmt::Debug for Bearer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token itself.
-        f.write_str(if self.0.is_some() { "Bearer(<token>)" } else { "Bearer(none)" })
+        f.write_str(if self.0.is_some() {
+            "Bearer(<token>)"
+        } else {
+            "Bearer(none)"
+        })
     }
 }
 
@@ -23,9 +27,9 @@ impl Bearer {
         match token.map(str::trim).filter(|t| !t.is_empty()) {
             None => Ok(Self(None)),
             Some(t) => {
-                let mut v: MetadataValue<Ascii> = format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| "the API token has characters a header cannot carry".to_string())?;
+                let mut v: MetadataValue<Ascii> = format!("Bearer {t}").parse().map_err(|_| {
+                    "the API token has characters a header cannot carry".to_string()
+                })?;
                 v.set_sensitive(true);
                 Ok(Self(Some(v)))
             }

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, agents_client::AgentsClient, files_client::FilesClient};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use berth_cli::auth::Api;
 
 use crate::{CliError, RuntimeArg, explain, key_value};
 

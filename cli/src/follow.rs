@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::auth::Api;
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use futures::StreamExt;
-use crate::auth::Api;
 
 /// How long a stream may stay interrupted before following gives up.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(300);

@@ -8,9 +8,9 @@ mod render;
 mod run;
 mod sessions;
 
+use berth_cli::auth::{Api, Bearer};
 use berth_proto::v1::{nodes_client::NodesClient, sessions_client::SessionsClient};
 use clap::{Parser, Subcommand, ValueEnum};
-use berth_cli::auth::{Api, Bearer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Parser)]
@@ -181,7 +181,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     if let Some(t) = cli.token {
         ctx.token = Some(t);
     }
-    for (flag, slot) in [(cli.ca, &mut ctx.ca), (cli.cert, &mut ctx.cert), (cli.key, &mut ctx.key)] {
+    for (flag, slot) in [
+        (cli.ca, &mut ctx.ca),
+        (cli.cert, &mut ctx.cert),
+        (cli.key, &mut ctx.key),
+    ] {
         if flag.is_some() {
             *slot = flag;
         }

@@ -1,8 +1,8 @@
 //! `berth nodes`: list the dispatcher's nodes, or drain one.
 
+use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, nodes_client::NodesClient};
 use clap::{Args, Subcommand};
-use berth_cli::auth::Api;
 
 use crate::{CliError, explain, render};
 

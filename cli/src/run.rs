@@ -3,9 +3,9 @@
 
 use std::time::Instant;
 
+use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Args;
-use berth_cli::auth::Api;
 
 use crate::sessions::print_event;
 use crate::{CliError, durable, explain, key_value, render};

@@ -2,9 +2,9 @@
 
 use std::collections::HashMap;
 
+use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Subcommand;
-use berth_cli::auth::Api;
 
 use crate::{CliError, durable, explain, render};
 

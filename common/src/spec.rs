@@ -631,7 +631,11 @@ impl TryFrom<pb::SessionSpec> for AgentSpec {
             vault_ids: s
                 .vault_ids
                 .into_iter()
-                .map(|v| v.strip_prefix("secrets/").unwrap_or(&v).to_ascii_lowercase())
+                .map(|v| {
+                    v.strip_prefix("secrets/")
+                        .unwrap_or(&v)
+                        .to_ascii_lowercase()
+                })
                 .collect(),
             egress: egress_from_pb(s.egress)?,
         };
@@ -777,9 +781,13 @@ mod tests {
     fn egress_allowlists_match_host_and_port_exactly() {
         let e = Egress {
             mode: EgressMode::Allowlist,
-            allow: vec!["pypi.org".into(), "*.github.com".into(), "git.local:8443".into()],
+            allow: vec![
+                "pypi.org".into(),
+                "*.github.com".into(),
+                "git.local:8443".into(),
+            ],
         };
-        e.validate().unwrap();
+        e.validate().expect("should succeed");
         assert!(e.allows("pypi.org", 443));
         assert!(e.allows("PyPI.org", 443));
         assert!(!e.allows("pypi.org", 80));
@@ -799,7 +807,11 @@ mod tests {
                 mode: EgressMode::Allowlist,
                 allow: vec![bad.into()],
             };
-            assert_eq!(e.validate().unwrap_err().field, "spec.egress.allow", "{bad}");
+            assert_eq!(
+                e.validate().expect_err("should fail").field,
+                "spec.egress.allow",
+                "{bad}"
+            );
         }
     }
 

@@ -208,12 +208,17 @@ impl Authenticator {
         let record = self.record(key_id).await?.ok_or_else(invalid)?;
         let given = token_hash(token);
         // Constant-time: the hash comparison must not leak how much matched.
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_slice(), record.sha256.as_slice())) {
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            given.as_slice(),
+            record.sha256.as_slice(),
+        )) {
             tracing::warn!(key_id, "API key with a wrong secret");
             return Err(invalid());
         }
         if record.revoked {
-            return Err(Status::unauthenticated(format!("API key {key_id} is revoked")));
+            return Err(Status::unauthenticated(format!(
+                "API key {key_id} is revoked"
+            )));
         }
         Ok(Caller {
             project: record.project,

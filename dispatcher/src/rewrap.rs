@@ -20,7 +20,9 @@ pub(crate) async fn run(store: Store, shutdown: CancellationToken) {
                 key = store.sealer().primary(),
                 "re-wrapped sealed values under the sealing key; none remain under older keys"
             ),
-            Err(e) => tracing::warn!(error = %e, "re-wrapping sealed values failed; retrying later"),
+            Err(e) => {
+                tracing::warn!(error = %e, "re-wrapping sealed values failed; retrying later")
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -77,11 +77,22 @@ impl Sealer {
                 continue;
             }
             let (id, b64) = line.split_once(':').ok_or_else(|| {
-                format!("line {}: expected `ID:BASE64` (key id, a colon, 32 bytes in base64)", n + 1)
+                format!(
+                    "line {}: expected `ID:BASE64` (key id, a colon, 32 bytes in base64)",
+                    n + 1
+                )
             })?;
             let id = id.trim();
-            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(format!("line {}: key id must be 1-64 letters, digits, `-` or `_`", n + 1));
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "line {}: key id must be 1-64 letters, digits, `-` or `_`",
+                    n + 1
+                ));
             }
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
@@ -137,7 +148,12 @@ impl Sealer {
         out.push(VERSION);
         out.push(self.primary.len() as u8);
         out.extend_from_slice(self.primary.as_bytes());
-        out.extend_from_slice(&wrap(kek, self.random(), &dek_bytes, self.primary.as_bytes()));
+        out.extend_from_slice(&wrap(
+            kek,
+            self.random(),
+            &dek_bytes,
+            self.primary.as_bytes(),
+        ));
         out.extend_from_slice(&wrap(&dek, self.random(), value, context.as_bytes()));
         out
     }
@@ -183,8 +199,12 @@ impl Sealer {
 /// `nonce | seal(plain)`.
 fn wrap(key: &LessSafeKey, nonce: [u8; NONCE_LEN], plain: &[u8], aad: &[u8]) -> Vec<u8> {
     let mut buf = plain.to_vec();
-    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-        .expect("AES-GCM seals any input under 64 GiB");
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf,
+    )
+    .expect("AES-GCM seals any input under 64 GiB");
     let mut out = nonce.to_vec();
     out.extend_from_slice(&buf);
     out
@@ -224,7 +244,10 @@ mod tests {
     use super::*;
 
     fn key_line(id: &str, byte: u8) -> String {
-        format!("{id}:{}", base64::engine::general_purpose::STANDARD.encode([byte; 32]))
+        format!(
+            "{id}:{}",
+            base64::engine::general_purpose::STANDARD.encode([byte; 32])
+        )
     }
 
     #[test]
@@ -232,27 +255,50 @@ mod tests {
         let s = Sealer::ephemeral();
         let sealed = s.seal("p1/secret", b"sk-ant-very-secret");
         assert!(!sealed.windows(6).any(|w| w == b"sk-ant"));
-        assert_eq!(s.open("p1/secret", &sealed).unwrap(), b"sk-ant-very-secret");
-        assert!(matches!(s.open("p2/secret", &sealed), Err(SealError::Corrupt)));
+        assert_eq!(
+            s.open("p1/secret", &sealed).expect("should succeed"),
+            b"sk-ant-very-secret"
+        );
+        assert!(matches!(
+            s.open("p2/secret", &sealed),
+            Err(SealError::Corrupt)
+        ));
         let mut flipped = sealed.clone();
-        *flipped.last_mut().unwrap() ^= 1;
-        assert!(matches!(s.open("p1/secret", &flipped), Err(SealError::Corrupt)));
-        assert!(matches!(s.open("p1/secret", &sealed[..10]), Err(SealError::Corrupt)));
+        *flipped.last_mut().expect("should succeed") ^= 1;
+        assert!(matches!(
+            s.open("p1/secret", &flipped),
+            Err(SealError::Corrupt)
+        ));
+        assert!(matches!(
+            s.open("p1/secret", &sealed[..10]),
+            Err(SealError::Corrupt)
+        ));
         assert!(matches!(s.open("p1/secret", &[]), Err(SealError::Corrupt)));
     }
 
     #[test]
     fn rotation_rewraps_under_the_new_key_and_the_old_one_can_then_go() {
-        let old = Sealer::parse(&key_line("k1", 1)).unwrap();
+        let old = Sealer::parse(&key_line("k1", 1)).expect("should succeed");
         let sealed = old.seal("ctx", b"value");
-        let both = Sealer::parse(&format!("{}\n# old\n{}\n", key_line("k2", 2), key_line("k1", 1))).unwrap();
+        let both = Sealer::parse(&format!(
+            "{}\n# old\n{}\n",
+            key_line("k2", 2),
+            key_line("k1", 1)
+        ))
+        .expect("should succeed");
         assert_eq!(both.primary(), "k2");
-        assert_eq!(both.open("ctx", &sealed).unwrap(), b"value");
-        let rewrapped = both.rewrap(&sealed).unwrap().expect("under k1");
-        assert_eq!(Sealer::key_of(&rewrapped).unwrap(), "k2");
-        assert!(both.rewrap(&rewrapped).unwrap().is_none());
-        let new_only = Sealer::parse(&key_line("k2", 2)).unwrap();
-        assert_eq!(new_only.open("ctx", &rewrapped).unwrap(), b"value");
+        assert_eq!(both.open("ctx", &sealed).expect("should succeed"), b"value");
+        let rewrapped = both
+            .rewrap(&sealed)
+            .expect("should succeed")
+            .expect("under k1");
+        assert_eq!(Sealer::key_of(&rewrapped).expect("should succeed"), "k2");
+        assert!(both.rewrap(&rewrapped).expect("should succeed").is_none());
+        let new_only = Sealer::parse(&key_line("k2", 2)).expect("should succeed");
+        assert_eq!(
+            new_only.open("ctx", &rewrapped).expect("should succeed"),
+            b"value"
+        );
         match new_only.open("ctx", &sealed) {
             Err(SealError::UnknownKey(k)) => assert_eq!(k, "k1"),
             other => panic!("{other:?}"),
@@ -261,10 +307,26 @@ mod tests {
 
     #[test]
     fn key_files_say_what_is_wrong() {
-        assert!(Sealer::parse("").unwrap_err().contains("no key"));
-        assert!(Sealer::parse("k1").unwrap_err().contains("ID:BASE64"));
-        assert!(Sealer::parse("k1:AAAA").unwrap_err().contains("must be 32"));
+        assert!(
+            Sealer::parse("")
+                .expect_err("should fail")
+                .contains("no key")
+        );
+        assert!(
+            Sealer::parse("k1")
+                .expect_err("should fail")
+                .contains("ID:BASE64")
+        );
+        assert!(
+            Sealer::parse("k1:AAAA")
+                .expect_err("should fail")
+                .contains("must be 32")
+        );
         let dup = format!("{}\n{}", key_line("a", 1), key_line("a", 2));
-        assert!(Sealer::parse(&dup).unwrap_err().contains("twice"));
+        assert!(
+            Sealer::parse(&dup)
+                .expect_err("should fail")
+                .contains("twice")
+        );
     }
 }

@@ -164,7 +164,8 @@ impl Sessions {
         if ids.is_empty() {
             return Ok(());
         }
-        let not_found = |id: &str| Error::NotFound(format!("spec.vault_ids: secret secrets/{id} not found"));
+        let not_found =
+            |id: &str| Error::NotFound(format!("spec.vault_ids: secret secrets/{id} not found"));
         let ids = ids
             .iter()
             .map(|id| id.parse::<Uuid>().map_err(|_| not_found(id)))

@@ -272,7 +272,9 @@ impl Builder {
         cfg.objects = s3.args();
         // One key file for every dispatcher of the cluster; the first key
         // comes from the bootstrap, as on a fresh deployment.
-        cfg.sealer = Some(std::sync::Arc::new(berth_dispatcher::seal::Sealer::ephemeral()));
+        cfg.sealer = Some(std::sync::Arc::new(
+            berth_dispatcher::seal::Sealer::ephemeral(),
+        ));
         let token_file = std::env::temp_dir().join(format!("berth-admin-{tag}.token"));
         let _ = std::fs::remove_file(&token_file);
         cfg.bootstrap_token_file = Some(token_file.clone());
@@ -294,7 +296,10 @@ impl Builder {
         }
         let token = read_token(&token_file, &mut tasks).await?;
         let _ = std::fs::remove_file(&token_file);
-        let channel = berth_cli::auth::api(endpoint.connect_lazy(), Bearer::new(Some(&token)).map_err(anyhow::Error::msg)?);
+        let channel = berth_cli::auth::api(
+            endpoint.connect_lazy(),
+            Bearer::new(Some(&token)).map_err(anyhow::Error::msg)?,
+        );
         let client = SessionsClient::new(channel.clone())
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
         let cluster = TestCluster {
@@ -999,7 +1004,8 @@ pub async fn exec_output(container: &str, cmd: &[&str]) -> anyhow::Result<String
         )
         .await?;
     let mut out = Vec::new();
-    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await? {
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
+    {
         while let Some(chunk) = output.next().await {
             if let Ok(bollard::container::LogOutput::StdOut { message }) = chunk {
                 out.extend_from_slice(&message);
@@ -1085,11 +1091,7 @@ pub async fn idle_session(
 }
 
 /// Sends `text` and waits for its turn to end; returns the agent's reply.
-pub async fn turn(
-    c: &mut SessionsClient<Api>,
-    name: &str,
-    text: &str,
-) -> anyhow::Result<String> {
+pub async fn turn(c: &mut SessionsClient<Api>, name: &str, text: &str) -> anyhow::Result<String> {
     let seq = send(c, name, text).await?;
     reply_after(c, name, seq).await
 }
@@ -1133,10 +1135,7 @@ pub async fn no_containers_left(id: &str) -> anyhow::Result<()> {
 }
 
 /// Stops a session and waits until it is `stopped` (its snapshot saved).
-pub async fn stop_and_wait(
-    c: &mut SessionsClient<Api>,
-    name: &str,
-) -> anyhow::Result<pb::Session> {
+pub async fn stop_and_wait(c: &mut SessionsClient<Api>, name: &str) -> anyhow::Result<pb::Session> {
     c.stop_session(pb::StopSessionRequest { name: name.into() })
         .await?;
     wait_for_status(c, name, pb::SessionStatus::Stopped, Duration::from_secs(60)).await

@@ -9,10 +9,10 @@ use berth_proto::v1::{
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use berth_common::time::to_timestamp as timestamp;
 use crate::auth::{Authenticator, Caller, Role, caller, new_token};
 use crate::error::Error;
 use crate::store::{ApiKeyRow, SecretRow, Store};
+use berth_common::time::to_timestamp as timestamp;
 
 /// Largest secret value.
 pub const SECRET_BYTES: usize = 16 * 1024;

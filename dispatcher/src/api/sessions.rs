@@ -61,7 +61,9 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let new = NewSession::try_from(r.into_inner())?;
-        Ok(Response::new(self.sessions.create(&who.project, new).await?.into()))
+        Ok(Response::new(
+            self.sessions.create(&who.project, new).await?.into(),
+        ))
     }
 
     async fn get_session(
@@ -70,7 +72,9 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.get(&who.project, id).await?.into()))
+        Ok(Response::new(
+            self.sessions.get(&who.project, id).await?.into(),
+        ))
     }
 
     async fn list_sessions(
@@ -125,7 +129,9 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.stop(&who.project, id).await?.into()))
+        Ok(Response::new(
+            self.sessions.stop(&who.project, id).await?.into(),
+        ))
     }
 
     async fn pause_session(
@@ -134,7 +140,9 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.pause(&who.project, id).await?.into()))
+        Ok(Response::new(
+            self.sessions.pause(&who.project, id).await?.into(),
+        ))
     }
 
     async fn resume_session(
@@ -143,7 +151,9 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.resume(&who.project, id).await?.into()))
+        Ok(Response::new(
+            self.sessions.resume(&who.project, id).await?.into(),
+        ))
     }
 
     async fn archive_session(
@@ -152,7 +162,9 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(self.sessions.archive(&who.project, id).await?.into()))
+        Ok(Response::new(
+            self.sessions.archive(&who.project, id).await?.into(),
+        ))
     }
 
     async fn delete_session(
@@ -177,7 +189,10 @@ impl SessionsApi for SessionsService {
         }
         let request_id = Some(r.request_id).filter(|s| !s.is_empty());
         Ok(Response::new(
-            self.sessions.clone_session(&who.project, id, request_id).await?.into(),
+            self.sessions
+                .clone_session(&who.project, id, request_id)
+                .await?
+                .into(),
         ))
     }
 
@@ -232,7 +247,10 @@ impl SessionsApi for SessionsService {
         if after < 0 {
             return Err(Error::invalid("after_seq", "must not be negative").into());
         }
-        let events = self.sessions.list_events(&who.project, id, after, limit).await?;
+        let events = self
+            .sessions
+            .list_events(&who.project, id, after, limit)
+            .await?;
         let next_page_token = match events.last() {
             Some(last) if events.len() as i64 == limit => last.seq.to_string(),
             _ => String::new(),
@@ -283,7 +301,10 @@ impl SessionsApi for SessionsService {
             }
         };
         let id = session_id(&open.name)?;
-        let events = self.sessions.stream(&who.project, id, open.after_seq).await?;
+        let events = self
+            .sessions
+            .stream(&who.project, id, open.after_seq)
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ConnectResponse, Status>>(128);
         // Events out.
         let out = tx.clone();

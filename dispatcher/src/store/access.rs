@@ -12,8 +12,7 @@ mod sql {
          VALUES ($1, $2, $3, $4, $5) \
          RETURNING id, project, role, display_name, create_time, revoke_time";
 
-    pub const KEY_RECORD: &str =
-        "SELECT project, role, token_sha256, revoke_time IS NOT NULL AS revoked FROM api_keys WHERE id = $1";
+    pub const KEY_RECORD: &str = "SELECT project, role, token_sha256, revoke_time IS NOT NULL AS revoked FROM api_keys WHERE id = $1";
 
     /// `$1` NULL = every project.
     pub const LIST_KEYS: &str = "SELECT id, project, role, display_name, create_time, revoke_time \
@@ -29,7 +28,8 @@ mod sql {
          FROM api_keys WHERE id = $1";
 
     /// One bootstrap at a time across dispatchers.
-    pub const BOOTSTRAP_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('berth.bootstrap_admin'))";
+    pub const BOOTSTRAP_LOCK: &str =
+        "SELECT pg_advisory_xact_lock(hashtext('berth.bootstrap_admin'))";
 
     pub const ACTIVE_ADMINS: &str =
         "SELECT count(*) FROM api_keys WHERE role = 'fleet_admin' AND revoke_time IS NULL";
@@ -120,8 +120,9 @@ impl Store {
         row.map(|(project, role, sha256, revoked)| {
             Ok(KeyRecord {
                 project,
-                role: Role::parse(&role)
-                    .ok_or_else(|| Error::Internal(format!("key {id} has unknown role `{role}`")))?,
+                role: Role::parse(&role).ok_or_else(|| {
+                    Error::Internal(format!("key {id} has unknown role `{role}`"))
+                })?,
                 sha256,
                 revoked,
             })

@@ -116,7 +116,6 @@ fn env_context(project: &str) -> String {
 }
 
 impl Store {
-
     /// The pool, for LISTEN connections.
     pub(crate) fn pool(&self) -> &PgPool {
         &self.pool

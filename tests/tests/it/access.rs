@@ -80,14 +80,20 @@ async fn every_call_needs_a_valid_unrevoked_key_and_admin_rights_stay_with_admin
     assert_eq!(c, Code::Unauthenticated);
     assert!(m.contains("authorization"), "{m}");
     let fake = format!("berth_0123456789abcdef_{}", "A".repeat(43));
-    assert_eq!(code(list(cluster.api_as(Some(&fake))?).await).0, Code::Unauthenticated);
+    assert_eq!(
+        code(list(cluster.api_as(Some(&fake))?).await).0,
+        Code::Unauthenticated
+    );
     let mut tampered = cluster.token.clone();
     let last = tampered.pop().expect("a token");
     tampered.push(if last == 'A' { 'B' } else { 'A' });
     let (c, m) = code(list(cluster.api_as(Some(&tampered))?).await);
     assert_eq!(c, Code::Unauthenticated);
     assert!(!m.contains(&tampered), "the error echoes the token: {m}");
-    assert_eq!(code(list(cluster.api_as(Some("nope"))?).await).0, Code::Unauthenticated);
+    assert_eq!(
+        code(list(cluster.api_as(Some("nope"))?).await).0,
+        Code::Unauthenticated
+    );
     // Health checks need no key (load balancers' probes).
     let health = tonic_health::pb::health_client::HealthClient::new(cluster.api_as(None)?)
         .check(tonic_health::pb::HealthCheckRequest {
@@ -107,7 +113,10 @@ async fn every_call_needs_a_valid_unrevoked_key_and_admin_rights_stay_with_admin
         .who_am_i(pb::WhoAmIRequest {})
         .await?
         .into_inner();
-    assert_eq!((me.project.as_str(), me.role), ("alpha", pb::Role::Member as i32));
+    assert_eq!(
+        (me.project.as_str(), me.role),
+        ("alpha", pb::Role::Member as i32)
+    );
     let mut keys = ApiKeysClient::new(member.clone());
     let (c, _) = code(
         keys.create_api_key(pb::CreateApiKeyRequest {
@@ -127,11 +136,20 @@ async fn every_call_needs_a_valid_unrevoked_key_and_admin_rights_stay_with_admin
     assert_eq!(c, Code::PermissionDenied);
     let mut nodes = NodesClient::new(member.clone());
     let node = cluster.nodes[0].id.clone();
-    let (c, m) = code(nodes.drain_node(pb::DrainNodeRequest { node: node.clone() }).await);
+    let (c, m) = code(
+        nodes
+            .drain_node(pb::DrainNodeRequest { node: node.clone() })
+            .await,
+    );
     assert_eq!(c, Code::PermissionDenied, "{m}");
     assert!(m.contains("fleet-admin"), "{m}");
     assert_eq!(
-        code(nodes.undrain_node(pb::UndrainNodeRequest { node: node.clone() }).await).0,
+        code(
+            nodes
+                .undrain_node(pb::UndrainNodeRequest { node: node.clone() })
+                .await
+        )
+        .0,
         Code::PermissionDenied
     );
     assert_eq!(
@@ -151,7 +169,14 @@ async fn every_call_needs_a_valid_unrevoked_key_and_admin_rights_stay_with_admin
         .keys;
     assert!(listed.iter().all(|k| k.project == "alpha"), "{listed:?}");
     assert_eq!(
-        code(keys.list_api_keys(pb::ListApiKeysRequest { project: "*".into(), ..Default::default() }).await).0,
+        code(
+            keys.list_api_keys(pb::ListApiKeysRequest {
+                project: "*".into(),
+                ..Default::default()
+            })
+            .await
+        )
+        .0,
         Code::PermissionDenied
     );
     let admin_id = ApiKeysClient::new(cluster.api())
@@ -160,7 +185,11 @@ async fn every_call_needs_a_valid_unrevoked_key_and_admin_rights_stay_with_admin
         .into_inner()
         .key_id;
     assert_eq!(
-        code(keys.revoke_api_key(pb::RevokeApiKeyRequest { name: admin_id }).await).0,
+        code(
+            keys.revoke_api_key(pb::RevokeApiKeyRequest { name: admin_id })
+                .await
+        )
+        .0,
         Code::NotFound
     );
 
@@ -172,7 +201,9 @@ async fn every_call_needs_a_valid_unrevoked_key_and_admin_rights_stay_with_admin
 
     // Revoked: refused at once on this dispatcher.
     ApiKeysClient::new(cluster.api())
-        .revoke_api_key(pb::RevokeApiKeyRequest { name: format!("apiKeys/{}", me.key_id) })
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            name: format!("apiKeys/{}", me.key_id),
+        })
         .await?;
     let (c, m) = code(list(member).await);
     assert_eq!(c, Code::Unauthenticated);
@@ -224,42 +255,127 @@ async fn another_projects_ids_are_not_found_on_every_rpc() -> anyhow::Result<()>
     // alpha's data in the answer.
     let mut b = SessionsClient::new(beta.clone());
     let mut refusals: Vec<(&str, (Code, String))> = vec![
-        ("GetSession", code(b.get_session(pb::GetSessionRequest { name: name.clone() }).await)),
+        (
+            "GetSession",
+            code(
+                b.get_session(pb::GetSessionRequest { name: name.clone() })
+                    .await,
+            ),
+        ),
         (
             "SendMessage",
-            code(b.send_message(pb::SendMessageRequest { name: name.clone(), text: "hi".into() }).await),
+            code(
+                b.send_message(pb::SendMessageRequest {
+                    name: name.clone(),
+                    text: "hi".into(),
+                })
+                .await,
+            ),
         ),
-        ("Interrupt", code(b.interrupt(pb::InterruptRequest { name: name.clone() }).await)),
-        ("StopSession", code(b.stop_session(pb::StopSessionRequest { name: name.clone() }).await)),
-        ("PauseSession", code(b.pause_session(pb::PauseSessionRequest { name: name.clone() }).await)),
-        ("ResumeSession", code(b.resume_session(pb::ResumeSessionRequest { name: name.clone() }).await)),
-        ("ArchiveSession", code(b.archive_session(pb::ArchiveSessionRequest { name: name.clone() }).await)),
-        ("DeleteSession", code(b.delete_session(pb::DeleteSessionRequest { name: name.clone() }).await)),
+        (
+            "Interrupt",
+            code(
+                b.interrupt(pb::InterruptRequest { name: name.clone() })
+                    .await,
+            ),
+        ),
+        (
+            "StopSession",
+            code(
+                b.stop_session(pb::StopSessionRequest { name: name.clone() })
+                    .await,
+            ),
+        ),
+        (
+            "PauseSession",
+            code(
+                b.pause_session(pb::PauseSessionRequest { name: name.clone() })
+                    .await,
+            ),
+        ),
+        (
+            "ResumeSession",
+            code(
+                b.resume_session(pb::ResumeSessionRequest { name: name.clone() })
+                    .await,
+            ),
+        ),
+        (
+            "ArchiveSession",
+            code(
+                b.archive_session(pb::ArchiveSessionRequest { name: name.clone() })
+                    .await,
+            ),
+        ),
+        (
+            "DeleteSession",
+            code(
+                b.delete_session(pb::DeleteSessionRequest { name: name.clone() })
+                    .await,
+            ),
+        ),
         (
             "CloneSession",
-            code(b.clone_session(pb::CloneSessionRequest { name: id.clone(), ..Default::default() }).await),
+            code(
+                b.clone_session(pb::CloneSessionRequest {
+                    name: id.clone(),
+                    ..Default::default()
+                })
+                .await,
+            ),
         ),
         (
             "ExportSession",
-            code(b.export_session(pb::ExportSessionRequest { name: name.clone(), ..Default::default() }).await),
+            code(
+                b.export_session(pb::ExportSessionRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await,
+            ),
         ),
         (
             "ListEvents",
-            code(b.list_events(pb::ListEventsRequest { name: name.clone(), ..Default::default() }).await),
+            code(
+                b.list_events(pb::ListEventsRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await,
+            ),
         ),
         (
             "StreamEvents",
-            code(b.stream_events(pb::StreamEventsRequest { name: name.clone(), after_seq: 0 }).await),
+            code(
+                b.stream_events(pb::StreamEventsRequest {
+                    name: name.clone(),
+                    after_seq: 0,
+                })
+                .await,
+            ),
         ),
     ];
     let mut agents = AgentsClient::new(beta.clone());
     refusals.push((
         "GetAgent",
-        code(agents.get_agent(pb::GetAgentRequest { name: "agents/coder".into(), version: 0 }).await),
+        code(
+            agents
+                .get_agent(pb::GetAgentRequest {
+                    name: "agents/coder".into(),
+                    version: 0,
+                })
+                .await,
+        ),
     ));
     refusals.push((
         "ArchiveAgent",
-        code(agents.archive_agent(pb::ArchiveAgentRequest { name: "coder".into() }).await),
+        code(
+            agents
+                .archive_agent(pb::ArchiveAgentRequest {
+                    name: "coder".into(),
+                })
+                .await,
+        ),
     ));
     refusals.push((
         "UpdateAgent",
@@ -267,27 +383,64 @@ async fn another_projects_ids_are_not_found_on_every_rpc() -> anyhow::Result<()>
             agents
                 .update_agent(pb::UpdateAgentRequest {
                     name: "coder".into(),
-                    spec: Some(pb::AgentSpec { image: berth_tests::TEST_IMAGE.into(), ..Default::default() }),
+                    spec: Some(pb::AgentSpec {
+                        image: berth_tests::TEST_IMAGE.into(),
+                        ..Default::default()
+                    }),
                 })
                 .await,
         ),
     ));
     let mut files = FilesClient::new(beta.clone());
-    refusals.push(("GetFile", code(files.get_file(pb::GetFileRequest { name: file.clone() }).await)));
-    refusals.push(("DeleteFile", code(files.delete_file(pb::DeleteFileRequest { name: file.clone() }).await)));
+    refusals.push((
+        "GetFile",
+        code(
+            files
+                .get_file(pb::GetFileRequest { name: file.clone() })
+                .await,
+        ),
+    ));
+    refusals.push((
+        "DeleteFile",
+        code(
+            files
+                .delete_file(pb::DeleteFileRequest { name: file.clone() })
+                .await,
+        ),
+    ));
     let mut secrets = SecretsClient::new(beta.clone());
-    refusals.push(("GetSecret", code(secrets.get_secret(pb::GetSecretRequest { name: secret.clone() }).await)));
+    refusals.push((
+        "GetSecret",
+        code(
+            secrets
+                .get_secret(pb::GetSecretRequest {
+                    name: secret.clone(),
+                })
+                .await,
+        ),
+    ));
     refusals.push((
         "DeleteSecret",
-        code(secrets.delete_secret(pb::DeleteSecretRequest { name: secret.clone() }).await),
+        code(
+            secrets
+                .delete_secret(pb::DeleteSecretRequest {
+                    name: secret.clone(),
+                })
+                .await,
+        ),
     ));
     let mut with_secret = fake_session("echo hi");
     with_secret.spec.as_mut().expect("spec").vault_ids = vec![secret.clone()];
-    refusals.push(("CreateSession with alpha's secret", code(b.create_session(with_secret).await)));
+    refusals.push((
+        "CreateSession with alpha's secret",
+        code(b.create_session(with_secret).await),
+    ));
     for (rpc, (c, m)) in &refusals {
         assert_eq!(*c, Code::NotFound, "{rpc}: {c:?} {m}");
         assert!(
-            !m.contains("alpha-private-name") && !m.contains("private words") && !m.contains("sk-ant"),
+            !m.contains("alpha-private-name")
+                && !m.contains("private words")
+                && !m.contains("sk-ant"),
             "{rpc} leaks: {m}"
         );
     }
@@ -300,7 +453,10 @@ async fn another_projects_ids_are_not_found_on_every_rpc() -> anyhow::Result<()>
         })),
     }];
     let (c, m) = code(b.create_session(with_file).await);
-    assert!(matches!(c, Code::InvalidArgument | Code::NotFound), "{c:?} {m}");
+    assert!(
+        matches!(c, Code::InvalidArgument | Code::NotFound),
+        "{c:?} {m}"
+    );
     // Connect: the stream ends with NOT_FOUND.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::ConnectRequest {
@@ -310,7 +466,10 @@ async fn another_projects_ids_are_not_found_on_every_rpc() -> anyhow::Result<()>
         })),
     })
     .await?;
-    match b.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+    match b
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
         Err(s) => assert_eq!(s.code(), Code::NotFound),
         Ok(r) => {
             let mut s = r.into_inner();
@@ -326,20 +485,38 @@ async fn another_projects_ids_are_not_found_on_every_rpc() -> anyhow::Result<()>
         .sessions;
     assert!(listed.is_empty(), "{listed:?}");
     let beta_session = b.create_session(req).await?.into_inner();
-    assert_ne!(beta_session.name, name, "a request id from another project returned its session");
+    assert_ne!(
+        beta_session.name, name,
+        "a request id from another project returned its session"
+    );
     assert_eq!(beta_session.project, "beta");
     agents
         .create_agent(pb::CreateAgentRequest {
             agent_id: "coder".into(),
-            spec: Some(pb::AgentSpec { image: berth_tests::TEST_IMAGE.into(), ..Default::default() }),
+            spec: Some(pb::AgentSpec {
+                image: berth_tests::TEST_IMAGE.into(),
+                ..Default::default()
+            }),
         })
         .await?;
-    assert!(secrets.list_secrets(pb::ListSecretsRequest {}).await?.into_inner().secrets.is_empty());
+    assert!(
+        secrets
+            .list_secrets(pb::ListSecretsRequest {})
+            .await?
+            .into_inner()
+            .secrets
+            .is_empty()
+    );
     // Alpha's things are untouched.
-    let s = a.get_session(pb::GetSessionRequest { name: name.clone() }).await?.into_inner();
+    let s = a
+        .get_session(pb::GetSessionRequest { name: name.clone() })
+        .await?
+        .into_inner();
     assert_eq!(s.status, pb::SessionStatus::Idle as i32);
     assert_eq!(s.project, "alpha");
-    FilesClient::new(alpha.clone()).get_file(pb::GetFileRequest { name: file }).await?;
+    FilesClient::new(alpha.clone())
+        .get_file(pb::GetFileRequest { name: file })
+        .await?;
     berth_tests::stop_and_wait(&mut a, &name).await?;
     berth_tests::stop_and_wait(&mut b, &beta_session.name).await?;
     cluster.shutdown().await
@@ -355,7 +532,10 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
     // Bad input names its field and never echoes the value.
     let (c, m) = code(
         secrets
-            .create_secret(pb::CreateSecretRequest { value: value.clone(), ..Default::default() })
+            .create_secret(pb::CreateSecretRequest {
+                value: value.clone(),
+                ..Default::default()
+            })
             .await,
     );
     assert_eq!(c, Code::InvalidArgument);
@@ -387,7 +567,10 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
     spec.env.insert("PLAIN_SETTING".into(), env_value.clone());
     let s = idle_session(&mut a, req).await?;
     assert_eq!(s.env_keys, vec!["PLAIN_SETTING".to_string()]);
-    assert_eq!(s.spec.as_ref().expect("spec").vault_ids, vec![secret.secret_id.clone()]);
+    assert_eq!(
+        s.spec.as_ref().expect("spec").vault_ids,
+        vec![secret.secret_id.clone()]
+    );
     assert!(s.spec.as_ref().expect("spec").env.is_empty());
 
     // The container: neither its config nor any process's environment.
@@ -395,15 +578,25 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
     let containers = containers_of(&s.id).await?;
     assert_eq!(containers.len(), 1, "{containers:?}");
     let inspect = docker
-        .inspect_container(&containers[0], None::<bollard::query_parameters::InspectContainerOptions>)
+        .inspect_container(
+            &containers[0],
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
         .await?;
     let inspect = serde_json::to_string(&inspect)?;
     assert!(!inspect.contains(&value), "the secret is in docker inspect");
-    let environ = berth_tests::exec_output(&containers[0], &["sh", "-c", "cat /proc/*/environ"]).await?;
+    let environ =
+        berth_tests::exec_output(&containers[0], &["sh", "-c", "cat /proc/*/environ"]).await?;
     assert!(!environ.is_empty(), "read no environment at all");
-    assert!(!environ.contains(&value), "the secret is in a process's environment");
+    assert!(
+        !environ.contains(&value),
+        "the secret is in a process's environment"
+    );
     let ps = berth_tests::exec_output(&containers[0], &["ps", "-ef"]).await?;
-    assert!(environ.contains(&env_value), "plain env reaches the agent: {ps}\n{environ:?}");
+    assert!(
+        environ.contains(&env_value),
+        "plain env reaches the agent: {ps}\n{environ:?}"
+    );
 
     // Events and exports.
     let events = berth_tests::events_of(&mut a, &s.name).await?;
@@ -411,32 +604,67 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
     assert!(!all.contains(&value));
     for format in [pb::ExportFormat::Json, pb::ExportFormat::Markdown] {
         let e = a
-            .export_session(pb::ExportSessionRequest { name: s.name.clone(), format: format as i32 })
+            .export_session(pb::ExportSessionRequest {
+                name: s.name.clone(),
+                format: format as i32,
+            })
             .await?
             .into_inner();
-        assert!(!e.content.contains(&value), "{format:?} export has the secret");
-        assert!(!e.content.contains(&env_value), "{format:?} export has an env value");
+        assert!(
+            !e.content.contains(&value),
+            "{format:?} export has the secret"
+        );
+        assert!(
+            !e.content.contains(&env_value),
+            "{format:?} export has an env value"
+        );
     }
     // Postgres: neither the secret nor the env value, in any row.
     let rows = all_rows(&cluster).await?;
     assert!(rows.contains(&s.id), "the dump read the sessions table");
     assert!(!rows.contains(&value), "the secret is in Postgres in clear");
-    assert!(!rows.contains(&env_value), "an env value is in Postgres in clear");
+    assert!(
+        !rows.contains(&env_value),
+        "an env value is in Postgres in clear"
+    );
     // No read returns it.
     let got = format!(
         "{:?}{:?}",
-        secrets.get_secret(pb::GetSecretRequest { name: secret.name.clone() }).await?,
+        secrets
+            .get_secret(pb::GetSecretRequest {
+                name: secret.name.clone()
+            })
+            .await?,
         secrets.list_secrets(pb::ListSecretsRequest {}).await?
     );
     assert!(got.contains(&secret.secret_id) && !got.contains(&value));
 
     // Resumed on a fresh run, the env value is still there: sealed, not lost.
-    a.pause_session(pb::PauseSessionRequest { name: s.name.clone() }).await?;
-    berth_tests::wait_for_status(&mut a, &s.name, pb::SessionStatus::Paused, std::time::Duration::from_secs(60)).await?;
-    a.resume_session(pb::ResumeSessionRequest { name: s.name.clone() }).await?;
-    berth_tests::wait_for_status(&mut a, &s.name, pb::SessionStatus::Idle, std::time::Duration::from_secs(60)).await?;
+    a.pause_session(pb::PauseSessionRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    berth_tests::wait_for_status(
+        &mut a,
+        &s.name,
+        pb::SessionStatus::Paused,
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
+    a.resume_session(pb::ResumeSessionRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    berth_tests::wait_for_status(
+        &mut a,
+        &s.name,
+        pb::SessionStatus::Idle,
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
     let containers = containers_of(&s.id).await?;
-    let environ = berth_tests::exec_output(&containers[0], &["sh", "-c", "cat /proc/*/environ"]).await?;
+    let environ =
+        berth_tests::exec_output(&containers[0], &["sh", "-c", "cat /proc/*/environ"]).await?;
     assert!(environ.contains(&env_value) && !environ.contains(&value));
     berth_tests::stop_and_wait(&mut a, &s.name).await?;
     cluster.shutdown().await

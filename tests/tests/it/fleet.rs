@@ -112,7 +112,10 @@ async fn bursts_spread_evenly_across_three_nodes_and_a_drained_node_gets_none() 
             still_there += 1;
         }
     }
-    assert_eq!(still_there, per_node[&drained], "sessions left the drained node");
+    assert_eq!(
+        still_there, per_node[&drained],
+        "sessions left the drained node"
+    );
     let settled = cluster
         .wait_node(2, Duration::from_secs(10), |n| {
             n.running as usize == still_there

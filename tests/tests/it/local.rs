@@ -41,7 +41,10 @@ async fn default_dispatcher(
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(berth_server::run(cfg, node, listener, shutdown.clone()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
-    let client = SessionsClient::new(berth_tests::Api::new(channel, berth_tests::Bearer::default()));
+    let client = SessionsClient::new(berth_tests::Api::new(
+        channel,
+        berth_tests::Bearer::default(),
+    ));
     answering(client.clone(), std::slice::from_ref(&task)).await?;
     Ok((client, shutdown, task))
 }
