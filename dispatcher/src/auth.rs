@@ -21,36 +21,9 @@ use crate::store::Store;
 
 /// How long a checked key is trusted without asking Postgres again.
 pub const CACHE_TTL: Duration = Duration::from_secs(10);
-/// The project of anonymous callers (`--allow-anonymous`) and of rows made
-/// before projects existed.
-pub const DEFAULT_PROJECT: &str = "default";
+pub use crate::session::DEFAULT_PROJECT;
+pub use crate::store::{KeyRecord, Role};
 const TOKEN_PREFIX: &str = "berth_";
-
-/// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Uses its own project.
-    Member,
-    /// Also manages nodes and every project's keys.
-    FleetAdmin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Member => "member",
-            Role::FleetAdmin => "fleet_admin",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "member" => Some(Role::Member),
-            "fleet_admin" => Some(Role::FleetAdmin),
-            _ => None,
-        }
-    }
-}
 
 /// The authenticated caller of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,15 +96,6 @@ fn key_id_of(token: &str) -> Option<&str> {
     let (id, secret) = rest.split_once('_')?;
     (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) && secret.len() == 43)
         .then_some(id)
-}
-
-/// A key as the store has it.
-#[derive(Debug, Clone)]
-pub struct KeyRecord {
-    pub project: String,
-    pub role: Role,
-    pub sha256: Vec<u8>,
-    pub revoked: bool,
 }
 
 /// Checks tokens against the store, with a short cache.

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::auth::{Authenticator, Caller, Role, caller, new_token};
 use crate::error::Error;
-use crate::store::{ApiKeyRow, SecretRow, Store};
+use crate::store::{ApiKeyRow, SecretRow, Store, USAGE_ANTHROPIC_API_KEY, secret_context};
 use berth_common::time::to_timestamp as timestamp;
 
 /// Largest secret value.
@@ -169,7 +169,7 @@ pub struct SecretsService {
 
 fn usage_to_str(u: i32) -> Result<&'static str, Error> {
     match pb::SecretUsage::try_from(u) {
-        Ok(pb::SecretUsage::AnthropicApiKey) => Ok("anthropic_api_key"),
+        Ok(pb::SecretUsage::AnthropicApiKey) => Ok(USAGE_ANTHROPIC_API_KEY),
         Ok(pb::SecretUsage::Unspecified) => Err(Error::invalid(
             "usage",
             "required: how sessions use the secret (SECRET_USAGE_ANTHROPIC_API_KEY)",
@@ -178,9 +178,9 @@ fn usage_to_str(u: i32) -> Result<&'static str, Error> {
     }
 }
 
-pub(crate) fn usage_from_str(u: &str) -> pb::SecretUsage {
+fn usage_from_str(u: &str) -> pb::SecretUsage {
     match u {
-        "anthropic_api_key" => pb::SecretUsage::AnthropicApiKey,
+        USAGE_ANTHROPIC_API_KEY => pb::SecretUsage::AnthropicApiKey,
         _ => pb::SecretUsage::Unspecified,
     }
 }
@@ -201,11 +201,6 @@ fn secret_id(name: &str) -> Result<Uuid, Error> {
         return Err(Error::invalid("name", "required: `secrets/{id}`"));
     }
     Uuid::parse_str(id).map_err(|_| Error::NotFound(format!("secret secrets/{id} not found")))
-}
-
-/// What sealed secrets are bound to: their project.
-pub(crate) fn secret_context(project: &str) -> String {
-    format!("secret/{project}")
 }
 
 #[tonic::async_trait]

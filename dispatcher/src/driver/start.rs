@@ -239,7 +239,7 @@ async fn gateway_secrets(ctx: &Ctx, session: &Session) -> Result<Vec<pb::Gateway
             "some of the session's secrets were deleted; it runs without them"
         );
     }
-    let context = crate::api::access::secret_context(&session.project);
+    let context = crate::store::secret_context(&session.project);
     rows.into_iter()
         .map(|(id, usage, sealed)| {
             let value = ctx
@@ -249,9 +249,9 @@ async fn gateway_secrets(ctx: &Ctx, session: &Session) -> Result<Vec<pb::Gateway
                 .map_err(|e| Error::Internal(format!("secret secrets/{id}: {e}")))?;
             let value = String::from_utf8(value)
                 .map_err(|_| Error::Internal(format!("secret secrets/{id} is not UTF-8")))?;
-            let usage = match crate::api::access::usage_from_str(&usage) {
-                berth_proto::v1::SecretUsage::AnthropicApiKey => pb::SecretUsage::AnthropicApiKey,
-                berth_proto::v1::SecretUsage::Unspecified => pb::SecretUsage::Unspecified,
+            let usage = match usage.as_str() {
+                crate::store::USAGE_ANTHROPIC_API_KEY => pb::SecretUsage::AnthropicApiKey,
+                _ => pb::SecretUsage::Unspecified,
             };
             Ok(pb::GatewaySecret {
                 usage: usage as i32,

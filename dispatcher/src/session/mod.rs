@@ -56,10 +56,14 @@ pub fn session_prefix(id: Uuid) -> String {
     format!("sessions/{id}/")
 }
 
+/// The project of anonymous callers (`--allow-anonymous`) and of rows made
+/// before projects existed.
+pub const DEFAULT_PROJECT: &str = "default";
+
 /// Object key of an agent's memory store. The default project keeps the
 /// keys it had before projects existed.
 pub fn memory_key(project: &str, agent_id: &str, store: &str) -> String {
-    if project == crate::auth::DEFAULT_PROJECT {
+    if project == DEFAULT_PROJECT {
         format!("agents/{agent_id}/memory/{store}.tar.zst")
     } else {
         format!("projects/{project}/agents/{agent_id}/memory/{store}.tar.zst")

@@ -4,7 +4,6 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::Store;
-use crate::auth::{KeyRecord, Role};
 use crate::error::{Error, Result};
 
 mod sql {
@@ -62,6 +61,49 @@ mod sql {
         "UPDATE sessions SET env_sealed = $3, env_kek = $4 WHERE id = $1::uuid AND env_sealed = $2";
     pub const REWRAP_AGENT_ENV: &str = "UPDATE agent_versions SET env_sealed = $3, env_kek = $4 \
          WHERE agent_id || '@' || version = $1 AND env_sealed = $2";
+}
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Uses its own project.
+    Member,
+    /// Also manages nodes and every project's keys.
+    FleetAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::FleetAdmin => "fleet_admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "member" => Some(Role::Member),
+            "fleet_admin" => Some(Role::FleetAdmin),
+            _ => None,
+        }
+    }
+}
+
+/// A key as the store has it.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub project: String,
+    pub role: Role,
+    pub sha256: Vec<u8>,
+    pub revoked: bool,
+}
+
+/// How a secret is stored when sessions send it as their model API key.
+pub(crate) const USAGE_ANTHROPIC_API_KEY: &str = "anthropic_api_key";
+
+/// What sealed secrets are bound to: their project.
+pub(crate) fn secret_context(project: &str) -> String {
+    format!("secret/{project}")
 }
 
 /// An API key's public part.

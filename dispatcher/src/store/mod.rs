@@ -31,7 +31,10 @@ use crate::error::{Error, Result};
 use crate::seal::Sealer;
 use crate::session::SessionStatus;
 
-pub(crate) use access::{ApiKeyRow, SealedTable, SecretRow};
+pub(crate) use access::{
+    ApiKeyRow, SealedTable, SecretRow, USAGE_ANTHROPIC_API_KEY, secret_context,
+};
+pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, UsageRecorded};
 pub(crate) use sessions::{SessionFilter, Transitioned};
 
