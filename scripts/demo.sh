@@ -7,7 +7,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 echo "==> building berth"
-cargo build --quiet -p berth-server -p berth-cli
+cargo build --quiet -p berth-server -p berth-agent-server -p berth-cli
 mkdir -p .berth
 if [ -f .berth/dispatcher.pid ] && kill -0 "$(cat .berth/dispatcher.pid)" 2>/dev/null; then
   echo "==> dispatcher already running (pid $(cat .berth/dispatcher.pid))"

@@ -31,6 +31,9 @@ sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='berth'\
 sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='berth'\"" | grep -q 1 ||
   sudo_ su postgres -c "psql -qc 'CREATE DATABASE berth OWNER berth'"
 
+echo "==> building the sandbox forwarder (berth-forward)"
+cargo build --quiet -p berth-agent-server --bin berth-forward
+
 echo "==> building the test agent image"
 "$root/deploy/test-image/build.sh"
 

@@ -108,6 +108,38 @@ pub struct Config {
     #[arg(long, env = "BERTH_CONTAINER_NETWORK", default_value = "none")]
     pub container_network: String,
 
+    /// Host directory of the egress gateway's per-container sockets (each
+    /// container gets a subdirectory, mounted read-only at `/run/berth`).
+    /// The Docker daemon must see it at the same path. `off` disables the
+    /// gateway: sessions then have no way out at all, model API included.
+    #[arg(long, env = "BERTH_GATEWAY_DIR", default_value = "/run/berth/gateway")]
+    pub gateway_dir: String,
+
+    /// The `berth-forward` binary put in each container (glibc images).
+    /// Default: `berth-forward` beside this program.
+    #[arg(long, env = "BERTH_GATEWAY_FORWARDER")]
+    pub gateway_forwarder: Option<std::path::PathBuf>,
+
+    /// Port the forwarder listens on in each container's loopback:
+    /// `ANTHROPIC_BASE_URL` and `HTTPS_PROXY` point at it.
+    #[arg(long, env = "BERTH_GATEWAY_PORT", default_value_t = 18080)]
+    pub gateway_port: u16,
+
+    /// Where the gateway sends model API requests, with the session's key.
+    #[arg(
+        long,
+        env = "BERTH_MODEL_API_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub model_api_url: String,
+
+    /// Internal destinations (`HOST` or `HOST:PORT`, comma-separated) that
+    /// sessions may still reach through the gateway when their egress
+    /// policy allows them. Loopback, link-local and private addresses are
+    /// refused otherwise, whatever a session asks.
+    #[arg(long, env = "BERTH_EGRESS_ALLOW_INTERNAL", value_delimiter = ',')]
+    pub egress_allow_internal: Vec<String>,
+
     /// Longest runtime output line kept whole, in bytes (at most 6 MiB).
     /// Longer lines become a truncated `runtime.raw` event.
     #[arg(long, env = "BERTH_MAX_LINE_BYTES", default_value_t = MAX_LINE_BYTES)]
@@ -223,6 +255,16 @@ pub struct ContainerConfig {
     pub keepalive_cmd: Vec<String>,
     /// Docker network mode; `None` is Docker's default.
     pub network: Option<String>,
+    /// The egress gateway's directory and forwarder; `None`: no gateway.
+    pub gateway: Option<GatewayMount>,
+}
+
+/// Where each container's gateway directory is made, and what runs there.
+#[derive(Debug, Clone)]
+pub struct GatewayMount {
+    pub root: std::path::PathBuf,
+    pub forwarder: std::path::PathBuf,
+    pub port: u16,
 }
 
 /// What the warm pools need of the node's configuration.
@@ -330,7 +372,25 @@ impl Config {
             pids_limit: self.pids_limit,
             keepalive_cmd: self.keepalive_cmd.clone(),
             network: Some(self.container_network.clone()).filter(|n| !n.is_empty()),
+            gateway: self.gateway_mount(),
         }
+    }
+
+    /// The gateway's mount, or `None` when it is off.
+    pub fn gateway_mount(&self) -> Option<GatewayMount> {
+        if self.gateway_dir == "off" {
+            return None;
+        }
+        let forwarder = self.gateway_forwarder.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .map(|e| e.with_file_name("berth-forward"))
+                .unwrap_or_else(|_| "berth-forward".into())
+        });
+        Some(GatewayMount {
+            root: self.gateway_dir.clone().into(),
+            forwarder,
+            port: self.gateway_port,
+        })
     }
 
     /// What the warm pools need.

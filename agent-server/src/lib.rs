@@ -16,6 +16,7 @@ mod api;
 pub mod config;
 mod container;
 mod error;
+pub mod gateway;
 mod layout;
 mod lines;
 mod load;
@@ -76,7 +77,24 @@ pub async fn run_with_drain(
     }
     let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
     tracing::info!(store = ?objects, "object store");
-    let node = node::Node::new(cfg, runtime, objects, shutdown.child_token());
+    let gateway = match cfg.gateway_mount() {
+        Some(g) => {
+            anyhow::ensure!(
+                g.forwarder.is_file(),
+                "the egress gateway's forwarder is not at {} (build `berth-forward`, set \
+                 --gateway-forwarder, or --gateway-dir off for no egress at all)",
+                g.forwarder.display()
+            );
+            let gw = gateway::Gateway::new(&cfg.model_api_url, cfg.egress_allow_internal.clone())?;
+            tracing::info!(gateway = ?gw, dir = %g.root.display(), "egress gateway");
+            Some(Arc::new(gw))
+        }
+        None => {
+            tracing::warn!("--gateway-dir off: sessions have no egress and no model API");
+            None
+        }
+    };
+    let node = node::Node::new(cfg, runtime, objects, gateway, shutdown.child_token());
     node.spawn_sampler();
     if let Some(addr) = node.cfg.metrics_listen.0 {
         let handle = metrics::install()?;

@@ -24,6 +24,9 @@ pub const NODE_DRAINING: &str = "berth_agent_server_draining";
 pub const NODE_STARTS: &str = "berth_agent_server_session_starts_total";
 pub const NODE_REFUSALS: &str = "berth_agent_server_refusals_total";
 pub const AGENT_EVENTS: &str = "berth_agent_events_total";
+pub const EGRESS_CONNECTIONS: &str = "berth_egress_connections_total";
+pub const EGRESS_BYTES: &str = "berth_egress_bytes_total";
+pub const GATEWAY_MODEL_REQUESTS: &str = "berth_gateway_model_requests_total";
 
 /// The node's metrics.
 pub const ALL: &[Def] = &[
@@ -141,6 +144,24 @@ pub const ALL: &[Def] = &[
         help: "Events agents emitted on this node and sent to a dispatcher.",
         labels: &[],
     },
+    Def {
+        name: EGRESS_CONNECTIONS,
+        kind: Kind::Counter,
+        help: "Sandbox egress connections through the gateway, by decision (allowed, denied).",
+        labels: &["decision"],
+    },
+    Def {
+        name: EGRESS_BYTES,
+        kind: Kind::Counter,
+        help: "Bytes through allowed egress tunnels, by direction (sent, received).",
+        labels: &["direction"],
+    },
+    Def {
+        name: GATEWAY_MODEL_REQUESTS,
+        kind: Kind::Counter,
+        help: "Model API requests the gateway proxied with the session's key, by outcome (2xx..5xx, no_key, unreachable).",
+        labels: &["outcome"],
+    },
 ];
 
 /// Installs the recorder with the node's metrics.
@@ -157,6 +178,12 @@ pub fn init_series() {
     let _ = metrics::counter!(AGENT_EVENTS);
     for start in ["warm", "cold"] {
         let _ = metrics::counter!(NODE_STARTS, "start" => start);
+    }
+    for decision in ["allowed", "denied"] {
+        let _ = metrics::counter!(EGRESS_CONNECTIONS, "decision" => decision);
+    }
+    for direction in ["sent", "received"] {
+        let _ = metrics::counter!(EGRESS_BYTES, "direction" => direction);
     }
     for reason in ["draining", "at_capacity", "stale_epoch"] {
         let _ = metrics::counter!(NODE_REFUSALS, "reason" => reason);

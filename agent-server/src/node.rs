@@ -86,6 +86,8 @@ pub struct Node {
     shutting_down: AtomicBool,
     load: Arc<watch::Sender<Load>>,
     pub pools: Arc<Pools>,
+    /// The sandboxes' egress gateway; `None` with `--gateway-dir off`.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// Session slots: the configured capacity, bounded by memory.
     pub capacity: u32,
     generation: AtomicU64,
@@ -110,6 +112,7 @@ impl Node {
         cfg: Config,
         runtime: ContainerRuntime,
         objects: berth_common::objects::ObjectStore,
+        gateway: Option<Arc<crate::gateway::Gateway>>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let capacity = capacity_for_memory(&cfg);
@@ -136,6 +139,7 @@ impl Node {
             shutting_down: AtomicBool::new(false),
             load,
             pools,
+            gateway,
             capacity,
             generation: AtomicU64::new(0),
             shutdown,

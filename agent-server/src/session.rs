@@ -158,7 +158,7 @@ async fn run_in_slot(
     // Warm first: a pop from the pool, then the exec. A claimed container
     // that died since its last check falls back to a cold start.
     let mut claimed = node.pools.claim(&spec.agent.image);
-    let (container_id, guard, process, is_warm) = loop {
+    let (container_id, guard, process, is_warm, _gate) = loop {
         let warm = claimed.is_some();
         let mut launcher = None;
         let id = match claimed.take() {
@@ -197,7 +197,31 @@ async fn run_in_slot(
             tracing::info!(%reason, "session preparation failed");
             return Exit::failed(format!("preparing the session failed: {reason}"));
         }
-        let env = env_with_home(&spec, &node.cfg);
+        // The gateway serves this session on the container's socket for as
+        // long as the run lasts (the guard), with its policy and its key.
+        let gate = match (&node.gateway, runtime.gateway_dir(&id)) {
+            (Some(gw), Some(dir)) => {
+                let session_gate = crate::gateway::SessionGate {
+                    session_id: session_id.to_string(),
+                    egress: spec.agent.egress.clone(),
+                    api_key: spec.secrets.anthropic_api_key.clone(),
+                };
+                match gw.serve(&dir, session_gate) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        guard.remove().await;
+                        return Exit::failed(format!(
+                            "the egress gateway could not serve the session: {e}"
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let mut env = env_with_home(&spec, &node.cfg);
+        if gate.is_some() {
+            env.extend(gateway_env(&spec, node.cfg.gateway_port));
+        }
         // A warm container's launcher starts the agent with one write; else
         // (none, gone, or a command it cannot carry) a Docker exec.
         let launched = match launcher {
@@ -213,7 +237,7 @@ async fn run_in_slot(
             None => runtime.exec_agent(&id, cmd.clone(), env).await,
         };
         match started {
-            Ok(p) => break (id, guard, p, warm),
+            Ok(p) => break (id, guard, p, warm, gate),
             Err(e) if warm => {
                 tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");
                 node.pools.claimed_dead(&spec.agent.image);
@@ -418,6 +442,31 @@ fn env_with_home(spec: &SessionSpec, cfg: &crate::config::Config) -> Vec<String>
         env.push(format!("HOME={}", cfg.home));
     }
     env
+}
+
+/// What points the agent at the gateway, for what the session does not set
+/// itself: the model API (only with a key in its vault, so a session
+/// without one keeps its image's own setting) and, when its egress policy
+/// lets anything out, the proxy.
+fn gateway_env(spec: &SessionSpec, port: u16) -> Vec<String> {
+    let url = format!("http://127.0.0.1:{port}");
+    let mut vars: Vec<(&str, String)> = Vec::new();
+    if spec.secrets.anthropic_api_key.is_some() {
+        vars.push(("ANTHROPIC_BASE_URL", url.clone()));
+        // The CLI wants a key to send; the gateway replaces it with the real one.
+        vars.push(("ANTHROPIC_API_KEY", "berth-gateway-injects-the-key".into()));
+    }
+    if spec.agent.egress.mode != berth_common::spec::EgressMode::None {
+        for k in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+            vars.push((k, url.clone()));
+        }
+        vars.push(("NO_PROXY", "127.0.0.1,localhost".into()));
+        vars.push(("no_proxy", "127.0.0.1,localhost".into()));
+    }
+    vars.into_iter()
+        .filter(|(k, _)| !spec.agent.env.contains_key(*k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
 }
 
 /// Bytes a line and its events may take in one frame: the gRPC limit,

@@ -24,6 +24,44 @@ pub struct SessionSpec {
     pub files: Vec<FileCopy>,
     pub memory: Vec<MemoryCopy>,
     pub git: Vec<GitClone>,
+    /// Values the gateway attaches to the session's traffic.
+    pub secrets: GatewaySecrets,
+}
+
+/// Secret values for the egress gateway only: never in the container, its
+/// env, a snapshot or a log (`Debug` shows only which are set).
+#[derive(Clone, Default)]
+pub struct GatewaySecrets {
+    pub anthropic_api_key: Option<String>,
+}
+
+impl std::fmt::Debug for GatewaySecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewaySecrets")
+            .field(
+                "anthropic_api_key",
+                &self.anthropic_api_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl GatewaySecrets {
+    fn from_pb(secrets: Vec<pb::GatewaySecret>) -> Result<Self, Error> {
+        let mut out = Self::default();
+        for s in secrets {
+            match pb::SecretUsage::try_from(s.usage) {
+                Ok(pb::SecretUsage::AnthropicApiKey) => out.anthropic_api_key = Some(s.value),
+                _ => {
+                    return Err(Error::invalid(
+                        "spec.secrets.usage",
+                        format!("unknown usage {}", s.usage),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +94,7 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
         }
         Ok(Self {
             agent,
+            secrets: GatewaySecrets::from_pb(s.secrets)?,
             resume_id: s.resume_id,
             restore_snapshot_key: s.restore_snapshot_key,
             evict_snapshot_key: s.evict_snapshot_key,

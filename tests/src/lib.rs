@@ -83,7 +83,7 @@ pub struct Builder {
 }
 
 /// A free loopback port (bound, then released) for a service that binds it itself.
-fn free_addr() -> anyhow::Result<SocketAddr> {
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
@@ -217,6 +217,7 @@ impl Builder {
             cfg.cpus = 1.0;
             cfg.warm_check_interval = Duration::from_secs(1);
             cfg.objects = s3.args();
+            gateway_for_tests(&mut cfg);
             cfg.warm_pools = self
                 .warm_pools
                 .iter()
@@ -374,6 +375,27 @@ pub async fn drop_database(database: &str) -> anyhow::Result<()> {
 
 /// Waits until the dispatcher behind `client` answers, failing early if a
 /// cluster task exits.
+/// The `berth-forward` binary `scripts/setup.sh` builds beside the tests.
+pub fn forwarder() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .map(|d| d.join("berth-forward"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "target/debug/berth-forward".into())
+}
+
+/// A test node's egress gateway: the built forwarder, a directory of its
+/// own, and a model API on a loopback port nothing listens on (a test that
+/// wants one sets its own), so no test traffic can leave the machine.
+pub fn gateway_for_tests(cfg: &mut berth_agent_server::Config) {
+    cfg.gateway_forwarder = Some(forwarder());
+    cfg.gateway_dir = std::env::temp_dir()
+        .join("berth-test-gateway")
+        .display()
+        .to_string();
+    cfg.model_api_url = "http://127.0.0.1:9".into();
+}
+
 /// Waits for a starting dispatcher's bootstrap token file.
 async fn read_token(
     path: &std::path::Path,

@@ -57,6 +57,8 @@ pub struct AgentProcess {
 pub struct ContainerRuntime {
     docker: Docker,
     cfg: ContainerConfig,
+    /// Each container's gateway directory, by container id.
+    gateway_dirs: std::sync::Arc<std::sync::Mutex<HashMap<String, std::path::PathBuf>>>,
 }
 
 impl ContainerRuntime {
@@ -68,7 +70,11 @@ impl ContainerRuntime {
             .negotiate_version()
             .await
             .map_err(|e| Error::Docker(format!("cannot reach the Docker daemon: {e}")))?;
-        Ok(Self { docker, cfg })
+        Ok(Self {
+            docker,
+            cfg,
+            gateway_dirs: Default::default(),
+        })
     }
 
     /// Creates and starts a hardened container for `image`, running only the
@@ -97,6 +103,41 @@ impl ContainerRuntime {
             Purpose::Session(id) => labels.insert(LABEL_SESSION.to_string(), id.to_string()),
             Purpose::Warm => labels.insert(LABEL_POOL.to_string(), image.to_string()),
         };
+        let name = format!(
+            "berth-{}-{}",
+            sanitize(&cfg.node_id),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut mounts: Vec<Mount> = [&cfg.workspace, &cfg.home]
+            .into_iter()
+            .map(|target| Mount {
+                target: Some(target.clone()),
+                typ: Some(MountType::VOLUME),
+                ..Default::default()
+            })
+            .collect();
+        // The egress gateway's directory: the forwarder, and (while a
+        // session runs) the gateway's socket. Read-only in the container.
+        let gateway_dir = match &cfg.gateway {
+            Some(g) => {
+                let dir = self.gateway_root().expect("gateway on").join(&name);
+                prepare_gateway_dir(&dir, &g.forwarder).map_err(|e| {
+                    Error::Docker(format!(
+                        "gateway directory {}: {e} (--gateway-dir, --gateway-forwarder)",
+                        dir.display()
+                    ))
+                })?;
+                mounts.push(Mount {
+                    target: Some(crate::gateway::MOUNT.to_string()),
+                    source: Some(dir.display().to_string()),
+                    typ: Some(MountType::BIND),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
+                Some(dir)
+            }
+            None => None,
+        };
         let memory = cfg.memory_mib * 1024 * 1024;
         let host_config = HostConfig {
             cap_drop: Some(vec!["ALL".into()]),
@@ -114,17 +155,9 @@ impl ContainerRuntime {
                 "/tmp".to_string(),
                 "rw,nosuid,nodev,size=256m".to_string(),
             )])),
-            // Anonymous volumes: writable, removed with the container (`v=true`).
-            mounts: Some(
-                [&cfg.workspace, &cfg.home]
-                    .into_iter()
-                    .map(|target| Mount {
-                        target: Some(target.clone()),
-                        typ: Some(MountType::VOLUME),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
+            // Anonymous volumes: writable, removed with the container
+            // (`v=true`); and the gateway's directory.
+            mounts: Some(mounts),
             ..Default::default()
         };
         let body = ContainerCreateBody {
@@ -136,29 +169,84 @@ impl ContainerRuntime {
             host_config: Some(host_config),
             ..Default::default()
         };
-        let name = format!(
-            "berth-{}-{}",
-            sanitize(&cfg.node_id),
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
         let opts = CreateContainerOptionsBuilder::new().name(&name).build();
         let created = self
             .docker
             .create_container(Some(opts), body)
             .await
+            .inspect_err(|_| {
+                if let Some(d) = &gateway_dir {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            })
             .map_err(|e| match e {
                 bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
                 } => Error::ImageNotFound(image.to_string()),
                 e => Error::Docker(format!("create container from `{image}`: {e}")),
             })?;
+        if let Some(d) = gateway_dir {
+            lock(&self.gateway_dirs).insert(created.id.clone(), d);
+        }
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             self.remove(&created.id).await;
             return Err(Error::Docker(format!(
                 "start container from `{image}`: {e}"
             )));
         }
+        if let Some(g) = &cfg.gateway
+            && let Err(e) = self.start_forwarder(&created.id, g.port).await
+        {
+            self.remove(&created.id).await;
+            return Err(e);
+        }
         Ok(created.id)
+    }
+
+    /// This node's part of the gateway directory.
+    fn gateway_root(&self) -> Option<std::path::PathBuf> {
+        self.cfg
+            .gateway
+            .as_ref()
+            .map(|g| g.root.join(sanitize(&self.cfg.node_id)))
+    }
+
+    /// The container's gateway directory (on the host), if it has one.
+    pub fn gateway_dir(&self, container_id: &str) -> Option<std::path::PathBuf> {
+        lock(&self.gateway_dirs).get(container_id).cloned()
+    }
+
+    /// Starts the forwarder on the container's loopback, detached, as the
+    /// agent's user.
+    async fn start_forwarder(&self, container_id: &str, port: u16) -> Result<(), Error> {
+        let dir = crate::gateway::MOUNT;
+        let exec = self
+            .docker
+            .create_exec(
+                container_id,
+                CreateExecOptions {
+                    cmd: Some(vec![
+                        format!("{dir}/{}", crate::gateway::FORWARDER),
+                        format!("127.0.0.1:{port}"),
+                        format!("{dir}/{}", crate::gateway::SOCKET),
+                    ]),
+                    user: Some(self.cfg.agent_user.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| Error::Docker(format!("create gateway forwarder exec: {e}")))?;
+        self.docker
+            .start_exec(
+                &exec.id,
+                Some(StartExecOptions {
+                    detach: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| Error::Docker(format!("start gateway forwarder: {e}")))?;
+        Ok(())
     }
 
     /// Starts the agent in the container with `env`, stdin and stdout attached.
@@ -421,6 +509,10 @@ impl ContainerRuntime {
     /// Force-removes a container and its anonymous volumes. Errors are logged:
     /// a container that is already gone is what we wanted.
     pub async fn remove(&self, container_id: &str) {
+        let dir = lock(&self.gateway_dirs).remove(container_id);
+        if let Some(d) = dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
         let opts = RemoveContainerOptionsBuilder::new()
             .force(true)
             .v(true)
@@ -472,8 +564,39 @@ impl ContainerRuntime {
         for id in &ids {
             self.remove(id).await;
         }
+        // Gateway directories of containers an earlier run of this node left.
+        if let Some(root) = self.gateway_root() {
+            let _ = std::fs::remove_dir_all(&root);
+        }
         Ok(ids.len())
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Makes a container's gateway directory with the forwarder in it (a hard
+/// link when the file system allows, else a copy).
+fn prepare_gateway_dir(dir: &std::path::Path, forwarder: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !forwarder.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "no forwarder at {} (build `berth-forward`)",
+                forwarder.display()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let target = dir.join(crate::gateway::FORWARDER);
+    if std::fs::hard_link(forwarder, &target).is_err() {
+        std::fs::copy(forwarder, &target)?;
+    }
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
 }
 
 /// Container names allow `[a-zA-Z0-9_.-]`.

@@ -39,6 +39,8 @@ use serde_json::{Value, json};
 use std::io::Write;
 
 struct State {
+    /// With `--require-key`: the only `x-api-key` accepted (401 otherwise).
+    key: Option<String>,
     ids: AtomicU64,
     log: Option<std::sync::Mutex<std::fs::File>>,
 }
@@ -47,13 +49,15 @@ struct State {
 async fn main() -> std::process::ExitCode {
     let mut listen = "127.0.0.1:8787".to_string();
     let mut log = None;
+    let mut key = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().unwrap_or(listen),
             "--log" => log = args.next(),
+            "--require-key" => key = args.next(),
             "--help" | "-h" => {
-                println!("usage: fake-anthropic [--listen ADDR] [--log FILE]");
+                println!("usage: fake-anthropic [--listen ADDR] [--log FILE] [--require-key KEY]");
                 return std::process::ExitCode::SUCCESS;
             }
             other => {
@@ -86,11 +90,16 @@ async fn main() -> std::process::ExitCode {
     let state = Arc::new(State {
         ids: AtomicU64::new(first_id),
         log,
+        key,
     });
     let app = Router::new()
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_key,
+        ))
         .with_state(state);
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
@@ -106,6 +115,25 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// As the real API: a request without the right `x-api-key` gets 401.
+async fn check_key(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &state.key {
+        let given = req.headers().get("x-api-key").and_then(|v| v.to_str().ok());
+        if given != Some(key.as_str()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid x-api-key",
+            );
+        }
+    }
+    next.run(req).await
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {

@@ -669,3 +669,212 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
     berth_tests::stop_and_wait(&mut a, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// A host-side stand-in for the model API (`fake-anthropic` on loopback)
+/// that accepts only `key`; killed on drop.
+struct ModelApi {
+    addr: std::net::SocketAddr,
+    child: std::process::Child,
+}
+
+impl ModelApi {
+    fn start(key: &str) -> anyhow::Result<Self> {
+        let addr = berth_tests::free_addr()?;
+        let bin = berth_tests::forwarder().with_file_name("fake-anthropic");
+        let child = std::process::Command::new(&bin)
+            .args(["--listen", &addr.to_string(), "--require-key", key])
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("{}: {e} (scripts/setup.sh builds it)", bin.display()))?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Ok(Self { addr, child });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        anyhow::bail!("fake-anthropic did not listen on {addr}")
+    }
+}
+
+impl Drop for ModelApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP server on host loopback that answers `pong` to anything, counting
+/// connections.
+async fn pong_server() -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if s.read(&mut buf).await.unwrap_or(0) > 0 {
+                    let _ = s.write_all(b"pong").await;
+                }
+            });
+        }
+    });
+    Ok((addr, hits))
+}
+
+/// `CONNECT target` through the container's forwarder, then `ping`.
+fn connect_script(port: u16, target: &str) -> String {
+    format!(
+        "(printf 'CONNECT {target} HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n'; sleep 1; printf ping; sleep 1) | timeout 5 nc 127.0.0.1 {port}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sandbox_gets_out_only_through_the_gateway_and_its_key_stays_outside()
+-> anyhow::Result<()> {
+    let key = format!("sk-ant-api03-{}", uuid::Uuid::new_v4().simple());
+    let model = ModelApi::start(&key)?;
+    let (allowed, allowed_hits) = pong_server().await?;
+    let (forbidden, forbidden_hits) = pong_server().await?;
+    let (internal, internal_hits) = pong_server().await?;
+    let model_url = format!("http://{}", model.addr);
+    // The operator lets sessions reach the first two loopback servers; the
+    // third is internal and not allowlisted by the operator.
+    let operator_allows = vec![allowed.to_string(), forbidden.to_string()];
+    let cluster = TestCluster::builder()
+        .metrics()
+        .configure_node(move |_, cfg, _| {
+            cfg.model_api_url = model_url.clone();
+            cfg.egress_allow_internal = operator_allows.clone();
+        })
+        .start()
+        .await?;
+    let port = berth_agent_server::Config::defaults().gateway_port;
+    let (alpha, _) = member_of(&cluster, "alpha").await?;
+    let secret = SecretsClient::new(alpha.clone())
+        .create_secret(pb::CreateSecretRequest {
+            display_name: "model key".into(),
+            usage: pb::SecretUsage::AnthropicApiKey as i32,
+            value: key.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut a = SessionsClient::new(alpha.clone());
+    let mut req = fake_session("echo hi");
+    let spec = req.spec.as_mut().expect("spec");
+    spec.vault_ids = vec![secret.secret_id.clone()];
+    // The session asks for the first and the third; the second is the
+    // operator's to allow but not this session's.
+    spec.egress = Some(pb::Egress {
+        mode: pb::EgressMode::Allowlist as i32,
+        allow: vec![allowed.to_string(), internal.to_string()],
+    });
+    let s = idle_session(&mut a, req).await?;
+    let container = containers_of(&s.id).await?.pop().expect("a container");
+    let sh = |script: String| {
+        let container = container.clone();
+        async move { berth_tests::exec_output(&container, &["sh", "-c", &script]).await }
+    };
+
+    // Only a loopback interface; the host's addresses fail locally.
+    let ifaces = sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '".into()).await?;
+    assert_eq!(
+        ifaces.split_whitespace().collect::<Vec<_>>(),
+        vec!["lo"],
+        "{ifaces}"
+    );
+    let direct = sh(format!(
+        "echo ping | timeout 3 nc 127.0.0.1 {} ; echo rc=$?",
+        allowed.port()
+    ))
+    .await?;
+    assert!(
+        !direct.contains("pong"),
+        "reached the host directly: {direct}"
+    );
+
+    // Allowed: through the gateway.
+    let out = sh(connect_script(port, &allowed.to_string())).await?;
+    assert!(out.contains("200") && out.ends_with("pong"), "{out:?}");
+    assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Not in the session's policy: refused, never connected.
+    let out = sh(connect_script(port, &forbidden.to_string())).await?;
+    assert!(
+        out.contains("403") && out.contains("egress policy"),
+        "{out:?}"
+    );
+    assert_eq!(forbidden_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // In the policy but internal, and the operator did not allow it.
+    let out = sh(connect_script(port, &internal.to_string())).await?;
+    assert!(out.contains("403") && out.contains("internal"), "{out:?}");
+    assert_eq!(internal_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Plain http is refused.
+    let out = sh(format!(
+        "(printf 'GET http://{allowed}/ HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'; sleep 2) | timeout 5 nc 127.0.0.1 {port}"
+    ))
+    .await?;
+    assert!(out.contains("403"), "{out:?}");
+
+    // The model API: whatever key the agent sends, the gateway sends the
+    // vault's; the stand-in accepts only that one.
+    let body = r#"{"messages":[]}"#;
+    let out = sh(format!(
+        "(printf 'POST /v1/messages/count_tokens HTTP/1.1\\r\\nHost: x\\r\\nx-api-key: a-guess\\r\\ncontent-type: application/json\\r\\ncontent-length: {}\\r\\nConnection: close\\r\\n\\r\\n{body}'; sleep 2) | timeout 5 nc 127.0.0.1 {port}",
+        body.len()
+    ))
+    .await?;
+    assert!(
+        out.contains("200 OK") && out.contains("input_tokens"),
+        "{out:?}"
+    );
+    // The key is nowhere in the container: not its env, not its files.
+    let environ = sh(
+        "cat /proc/*/environ; grep -rl sk-ant- /workspace /home /tmp /run/berth 2>/dev/null".into(),
+    )
+    .await?;
+    assert!(!environ.contains(&key), "the key is in the container");
+
+    // Each decision is counted.
+    let addr = cluster.nodes[0].metrics.expect("node metrics");
+    let (_, metrics) = berth_tests::http_get(addr, "/metrics").await?;
+    let count = |decision: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "berth_egress_connections_total{{decision=\"{decision}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(
+        count("allowed") >= 1.0 && count("denied") >= 3.0,
+        "{metrics}"
+    );
+    berth_tests::stop_and_wait(&mut a, &s.name).await?;
+
+    // A session without a key gets a clear 401 from the gateway itself.
+    let s = idle_session(&mut a, fake_session("echo no key")).await?;
+    let container = containers_of(&s.id).await?.pop().expect("a container");
+    let out = berth_tests::exec_output(
+        &container,
+        &[
+            "sh",
+            "-c",
+            &format!("(printf 'GET /v1/models HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n'; sleep 2) | timeout 5 nc 127.0.0.1 {port}"),
+        ],
+    )
+    .await?;
+    assert!(
+        out.contains("401") && out.contains("no model API key"),
+        "{out:?}"
+    );
+    berth_tests::stop_and_wait(&mut a, &s.name).await?;
+    cluster.shutdown().await
+}

@@ -35,7 +35,9 @@ async fn default_dispatcher(
     // by both dispatchers (they share the database).
     cfg.allow_anonymous = true;
     cfg.sealer = Some(SEALER.clone());
-    let node = berth_server::local_node_config(&cfg, berth_agent_server::Config::defaults(), false);
+    let mut node_cfg = berth_agent_server::Config::defaults();
+    berth_tests::gateway_for_tests(&mut node_cfg);
+    let node = berth_server::local_node_config(&cfg, node_cfg, false);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();

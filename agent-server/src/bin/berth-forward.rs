@@ -1,0 +1,75 @@
+//! `berth-forward LISTEN SOCKET`: the sandbox's only way out. It runs inside
+//! a session's container (the node mounts it there read-only; the image
+//! needs nothing added), listens on the container's loopback and pipes each
+//! connection to the node's egress gateway over a Unix socket mounted into
+//! the container. It knows no policy: the gateway decides everything.
+//!
+//! Standard library only, so it runs in any glibc image.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+fn pipe(mut from: impl Read, mut to: impl Write + Shut) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    to.shut();
+}
+
+trait Shut {
+    fn shut(&self);
+}
+
+impl Shut for TcpStream {
+    fn shut(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Shut for UnixStream {
+    fn shut(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+fn serve(tcp: TcpStream, socket: &PathBuf) -> std::io::Result<()> {
+    let unix = UnixStream::connect(socket)?;
+    let (tcp2, unix2) = (tcp.try_clone()?, unix.try_clone()?);
+    std::thread::spawn(move || pipe(tcp2, unix2));
+    pipe(unix, tcp);
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, listen, socket] = args.as_slice() else {
+        eprintln!("usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET");
+        std::process::exit(2);
+    };
+    let socket = PathBuf::from(socket);
+    let listener = match TcpListener::bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("berth-forward: cannot listen on {listen}: {e}");
+            std::process::exit(1);
+        }
+    };
+    for conn in listener.incoming() {
+        let Ok(tcp) = conn else { continue };
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            // No gateway (no session yet, or it ended): the connection closes.
+            let _ = serve(tcp, &socket);
+        });
+    }
+}
