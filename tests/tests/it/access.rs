@@ -878,3 +878,55 @@ async fn the_sandbox_gets_out_only_through_the_gateway_and_its_key_stays_outside
     berth_tests::stop_and_wait(&mut a, &s.name).await?;
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_cli_reaches_the_model_api_only_through_the_gateway_with_the_vault_key()
+-> anyhow::Result<()> {
+    let key = format!("sk-ant-api03-{}", uuid::Uuid::new_v4().simple());
+    let model = ModelApi::start(&key)?;
+    let model_url = format!("http://{}", model.addr);
+    // No stand-in inside the container this time: the only model API the
+    // CLI can reach is the host's, through the gateway, which takes only
+    // the vault's key.
+    let cluster = TestCluster::builder()
+        .configure_node(move |_, cfg, _| {
+            cfg.model_api_url = model_url.clone();
+        })
+        .start()
+        .await?;
+    let (alpha, _) = member_of(&cluster, "alpha").await?;
+    let secret = SecretsClient::new(alpha.clone())
+        .create_secret(pb::CreateSecretRequest {
+            display_name: "model key".into(),
+            usage: pb::SecretUsage::AnthropicApiKey as i32,
+            value: key.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut c = SessionsClient::new(alpha.clone());
+    let s = c
+        .create_session(pb::CreateSessionRequest {
+            spec: Some(pb::SessionSpec {
+                image: "berth-test-claude:latest".into(),
+                runtime: pb::Runtime::ClaudeCode as i32,
+                model: "claude-sonnet-4-5".into(),
+                vault_ids: vec![secret.name.clone()],
+                ..Default::default()
+            }),
+            initial_message: "say hello through the gateway".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let reply = berth_tests::reply_after(&mut c, &s.name, 0).await?;
+    assert!(reply.contains("hello through the gateway"), "{reply}");
+    let container = containers_of(&s.id).await?.pop().expect("a container");
+    let environ = berth_tests::exec_output(&container, &["sh", "-c", "cat /proc/*/environ"]).await?;
+    assert!(!environ.contains(&key), "the key is in the CLI's environment");
+    assert!(environ.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:"), "{environ:?}");
+    let usage = berth_tests::get(&mut c, &s.name).await?.usage.expect("usage");
+    assert_eq!(usage.turns, 1);
+    berth_tests::stop_and_wait(&mut c, &s.name).await?;
+    drop(model);
+    cluster.shutdown().await
+}
