@@ -156,7 +156,7 @@ impl Authenticator {
                 });
             }
             return Err(Status::unauthenticated(
-                "missing `authorization: Bearer <API key>` metadata (berth --token / BERTH_TOKEN)",
+                "missing `authorization: Bearer <API key>` metadata",
             ));
         };
         let token = value
