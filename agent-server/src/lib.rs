@@ -80,6 +80,12 @@ pub async fn run_with_drain(
     let gateway = match cfg.gateway_mount() {
         Some(g) => {
             anyhow::ensure!(
+                g.root.as_os_str().len() <= container::MAX_GATEWAY_DIR_BYTES,
+                "--gateway-dir {} is longer than {} bytes: its sockets' paths would not fit a Unix socket address",
+                g.root.display(),
+                container::MAX_GATEWAY_DIR_BYTES
+            );
+            anyhow::ensure!(
                 g.forwarder.is_file(),
                 "the egress gateway's forwarder is not at {} (build `berth-forward`, set \
                  --gateway-forwarder, or --gateway-dir off for no egress at all)",

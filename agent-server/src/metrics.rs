@@ -185,6 +185,9 @@ pub fn init_series() {
     for direction in ["sent", "received"] {
         let _ = metrics::counter!(EGRESS_BYTES, "direction" => direction);
     }
+    for outcome in ["2xx", "4xx", "5xx", "no_key", "unreachable"] {
+        let _ = metrics::counter!(GATEWAY_MODEL_REQUESTS, "outcome" => outcome);
+    }
     for reason in ["draining", "at_capacity", "stale_epoch"] {
         let _ = metrics::counter!(NODE_REFUSALS, "reason" => reason);
     }

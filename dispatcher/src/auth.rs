@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::Status;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::store::Store;
 
@@ -30,8 +31,11 @@ const TOKEN_PREFIX: &str = "berth_";
 pub struct Caller {
     pub project: String,
     pub role: Role,
-    /// The key used; `None` for an anonymous caller (`--allow-anonymous`).
+    /// The key used; `None` for a client certificate or an anonymous caller.
     pub key_id: Option<String>,
+    /// The client certificate's name, when that is how the caller proved
+    /// who it is (`--client-identity`).
+    pub certificate: Option<String>,
 }
 
 impl Caller {
@@ -102,6 +106,8 @@ fn key_id_of(token: &str) -> Option<&str> {
 pub struct Authenticator {
     store: Store,
     allow_anonymous: bool,
+    /// Client-certificate names that stand for a project and role.
+    identities: HashMap<String, (String, Role)>,
     cache: Mutex<HashMap<String, (KeyRecord, Instant)>>,
 }
 
@@ -114,10 +120,15 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(store: Store, allow_anonymous: bool) -> Self {
+    pub fn new(
+        store: Store,
+        allow_anonymous: bool,
+        identities: HashMap<String, (String, Role)>,
+    ) -> Self {
         Self {
             store,
             allow_anonymous,
+            identities,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -146,13 +157,30 @@ impl Authenticator {
 
     /// The caller `headers` prove, or UNAUTHENTICATED saying what is wrong
     /// (never echoing the token).
-    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Caller, Status> {
+    pub async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        peer_names: &[String],
+    ) -> Result<Caller, Status> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            // A CA-verified client certificate the operator maps to a project.
+            if let Some((name, (project, role))) = peer_names
+                .iter()
+                .find_map(|n| self.identities.get(n).map(|i| (n, i)))
+            {
+                return Ok(Caller {
+                    project: project.clone(),
+                    role: *role,
+                    key_id: None,
+                    certificate: Some(name.clone()),
+                });
+            }
             if self.allow_anonymous {
                 return Ok(Caller {
                     project: DEFAULT_PROJECT.into(),
                     role: Role::FleetAdmin,
                     key_id: None,
+                    certificate: None,
                 });
             }
             return Err(Status::unauthenticated(
@@ -188,8 +216,25 @@ impl Authenticator {
             project: record.project,
             role: record.role,
             key_id: Some(key_id.to_string()),
+            certificate: None,
         })
     }
+}
+
+/// Parses `NAME=PROJECT:ROLE` (`--client-identity`).
+pub fn parse_identity(s: &str) -> Result<(String, (String, Role)), String> {
+    let bad = || format!("`{s}`: expected NAME=PROJECT:ROLE (ROLE: member or fleet-admin)");
+    let (name, rest) = s.split_once('=').ok_or_else(bad)?;
+    let (project, role) = rest.split_once(':').ok_or_else(bad)?;
+    let role = match role {
+        "member" => Role::Member,
+        "fleet-admin" | "fleet_admin" => Role::FleetAdmin,
+        _ => return Err(bad()),
+    };
+    if name.is_empty() || !berth_common::names::is_agent_id(project) {
+        return Err(bad());
+    }
+    Ok((name.to_string(), (project.to_string(), role)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -243,9 +288,16 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
+        // The verified client certificate's names, on an mTLS connection.
+        let peer_names: Vec<String> = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs)
+            .and_then(|certs| certs.first().map(|c| berth_common::tls::cert_names(c)))
+            .unwrap_or_default();
         Box::pin(async move {
             if !exempt(req.uri().path()) {
-                match auth.authenticate(req.headers()).await {
+                match auth.authenticate(req.headers(), &peer_names).await {
                     Ok(caller) => {
                         req.extensions_mut().insert(caller);
                     }

@@ -75,7 +75,11 @@ pub async fn run(
         bootstrap_admin(&store, path).await?;
     }
     tokio::spawn(rewrap::run(store.clone(), shutdown.clone()));
-    let authenticator = Arc::new(auth::Authenticator::new(store.clone(), cfg.allow_anonymous));
+    let authenticator = Arc::new(auth::Authenticator::new(
+        store.clone(),
+        cfg.allow_anonymous,
+        cfg.client_identities.iter().cloned().collect(),
+    ));
     let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
     tracing::info!(store = ?objects, "object store");
     let log = log::EventLog::start(store.clone(), shutdown.clone());

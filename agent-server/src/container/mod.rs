@@ -103,11 +103,8 @@ impl ContainerRuntime {
             Purpose::Session(id) => labels.insert(LABEL_SESSION.to_string(), id.to_string()),
             Purpose::Warm => labels.insert(LABEL_POOL.to_string(), image.to_string()),
         };
-        let name = format!(
-            "berth-{}-{}",
-            sanitize(&cfg.node_id),
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let name = format!("berth-{}-{suffix}", sanitize(&cfg.node_id));
         let mut mounts: Vec<Mount> = [&cfg.workspace, &cfg.home]
             .into_iter()
             .map(|target| Mount {
@@ -120,7 +117,8 @@ impl ContainerRuntime {
         // session runs) the gateway's socket. Read-only in the container.
         let gateway_dir = match &cfg.gateway {
             Some(g) => {
-                let dir = self.gateway_root().expect("gateway on").join(&name);
+                // Short: a Unix socket's path has at most 107 bytes.
+                let dir = self.gateway_root().expect("gateway on").join(&suffix);
                 prepare_gateway_dir(&dir, &g.forwarder).map_err(|e| {
                     Error::Docker(format!(
                         "gateway directory {}: {e} (--gateway-dir, --gateway-forwarder)",
@@ -208,7 +206,7 @@ impl ContainerRuntime {
         self.cfg
             .gateway
             .as_ref()
-            .map(|g| g.root.join(sanitize(&self.cfg.node_id)))
+            .map(|g| g.root.join(gateway_node_dir(&self.cfg.node_id)))
     }
 
     /// The container's gateway directory (on the host), if it has one.
@@ -575,6 +573,15 @@ impl ContainerRuntime {
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// This node's directory name under `--gateway-dir`: its id, cut short.
+fn gateway_node_dir(node_id: &str) -> String {
+    sanitize(node_id).chars().take(24).collect()
+}
+
+/// Longest `--gateway-dir` whose sockets' paths still fit a Unix socket
+/// address (107 bytes): room for `/{node, 24}/{container, 12}/egress.sock`.
+pub const MAX_GATEWAY_DIR_BYTES: usize = 107 - (1 + 24 + 1 + 12 + 1 + crate::gateway::SOCKET.len());
 
 /// Makes a container's gateway directory with the forwarder in it (a hard
 /// link when the file system allows, else a copy).

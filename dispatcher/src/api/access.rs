@@ -146,10 +146,18 @@ impl ApiKeysApi for ApiKeysService {
     ) -> Result<Response<pb::ApiKey>, Status> {
         let who = caller(&r)?;
         let Some(id) = &who.key_id else {
+            let role = match who.role {
+                Role::FleetAdmin => pb::Role::FleetAdmin,
+                Role::Member => pb::Role::Member,
+            };
+            let display_name = match &who.certificate {
+                Some(name) => format!("client certificate {name}"),
+                None => "anonymous (--allow-anonymous)".into(),
+            };
             return Ok(Response::new(pb::ApiKey {
                 project: who.project.clone(),
-                role: pb::Role::FleetAdmin as i32,
-                display_name: "anonymous (--allow-anonymous)".into(),
+                role: role as i32,
+                display_name,
                 ..pb::ApiKey::default()
             }));
         };

@@ -133,7 +133,8 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
         warm: Some(link.warm),
         ..StatusDetail::default()
     };
-    ctx.log
+    match ctx
+        .log
         .transition_at(
             session.id,
             session.epoch,
@@ -141,7 +142,18 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
             "",
             detail,
         )
-        .await?;
+        .await
+    {
+        Ok(_) => {}
+        // A stop (or pause) asked while the run was starting: the run is
+        // still this one's, and the relay passes the stop on to the node
+        // (it follows the log from the claim). Ending here would leave the
+        // session `stopping` with its agent orphaned.
+        Err(Error::Transition(t)) if t.from == crate::session::SessionStatus::Stopping => {
+            tracing::info!("stop asked while the session started; passing it on to the node");
+        }
+        Err(e) => return Err(e),
+    }
     tracing::info!(%node, warm = link.warm, attached = link.attached, "session started");
     relay::Relay::new(ctx, session, link, in_flight).run().await
 }

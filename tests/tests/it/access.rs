@@ -921,12 +921,94 @@ async fn the_real_cli_reaches_the_model_api_only_through_the_gateway_with_the_va
     let reply = berth_tests::reply_after(&mut c, &s.name, 0).await?;
     assert!(reply.contains("hello through the gateway"), "{reply}");
     let container = containers_of(&s.id).await?.pop().expect("a container");
-    let environ = berth_tests::exec_output(&container, &["sh", "-c", "cat /proc/*/environ"]).await?;
-    assert!(!environ.contains(&key), "the key is in the CLI's environment");
-    assert!(environ.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:"), "{environ:?}");
-    let usage = berth_tests::get(&mut c, &s.name).await?.usage.expect("usage");
+    let environ =
+        berth_tests::exec_output(&container, &["sh", "-c", "cat /proc/*/environ"]).await?;
+    assert!(
+        !environ.contains(&key),
+        "the key is in the CLI's environment"
+    );
+    assert!(
+        environ.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:"),
+        "{environ:?}"
+    );
+    let usage = berth_tests::get(&mut c, &s.name)
+        .await?
+        .usage
+        .expect("usage");
     assert_eq!(usage.turns, 1);
     berth_tests::stop_and_wait(&mut c, &s.name).await?;
     drop(model);
+    cluster.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_client_certificate_stands_for_its_project_without_a_key() -> anyhow::Result<()> {
+    use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
+    let ca = DevCa::generate("access test CA")?;
+    let cluster = TestCluster::builder()
+        .ca(&ca)
+        .api_tls()
+        .configure_dispatcher(|cfg| {
+            cfg.client_identities = vec![(
+                "ops-alpha".into(),
+                ("alpha".into(), berth_dispatcher::auth::Role::Member),
+            )];
+        })
+        .start()
+        .await?;
+    let mapped = ca.material(&ca.issue(CertKind::Client, &["ops-alpha".to_string()])?);
+    let channel = tonic::transport::Endpoint::from_shared(cluster.dispatcher_url.clone())?
+        .tls_config(mapped.client(DISPATCHER_NAME))?
+        .connect_lazy();
+    let api = Api::new(channel, berth_tests::Bearer::default());
+    let me = ApiKeysClient::new(api.clone())
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        (me.project.as_str(), me.role),
+        ("alpha", pb::Role::Member as i32)
+    );
+    assert!(me.display_name.contains("ops-alpha"), "{me:?}");
+    // It works as alpha: its sessions are alpha's.
+    let s = SessionsClient::new(api.clone())
+        .create_session(fake_session("echo via certificate"))
+        .await?
+        .into_inner();
+    assert_eq!(s.project, "alpha");
+    // And nothing more.
+    assert_eq!(
+        code(
+            NodesClient::new(api)
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+        )
+        .0,
+        Code::PermissionDenied
+    );
+    // A certificate from the same CA that no identity names still needs a key.
+    let (c, _) = code(
+        SessionsClient::new(cluster.api_as(None)?)
+            .list_sessions(pb::ListSessionsRequest::default())
+            .await,
+    );
+    assert_eq!(c, Code::Unauthenticated);
+    let mut admin = SessionsClient::new(cluster.api_as(Some(&cluster.token))?);
+    assert!(
+        admin
+            .list_sessions(pb::ListSessionsRequest::default())
+            .await?
+            .into_inner()
+            .sessions
+            .is_empty(),
+        "the admin (project default) sees alpha's session"
+    );
+    let mut alpha = SessionsClient::new(Api::new(
+        tonic::transport::Endpoint::from_shared(cluster.dispatcher_url.clone())?
+            .tls_config(mapped.client(DISPATCHER_NAME))?
+            .connect_lazy(),
+        berth_tests::Bearer::default(),
+    ));
+    berth_tests::stop_and_wait(&mut alpha, &s.name).await?;
     cluster.shutdown().await
 }

@@ -637,3 +637,33 @@ async fn blocks_and_models_of_the_stand_in_agent() -> anyhow::Result<()> {
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_asked_while_the_session_starts_stops_it_and_its_container() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    // Several, so that some stops land while the node is still starting.
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        let s = c
+            .create_session(fake_session("echo hi"))
+            .await?
+            .into_inner();
+        c.stop_session(pb::StopSessionRequest {
+            name: s.name.clone(),
+        })
+        .await?;
+        names.push(s);
+    }
+    for s in &names {
+        wait_for_status(
+            &mut c,
+            &s.name,
+            pb::SessionStatus::Stopped,
+            Duration::from_secs(30),
+        )
+        .await?;
+        no_containers_left(&s.id).await?;
+    }
+    cluster.shutdown().await
+}
