@@ -369,3 +369,23 @@ fn decision(
         "egress"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_gate_never_shows_its_key() {
+        let gate = SessionGate {
+            session_id: "s1".into(),
+            egress: Egress::default(),
+            api_key: Some("sk-ant-very-secret".into()),
+        };
+        let shown = format!("{gate:?}");
+        assert!(
+            shown.contains("s1") && shown.contains("redacted"),
+            "{shown}"
+        );
+        assert!(!shown.contains("sk-ant"), "{shown}");
+    }
+}

@@ -144,3 +144,24 @@ impl SessionSpec {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_from_the_wire_are_kept_but_never_shown() {
+        let s = GatewaySecrets::from_pb(vec![pb::GatewaySecret {
+            usage: pb::SecretUsage::AnthropicApiKey as i32,
+            value: "sk-ant-very-secret".into(),
+        }])
+        .expect("a known usage");
+        assert_eq!(s.anthropic_api_key.as_deref(), Some("sk-ant-very-secret"));
+        assert!(!format!("{s:?}").contains("sk-ant"));
+        let unknown = GatewaySecrets::from_pb(vec![pb::GatewaySecret {
+            usage: 99,
+            value: "x".into(),
+        }]);
+        assert!(unknown.is_err());
+    }
+}

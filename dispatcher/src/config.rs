@@ -138,6 +138,16 @@ pub struct Config {
     #[arg(long, env = "BERTH_SECRETS_KEY_FILE")]
     pub secrets_key_file: Option<std::path::PathBuf>,
 
+    /// The same keys given in the environment instead of a file (the
+    /// file's text: `ID:BASE64` lines, or `;`-separated). Never logged.
+    #[arg(
+        long,
+        env = "BERTH_SECRETS_KEYS",
+        hide_env_values = true,
+        conflicts_with = "secrets_key_file"
+    )]
+    pub secrets_keys: Option<Redacted>,
+
     /// Client-certificate identities, `NAME=PROJECT:ROLE` (comma-separated;
     /// ROLE `member` or `fleet-admin`): with `--api-tls`, a call without an
     /// API key whose CA-signed client certificate carries NAME acts as that
@@ -173,6 +183,23 @@ pub struct Config {
     pub sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
 }
 
+/// A value `Debug` never shows.
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
 fn default_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -204,8 +231,8 @@ impl Config {
             "--node-resolve-interval must be positive"
         );
         anyhow::ensure!(
-            self.secrets_key_file.is_some() || self.sealer.is_some(),
-            "--secrets-key-file (BERTH_SECRETS_KEY_FILE) is required: secrets and env values \
+            self.secrets_key_file.is_some() || self.secrets_keys.is_some() || self.sealer.is_some(),
+            "--secrets-key-file (BERTH_SECRETS_KEY_FILE) or BERTH_SECRETS_KEYS is required: secrets and env values \
              are encrypted under it. Make one with \
              `printf 'k1:%s\\n' \"$(head -c32 /dev/urandom | base64)\" > secrets.key`"
         );

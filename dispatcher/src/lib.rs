@@ -58,10 +58,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     let fleet = fleet_config(&cfg)?;
-    let sealer = match (&cfg.sealer, &cfg.secrets_key_file) {
-        (Some(s), _) => s.clone(),
-        (None, Some(path)) => Arc::new(seal::Sealer::from_file(path)?),
-        (None, None) => anyhow::bail!("--secrets-key-file is required"),
+    let sealer = match (&cfg.sealer, &cfg.secrets_key_file, &cfg.secrets_keys) {
+        (Some(s), _, _) => s.clone(),
+        (None, Some(path), _) => Arc::new(seal::Sealer::from_file(path)?),
+        (None, None, Some(text)) => Arc::new(
+            seal::Sealer::parse(&text.0.replace(';', "\n"))
+                .map_err(|e| anyhow::anyhow!("BERTH_SECRETS_KEYS: {e}"))?,
+        ),
+        (None, None, None) => anyhow::bail!("--secrets-key-file is required"),
     };
     tracing::info!(keys = ?sealer, "secrets key file loaded");
     let store = store::Store::connect(&cfg.database_url, cfg.db_max_connections, sealer).await?;

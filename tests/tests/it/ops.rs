@@ -146,6 +146,9 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         scrape = parse_scrape(&body);
         if scrape.sum("berth_node_capacity_sessions", &[]) > 0.0
             && scrape.sum("berth_sessions_ended_total", &[("status", "stopped")]) >= 1.0
+            && scrape
+                .types
+                .contains_key("berth_node_warm_ready_containers")
         {
             break;
         }
