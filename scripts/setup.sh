@@ -13,10 +13,21 @@ command -v git >/dev/null || need+=(git)
 # The deploy tests validate deploy/compose with `docker-compose config`.
 command -v docker-compose >/dev/null || need+=(docker-compose)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+# The tests' git-over-ssh server runs the system's sshd on loopback.
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_ apt-get update -qq
+  # No package starts a service: nothing is left running (sshd on :22 least of all).
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | sudo_ tee "$policy" >/dev/null
+    sudo_ chmod +x "$policy"
+    own_policy=1
+  fi
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  [ -z "$own_policy" ] || sudo_ rm -f "$policy"
 fi
 
 echo "==> starting Postgres"

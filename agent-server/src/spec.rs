@@ -77,11 +77,24 @@ pub struct MemoryCopy {
     pub write_back: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GitClone {
     pub url: String,
     pub git_ref: String,
     pub path: String,
+    /// For ssh:// URLs: the private key to clone with (node only).
+    pub ssh_key: Option<String>,
+}
+
+impl std::fmt::Debug for GitClone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitClone")
+            .field("url", &self.url)
+            .field("git_ref", &self.git_ref)
+            .field("path", &self.path)
+            .field("ssh_key", &self.ssh_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl TryFrom<pb::SessionSpec> for SessionSpec {
@@ -120,6 +133,7 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
                 .git
                 .into_iter()
                 .map(|g| GitClone {
+                    ssh_key: Some(g.ssh_key).filter(|k| !k.is_empty()),
                     url: g.url,
                     git_ref: g.r#ref,
                     path: g.path,

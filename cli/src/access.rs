@@ -331,6 +331,8 @@ pub(crate) async fn whoami(api: Api, d: &str) -> Result<(), CliError> {
 pub(crate) enum UsageArg {
     /// Sent as `x-api-key` on the session's model API calls by the gateway.
     AnthropicApiKey,
+    /// An SSH private key the node clones ssh:// git resources with.
+    GitSshKey,
 }
 
 #[derive(Subcommand)]
@@ -365,12 +367,17 @@ pub(crate) async fn secrets(
                 .map_err(|e| CliError(format!("reading the secret from stdin: {e}")))?;
             let usage = match usage {
                 UsageArg::AnthropicApiKey => pb::SecretUsage::AnthropicApiKey,
+                UsageArg::GitSshKey => pb::SecretUsage::GitSshKey,
             };
             let s = c
                 .create_secret(pb::CreateSecretRequest {
                     display_name: name,
                     usage: usage as i32,
-                    value: value.trim_end_matches(['\n', '\r']).to_string(),
+                    // A key file keeps its final newline; a token loses it.
+                    value: match usage {
+                        pb::SecretUsage::GitSshKey => value,
+                        _ => value.trim_end_matches(['\n', '\r']).to_string(),
+                    },
                 })
                 .await
                 .map_err(e)?

@@ -169,10 +169,14 @@ pub struct SessionOpts {
     #[arg(long = "memory", value_parser = key_value)]
     pub memory: Vec<(String, String)>,
     /// Clone a git repository into the container: PATH=URL, or PATH=URL#REF
-    /// (an https:// URL, or a host the deployment allowlists)
-    /// for a branch, tag or commit. Repeatable.
+    /// (an https:// URL, an ssh:// one with --git-ssh-key, or a host the
+    /// deployment allowlists) for a branch, tag or commit. Repeatable.
     #[arg(long = "git", value_parser = key_value)]
     pub git: Vec<(String, String)>,
+    /// Secret (`berth secrets create --usage git-ssh-key`) the node clones
+    /// the --git repositories with, over ssh.
+    #[arg(long)]
+    pub git_ssh_key: Option<String>,
     /// Hard limit on the session's run time, in seconds (ends in `timeout`).
     #[arg(long)]
     pub timeout: Option<f64>,
@@ -237,6 +241,7 @@ impl SessionOpts {
                     url: url.to_string(),
                     r#ref: git_ref.to_string(),
                     path: path.clone(),
+                    ssh_key_secret: self.git_ssh_key.clone().unwrap_or_default(),
                 })),
             });
         }

@@ -416,11 +416,13 @@ pub fn validate_git(
 /// host that is not loopback, link-local, private or otherwise internal;
 /// never a host path or `file://`. Hosts the operator allowlists
 /// (`HOST` or `HOST:PORT`) may also be reached over `http://`, `git://` or
-/// `ssh://`, whatever their address.
+/// `ssh://`, whatever their address. `ssh://` to a public host needs a key
+/// (`with_ssh_key`): a secret of the session's.
 pub fn check_git_source(
     field: &'static str,
     url: &str,
     allow: &[String],
+    with_ssh_key: bool,
 ) -> Result<(), FieldError> {
     let Some(target) = GitHost::of(url) else {
         return Err(FieldError::new(
@@ -437,12 +439,13 @@ pub fn check_git_source(
     let allowed = target.allowed_by(allow);
     match scheme.to_ascii_lowercase().as_str() {
         "https" => {}
+        "ssh" if with_ssh_key => {}
         "http" | "git" | "ssh" if allowed => {}
         other => {
             return Err(FieldError::new(
                 field,
                 format!(
-                    "`{other}://` is not allowed: git resources come from https:// (or a host the operator allowlists)"
+                    "`{other}://` is not allowed: git resources come from https://, ssh:// with a key (ssh_key_secret), or a host the operator allowlists"
                 ),
             ));
         }
@@ -897,7 +900,7 @@ mod git_sources {
             "https://github.com/a/b.git",
             "https://user@example.com:8443/x",
         ] {
-            assert!(check_git_source("f", ok, &none).is_ok(), "{ok}");
+            assert!(check_git_source("f", ok, &none, false).is_ok(), "{ok}");
         }
         for bad in [
             "/etc",
@@ -915,12 +918,16 @@ mod git_sources {
             "https://[fd00::1]/x",
             "https:///x",
         ] {
-            let e = check_git_source("resources.git.url", bad, &none).expect_err(bad);
+            let e = check_git_source("resources.git.url", bad, &none, false).expect_err(bad);
             assert_eq!(e.field, "resources.git.url");
         }
         let allow = vec!["127.0.0.1:9418".to_string()];
-        assert!(check_git_source("f", "http://127.0.0.1:9418/r.git", &allow).is_ok());
-        assert!(check_git_source("f", "http://127.0.0.1:9419/r.git", &allow).is_err());
-        assert!(check_git_source("f", "file:///etc", &allow).is_err());
+        assert!(check_git_source("f", "http://127.0.0.1:9418/r.git", &allow, false).is_ok());
+        assert!(check_git_source("f", "http://127.0.0.1:9419/r.git", &allow, false).is_err());
+        assert!(check_git_source("f", "file:///etc", &allow, false).is_err());
+        // ssh: a key opens public hosts, never internal ones by itself.
+        assert!(check_git_source("f", "ssh://git@github.com/o/r.git", &none, false).is_err());
+        assert!(check_git_source("f", "ssh://git@github.com/o/r.git", &none, true).is_ok());
+        assert!(check_git_source("f", "ssh://git@127.0.0.1:22/r.git", &none, true).is_err());
     }
 }

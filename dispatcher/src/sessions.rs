@@ -61,8 +61,21 @@ impl Sessions {
         self.check_fleet_limits(&new)?;
         self.check_vault_ids(project, &new.spec.vault_ids).await?;
         for r in &new.resources {
-            if let Resource::Git { url, .. } = r {
-                berth_common::spec::check_git_source("resources.git.url", url, &self.git_allow)?;
+            if let Resource::Git {
+                url,
+                ssh_key_secret,
+                ..
+            } = r
+            {
+                berth_common::spec::check_git_source(
+                    "resources.git.url",
+                    url,
+                    &self.git_allow,
+                    ssh_key_secret.is_some(),
+                )?;
+                if let Some(id) = ssh_key_secret {
+                    self.check_ssh_key(project, id).await?;
+                }
             }
         }
         for r in &new.resources {
@@ -157,6 +170,26 @@ impl Sessions {
 
     pub(crate) async fn list(&self, project: &str, filter: SessionFilter) -> Result<Vec<Session>> {
         self.store.list_sessions(project, &filter).await
+    }
+
+    /// A git resource's key must be a secret of `project` (else NOT_FOUND)
+    /// made for ssh.
+    async fn check_ssh_key(&self, project: &str, id: &str) -> Result<()> {
+        let not_found = || {
+            Error::NotFound(format!(
+                "resources.git.ssh_key_secret: secret secrets/{id} not found"
+            ))
+        };
+        let uuid: Uuid = id.parse().map_err(|_| not_found())?;
+        let found = self.store.sealed_secrets(project, &[uuid]).await?;
+        match found.first() {
+            None => Err(not_found()),
+            Some((_, usage, _)) if usage != crate::store::USAGE_GIT_SSH_KEY => Err(Error::invalid(
+                "resources.git.ssh_key_secret",
+                format!("secret secrets/{id} is not an SSH key (its usage is {usage})"),
+            )),
+            Some(_) => Ok(()),
+        }
     }
 
     /// Every secret id must name a secret of `project` (else NOT_FOUND).

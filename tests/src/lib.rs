@@ -9,6 +9,7 @@
 //! ```
 
 pub mod git_http;
+pub mod git_ssh;
 pub mod pg;
 pub mod s3;
 

@@ -106,8 +106,8 @@ pub async fn prepare(
 
 /// The node's own check of a git source: the shared rules, and a host name
 /// that resolves to an internal address is refused too (unless allowlisted).
-async fn check_source(cfg: &WorkspaceConfig, url: &str) -> Result<(), String> {
-    berth_common::spec::check_git_source("git.url", url, &cfg.git_allow)
+async fn check_source(cfg: &WorkspaceConfig, url: &str, with_key: bool) -> Result<(), String> {
+    berth_common::spec::check_git_source("git.url", url, &cfg.git_allow, with_key)
         .map_err(|e| format!("git repository {url}: {}", e.message))?;
     let Some(target) = berth_common::spec::GitHost::of(url) else {
         return Err(format!("git repository {url}: not a URL"));
@@ -133,14 +133,29 @@ async fn check_source(cfg: &WorkspaceConfig, url: &str) -> Result<(), String> {
 /// Clones `g` on the node (the container has no network or git) and returns
 /// a tar of the checkout placed at its path relative to its volume.
 async fn clone_repo(cfg: &WorkspaceConfig, g: &GitClone) -> Result<Bytes, String> {
-    check_source(cfg, &g.url).await?;
+    check_source(cfg, &g.url, g.ssh_key.is_some()).await?;
     let layout = &cfg.layout;
     let (_, rel) = layout.volume_of(&g.path)?;
     let dir = std::env::temp_dir().join(format!("berth-git-{}", uuid::Uuid::new_v4().simple()));
+    // An ssh key lives in a file of the node's (0600) for the clone only.
+    let key_file = match &g.ssh_key {
+        Some(key) => Some(
+            write_key(&dir.with_extension("key"), key)
+                .map_err(|e| format!("git repository {}: writing its ssh key: {e}", g.url))?,
+        ),
+        None => None,
+    };
+    let ssh = key_file.as_ref().map(|k| {
+        format!(
+            "ssh -i '{}' -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+            k.display()
+        )
+    });
     let result = async {
-        git(
+        git_with(
             cfg,
             None,
+            ssh.as_deref(),
             &[
                 "clone",
                 "--quiet",
@@ -167,11 +182,43 @@ async fn clone_repo(cfg: &WorkspaceConfig, g: &GitClone) -> Result<Bytes, String
     }
     .await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
+    if let Some(k) = key_file {
+        let _ = tokio::fs::remove_file(k).await;
+    }
     result
 }
 
+/// Writes an ssh private key readable by the node's user only.
+fn write_key(path: &std::path::Path, key: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(key.as_bytes())?;
+    if !key.ends_with('\n') {
+        f.write_all(b"\n")?;
+    }
+    Ok(path.to_path_buf())
+}
+
 async fn git(cfg: &WorkspaceConfig, cwd: Option<&PathBuf>, args: &[&str]) -> Result<(), String> {
+    git_with(cfg, cwd, None, args).await
+}
+
+/// `git` with `GIT_SSH_COMMAND` set when `ssh` is given.
+async fn git_with(
+    cfg: &WorkspaceConfig,
+    cwd: Option<&PathBuf>,
+    ssh: Option<&str>,
+    args: &[&str],
+) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new(&cfg.git_bin);
+    if let Some(ssh) = ssh {
+        cmd.env("GIT_SSH_COMMAND", ssh);
+    }
     cmd.args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .stdin(std::process::Stdio::null())

@@ -11,7 +11,9 @@ use uuid::Uuid;
 
 use crate::auth::{Authenticator, Caller, Role, caller, new_token};
 use crate::error::Error;
-use crate::store::{ApiKeyRow, SecretRow, Store, USAGE_ANTHROPIC_API_KEY, secret_context};
+use crate::store::{
+    ApiKeyRow, SecretRow, Store, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY, secret_context,
+};
 use berth_common::time::to_timestamp as timestamp;
 
 /// Largest secret value.
@@ -178,6 +180,7 @@ pub struct SecretsService {
 fn usage_to_str(u: i32) -> Result<&'static str, Error> {
     match pb::SecretUsage::try_from(u) {
         Ok(pb::SecretUsage::AnthropicApiKey) => Ok(USAGE_ANTHROPIC_API_KEY),
+        Ok(pb::SecretUsage::GitSshKey) => Ok(USAGE_GIT_SSH_KEY),
         Ok(pb::SecretUsage::Unspecified) => Err(Error::invalid(
             "usage",
             "required: how sessions use the secret (SECRET_USAGE_ANTHROPIC_API_KEY)",
@@ -189,6 +192,7 @@ fn usage_to_str(u: i32) -> Result<&'static str, Error> {
 fn usage_from_str(u: &str) -> pb::SecretUsage {
     match u {
         USAGE_ANTHROPIC_API_KEY => pb::SecretUsage::AnthropicApiKey,
+        USAGE_GIT_SSH_KEY => pb::SecretUsage::GitSshKey,
         _ => pb::SecretUsage::Unspecified,
     }
 }

@@ -194,10 +194,25 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
             }
             Some(Kind::Git(g)) => {
                 validate_git("resources.git.url", "resources.git.ref", &g.url, &g.r#ref)?;
+                let key = g.ssh_key_secret.trim();
+                let ssh_key_secret = match key.strip_prefix("secrets/").unwrap_or(key) {
+                    "" => None,
+                    id => Some(
+                        uuid::Uuid::parse_str(id)
+                            .map_err(|_| {
+                                Error::invalid(
+                                    "resources.git.ssh_key_secret",
+                                    format!("`{key}` is not a secret id (`secrets/{{uuid}}`)"),
+                                )
+                            })?
+                            .to_string(),
+                    ),
+                };
                 Ok(Resource::Git {
                     url: g.url,
                     git_ref: g.r#ref,
                     path: path("resources.git.path", &g.path)?,
+                    ssh_key_secret,
                 })
             }
             None => Err(Error::invalid(
@@ -228,10 +243,18 @@ fn resource_to_pb(r: Resource) -> pb::Resource {
                 pb::MemoryAccess::ReadOnly
             } as i32,
         }),
-        Resource::Git { url, git_ref, path } => Kind::Git(pb::GitResource {
+        Resource::Git {
+            url,
+            git_ref,
+            path,
+            ssh_key_secret,
+        } => Kind::Git(pb::GitResource {
             url,
             r#ref: git_ref,
             path,
+            ssh_key_secret: ssh_key_secret
+                .map(|id| format!("secrets/{id}"))
+                .unwrap_or_default(),
         }),
     };
     pb::Resource { kind: Some(kind) }
@@ -502,6 +525,20 @@ mod tests {
                             url: "--upload-pack=x".into(),
                             r#ref: String::new(),
                             path: "/workspace/repo".into(),
+                            ssh_key_secret: String::new(),
+                        })),
+                    })
+                }),
+            ),
+            (
+                "resources.git.ssh_key_secret",
+                Box::new(|r| {
+                    r.resources.push(pb::Resource {
+                        kind: Some(pb::resource::Kind::Git(pb::GitResource {
+                            url: "ssh://git@example.com/r.git".into(),
+                            r#ref: String::new(),
+                            path: "/workspace/repo".into(),
+                            ssh_key_secret: "not-a-secret-id".into(),
                         })),
                     })
                 }),

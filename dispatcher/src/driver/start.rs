@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::Ctx;
 use crate::error::{Error, Result};
 use crate::nodes::Placed;
-use crate::nodes::wire::node_spec;
+use crate::nodes::wire::{OpenedSecrets, node_spec};
 use crate::session::{Session, StatusEvent};
 
 /// A started run: the node, the frames it sends, the frames we send.
@@ -39,7 +39,7 @@ pub(super) async fn start(
 ) -> Result<Option<Link>> {
     let mut refused: Vec<String> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
-    let secrets = gateway_secrets(ctx, session).await?;
+    let secrets = open_secrets(ctx, session).await?;
     loop {
         let Some(placed) = ctx.nodes.place(&session.spec.image, &refused) else {
             requeue(ctx, session, &reasons).await?;
@@ -150,7 +150,7 @@ pub(super) async fn attach(
     let placed = ctx.nodes.hold(node);
     let url = placed.link.key();
     let after = u64::try_from(session.node_seq).unwrap_or(0);
-    let secrets = gateway_secrets(ctx, session).await?;
+    let secrets = open_secrets(ctx, session).await?;
     let (mut frames, to_node) = match open_run(&placed, session, &secrets, Some(after)).await {
         Ok(opened) => opened,
         Err(status) => {
@@ -187,7 +187,7 @@ pub(super) async fn attach(
 async fn open_run(
     placed: &Placed,
     session: &Session,
-    secrets: &[pb::GatewaySecret],
+    secrets: &OpenedSecrets,
     attach: Option<u64>,
 ) -> Result<
     (
@@ -202,7 +202,7 @@ async fn open_run(
         kind: Some(dispatcher_frame::Kind::Start(pb::Start {
             session_id: session.id.to_string(),
             epoch: session.epoch,
-            spec: Some(node_spec(session, secrets.to_vec())),
+            spec: Some(node_spec(session, secrets)),
             attach: attach.is_some(),
             after_node_seq: attach.unwrap_or(0),
         })),
@@ -218,19 +218,29 @@ async fn open_run(
     Ok((frames, to_node))
 }
 
-/// The values of the session's secrets (its vault ids), opened for the
-/// node's gateway. A secret deleted since the session was made is left out,
-/// with a warning: the traffic it was for then fails at its destination.
-async fn gateway_secrets(ctx: &Ctx, session: &Session) -> Result<Vec<pb::GatewaySecret>> {
-    if session.spec.vault_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ids: Vec<uuid::Uuid> = session
+/// The session's secrets (its vault ids and its git resources' keys),
+/// opened for its node. A secret deleted since the session was made is left
+/// out, with a warning: what it was for then fails where it is used.
+async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
+    let mut ids: Vec<uuid::Uuid> = session
         .spec
         .vault_ids
         .iter()
         .filter_map(|v| v.parse().ok())
         .collect();
+    for r in &session.resources {
+        if let crate::session::Resource::Git {
+            ssh_key_secret: Some(id),
+            ..
+        } = r
+            && let Ok(id) = id.parse()
+        {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(OpenedSecrets::default());
+    }
     let rows = super::durably(ctx, || ctx.store.sealed_secrets(&session.project, &ids)).await?;
     if rows.len() < ids.len() {
         tracing::warn!(
@@ -240,25 +250,18 @@ async fn gateway_secrets(ctx: &Ctx, session: &Session) -> Result<Vec<pb::Gateway
         );
     }
     let context = crate::store::secret_context(&session.project);
-    rows.into_iter()
-        .map(|(id, usage, sealed)| {
-            let value = ctx
-                .store
-                .sealer()
-                .open(&context, &sealed)
-                .map_err(|e| Error::Internal(format!("secret secrets/{id}: {e}")))?;
-            let value = String::from_utf8(value)
-                .map_err(|_| Error::Internal(format!("secret secrets/{id} is not UTF-8")))?;
-            let usage = match usage.as_str() {
-                crate::store::USAGE_ANTHROPIC_API_KEY => pb::SecretUsage::AnthropicApiKey,
-                _ => pb::SecretUsage::Unspecified,
-            };
-            Ok(pb::GatewaySecret {
-                usage: usage as i32,
-                value,
-            })
-        })
-        .collect()
+    let mut opened = OpenedSecrets::default();
+    for (id, usage, sealed) in rows {
+        let value = ctx
+            .store
+            .sealer()
+            .open(&context, &sealed)
+            .map_err(|e| Error::Internal(format!("secret secrets/{id}: {e}")))?;
+        let value = String::from_utf8(value)
+            .map_err(|_| Error::Internal(format!("secret secrets/{id} is not UTF-8")))?;
+        opened.by_id.insert(id.to_string(), (usage, value));
+    }
+    Ok(opened)
 }
 
 /// The node's first frame (accept, refuse, exit); a node that goes down

@@ -9,7 +9,7 @@ use crate::session::{NewEvent, Resource, Runtime, Session, file_key, memory_key}
 /// What the node needs to run `session`'s next run.
 /// What the node runs for `session`; `secrets` are the values of its
 /// vault ids, for the node's gateway only.
-pub(crate) fn node_spec(session: &Session, secrets: Vec<pb::GatewaySecret>) -> pb::SessionSpec {
+pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::SessionSpec {
     let mut files = Vec::new();
     let mut memory = Vec::new();
     let mut git = Vec::new();
@@ -34,10 +34,20 @@ pub(crate) fn node_spec(session: &Session, secrets: Vec<pb::GatewaySecret>) -> p
                     write_back: *read_write,
                 });
             }
-            Resource::Git { url, git_ref, path } => git.push(pb::GitClone {
+            Resource::Git {
+                url,
+                git_ref,
+                path,
+                ssh_key_secret,
+            } => git.push(pb::GitClone {
                 url: url.clone(),
                 r#ref: git_ref.clone(),
                 path: path.clone(),
+                ssh_key: ssh_key_secret
+                    .as_ref()
+                    .and_then(|id| secrets.by_id.get(id))
+                    .map(|(_, value)| value.clone())
+                    .unwrap_or_default(),
             }),
         }
     }
@@ -65,11 +75,32 @@ pub(crate) fn node_spec(session: &Session, secrets: Vec<pb::GatewaySecret>) -> p
         files,
         memory,
         git,
-        secrets,
+        secrets: secrets.gateway(&session.spec.vault_ids),
         ..pb::SessionSpec::default()
     };
     session.spec.fill_node_pb(&mut spec);
     spec
+}
+
+/// A session's secrets, opened for its node: `(usage, value)` by id.
+#[derive(Default)]
+pub(crate) struct OpenedSecrets {
+    pub by_id: std::collections::HashMap<String, (String, String)>,
+}
+
+impl OpenedSecrets {
+    /// What the node's gateway gets: the vault's secrets it has a use for.
+    fn gateway(&self, vault_ids: &[String]) -> Vec<pb::GatewaySecret> {
+        vault_ids
+            .iter()
+            .filter_map(|id| self.by_id.get(id))
+            .filter(|(usage, _)| usage == crate::store::USAGE_ANTHROPIC_API_KEY)
+            .map(|(_, value)| pb::GatewaySecret {
+                usage: pb::SecretUsage::AnthropicApiKey as i32,
+                value: value.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Longest event type name a node may send.

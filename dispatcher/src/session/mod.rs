@@ -35,6 +35,9 @@ pub enum Resource {
         #[serde(default)]
         git_ref: String,
         path: String,
+        /// The secret (id) holding the SSH key to clone with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ssh_key_secret: Option<String>,
     },
 }
 

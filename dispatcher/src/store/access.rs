@@ -100,6 +100,8 @@ pub struct KeyRecord {
 
 /// How a secret is stored when sessions send it as their model API key.
 pub(crate) const USAGE_ANTHROPIC_API_KEY: &str = "anthropic_api_key";
+/// How a secret is stored when git resources clone over ssh with it.
+pub(crate) const USAGE_GIT_SSH_KEY: &str = "git_ssh_key";
 
 /// What sealed secrets are bound to: their project.
 pub(crate) fn secret_context(project: &str) -> String {

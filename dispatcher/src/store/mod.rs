@@ -32,7 +32,7 @@ use crate::seal::Sealer;
 use crate::session::SessionStatus;
 
 pub(crate) use access::{
-    ApiKeyRow, SealedTable, SecretRow, USAGE_ANTHROPIC_API_KEY, secret_context,
+    ApiKeyRow, SealedTable, SecretRow, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY, secret_context,
 };
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, UsageRecorded};

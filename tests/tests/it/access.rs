@@ -1012,3 +1012,125 @@ async fn a_mapped_client_certificate_stands_for_its_project_without_a_key() -> a
     berth_tests::stop_and_wait(&mut alpha, &s.name).await?;
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_git_resource_clones_with_a_vault_key_that_never_enters_the_container()
+-> anyhow::Result<()> {
+    let server = berth_tests::git_ssh::SshGitServer::start()?;
+    // A repository on the ssh server.
+    let work = server.root().join("work");
+    std::fs::create_dir_all(&work)?;
+    let git = |dir: &std::path::Path, args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    git(&work, &["init", "-q"])?;
+    std::fs::write(work.join("README.md"), "cloned over ssh")?;
+    git(&work, &["add", "."])?;
+    git(&work, &["commit", "-qm", "first"])?;
+    let bare = server.root().join("repo.git");
+    git(
+        &work,
+        &["clone", "-q", "--bare", ".", &bare.to_string_lossy()],
+    )?;
+
+    let allow = vec![server.host()];
+    let node_allow = allow.clone();
+    let cluster = TestCluster::builder()
+        .configure_dispatcher(move |cfg| cfg.git_allow_hosts = allow.clone())
+        .configure_node(move |_, cfg, _| cfg.git_allow_hosts = node_allow.clone())
+        .start()
+        .await?;
+    let (alpha, _) = member_of(&cluster, "alpha").await?;
+    let (beta, _) = member_of(&cluster, "beta").await?;
+    let mut secrets = SecretsClient::new(alpha.clone());
+    let key = secrets
+        .create_secret(pb::CreateSecretRequest {
+            display_name: "deploy key".into(),
+            usage: pb::SecretUsage::GitSshKey as i32,
+            value: server.user_key.clone(),
+        })
+        .await?
+        .into_inner();
+    let model_key = secrets
+        .create_secret(pb::CreateSecretRequest {
+            display_name: "not an ssh key".into(),
+            usage: pb::SecretUsage::AnthropicApiKey as i32,
+            value: "sk-ant-x".into(),
+        })
+        .await?
+        .into_inner();
+    let with_git = |secret: &str| {
+        let mut req = fake_session("echo cloned");
+        req.resources = vec![pb::Resource {
+            kind: Some(pb::resource::Kind::Git(pb::GitResource {
+                url: server.url("repo.git"),
+                r#ref: String::new(),
+                path: "/workspace/repo".into(),
+                ssh_key_secret: secret.to_string(),
+            })),
+        }];
+        req
+    };
+    let mut a = SessionsClient::new(alpha.clone());
+    // ssh:// to a host the operator did not allowlist needs a key (refused
+    // at the API: nothing is dialled); a key of the wrong usage or of
+    // another project is refused too.
+    let mut public = with_git("");
+    if let Some(pb::resource::Kind::Git(g)) = &mut public.resources[0].kind {
+        g.url = "ssh://git@example.com/owner/repo.git".into();
+    }
+    let (c, m) = code(a.create_session(public).await);
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(m.contains("ssh"), "{m}");
+    let (c, m) = code(a.create_session(with_git(&model_key.name)).await);
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(m.contains("ssh_key_secret"), "{m}");
+    let (c, _) = code(
+        SessionsClient::new(beta)
+            .create_session(with_git(&key.name))
+            .await,
+    );
+    assert_eq!(c, Code::NotFound);
+
+    let s = idle_session(&mut a, with_git(&key.name)).await?;
+    assert_eq!(
+        berth_tests::turn(&mut a, &s.name, "read repo/README.md").await?,
+        "cloned over ssh"
+    );
+    let container = containers_of(&s.id).await?.pop().expect("a container");
+    let environ =
+        berth_tests::exec_output(&container, &["sh", "-c", "cat /proc/*/environ"]).await?;
+    assert!(!environ.contains("OPENSSH PRIVATE KEY"), "{environ}");
+    let files = berth_tests::exec_output(
+        &container,
+        &[
+            "sh",
+            "-c",
+            "grep -rl 'OPENSSH PRIVATE KEY' /workspace /home /tmp 2>/dev/null; true",
+        ],
+    )
+    .await?;
+    assert!(
+        files.trim().is_empty(),
+        "the key is in the container: {files}"
+    );
+    // And the node kept no copy of it.
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".key"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("berth-git-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    berth_tests::stop_and_wait(&mut a, &s.name).await?;
+    cluster.shutdown().await
+}

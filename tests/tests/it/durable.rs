@@ -319,6 +319,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                 url: repo_url.clone(),
                 r#ref: "feature".into(),
                 path: "/workspace/repo".into(),
+                ssh_key_secret: String::new(),
             })),
         },
     ];
@@ -366,6 +367,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                     url: repo_url.clone(),
                     r#ref: String::new(),
                     path: "/workspace/../etc".into(),
+                    ssh_key_secret: String::new(),
                 })),
             }],
             ..fake_session("echo x")
@@ -392,6 +394,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                         url: url.clone(),
                         r#ref: String::new(),
                         path: "/workspace/repo".into(),
+                        ssh_key_secret: String::new(),
                     })),
                 }],
                 ..fake_session("echo x")
@@ -414,6 +417,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                     url: missing.clone(),
                     r#ref: String::new(),
                     path: "/workspace/repo".into(),
+                    ssh_key_secret: String::new(),
                 })),
             }],
             ..fake_session("echo x")

@@ -62,6 +62,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
             url: "/nonexistent/repo".into(),
             r#ref: String::new(),
             path: "/etc/passwd".into(),
+            ssh_key_secret: String::new(),
         })),
     }];
     let e = c.create_session(outside).await.expect_err("/etc/passwd");
