@@ -47,7 +47,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a session, stream its events until the turn ends, print usage and cost.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Inspect and control sessions.
     #[command(subcommand)]
     Sessions(sessions::SessionsCmd),
@@ -205,7 +205,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Secrets(cmd) => access::secrets(channel, d, json, cmd).await,
         Command::Whoami => access::whoami(channel, d).await,
         Command::Nodes(args) => nodes::run(NodesClient::new(channel), d, json, args.command).await,
-        Command::Run(args) => run::run(&mut client, &channel, d, json, args).await,
+        Command::Run(args) => run::run(&mut client, &channel, d, json, *args).await,
         Command::Agents(cmd) => durable::agents(channel, d, json, cmd).await,
         Command::Files(cmd) => durable::files(channel, d, json, cmd).await,
         Command::Sessions(cmd) => sessions::run(&mut client, d, json, cmd).await,
