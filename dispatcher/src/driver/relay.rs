@@ -266,10 +266,19 @@ impl<'a> Relay<'a> {
         self.check_budget(&usage).await?;
         self.open_turns = self.open_turns.saturating_sub(1);
         if self.open_turns == 0 {
-            self.transition(StatusEvent::TurnEnded, "", StatusDetail::default())
-                .await?;
+            self.turn_status(StatusEvent::TurnEnded).await?;
         }
         Ok(Flow::Continue)
+    }
+
+    /// A turn's start or end as the session's status. A session already
+    /// stopping (a stop asked meanwhile) keeps its status: the relay goes on
+    /// until the node's exit says how it ended, never leaving it orphaned.
+    async fn turn_status(&self, event: StatusEvent) -> Result<()> {
+        match self.transition(event, "", StatusDetail::default()).await {
+            Ok(()) | Err(Error::Transition(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Stops the session (reason `budget`) once its cost reaches its budget.
@@ -455,8 +464,7 @@ impl<'a> Relay<'a> {
             let (ctx, id) = (self.ctx, self.session.id);
             durably(ctx, || ctx.store.set_input_seq(id, e.seq)).await?;
             if e.kind == ev::USER_MESSAGE && self.open_turns == 1 {
-                self.transition(StatusEvent::TurnStarted, "", StatusDetail::default())
-                    .await?;
+                self.turn_status(StatusEvent::TurnStarted).await?;
             }
         }
         Ok(Flow::Continue)

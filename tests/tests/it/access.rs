@@ -196,7 +196,9 @@ async fn every_call_needs_a_valid_unrevoked_key_and_admin_rights_stay_with_admin
     // Tokens are stored only as hashes.
     let rows = all_rows(&cluster).await?;
     assert!(!rows.contains(&member_token) && !rows.contains(&cluster.token));
-    let secret_half = member_token.rsplit('_').next().expect("token parts");
+    // `berth_` + 16 hex digits + `_`, then the secret (which may hold `_`).
+    let secret_half = &member_token["berth_".len() + 17..];
+    assert_eq!(secret_half.len(), 43);
     assert!(!rows.contains(secret_half));
 
     // Revoked: refused at once on this dispatcher.
@@ -619,6 +621,13 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
             "{format:?} export has an env value"
         );
     }
+    // Logs: everything berth logged in this process, at debug level.
+    let logs = berth_tests::captured_logs();
+    assert!(
+        logs.contains(&s.id),
+        "the capture holds this session's lines"
+    );
+    assert!(!logs.contains(&value), "the secret is in a log");
     // Postgres: neither the secret nor the env value, in any row.
     let rows = all_rows(&cluster).await?;
     assert!(rows.contains(&s.id), "the dump read the sessions table");
@@ -831,6 +840,11 @@ async fn the_sandbox_gets_out_only_through_the_gateway_and_its_key_stays_outside
     assert!(
         out.contains("200 OK") && out.contains("input_tokens"),
         "{out:?}"
+    );
+    // Nor in any log line (debug level) of the dispatcher, node or gateway.
+    assert!(
+        !berth_tests::captured_logs().contains(&key),
+        "the key is in a log"
     );
     // The key is nowhere in the container: not its env, not its files.
     let environ = sh(
