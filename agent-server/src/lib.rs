@@ -140,6 +140,8 @@ pub async fn run_with_drain(
     for p in pools {
         let _ = p.await;
     }
+    // Its gateway directory, now that no container of it is left.
+    node.runtime.remove_gateway_root();
     served
 }
 

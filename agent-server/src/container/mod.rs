@@ -209,6 +209,13 @@ impl ContainerRuntime {
             .map(|g| g.root.join(gateway_node_dir(&self.cfg.node_id)))
     }
 
+    /// Removes this node's gateway directory if no container's is left in it.
+    pub fn remove_gateway_root(&self) {
+        if let Some(root) = self.gateway_root() {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+
     /// The container's gateway directory (on the host), if it has one.
     pub fn gateway_dir(&self, container_id: &str) -> Option<std::path::PathBuf> {
         lock(&self.gateway_dirs).get(container_id).cloned()
