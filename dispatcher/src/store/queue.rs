@@ -44,7 +44,7 @@ WITH next AS (
            jsonb_build_object('status', '{starting}', 'previous', previous, 'epoch', epoch, 'reason', '')::text
     FROM numbered
 )
-SELECT id FROM numbered
+SELECT id, last_seq FROM numbered
 "#;
 
     /// Records that dispatcher $1 is alive.
@@ -146,19 +146,29 @@ pub(crate) struct OpenCounts {
 
 impl Store {
     /// Claims up to `limit` of the oldest queued sessions for `owner`, moving
-    /// each to `starting`; oldest first. Two round trips for the batch.
+    /// each to `starting`; oldest first. Two round trips for the batch. Each
+    /// session's `last_seq` is its claim event's: what the run starts after.
     pub(crate) async fn claim(&self, owner: &str, limit: usize) -> Result<Vec<Session>> {
         let event_ids: Vec<Uuid> = (0..limit).map(|_| Uuid::now_v7()).collect();
-        let ids: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(CLAIM_SESSIONS.as_str()))
+        let claimed: Vec<(Uuid, i64)> = sqlx::query_as(AssertSqlSafe(CLAIM_SESSIONS.as_str()))
             .bind(owner)
             .bind(&event_ids)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        if ids.is_empty() {
+        if claimed.is_empty() {
             return Ok(Vec::new());
         }
-        self.sessions_by_id(&ids).await
+        let ids: Vec<Uuid> = claimed.iter().map(|c| c.0).collect();
+        let mut sessions = self.sessions_by_id(&ids).await?;
+        // As of the claim: a stop (or anything else) logged between the claim
+        // and this read is news for the run, not history before it.
+        for s in &mut sessions {
+            if let Some((_, seq)) = claimed.iter().find(|c| c.0 == s.id) {
+                s.last_seq = *seq;
+            }
+        }
+        Ok(sessions)
     }
 
     /// Wakes every dispatcher's claim loop (a session was queued again).
