@@ -18,6 +18,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tonic::Status;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
+use berth_common::sync::lock;
+
 use crate::store::Store;
 
 /// How long a checked key is trusted without asking Postgres again.
@@ -160,10 +162,15 @@ impl Authenticator {
     pub async fn authenticate(
         &self,
         headers: &http::HeaderMap,
-        peer_names: &[String],
+        peer_certs: Option<&[tonic::transport::CertificateDer<'static>]>,
     ) -> Result<Caller, Status> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            // A CA-verified client certificate the operator maps to a project.
+            // A CA-verified client certificate the operator maps to a
+            // project (parsed only here: calls with a key never pay for it).
+            let peer_names = match peer_certs.and_then(<[_]>::first) {
+                Some(cert) if !self.identities.is_empty() => berth_common::tls::cert_names(cert),
+                _ => Vec::new(),
+            };
             if let Some((name, (project, role))) = peer_names
                 .iter()
                 .find_map(|n| self.identities.get(n).map(|i| (n, i)))
@@ -195,7 +202,11 @@ impl Authenticator {
             .ok_or_else(|| {
                 Status::unauthenticated("`authorization` metadata must be `Bearer <API key>`")
             })?;
-        let invalid = || Status::unauthenticated("invalid API key");
+        let invalid = || {
+            Status::unauthenticated(
+                "invalid API key: not one this deployment issued (a fleet admin makes keys with `berth keys create`)",
+            )
+        };
         let key_id = key_id_of(token).ok_or_else(invalid)?;
         let record = self.record(key_id).await?.ok_or_else(invalid)?;
         let given = token_hash(token);
@@ -235,10 +246,6 @@ pub fn parse_identity(s: &str) -> Result<(String, (String, Role)), String> {
         return Err(bad());
     }
     Ok((name.to_string(), (project.to_string(), role)))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Services every caller may reach without a key: load balancers' probes.
@@ -288,16 +295,17 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
-        // The verified client certificate's names, on an mTLS connection.
-        let peer_names: Vec<String> = req
+        // The verified client certificate, on an mTLS connection.
+        let peer_certs = req
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(TlsConnectInfo::peer_certs)
-            .and_then(|certs| certs.first().map(|c| berth_common::tls::cert_names(c)))
-            .unwrap_or_default();
+            .and_then(TlsConnectInfo::peer_certs);
         Box::pin(async move {
             if !exempt(req.uri().path()) {
-                match auth.authenticate(req.headers(), &peer_names).await {
+                match auth
+                    .authenticate(req.headers(), peer_certs.as_deref().map(Vec::as_slice))
+                    .await
+                {
                     Ok(caller) => {
                         req.extensions_mut().insert(caller);
                     }

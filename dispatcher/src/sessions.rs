@@ -346,10 +346,12 @@ impl Sessions {
         request_id: Option<String>,
     ) -> Result<Session> {
         let s = self.get(project, id).await?;
+        let mut spec = s.spec.clone();
+        spec.env = self.store.session_env(&s)?;
         let new = NewSession {
             request_id,
             display_name: s.display_name,
-            spec: s.spec,
+            spec,
             labels: s.labels,
             initial_message: None,
             timeout: s.timeout,

@@ -19,6 +19,8 @@ use bollard::query_parameters::{
 use futures::Stream;
 use tokio::io::AsyncWrite;
 
+use berth_common::sync::lock;
+
 use crate::config::ContainerConfig;
 use crate::error::Error;
 
@@ -575,10 +577,6 @@ impl ContainerRuntime {
         }
         Ok(ids.len())
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// This node's directory name under `--gateway-dir`: its id, cut short.

@@ -218,10 +218,15 @@ async fn open_run(
     Ok((frames, to_node))
 }
 
-/// The session's secrets (its vault ids and its git resources' keys),
-/// opened for its node. A secret deleted since the session was made is left
-/// out, with a warning: what it was for then fails where it is used.
+/// The session's env values and secrets (its vault ids and its git
+/// resources' keys), opened for its node. A secret deleted since the
+/// session was made is left out, with a warning: what it was for then
+/// fails where it is used.
 async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
+    let mut opened = OpenedSecrets {
+        env: ctx.store.session_env(session)?,
+        ..OpenedSecrets::default()
+    };
     let mut ids: Vec<uuid::Uuid> = session
         .spec
         .vault_ids
@@ -239,7 +244,7 @@ async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
         }
     }
     if ids.is_empty() {
-        return Ok(OpenedSecrets::default());
+        return Ok(opened);
     }
     let rows = super::durably(ctx, || ctx.store.sealed_secrets(&session.project, &ids)).await?;
     if rows.len() < ids.len() {
@@ -250,7 +255,6 @@ async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
         );
     }
     let context = crate::store::secret_context(&session.project);
-    let mut opened = OpenedSecrets::default();
     for (id, usage, sealed) in rows {
         let value = ctx
             .store

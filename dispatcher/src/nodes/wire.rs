@@ -79,12 +79,15 @@ pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::Sessi
         ..pb::SessionSpec::default()
     };
     session.spec.fill_node_pb(&mut spec);
+    spec.env = secrets.env.clone().into_iter().collect();
     spec
 }
 
-/// A session's secrets, opened for its node: `(usage, value)` by id.
+/// What a session's run needs opened, once per start: its env values, and
+/// its secrets as `(usage, value)` by id.
 #[derive(Default)]
 pub(crate) struct OpenedSecrets {
+    pub env: std::collections::BTreeMap<String, String>,
     pub by_id: std::collections::HashMap<String, (String, String)>,
 }
 

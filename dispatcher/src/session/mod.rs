@@ -104,7 +104,10 @@ pub struct Session {
     pub display_name: String,
     pub status: SessionStatus,
     pub status_reason: String,
+    /// Its env holds the names only; the values are in `env_sealed`.
     pub spec: AgentSpec,
+    /// The env values, sealed (see `Store::session_env`); `None`: no env.
+    pub env_sealed: Option<Vec<u8>>,
     pub labels: BTreeMap<String, String>,
     /// The node running it, or empty.
     pub node: String,

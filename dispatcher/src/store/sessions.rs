@@ -228,21 +228,18 @@ pub(super) struct SessionRow {
 }
 
 impl Store {
-    /// A row as a session, its env values opened.
+    /// A row as a session. Its env values stay sealed (the spec holds the
+    /// names only) until a run needs them: [`Store::session_env`].
     fn session(&self, r: SessionRow) -> Result<Session> {
-        let mut spec = r.spec.0;
-        let env = self.open_env(&r.project, r.env_sealed.as_deref())?;
-        if !env.is_empty() {
-            spec.env = env;
-        }
         Ok(Session {
+            env_sealed: r.env_sealed,
             id: r.id,
             project: r.project,
             request_id: r.request_id,
             display_name: r.display_name,
             status: r.status.parse().map_err(Error::Internal)?,
             status_reason: r.status_reason,
-            spec,
+            spec: r.spec.0,
             labels: r.labels.0,
             node: r.node,
             node_seq: r.node_seq,
@@ -284,6 +281,11 @@ impl Store {
 }
 
 impl Store {
+    /// The session's env, names and values.
+    pub(crate) fn session_env(&self, s: &Session) -> Result<BTreeMap<String, String>> {
+        self.open_env(&s.project, s.env_sealed.as_deref())
+    }
+
     /// Creates a session, or returns the one an earlier call with the same
     /// `request_id` created. The second value is true when this call created it.
     pub(crate) async fn create_session(
