@@ -224,6 +224,7 @@ impl AgentServer for NodeApi {
                         // Delivered before, by the owner this one replaced.
                         dispatcher_frame::Kind::Message(_) => continue,
                         dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
+                        dispatcher_frame::Kind::ToolDecision(d) => Command::ToolDecision(d),
                         dispatcher_frame::Kind::Stop(s) => Command::Stop {
                             reason: s.reason,
                             snapshot_key: s.snapshot_key,

@@ -26,6 +26,8 @@ use crate::spec::SessionSpec;
 pub enum Command {
     Message(String),
     Interrupt,
+    /// The answer to the agent's tool permission request.
+    ToolDecision(adapter::ToolDecision),
     /// Stop the agent; save a snapshot to `snapshot_key` first, if set.
     Stop {
         reason: String,
@@ -315,6 +317,14 @@ async fn run_in_slot(
                 let bytes = match cmd {
                     Some(Command::Message(text)) => Some(adapter.encode_message(&text)),
                     Some(Command::Interrupt) => Some(adapter.encode_interrupt()),
+                    Some(Command::ToolDecision(d)) => match adapter.encode_tool_decision(&d) {
+                        Some(b) => Some(b),
+                        None => {
+                            // Answered before (a re-attach sends it again) or withdrawn.
+                            tracing::debug!(request_id = %d.request_id, "no such pending permission request; answer dropped");
+                            continue;
+                        }
+                    },
                     Some(Command::Stop { reason, snapshot_key: key }) => {
                         stop_reason = Some(reason);
                         snapshot_key = key;

@@ -30,6 +30,20 @@ pub const SESSION_USAGE: &str = "session.usage";
 pub const SESSION_TURN_LOST: &str = "session.turn_lost";
 /// Something went wrong that the user should see.
 pub const SESSION_ERROR: &str = "session.error";
+/// The agent asks a person to allow a tool call (Claude Code's
+/// `control_request` `can_use_tool`).
+pub const AGENT_TOOL_PERMISSION: &str = "agent.tool_permission";
+/// The agent withdrew a permission request (an interrupt, or its turn
+/// ended): it no longer waits for the answer.
+pub const AGENT_TOOL_PERMISSION_CANCELLED: &str = "agent.tool_permission_cancelled";
+/// The answer to a tool permission request, from a person or the policy's
+/// timeout.
+pub const USER_TOOL_CONFIRMATION: &str = "user.tool_confirmation";
+/// A permission request closed without an answer because its run ended
+/// (a pause, a stop, a lost node).
+pub const SESSION_TOOL_PERMISSION_CANCELLED: &str = "session.tool_permission_cancelled";
+/// The agent's activity changed to or from `waiting_input`.
+pub const SESSION_ACTIVITY: &str = "session.activity";
 /// Prefix of status-change events: `session.status_idle`, `session.status_failed`…
 pub const SESSION_STATUS_PREFIX: &str = "session.status_";
 
@@ -102,6 +116,9 @@ pub mod payload {
         /// The dispatcher that abandoned the session.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub owner: Option<String>,
+        /// The agent's activity after a turn starts (`working`) or ends (`idle`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub activity: Option<String>,
     }
 
     /// One turn's figures in `session.usage`: all models, and each model
@@ -144,6 +161,82 @@ pub mod payload {
         pub node: String,
         pub reason: String,
         pub redelivered: bool,
+    }
+
+    /// `agent.tool_permission`: what the agent asks to run, and why.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct ToolPermission {
+        /// The runtime's id for the request; answers carry it back.
+        #[serde(default)]
+        pub request_id: String,
+        #[serde(default)]
+        pub tool_use_id: String,
+        #[serde(default)]
+        pub tool_name: String,
+        #[serde(default)]
+        pub input: serde_json::Value,
+        /// Why the agent asks, in words.
+        #[serde(default)]
+        pub reason: String,
+        /// What "always allow" applies (Claude Code's `permission_suggestions`).
+        #[serde(default)]
+        pub suggestions: serde_json::Value,
+    }
+
+    /// `agent.tool_permission_cancelled` and `session.tool_permission_cancelled`.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct ToolPermissionCancelled {
+        #[serde(default)]
+        pub request_id: String,
+        #[serde(default)]
+        pub tool_use_id: String,
+        #[serde(default)]
+        pub reason: String,
+    }
+
+    /// `user.tool_confirmation`: the answer, and who gave it.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct ToolConfirmation {
+        pub tool_use_id: String,
+        #[serde(default)]
+        pub request_id: String,
+        #[serde(default)]
+        pub tool_name: String,
+        /// `allow` or `deny`.
+        pub decision: String,
+        /// Allow: the input the tool runs with, when a person edited it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub updated_input: Option<serde_json::Value>,
+        /// Allow: calls like this one run without asking from now on.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub always: bool,
+        /// Allow with `always`: the permission updates applied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub updated_permissions: Option<serde_json::Value>,
+        /// Deny: what the agent is told.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub message: String,
+        /// Deny: the turn is interrupted too.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub interrupt: bool,
+        /// `user`, or `timeout` when the policy's default decision applied.
+        pub by: String,
+        /// The API key (`keys/{id}`) or certificate behind a person's answer.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub identity: String,
+        /// Seconds the request waited.
+        #[serde(default)]
+        pub waited_s: f64,
+    }
+
+    /// `session.activity`.
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Activity {
+        /// `working`, `idle` or `waiting_input`.
+        pub activity: String,
+        /// Permission requests still waiting.
+        #[serde(default)]
+        pub pending: i64,
     }
 
     /// `session.error`.

@@ -12,6 +12,7 @@ pub mod spec;
 pub mod sync;
 pub mod telemetry;
 pub mod time;
+pub mod tools;
 pub mod tls;
 pub mod usage;
 

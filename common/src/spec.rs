@@ -95,6 +95,9 @@ pub struct AgentSpec {
     pub vault_ids: Vec<String>,
     #[serde(default)]
     pub egress: Egress,
+    /// Tool approvals; `None`: the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_policy: Option<crate::tools::ToolPolicy>,
 }
 
 /// Where a session may connect beyond the model API.
@@ -267,6 +270,9 @@ impl AgentSpec {
             }
         }
         self.egress.validate()?;
+        if let Some(p) = &self.tool_policy {
+            p.validate()?;
+        }
         if self.system_prompt.len() > limits::SYSTEM_PROMPT_BYTES {
             return Err(FieldError::new(
                 "spec.system_prompt",
@@ -641,6 +647,10 @@ impl TryFrom<pb::SessionSpec> for AgentSpec {
                 })
                 .collect(),
             egress: egress_from_pb(s.egress)?,
+            tool_policy: s
+                .tool_policy
+                .map(crate::tools::ToolPolicy::from_pb)
+                .transpose()?,
         };
         spec.validate()?;
         Ok(spec)
@@ -672,6 +682,7 @@ impl From<AgentSpec> for pb::SessionSpec {
                 .collect(),
             egress: Some(egress_to_pb(&s.egress)),
             vault_ids: s.vault_ids,
+            tool_policy: s.tool_policy.as_ref().map(crate::tools::ToolPolicy::to_pb),
         }
     }
 }
@@ -690,6 +701,7 @@ pub fn agent_pb_to_session_pb(s: pb::AgentSpec) -> pb::SessionSpec {
         skills: s.skills,
         vault_ids: s.vault_ids,
         egress: s.egress,
+        tool_policy: s.tool_policy,
     }
 }
 
@@ -706,6 +718,7 @@ pub fn session_pb_to_agent_pb(s: pb::SessionSpec) -> pb::AgentSpec {
         skills: s.skills,
         vault_ids: s.vault_ids,
         egress: s.egress,
+        tool_policy: s.tool_policy,
     }
 }
 
@@ -735,6 +748,11 @@ pub fn from_node_pb(s: &node_pb::SessionSpec) -> Result<AgentSpec, FieldError> {
         // Secrets reach the node as values (`secrets`), never as ids.
         vault_ids: Vec::new(),
         egress: Egress::from_node_pb(s.egress.as_ref())?,
+        tool_policy: s
+            .tool_policy
+            .as_ref()
+            .map(crate::tools::ToolPolicy::from_node_pb)
+            .transpose()?,
     };
     spec.validate()?;
     Ok(spec)
@@ -766,6 +784,10 @@ impl AgentSpec {
             })
             .collect();
         out.egress = Some(self.egress.to_node_pb());
+        out.tool_policy = self
+            .tool_policy
+            .as_ref()
+            .map(crate::tools::ToolPolicy::to_node_pb);
     }
 }
 

@@ -106,6 +106,59 @@ fn transcript_entry(out: &mut String, e: &Event) {
                 fenced("", &tool_result_text(&r.content))
             );
         }
+        ev::AGENT_TOOL_PERMISSION => {
+            let p: payload::ToolPermission = payload::parse(&e.payload).unwrap_or_default();
+            let reason = Some(&p.reason)
+                .filter(|r| !r.is_empty())
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            let _ = write!(
+                out,
+                "\n**Permission asked** to run `{}` ({}){reason}\n",
+                p.tool_name, p.tool_use_id
+            );
+        }
+        ev::USER_TOOL_CONFIRMATION => {
+            let a: payload::ToolConfirmation = payload::parse(&e.payload).unwrap_or_default();
+            let verb = if a.decision == "allow" { "Allowed" } else { "Denied" };
+            let who = match (a.by.as_str(), a.identity.as_str()) {
+                ("timeout", _) => " by the timeout".to_string(),
+                (_, "") => String::new(),
+                (_, id) => format!(" by {id}"),
+            };
+            let mut extra = Vec::new();
+            if a.always {
+                extra.push("always, for this session".to_string());
+            }
+            if a.updated_input.is_some() {
+                extra.push("with edited input".to_string());
+            }
+            if a.interrupt {
+                extra.push("and the turn interrupted".to_string());
+            }
+            if !a.message.is_empty() {
+                extra.push(format!("\"{}\"", a.message));
+            }
+            let extra = if extra.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", extra.join(", "))
+            };
+            let _ = write!(
+                out,
+                "\n**{verb}**{who} `{}` ({}) after {:.1}s{extra}\n",
+                a.tool_name, a.tool_use_id, a.waited_s
+            );
+        }
+        ev::AGENT_TOOL_PERMISSION_CANCELLED | ev::SESSION_TOOL_PERMISSION_CANCELLED => {
+            let c: payload::ToolPermissionCancelled =
+                payload::parse(&e.payload).unwrap_or_default();
+            let _ = write!(
+                out,
+                "\n_Permission request ({}) closed without an answer: {}_\n",
+                c.tool_use_id, c.reason
+            );
+        }
         ev::SESSION_USAGE => {
             let t = payload::parse::<payload::Usage>(&e.payload)
                 .unwrap_or_default()

@@ -30,9 +30,42 @@ pub const REATTACHED: &str = "berth_runs_reattached_total";
 pub const TURNS_LOST: &str = "berth_turns_lost_total";
 pub const TOKENS: &str = "berth_tokens_total";
 pub const COST: &str = "berth_cost_microdollars_total";
+pub const TOOL_PENDING: &str = "berth_tool_confirmations_pending";
+pub const TOOL_OLDEST_AGE: &str = "berth_tool_confirmation_oldest_age_seconds";
+pub const TOOL_WAIT: &str = "berth_tool_confirmation_wait_seconds";
+pub const TOOL_REQUESTS: &str = "berth_tool_permission_requests_total";
+
+/// How long a person takes to answer, from half a second to an hour.
+const CONFIRMATION_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: TOOL_PENDING,
+        kind: Kind::Gauge,
+        help: "Tool permission requests waiting for a person, across the fleet's database.",
+        labels: &[],
+    },
+    Def {
+        name: TOOL_OLDEST_AGE,
+        kind: Kind::Gauge,
+        help: "Seconds the oldest waiting tool permission request has waited (0 when none waits).",
+        labels: &[],
+    },
+    Def {
+        name: TOOL_WAIT,
+        kind: Kind::Histogram(CONFIRMATION_BUCKETS),
+        help: "Seconds from a tool permission request to its answer, by decision (allow, deny) and by whom (user, timeout).",
+        labels: &["decision", "by"],
+    },
+    Def {
+        name: TOOL_REQUESTS,
+        kind: Kind::Counter,
+        help: "Tool permission requests agents asked, by tool.",
+        labels: &["tool"],
+    },
     Def {
         name: QUEUE_DEPTH,
         kind: Kind::Gauge,
@@ -249,6 +282,17 @@ impl StreamGauge {
 impl Drop for StreamGauge {
     fn drop(&mut self) {
         metrics::gauge!(STREAMS_ACTIVE, "call" => self.0).decrement(1.0);
+    }
+}
+
+/// Records how long a tool permission request waited for its answer
+/// (`payload`: a `user.tool_confirmation`).
+pub fn record_tool_answer(payload: &str) {
+    use berth_common::events::payload as p;
+    if let Some(a) = p::parse::<p::ToolConfirmation>(payload) {
+        let decision = if a.decision == "allow" { "allow" } else { "deny" };
+        let by = if a.by == "timeout" { "timeout" } else { "user" };
+        metrics::histogram!(TOOL_WAIT, "decision" => decision, "by" => by).record(a.waited_s);
     }
 }
 

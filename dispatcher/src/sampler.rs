@@ -42,6 +42,13 @@ pub(crate) async fn run(store: Store, nodes: Arc<Nodes>, shutdown: CancellationT
             }
             Err(e) => tracing::debug!(error = %e, "sampling session counts failed"),
         }
+        match store.pending_tool_summary().await {
+            Ok((n, oldest)) => {
+                metrics::gauge!(TOOL_PENDING).set(n as f64);
+                metrics::gauge!(TOOL_OLDEST_AGE).set(oldest);
+            }
+            Err(e) => tracing::debug!(error = %e, "sampling tool requests failed"),
+        }
     }
 }
 

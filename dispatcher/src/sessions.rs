@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use berth_common::events::payload::StatusDetail;
+use berth_common::events::payload::{self, StatusDetail};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::log::EventLog;
 use crate::session::{Event, NewEvent, NewSession, Resource, Session, StatusEvent, session_prefix};
-use crate::store::{SessionFilter, Store};
+use crate::store::{SessionFilter, Store, ToolEffect};
 
 /// The session operations clients call.
 #[derive(Clone)]
@@ -23,6 +23,17 @@ pub(crate) struct Sessions {
     pub git_allow: Vec<String>,
     /// The deployment's queue timeout, for sessions that set none.
     pub queue_timeout: Option<std::time::Duration>,
+}
+
+/// A person's answer to a tool permission request, checked.
+#[derive(Debug, Clone)]
+pub(crate) struct ToolAnswer {
+    pub tool_use_id: String,
+    pub decision: berth_common::tools::Decision,
+    pub updated_input: Option<serde_json::Value>,
+    pub always: bool,
+    pub message: String,
+    pub interrupt: bool,
 }
 
 /// How `ExportSession` renders.
@@ -49,7 +60,12 @@ impl Sessions {
             // env, and the request's secrets added to its own.
             let env = std::mem::take(&mut new.spec.env);
             let vaults = std::mem::take(&mut new.spec.vault_ids);
+            let policy = new.spec.tool_policy.take();
             new.spec = a.spec;
+            // A session's own tool policy replaces the version's whole.
+            if policy.is_some() {
+                new.spec.tool_policy = policy;
+            }
             new.spec.env.extend(env);
             for v in vaults {
                 if !new.spec.vault_ids.contains(&v) {
@@ -223,6 +239,50 @@ impl Sessions {
         .await?;
         let e = self.log.append(id, NewEvent::user_message(text)).await?;
         Ok(e.seq)
+    }
+
+    /// Logs the answer to a pending tool permission request (the owner's
+    /// relay passes it to the agent). Returns its seq, and whether the same
+    /// answer was given before (nothing new is logged then).
+    pub(crate) async fn confirm_tool(
+        &self,
+        project: &str,
+        id: Uuid,
+        identity: String,
+        a: ToolAnswer,
+    ) -> Result<(i64, bool)> {
+        self.get(project, id).await?;
+        let decision = a.decision.as_str();
+        let answer = payload::ToolConfirmation {
+            tool_use_id: a.tool_use_id,
+            decision: decision.into(),
+            updated_input: a.updated_input,
+            always: a.always,
+            message: a.message,
+            interrupt: a.interrupt,
+            by: "user".into(),
+            identity,
+            ..Default::default()
+        };
+        let out = self
+            .log
+            .tool(ToolEffect::Answer { session: id, answer })
+            .await?;
+        if let Some(seq) = out.already {
+            return Ok((seq, true));
+        }
+        let e = out
+            .events
+            .first()
+            .ok_or_else(|| Error::Internal("an answer logged no event".into()))?;
+        crate::metrics::record_tool_answer(&e.payload);
+        tracing::info!(session_id = %id, seq = e.seq, decision, "tool permission answered");
+        Ok((e.seq, false))
+    }
+
+    /// Pending tool permission requests of these sessions, oldest first.
+    pub(crate) async fn pending_tools(&self, ids: &[Uuid]) -> Result<Vec<crate::store::PendingTool>> {
+        self.store.pending_tools(ids).await
     }
 
     pub(crate) async fn interrupt(&self, project: &str, id: Uuid) -> Result<i64> {

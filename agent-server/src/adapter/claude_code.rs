@@ -1,7 +1,10 @@
 //! Claude Code's stream-json protocol.
 //!
 //! Started as `claude -p --input-format stream-json --output-format stream-json
-//! --verbose`. User messages and the interrupt control request go to stdin; each
+//! --verbose --permission-prompt-tool stdio` (+ the tool policy's
+//! `--permission-mode`, `--allowedTools`, `--disallowedTools`). User
+//! messages, the interrupt control request and the answers to the CLI's
+//! permission requests (`control_response`) go to stdin; each
 //! stdout line is one JSON object. An assistant line may carry several
 //! content blocks (thinking, text, tool_use, …) and a user line several
 //! tool_results: each block is one event. A `result` line ends a turn and
@@ -9,7 +12,11 @@
 //!
 //! Events per line:
 //! - `system/init` → `runtime.init`; other `system`, `rate_limit_event`,
-//!   `control_response`, `stream_event` → `runtime.system`;
+//!   `control_response`, `stream_event`, control requests other than
+//!   `can_use_tool` → `runtime.system`;
+//! - `control_request` `can_use_tool` → `agent.tool_permission` (the CLI
+//!   waits for the answer); `control_cancel_request` →
+//!   `agent.tool_permission_cancelled` (it no longer does);
 //! - `assistant` → per block: `text` → `agent.message`, `thinking` and
 //!   `redacted_thinking` → `agent.thinking`, `tool_use` and
 //!   `server_tool_use` → `agent.tool_use`, any other type → `agent.block`
@@ -29,7 +36,7 @@ use berth_common::events as ev;
 use berth_common::usage::Reported;
 use serde_json::{Map, Value, json};
 
-use super::{Adapter, Block, Decoded, TurnUsage, figures, reported, usd};
+use super::{Adapter, Asked, Block, Decoded, ToolDecision, TurnUsage, figures, json_field, reported, usd};
 use crate::spec::SessionSpec;
 
 /// Tool calls awaiting their result: at most this many names are kept.
@@ -43,6 +50,10 @@ pub struct ClaudeCode {
     interrupts: u64,
     /// Tool names by tool_use id, until their result comes back.
     open_tools: HashMap<String, String>,
+    /// Permission requests the CLI waits on.
+    asked: Asked,
+    /// Their tool_use ids, by request id (for a withdrawal's event).
+    asked_tools: HashMap<String, String>,
 }
 
 impl Adapter for ClaudeCode {
@@ -55,9 +66,20 @@ impl Adapter for ClaudeCode {
             "--output-format",
             "stream-json",
             "--verbose",
+            "--permission-prompt-tool",
+            "stdio",
         ]
         .map(String::from)
         .into();
+        if let Some(p) = &spec.agent.tool_policy {
+            cmd.extend(["--permission-mode".into(), p.permission_mode.as_str().into()]);
+            for rule in &p.allowed_tools {
+                cmd.extend(["--allowedTools".into(), rule.clone()]);
+            }
+            for rule in &p.disallowed_tools {
+                cmd.extend(["--disallowedTools".into(), rule.clone()]);
+            }
+        }
         if !spec.agent.model.is_empty() {
             cmd.extend(["--model".into(), spec.agent.model.clone()]);
         }
@@ -86,6 +108,28 @@ impl Adapter for ClaudeCode {
         line(&req)
     }
 
+    fn encode_tool_decision(&mut self, d: &ToolDecision) -> Option<Vec<u8>> {
+        let asked_input = self.asked.answer(&d.request_id)?;
+        self.asked_tools.remove(&d.request_id);
+        // The shapes of claude-agent-sdk's `_internal/query.py`.
+        let response = if d.allow {
+            let mut r = json!({"behavior": "allow",
+                               "updatedInput": json_field(&d.updated_input_json).unwrap_or(asked_input)});
+            if let Some(updates) = json_field(&d.updated_permissions_json) {
+                r["updatedPermissions"] = updates;
+            }
+            r
+        } else {
+            let mut r = json!({"behavior": "deny", "message": d.message});
+            if d.interrupt {
+                r["interrupt"] = true.into();
+            }
+            r
+        };
+        Some(line(&json!({"type": "control_response", "response": {
+            "subtype": "success", "request_id": d.request_id, "response": response}})))
+    }
+
     fn decode(&mut self, raw: &[u8]) -> Decoded {
         let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(raw) else {
             return Decoded::raw();
@@ -101,7 +145,44 @@ impl Adapter for ClaudeCode {
                 d.runtime_session_id = v["session_id"].as_str().map(String::from);
                 d
             }
-            "system" | "rate_limit_event" | "control_response" | "stream_event" => {
+            "control_request" if v["request"]["subtype"] == "can_use_tool" => {
+                let r = &v["request"];
+                let request_id = v["request_id"].as_str().unwrap_or_default();
+                let tool_use_id = r["tool_use_id"].as_str().unwrap_or_default();
+                let input = r.get("input").cloned().unwrap_or(json!({}));
+                self.asked.ask(request_id, &input);
+                if self.asked_tools.len() < MAX_OPEN_TOOL_CALLS {
+                    self.asked_tools
+                        .insert(request_id.to_string(), tool_use_id.to_string());
+                }
+                // The CLI's own words, most specific first.
+                let reason = ["decision_reason", "description", "title", "blocked_path"]
+                    .iter()
+                    .find_map(|k| r[*k].as_str().filter(|s| !s.is_empty()))
+                    .unwrap_or_default();
+                f.insert("request_id".into(), request_id.into());
+                f.insert("tool_use_id".into(), tool_use_id.into());
+                f.insert("tool_name".into(), r["tool_name"].clone());
+                f.insert("input".into(), input);
+                f.insert("reason".into(), reason.into());
+                f.insert(
+                    "suggestions".into(),
+                    r.get("permission_suggestions").cloned().unwrap_or(json!([])),
+                );
+                copy(r, &mut f, &["display_name", "blocked_path", "agent_id"]);
+                Decoded::one(Block::new(ev::AGENT_TOOL_PERMISSION, f))
+            }
+            "control_cancel_request" => {
+                let request_id = v["request_id"].as_str().unwrap_or_default();
+                self.asked.answer(request_id);
+                let tool_use_id = self.asked_tools.remove(request_id).unwrap_or_default();
+                f.insert("request_id".into(), request_id.into());
+                f.insert("tool_use_id".into(), tool_use_id.into());
+                f.insert("reason".into(), "withdrawn by the agent".into());
+                Decoded::one(Block::new(ev::AGENT_TOOL_PERMISSION_CANCELLED, f))
+            }
+            "system" | "rate_limit_event" | "control_response" | "control_request"
+            | "stream_event" => {
                 let subtype = v["subtype"]
                     .as_str()
                     .or(v["type"].as_str())
@@ -488,6 +569,55 @@ mod tests {
         assert_eq!(p[2]["name"], "", "an unknown id matches no tool");
         assert!(p.iter().all(|p| p["parent_tool_use_id"] == "toolu_parent"));
         assert!(a.open_tools.is_empty(), "matched calls are forgotten");
+    }
+
+    /// The real CLI's request (Claude Code 2.1.332, `--permission-prompt-tool
+    /// stdio`), answered the way claude-agent-sdk answers.
+    #[test]
+    fn a_permission_request_becomes_an_event_and_is_answered_once() {
+        let mut a = ClaudeCode::default();
+        let ask = br#"{"type":"control_request","request_id":"9c19","request":{"subtype":"can_use_tool","tool_name":"Write","display_name":"Write","input":{"file_path":"/workspace/f.txt","content":"hello"},"description":"f.txt","permission_suggestions":[{"type":"setMode","mode":"acceptEdits","destination":"session"}],"tool_use_id":"toolu_1"}}"#;
+        let d = a.decode(ask);
+        assert_eq!(kinds(&d), [ev::AGENT_TOOL_PERMISSION]);
+        let p: Value = serde_json::from_str(&d.events[0].payload).expect("json");
+        assert_eq!(p["tool_use_id"], "toolu_1");
+        assert_eq!(p["tool_name"], "Write");
+        assert_eq!(p["reason"], "f.txt");
+        assert_eq!(p["input"]["content"], "hello");
+        assert_eq!(p["suggestions"][0]["mode"], "acceptEdits");
+
+        let allow = ToolDecision {
+            request_id: "9c19".into(),
+            tool_use_id: "toolu_1".into(),
+            allow: true,
+            ..Default::default()
+        };
+        let out: Value = serde_json::from_slice(&a.encode_tool_decision(&allow).expect("asked"))
+            .expect("json");
+        assert_eq!(out["type"], "control_response");
+        assert_eq!(out["response"]["request_id"], "9c19");
+        // No edit: the input as asked goes back.
+        assert_eq!(out["response"]["response"]["updatedInput"]["content"], "hello");
+        assert!(a.encode_tool_decision(&allow).is_none(), "answered once");
+
+        // A denial with its message; a withdrawn request takes no answer.
+        a.decode(ask);
+        let deny = ToolDecision {
+            allow: false,
+            message: "not here".into(),
+            interrupt: true,
+            ..allow.clone()
+        };
+        let out: Value = serde_json::from_slice(&a.encode_tool_decision(&deny).expect("asked"))
+            .expect("json");
+        assert_eq!(out["response"]["response"]["behavior"], "deny");
+        assert_eq!(out["response"]["response"]["message"], "not here");
+        assert_eq!(out["response"]["response"]["interrupt"], true);
+        a.decode(ask);
+        let c = a.decode(br#"{"type":"control_cancel_request","request_id":"9c19"}"#);
+        assert_eq!(kinds(&c), [ev::AGENT_TOOL_PERMISSION_CANCELLED]);
+        assert!(c.events[0].payload.contains("toolu_1"));
+        assert!(a.encode_tool_decision(&allow).is_none());
     }
 
     #[test]

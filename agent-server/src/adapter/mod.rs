@@ -112,13 +112,48 @@ pub trait Adapter: Send {
     fn encode_interrupt(&mut self) -> Vec<u8>;
     /// Maps one output line (without its newline; any bytes) to events.
     fn decode(&mut self, line: &[u8]) -> Decoded;
+    /// Bytes answering a tool permission request; `None` when the agent is
+    /// not waiting on that request (answered before, withdrawn, or asked
+    /// by an earlier process).
+    fn encode_tool_decision(&mut self, d: &ToolDecision) -> Option<Vec<u8>>;
+}
+
+pub use berth_proto::node::v1::ToolDecision;
+
+/// Requests the agent asked and has not had answered, by request id: the
+/// tool's input as asked, for an allow that does not edit it.
+#[derive(Debug, Default)]
+struct Asked(std::collections::HashMap<String, serde_json::Value>);
+
+impl Asked {
+    /// Most requests kept: an agent asks one at a time, a few at most.
+    const MAX: usize = 1024;
+
+    fn ask(&mut self, request_id: &str, input: &serde_json::Value) {
+        if !request_id.is_empty() && self.0.len() < Self::MAX {
+            self.0.insert(request_id.to_string(), input.clone());
+        }
+    }
+
+    /// The request's input, once: a second answer finds nothing.
+    fn answer(&mut self, request_id: &str) -> Option<serde_json::Value> {
+        self.0.remove(request_id)
+    }
+}
+
+/// A JSON text field of a decision, parsed; `None` when empty or not JSON.
+fn json_field(text: &str) -> Option<serde_json::Value> {
+    if text.is_empty() {
+        return None;
+    }
+    serde_json::from_str(text).ok()
 }
 
 /// The adapter for a runtime.
 pub fn for_runtime(kind: Runtime) -> Box<dyn Adapter> {
     match kind {
         Runtime::ClaudeCode => Box::new(ClaudeCode::default()),
-        Runtime::Jsonl => Box::new(Jsonl),
+        Runtime::Jsonl => Box::new(Jsonl::default()),
     }
 }
 

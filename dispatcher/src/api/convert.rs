@@ -12,8 +12,11 @@ use berth_common::spec::{self, check_len, validate_git, validate_path};
 
 use crate::error::{Error, Result};
 use crate::session::{
-    Agent, AgentSpec, Event, FileInfo, NewSession, Resource, Session, SessionStatus, limits,
+    Activity, Agent, AgentSpec, Event, FileInfo, NewSession, Resource, Session, SessionStatus,
+    limits,
 };
+use crate::sessions::ToolAnswer;
+use crate::store::PendingTool;
 
 /// The session id in `sessions/{id}` or a bare id.
 pub fn session_id(name: &str) -> Result<Uuid> {
@@ -51,6 +54,104 @@ pub fn status_from_pb(value: i32) -> Result<Option<SessionStatus>> {
     Ok(SessionStatus::ALL
         .into_iter()
         .find(|d| status_to_pb(*d) == s))
+}
+
+pub fn activity_to_pb(a: Option<Activity>) -> pb::Activity {
+    match a {
+        None => pb::Activity::Unspecified,
+        Some(Activity::Working) => pb::Activity::Working,
+        Some(Activity::Idle) => pb::Activity::Idle,
+        Some(Activity::WaitingInput) => pb::Activity::WaitingInput,
+    }
+}
+
+/// A list filter: `None` for ACTIVITY_UNSPECIFIED (any).
+pub fn activity_from_pb(value: i32) -> Result<Option<Activity>> {
+    match pb::Activity::try_from(value) {
+        Ok(pb::Activity::Unspecified) => Ok(None),
+        Ok(pb::Activity::Working) => Ok(Some(Activity::Working)),
+        Ok(pb::Activity::Idle) => Ok(Some(Activity::Idle)),
+        Ok(pb::Activity::WaitingInput) => Ok(Some(Activity::WaitingInput)),
+        Err(_) => Err(Error::invalid(
+            "activity",
+            format!("unknown activity {value}"),
+        )),
+    }
+}
+
+/// A `ConfirmTool` request, checked: the session and the answer.
+pub fn tool_answer(r: pb::ConfirmToolRequest) -> Result<(Uuid, ToolAnswer)> {
+    use berth_common::tools::{self, Decision};
+    let id = session_id(&r.name)?;
+    if r.tool_use_id.is_empty() {
+        return Err(Error::invalid(
+            "tool_use_id",
+            "required: the `tool_use_id` of the `agent.tool_permission` event",
+        ));
+    }
+    check_len("tool_use_id", &r.tool_use_id, 256)?;
+    let decision = Decision::from_pb(r.decision, "decision")?;
+    let updated_input = if r.updated_input_json.is_empty() {
+        None
+    } else {
+        if decision == Decision::Deny {
+            return Err(Error::invalid(
+                "updated_input_json",
+                "only an allow runs the tool with edited input",
+            ));
+        }
+        if r.updated_input_json.len() > tools::MAX_INPUT_BYTES {
+            return Err(Error::invalid(
+                "updated_input_json",
+                format!("longer than {} bytes", tools::MAX_INPUT_BYTES),
+            ));
+        }
+        match serde_json::from_str::<serde_json::Value>(&r.updated_input_json) {
+            Ok(v @ serde_json::Value::Object(_)) => Some(v),
+            _ => {
+                return Err(Error::invalid(
+                    "updated_input_json",
+                    "must be a JSON object: the tool's whole input",
+                ));
+            }
+        }
+    };
+    if r.always && decision == Decision::Deny {
+        return Err(Error::invalid("always", "only an allow can be made permanent"));
+    }
+    if r.interrupt && decision == Decision::Allow {
+        return Err(Error::invalid("interrupt", "only a deny interrupts the turn"));
+    }
+    if r.message.len() > tools::MAX_MESSAGE_BYTES {
+        return Err(Error::invalid(
+            "message",
+            format!("longer than {} bytes", tools::MAX_MESSAGE_BYTES),
+        ));
+    }
+    Ok((
+        id,
+        ToolAnswer {
+            tool_use_id: r.tool_use_id,
+            decision,
+            updated_input,
+            always: r.always,
+            message: r.message,
+            interrupt: r.interrupt,
+        },
+    ))
+}
+
+pub fn pending_to_pb(p: &PendingTool) -> pb::ToolRequest {
+    pb::ToolRequest {
+        tool_use_id: p.tool_use_id.clone(),
+        tool_name: p.tool_name.clone(),
+        input_json: p.input.0.to_string(),
+        reason: p.reason.clone(),
+        suggestions_json: p.suggestions.0.to_string(),
+        seq: p.ask_seq,
+        ask_time: Some(to_timestamp(p.ask_time)),
+        deadline: Some(to_timestamp(p.deadline)),
+    }
 }
 
 /// Validates a user message's text.
@@ -123,19 +224,21 @@ fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<AgentSpec> {
     if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
         return Err(Error::invalid(
             field,
-            "must be empty when `agent` is set: the agent's version supplies it (only spec.env and spec.vault_ids may be given)",
+            "must be empty when `agent` is set: the agent's version supplies it (only spec.env, spec.vault_ids and spec.tool_policy may be given)",
         ));
     }
     let env = s.env.into_iter().collect();
     spec::validate_env(&env)?;
-    // The same checks as a whole spec's, on the two fields given.
-    let vault_ids = AgentSpec::try_from(pb::SessionSpec {
+    // The same checks as a whole spec's, on the fields given.
+    let checked = AgentSpec::try_from(pb::SessionSpec {
         image: "-".into(),
         vault_ids: s.vault_ids,
+        tool_policy: s.tool_policy,
         ..Default::default()
-    })?
-    .vault_ids;
+    })?;
+    let (vault_ids, tool_policy) = (checked.vault_ids, checked.tool_policy);
     Ok(AgentSpec {
+        tool_policy,
         env,
         vault_ids,
         ..Default::default()
@@ -359,6 +462,7 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
 
 impl From<Session> for pb::Session {
     fn from(s: Session) -> Self {
+        let activity = activity_to_pb(s.activity()) as i32;
         Self {
             name: names::session_name(s.id),
             id: s.id.to_string(),
@@ -404,6 +508,9 @@ impl From<Session> for pb::Session {
                 create_time: Some(to_timestamp(snap.create_time)),
             }),
             archive_time: s.archive_time.map(to_timestamp),
+            activity,
+            // Filled by the calls that show them (GetSession, ListSessions).
+            pending_tool_requests: Vec::new(),
         }
     }
 }

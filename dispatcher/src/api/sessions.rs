@@ -53,8 +53,51 @@ fn parse_session_page_token(
     Ok(Some((time, id.parse().map_err(|_| bad())?)))
 }
 
+impl SessionsService {
+    /// Fills each waiting session's pending tool permission requests.
+    async fn with_pending_tools(&self, sessions: &mut [pb::Session]) -> Result<(), Status> {
+        let waiting: Vec<uuid::Uuid> = sessions
+            .iter()
+            .filter(|s| s.activity == pb::Activity::WaitingInput as i32)
+            .filter_map(|s| s.id.parse().ok())
+            .collect();
+        for p in self.sessions.pending_tools(&waiting).await? {
+            let id = p.session_id.to_string();
+            if let Some(s) = sessions.iter_mut().find(|s| s.id == id) {
+                s.pending_tool_requests.push(convert::pending_to_pb(&p));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who answered, for the audit of a tool confirmation.
+fn identity(who: &crate::auth::Caller) -> String {
+    match (&who.key_id, &who.certificate) {
+        (Some(k), _) => format!("keys/{k}"),
+        (None, Some(c)) => format!("certificates/{c}"),
+        (None, None) => "anonymous".into(),
+    }
+}
+
 #[tonic::async_trait]
 impl SessionsApi for SessionsService {
+    async fn confirm_tool(
+        &self,
+        r: Request<pb::ConfirmToolRequest>,
+    ) -> Result<Response<pb::ConfirmToolResponse>, Status> {
+        let who = caller(&r)?;
+        let (id, answer) = convert::tool_answer(r.into_inner())?;
+        let (seq, already_answered) = self
+            .sessions
+            .confirm_tool(&who.project, id, identity(&who), answer)
+            .await?;
+        Ok(Response::new(pb::ConfirmToolResponse {
+            seq,
+            already_answered,
+        }))
+    }
+
     async fn create_session(
         &self,
         r: Request<pb::CreateSessionRequest>,
@@ -72,9 +115,10 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(
-            self.sessions.get(&who.project, id).await?.into(),
-        ))
+        let mut s = [self.sessions.get(&who.project, id).await?.into()];
+        self.with_pending_tools(&mut s).await?;
+        let [s] = s;
+        Ok(Response::new(s))
     }
 
     async fn list_sessions(
@@ -89,14 +133,17 @@ impl SessionsApi for SessionsService {
             labels: r.labels.into_iter().collect(),
             before: parse_session_page_token(&r.page_token)?,
             limit,
+            activity: convert::activity_from_pb(r.activity)?,
         };
         let sessions = self.sessions.list(&who.project, filter).await?;
         let next_page_token = match sessions.last() {
             Some(last) if sessions.len() as i64 == limit => session_page_token(last),
             _ => String::new(),
         };
+        let mut sessions: Vec<pb::Session> = sessions.into_iter().map(Into::into).collect();
+        self.with_pending_tools(&mut sessions).await?;
         Ok(Response::new(pb::ListSessionsResponse {
-            sessions: sessions.into_iter().map(Into::into).collect(),
+            sessions,
             next_page_token,
         }))
     }
@@ -289,6 +336,7 @@ impl SessionsApi for SessionsService {
         use pb::connect_request::Kind;
         let who = caller(&r)?;
         let project = who.project.clone();
+        let identity = identity(&who);
         let mut inbound = r.into_inner();
         let open = match inbound.message().await? {
             Some(pb::ConnectRequest {
@@ -341,6 +389,25 @@ impl SessionsApi for SessionsService {
                         (m.r#ref, r)
                     }
                     Some(Kind::Interrupt(i)) => (i.r#ref, sessions.interrupt(&project, id).await),
+                    Some(Kind::ToolConfirmation(c)) => {
+                        let mut confirmation = c.confirmation.unwrap_or_default();
+                        // The stream's session; a name given must be it.
+                        if confirmation.name.is_empty() {
+                            confirmation.name = id.to_string();
+                        }
+                        let r = match convert::tool_answer(confirmation) {
+                            Ok((sid, _)) if sid != id => Err(Error::invalid(
+                                "confirmation.name",
+                                "another session than the stream's",
+                            )),
+                            Ok((_, answer)) => sessions
+                                .confirm_tool(&project, id, identity.clone(), answer)
+                                .await
+                                .map(|(seq, _)| seq),
+                            Err(e) => Err(e),
+                        };
+                        (c.r#ref, r)
+                    }
                     Some(Kind::Open(_)) => (
                         String::new(),
                         Err(Error::invalid("open", "the stream is already open")),

@@ -14,6 +14,7 @@
 mod deadlines;
 mod relay;
 mod start;
+mod tools;
 
 use std::sync::Arc;
 

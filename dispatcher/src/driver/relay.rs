@@ -19,12 +19,13 @@ use tokio::sync::mpsc;
 
 use super::deadlines::{Deadlines, Expiry};
 use super::start::Link;
+use super::tools::{PendingTools, Waiting, timeout_answer};
 use super::{Ctx, durably, start_label};
 use crate::error::{Error, Result};
 use crate::nodes::wire::node_line;
 use crate::session::usage::{self, RunningTotals};
 use crate::session::{Event, NewEvent, Session, SessionStatus, StatusEvent, snapshot_key};
-use crate::store::UsageRecorded;
+use crate::store::{NewToolRequest, ToolEffect, UsageRecorded};
 
 /// How long a shutting-down dispatcher waits for a node to snapshot a
 /// session it hands back.
@@ -77,6 +78,10 @@ pub(super) struct Relay<'a> {
     persisted: Arc<AtomicI64>,
     acked: i64,
     ack_tick: tokio::time::Interval,
+    /// Tool permission requests the agent waits on.
+    tools: PendingTools,
+    /// Seq of the `user.message` that started the turn in flight (0: unknown).
+    turn_message_seq: i64,
 }
 
 impl<'a> Relay<'a> {
@@ -105,13 +110,50 @@ impl<'a> Relay<'a> {
             persisted: Arc::new(AtomicI64::new(cursor)),
             acked: cursor,
             ack_tick,
+            tools: PendingTools::default(),
+            turn_message_seq: 0,
         }
+    }
+
+    /// A re-attached run's agent still waits on the requests it asked; a
+    /// fresh run's agent never asked the ones an ended run left (closed).
+    async fn load_tools(&mut self) -> Result<()> {
+        let (ctx, id) = (self.ctx, self.session.id);
+        if !self.link.attached {
+            let close = ToolEffect::CloseAll {
+                session: id,
+                epoch: Some(self.session.epoch),
+                reason: "the run that asked ended".into(),
+            };
+            ctx.log.tool(close).await?;
+            return Ok(());
+        }
+        let input_seq = self.input_seq;
+        let pending = durably(ctx, || ctx.store.unforwarded_tools(id, input_seq)).await?;
+        let now_utc = chrono::Utc::now();
+        let now = tokio::time::Instant::now();
+        for p in pending {
+            let left = (p.deadline - now_utc).to_std().unwrap_or_default();
+            self.tools.insert(
+                p.tool_use_id,
+                Waiting {
+                    request_id: p.request_id,
+                    deadline: now + left,
+                    timeout_decision: berth_common::tools::Decision::parse(&p.timeout_decision)
+                        .unwrap_or_default(),
+                    timed_out: false,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Relays until the run ends.
     pub(super) async fn run(mut self) -> Result<()> {
+        self.load_tools().await?;
         loop {
             let flow = tokio::select! {
+                () = sleep_until(self.tools.next_deadline()) => self.on_tool_timeout().await?,
                 frame = self.link.frames.message() => self.on_frame(frame).await?,
                 _ = self.ack_tick.tick() => self.ack().await,
                 item = recv(&mut self.feed) => self.on_input(item).await?,
@@ -241,6 +283,11 @@ impl<'a> Relay<'a> {
         let events = node_line(line);
         self.relayed.increment(events.len() as u64);
         let node_seq = i64::try_from(node_seq).unwrap_or(i64::MAX);
+        if turn_end.is_none()
+            && let Some(effect) = self.tool_effect(&events)
+        {
+            return self.on_tool_line(events, node_seq, effect).await;
+        }
         let Some(u) = turn_end else {
             self.ctx
                 .log
@@ -271,11 +318,170 @@ impl<'a> Relay<'a> {
         Ok(Flow::Continue)
     }
 
+    /// What a line that asks or withdraws a tool permission changes.
+    fn tool_effect(&self, events: &[NewEvent]) -> Option<ToolEffect> {
+        let (i, e) = events.iter().enumerate().find(|(_, e)| {
+            e.kind == ev::AGENT_TOOL_PERMISSION || e.kind == ev::AGENT_TOOL_PERMISSION_CANCELLED
+        })?;
+        let session = self.session.id;
+        if e.kind == ev::AGENT_TOOL_PERMISSION_CANCELLED {
+            let c: payload::ToolPermissionCancelled = payload::parse(&e.payload)?;
+            return Some(ToolEffect::Withdraw {
+                session,
+                request_id: c.request_id,
+            });
+        }
+        let ask: payload::ToolPermission = payload::parse(&e.payload)?;
+        if ask.request_id.is_empty() || ask.tool_use_id.is_empty() {
+            return None;
+        }
+        let policy = self.session.spec.tool_policy.clone().unwrap_or_default();
+        Some(ToolEffect::Ask {
+            request: NewToolRequest {
+                session,
+                ask,
+                epoch: self.session.epoch,
+                message_seq: self.turn_message_seq,
+                timeout: policy.confirmation_timeout(),
+                timeout_decision: policy.timeout_decision,
+            },
+            event: i,
+        })
+    }
+
+    /// Persists a line that asks or withdraws a tool permission together
+    /// with the request's row, then says how the agent's activity changed.
+    async fn on_tool_line(
+        &mut self,
+        events: Vec<NewEvent>,
+        node_seq: i64,
+        effect: ToolEffect,
+    ) -> Result<Flow> {
+        let (id, epoch) = (self.session.id, self.session.epoch);
+        let out = self
+            .ctx
+            .log
+            .append_line_with_tool(id, epoch, events, node_seq, &self.persisted, effect.clone())
+            .await?;
+        let changed = match effect {
+            ToolEffect::Ask { request, .. } => {
+                let tool = berth_common::metrics::label_value(&request.ask.tool_name);
+                metrics::counter!(crate::metrics::TOOL_REQUESTS, "tool" => tool).increment(1);
+                tracing::info!(tool_use_id = %request.ask.tool_use_id, tool = %request.ask.tool_name,
+                    "the agent asks to use a tool; waiting for an answer");
+                let was_empty = self.tools.is_empty();
+                self.tools.insert(
+                    request.ask.tool_use_id,
+                    Waiting {
+                        request_id: request.ask.request_id,
+                        deadline: tokio::time::Instant::now() + request.timeout,
+                        timeout_decision: request.timeout_decision,
+                        timed_out: false,
+                    },
+                );
+                was_empty
+            }
+            ToolEffect::Withdraw { request_id, .. } => {
+                self.tools.withdraw(&request_id) && self.tools.is_empty()
+            }
+            _ => false,
+        };
+        drop(out);
+        if changed {
+            self.activity().await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Logs `session.activity`: waiting for a person while any request
+    /// waits, else working (a turn is in flight).
+    async fn activity(&self) -> Result<()> {
+        let a = payload::Activity {
+            activity: if self.tools.is_empty() {
+                "working"
+            } else {
+                "waiting_input"
+            }
+            .into(),
+            pending: self.tools.len() as i64,
+        };
+        self.ctx
+            .log
+            .append_queued(
+                self.session.id,
+                self.session.epoch,
+                NewEvent::new(ev::SESSION_ACTIVITY, payload::to_json(&a)),
+            )
+            .await
+    }
+
+    /// Answers each request whose confirmation timeout passed with the
+    /// policy's decision. A person's answer logged meanwhile wins; either
+    /// way the answer reaches the agent through the feed.
+    async fn on_tool_timeout(&mut self) -> Result<Flow> {
+        let policy = self.session.spec.tool_policy.clone().unwrap_or_default();
+        for (tool_use_id, decision) in self.tools.expired(tokio::time::Instant::now()) {
+            tracing::info!(%tool_use_id, decision = decision.as_str(), "tool permission request timed out");
+            let answer = timeout_answer(tool_use_id, decision, policy.confirmation_timeout());
+            let effect = ToolEffect::Answer {
+                session: self.session.id,
+                answer,
+            };
+            match self.ctx.log.tool(effect).await {
+                Ok(out) => {
+                    for e in &out.events {
+                        crate::metrics::record_tool_answer(&e.payload);
+                    }
+                }
+                Err(Error::Precondition(why)) => {
+                    tracing::debug!(%why, "answered before its timeout");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Closes the requests the agent waited on when its run ended. After a
+    /// pause, the turn that asked is delivered again on resume, so the
+    /// agent asks again (README, "Tool approvals").
+    async fn close_tools(&mut self, reason: &str, pause: bool) -> Result<()> {
+        if self.tools.is_empty() {
+            return Ok(());
+        }
+        self.tools.clear();
+        let (id, epoch) = (self.session.id, self.session.epoch);
+        let out = self
+            .ctx
+            .log
+            .tool(ToolEffect::CloseAll {
+                session: id,
+                epoch: Some(epoch),
+                reason: reason.into(),
+            })
+            .await?;
+        let first = out.closed_message_seqs.iter().copied().filter(|s| *s > 0).min();
+        if let (true, Some(seq)) = (pause, first) {
+            tracing::info!(message_seq = seq, "paused while the agent waited for a tool answer: the turn is delivered again on resume");
+            let ctx = self.ctx;
+            durably(ctx, || ctx.store.rewind_input_seq(id, seq - 1, epoch)).await?;
+        }
+        Ok(())
+    }
+
     /// A turn's start or end as the session's status. A session already
     /// stopping (a stop asked meanwhile) keeps its status: the relay goes on
     /// until the node's exit says how it ended, never leaving it orphaned.
     async fn turn_status(&self, event: StatusEvent) -> Result<()> {
-        match self.transition(event, "", StatusDetail::default()).await {
+        let activity = match event {
+            StatusEvent::TurnEnded => "idle",
+            _ => "working",
+        };
+        let detail = StatusDetail {
+            activity: Some(activity.into()),
+            ..StatusDetail::default()
+        };
+        match self.transition(event, "", detail).await {
             Ok(()) | Err(Error::Transition(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -307,6 +513,16 @@ impl<'a> Relay<'a> {
 
     async fn on_exit(&mut self, x: pb::Exited) -> Result<Flow> {
         let id = self.session.id;
+        let pause = self.stop_asked.as_ref().is_some_and(|s| s.pause);
+        let why = if x.stopped {
+            self.stop_asked
+                .as_ref()
+                .map_or_else(|| "stopped".to_string(), |s| s.reason.clone())
+        } else {
+            x.reason.clone()
+        };
+        self.close_tools(&format!("the agent's run ended: {why}"), pause)
+            .await?;
         let snapshot_error = Some(&x.snapshot_error).filter(|e| !e.is_empty());
         for e in x.memory_errors.iter().chain(snapshot_error) {
             self.ctx
@@ -439,6 +655,35 @@ impl<'a> Relay<'a> {
             ev::USER_INTERRUPT if e.seq > self.input_seq => {
                 dispatcher_frame::Kind::Interrupt(pb::Interrupt {})
             }
+            ev::USER_TOOL_CONFIRMATION if e.seq > self.input_seq => {
+                let a: payload::ToolConfirmation = payload::parse(&e.payload).unwrap_or_default();
+                match self.tools.answer(&a.tool_use_id) {
+                    Some(w) => {
+                        if self.tools.is_empty() {
+                            self.activity().await?;
+                        }
+                        let json = |v: &Option<serde_json::Value>| {
+                            v.as_ref().map(ToString::to_string).unwrap_or_default()
+                        };
+                        dispatcher_frame::Kind::ToolDecision(pb::ToolDecision {
+                            request_id: w.request_id,
+                            allow: a.decision == "allow",
+                            updated_input_json: json(&a.updated_input),
+                            updated_permissions_json: json(&a.updated_permissions),
+                            message: a.message,
+                            interrupt: a.interrupt,
+                            tool_use_id: a.tool_use_id,
+                        })
+                    }
+                    // Not this run's agent's request: nothing to pass on.
+                    None => {
+                        self.input_seq = e.seq;
+                        let (ctx, id) = (self.ctx, self.session.id);
+                        durably(ctx, || ctx.store.set_input_seq(id, e.seq)).await?;
+                        return Ok(Flow::Continue);
+                    }
+                }
+            }
             // A stop logged before this run was claimed belongs to an earlier run.
             k if k == SessionStatus::Stopping.event_type() && e.seq > self.session.last_seq => {
                 // Every stop and pause keeps a snapshot, so the session can resume.
@@ -464,6 +709,7 @@ impl<'a> Relay<'a> {
             let (ctx, id) = (self.ctx, self.session.id);
             durably(ctx, || ctx.store.set_input_seq(id, e.seq)).await?;
             if e.kind == ev::USER_MESSAGE && self.open_turns == 1 {
+                self.turn_message_seq = e.seq;
                 self.turn_status(StatusEvent::TurnStarted).await?;
             }
         }

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent, StatusEvent};
-use crate::store::{Append, Store, Transitioned, UsageRecorded};
+use crate::store::{Append, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded};
 
 /// Most writes committed in one statement.
 const MAX_BATCH: usize = 1024;
@@ -54,6 +54,13 @@ enum Op {
     Line {
         appends: Vec<Append>,
         queued: std::time::Instant,
+    },
+    /// A line's events (maybe none) and a tool request's change:
+    /// committed together.
+    Tool {
+        appends: Vec<Append>,
+        effect: ToolEffect,
+        done: oneshot::Sender<Result<ToolOutcome>>,
     },
     /// A line that ends a turn, and the turn: committed together.
     LineTurn {
@@ -204,6 +211,39 @@ impl EventLog {
             appends,
             session,
             turn,
+            done,
+        })
+        .await?;
+        rx.await.map_err(writer_stopped)?
+    }
+
+    /// Appends the events of a line that asks or withdraws a tool
+    /// permission (like [`Self::append_line_queued`]) with the request's
+    /// change, in one transaction, and waits.
+    pub(crate) async fn append_line_with_tool(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        events: Vec<NewEvent>,
+        node_seq: i64,
+        persisted: &Arc<std::sync::atomic::AtomicI64>,
+        effect: ToolEffect,
+    ) -> Result<ToolOutcome> {
+        let appends = line_appends(session, epoch, events, node_seq, persisted);
+        self.tool_op(appends, effect).await
+    }
+
+    /// Answers or closes tool permission requests (see [`ToolEffect`]),
+    /// ordered after everything queued before it.
+    pub(crate) async fn tool(&self, effect: ToolEffect) -> Result<ToolOutcome> {
+        self.tool_op(Vec::new(), effect).await
+    }
+
+    async fn tool_op(&self, appends: Vec<Append>, effect: ToolEffect) -> Result<ToolOutcome> {
+        let (done, rx) = oneshot::channel();
+        self.submit(Op::Tool {
+            appends,
+            effect,
             done,
         })
         .await?;

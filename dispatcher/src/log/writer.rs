@@ -87,6 +87,41 @@ pub(super) async fn run(
                         batch.done.push(None);
                     }
                 }
+                Op::Tool {
+                    appends,
+                    effect,
+                    done,
+                } => {
+                    w.flush(&mut batch).await;
+                    let r = w
+                        .retry(|| w.store.apply_tool(&appends, &effect))
+                        .await;
+                    let r = match r {
+                        Ok(mut out) => {
+                            let mut events: Vec<(Arc<Event>, Done)> = appends
+                                .into_iter()
+                                .zip(out.stored.iter().copied())
+                                .map(|(a, at)| {
+                                    mark_persisted(&a);
+                                    (Arc::new(a.into_event(at)), None)
+                                })
+                                .collect();
+                            events.extend(
+                                out.events.iter().map(|e| (Arc::new(e.clone()), None)),
+                            );
+                            w.persisted(events);
+                            out.stored.clear();
+                            Ok(out)
+                        }
+                        Err(e) => {
+                            if let Some(a) = appends.first() {
+                                report(a, same(&e), None);
+                            }
+                            Err(e)
+                        }
+                    };
+                    let _ = done.send(r);
+                }
                 Op::LineTurn {
                     appends,
                     session,

@@ -140,6 +140,39 @@ pub struct Session {
     pub update_time: DateTime<Utc>,
     pub start_time: Option<DateTime<Utc>>,
     pub end_time: Option<DateTime<Utc>>,
+    /// Tool permission requests waiting for an answer.
+    pub pending_tools: i64,
+}
+
+/// What a session's agent is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    Working,
+    Idle,
+    WaitingInput,
+}
+
+impl Activity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Working => "working",
+            Self::Idle => "idle",
+            Self::WaitingInput => "waiting_input",
+        }
+    }
+}
+
+impl Session {
+    /// `None` while no agent runs (queued, stopping, paused, ended…).
+    pub fn activity(&self) -> Option<Activity> {
+        use SessionStatus::*;
+        match self.status {
+            Starting | Running | Idle if self.pending_tools > 0 => Some(Activity::WaitingInput),
+            Starting | Running => Some(Activity::Working),
+            Idle => Some(Activity::Idle),
+            _ => None,
+        }
+    }
 }
 
 /// A validated create request.

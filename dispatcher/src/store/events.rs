@@ -267,7 +267,7 @@ impl Store {
     /// first: its session-mates in the batch were refused with it, and go
     /// through alone when the writer retries them one by one. Neither answer
     /// is transient, so the batch itself is never retried as it was.
-    async fn refused(
+    pub(super) async fn refused(
         &self,
         batch: &[Append],
         stored: &std::collections::HashMap<Uuid, Stored>,
@@ -330,7 +330,7 @@ impl Store {
 }
 
 /// Runs [`sql::APPEND_EVENTS`]; returns where each stored event landed, by id.
-async fn append_rows<'e, E: sqlx::PgExecutor<'e>>(
+pub(super) async fn append_rows<'e, E: sqlx::PgExecutor<'e>>(
     ex: E,
     batch: &[Append],
 ) -> Result<std::collections::HashMap<Uuid, Stored>> {
@@ -368,7 +368,7 @@ async fn append_rows<'e, E: sqlx::PgExecutor<'e>>(
 
 /// Where each event of `batch` landed, in batch order; `None` when any was
 /// refused.
-fn placed(
+pub(super) fn placed(
     batch: &[Append],
     by_id: &std::collections::HashMap<Uuid, Stored>,
 ) -> Option<Vec<Stored>> {

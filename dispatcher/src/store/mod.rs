@@ -6,7 +6,8 @@
 //! - [`events`]: each session's log, usage and retention;
 //! - [`queue`]: claims, dispatcher liveness and the queue's sweeps;
 //! - [`agents`]: agents with their versions, and uploaded files;
-//! - [`access`]: API keys and secrets.
+//! - [`access`]: API keys and secrets;
+//! - [`tools`]: tool permission requests and their answers.
 //!
 //! Env values and secrets are sealed (see `seal`) before they reach a row.
 //!
@@ -20,6 +21,7 @@ mod agents;
 mod events;
 mod queue;
 mod sessions;
+mod tools;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +39,7 @@ pub(crate) use access::{
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, UsageRecorded};
 pub(crate) use sessions::{SessionFilter, Transitioned};
+pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
 
 /// Channel a new pending session is announced on.
 pub(crate) const QUEUE_CHANNEL: &str = "berth_queue";

@@ -27,7 +27,9 @@ mod sql {
             concat!(
                 "SELECT s.*, (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' \
                    ORDER BY m.cost_usd DESC, m.model), '[]') \
-                 FROM session_models m WHERE m.session_id = s.id) AS models \
+                 FROM session_models m WHERE m.session_id = s.id) AS models, \
+                 (SELECT count(*) FROM tool_requests t \
+                  WHERE t.session_id = s.id AND t.decision IS NULL) AS pending_tools \
                  FROM sessions s ",
                 $rest
             )
@@ -65,10 +67,18 @@ SELECT id FROM created
 
     /// Sessions newest first, filtered, one page. $1 status filter (NULL =
     /// any); $2 labels the session must all carry; $3/$4 keyset cursor (NULL =
-    /// first page); $6 the project. Served by `sessions_project_list`.
+    /// first page); $6 the project; $7 activity filter (NULL = any; see
+    /// `Session::activity`). Served by `sessions_project_list`.
     pub const LIST_SESSIONS: &str = with_models!(
         "WHERE project = $6 AND ($1::text IS NULL OR status = $1) AND labels @> $2 \
            AND ($3::timestamptz IS NULL OR (create_time, id) < ($3, $4)) \
+           AND ($7::text IS NULL OR CASE \
+             WHEN status NOT IN ('starting', 'running', 'idle') THEN false \
+             WHEN EXISTS (SELECT 1 FROM tool_requests t \
+                          WHERE t.session_id = s.id AND t.decision IS NULL) \
+               THEN $7 = 'waiting_input' \
+             WHEN status = 'idle' THEN $7 = 'idle' \
+             ELSE $7 = 'working' END) \
          ORDER BY create_time DESC, id DESC LIMIT $5"
     );
 
@@ -169,6 +179,7 @@ pub(crate) struct SessionFilter {
     /// Keyset cursor: sessions strictly older than this (time, id).
     pub before: Option<(DateTime<Utc>, Uuid)>,
     pub limit: i64,
+    pub activity: Option<crate::session::Activity>,
 }
 
 /// A status change that was persisted.
@@ -225,6 +236,8 @@ pub(super) struct SessionRow {
     /// Read only where the statement selects it (see `with_models!`).
     #[sqlx(default)]
     models: Option<Json<Vec<ModelFigures>>>,
+    #[sqlx(default)]
+    pending_tools: Option<i64>,
 }
 
 impl Store {
@@ -276,6 +289,7 @@ impl Store {
             update_time: r.update_time,
             start_time: r.start_time,
             end_time: r.end_time,
+            pending_tools: r.pending_tools.unwrap_or(0),
         })
     }
 }
@@ -367,6 +381,7 @@ impl Store {
             .bind(f.before.map(|b| b.1))
             .bind(f.limit)
             .bind(project)
+            .bind(f.activity.map(crate::session::Activity::as_str))
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(|r| self.session(r)).collect()

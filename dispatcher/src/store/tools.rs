@@ -1,0 +1,335 @@
+//! Tool permission requests (`tool_requests`): asked with the agent's line,
+//! answered or closed with their event, each in one transaction, so a
+//! request and its log never disagree whoever dies in between.
+
+use berth_common::events::{self as ev, payload};
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::Store;
+use super::events::{Append, Stored, append_rows, placed};
+use crate::error::{Error, Result};
+use crate::session::{Event, NewEvent};
+
+mod sql {
+    /// Records a request; a line sent again (re-attach) records nothing new.
+    pub const ASK: &str = r#"
+INSERT INTO tool_requests (session_id, tool_use_id, request_id, tool_name, input, reason,
+                           suggestions, epoch, ask_seq, message_seq, deadline, timeout_decision)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + $11 * interval '1 millisecond', $12)
+ON CONFLICT (session_id, tool_use_id) DO NOTHING
+"#;
+
+    /// The request, locked for its answer.
+    pub const LOCK: &str = "SELECT request_id, tool_name, suggestions, ask_time, decision, \
+         answer, answer_seq FROM tool_requests WHERE session_id = $1 AND tool_use_id = $2 FOR UPDATE";
+
+    /// Records the answer (or closing) of a pending request.
+    pub const ANSWER: &str = "UPDATE tool_requests SET decision = $3, answer = $4, answer_seq = $5, \
+         answer_time = now() WHERE session_id = $1 AND tool_use_id = $2";
+
+    /// Closes what the agent withdrew.
+    pub const WITHDRAW: &str = "UPDATE tool_requests SET decision = 'cancelled', answer_time = now() \
+         WHERE session_id = $1 AND request_id = $2 AND decision IS NULL";
+
+    /// Every pending request of a session, locked, oldest first.
+    pub const PENDING_LOCKED: &str = "SELECT tool_use_id, request_id, message_seq FROM tool_requests \
+         WHERE session_id = $1 AND decision IS NULL ORDER BY ask_time FOR UPDATE";
+
+    /// Pending requests of these sessions, oldest first. Served by
+    /// `tool_requests_pending`.
+    pub const PENDING: &str = "SELECT session_id, tool_use_id, request_id, tool_name, input, reason, \
+         suggestions, ask_seq, ask_time, deadline, timeout_decision FROM tool_requests \
+         WHERE session_id = ANY($1) AND decision IS NULL ORDER BY ask_time";
+
+    /// The requests a re-attached run's agent still waits on: pending, or
+    /// answered after the input cursor $2 (the answer is not forwarded yet).
+    pub const UNFORWARDED: &str = "SELECT session_id, tool_use_id, request_id, tool_name, input, \
+         reason, suggestions, ask_seq, ask_time, deadline, timeout_decision FROM tool_requests \
+         WHERE session_id = $1 AND (decision IS NULL \
+           OR (decision IN ('allow', 'deny') AND answer_seq > $2)) ORDER BY ask_time";
+
+    /// How many requests wait, fleet-wide, and the oldest's age in seconds.
+    pub const PENDING_SUMMARY: &str = "SELECT count(*), \
+         coalesce(extract(epoch FROM now() - min(ask_time))::float8, 0) \
+         FROM tool_requests WHERE decision IS NULL";
+}
+
+/// A request an agent asked, recorded with its line.
+#[derive(Debug, Clone)]
+pub(crate) struct NewToolRequest {
+    pub session: Uuid,
+    pub ask: payload::ToolPermission,
+    pub epoch: i64,
+    pub message_seq: i64,
+    pub timeout: std::time::Duration,
+    pub timeout_decision: berth_common::tools::Decision,
+}
+
+/// What a tool write does besides appending its line's events.
+#[derive(Debug, Clone)]
+pub(crate) enum ToolEffect {
+    /// The line asks: record the request. `event` indexes its
+    /// `agent.tool_permission` among the line's events.
+    Ask { request: NewToolRequest, event: usize },
+    /// The line withdraws the request `request_id`.
+    Withdraw { session: Uuid, request_id: String },
+    /// Answers a pending request (a person, or the timeout), logging
+    /// `user.tool_confirmation`. The store fills `request_id`, `tool_name`,
+    /// `updated_permissions` (with `always`) and `waited_s`.
+    Answer {
+        session: Uuid,
+        answer: payload::ToolConfirmation,
+    },
+    /// Closes every pending request of a session whose run ended, each
+    /// with a `session.tool_permission_cancelled` event.
+    CloseAll {
+        session: Uuid,
+        epoch: Option<i64>,
+        reason: String,
+    },
+}
+
+/// What a tool write did.
+#[derive(Debug, Default)]
+pub(crate) struct ToolOutcome {
+    /// Where the line's events landed, in order.
+    pub stored: Vec<Stored>,
+    /// Events the store logged itself (a confirmation, cancellations).
+    pub events: Vec<Event>,
+    /// An answer given before, the same as this one: its seq.
+    pub already: Option<i64>,
+    /// Requests closed by `CloseAll`: the `user.message` whose turn asked.
+    pub closed_message_seqs: Vec<i64>,
+}
+
+/// A pending request as the API and the relay see it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct PendingTool {
+    pub session_id: Uuid,
+    pub tool_use_id: String,
+    pub request_id: String,
+    pub tool_name: String,
+    pub input: Json<serde_json::Value>,
+    pub reason: String,
+    pub suggestions: Json<serde_json::Value>,
+    pub ask_seq: i64,
+    pub ask_time: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+    pub timeout_decision: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct Locked {
+    request_id: String,
+    tool_name: String,
+    suggestions: Json<serde_json::Value>,
+    ask_time: DateTime<Utc>,
+    decision: Option<String>,
+    answer: Option<Json<payload::ToolConfirmation>>,
+    answer_seq: Option<i64>,
+}
+
+/// A client event appended inside a tool transaction.
+fn client_append(session: Uuid, event: NewEvent, epoch: Option<i64>) -> Append {
+    Append {
+        session,
+        epoch,
+        event,
+        node_seq: None,
+        persisted: None,
+    }
+}
+
+impl Store {
+    /// Appends a line's events (may be none) and applies `effect`, in one
+    /// transaction.
+    pub(crate) async fn apply_tool(
+        &self,
+        appends: &[Append],
+        effect: &ToolEffect,
+    ) -> Result<ToolOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = ToolOutcome::default();
+        if !appends.is_empty() {
+            let by_id = append_rows(&mut *tx, appends).await?;
+            let Some(stored) = placed(appends, &by_id) else {
+                tx.rollback().await?;
+                return Err(self.refused(appends, &by_id).await);
+            };
+            out.stored = stored;
+        }
+        match effect {
+            ToolEffect::Ask { request, event } => {
+                let ask_seq = out.stored.get(*event).map_or(0, |s| s.seq);
+                let a = &request.ask;
+                sqlx::query(sql::ASK)
+                    .bind(request.session)
+                    .bind(&a.tool_use_id)
+                    .bind(&a.request_id)
+                    .bind(&a.tool_name)
+                    .bind(Json(&a.input))
+                    .bind(&a.reason)
+                    .bind(Json(&a.suggestions))
+                    .bind(request.epoch)
+                    .bind(ask_seq)
+                    .bind(request.message_seq)
+                    .bind(i64::try_from(request.timeout.as_millis()).unwrap_or(i64::MAX))
+                    .bind(request.timeout_decision.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            ToolEffect::Withdraw {
+                session,
+                request_id,
+            } => {
+                sqlx::query(sql::WITHDRAW)
+                    .bind(session)
+                    .bind(request_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            ToolEffect::Answer { session, answer } => {
+                let locked: Option<Locked> = sqlx::query_as(sql::LOCK)
+                    .bind(session)
+                    .bind(&answer.tool_use_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = locked else {
+                    return Err(Error::Precondition(format!(
+                        "tool_use_id: no permission request `{}` in this session",
+                        answer.tool_use_id
+                    )));
+                };
+                match row.decision.as_deref() {
+                    None => {}
+                    Some(d) if d == answer.decision => {
+                        // The same answer again: idempotent.
+                        out.already = row.answer_seq;
+                        tx.rollback().await?;
+                        return Ok(out);
+                    }
+                    Some(d) => {
+                        let by = row.answer.map(|a| a.0.by).unwrap_or_default();
+                        let what = match (d, by.as_str()) {
+                            ("cancelled", _) => "was withdrawn (the agent no longer waits)".to_string(),
+                            (_, "timeout") => format!("was already answered `{d}` when it timed out"),
+                            _ => format!("was already answered `{d}`"),
+                        };
+                        return Err(Error::Precondition(format!(
+                            "tool_use_id: the request `{}` {what}",
+                            answer.tool_use_id
+                        )));
+                    }
+                }
+                let mut p = answer.clone();
+                p.request_id = row.request_id;
+                p.tool_name = row.tool_name;
+                if p.always && p.decision == "allow" {
+                    p.updated_permissions = Some(row.suggestions.0);
+                }
+                p.waited_s = (Utc::now() - row.ask_time)
+                    .to_std()
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                let append = client_append(
+                    *session,
+                    NewEvent::new(ev::USER_TOOL_CONFIRMATION, payload::to_json(&p)),
+                    None,
+                );
+                let event = self.append_one(&mut tx, append).await?;
+                sqlx::query(sql::ANSWER)
+                    .bind(session)
+                    .bind(&p.tool_use_id)
+                    .bind(&p.decision)
+                    .bind(Json(&p))
+                    .bind(event.seq)
+                    .execute(&mut *tx)
+                    .await?;
+                out.events.push(event);
+            }
+            ToolEffect::CloseAll {
+                session,
+                epoch,
+                reason,
+            } => {
+                let rows: Vec<(String, String, i64)> = sqlx::query_as(sql::PENDING_LOCKED)
+                    .bind(session)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for (tool_use_id, request_id, message_seq) in rows {
+                    let p = payload::ToolPermissionCancelled {
+                        request_id,
+                        tool_use_id,
+                        reason: reason.clone(),
+                    };
+                    let append = client_append(
+                        *session,
+                        NewEvent::new(ev::SESSION_TOOL_PERMISSION_CANCELLED, payload::to_json(&p)),
+                        *epoch,
+                    );
+                    let event = self.append_one(&mut tx, append).await?;
+                    sqlx::query(sql::ANSWER)
+                        .bind(session)
+                        .bind(&p.tool_use_id)
+                        .bind("cancelled")
+                        .bind(Json(serde_json::json!({"by": "run_end", "reason": reason})))
+                        .bind(event.seq)
+                        .execute(&mut *tx)
+                        .await?;
+                    out.events.push(event);
+                    out.closed_message_seqs.push(message_seq);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn append_one(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        append: Append,
+    ) -> Result<Event> {
+        let batch = [append];
+        let by_id = append_rows(&mut **tx, &batch).await?;
+        let Some(at) = placed(&batch, &by_id).and_then(|s| s.first().copied()) else {
+            return Err(self.refused(&batch, &by_id).await);
+        };
+        let [append] = batch;
+        Ok(append.into_event(at))
+    }
+
+    /// Pending requests of these sessions, oldest first.
+    pub(crate) async fn pending_tools(&self, sessions: &[Uuid]) -> Result<Vec<PendingTool>> {
+        if sessions.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as(sql::PENDING)
+            .bind(sessions)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// The requests a re-attached run's agent still waits on (see
+    /// [`sql::UNFORWARDED`]).
+    pub(crate) async fn unforwarded_tools(
+        &self,
+        session: Uuid,
+        input_seq: i64,
+    ) -> Result<Vec<PendingTool>> {
+        Ok(sqlx::query_as(sql::UNFORWARDED)
+            .bind(session)
+            .bind(input_seq)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Requests waiting fleet-wide, and the oldest's age.
+    pub(crate) async fn pending_tool_summary(&self) -> Result<(i64, f64)> {
+        Ok(sqlx::query_as(sql::PENDING_SUMMARY)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
