@@ -26,7 +26,20 @@
 //! | `oom`                   | allocates memory until the kernel kills it                        |
 //! | `subagent TEXT`         | a Task tool call whose sub-agent (on `claude-haiku-4-5`, lines   |
 //! |                         | carrying `parent_tool_use_id`) replies TEXT, then a reply        |
+//! | `edit PATH TEXT`        | a Write tool call, asking permission as the real CLI does (see   |
+//! |                         | below), then `done: RESULT` as fake-anthropic replies            |
 //! | anything else           | replies `You said: …`                                             |
+//!
+//! Permissions, as the real CLI: with `--permission-prompt-tool stdio`, a
+//! Write (`edit`) in the `default` or `plan` mode, and a Bash call (`tool`)
+//! whose command redirects output (`>`), write a `control_request`
+//! `can_use_tool` and wait for its `control_response` (allow, with an
+//! edited input or `updatedPermissions`, or deny, with a message and maybe
+//! `interrupt`). An interrupt meanwhile withdraws the request
+//! (`control_cancel_request`); stdin closing fails the call ("Tool
+//! permission stream closed before response received"). `--allowedTools
+//! Write|Bash` runs them without asking, `--disallowedTools` refuses them,
+//! and without the prompt tool a call that would ask is denied.
 //!
 //! Like the real CLI it keeps its conversation in
 //! `$HOME/.claude/projects/{cwd with / as -}/{session_id}.jsonl`, one prompt a
@@ -48,6 +61,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+
+mod permission;
 
 /// The model fake sub-agents run on.
 const SUB_MODEL: &str = "claude-haiku-4-5";
@@ -98,6 +113,7 @@ struct Args {
     model: String,
     resume: Option<String>,
     session_id: Option<String>,
+    permission: permission::Policy,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -132,6 +148,12 @@ fn parse_args() -> Result<Args, String> {
                 "--model" => args.model = value,
                 "--resume" | "-r" => args.resume = Some(value),
                 "--session-id" => args.session_id = Some(value),
+                "--permission-prompt-tool" => args.permission.prompt_tool = value == "stdio",
+                "--permission-mode" => args.permission.mode = value,
+                "--allowedTools" | "--allowed-tools" => args.permission.allowed.push(value),
+                "--disallowedTools" | "--disallowed-tools" => {
+                    args.permission.disallowed.push(value)
+                }
                 _ => {}
             }
         } else if flag.starts_with('-') {
@@ -163,6 +185,8 @@ fn parse_args() -> Result<Args, String> {
 enum Input {
     User(String),
     Interrupt(String),
+    /// A `control_response`: its request id and response.
+    Response(String, Value),
     Eof,
 }
 
@@ -182,6 +206,13 @@ fn read_stdin(tx: mpsc::Sender<Input>) {
             Some("control_request") if v["request"]["subtype"] == "interrupt" => {
                 Input::Interrupt(v["request_id"].as_str().unwrap_or_default().to_string())
             }
+            Some("control_response") => Input::Response(
+                v["response"]["request_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                v["response"]["response"].clone(),
+            ),
             _ => {
                 eprintln!("fake-claude: ignoring stdin line: {line}");
                 continue;
@@ -222,6 +253,7 @@ struct Agent {
     /// Messages that arrived while a turn was running, answered in order.
     queued: std::collections::VecDeque<String>,
     eof: bool,
+    permission: permission::Policy,
 }
 
 /// How a wait inside a turn ended.
@@ -361,6 +393,8 @@ impl Agent {
                     self.control_ack(&id);
                     return Wait::Interrupted;
                 }
+                // An answer to no request waiting: ignored, as the CLI does.
+                Ok(Input::Response(..)) => {}
                 Ok(Input::Eof) | Err(RecvTimeoutError::Disconnected) => {
                     self.eof = true;
                     return Wait::Eof;
@@ -413,6 +447,10 @@ impl Agent {
         }
         let reply = match cmd {
             "echo" => rest.join(" "),
+            "edit" => return self.edit(prompt, &rest, started),
+            "tool" if rest.contains(&">") || rest.iter().any(|w| w.starts_with('>')) => {
+                return self.bash_asking(prompt, &rest.join(" "), started);
+            }
             "tool" => {
                 let command = rest.join(" ");
                 let id = format!("toolu_fake_{}", nonce());
@@ -597,6 +635,7 @@ impl Agent {
                 }
                 // No turn in flight: acknowledge and carry on.
                 Input::Interrupt(id) => self.control_ack(&id),
+                Input::Response(..) => {}
                 Input::Eof => return,
             }
         }
@@ -687,6 +726,7 @@ fn main() {
         totals,
         queued: Default::default(),
         eof: false,
+        permission: args.permission,
     };
     agent.run();
 }
