@@ -53,6 +53,37 @@ pub struct SpecArgs {
     /// A host the allowlist lets through (`host`, `host:port`, `*.domain`; repeatable).
     #[arg(long = "allow-host")]
     pub allow_hosts: Vec<String>,
+    /// Claude Code's permission mode: default (asks before edits and
+    /// commands that change things), accept-edits, plan or bypass.
+    #[arg(long, value_enum)]
+    pub permission_mode: Option<PermissionModeArg>,
+    /// A tool rule that runs without asking, in Claude Code's syntax
+    /// (`Bash(git *)`, `Edit`; repeatable).
+    #[arg(long = "allow-tool")]
+    pub allow_tools: Vec<String>,
+    /// A tool rule that is refused without asking (repeatable).
+    #[arg(long = "deny-tool")]
+    pub deny_tools: Vec<String>,
+    /// Seconds a tool permission request waits for an answer (default 600).
+    #[arg(long)]
+    pub confirm_timeout: Option<u64>,
+    /// What a request nobody answers in time gets (default deny).
+    #[arg(long, value_enum)]
+    pub timeout_decision: Option<DecisionArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum PermissionModeArg {
+    Default,
+    AcceptEdits,
+    Plan,
+    Bypass,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DecisionArg {
+    Allow,
+    Deny,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -105,6 +136,39 @@ impl SpecArgs {
             skills: self.skills()?,
             vault_ids: self.secrets.clone(),
             egress: self.egress(),
+            tool_policy: self.tool_policy(),
+        })
+    }
+
+    /// The tool policy these flags describe; `None` when none is given.
+    fn tool_policy(&self) -> Option<pb::ToolPolicy> {
+        if self.permission_mode.is_none()
+            && self.allow_tools.is_empty()
+            && self.deny_tools.is_empty()
+            && self.confirm_timeout.is_none()
+            && self.timeout_decision.is_none()
+        {
+            return None;
+        }
+        let mode = match self.permission_mode {
+            None | Some(PermissionModeArg::Default) => pb::PermissionMode::Default,
+            Some(PermissionModeArg::AcceptEdits) => pb::PermissionMode::AcceptEdits,
+            Some(PermissionModeArg::Plan) => pb::PermissionMode::Plan,
+            Some(PermissionModeArg::Bypass) => pb::PermissionMode::BypassPermissions,
+        };
+        let decision = match self.timeout_decision {
+            Some(DecisionArg::Allow) => pb::ToolDecision::Allow,
+            None | Some(DecisionArg::Deny) => pb::ToolDecision::Deny,
+        };
+        Some(pb::ToolPolicy {
+            permission_mode: mode as i32,
+            allowed_tools: self.allow_tools.clone(),
+            disallowed_tools: self.deny_tools.clone(),
+            confirmation_timeout: self.confirm_timeout.map(|s| prost_types::Duration {
+                seconds: i64::try_from(s).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+            timeout_decision: decision as i32,
         })
     }
 
@@ -133,12 +197,14 @@ impl SpecArgs {
             || self.egress().is_some();
         if other {
             return Err(CliError(
-                "with --agent only --env and --secret may be given: the agent's version supplies image, runtime, model, prompt, limits, skills and egress".into(),
+                "with --agent only --env, --secret and the tool policy flags may be given: the agent's version supplies image, runtime, model, prompt, limits, skills and egress".into(),
             ));
         }
         Ok(pb::SessionSpec {
             env: self.env.iter().cloned().collect(),
             vault_ids: self.secrets.clone(),
+            // A session may replace its agent's tool policy.
+            tool_policy: self.tool_policy(),
             ..Default::default()
         })
     }

@@ -161,7 +161,7 @@ pub fn event_json(e: &pb::Event) -> String {
     v.to_string()
 }
 
-fn clip(s: &str, n: usize) -> String {
+pub(crate) fn clip(s: &str, n: usize) -> String {
     let one_line = s.replace('\n', " ");
     if one_line.chars().count() <= n {
         one_line
@@ -203,6 +203,22 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
                 .unwrap_or_default()
         ),
         ev::AGENT_RESULT | ev::RUNTIME_INIT | ev::RUNTIME_SYSTEM => return None,
+        ev::AGENT_TOOL_PERMISSION => {
+            let p: payload::ToolPermission = payload::parse(json).unwrap_or_default();
+            format!(
+                "? {} {} asks permission ({}): berth sessions approve|deny {} {}",
+                p.tool_name,
+                clip(&p.input.to_string(), 120),
+                p.reason,
+                e.session_id,
+                p.tool_use_id
+            )
+        }
+        ev::USER_TOOL_CONFIRMATION => {
+            let a: payload::ToolConfirmation = payload::parse(json).unwrap_or_default();
+            let by = if a.by == "timeout" { " (timed out)" } else { "" };
+            format!("> {} {}{by}", a.decision, a.tool_name)
+        }
         ev::SESSION_USAGE => {
             let t = payload::parse::<payload::Usage>(json)
                 .unwrap_or_default()

@@ -30,6 +30,46 @@ pub(crate) struct RunArgs {
     prompt: String,
 }
 
+/// Shows a permission request and sends the person's answer.
+async fn prompt_tool(
+    client: &mut SessionsClient<Api>,
+    d: &str,
+    session: &str,
+    e: &pb::Event,
+) -> Result<(), CliError> {
+    use std::io::{BufRead, Write};
+    let p: berth_common::events::payload::ToolPermission =
+        berth_common::events::payload::parse(&e.payload_json).unwrap_or_default();
+    eprintln!("\n{}", berth_cli::tools::describe(e));
+    let answer = loop {
+        eprint!("allow? [y]es / [n]o / [a]lways: ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if std::io::stdin().lock().read_line(&mut line).unwrap_or(0) == 0 {
+            // No more input: leave the request to the session's policy.
+            eprintln!("(no answer; the session's tool policy decides when it times out)");
+            return Ok(());
+        }
+        if let Some(a) = berth_cli::tools::parse_answer(&line) {
+            break a;
+        }
+    };
+    let message = if answer == berth_cli::tools::Answer::Deny {
+        "Denied by the user."
+    } else {
+        ""
+    };
+    match berth_cli::tools::confirm(client, session, &p.tool_use_id, answer, message).await {
+        Ok(_) => Ok(()),
+        // Answered elsewhere meanwhile, or withdrawn: the events say how.
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            eprintln!("{}", s.message());
+            Ok(())
+        }
+        Err(s) => Err(explain(d, Some(session), s)),
+    }
+}
+
 /// Runs `berth run` against dispatcher `d`.
 pub(crate) async fn run(
     client: &mut SessionsClient<Api>,
@@ -62,20 +102,34 @@ pub(crate) async fn run(
     }
     let mut first_agent_event = None;
     let mut turn_done = false;
-    berth_cli::follow::follow(client, &session.name, 0, |e| {
-        if first_agent_event.is_none()
-            && (e.r#type.starts_with("agent.") || e.r#type.starts_with("runtime."))
-        {
-            first_agent_event = Some(started.elapsed());
-        }
-        print_event(e, json);
-        if e.r#type == "session.usage" {
-            turn_done = true;
-        }
-        !(turn_done && e.r#type == "session.status_idle")
-    })
-    .await
-    .map_err(|e| explain(d, Some(&session.id), e))?;
+    // A person at a terminal answers tool permission requests here; else
+    // they are printed with the command that answers them.
+    let ask = !json && std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let mut after = 0;
+    loop {
+        let mut asked = None;
+        berth_cli::follow::follow(client, &session.name, after, |e| {
+            after = e.seq;
+            if first_agent_event.is_none()
+                && (e.r#type.starts_with("agent.") || e.r#type.starts_with("runtime."))
+            {
+                first_agent_event = Some(started.elapsed());
+            }
+            print_event(e, json);
+            if e.r#type == "session.usage" {
+                turn_done = true;
+            }
+            if ask && e.r#type == berth_common::events::AGENT_TOOL_PERMISSION {
+                asked = Some(e.clone());
+                return false;
+            }
+            !(turn_done && e.r#type == "session.status_idle")
+        })
+        .await
+        .map_err(|e| explain(d, Some(&session.id), e))?;
+        let Some(e) = asked else { break };
+        prompt_tool(client, d, &session.id, &e).await?;
+    }
     let s = client
         .get_session(pb::GetSessionRequest {
             name: session.name.clone(),

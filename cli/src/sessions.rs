@@ -21,6 +21,27 @@ pub(crate) enum SessionsCmd {
         /// Page token from a previous listing.
         #[arg(long, default_value = "")]
         page_token: String,
+        /// Only sessions whose agent waits for a tool approval.
+        #[arg(long)]
+        waiting: bool,
+    },
+    /// Allow a tool call the agent asked permission for.
+    Approve {
+        session: String,
+        /// The request's tool_use_id; may be left out when only one waits.
+        tool_use_id: Option<String>,
+        /// Also allow calls like it for the rest of the session.
+        #[arg(long)]
+        always: bool,
+    },
+    /// Refuse a tool call the agent asked permission for.
+    Deny {
+        session: String,
+        /// The request's tool_use_id; may be left out when only one waits.
+        tool_use_id: Option<String>,
+        /// Told to the agent as the reason.
+        #[arg(long, default_value = "Denied by the user.")]
+        message: String,
     },
     /// Show one session.
     Get { session: String },
@@ -69,10 +90,31 @@ pub(crate) async fn run(
     cmd: SessionsCmd,
 ) -> Result<(), CliError> {
     match cmd {
+        SessionsCmd::Approve {
+            session,
+            tool_use_id,
+            always,
+        } => {
+            let answer = if always {
+                berth_cli::tools::Answer::Always
+            } else {
+                berth_cli::tools::Answer::Allow
+            };
+            answer_tool(client, d, json, &session, tool_use_id.as_deref(), answer, "").await
+        }
+        SessionsCmd::Deny {
+            session,
+            tool_use_id,
+            message,
+        } => {
+            let answer = berth_cli::tools::Answer::Deny;
+            answer_tool(client, d, json, &session, tool_use_id.as_deref(), answer, &message).await
+        }
         SessionsCmd::List {
             status,
             page_size,
             page_token,
+            waiting,
         } => {
             let status = match status {
                 None => 0,
@@ -86,6 +128,11 @@ pub(crate) async fn run(
                     page_token,
                     status,
                     labels: HashMap::new(),
+                    activity: if waiting {
+                        pb::Activity::WaitingInput as i32
+                    } else {
+                        0
+                    },
                 })
                 .await
                 .map_err(|s| explain(d, None, s))?
@@ -95,6 +142,16 @@ pub(crate) async fn run(
                     println!("{}", render::session_json(s));
                 } else {
                     println!("{}", render::session_line(s));
+                    for r in &s.pending_tool_requests {
+                        println!(
+                            "    waiting: {} {} ({}): berth sessions approve|deny {} {}",
+                            r.tool_name,
+                            render::clip(&r.input_json, 80),
+                            r.reason,
+                            s.id,
+                            r.tool_use_id
+                        );
+                    }
                 }
             }
             if !resp.next_page_token.is_empty() && !json {
@@ -263,6 +320,36 @@ pub(crate) async fn run(
             Ok(())
         }
     }
+}
+
+/// Answers a session's tool permission request.
+async fn answer_tool(
+    client: &mut SessionsClient<Api>,
+    d: &str,
+    json: bool,
+    session: &str,
+    tool_use_id: Option<&str>,
+    answer: berth_cli::tools::Answer,
+    message: &str,
+) -> Result<(), CliError> {
+    let explain_ = |e| explain(d, Some(session), e);
+    let id = berth_cli::tools::pending_request(client, session, tool_use_id)
+        .await
+        .map_err(explain_)?;
+    let r = berth_cli::tools::confirm(client, session, &id, answer, message)
+        .await
+        .map_err(|e| explain(d, Some(session), e))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"tool_use_id": id, "seq": r.seq, "already_answered": r.already_answered})
+        );
+    } else if r.already_answered {
+        println!("{id}: already answered the same way (seq {})", r.seq);
+    } else {
+        println!("{id}: answered (seq {})", r.seq);
+    }
+    Ok(())
 }
 
 /// Prints the session a control call returned, or explains its error.
