@@ -35,10 +35,6 @@ pub const TOOL_OLDEST_AGE: &str = "berth_tool_confirmation_oldest_age_seconds";
 pub const TOOL_WAIT: &str = "berth_tool_confirmation_wait_seconds";
 pub const TOOL_REQUESTS: &str = "berth_tool_permission_requests_total";
 
-/// How long a person takes to answer, from half a second to an hour.
-const CONFIRMATION_BUCKETS: &[f64] = &[
-    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-];
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
@@ -56,8 +52,8 @@ pub const ALL: &[Def] = &[
     },
     Def {
         name: TOOL_WAIT,
-        kind: Kind::Histogram(CONFIRMATION_BUCKETS),
-        help: "Seconds from a tool permission request to its answer, by decision (allow, deny) and by whom (user, timeout).",
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds from a tool permission request to its answer, by decision (allow, deny) and by whom (user, timeout); answers after 60 s fall in +Inf (berth_tool_confirmation_oldest_age_seconds shows long waits).",
         labels: &["decision", "by"],
     },
     Def {

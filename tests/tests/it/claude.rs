@@ -13,11 +13,11 @@ const CLAUDE_IMAGE: &str = "berth-test-claude:latest";
 /// A model the CLI knows the price of, so it reports a cost.
 const MODEL: &str = "claude-sonnet-4-5";
 
-async fn cluster() -> anyhow::Result<TestCluster> {
+pub(crate) async fn cluster() -> anyhow::Result<TestCluster> {
     cluster_of(1).await
 }
 
-async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
+pub(crate) async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
     TestCluster::builder()
         .nodes(nodes)
         .configure_node(|_, cfg, _| {
@@ -37,7 +37,7 @@ async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
         .await
 }
 
-fn claude_session(first: &str) -> pb::CreateSessionRequest {
+pub(crate) fn claude_session(first: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
         spec: Some(pb::SessionSpec {
             image: CLAUDE_IMAGE.into(),
