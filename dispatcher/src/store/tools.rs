@@ -127,7 +127,8 @@ struct Locked {
     suggestions: Json<serde_json::Value>,
     ask_time: DateTime<Utc>,
     decision: Option<String>,
-    answer: Option<Json<payload::ToolConfirmation>>,
+    /// A confirmation's payload, or a closing's `{by, reason}`.
+    answer: Option<Json<serde_json::Value>>,
     answer_seq: Option<i64>,
 }
 
@@ -211,7 +212,10 @@ impl Store {
                         return Ok(out);
                     }
                     Some(d) => {
-                        let by = row.answer.map(|a| a.0.by).unwrap_or_default();
+                        let by = row
+                            .answer
+                            .and_then(|a| a.0["by"].as_str().map(String::from))
+                            .unwrap_or_default();
                         let what = match (d, by.as_str()) {
                             ("cancelled", _) => "was withdrawn (the agent no longer waits)".to_string(),
                             (_, "timeout") => format!("was already answered `{d}` when it timed out"),
