@@ -89,6 +89,28 @@ pub fn session_details(s: &pb::Session) -> String {
             }
         ),
     );
+    let activity = match pb::Activity::try_from(s.activity) {
+        Ok(pb::Activity::Working) => "working",
+        Ok(pb::Activity::Idle) => "idle",
+        Ok(pb::Activity::WaitingInput) => "waiting for a tool approval",
+        _ => "",
+    };
+    if !activity.is_empty() {
+        line("activity", activity.into());
+    }
+    for r in &s.pending_tool_requests {
+        line(
+            "waiting",
+            format!(
+                "{} {} ({}): berth sessions approve|deny {} {}",
+                r.tool_name,
+                clip(&r.input_json, 80),
+                r.reason,
+                s.id,
+                r.tool_use_id
+            ),
+        );
+    }
     if !s.agent.is_empty() {
         line("agent", format!("{}@{}", s.agent, s.agent_version));
     }
@@ -216,7 +238,11 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
         }
         ev::USER_TOOL_CONFIRMATION => {
             let a: payload::ToolConfirmation = payload::parse(json).unwrap_or_default();
-            let by = if a.by == "timeout" { " (timed out)" } else { "" };
+            let by = if a.by == "timeout" {
+                " (timed out)"
+            } else {
+                ""
+            };
             format!("> {} {}{by}", a.decision, a.tool_name)
         }
         ev::SESSION_USAGE => {

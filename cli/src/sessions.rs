@@ -100,7 +100,16 @@ pub(crate) async fn run(
             } else {
                 berth_cli::tools::Answer::Allow
             };
-            answer_tool(client, d, json, &session, tool_use_id.as_deref(), answer, "").await
+            answer_tool(
+                client,
+                d,
+                json,
+                &session,
+                tool_use_id.as_deref(),
+                answer,
+                "",
+            )
+            .await
         }
         SessionsCmd::Deny {
             session,
@@ -108,7 +117,16 @@ pub(crate) async fn run(
             message,
         } => {
             let answer = berth_cli::tools::Answer::Deny;
-            answer_tool(client, d, json, &session, tool_use_id.as_deref(), answer, &message).await
+            answer_tool(
+                client,
+                d,
+                json,
+                &session,
+                tool_use_id.as_deref(),
+                answer,
+                &message,
+            )
+            .await
         }
         SessionsCmd::List {
             status,

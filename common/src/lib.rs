@@ -12,8 +12,8 @@ pub mod spec;
 pub mod sync;
 pub mod telemetry;
 pub mod time;
-pub mod tools;
 pub mod tls;
+pub mod tools;
 pub mod usage;
 
 /// Resolves on SIGINT or SIGTERM.

@@ -136,13 +136,12 @@ impl ToolPolicy {
             ("spec.tool_policy.disallowed_tools", &self.disallowed_tools),
         ] {
             if rules.len() > MAX_RULES {
-                return Err(FieldError::new(
-                    field,
-                    format!("at most {MAX_RULES} rules"),
-                ));
+                return Err(FieldError::new(field, format!("at most {MAX_RULES} rules")));
             }
             for r in rules {
-                if r.trim().is_empty() || r.len() > MAX_RULE_BYTES || r.chars().any(char::is_control)
+                if r.trim().is_empty()
+                    || r.len() > MAX_RULE_BYTES
+                    || r.chars().any(char::is_control)
                 {
                     return Err(FieldError::new(
                         field,

@@ -120,7 +120,11 @@ fn transcript_entry(out: &mut String, e: &Event) {
         }
         ev::USER_TOOL_CONFIRMATION => {
             let a: payload::ToolConfirmation = payload::parse(&e.payload).unwrap_or_default();
-            let verb = if a.decision == "allow" { "Allowed" } else { "Denied" };
+            let verb = if a.decision == "allow" {
+                "Allowed"
+            } else {
+                "Denied"
+            };
             let who = match (a.by.as_str(), a.identity.as_str()) {
                 ("timeout", _) => " by the timeout".to_string(),
                 (_, "") => String::new(),

@@ -35,7 +35,6 @@ pub const TOOL_OLDEST_AGE: &str = "berth_tool_confirmation_oldest_age_seconds";
 pub const TOOL_WAIT: &str = "berth_tool_confirmation_wait_seconds";
 pub const TOOL_REQUESTS: &str = "berth_tool_permission_requests_total";
 
-
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
     Def {
@@ -286,7 +285,11 @@ impl Drop for StreamGauge {
 pub fn record_tool_answer(payload: &str) {
     use berth_common::events::payload as p;
     if let Some(a) = p::parse::<p::ToolConfirmation>(payload) {
-        let decision = if a.decision == "allow" { "allow" } else { "deny" };
+        let decision = if a.decision == "allow" {
+            "allow"
+        } else {
+            "deny"
+        };
         let by = if a.by == "timeout" { "timeout" } else { "user" };
         metrics::histogram!(TOOL_WAIT, "decision" => decision, "by" => by).record(a.waited_s);
     }

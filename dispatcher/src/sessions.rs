@@ -266,7 +266,10 @@ impl Sessions {
         };
         let out = self
             .log
-            .tool(ToolEffect::Answer { session: id, answer })
+            .tool(ToolEffect::Answer {
+                session: id,
+                answer,
+            })
             .await?;
         if let Some(seq) = out.already {
             return Ok((seq, true));
@@ -281,7 +284,10 @@ impl Sessions {
     }
 
     /// Pending tool permission requests of these sessions, oldest first.
-    pub(crate) async fn pending_tools(&self, ids: &[Uuid]) -> Result<Vec<crate::store::PendingTool>> {
+    pub(crate) async fn pending_tools(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<crate::store::PendingTool>> {
         self.store.pending_tools(ids).await
     }
 

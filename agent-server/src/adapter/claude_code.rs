@@ -36,7 +36,9 @@ use berth_common::events as ev;
 use berth_common::usage::Reported;
 use serde_json::{Map, Value, json};
 
-use super::{Adapter, Asked, Block, Decoded, ToolDecision, TurnUsage, figures, json_field, reported, usd};
+use super::{
+    Adapter, Asked, Block, Decoded, ToolDecision, TurnUsage, figures, json_field, reported, usd,
+};
 use crate::spec::SessionSpec;
 
 /// Tool calls awaiting their result: at most this many names are kept.
@@ -72,7 +74,10 @@ impl Adapter for ClaudeCode {
         .map(String::from)
         .into();
         if let Some(p) = &spec.agent.tool_policy {
-            cmd.extend(["--permission-mode".into(), p.permission_mode.as_str().into()]);
+            cmd.extend([
+                "--permission-mode".into(),
+                p.permission_mode.as_str().into(),
+            ]);
             for rule in &p.allowed_tools {
                 cmd.extend(["--allowedTools".into(), rule.clone()]);
             }
@@ -167,7 +172,9 @@ impl Adapter for ClaudeCode {
                 f.insert("reason".into(), reason.into());
                 f.insert(
                     "suggestions".into(),
-                    r.get("permission_suggestions").cloned().unwrap_or(json!([])),
+                    r.get("permission_suggestions")
+                        .cloned()
+                        .unwrap_or(json!([])),
                 );
                 copy(r, &mut f, &["display_name", "blocked_path", "agent_id"]);
                 Decoded::one(Block::new(ev::AGENT_TOOL_PERMISSION, f))
@@ -592,12 +599,15 @@ mod tests {
             allow: true,
             ..Default::default()
         };
-        let out: Value = serde_json::from_slice(&a.encode_tool_decision(&allow).expect("asked"))
-            .expect("json");
+        let out: Value =
+            serde_json::from_slice(&a.encode_tool_decision(&allow).expect("asked")).expect("json");
         assert_eq!(out["type"], "control_response");
         assert_eq!(out["response"]["request_id"], "9c19");
         // No edit: the input as asked goes back.
-        assert_eq!(out["response"]["response"]["updatedInput"]["content"], "hello");
+        assert_eq!(
+            out["response"]["response"]["updatedInput"]["content"],
+            "hello"
+        );
         assert!(a.encode_tool_decision(&allow).is_none(), "answered once");
 
         // A denial with its message; a withdrawn request takes no answer.
@@ -608,8 +618,8 @@ mod tests {
             interrupt: true,
             ..allow.clone()
         };
-        let out: Value = serde_json::from_slice(&a.encode_tool_decision(&deny).expect("asked"))
-            .expect("json");
+        let out: Value =
+            serde_json::from_slice(&a.encode_tool_decision(&deny).expect("asked")).expect("json");
         assert_eq!(out["response"]["response"]["behavior"], "deny");
         assert_eq!(out["response"]["response"]["message"], "not here");
         assert_eq!(out["response"]["response"]["interrupt"], true);

@@ -16,7 +16,9 @@
 use berth_common::events as ev;
 use serde_json::{Value, json};
 
-use super::{Adapter, Asked, Block, Decoded, ToolDecision, TurnUsage, figures, json_field, reported};
+use super::{
+    Adapter, Asked, Block, Decoded, ToolDecision, TurnUsage, figures, json_field, reported,
+};
 use crate::spec::SessionSpec;
 
 /// Keeps only the requests the agent waits on.
@@ -70,12 +72,19 @@ impl Adapter for Jsonl {
             Some("tool_result") => ev::AGENT_TOOL_RESULT,
             Some("turn_end") => ev::AGENT_RESULT,
             Some("tool_permission") => {
-                let id = fields.get("request_id").and_then(Value::as_str).unwrap_or_default();
-                self.asked.ask(id, fields.get("input").unwrap_or(&Value::Null));
+                let id = fields
+                    .get("request_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                self.asked
+                    .ask(id, fields.get("input").unwrap_or(&Value::Null));
                 ev::AGENT_TOOL_PERMISSION
             }
             Some("tool_permission_cancelled") => {
-                let id = fields.get("request_id").and_then(Value::as_str).unwrap_or_default();
+                let id = fields
+                    .get("request_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 self.asked.answer(id);
                 ev::AGENT_TOOL_PERMISSION_CANCELLED
             }
@@ -150,9 +159,15 @@ mod tests {
         };
         let line = a.encode_tool_decision(&deny).expect("asked");
         let v: Value = serde_json::from_slice(&line).expect("json");
-        assert_eq!((v["decision"].as_str(), v["message"].as_str()), (Some("deny"), Some("no")));
+        assert_eq!(
+            (v["decision"].as_str(), v["message"].as_str()),
+            (Some("deny"), Some("no"))
+        );
         assert!(a.encode_tool_decision(&deny).is_none(), "answered once");
-        let unknown = ToolDecision { request_id: "r9".into(), ..deny };
+        let unknown = ToolDecision {
+            request_id: "r9".into(),
+            ..deny
+        };
         assert!(a.encode_tool_decision(&unknown).is_none());
     }
 }

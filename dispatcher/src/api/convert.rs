@@ -117,10 +117,16 @@ pub fn tool_answer(r: pb::ConfirmToolRequest) -> Result<(Uuid, ToolAnswer)> {
         }
     };
     if r.always && decision == Decision::Deny {
-        return Err(Error::invalid("always", "only an allow can be made permanent"));
+        return Err(Error::invalid(
+            "always",
+            "only an allow can be made permanent",
+        ));
     }
     if r.interrupt && decision == Decision::Allow {
-        return Err(Error::invalid("interrupt", "only a deny interrupts the turn"));
+        return Err(Error::invalid(
+            "interrupt",
+            "only a deny interrupts the turn",
+        ));
     }
     if r.message.len() > tools::MAX_MESSAGE_BYTES {
         return Err(Error::invalid(

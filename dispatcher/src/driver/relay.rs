@@ -120,6 +120,10 @@ impl<'a> Relay<'a> {
     async fn load_tools(&mut self) -> Result<()> {
         let (ctx, id) = (self.ctx, self.session.id);
         if !self.link.attached {
+            // Read with the claim: no round trip on the usual start.
+            if self.session.pending_tools == 0 {
+                return Ok(());
+            }
             let close = ToolEffect::CloseAll {
                 session: id,
                 epoch: Some(self.session.epoch),
@@ -460,9 +464,17 @@ impl<'a> Relay<'a> {
                 reason: reason.into(),
             })
             .await?;
-        let first = out.closed_message_seqs.iter().copied().filter(|s| *s > 0).min();
+        let first = out
+            .closed_message_seqs
+            .iter()
+            .copied()
+            .filter(|s| *s > 0)
+            .min();
         if let (true, Some(seq)) = (pause, first) {
-            tracing::info!(message_seq = seq, "paused while the agent waited for a tool answer: the turn is delivered again on resume");
+            tracing::info!(
+                message_seq = seq,
+                "paused while the agent waited for a tool answer: the turn is delivered again on resume"
+            );
             let ctx = self.ctx;
             durably(ctx, || ctx.store.rewind_input_seq(id, seq - 1, epoch)).await?;
         }

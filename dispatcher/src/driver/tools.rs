@@ -122,7 +122,10 @@ mod tests {
         assert!(p.expired(t0).is_empty());
         let fired = p.expired(t0 + Duration::from_secs(2));
         assert_eq!(fired, vec![("b".to_string(), Decision::Deny)]);
-        assert!(p.expired(t0 + Duration::from_secs(2)).is_empty(), "fires once");
+        assert!(
+            p.expired(t0 + Duration::from_secs(2)).is_empty(),
+            "fires once"
+        );
         // Still waiting for its answer to reach the agent.
         assert_eq!(p.len(), 2);
         assert_eq!(p.next_deadline(), Some(t0 + Duration::from_secs(5)));

@@ -93,9 +93,7 @@ pub(super) async fn run(
                     done,
                 } => {
                     w.flush(&mut batch).await;
-                    let r = w
-                        .retry(|| w.store.apply_tool(&appends, &effect))
-                        .await;
+                    let r = w.retry(|| w.store.apply_tool(&appends, &effect)).await;
                     let r = match r {
                         Ok(mut out) => {
                             let mut events: Vec<(Arc<Event>, Done)> = appends
@@ -106,9 +104,7 @@ pub(super) async fn run(
                                     (Arc::new(a.into_event(at)), None)
                                 })
                                 .collect();
-                            events.extend(
-                                out.events.iter().map(|e| (Arc::new(e.clone()), None)),
-                            );
+                            events.extend(out.events.iter().map(|e| (Arc::new(e.clone()), None)));
                             w.persisted(events);
                             out.stored.clear();
                             Ok(out)

@@ -72,7 +72,10 @@ pub(crate) struct NewToolRequest {
 pub(crate) enum ToolEffect {
     /// The line asks: record the request. `event` indexes its
     /// `agent.tool_permission` among the line's events.
-    Ask { request: NewToolRequest, event: usize },
+    Ask {
+        request: NewToolRequest,
+        event: usize,
+    },
     /// The line withdraws the request `request_id`.
     Withdraw { session: Uuid, request_id: String },
     /// Answers a pending request (a person, or the timeout), logging
@@ -217,8 +220,12 @@ impl Store {
                             .and_then(|a| a.0["by"].as_str().map(String::from))
                             .unwrap_or_default();
                         let what = match (d, by.as_str()) {
-                            ("cancelled", _) => "was withdrawn (the agent no longer waits)".to_string(),
-                            (_, "timeout") => format!("was already answered `{d}` when it timed out"),
+                            ("cancelled", _) => {
+                                "was withdrawn (the agent no longer waits)".to_string()
+                            }
+                            (_, "timeout") => {
+                                format!("was already answered `{d}` when it timed out")
+                            }
                             _ => format!("was already answered `{d}`"),
                         };
                         return Err(Error::Precondition(format!(

@@ -33,8 +33,7 @@ enum Outcome {
 }
 
 /// The real CLI's message when the answer can no longer come.
-const CLOSED: &str =
-    "Tool permission request failed: AbortError: Tool permission stream closed before response received";
+const CLOSED: &str = "Tool permission request failed: AbortError: Tool permission stream closed before response received";
 /// The real CLI's tool_result for a denial that interrupts.
 const REJECTED: &str = "The user doesn't want to proceed with this tool use. The tool use was rejected (eg. if it was a file edit, the new_string was NOT written to the file). STOP what you are doing and wait for the user to tell you how to proceed.";
 
@@ -79,7 +78,10 @@ impl Agent {
     pub(super) fn bash_asking(&mut self, prompt: &str, command: &str, started: Instant) -> bool {
         let input = json!({"command": command});
         self.tool_call(prompt, "Bash", input, started, |input| {
-            (format!("ran: {}", input["command"].as_str().unwrap_or_default()), false)
+            (
+                format!("ran: {}", input["command"].as_str().unwrap_or_default()),
+                false,
+            )
         })
     }
 

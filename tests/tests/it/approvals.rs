@@ -122,7 +122,10 @@ async fn a_person_approves_one_edit_of_the_real_cli_and_denies_another() -> anyh
     .await
     .expect_err("a decision is required");
     assert_eq!(no_decision.code(), tonic::Code::InvalidArgument);
-    assert!(no_decision.message().contains("decision"), "{no_decision:?}");
+    assert!(
+        no_decision.message().contains("decision"),
+        "{no_decision:?}"
+    );
 
     // Allowed: the CLI writes the file.
     let first = confirm(&mut c, &s.name, &tool_use_id, pb::ToolDecision::Allow, "").await?;
@@ -130,7 +133,10 @@ async fn a_person_approves_one_edit_of_the_real_cli_and_denies_another() -> anyh
     let reply = reply_to_turn(&mut c, &s.name, asked).await?;
     assert!(reply.contains("File created successfully"), "{reply}");
     let read = turn(&mut c, &s.name, "read /workspace/approved.txt").await?;
-    assert!(read.contains("approved content"), "the file changed: {read}");
+    assert!(
+        read.contains("approved content"),
+        "the file changed: {read}"
+    );
     // The same answer again is the first one; another is refused.
     let again = confirm(&mut c, &s.name, &tool_use_id, pb::ToolDecision::Allow, "").await?;
     assert!(again.already_answered);
@@ -141,7 +147,12 @@ async fn a_person_approves_one_edit_of_the_real_cli_and_denies_another() -> anyh
     assert_eq!(changed.code(), tonic::Code::FailedPrecondition);
 
     // Denied, with a reason the agent is told; the file is never written.
-    let seq = send(&mut c, &s.name, "write /workspace/denied.txt must not exist").await?;
+    let seq = send(
+        &mut c,
+        &s.name,
+        "write /workspace/denied.txt must not exist",
+    )
+    .await?;
     let (_, p) = permission_after(&mut c, &s.name, seq).await?;
     let denied_id = p["tool_use_id"].as_str().unwrap_or_default().to_string();
     confirm(
@@ -153,15 +164,23 @@ async fn a_person_approves_one_edit_of_the_real_cli_and_denies_another() -> anyh
     )
     .await?;
     let reply = reply_to_turn(&mut c, &s.name, seq).await?;
-    assert!(reply.contains("not in this repository"), "the agent was told: {reply}");
+    assert!(
+        reply.contains("not in this repository"),
+        "the agent was told: {reply}"
+    );
     let events = events_of(&mut c, &s.name).await?;
     let result = events
         .iter()
-        .find(|e| e.r#type == "agent.tool_result" && payload(e)["tool_use_id"] == denied_id.as_str())
+        .find(|e| {
+            e.r#type == "agent.tool_result" && payload(e)["tool_use_id"] == denied_id.as_str()
+        })
         .expect("the denied call's result");
     assert_eq!(payload(result)["is_error"], true);
     let read = turn(&mut c, &s.name, "read /workspace/denied.txt").await?;
-    assert!(!read.contains("must not exist"), "the file was not written: {read}");
+    assert!(
+        !read.contains("must not exist"),
+        "the file was not written: {read}"
+    );
 
     // Every request and answer is in the log and the export, with who answered.
     let answers: Vec<serde_json::Value> = events
@@ -169,9 +188,23 @@ async fn a_person_approves_one_edit_of_the_real_cli_and_denies_another() -> anyh
         .filter(|e| e.r#type == "user.tool_confirmation")
         .map(payload)
         .collect();
-    assert_eq!(answers.len(), 2, "one answer each, the repeat logged nothing");
-    assert!(answers.iter().all(|a| a["by"] == "user" && a["identity"].as_str().is_some_and(|i| i.starts_with("keys/"))), "{answers:?}");
-    assert!(events.iter().any(|e| e.r#type == "session.activity" && payload(e)["activity"] == "waiting_input"));
+    assert_eq!(
+        answers.len(),
+        2,
+        "one answer each, the repeat logged nothing"
+    );
+    assert!(
+        answers.iter().all(|a| a["by"] == "user"
+            && a["identity"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("keys/"))),
+        "{answers:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.r#type == "session.activity" && payload(e)["activity"] == "waiting_input")
+    );
     let md = c
         .export_session(pb::ExportSessionRequest {
             name: s.name.clone(),
@@ -181,7 +214,10 @@ async fn a_person_approves_one_edit_of_the_real_cli_and_denies_another() -> anyh
         .into_inner()
         .content;
     assert_eq!(md.matches("**Permission asked**").count(), 2, "{md}");
-    assert!(md.contains("**Allowed**") && md.contains("**Denied**"), "{md}");
+    assert!(
+        md.contains("**Allowed**") && md.contains("**Denied**"),
+        "{md}"
+    );
     assert!(md.contains("not in this repository"), "{md}");
     let idle = get(&mut c, &s.name).await?;
     assert_eq!(idle.activity, pb::Activity::Idle as i32);
@@ -215,9 +251,16 @@ async fn unanswered_requests_of_the_real_cli_get_the_policys_decision() -> anyho
             .map(payload)
             .expect("the timeout's answer is logged");
         assert_eq!(answer["by"], "timeout");
-        let want = if on_timeout == pb::ToolDecision::Allow { "allow" } else { "deny" };
+        let want = if on_timeout == pb::ToolDecision::Allow {
+            "allow"
+        } else {
+            "deny"
+        };
         assert_eq!(answer["decision"], want);
-        assert!(answer["waited_s"].as_f64().unwrap_or(0.0) >= 1.9, "{answer}");
+        assert!(
+            answer["waited_s"].as_f64().unwrap_or(0.0) >= 1.9,
+            "{answer}"
+        );
         let read = turn(&mut c, &s.name, &format!("read /workspace/{file}")).await?;
         assert_eq!(
             read.contains("left alone"),
@@ -273,12 +316,20 @@ async fn a_real_cli_paused_while_waiting_asks_again_after_the_resume() -> anyhow
         name: s.name.clone(),
     })
     .await?;
-    let paused = wait_for_status(&mut c, &s.name, pb::SessionStatus::Paused, Duration::from_secs(60)).await?;
+    let paused = wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Paused,
+        Duration::from_secs(60),
+    )
+    .await?;
     assert!(paused.pending_tool_requests.is_empty());
     let events = events_of(&mut c, &s.name).await?;
     assert!(
-        events.iter().any(|e| e.r#type == "session.tool_permission_cancelled"
-            && payload(e)["tool_use_id"] == first_id.as_str()),
+        events
+            .iter()
+            .any(|e| e.r#type == "session.tool_permission_cancelled"
+                && payload(e)["tool_use_id"] == first_id.as_str()),
         "the pause closed the request"
     );
     let late = confirm(&mut c, &s.name, &first_id, pb::ToolDecision::Allow, "")
