@@ -54,5 +54,19 @@ done
 echo "after resume, the agent read back: $($B sessions events "$id" | grep -v '^>' | grep 'kept across pause' | tail -1)"
 $B sessions stop "$id" >/dev/null
 echo
+echo "==> a tool approval: the agent asks to write a file; a person allows it"
+$B run --keep --image berth-test-agent:latest "edit approved.txt allowed by a person" > .berth/approval.log 2>&1 &
+run_pid=$!
+for _ in $(seq 1 100); do
+  $B sessions list --waiting | grep -q 'waiting:' && break
+  sleep 0.2
+done
+$B sessions list --waiting
+id=$($B --json sessions list --waiting | grep -o '"id":"[^"]*"' | head -1 | cut -d'"' -f4)
+$B sessions approve "$id"
+wait "$run_pid" || true
+grep -E 'File created|asks permission' .berth/approval.log || true
+$B sessions stop "$id" >/dev/null
+echo
 echo "berth is running at http://127.0.0.1:7000 — try: target/debug/berth sessions list"
 echo "metrics: http://127.0.0.1:9400/metrics, health: /healthz, readiness: /readyz"

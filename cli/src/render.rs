@@ -49,8 +49,22 @@ pub fn session_json(s: &pb::Session) -> String {
         "agent": s.agent, "agent_version": s.agent_version, "budget_usd": s.budget_usd,
         "snapshot": s.snapshot.as_ref().map(|x| json!({"key": x.key, "size_bytes": x.size_bytes, "create_time": time(&x.create_time)})),
         "archive_time": time(&s.archive_time),
+        "activity": activity_name(s.activity),
+        "pending_tool_requests": s.pending_tool_requests.iter().map(|r| json!({
+            "tool_use_id": r.tool_use_id, "tool_name": r.tool_name, "input_json": r.input_json,
+            "reason": r.reason, "seq": r.seq})).collect::<Vec<_>>(),
     })
     .to_string()
+}
+
+/// `working`, `idle`, `waiting_input`, or empty while no agent runs.
+pub fn activity_name(a: i32) -> &'static str {
+    match pb::Activity::try_from(a) {
+        Ok(pb::Activity::Working) => "working",
+        Ok(pb::Activity::Idle) => "idle",
+        Ok(pb::Activity::WaitingInput) => "waiting_input",
+        _ => "",
+    }
 }
 
 pub fn session_line(s: &pb::Session) -> String {
@@ -89,12 +103,7 @@ pub fn session_details(s: &pb::Session) -> String {
             }
         ),
     );
-    let activity = match pb::Activity::try_from(s.activity) {
-        Ok(pb::Activity::Working) => "working",
-        Ok(pb::Activity::Idle) => "idle",
-        Ok(pb::Activity::WaitingInput) => "waiting for a tool approval",
-        _ => "",
-    };
+    let activity = activity_name(s.activity);
     if !activity.is_empty() {
         line("activity", activity.into());
     }
@@ -235,6 +244,10 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
                 e.session_id,
                 p.tool_use_id
             )
+        }
+        ev::SESSION_ACTIVITY => {
+            let a: payload::Activity = payload::parse(json).unwrap_or_default();
+            format!("[{}]", a.activity.replace('_', " "))
         }
         ev::USER_TOOL_CONFIRMATION => {
             let a: payload::ToolConfirmation = payload::parse(json).unwrap_or_default();
