@@ -2,6 +2,7 @@
 //! gRPC server plumbing, event type names, resource names and time conversion.
 
 pub mod events;
+pub mod field;
 pub mod grpc;
 #[cfg(feature = "metrics")]
 pub mod metrics;

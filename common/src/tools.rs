@@ -7,7 +7,7 @@ use std::time::Duration;
 use berth_proto::{node::v1 as node_pb, v1 as pb};
 use serde::{Deserialize, Serialize};
 
-use crate::spec::FieldError;
+use crate::field::FieldError;
 
 /// Rules in one allow or deny list.
 pub const MAX_RULES: usize = 64;
