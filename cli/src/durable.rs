@@ -66,7 +66,7 @@ pub struct SpecArgs {
     pub deny_tools: Vec<String>,
     /// Seconds a tool permission request waits for an answer (default 600).
     #[arg(long)]
-    pub confirm_timeout: Option<u64>,
+    pub confirm_timeout: Option<f64>,
     /// What a request nobody answers in time gets (default deny).
     #[arg(long, value_enum)]
     pub timeout_decision: Option<DecisionArg>,
@@ -136,19 +136,19 @@ impl SpecArgs {
             skills: self.skills()?,
             vault_ids: self.secrets.clone(),
             egress: self.egress(),
-            tool_policy: self.tool_policy(),
+            tool_policy: self.tool_policy()?,
         })
     }
 
     /// The tool policy these flags describe; `None` when none is given.
-    fn tool_policy(&self) -> Option<pb::ToolPolicy> {
+    fn tool_policy(&self) -> Result<Option<pb::ToolPolicy>, CliError> {
         if self.permission_mode.is_none()
             && self.allow_tools.is_empty()
             && self.deny_tools.is_empty()
             && self.confirm_timeout.is_none()
             && self.timeout_decision.is_none()
         {
-            return None;
+            return Ok(None);
         }
         let mode = match self.permission_mode {
             None | Some(PermissionModeArg::Default) => pb::PermissionMode::Default,
@@ -160,16 +160,13 @@ impl SpecArgs {
             Some(DecisionArg::Allow) => pb::ToolDecision::Allow,
             None | Some(DecisionArg::Deny) => pb::ToolDecision::Deny,
         };
-        Some(pb::ToolPolicy {
+        Ok(Some(pb::ToolPolicy {
             permission_mode: mode as i32,
             allowed_tools: self.allow_tools.clone(),
             disallowed_tools: self.deny_tools.clone(),
-            confirmation_timeout: self.confirm_timeout.map(|s| prost_types::Duration {
-                seconds: i64::try_from(s).unwrap_or(i64::MAX),
-                nanos: 0,
-            }),
+            confirmation_timeout: duration("--confirm-timeout", self.confirm_timeout)?,
             timeout_decision: decision as i32,
-        })
+        }))
     }
 
     fn egress(&self) -> Option<pb::Egress> {
@@ -204,7 +201,7 @@ impl SpecArgs {
             env: self.env.iter().cloned().collect(),
             vault_ids: self.secrets.clone(),
             // A session may replace its agent's tool policy.
-            tool_policy: self.tool_policy(),
+            tool_policy: self.tool_policy()?,
             ..Default::default()
         })
     }

@@ -179,19 +179,19 @@ impl ToolPolicy {
                 ));
             }
         };
-        let confirmation_timeout_ms = match p.confirmation_timeout {
+        let confirmation_timeout_ms = match &p.confirmation_timeout {
             None => None,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(FieldError::new(
-                    "spec.tool_policy.confirmation_timeout",
-                    "must not be negative",
-                ));
-            }
             Some(d) => Some(
-                u64::try_from(d.seconds)
-                    .unwrap_or(u64::MAX / 1000)
-                    .saturating_mul(1000)
-                    .saturating_add(u64::try_from(d.nanos / 1_000_000).unwrap_or(0)),
+                crate::time::from_duration(d)
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            "spec.tool_policy.confirmation_timeout",
+                            "must not be negative",
+                        )
+                    })?
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX),
             ),
         };
         let timeout_decision = match pb::ToolDecision::try_from(p.timeout_decision) {
@@ -226,10 +226,7 @@ impl ToolPolicy {
             } as i32,
             allowed_tools: self.allowed_tools.clone(),
             disallowed_tools: self.disallowed_tools.clone(),
-            confirmation_timeout: Some(prost_types::Duration {
-                seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
-            }),
+            confirmation_timeout: Some(crate::time::to_duration(t)),
             timeout_decision: self.timeout_decision.to_pb(),
         }
     }

@@ -41,6 +41,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Who acted, as recorded with what they did: `keys/{id}`,
+    /// `certificates/{name}` or `anonymous`.
+    pub fn identity(&self) -> String {
+        match (&self.key_id, &self.certificate) {
+            (Some(k), _) => format!("keys/{k}"),
+            (None, Some(c)) => format!("certificates/{c}"),
+            (None, None) => "anonymous".into(),
+        }
+    }
+
     /// Refuses callers who are not fleet admins (PERMISSION_DENIED: the
     /// resource is not secret, the right to change it is).
     pub fn require_admin(&self, what: &str) -> Result<(), Status> {

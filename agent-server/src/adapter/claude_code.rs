@@ -54,8 +54,6 @@ pub struct ClaudeCode {
     open_tools: HashMap<String, String>,
     /// Permission requests the CLI waits on.
     asked: Asked,
-    /// Their tool_use ids, by request id (for a withdrawal's event).
-    asked_tools: HashMap<String, String>,
 }
 
 impl Adapter for ClaudeCode {
@@ -114,8 +112,7 @@ impl Adapter for ClaudeCode {
     }
 
     fn encode_tool_decision(&mut self, d: &ToolDecision) -> Option<Vec<u8>> {
-        let asked_input = self.asked.answer(&d.request_id)?;
-        self.asked_tools.remove(&d.request_id);
+        let (_, asked_input) = self.asked.take(&d.request_id)?;
         // The shapes of claude-agent-sdk's `_internal/query.py`.
         let response = if d.allow {
             let mut r = json!({"behavior": "allow",
@@ -155,11 +152,7 @@ impl Adapter for ClaudeCode {
                 let request_id = v["request_id"].as_str().unwrap_or_default();
                 let tool_use_id = r["tool_use_id"].as_str().unwrap_or_default();
                 let input = r.get("input").cloned().unwrap_or(json!({}));
-                self.asked.ask(request_id, &input);
-                if self.asked_tools.len() < MAX_OPEN_TOOL_CALLS {
-                    self.asked_tools
-                        .insert(request_id.to_string(), tool_use_id.to_string());
-                }
+                self.asked.ask(request_id, tool_use_id, &input);
                 // The CLI's own words, most specific first.
                 let reason = ["decision_reason", "description", "title", "blocked_path"]
                     .iter()
@@ -181,8 +174,11 @@ impl Adapter for ClaudeCode {
             }
             "control_cancel_request" => {
                 let request_id = v["request_id"].as_str().unwrap_or_default();
-                self.asked.answer(request_id);
-                let tool_use_id = self.asked_tools.remove(request_id).unwrap_or_default();
+                let tool_use_id = self
+                    .asked
+                    .take(request_id)
+                    .map(|(t, _)| t)
+                    .unwrap_or_default();
                 f.insert("request_id".into(), request_id.into());
                 f.insert("tool_use_id".into(), tool_use_id.into());
                 f.insert("reason".into(), "withdrawn by the agent".into());

@@ -45,7 +45,7 @@ impl Adapter for Jsonl {
     }
 
     fn encode_tool_decision(&mut self, d: &ToolDecision) -> Option<Vec<u8>> {
-        self.asked.answer(&d.request_id)?;
+        self.asked.take(&d.request_id)?;
         let mut v = json!({"type": "tool_decision", "request_id": d.request_id,
                            "tool_use_id": d.tool_use_id,
                            "decision": if d.allow { "allow" } else { "deny" }});
@@ -72,20 +72,15 @@ impl Adapter for Jsonl {
             Some("tool_result") => ev::AGENT_TOOL_RESULT,
             Some("turn_end") => ev::AGENT_RESULT,
             Some("tool_permission") => {
-                let id = fields
-                    .get("request_id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
+                let field = |k: &str| fields.get(k).and_then(Value::as_str).unwrap_or_default();
+                let input = fields.get("input").unwrap_or(&Value::Null);
                 self.asked
-                    .ask(id, fields.get("input").unwrap_or(&Value::Null));
+                    .ask(field("request_id"), field("tool_use_id"), input);
                 ev::AGENT_TOOL_PERMISSION
             }
             Some("tool_permission_cancelled") => {
-                let id = fields
-                    .get("request_id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                self.asked.answer(id);
+                let id = fields.get("request_id").and_then(Value::as_str);
+                self.asked.take(id.unwrap_or_default());
                 ev::AGENT_TOOL_PERMISSION_CANCELLED
             }
             _ => return Decoded::raw(),

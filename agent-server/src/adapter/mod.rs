@@ -121,22 +121,27 @@ pub trait Adapter: Send {
 pub use berth_proto::node::v1::ToolDecision;
 
 /// Requests the agent asked and has not had answered, by request id: the
-/// tool's input as asked, for an allow that does not edit it.
+/// tool_use id, and the tool's input as asked (for an allow that does not
+/// edit it).
 #[derive(Debug, Default)]
-struct Asked(std::collections::HashMap<String, serde_json::Value>);
+struct Asked(std::collections::HashMap<String, (String, serde_json::Value)>);
 
 impl Asked {
     /// Most requests kept: an agent asks one at a time, a few at most.
     const MAX: usize = 1024;
 
-    fn ask(&mut self, request_id: &str, input: &serde_json::Value) {
+    fn ask(&mut self, request_id: &str, tool_use_id: &str, input: &serde_json::Value) {
         if !request_id.is_empty() && self.0.len() < Self::MAX {
-            self.0.insert(request_id.to_string(), input.clone());
+            self.0.insert(
+                request_id.to_string(),
+                (tool_use_id.to_string(), input.clone()),
+            );
         }
     }
 
-    /// The request's input, once: a second answer finds nothing.
-    fn answer(&mut self, request_id: &str) -> Option<serde_json::Value> {
+    /// The request's tool_use id and input, once: a second answer (or a
+    /// withdrawal after the answer) finds nothing.
+    fn take(&mut self, request_id: &str) -> Option<(String, serde_json::Value)> {
         self.0.remove(request_id)
     }
 }

@@ -71,15 +71,6 @@ impl SessionsService {
     }
 }
 
-/// Who answered, for the audit of a tool confirmation.
-fn identity(who: &crate::auth::Caller) -> String {
-    match (&who.key_id, &who.certificate) {
-        (Some(k), _) => format!("keys/{k}"),
-        (None, Some(c)) => format!("certificates/{c}"),
-        (None, None) => "anonymous".into(),
-    }
-}
-
 #[tonic::async_trait]
 impl SessionsApi for SessionsService {
     async fn confirm_tool(
@@ -90,7 +81,7 @@ impl SessionsApi for SessionsService {
         let (id, answer) = convert::tool_answer(r.into_inner())?;
         let (seq, already_answered) = self
             .sessions
-            .confirm_tool(&who.project, id, identity(&who), answer)
+            .confirm_tool(&who.project, id, who.identity(), answer)
             .await?;
         Ok(Response::new(pb::ConfirmToolResponse {
             seq,
@@ -336,7 +327,7 @@ impl SessionsApi for SessionsService {
         use pb::connect_request::Kind;
         let who = caller(&r)?;
         let project = who.project.clone();
-        let identity = identity(&who);
+        let identity = who.identity();
         let mut inbound = r.into_inner();
         let open = match inbound.message().await? {
             Some(pb::ConnectRequest {
@@ -398,7 +389,7 @@ impl SessionsApi for SessionsService {
                         let r = match convert::tool_answer(confirmation) {
                             Ok((sid, _)) if sid != id => Err(Error::invalid(
                                 "confirmation.name",
-                                "another session than the stream's",
+                                "names another session than the stream's; leave it empty (the stream's session is meant)",
                             )),
                             Ok((_, answer)) => sessions
                                 .confirm_tool(&project, id, identity.clone(), answer)

@@ -143,8 +143,6 @@ impl<'a> Relay<'a> {
                 Waiting {
                     request_id: p.request_id,
                     deadline: now + left,
-                    timeout_decision: berth_common::tools::Decision::parse(&p.timeout_decision)
-                        .unwrap_or_default(),
                     timed_out: false,
                 },
             );
@@ -322,35 +320,36 @@ impl<'a> Relay<'a> {
         Ok(Flow::Continue)
     }
 
-    /// What a line that asks or withdraws a tool permission changes.
+    /// What a line that asks or withdraws a tool permission changes (such
+    /// a line is one event; others are passed over at once).
     fn tool_effect(&self, events: &[NewEvent]) -> Option<ToolEffect> {
-        let (i, e) = events.iter().enumerate().find(|(_, e)| {
-            e.kind == ev::AGENT_TOOL_PERMISSION || e.kind == ev::AGENT_TOOL_PERMISSION_CANCELLED
-        })?;
+        let [e] = events else { return None };
         let session = self.session.id;
-        if e.kind == ev::AGENT_TOOL_PERMISSION_CANCELLED {
-            let c: payload::ToolPermissionCancelled = payload::parse(&e.payload)?;
-            return Some(ToolEffect::Withdraw {
-                session,
-                request_id: c.request_id,
-            });
+        match e.kind.as_str() {
+            ev::AGENT_TOOL_PERMISSION_CANCELLED => {
+                let c: payload::ToolPermissionCancelled = payload::parse(&e.payload)?;
+                Some(ToolEffect::Withdraw {
+                    session,
+                    request_id: c.request_id,
+                })
+            }
+            ev::AGENT_TOOL_PERMISSION => {
+                let ask: payload::ToolPermission = payload::parse(&e.payload)?;
+                if ask.request_id.is_empty() || ask.tool_use_id.is_empty() {
+                    return None;
+                }
+                let policy = self.session.spec.tool_policy.clone().unwrap_or_default();
+                Some(ToolEffect::Ask(NewToolRequest {
+                    session,
+                    ask,
+                    epoch: self.session.epoch,
+                    message_seq: self.turn_message_seq,
+                    timeout: policy.confirmation_timeout(),
+                    timeout_decision: policy.timeout_decision,
+                }))
+            }
+            _ => None,
         }
-        let ask: payload::ToolPermission = payload::parse(&e.payload)?;
-        if ask.request_id.is_empty() || ask.tool_use_id.is_empty() {
-            return None;
-        }
-        let policy = self.session.spec.tool_policy.clone().unwrap_or_default();
-        Some(ToolEffect::Ask {
-            request: NewToolRequest {
-                session,
-                ask,
-                epoch: self.session.epoch,
-                message_seq: self.turn_message_seq,
-                timeout: policy.confirmation_timeout(),
-                timeout_decision: policy.timeout_decision,
-            },
-            event: i,
-        })
     }
 
     /// Persists a line that asks or withdraws a tool permission together
@@ -362,13 +361,12 @@ impl<'a> Relay<'a> {
         effect: ToolEffect,
     ) -> Result<Flow> {
         let (id, epoch) = (self.session.id, self.session.epoch);
-        let out = self
-            .ctx
+        self.ctx
             .log
             .append_line_with_tool(id, epoch, events, node_seq, &self.persisted, effect.clone())
             .await?;
         let changed = match effect {
-            ToolEffect::Ask { request, .. } => {
+            ToolEffect::Ask(request) => {
                 let tool = berth_common::metrics::label_value(&request.ask.tool_name);
                 metrics::counter!(crate::metrics::TOOL_REQUESTS, "tool" => tool).increment(1);
                 tracing::info!(tool_use_id = %request.ask.tool_use_id, tool = %request.ask.tool_name,
@@ -379,7 +377,6 @@ impl<'a> Relay<'a> {
                     Waiting {
                         request_id: request.ask.request_id,
                         deadline: tokio::time::Instant::now() + request.timeout,
-                        timeout_decision: request.timeout_decision,
                         timed_out: false,
                     },
                 );
@@ -390,11 +387,35 @@ impl<'a> Relay<'a> {
             }
             _ => false,
         };
-        drop(out);
         if changed {
             self.activity().await?;
         }
         Ok(Flow::Continue)
+    }
+
+    /// The frame passing a logged answer to the agent; `None` when this
+    /// run's agent does not wait on that request.
+    async fn tool_decision(&mut self, answer: &str) -> Result<Option<dispatcher_frame::Kind>> {
+        let a: payload::ToolConfirmation = payload::parse(answer).unwrap_or_default();
+        let Some(w) = self.tools.answer(&a.tool_use_id) else {
+            return Ok(None);
+        };
+        if self.tools.is_empty() {
+            self.activity().await?;
+        }
+        let json =
+            |v: &Option<serde_json::Value>| v.as_ref().map(ToString::to_string).unwrap_or_default();
+        Ok(Some(dispatcher_frame::Kind::ToolDecision(
+            pb::ToolDecision {
+                request_id: w.request_id,
+                allow: a.decision == "allow",
+                updated_input_json: json(&a.updated_input),
+                updated_permissions_json: json(&a.updated_permissions),
+                message: a.message,
+                interrupt: a.interrupt,
+                tool_use_id: a.tool_use_id,
+            },
+        )))
     }
 
     /// Logs `session.activity`: waiting for a person while any request
@@ -424,7 +445,8 @@ impl<'a> Relay<'a> {
     /// way the answer reaches the agent through the feed.
     async fn on_tool_timeout(&mut self) -> Result<Flow> {
         let policy = self.session.spec.tool_policy.clone().unwrap_or_default();
-        for (tool_use_id, decision) in self.tools.expired(tokio::time::Instant::now()) {
+        let decision = policy.timeout_decision;
+        for tool_use_id in self.tools.expired(tokio::time::Instant::now()) {
             tracing::info!(%tool_use_id, decision = decision.as_str(), "tool permission request timed out");
             let answer = timeout_answer(tool_use_id, decision, policy.confirmation_timeout());
             let effect = ToolEffect::Answer {
@@ -662,39 +684,18 @@ impl<'a> Relay<'a> {
                     .map(|m| m.text)
                     .unwrap_or_default();
                 self.open_turns += 1;
-                dispatcher_frame::Kind::Message(pb::UserMessage { text, seq: e.seq })
+                Some(dispatcher_frame::Kind::Message(pb::UserMessage {
+                    text,
+                    seq: e.seq,
+                }))
             }
             ev::USER_INTERRUPT if e.seq > self.input_seq => {
-                dispatcher_frame::Kind::Interrupt(pb::Interrupt {})
+                Some(dispatcher_frame::Kind::Interrupt(pb::Interrupt {}))
             }
+            // Not this run's agent's request: nothing to pass on, but the
+            // cursor moves past it.
             ev::USER_TOOL_CONFIRMATION if e.seq > self.input_seq => {
-                let a: payload::ToolConfirmation = payload::parse(&e.payload).unwrap_or_default();
-                match self.tools.answer(&a.tool_use_id) {
-                    Some(w) => {
-                        if self.tools.is_empty() {
-                            self.activity().await?;
-                        }
-                        let json = |v: &Option<serde_json::Value>| {
-                            v.as_ref().map(ToString::to_string).unwrap_or_default()
-                        };
-                        dispatcher_frame::Kind::ToolDecision(pb::ToolDecision {
-                            request_id: w.request_id,
-                            allow: a.decision == "allow",
-                            updated_input_json: json(&a.updated_input),
-                            updated_permissions_json: json(&a.updated_permissions),
-                            message: a.message,
-                            interrupt: a.interrupt,
-                            tool_use_id: a.tool_use_id,
-                        })
-                    }
-                    // Not this run's agent's request: nothing to pass on.
-                    None => {
-                        self.input_seq = e.seq;
-                        let (ctx, id) = (self.ctx, self.session.id);
-                        durably(ctx, || ctx.store.set_input_seq(id, e.seq)).await?;
-                        return Ok(Flow::Continue);
-                    }
-                }
+                self.tool_decision(&e.payload).await?
             }
             // A stop logged before this run was claimed belongs to an earlier run.
             k if k == SessionStatus::Stopping.event_type() && e.seq > self.session.last_seq => {
@@ -711,11 +712,13 @@ impl<'a> Relay<'a> {
                     snapshot_key: self.next_snapshot_key(),
                 };
                 self.stop_asked = Some(asked);
-                dispatcher_frame::Kind::Stop(stop)
+                Some(dispatcher_frame::Kind::Stop(stop))
             }
             _ => return Ok(Flow::Continue),
         };
-        self.send(kind).await;
+        if let Some(kind) = kind {
+            self.send(kind).await;
+        }
         if user_event {
             self.input_seq = e.seq;
             let (ctx, id) = (self.ctx, self.session.id);

@@ -14,7 +14,6 @@ use tokio::time::Instant;
 pub(super) struct Waiting {
     pub request_id: String,
     pub deadline: Instant,
-    pub timeout_decision: Decision,
     /// The timeout's answer was logged; it reaches the agent through the feed.
     pub timed_out: bool,
 }
@@ -65,13 +64,13 @@ impl PendingTools {
     }
 
     /// Requests whose timeout has come, marked so they fire once.
-    pub fn expired(&mut self, now: Instant) -> Vec<(String, Decision)> {
+    pub fn expired(&mut self, now: Instant) -> Vec<String> {
         self.waiting
             .iter_mut()
             .filter(|(_, w)| !w.timed_out && w.deadline <= now)
             .map(|(id, w)| {
                 w.timed_out = true;
-                (id.clone(), w.timeout_decision)
+                id.clone()
             })
             .collect()
     }
@@ -107,7 +106,6 @@ mod tests {
         Waiting {
             request_id: request_id.into(),
             deadline,
-            timeout_decision: Decision::Deny,
             timed_out: false,
         }
     }
@@ -121,7 +119,7 @@ mod tests {
         assert_eq!(p.next_deadline(), Some(t0 + Duration::from_secs(1)));
         assert!(p.expired(t0).is_empty());
         let fired = p.expired(t0 + Duration::from_secs(2));
-        assert_eq!(fired, vec![("b".to_string(), Decision::Deny)]);
+        assert_eq!(fired, vec!["b".to_string()]);
         assert!(
             p.expired(t0 + Duration::from_secs(2)).is_empty(),
             "fires once"

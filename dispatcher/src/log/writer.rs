@@ -96,17 +96,10 @@ pub(super) async fn run(
                     let r = w.retry(|| w.store.apply_tool(&appends, &effect)).await;
                     let r = match r {
                         Ok(mut out) => {
-                            let mut events: Vec<(Arc<Event>, Done)> = appends
-                                .into_iter()
-                                .zip(out.stored.iter().copied())
-                                .map(|(a, at)| {
-                                    mark_persisted(&a);
-                                    (Arc::new(a.into_event(at)), None)
-                                })
-                                .collect();
+                            let stored = std::mem::take(&mut out.stored);
+                            let mut events = stored_events(appends, stored);
                             events.extend(out.events.iter().map(|e| (Arc::new(e.clone()), None)));
                             w.persisted(events);
-                            out.stored.clear();
                             Ok(out)
                         }
                         Err(e) => {
@@ -130,15 +123,7 @@ pub(super) async fn run(
                         .await;
                     let r = match r {
                         Ok((stored, usage)) => {
-                            let events = appends
-                                .into_iter()
-                                .zip(stored)
-                                .map(|(a, at)| {
-                                    mark_persisted(&a);
-                                    (Arc::new(a.into_event(at)), None)
-                                })
-                                .collect();
-                            w.persisted(events);
+                            w.persisted(stored_events(appends, stored));
                             metrics::counter!(m::EVENTS_PERSISTED).increment(1);
                             w.hub.publish(&[Arc::new(usage.event.clone())]);
                             Ok(usage)
@@ -271,6 +256,22 @@ impl Writer {
             }
         }
     }
+}
+
+/// A line's appends as the events the store placed at `stored`, each
+/// marked persisted for the relay; nobody waits on them one by one.
+fn stored_events(
+    appends: Vec<Append>,
+    stored: Vec<crate::store::Stored>,
+) -> Vec<(Arc<Event>, Done)> {
+    appends
+        .into_iter()
+        .zip(stored)
+        .map(|(a, at)| {
+            mark_persisted(&a);
+            (Arc::new(a.into_event(at)), None)
+        })
+        .collect()
 }
 
 /// Tells the relay that the node frame of `a` is persisted.

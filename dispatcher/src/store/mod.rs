@@ -37,7 +37,7 @@ pub(crate) use access::{
     ApiKeyRow, SealedTable, SecretRow, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY, secret_context,
 };
 pub use access::{KeyRecord, Role};
-pub(crate) use events::{Append, UsageRecorded};
+pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use sessions::{SessionFilter, Transitioned};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
 

@@ -40,13 +40,13 @@ ON CONFLICT (session_id, tool_use_id) DO NOTHING
     /// Pending requests of these sessions, oldest first. Served by
     /// `tool_requests_pending`.
     pub const PENDING: &str = "SELECT session_id, tool_use_id, request_id, tool_name, input, reason, \
-         suggestions, ask_seq, ask_time, deadline, timeout_decision FROM tool_requests \
+         suggestions, ask_seq, ask_time, deadline FROM tool_requests \
          WHERE session_id = ANY($1) AND decision IS NULL ORDER BY ask_time";
 
     /// The requests a re-attached run's agent still waits on: pending, or
     /// answered after the input cursor $2 (the answer is not forwarded yet).
     pub const UNFORWARDED: &str = "SELECT session_id, tool_use_id, request_id, tool_name, input, \
-         reason, suggestions, ask_seq, ask_time, deadline, timeout_decision FROM tool_requests \
+         reason, suggestions, ask_seq, ask_time, deadline FROM tool_requests \
          WHERE session_id = $1 AND (decision IS NULL \
            OR (decision IN ('allow', 'deny') AND answer_seq > $2)) ORDER BY ask_time";
 
@@ -70,12 +70,8 @@ pub(crate) struct NewToolRequest {
 /// What a tool write does besides appending its line's events.
 #[derive(Debug, Clone)]
 pub(crate) enum ToolEffect {
-    /// The line asks: record the request. `event` indexes its
-    /// `agent.tool_permission` among the line's events.
-    Ask {
-        request: NewToolRequest,
-        event: usize,
-    },
+    /// The line (its one `agent.tool_permission`) asks: record the request.
+    Ask(NewToolRequest),
     /// The line withdraws the request `request_id`.
     Withdraw { session: Uuid, request_id: String },
     /// Answers a pending request (a person, or the timeout), logging
@@ -120,7 +116,6 @@ pub(crate) struct PendingTool {
     pub ask_seq: i64,
     pub ask_time: DateTime<Utc>,
     pub deadline: DateTime<Utc>,
-    pub timeout_decision: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -165,8 +160,8 @@ impl Store {
             out.stored = stored;
         }
         match effect {
-            ToolEffect::Ask { request, event } => {
-                let ask_seq = out.stored.get(*event).map_or(0, |s| s.seq);
+            ToolEffect::Ask(request) => {
+                let ask_seq = out.stored.first().map_or(0, |s| s.seq);
                 let a = &request.ask;
                 sqlx::query(sql::ASK)
                     .bind(request.session)
@@ -202,7 +197,7 @@ impl Store {
                     .await?;
                 let Some(row) = locked else {
                     return Err(Error::Precondition(format!(
-                        "tool_use_id: no permission request `{}` in this session",
+                        "tool_use_id: no permission request `{}` in this session; GetSession lists the waiting ones in `pending_tool_requests`",
                         answer.tool_use_id
                     )));
                 };
