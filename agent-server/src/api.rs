@@ -51,7 +51,17 @@ fn report(node: &Node, load: &Load) -> pb::LoadReport {
             .map(|(image, ready)| pb::WarmPool {
                 image: image.clone(),
                 ready: i32::try_from(*ready).unwrap_or(i32::MAX),
+                agent_key: String::new(),
             })
+            .chain(
+                load.warm_agents
+                    .iter()
+                    .map(|(key, image, ready)| pb::WarmPool {
+                        image: image.clone(),
+                        ready: i32::try_from(*ready).unwrap_or(i32::MAX),
+                        agent_key: key.clone(),
+                    }),
+            )
             .collect(),
         cpu_utilization: load.cpu_utilization,
         memory_used_bytes: load.memory_used_bytes,
@@ -186,6 +196,12 @@ impl AgentServer for NodeApi {
                 cmd_rx,
                 out_tx,
             ));
+            // The first message waits in the run's queue: the agent reads
+            // it the moment it runs, while the dispatcher records the start.
+            let first = start.first_message.filter(|m| !m.text.is_empty());
+            if let Some(m) = &first {
+                let _ = cmd_tx.try_send(Command::Message(m.text.clone()));
+            }
             let run = runs.start(
                 &start.session_id,
                 epoch,
@@ -194,6 +210,9 @@ impl AgentServer for NodeApi {
                 out_rx,
                 evict_key,
             );
+            if let Some(m) = first {
+                run.deliver(m.seq);
+            }
             (run, 0)
         };
         // Inbound frames become commands. Epoch fencing: a frame from an

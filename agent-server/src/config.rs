@@ -206,6 +206,38 @@ pub struct Config {
     #[arg(long, env = "BERTH_WARM_CHECK_INTERVAL", value_parser = parse_secs, default_value = "10")]
     pub warm_check_interval: Duration,
 
+    /// Pre-started agent processes kept on this node over every agent, ready
+    /// or starting (0 turns agent pools off). A session whose agent could
+    /// use one (no resume, no resources, no env: see the README's "Warm
+    /// agents") claims a container whose agent process already runs.
+    #[arg(long, env = "BERTH_WARM_AGENTS", default_value_t = 4)]
+    pub warm_agents: u32,
+
+    /// Pre-started processes each agent keeps ready at the least (even
+    /// when not asked for, once its first session was seen).
+    #[arg(long, env = "BERTH_WARM_AGENT_MIN", default_value_t = 0)]
+    pub warm_agent_min: u32,
+
+    /// Pre-started processes each agent keeps ready at the most. A miss
+    /// raises the agent's target by one, up to this; an idle expiry lowers it.
+    #[arg(long, env = "BERTH_WARM_AGENT_MAX", default_value_t = 2)]
+    pub warm_agent_max: u32,
+
+    /// Agents (agent keys) remembered at once; a new one displaces the
+    /// least recently used agent that holds no process.
+    #[arg(long, env = "BERTH_WARM_AGENT_KEYS", default_value_t = 16)]
+    pub warm_agent_keys: usize,
+
+    /// A pre-started process unclaimed this long (seconds) is removed and
+    /// its agent's target lowered; an agent not asked for this long is
+    /// forgotten (a retired agent version's pool drains this way).
+    #[arg(long, env = "BERTH_WARM_AGENT_MAX_IDLE", value_parser = parse_secs, default_value = "600")]
+    pub warm_agent_max_idle: Duration,
+
+    /// Most agent processes pre-started per second, over every agent.
+    #[arg(long, env = "BERTH_WARM_AGENT_REFILL_PER_SEC", default_value_t = 2.0)]
+    pub warm_agent_refill_per_sec: f64,
+
     /// mTLS for the node API.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -278,6 +310,20 @@ pub struct PoolConfig {
     /// Run in each new container; it is offered only if this exits 0 (empty: no check).
     pub health_cmd: Vec<String>,
     /// How often ready containers are checked for death and age.
+    pub check_interval: Duration,
+}
+
+/// What the agent pools need of the node's configuration.
+#[derive(Debug, Clone)]
+pub struct AgentPoolConfig {
+    /// Processes ready or starting over every agent (0: off).
+    pub total: u32,
+    pub min: u32,
+    pub max: u32,
+    pub max_keys: usize,
+    pub max_idle: Duration,
+    pub refill_per_sec: f64,
+    /// How often ready processes are checked for death and age.
     pub check_interval: Duration,
 }
 
@@ -404,6 +450,19 @@ impl Config {
         }
     }
 
+    /// What the agent pools need.
+    pub fn agent_pools(&self) -> AgentPoolConfig {
+        AgentPoolConfig {
+            total: self.warm_agents,
+            min: self.warm_agent_min,
+            max: self.warm_agent_max,
+            max_keys: self.warm_agent_keys,
+            max_idle: self.warm_agent_max_idle,
+            refill_per_sec: self.warm_agent_refill_per_sec,
+            check_interval: self.warm_check_interval,
+        }
+    }
+
     /// What moving workspaces in and out needs.
     pub fn workspace(&self) -> WorkspaceConfig {
         WorkspaceConfig {
@@ -455,6 +514,20 @@ impl Config {
         anyhow::ensure!(
             !self.warm_max_idle.is_zero(),
             "--warm-max-idle must be positive"
+        );
+        anyhow::ensure!(
+            self.warm_agent_refill_per_sec > 0.0 && self.warm_agent_refill_per_sec.is_finite(),
+            "--warm-agent-refill-per-sec must be positive"
+        );
+        anyhow::ensure!(
+            self.warm_agent_min <= self.warm_agent_max,
+            "--warm-agent-min ({}) must not exceed --warm-agent-max ({})",
+            self.warm_agent_min,
+            self.warm_agent_max
+        );
+        anyhow::ensure!(
+            !self.warm_agent_max_idle.is_zero(),
+            "--warm-agent-max-idle must be positive"
         );
         anyhow::ensure!(
             !self.warm_check_interval.is_zero(),

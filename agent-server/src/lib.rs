@@ -6,15 +6,17 @@
 //! - `runs`: runs and the dispatcher streams attached to them (journal,
 //!   re-attach), `session`: one run (start, relay, stop), `node`: slots,
 //!   drain, load;
-//! - `pool`: warm pools (a pure state machine and its Docker side),
+//! - `pool`: warm pools of containers per image and of started agent
+//!   processes per agent key (pure state machines and their Docker side),
 //!   `workspace`: prepare, snapshot and archive;
 //! - `container`: Docker through bollard, `adapter`: runtime protocols;
-//! - `spec`, `layout`, `load`, `lines`, [`config`], [`metrics`], `error`.
+//! - `spec`, `env`, `layout`, `load`, `lines`, [`config`], [`metrics`], `error`.
 
 mod adapter;
 mod api;
 pub mod config;
 mod container;
+mod env;
 mod error;
 pub mod gateway;
 mod layout;
@@ -117,7 +119,8 @@ pub async fn run_with_drain(
         berth_common::metrics::spawn_endpoint(addr, handle, ready, shutdown.clone()).await?;
     }
     spawn_load_gauges(&node);
-    let pools = node.pools.spawn();
+    let mut pools = node.pools.spawn();
+    pools.push(node.agents.spawn());
     {
         let (node, shutdown) = (node.clone(), shutdown.clone());
         tokio::spawn(async move {

@@ -12,6 +12,12 @@ pub const POOL_REFILL_FAILURES: &str = "berth_pool_refill_failures_total";
 pub const POOL_EVICTIONS: &str = "berth_pool_evictions_total";
 pub const POOL_READY: &str = "berth_pool_ready_containers";
 pub const POOL_TARGET: &str = "berth_pool_target_containers";
+pub const WARM_AGENT_CLAIMS: &str = "berth_warm_agent_claims_total";
+pub const WARM_AGENT_REFILLS: &str = "berth_warm_agent_refills_total";
+pub const WARM_AGENT_EVICTIONS: &str = "berth_warm_agent_evictions_total";
+pub const WARM_AGENT_READY: &str = "berth_warm_agent_processes_ready";
+pub const WARM_AGENT_KEYS: &str = "berth_warm_agent_pools";
+pub const WARM_AGENT_START: &str = "berth_warm_agent_start_seconds";
 pub const CONTAINER_START: &str = "berth_container_start_seconds";
 pub const CONTAINER_EXEC: &str = "berth_container_exec_seconds";
 pub const CONTAINER_REMOVE: &str = "berth_container_remove_seconds";
@@ -27,6 +33,9 @@ pub const AGENT_EVENTS: &str = "berth_agent_events_total";
 pub const EGRESS_CONNECTIONS: &str = "berth_egress_connections_total";
 pub const EGRESS_BYTES: &str = "berth_egress_bytes_total";
 pub const GATEWAY_MODEL_REQUESTS: &str = "berth_gateway_model_requests_total";
+
+/// The `start` label's values: how an agent started.
+pub const START_PATHS: [&str; 3] = ["warm_process", "warm_container", "cold"];
 
 /// The node's metrics.
 pub const ALL: &[Def] = &[
@@ -71,6 +80,42 @@ pub const ALL: &[Def] = &[
         kind: Kind::Gauge,
         help: "Warm containers the pool aims to keep ready or starting, by image (between its MIN and MAX).",
         labels: &["image"],
+    },
+    Def {
+        name: WARM_AGENT_CLAIMS,
+        kind: Kind::Counter,
+        help: "Sessions that could take a pre-started agent process, by result (hit, miss, unpooled: agent pools off or full of other agents).",
+        labels: &["result"],
+    },
+    Def {
+        name: WARM_AGENT_REFILLS,
+        kind: Kind::Counter,
+        help: "Agent processes pre-started, by result (ok, error).",
+        labels: &["result"],
+    },
+    Def {
+        name: WARM_AGENT_EVICTIONS,
+        kind: Kind::Counter,
+        help: "Pre-started agent processes removed unused, by reason (dead, expired).",
+        labels: &["reason"],
+    },
+    Def {
+        name: WARM_AGENT_READY,
+        kind: Kind::Gauge,
+        help: "Pre-started agent processes ready to take a session, over every agent.",
+        labels: &[],
+    },
+    Def {
+        name: WARM_AGENT_KEYS,
+        kind: Kind::Gauge,
+        help: "Agents (agent keys) with a pool on this node.",
+        labels: &[],
+    },
+    Def {
+        name: WARM_AGENT_START,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds to pre-start one agent process: container, check, limits, skills and the process.",
+        labels: &[],
     },
     Def {
         name: CONTAINER_START,
@@ -129,7 +174,7 @@ pub const ALL: &[Def] = &[
     Def {
         name: NODE_STARTS,
         kind: Kind::Counter,
-        help: "Agents started, by start (warm, cold).",
+        help: "Agents started, by start (warm_process: a pre-started process; warm_container: a warm container, the process started now; cold).",
         labels: &["start"],
     },
     Def {
@@ -176,9 +221,19 @@ pub fn install() -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
 /// registered per configured image by [`init_pool_series`].
 pub fn init_series() {
     let _ = metrics::counter!(AGENT_EVENTS);
-    for start in ["warm", "cold"] {
+    for start in START_PATHS {
         let _ = metrics::counter!(NODE_STARTS, "start" => start);
     }
+    for result in ["hit", "miss", "unpooled"] {
+        let _ = metrics::counter!(WARM_AGENT_CLAIMS, "result" => result);
+    }
+    for result in ["ok", "error"] {
+        let _ = metrics::counter!(WARM_AGENT_REFILLS, "result" => result);
+    }
+    for reason in ["dead", "expired"] {
+        let _ = metrics::counter!(WARM_AGENT_EVICTIONS, "reason" => reason);
+    }
+    let _ = metrics::histogram!(WARM_AGENT_START);
     for decision in ["allowed", "denied"] {
         let _ = metrics::counter!(EGRESS_CONNECTIONS, "decision" => decision);
     }

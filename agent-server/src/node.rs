@@ -86,6 +86,8 @@ pub struct Node {
     shutting_down: AtomicBool,
     load: Arc<watch::Sender<Load>>,
     pub pools: Arc<Pools>,
+    /// Pre-started agent processes, per agent key.
+    pub agents: Arc<crate::pool::AgentPools>,
     /// The sandboxes' egress gateway; `None` with `--gateway-dir off`.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// Session slots: the configured capacity, bounded by memory.
@@ -129,8 +131,23 @@ impl Node {
             load.clone(),
             shutdown.child_token(),
         );
+        let starter = crate::pool::Starter {
+            runtime: runtime.clone(),
+            objects: objects.clone(),
+            workspace: cfg.workspace(),
+            home: cfg.home.clone(),
+            gateway_port: gateway.as_ref().map(|_| cfg.gateway_port),
+            health_cmd: cfg.warm_health_cmd.clone(),
+        };
+        let agents = crate::pool::AgentPools::new(
+            cfg.agent_pools(),
+            starter,
+            load.clone(),
+            shutdown.child_token(),
+        );
         Arc::new(Self {
             workspace: cfg.workspace(),
+            agents,
             cfg,
             runtime,
             objects,
@@ -226,6 +243,7 @@ impl Node {
             tracing::info!("draining: no new sessions; removing warm containers");
         }
         self.pools.stop();
+        self.agents.stop();
         self.load.send_modify(|l| l.draining = true);
         self.sessions().len() as u32
     }
@@ -240,6 +258,7 @@ impl Node {
             tracing::info!("undrained: taking sessions and refilling warm pools again");
         }
         self.pools.restart();
+        self.agents.restart();
         self.load.send_modify(|l| l.draining = false);
         Ok(())
     }

@@ -76,7 +76,8 @@ struct State {
     finished: bool,
     /// The answer to a re-attach: the run's container.
     container_id: String,
-    warm: bool,
+    /// How its agent started (`pb::StartPath`).
+    start: i32,
 }
 
 impl Runs {
@@ -114,7 +115,7 @@ impl Runs {
                 input_seq: 0,
                 finished: false,
                 container_id: String::new(),
-                warm: false,
+                start: 0,
             }),
             link: Arc::new(tokio::sync::Mutex::new(Some((0, link)))),
             room: Notify::new(),
@@ -165,8 +166,9 @@ impl Runs {
                 .collect();
             let accepted = pb::Accepted {
                 container_id: st.container_id.clone(),
-                warm: st.warm,
+                warm: st.start != pb::StartPath::Cold as i32,
                 attached: true,
+                start: st.start,
             };
             (st.generation, replay, accepted)
         };
@@ -319,7 +321,7 @@ async fn pump(runs: Arc<Runs>, run: Arc<Run>, mut outputs: mpsc::Receiver<Output
                 Some(pb::node_frame::Kind::Exited(_)) => st.finished = true,
                 Some(pb::node_frame::Kind::Accepted(a)) => {
                     st.container_id = a.container_id.clone();
-                    st.warm = a.warm;
+                    st.start = a.start;
                     lock(&runs.map).insert(run.session_id.clone(), run.clone());
                 }
                 _ => {}
@@ -364,10 +366,14 @@ async fn pump(runs: Arc<Runs>, run: Arc<Run>, mut outputs: mpsc::Receiver<Output
 /// One output of a run as the frame numbered `node_seq`.
 fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
     let kind = match output {
-        Output::Accepted { container_id, warm } => pb::node_frame::Kind::Accepted(pb::Accepted {
+        Output::Accepted {
             container_id,
-            warm,
+            start,
+        } => pb::node_frame::Kind::Accepted(pb::Accepted {
+            container_id,
+            warm: start != pb::StartPath::Cold,
             attached: false,
+            start: start as i32,
         }),
         Output::Refused(reason) => pb::node_frame::Kind::Refused(pb::Refused { reason }),
         Output::Line(l) => pb::node_frame::Kind::Line(pb::RuntimeLine {

@@ -21,6 +21,8 @@ use crate::lines::{Line, LineBuffer};
 use crate::node::{Node, Slot};
 use crate::spec::SessionSpec;
 
+pub use berth_proto::node::v1::StartPath;
+
 /// What the dispatcher asks of a running session.
 #[derive(Debug)]
 pub enum Command {
@@ -40,7 +42,8 @@ pub enum Command {
 pub enum Output {
     Accepted {
         container_id: String,
-        warm: bool,
+        /// How the agent started.
+        start: StartPath,
     },
     Refused(String),
     /// One line the agent wrote, and its events.
@@ -157,10 +160,40 @@ async fn run_in_slot(
     let runtime = node.runtime.clone();
     let mut adapter = adapter::for_runtime(spec.agent.runtime);
     let cmd = adapter.command(&spec);
-    // Warm first: a pop from the pool, then the exec. A claimed container
-    // that died since its last check falls back to a cold start.
-    let mut claimed = node.pools.claim(&spec.agent.image);
-    let (container_id, guard, process, is_warm, _gate) = loop {
+    // Fastest first: a pre-started agent process (a pop and one liveness
+    // check); then a warm container (a pop, then the launch); then cold. A
+    // claimed process or container that died falls through to the next.
+    let mut pre_started = node.agents.claim(&spec);
+    if let Some(exec_id) = pre_started.as_ref().map(|w| w.process.exec_id.clone())
+        && !runtime.exec_running(&exec_id).await
+        && let Some(w) = pre_started.take()
+    {
+        tracing::warn!(container_id = %w.id, "pre-started agent process is gone; starting another way");
+        node.agents.claimed_dead();
+        runtime.remove(&w.id).await;
+    }
+    let mut claimed = if pre_started.is_some() {
+        None
+    } else {
+        node.pools.claim(&spec.agent.image)
+    };
+    let (container_id, guard, process, path, _gate) = loop {
+        if let Some(w) = pre_started.take() {
+            node.set_container(slot, &w.id);
+            let guard = ContainerGuard {
+                runtime: runtime.clone(),
+                id: Some(w.id.clone()),
+            };
+            // Its limits and skills went in before it started (they are
+            // the agent's); the session's gate opens now.
+            match serve_gate(node, session_id, &spec, &w.id) {
+                Ok(gate) => break (w.id, guard, w.process, StartPath::WarmProcess, gate),
+                Err(e) => {
+                    guard.remove().await;
+                    return Exit::failed(e);
+                }
+            }
+        }
         let warm = claimed.is_some();
         let mut launcher = None;
         let id = match claimed.take() {
@@ -199,31 +232,18 @@ async fn run_in_slot(
             tracing::info!(%reason, "session preparation failed");
             return Exit::failed(format!("preparing the session failed: {reason}"));
         }
-        // The gateway serves this session on the container's socket for as
-        // long as the run lasts (the guard), with its policy and its key.
-        let gate = match (&node.gateway, runtime.gateway_dir(&id)) {
-            (Some(gw), Some(dir)) => {
-                let session_gate = crate::gateway::SessionGate {
-                    session_id: session_id.to_string(),
-                    egress: spec.agent.egress.clone(),
-                    api_key: spec.secrets.anthropic_api_key.clone(),
-                };
-                match gw.serve(&dir, session_gate) {
-                    Ok(g) => Some(g),
-                    Err(e) => {
-                        guard.remove().await;
-                        return Exit::failed(format!(
-                            "the egress gateway could not serve the session: {e}"
-                        ));
-                    }
-                }
+        let gate = match serve_gate(node, session_id, &spec, &id) {
+            Ok(g) => g,
+            Err(e) => {
+                guard.remove().await;
+                return Exit::failed(e);
             }
-            _ => None,
         };
-        let mut env = env_with_home(&spec, &node.cfg);
-        if gate.is_some() {
-            env.extend(gateway_env(&spec, node.cfg.gateway_port));
-        }
+        let env = crate::env::agent_env(
+            &spec,
+            &node.cfg.home,
+            gate.is_some().then_some(node.cfg.gateway_port),
+        );
         // A warm container's launcher starts the agent with one write; else
         // (none, gone, or a command it cannot carry) a Docker exec.
         let launched = match launcher {
@@ -239,7 +259,14 @@ async fn run_in_slot(
             None => runtime.exec_agent(&id, cmd.clone(), env).await,
         };
         match started {
-            Ok(p) => break (id, guard, p, warm, gate),
+            Ok(p) => {
+                let path = if warm {
+                    StartPath::WarmContainer
+                } else {
+                    StartPath::Cold
+                };
+                break (id, guard, p, path, gate);
+            }
             Err(e) if warm => {
                 tracing::warn!(container_id = %id, error = %e, "warm container failed at exec; starting cold");
                 node.pools.claimed_dead(&spec.agent.image);
@@ -251,14 +278,16 @@ async fn run_in_slot(
             }
         }
     };
-    tracing::debug!(%container_id, warm = is_warm, "agent started");
-    node.pools.count_start(&spec.agent.image, is_warm);
-    let start = if is_warm { "warm" } else { "cold" };
-    metrics::counter!(crate::metrics::NODE_STARTS, "start" => start).increment(1);
+    tracing::debug!(%container_id, start = path.as_str_name(), "agent started");
+    if path != StartPath::WarmProcess {
+        node.pools
+            .count_start(&spec.agent.image, path == StartPath::WarmContainer);
+    }
+    metrics::counter!(crate::metrics::NODE_STARTS, "start" => start_label(path)).increment(1);
     if out
         .send(Output::Accepted {
             container_id: container_id.clone(),
-            warm: is_warm,
+            start: path,
         })
         .await
         .is_err()
@@ -267,6 +296,16 @@ async fn run_in_slot(
         return Exit::failed("dispatcher went away before the session was accepted");
     }
 
+    // A warm container takes the session's name now, off the first
+    // event's path (a cold one was created with it).
+    if path != StartPath::Cold {
+        let (runtime, id, session) = (
+            runtime.clone(),
+            container_id.clone(),
+            session_id.to_string(),
+        );
+        tokio::spawn(async move { runtime.name_for_session(&id, &session).await });
+    }
     // stdin has its own task so a full pipe never stalls reading stdout.
     let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(64);
     let stdin_task = tokio::spawn(write_stdin(process.input, stdin_rx));
@@ -444,39 +483,34 @@ async fn run_in_slot(
     }
 }
 
-/// The agent's env, with `HOME` at the node's home volume unless the session
-/// sets its own.
-fn env_with_home(spec: &SessionSpec, cfg: &crate::config::Config) -> Vec<String> {
-    let mut env = spec.agent.env_pairs();
-    if !spec.agent.env.contains_key("HOME") {
-        env.push(format!("HOME={}", cfg.home));
+/// The `start` label of `path`.
+fn start_label(path: StartPath) -> &'static str {
+    match path {
+        StartPath::WarmProcess => "warm_process",
+        StartPath::WarmContainer => "warm_container",
+        StartPath::Cold | StartPath::Unspecified => "cold",
     }
-    env
 }
 
-/// What points the agent at the gateway, for what the session does not set
-/// itself: the model API (only with a key in its vault, so a session
-/// without one keeps its image's own setting) and, when its egress policy
-/// lets anything out, the proxy.
-fn gateway_env(spec: &SessionSpec, port: u16) -> Vec<String> {
-    let url = format!("http://127.0.0.1:{port}");
-    let mut vars: Vec<(&str, String)> = Vec::new();
-    if spec.secrets.anthropic_api_key.is_some() {
-        vars.push(("ANTHROPIC_BASE_URL", url.clone()));
-        // The CLI wants a key to send; the gateway replaces it with the real one.
-        vars.push(("ANTHROPIC_API_KEY", "berth-gateway-injects-the-key".into()));
-    }
-    if spec.agent.egress.mode != berth_common::spec::EgressMode::None {
-        for k in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
-            vars.push((k, url.clone()));
-        }
-        vars.push(("NO_PROXY", "127.0.0.1,localhost".into()));
-        vars.push(("no_proxy", "127.0.0.1,localhost".into()));
-    }
-    vars.into_iter()
-        .filter(|(k, _)| !spec.agent.env.contains_key(*k))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect()
+/// The gateway serves this session on the container's socket for as long
+/// as the run lasts (the guard), with its policy and its key.
+fn serve_gate(
+    node: &Node,
+    session_id: &str,
+    spec: &SessionSpec,
+    container_id: &str,
+) -> Result<Option<crate::gateway::GateGuard>, String> {
+    let (Some(gw), Some(dir)) = (&node.gateway, node.runtime.gateway_dir(container_id)) else {
+        return Ok(None);
+    };
+    let gate = crate::gateway::SessionGate {
+        session_id: session_id.to_string(),
+        egress: spec.agent.egress.clone(),
+        api_key: spec.secrets.anthropic_api_key.clone(),
+    };
+    gw.serve(&dir, gate)
+        .map(Some)
+        .map_err(|e| format!("the egress gateway could not serve the session: {e}"))
 }
 
 /// Bytes a line and its events may take in one frame: the gRPC limit,

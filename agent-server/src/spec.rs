@@ -26,6 +26,10 @@ pub struct SessionSpec {
     pub git: Vec<GitClone>,
     /// Values the gateway attaches to the session's traffic.
     pub secrets: GatewaySecrets,
+    /// Its agent pool: key and what a pre-started process for it is
+    /// started from (no secret, no run data). `None`: no process can be
+    /// pre-started for it (a resume, resources, env).
+    pub warm: Option<(String, pb::SessionSpec)>,
 }
 
 /// Secret values for the egress gateway only: never in the container, its
@@ -102,11 +106,13 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
 
     fn try_from(s: pb::SessionSpec) -> Result<Self, Error> {
         let agent = berth_common::spec::from_node_pb(&s)?;
+        let warm = berth_common::warm::template(&s).map(|t| (berth_common::warm::key_of(&t), t));
         for g in &s.git {
             validate_git("spec.git.url", "spec.git.ref", &g.url, &g.r#ref)?;
         }
         Ok(Self {
             agent,
+            warm,
             secrets: GatewaySecrets::from_pb(s.secrets)?,
             resume_id: s.resume_id,
             restore_snapshot_key: s.restore_snapshot_key,

@@ -92,9 +92,14 @@ pub mod payload {
         pub node: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub epoch: Option<i64>,
-        /// Started in a warm container.
+        /// Started in a warm container (with or without its agent process).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub warm: Option<bool>,
+        /// How the agent started: `warm_process` (a pre-started process),
+        /// `warm_container` (the process started in a warm container) or
+        /// `cold`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub start: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub exit_code: Option<i64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]

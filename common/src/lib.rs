@@ -16,6 +16,7 @@ pub mod time;
 pub mod tls;
 pub mod tools;
 pub mod usage;
+pub mod warm;
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

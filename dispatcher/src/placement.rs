@@ -2,8 +2,9 @@
 //!
 //! Least-loaded by each node's used slots — the larger of what it last
 //! reported and what this dispatcher has in flight there (always fresh) —
-//! with ties broken at random. A node with a warm container for the
-//! session's image is preferred.
+//! with ties broken at random. A node with a pre-started agent process for
+//! the session's agent is preferred, then one with a warm container for its
+//! image.
 //!
 //! Why not power-of-two-choices: it bounds the maximum only to O(log log n)
 //! above the mean, and the balance benchmark (`berth-loadtest balance`) showed
@@ -26,6 +27,8 @@ pub struct NodeSnapshot {
     pub inflight: u32,
     /// Warm containers ready for the session's image.
     pub warm_ready: u32,
+    /// Pre-started agent processes ready for the session's agent key.
+    pub warm_process_ready: u32,
 }
 
 impl NodeSnapshot {
@@ -49,12 +52,19 @@ impl NodeSnapshot {
 /// `random(n)` returns a uniform index below `n`.
 pub fn choose(nodes: &[NodeSnapshot], mut random: impl FnMut(usize) -> usize) -> Option<usize> {
     let eligible: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].eligible()).collect();
-    let warm: Vec<usize> = eligible
-        .iter()
-        .copied()
-        .filter(|&i| nodes[i].warm_ready > 0)
-        .collect();
-    let pool = if warm.is_empty() { eligible } else { warm };
+    let with = |ready: fn(&NodeSnapshot) -> u32| -> Vec<usize> {
+        eligible
+            .iter()
+            .copied()
+            .filter(|&i| ready(&nodes[i]) > 0)
+            .collect()
+    };
+    let warm_process = with(|n| n.warm_process_ready);
+    let warm = with(|n| n.warm_ready);
+    let pool = [warm_process, warm]
+        .into_iter()
+        .find(|p| !p.is_empty())
+        .unwrap_or(eligible);
     let least = pool
         .iter()
         .map(|&i| nodes[i].load())
@@ -83,6 +93,7 @@ mod tests {
             running,
             inflight: 0,
             warm_ready: 0,
+            warm_process_ready: 0,
         }
     }
 
@@ -94,17 +105,21 @@ mod tests {
             0u32..10,
             0u32..10,
             0u32..3,
+            0u32..3,
         )
-            .prop_map(|(up, draining, capacity, running, inflight, warm_ready)| {
-                NodeSnapshot {
-                    up,
-                    draining,
-                    capacity,
-                    running,
-                    inflight,
-                    warm_ready,
-                }
-            })
+            .prop_map(
+                |(up, draining, capacity, running, inflight, warm_ready, warm_process_ready)| {
+                    NodeSnapshot {
+                        up,
+                        draining,
+                        capacity,
+                        running,
+                        inflight,
+                        warm_ready,
+                        warm_process_ready,
+                    }
+                },
+            )
     }
 
     proptest! {
@@ -145,6 +160,17 @@ mod tests {
         let mut nodes = vec![node(10, 0), node(10, 5)];
         nodes[1].warm_ready = 1;
         assert_eq!(choose(&nodes, |_| 0), Some(1));
+    }
+
+    #[test]
+    fn prefers_a_pre_started_process_to_a_warm_container() {
+        let mut nodes = vec![node(10, 0), node(10, 5), node(10, 2)];
+        nodes[0].warm_ready = 1;
+        nodes[1].warm_process_ready = 1;
+        assert_eq!(choose(&nodes, |_| 0), Some(1));
+        // A full node's process does not count.
+        nodes[1].running = 10;
+        assert_eq!(choose(&nodes, |_| 0), Some(0));
     }
 
     #[test]

@@ -241,11 +241,23 @@ async fn run(
     id: String,
     mut inbound: Streaming<pb::DispatcherFrame>,
     tx: mpsc::Sender<Result<pb::NodeFrame, Status>>,
+    first_message: Option<pb::UserMessage>,
 ) {
     // Frame 1 was `accepted`.
     let mut seq = 1u64;
     let mut hold: Option<tokio::time::Instant> = None;
+    // The start's message is answered first, as a node's agent would.
+    let mut first = first_message.map(|m| pb::DispatcherFrame {
+        epoch: 0,
+        kind: Some(dispatcher_frame::Kind::Message(m)),
+    });
     loop {
+        if let Some(f) = first.take() {
+            if !answer(f, &mut seq, &tx, &mut hold).await {
+                break;
+            }
+            continue;
+        }
         let frame = tokio::select! {
             f = inbound.message() => f,
             () = async {
@@ -259,54 +271,67 @@ async fn run(
             }
         };
         let Ok(Some(frame)) = frame else { break };
-        match frame.kind {
-            Some(dispatcher_frame::Kind::Message(m)) => {
-                let mut words = m.text.split_whitespace();
-                match (words.next(), words.next(), words.next()) {
-                    (Some("hold"), Some(ms), _) => {
-                        let ms = ms.parse().unwrap_or(0);
-                        hold = Some(tokio::time::Instant::now() + Duration::from_millis(ms));
-                    }
-                    (Some("events"), Some(n), bytes) => {
-                        let n: u64 = n.parse().unwrap_or(1);
-                        let bytes: usize = bytes.and_then(|b| b.parse().ok()).unwrap_or(64);
-                        let text = filler(bytes);
-                        for _ in 0..n {
-                            let e = event(
-                                &mut seq,
-                                "agent.message",
-                                serde_json::json!({ "text": text }),
-                                false,
-                            );
-                            if tx.send(Ok(e)).await.is_err() {
-                                break;
-                            }
-                        }
-                        let e = event(&mut seq, "agent.result", serde_json::json!({}), true);
-                        let _ = tx.send(Ok(e)).await;
-                    }
-                    _ => {
-                        let reply = event(
-                            &mut seq,
-                            "agent.message",
-                            serde_json::json!({ "text": m.text }),
-                            false,
-                        );
-                        let end = event(&mut seq, "agent.result", serde_json::json!({}), true);
-                        if tx.send(Ok(reply)).await.is_err() || tx.send(Ok(end)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            Some(dispatcher_frame::Kind::Stop(_)) => {
-                let _ = tx.send(Ok(exited(seq, true, "stopped"))).await;
-                break;
-            }
-            _ => {}
+        if !answer(frame, &mut seq, &tx, &mut hold).await {
+            break;
         }
     }
     state.set(&id, None);
+}
+
+/// Answers one frame; false when the session ends.
+async fn answer(
+    frame: pb::DispatcherFrame,
+    seq: &mut u64,
+    tx: &mpsc::Sender<Result<pb::NodeFrame, Status>>,
+    hold: &mut Option<tokio::time::Instant>,
+) -> bool {
+    match frame.kind {
+        Some(dispatcher_frame::Kind::Message(m)) => {
+            let mut words = m.text.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("hold"), Some(ms), _) => {
+                    let ms = ms.parse().unwrap_or(0);
+                    *hold = Some(tokio::time::Instant::now() + Duration::from_millis(ms));
+                }
+                (Some("events"), Some(n), bytes) => {
+                    let n: u64 = n.parse().unwrap_or(1);
+                    let bytes: usize = bytes.and_then(|b| b.parse().ok()).unwrap_or(64);
+                    let text = filler(bytes);
+                    for _ in 0..n {
+                        let e = event(
+                            seq,
+                            "agent.message",
+                            serde_json::json!({ "text": text }),
+                            false,
+                        );
+                        if tx.send(Ok(e)).await.is_err() {
+                            return false;
+                        }
+                    }
+                    let e = event(seq, "agent.result", serde_json::json!({}), true);
+                    let _ = tx.send(Ok(e)).await;
+                }
+                _ => {
+                    let reply = event(
+                        seq,
+                        "agent.message",
+                        serde_json::json!({ "text": m.text }),
+                        false,
+                    );
+                    let end = event(seq, "agent.result", serde_json::json!({}), true);
+                    if tx.send(Ok(reply)).await.is_err() || tx.send(Ok(end)).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+        Some(dispatcher_frame::Kind::Stop(_)) => {
+            let _ = tx.send(Ok(exited(*seq, true, "stopped"))).await;
+            return false;
+        }
+        _ => {}
+    }
+    true
 }
 
 #[tonic::async_trait]
@@ -378,12 +403,19 @@ impl AgentServer for Api {
                 container_id: format!("sim-{}", start.session_id),
                 warm: true,
                 attached: false,
+                start: pb::StartPath::WarmProcess as i32,
             })),
         };
         let _ = tx.send(Ok(accepted)).await;
         self.0.accepted.fetch_add(1, Ordering::Relaxed);
         self.0.set(&start.session_id, Some(start.epoch));
-        tokio::spawn(run(self.0.clone(), start.session_id, inbound, tx));
+        tokio::spawn(run(
+            self.0.clone(),
+            start.session_id,
+            inbound,
+            tx,
+            start.first_message,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -1099,8 +1099,24 @@ pub async fn exec_output(container: &str, cmd: &[&str]) -> anyhow::Result<String
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// A cold start's container carries the session's label; a warm one takes
+/// its name (`berth-{node}-s-{session}`) when claimed.
 pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
-    containers_labelled(&[format!("berth.session={session_id}")]).await
+    let mut ids = containers_labelled(&[format!("berth.session={session_id}")]).await?;
+    let filters =
+        std::collections::HashMap::from([("name".to_string(), vec![format!("-s-{session_id}")])]);
+    let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    for c in docker().await?.list_containers(Some(opts)).await? {
+        if let Some(id) = c.id
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }
 
 /// Parses an event's JSON payload.

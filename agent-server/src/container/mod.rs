@@ -14,7 +14,8 @@ use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use futures::Stream;
 use tokio::io::AsyncWrite;
@@ -27,6 +28,12 @@ use crate::error::Error;
 mod launcher;
 
 use launcher::{LAUNCHER, launch_line};
+
+/// The start of a session's container name; the session id and a random
+/// suffix follow.
+fn session_name_prefix(node_id: &str) -> String {
+    format!("berth-{}-s", sanitize(node_id))
+}
 
 /// Label every berth container carries.
 pub const LABEL_MANAGED: &str = "berth.managed";
@@ -106,7 +113,12 @@ impl ContainerRuntime {
             Purpose::Warm => labels.insert(LABEL_POOL.to_string(), image.to_string()),
         };
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let name = format!("berth-{}-{suffix}", sanitize(&cfg.node_id));
+        let name = match purpose {
+            Purpose::Session(id) => {
+                format!("{}-{id}-{suffix}", session_name_prefix(&cfg.node_id))
+            }
+            Purpose::Warm => format!("berth-{}-{suffix}", sanitize(&cfg.node_id)),
+        };
         let mut mounts: Vec<Mount> = [&cfg.workspace, &cfg.home]
             .into_iter()
             .map(|target| Mount {
@@ -333,8 +345,7 @@ impl ContainerRuntime {
             .ok_or_else(|| Error::Docker("the command does not fit a launcher line".into()))?;
         let histogram = metrics::histogram!(crate::metrics::CONTAINER_EXEC);
         crate::metrics::timed(histogram, async {
-            let alive = self.docker.inspect_exec(&launcher.exec_id).await;
-            if !matches!(alive, Ok(ref i) if i.running == Some(true)) {
+            if !self.exec_running(&launcher.exec_id).await {
                 return Err(Error::Docker(
                     "the warm container's launcher is gone".into(),
                 ));
@@ -498,6 +509,29 @@ impl ContainerRuntime {
     pub async fn running_warm(&self) -> Result<std::collections::HashSet<String>, Error> {
         let ids = self.list(&[LABEL_POOL.to_string()], true).await?;
         Ok(ids.into_iter().collect())
+    }
+
+    /// Names a claimed warm container for its session
+    /// (`berth-{node}-{session}`): labels cannot change on a running
+    /// container, its name can, so `docker ps` and operators find a
+    /// session's container by name whichever way it started.
+    pub async fn name_for_session(&self, container_id: &str, session_id: &str) {
+        // The warm name's suffix stays: a session's next run may claim a
+        // container while this one is still being removed.
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let name = format!(
+            "{}-{session_id}-{suffix}",
+            session_name_prefix(&self.cfg.node_id)
+        );
+        let opts = RenameContainerOptionsBuilder::new().name(&name).build();
+        if let Err(e) = self.docker.rename_container(container_id, opts).await {
+            tracing::debug!(container_id, error = %e, "could not name the container for its session");
+        }
+    }
+
+    /// Whether an exec's process is still running.
+    pub async fn exec_running(&self, exec_id: &str) -> bool {
+        matches!(self.docker.inspect_exec(exec_id).await, Ok(i) if i.running == Some(true))
     }
 
     /// The exit code of a finished exec, if Docker knows it.

@@ -14,7 +14,11 @@
 //! - a container is offered only after its health check passed, and only
 //!   until it is `max_idle` old; a background sweep evicts dead ones.
 
+mod agent_state;
+pub mod agents;
 mod state;
+
+pub use agents::{AgentPools, Starter};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

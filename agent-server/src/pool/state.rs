@@ -34,6 +34,8 @@ pub(crate) struct PoolState<T> {
     max_idle: Duration,
     target: u32,
     ready: VecDeque<Ready<T>>,
+    /// Items being started (counted against the target).
+    starting: u32,
 }
 
 impl<T> PoolState<T> {
@@ -44,6 +46,7 @@ impl<T> PoolState<T> {
             max_idle,
             target: min,
             ready: VecDeque::new(),
+            starting: 0,
         }
     }
 
@@ -57,9 +60,26 @@ impl<T> PoolState<T> {
         self.target
     }
 
-    /// How many more to start now.
+    /// How many more to start now (items being started count as started).
     pub(crate) fn deficit(&self) -> u32 {
-        self.target.saturating_sub(self.ready())
+        self.target
+            .saturating_sub(self.ready())
+            .saturating_sub(self.starting)
+    }
+
+    /// Items being started.
+    pub(crate) fn starting(&self) -> u32 {
+        self.starting
+    }
+
+    /// One more item is being started.
+    pub(crate) fn begin_start(&mut self) {
+        self.starting += 1;
+    }
+
+    /// A start begun with [`Self::begin_start`] failed.
+    pub(crate) fn start_failed(&mut self) {
+        self.starting = self.starting.saturating_sub(1);
     }
 
     /// Takes the oldest item still younger than `max_idle` (older ones stay
@@ -78,6 +98,7 @@ impl<T> PoolState<T> {
 
     /// A started, healthy item is ready from `now`.
     pub(crate) fn add(&mut self, item: T, now: Instant) {
+        self.starting = self.starting.saturating_sub(1);
         self.ready.push_back(Ready { item, since: now });
     }
 
@@ -102,6 +123,11 @@ impl<T> PoolState<T> {
         let expired = u32::try_from(swept.expired.len()).unwrap_or(u32::MAX);
         self.target = self.target.saturating_sub(expired).max(self.min);
         swept
+    }
+
+    /// The ready items, oldest first.
+    pub(crate) fn items(&self) -> impl Iterator<Item = &T> {
+        self.ready.iter().map(|r| &r.item)
     }
 
     /// Takes every ready item (the pool is stopping).

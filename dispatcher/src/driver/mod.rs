@@ -108,22 +108,25 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     let Some(link) = placed? else {
         return Ok(());
     };
-    metrics::histogram!(crate::metrics::SESSION_START, "start" => start_label(link.warm))
+    metrics::histogram!(crate::metrics::SESSION_START, "start" => start_label(link.start))
         .record(claimed.elapsed().as_secs_f64());
     let node = link.placed.link.name();
+    let first = link.first_message_seq;
     durably(ctx, || {
         ctx.store
-            .set_node(session.id, session.epoch, &node, link.attached)
+            .set_node(session.id, session.epoch, &node, link.attached, first)
     })
     .await?;
-    // Busy: input waits, or (re-attached) a turn is still going.
+    // Busy: the start carried a message, input waits, or (re-attached) a
+    // turn is still going.
     let in_flight = link.attached
         && durably(ctx, || {
             ctx.store.turn_in_flight(session.id, session.input_seq)
         })
         .await?
         .is_some();
-    let busy = in_flight
+    let busy = first > 0
+        || in_flight
         || durably(ctx, || {
             ctx.store.has_pending_input(session.id, session.input_seq)
         })
@@ -131,7 +134,8 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     let detail = StatusDetail {
         node: Some(node.clone()),
         epoch: Some(session.epoch),
-        warm: Some(link.warm),
+        warm: Some(link.start != berth_proto::node::v1::StartPath::Cold),
+        start: Some(start_label(link.start).into()),
         ..StatusDetail::default()
     };
     match ctx
@@ -155,7 +159,7 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
         }
         Err(e) => return Err(e),
     }
-    tracing::info!(%node, warm = link.warm, attached = link.attached, "session started");
+    tracing::info!(%node, start = start_label(link.start), attached = link.attached, "session started");
     relay::Relay::new(ctx, session, link, in_flight).run().await
 }
 
@@ -214,7 +218,12 @@ where
     }
 }
 
-/// The `start` label of the latency metrics.
-fn start_label(warm: bool) -> &'static str {
-    if warm { "warm" } else { "cold" }
+/// The `start` label of the latency metrics and of `session.running`.
+fn start_label(start: berth_proto::node::v1::StartPath) -> &'static str {
+    use berth_proto::node::v1::StartPath;
+    match start {
+        StartPath::WarmProcess => "warm_process",
+        StartPath::WarmContainer => "warm_container",
+        StartPath::Cold | StartPath::Unspecified => "cold",
+    }
 }

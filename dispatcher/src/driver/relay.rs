@@ -88,15 +88,19 @@ impl<'a> Relay<'a> {
     /// `in_flight`: re-attached to a run whose turn is still going.
     pub(super) fn new(ctx: &'a Ctx, session: &'a Session, link: Link, in_flight: bool) -> Self {
         let cursor = if link.attached { session.node_seq } else { 0 };
+        // The start carried the first message: the agent has it, the
+        // cursor is past it, and its turn is open.
+        let first = link.first_message_seq;
+        let input_seq = session.input_seq.max(first);
         let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             ctx,
             session,
             link,
-            input_seq: session.input_seq,
-            feed: Some(ctx.log.follow(session.id, session.input_seq, FEED_BUFFER)),
-            open_turns: u32::from(in_flight),
+            input_seq,
+            feed: Some(ctx.log.follow(session.id, input_seq, FEED_BUFFER)),
+            open_turns: u32::from(in_flight || first > 0),
             runtime_id_seen: !session.runtime_session_id.is_empty(),
             runtime_totals: session.runtime_totals.clone(),
             deadlines: Deadlines::new(
@@ -111,7 +115,7 @@ impl<'a> Relay<'a> {
             acked: cursor,
             ack_tick,
             tools: PendingTools::default(),
-            turn_message_seq: 0,
+            turn_message_seq: first,
         }
     }
 
@@ -152,6 +156,10 @@ impl<'a> Relay<'a> {
 
     /// Relays until the run ends.
     pub(super) async fn run(mut self) -> Result<()> {
+        if self.link.first_message_seq > 0 {
+            self.deadlines.touch();
+            self.turn_status(StatusEvent::TurnStarted).await?;
+        }
         self.load_tools().await?;
         loop {
             let flow = tokio::select! {
@@ -269,7 +277,7 @@ impl<'a> Relay<'a> {
         let (id, epoch) = (self.session.id, self.session.epoch);
         self.deadlines.touch();
         if std::mem::take(&mut self.first_event) {
-            metrics::histogram!(crate::metrics::FIRST_EVENT, "start" => start_label(self.link.warm))
+            metrics::histogram!(crate::metrics::FIRST_EVENT, "start" => start_label(self.link.start))
                 .record(self.link.claimed.elapsed().as_secs_f64());
         }
         if !self.runtime_id_seen && !line.runtime_session_id.is_empty() {

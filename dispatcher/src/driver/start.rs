@@ -21,8 +21,11 @@ pub(super) struct Link {
     pub placed: Placed,
     /// When the session was claimed (start of placement).
     pub claimed: std::time::Instant,
-    /// Whether the node started it in a warm container.
-    pub warm: bool,
+    /// How the node started the agent.
+    pub start: pb::StartPath,
+    /// The seq of the message the start carried (0: none): the agent has
+    /// it already.
+    pub first_message_seq: i64,
     /// The run was already going: this link re-attached to it.
     pub attached: bool,
     pub frames: tonic::Streaming<pb::NodeFrame>,
@@ -40,13 +43,25 @@ pub(super) async fn start(
     let mut refused: Vec<String> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
     let secrets = open_secrets(ctx, session).await?;
+    // The first message rides in the start, so the agent works on it while
+    // this dispatcher records the start.
+    let (id, input_seq) = (session.id, session.input_seq);
+    let first = super::durably(ctx, || ctx.store.first_pending_message(id, input_seq))
+        .await?
+        .map(|(seq, text)| pb::UserMessage { text, seq });
+    let spec = node_spec(session, &secrets);
+    let agent_key = berth_common::warm::agent_key(&spec);
     loop {
-        let Some(placed) = ctx.nodes.place(&session.spec.image, &refused) else {
+        let Some(placed) = ctx
+            .nodes
+            .place(&session.spec.image, agent_key.as_deref(), &refused)
+        else {
             requeue(ctx, session, &reasons).await?;
             return Ok(None);
         };
         let url = placed.link.key();
-        let (mut frames, to_node) = match open_run(&placed, session, &secrets, None).await {
+        let opened = open_run(&placed, session, spec.clone(), None, first.clone()).await;
+        let (mut frames, to_node) = match opened {
             Ok(opened) => opened,
             // The spec itself is wrong (a path outside the node's volumes,
             // limits beyond the machine): no retry will change that, so the
@@ -86,11 +101,13 @@ pub(super) async fn start(
         };
         match kind {
             Some(node_frame::Kind::Accepted(a)) => {
-                tracing::debug!(%url, container_id = %a.container_id, warm = a.warm, "node accepted the session");
+                let start = start_path(&a);
+                tracing::debug!(%url, container_id = %a.container_id, start = start.as_str_name(), "node accepted the session");
                 return Ok(Some(Link {
                     placed,
                     claimed,
-                    warm: a.warm,
+                    start,
+                    first_message_seq: first.as_ref().map_or(0, |m| m.seq),
                     attached: false,
                     frames,
                     to_node,
@@ -151,7 +168,8 @@ pub(super) async fn attach(
     let url = placed.link.key();
     let after = u64::try_from(session.node_seq).unwrap_or(0);
     let secrets = open_secrets(ctx, session).await?;
-    let (mut frames, to_node) = match open_run(&placed, session, &secrets, Some(after)).await {
+    let spec = node_spec(session, &secrets);
+    let (mut frames, to_node) = match open_run(&placed, session, spec, Some(after), None).await {
         Ok(opened) => opened,
         Err(status) => {
             tracing::info!(%url, error = %status.message(), "could not re-attach; placing the session anew");
@@ -165,7 +183,8 @@ pub(super) async fn attach(
             Ok(Some(Link {
                 placed,
                 claimed,
-                warm: a.warm,
+                start: start_path(&a),
+                first_message_seq: 0,
                 attached: true,
                 frames,
                 to_node,
@@ -182,13 +201,24 @@ pub(super) async fn attach(
     }
 }
 
-/// Opens a run of `session` on the placed node: a fresh start, or (with
-/// `attach`, the store's cursor) a re-attach to the run already there.
+/// How the node says it started the agent (an older node says only warm or not).
+fn start_path(a: &pb::Accepted) -> pb::StartPath {
+    match pb::StartPath::try_from(a.start) {
+        Ok(p) if p != pb::StartPath::Unspecified => p,
+        _ if a.warm => pb::StartPath::WarmContainer,
+        _ => pb::StartPath::Cold,
+    }
+}
+
+/// Opens a run of `session` on the placed node: a fresh start (with the
+/// first message, if any), or (with `attach`, the store's cursor) a
+/// re-attach to the run already there.
 async fn open_run(
     placed: &Placed,
     session: &Session,
-    secrets: &OpenedSecrets,
+    spec: pb::SessionSpec,
     attach: Option<u64>,
+    first_message: Option<pb::UserMessage>,
 ) -> Result<
     (
         tonic::Streaming<pb::NodeFrame>,
@@ -202,9 +232,10 @@ async fn open_run(
         kind: Some(dispatcher_frame::Kind::Start(pb::Start {
             session_id: session.id.to_string(),
             epoch: session.epoch,
-            spec: Some(node_spec(session, secrets)),
+            spec: Some(spec),
             attach: attach.is_some(),
             after_node_seq: attach.unwrap_or(0),
+            first_message,
         })),
     };
     // The channel is fresh: this send cannot fail.

@@ -111,7 +111,9 @@ impl NodeLink {
         }
     }
 
-    pub(super) fn snapshot(&self, image: &str) -> NodeSnapshot {
+    /// What placement knows of this node for a session of `image` (and
+    /// agent key `agent`, when a pre-started process can serve it).
+    pub(super) fn snapshot(&self, image: &str, agent: Option<&str>) -> NodeSnapshot {
         let report = self.load.borrow();
         let inflight = self.inflight.load(Ordering::SeqCst);
         match report.as_ref() {
@@ -124,8 +126,14 @@ impl NodeLink {
                 warm_ready: r
                     .warm
                     .iter()
-                    .find(|w| w.image == image)
+                    .find(|w| w.agent_key.is_empty() && w.image == image)
                     .map_or(0, |w| u32::try_from(w.ready).unwrap_or(0)),
+                warm_process_ready: agent.map_or(0, |key| {
+                    r.warm
+                        .iter()
+                        .find(|w| w.agent_key == key)
+                        .map_or(0, |w| u32::try_from(w.ready).unwrap_or(0))
+                }),
             },
             None => NodeSnapshot {
                 up: false,
@@ -134,6 +142,7 @@ impl NodeLink {
                 running: 0,
                 inflight,
                 warm_ready: 0,
+                warm_process_ready: 0,
             },
         }
     }

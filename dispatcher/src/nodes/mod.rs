@@ -216,7 +216,7 @@ impl Nodes {
     pub fn free_slots(&self) -> u32 {
         self.distinct_links()
             .iter()
-            .map(|l| l.snapshot(""))
+            .map(|l| l.snapshot("", None))
             .filter(|s| s.up && !s.draining)
             .map(|s| s.capacity.saturating_sub(s.used()))
             .sum()
@@ -224,13 +224,21 @@ impl Nodes {
 
     /// Places a session for `image`, skipping `exclude`d link keys (nodes that
     /// already refused it). The slot is held until the returned value drops.
-    pub fn place(self: &Arc<Self>, image: &str, exclude: &[String]) -> Option<Placed> {
+    pub fn place(
+        self: &Arc<Self>,
+        image: &str,
+        agent_key: Option<&str>,
+        exclude: &[String],
+    ) -> Option<Placed> {
         let candidates: Vec<Arc<NodeLink>> = self
             .distinct_links()
             .into_iter()
             .filter(|l| !exclude.contains(&l.key()))
             .collect();
-        let snapshots: Vec<NodeSnapshot> = candidates.iter().map(|l| l.snapshot(image)).collect();
+        let snapshots: Vec<NodeSnapshot> = candidates
+            .iter()
+            .map(|l| l.snapshot(image, agent_key))
+            .collect();
         let i = placement::choose(&snapshots, |n| fastrand::usize(..n))?;
         let link = candidates[i].clone();
         link.inflight.fetch_add(1, Ordering::SeqCst);

@@ -107,6 +107,12 @@ RETURNING create_time, pg_notify('berth_events', $1::text || ':' || $2) IS NULL 
     pub const PENDING_INPUT: &str = "SELECT EXISTS (SELECT 1 FROM events \
          WHERE session_id = $1 AND seq > $2 AND type = 'user.message')";
 
+    /// The first user event after the input cursor ($2): its seq, type and
+    /// text (a message's).
+    pub const FIRST_PENDING_INPUT: &str = "SELECT seq, type, coalesce(payload->>'text', '') \
+         FROM events WHERE session_id = $1 AND seq > $2 AND type LIKE 'user.%' \
+         ORDER BY seq LIMIT 1";
+
     /// Deletes the events of sessions archived before the cutoff ($1 days ago).
     /// Served by `sessions_archived`.
     pub const PURGE_ARCHIVED_EVENTS: &str = r#"
@@ -308,6 +314,23 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    /// The user message a fresh run starts with: the first user event past
+    /// `after_seq`, when it is a message (its seq and text).
+    pub(crate) async fn first_pending_message(
+        &self,
+        id: Uuid,
+        after_seq: i64,
+    ) -> Result<Option<(i64, String)>> {
+        let row: Option<(i64, String, String)> = sqlx::query_as(sql::FIRST_PENDING_INPUT)
+            .bind(id)
+            .bind(after_seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .filter(|(_, kind, _)| kind == berth_common::events::USER_MESSAGE)
+            .map(|(seq, _, text)| (seq, text)))
     }
 
     /// Whether a user message beyond `after_seq` waits for the runtime.

@@ -115,9 +115,12 @@ RETURNING seq, create_time
     /// does not overwrite the current one.
     /// A start also ends the backoff of earlier starts that found no node;
     /// a fresh run (`$4` false) starts the node's frame count over, a
-    /// re-attached one goes on with it.
+    /// re-attached one goes on with it. The input cursor moves to `$5` (the
+    /// message the start carried) in the same write, so a later owner
+    /// that re-attaches never sends it again.
     pub const SET_NODE: &str = "UPDATE sessions SET node = $3, update_time = now(), \
-         requeues = 0, claim_after = NULL, node_seq = CASE WHEN $4 THEN node_seq ELSE 0 END \
+         requeues = 0, claim_after = NULL, node_seq = CASE WHEN $4 THEN node_seq ELSE 0 END, \
+         input_seq = greatest(input_seq, $5) \
          WHERE id = $1 AND epoch = $2";
 
     /// Moves the forwarded-input cursor back, so input from `$2` on is
@@ -479,12 +482,14 @@ impl Store {
         epoch: i64,
         node: &str,
         attached: bool,
+        input_seq: i64,
     ) -> Result<()> {
         sqlx::query(sql::SET_NODE)
             .bind(id)
             .bind(epoch)
             .bind(node)
             .bind(attached)
+            .bind(input_seq)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -468,6 +468,7 @@ fn jsonl_start(
             }),
             attach: attach.is_some(),
             after_node_seq: attach.unwrap_or(0),
+            first_message: None,
         })),
     }
 }
