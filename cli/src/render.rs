@@ -305,7 +305,7 @@ pub fn node_json(n: &pb::Node) -> String {
     json!({
         "name": n.name, "url": n.url, "address": n.address, "state": node_state(n.state),
         "capacity": n.capacity, "running": n.running, "inflight": n.inflight,
-        "warm": n.warm.iter().map(|w| json!({"image": w.image, "ready": w.ready})).collect::<Vec<_>>(),
+        "warm": n.warm.iter().map(|w| json!({"image": w.image, "ready": w.ready, "agent_key": w.agent_key})).collect::<Vec<_>>(),
         "cpu_utilization": n.cpu_utilization, "memory_used_bytes": n.memory_used_bytes,
         "memory_total_bytes": n.memory_total_bytes, "generation": n.generation,
         "report_age_ms": n.report_age_ms, "last_error": n.last_error, "session_ids": n.session_ids,
@@ -326,7 +326,13 @@ pub fn node_table(nodes: &[pb::Node]) -> String {
         } else {
             n.warm
                 .iter()
-                .map(|w| format!("{}={}", w.image, w.ready))
+                .map(|w| {
+                    if w.agent_key.is_empty() {
+                        format!("{}={}", w.image, w.ready)
+                    } else {
+                        format!("{}[{}]={}", w.image, w.agent_key, w.ready)
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         };

@@ -17,6 +17,7 @@ pub const NODES: &str = "berth_nodes";
 pub const NODE_CAPACITY: &str = "berth_node_capacity_sessions";
 pub const NODE_RUNNING: &str = "berth_node_running_sessions";
 pub const NODE_WARM_READY: &str = "berth_node_warm_ready_containers";
+pub const NODE_WARM_PROCESSES: &str = "berth_node_warm_ready_processes";
 pub const EVENTS_RELAYED: &str = "berth_events_relayed_total";
 pub const EVENTS_PERSISTED: &str = "berth_events_persisted_total";
 pub const PERSIST_FAILURES: &str = "berth_event_persist_failures_total";
@@ -136,8 +137,14 @@ pub const ALL: &[Def] = &[
     Def {
         name: NODE_WARM_READY,
         kind: Kind::Gauge,
-        help: "Warm containers ready to take a session, per node and image.",
+        help: "Warm containers ready to take a session, per node and image (image pools).",
         labels: &["node", "image"],
+    },
+    Def {
+        name: NODE_WARM_PROCESSES,
+        kind: Kind::Gauge,
+        help: "Pre-started agent processes ready to take a session, per node (over every agent).",
+        labels: &["node"],
     },
     Def {
         name: EVENTS_RELAYED,

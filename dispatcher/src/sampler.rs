@@ -76,7 +76,18 @@ fn sample_nodes(
         } else {
             0.0
         });
-        for w in &report.warm {
+        let processes: i32 = report
+            .warm
+            .iter()
+            .filter(|w| !w.agent_key.is_empty())
+            .map(|w| w.ready)
+            .sum();
+        metrics::gauge!(NODE_WARM_PROCESSES, "node" => node.clone()).set(if up {
+            f64::from(processes)
+        } else {
+            0.0
+        });
+        for w in report.warm.iter().filter(|w| w.agent_key.is_empty()) {
             let ready = if up { f64::from(w.ready) } else { 0.0 };
             metrics::gauge!(NODE_WARM_READY, "node" => node.clone(), "image" => w.image.clone())
                 .set(ready);
@@ -95,6 +106,7 @@ fn sample_nodes(
     for gone in seen_nodes.difference(&nodes) {
         metrics::gauge!(NODE_CAPACITY, "node" => gone.clone()).set(0.0);
         metrics::gauge!(NODE_RUNNING, "node" => gone.clone()).set(0.0);
+        metrics::gauge!(NODE_WARM_PROCESSES, "node" => gone.clone()).set(0.0);
     }
     for (node, image) in seen_pools.difference(&pools) {
         metrics::gauge!(NODE_WARM_READY, "node" => node.clone(), "image" => image.clone()).set(0.0);

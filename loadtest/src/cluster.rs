@@ -72,6 +72,16 @@ impl ClusterArgs {
     }
 }
 
+/// Keeps `n` pre-started processes per agent (min = max = n), or turns
+/// agent pools off (0).
+fn agent_pools(cfg: &mut berth_agent_server::Config, n: u32) {
+    cfg.warm_agents = n;
+    cfg.warm_agent_min = n;
+    cfg.warm_agent_max = n;
+    // As fast as the machine allows: the benchmark waits for full pools.
+    cfg.warm_agent_refill_per_sec = 20.0;
+}
+
 /// Real agent-server nodes, each with a warm pool.
 #[derive(Debug, Clone)]
 pub struct RealNodes {
@@ -79,6 +89,9 @@ pub struct RealNodes {
     pub capacity: u32,
     /// Warm containers kept per node (0: no pool).
     pub pool: u32,
+    /// Pre-started agent processes kept per node and agent (0: agent pools
+    /// off). Agent pools fill once an agent's first session was seen.
+    pub agents: u32,
 }
 
 /// A cluster under test and connections to its dispatcher.
@@ -112,15 +125,17 @@ impl Cluster {
                 sims_stop: CancellationToken::new(),
             });
         }
+        let agents = nodes.agents;
         let mut b = TestCluster::builder()
             .direct()
             .metrics()
             .nodes(nodes.nodes)
             .capacity(nodes.capacity)
             .lease(Duration::from_secs(5))
-            .configure_node(|_, cfg, _| {
+            .configure_node(move |_, cfg, _| {
                 // Production's defaults, not the test suite's quick ones.
                 cfg.load_heartbeat = Duration::from_secs(1);
+                agent_pools(cfg, agents);
             });
         if nodes.pool > 0 {
             b = b.warm_pool(&format!("{}={}", args.image, nodes.pool));
@@ -131,16 +146,22 @@ impl Cluster {
     /// One real node for the real Claude Code image: each container's main
     /// process is the Messages stand-in on its own loopback, and containers
     /// have no network but that (`--container-network none`).
-    pub async fn real_claude(args: &ClusterArgs, image: &str, pool: u32) -> anyhow::Result<Self> {
+    pub async fn real_claude(
+        args: &ClusterArgs,
+        image: &str,
+        pool: u32,
+        agents: u32,
+    ) -> anyhow::Result<Self> {
         args.in_process_only("claude", "it configures the node's containers")?;
         let mut b = TestCluster::builder()
             .direct()
             .metrics()
             .nodes(1)
-            .capacity(pool.max(2) * 2)
+            .capacity(pool.max(agents).max(2) * 2)
             .lease(Duration::from_secs(5))
-            .configure_node(|_, cfg, _| {
+            .configure_node(move |_, cfg, _| {
                 cfg.load_heartbeat = Duration::from_secs(1);
+                agent_pools(cfg, agents);
                 cfg.keepalive_cmd = ["fake-anthropic", "--listen", "127.0.0.1:8787"]
                     .map(String::from)
                     .to_vec();

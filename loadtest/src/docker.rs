@@ -137,3 +137,35 @@ pub async fn cleanup(docker: &Docker) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The resident memory (bytes) of each process whose command line holds
+/// `needle`, in every running container labelled `label`: what one idle
+/// pre-started agent costs.
+pub async fn rss_of(d: &Docker, label: &str, needle: &str) -> anyhow::Result<Vec<u64>> {
+    let filters = std::collections::HashMap::from([("label".to_string(), vec![label.to_string()])]);
+    let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
+        .filters(&filters)
+        .build();
+    let mut out = Vec::new();
+    for c in d.list_containers(Some(opts)).await? {
+        let Some(id) = c.id else { continue };
+        let top = d
+            .top_processes(
+                &id,
+                Some(
+                    bollard::query_parameters::TopOptionsBuilder::new()
+                        .ps_args("-o rss,args")
+                        .build(),
+                ),
+            )
+            .await?;
+        for p in top.processes.unwrap_or_default() {
+            if p.get(1).is_some_and(|a| a.contains(needle))
+                && let Some(kib) = p.first().and_then(|r| r.trim().parse::<u64>().ok())
+            {
+                out.push(kib * 1024);
+            }
+        }
+    }
+    Ok(out)
+}

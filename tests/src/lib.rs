@@ -961,9 +961,12 @@ pub async fn collect_until(
                 return anyhow::Ok(());
             }
         }
-        let last = out.last().map(|e| e.r#type.clone()).unwrap_or_default();
+        let (last, why) = out
+            .last()
+            .map(|e| (e.r#type.clone(), e.payload_json.clone()))
+            .unwrap_or_default();
         anyhow::bail!(
-            "the event stream of {name} ended after {} events (last `{last}`) before the awaited event",
+            "the event stream of {name} ended after {} events (last `{last}`: {why}) before the awaited event",
             out.len()
         )
     };

@@ -60,6 +60,7 @@ async fn describe(link: Arc<NodeLink>) -> pb::Node {
             .map(|w| pb::WarmPoolStatus {
                 image: w.image,
                 ready: w.ready,
+                agent_key: w.agent_key,
             })
             .collect(),
         cpu_utilization: report.cpu_utilization,

@@ -109,7 +109,7 @@ RETURNING create_time, pg_notify('berth_events', $1::text || ':' || $2) IS NULL 
 
     /// The first user event after the input cursor ($2): its seq, type and
     /// text (a message's).
-    pub const FIRST_PENDING_INPUT: &str = "SELECT seq, type, coalesce(payload->>'text', '') \
+    pub const FIRST_PENDING_INPUT: &str = "SELECT seq, type, coalesce(payload::jsonb ->> 'text', '') \
          FROM events WHERE session_id = $1 AND seq > $2 AND type LIKE 'user.%' \
          ORDER BY seq LIMIT 1";
 

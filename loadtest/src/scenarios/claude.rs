@@ -1,7 +1,9 @@
 //! Scenario 7: the real Claude Code CLI's start. CreateSession → the CLI's
-//! first event at the client, from a cold start (no pool) and from the warm
-//! pool, beside `docker run` of the same image to the CLI's first stdout
-//! line. The CLI (from the pinned claude-agent-sdk wheel) talks to the
+//! first event at the client, from a cold start (no pool), a warm container
+//! (the CLI starts at claim) and a pre-started CLI process (an agent pool),
+//! beside `docker run` of the same image to the CLI's first stdout line;
+//! then a burst of twice the agent pool against as many parallel
+//! `docker run`s, and the memory of an idle pre-started CLI. The CLI (from the pinned claude-agent-sdk wheel) talks to the
 //! Messages stand-in on its container's own loopback; containers have no
 //! other network.
 
@@ -12,7 +14,10 @@ use berth_proto::v1 as pb;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{create_and_wait_first, stop, wait_all_closed, wait_pool_full};
+use super::{
+    agent_processes_ready, create_and_wait_first, stop, wait_agent_pool_full, wait_all_closed,
+    wait_pool_full,
+};
 use crate::cluster::{Cluster, ClusterArgs};
 use crate::docker;
 use crate::report::{Errors, Hist, Report, ratio};
@@ -26,7 +31,8 @@ pub struct ClaudeArgs {
     /// Starts of each kind (cold, warm, docker run), one at a time.
     #[arg(long, default_value_t = 10)]
     pub sessions: usize,
-    /// Warm containers kept on the node for the warm runs.
+    /// Warm containers, or pre-started CLI processes, kept on the node for
+    /// the warm runs; the burst is twice this.
     #[arg(long, default_value_t = 2)]
     pub pool: u32,
     /// The real-CLI image (deploy/test-image/build-claude.sh).
@@ -34,6 +40,10 @@ pub struct ClaudeArgs {
     pub claude_image: String,
 }
 
+/// The session each start makes. A pre-started process takes no env (env
+/// may hold secrets): the CLI gets the stand-in's key from an
+/// `apiKeyHelper` in its arguments instead, which the other runs use too,
+/// so every run starts the same CLI the same way.
 fn request(image: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
         spec: Some(pb::SessionSpec {
@@ -41,7 +51,10 @@ fn request(image: &str) -> pb::CreateSessionRequest {
             runtime: pb::Runtime::ClaudeCode as i32,
             model: MODEL.into(),
             // The stand-in takes any key; it is not a credential.
-            env: [("ANTHROPIC_API_KEY".to_string(), "stand-in".to_string())].into(),
+            runtime_args: vec![
+                "--settings".into(),
+                r#"{"apiKeyHelper":"echo stand-in"}"#.into(),
+            ],
             ..Default::default()
         }),
         initial_message: PROMPT.into(),
@@ -49,30 +62,43 @@ fn request(image: &str) -> pb::CreateSessionRequest {
     }
 }
 
+/// What the node keeps ready between the starts.
+#[derive(Clone, Copy, PartialEq)]
+enum Ready {
+    Nothing,
+    Containers(u32),
+    Processes(u32),
+}
+
+/// Waits for what `ready` says the node keeps.
+async fn fill(cluster: &Cluster, image: &str, ready: Ready) -> anyhow::Result<()> {
+    let mut nc = cluster.conns.nodes();
+    let wait = Duration::from_secs(120);
+    match ready {
+        Ready::Nothing => Ok(()),
+        Ready::Containers(n) => wait_pool_full(&mut nc, image, i32::try_from(n)?, wait).await,
+        Ready::Processes(n) => wait_agent_pool_full(&mut nc, image, i32::try_from(n)?, wait).await,
+    }
+}
+
 /// Starts `n` sessions one after another (each stopped before the next;
-/// with a pool, the pool refilled first) and returns their latencies, and
-/// how many claimed a warm container.
+/// with a pool, the pool refilled first) and returns their latencies and
+/// their start paths.
 async fn starts(
     cluster: &Cluster,
     image: &str,
     n: usize,
-    pool: u32,
-) -> anyhow::Result<(Hist, usize, Errors)> {
+    ready: Ready,
+) -> anyhow::Result<(Hist, Vec<String>, Errors)> {
     let mut c = cluster.conns.get();
-    let mut nc = cluster.conns.nodes();
     let mut hist = Hist::new();
-    let mut warm = 0;
+    let mut paths = Vec::new();
     let errors = Mutex::new(Errors::default());
-    // One untimed start warms the connections and the node's code paths.
+    // One untimed start warms the connections and the node's code paths
+    // (and shows an agent pool its agent).
     for i in 0..=n {
-        if pool > 0 {
-            wait_pool_full(
-                &mut nc,
-                image,
-                i32::try_from(pool)?,
-                Duration::from_secs(120),
-            )
-            .await?;
+        if i > 0 || !matches!(ready, Ready::Processes(_)) {
+            fill(cluster, image, ready).await?;
         }
         let s = create_and_wait_first(&mut c, request(image), Instant::now(), FIRST_EVENT_TIMEOUT)
             .await
@@ -81,16 +107,43 @@ async fn starts(
         wait_all_closed(&mut c, std::slice::from_ref(&s.name)).await;
         if i > 0 {
             hist.record(s.first_event);
-            warm += usize::from(s.warm);
+            paths.push(s.start.clone());
         }
-        eprintln!(
-            "claude: {} start {i}/{n}: {:?}",
-            if s.warm { "warm" } else { "cold" },
-            s.first_event
-        );
+        eprintln!("claude: {} start {i}/{n}: {:?}", s.start, s.first_event);
     }
     let errors = errors.lock().map(|e| e.clone()).unwrap_or_default();
-    Ok((hist, warm, errors))
+    Ok((hist, paths, errors))
+}
+
+/// `n` sessions created at once: the time until every one has its first
+/// event, and how many took a pre-started process.
+async fn burst(cluster: &Cluster, image: &str, n: usize) -> anyhow::Result<(Duration, usize)> {
+    let t0 = Instant::now();
+    let runs = (0..n).map(|_| {
+        let mut c = cluster.conns.get();
+        async move {
+            let r = create_and_wait_first(&mut c, request(image), t0, FIRST_EVENT_TIMEOUT).await;
+            if let Ok(s) = &r {
+                let _ = c
+                    .stop_session(pb::StopSessionRequest {
+                        name: s.name.clone(),
+                    })
+                    .await;
+            }
+            r
+        }
+    });
+    let done = futures::future::join_all(runs).await;
+    let all = t0.elapsed();
+    let mut hits = 0;
+    let mut names = Vec::new();
+    for r in done {
+        let s = r.map_err(|st| anyhow::anyhow!("a burst start failed: {st}"))?;
+        hits += usize::from(s.start == "warm_process");
+        names.push(s.name);
+    }
+    wait_all_closed(&mut cluster.conns.get(), &names).await;
+    Ok((all, hits))
 }
 
 pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
@@ -98,20 +151,70 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(a.pool > 0, "--pool must be positive");
     let mut report = Report::new("claude", a);
 
-    let cluster = Cluster::real_claude(cl, &a.claude_image, 0).await?;
-    let (cold, _, cold_err) = starts(&cluster, &a.claude_image, a.sessions, 0).await?;
+    let image = &a.claude_image;
+    let cluster = Cluster::real_claude(cl, image, 0, 0).await?;
+    let (cold, _, cold_err) = starts(&cluster, image, a.sessions, Ready::Nothing).await?;
     cluster.shutdown().await?;
     report.latency("berth: cold start (no pool)", &cold, &cold_err);
 
-    let cluster = Cluster::real_claude(cl, &a.claude_image, a.pool).await?;
-    let (warm, hits, warm_err) = starts(&cluster, &a.claude_image, a.sessions, a.pool).await?;
+    let cluster = Cluster::real_claude(cl, image, a.pool, 0).await?;
+    let (warm, paths, warm_err) =
+        starts(&cluster, image, a.sessions, Ready::Containers(a.pool)).await?;
     cluster.shutdown().await?;
-    report.latency("berth: warm pool", &warm, &warm_err);
-    report.value("warm-pool hits", hits as f64, "starts");
+    report.latency(
+        "berth: warm container (CLI starts at claim)",
+        &warm,
+        &warm_err,
+    );
+    let count = |paths: &[String], p: &str| paths.iter().filter(|x| *x == p).count() as f64;
+    report.value(
+        "warm-container hits",
+        count(&paths, "warm_container"),
+        "starts",
+    );
+
+    let cluster = Cluster::real_claude(cl, image, 0, a.pool).await?;
+    let (process, paths, process_err) =
+        starts(&cluster, image, a.sessions, Ready::Processes(a.pool)).await?;
+    report.latency("berth: pre-started CLI process", &process, &process_err);
+    report.value(
+        "pre-started process hits",
+        count(&paths, "warm_process"),
+        "starts",
+    );
+    fill(&cluster, image, Ready::Processes(a.pool)).await?;
+    let d = docker::connect().await?;
+    let rss = docker::rss_of(&d, "berth.pool", "claude -p").await?;
+    if let Some(max) = rss.iter().max() {
+        let mean = rss.iter().sum::<u64>() as f64 / rss.len() as f64;
+        report.value("idle pre-started CLI RSS (mean)", mean / 1048576.0, "MiB");
+        report.value(
+            "idle pre-started CLI RSS (max)",
+            *max as f64 / 1048576.0,
+            "MiB",
+        );
+    }
+    let n = a.pool as usize * 2;
+    let (burst_all, burst_hits) = burst(&cluster, image, n).await?;
+    let mut nc = cluster.conns.nodes();
+    let left = agent_processes_ready(&mut nc, image).await?;
+    cluster.shutdown().await?;
+    report.value(
+        format!("burst of {n}: until all have a first event"),
+        burst_all.as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.value(
+        format!("burst of {n}: pre-started process hit ratio"),
+        ratio(burst_hits as f64, n as f64),
+        "",
+    );
+    report.note(format!(
+        "after the burst the node had {left} pre-started process(es) ready again"
+    ));
 
     // The same image, the same CLI and prompt, with no berth: create,
     // attach and start, to the CLI's first stdout line.
-    let d = docker::connect().await?;
     let mut run = Hist::new();
     let msg = serde_json::json!({"type": "user", "message": {"role": "user",
         "content": [{"type": "text", "text": PROMPT}]}});
@@ -123,7 +226,7 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
         let t0 = Instant::now();
         let id = docker::create_in(
             &d,
-            &a.claude_image,
+            image,
             vec!["sh".into(), "-c".into(), script.clone()],
             Some("none"),
         )
@@ -136,7 +239,6 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
         }
         eprintln!("claude: docker run {i}/{}: {first:?}", a.sessions);
     }
-    docker::cleanup(&d).await?;
     report.latency(
         "baseline: docker run (create+attach+start)",
         &run,
@@ -144,8 +246,53 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
     );
 
     let p50 = |h: &Hist| h.quantile_us(0.5) as f64;
+    // The same CLI, started by `docker run` n times at once.
+    let t0 = Instant::now();
+    let parallel = (0..n).map(|_| {
+        let (d, image, script) = (d.clone(), image.clone(), script.clone());
+        async move {
+            let id = docker::create_in(
+                &d,
+                &image,
+                vec!["sh".into(), "-c".into(), script],
+                Some("none"),
+            )
+            .await?;
+            let r = docker::start_and_read(&d, &id, t0, None).await;
+            docker::remove(&d, &id).await;
+            r
+        }
+    });
+    for r in futures::future::join_all(parallel).await {
+        r?;
+    }
+    let parallel_all = t0.elapsed();
+    docker::cleanup(&d).await?;
+    report.value(
+        format!("baseline: {n} parallel docker runs, until all have a first line"),
+        parallel_all.as_secs_f64() * 1e3,
+        "ms",
+    );
+    report.ratio(
+        format!("{n} parallel docker runs / berth burst of {n}"),
+        ratio(parallel_all.as_secs_f64(), burst_all.as_secs_f64()),
+    );
     report.ratio("docker run p50 / cold p50", ratio(p50(&run), p50(&cold)));
-    report.ratio("docker run p50 / warm p50", ratio(p50(&run), p50(&warm)));
+    report.ratio(
+        "docker run p50 / warm container p50",
+        ratio(p50(&run), p50(&warm)),
+    );
+    report.check_at_most("pre-started process p50 (ms)", p50(&process) / 1e3, 60.0);
+    report.check_at_most(
+        "pre-started process p99 (ms)",
+        process.quantile_us(0.99) as f64 / 1e3,
+        150.0,
+    );
+    report.ratio_at_least(
+        "docker run p50 / pre-started process p50",
+        ratio(p50(&run), p50(&process)),
+        10.0,
+    );
     report.note("each start is alone (one at a time) and measured from CreateSession to the CLI's first event at the client (its system/init line); docker run is timed from container create to the CLI's first stdout line");
     Ok(report)
 }

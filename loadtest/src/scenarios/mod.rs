@@ -40,8 +40,8 @@ pub struct Started {
     pub name: String,
     /// From `t0` to the first agent event.
     pub first_event: Duration,
-    /// Whether the run claimed a warm container.
-    pub warm: bool,
+    /// How the agent started: warm_process, warm_container or cold.
+    pub start: String,
 }
 
 /// Creates a session and follows its events until the first agent event.
@@ -60,7 +60,7 @@ pub async fn create_and_wait_first(
         })
         .await?
         .into_inner();
-    let mut warm = None;
+    let mut start = None;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     loop {
@@ -79,7 +79,7 @@ pub async fn create_and_wait_first(
         let e = e?;
         if e.r#type == "session.status_running" {
             let p: serde_json::Value = serde_json::from_str(&e.payload_json).unwrap_or_default();
-            warm = warm.or(p["warm"].as_bool());
+            start = start.or(p["start"].as_str().map(String::from));
         }
         if e.r#type == "session.status_failed" || e.r#type == "session.status_stopped" {
             return Err(tonic::Status::aborted(format!(
@@ -91,7 +91,7 @@ pub async fn create_and_wait_first(
             return Ok(Started {
                 name: s.name,
                 first_event: t0.elapsed(),
-                warm: warm.unwrap_or(false),
+                start: start.unwrap_or_default(),
             });
         }
     }
@@ -144,6 +144,46 @@ pub async fn wait_all_closed(client: &mut SessionsClient<berth_tests::Api>, name
     }
 }
 
+/// Waits until some node reports `n` pre-started agent processes of `image`
+/// ready (an agent pool, which its first session created).
+pub async fn wait_agent_pool_full(
+    nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
+    image: &str,
+    n: i32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ready = agent_processes_ready(nodes, image).await?;
+        if ready >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent pool of {image} did not fill ({ready} of {n} ready) within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Pre-started agent processes of `image` ready over the fleet.
+pub async fn agent_processes_ready(
+    nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
+    image: &str,
+) -> anyhow::Result<i32> {
+    let list = nodes
+        .list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner();
+    Ok(list
+        .nodes
+        .iter()
+        .flat_map(|n| n.warm.iter())
+        .filter(|w| !w.agent_key.is_empty() && w.image == image)
+        .map(|w| w.ready)
+        .sum())
+}
+
 /// Waits until every node reports `pool` warm containers of `image` ready.
 pub async fn wait_pool_full(
     nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
@@ -158,10 +198,11 @@ pub async fn wait_pool_full(
             .await?
             .into_inner();
         let full = !list.nodes.is_empty()
-            && list
-                .nodes
-                .iter()
-                .all(|n| n.warm.iter().any(|w| w.image == image && w.ready >= pool));
+            && list.nodes.iter().all(|n| {
+                n.warm
+                    .iter()
+                    .any(|w| w.agent_key.is_empty() && w.image == image && w.ready >= pool)
+            });
         if full {
             return Ok(());
         }
@@ -186,7 +227,7 @@ pub async fn warm_ready(
         .nodes
         .iter()
         .flat_map(|n| n.warm.iter())
-        .filter(|w| w.image == image)
+        .filter(|w| w.agent_key.is_empty() && w.image == image)
         .map(|w| w.ready)
         .sum())
 }

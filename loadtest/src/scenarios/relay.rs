@@ -55,6 +55,7 @@ pub async fn run(cl: &ClusterArgs, a: &RelayArgs) -> anyhow::Result<Report> {
                 nodes: 1,
                 capacity: 4,
                 pool: 1,
+                agents: 0,
             },
         )
         .await?;

@@ -6,7 +6,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{create_and_wait_first, session, stop, wait_all_closed, wait_pool_full, warm_ready};
+use super::{
+    create_and_wait_first, session, stop, wait_agent_pool_full, wait_all_closed, wait_pool_full,
+    warm_ready,
+};
 use crate::cluster::{Cluster, ClusterArgs, RealNodes};
 use crate::docker;
 use crate::driver::{Arrivals, Progress, open_loop};
@@ -24,9 +27,32 @@ pub struct WarmArgs {
     /// Arrivals per second (open loop, evenly spaced).
     #[arg(long, default_value_t = 2.0)]
     pub rate: f64,
-    /// Warm containers kept on the node.
+    /// Warm containers (or pre-started processes) kept on the node.
     #[arg(long, default_value_t = 4)]
     pub pool: u32,
+    /// What the pool holds: `process` (containers with the agent process
+    /// already started: an agent pool) or `container` (an image pool; the
+    /// agent starts at claim).
+    #[arg(long, value_enum, default_value_t = StartKind::Process)]
+    pub start: StartKind,
+}
+
+/// What a warm pool holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartKind {
+    Process,
+    Container,
+}
+
+impl StartKind {
+    /// The `start` a hit reports in `session.running`.
+    fn hit_label(self) -> &'static str {
+        match self {
+            Self::Process => "warm_process",
+            Self::Container => "warm_container",
+        }
+    }
 }
 
 /// Scenario 1: CreateSession → first agent event on a warm-pool hit, beside
@@ -38,21 +64,32 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
         "--sessions and --rate must be positive"
     );
     let mut report = Report::new("warm", a);
+    let process = a.start == StartKind::Process;
     let nodes = RealNodes {
         nodes: 1,
         capacity: a.pool.max(4) * 2,
-        pool: a.pool,
+        pool: if process { 0 } else { a.pool },
+        agents: if process { a.pool } else { 0 },
     };
     let cluster = Cluster::real(cl, &nodes).await?;
     let mut nc = cluster.conns.nodes();
-    wait_pool_full(
-        &mut nc,
-        &cl.image,
-        i32::try_from(a.pool)?,
-        Duration::from_secs(120),
-    )
-    .await?;
-    // One untimed session warms the connections and the node's code paths.
+    let pool = i32::try_from(a.pool)?;
+    let fill = |nc: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>| {
+        let mut nc = nc.clone();
+        let image = cl.image.clone();
+        async move {
+            if process {
+                wait_agent_pool_full(&mut nc, &image, pool, Duration::from_secs(120)).await
+            } else {
+                wait_pool_full(&mut nc, &image, pool, Duration::from_secs(120)).await
+            }
+        }
+    };
+    if !process {
+        fill(&mut nc).await?;
+    }
+    // One untimed session warms the connections and the node's code paths
+    // (and, for an agent pool, shows the node the agent: its pool fills).
     let mut c = cluster.conns.get();
     let warmup = create_and_wait_first(
         &mut c,
@@ -64,22 +101,26 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
     let errors = Mutex::new(Errors::default());
     stop(&mut c, &warmup.name, &errors).await;
     wait_all_closed(&mut c, &[warmup.name]).await;
-    wait_pool_full(
-        &mut nc,
-        &cl.image,
-        i32::try_from(a.pool)?,
-        Duration::from_secs(120),
-    )
-    .await?;
+    fill(&mut nc).await?;
 
     let offsets = Arrivals::Uniform { rate: a.rate }.offsets(a.sessions, &mut fastrand::Rng::new());
     let before = cluster.stage_means(STAGES).await;
-    let (all, hits, names, errors) =
-        berth_starts(&cluster, &cl.image, &offsets, "warm: berth").await;
+    let (all, hits, names, errors) = berth_starts(
+        &cluster,
+        &cl.image,
+        &offsets,
+        a.start.hit_label(),
+        "warm: berth",
+    )
+    .await;
     wait_all_closed(&mut c, &names).await;
     profile(&mut report, &before, &cluster.stage_means(STAGES).await);
     report.latency("berth: all starts", &all, &errors);
-    report.latency("berth: warm-pool hits", &hits, &Errors::default());
+    report.latency(
+        format!("berth: hits ({})", a.start.hit_label()),
+        &hits,
+        &Errors::default(),
+    );
     report.value(
         "warm-pool hit ratio",
         ratio(hits.len() as f64, all.len() as f64),
@@ -95,8 +136,15 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
     cluster.shutdown().await?;
 
     let p50 = hits.quantile_us(0.5) as f64;
-    report.check_at_most("warm p50 (ms)", p50 / 1e3, 25.0);
-    report.check_at_most("warm p99 (ms)", hits.quantile_us(0.99) as f64 / 1e3, 60.0);
+    // Issue 18's goal for the stand-in is a p50 of 15 ms on a pre-started
+    // process; a warm container keeps its earlier 25/60 ms targets.
+    let (p50_goal, p99_goal) = if process { (15.0, 60.0) } else { (25.0, 60.0) };
+    report.check_at_most("warm p50 (ms)", p50 / 1e3, p50_goal);
+    report.check_at_most(
+        "warm p99 (ms)",
+        hits.quantile_us(0.99) as f64 / 1e3,
+        p99_goal,
+    );
     report.ratio_at_least(
         "docker run p50 / warm p50",
         ratio(run.quantile_us(0.5) as f64, p50),
@@ -143,12 +191,13 @@ fn profile(report: &mut Report, before: &[(String, f64, f64)], after: &[(String,
 }
 
 /// Starts a session at each offset and stops it once its first agent event
-/// arrived. Returns all latencies, those of warm-pool hits, the sessions and
-/// the errors.
+/// arrived. Returns all latencies, those of hits (a start that reported
+/// `hit` as its start path), the sessions and the errors.
 async fn berth_starts(
     cluster: &Cluster,
     image: &str,
     offsets: &[Duration],
+    hit: &'static str,
     label: &str,
 ) -> (Hist, Hist, Vec<String>, Errors) {
     let all = Arc::new(Mutex::new(Hist::new()));
@@ -172,7 +221,7 @@ async fn berth_starts(
                     if let Ok(mut h) = all.lock() {
                         h.record(s.first_event);
                     }
-                    if s.warm
+                    if s.start == hit
                         && let Ok(mut h) = hits.lock()
                     {
                         h.record(s.first_event);
@@ -317,6 +366,7 @@ pub async fn burst(cl: &ClusterArgs, a: &BurstArgs) -> anyhow::Result<Report> {
         nodes: 1,
         capacity: u32::try_from(n)? + a.pool,
         pool: a.pool,
+        agents: 0,
     };
     let cluster = Cluster::real(cl, &nodes).await?;
     let mut nc = cluster.conns.nodes();
@@ -347,8 +397,14 @@ pub async fn burst(cl: &ClusterArgs, a: &BurstArgs) -> anyhow::Result<Report> {
     };
     let offsets = vec![Duration::ZERO; n];
     let t0 = Instant::now();
-    let (all, hits, names, errors) =
-        berth_starts(&cluster, &cl.image, &offsets, "burst: berth").await;
+    let (all, hits, names, errors) = berth_starts(
+        &cluster,
+        &cl.image,
+        &offsets,
+        "warm_container",
+        "burst: berth",
+    )
+    .await;
     let all_first = t0.elapsed();
     let mut c = cluster.conns.get();
     wait_all_closed(&mut c, &names).await;

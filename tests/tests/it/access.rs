@@ -10,7 +10,10 @@ use berth_tests::{Api, TestCluster, containers_of, fake_session, idle_session};
 use tonic::Code;
 
 /// A member key of `project`, made by the cluster's fleet admin.
-async fn member_of(cluster: &TestCluster, project: &str) -> anyhow::Result<(Api, String)> {
+pub(crate) async fn member_of(
+    cluster: &TestCluster,
+    project: &str,
+) -> anyhow::Result<(Api, String)> {
     let r = ApiKeysClient::new(cluster.api())
         .create_api_key(pb::CreateApiKeyRequest {
             project: project.into(),

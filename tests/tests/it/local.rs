@@ -81,7 +81,9 @@ async fn two_default_dispatchers_on_one_docker_host_leave_each_others_sessions_a
     )
     .await?;
     let a_node = format!("local-{a_id}");
-    let mine = containers_labelled(&[format!("berth.node={a_node}")]).await?;
+    // (Its node may also hold a spare: a pre-started agent for the next session.)
+    let mine =
+        containers_labelled(&[format!("berth.node={a_node}"), "berth.session".into()]).await?;
     assert_eq!(mine.len(), 1, "a's session runs on a's node: {mine:?}");
 
     // A second default dispatcher starts on the same host (and database):

@@ -11,3 +11,4 @@ mod fleet;
 mod local;
 mod ops;
 mod spine;
+mod warm;

@@ -216,7 +216,12 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     // The session shows up where an operator would look.
     assert!(scrape.sum("berth_sessions_created_total", &[]) >= 1.0);
     assert!(scrape.sum("berth_pool_hits_total", &[("image", TEST_IMAGE)]) >= 1.0);
-    assert!(scrape.sum("berth_first_event_seconds_count", &[("start", "warm")]) >= 1.0);
+    assert!(
+        scrape.sum(
+            "berth_first_event_seconds_count",
+            &[("start", "warm_container")]
+        ) >= 1.0
+    );
     assert!(scrape.sum("berth_tokens_total", &[("kind", "output")]) > 0.0);
     assert!(scrape.sum("berth_cost_microdollars_total", &[]) > 0.0);
     assert!(scrape.sum("berth_events_persisted_total", &[]) > 0.0);
