@@ -163,15 +163,16 @@ async fn run_in_slot(
     // Fastest first: a pre-started agent process (a pop and one liveness
     // check); then a warm container (a pop, then the launch); then cold. A
     // claimed process or container that died falls through to the next.
-    let mut pre_started = node.agents.claim(&spec);
-    if let Some(exec_id) = pre_started.as_ref().map(|w| w.process.exec_id.clone())
-        && !runtime.exec_running(&exec_id).await
-        && let Some(w) = pre_started.take()
-    {
-        tracing::warn!(container_id = %w.id, "pre-started agent process is gone; starting another way");
-        node.agents.claimed_dead();
-        runtime.remove(&w.id).await;
-    }
+    let mut pre_started = match node.agents.claim(&spec).map(still_running) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(w)) => {
+            tracing::warn!(container_id = %w.id, "pre-started agent process is gone; starting another way");
+            node.agents.claimed_dead();
+            runtime.remove(&w.id).await;
+            None
+        }
+        None => None,
+    };
     let mut claimed = if pre_started.is_some() {
         None
     } else {
@@ -480,6 +481,24 @@ async fn run_in_slot(
         memory_errors,
         evicted,
         oom,
+    }
+}
+
+/// Whether a pre-started process still runs, without a Docker call: its
+/// output stream has ended when it exited (the sweep finds the rest). Output
+/// it wrote while waiting stays first in the stream.
+fn still_running(
+    mut w: crate::pool::WarmProcess,
+) -> Result<crate::pool::WarmProcess, crate::pool::WarmProcess> {
+    use futures::FutureExt;
+    match w.process.output.next().now_or_never() {
+        None => Ok(w),
+        Some(None | Some(Err(_))) => Err(w),
+        Some(Some(Ok(chunk))) => {
+            let rest = std::mem::replace(&mut w.process.output, Box::pin(futures::stream::empty()));
+            w.process.output = Box::pin(futures::stream::once(async move { Ok(chunk) }).chain(rest));
+            Ok(w)
+        }
     }
 }
 

@@ -154,14 +154,19 @@ pub async fn rss_of(d: &Docker, label: &str, needle: &str) -> anyhow::Result<Vec
                 &id,
                 Some(
                     bollard::query_parameters::TopOptionsBuilder::new()
-                        .ps_args("-o rss,args")
+                        .ps_args("-o pid,rss,args")
                         .build(),
                 ),
             )
             .await?;
+        let titles = top.titles.unwrap_or_default();
+        let col = |name: &str| titles.iter().position(|t| t.eq_ignore_ascii_case(name));
+        let (Some(rss), Some(args)) = (col("RSS"), col("COMMAND").or_else(|| col("ARGS"))) else {
+            anyhow::bail!("docker top of {id}: no RSS or COMMAND column in {titles:?}");
+        };
         for p in top.processes.unwrap_or_default() {
-            if p.get(1).is_some_and(|a| a.contains(needle))
-                && let Some(kib) = p.first().and_then(|r| r.trim().parse::<u64>().ok())
+            if p.get(args).is_some_and(|a| a.contains(needle))
+                && let Some(kib) = p.get(rss).and_then(|r| r.trim().parse::<u64>().ok())
             {
                 out.push(kib * 1024);
             }

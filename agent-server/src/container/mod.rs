@@ -529,6 +529,19 @@ impl ContainerRuntime {
         }
     }
 
+    /// CPU time the container has used so far, in nanoseconds (its cgroup's
+    /// count, one sample, no wait for a second).
+    pub async fn cpu_used_ns(&self, container_id: &str) -> Option<u64> {
+        use futures::StreamExt;
+        let opts = bollard::query_parameters::StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let mut stats = std::pin::pin!(self.docker.stats(container_id, Some(opts)));
+        let s = stats.next().await?.ok()?;
+        s.cpu_stats?.cpu_usage?.total_usage
+    }
+
     /// Whether an exec's process is still running.
     pub async fn exec_running(&self, exec_id: &str) -> bool {
         matches!(self.docker.inspect_exec(exec_id).await, Ok(i) if i.running == Some(true))

@@ -42,6 +42,16 @@ use crate::spec::SessionSpec;
 /// Pre-starts run at most this many at once.
 const STARTS_IN_FLIGHT: usize = 2;
 
+/// A started process is offered once its container has been quiet (less
+/// than [`SETTLE_CPU`] of CPU per [`SETTLE_TICK`]) for [`SETTLE_TICKS`]
+/// ticks in a row: the agent has finished starting and waits on stdin (the
+/// real CLI takes ~0.5 s of CPU for that; a session handed a process still
+/// starting would wait for it). After [`SETTLE_MAX`] it is offered anyway.
+const SETTLE_TICK: Duration = Duration::from_millis(100);
+const SETTLE_CPU: Duration = Duration::from_millis(3);
+const SETTLE_TICKS: u32 = 3;
+const SETTLE_MAX: Duration = Duration::from_secs(20);
+
 /// A container with its agent process started, waiting for a session.
 pub struct WarmProcess {
     pub id: String,
@@ -299,11 +309,34 @@ impl Starter {
             .await
             .map_err(|e| e.to_string())?;
         match self.prepare_and_exec(&id, &spec).await {
-            Ok(process) => Ok(WarmProcess { id, process }),
+            Ok(process) => {
+                self.settle(&id).await;
+                Ok(WarmProcess { id, process })
+            }
             Err(e) => {
                 self.runtime.remove(&id).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Waits until the container's CPU use goes quiet (see [`SETTLE_TICK`]).
+    async fn settle(&self, id: &str) {
+        let deadline = Instant::now() + SETTLE_MAX;
+        let mut last = self.runtime.cpu_used_ns(id).await;
+        let mut quiet = 0;
+        while quiet < SETTLE_TICKS && Instant::now() < deadline {
+            tokio::time::sleep(SETTLE_TICK).await;
+            let now = self.runtime.cpu_used_ns(id).await;
+            match (last, now) {
+                (Some(a), Some(b)) if b.saturating_sub(a) < SETTLE_CPU.as_nanos() as u64 => {
+                    quiet += 1;
+                }
+                (Some(_), Some(_)) => quiet = 0,
+                // No stats (an old daemon, a cgroup it cannot read): offer it.
+                _ => return,
+            }
+            last = now;
         }
     }
 

@@ -18,7 +18,7 @@ mod agent_state;
 pub mod agents;
 mod state;
 
-pub use agents::{AgentPools, Starter};
+pub use agents::{AgentPools, Starter, WarmProcess};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

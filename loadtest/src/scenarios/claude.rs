@@ -184,7 +184,13 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
     );
     fill(&cluster, image, Ready::Processes(a.pool)).await?;
     let d = docker::connect().await?;
-    let rss = docker::rss_of(&d, "berth.pool", "claude -p").await?;
+    let rss = match docker::rss_of(&d, "berth.pool", "claude -p").await {
+        Ok(r) => r,
+        Err(e) => {
+            report.note(format!("the idle CLI's memory could not be read: {e:#}"));
+            Vec::new()
+        }
+    };
     if let Some(max) = rss.iter().max() {
         let mean = rss.iter().sum::<u64>() as f64 / rss.len() as f64;
         report.value("idle pre-started CLI RSS (mean)", mean / 1048576.0, "MiB");
