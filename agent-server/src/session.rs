@@ -496,7 +496,8 @@ fn still_running(
         Some(None | Some(Err(_))) => Err(w),
         Some(Some(Ok(chunk))) => {
             let rest = std::mem::replace(&mut w.process.output, Box::pin(futures::stream::empty()));
-            w.process.output = Box::pin(futures::stream::once(async move { Ok(chunk) }).chain(rest));
+            w.process.output =
+                Box::pin(futures::stream::once(async move { Ok(chunk) }).chain(rest));
             Ok(w)
         }
     }
