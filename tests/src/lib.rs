@@ -316,6 +316,7 @@ impl Builder {
             dispatcher_cfg,
             tasks,
             added_stops: Vec::new(),
+            killed: Vec::new(),
         };
         answering(cluster.client(), &cluster.tasks).await?;
         Ok(cluster)
@@ -547,6 +548,8 @@ pub struct TestCluster {
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// The shutdown of each dispatcher added later, by id.
     added_stops: Vec<(String, CancellationToken)>,
+    /// Nodes killed with [`Self::kill_node`].
+    killed: Vec<String>,
 }
 
 impl TestCluster {
@@ -777,10 +780,15 @@ impl TestCluster {
     pub fn kill_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.proxy.set_paused(true);
+        // Its background loops (warm pools) are tasks of their own that an
+        // abort would leave running in this process: stop them too, as a
+        // crash would (they remove what they started).
+        node.stop.cancel();
         if let Some(t) = node.task.take() {
             t.abort();
         }
         remove_node_containers(&node.id);
+        self.killed.push(node.id.clone());
     }
 
     /// Stops everything and drops the cluster's database.
@@ -796,6 +804,10 @@ impl TestCluster {
             if let Some(t) = n.task.take() {
                 t.await??;
             }
+        }
+        // A killed node's pool may have finished a start after its kill.
+        for id in &self.killed {
+            remove_node_containers(id);
         }
         if self.database.is_empty() {
             return Ok(());
