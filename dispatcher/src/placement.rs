@@ -42,6 +42,22 @@ impl NodeSnapshot {
         self.up && !self.draining && self.used() < self.capacity
     }
 
+    /// Placements of this dispatcher the node's last report does not show
+    /// yet (a burst placed since): each may take one of its warm spares.
+    fn unreported(&self) -> u32 {
+        self.inflight.saturating_sub(self.running)
+    }
+
+    /// Pre-started processes left for one more session, as best known.
+    fn processes_left(&self) -> u32 {
+        self.warm_process_ready.saturating_sub(self.unreported())
+    }
+
+    /// Warm containers left for one more session, as best known.
+    fn containers_left(&self) -> u32 {
+        self.warm_ready.saturating_sub(self.unreported())
+    }
+
     /// Fraction of capacity in use.
     fn load(&self) -> f64 {
         f64::from(self.used()) / f64::from(self.capacity.max(1))
@@ -59,8 +75,10 @@ pub fn choose(nodes: &[NodeSnapshot], mut random: impl FnMut(usize) -> usize) ->
             .filter(|&i| ready(&nodes[i]) > 0)
             .collect()
     };
-    let warm_process = with(|n| n.warm_process_ready);
-    let warm = with(|n| n.warm_ready);
+    // What the last report offered, less what this dispatcher has placed
+    // there since: a burst must not herd onto one node's stale spares.
+    let warm_process = with(NodeSnapshot::processes_left);
+    let warm = with(NodeSnapshot::containers_left);
     let pool = [warm_process, warm]
         .into_iter()
         .find(|p| !p.is_empty())
@@ -171,6 +189,25 @@ mod tests {
         // A full node's process does not count.
         nodes[1].running = 10;
         assert_eq!(choose(&nodes, |_| 0), Some(0));
+    }
+
+    #[test]
+    fn a_burst_does_not_herd_onto_spares_already_taken() {
+        let mut nodes = vec![node(10, 0), node(10, 0), node(10, 0)];
+        nodes[2].warm_process_ready = 2;
+        let mut picks = Vec::new();
+        for _ in 0..6 {
+            // The reports stay stale (running 0, two ready) through the burst.
+            let i = choose(&nodes, |n| n - 1).expect("room");
+            nodes[i].inflight += 1;
+            picks.push(i);
+        }
+        assert_eq!(&picks[..2], &[2, 2], "the two spares go first");
+        assert_eq!(
+            picks.iter().filter(|&&i| i == 2).count(),
+            2,
+            "then the others: {picks:?}"
+        );
     }
 
     #[test]
