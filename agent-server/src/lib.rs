@@ -119,8 +119,8 @@ pub async fn run_with_drain(
         berth_common::metrics::spawn_endpoint(addr, handle, ready, shutdown.clone()).await?;
     }
     spawn_load_gauges(&node);
-    let mut pools = node.pools.spawn();
-    pools.push(node.agents.spawn());
+    node.pools.spawn();
+    node.agents.spawn();
     {
         let (node, shutdown) = (node.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -139,10 +139,9 @@ pub async fn run_with_drain(
     let served = serve(node.clone(), listener, tls, shutdown).await;
     node.shutdown.cancel();
     node.wait_idle().await;
-    // Each pool removes its spares as it stops.
-    for p in pools {
-        let _ = p.await;
-    }
+    // Each pool removes its spares as it stops (loops an undrain started too).
+    node.pools.stopped().await;
+    node.agents.stopped().await;
     // Its gateway directory, now that no container of it is left.
     node.runtime.remove_gateway_root();
     served

@@ -85,6 +85,8 @@ pub struct AgentPools {
     /// `shutdown` in its place.
     stop: Mutex<CancellationToken>,
     shutdown: CancellationToken,
+    /// The refill loops started (one per start or undrain), for shutdown to await.
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl AgentPools {
@@ -109,6 +111,7 @@ impl AgentPools {
             load,
             stop: Mutex::new(stop.child_token()),
             shutdown: stop,
+            loops: Mutex::new(Vec::new()),
         })
     }
 
@@ -118,9 +121,19 @@ impl AgentPools {
     }
 
     /// Starts the refill loop.
-    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(self: &Arc<Self>) {
         let stop = lock(&self.stop).clone();
-        tokio::spawn(self.clone().run(stop))
+        let handle = tokio::spawn(self.clone().run(stop));
+        lock(&self.loops).push(handle);
+    }
+
+    /// Waits until every refill loop has ended and removed its processes
+    /// (after a shutdown).
+    pub async fn stopped(&self) {
+        let loops = std::mem::take(&mut *lock(&self.loops));
+        for l in loops {
+            let _ = l.await;
+        }
     }
 
     /// Refills again after a drain (no-op unless stopped, or shutting down).

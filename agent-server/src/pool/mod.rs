@@ -69,6 +69,9 @@ pub struct Pools {
     /// An undrain puts a fresh one (a child of `shutdown`) in its place.
     stop: Mutex<CancellationToken>,
     shutdown: CancellationToken,
+    /// The refill loops started (per pool, per start or undrain), for
+    /// shutdown to await.
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Pools {
@@ -97,21 +100,33 @@ impl Pools {
             load,
             stop: Mutex::new(stop.child_token()),
             shutdown: stop,
+            loops: Mutex::new(Vec::new()),
         });
         pools.publish();
         pools
     }
 
     /// Starts each pool's refill loop.
-    pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(self: &Arc<Self>) {
         for image in self.pools.keys() {
             crate::metrics::init_pool_series(image);
         }
         let stop = lock(&self.stop).clone();
-        self.pools
+        let handles: Vec<_> = self
+            .pools
             .values()
             .map(|pool| tokio::spawn(self.clone().refill_loop(pool.clone(), stop.clone())))
-            .collect()
+            .collect();
+        lock(&self.loops).extend(handles);
+    }
+
+    /// Waits until every refill loop has ended and removed its spares
+    /// (after a shutdown).
+    pub async fn stopped(&self) {
+        let loops = std::mem::take(&mut *lock(&self.loops));
+        for l in loops {
+            let _ = l.await;
+        }
     }
 
     /// Refills again after a drain (no-op unless stopped, or shutting down).
