@@ -81,12 +81,8 @@ pub struct AgentPools {
     starter: Starter,
     cfg: AgentPoolConfig,
     load: Arc<watch::Sender<Load>>,
-    /// Cancelled on drain or shutdown; an undrain puts a fresh child of
-    /// `shutdown` in its place.
-    stop: Mutex<CancellationToken>,
-    shutdown: CancellationToken,
-    /// The refill loops started (one per start or undrain), for shutdown to await.
-    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The refill loops: stopped by a drain, restarted by an undrain.
+    loops: super::loops::Loops,
 }
 
 impl AgentPools {
@@ -109,9 +105,7 @@ impl AgentPools {
             starter,
             cfg,
             load,
-            stop: Mutex::new(stop.child_token()),
-            shutdown: stop,
-            loops: Mutex::new(Vec::new()),
+            loops: super::loops::Loops::new(stop),
         })
     }
 
@@ -122,38 +116,27 @@ impl AgentPools {
 
     /// Starts the refill loop.
     pub fn spawn(self: &Arc<Self>) {
-        let stop = lock(&self.stop).clone();
+        let stop = self.loops.token();
         let handle = tokio::spawn(self.clone().run(stop));
-        lock(&self.loops).push(handle);
+        self.loops.track(handle);
     }
 
     /// Waits until every refill loop has ended and removed its processes
     /// (after a shutdown).
     pub async fn stopped(&self) {
-        let loops = std::mem::take(&mut *lock(&self.loops));
-        for l in loops {
-            let _ = l.await;
-        }
+        self.loops.join().await;
     }
 
     /// Refills again after a drain (no-op unless stopped, or shutting down).
     pub fn restart(self: &Arc<Self>) {
-        if self.shutdown.is_cancelled() {
-            return;
+        if self.loops.rearm() {
+            self.spawn();
         }
-        {
-            let mut stop = lock(&self.stop);
-            if !stop.is_cancelled() {
-                return;
-            }
-            *stop = self.shutdown.child_token();
-        }
-        self.spawn();
     }
 
     /// Stops refilling; the loop removes every ready process.
     pub fn stop(&self) {
-        lock(&self.stop).cancel();
+        self.loops.stop();
     }
 
     /// Takes a pre-started process for `spec`, if one is ready: a pop, no
@@ -167,7 +150,7 @@ impl AgentPools {
         if spec.secrets.anthropic_api_key.is_some() && self.starter.gateway_port.is_none() {
             return None;
         }
-        if lock(&self.stop).is_cancelled() {
+        if self.loops.stopped_now() {
             return None;
         }
         let claim = self

@@ -16,6 +16,7 @@
 
 mod agent_state;
 pub mod agents;
+mod loops;
 mod state;
 
 pub use agents::{AgentPools, Starter, WarmProcess};
@@ -65,13 +66,8 @@ pub struct Pools {
     runtime: ContainerRuntime,
     cfg: PoolConfig,
     load: Arc<watch::Sender<Load>>,
-    /// Cancelled on drain or shutdown: refills stop, ready containers go.
-    /// An undrain puts a fresh one (a child of `shutdown`) in its place.
-    stop: Mutex<CancellationToken>,
-    shutdown: CancellationToken,
-    /// The refill loops started (per pool, per start or undrain), for
-    /// shutdown to await.
-    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The refill loops: stopped by a drain, restarted by an undrain.
+    loops: loops::Loops,
 }
 
 impl Pools {
@@ -98,9 +94,7 @@ impl Pools {
             runtime,
             cfg,
             load,
-            stop: Mutex::new(stop.child_token()),
-            shutdown: stop,
-            loops: Mutex::new(Vec::new()),
+            loops: loops::Loops::new(stop),
         });
         pools.publish();
         pools
@@ -111,37 +105,28 @@ impl Pools {
         for image in self.pools.keys() {
             crate::metrics::init_pool_series(image);
         }
-        let stop = lock(&self.stop).clone();
+        let stop = self.loops.token();
         let handles: Vec<_> = self
             .pools
             .values()
             .map(|pool| tokio::spawn(self.clone().refill_loop(pool.clone(), stop.clone())))
             .collect();
-        lock(&self.loops).extend(handles);
+        for h in handles {
+            self.loops.track(h);
+        }
     }
 
     /// Waits until every refill loop has ended and removed its spares
     /// (after a shutdown).
     pub async fn stopped(&self) {
-        let loops = std::mem::take(&mut *lock(&self.loops));
-        for l in loops {
-            let _ = l.await;
-        }
+        self.loops.join().await;
     }
 
     /// Refills again after a drain (no-op unless stopped, or shutting down).
     pub fn restart(self: &Arc<Self>) {
-        if self.shutdown.is_cancelled() {
-            return;
+        if self.loops.rearm() {
+            self.spawn();
         }
-        {
-            let mut stop = lock(&self.stop);
-            if !stop.is_cancelled() {
-                return;
-            }
-            *stop = self.shutdown.child_token();
-        }
-        self.spawn();
     }
 
     /// Takes a ready container for `image`: a pop, no Docker call. `None` is a
@@ -195,7 +180,7 @@ impl Pools {
 
     /// Stops refilling; each pool's loop removes its ready containers.
     pub fn stop(&self) {
-        lock(&self.stop).cancel();
+        self.loops.stop();
     }
 
     async fn refill_loop(self: Arc<Self>, pool: Arc<Pool>, stop: CancellationToken) {

@@ -171,6 +171,16 @@ pub async fn agent_processes_ready(
     nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
     image: &str,
 ) -> anyhow::Result<i32> {
+    ready_over_fleet(nodes, image, true).await
+}
+
+/// Ready spares of `image` over the fleet: agent pools' processes
+/// (`agents`) or image pools' containers.
+async fn ready_over_fleet(
+    nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
+    image: &str,
+    agents: bool,
+) -> anyhow::Result<i32> {
     let list = nodes
         .list_nodes(pb::ListNodesRequest {})
         .await?
@@ -179,7 +189,7 @@ pub async fn agent_processes_ready(
         .nodes
         .iter()
         .flat_map(|n| n.warm.iter())
-        .filter(|w| !w.agent_key.is_empty() && w.image == image)
+        .filter(|w| w.agent_key.is_empty() != agents && w.image == image)
         .map(|w| w.ready)
         .sum())
 }
@@ -219,15 +229,5 @@ pub async fn warm_ready(
     nodes: &mut berth_proto::v1::nodes_client::NodesClient<berth_tests::Api>,
     image: &str,
 ) -> anyhow::Result<i32> {
-    let list = nodes
-        .list_nodes(pb::ListNodesRequest {})
-        .await?
-        .into_inner();
-    Ok(list
-        .nodes
-        .iter()
-        .flat_map(|n| n.warm.iter())
-        .filter(|w| w.agent_key.is_empty() && w.image == image)
-        .map(|w| w.ready)
-        .sum())
+    ready_over_fleet(nodes, image, false).await
 }
