@@ -27,6 +27,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `Sessions.Connect` would clash with the generated `connect()` constructor;
         // callers build a `Channel` themselves and use `new(channel)`.
         .build_transport(false)
-        .compile_fds(fds)?;
+        // `prost::Name` on every message: clients print proto3 JSON by
+        // looking a message's full name up in the descriptors.
+        .compile_fds_with_config(fds, {
+            let mut config = prost_build::Config::new();
+            config.enable_type_names();
+            config
+        })?;
     Ok(())
 }

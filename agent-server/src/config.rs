@@ -9,7 +9,7 @@ use berth_common::tls::TlsArgs;
 
 use std::str::FromStr;
 
-use berth_common::time::parse_secs;
+use berth_common::time::parse_duration;
 
 use crate::layout::Layout;
 
@@ -71,7 +71,7 @@ pub struct Config {
     pub git_allow_hosts: Vec<String>,
 
     /// Longest a git clone may take, in seconds.
-    #[arg(long, env = "BERTH_GIT_TIMEOUT", value_parser = parse_secs, default_value = "120")]
+    #[arg(long, env = "BERTH_GIT_TIMEOUT", value_parser = parse_duration, default_value = "120")]
     pub git_timeout: Duration,
 
     /// Largest volume archive read for a snapshot or memory store, in bytes
@@ -146,13 +146,13 @@ pub struct Config {
     pub max_line_bytes: usize,
 
     /// How long a stopped agent gets to exit after its stdin closes, before its container is killed.
-    #[arg(long, env = "BERTH_STOP_GRACE", value_parser = parse_secs, default_value = "5")]
+    #[arg(long, env = "BERTH_STOP_GRACE", value_parser = parse_duration, default_value = "5")]
     pub stop_grace: Duration,
 
     /// How long an agent goes on after its dispatcher's stream drops,
     /// waiting for the session's next owner to re-attach, in seconds. Then
     /// it is stopped with a snapshot.
-    #[arg(long, env = "BERTH_REATTACH_GRACE", value_parser = parse_secs, default_value = "60")]
+    #[arg(long, env = "BERTH_REATTACH_GRACE", value_parser = parse_duration, default_value = "60")]
     pub reattach_grace: Duration,
 
     /// Most bytes of a session's output kept for a re-attach before the
@@ -165,7 +165,7 @@ pub struct Config {
     /// saved in the background (like a pause's snapshot), at most once per
     /// this many seconds, so a lost node loses at most the current turn's
     /// files. 0 = no checkpoints.
-    #[arg(long, env = "BERTH_CHECKPOINT_INTERVAL", value_parser = parse_secs, default_value = "60")]
+    #[arg(long, env = "BERTH_CHECKPOINT_INTERVAL", value_parser = parse_duration, default_value = "60")]
     pub checkpoint_interval: Duration,
 
     /// Largest checkpoint, in bytes (uncompressed volumes); a bigger one is
@@ -174,7 +174,7 @@ pub struct Config {
     pub checkpoint_max_bytes: u64,
 
     /// Interval between load reports when nothing changes, in seconds.
-    #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = parse_secs, default_value = "1")]
+    #[arg(long, env = "BERTH_LOAD_HEARTBEAT", value_parser = parse_duration, default_value = "1")]
     pub load_heartbeat: Duration,
 
     /// Warm pools, comma-separated `IMAGE=MIN[:MAX]` (e.g.
@@ -189,7 +189,7 @@ pub struct Config {
     pub warm_refill_per_sec: f64,
 
     /// A warm container unclaimed this long (seconds) is replaced by a fresh one.
-    #[arg(long, env = "BERTH_WARM_MAX_IDLE", value_parser = parse_secs, default_value = "900")]
+    #[arg(long, env = "BERTH_WARM_MAX_IDLE", value_parser = parse_duration, default_value = "900")]
     pub warm_max_idle: Duration,
 
     /// Command run in each new warm container; it is offered only if this exits 0.
@@ -203,7 +203,7 @@ pub struct Config {
     pub warm_health_cmd: Vec<String>,
 
     /// How often ready warm containers are checked for death and age, in seconds.
-    #[arg(long, env = "BERTH_WARM_CHECK_INTERVAL", value_parser = parse_secs, default_value = "10")]
+    #[arg(long, env = "BERTH_WARM_CHECK_INTERVAL", value_parser = parse_duration, default_value = "10")]
     pub warm_check_interval: Duration,
 
     /// Pre-started agent processes kept on this node over every agent, ready
@@ -231,7 +231,7 @@ pub struct Config {
     /// A pre-started process unclaimed this long (seconds) is removed and
     /// its agent's target lowered; an agent not asked for this long is
     /// forgotten (a retired agent version's pool drains this way).
-    #[arg(long, env = "BERTH_WARM_AGENT_MAX_IDLE", value_parser = parse_secs, default_value = "600")]
+    #[arg(long, env = "BERTH_WARM_AGENT_MAX_IDLE", value_parser = parse_duration, default_value = "600")]
     pub warm_agent_max_idle: Duration,
 
     /// Most agent processes pre-started per second, over every agent.
@@ -265,7 +265,7 @@ pub struct Config {
     /// ones this long (seconds) to finish. Then each remaining session is
     /// stopped with a snapshot and placed again on another node by its
     /// dispatcher. A second SIGTERM (or SIGINT) stops at once.
-    #[arg(long, env = "BERTH_DRAIN_TIMEOUT", value_parser = parse_secs, default_value = "60")]
+    #[arg(long, env = "BERTH_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "60")]
     pub drain_timeout: Duration,
 }
 

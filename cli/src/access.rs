@@ -10,6 +10,10 @@ use berth_proto::v1::{self as pb, api_keys_client::ApiKeysClient, secrets_client
 use clap::{Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+use comfy_table::Cell;
+
+use crate::output::{Out, age};
+use crate::render::dash;
 use crate::{CliError, explain};
 
 /// One context: where a dispatcher is and how to prove who we are.
@@ -57,9 +61,9 @@ impl ConfigFile {
         let path = config_path();
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| CliError(format!("{}: not a berth config: {e}", path.display()))),
+                .map_err(|e| CliError::new(format!("{}: not a berth config: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(CliError(format!("{}: {e}", path.display()))),
+            Err(e) => Err(CliError::new(format!("{}: {e}", path.display()))),
         }
     }
 
@@ -67,7 +71,7 @@ impl ConfigFile {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let path = config_path();
-        let err = |e: std::io::Error| CliError(format!("{}: {e}", path.display()));
+        let err = |e: std::io::Error| CliError::new(format!("{}: {e}", path.display()));
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
@@ -89,7 +93,7 @@ impl ConfigFile {
             return Ok(Context::default());
         }
         self.contexts.get(name).cloned().ok_or_else(|| {
-            CliError(format!(
+            CliError::new(format!(
                 "no context `{name}` in {}; `berth config get-contexts` lists them",
                 config_path().display()
             ))
@@ -106,7 +110,7 @@ impl Context {
         match &self.token_file {
             Some(p) => std::fs::read_to_string(p)
                 .map(|t| Some(t.trim().to_string()))
-                .map_err(|e| CliError(format!("token file {}: {e}", p.display()))),
+                .map_err(|e| CliError::new(format!("token file {}: {e}", p.display()))),
             None => Ok(None),
         }
     }
@@ -180,13 +184,13 @@ pub(crate) fn config(cmd: ConfigCmd) -> Result<(), CliError> {
                 file.current_context = name.clone();
             }
             file.save()?;
-            println!("context `{name}` saved in {}", config_path().display());
+            crate::output::line(format!("context `{name}` saved in {}", config_path().display()))?;
         }
         ConfigCmd::UseContext { name } => {
             file.context(Some(&name))?;
             file.current_context = name.clone();
             file.save()?;
-            println!("current context: {name}");
+            crate::output::line(format!("current context: {name}"))?;
         }
         ConfigCmd::GetContexts => {
             for (name, c) in &file.contexts {
@@ -200,10 +204,10 @@ pub(crate) fn config(cmd: ConfigCmd) -> Result<(), CliError> {
                     (None, Some(f)) => format!("token file {}", f.display()),
                     (None, None) => "no token".to_string(),
                 };
-                println!(
+                crate::output::line(format!(
                     "{mark} {name}\t{}\t{auth}",
                     c.dispatcher.as_deref().unwrap_or("(default dispatcher)")
-                );
+                ))?;
             }
         }
     }
@@ -239,23 +243,44 @@ pub(crate) enum KeysCmd {
     Revoke { key_id: String },
 }
 
-fn key_line(k: &pb::ApiKey) -> String {
-    let role = match pb::Role::try_from(k.role) {
-        Ok(pb::Role::FleetAdmin) => "fleet-admin",
-        _ => "member",
-    };
-    let revoked = if k.revoke_time.is_some() {
-        "\trevoked"
-    } else {
-        ""
-    };
-    format!(
-        "{}\t{}\t{role}\t{}{revoked}",
-        k.key_id, k.project, k.display_name
-    )
+/// API keys as a table; wide adds the revocation time.
+fn key_table(out: &Out, keys: &[pb::ApiKey]) -> comfy_table::Table {
+    let mut header = vec!["KEY", "PROJECT", "ROLE", "NAME", "STATE", "AGE"];
+    if out.wide() {
+        header.push("REVOKED");
+    }
+    let mut t = out.table(&header);
+    for k in keys {
+        let role = match pb::Role::try_from(k.role) {
+            Ok(pb::Role::FleetAdmin) => "fleet-admin",
+            _ => "member",
+        };
+        let state = if k.revoke_time.is_some() { "revoked" } else { "active" };
+        let mut row = vec![
+            Cell::new(&k.key_id),
+            Cell::new(&k.project),
+            Cell::new(role),
+            Cell::new(dash(&k.display_name)),
+            out.status(state),
+            Cell::new(age(&k.create_time)),
+        ];
+        if out.wide() {
+            row.push(Cell::new(if k.revoke_time.is_some() {
+                age(&k.revoke_time) + " ago"
+            } else {
+                "-".into()
+            }));
+        }
+        t.add_row(row);
+    }
+    t
 }
 
-pub(crate) async fn keys(api: Api, d: &str, json: bool, cmd: KeysCmd) -> Result<(), CliError> {
+fn key_name(k: &pb::ApiKey) -> String {
+    format!("keys/{}", k.key_id)
+}
+
+pub(crate) async fn keys(api: Api, d: &str, out: Out, cmd: KeysCmd) -> Result<(), CliError> {
     let mut c = ApiKeysClient::new(api);
     let e = |s| explain(d, None, s);
     match cmd {
@@ -277,17 +302,13 @@ pub(crate) async fn keys(api: Api, d: &str, json: bool, cmd: KeysCmd) -> Result<
                 .await
                 .map_err(e)?
                 .into_inner();
-            let k = r.key.unwrap_or_default();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"key_id": k.key_id, "project": k.project, "token": r.token})
-                );
-            } else {
-                eprintln!("{}", key_line(&k));
-                eprintln!("the token below is shown only now; berth keeps only its hash:");
-                println!("{}", r.token);
+            let k = r.key.clone().unwrap_or_default();
+            if !out.machine() {
+                eprint!("{}", key_table(&out, std::slice::from_ref(&k)));
+                eprintln!("\nthe token below is shown only now; berth keeps only its hash:");
             }
+            // `name` prints the token: what a script creating a key wants.
+            out.object(&r, &r.token, || r.token.clone())?;
         }
         KeysCmd::List {
             project,
@@ -301,9 +322,7 @@ pub(crate) async fn keys(api: Api, d: &str, json: bool, cmd: KeysCmd) -> Result<
                 .await
                 .map_err(e)?
                 .into_inner();
-            for k in &r.keys {
-                println!("{}", key_line(k));
-            }
+            out.list(&r.keys, key_name, |o| key_table(o, &r.keys))?;
         }
         KeysCmd::Revoke { key_id } => {
             let k = c
@@ -311,20 +330,21 @@ pub(crate) async fn keys(api: Api, d: &str, json: bool, cmd: KeysCmd) -> Result<
                 .await
                 .map_err(e)?
                 .into_inner();
-            println!("{}", key_line(&k));
+            let one = std::slice::from_ref(&k);
+            out.list(one, key_name, |o| key_table(o, one))?;
         }
     }
     Ok(())
 }
 
-pub(crate) async fn whoami(api: Api, d: &str) -> Result<(), CliError> {
+pub(crate) async fn whoami(api: Api, d: &str, out: Out) -> Result<(), CliError> {
     let k = ApiKeysClient::new(api)
         .who_am_i(pb::WhoAmIRequest {})
         .await
         .map_err(|s| explain(d, None, s))?
         .into_inner();
-    println!("{}", key_line(&k));
-    Ok(())
+    let one = std::slice::from_ref(&k);
+    out.list(one, key_name, |o| key_table(o, one))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -353,18 +373,32 @@ pub(crate) enum SecretsCmd {
 pub(crate) async fn secrets(
     api: Api,
     d: &str,
-    json: bool,
+    out: Out,
     cmd: SecretsCmd,
 ) -> Result<(), CliError> {
     let mut c = SecretsClient::new(api);
     let e = |s| explain(d, None, s);
-    let line = |s: &pb::Secret| format!("{}\t{}", s.secret_id, s.display_name);
+    let table = |o: &Out, secrets: &[pb::Secret]| {
+        let mut t = o.table(&["ID", "NAME", "USAGE", "AGE"]);
+        for s in secrets {
+            let usage = pb::SecretUsage::try_from(s.usage)
+                .map(|u| u.as_str_name().trim_start_matches("SECRET_USAGE_").to_lowercase())
+                .unwrap_or_default();
+            t.add_row(vec![
+                Cell::new(&s.secret_id),
+                Cell::new(&s.display_name),
+                Cell::new(usage),
+                Cell::new(age(&s.create_time)),
+            ]);
+        }
+        t
+    };
     match cmd {
         SecretsCmd::Create { name, usage } => {
             let mut value = String::new();
             std::io::stdin()
                 .read_to_string(&mut value)
-                .map_err(|e| CliError(format!("reading the secret from stdin: {e}")))?;
+                .map_err(|e| CliError::new(format!("reading the secret from stdin: {e}")))?;
             let usage = match usage {
                 UsageArg::AnthropicApiKey => pb::SecretUsage::AnthropicApiKey,
                 UsageArg::GitSshKey => pb::SecretUsage::GitSshKey,
@@ -382,14 +416,8 @@ pub(crate) async fn secrets(
                 .await
                 .map_err(e)?
                 .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"secret_id": s.secret_id, "name": s.display_name})
-                );
-            } else {
-                println!("{}", line(&s));
-            }
+            let one = std::slice::from_ref(&s);
+            out.list(one, |s| s.name.clone(), |o| table(o, one))?;
         }
         SecretsCmd::List => {
             let r = c
@@ -397,9 +425,7 @@ pub(crate) async fn secrets(
                 .await
                 .map_err(e)?
                 .into_inner();
-            for s in &r.secrets {
-                println!("{}", line(s));
-            }
+            out.list(&r.secrets, |s| s.name.clone(), |o| table(o, &r.secrets))?;
         }
         SecretsCmd::Delete { secret_id } => {
             c.delete_secret(pb::DeleteSecretRequest { name: secret_id })

@@ -46,12 +46,12 @@ pub enum CertsCmd {
 }
 
 fn err(e: impl std::fmt::Display) -> CliError {
-    CliError(e.to_string())
+    CliError::new(e.to_string())
 }
 
 fn write(path: &Path, contents: &str, private: bool, force: bool) -> Result<(), CliError> {
     if path.exists() && !force {
-        return Err(CliError(format!(
+        return Err(CliError::new(format!(
             "{} exists; pass --force to overwrite",
             path.display()
         )));
@@ -134,14 +134,14 @@ pub fn run(cmd: CertsCmd) -> Result<(), CliError> {
                 )?);
             }
             for m in &made {
-                println!("wrote {}", m.display());
+                crate::output::line(format!("wrote {}", m.display()))?;
             }
             let d = dir.display();
-            println!(
+            crate::output::line(format!(
                 "\nnodes:       BERTH_TLS_CA={d}/ca.pem BERTH_TLS_CERT={d}/node-NAME.pem BERTH_TLS_KEY={d}/node-NAME-key.pem\n\
                  dispatcher:  BERTH_TLS_CA={d}/ca.pem BERTH_TLS_CERT={d}/dispatcher.pem BERTH_TLS_KEY={d}/dispatcher-key.pem\n\
                  Keep {d}/ca-key.pem off the machines that run berth; `berth certs issue` needs it."
-            );
+            ))?;
             Ok(())
         }
         CertsCmd::Issue {
@@ -165,7 +165,7 @@ pub fn run(cmd: CertsCmd) -> Result<(), CliError> {
             let mut names = vec![name];
             names.extend(sans);
             let cert = issue(&ca, &dir, kind, &names, force)?;
-            println!("wrote {}", cert.display());
+            crate::output::line(format!("wrote {}", cert.display()))?;
             Ok(())
         }
     }

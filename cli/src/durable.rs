@@ -6,8 +6,10 @@ use std::time::Duration;
 use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, agents_client::AgentsClient, files_client::FilesClient};
 use clap::{Args, Subcommand, ValueEnum};
-use serde_json::json;
+use comfy_table::Cell;
 
+use crate::output::{Out, age, line};
+use crate::render::dash;
 use crate::{CliError, RuntimeArg, explain, key_value};
 
 /// What an agent version (or an inline session) runs.
@@ -64,9 +66,9 @@ pub struct SpecArgs {
     /// A tool rule that is refused without asking (repeatable).
     #[arg(long = "deny-tool")]
     pub deny_tools: Vec<String>,
-    /// Seconds a tool permission request waits for an answer (default 600).
-    #[arg(long)]
-    pub confirm_timeout: Option<f64>,
+    /// How long a tool permission request waits for an answer (default 10m).
+    #[arg(long, value_parser = berth_common::time::parse_duration)]
+    pub confirm_timeout: Option<Duration>,
     /// What a request nobody answers in time gets (default deny).
     #[arg(long, value_enum)]
     pub timeout_decision: Option<DecisionArg>,
@@ -110,7 +112,7 @@ impl SpecArgs {
             .iter()
             .map(|(name, file)| {
                 let content = std::fs::read_to_string(file)
-                    .map_err(|e| CliError(format!("--skill {name}={file}: {e}")))?;
+                    .map_err(|e| CliError::new(format!("--skill {name}={file}: {e}")))?;
                 Ok(pb::Skill {
                     name: name.clone(),
                     content,
@@ -124,7 +126,7 @@ impl SpecArgs {
         let image = self
             .image
             .clone()
-            .ok_or_else(|| CliError("--image is required unless --agent is given".into()))?;
+            .ok_or_else(|| CliError::new("--image is required unless --agent is given"))?;
         Ok(pb::SessionSpec {
             image,
             runtime: runtime(self.runtime),
@@ -164,7 +166,7 @@ impl SpecArgs {
             permission_mode: mode as i32,
             allowed_tools: self.allow_tools.clone(),
             disallowed_tools: self.deny_tools.clone(),
-            confirmation_timeout: duration("--confirm-timeout", self.confirm_timeout)?,
+            confirmation_timeout: self.confirm_timeout.map(berth_common::time::to_duration),
             timeout_decision: decision as i32,
         }))
     }
@@ -193,8 +195,8 @@ impl SpecArgs {
             || !self.skills.is_empty()
             || self.egress().is_some();
         if other {
-            return Err(CliError(
-                "with --agent only --env, --secret and the tool policy flags may be given: the agent's version supplies image, runtime, model, prompt, limits, skills and egress".into(),
+            return Err(CliError::new(
+                "with --agent only --env, --secret and the tool policy flags may be given: the agent's version supplies image, runtime, model, prompt, limits, skills and egress",
             ));
         }
         Ok(pb::SessionSpec {
@@ -240,27 +242,18 @@ pub struct SessionOpts {
     /// the --git repositories with, over ssh.
     #[arg(long)]
     pub git_ssh_key: Option<String>,
-    /// Hard limit on the session's run time, in seconds (ends in `timeout`).
-    #[arg(long)]
-    pub timeout: Option<f64>,
-    /// Stop after this many seconds with no events and no input (reason `inactivity`).
-    #[arg(long)]
-    pub inactivity_timeout: Option<f64>,
-    /// Fail if not placed within this many seconds.
-    #[arg(long)]
-    pub queue_timeout: Option<f64>,
+    /// Hard limit on the session's run time, e.g. 30m (ends in `timeout`).
+    #[arg(long, value_parser = berth_common::time::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Stop after this long with no events and no input, e.g. 2h (reason `inactivity`).
+    #[arg(long, value_parser = berth_common::time::parse_duration)]
+    pub inactivity_timeout: Option<Duration>,
+    /// Fail if not placed within this long, e.g. 5m.
+    #[arg(long, value_parser = berth_common::time::parse_duration)]
+    pub queue_timeout: Option<Duration>,
     /// Stop once the session's cost reaches this, in USD (reason `budget`).
     #[arg(long)]
     pub budget: Option<f64>,
-}
-
-fn duration(flag: &str, secs: Option<f64>) -> Result<Option<prost_types::Duration>, CliError> {
-    secs.map(|s| {
-        Duration::try_from_secs_f64(s)
-            .map(berth_common::time::to_duration)
-            .map_err(|_| CliError(format!("{flag}: `{s}` is not a number of seconds")))
-    })
-    .transpose()
 }
 
 impl SessionOpts {
@@ -308,9 +301,9 @@ impl SessionOpts {
                 })),
             });
         }
-        req.timeout = duration("--timeout", self.timeout)?;
-        req.inactivity_timeout = duration("--inactivity-timeout", self.inactivity_timeout)?;
-        req.queue_timeout = duration("--queue-timeout", self.queue_timeout)?;
+        req.timeout = self.timeout.map(berth_common::time::to_duration);
+        req.inactivity_timeout = self.inactivity_timeout.map(berth_common::time::to_duration);
+        req.queue_timeout = self.queue_timeout.map(berth_common::time::to_duration);
         req.budget_usd = self.budget.unwrap_or(0.0);
         Ok(())
     }
@@ -323,7 +316,7 @@ async fn upload(
     name: Option<String>,
 ) -> Result<pb::File, CliError> {
     let content =
-        std::fs::read(local).map_err(|e| CliError(format!("cannot read {local}: {e}")))?;
+        std::fs::read(local).map_err(|e| CliError::new(format!("cannot read {local}: {e}")))?;
     let display_name = name.unwrap_or_else(|| {
         std::path::Path::new(local)
             .file_name()
@@ -392,32 +385,38 @@ pub enum ExportFormatArg {
     Json,
 }
 
-fn agent_line(a: &pb::Agent, json: bool) -> String {
-    let spec = a.spec.clone().unwrap_or_default();
-    if json {
-        return json!({
-            "name": a.name, "agent_id": a.agent_id, "version": a.version, "latest_version": a.latest_version,
-            "image": spec.image, "model": spec.model, "env_keys": a.env_keys, "archived": a.archived,
-            "skills": spec.skills.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-        })
-        .to_string();
+/// Agents as a table; wide adds the agent id, model and skills.
+fn agent_table(out: &Out, agents: &[pb::Agent]) -> comfy_table::Table {
+    let mut header = vec!["NAME", "VERSION", "LATEST", "IMAGE", "STATE", "AGE"];
+    if out.wide() {
+        header.extend(["ID", "MODEL", "SKILLS", "ENV"]);
     }
-    format!(
-        "{}@{}  (latest {})  image {}  model {}{}",
-        a.name,
-        a.version,
-        a.latest_version,
-        spec.image,
-        if spec.model.is_empty() {
-            "-"
-        } else {
-            &spec.model
-        },
-        if a.archived { "  [archived]" } else { "" }
-    )
+    let mut t = out.table(&header);
+    for a in agents {
+        let spec = a.spec.clone().unwrap_or_default();
+        let mut row = vec![
+            Cell::new(&a.name),
+            Cell::new(a.version),
+            Cell::new(a.latest_version),
+            Cell::new(&spec.image),
+            out.status(if a.archived { "archived" } else { "active" }),
+            Cell::new(age(&a.create_time)),
+        ];
+        if out.wide() {
+            let skills: Vec<_> = spec.skills.iter().map(|s| s.name.clone()).collect();
+            row.extend([
+                Cell::new(&a.agent_id),
+                Cell::new(dash(&spec.model)),
+                Cell::new(dash(&skills.join(","))),
+                Cell::new(dash(&a.env_keys.join(","))),
+            ]);
+        }
+        t.add_row(row);
+    }
+    t
 }
 
-pub async fn agents(channel: Api, d: &str, json: bool, cmd: AgentsCmd) -> Result<(), CliError> {
+pub(crate) async fn agents(channel: Api, d: &str, out: Out, cmd: AgentsCmd) -> Result<(), CliError> {
     let mut client = AgentsClient::new(channel);
     let err = |s| explain(d, None, s);
     let agent = match cmd {
@@ -462,9 +461,7 @@ pub async fn agents(channel: Api, d: &str, json: bool, cmd: AgentsCmd) -> Result
                     .await
                     .map_err(err)?
                     .into_inner();
-                for a in &r.agents {
-                    println!("{}", agent_line(a, json));
-                }
+                out.list(&r.agents, |a| a.name.clone(), |o| agent_table(o, &r.agents))?;
                 if r.next_page_token.is_empty() {
                     return Ok(());
                 }
@@ -472,11 +469,11 @@ pub async fn agents(channel: Api, d: &str, json: bool, cmd: AgentsCmd) -> Result
             }
         }
     };
-    println!("{}", agent_line(&agent, json));
-    Ok(())
+    let one = std::slice::from_ref(&agent);
+    out.list(one, |a| a.name.clone(), |o| agent_table(o, one))
 }
 
-pub async fn files(channel: Api, d: &str, json: bool, cmd: FilesCmd) -> Result<(), CliError> {
+pub(crate) async fn files(channel: Api, d: &str, out: Out, cmd: FilesCmd) -> Result<(), CliError> {
     let mut client = FilesClient::new(channel.clone());
     let f = match cmd {
         FilesCmd::Upload { path, name } => upload(&channel, d, &path, name).await?,
@@ -490,20 +487,13 @@ pub async fn files(channel: Api, d: &str, json: bool, cmd: FilesCmd) -> Result<(
                 .delete_file(pb::DeleteFileRequest { name: file.clone() })
                 .await
                 .map_err(|s| explain(d, None, s))?;
-            println!("deleted {file}");
-            return Ok(());
+            return line(format!("deleted {file}"));
         }
     };
-    if json {
-        println!(
-            "{}",
-            json!({"name": f.name, "display_name": f.display_name, "size_bytes": f.size_bytes, "sha256": f.sha256})
-        );
-    } else {
-        println!(
+    out.object(&f, &f.name, || {
+        format!(
             "{}  {}  {} bytes  sha256 {}",
             f.name, f.display_name, f.size_bytes, f.sha256
-        );
-    }
-    Ok(())
+        )
+    })
 }

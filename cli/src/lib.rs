@@ -2,5 +2,6 @@
 //! way: following a session's events through dispatcher restarts.
 
 pub mod auth;
+pub mod errors;
 pub mod follow;
 pub mod tools;

@@ -1,23 +1,29 @@
 //! `berth`: the command-line client for a berth dispatcher.
 
 mod access;
+mod attach;
 mod certs;
 mod durable;
 mod nodes;
+mod output;
 mod render;
 mod run;
 mod sessions;
 
 use berth_cli::auth::{Api, Bearer};
 use berth_proto::v1::{nodes_client::NodesClient, sessions_client::SessionsClient};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Parser)]
 #[command(
     name = "berth",
     version,
-    about = "Run and inspect AI-agent sessions on a berth dispatcher"
+    about = "Run and inspect AI-agent sessions on a berth dispatcher",
+    after_help = "Durations take seconds (90, 1.5) or units (10m, 2h, 1h 30m).\n\
+Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 dispatcher unreachable or unavailable,\n\
+5 not authenticated or not allowed, 6 the session ended before its turn did,\n\
+130 interrupted (Ctrl-C), 141 stdout closed (e.g. `| head`)."
 )]
 struct Cli {
     /// Dispatcher URL [default: the context's, else http://127.0.0.1:7000].
@@ -37,8 +43,12 @@ struct Cli {
     cert: Option<std::path::PathBuf>,
     #[arg(long, global = true, env = "BERTH_KEY")]
     key: Option<std::path::PathBuf>,
-    /// Machine-readable output: one JSON object per line.
-    #[arg(long, global = true)]
+    /// Output format: table, wide (more columns), json (proto3 JSON, one
+    /// object per line), yaml, or name (resource names only).
+    #[arg(long, short, global = true, value_enum, default_value_t, env = "BERTH_OUTPUT")]
+    output: output::Format,
+    /// Same as `--output json`.
+    #[arg(long, global = true, hide = true)]
     json: bool,
     #[command(subcommand)]
     command: Command,
@@ -47,7 +57,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a session, stream its events until the turn ends, print usage and cost.
+    /// Ctrl-C stops the session; a second Ctrl-C leaves it running.
     Run(Box<run::RunArgs>),
+    /// Stream a session's events and send each line you type as a message,
+    /// like a chat. Ctrl-C or end of input leaves the session running.
+    Attach(attach::AttachArgs),
     /// Inspect and control sessions.
     #[command(subcommand)]
     Sessions(sessions::SessionsCmd),
@@ -73,6 +87,11 @@ enum Command {
     /// Named contexts (dispatcher, token, TLS files) in ~/.config/berth/config.json.
     #[command(subcommand)]
     Config(access::ConfigCmd),
+    /// Print a shell completion script: `source <(berth completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,29 +106,89 @@ pub(crate) fn key_value(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
+fn main() {
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
+    let result = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => {
+            let r = rt.block_on(run(cli));
+            // A read of stdin (`attach`, a tool prompt) cannot be cancelled:
+            // do not wait for it.
+            rt.shutdown_background();
+            r
         }
+        Err(e) => Err(CliError::new(format!("cannot start: {e}"))),
+    };
+    let code = match result {
+        Ok(()) => 0,
+        Err(e) => {
+            if !e.msg.is_empty() {
+                eprintln!("error: {}", e.msg);
+            }
+            e.code
+        }
+    };
+    std::process::exit(i32::from(code));
+}
+
+/// The CLI's exit codes (also in `--help` and the README).
+pub(crate) mod exit {
+    /// The dispatcher refused the request, or a local error.
+    pub const ERROR: u8 = 1;
+    pub const NOT_FOUND: u8 = 3;
+    /// The dispatcher cannot be reached, or is unavailable.
+    pub const UNREACHABLE: u8 = 4;
+    /// No valid credentials, or not allowed.
+    pub const DENIED: u8 = 5;
+    /// The session ended (failed, stopped, timed out) before its turn did.
+    pub const SESSION_ENDED: u8 = 6;
+    /// Ctrl-C.
+    pub const INTERRUPTED: u8 = 130;
+    /// Whoever read stdout went away (`| head`): 128 + SIGPIPE, like the
+    /// shell reports for tools SIGPIPE kills.
+    pub const CLOSED: u8 = 141;
+}
+
+/// A one-line error that says what to do, and the exit code it ends with.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    pub msg: String,
+    pub code: u8,
+}
+
+impl CliError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self::with_code(exit::ERROR, msg)
+    }
+
+    pub fn with_code(code: u8, msg: impl Into<String>) -> Self {
+        Self {
+            msg: msg.into(),
+            code,
+        }
+    }
+
+    /// Stdout was closed: end quietly.
+    pub fn closed() -> Self {
+        Self::with_code(exit::CLOSED, "")
     }
 }
 
-/// A one-line error that says what to do.
-#[derive(Debug)]
-pub(crate) struct CliError(pub(crate) String);
-
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.msg)
     }
 }
 
 pub(crate) fn explain(dispatcher: &str, session: Option<&str>, status: tonic::Status) -> CliError {
+    let code = match status.code() {
+        tonic::Code::NotFound => exit::NOT_FOUND,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => exit::UNREACHABLE,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => exit::DENIED,
+        _ => exit::ERROR,
+    };
     let msg = match status.code() {
         tonic::Code::Unavailable
             if status.message().contains("transport") || status.message().contains("connect") =>
@@ -130,17 +209,22 @@ pub(crate) fn explain(dispatcher: &str, session: Option<&str>, status: tonic::St
         },
         code => format!("{} ({code:?})", status.message()),
     };
-    CliError(msg)
+    let mut msg = msg;
+    for detail in berth_cli::errors::describe(&status) {
+        msg.push_str("\n  ");
+        msg.push_str(&detail);
+    }
+    CliError::with_code(code, msg)
 }
 
 fn read(p: &std::path::Path, what: &str) -> Result<Vec<u8>, CliError> {
-    std::fs::read(p).map_err(|e| CliError(format!("{what} {}: {e}", p.display())))
+    std::fs::read(p).map_err(|e| CliError::new(format!("{what} {}: {e}", p.display())))
 }
 
 async fn connect(dispatcher: &str, ctx: &access::Context) -> Result<Api, CliError> {
     let mut endpoint = Endpoint::from_shared(dispatcher.to_string())
         .map_err(|e| {
-            CliError(format!(
+            CliError::new(format!(
                 "--dispatcher `{dispatcher}` is not a valid URL: {e}"
             ))
         })?
@@ -155,18 +239,18 @@ async fn connect(dispatcher: &str, ctx: &access::Context) -> Result<Api, CliErro
                 tls = tls.identity(Identity::from_pem(read(c, "--cert")?, read(k, "--key")?));
             }
             (None, None) => {}
-            _ => return Err(CliError("--cert and --key go together".into())),
+            _ => return Err(CliError::new("--cert and --key go together")),
         }
         endpoint = endpoint
             .tls_config(tls)
-            .map_err(|e| CliError(format!("TLS settings: {e}")))?;
+            .map_err(|e| CliError::new(format!("TLS settings: {e}")))?;
     }
     let channel = endpoint.connect().await.map_err(|_| {
-        CliError(format!(
+        CliError::with_code(exit::UNREACHABLE, format!(
             "cannot reach the dispatcher at {dispatcher}: is it running? Start it (see README) or set --dispatcher / BERTH_DISPATCHER"
         ))
     })?;
-    let bearer = Bearer::new(ctx.token()?.as_deref()).map_err(CliError)?;
+    let bearer = Bearer::new(ctx.token()?.as_deref()).map_err(CliError::new)?;
     Ok(berth_cli::auth::api(channel, bearer))
 }
 
@@ -174,8 +258,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Certs(cmd) => return certs::run(cmd),
         Command::Config(cmd) => return access::config(cmd),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "berth", &mut out);
+            return output::line(String::from_utf8_lossy(&out).trim_end());
+        }
         _ => {}
     }
+    let out = output::Out::new(if cli.json {
+        output::Format::Json
+    } else {
+        cli.output
+    });
     // Flags and env first, then the context, then the defaults.
     let mut ctx = access::ConfigFile::load()?.context(cli.context.as_deref())?;
     if let Some(t) = cli.token {
@@ -198,16 +292,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let mut client = SessionsClient::new(channel.clone())
         .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
     let d = dispatcher.as_str();
-    let json = cli.json;
     match cli.command {
-        Command::Certs(_) | Command::Config(_) => Ok(()),
-        Command::Keys(cmd) => access::keys(channel, d, json, cmd).await,
-        Command::Secrets(cmd) => access::secrets(channel, d, json, cmd).await,
-        Command::Whoami => access::whoami(channel, d).await,
-        Command::Nodes(args) => nodes::run(NodesClient::new(channel), d, json, args.command).await,
-        Command::Run(args) => run::run(&mut client, &channel, d, json, *args).await,
-        Command::Agents(cmd) => durable::agents(channel, d, json, cmd).await,
-        Command::Files(cmd) => durable::files(channel, d, json, cmd).await,
-        Command::Sessions(cmd) => sessions::run(&mut client, d, json, cmd).await,
+        Command::Certs(_) | Command::Config(_) | Command::Completions { .. } => Ok(()),
+        Command::Keys(cmd) => access::keys(channel, d, out, cmd).await,
+        Command::Secrets(cmd) => access::secrets(channel, d, out, cmd).await,
+        Command::Whoami => access::whoami(channel, d, out).await,
+        Command::Nodes(args) => nodes::run(NodesClient::new(channel), d, out, args.command).await,
+        Command::Run(args) => run::run(&mut client, &channel, d, out, *args).await,
+        Command::Attach(args) => attach::run(&mut client, d, out, args).await,
+        Command::Agents(cmd) => durable::agents(channel, d, out, cmd).await,
+        Command::Files(cmd) => durable::files(channel, d, out, cmd).await,
+        Command::Sessions(cmd) => sessions::run(&mut client, d, out, cmd).await,
     }
 }

@@ -4,6 +4,7 @@ use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, nodes_client::NodesClient};
 use clap::{Args, Subcommand};
 
+use crate::output::{Format, Out};
 use crate::{CliError, explain, render};
 
 #[derive(Args)]
@@ -32,7 +33,7 @@ pub(crate) enum NodesCmd {
 pub(crate) async fn run(
     mut client: NodesClient<Api>,
     d: &str,
-    json: bool,
+    out: Out,
     cmd: Option<NodesCmd>,
 ) -> Result<(), CliError> {
     match cmd.unwrap_or(NodesCmd::List) {
@@ -42,12 +43,15 @@ pub(crate) async fn run(
                 .await
                 .map_err(|s| explain(d, None, s))?
                 .into_inner();
-            if json {
-                for n in &resp.nodes {
-                    println!("{}", render::node_json(n));
+            out.list(
+                &resp.nodes,
+                |n| n.name.clone(),
+                |o| render::node_table(o, &resp.nodes),
+            )?;
+            if out.format == Format::Table {
+                for n in resp.nodes.iter().filter(|n| !n.last_error.is_empty()) {
+                    eprintln!("{}: {}", n.name, n.last_error);
                 }
-            } else {
-                print!("{}", render::node_table(&resp.nodes));
             }
             Ok(())
         }
@@ -57,30 +61,20 @@ pub(crate) async fn run(
                 .await
                 .map_err(|s| explain(d, None, s))?
                 .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"node": node, "running": r.running})
-                );
-            } else {
-                println!(
+            out.object(&r, &node, || {
+                format!(
                     "{node} is draining; {} session(s) still running there",
                     r.running
-                );
-            }
-            Ok(())
+                )
+            })
         }
         NodesCmd::Undrain { node } => {
-            client
+            let r = client
                 .undrain_node(pb::UndrainNodeRequest { node: node.clone() })
                 .await
-                .map_err(|s| explain(d, None, s))?;
-            if json {
-                println!("{}", serde_json::json!({"node": node, "draining": false}));
-            } else {
-                println!("{node} takes sessions again");
-            }
-            Ok(())
+                .map_err(|s| explain(d, None, s))?
+                .into_inner();
+            out.object(&r, &node, || format!("{node} takes sessions again"))
         }
     }
 }

@@ -1,7 +1,10 @@
 //! Human and JSON rendering of sessions and events.
 
 use berth_proto::v1 as pb;
-use serde_json::{Value, json};
+use comfy_table::{Cell, Table};
+use serde_json::Value;
+
+use crate::output::{Out, age};
 
 /// The lowercase status name (`idle`, `failed`…).
 pub fn status_name(status: i32) -> String {
@@ -25,38 +28,6 @@ fn time(t: &Option<prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-pub fn session_json(s: &pb::Session) -> String {
-    let u = s.usage.clone().unwrap_or_default();
-    let spec = s.spec.clone().unwrap_or_default();
-    let models: Vec<_> = u
-        .models
-        .iter()
-        .map(|m| {
-            json!({"model": m.model, "input_tokens": m.input_tokens, "output_tokens": m.output_tokens,
-                   "cache_read_input_tokens": m.cache_read_input_tokens,
-                   "cache_creation_input_tokens": m.cache_creation_input_tokens, "cost_usd": m.cost_usd})
-        })
-        .collect();
-    json!({
-        "name": s.name, "id": s.id, "display_name": s.display_name, "status": status_name(s.status),
-        "status_reason": s.status_reason, "image": spec.image, "node": s.node, "epoch": s.epoch,
-        "last_seq": s.last_seq, "runtime_session_id": s.runtime_session_id, "labels": s.labels,
-        "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-                  "cache_read_input_tokens": u.cache_read_input_tokens,
-                  "cache_creation_input_tokens": u.cache_creation_input_tokens, "cost_usd": u.cost_usd, "turns": u.turns,
-                  "models": models},
-        "create_time": time(&s.create_time), "start_time": time(&s.start_time), "end_time": time(&s.end_time),
-        "agent": s.agent, "agent_version": s.agent_version, "budget_usd": s.budget_usd,
-        "snapshot": s.snapshot.as_ref().map(|x| json!({"key": x.key, "size_bytes": x.size_bytes, "create_time": time(&x.create_time)})),
-        "archive_time": time(&s.archive_time),
-        "activity": activity_name(s.activity),
-        "pending_tool_requests": s.pending_tool_requests.iter().map(|r| json!({
-            "tool_use_id": r.tool_use_id, "tool_name": r.tool_name, "input_json": r.input_json,
-            "reason": r.reason, "seq": r.seq})).collect::<Vec<_>>(),
-    })
-    .to_string()
-}
-
 /// `working`, `idle`, `waiting_input`, or empty while no agent runs.
 pub fn activity_name(a: i32) -> &'static str {
     match pb::Activity::try_from(a) {
@@ -67,22 +38,57 @@ pub fn activity_name(a: i32) -> &'static str {
     }
 }
 
-pub fn session_line(s: &pb::Session) -> String {
-    let image = s
-        .spec
-        .as_ref()
-        .map(|x| x.image.as_str())
-        .unwrap_or_default();
-    let cost = s.usage.as_ref().map_or(0.0, |u| u.cost_usd);
-    format!(
-        "{}  {:<12} {:<28} node={:<10} ${:.4}  {}",
-        s.id,
-        status_name(s.status),
-        image,
-        s.node,
-        cost,
-        time(&s.create_time)
-    )
+/// Sessions as a table: ID, STATUS, AGENT, NODE, COST, AGE; wide adds
+/// activity, turns, tokens, events, display name, labels and waiting tools.
+pub(crate) fn session_table(out: &Out, sessions: &[pb::Session]) -> Table {
+    let mut header = vec!["ID", "STATUS", "AGENT", "NODE", "COST", "AGE"];
+    if out.wide() {
+        header.extend([
+            "ACTIVITY", "TURNS", "TOKENS IN/OUT", "EVENTS", "NAME", "LABELS", "WAITING",
+        ]);
+    }
+    let mut t = out.table(&header);
+    for s in sessions {
+        let u = s.usage.clone().unwrap_or_default();
+        let agent = if s.agent.is_empty() {
+            s.spec.as_ref().map(|x| x.image.clone()).unwrap_or_default()
+        } else {
+            format!("{}@{}", s.agent, s.agent_version)
+        };
+        let mut row = vec![
+            Cell::new(&s.id),
+            out.status(&status_name(s.status)),
+            Cell::new(agent),
+            Cell::new(dash(&s.node)),
+            Cell::new(format!("${:.4}", u.cost_usd)),
+            Cell::new(age(&s.create_time)),
+        ];
+        if out.wide() {
+            let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            let waiting: Vec<_> = s
+                .pending_tool_requests
+                .iter()
+                .map(|r| format!("{} {}", r.tool_name, r.tool_use_id))
+                .collect();
+            row.extend([
+                Cell::new(dash(activity_name(s.activity))),
+                Cell::new(u.turns),
+                Cell::new(format!("{}/{}", u.input_tokens, u.output_tokens)),
+                Cell::new(s.last_seq),
+                Cell::new(dash(&s.display_name)),
+                Cell::new(dash(&labels.join(","))),
+                Cell::new(dash(&waiting.join(", "))),
+            ]);
+        }
+        t.add_row(row);
+    }
+    t
+}
+
+/// `-` for an empty column.
+pub(crate) fn dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
 }
 
 pub fn session_details(s: &pb::Session) -> String {
@@ -172,24 +178,6 @@ pub fn session_details(s: &pb::Session) -> String {
     line("started", time(&s.start_time));
     line("ended", time(&s.end_time));
     out
-}
-
-pub fn event_json(e: &pb::Event) -> String {
-    let payload: Value =
-        serde_json::from_str(&e.payload_json).unwrap_or(Value::String(e.payload_json.clone()));
-    let mut v = json!({"session_id": e.session_id, "seq": e.seq, "id": e.id, "type": e.r#type,
-                       "time": time(&e.create_time), "payload": payload});
-    if e.line_seq != 0 {
-        v["line_seq"] = e.line_seq.into();
-    }
-    // The agent's line, verbatim: as text, or as bytes when it is not UTF-8.
-    if !e.raw.is_empty() {
-        match std::str::from_utf8(&e.raw) {
-            Ok(text) => v["raw"] = text.into(),
-            Err(_) => v["raw_bytes"] = e.raw.clone().into(),
-        }
-    }
-    v.to_string()
 }
 
 pub(crate) fn clip(s: &str, n: usize) -> String {
@@ -301,25 +289,14 @@ fn node_state(state: i32) -> String {
         .unwrap_or_else(|_| format!("state({state})"))
 }
 
-pub fn node_json(n: &pb::Node) -> String {
-    json!({
-        "name": n.name, "url": n.url, "address": n.address, "state": node_state(n.state),
-        "capacity": n.capacity, "running": n.running, "inflight": n.inflight,
-        "warm": n.warm.iter().map(|w| json!({"image": w.image, "ready": w.ready, "agent_key": w.agent_key})).collect::<Vec<_>>(),
-        "cpu_utilization": n.cpu_utilization, "memory_used_bytes": n.memory_used_bytes,
-        "memory_total_bytes": n.memory_total_bytes, "generation": n.generation,
-        "report_age_ms": n.report_age_ms, "last_error": n.last_error, "session_ids": n.session_ids,
-    })
-    .to_string()
-}
-
-/// A table of nodes, one per line, then each node's sessions and errors.
-pub fn node_table(nodes: &[pb::Node]) -> String {
-    use std::fmt::Write;
-    let mut out = format!(
-        "{:<24} {:<9} {:>9} {:>5} {:>5} {:>6}  {:<21} WARM\n",
-        "NAME", "STATE", "RUN/CAP", "MINE", "CPU", "MEM", "ADDRESS"
-    );
+/// Nodes as a table; wide adds address, generation, report age and
+/// sessions.
+pub(crate) fn node_table(out: &Out, nodes: &[pb::Node]) -> Table {
+    let mut header = vec!["NAME", "STATE", "RUN/CAP", "MINE", "CPU", "MEM", "WARM"];
+    if out.wide() {
+        header.extend(["ADDRESS", "GENERATION", "REPORTED", "SESSIONS", "LAST ERROR"]);
+    }
+    let mut t = out.table(&header);
     for n in nodes {
         let warm = if n.warm.is_empty() {
             "-".to_string()
@@ -344,24 +321,25 @@ pub fn node_table(nodes: &[pb::Node]) -> String {
         } else {
             "-".into()
         };
-        let _ = writeln!(
-            out,
-            "{:<24} {:<9} {:>9} {:>5} {:>4.0}% {:>6}  {:<21} {}",
-            n.name,
-            node_state(n.state),
-            format!("{}/{}", n.running, n.capacity),
-            n.inflight,
-            100.0 * n.cpu_utilization,
-            mem,
-            n.address,
-            warm
-        );
-        if !n.last_error.is_empty() {
-            let _ = writeln!(out, "    error: {}", n.last_error);
+        let mut row = vec![
+            Cell::new(&n.name),
+            out.status(&node_state(n.state)),
+            Cell::new(format!("{}/{}", n.running, n.capacity)),
+            Cell::new(n.inflight),
+            Cell::new(format!("{:.0}%", 100.0 * n.cpu_utilization)),
+            Cell::new(mem),
+            Cell::new(warm),
+        ];
+        if out.wide() {
+            row.extend([
+                Cell::new(dash(&n.address)),
+                Cell::new(n.generation),
+                Cell::new(format!("{} ms ago", n.report_age_ms)),
+                Cell::new(n.session_ids.len()),
+                Cell::new(dash(&n.last_error)),
+            ]);
         }
-        for s in &n.session_ids {
-            let _ = writeln!(out, "    session {s}");
-        }
+        t.add_row(row);
     }
-    out
+    t
 }

@@ -7,8 +7,9 @@ use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Args;
 
+use crate::output::Out;
 use crate::sessions::print_event;
-use crate::{CliError, durable, explain, key_value, render};
+use crate::{CliError, durable, exit, explain, key_value, render};
 
 #[derive(Args)]
 pub(crate) struct RunArgs {
@@ -26,6 +27,10 @@ pub(crate) struct RunArgs {
     /// Leave the session running (idle) after the turn instead of stopping it.
     #[arg(long)]
     keep: bool,
+    /// Create the session and return at once, leaving it running:
+    /// `berth attach ID` follows it, `berth sessions stop ID` ends it.
+    #[arg(long, short)]
+    detach: bool,
     /// The first message.
     prompt: String,
 }
@@ -37,15 +42,17 @@ async fn prompt_tool(
     session: &str,
     e: &pb::Event,
 ) -> Result<(), CliError> {
-    use std::io::{BufRead, Write};
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
     let p: berth_common::events::payload::ToolPermission =
         berth_common::events::payload::parse(&e.payload_json).unwrap_or_default();
     eprintln!("\n{}", berth_cli::tools::describe(e));
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
     let answer = loop {
         eprint!("allow? [y]es / [n]o / [a]lways: ");
         let _ = std::io::stderr().flush();
         let mut line = String::new();
-        if std::io::stdin().lock().read_line(&mut line).unwrap_or(0) == 0 {
+        if stdin.read_line(&mut line).await.unwrap_or(0) == 0 {
             // No more input: leave the request to the session's policy.
             eprintln!("(no answer; the session's tool policy decides when it times out)");
             return Ok(());
@@ -75,7 +82,7 @@ pub(crate) async fn run(
     client: &mut SessionsClient<Api>,
     channel: &Api,
     d: &str,
-    json: bool,
+    out: Out,
     a: RunArgs,
 ) -> Result<(), CliError> {
     let started = Instant::now();
@@ -97,26 +104,43 @@ pub(crate) async fn run(
         .await
         .map_err(|s| explain(d, None, s))?
         .into_inner();
-    if !json {
-        eprintln!("session {} created", session.id);
+    let id = session.id.clone();
+    if a.detach {
+        if !out.machine() {
+            eprintln!(
+                "session {id} created and left running: `berth attach {id}` follows it, `berth sessions stop {id}` ends it"
+            );
+        }
+        return out.object(&session, &session.name, || id.clone());
     }
+    if !out.machine() {
+        eprintln!("session {id} created");
+    }
+    let spinner = Spinner::start(out);
     let mut first_agent_event = None;
     let mut turn_done = false;
     // A person at a terminal answers tool permission requests here; else
     // they are printed with the command that answers them.
-    let ask = !json && std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let ask = !out.machine() && std::io::IsTerminal::is_terminal(&std::io::stdin());
     let mut after = 0;
     loop {
         let mut asked = None;
-        berth_cli::follow::follow(client, &session.name, after, |e| {
+        let mut closed = None;
+        let mut c = client.clone();
+        let followed = berth_cli::follow::follow(&mut c, &session.name, after, |e| {
             after = e.seq;
             if first_agent_event.is_none()
                 && (e.r#type.starts_with("agent.") || e.r#type.starts_with("runtime."))
             {
                 first_agent_event = Some(started.elapsed());
             }
-            print_event(e, json);
-            if e.r#type == "session.usage" {
+            if !spinner.shows(e) {
+                if let Err(err) = spinner.around(|| print_event(out, e)) {
+                    closed = Some(err);
+                    return false;
+                }
+            }
+            if e.r#type == berth_common::events::SESSION_USAGE {
                 turn_done = true;
             }
             if ask && e.r#type == berth_common::events::AGENT_TOOL_PERMISSION {
@@ -124,18 +148,46 @@ pub(crate) async fn run(
                 return false;
             }
             !(turn_done && e.r#type == "session.status_idle")
-        })
-        .await
-        .map_err(|e| explain(d, Some(&session.id), e))?;
+        });
+        let outcome = tokio::select! {
+            r = followed => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        match outcome {
+            None => return interrupted(client, d, &session, &spinner).await,
+            Some(r) => r.map_err(|e| explain(d, Some(&id), e))?,
+        }
+        if let Some(err) = closed {
+            // Nobody reads the output any more (`| head`): end the session
+            // rather than leave it holding a container.
+            spinner.clear();
+            if !a.keep {
+                let _ = client
+                    .stop_session(pb::StopSessionRequest {
+                        name: session.name.clone(),
+                    })
+                    .await;
+            }
+            return Err(err);
+        }
         let Some(e) = asked else { break };
-        prompt_tool(client, d, &session.id, &e).await?;
+        spinner.clear();
+        let answered = tokio::select! {
+            r = prompt_tool(client, d, &id, &e) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        match answered {
+            None => return interrupted(client, d, &session, &spinner).await,
+            Some(r) => r?,
+        }
     }
+    spinner.clear();
     let s = client
         .get_session(pb::GetSessionRequest {
             name: session.name.clone(),
         })
         .await
-        .map_err(|e| explain(d, Some(&session.id), e))?
+        .map_err(|e| explain(d, Some(&id), e))?
         .into_inner();
     if !a.keep
         && matches!(
@@ -148,9 +200,9 @@ pub(crate) async fn run(
                 name: session.name.clone(),
             })
             .await
-            .map_err(|e| explain(d, Some(&session.id), e))?;
+            .map_err(|e| explain(d, Some(&id), e))?;
     }
-    if !json {
+    if !out.machine() {
         let u = s.usage.unwrap_or_default();
         eprintln!(
             "\nsession {}: {}  tokens in {} / out {} / cache read {} / cache write {}  cost ${:.6}",
@@ -167,17 +219,122 @@ pub(crate) async fn run(
         }
         if a.keep {
             eprintln!(
-                "left running: `berth sessions send {} \"…\"` to continue, `berth sessions stop {}` to end",
+                "left running: `berth attach {}` to continue, `berth sessions stop {}` to end",
                 s.id, s.id
             );
         }
     }
     if !turn_done {
-        return Err(CliError(format!(
-            "the session ended before its turn did: {} ({})",
-            render::status_name(s.status),
-            s.status_reason
-        )));
+        return Err(CliError::with_code(
+            exit::SESSION_ENDED,
+            format!(
+                "the session ended before its turn did: {} ({})",
+                render::status_name(s.status),
+                s.status_reason
+            ),
+        ));
     }
     Ok(())
+}
+
+/// How long a second Ctrl-C may follow the first to leave the session
+/// running instead of stopping it.
+const SECOND_CTRL_C: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ctrl-C: stops the session, unless a second Ctrl-C follows within
+/// [`SECOND_CTRL_C`], which leaves it running. Ends with exit code 130.
+async fn interrupted(
+    client: &mut SessionsClient<Api>,
+    d: &str,
+    session: &pb::Session,
+    spinner: &Spinner,
+) -> Result<(), CliError> {
+    spinner.clear();
+    let id = &session.id;
+    eprintln!(
+        "\n^C: stopping session {id}; press Ctrl-C again within {} s to leave it running",
+        SECOND_CTRL_C.as_secs()
+    );
+    let second = tokio::select! {
+        _ = tokio::time::sleep(SECOND_CTRL_C) => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if second {
+        eprintln!(
+            "left running: `berth attach {id}` follows it again, `berth sessions stop {id}` ends it"
+        );
+        return Err(CliError::with_code(exit::INTERRUPTED, ""));
+    }
+    let s = client
+        .stop_session(pb::StopSessionRequest {
+            name: session.name.clone(),
+        })
+        .await
+        .map_err(|e| explain(d, Some(id), e))?
+        .into_inner();
+    eprintln!(
+        "session {id}: {} (it stays resumable: `berth sessions resume {id}`)",
+        render::status_name(s.status)
+    );
+    Err(CliError::with_code(exit::INTERRUPTED, ""))
+}
+
+/// A spinner on stderr while the session waits for a node and starts;
+/// nothing when stderr is not a terminal or the output is for programs.
+struct Spinner(Option<indicatif::ProgressBar>);
+
+impl Spinner {
+    fn start(out: Out) -> Self {
+        if out.machine() || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return Self(None);
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message("pending: waiting for a node");
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        Self(Some(bar))
+    }
+
+    /// Whether the spinner shows `e` (a status change before the agent
+    /// runs) instead of it being printed. Any other event ends the spinner.
+    fn shows(&self, e: &pb::Event) -> bool {
+        let Some(bar) = &self.0 else { return false };
+        if bar.is_finished() {
+            return false;
+        }
+        let status = e
+            .r#type
+            .strip_prefix(berth_common::events::SESSION_STATUS_PREFIX);
+        match status {
+            Some(s @ ("pending" | "starting" | "rescheduling")) => {
+                let change: berth_common::events::payload::StatusChange =
+                    berth_common::events::payload::parse(&e.payload_json).unwrap_or_default();
+                bar.set_message(if change.reason.is_empty() {
+                    s.to_string()
+                } else {
+                    format!("{s}: {}", change.reason)
+                });
+                true
+            }
+            // The user's own message: printed above the spinner.
+            _ if e.r#type.starts_with("user.") => false,
+            _ => {
+                bar.finish_and_clear();
+                false
+            }
+        }
+    }
+
+    /// Runs `print` with the spinner out of the way.
+    fn around<T>(&self, print: impl FnOnce() -> T) -> T {
+        match &self.0 {
+            Some(bar) if !bar.is_finished() => bar.suspend(print),
+            _ => print(),
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -6,6 +6,7 @@ use berth_cli::auth::Api;
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use clap::Subcommand;
 
+use crate::output::{Format, Out, line};
 use crate::{CliError, durable, explain, render};
 
 #[derive(Subcommand)]
@@ -86,7 +87,7 @@ pub(crate) enum SessionsCmd {
 pub(crate) async fn run(
     client: &mut SessionsClient<Api>,
     d: &str,
-    json: bool,
+    out: Out,
     cmd: SessionsCmd,
 ) -> Result<(), CliError> {
     match cmd {
@@ -103,7 +104,7 @@ pub(crate) async fn run(
             answer_tool(
                 client,
                 d,
-                json,
+                out,
                 &session,
                 tool_use_id.as_deref(),
                 answer,
@@ -120,7 +121,7 @@ pub(crate) async fn run(
             answer_tool(
                 client,
                 d,
-                json,
+                out,
                 &session,
                 tool_use_id.as_deref(),
                 answer,
@@ -137,7 +138,7 @@ pub(crate) async fn run(
             let status = match status {
                 None => 0,
                 Some(s) => render::parse_status(&s)
-                    .ok_or_else(|| CliError(format!("unknown status `{s}`")))?
+                    .ok_or_else(|| CliError::new(format!("unknown status `{s}`")))?
                     as i32,
             };
             let resp = client
@@ -155,25 +156,28 @@ pub(crate) async fn run(
                 .await
                 .map_err(|s| explain(d, None, s))?
                 .into_inner();
-            for s in &resp.sessions {
-                if json {
-                    println!("{}", render::session_json(s));
-                } else {
-                    println!("{}", render::session_line(s));
+            out.list(
+                &resp.sessions,
+                |s| s.name.clone(),
+                |o| render::session_table(o, &resp.sessions),
+            )?;
+            if !out.machine() {
+                for s in &resp.sessions {
                     for r in &s.pending_tool_requests {
-                        println!(
-                            "    waiting: {} {} ({}): berth sessions approve|deny {} {}",
+                        line(format!(
+                            "waiting: {} {} {} ({}): berth sessions approve|deny {} {}",
+                            s.id,
                             r.tool_name,
                             render::clip(&r.input_json, 80),
                             r.reason,
                             s.id,
                             r.tool_use_id
-                        );
+                        ))?;
                     }
                 }
-            }
-            if !resp.next_page_token.is_empty() && !json {
-                println!("(more: --page-token {})", resp.next_page_token);
+                if !resp.next_page_token.is_empty() {
+                    eprintln!("(more: --page-token {})", resp.next_page_token);
+                }
             }
             Ok(())
         }
@@ -185,12 +189,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(|e| explain(d, Some(&session), e))?
                 .into_inner();
-            if json {
-                println!("{}", render::session_json(&s));
-            } else {
-                print!("{}", render::session_details(&s));
-            }
-            Ok(())
+            out.object(&s, &s.name, || render::session_details(&s))
         }
         SessionsCmd::Events {
             session,
@@ -198,12 +197,19 @@ pub(crate) async fn run(
             follow,
         } => {
             if follow {
-                return berth_cli::follow::follow(client, &session, after, |e| {
-                    print_event(e, json);
-                    true
+                let mut closed = None;
+                berth_cli::follow::follow(client, &session, after, |e| {
+                    match print_event(out, e) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            closed = Some(e);
+                            false
+                        }
+                    }
                 })
                 .await
-                .map_err(|e| explain(d, Some(&session), e));
+                .map_err(|e| explain(d, Some(&session), e))?;
+                return closed.map_or(Ok(()), Err);
             }
             let mut token = String::new();
             loop {
@@ -218,7 +224,7 @@ pub(crate) async fn run(
                     .map_err(|e| explain(d, Some(&session), e))?
                     .into_inner();
                 for e in &resp.events {
-                    print_event(e, json);
+                    print_event(out, e)?;
                 }
                 if resp.next_page_token.is_empty() {
                     return Ok(());
@@ -235,8 +241,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(|e| explain(d, Some(&session), e))?
                 .into_inner();
-            print_seq(json, "sent", r.seq);
-            Ok(())
+            print_seq(out, "sent", r.seq)
         }
         SessionsCmd::Interrupt { session } => {
             let r = client
@@ -246,8 +251,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(|e| explain(d, Some(&session), e))?
                 .into_inner();
-            print_seq(json, "interrupted", r.seq);
-            Ok(())
+            print_seq(out, "interrupted", r.seq)
         }
         SessionsCmd::Stop { session } => {
             let r = client
@@ -255,7 +259,7 @@ pub(crate) async fn run(
                     name: session.clone(),
                 })
                 .await;
-            show_session(d, &session, json, r)
+            show_session(d, &session, out, r)
         }
         SessionsCmd::Pause { session } => {
             let r = client
@@ -263,7 +267,7 @@ pub(crate) async fn run(
                     name: session.clone(),
                 })
                 .await;
-            show_session(d, &session, json, r)
+            show_session(d, &session, out, r)
         }
         SessionsCmd::Resume { session } => {
             let r = client
@@ -271,7 +275,7 @@ pub(crate) async fn run(
                     name: session.clone(),
                 })
                 .await;
-            show_session(d, &session, json, r)
+            show_session(d, &session, out, r)
         }
         SessionsCmd::Archive { session } => {
             let r = client
@@ -279,7 +283,7 @@ pub(crate) async fn run(
                     name: session.clone(),
                 })
                 .await;
-            show_session(d, &session, json, r)
+            show_session(d, &session, out, r)
         }
         SessionsCmd::Clone { session } => {
             let req = pb::CloneSessionRequest {
@@ -287,7 +291,7 @@ pub(crate) async fn run(
                 request_id: uuid::Uuid::new_v4().to_string(),
             };
             let r = client.clone_session(req).await;
-            show_session(d, &session, json, r)
+            show_session(d, &session, out, r)
         }
         SessionsCmd::Delete { session } => {
             let r = client
@@ -297,18 +301,12 @@ pub(crate) async fn run(
                 .await
                 .map_err(|e| explain(d, Some(&session), e))?
                 .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"deleted": session, "objects_deleted": r.objects_deleted})
-                );
-            } else {
-                println!(
+            out.object(&r, &session, || {
+                format!(
                     "deleted {session} ({} stored objects removed)",
                     r.objects_deleted
-                );
-            }
-            Ok(())
+                )
+            })
         }
         SessionsCmd::Export {
             session,
@@ -330,10 +328,10 @@ pub(crate) async fn run(
             match output {
                 Some(path) => {
                     std::fs::write(&path, &r.content)
-                        .map_err(|e| CliError(format!("cannot write {path}: {e}")))?;
+                        .map_err(|e| CliError::new(format!("cannot write {path}: {e}")))?;
                     eprintln!("wrote {} bytes to {path}", r.content.len());
                 }
-                None => print!("{}", r.content),
+                None => line(r.content.trim_end_matches('\n'))?,
             }
             Ok(())
         }
@@ -344,7 +342,7 @@ pub(crate) async fn run(
 async fn answer_tool(
     client: &mut SessionsClient<Api>,
     d: &str,
-    json: bool,
+    out: Out,
     session: &str,
     tool_use_id: Option<&str>,
     answer: berth_cli::tools::Answer,
@@ -357,48 +355,46 @@ async fn answer_tool(
     let r = berth_cli::tools::confirm(client, session, &id, answer, message)
         .await
         .map_err(|e| explain(d, Some(session), e))?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"tool_use_id": id, "seq": r.seq, "already_answered": r.already_answered})
-        );
-    } else if r.already_answered {
-        println!("{id}: already answered the same way (seq {})", r.seq);
-    } else {
-        println!("{id}: answered (seq {})", r.seq);
-    }
-    Ok(())
+    out.object(&r, &id, || {
+        if r.already_answered {
+            format!("{id}: already answered the same way (seq {})", r.seq)
+        } else {
+            format!("{id}: answered (seq {})", r.seq)
+        }
+    })
 }
 
 /// Prints the session a control call returned, or explains its error.
 fn show_session(
     d: &str,
     session: &str,
-    json: bool,
+    out: Out,
     r: Result<tonic::Response<pb::Session>, tonic::Status>,
 ) -> Result<(), CliError> {
     let s = r.map_err(|e| explain(d, Some(session), e))?.into_inner();
-    if json {
-        println!("{}", render::session_json(&s));
-    } else {
-        println!("{}", render::session_line(&s));
-    }
-    Ok(())
+    out.list(std::slice::from_ref(&s), |s| s.name.clone(), |o| {
+        render::session_table(o, std::slice::from_ref(&s))
+    })
 }
 
 /// Prints the seq a request was logged at.
-fn print_seq(json: bool, verb: &str, seq: i64) {
-    if json {
-        println!("{}", serde_json::json!({"seq": seq}));
-    } else {
-        println!("{verb} (seq {seq})");
-    }
+fn print_seq(out: Out, verb: &str, seq: i64) -> Result<(), CliError> {
+    let r = pb::SendMessageResponse { seq };
+    out.object(&r, &seq.to_string(), || format!("{verb} (seq {seq})"))
 }
 
-pub(crate) fn print_event(e: &pb::Event, json: bool) {
-    if json {
-        println!("{}", render::event_json(e));
-    } else if let Some(line) = render::event_text(e) {
-        println!("{line}");
+/// Prints one event: its readable line (bookkeeping events print nothing),
+/// proto3 JSON or YAML, or its `sessions/{id}/events/{seq}` name.
+pub(crate) fn print_event(out: Out, e: &pb::Event) -> Result<(), CliError> {
+    match out.format {
+        Format::Table | Format::Wide => match render::event_text(e) {
+            Some(text) => line(text),
+            None => Ok(()),
+        },
+        _ => out.object(
+            e,
+            &format!("sessions/{}/events/{}", e.session_id, e.seq),
+            String::new,
+        ),
     }
 }

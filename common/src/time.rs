@@ -31,13 +31,15 @@ pub fn to_duration(d: std::time::Duration) -> prost_types::Duration {
     }
 }
 
-/// Parses a flag's duration in seconds, fractional allowed (`0.5`, `30`).
-pub fn parse_secs(s: &str) -> Result<std::time::Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    std::time::Duration::try_from_secs_f64(secs)
-        .map_err(|_| format!("`{s}` is not a valid duration"))
+/// Parses a flag's duration: seconds, fractional allowed (`0.5`, `30`), or
+/// with units (`10m`, `2h`, `1h 30m`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return std::time::Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("`{s}` is not a valid duration (e.g. 90, 0.5, 10m, 2h)"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 90, 0.5, 10m, 2h)"))
 }
 
 #[cfg(test)]
@@ -45,10 +47,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flag_durations_are_seconds() {
-        assert_eq!(parse_secs("0.5"), Ok(std::time::Duration::from_millis(500)));
-        assert!(parse_secs("-1").is_err());
-        assert!(parse_secs("10m").is_err());
+    fn flag_durations_are_seconds_or_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

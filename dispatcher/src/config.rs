@@ -58,12 +58,12 @@ pub struct Config {
     pub node_resolve: Vec<(String, SocketAddr)>,
 
     /// How often node names are re-resolved, in seconds.
-    #[arg(long, env = "BERTH_NODE_RESOLVE_INTERVAL", value_parser = berth_common::time::parse_secs, default_value = "30")]
+    #[arg(long, env = "BERTH_NODE_RESOLVE_INTERVAL", value_parser = berth_common::time::parse_duration, default_value = "30")]
     pub node_resolve_interval: Duration,
 
     /// A node whose load stream is silent this long (seconds) is down, and its
     /// sessions are rescheduled. Keep it several node heartbeats long.
-    #[arg(long, env = "BERTH_NODE_LEASE", value_parser = berth_common::time::parse_secs, default_value = "5")]
+    #[arg(long, env = "BERTH_NODE_LEASE", value_parser = berth_common::time::parse_duration, default_value = "5")]
     pub node_lease: Duration,
 
     /// mTLS to the nodes: the CA, and this dispatcher's client certificate
@@ -89,11 +89,11 @@ pub struct Config {
     /// A dispatcher that has not heartbeated (through Postgres) for this long,
     /// in seconds, is gone: any other dispatcher re-queues its live sessions.
     /// Heartbeats go every third of it.
-    #[arg(long, env = "BERTH_DISPATCHER_LEASE", value_parser = berth_common::time::parse_secs, default_value = "15")]
+    #[arg(long, env = "BERTH_DISPATCHER_LEASE", value_parser = berth_common::time::parse_duration, default_value = "15")]
     pub dispatcher_lease: Duration,
 
     /// How often the queue is polled when no NOTIFY wakes it, in seconds.
-    #[arg(long, env = "BERTH_QUEUE_POLL", value_parser = berth_common::time::parse_secs, default_value = "1")]
+    #[arg(long, env = "BERTH_QUEUE_POLL", value_parser = berth_common::time::parse_duration, default_value = "1")]
     pub queue_poll: Duration,
 
     /// Where snapshots, memory stores and uploaded files are kept. The nodes
@@ -104,7 +104,7 @@ pub struct Config {
     /// Default inactivity timeout in seconds (no events and no input): the
     /// session is stopped with reason `inactivity`. A session's own value
     /// wins; unset here and there, 24 hours.
-    #[arg(long, env = "BERTH_INACTIVITY_TIMEOUT", value_parser = berth_common::time::parse_secs)]
+    #[arg(long, env = "BERTH_INACTIVITY_TIMEOUT", value_parser = berth_common::time::parse_duration)]
     pub inactivity_timeout: Option<Duration>,
 
     /// Hosts (`HOST` or `HOST:PORT`, comma-separated) git resources may come
@@ -123,7 +123,7 @@ pub struct Config {
     /// Default queue timeout in seconds: a session still pending (never
     /// placed) this long after it was queued fails. A session's own value
     /// wins. 0 = no deadline.
-    #[arg(long, env = "BERTH_QUEUE_TIMEOUT", value_parser = berth_common::time::parse_secs, default_value = "3600")]
+    #[arg(long, env = "BERTH_QUEUE_TIMEOUT", value_parser = berth_common::time::parse_duration, default_value = "3600")]
     pub queue_timeout: Duration,
 
     /// Days an archived session's events are kept; then they are deleted (the
