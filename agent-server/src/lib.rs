@@ -173,7 +173,8 @@ async fn serve(
     tls: Option<TlsMaterial>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (reporter, health, reflection) = health_and_reflection(&["berth.node.v1"])?;
+    let (reporter, health, reflection, reflection_alpha) =
+        health_and_reflection(&["berth.node.v1"])?;
     reporter
         .set_serving::<AgentServerServer<api::NodeApi>>()
         .await;
@@ -229,6 +230,7 @@ async fn serve(
         .layer(berth_common::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(svc)
         .serve_with_incoming_shutdown(
             // No Nagle: a small frame (one event, one ack) goes out at once instead

@@ -6,8 +6,36 @@ use tonic_health::server::HealthReporter;
 /// Largest gRPC message either side accepts: a runtime line can be long.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-/// The `grpc.health.v1` service and its reporter, plus gRPC reflection over
-/// the protos of `packages` (e.g. `berth.v1` on the dispatcher's public
+/// The domain of berth's `google.rpc.ErrorInfo` reasons.
+pub const ERROR_DOMAIN: &str = "berth.dev";
+
+/// A status with `google.rpc` details a program can act on without parsing
+/// the message: an `ErrorInfo` with `reason` (e.g. `INVALID_FIELD`,
+/// `RATE_LIMITED`), a `BadRequest` field violation when `field` names the
+/// field at fault, and a `RetryInfo` when retrying after `retry` may
+/// succeed.
+pub fn rich_status(
+    code: tonic::Code,
+    message: impl Into<String>,
+    reason: &str,
+    field: Option<&str>,
+    retry: Option<std::time::Duration>,
+) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let message = message.into();
+    let mut details = ErrorDetails::new();
+    details.set_error_info(reason, ERROR_DOMAIN, std::collections::HashMap::new());
+    if let Some(field) = field {
+        details.add_bad_request_violation(field, message.clone());
+    }
+    if retry.is_some() {
+        details.set_retry_info(retry);
+    }
+    tonic::Status::with_error_details(code, message, details)
+}
+
+/// The `grpc.health.v1` service and its reporter, plus gRPC reflection (v1
+/// and v1alpha) over the protos of `packages` (e.g. `berth.v1` on the dispatcher's public
 /// port: it lists nothing of the node API) and the health proto, so
 /// `grpcurl` can list and call them.
 pub fn health_and_reflection(
@@ -18,13 +46,21 @@ pub fn health_and_reflection(
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
 )> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_file_descriptor_set(served(packages)?)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    Ok((reporter, health, reflection))
+    let builder = || -> anyhow::Result<_> {
+        Ok(tonic_reflection::server::Builder::configure()
+            .register_file_descriptor_set(served(packages)?)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET))
+    };
+    // v1alpha too: the stock clients of several languages (Python's
+    // grpcio-reflection among them) still ask it.
+    let reflection = builder()?.build_v1()?;
+    let reflection_alpha = builder()?.build_v1alpha()?;
+    Ok((reporter, health, reflection, reflection_alpha))
 }
 
 /// berth's descriptors of `packages`, with the well-known types they use.

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
-use tonic::Status;
+use berth_common::grpc::rich_status;
+use tonic::{Code, Status};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use berth_common::sync::lock;
@@ -56,10 +57,16 @@ impl Caller {
     pub fn require_admin(&self, what: &str) -> Result<(), Status> {
         match self.role {
             Role::FleetAdmin => Ok(()),
-            Role::Member => Err(Status::permission_denied(format!(
-                "{what} needs a fleet-admin key; this key is a member of project `{}`",
-                self.project
-            ))),
+            Role::Member => Err(rich_status(
+                Code::PermissionDenied,
+                format!(
+                    "{what} needs a fleet-admin key; this key is a member of project `{}`",
+                    self.project
+                ),
+                "FLEET_ADMIN_REQUIRED",
+                None,
+                None,
+            )),
         }
     }
 }
@@ -160,7 +167,15 @@ impl Authenticator {
             .store
             .api_key_record(key_id)
             .await
-            .map_err(|e| Status::unavailable(format!("cannot check the API key now: {e}")))?;
+            .map_err(|e| {
+                rich_status(
+                    Code::Unavailable,
+                    format!("cannot check the API key now: {e}"),
+                    "DATABASE_UNAVAILABLE",
+                    None,
+                    Some(std::time::Duration::from_secs(2)),
+                )
+            })?;
         if let Some(r) = &r {
             lock(&self.cache).insert(key_id.to_string(), (r.clone(), Instant::now()));
         }
@@ -200,8 +215,12 @@ impl Authenticator {
                     certificate: None,
                 });
             }
-            return Err(Status::unauthenticated(
+            return Err(rich_status(
+                Code::Unauthenticated,
                 "missing `authorization: Bearer <API key>` metadata",
+                "API_KEY_MISSING",
+                Some("authorization"),
+                None,
             ));
         };
         let token = value
@@ -210,11 +229,21 @@ impl Authenticator {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| {
-                Status::unauthenticated("`authorization` metadata must be `Bearer <API key>`")
+                rich_status(
+                    Code::Unauthenticated,
+                    "`authorization` metadata must be `Bearer <API key>`",
+                    "API_KEY_MALFORMED",
+                    Some("authorization"),
+                    None,
+                )
             })?;
         let invalid = || {
-            Status::unauthenticated(
+            rich_status(
+                Code::Unauthenticated,
                 "invalid API key: not one this deployment issued (a fleet admin makes keys with `berth keys create`)",
+                "API_KEY_INVALID",
+                Some("authorization"),
+                None,
             )
         };
         let key_id = key_id_of(token).ok_or_else(invalid)?;
@@ -229,9 +258,13 @@ impl Authenticator {
             return Err(invalid());
         }
         if record.revoked {
-            return Err(Status::unauthenticated(format!(
-                "API key {key_id} is revoked"
-            )));
+            return Err(rich_status(
+                Code::Unauthenticated,
+                format!("API key {key_id} is revoked"),
+                "API_KEY_REVOKED",
+                Some("authorization"),
+                None,
+            ));
         }
         Ok(Caller {
             project: record.project,

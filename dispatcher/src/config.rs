@@ -78,6 +78,33 @@ pub struct Config {
     #[arg(long, env = "BERTH_API_TLS", default_value_t = false)]
     pub api_tls: bool,
 
+    /// Longest a public API call may take before DEADLINE_EXCEEDED (a
+    /// client's own shorter `grpc-timeout` wins). A streaming call counts
+    /// until its stream is open, not for its life.
+    #[arg(long, env = "BERTH_API_CALL_TIMEOUT", value_parser = berth_common::time::parse_duration, default_value = "60")]
+    pub api_call_timeout: Duration,
+
+    /// Public API calls in progress at once, across all callers, before new
+    /// ones are shed with UNAVAILABLE (reason OVERLOADED, RetryInfo 1 s).
+    #[arg(long, env = "BERTH_API_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub api_max_in_flight: usize,
+
+    /// Calls per second each caller (API key or client certificate) may
+    /// make; above it, RESOURCE_EXHAUSTED (reason RATE_LIMITED) with
+    /// RetryInfo saying when to retry. 0 = no limit. Per dispatcher.
+    #[arg(long, env = "BERTH_API_RATE_LIMIT", default_value_t = 200)]
+    pub api_rate_limit: u32,
+
+    /// Calls a caller may make in a burst above --api-rate-limit.
+    #[arg(long, env = "BERTH_API_RATE_BURST", default_value_t = 400)]
+    pub api_rate_burst: u32,
+
+    /// HTTP/2 keepalive on the public API: a PING after this long idle; a
+    /// connection that does not answer within the same time is closed, so
+    /// dead clients do not hold streams. 0 = off.
+    #[arg(long, env = "BERTH_API_KEEPALIVE", value_parser = berth_common::time::parse_duration, default_value = "30")]
+    pub api_keepalive: Duration,
+
     /// Session slots of the in-process node (only when AGENT_SERVERS is unset).
     #[arg(long, env = "BERTH_LOCAL_CAPACITY", default_value_t = 8)]
     pub local_capacity: u32,

@@ -100,31 +100,72 @@ impl From<sqlx::Error> for Error {
 }
 
 impl From<Error> for tonic::Status {
+    /// The code and message, plus `google.rpc` details: an `ErrorInfo`
+    /// reason for every error, the field at fault as a `BadRequest`
+    /// violation, and `RetryInfo` where a retry may succeed.
     fn from(e: Error) -> Self {
-        use tonic::Status;
+        use berth_common::grpc::rich_status;
+        use std::time::Duration;
+        use tonic::Code;
+        let status = |code, reason: &str| rich_status(code, e.to_string(), reason, None, None);
         match &e {
-            Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            Error::SessionNotFound(_) | Error::NotFound(_) => Status::not_found(e.to_string()),
-            Error::AlreadyExists(_) => Status::already_exists(e.to_string()),
-            Error::Precondition(_) => Status::failed_precondition(e.to_string()),
+            Error::InvalidArgument { field, .. } => rich_status(
+                Code::InvalidArgument,
+                e.to_string(),
+                "INVALID_FIELD",
+                Some(field),
+                None,
+            ),
+            Error::SessionNotFound(_) => status(Code::NotFound, "SESSION_NOT_FOUND"),
+            Error::NotFound(_) => status(Code::NotFound, "NOT_FOUND"),
+            Error::AlreadyExists(_) => status(Code::AlreadyExists, "ALREADY_EXISTS"),
+            Error::Precondition(_) => status(Code::FailedPrecondition, "FAILED_PRECONDITION"),
             Error::Objects(_) => {
                 tracing::error!(error = %e, "object store failure");
-                Status::unavailable(e.to_string())
+                rich_status(
+                    Code::Unavailable,
+                    e.to_string(),
+                    "OBJECT_STORE_UNAVAILABLE",
+                    None,
+                    Some(Duration::from_secs(2)),
+                )
             }
-            Error::WrongStatus { .. } | Error::Transition(_) | Error::Superseded { .. } => {
-                Status::failed_precondition(e.to_string())
-            }
-            Error::Conflict => Status::aborted(e.to_string()),
-            Error::Unavailable(msg) if msg.starts_with("dispatcher shutting down") => {
-                Status::unavailable(msg.clone())
-            }
+            Error::WrongStatus { .. } => status(Code::FailedPrecondition, "WRONG_SESSION_STATUS"),
+            Error::Transition(_) => status(Code::FailedPrecondition, "INVALID_TRANSITION"),
+            Error::Superseded { .. } => status(Code::FailedPrecondition, "SUPERSEDED"),
+            Error::Conflict => rich_status(
+                Code::Aborted,
+                e.to_string(),
+                "CONFLICT",
+                None,
+                Some(Duration::from_millis(100)),
+            ),
+            Error::Unavailable(msg) if msg.starts_with("dispatcher shutting down") => rich_status(
+                Code::Unavailable,
+                msg.clone(),
+                "SHUTTING_DOWN",
+                None,
+                Some(Duration::from_secs(1)),
+            ),
             Error::Unavailable(_) => {
                 tracing::error!(error = %e, "database unavailable");
-                Status::unavailable("the dispatcher cannot reach its database; retry shortly")
+                rich_status(
+                    Code::Unavailable,
+                    "the dispatcher cannot reach its database; retry shortly",
+                    "DATABASE_UNAVAILABLE",
+                    None,
+                    Some(Duration::from_secs(2)),
+                )
             }
             Error::Internal(_) => {
                 tracing::error!(error = %e, "internal error");
-                Status::internal("internal error; see the dispatcher's log")
+                rich_status(
+                    Code::Internal,
+                    "internal error; see the dispatcher's log",
+                    "INTERNAL",
+                    None,
+                    None,
+                )
             }
         }
     }

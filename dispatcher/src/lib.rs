@@ -21,6 +21,7 @@ mod driver;
 mod error;
 mod export;
 mod janitor;
+pub mod limits;
 mod log;
 pub mod metrics;
 mod nodes;
@@ -148,7 +149,7 @@ pub async fn run(
         .run(),
     );
 
-    let (reporter, health, reflection) = health_and_reflection(&["berth.v1"])?;
+    let (reporter, health, reflection, reflection_alpha) = health_and_reflection(&["berth.v1"])?;
     reporter
         .set_serving::<SessionsServer<api::sessions::SessionsService>>()
         .await;
@@ -195,7 +196,14 @@ pub async fn run(
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let nodes_svc = NodesServer::new(api::nodes::NodesService { nodes });
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
-    let mut server = tonic::transport::Server::builder();
+    let keepalive = Some(cfg.api_keepalive).filter(|k| !k.is_zero());
+    let mut server = tonic::transport::Server::builder()
+        .timeout(cfg.api_call_timeout)
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(keepalive)
+        .tcp_keepalive(keepalive)
+        // grpc-web (browsers, HTTP/1.1 proxies) beside native gRPC.
+        .accept_http1(true);
     if cfg.api_tls {
         let tls = cfg
             .tls
@@ -205,9 +213,16 @@ pub async fn run(
     }
     server
         .layer(berth_common::metrics::GrpcMetricsLayer)
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(auth::AuthLayer(authenticator))
+        .layer(limits::LimitsLayer::new(limits::Limits {
+            per_key_rate: cfg.api_rate_limit,
+            per_key_burst: cfg.api_rate_burst,
+            max_in_flight: cfg.api_max_in_flight,
+        }))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(svc)
         .add_service(nodes_svc)
         .add_service(keys_svc)

@@ -35,9 +35,16 @@ pub const TOOL_PENDING: &str = "berth_tool_confirmations_pending";
 pub const TOOL_OLDEST_AGE: &str = "berth_tool_confirmation_oldest_age_seconds";
 pub const TOOL_WAIT: &str = "berth_tool_confirmation_wait_seconds";
 pub const TOOL_REQUESTS: &str = "berth_tool_permission_requests_total";
+pub const API_REJECTED: &str = "berth_api_rejected_total";
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: API_REJECTED,
+        kind: Kind::Counter,
+        help: "Public API calls refused before their handler, by reason: rate_limited (a caller over --api-rate-limit) or overloaded (over --api-max-in-flight).",
+        labels: &["reason"],
+    },
     Def {
         name: TOOL_PENDING,
         kind: Kind::Gauge,

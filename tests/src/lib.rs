@@ -264,6 +264,8 @@ impl Builder {
             Some(ca.material(&ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.to_string()])?));
         cfg.queue_poll = Duration::from_millis(250);
         cfg.db_max_connections = 8;
+        // Tests and benchmarks drive one key hard; the limits test sets its own.
+        cfg.api_rate_limit = 0;
         cfg.dispatcher_id = format!("test-dispatcher-{tag}");
         cfg.objects = s3.args();
         // One key file for every dispatcher of the cluster; the first key

@@ -94,14 +94,15 @@ impl AgentsApi for AgentsService {
             1..=1000 => i64::from(r.page_size),
             _ => return Err(Error::invalid("page_size", "must be between 1 and 1000").into()),
         };
+        let listing = format!("ListAgents\n{}\n{}", who.project, r.show_archived);
+        let after = super::pages::decode(&r.page_token, &listing)?.unwrap_or_default();
         let agents = self
             .agents
-            .list(&who.project, &r.page_token, r.show_archived, limit)
+            .list(&who.project, &after, r.show_archived, limit)
             .await?;
-        let next_page_token = if agents.len() as i64 == limit {
-            agents.last().map(|a| a.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
+        let next_page_token = match agents.last() {
+            Some(last) if agents.len() as i64 == limit => super::pages::encode(&listing, &last.id),
+            _ => String::new(),
         };
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents.into_iter().map(Into::into).collect(),

@@ -5,4 +5,5 @@ pub mod access;
 pub mod agents;
 pub mod convert;
 pub mod nodes;
+pub mod pages;
 pub mod sessions;

@@ -7,6 +7,7 @@ use berth_proto::node::v1 as node_pb;
 use berth_proto::v1::{self as pb, nodes_server::Nodes as NodesApi};
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
 use crate::nodes::{NodeLink, NodeState, Nodes};
 
 /// How long ListNodes waits for each node's own session list: a node that
@@ -143,7 +144,7 @@ impl NodesService {
     /// it is empty or ambiguous).
     fn one_node(&self, name: &str) -> Result<std::sync::Arc<crate::nodes::NodeLink>, Status> {
         if name.trim().is_empty() {
-            return Err(Status::invalid_argument("invalid node: must not be empty"));
+            return Err(Error::invalid("node", "must not be empty").into());
         }
         let links = self.nodes.find(name);
         match links.as_slice() {
@@ -151,10 +152,14 @@ impl NodesService {
                 "node {name} not found; see ListNodes"
             ))),
             [one] => Ok(one.clone()),
-            many => Err(Status::invalid_argument(format!(
-                "invalid node: `{name}` matches {} nodes; name one by its address (see `berth nodes`)",
-                many.len()
-            ))),
+            many => Err(Error::invalid(
+                "node",
+                format!(
+                    "`{name}` matches {} nodes; name one by its address (see `berth nodes`)",
+                    many.len()
+                ),
+            )
+            .into()),
         }
     }
 }

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, session_id};
+use super::pages;
 use crate::auth::caller;
 use crate::error::Error;
 use crate::session::NewSession;
@@ -31,16 +32,26 @@ fn page_size(requested: i32, default: i64) -> Result<i64, Error> {
     }
 }
 
-fn session_page_token(s: &crate::session::Session) -> String {
+/// What a ListSessions page token is bound to: the project and the filter.
+fn sessions_listing(project: &str, r: &pb::ListSessionsRequest) -> String {
+    let mut labels: Vec<_> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    format!(
+        "ListSessions\n{project}\n{}\n{}\n{}",
+        r.status,
+        r.activity,
+        labels.join("\n")
+    )
+}
+
+fn session_cursor(s: &crate::session::Session) -> String {
     format!("{}.{}", s.create_time.timestamp_micros(), s.id)
 }
 
-fn parse_session_page_token(
-    t: &str,
+fn parse_session_cursor(
+    cursor: Option<String>,
 ) -> Result<Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>, Error> {
-    if t.is_empty() {
-        return Ok(None);
-    }
+    let Some(t) = cursor else { return Ok(None) };
     let bad = || {
         Error::invalid(
             "page_token",
@@ -119,16 +130,19 @@ impl SessionsApi for SessionsService {
         let who = caller(&r)?;
         let r = r.into_inner();
         let limit = page_size(r.page_size, 50)?;
+        let listing = sessions_listing(&who.project, &r);
         let filter = SessionFilter {
             status: convert::status_from_pb(r.status)?,
+            before: parse_session_cursor(pages::decode(&r.page_token, &listing)?)?,
             labels: r.labels.into_iter().collect(),
-            before: parse_session_page_token(&r.page_token)?,
             limit,
             activity: convert::activity_from_pb(r.activity)?,
         };
         let sessions = self.sessions.list(&who.project, filter).await?;
         let next_page_token = match sessions.last() {
-            Some(last) if sessions.len() as i64 == limit => session_page_token(last),
+            Some(last) if sessions.len() as i64 == limit => {
+                pages::encode(&listing, &session_cursor(last))
+            }
             _ => String::new(),
         };
         let mut sessions: Vec<pb::Session> = sessions.into_iter().map(Into::into).collect();
@@ -272,15 +286,15 @@ impl SessionsApi for SessionsService {
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let limit = page_size(r.page_size, 100)?;
-        let after = if r.page_token.is_empty() {
-            r.after_seq
-        } else {
-            r.page_token.parse().map_err(|_| {
+        let listing = format!("ListEvents\n{}\n{id}", who.project);
+        let after = match pages::decode(&r.page_token, &listing)? {
+            None => r.after_seq,
+            Some(cursor) => cursor.parse().map_err(|_| {
                 Error::invalid(
                     "page_token",
                     "not a token from a previous ListEvents response",
                 )
-            })?
+            })?,
         };
         if after < 0 {
             return Err(Error::invalid("after_seq", "must not be negative").into());
@@ -290,7 +304,9 @@ impl SessionsApi for SessionsService {
             .list_events(&who.project, id, after, limit)
             .await?;
         let next_page_token = match events.last() {
-            Some(last) if events.len() as i64 == limit => last.seq.to_string(),
+            Some(last) if events.len() as i64 == limit => {
+                pages::encode(&listing, &last.seq.to_string())
+            }
             _ => String::new(),
         };
         Ok(Response::new(pb::ListEventsResponse {
@@ -334,9 +350,7 @@ impl SessionsApi for SessionsService {
                 kind: Some(Kind::Open(open)),
             }) => open,
             _ => {
-                return Err(Status::invalid_argument(
-                    "Connect: the first request must be `open`",
-                ));
+                return Err(Error::invalid("open", "Connect: the first request must be `open`").into());
             }
         };
         let id = session_id(&open.name)?;
