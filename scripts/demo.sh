@@ -38,7 +38,7 @@ echo
 echo "==> a durable session: write a file, pause (snapshot), resume, read it back"
 B=target/debug/berth
 id=$($B --json run --keep --image berth-test-agent:latest "write notes.txt kept across pause" \
-  | grep -o '"session_id":"[^"]*"' | head -1 | cut -d'"' -f4)
+  | grep -o '"sessionId":"[^"]*"' | head -1 | cut -d'"' -f4)
 $B sessions pause "$id"
 for _ in $(seq 1 100); do
   $B sessions get "$id" | grep -q '^status  *paused' && break

@@ -76,7 +76,7 @@ target/debug/berth config set-context fleet --dispatcher http://127.0.0.1:7000 \
   --token-file "$(cd "$dir" && pwd)/admin.token" --use-it >/dev/null
 
 for _ in $(seq 1 100); do
-  up=$(target/debug/berth nodes --json 2>/dev/null | grep -c '"state":"up"' || true)
+  up=$(target/debug/berth nodes --json 2>/dev/null | grep -c '"state":"NODE_STATE_UP"' || true)
   [ "$up" -ge "$nodes" ] && break
   sleep 0.2
 done

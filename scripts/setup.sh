@@ -15,6 +15,10 @@ command -v docker-compose >/dev/null || need+=(docker-compose)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 # The tests' git-over-ssh server runs the system's sshd on loopback.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+# The alert rules are unit-tested with `promtool test rules`.
+command -v promtool >/dev/null || need+=(prometheus)
+# The Python client is installed into a venv and tested against a dispatcher.
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_ apt-get update -qq
@@ -42,8 +46,12 @@ sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='berth'\
 sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='berth'\"" | grep -q 1 ||
   sudo_ su postgres -c "psql -qc 'CREATE DATABASE berth OWNER berth'"
 
-echo "==> building the sandbox forwarder (berth-forward)"
-cargo build --quiet -p berth-agent-server --bin berth-forward
+echo "==> building the sandbox forwarder (berth-forward) and the CLI (berth)"
+cargo build --quiet -p berth-agent-server --bin berth-forward -p berth-cli --bin berth
+
+echo "==> installing the Python client (clients/python) into .berth/venv"
+[ -x "$root/.berth/venv/bin/python" ] || python3 -m venv "$root/.berth/venv"
+"$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "$root/clients/python[test]"
 
 echo "==> building the test agent image"
 "$root/deploy/test-image/build.sh"

@@ -106,11 +106,10 @@ pub(crate) async fn run(
         .into_inner();
     let id = session.id.clone();
     if a.detach {
-        if !out.machine() {
-            eprintln!(
-                "session {id} created and left running: `berth attach {id}` follows it, `berth sessions stop {id}` ends it"
-            );
-        }
+        // On stderr, so `-o name` / `-o json` stay clean on stdout.
+        eprintln!(
+            "session {id} created and left running: `berth attach {id}` follows it, `berth sessions stop {id}` ends it"
+        );
         return out.object(&session, &session.name, || id.clone());
     }
     if !out.machine() {

@@ -3,7 +3,9 @@
 
 mod access;
 mod approvals;
+
 mod claude;
+mod clients;
 mod durable;
 mod failover;
 mod faults;

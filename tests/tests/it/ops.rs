@@ -315,6 +315,43 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     ] {
         assert!(alerts.contains(want), "alert {want} exists: {alerts:?}");
     }
+    // The rules' own unit tests (deploy/prometheus/alerts.test.yml).
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(repo().join("deploy/prometheus"))
+        .output()
+        .map_err(|e| anyhow::anyhow!("promtool (Debian's prometheus package; scripts/setup.sh installs it): {e}"))?;
+    assert!(
+        out.status.success(),
+        "promtool test rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Compose's dispatcher healthcheck passes against a live /readyz, and
+    // fails where nothing listens.
+    let compose = repo().join("deploy/compose/docker-compose.yml");
+    let resolved = std::process::Command::new("docker-compose")
+        .arg("-f")
+        .arg(&compose)
+        .arg("config")
+        .output()?;
+    let resolved = &YamlLoader::load_from_str(&String::from_utf8_lossy(&resolved.stdout))?[0];
+    let test = resolved["services"]["dispatcher"]["healthcheck"]["test"]
+        .as_vec()
+        .expect("the dispatcher has a healthcheck");
+    assert_eq!(test[0].as_str(), Some("CMD"));
+    let argv: Vec<&str> = test[1..].iter().filter_map(Yaml::as_str).collect();
+    let probe = |port: u16| -> anyhow::Result<bool> {
+        let argv: Vec<String> = argv.iter().map(|a| a.replace("9400", &port.to_string())).collect();
+        Ok(std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .status()?
+            .success())
+    };
+    assert!(probe(dispatcher.port())?, "healthy against a serving dispatcher");
+    assert!(!probe(berth_tests::free_addr()?.port())?, "unhealthy where nothing listens");
+
     let missing: Vec<_> = used.iter().filter(|n| !scrape.exports(n)).collect();
     assert!(
         missing.is_empty(),
@@ -507,6 +544,37 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
                 "`berth certs init` names"
             );
             node_names.push(service);
+        }
+    }
+    // Every long-running service has a healthcheck; ports are published on
+    // loopback unless BERTH_BIND says otherwise; images from a registry are
+    // pinned; dependencies wait on health or completion.
+    for (name, svc) in resolved["services"].as_hash().expect("services") {
+        let name = name.as_str().unwrap_or_default();
+        let one_shot = svc["restart"].as_str() == Some("no");
+        assert!(
+            one_shot || !svc["healthcheck"]["test"].is_badvalue(),
+            "compose {name} has a healthcheck"
+        );
+        for p in svc["ports"].as_vec().into_iter().flatten() {
+            let published = format!("{p:?}");
+            assert!(published.contains("127.0.0.1"), "compose {name} publishes {published} on loopback");
+        }
+        let image = svc["image"].as_str().unwrap_or_default();
+        assert!(
+            image.starts_with("berth-") || !image.ends_with(":latest") && image.contains(':'),
+            "compose {name} pins {image}"
+        );
+        if let Some(deps) = svc["depends_on"].as_hash() {
+            for (dep, how) in deps {
+                assert!(
+                    matches!(
+                        how["condition"].as_str(),
+                        Some("service_healthy" | "service_completed_successfully")
+                    ),
+                    "compose {name} waits for {dep:?} to be healthy or done: {how:?}"
+                );
+            }
         }
     }
     let servers = resolved["services"]["dispatcher"]["environment"]["AGENT_SERVERS"]

@@ -1,0 +1,36 @@
+"""berth: a Python client for the berth dispatcher's public gRPC API.
+
+The stubs in ``berth.v1`` are generated from the repository's ``proto/`` at
+install time; this package adds auth, typed events, event streams that
+resume after a dropped connection, ``run()``, and structured errors.
+"""
+
+from .client import Client, RunResult, SessionEnded
+from .errors import BerthError
+from .events import (
+    AgentMessage,
+    Event,
+    StatusChange,
+    ToolPermission,
+    ToolResult,
+    ToolUse,
+    Usage,
+    UserMessage,
+    parse_event,
+)
+
+__all__ = [
+    "AgentMessage",
+    "BerthError",
+    "Client",
+    "Event",
+    "RunResult",
+    "SessionEnded",
+    "StatusChange",
+    "ToolPermission",
+    "ToolResult",
+    "ToolUse",
+    "Usage",
+    "UserMessage",
+    "parse_event",
+]

@@ -1,0 +1,317 @@
+"""The client: an authenticated channel, the generated stubs, and the calls
+services need most, with errors as ``BerthError``."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import grpc
+
+from .errors import BerthError
+from .events import AgentMessage, Event, StatusChange, Usage, parse_event
+from .v1 import access_pb2, access_pb2_grpc, agents_pb2_grpc, nodes_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+
+# Codes after which an event stream is opened again from the last seq seen:
+# the dispatcher restarted, the connection dropped, a proxy cut it.
+_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+# Statuses in which a session no longer runs its turn.
+_ENDED = {"stopped", "failed", "paused", "stopping", "archived"}
+
+
+class SessionEnded(Exception):
+    """The session left its run (stopped, failed, paused) before its turn ended."""
+
+    def __init__(self, session, events: List[Event]):
+        status = sessions_pb2.SessionStatus.Name(session.status).removeprefix("SESSION_STATUS_").lower()
+        super().__init__(f"session {session.id} ended before its turn did: {status} ({session.status_reason})")
+        self.session = session
+        self.events = events
+
+
+@dataclass
+class RunResult:
+    """What ``Client.run`` returns: the session (after the turn), every
+    event of the turn, the agent's text, and the turn's ``Usage`` event."""
+
+    session: object
+    events: List[Event] = field(default_factory=list)
+    usage: Optional[Usage] = None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(e.text for e in self.events if isinstance(e, AgentMessage))
+
+
+class _Auth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        md = list(details.metadata or []) + [self._md]
+        return details._replace(metadata=md) if hasattr(details, "_replace") else _Details(details, md)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method = d.method
+        self.timeout = d.timeout
+        self.metadata = metadata
+        self.credentials = d.credentials
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+def _target(url: str) -> tuple:
+    """``http://host:port`` / ``https://host:port`` / ``host:port`` → (target, tls)."""
+    if url.startswith("https://"):
+        return url[len("https://"):].rstrip("/"), True
+    if url.startswith("http://"):
+        return url[len("http://"):].rstrip("/"), False
+    return url, False
+
+
+class Client:
+    """A dispatcher client.
+
+    ``target`` is ``http://host:port``, ``https://host:port`` (TLS; pass
+    ``root_certificates`` for a private CA, ``private_key`` and
+    ``certificate_chain`` for mTLS) or ``host:port``. ``token`` is an API key
+    (``berth_…``); None only against a dispatcher in dev mode.
+    """
+
+    def __init__(
+        self,
+        target: str = "http://127.0.0.1:7000",
+        token: Optional[str] = None,
+        *,
+        root_certificates: Optional[bytes] = None,
+        private_key: Optional[bytes] = None,
+        certificate_chain: Optional[bytes] = None,
+        server_name: Optional[str] = None,
+        options: Sequence[tuple] = (),
+    ):
+        addr, tls = _target(target)
+        opts = [("grpc.max_receive_message_length", 16 * 1024 * 1024), *options]
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        if tls:
+            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            channel = grpc.secure_channel(addr, creds, options=opts)
+        else:
+            channel = grpc.insecure_channel(addr, options=opts)
+        self._raw = channel
+        self.channel = grpc.intercept_channel(channel, _Auth(token)) if token else channel
+        self.sessions = sessions_pb2_grpc.SessionsStub(self.channel)
+        self.agents = agents_pb2_grpc.AgentsStub(self.channel)
+        self.files = sessions_pb2_grpc.FilesStub(self.channel)
+        self.nodes = nodes_pb2_grpc.NodesStub(self.channel)
+        self.api_keys = access_pb2_grpc.ApiKeysStub(self.channel)
+        self.secrets = access_pb2_grpc.SecretsStub(self.channel)
+
+    @classmethod
+    def from_env(cls, **kw) -> "Client":
+        """From ``BERTH_DISPATCHER`` (default ``http://127.0.0.1:7000``),
+        ``BERTH_TOKEN`` and ``BERTH_CA`` (a CA file for https)."""
+        ca = os.environ.get("BERTH_CA")
+        if ca and "root_certificates" not in kw:
+            with open(ca, "rb") as f:
+                kw["root_certificates"] = f.read()
+        return cls(os.environ.get("BERTH_DISPATCHER", "http://127.0.0.1:7000"), os.environ.get("BERTH_TOKEN"), **kw)
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def _call(method, request, timeout: Optional[float] = 30.0):
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise BerthError.from_rpc_error(e) from None
+
+    @staticmethod
+    def _name(session: str) -> str:
+        return session if session.startswith("sessions/") else f"sessions/{session}"
+
+    # --- sessions -----------------------------------------------------------
+
+    def create_session(
+        self,
+        prompt: str = "",
+        *,
+        image: Optional[str] = None,
+        agent: Optional[str] = None,
+        runtime: str = "claude_code",
+        model: str = "",
+        labels: Optional[Dict[str, str]] = None,
+        display_name: str = "",
+        request_id: Optional[str] = None,
+        **spec,
+    ):
+        """Queues a session and returns it (``berth.v1.Session``). Give
+        ``agent`` (``NAME`` or ``NAME@VERSION``) or ``image``; further
+        ``SessionSpec`` fields as keywords. ``request_id`` makes a retry
+        return the same session (a fresh one is made per call)."""
+        req = sessions_pb2.CreateSessionRequest(
+            request_id=request_id or str(uuid.uuid4()),
+            initial_message=prompt,
+            labels=labels or {},
+            display_name=display_name,
+            agent=agent or "",
+        )
+        if image or not agent:
+            req.spec.CopyFrom(
+                sessions_pb2.SessionSpec(
+                    image=image or "",
+                    runtime=sessions_pb2.Runtime.Value(f"RUNTIME_{runtime.upper()}"),
+                    model=model,
+                    **spec,
+                )
+            )
+        return self._call(self.sessions.CreateSession, req)
+
+    def get_session(self, session: str):
+        return self._call(self.sessions.GetSession, sessions_pb2.GetSessionRequest(name=self._name(session)))
+
+    def list_sessions(self, *, status: Optional[str] = None, labels: Optional[Dict[str, str]] = None, page_size: int = 100) -> Iterator:
+        """Every session matching the filter, newest first, across pages."""
+        token = ""
+        while True:
+            req = sessions_pb2.ListSessionsRequest(page_size=page_size, page_token=token, labels=labels or {})
+            if status:
+                req.status = sessions_pb2.SessionStatus.Value(f"SESSION_STATUS_{status.upper()}")
+            page = self._call(self.sessions.ListSessions, req)
+            yield from page.sessions
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def send(self, session: str, text: str) -> int:
+        """Sends a user message; returns its event's seq."""
+        return self._call(self.sessions.SendMessage, sessions_pb2.SendMessageRequest(name=self._name(session), text=text)).seq
+
+    def interrupt(self, session: str) -> int:
+        return self._call(self.sessions.Interrupt, sessions_pb2.InterruptRequest(name=self._name(session))).seq
+
+    def stop(self, session: str):
+        return self._call(self.sessions.StopSession, sessions_pb2.StopSessionRequest(name=self._name(session)))
+
+    def approve(self, session: str, tool_use_id: str, *, always: bool = False) -> int:
+        req = sessions_pb2.ConfirmToolRequest(
+            name=self._name(session), tool_use_id=tool_use_id, decision=sessions_pb2.TOOL_DECISION_ALLOW, always=always
+        )
+        return self._call(self.sessions.ConfirmTool, req).seq
+
+    def deny(self, session: str, tool_use_id: str, message: str = "Denied by the user.") -> int:
+        req = sessions_pb2.ConfirmToolRequest(
+            name=self._name(session), tool_use_id=tool_use_id, decision=sessions_pb2.TOOL_DECISION_DENY, message=message
+        )
+        return self._call(self.sessions.ConfirmTool, req).seq
+
+    def whoami(self):
+        return self._call(self.api_keys.WhoAmI, access_pb2.WhoAmIRequest())
+
+    # --- events -------------------------------------------------------------
+
+    def list_events(self, session: str, after_seq: int = 0, page_size: int = 500) -> Iterator[Event]:
+        """The session's stored events after ``after_seq``, across pages."""
+        token = ""
+        while True:
+            req = sessions_pb2.ListEventsRequest(name=self._name(session), after_seq=after_seq, page_size=page_size, page_token=token)
+            page = self._call(self.sessions.ListEvents, req)
+            for e in page.events:
+                yield parse_event(e)
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def stream_events(
+        self, session: str, after_seq: int = 0, *, max_interruption: float = 300.0, timeout: Optional[float] = None
+    ) -> Iterator[Event]:
+        """The session's events after ``after_seq``, then live ones, until the
+        session leaves its run (the stream ends) or the caller stops
+        iterating. A dropped stream is opened again from the last seq
+        yielded, with a growing, jittered backoff; no event is skipped or
+        repeated. Gives up (BerthError) after ``max_interruption`` seconds
+        without a stream, or with DEADLINE_EXCEEDED once ``timeout`` seconds
+        have passed in all."""
+        name = self._name(session)
+        interrupted_at = None
+        delay = 0.2
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            call = self.sessions.StreamEvents(sessions_pb2.StreamEventsRequest(name=name, after_seq=after_seq), timeout=remaining)
+            try:
+                for e in call:
+                    interrupted_at, delay = None, 0.2
+                    if e.seq <= after_seq:
+                        continue
+                    after_seq = e.seq
+                    yield parse_event(e)
+                return
+            except grpc.RpcError as err:
+                if err.code() not in _RESUMABLE:
+                    raise BerthError.from_rpc_error(err) from None
+                now = time.monotonic()
+                interrupted_at = interrupted_at or now
+                if now - interrupted_at > max_interruption:
+                    raise BerthError.from_rpc_error(err) from None
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+            finally:
+                call.cancel()
+
+    # --- run ----------------------------------------------------------------
+
+    def run(self, prompt: str, *, keep: bool = False, timeout: Optional[float] = None, **create) -> RunResult:
+        """Creates a session with ``prompt`` (``create``: as ``create_session``),
+        waits for its turn to end, and returns the turn. Stops the session
+        afterwards unless ``keep``. Raises ``SessionEnded`` if the session
+        ends first, and ``BerthError`` (DEADLINE_EXCEEDED) when the turn is
+        not over after ``timeout`` seconds (the session is stopped)."""
+        s = self.create_session(prompt, **create)
+        result = RunResult(session=s)
+        ended = False
+        try:
+            for e in self.stream_events(s.name, timeout=timeout):
+                result.events.append(e)
+                if isinstance(e, Usage):
+                    result.usage = e
+                    break
+                if isinstance(e, StatusChange) and e.status in _ENDED:
+                    ended = True
+                    break
+            else:
+                ended = True
+            result.session = self.get_session(s.name)
+            if ended or result.usage is None:
+                raise SessionEnded(result.session, result.events)
+            return result
+        finally:
+            if not keep:
+                try:
+                    self.stop(s.name)
+                except BerthError:
+                    pass  # already stopped or ended
