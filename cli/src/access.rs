@@ -184,7 +184,10 @@ pub(crate) fn config(cmd: ConfigCmd) -> Result<(), CliError> {
                 file.current_context = name.clone();
             }
             file.save()?;
-            crate::output::line(format!("context `{name}` saved in {}", config_path().display()))?;
+            crate::output::line(format!(
+                "context `{name}` saved in {}",
+                config_path().display()
+            ))?;
         }
         ConfigCmd::UseContext { name } => {
             file.context(Some(&name))?;
@@ -255,7 +258,11 @@ fn key_table(out: &Out, keys: &[pb::ApiKey]) -> comfy_table::Table {
             Ok(pb::Role::FleetAdmin) => "fleet-admin",
             _ => "member",
         };
-        let state = if k.revoke_time.is_some() { "revoked" } else { "active" };
+        let state = if k.revoke_time.is_some() {
+            "revoked"
+        } else {
+            "active"
+        };
         let mut row = vec![
             Cell::new(&k.key_id),
             Cell::new(&k.project),
@@ -370,19 +377,18 @@ pub(crate) enum SecretsCmd {
     },
 }
 
-pub(crate) async fn secrets(
-    api: Api,
-    d: &str,
-    out: Out,
-    cmd: SecretsCmd,
-) -> Result<(), CliError> {
+pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Result<(), CliError> {
     let mut c = SecretsClient::new(api);
     let e = |s| explain(d, None, s);
     let table = |o: &Out, secrets: &[pb::Secret]| {
         let mut t = o.table(&["ID", "NAME", "USAGE", "AGE"]);
         for s in secrets {
             let usage = pb::SecretUsage::try_from(s.usage)
-                .map(|u| u.as_str_name().trim_start_matches("SECRET_USAGE_").to_lowercase())
+                .map(|u| {
+                    u.as_str_name()
+                        .trim_start_matches("SECRET_USAGE_")
+                        .to_lowercase()
+                })
                 .unwrap_or_default();
             t.add_row(vec![
                 Cell::new(&s.secret_id),

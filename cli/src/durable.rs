@@ -416,7 +416,12 @@ fn agent_table(out: &Out, agents: &[pb::Agent]) -> comfy_table::Table {
     t
 }
 
-pub(crate) async fn agents(channel: Api, d: &str, out: Out, cmd: AgentsCmd) -> Result<(), CliError> {
+pub(crate) async fn agents(
+    channel: Api,
+    d: &str,
+    out: Out,
+    cmd: AgentsCmd,
+) -> Result<(), CliError> {
     let mut client = AgentsClient::new(channel);
     let err = |s| explain(d, None, s);
     let agent = match cmd {

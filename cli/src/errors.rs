@@ -19,9 +19,7 @@ pub fn describe(status: &tonic::Status) -> Vec<String> {
     {
         lines.push(format!(
             "retry after {}",
-            humantime::format_duration(std::time::Duration::from_millis(
-                delay.as_millis() as u64
-            ))
+            humantime::format_duration(std::time::Duration::from_millis(delay.as_millis() as u64))
         ));
     }
     lines

@@ -45,7 +45,14 @@ struct Cli {
     key: Option<std::path::PathBuf>,
     /// Output format: table, wide (more columns), json (proto3 JSON, one
     /// object per line), yaml, or name (resource names only).
-    #[arg(long, short, global = true, value_enum, default_value_t, env = "BERTH_OUTPUT")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "BERTH_OUTPUT"
+    )]
     output: output::Format,
     /// Same as `--output json`.
     #[arg(long, global = true, hide = true)]

@@ -102,7 +102,7 @@ impl Out {
         let mut t = Table::new();
         t.load_preset(presets::NOTHING)
             .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
-            .set_header(header.iter().map(|h| Cell::new(h)));
+            .set_header(header.iter().map(Cell::new));
         if !self.color {
             t.force_no_tty();
         }
@@ -185,9 +185,7 @@ pub(crate) fn yaml(v: &serde_json::Value) -> String {
     let mut out = String::new();
     let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
     emitter.multiline_strings(true);
-    emitter
-        .dump(&convert(v))
-        .expect("writing YAML to a String");
+    emitter.dump(&convert(v)).expect("writing YAML to a String");
     out
 }
 

@@ -44,7 +44,13 @@ pub(crate) fn session_table(out: &Out, sessions: &[pb::Session]) -> Table {
     let mut header = vec!["ID", "STATUS", "AGENT", "NODE", "COST", "AGE"];
     if out.wide() {
         header.extend([
-            "ACTIVITY", "TURNS", "TOKENS IN/OUT", "EVENTS", "NAME", "LABELS", "WAITING",
+            "ACTIVITY",
+            "TURNS",
+            "TOKENS IN/OUT",
+            "EVENTS",
+            "NAME",
+            "LABELS",
+            "WAITING",
         ]);
     }
     let mut t = out.table(&header);
@@ -294,7 +300,13 @@ fn node_state(state: i32) -> String {
 pub(crate) fn node_table(out: &Out, nodes: &[pb::Node]) -> Table {
     let mut header = vec!["NAME", "STATE", "RUN/CAP", "MINE", "CPU", "MEM", "WARM"];
     if out.wide() {
-        header.extend(["ADDRESS", "GENERATION", "REPORTED", "SESSIONS", "LAST ERROR"]);
+        header.extend([
+            "ADDRESS",
+            "GENERATION",
+            "REPORTED",
+            "SESSIONS",
+            "LAST ERROR",
+        ]);
     }
     let mut t = out.table(&header);
     for n in nodes {

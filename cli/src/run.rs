@@ -133,11 +133,11 @@ pub(crate) async fn run(
             {
                 first_agent_event = Some(started.elapsed());
             }
-            if !spinner.shows(e) {
-                if let Err(err) = spinner.around(|| print_event(out, e)) {
-                    closed = Some(err);
-                    return false;
-                }
+            if !spinner.shows(e)
+                && let Err(err) = spinner.around(|| print_event(out, e))
+            {
+                closed = Some(err);
+                return false;
             }
             if e.r#type == berth_common::events::SESSION_USAGE {
                 turn_done = true;

@@ -101,16 +101,7 @@ pub(crate) async fn run(
             } else {
                 berth_cli::tools::Answer::Allow
             };
-            answer_tool(
-                client,
-                d,
-                out,
-                &session,
-                tool_use_id.as_deref(),
-                answer,
-                "",
-            )
-            .await
+            answer_tool(client, d, out, &session, tool_use_id.as_deref(), answer, "").await
         }
         SessionsCmd::Deny {
             session,
@@ -198,13 +189,11 @@ pub(crate) async fn run(
         } => {
             if follow {
                 let mut closed = None;
-                berth_cli::follow::follow(client, &session, after, |e| {
-                    match print_event(out, e) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            closed = Some(e);
-                            false
-                        }
+                berth_cli::follow::follow(client, &session, after, |e| match print_event(out, e) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        closed = Some(e);
+                        false
                     }
                 })
                 .await
@@ -372,9 +361,11 @@ fn show_session(
     r: Result<tonic::Response<pb::Session>, tonic::Status>,
 ) -> Result<(), CliError> {
     let s = r.map_err(|e| explain(d, Some(session), e))?.into_inner();
-    out.list(std::slice::from_ref(&s), |s| s.name.clone(), |o| {
-        render::session_table(o, std::slice::from_ref(&s))
-    })
+    out.list(
+        std::slice::from_ref(&s),
+        |s| s.name.clone(),
+        |o| render::session_table(o, std::slice::from_ref(&s)),
+    )
 }
 
 /// Prints the seq a request was logged at.

@@ -14,10 +14,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use ring::rand::{SecureRandom, SystemRandom};
 use berth_common::grpc::rich_status;
-use tonic::{Code, Status};
+use ring::rand::{SecureRandom, SystemRandom};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Code, Status};
 
 use berth_common::sync::lock;
 
@@ -163,19 +163,15 @@ impl Authenticator {
         {
             return Ok(Some(r.clone()));
         }
-        let r = self
-            .store
-            .api_key_record(key_id)
-            .await
-            .map_err(|e| {
-                rich_status(
-                    Code::Unavailable,
-                    format!("cannot check the API key now: {e}"),
-                    "DATABASE_UNAVAILABLE",
-                    None,
-                    Some(std::time::Duration::from_secs(2)),
-                )
-            })?;
+        let r = self.store.api_key_record(key_id).await.map_err(|e| {
+            rich_status(
+                Code::Unavailable,
+                format!("cannot check the API key now: {e}"),
+                "DATABASE_UNAVAILABLE",
+                None,
+                Some(std::time::Duration::from_secs(2)),
+            )
+        })?;
         if let Some(r) = &r {
             lock(&self.cache).insert(key_id.to_string(), (r.clone(), Instant::now()));
         }

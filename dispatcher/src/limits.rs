@@ -47,9 +47,13 @@ pub struct LimitsLayer {
 
 impl LimitsLayer {
     pub fn new(limits: Limits) -> Self {
+        // Both series exist from the start, so `rate()` sees the first rejection.
+        for reason in ["rate_limited", "overloaded"] {
+            ::metrics::counter!(metrics::API_REJECTED, "reason" => reason).increment(0);
+        }
         let limiter = NonZeroU32::new(limits.per_key_rate).map(|rate| {
-            let burst = NonZeroU32::new(limits.per_key_burst.max(limits.per_key_rate))
-                .unwrap_or(rate);
+            let burst =
+                NonZeroU32::new(limits.per_key_burst.max(limits.per_key_rate)).unwrap_or(rate);
             Arc::new(RateLimiter::hashmap_with_clock(
                 Quota::per_second(rate).allow_burst(burst),
                 DefaultClock::default(),
@@ -128,7 +132,10 @@ where
             );
             return Box::pin(async move { Ok(status.into_http()) });
         }
-        let permit = match (caller.is_some(), self.limits.in_flight.clone().try_acquire_owned()) {
+        let permit = match (
+            caller.is_some(),
+            self.limits.in_flight.clone().try_acquire_owned(),
+        ) {
             (false, _) => None,
             (true, Ok(p)) => Some(p),
             (true, Err(_)) => {
@@ -166,7 +173,10 @@ mod tests {
             assert_eq!(l.admit("keys/a"), Ok(()));
         }
         let wait = l.admit("keys/a").expect_err("past the burst");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         assert_eq!(l.admit("keys/b"), Ok(()), "another key has its own budget");
     }
 

@@ -58,7 +58,9 @@ mod lint {
         }
         match e.value.first() {
             Some(v) if v.number() == 0 && v.name() == format!("{prefix}UNSPECIFIED") => {}
-            _ => problems.push(format!("enum {name}: zero value is not {prefix}UNSPECIFIED")),
+            _ => problems.push(format!(
+                "enum {name}: zero value is not {prefix}UNSPECIFIED"
+            )),
         }
         for v in &e.value {
             if !v.name().starts_with(&prefix) {
@@ -78,7 +80,11 @@ mod lint {
         }
         for o in &m.oneof_decl {
             if !lower_snake(o.name()) {
-                problems.push(format!("{}.{}: oneof not lower_snake_case", m.name(), o.name()));
+                problems.push(format!(
+                    "{}.{}: oneof not lower_snake_case",
+                    m.name(),
+                    o.name()
+                ));
             }
         }
         for e in &m.enum_type {
@@ -96,14 +102,25 @@ mod lint {
         let set = FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).expect("descriptors");
         let mut problems = Vec::new();
         let mut checked = 0;
-        for file in set.file.iter().filter(|f| f.package().starts_with("berth.")) {
+        for file in set
+            .file
+            .iter()
+            .filter(|f| f.package().starts_with("berth."))
+        {
             checked += 1;
             let package = file.package();
             let dir = file.name().rsplit_once('/').map_or("", |(d, _)| d);
             if dir != package.replace('.', "/") {
-                problems.push(format!("{}: package {package} not in its directory", file.name()));
+                problems.push(format!(
+                    "{}: package {package} not in its directory",
+                    file.name()
+                ));
             }
-            if !package.rsplit('.').next().is_some_and(|v| v.starts_with('v')) {
+            if !package
+                .rsplit('.')
+                .next()
+                .is_some_and(|v| v.starts_with('v'))
+            {
                 problems.push(format!("{package}: no version suffix"));
             }
             if file.syntax() != "proto3" {
@@ -138,6 +155,10 @@ mod lint {
             }
         }
         assert!(checked >= 5, "{checked} files");
-        assert!(problems.is_empty(), "buf lint STANDARD:\n{}", problems.join("\n"));
+        assert!(
+            problems.is_empty(),
+            "buf lint STANDARD:\n{}",
+            problems.join("\n")
+        );
     }
 }

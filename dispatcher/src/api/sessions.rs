@@ -350,7 +350,9 @@ impl SessionsApi for SessionsService {
                 kind: Some(Kind::Open(open)),
             }) => open,
             _ => {
-                return Err(Error::invalid("open", "Connect: the first request must be `open`").into());
+                return Err(
+                    Error::invalid("open", "Connect: the first request must be `open`").into(),
+                );
             }
         };
         let id = session_id(&open.name)?;

@@ -104,8 +104,8 @@ async fn wait_working(cluster: &TestCluster, id: &str) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_stops_a_run_a_second_leaves_it_and_a_closed_pipe_ends_quietly()
--> anyhow::Result<()> {
+async fn ctrl_c_stops_a_run_a_second_leaves_it_and_a_closed_pipe_ends_quietly() -> anyhow::Result<()>
+{
     let cluster = TestCluster::builder().capacity(6).start().await?;
     let mut c = cluster.client();
 
@@ -116,7 +116,10 @@ async fn ctrl_c_stops_a_run_a_second_leaves_it_and_a_closed_pipe_ends_quietly()
     let status = wait_exit(&mut child, Duration::from_secs(60))?;
     let said: Vec<String> = stderr.try_iter().collect();
     assert_eq!(status.code(), Some(130), "{said:?}");
-    assert!(said.iter().any(|l| l.contains("stopping session")), "{said:?}");
+    assert!(
+        said.iter().any(|l| l.contains("stopping session")),
+        "{said:?}"
+    );
     berth_tests::wait_for_status(
         &mut c,
         &format!("sessions/{id}"),
@@ -135,7 +138,8 @@ async fn ctrl_c_stops_a_run_a_second_leaves_it_and_a_closed_pipe_ends_quietly()
     let said: Vec<String> = stderr.try_iter().collect();
     assert_eq!(status.code(), Some(130), "{said:?}");
     assert!(
-        said.iter().any(|l| l.contains(&format!("berth attach {id}"))),
+        said.iter()
+            .any(|l| l.contains(&format!("berth attach {id}"))),
         "{said:?}"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -176,8 +180,7 @@ async fn ctrl_c_stops_a_run_a_second_leaves_it_and_a_closed_pipe_ends_quietly()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_newcomer_runs_detaches_attaches_and_reads_every_output_format()
--> anyhow::Result<()> {
+async fn a_newcomer_runs_detaches_attaches_and_reads_every_output_format() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
     let run = |args: &[&str], stdin: Option<&str>| -> anyhow::Result<(i32, String, String)> {
@@ -265,7 +268,10 @@ async fn a_newcomer_runs_detaches_attaches_and_reads_every_output_format()
     );
     assert!(out.contains(&id) && out.contains("idle"), "{out}");
     let (_, out, _) = run(&["-o", "wide", "sessions", "list"], None)?;
-    assert!(out.lines().next().unwrap_or_default().contains("ACTIVITY"), "{out}");
+    assert!(
+        out.lines().next().unwrap_or_default().contains("ACTIVITY"),
+        "{out}"
+    );
 
     // Exit codes: not found 3, usage 2; errors say what to do.
     let (code, _, err) = run(
@@ -278,7 +284,10 @@ async fn a_newcomer_runs_detaches_attaches_and_reads_every_output_format()
     assert_eq!(code, 2);
     let (code, _, err) = run(&["run", "--image", "", "x"], None)?;
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("field spec.image"), "the violation is shown: {err}");
+    assert!(
+        err.contains("field spec.image"),
+        "the violation is shown: {err}"
+    );
 
     // Completions.
     let (code, out, _) = run(&["completions", "bash"], None)?;
@@ -291,8 +300,7 @@ async fn a_newcomer_runs_detaches_attaches_and_reads_every_output_format()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_package_works_against_a_real_dispatcher() -> anyhow::Result<()> {
-    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.berth/venv/bin/python");
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.berth/venv/bin/python");
     anyhow::ensure!(
         python.exists(),
         "{}: scripts/setup.sh installs clients/python into it",
@@ -335,7 +343,10 @@ async fn a_key_over_its_rate_gets_resource_exhausted_with_retry_info() -> anyhow
     }
     let s = limited.ok_or_else(|| anyhow::anyhow!("10 calls at once were all admitted"))?;
     assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
-    assert_eq!(berth_cli::errors::reason(&s).as_deref(), Some("RATE_LIMITED"));
+    assert_eq!(
+        berth_cli::errors::reason(&s).as_deref(),
+        Some("RATE_LIMITED")
+    );
     let details = berth_cli::errors::describe(&s);
     assert!(
         details.iter().any(|d| d.starts_with("retry after")),

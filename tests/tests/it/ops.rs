@@ -320,7 +320,11 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         .args(["test", "rules", "alerts.test.yml"])
         .current_dir(repo().join("deploy/prometheus"))
         .output()
-        .map_err(|e| anyhow::anyhow!("promtool (Debian's prometheus package; scripts/setup.sh installs it): {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "promtool (Debian's prometheus package; scripts/setup.sh installs it): {e}"
+            )
+        })?;
     assert!(
         out.status.success(),
         "promtool test rules:\n{}{}",
@@ -343,14 +347,23 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     assert_eq!(test[0].as_str(), Some("CMD"));
     let argv: Vec<&str> = test[1..].iter().filter_map(Yaml::as_str).collect();
     let probe = |port: u16| -> anyhow::Result<bool> {
-        let argv: Vec<String> = argv.iter().map(|a| a.replace("9400", &port.to_string())).collect();
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| a.replace("9400", &port.to_string()))
+            .collect();
         Ok(std::process::Command::new(&argv[0])
             .args(&argv[1..])
             .status()?
             .success())
     };
-    assert!(probe(dispatcher.port())?, "healthy against a serving dispatcher");
-    assert!(!probe(berth_tests::free_addr()?.port())?, "unhealthy where nothing listens");
+    assert!(
+        probe(dispatcher.port())?,
+        "healthy against a serving dispatcher"
+    );
+    assert!(
+        !probe(berth_tests::free_addr()?.port())?,
+        "unhealthy where nothing listens"
+    );
 
     let missing: Vec<_> = used.iter().filter(|n| !scrape.exports(n)).collect();
     assert!(
@@ -558,7 +571,10 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
         );
         for p in svc["ports"].as_vec().into_iter().flatten() {
             let published = format!("{p:?}");
-            assert!(published.contains("127.0.0.1"), "compose {name} publishes {published} on loopback");
+            assert!(
+                published.contains("127.0.0.1"),
+                "compose {name} publishes {published} on loopback"
+            );
         }
         let image = svc["image"].as_str().unwrap_or_default();
         assert!(
