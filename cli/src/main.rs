@@ -8,6 +8,7 @@ mod nodes;
 mod output;
 mod render;
 mod run;
+mod schedules;
 mod sessions;
 
 use berth_cli::auth::{Api, Bearer};
@@ -75,6 +76,9 @@ enum Command {
     /// Create, version and archive agents (session templates).
     #[command(subcommand)]
     Agents(durable::AgentsCmd),
+    /// Cron schedules that run an agent's sessions.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCmd),
     /// Upload files to attach to sessions.
     #[command(subcommand)]
     Files(durable::FilesCmd),
@@ -309,6 +313,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Attach(args) => attach::run(&mut client, d, out, args).await,
         Command::Agents(cmd) => durable::agents(channel, d, out, cmd).await,
         Command::Files(cmd) => durable::files(channel, d, out, cmd).await,
+        Command::Schedules(cmd) => schedules::run(channel, d, out, cmd).await,
         Command::Sessions(cmd) => sessions::run(&mut client, d, out, cmd).await,
     }
 }

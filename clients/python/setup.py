@@ -9,7 +9,13 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-PROTOS = ["berth/v1/sessions.proto", "berth/v1/agents.proto", "berth/v1/nodes.proto", "berth/v1/access.proto"]
+PROTOS = [
+    "berth/v1/sessions.proto",
+    "berth/v1/agents.proto",
+    "berth/v1/nodes.proto",
+    "berth/v1/access.proto",
+    "berth/v1/schedules.proto",
+]
 
 
 def generate(out: Path) -> None:

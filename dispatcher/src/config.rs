@@ -105,6 +105,22 @@ pub struct Config {
     #[arg(long, env = "BERTH_API_KEEPALIVE", value_parser = berth_common::time::parse_duration, default_value = "30")]
     pub api_keepalive: Duration,
 
+    /// How often each dispatcher looks for due schedules. Every dispatcher
+    /// looks; each fire is claimed once in Postgres.
+    #[arg(long, env = "BERTH_SCHEDULE_POLL", value_parser = berth_common::time::parse_duration, default_value = "1")]
+    pub schedule_poll: Duration,
+
+    /// Shortest gap a schedule's cron times may have: a cron that fires more
+    /// often is INVALID_ARGUMENT naming `cron`.
+    #[arg(long, env = "BERTH_SCHEDULE_MIN_INTERVAL", value_parser = berth_common::time::parse_duration, default_value = "60")]
+    pub schedule_min_interval: Duration,
+
+    /// A cron time missed (no dispatcher ran) and older than this is
+    /// recorded as `missed` instead of fired late. Of several missed times
+    /// only the latest fires (`catch_up`); the others are counted as skipped.
+    #[arg(long, env = "BERTH_SCHEDULE_CATCH_UP_WINDOW", value_parser = berth_common::time::parse_duration, default_value = "3600")]
+    pub schedule_catch_up_window: Duration,
+
     /// Session slots of the in-process node (only when AGENT_SERVERS is unset).
     #[arg(long, env = "BERTH_LOCAL_CAPACITY", default_value_t = 8)]
     pub local_capacity: u32,

@@ -3,7 +3,8 @@
 //! Layout, each layer using only those below it:
 //! - [`api`]: thin gRPC handlers (unpack, call, map the error), and the one
 //!   wire ↔ domain conversion;
-//! - `sessions`, `agents`, `export`: the operations clients call;
+//! - `sessions`, `agents`, `export`, `schedules`: the operations clients
+//!   call (`schedules` also fires due schedules);
 //! - `queue` (claims, LISTEN), `driver` (start handshake, relay, deadlines),
 //!   `janitor` (liveness, orphans, queue deadline, retention), `sampler`
 //!   (gauges): the background work;
@@ -29,6 +30,7 @@ pub mod placement;
 mod queue;
 mod rewrap;
 mod sampler;
+mod schedules;
 pub mod seal;
 pub mod session;
 mod sessions;
@@ -42,6 +44,7 @@ use berth_proto::v1::agents_server::AgentsServer;
 use berth_proto::v1::api_keys_server::ApiKeysServer;
 use berth_proto::v1::files_server::FilesServer;
 use berth_proto::v1::nodes_server::NodesServer;
+use berth_proto::v1::schedules_server::SchedulesServer;
 use berth_proto::v1::secrets_server::SecretsServer;
 use berth_proto::v1::sessions_server::SessionsServer;
 use tokio::net::TcpListener;
@@ -181,15 +184,36 @@ pub async fn run(
             objects: objects.clone(),
         },
     };
+    let sessions = sessions::Sessions {
+        store: store.clone(),
+        log,
+        objects,
+        nodes: nodes.clone(),
+        git_allow: cfg.git_allow_hosts.clone(),
+        queue_timeout: Some(cfg.queue_timeout).filter(|t| !t.is_zero()),
+    };
+    let schedules = schedules::Schedules {
+        store,
+        sessions: sessions.clone(),
+        min_interval: cfg.schedule_min_interval,
+        owner: cfg.dispatcher_id.clone(),
+    };
+    tokio::spawn(
+        schedules::Scheduler {
+            schedules: schedules.clone(),
+            poll: cfg.schedule_poll,
+            window: cfg.schedule_catch_up_window,
+            takeover: cfg.dispatcher_lease,
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
+    reporter
+        .set_serving::<SchedulesServer<api::schedules::SchedulesService>>()
+        .await;
+    let schedules_svc = SchedulesServer::new(api::schedules::SchedulesService { schedules });
     let svc = SessionsServer::new(api::sessions::SessionsService {
-        sessions: sessions::Sessions {
-            store,
-            log,
-            objects,
-            nodes: nodes.clone(),
-            git_allow: cfg.git_allow_hosts.clone(),
-            queue_timeout: Some(cfg.queue_timeout).filter(|t| !t.is_zero()),
-        },
+        sessions,
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -226,6 +250,7 @@ pub async fn run(
         .add_service(svc)
         .add_service(nodes_svc)
         .add_service(keys_svc)
+        .add_service(schedules_svc)
         .add_service(secrets_svc)
         .add_service(AgentsServer::new(agents_svc.clone()))
         .add_service(

@@ -36,9 +36,16 @@ pub const TOOL_OLDEST_AGE: &str = "berth_tool_confirmation_oldest_age_seconds";
 pub const TOOL_WAIT: &str = "berth_tool_confirmation_wait_seconds";
 pub const TOOL_REQUESTS: &str = "berth_tool_permission_requests_total";
 pub const API_REJECTED: &str = "berth_api_rejected_total";
+pub const SCHEDULE_FIRES: &str = "berth_schedule_fires_total";
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: SCHEDULE_FIRES,
+        kind: Kind::Counter,
+        help: "Schedule fires this dispatcher made, by outcome: session (created), error (refused, e.g. an archived agent) or missed (beyond the catch-up window).",
+        labels: &["outcome"],
+    },
     Def {
         name: API_REJECTED,
         kind: Kind::Counter,

@@ -178,7 +178,9 @@ pub fn message_text(text: &str) -> Result<&str> {
     Ok(text)
 }
 
-fn labels(map: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+pub(crate) fn labels(
+    map: std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
     if map.len() > limits::LABELS {
         return Err(Error::invalid(
             "labels",

@@ -6,4 +6,5 @@ pub mod agents;
 pub mod convert;
 pub mod nodes;
 pub mod pages;
+pub mod schedules;
 pub mod sessions;

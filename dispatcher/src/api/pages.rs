@@ -8,6 +8,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::error::Error;
 
+/// A request's `page_size`: 0 takes `default`; 1–1000 otherwise.
+pub(crate) fn page_size(requested: i32, default: i64) -> Result<i64, Error> {
+    match requested {
+        0 => Ok(default),
+        1..=1000 => Ok(i64::from(requested)),
+        _ => Err(Error::invalid("page_size", "must be between 1 and 1000")),
+    }
+}
+
 /// Bytes of the filter's fingerprint at the head of a token.
 const FINGERPRINT: usize = 8;
 

@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, session_id};
-use super::pages;
+use super::pages::{self, page_size};
 use crate::auth::caller;
 use crate::error::Error;
 use crate::session::NewSession;
@@ -22,14 +22,6 @@ pub struct SessionsService {
     pub sessions: Sessions,
     /// Ends Connect streams on shutdown (their event side ends by itself).
     pub shutdown: tokio_util::sync::CancellationToken,
-}
-
-fn page_size(requested: i32, default: i64) -> Result<i64, Error> {
-    match requested {
-        0 => Ok(default),
-        1..=1000 => Ok(i64::from(requested)),
-        _ => Err(Error::invalid("page_size", "must be between 1 and 1000")),
-    }
 }
 
 /// What a ListSessions page token is bound to: the project and the filter.

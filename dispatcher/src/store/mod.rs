@@ -7,7 +7,8 @@
 //! - [`queue`]: claims, dispatcher liveness and the queue's sweeps;
 //! - [`agents`]: agents with their versions, and uploaded files;
 //! - [`access`]: API keys and secrets;
-//! - [`tools`]: tool permission requests and their answers.
+//! - [`tools`]: tool permission requests and their answers;
+//! - [`schedules`]: schedules and their fires (claimed by compare-and-set).
 //!
 //! Env values and secrets are sealed (see `seal`) before they reach a row.
 //!
@@ -20,6 +21,7 @@ mod access;
 mod agents;
 mod events;
 mod queue;
+mod schedules;
 mod sessions;
 mod tools;
 

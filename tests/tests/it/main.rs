@@ -12,5 +12,6 @@ mod faults;
 mod fleet;
 mod local;
 mod ops;
+mod seed;
 mod spine;
 mod warm;

@@ -135,6 +135,23 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         .await?;
     let s = c.create_session(fake_session("hello")).await?.into_inner();
     reply_after(&mut c, &s.name, 0).await?;
+    // A tool approval: the confirmation series get samples too.
+    let asked = berth_tests::send(&mut c, &s.name, "edit metrics.txt counted").await?;
+    let events = berth_tests::collect_until(&mut c, &s.name, asked, Duration::from_secs(60), |e| {
+        e.r#type == "agent.tool_permission"
+    })
+    .await?;
+    let tool_use_id = berth_tests::payload(events.last().expect("the request"))["tool_use_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    c.confirm_tool(pb::ConfirmToolRequest {
+        name: s.name.clone(),
+        tool_use_id,
+        decision: pb::ToolDecision::Allow as i32,
+        ..Default::default()
+    })
+    .await?;
     // A stop takes a snapshot: the snapshot series get samples too.
     stop_and_wait(&mut c, &s.name).await?;
 
@@ -346,22 +363,29 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         .expect("the dispatcher has a healthcheck");
     assert_eq!(test[0].as_str(), Some("CMD"));
     let argv: Vec<&str> = test[1..].iter().filter_map(Yaml::as_str).collect();
-    let probe = |port: u16| -> anyhow::Result<bool> {
+    // Async: the dispatcher answering the probe runs on this test's runtime.
+    let probe = |port: u16| {
         let argv: Vec<String> = argv
             .iter()
             .map(|a| a.replace("9400", &port.to_string()))
             .collect();
-        Ok(std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .status()?
-            .success())
+        async move {
+            let status = tokio::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .status();
+            anyhow::Ok(
+                tokio::time::timeout(Duration::from_secs(10), status)
+                    .await??
+                    .success(),
+            )
+        }
     };
     assert!(
-        probe(dispatcher.port())?,
+        probe(dispatcher.port()).await?,
         "healthy against a serving dispatcher"
     );
     assert!(
-        !probe(berth_tests::free_addr()?.port())?,
+        !probe(berth_tests::free_addr()?.port()).await?,
         "unhealthy where nothing listens"
     );
 

@@ -1,0 +1,224 @@
+//! What the seed platforms' users rely on: schedules that fire exactly once
+//! however many dispatchers run.
+
+use std::time::Duration;
+
+use berth_proto::v1::{self as pb, schedules_client::SchedulesClient};
+use berth_tests::{TEST_IMAGE, TestCluster};
+
+/// Creates agent `id` on the test image.
+async fn agent(cluster: &TestCluster, id: &str) -> anyhow::Result<()> {
+    pb::agents_client::AgentsClient::new(cluster.api())
+        .create_agent(pb::CreateAgentRequest {
+            agent_id: id.into(),
+            spec: Some(pb::AgentSpec {
+                image: TEST_IMAGE.into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    Ok(())
+}
+
+fn schedule(agent: &str, cron: &str, tz: &str, input: &str) -> pb::Schedule {
+    pb::Schedule {
+        agent: agent.into(),
+        cron: cron.into(),
+        timezone: tz.into(),
+        input: input.into(),
+        ..Default::default()
+    }
+}
+
+/// The field a refused call names, from its BadRequest detail.
+fn field_of(s: &tonic::Status) -> String {
+    berth_cli::errors::describe(s)
+        .into_iter()
+        .find_map(|d| {
+            d.strip_prefix("field ")
+                .and_then(|r| r.split_once(':'))
+                .map(|(f, _)| f.to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
+    t.as_ref().map_or(0, |t| t.seconds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_each_cron_time_once_with_two_dispatchers() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::builder()
+        .capacity(8)
+        .configure_dispatcher(|cfg| {
+            cfg.schedule_poll = Duration::from_millis(200);
+            cfg.schedule_min_interval = Duration::from_secs(2);
+        })
+        .start()
+        .await?;
+    let mut c = cluster.client();
+    cluster.add_dispatcher().await?;
+    agent(&cluster, "ticker").await?;
+    let mut sched = SchedulesClient::new(cluster.api());
+
+    // Bad input names its field.
+    for (cron, tz, agent_id, field) in [
+        ("61 * * * *", "UTC", "ticker", "schedule.cron"),
+        ("* * * * * *", "UTC", "ticker", "schedule.cron"), // every second: under the 2 s floor
+        ("0 9 * * *", "Mars/Olympus", "ticker", "schedule.timezone"),
+        ("0 9 * * *", "UTC", "nobody", "schedule.agent"),
+    ] {
+        let err = sched
+            .create_schedule(pb::CreateScheduleRequest {
+                schedule_id: "bad".into(),
+                schedule: Some(schedule(agent_id, cron, tz, "hi")),
+            })
+            .await
+            .expect_err(cron);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert_eq!(field_of(&err), field, "{cron} {tz} {agent_id}: {err:?}");
+    }
+
+    // Cron times are read in the schedule's time zone: 09:00 in Tokyo is
+    // 00:00 UTC.
+    let tokyo = sched
+        .create_schedule(pb::CreateScheduleRequest {
+            schedule_id: "morning".into(),
+            schedule: Some(schedule(
+                "ticker",
+                "0 9 * * *",
+                "Asia/Tokyo",
+                "good morning",
+            )),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(secs(&tokyo.next_fire_time) % 86_400, 0, "{tokyo:?}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    assert!(secs(&tokyo.next_fire_time) > now.as_secs() as i64);
+
+    // Every 2 seconds, polled by both dispatchers every 200 ms.
+    let s = sched
+        .create_schedule(pb::CreateScheduleRequest {
+            schedule_id: "tick".into(),
+            schedule: Some(schedule("ticker", "*/2 * * * * *", "UTC", "echo tick")),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(s.name, "schedules/tick");
+    assert!(s.creator.starts_with("keys/"), "{}", s.creator);
+    let fires = |sched: &mut SchedulesClient<_>| {
+        let mut sched = sched.clone();
+        async move {
+            anyhow::Ok(
+                sched
+                    .list_schedule_fires(pb::ListScheduleFiresRequest {
+                        name: "schedules/tick".into(),
+                        page_size: 1000,
+                        page_token: String::new(),
+                    })
+                    .await?
+                    .into_inner()
+                    .fires,
+            )
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fires(&mut sched).await?.len() < 4 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no 4 fires in 60 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    sched
+        .suspend_schedule(pb::SuspendScheduleRequest {
+            name: "tick".into(),
+        })
+        .await?;
+    // Every fire claimed before the suspension gets its session.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let fired = loop {
+        let f = fires(&mut sched).await?;
+        if f.iter().all(|f| !f.session.is_empty()) {
+            break f;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "fires without sessions: {f:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut times: Vec<i64> = fired.iter().map(|f| secs(&f.fire_time)).collect();
+    times.sort();
+    for pair in fired.windows(2) {
+        // Newest first; consecutive cron times 2 s apart (more only where a
+        // late fire skipped some, and says how many).
+        let gap = secs(&pair[0].fire_time) - secs(&pair[1].fire_time);
+        assert_eq!(gap, 2 * (1 + i64::from(pair[0].skipped)), "{fired:?}");
+    }
+    assert!(
+        fired
+            .iter()
+            .all(|f| f.kind == pb::ScheduleFireKind::Cron as i32
+                || f.kind == pb::ScheduleFireKind::CatchUp as i32),
+        "{fired:?}"
+    );
+    // One session per fire, no more: the sessions labelled with the schedule
+    // are exactly the fires' sessions, each opened by the schedule's input.
+    let labelled = c
+        .list_sessions(pb::ListSessionsRequest {
+            page_size: 1000,
+            labels: [("berth.schedule".to_string(), "tick".to_string())].into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .sessions;
+    let mut from_fires: Vec<&str> = fired.iter().map(|f| f.session.as_str()).collect();
+    let mut from_labels: Vec<&str> = labelled.iter().map(|s| s.name.as_str()).collect();
+    from_fires.sort();
+    from_labels.sort();
+    assert_eq!(from_fires, from_labels);
+    let first = berth_tests::events_of(&mut c, &labelled[0].name).await?;
+    assert!(
+        first
+            .iter()
+            .any(|e| e.r#type == "user.message" && e.payload_json.contains("echo tick")),
+        "{first:?}"
+    );
+    // Suspended: no more fires.
+    let count = fired.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fires(&mut sched).await?.len(),
+        count,
+        "fired while suspended"
+    );
+
+    // Trigger now, even suspended; a retried trigger is the same fire.
+    let trigger = pb::TriggerScheduleRequest {
+        name: "tick".into(),
+        request_id: "trigger-1".into(),
+    };
+    let manual = sched.trigger_schedule(trigger.clone()).await?.into_inner();
+    assert_eq!(manual.kind, pb::ScheduleFireKind::Manual as i32);
+    assert!(!manual.session.is_empty(), "{manual:?}");
+    let again = sched.trigger_schedule(trigger).await?.into_inner();
+    assert_eq!(again.session, manual.session);
+    assert_eq!(fires(&mut sched).await?.len(), count + 1);
+
+    for s in from_fires.iter().copied().chain([manual.session.as_str()]) {
+        berth_tests::stop_and_wait(&mut c, s).await?;
+    }
+    sched
+        .delete_schedule(pb::DeleteScheduleRequest {
+            name: "tick".into(),
+        })
+        .await?;
+    let gone = sched
+        .get_schedule(pb::GetScheduleRequest {
+            name: "tick".into(),
+        })
+        .await
+        .expect_err("deleted");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    cluster.shutdown().await
+}
