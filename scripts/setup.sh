@@ -15,6 +15,8 @@ command -v docker-compose >/dev/null || need+=(docker-compose)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 # The tests' git-over-ssh server runs the system's sshd on loopback.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+# The webhook tests deliver with curl, as a sender would.
+command -v curl >/dev/null || need+=(curl)
 # The alert rules are unit-tested with `promtool test rules`.
 command -v promtool >/dev/null || need+=(prometheus)
 # The Python client is installed into a venv and tested against a dispatcher.

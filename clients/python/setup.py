@@ -15,6 +15,7 @@ PROTOS = [
     "berth/v1/nodes.proto",
     "berth/v1/access.proto",
     "berth/v1/schedules.proto",
+    "berth/v1/webhooks.proto",
 ]
 
 

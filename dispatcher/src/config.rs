@@ -121,6 +121,16 @@ pub struct Config {
     #[arg(long, env = "BERTH_SCHEDULE_CATCH_UP_WINDOW", value_parser = berth_common::time::parse_duration, default_value = "3600")]
     pub schedule_catch_up_window: Duration,
 
+    /// Address inbound webhooks are served on (`POST /hooks/{id}`, plain
+    /// HTTP: put TLS in front beyond one machine), or `off`.
+    #[arg(long, env = "BERTH_WEBHOOK_LISTEN", default_value = "0.0.0.0:7080")]
+    pub webhook_listen: berth_common::metrics::Listen,
+
+    /// How far a webhook delivery's `Berth-Timestamp` may be from now
+    /// before it is refused (401) as a possible replay.
+    #[arg(long, env = "BERTH_WEBHOOK_TOLERANCE", value_parser = berth_common::time::parse_duration, default_value = "300")]
+    pub webhook_tolerance: Duration,
+
     /// Session slots of the in-process node (only when AGENT_SERVERS is unset).
     #[arg(long, env = "BERTH_LOCAL_CAPACITY", default_value_t = 8)]
     pub local_capacity: u32,

@@ -3,8 +3,9 @@
 //! Layout, each layer using only those below it:
 //! - [`api`]: thin gRPC handlers (unpack, call, map the error), and the one
 //!   wire ↔ domain conversion;
-//! - `sessions`, `agents`, `export`, `schedules`: the operations clients
-//!   call (`schedules` also fires due schedules);
+//! - `sessions`, `agents`, `export`, `schedules`, `webhooks`: the
+//!   operations clients call (`schedules` also fires due schedules;
+//!   `webhooks` also serves deliveries on the webhook port);
 //! - `queue` (claims, LISTEN), `driver` (start handshake, relay, deadlines),
 //!   `janitor` (liveness, orphans, queue deadline, retention), `sampler`
 //!   (gauges): the background work;
@@ -35,6 +36,7 @@ pub mod seal;
 pub mod session;
 mod sessions;
 mod store;
+mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +49,7 @@ use berth_proto::v1::nodes_server::NodesServer;
 use berth_proto::v1::schedules_server::SchedulesServer;
 use berth_proto::v1::secrets_server::SecretsServer;
 use berth_proto::v1::sessions_server::SessionsServer;
+use berth_proto::v1::webhooks_server::WebhooksServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -192,6 +195,25 @@ pub async fn run(
         git_allow: cfg.git_allow_hosts.clone(),
         queue_timeout: Some(cfg.queue_timeout).filter(|t| !t.is_zero()),
     };
+    let webhooks = webhooks::Webhooks {
+        store: store.clone(),
+        sessions: sessions.clone(),
+        tolerance: cfg.webhook_tolerance,
+    };
+    if let Some(addr) = cfg.webhook_listen.0 {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--webhook-listen {addr}: {e}"))?;
+        tokio::spawn(webhooks::serve(
+            listener,
+            webhooks.clone(),
+            shutdown.clone(),
+        ));
+    }
+    reporter
+        .set_serving::<WebhooksServer<api::webhooks::WebhooksService>>()
+        .await;
+    let webhooks_svc = WebhooksServer::new(api::webhooks::WebhooksService { webhooks });
     let schedules = schedules::Schedules {
         store,
         sessions: sessions.clone(),
@@ -251,6 +273,7 @@ pub async fn run(
         .add_service(nodes_svc)
         .add_service(keys_svc)
         .add_service(schedules_svc)
+        .add_service(webhooks_svc)
         .add_service(secrets_svc)
         .add_service(AgentsServer::new(agents_svc.clone()))
         .add_service(

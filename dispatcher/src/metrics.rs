@@ -37,9 +37,16 @@ pub const TOOL_WAIT: &str = "berth_tool_confirmation_wait_seconds";
 pub const TOOL_REQUESTS: &str = "berth_tool_permission_requests_total";
 pub const API_REJECTED: &str = "berth_api_rejected_total";
 pub const SCHEDULE_FIRES: &str = "berth_schedule_fires_total";
+pub const WEBHOOK_DELIVERIES: &str = "berth_webhook_deliveries_total";
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: WEBHOOK_DELIVERIES,
+        kind: Kind::Counter,
+        help: "Inbound webhook deliveries, by outcome: created, duplicate (a repeated delivery id), unauthorized (bad signature or timestamp), invalid, not_found, error (the session was refused) or unavailable.",
+        labels: &["outcome"],
+    },
     Def {
         name: SCHEDULE_FIRES,
         kind: Kind::Counter,

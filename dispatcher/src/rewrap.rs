@@ -40,6 +40,7 @@ async fn rewrap_all(store: &Store) -> crate::error::Result<usize> {
         SealedTable::Secrets,
         SealedTable::SessionEnv,
         SealedTable::AgentEnv,
+        SealedTable::Webhooks,
     ] {
         loop {
             let batch = store.stale_sealed(table, kek).await?;

@@ -266,6 +266,8 @@ impl Builder {
         cfg.db_max_connections = 8;
         // Tests and benchmarks drive one key hard; the limits test sets its own.
         cfg.api_rate_limit = 0;
+        // A webhook port of its own only where a test asks for one.
+        cfg.webhook_listen = Listen(None);
         cfg.dispatcher_id = format!("test-dispatcher-{tag}");
         cfg.objects = s3.args();
         // One key file for every dispatcher of the cluster; the first key

@@ -8,3 +8,4 @@ pub mod nodes;
 pub mod pages;
 pub mod schedules;
 pub mod sessions;
+pub mod webhooks;

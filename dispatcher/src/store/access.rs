@@ -55,6 +55,10 @@ mod sql {
     pub const STALE_AGENT_ENV: &str = "SELECT agent_id || '@' || version, project, env_sealed \
          FROM agent_versions WHERE env_kek <> $1 LIMIT 500";
     /// Compare-and-set on the old value: a concurrent rewrap of the same row wins once.
+    pub const STALE_WEBHOOKS: &str =
+        "SELECT id::text, project, sealed FROM webhooks WHERE kek <> $1 LIMIT 500";
+    pub const REWRAP_WEBHOOK: &str =
+        "UPDATE webhooks SET sealed = $3, kek = $4 WHERE id = $1::uuid AND sealed = $2";
     pub const REWRAP_SECRET: &str =
         "UPDATE secrets SET sealed = $3, kek = $4 WHERE id = $1::uuid AND sealed = $2";
     pub const REWRAP_SESSION_ENV: &str =
@@ -134,6 +138,7 @@ pub(crate) enum SealedTable {
     Secrets,
     SessionEnv,
     AgentEnv,
+    Webhooks,
 }
 
 impl Store {
@@ -303,6 +308,7 @@ impl Store {
             SealedTable::Secrets => sql::STALE_SECRETS,
             SealedTable::SessionEnv => sql::STALE_SESSION_ENV,
             SealedTable::AgentEnv => sql::STALE_AGENT_ENV,
+            SealedTable::Webhooks => sql::STALE_WEBHOOKS,
         };
         Ok(sqlx::query_as(q).bind(kek).fetch_all(&self.pool).await?)
     }
@@ -320,6 +326,7 @@ impl Store {
             SealedTable::Secrets => sql::REWRAP_SECRET,
             SealedTable::SessionEnv => sql::REWRAP_SESSION_ENV,
             SealedTable::AgentEnv => sql::REWRAP_AGENT_ENV,
+            SealedTable::Webhooks => sql::REWRAP_WEBHOOK,
         };
         sqlx::query(q)
             .bind(key)

@@ -8,7 +8,8 @@
 //! - [`agents`]: agents with their versions, and uploaded files;
 //! - [`access`]: API keys and secrets;
 //! - [`tools`]: tool permission requests and their answers;
-//! - [`schedules`]: schedules and their fires (claimed by compare-and-set).
+//! - [`schedules`]: schedules and their fires (claimed by compare-and-set);
+//! - [`webhooks`]: inbound webhooks and the deliveries they accepted.
 //!
 //! Env values and secrets are sealed (see `seal`) before they reach a row.
 //!
@@ -24,6 +25,7 @@ mod queue;
 mod schedules;
 mod sessions;
 mod tools;
+mod webhooks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! What the seed platforms' users rely on: schedules that fire exactly once
-//! however many dispatchers run.
+//! however many dispatchers run, and webhooks a sender signs.
 
 use std::time::Duration;
 
@@ -220,5 +220,174 @@ async fn a_schedule_fires_each_cron_time_once_with_two_dispatchers() -> anyhow::
         .await
         .expect_err("deleted");
     assert_eq!(gone.code(), tonic::Code::NotFound);
+    cluster.shutdown().await
+}
+
+/// `curl -X POST` as a webhook sender runs it: (status, body).
+async fn curl_post(
+    url: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-X",
+        "POST",
+        "-w",
+        "\n%{http_code}",
+        url,
+        "--data-binary",
+        body,
+    ]);
+    for (k, v) in headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    let out = cmd.output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((code.trim().parse()?, body.to_string()))
+}
+
+/// The headers of a delivery signed with `secret` at `timestamp`.
+fn signed(secret: &str, timestamp: i64, delivery: &str, body: &str) -> Vec<(&'static str, String)> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("{timestamp}.{body}").as_bytes());
+    vec![
+        ("Content-Type", "application/json".into()),
+        ("Berth-Delivery", delivery.into()),
+        ("Berth-Timestamp", timestamp.to_string()),
+        (
+            "Berth-Signature",
+            format!("v1={}", hex::encode(tag.as_ref())),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_webhook_delivery_makes_one_session_and_a_bad_one_nothing() -> anyhow::Result<()> {
+    let addr = berth_tests::free_addr()?;
+    let cluster = TestCluster::builder()
+        .configure_dispatcher(move |cfg| {
+            cfg.webhook_listen = berth_common::metrics::Listen(Some(addr));
+        })
+        .start()
+        .await?;
+    let mut c = cluster.client();
+    agent(&cluster, "triage").await?;
+    let mut hooks = pb::webhooks_client::WebhooksClient::new(cluster.api());
+    let err = hooks
+        .create_webhook(pb::CreateWebhookRequest {
+            webhook_id: "gh".into(),
+            webhook: Some(pb::Webhook {
+                agent: "nobody".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("no such agent");
+    assert_eq!(field_of(&err), "webhook.agent", "{err:?}");
+    let created = hooks
+        .create_webhook(pb::CreateWebhookRequest {
+            webhook_id: "gh".into(),
+            webhook: Some(pb::Webhook {
+                agent: "triage".into(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    let secret = created.secret;
+    let hook = created.webhook.expect("webhook");
+    assert!(secret.starts_with("whsec_"), "the secret is shown once");
+    let got = hooks
+        .get_webhook(pb::GetWebhookRequest { name: "gh".into() })
+        .await?
+        .into_inner();
+    assert!(!format!("{got:?}").contains(&secret), "never shown again");
+    let url = format!("http://{addr}{}", hook.path);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let body = r#"{"action":"opened","issue":{"number":7,"title":"crash on start"}}"#;
+    let labelled = |c: &mut berth_proto::v1::sessions_client::SessionsClient<_>| {
+        let mut c = c.clone();
+        async move {
+            anyhow::Ok(
+                c.list_sessions(pb::ListSessionsRequest {
+                    labels: [("berth.webhook".to_string(), "gh".to_string())].into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .sessions,
+            )
+        }
+    };
+
+    // Unsigned, wrongly signed, replayed from outside the window, signed
+    // with another secret: 401 each, and nothing is made.
+    let mut wrong = signed(&secret, now, "d-1", body);
+    wrong[3].1 = format!("v1={}", "0".repeat(64));
+    for (headers, why) in [
+        (signed(&secret, now, "d-1", body)[..3].to_vec(), "unsigned"),
+        (wrong, "wrong signature"),
+        (signed(&secret, now - 3600, "d-1", body), "an hour old"),
+        (signed("whsec_other", now, "d-1", body), "another secret"),
+    ] {
+        let (status, reply) = curl_post(&url, &headers, body).await?;
+        assert_eq!(status, 401, "{why}: {reply}");
+        assert!(reply.contains("error"), "{why}: {reply}");
+    }
+    assert!(
+        labelled(&mut c).await?.is_empty(),
+        "a refused delivery made a session"
+    );
+
+    // Signed: 202 and a session whose first message is the body.
+    let (status, reply) = curl_post(&url, &signed(&secret, now, "d-1", body), body).await?;
+    assert_eq!(status, 202, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply)?;
+    let session = reply["session"].as_str().unwrap_or_default().to_string();
+    assert_eq!(reply["duplicate"], false);
+    let reply_text = berth_tests::reply_after(&mut c, &session, 0).await?;
+    assert!(reply_text.contains("crash on start"), "{reply_text}");
+    let events = berth_tests::events_of(&mut c, &session).await?;
+    let first = events
+        .iter()
+        .find(|e| e.r#type == "user.message")
+        .expect("the first message");
+    assert_eq!(berth_tests::payload(first)["text"], body);
+
+    // The same delivery again (a sender's retry): the same session.
+    let (status, again) = curl_post(&url, &signed(&secret, now, "d-1", body), body).await?;
+    assert_eq!(status, 200, "{again}");
+    let again: serde_json::Value = serde_json::from_str(&again)?;
+    assert_eq!(again["session"], session.as_str());
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(labelled(&mut c).await?.len(), 1);
+
+    // Signed but not JSON: 400; an unknown path: 404.
+    let (status, _) = curl_post(&url, &signed(&secret, now, "d-2", "hello"), "hello").await?;
+    assert_eq!(status, 400);
+    let (status, _) = curl_post(
+        &format!("http://{addr}/hooks/00000000-0000-0000-0000-000000000000"),
+        &signed(&secret, now, "d-3", body),
+        body,
+    )
+    .await?;
+    assert_eq!(status, 404);
+
+    berth_tests::stop_and_wait(&mut c, &session).await?;
+    hooks
+        .delete_webhook(pb::DeleteWebhookRequest { name: "gh".into() })
+        .await?;
+    let (status, _) = curl_post(&url, &signed(&secret, now, "d-4", body), body).await?;
+    assert_eq!(status, 404, "deleted");
     cluster.shutdown().await
 }

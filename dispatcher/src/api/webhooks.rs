@@ -1,0 +1,111 @@
+//! `berth.v1.Webhooks`.
+
+use berth_common::time::to_timestamp;
+use berth_proto::v1::{self as pb, webhooks_server::Webhooks as WebhooksApi};
+use tonic::{Request, Response, Status};
+
+use super::pages::{self, page_size};
+use crate::auth::caller;
+use crate::error::Error;
+use crate::webhooks::{PATH_PREFIX, Webhook, Webhooks};
+
+/// Serves `berth.v1.Webhooks`.
+#[derive(Clone)]
+pub struct WebhooksService {
+    pub(crate) webhooks: Webhooks,
+}
+
+const PREFIX: &str = "webhooks/";
+
+fn webhook_id(name: &str) -> Result<&str, Error> {
+    let id = name.strip_prefix(PREFIX).unwrap_or(name);
+    if id.is_empty() {
+        return Err(Error::invalid(
+            "name",
+            "required: `webhooks/{id}` or the id",
+        ));
+    }
+    Ok(id)
+}
+
+impl From<Webhook> for pb::Webhook {
+    fn from(w: Webhook) -> Self {
+        Self {
+            name: format!("{PREFIX}{}", w.webhook_id),
+            path: format!("{PATH_PREFIX}{}", w.id),
+            webhook_id: w.webhook_id,
+            agent: w.agent,
+            labels: w.labels.into_iter().collect(),
+            create_time: Some(to_timestamp(w.create_time)),
+            creator: w.creator,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl WebhooksApi for WebhooksService {
+    async fn create_webhook(
+        &self,
+        r: Request<pb::CreateWebhookRequest>,
+    ) -> Result<Response<pb::CreateWebhookResponse>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let w = r.webhook.unwrap_or_default();
+        let labels = super::convert::labels(w.labels)?;
+        let (webhook, secret) = self
+            .webhooks
+            .create(
+                &who.project,
+                &who.identity(),
+                &r.webhook_id,
+                &w.agent,
+                labels,
+            )
+            .await?;
+        Ok(Response::new(pb::CreateWebhookResponse {
+            webhook: Some(webhook.into()),
+            secret,
+        }))
+    }
+
+    async fn get_webhook(
+        &self,
+        r: Request<pb::GetWebhookRequest>,
+    ) -> Result<Response<pb::Webhook>, Status> {
+        let who = caller(&r)?;
+        let id = webhook_id(&r.get_ref().name)?;
+        Ok(Response::new(
+            self.webhooks.get(&who.project, id).await?.into(),
+        ))
+    }
+
+    async fn list_webhooks(
+        &self,
+        r: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let limit = page_size(r.page_size, 100)?;
+        let listing = format!("ListWebhooks\n{}", who.project);
+        let after = pages::decode(&r.page_token, &listing)?.unwrap_or_default();
+        let found = self.webhooks.list(&who.project, &after, limit).await?;
+        let next_page_token = match found.last() {
+            Some(last) if found.len() as i64 == limit => pages::encode(&listing, &last.webhook_id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListWebhooksResponse {
+            webhooks: found.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_webhook(
+        &self,
+        r: Request<pb::DeleteWebhookRequest>,
+    ) -> Result<Response<pb::DeleteWebhookResponse>, Status> {
+        let who = caller(&r)?;
+        let id = webhook_id(&r.get_ref().name)?;
+        self.webhooks.delete(&who.project, id).await?;
+        Ok(Response::new(pb::DeleteWebhookResponse {}))
+    }
+}
