@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/berth/v1/access.proto",
         "proto/berth/v1/schedules.proto",
         "proto/berth/v1/webhooks.proto",
+        "proto/berth/v1/audit.proto",
         "proto/berth/node/v1/agent_server.proto",
     ];
     for f in &files {

@@ -2,6 +2,7 @@
 
 mod access;
 mod attach;
+mod audit;
 mod certs;
 mod durable;
 mod nodes;
@@ -10,6 +11,7 @@ mod render;
 mod run;
 mod schedules;
 mod sessions;
+mod webhooks;
 
 use berth_cli::auth::{Api, Bearer};
 use berth_proto::v1::{nodes_client::NodesClient, sessions_client::SessionsClient};
@@ -79,6 +81,9 @@ enum Command {
     /// Cron schedules that run an agent's sessions.
     #[command(subcommand)]
     Schedules(schedules::SchedulesCmd),
+    /// Inbound webhooks: signed HTTP POSTs that start an agent's sessions.
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCmd),
     /// Upload files to attach to sessions.
     #[command(subcommand)]
     Files(durable::FilesCmd),
@@ -93,6 +98,9 @@ enum Command {
     /// Secrets sessions use through the node's gateway (values write-only).
     #[command(subcommand)]
     Secrets(access::SecretsCmd),
+    /// The audit trail: who did what, oldest first (a session's whole life
+    /// with `berth audit SESSION_ID`).
+    Audit(audit::AuditArgs),
     /// Show the key in use: its id, project and role.
     Whoami,
     /// Named contexts (dispatcher, token, TLS files) in ~/.config/berth/config.json.
@@ -308,12 +316,14 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Keys(cmd) => access::keys(channel, d, out, cmd).await,
         Command::Secrets(cmd) => access::secrets(channel, d, out, cmd).await,
         Command::Whoami => access::whoami(channel, d, out).await,
+        Command::Audit(args) => audit::run(channel, d, out, args).await,
         Command::Nodes(args) => nodes::run(NodesClient::new(channel), d, out, args.command).await,
         Command::Run(args) => run::run(&mut client, &channel, d, out, *args).await,
         Command::Attach(args) => attach::run(&mut client, d, out, args).await,
         Command::Agents(cmd) => durable::agents(channel, d, out, cmd).await,
         Command::Files(cmd) => durable::files(channel, d, out, cmd).await,
         Command::Schedules(cmd) => schedules::run(channel, d, out, cmd).await,
+        Command::Webhooks(cmd) => webhooks::run(channel, d, out, cmd).await,
         Command::Sessions(cmd) => sessions::run(&mut client, d, out, cmd).await,
     }
 }

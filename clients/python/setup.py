@@ -16,6 +16,7 @@ PROTOS = [
     "berth/v1/access.proto",
     "berth/v1/schedules.proto",
     "berth/v1/webhooks.proto",
+    "berth/v1/audit.proto",
 ]
 
 

@@ -17,6 +17,7 @@
 
 mod agents;
 mod api;
+mod audit;
 pub mod auth;
 pub mod config;
 mod driver;
@@ -44,6 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
 use berth_proto::v1::agents_server::AgentsServer;
 use berth_proto::v1::api_keys_server::ApiKeysServer;
+use berth_proto::v1::audit_server::AuditServer;
 use berth_proto::v1::files_server::FilesServer;
 use berth_proto::v1::nodes_server::NodesServer;
 use berth_proto::v1::schedules_server::SchedulesServer;
@@ -195,8 +197,13 @@ pub async fn run(
         git_allow: cfg.git_allow_hosts.clone(),
         queue_timeout: Some(cfg.queue_timeout).filter(|t| !t.is_zero()),
     };
+    let audit = audit::Audit {
+        store: store.clone(),
+    };
+    ::metrics::counter!(crate::metrics::AUDIT_FAILURES).increment(0);
     let webhooks = webhooks::Webhooks {
         store: store.clone(),
+        audit: audit.clone(),
         sessions: sessions.clone(),
         tolerance: cfg.webhook_tolerance,
     };
@@ -216,6 +223,7 @@ pub async fn run(
     let webhooks_svc = WebhooksServer::new(api::webhooks::WebhooksService { webhooks });
     let schedules = schedules::Schedules {
         store,
+        audit: audit.clone(),
         sessions: sessions.clone(),
         min_interval: cfg.schedule_min_interval,
         owner: cfg.dispatcher_id.clone(),
@@ -234,8 +242,15 @@ pub async fn run(
         .set_serving::<SchedulesServer<api::schedules::SchedulesService>>()
         .await;
     let schedules_svc = SchedulesServer::new(api::schedules::SchedulesService { schedules });
+    reporter
+        .set_serving::<AuditServer<api::audit::AuditService>>()
+        .await;
+    let audit_svc = AuditServer::new(api::audit::AuditService {
+        audit: audit.clone(),
+    });
     let svc = SessionsServer::new(api::sessions::SessionsService {
         sessions,
+        audit,
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -274,6 +289,7 @@ pub async fn run(
         .add_service(keys_svc)
         .add_service(schedules_svc)
         .add_service(webhooks_svc)
+        .add_service(audit_svc)
         .add_service(secrets_svc)
         .add_service(AgentsServer::new(agents_svc.clone()))
         .add_service(

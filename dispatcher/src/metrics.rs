@@ -38,9 +38,16 @@ pub const TOOL_REQUESTS: &str = "berth_tool_permission_requests_total";
 pub const API_REJECTED: &str = "berth_api_rejected_total";
 pub const SCHEDULE_FIRES: &str = "berth_schedule_fires_total";
 pub const WEBHOOK_DELIVERIES: &str = "berth_webhook_deliveries_total";
+pub const AUDIT_FAILURES: &str = "berth_audit_failures_total";
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: AUDIT_FAILURES,
+        kind: Kind::Counter,
+        help: "Actions that succeeded but whose audit event could not be recorded (the dispatcher's log has each).",
+        labels: &[],
+    },
     Def {
         name: WEBHOOK_DELIVERIES,
         kind: Kind::Counter,

@@ -215,6 +215,7 @@ pub(crate) struct NewSchedule {
 #[derive(Clone)]
 pub(crate) struct Schedules {
     pub store: Store,
+    pub audit: crate::audit::Audit,
     pub sessions: Sessions,
     /// Cron times closer together than this are refused.
     pub min_interval: Duration,
@@ -369,6 +370,15 @@ impl Schedules {
         let outcome = match self.sessions.create(&s.project, new).await {
             Ok(session) => {
                 tracing::info!(schedule = %s.schedule_id, session_id = %session.id, %fire_time, "schedule fired");
+                self.audit
+                    .record(
+                        &s.project,
+                        &format!("schedules/{}", s.schedule_id),
+                        "session.create",
+                        &berth_common::names::session_name(session.id),
+                        serde_json::json!({ "fire_time": fire_time.to_rfc3339(), "agent": s.agent }),
+                    )
+                    .await;
                 (Some(session.id), String::new())
             }
             Err(e) if e.is_transient() => {

@@ -87,6 +87,7 @@ fn delivery_id_ok(id: &str) -> bool {
 #[derive(Clone)]
 pub(crate) struct Webhooks {
     pub store: Store,
+    pub audit: crate::audit::Audit,
     pub sessions: Sessions,
     /// How far a delivery's timestamp may be from now.
     pub tolerance: Duration,
@@ -276,6 +277,17 @@ impl Webhooks {
         match self.store.record_delivery(w.id, delivery, session.id).await {
             Ok((session_id, fresh)) => {
                 tracing::info!(webhook = %w.webhook_id, delivery, %session_id, fresh, "webhook delivery");
+                if fresh {
+                    self.audit
+                        .record(
+                            &w.project,
+                            &format!("webhooks/{}", w.webhook_id),
+                            "session.create",
+                            &berth_common::names::session_name(session_id),
+                            serde_json::json!({ "delivery": delivery, "agent": w.agent }),
+                        )
+                        .await;
+                }
                 let reply = json!({
                     "session": berth_common::names::session_name(session_id),
                     "duplicate": !fresh,

@@ -89,6 +89,15 @@ impl ApiKeysApi for ApiKeysService {
             .insert_api_key(&t.key_id, &project, role, &r.display_name, &t.sha256)
             .await?;
         tracing::info!(key_id = %t.key_id, project, role = role.as_str(), by = ?who.key_id, "API key created");
+        audit(
+            &self.store,
+            &who,
+            &project,
+            "key.create",
+            &format!("keys/{}", t.key_id),
+            serde_json::json!({"role": role.as_str()}),
+        )
+        .await;
         Ok(Response::new(pb::CreateApiKeyResponse {
             key: Some(key_pb(key)),
             token: t.token,
@@ -139,6 +148,15 @@ impl ApiKeysApi for ApiKeysService {
             .ok_or_else(|| Error::NotFound(format!("API key apiKeys/{id} not found")))?;
         self.auth.forget(id);
         tracing::info!(key_id = %id, project = %key.project, by = ?who.key_id, "API key revoked");
+        audit(
+            &self.store,
+            &who,
+            &key.project,
+            "key.revoke",
+            &format!("keys/{id}"),
+            serde_json::json!({}),
+        )
+        .await;
         Ok(Response::new(key_pb(key)))
     }
 
@@ -253,6 +271,15 @@ impl SecretsApi for SecretsService {
             )
             .await?;
         tracing::info!(secret_id = %id, project = %who.project, usage, "secret created");
+        audit(
+            &self.store,
+            &who,
+            &who.project,
+            "secret.create",
+            &format!("secrets/{id}"),
+            serde_json::json!({"usage": usage}),
+        )
+        .await;
         Ok(Response::new(secret_pb(row)))
     }
 
@@ -288,6 +315,31 @@ impl SecretsApi for SecretsService {
             return Err(Error::NotFound(format!("secret secrets/{id} not found")).into());
         }
         tracing::info!(secret_id = %id, project = %who.project, "secret deleted");
+        audit(
+            &self.store,
+            &who,
+            &who.project,
+            "secret.delete",
+            &format!("secrets/{id}"),
+            serde_json::json!({}),
+        )
+        .await;
         Ok(Response::new(pb::DeleteSecretResponse {}))
     }
+}
+
+/// Records `who`'s `action` on `resource` in `project`'s audit trail.
+async fn audit(
+    store: &crate::store::Store,
+    who: &crate::auth::Caller,
+    project: &str,
+    action: &str,
+    resource: &str,
+    detail: serde_json::Value,
+) {
+    crate::audit::Audit {
+        store: store.clone(),
+    }
+    .record(project, &who.identity(), action, resource, detail)
+    .await;
 }

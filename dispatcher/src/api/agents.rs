@@ -38,6 +38,23 @@ fn file_id(name: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(id).map_err(|_| Error::NotFound(format!("file files/{id} not found")))
 }
 
+impl AgentsService {
+    /// Records `who`'s `action` on agent `a` (at its version).
+    async fn audit(&self, who: &crate::auth::Caller, action: &str, a: &crate::session::Agent) {
+        crate::audit::Audit {
+            store: self.agents.store.clone(),
+        }
+        .record(
+            &who.project,
+            &who.identity(),
+            action,
+            &format!("agents/{}", a.id),
+            serde_json::json!({ "version": a.version }),
+        )
+        .await;
+    }
+}
+
 #[tonic::async_trait]
 impl AgentsApi for AgentsService {
     async fn create_agent(
@@ -54,12 +71,9 @@ impl AgentsApi for AgentsService {
             .into());
         }
         let spec = agent_spec(r.spec)?;
-        Ok(Response::new(
-            self.agents
-                .create(&who.project, &r.agent_id, &spec)
-                .await?
-                .into(),
-        ))
+        let a = self.agents.create(&who.project, &r.agent_id, &spec).await?;
+        self.audit(&who, "agent.create", &a).await;
+        Ok(Response::new(a.into()))
     }
 
     async fn get_agent(
@@ -125,9 +139,9 @@ impl AgentsApi for AgentsService {
             .into());
         }
         let spec = agent_spec(r.spec)?;
-        Ok(Response::new(
-            self.agents.update(&who.project, id, &spec).await?.into(),
-        ))
+        let a = self.agents.update(&who.project, id, &spec).await?;
+        self.audit(&who, "agent.update", &a).await;
+        Ok(Response::new(a.into()))
     }
 
     async fn archive_agent(
@@ -137,9 +151,9 @@ impl AgentsApi for AgentsService {
         let who = caller(&r)?;
         let name = r.into_inner().name;
         let (id, _) = agent_name(&name)?;
-        Ok(Response::new(
-            self.agents.archive(&who.project, id).await?.into(),
-        ))
+        let a = self.agents.archive(&who.project, id).await?;
+        self.audit(&who, "agent.archive", &a).await;
+        Ok(Response::new(a.into()))
     }
 }
 

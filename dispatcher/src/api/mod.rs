@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod agents;
+pub mod audit;
 pub mod convert;
 pub mod nodes;
 pub mod pages;

@@ -88,6 +88,27 @@ fn time_cursor(cursor: Option<String>) -> Result<Option<DateTime<Utc>>, Error> {
         .transpose()
 }
 
+impl SchedulesService {
+    async fn audit(
+        &self,
+        who: &crate::auth::Caller,
+        action: &str,
+        id: &str,
+        detail: serde_json::Value,
+    ) {
+        self.schedules
+            .audit
+            .record(
+                &who.project,
+                &who.identity(),
+                action,
+                &format!("{PREFIX}{id}"),
+                detail,
+            )
+            .await;
+    }
+}
+
 #[tonic::async_trait]
 impl SchedulesApi for SchedulesService {
     async fn create_schedule(
@@ -112,6 +133,9 @@ impl SchedulesApi for SchedulesService {
             .schedules
             .create(&who.project, &who.identity(), new)
             .await?;
+        let detail = serde_json::json!({"agent": created.agent, "cron": created.cron, "timezone": created.timezone});
+        self.audit(&who, "schedule.create", &created.schedule_id, detail)
+            .await;
         Ok(Response::new(created.into()))
     }
 
@@ -172,9 +196,10 @@ impl SchedulesApi for SchedulesService {
     ) -> Result<Response<pb::Schedule>, Status> {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
-        Ok(Response::new(
-            self.schedules.suspend(&who.project, id).await?.into(),
-        ))
+        let s = self.schedules.suspend(&who.project, id).await?;
+        self.audit(&who, "schedule.suspend", id, serde_json::json!({}))
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn resume_schedule(
@@ -183,9 +208,10 @@ impl SchedulesApi for SchedulesService {
     ) -> Result<Response<pb::Schedule>, Status> {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
-        Ok(Response::new(
-            self.schedules.resume(&who.project, id).await?.into(),
-        ))
+        let s = self.schedules.resume(&who.project, id).await?;
+        self.audit(&who, "schedule.resume", id, serde_json::json!({}))
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn trigger_schedule(
@@ -202,12 +228,13 @@ impl SchedulesApi for SchedulesService {
         )
         .map_err(Error::from)?;
         let request_id = Some(r.request_id.as_str()).filter(|s| !s.is_empty());
-        Ok(Response::new(
-            self.schedules
-                .trigger(&who.project, id, request_id)
-                .await?
-                .into(),
-        ))
+        let fire = self.schedules.trigger(&who.project, id, request_id).await?;
+        let detail = serde_json::json!({
+            "session": fire.session_id.map(berth_common::names::session_name),
+            "request_id": request_id,
+        });
+        self.audit(&who, "schedule.trigger", id, detail).await;
+        Ok(Response::new(fire.into()))
     }
 
     async fn delete_schedule(
@@ -217,6 +244,8 @@ impl SchedulesApi for SchedulesService {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
         self.schedules.delete(&who.project, id).await?;
+        self.audit(&who, "schedule.delete", id, serde_json::json!({}))
+            .await;
         Ok(Response::new(pb::DeleteScheduleResponse {}))
     }
 

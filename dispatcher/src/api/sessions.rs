@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, session_id};
 use super::pages::{self, page_size};
+use crate::audit::Audit;
 use crate::auth::caller;
 use crate::error::Error;
 use crate::session::NewSession;
@@ -20,6 +21,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Serves `berth.v1.Sessions`.
 pub struct SessionsService {
     pub sessions: Sessions,
+    pub(crate) audit: Audit,
     /// Ends Connect streams on shutdown (their event side ends by itself).
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -82,10 +84,22 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::ConfirmToolResponse>, Status> {
         let who = caller(&r)?;
         let (id, answer) = convert::tool_answer(r.into_inner())?;
+        let detail = confirmation_detail(&answer);
         let (seq, already_answered) = self
             .sessions
             .confirm_tool(&who.project, id, who.identity(), answer)
             .await?;
+        if !already_answered {
+            self.audit
+                .record(
+                    &who.project,
+                    &who.identity(),
+                    confirmation_action(&detail),
+                    &session_name(id),
+                    with_seq(detail, seq),
+                )
+                .await;
+        }
         Ok(Response::new(pb::ConfirmToolResponse {
             seq,
             already_answered,
@@ -98,9 +112,22 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let new = NewSession::try_from(r.into_inner())?;
-        Ok(Response::new(
-            self.sessions.create(&who.project, new).await?.into(),
-        ))
+        let detail = serde_json::json!({
+            "request_id": new.request_id,
+            "agent": new.agent,
+            "image": new.spec.image,
+        });
+        let s = self.sessions.create(&who.project, new).await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.create",
+                &session_name(s.id),
+                detail,
+            )
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn get_session(
@@ -154,6 +181,15 @@ impl SessionsApi for SessionsService {
         let id = session_id(&r.name)?;
         let text = convert::message_text(&r.text)?;
         let seq = self.sessions.send_message(&who.project, id, text).await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.send",
+                &session_name(id),
+                serde_json::json!({"seq": seq}),
+            )
+            .await;
         Ok(Response::new(pb::SendMessageResponse { seq }))
     }
 
@@ -164,6 +200,15 @@ impl SessionsApi for SessionsService {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
         let seq = self.sessions.interrupt(&who.project, id).await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.interrupt",
+                &session_name(id),
+                serde_json::json!({"seq": seq}),
+            )
+            .await;
         Ok(Response::new(pb::InterruptResponse { seq }))
     }
 
@@ -173,9 +218,17 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(
-            self.sessions.stop(&who.project, id).await?.into(),
-        ))
+        let s = self.sessions.stop(&who.project, id).await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.stop",
+                &session_name(id),
+                status_detail(&s),
+            )
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn pause_session(
@@ -184,9 +237,17 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(
-            self.sessions.pause(&who.project, id).await?.into(),
-        ))
+        let s = self.sessions.pause(&who.project, id).await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.pause",
+                &session_name(id),
+                status_detail(&s),
+            )
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn resume_session(
@@ -195,9 +256,17 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(
-            self.sessions.resume(&who.project, id).await?.into(),
-        ))
+        let s = self.sessions.resume(&who.project, id).await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.resume",
+                &session_name(id),
+                status_detail(&s),
+            )
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn archive_session(
@@ -206,9 +275,17 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        Ok(Response::new(
-            self.sessions.archive(&who.project, id).await?.into(),
-        ))
+        let s = self.sessions.archive(&who.project, id).await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.archive",
+                &session_name(id),
+                status_detail(&s),
+            )
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn delete_session(
@@ -218,6 +295,15 @@ impl SessionsApi for SessionsService {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
         let objects_deleted = self.sessions.delete(&who.project, id).await? as i64;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.delete",
+                &session_name(id),
+                serde_json::json!({"objects_deleted": objects_deleted}),
+            )
+            .await;
         Ok(Response::new(pb::DeleteSessionResponse { objects_deleted }))
     }
 
@@ -232,12 +318,20 @@ impl SessionsApi for SessionsService {
             return Err(Error::invalid("request_id", "longer than 128 characters").into());
         }
         let request_id = Some(r.request_id).filter(|s| !s.is_empty());
-        Ok(Response::new(
-            self.sessions
-                .clone_session(&who.project, id, request_id)
-                .await?
-                .into(),
-        ))
+        let s = self
+            .sessions
+            .clone_session(&who.project, id, request_id)
+            .await?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.clone",
+                &session_name(s.id),
+                serde_json::json!({"from": session_name(id)}),
+            )
+            .await;
+        Ok(Response::new(s.into()))
     }
 
     async fn export_session(
@@ -372,6 +466,7 @@ impl SessionsApi for SessionsService {
         });
         // Commands in, each acknowledged.
         let sessions = self.sessions.clone();
+        let audit = self.audit.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
@@ -379,15 +474,20 @@ impl SessionsApi for SessionsService {
                     m = inbound.message() => match m { Ok(Some(req)) => req, _ => return },
                     () = shutdown.cancelled() => return,
                 };
+                let mut audited: Option<(&str, serde_json::Value)> = None;
                 let (reference, result) = match req.kind {
                     Some(Kind::Message(m)) => {
                         let r = match convert::message_text(&m.text) {
                             Ok(text) => sessions.send_message(&project, id, text).await,
                             Err(e) => Err(e),
                         };
+                        audited = Some(("session.send", serde_json::json!({})));
                         (m.r#ref, r)
                     }
-                    Some(Kind::Interrupt(i)) => (i.r#ref, sessions.interrupt(&project, id).await),
+                    Some(Kind::Interrupt(i)) => {
+                        audited = Some(("session.interrupt", serde_json::json!({})));
+                        (i.r#ref, sessions.interrupt(&project, id).await)
+                    }
                     Some(Kind::ToolConfirmation(c)) => {
                         let mut confirmation = c.confirmation.unwrap_or_default();
                         // The stream's session; a name given must be it.
@@ -399,10 +499,16 @@ impl SessionsApi for SessionsService {
                                 "confirmation.name",
                                 "names another session than the stream's; leave it empty (the stream's session is meant)",
                             )),
-                            Ok((_, answer)) => sessions
-                                .confirm_tool(&project, id, identity.clone(), answer)
-                                .await
-                                .map(|(seq, _)| seq),
+                            Ok((_, answer)) => {
+                                let detail = confirmation_detail(&answer);
+                                let r = sessions
+                                    .confirm_tool(&project, id, identity.clone(), answer)
+                                    .await;
+                                if let Ok((_, false)) = r {
+                                    audited = Some((confirmation_action(&detail), detail));
+                                }
+                                r.map(|(seq, _)| seq)
+                            }
                             Err(e) => Err(e),
                         };
                         (c.r#ref, r)
@@ -413,6 +519,17 @@ impl SessionsApi for SessionsService {
                     ),
                     None => (String::new(), Err(Error::invalid("kind", "required"))),
                 };
+                if let (Ok(seq), Some((action, detail))) = (&result, audited) {
+                    audit
+                        .record(
+                            &project,
+                            &identity,
+                            action,
+                            &session_name(id),
+                            with_seq(detail, *seq),
+                        )
+                        .await;
+                }
                 let ack = match result {
                     Ok(seq) => pb::ConnectAck {
                         r#ref: reference,
@@ -443,4 +560,35 @@ impl SessionsApi for SessionsService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+fn session_name(id: uuid::Uuid) -> String {
+    berth_common::names::session_name(id)
+}
+
+/// A tool answer as the audit trail keeps it.
+fn confirmation_detail(a: &crate::sessions::ToolAnswer) -> serde_json::Value {
+    serde_json::json!({
+        "tool_use_id": a.tool_use_id,
+        "decision": if a.decision == berth_common::tools::Decision::Allow { "allow" } else { "deny" },
+        "always": a.always,
+    })
+}
+
+fn confirmation_action(detail: &serde_json::Value) -> &'static str {
+    if detail["decision"] == "allow" {
+        "session.approve"
+    } else {
+        "session.deny"
+    }
+}
+
+fn with_seq(mut detail: serde_json::Value, seq: i64) -> serde_json::Value {
+    detail["seq"] = seq.into();
+    detail
+}
+
+/// The status a control call left the session in.
+fn status_detail(s: &crate::session::Session) -> serde_json::Value {
+    serde_json::json!({ "status": s.status.to_string() })
 }

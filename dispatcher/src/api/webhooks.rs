@@ -62,6 +62,16 @@ impl WebhooksApi for WebhooksService {
                 labels,
             )
             .await?;
+        self.webhooks
+            .audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "webhook.create",
+                &format!("{PREFIX}{}", webhook.webhook_id),
+                serde_json::json!({ "agent": webhook.agent }),
+            )
+            .await;
         Ok(Response::new(pb::CreateWebhookResponse {
             webhook: Some(webhook.into()),
             secret,
@@ -106,6 +116,16 @@ impl WebhooksApi for WebhooksService {
         let who = caller(&r)?;
         let id = webhook_id(&r.get_ref().name)?;
         self.webhooks.delete(&who.project, id).await?;
+        self.webhooks
+            .audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "webhook.delete",
+                &format!("{PREFIX}{id}"),
+                serde_json::json!({}),
+            )
+            .await;
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
 }

@@ -9,7 +9,8 @@
 //! - [`access`]: API keys and secrets;
 //! - [`tools`]: tool permission requests and their answers;
 //! - [`schedules`]: schedules and their fires (claimed by compare-and-set);
-//! - [`webhooks`]: inbound webhooks and the deliveries they accepted.
+//! - [`webhooks`]: inbound webhooks and the deliveries they accepted;
+//! - [`audit`]: the audit trail.
 //!
 //! Env values and secrets are sealed (see `seal`) before they reach a row.
 //!
@@ -20,6 +21,7 @@
 
 mod access;
 mod agents;
+mod audit;
 mod events;
 mod queue;
 mod schedules;

@@ -391,3 +391,115 @@ async fn a_signed_webhook_delivery_makes_one_session_and_a_bad_one_nothing() -> 
     assert_eq!(status, 404, "deleted");
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_tells_a_sessions_whole_life_with_who_did_each_step() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::builder().start().await?;
+    let mut admin = cluster.client();
+    // A second identity: a member key of the same project.
+    let member = pb::api_keys_client::ApiKeysClient::new(cluster.api())
+        .create_api_key(pb::CreateApiKeyRequest {
+            project: "default".into(),
+            role: pb::Role::Member as i32,
+            display_name: "operator".into(),
+        })
+        .await?
+        .into_inner();
+    let member_id = member
+        .key
+        .as_ref()
+        .map(|k| k.key_id.clone())
+        .unwrap_or_default();
+    let mut as_member =
+        berth_proto::v1::sessions_client::SessionsClient::new(cluster.api_as(Some(&member.token))?);
+    let admin_id = pb::api_keys_client::ApiKeysClient::new(cluster.api())
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?
+        .into_inner()
+        .key_id;
+
+    let s = admin
+        .create_session(berth_tests::fake_session("echo hello"))
+        .await?
+        .into_inner();
+    berth_tests::reply_after(&mut admin, &s.name, 0).await?;
+    let asked = berth_tests::send(&mut as_member, &s.name, "edit audited.txt yes").await?;
+    let events =
+        berth_tests::collect_until(&mut admin, &s.name, asked, Duration::from_secs(60), |e| {
+            e.r#type == "agent.tool_permission"
+        })
+        .await?;
+    let tool_use_id = berth_tests::payload(events.last().expect("asked"))["tool_use_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    as_member
+        .confirm_tool(pb::ConfirmToolRequest {
+            name: s.name.clone(),
+            tool_use_id: tool_use_id.clone(),
+            decision: pb::ToolDecision::Allow as i32,
+            ..Default::default()
+        })
+        .await?;
+    berth_tests::reply_after(&mut admin, &s.name, asked).await?;
+    berth_tests::stop_and_wait(&mut admin, &s.name).await?;
+    admin
+        .archive_session(pb::ArchiveSessionRequest {
+            name: s.name.clone(),
+        })
+        .await?;
+    admin
+        .delete_session(pb::DeleteSessionRequest {
+            name: s.name.clone(),
+        })
+        .await?;
+
+    // Read after the session is gone: every step, in order, with its identity.
+    let trail = pb::audit_client::AuditClient::new(cluster.api())
+        .list_audit_events(pb::ListAuditEventsRequest {
+            resource: s.id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    let steps: Vec<(String, String)> = trail
+        .iter()
+        .map(|e| (e.action.clone(), e.identity.clone()))
+        .collect();
+    let admin_key = format!("keys/{admin_id}");
+    let member_key = format!("keys/{member_id}");
+    let want: Vec<(String, String)> = [
+        ("session.create", &admin_key),
+        ("session.send", &member_key),
+        ("session.approve", &member_key),
+        ("session.stop", &admin_key),
+        ("session.archive", &admin_key),
+        ("session.delete", &admin_key),
+    ]
+    .into_iter()
+    .map(|(a, i)| (a.to_string(), i.clone()))
+    .collect();
+    assert_eq!(steps, want, "{trail:?}");
+    assert!(trail.iter().all(|e| e.resource == s.name));
+    let approve: serde_json::Value = serde_json::from_str(&trail[2].detail_json)?;
+    assert_eq!(approve["tool_use_id"], tool_use_id.as_str());
+    assert_eq!(approve["decision"], "allow");
+    let send: serde_json::Value = serde_json::from_str(&trail[1].detail_json)?;
+    assert_eq!(send["seq"], asked);
+    assert!(trail.windows(2).all(|w| w[0].id < w[1].id));
+    // The project-wide trail has the key's creation too.
+    let all = pb::audit_client::AuditClient::new(cluster.api())
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        all.iter().any(|e| e.action == "key.create"
+            && e.resource == member_key
+            && e.identity == admin_key),
+        "{all:?}"
+    );
+    cluster.shutdown().await
+}

@@ -1,0 +1,55 @@
+//! The audit trail: who did what to which resource. Handlers record an
+//! action once it has succeeded; a failure to record is logged and counted
+//! (`berth_audit_failures_total`), and never undoes the action.
+
+use chrono::{DateTime, Utc};
+
+use crate::store::Store;
+
+/// One recorded action.
+#[derive(Debug, Clone)]
+pub(crate) struct AuditEvent {
+    pub id: i64,
+    pub time: DateTime<Utc>,
+    pub identity: String,
+    pub action: String,
+    pub resource: String,
+    pub detail: serde_json::Value,
+}
+
+/// Records actions.
+#[derive(Clone)]
+pub(crate) struct Audit {
+    pub store: Store,
+}
+
+impl Audit {
+    /// Records that `identity` did `action` to `resource` in `project`.
+    pub async fn record(
+        &self,
+        project: &str,
+        identity: &str,
+        action: &str,
+        resource: &str,
+        detail: serde_json::Value,
+    ) {
+        if let Err(e) = self
+            .store
+            .insert_audit(project, identity, action, resource, &detail)
+            .await
+        {
+            metrics::counter!(crate::metrics::AUDIT_FAILURES).increment(1);
+            tracing::error!(error = %e, project, identity, action, resource, "recording an audit event failed");
+        }
+    }
+
+    pub async fn list(
+        &self,
+        project: &str,
+        resource: &str,
+        after: i64,
+        limit: i64,
+    ) -> crate::error::Result<Vec<AuditEvent>> {
+        self.store.list_audit(project, resource, after, limit).await
+    }
+}
