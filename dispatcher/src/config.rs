@@ -131,6 +131,33 @@ pub struct Config {
     #[arg(long, env = "BERTH_WEBHOOK_TOLERANCE", value_parser = berth_common::time::parse_duration, default_value = "300")]
     pub webhook_tolerance: Duration,
 
+    /// Hosts (`HOST` or `HOST:PORT`, comma-separated) outbound webhook
+    /// subscriptions may POST to over plain `http://`; every other URL must
+    /// be `https://`.
+    #[arg(
+        long,
+        env = "BERTH_SUBSCRIPTION_ALLOW_HTTP_HOSTS",
+        value_delimiter = ','
+    )]
+    pub subscription_allow_http_hosts: Vec<String>,
+
+    /// Longest an outbound webhook receiver may take to answer an attempt.
+    #[arg(long, env = "BERTH_SUBSCRIPTION_TIMEOUT", value_parser = berth_common::time::parse_duration, default_value = "10")]
+    pub subscription_timeout: Duration,
+
+    /// Wait before the second attempt of a failed delivery; doubled for each
+    /// attempt after (jittered, at most an hour).
+    #[arg(long, env = "BERTH_SUBSCRIPTION_RETRY_BASE", value_parser = berth_common::time::parse_duration, default_value = "5")]
+    pub subscription_retry_base: Duration,
+
+    /// Attempts of a delivery before it is marked failed.
+    #[arg(long, env = "BERTH_SUBSCRIPTION_MAX_ATTEMPTS", default_value_t = 10)]
+    pub subscription_max_attempts: i32,
+
+    /// Outbound deliveries one dispatcher has in flight at once.
+    #[arg(long, env = "BERTH_SUBSCRIPTION_CONCURRENCY", default_value_t = 32)]
+    pub subscription_concurrency: usize,
+
     /// Session slots of the in-process node (only when AGENT_SERVERS is unset).
     #[arg(long, env = "BERTH_LOCAL_CAPACITY", default_value_t = 8)]
     pub local_capacity: u32,

@@ -28,6 +28,7 @@ pub mod limits;
 mod log;
 pub mod metrics;
 mod nodes;
+mod outbound;
 pub mod placement;
 mod queue;
 mod rewrap;
@@ -220,7 +221,24 @@ pub async fn run(
     reporter
         .set_serving::<WebhooksServer<api::webhooks::WebhooksService>>()
         .await;
-    let webhooks_svc = WebhooksServer::new(api::webhooks::WebhooksService { webhooks });
+    tokio::spawn(
+        outbound::Deliverer {
+            store: store.clone(),
+            timeout: cfg.subscription_timeout,
+            retry_base: cfg.subscription_retry_base,
+            max_attempts: cfg.subscription_max_attempts.max(1),
+            concurrency: cfg.subscription_concurrency,
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
+    let webhooks_svc = WebhooksServer::new(api::webhooks::WebhooksService {
+        webhooks,
+        subscriptions: outbound::Subscriptions {
+            store: store.clone(),
+            allow_http: cfg.subscription_allow_http_hosts.clone(),
+        },
+    });
     let schedules = schedules::Schedules {
         store,
         audit: audit.clone(),

@@ -39,9 +39,16 @@ pub const API_REJECTED: &str = "berth_api_rejected_total";
 pub const SCHEDULE_FIRES: &str = "berth_schedule_fires_total";
 pub const WEBHOOK_DELIVERIES: &str = "berth_webhook_deliveries_total";
 pub const AUDIT_FAILURES: &str = "berth_audit_failures_total";
+pub const SUBSCRIPTION_ATTEMPTS: &str = "berth_subscription_attempts_total";
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: SUBSCRIPTION_ATTEMPTS,
+        kind: Kind::Counter,
+        help: "Outbound webhook delivery attempts this dispatcher made, by outcome: delivered, retry (failed, to be tried again) or failed (the last attempt failed).",
+        labels: &["outcome"],
+    },
     Def {
         name: AUDIT_FAILURES,
         kind: Kind::Counter,

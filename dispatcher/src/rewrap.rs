@@ -41,6 +41,7 @@ async fn rewrap_all(store: &Store) -> crate::error::Result<usize> {
         SealedTable::SessionEnv,
         SealedTable::AgentEnv,
         SealedTable::Webhooks,
+        SealedTable::Subscriptions,
     ] {
         loop {
             let batch = store.stale_sealed(table, kek).await?;

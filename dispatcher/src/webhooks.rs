@@ -48,7 +48,6 @@ pub(crate) struct Webhook {
 }
 
 /// `v1=` + the hex HMAC-SHA256 of `{timestamp}.{body}` under `secret`.
-#[cfg(test)]
 pub(crate) fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
     let mut ctx = ring::hmac::Context::with_key(&key);
@@ -72,6 +71,18 @@ pub(crate) fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature: &st
             .and_then(|h| hex::decode(h).ok())
             .is_some_and(|tag| ring::hmac::verify(&key, &message, &tag).is_ok())
     })
+}
+
+/// A new signing secret: `whsec_` and 32 random bytes, base64url.
+pub(crate) fn new_secret() -> Result<String> {
+    let mut raw = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .map_err(|_| Error::Internal("no system randomness".into()))?;
+    Ok(format!(
+        "{SECRET_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    ))
 }
 
 /// Whether a delivery id is 1–128 of `[A-Za-z0-9._:-]`.
@@ -128,14 +139,7 @@ impl Webhooks {
             Err(Error::NotFound(m)) => return Err(Error::invalid("webhook.agent", m)),
             Err(e) => return Err(e),
         }
-        let mut raw = [0u8; 32];
-        ring::rand::SystemRandom::new()
-            .fill(&mut raw)
-            .map_err(|_| Error::Internal("no system randomness".into()))?;
-        let secret = format!(
-            "{SECRET_PREFIX}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-        );
+        let secret = new_secret()?;
         let w = Webhook {
             id: Uuid::new_v4(),
             project: project.to_string(),

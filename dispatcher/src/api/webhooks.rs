@@ -7,12 +7,53 @@ use tonic::{Request, Response, Status};
 use super::pages::{self, page_size};
 use crate::auth::caller;
 use crate::error::Error;
+use crate::outbound::{DeliveryRecord, Subscription, Subscriptions};
 use crate::webhooks::{PATH_PREFIX, Webhook, Webhooks};
 
 /// Serves `berth.v1.Webhooks`.
 #[derive(Clone)]
 pub struct WebhooksService {
     pub(crate) webhooks: Webhooks,
+    pub(crate) subscriptions: Subscriptions,
+}
+
+const SUBSCRIPTIONS: &str = "subscriptions/";
+
+impl From<Subscription> for pb::Subscription {
+    fn from(s: Subscription) -> Self {
+        Self {
+            name: format!("{SUBSCRIPTIONS}{}", s.subscription_id),
+            subscription_id: s.subscription_id,
+            url: s.url,
+            event_types: s.event_types,
+            create_time: Some(to_timestamp(s.create_time)),
+            creator: s.creator,
+        }
+    }
+}
+
+impl From<DeliveryRecord> for pb::Delivery {
+    fn from(d: DeliveryRecord) -> Self {
+        let status = match d.status.as_str() {
+            "delivered" => pb::DeliveryStatus::Delivered,
+            "failed" => pb::DeliveryStatus::Failed,
+            _ => pb::DeliveryStatus::Pending,
+        };
+        Self {
+            id: d.id.to_string(),
+            event_type: d.event_type,
+            session: berth_common::names::session_name(d.session_id),
+            seq: d.seq,
+            status: status as i32,
+            attempts: d.attempts,
+            last_status_code: d.last_status_code,
+            last_error: d.last_error,
+            create_time: Some(to_timestamp(d.create_time)),
+            next_attempt_time: (status == pb::DeliveryStatus::Pending)
+                .then(|| to_timestamp(d.next_attempt_time)),
+            deliver_time: d.deliver_time.map(to_timestamp),
+        }
+    }
 }
 
 const PREFIX: &str = "webhooks/";
@@ -127,5 +168,87 @@ impl WebhooksApi for WebhooksService {
             )
             .await;
         Ok(Response::new(pb::DeleteWebhookResponse {}))
+    }
+
+    async fn create_subscription(
+        &self,
+        r: Request<pb::CreateSubscriptionRequest>,
+    ) -> Result<Response<pb::CreateSubscriptionResponse>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let s = r.subscription.unwrap_or_default();
+        let (sub, secret) = self
+            .subscriptions
+            .create(
+                &who.project,
+                &who.identity(),
+                &r.subscription_id,
+                &s.url,
+                s.event_types,
+            )
+            .await?;
+        self.webhooks
+            .audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "subscription.create",
+                &format!("{SUBSCRIPTIONS}{}", sub.subscription_id),
+                serde_json::json!({ "url": sub.url, "event_types": sub.event_types }),
+            )
+            .await;
+        Ok(Response::new(pb::CreateSubscriptionResponse {
+            subscription: Some(sub.into()),
+            secret,
+        }))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        r: Request<pb::ListSubscriptionsRequest>,
+    ) -> Result<Response<pb::ListSubscriptionsResponse>, Status> {
+        let who = caller(&r)?;
+        let subs = self.subscriptions.list(&who.project).await?;
+        Ok(Response::new(pb::ListSubscriptionsResponse {
+            subscriptions: subs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn delete_subscription(
+        &self,
+        r: Request<pb::DeleteSubscriptionRequest>,
+    ) -> Result<Response<pb::DeleteSubscriptionResponse>, Status> {
+        let who = caller(&r)?;
+        let name = &r.get_ref().name;
+        let id = name.strip_prefix(SUBSCRIPTIONS).unwrap_or(name);
+        self.subscriptions.delete(&who.project, id).await?;
+        self.webhooks
+            .audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "subscription.delete",
+                &format!("{SUBSCRIPTIONS}{id}"),
+                serde_json::json!({}),
+            )
+            .await;
+        Ok(Response::new(pb::DeleteSubscriptionResponse {}))
+    }
+
+    async fn list_deliveries(
+        &self,
+        r: Request<pb::ListDeliveriesRequest>,
+    ) -> Result<Response<pb::ListDeliveriesResponse>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let id = r.name.strip_prefix(SUBSCRIPTIONS).unwrap_or(&r.name);
+        let limit = page_size(r.page_size, 100)?;
+        let log = self
+            .subscriptions
+            .deliveries(&who.project, id, limit)
+            .await?;
+        Ok(Response::new(pb::ListDeliveriesResponse {
+            deliveries: log.into_iter().map(Into::into).collect(),
+        }))
     }
 }

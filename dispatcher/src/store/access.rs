@@ -59,6 +59,10 @@ mod sql {
         "SELECT id::text, project, sealed FROM webhooks WHERE kek <> $1 LIMIT 500";
     pub const REWRAP_WEBHOOK: &str =
         "UPDATE webhooks SET sealed = $3, kek = $4 WHERE id = $1::uuid AND sealed = $2";
+    pub const STALE_SUBSCRIPTIONS: &str =
+        "SELECT id::text, project, sealed FROM subscriptions WHERE kek <> $1 LIMIT 500";
+    pub const REWRAP_SUBSCRIPTION: &str =
+        "UPDATE subscriptions SET sealed = $3, kek = $4 WHERE id = $1::uuid AND sealed = $2";
     pub const REWRAP_SECRET: &str =
         "UPDATE secrets SET sealed = $3, kek = $4 WHERE id = $1::uuid AND sealed = $2";
     pub const REWRAP_SESSION_ENV: &str =
@@ -139,6 +143,7 @@ pub(crate) enum SealedTable {
     SessionEnv,
     AgentEnv,
     Webhooks,
+    Subscriptions,
 }
 
 impl Store {
@@ -309,6 +314,7 @@ impl Store {
             SealedTable::SessionEnv => sql::STALE_SESSION_ENV,
             SealedTable::AgentEnv => sql::STALE_AGENT_ENV,
             SealedTable::Webhooks => sql::STALE_WEBHOOKS,
+            SealedTable::Subscriptions => sql::STALE_SUBSCRIPTIONS,
         };
         Ok(sqlx::query_as(q).bind(kek).fetch_all(&self.pool).await?)
     }
@@ -327,6 +333,7 @@ impl Store {
             SealedTable::SessionEnv => sql::REWRAP_SESSION_ENV,
             SealedTable::AgentEnv => sql::REWRAP_AGENT_ENV,
             SealedTable::Webhooks => sql::REWRAP_WEBHOOK,
+            SealedTable::Subscriptions => sql::REWRAP_SUBSCRIPTION,
         };
         sqlx::query(q)
             .bind(key)

@@ -181,3 +181,260 @@ impl Store {
         row.ok_or(Error::Conflict)
     }
 }
+
+mod sub_sql {
+    pub const CREATE: &str = "INSERT INTO subscriptions (id, project, subscription_id, url, event_types, sealed, kek, creator) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (project, subscription_id) DO NOTHING \
+         RETURNING id, project, subscription_id, url, event_types, creator, create_time";
+    pub const LIST: &str = "SELECT id, project, subscription_id, url, event_types, creator, create_time \
+         FROM subscriptions WHERE project = $1 ORDER BY subscription_id";
+    pub const GET: &str = "SELECT id, project, subscription_id, url, event_types, creator, create_time \
+         FROM subscriptions WHERE project = $1 AND subscription_id = $2";
+    pub const DELETE: &str =
+        "DELETE FROM subscriptions WHERE project = $1 AND subscription_id = $2";
+
+    /// Claims up to $2 due deliveries for $1 ms, counting the attempt.
+    pub const CLAIM: &str = r#"
+UPDATE outbound_deliveries d
+SET lease_until = now() + make_interval(secs => $1::float8 / 1000), attempts = d.attempts + 1
+FROM subscriptions s
+WHERE s.id = d.subscription AND d.id IN (
+    SELECT id FROM outbound_deliveries
+    WHERE status = 'pending' AND next_attempt_time <= now()
+      AND (lease_until IS NULL OR lease_until < now())
+    ORDER BY next_attempt_time LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING d.id, s.project, s.subscription_id, s.url, s.sealed, d.event_type, d.session_id,
+          d.seq, d.payload, d.event_time, d.attempts
+"#;
+
+    pub const DELIVERED: &str = "UPDATE outbound_deliveries SET status = 'delivered', deliver_time = now(), \
+         last_status_code = $2, last_error = '', lease_until = NULL WHERE id = $1";
+    /// A failed attempt: retried at $4, or given up when $5.
+    pub const FAILED: &str = "UPDATE outbound_deliveries SET last_status_code = $2, last_error = $3, \
+         next_attempt_time = $4, lease_until = NULL, \
+         status = CASE WHEN $5 THEN 'failed' ELSE 'pending' END WHERE id = $1";
+
+    pub const LOG: &str = "SELECT id, event_type, session_id, seq, status, attempts, last_status_code, \
+         last_error, create_time, next_attempt_time, deliver_time \
+         FROM outbound_deliveries WHERE subscription = $1 ORDER BY create_time DESC, id LIMIT $2";
+}
+
+use crate::outbound::{DeliveryRecord, DueDelivery, Subscription};
+
+#[derive(sqlx::FromRow)]
+struct SubscriptionRow {
+    id: Uuid,
+    project: String,
+    subscription_id: String,
+    url: String,
+    event_types: Vec<String>,
+    creator: String,
+    create_time: DateTime<Utc>,
+}
+
+impl From<SubscriptionRow> for Subscription {
+    fn from(r: SubscriptionRow) -> Self {
+        Self {
+            id: r.id,
+            project: r.project,
+            subscription_id: r.subscription_id,
+            url: r.url,
+            event_types: r.event_types,
+            creator: r.creator,
+            create_time: r.create_time,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct DueRow {
+    id: Uuid,
+    project: String,
+    subscription_id: String,
+    url: String,
+    sealed: Vec<u8>,
+    event_type: String,
+    session_id: Uuid,
+    seq: i64,
+    payload: String,
+    event_time: DateTime<Utc>,
+    attempts: i32,
+}
+
+#[derive(sqlx::FromRow)]
+struct LogRow {
+    id: Uuid,
+    event_type: String,
+    session_id: Uuid,
+    seq: i64,
+    status: String,
+    attempts: i32,
+    last_status_code: Option<i32>,
+    last_error: String,
+    create_time: DateTime<Utc>,
+    next_attempt_time: DateTime<Utc>,
+    deliver_time: Option<DateTime<Utc>>,
+}
+
+/// The context a subscription secret is sealed in.
+pub(crate) fn subscription_context(project: &str) -> String {
+    format!("subscription/{project}")
+}
+
+fn no_subscription(id: &str) -> Error {
+    Error::NotFound(format!(
+        "subscription subscriptions/{id} not found; ListSubscriptions shows the subscriptions there are"
+    ))
+}
+
+impl Store {
+    pub(crate) async fn create_subscription(
+        &self,
+        s: &Subscription,
+        secret: &str,
+    ) -> Result<Subscription> {
+        let sealed = self
+            .sealer()
+            .seal(&subscription_context(&s.project), secret.as_bytes());
+        let row: Option<SubscriptionRow> = sqlx::query_as(sub_sql::CREATE)
+            .bind(s.id)
+            .bind(&s.project)
+            .bind(&s.subscription_id)
+            .bind(&s.url)
+            .bind(&s.event_types)
+            .bind(&sealed)
+            .bind(self.sealer().primary())
+            .bind(&s.creator)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(Into::into).ok_or_else(|| {
+            Error::AlreadyExists(format!(
+                "subscription `{}` already exists",
+                s.subscription_id
+            ))
+        })
+    }
+
+    pub(crate) async fn list_subscriptions(&self, project: &str) -> Result<Vec<Subscription>> {
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(sub_sql::LIST)
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    pub(crate) async fn get_subscription(&self, project: &str, id: &str) -> Result<Subscription> {
+        let row: Option<SubscriptionRow> = sqlx::query_as(sub_sql::GET)
+            .bind(project)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(Into::into).ok_or_else(|| no_subscription(id))
+    }
+
+    pub(crate) async fn delete_subscription(&self, project: &str, id: &str) -> Result<()> {
+        let done = sqlx::query(sub_sql::DELETE)
+            .bind(project)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(no_subscription(id));
+        }
+        Ok(())
+    }
+
+    /// Claims up to `limit` due deliveries for `lease`, secrets opened.
+    pub(crate) async fn claim_deliveries(
+        &self,
+        lease: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<DueDelivery>> {
+        let rows: Vec<DueRow> = sqlx::query_as(sub_sql::CLAIM)
+            .bind(lease.as_millis() as f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let secret = self
+                    .sealer()
+                    .open(&subscription_context(&r.project), &r.sealed)
+                    .map_err(|e| Error::Internal(format!("subscription secret: {e}")))?;
+                Ok(DueDelivery {
+                    id: r.id,
+                    project: r.project,
+                    subscription_id: r.subscription_id,
+                    url: r.url,
+                    secret,
+                    event_type: r.event_type,
+                    session_id: r.session_id,
+                    seq: r.seq,
+                    payload: r.payload,
+                    event_time: r.event_time,
+                    attempts: r.attempts,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn delivered(&self, id: Uuid, status: i32) -> Result<()> {
+        sqlx::query(sub_sql::DELIVERED)
+            .bind(id)
+            .bind(status)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: retried at `next`, or given up (`last`).
+    pub(crate) async fn delivery_failed(
+        &self,
+        id: Uuid,
+        status: Option<i32>,
+        error: &str,
+        next: DateTime<Utc>,
+        last: bool,
+    ) -> Result<()> {
+        sqlx::query(sub_sql::FAILED)
+            .bind(id)
+            .bind(status)
+            .bind(error)
+            .bind(next)
+            .bind(last)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn delivery_log(
+        &self,
+        subscription: Uuid,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let rows: Vec<LogRow> = sqlx::query_as(sub_sql::LOG)
+            .bind(subscription)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DeliveryRecord {
+                id: r.id,
+                event_type: r.event_type,
+                session_id: r.session_id,
+                seq: r.seq,
+                status: r.status,
+                attempts: r.attempts,
+                last_status_code: r.last_status_code.unwrap_or(0),
+                last_error: r.last_error,
+                create_time: r.create_time,
+                next_attempt_time: r.next_attempt_time,
+                deliver_time: r.deliver_time,
+            })
+            .collect())
+    }
+}

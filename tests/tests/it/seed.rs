@@ -503,3 +503,237 @@ async fn the_audit_trail_tells_a_sessions_whole_life_with_who_did_each_step() ->
     );
     cluster.shutdown().await
 }
+
+/// A webhook receiver on loopback: records every POST; the first answers
+/// 500, the second hangs past the sender's timeout, the rest 200.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>,
+}
+
+impl Receiver {
+    async fn start(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let me = self.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let me = me.clone();
+                async move {
+                    let n = {
+                        let mut got = me.got.lock().expect("lock");
+                        got.push((headers, body));
+                        got.len()
+                    };
+                    match n {
+                        1 => axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        2 => {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            axum::http::StatusCode::OK
+                        }
+                        _ => axum::http::StatusCode::NO_CONTENT,
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(addr)
+    }
+
+    /// Each POST: its headers, its body as sent, and the body parsed.
+    fn bodies(&self) -> Vec<(axum::http::HeaderMap, String, serde_json::Value)> {
+        self.got
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(h, b)| {
+                (
+                    h.clone(),
+                    b.clone(),
+                    serde_json::from_str(b).unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_changes_reach_a_subscriber_signed_retried_and_logged() -> anyhow::Result<()> {
+    let receiver = Receiver::default();
+    let addr = receiver.start().await?;
+    let cluster = TestCluster::builder()
+        .configure_dispatcher(|cfg| {
+            cfg.subscription_allow_http_hosts = vec!["127.0.0.1".into()];
+            cfg.subscription_timeout = Duration::from_secs(1);
+            cfg.subscription_retry_base = Duration::from_secs(2);
+        })
+        .start()
+        .await?;
+    let mut c = cluster.client();
+    let mut hooks = pb::webhooks_client::WebhooksClient::new(cluster.api());
+    let create = |url: &str, types: &[&str]| pb::CreateSubscriptionRequest {
+        subscription_id: "ops".into(),
+        subscription: Some(pb::Subscription {
+            url: url.into(),
+            event_types: types.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        }),
+    };
+    for (url, types, field) in [
+        (
+            "http://example.com/hook",
+            &["session.idle"][..],
+            "subscription.url",
+        ),
+        (
+            "https://example.com/hook",
+            &["session.bogus"][..],
+            "subscription.event_types",
+        ),
+        (
+            "https://example.com/hook",
+            &[][..],
+            "subscription.event_types",
+        ),
+    ] {
+        let err = hooks
+            .create_subscription(create(url, types))
+            .await
+            .expect_err(url);
+        assert_eq!(field_of(&err), field, "{err:?}");
+    }
+    let sub = hooks
+        .create_subscription(create(
+            &format!("http://{addr}/hook"),
+            &[
+                "session.idle",
+                "session.terminated",
+                "session.requires_action",
+            ],
+        ))
+        .await?
+        .into_inner();
+    let secret = sub.secret;
+
+    // A turn ends: the session goes idle at once, whatever the receiver does.
+    let s = c
+        .create_session(berth_tests::fake_session("echo hello"))
+        .await?
+        .into_inner();
+    berth_tests::wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Idle,
+        Duration::from_secs(60),
+    )
+    .await?;
+    // Then the agent asks for a tool, and is stopped.
+    let asked = berth_tests::send(&mut c, &s.name, "edit hooked.txt x").await?;
+    berth_tests::collect_until(&mut c, &s.name, asked, Duration::from_secs(60), |e| {
+        e.r#type == "agent.tool_permission"
+    })
+    .await?;
+    berth_tests::stop_and_wait(&mut c, &s.name).await?;
+
+    // The log shows each failed attempt while its delivery waits to be
+    // retried (the receiver's first answer is a 500, its second never comes
+    // within the 1 s timeout); every change is delivered once in the end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen_errors = std::collections::BTreeSet::new();
+    let log = loop {
+        let log = hooks
+            .list_deliveries(pb::ListDeliveriesRequest {
+                name: "ops".into(),
+                page_size: 100,
+            })
+            .await?
+            .into_inner()
+            .deliveries;
+        for d in &log {
+            if d.status == pb::DeliveryStatus::Pending as i32 && !d.last_error.is_empty() {
+                seen_errors.insert((d.last_status_code, d.last_error.clone()));
+            }
+        }
+        if log.len() >= 3
+            && log
+                .iter()
+                .all(|d| d.status == pb::DeliveryStatus::Delivered as i32)
+        {
+            break log;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not all delivered: {log:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        seen_errors
+            .iter()
+            .any(|(code, e)| *code == 500 && e.contains("500")),
+        "{seen_errors:?}"
+    );
+    assert!(
+        seen_errors
+            .iter()
+            .any(|(code, e)| *code == 0 && e.contains("no answer within 1 s")),
+        "{seen_errors:?}"
+    );
+    let mut types: Vec<&str> = log.iter().map(|d| d.event_type.as_str()).collect();
+    types.sort();
+    assert_eq!(
+        types,
+        [
+            "session.idle",
+            "session.requires_action",
+            "session.terminated"
+        ],
+        "{log:?}"
+    );
+    // Two failed attempts in all, each retried.
+    let attempts: i32 = log.iter().map(|d| d.attempts).sum();
+    assert_eq!(attempts, log.len() as i32 + 2, "{log:?}");
+    assert!(
+        log.iter()
+            .all(|d| d.session == s.name && d.last_status_code == 204),
+        "{log:?}"
+    );
+
+    // What the receiver got: signed with the subscription's secret, one
+    // body per attempt, the same delivery id across a delivery's retries.
+    let got = receiver.bodies();
+    assert_eq!(
+        got.len(),
+        log.iter().map(|d| d.attempts as usize).sum::<usize>()
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    for (headers, raw, body) in &got {
+        let h = |k: &str| {
+            headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let ts = h("berth-timestamp");
+        let tag = hex::decode(h("berth-signature").trim_start_matches("v1="))?;
+        assert!(
+            ring::hmac::verify(&key, format!("{ts}.{raw}").as_bytes(), &tag).is_ok(),
+            "the signature verifies with the subscription's secret"
+        );
+        assert_eq!(h("berth-delivery"), body["id"].as_str().unwrap_or_default());
+        assert_eq!(body["session"], s.name.as_str());
+    }
+    // Each delivery's attempts carry its one id.
+    for d in &log {
+        let ids = got
+            .iter()
+            .filter(|(h, _, _)| {
+                h.get("berth-delivery").and_then(|v| v.to_str().ok()) == Some(d.id.as_str())
+            })
+            .count();
+        assert_eq!(ids as i32, d.attempts, "{d:?}");
+    }
+    cluster.shutdown().await
+}
