@@ -36,6 +36,37 @@ pub(crate) struct ToolAnswer {
     pub interrupt: bool,
 }
 
+/// A display name for a session created without one: the first words of
+/// its first message (up to 60 characters), else its agent or image.
+pub(crate) fn display_name_for(new: &NewSession) -> String {
+    const MAX: usize = 60;
+    if let Some(text) = new.initial_message.as_deref() {
+        let mut name = String::new();
+        for word in text.split_whitespace() {
+            let extra = usize::from(!name.is_empty()) + word.chars().count();
+            if name.chars().count() + extra > MAX {
+                if name.is_empty() {
+                    name = word.chars().take(MAX - 1).collect::<String>() + "…";
+                } else {
+                    name.push('…');
+                }
+                break;
+            }
+            if !name.is_empty() {
+                name.push(' ');
+            }
+            name.push_str(word);
+        }
+        if !name.is_empty() {
+            return name;
+        }
+    }
+    match &new.agent {
+        Some(agent) => format!("{agent} session"),
+        None => format!("{} session", new.spec.image),
+    }
+}
+
 /// How `ExportSession` renders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ExportFormat {
@@ -112,6 +143,9 @@ impl Sessions {
         }
         if new.queue_timeout.is_none() {
             new.queue_timeout = self.queue_timeout;
+        }
+        if new.display_name.trim().is_empty() {
+            new.display_name = display_name_for(&new);
         }
         let (session, created) = self.store.create_session(project, &new).await?;
         if created {
@@ -492,5 +526,52 @@ fn wrong_status(id: Uuid, e: Error, what: &'static str) -> Error {
             what,
         },
         e => e,
+    }
+}
+
+#[cfg(test)]
+mod display_name_tests {
+    use super::*;
+
+    fn new(message: Option<&str>, agent: Option<&str>) -> NewSession {
+        NewSession {
+            request_id: None,
+            display_name: String::new(),
+            spec: crate::session::AgentSpec {
+                image: "img:1".into(),
+                ..Default::default()
+            },
+            labels: Default::default(),
+            initial_message: message.map(String::from),
+            timeout: None,
+            agent: agent.map(String::from),
+            resources: Vec::new(),
+            inactivity_timeout: None,
+            budget_usd: None,
+            queue_timeout: None,
+            pinned: None,
+        }
+    }
+
+    #[test]
+    fn a_name_comes_from_the_first_message_or_the_agent() {
+        assert_eq!(
+            display_name_for(&new(Some("  fix the\nlogin bug  "), None)),
+            "fix the login bug"
+        );
+        let long =
+            "summarise every open issue in the tracker and group them by component please now";
+        let name = display_name_for(&new(Some(long), None));
+        assert!(name.chars().count() <= 61 && name.ends_with('…'), "{name}");
+        assert!(long.starts_with(name.trim_end_matches('…')), "{name}");
+        assert_eq!(display_name_for(&new(None, Some("coder"))), "coder session");
+        assert_eq!(display_name_for(&new(Some("   "), None)), "img:1 session");
+        let one_word = "x".repeat(100);
+        assert_eq!(
+            display_name_for(&new(Some(&one_word), None))
+                .chars()
+                .count(),
+            60
+        );
     }
 }

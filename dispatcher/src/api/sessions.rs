@@ -78,6 +78,124 @@ impl SessionsService {
 
 #[tonic::async_trait]
 impl SessionsApi for SessionsService {
+    async fn submit_feedback(
+        &self,
+        r: Request<pb::SubmitFeedbackRequest>,
+    ) -> Result<Response<pb::Feedback>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let id = session_id(&r.name)?;
+        if !(1..=5).contains(&r.rating) {
+            return Err(Error::invalid("rating", "required: 1 (poor) to 5 (excellent)").into());
+        }
+        if r.comment.len() > FEEDBACK_COMMENT_BYTES {
+            return Err(Error::invalid(
+                "comment",
+                format!(
+                    "{} bytes; the limit is {FEEDBACK_COMMENT_BYTES}",
+                    r.comment.len()
+                ),
+            )
+            .into());
+        }
+        let s = self.sessions.get(&who.project, id).await?;
+        if r.turn < 0 || r.turn > s.usage.turns {
+            return Err(Error::invalid(
+                "turn",
+                format!(
+                    "0 (the whole session) or a turn it has had (1–{})",
+                    s.usage.turns
+                ),
+            )
+            .into());
+        }
+        let f = self
+            .sessions
+            .store
+            .upsert_feedback(id, r.turn, &who.identity(), r.rating, &r.comment)
+            .await
+            .map_err(Error::from)?;
+        self.audit
+            .record(
+                &who.project,
+                &who.identity(),
+                "session.feedback",
+                &session_name(id),
+                serde_json::json!({"turn": r.turn, "rating": r.rating}),
+            )
+            .await;
+        Ok(Response::new(feedback_pb(f)))
+    }
+
+    async fn list_feedback(
+        &self,
+        r: Request<pb::ListFeedbackRequest>,
+    ) -> Result<Response<pb::ListFeedbackResponse>, Status> {
+        let who = caller(&r)?;
+        let id = session_id(&r.get_ref().name)?;
+        self.sessions.get(&who.project, id).await?;
+        let rows = self
+            .sessions
+            .store
+            .list_feedback(id)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ListFeedbackResponse {
+            feedback: rows.into_iter().map(feedback_pb).collect(),
+        }))
+    }
+
+    async fn search_sessions(
+        &self,
+        r: Request<pb::SearchSessionsRequest>,
+    ) -> Result<Response<pb::SearchSessionsResponse>, Status> {
+        let who = caller(&r)?;
+        let r = r.into_inner();
+        let query = r.query.trim();
+        if query.is_empty() || query.chars().count() > 256 {
+            return Err(Error::invalid("query", "required: 1–256 characters").into());
+        }
+        let limit = match r.page_size {
+            0 => 20,
+            1..=100 => i64::from(r.page_size),
+            _ => return Err(Error::invalid("page_size", "must be between 1 and 100").into()),
+        };
+        let listing = format!("SearchSessions\n{}\n{query}", who.project);
+        let before = parse_session_cursor(pages::decode(&r.page_token, &listing)?)?;
+        let hits = self
+            .sessions
+            .store
+            .search_sessions(&who.project, query, before, limit)
+            .await
+            .map_err(Error::from)?;
+        let next_page_token = match hits.last() {
+            Some(last) if hits.len() as i64 == limit => pages::encode(
+                &listing,
+                &format!(
+                    "{}.{}",
+                    last.create_time.timestamp_micros(),
+                    last.session_id
+                ),
+            ),
+            _ => String::new(),
+        };
+        let mut matches = Vec::with_capacity(hits.len());
+        for h in hits {
+            // Deleted meanwhile: left out.
+            if let Ok(s) = self.sessions.get(&who.project, h.session_id).await {
+                matches.push(pb::SessionMatch {
+                    session: Some(s.into()),
+                    snippet: h.snippet,
+                    seq: h.seq,
+                });
+            }
+        }
+        Ok(Response::new(pb::SearchSessionsResponse {
+            matches,
+            next_page_token,
+        }))
+    }
+
     async fn confirm_tool(
         &self,
         r: Request<pb::ConfirmToolRequest>,
@@ -591,4 +709,18 @@ fn with_seq(mut detail: serde_json::Value, seq: i64) -> serde_json::Value {
 /// The status a control call left the session in.
 fn status_detail(s: &crate::session::Session) -> serde_json::Value {
     serde_json::json!({ "status": s.status.to_string() })
+}
+
+/// Longest feedback comment.
+const FEEDBACK_COMMENT_BYTES: usize = 4096;
+
+fn feedback_pb(f: crate::store::FeedbackRow) -> pb::Feedback {
+    pb::Feedback {
+        session: session_name(f.session_id),
+        turn: f.turn,
+        rating: f.rating,
+        comment: f.comment,
+        identity: f.identity,
+        update_time: Some(berth_common::time::to_timestamp(f.update_time)),
+    }
 }

@@ -10,7 +10,8 @@
 //! - [`tools`]: tool permission requests and their answers;
 //! - [`schedules`]: schedules and their fires (claimed by compare-and-set);
 //! - [`webhooks`]: inbound webhooks and the deliveries they accepted;
-//! - [`audit`]: the audit trail.
+//! - [`audit`]: the audit trail;
+//! - [`feedback`]: ratings of sessions and turns, and message search.
 //!
 //! Env values and secrets are sealed (see `seal`) before they reach a row.
 //!
@@ -23,6 +24,7 @@ mod access;
 mod agents;
 mod audit;
 mod events;
+mod feedback;
 mod queue;
 mod schedules;
 mod sessions;
@@ -44,6 +46,7 @@ pub(crate) use access::{
 };
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, Stored, UsageRecorded};
+pub(crate) use feedback::FeedbackRow;
 pub(crate) use sessions::{SessionFilter, Transitioned};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
 

@@ -737,3 +737,113 @@ async fn status_changes_reach_a_subscriber_signed_retried_and_logged() -> anyhow
     }
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_get_a_name_feedback_and_are_found_by_their_text() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+
+    // No display name given: one from the first message.
+    let a = c
+        .create_session(berth_tests::fake_session("echo a purple elephant dances"))
+        .await?
+        .into_inner();
+    assert_eq!(a.display_name, "echo a purple elephant dances");
+    let b = c
+        .create_session(berth_tests::fake_session("echo a green frog sings"))
+        .await?
+        .into_inner();
+    berth_tests::reply_after(&mut c, &a.name, 0).await?;
+    berth_tests::reply_after(&mut c, &b.name, 0).await?;
+
+    // Search finds the session by the agent's words, with a snippet.
+    let found = c
+        .search_sessions(pb::SearchSessionsRequest {
+            query: "elephant".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .matches;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].session.as_ref().map(|s| s.name.as_str()),
+        Some(a.name.as_str())
+    );
+    assert!(
+        found[0].snippet.contains("**elephant**"),
+        "{}",
+        found[0].snippet
+    );
+    let both = c
+        .search_sessions(pb::SearchSessionsRequest {
+            query: "elephant or frog".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .matches;
+    assert_eq!(both.len(), 2, "{both:?}");
+    let err = c
+        .search_sessions(pb::SearchSessionsRequest::default())
+        .await
+        .expect_err("empty query");
+    assert_eq!(field_of(&err), "query");
+    // Another project's key finds nothing of this one.
+    let other = pb::api_keys_client::ApiKeysClient::new(cluster.api())
+        .create_api_key(pb::CreateApiKeyRequest {
+            project: "other".into(),
+            role: pb::Role::Member as i32,
+            display_name: "other".into(),
+        })
+        .await?
+        .into_inner();
+    let mut as_other =
+        berth_proto::v1::sessions_client::SessionsClient::new(cluster.api_as(Some(&other.token))?);
+    let none = as_other
+        .search_sessions(pb::SearchSessionsRequest {
+            query: "elephant".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .matches;
+    assert!(none.is_empty(), "{none:?}");
+
+    // Feedback on the session and on its turn; again replaces.
+    let rate = |turn: i64, rating: i32, comment: &str| pb::SubmitFeedbackRequest {
+        name: a.name.clone(),
+        turn,
+        rating,
+        comment: comment.into(),
+    };
+    c.submit_feedback(rate(0, 4, "good overall")).await?;
+    c.submit_feedback(rate(1, 2, "slow")).await?;
+    c.submit_feedback(rate(1, 5, "actually great")).await?;
+    for (req, field) in [
+        (rate(1, 6, ""), "rating"),
+        (rate(2, 3, ""), "turn"),
+        (rate(-1, 3, ""), "turn"),
+    ] {
+        let err = c.submit_feedback(req).await.expect_err(field);
+        assert_eq!(field_of(&err), field, "{err:?}");
+    }
+    let fb = c
+        .list_feedback(pb::ListFeedbackRequest {
+            name: a.name.clone(),
+        })
+        .await?
+        .into_inner()
+        .feedback;
+    let got: Vec<(i64, i32, &str)> = fb
+        .iter()
+        .map(|f| (f.turn, f.rating, f.comment.as_str()))
+        .collect();
+    assert_eq!(got, [(0, 4, "good overall"), (1, 5, "actually great")]);
+    assert!(fb.iter().all(|f| f.identity.starts_with("keys/")));
+
+    for s in [&a.name, &b.name] {
+        berth_tests::stop_and_wait(&mut c, s).await?;
+    }
+    cluster.shutdown().await
+}
