@@ -113,8 +113,7 @@ impl SessionsApi for SessionsService {
             .sessions
             .store
             .upsert_feedback(id, r.turn, &who.identity(), r.rating, &r.comment)
-            .await
-            .map_err(Error::from)?;
+            .await?;
         self.audit
             .record(
                 &who.project,
@@ -138,8 +137,7 @@ impl SessionsApi for SessionsService {
             .sessions
             .store
             .list_feedback(id)
-            .await
-            .map_err(Error::from)?;
+            .await?;
         Ok(Response::new(pb::ListFeedbackResponse {
             feedback: rows.into_iter().map(feedback_pb).collect(),
         }))
@@ -166,8 +164,7 @@ impl SessionsApi for SessionsService {
             .sessions
             .store
             .search_sessions(&who.project, query, before, limit)
-            .await
-            .map_err(Error::from)?;
+            .await?;
         let next_page_token = match hits.last() {
             Some(last) if hits.len() as i64 == limit => pages::encode(
                 &listing,
