@@ -17,6 +17,8 @@ command -v docker-compose >/dev/null || need+=(docker-compose)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 # The webhook tests deliver with curl, as a sender would.
 command -v curl >/dev/null || need+=(curl)
+# The PDF export test reads the PDF back with pdftotext.
+command -v pdftotext >/dev/null || need+=(poppler-utils)
 # The alert rules are unit-tested with `promtool test rules`.
 command -v promtool >/dev/null || need+=(prometheus)
 # The Python client is installed into a venv and tested against a dispatcher.

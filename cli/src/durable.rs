@@ -383,6 +383,8 @@ pub enum FilesCmd {
 pub enum ExportFormatArg {
     Markdown,
     Json,
+    /// A PDF of the Markdown transcript (needs --output, or a stdout that is not a terminal).
+    Pdf,
 }
 
 /// Agents as a table; wide adds the agent id, model and skills.

@@ -305,6 +305,7 @@ pub(crate) async fn run(
             let format = match format {
                 durable::ExportFormatArg::Markdown => pb::ExportFormat::Markdown,
                 durable::ExportFormatArg::Json => pb::ExportFormat::Json,
+                durable::ExportFormatArg::Pdf => pb::ExportFormat::Pdf,
             };
             let r = client
                 .export_session(pb::ExportSessionRequest {
@@ -314,11 +315,28 @@ pub(crate) async fn run(
                 .await
                 .map_err(|e| explain(d, Some(&session), e))?
                 .into_inner();
+            let bytes = if r.data.is_empty() {
+                r.content.as_bytes()
+            } else {
+                r.data.as_slice()
+            };
             match output {
                 Some(path) => {
-                    std::fs::write(&path, &r.content)
+                    std::fs::write(&path, bytes)
                         .map_err(|e| CliError::new(format!("cannot write {path}: {e}")))?;
-                    eprintln!("wrote {} bytes to {path}", r.content.len());
+                    eprintln!("wrote {} bytes ({}) to {path}", bytes.len(), r.content_type);
+                }
+                None if !r.data.is_empty() => {
+                    use std::io::Write;
+                    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                        return Err(CliError::new(
+                            "a PDF is binary: write it with --output FILE, or redirect stdout",
+                        ));
+                    }
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(bytes)
+                        .and_then(|()| out.flush())
+                        .map_err(|_| CliError::closed())?;
                 }
                 None => line(r.content.trim_end_matches('\n'))?,
             }

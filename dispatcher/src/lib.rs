@@ -23,6 +23,7 @@ pub mod config;
 mod driver;
 mod error;
 mod export;
+mod export_pdf;
 mod janitor;
 pub mod limits;
 mod log;

@@ -72,6 +72,7 @@ pub(crate) fn display_name_for(new: &NewSession) -> String {
 pub(crate) enum ExportFormat {
     Markdown,
     Json,
+    Pdf,
 }
 
 impl Sessions {
@@ -473,7 +474,7 @@ impl Sessions {
         project: &str,
         id: Uuid,
         format: ExportFormat,
-    ) -> Result<String> {
+    ) -> Result<Vec<u8>> {
         let s = self.get(project, id).await?;
         let mut events = Vec::new();
         loop {
@@ -485,8 +486,12 @@ impl Sessions {
             events.extend(page);
         }
         Ok(match format {
-            ExportFormat::Markdown => crate::export::markdown(&s, &events),
-            ExportFormat::Json => crate::export::json(&s, &events),
+            ExportFormat::Markdown => crate::export::markdown(&s, &events).into_bytes(),
+            ExportFormat::Json => crate::export::json(&s, &events).into_bytes(),
+            ExportFormat::Pdf => crate::export_pdf::pdf(
+                &crate::export::markdown(&s, &events),
+                &format!("berth - sessions/{}", s.id),
+            ),
         })
     }
 

@@ -133,11 +133,7 @@ impl SessionsApi for SessionsService {
         let who = caller(&r)?;
         let id = session_id(&r.get_ref().name)?;
         self.sessions.get(&who.project, id).await?;
-        let rows = self
-            .sessions
-            .store
-            .list_feedback(id)
-            .await?;
+        let rows = self.sessions.store.list_feedback(id).await?;
         Ok(Response::new(pb::ListFeedbackResponse {
             feedback: rows.into_iter().map(feedback_pb).collect(),
         }))
@@ -462,20 +458,25 @@ impl SessionsApi for SessionsService {
                 ExportFormat::Markdown
             }
             Ok(pb::ExportFormat::Json) => ExportFormat::Json,
+            Ok(pb::ExportFormat::Pdf) => ExportFormat::Pdf,
             Err(_) => {
                 return Err(
                     Error::invalid("format", format!("unknown format {}", r.format)).into(),
                 );
             }
         };
-        let content = self.sessions.export(&who.project, id, format).await?;
-        let content_type = match format {
-            ExportFormat::Markdown => "text/markdown",
-            ExportFormat::Json => "application/json",
+        let bytes = self.sessions.export(&who.project, id, format).await?;
+        let (content_type, content, data) = match format {
+            ExportFormat::Markdown => ("text/markdown", String::from_utf8(bytes), Vec::new()),
+            ExportFormat::Json => ("application/json", String::from_utf8(bytes), Vec::new()),
+            ExportFormat::Pdf => ("application/pdf", Ok(String::new()), bytes),
         };
+        let content =
+            content.map_err(|_| Error::Internal("an export is not valid UTF-8".into()))?;
         Ok(Response::new(pb::ExportSessionResponse {
             content_type: content_type.into(),
             content,
+            data,
         }))
     }
 

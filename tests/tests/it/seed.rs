@@ -847,3 +847,57 @@ async fn sessions_get_a_name_feedback_and_are_found_by_their_text() -> anyhow::R
     }
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_exports_as_a_pdf_a_reader_opens() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(berth_tests::fake_session("tool echo exported café"))
+        .await?
+        .into_inner();
+    berth_tests::reply_after(&mut c, &s.name, 0).await?;
+    let r = c
+        .export_session(pb::ExportSessionRequest {
+            name: s.name.clone(),
+            format: pb::ExportFormat::Pdf as i32,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(r.content_type, "application/pdf");
+    assert!(r.data.starts_with(b"%PDF-"), "a PDF");
+    let path = std::env::temp_dir().join(format!("berth-export-{}.pdf", s.id));
+    std::fs::write(&path, &r.data)?;
+    if let Ok(keep) = std::env::var("BERTH_KEEP_PDF") {
+        std::fs::copy(&path, keep)?;
+    }
+    // A PDF reader's text extraction finds the transcript in it.
+    let out = tokio::process::Command::new("pdftotext")
+        .arg(&path)
+        .arg("-")
+        .output()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("pdftotext (Debian's poppler-utils; scripts/setup.sh installs it): {e}")
+        })?;
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        s.display_name.as_str(),
+        "tool echo exported café",
+        "Bash",
+        "page 1 of",
+    ] {
+        assert!(
+            text.contains(want),
+            "`{want}` is not in the PDF's text:\n{text}"
+        );
+    }
+    berth_tests::stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
