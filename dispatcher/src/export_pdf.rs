@@ -134,10 +134,8 @@ fn layout(markdown: &str) -> Vec<Line> {
                 block.prefix = "- ".into();
             }
             Md::End(TagEnd::Item | TagEnd::Paragraph) => flush(&mut block, &mut lines, indent),
-            Md::Start(Tag::Paragraph) => {
-                if block.prefix.is_empty() {
-                    flush(&mut block, &mut lines, indent);
-                }
+            Md::Start(Tag::Paragraph) if block.prefix.is_empty() => {
+                flush(&mut block, &mut lines, indent);
             }
             Md::Text(t) | Md::Code(t) | Md::Html(t) | Md::InlineHtml(t) => block.text.push_str(&t),
             Md::SoftBreak => block.text.push(' '),
@@ -171,10 +169,11 @@ fn wrap(text: &str, width: usize, verbatim: bool) -> Vec<String> {
     while start < chars.len() {
         let end = (start + width).min(chars.len());
         let mut cut = end;
-        if end < chars.len() && !verbatim {
-            if let Some(space) = (start + 1..end).rev().find(|&i| chars[i] == ' ') {
-                cut = space;
-            }
+        if end < chars.len()
+            && !verbatim
+            && let Some(space) = (start + 1..end).rev().find(|&i| chars[i] == ' ')
+        {
+            cut = space;
         }
         out.push(chars[start..cut].iter().collect::<String>());
         start = cut;
