@@ -251,6 +251,12 @@ pub struct SessionOpts {
     /// Fail if not placed within this long, e.g. 5m.
     #[arg(long, value_parser = berth_common::time::parse_duration)]
     pub queue_timeout: Option<Duration>,
+    /// Cap on each model response's output tokens (claude-code and jsonl).
+    #[arg(long)]
+    pub max_output_tokens: Option<i32>,
+    /// Sampling temperature, 0–1 (jsonl only: Claude Code takes none).
+    #[arg(long)]
+    pub temperature: Option<f64>,
     /// Stop once the session's cost reaches this, in USD (reason `budget`).
     #[arg(long)]
     pub budget: Option<f64>,
@@ -302,6 +308,12 @@ impl SessionOpts {
             });
         }
         req.timeout = self.timeout.map(berth_common::time::to_duration);
+        if self.max_output_tokens.is_some() || self.temperature.is_some() {
+            req.run_params = Some(pb::RunParams {
+                max_output_tokens: self.max_output_tokens,
+                temperature: self.temperature,
+            });
+        }
         req.inactivity_timeout = self.inactivity_timeout.map(berth_common::time::to_duration);
         req.queue_timeout = self.queue_timeout.map(berth_common::time::to_duration);
         req.budget_usd = self.budget.unwrap_or(0.0);

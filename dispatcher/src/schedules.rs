@@ -366,6 +366,7 @@ impl Schedules {
             budget_usd: None,
             queue_timeout: None,
             pinned: None,
+            run_params: Default::default(),
         };
         let outcome = match self.sessions.create(&s.project, new).await {
             Ok(session) => {

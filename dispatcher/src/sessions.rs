@@ -106,6 +106,9 @@ impl Sessions {
             }
             new.pinned = Some((a.id, a.version));
         }
+        for (k, v) in new.run_params.env(new.spec.runtime)? {
+            new.spec.env.insert(k, v);
+        }
         self.check_fleet_limits(&new)?;
         self.check_vault_ids(project, &new.spec.vault_ids).await?;
         for r in &new.resources {
@@ -462,6 +465,8 @@ impl Sessions {
             budget_usd: s.budget_usd,
             queue_timeout: s.queue_timeout,
             pinned: s.agent,
+            // The spec carries them already, as env.
+            run_params: Default::default(),
         };
         let (clone, _) = self.store.create_session(project, &new).await?;
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
@@ -555,6 +560,7 @@ mod display_name_tests {
             budget_usd: None,
             queue_timeout: None,
             pinned: None,
+            run_params: Default::default(),
         }
     }
 

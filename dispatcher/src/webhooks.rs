@@ -272,6 +272,7 @@ impl Webhooks {
             budget_usd: None,
             queue_timeout: None,
             pinned: None,
+            run_params: Default::default(),
         };
         let session = match self.sessions.create(&w.project, new).await {
             Ok(s) => s,

@@ -415,6 +415,32 @@ impl From<FileInfo> for pb::File {
     }
 }
 
+/// Checks the sampling parameters' ranges (which runtime takes which is
+/// checked once the runtime is known).
+fn run_params(p: Option<pb::RunParams>) -> Result<crate::session::RunParams> {
+    let p = p.unwrap_or_default();
+    if let Some(n) = p.max_output_tokens
+        && !(1..=128_000).contains(&n)
+    {
+        return Err(Error::invalid(
+            "run_params.max_output_tokens",
+            "must be between 1 and 128000",
+        ));
+    }
+    if let Some(t) = p.temperature
+        && !(0.0..=1.0).contains(&t)
+    {
+        return Err(Error::invalid(
+            "run_params.temperature",
+            "must be between 0 and 1",
+        ));
+    }
+    Ok(crate::session::RunParams {
+        max_output_tokens: p.max_output_tokens,
+        temperature: p.temperature,
+    })
+}
+
 impl TryFrom<pb::CreateSessionRequest> for NewSession {
     type Error = Error;
 
@@ -464,6 +490,7 @@ impl TryFrom<pb::CreateSessionRequest> for NewSession {
             budget_usd: Some(r.budget_usd).filter(|b| *b > 0.0),
             queue_timeout: positive("queue_timeout", &r.queue_timeout)?,
             pinned: None,
+            run_params: run_params(r.run_params)?,
         })
     }
 }

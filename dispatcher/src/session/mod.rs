@@ -193,6 +193,46 @@ pub struct NewSession {
     /// The agent version `agent` resolved to; set by the operations layer,
     /// which also fills `spec` from that version.
     pub pinned: Option<(String, i64)>,
+    /// Sampling parameters, applied (as the runtime's env) once the runtime
+    /// is known.
+    pub run_params: RunParams,
+}
+
+/// Sampling parameters a session asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RunParams {
+    pub max_output_tokens: Option<i32>,
+    pub temperature: Option<f64>,
+}
+
+impl RunParams {
+    /// The env that applies these to `runtime`, or INVALID_ARGUMENT naming
+    /// a parameter the runtime cannot apply.
+    pub fn env(&self, runtime: Runtime) -> crate::error::Result<Vec<(String, String)>> {
+        let mut env = Vec::new();
+        match runtime {
+            Runtime::ClaudeCode => {
+                if self.temperature.is_some() {
+                    return Err(crate::error::Error::invalid(
+                        "run_params.temperature",
+                        "the claude_code runtime (Claude Code) takes no temperature; leave it unset",
+                    ));
+                }
+                if let Some(n) = self.max_output_tokens {
+                    env.push(("CLAUDE_CODE_MAX_OUTPUT_TOKENS".into(), n.to_string()));
+                }
+            }
+            Runtime::Jsonl => {
+                if let Some(n) = self.max_output_tokens {
+                    env.push(("BERTH_MAX_OUTPUT_TOKENS".into(), n.to_string()));
+                }
+                if let Some(t) = self.temperature {
+                    env.push(("BERTH_TEMPERATURE".into(), t.to_string()));
+                }
+            }
+        }
+        Ok(env)
+    }
 }
 
 /// One persisted event.
@@ -291,4 +331,43 @@ pub struct FileInfo {
     pub size_bytes: i64,
     pub sha256: String,
     pub create_time: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod run_params_tests {
+    use super::*;
+
+    #[test]
+    fn each_runtime_takes_what_it_can_apply() {
+        let both = RunParams {
+            max_output_tokens: Some(2048),
+            temperature: Some(0.2),
+        };
+        let e = both.env(Runtime::ClaudeCode).expect_err("no temperature");
+        assert!(e.to_string().contains("run_params.temperature"), "{e}");
+        let tokens = RunParams {
+            max_output_tokens: Some(2048),
+            temperature: None,
+        };
+        assert_eq!(
+            tokens.env(Runtime::ClaudeCode).expect("tokens"),
+            [(
+                "CLAUDE_CODE_MAX_OUTPUT_TOKENS".to_string(),
+                "2048".to_string()
+            )]
+        );
+        assert_eq!(
+            both.env(Runtime::Jsonl).expect("both"),
+            [
+                ("BERTH_MAX_OUTPUT_TOKENS".to_string(), "2048".to_string()),
+                ("BERTH_TEMPERATURE".to_string(), "0.2".to_string())
+            ]
+        );
+        assert!(
+            RunParams::default()
+                .env(Runtime::ClaudeCode)
+                .expect("none")
+                .is_empty()
+        );
+    }
 }

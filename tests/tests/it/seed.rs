@@ -901,3 +901,64 @@ async fn a_session_exports_as_a_pdf_a_reader_opens() -> anyhow::Result<()> {
     berth_tests::stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_parameters_reach_the_runtime_or_are_refused_by_name() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let with = |p: pb::RunParams| {
+        let mut req = berth_tests::fake_session("echo tuned");
+        req.run_params = Some(p);
+        req
+    };
+    for (p, field) in [
+        (
+            pb::RunParams {
+                temperature: Some(0.3),
+                ..Default::default()
+            },
+            "run_params.temperature",
+        ),
+        (
+            pb::RunParams {
+                temperature: Some(1.5),
+                ..Default::default()
+            },
+            "run_params.temperature",
+        ),
+        (
+            pb::RunParams {
+                max_output_tokens: Some(0),
+                ..Default::default()
+            },
+            "run_params.max_output_tokens",
+        ),
+    ] {
+        let err = c.create_session(with(p)).await.expect_err(field);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(field_of(&err), field, "{err:?}");
+    }
+    let s = c
+        .create_session(with(pb::RunParams {
+            max_output_tokens: Some(2048),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    berth_tests::reply_after(&mut c, &s.name, 0).await?;
+    // Claude Code reads its output cap from this variable.
+    let containers = berth_tests::containers_of(&s.id).await?;
+    let environ = berth_tests::exec_output(
+        &containers[0],
+        &["sh", "-c", "cat /proc/*/environ | tr '\\0' '\\n'"],
+    )
+    .await?;
+    assert!(
+        environ
+            .lines()
+            .any(|l| l == "CLAUDE_CODE_MAX_OUTPUT_TOKENS=2048"),
+        "{environ}"
+    );
+    berth_tests::stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
