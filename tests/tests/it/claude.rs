@@ -480,3 +480,43 @@ async fn the_real_cli_keeps_its_turn_when_its_dispatcher_is_killed() -> anyhow::
     drop(killable);
     cluster.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_cli_caps_its_output_tokens_as_the_run_parameters_say() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut c = cluster.client();
+    let mut req = claude_session("say capped");
+    req.run_params = Some(pb::RunParams {
+        max_output_tokens: Some(2048),
+        ..Default::default()
+    });
+    let s = c.create_session(req).await?.into_inner();
+    let reply = reply_after(&mut c, &s.name, 0).await?;
+    assert!(reply.contains("capped"), "{reply}");
+    // What the CLI sent the model API: the cap, on every request.
+    let containers = containers_of(&s.id).await?;
+    let sent = exec_output(&containers[0], &["cat", "/tmp/anthropic-requests.jsonl"]).await?;
+    let caps: Vec<i64> = sent
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| {
+            let body = r.get("body").cloned().unwrap_or(r);
+            body["max_tokens"].as_i64()
+        })
+        .collect();
+    assert!(
+        !caps.is_empty() && caps.iter().all(|&n| n == 2048),
+        "{caps:?}"
+    );
+    // The CLI takes no temperature: refused, naming the field.
+    let mut req = claude_session("say warm");
+    req.run_params = Some(pb::RunParams {
+        temperature: Some(0.5),
+        ..Default::default()
+    });
+    let err = c.create_session(req).await.expect_err("no temperature");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("run_params.temperature"), "{err:?}");
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
