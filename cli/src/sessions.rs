@@ -46,6 +46,23 @@ pub(crate) enum SessionsCmd {
     },
     /// Show one session.
     Get { session: String },
+    /// Find sessions by the text of their messages (`"phrase"`, `or`, `-word`).
+    Search {
+        query: String,
+        #[arg(long, default_value_t = 20)]
+        limit: i32,
+    },
+    /// Rate a session (or one of its turns) 1-5, with a comment.
+    Feedback {
+        session: String,
+        #[arg(long)]
+        rating: i32,
+        /// The turn rated; 0 (the default) rates the whole session.
+        #[arg(long, default_value_t = 0)]
+        turn: i64,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
     /// Print a session's events.
     Events {
         session: String,
@@ -171,6 +188,60 @@ pub(crate) async fn run(
                 }
             }
             Ok(())
+        }
+        SessionsCmd::Search { query, limit } => {
+            let r = client
+                .search_sessions(pb::SearchSessionsRequest {
+                    query,
+                    page_size: limit,
+                    page_token: String::new(),
+                })
+                .await
+                .map_err(|e| explain(d, None, e))?
+                .into_inner();
+            out.list(
+                &r.matches,
+                |m| {
+                    m.session
+                        .as_ref()
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default()
+                },
+                |o| {
+                    let mut t = o.table(&["ID", "NAME", "STATUS", "AGE", "MATCH"]);
+                    for m in &r.matches {
+                        let s = m.session.clone().unwrap_or_default();
+                        t.add_row(vec![
+                            comfy_table::Cell::new(&s.id),
+                            comfy_table::Cell::new(render::clip(&s.display_name, 40)),
+                            o.status(&render::status_name(s.status)),
+                            comfy_table::Cell::new(crate::output::age(&s.create_time)),
+                            comfy_table::Cell::new(render::clip(&m.snippet, 80)),
+                        ]);
+                    }
+                    t
+                },
+            )
+        }
+        SessionsCmd::Feedback {
+            session,
+            rating,
+            turn,
+            comment,
+        } => {
+            let f = client
+                .submit_feedback(pb::SubmitFeedbackRequest {
+                    name: session.clone(),
+                    turn,
+                    rating,
+                    comment,
+                })
+                .await
+                .map_err(|e| explain(d, Some(&session), e))?
+                .into_inner();
+            out.object(&f, &f.session, || {
+                format!("rated {} turn {}: {}/5", f.session, f.turn, f.rating)
+            })
         }
         SessionsCmd::Get { session } => {
             let s = client
