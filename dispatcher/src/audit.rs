@@ -2,20 +2,8 @@
 //! action once it has succeeded; a failure to record is logged and counted
 //! (`berth_audit_failures_total`), and never undoes the action.
 
-use chrono::{DateTime, Utc};
-
+pub(crate) use crate::records::AuditEvent;
 use crate::store::Store;
-
-/// One recorded action.
-#[derive(Debug, Clone)]
-pub(crate) struct AuditEvent {
-    pub id: i64,
-    pub time: DateTime<Utc>,
-    pub identity: String,
-    pub action: String,
-    pub resource: String,
-    pub detail: serde_json::Value,
-}
 
 /// Records actions.
 #[derive(Clone)]

@@ -32,6 +32,7 @@ mod nodes;
 mod outbound;
 pub mod placement;
 mod queue;
+mod records;
 mod rewrap;
 mod sampler;
 mod schedules;

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+pub(crate) use crate::records::{DeliveryRecord, DueDelivery, Subscription};
 use crate::store::Store;
 
 /// The event types a subscription may ask for.
@@ -37,50 +38,6 @@ pub(crate) const EVENT_TYPES: &[&str] = &[
 const POLL: Duration = Duration::from_millis(500);
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
-
-#[derive(Debug, Clone)]
-pub(crate) struct Subscription {
-    pub id: Uuid,
-    pub project: String,
-    pub subscription_id: String,
-    pub url: String,
-    pub event_types: Vec<String>,
-    pub creator: String,
-    pub create_time: DateTime<Utc>,
-}
-
-/// A delivery as its log shows it.
-#[derive(Debug, Clone)]
-pub(crate) struct DeliveryRecord {
-    pub id: Uuid,
-    pub event_type: String,
-    pub session_id: Uuid,
-    pub seq: i64,
-    pub status: String,
-    pub attempts: i32,
-    pub last_status_code: i32,
-    pub last_error: String,
-    pub create_time: DateTime<Utc>,
-    pub next_attempt_time: DateTime<Utc>,
-    pub deliver_time: Option<DateTime<Utc>>,
-}
-
-/// A delivery claimed for an attempt.
-#[derive(Debug, Clone)]
-pub(crate) struct DueDelivery {
-    pub id: Uuid,
-    pub project: String,
-    pub subscription_id: String,
-    pub url: String,
-    pub secret: Vec<u8>,
-    pub event_type: String,
-    pub session_id: Uuid,
-    pub seq: i64,
-    pub payload: String,
-    pub event_time: DateTime<Utc>,
-    /// Attempts so far, this one included.
-    pub attempts: i32,
-}
 
 /// The subscription operations clients call.
 #[derive(Clone)]

@@ -16,7 +16,6 @@
 //! recorded as `missed` with no session. Then the schedule goes on from the
 //! next cron time after now.
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -25,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::session::{AgentSpec, NewSession, limits};
+pub(crate) use crate::records::{Fire, FireKind, NewSchedule, Plan, Schedule};
+use crate::session::{NewSession, limits};
 use crate::sessions::Sessions;
 use crate::store::Store;
 
@@ -34,67 +34,6 @@ pub(crate) const SCHEDULE_LABEL: &str = "berth.schedule";
 
 /// Most cron times counted when working out what was missed.
 const MAX_COUNTED: i32 = 100_000;
-
-/// A schedule as stored.
-#[derive(Debug, Clone)]
-pub(crate) struct Schedule {
-    pub id: Uuid,
-    pub project: String,
-    pub schedule_id: String,
-    pub display_name: String,
-    pub agent: String,
-    pub cron: String,
-    pub timezone: String,
-    pub input: String,
-    pub labels: BTreeMap<String, String>,
-    pub suspended: bool,
-    pub next_fire_time: Option<DateTime<Utc>>,
-    pub last_fire_time: Option<DateTime<Utc>>,
-    pub creator: String,
-    pub create_time: DateTime<Utc>,
-}
-
-/// Why a fire happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FireKind {
-    Cron,
-    CatchUp,
-    Manual,
-    Missed,
-}
-
-impl FireKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Cron => "cron",
-            Self::CatchUp => "catch_up",
-            Self::Manual => "manual",
-            Self::Missed => "missed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "catch_up" => Self::CatchUp,
-            "manual" => Self::Manual,
-            "missed" => Self::Missed,
-            _ => Self::Cron,
-        }
-    }
-}
-
-/// One fire of a schedule, as stored.
-#[derive(Debug, Clone)]
-pub(crate) struct Fire {
-    pub schedule_id: String,
-    pub fire_time: DateTime<Utc>,
-    pub kind: FireKind,
-    pub skipped: i32,
-    pub session_id: Option<Uuid>,
-    pub error: String,
-    pub dispatcher: String,
-    pub create_time: DateTime<Utc>,
-}
 
 /// A cron expression read in its time zone.
 #[derive(Debug, Clone)]
@@ -154,16 +93,6 @@ impl CronSpec {
     }
 }
 
-/// What a due schedule does now.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Plan {
-    pub fire_time: DateTime<Utc>,
-    pub kind: FireKind,
-    pub skipped: i32,
-    /// The next cron time after now.
-    pub next: Option<DateTime<Utc>>,
-}
-
 /// Plans a schedule whose `next_fire_time` (`due`) is not after `now`: the
 /// latest cron time up to now fires (see the module's catch-up policy).
 pub(crate) fn plan(
@@ -197,18 +126,6 @@ pub(crate) fn plan(
         skipped: count - 1,
         next: spec.next_after(now.max(latest)),
     }
-}
-
-/// What a new schedule holds, checked.
-pub(crate) struct NewSchedule {
-    pub schedule_id: String,
-    pub display_name: String,
-    pub agent: String,
-    pub cron: String,
-    pub timezone: String,
-    pub input: String,
-    pub labels: BTreeMap<String, String>,
-    pub suspended: bool,
 }
 
 /// The schedule operations clients call.
@@ -247,19 +164,9 @@ impl Schedules {
             }
             Some(_) => {}
         }
-        let (agent_id, version) = berth_common::names::agent_ref(&new.agent)
-            .map_err(|e| Error::invalid("schedule.agent", e))?;
-        match self.store.get_agent(project, agent_id, version).await {
-            Ok(a) if a.archived => {
-                return Err(Error::invalid(
-                    "schedule.agent",
-                    format!("agent `{agent_id}` is archived"),
-                ));
-            }
-            Ok(_) => {}
-            Err(Error::NotFound(m)) => return Err(Error::invalid("schedule.agent", m)),
-            Err(e) => return Err(e),
-        }
+        self.sessions
+            .check_agent(project, &new.agent, "schedule.agent")
+            .await?;
         let timezone = if new.timezone.is_empty() {
             "UTC".to_string()
         } else {
@@ -345,29 +252,17 @@ impl Schedules {
         let mut labels = s.labels.clone();
         labels.insert(SCHEDULE_LABEL.into(), s.schedule_id.clone());
         let tz = chrono_tz::Tz::from_str(&s.timezone).unwrap_or(chrono_tz::UTC);
-        let new = NewSession {
-            request_id: Some(format!(
-                "schedule/{}/{}",
-                s.id,
-                fire_time.timestamp_micros()
-            )),
-            display_name: format!(
+        let new = NewSession::of_agent(
+            &s.agent,
+            s.input.clone(),
+            labels,
+            format!(
                 "{} {}",
                 s.schedule_id,
                 fire_time.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z")
             ),
-            spec: AgentSpec::default(),
-            labels,
-            initial_message: Some(s.input.clone()),
-            timeout: None,
-            agent: Some(s.agent.clone()),
-            resources: Vec::new(),
-            inactivity_timeout: None,
-            budget_usd: None,
-            queue_timeout: None,
-            pinned: None,
-            run_params: Default::default(),
-        };
+            format!("schedule/{}/{}", s.id, fire_time.timestamp_micros()),
+        );
         let outcome = match self.sessions.create(&s.project, new).await {
             Ok(session) => {
                 tracing::info!(schedule = %s.schedule_id, session_id = %session.id, %fire_time, "schedule fired");

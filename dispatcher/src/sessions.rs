@@ -159,6 +159,28 @@ impl Sessions {
         Ok(session)
     }
 
+    /// Checks that `agent` (`NAME` or `NAME@VERSION`) exists in `project`
+    /// and is not archived, for what starts its sessions later (schedules,
+    /// webhooks); errors name `field`.
+    pub(crate) async fn check_agent(
+        &self,
+        project: &str,
+        agent: &str,
+        field: &'static str,
+    ) -> Result<()> {
+        if agent.is_empty() {
+            return Err(Error::invalid(field, "required: `NAME` or `NAME@VERSION`"));
+        }
+        let (id, version) =
+            berth_common::names::agent_ref(agent).map_err(|e| Error::invalid(field, e))?;
+        match self.store.get_agent(project, id, version).await {
+            Ok(a) if a.archived => Err(Error::invalid(field, format!("agent `{id}` is archived"))),
+            Ok(_) => Ok(()),
+            Err(Error::NotFound(m)) => Err(Error::invalid(field, m)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Refuses, at the API, a session no live node could run: limits above
     /// the largest node's, or a resource path outside the containers'
     /// writable volumes. (Before any node reports, the nodes check.)

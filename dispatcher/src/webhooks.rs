@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::session::{AgentSpec, NewSession, limits};
+pub(crate) use crate::records::Webhook;
+use crate::session::{NewSession, limits};
 use crate::sessions::Sessions;
 use crate::store::Store;
 
@@ -34,18 +35,6 @@ const SECRET_PREFIX: &str = "whsec_";
 const DELIVERY_HEADER: &str = "berth-delivery";
 const TIMESTAMP_HEADER: &str = "berth-timestamp";
 const SIGNATURE_HEADER: &str = "berth-signature";
-
-/// A webhook as stored (its secret apart).
-#[derive(Debug, Clone)]
-pub(crate) struct Webhook {
-    pub id: Uuid,
-    pub project: String,
-    pub webhook_id: String,
-    pub agent: String,
-    pub labels: BTreeMap<String, String>,
-    pub creator: String,
-    pub create_time: DateTime<Utc>,
-}
 
 /// `v1=` + the hex HMAC-SHA256 of `{timestamp}.{body}` under `secret`.
 pub(crate) fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
@@ -120,25 +109,9 @@ impl Webhooks {
                 "1-63 lowercase letters, digits and `-`, starting with a letter",
             ));
         }
-        if agent.is_empty() {
-            return Err(Error::invalid(
-                "webhook.agent",
-                "required: `NAME` or `NAME@VERSION`",
-            ));
-        }
-        let (agent_id, version) = berth_common::names::agent_ref(agent)
-            .map_err(|e| Error::invalid("webhook.agent", e))?;
-        match self.store.get_agent(project, agent_id, version).await {
-            Ok(a) if a.archived => {
-                return Err(Error::invalid(
-                    "webhook.agent",
-                    format!("agent `{agent_id}` is archived"),
-                ));
-            }
-            Ok(_) => {}
-            Err(Error::NotFound(m)) => return Err(Error::invalid("webhook.agent", m)),
-            Err(e) => return Err(e),
-        }
+        self.sessions
+            .check_agent(project, agent, "webhook.agent")
+            .await?;
         let secret = new_secret()?;
         let w = Webhook {
             id: Uuid::new_v4(),
@@ -259,21 +232,13 @@ impl Webhooks {
         };
         let mut labels = w.labels.clone();
         labels.insert(WEBHOOK_LABEL.into(), w.webhook_id.clone());
-        let new = NewSession {
-            request_id: Some(format!("webhook/{}/{delivery}", w.id)),
-            display_name: format!("{} {delivery}", w.webhook_id),
-            spec: AgentSpec::default(),
+        let new = NewSession::of_agent(
+            &w.agent,
+            text.to_string(),
             labels,
-            initial_message: Some(text.to_string()),
-            timeout: None,
-            agent: Some(w.agent.clone()),
-            resources: Vec::new(),
-            inactivity_timeout: None,
-            budget_usd: None,
-            queue_timeout: None,
-            pinned: None,
-            run_params: Default::default(),
-        };
+            format!("{} {delivery}", w.webhook_id),
+            format!("webhook/{}/{delivery}", w.id),
+        );
         let session = match self.sessions.create(&w.project, new).await {
             Ok(s) => s,
             Err(e) if e.is_transient() => return unavailable(e),

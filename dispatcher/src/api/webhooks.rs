@@ -83,6 +83,22 @@ impl From<Webhook> for pb::Webhook {
     }
 }
 
+impl WebhooksService {
+    /// Records `who`'s `action` on `resource` in the audit trail.
+    async fn audit(
+        &self,
+        who: &crate::auth::Caller,
+        action: &str,
+        resource: &str,
+        detail: serde_json::Value,
+    ) {
+        self.webhooks
+            .audit
+            .record(&who.project, &who.identity(), action, resource, detail)
+            .await;
+    }
+}
+
 #[tonic::async_trait]
 impl WebhooksApi for WebhooksService {
     async fn create_webhook(
@@ -103,16 +119,13 @@ impl WebhooksApi for WebhooksService {
                 labels,
             )
             .await?;
-        self.webhooks
-            .audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "webhook.create",
-                &format!("{PREFIX}{}", webhook.webhook_id),
-                serde_json::json!({ "agent": webhook.agent }),
-            )
-            .await;
+        self.audit(
+            &who,
+            "webhook.create",
+            &format!("{PREFIX}{}", webhook.webhook_id),
+            serde_json::json!({ "agent": webhook.agent }),
+        )
+        .await;
         Ok(Response::new(pb::CreateWebhookResponse {
             webhook: Some(webhook.into()),
             secret,
@@ -157,16 +170,13 @@ impl WebhooksApi for WebhooksService {
         let who = caller(&r)?;
         let id = webhook_id(&r.get_ref().name)?;
         self.webhooks.delete(&who.project, id).await?;
-        self.webhooks
-            .audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "webhook.delete",
-                &format!("{PREFIX}{id}"),
-                serde_json::json!({}),
-            )
-            .await;
+        self.audit(
+            &who,
+            "webhook.delete",
+            &format!("{PREFIX}{id}"),
+            serde_json::json!({}),
+        )
+        .await;
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
 
@@ -187,16 +197,13 @@ impl WebhooksApi for WebhooksService {
                 s.event_types,
             )
             .await?;
-        self.webhooks
-            .audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "subscription.create",
-                &format!("{SUBSCRIPTIONS}{}", sub.subscription_id),
-                serde_json::json!({ "url": sub.url, "event_types": sub.event_types }),
-            )
-            .await;
+        self.audit(
+            &who,
+            "subscription.create",
+            &format!("{SUBSCRIPTIONS}{}", sub.subscription_id),
+            serde_json::json!({ "url": sub.url, "event_types": sub.event_types }),
+        )
+        .await;
         Ok(Response::new(pb::CreateSubscriptionResponse {
             subscription: Some(sub.into()),
             secret,
@@ -222,16 +229,13 @@ impl WebhooksApi for WebhooksService {
         let name = &r.get_ref().name;
         let id = name.strip_prefix(SUBSCRIPTIONS).unwrap_or(name);
         self.subscriptions.delete(&who.project, id).await?;
-        self.webhooks
-            .audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "subscription.delete",
-                &format!("{SUBSCRIPTIONS}{id}"),
-                serde_json::json!({}),
-            )
-            .await;
+        self.audit(
+            &who,
+            "subscription.delete",
+            &format!("{SUBSCRIPTIONS}{id}"),
+            serde_json::json!({}),
+        )
+        .await;
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
 

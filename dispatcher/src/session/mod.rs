@@ -198,6 +198,34 @@ pub struct NewSession {
     pub run_params: RunParams,
 }
 
+impl NewSession {
+    /// A session of `agent` that `message` opens, as a schedule or a
+    /// webhook starts it: `request_id` makes its creation idempotent.
+    pub fn of_agent(
+        agent: &str,
+        message: String,
+        labels: BTreeMap<String, String>,
+        display_name: String,
+        request_id: String,
+    ) -> Self {
+        Self {
+            request_id: Some(request_id),
+            display_name,
+            spec: AgentSpec::default(),
+            labels,
+            initial_message: Some(message),
+            timeout: None,
+            agent: Some(agent.to_string()),
+            resources: Vec::new(),
+            inactivity_timeout: None,
+            budget_usd: None,
+            queue_timeout: None,
+            pinned: None,
+            run_params: RunParams::default(),
+        }
+    }
+}
+
 /// Sampling parameters a session asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RunParams {
@@ -208,12 +236,15 @@ pub struct RunParams {
 impl RunParams {
     /// The env that applies these to `runtime`, or INVALID_ARGUMENT naming
     /// a parameter the runtime cannot apply.
-    pub fn env(&self, runtime: Runtime) -> crate::error::Result<Vec<(String, String)>> {
+    pub fn env(
+        &self,
+        runtime: Runtime,
+    ) -> Result<Vec<(String, String)>, berth_common::spec::FieldError> {
         let mut env = Vec::new();
         match runtime {
             Runtime::ClaudeCode => {
                 if self.temperature.is_some() {
-                    return Err(crate::error::Error::invalid(
+                    return Err(berth_common::spec::FieldError::new(
                         "run_params.temperature",
                         "the claude_code runtime (Claude Code) takes no temperature; leave it unset",
                     ));

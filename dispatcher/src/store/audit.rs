@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::Store;
-use crate::audit::AuditEvent;
 use crate::error::Result;
+use crate::records::AuditEvent;
 
 mod sql {
     pub const INSERT: &str = "INSERT INTO audit_events (project, identity, action, resource, detail) \

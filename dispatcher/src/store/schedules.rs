@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::error::{Error, Result};
-use crate::schedules::{Fire, FireKind, NewSchedule, Plan, Schedule};
+use crate::records::{Fire, FireKind, NewSchedule, Plan, Schedule};
 
 mod sql {
     macro_rules! schedules {

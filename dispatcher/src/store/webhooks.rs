@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::error::{Error, Result};
-use crate::webhooks::Webhook;
+use crate::records::Webhook;
 
 mod sql {
     macro_rules! webhooks {
@@ -222,7 +222,7 @@ RETURNING d.id, s.project, s.subscription_id, s.url, s.sealed, d.event_type, d.s
          FROM outbound_deliveries WHERE subscription = $1 ORDER BY create_time DESC, id LIMIT $2";
 }
 
-use crate::outbound::{DeliveryRecord, DueDelivery, Subscription};
+use crate::records::{DeliveryRecord, DueDelivery, Subscription};
 
 #[derive(sqlx::FromRow)]
 struct SubscriptionRow {
