@@ -49,8 +49,10 @@ BEGIN
     kinds := CASE NEW.type
         WHEN 'session.status_idle' THEN ARRAY['session.idle']
         WHEN 'session.status_failed' THEN ARRAY['session.failed']
+        -- A text match, not a jsonb cast: a payload jsonb cannot hold (a
+        -- `\u0000` in a stderr tail) must never fail the event's insert.
         WHEN 'session.status_stopped' THEN
-            CASE WHEN (NEW.payload::jsonb ->> 'reason') = 'budget'
+            CASE WHEN position('"reason":"budget"' IN NEW.payload) > 0
                 THEN ARRAY['session.terminated', 'session.budget_reached']
                 ELSE ARRAY['session.terminated'] END
         WHEN 'agent.tool_permission' THEN ARRAY['session.requires_action']

@@ -10,7 +10,26 @@ CREATE TABLE feedback (
     PRIMARY KEY (session_id, turn, identity)
 );
 
--- Search over the messages' text (the user's and the agent's).
+-- Search over the messages' text (the user's and the agent's). The text is
+-- read from the payload's JSON; a payload jsonb cannot hold (a `\u0000`
+-- escape) is read with the NULs dropped, and one that still fails gives no
+-- text: an index expression that raised would fail the event's insert. Only
+-- the first 65,536 characters are indexed (a tsvector holds at most 1 MiB).
+CREATE FUNCTION berth_message_text(payload text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    BEGIN
+        RETURN left(payload::jsonb ->> 'text', 65536);
+    EXCEPTION WHEN others THEN
+        BEGIN
+            RETURN left(replace(payload, '\u0000', '')::jsonb ->> 'text', 65536);
+        EXCEPTION WHEN others THEN
+            RETURN '';
+        END;
+    END;
+END
+$$;
+
 CREATE INDEX events_message_text ON events
-    USING gin (to_tsvector('simple', payload::jsonb ->> 'text'))
+    USING gin (to_tsvector('simple', berth_message_text(payload)))
     WHERE type IN ('user.message', 'agent.message');

@@ -16,7 +16,8 @@ mod sql {
     pub const LIST: &str = "SELECT session_id, turn, identity, rating, comment, update_time \
          FROM feedback WHERE session_id = $1 ORDER BY turn, identity";
 
-    /// The project's sessions with a message matching $2, newest first
+    /// The project's sessions with a message matching $2 (in its first 65,536 characters,
+    /// as the index holds it), newest first
     /// before the cursor ($3, $4), each with its first match and a snippet.
     pub const SEARCH: &str = r#"
 WITH q AS (SELECT websearch_to_tsquery('simple', $2) AS q),
@@ -25,12 +26,12 @@ hits AS (
     FROM events e JOIN sessions s ON s.id = e.session_id, q
     WHERE s.project = $1
       AND e.type IN ('user.message', 'agent.message')
-      AND to_tsvector('simple', e.payload::jsonb ->> 'text') @@ q.q
+      AND to_tsvector('simple', berth_message_text(e.payload)) @@ q.q
       AND ($3::timestamptz IS NULL OR (s.create_time, s.id) < ($3, $4))
     GROUP BY e.session_id
 )
 SELECT h.session_id, h.seq, s.create_time,
-       ts_headline('simple', e.payload::jsonb ->> 'text', q.q,
+       ts_headline('simple', berth_message_text(e.payload), q.q,
                    'StartSel=**, StopSel=**, MaxWords=24, MinWords=8') AS snippet
 FROM hits h
 JOIN sessions s ON s.id = h.session_id

@@ -29,6 +29,7 @@ async fn default_dispatcher(
     cfg.dispatcher_id = id.into();
     cfg.database_url = database_url.into();
     cfg.metrics_listen = berth_common::metrics::Listen(None);
+    cfg.webhook_listen = berth_common::metrics::Listen(None);
     cfg.local_capacity = 4;
     cfg.objects.objects_dir = objects.to_path_buf();
     // The local-development set-up: anonymous calls, one key file shared
