@@ -210,6 +210,7 @@ pub async fn run(
         sessions: sessions.clone(),
         tolerance: cfg.webhook_tolerance,
     };
+    webhooks::register_metrics();
     if let Some(addr) = cfg.webhook_listen.0 {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

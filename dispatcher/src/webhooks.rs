@@ -282,14 +282,9 @@ fn unavailable(e: Error) -> (StatusCode, &'static str, serde_json::Value) {
     )
 }
 
-/// Serves `POST /hooks/{id}` on `listener` until `shutdown`.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    webhooks: Webhooks,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    use axum::extract::{Path, State};
-    use axum::routing::post;
+/// Makes every delivery outcome's series exist from the start (whether or
+/// not this dispatcher serves webhooks), so `rate()` sees the first one.
+pub(crate) fn register_metrics() {
     for outcome in [
         "created",
         "duplicate",
@@ -301,6 +296,16 @@ pub(crate) async fn serve(
     ] {
         metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
     }
+}
+
+/// Serves `POST /hooks/{id}` on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    webhooks: Webhooks,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::extract::{Path, State};
+    use axum::routing::post;
     let app = axum::Router::new()
         .route(
             "/hooks/{id}",
