@@ -115,6 +115,10 @@ pub(crate) async fn run(
     if !out.machine() {
         eprintln!("session {id} created");
     }
+    // One SIGINT stream for the whole run: a second Ctrl-C that comes
+    // before the first is handled is kept, not lost between listeners.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| CliError::new(format!("cannot watch for Ctrl-C: {e}")))?;
     let spinner = Spinner::start(out);
     let mut first_agent_event = None;
     let mut turn_done = false;
@@ -150,10 +154,10 @@ pub(crate) async fn run(
         });
         let outcome = tokio::select! {
             r = followed => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
+            _ = sigint.recv() => None,
         };
         match outcome {
-            None => return interrupted(client, d, &session, &spinner).await,
+            None => return interrupted(client, d, &session, &spinner, &mut sigint).await,
             Some(r) => r.map_err(|e| explain(d, Some(&id), e))?,
         }
         if let Some(err) = closed {
@@ -173,10 +177,10 @@ pub(crate) async fn run(
         spinner.clear();
         let answered = tokio::select! {
             r = prompt_tool(client, d, &id, &e) => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
+            _ = sigint.recv() => None,
         };
         match answered {
-            None => return interrupted(client, d, &session, &spinner).await,
+            None => return interrupted(client, d, &session, &spinner, &mut sigint).await,
             Some(r) => r?,
         }
     }
@@ -247,6 +251,7 @@ async fn interrupted(
     d: &str,
     session: &pb::Session,
     spinner: &Spinner,
+    sigint: &mut tokio::signal::unix::Signal,
 ) -> Result<(), CliError> {
     spinner.clear();
     let id = &session.id;
@@ -256,7 +261,7 @@ async fn interrupted(
     );
     let second = tokio::select! {
         _ = tokio::time::sleep(SECOND_CTRL_C) => false,
-        _ = tokio::signal::ctrl_c() => true,
+        _ = sigint.recv() => true,
     };
     if second {
         eprintln!(

@@ -129,13 +129,17 @@ async fn ctrl_c_stops_a_run_a_second_leaves_it_and_a_closed_pipe_ends_quietly() 
     .await?;
 
     // Two Ctrl-Cs: the session keeps running, and the CLI says how to attach.
+    // The second comes once the first is answered, as a person presses it.
     let (mut child, id, stderr) = spawn_run(&cluster, "hang")?;
     wait_working(&cluster, &id).await?;
     sigint(child.id())?;
-    std::thread::sleep(Duration::from_millis(300));
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("stopping session")) {
+        said.push(stderr.recv_timeout(Duration::from_secs(30))?);
+    }
     sigint(child.id())?;
     let status = wait_exit(&mut child, Duration::from_secs(30))?;
-    let said: Vec<String> = stderr.try_iter().collect();
+    said.extend(stderr.try_iter());
     assert_eq!(status.code(), Some(130), "{said:?}");
     assert!(
         said.iter()
