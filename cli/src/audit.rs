@@ -18,13 +18,6 @@ pub(crate) struct AuditArgs {
     limit: usize,
 }
 
-fn time(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref()
-        .and_then(berth_common::time::from_timestamp)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
-
 pub(crate) async fn run(api: Api, d: &str, out: Out, a: AuditArgs) -> Result<(), CliError> {
     let mut c = AuditClient::new(api);
     let mut events = Vec::new();
@@ -53,7 +46,7 @@ pub(crate) async fn run(api: Api, d: &str, out: Out, a: AuditArgs) -> Result<(),
             let mut t = o.table(&["TIME", "IDENTITY", "ACTION", "RESOURCE", "DETAIL"]);
             for e in &events {
                 t.add_row(vec![
-                    Cell::new(time(&e.time)),
+                    Cell::new(crate::render::time(&e.time)),
                     Cell::new(&e.identity),
                     Cell::new(&e.action),
                     Cell::new(&e.resource),

@@ -21,7 +21,8 @@ pub fn parse_status(s: &str) -> Option<pb::SessionStatus> {
     pb::SessionStatus::from_str_name(&format!("SESSION_STATUS_{}", s.to_uppercase()))
 }
 
-fn time(t: &Option<prost_types::Timestamp>) -> String {
+/// A time as RFC 3339 with milliseconds; empty when unset.
+pub(crate) fn time(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(berth_common::time::from_timestamp)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))

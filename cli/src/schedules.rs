@@ -57,13 +57,6 @@ pub(crate) enum SchedulesCmd {
     },
 }
 
-fn time(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref()
-        .and_then(berth_common::time::from_timestamp)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| "-".into())
-}
-
 fn schedule_table(out: &Out, schedules: &[pb::Schedule]) -> comfy_table::Table {
     let mut header = vec![
         "ID",
@@ -85,12 +78,12 @@ fn schedule_table(out: &Out, schedules: &[pb::Schedule]) -> comfy_table::Table {
             Cell::new(&s.cron),
             Cell::new(&s.timezone),
             out.status(if s.suspended { "paused" } else { "active" }),
-            Cell::new(time(&s.next_fire_time)),
+            Cell::new(dash(&crate::render::time(&s.next_fire_time))),
             Cell::new(age(&s.create_time)),
         ];
         if out.wide() {
             row.extend([
-                Cell::new(time(&s.last_fire_time)),
+                Cell::new(dash(&crate::render::time(&s.last_fire_time))),
                 Cell::new(&s.creator),
                 Cell::new(crate::render::clip(&s.input, 60)),
             ]);
@@ -118,7 +111,7 @@ fn fire_table(out: &Out, fires: &[pb::ScheduleFire]) -> comfy_table::Table {
             })
             .unwrap_or_default();
         t.add_row(vec![
-            Cell::new(time(&f.fire_time)),
+            Cell::new(crate::render::time(&f.fire_time)),
             Cell::new(kind),
             Cell::new(dash(f.session.trim_start_matches("sessions/"))),
             Cell::new(f.skipped),

@@ -25,6 +25,12 @@ pub(crate) struct Sessions {
     pub queue_timeout: Option<std::time::Duration>,
 }
 
+/// A page of search results, and the (time, id) the next one starts before.
+pub(crate) type SearchPage = (
+    Vec<(Session, crate::store::SearchHit)>,
+    Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+);
+
 /// A person's answer to a tool permission request, checked.
 #[derive(Debug, Clone)]
 pub(crate) struct ToolAnswer {
@@ -179,6 +185,71 @@ impl Sessions {
             Err(Error::NotFound(m)) => Err(Error::invalid(field, m)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Records `identity`'s rating of session `id` (turn 0: the whole
+    /// session), replacing its earlier one for that turn.
+    pub(crate) async fn submit_feedback(
+        &self,
+        project: &str,
+        id: Uuid,
+        turn: i64,
+        identity: &str,
+        rating: i32,
+        comment: &str,
+    ) -> Result<crate::store::FeedbackRow> {
+        let s = self.get(project, id).await?;
+        if turn < 0 || turn > s.usage.turns {
+            return Err(Error::invalid(
+                "turn",
+                format!(
+                    "0 (the whole session) or a turn it has had (1–{})",
+                    s.usage.turns
+                ),
+            ));
+        }
+        self.store
+            .upsert_feedback(id, turn, identity, rating, comment)
+            .await
+    }
+
+    pub(crate) async fn list_feedback(
+        &self,
+        project: &str,
+        id: Uuid,
+    ) -> Result<Vec<crate::store::FeedbackRow>> {
+        self.get(project, id).await?;
+        self.store.list_feedback(id).await
+    }
+
+    /// The project's sessions whose messages match `query`, newest first
+    /// before `before`, each with its first match, and where the next page
+    /// starts (when this one is full). Sessions deleted between the two
+    /// reads are left out.
+    pub(crate) async fn search(
+        &self,
+        project: &str,
+        query: &str,
+        before: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+        limit: i64,
+    ) -> Result<SearchPage> {
+        let hits = self
+            .store
+            .search_sessions(project, query, before, limit)
+            .await?;
+        let next = hits
+            .last()
+            .filter(|_| hits.len() as i64 == limit)
+            .map(|h| (h.create_time, h.session_id));
+        let mut found = Vec::with_capacity(hits.len());
+        for hit in hits {
+            match self.get(project, hit.session_id).await {
+                Ok(s) => found.push((s, hit)),
+                Err(Error::SessionNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((found, next))
     }
 
     /// Refuses, at the API, a session no live node could run: limits above

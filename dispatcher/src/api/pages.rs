@@ -17,6 +17,46 @@ pub(crate) fn page_size(requested: i32, default: i64) -> Result<i64, Error> {
     }
 }
 
+/// A keyset cursor of a listing ordered by (time, id), newest first.
+pub(crate) fn time_id_cursor(time: chrono::DateTime<chrono::Utc>, id: uuid::Uuid) -> String {
+    format!("{}.{id}", time.timestamp_micros())
+}
+
+/// The (time, id) in a cursor made by [`time_id_cursor`].
+pub(crate) fn parse_time_id_cursor(
+    cursor: Option<String>,
+) -> Result<Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>, Error> {
+    let Some(c) = cursor else { return Ok(None) };
+    let (micros, id) = c.split_once('.').ok_or_else(bad_token)?;
+    let time = micros
+        .parse()
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_micros)
+        .ok_or_else(bad_token)?;
+    Ok(Some((time, id.parse().map_err(|_| bad_token())?)))
+}
+
+/// A time cursor (a listing ordered by time alone).
+pub(crate) fn parse_time_cursor(
+    cursor: Option<String>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, Error> {
+    cursor
+        .map(|c| {
+            c.parse()
+                .ok()
+                .and_then(chrono::DateTime::from_timestamp_micros)
+                .ok_or_else(bad_token)
+        })
+        .transpose()
+}
+
+fn bad_token() -> Error {
+    Error::invalid(
+        "page_token",
+        "not a token from a previous response of this listing; leave it empty to start over",
+    )
+}
+
 /// Bytes of the filter's fingerprint at the head of a token.
 const FINGERPRINT: usize = 8;
 
@@ -40,15 +80,9 @@ pub(crate) fn decode(token: &str, listing: &str) -> Result<Option<String>, Error
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || {
-        Error::invalid(
-            "page_token",
-            "not a token from a previous response of this listing",
-        )
-    };
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad_token())?;
     if bytes.len() < FINGERPRINT {
-        return Err(bad());
+        return Err(bad_token());
     }
     if bytes[..FINGERPRINT] != fingerprint(listing) {
         return Err(Error::invalid(
@@ -58,7 +92,7 @@ pub(crate) fn decode(token: &str, listing: &str) -> Result<Option<String>, Error
     }
     String::from_utf8(bytes[FINGERPRINT..].to_vec())
         .map(Some)
-        .map_err(|_| bad())
+        .map_err(|_| bad_token())
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 
 use berth_common::time::to_timestamp;
 use berth_proto::v1::{self as pb, schedules_server::Schedules as SchedulesApi};
-use chrono::{DateTime, Utc};
 use tonic::{Request, Response, Status};
 
 use super::pages::{self, page_size};
@@ -77,17 +76,6 @@ impl From<Fire> for pb::ScheduleFire {
     }
 }
 
-fn time_cursor(cursor: Option<String>) -> Result<Option<DateTime<Utc>>, Error> {
-    cursor
-        .map(|c| {
-            c.parse::<i64>()
-                .ok()
-                .and_then(DateTime::from_timestamp_micros)
-                .ok_or_else(|| Error::invalid("page_token", "not a token from a previous response"))
-        })
-        .transpose()
-}
-
 impl SchedulesService {
     async fn audit(
         &self,
@@ -158,30 +146,12 @@ impl SchedulesApi for SchedulesService {
         let r = r.into_inner();
         let limit = page_size(r.page_size, 100)?;
         let listing = format!("ListSchedules\n{}", who.project);
-        let after = match pages::decode(&r.page_token, &listing)? {
-            None => None,
-            Some(c) => {
-                let bad = || {
-                    Error::invalid(
-                        "page_token",
-                        "not a token from a previous ListSchedules response",
-                    )
-                };
-                let (t, id) = c.split_once('.').ok_or_else(bad)?;
-                let t = t
-                    .parse::<i64>()
-                    .ok()
-                    .and_then(DateTime::from_timestamp_micros)
-                    .ok_or_else(bad)?;
-                Some((t, id.parse().map_err(|_| bad())?))
-            }
-        };
+        let after = pages::parse_time_id_cursor(pages::decode(&r.page_token, &listing)?)?;
         let found = self.schedules.list(&who.project, after, limit).await?;
         let next_page_token = match found.last() {
-            Some(last) if found.len() as i64 == limit => pages::encode(
-                &listing,
-                &format!("{}.{}", last.create_time.timestamp_micros(), last.id),
-            ),
+            Some(last) if found.len() as i64 == limit => {
+                pages::encode(&listing, &pages::time_id_cursor(last.create_time, last.id))
+            }
             _ => String::new(),
         };
         Ok(Response::new(pb::ListSchedulesResponse {
@@ -258,7 +228,7 @@ impl SchedulesApi for SchedulesService {
         let id = schedule_id(&r.name)?;
         let limit = page_size(r.page_size, 100)?;
         let listing = format!("ListScheduleFires\n{}\n{id}", who.project);
-        let before = time_cursor(pages::decode(&r.page_token, &listing)?)?;
+        let before = pages::parse_time_cursor(pages::decode(&r.page_token, &listing)?)?;
         let fires = self
             .schedules
             .fires(&who.project, id, before, limit)

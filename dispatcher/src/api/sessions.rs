@@ -38,26 +38,6 @@ fn sessions_listing(project: &str, r: &pb::ListSessionsRequest) -> String {
     )
 }
 
-fn session_cursor(s: &crate::session::Session) -> String {
-    format!("{}.{}", s.create_time.timestamp_micros(), s.id)
-}
-
-fn parse_session_cursor(
-    cursor: Option<String>,
-) -> Result<Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>, Error> {
-    let Some(t) = cursor else { return Ok(None) };
-    let bad = || {
-        Error::invalid(
-            "page_token",
-            "not a token from a previous ListSessions response",
-        )
-    };
-    let (micros, id) = t.split_once('.').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let time = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
-    Ok(Some((time, id.parse().map_err(|_| bad())?)))
-}
-
 impl SessionsService {
     /// Fills each waiting session's pending tool permission requests.
     async fn with_pending_tools(&self, sessions: &mut [pb::Session]) -> Result<(), Status> {
@@ -98,21 +78,16 @@ impl SessionsApi for SessionsService {
             )
             .into());
         }
-        let s = self.sessions.get(&who.project, id).await?;
-        if r.turn < 0 || r.turn > s.usage.turns {
-            return Err(Error::invalid(
-                "turn",
-                format!(
-                    "0 (the whole session) or a turn it has had (1–{})",
-                    s.usage.turns
-                ),
-            )
-            .into());
-        }
         let f = self
             .sessions
-            .store
-            .upsert_feedback(id, r.turn, &who.identity(), r.rating, &r.comment)
+            .submit_feedback(
+                &who.project,
+                id,
+                r.turn,
+                &who.identity(),
+                r.rating,
+                &r.comment,
+            )
             .await?;
         self.audit
             .record(
@@ -132,8 +107,7 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::ListFeedbackResponse>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.get_ref().name)?;
-        self.sessions.get(&who.project, id).await?;
-        let rows = self.sessions.store.list_feedback(id).await?;
+        let rows = self.sessions.list_feedback(&who.project, id).await?;
         Ok(Response::new(pb::ListFeedbackResponse {
             feedback: rows.into_iter().map(feedback_pb).collect(),
         }))
@@ -155,34 +129,22 @@ impl SessionsApi for SessionsService {
             _ => return Err(Error::invalid("page_size", "must be between 1 and 100").into()),
         };
         let listing = format!("SearchSessions\n{}\n{query}", who.project);
-        let before = parse_session_cursor(pages::decode(&r.page_token, &listing)?)?;
-        let hits = self
+        let before = pages::parse_time_id_cursor(pages::decode(&r.page_token, &listing)?)?;
+        let (found, next) = self
             .sessions
-            .store
-            .search_sessions(&who.project, query, before, limit)
+            .search(&who.project, query, before, limit)
             .await?;
-        let next_page_token = match hits.last() {
-            Some(last) if hits.len() as i64 == limit => pages::encode(
-                &listing,
-                &format!(
-                    "{}.{}",
-                    last.create_time.timestamp_micros(),
-                    last.session_id
-                ),
-            ),
-            _ => String::new(),
-        };
-        let mut matches = Vec::with_capacity(hits.len());
-        for h in hits {
-            // Deleted meanwhile: left out.
-            if let Ok(s) = self.sessions.get(&who.project, h.session_id).await {
-                matches.push(pb::SessionMatch {
-                    session: Some(s.into()),
-                    snippet: h.snippet,
-                    seq: h.seq,
-                });
-            }
-        }
+        let next_page_token = next
+            .map(|(time, id)| pages::encode(&listing, &pages::time_id_cursor(time, id)))
+            .unwrap_or_default();
+        let matches = found
+            .into_iter()
+            .map(|(s, hit)| pb::SessionMatch {
+                session: Some(s.into()),
+                snippet: hit.snippet,
+                seq: hit.seq,
+            })
+            .collect();
         Ok(Response::new(pb::SearchSessionsResponse {
             matches,
             next_page_token,
@@ -263,7 +225,7 @@ impl SessionsApi for SessionsService {
         let listing = sessions_listing(&who.project, &r);
         let filter = SessionFilter {
             status: convert::status_from_pb(r.status)?,
-            before: parse_session_cursor(pages::decode(&r.page_token, &listing)?)?,
+            before: pages::parse_time_id_cursor(pages::decode(&r.page_token, &listing)?)?,
             labels: r.labels.into_iter().collect(),
             limit,
             activity: convert::activity_from_pb(r.activity)?,
@@ -271,7 +233,7 @@ impl SessionsApi for SessionsService {
         let sessions = self.sessions.list(&who.project, filter).await?;
         let next_page_token = match sessions.last() {
             Some(last) if sessions.len() as i64 == limit => {
-                pages::encode(&listing, &session_cursor(last))
+                pages::encode(&listing, &pages::time_id_cursor(last.create_time, last.id))
             }
             _ => String::new(),
         };
