@@ -172,7 +172,10 @@ impl AgentServer for NodeApi {
                 )
                 .await
             {
-                Ok(attached) => attached,
+                Ok(attached) => {
+                    self.node.reattached(&start.session_id, epoch);
+                    attached
+                }
                 Err(reason) => {
                     let refused = pb::NodeFrame {
                         node_seq: 0,
@@ -247,6 +250,7 @@ impl AgentServer for NodeApi {
                         dispatcher_frame::Kind::Stop(s) => Command::Stop {
                             reason: s.reason,
                             snapshot_key: s.snapshot_key,
+                            abandoned: false,
                         },
                         dispatcher_frame::Kind::Ack(a) => {
                             run.ack(&runs, a.node_seq);
@@ -312,6 +316,37 @@ impl AgentServer for NodeApi {
                 container_id: s.container_id,
             })
             .collect();
-        Ok(Response::new(pb::ListNodeSessionsResponse { sessions }))
+        let listed_at_ms = self.node.clock_ms();
+        Ok(Response::new(pb::ListNodeSessionsResponse {
+            sessions,
+            listed_at_ms,
+        }))
+    }
+
+    async fn reconcile_sessions(
+        &self,
+        request: Request<pb::ReconcileSessionsRequest>,
+    ) -> Result<Response<pb::ReconcileSessionsResponse>, Status> {
+        let r = request.into_inner();
+        if r.listed_at_ms > self.node.clock_ms() {
+            return Err(Error::invalid(
+                "listed_at_ms",
+                "is later than this node's clock: it names no list this node made",
+            )
+            .into());
+        }
+        if r.valid_for_ms == 0 {
+            return Err(Error::invalid("valid_for_ms", "must be positive").into());
+        }
+        let refs = |v: Vec<pb::RunRef>| -> Vec<(String, i64)> {
+            v.into_iter().map(|r| (r.session_id, r.epoch)).collect()
+        };
+        let fenced = self.node.reconcile(
+            r.listed_at_ms,
+            std::time::Duration::from_millis(u64::from(r.valid_for_ms)),
+            &refs(r.confirm),
+            &refs(r.fence),
+        );
+        Ok(Response::new(pb::ReconcileSessionsResponse { fenced }))
     }
 }

@@ -155,6 +155,16 @@ pub struct Config {
     #[arg(long, env = "BERTH_REATTACH_GRACE", value_parser = parse_duration, default_value = "60")]
     pub reattach_grace: Duration,
 
+    /// Dead man's switch: a container that has not seen this node's
+    /// heartbeat for this long (a node killed with SIGKILL, or hung) stops
+    /// its agent and itself, and Docker removes it with its volumes; no
+    /// node restart is needed. The node touches a file in the gateway
+    /// directory every sixth of it. Needs the gateway (`--gateway-dir`);
+    /// `0` turns it off. Keep it well above any stall you expect a node to
+    /// survive (a stalled node's containers are gone when it resumes).
+    #[arg(long, env = "BERTH_DEAD_MAN_TIMEOUT", value_parser = parse_duration, default_value = "30")]
+    pub dead_man_timeout: Duration,
+
     /// Most bytes of a session's output kept for a re-attach before the
     /// dispatcher acknowledges them; past it, the agent's output is not read
     /// until it does (backpressure, never loss).
@@ -297,6 +307,8 @@ pub struct GatewayMount {
     pub root: std::path::PathBuf,
     pub forwarder: std::path::PathBuf,
     pub port: u16,
+    /// The dead man's switch's timeout; `None`: off.
+    pub dead_man: Option<Duration>,
 }
 
 /// What the warm pools need of the node's configuration.
@@ -436,6 +448,7 @@ impl Config {
             root: self.gateway_dir.clone().into(),
             forwarder,
             port: self.gateway_port,
+            dead_man: Some(self.dead_man_timeout).filter(|t| !t.is_zero()),
         })
     }
 
@@ -482,6 +495,10 @@ impl Config {
     /// Checks values clap cannot, naming the offending field.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.capacity > 0, "--capacity must be at least 1");
+        anyhow::ensure!(
+            self.dead_man_timeout.is_zero() || self.dead_man_timeout >= Duration::from_secs(3),
+            "--dead-man-timeout must be 0 (off) or at least 3 seconds"
+        );
         anyhow::ensure!(!self.node_id.is_empty(), "--node-id must not be empty");
         anyhow::ensure!(
             !self.agent_user.is_empty()

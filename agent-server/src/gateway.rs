@@ -27,6 +27,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::sync::CancellationToken;
 
+use crate::lease::RunLease;
+
 /// The socket's name in a container's gateway directory.
 pub const SOCKET: &str = "egress.sock";
 /// The forwarder's name there.
@@ -44,6 +46,9 @@ pub struct SessionGate {
     pub egress: Egress,
     /// Sent as `x-api-key` on model API requests.
     pub api_key: Option<String>,
+    /// The run's lease: every request waits for it to be confirmed, and a
+    /// fenced run's connections close (see [`crate::lease`]).
+    pub lease: Option<Arc<RunLease>>,
 }
 
 impl std::fmt::Debug for SessionGate {
@@ -150,6 +155,7 @@ impl Gateway {
                 };
                 let Ok((stream, _)) = conn else { continue };
                 let (gw, gate, token) = (gw.clone(), gate.clone(), token.clone());
+                let gate_lease = gate.lease.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let (gw, gate) = (gw.clone(), gate.clone());
@@ -158,9 +164,18 @@ impl Gateway {
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades();
+                    let fenced = async {
+                        match &gate_lease {
+                            Some(l) => l.fenced().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = conn => {}
                         () = token.cancelled() => {}
+                        // A superseded run's open connections (a model
+                        // response streaming, a tunnel) end at once.
+                        () = fenced => {}
                     }
                 });
             }
@@ -169,6 +184,9 @@ impl Gateway {
     }
 
     async fn handle(&self, gate: &SessionGate, req: Request<Incoming>) -> Response<Body> {
+        if let Some(refused) = hold(gate).await {
+            return refused;
+        }
         if req.method() == Method::CONNECT {
             return self.connect(gate, req).await;
         }
@@ -341,6 +359,31 @@ impl Gateway {
     }
 }
 
+/// Holds a request until the run's lease is confirmed; `Some` answer when
+/// it may not go out at all (the run was fenced, or no dispatcher confirmed
+/// it within [`crate::lease::LEASE_WAIT`]).
+async fn hold(gate: &SessionGate) -> Option<Response<Body>> {
+    let lease = gate.lease.as_ref()?;
+    if lease.usable(std::time::Duration::ZERO).await.is_ok() {
+        return None;
+    }
+    tracing::info!(session_id = %gate.session_id, "run lease lapsed: holding the request until a dispatcher confirms the run");
+    match lease.usable(crate::lease::LEASE_WAIT).await {
+        Ok(()) => {
+            metrics::counter!(crate::metrics::GATEWAY_HELD, "outcome" => "released").increment(1);
+            None
+        }
+        Err(why) => {
+            metrics::counter!(crate::metrics::GATEWAY_HELD, "outcome" => "refused").increment(1);
+            tracing::warn!(session_id = %gate.session_id, %why, "gateway request refused");
+            Some(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("berth gateway: {why}\n"),
+            ))
+        }
+    }
+}
+
 /// Logs and counts one egress decision.
 fn decision(
     gate: &SessionGate,
@@ -380,6 +423,7 @@ mod tests {
             session_id: "s1".into(),
             egress: Egress::default(),
             api_key: Some("sk-ant-very-secret".into()),
+            lease: None,
         };
         let shown = format!("{gate:?}");
         assert!(

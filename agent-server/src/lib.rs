@@ -20,6 +20,7 @@ mod env;
 mod error;
 pub mod gateway;
 mod layout;
+mod lease;
 mod lines;
 mod load;
 pub mod metrics;
@@ -76,6 +77,10 @@ pub async fn run_with_drain(
             reaped,
             "removed containers a previous run of this node left behind"
         );
+    }
+    if let Some((dir, timeout)) = runtime.dead_man() {
+        container::touch_alive(&dir)?;
+        tokio::spawn(container::heartbeat(dir, timeout, shutdown.clone()));
     }
     let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
     tracing::info!(store = ?objects, "object store");

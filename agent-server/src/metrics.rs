@@ -33,12 +33,26 @@ pub const AGENT_EVENTS: &str = "berth_agent_events_total";
 pub const EGRESS_CONNECTIONS: &str = "berth_egress_connections_total";
 pub const EGRESS_BYTES: &str = "berth_egress_bytes_total";
 pub const GATEWAY_MODEL_REQUESTS: &str = "berth_gateway_model_requests_total";
+pub const RUNS_FENCED: &str = "berth_agent_server_runs_fenced_total";
+pub const GATEWAY_HELD: &str = "berth_gateway_held_requests_total";
 
 /// The `start` label's values: how an agent started.
 pub const START_PATHS: [&str; 3] = ["warm_process", "warm_container", "cold"];
 
 /// The node's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: RUNS_FENCED,
+        kind: Kind::Counter,
+        help: "Runs stopped because a dispatcher said their session moved on (a newer epoch elsewhere, ended or gone).",
+        labels: &[],
+    },
+    Def {
+        name: GATEWAY_HELD,
+        kind: Kind::Counter,
+        help: "Gateway requests of a run whose lease had lapsed, by outcome (released: confirmed again; refused: fenced or never confirmed).",
+        labels: &["outcome"],
+    },
     Def {
         name: POOL_HITS,
         kind: Kind::Counter,

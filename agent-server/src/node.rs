@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -16,6 +17,7 @@ use berth_common::sync::lock;
 use crate::config::{Config, WorkspaceConfig};
 use crate::container::ContainerRuntime;
 use crate::load::Load;
+use crate::lease::RunLease;
 use crate::pool::Pools;
 
 /// Slots the configured capacity allows, bounded by what the machine's memory
@@ -45,10 +47,19 @@ fn capacity_for_memory(cfg: &Config) -> u32 {
 #[derive(Debug, Clone)]
 pub struct RunningSession {
     pub session_id: String,
+    /// The epoch the run is at now (a re-attach moves it on).
     pub epoch: i64,
     pub container_id: String,
     cancel: CancellationToken,
+    /// The run's lease on the gateway (see [`crate::lease`]); also what
+    /// tells this run's slot from a newer one of the same session.
+    lease: Arc<RunLease>,
 }
+
+/// How long a run's lease lasts before the first reconcile pass says
+/// otherwise (a dispatcher's own value replaces it with its first pass).
+const DEFAULT_LEASE: Duration = Duration::from_secs(3);
+
 
 /// Why a start was refused (late binding: the dispatcher places it elsewhere).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,6 +108,10 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Cancelled when a drain's deadline passes; every slot's `evict` is a child.
     evict: CancellationToken,
+    /// The origin of the node's own clock in `listed_at_ms`.
+    clock: tokio::time::Instant,
+    /// How long a confirmation lasts, as the last reconcile pass said (ms).
+    lease_ms: AtomicU64,
 }
 
 /// A held session slot. Dropping it frees the slot.
@@ -107,6 +122,8 @@ pub struct Slot {
     pub cancel: CancellationToken,
     /// Cancelled when a drain's deadline passes: the run ends with a snapshot.
     pub evict: CancellationToken,
+    /// The run's lease on the gateway; fenced when the session moved on.
+    pub lease: Arc<RunLease>,
 }
 
 impl Node {
@@ -161,7 +178,66 @@ impl Node {
             generation: AtomicU64::new(0),
             shutdown,
             evict: CancellationToken::new(),
+            clock: tokio::time::Instant::now(),
+            lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
         })
+    }
+
+    /// Now, in milliseconds of the node's own clock (`listed_at_ms`).
+    pub fn clock_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A fresh lease for a run started or re-attached now.
+    fn lease_from_now(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
+    }
+
+    /// A dispatcher re-attached to the run of `session_id` at `epoch`: the
+    /// run is at that epoch now, and confirmed.
+    pub fn reattached(&self, session_id: &str, epoch: i64) {
+        if let Some(s) = self.sessions().get_mut(session_id) {
+            s.epoch = s.epoch.max(epoch);
+            s.lease.confirm(self.lease_from_now());
+        }
+    }
+
+    /// Applies a dispatcher's verdict on the runs it was listed at
+    /// `listed_at_ms`: confirms the current ones until `valid_for` past
+    /// that moment, and fences the superseded ones (gateway first, then
+    /// the agent). A verdict about an epoch the run has left is ignored.
+    /// Returns how many runs were fenced.
+    pub fn reconcile(
+        &self,
+        listed_at_ms: u64,
+        valid_for: Duration,
+        confirm: &[(String, i64)],
+        fence: &[(String, i64)],
+    ) -> u32 {
+        self.lease_ms
+            .store(valid_for.as_millis() as u64, Ordering::Relaxed);
+        let until = self.clock + Duration::from_millis(listed_at_ms) + valid_for;
+        let sessions = self.sessions();
+        for (id, epoch) in confirm {
+            if let Some(s) = sessions.get(id).filter(|s| s.epoch == *epoch) {
+                s.lease.confirm(until);
+            }
+        }
+        let mut fenced = 0;
+        for (id, epoch) in fence {
+            if let Some(s) = sessions.get(id).filter(|s| s.epoch == *epoch) {
+                tracing::warn!(session_id = %id, epoch, "fencing a superseded run: its session moved on");
+                // The gateway refuses and drops its connections first; then
+                // the agent is killed.
+                s.lease.fence();
+                s.cancel.cancel();
+                fenced += 1;
+            }
+        }
+        if fenced > 0 {
+            metrics::counter!(crate::metrics::RUNS_FENCED).increment(u64::from(fenced));
+        }
+        fenced
     }
 
     /// Whether the node is draining.
@@ -190,6 +266,7 @@ impl Node {
                 epoch,
                 "fencing a superseded run of this session"
             );
+            old.lease.fence();
             old.cancel.cancel();
             sessions.remove(session_id);
         }
@@ -199,6 +276,7 @@ impl Node {
         }
         let cancel = self.shutdown.child_token();
         let evict = self.evict.child_token();
+        let lease = Arc::new(RunLease::new(self.lease_from_now()));
         sessions.insert(
             session_id.to_string(),
             RunningSession {
@@ -206,6 +284,7 @@ impl Node {
                 epoch,
                 container_id: String::new(),
                 cancel: cancel.clone(),
+                lease: lease.clone(),
             },
         );
         let running = sessions.len() as u32;
@@ -217,6 +296,7 @@ impl Node {
             epoch,
             cancel,
             evict,
+            lease,
         })
     }
 
@@ -225,7 +305,7 @@ impl Node {
         if let Some(s) = self
             .sessions()
             .get_mut(&slot.session_id)
-            .filter(|s| s.epoch == slot.epoch)
+            .filter(|s| Arc::ptr_eq(&s.lease, &slot.lease))
         {
             s.container_id = container_id.to_string();
         }
@@ -358,7 +438,7 @@ impl Drop for Slot {
         let mut sessions = self.node.sessions();
         if sessions
             .get(&self.session_id)
-            .is_some_and(|s| s.epoch == self.epoch)
+            .is_some_and(|s| Arc::ptr_eq(&s.lease, &self.lease))
         {
             sessions.remove(&self.session_id);
         }

@@ -276,6 +276,7 @@ impl Run {
                 .send(Command::Stop {
                     reason: "no dispatcher re-attached within the grace period".into(),
                     snapshot_key: run.evict_snapshot_key.clone(),
+                    abandoned: true,
                 })
                 .await;
         });
@@ -406,6 +407,7 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             snapshot_error: x.snapshot_error,
             memory_errors: x.memory_errors,
             evicted: x.evicted,
+            abandoned: x.abandoned,
             oom: x.oom,
         }),
     };

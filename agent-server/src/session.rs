@@ -34,6 +34,8 @@ pub enum Command {
     Stop {
         reason: String,
         snapshot_key: String,
+        /// The node stops it on its own: no dispatcher re-attached in time.
+        abandoned: bool,
     },
 }
 
@@ -71,6 +73,8 @@ pub struct Exit {
     pub memory_errors: Vec<String>,
     /// The node ended the run itself, to drain.
     pub evicted: bool,
+    /// The node ended the run itself: no dispatcher re-attached in time.
+    pub abandoned: bool,
     /// The kernel killed the agent for want of memory.
     pub oom: bool,
 }
@@ -86,6 +90,7 @@ impl Exit {
             snapshot_error: String::new(),
             memory_errors: Vec::new(),
             evicted: false,
+            abandoned: false,
             oom: false,
         }
     }
@@ -187,7 +192,7 @@ async fn run_in_slot(
             };
             // Its limits and skills went in before it started (they are
             // the agent's); the session's gate opens now.
-            match serve_gate(node, session_id, &spec, &w.id) {
+            match serve_gate(node, slot, session_id, &spec, &w.id) {
                 Ok(gate) => break (w.id, guard, w.process, StartPath::WarmProcess, gate),
                 Err(e) => {
                     guard.remove().await;
@@ -233,7 +238,7 @@ async fn run_in_slot(
             tracing::info!(%reason, "session preparation failed");
             return Exit::failed(format!("preparing the session failed: {reason}"));
         }
-        let gate = match serve_gate(node, session_id, &spec, &id) {
+        let gate = match serve_gate(node, slot, session_id, &spec, &id) {
             Ok(g) => g,
             Err(e) => {
                 guard.remove().await;
@@ -321,6 +326,7 @@ async fn run_in_slot(
     let mut kill_at: Option<tokio::time::Instant> = None;
     let mut killed = false;
     let mut evicted = false;
+    let mut abandoned = false;
     let mut checkpoints = Checkpoints::new(node.cfg.checkpoint_interval);
     let epoch = slot.epoch();
 
@@ -365,9 +371,10 @@ async fn run_in_slot(
                             continue;
                         }
                     },
-                    Some(Command::Stop { reason, snapshot_key: key }) => {
+                    Some(Command::Stop { reason, snapshot_key: key, abandoned: a }) => {
                         stop_reason = Some(reason);
                         snapshot_key = key;
+                        abandoned = a;
                         None
                     }
                     None => { stop_reason = Some("dispatcher link lost".into()); None }
@@ -422,6 +429,20 @@ async fn run_in_slot(
             .oom_kills(&container_id)
             .await
             .is_some_and(|n| n > 0);
+    // A fenced run's session lives on elsewhere: nothing of this run is
+    // saved over what the newer one keeps.
+    let fenced = slot.lease.is_fenced();
+    if fenced {
+        tracing::warn!("run fenced: removing its container without a snapshot or write-back");
+        guard.remove().await;
+        return Exit {
+            code: code.unwrap_or(-1),
+            reason: "stopped: superseded by a newer run of the session".into(),
+            stderr_tail: String::from_utf8_lossy(&stderr_tail).into_owned(),
+            stopped: true,
+            ..Exit::failed("")
+        };
+    }
     // Save what the run asked to keep while the container still exists.
     let mut snapshot = None;
     let mut snapshot_error = String::new();
@@ -480,6 +501,7 @@ async fn run_in_slot(
         snapshot_error,
         memory_errors,
         evicted,
+        abandoned,
         oom,
     }
 }
@@ -516,6 +538,7 @@ fn start_label(path: StartPath) -> &'static str {
 /// as the run lasts (the guard), with its policy and its key.
 fn serve_gate(
     node: &Node,
+    slot: &Slot,
     session_id: &str,
     spec: &SessionSpec,
     container_id: &str,
@@ -527,6 +550,7 @@ fn serve_gate(
         session_id: session_id.to_string(),
         egress: spec.agent.egress.clone(),
         api_key: spec.secrets.anthropic_api_key.clone(),
+        lease: Some(slot.lease.clone()),
     };
     gw.serve(&dir, gate)
         .map(Some)

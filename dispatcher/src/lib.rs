@@ -32,6 +32,7 @@ mod nodes;
 mod outbound;
 pub mod placement;
 mod queue;
+mod reconcile;
 mod records;
 mod rewrap;
 mod sampler;
@@ -139,6 +140,17 @@ pub async fn run(
     // before this one claims anything (so none of them is its own yet).
     janitor::release_previous(&store, &log, &cfg.dispatcher_id, &shutdown).await;
     let wake = Arc::new(tokio::sync::Notify::new());
+    // Confirms each node's current runs and fences superseded ones: a
+    // confirmation lasts 3/5 of the node lease, renewed every 1/5 (so a
+    // node this dispatcher would call lost has held its runs' traffic for
+    // at least a heartbeat already).
+    tokio::spawn(reconcile::run(
+        nodes.clone(),
+        store.clone(),
+        cfg.node_lease / 5,
+        cfg.node_lease * 3 / 5,
+        shutdown.clone(),
+    ));
     tokio::spawn(queue::listen(ctx.clone(), wake.clone()));
     tokio::spawn(queue::claim_loop(
         ctx.clone(),

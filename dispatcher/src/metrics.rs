@@ -28,6 +28,7 @@ pub const WRITER_QUEUE: &str = "berth_event_writer_queue_depth";
 pub const STREAMS_ACTIVE: &str = "berth_streams_active";
 pub const STREAM_CATCHUPS: &str = "berth_stream_catchups_total";
 pub const REATTACHED: &str = "berth_runs_reattached_total";
+pub const RUNS_FENCED: &str = "berth_runs_fenced_total";
 pub const TURNS_LOST: &str = "berth_turns_lost_total";
 pub const TOKENS: &str = "berth_tokens_total";
 pub const COST: &str = "berth_cost_microdollars_total";
@@ -236,6 +237,12 @@ pub const ALL: &[Def] = &[
         labels: &[],
     },
     Def {
+        name: RUNS_FENCED,
+        kind: Kind::Counter,
+        help: "Runs this dispatcher's reconcile pass fenced on their node: their session had moved to a newer run, ended, or was gone.",
+        labels: &[],
+    },
+    Def {
         name: TURNS_LOST,
         kind: Kind::Counter,
         help: "Turns lost with their node before they ended (each also a session.turn_lost event).",
@@ -283,6 +290,7 @@ fn init_series() {
         PERSIST_FAILURES,
         STREAM_CATCHUPS,
         REATTACHED,
+        RUNS_FENCED,
         TURNS_LOST,
     ] {
         let _ = metrics::counter!(name);

@@ -24,6 +24,10 @@ pub(crate) async fn claim_loop(
     poll: Duration,
 ) {
     loop {
+        // Re-attaches first, whatever the load: a run still going on an up
+        // node needs no slot, and a full fleet is when a lost dispatcher's
+        // sessions most need taking over.
+        claim_reattaches(&ctx, &owner, &drivers).await;
         // One claim per free slot; the driver takes the slot when it places.
         let mut free = ctx.nodes.free_slots();
         while free > 0 && !ctx.shutdown.is_cancelled() {
@@ -51,6 +55,35 @@ pub(crate) async fn claim_loop(
             () = ctx.nodes.changed.notified() => {}
             () = tokio::time::sleep(poll) => {}
             () = ctx.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Claims the rescheduling sessions whose last run was on a node this
+/// dispatcher sees up, and drives each (it re-attaches, or places anew
+/// when the run is gone).
+async fn claim_reattaches(ctx: &Arc<Ctx>, owner: &str, drivers: &TaskTracker) {
+    let nodes = ctx.nodes.up_names();
+    while !ctx.shutdown.is_cancelled() {
+        match ctx
+            .store
+            .claim_reattach(owner, CLAIM_BATCH as usize, &nodes)
+            .await
+        {
+            Ok(sessions) => {
+                let full = sessions.len() == CLAIM_BATCH as usize;
+                for session in sessions {
+                    tracing::info!(session_id = %session.id, node = %session.node, "claimed a session to re-attach");
+                    drivers.spawn(driver::drive(ctx.clone(), session));
+                }
+                if !full {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming sessions to re-attach failed");
+                return;
+            }
         }
     }
 }

@@ -462,7 +462,18 @@ impl AgentServer for Api {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(Response::new(pb::ListNodeSessionsResponse { sessions }))
+        Ok(Response::new(pb::ListNodeSessionsResponse {
+            sessions,
+            listed_at_ms: 0,
+        }))
+    }
+
+    /// The simulated runs reach nothing outside: a verdict changes nothing.
+    async fn reconcile_sessions(
+        &self,
+        _: Request<pb::ReconcileSessionsRequest>,
+    ) -> Result<Response<pb::ReconcileSessionsResponse>, Status> {
+        Ok(Response::new(pb::ReconcileSessionsResponse { fenced: 0 }))
     }
 }
 

@@ -4,6 +4,11 @@
 //! connection to the node's egress gateway over a Unix socket mounted into
 //! the container. It knows no policy: the gateway decides everything.
 //!
+//! `berth-forward --watch FILE SECONDS`: the container's main process when
+//! the node's dead man's switch is on. It exits (and the container stops
+//! with it) once FILE, which the node touches, is older than SECONDS: the
+//! node is dead, and nothing will stop this container otherwise.
+//!
 //! Standard library only, so it runs in any glibc image.
 
 use std::io::{Read, Write};
@@ -50,10 +55,41 @@ fn serve(tcp: TcpStream, socket: &PathBuf) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Waits until `file` has not been touched for `timeout` (or is gone).
+fn watch(file: &str, timeout: &str) -> ! {
+    let Ok(secs) = timeout.parse::<u64>() else {
+        eprintln!("berth-forward: --watch SECONDS must be a whole number, not `{timeout}`");
+        std::process::exit(2);
+    };
+    let timeout = std::time::Duration::from_secs(secs);
+    loop {
+        let age = std::fs::metadata(file)
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default());
+        match age {
+            Ok(age) if age <= timeout => {}
+            Ok(age) => {
+                eprintln!("berth-forward: the node has been silent for {}s; stopping the container", age.as_secs());
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("berth-forward: {file}: {e}; the node is gone; stopping the container");
+                std::process::exit(0);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, file, timeout] = args.as_slice()
+        && flag == "--watch"
+    {
+        watch(file, timeout);
+    }
     let [_, listen, socket] = args.as_slice() else {
-        eprintln!("usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET");
+        eprintln!("usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET\n       berth-forward --watch FILE SECONDS");
         std::process::exit(2);
     };
     let socket = PathBuf::from(socket);

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, MountVolumeOptions};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
     ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder,
@@ -25,7 +25,10 @@ use berth_common::sync::lock;
 use crate::config::ContainerConfig;
 use crate::error::Error;
 
+mod deadman;
 mod launcher;
+
+pub use deadman::{heartbeat, touch as touch_alive};
 
 use launcher::{LAUNCHER, launch_line};
 
@@ -119,26 +122,38 @@ impl ContainerRuntime {
             }
             Purpose::Warm => format!("berth-{}-{suffix}", sanitize(&cfg.node_id)),
         };
+        // The volumes carry the container's labels: whatever leaks can be
+        // told by node and session, and the reaper finds it.
         let mut mounts: Vec<Mount> = [&cfg.workspace, &cfg.home]
             .into_iter()
             .map(|target| Mount {
                 target: Some(target.clone()),
                 typ: Some(MountType::VOLUME),
+                volume_options: Some(MountVolumeOptions {
+                    labels: Some(labels.clone()),
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .collect();
         // The egress gateway's directory: the forwarder, and (while a
         // session runs) the gateway's socket. Read-only in the container.
+        let mut watch = None;
         let gateway_dir = match &cfg.gateway {
             Some(g) => {
                 // Short: a Unix socket's path has at most 107 bytes.
-                let dir = self.gateway_root().expect("gateway on").join(&suffix);
+                let root = self.gateway_root().expect("gateway on");
+                let dir = root.join(&suffix);
                 prepare_gateway_dir(&dir, &g.forwarder).map_err(|e| {
                     Error::Docker(format!(
                         "gateway directory {}: {e} (--gateway-dir, --gateway-forwarder)",
                         dir.display()
                     ))
                 })?;
+                watch = g
+                    .dead_man
+                    .filter(|_| deadman::link_into(&root, &dir))
+                    .map(|t| deadman::watch_cmd(crate::gateway::MOUNT, t));
                 mounts.push(Mount {
                     target: Some(crate::gateway::MOUNT.to_string()),
                     source: Some(dir.display().to_string()),
@@ -170,11 +185,14 @@ impl ContainerRuntime {
             // Anonymous volumes: writable, removed with the container
             // (`v=true`); and the gateway's directory.
             mounts: Some(mounts),
+            // With the dead man's switch, a container whose watcher gave
+            // up on its dead node is removed, volumes and all, by Docker.
+            auto_remove: Some(watch.is_some()),
             ..Default::default()
         };
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
-            cmd: Some(cfg.keepalive_cmd.clone()),
+            cmd: Some(watch.unwrap_or_else(|| cfg.keepalive_cmd.clone())),
             user: Some(cfg.agent_user.clone()),
             working_dir: Some(cfg.workspace.clone()),
             labels: Some(labels),
@@ -221,6 +239,13 @@ impl ContainerRuntime {
             .gateway
             .as_ref()
             .map(|g| g.root.join(gateway_node_dir(&self.cfg.node_id)))
+    }
+
+    /// This node's heartbeat directory and the switch's timeout, when the
+    /// dead man's switch is on.
+    pub fn dead_man(&self) -> Option<(std::path::PathBuf, std::time::Duration)> {
+        let timeout = self.cfg.gateway.as_ref()?.dead_man?;
+        Some((self.gateway_root()?, timeout))
     }
 
     /// Removes this node's gateway directory if no container's is left in it.
@@ -617,6 +642,26 @@ impl ContainerRuntime {
         let ids = self.list_owned().await?;
         for id in &ids {
             self.remove(id).await;
+        }
+        // Volumes of containers that are gone (an earlier run's, a removal
+        // that failed): every one carries this node's label.
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_NODE}={}", self.cfg.node_id)],
+        )]);
+        let opts = bollard::query_parameters::ListVolumesOptions {
+            filters: Some(filters),
+        };
+        match self.docker.list_volumes(Some(opts)).await {
+            Ok(list) => {
+                for v in list.volumes.unwrap_or_default() {
+                    let opts = bollard::query_parameters::RemoveVolumeOptions { force: true };
+                    if let Err(e) = self.docker.remove_volume(&v.name, Some(opts)).await {
+                        tracing::warn!(volume = %v.name, error = %e, "cannot remove a leftover volume");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list this node's volumes"),
         }
         // Gateway directories of containers an earlier run of this node left.
         if let Some(root) = self.gateway_root() {

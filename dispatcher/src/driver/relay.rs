@@ -587,6 +587,11 @@ impl<'a> Relay<'a> {
                 "node {} drained; re-queued",
                 self.link.placed.link.name()
             ))
+        } else if x.abandoned {
+            Some(format!(
+                "node {} stopped the run: no dispatcher re-attached within its grace period; re-queued",
+                self.link.placed.link.name()
+            ))
         } else if self.handing_back.is_some() && self.stop_asked.is_none() {
             Some("dispatcher shut down; re-queued".to_string())
         } else {

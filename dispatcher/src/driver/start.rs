@@ -192,6 +192,8 @@ pub(super) async fn attach(
         }
         Ok(Some(node_frame::Kind::Refused(r))) => {
             tracing::info!(%url, reason = %r.reason, "no run to re-attach to; placing the session anew");
+            let (id, epoch) = (session.id, session.epoch);
+            super::durably(ctx, || ctx.store.clear_node(id, epoch)).await?;
             Ok(None)
         }
         other => {

@@ -222,6 +222,19 @@ impl Nodes {
             .sum()
     }
 
+    /// The ids of the nodes that are up (draining ones too: their runs go
+    /// on), as sessions record them.
+    pub fn up_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.links)
+            .iter()
+            .filter(|l| l.report().is_some())
+            .map(|l| l.name())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Places a session for `image`, skipping `exclude`d link keys (nodes that
     /// already refused it). The slot is held until the returned value drops.
     pub fn place(

@@ -47,7 +47,7 @@ pub(crate) use access::{
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
-pub(crate) use sessions::{SessionFilter, Transitioned};
+pub(crate) use sessions::{RunState, SessionFilter, Transitioned};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
 
 /// Channel a new pending session is announced on.

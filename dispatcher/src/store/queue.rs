@@ -28,7 +28,25 @@ WITH next AS (
     ORDER BY create_time
     LIMIT $3
     FOR UPDATE SKIP LOCKED
-), moved AS (
+), {moved}"#;
+
+    /// Like [`CLAIM_SESSIONS`], for re-attaches: claims up to `$3` of the
+    /// `{rescheduling}` sessions whose last run was on one of the nodes in
+    /// `$4` (nodes this dispatcher sees up), whatever their load. Such a
+    /// run may still be going there, and re-attaching to it takes no slot:
+    /// a full fleet must never turn a lost dispatcher into lost sessions.
+    pub const CLAIM_REATTACH: &str = r#"
+WITH next AS (
+    SELECT id, status FROM sessions
+    WHERE status = '{rescheduling}' AND node = ANY($4)
+      AND (claim_after IS NULL OR claim_after <= now())
+    ORDER BY update_time
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), {moved}"#;
+
+    /// The claim's common part: move `next` to `{starting}` and log it.
+    pub const MOVE_CLAIMED: &str = r#"moved AS (
     UPDATE sessions s
     SET status = '{starting}', status_reason = '', epoch = s.epoch + 1, owner = $1,
         last_seq = s.last_seq + 1, update_time = now()
@@ -116,13 +134,16 @@ fn statuses(sql: &str) -> String {
     use SessionStatus::*;
     let claimed = [Starting, Running, Idle, Stopping];
     let open = SessionStatus::ALL.into_iter().filter(|s| s.is_open());
-    sql.replace("{claimable}", &status_literals(SessionStatus::CLAIMABLE))
+    sql.replace("{moved}", sql::MOVE_CLAIMED)
+        .replace("{claimable}", &status_literals(SessionStatus::CLAIMABLE))
+        .replace("{rescheduling}", Rescheduling.as_str())
         .replace("{starting}", Starting.as_str())
         .replace("{claimed}", &status_literals(claimed))
         .replace("{open}", &status_literals(open))
 }
 
 static CLAIM_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_SESSIONS));
+static CLAIM_REATTACH: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_REATTACH));
 static ORPHANED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::ORPHANED_SESSIONS));
 static OWNED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::OWNED_SESSIONS));
 static EXPIRED_PENDING: LazyLock<String> = LazyLock::new(|| statuses(sql::EXPIRED_PENDING));
@@ -149,13 +170,41 @@ impl Store {
     /// each to `starting`; oldest first. Two round trips for the batch. Each
     /// session's `last_seq` is its claim event's: what the run starts after.
     pub(crate) async fn claim(&self, owner: &str, limit: usize) -> Result<Vec<Session>> {
+        self.claim_with(&CLAIM_SESSIONS, owner, limit, None).await
+    }
+
+    /// Claims up to `limit` rescheduling sessions whose last run was on one
+    /// of `nodes`, for a re-attach that needs no free slot (see
+    /// [`sql::CLAIM_REATTACH`]).
+    pub(crate) async fn claim_reattach(
+        &self,
+        owner: &str,
+        limit: usize,
+        nodes: &[String],
+    ) -> Result<Vec<Session>> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.claim_with(&CLAIM_REATTACH, owner, limit, Some(nodes))
+            .await
+    }
+
+    async fn claim_with(
+        &self,
+        statement: &str,
+        owner: &str,
+        limit: usize,
+        nodes: Option<&[String]>,
+    ) -> Result<Vec<Session>> {
         let event_ids: Vec<Uuid> = (0..limit).map(|_| Uuid::now_v7()).collect();
-        let claimed: Vec<(Uuid, i64)> = sqlx::query_as(AssertSqlSafe(CLAIM_SESSIONS.as_str()))
+        let mut query = sqlx::query_as(AssertSqlSafe(statement))
             .bind(owner)
             .bind(&event_ids)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        if let Some(nodes) = nodes {
+            query = query.bind(nodes);
+        }
+        let claimed: Vec<(Uuid, i64)> = query.fetch_all(&self.pool).await?;
         if claimed.is_empty() {
             return Ok(Vec::new());
         }
@@ -254,15 +303,25 @@ mod tests {
     fn every_status_list_is_filled_from_the_enum() {
         for s in [
             &*CLAIM_SESSIONS,
+            &*CLAIM_REATTACH,
             &*ORPHANED_SESSIONS,
             &*EXPIRED_PENDING,
             &*OPEN_COUNTS,
         ] {
-            for hole in ["{claimable}", "{starting}", "{claimed}", "{open}"] {
+            for hole in [
+                "{claimable}",
+                "{starting}",
+                "{claimed}",
+                "{open}",
+                "{moved}",
+                "{rescheduling}",
+            ] {
                 assert!(!s.contains(hole), "{hole} left in {s}");
             }
         }
         assert!(CLAIM_SESSIONS.contains("status IN ('pending', 'rescheduling')"));
+        assert!(CLAIM_REATTACH.contains("status = 'rescheduling' AND node = ANY($4)"));
+        assert!(CLAIM_REATTACH.contains("SET status = 'starting'"));
         assert!(OPEN_COUNTS.contains("'paused'") && !OPEN_COUNTS.contains("'archived'"));
     }
 }

@@ -123,6 +123,15 @@ RETURNING seq, create_time
          input_seq = greatest(input_seq, $5) \
          WHERE id = $1 AND epoch = $2";
 
+    /// Each session's epoch, node and status (the reconcile pass judges a
+    /// node's runs by them). By primary key.
+    pub const RUN_STATES: &str =
+        "SELECT id, epoch, node, status FROM sessions WHERE id = ANY($1)";
+
+    /// Forgets where the session ran: its node said it has no run of it
+    /// any more, so it is no longer one to re-attach.
+    pub const CLEAR_NODE: &str = "UPDATE sessions SET node = '' WHERE id = $1 AND epoch = $2";
+
     /// Moves the forwarded-input cursor back, so input from `$2` on is
     /// delivered again (a turn lost with its node).
     pub const REWIND_INPUT_SEQ: &str =
@@ -173,6 +182,16 @@ static TRANSITION: LazyLock<String> = LazyLock::new(|| {
         .replace("{pending}", Pending.as_str())
         .replace("{archived}", Archived.as_str())
 });
+
+/// Where a session runs now, as the reconcile pass reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RunState {
+    pub id: Uuid,
+    pub epoch: i64,
+    /// The node of its current run ('' when none).
+    pub node: String,
+    pub status: String,
+}
 
 /// A filter and page for `list_sessions`.
 #[derive(Debug, Clone, Default)]
@@ -490,6 +509,27 @@ impl Store {
             .bind(node)
             .bind(attached)
             .bind(input_seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Where each of `ids` runs now, for the reconcile pass.
+    pub(crate) async fn run_states(&self, ids: &[Uuid]) -> Result<Vec<RunState>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as(sql::RUN_STATES)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Forgets where the session ran (see [`sql::CLEAR_NODE`]).
+    pub(crate) async fn clear_node(&self, id: Uuid, epoch: i64) -> Result<()> {
+        sqlx::query(sql::CLEAR_NODE)
+            .bind(id)
+            .bind(epoch)
             .execute(&self.pool)
             .await?;
         Ok(())
