@@ -12,9 +12,13 @@
 //! confirms them again or fences them. A fenced run's traffic is refused
 //! for good, and its gateway connections close before its agent is killed.
 //!
-//! So a run whose session moved to a newer epoch on another node sends no
-//! model request after the move: the move needs the node to be lost for a
-//! whole node lease, and a lease outlives no confirmation.
+//! A run whose lease lapsed is also *frozen* (its container paused, see
+//! `freezer.rs`) until it is confirmed again: its agent does nothing at all,
+//! not only nothing outside. So a run whose session moved to a newer epoch
+//! on another node is neither live nor sends a model request after the
+//! move: the move needs the node to be lost for a whole node lease, and a
+//! lease outlives no confirmation. When the node hears from a dispatcher
+//! again, the run is thawed (confirmed) or killed (fenced).
 
 use std::time::Duration;
 
@@ -33,6 +37,9 @@ enum State {
     Until(Instant),
     /// Superseded: never again.
     Fenced,
+    /// Ending on the node's own account (no dispatcher re-attached): no
+    /// outside traffic, but the agent runs on to be stopped and snapshot.
+    Ending,
 }
 
 /// Why a run may not use the gateway now.
@@ -42,6 +49,8 @@ pub enum Unusable {
     Fenced,
     #[error("no dispatcher has confirmed this run for {0:?}")]
     Unconfirmed(Duration),
+    #[error("this run is ending: no dispatcher re-attached to it")]
+    Ending,
 }
 
 /// One run's lease; shared by its session and its gateway.
@@ -79,10 +88,29 @@ impl RunLease {
         *self.state.borrow() == State::Fenced
     }
 
+    /// The node ends the run itself: it reaches nothing more, and is
+    /// never frozen (its stop and snapshot need it running).
+    pub fn end(&self) {
+        self.state.send_if_modified(|s| match s {
+            State::Until(_) => {
+                *s = State::Ending;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Whether the run should be frozen at `now`: its confirmation lapsed,
+    /// and it is neither fenced (it is being killed) nor ending.
+    pub fn lapsed(&self, now: Instant) -> bool {
+        matches!(*self.state.borrow(), State::Until(t) if t <= now)
+    }
+
     /// Whether the run may use the gateway at `now`.
     fn check(&self, now: Instant) -> Result<(), Unusable> {
         match *self.state.borrow() {
             State::Fenced => Err(Unusable::Fenced),
+            State::Ending => Err(Unusable::Ending),
             State::Until(t) if t > now => Ok(()),
             State::Until(t) => Err(Unusable::Unconfirmed(now - t)),
         }
@@ -98,7 +126,7 @@ impl RunLease {
             let now = Instant::now();
             let why = match self.check(now) {
                 Ok(()) => return Ok(()),
-                Err(Unusable::Fenced) => return Err(Unusable::Fenced),
+                Err(e @ (Unusable::Fenced | Unusable::Ending)) => return Err(e),
                 Err(why) if now >= deadline => return Err(why),
                 Err(why) => why,
             };
@@ -143,7 +171,7 @@ mod tests {
         tokio::time::advance(2 * S).await;
         assert!(!waiter.is_finished());
         lease.confirm(Instant::now() + 3 * S);
-        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert_eq!(waiter.await.expect("test"), Ok(()));
     }
 
     #[tokio::test(start_paused = true)]
@@ -166,10 +194,24 @@ mod tests {
         });
         tokio::task::yield_now().await;
         lease.fence();
-        assert_eq!(waiter.await.unwrap(), Err(Unusable::Fenced));
+        assert_eq!(waiter.await.expect("test"), Err(Unusable::Fenced));
         lease.confirm(Instant::now() + 60 * S);
         assert_eq!(lease.usable(Duration::ZERO).await, Err(Unusable::Fenced));
         lease.fenced().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lapsed_run_is_frozen_unless_fenced_or_ending() {
+        let lease = RunLease::new(Instant::now() + S);
+        assert!(!lease.lapsed(Instant::now()));
+        tokio::time::advance(S).await;
+        assert!(lease.lapsed(Instant::now()));
+        lease.end();
+        assert!(!lease.lapsed(Instant::now()));
+        assert_eq!(lease.usable(Duration::ZERO).await, Err(Unusable::Ending));
+        let fenced = RunLease::new(Instant::now());
+        fenced.fence();
+        assert!(!fenced.lapsed(Instant::now() + S));
     }
 
     #[tokio::test(start_paused = true)]

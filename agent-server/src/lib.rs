@@ -18,6 +18,7 @@ pub mod config;
 mod container;
 mod env;
 mod error;
+mod freezer;
 pub mod gateway;
 mod layout;
 mod lease;
@@ -109,6 +110,7 @@ pub async fn run_with_drain(
     };
     let node = node::Node::new(cfg, runtime, objects, gateway, shutdown.child_token());
     node.spawn_sampler();
+    tokio::spawn(freezer::run(node.clone()));
     if let Some(addr) = node.cfg.metrics_listen.0 {
         let handle = metrics::install()?;
         let ready = {

@@ -35,6 +35,7 @@ pub const EGRESS_BYTES: &str = "berth_egress_bytes_total";
 pub const GATEWAY_MODEL_REQUESTS: &str = "berth_gateway_model_requests_total";
 pub const RUNS_FENCED: &str = "berth_agent_server_runs_fenced_total";
 pub const GATEWAY_HELD: &str = "berth_gateway_held_requests_total";
+pub const RUNS_FROZEN: &str = "berth_agent_server_runs_frozen_total";
 
 /// The `start` label's values: how an agent started.
 pub const START_PATHS: [&str; 3] = ["warm_process", "warm_container", "cold"];
@@ -45,6 +46,12 @@ pub const ALL: &[Def] = &[
         name: RUNS_FENCED,
         kind: Kind::Counter,
         help: "Runs stopped because a dispatcher said their session moved on (a newer epoch elsewhere, ended or gone).",
+        labels: &[],
+    },
+    Def {
+        name: RUNS_FROZEN,
+        kind: Kind::Counter,
+        help: "Runs frozen (container paused) because no dispatcher confirmed them within their lease; thawed when one does.",
         labels: &[],
     },
     Def {

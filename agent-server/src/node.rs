@@ -58,8 +58,17 @@ pub struct RunningSession {
 
 /// How long a run's lease lasts before the first reconcile pass says
 /// otherwise (a dispatcher's own value replaces it with its first pass).
-const DEFAULT_LEASE: Duration = Duration::from_secs(3);
+/// Short: never longer than a dispatcher would give, or a run started
+/// before the first pass would outlive its node's loss unfrozen.
+const DEFAULT_LEASE: Duration = Duration::from_secs(1);
 
+
+impl RunningSession {
+    /// The run's lease.
+    pub fn lease(&self) -> &RunLease {
+        &self.lease
+    }
+}
 
 /// Why a start was refused (late binding: the dispatcher places it elsewhere).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

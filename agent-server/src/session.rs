@@ -375,6 +375,11 @@ async fn run_in_slot(
                         stop_reason = Some(reason);
                         snapshot_key = key;
                         abandoned = a;
+                        if a {
+                            // No dispatcher: thawed, so it can stop and be saved.
+                            slot.lease.end();
+                            runtime.unpause(&container_id).await;
+                        }
                         None
                     }
                     None => { stop_reason = Some("dispatcher link lost".into()); None }
@@ -409,6 +414,12 @@ async fn run_in_slot(
                 break;
             }
         }
+    }
+    // A run frozen for want of confirmation is thawed to be stopped,
+    // saved and removed.
+    if !slot.lease.is_fenced() {
+        slot.lease.end();
+        runtime.unpause(&container_id).await;
     }
     if !killed && let Some(line) = lines.finish() {
         emit(out, &mut *adapter, &events, line).await;

@@ -49,10 +49,21 @@ pub(crate) fn verdict(node: &str, run_epoch: i64, row: Option<&RunState>) -> Opt
     if row.epoch > run_epoch {
         return (!here).then_some(Verdict::Superseded);
     }
-    if row.epoch == run_epoch && here {
-        return Some(Verdict::Current);
+    if row.epoch < run_epoch {
+        // The row is behind the node (a re-attach it has not recorded).
+        return None;
     }
-    None
+    // Same epoch. Starting: the run is being placed (the row names its node
+    // only once the node accepted). Else it must be where the row says.
+    if here || status == Some(SessionStatus::Starting) {
+        Some(Verdict::Current)
+    } else if row.node.is_empty() {
+        None
+    } else {
+        // Placed at this epoch on another node: a start that this node
+        // answered too late, after the dispatcher had moved on.
+        Some(Verdict::Superseded)
+    }
 }
 
 /// Reconciles every up node each `interval`, confirming runs for
@@ -76,7 +87,8 @@ pub(crate) async fn run(
             .into_iter()
             .filter(|l| l.report().is_some())
             .collect();
-        let passes = links.iter().map(|l| reconcile(l, &store, interval, valid_for));
+        // A pass slower than a confirmation lasts is of no use.
+        let passes = links.iter().map(|l| reconcile(l, &store, valid_for, valid_for));
         futures::future::join_all(passes).await;
     }
 }
@@ -197,9 +209,24 @@ mod tests {
     fn a_hand_over_in_progress_gets_no_word() {
         // A claim at epoch 4 re-attaching to this very node.
         assert_eq!(verdict("a", 3, Some(&row(4, "a", "starting"))), None);
-        // A fresh run here, not yet recorded where it runs.
-        assert_eq!(verdict("a", 3, Some(&row(3, "", "starting"))), None);
         // The row is behind the node (a re-attach it has not recorded).
         assert_eq!(verdict("a", 5, Some(&row(4, "a", "running"))), None);
+    }
+
+    #[test]
+    fn a_run_being_placed_is_confirmed_before_the_row_names_its_node() {
+        assert_eq!(
+            verdict("a", 3, Some(&row(3, "", "starting"))),
+            Some(Verdict::Current)
+        );
+        assert_eq!(
+            verdict("a", 3, Some(&row(3, "old", "starting"))),
+            Some(Verdict::Current)
+        );
+        // Placed at this epoch on another node after this one answered late.
+        assert_eq!(
+            verdict("a", 3, Some(&row(3, "b", "running"))),
+            Some(Verdict::Superseded)
+        );
     }
 }

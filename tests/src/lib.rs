@@ -144,7 +144,9 @@ impl Builder {
         self
     }
 
-    /// The dispatcher's node lease (default 1 s; nodes report every 200 ms).
+    /// The dispatcher's node lease (default 2 s; nodes report every 200 ms).
+    /// Runs' gateway leases last 3/5 of it: under a loaded CI machine a
+    /// shorter one freezes runs between reconcile passes.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
@@ -562,7 +564,7 @@ impl TestCluster {
             nodes: 1,
             capacity: 4,
             warm_pools: Vec::new(),
-            lease: Duration::from_secs(1),
+            lease: Duration::from_secs(2),
             node_hook: None,
             dispatcher_hook: None,
             metrics: false,

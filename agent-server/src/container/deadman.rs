@@ -80,20 +80,20 @@ mod tests {
     fn one_touch_reaches_every_container_link() {
         let root = std::env::temp_dir().join(format!("berth-deadman-{}", uuid::Uuid::new_v4()));
         let (node, c1, c2) = (root.join("n"), root.join("n/c1"), root.join("n/c2"));
-        std::fs::create_dir_all(&c1).unwrap();
-        std::fs::create_dir_all(&c2).unwrap();
+        std::fs::create_dir_all(&c1).expect("test");
+        std::fs::create_dir_all(&c2).expect("test");
         assert!(link_into(&node, &c1) && link_into(&node, &c2));
         let old = SystemTime::now() - Duration::from_secs(3600);
         std::fs::File::options()
             .write(true)
             .open(node.join(ALIVE))
-            .unwrap()
+            .expect("test")
             .set_modified(old)
-            .unwrap();
-        let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+            .expect("test");
+        let mtime = |p: &Path| std::fs::metadata(p).expect("test").modified().expect("test");
         assert_eq!(mtime(&c1.join(LINK)), old);
-        touch(&node).unwrap();
+        touch(&node).expect("test");
         assert!(mtime(&c1.join(LINK)) > old && mtime(&c2.join(LINK)) > old);
-        std::fs::remove_dir_all(root).unwrap();
+        std::fs::remove_dir_all(root).expect("test");
     }
 }

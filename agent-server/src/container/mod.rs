@@ -508,6 +508,26 @@ impl ContainerRuntime {
         }
     }
 
+    /// Freezes every process of the container (the cgroup freezer).
+    /// Whether it is paused now.
+    pub async fn pause(&self, container_id: &str) -> bool {
+        match self.docker.pause_container(container_id).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(container_id, error = %e, "cannot pause the container");
+                false
+            }
+        }
+    }
+
+    /// Thaws a paused container; a container that is not paused (or gone)
+    /// is left as it is.
+    pub async fn unpause(&self, container_id: &str) {
+        if let Err(e) = self.docker.unpause_container(container_id).await {
+            tracing::debug!(container_id, error = %e, "unpause");
+        }
+    }
+
     /// How many processes the kernel killed in the container for want of
     /// memory (its memory cgroup's `oom_kill`, v2 or v1); `None` when it
     /// cannot be read.

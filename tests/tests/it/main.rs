@@ -11,6 +11,7 @@ mod failover;
 mod faults;
 mod fleet;
 mod local;
+mod reliability;
 mod ops;
 mod seed;
 mod spine;

@@ -1,0 +1,250 @@
+//! Reliability on a full fleet: a lost dispatcher's sessions are re-attached
+//! whatever the nodes' load (kill -9 with another dispatcher alive, kill -9
+//! with a same-id restart, SIGTERM), one live agent per session through a
+//! node stall, and the dead man's switch of a node killed with SIGKILL.
+
+use std::time::{Duration, Instant};
+
+use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
+use berth_tests::*;
+
+/// Sessions on every slot of a 2×2 fleet.
+const FULL: usize = 4;
+
+/// Sends each session a turn that outlives the fault to come.
+async fn turns(
+    c: &mut SessionsClient<Api>,
+    sessions: &[pb::Session],
+    tag: &str,
+) -> anyhow::Result<Vec<i64>> {
+    let mut seqs = Vec::new();
+    for (i, s) in sessions.iter().enumerate() {
+        seqs.push(send(c, &s.name, &format!("delay 1500 {tag}-{i}")).await?);
+    }
+    for s in sessions {
+        wait_for_status(c, &s.name, pb::SessionStatus::Running, Duration::from_secs(30)).await?;
+    }
+    Ok(seqs)
+}
+
+/// Every turn is answered, every session is idle again at a newer epoch,
+/// none was stopped or lost a turn, and a message sent after the fault is
+/// answered too.
+async fn all_came_through(
+    c: &mut SessionsClient<Api>,
+    sessions: &[pb::Session],
+    seqs: &[i64],
+    tag: &str,
+) -> anyhow::Result<()> {
+    for (i, (s, seq)) in sessions.iter().zip(seqs).enumerate() {
+        assert_eq!(reply_after(c, &s.name, *seq).await?, format!("{tag}-{i}"));
+    }
+    for (i, s) in sessions.iter().enumerate() {
+        assert_eq!(
+            turn(c, &s.name, &format!("echo after {tag} {i}")).await?,
+            format!("after {tag} {i}")
+        );
+        let events = events_of(c, &s.name).await?;
+        for bad in ["session.status_stopped", "session.turn_lost", "session.status_failed"] {
+            assert!(
+                !events.iter().any(|e| e.r#type == bad),
+                "{} has {bad} after {tag}",
+                s.name
+            );
+        }
+        assert_eq!(
+            events.iter().filter(|e| e.r#type == "runtime.init").count(),
+            1,
+            "{}: the agent ran on in its container",
+            s.name
+        );
+    }
+    Ok(())
+}
+
+/// The three ways a dispatcher goes, on a fleet with no free slot: each
+/// time every session is re-attached where it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_fleet_loses_no_session_when_its_dispatcher_goes() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::builder().nodes(2).capacity(2).start().await?;
+    let mut k = cluster.add_killable_dispatcher("full-fleet").await?;
+    cluster.sigterm_dispatcher().await?;
+    let mut sessions = Vec::new();
+    for i in 0..FULL {
+        sessions.push(idle_session(&mut k.client, fake_session(&format!("echo ready {i}"))).await?);
+    }
+    let mut per_node = std::collections::HashMap::<String, usize>::new();
+    for s in &sessions {
+        *per_node.entry(get(&mut k.client, &s.name).await?.node).or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 2, "{per_node:?}");
+    assert!(per_node.values().all(|n| *n == 2), "every slot is taken: {per_node:?}");
+
+    // kill -9, and the same id restarts.
+    let seqs = turns(&mut k.client, &sessions, "restart").await?;
+    k.kill();
+    let started = Instant::now();
+    let mut k = cluster.add_killable_dispatcher("full-fleet").await?;
+    all_came_through(&mut k.client, &sessions, &seqs, "restart").await?;
+    eprintln!("same-id restart: all re-attached in {:?}", started.elapsed());
+
+    // kill -9 with another dispatcher alive; a message sent while the
+    // sessions wait for their new owner is answered too.
+    let mut other = cluster.add_dispatcher().await?;
+    let seqs = turns(&mut other, &sessions, "kill").await?;
+    k.kill();
+    all_came_through(&mut other, &sessions, &seqs, "kill").await?;
+
+    // SIGTERM (a rolling update) of the owner now.
+    let mut last = cluster.add_dispatcher().await?;
+    let seqs = turns(&mut last, &sessions, "sigterm").await?;
+    let owner = {
+        let mut db =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.database_url).await?;
+        sqlx::query_scalar::<_, String>("SELECT owner FROM sessions WHERE id = $1::uuid")
+            .bind(&sessions[0].id)
+            .fetch_one(&mut db)
+            .await?
+    };
+    cluster.sigterm_dispatcher_id(&owner)?;
+    all_came_through(&mut last, &sessions, &seqs, "sigterm").await?;
+    for s in &sessions {
+        stop_and_wait(&mut last, &s.name).await?;
+    }
+    cluster.shutdown().await
+}
+
+/// Running, unpaused containers of a session: its live agents.
+async fn live_agents(session_id: &str) -> anyhow::Result<usize> {
+    let docker = docker().await?;
+    let mut live = 0;
+    for id in containers_of(session_id).await? {
+        let Ok(c) = docker.inspect_container(&id, None).await else {
+            continue;
+        };
+        let state = c.state.unwrap_or_default();
+        if state.running == Some(true) && state.paused != Some(true) {
+            live += 1;
+        }
+    }
+    Ok(live)
+}
+
+/// A node stalls past its lease mid-turn (its links go silent, as under
+/// SIGSTOP or a partition). Its run is frozen before the session moves, so
+/// a watcher sampling both nodes never sees two live agents; when the node
+/// answers again its run is fenced and removed within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_node_never_leaves_two_live_agents_for_one_session() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().nodes(2).start().await?;
+    let mut c = cluster.client();
+    let s = idle_session(&mut c, fake_session("echo ready")).await?;
+    let ran_on = get(&mut c, &s.name).await?.node;
+    let seq = send(&mut c, &s.name, "delay 4000 after the stall").await?;
+    wait_for_status(&mut c, &s.name, pb::SessionStatus::Running, Duration::from_secs(30)).await?;
+    let watching = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn({
+        let (id, stop) = (s.id.clone(), watching.clone());
+        async move {
+            let mut most = 0;
+            let started = Instant::now();
+            while !stop.is_cancelled() {
+                let live = live_agents(&id).await?;
+                if live > 1 {
+                    eprintln!("{live} live agents at {:?}", started.elapsed());
+                }
+                most = most.max(live);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(most)
+        }
+    });
+    let stalled = &cluster.nodes[cluster.node_index(&ran_on)?];
+    stalled.proxy.set_paused(true);
+    eprintln!("stalled");
+    let reply = reply_after(&mut c, &s.name, seq).await?;
+    assert_eq!(reply, "after the stall");
+    assert_ne!(get(&mut c, &s.name).await?.node, ran_on);
+    let resumed = Instant::now();
+    stalled.proxy.set_paused(false);
+    // The old run is fenced and its container removed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while containers_of(&s.id).await?.len() > 1 {
+        anyhow::ensure!(Instant::now() < deadline, "the superseded run's container is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("superseded run removed {:?} after the node came back", resumed.elapsed());
+    watching.cancel();
+    let most = watcher.await??;
+    assert_eq!(most, 1, "two live agents for one session at once");
+    assert_eq!(turn(&mut c, &s.name, "echo still fine").await?, "still fine");
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
+
+/// The node binary `scripts/setup.sh` builds beside the tests.
+fn node_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .map(|d| d.join("berth-agent-server"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "target/debug/berth-agent-server".into())
+}
+
+/// A node killed with SIGKILL leaves containers behind (its warm pool
+/// here); each stops and is removed by Docker, volumes and all, within the
+/// dead man's switch's bound, with no node restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_sigkill_leaves_no_container_running() -> anyhow::Result<()> {
+    let id = format!("deadman-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let gateway = std::env::temp_dir().join("berth-test-gateway");
+    let objects = std::env::temp_dir().join(format!("berth-test-{id}-objects"));
+    let mut node = std::process::Command::new(node_binary())
+        .args(["--listen", &free_addr()?.to_string(), "--metrics-listen", "off"])
+        .args(["--node-id", &id, "--insecure-plaintext", "--capacity", "2"])
+        .args(["--warm-pool", &format!("{TEST_IMAGE}=2")])
+        .args(["--dead-man-timeout", "4"])
+        .arg("--gateway-dir")
+        .arg(&gateway)
+        .arg("--gateway-forwarder")
+        .arg(forwarder())
+        .arg("--objects-dir")
+        .arg(&objects)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let label = [format!("berth.node={id}")];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while containers_labelled(&label).await?.len() < 2 {
+        if Instant::now() > deadline {
+            let _ = node.kill();
+            remove_node_containers(&id);
+            anyhow::bail!("the node's warm pool never filled");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let volumes = |id: String| async move {
+        let filters = std::collections::HashMap::from([(
+            "label".to_string(),
+            vec![format!("berth.node={id}")],
+        )]);
+        let opts = bollard::query_parameters::ListVolumesOptions { filters: Some(filters) };
+        anyhow::Ok(docker().await?.list_volumes(Some(opts)).await?.volumes.unwrap_or_default().len())
+    };
+    assert!(volumes(id.clone()).await? >= 2, "every volume carries the node's label");
+    node.kill()?;
+    node.wait()?;
+    let killed = Instant::now();
+    let bound = Duration::from_secs(4 + 6);
+    while !containers_labelled(&label).await?.is_empty() {
+        if killed.elapsed() > bound {
+            remove_node_containers(&id);
+            anyhow::bail!("containers of the killed node still there after {bound:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("the killed node's containers were gone {:?} after the kill", killed.elapsed());
+    assert_eq!(volumes(id.clone()).await?, 0, "their volumes went with them");
+    let _ = std::fs::remove_dir_all(&objects);
+    Ok(())
+}
