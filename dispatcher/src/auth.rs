@@ -222,8 +222,7 @@ impl Authenticator {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_token)
             .ok_or_else(|| {
                 rich_status(
                     Code::Unauthenticated,
@@ -356,9 +355,29 @@ where
     }
 }
 
+/// The credential of an `authorization` value: the scheme is
+/// case-insensitive (RFC 9110 §11.1), so `bearer x` is `Bearer x`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for ok in ["Bearer berth_a_b", "bearer berth_a_b", "BEARER  berth_a_b "] {
+            assert_eq!(bearer_token(ok), Some("berth_a_b"), "{ok}");
+        }
+        for bad in ["", "Bearer", "Bearer ", "Basic berth_a_b", "berth_a_b"] {
+            assert_eq!(bearer_token(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn tokens_are_prefixed_high_entropy_and_carry_their_key_id() {

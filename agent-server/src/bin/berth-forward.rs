@@ -4,10 +4,12 @@
 //! connection to the node's egress gateway over a Unix socket mounted into
 //! the container. It knows no policy: the gateway decides everything.
 //!
-//! `berth-forward --watch FILE SECONDS`: the container's main process when
-//! the node's dead man's switch is on. It exits (and the container stops
-//! with it) once FILE, which the node touches, is older than SECONDS: the
-//! node is dead, and nothing will stop this container otherwise.
+//! `berth-forward --watch FILE SECONDS -- KEEPALIVE...`: the container's
+//! main process when the node's dead man's switch is on. It runs the
+//! keep-alive command as its child and exits (and the container stops with
+//! it) once FILE, which the node touches, is older than SECONDS: the node
+//! is dead, and nothing will stop this container otherwise. It also exits,
+//! with its code, when the keep-alive does.
 //!
 //! Standard library only, so it runs in any glibc image.
 
@@ -55,14 +57,28 @@ fn serve(tcp: TcpStream, socket: &PathBuf) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Waits until `file` has not been touched for `timeout` (or is gone).
-fn watch(file: &str, timeout: &str) -> ! {
+/// Runs `keepalive` until `file` has not been touched for `timeout` (or is
+/// gone), or until the keep-alive exits.
+fn watch(file: &str, timeout: &str, keepalive: &[String]) -> ! {
     let Ok(secs) = timeout.parse::<u64>() else {
         eprintln!("berth-forward: --watch SECONDS must be a whole number, not `{timeout}`");
         std::process::exit(2);
     };
     let timeout = std::time::Duration::from_secs(secs);
+    let mut child = match keepalive.split_first() {
+        Some((cmd, args)) => match std::process::Command::new(cmd).args(args).spawn() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("berth-forward: cannot start the keep-alive `{cmd}`: {e}");
+                std::process::exit(1);
+            }
+        },
+        None => None,
+    };
     loop {
+        if let Some(Ok(Some(status))) = child.as_mut().map(std::process::Child::try_wait) {
+            std::process::exit(status.code().unwrap_or(1));
+        }
         let age = std::fs::metadata(file)
             .and_then(|m| m.modified())
             .map(|t| t.elapsed().unwrap_or_default());
@@ -83,13 +99,17 @@ fn watch(file: &str, timeout: &str) -> ! {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let [_, flag, file, timeout] = args.as_slice()
+    if let [_, flag, file, timeout, rest @ ..] = args.as_slice()
         && flag == "--watch"
     {
-        watch(file, timeout);
+        let keepalive = match rest {
+            [dashes, cmd @ ..] if dashes == "--" => cmd,
+            other => other,
+        };
+        watch(file, timeout, keepalive);
     }
     let [_, listen, socket] = args.as_slice() else {
-        eprintln!("usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET\n       berth-forward --watch FILE SECONDS");
+        eprintln!("usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET\n       berth-forward --watch FILE SECONDS [-- KEEPALIVE...]");
         std::process::exit(2);
     };
     let socket = PathBuf::from(socket);

@@ -4,7 +4,8 @@
 //! it every sixth of the timeout. Each container's gateway directory holds
 //! a hard link to it (`alive`: the same inode, so one touch reaches every
 //! container), and the container's main process is the forwarder watching
-//! that file's modification time (`berth-forward --watch`). When the node
+//! that file's modification time (`berth-forward --watch`), with the
+//! configured keep-alive command as its child. When the node
 //! dies, the touches stop; each container's watcher exits once the file is
 //! older than the timeout, the container stops with it, and Docker removes
 //! it and its volumes (auto-remove). Nothing needs the node to restart.
@@ -48,14 +49,18 @@ pub fn link_into(node_dir: &Path, container_dir: &Path) -> bool {
 }
 
 /// The container's main process with the switch on: the forwarder watching
-/// the heartbeat, through the directory's mount in the container.
-pub fn watch_cmd(mount: &str, timeout: Duration) -> Vec<String> {
-    vec![
+/// the heartbeat (through the directory's mount in the container), with
+/// the keep-alive command as its child.
+pub fn watch_cmd(mount: &str, timeout: Duration, keepalive: &[String]) -> Vec<String> {
+    let mut cmd = vec![
         format!("{mount}/{}", crate::gateway::FORWARDER),
         "--watch".into(),
         format!("{mount}/{LINK}"),
         timeout.as_secs().to_string(),
-    ]
+        "--".into(),
+    ];
+    cmd.extend_from_slice(keepalive);
+    cmd
 }
 
 /// Touches the heartbeat every sixth of `timeout` until `stop`.

@@ -153,7 +153,7 @@ impl ContainerRuntime {
                 watch = g
                     .dead_man
                     .filter(|_| deadman::link_into(&root, &dir))
-                    .map(|t| deadman::watch_cmd(crate::gateway::MOUNT, t));
+                    .map(|t| deadman::watch_cmd(crate::gateway::MOUNT, t, &cfg.keepalive_cmd));
                 mounts.push(Mount {
                     target: Some(crate::gateway::MOUNT.to_string()),
                     source: Some(dir.display().to_string()),
