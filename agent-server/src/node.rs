@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +16,8 @@ use berth_common::sync::lock;
 
 use crate::config::{Config, WorkspaceConfig};
 use crate::container::ContainerRuntime;
-use crate::load::Load;
 use crate::lease::RunLease;
+use crate::load::Load;
 use crate::pool::Pools;
 
 /// Slots the configured capacity allows, bounded by what the machine's memory
@@ -61,7 +61,6 @@ pub struct RunningSession {
 /// Short: never longer than a dispatcher would give, or a run started
 /// before the first pass would outlive its node's loss unfrozen.
 const DEFAULT_LEASE: Duration = Duration::from_secs(1);
-
 
 impl RunningSession {
     /// The run's lease.

@@ -219,19 +219,15 @@ impl Authenticator {
                 None,
             ));
         };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(bearer_token)
-            .ok_or_else(|| {
-                rich_status(
-                    Code::Unauthenticated,
-                    "`authorization` metadata must be `Bearer <API key>`",
-                    "API_KEY_MALFORMED",
-                    Some("authorization"),
-                    None,
-                )
-            })?;
+        let token = value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            rich_status(
+                Code::Unauthenticated,
+                "`authorization` metadata must be `Bearer <API key>`",
+                "API_KEY_MALFORMED",
+                Some("authorization"),
+                None,
+            )
+        })?;
         let invalid = || {
             rich_status(
                 Code::Unauthenticated,

@@ -88,7 +88,9 @@ pub(crate) async fn run(
             .filter(|l| l.report().is_some())
             .collect();
         // A pass slower than a confirmation lasts is of no use.
-        let passes = links.iter().map(|l| reconcile(l, &store, valid_for, valid_for));
+        let passes = links
+            .iter()
+            .map(|l| reconcile(l, &store, valid_for, valid_for));
         futures::future::join_all(passes).await;
     }
 }
@@ -195,7 +197,14 @@ mod tests {
 
     #[test]
     fn a_run_of_an_ended_or_missing_session_is_fenced() {
-        for status in ["stopped", "paused", "completed", "failed", "timeout", "archived"] {
+        for status in [
+            "stopped",
+            "paused",
+            "completed",
+            "failed",
+            "timeout",
+            "archived",
+        ] {
             assert_eq!(
                 verdict("a", 3, Some(&row(3, "a", status))),
                 Some(Verdict::Superseded),

@@ -85,7 +85,10 @@ fn watch(file: &str, timeout: &str, keepalive: &[String]) -> ! {
         match age {
             Ok(age) if age <= timeout => {}
             Ok(age) => {
-                eprintln!("berth-forward: the node has been silent for {}s; stopping the container", age.as_secs());
+                eprintln!(
+                    "berth-forward: the node has been silent for {}s; stopping the container",
+                    age.as_secs()
+                );
                 std::process::exit(0);
             }
             Err(e) => {
@@ -109,7 +112,9 @@ fn main() {
         watch(file, timeout, keepalive);
     }
     let [_, listen, socket] = args.as_slice() else {
-        eprintln!("usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET\n       berth-forward --watch FILE SECONDS [-- KEEPALIVE...]");
+        eprintln!(
+            "usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET\n       berth-forward --watch FILE SECONDS [-- KEEPALIVE...]"
+        );
         std::process::exit(2);
     };
     let socket = PathBuf::from(socket);

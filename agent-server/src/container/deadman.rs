@@ -95,7 +95,12 @@ mod tests {
             .expect("test")
             .set_modified(old)
             .expect("test");
-        let mtime = |p: &Path| std::fs::metadata(p).expect("test").modified().expect("test");
+        let mtime = |p: &Path| {
+            std::fs::metadata(p)
+                .expect("test")
+                .modified()
+                .expect("test")
+        };
         assert_eq!(mtime(&c1.join(LINK)), old);
         touch(&node).expect("test");
         assert!(mtime(&c1.join(LINK)) > old && mtime(&c2.join(LINK)) > old);

@@ -125,8 +125,7 @@ RETURNING seq, create_time
 
     /// Each session's epoch, node and status (the reconcile pass judges a
     /// node's runs by them). By primary key.
-    pub const RUN_STATES: &str =
-        "SELECT id, epoch, node, status FROM sessions WHERE id = ANY($1)";
+    pub const RUN_STATES: &str = "SELECT id, epoch, node, status FROM sessions WHERE id = ANY($1)";
 
     /// Forgets where the session ran: its node said it has no run of it
     /// any more, so it is no longer one to re-attach.

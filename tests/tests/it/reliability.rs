@@ -22,7 +22,13 @@ async fn turns(
         seqs.push(send(c, &s.name, &format!("delay 1500 {tag}-{i}")).await?);
     }
     for s in sessions {
-        wait_for_status(c, &s.name, pb::SessionStatus::Running, Duration::from_secs(30)).await?;
+        wait_for_status(
+            c,
+            &s.name,
+            pb::SessionStatus::Running,
+            Duration::from_secs(30),
+        )
+        .await?;
     }
     Ok(seqs)
 }
@@ -45,7 +51,11 @@ async fn all_came_through(
             format!("after {tag} {i}")
         );
         let events = events_of(c, &s.name).await?;
-        for bad in ["session.status_stopped", "session.turn_lost", "session.status_failed"] {
+        for bad in [
+            "session.status_stopped",
+            "session.turn_lost",
+            "session.status_failed",
+        ] {
             assert!(
                 !events.iter().any(|e| e.r#type == bad),
                 "{} has {bad} after {tag}",
@@ -75,10 +85,15 @@ async fn a_full_fleet_loses_no_session_when_its_dispatcher_goes() -> anyhow::Res
     }
     let mut per_node = std::collections::HashMap::<String, usize>::new();
     for s in &sessions {
-        *per_node.entry(get(&mut k.client, &s.name).await?.node).or_default() += 1;
+        *per_node
+            .entry(get(&mut k.client, &s.name).await?.node)
+            .or_default() += 1;
     }
     assert_eq!(per_node.len(), 2, "{per_node:?}");
-    assert!(per_node.values().all(|n| *n == 2), "every slot is taken: {per_node:?}");
+    assert!(
+        per_node.values().all(|n| *n == 2),
+        "every slot is taken: {per_node:?}"
+    );
 
     // kill -9, and the same id restarts.
     let seqs = turns(&mut k.client, &sessions, "restart").await?;
@@ -86,7 +101,10 @@ async fn a_full_fleet_loses_no_session_when_its_dispatcher_goes() -> anyhow::Res
     let started = Instant::now();
     let mut k = cluster.add_killable_dispatcher("full-fleet").await?;
     all_came_through(&mut k.client, &sessions, &seqs, "restart").await?;
-    eprintln!("same-id restart: all re-attached in {:?}", started.elapsed());
+    eprintln!(
+        "same-id restart: all re-attached in {:?}",
+        started.elapsed()
+    );
 
     // kill -9 with another dispatcher alive; a message sent while the
     // sessions wait for their new owner is answered too.
@@ -141,7 +159,13 @@ async fn a_stalled_node_never_leaves_two_live_agents_for_one_session() -> anyhow
     let s = idle_session(&mut c, fake_session("echo ready")).await?;
     let ran_on = get(&mut c, &s.name).await?.node;
     let seq = send(&mut c, &s.name, "delay 4000 after the stall").await?;
-    wait_for_status(&mut c, &s.name, pb::SessionStatus::Running, Duration::from_secs(30)).await?;
+    wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Running,
+        Duration::from_secs(30),
+    )
+    .await?;
     let watching = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn({
         let (id, stop) = (s.id.clone(), watching.clone());
@@ -170,14 +194,23 @@ async fn a_stalled_node_never_leaves_two_live_agents_for_one_session() -> anyhow
     // The old run is fenced and its container removed.
     let deadline = Instant::now() + Duration::from_secs(15);
     while containers_of(&s.id).await?.len() > 1 {
-        anyhow::ensure!(Instant::now() < deadline, "the superseded run's container is still there");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the superseded run's container is still there"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("superseded run removed {:?} after the node came back", resumed.elapsed());
+    eprintln!(
+        "superseded run removed {:?} after the node came back",
+        resumed.elapsed()
+    );
     watching.cancel();
     let most = watcher.await??;
     assert_eq!(most, 1, "two live agents for one session at once");
-    assert_eq!(turn(&mut c, &s.name, "echo still fine").await?, "still fine");
+    assert_eq!(
+        turn(&mut c, &s.name, "echo still fine").await?,
+        "still fine"
+    );
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
@@ -196,11 +229,19 @@ fn node_binary() -> std::path::PathBuf {
 /// dead man's switch's bound, with no node restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_sigkill_leaves_no_container_running() -> anyhow::Result<()> {
-    let id = format!("deadman-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let id = format!(
+        "deadman-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let gateway = std::env::temp_dir().join("berth-test-gateway");
     let objects = std::env::temp_dir().join(format!("berth-test-{id}-objects"));
     let mut node = std::process::Command::new(node_binary())
-        .args(["--listen", &free_addr()?.to_string(), "--metrics-listen", "off"])
+        .args([
+            "--listen",
+            &free_addr()?.to_string(),
+            "--metrics-listen",
+            "off",
+        ])
         .args(["--node-id", &id, "--insecure-plaintext", "--capacity", "2"])
         .args(["--warm-pool", &format!("{TEST_IMAGE}=2")])
         .args(["--dead-man-timeout", "4"])
@@ -228,10 +269,23 @@ async fn a_node_killed_with_sigkill_leaves_no_container_running() -> anyhow::Res
             "label".to_string(),
             vec![format!("berth.node={id}")],
         )]);
-        let opts = bollard::query_parameters::ListVolumesOptions { filters: Some(filters) };
-        anyhow::Ok(docker().await?.list_volumes(Some(opts)).await?.volumes.unwrap_or_default().len())
+        let opts = bollard::query_parameters::ListVolumesOptions {
+            filters: Some(filters),
+        };
+        anyhow::Ok(
+            docker()
+                .await?
+                .list_volumes(Some(opts))
+                .await?
+                .volumes
+                .unwrap_or_default()
+                .len(),
+        )
     };
-    assert!(volumes(id.clone()).await? >= 2, "every volume carries the node's label");
+    assert!(
+        volumes(id.clone()).await? >= 2,
+        "every volume carries the node's label"
+    );
     node.kill()?;
     node.wait()?;
     let killed = Instant::now();
@@ -243,8 +297,15 @@ async fn a_node_killed_with_sigkill_leaves_no_container_running() -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("the killed node's containers were gone {:?} after the kill", killed.elapsed());
-    assert_eq!(volumes(id.clone()).await?, 0, "their volumes went with them");
+    eprintln!(
+        "the killed node's containers were gone {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_eq!(
+        volumes(id.clone()).await?,
+        0,
+        "their volumes went with them"
+    );
     let _ = std::fs::remove_dir_all(&objects);
     Ok(())
 }
