@@ -20,6 +20,7 @@
 //! lease outlives no confirmation. When the node hears from a dispatcher
 //! again, the run is thawed (confirmed) or killed (fenced).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -57,6 +58,8 @@ pub enum Unusable {
 #[derive(Debug)]
 pub struct RunLease {
     state: watch::Sender<State>,
+    /// The freezer paused the run's container (and has not thawed it).
+    frozen: AtomicBool,
 }
 
 impl RunLease {
@@ -64,6 +67,7 @@ impl RunLease {
     pub fn new(until: Instant) -> Self {
         Self {
             state: watch::channel(State::Until(until)).0,
+            frozen: AtomicBool::new(false),
         }
     }
 
@@ -98,6 +102,16 @@ impl RunLease {
             }
             _ => false,
         });
+    }
+
+    /// Records whether the run's container is paused now.
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::SeqCst);
+    }
+
+    /// Whether the run's container is paused.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
     }
 
     /// Whether the run should be frozen at `now`: its confirmation lapsed,

@@ -39,6 +39,7 @@ use berth_common::tls::{TlsMaterial, check_peer};
 use berth_proto::node::v1::agent_server_server::AgentServerServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
@@ -79,9 +80,11 @@ pub async fn run_with_drain(
             "removed containers a previous run of this node left behind"
         );
     }
+    // Every background loop, so shutdown stops and awaits each one.
+    let loops = TaskTracker::new();
     if let Some((dir, timeout)) = runtime.dead_man() {
         container::touch_alive(&dir)?;
-        tokio::spawn(container::heartbeat(dir, timeout, shutdown.clone()));
+        loops.spawn(container::heartbeat(dir, timeout, shutdown.clone()));
     }
     let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
     tracing::info!(store = ?objects, "object store");
@@ -109,8 +112,8 @@ pub async fn run_with_drain(
         }
     };
     let node = node::Node::new(cfg, runtime, objects, gateway, shutdown.child_token());
-    node.spawn_sampler();
-    tokio::spawn(freezer::run(node.clone()));
+    loops.spawn(node.clone().sample());
+    loops.spawn(freezer::run(node.clone()));
     if let Some(addr) = node.cfg.metrics_listen.0 {
         let handle = metrics::install()?;
         let ready = {
@@ -125,12 +128,12 @@ pub async fn run_with_drain(
         };
         berth_common::metrics::spawn_endpoint(addr, handle, ready, shutdown.clone()).await?;
     }
-    spawn_load_gauges(&node);
+    loops.spawn(load_gauges(node.clone()));
     node.pools.spawn();
     node.agents.spawn();
     {
         let (node, shutdown) = (node.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        loops.spawn(async move {
             tokio::select! {
                 () = drain.cancelled() => {}
                 () = shutdown.cancelled() => return,
@@ -143,35 +146,35 @@ pub async fn run_with_drain(
             shutdown.cancel();
         });
     }
-    let served = serve(node.clone(), listener, tls, shutdown).await;
+    let served = serve(node.clone(), listener, tls, shutdown, &loops).await;
     node.shutdown.cancel();
     node.wait_idle().await;
     // Each pool removes its spares as it stops (loops an undrain started too).
     node.pools.stopped().await;
     node.agents.stopped().await;
+    loops.close();
+    loops.wait().await;
     // Its gateway directory, now that no container of it is left.
     node.runtime.remove_gateway_root();
     served
 }
 
-/// Keeps the node's capacity, running and draining gauges current.
-fn spawn_load_gauges(node: &Arc<node::Node>) {
+/// Keeps the node's capacity, running and draining gauges current until
+/// the node shuts down.
+async fn load_gauges(node: Arc<node::Node>) {
     let mut load = node.watch_load();
-    let shutdown = node.shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            {
-                let l = load.borrow_and_update();
-                ::metrics::gauge!(metrics::NODE_CAPACITY).set(f64::from(l.capacity));
-                ::metrics::gauge!(metrics::NODE_RUNNING).set(f64::from(l.running));
-                ::metrics::gauge!(metrics::NODE_DRAINING).set(if l.draining { 1.0 } else { 0.0 });
-            }
-            tokio::select! {
-                changed = load.changed() => if changed.is_err() { return },
-                () = shutdown.cancelled() => return,
-            }
+    loop {
+        {
+            let l = load.borrow_and_update();
+            ::metrics::gauge!(metrics::NODE_CAPACITY).set(f64::from(l.capacity));
+            ::metrics::gauge!(metrics::NODE_RUNNING).set(f64::from(l.running));
+            ::metrics::gauge!(metrics::NODE_DRAINING).set(if l.draining { 1.0 } else { 0.0 });
         }
-    });
+        tokio::select! {
+            changed = load.changed() => if changed.is_err() { return },
+            () = node.shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn serve(
@@ -179,6 +182,7 @@ async fn serve(
     listener: TcpListener,
     tls: Option<TlsMaterial>,
     shutdown: CancellationToken,
+    loops: &TaskTracker,
 ) -> anyhow::Result<()> {
     let (reporter, health, reflection, reflection_alpha) =
         health_and_reflection(&["berth.node.v1"])?;
@@ -188,7 +192,8 @@ async fn serve(
     // grpc.health.v1 watchers see a draining node as NOT_SERVING (and
     // SERVING again once undrained).
     let mut load = node.watch_load();
-    tokio::spawn(async move {
+    let stop = node.shutdown.clone();
+    loops.spawn(async move {
         let mut draining = false;
         loop {
             let now = load.borrow_and_update().draining;
@@ -204,8 +209,9 @@ async fn serve(
                         .await;
                 }
             }
-            if load.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = load.changed() => if changed.is_err() { return },
+                () = stop.cancelled() => return,
             }
         }
     });

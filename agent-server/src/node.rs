@@ -394,37 +394,36 @@ impl Node {
         self.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Samples CPU and memory (sysinfo) into the load, every heartbeat.
-    pub fn spawn_sampler(self: &Arc<Self>) {
-        let node = self.clone();
-        tokio::spawn(async move {
-            let mut sys = match sysinfo::System::new() {
-                Ok(sys) => sys,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot sample CPU and memory; load reports will carry zeros");
-                    return;
-                }
-            };
-            let mut tick = tokio::time::interval(node.cfg.load_heartbeat);
-            loop {
-                tokio::select! {
-                    _ = node.shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                sys.refresh_cpu_usage();
-                sys.refresh_memory();
-                let cpu = f64::from(sys.global_cpu_usage()) / 100.0;
-                let (used, total) = (sys.used_memory(), sys.total_memory());
-                node.load.send_if_modified(|l| {
-                    let changed =
-                        (l.cpu_utilization - cpu).abs() > 0.05 || l.memory_total_bytes != total;
-                    l.cpu_utilization = cpu;
-                    l.memory_used_bytes = used;
-                    l.memory_total_bytes = total;
-                    changed
-                });
+    /// Samples CPU and memory (sysinfo) into the load, every heartbeat,
+    /// until the node shuts down.
+    pub async fn sample(self: Arc<Self>) {
+        let node = self;
+        let mut sys = match sysinfo::System::new() {
+            Ok(sys) => sys,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sample CPU and memory; load reports will carry zeros");
+                return;
             }
-        });
+        };
+        let mut tick = tokio::time::interval(node.cfg.load_heartbeat);
+        loop {
+            tokio::select! {
+                _ = node.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            sys.refresh_cpu_usage();
+            sys.refresh_memory();
+            let cpu = f64::from(sys.global_cpu_usage()) / 100.0;
+            let (used, total) = (sys.used_memory(), sys.total_memory());
+            node.load.send_if_modified(|l| {
+                let changed =
+                    (l.cpu_utilization - cpu).abs() > 0.05 || l.memory_total_bytes != total;
+                l.cpu_utilization = cpu;
+                l.memory_used_bytes = used;
+                l.memory_total_bytes = total;
+                changed
+            });
+        }
     }
 
     /// Waits until every session has released its slot.

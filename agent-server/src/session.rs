@@ -377,8 +377,7 @@ async fn run_in_slot(
                         abandoned = a;
                         if a {
                             // No dispatcher: thawed, so it can stop and be saved.
-                            slot.lease.end();
-                            runtime.unpause(&container_id).await;
+                            thaw_to_end(&runtime, slot, &container_id).await;
                         }
                         None
                     }
@@ -418,8 +417,7 @@ async fn run_in_slot(
     // A run frozen for want of confirmation is thawed to be stopped,
     // saved and removed.
     if !slot.lease.is_fenced() {
-        slot.lease.end();
-        runtime.unpause(&container_id).await;
+        thaw_to_end(&runtime, slot, &container_id).await;
     }
     if !killed && let Some(line) = lines.finish() {
         emit(out, &mut *adapter, &events, line).await;
@@ -514,6 +512,16 @@ async fn run_in_slot(
         evicted,
         abandoned,
         oom,
+    }
+}
+
+/// Ends the run's lease (it reaches nothing more, and is never frozen
+/// again) and thaws its container if the freezer had paused it.
+async fn thaw_to_end(runtime: &ContainerRuntime, slot: &Slot, container_id: &str) {
+    slot.lease.end();
+    if slot.lease.is_frozen() {
+        runtime.unpause(container_id).await;
+        slot.lease.set_frozen(false);
     }
 }
 

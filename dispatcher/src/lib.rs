@@ -91,7 +91,9 @@ pub async fn run(
     if let Some(path) = &cfg.bootstrap_token_file {
         bootstrap_admin(&store, path).await?;
     }
-    tokio::spawn(rewrap::run(store.clone(), shutdown.clone()));
+    // Every background loop, so shutdown stops and awaits each one.
+    let loops = TaskTracker::new();
+    loops.spawn(rewrap::run(store.clone(), shutdown.clone()));
     let authenticator = Arc::new(auth::Authenticator::new(
         store.clone(),
         cfg.allow_anonymous,
@@ -120,7 +122,7 @@ pub async fn run(
         };
         // Serves until this returns: probes see `shutting down` meanwhile.
         berth_common::metrics::spawn_endpoint(addr, handle, ready, endpoint_stop.clone()).await?;
-        tokio::spawn(sampler::run(store.clone(), nodes.clone(), shutdown.clone()));
+        loops.spawn(sampler::run(store.clone(), nodes.clone(), shutdown.clone()));
     }
     let ctx = Arc::new(driver::Ctx {
         store: store.clone(),
@@ -144,22 +146,22 @@ pub async fn run(
     // confirmation lasts 3/5 of the node lease, renewed every 1/5 (so a
     // node this dispatcher would call lost has held its runs' traffic for
     // at least a heartbeat already).
-    tokio::spawn(reconcile::run(
+    loops.spawn(reconcile::run(
         nodes.clone(),
         store.clone(),
         cfg.node_lease / 5,
         cfg.node_lease * 3 / 5,
         shutdown.clone(),
     ));
-    tokio::spawn(queue::listen(ctx.clone(), wake.clone()));
-    tokio::spawn(queue::claim_loop(
+    loops.spawn(queue::listen(ctx.clone(), wake.clone()));
+    loops.spawn(queue::claim_loop(
         ctx.clone(),
         cfg.dispatcher_id.clone(),
         drivers.clone(),
         wake,
         cfg.queue_poll,
     ));
-    tokio::spawn(
+    loops.spawn(
         janitor::Janitor {
             store: store.clone(),
             log: log.clone(),
@@ -227,7 +229,7 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("--webhook-listen {addr}: {e}"))?;
-        tokio::spawn(webhooks::serve(
+        loops.spawn(webhooks::serve(
             listener,
             webhooks.clone(),
             shutdown.clone(),
@@ -236,7 +238,7 @@ pub async fn run(
     reporter
         .set_serving::<WebhooksServer<api::webhooks::WebhooksService>>()
         .await;
-    tokio::spawn(
+    loops.spawn(
         outbound::Deliverer {
             store: store.clone(),
             timeout: cfg.subscription_timeout,
@@ -261,7 +263,7 @@ pub async fn run(
         min_interval: cfg.schedule_min_interval,
         owner: cfg.dispatcher_id.clone(),
     };
-    tokio::spawn(
+    loops.spawn(
         schedules::Scheduler {
             schedules: schedules.clone(),
             poll: cfg.schedule_poll,
@@ -337,15 +339,20 @@ pub async fn run(
         )
         .await?;
     // Each driver re-queues its session (status `rescheduling`) so another
-    // dispatcher picks it up; wait for them, within reason.
+    // dispatcher picks it up, and each loop finishes the step it is in (a
+    // delivery, a fire) or leaves it to its lease; wait for all, within
+    // reason.
     drivers.close();
-    if tokio::time::timeout(DRIVER_SHUTDOWN_GRACE, drivers.wait())
+    loops.close();
+    let all = async { tokio::join!(drivers.wait(), loops.wait()) };
+    if tokio::time::timeout(DRIVER_SHUTDOWN_GRACE, all)
         .await
         .is_err()
     {
         tracing::warn!(
-            remaining = drivers.len(),
-            "sessions still being handed back at exit"
+            sessions = drivers.len(),
+            loops = loops.len(),
+            "sessions still being handed back, or loops still running, at exit"
         );
     }
     Ok(())

@@ -14,8 +14,7 @@ use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, MountVolumeOptions};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder,
-    UploadToContainerOptionsBuilder,
+    RenameContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use futures::Stream;
 use tokio::io::AsyncWrite;
@@ -25,10 +24,15 @@ use berth_common::sync::lock;
 use crate::config::ContainerConfig;
 use crate::error::Error;
 
+mod cleanup;
 mod deadman;
+mod gateway_dir;
+mod inspect;
 mod launcher;
 
 pub use deadman::{heartbeat, touch as touch_alive};
+pub use gateway_dir::MAX_GATEWAY_DIR_BYTES;
+use gateway_dir::prepare_gateway_dir;
 
 use launcher::{LAUNCHER, launch_line};
 
@@ -231,66 +235,6 @@ impl ContainerRuntime {
             return Err(e);
         }
         Ok(created.id)
-    }
-
-    /// This node's part of the gateway directory.
-    fn gateway_root(&self) -> Option<std::path::PathBuf> {
-        self.cfg
-            .gateway
-            .as_ref()
-            .map(|g| g.root.join(gateway_node_dir(&self.cfg.node_id)))
-    }
-
-    /// This node's heartbeat directory and the switch's timeout, when the
-    /// dead man's switch is on.
-    pub fn dead_man(&self) -> Option<(std::path::PathBuf, std::time::Duration)> {
-        let timeout = self.cfg.gateway.as_ref()?.dead_man?;
-        Some((self.gateway_root()?, timeout))
-    }
-
-    /// Removes this node's gateway directory if no container's is left in it.
-    pub fn remove_gateway_root(&self) {
-        if let Some(root) = self.gateway_root() {
-            let _ = std::fs::remove_dir(root);
-        }
-    }
-
-    /// The container's gateway directory (on the host), if it has one.
-    pub fn gateway_dir(&self, container_id: &str) -> Option<std::path::PathBuf> {
-        lock(&self.gateway_dirs).get(container_id).cloned()
-    }
-
-    /// Starts the forwarder on the container's loopback, detached, as the
-    /// agent's user.
-    async fn start_forwarder(&self, container_id: &str, port: u16) -> Result<(), Error> {
-        let dir = crate::gateway::MOUNT;
-        let exec = self
-            .docker
-            .create_exec(
-                container_id,
-                CreateExecOptions {
-                    cmd: Some(vec![
-                        format!("{dir}/{}", crate::gateway::FORWARDER),
-                        format!("127.0.0.1:{port}"),
-                        format!("{dir}/{}", crate::gateway::SOCKET),
-                    ]),
-                    user: Some(self.cfg.agent_user.clone()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| Error::Docker(format!("create gateway forwarder exec: {e}")))?;
-        self.docker
-            .start_exec(
-                &exec.id,
-                Some(StartExecOptions {
-                    detach: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-            .map_err(|e| Error::Docker(format!("start gateway forwarder: {e}")))?;
-        Ok(())
     }
 
     /// Starts the agent in the container with `env`, stdin and stdout attached.
@@ -508,54 +452,6 @@ impl ContainerRuntime {
         }
     }
 
-    /// Freezes every process of the container (the cgroup freezer).
-    /// Whether it is paused now.
-    pub async fn pause(&self, container_id: &str) -> bool {
-        match self.docker.pause_container(container_id).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(container_id, error = %e, "cannot pause the container");
-                false
-            }
-        }
-    }
-
-    /// Thaws a paused container; a container that is not paused (or gone)
-    /// is left as it is.
-    pub async fn unpause(&self, container_id: &str) {
-        if let Err(e) = self.docker.unpause_container(container_id).await {
-            tracing::debug!(container_id, error = %e, "unpause");
-        }
-    }
-
-    /// How many processes the kernel killed in the container for want of
-    /// memory (its memory cgroup's `oom_kill`, v2 or v1); `None` when it
-    /// cannot be read.
-    pub async fn oom_kills(&self, container_id: &str) -> Option<u64> {
-        let cmd = [
-            "cat",
-            "/sys/fs/cgroup/memory.events",
-            "/sys/fs/cgroup/memory/memory.oom_control",
-        ]
-        .map(String::from)
-        .to_vec();
-        let (text, _) = self
-            .run_to_end(container_id, cmd, "memory check")
-            .await
-            .ok()?;
-        String::from_utf8_lossy(&text)
-            .lines()
-            .filter_map(|l| l.strip_prefix("oom_kill "))
-            .filter_map(|n| n.trim().parse::<u64>().ok())
-            .max()
-    }
-
-    /// Ids of this node's running warm (pool) containers.
-    pub async fn running_warm(&self) -> Result<std::collections::HashSet<String>, Error> {
-        let ids = self.list(&[LABEL_POOL.to_string()], true).await?;
-        Ok(ids.into_iter().collect())
-    }
-
     /// Names a claimed warm container for its session
     /// (`berth-{node}-{session}`): labels cannot change on a running
     /// container, its name can, so `docker ps` and operators find a
@@ -573,154 +469,6 @@ impl ContainerRuntime {
             tracing::debug!(container_id, error = %e, "could not name the container for its session");
         }
     }
-
-    /// CPU time the container has used so far, in nanoseconds (its cgroup's
-    /// count, one sample, no wait for a second).
-    pub async fn cpu_used_ns(&self, container_id: &str) -> Option<u64> {
-        use futures::StreamExt;
-        let opts = bollard::query_parameters::StatsOptionsBuilder::new()
-            .stream(false)
-            .one_shot(true)
-            .build();
-        let mut stats = std::pin::pin!(self.docker.stats(container_id, Some(opts)));
-        let s = stats.next().await?.ok()?;
-        s.cpu_stats?.cpu_usage?.total_usage
-    }
-
-    /// Whether an exec's process is still running.
-    pub async fn exec_running(&self, exec_id: &str) -> bool {
-        matches!(self.docker.inspect_exec(exec_id).await, Ok(i) if i.running == Some(true))
-    }
-
-    /// The exit code of a finished exec, if Docker knows it.
-    pub async fn exit_code(&self, exec_id: &str) -> Option<i64> {
-        // The output stream can end a moment before Docker records the exit.
-        for _ in 0..50 {
-            match self.docker.inspect_exec(exec_id).await {
-                Ok(info) if info.running == Some(false) => return info.exit_code,
-                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    /// Force-removes a container and its anonymous volumes. Errors are logged:
-    /// a container that is already gone is what we wanted.
-    pub async fn remove(&self, container_id: &str) {
-        let dir = lock(&self.gateway_dirs).remove(container_id);
-        if let Some(d) = dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        let opts = RemoveContainerOptionsBuilder::new()
-            .force(true)
-            .v(true)
-            .build();
-        let histogram = metrics::histogram!(crate::metrics::CONTAINER_REMOVE);
-        let removed = crate::metrics::timed(
-            histogram,
-            self.docker.remove_container(container_id, Some(opts)),
-        )
-        .await;
-        match removed {
-            Ok(()) => {}
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {}
-            Err(e) => tracing::warn!(container_id, error = %e, "failed to remove container"),
-        }
-    }
-
-    /// Ids of every container this node owns (running or not).
-    pub async fn list_owned(&self) -> Result<Vec<String>, Error> {
-        self.list(&[format!("{LABEL_MANAGED}=true")], false).await
-    }
-
-    /// Ids of this node's containers carrying every label in `labels`
-    /// (`key` or `key=value`); only running ones if `running_only`.
-    async fn list(&self, labels: &[String], running_only: bool) -> Result<Vec<String>, Error> {
-        let mut label_filter = vec![format!("{LABEL_NODE}={}", self.cfg.node_id)];
-        label_filter.extend_from_slice(labels);
-        let mut filters = HashMap::from([("label".to_string(), label_filter)]);
-        if running_only {
-            filters.insert("status".to_string(), vec!["running".to_string()]);
-        }
-        let opts = ListContainersOptionsBuilder::new()
-            .all(!running_only)
-            .filters(&filters)
-            .build();
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| Error::Docker(format!("list containers: {e}")))?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
-    }
-
-    /// Removes every container a previous run of this node left behind.
-    pub async fn reap(&self) -> Result<usize, Error> {
-        let ids = self.list_owned().await?;
-        for id in &ids {
-            self.remove(id).await;
-        }
-        // Volumes of containers that are gone (an earlier run's, a removal
-        // that failed): every one carries this node's label.
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_NODE}={}", self.cfg.node_id)],
-        )]);
-        let opts = bollard::query_parameters::ListVolumesOptions {
-            filters: Some(filters),
-        };
-        match self.docker.list_volumes(Some(opts)).await {
-            Ok(list) => {
-                for v in list.volumes.unwrap_or_default() {
-                    let opts = bollard::query_parameters::RemoveVolumeOptions { force: true };
-                    if let Err(e) = self.docker.remove_volume(&v.name, Some(opts)).await {
-                        tracing::warn!(volume = %v.name, error = %e, "cannot remove a leftover volume");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot list this node's volumes"),
-        }
-        // Gateway directories of containers an earlier run of this node left.
-        if let Some(root) = self.gateway_root() {
-            let _ = std::fs::remove_dir_all(&root);
-        }
-        Ok(ids.len())
-    }
-}
-
-/// This node's directory name under `--gateway-dir`: its id, cut short.
-fn gateway_node_dir(node_id: &str) -> String {
-    sanitize(node_id).chars().take(24).collect()
-}
-
-/// Longest `--gateway-dir` whose sockets' paths still fit a Unix socket
-/// address (107 bytes): room for `/{node, 24}/{container, 12}/egress.sock`.
-pub const MAX_GATEWAY_DIR_BYTES: usize = 107 - (1 + 24 + 1 + 12 + 1 + crate::gateway::SOCKET.len());
-
-/// Makes a container's gateway directory with the forwarder in it (a hard
-/// link when the file system allows, else a copy).
-fn prepare_gateway_dir(dir: &std::path::Path, forwarder: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if !forwarder.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!(
-                "no forwarder at {} (build `berth-forward`)",
-                forwarder.display()
-            ),
-        ));
-    }
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
-    let target = dir.join(crate::gateway::FORWARDER);
-    if std::fs::hard_link(forwarder, &target).is_err() {
-        std::fs::copy(forwarder, &target)?;
-    }
-    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
-    Ok(())
 }
 
 /// Container names allow `[a-zA-Z0-9_.-]`.

@@ -26,6 +26,7 @@ mod audit;
 mod events;
 mod feedback;
 mod queue;
+mod runs;
 mod schedules;
 mod sessions;
 mod tools;
@@ -47,7 +48,8 @@ pub(crate) use access::{
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
-pub(crate) use sessions::{RunState, SessionFilter, Transitioned};
+pub(crate) use runs::RunState;
+pub(crate) use sessions::{SessionFilter, Transitioned};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
 
 /// Channel a new pending session is announced on.
