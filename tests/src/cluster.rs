@@ -3,6 +3,8 @@
 
 use super::*;
 
+/// Waits until the dispatcher behind `client` answers, failing early if a
+/// cluster task exits.
 pub async fn answering(
     mut client: SessionsClient<Api>,
     tasks: &[tokio::task::JoinHandle<anyhow::Result<()>>],

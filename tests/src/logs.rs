@@ -1,9 +1,5 @@
 //! The process's logs captured for tests that read what berth logged.
 
-use super::*;
-
-/// Waits until the dispatcher behind `client` answers, failing early if a
-/// cluster task exits.
 /// Every line berth's crates log in this process at debug level and above,
 /// for tests that check what never reaches a log; the newest 64 MiB.
 static CAPTURED: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
