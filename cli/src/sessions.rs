@@ -78,9 +78,19 @@ pub(crate) enum SessionsCmd {
     /// Interrupt the current turn.
     Interrupt { session: String },
     /// Stop a session (its workspace is snapshotted; it stays resumable).
-    Stop { session: String },
-    /// Snapshot a running or idle session and free its container.
-    Pause { session: String },
+    /// Waits until it has stopped, unless --no-wait.
+    Stop {
+        session: String,
+        #[command(flatten)]
+        wait: Settle,
+    },
+    /// Snapshot a running or idle session and free its container. Waits
+    /// until it is paused, unless --no-wait.
+    Pause {
+        session: String,
+        #[command(flatten)]
+        wait: Settle,
+    },
     /// Run a paused or stopped session again, from its snapshot, on any node.
     Resume { session: String },
     /// Make a finished session read-only (events kept for the retention period).
@@ -94,10 +104,22 @@ pub(crate) enum SessionsCmd {
         session: String,
         #[arg(long, value_enum, default_value = "markdown")]
         format: durable::ExportFormatArg,
-        /// Write to this file instead of stdout.
-        #[arg(long, short)]
-        output: Option<String>,
+        /// Write to this file instead of stdout (`-o` is the output format).
+        #[arg(long)]
+        output_file: Option<String>,
     },
+}
+
+/// How long `stop` and `pause` wait for the session to get there.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Settle {
+    /// Return as soon as the request is taken, without waiting for the
+    /// snapshot and the container's removal.
+    #[arg(long)]
+    no_wait: bool,
+    /// Longest wait for the session to stop or pause (`30s`, `5m`).
+    #[arg(long, value_parser = berth_common::time::parse_duration, default_value = "5m")]
+    wait_timeout: std::time::Duration,
 }
 
 /// Runs one `berth sessions` command against dispatcher `d`.
@@ -313,20 +335,22 @@ pub(crate) async fn run(
                 .into_inner();
             print_seq(out, "interrupted", r.seq)
         }
-        SessionsCmd::Stop { session } => {
+        SessionsCmd::Stop { session, wait } => {
             let r = client
                 .stop_session(pb::StopSessionRequest {
                     name: session.clone(),
                 })
                 .await;
+            let r = settle(client, &session, r, &wait).await;
             show_session(d, &session, out, r)
         }
-        SessionsCmd::Pause { session } => {
+        SessionsCmd::Pause { session, wait } => {
             let r = client
                 .pause_session(pb::PauseSessionRequest {
                     name: session.clone(),
                 })
                 .await;
+            let r = settle(client, &session, r, &wait).await;
             show_session(d, &session, out, r)
         }
         SessionsCmd::Resume { session } => {
@@ -371,7 +395,7 @@ pub(crate) async fn run(
         SessionsCmd::Export {
             session,
             format,
-            output,
+            output_file,
         } => {
             let format = match format {
                 durable::ExportFormatArg::Markdown => pb::ExportFormat::Markdown,
@@ -391,7 +415,7 @@ pub(crate) async fn run(
             } else {
                 r.data.as_slice()
             };
-            match output {
+            match output_file {
                 Some(path) => {
                     std::fs::write(&path, bytes)
                         .map_err(|e| CliError::new(format!("cannot write {path}: {e}")))?;
@@ -401,7 +425,7 @@ pub(crate) async fn run(
                     use std::io::Write;
                     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                         return Err(CliError::new(
-                            "a PDF is binary: write it with --output FILE, or redirect stdout",
+                            "a PDF is binary: write it with --output-file FILE, or redirect stdout",
                         ));
                     }
                     let mut out = std::io::stdout().lock();
@@ -443,6 +467,36 @@ async fn answer_tool(
 }
 
 /// Prints the session a control call returned, or explains its error.
+/// Waits, after a stop or pause was taken, until the session is no longer
+/// `stopping` (it has stopped or paused, or ended otherwise); polls, since
+/// the change comes once the node has saved the snapshot.
+async fn settle(
+    client: &mut SessionsClient<Api>,
+    session: &str,
+    taken: Result<tonic::Response<pb::Session>, tonic::Status>,
+    wait: &Settle,
+) -> Result<tonic::Response<pb::Session>, tonic::Status> {
+    let mut s = taken?.into_inner();
+    let deadline = tokio::time::Instant::now() + wait.wait_timeout;
+    while !wait.no_wait && s.status == pb::SessionStatus::Stopping as i32 {
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "{session} is still stopping after {}; `berth sessions get {session}` shows when it ends",
+                humantime::format_duration(wait.wait_timeout)
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        s = client
+            .get_session(pb::GetSessionRequest {
+                name: session.to_string(),
+            })
+            .await?
+            .into_inner();
+    }
+    Ok(tonic::Response::new(s))
+}
+
 fn show_session(
     d: &str,
     session: &str,

@@ -379,3 +379,19 @@ impl Drop for TestCluster {
         }
     }
 }
+
+/// The `berth` binary `scripts/setup.sh` builds beside the tests.
+pub fn berth_bin() -> std::path::PathBuf {
+    forwarder().with_file_name("berth")
+}
+
+/// `berth` against `cluster`, with no user config in the way.
+pub fn berth_command(cluster: &TestCluster) -> std::process::Command {
+    let mut c = std::process::Command::new(berth_bin());
+    c.env("BERTH_DISPATCHER", &cluster.dispatcher_url)
+        .env("BERTH_TOKEN", &cluster.token)
+        .env("BERTH_CONFIG", "/nonexistent/berth-config.json")
+        .env_remove("BERTH_OUTPUT")
+        .env("NO_COLOR", "1");
+    c
+}

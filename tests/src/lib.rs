@@ -8,6 +8,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod doc_commands;
 pub mod git_http;
 pub mod git_ssh;
 pub mod pg;
@@ -22,7 +23,7 @@ mod proxy;
 mod sessions;
 
 pub use builder::{Builder, NodeHook};
-pub use cluster::{KillableDispatcher, TestCluster, TestNode, answering};
+pub use cluster::{KillableDispatcher, TestCluster, TestNode, answering, berth_bin, berth_command};
 pub use db::{create_database, drop_database, http_get};
 pub use docker::*;
 pub use logs::captured_logs;

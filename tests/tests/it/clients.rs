@@ -9,21 +9,7 @@ use std::time::Duration;
 use berth_proto::v1 as pb;
 use berth_tests::{TEST_IMAGE, TestCluster};
 
-/// The `berth` binary `scripts/setup.sh` builds.
-fn berth_bin() -> std::path::PathBuf {
-    berth_tests::forwarder().with_file_name("berth")
-}
-
-/// `berth` against `cluster`, with no user config in the way.
-fn berth(cluster: &TestCluster) -> Command {
-    let mut c = Command::new(berth_bin());
-    c.env("BERTH_DISPATCHER", &cluster.dispatcher_url)
-        .env("BERTH_TOKEN", &cluster.token)
-        .env("BERTH_CONFIG", "/nonexistent/berth-config.json")
-        .env_remove("BERTH_OUTPUT")
-        .env("NO_COLOR", "1");
-    c
-}
+use berth_tests::{berth_bin, berth_command as berth};
 
 fn sigint(pid: u32) -> anyhow::Result<()> {
     let ok = Command::new("kill")

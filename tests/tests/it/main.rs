@@ -6,6 +6,7 @@ mod approvals;
 
 mod claude;
 mod clients;
+mod docs;
 mod durable;
 mod failover;
 mod faults;
