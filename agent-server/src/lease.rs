@@ -46,11 +46,15 @@ enum State {
 /// Why a run may not use the gateway now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Unusable {
-    #[error("this run was superseded: its session runs elsewhere now")]
+    #[error(
+        "this run was superseded: its session runs elsewhere now, and this agent is being stopped"
+    )]
     Fenced,
-    #[error("no dispatcher has confirmed this run for {0:?}")]
+    #[error(
+        "no dispatcher has confirmed this run for {0:?} (its node is cut off from the dispatchers, or they from Postgres); the request was held, and is refused now"
+    )]
     Unconfirmed(Duration),
-    #[error("this run is ending: no dispatcher re-attached to it")]
+    #[error("this run is ending: no dispatcher re-attached to it, so it is stopped and saved")]
     Ending,
 }
 

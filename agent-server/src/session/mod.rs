@@ -176,14 +176,14 @@ async fn run_in_slot(
     }
     // A warm container takes the session's name now, off the first
     // event's path (a cold one was created with it).
-    if path != StartPath::Cold {
+    let rename = (path != StartPath::Cold).then(|| {
         let (runtime, id, session) = (
             node.runtime.clone(),
             container_id.clone(),
             session_id.to_string(),
         );
-        tokio::spawn(async move { runtime.name_for_session(&id, &session).await });
-    }
+        tokio::spawn(async move { runtime.name_for_session(&id, &session).await })
+    });
     let pump = Pump {
         node,
         slot,
@@ -192,6 +192,10 @@ async fn run_in_slot(
         container_id: &container_id,
     };
     let ended = pump.run(&mut *adapter, &mut started, commands).await;
+    // Renamed (or given up) before the container goes.
+    if let Some(rename) = rename {
+        let _ = rename.await;
+    }
     // A run frozen for want of confirmation is thawed to be stopped,
     // saved and removed.
     if !slot.lease.is_fenced() {
