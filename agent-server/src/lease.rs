@@ -64,6 +64,9 @@ pub struct RunLease {
     state: watch::Sender<State>,
     /// The freezer paused the run's container (and has not thawed it).
     frozen: AtomicBool,
+    /// The agent has started: the freezer may pause the run only then (a
+    /// container being prepared is left to finish its start or fail it).
+    armed: AtomicBool,
 }
 
 impl RunLease {
@@ -72,6 +75,7 @@ impl RunLease {
         Self {
             state: watch::channel(State::Until(until)).0,
             frozen: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
         }
     }
 
@@ -113,6 +117,11 @@ impl RunLease {
         self.frozen.store(frozen, Ordering::SeqCst);
     }
 
+    /// The agent has started: from now on a lapse freezes the run.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
     /// Whether the run's container is paused.
     pub fn is_frozen(&self) -> bool {
         self.frozen.load(Ordering::SeqCst)
@@ -121,7 +130,8 @@ impl RunLease {
     /// Whether the run should be frozen at `now`: its confirmation lapsed,
     /// and it is neither fenced (it is being killed) nor ending.
     pub fn lapsed(&self, now: Instant) -> bool {
-        matches!(*self.state.borrow(), State::Until(t) if t <= now)
+        self.armed.load(Ordering::SeqCst)
+            && matches!(*self.state.borrow(), State::Until(t) if t <= now)
     }
 
     /// Whether the run may use the gateway at `now`.
@@ -221,6 +231,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lapsed_run_is_frozen_unless_fenced_or_ending() {
         let lease = RunLease::new(Instant::now() + S);
+        assert!(
+            !lease.lapsed(Instant::now() + 2 * S),
+            "not before its agent started"
+        );
+        lease.arm();
         assert!(!lease.lapsed(Instant::now()));
         tokio::time::advance(S).await;
         assert!(lease.lapsed(Instant::now()));
@@ -228,6 +243,7 @@ mod tests {
         assert!(!lease.lapsed(Instant::now()));
         assert_eq!(lease.usable(Duration::ZERO).await, Err(Unusable::Ending));
         let fenced = RunLease::new(Instant::now());
+        fenced.arm();
         fenced.fence();
         assert!(!fenced.lapsed(Instant::now() + S));
     }

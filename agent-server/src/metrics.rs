@@ -242,6 +242,11 @@ pub fn install() -> anyhow::Result<berth_common::metrics::PrometheusHandle> {
 /// registered per configured image by [`init_pool_series`].
 pub fn init_series() {
     let _ = metrics::counter!(AGENT_EVENTS);
+    let _ = metrics::counter!(RUNS_FENCED);
+    let _ = metrics::counter!(RUNS_FROZEN);
+    for outcome in ["released", "refused"] {
+        let _ = metrics::counter!(GATEWAY_HELD, "outcome" => outcome);
+    }
     for start in START_PATHS {
         let _ = metrics::counter!(NODE_STARTS, "start" => start);
     }

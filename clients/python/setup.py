@@ -42,4 +42,13 @@ class BuildPy(build_py):
         generate(Path(self.build_lib))
 
 
-setup(cmdclass={"build_py": BuildPy})
+def dependencies() -> list:
+    """The runtime the generated stubs need: grpcio no older than the
+    grpcio-tools that generates them (the stubs check it at import)."""
+    from importlib.metadata import version
+
+    tools = version("grpcio-tools")
+    return [f"grpcio>={tools}", "grpcio-status>=1.70", "protobuf>=5.29"]
+
+
+setup(cmdclass={"build_py": BuildPy}, install_requires=dependencies())

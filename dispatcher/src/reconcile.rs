@@ -53,11 +53,13 @@ pub(crate) fn verdict(node: &str, run_epoch: i64, row: Option<&RunState>) -> Opt
         // The row is behind the node (a re-attach it has not recorded).
         return None;
     }
-    // Same epoch. Starting: the run is being placed (the row names its node
-    // only once the node accepted). Else it must be where the row says.
-    if here || status == Some(SessionStatus::Starting) {
+    // Same epoch. The row names the run's node once the node accepted it;
+    // before that (starting, or a stop asked while starting) it names none
+    // or the previous run's.
+    if here || status == Some(SessionStatus::Starting) || row.node.is_empty() {
         Some(Verdict::Current)
-    } else if row.node.is_empty() {
+    } else if status == Some(SessionStatus::Stopping) {
+        // Stopping, and recorded elsewhere: the stop decides; no word.
         None
     } else {
         // Placed at this epoch on another node: a start that this node
@@ -226,6 +228,11 @@ mod tests {
     fn a_run_being_placed_is_confirmed_before_the_row_names_its_node() {
         assert_eq!(
             verdict("a", 3, Some(&row(3, "", "starting"))),
+            Some(Verdict::Current)
+        );
+        // A stop asked while it starts.
+        assert_eq!(
+            verdict("a", 3, Some(&row(3, "", "stopping"))),
             Some(Verdict::Current)
         );
         assert_eq!(

@@ -68,9 +68,34 @@ impl ContainerRuntime {
     }
 }
 
-/// This node's directory name under `--gateway-dir`: its id, cut short.
+/// This node's directory name under `--gateway-dir`: its id, or, when
+/// longer than 24 characters, its first 15 and a hash of the whole id, so
+/// that two nodes on one host never share a directory (each one's start
+/// removes what is in its own).
 fn gateway_node_dir(node_id: &str) -> String {
-    sanitize(node_id).chars().take(24).collect()
+    use sha2::{Digest, Sha256};
+    let id = sanitize(node_id);
+    if id.len() <= 24 {
+        return id;
+    }
+    let hash = Sha256::digest(node_id.as_bytes());
+    let head: String = id.chars().take(15).collect();
+    let tail: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{head}-{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_with_long_ids_that_share_a_prefix_get_their_own_directories() {
+        let a = gateway_node_dir("local-local_0123456789abcdef0123456789abcdef-a");
+        let b = gateway_node_dir("local-local_0123456789abcdef0123456789abcdef-b");
+        assert_ne!(a, b);
+        assert!(a.len() <= 24 && b.len() <= 24, "{a} {b}");
+        assert_eq!(gateway_node_dir("node-1"), "node-1");
+    }
 }
 
 /// Longest `--gateway-dir` whose sockets' paths still fit a Unix socket

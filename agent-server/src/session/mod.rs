@@ -157,6 +157,7 @@ async fn run_in_slot(
         Err(exit) => return exit,
     };
     let (container_id, path) = (started.container_id.clone(), started.path);
+    slot.lease.arm();
     tracing::debug!(%container_id, start = path.as_str_name(), "agent started");
     if path != StartPath::WarmProcess {
         node.pools

@@ -638,6 +638,11 @@ async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
 async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().nodes(1).start().await?;
     let mut node = as_dispatcher(&cluster, "node-0").await?;
+    // This test is the node's dispatcher: the cluster's own one, which
+    // knows no such session and would fence the run, is cut off, and the
+    // test confirms its runs as a dispatcher does.
+    cluster.nodes[0].proxy.set_paused(true);
+    let confirmer = tokio::spawn(confirm_every_run(node.clone()));
     let session_id = uuid::Uuid::new_v4().to_string();
     let start = |epoch: i64| jsonl_start(&session_id, epoch, "sleep 600", None);
     let first_kind = |f: Option<Result<node_pb::NodeFrame, tonic::Status>>| match f {
@@ -828,6 +833,11 @@ async fn a_restarted_dispatcher_releases_its_sessions_at_once_and_a_stop_stays_a
 async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().nodes(1).start().await?;
     let mut node = as_dispatcher(&cluster, "node-0").await?;
+    // This test is the node's dispatcher: the cluster's own one, which
+    // knows no such session and would fence the run, is cut off, and the
+    // test confirms its runs as a dispatcher does.
+    cluster.nodes[0].proxy.set_paused(true);
+    let confirmer = tokio::spawn(confirm_every_run(node.clone()));
     let session_id = uuid::Uuid::new_v4().to_string();
     // An agent that answers every line with a message naming it, and a
     // line with `burst` in it with 400 messages.
@@ -930,5 +940,37 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
         assert_eq!(text(&got), text(want));
     }
     drop((tx0, stale, tx3, run3));
+    confirmer.abort();
+    let _ = confirmer.await;
     cluster.shutdown().await
+}
+
+/// What a dispatcher's reconcile pass does for runs that are current:
+/// confirms every run the node lists, every 300 ms.
+async fn confirm_every_run(mut node: AgentServerClient<tonic::transport::Channel>) {
+    loop {
+        if let Ok(listed) = node
+            .list_sessions(node_pb::ListNodeSessionsRequest {})
+            .await
+        {
+            let listed = listed.into_inner();
+            let confirm = listed
+                .sessions
+                .into_iter()
+                .map(|s| node_pb::RunRef {
+                    session_id: s.session_id,
+                    epoch: s.epoch,
+                })
+                .collect();
+            let _ = node
+                .reconcile_sessions(node_pb::ReconcileSessionsRequest {
+                    listed_at_ms: listed.listed_at_ms,
+                    valid_for_ms: 3000,
+                    confirm,
+                    fence: Vec::new(),
+                })
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
