@@ -84,20 +84,6 @@ fn gateway_node_dir(node_id: &str) -> String {
     format!("{head}-{tail}")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nodes_with_long_ids_that_share_a_prefix_get_their_own_directories() {
-        let a = gateway_node_dir("local-local_0123456789abcdef0123456789abcdef-a");
-        let b = gateway_node_dir("local-local_0123456789abcdef0123456789abcdef-b");
-        assert_ne!(a, b);
-        assert!(a.len() <= 24 && b.len() <= 24, "{a} {b}");
-        assert_eq!(gateway_node_dir("node-1"), "node-1");
-    }
-}
-
 /// Longest `--gateway-dir` whose sockets' paths still fit a Unix socket
 /// address (107 bytes): room for `/{node, 24}/{container, 12}/egress.sock`.
 pub const MAX_GATEWAY_DIR_BYTES: usize = 107 - (1 + 24 + 1 + 12 + 1 + crate::gateway::SOCKET.len());
@@ -126,4 +112,18 @@ pub(super) fn prepare_gateway_dir(
     }
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_with_long_ids_that_share_a_prefix_get_their_own_directories() {
+        let a = gateway_node_dir("local-local_0123456789abcdef0123456789abcdef-a");
+        let b = gateway_node_dir("local-local_0123456789abcdef0123456789abcdef-b");
+        assert_ne!(a, b);
+        assert!(a.len() <= 24 && b.len() <= 24, "{a} {b}");
+        assert_eq!(gateway_node_dir("node-1"), "node-1");
+    }
 }

@@ -638,11 +638,6 @@ async fn mtls_refuses_strangers_at_the_handshake() -> anyhow::Result<()> {
 async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().nodes(1).start().await?;
     let mut node = as_dispatcher(&cluster, "node-0").await?;
-    // This test is the node's dispatcher: the cluster's own one, which
-    // knows no such session and would fence the run, is cut off, and the
-    // test confirms its runs as a dispatcher does.
-    cluster.nodes[0].proxy.set_paused(true);
-    let confirmer = tokio::spawn(confirm_every_run(node.clone()));
     let session_id = uuid::Uuid::new_v4().to_string();
     let start = |epoch: i64| jsonl_start(&session_id, epoch, "sleep 600", None);
     let first_kind = |f: Option<Result<node_pb::NodeFrame, tonic::Status>>| match f {
