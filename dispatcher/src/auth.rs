@@ -128,6 +128,9 @@ pub struct Authenticator {
     /// Client-certificate names that stand for a project and role.
     identities: HashMap<String, (String, Role)>,
     cache: Mutex<HashMap<String, (KeyRecord, Instant)>>,
+    /// Keys revoked since this dispatcher started (this one's revokes at
+    /// once, the others' from the revocation watch): their open streams end.
+    revoked: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -149,12 +152,22 @@ impl Authenticator {
             allow_anonymous,
             identities,
             cache: Mutex::new(HashMap::new()),
+            revoked: tokio::sync::watch::channel(std::collections::HashSet::new()).0,
         }
     }
 
-    /// Forgets a key (after a revoke).
+    /// Forgets a revoked key: its next call is refused, and its open
+    /// streams end.
     pub fn forget(&self, key_id: &str) {
         lock(&self.cache).remove(key_id);
+        self.revoked
+            .send_if_modified(|set| set.insert(key_id.to_string()));
+    }
+
+    /// Resolves once `key_id` is known revoked.
+    pub async fn revoked(&self, key_id: &str) {
+        let mut rx = self.revoked.subscribe();
+        let _ = rx.wait_for(|set| set.contains(key_id)).await;
     }
 
     async fn record(&self, key_id: &str) -> Result<Option<KeyRecord>, Status> {

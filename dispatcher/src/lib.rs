@@ -25,6 +25,7 @@ mod error;
 mod export;
 mod export_pdf;
 mod janitor;
+mod keys;
 pub mod limits;
 mod log;
 pub mod metrics;
@@ -34,6 +35,7 @@ pub mod placement;
 mod queue;
 mod reconcile;
 mod records;
+mod revocations;
 mod rewrap;
 mod sampler;
 mod schedules;
@@ -98,6 +100,11 @@ pub async fn run(
         store.clone(),
         cfg.allow_anonymous,
         cfg.client_identities.iter().cloned().collect(),
+    ));
+    loops.spawn(revocations::watch(
+        store.clone(),
+        authenticator.clone(),
+        shutdown.clone(),
     ));
     let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
     tracing::info!(store = ?objects, "object store");
@@ -287,6 +294,7 @@ pub async fn run(
         sessions,
         audit,
         shutdown: shutdown.clone(),
+        auth: authenticator.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

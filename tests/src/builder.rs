@@ -260,6 +260,7 @@ impl Builder {
             dispatcher_cfg,
             tasks,
             added_stops: Vec::new(),
+            added_urls: Vec::new(),
             killed: Vec::new(),
         };
         answering(cluster.client(), &cluster.tasks).await?;

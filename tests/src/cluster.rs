@@ -74,6 +74,8 @@ pub struct TestCluster {
     pub(crate) tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// The shutdown of each dispatcher added later, by id.
     pub(crate) added_stops: Vec<(String, CancellationToken)>,
+    /// The URLs of the dispatchers added since the start, in order.
+    pub added_urls: Vec<String>,
     /// Nodes killed with [`Self::kill_node`].
     pub(crate) killed: Vec<String>,
 }
@@ -103,6 +105,16 @@ impl TestCluster {
     /// The first dispatcher's API with the bootstrap fleet-admin key.
     pub fn api(&self) -> Api {
         self.api.clone()
+    }
+
+    /// The API of the most recently added dispatcher, as the fleet admin.
+    pub fn api_on_last_dispatcher(&self) -> anyhow::Result<Api> {
+        let url = self
+            .added_urls
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no dispatcher was added"))?;
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect_lazy();
+        self.authorized(channel)
     }
 
     /// The first dispatcher's API as `token` (none: anonymous).
@@ -236,6 +248,7 @@ impl TestCluster {
         cfg.metrics_listen = Listen(None);
         let stop = self.shutdown.child_token();
         self.added_stops.push((id.to_string(), stop.clone()));
+        self.added_urls.push(url.clone());
         self.tasks
             .push(tokio::spawn(berth_dispatcher::run(cfg, listener, stop)));
         let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();

@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
+use berth_common::grpc::rich_status;
 use berth_common::names;
 use berth_proto::v1::{
     self as pb, api_keys_server::ApiKeys as ApiKeysApi, secrets_server::Secrets as SecretsApi,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, Caller, Role, caller, new_token};
@@ -86,7 +87,14 @@ impl ApiKeysApi for ApiKeysService {
         let t = new_token();
         let key = self
             .store
-            .insert_api_key(&t.key_id, &project, role, &r.display_name, &t.sha256)
+            .insert_api_key(
+                &t.key_id,
+                &project,
+                role,
+                &r.display_name,
+                &t.sha256,
+                &who.identity(),
+            )
             .await?;
         tracing::info!(key_id = %t.key_id, project, role = role.as_str(), by = ?who.key_id, "API key created");
         audit(
@@ -135,17 +143,28 @@ impl ApiKeysApi for ApiKeysService {
         if id.is_empty() {
             return Err(Error::invalid("name", "required: `apiKeys/{key_id}`").into());
         }
-        // A member revokes in its own project; another project's keys are
-        // NOT_FOUND to it. A fleet admin revokes any.
-        let scope = match who.role {
-            Role::FleetAdmin => None,
-            Role::Member => Some(who.project.as_str()),
-        };
+        // Another project's keys are NOT_FOUND to a member; its project's
+        // are its to revoke only as `keys::may_revoke` says.
+        let not_found = || Error::NotFound(format!("API key apiKeys/{id} not found"));
+        let found = self.store.api_key(id).await?.ok_or_else(not_found)?;
+        match crate::keys::may_revoke(&who, &found) {
+            Ok(()) => {}
+            Err(crate::keys::Refusal::NotFound) => return Err(not_found().into()),
+            Err(crate::keys::Refusal::Denied(why)) => {
+                return Err(rich_status(
+                    Code::PermissionDenied,
+                    format!("cannot revoke apiKeys/{id}: {why}"),
+                    "KEY_NOT_YOURS",
+                    None,
+                    None,
+                ));
+            }
+        }
         let key = self
             .store
-            .revoke_api_key(id, scope)
+            .revoke_api_key(id, Some(&found.project))
             .await?
-            .ok_or_else(|| Error::NotFound(format!("API key apiKeys/{id} not found")))?;
+            .ok_or_else(not_found)?;
         self.auth.forget(id);
         tracing::info!(key_id = %id, project = %key.project, by = ?who.key_id, "API key revoked");
         audit(

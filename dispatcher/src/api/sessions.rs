@@ -12,6 +12,7 @@ use super::pages::{self, page_size};
 use crate::audit::Audit;
 use crate::auth::caller;
 use crate::error::Error;
+use crate::revocations::{end_when_revoked, key_revoked};
 use crate::session::NewSession;
 use crate::sessions::Sessions;
 use crate::store::SessionFilter;
@@ -24,6 +25,8 @@ pub struct SessionsService {
     pub(crate) audit: Audit,
     /// Ends Connect streams on shutdown (their event side ends by itself).
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Ends a revoked key's streams.
+    pub auth: std::sync::Arc<crate::auth::Authenticator>,
 }
 
 /// What a ListSessions page token is bound to: the project and the filter.
@@ -495,7 +498,8 @@ impl SessionsApi for SessionsService {
             let _open = &open;
             item.map(|e| pb::Event::from(&*e)).map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(stream)))
+        let stream = end_when_revoked(self.auth.clone(), &who, Box::pin(stream));
+        Ok(Response::new(stream))
     }
 
     type ConnectStream = BoxStream<pb::ConnectResponse>;
@@ -546,11 +550,17 @@ impl SessionsApi for SessionsService {
         let sessions = self.sessions.clone();
         let audit = self.audit.clone();
         let shutdown = self.shutdown.clone();
+        let revoked = key_revoked(self.auth.clone(), &who);
+        let (auth, caller) = (self.auth.clone(), who.clone());
         tokio::spawn(async move {
+            tokio::pin!(revoked);
             loop {
                 let req = tokio::select! {
                     m = inbound.message() => match m { Ok(Some(req)) => req, _ => return },
                     () = shutdown.cancelled() => return,
+                    // The key was revoked: no more commands (the events
+                    // side ends with UNAUTHENTICATED).
+                    () = &mut revoked => return,
                 };
                 let mut audited: Option<(&str, serde_json::Value)> = None;
                 let (reference, result) = match req.kind {
@@ -636,7 +646,8 @@ impl SessionsApi for SessionsService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = end_when_revoked(auth, &caller, Box::pin(ReceiverStream::new(rx)));
+        Ok(Response::new(stream))
     }
 }
 

@@ -7,24 +7,28 @@ use super::Store;
 use crate::error::{Error, Result};
 
 mod sql {
-    pub const INSERT_KEY: &str = "INSERT INTO api_keys (id, project, role, display_name, token_sha256) \
-         VALUES ($1, $2, $3, $4, $5) \
-         RETURNING id, project, role, display_name, create_time, revoke_time";
+    pub const INSERT_KEY: &str = "INSERT INTO api_keys (id, project, role, display_name, token_sha256, creator) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         RETURNING id, project, role, display_name, creator, create_time, revoke_time";
 
     pub const KEY_RECORD: &str = "SELECT project, role, token_sha256, revoke_time IS NOT NULL AS revoked FROM api_keys WHERE id = $1";
 
     /// `$1` NULL = every project.
-    pub const LIST_KEYS: &str = "SELECT id, project, role, display_name, create_time, revoke_time \
+    pub const LIST_KEYS: &str = "SELECT id, project, role, display_name, creator, create_time, revoke_time \
          FROM api_keys WHERE ($1::text IS NULL OR project = $1) AND ($2 OR revoke_time IS NULL) \
          ORDER BY project, create_time, id";
 
     /// `$2` NULL = any project.
     pub const REVOKE_KEY: &str = "UPDATE api_keys SET revoke_time = coalesce(revoke_time, now()) \
          WHERE id = $1 AND ($2::text IS NULL OR project = $2) \
-         RETURNING id, project, role, display_name, create_time, revoke_time";
+         RETURNING id, project, role, display_name, creator, create_time, revoke_time";
 
-    pub const KEY: &str = "SELECT id, project, role, display_name, create_time, revoke_time \
+    pub const KEY: &str = "SELECT id, project, role, display_name, creator, create_time, revoke_time \
          FROM api_keys WHERE id = $1";
+
+    /// Keys revoked after `$1`, with when (served by `api_keys_revoked`).
+    pub const REVOKED_SINCE: &str =
+        "SELECT id, revoke_time FROM api_keys WHERE revoke_time > $1 ORDER BY revoke_time";
 
     /// One bootstrap at a time across dispatchers.
     pub const BOOTSTRAP_LOCK: &str =
@@ -123,6 +127,9 @@ pub(crate) struct ApiKeyRow {
     pub project: String,
     pub role: String,
     pub display_name: String,
+    /// Who made it (`keys/{id}`, `certificates/{name}`, `anonymous`,
+    /// `bootstrap`; '' for keys from before this was kept).
+    pub creator: String,
     pub create_time: DateTime<Utc>,
     pub revoke_time: Option<DateTime<Utc>>,
 }
@@ -154,6 +161,7 @@ impl Store {
         role: Role,
         display_name: &str,
         sha256: &[u8],
+        creator: &str,
     ) -> Result<ApiKeyRow> {
         Ok(sqlx::query_as(sql::INSERT_KEY)
             .bind(id)
@@ -161,7 +169,19 @@ impl Store {
             .bind(role.as_str())
             .bind(display_name)
             .bind(sha256)
+            .bind(creator)
             .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Keys revoked after `since`, oldest first, with when.
+    pub(crate) async fn revoked_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>> {
+        Ok(sqlx::query_as(sql::REVOKED_SINCE)
+            .bind(since)
+            .fetch_all(&self.pool)
             .await?)
     }
 
@@ -239,6 +259,7 @@ impl Store {
             .bind(Role::FleetAdmin.as_str())
             .bind("bootstrap")
             .bind(sha256)
+            .bind("bootstrap")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

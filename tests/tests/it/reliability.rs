@@ -309,3 +309,102 @@ async fn a_node_killed_with_sigkill_leaves_no_container_running() -> anyhow::Res
     let _ = std::fs::remove_dir_all(&objects);
     Ok(())
 }
+
+/// A member key of the cluster's project and the key's id, made by `by`.
+async fn member_key(by: Api) -> anyhow::Result<(String, String)> {
+    use berth_proto::v1::api_keys_client::ApiKeysClient;
+    let r = ApiKeysClient::new(by)
+        .create_api_key(pb::CreateApiKeyRequest {
+            role: pb::Role::Member as i32,
+            display_name: "member".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let key = r.key.expect("a key");
+    Ok((r.token, key.name))
+}
+
+/// A member manages only the keys it made (and itself); fleet-admin keys
+/// are the fleet admins' alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_revokes_only_its_own_keys_and_never_an_admins() -> anyhow::Result<()> {
+    use berth_proto::v1::api_keys_client::ApiKeysClient;
+    let cluster = TestCluster::builder().start().await?;
+    let admin_key = ApiKeysClient::new(cluster.api())
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?
+        .into_inner()
+        .name;
+    let (m1_token, _) = member_key(cluster.api()).await?;
+    let (_, m2_name) = member_key(cluster.api()).await?;
+    let mut m1 = ApiKeysClient::new(cluster.api_as(Some(&m1_token))?);
+    let revoke = |name: &str| pb::RevokeApiKeyRequest { name: name.into() };
+    for (name, what) in [
+        (&admin_key, "the fleet admin's key"),
+        (&m2_name, "another member's key"),
+    ] {
+        let refused = m1.revoke_api_key(revoke(name)).await.expect_err(what);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::PermissionDenied,
+            "{what}: {refused:?}"
+        );
+        assert!(
+            refused.message().contains("cannot revoke"),
+            "{}",
+            refused.message()
+        );
+    }
+    // The admin key still works; a key m1 made is m1's to revoke.
+    ApiKeysClient::new(cluster.api())
+        .who_am_i(pb::WhoAmIRequest {})
+        .await?;
+    let (_, mine) = member_key(cluster.api_as(Some(&m1_token))?).await?;
+    let revoked = m1.revoke_api_key(revoke(&mine)).await?.into_inner();
+    assert!(revoked.revoke_time.is_some());
+    cluster.shutdown().await
+}
+
+/// A revoked key's open StreamEvents ends UNAUTHENTICATED within the key
+/// cache's lifetime, whichever dispatcher revoked it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_keys_open_stream_ends_unauthenticated() -> anyhow::Result<()> {
+    use berth_proto::v1::api_keys_client::ApiKeysClient;
+    let mut cluster = TestCluster::builder().start().await?;
+    let s = idle_session(&mut cluster.client(), fake_session("echo ready")).await?;
+    let (token, name) = member_key(cluster.api()).await?;
+    let mut member = SessionsClient::new(cluster.api_as(Some(&token))?);
+    let mut stream = member
+        .stream_events(pb::StreamEventsRequest {
+            name: s.name.clone(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    // Replayed history first; then the stream waits for live events.
+    while let Ok(Ok(Some(_))) =
+        tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+    {}
+    // Revoked through another dispatcher: this one learns it from Postgres.
+    cluster.add_dispatcher().await?;
+    let revoked_at = Instant::now();
+    ApiKeysClient::new(cluster.api_on_last_dispatcher()?)
+        .revoke_api_key(pb::RevokeApiKeyRequest { name })
+        .await?;
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await?;
+    let status = ended.expect_err("the stream ends with an error");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let took = revoked_at.elapsed();
+    eprintln!("the revoked key's stream ended {took:?} after the revoke");
+    assert!(took <= berth_dispatcher::auth::CACHE_TTL, "took {took:?}");
+    cluster.shutdown().await
+}
