@@ -131,6 +131,12 @@ pub struct Config {
     #[arg(long, env = "BERTH_WEBHOOK_TOLERANCE", value_parser = berth_common::time::parse_duration, default_value = "300")]
     pub webhook_tolerance: Duration,
 
+    /// How long a webhook delivery's headers, and then its body, may take
+    /// to arrive before the connection is closed (headers) or answered 408
+    /// (body). A declared length over the limit is refused at once (413).
+    #[arg(long, env = "BERTH_WEBHOOK_READ_TIMEOUT", value_parser = berth_common::time::parse_duration, default_value = "10")]
+    pub webhook_read_timeout: Duration,
+
     /// Hosts (`HOST` or `HOST:PORT`, comma-separated) outbound webhook
     /// subscriptions may POST to over plain `http://`; every other URL must
     /// be `https://`.

@@ -230,6 +230,7 @@ pub async fn run(
         audit: audit.clone(),
         sessions: sessions.clone(),
         tolerance: cfg.webhook_tolerance,
+        read_timeout: cfg.webhook_read_timeout,
     };
     webhooks::register_metrics();
     if let Some(addr) = cfg.webhook_listen.0 {

@@ -31,16 +31,15 @@ mod sql {
     pub const DELETE: &str = "DELETE FROM webhooks WHERE project = $1 AND webhook_id = $2";
     /// Records a delivery; a repeat of its id records nothing and returns
     /// the first one's session.
-    pub const DELIVERY: &str = r#"
-WITH d AS (
-    INSERT INTO webhook_deliveries (webhook, delivery_id, session_id) VALUES ($1, $2, $3)
-    ON CONFLICT DO NOTHING RETURNING session_id, true AS fresh
-)
-SELECT session_id, fresh FROM d
-UNION ALL
-SELECT session_id, false FROM webhook_deliveries WHERE webhook = $1 AND delivery_id = $2
-LIMIT 1
-"#;
+    /// Records a delivery and what it signed; `false` when one with the
+    /// same id or the same signed content got there first.
+    pub const DELIVERY: &str = "INSERT INTO webhook_deliveries (webhook, delivery_id, session_id, content_sha256) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+
+    /// The deliveries of webhook `$1` with id `$2` or signed content `$3`
+    /// (by the primary key and `webhook_deliveries_content`).
+    pub const DELIVERIES_LIKE: &str = "SELECT delivery_id, session_id, content_sha256 FROM webhook_deliveries \
+         WHERE webhook = $1 AND (delivery_id = $2 OR content_sha256 = $3)";
 }
 
 #[derive(sqlx::FromRow)]
@@ -171,14 +170,31 @@ impl Store {
         webhook: Uuid,
         delivery_id: &str,
         session_id: Uuid,
-    ) -> Result<(Uuid, bool)> {
-        let row: Option<(Uuid, bool)> = sqlx::query_as(sql::DELIVERY)
+        content_sha256: &[u8],
+    ) -> Result<bool> {
+        let done = sqlx::query(sql::DELIVERY)
             .bind(webhook)
             .bind(delivery_id)
             .bind(session_id)
-            .fetch_optional(&self.pool)
+            .bind(content_sha256)
+            .execute(&self.pool)
             .await?;
-        row.ok_or(Error::Conflict)
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The deliveries recorded with `delivery_id` or `content_sha256`.
+    pub(crate) async fn deliveries_like(
+        &self,
+        webhook: Uuid,
+        delivery_id: &str,
+        content_sha256: &[u8],
+    ) -> Result<Vec<crate::webhooks::Recorded>> {
+        Ok(sqlx::query_as(sql::DELIVERIES_LIKE)
+            .bind(webhook)
+            .bind(delivery_id)
+            .bind(content_sha256)
+            .fetch_all(&self.pool)
+            .await?)
     }
 }
 

@@ -408,3 +408,83 @@ async fn a_revoked_keys_open_stream_ends_unauthenticated() -> anyhow::Result<()>
     assert!(took <= berth_dispatcher::auth::CACHE_TTL, "took {took:?}");
     cluster.shutdown().await
 }
+
+/// Sends `request` raw on a new connection to `addr`; the response's status
+/// line and how long it took, or `None` when the server closed the
+/// connection without answering.
+async fn raw_http(
+    addr: std::net::SocketAddr,
+    request: &[u8],
+) -> anyhow::Result<(Option<String>, Duration)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let started = Instant::now();
+    conn.write_all(request).await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    anyhow::ensure!(read.is_ok(), "no answer and no close within 15 s");
+    let status = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .filter(|l| !l.is_empty())
+        .map(String::from);
+    Ok((status, started.elapsed()))
+}
+
+/// A webhook sender cannot hold the listener: a huge declared length is
+/// refused before the body is read, a body that never comes is answered
+/// 408, and headers that never end close the connection, each within the
+/// read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_sender_cannot_hold_the_listener_open() -> anyhow::Result<()> {
+    let addr = free_addr()?;
+    let cluster = TestCluster::builder()
+        .configure_dispatcher(move |cfg| {
+            cfg.webhook_listen = berth_common::metrics::Listen(Some(addr));
+            cfg.webhook_read_timeout = Duration::from_secs(1);
+        })
+        .start()
+        .await?;
+    let head = |length: &str| {
+        format!(
+            "POST /hooks/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    // 10^12 bytes declared, 3 sent: 413 at once.
+    let (status, took) = raw_http(addr, format!("{}abc", head("1000000000000")).as_bytes()).await?;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 413 ")),
+        "{status:?}"
+    );
+    assert!(took < Duration::from_millis(900), "took {took:?}");
+    // 10 bytes declared, 3 sent, then nothing: 408 after the read timeout.
+    let (status, took) = raw_http(addr, format!("{}abc", head("10")).as_bytes()).await?;
+    assert!(
+        status.as_deref().is_some_and(|s| s.contains(" 408 ")),
+        "{status:?}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // Headers that never end: the connection is closed.
+    let (status, took) = raw_http(addr, b"POST /hooks/x HTTP/1.1\r\nHost: x\r\n").await?;
+    assert!(
+        status.as_deref().is_none_or(|s| s.contains(" 408 ")),
+        "{status:?}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    cluster.shutdown().await
+}

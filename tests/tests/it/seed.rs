@@ -372,6 +372,14 @@ async fn a_signed_webhook_delivery_makes_one_session_and_a_bad_one_nothing() -> 
     assert_eq!(again["duplicate"], true);
     assert_eq!(labelled(&mut c).await?.len(), 1);
 
+    // The same signed content under a new delivery id (a captured delivery
+    // replayed within the window): refused, and nothing is made.
+    let (status, replay) =
+        curl_post(&url, &signed(&secret, now, "d-1-replayed", body), body).await?;
+    assert_eq!(status, 409, "{replay}");
+    assert!(replay.contains("d-1"), "{replay}");
+    assert_eq!(labelled(&mut c).await?.len(), 1, "a replay made a session");
+
     // Signed but not JSON: 400; an unknown path: 404.
     let (status, _) = curl_post(&url, &signed(&secret, now, "d-2", "hello"), "hello").await?;
     assert_eq!(status, 400);

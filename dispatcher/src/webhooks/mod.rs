@@ -10,16 +10,21 @@
 //! is made. A repeat of a delivery id returns the first one's session.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use base64::Engine;
 use chrono::{DateTime, Utc};
-use ring::rand::SecureRandom;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+mod replay;
+mod server;
+mod signature;
+
+pub(crate) use replay::Recorded;
+pub(crate) use server::serve;
+use signature::{content_sha256, delivery_id_ok};
+pub(crate) use signature::{new_secret, sign, verify};
 
 use crate::error::{Error, Result};
 pub(crate) use crate::records::Webhook;
@@ -31,57 +36,10 @@ use crate::store::Store;
 pub(crate) const WEBHOOK_LABEL: &str = "berth.webhook";
 /// Where deliveries are posted: `/hooks/{id}`.
 pub(crate) const PATH_PREFIX: &str = "/hooks/";
-const SECRET_PREFIX: &str = "whsec_";
+pub(crate) const SECRET_PREFIX: &str = "whsec_";
 const DELIVERY_HEADER: &str = "berth-delivery";
 const TIMESTAMP_HEADER: &str = "berth-timestamp";
 const SIGNATURE_HEADER: &str = "berth-signature";
-
-/// `v1=` + the hex HMAC-SHA256 of `{timestamp}.{body}` under `secret`.
-pub(crate) fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let mut ctx = ring::hmac::Context::with_key(&key);
-    ctx.update(timestamp.as_bytes());
-    ctx.update(b".");
-    ctx.update(body);
-    format!("v1={}", hex::encode(ctx.sign().as_ref()))
-}
-
-/// Whether `signature` (one or more `v1=…`, comma-separated, as a sender
-/// rotating secrets sends) is `body`'s at `timestamp`. Constant time.
-pub(crate) fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature: &str) -> bool {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let mut message = Vec::with_capacity(timestamp.len() + 1 + body.len());
-    message.extend_from_slice(timestamp.as_bytes());
-    message.push(b'.');
-    message.extend_from_slice(body);
-    signature.split(',').any(|s| {
-        s.trim()
-            .strip_prefix("v1=")
-            .and_then(|h| hex::decode(h).ok())
-            .is_some_and(|tag| ring::hmac::verify(&key, &message, &tag).is_ok())
-    })
-}
-
-/// A new signing secret: `whsec_` and 32 random bytes, base64url.
-pub(crate) fn new_secret() -> Result<String> {
-    let mut raw = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut raw)
-        .map_err(|_| Error::Internal("no system randomness".into()))?;
-    Ok(format!(
-        "{SECRET_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    ))
-}
-
-/// Whether a delivery id is 1–128 of `[A-Za-z0-9._:-]`.
-fn delivery_id_ok(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-}
 
 /// The webhook operations, and deliveries.
 #[derive(Clone)]
@@ -91,6 +49,8 @@ pub(crate) struct Webhooks {
     pub sessions: Sessions,
     /// How far a delivery's timestamp may be from now.
     pub tolerance: Duration,
+    /// How long a delivery's headers, and then its body, may take to arrive.
+    pub read_timeout: Duration,
 }
 
 impl Webhooks {
@@ -230,24 +190,68 @@ impl Webhooks {
                 );
             }
         };
-        let mut labels = w.labels.clone();
-        labels.insert(WEBHOOK_LABEL.into(), w.webhook_id.clone());
-        let new = NewSession::of_agent(
-            &w.agent,
-            text.to_string(),
-            labels,
-            format!("{} {delivery}", w.webhook_id),
-            format!("webhook/{}/{delivery}", w.id),
-        );
-        let session = match self.sessions.create(&w.project, new).await {
-            Ok(s) => s,
-            Err(e) if e.is_transient() => return unavailable(e),
-            Err(e) => return refuse(StatusCode::UNPROCESSABLE_ENTITY, "error", e.to_string()),
-        };
-        match self.store.record_delivery(w.id, delivery, session.id).await {
-            Ok((session_id, fresh)) => {
-                tracing::info!(webhook = %w.webhook_id, delivery, %session_id, fresh, "webhook delivery");
-                if fresh {
+        let content = content_sha256(timestamp, body);
+        self.admit(&w, delivery, &content, text).await
+    }
+
+    /// Makes the session of an authentic delivery, unless it is a retry
+    /// (the first one's session), a replay or a reused id (409).
+    async fn admit(
+        &self,
+        w: &Webhook,
+        delivery: &str,
+        content: &[u8],
+        text: &str,
+    ) -> (StatusCode, &'static str, serde_json::Value) {
+        let refuse = |status, outcome, why: String| (status, outcome, json!({ "error": why }));
+        // Twice: a delivery racing this one may be recorded in between.
+        for _ in 0..2 {
+            let recorded = match self.store.deliveries_like(w.id, delivery, content).await {
+                Ok(r) => r,
+                Err(e) => return unavailable(e),
+            };
+            let session_id = match replay::judge(delivery, content, &recorded) {
+                replay::Verdict::Retry(session_id) => {
+                    let reply = json!({
+                        "session": berth_common::names::session_name(session_id),
+                        "duplicate": true,
+                    });
+                    return (StatusCode::OK, "duplicate", reply);
+                }
+                replay::Verdict::Replay { of } => {
+                    tracing::warn!(webhook = %w.webhook_id, delivery, of = %of, "webhook replay refused");
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "replay",
+                        format!(
+                            "this signed content was delivered as `{of}`; a new `{DELIVERY_HEADER}` does not make it new"
+                        ),
+                    );
+                }
+                replay::Verdict::IdReused => {
+                    return refuse(
+                        StatusCode::CONFLICT,
+                        "replay",
+                        format!(
+                            "`{DELIVERY_HEADER}` {delivery} was used for another delivery; give each its own id"
+                        ),
+                    );
+                }
+                replay::Verdict::New => match self.create_for(w, delivery, content, text).await {
+                    Ok(id) => id,
+                    Err(e) if e.is_transient() => return unavailable(e),
+                    Err(e) => {
+                        return refuse(StatusCode::UNPROCESSABLE_ENTITY, "error", e.to_string());
+                    }
+                },
+            };
+            match self
+                .store
+                .record_delivery(w.id, delivery, session_id, content)
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(webhook = %w.webhook_id, delivery, %session_id, "webhook delivery");
                     self.audit
                         .record(
                             &w.project,
@@ -257,19 +261,39 @@ impl Webhooks {
                             serde_json::json!({ "delivery": delivery, "agent": w.agent }),
                         )
                         .await;
+                    let reply = json!({
+                        "session": berth_common::names::session_name(session_id),
+                        "duplicate": false,
+                    });
+                    return (StatusCode::ACCEPTED, "created", reply);
                 }
-                let reply = json!({
-                    "session": berth_common::names::session_name(session_id),
-                    "duplicate": !fresh,
-                });
-                if fresh {
-                    (StatusCode::ACCEPTED, "created", reply)
-                } else {
-                    (StatusCode::OK, "duplicate", reply)
-                }
+                // Another one got there first: judge again against it.
+                Ok(false) => continue,
+                Err(e) => return unavailable(e),
             }
-            Err(e) => unavailable(e),
         }
+        unavailable(Error::Conflict)
+    }
+
+    /// The session of a new delivery, made idempotently on what it signs:
+    /// deliveries racing with the same content get the same session.
+    async fn create_for(
+        &self,
+        w: &Webhook,
+        delivery: &str,
+        content: &[u8],
+        text: &str,
+    ) -> Result<Uuid> {
+        let mut labels = w.labels.clone();
+        labels.insert(WEBHOOK_LABEL.into(), w.webhook_id.clone());
+        let new = NewSession::of_agent(
+            &w.agent,
+            text.to_string(),
+            labels,
+            format!("{} {delivery}", w.webhook_id),
+            format!("webhook/{}/{}", w.id, hex::encode(content)),
+        );
+        Ok(self.sessions.create(&w.project, new).await?.id)
     }
 }
 
@@ -293,74 +317,8 @@ pub(crate) fn register_metrics() {
         "not_found",
         "error",
         "unavailable",
+        "replay",
     ] {
         metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
-    }
-}
-
-/// Serves `POST /hooks/{id}` on `listener` until `shutdown`.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    webhooks: Webhooks,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    use axum::extract::{Path, State};
-    use axum::routing::post;
-    let app = axum::Router::new()
-        .route(
-            "/hooks/{id}",
-            post(
-                |State(w): State<Arc<Webhooks>>,
-                 Path(id): Path<String>,
-                 headers: HeaderMap,
-                 body: axum::body::Bytes| async move {
-                    let (status, reply) = w.deliver(&id, &headers, &body).await;
-                    (
-                        status,
-                        [("content-type", "application/json")],
-                        format!("{reply}\n"),
-                    )
-                },
-            ),
-        )
-        .layer(axum::extract::DefaultBodyLimit::max(
-            limits::MESSAGE_BYTES + 1,
-        ))
-        .with_state(Arc::new(webhooks));
-    tracing::info!(addr = %listener.local_addr()?, "webhooks listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_signature_verifies_only_for_its_secret_timestamp_and_body() {
-        let s = sign(b"whsec_a", "1700000000", br#"{"x":1}"#);
-        assert!(s.starts_with("v1=") && s.len() == 3 + 64, "{s}");
-        assert!(verify(b"whsec_a", "1700000000", br#"{"x":1}"#, &s));
-        assert!(verify(
-            b"whsec_a",
-            "1700000000",
-            br#"{"x":1}"#,
-            &format!("v1=00,{s}")
-        ));
-        assert!(!verify(b"whsec_b", "1700000000", br#"{"x":1}"#, &s));
-        assert!(!verify(b"whsec_a", "1700000001", br#"{"x":1}"#, &s));
-        assert!(!verify(b"whsec_a", "1700000000", br#"{"x":2}"#, &s));
-        assert!(!verify(b"whsec_a", "1700000000", br#"{"x":1}"#, ""));
-        assert!(!verify(b"whsec_a", "1700000000", br#"{"x":1}"#, "v1=zz"));
-    }
-
-    #[test]
-    fn delivery_ids_are_bounded() {
-        assert!(delivery_id_ok("evt_123:a.b-c"));
-        assert!(!delivery_id_ok(""));
-        assert!(!delivery_id_ok("a b"));
-        assert!(!delivery_id_ok(&"a".repeat(129)));
     }
 }
