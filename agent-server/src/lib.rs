@@ -240,6 +240,9 @@ async fn serve(
         "agent-server listening"
     );
     builder
+        .layer(tower::util::MapResponseLayer::new(
+            berth_common::grpc::client_decode_errors,
+        ))
         .layer(berth_common::metrics::GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection)

@@ -89,3 +89,82 @@ mod tests {
         );
     }
 }
+
+/// Rewrites the status a request that could not be decoded gets: tonic
+/// answers a malformed message INTERNAL and an oversized one OUT_OF_RANGE,
+/// as if the server were at fault. They are the caller's: INVALID_ARGUMENT
+/// and RESOURCE_EXHAUSTED (naming the limit), with an `ErrorInfo`. Applied
+/// to every response of a server (`tower::util::MapResponseLayer`); only a
+/// trailers-only answer (a unary call, or a stream's first message) carries
+/// such a status in its headers.
+pub fn client_decode_errors<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let fixed = match status.code() {
+        tonic::Code::Internal if status.message().starts_with("failed to decode Protobuf") => {
+            rich_status(
+                tonic::Code::InvalidArgument,
+                format!(
+                    "the request is not a valid protobuf message of this method: {}",
+                    status.message()
+                ),
+                "MALFORMED_REQUEST",
+                None,
+                None,
+            )
+        }
+        tonic::Code::OutOfRange
+            if status
+                .message()
+                .contains("decoded message length too large") =>
+        {
+            rich_status(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "the request message is larger than the {} MiB limit ({})",
+                    MAX_MESSAGE_BYTES / (1024 * 1024),
+                    status.message()
+                ),
+                "MESSAGE_TOO_LARGE",
+                None,
+                None,
+            )
+        }
+        _ => return response,
+    };
+    let headers = response.headers_mut();
+    headers.remove("grpc-status-details-bin");
+    if fixed.add_header(headers).is_err() {
+        tracing::debug!("could not rewrite a decode error's status");
+    }
+    response
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    fn answered(status: tonic::Status) -> tonic::Status {
+        let response: tonic::codegen::http::Response<()> = client_decode_errors(status.into_http());
+        tonic::Status::from_header_map(response.headers()).expect("a status")
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_decoded_is_the_callers_error() {
+        let s = answered(tonic::Status::internal(
+            "failed to decode Protobuf message: buffer underflow",
+        ));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        let s = answered(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 20000000 bytes, the limit is: 16777216 bytes",
+        ));
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains("16 MiB"), "{}", s.message());
+        // Everything else passes untouched.
+        let s = answered(tonic::Status::internal("database on fire"));
+        assert_eq!(s.code(), tonic::Code::Internal);
+    }
+}

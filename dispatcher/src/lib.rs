@@ -317,6 +317,9 @@ pub async fn run(
         server = server.tls_config(tls.server())?;
     }
     server
+        .layer(tower::util::MapResponseLayer::new(
+            berth_common::grpc::client_decode_errors,
+        ))
         .layer(berth_common::metrics::GrpcMetricsLayer)
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(auth::AuthLayer(authenticator))

@@ -488,3 +488,80 @@ async fn a_webhook_sender_cannot_hold_the_listener_open() -> anyhow::Result<()> 
     assert!(took < Duration::from_secs(5), "took {took:?}");
     cluster.shutdown().await
 }
+
+/// Sends raw bytes as a request's message (a client with a broken encoder).
+#[derive(Clone, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct AnyDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for AnyDecoder {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf;
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = RawEncoder;
+    type Decoder = AnyDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> AnyDecoder {
+        AnyDecoder
+    }
+}
+
+/// A request that is not the method's message is the caller's error
+/// (INVALID_ARGUMENT), and one over the size limit says the limit
+/// (RESOURCE_EXHAUSTED); neither is the server's INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_and_oversized_requests_are_the_callers_errors() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let call = |bytes: Vec<u8>| {
+        let mut grpc =
+            tonic::client::Grpc::new(cluster.api()).max_encoding_message_size(64 * 1024 * 1024);
+        async move {
+            grpc.ready()
+                .await
+                .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/berth.v1.Sessions/GetSession",
+            );
+            grpc.unary(tonic::Request::new(bytes), path, RawCodec).await
+        }
+    };
+    // Field 1 (name), length-delimited, 255 bytes long, and none follow.
+    let broken = call(vec![0x0a, 0xff, 0x01]).await.expect_err("refused");
+    assert_eq!(broken.code(), tonic::Code::InvalidArgument, "{broken:?}");
+    let huge = call(vec![0u8; 17 * 1024 * 1024])
+        .await
+        .expect_err("refused");
+    assert_eq!(huge.code(), tonic::Code::ResourceExhausted, "{huge:?}");
+    assert!(huge.message().contains("16 MiB"), "{}", huge.message());
+    cluster.shutdown().await
+}
