@@ -161,6 +161,16 @@ impl SessionSpec {
         for (field, path) in paths {
             layout.check(path).map_err(|e| Error::invalid(field, e))?;
         }
+        for f in &self.files {
+            if let Ok((volume, rest)) = layout.volume_of(&f.path)
+                && rest.is_empty()
+            {
+                return Err(Error::invalid(
+                    "spec.files.path",
+                    format!("`{volume}` is a writable volume itself; name a file inside it"),
+                ));
+            }
+        }
         Ok(())
     }
 }

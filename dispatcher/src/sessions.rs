@@ -283,11 +283,26 @@ impl Sessions {
             return Ok(());
         }
         for r in &new.resources {
-            let (field, path) = match r {
-                Resource::File { path, .. } => ("resources.file.path", path),
-                Resource::Memory { path, .. } => ("resources.memory.path", path),
-                Resource::Git { path, .. } => ("resources.git.path", path),
+            let (field, path, file) = match r {
+                Resource::File { path, .. } => ("resources.file.path", path, true),
+                Resource::Memory { path, .. } => ("resources.memory.path", path, false),
+                Resource::Git { path, .. } => ("resources.git.path", path, false),
             };
+            let path = path.trim_end_matches('/');
+            // A file goes inside a volume; it cannot stand for one.
+            if file
+                && fleet
+                    .volumes
+                    .iter()
+                    .any(|v| v.trim_end_matches('/') == path)
+            {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "`{path}` is a writable directory of the container itself; name a file inside it (e.g. `{path}/input.txt`)"
+                    ),
+                ));
+            }
             let inside = fleet.volumes.iter().any(|v| {
                 path.strip_prefix(v.as_str())
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))

@@ -565,3 +565,42 @@ async fn undecodable_and_oversized_requests_are_the_callers_errors() -> anyhow::
     assert!(huge.message().contains("16 MiB"), "{}", huge.message());
     cluster.shutdown().await
 }
+
+/// A file resource must name a file inside a writable volume: the volume
+/// itself is refused by the API, naming the field, before any node sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_cannot_stand_for_a_whole_volume() -> anyhow::Result<()> {
+    use berth_proto::v1::files_client::FilesClient;
+    let cluster = TestCluster::builder().start().await?;
+    let f = FilesClient::new(cluster.api())
+        .upload_file(pb::UploadFileRequest {
+            display_name: "in.txt".into(),
+            content: b"data".to_vec(),
+        })
+        .await?
+        .into_inner();
+    for path in ["/workspace", "/workspace/"] {
+        let refused = cluster
+            .client()
+            .create_session(pb::CreateSessionRequest {
+                resources: vec![pb::Resource {
+                    kind: Some(pb::resource::Kind::File(pb::FileResource {
+                        file: f.name.clone(),
+                        path: path.into(),
+                    })),
+                }],
+                ..fake_session("echo hi")
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains("name a file inside it"),
+            "{}",
+            refused.message()
+        );
+        let fields = berth_cli::errors::describe(&refused).join("\n");
+        assert!(fields.contains("resources.file.path"), "{fields}");
+    }
+    cluster.shutdown().await
+}
