@@ -80,7 +80,7 @@ impl Janitor {
             }
         };
         for o in orphans {
-            let reason = format!("dispatcher {} stopped heartbeating; re-queued", o.owner);
+            let reason = orphan_reason(&o, "stopped heartbeating");
             let detail = StatusDetail {
                 owner: Some(o.owner.clone()),
                 ..StatusDetail::default()
@@ -148,6 +148,20 @@ impl Janitor {
     }
 }
 
+/// Why a session its dispatcher left changes status: a stop under way
+/// ends it `stopped` (a user's stop never becomes a restart), anything else
+/// goes back to the queue.
+fn orphan_reason(o: &crate::store::Orphan, what: &str) -> String {
+    if o.status == crate::session::SessionStatus::Stopping.as_str() {
+        format!(
+            "dispatcher {} {what} while the session was stopping; stopped",
+            o.owner
+        )
+    } else {
+        format!("dispatcher {} {what}; re-queued", o.owner)
+    }
+}
+
 /// Releases the sessions a previous process under `owner` (a restarted
 /// dispatcher keeps its id) left claimed: each is re-queued at once, or
 /// ends `stopped` if a stop was under way. Retries while Postgres is
@@ -173,7 +187,7 @@ pub(crate) async fn release_previous(
         }
     };
     for o in owned {
-        let reason = format!("dispatcher {owner} restarted; re-queued");
+        let reason = orphan_reason(&o, "restarted");
         let detail = StatusDetail {
             owner: Some(owner.to_string()),
             ..StatusDetail::default()
@@ -190,5 +204,31 @@ pub(crate) async fn release_previous(
                 tracing::warn!(session_id = %o.id, error = %e, "could not release a session a previous process left")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn orphan(status: &str) -> crate::store::Orphan {
+        crate::store::Orphan {
+            id: uuid::Uuid::nil(),
+            epoch: 1,
+            owner: "d1".into(),
+            status: status.into(),
+        }
+    }
+
+    #[test]
+    fn a_stop_under_way_is_never_called_a_requeue() {
+        assert_eq!(
+            orphan_reason(&orphan("stopping"), "restarted"),
+            "dispatcher d1 restarted while the session was stopping; stopped"
+        );
+        assert_eq!(
+            orphan_reason(&orphan("running"), "stopped heartbeating"),
+            "dispatcher d1 stopped heartbeating; re-queued"
+        );
     }
 }

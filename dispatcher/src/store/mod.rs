@@ -48,6 +48,7 @@ pub(crate) use access::{
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
+pub(crate) use queue::Orphan;
 pub(crate) use runs::RunState;
 pub(crate) use sessions::{SessionFilter, Transitioned};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};

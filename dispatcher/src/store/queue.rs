@@ -75,7 +75,7 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_time = now()
     /// not heartbeated within $1 seconds: their dispatcher is gone.
     /// (`owner <> ''`: claimed sessions only.)
     pub const ORPHANED_SESSIONS: &str = r#"
-SELECT s.id, s.epoch, s.owner FROM sessions s
+SELECT s.id, s.epoch, s.owner, s.status FROM sessions s
 WHERE s.status IN ({claimed})
   AND s.owner <> ''
   AND NOT EXISTS (
@@ -101,7 +101,7 @@ RETURNING claim_after - now() AS delay
     /// Claimed sessions ({claimed}) owned by $1: at a dispatcher's start,
     /// those a previous process under the same id left.
     pub const OWNED_SESSIONS: &str = r#"
-SELECT s.id, s.epoch, s.owner FROM sessions s
+SELECT s.id, s.epoch, s.owner, s.status FROM sessions s
 WHERE s.status IN ({claimed}) AND s.owner = $1
 "#;
 
@@ -155,6 +155,8 @@ pub(crate) struct Orphan {
     pub id: Uuid,
     pub epoch: i64,
     pub owner: String,
+    /// Its status as its owner left it.
+    pub status: String,
 }
 
 /// Sessions not yet ended, by status.

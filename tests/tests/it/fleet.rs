@@ -813,6 +813,20 @@ async fn a_restarted_dispatcher_releases_its_sessions_at_once_and_a_stop_stays_a
         "a stop was turned into a restart"
     );
     no_containers_left(&stopping.id).await?;
+    // And it says so: a stop, not a re-queue.
+    let ended = events_of(&mut client, &stopping.name).await?;
+    let last = ended
+        .iter()
+        .rfind(|e| e.r#type == "session.status_stopped")
+        .ok_or_else(|| anyhow::anyhow!("no stopped event"))?;
+    let why = payload(last)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !why.contains("re-queued") && why.contains("stopped"),
+        "{why}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = get(&mut client, &stopping.name).await?;
     assert_eq!(after.status, pb::SessionStatus::Stopped as i32);
