@@ -84,6 +84,8 @@ pub(crate) enum ExportFormat {
 impl Sessions {
     /// Resolves the agent (pinning its version), checks the resources, queues.
     pub(crate) async fn create(&self, project: &str, mut new: NewSession) -> Result<Session> {
+        // As asked, before the agent is resolved and defaults are filled.
+        let fingerprint = new.fingerprint();
         if let Some(agent) = &new.agent {
             let (id, version) =
                 berth_common::names::agent_ref(agent).map_err(|e| Error::invalid("agent", e))?;
@@ -157,7 +159,21 @@ impl Sessions {
         if new.display_name.trim().is_empty() {
             new.display_name = display_name_for(&new);
         }
-        let (session, created) = self.store.create_session(project, &new).await?;
+        let (session, created, asked) = self
+            .store
+            .create_session(project, &new, &fingerprint)
+            .await?;
+        // AIP-155: a request_id names one request; another one under it is
+        // refused rather than answered with the first one's session.
+        if asked.is_some_and(|a| a != fingerprint) {
+            return Err(Error::invalid(
+                "request_id",
+                format!(
+                    "was used by another create request, which made {}; give a different request its own request_id",
+                    berth_common::names::session_name(session.id)
+                ),
+            ));
+        }
         if created {
             metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
             tracing::info!(session_id = %session.id, project, image = %session.spec.image, "session created");
@@ -576,7 +592,10 @@ impl Sessions {
             // The spec carries them already, as env.
             run_params: Default::default(),
         };
-        let (clone, _) = self.store.create_session(project, &new).await?;
+        let (clone, _, _) = self
+            .store
+            .create_session(project, &new, &new.fingerprint())
+            .await?;
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
         Ok(clone)
     }

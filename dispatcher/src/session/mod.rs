@@ -199,6 +199,34 @@ pub struct NewSession {
 }
 
 impl NewSession {
+    /// What identifies this request, so that a `request_id` reused for
+    /// another request is refused (AIP-155): SHA-256 over every field as
+    /// asked, env values aside (they may be secrets, and are never hashed
+    /// into a row). Computed before the agent is resolved, so a retry after
+    /// the agent got a new version is the same request.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let mut spec = self.spec.clone();
+        for v in spec.env.values_mut() {
+            v.clear();
+        }
+        let canonical = serde_json::json!({
+            "display_name": self.display_name,
+            "spec": spec,
+            "labels": self.labels,
+            "initial_message": self.initial_message,
+            "timeout_ms": self.timeout.map(|d| d.as_millis()),
+            "agent": self.agent,
+            "resources": self.resources,
+            "inactivity_timeout_ms": self.inactivity_timeout.map(|d| d.as_millis()),
+            "budget_usd": self.budget_usd,
+            "queue_timeout_ms": self.queue_timeout.map(|d| d.as_millis()),
+            "run_params": format!("{:?}", self.run_params),
+        });
+        ring::digest::digest(&ring::digest::SHA256, canonical.to_string().as_bytes())
+            .as_ref()
+            .to_vec()
+    }
+
     /// A session of `agent` that `message` opens, as a schedule or a
     /// webhook starts it: `request_id` makes its creation idempotent.
     pub fn of_agent(

@@ -43,9 +43,9 @@ mod sql {
 WITH created AS (
     INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq,
                           agent_id, agent_version, resources, inactivity_timeout_ms, budget_usd,
-                          queue_timeout_ms, queue_deadline, project, env_sealed, env_kek)
+                          queue_timeout_ms, queue_deadline, project, env_sealed, env_kek, request_sha256)
     VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]),
-            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19)
+            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19, $20)
     ON CONFLICT (project, request_id) DO NOTHING
     RETURNING id, pg_notify('berth_queue', id::text) IS NULL AS notified
 ), logged AS (
@@ -64,6 +64,10 @@ SELECT id FROM created
 
     /// The session an earlier create with this request id made.
     pub const SESSION_BY_REQUEST_ID: &str = with_models!("WHERE project = $2 AND request_id = $1");
+
+    /// What the create request behind `request_id` $1 asked.
+    pub const REQUEST_SHA256: &str =
+        "SELECT request_sha256 FROM sessions WHERE project = $2 AND request_id = $1";
 
     /// Sessions newest first, filtered, one page. $1 status filter (NULL =
     /// any); $2 labels the session must all carry; $3/$4 keyset cursor (NULL =
@@ -252,12 +256,14 @@ impl Store {
     }
 
     /// Creates a session, or returns the one an earlier call with the same
-    /// `request_id` created. The second value is true when this call created it.
+    /// `request_id` created, with what that call asked (`fingerprint`). The
+    /// second value is true when this call created it.
     pub(crate) async fn create_session(
         &self,
         project: &str,
         new: &NewSession,
-    ) -> Result<(Session, bool)> {
+        fingerprint: &[u8],
+    ) -> Result<(Session, bool, Option<Vec<u8>>)> {
         let mut spec = new.spec.clone();
         let (blank, env_sealed) = self.seal_env(project, &spec.env);
         spec.env = blank;
@@ -294,17 +300,27 @@ impl Store {
             .bind(project)
             .bind(&env_sealed)
             .bind(env_sealed.as_ref().map(|_| self.sealer().primary()))
+            .bind(fingerprint)
             .fetch_optional(&self.pool)
             .await?;
         match (created, &new.request_id) {
-            (Some(id), _) => Ok((self.get_session(id).await?, true)),
+            (Some(id), _) => Ok((
+                self.get_session(id).await?,
+                true,
+                Some(fingerprint.to_vec()),
+            )),
             (None, Some(request_id)) => {
                 let row: SessionRow = sqlx::query_as(sql::SESSION_BY_REQUEST_ID)
                     .bind(request_id)
                     .bind(project)
                     .fetch_one(&self.pool)
                     .await?;
-                Ok((self.session(row)?, false))
+                let asked: Option<Vec<u8>> = sqlx::query_scalar(sql::REQUEST_SHA256)
+                    .bind(request_id)
+                    .bind(project)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok((self.session(row)?, false, asked))
             }
             (None, None) => Err(Error::Internal("session insert returned nothing".into())),
         }

@@ -239,6 +239,12 @@ impl Webhooks {
                 }
                 replay::Verdict::New => match self.create_for(w, delivery, content, text).await {
                     Ok(id) => id,
+                    // The same content under another delivery id made the
+                    // session first: judge again against that one.
+                    Err(Error::InvalidArgument {
+                        field: "request_id",
+                        ..
+                    }) => continue,
                     Err(e) if e.is_transient() => return unavailable(e),
                     Err(e) => {
                         return refuse(StatusCode::UNPROCESSABLE_ENTITY, "error", e.to_string());

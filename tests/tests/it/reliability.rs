@@ -604,3 +604,28 @@ async fn a_file_cannot_stand_for_a_whole_volume() -> anyhow::Result<()> {
     }
     cluster.shutdown().await
 }
+
+/// A request_id names one request (AIP-155): repeating it returns the
+/// same session; reusing it for another request is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_reused_for_another_request_is_refused() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let ask = |text: &str| pb::CreateSessionRequest {
+        request_id: "create-once".into(),
+        ..fake_session(text)
+    };
+    let first = c.create_session(ask("echo one")).await?.into_inner();
+    let again = c.create_session(ask("echo one")).await?.into_inner();
+    assert_eq!(again.name, first.name, "a retry gets the same session");
+    let other = c
+        .create_session(ask("echo two"))
+        .await
+        .expect_err("another request under the same id");
+    assert_eq!(other.code(), tonic::Code::InvalidArgument, "{other:?}");
+    let details = berth_cli::errors::describe(&other).join("\n");
+    assert!(details.contains("request_id"), "{details}");
+    assert!(other.message().contains(&first.name), "{}", other.message());
+    stop_and_wait(&mut c, &first.name).await?;
+    cluster.shutdown().await
+}
