@@ -18,6 +18,11 @@ pub fn remove_node_containers(node_id: &str) {
         .map(String::from)
         .collect();
     if !ids.is_empty() {
+        // Frozen ones first thawed: a frozen container cannot be killed.
+        let _ = std::process::Command::new("docker")
+            .arg("unpause")
+            .args(&ids)
+            .output();
         let _ = std::process::Command::new("docker")
             .args(["rm", "-fv"])
             .args(&ids)

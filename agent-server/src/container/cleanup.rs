@@ -8,6 +8,10 @@ use bollard::query_parameters::{ListContainersOptionsBuilder, RemoveContainerOpt
 
 use super::{ContainerRuntime, Error, LABEL_MANAGED, LABEL_NODE, LABEL_POOL};
 
+/// Longest a container's removal may take before the node gives up on it
+/// (its next start reaps it).
+const REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl ContainerRuntime {
     /// Force-removes a container and its anonymous volumes. Errors are logged:
     /// a container that is already gone is what we wanted.
@@ -20,12 +24,25 @@ impl ContainerRuntime {
             .force(true)
             .v(true)
             .build();
+        // A frozen container (see `freezer.rs`) is thawed first: killing
+        // one that is still frozen never finishes under the cgroup v1
+        // freezer, and holds the container until someone thaws it.
+        if let Err(e) = self.docker.unpause_container(container_id).await {
+            tracing::trace!(container_id, error = %e, "unpause before removal");
+        }
         let histogram = metrics::histogram!(crate::metrics::CONTAINER_REMOVE);
         let removed = crate::metrics::timed(
             histogram,
-            self.docker.remove_container(container_id, Some(opts)),
+            tokio::time::timeout(
+                REMOVE_TIMEOUT,
+                self.docker.remove_container(container_id, Some(opts)),
+            ),
         )
         .await;
+        let Ok(removed) = removed else {
+            tracing::warn!(container_id, timeout = ?REMOVE_TIMEOUT, "removing the container did not finish; the next start of this node reaps it");
+            return;
+        };
         match removed {
             Ok(()) => {}
             // Gone already, or being removed by Docker itself (auto-remove
