@@ -156,3 +156,12 @@ pub struct AuditEvent {
     pub resource: String,
     pub detail: serde_json::Value,
 }
+
+/// A delivery already recorded for the webhook: its id, session and the
+/// hash of what it signed (`None`: recorded before hashes were kept).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub(crate) struct Recorded {
+    pub delivery_id: String,
+    pub session_id: uuid::Uuid,
+    pub content_sha256: Option<Vec<u8>>,
+}

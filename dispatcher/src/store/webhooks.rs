@@ -188,7 +188,7 @@ impl Store {
         webhook: Uuid,
         delivery_id: &str,
         content_sha256: &[u8],
-    ) -> Result<Vec<crate::webhooks::Recorded>> {
+    ) -> Result<Vec<crate::records::Recorded>> {
         Ok(sqlx::query_as(sql::DELIVERIES_LIKE)
             .bind(webhook)
             .bind(delivery_id)

@@ -21,7 +21,6 @@ mod replay;
 mod server;
 mod signature;
 
-pub(crate) use replay::Recorded;
 pub(crate) use server::serve;
 use signature::{content_sha256, delivery_id_ok};
 pub(crate) use signature::{new_secret, sign, verify};

@@ -3,14 +3,7 @@
 //! same content (timestamp and body) under a new id, which only someone who
 //! captured a delivery sends within its replay window.
 
-/// A delivery already recorded for the webhook: its id, session and the
-/// hash of what it signed (`None`: recorded before hashes were kept).
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub(crate) struct Recorded {
-    pub delivery_id: String,
-    pub session_id: uuid::Uuid,
-    pub content_sha256: Option<Vec<u8>>,
-}
+pub(crate) use crate::records::Recorded;
 
 /// What to do with a delivery.
 #[derive(Debug, Clone, PartialEq)]
