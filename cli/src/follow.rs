@@ -31,7 +31,8 @@ pub async fn follow(
     mut on_event: impl FnMut(&pb::Event) -> bool,
 ) -> Result<(), tonic::Status> {
     let mut interrupted: Option<Instant> = None;
-    let mut delay = Duration::from_millis(200);
+    let mut backoff =
+        berth_common::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let opened = client
             .stream_events(pb::StreamEventsRequest {
@@ -46,7 +47,7 @@ pub async fn follow(
                     match stream.next().await {
                         Some(Ok(e)) => {
                             interrupted = None;
-                            delay = Duration::from_millis(200);
+                            backoff.reset();
                             after_seq = after_seq.max(e.seq);
                             if !on_event(&e) {
                                 return Ok(());
@@ -72,8 +73,6 @@ pub async fn follow(
         if since.elapsed() > GIVE_UP_AFTER {
             return Err(failure);
         }
-        let jitter = 0.5 + fastrand::f64();
-        tokio::time::sleep(delay.mul_f64(jitter)).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

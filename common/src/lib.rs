@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod names;
 #[cfg(feature = "objects")]
 pub mod objects;
+pub mod retry;
 pub mod spec;
 pub mod sync;
 pub mod telemetry;

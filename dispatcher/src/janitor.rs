@@ -172,17 +172,18 @@ pub(crate) async fn release_previous(
     owner: &str,
     shutdown: &CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff =
+        berth_common::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let owned = loop {
         match store.owned_by(owner).await {
             Ok(o) => break o,
             Err(e) => {
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot read the sessions a previous process left; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     };

@@ -91,7 +91,8 @@ async fn claim_reattaches(ctx: &Arc<Ctx>, owner: &str, drivers: &TaskTracker) {
 /// Listens for queue wake-ups and other dispatchers' event notices, and
 /// reconnects with backoff when the connection drops.
 pub(crate) async fn listen(ctx: Arc<Ctx>, wake: Arc<Notify>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff =
+        berth_common::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let listener = async {
             let mut l = sqlx::postgres::PgListener::connect_with(ctx.store.pool()).await?;
@@ -104,13 +105,12 @@ pub(crate) async fn listen(ctx: Arc<Ctx>, wake: Arc<Notify>) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "LISTEN failed; the queue falls back to polling");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             }
         };
-        backoff = Duration::from_millis(100);
+        backoff.reset();
         loop {
             let n = tokio::select! {
                 () = ctx.shutdown.cancelled() => return,

@@ -190,7 +190,8 @@ impl AgentPools {
     async fn run(self: Arc<Self>, stop: CancellationToken) {
         let interval = Duration::from_secs_f64(1.0 / self.cfg.refill_per_sec.max(0.01));
         let mut next_start = Instant::now();
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff =
+            berth_common::retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut sweep = tokio::time::interval(self.cfg.check_interval);
         let mut starts: JoinSet<(String, Result<WarmProcess, String>)> = JoinSet::new();
         loop {
@@ -225,7 +226,7 @@ impl AgentPools {
                     match result {
                         Ok(w) => {
                             metrics::counter!(WARM_AGENT_REFILLS, "result" => "ok").increment(1);
-                            backoff = Duration::from_millis(500);
+                            backoff.reset();
                             let unwanted = self.state().started(&key, w, Instant::now());
                             if let Some(w) = unwanted {
                                 self.starter.runtime.remove(&w.id).await;
@@ -234,10 +235,10 @@ impl AgentPools {
                         }
                         Err(e) => {
                             metrics::counter!(WARM_AGENT_REFILLS, "result" => "error").increment(1);
-                            tracing::warn!(agent_key = %key, error = %e, retry_in = ?backoff, "pre-starting an agent process failed");
+                            let delay = backoff.next_delay();
+                            tracing::warn!(agent_key = %key, error = %e, retry_in = ?delay, "pre-starting an agent process failed");
                             self.state().start_failed(&key);
-                            next_start = Instant::now() + backoff;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            next_start = Instant::now() + delay;
                         }
                     }
                 }

@@ -187,7 +187,8 @@ impl Pools {
         let image = pool.image.clone();
         let interval = Duration::from_secs_f64(1.0 / self.cfg.refill_per_sec);
         let mut next_start = Instant::now();
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff =
+            berth_common::retry::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let mut sweep = tokio::time::interval(self.cfg.check_interval);
         loop {
             // One start at a time per pool, so the deficit is all there is to count.
@@ -201,7 +202,7 @@ impl Pools {
                     Ok(warm) if !stop.is_cancelled() => {
                         pool.state().add(warm, Instant::now());
                         metrics::counter!(POOL_REFILLS, "image" => image.clone()).increment(1);
-                        backoff = Duration::from_millis(500);
+                        backoff.reset();
                         self.publish();
                     }
                     Ok(warm) => {
@@ -211,9 +212,9 @@ impl Pools {
                     Err(e) => {
                         metrics::counter!(POOL_REFILL_FAILURES, "image" => image.clone())
                             .increment(1);
-                        tracing::warn!(%image, error = %e, retry_in = ?backoff, "warm container failed to start");
-                        next_start = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        let delay = backoff.next_delay();
+                        tracing::warn!(%image, error = %e, retry_in = ?delay, "warm container failed to start");
+                        next_start = Instant::now() + delay;
                     }
                 }
                 continue;

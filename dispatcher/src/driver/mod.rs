@@ -205,13 +205,16 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
-    let mut delay = std::time::Duration::from_millis(50);
+    let mut backoff = berth_common::retry::Backoff::new(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(2),
+    );
     loop {
         match f().await {
             Err(e) if e.is_transient() && !ctx.shutdown.is_cancelled() => {
+                let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "database call failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(2));
             }
             r => return r,
         }

@@ -244,13 +244,14 @@ impl Writer {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let mut delay = Duration::from_millis(20);
+        let mut backoff =
+            berth_common::retry::Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         loop {
             match f().await {
                 Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "event log write failed; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 r => return r,
             }

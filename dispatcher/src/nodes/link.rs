@@ -182,7 +182,8 @@ pub(super) async fn watch_load(
 ) {
     let lease = cfg.lease;
     let node = link.key();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff =
+        berth_common::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let why = async {
             type Never = std::convert::Infallible;
@@ -206,7 +207,7 @@ pub(super) async fn watch_load(
                         }
                         *lock(&link.last_report) = Some(std::time::Instant::now());
                         *lock(&link.known_id) = Some(report.node_id.clone());
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         tx.send_replace(Some(report));
                         changed.notify_waiters();
                     }
@@ -234,9 +235,8 @@ pub(super) async fn watch_load(
         }
         tokio::select! {
             () = link.gone.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
