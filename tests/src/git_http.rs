@@ -60,3 +60,20 @@ async fn file(State(root): State<PathBuf>, Path(path): Path<String>) -> impl Int
         Err(_) => (StatusCode::NOT_FOUND, Vec::new()),
     }
 }
+
+/// Runs `git ARGS` in `dir` as a test author (`t <t@t>`, branch `main`),
+/// failing with git's words.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+        .args(["-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

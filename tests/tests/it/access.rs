@@ -1037,19 +1037,7 @@ async fn an_ssh_git_resource_clones_with_a_vault_key_that_never_enters_the_conta
     // A repository on the ssh server.
     let work = server.root().join("work");
     std::fs::create_dir_all(&work)?;
-    let git = |dir: &std::path::Path, args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let git = berth_tests::git_http::git;
     git(&work, &["init", "-q"])?;
     std::fs::write(work.join("README.md"), "cloned over ssh")?;
     git(&work, &["add", "."])?;

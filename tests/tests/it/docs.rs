@@ -215,30 +215,16 @@ async fn fixtures(cluster: &TestCluster, cwd: &Path, repo_url: String) -> anyhow
 fn publish_repo(served: &Path) -> anyhow::Result<()> {
     let work = served.join("work");
     std::fs::create_dir_all(&work)?;
-    let git = |dir: &Path, args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-            .args(["-c", "init.defaultBranch=main"])
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    git(&work, &["init", "-q"])?;
+    git_http::git(&work, &["init", "-q"])?;
     std::fs::write(work.join("README.md"), "docs repo")?;
-    git(&work, &["add", "."])?;
-    git(&work, &["commit", "-qm", "main"])?;
+    git_http::git(&work, &["add", "."])?;
+    git_http::git(&work, &["commit", "-qm", "main"])?;
     let bare = served.join("repo.git");
-    git(
+    git_http::git(
         &work,
         &["clone", "-q", "--bare", ".", &bare.to_string_lossy()],
     )?;
-    git(&bare, &["update-server-info"])
+    git_http::git(&bare, &["update-server-info"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,26 +270,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
     // A local repository with the wanted content on a branch only.
     let repo = std::env::temp_dir().join(format!("berth-repo-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&repo)?;
-    let git = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(&repo)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let git = |args: &[&str]| berth_tests::git_http::git(&repo, args);
     git(&["init", "-q"])?;
     std::fs::write(repo.join("README.md"), "main branch")?;
     git(&["add", "."])?;
