@@ -76,7 +76,8 @@ pub struct Config {
 
     /// Largest volume archive read for a snapshot or memory store, in bytes
     /// (uncompressed). A bigger workspace fails its snapshot with that reason.
-    #[arg(long, env = "BERTH_SNAPSHOT_MAX_BYTES", default_value_t = 1 << 30)]
+    /// Archives stream, so this bounds time and storage, not memory.
+    #[arg(long, env = "BERTH_SNAPSHOT_MAX_BYTES", default_value_t = 16 << 30)]
     pub snapshot_max_bytes: u64,
 
     /// Memory limit per container, in MiB (memory+swap is set to the same value).

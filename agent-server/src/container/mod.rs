@@ -349,32 +349,49 @@ impl ContainerRuntime {
             .map_err(|e| Error::Docker(format!("copy into {dir}: {e}")))
     }
 
-    /// A tar of `path` in the container (entries rooted at its basename), up
-    /// to `max_bytes`.
-    pub async fn download_tar(
+    /// Extracts the tar `body` yields into `dir` as it arrives. An error
+    /// from `body` aborts the copy (what was extracted stays).
+    pub async fn upload_tar_stream(
+        &self,
+        container_id: &str,
+        dir: &str,
+        body: impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+    ) -> Result<(), Error> {
+        let opts = UploadToContainerOptionsBuilder::new().path(dir).build();
+        self.docker
+            .upload_to_container(container_id, Some(opts), bollard::body_try_stream(body))
+            .await
+            .map_err(|e| Error::Docker(format!("copy into {dir}: {e}")))
+    }
+
+    /// A tar of `path` in the container (entries rooted at its basename), as
+    /// it arrives; more than `max_bytes` ends it with an error.
+    pub fn download_tar(
         &self,
         container_id: &str,
         path: &str,
         max_bytes: u64,
-    ) -> Result<bytes::Bytes, Error> {
+    ) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
         use futures::StreamExt;
         let opts = DownloadFromContainerOptionsBuilder::new()
             .path(path)
             .build();
-        let mut stream = self
-            .docker
-            .download_from_container(container_id, Some(opts));
-        let mut out = bytes::BytesMut::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Error::Docker(format!("copy out of {path}: {e}")))?;
-            if (out.len() + chunk.len()) as u64 > max_bytes {
-                return Err(Error::Docker(format!(
-                    "{path} holds more than {max_bytes} bytes (--snapshot-max-bytes)"
-                )));
-            }
-            out.extend_from_slice(&chunk);
-        }
-        Ok(out.freeze())
+        let path = path.to_string();
+        let mut seen = 0u64;
+        self.docker
+            .download_from_container(container_id, Some(opts))
+            .map(move |chunk| {
+                let chunk = chunk.map_err(|e| {
+                    std::io::Error::other(format!("copy out of {path}: {e}"))
+                })?;
+                seen += chunk.len() as u64;
+                if seen > max_bytes {
+                    return Err(std::io::Error::other(format!(
+                        "{path} holds more than {max_bytes} bytes (--snapshot-max-bytes)"
+                    )));
+                }
+                Ok(chunk)
+            })
     }
 
     /// Applies a session's own limits to a (warm) container before its agent

@@ -6,13 +6,18 @@
 //! A snapshot is one tar of both writable volumes (see [`crate::layout`]),
 //! entries rooted at `/` (`workspace/…`, `home/agent/…`), compressed with zstd.
 //!
+//! Snapshots and memory stores stream (Docker → tar → zstd → S3 multipart,
+//! and back) in bounded memory: a few MiB per copy, whatever the size.
+//!
 //! Invariants: preparation either completes or fails the start with a reason
 //! naming the resource (the caller then removes the container: nothing
-//! half-prepared ever runs); objects are read fully before anything is copied
-//! in.
+//! half-prepared ever runs); a saved object replaces the previous one only
+//! once it is whole.
 
 mod archive;
+mod pipe;
 mod prepare;
+mod restore;
 mod snapshot;
 
 pub use prepare::prepare;

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use super::archive::{blocking, dir_tar, files_tar, memory_tar, single_file_tar, split_snapshot};
+use super::archive::{Rebase, Route, blocking, dir_tar, dirs_tar, files_tar, single_file_tar};
+use super::restore::restore;
 use super::snapshot::layout_volumes;
 use crate::config::WorkspaceConfig;
 use crate::container::ContainerRuntime;
@@ -24,20 +25,19 @@ pub async fn prepare(
     let restoring = !spec.restore_snapshot_key.is_empty();
     if restoring {
         let key = &spec.restore_snapshot_key;
-        let packed = objects
-            .get(key)
+        let routes = layout_volumes(layout)
+            .into_iter()
+            .map(|v| Route {
+                rebase: Rebase::new(&v, ""),
+                volume: v,
+                dirs: None,
+            })
+            .collect();
+        let found = restore(runtime, objects, container, key, routes)
             .await
-            .map_err(|e| format!("snapshot {key}: {e}"))?
-            .ok_or_else(|| format!("snapshot {key} is missing from the object store"))?;
-        let volumes = layout_volumes(layout);
-        let parts = blocking(move || split_snapshot(&packed, &volumes))
-            .await
-            .map_err(|e| format!("snapshot {key} is unreadable: {e}"))?;
-        for (volume, tar) in parts {
-            runtime
-                .upload_tar(container, &volume, tar)
-                .await
-                .map_err(|e| format!("restoring snapshot {key} into {volume}: {e}"))?;
+            .map_err(|e| format!("restoring snapshot {key}: {e}"))?;
+        if !found {
+            return Err(format!("snapshot {key} is missing from the object store"));
         }
     } else {
         for f in &spec.files {
@@ -66,19 +66,26 @@ pub async fn prepare(
         }
     }
     for m in &spec.memory {
-        let packed = objects
-            .get(&m.key)
-            .await
-            .map_err(|e| format!("memory store {}: {e}", m.key))?;
         let (volume, rel) = layout.volume_of(&m.path)?;
         let (uid, gid) = (layout.uid, layout.gid);
-        let tar = blocking(move || memory_tar(packed.as_deref(), &rel, uid, gid))
+        let route = Route {
+            volume: volume.to_string(),
+            rebase: Rebase::new("", &rel),
+            dirs: Some((uid, gid)),
+        };
+        let found = restore(runtime, objects, container, &m.key, vec![route])
             .await
-            .map_err(|e| format!("memory store {} is unreadable: {e}", m.key))?;
-        runtime
-            .upload_tar(container, volume, tar)
-            .await
-            .map_err(|e| format!("copying memory store {} to {}: {e}", m.key, m.path))?;
+            .map_err(|e| format!("memory store {}: {e}", m.key))?;
+        if !found {
+            // A new store: its directory, empty.
+            let tar = blocking(move || dirs_tar(&rel, uid, gid))
+                .await
+                .map_err(|e| format!("memory store {}: {e}", m.key))?;
+            runtime
+                .upload_tar(container, volume, tar)
+                .await
+                .map_err(|e| format!("copying memory store {} to {}: {e}", m.key, m.path))?;
+        }
     }
     if !spec.agent.skills.is_empty() {
         let skills: Vec<(String, Vec<u8>)> = spec

@@ -11,13 +11,16 @@
 //! Keys (ARCHITECTURE.md §7): `sessions/{id}/snapshots/{n}.tar.zst`,
 //! `agents/{id}/memory/{store}.tar.zst`, `files/{id}`.
 
+mod stream;
+
 use std::path::{Path, PathBuf};
 
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
+
+pub use stream::{ObjectReader, PART_BYTES};
 
 /// Why an object operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -149,78 +152,19 @@ impl ObjectStore {
 
     /// Stores `body` at `key`, replacing what was there.
     pub async fn put(&self, key: &str, body: Bytes) -> Result<()> {
-        check_key(key)?;
-        match self {
-            Self::Local(dir) => {
-                let path = dir.join(key);
-                let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-                let write = async {
-                    if let Some(parent) = path.parent() {
-                        tokio::fs::create_dir_all(parent).await?;
-                    }
-                    tokio::fs::write(&tmp, &body).await?;
-                    // Readers see the old object or the new one, never half.
-                    tokio::fs::rename(&tmp, &path).await
-                };
-                write.await.map_err(|e| backend("put", key, e))
-            }
-            Self::S3 {
-                client,
-                bucket,
-                prefix,
-            } => client
-                .put_object()
-                .bucket(bucket)
-                .key(format!("{prefix}{key}"))
-                .body(ByteStream::from(body))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| backend("put", key, aws_sdk_s3::error::DisplayErrorContext(e))),
-        }
+        self.put_stream(key, &body[..]).await.map(|_| ())
     }
 
     /// The object at `key`, or `None` when there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        check_key(key)?;
-        match self {
-            Self::Local(dir) => match tokio::fs::read(dir.join(key)).await {
-                Ok(b) => Ok(Some(Bytes::from(b))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(backend("get", key, e)),
-            },
-            Self::S3 {
-                client,
-                bucket,
-                prefix,
-            } => {
-                let out = match client
-                    .get_object()
-                    .bucket(bucket)
-                    .key(format!("{prefix}{key}"))
-                    .send()
-                    .await
-                {
-                    Ok(out) => out,
-                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                        return Ok(None);
-                    }
-                    Err(e) => {
-                        return Err(backend(
-                            "get",
-                            key,
-                            aws_sdk_s3::error::DisplayErrorContext(e),
-                        ));
-                    }
-                };
-                let body = out
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| backend("read", key, e))?;
-                Ok(Some(body.into_bytes()))
-            }
-        }
+        let Some(mut reader) = self.get_stream(key).await? else {
+            return Ok(None);
+        };
+        let mut body = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut body)
+            .await
+            .map_err(|e| backend("read", key, e))?;
+        Ok(Some(Bytes::from(body)))
     }
 
     /// Keys under `prefix`, sorted.
