@@ -230,6 +230,37 @@ impl TestCluster {
         id: &str,
         addr: SocketAddr,
     ) -> anyhow::Result<SessionsClient<Api>> {
+        self.add_dispatcher_configured(id, addr, |_| {}).await
+    }
+
+    /// Starts another dispatcher that drives `nodes` (processes of their
+    /// own) instead of the cluster's; returns its client.
+    pub async fn add_dispatcher_for(
+        &mut self,
+        nodes: &[&crate::ProcessNode],
+    ) -> anyhow::Result<SessionsClient<Api>> {
+        let id = format!(
+            "{}-{}",
+            self.dispatcher_cfg.dispatcher_id,
+            self.tasks.len() + 1
+        );
+        let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+        let resolve: Vec<(String, SocketAddr)> = nodes.iter().map(|n| n.resolve.clone()).collect();
+        self.add_dispatcher_configured(&id, "127.0.0.1:0".parse()?, move |cfg| {
+            cfg.agent_servers = urls.clone();
+            cfg.node_resolve = resolve.clone();
+        })
+        .await
+    }
+
+    /// Starts another dispatcher `id` on `addr`, its configuration the
+    /// cluster's adjusted by `hook`.
+    pub async fn add_dispatcher_configured(
+        &mut self,
+        id: &str,
+        addr: SocketAddr,
+        hook: impl FnOnce(&mut berth_dispatcher::Config),
+    ) -> anyhow::Result<SessionsClient<Api>> {
         let mut tries = 0;
         let listener = loop {
             match tokio::net::TcpListener::bind(addr).await {
@@ -246,6 +277,7 @@ impl TestCluster {
         let mut cfg = self.dispatcher_cfg.clone();
         cfg.dispatcher_id = id.to_string();
         cfg.metrics_listen = Listen(None);
+        hook(&mut cfg);
         let stop = self.shutdown.child_token();
         self.added_stops.push((id.to_string(), stop.clone()));
         self.added_urls.push(url.clone());

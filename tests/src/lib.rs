@@ -19,6 +19,7 @@ mod cluster;
 mod db;
 mod docker;
 mod logs;
+mod process_node;
 mod proxy;
 mod sessions;
 
@@ -28,6 +29,7 @@ pub use db::{create_database, drop_database, http_get};
 pub use docker::*;
 pub use logs::captured_logs;
 use logs::init_logging;
+pub use process_node::{ProcessNode, node_binary};
 pub use proxy::Proxy;
 pub use sessions::*;
 

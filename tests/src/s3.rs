@@ -1,13 +1,18 @@
 //! A real S3-protocol server on loopback (s3s-fs over a temporary directory),
-//! so object-store code is tested against the protocol, not a mock.
+//! so object-store code is tested against the protocol, not a mock. It can
+//! be killed (its listener and every connection dropped at once) and
+//! started again on the same address and directory.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
+use s3s::service::{S3Service, S3ServiceBuilder};
 use tokio_util::sync::CancellationToken;
 
 /// Credentials the test server accepts.
@@ -21,7 +26,11 @@ pub struct S3Server {
     pub addr: SocketAddr,
     /// The directory behind the server; the bucket is a folder in it.
     pub root: PathBuf,
-    stop: CancellationToken,
+    service: S3Service,
+    /// Multipart parts received (`UploadPart` requests) so far.
+    parts: Arc<AtomicU64>,
+    /// The running incarnation: cancelled by [`Self::kill`].
+    life: std::sync::Mutex<CancellationToken>,
 }
 
 impl S3Server {
@@ -35,8 +44,21 @@ impl S3Server {
         let service = b.build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let stop = CancellationToken::new();
-        let token = stop.clone();
+        let server = Self {
+            addr,
+            root,
+            service,
+            parts: Arc::new(AtomicU64::new(0)),
+            life: std::sync::Mutex::new(CancellationToken::new()),
+        };
+        server.serve(listener);
+        Ok(server)
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let token = self.life.lock().expect("life").clone();
+        let service = self.service.clone();
+        let parts = self.parts.clone();
         tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
@@ -47,15 +69,57 @@ impl S3Server {
                         Err(_) => continue,
                     },
                 };
+                let (service, parts) = (service.clone(), parts.clone());
+                let counting = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        if req.uri().query().is_some_and(|q| q.contains("partNumber=")) {
+                            parts.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Service::call(&service, req)
+                    },
+                );
                 let conn = http
-                    .serve_connection(TokioIo::new(socket), service.clone())
+                    .serve_connection(TokioIo::new(socket), counting)
                     .into_owned();
+                let token = token.clone();
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        _ = conn => {}
+                    }
                 });
             }
         });
-        Ok(Self { addr, root, stop })
+    }
+
+    /// Multipart parts the server has been sent so far.
+    pub fn parts_received(&self) -> u64 {
+        self.parts.load(Ordering::SeqCst)
+    }
+
+    /// Kills the server: the listener and every open connection go at once,
+    /// as when its process dies. Stored objects stay on disk.
+    pub fn kill(&self) {
+        self.life.lock().expect("life").cancel();
+    }
+
+    /// Starts the server again on its address, over the same directory.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "S3 address still taken; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        *self.life.lock().expect("life") = CancellationToken::new();
+        self.serve(listener);
+        Ok(())
     }
 
     /// Object-store settings pointing at this server.
@@ -72,7 +136,7 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }

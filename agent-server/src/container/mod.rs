@@ -381,9 +381,8 @@ impl ContainerRuntime {
         self.docker
             .download_from_container(container_id, Some(opts))
             .map(move |chunk| {
-                let chunk = chunk.map_err(|e| {
-                    std::io::Error::other(format!("copy out of {path}: {e}"))
-                })?;
+                let chunk =
+                    chunk.map_err(|e| std::io::Error::other(format!("copy out of {path}: {e}")))?;
                 seen += chunk.len() as u64;
                 if seen > max_bytes {
                     return Err(std::io::Error::other(format!(

@@ -94,7 +94,10 @@ fn copy_entry<R: Read, W: Write>(
             .link_name()?
             .map(|t| t.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let target = rebase.strip(&target).map(|t| rebase.join(&t)).unwrap_or(target);
+        let target = rebase
+            .strip(&target)
+            .map(|t| rebase.join(&t))
+            .unwrap_or(target);
         out.append_link(&mut header, rebase.join(rest), target)
     } else {
         out.append_data(&mut header, rebase.join(rest), entry)
@@ -317,7 +320,11 @@ mod tests {
             },
         )
         .expect("split");
-        names.into_inner().into_iter().zip(done.into_inner()).collect()
+        names
+            .into_inner()
+            .into_iter()
+            .zip(done.into_inner())
+            .collect()
     }
 
     fn snapshot_routes() -> Vec<Route> {
@@ -381,7 +388,10 @@ mod tests {
             .find(|e| e.header().entry_type().is_symlink())
             .expect("the symlink");
         assert_eq!(
-            link.link_name().expect("target").expect("a target").to_string_lossy(),
+            link.link_name()
+                .expect("target")
+                .expect("a target")
+                .to_string_lossy(),
             "/etc/hostname"
         );
     }
@@ -400,6 +410,8 @@ mod tests {
         let store = files_tar(&[("facts.md".into(), b"sky is blue".to_vec())], 1, 1).expect("tar");
         let parts = split(&store, &[route]);
         assert_eq!(parts.len(), 1);
-        assert!(entries(&parts[0].1).contains(&("mem/notes/facts.md".into(), "sky is blue".into())));
+        assert!(
+            entries(&parts[0].1).contains(&("mem/notes/facts.md".into(), "sky is blue".into()))
+        );
     }
 }

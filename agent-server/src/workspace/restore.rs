@@ -23,7 +23,8 @@ pub(super) async fn restore(
         return Ok(false);
     };
     let src = SyncIoBridge::new(reader);
-    let (volumes_tx, mut volumes_rx) = tokio::sync::mpsc::unbounded_channel::<(String, ChunkStream)>();
+    let (volumes_tx, mut volumes_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(String, ChunkStream)>();
     let split = blocking(move || {
         let decoder = zstd::Decoder::new(src)?;
         split_into(

@@ -15,5 +15,6 @@ mod local;
 mod ops;
 mod reliability;
 mod seed;
+mod snapshots;
 mod spine;
 mod warm;

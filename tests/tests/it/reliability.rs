@@ -215,15 +215,6 @@ async fn a_stalled_node_never_leaves_two_live_agents_for_one_session() -> anyhow
     cluster.shutdown().await
 }
 
-/// The node binary `scripts/setup.sh` builds beside the tests.
-fn node_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    exe.ancestors()
-        .map(|d| d.join("berth-agent-server"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| "target/debug/berth-agent-server".into())
-}
-
 /// A node killed with SIGKILL leaves containers behind (its warm pool
 /// here); each stops and is removed by Docker, volumes and all, within the
 /// dead man's switch's bound, with no node restart.

@@ -1,0 +1,114 @@
+//! A node as a process of its own (the binary `scripts/setup.sh` builds),
+//! for tests that kill a node or measure its memory: a node inside the test
+//! process shares its heap with everything else.
+
+use super::*;
+
+/// The node binary `scripts/setup.sh` builds beside the tests.
+pub fn node_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .map(|d| d.join("berth-agent-server"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "target/debug/berth-agent-server".into())
+}
+
+/// A node process serving mTLS with a certificate of the cluster's CA, and
+/// keeping its objects in the cluster's S3 server. Killed, and its
+/// containers removed, when dropped.
+pub struct ProcessNode {
+    pub id: String,
+    /// How a dispatcher dials it (`https://NAME:PORT`).
+    pub url: String,
+    /// Where that name resolves (`NAME:PORT` → the node's address).
+    pub resolve: (String, SocketAddr),
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl ProcessNode {
+    /// Starts a node of `cluster`'s CA and S3 server with `args` added
+    /// (e.g. `--capacity 1`), and waits until it listens.
+    pub async fn start(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        let id = format!("pnode-{tag}");
+        let dir = std::env::temp_dir().join(format!("berth-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let issued = cluster
+            .ca
+            .issue(CertKind::Node, std::slice::from_ref(&id))?;
+        std::fs::write(dir.join("ca.pem"), &cluster.ca.cert_pem)?;
+        std::fs::write(dir.join("node.pem"), &issued.cert_pem)?;
+        std::fs::write(dir.join("node.key"), &issued.key_pem)?;
+        let addr = free_addr()?;
+        let log = std::fs::File::create(dir.join("node.log"))?;
+        let child = std::process::Command::new(node_binary())
+            .args(["--listen", &addr.to_string(), "--metrics-listen", "off"])
+            .args(["--node-id", &id, "--load-heartbeat", "0.2"])
+            .arg("--tls-ca")
+            .arg(dir.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(dir.join("node.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("node.key"))
+            .arg("--gateway-dir")
+            .arg(std::env::temp_dir().join("berth-test-gateway"))
+            .arg("--gateway-forwarder")
+            .arg(forwarder())
+            .args(["--model-api-url", "http://127.0.0.1:9"])
+            .args(["--s3-bucket", s3::BUCKET])
+            .args(["--s3-endpoint", &format!("http://{}", cluster.s3.addr)])
+            .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", node_binary().display()))?;
+        let mut node = Self {
+            url: format!("https://{id}:{}", addr.port()),
+            resolve: (format!("{id}:{}", addr.port()), addr),
+            id,
+            child,
+            dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Some(status) = node.child.try_wait()? {
+                anyhow::bail!("the node exited ({status}): {}", node.log());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the node did not listen within 30 s: {}",
+                node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(node)
+    }
+
+    /// The most memory the process has held so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in /proc/PID/status")?;
+        Ok(kib * 1024)
+    }
+
+    /// What the node has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        remove_node_containers(&self.id);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
