@@ -90,6 +90,46 @@ mod tests {
     }
 }
 
+/// A status tonic gives a message it could not decode (malformed:
+/// INTERNAL; oversized: OUT_OF_RANGE) as the caller's error it is:
+/// INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit, with an
+/// `ErrorInfo`. `None` for any other status. A streaming handler applies
+/// it to what its inbound stream yields mid-way.
+pub fn callers_decode_error(status: &tonic::Status) -> Option<tonic::Status> {
+    match status.code() {
+        tonic::Code::Internal if status.message().starts_with("failed to decode Protobuf") => {
+            Some(rich_status(
+                tonic::Code::InvalidArgument,
+                format!(
+                    "the request is not a valid protobuf message of this method: {}",
+                    status.message()
+                ),
+                "MALFORMED_REQUEST",
+                None,
+                None,
+            ))
+        }
+        tonic::Code::OutOfRange
+            if status
+                .message()
+                .contains("decoded message length too large") =>
+        {
+            Some(rich_status(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "the request message is larger than the {} MiB limit ({})",
+                    MAX_MESSAGE_BYTES / (1024 * 1024),
+                    status.message()
+                ),
+                "MESSAGE_TOO_LARGE",
+                None,
+                None,
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Rewrites the status a request that could not be decoded gets: tonic
 /// answers a malformed message INTERNAL and an oversized one OUT_OF_RANGE,
 /// as if the server were at fault. They are the caller's: INVALID_ARGUMENT
@@ -103,37 +143,8 @@ pub fn client_decode_errors<B>(
     let Some(status) = tonic::Status::from_header_map(response.headers()) else {
         return response;
     };
-    let fixed = match status.code() {
-        tonic::Code::Internal if status.message().starts_with("failed to decode Protobuf") => {
-            rich_status(
-                tonic::Code::InvalidArgument,
-                format!(
-                    "the request is not a valid protobuf message of this method: {}",
-                    status.message()
-                ),
-                "MALFORMED_REQUEST",
-                None,
-                None,
-            )
-        }
-        tonic::Code::OutOfRange
-            if status
-                .message()
-                .contains("decoded message length too large") =>
-        {
-            rich_status(
-                tonic::Code::ResourceExhausted,
-                format!(
-                    "the request message is larger than the {} MiB limit ({})",
-                    MAX_MESSAGE_BYTES / (1024 * 1024),
-                    status.message()
-                ),
-                "MESSAGE_TOO_LARGE",
-                None,
-                None,
-            )
-        }
-        _ => return response,
+    let Some(fixed) = callers_decode_error(&status) else {
+        return response;
     };
     let headers = response.headers_mut();
     headers.remove("grpc-status-details-bin");

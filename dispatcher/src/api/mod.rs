@@ -4,9 +4,11 @@
 pub mod access;
 pub mod agents;
 pub mod audit;
+mod connect;
 pub mod convert;
 pub mod nodes;
 pub mod pages;
 pub mod schedules;
 pub mod sessions;
+mod steer;
 pub mod webhooks;

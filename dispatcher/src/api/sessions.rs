@@ -9,15 +9,16 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, session_id};
 use super::pages::{self, page_size};
+use super::steer::Steer;
 use crate::audit::Audit;
 use crate::auth::caller;
 use crate::error::Error;
-use crate::revocations::{end_when_revoked, key_revoked};
+use crate::revocations::end_when_revoked;
 use crate::session::NewSession;
 use crate::sessions::Sessions;
 use crate::store::SessionFilter;
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Serves `berth.v1.Sessions`.
 pub struct SessionsService {
@@ -42,6 +43,16 @@ fn sessions_listing(project: &str, r: &pb::ListSessionsRequest) -> String {
 }
 
 impl SessionsService {
+    /// `who`'s steering of its project's sessions.
+    fn steer<'a>(&'a self, who: &'a crate::auth::Caller) -> Steer<'a> {
+        Steer {
+            sessions: &self.sessions,
+            audit: &self.audit,
+            project: &who.project,
+            identity: who.identity(),
+        }
+    }
+
     /// Fills each waiting session's pending tool permission requests.
     async fn with_pending_tools(&self, sessions: &mut [pb::Session]) -> Result<(), Status> {
         let waiting: Vec<uuid::Uuid> = sessions
@@ -160,22 +171,7 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::ConfirmToolResponse>, Status> {
         let who = caller(&r)?;
         let (id, answer) = convert::tool_answer(r.into_inner())?;
-        let detail = confirmation_detail(&answer);
-        let (seq, already_answered) = self
-            .sessions
-            .confirm_tool(&who.project, id, who.identity(), answer)
-            .await?;
-        if !already_answered {
-            self.audit
-                .record(
-                    &who.project,
-                    &who.identity(),
-                    confirmation_action(&detail),
-                    &session_name(id),
-                    with_seq(detail, seq),
-                )
-                .await;
-        }
+        let (seq, already_answered) = self.steer(&who).confirm(id, answer).await?;
         Ok(Response::new(pb::ConfirmToolResponse {
             seq,
             already_answered,
@@ -255,17 +251,7 @@ impl SessionsApi for SessionsService {
         let who = caller(&r)?;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
-        let text = convert::message_text(&r.text)?;
-        let seq = self.sessions.send_message(&who.project, id, text).await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.send",
-                &session_name(id),
-                serde_json::json!({"seq": seq}),
-            )
-            .await;
+        let seq = self.steer(&who).send(id, &r.text).await?;
         Ok(Response::new(pb::SendMessageResponse { seq }))
     }
 
@@ -275,16 +261,7 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::InterruptResponse>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let seq = self.sessions.interrupt(&who.project, id).await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.interrupt",
-                &session_name(id),
-                serde_json::json!({"seq": seq}),
-            )
-            .await;
+        let seq = self.steer(&who).interrupt(id).await?;
         Ok(Response::new(pb::InterruptResponse { seq }))
     }
 
@@ -508,173 +485,12 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        use pb::connect_request::Kind;
-        let who = caller(&r)?;
-        let project = who.project.clone();
-        let identity = who.identity();
-        let mut inbound = r.into_inner();
-        let open = match inbound.message().await? {
-            Some(pb::ConnectRequest {
-                kind: Some(Kind::Open(open)),
-            }) => open,
-            _ => {
-                return Err(
-                    Error::invalid("open", "Connect: the first request must be `open`").into(),
-                );
-            }
-        };
-        let id = session_id(&open.name)?;
-        let events = self
-            .sessions
-            .stream(&who.project, id, open.after_seq)
-            .await?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ConnectResponse, Status>>(128);
-        // Events out.
-        let out = tx.clone();
-        let open = crate::metrics::StreamGauge::open("connect");
-        tokio::spawn(async move {
-            let _open = open;
-            let mut events = ReceiverStream::new(events);
-            while let Some(item) = events.next().await {
-                let msg = item
-                    .map(|e| pb::ConnectResponse {
-                        kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))),
-                    })
-                    .map_err(Status::from);
-                if out.send(msg).await.is_err() {
-                    return;
-                }
-            }
-        });
-        // Commands in, each acknowledged.
-        let sessions = self.sessions.clone();
-        let audit = self.audit.clone();
-        let shutdown = self.shutdown.clone();
-        let revoked = key_revoked(self.auth.clone(), &who);
-        let (auth, caller) = (self.auth.clone(), who.clone());
-        tokio::spawn(async move {
-            tokio::pin!(revoked);
-            loop {
-                let req = tokio::select! {
-                    m = inbound.message() => match m { Ok(Some(req)) => req, _ => return },
-                    () = shutdown.cancelled() => return,
-                    // The key was revoked: no more commands (the events
-                    // side ends with UNAUTHENTICATED).
-                    () = &mut revoked => return,
-                };
-                let mut audited: Option<(&str, serde_json::Value)> = None;
-                let (reference, result) = match req.kind {
-                    Some(Kind::Message(m)) => {
-                        let r = match convert::message_text(&m.text) {
-                            Ok(text) => sessions.send_message(&project, id, text).await,
-                            Err(e) => Err(e),
-                        };
-                        audited = Some(("session.send", serde_json::json!({})));
-                        (m.r#ref, r)
-                    }
-                    Some(Kind::Interrupt(i)) => {
-                        audited = Some(("session.interrupt", serde_json::json!({})));
-                        (i.r#ref, sessions.interrupt(&project, id).await)
-                    }
-                    Some(Kind::ToolConfirmation(c)) => {
-                        let mut confirmation = c.confirmation.unwrap_or_default();
-                        // The stream's session; a name given must be it.
-                        if confirmation.name.is_empty() {
-                            confirmation.name = id.to_string();
-                        }
-                        let r = match convert::tool_answer(confirmation) {
-                            Ok((sid, _)) if sid != id => Err(Error::invalid(
-                                "confirmation.name",
-                                "names another session than the stream's; leave it empty (the stream's session is meant)",
-                            )),
-                            Ok((_, answer)) => {
-                                let detail = confirmation_detail(&answer);
-                                let r = sessions
-                                    .confirm_tool(&project, id, identity.clone(), answer)
-                                    .await;
-                                if let Ok((_, false)) = r {
-                                    audited = Some((confirmation_action(&detail), detail));
-                                }
-                                r.map(|(seq, _)| seq)
-                            }
-                            Err(e) => Err(e),
-                        };
-                        (c.r#ref, r)
-                    }
-                    Some(Kind::Open(_)) => (
-                        String::new(),
-                        Err(Error::invalid("open", "the stream is already open")),
-                    ),
-                    None => (String::new(), Err(Error::invalid("kind", "required"))),
-                };
-                if let (Ok(seq), Some((action, detail))) = (&result, audited) {
-                    audit
-                        .record(
-                            &project,
-                            &identity,
-                            action,
-                            &session_name(id),
-                            with_seq(detail, *seq),
-                        )
-                        .await;
-                }
-                let ack = match result {
-                    Ok(seq) => pb::ConnectAck {
-                        r#ref: reference,
-                        code: 0,
-                        message: String::new(),
-                        seq,
-                    },
-                    Err(e) => {
-                        let status = Status::from(e);
-                        pb::ConnectAck {
-                            r#ref: reference,
-                            code: status.code() as i32,
-                            message: status.message().to_string(),
-                            seq: 0,
-                        }
-                    }
-                };
-                if tx
-                    .send(Ok(pb::ConnectResponse {
-                        kind: Some(pb::connect_response::Kind::Ack(ack)),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        let stream = end_when_revoked(auth, &caller, Box::pin(ReceiverStream::new(rx)));
-        Ok(Response::new(stream))
+        super::connect::connect(self, r).await
     }
 }
 
 fn session_name(id: uuid::Uuid) -> String {
     berth_common::names::session_name(id)
-}
-
-/// A tool answer as the audit trail keeps it.
-fn confirmation_detail(a: &crate::sessions::ToolAnswer) -> serde_json::Value {
-    serde_json::json!({
-        "tool_use_id": a.tool_use_id,
-        "decision": if a.decision == berth_common::tools::Decision::Allow { "allow" } else { "deny" },
-        "always": a.always,
-    })
-}
-
-fn confirmation_action(detail: &serde_json::Value) -> &'static str {
-    if detail["decision"] == "allow" {
-        "session.approve"
-    } else {
-        "session.deny"
-    }
-}
-
-fn with_seq(mut detail: serde_json::Value, seq: i64) -> serde_json::Value {
-    detail["seq"] = seq.into();
-    detail
 }
 
 /// The status a control call left the session in.

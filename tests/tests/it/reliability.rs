@@ -557,6 +557,69 @@ async fn undecodable_and_oversized_requests_are_the_callers_errors() -> anyhow::
     cluster.shutdown().await
 }
 
+/// A message that cannot be decoded in the middle of a Connect stream ends
+/// it with INVALID_ARGUMENT, as a unary call's would; what came before it
+/// was carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_mid_connect_is_the_callers_error() -> anyhow::Result<()> {
+    use pb::connect_request::Kind;
+    use prost::Message;
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(fake_session("echo hi"))
+        .await?
+        .into_inner();
+    reply_after(&mut c, &s.name, 0).await?;
+    let request = |kind| pb::ConnectRequest { kind: Some(kind) }.encode_to_vec();
+    let inbound = futures::stream::iter([
+        request(Kind::Open(pb::ConnectOpen {
+            name: s.name.clone(),
+            after_seq: 0,
+        })),
+        request(Kind::Message(pb::ConnectMessage {
+            text: "echo before the garbage".into(),
+            r#ref: "a".into(),
+        })),
+        // Field 2 (message), length-delimited, 255 bytes long, none follow.
+        vec![0x12, 0xff, 0x01],
+    ]);
+    let mut grpc = tonic::client::Grpc::new(cluster.api());
+    grpc.ready().await?;
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/berth.v1.Sessions/Connect");
+    let mut responses = grpc
+        .streaming(tonic::Request::new(inbound), path, RawCodec)
+        .await?
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(())) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await?
+    .expect("the stream ends with an error");
+    assert_eq!(ended.code(), tonic::Code::InvalidArgument, "{ended:?}");
+    assert!(
+        ended.message().contains("not a valid protobuf message"),
+        "{}",
+        ended.message()
+    );
+    let events = events_of(&mut c, &s.name).await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.r#type == "user.message" && e.payload_json.contains("before the garbage")),
+        "the message before the malformed one was carried out"
+    );
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
+
 /// A file resource must name a file inside a writable volume: the volume
 /// itself is refused by the API, naming the field, before any node sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

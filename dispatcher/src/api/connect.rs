@@ -1,0 +1,149 @@
+//! `Sessions/Connect`: one bidirectional stream per session. The first
+//! request opens it (`open`: the session, and where to start its events);
+//! then the session's events flow out while commands flow in, each answered
+//! by an ack carrying the caller's `ref`. A message that cannot be decoded
+//! ends the stream with the caller's error (INVALID_ARGUMENT or
+//! RESOURCE_EXHAUSTED), as a unary call's would.
+
+use berth_proto::v1::{self as pb, connect_request::Kind};
+use futures::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use super::convert::{self, session_id};
+use super::sessions::{BoxStream, SessionsService};
+use super::steer::Steer;
+use crate::auth::caller;
+use crate::error::{Error, Result};
+use crate::revocations::{end_when_revoked, key_revoked};
+
+/// Commands waiting for their acks, per stream.
+const ACKS_IN_FLIGHT: usize = 128;
+
+/// The status an inbound stream's error ends the call with.
+fn inbound_error(status: Status) -> Status {
+    berth_common::grpc::callers_decode_error(&status).unwrap_or(status)
+}
+
+pub(super) async fn connect(
+    svc: &SessionsService,
+    r: Request<Streaming<pb::ConnectRequest>>,
+) -> std::result::Result<Response<BoxStream<pb::ConnectResponse>>, Status> {
+    let who = caller(&r)?;
+    let mut inbound = r.into_inner();
+    let open = match inbound.message().await.map_err(inbound_error)? {
+        Some(pb::ConnectRequest {
+            kind: Some(Kind::Open(open)),
+        }) => open,
+        _ => {
+            return Err(Error::invalid("open", "Connect: the first request must be `open`").into());
+        }
+    };
+    let id = session_id(&open.name)?;
+    let events = svc
+        .sessions
+        .stream(&who.project, id, open.after_seq)
+        .await?;
+    let gauge = crate::metrics::StreamGauge::open("connect");
+    let events = ReceiverStream::new(events).map(move |item| {
+        let _open = &gauge;
+        item.map(|e| pb::ConnectResponse {
+            kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))),
+        })
+        .map_err(Status::from)
+    });
+    // Commands in, each acknowledged.
+    let (tx, acks) = tokio::sync::mpsc::channel(ACKS_IN_FLIGHT);
+    let (sessions, audit, shutdown) = (
+        svc.sessions.clone(),
+        svc.audit.clone(),
+        svc.shutdown.clone(),
+    );
+    let revoked = key_revoked(svc.auth.clone(), &who);
+    let (project, identity) = (who.project.clone(), who.identity());
+    tokio::spawn(async move {
+        tokio::pin!(revoked);
+        let steer = Steer {
+            sessions: &sessions,
+            audit: &audit,
+            project: &project,
+            identity,
+        };
+        loop {
+            let req = tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(req)) => req,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(inbound_error(status))).await;
+                        return;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+                // The key was revoked: no more commands (the events side
+                // ends with UNAUTHENTICATED).
+                () = &mut revoked => return,
+            };
+            let ack = ack(&steer, id, req.kind).await;
+            let ack = pb::ConnectResponse {
+                kind: Some(pb::connect_response::Kind::Ack(ack)),
+            };
+            if tx.send(Ok(ack)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let out = futures::stream::select(events, ReceiverStream::new(acks));
+    let stream = end_when_revoked(svc.auth.clone(), &who, Box::pin(out));
+    Ok(Response::new(stream))
+}
+
+/// Carries out one command on the stream's session `id`; its ack.
+async fn ack(steer: &Steer<'_>, id: Uuid, kind: Option<Kind>) -> pb::ConnectAck {
+    let (reference, result) = match kind {
+        Some(Kind::Message(m)) => (m.r#ref, steer.send(id, &m.text).await),
+        Some(Kind::Interrupt(i)) => (i.r#ref, steer.interrupt(id).await),
+        Some(Kind::ToolConfirmation(c)) => {
+            let mut confirmation = c.confirmation.unwrap_or_default();
+            // The stream's session; a name given must be it.
+            if confirmation.name.is_empty() {
+                confirmation.name = id.to_string();
+            }
+            (c.r#ref, confirm(steer, id, confirmation).await)
+        }
+        Some(Kind::Open(_)) => (
+            String::new(),
+            Err(Error::invalid("open", "the stream is already open")),
+        ),
+        None => (String::new(), Err(Error::invalid("kind", "required"))),
+    };
+    match result {
+        Ok(seq) => pb::ConnectAck {
+            r#ref: reference,
+            code: 0,
+            message: String::new(),
+            seq,
+        },
+        Err(e) => {
+            let status = Status::from(e);
+            pb::ConnectAck {
+                r#ref: reference,
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                seq: 0,
+            }
+        }
+    }
+}
+
+async fn confirm(steer: &Steer<'_>, id: Uuid, c: pb::ConfirmToolRequest) -> Result<i64> {
+    let (named, answer) = convert::tool_answer(c)?;
+    if named != id {
+        return Err(Error::invalid(
+            "confirmation.name",
+            "names another session than the stream's; leave it empty (the stream's session is meant)",
+        ));
+    }
+    steer.confirm(id, answer).await.map(|(seq, _)| seq)
+}
