@@ -113,3 +113,53 @@ pub async fn no_containers_left(id: &str) -> anyhow::Result<()> {
     }
     anyhow::bail!("session {id} still has containers after 10 s")
 }
+
+/// Running, unpaused containers of a session: its live agents.
+pub async fn live_agents(session_id: &str) -> anyhow::Result<usize> {
+    let docker = docker().await?;
+    let mut live = 0;
+    for id in containers_of(session_id).await? {
+        let Ok(c) = docker.inspect_container(&id, None).await else {
+            continue;
+        };
+        let state = c.state.unwrap_or_default();
+        if state.running == Some(true) && state.paused != Some(true) {
+            live += 1;
+        }
+    }
+    Ok(live)
+}
+
+/// A watcher that samples a session's live agents every 100 ms (on every
+/// node: Docker is shared) until [`AgentWatch::most`] stops it.
+pub struct AgentWatch {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<usize>>,
+}
+
+impl AgentWatch {
+    pub fn start(session_id: &str) -> Self {
+        let stop = CancellationToken::new();
+        let (id, token) = (session_id.to_string(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut most = 0;
+            let started = std::time::Instant::now();
+            while !token.is_cancelled() {
+                let live = live_agents(&id).await?;
+                if live > 1 {
+                    eprintln!("{live} live agents at {:?}", started.elapsed());
+                }
+                most = most.max(live);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(most)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops watching: the most live agents seen at once.
+    pub async fn most(self) -> anyhow::Result<usize> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}

@@ -11,6 +11,7 @@
 pub mod doc_commands;
 pub mod git_http;
 pub mod git_ssh;
+pub mod netns;
 pub mod pg;
 pub mod s3;
 

@@ -30,6 +30,18 @@ impl ProcessNode {
     /// Starts a node of `cluster`'s CA and S3 server with `args` added
     /// (e.g. `--capacity 1`), and waits until it listens.
     pub async fn start(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(cluster, args, None).await
+    }
+
+    /// As [`Self::start`], inside the network namespace `netns` when one is
+    /// given: dispatchers then reach it through a relay (see
+    /// [`crate::netns`]), and it reaches nothing over the network (not the
+    /// S3 server: keep it from snapshots).
+    pub async fn start_in(
+        cluster: &TestCluster,
+        args: &[&str],
+        netns: Option<&std::sync::Arc<crate::netns::NetNs>>,
+    ) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let id = format!("pnode-{tag}");
         let dir = std::env::temp_dir().join(format!("berth-{id}"));
@@ -42,7 +54,11 @@ impl ProcessNode {
         std::fs::write(dir.join("node.key"), &issued.key_pem)?;
         let addr = free_addr()?;
         let log = std::fs::File::create(dir.join("node.log"))?;
-        let child = std::process::Command::new(node_binary())
+        let mut cmd = match netns {
+            Some(ns) => ns.command(node_binary()),
+            None => std::process::Command::new(node_binary()),
+        };
+        let child = cmd
             .args(["--listen", &addr.to_string(), "--metrics-listen", "off"])
             .args(["--node-id", &id, "--load-heartbeat", "0.2"])
             .arg("--tls-ca")
@@ -65,15 +81,25 @@ impl ProcessNode {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", node_binary().display()))?;
+        let dialled = match netns {
+            Some(ns) => ns.relay(addr).await?,
+            None => addr,
+        };
         let mut node = Self {
             url: format!("https://{id}:{}", addr.port()),
-            resolve: (format!("{id}:{}", addr.port()), addr),
+            resolve: (format!("{id}:{}", addr.port()), dialled),
             id,
             child,
             dir,
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+        let listening = || async {
+            match netns {
+                Some(ns) => ns.connect(addr).await.is_ok(),
+                None => tokio::net::TcpStream::connect(addr).await.is_ok(),
+            }
+        };
+        while !listening().await {
             if let Some(status) = node.child.try_wait()? {
                 anyhow::bail!("the node exited ({status}): {}", node.log());
             }

@@ -13,6 +13,7 @@ mod faults;
 mod fleet;
 mod local;
 mod ops;
+mod partition;
 mod reliability;
 mod seed;
 mod snapshots;

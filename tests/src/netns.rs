@@ -1,0 +1,105 @@
+//! Network namespaces a test creates (`ip netns`), to partition a node at
+//! the kernel: a node process runs inside one, reached only through a
+//! relay whose every connection to it is made from inside the namespace.
+//! Taking the namespace's loopback down silences those connections (no
+//! reset, no error: packets are dropped), as a real partition does.
+
+use std::os::fd::AsFd;
+
+use super::*;
+
+/// A network namespace of its own, removed when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+impl NetNs {
+    /// Creates a namespace with its loopback up.
+    pub fn create() -> anyhow::Result<Self> {
+        let name = format!("berth-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.set_connected(true)?;
+        Ok(ns)
+    }
+
+    /// Partitions (`false`) or heals (`true`) the namespace: its loopback
+    /// goes down or up.
+    pub fn set_connected(&self, up: bool) -> anyhow::Result<()> {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.name, "link", "set", "lo", state])
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// A TCP connection to `addr` made from inside the namespace (by a
+    /// thread that enters it), usable from outside.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let path = format!("/run/netns/{}", self.name);
+        let stream = tokio::task::spawn_blocking(move || {
+            // A thread of its own: it stays in the namespace and then ends.
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(&path)?;
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(s)
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        tokio::net::TcpStream::from_std(stream)
+    }
+
+    /// A relay on this machine's loopback to `target` inside the namespace.
+    /// Its tasks end with the test's runtime.
+    pub async fn relay(
+        self: &std::sync::Arc<Self>,
+        target: SocketAddr,
+    ) -> anyhow::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let ns = self.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let ns = ns.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = ns.connect(target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+            }
+        });
+        Ok(addr)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
