@@ -15,6 +15,8 @@ command -v docker-compose >/dev/null || need+=(docker-compose)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 # The tests' git-over-ssh server runs the system's sshd on loopback.
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+# The partition test puts a node in a network namespace of its own (`ip netns`).
+command -v ip >/dev/null || need+=(iproute2)
 # The webhook tests deliver with curl, as a sender would.
 command -v curl >/dev/null || need+=(curl)
 # The PDF export test reads the PDF back with pdftotext.
