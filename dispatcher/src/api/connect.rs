@@ -11,12 +11,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use super::BoxStream;
 use super::convert::{self, session_id};
-use super::sessions::{BoxStream, SessionsService};
 use super::steer::Steer;
-use crate::auth::caller;
+use crate::audit::Audit;
+use crate::auth::{Authenticator, caller};
 use crate::error::{Error, Result};
 use crate::revocations::{end_when_revoked, key_revoked};
+use crate::sessions::Sessions;
 
 /// Commands waiting for their acks, per stream.
 const ACKS_IN_FLIGHT: usize = 128;
@@ -26,8 +28,19 @@ fn inbound_error(status: Status) -> Status {
     berth_common::grpc::callers_decode_error(&status).unwrap_or(status)
 }
 
+/// What a Connect stream works with.
+pub(super) struct Connect<'a> {
+    pub sessions: &'a Sessions,
+    pub audit: &'a Audit,
+    /// Ends the stream's command side on shutdown (its event side ends by
+    /// itself).
+    pub shutdown: &'a tokio_util::sync::CancellationToken,
+    /// Ends a revoked key's stream.
+    pub auth: &'a std::sync::Arc<Authenticator>,
+}
+
 pub(super) async fn connect(
-    svc: &SessionsService,
+    svc: Connect<'_>,
     r: Request<Streaming<pb::ConnectRequest>>,
 ) -> std::result::Result<Response<BoxStream<pb::ConnectResponse>>, Status> {
     let who = caller(&r)?;

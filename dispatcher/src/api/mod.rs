@@ -12,3 +12,7 @@ pub mod schedules;
 pub mod sessions;
 mod steer;
 pub mod webhooks;
+
+/// A server stream of `T` as the generated services take it.
+type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<T, tonic::Status>> + Send>>;

@@ -1,12 +1,11 @@
 //! `berth.v1.Sessions`.
 
-use std::pin::Pin;
-
 use berth_proto::v1::{self as pb, sessions_server::Sessions as SessionsApi};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::BoxStream;
 use super::convert::{self, session_id};
 use super::pages::{self, page_size};
 use super::steer::Steer;
@@ -17,8 +16,6 @@ use crate::revocations::end_when_revoked;
 use crate::session::NewSession;
 use crate::sessions::Sessions;
 use crate::store::SessionFilter;
-
-pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Serves `berth.v1.Sessions`.
 pub struct SessionsService {
@@ -485,7 +482,13 @@ impl SessionsApi for SessionsService {
         &self,
         r: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        super::connect::connect(self, r).await
+        let svc = super::connect::Connect {
+            sessions: &self.sessions,
+            audit: &self.audit,
+            shutdown: &self.shutdown,
+            auth: &self.auth,
+        };
+        super::connect::connect(svc, r).await
     }
 }
 

@@ -11,36 +11,23 @@
 //! Every write a driver makes carries its run's epoch: once another
 //! placement has superseded the run, nothing it writes lands.
 
+mod ctx;
 mod deadlines;
 mod relay;
 mod start;
 mod tools;
 
+pub(crate) use ctx::Ctx;
+use ctx::durably;
+use start::start_label;
+
 use std::sync::Arc;
 
 use berth_common::events::payload::StatusDetail;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::log::EventLog;
-use crate::nodes::Nodes;
 use crate::session::{Session, StatusEvent};
-use crate::store::Store;
-
-/// What every driver shares.
-pub(crate) struct Ctx {
-    pub store: Store,
-    pub log: Arc<EventLog>,
-    pub nodes: Arc<Nodes>,
-    pub shutdown: CancellationToken,
-    /// Inactivity timeout for sessions that set none.
-    pub inactivity_default: std::time::Duration,
-    /// Whether a turn lost with its node is delivered again.
-    pub redeliver_lost_turns: bool,
-    /// This dispatcher's id, for the reasons it gives.
-    pub dispatcher_id: String,
-}
 
 /// Runs a session from `starting` until its run ends.
 pub(crate) async fn drive(ctx: Arc<Ctx>, session: Session) {
@@ -195,38 +182,4 @@ async fn lost_turn(ctx: &Ctx, session: &Session) -> Result<Session> {
         s.input_seq = seq - 1;
     }
     Ok(s)
-}
-
-/// Runs a store call, retrying while Postgres is unreachable (backoff up
-/// to 2 s) until it answers or this dispatcher shuts down: an outage of the
-/// database never fails the session it happens to.
-pub(super) async fn durably<T, F, Fut>(ctx: &Ctx, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let mut backoff = berth_common::retry::Backoff::new(
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_secs(2),
-    );
-    loop {
-        match f().await {
-            Err(e) if e.is_transient() && !ctx.shutdown.is_cancelled() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "database call failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
-            r => return r,
-        }
-    }
-}
-
-/// The `start` label of the latency metrics and of `session.running`.
-fn start_label(start: berth_proto::node::v1::StartPath) -> &'static str {
-    use berth_proto::node::v1::StartPath;
-    match start {
-        StartPath::WarmProcess => "warm_process",
-        StartPath::WarmContainer => "warm_container",
-        StartPath::Cold | StartPath::Unspecified => "cold",
-    }
 }

@@ -10,7 +10,7 @@ use berth_proto::node::v1::{dispatcher_frame, node_frame};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::Ctx;
+use super::ctx::{Ctx, durably};
 use crate::error::{Error, Result};
 use crate::nodes::Placed;
 use crate::nodes::wire::{OpenedSecrets, node_spec};
@@ -46,7 +46,7 @@ pub(super) async fn start(
     // The first message rides in the start, so the agent works on it while
     // this dispatcher records the start.
     let (id, input_seq) = (session.id, session.input_seq);
-    let first = super::durably(ctx, || ctx.store.first_pending_message(id, input_seq))
+    let first = durably(ctx, || ctx.store.first_pending_message(id, input_seq))
         .await?
         .map(|(seq, text)| pb::UserMessage { text, seq });
     let spec = node_spec(session, &secrets);
@@ -193,7 +193,7 @@ pub(super) async fn attach(
         Ok(Some(node_frame::Kind::Refused(r))) => {
             tracing::info!(%url, reason = %r.reason, "no run to re-attach to; placing the session anew");
             let (id, epoch) = (session.id, session.epoch);
-            super::durably(ctx, || ctx.store.clear_node(id, epoch)).await?;
+            durably(ctx, || ctx.store.clear_node(id, epoch)).await?;
             Ok(None)
         }
         other => {
@@ -279,7 +279,7 @@ async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
     if ids.is_empty() {
         return Ok(opened);
     }
-    let rows = super::durably(ctx, || ctx.store.sealed_secrets(&session.project, &ids)).await?;
+    let rows = durably(ctx, || ctx.store.sealed_secrets(&session.project, &ids)).await?;
     if rows.len() < ids.len() {
         tracing::warn!(
             wanted = ids.len(),
@@ -322,7 +322,7 @@ async fn requeue(ctx: &Ctx, session: &Session, reasons: &[String]) -> Result<()>
     } else {
         reasons.join("; ")
     };
-    let delay = super::durably(ctx, || ctx.store.back_off(session.id, session.epoch)).await?;
+    let delay = durably(ctx, || ctx.store.back_off(session.id, session.epoch)).await?;
     tracing::info!(%why, ?delay, "no node could start the session; re-queued with a backoff");
     let reason = format!(
         "re-queued: no node could start it ({why}); next try in {:.1}s",
@@ -338,4 +338,14 @@ async fn requeue(ctx: &Ctx, session: &Session, reasons: &[String]) -> Result<()>
         )
         .await?;
     Ok(())
+}
+
+/// The `start` label of the latency metrics and of `session.running`.
+pub(super) fn start_label(start: berth_proto::node::v1::StartPath) -> &'static str {
+    use berth_proto::node::v1::StartPath;
+    match start {
+        StartPath::WarmProcess => "warm_process",
+        StartPath::WarmContainer => "warm_container",
+        StartPath::Cold | StartPath::Unspecified => "cold",
+    }
 }

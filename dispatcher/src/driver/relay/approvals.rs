@@ -2,15 +2,15 @@
 //! persisted with their rows, answers passed on to the agent, timeouts
 //! answered with the policy's decision, and the requests a run leaves
 //! closed. The pending requests themselves are a
-//! [`PendingTools`](super::super::tools::PendingTools).
+//! [`PendingTools`](crate::driver::tools::PendingTools).
 
 use berth_common::events::{self as ev, payload};
 use berth_proto::node::v1 as pb;
 use berth_proto::node::v1::dispatcher_frame;
 
-use super::super::durably;
-use super::super::tools::{Waiting, timeout_answer};
-use super::{Flow, Relay};
+use super::state::{Flow, Relay};
+use crate::driver::ctx::durably;
+use crate::driver::tools::{Waiting, timeout_answer};
 use crate::error::{Error, Result};
 use crate::session::NewEvent;
 use crate::store::{NewToolRequest, ToolEffect};

@@ -5,17 +5,10 @@
 use berth_common::events::payload::StatusDetail;
 use berth_proto::node::v1 as pb;
 
-use super::super::durably;
-use super::{Flow, Relay};
+use super::state::{Flow, Relay, StopAsked};
+use crate::driver::ctx::durably;
 use crate::error::{Error, Result};
 use crate::session::{NewEvent, StatusEvent};
-
-/// A stop the driver asked the node for.
-#[derive(Debug, Clone)]
-pub(super) struct StopAsked {
-    pub reason: String,
-    pub pause: bool,
-}
 
 /// What a run's end makes of its session.
 #[derive(Debug, Clone, PartialEq)]

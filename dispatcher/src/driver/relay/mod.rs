@@ -8,116 +8,34 @@
 //! dies loses nothing: the next one re-attaches and is sent the rest.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 
 use berth_common::events::payload::StatusDetail;
 use berth_common::events::{self as ev, payload};
 use berth_common::sync::sleep_until;
 use berth_proto::node::v1 as pb;
 use berth_proto::node::v1::{dispatcher_frame, node_frame};
-use tokio::sync::mpsc;
 
 mod approvals;
 mod exit;
+mod state;
 
-use exit::StopAsked;
+pub(super) use state::Relay;
+use state::{FEED_BUFFER, Feed, Flow, StopAsked};
 
-use super::deadlines::{Deadlines, Expiry};
-use super::start::Link;
-use super::tools::PendingTools;
-use super::{Ctx, durably, start_label};
+use super::deadlines::Expiry;
+use crate::driver::ctx::durably;
+use crate::driver::start::start_label;
 use crate::error::{Error, Result};
 use crate::nodes::wire::node_line;
-use crate::session::usage::{self, RunningTotals};
-use crate::session::{Event, Session, SessionStatus, StatusEvent, snapshot_key};
+use crate::session::usage;
+use crate::session::{Event, SessionStatus, StatusEvent, snapshot_key};
 use crate::store::UsageRecorded;
 
 /// How long a shutting-down dispatcher waits for a node to snapshot a
 /// session it hands back.
 const HAND_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// How often the relay tells the node which frames are persisted.
-const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Events of the input feed buffered ahead of the relay.
-const FEED_BUFFER: usize = 64;
-
-/// Whether the relay goes on after a step.
-enum Flow {
-    Continue,
-    /// The run is over; its end is in the log.
-    Done,
-}
-
-type Feed = mpsc::Receiver<Result<Arc<Event>>>;
-
-/// One run's relay state.
-pub(super) struct Relay<'a> {
-    ctx: &'a Ctx,
-    session: &'a Session,
-    link: Link,
-    /// Seq of the last user event forwarded to the node.
-    input_seq: i64,
-    feed: Option<Feed>,
-    /// Turns sent to the agent that have not ended yet.
-    open_turns: u32,
-    runtime_id_seen: bool,
-    /// The runtime's running totals after the last turn (usage baseline).
-    runtime_totals: RunningTotals,
-    deadlines: Deadlines,
-    stop_asked: Option<StopAsked>,
-    first_event: bool,
-    /// Set when this dispatcher shuts down: the node was asked to stop the
-    /// agent with a snapshot, and the session is re-queued once it has.
-    handing_back: Option<tokio::time::Instant>,
-    /// One handle for the run: no registry lookup per event.
-    relayed: metrics::Counter,
-    /// The last node frame whose events the writer committed, and the last
-    /// one acknowledged to the node.
-    persisted: Arc<AtomicI64>,
-    acked: i64,
-    ack_tick: tokio::time::Interval,
-    /// Tool permission requests the agent waits on.
-    tools: PendingTools,
-    /// Seq of the `user.message` that started the turn in flight (0: unknown).
-    turn_message_seq: i64,
-}
-
-impl<'a> Relay<'a> {
-    /// `in_flight`: re-attached to a run whose turn is still going.
-    pub(super) fn new(ctx: &'a Ctx, session: &'a Session, link: Link, in_flight: bool) -> Self {
-        let cursor = if link.attached { session.node_seq } else { 0 };
-        // The start carried the first message: the agent has it, the
-        // cursor is past it, and its turn is open.
-        let first = link.first_message_seq;
-        let input_seq = session.input_seq.max(first);
-        let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
-        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Self {
-            ctx,
-            session,
-            link,
-            input_seq,
-            feed: Some(ctx.log.follow(session.id, input_seq, FEED_BUFFER)),
-            open_turns: u32::from(in_flight || first > 0),
-            runtime_id_seen: !session.runtime_session_id.is_empty(),
-            runtime_totals: session.runtime_totals.clone(),
-            deadlines: Deadlines::new(
-                session.timeout,
-                session.inactivity_timeout.unwrap_or(ctx.inactivity_default),
-            ),
-            stop_asked: None,
-            first_event: true,
-            handing_back: None,
-            relayed: metrics::counter!(crate::metrics::EVENTS_RELAYED),
-            persisted: Arc::new(AtomicI64::new(cursor)),
-            acked: cursor,
-            ack_tick,
-            tools: PendingTools::default(),
-            turn_message_seq: first,
-        }
-    }
-
+impl Relay<'_> {
     /// Relays until the run ends.
     pub(super) async fn run(mut self) -> Result<()> {
         if self.link.first_message_seq > 0 {

@@ -1,0 +1,104 @@
+//! The relay's state: what one run's relay knows between steps.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use tokio::sync::mpsc;
+
+use crate::driver::ctx::Ctx;
+use crate::driver::deadlines::Deadlines;
+use crate::driver::start::Link;
+use crate::driver::tools::PendingTools;
+use crate::error::Result;
+use crate::session::usage::RunningTotals;
+use crate::session::{Event, Session};
+
+/// How often the relay tells the node which frames are persisted.
+const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Events of the input feed buffered ahead of the relay.
+pub(super) const FEED_BUFFER: usize = 64;
+
+/// Whether the relay goes on after a step.
+pub(super) enum Flow {
+    Continue,
+    /// The run is over; its end is in the log.
+    Done,
+}
+
+pub(super) type Feed = mpsc::Receiver<Result<Arc<Event>>>;
+
+/// One run's relay state.
+pub(crate) struct Relay<'a> {
+    pub(super) ctx: &'a Ctx,
+    pub(super) session: &'a Session,
+    pub(super) link: Link,
+    /// Seq of the last user event forwarded to the node.
+    pub(super) input_seq: i64,
+    pub(super) feed: Option<Feed>,
+    /// Turns sent to the agent that have not ended yet.
+    pub(super) open_turns: u32,
+    pub(super) runtime_id_seen: bool,
+    /// The runtime's running totals after the last turn (usage baseline).
+    pub(super) runtime_totals: RunningTotals,
+    pub(super) deadlines: Deadlines,
+    pub(super) stop_asked: Option<StopAsked>,
+    pub(super) first_event: bool,
+    /// Set when this dispatcher shuts down: the node was asked to stop the
+    /// agent with a snapshot, and the session is re-queued once it has.
+    pub(super) handing_back: Option<tokio::time::Instant>,
+    /// One handle for the run: no registry lookup per event.
+    pub(super) relayed: metrics::Counter,
+    /// The last node frame whose events the writer committed, and the last
+    /// one acknowledged to the node.
+    pub(super) persisted: Arc<AtomicI64>,
+    pub(super) acked: i64,
+    pub(super) ack_tick: tokio::time::Interval,
+    /// Tool permission requests the agent waits on.
+    pub(super) tools: PendingTools,
+    /// Seq of the `user.message` that started the turn in flight (0: unknown).
+    pub(super) turn_message_seq: i64,
+}
+
+impl<'a> Relay<'a> {
+    /// `in_flight`: re-attached to a run whose turn is still going.
+    pub(crate) fn new(ctx: &'a Ctx, session: &'a Session, link: Link, in_flight: bool) -> Self {
+        let cursor = if link.attached { session.node_seq } else { 0 };
+        // The start carried the first message: the agent has it, the
+        // cursor is past it, and its turn is open.
+        let first = link.first_message_seq;
+        let input_seq = session.input_seq.max(first);
+        let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
+        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            ctx,
+            session,
+            link,
+            input_seq,
+            feed: Some(ctx.log.follow(session.id, input_seq, FEED_BUFFER)),
+            open_turns: u32::from(in_flight || first > 0),
+            runtime_id_seen: !session.runtime_session_id.is_empty(),
+            runtime_totals: session.runtime_totals.clone(),
+            deadlines: Deadlines::new(
+                session.timeout,
+                session.inactivity_timeout.unwrap_or(ctx.inactivity_default),
+            ),
+            stop_asked: None,
+            first_event: true,
+            handing_back: None,
+            relayed: metrics::counter!(crate::metrics::EVENTS_RELAYED),
+            persisted: Arc::new(AtomicI64::new(cursor)),
+            acked: cursor,
+            ack_tick,
+            tools: PendingTools::default(),
+            turn_message_seq: first,
+        }
+    }
+}
+
+/// A stop the driver asked the node for.
+#[derive(Debug, Clone)]
+pub(super) struct StopAsked {
+    pub reason: String,
+    pub pause: bool,
+}
