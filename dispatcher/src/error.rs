@@ -39,6 +39,13 @@ pub enum Error {
     Transition(#[from] InvalidTransition),
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// This dispatcher is stopping; the call may go to another (its words
+    /// say how to resume).
+    #[error("{0}")]
+    ShuttingDown(String),
+    /// A node did not answer, or refused, a call made of it.
+    #[error("{0}")]
+    NodeUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -85,9 +92,10 @@ impl From<sqlx::Error> for Error {
         match &e {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some(pg_code::SERIALIZATION_FAILURE | pg_code::DEADLOCK_DETECTED) => Self::Conflict,
-                Some(pg_code::FOREIGN_KEY_VIOLATION) => {
-                    Self::SessionNotFound("(referenced)".into())
-                }
+                Some(pg_code::FOREIGN_KEY_VIOLATION) => foreign_key(
+                    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|pg| pg.detail()),
+                ),
                 _ => Self::Internal(e.to_string()),
             },
             sqlx::Error::Io(_)
@@ -97,6 +105,33 @@ impl From<sqlx::Error> for Error {
             _ => Self::Internal(e.to_string()),
         }
     }
+}
+
+/// What a foreign-key violation means to the caller: the record it
+/// references does not exist. `detail` is Postgres's (`Key (session_id)=(…)
+/// is not present in table "sessions".`).
+fn foreign_key(detail: Option<&str>) -> Error {
+    let detail = detail.unwrap_or_default();
+    let table = detail
+        .split("in table \"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .unwrap_or_default();
+    let key = detail
+        .split(")=(")
+        .nth(1)
+        .and_then(|k| k.split(')').next())
+        .unwrap_or_default();
+    let what = match table {
+        "sessions" => return Error::SessionNotFound(key.to_string()),
+        "agents" => "agent",
+        "schedules" => "schedule",
+        "webhooks" => "webhook",
+        "subscriptions" => "subscription",
+        "api_keys" => "API key",
+        _ => return Error::NotFound("a record this one refers to does not exist".into()),
+    };
+    Error::NotFound(format!("{what} {key} not found"))
 }
 
 impl From<Error> for tonic::Status {
@@ -140,10 +175,17 @@ impl From<Error> for tonic::Status {
                 None,
                 Some(Duration::from_millis(100)),
             ),
-            Error::Unavailable(msg) if msg.starts_with("dispatcher shutting down") => rich_status(
+            Error::ShuttingDown(_) => rich_status(
                 Code::Unavailable,
-                msg.clone(),
+                e.to_string(),
                 "SHUTTING_DOWN",
+                None,
+                Some(Duration::from_secs(1)),
+            ),
+            Error::NodeUnavailable(_) => rich_status(
+                Code::Unavailable,
+                e.to_string(),
+                "NODE_UNAVAILABLE",
                 None,
                 Some(Duration::from_secs(1)),
             ),
@@ -172,3 +214,41 @@ impl From<Error> for tonic::Status {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_key_violation_names_what_is_missing() {
+        let e = foreign_key(Some(
+            "Key (session_id)=(01a2) is not present in table \"sessions\".",
+        ));
+        assert!(
+            matches!(&e, Error::SessionNotFound(k) if k == "01a2"),
+            "{e:?}"
+        );
+        let e = foreign_key(Some(
+            "Key (project, agent_id)=(default, 7) is not present in table \"agents\".",
+        ));
+        assert_eq!(e.to_string(), "agent default, 7 not found");
+        let e = foreign_key(None);
+        assert_eq!(e.to_string(), "a record this one refers to does not exist");
+        assert_eq!(
+            tonic::Status::from(foreign_key(Some(
+                "Key (schedule_id)=(9) is not present in table \"schedules\"."
+            )))
+            .code(),
+            tonic::Code::NotFound
+        );
+    }
+
+    #[test]
+    fn shutting_down_is_unavailable_with_its_own_reason() {
+        let status = tonic::Status::from(Error::ShuttingDown(
+            "dispatcher shutting down; reconnect with after_seq=4".into(),
+        ));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("after_seq=4"));
+    }
+}

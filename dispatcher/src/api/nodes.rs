@@ -100,10 +100,10 @@ impl NodesApi for NodesService {
         let resp = tokio::time::timeout(NODE_CALL_TIMEOUT, client.drain(node_pb::DrainRequest {}))
             .await
             .map_err(|_| {
-                Status::unavailable(format!("node {name} did not answer the drain in time"))
+                Error::NodeUnavailable(format!("node {name} did not answer the drain in time"))
             })?
             .map_err(|s| {
-                Status::unavailable(format!("node {name} refused the drain: {}", s.message()))
+                Error::NodeUnavailable(format!("node {name} refused the drain: {}", s.message()))
             })?;
         tracing::info!(node = %link.key(), "node draining on request");
         Ok(Response::new(pb::DrainNodeResponse {
@@ -125,14 +125,15 @@ impl NodesApi for NodesService {
         )
         .await
         .map_err(|_| {
-            Status::unavailable(format!("node {name} did not answer the undrain in time"))
+            Error::NodeUnavailable(format!("node {name} did not answer the undrain in time"))
         })?
         .map_err(|s| match s.code() {
-            tonic::Code::FailedPrecondition => Status::failed_precondition(format!(
-                "node {name} cannot be undrained: {}",
-                s.message()
-            )),
-            _ => Status::unavailable(format!("node {name} refused the undrain: {}", s.message())),
+            tonic::Code::FailedPrecondition => {
+                Error::Precondition(format!("node {name} cannot be undrained: {}", s.message()))
+            }
+            _ => {
+                Error::NodeUnavailable(format!("node {name} refused the undrain: {}", s.message()))
+            }
         })?;
         tracing::info!(node = %link.key(), "node undrained on request");
         Ok(Response::new(pb::UndrainNodeResponse {}))
@@ -148,9 +149,7 @@ impl NodesService {
         }
         let links = self.nodes.find(name);
         match links.as_slice() {
-            [] => Err(Status::not_found(format!(
-                "node {name} not found; see ListNodes"
-            ))),
+            [] => Err(Error::NotFound(format!("node {name} not found; see ListNodes")).into()),
             [one] => Ok(one.clone()),
             many => Err(Error::invalid(
                 "node",

@@ -98,7 +98,7 @@ impl<H: History> Follower<H> {
                 s = feed.recv() => s,
                 () = self.tx.closed() => return,
                 () = self.shutdown.cancelled() => {
-                    let e = Error::Unavailable(format!("dispatcher shutting down; reconnect with after_seq={}", self.last));
+                    let e = Error::ShuttingDown(format!("dispatcher shutting down; reconnect with after_seq={}", self.last));
                     let _ = self.tx.send(Err(e)).await;
                     return;
                 }
