@@ -47,10 +47,6 @@ pub struct LimitsLayer {
 
 impl LimitsLayer {
     pub fn new(limits: Limits) -> Self {
-        // Both series exist from the start, so `rate()` sees the first rejection.
-        for reason in ["rate_limited", "overloaded"] {
-            ::metrics::counter!(metrics::API_REJECTED, "reason" => reason).increment(0);
-        }
         let limiter = NonZeroU32::new(limits.per_key_rate).map(|rate| {
             let burst =
                 NonZeroU32::new(limits.per_key_burst.max(limits.per_key_rate)).unwrap_or(rate);

@@ -304,7 +304,7 @@ fn init_series() {
     for result in ["placed", "not_placed", "error"] {
         let _ = metrics::histogram!(PLACEMENT, "result" => result);
     }
-    for start in ["warm", "cold"] {
+    for start in ["warm_process", "warm_container", "cold"] {
         let _ = metrics::histogram!(SESSION_START, "start" => start);
         let _ = metrics::histogram!(FIRST_EVENT, "start" => start);
     }
@@ -312,7 +312,39 @@ fn init_series() {
         metrics::gauge!(STREAMS_ACTIVE, "call" => call).increment(0.0);
     }
     metrics::gauge!(WRITER_QUEUE).set(0.0);
+    let _ = metrics::counter!(AUDIT_FAILURES);
+    for (name, label, values) in LABELLED {
+        for value in *values {
+            let _ = metrics::counter!(*name, *label => *value);
+        }
+    }
 }
+
+/// Counters whose one label takes values known up front: every value each
+/// takes, as the loop or layer that counts it says it.
+const LABELLED: &[(&str, &str, &[&str])] = &[
+    (
+        WEBHOOK_DELIVERIES,
+        "outcome",
+        &[
+            "created",
+            "duplicate",
+            "unauthorized",
+            "invalid",
+            "not_found",
+            "error",
+            "unavailable",
+            "replay",
+        ],
+    ),
+    (SCHEDULE_FIRES, "outcome", &["session", "error", "missed"]),
+    (
+        SUBSCRIPTION_ATTEMPTS,
+        "outcome",
+        &["delivered", "retry", "failed"],
+    ),
+    (API_REJECTED, "reason", &["rate_limited", "overloaded"]),
+];
 
 /// Counts a stream while it is open.
 pub struct StreamGauge(&'static str);

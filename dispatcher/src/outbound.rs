@@ -154,10 +154,6 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<byte
 
 impl Deliverer {
     pub(crate) async fn run(self) {
-        for outcome in ["delivered", "retry", "failed"] {
-            metrics::counter!(crate::metrics::SUBSCRIPTION_ATTEMPTS, "outcome" => outcome)
-                .increment(0);
-        }
         let https = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
             Ok(b) => b.https_or_http().enable_http1().build(),
             Err(e) => {

@@ -314,9 +314,6 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub(crate) async fn run(self) {
-        for outcome in ["session", "error", "missed"] {
-            metrics::counter!(crate::metrics::SCHEDULE_FIRES, "outcome" => outcome).increment(0);
-        }
         let mut tick = tokio::time::interval(self.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -310,20 +310,3 @@ fn unavailable(e: Error) -> (StatusCode, &'static str, serde_json::Value) {
         json!({ "error": "the dispatcher cannot take deliveries now; retry with the same Berth-Delivery" }),
     )
 }
-
-/// Makes every delivery outcome's series exist from the start (whether or
-/// not this dispatcher serves webhooks), so `rate()` sees the first one.
-pub(crate) fn register_metrics() {
-    for outcome in [
-        "created",
-        "duplicate",
-        "unauthorized",
-        "invalid",
-        "not_found",
-        "error",
-        "unavailable",
-        "replay",
-    ] {
-        metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
-    }
-}
