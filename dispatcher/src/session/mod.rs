@@ -1,6 +1,7 @@
 //! The session domain: what a session is, with no wire or SQL types.
 
 pub mod status;
+pub(crate) mod tool_requests;
 pub mod usage;
 
 use std::collections::BTreeMap;

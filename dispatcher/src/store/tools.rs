@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::Store;
 use super::events::{Append, Stored, append_rows, placed};
 use crate::error::{Error, Result};
+use crate::session::tool_requests::{self, RequestState, Verdict};
 use crate::session::{Event, NewEvent};
 
 mod sql {
@@ -130,6 +131,48 @@ struct Locked {
     answer_seq: Option<i64>,
 }
 
+impl From<Locked> for RequestState {
+    fn from(row: Locked) -> Self {
+        Self {
+            request_id: row.request_id,
+            tool_name: row.tool_name,
+            suggestions: row.suggestions.0,
+            ask_time: row.ask_time,
+            answered_by: row
+                .answer
+                .as_ref()
+                .and_then(|a| a.0["by"].as_str().map(String::from)),
+            decision: row.decision,
+            answer_seq: row.answer_seq,
+        }
+    }
+}
+
+/// Records a request the agent asked (its line's event is at `ask_seq`).
+async fn ask(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    request: &NewToolRequest,
+    ask_seq: i64,
+) -> Result<()> {
+    let a = &request.ask;
+    sqlx::query(sql::ASK)
+        .bind(request.session)
+        .bind(&a.tool_use_id)
+        .bind(&a.request_id)
+        .bind(&a.tool_name)
+        .bind(Json(&a.input))
+        .bind(&a.reason)
+        .bind(Json(&a.suggestions))
+        .bind(request.epoch)
+        .bind(ask_seq)
+        .bind(request.message_seq)
+        .bind(i64::try_from(request.timeout.as_millis()).unwrap_or(i64::MAX))
+        .bind(request.timeout_decision.as_str())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// A client event appended inside a tool transaction.
 fn client_append(session: Uuid, event: NewEvent, epoch: Option<i64>) -> Append {
     Append {
@@ -162,22 +205,7 @@ impl Store {
         match effect {
             ToolEffect::Ask(request) => {
                 let ask_seq = out.stored.first().map_or(0, |s| s.seq);
-                let a = &request.ask;
-                sqlx::query(sql::ASK)
-                    .bind(request.session)
-                    .bind(&a.tool_use_id)
-                    .bind(&a.request_id)
-                    .bind(&a.tool_name)
-                    .bind(Json(&a.input))
-                    .bind(&a.reason)
-                    .bind(Json(&a.suggestions))
-                    .bind(request.epoch)
-                    .bind(ask_seq)
-                    .bind(request.message_seq)
-                    .bind(i64::try_from(request.timeout.as_millis()).unwrap_or(i64::MAX))
-                    .bind(request.timeout_decision.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                ask(&mut tx, request, ask_seq).await?;
             }
             ToolEffect::Withdraw {
                 session,
@@ -190,107 +218,110 @@ impl Store {
                     .await?;
             }
             ToolEffect::Answer { session, answer } => {
-                let locked: Option<Locked> = sqlx::query_as(sql::LOCK)
-                    .bind(session)
-                    .bind(&answer.tool_use_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(row) = locked else {
-                    return Err(Error::Precondition(format!(
-                        "tool_use_id: no permission request `{}` in this session; GetSession lists the waiting ones in `pending_tool_requests`",
-                        answer.tool_use_id
-                    )));
-                };
-                match row.decision.as_deref() {
-                    None => {}
-                    Some(d) if d == answer.decision => {
-                        // The same answer again: idempotent.
-                        out.already = row.answer_seq;
+                match self.answer(&mut tx, *session, answer).await? {
+                    Ok(event) => out.events.push(event),
+                    Err(already) => {
+                        out.already = already;
                         tx.rollback().await?;
                         return Ok(out);
                     }
-                    Some(d) => {
-                        let by = row
-                            .answer
-                            .and_then(|a| a.0["by"].as_str().map(String::from))
-                            .unwrap_or_default();
-                        let what = match (d, by.as_str()) {
-                            ("cancelled", _) => {
-                                "was withdrawn (the agent no longer waits)".to_string()
-                            }
-                            (_, "timeout") => {
-                                format!("was already answered `{d}` when it timed out")
-                            }
-                            _ => format!("was already answered `{d}`"),
-                        };
-                        return Err(Error::Precondition(format!(
-                            "tool_use_id: the request `{}` {what}",
-                            answer.tool_use_id
-                        )));
-                    }
                 }
-                let mut p = answer.clone();
-                p.request_id = row.request_id;
-                p.tool_name = row.tool_name;
-                if p.always && p.decision == "allow" {
-                    p.updated_permissions = Some(row.suggestions.0);
-                }
-                p.waited_s = (Utc::now() - row.ask_time)
-                    .to_std()
-                    .unwrap_or_default()
-                    .as_secs_f64();
-                let append = client_append(
-                    *session,
-                    NewEvent::new(ev::USER_TOOL_CONFIRMATION, payload::to_json(&p)),
-                    None,
-                );
-                let event = self.append_one(&mut tx, append).await?;
-                sqlx::query(sql::ANSWER)
-                    .bind(session)
-                    .bind(&p.tool_use_id)
-                    .bind(&p.decision)
-                    .bind(Json(&p))
-                    .bind(event.seq)
-                    .execute(&mut *tx)
-                    .await?;
-                out.events.push(event);
             }
             ToolEffect::CloseAll {
                 session,
                 epoch,
                 reason,
             } => {
-                let rows: Vec<(String, String, i64)> = sqlx::query_as(sql::PENDING_LOCKED)
-                    .bind(session)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                for (tool_use_id, request_id, message_seq) in rows {
-                    let p = payload::ToolPermissionCancelled {
-                        request_id,
-                        tool_use_id,
-                        reason: reason.clone(),
-                    };
-                    let append = client_append(
-                        *session,
-                        NewEvent::new(ev::SESSION_TOOL_PERMISSION_CANCELLED, payload::to_json(&p)),
-                        *epoch,
-                    );
-                    let event = self.append_one(&mut tx, append).await?;
-                    sqlx::query(sql::ANSWER)
-                        .bind(session)
-                        .bind(&p.tool_use_id)
-                        .bind("cancelled")
-                        .bind(Json(serde_json::json!({"by": "run_end", "reason": reason})))
-                        .bind(event.seq)
-                        .execute(&mut *tx)
-                        .await?;
-                    out.events.push(event);
-                    out.closed_message_seqs.push(message_seq);
-                }
+                let (events, seqs) = self.close_all(&mut tx, *session, *epoch, reason).await?;
+                out.events = events;
+                out.closed_message_seqs = seqs;
             }
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Answers a pending request as [`tool_requests::judge`] says: its
+    /// logged confirmation, or `Err(seq)` when the same answer was given
+    /// before (at `seq`).
+    async fn answer(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        session: Uuid,
+        answer: &payload::ToolConfirmation,
+    ) -> Result<std::result::Result<Event, Option<i64>>> {
+        let locked: Option<Locked> = sqlx::query_as(sql::LOCK)
+            .bind(session)
+            .bind(&answer.tool_use_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let Some(row) = locked else {
+            return Err(Error::Precondition(format!(
+                "tool_use_id: no permission request `{}` in this session; GetSession lists the waiting ones in `pending_tool_requests`",
+                answer.tool_use_id
+            )));
+        };
+        let p = match tool_requests::judge(&row.into(), answer, Utc::now()) {
+            Verdict::Record(p) => *p,
+            Verdict::Already(seq) => return Ok(Err(seq)),
+            Verdict::Refused(why) => return Err(Error::Precondition(why)),
+        };
+        let append = client_append(
+            session,
+            NewEvent::new(ev::USER_TOOL_CONFIRMATION, payload::to_json(&p)),
+            None,
+        );
+        let event = self.append_one(tx, append).await?;
+        sqlx::query(sql::ANSWER)
+            .bind(session)
+            .bind(&p.tool_use_id)
+            .bind(&p.decision)
+            .bind(Json(&p))
+            .bind(event.seq)
+            .execute(&mut **tx)
+            .await?;
+        Ok(Ok(event))
+    }
+
+    /// Closes every pending request of `session`, each with its
+    /// cancellation event: the events, and the `user.message` seqs whose
+    /// turns asked them.
+    async fn close_all(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        session: Uuid,
+        epoch: Option<i64>,
+        reason: &str,
+    ) -> Result<(Vec<Event>, Vec<i64>)> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(sql::PENDING_LOCKED)
+            .bind(session)
+            .fetch_all(&mut **tx)
+            .await?;
+        let (mut events, mut seqs) = (Vec::new(), Vec::new());
+        for (tool_use_id, request_id, message_seq) in rows {
+            let p = payload::ToolPermissionCancelled {
+                request_id,
+                tool_use_id,
+                reason: reason.to_string(),
+            };
+            let append = client_append(
+                session,
+                NewEvent::new(ev::SESSION_TOOL_PERMISSION_CANCELLED, payload::to_json(&p)),
+                epoch,
+            );
+            let event = self.append_one(tx, append).await?;
+            sqlx::query(sql::ANSWER)
+                .bind(session)
+                .bind(&p.tool_use_id)
+                .bind("cancelled")
+                .bind(Json(serde_json::json!({"by": "run_end", "reason": reason})))
+                .bind(event.seq)
+                .execute(&mut **tx)
+                .await?;
+            events.push(event);
+            seqs.push(message_seq);
+        }
+        Ok((events, seqs))
     }
 
     async fn append_one(
