@@ -2,7 +2,8 @@
 //! and the [`Deliverer`] every dispatcher runs.
 //!
 //! Deliveries are queued by a trigger in the transaction that persists the
-//! event (migration 0013), so a session never waits on a receiver. Each
+//! event (migration 0013; the rule is [`crate::session::notify`]'s), so a
+//! session never waits on a receiver. Each
 //! dispatcher claims due deliveries under a lease (one statement), POSTs
 //! them signed (the inbound scheme: `Berth-Delivery`, `Berth-Timestamp`,
 //! `Berth-Signature`), at most `--subscription-concurrency` at once, each
@@ -26,13 +27,7 @@ pub(crate) use crate::records::{DeliveryRecord, DueDelivery, Subscription};
 use crate::store::Store;
 
 /// The event types a subscription may ask for.
-pub(crate) const EVENT_TYPES: &[&str] = &[
-    "session.idle",
-    "session.failed",
-    "session.terminated",
-    "session.budget_reached",
-    "session.requires_action",
-];
+pub(crate) use crate::session::notify::SUBSCRIBER_EVENT_TYPES as EVENT_TYPES;
 
 /// How often a dispatcher looks for due deliveries.
 const POLL: Duration = Duration::from_millis(500);

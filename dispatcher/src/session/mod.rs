@@ -1,5 +1,6 @@
 //! The session domain: what a session is, with no wire or SQL types.
 
+pub mod notify;
 pub mod status;
 pub(crate) mod tool_requests;
 pub mod usage;

@@ -244,7 +244,11 @@ impl Relay<'_> {
             ..StatusDetail::default()
         };
         match self
-            .transition(StatusEvent::StopRequested, "budget", detail)
+            .transition(
+                StatusEvent::StopRequested,
+                crate::session::notify::BUDGET_REASON,
+                detail,
+            )
             .await
         {
             Ok(()) | Err(Error::Transition(_)) => Ok(()),
