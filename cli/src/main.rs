@@ -1,16 +1,18 @@
 //! `berth`: the command-line client for a berth dispatcher.
 
 mod access;
+mod agents;
 mod attach;
 mod audit;
 mod certs;
-mod durable;
+mod files;
 mod nodes;
 mod output;
 mod render;
 mod run;
 mod schedules;
 mod sessions;
+mod spec_args;
 mod webhooks;
 
 use berth_cli::auth::{Api, Bearer};
@@ -77,7 +79,7 @@ enum Command {
     Sessions(sessions::SessionsCmd),
     /// Create, version and archive agents (session templates).
     #[command(subcommand)]
-    Agents(durable::AgentsCmd),
+    Agents(agents::AgentsCmd),
     /// Cron schedules that run an agent's sessions.
     #[command(subcommand)]
     Schedules(schedules::SchedulesCmd),
@@ -86,7 +88,7 @@ enum Command {
     Webhooks(webhooks::WebhooksCmd),
     /// Upload files to attach to sessions.
     #[command(subcommand)]
-    Files(durable::FilesCmd),
+    Files(files::FilesCmd),
     /// List the dispatcher's nodes (state, load, warm pools, sessions), or drain one.
     Nodes(nodes::NodesArgs),
     /// Make a development CA and mTLS certificates (no dispatcher needed).
@@ -320,8 +322,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Nodes(args) => nodes::run(NodesClient::new(channel), d, out, args.command).await,
         Command::Run(args) => run::run(&mut client, &channel, d, out, *args).await,
         Command::Attach(args) => attach::run(&mut client, d, out, args).await,
-        Command::Agents(cmd) => durable::agents(channel, d, out, cmd).await,
-        Command::Files(cmd) => durable::files(channel, d, out, cmd).await,
+        Command::Agents(cmd) => agents::agents(channel, d, out, cmd).await,
+        Command::Files(cmd) => files::files(channel, d, out, cmd).await,
         Command::Schedules(cmd) => schedules::run(channel, d, out, cmd).await,
         Command::Webhooks(cmd) => webhooks::run(channel, d, out, cmd).await,
         Command::Sessions(cmd) => sessions::run(&mut client, d, out, cmd).await,

@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::output::Out;
 use crate::sessions::print_event;
-use crate::{CliError, durable, exit, explain, key_value, render};
+use crate::{CliError, exit, explain, key_value, render, spec_args};
 
 #[derive(Args)]
 pub(crate) struct RunArgs {
@@ -18,9 +18,9 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     agent: Option<String>,
     #[command(flatten)]
-    spec: durable::SpecArgs,
+    spec: spec_args::SpecArgs,
     #[command(flatten)]
-    opts: durable::SessionOpts,
+    opts: spec_args::SessionOpts,
     /// Label, KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = key_value)]
     labels: Vec<(String, String)>,
