@@ -1,46 +1,11 @@
-//! Session operations behind the public API, with no wire types.
+//! Creating sessions: the checks of a new session (agent, resources,
+//! the fleet's limits) and its queueing; a clone is a create.
 
-use std::sync::Arc;
-
-use berth_common::events::payload::{self, StatusDetail};
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::Sessions;
 use crate::error::{Error, Result};
-use crate::log::EventLog;
-use crate::session::{Event, NewEvent, NewSession, Resource, Session, StatusEvent, session_prefix};
-use crate::store::{SessionFilter, Store, ToolEffect};
-
-/// The session operations clients call.
-#[derive(Clone)]
-pub(crate) struct Sessions {
-    pub store: Store,
-    pub log: Arc<EventLog>,
-    pub objects: berth_common::objects::ObjectStore,
-    /// The fleet, for what its nodes can give a session.
-    pub nodes: Arc<crate::nodes::Nodes>,
-    /// Hosts git resources may come from beyond public https.
-    pub git_allow: Vec<String>,
-    /// The deployment's queue timeout, for sessions that set none.
-    pub queue_timeout: Option<std::time::Duration>,
-}
-
-/// A page of search results, and the (time, id) the next one starts before.
-pub(crate) type SearchPage = (
-    Vec<(Session, crate::store::SearchHit)>,
-    Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
-);
-
-/// A person's answer to a tool permission request, checked.
-#[derive(Debug, Clone)]
-pub(crate) struct ToolAnswer {
-    pub tool_use_id: String,
-    pub decision: berth_common::tools::Decision,
-    pub updated_input: Option<serde_json::Value>,
-    pub always: bool,
-    pub message: String,
-    pub interrupt: bool,
-}
+use crate::session::{NewSession, Resource, Session};
 
 /// A display name for a session created without one: the first words of
 /// its first message (up to 60 characters), else its agent or image.
@@ -71,14 +36,6 @@ pub(crate) fn display_name_for(new: &NewSession) -> String {
         Some(agent) => format!("{agent} session"),
         None => format!("{} session", new.spec.image),
     }
-}
-
-/// How `ExportSession` renders.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ExportFormat {
-    Markdown,
-    Json,
-    Pdf,
 }
 
 impl Sessions {
@@ -203,71 +160,6 @@ impl Sessions {
         }
     }
 
-    /// Records `identity`'s rating of session `id` (turn 0: the whole
-    /// session), replacing its earlier one for that turn.
-    pub(crate) async fn submit_feedback(
-        &self,
-        project: &str,
-        id: Uuid,
-        turn: i64,
-        identity: &str,
-        rating: i32,
-        comment: &str,
-    ) -> Result<crate::store::FeedbackRow> {
-        let s = self.get(project, id).await?;
-        if turn < 0 || turn > s.usage.turns {
-            return Err(Error::invalid(
-                "turn",
-                format!(
-                    "0 (the whole session) or a turn it has had (1–{})",
-                    s.usage.turns
-                ),
-            ));
-        }
-        self.store
-            .upsert_feedback(id, turn, identity, rating, comment)
-            .await
-    }
-
-    pub(crate) async fn list_feedback(
-        &self,
-        project: &str,
-        id: Uuid,
-    ) -> Result<Vec<crate::store::FeedbackRow>> {
-        self.get(project, id).await?;
-        self.store.list_feedback(id).await
-    }
-
-    /// The project's sessions whose messages match `query`, newest first
-    /// before `before`, each with its first match, and where the next page
-    /// starts (when this one is full). Sessions deleted between the two
-    /// reads are left out.
-    pub(crate) async fn search(
-        &self,
-        project: &str,
-        query: &str,
-        before: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
-        limit: i64,
-    ) -> Result<SearchPage> {
-        let hits = self
-            .store
-            .search_sessions(project, query, before, limit)
-            .await?;
-        let next = hits
-            .last()
-            .filter(|_| hits.len() as i64 == limit)
-            .map(|h| (h.create_time, h.session_id));
-        let mut found = Vec::with_capacity(hits.len());
-        for hit in hits {
-            match self.get(project, hit.session_id).await {
-                Ok(s) => found.push((s, hit)),
-                Err(Error::SessionNotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok((found, next))
-    }
-
     /// Refuses, at the API, a session no live node could run: limits above
     /// the largest node's, or a resource path outside the containers'
     /// writable volumes. (Before any node reports, the nodes check.)
@@ -336,20 +228,6 @@ impl Sessions {
         Ok(())
     }
 
-    /// The session, if it is in `project`: another project's is NOT_FOUND,
-    /// exactly as a session that does not exist.
-    pub(crate) async fn get(&self, project: &str, id: Uuid) -> Result<Session> {
-        let s = self.store.get_session(id).await?;
-        if s.project != project {
-            return Err(Error::SessionNotFound(id.to_string()));
-        }
-        Ok(s)
-    }
-
-    pub(crate) async fn list(&self, project: &str, filter: SessionFilter) -> Result<Vec<Session>> {
-        self.store.list_sessions(project, &filter).await
-    }
-
     /// A git resource's key must be a secret of `project` (else NOT_FOUND)
     /// made for ssh.
     async fn check_ssh_key(&self, project: &str, id: &str) -> Result<()> {
@@ -391,181 +269,6 @@ impl Sessions {
         Ok(())
     }
 
-    /// Persists a user message; the driver forwards it. Returns its seq.
-    pub(crate) async fn send_message(&self, project: &str, id: Uuid, text: &str) -> Result<i64> {
-        self.require_input(
-            project,
-            id,
-            "messages can only be sent to pending, starting, running or idle sessions",
-        )
-        .await?;
-        let e = self.log.append(id, NewEvent::user_message(text)).await?;
-        Ok(e.seq)
-    }
-
-    /// Logs the answer to a pending tool permission request (the owner's
-    /// relay passes it to the agent). Returns its seq, and whether the same
-    /// answer was given before (nothing new is logged then).
-    pub(crate) async fn confirm_tool(
-        &self,
-        project: &str,
-        id: Uuid,
-        identity: String,
-        a: ToolAnswer,
-    ) -> Result<(i64, bool)> {
-        self.get(project, id).await?;
-        let decision = a.decision.as_str();
-        let answer = payload::ToolConfirmation {
-            tool_use_id: a.tool_use_id,
-            decision: decision.into(),
-            updated_input: a.updated_input,
-            always: a.always,
-            message: a.message,
-            interrupt: a.interrupt,
-            by: "user".into(),
-            identity,
-            ..Default::default()
-        };
-        let out = self
-            .log
-            .tool(ToolEffect::Answer {
-                session: id,
-                answer,
-            })
-            .await?;
-        if let Some(seq) = out.already {
-            return Ok((seq, true));
-        }
-        let e = out
-            .events
-            .first()
-            .ok_or_else(|| Error::Internal("an answer logged no event".into()))?;
-        crate::metrics::record_tool_answer(&e.payload);
-        tracing::info!(session_id = %id, seq = e.seq, decision, "tool permission answered");
-        Ok((e.seq, false))
-    }
-
-    /// Pending tool permission requests of these sessions, oldest first.
-    pub(crate) async fn pending_tools(
-        &self,
-        ids: &[Uuid],
-    ) -> Result<Vec<crate::store::PendingTool>> {
-        self.store.pending_tools(ids).await
-    }
-
-    pub(crate) async fn interrupt(&self, project: &str, id: Uuid) -> Result<i64> {
-        self.require_input(project, id, "only a live session can be interrupted")
-            .await?;
-        let e = self.log.append(id, NewEvent::user_interrupt()).await?;
-        Ok(e.seq)
-    }
-
-    async fn require_input(&self, project: &str, id: Uuid, what: &'static str) -> Result<()> {
-        let s = self.get(project, id).await?;
-        if !s.status.accepts_input() {
-            return Err(Error::WrongStatus {
-                id,
-                status: s.status,
-                what,
-            });
-        }
-        Ok(())
-    }
-
-    /// Stops the session with reason `user` (a snapshot is kept, so it can be
-    /// resumed). Stopping twice is not an error.
-    pub(crate) async fn stop(&self, project: &str, id: Uuid) -> Result<Session> {
-        self.get(project, id).await?;
-        match self
-            .log
-            .transition(
-                id,
-                StatusEvent::StopRequested,
-                "user",
-                StatusDetail::default(),
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(Error::Transition(t)) => {
-                return Err(Error::WrongStatus {
-                    id,
-                    status: t.from,
-                    what: "only a live session can be stopped",
-                });
-            }
-            Err(e) => return Err(e),
-        }
-        self.store.get_session(id).await
-    }
-
-    /// Asks the driver to snapshot the session and free its container. The
-    /// status machine decides which sessions may pause (running or idle).
-    pub(crate) async fn pause(&self, project: &str, id: Uuid) -> Result<Session> {
-        self.get(project, id).await?;
-        self.log
-            .transition(
-                id,
-                StatusEvent::PauseRequested,
-                "pausing",
-                StatusDetail::default(),
-            )
-            .await
-            .map_err(|e| wrong_status(id, e, "only a running or idle session can be paused"))?;
-        self.store.get_session(id).await
-    }
-
-    /// Queues a paused or stopped session again; it restores its snapshot.
-    pub(crate) async fn resume(&self, project: &str, id: Uuid) -> Result<Session> {
-        self.get(project, id).await?;
-        self.log
-            .transition(id, StatusEvent::Resumed, "resumed", StatusDetail::default())
-            .await
-            .map_err(|e| wrong_status(id, e, "only a paused or stopped session can be resumed"))?;
-        self.store.notify_queue().await?;
-        self.store.get_session(id).await
-    }
-
-    pub(crate) async fn archive(&self, project: &str, id: Uuid) -> Result<Session> {
-        self.get(project, id).await?;
-        self.log
-            .transition(id, StatusEvent::Archived, "user", StatusDetail::default())
-            .await
-            .map_err(|e| {
-                wrong_status(
-                    id,
-                    e,
-                    "only a stopped, paused, completed, failed or timed-out session can be archived",
-                )
-            })?;
-        self.store.get_session(id).await
-    }
-
-    /// Deletes a session that is not live: its objects, then its rows.
-    /// Returns how many objects went.
-    pub(crate) async fn delete(&self, project: &str, id: Uuid) -> Result<u64> {
-        const WHAT: &str = "a live session cannot be deleted; stop it first";
-        let s = self.get(project, id).await?;
-        if s.status.is_live() {
-            return Err(Error::WrongStatus {
-                id,
-                status: s.status,
-                what: WHAT,
-            });
-        }
-        let objects = self.objects.delete_prefix(&session_prefix(id)).await?;
-        if !self.store.delete_session(id).await? {
-            let s = self.store.get_session(id).await?;
-            return Err(Error::WrongStatus {
-                id,
-                status: s.status,
-                what: WHAT,
-            });
-        }
-        tracing::info!(session_id = %id, objects, "session deleted");
-        Ok(objects)
-    }
-
     /// A new pending session with the same configuration and no history.
     pub(crate) async fn clone_session(
         &self,
@@ -598,71 +301,6 @@ impl Sessions {
             .await?;
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
         Ok(clone)
-    }
-
-    /// The whole session rendered as `format`.
-    pub(crate) async fn export(
-        &self,
-        project: &str,
-        id: Uuid,
-        format: ExportFormat,
-    ) -> Result<Vec<u8>> {
-        let s = self.get(project, id).await?;
-        let mut events = Vec::new();
-        loop {
-            let after = events.last().map_or(0, |e: &Event| e.seq);
-            let page = self.store.list_events(id, after, 1000).await?;
-            if page.is_empty() {
-                break;
-            }
-            events.extend(page);
-        }
-        Ok(match format {
-            ExportFormat::Markdown => crate::export::markdown(&s, &events).into_bytes(),
-            ExportFormat::Json => crate::export::json(&s, &events).into_bytes(),
-            ExportFormat::Pdf => crate::export_pdf::pdf(
-                &crate::export::markdown(&s, &events),
-                &format!("berth - sessions/{}", s.id),
-            ),
-        })
-    }
-
-    pub(crate) async fn list_events(
-        &self,
-        project: &str,
-        id: Uuid,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<Event>> {
-        // NOT_FOUND for an unknown session, not an empty page.
-        self.get(project, id).await?;
-        self.store.list_events(id, after_seq, limit).await
-    }
-
-    /// Replays after `after_seq`, then tails.
-    pub(crate) async fn stream(
-        &self,
-        project: &str,
-        id: Uuid,
-        after_seq: i64,
-    ) -> Result<mpsc::Receiver<Result<Arc<Event>>>> {
-        if after_seq < 0 {
-            return Err(Error::invalid("after_seq", "must not be negative"));
-        }
-        self.get(project, id).await?;
-        Ok(self.log.follow(id, after_seq, 128))
-    }
-}
-
-/// A refused transition as the client should see it.
-fn wrong_status(id: Uuid, e: Error, what: &'static str) -> Error {
-    match e {
-        Error::Transition(t) => Error::WrongStatus {
-            id,
-            status: t.from,
-            what,
-        },
-        e => e,
     }
 }
 

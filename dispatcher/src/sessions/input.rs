@@ -1,0 +1,93 @@
+//! What reaches a running session's agent: messages, interrupts and
+//! answers to its tool permission requests, through the log.
+
+use berth_common::events::payload::{self};
+use uuid::Uuid;
+
+use super::{Sessions, ToolAnswer};
+use crate::error::{Error, Result};
+use crate::session::NewEvent;
+use crate::store::ToolEffect;
+
+impl Sessions {
+    /// Persists a user message; the driver forwards it. Returns its seq.
+    pub(crate) async fn send_message(&self, project: &str, id: Uuid, text: &str) -> Result<i64> {
+        self.require_input(
+            project,
+            id,
+            "messages can only be sent to pending, starting, running or idle sessions",
+        )
+        .await?;
+        let e = self.log.append(id, NewEvent::user_message(text)).await?;
+        Ok(e.seq)
+    }
+
+    /// Logs the answer to a pending tool permission request (the owner's
+    /// relay passes it to the agent). Returns its seq, and whether the same
+    /// answer was given before (nothing new is logged then).
+    pub(crate) async fn confirm_tool(
+        &self,
+        project: &str,
+        id: Uuid,
+        identity: String,
+        a: ToolAnswer,
+    ) -> Result<(i64, bool)> {
+        self.get(project, id).await?;
+        let decision = a.decision.as_str();
+        let answer = payload::ToolConfirmation {
+            tool_use_id: a.tool_use_id,
+            decision: decision.into(),
+            updated_input: a.updated_input,
+            always: a.always,
+            message: a.message,
+            interrupt: a.interrupt,
+            by: "user".into(),
+            identity,
+            ..Default::default()
+        };
+        let out = self
+            .log
+            .tool(ToolEffect::Answer {
+                session: id,
+                answer,
+            })
+            .await?;
+        if let Some(seq) = out.already {
+            return Ok((seq, true));
+        }
+        let e = out
+            .events
+            .first()
+            .ok_or_else(|| Error::Internal("an answer logged no event".into()))?;
+        crate::metrics::record_tool_answer(&e.payload);
+        tracing::info!(session_id = %id, seq = e.seq, decision, "tool permission answered");
+        Ok((e.seq, false))
+    }
+
+    /// Pending tool permission requests of these sessions, oldest first.
+    pub(crate) async fn pending_tools(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<crate::store::PendingTool>> {
+        self.store.pending_tools(ids).await
+    }
+
+    pub(crate) async fn interrupt(&self, project: &str, id: Uuid) -> Result<i64> {
+        self.require_input(project, id, "only a live session can be interrupted")
+            .await?;
+        let e = self.log.append(id, NewEvent::user_interrupt()).await?;
+        Ok(e.seq)
+    }
+
+    async fn require_input(&self, project: &str, id: Uuid, what: &'static str) -> Result<()> {
+        let s = self.get(project, id).await?;
+        if !s.status.accepts_input() {
+            return Err(Error::WrongStatus {
+                id,
+                status: s.status,
+                what,
+            });
+        }
+        Ok(())
+    }
+}
