@@ -118,42 +118,7 @@ fn transcript_entry(out: &mut String, e: &Event) {
                 p.tool_name, p.tool_use_id
             );
         }
-        ev::USER_TOOL_CONFIRMATION => {
-            let a: payload::ToolConfirmation = payload::parse(&e.payload).unwrap_or_default();
-            let verb = if a.decision == "allow" {
-                "Allowed"
-            } else {
-                "Denied"
-            };
-            let who = match (a.by.as_str(), a.identity.as_str()) {
-                ("timeout", _) => " by the timeout".to_string(),
-                (_, "") => String::new(),
-                (_, id) => format!(" by {id}"),
-            };
-            let mut extra = Vec::new();
-            if a.always {
-                extra.push("always, for this session".to_string());
-            }
-            if a.updated_input.is_some() {
-                extra.push("with edited input".to_string());
-            }
-            if a.interrupt {
-                extra.push("and the turn interrupted".to_string());
-            }
-            if !a.message.is_empty() {
-                extra.push(format!("\"{}\"", a.message));
-            }
-            let extra = if extra.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", extra.join(", "))
-            };
-            let _ = write!(
-                out,
-                "\n**{verb}**{who} `{}` ({}) after {:.1}s{extra}\n",
-                a.tool_name, a.tool_use_id, a.waited_s
-            );
-        }
+        ev::USER_TOOL_CONFIRMATION => confirmation(out, e),
         ev::AGENT_TOOL_PERMISSION_CANCELLED | ev::SESSION_TOOL_PERMISSION_CANCELLED => {
             let c: payload::ToolPermissionCancelled =
                 payload::parse(&e.payload).unwrap_or_default();
@@ -163,27 +128,7 @@ fn transcript_entry(out: &mut String, e: &Event) {
                 c.tool_use_id, c.reason
             );
         }
-        ev::SESSION_USAGE => {
-            let t = payload::parse::<payload::Usage>(&e.payload)
-                .unwrap_or_default()
-                .turn;
-            let model = Some(&t.model)
-                .filter(|m| !m.is_empty())
-                .map(|m| format!(" ({m})"))
-                .unwrap_or_default();
-            let _ = write!(
-                out,
-                "\n_Turn {} usage: {}{model}_\n",
-                t.number,
-                figures_text(&t.figures)
-            );
-            // A turn that used more than one model (a sub-agent) lists each.
-            if t.models.len() > 1 {
-                for m in &t.models {
-                    let _ = writeln!(out, "- _`{}`: {}_", m.model, figures_text(&m.figures));
-                }
-            }
-        }
+        ev::SESSION_USAGE => usage(out, e),
         ev::SESSION_ERROR => {
             let m = payload::parse::<payload::SessionError>(&e.payload);
             let _ = write!(
@@ -192,20 +137,84 @@ fn transcript_entry(out: &mut String, e: &Event) {
                 m.map(|m| m.message).unwrap_or_default()
             );
         }
-        kind => {
-            let status = kind
-                .strip_prefix(ev::SESSION_STATUS_PREFIX)
-                .and_then(|s| s.parse::<SessionStatus>().ok());
-            if let Some(status) = status.filter(|s| notable(*s)) {
-                let change: payload::StatusChange = payload::parse(&e.payload).unwrap_or_default();
-                let reason = if change.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", change.reason)
-                };
-                let _ = write!(out, "\n_Session {status}{reason}_\n");
-            }
+        kind => status_change(out, kind, e),
+    }
+}
+
+/// A person's (or the timeout's) answer to a permission request.
+fn confirmation(out: &mut String, e: &Event) {
+    let a: payload::ToolConfirmation = payload::parse(&e.payload).unwrap_or_default();
+    let verb = if a.decision == "allow" {
+        "Allowed"
+    } else {
+        "Denied"
+    };
+    let who = match (a.by.as_str(), a.identity.as_str()) {
+        ("timeout", _) => " by the timeout".to_string(),
+        (_, "") => String::new(),
+        (_, id) => format!(" by {id}"),
+    };
+    let mut extra = Vec::new();
+    if a.always {
+        extra.push("always, for this session".to_string());
+    }
+    if a.updated_input.is_some() {
+        extra.push("with edited input".to_string());
+    }
+    if a.interrupt {
+        extra.push("and the turn interrupted".to_string());
+    }
+    if !a.message.is_empty() {
+        extra.push(format!("\"{}\"", a.message));
+    }
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", extra.join(", "))
+    };
+    let _ = write!(
+        out,
+        "\n**{verb}**{who} `{}` ({}) after {:.1}s{extra}\n",
+        a.tool_name, a.tool_use_id, a.waited_s
+    );
+}
+
+/// A turn's usage; a turn that used more than one model lists each.
+fn usage(out: &mut String, e: &Event) {
+    let t = payload::parse::<payload::Usage>(&e.payload)
+        .unwrap_or_default()
+        .turn;
+    let model = Some(&t.model)
+        .filter(|m| !m.is_empty())
+        .map(|m| format!(" ({m})"))
+        .unwrap_or_default();
+    let _ = write!(
+        out,
+        "\n_Turn {} usage: {}{model}_\n",
+        t.number,
+        figures_text(&t.figures)
+    );
+    // A turn that used more than one model (a sub-agent) lists each.
+    if t.models.len() > 1 {
+        for m in &t.models {
+            let _ = writeln!(out, "- _`{}`: {}_", m.model, figures_text(&m.figures));
         }
+    }
+}
+
+/// A notable status change (see [`notable`]), with its reason.
+fn status_change(out: &mut String, kind: &str, e: &Event) {
+    let status = kind
+        .strip_prefix(ev::SESSION_STATUS_PREFIX)
+        .and_then(|s| s.parse::<SessionStatus>().ok());
+    if let Some(status) = status.filter(|s| notable(*s)) {
+        let change: payload::StatusChange = payload::parse(&e.payload).unwrap_or_default();
+        let reason = if change.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", change.reason)
+        };
+        let _ = write!(out, "\n_Session {status}{reason}_\n");
     }
 }
 
