@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::Error;
 use crate::load::Load;
 use crate::node::Node;
-use crate::runs::{JournalConfig, Runs};
+use crate::runs::{FrameTx, JournalConfig, Run, Runs};
 use crate::session::{self, Command};
 use crate::spec::SessionSpec;
 
@@ -31,6 +31,49 @@ pub struct NodeApi {
 }
 
 impl NodeApi {
+    /// Starts a new run of `start`'s session: its session task, and the
+    /// run that relays its output on `frame_tx`.
+    fn start_run(
+        &self,
+        start: pb::Start,
+        spec: SessionSpec,
+        frame_tx: FrameTx,
+    ) -> Result<Arc<Run>, Status> {
+        let runs = &self.runs;
+        let epoch = start.epoch;
+        spec.check_paths(&self.node.workspace.layout)?;
+        check_limits(&spec, &self.node.watch_load().borrow())?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (out_tx, out_rx) = mpsc::channel(OUT_BUFFER);
+        let evict_key = spec.evict_snapshot_key.clone();
+        tokio::spawn(session::run(
+            self.node.clone(),
+            start.session_id.clone(),
+            epoch,
+            spec,
+            cmd_rx,
+            out_tx,
+        ));
+        // The first message waits in the run's queue: the agent reads
+        // it the moment it runs, while the dispatcher records the start.
+        let first = start.first_message.filter(|m| !m.text.is_empty());
+        if let Some(m) = &first {
+            let _ = cmd_tx.try_send(Command::Message(m.text.clone()));
+        }
+        let run = runs.start(
+            &start.session_id,
+            epoch,
+            frame_tx.clone(),
+            cmd_tx,
+            out_rx,
+            evict_key,
+        );
+        if let Some(m) = first {
+            run.deliver(m.seq);
+        }
+        Ok(run)
+    }
+
     pub fn new(node: Arc<Node>) -> Self {
         let runs = Arc::new(Runs::new(JournalConfig {
             max_bytes: node.cfg.journal_bytes,
@@ -157,7 +200,7 @@ impl AgentServer for NodeApi {
         if start.session_id.is_empty() {
             return Err(Error::invalid("start.session_id", "must not be empty").into());
         }
-        let spec = SessionSpec::try_from(start.spec.unwrap_or_default())?;
+        let spec = SessionSpec::try_from(start.spec.clone().unwrap_or_default())?;
         let epoch = start.epoch;
         let (frame_tx, frames) = mpsc::channel(OUT_BUFFER);
         let runs = self.runs.clone();
@@ -186,90 +229,17 @@ impl AgentServer for NodeApi {
                 }
             }
         } else {
-            spec.check_paths(&self.node.workspace.layout)?;
-            check_limits(&spec, &self.node.watch_load().borrow())?;
-            let (cmd_tx, cmd_rx) = mpsc::channel(64);
-            let (out_tx, out_rx) = mpsc::channel(OUT_BUFFER);
-            let evict_key = spec.evict_snapshot_key.clone();
-            tokio::spawn(session::run(
-                self.node.clone(),
-                start.session_id.clone(),
-                epoch,
-                spec,
-                cmd_rx,
-                out_tx,
-            ));
-            // The first message waits in the run's queue: the agent reads
-            // it the moment it runs, while the dispatcher records the start.
-            let first = start.first_message.filter(|m| !m.text.is_empty());
-            if let Some(m) = &first {
-                let _ = cmd_tx.try_send(Command::Message(m.text.clone()));
-            }
-            let run = runs.start(
-                &start.session_id,
-                epoch,
-                frame_tx.clone(),
-                cmd_tx,
-                out_rx,
-                evict_key,
-            );
-            if let Some(m) = first {
-                run.deliver(m.seq);
-            }
-            (run, 0)
+            (self.start_run(start, spec, frame_tx.clone())?, 0)
         };
-        // Inbound frames become commands. Epoch fencing: a frame from an
-        // older epoch is a dispatcher that lost the session to another; its
-        // stream ends, and the run goes on for the new owner. (Weak: the
-        // stream ends when the run stops sending, not when this does.)
-        let frame_tx = frame_tx.downgrade();
-        tokio::spawn(async move {
-            loop {
-                let cmd = match inbound.message().await {
-                    Ok(Some(f)) if f.epoch != run.epoch() => {
-                        let msg = format!(
-                            "frame carries epoch {}, this run is at epoch {}",
-                            f.epoch,
-                            run.epoch()
-                        );
-                        if let Some(tx) = frame_tx.upgrade() {
-                            let _ = tx.send(Err(Status::failed_precondition(msg))).await;
-                        }
-                        return;
-                    }
-                    Ok(Some(pb::DispatcherFrame {
-                        kind: Some(kind), ..
-                    })) => match kind {
-                        dispatcher_frame::Kind::Message(m) if run.deliver(m.seq) => {
-                            Command::Message(m.text)
-                        }
-                        // Delivered before, by the owner this one replaced.
-                        dispatcher_frame::Kind::Message(_) => continue,
-                        dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
-                        dispatcher_frame::Kind::ToolDecision(d) => Command::ToolDecision(d),
-                        dispatcher_frame::Kind::Stop(s) => Command::Stop {
-                            reason: s.reason,
-                            snapshot_key: s.snapshot_key,
-                            abandoned: false,
-                        },
-                        dispatcher_frame::Kind::Ack(a) => {
-                            run.ack(&runs, a.node_seq);
-                            continue;
-                        }
-                        dispatcher_frame::Kind::Start(_) => continue,
-                    },
-                    Ok(Some(_)) => continue,
-                    // The dispatcher is gone: the run waits for a re-attach.
-                    Ok(None) | Err(_) => {
-                        run.detach(&runs, generation);
-                        return;
-                    }
-                };
-                if run.commands.send(cmd).await.is_err() {
-                    return;
-                }
-            }
-        });
+        // Inbound frames become commands (see `commands_from`); the stream
+        // ends when the run stops sending, not when this does.
+        tokio::spawn(commands_from(
+            inbound,
+            run,
+            runs,
+            generation,
+            frame_tx.downgrade(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(frames))))
     }
 
@@ -348,5 +318,64 @@ impl AgentServer for NodeApi {
             &refs(r.fence),
         );
         Ok(Response::new(pb::ReconcileSessionsResponse { fenced }))
+    }
+}
+
+/// Turns a dispatcher's inbound frames into the run's commands until the
+/// stream ends (the run then waits for a re-attach). Epoch fencing: a frame
+/// from an older epoch is a dispatcher that lost the session to another;
+/// its stream ends with FAILED_PRECONDITION, and the run goes on for the
+/// new owner.
+async fn commands_from(
+    mut inbound: Streaming<pb::DispatcherFrame>,
+    run: Arc<Run>,
+    runs: Arc<Runs>,
+    generation: u64,
+    frame_tx: mpsc::WeakSender<Result<pb::NodeFrame, Status>>,
+) {
+    loop {
+        let cmd = match inbound.message().await {
+            Ok(Some(f)) if f.epoch != run.epoch() => {
+                let msg = format!(
+                    "frame carries epoch {}, this run is at epoch {}",
+                    f.epoch,
+                    run.epoch()
+                );
+                if let Some(tx) = frame_tx.upgrade() {
+                    let _ = tx.send(Err(Status::failed_precondition(msg))).await;
+                }
+                return;
+            }
+            Ok(Some(pb::DispatcherFrame {
+                kind: Some(kind), ..
+            })) => match kind {
+                dispatcher_frame::Kind::Message(m) if run.deliver(m.seq) => {
+                    Command::Message(m.text)
+                }
+                // Delivered before, by the owner this one replaced.
+                dispatcher_frame::Kind::Message(_) => continue,
+                dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,
+                dispatcher_frame::Kind::ToolDecision(d) => Command::ToolDecision(d),
+                dispatcher_frame::Kind::Stop(s) => Command::Stop {
+                    reason: s.reason,
+                    snapshot_key: s.snapshot_key,
+                    abandoned: false,
+                },
+                dispatcher_frame::Kind::Ack(a) => {
+                    run.ack(&runs, a.node_seq);
+                    continue;
+                }
+                dispatcher_frame::Kind::Start(_) => continue,
+            },
+            Ok(Some(_)) => continue,
+            // The dispatcher is gone: the run waits for a re-attach.
+            Ok(None) | Err(_) => {
+                run.detach(&runs, generation);
+                return;
+            }
+        };
+        if run.commands.send(cmd).await.is_err() {
+            return;
+        }
     }
 }

@@ -169,31 +169,7 @@ impl ContainerRuntime {
             }
             None => None,
         };
-        let memory = cfg.memory_mib * 1024 * 1024;
-        let host_config = HostConfig {
-            cap_drop: Some(vec!["ALL".into()]),
-            security_opt: Some(vec!["no-new-privileges".into()]),
-            pids_limit: Some(cfg.pids_limit),
-            memory: Some(memory),
-            // Equal to memory: no swap beyond the limit.
-            memory_swap: Some(memory),
-            nano_cpus: Some((cfg.cpus * 1e9) as i64),
-            readonly_rootfs: Some(true),
-            network_mode: cfg.network.clone(),
-            // Reaps the exec'd agent's children; forwards signals.
-            init: Some(true),
-            tmpfs: Some(HashMap::from([(
-                "/tmp".to_string(),
-                "rw,nosuid,nodev,size=256m".to_string(),
-            )])),
-            // Anonymous volumes: writable, removed with the container
-            // (`v=true`); and the gateway's directory.
-            mounts: Some(mounts),
-            // With the dead man's switch, a container whose watcher gave
-            // up on its dead node is removed, volumes and all, by Docker.
-            auto_remove: Some(watch.is_some()),
-            ..Default::default()
-        };
+        let host_config = host_config(cfg, mounts, watch.is_some());
         let body = ContainerCreateBody {
             image: Some(image.to_string()),
             cmd: Some(watch.unwrap_or_else(|| cfg.keepalive_cmd.clone())),
@@ -498,4 +474,35 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// A session container's confinement: no capabilities or new privileges, a
+/// read-only root, the node's limits, the network mode, a private `/tmp`,
+/// and `mounts`; removed by Docker when it exits if `auto_remove`.
+fn host_config(cfg: &ContainerConfig, mounts: Vec<Mount>, auto_remove: bool) -> HostConfig {
+    let memory = cfg.memory_mib * 1024 * 1024;
+    HostConfig {
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        pids_limit: Some(cfg.pids_limit),
+        memory: Some(memory),
+        // Equal to memory: no swap beyond the limit.
+        memory_swap: Some(memory),
+        nano_cpus: Some((cfg.cpus * 1e9) as i64),
+        readonly_rootfs: Some(true),
+        network_mode: cfg.network.clone(),
+        // Reaps the exec'd agent's children; forwards signals.
+        init: Some(true),
+        tmpfs: Some(HashMap::from([(
+            "/tmp".to_string(),
+            "rw,nosuid,nodev,size=256m".to_string(),
+        )])),
+        // Anonymous volumes: writable, removed with the container
+        // (`v=true`); and the gateway's directory.
+        mounts: Some(mounts),
+        // With the dead man's switch, a container whose watcher gave
+        // up on its dead node is removed, volumes and all, by Docker.
+        auto_remove: Some(auto_remove),
+        ..Default::default()
+    }
 }
