@@ -96,30 +96,9 @@ pub(crate) async fn run(
                     return Ok(());
                 };
                 print_event(out, &e)?;
-                match e.r#type.as_str() {
-                    ev::AGENT_TOOL_PERMISSION => {
-                        let p: ev::payload::ToolPermission =
-                            ev::payload::parse(&e.payload_json).unwrap_or_default();
-                        if !out.machine() {
-                            eprintln!("  answer: y (allow) / n (deny) / a (always allow)");
-                        }
-                        waiting = Some(Waiting { tool_use_id: p.tool_use_id, tool_name: p.tool_name });
-                    }
-                    ev::USER_TOOL_CONFIRMATION | ev::AGENT_TOOL_PERMISSION_CANCELLED => {
-                        let p: ev::payload::ToolPermission =
-                            ev::payload::parse(&e.payload_json).unwrap_or_default();
-                        if waiting.as_ref().is_some_and(|w| w.tool_use_id == p.tool_use_id) {
-                            waiting = None;
-                        }
-                    }
-                    ev::SESSION_USAGE if turn_of.is_some_and(|seq| e.seq > seq) => {
-                        turn_of = None;
-                        if !input_open {
-                            eprintln!("{detach_hint}");
-                            return Ok(());
-                        }
-                    }
-                    _ => {}
+                if track(&mut waiting, &mut turn_of, out, &e) && !input_open {
+                    eprintln!("{detach_hint}");
+                    return Ok(());
                 }
             }
             line = lines.recv(), if input_open => {
@@ -159,5 +138,45 @@ pub(crate) async fn run(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Follows what an event changes: the request that waits for an answer,
+/// and the turn in flight. True when that turn has just ended.
+fn track(
+    waiting: &mut Option<Waiting>,
+    turn_of: &mut Option<i64>,
+    out: Out,
+    e: &pb::Event,
+) -> bool {
+    match e.r#type.as_str() {
+        ev::AGENT_TOOL_PERMISSION => {
+            let p: ev::payload::ToolPermission =
+                ev::payload::parse(&e.payload_json).unwrap_or_default();
+            if !out.machine() {
+                eprintln!("  answer: y (allow) / n (deny) / a (always allow)");
+            }
+            *waiting = Some(Waiting {
+                tool_use_id: p.tool_use_id,
+                tool_name: p.tool_name,
+            });
+            false
+        }
+        ev::USER_TOOL_CONFIRMATION | ev::AGENT_TOOL_PERMISSION_CANCELLED => {
+            let p: ev::payload::ToolPermission =
+                ev::payload::parse(&e.payload_json).unwrap_or_default();
+            if waiting
+                .as_ref()
+                .is_some_and(|w| w.tool_use_id == p.tool_use_id)
+            {
+                *waiting = None;
+            }
+            false
+        }
+        ev::SESSION_USAGE if turn_of.is_some_and(|seq| e.seq > seq) => {
+            *turn_of = None;
+            true
+        }
+        _ => false,
     }
 }

@@ -77,15 +77,13 @@ async fn prompt_tool(
     }
 }
 
-/// Runs `berth run` against dispatcher `d`.
-pub(crate) async fn run(
+/// Creates the session `a` describes.
+async fn create(
     client: &mut SessionsClient<Api>,
     channel: &Api,
     d: &str,
-    out: Out,
     a: RunArgs,
-) -> Result<(), CliError> {
-    let started = Instant::now();
+) -> Result<pb::Session, CliError> {
     let spec = match &a.agent {
         Some(_) => a.spec.env_only()?,
         None => a.spec.session_spec()?,
@@ -104,8 +102,23 @@ pub(crate) async fn run(
         .await
         .map_err(|s| explain(d, None, s))?
         .into_inner();
+    Ok(session)
+}
+
+/// Runs `berth run` against dispatcher `d`.
+pub(crate) async fn run(
+    client: &mut SessionsClient<Api>,
+    channel: &Api,
+    d: &str,
+    out: Out,
+    a: RunArgs,
+) -> Result<(), CliError> {
+    let started = Instant::now();
+    let keep = a.keep;
+    let detach = a.detach;
+    let session = create(client, channel, d, a).await?;
     let id = session.id.clone();
-    if a.detach {
+    if detach {
         // On stderr, so `-o name` / `-o json` stay clean on stdout.
         eprintln!(
             "session {id} created and left running: `berth attach {id}` follows it, `berth sessions stop {id}` ends it"
@@ -164,7 +177,7 @@ pub(crate) async fn run(
             // Nobody reads the output any more (`| head`): end the session
             // rather than leave it holding a container.
             spinner.clear();
-            if !a.keep {
+            if !keep {
                 let _ = client
                     .stop_session(pb::StopSessionRequest {
                         name: session.name.clone(),
@@ -185,14 +198,44 @@ pub(crate) async fn run(
         }
     }
     spinner.clear();
+    let summary = Summary {
+        keep,
+        first_agent_event,
+        turn_done,
+    };
+    finish(client, d, out, &session, summary).await
+}
+
+/// What `finish` reports of a run.
+struct Summary {
+    keep: bool,
+    first_agent_event: Option<std::time::Duration>,
+    turn_done: bool,
+}
+
+/// Ends the run: stops the session unless `--keep`, prints its usage and
+/// cost, and fails when the session ended before its turn did.
+async fn finish(
+    client: &mut SessionsClient<Api>,
+    d: &str,
+    out: Out,
+    session: &pb::Session,
+    summary: Summary,
+) -> Result<(), CliError> {
+    let Summary {
+        keep,
+        first_agent_event,
+        turn_done,
+    } = summary;
+    let id = &session.id;
     let s = client
         .get_session(pb::GetSessionRequest {
             name: session.name.clone(),
         })
         .await
-        .map_err(|e| explain(d, Some(&id), e))?
+        .map_err(|e| explain(d, Some(id), e))?
         .into_inner();
-    if !a.keep
+    if !keep
         && matches!(
             pb::SessionStatus::try_from(s.status),
             Ok(pb::SessionStatus::Idle | pb::SessionStatus::Running)
@@ -203,7 +246,7 @@ pub(crate) async fn run(
                 name: session.name.clone(),
             })
             .await
-            .map_err(|e| explain(d, Some(&id), e))?;
+            .map_err(|e| explain(d, Some(id), e))?;
     }
     if !out.machine() {
         let u = s.usage.unwrap_or_default();
@@ -220,7 +263,7 @@ pub(crate) async fn run(
         if let Some(t) = first_agent_event {
             eprintln!("first agent event after {} ms", t.as_millis());
         }
-        if a.keep {
+        if keep {
             eprintln!(
                 "left running: `berth attach {}` to continue, `berth sessions stop {}` to end",
                 s.id, s.id
