@@ -108,6 +108,72 @@ impl Builder {
         self
     }
 
+    /// Starts node `i` in process, behind a [`Proxy`]: the node, and how
+    /// the dispatcher resolves its name.
+    async fn start_node(
+        &self,
+        i: usize,
+        tag: &str,
+        ca: &DevCa,
+        s3: &s3::S3Server,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(TestNode, (String, SocketAddr))> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let node_addr = listener.local_addr()?;
+        let proxy = Proxy::start(node_addr).await?;
+        let name = format!("node-{i}");
+        let url = format!("https://{name}:{}", proxy.addr.port());
+        let target = if self.direct { node_addr } else { proxy.addr };
+        let route = (format!("{name}:{}", proxy.addr.port()), target);
+        let mut cfg = berth_agent_server::Config::defaults();
+        cfg.metrics_listen = Listen(None);
+        if self.metrics {
+            cfg.metrics_listen = Listen(Some(free_addr()?));
+        }
+        cfg.node_id = format!("test-{tag}-{i}");
+        cfg.capacity = self.capacity;
+        cfg.stop_grace = Duration::from_secs(2);
+        // Long enough for a lost dispatcher's sessions to be claimed
+        // and re-attached (the test lease is 2 s), short enough that a
+        // run nobody re-attaches to ends within a test.
+        cfg.reattach_grace = Duration::from_secs(10);
+        cfg.load_heartbeat = Duration::from_millis(200);
+        cfg.memory_mib = 256;
+        cfg.cpus = 1.0;
+        cfg.warm_check_interval = Duration::from_secs(1);
+        cfg.objects = s3.args();
+        gateway_for_tests(&mut cfg);
+        cfg.warm_pools = self
+            .warm_pools
+            .iter()
+            .map(|p| p.parse().map_err(|e: String| anyhow::anyhow!(e)))
+            .collect::<anyhow::Result<_>>()?;
+        cfg.tls.material =
+            Some(ca.material(&ca.issue(CertKind::Node, std::slice::from_ref(&name))?));
+        if let Some(hook) = &self.node_hook {
+            hook(i, &mut cfg, ca);
+        }
+        let stop = shutdown.child_token();
+        let drain = CancellationToken::new();
+        let task = tokio::spawn(berth_agent_server::run_with_drain(
+            cfg.clone(),
+            listener,
+            drain.clone(),
+            stop.clone(),
+        ));
+        let node = TestNode {
+            id: cfg.node_id.clone(),
+            url,
+            addr: node_addr,
+            metrics: cfg.metrics_listen.0,
+            proxy,
+            stop,
+            drain,
+            task: Some(task),
+        };
+        Ok((node, route))
+    }
+
     /// Starts the cluster and waits until its dispatcher answers. Every node
     /// link is mTLS with a CA made for this cluster; node `i` is dialled as
     /// `https://node-i:PORT` (resolved to a [`Proxy`] in front of it).
@@ -128,59 +194,9 @@ impl Builder {
         let mut nodes = Vec::new();
         let mut resolve = Vec::new();
         for i in 0..self.nodes {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let node_addr = listener.local_addr()?;
-            let proxy = Proxy::start(node_addr).await?;
-            let name = format!("node-{i}");
-            let url = format!("https://{name}:{}", proxy.addr.port());
-            let target = if self.direct { node_addr } else { proxy.addr };
-            resolve.push((format!("{name}:{}", proxy.addr.port()), target));
-            let mut cfg = berth_agent_server::Config::defaults();
-            cfg.metrics_listen = Listen(None);
-            if self.metrics {
-                cfg.metrics_listen = Listen(Some(free_addr()?));
-            }
-            cfg.node_id = format!("test-{tag}-{i}");
-            cfg.capacity = self.capacity;
-            cfg.stop_grace = Duration::from_secs(2);
-            // Long enough for a lost dispatcher's sessions to be claimed
-            // and re-attached (the test lease is 2 s), short enough that a
-            // run nobody re-attaches to ends within a test.
-            cfg.reattach_grace = Duration::from_secs(10);
-            cfg.load_heartbeat = Duration::from_millis(200);
-            cfg.memory_mib = 256;
-            cfg.cpus = 1.0;
-            cfg.warm_check_interval = Duration::from_secs(1);
-            cfg.objects = s3.args();
-            gateway_for_tests(&mut cfg);
-            cfg.warm_pools = self
-                .warm_pools
-                .iter()
-                .map(|p| p.parse().map_err(|e: String| anyhow::anyhow!(e)))
-                .collect::<anyhow::Result<_>>()?;
-            cfg.tls.material =
-                Some(ca.material(&ca.issue(CertKind::Node, std::slice::from_ref(&name))?));
-            if let Some(hook) = &self.node_hook {
-                hook(i, &mut cfg, &ca);
-            }
-            let stop = shutdown.child_token();
-            let drain = CancellationToken::new();
-            let task = tokio::spawn(berth_agent_server::run_with_drain(
-                cfg.clone(),
-                listener,
-                drain.clone(),
-                stop.clone(),
-            ));
-            nodes.push(TestNode {
-                id: cfg.node_id.clone(),
-                url,
-                addr: node_addr,
-                metrics: cfg.metrics_listen.0,
-                proxy,
-                stop,
-                drain,
-                task: Some(task),
-            });
+            let (node, route) = self.start_node(i, &tag, &ca, &s3, &shutdown).await?;
+            resolve.push(route);
+            nodes.push(node);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let scheme = if self.api_tls { "https" } else { "http" };
