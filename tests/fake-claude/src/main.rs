@@ -56,187 +56,22 @@
 //! totals of the conversation, continued across `--resume` (they are kept in
 //! the conversation file).
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+mod args;
+mod input;
 mod permission;
+mod scripts;
+
+use args::parse_args;
+use input::{Input, read_stdin};
 
 /// The model fake sub-agents run on.
 const SUB_MODEL: &str = "claude-haiku-4-5";
-
-/// Flags of the real CLI that take a value.
-const VALUE_FLAGS: &[&str] = &[
-    "--input-format",
-    "--output-format",
-    "--model",
-    "--append-system-prompt",
-    "--system-prompt",
-    "--resume",
-    "-r",
-    "--session-id",
-    "--permission-mode",
-    "--max-turns",
-    "--allowedTools",
-    "--allowed-tools",
-    "--disallowedTools",
-    "--disallowed-tools",
-    "--mcp-config",
-    "--add-dir",
-    "--settings",
-    "--fallback-model",
-    "--permission-prompt-tool",
-];
-
-/// Flags of the real CLI that take no value.
-const BOOL_FLAGS: &[&str] = &[
-    "-p",
-    "--print",
-    "--verbose",
-    "--continue",
-    "-c",
-    "--dangerously-skip-permissions",
-    "--include-partial-messages",
-    "--replay-user-messages",
-    "--debug",
-    "--strict-mcp-config",
-];
-
-#[derive(Debug, Default)]
-struct Args {
-    print: bool,
-    verbose: bool,
-    input_format: String,
-    output_format: String,
-    model: String,
-    resume: Option<String>,
-    session_id: Option<String>,
-    permission: permission::Policy,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        input_format: "text".into(),
-        output_format: "text".into(),
-        model: "claude-sonnet-4-6".into(),
-        ..Args::default()
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if BOOL_FLAGS.contains(&flag.as_str()) {
-            match flag.as_str() {
-                "-p" | "--print" => args.print = true,
-                "--verbose" => args.verbose = true,
-                _ => {}
-            }
-        } else if VALUE_FLAGS.contains(&flag.as_str()) {
-            let value = match inline {
-                Some(v) => v,
-                None => it
-                    .next()
-                    .ok_or_else(|| format!("error: option '{flag}' argument missing"))?,
-            };
-            match flag.as_str() {
-                "--input-format" => args.input_format = value,
-                "--output-format" => args.output_format = value,
-                "--model" => args.model = value,
-                "--resume" | "-r" => args.resume = Some(value),
-                "--session-id" => args.session_id = Some(value),
-                "--permission-prompt-tool" => args.permission.prompt_tool = value == "stdio",
-                "--permission-mode" => args.permission.mode = value,
-                "--allowedTools" | "--allowed-tools" => args.permission.allowed.push(value),
-                "--disallowedTools" | "--disallowed-tools" => {
-                    args.permission.disallowed.push(value)
-                }
-                _ => {}
-            }
-        } else if flag.starts_with('-') {
-            return Err(format!("error: unknown option '{flag}'"));
-        } else {
-            return Err(format!(
-                "error: a prompt argument ('{arg}') cannot be combined with --input-format=stream-json"
-            ));
-        }
-    }
-    if !args.print {
-        return Err("error: fake-claude only supports --print mode".into());
-    }
-    if args.input_format != "stream-json" || args.output_format != "stream-json" {
-        return Err(
-            "error: fake-claude needs --input-format stream-json --output-format stream-json"
-                .into(),
-        );
-    }
-    if !args.verbose {
-        return Err(
-            "Error: When using --print, --output-format=stream-json requires --verbose".into(),
-        );
-    }
-    Ok(args)
-}
-
-/// What arrives on stdin.
-enum Input {
-    User(String),
-    Interrupt(String),
-    /// A `control_response`: its request id and response.
-    Response(String, Value),
-    Eof,
-}
-
-fn read_stdin(tx: mpsc::Sender<Input>) {
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            eprintln!("fake-claude: ignoring a stdin line that is not JSON: {line}");
-            continue;
-        };
-        let input = match v["type"].as_str() {
-            Some("user") => Input::User(message_text(&v["message"]["content"])),
-            Some("control_request") if v["request"]["subtype"] == "interrupt" => {
-                Input::Interrupt(v["request_id"].as_str().unwrap_or_default().to_string())
-            }
-            Some("control_response") => Input::Response(
-                v["response"]["request_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                v["response"]["response"].clone(),
-            ),
-            _ => {
-                eprintln!("fake-claude: ignoring stdin line: {line}");
-                continue;
-            }
-        };
-        if tx.send(input).is_err() {
-            return;
-        }
-    }
-    let _ = tx.send(Input::Eof);
-}
-
-/// The text of a user message's content: a string, or text blocks.
-fn message_text(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(blocks) => blocks
-            .iter()
-            .filter_map(|b| b["text"].as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
-}
 
 struct Agent {
     out: std::io::Stdout,
@@ -506,37 +341,7 @@ impl Agent {
                     _ => false,
                 };
             }
-            "replay" => {
-                let Some(path) = rest.first() else {
-                    self.ensure_init();
-                    self.text("replay needs a path");
-                    self.result(prompt, 0, started, false);
-                    return true;
-                };
-                let pace = Duration::from_millis(num(1, 0));
-                let body = match std::fs::read_to_string(path) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        eprintln!("fake-claude: cannot read {path}: {e}");
-                        std::process::exit(2);
-                    }
-                };
-                self.init_sent = true;
-                for line in body.lines().filter(|l| !l.trim().is_empty()) {
-                    self.emit_raw(line);
-                    if !pace.is_zero() {
-                        match self.wait(Some(pace)) {
-                            Wait::Elapsed => {}
-                            Wait::Interrupted => {
-                                self.result(prompt, 0, started, true);
-                                return true;
-                            }
-                            Wait::Eof => return false,
-                        }
-                    }
-                }
-                return true;
-            }
+            "replay" => return self.replay(prompt, &rest, started),
             "write" => {
                 let path = rest.first().copied().unwrap_or("out.txt");
                 let text = rest.get(1..).map(|w| w.join(" ")).unwrap_or_default();
@@ -558,60 +363,8 @@ impl Agent {
                     std::hint::black_box(&hoard);
                 }
             }
-            "multi" => {
-                let (a, b) = (
-                    format!("toolu_fake_{}", nonce()),
-                    format!("toolu_fake_{}", nonce()),
-                );
-                let line = json!({
-                    "type": "assistant",
-                    "message": {"id": format!("msg_fake_{}", nonce()), "type": "message", "role": "assistant",
-                                "model": self.model, "stop_reason": "tool_use", "content": [
-                        {"type": "thinking", "thinking": "Two tools at once.", "signature": "sig"},
-                        {"type": "text", "text": "Running both."},
-                        {"type": "tool_use", "id": a, "name": "Bash", "input": {"command": "echo one"}},
-                        {"type": "tool_use", "id": b, "name": "Read", "input": {"file_path": "/etc/hostname"}},
-                    ]},
-                    "parent_tool_use_id": null, "session_id": self.session_id,
-                });
-                self.emit(&line);
-                let results = json!({
-                    "type": "user",
-                    "message": {"role": "user", "content": [
-                        {"tool_use_id": a, "type": "tool_result", "content": "one", "is_error": false},
-                        {"tool_use_id": b, "type": "tool_result", "content": "no such file", "is_error": true}]},
-                    "parent_tool_use_id": null, "session_id": self.session_id,
-                });
-                self.emit(&results);
-                "multi done".to_string()
-            }
-            "subagent" => {
-                let text = rest.join(" ");
-                let task = format!("toolu_fake_{}", nonce());
-                let sub_prompt = format!("Say: {text}");
-                self.assistant(json!({"type": "tool_use", "id": task, "name": "Task",
-                    "input": {"description": "sub-agent", "prompt": sub_prompt, "subagent_type": "general-purpose"}}));
-                self.emit(&json!({
-                    "type": "user", "parent_tool_use_id": task, "session_id": self.session_id,
-                    "message": {"role": "user", "content": [{"type": "text", "text": sub_prompt}]},
-                }));
-                self.emit(&json!({
-                    "type": "assistant", "parent_tool_use_id": task, "session_id": self.session_id,
-                    "message": {"id": format!("msg_fake_{}", nonce()), "type": "message", "role": "assistant",
-                                "model": SUB_MODEL, "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"},
-                }));
-                self.emit(&json!({
-                    "type": "user", "parent_tool_use_id": null, "session_id": self.session_id,
-                    "message": {"role": "user", "content": [
-                        {"tool_use_id": task, "type": "tool_result", "content": [{"type": "text", "text": text}]}]},
-                }));
-                let reply = format!("The sub-agent said: {text}");
-                self.text(&reply);
-                let sub = (sub_prompt.len() as u64, text.len() as u64);
-                self.result_with(prompt, reply.len(), started, false, Some(sub));
-                self.remember(prompt);
-                return true;
-            }
+            "multi" => self.multi(),
+            "subagent" => return self.subagent(prompt, &rest, started),
             _ => format!("You said: {prompt}"),
         };
         self.remember(prompt);
