@@ -397,6 +397,39 @@ async fn messages(
         )
             .into_response();
     }
+    let events = stream_events(id, &model, &usage, stop, &reply, &blocks);
+    let stream = futures::stream::unfold(events.into_iter(), |mut it| async move {
+        let (event, pause) = it.next()?;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        let kind = event["type"].as_str().unwrap_or_default().to_string();
+        let frame = format!("event: {kind}\ndata: {event}\n\n");
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), it))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "bad response",
+            )
+        })
+}
+
+/// The server-sent events of a streamed reply: the message, each block's
+/// start, deltas (`reply.pause` apart) and stop, and the message's end.
+fn stream_events(
+    id: u64,
+    model: &str,
+    usage: &Value,
+    stop: &str,
+    reply: &Reply,
+    blocks: &[Value],
+) -> Vec<(Value, Duration)> {
     let mut events: Vec<(Value, Duration)> = Vec::new();
     let mut start_usage = usage.clone();
     start_usage["output_tokens"] = json!(1);
@@ -406,11 +439,11 @@ async fn messages(
                "stop_sequence": null, "usage": start_usage}}),
         Duration::ZERO,
     ));
-    for (i, (b, full)) in reply.blocks.iter().zip(&blocks).enumerate() {
+    for (i, (b, full)) in reply.blocks.iter().zip(blocks).enumerate() {
         let (start, deltas): (Value, Vec<Value>) = match b {
             Block::Text(t) => (
                 json!({"type": "text", "text": ""}),
-                split(t, reply.deltas)
+                split(t.as_str(), reply.deltas)
                     .into_iter()
                     .map(|p| json!({"type": "text_delta", "text": p}))
                     .collect(),
@@ -452,26 +485,7 @@ async fn messages(
         Duration::ZERO,
     ));
     events.push((json!({"type": "message_stop"}), Duration::ZERO));
-    let stream = futures::stream::unfold(events.into_iter(), |mut it| async move {
-        let (event, pause) = it.next()?;
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
-        let kind = event["type"].as_str().unwrap_or_default().to_string();
-        let frame = format!("event: {kind}\ndata: {event}\n\n");
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(frame)), it))
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "api_error",
-                "bad response",
-            )
-        })
+    events
 }
 
 /// `t` in `n` roughly equal pieces (by characters).
