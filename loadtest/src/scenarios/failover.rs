@@ -101,6 +101,113 @@ async fn follow(
     seen
 }
 
+/// What the followers saw against what was stored.
+struct Tally {
+    resumed: Hist,
+    ended: Hist,
+    turns_lost: u32,
+    events_lost: u32,
+    duplicates: u32,
+    worst_resume: Duration,
+}
+
+/// Tallies each session's follower (`seen`) against its stored events
+/// after `afters`: resumes, turn ends, losses and duplicates.
+async fn tally(
+    c: &mut SessionsClient<berth_tests::Api>,
+    names: &[String],
+    afters: &[i64],
+    seen: &[Seen],
+) -> anyhow::Result<Tally> {
+    let mut resumed = Hist::new();
+    let mut ended = Hist::new();
+    let (mut turns_lost, mut events_lost, mut duplicates, mut unresolved) =
+        (0u32, 0u32, 0u32, 0u32);
+    let mut worst_resume = Duration::ZERO;
+    for ((name, after), s) in names.iter().zip(afters).zip(seen) {
+        for r in &s.resumed {
+            resumed.record(*r);
+            worst_resume = worst_resume.max(*r);
+        }
+        match s.ended {
+            Some(t) => ended.record(t),
+            None => unresolved += 1,
+        }
+        if s.events.iter().any(|e| e.r#type == "session.turn_lost") {
+            turns_lost += 1;
+        }
+        // Everything stored after the turn's start, against what the
+        // follower saw: gapless, each line once.
+        let stored = c
+            .list_events(pb::ListEventsRequest {
+                name: name.clone(),
+                after_seq: *after,
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events;
+        let seqs: Vec<i64> = s.events.iter().map(|e| e.seq).collect();
+        let want: Vec<i64> = stored.iter().map(|e| e.seq).take(seqs.len()).collect();
+        if seqs != want {
+            events_lost += 1;
+        }
+        let mut lines = HashSet::new();
+        for e in stored
+            .iter()
+            .filter(|e| e.line_seq == e.seq && e.line_seq != 0)
+        {
+            if !lines.insert(e.raw.clone()) {
+                duplicates += 1;
+            }
+        }
+    }
+    if unresolved > 0 {
+        turns_lost += unresolved;
+    }
+    Ok(Tally {
+        resumed,
+        ended,
+        turns_lost,
+        events_lost,
+        duplicates,
+        worst_resume,
+    })
+}
+
+/// `n` sessions, each idle after a first turn: their names, and the seq
+/// each turn ended at.
+async fn idle_sessions(
+    c: &mut SessionsClient<berth_tests::Api>,
+    image: &str,
+    n: usize,
+) -> anyhow::Result<(Vec<String>, Vec<i64>)> {
+    let mut names = Vec::new();
+    for i in 0..n {
+        let s = c
+            .create_session(super::session(image, &format!("echo ready {i}")))
+            .await?
+            .into_inner();
+        names.push(s.name);
+    }
+    let mut afters = Vec::new();
+    for name in &names {
+        let seq = loop {
+            let s = c
+                .get_session(pb::GetSessionRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            if s.status == pb::SessionStatus::Idle as i32 && s.usage.is_some_and(|u| u.turns == 1) {
+                break s.last_seq;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        afters.push(seq);
+    }
+    Ok((names, afters))
+}
+
 pub async fn run(cl: &ClusterArgs, a: &FailoverArgs) -> anyhow::Result<Report> {
     cl.in_process_only(
         "failover",
@@ -127,28 +234,7 @@ pub async fn run(cl: &ClusterArgs, a: &FailoverArgs) -> anyhow::Result<Report> {
     // claimed each.
     eprintln!("failover: starting {} sessions", a.sessions);
     let mut c = c2.clone();
-    let mut names = Vec::new();
-    for i in 0..a.sessions {
-        let s = c
-            .create_session(super::session(&cl.image, &format!("echo ready {i}")))
-            .await?
-            .into_inner();
-        names.push(s.name);
-    }
-    let mut afters = Vec::new();
-    for name in &names {
-        let seq = loop {
-            let s = c
-                .get_session(pb::GetSessionRequest { name: name.clone() })
-                .await?
-                .into_inner();
-            if s.status == pb::SessionStatus::Idle as i32 && s.usage.is_some_and(|u| u.turns == 1) {
-                break s.last_seq;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        afters.push(seq);
-    }
+    let (names, afters) = idle_sessions(&mut c, &cl.image, a.sessions).await?;
 
     // Every session mid-turn, each followed by a reconnecting client.
     let restarted = Arc::new(Mutex::new(None));
@@ -197,52 +283,14 @@ pub async fn run(cl: &ClusterArgs, a: &FailoverArgs) -> anyhow::Result<Report> {
     for f in followers {
         seen.push(f.await?);
     }
-    let mut resumed = Hist::new();
-    let mut ended = Hist::new();
-    let (mut turns_lost, mut events_lost, mut duplicates, mut unresolved) = (0, 0, 0, 0);
-    let mut worst_resume = Duration::ZERO;
-    for ((name, after), s) in names.iter().zip(&afters).zip(&seen) {
-        for r in &s.resumed {
-            resumed.record(*r);
-            worst_resume = worst_resume.max(*r);
-        }
-        match s.ended {
-            Some(t) => ended.record(t),
-            None => unresolved += 1,
-        }
-        if s.events.iter().any(|e| e.r#type == "session.turn_lost") {
-            turns_lost += 1;
-        }
-        // Everything stored after the turn's start, against what the
-        // follower saw: gapless, each line once.
-        let stored = c
-            .list_events(pb::ListEventsRequest {
-                name: name.clone(),
-                after_seq: *after,
-                page_size: 1000,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .events;
-        let seqs: Vec<i64> = s.events.iter().map(|e| e.seq).collect();
-        let want: Vec<i64> = stored.iter().map(|e| e.seq).take(seqs.len()).collect();
-        if seqs != want {
-            events_lost += 1;
-        }
-        let mut lines = HashSet::new();
-        for e in stored
-            .iter()
-            .filter(|e| e.line_seq == e.seq && e.line_seq != 0)
-        {
-            if !lines.insert(e.raw.clone()) {
-                duplicates += 1;
-            }
-        }
-    }
-    if unresolved > 0 {
-        turns_lost += unresolved;
-    }
+    let Tally {
+        resumed,
+        ended,
+        turns_lost,
+        events_lost,
+        duplicates,
+        worst_resume,
+    } = tally(&mut c, &names, &afters, &seen).await?;
     report.latency(
         "stream resumed after an interruption",
         &resumed,

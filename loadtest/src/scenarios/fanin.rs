@@ -271,10 +271,107 @@ async fn one(
     drop(senders);
 
     // Baseline: the same exchange on direct streams to the same nodes.
+    let (direct_hist, derr) = direct_baseline(&sims, &ca, n, a.message_rate, msgs).await?;
+
+    let errors = berth.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    Figures {
+        n,
+        running,
+        berth: (berth_hist, errors),
+        direct: (direct_hist, derr),
+        rss: (rss0, rss1),
+        per_stream,
+    }
+    .report(report);
+
+    let _ = child.proc.kill().await;
+    stop.cancel();
+    berth_tests::drop_database(&child.database).await?;
+    Ok(())
+}
+
+/// What one fan-in run measured.
+struct Figures {
+    n: usize,
+    running: usize,
+    berth: (Hist, Errors),
+    direct: (Hist, Errors),
+    /// The dispatcher's RSS before the streams, and while it held them.
+    rss: (u64, u64),
+    per_stream: f64,
+}
+
+impl Figures {
+    fn report(self, report: &mut Report) {
+        let Figures {
+            n,
+            running,
+            berth: (berth_hist, errors),
+            direct: (direct_hist, derr),
+            rss: (rss0, rss1),
+            per_stream,
+        } = self;
+        report.value(
+            format!("{n} streams: held (placed on nodes)"),
+            running as f64,
+            "sessions",
+        );
+        report.latency(
+            format!("{n} streams: berth message → echo"),
+            &berth_hist,
+            &errors,
+        );
+        report.latency(
+            format!("{n} streams: direct tonic echo"),
+            &direct_hist,
+            &derr,
+        );
+        let added =
+            (berth_hist.quantile_us(0.5) as f64 - direct_hist.quantile_us(0.5) as f64) / 2.0;
+        report.check_at_most(
+            format!("{n} streams: added p50 per relay hop (µs)"),
+            added,
+            50.0,
+        );
+        report.ratio(
+            format!("{n} streams: berth p50 / direct p50"),
+            ratio(
+                berth_hist.quantile_us(0.5) as f64,
+                direct_hist.quantile_us(0.5) as f64,
+            ),
+        );
+        report.value(
+            format!("{n} streams: dispatcher RSS before"),
+            rss0 as f64 / 1048576.0,
+            "MiB",
+        );
+        report.value(
+            format!("{n} streams: dispatcher RSS held"),
+            rss1 as f64 / 1048576.0,
+            "MiB",
+        );
+        report.check_at_most(
+            format!("{n} streams: dispatcher memory per idle stream (KiB)"),
+            per_stream / 1024.0,
+            20.0,
+        );
+    }
+}
+
+/// The baseline: the same exchange on `n` streams opened directly to the
+/// nodes (no dispatcher), `msgs` messages at `rate`: its latencies and
+/// errors.
+async fn direct_baseline(
+    sims: &[SimNode],
+    ca: &DevCa,
+    n: usize,
+    rate: f64,
+    msgs: usize,
+) -> anyhow::Result<(Hist, Errors)> {
     let direct = Arc::new(Shared::default());
     let mut clients = Vec::new();
-    for s in &sims {
-        clients.push(s.client(&ca).await?);
+    for s in sims {
+        clients.push(s.client(ca).await?);
     }
     let mut dsenders = Vec::with_capacity(n);
     let progress = Progress::start(format!("fanin {n}: direct open"), n as u64);
@@ -293,66 +390,11 @@ async fn one(
         }
     }
     progress.finish();
-    messages(
-        &dsenders,
-        a.message_rate,
-        msgs,
-        &format!("fanin {n}: direct"),
-    )
-    .await;
+    messages(&dsenders, rate, msgs, &format!("fanin {n}: direct")).await;
     let direct_hist = wait_recorded(&direct, msgs).await;
     drop(dsenders);
-
-    let errors = berth.errors.lock().map(|e| e.clone()).unwrap_or_default();
-    report.value(
-        format!("{n} streams: held (placed on nodes)"),
-        running as f64,
-        "sessions",
-    );
-    report.latency(
-        format!("{n} streams: berth message → echo"),
-        &berth_hist,
-        &errors,
-    );
-    let derr = direct.errors.lock().map(|e| e.clone()).unwrap_or_default();
-    report.latency(
-        format!("{n} streams: direct tonic echo"),
-        &direct_hist,
-        &derr,
-    );
-    let added = (berth_hist.quantile_us(0.5) as f64 - direct_hist.quantile_us(0.5) as f64) / 2.0;
-    report.check_at_most(
-        format!("{n} streams: added p50 per relay hop (µs)"),
-        added,
-        50.0,
-    );
-    report.ratio(
-        format!("{n} streams: berth p50 / direct p50"),
-        ratio(
-            berth_hist.quantile_us(0.5) as f64,
-            direct_hist.quantile_us(0.5) as f64,
-        ),
-    );
-    report.value(
-        format!("{n} streams: dispatcher RSS before"),
-        rss0 as f64 / 1048576.0,
-        "MiB",
-    );
-    report.value(
-        format!("{n} streams: dispatcher RSS held"),
-        rss1 as f64 / 1048576.0,
-        "MiB",
-    );
-    report.check_at_most(
-        format!("{n} streams: dispatcher memory per idle stream (KiB)"),
-        per_stream / 1024.0,
-        20.0,
-    );
-
-    let _ = child.proc.kill().await;
-    stop.cancel();
-    berth_tests::drop_database(&child.database).await?;
-    Ok(())
+    let errors = direct.errors.lock().map(|e| e.clone()).unwrap_or_default();
+    Ok((direct_hist, errors))
 }
 
 /// Sends `count` messages at a Poisson `rate`, each on a random stream.
