@@ -91,6 +91,86 @@ fn summarize(samples: impl Iterator<Item = Option<f64>>) -> (f64, f64) {
     (worst, mean)
 }
 
+/// Random and round-robin placement of the same trace, sampled at the same
+/// instants: their worst and mean max/mean in the burst window, and their
+/// worst over the run.
+struct Baselines {
+    r_worst: f64,
+    r_mean: f64,
+    rr_worst: f64,
+    rr_mean: f64,
+    rs_worst: f64,
+    rrs_worst: f64,
+}
+
+fn baselines(
+    a: &BalanceArgs,
+    trace: &[(Duration, Duration)],
+    samples: &[Sample],
+    window: &dyn Fn(&Duration) -> bool,
+    steady: &dyn Fn(&Duration) -> bool,
+) -> Baselines {
+    let mut prng = fastrand::Rng::with_seed(a.seed ^ 0x5eed);
+    let random: Vec<usize> = (0..trace.len()).map(|_| prng.usize(..a.nodes)).collect();
+    let rr: Vec<usize> = (0..trace.len()).map(|i| i % a.nodes).collect();
+    let base = |placed: &[usize], filter: &dyn Fn(&Duration) -> bool| {
+        summarize(
+            samples
+                .iter()
+                .filter(|(t, _)| filter(t))
+                .map(|(t, _)| imbalance(&replay(trace, placed, a.nodes, *t))),
+        )
+    };
+    let (r_worst, r_mean) = base(&random, window);
+    let (rr_worst, rr_mean) = base(&rr, window);
+    let (rs_worst, _) = base(&random, steady);
+    let (rrs_worst, _) = base(&rr, steady);
+    Baselines {
+        r_worst,
+        r_mean,
+        rr_worst,
+        rr_mean,
+        rs_worst,
+        rrs_worst,
+    }
+}
+
+/// Samples each node's running count every [`SAMPLE`] from `t0` until `end`.
+async fn sample<F: Fn() -> u32>(
+    counts: Vec<F>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    t0: Instant,
+    end: Duration,
+) {
+    let mut tick = tokio::time::interval_at(t0, SAMPLE);
+    loop {
+        let at = tick.tick().await - t0;
+        if at > end {
+            return;
+        }
+        let c: Vec<u32> = counts.iter().map(|f| f()).collect();
+        if let Ok(mut s) = samples.lock() {
+            s.push((at, c));
+        }
+    }
+}
+
+/// The sessions to start: (when, how long each holds its slot), Poisson
+/// arrivals at `a.rate` with `a.burst` more at `burst_at`, sorted by time.
+fn make_trace(a: &BalanceArgs, burst_at: Duration) -> Vec<(Duration, Duration)> {
+    let mut rng = fastrand::Rng::with_seed(a.seed);
+    let n = (a.rate * a.seconds).round() as usize;
+    let mean = a.mean_ms as f64 / 1e3;
+    let mut trace: Vec<(Duration, Duration)> = Arrivals::Poisson { rate: a.rate }
+        .offsets(n, &mut rng)
+        .into_iter()
+        .map(|at| (at, Duration::from_secs_f64(pareto(&mut rng, mean))))
+        .collect();
+    trace.extend((0..a.burst).map(|_| (burst_at, Duration::from_secs_f64(pareto(&mut rng, mean)))));
+    trace.sort_by_key(|(at, _)| *at);
+    trace
+}
+
 pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     cl.in_process_only("balance", "its nodes are simulated in this process")?;
     anyhow::ensure!(
@@ -104,40 +184,20 @@ pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
     let mut report = Report::new("balance", a);
 
     // The trace: Poisson arrivals, then the burst halfway, sorted by time.
-    let mut rng = fastrand::Rng::with_seed(a.seed);
-    let n = (a.rate * a.seconds).round() as usize;
-    let mean = a.mean_ms as f64 / 1e3;
-    let mut trace: Vec<(Duration, Duration)> = Arrivals::Poisson { rate: a.rate }
-        .offsets(n, &mut rng)
-        .into_iter()
-        .map(|at| (at, Duration::from_secs_f64(pareto(&mut rng, mean))))
-        .collect();
     let burst_at = Duration::from_secs_f64(a.seconds / 2.0);
-    trace.extend((0..a.burst).map(|_| (burst_at, Duration::from_secs_f64(pareto(&mut rng, mean)))));
-    trace.sort_by_key(|(at, _)| *at);
+    let trace = make_trace(a, burst_at);
 
     let cluster =
         Cluster::simulated(cl, a.nodes, a.capacity, Duration::from_millis(a.report_ms)).await?;
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let t0 = Instant::now();
-    let sampler = {
-        let samples = samples.clone();
-        let counts: Vec<_> = cluster.sims.iter().map(|s| s.counter()).collect();
-        let end = trace.last().map(|(at, _)| *at).unwrap_or_default() + Duration::from_secs(1);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(t0, SAMPLE);
-            loop {
-                let at = tick.tick().await - t0;
-                if at > end {
-                    return;
-                }
-                let c: Vec<u32> = counts.iter().map(|f| f()).collect();
-                if let Ok(mut s) = samples.lock() {
-                    s.push((at, c));
-                }
-            }
-        })
-    };
+    let end = trace.last().map(|(at, _)| *at).unwrap_or_default() + Duration::from_secs(1);
+    let sampler = tokio::spawn(sample(
+        cluster.sims.iter().map(|s| s.counter()).collect(),
+        samples.clone(),
+        t0,
+        end,
+    ));
     let errors = Arc::new(Mutex::new(Errors::default()));
     let offsets: Vec<Duration> = trace.iter().map(|(at, _)| *at).collect();
     let progress = Progress::start("balance: berth", trace.len() as u64);
@@ -185,21 +245,14 @@ pub async fn run(cl: &ClusterArgs, a: &BalanceArgs) -> anyhow::Result<Report> {
             .map(|(_, c)| imbalance(c)),
     );
 
-    let mut prng = fastrand::Rng::with_seed(a.seed ^ 0x5eed);
-    let random: Vec<usize> = (0..trace.len()).map(|_| prng.usize(..a.nodes)).collect();
-    let rr: Vec<usize> = (0..trace.len()).map(|i| i % a.nodes).collect();
-    let base = |placed: &[usize], filter: &dyn Fn(&Duration) -> bool| {
-        summarize(
-            samples
-                .iter()
-                .filter(|(t, _)| filter(t))
-                .map(|(t, _)| imbalance(&replay(&trace, placed, a.nodes, *t))),
-        )
-    };
-    let (r_worst, r_mean) = base(&random, &window);
-    let (rr_worst, rr_mean) = base(&rr, &window);
-    let (rs_worst, _) = base(&random, &steady);
-    let (rrs_worst, _) = base(&rr, &steady);
+    let Baselines {
+        r_worst,
+        r_mean,
+        rr_worst,
+        rr_mean,
+        rs_worst,
+        rrs_worst,
+    } = baselines(a, &trace, &samples, &window, &steady);
 
     let errors = errors.lock().map(|e| e.clone()).unwrap_or_default();
     report.value(
