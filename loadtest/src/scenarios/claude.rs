@@ -146,6 +146,75 @@ async fn burst(cluster: &Cluster, image: &str, n: usize) -> anyhow::Result<(Dura
     Ok((all, hits))
 }
 
+/// The shell line that runs the bare CLI against the stand-in model API,
+/// with the benchmark's prompt on stdin.
+fn bare_cli_script() -> String {
+    let msg = serde_json::json!({"type": "user", "message": {"role": "user",
+        "content": [{"type": "text", "text": PROMPT}]}});
+    format!(
+        "fake-anthropic --listen 127.0.0.1:8787 2>/dev/null & printf '%s\\n' '{}' | ANTHROPIC_API_KEY=stand-in claude -p --input-format stream-json --output-format stream-json --verbose --model {MODEL}",
+        msg.to_string().replace('\'', "'\\''")
+    )
+}
+
+/// `sessions` + 1 `docker run`s of the bare CLI, one at a time (the first
+/// warms up and is not counted): each to its first stdout line.
+async fn docker_runs(
+    d: &bollard::Docker,
+    image: &str,
+    script: &str,
+    sessions: usize,
+) -> anyhow::Result<Hist> {
+    let mut run = Hist::new();
+    for i in 0..=sessions {
+        let t0 = Instant::now();
+        let id = docker::create_in(
+            d,
+            image,
+            vec!["sh".into(), "-c".into(), script.to_string()],
+            Some("none"),
+        )
+        .await?;
+        let r = docker::start_and_read(d, &id, t0, None).await;
+        docker::remove(d, &id).await;
+        let (first, _, _) = r?;
+        if i > 0 {
+            run.record(first);
+        }
+        eprintln!("claude: docker run {i}/{}: {first:?}", sessions);
+    }
+    Ok(run)
+}
+
+/// `n` `docker run`s of the bare CLI at once: until all have a first line.
+async fn parallel_docker_runs(
+    d: &bollard::Docker,
+    image: &str,
+    script: &str,
+    n: usize,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let parallel = (0..n).map(|_| {
+        let (d, image, script) = (d.clone(), image.to_string(), script.to_string());
+        async move {
+            let id = docker::create_in(
+                &d,
+                &image,
+                vec!["sh".into(), "-c".into(), script],
+                Some("none"),
+            )
+            .await?;
+            let r = docker::start_and_read(&d, &id, t0, None).await;
+            docker::remove(&d, &id).await;
+            r
+        }
+    });
+    for r in futures::future::join_all(parallel).await {
+        r?;
+    }
+    Ok(t0.elapsed())
+}
+
 pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
     anyhow::ensure!(a.sessions > 0, "--sessions must be positive");
     anyhow::ensure!(a.pool > 0, "--pool must be positive");
@@ -220,59 +289,17 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
     ));
 
     // The same image, the same CLI and prompt, with no berth: create,
-    // attach and start, to the CLI's first stdout line.
-    let mut run = Hist::new();
-    let msg = serde_json::json!({"type": "user", "message": {"role": "user",
-        "content": [{"type": "text", "text": PROMPT}]}});
-    let script = format!(
-        "fake-anthropic --listen 127.0.0.1:8787 2>/dev/null & printf '%s\\n' '{}' | ANTHROPIC_API_KEY=stand-in claude -p --input-format stream-json --output-format stream-json --verbose --model {MODEL}",
-        msg.to_string().replace('\'', "'\\''")
-    );
-    for i in 0..=a.sessions {
-        let t0 = Instant::now();
-        let id = docker::create_in(
-            &d,
-            image,
-            vec!["sh".into(), "-c".into(), script.clone()],
-            Some("none"),
-        )
-        .await?;
-        let r = docker::start_and_read(&d, &id, t0, None).await;
-        docker::remove(&d, &id).await;
-        let (first, _, _) = r?;
-        if i > 0 {
-            run.record(first);
-        }
-        eprintln!("claude: docker run {i}/{}: {first:?}", a.sessions);
-    }
+    // attach and start, to the CLI's first stdout line; one at a time, then
+    // n at once.
+    let script = bare_cli_script();
+    let run = docker_runs(&d, image, &script, a.sessions).await?;
     report.latency(
         "baseline: docker run (create+attach+start)",
         &run,
         &Errors::default(),
     );
-
     let p50 = |h: &Hist| h.quantile_us(0.5) as f64;
-    // The same CLI, started by `docker run` n times at once.
-    let t0 = Instant::now();
-    let parallel = (0..n).map(|_| {
-        let (d, image, script) = (d.clone(), image.clone(), script.clone());
-        async move {
-            let id = docker::create_in(
-                &d,
-                &image,
-                vec!["sh".into(), "-c".into(), script],
-                Some("none"),
-            )
-            .await?;
-            let r = docker::start_and_read(&d, &id, t0, None).await;
-            docker::remove(&d, &id).await;
-            r
-        }
-    });
-    for r in futures::future::join_all(parallel).await {
-        r?;
-    }
-    let parallel_all = t0.elapsed();
+    let parallel_all = parallel_docker_runs(&d, image, &script, n).await?;
     docker::cleanup(&d).await?;
     report.value(
         format!("baseline: {n} parallel docker runs, until all have a first line"),
