@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_common::tls::{CertKind, DISPATCHER_NAME, DevCa};
+use berth_common::tls::DevCa;
 use berth_proto::node::v1 as node;
 use berth_proto::v1 as pb;
 use futures::StreamExt;
@@ -28,6 +28,10 @@ use crate::cluster::ClusterArgs;
 use crate::driver::{Arrivals, Conns, Progress, open_loop};
 use crate::report::{Errors, Hist, Report, ratio};
 use crate::simnode::SimNode;
+
+mod dispatcher;
+
+use dispatcher::{rss, spawn_dispatcher};
 
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct FaninArgs {
@@ -78,80 +82,6 @@ pub async fn run(cl: &ClusterArgs, a: &FaninArgs) -> anyhow::Result<Report> {
     report.note("added latency per hop = (berth p50 - direct p50) / 2: a message crosses the dispatcher once on its way in and its echo once on its way out; berth also persists both events in Postgres before relaying them");
     report.note("memory per idle stream = growth of the dispatcher's RSS from before the sessions were created to when all were held and idle, over their number; each holds a client Connect stream and a node RunSession stream");
     Ok(report)
-}
-
-/// A running dispatcher process.
-struct Child {
-    proc: tokio::process::Child,
-    pid: u32,
-    url: String,
-    database: String,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-async fn spawn_dispatcher(bin: &PathBuf, ca: &DevCa, sims: &[SimNode]) -> anyhow::Result<Child> {
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
-    let (database, database_url) = berth_tests::create_database(&tag).await?;
-    let dir = TempDir(std::env::temp_dir().join(format!("berth-loadtest-{tag}")));
-    std::fs::create_dir_all(&dir.0)?;
-    let issued = ca.issue(CertKind::Dispatcher, &[DISPATCHER_NAME.to_string()])?;
-    std::fs::write(dir.0.join("ca.pem"), &ca.cert_pem)?;
-    std::fs::write(dir.0.join("dispatcher.pem"), &issued.cert_pem)?;
-    std::fs::write(dir.0.join("dispatcher-key.pem"), &issued.key_pem)?;
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let servers: Vec<String> = sims.iter().map(|s| s.url.clone()).collect();
-    let resolve: Vec<String> = sims
-        .iter()
-        .map(|s| format!("{}={}", s.url.trim_start_matches("https://"), s.addr))
-        .collect();
-    let proc = tokio::process::Command::new(bin)
-        .env("BERTH_LISTEN", addr.to_string())
-        .env("DATABASE_URL", &database_url)
-        .env("AGENT_SERVERS", servers.join(","))
-        .env("BERTH_NODE_RESOLVE", resolve.join(","))
-        .env("BERTH_TLS_CA", dir.0.join("ca.pem"))
-        .env("BERTH_TLS_CERT", dir.0.join("dispatcher.pem"))
-        .env("BERTH_TLS_KEY", dir.0.join("dispatcher-key.pem"))
-        .env("BERTH_METRICS_LISTEN", "off")
-        .env("BERTH_OBJECTS_DIR", dir.0.join("objects"))
-        .env("BERTH_DISPATCHER_ID", format!("loadtest-{tag}"))
-        // A benchmark dispatcher of its own: anonymous calls, a fresh key.
-        .env("BERTH_ALLOW_ANONYMOUS", "true")
-        .env("BERTH_SECRETS_KEY_FILE", secrets_key_file(&dir.0)?)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", bin.display()))?;
-    let pid = proc
-        .id()
-        .ok_or_else(|| anyhow::anyhow!("the dispatcher exited at once"))?;
-    Ok(Child {
-        proc,
-        pid,
-        url: format!("http://{addr}"),
-        database,
-        _dir: dir,
-    })
-}
-
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
-    Ok(kb * 1024)
 }
 
 /// A message to send on one stream: when it was due, and its text.
@@ -586,19 +516,4 @@ where
         }
     });
     tx
-}
-
-/// A fresh secrets key file in `dir`.
-fn secrets_key_file(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
-    let path = dir.join("secrets.key");
-    let mut key = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
-    let line = format!("k1:{}\n", base64_encode(&key));
-    std::fs::write(&path, line)?;
-    Ok(path)
-}
-
-fn base64_encode(b: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(b)
 }
