@@ -32,7 +32,8 @@ pub struct Config {
 
     /// This node's id: labels its containers (`berth.node`) and names it in load
     /// reports. Must be stable across restarts so leftovers are reaped.
-    #[arg(long, env = "BERTH_NODE_ID", default_value_t = default_node_id())]
+    /// Default: the host name (`$HOSTNAME`, else `/etc/hostname`).
+    #[arg(long, env = "BERTH_NODE_ID", default_value_t = default_node_id(), hide_default_value = true)]
     pub node_id: String,
 
     /// Session slots on this node.

@@ -169,7 +169,9 @@ pub struct Config {
     pub local_capacity: u32,
 
     /// This dispatcher's id, recorded as the owner of the sessions it drives.
-    #[arg(long, env = "BERTH_DISPATCHER_ID", default_value_t = default_id())]
+    /// Default: `$HOSTNAME-PID` (`dispatcher-PID` without a host name); set a
+    /// stable one so a restart takes its sessions back at once.
+    #[arg(long, env = "BERTH_DISPATCHER_ID", default_value_t = default_id(), hide_default_value = true)]
     pub dispatcher_id: String,
 
     /// A dispatcher that has not heartbeated (through Postgres) for this long,
@@ -219,7 +221,7 @@ pub struct Config {
 
     /// Key file for secrets and env values at rest (envelope encryption):
     /// one `ID:BASE64` line per 32-byte key, the first sealing, the others
-    /// only opening (rotation: README, "Secrets"). Required: make one with
+    /// only opening (rotation: docs/security.md, "Secrets"). Required: make one with
     /// `printf 'k1:%s\n' "$(head -c32 /dev/urandom | base64)" > FILE`.
     #[arg(long, env = "BERTH_SECRETS_KEY_FILE")]
     pub secrets_key_file: Option<std::path::PathBuf>,

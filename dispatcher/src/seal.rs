@@ -3,7 +3,7 @@
 //! Each value gets its own random data key (AES-256-GCM); the data key is
 //! wrapped by a key-encryption key (KEK) from the deployment's key file. A
 //! sealed value names its KEK, so a key file may hold an old KEK next to
-//! the new one while values are re-wrapped (README, "Secrets": rotation).
+//! the new one while values are re-wrapped (docs/security.md, "Secrets": rotation).
 //!
 //! Layout: `1 | len(kek id) | kek id | nonce₁ | wrap(dek) | nonce₂ | seal(value)`.
 //! The value's associated data is the caller's context (its project and

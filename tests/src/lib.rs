@@ -8,6 +8,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod config_reference;
 pub mod doc_commands;
 pub mod git_http;
 pub mod git_ssh;

@@ -19,7 +19,7 @@ pub use fields::{check_len, validate_env, validate_git, validate_path};
 pub use sources::{GitHost, check_git_source, is_internal_host, is_internal_ip};
 pub use wire::{agent_pb_to_session_pb, from_node_pb, session_pb_to_agent_pb};
 
-/// Limits on what a client may send. Documented in the README.
+/// Limits on what a client may send. Documented in docs/limits.md.
 pub mod limits {
     /// Largest user message, in bytes.
     pub const MESSAGE_BYTES: usize = 1024 * 1024;

@@ -366,10 +366,10 @@ async fn check(
 #[tokio::test]
 async fn every_subcommand_and_flag_of_the_synopsis_exists() -> anyhow::Result<()> {
     let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cli.md"))?;
     let start = readme
         .find("\nCommands: `")
-        .expect("the README has a command synopsis");
+        .expect("docs/cli.md has a command synopsis");
     let paragraph = &readme[start..];
     let paragraph = &paragraph[..paragraph.find("\n\n").unwrap_or(paragraph.len())];
     let bin = berth_bin();
@@ -425,6 +425,24 @@ async fn every_subcommand_and_flag_of_the_synopsis_exists() -> anyhow::Result<()
         failures.is_empty(),
         "the synopsis is out of date:\n{}",
         failures.join("\n")
+    );
+    Ok(())
+}
+
+/// `docs/configuration.md` is what the binaries' definitions say (see
+/// `berth_tests::config_reference`); `BERTH_UPDATE_DOCS=1` rewrites it.
+#[test]
+fn the_configuration_reference_is_current() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
+    let fresh = berth_tests::config_reference::markdown();
+    if std::env::var_os("BERTH_UPDATE_DOCS").is_some() {
+        std::fs::write(&path, &fresh)?;
+    }
+    let written = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        written == fresh,
+        "docs/configuration.md is out of date with the binaries' flags: run \
+         BERTH_UPDATE_DOCS=1 cargo test -p berth-tests --test it docs::the_configuration_reference_is_current"
     );
     Ok(())
 }
