@@ -159,11 +159,19 @@ impl Deliverer {
         let client: HttpsClient = Client::builder(TokioExecutor::new()).build(https);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.concurrency.max(1)));
         let me = Arc::new(self);
+        // Attempts in flight: on shutdown each finishes (within its timeout)
+        // and records its outcome, so none is sent again by another
+        // dispatcher once this one's lease runs out.
+        let attempts = tokio_util::task::TaskTracker::new();
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                () = me.shutdown.cancelled() => return,
+                () = me.shutdown.cancelled() => {
+                    attempts.close();
+                    attempts.wait().await;
+                    return;
+                }
                 _ = tick.tick() => {}
             }
             let free = slots.available_permits();
@@ -188,7 +196,7 @@ impl Deliverer {
                     return;
                 };
                 let (me, client) = (me.clone(), client.clone());
-                tokio::spawn(async move {
+                attempts.spawn(async move {
                     me.attempt(&client, d).await;
                     drop(permit);
                 });

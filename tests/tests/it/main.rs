@@ -17,6 +17,7 @@ mod ops;
 mod partition;
 mod reliability;
 mod seed;
+mod shutdown;
 mod snapshots;
 mod spine;
 mod warm;
