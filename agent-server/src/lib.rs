@@ -130,7 +130,7 @@ pub async fn run_with_drain(
     }
     loops.spawn(load_gauges(node.clone()));
     node.pools.spawn();
-    node.agents.spawn();
+    node.processes.spawn();
     {
         let (node, shutdown) = (node.clone(), shutdown.clone());
         loops.spawn(async move {
@@ -151,7 +151,7 @@ pub async fn run_with_drain(
     node.wait_idle().await;
     // Each pool removes its spares as it stops (loops an undrain started too).
     node.pools.stopped().await;
-    node.agents.stopped().await;
+    node.processes.stopped().await;
     loops.close();
     loops.wait().await;
     // Its gateway directory, now that no container of it is left.

@@ -106,7 +106,7 @@ pub struct Node {
     load: Arc<watch::Sender<Load>>,
     pub pools: Arc<Pools>,
     /// Pre-started agent processes, per agent key.
-    pub agents: Arc<crate::pool::AgentPools>,
+    pub processes: Arc<crate::pool::ProcessPools>,
     /// The sandboxes' egress gateway; `None` with `--gateway-dir off`.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// Session slots: the configured capacity, bounded by memory.
@@ -164,7 +164,7 @@ impl Node {
             gateway_port: gateway.as_ref().map(|_| cfg.gateway_port),
             health_cmd: cfg.warm_health_cmd.clone(),
         };
-        let agents = crate::pool::AgentPools::new(
+        let processes = crate::pool::ProcessPools::new(
             cfg.agent_pools(),
             starter,
             load.clone(),
@@ -172,7 +172,7 @@ impl Node {
         );
         Arc::new(Self {
             workspace: cfg.workspace(),
-            agents,
+            processes,
             cfg,
             runtime,
             objects,
@@ -331,7 +331,7 @@ impl Node {
             tracing::info!("draining: no new sessions; removing warm containers");
         }
         self.pools.stop();
-        self.agents.stop();
+        self.processes.stop();
         self.load.send_modify(|l| l.draining = true);
         self.sessions().len() as u32
     }
@@ -346,7 +346,7 @@ impl Node {
             tracing::info!("undrained: taking sessions and refilling warm pools again");
         }
         self.pools.restart();
-        self.agents.restart();
+        self.processes.restart();
         self.load.send_modify(|l| l.draining = false);
         Ok(())
     }

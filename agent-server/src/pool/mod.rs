@@ -14,12 +14,12 @@
 //! - a container is offered only after its health check passed, and only
 //!   until it is `max_idle` old; a background sweep evicts dead ones.
 
-mod agent_state;
-pub mod agents;
 mod loops;
+mod process_state;
+pub mod processes;
 mod state;
 
-pub use agents::{AgentPools, Starter, WarmProcess};
+pub use processes::{ProcessPools, Starter, WarmProcess};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -61,11 +61,11 @@ pub(super) async fn acquire(
     // Fastest first: a pre-started agent process (a pop and one liveness
     // check); then a warm container (a pop, then the launch); then cold. A
     // claimed process or container that died falls through to the next.
-    let pre_started = match node.agents.claim(spec).map(still_running) {
+    let pre_started = match node.processes.claim(spec).map(still_running) {
         Some(Ok(w)) => Some(w),
         Some(Err(w)) => {
             tracing::warn!(container_id = %w.id, "pre-started agent process is gone; starting another way");
-            node.agents.claimed_dead();
+            node.processes.claimed_dead();
             runtime.remove(&w.id).await;
             None
         }

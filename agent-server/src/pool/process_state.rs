@@ -2,7 +2,7 @@
 //! its own: one [`PoolState`] per agent key, created by demand (a session
 //! that could take a pre-started process asks for one), sized between the
 //! per-key bounds, capped node-wide, and retired when its agent is no
-//! longer asked for. [`super::agents::AgentPools`] carries them out.
+//! longer asked for. [`super::processes::ProcessPools`] carries them out.
 //!
 //! Invariants:
 //! - ready and starting processes, over all keys, never exceed `total`;
@@ -24,7 +24,7 @@ use super::state::{PoolState, Swept};
 
 /// The agent pools' bounds.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AgentLimits {
+pub(crate) struct ProcessLimits {
     /// Processes kept ready per key at the least.
     pub min: u32,
     /// Processes kept ready per key at the most.
@@ -46,8 +46,8 @@ struct Entry<T, S> {
 }
 
 /// Every agent pool of a node.
-pub(crate) struct AgentPoolsState<T, S> {
-    limits: AgentLimits,
+pub(crate) struct ProcessPoolsState<T, S> {
+    limits: ProcessLimits,
     pools: HashMap<String, Entry<T, S>>,
 }
 
@@ -66,8 +66,8 @@ pub(crate) struct Start<S> {
     pub template: S,
 }
 
-impl<T, S: Clone> AgentPoolsState<T, S> {
-    pub(crate) fn new(limits: AgentLimits) -> Self {
+impl<T, S: Clone> ProcessPoolsState<T, S> {
+    pub(crate) fn new(limits: ProcessLimits) -> Self {
         Self {
             limits,
             pools: HashMap::new(),
@@ -234,8 +234,8 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(600);
 
-    fn limits(min: u32, max: u32, total: u32, max_keys: usize) -> AgentLimits {
-        AgentLimits {
+    fn limits(min: u32, max: u32, total: u32, max_keys: usize) -> ProcessLimits {
+        ProcessLimits {
             min,
             max,
             total,
@@ -244,8 +244,8 @@ mod tests {
         }
     }
 
-    fn pools(l: AgentLimits) -> AgentPoolsState<u32, &'static str> {
-        AgentPoolsState::new(l)
+    fn pools(l: ProcessLimits) -> ProcessPoolsState<u32, &'static str> {
+        ProcessPoolsState::new(l)
     }
 
     #[test]

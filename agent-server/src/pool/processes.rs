@@ -3,7 +3,7 @@
 //! is a pop and a write (the real Claude Code CLI takes ~450 ms to start;
 //! a started one answers its first message in ~20 ms).
 //!
-//! [`super::agent_state`] decides (which keys, targets, the node-wide cap,
+//! [`super::process_state`] decides (which keys, targets, the node-wide cap,
 //! claims, expiry, retirement); this module carries the decisions out.
 //!
 //! Invariants:
@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::agent_state::{AgentLimits, AgentPoolsState};
+use super::process_state::{ProcessLimits, ProcessPoolsState};
 use crate::config::AgentPoolConfig;
 use crate::container::{AgentProcess, ContainerRuntime, Purpose};
 use crate::load::Load;
@@ -72,10 +72,10 @@ pub struct Starter {
     pub health_cmd: Vec<String>,
 }
 
-type State = AgentPoolsState<WarmProcess, pb::SessionSpec>;
+type State = ProcessPoolsState<WarmProcess, pb::SessionSpec>;
 
 /// Every agent pool of a node.
-pub struct AgentPools {
+pub struct ProcessPools {
     state: Mutex<State>,
     wake: Notify,
     starter: Starter,
@@ -85,14 +85,14 @@ pub struct AgentPools {
     loops: super::loops::Loops,
 }
 
-impl AgentPools {
+impl ProcessPools {
     pub fn new(
         cfg: AgentPoolConfig,
         starter: Starter,
         load: Arc<watch::Sender<Load>>,
         stop: CancellationToken,
     ) -> Arc<Self> {
-        let limits = AgentLimits {
+        let limits = ProcessLimits {
             min: cfg.min,
             max: cfg.max,
             total: cfg.total,
@@ -100,7 +100,7 @@ impl AgentPools {
             max_idle: cfg.max_idle,
         };
         Arc::new(Self {
-            state: Mutex::new(AgentPoolsState::new(limits)),
+            state: Mutex::new(ProcessPoolsState::new(limits)),
             wake: Notify::new(),
             starter,
             cfg,
