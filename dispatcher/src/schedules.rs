@@ -263,18 +263,14 @@ impl Schedules {
             ),
             format!("schedule/{}/{}", s.id, fire_time.timestamp_micros()),
         );
-        let outcome = match self.sessions.create(&s.project, new).await {
+        let by = format!("schedules/{}", s.schedule_id);
+        let origin = crate::sessions::Origin::Schedule {
+            fire_time: fire_time.to_rfc3339(),
+            agent: s.agent.clone(),
+        };
+        let outcome = match self.sessions.create(&s.project, new, &by, origin).await {
             Ok(session) => {
                 tracing::info!(schedule = %s.schedule_id, session_id = %session.id, %fire_time, "schedule fired");
-                self.audit
-                    .record(
-                        &s.project,
-                        &format!("schedules/{}", s.schedule_id),
-                        "session.create",
-                        &berth_common::names::session_name(session.id),
-                        serde_json::json!({ "fire_time": fire_time.to_rfc3339(), "agent": s.agent }),
-                    )
-                    .await;
                 (Some(session.id), String::new())
             }
             Err(e) if e.is_transient() => {

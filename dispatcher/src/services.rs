@@ -67,6 +67,7 @@ impl Parts {
             store: store.clone(),
         };
         let sessions = sessions::Sessions {
+            audit: audit.clone(),
             store: store.clone(),
             log: log.clone(),
             objects: objects.clone(),
@@ -269,7 +270,6 @@ pub(crate) async fn serve_api(
         .add(
             SessionsServer::new(api::sessions::SessionsService {
                 sessions: parts.sessions.clone(),
-                audit: parts.audit.clone(),
                 shutdown: shutdown.clone(),
                 auth: parts.authenticator.clone(),
             })

@@ -10,6 +10,7 @@ use berth_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
+use crate::audit::{Action, Detail};
 use crate::auth::{Authenticator, Caller, Role, caller, new_token};
 use crate::error::Error;
 use crate::store::{
@@ -101,9 +102,11 @@ impl ApiKeysApi for ApiKeysService {
             &self.store,
             &who,
             &project,
-            "key.create",
+            Action::KeyCreate,
             &format!("keys/{}", t.key_id),
-            serde_json::json!({"role": role.as_str()}),
+            Detail::KeyRole {
+                role: role.as_str(),
+            },
         )
         .await;
         Ok(Response::new(pb::CreateApiKeyResponse {
@@ -171,9 +174,9 @@ impl ApiKeysApi for ApiKeysService {
             &self.store,
             &who,
             &key.project,
-            "key.revoke",
+            Action::KeyRevoke,
             &format!("keys/{id}"),
-            serde_json::json!({}),
+            Detail::None {},
         )
         .await;
         Ok(Response::new(key_pb(key)))
@@ -294,9 +297,11 @@ impl SecretsApi for SecretsService {
             &self.store,
             &who,
             &who.project,
-            "secret.create",
+            Action::SecretCreate,
             &format!("secrets/{id}"),
-            serde_json::json!({"usage": usage}),
+            Detail::SecretUsage {
+                usage: usage.to_string(),
+            },
         )
         .await;
         Ok(Response::new(secret_pb(row)))
@@ -338,9 +343,9 @@ impl SecretsApi for SecretsService {
             &self.store,
             &who,
             &who.project,
-            "secret.delete",
+            Action::SecretDelete,
             &format!("secrets/{id}"),
-            serde_json::json!({}),
+            Detail::None {},
         )
         .await;
         Ok(Response::new(pb::DeleteSecretResponse {}))
@@ -352,9 +357,9 @@ async fn audit(
     store: &crate::store::Store,
     who: &crate::auth::Caller,
     project: &str,
-    action: &str,
+    action: Action,
     resource: &str,
-    detail: serde_json::Value,
+    detail: Detail,
 ) {
     crate::audit::Audit {
         store: store.clone(),

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::convert::agent_spec;
 use crate::agents::Agents;
+use crate::audit::{Action, Detail};
 use crate::auth::caller;
 use crate::error::Error;
 use crate::session::limits;
@@ -40,7 +41,7 @@ fn file_id(name: &str) -> Result<Uuid, Error> {
 
 impl AgentsService {
     /// Records `who`'s `action` on agent `a` (at its version).
-    async fn audit(&self, who: &crate::auth::Caller, action: &str, a: &crate::session::Agent) {
+    async fn audit(&self, who: &crate::auth::Caller, action: Action, a: &crate::session::Agent) {
         crate::audit::Audit {
             store: self.agents.store.clone(),
         }
@@ -49,7 +50,7 @@ impl AgentsService {
             &who.identity(),
             action,
             &format!("agents/{}", a.id),
-            serde_json::json!({ "version": a.version }),
+            Detail::AgentVersion { version: a.version },
         )
         .await;
     }
@@ -72,7 +73,7 @@ impl AgentsApi for AgentsService {
         }
         let spec = agent_spec(r.spec)?;
         let a = self.agents.create(&who.project, &r.agent_id, &spec).await?;
-        self.audit(&who, "agent.create", &a).await;
+        self.audit(&who, Action::AgentCreate, &a).await;
         Ok(Response::new(a.into()))
     }
 
@@ -140,7 +141,7 @@ impl AgentsApi for AgentsService {
         }
         let spec = agent_spec(r.spec)?;
         let a = self.agents.update(&who.project, id, &spec).await?;
-        self.audit(&who, "agent.update", &a).await;
+        self.audit(&who, Action::AgentUpdate, &a).await;
         Ok(Response::new(a.into()))
     }
 
@@ -152,7 +153,7 @@ impl AgentsApi for AgentsService {
         let name = r.into_inner().name;
         let (id, _) = agent_name(&name)?;
         let a = self.agents.archive(&who.project, id).await?;
-        self.audit(&who, "agent.archive", &a).await;
+        self.audit(&who, Action::AgentArchive, &a).await;
         Ok(Response::new(a.into()))
     }
 }

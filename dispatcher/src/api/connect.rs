@@ -14,7 +14,6 @@ use uuid::Uuid;
 use super::BoxStream;
 use super::convert::{self, session_id};
 use super::steer::Steer;
-use crate::audit::Audit;
 use crate::auth::{Authenticator, caller};
 use crate::error::{Error, Result};
 use crate::revocations::{end_when_revoked, key_revoked};
@@ -31,7 +30,6 @@ fn inbound_error(status: Status) -> Status {
 /// What a Connect stream works with.
 pub(super) struct Connect<'a> {
     pub sessions: &'a Sessions,
-    pub audit: &'a Audit,
     /// Ends the stream's command side on shutdown (its event side ends by
     /// itself).
     pub shutdown: &'a tokio_util::sync::CancellationToken,
@@ -68,18 +66,13 @@ pub(super) async fn connect(
     });
     // Commands in, each acknowledged.
     let (tx, acks) = tokio::sync::mpsc::channel(ACKS_IN_FLIGHT);
-    let (sessions, audit, shutdown) = (
-        svc.sessions.clone(),
-        svc.audit.clone(),
-        svc.shutdown.clone(),
-    );
+    let (sessions, shutdown) = (svc.sessions.clone(), svc.shutdown.clone());
     let revoked = key_revoked(svc.auth.clone(), &who);
     let (project, identity) = (who.project.clone(), who.identity());
     tokio::spawn(async move {
         tokio::pin!(revoked);
         let steer = Steer {
             sessions: &sessions,
-            audit: &audit,
             project: &project,
             identity,
         };

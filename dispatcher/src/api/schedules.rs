@@ -5,6 +5,7 @@ use berth_proto::v1::{self as pb, schedules_server::Schedules as SchedulesApi};
 use tonic::{Request, Response, Status};
 
 use super::pages::{self, page_size};
+use crate::audit::{Action, Detail};
 use crate::auth::caller;
 use crate::error::Error;
 use crate::schedules::{self, Fire, FireKind, NewSchedule, Schedule, Schedules};
@@ -77,13 +78,7 @@ impl From<Fire> for pb::ScheduleFire {
 }
 
 impl SchedulesService {
-    async fn audit(
-        &self,
-        who: &crate::auth::Caller,
-        action: &str,
-        id: &str,
-        detail: serde_json::Value,
-    ) {
+    async fn audit(&self, who: &crate::auth::Caller, action: Action, id: &str, detail: Detail) {
         self.schedules
             .audit
             .record(
@@ -121,8 +116,12 @@ impl SchedulesApi for SchedulesService {
             .schedules
             .create(&who.project, &who.identity(), new)
             .await?;
-        let detail = serde_json::json!({"agent": created.agent, "cron": created.cron, "timezone": created.timezone});
-        self.audit(&who, "schedule.create", &created.schedule_id, detail)
+        let detail = Detail::Schedule {
+            agent: created.agent.clone(),
+            cron: created.cron.clone(),
+            timezone: created.timezone.clone(),
+        };
+        self.audit(&who, Action::ScheduleCreate, &created.schedule_id, detail)
             .await;
         Ok(Response::new(created.into()))
     }
@@ -167,7 +166,7 @@ impl SchedulesApi for SchedulesService {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
         let s = self.schedules.suspend(&who.project, id).await?;
-        self.audit(&who, "schedule.suspend", id, serde_json::json!({}))
+        self.audit(&who, Action::ScheduleSuspend, id, Detail::None {})
             .await;
         Ok(Response::new(s.into()))
     }
@@ -179,7 +178,7 @@ impl SchedulesApi for SchedulesService {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
         let s = self.schedules.resume(&who.project, id).await?;
-        self.audit(&who, "schedule.resume", id, serde_json::json!({}))
+        self.audit(&who, Action::ScheduleResume, id, Detail::None {})
             .await;
         Ok(Response::new(s.into()))
     }
@@ -199,11 +198,11 @@ impl SchedulesApi for SchedulesService {
         .map_err(Error::from)?;
         let request_id = Some(r.request_id.as_str()).filter(|s| !s.is_empty());
         let fire = self.schedules.trigger(&who.project, id, request_id).await?;
-        let detail = serde_json::json!({
-            "session": fire.session_id.map(berth_common::names::session_name),
-            "request_id": request_id,
-        });
-        self.audit(&who, "schedule.trigger", id, detail).await;
+        let detail = Detail::Triggered {
+            session: fire.session_id.map(berth_common::names::session_name),
+            request_id: request_id.map(String::from),
+        };
+        self.audit(&who, Action::ScheduleTrigger, id, detail).await;
         Ok(Response::new(fire.into()))
     }
 
@@ -214,7 +213,7 @@ impl SchedulesApi for SchedulesService {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
         self.schedules.delete(&who.project, id).await?;
-        self.audit(&who, "schedule.delete", id, serde_json::json!({}))
+        self.audit(&who, Action::ScheduleDelete, id, Detail::None {})
             .await;
         Ok(Response::new(pb::DeleteScheduleResponse {}))
     }

@@ -9,18 +9,17 @@ use super::BoxStream;
 use super::convert::{self, session_id};
 use super::pages::{self, page_size};
 use super::steer::Steer;
-use crate::audit::Audit;
 use crate::auth::caller;
 use crate::error::Error;
 use crate::revocations::end_when_revoked;
 use crate::session::NewSession;
+use crate::sessions::Origin;
 use crate::sessions::Sessions;
 use crate::store::SessionFilter;
 
 /// Serves `berth.v1.Sessions`.
 pub struct SessionsService {
     pub sessions: Sessions,
-    pub(crate) audit: Audit,
     /// Ends Connect streams on shutdown (their event side ends by itself).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Ends a revoked key's streams.
@@ -44,7 +43,6 @@ impl SessionsService {
     fn steer<'a>(&'a self, who: &'a crate::auth::Caller) -> Steer<'a> {
         Steer {
             sessions: &self.sessions,
-            audit: &self.audit,
             project: &who.project,
             identity: who.identity(),
         }
@@ -100,15 +98,6 @@ impl SessionsApi for SessionsService {
                 &r.comment,
             )
             .await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.feedback",
-                &session_name(id),
-                serde_json::json!({"turn": r.turn, "rating": r.rating}),
-            )
-            .await;
         Ok(Response::new(feedback_pb(f)))
     }
 
@@ -181,21 +170,10 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let new = NewSession::try_from(r.into_inner())?;
-        let detail = serde_json::json!({
-            "request_id": new.request_id,
-            "agent": new.agent,
-            "image": new.spec.image,
-        });
-        let s = self.sessions.create(&who.project, new).await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.create",
-                &session_name(s.id),
-                detail,
-            )
-            .await;
+        let s = self
+            .sessions
+            .create(&who.project, new, &who.identity(), Origin::Client)
+            .await?;
         Ok(Response::new(s.into()))
     }
 
@@ -268,16 +246,10 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let s = self.sessions.stop(&who.project, id).await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.stop",
-                &session_name(id),
-                status_detail(&s),
-            )
-            .await;
+        let s = self
+            .sessions
+            .stop(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(s.into()))
     }
 
@@ -287,16 +259,10 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let s = self.sessions.pause(&who.project, id).await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.pause",
-                &session_name(id),
-                status_detail(&s),
-            )
-            .await;
+        let s = self
+            .sessions
+            .pause(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(s.into()))
     }
 
@@ -306,16 +272,10 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let s = self.sessions.resume(&who.project, id).await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.resume",
-                &session_name(id),
-                status_detail(&s),
-            )
-            .await;
+        let s = self
+            .sessions
+            .resume(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(s.into()))
     }
 
@@ -325,16 +285,10 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::Session>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let s = self.sessions.archive(&who.project, id).await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.archive",
-                &session_name(id),
-                status_detail(&s),
-            )
-            .await;
+        let s = self
+            .sessions
+            .archive(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(s.into()))
     }
 
@@ -344,16 +298,10 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let who = caller(&r)?;
         let id = session_id(&r.into_inner().name)?;
-        let objects_deleted = self.sessions.delete(&who.project, id).await? as i64;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.delete",
-                &session_name(id),
-                serde_json::json!({"objects_deleted": objects_deleted}),
-            )
-            .await;
+        let objects_deleted = self
+            .sessions
+            .delete(&who.project, id, &who.identity())
+            .await? as i64;
         Ok(Response::new(pb::DeleteSessionResponse { objects_deleted }))
     }
 
@@ -370,17 +318,8 @@ impl SessionsApi for SessionsService {
         let request_id = Some(r.request_id).filter(|s| !s.is_empty());
         let s = self
             .sessions
-            .clone_session(&who.project, id, request_id)
+            .clone_session(&who.project, id, request_id, &who.identity())
             .await?;
-        self.audit
-            .record(
-                &who.project,
-                &who.identity(),
-                "session.clone",
-                &session_name(s.id),
-                serde_json::json!({"from": session_name(id)}),
-            )
-            .await;
         Ok(Response::new(s.into()))
     }
 
@@ -484,7 +423,6 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let svc = super::connect::Connect {
             sessions: &self.sessions,
-            audit: &self.audit,
             shutdown: &self.shutdown,
             auth: &self.auth,
         };
@@ -494,11 +432,6 @@ impl SessionsApi for SessionsService {
 
 fn session_name(id: uuid::Uuid) -> String {
     berth_common::names::session_name(id)
-}
-
-/// The status a control call left the session in.
-fn status_detail(s: &crate::session::Session) -> serde_json::Value {
-    serde_json::json!({ "status": s.status.to_string() })
 }
 
 /// Longest feedback comment.

@@ -5,6 +5,7 @@ use berth_proto::v1::{self as pb, webhooks_server::Webhooks as WebhooksApi};
 use tonic::{Request, Response, Status};
 
 use super::pages::{self, page_size};
+use crate::audit::{Action, Detail};
 use crate::auth::caller;
 use crate::error::Error;
 use crate::outbound::{DeliveryRecord, Subscription, Subscriptions};
@@ -88,9 +89,9 @@ impl WebhooksService {
     async fn audit(
         &self,
         who: &crate::auth::Caller,
-        action: &str,
+        action: Action,
         resource: &str,
-        detail: serde_json::Value,
+        detail: Detail,
     ) {
         self.webhooks
             .audit
@@ -121,9 +122,11 @@ impl WebhooksApi for WebhooksService {
             .await?;
         self.audit(
             &who,
-            "webhook.create",
+            Action::WebhookCreate,
             &format!("{PREFIX}{}", webhook.webhook_id),
-            serde_json::json!({ "agent": webhook.agent }),
+            Detail::WebhookAgent {
+                agent: webhook.agent.clone(),
+            },
         )
         .await;
         Ok(Response::new(pb::CreateWebhookResponse {
@@ -172,9 +175,9 @@ impl WebhooksApi for WebhooksService {
         self.webhooks.delete(&who.project, id).await?;
         self.audit(
             &who,
-            "webhook.delete",
+            Action::WebhookDelete,
             &format!("{PREFIX}{id}"),
-            serde_json::json!({}),
+            Detail::None {},
         )
         .await;
         Ok(Response::new(pb::DeleteWebhookResponse {}))
@@ -199,9 +202,12 @@ impl WebhooksApi for WebhooksService {
             .await?;
         self.audit(
             &who,
-            "subscription.create",
+            Action::SubscriptionCreate,
             &format!("{SUBSCRIPTIONS}{}", sub.subscription_id),
-            serde_json::json!({ "url": sub.url, "event_types": sub.event_types }),
+            Detail::Subscription {
+                url: sub.url.clone(),
+                event_types: sub.event_types.clone(),
+            },
         )
         .await;
         Ok(Response::new(pb::CreateSubscriptionResponse {
@@ -231,9 +237,9 @@ impl WebhooksApi for WebhooksService {
         self.subscriptions.delete(&who.project, id).await?;
         self.audit(
             &who,
-            "subscription.delete",
+            Action::SubscriptionDelete,
             &format!("{SUBSCRIPTIONS}{id}"),
-            serde_json::json!({}),
+            Detail::None {},
         )
         .await;
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))

@@ -4,6 +4,7 @@
 use uuid::Uuid;
 
 use super::Sessions;
+use crate::audit::{Action, Detail};
 use crate::error::{Error, Result};
 use crate::session::{NewSession, Resource, Session};
 
@@ -38,9 +39,39 @@ pub(crate) fn display_name_for(new: &NewSession) -> String {
     }
 }
 
+/// What asked for a new session, as its audit record says.
+pub(crate) enum Origin {
+    /// A client's `CreateSession`.
+    Client,
+    /// An inbound webhook's delivery.
+    Webhook { delivery: String, agent: String },
+    /// A schedule's fire at `fire_time` (RFC 3339).
+    Schedule { fire_time: String, agent: String },
+}
+
+impl Origin {
+    fn detail(self, new: &NewSession) -> Detail {
+        match self {
+            Origin::Client => Detail::Created {
+                request_id: new.request_id.clone(),
+                agent: new.agent.clone(),
+                image: new.spec.image.clone(),
+            },
+            Origin::Webhook { delivery, agent } => Detail::Delivered { delivery, agent },
+            Origin::Schedule { fire_time, agent } => Detail::Fired { fire_time, agent },
+        }
+    }
+}
+
 impl Sessions {
     /// Resolves the agent (pinning its version), checks the resources, queues.
-    pub(crate) async fn create(&self, project: &str, mut new: NewSession) -> Result<Session> {
+    pub(crate) async fn create(
+        &self,
+        project: &str,
+        mut new: NewSession,
+        by: &str,
+        origin: Origin,
+    ) -> Result<Session> {
         // As asked, before the agent is resolved and defaults are filled.
         let fingerprint = new.fingerprint();
         if let Some(agent) = &new.agent {
@@ -134,6 +165,9 @@ impl Sessions {
         if created {
             metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
             tracing::info!(session_id = %session.id, project, image = %session.spec.image, "session created");
+            let detail = origin.detail(&new);
+            self.audit(project, by, Action::SessionCreate, session.id, detail)
+                .await;
         }
         Ok(session)
     }
@@ -275,6 +309,7 @@ impl Sessions {
         project: &str,
         id: Uuid,
         request_id: Option<String>,
+        by: &str,
     ) -> Result<Session> {
         let s = self.get(project, id).await?;
         let mut spec = s.spec.clone();
@@ -295,11 +330,17 @@ impl Sessions {
             // The spec carries them already, as env.
             run_params: Default::default(),
         };
-        let (clone, _, _) = self
+        let (clone, created, _) = self
             .store
             .create_session(project, &new, &new.fingerprint())
             .await?;
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
+        if created {
+            let from = berth_common::names::session_name(id);
+            let detail = Detail::ClonedFrom { from };
+            self.audit(project, by, Action::SessionClone, clone.id, detail)
+                .await;
+        }
         Ok(clone)
     }
 }

@@ -5,13 +5,20 @@ use berth_common::events::payload::{self};
 use uuid::Uuid;
 
 use super::{Sessions, ToolAnswer};
+use crate::audit::{Action, Detail};
 use crate::error::{Error, Result};
 use crate::session::NewEvent;
 use crate::store::ToolEffect;
 
 impl Sessions {
     /// Persists a user message; the driver forwards it. Returns its seq.
-    pub(crate) async fn send_message(&self, project: &str, id: Uuid, text: &str) -> Result<i64> {
+    pub(crate) async fn send_message(
+        &self,
+        project: &str,
+        id: Uuid,
+        text: &str,
+        by: &str,
+    ) -> Result<i64> {
         self.require_input(
             project,
             id,
@@ -19,6 +26,9 @@ impl Sessions {
         )
         .await?;
         let e = self.log.append(id, NewEvent::user_message(text)).await?;
+        let detail = Detail::Seq { seq: e.seq };
+        self.audit(project, by, Action::SessionSend, id, detail)
+            .await;
         Ok(e.seq)
     }
 
@@ -34,6 +44,7 @@ impl Sessions {
     ) -> Result<(i64, bool)> {
         self.get(project, id).await?;
         let decision = a.decision.as_str();
+        let (tool_use_id, always) = (a.tool_use_id.clone(), a.always);
         let answer = payload::ToolConfirmation {
             tool_use_id: a.tool_use_id,
             decision: decision.into(),
@@ -42,7 +53,7 @@ impl Sessions {
             message: a.message,
             interrupt: a.interrupt,
             by: "user".into(),
-            identity,
+            identity: identity.clone(),
             ..Default::default()
         };
         let out = self
@@ -61,6 +72,19 @@ impl Sessions {
             .ok_or_else(|| Error::Internal("an answer logged no event".into()))?;
         crate::metrics::record_tool_answer(&e.payload);
         tracing::info!(session_id = %id, seq = e.seq, decision, "tool permission answered");
+        let allow = decision == "allow";
+        let action = if allow {
+            Action::SessionApprove
+        } else {
+            Action::SessionDeny
+        };
+        let detail = Detail::ToolAnswer {
+            tool_use_id,
+            decision: if allow { "allow" } else { "deny" },
+            always,
+            seq: e.seq,
+        };
+        self.audit(project, &identity, action, id, detail).await;
         Ok((e.seq, false))
     }
 
@@ -72,10 +96,13 @@ impl Sessions {
         self.store.pending_tools(ids).await
     }
 
-    pub(crate) async fn interrupt(&self, project: &str, id: Uuid) -> Result<i64> {
+    pub(crate) async fn interrupt(&self, project: &str, id: Uuid, by: &str) -> Result<i64> {
         self.require_input(project, id, "only a live session can be interrupted")
             .await?;
         let e = self.log.append(id, NewEvent::user_interrupt()).await?;
+        let detail = Detail::Seq { seq: e.seq };
+        self.audit(project, by, Action::SessionInterrupt, id, detail)
+            .await;
         Ok(e.seq)
     }
 

@@ -4,13 +4,14 @@ use berth_common::events::payload::StatusDetail;
 use uuid::Uuid;
 
 use super::Sessions;
+use crate::audit::{Action, Detail};
 use crate::error::{Error, Result};
 use crate::session::{Session, StatusEvent, session_prefix};
 
 impl Sessions {
     /// Stops the session with reason `user` (a snapshot is kept, so it can be
     /// resumed). Stopping twice is not an error.
-    pub(crate) async fn stop(&self, project: &str, id: Uuid) -> Result<Session> {
+    pub(crate) async fn stop(&self, project: &str, id: Uuid, by: &str) -> Result<Session> {
         self.get(project, id).await?;
         match self
             .log
@@ -32,12 +33,18 @@ impl Sessions {
             }
             Err(e) => return Err(e),
         }
-        self.store.get_session(id).await
+        let s = self.store.get_session(id).await?;
+        let detail = Detail::Status {
+            status: s.status.to_string(),
+        };
+        self.audit(project, by, Action::SessionStop, id, detail)
+            .await;
+        Ok(s)
     }
 
     /// Asks the driver to snapshot the session and free its container. The
     /// status machine decides which sessions may pause (running or idle).
-    pub(crate) async fn pause(&self, project: &str, id: Uuid) -> Result<Session> {
+    pub(crate) async fn pause(&self, project: &str, id: Uuid, by: &str) -> Result<Session> {
         self.get(project, id).await?;
         self.log
             .transition(
@@ -48,21 +55,33 @@ impl Sessions {
             )
             .await
             .map_err(|e| wrong_status(id, e, "only a running or idle session can be paused"))?;
-        self.store.get_session(id).await
+        let s = self.store.get_session(id).await?;
+        let detail = Detail::Status {
+            status: s.status.to_string(),
+        };
+        self.audit(project, by, Action::SessionPause, id, detail)
+            .await;
+        Ok(s)
     }
 
     /// Queues a paused or stopped session again; it restores its snapshot.
-    pub(crate) async fn resume(&self, project: &str, id: Uuid) -> Result<Session> {
+    pub(crate) async fn resume(&self, project: &str, id: Uuid, by: &str) -> Result<Session> {
         self.get(project, id).await?;
         self.log
             .transition(id, StatusEvent::Resumed, "resumed", StatusDetail::default())
             .await
             .map_err(|e| wrong_status(id, e, "only a paused or stopped session can be resumed"))?;
         self.store.notify_queue().await?;
-        self.store.get_session(id).await
+        let s = self.store.get_session(id).await?;
+        let detail = Detail::Status {
+            status: s.status.to_string(),
+        };
+        self.audit(project, by, Action::SessionResume, id, detail)
+            .await;
+        Ok(s)
     }
 
-    pub(crate) async fn archive(&self, project: &str, id: Uuid) -> Result<Session> {
+    pub(crate) async fn archive(&self, project: &str, id: Uuid, by: &str) -> Result<Session> {
         self.get(project, id).await?;
         self.log
             .transition(id, StatusEvent::Archived, "user", StatusDetail::default())
@@ -74,12 +93,18 @@ impl Sessions {
                     "only a stopped, paused, completed, failed or timed-out session can be archived",
                 )
             })?;
-        self.store.get_session(id).await
+        let s = self.store.get_session(id).await?;
+        let detail = Detail::Status {
+            status: s.status.to_string(),
+        };
+        self.audit(project, by, Action::SessionArchive, id, detail)
+            .await;
+        Ok(s)
     }
 
     /// Deletes a session that is not live: its objects, then its rows.
     /// Returns how many objects went.
-    pub(crate) async fn delete(&self, project: &str, id: Uuid) -> Result<u64> {
+    pub(crate) async fn delete(&self, project: &str, id: Uuid, by: &str) -> Result<u64> {
         const WHAT: &str = "a live session cannot be deleted; stop it first";
         let s = self.get(project, id).await?;
         if s.status.is_live() {
@@ -99,6 +124,11 @@ impl Sessions {
             });
         }
         tracing::info!(session_id = %id, objects, "session deleted");
+        let detail = Detail::Deleted {
+            objects_deleted: objects,
+        };
+        self.audit(project, by, Action::SessionDelete, id, detail)
+            .await;
         Ok(objects)
     }
 }

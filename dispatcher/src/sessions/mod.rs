@@ -7,8 +7,11 @@ mod input;
 mod life;
 mod read;
 
+pub(crate) use create::Origin;
+
 use std::sync::Arc;
 
+use berth_common::names::session_name;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -28,6 +31,8 @@ pub(crate) struct Sessions {
     pub git_allow: Vec<String>,
     /// The deployment's queue timeout, for sessions that set none.
     pub queue_timeout: Option<std::time::Duration>,
+    /// Where each operation records what it did, and who did it.
+    pub audit: crate::audit::Audit,
 }
 
 /// A page of search results, and the (time, id) the next one starts before.
@@ -55,6 +60,20 @@ pub(crate) enum ExportFormat {
     Pdf,
 }
 impl Sessions {
+    /// Records that `by` did `action` to session `id`.
+    async fn audit(
+        &self,
+        project: &str,
+        by: &str,
+        action: crate::audit::Action,
+        id: Uuid,
+        detail: crate::audit::Detail,
+    ) {
+        self.audit
+            .record(project, by, action, &session_name(id), detail)
+            .await;
+    }
+
     /// The session, if it is in `project`: another project's is NOT_FOUND,
     /// exactly as a session that does not exist.
     pub(crate) async fn get(&self, project: &str, id: Uuid) -> Result<Session> {

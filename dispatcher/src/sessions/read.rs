@@ -32,9 +32,14 @@ impl Sessions {
                 ),
             ));
         }
-        self.store
+        let f = self
+            .store
             .upsert_feedback(id, turn, identity, rating, comment)
-            .await
+            .await?;
+        let detail = crate::audit::Detail::Feedback { turn, rating };
+        let action = crate::audit::Action::SessionFeedback;
+        self.audit(project, identity, action, id, detail).await;
+        Ok(f)
     }
 
     pub(crate) async fn list_feedback(

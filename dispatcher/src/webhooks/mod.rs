@@ -257,15 +257,6 @@ impl Webhooks {
             {
                 Ok(true) => {
                     tracing::info!(webhook = %w.webhook_id, delivery, %session_id, "webhook delivery");
-                    self.audit
-                        .record(
-                            &w.project,
-                            &format!("webhooks/{}", w.webhook_id),
-                            "session.create",
-                            &berth_common::names::session_name(session_id),
-                            serde_json::json!({ "delivery": delivery, "agent": w.agent }),
-                        )
-                        .await;
                     let reply = json!({
                         "session": berth_common::names::session_name(session_id),
                         "duplicate": false,
@@ -298,7 +289,12 @@ impl Webhooks {
             format!("{} {delivery}", w.webhook_id),
             format!("webhook/{}/{}", w.id, hex::encode(content)),
         );
-        Ok(self.sessions.create(&w.project, new).await?.id)
+        let by = format!("webhooks/{}", w.webhook_id);
+        let origin = crate::sessions::Origin::Webhook {
+            delivery: delivery.to_string(),
+            agent: w.agent.clone(),
+        };
+        Ok(self.sessions.create(&w.project, new, &by, origin).await?.id)
     }
 }
 
