@@ -120,12 +120,12 @@ impl SpecArgs {
     }
 
     /// The session spec these flags describe (`--image` required).
-    pub fn session_spec(&self) -> Result<pb::SessionSpec, CliError> {
+    pub fn session_spec(&self) -> Result<pb::AgentSpec, CliError> {
         let image = self
             .image
             .clone()
             .ok_or_else(|| CliError::new("--image is required unless --agent is given"))?;
-        Ok(pb::SessionSpec {
+        Ok(pb::AgentSpec {
             image,
             runtime: runtime(self.runtime),
             runtime_args: self.args.clone(),
@@ -183,7 +183,7 @@ impl SpecArgs {
     }
 
     /// With `--agent`, only `--env` may be given: the agent supplies the rest.
-    pub fn env_only(&self) -> Result<pb::SessionSpec, CliError> {
+    pub fn env_only(&self) -> Result<pb::AgentSpec, CliError> {
         let other = self.image.is_some()
             || self.runtime.is_some()
             || !self.model.is_empty()
@@ -197,7 +197,7 @@ impl SpecArgs {
                 "with --agent only --env, --secret and the tool policy flags may be given: the agent's version supplies image, runtime, model, prompt, limits, skills and egress",
             ));
         }
-        Ok(pb::SessionSpec {
+        Ok(pb::AgentSpec {
             env: self.env.iter().cloned().collect(),
             vault_ids: self.secrets.clone(),
             // A session may replace its agent's tool policy.
@@ -207,9 +207,7 @@ impl SpecArgs {
     }
 
     pub(crate) fn agent_spec(&self) -> Result<pb::AgentSpec, CliError> {
-        Ok(berth_common::spec::session_pb_to_agent_pb(
-            self.session_spec()?,
-        ))
+        self.session_spec()
     }
 }
 

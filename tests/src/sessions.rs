@@ -6,7 +6,7 @@ use super::*;
 /// A create request for the fake agent with `prompt` as the first message.
 pub fn fake_session(prompt: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
-        spec: Some(pb::SessionSpec {
+        spec: Some(pb::AgentSpec {
             image: TEST_IMAGE.into(),
             ..Default::default()
         }),

@@ -171,7 +171,7 @@ class Client:
     ):
         """Queues a session and returns it (``berth.v1.Session``). Give
         ``agent`` (``NAME`` or ``NAME@VERSION``) or ``image``; further
-        ``SessionSpec`` fields as keywords. ``request_id`` makes a retry
+        ``AgentSpec`` fields as keywords. ``request_id`` makes a retry
         return the same session (a fresh one is made per call)."""
         req = sessions_pb2.CreateSessionRequest(
             request_id=request_id or str(uuid.uuid4()),
@@ -182,7 +182,7 @@ class Client:
         )
         if image or not agent:
             req.spec.CopyFrom(
-                sessions_pb2.SessionSpec(
+                sessions_pb2.AgentSpec(
                     image=image or "",
                     runtime=sessions_pb2.Runtime.Value(f"RUNTIME_{runtime.upper()}"),
                     model=model,

@@ -17,7 +17,7 @@ mod wire;
 pub use egress::{Egress, EgressMode};
 pub use fields::{check_len, validate_env, validate_git, validate_path};
 pub use sources::{GitHost, check_git_source, is_internal_host, is_internal_ip};
-pub use wire::{agent_pb_to_session_pb, from_node_pb, session_pb_to_agent_pb};
+pub use wire::from_node_pb;
 
 /// Limits on what a client may send. Documented in docs/limits.md.
 pub mod limits {
@@ -354,7 +354,7 @@ mod tests {
         let mut node = node_pb::SessionSpec::default();
         s.fill_node_pb(&mut node);
         assert_eq!(from_node_pb(&node), Ok(s.clone()));
-        let mut api = pb::SessionSpec::from(s.clone());
+        let mut api = pb::AgentSpec::from(s.clone());
         assert!(api.env.is_empty(), "env is write-only");
         api.env.insert("K".into(), "v".into());
         assert_eq!(AgentSpec::try_from(api), Ok(s));

@@ -79,10 +79,10 @@ fn runtime_to_pb(r: Runtime) -> i32 {
 
 /// The public API's spec, checked. Env is converted, not echoed back: it is
 /// write-only on the wire.
-impl TryFrom<pb::SessionSpec> for AgentSpec {
+impl TryFrom<pb::AgentSpec> for AgentSpec {
     type Error = FieldError;
 
-    fn try_from(s: pb::SessionSpec) -> Result<Self, FieldError> {
+    fn try_from(s: pb::AgentSpec) -> Result<Self, FieldError> {
         let lim = s.limits.unwrap_or_default();
         let spec = Self {
             runtime: runtime_from_pb(s.runtime)?,
@@ -125,7 +125,7 @@ impl TryFrom<pb::SessionSpec> for AgentSpec {
 }
 
 /// The spec as clients read it: env values are write-only and left out.
-impl From<AgentSpec> for pb::SessionSpec {
+impl From<AgentSpec> for pb::AgentSpec {
     fn from(s: AgentSpec) -> Self {
         Self {
             image: s.image,
@@ -151,41 +151,6 @@ impl From<AgentSpec> for pb::SessionSpec {
             vault_ids: s.vault_ids,
             tool_policy: s.tool_policy.as_ref().map(crate::tools::ToolPolicy::to_pb),
         }
-    }
-}
-
-/// `AgentSpec` and `SessionSpec` carry the same fields on the wire; this is
-/// the one place that says so.
-pub fn agent_pb_to_session_pb(s: pb::AgentSpec) -> pb::SessionSpec {
-    pb::SessionSpec {
-        image: s.image,
-        runtime: s.runtime,
-        runtime_args: s.runtime_args,
-        model: s.model,
-        system_prompt: s.system_prompt,
-        env: s.env,
-        limits: s.limits,
-        skills: s.skills,
-        vault_ids: s.vault_ids,
-        egress: s.egress,
-        tool_policy: s.tool_policy,
-    }
-}
-
-/// The other direction of [`agent_pb_to_session_pb`].
-pub fn session_pb_to_agent_pb(s: pb::SessionSpec) -> pb::AgentSpec {
-    pb::AgentSpec {
-        image: s.image,
-        runtime: s.runtime,
-        runtime_args: s.runtime_args,
-        model: s.model,
-        system_prompt: s.system_prompt,
-        env: s.env,
-        limits: s.limits,
-        skills: s.skills,
-        vault_ids: s.vault_ids,
-        egress: s.egress,
-        tool_policy: s.tool_policy,
     }
 }
 

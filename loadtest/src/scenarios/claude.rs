@@ -46,7 +46,7 @@ pub struct ClaudeArgs {
 /// so every run starts the same CLI the same way.
 fn request(image: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
-        spec: Some(pb::SessionSpec {
+        spec: Some(pb::AgentSpec {
             image: image.into(),
             runtime: pb::Runtime::ClaudeCode as i32,
             model: MODEL.into(),

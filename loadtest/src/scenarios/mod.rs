@@ -25,7 +25,7 @@ pub fn is_agent(e: &pb::Event) -> bool {
 /// A session on `image` whose agent gets `prompt` first (none when empty).
 pub fn session(image: &str, prompt: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
-        spec: Some(pb::SessionSpec {
+        spec: Some(pb::AgentSpec {
             image: image.into(),
             ..Default::default()
         }),

@@ -923,7 +923,7 @@ async fn the_real_cli_reaches_the_model_api_only_through_the_gateway_with_the_va
     let mut c = SessionsClient::new(alpha.clone());
     let s = c
         .create_session(pb::CreateSessionRequest {
-            spec: Some(pb::SessionSpec {
+            spec: Some(pb::AgentSpec {
                 image: "berth-test-claude:latest".into(),
                 runtime: pb::Runtime::ClaudeCode as i32,
                 model: "claude-sonnet-4-5".into(),

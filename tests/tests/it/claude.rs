@@ -39,7 +39,7 @@ pub(crate) async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
 
 pub(crate) fn claude_session(first: &str) -> pb::CreateSessionRequest {
     pb::CreateSessionRequest {
-        spec: Some(pb::SessionSpec {
+        spec: Some(pb::AgentSpec {
             image: CLAUDE_IMAGE.into(),
             runtime: pb::Runtime::ClaudeCode as i32,
             model: MODEL.into(),

@@ -35,7 +35,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
     assert_eq!(e.code(), tonic::Code::NotFound);
 
     let mut no_image = fake_session("hi");
-    no_image.spec = Some(pb::SessionSpec::default());
+    no_image.spec = Some(pb::AgentSpec::default());
     let e = c.create_session(no_image).await.expect_err("no image");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("spec.image"), "{}", e.message());

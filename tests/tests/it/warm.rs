@@ -59,7 +59,7 @@ async fn a_second_session_takes_a_pre_started_process_holding_no_secret_nor_the_
         .await?
         .into_inner();
     let request = |first: &str| pb::CreateSessionRequest {
-        spec: Some(pb::SessionSpec {
+        spec: Some(pb::AgentSpec {
             image: TEST_IMAGE.into(),
             runtime: pb::Runtime::ClaudeCode as i32,
             vault_ids: vec![secret.name.clone()],
@@ -164,7 +164,7 @@ async fn the_real_cli_pre_started_answers_its_first_message() -> anyhow::Result<
     // No env (a pre-started process takes none): the stand-in's key comes
     // from an apiKeyHelper in the CLI's arguments.
     let request = |first: &str| pb::CreateSessionRequest {
-        spec: Some(pb::SessionSpec {
+        spec: Some(pb::AgentSpec {
             image: "berth-test-claude:latest".into(),
             runtime: pb::Runtime::ClaudeCode as i32,
             model: "claude-sonnet-4-5".into(),

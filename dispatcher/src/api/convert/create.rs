@@ -13,18 +13,18 @@ use crate::error::{Error, Result};
 use crate::session::{Agent, AgentSpec, FileInfo, NewSession, Resource, limits};
 
 /// A session's spec: required, and valid.
-fn session_spec(s: Option<pb::SessionSpec>) -> Result<AgentSpec> {
+fn session_spec(s: Option<pb::AgentSpec>) -> Result<AgentSpec> {
     let s = s.ok_or_else(|| Error::invalid("spec", "required"))?;
     Ok(AgentSpec::try_from(s)?)
 }
 
 /// An agent version's spec, validated like a session's.
 pub fn agent_spec(s: Option<pb::AgentSpec>) -> Result<AgentSpec> {
-    session_spec(s.map(spec::agent_pb_to_session_pb))
+    session_spec(s)
 }
 
 /// With `agent` set, the request's spec may carry only env.
-fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<AgentSpec> {
+fn env_only_spec(s: Option<pb::AgentSpec>) -> Result<AgentSpec> {
     let s = s.unwrap_or_default();
     let set = [
         ("spec.image", !s.image.is_empty()),
@@ -45,7 +45,7 @@ fn env_only_spec(s: Option<pb::SessionSpec>) -> Result<AgentSpec> {
     let env = s.env.into_iter().collect();
     spec::validate_env(&env)?;
     // The same checks as a whole spec's, on the fields given.
-    let checked = AgentSpec::try_from(pb::SessionSpec {
+    let checked = AgentSpec::try_from(pb::AgentSpec {
         image: "-".into(),
         vault_ids: s.vault_ids,
         tool_policy: s.tool_policy,
@@ -243,7 +243,7 @@ impl From<Agent> for pb::Agent {
             agent_id: a.id,
             version: a.version,
             latest_version: a.latest_version,
-            spec: Some(spec::session_pb_to_agent_pb(a.spec.into())),
+            spec: Some(a.spec.into()),
             env_keys,
             archived: a.archived,
             create_time: Some(to_timestamp(a.create_time)),

@@ -251,7 +251,7 @@ mod tests {
 
     fn create() -> pb::CreateSessionRequest {
         pb::CreateSessionRequest {
-            spec: Some(pb::SessionSpec {
+            spec: Some(pb::AgentSpec {
                 image: "agent:latest".into(),
                 ..Default::default()
             }),
@@ -283,7 +283,7 @@ mod tests {
             ("spec", Box::new(|r| r.spec = None)),
             (
                 "spec.image",
-                Box::new(|r| r.spec = Some(pb::SessionSpec::default())),
+                Box::new(|r| r.spec = Some(pb::AgentSpec::default())),
             ),
             (
                 "initial_message",
@@ -366,7 +366,7 @@ mod tests {
         let mut r = create();
         r.agent = "coder".into();
         assert_eq!(field(r.clone()), Some("spec.image"));
-        r.spec = Some(pb::SessionSpec {
+        r.spec = Some(pb::AgentSpec {
             env: [("K".to_string(), "v".to_string())].into(),
             ..Default::default()
         });
