@@ -416,3 +416,6 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
         kind: Some(kind),
     }
 }
+
+#[cfg(test)]
+mod tests;
