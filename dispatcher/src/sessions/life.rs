@@ -9,6 +9,17 @@ use crate::error::{Error, Result};
 use crate::session::{Session, StatusEvent, session_prefix};
 
 impl Sessions {
+    /// The session after `by`'s `action` changed its status, recorded with
+    /// the status it left it in.
+    async fn changed(&self, project: &str, by: &str, action: Action, id: Uuid) -> Result<Session> {
+        let s = self.store.get_session(id).await?;
+        let detail = Detail::Status {
+            status: s.status.to_string(),
+        };
+        self.audit(project, by, action, id, detail).await;
+        Ok(s)
+    }
+
     /// Stops the session with reason `user` (a snapshot is kept, so it can be
     /// resumed). Stopping twice is not an error.
     pub(crate) async fn stop(&self, project: &str, id: Uuid, by: &str) -> Result<Session> {
@@ -33,13 +44,7 @@ impl Sessions {
             }
             Err(e) => return Err(e),
         }
-        let s = self.store.get_session(id).await?;
-        let detail = Detail::Status {
-            status: s.status.to_string(),
-        };
-        self.audit(project, by, Action::SessionStop, id, detail)
-            .await;
-        Ok(s)
+        self.changed(project, by, Action::SessionStop, id).await
     }
 
     /// Asks the driver to snapshot the session and free its container. The
@@ -55,13 +60,7 @@ impl Sessions {
             )
             .await
             .map_err(|e| wrong_status(id, e, "only a running or idle session can be paused"))?;
-        let s = self.store.get_session(id).await?;
-        let detail = Detail::Status {
-            status: s.status.to_string(),
-        };
-        self.audit(project, by, Action::SessionPause, id, detail)
-            .await;
-        Ok(s)
+        self.changed(project, by, Action::SessionPause, id).await
     }
 
     /// Queues a paused or stopped session again; it restores its snapshot.
@@ -72,13 +71,7 @@ impl Sessions {
             .await
             .map_err(|e| wrong_status(id, e, "only a paused or stopped session can be resumed"))?;
         self.store.notify_queue().await?;
-        let s = self.store.get_session(id).await?;
-        let detail = Detail::Status {
-            status: s.status.to_string(),
-        };
-        self.audit(project, by, Action::SessionResume, id, detail)
-            .await;
-        Ok(s)
+        self.changed(project, by, Action::SessionResume, id).await
     }
 
     pub(crate) async fn archive(&self, project: &str, id: Uuid, by: &str) -> Result<Session> {
@@ -93,13 +86,7 @@ impl Sessions {
                     "only a stopped, paused, completed, failed or timed-out session can be archived",
                 )
             })?;
-        let s = self.store.get_session(id).await?;
-        let detail = Detail::Status {
-            status: s.status.to_string(),
-        };
-        self.audit(project, by, Action::SessionArchive, id, detail)
-            .await;
-        Ok(s)
+        self.changed(project, by, Action::SessionArchive, id).await
     }
 
     /// Deletes a session that is not live: its objects, then its rows.
