@@ -329,3 +329,106 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sessions(cmd) => sessions::run(&mut client, d, out, cmd).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks over the whole command tree: no two
+    /// arguments of a command (its own and the global ones) share a name
+    /// or a flag, as `sessions export -o` once did with the global `-o`.
+    #[test]
+    fn every_command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every leaf command paired with its required positionals.
+    fn leaves(cmd: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, clap::Command)>) {
+        if cmd.get_subcommands().next().is_none() {
+            out.push((path, cmd.clone()));
+            return;
+        }
+        for sub in cmd.get_subcommands() {
+            let mut p = path.clone();
+            p.push(sub.get_name().to_string());
+            leaves(sub, p, out);
+        }
+    }
+
+    /// Values to try for an argument: its possible values, else a few
+    /// shapes the CLI's flags take.
+    fn candidates(arg: &clap::Arg) -> Vec<String> {
+        let possible: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        if !possible.is_empty() {
+            return possible;
+        }
+        ["1", "x", "a=b", "/workspace/a=./b", "coder", "0 9 * * *"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// Every subcommand parses with each of its flags, one at a time, into
+    /// the CLI's types: a definition that does not match its use (a flag's
+    /// type read as another's) panics here, not in a user's hands.
+    #[test]
+    fn every_subcommand_parses_each_of_its_flags() {
+        let mut all = Vec::new();
+        leaves(&Cli::command(), vec!["berth".into()], &mut all);
+        assert!(all.len() > 30, "{} leaf commands", all.len());
+        for (path, cmd) in all {
+            let mut base = path.clone();
+            for arg in cmd.get_positionals().filter(|a| a.is_required_set()) {
+                base.push(candidates(arg).swap_remove(0));
+            }
+            let parses = |args: &[String]| {
+                std::panic::catch_unwind(|| Cli::try_parse_from(args).is_ok())
+                    .unwrap_or_else(|_| panic!("`{}` panicked", args.join(" ")))
+            };
+            // Required flags too, each with the first value that parses.
+            for arg in cmd
+                .get_arguments()
+                .filter(|a| !a.is_positional() && a.is_required_set())
+            {
+                let flag = format!("--{}", arg.get_long().unwrap_or_default());
+                // A value this flag takes (another required one may still
+                // be missing).
+                let takes = |v: &String| {
+                    let args = [base.clone(), vec![flag.clone(), v.clone()]].concat();
+                    match Cli::try_parse_from(&args) {
+                        Ok(_) => true,
+                        Err(e) => e.kind() == clap::error::ErrorKind::MissingRequiredArgument,
+                    }
+                };
+                if let Some(v) = candidates(arg).into_iter().find(takes) {
+                    base.extend([flag, v]);
+                }
+            }
+            assert!(parses(&base), "`{}` does not parse", base.join(" "));
+            for arg in cmd
+                .get_arguments()
+                .filter(|a| !a.is_positional() && !a.is_required_set())
+            {
+                let Some(long) = arg.get_long() else {
+                    continue;
+                };
+                let takes_value = arg.get_action().takes_values();
+                if !takes_value {
+                    parses(&[base.clone(), vec![format!("--{long}")]].concat());
+                    continue;
+                }
+                let ok = candidates(arg)
+                    .into_iter()
+                    .any(|v| parses(&[base.clone(), vec![format!("--{long}"), v]].concat()));
+                assert!(
+                    ok,
+                    "`{} --{long} …` parses with no value tried",
+                    base.join(" ")
+                );
+            }
+        }
+    }
+}
