@@ -47,7 +47,7 @@ fn secs(t: &Option<prost_types::Timestamp>) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schedule_fires_each_cron_time_once_with_two_dispatchers() -> anyhow::Result<()> {
+async fn a_schedule_fires_each_cron_time_once_through_a_rolling_update() -> anyhow::Result<()> {
     let mut cluster = TestCluster::builder()
         .capacity(8)
         .configure_dispatcher(|cfg| {
@@ -56,10 +56,10 @@ async fn a_schedule_fires_each_cron_time_once_with_two_dispatchers() -> anyhow::
         })
         .start()
         .await?;
-    let mut c = cluster.client();
-    cluster.add_dispatcher().await?;
+    // Clients of the second dispatcher: the first stops half-way.
+    let mut c = cluster.add_dispatcher().await?;
     agent(&cluster, "ticker").await?;
-    let mut sched = SchedulesClient::new(cluster.api());
+    let mut sched = SchedulesClient::new(cluster.api_on_last_dispatcher()?);
 
     // Bad input names its field.
     for (cron, tz, agent_id, field) in [
@@ -124,6 +124,13 @@ async fn a_schedule_fires_each_cron_time_once_with_two_dispatchers() -> anyhow::
         }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fires(&mut sched).await?.len() < 2 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no 2 fires in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A rolling update meanwhile: the first dispatcher stops (SIGTERM)
+    // while fires go on; each fire it held is finished or taken over.
+    cluster.sigterm_dispatcher().await?;
     while fires(&mut sched).await?.len() < 4 {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "no 4 fires in 60 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
