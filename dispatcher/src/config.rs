@@ -240,8 +240,8 @@ pub struct Config {
     /// ROLE `member` or `fleet-admin`): with `--api-tls`, a call without an
     /// API key whose CA-signed client certificate carries NAME acts as that
     /// project and role. A key, when sent, wins.
-    #[arg(long = "client-identity", env = "BERTH_CLIENT_IDENTITIES", value_delimiter = ',', value_parser = crate::auth::parse_identity)]
-    pub client_identities: Vec<(String, (String, crate::auth::Role))>,
+    #[arg(long = "client-identity", env = "BERTH_CLIENT_IDENTITIES", value_delimiter = ',', value_parser = crate::access::auth::parse_identity)]
+    pub client_identities: Vec<(String, (String, crate::access::auth::Role))>,
 
     /// Accept calls without an API key, as a fleet admin of project
     /// `default`. Local development only: logged as a warning at start.

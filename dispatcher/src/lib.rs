@@ -1,50 +1,38 @@
 //! berth's dispatcher: the control plane.
 //!
 //! Layout, each layer using only those below it:
-//! - [`api`]: thin gRPC handlers (unpack, call, map the error), and the one
+//! - `services`: what a dispatcher runs, built in one place;
+//! - `api`: thin gRPC handlers (unpack, call, map the error), and the one
 //!   wire ↔ domain conversion;
-//! - `sessions`, `agents`, `export`, `schedules`, `webhooks`: the
-//!   operations clients call (`schedules` also fires due schedules;
-//!   `webhooks` also serves deliveries on the webhook port);
-//! - `queue` (claims, LISTEN), `driver` (start handshake, relay, deadlines),
-//!   `janitor` (liveness, orphans, queue deadline, retention), `sampler`
-//!   (gauges): the background work;
+//! - `ops`: the operations clients call (sessions, agents, export,
+//!   schedules, inbound webhooks, outbound subscriptions, audit), each with
+//!   the loop that serves it where it has one;
+//! - `loops` (queue claims, janitor, reconcile, re-wrap, sampler) and
+//!   `driver` (start handshake, relay, deadlines): the background work;
+//! - [`access`]: API keys and certificates, the rules of managing keys,
+//!   limits, revoked keys' streams;
 //! - `log`: the group-commit event log and its followers; `nodes`: links
 //!   to the nodes and the node wire;
-//! - `store`: Postgres, one file per aggregate;
-//! - [`session`]: the domain types and the status machine; [`placement`]:
-//!   the pure placement choice; [`metrics`], `error`, [`config`].
+//! - `store`: Postgres, one file per aggregate; [`seal`]: sealing secrets;
+//! - [`session`]: the domain types and rules; [`placement`]: the pure
+//!   placement choice; [`metrics`], `error`, [`config`].
 
-mod agents;
+pub mod access;
 mod api;
-mod audit;
-pub mod auth;
 pub mod config;
 mod driver;
 mod error;
-mod export;
-mod export_pdf;
-mod janitor;
-mod keys;
-pub mod limits;
 mod log;
+mod loops;
 pub mod metrics;
 mod nodes;
-mod outbound;
+mod ops;
 pub mod placement;
-mod queue;
-mod reconcile;
 mod records;
-mod revocations;
-mod rewrap;
-mod sampler;
-mod schedules;
 pub mod seal;
 mod services;
 pub mod session;
-mod sessions;
 mod store;
-mod webhooks;
 
 use std::sync::Arc;
 
@@ -52,7 +40,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use access::{auth, limits};
 pub use config::Config;
+use loops::janitor;
 
 /// Runs a dispatcher on `listener` against the nodes in `cfg.agent_servers`
 /// until `shutdown` is cancelled.

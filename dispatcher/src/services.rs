@@ -25,11 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
 
+use crate::access::{auth, revocations};
 use crate::config::Config;
-use crate::{
-    agents, api, audit, auth, driver, janitor, log, nodes, outbound, queue, reconcile, revocations,
-    rewrap, sampler, schedules, session, sessions, store, webhooks,
-};
+use crate::loops::{janitor, queue, reconcile, rewrap, sampler};
+use crate::ops::{agents, audit, outbound, schedules, sessions, webhooks};
+use crate::{api, driver, log, nodes, session, store};
 
 /// The dispatcher's long-lived parts, shared by its loops and its API.
 pub(crate) struct Parts {
@@ -332,11 +332,13 @@ pub(crate) async fn serve_api(
         .layer(berth_common::metrics::GrpcMetricsLayer)
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(auth::AuthLayer(parts.authenticator.clone()))
-        .layer(crate::limits::LimitsLayer::new(crate::limits::Limits {
-            per_key_rate: cfg.api_rate_limit,
-            per_key_burst: cfg.api_rate_burst,
-            max_in_flight: cfg.api_max_in_flight,
-        }))
+        .layer(crate::access::limits::LimitsLayer::new(
+            crate::access::limits::Limits {
+                per_key_rate: cfg.api_rate_limit,
+                per_key_burst: cfg.api_rate_burst,
+                max_in_flight: cfg.api_max_in_flight,
+            },
+        ))
         .add_routes(services.routes.routes())
         .add_service(health)
         .add_service(reflection)

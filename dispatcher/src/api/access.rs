@@ -10,9 +10,9 @@ use berth_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
-use crate::audit::{Action, Detail};
-use crate::auth::{Authenticator, Caller, Role, caller, new_token};
+use crate::access::auth::{Authenticator, Caller, Role, caller, new_token};
 use crate::error::Error;
+use crate::ops::audit::{Action, Detail};
 use crate::store::{
     ApiKeyRow, SecretRow, Store, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY, secret_context,
 };
@@ -150,10 +150,10 @@ impl ApiKeysApi for ApiKeysService {
         // are its to revoke only as `keys::may_revoke` says.
         let not_found = || Error::NotFound(format!("API key apiKeys/{id} not found"));
         let found = self.store.api_key(id).await?.ok_or_else(not_found)?;
-        match crate::keys::may_revoke(&who, &found) {
+        match crate::access::keys::may_revoke(&who, &found) {
             Ok(()) => {}
-            Err(crate::keys::Refusal::NotFound) => return Err(not_found().into()),
-            Err(crate::keys::Refusal::Denied(why)) => {
+            Err(crate::access::keys::Refusal::NotFound) => return Err(not_found().into()),
+            Err(crate::access::keys::Refusal::Denied(why)) => {
                 return Err(rich_status(
                     Code::PermissionDenied,
                     format!("cannot revoke apiKeys/{id}: {why}"),
@@ -355,13 +355,13 @@ impl SecretsApi for SecretsService {
 /// Records `who`'s `action` on `resource` in `project`'s audit trail.
 async fn audit(
     store: &crate::store::Store,
-    who: &crate::auth::Caller,
+    who: &crate::access::auth::Caller,
     project: &str,
     action: Action,
     resource: &str,
     detail: Detail,
 ) {
-    crate::audit::Audit {
+    crate::ops::audit::Audit {
         store: store.clone(),
     }
     .record(project, &who.identity(), action, resource, detail)

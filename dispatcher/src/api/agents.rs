@@ -8,10 +8,10 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::convert::agent_spec;
-use crate::agents::Agents;
-use crate::audit::{Action, Detail};
-use crate::auth::caller;
+use crate::access::auth::caller;
 use crate::error::Error;
+use crate::ops::agents::Agents;
+use crate::ops::audit::{Action, Detail};
 use crate::session::limits;
 
 /// Serves `berth.v1.Agents` and `berth.v1.Files`.
@@ -41,8 +41,13 @@ fn file_id(name: &str) -> Result<Uuid, Error> {
 
 impl AgentsService {
     /// Records `who`'s `action` on agent `a` (at its version).
-    async fn audit(&self, who: &crate::auth::Caller, action: Action, a: &crate::session::Agent) {
-        crate::audit::Audit {
+    async fn audit(
+        &self,
+        who: &crate::access::auth::Caller,
+        action: Action,
+        a: &crate::session::Agent,
+    ) {
+        crate::ops::audit::Audit {
             store: self.agents.store.clone(),
         }
         .record(

@@ -5,9 +5,9 @@ use berth_proto::v1::{self as pb, audit_server::Audit as AuditApi};
 use tonic::{Request, Response, Status};
 
 use super::pages::{self, page_size};
-use crate::audit::{Audit, AuditEvent};
-use crate::auth::caller;
+use crate::access::auth::caller;
 use crate::error::Error;
+use crate::ops::audit::{Audit, AuditEvent};
 
 /// Serves `berth.v1.Audit`.
 #[derive(Clone)]

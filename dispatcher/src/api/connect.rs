@@ -14,10 +14,10 @@ use uuid::Uuid;
 use super::BoxStream;
 use super::convert::{self, session_id};
 use super::steer::Steer;
-use crate::auth::{Authenticator, caller};
+use crate::access::auth::{Authenticator, caller};
+use crate::access::revocations::{end_when_revoked, key_revoked};
 use crate::error::{Error, Result};
-use crate::revocations::{end_when_revoked, key_revoked};
-use crate::sessions::Sessions;
+use crate::ops::sessions::Sessions;
 
 /// Commands waiting for their acks, per stream.
 const ACKS_IN_FLIGHT: usize = 128;

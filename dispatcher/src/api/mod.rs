@@ -1,4 +1,4 @@
-//! The public gRPC API: thin handlers that unpack, call [`crate::sessions`],
+//! The public gRPC API: thin handlers that unpack, call [`crate::ops::sessions`],
 //! and map the error.
 
 pub mod access;

@@ -82,7 +82,7 @@ impl NodesApi for NodesService {
         &self,
         r: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        crate::auth::caller(&r)?.require_admin("ListNodes")?;
+        crate::access::auth::caller(&r)?.require_admin("ListNodes")?;
         let mut nodes =
             futures::future::join_all(self.nodes.links().into_iter().map(describe)).await;
         nodes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.address.cmp(&b.address)));
@@ -93,7 +93,7 @@ impl NodesApi for NodesService {
         &self,
         r: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeResponse>, Status> {
-        crate::auth::caller(&r)?.require_admin("DrainNode")?;
+        crate::access::auth::caller(&r)?.require_admin("DrainNode")?;
         let name = r.into_inner().node;
         let link = self.one_node(&name)?;
         let mut client = link.client();
@@ -115,7 +115,7 @@ impl NodesApi for NodesService {
         &self,
         r: Request<pb::UndrainNodeRequest>,
     ) -> Result<Response<pb::UndrainNodeResponse>, Status> {
-        crate::auth::caller(&r)?.require_admin("UndrainNode")?;
+        crate::access::auth::caller(&r)?.require_admin("UndrainNode")?;
         let name = r.into_inner().node;
         let link = self.one_node(&name)?;
         let mut client = link.client();

@@ -5,10 +5,10 @@ use berth_proto::v1::{self as pb, schedules_server::Schedules as SchedulesApi};
 use tonic::{Request, Response, Status};
 
 use super::pages::{self, page_size};
-use crate::audit::{Action, Detail};
-use crate::auth::caller;
+use crate::access::auth::caller;
 use crate::error::Error;
-use crate::schedules::{self, Fire, FireKind, NewSchedule, Schedule, Schedules};
+use crate::ops::audit::{Action, Detail};
+use crate::ops::schedules::{self, Fire, FireKind, NewSchedule, Schedule, Schedules};
 
 /// Serves `berth.v1.Schedules`.
 #[derive(Clone)]
@@ -78,7 +78,13 @@ impl From<Fire> for pb::ScheduleFire {
 }
 
 impl SchedulesService {
-    async fn audit(&self, who: &crate::auth::Caller, action: Action, id: &str, detail: Detail) {
+    async fn audit(
+        &self,
+        who: &crate::access::auth::Caller,
+        action: Action,
+        id: &str,
+        detail: Detail,
+    ) {
         self.schedules
             .audit
             .record(

@@ -9,12 +9,12 @@ use super::BoxStream;
 use super::convert::{self, session_id};
 use super::pages::{self, page_size};
 use super::steer::Steer;
-use crate::auth::caller;
+use crate::access::auth::caller;
+use crate::access::revocations::end_when_revoked;
 use crate::error::Error;
-use crate::revocations::end_when_revoked;
+use crate::ops::sessions::Origin;
+use crate::ops::sessions::Sessions;
 use crate::session::NewSession;
-use crate::sessions::Origin;
-use crate::sessions::Sessions;
 use crate::store::SessionFilter;
 
 /// Serves `berth.v1.Sessions`.
@@ -23,7 +23,7 @@ pub struct SessionsService {
     /// Ends Connect streams on shutdown (their event side ends by itself).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Ends a revoked key's streams.
-    pub auth: std::sync::Arc<crate::auth::Authenticator>,
+    pub auth: std::sync::Arc<crate::access::auth::Authenticator>,
 }
 
 /// What a ListSessions page token is bound to: the project and the filter.
@@ -40,7 +40,7 @@ fn sessions_listing(project: &str, r: &pb::ListSessionsRequest) -> String {
 
 impl SessionsService {
     /// `who`'s steering of its project's sessions.
-    fn steer<'a>(&'a self, who: &'a crate::auth::Caller) -> Steer<'a> {
+    fn steer<'a>(&'a self, who: &'a crate::access::auth::Caller) -> Steer<'a> {
         Steer {
             sessions: &self.sessions,
             project: &who.project,
@@ -328,7 +328,7 @@ impl SessionsApi for SessionsService {
         r: Request<pb::ExportSessionRequest>,
     ) -> Result<Response<pb::ExportSessionResponse>, Status> {
         let who = caller(&r)?;
-        use crate::sessions::ExportFormat;
+        use crate::ops::sessions::ExportFormat;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
         let format = match pb::ExportFormat::try_from(r.format) {

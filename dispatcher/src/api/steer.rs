@@ -5,7 +5,7 @@
 use uuid::Uuid;
 
 use crate::error::Result;
-use crate::sessions::{Sessions, ToolAnswer};
+use crate::ops::sessions::{Sessions, ToolAnswer};
 
 use super::convert;
 

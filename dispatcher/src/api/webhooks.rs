@@ -5,11 +5,11 @@ use berth_proto::v1::{self as pb, webhooks_server::Webhooks as WebhooksApi};
 use tonic::{Request, Response, Status};
 
 use super::pages::{self, page_size};
-use crate::audit::{Action, Detail};
-use crate::auth::caller;
+use crate::access::auth::caller;
 use crate::error::Error;
-use crate::outbound::{DeliveryRecord, Subscription, Subscriptions};
-use crate::webhooks::{PATH_PREFIX, Webhook, Webhooks};
+use crate::ops::audit::{Action, Detail};
+use crate::ops::outbound::{DeliveryRecord, Subscription, Subscriptions};
+use crate::ops::webhooks::{PATH_PREFIX, Webhook, Webhooks};
 
 /// Serves `berth.v1.Webhooks`.
 #[derive(Clone)]
@@ -88,7 +88,7 @@ impl WebhooksService {
     /// Records `who`'s `action` on `resource` in the audit trail.
     async fn audit(
         &self,
-        who: &crate::auth::Caller,
+        who: &crate::access::auth::Caller,
         action: Action,
         resource: &str,
         detail: Detail,

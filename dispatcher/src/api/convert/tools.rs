@@ -8,7 +8,7 @@ use berth_common::spec::check_len;
 
 use super::session_id;
 use crate::error::{Error, Result};
-use crate::sessions::ToolAnswer;
+use crate::ops::sessions::ToolAnswer;
 use crate::store::PendingTool;
 
 /// A `ConfirmTool` request, checked: the session and the answer.

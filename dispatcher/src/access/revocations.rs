@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-use crate::auth::{Authenticator, CACHE_TTL, Caller};
+use crate::access::auth::{Authenticator, CACHE_TTL, Caller};
 use crate::store::Store;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

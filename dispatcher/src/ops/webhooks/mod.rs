@@ -26,9 +26,9 @@ use signature::{content_sha256, delivery_id_ok};
 pub(crate) use signature::{new_secret, sign, verify};
 
 use crate::error::{Error, Result};
+use crate::ops::sessions::Sessions;
 pub(crate) use crate::records::Webhook;
 use crate::session::{NewSession, limits};
-use crate::sessions::Sessions;
 use crate::store::Store;
 
 /// The label every session a webhook makes carries, with its id.
@@ -44,7 +44,7 @@ const SIGNATURE_HEADER: &str = "berth-signature";
 #[derive(Clone)]
 pub(crate) struct Webhooks {
     pub store: Store,
-    pub audit: crate::audit::Audit,
+    pub audit: crate::ops::audit::Audit,
     pub sessions: Sessions,
     /// How far a delivery's timestamp may be from now.
     pub tolerance: Duration,
@@ -290,7 +290,7 @@ impl Webhooks {
             format!("webhook/{}/{}", w.id, hex::encode(content)),
         );
         let by = format!("webhooks/{}", w.webhook_id);
-        let origin = crate::sessions::Origin::Webhook {
+        let origin = crate::ops::sessions::Origin::Webhook {
             delivery: delivery.to_string(),
             agent: w.agent.clone(),
         };

@@ -2,7 +2,7 @@
 //! makes member keys in its own project, and revokes only the keys it made
 //! and itself: never a fleet-admin key, never another member's.
 
-use crate::auth::{Caller, Role};
+use crate::access::auth::{Caller, Role};
 use crate::store::ApiKeyRow;
 
 /// Why a caller may not revoke a key.

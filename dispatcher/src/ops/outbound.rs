@@ -94,7 +94,7 @@ impl Subscriptions {
                 format!("`{bad}` is not one of {}", EVENT_TYPES.join(", ")),
             ));
         }
-        let secret = crate::webhooks::new_secret()?;
+        let secret = crate::ops::webhooks::new_secret()?;
         let s = Subscription {
             id: Uuid::new_v4(),
             project: project.into(),
@@ -217,7 +217,7 @@ impl Deliverer {
         })
         .to_string();
         let timestamp = Utc::now().timestamp().to_string();
-        let signature = crate::webhooks::sign(&d.secret, &timestamp, body.as_bytes());
+        let signature = crate::ops::webhooks::sign(&d.secret, &timestamp, body.as_bytes());
         let request = http::Request::post(&d.url)
             .header("content-type", "application/json")
             .header("user-agent", concat!("berth/", env!("CARGO_PKG_VERSION")))

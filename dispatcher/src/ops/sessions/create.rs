@@ -4,8 +4,8 @@
 use uuid::Uuid;
 
 use super::Sessions;
-use crate::audit::{Action, Detail};
 use crate::error::{Error, Result};
+use crate::ops::audit::{Action, Detail};
 use crate::session::{NewSession, Resource, Session};
 
 /// A display name for a session created without one: the first words of

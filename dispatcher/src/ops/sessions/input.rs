@@ -5,8 +5,8 @@ use berth_common::events::payload::{self};
 use uuid::Uuid;
 
 use super::{Sessions, ToolAnswer};
-use crate::audit::{Action, Detail};
 use crate::error::{Error, Result};
+use crate::ops::audit::{Action, Detail};
 use crate::session::NewEvent;
 use crate::store::ToolEffect;
 

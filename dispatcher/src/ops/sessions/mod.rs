@@ -32,7 +32,7 @@ pub(crate) struct Sessions {
     /// The deployment's queue timeout, for sessions that set none.
     pub queue_timeout: Option<std::time::Duration>,
     /// Where each operation records what it did, and who did it.
-    pub audit: crate::audit::Audit,
+    pub audit: crate::ops::audit::Audit,
 }
 
 /// A page of search results, and the (time, id) the next one starts before.
@@ -65,9 +65,9 @@ impl Sessions {
         &self,
         project: &str,
         by: &str,
-        action: crate::audit::Action,
+        action: crate::ops::audit::Action,
         id: Uuid,
-        detail: crate::audit::Detail,
+        detail: crate::ops::audit::Detail,
     ) {
         self.audit
             .record(project, by, action, &session_name(id), detail)

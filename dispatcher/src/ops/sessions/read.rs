@@ -36,8 +36,8 @@ impl Sessions {
             .store
             .upsert_feedback(id, turn, identity, rating, comment)
             .await?;
-        let detail = crate::audit::Detail::Feedback { turn, rating };
-        let action = crate::audit::Action::SessionFeedback;
+        let detail = crate::ops::audit::Detail::Feedback { turn, rating };
+        let action = crate::ops::audit::Action::SessionFeedback;
         self.audit(project, identity, action, id, detail).await;
         Ok(f)
     }
@@ -99,10 +99,10 @@ impl Sessions {
             events.extend(page);
         }
         Ok(match format {
-            ExportFormat::Markdown => crate::export::markdown(&s, &events).into_bytes(),
-            ExportFormat::Json => crate::export::json(&s, &events).into_bytes(),
-            ExportFormat::Pdf => crate::export_pdf::pdf(
-                &crate::export::markdown(&s, &events),
+            ExportFormat::Markdown => crate::ops::export::markdown(&s, &events).into_bytes(),
+            ExportFormat::Json => crate::ops::export::json(&s, &events).into_bytes(),
+            ExportFormat::Pdf => crate::ops::export_pdf::pdf(
+                &crate::ops::export::markdown(&s, &events),
                 &format!("berth - sessions/{}", s.id),
             ),
         })

@@ -18,7 +18,7 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::Semaphore;
 use tonic::Code;
 
-use crate::auth::Caller;
+use crate::access::auth::Caller;
 use crate::metrics;
 
 /// How long a shed caller is told to wait.

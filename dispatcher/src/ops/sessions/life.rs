@@ -4,8 +4,8 @@ use berth_common::events::payload::StatusDetail;
 use uuid::Uuid;
 
 use super::Sessions;
-use crate::audit::{Action, Detail};
 use crate::error::{Error, Result};
+use crate::ops::audit::{Action, Detail};
 use crate::session::{Session, StatusEvent, session_prefix};
 
 impl Sessions {

@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::ops::sessions::Sessions;
 pub(crate) use crate::records::{Fire, FireKind, NewSchedule, Plan, Schedule};
 use crate::session::{NewSession, limits};
-use crate::sessions::Sessions;
 use crate::store::Store;
 
 /// The label every session a schedule creates carries, with its id.
@@ -132,7 +132,7 @@ pub(crate) fn plan(
 #[derive(Clone)]
 pub(crate) struct Schedules {
     pub store: Store,
-    pub audit: crate::audit::Audit,
+    pub audit: crate::ops::audit::Audit,
     pub sessions: Sessions,
     /// Cron times closer together than this are refused.
     pub min_interval: Duration,
@@ -264,7 +264,7 @@ impl Schedules {
             format!("schedule/{}/{}", s.id, fire_time.timestamp_micros()),
         );
         let by = format!("schedules/{}", s.schedule_id);
-        let origin = crate::sessions::Origin::Schedule {
+        let origin = crate::ops::sessions::Origin::Schedule {
             fire_time: fire_time.to_rfc3339(),
             agent: s.agent.clone(),
         };

@@ -1,0 +1,14 @@
+//! The operations clients call, with no wire types: sessions (create,
+//! steer, their life, reading them), agents, exports, schedules (and the
+//! scheduler that fires them), inbound webhooks (and their server),
+//! outbound subscriptions (and their deliverer), and the audit trail each
+//! operation records into.
+
+pub(crate) mod agents;
+pub(crate) mod audit;
+pub(crate) mod export;
+mod export_pdf;
+pub(crate) mod outbound;
+pub(crate) mod schedules;
+pub(crate) mod sessions;
+pub(crate) mod webhooks;
