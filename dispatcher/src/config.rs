@@ -32,7 +32,11 @@ pub struct Config {
     #[arg(long, env = "BERTH_LISTEN", default_value = "0.0.0.0:7000")]
     pub listen: SocketAddr,
 
-    /// Postgres connection URL.
+    /// Postgres connection URL. TLS as libpq's parameters say: `sslmode=require`
+    /// (encrypted), or `sslmode=verify-full&sslrootcert=/path/ca.pem` (the
+    /// server's certificate checked against its CA, as managed services
+    /// such as RDS, Cloud SQL and Azure publish it; the system's roots are
+    /// trusted too).
     #[arg(
         long,
         env = "DATABASE_URL",

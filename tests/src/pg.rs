@@ -11,6 +11,8 @@ pub struct PrivatePostgres {
     bin: PathBuf,
     port: u16,
     root: bool,
+    /// With TLS: the server's certificate and key, and its CA's file.
+    tls: Option<PathBuf>,
 }
 
 fn pg_bin() -> anyhow::Result<PathBuf> {
@@ -41,6 +43,7 @@ impl PrivatePostgres {
             bin: pg_bin()?,
             port,
             root,
+            tls: None,
         };
         if root {
             run(Command::new("chown").arg("postgres:postgres").arg(&pg.dir))?;
@@ -59,6 +62,52 @@ impl PrivatePostgres {
         Ok(pg)
     }
 
+    /// A fresh server that takes TLS connections only, with a certificate
+    /// for `localhost` signed by `ca`, as managed Postgres services do.
+    pub fn start_tls(ca: &berth_common::tls::DevCa) -> anyhow::Result<Self> {
+        let mut pg = Self::start()?;
+        pg.stop()?;
+        let issued = ca.issue(
+            berth_common::tls::CertKind::Node,
+            &["localhost".to_string()],
+        )?;
+        let data = pg.dir.join("data");
+        std::fs::write(data.join("server.crt"), &issued.cert_pem)?;
+        std::fs::write(data.join("server.key"), &issued.key_pem)?;
+        std::fs::write(pg.dir.join("ca.pem"), &ca.cert_pem)?;
+        // Only TLS over TCP; the local socket stays for the server's tools.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        if pg.root {
+            run(Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(&data))?;
+        }
+        pg.tls = Some(pg.dir.join("ca.pem"));
+        pg.start_again()?;
+        Ok(pg)
+    }
+
+    /// The URL of a TLS server that checks its certificate against the CA
+    /// (`sslmode=verify-full`), as a managed database is reached.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls.as_ref().map(|ca| {
+            format!(
+                "postgres://berth@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+                self.port,
+                ca.display()
+            )
+        })
+    }
+
     /// `postgres://berth@127.0.0.1:PORT/postgres`.
     pub fn url(&self) -> String {
         format!("postgres://berth@127.0.0.1:{}/postgres", self.port)
@@ -71,11 +120,14 @@ impl PrivatePostgres {
 
     /// Starts the (stopped) server again, and waits until it takes connections.
     pub fn start_again(&self) -> anyhow::Result<()> {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
             self.port,
             self.dir.display()
         );
+        if self.tls.is_some() {
+            opts.push_str(" -c ssl=on");
+        }
         let log = self.dir.join("server.log");
         let log = log.to_string_lossy();
         self.pg(&["pg_ctl", "-D", "", "-o", &opts, "-l", &log, "-w", "start"])

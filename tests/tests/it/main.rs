@@ -12,6 +12,7 @@ mod failover;
 mod faults;
 mod fleet;
 mod local;
+mod managed;
 mod notify;
 mod ops;
 mod partition;

@@ -1,0 +1,31 @@
+//! Production's dependencies as managed services give them: a Postgres that
+//! takes TLS connections only, its certificate checked against its CA.
+
+use berth_common::tls::DevCa;
+use berth_tests::pg::PrivatePostgres;
+use berth_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_runs_on_a_postgres_that_requires_tls() -> anyhow::Result<()> {
+    let ca = DevCa::generate("managed Postgres CA")?;
+    let pg = PrivatePostgres::start_tls(&ca)?;
+    let url = pg.tls_url().expect("a TLS server");
+    // The server takes no plaintext connection.
+    let plain = format!("{}?sslmode=disable", pg.url());
+    let refused = <sqlx::PgConnection as sqlx::Connection>::connect(&plain)
+        .await
+        .err()
+        .expect("plaintext is refused");
+    assert!(
+        refused.to_string().contains("pg_hba.conf"),
+        "refused for its missing TLS: {refused}"
+    );
+    // A dispatcher on `sslmode=verify-full` migrates, queues and runs a
+    // session.
+    let cluster = TestCluster::builder().database(url).start().await?;
+    let mut c = cluster.client();
+    let s = idle_session(&mut c, fake_session("echo over tls")).await?;
+    assert_eq!(turn(&mut c, &s.name, "echo still").await?, "still");
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
