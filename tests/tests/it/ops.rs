@@ -688,6 +688,9 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
                         listen.ends_with(&format!(":{port}")),
                         "{name}: scrape port {port} vs {listen}"
                     );
+                    if name == "agent-server" {
+                        host_path_gateway(&tpl["spec"], c);
+                    }
                     let args: Vec<String> = c["args"]
                         .as_vec()
                         .map(|a| {
@@ -934,4 +937,36 @@ async fn dispatcher_sigterm_ends_streams_retryably_and_hands_sessions_back() -> 
         "conversation kept: {history}"
     );
     cluster.shutdown().await
+}
+
+/// The node's gateway directory (`BERTH_GATEWAY_DIR`, else its default) is
+/// mounted from the host at the same path: the host's Docker daemon
+/// bind-mounts it into each session container, so both must see it there.
+fn host_path_gateway(pod: &yaml_rust2::Yaml, container: &yaml_rust2::Yaml) {
+    let dir = container["env"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"].as_str() == Some("BERTH_GATEWAY_DIR"))
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or("/run/berth/gateway");
+    let mount = container["volumeMounts"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"].as_str() == Some(dir))
+        .unwrap_or_else(|| {
+            panic!("agent-server: no volume mounted at its gateway directory {dir}")
+        });
+    let volume = pod["volumes"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the gateway directory's volume");
+    assert_eq!(
+        volume["hostPath"]["path"].as_str(),
+        Some(dir),
+        "agent-server: the gateway directory is the host's {dir}"
+    );
 }
