@@ -641,6 +641,7 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
         "dispatcher.yaml",
         "agent-server.yaml",
         "secrets.example.yaml",
+        "policy.yaml",
         "kustomization.yaml",
     ] {
         for doc in yaml_docs(&format!("deploy/kubernetes/{file}")) {
@@ -691,6 +692,7 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
                     if name == "agent-server" {
                         host_path_gateway(&tpl["spec"], c);
                     }
+                    confined(name, c);
                     let args: Vec<String> = c["args"]
                         .as_vec()
                         .map(|a| {
@@ -968,5 +970,105 @@ fn host_path_gateway(pod: &yaml_rust2::Yaml, container: &yaml_rust2::Yaml) {
         volume["hostPath"]["path"].as_str(),
         Some(dir),
         "agent-server: the gateway directory is the host's {dir}"
+    );
+}
+
+/// A workload's container runs confined: no privilege escalation, every
+/// capability dropped, a read-only root, and a startup probe before
+/// liveness counts.
+fn confined(name: &str, c: &yaml_rust2::Yaml) {
+    let sc = &c["securityContext"];
+    assert_eq!(
+        sc["allowPrivilegeEscalation"].as_bool(),
+        Some(false),
+        "{name}: allowPrivilegeEscalation false"
+    );
+    assert_eq!(
+        sc["readOnlyRootFilesystem"].as_bool(),
+        Some(true),
+        "{name}: a read-only root"
+    );
+    assert!(
+        sc["capabilities"]["drop"]
+            .as_vec()
+            .is_some_and(|d| d.iter().any(|x| x.as_str() == Some("ALL"))),
+        "{name}: every capability dropped"
+    );
+    assert!(
+        c["startupProbe"]["httpGet"]["path"].as_str().is_some(),
+        "{name}: a startup probe"
+    );
+}
+
+/// The manifests are valid against the Kubernetes API's schemas (strict:
+/// no unknown field), checked offline by `kubernetes-validate`, which
+/// `scripts/setup.sh` installs.
+#[test]
+fn kubernetes_manifests_match_the_api_schemas() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let validator = root.join(".berth/venv/bin/kubernetes-validate");
+    let out = std::process::Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .args(
+            [
+                "namespace",
+                "dispatcher",
+                "agent-server",
+                "secrets.example",
+                "policy",
+            ]
+            .map(|f| root.join(format!("deploy/kubernetes/{f}.yaml"))),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", validator.display()));
+    assert!(
+        out.status.success(),
+        "kubernetes-validate: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every workload has a disruption budget, and the nodes take their API's
+/// connections from dispatcher pods only.
+#[test]
+fn workloads_have_budgets_and_nodes_a_network_policy() {
+    let docs = yaml_docs("deploy/kubernetes/policy.yaml");
+    for component in ["dispatcher", "agent-server"] {
+        assert!(
+            docs.iter()
+                .any(|d| d["kind"].as_str() == Some("PodDisruptionBudget")
+                    && d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+                        .as_str()
+                        == Some(component)
+                    && d["spec"]["maxUnavailable"].as_i64() == Some(1)),
+            "a disruption budget for the {component}s"
+        );
+    }
+    let node_policy = docs
+        .iter()
+        .find(|d| {
+            d["kind"].as_str() == Some("NetworkPolicy")
+                && d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"].as_str()
+                    == Some("agent-server")
+        })
+        .expect("a network policy for the nodes");
+    let api_rule = node_policy["spec"]["ingress"]
+        .as_vec()
+        .expect("ingress rules")
+        .iter()
+        .find(|r| {
+            r["ports"]
+                .as_vec()
+                .is_some_and(|p| p.iter().any(|p| p["port"].as_i64() == Some(7443)))
+        })
+        .expect("a rule for the node API");
+    let from = api_rule["from"].as_vec().expect("the node API has sources");
+    assert!(
+        from.iter().all(
+            |f| f["podSelector"]["matchLabels"]["app.kubernetes.io/component"].as_str()
+                == Some("dispatcher")
+        ),
+        "only dispatchers reach the node API: {from:?}"
     );
 }
