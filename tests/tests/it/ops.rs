@@ -1072,3 +1072,114 @@ fn workloads_have_budgets_and_nodes_a_network_policy() {
         "only dispatchers reach the node API: {from:?}"
     );
 }
+
+/// The Helm chart lints clean and renders, for each node engine, manifests
+/// valid against the Kubernetes schemas, in which the node reaches its
+/// engine and shares the gateway directory with it at one path.
+#[test]
+fn the_helm_chart_renders_every_node_engine() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join(".berth/venv/bin");
+    let out = std::env::temp_dir().join(format!("berth-helm-{}", std::process::id()));
+    let run = |cmd: &mut std::process::Command| {
+        let o = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/setup.sh)"));
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(std::process::Command::new(venv.join("python"))
+        .arg(root.join("scripts/helm-render.py"))
+        .arg(&out));
+    for engine in ["host", "dind", "sysbox"] {
+        let file = out.join(format!("{engine}.yaml"));
+        run(std::process::Command::new(venv.join("kubernetes-validate"))
+            .args(["--strict", "--quiet"])
+            .arg(&file));
+        let text = std::fs::read_to_string(&file).expect("rendered");
+        let docs = yaml_rust2::YamlLoader::load_from_str(&text).expect("yaml");
+        let node = docs
+            .iter()
+            .find(|d| d["kind"].as_str() == Some("StatefulSet"))
+            .expect("the nodes");
+        let pod = &node["spec"]["template"]["spec"];
+        let containers = pod["containers"].as_vec().expect("containers");
+        let by_name = |n: &str| containers.iter().find(|c| c["name"].as_str() == Some(n));
+        let agent = by_name("agent-server").expect("the node container");
+        for c in containers
+            .iter()
+            .filter(|c| c["name"].as_str() != Some("engine"))
+        {
+            confined(c["name"].as_str().unwrap_or_default(), c);
+        }
+        let image = agent["image"].as_str().expect("image");
+        assert!(
+            image.ends_with(":0.1.0"),
+            "{engine}: image at the chart's version: {image}"
+        );
+        let env = |name: &str| {
+            agent["env"]
+                .as_vec()
+                .into_iter()
+                .flatten()
+                .find(|e| e["name"].as_str() == Some(name))
+                .and_then(|e| e["value"].as_str())
+                .map(String::from)
+        };
+        let mounts_gateway = |c: &yaml_rust2::Yaml| {
+            c["volumeMounts"]
+                .as_vec()
+                .into_iter()
+                .flatten()
+                .any(|m| m["mountPath"].as_str() == Some("/run/berth/gateway"))
+        };
+        assert_eq!(
+            env("BERTH_GATEWAY_DIR").as_deref(),
+            Some("/run/berth/gateway")
+        );
+        assert!(
+            mounts_gateway(agent),
+            "{engine}: the node mounts its gateway directory"
+        );
+        match engine {
+            "host" => {
+                host_path_gateway(pod, agent);
+                assert_eq!(env("DOCKER_HOST"), None, "host: the machine's socket");
+            }
+            _ => {
+                let sidecar = by_name("engine").expect("an engine sidecar");
+                assert!(
+                    mounts_gateway(sidecar),
+                    "{engine}: the engine sees the gateway at the same path"
+                );
+                assert_eq!(
+                    env("DOCKER_HOST").as_deref(),
+                    Some("unix:///var/run/engine/docker.sock"),
+                    "{engine}: the node reaches its own engine"
+                );
+                let privileged = sidecar["securityContext"]["privileged"].as_bool() == Some(true);
+                assert_eq!(
+                    privileged,
+                    engine == "dind",
+                    "{engine}: privileged only for dind"
+                );
+                assert_eq!(
+                    pod["runtimeClassName"].as_str().is_some(),
+                    engine == "sysbox",
+                    "{engine}: the sysbox RuntimeClass only for sysbox"
+                );
+                let claim = &node["spec"]["volumeClaimTemplates"][0];
+                assert_eq!(
+                    claim["spec"]["resources"]["requests"]["storage"].as_str(),
+                    Some("50Gi"),
+                    "{engine}: the engine's storage is sized by a value"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
