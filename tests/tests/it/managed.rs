@@ -29,3 +29,29 @@ async fn the_dispatcher_runs_on_a_postgres_that_requires_tls() -> anyhow::Result
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// `sslmode=verify-full` refuses a server whose certificate names another
+/// host, and the error says so without the connection string's password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_refuses_a_certificate_for_another_name() -> anyhow::Result<()> {
+    let ca = DevCa::generate("managed Postgres CA")?;
+    let pg = PrivatePostgres::start_tls(&ca)?;
+    // The certificate is for `localhost`; dial the server by its address.
+    let url = pg.tls_url().expect("a TLS server").replace(
+        "postgres://berth@localhost:",
+        "postgres://berth:s3cret-pw@127.0.0.1:",
+    );
+    let err = match TestCluster::builder().database(url).start().await {
+        Ok(cluster) => {
+            cluster.shutdown().await?;
+            anyhow::bail!("a dispatcher started on a server of another name");
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("certificate") || err.contains("Certificate"),
+        "the refusal names the certificate: {err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "the password stays out: {err}");
+    Ok(())
+}
