@@ -631,20 +631,21 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
         );
     }
 
-    // Kubernetes: every document parses; env and args match the flags; the
-    // nodes sit behind a headless service that AGENT_SERVERS names.
+    // Kubernetes (the Helm chart, rendered): every document parses; env and
+    // args match the flags; the nodes sit behind a headless service that
+    // AGENT_SERVERS names.
     let mut kinds = BTreeMap::new();
     let mut headless = BTreeSet::new();
     let mut agent_servers = String::new();
-    for file in [
-        "namespace.yaml",
-        "dispatcher.yaml",
-        "agent-server.yaml",
-        "secrets.example.yaml",
-        "policy.yaml",
-        "kustomization.yaml",
+    let chart = rendered_chart("host");
+    for (file, docs) in [
+        ("the chart", chart),
+        (
+            "secrets.example.yaml",
+            yaml_docs("deploy/kubernetes/secrets.example.yaml"),
+        ),
     ] {
-        for doc in yaml_docs(&format!("deploy/kubernetes/{file}")) {
+        for doc in docs {
             let kind = doc["kind"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{file}: a document without kind"))
@@ -1000,25 +1001,17 @@ fn confined(name: &str, c: &yaml_rust2::Yaml) {
     );
 }
 
-/// The manifests are valid against the Kubernetes API's schemas (strict:
-/// no unknown field), checked offline by `kubernetes-validate`, which
-/// `scripts/setup.sh` installs.
+/// The example secrets are valid against the Kubernetes API's schemas
+/// (strict: no unknown field), checked offline by `kubernetes-validate`,
+/// which `scripts/setup.sh` installs (the chart's output is checked in
+/// `the_helm_chart_renders_every_node_engine`).
 #[test]
-fn kubernetes_manifests_match_the_api_schemas() {
+fn the_example_secrets_match_the_api_schemas() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let validator = root.join(".berth/venv/bin/kubernetes-validate");
     let out = std::process::Command::new(&validator)
         .args(["--strict", "--quiet"])
-        .args(
-            [
-                "namespace",
-                "dispatcher",
-                "agent-server",
-                "secrets.example",
-                "policy",
-            ]
-            .map(|f| root.join(format!("deploy/kubernetes/{f}.yaml"))),
-        )
+        .arg(root.join("deploy/kubernetes/secrets.example.yaml"))
         .output()
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", validator.display()));
     assert!(
@@ -1033,7 +1026,7 @@ fn kubernetes_manifests_match_the_api_schemas() {
 /// connections from dispatcher pods only.
 #[test]
 fn workloads_have_budgets_and_nodes_a_network_policy() {
-    let docs = yaml_docs("deploy/kubernetes/policy.yaml");
+    let docs = rendered_chart("host");
     for component in ["dispatcher", "agent-server"] {
         assert!(
             docs.iter()
@@ -1107,6 +1100,16 @@ fn the_helm_chart_renders_every_node_engine() {
             .find(|d| d["kind"].as_str() == Some("StatefulSet"))
             .expect("the nodes");
         let pod = &node["spec"]["template"]["spec"];
+        for workload in docs
+            .iter()
+            .filter(|d| matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet")))
+        {
+            assert_eq!(
+                workload["spec"]["template"]["spec"]["automountServiceAccountToken"].as_bool(),
+                Some(false),
+                "{engine}: no service account token in berth's pods"
+            );
+        }
         let containers = pod["containers"].as_vec().expect("containers");
         let by_name = |n: &str| containers.iter().find(|c| c["name"].as_str() == Some(n));
         let agent = by_name("agent-server").expect("the node container");
@@ -1182,4 +1185,31 @@ fn the_helm_chart_renders_every_node_engine() {
         }
     }
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The Helm chart rendered for node engine `engine` (by
+/// `scripts/helm-render.py`, once per test process), as YAML documents.
+fn rendered_chart(engine: &str) -> Vec<Yaml> {
+    static RENDERED: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = RENDERED.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = std::env::temp_dir().join(format!("berth-chart-{}", std::process::id()));
+        let o = std::process::Command::new(root.join(".berth/venv/bin/python"))
+            .arg(root.join("scripts/helm-render.py"))
+            .arg(&out)
+            .output()
+            .expect("the venv's python (run scripts/setup.sh)");
+        assert!(
+            o.status.success(),
+            "helm-render.py: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    });
+    let text = std::fs::read_to_string(dir.join(format!("{engine}.yaml"))).expect("rendered");
+    YamlLoader::load_from_str(&text)
+        .expect("yaml")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
 }
