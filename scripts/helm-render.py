@@ -3,8 +3,9 @@
 (helm-python-sdk: no cluster, no helm binary), once per node engine.
 
 Usage: scripts/helm-render.py OUT_DIR
-Writes OUT_DIR/<engine>.yaml for host, dind and sysbox; exits 1 on a lint
-error or a render failure.
+Writes OUT_DIR/<engine>.yaml for host, dind and sysbox, and
+OUT_DIR/monitoring.yaml (the Prometheus Operator's objects, on their own:
+they are custom resources); exits 1 on a lint error or a render failure.
 """
 import os, sys
 
@@ -28,3 +29,9 @@ for engine in ("host", "dind", "sysbox"):
             text = rendered[path].strip()
             if text:
                 f.write(f"---\n# {path}\n{text}\n")
+# The monitoring objects alone (custom resources, not in the API's schemas).
+values = {"monitoring": {"serviceMonitor": True}}
+chart.validate_schema(chart.merge_values(values))
+rendered = chart.render(values, name="berth", namespace="berth", is_install=True)
+with open(os.path.join(out, "monitoring.yaml"), "w") as f:
+    f.write(rendered.get("berth/templates/monitoring.yaml", ""))

@@ -1213,3 +1213,60 @@ fn rendered_chart(engine: &str) -> Vec<Yaml> {
         .filter(|d| !d.is_null())
         .collect()
 }
+
+/// With `monitoring.serviceMonitor`, a ServiceMonitor scrapes each
+/// component on the port its Service names `metrics`, which is the port
+/// the component serves its metrics on.
+#[test]
+fn the_chart_s_service_monitors_scrape_the_metrics_ports() {
+    rendered_chart("host");
+    let dir = std::env::temp_dir().join(format!("berth-chart-{}", std::process::id()));
+    let text = std::fs::read_to_string(dir.join("monitoring.yaml")).expect("rendered");
+    let monitors: Vec<Yaml> = YamlLoader::load_from_str(&text)
+        .expect("yaml")
+        .into_iter()
+        .filter(|d| d["kind"].as_str() == Some("ServiceMonitor"))
+        .collect();
+    assert_eq!(monitors.len(), 2, "one per component");
+    let docs = rendered_chart("host");
+    for m in &monitors {
+        let component = m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+            .as_str()
+            .expect("component");
+        let port_name = m["spec"]["endpoints"][0]["port"].as_str().expect("port");
+        let service = docs
+            .iter()
+            .find(|d| {
+                d["kind"].as_str() == Some("Service")
+                    && d["spec"]["selector"]["app.kubernetes.io/component"].as_str()
+                        == Some(component)
+            })
+            .expect("the component's service");
+        let port = service["spec"]["ports"]
+            .as_vec()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"].as_str() == Some(port_name))
+            .and_then(|p| p["port"].as_i64())
+            .unwrap_or_else(|| panic!("{component}: no service port named {port_name}"));
+        let workload = docs
+            .iter()
+            .find(|d| {
+                matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet"))
+                    && d["metadata"]["labels"]["app.kubernetes.io/component"].as_str()
+                        == Some(component)
+            })
+            .expect("the component's workload");
+        let listen = workload["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_vec()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"].as_str() == Some("BERTH_METRICS_LISTEN"))
+            .and_then(|e| e["value"].as_str())
+            .expect("metrics listen");
+        assert!(
+            listen.ends_with(&format!(":{port}")),
+            "{component}: the monitor scrapes {port}, the component serves {listen}"
+        );
+    }
+}
