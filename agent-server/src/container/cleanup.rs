@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use berth_common::sync::lock;
-use bollard::query_parameters::{ListContainersOptionsBuilder, RemoveContainerOptionsBuilder};
+use bollard::query_parameters::{
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
 
 use super::{ContainerRuntime, Error, LABEL_MANAGED, LABEL_NODE, LABEL_POOL};
 
@@ -24,11 +26,18 @@ impl ContainerRuntime {
             .force(true)
             .v(true)
             .build();
-        // A frozen container (see `freezer.rs`) is thawed first: killing
-        // one that is still frozen never finishes under the cgroup v1
-        // freezer, and holds the container until someone thaws it.
-        if let Err(e) = self.docker.unpause_container(container_id).await {
-            tracing::trace!(container_id, error = %e, "unpause before removal");
+        // A frozen container (see `freezer.rs`) is killed while still
+        // frozen: Docker sends SIGKILL, then thaws it, so its processes die
+        // as they thaw without running another instruction (a superseded
+        // run never runs beside its replacement). An engine that refuses
+        // to kill a paused container gets it thawed first (removing one
+        // still frozen never finishes under the cgroup v1 freezer).
+        let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
+        if let Err(e) = self.docker.kill_container(container_id, Some(kill)).await {
+            tracing::trace!(container_id, error = %e, "kill before removal");
+            if let Err(e) = self.docker.unpause_container(container_id).await {
+                tracing::trace!(container_id, error = %e, "unpause before removal");
+            }
         }
         let histogram = metrics::histogram!(crate::metrics::CONTAINER_REMOVE);
         let removed = crate::metrics::timed(
