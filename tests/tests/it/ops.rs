@@ -1270,3 +1270,49 @@ fn the_chart_s_service_monitors_scrape_the_metrics_ports() {
         );
     }
 }
+
+/// Bad chart values fail at template time with an error that names the
+/// value: a missing Secret, an engine the chart does not know.
+#[test]
+fn bad_chart_values_fail_naming_the_value() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = r#"
+import json, sys
+import helm_python as helm
+chart = helm.Chart.load(sys.argv[1])
+out = {}
+for name, values in [
+    ("no secrets key", {"secrets": {"secretsKey": ""}}),
+    ("no node certificates", {"secrets": {"nodeTls": ""}}),
+    ("an unknown engine", {"nodes": {"engine": "kata"}}),
+    ("a latest tag", {"image": {"tag": "latest"}}),
+]:
+    try:
+        chart.validate_schema(chart.merge_values(values))
+        chart.render(values, name="berth", namespace="berth")
+        out[name] = ""
+    except helm.HelmError as e:
+        out[name] = str(e)
+print(json.dumps(out))
+"#;
+    let o = std::process::Command::new(root.join(".berth/venv/bin/python"))
+        .args(["-c", script])
+        .arg(root.join("deploy/helm/berth"))
+        .output()
+        .expect("the venv's python (run scripts/setup.sh)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let errors: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&o.stdout).expect("json");
+    for (case, names) in [
+        ("no secrets key", "secrets.secretsKey"),
+        ("no node certificates", "secrets.nodeTls"),
+        ("an unknown engine", "/nodes/engine"),
+        ("a latest tag", "/image/tag"),
+    ] {
+        let err = &errors[case];
+        assert!(
+            err.contains(names),
+            "{case}: the error names {names}: {err:?}"
+        );
+    }
+}
