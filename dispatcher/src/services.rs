@@ -104,6 +104,7 @@ impl Parts {
             agents: agents::Agents {
                 store: store.clone(),
                 objects,
+                audit: audit.clone(),
             },
             store,
             authenticator,

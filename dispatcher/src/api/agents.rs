@@ -11,7 +11,6 @@ use super::convert::agent_spec;
 use crate::access::auth::caller;
 use crate::error::Error;
 use crate::ops::agents::Agents;
-use crate::ops::audit::{Action, Detail};
 use crate::session::limits;
 
 /// Serves `berth.v1.Agents` and `berth.v1.Files`.
@@ -39,28 +38,6 @@ fn file_id(name: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(id).map_err(|_| Error::NotFound(format!("file files/{id} not found")))
 }
 
-impl AgentsService {
-    /// Records `who`'s `action` on agent `a` (at its version).
-    async fn audit(
-        &self,
-        who: &crate::access::auth::Caller,
-        action: Action,
-        a: &crate::session::Agent,
-    ) {
-        crate::ops::audit::Audit {
-            store: self.agents.store.clone(),
-        }
-        .record(
-            &who.project,
-            &who.identity(),
-            action,
-            &format!("agents/{}", a.id),
-            Detail::AgentVersion { version: a.version },
-        )
-        .await;
-    }
-}
-
 #[tonic::async_trait]
 impl AgentsApi for AgentsService {
     async fn create_agent(
@@ -77,8 +54,10 @@ impl AgentsApi for AgentsService {
             .into());
         }
         let spec = agent_spec(r.spec)?;
-        let a = self.agents.create(&who.project, &r.agent_id, &spec).await?;
-        self.audit(&who, Action::AgentCreate, &a).await;
+        let a = self
+            .agents
+            .create(&who.project, &r.agent_id, &spec, &who.identity())
+            .await?;
         Ok(Response::new(a.into()))
     }
 
@@ -145,8 +124,10 @@ impl AgentsApi for AgentsService {
             .into());
         }
         let spec = agent_spec(r.spec)?;
-        let a = self.agents.update(&who.project, id, &spec).await?;
-        self.audit(&who, Action::AgentUpdate, &a).await;
+        let a = self
+            .agents
+            .update(&who.project, id, &spec, &who.identity())
+            .await?;
         Ok(Response::new(a.into()))
     }
 
@@ -157,8 +138,10 @@ impl AgentsApi for AgentsService {
         let who = caller(&r)?;
         let name = r.into_inner().name;
         let (id, _) = agent_name(&name)?;
-        let a = self.agents.archive(&who.project, id).await?;
-        self.audit(&who, Action::AgentArchive, &a).await;
+        let a = self
+            .agents
+            .archive(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(a.into()))
     }
 }

@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 use super::pages::{self, page_size};
 use crate::access::auth::caller;
 use crate::error::Error;
-use crate::ops::audit::{Action, Detail};
 use crate::ops::schedules::{self, Fire, FireKind, NewSchedule, Schedule, Schedules};
 
 /// Serves `berth.v1.Schedules`.
@@ -77,26 +76,7 @@ impl From<Fire> for pb::ScheduleFire {
     }
 }
 
-impl SchedulesService {
-    async fn audit(
-        &self,
-        who: &crate::access::auth::Caller,
-        action: Action,
-        id: &str,
-        detail: Detail,
-    ) {
-        self.schedules
-            .audit
-            .record(
-                &who.project,
-                &who.identity(),
-                action,
-                &format!("{PREFIX}{id}"),
-                detail,
-            )
-            .await;
-    }
-}
+impl SchedulesService {}
 
 #[tonic::async_trait]
 impl SchedulesApi for SchedulesService {
@@ -122,13 +102,6 @@ impl SchedulesApi for SchedulesService {
             .schedules
             .create(&who.project, &who.identity(), new)
             .await?;
-        let detail = Detail::Schedule {
-            agent: created.agent.clone(),
-            cron: created.cron.clone(),
-            timezone: created.timezone.clone(),
-        };
-        self.audit(&who, Action::ScheduleCreate, &created.schedule_id, detail)
-            .await;
         Ok(Response::new(created.into()))
     }
 
@@ -171,9 +144,10 @@ impl SchedulesApi for SchedulesService {
     ) -> Result<Response<pb::Schedule>, Status> {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
-        let s = self.schedules.suspend(&who.project, id).await?;
-        self.audit(&who, Action::ScheduleSuspend, id, Detail::None {})
-            .await;
+        let s = self
+            .schedules
+            .suspend(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(s.into()))
     }
 
@@ -183,9 +157,10 @@ impl SchedulesApi for SchedulesService {
     ) -> Result<Response<pb::Schedule>, Status> {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
-        let s = self.schedules.resume(&who.project, id).await?;
-        self.audit(&who, Action::ScheduleResume, id, Detail::None {})
-            .await;
+        let s = self
+            .schedules
+            .resume(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(s.into()))
     }
 
@@ -203,12 +178,10 @@ impl SchedulesApi for SchedulesService {
         )
         .map_err(Error::from)?;
         let request_id = Some(r.request_id.as_str()).filter(|s| !s.is_empty());
-        let fire = self.schedules.trigger(&who.project, id, request_id).await?;
-        let detail = Detail::Triggered {
-            session: fire.session_id.map(berth_common::names::session_name),
-            request_id: request_id.map(String::from),
-        };
-        self.audit(&who, Action::ScheduleTrigger, id, detail).await;
+        let fire = self
+            .schedules
+            .trigger(&who.project, id, request_id, &who.identity())
+            .await?;
         Ok(Response::new(fire.into()))
     }
 
@@ -218,9 +191,9 @@ impl SchedulesApi for SchedulesService {
     ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
         let who = caller(&r)?;
         let id = schedule_id(&r.get_ref().name)?;
-        self.schedules.delete(&who.project, id).await?;
-        self.audit(&who, Action::ScheduleDelete, id, Detail::None {})
-            .await;
+        self.schedules
+            .delete(&who.project, id, &who.identity())
+            .await?;
         Ok(Response::new(pb::DeleteScheduleResponse {}))
     }
 

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use berth_common::objects::ObjectStore;
 
 use crate::error::{Error, Result};
+use crate::ops::audit::{Action, Audit, Detail};
 use crate::session::{Agent, AgentSpec, FileInfo, file_key};
 use crate::store::Store;
 
@@ -16,12 +17,30 @@ use crate::store::Store;
 pub(crate) struct Agents {
     pub store: Store,
     pub objects: ObjectStore,
+    /// Where each change to an agent is recorded, with who made it.
+    pub audit: Audit,
 }
 
 impl Agents {
-    pub(crate) async fn create(&self, project: &str, id: &str, spec: &AgentSpec) -> Result<Agent> {
+    /// Records that `by` did `action` to agent `a` (at its version).
+    async fn audit(&self, project: &str, by: &str, action: Action, a: &Agent) {
+        let detail = Detail::AgentVersion { version: a.version };
+        let resource = format!("agents/{}", a.id);
+        self.audit
+            .record(project, by, action, &resource, detail)
+            .await;
+    }
+
+    pub(crate) async fn create(
+        &self,
+        project: &str,
+        id: &str,
+        spec: &AgentSpec,
+        by: &str,
+    ) -> Result<Agent> {
         let a = self.store.create_agent(project, id, spec).await?;
         tracing::info!(project, agent = %id, "agent created");
+        self.audit(project, by, Action::AgentCreate, &a).await;
         Ok(a)
     }
 
@@ -41,14 +60,23 @@ impl Agents {
             .await
     }
 
-    pub(crate) async fn update(&self, project: &str, id: &str, spec: &AgentSpec) -> Result<Agent> {
+    pub(crate) async fn update(
+        &self,
+        project: &str,
+        id: &str,
+        spec: &AgentSpec,
+        by: &str,
+    ) -> Result<Agent> {
         let a = self.store.update_agent(project, id, spec).await?;
         tracing::info!(project, agent = %id, version = a.version, "agent updated");
+        self.audit(project, by, Action::AgentUpdate, &a).await;
         Ok(a)
     }
 
-    pub(crate) async fn archive(&self, project: &str, id: &str) -> Result<Agent> {
-        self.store.archive_agent(project, id).await
+    pub(crate) async fn archive(&self, project: &str, id: &str, by: &str) -> Result<Agent> {
+        let a = self.store.archive_agent(project, id).await?;
+        self.audit(project, by, Action::AgentArchive, &a).await;
+        Ok(a)
     }
 
     /// Stores the object first, then the row: a row always has its object.

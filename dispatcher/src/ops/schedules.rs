@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::ops::audit::{Action, Detail};
 use crate::ops::sessions::Sessions;
 pub(crate) use crate::records::{Fire, FireKind, NewSchedule, Plan, Schedule};
 use crate::session::{NewSession, limits};
@@ -173,9 +174,39 @@ impl Schedules {
             new.timezone.clone()
         };
         let next = (!new.suspended).then(|| spec.next_after(now)).flatten();
-        self.store
+        let created = self
+            .store
             .create_schedule(project, creator, &new, &timezone, next)
-            .await
+            .await?;
+        let detail = Detail::Schedule {
+            agent: created.agent.clone(),
+            cron: created.cron.clone(),
+            timezone: created.timezone.clone(),
+        };
+        self.record(
+            project,
+            creator,
+            Action::ScheduleCreate,
+            &created.schedule_id,
+            detail,
+        )
+        .await;
+        Ok(created)
+    }
+
+    /// Records that `by` did `action` to schedule `schedule_id`.
+    async fn record(
+        &self,
+        project: &str,
+        by: &str,
+        action: Action,
+        schedule_id: &str,
+        detail: Detail,
+    ) {
+        let resource = format!("schedules/{schedule_id}");
+        self.audit
+            .record(project, by, action, &resource, detail)
+            .await;
     }
 
     pub async fn get(&self, project: &str, schedule_id: &str) -> Result<Schedule> {
@@ -191,25 +222,54 @@ impl Schedules {
         self.store.list_schedules(project, after, limit).await
     }
 
-    pub async fn suspend(&self, project: &str, schedule_id: &str) -> Result<Schedule> {
-        self.store
+    pub async fn suspend(&self, project: &str, schedule_id: &str, by: &str) -> Result<Schedule> {
+        let s = self
+            .store
             .set_schedule_suspended(project, schedule_id, None)
-            .await
+            .await?;
+        self.record(
+            project,
+            by,
+            Action::ScheduleSuspend,
+            schedule_id,
+            Detail::None {},
+        )
+        .await;
+        Ok(s)
     }
 
     /// Resumes from the next cron time after now: fires due while suspended
     /// are not made up.
-    pub async fn resume(&self, project: &str, schedule_id: &str) -> Result<Schedule> {
+    pub async fn resume(&self, project: &str, schedule_id: &str, by: &str) -> Result<Schedule> {
         let s = self.get(project, schedule_id).await?;
         let spec = CronSpec::parse(&s.cron, &s.timezone)?;
         let next = spec.next_after(Utc::now());
-        self.store
+        let s = self
+            .store
             .set_schedule_suspended(project, schedule_id, Some(next))
-            .await
+            .await?;
+        self.record(
+            project,
+            by,
+            Action::ScheduleResume,
+            schedule_id,
+            Detail::None {},
+        )
+        .await;
+        Ok(s)
     }
 
-    pub async fn delete(&self, project: &str, schedule_id: &str) -> Result<()> {
-        self.store.delete_schedule(project, schedule_id).await
+    pub async fn delete(&self, project: &str, schedule_id: &str, by: &str) -> Result<()> {
+        self.store.delete_schedule(project, schedule_id).await?;
+        self.record(
+            project,
+            by,
+            Action::ScheduleDelete,
+            schedule_id,
+            Detail::None {},
+        )
+        .await;
+        Ok(())
     }
 
     pub async fn fires(
@@ -230,6 +290,7 @@ impl Schedules {
         project: &str,
         schedule_id: &str,
         request_id: Option<&str>,
+        by: &str,
     ) -> Result<Fire> {
         let s = self.get(project, schedule_id).await?;
         // Microseconds: what Postgres keeps of a time.
@@ -242,7 +303,14 @@ impl Schedules {
         if fire_time == now {
             self.complete(&s, fire_time).await;
         }
-        self.store.get_fire(&s, fire_time).await
+        let fire = self.store.get_fire(&s, fire_time).await?;
+        let detail = Detail::Triggered {
+            session: fire.session_id.map(berth_common::names::session_name),
+            request_id: request_id.map(String::from),
+        };
+        self.record(project, by, Action::ScheduleTrigger, schedule_id, detail)
+            .await;
+        Ok(fire)
     }
 
     /// Creates the session of a claimed fire and records it. A transient
