@@ -46,7 +46,7 @@ impl NodeApi {
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::channel(OUT_BUFFER);
         let evict_key = spec.evict_snapshot_key.clone();
-        tokio::spawn(session::run(
+        self.node.tasks.spawn(session::run(
             self.node.clone(),
             start.session_id.clone(),
             epoch,
@@ -233,7 +233,7 @@ impl AgentServer for NodeApi {
         };
         // Inbound frames become commands (see `commands_from`); the stream
         // ends when the run stops sending, not when this does.
-        tokio::spawn(commands_from(
+        self.node.tasks.spawn(commands_from(
             inbound,
             run,
             runs,

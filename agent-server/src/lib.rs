@@ -149,6 +149,17 @@ pub async fn run_with_drain(
     let served = serve(node.clone(), listener, tls, shutdown, &loops).await;
     node.shutdown.cancel();
     node.wait_idle().await;
+    // The runs' tasks end with their runs and streams.
+    node.tasks.close();
+    if tokio::time::timeout(TASKS_GRACE, node.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = node.tasks.len(),
+            "run tasks still going {TASKS_GRACE:?} after the runs ended"
+        );
+    }
     // Each pool removes its spares as it stops (loops an undrain started too).
     node.pools.stopped().await;
     node.processes.stopped().await;
@@ -158,6 +169,9 @@ pub async fn run_with_drain(
     node.runtime.remove_gateway_root();
     served
 }
+
+/// How long shutdown waits for run tasks once every run has ended.
+const TASKS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Keeps the node's capacity, running and draining gauges current until
 /// the node shuts down.

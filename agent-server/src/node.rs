@@ -118,6 +118,9 @@ pub struct Node {
     evict: CancellationToken,
     /// The origin of the node's own clock in `listed_at_ms`.
     clock: tokio::time::Instant,
+    /// Every run's session task and its streams' command pumps: shutdown
+    /// awaits them.
+    pub tasks: tokio_util::task::TaskTracker,
     /// How long a confirmation lasts, as the last reconcile pass said (ms).
     lease_ms: AtomicU64,
 }
@@ -187,6 +190,7 @@ impl Node {
             shutdown,
             evict: CancellationToken::new(),
             clock: tokio::time::Instant::now(),
+            tasks: tokio_util::task::TaskTracker::new(),
             lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
         })
     }

@@ -88,7 +88,7 @@ pub async fn run(
     let drivers = TaskTracker::new();
     let served = async {
         services::spawn_loops(&cfg, &parts, &loops, &drivers, &shutdown).await?;
-        services::serve_api(&cfg, listener, parts, &shutdown).await
+        services::serve_api(&cfg, listener, parts, &shutdown, &loops).await
     }
     .await;
     // Each driver re-queues its session (status `rescheduling`) so another

@@ -254,12 +254,14 @@ impl Services {
     }
 }
 
-/// Serves the public API on `listener` until `shutdown` is cancelled.
+/// Serves the public API on `listener` until `shutdown` is cancelled; the
+/// tasks its streams start run on `loops`.
 pub(crate) async fn serve_api(
     cfg: &Config,
     listener: TcpListener,
     parts: Parts,
     shutdown: &CancellationToken,
+    loops: &TaskTracker,
 ) -> anyhow::Result<()> {
     let (reporter, health, reflection, reflection_alpha) = health_and_reflection(&["berth.v1"])?;
     let store = &parts.store;
@@ -273,6 +275,7 @@ pub(crate) async fn serve_api(
                 sessions: parts.sessions.clone(),
                 shutdown: shutdown.clone(),
                 auth: parts.authenticator.clone(),
+                tasks: loops.clone(),
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

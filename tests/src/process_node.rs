@@ -40,7 +40,7 @@ impl ProcessNode {
     pub async fn start_in(
         cluster: &TestCluster,
         args: &[&str],
-        netns: Option<&std::sync::Arc<crate::netns::NetNs>>,
+        netns: Option<&crate::netns::NetNs>,
     ) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let id = format!("pnode-{tag}");

@@ -35,6 +35,8 @@ pub(super) struct Connect<'a> {
     pub shutdown: &'a tokio_util::sync::CancellationToken,
     /// Ends a revoked key's stream.
     pub auth: &'a std::sync::Arc<Authenticator>,
+    /// Owns the stream's command task.
+    pub tasks: &'a tokio_util::task::TaskTracker,
 }
 
 pub(super) async fn connect(
@@ -69,7 +71,7 @@ pub(super) async fn connect(
     let (sessions, shutdown) = (svc.sessions.clone(), svc.shutdown.clone());
     let revoked = key_revoked(svc.auth.clone(), &who);
     let (project, identity) = (who.project.clone(), who.identity());
-    tokio::spawn(async move {
+    svc.tasks.spawn(async move {
         tokio::pin!(revoked);
         let steer = Steer {
             sessions: &sessions,

@@ -5,7 +5,6 @@
 //! seconds. Cut off two ways: a proxy that goes silent, and a kernel
 //! partition of a network namespace.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
@@ -94,7 +93,7 @@ async fn a_partitioned_node_never_leaves_two_live_agents_for_one_session() -> an
         .configure_node(|_, cfg, _| cfg.checkpoint_interval = Duration::ZERO)
         .start()
         .await?;
-    let ns = Arc::new(NetNs::create()?);
+    let ns = NetNs::create()?;
     let node = ProcessNode::start_in(
         &cluster,
         &["--capacity", "2", "--checkpoint-interval", "0"],
@@ -135,5 +134,7 @@ async fn a_partitioned_node_never_leaves_two_live_agents_for_one_session() -> an
     )
     .await?;
     drop(node);
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    ns.close().await;
+    Ok(())
 }

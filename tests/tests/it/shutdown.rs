@@ -12,9 +12,15 @@ use berth_tests::*;
 /// How long the receiver holds each delivery before it answers.
 const HOLD: Duration = Duration::from_secs(2);
 
-/// Starts a receiver on loopback that answers each POST after [`HOLD`];
-/// returns its address and the `Berth-Delivery` ids it was sent.
-async fn slow_receiver() -> anyhow::Result<(std::net::SocketAddr, Arc<Mutex<Vec<String>>>)> {
+/// A receiver on loopback that answers each POST after [`HOLD`].
+struct SlowReceiver {
+    addr: std::net::SocketAddr,
+    /// The `Berth-Delivery` ids it was sent, in order.
+    got: Arc<Mutex<Vec<String>>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn slow_receiver() -> anyhow::Result<SlowReceiver> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let got: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -35,13 +41,14 @@ async fn slow_receiver() -> anyhow::Result<(std::net::SocketAddr, Arc<Mutex<Vec<
             }
         }),
     );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((addr, got))
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(SlowReceiver { addr, got, server })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_dispatcher_finishes_the_delivery_it_is_sending() -> anyhow::Result<()> {
-    let (addr, got) = slow_receiver().await?;
+    let receiver = slow_receiver().await?;
+    let (addr, got) = (receiver.addr, receiver.got.clone());
     let mut cluster = TestCluster::builder()
         .configure_dispatcher(|cfg| {
             cfg.subscription_allow_http_hosts = vec!["127.0.0.1".into()];
@@ -94,5 +101,8 @@ async fn a_stopping_dispatcher_finishes_the_delivery_it_is_sending() -> anyhow::
         "the delivery was sent once: {sent:?}"
     );
     stop_and_wait(&mut c, &s.name).await?;
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    receiver.server.abort();
+    let _ = receiver.server.await;
+    Ok(())
 }
