@@ -427,7 +427,7 @@ impl Drop for TestCluster {
 
 /// The `berth` binary `scripts/setup.sh` builds beside the tests.
 pub fn berth_bin() -> std::path::PathBuf {
-    forwarder().with_file_name("berth")
+    built_binary("berth")
 }
 
 /// `berth` against `cluster`, with no user config in the way.

@@ -80,13 +80,30 @@ pub fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The `berth-forward` binary `scripts/setup.sh` builds beside the tests.
-pub fn forwarder() -> std::path::PathBuf {
+/// The binary `name` that `scripts/setup.sh` builds beside the tests.
+pub fn built_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     exe.ancestors()
-        .map(|d| d.join("berth-forward"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| "target/debug/berth-forward".into())
+        .unwrap_or_else(|| format!("target/debug/{name}").into())
+}
+
+/// The `berth-forward` binary `scripts/setup.sh` builds beside the tests.
+pub fn forwarder() -> std::path::PathBuf {
+    built_binary("berth-forward")
+}
+
+/// A `/proc/PID/status` figure in kB (`VmRSS`, `VmHWM`…), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
 }
 
 /// A test node's egress gateway: the built forwarder, a directory of its

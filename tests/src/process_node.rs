@@ -6,11 +6,7 @@ use super::*;
 
 /// The node binary `scripts/setup.sh` builds beside the tests.
 pub fn node_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    exe.ancestors()
-        .map(|d| d.join("berth-agent-server"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| "target/debug/berth-agent-server".into())
+    built_binary("berth-agent-server")
 }
 
 /// A node process serving mTLS with a certificate of the cluster's CA, and
@@ -115,13 +111,7 @@ impl ProcessNode {
 
     /// The most memory the process has held so far (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc/PID/status")?;
-        Ok(kib * 1024)
+        proc_status_bytes(self.child.id(), "VmHWM")
     }
 
     /// What the node has logged so far.

@@ -75,14 +75,7 @@ pub(super) async fn spawn_dispatcher(
 
 /// Resident memory of a process, in bytes.
 pub(super) fn rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
-    Ok(kb * 1024)
+    berth_tests::proc_status_bytes(pid, "VmRSS")
 }
 
 /// A fresh secrets key file in `dir`.
