@@ -152,7 +152,18 @@ impl ObjectStore {
 
     /// Stores `body` at `key`, replacing what was there.
     pub async fn put(&self, key: &str, body: Bytes) -> Result<()> {
-        self.put_stream(key, &body[..]).await.map(|_| ())
+        match self {
+            // In one request, without a copy, when it fits in one part.
+            Self::S3 {
+                client,
+                bucket,
+                prefix,
+            } if body.len() < PART_BYTES => {
+                check_key(key)?;
+                stream::put_one(client, bucket, &format!("{prefix}{key}"), key, body).await
+            }
+            _ => self.put_stream(key, &body[..]).await.map(|_| ()),
+        }
     }
 
     /// The object at `key`, or `None` when there is none.

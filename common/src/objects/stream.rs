@@ -73,14 +73,7 @@ impl ObjectStore {
                 if first.len() < PART_BYTES {
                     // All of it fits in one part: one PUT.
                     let n = first.len() as u64;
-                    client
-                        .put_object()
-                        .bucket(bucket)
-                        .key(&full)
-                        .body(ByteStream::from(first.freeze()))
-                        .send()
-                        .await
-                        .map_err(|e| backend("put", key, DisplayErrorContext(e)))?;
+                    put_one(client, bucket, &full, key, first.freeze()).await?;
                     return Ok(n);
                 }
                 let upload = client
@@ -142,6 +135,25 @@ impl ObjectStore {
     }
 }
 
+/// Stores `body` at `full` (the prefixed `key`) in one S3 PUT.
+pub(super) async fn put_one(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    full: &str,
+    key: &str,
+    body: bytes::Bytes,
+) -> Result<()> {
+    client
+        .put_object()
+        .bucket(bucket)
+        .key(full)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| backend("put", key, DisplayErrorContext(e)))
+}
+
 /// Uploads `first` and the rest of `body` as the parts of upload `id`, then
 /// completes it. Returns the object's size.
 async fn upload_parts(
@@ -201,11 +213,15 @@ async fn upload_parts(
     Ok(total)
 }
 
-/// Reads up to [`PART_BYTES`] from `body`: fewer only at its end.
+/// Reads up to [`PART_BYTES`] from `body`: fewer only at its end. The
+/// buffer grows as the body comes: a small object never costs a part.
 async fn read_part(body: &mut (impl AsyncRead + Unpin)) -> std::io::Result<BytesMut> {
-    let mut buf = BytesMut::with_capacity(PART_BYTES);
+    const STEP: usize = 64 << 10;
+    let mut buf = BytesMut::new();
     while buf.len() < PART_BYTES {
-        if body.read_buf(&mut buf).await? == 0 {
+        buf.reserve(STEP.min(PART_BYTES - buf.len()));
+        let room = PART_BYTES - buf.len();
+        if (&mut *body).take(room as u64).read_buf(&mut buf).await? == 0 {
             break;
         }
     }
