@@ -679,13 +679,7 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
                             "k8s {name} sets {k}, which its binary does not read"
                         );
                     }
-                    let listen = c["env"]
-                        .as_vec()
-                        .expect("env")
-                        .iter()
-                        .find(|e| e["name"].as_str() == Some("BERTH_METRICS_LISTEN"))
-                        .and_then(|e| e["value"].as_str())
-                        .expect("metrics listen");
+                    let listen = env_value(c, "BERTH_METRICS_LISTEN").expect("metrics listen");
                     assert!(
                         listen.ends_with(&format!(":{port}")),
                         "{name}: scrape port {port} vs {listen}"
@@ -714,13 +708,8 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
                         c["livenessProbe"]["httpGet"]["path"].as_str(),
                         Some("/healthz")
                     );
-                    if let Some(v) = c["env"]
-                        .as_vec()
-                        .expect("env")
-                        .iter()
-                        .find(|e| e["name"].as_str() == Some("AGENT_SERVERS"))
-                    {
-                        agent_servers = v["value"].as_str().expect("value").to_string();
+                    if let Some(v) = env_value(c, "AGENT_SERVERS") {
+                        agent_servers = v.to_string();
                     }
                 }
                 if kind == "StatefulSet" {
@@ -946,13 +935,7 @@ async fn dispatcher_sigterm_ends_streams_retryably_and_hands_sessions_back() -> 
 /// mounted from the host at the same path: the host's Docker daemon
 /// bind-mounts it into each session container, so both must see it there.
 fn host_path_gateway(pod: &yaml_rust2::Yaml, container: &yaml_rust2::Yaml) {
-    let dir = container["env"]
-        .as_vec()
-        .into_iter()
-        .flatten()
-        .find(|e| e["name"].as_str() == Some("BERTH_GATEWAY_DIR"))
-        .and_then(|e| e["value"].as_str())
-        .unwrap_or("/run/berth/gateway");
+    let dir = env_value(container, "BERTH_GATEWAY_DIR").unwrap_or("/run/berth/gateway");
     let mount = container["volumeMounts"]
         .as_vec()
         .into_iter()
@@ -1072,29 +1055,21 @@ fn workloads_have_budgets_and_nodes_a_network_policy() {
 #[test]
 fn the_helm_chart_renders_every_node_engine() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = root.join(".berth/venv/bin");
-    let out = std::env::temp_dir().join(format!("berth-helm-{}", std::process::id()));
-    let run = |cmd: &mut std::process::Command| {
-        let o = cmd
+    let validator = root.join(".berth/venv/bin/kubernetes-validate");
+    for engine in ["host", "dind", "sysbox"] {
+        let docs = rendered_chart(engine);
+        let file = chart_dir().join(format!("{engine}.yaml"));
+        let o = std::process::Command::new(&validator)
+            .args(["--strict", "--quiet"])
+            .arg(&file)
             .output()
-            .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/setup.sh)"));
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", validator.display()));
         assert!(
             o.status.success(),
-            "{cmd:?}: {}{}",
+            "kubernetes-validate {engine}: {}{}",
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-    };
-    run(std::process::Command::new(venv.join("python"))
-        .arg(root.join("scripts/helm-render.py"))
-        .arg(&out));
-    for engine in ["host", "dind", "sysbox"] {
-        let file = out.join(format!("{engine}.yaml"));
-        run(std::process::Command::new(venv.join("kubernetes-validate"))
-            .args(["--strict", "--quiet"])
-            .arg(&file));
-        let text = std::fs::read_to_string(&file).expect("rendered");
-        let docs = yaml_rust2::YamlLoader::load_from_str(&text).expect("yaml");
         let node = docs
             .iter()
             .find(|d| d["kind"].as_str() == Some("StatefulSet"))
@@ -1124,15 +1099,7 @@ fn the_helm_chart_renders_every_node_engine() {
             image.ends_with(":0.1.0"),
             "{engine}: image at the chart's version: {image}"
         );
-        let env = |name: &str| {
-            agent["env"]
-                .as_vec()
-                .into_iter()
-                .flatten()
-                .find(|e| e["name"].as_str() == Some(name))
-                .and_then(|e| e["value"].as_str())
-                .map(String::from)
-        };
+        let env = |name: &str| env_value(agent, name).map(String::from);
         let mounts_gateway = |c: &yaml_rust2::Yaml| {
             c["volumeMounts"]
                 .as_vec()
@@ -1184,14 +1151,34 @@ fn the_helm_chart_renders_every_node_engine() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&out);
 }
 
-/// The Helm chart rendered for node engine `engine` (by
-/// `scripts/helm-render.py`, once per test process), as YAML documents.
-fn rendered_chart(engine: &str) -> Vec<Yaml> {
+/// A container's env var `name`, as a Kubernetes manifest sets it.
+fn env_value<'a>(container: &'a Yaml, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_vec()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .and_then(|e| e["value"].as_str())
+}
+
+/// The Helm chart rendered (by `scripts/helm-render.py`, once per test
+/// process) for node engine `which` (`host`, `dind`, `sysbox`), or its
+/// `monitoring` objects, as YAML documents.
+fn rendered_chart(which: &str) -> Vec<Yaml> {
+    let text =
+        std::fs::read_to_string(chart_dir().join(format!("{which}.yaml"))).expect("rendered");
+    YamlLoader::load_from_str(&text)
+        .expect("yaml")
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// Where the chart was rendered (rendered on first use in this process).
+fn chart_dir() -> &'static std::path::Path {
     static RENDERED: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    let dir = RENDERED.get_or_init(|| {
+    RENDERED.get_or_init(|| {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let out = std::env::temp_dir().join(format!("berth-chart-{}", std::process::id()));
         let o = std::process::Command::new(root.join(".berth/venv/bin/python"))
@@ -1205,13 +1192,7 @@ fn rendered_chart(engine: &str) -> Vec<Yaml> {
             String::from_utf8_lossy(&o.stderr)
         );
         out
-    });
-    let text = std::fs::read_to_string(dir.join(format!("{engine}.yaml"))).expect("rendered");
-    YamlLoader::load_from_str(&text)
-        .expect("yaml")
-        .into_iter()
-        .filter(|d| !d.is_null())
-        .collect()
+    })
 }
 
 /// With `monitoring.serviceMonitor`, a ServiceMonitor scrapes each
@@ -1219,11 +1200,7 @@ fn rendered_chart(engine: &str) -> Vec<Yaml> {
 /// the component serves its metrics on.
 #[test]
 fn the_chart_s_service_monitors_scrape_the_metrics_ports() {
-    rendered_chart("host");
-    let dir = std::env::temp_dir().join(format!("berth-chart-{}", std::process::id()));
-    let text = std::fs::read_to_string(dir.join("monitoring.yaml")).expect("rendered");
-    let monitors: Vec<Yaml> = YamlLoader::load_from_str(&text)
-        .expect("yaml")
+    let monitors: Vec<Yaml> = rendered_chart("monitoring")
         .into_iter()
         .filter(|d| d["kind"].as_str() == Some("ServiceMonitor"))
         .collect();
@@ -1257,13 +1234,8 @@ fn the_chart_s_service_monitors_scrape_the_metrics_ports() {
                         == Some(component)
             })
             .expect("the component's workload");
-        let listen = workload["spec"]["template"]["spec"]["containers"][0]["env"]
-            .as_vec()
-            .expect("env")
-            .iter()
-            .find(|e| e["name"].as_str() == Some("BERTH_METRICS_LISTEN"))
-            .and_then(|e| e["value"].as_str())
-            .expect("metrics listen");
+        let container = &workload["spec"]["template"]["spec"]["containers"][0];
+        let listen = env_value(container, "BERTH_METRICS_LISTEN").expect("metrics listen");
         assert!(
             listen.ends_with(&format!(":{port}")),
             "{component}: the monitor scrapes {port}, the component serves {listen}"
