@@ -18,14 +18,7 @@ pub struct NetNs {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ip").args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    crate::pg::run(std::process::Command::new("ip").args(args))
 }
 
 impl NetNs {

@@ -168,7 +168,8 @@ impl Drop for PrivatePostgres {
     }
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+/// Runs `cmd` to its end; an error with its output when it fails.
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output()?;
     anyhow::ensure!(
         out.status.success(),
