@@ -75,10 +75,14 @@ impl NodeApi {
     }
 
     pub fn new(node: Arc<Node>) -> Self {
-        let runs = Arc::new(Runs::new(JournalConfig {
-            max_bytes: node.cfg.journal_bytes,
-            grace: node.cfg.reattach_grace,
-        }));
+        let runs = Arc::new(Runs::new(
+            JournalConfig {
+                max_bytes: node.cfg.journal_bytes,
+                grace: node.cfg.reattach_grace,
+            },
+            node.tasks.clone(),
+            node.shutdown.clone(),
+        ));
         Self { node, runs }
     }
 }
@@ -164,7 +168,7 @@ impl AgentServer for NodeApi {
         let node = self.node.clone();
         let mut rx = node.watch_load();
         let (tx, out) = mpsc::channel(4);
-        tokio::spawn(async move {
+        self.node.tasks.spawn(async move {
             let mut heartbeat = tokio::time::interval(node.cfg.load_heartbeat);
             loop {
                 let load = rx.borrow_and_update().clone();

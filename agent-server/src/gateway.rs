@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::lease::RunLease;
 
@@ -66,6 +67,9 @@ pub struct Gateway {
     model_api: http::Uri,
     allow_internal: Vec<String>,
     client: HttpsClient,
+    /// Every gate's accept loop, connections and tunnels: each ends when
+    /// its gate closes, and shutdown awaits them ([`Gateway::stopped`]).
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -132,7 +136,15 @@ impl Gateway {
             model_api,
             allow_internal,
             client: Client::builder(TokioExecutor::new()).build(https),
+            tasks: TaskTracker::new(),
         })
+    }
+
+    /// Waits until every gate's tasks have ended (once no gate is open:
+    /// after the node's runs have ended).
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Serves `gate` on the socket in `dir` until the guard drops.
@@ -147,7 +159,8 @@ impl Gateway {
         let gw = self.clone();
         let gate = Arc::new(gate);
         let token = stop.clone();
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
             loop {
                 let conn = tokio::select! {
                     () = token.cancelled() => return,
@@ -156,10 +169,13 @@ impl Gateway {
                 let Ok((stream, _)) = conn else { continue };
                 let (gw, gate, token) = (gw.clone(), gate.clone(), token.clone());
                 let gate_lease = gate.lease.clone();
-                tokio::spawn(async move {
+                let served = token.clone();
+                tasks.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let (gw, gate) = (gw.clone(), gate.clone());
-                        async move { Ok::<_, std::convert::Infallible>(gw.handle(&gate, req).await) }
+                        let (gw, gate, served) = (gw.clone(), gate.clone(), served.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(gw.handle(&gate, &served, req).await)
+                        }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -183,12 +199,19 @@ impl Gateway {
         Ok(GateGuard { stop, socket })
     }
 
-    async fn handle(&self, gate: &SessionGate, req: Request<Incoming>) -> Response<Body> {
+    /// Answers one request of `gate`'s agent; a tunnel it opens ends when
+    /// `closed` is cancelled (the gate closes).
+    async fn handle(
+        &self,
+        gate: &SessionGate,
+        closed: &CancellationToken,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         if let Some(refused) = hold(gate).await {
             return refused;
         }
         if req.method() == Method::CONNECT {
-            return self.connect(gate, req).await;
+            return self.connect(gate, closed, req).await;
         }
         if req.uri().authority().is_some() {
             decision(
@@ -279,7 +302,12 @@ impl Gateway {
             .any(|a| a.eq_ignore_ascii_case(&hp) || a.eq_ignore_ascii_case(host))
     }
 
-    async fn connect(&self, gate: &SessionGate, req: Request<Incoming>) -> Response<Body> {
+    async fn connect(
+        &self,
+        gate: &SessionGate,
+        closed: &CancellationToken,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         let Some(auth) = req.uri().authority().cloned() else {
             return text(
                 StatusCode::BAD_REQUEST,
@@ -338,17 +366,23 @@ impl Gateway {
                 );
             }
         };
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            match hyper::upgrade::on(req).await {
-                Ok(up) => {
-                    let mut up = TokioIo::new(up);
-                    let (out, back) = tokio::io::copy_bidirectional(&mut up, &mut upstream)
-                        .await
-                        .unwrap_or((0, 0));
-                    decision(&gate, &host, port, true, "allowed", out, back);
+        let (gate, closed) = (gate.clone(), closed.clone());
+        self.tasks.spawn(async move {
+            let tunnel = async {
+                match hyper::upgrade::on(req).await {
+                    Ok(up) => {
+                        let mut up = TokioIo::new(up);
+                        let (out, back) = tokio::io::copy_bidirectional(&mut up, &mut upstream)
+                            .await
+                            .unwrap_or((0, 0));
+                        decision(&gate, &host, port, true, "allowed", out, back);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                 }
-                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            };
+            tokio::select! {
+                () = tunnel => {}
+                () = closed.cancelled() => {}
             }
         });
         Response::new(

@@ -126,7 +126,8 @@ pub async fn run_with_drain(
                 }
             })
         };
-        berth_common::metrics::spawn_endpoint(addr, handle, ready, shutdown.clone()).await?;
+        berth_common::metrics::spawn_endpoint(addr, handle, ready, shutdown.clone(), &loops)
+            .await?;
     }
     loops.spawn(load_gauges(node.clone()));
     node.pools.spawn();
@@ -159,6 +160,10 @@ pub async fn run_with_drain(
             tasks = node.tasks.len(),
             "run tasks still going {TASKS_GRACE:?} after the runs ended"
         );
+    }
+    // Every gate closed with its run: their connections and tunnels end.
+    if let Some(gateway) = &node.gateway {
+        gateway.stopped().await;
     }
     // Each pool removes its spares as it stops (loops an undrain started too).
     node.pools.stopped().await;

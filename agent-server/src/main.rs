@@ -9,10 +9,12 @@ async fn main() -> std::process::ExitCode {
     berth_common::telemetry::init(cfg.log_format);
     let drain = CancellationToken::new();
     let shutdown = CancellationToken::new();
-    {
+    // The first signal drains, the second stops; watched beside the node
+    // (not in a task of its own), so it ends with it.
+    let signals = {
         let (drain, shutdown) = (drain.clone(), shutdown.clone());
         let drain_timeout = cfg.drain_timeout;
-        tokio::spawn(async move {
+        async move {
             berth_common::shutdown_signal().await;
             tracing::info!(
                 ?drain_timeout,
@@ -22,15 +24,19 @@ async fn main() -> std::process::ExitCode {
             berth_common::shutdown_signal().await;
             tracing::warn!("second signal: stopping sessions and removing their containers now");
             shutdown.cancel();
-        });
-    }
-    let result = async {
+            std::future::pending::<std::convert::Infallible>().await
+        }
+    };
+    let node = async {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", cfg.listen))?;
         berth_agent_server::run_with_drain(cfg, listener, drain, shutdown).await
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        r = node => r,
+        never = signals => match never {},
+    };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

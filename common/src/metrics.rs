@@ -224,19 +224,20 @@ impl std::str::FromStr for Listen {
 }
 
 /// Binds `addr` (errors name `--metrics-listen`) and runs [`serve`] in the
-/// background until `stop`. Returns the bound address.
+/// background on `tasks` until `stop`. Returns the bound address.
 pub async fn spawn_endpoint(
     addr: SocketAddr,
     handle: PrometheusHandle,
     ready: Readiness,
     stop: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-listen): {e}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics (/metrics), health (/healthz) and readiness (/readyz) on HTTP");
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(e) = serve(listener, handle, ready, stop).await {
             tracing::warn!(error = %e, "the metrics endpoint stopped");
         }

@@ -65,7 +65,14 @@ pub async fn run(
     if let Some(path) = &cfg.bootstrap_token_file {
         bootstrap_admin(&store, path).await?;
     }
-    let parts = services::Parts::build(&cfg, store, fleet, &shutdown).await?;
+    // Every background loop, every running driver, the event log's writer
+    // and followers, and the metrics endpoint, so shutdown stops and awaits
+    // each one.
+    let loops = TaskTracker::new();
+    let drivers = TaskTracker::new();
+    let log_tasks = TaskTracker::new();
+    let endpoint = TaskTracker::new();
+    let parts = services::Parts::build(&cfg, store, fleet, &shutdown, &loops, &log_tasks).await?;
     let endpoint_stop = CancellationToken::new();
     let _endpoint = endpoint_stop.clone().drop_guard();
     if let Some(addr) = cfg.metrics_listen.0 {
@@ -76,16 +83,13 @@ pub async fn run(
             handle,
             parts.readiness(&shutdown),
             endpoint_stop.clone(),
+            &endpoint,
         )
         .await?;
     }
     // Sessions a previous process under this id still owns are released
     // before this one claims anything (so none of them is its own yet).
     janitor::release_previous(&parts.store, &parts.log, &cfg.dispatcher_id, &shutdown).await;
-    // Every background loop, and every running driver, so shutdown stops
-    // and awaits each one.
-    let loops = TaskTracker::new();
-    let drivers = TaskTracker::new();
     let served = async {
         services::spawn_loops(&cfg, &parts, &loops, &drivers, &shutdown).await?;
         services::serve_api(&cfg, listener, parts, &shutdown, &loops).await
@@ -109,6 +113,21 @@ pub async fn run(
             "sessions still being handed back, or loops still running, at exit"
         );
     }
+    // The writer commits what the drivers and loops appended, then stops
+    // (every handle on the log is gone with them).
+    log_tasks.close();
+    if tokio::time::timeout(LOG_SHUTDOWN_GRACE, log_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = log_tasks.len(),
+            "the event writer or a follower still running at exit"
+        );
+    }
+    endpoint_stop.cancel();
+    endpoint.close();
+    endpoint.wait().await;
     served
 }
 
@@ -162,6 +181,8 @@ async fn bootstrap_admin(store: &store::Store, path: &std::path::Path) -> anyhow
 /// How long shutdown waits for drivers to hand their sessions back.
 /// Longer than a node's hand-back snapshot (the relay's 20 s).
 const DRIVER_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(25);
+/// How long shutdown waits for the event writer to commit what is queued.
+const LOG_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How to reach the nodes: URLs, TLS, static resolution, lease. Plaintext
 /// only with `--insecure-plaintext`; https needs the TLS files.

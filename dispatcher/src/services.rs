@@ -48,11 +48,16 @@ pub(crate) struct Parts {
 }
 
 impl Parts {
+    /// Builds the parts: the node links' loops start on `loops`, the event
+    /// log's writer and followers on `log_tasks` (awaited last, once every
+    /// other task that appends has ended).
     pub async fn build(
         cfg: &Config,
         store: store::Store,
         fleet: nodes::FleetConfig,
         shutdown: &CancellationToken,
+        loops: &TaskTracker,
+        log_tasks: &TaskTracker,
     ) -> anyhow::Result<Self> {
         let authenticator = Arc::new(auth::Authenticator::new(
             store.clone(),
@@ -61,8 +66,8 @@ impl Parts {
         ));
         let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
         tracing::info!(store = ?objects, "object store");
-        let log = log::EventLog::start(store.clone(), shutdown.clone());
-        let nodes = nodes::Nodes::start(fleet, shutdown.clone()).await?;
+        let log = log::EventLog::start(store.clone(), shutdown.clone(), log_tasks.clone());
+        let nodes = nodes::Nodes::start(fleet, shutdown.clone(), loops.clone()).await?;
         let audit = audit::Audit {
             store: store.clone(),
         };

@@ -321,7 +321,7 @@ impl TestCluster {
             .build()?;
         let stop = CancellationToken::new();
         let token = stop.clone();
-        rt.spawn(async move {
+        let run = rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             berth_dispatcher::run(cfg, listener, token).await
         });
@@ -330,6 +330,7 @@ impl TestCluster {
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
         let killable = KillableDispatcher {
             rt: Some(rt),
+            run: Some(run),
             client,
             stop,
         };
@@ -391,11 +392,33 @@ impl TestCluster {
 /// [`TestCluster::add_killable_dispatcher`]).
 pub struct KillableDispatcher {
     pub(crate) rt: Option<tokio::runtime::Runtime>,
+    pub(crate) run: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub client: SessionsClient<Api>,
     pub(crate) stop: CancellationToken,
 }
 
 impl KillableDispatcher {
+    /// Stops it as SIGTERM would and waits for `run` to return. Returns
+    /// how many tasks are still alive in its runtime once they have had
+    /// `settle` to end (0: shutdown awaited everything it started).
+    pub async fn stop_gracefully(&mut self, settle: Duration) -> anyhow::Result<usize> {
+        self.stop.cancel();
+        if let Some(run) = self.run.take() {
+            run.await??;
+        }
+        let Some(rt) = &self.rt else {
+            anyhow::bail!("the dispatcher was killed");
+        };
+        let deadline = tokio::time::Instant::now() + settle;
+        loop {
+            let alive = rt.metrics().num_alive_tasks();
+            if alive == 0 || tokio::time::Instant::now() >= deadline {
+                return Ok(alive);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills it: its runtime, with every task, connection and stream, is
     /// dropped at once.
     pub fn kill(&mut self) {

@@ -18,6 +18,8 @@ use berth_common::sync::lock;
 use berth_proto::node::v1 as pb;
 use prost::Message;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 use crate::session::{Command, Output};
@@ -33,6 +35,11 @@ pub type FrameTx = mpsc::Sender<Result<pb::NodeFrame, Status>>;
 pub struct Runs {
     map: Mutex<HashMap<String, Arc<Run>>>,
     cfg: JournalConfig,
+    /// The runs' pumps, replays and grace timers (the node awaits them at
+    /// shutdown).
+    tasks: TaskTracker,
+    /// Cancelled when the node stops: a grace timer ends at once.
+    stop: CancellationToken,
 }
 
 /// How a run keeps its frames while no dispatcher listens.
@@ -81,10 +88,14 @@ struct State {
 }
 
 impl Runs {
-    pub fn new(cfg: JournalConfig) -> Self {
+    /// Runs whose tasks go on `tasks`; a grace timer ends when `stop` is
+    /// cancelled.
+    pub fn new(cfg: JournalConfig, tasks: TaskTracker, stop: CancellationToken) -> Self {
         Self {
             map: Mutex::default(),
             cfg,
+            tasks,
+            stop,
         }
     }
 
@@ -123,7 +134,7 @@ impl Runs {
             evict_snapshot_key,
         });
         // Listed once the node accepts it (a refused start never runs).
-        tokio::spawn(pump(self.clone(), run.clone(), outputs));
+        self.tasks.spawn(pump(self.clone(), run.clone(), outputs));
         run
     }
 
@@ -184,7 +195,7 @@ impl Runs {
         // is read only once this call returns: send it from a task, which
         // holds the link until the replay is out.
         let (task_run, runs) = (run.clone(), self.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut current = current;
             let first = pb::NodeFrame {
                 node_seq: 0,
@@ -257,8 +268,12 @@ impl Run {
         }
         tracing::warn!(session_id = %self.session_id, grace = ?self.cfg.grace, "dispatcher stream lost; the agent goes on until one re-attaches");
         let (run, runs) = (self.clone(), runs.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(run.cfg.grace).await;
+        runs.clone().tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(run.cfg.grace) => {}
+                // The node is stopping: it stops its sessions itself.
+                () = runs.stop.cancelled() => return,
+            }
             let (still, finished) = {
                 let st = lock(&run.state);
                 (st.generation == generation && !st.attached, st.finished)

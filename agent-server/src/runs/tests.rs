@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use berth_proto::node::v1 as pb;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{FrameTx, JournalConfig, Run, Runs};
 use crate::session::{Command, Output, StartPath};
@@ -22,10 +24,14 @@ struct Harness {
 /// A run of session `s` at epoch 1, its first stream `link`, journal of
 /// `max_bytes`.
 fn start(max_bytes: usize, link: FrameTx) -> Harness {
-    let runs = Arc::new(Runs::new(JournalConfig {
-        max_bytes,
-        grace: GRACE,
-    }));
+    let runs = Arc::new(Runs::new(
+        JournalConfig {
+            max_bytes,
+            grace: GRACE,
+        },
+        TaskTracker::new(),
+        CancellationToken::new(),
+    ));
     let (cmd_tx, commands) = mpsc::channel(8);
     let (outputs, out_rx) = mpsc::channel(64);
     let run = runs.start("s", 1, link, cmd_tx, out_rx, "evict-key".into());

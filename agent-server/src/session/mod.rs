@@ -331,6 +331,7 @@ impl Pump<'_> {
         checkpoints.finish().await;
         drop(stdin_tx);
         stdin_task.abort();
+        let _ = stdin_task.await;
         ended
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::hub::Signal;
@@ -55,6 +56,7 @@ pub(super) fn spawn<H: History>(
     buffer: usize,
     feed: broadcast::Receiver<Signal>,
     shutdown: CancellationToken,
+    tasks: &TaskTracker,
 ) -> mpsc::Receiver<Result<Arc<Event>>> {
     let (tx, rx) = mpsc::channel(buffer);
     let follower = Follower {
@@ -64,7 +66,7 @@ pub(super) fn spawn<H: History>(
         tx,
         shutdown,
     };
-    tokio::spawn(follower.run(feed));
+    tasks.spawn(follower.run(feed));
     rx
 }
 
@@ -245,7 +247,15 @@ mod tests {
             mem.write(id, "agent.message");
         }
         let feed = hub.subscribe(id);
-        let mut rx = spawn(mem.clone(), id, 1, 16, feed, CancellationToken::new());
+        let mut rx = spawn(
+            mem.clone(),
+            id,
+            1,
+            16,
+            feed,
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        );
         assert_eq!(seqs(&mut rx, 2).await, vec![2, 3]);
         // Published live, and also already in history: sent once.
         let e4 = mem.write(id, "agent.message");
@@ -259,7 +269,15 @@ mod tests {
     async fn events_written_elsewhere_are_read_before_newer_live_ones() {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         let feed = hub.subscribe(id);
-        let mut rx = spawn(mem.clone(), id, 0, 16, feed, CancellationToken::new());
+        let mut rx = spawn(
+            mem.clone(),
+            id,
+            0,
+            16,
+            feed,
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        );
         // Another dispatcher wrote 1 and 2; this one publishes 3.
         mem.write(id, "user.message");
         mem.write(id, "user.message");
@@ -276,7 +294,15 @@ mod tests {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         let feed = hub.subscribe(id);
         // A buffer of 1: the follower blocks while the feed overflows.
-        let mut rx = spawn(mem.clone(), id, 0, 1, feed, CancellationToken::new());
+        let mut rx = spawn(
+            mem.clone(),
+            id,
+            0,
+            1,
+            feed,
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        );
         let n = 600;
         for _ in 0..n {
             let e = mem.write(id, "agent.message");
@@ -290,7 +316,15 @@ mod tests {
     async fn the_stream_ends_after_the_run_ends() {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         let feed = hub.subscribe(id);
-        let mut rx = spawn(mem.clone(), id, 0, 16, feed, CancellationToken::new());
+        let mut rx = spawn(
+            mem.clone(),
+            id,
+            0,
+            16,
+            feed,
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        );
         let e1 = mem.write(id, "agent.message");
         *lock(&mem.live) = false;
         let e2 = mem.write(id, &SessionStatus::Completed.event_type());
@@ -305,7 +339,15 @@ mod tests {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         mem.write(id, "agent.message");
         let stop = CancellationToken::new();
-        let mut rx = spawn(mem.clone(), id, 0, 16, hub.subscribe(id), stop.clone());
+        let mut rx = spawn(
+            mem.clone(),
+            id,
+            0,
+            16,
+            hub.subscribe(id),
+            stop.clone(),
+            &TaskTracker::new(),
+        );
         assert_eq!(seqs(&mut rx, 1).await, vec![1]);
         stop.cancel();
         let e = rx.recv().await.expect("an error").expect_err("an error");

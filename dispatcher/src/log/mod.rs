@@ -23,6 +23,7 @@ use std::sync::Arc;
 use berth_common::events::payload::StatusDetail;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -78,6 +79,8 @@ pub struct EventLog {
     hub: Arc<hub::Hub>,
     /// Ends every follower with UNAVAILABLE, so clients reconnect elsewhere.
     shutdown: CancellationToken,
+    /// The writer and the followers (shutdown awaits them).
+    tasks: TaskTracker,
 }
 
 /// The appends of one agent line, from node frame `node_seq` of the run at
@@ -106,11 +109,13 @@ fn writer_stopped<T>(_: T) -> Error {
 }
 
 impl EventLog {
-    /// Starts the writer; it drains its queue and stops after `shutdown`.
-    pub fn start(store: Store, shutdown: CancellationToken) -> Arc<Self> {
+    /// Starts the writer on `tasks`, where followers run too. The writer
+    /// drains its queue and stops once the last handle on the log is
+    /// dropped; followers stop after `shutdown`.
+    pub fn start(store: Store, shutdown: CancellationToken, tasks: TaskTracker) -> Arc<Self> {
         let (ops, rx) = mpsc::channel(MAX_BATCH * 4);
         let hub = Arc::new(hub::Hub::default());
-        tokio::spawn(writer::run(
+        tasks.spawn(writer::run(
             store.clone(),
             hub.clone(),
             rx,
@@ -121,6 +126,7 @@ impl EventLog {
             ops,
             hub,
             shutdown,
+            tasks,
         })
     }
 
@@ -320,6 +326,7 @@ impl EventLog {
             buffer,
             feed,
             self.shutdown.clone(),
+            &self.tasks,
         )
     }
 }

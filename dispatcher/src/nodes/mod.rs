@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use berth_common::sync::lock;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use link::{NodeLink, NodeState};
 pub use url::{FleetConfig, NodeUrl};
@@ -59,12 +60,19 @@ pub struct Nodes {
     /// Notified when capacity may have changed.
     pub changed: Arc<Notify>,
     shutdown: CancellationToken,
+    /// The re-resolve loop and each link's load watcher (shutdown awaits
+    /// them).
+    tasks: TaskTracker,
 }
 
 impl Nodes {
     /// Resolves every URL, dials each address lazily and follows its load;
     /// re-resolves in the background.
-    pub async fn start(cfg: FleetConfig, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(
+        cfg: FleetConfig,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(
             !cfg.urls.is_empty(),
             "no agent-server nodes: set AGENT_SERVERS"
@@ -74,9 +82,10 @@ impl Nodes {
             links: Mutex::new(Vec::new()),
             changed: Arc::new(Notify::new()),
             shutdown,
+            tasks,
         });
         nodes.resolve_once().await;
-        tokio::spawn(nodes.clone().resolve_loop());
+        nodes.tasks.spawn(nodes.clone().resolve_loop());
         Ok(nodes)
     }
 
@@ -162,7 +171,7 @@ impl Nodes {
             inflight: std::sync::atomic::AtomicU32::new(0),
             gone: self.shutdown.child_token(),
         });
-        tokio::spawn(link::watch_load(
+        self.tasks.spawn(link::watch_load(
             link.clone(),
             tx,
             self.changed.clone(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use berth_proto::v1 as pb;
 use berth_tests::*;
+use tokio_stream::StreamExt;
 
 /// How long the receiver holds each delivery before it answers.
 const HOLD: Duration = Duration::from_secs(2);
@@ -105,4 +106,52 @@ async fn a_stopping_dispatcher_finishes_the_delivery_it_is_sending() -> anyhow::
     receiver.server.abort();
     let _ = receiver.server.await;
     Ok(())
+}
+
+/// A dispatcher that stops leaves nothing running: with a session it
+/// drives and a client's open event stream at the moment of the signal,
+/// every task it started (loops, drivers, the event writer, followers, the
+/// node links, the API's streams) has ended once `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_dispatcher_leaves_no_task_running() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::builder().start().await?;
+    let mut d = cluster.add_killable_dispatcher("tasks-owned").await?;
+    let mut c = d.client.clone();
+    let s = idle_session(&mut c, fake_session("hello")).await?;
+    // A tail that is open when the signal comes.
+    let mut tail = c
+        .stream_events(pb::StreamEventsRequest {
+            name: s.name.clone(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    assert!(
+        tail.next().await.is_some(),
+        "the tail delivers before the stop"
+    );
+    // What libraries spawned for connections (hyper, tonic's channels)
+    // ends as their handles drop, within milliseconds.
+    let alive = d.stop_gracefully(Duration::from_secs(1)).await?;
+    assert_eq!(alive, 0, "tasks of the stopped dispatcher still alive");
+    // The tail ended (UNAVAILABLE: reconnect elsewhere), not hung.
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(r) = tail.next().await {
+            if r.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        rest.is_ok(),
+        "the open tail ended when its dispatcher stopped"
+    );
+    // The session went on being served by the other dispatcher.
+    assert!(
+        !turn(&mut cluster.client(), &s.name, "still there?")
+            .await?
+            .is_empty()
+    );
+    cluster.shutdown().await
 }
