@@ -23,6 +23,10 @@ command -v curl >/dev/null || need+=(curl)
 command -v pdftotext >/dev/null || need+=(poppler-utils)
 # The alert rules are unit-tested with `promtool test rules`.
 command -v promtool >/dev/null || need+=(prometheus)
+# The engine test runs Debian's own Docker daemon in a container (nodes.engine=dind).
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v containerd-shim-runc-v2 >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
 # The Python client is installed into a venv and tested against a dispatcher.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
@@ -65,6 +69,9 @@ echo "==> installing the Python client (clients/python), kubernetes-validate and
 
 echo "==> building the test agent image"
 "$root/deploy/test-image/build.sh"
+
+echo "==> building the test container engine image (Docker in Docker)"
+"$root/deploy/test-image/build-engine.sh"
 
 echo "==> building the real Claude Code test image"
 "$root/deploy/test-image/build-claude.sh"

@@ -110,12 +110,22 @@ pub struct Config {
     #[arg(long, env = "BERTH_CONTAINER_NETWORK", default_value = "none")]
     pub container_network: String,
 
-    /// Host directory of the egress gateway's per-container sockets (each
-    /// container gets a subdirectory, mounted read-only at `/run/berth`).
-    /// The Docker daemon must see it at the same path. `off` disables the
-    /// gateway: sessions then have no way out at all, model API included.
+    /// Directory of the egress gateway's per-container sockets, as this
+    /// node sees it (each container gets a subdirectory, mounted read-only
+    /// at `/run/berth`). The container engine must see the same directory,
+    /// at `--gateway-engine-dir`. `off` disables the gateway: sessions then
+    /// have no way out at all, model API included.
     #[arg(long, env = "BERTH_GATEWAY_DIR", default_value = "/run/berth/gateway")]
     pub gateway_dir: String,
+
+    /// The gateway directory as the container engine sees it: the source
+    /// path of each container's bind mount. Default: `--gateway-dir` (the
+    /// host's Docker, or an engine sidecar that mounts the shared volume at
+    /// the same path). Set it when the engine mounts the directory
+    /// elsewhere, e.g. a Docker-in-Docker sidecar that sees the node's
+    /// volume at another path.
+    #[arg(long, env = "BERTH_GATEWAY_ENGINE_DIR")]
+    pub gateway_engine_dir: Option<std::path::PathBuf>,
 
     /// The `berth-forward` binary put in each container (glibc images).
     /// Default: `berth-forward` beside this program.
@@ -306,7 +316,10 @@ pub struct ContainerConfig {
 /// Where each container's gateway directory is made, and what runs there.
 #[derive(Debug, Clone)]
 pub struct GatewayMount {
+    /// The directory as the node sees it.
     pub root: std::path::PathBuf,
+    /// The same directory as the container engine sees it.
+    pub engine_root: std::path::PathBuf,
     pub forwarder: std::path::PathBuf,
     pub port: u16,
     /// The dead man's switch's timeout; `None`: off.
@@ -448,6 +461,10 @@ impl Config {
         });
         Some(GatewayMount {
             root: self.gateway_dir.clone().into(),
+            engine_root: self
+                .gateway_engine_dir
+                .clone()
+                .unwrap_or_else(|| self.gateway_dir.clone().into()),
             forwarder,
             port: self.gateway_port,
             dead_man: Some(self.dead_man_timeout).filter(|t| !t.is_zero()),

@@ -57,6 +57,9 @@ cargo build --quiet -p berth-fake-anthropic
 fake="${CARGO_TARGET_DIR:-$root/target}/debug/fake-anthropic"
 
 rootfs="$(mktemp -d)"
+# mktemp makes it 0700: the image's / would be closed to the agent's user on
+# engines that keep the mode (vfs, a Docker-in-Docker sidecar's).
+chmod 755 "$rootfs"
 trap 'rm -rf "$rootfs"' EXIT
 mkdir -p "$rootfs"/{bin,usr/local/bin,etc,tmp,workspace,home/agent,lib,lib64}
 cp "$busybox" "$rootfs/bin/busybox"

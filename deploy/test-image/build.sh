@@ -20,6 +20,9 @@ cargo build --quiet -p berth-fake-claude
 fake="${CARGO_TARGET_DIR:-$root/target}/debug/fake-claude"
 
 rootfs="$(mktemp -d)"
+# mktemp makes it 0700: the image's / would be closed to the agent's user on
+# engines that keep the mode (vfs, a Docker-in-Docker sidecar's).
+chmod 755 "$rootfs"
 trap 'rm -rf "$rootfs"' EXIT
 mkdir -p "$rootfs"/{bin,usr/local/bin,etc,tmp,workspace,home/agent,fixtures,lib,lib64}
 cp "$busybox" "$rootfs/bin/busybox"

@@ -10,6 +10,7 @@
 
 pub mod config_reference;
 pub mod doc_commands;
+pub mod engine;
 pub mod git_http;
 pub mod git_ssh;
 pub mod netns;

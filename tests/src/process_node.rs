@@ -38,6 +38,26 @@ impl ProcessNode {
         args: &[&str],
         netns: Option<&crate::netns::NetNs>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(cluster, args, netns, None).await
+    }
+
+    /// As [`Self::start`], on `engine` instead of the host's Docker: the
+    /// node is given its socket (`DOCKER_HOST`) and the gateway directory
+    /// it shares, which the engine sees elsewhere (`--gateway-engine-dir`).
+    pub async fn start_on(
+        cluster: &TestCluster,
+        args: &[&str],
+        engine: &crate::engine::Engine,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(cluster, args, None, Some(engine)).await
+    }
+
+    async fn start_with(
+        cluster: &TestCluster,
+        args: &[&str],
+        netns: Option<&crate::netns::NetNs>,
+        engine: Option<&crate::engine::Engine>,
+    ) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let id = format!("pnode-{tag}");
         let dir = std::env::temp_dir().join(format!("berth-{id}"));
@@ -54,6 +74,21 @@ impl ProcessNode {
             Some(ns) => ns.command(node_binary()),
             None => std::process::Command::new(node_binary()),
         };
+        match engine {
+            Some(e) => cmd
+                .env("DOCKER_HOST", e.docker_host())
+                .arg("--gateway-dir")
+                .arg(e.gateway_dir())
+                .args(["--gateway-engine-dir", crate::engine::ENGINE_GATEWAY_DIR]),
+            None => cmd
+                .env_remove("DOCKER_HOST")
+                .arg("--gateway-dir")
+                .arg(std::env::temp_dir().join("berth-test-gateway")),
+        };
+        // Nothing answers on port 9, unless the test names a model API.
+        if !args.contains(&"--model-api-url") {
+            cmd.args(["--model-api-url", "http://127.0.0.1:9"]);
+        }
         let child = cmd
             .args(["--listen", &addr.to_string(), "--metrics-listen", "off"])
             .args(["--node-id", &id, "--load-heartbeat", "0.2"])
@@ -63,11 +98,8 @@ impl ProcessNode {
             .arg(dir.join("node.pem"))
             .arg("--tls-key")
             .arg(dir.join("node.key"))
-            .arg("--gateway-dir")
-            .arg(std::env::temp_dir().join("berth-test-gateway"))
             .arg("--gateway-forwarder")
             .arg(forwarder())
-            .args(["--model-api-url", "http://127.0.0.1:9"])
             .args(["--s3-bucket", s3::BUCKET])
             .args(["--s3-endpoint", &format!("http://{}", cluster.s3.addr)])
             .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)

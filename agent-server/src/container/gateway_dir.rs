@@ -15,6 +15,16 @@ impl ContainerRuntime {
             .map(|g| g.root.join(gateway_node_dir(&self.cfg.node_id)))
     }
 
+    /// The container directory `suffix` under this node's part of the
+    /// gateway directory, as the container engine sees it (the bind
+    /// mount's source).
+    pub(super) fn engine_gateway_dir(&self, suffix: &str) -> std::path::PathBuf {
+        let g = self.cfg.gateway.as_ref().expect("gateway on");
+        g.engine_root
+            .join(gateway_node_dir(&self.cfg.node_id))
+            .join(suffix)
+    }
+
     /// This node's heartbeat directory and the switch's timeout, when the
     /// dead man's switch is on.
     pub fn dead_man(&self) -> Option<(std::path::PathBuf, std::time::Duration)> {

@@ -160,7 +160,7 @@ impl ContainerRuntime {
                     .map(|t| deadman::watch_cmd(crate::gateway::MOUNT, t, &cfg.keepalive_cmd));
                 mounts.push(Mount {
                     target: Some(crate::gateway::MOUNT.to_string()),
-                    source: Some(dir.display().to_string()),
+                    source: Some(self.engine_gateway_dir(&suffix).display().to_string()),
                     typ: Some(MountType::BIND),
                     read_only: Some(true),
                     ..Default::default()

@@ -684,13 +684,13 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
 
 /// A host-side stand-in for the model API (`fake-anthropic` on loopback)
 /// that accepts only `key`; killed on drop.
-struct ModelApi {
-    addr: std::net::SocketAddr,
+pub(crate) struct ModelApi {
+    pub(crate) addr: std::net::SocketAddr,
     child: std::process::Child,
 }
 
 impl ModelApi {
-    fn start(key: &str) -> anyhow::Result<Self> {
+    pub(crate) fn start(key: &str) -> anyhow::Result<Self> {
         let addr = berth_tests::free_addr()?;
         let bin = berth_tests::forwarder().with_file_name("fake-anthropic");
         let child = std::process::Command::new(&bin)

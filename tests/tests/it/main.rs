@@ -8,6 +8,7 @@ mod claude;
 mod clients;
 mod docs;
 mod durable;
+mod engine;
 mod failover;
 mod faults;
 mod fleet;

@@ -1051,7 +1051,8 @@ fn workloads_have_budgets_and_nodes_a_network_policy() {
 
 /// The Helm chart lints clean and renders, for each node engine, manifests
 /// valid against the Kubernetes schemas, in which the node reaches its
-/// engine and shares the gateway directory with it at one path.
+/// engine and shares the gateway directory's volume with it (the engine
+/// seeing it where the node's `BERTH_GATEWAY_ENGINE_DIR` says).
 #[test]
 fn the_helm_chart_renders_every_node_engine() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -1100,13 +1101,12 @@ fn the_helm_chart_renders_every_node_engine() {
             "{engine}: image at the chart's version: {image}"
         );
         let env = |name: &str| env_value(agent, name).map(String::from);
-        let mounts_gateway = |c: &yaml_rust2::Yaml| {
-            c["volumeMounts"]
-                .as_vec()
-                .into_iter()
-                .flatten()
-                .any(|m| m["mountPath"].as_str() == Some("/run/berth/gateway"))
+        let mounts_gateway_at = |c: &yaml_rust2::Yaml, path: &str| {
+            c["volumeMounts"].as_vec().into_iter().flatten().any(|m| {
+                m["mountPath"].as_str() == Some(path) && m["name"].as_str() == Some("gateway")
+            })
         };
+        let mounts_gateway = |c: &yaml_rust2::Yaml| mounts_gateway_at(c, "/run/berth/gateway");
         assert_eq!(
             env("BERTH_GATEWAY_DIR").as_deref(),
             Some("/run/berth/gateway")
@@ -1119,12 +1119,19 @@ fn the_helm_chart_renders_every_node_engine() {
             "host" => {
                 host_path_gateway(pod, agent);
                 assert_eq!(env("DOCKER_HOST"), None, "host: the machine's socket");
+                assert_eq!(
+                    env("BERTH_GATEWAY_ENGINE_DIR"),
+                    None,
+                    "host: the machine's Docker sees the host path"
+                );
             }
             _ => {
                 let sidecar = by_name("engine").expect("an engine sidecar");
+                let seen_at = env("BERTH_GATEWAY_ENGINE_DIR")
+                    .unwrap_or_else(|| panic!("{engine}: BERTH_GATEWAY_ENGINE_DIR"));
                 assert!(
-                    mounts_gateway(sidecar),
-                    "{engine}: the engine sees the gateway at the same path"
+                    mounts_gateway_at(sidecar, &seen_at),
+                    "{engine}: the engine mounts the gateway volume at {seen_at}"
                 );
                 assert_eq!(
                     env("DOCKER_HOST").as_deref(),
