@@ -3,9 +3,11 @@
 (helm-python-sdk: no cluster, no helm binary), once per node engine.
 
 Usage: scripts/helm-render.py OUT_DIR
-Writes OUT_DIR/<engine>.yaml for host, dind and sysbox, and
-OUT_DIR/monitoring.yaml (the Prometheus Operator's objects, on their own:
-they are custom resources); exits 1 on a lint error or a render failure.
+Writes OUT_DIR/<engine>.yaml for host, dind and sysbox, and the cloud
+profile (values.yaml's optional parts on): its core objects in
+OUT_DIR/cloud.yaml, its custom resources (the Prometheus Operator's,
+cert-manager's) in OUT_DIR/custom.yaml; exits 1 on a lint error or a
+render failure.
 """
 import os, sys
 
@@ -29,9 +31,26 @@ for engine in ("host", "dind", "sysbox"):
             text = rendered[path].strip()
             if text:
                 f.write(f"---\n# {path}\n{text}\n")
-# The monitoring objects alone (custom resources, not in the API's schemas).
-values = {"monitoring": {"serviceMonitor": True}}
+# The cloud profile: a dind node pool, workload identity for S3, cert-manager
+# certificates and every monitoring object. Core objects go to cloud.yaml
+# (validated against the API's schemas), custom resources to custom.yaml.
+values = {
+    "nodes": {"engine": "dind"},
+    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/berth"}},
+    "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "berth-ca", "kind": "ClusterIssuer"}}},
+    "monitoring": {"serviceMonitor": True, "prometheusRule": True, "dashboard": True},
+}
 chart.validate_schema(chart.merge_values(values))
 rendered = chart.render(values, name="berth", namespace="berth", is_install=True)
-with open(os.path.join(out, "monitoring.yaml"), "w") as f:
-    f.write(rendered.get("berth/templates/monitoring.yaml", ""))
+core, custom = [], []
+for path in sorted(rendered):
+    for doc in rendered[path].split("\n---"):
+        text = doc.strip().removeprefix("---").strip()
+        if not text or all(l.startswith("#") or not l.strip() for l in text.splitlines()):
+            continue
+        kind = "custom" if ("monitoring.coreos.com/" in text or "cert-manager.io/v1\nkind" in text) else "core"
+        (custom if kind == "custom" else core).append(f"---\n# {path}\n{text}\n")
+with open(os.path.join(out, "cloud.yaml"), "w") as f:
+    f.write("".join(core))
+with open(os.path.join(out, "custom.yaml"), "w") as f:
+    f.write("".join(custom))

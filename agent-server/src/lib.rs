@@ -86,7 +86,7 @@ pub async fn run_with_drain(
         container::touch_alive(&dir)?;
         loops.spawn(container::heartbeat(dir, timeout, shutdown.clone()));
     }
-    let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
+    let objects = berth_common::objects::ObjectStore::open(&cfg.objects).await?;
     tracing::info!(store = ?objects, "object store");
     let gateway = match cfg.gateway_mount() {
         Some(g) => {

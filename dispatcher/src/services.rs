@@ -64,7 +64,7 @@ impl Parts {
             cfg.allow_anonymous,
             cfg.client_identities.iter().cloned().collect(),
         ));
-        let objects = berth_common::objects::ObjectStore::open(&cfg.objects)?;
+        let objects = berth_common::objects::ObjectStore::open(&cfg.objects).await?;
         tracing::info!(store = ?objects, "object store");
         let log = log::EventLog::start(store.clone(), shutdown.clone(), log_tasks.clone());
         let nodes = nodes::Nodes::start(fleet, shutdown.clone(), loops.clone()).await?;

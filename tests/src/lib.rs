@@ -16,6 +16,7 @@ pub mod git_ssh;
 pub mod netns;
 pub mod pg;
 pub mod s3;
+pub mod sts;
 
 mod builder;
 mod cluster;

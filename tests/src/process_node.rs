@@ -38,7 +38,17 @@ impl ProcessNode {
         args: &[&str],
         netns: Option<&crate::netns::NetNs>,
     ) -> anyhow::Result<Self> {
-        Self::start_with(cluster, args, netns, None).await
+        Self::start_with(cluster, args, netns, None, None).await
+    }
+
+    /// As [`Self::start`], finding its S3 credentials through `env` (web
+    /// identity, say) instead of the static key in the environment.
+    pub async fn start_with_credentials(
+        cluster: &TestCluster,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(cluster, args, None, None, Some(env)).await
     }
 
     /// As [`Self::start`], on `engine` instead of the host's Docker: the
@@ -49,7 +59,7 @@ impl ProcessNode {
         args: &[&str],
         engine: &crate::engine::Engine,
     ) -> anyhow::Result<Self> {
-        Self::start_with(cluster, args, None, Some(engine)).await
+        Self::start_with(cluster, args, None, Some(engine), None).await
     }
 
     async fn start_with(
@@ -57,6 +67,7 @@ impl ProcessNode {
         args: &[&str],
         netns: Option<&crate::netns::NetNs>,
         engine: Option<&crate::engine::Engine>,
+        credentials: Option<&[(&str, String)]>,
     ) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let id = format!("pnode-{tag}");
@@ -85,6 +96,23 @@ impl ProcessNode {
                 .arg("--gateway-dir")
                 .arg(std::env::temp_dir().join("berth-test-gateway")),
         };
+        // S3 credentials through the AWS default chain: the environment's
+        // static key, unless the test gives other variables. Never the
+        // instance metadata endpoint (a packet off this machine).
+        cmd.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        match credentials {
+            Some(env) => {
+                for (k, v) in env {
+                    cmd.env(k, v);
+                }
+            }
+            None => {
+                cmd.env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
+                    .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY);
+            }
+        }
         // Nothing answers on port 9, unless the test names a model API.
         if !args.contains(&"--model-api-url") {
             cmd.args(["--model-api-url", "http://127.0.0.1:9"]);
@@ -102,8 +130,6 @@ impl ProcessNode {
             .arg(forwarder())
             .args(["--s3-bucket", s3::BUCKET])
             .args(["--s3-endpoint", &format!("http://{}", cluster.s3.addr)])
-            .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(log)

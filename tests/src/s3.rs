@@ -21,6 +21,21 @@ pub const SECRET_KEY: &str = "berth-test-secret";
 /// The bucket every test cluster uses.
 pub const BUCKET: &str = "berth";
 
+/// What the server saw of one request: enough to check what a client
+/// asked for (encryption, temporary credentials).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// `x-amz-server-side-encryption`.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id`.
+    pub kms_key_id: Option<String>,
+    /// `x-amz-security-token` (temporary credentials).
+    pub security_token: Option<String>,
+}
+
 /// An S3 server on `127.0.0.1:PORT`, serving a temporary directory.
 pub struct S3Server {
     pub addr: SocketAddr,
@@ -29,6 +44,8 @@ pub struct S3Server {
     service: S3Service,
     /// Multipart parts received (`UploadPart` requests) so far.
     parts: Arc<AtomicU64>,
+    /// Every request, in order.
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     /// The running incarnation: cancelled by [`Self::kill`].
     life: std::sync::Mutex<CancellationToken>,
 }
@@ -49,6 +66,7 @@ impl S3Server {
             root,
             service,
             parts: Arc::new(AtomicU64::new(0)),
+            seen: Arc::default(),
             life: std::sync::Mutex::new(CancellationToken::new()),
         };
         server.serve(listener);
@@ -59,6 +77,7 @@ impl S3Server {
         let token = self.life.lock().expect("life").clone();
         let service = self.service.clone();
         let parts = self.parts.clone();
+        let seen = self.seen.clone();
         tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
@@ -69,12 +88,26 @@ impl S3Server {
                         Err(_) => continue,
                     },
                 };
-                let (service, parts) = (service.clone(), parts.clone());
+                let (service, parts, seen) = (service.clone(), parts.clone(), seen.clone());
                 let counting = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         if req.uri().query().is_some_and(|q| q.contains("partNumber=")) {
                             parts.fetch_add(1, Ordering::SeqCst);
                         }
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .map(String::from)
+                        };
+                        let request = Seen {
+                            method: req.method().to_string(),
+                            uri: req.uri().to_string(),
+                            sse: header("x-amz-server-side-encryption"),
+                            kms_key_id: header("x-amz-server-side-encryption-aws-kms-key-id"),
+                            security_token: header("x-amz-security-token"),
+                        };
+                        seen.lock().expect("seen").push(request);
                         Service::call(&service, req)
                     },
                 );
@@ -90,6 +123,11 @@ impl S3Server {
                 });
             }
         });
+    }
+
+    /// Every request the server has been sent so far.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
     }
 
     /// Multipart parts the server has been sent so far.

@@ -1,9 +1,10 @@
 //! The object-store seam: snapshots, memory stores and uploaded files.
 //!
 //! Two backends behind one type:
-//! - S3 through aws-sdk-s3: custom endpoint, path-style addressing and
-//!   checksums only "when required", so S3-compatible servers (MinIO, Ceph,
-//!   s3s) work as well as AWS;
+//! - S3 through aws-sdk-s3 ([`s3`]: the AWS credential chain, path-style
+//!   or virtual-hosted addressing, server-side encryption, checksums only
+//!   "when required"), so S3-compatible servers (MinIO, Ceph, s3s) work as
+//!   well as AWS;
 //! - a local directory, the default when no bucket is configured. A dispatcher
 //!   and the nodes it drives must see the same store: a shared directory works
 //!   only when they share a filesystem (one machine); a fleet needs S3.
@@ -11,15 +12,14 @@
 //! Keys (ARCHITECTURE.md §7): `sessions/{id}/snapshots/{n}.tar.zst`,
 //! `agents/{id}/memory/{store}.tar.zst`, `files/{id}`.
 
+mod s3;
 mod stream;
 
 use std::path::{Path, PathBuf};
 
-use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
 use bytes::Bytes;
 
+pub use s3::{Addressing, Sse, SseMode};
 pub use stream::{ObjectReader, PART_BYTES};
 
 /// Why an object operation failed.
@@ -54,11 +54,27 @@ pub struct ObjectStoreArgs {
     /// Prefix prepended to every key, to share a bucket (e.g. `berth/`).
     #[arg(long, env = "BERTH_S3_PREFIX", default_value = "")]
     pub s3_prefix: String,
-    /// S3 access key id.
-    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    /// How the bucket is addressed: `path` (`endpoint/bucket/key`),
+    /// `virtual` (`bucket.endpoint/key`), or `auto`: path-style with
+    /// `--s3-endpoint`, virtual-hosted on AWS.
+    #[arg(long, env = "BERTH_S3_ADDRESSING", value_enum, default_value_t = Addressing::Auto)]
+    pub s3_addressing: Addressing,
+    /// Server-side encryption asked for every object written: `none` (the
+    /// bucket's default), `aes256` (SSE-S3) or `aws-kms` (SSE-KMS).
+    #[arg(long, env = "BERTH_S3_SSE", value_enum, default_value_t = SseMode::None)]
+    pub s3_sse: SseMode,
+    /// The KMS key (id, ARN or alias) for `--s3-sse aws-kms`; unset: the
+    /// account's default key for S3.
+    #[arg(long, env = "BERTH_S3_SSE_KMS_KEY_ID")]
+    pub s3_sse_kms_key_id: Option<String>,
+    /// A static S3 access key id, with `--s3-secret-access-key`: overrides
+    /// the AWS default credential chain (environment `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, the shared profile,
+    /// web identity as IRSA gives it, container and instance metadata).
+    #[arg(long, env = "BERTH_S3_ACCESS_KEY_ID", hide_env_values = true)]
     pub s3_access_key_id: Option<String>,
-    /// S3 secret access key.
-    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    /// The static key's secret (see `--s3-access-key-id`).
+    #[arg(long, env = "BERTH_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
     pub s3_secret_access_key: Option<String>,
 }
 
@@ -70,6 +86,9 @@ impl Default for ObjectStoreArgs {
             s3_endpoint: None,
             s3_region: "us-east-1".into(),
             s3_prefix: String::new(),
+            s3_addressing: Addressing::Auto,
+            s3_sse: SseMode::None,
+            s3_sse_kms_key_id: None,
             s3_access_key_id: None,
             s3_secret_access_key: None,
         }
@@ -84,6 +103,7 @@ pub enum ObjectStore {
         client: aws_sdk_s3::Client,
         bucket: String,
         prefix: String,
+        sse: Sse,
     },
 }
 
@@ -97,8 +117,9 @@ impl std::fmt::Debug for ObjectStore {
 }
 
 impl ObjectStore {
-    /// Opens the store `args` describe.
-    pub fn open(args: &ObjectStoreArgs) -> Result<Self> {
+    /// Opens the store `args` describe (for S3, once its credentials are
+    /// found).
+    pub async fn open(args: &ObjectStoreArgs) -> Result<Self> {
         let Some(bucket) = args.s3_bucket.clone().filter(|b| !b.is_empty()) else {
             std::fs::create_dir_all(&args.objects_dir).map_err(|e| {
                 ObjectError::Config(format!(
@@ -112,41 +133,12 @@ impl ObjectStore {
                 .unwrap_or_else(|_| args.objects_dir.clone());
             return Ok(Self::Local(dir));
         };
-        let (Some(key_id), Some(secret)) = (&args.s3_access_key_id, &args.s3_secret_access_key)
-        else {
-            return Err(ObjectError::Config(
-                "--s3-bucket needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                    .into(),
-            ));
-        };
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let mut cfg = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(args.s3_region.clone()))
-            .credentials_provider(Credentials::new(
-                key_id.clone(),
-                secret.clone(),
-                None,
-                None,
-                "berth-static",
-            ))
-            .http_client(http)
-            // S3-compatible servers: bucket in the path, and checksums only
-            // where the API requires them.
-            .force_path_style(true)
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-        if let Some(endpoint) = args.s3_endpoint.as_ref().filter(|e| !e.is_empty()) {
-            cfg = cfg.endpoint_url(endpoint.clone());
-        }
+        let sse = Sse::from_args(args)?;
         Ok(Self::S3 {
-            client: aws_sdk_s3::Client::from_conf(cfg.build()),
+            client: s3::client(args).await?,
             bucket,
             prefix: args.s3_prefix.clone(),
+            sse,
         })
     }
 
@@ -158,9 +150,10 @@ impl ObjectStore {
                 client,
                 bucket,
                 prefix,
+                sse,
             } if body.len() < PART_BYTES => {
                 check_key(key)?;
-                stream::put_one(client, bucket, &format!("{prefix}{key}"), key, body).await
+                stream::put_one(client, bucket, sse, &format!("{prefix}{key}"), key, body).await
             }
             _ => self.put_stream(key, &body[..]).await.map(|_| ()),
         }
@@ -192,6 +185,7 @@ impl ObjectStore {
                 client,
                 bucket,
                 prefix: base,
+                ..
             } => {
                 let mut keys = Vec::new();
                 let mut token = None;
@@ -237,6 +231,7 @@ impl ObjectStore {
                 client,
                 bucket,
                 prefix,
+                ..
             } => client
                 .delete_object()
                 .bucket(bucket)
@@ -326,6 +321,7 @@ mod tests {
             objects_dir: dir.clone(),
             ..Default::default()
         })
+        .await
         .expect("open");
         store
             .put("a/1", Bytes::from_static(b"one"))

@@ -65,6 +65,7 @@ impl ObjectStore {
                 client,
                 bucket,
                 prefix,
+                sse,
             } => {
                 let full = format!("{prefix}{key}");
                 let first = read_part(&mut body)
@@ -73,13 +74,11 @@ impl ObjectStore {
                 if first.len() < PART_BYTES {
                     // All of it fits in one part: one PUT.
                     let n = first.len() as u64;
-                    put_one(client, bucket, &full, key, first.freeze()).await?;
+                    put_one(client, bucket, sse, &full, key, first.freeze()).await?;
                     return Ok(n);
                 }
-                let upload = client
-                    .create_multipart_upload()
-                    .bucket(bucket)
-                    .key(&full)
+                let upload = sse
+                    .multipart(client.create_multipart_upload().bucket(bucket).key(&full))
                     .send()
                     .await
                     .map_err(|e| backend("start the upload of", key, DisplayErrorContext(e)))?;
@@ -120,6 +119,7 @@ impl ObjectStore {
                 client,
                 bucket,
                 prefix,
+                ..
             } => match client
                 .get_object()
                 .bucket(bucket)
@@ -139,14 +139,12 @@ impl ObjectStore {
 pub(super) async fn put_one(
     client: &aws_sdk_s3::Client,
     bucket: &str,
+    sse: &super::Sse,
     full: &str,
     key: &str,
     body: bytes::Bytes,
 ) -> Result<()> {
-    client
-        .put_object()
-        .bucket(bucket)
-        .key(full)
+    sse.put(client.put_object().bucket(bucket).key(full))
         .body(ByteStream::from(body))
         .send()
         .await
@@ -264,6 +262,7 @@ mod tests {
             objects_dir: dir.clone(),
             ..Default::default()
         })
+        .await
         .expect("open");
         store
             .put("s/1", bytes::Bytes::from_static(b"good"))

@@ -1,8 +1,15 @@
 //! Production's dependencies as managed services give them: a Postgres that
-//! takes TLS connections only, its certificate checked against its CA.
+//! takes TLS connections only, its certificate checked against its CA; an
+//! object store reached with the credentials a cloud hands a pod (web
+//! identity, as IRSA), and asked to encrypt what it stores.
 
+use std::time::Duration;
+
+use berth_common::objects::{ObjectStore, SseMode};
 use berth_common::tls::DevCa;
+use berth_proto::v1 as pb;
 use berth_tests::pg::PrivatePostgres;
+use berth_tests::sts::Sts;
 use berth_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,5 +59,132 @@ async fn verify_full_refuses_a_certificate_for_another_name() -> anyhow::Result<
         "the refusal names the certificate: {err}"
     );
     assert!(!err.contains("s3cret-pw"), "the password stays out: {err}");
+    Ok(())
+}
+
+/// A node with no static key finds its S3 credentials as a pod on EKS does
+/// (IRSA): a projected token file and a role, exchanged at STS (here a
+/// stand-in on loopback, reached through the SDK's endpoint override) for
+/// temporary credentials, which sign its snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_its_s3_credentials_by_web_identity() -> anyhow::Result<()> {
+    let sts = Sts::start().await?;
+    let mut cluster = TestCluster::builder().nodes(1).start().await?;
+    let dir = std::env::temp_dir().join(format!("berth-irsa-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "eyJ.berth-test-projected-token.sig")?;
+    let role = "arn:aws:iam::123456789012:role/berth-node";
+    let node = ProcessNode::start_with_credentials(
+        &cluster,
+        &["--capacity", "1", "--checkpoint-interval", "0"],
+        &[
+            (
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+                token_file.display().to_string(),
+            ),
+            ("AWS_ROLE_ARN", role.to_string()),
+            ("AWS_ROLE_SESSION_NAME", "berth-node".to_string()),
+            ("AWS_ENDPOINT_URL_STS", format!("http://{}", sts.addr)),
+        ],
+    )
+    .await?;
+    let calls = sts.calls();
+    assert!(!calls.is_empty(), "the node asked STS at start");
+    assert_eq!(calls[0].role_arn, role);
+    assert_eq!(
+        calls[0].web_identity_token,
+        "eyJ.berth-test-projected-token.sig"
+    );
+
+    let mut c = cluster.add_dispatcher_for(&[&node]).await?;
+    cluster.sigterm_dispatcher().await?;
+    let s = idle_session(&mut c, fake_session("echo ready")).await?;
+    let before = cluster.s3.requests().len();
+    c.pause_session(pb::PauseSessionRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    let paused = wait_for_status(
+        &mut c,
+        &s.name,
+        pb::SessionStatus::Paused,
+        Duration::from_secs(60),
+    )
+    .await?;
+    assert!(paused.snapshot.is_some(), "a snapshot was stored");
+    // The snapshot's upload was signed with STS's temporary credentials.
+    let uploads: Vec<_> = cluster.s3.requests()[before..]
+        .iter()
+        .filter(|r| r.method == "PUT" || r.method == "POST")
+        .cloned()
+        .collect();
+    assert!(!uploads.is_empty(), "the node stored its snapshot");
+    assert!(
+        uploads
+            .iter()
+            .all(|r| r.security_token.as_deref() == Some(sts.session_token.as_str())),
+        "every upload carries the session token: {uploads:?}"
+    );
+    c.resume_session(pb::ResumeSessionRequest {
+        name: s.name.clone(),
+    })
+    .await?;
+    assert_eq!(turn(&mut c, &s.name, "echo back").await?, "back");
+    stop_and_wait(&mut c, &s.name).await?;
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+    cluster.shutdown().await
+}
+
+/// A node that finds no S3 credentials anywhere in the chain refuses to
+/// start, and says where it looked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_s3_credentials_says_so_at_start() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().nodes(1).start().await?;
+    let Err(e) = ProcessNode::start_with_credentials(&cluster, &[], &[]).await else {
+        anyhow::bail!("a node without S3 credentials started");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("--s3-bucket needs credentials") && e.contains("web identity"),
+        "{e}"
+    );
+    cluster.shutdown().await
+}
+
+/// Every object written asks for the configured server-side encryption:
+/// a small one in its PUT, a large one when its multipart upload starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_written_with_the_asked_server_side_encryption() -> anyhow::Result<()> {
+    let s3 = s3::S3Server::start().await?;
+    let mut args = s3.args();
+    args.s3_sse = SseMode::AwsKms;
+    args.s3_sse_kms_key_id = Some("alias/berth-snapshots".into());
+    let store = ObjectStore::open(&args).await?;
+    store.put("small", bytes::Bytes::from_static(b"x")).await?;
+    let big = vec![7u8; berth_common::objects::PART_BYTES + 1000];
+    store.put_stream("big", &big[..]).await?;
+    let writes: Vec<_> = s3
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            (r.method == "PUT" && !r.uri.contains("partNumber=")) || r.uri.contains("uploads")
+        })
+        .collect();
+    assert_eq!(
+        writes.len(),
+        2,
+        "one PUT and one multipart start: {writes:?}"
+    );
+    for w in &writes {
+        assert_eq!(w.sse.as_deref(), Some("aws:kms"), "{w:?}");
+        assert_eq!(
+            w.kms_key_id.as_deref(),
+            Some("alias/berth-snapshots"),
+            "{w:?}"
+        );
+    }
+    assert_eq!(store.get("big").await?.map(|b| b.len()), Some(big.len()));
     Ok(())
 }

@@ -478,11 +478,29 @@ fn dockerfile_stage(text: &str, stage: &str) -> (Vec<String>, String) {
     (env, entry)
 }
 
+/// Variables the AWS SDK's default chain reads (the object store's
+/// credentials), though no flag names them.
+const AWS_CHAIN_ENV: [&str; 7] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+];
+
 #[tokio::test]
 async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result<()> {
     let dispatcher = berth_dispatcher::Config::command();
     let node = berth_agent_server::Config::command();
-    let (dispatcher_env, node_env) = (env_names(&dispatcher), env_names(&node));
+    let (mut dispatcher_env, mut node_env) = (env_names(&dispatcher), env_names(&node));
+    // What the AWS SDK's default credential chain reads for the object
+    // store, in both binaries.
+    for sdk in AWS_CHAIN_ENV {
+        dispatcher_env.insert(sdk.to_string());
+        node_env.insert(sdk.to_string());
+    }
     let known = |service: &str| {
         if service.contains("node") || service.contains("agent-server") {
             &node_env
@@ -1171,7 +1189,8 @@ fn env_value<'a>(container: &'a Yaml, name: &str) -> Option<&'a str> {
 
 /// The Helm chart rendered (by `scripts/helm-render.py`, once per test
 /// process) for node engine `which` (`host`, `dind`, `sysbox`), or its
-/// `monitoring` objects, as YAML documents.
+/// cloud profile (`cloud`: core objects, `custom`: custom resources), as
+/// YAML documents.
 fn rendered_chart(which: &str) -> Vec<Yaml> {
     let text =
         std::fs::read_to_string(chart_dir().join(format!("{which}.yaml"))).expect("rendered");
@@ -1207,7 +1226,7 @@ fn chart_dir() -> &'static std::path::Path {
 /// the component serves its metrics on.
 #[test]
 fn the_chart_s_service_monitors_scrape_the_metrics_ports() {
-    let monitors: Vec<Yaml> = rendered_chart("monitoring")
+    let monitors: Vec<Yaml> = rendered_chart("custom")
         .into_iter()
         .filter(|d| d["kind"].as_str() == Some("ServiceMonitor"))
         .collect();
@@ -1294,4 +1313,133 @@ print(json.dumps(out))
             "{case}: the error names {names}: {err:?}"
         );
     }
+}
+
+/// The chart's cloud profile (a dind node pool, workload identity,
+/// cert-manager, every monitoring object) validates, and each optional part
+/// is wired to what it serves:
+/// - the PrometheusRule holds the alert rules of `deploy/prometheus`, and
+///   the dashboard ConfigMap the dashboard of `deploy/grafana`, with the
+///   label Grafana's sidecar watches;
+/// - cert-manager's certificates name what each side checks (the node's the
+///   host in `AGENT_SERVERS`, the dispatcher's a name nodes allow), and
+///   the pods read them from the Secrets they fill, under their key names;
+/// - the pods run as the annotated service account, with no API token.
+#[test]
+fn the_chart_s_cloud_profile_wires_identity_certificates_and_monitoring() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let validator = root.join(".berth/venv/bin/kubernetes-validate");
+    let o = std::process::Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .arg(chart_dir().join("cloud.yaml"))
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", validator.display()));
+    assert!(
+        o.status.success(),
+        "kubernetes-validate cloud: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let core = rendered_chart("cloud");
+    let custom = rendered_chart("custom");
+    let kind = |docs: &[Yaml], k: &str| -> Vec<Yaml> {
+        docs.iter()
+            .filter(|d| d["kind"].as_str() == Some(k))
+            .cloned()
+            .collect()
+    };
+
+    let rules = &kind(&custom, "PrometheusRule")[0];
+    let shipped = &yaml_docs("deploy/prometheus/alerts.yml")[0];
+    assert_eq!(
+        rules["spec"]["groups"], shipped["groups"],
+        "the shipped alert rules"
+    );
+    let dashboard = &kind(&core, "ConfigMap")[0];
+    assert_eq!(
+        dashboard["metadata"]["labels"]["grafana_dashboard"].as_str(),
+        Some("1")
+    );
+    let json: serde_json::Value = serde_json::from_str(
+        dashboard["data"]["berth.json"]
+            .as_str()
+            .expect("the dashboard"),
+    )
+    .expect("JSON");
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/berth.json")).expect("read"),
+    )
+    .expect("JSON");
+    assert_eq!(json, file, "the shipped dashboard");
+
+    let certs = kind(&custom, "Certificate");
+    let cert = |name: &str| {
+        certs
+            .iter()
+            .find(|c| c["metadata"]["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("certificate {name}"))
+    };
+    let workload = |k: &str| kind(&core, k).pop().unwrap_or_else(|| panic!("a {k}"));
+    let (dispatcher, nodes) = (workload("Deployment"), workload("StatefulSet"));
+    let first = |w: &Yaml| w["spec"]["template"]["spec"]["containers"][0].clone();
+    let agent_servers = env_value(&first(&dispatcher), "AGENT_SERVERS")
+        .expect("AGENT_SERVERS")
+        .to_string();
+    let node_host = agent_servers
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .expect("host:port")
+        .0
+        .to_string();
+    let names = |c: &Yaml| -> Vec<String> {
+        c["spec"]["dnsNames"]
+            .as_vec()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(String::from))
+            .collect()
+    };
+    assert!(
+        names(cert("berth-node")).contains(&node_host),
+        "the node certificate names {node_host}"
+    );
+    assert_eq!(
+        cert("berth-dispatcher")["spec"]["commonName"].as_str(),
+        Some(berth_common::tls::DISPATCHER_NAME),
+        "the name nodes allow by default"
+    );
+    for (w, c) in [(&dispatcher, "berth-dispatcher"), (&nodes, "berth-node")] {
+        let pod = &w["spec"]["template"]["spec"];
+        let secret = cert(c)["spec"]["secretName"].as_str().expect("secretName");
+        let certs_volume = pod["volumes"]
+            .as_vec()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"].as_str() == Some("certs"))
+            .expect("the certs volume");
+        assert_eq!(
+            certs_volume["secret"]["secretName"].as_str(),
+            Some(secret),
+            "{c}"
+        );
+        let container = first(w);
+        for (var, key) in [
+            ("BERTH_TLS_CA", "ca.crt"),
+            ("BERTH_TLS_CERT", "tls.crt"),
+            ("BERTH_TLS_KEY", "tls.key"),
+        ] {
+            assert_eq!(
+                env_value(&container, var),
+                Some(format!("/certs/{key}").as_str()),
+                "{c}: cert-manager's key names"
+            );
+        }
+        assert_eq!(pod["serviceAccountName"].as_str(), Some("berth"));
+        assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    }
+    let account = &kind(&core, "ServiceAccount")[0];
+    assert_eq!(
+        account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].as_str(),
+        Some("arn:aws:iam::123456789012:role/berth")
+    );
 }

@@ -39,7 +39,7 @@ fn cut_short(data: Vec<u8>) -> impl tokio::io::AsyncRead + Unpin + Send {
 #[tokio::test]
 async fn objects_upload_in_parts_and_a_failed_upload_leaves_the_old_object() -> anyhow::Result<()> {
     let s3 = s3::S3Server::start().await?;
-    let store = ObjectStore::open(&s3.args())?;
+    let store = ObjectStore::open(&s3.args()).await?;
     let big = noise(2 * PART_BYTES + 1000);
     let size = store.put_stream("big/1", &big[..]).await?;
     assert_eq!(size, big.len() as u64);
@@ -250,7 +250,7 @@ async fn s3_killed_mid_upload_leaves_the_previous_snapshot_good() -> anyhow::Res
         "the session's last good snapshot is still the first"
     );
     let failed_key = first.key.replace("/1.tar.zst", "/2.tar.zst");
-    let store = ObjectStore::open(&cluster.s3.args())?;
+    let store = ObjectStore::open(&cluster.s3.args()).await?;
     assert_eq!(
         store.get(&failed_key).await?.map(|b| b.len()),
         None,

@@ -32,3 +32,30 @@ livenessProbe:
   periodSeconds: 10
   failureThreshold: 6
 {{- end }}
+
+{{/* The pods' service account. */}}
+{{- define "berth.serviceAccount" -}}
+{{ .Values.serviceAccount.name | default .Release.Name }}
+{{- end }}
+
+{{/* The Secret with component `name`'s mTLS material ("dispatcher" or "node"). */}}
+{{- define "berth.tlsSecret" -}}
+{{- if .root.Values.tls.certManager.enabled -}}
+{{ .root.Release.Name }}-{{ .name }}-tls
+{{- else if eq .name "dispatcher" -}}
+{{ required "secrets.dispatcherTls: the dispatchers' mTLS Secret is required (or tls.certManager.enabled)" .root.Values.secrets.dispatcherTls }}
+{{- else -}}
+{{ required "secrets.nodeTls: the nodes' mTLS Secret is required (or tls.certManager.enabled)" .root.Values.secrets.nodeTls }}
+{{- end -}}
+{{- end }}
+
+{{/* The mTLS files' paths: cert-manager's key names, or the Secrets' own. */}}
+{{- define "berth.tlsEnv" -}}
+{{- $cm := .Values.tls.certManager.enabled -}}
+- name: BERTH_TLS_CA
+  value: /certs/{{ ternary "ca.crt" "ca.pem" $cm }}
+- name: BERTH_TLS_CERT
+  value: /certs/{{ ternary "tls.crt" "tls.pem" $cm }}
+- name: BERTH_TLS_KEY
+  value: /certs/{{ ternary "tls.key" "tls-key.pem" $cm }}
+{{- end }}
