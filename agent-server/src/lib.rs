@@ -35,7 +35,7 @@ mod workspace;
 use std::sync::Arc;
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
-use berth_common::tls::{TlsMaterial, check_peer};
+use berth_common::tls::{LiveTls, check_peer};
 use berth_proto::node::v1::agent_server_server::AgentServerServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +68,7 @@ pub async fn run_with_drain(
     let mut cfg = cfg;
     cfg.normalize();
     cfg.validate()?;
-    let tls = cfg.tls.load()?;
+    let tls = cfg.tls.live()?;
     if tls.is_none() {
         tracing::warn!("node API runs WITHOUT TLS (--insecure-plaintext): local development only");
     }
@@ -82,6 +82,10 @@ pub async fn run_with_drain(
     }
     // Every background loop, so shutdown stops and awaits each one.
     let loops = TaskTracker::new();
+    if let Some(tls) = &tls {
+        // A renewed certificate is used from the next connection on.
+        loops.spawn(tls.clone().watch(shutdown.clone()));
+    }
     if let Some((dir, timeout)) = runtime.dead_man() {
         container::touch_alive(&dir)?;
         loops.spawn(container::heartbeat(dir, timeout, shutdown.clone()));
@@ -199,7 +203,7 @@ async fn load_gauges(node: Arc<node::Node>) {
 async fn serve(
     node: Arc<node::Node>,
     listener: TcpListener,
-    tls: Option<TlsMaterial>,
+    tls: Option<Arc<LiveTls>>,
     shutdown: CancellationToken,
     loops: &TaskTracker,
 ) -> anyhow::Result<()> {
@@ -237,15 +241,12 @@ async fn serve(
     let svc = AgentServerServer::new(api::NodeApi::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
     // With TLS, the handshake requires a CA-signed client certificate and the
     // interceptor requires one of the allowed names on it.
     let allowed = tls.is_some().then(|| node.cfg.tls_allowed_clients.clone());
-    if let Some(tls) = &tls {
-        builder = builder.tls_config(tls.server())?;
-    }
     let svc = InterceptedService::new(svc, move |req: tonic::Request<()>| match &allowed {
         Some(allowed) => check_peer(&req, allowed).map(|()| req),
         None => Ok(req),
@@ -258,7 +259,7 @@ async fn serve(
         pools = ?node.cfg.warm_pools.iter().map(|p| &p.image).collect::<Vec<_>>(),
         "agent-server listening"
     );
-    builder
+    let router = builder
         .layer(tower::util::MapResponseLayer::new(
             berth_common::grpc::client_decode_errors,
         ))
@@ -266,13 +267,24 @@ async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(svc)
-        .serve_with_incoming_shutdown(
-            // No Nagle: a small frame (one event, one ack) goes out at once instead
-            // of waiting up to 40 ms for the peer's delayed ACK.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
-        )
-        .await?;
+        .add_service(svc);
+    // No Nagle either way: a small frame (one event, one ack) goes out at
+    // once instead of waiting up to 40 ms for the peer's delayed ACK.
+    match tls {
+        // Each handshake takes the current certificate (see LiveTls).
+        Some(tls) => {
+            let incoming = berth_common::tls::incoming(listener, tls, shutdown.clone(), loops);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await?;
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await?;
+        }
+    }
     Ok(())
 }

@@ -52,7 +52,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     cfg.validate()?;
-    let fleet = fleet_config(&cfg)?;
+    // One TLS configuration for the node links and the API, reloaded from
+    // its files while the dispatcher runs.
+    let tls = cfg.tls.live()?;
+    let fleet = fleet_config(&cfg, tls.clone())?;
     let sealer = sealer(&cfg)?;
     tracing::info!(keys = ?sealer, "secrets key file loaded");
     let store = store::Store::connect(&cfg.database_url, cfg.db_max_connections, sealer).await?;
@@ -92,7 +95,10 @@ pub async fn run(
     janitor::release_previous(&parts.store, &parts.log, &cfg.dispatcher_id, &shutdown).await;
     let served = async {
         services::spawn_loops(&cfg, &parts, &loops, &drivers, &shutdown).await?;
-        services::serve_api(&cfg, listener, parts, &shutdown, &loops).await
+        if let Some(tls) = &tls {
+            loops.spawn(tls.clone().watch(shutdown.clone()));
+        }
+        services::serve_api(&cfg, listener, tls.as_ref(), parts, &shutdown, &loops).await
     }
     .await;
     // Each driver re-queues its session (status `rescheduling`) so another
@@ -186,7 +192,10 @@ const LOG_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 
 /// How to reach the nodes: URLs, TLS, static resolution, lease. Plaintext
 /// only with `--insecure-plaintext`; https needs the TLS files.
-fn fleet_config(cfg: &Config) -> anyhow::Result<nodes::FleetConfig> {
+fn fleet_config(
+    cfg: &Config,
+    tls: Option<Arc<berth_common::tls::LiveTls>>,
+) -> anyhow::Result<nodes::FleetConfig> {
     anyhow::ensure!(
         !cfg.agent_servers.is_empty(),
         "no agent-server nodes: set AGENT_SERVERS"
@@ -206,7 +215,6 @@ fn fleet_config(cfg: &Config) -> anyhow::Result<nodes::FleetConfig> {
         tracing::warn!(url = %u.url, "node link WITHOUT TLS (--insecure-plaintext): local development only");
     }
     let tls = if urls.iter().any(|u| u.tls) {
-        let tls = cfg.tls.load()?;
         anyhow::ensure!(
             tls.is_some(),
             "https nodes need --tls-ca, --tls-cert and --tls-key (`berth certs init` makes a development set)"

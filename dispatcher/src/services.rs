@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_common::grpc::{MAX_MESSAGE_BYTES, health_and_reflection};
+use berth_common::tls::LiveTls;
 use berth_proto::v1::agents_server::AgentsServer;
 use berth_proto::v1::api_keys_server::ApiKeysServer;
 use berth_proto::v1::audit_server::AuditServer;
@@ -259,11 +260,13 @@ impl Services {
     }
 }
 
-/// Serves the public API on `listener` until `shutdown` is cancelled; the
-/// tasks its streams start run on `loops`.
+/// Serves the public API on `listener` until `shutdown` is cancelled (over
+/// mTLS with `tls` under `--api-tls`); the tasks its streams start run on
+/// `loops`.
 pub(crate) async fn serve_api(
     cfg: &Config,
     listener: TcpListener,
+    tls: Option<&Arc<LiveTls>>,
     parts: Parts,
     shutdown: &CancellationToken,
     loops: &TaskTracker,
@@ -320,21 +323,19 @@ pub(crate) async fn serve_api(
     }
     tracing::info!(addr = %listener.local_addr()?, nodes = ?cfg.agent_servers, id = %cfg.dispatcher_id, "dispatcher listening");
     let keepalive = Some(cfg.api_keepalive).filter(|k| !k.is_zero());
-    let mut server = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .timeout(cfg.api_call_timeout)
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(keepalive)
         .tcp_keepalive(keepalive)
         // grpc-web (browsers, HTTP/1.1 proxies) beside native gRPC.
         .accept_http1(true);
-    if cfg.api_tls {
-        let tls = cfg
-            .tls
-            .load()?
-            .ok_or_else(|| anyhow::anyhow!("--api-tls needs --tls-ca, --tls-cert and --tls-key"))?;
-        server = server.tls_config(tls.server())?;
-    }
-    server
+    let api_tls = match (cfg.api_tls, tls) {
+        (false, _) => None,
+        (true, Some(tls)) => Some(tls.clone()),
+        (true, None) => anyhow::bail!("--api-tls needs --tls-ca, --tls-cert and --tls-key"),
+    };
+    let router = server
         .layer(tower::util::MapResponseLayer::new(
             berth_common::grpc::client_decode_errors,
         ))
@@ -351,13 +352,24 @@ pub(crate) async fn serve_api(
         .add_routes(services.routes.routes())
         .add_service(health)
         .add_service(reflection)
-        .add_service(reflection_alpha)
-        .serve_with_incoming_shutdown(
-            // No Nagle: a small frame (one event, one ack) goes out at once instead
-            // of waiting up to 40 ms for the peer's delayed ACK.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        )
-        .await?;
+        .add_service(reflection_alpha);
+    // No Nagle either way: a small frame (one event, one ack) goes out at
+    // once instead of waiting up to 40 ms for the peer's delayed ACK.
+    match api_tls {
+        // Each handshake takes the current certificate (see LiveTls).
+        Some(tls) => {
+            let incoming = berth_common::tls::incoming(listener, tls, shutdown.clone(), loops);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                .await?;
+        }
+        None => {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                .await?;
+        }
+    }
     Ok(())
 }

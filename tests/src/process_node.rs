@@ -167,6 +167,20 @@ impl ProcessNode {
         Ok(node)
     }
 
+    /// Replaces the node's certificate and key files with `issued`, each
+    /// by a rename, as a Kubernetes Secret mount swaps them.
+    pub fn write_tls(&self, issued: &berth_common::tls::Issued) -> anyhow::Result<()> {
+        for (file, pem) in [
+            ("node.pem", &issued.cert_pem),
+            ("node.key", &issued.key_pem),
+        ] {
+            let tmp = self.dir.join(format!("{file}.new"));
+            std::fs::write(&tmp, pem)?;
+            std::fs::rename(&tmp, self.dir.join(file))?;
+        }
+        Ok(())
+    }
+
     /// The most memory the process has held so far (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> anyhow::Result<u64> {
         proc_status_bytes(self.child.id(), "VmHWM")

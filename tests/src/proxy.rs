@@ -1,4 +1,5 @@
-//! A TCP proxy that can go silent, as a hung or partitioned node does.
+//! A TCP proxy that can go silent, as a hung or partitioned node does, or
+//! drop every connection, as a restarted load balancer does.
 
 use super::*;
 
@@ -8,16 +9,21 @@ use super::*;
 pub struct Proxy {
     pub addr: SocketAddr,
     paused: tokio::sync::watch::Sender<bool>,
+    /// Bumped by [`Proxy::cut`]: connections of an older generation end.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Proxy {
-    pub(crate) async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (paused, rx) = tokio::sync::watch::channel(false);
+        let (generation, generations) = tokio::sync::watch::channel(0u64);
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let rx = rx.clone();
+                let mut cut = generations.clone();
+                let born = *cut.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
@@ -26,11 +32,24 @@ impl Proxy {
                     let _ = outbound.set_nodelay(true);
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    tokio::join!(pipe(ri, wo, rx.clone()), pipe(ro, wi, rx));
+                    let both = async { tokio::join!(pipe(ri, wo, rx.clone()), pipe(ro, wi, rx)) };
+                    tokio::select! {
+                        _ = both => {}
+                        _ = cut.wait_for(|g| *g != born) => {}
+                    }
                 });
             }
         });
-        Ok(Self { addr, paused })
+        Ok(Self {
+            addr,
+            paused,
+            generation,
+        })
+    }
+
+    /// Drops every open connection at once; new ones go through.
+    pub fn cut(&self) {
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Pauses (silences) or resumes forwarding.

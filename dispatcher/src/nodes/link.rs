@@ -155,20 +155,31 @@ pub(super) fn dial(
     url: &NodeUrl,
     addr: SocketAddr,
 ) -> anyhow::Result<AgentServerClient<Channel>> {
-    let scheme = if url.tls { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+    // TLS, when the URL is https, is the connector's: each connection
+    // takes the current certificate (see LiveTls), so the URI tonic sees
+    // is plain.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    if url.tls {
-        let tls = cfg.tls.as_ref().ok_or_else(|| {
+    let channel = if url.tls {
+        let tls = cfg.tls.clone().ok_or_else(|| {
             anyhow::anyhow!("{} is https but no TLS material is configured", url.url)
         })?;
-        endpoint = endpoint.tls_config(tls.client(&url.host))?;
-    }
-    Ok(AgentServerClient::new(endpoint.connect_lazy())
+        let host = url.host.clone();
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+            let (tls, host) = (tls.clone(), host.clone());
+            async move {
+                let stream = berth_common::tls::connect(&tls, addr, &host).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+    } else {
+        endpoint.connect_lazy()
+    };
+    Ok(AgentServerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use berth_common::tls::TlsMaterial;
+use berth_common::tls::LiveTls;
 
 /// One configured `AGENT_SERVERS` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +70,7 @@ impl NodeUrl {
 pub struct FleetConfig {
     pub urls: Vec<NodeUrl>,
     /// Client certificate and CA; `None` only for plaintext development.
-    pub tls: Option<TlsMaterial>,
+    pub tls: Option<std::sync::Arc<LiveTls>>,
     /// `host:port` → address, consulted before DNS (like curl's `--resolve`).
     pub resolve: HashMap<String, SocketAddr>,
     pub resolve_interval: Duration,

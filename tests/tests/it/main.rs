@@ -18,6 +18,7 @@ mod notify;
 mod ops;
 mod partition;
 mod reliability;
+mod rotation;
 mod seed;
 mod shutdown;
 mod snapshots;

@@ -9,13 +9,21 @@
 //! - client certificates (for the CLI and services) carry their own names, so
 //!   a client certificate from the same CA is never accepted by a node.
 
+mod live;
+mod serve;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+pub use live::{LiveTls, TlsFiles};
+pub use serve::{connect, incoming};
 
 /// The name a dispatcher's client certificate carries by default.
 pub const DISPATCHER_NAME: &str = "berth-dispatcher";
@@ -37,7 +45,7 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 /// `--tls-ca`, `--tls-cert`, `--tls-key`: the files of [`TlsMaterial`].
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct TlsArgs {
     /// CA certificate (PEM) that signs every dispatcher and node certificate.
     #[arg(long = "tls-ca", env = "BERTH_TLS_CA")]
@@ -52,12 +60,51 @@ pub struct TlsArgs {
     /// reach the port can run containers. Logged as a warning.
     #[arg(long, env = "BERTH_INSECURE_PLAINTEXT", default_value_t = false)]
     pub insecure_plaintext: bool,
+    /// How often the TLS files are read again (seconds): changed files that
+    /// form a valid set (a renewed certificate in a Kubernetes Secret
+    /// mount, say) are used from the next connection on, with no restart
+    /// and no dropped stream. `0`: read once, at start.
+    #[arg(long = "tls-reload-interval", env = "BERTH_TLS_RELOAD_INTERVAL", value_parser = crate::time::parse_duration, default_value = "10")]
+    pub reload_interval: Duration,
     /// Material given in memory (tests, the in-process node); wins over the files.
     #[arg(skip)]
     pub material: Option<TlsMaterial>,
 }
 
+impl Default for TlsArgs {
+    fn default() -> Self {
+        Self {
+            ca: None,
+            cert: None,
+            key: None,
+            insecure_plaintext: false,
+            reload_interval: Duration::from_secs(10),
+            material: None,
+        }
+    }
+}
+
 impl TlsArgs {
+    /// The configured material as a [`LiveTls`] that reloads from the
+    /// files (material given in memory never changes); `None` for
+    /// plaintext. Run its [`LiveTls::watch`] to reload.
+    pub fn live(&self) -> anyhow::Result<Option<Arc<LiveTls>>> {
+        let Some(material) = self.load()? else {
+            return Ok(None);
+        };
+        let files = match (&self.material, &self.ca, &self.cert, &self.key) {
+            (None, Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        LiveTls::new(material, files, self.reload_interval)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--tls-ca, --tls-cert, --tls-key: {e}"))
+    }
+
     /// The configured material, `None` for plaintext. Errors name the flag
     /// that is missing or unreadable.
     pub fn load(&self) -> anyhow::Result<Option<TlsMaterial>> {
@@ -105,6 +152,14 @@ impl TlsMaterial {
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .domain_name(server_name)
     }
+}
+
+/// The DER of the first certificate in `pem`.
+pub fn first_cert_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("certificate: {e}"))?;
+    Ok(cert.to_vec())
 }
 
 /// The DNS names (subject alternative names, then the common name) in a DER
@@ -210,6 +265,17 @@ impl DevCa {
     /// Issues a certificate for `names` (the first is also the common name),
     /// valid for a year.
     pub fn issue(&self, kind: CertKind, names: &[String]) -> anyhow::Result<Issued> {
+        self.issue_for(kind, names, Duration::from_secs(365 * 24 * 3600))
+    }
+
+    /// As [`Self::issue`], valid for `valid_for` from now (a short-lived
+    /// certificate, as cert-manager renews).
+    pub fn issue_for(
+        &self,
+        kind: CertKind,
+        names: &[String],
+        valid_for: Duration,
+    ) -> anyhow::Result<Issued> {
         anyhow::ensure!(!names.is_empty(), "a certificate needs at least one name");
         let mut params = CertificateParams::new(names.to_vec())?;
         params
@@ -227,8 +293,9 @@ impl DevCa {
             ],
             CertKind::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
-        let (y, m, d) = days_from_now(365);
-        params.not_after = rcgen::date_time_ymd(y, m, d);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + valid_for;
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
