@@ -35,8 +35,10 @@ pub struct Config {
     /// Postgres connection URL. TLS as libpq's parameters say: `sslmode=require`
     /// (encrypted), or `sslmode=verify-full&sslrootcert=/path/ca.pem` (the
     /// server's certificate checked against its CA, as managed services
-    /// such as RDS, Cloud SQL and Azure publish it; the system's roots are
-    /// trusted too).
+    /// such as RDS, Cloud SQL and Azure publish it; `sslrootcert=system`:
+    /// the system's roots). `sslcert=…&sslkey=…` present a client
+    /// certificate to a server that authenticates by certificate. A bad
+    /// TLS parameter is refused at start, by name.
     #[arg(
         long,
         env = "DATABASE_URL",

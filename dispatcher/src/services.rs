@@ -292,11 +292,17 @@ pub(crate) async fn serve_api(
             nodes: parts.nodes.clone(),
         }))
         .add(ApiKeysServer::new(api::access::ApiKeysService {
-            store: store.clone(),
-            auth: parts.authenticator.clone(),
+            keys: crate::ops::access::Keys {
+                store: store.clone(),
+                audit: parts.audit.clone(),
+                auth: parts.authenticator.clone(),
+            },
         }))
         .add(SecretsServer::new(api::access::SecretsService {
-            store: store.clone(),
+            secrets: crate::ops::access::Secrets {
+                store: store.clone(),
+                audit: parts.audit.clone(),
+            },
         }))
         .add(SchedulesServer::new(api::schedules::SchedulesService {
             schedules: parts.schedules.clone(),
@@ -305,6 +311,7 @@ pub(crate) async fn serve_api(
             webhooks: parts.webhooks.clone(),
             subscriptions: outbound::Subscriptions {
                 store: store.clone(),
+                audit: parts.audit.clone(),
                 allow_http: cfg.subscription_allow_http_hosts.clone(),
             },
         }))

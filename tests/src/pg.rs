@@ -13,6 +13,8 @@ pub struct PrivatePostgres {
     root: bool,
     /// With TLS: the server's certificate and key, and its CA's file.
     tls: Option<PathBuf>,
+    /// Clients authenticate by a certificate of that CA (`hostssl … cert`).
+    client_certs: bool,
 }
 
 fn pg_bin() -> anyhow::Result<PathBuf> {
@@ -44,6 +46,7 @@ impl PrivatePostgres {
             port,
             root,
             tls: None,
+            client_certs: false,
         };
         if root {
             run(Command::new("chown").arg("postgres:postgres").arg(&pg.dir))?;
@@ -96,6 +99,20 @@ impl PrivatePostgres {
         Ok(pg)
     }
 
+    /// Makes the (TLS) server authenticate clients by certificate only: a
+    /// certificate of its CA whose common name is the user (`berth`), as
+    /// managed services offer instead of passwords.
+    pub fn require_client_certs(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.tls.is_some(), "client certificates need a TLS server");
+        self.stop()?;
+        std::fs::write(
+            self.dir.join("data/pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 cert\nhostssl all all ::1/128 cert\n",
+        )?;
+        self.client_certs = true;
+        self.start_again()
+    }
+
     /// The URL of a TLS server that checks its certificate against the CA
     /// (`sslmode=verify-full`), as a managed database is reached.
     pub fn tls_url(&self) -> Option<String> {
@@ -127,6 +144,9 @@ impl PrivatePostgres {
         );
         if self.tls.is_some() {
             opts.push_str(" -c ssl=on");
+        }
+        if let Some(ca) = self.tls.as_ref().filter(|_| self.client_certs) {
+            opts.push_str(&format!(" -c ssl_ca_file={}", ca.display()));
         }
         let log = self.dir.join("server.log");
         let log = log.to_string_lossy();

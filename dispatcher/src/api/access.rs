@@ -1,7 +1,5 @@
 //! `berth.v1.ApiKeys` and `berth.v1.Secrets`.
 
-use std::sync::Arc;
-
 use berth_common::grpc::rich_status;
 use berth_common::names;
 use berth_proto::v1::{
@@ -10,21 +8,15 @@ use berth_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
-use crate::access::auth::{Authenticator, Caller, Role, caller, new_token};
+use crate::access::auth::{Caller, Role, caller};
 use crate::error::Error;
-use crate::ops::audit::{Action, Detail};
-use crate::store::{
-    ApiKeyRow, SecretRow, Store, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY, secret_context,
-};
+use crate::ops::access::{Keys, Secrets};
+use crate::store::{ApiKeyRow, SecretRow, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY};
 use berth_common::time::to_timestamp as timestamp;
-
-/// Largest secret value.
-pub const SECRET_BYTES: usize = 16 * 1024;
 
 /// Serves `berth.v1.ApiKeys`.
 pub struct ApiKeysService {
-    pub store: Store,
-    pub auth: Arc<Authenticator>,
+    pub keys: Keys,
 }
 
 fn role_from_pb(r: i32) -> Result<Role, Error> {
@@ -82,36 +74,13 @@ impl ApiKeysApi for ApiKeysService {
         if role == Role::FleetAdmin {
             who.require_admin("a fleet-admin key")?;
         }
-        if r.display_name.chars().count() > crate::session::limits::DISPLAY_NAME_CHARS {
-            return Err(Error::invalid("display_name", "longer than 256 characters").into());
-        }
-        let t = new_token();
-        let key = self
-            .store
-            .insert_api_key(
-                &t.key_id,
-                &project,
-                role,
-                &r.display_name,
-                &t.sha256,
-                &who.identity(),
-            )
+        let (key, token) = self
+            .keys
+            .create(&who, &project, role, &r.display_name)
             .await?;
-        tracing::info!(key_id = %t.key_id, project, role = role.as_str(), by = ?who.key_id, "API key created");
-        audit(
-            &self.store,
-            &who,
-            &project,
-            Action::KeyCreate,
-            &format!("keys/{}", t.key_id),
-            Detail::KeyRole {
-                role: role.as_str(),
-            },
-        )
-        .await;
         Ok(Response::new(pb::CreateApiKeyResponse {
             key: Some(key_pb(key)),
-            token: t.token,
+            token,
         }))
     }
 
@@ -128,6 +97,7 @@ impl ApiKeysApi for ApiKeysService {
             Some(target_project(&who, &r.project)?)
         };
         let keys = self
+            .keys
             .store
             .list_api_keys(project.as_deref(), r.show_revoked)
             .await?;
@@ -149,7 +119,7 @@ impl ApiKeysApi for ApiKeysService {
         // Another project's keys are NOT_FOUND to a member; its project's
         // are its to revoke only as `keys::may_revoke` says.
         let not_found = || Error::NotFound(format!("API key apiKeys/{id} not found"));
-        let found = self.store.api_key(id).await?.ok_or_else(not_found)?;
+        let found = self.keys.store.api_key(id).await?.ok_or_else(not_found)?;
         match crate::access::keys::may_revoke(&who, &found) {
             Ok(()) => {}
             Err(crate::access::keys::Refusal::NotFound) => return Err(not_found().into()),
@@ -163,22 +133,7 @@ impl ApiKeysApi for ApiKeysService {
                 ));
             }
         }
-        let key = self
-            .store
-            .revoke_api_key(id, Some(&found.project))
-            .await?
-            .ok_or_else(not_found)?;
-        self.auth.forget(id);
-        tracing::info!(key_id = %id, project = %key.project, by = ?who.key_id, "API key revoked");
-        audit(
-            &self.store,
-            &who,
-            &key.project,
-            Action::KeyRevoke,
-            &format!("keys/{id}"),
-            Detail::None {},
-        )
-        .await;
+        let key = self.keys.revoke(&who, id, &found.project).await?;
         Ok(Response::new(key_pb(key)))
     }
 
@@ -204,6 +159,7 @@ impl ApiKeysApi for ApiKeysService {
             }));
         };
         let key = self
+            .keys
             .store
             .api_key(id)
             .await?
@@ -214,7 +170,7 @@ impl ApiKeysApi for ApiKeysService {
 
 /// Serves `berth.v1.Secrets`.
 pub struct SecretsService {
-    pub store: Store,
+    pub secrets: Secrets,
 }
 
 fn usage_to_str(u: i32) -> Result<&'static str, Error> {
@@ -264,46 +220,10 @@ impl SecretsApi for SecretsService {
         let who = caller(&r)?;
         let r = r.into_inner();
         let usage = usage_to_str(r.usage)?;
-        if r.value.is_empty() {
-            return Err(Error::invalid("value", "required").into());
-        }
-        if r.value.len() > SECRET_BYTES {
-            // The message never repeats the value.
-            return Err(Error::invalid(
-                "value",
-                format!("{} bytes; the limit is {SECRET_BYTES}", r.value.len()),
-            )
-            .into());
-        }
-        if r.display_name.chars().count() > crate::session::limits::DISPLAY_NAME_CHARS {
-            return Err(Error::invalid("display_name", "longer than 256 characters").into());
-        }
-        let sealer = self.store.sealer();
-        let sealed = sealer.seal(&secret_context(&who.project), r.value.as_bytes());
-        let id = Uuid::now_v7();
         let row = self
-            .store
-            .insert_secret(
-                id,
-                &who.project,
-                &r.display_name,
-                usage,
-                &sealed,
-                sealer.primary(),
-            )
+            .secrets
+            .create(&who, &r.display_name, usage, &r.value)
             .await?;
-        tracing::info!(secret_id = %id, project = %who.project, usage, "secret created");
-        audit(
-            &self.store,
-            &who,
-            &who.project,
-            Action::SecretCreate,
-            &format!("secrets/{id}"),
-            Detail::SecretUsage {
-                usage: usage.to_string(),
-            },
-        )
-        .await;
         Ok(Response::new(secret_pb(row)))
     }
 
@@ -314,7 +234,7 @@ impl SecretsApi for SecretsService {
         let who = caller(&r)?;
         let id = secret_id(&r.into_inner().name)?;
         Ok(Response::new(secret_pb(
-            self.store.get_secret(&who.project, id).await?,
+            self.secrets.store.get_secret(&who.project, id).await?,
         )))
     }
 
@@ -323,7 +243,7 @@ impl SecretsApi for SecretsService {
         r: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
         let who = caller(&r)?;
-        let secrets = self.store.list_secrets(&who.project).await?;
+        let secrets = self.secrets.store.list_secrets(&who.project).await?;
         Ok(Response::new(pb::ListSecretsResponse {
             secrets: secrets.into_iter().map(secret_pb).collect(),
         }))
@@ -335,35 +255,7 @@ impl SecretsApi for SecretsService {
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
         let who = caller(&r)?;
         let id = secret_id(&r.into_inner().name)?;
-        if !self.store.delete_secret(&who.project, id).await? {
-            return Err(Error::NotFound(format!("secret secrets/{id} not found")).into());
-        }
-        tracing::info!(secret_id = %id, project = %who.project, "secret deleted");
-        audit(
-            &self.store,
-            &who,
-            &who.project,
-            Action::SecretDelete,
-            &format!("secrets/{id}"),
-            Detail::None {},
-        )
-        .await;
+        self.secrets.delete(&who, id).await?;
         Ok(Response::new(pb::DeleteSecretResponse {}))
     }
-}
-
-/// Records `who`'s `action` on `resource` in `project`'s audit trail.
-async fn audit(
-    store: &crate::store::Store,
-    who: &crate::access::auth::Caller,
-    project: &str,
-    action: Action,
-    resource: &str,
-    detail: Detail,
-) {
-    crate::ops::audit::Audit {
-        store: store.clone(),
-    }
-    .record(project, &who.identity(), action, resource, detail)
-    .await;
 }

@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 use super::pages::{self, page_size};
 use crate::access::auth::caller;
 use crate::error::Error;
-use crate::ops::audit::{Action, Detail};
 use crate::ops::outbound::{DeliveryRecord, Subscription, Subscriptions};
 use crate::ops::webhooks::{PATH_PREFIX, Webhook, Webhooks};
 
@@ -84,22 +83,6 @@ impl From<Webhook> for pb::Webhook {
     }
 }
 
-impl WebhooksService {
-    /// Records `who`'s `action` on `resource` in the audit trail.
-    async fn audit(
-        &self,
-        who: &crate::access::auth::Caller,
-        action: Action,
-        resource: &str,
-        detail: Detail,
-    ) {
-        self.webhooks
-            .audit
-            .record(&who.project, &who.identity(), action, resource, detail)
-            .await;
-    }
-}
-
 #[tonic::async_trait]
 impl WebhooksApi for WebhooksService {
     async fn create_webhook(
@@ -120,15 +103,6 @@ impl WebhooksApi for WebhooksService {
                 labels,
             )
             .await?;
-        self.audit(
-            &who,
-            Action::WebhookCreate,
-            &format!("{PREFIX}{}", webhook.webhook_id),
-            Detail::WebhookAgent {
-                agent: webhook.agent.clone(),
-            },
-        )
-        .await;
         Ok(Response::new(pb::CreateWebhookResponse {
             webhook: Some(webhook.into()),
             secret,
@@ -172,14 +146,9 @@ impl WebhooksApi for WebhooksService {
     ) -> Result<Response<pb::DeleteWebhookResponse>, Status> {
         let who = caller(&r)?;
         let id = webhook_id(&r.get_ref().name)?;
-        self.webhooks.delete(&who.project, id).await?;
-        self.audit(
-            &who,
-            Action::WebhookDelete,
-            &format!("{PREFIX}{id}"),
-            Detail::None {},
-        )
-        .await;
+        self.webhooks
+            .delete(&who.project, &who.identity(), id)
+            .await?;
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
 
@@ -200,16 +169,6 @@ impl WebhooksApi for WebhooksService {
                 s.event_types,
             )
             .await?;
-        self.audit(
-            &who,
-            Action::SubscriptionCreate,
-            &format!("{SUBSCRIPTIONS}{}", sub.subscription_id),
-            Detail::Subscription {
-                url: sub.url.clone(),
-                event_types: sub.event_types.clone(),
-            },
-        )
-        .await;
         Ok(Response::new(pb::CreateSubscriptionResponse {
             subscription: Some(sub.into()),
             secret,
@@ -234,14 +193,9 @@ impl WebhooksApi for WebhooksService {
         let who = caller(&r)?;
         let name = &r.get_ref().name;
         let id = name.strip_prefix(SUBSCRIPTIONS).unwrap_or(name);
-        self.subscriptions.delete(&who.project, id).await?;
-        self.audit(
-            &who,
-            Action::SubscriptionDelete,
-            &format!("{SUBSCRIPTIONS}{id}"),
-            Detail::None {},
-        )
-        .await;
+        self.subscriptions
+            .delete(&who.project, &who.identity(), id)
+            .await?;
         Ok(Response::new(pb::DeleteSubscriptionResponse {}))
     }
 

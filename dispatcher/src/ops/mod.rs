@@ -4,6 +4,7 @@
 //! outbound subscriptions (and their deliverer), and the audit trail each
 //! operation records into.
 
+pub(crate) mod access;
 pub(crate) mod agents;
 pub(crate) mod audit;
 pub(crate) mod export;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::ops::audit::{Action, Detail};
 pub(crate) use crate::records::{DeliveryRecord, DueDelivery, Subscription};
 use crate::store::Store;
 
@@ -38,6 +39,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 #[derive(Clone)]
 pub(crate) struct Subscriptions {
     pub store: Store,
+    pub audit: crate::ops::audit::Audit,
     /// Hosts (`host` or `host:port`) a subscription may use plain `http://` to.
     pub allow_http: Vec<String>,
 }
@@ -105,6 +107,18 @@ impl Subscriptions {
             create_time: Utc::now(),
         };
         let s = self.store.create_subscription(&s, &secret).await?;
+        self.audit
+            .record(
+                project,
+                creator,
+                Action::SubscriptionCreate,
+                &format!("subscriptions/{}", s.subscription_id),
+                Detail::Subscription {
+                    url: s.url.clone(),
+                    event_types: s.event_types.clone(),
+                },
+            )
+            .await;
         Ok((s, secret))
     }
 
@@ -112,8 +126,19 @@ impl Subscriptions {
         self.store.list_subscriptions(project).await
     }
 
-    pub async fn delete(&self, project: &str, id: &str) -> Result<()> {
-        self.store.delete_subscription(project, id).await
+    /// Deletes a subscription, on `actor`'s behalf.
+    pub async fn delete(&self, project: &str, actor: &str, id: &str) -> Result<()> {
+        self.store.delete_subscription(project, id).await?;
+        self.audit
+            .record(
+                project,
+                actor,
+                Action::SubscriptionDelete,
+                &format!("subscriptions/{id}"),
+                Detail::None {},
+            )
+            .await;
+        Ok(())
     }
 
     pub async fn deliveries(

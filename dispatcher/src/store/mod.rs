@@ -30,6 +30,7 @@ mod runs;
 mod schedules;
 mod sessions;
 mod tools;
+pub(crate) mod url;
 mod webhooks;
 
 use std::collections::BTreeMap;
@@ -73,10 +74,14 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 impl Store {
     /// Connects and applies the embedded migrations.
     pub async fn connect(url: &str, max_connections: u32, sealer: Arc<Sealer>) -> Result<Self> {
+        let checked = url::for_sqlx(url).map_err(|e| Error::InvalidArgument {
+            field: "DATABASE_URL",
+            reason: e.0,
+        })?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
+            .connect(&checked)
             .await
             .map_err(|e| {
                 Error::Unavailable(format!(

@@ -36,6 +36,43 @@ async fn the_dispatcher_runs_on_a_postgres_that_requires_tls() -> anyhow::Result
     cluster.shutdown().await
 }
 
+/// A server that authenticates by client certificate (`hostssl … cert`)
+/// refuses a connection without one, and takes a dispatcher that presents
+/// one (`sslcert`, `sslkey`), which then runs sessions on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_authenticates_to_postgres_with_a_client_certificate() -> anyhow::Result<()>
+{
+    let ca = DevCa::generate("managed Postgres CA")?;
+    let mut pg = PrivatePostgres::start_tls(&ca)?;
+    pg.require_client_certs()?;
+    let url = pg.tls_url().expect("a TLS server");
+    let Err(refused) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await else {
+        anyhow::bail!("a connection without a client certificate was accepted");
+    };
+    assert!(
+        refused.to_string().contains("certificate"),
+        "refused for its missing certificate: {refused}"
+    );
+    // Postgres maps the certificate's common name to the user.
+    let client = ca.issue(berth_common::tls::CertKind::Client, &["berth".into()])?;
+    let dir = std::env::temp_dir().join(format!("berth-pgcert-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("client.pem"), &client.cert_pem)?;
+    std::fs::write(dir.join("client.key"), &client.key_pem)?;
+    let url = format!(
+        "{url}&sslcert={}&sslkey={}",
+        dir.join("client.pem").display(),
+        dir.join("client.key").display()
+    );
+    let cluster = TestCluster::builder().database(url).start().await?;
+    let mut c = cluster.client();
+    let s = idle_session(&mut c, fake_session("echo by certificate")).await?;
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// `sslmode=verify-full` refuses a server whose certificate names another
 /// host, and the error says so without the connection string's password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -529,18 +529,14 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
             );
         }
     }
-    let agent = read("deploy/docker/agent.Dockerfile");
-    assert!(
-        agent.contains("FROM ${NODE_IMAGE}") && agent.contains("NODE_IMAGE=node:20"),
-        "Node 20"
-    );
-    assert!(
-        agent.contains("@anthropic-ai/claude-code@"),
-        "installs a pinned Claude Code CLI"
-    );
-    assert!(
-        agent.lines().any(|l| l.trim() == "USER 1000:1000"),
-        "runs as non-root"
+    // Both of berth's images run as 10001 (a deployment that hands a node
+    // the host's Docker socket runs it as root: see the compose file).
+    assert_eq!(
+        df.lines()
+            .filter(|l| l.trim() == "USER 10001:10001")
+            .count(),
+        2,
+        "the dispatcher and node stages are not root"
     );
 
     // Compose: `docker-compose config` accepts it, and each berth service's
@@ -1156,6 +1152,34 @@ fn the_helm_chart_renders_every_node_engine() {
                     Some("unix:///var/run/engine/docker.sock"),
                     "{engine}: the node reaches its own engine"
                 );
+                // The node itself is not root: the engine gives its socket
+                // to the node's group, and the pod's volumes are its group's.
+                assert_eq!(
+                    agent["securityContext"]["runAsNonRoot"].as_bool(),
+                    Some(true)
+                );
+                let uid = agent["securityContext"]["runAsUser"]
+                    .as_i64()
+                    .expect("runAsUser");
+                assert_ne!(uid, 0, "{engine}: the node runs as a user");
+                let group = format!(
+                    "--group={}",
+                    agent["securityContext"]["runAsGroup"]
+                        .as_i64()
+                        .expect("runAsGroup")
+                );
+                assert!(
+                    sidecar["args"]
+                        .as_vec()
+                        .expect("args")
+                        .iter()
+                        .any(|a| a.as_str() == Some(group.as_str())),
+                    "{engine}: the engine's socket is the node's group's ({group})"
+                );
+                assert_eq!(
+                    pod["securityContext"]["fsGroup"].as_i64(),
+                    agent["securityContext"]["runAsGroup"].as_i64()
+                );
                 let privileged = sidecar["securityContext"]["privileged"].as_bool() == Some(true);
                 assert_eq!(
                     privileged,
@@ -1442,4 +1466,29 @@ fn the_chart_s_cloud_profile_wires_identity_certificates_and_monitoring() {
         account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].as_str(),
         Some("arn:aws:iam::123456789012:role/berth")
     );
+}
+
+/// The shipped agent image runs the CLI the tests run: the same wheel
+/// version and sha256 as the real-CLI test image.
+#[test]
+fn the_agent_image_pins_the_tested_cli() {
+    let test_image = read("deploy/test-image/build-claude.sh");
+    let shipped = read("deploy/docker/agent.Dockerfile");
+    let after = |text: &str, key: &str| -> String {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no `{key}`"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        after(&shipped, "ARG CLAUDE_AGENT_SDK_VERSION="),
+        after(&test_image, "version=")
+    );
+    assert_eq!(
+        after(&shipped, "ARG CLAUDE_AGENT_SDK_SHA256="),
+        after(&test_image, "sha256=")
+    );
+    assert!(!shipped.contains("node:"), "no Node.js image");
+    assert!(shipped.contains("USER 1000:1000"), "the agent is not root");
 }

@@ -26,6 +26,7 @@ use signature::{content_sha256, delivery_id_ok};
 pub(crate) use signature::{new_secret, sign, verify};
 
 use crate::error::{Error, Result};
+use crate::ops::audit::{Action, Detail};
 use crate::ops::sessions::Sessions;
 pub(crate) use crate::records::Webhook;
 use crate::session::{NewSession, limits};
@@ -82,6 +83,17 @@ impl Webhooks {
             create_time: Utc::now(),
         };
         let w = self.store.create_webhook(&w, &secret).await?;
+        self.audit
+            .record(
+                project,
+                creator,
+                Action::WebhookCreate,
+                &format!("webhooks/{}", w.webhook_id),
+                Detail::WebhookAgent {
+                    agent: w.agent.clone(),
+                },
+            )
+            .await;
         Ok((w, secret))
     }
 
@@ -93,8 +105,19 @@ impl Webhooks {
         self.store.list_webhooks(project, after, limit).await
     }
 
-    pub async fn delete(&self, project: &str, webhook_id: &str) -> Result<()> {
-        self.store.delete_webhook(project, webhook_id).await
+    /// Deletes a webhook, on `actor`'s behalf.
+    pub async fn delete(&self, project: &str, actor: &str, webhook_id: &str) -> Result<()> {
+        self.store.delete_webhook(project, webhook_id).await?;
+        self.audit
+            .record(
+                project,
+                actor,
+                Action::WebhookDelete,
+                &format!("webhooks/{webhook_id}"),
+                Detail::None {},
+            )
+            .await;
+        Ok(())
     }
 
     /// Handles one POST to `/hooks/{id}`: the status and JSON body to answer.
