@@ -116,6 +116,29 @@ pub trait Adapter: Send {
     /// not waiting on that request (answered before, withdrawn, or asked
     /// by an earlier process).
     fn encode_tool_decision(&mut self, d: &ToolDecision) -> Option<Vec<u8>>;
+    /// A request a pre-started process answers before it is offered, so
+    /// that it pays its one-time setup ahead of the session (Claude Code's
+    /// `initialize`, as its SDK sends first); `None`: the runtime has none.
+    fn warm_up(&self) -> Option<WarmUp> {
+        None
+    }
+}
+
+/// What an answer line says about a [`WarmUp`] request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WarmUpAnswer {
+    /// Not the answer (another line): kept for the session.
+    Unrelated,
+    Ready,
+    Refused(String),
+}
+
+/// A warm-up request: the line to write, and how to read its answer.
+pub struct WarmUp {
+    /// One line, newline included.
+    pub request: Vec<u8>,
+    /// Reads one output line (without its newline).
+    pub answer: fn(&[u8]) -> WarmUpAnswer,
 }
 
 pub use berth_proto::node::v1::ToolDecision;

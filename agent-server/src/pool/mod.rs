@@ -18,6 +18,7 @@ mod loops;
 mod process_state;
 pub mod processes;
 mod state;
+mod warm_up;
 
 pub use processes::{ProcessPools, Starter, WarmProcess};
 

@@ -42,11 +42,14 @@ use crate::spec::SessionSpec;
 /// Pre-starts run at most this many at once.
 const STARTS_IN_FLIGHT: usize = 2;
 
-/// A started process is offered once its container has been quiet (less
-/// than [`SETTLE_CPU`] of CPU per [`SETTLE_TICK`]) for [`SETTLE_TICKS`]
-/// ticks in a row: the agent has finished starting and waits on stdin (the
-/// real CLI takes ~0.5 s of CPU for that; a session handed a process still
-/// starting would wait for it). After [`SETTLE_MAX`] it is offered anyway.
+/// A started process is offered once its runtime's warm-up request is
+/// answered (Claude Code's `initialize`: the CLI has started and done its
+/// one-time setup; see [`super::warm_up`]), within [`SETTLE_MAX`].
+/// A runtime with no warm-up is offered once its container has been quiet
+/// (less than [`SETTLE_CPU`] of CPU per [`SETTLE_TICK`]) for
+/// [`SETTLE_TICKS`] ticks in a row: the agent has finished starting and
+/// waits on stdin (a session handed a process still starting would wait
+/// for it). After [`SETTLE_MAX`] it is offered anyway.
 const SETTLE_TICK: Duration = Duration::from_millis(100);
 const SETTLE_CPU: Duration = Duration::from_millis(3);
 const SETTLE_TICKS: u32 = 3;
@@ -306,13 +309,32 @@ impl Starter {
             .await
             .map_err(|e| e.to_string())?;
         match self.prepare_and_exec(&id, &spec).await {
-            Ok(process) => {
-                self.settle(&id).await;
-                Ok(WarmProcess { id, process })
-            }
+            Ok(process) => Ok(WarmProcess { id, process }),
             Err(e) => {
                 self.runtime.remove(&id).await;
                 Err(e)
+            }
+        }
+    }
+
+    /// Readies a started process: its runtime's warm-up answered (then it
+    /// waits on stdin, set up), or else its container gone quiet.
+    async fn ready(
+        &self,
+        id: &str,
+        spec: &SessionSpec,
+        process: &mut AgentProcess,
+    ) -> Result<(), String> {
+        match crate::adapter::for_runtime(spec.agent.runtime).warm_up() {
+            Some(w) => {
+                let started = std::time::Instant::now();
+                super::warm_up::warm_up(process, w, SETTLE_MAX).await?;
+                tracing::debug!(container = %id, took = ?started.elapsed(), "pre-started agent warmed up");
+                Ok(())
+            }
+            None => {
+                self.settle(id).await;
+                Ok(())
             }
         }
     }
@@ -356,9 +378,12 @@ impl Starter {
             .gateway_port
             .filter(|_| self.runtime.gateway_dir(id).is_some());
         let env = crate::env::agent_env(spec, &self.home, port);
-        self.runtime
+        let mut process = self
+            .runtime
             .exec_agent(id, cmd, env)
             .await
-            .map_err(|e| format!("agent did not start: {e}"))
+            .map_err(|e| format!("agent did not start: {e}"))?;
+        self.ready(id, spec, &mut process).await?;
+        Ok(process)
     }
 }

@@ -9,6 +9,8 @@ use serde_json::Value;
 pub(crate) enum Input {
     User(String),
     Interrupt(String),
+    /// The SDK's first request (`initialize`): its request id.
+    Initialize(String),
     /// A `control_response`: its request id and response.
     Response(String, Value),
     Eof,
@@ -29,6 +31,9 @@ pub(crate) fn read_stdin(tx: mpsc::Sender<Input>) {
             Some("user") => Input::User(message_text(&v["message"]["content"])),
             Some("control_request") if v["request"]["subtype"] == "interrupt" => {
                 Input::Interrupt(v["request_id"].as_str().unwrap_or_default().to_string())
+            }
+            Some("control_request") if v["request"]["subtype"] == "initialize" => {
+                Input::Initialize(v["request_id"].as_str().unwrap_or_default().to_string())
             }
             Some("control_response") => Input::Response(
                 v["response"]["request_id"]

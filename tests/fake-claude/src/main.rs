@@ -228,6 +228,7 @@ impl Agent {
                     self.control_ack(&id);
                     return Wait::Interrupted;
                 }
+                Ok(Input::Initialize(id)) => self.initialized(&id),
                 // An answer to no request waiting: ignored, as the CLI does.
                 Ok(Input::Response(..)) => {}
                 Ok(Input::Eof) | Err(RecvTimeoutError::Disconnected) => {
@@ -261,6 +262,18 @@ impl Agent {
         if let Err(e) = write() {
             eprintln!("fake-claude: cannot save the conversation: {e}");
         }
+    }
+
+    /// Answers `initialize` as the CLI does: what it offers (commands,
+    /// agents, output styles, models, account) and its pid.
+    fn initialized(&mut self, request_id: &str) {
+        let answer = json!({"type": "control_response", "response": {
+        "subtype": "success", "request_id": request_id, "response": {
+            "commands": [], "agents": [], "output_style": "default",
+            "available_output_styles": ["default"], "models": [],
+            "account": {}, "pid": std::process::id(),
+        }}});
+        self.emit(&answer);
     }
 
     fn control_ack(&mut self, request_id: &str) {
@@ -388,6 +401,7 @@ impl Agent {
                 }
                 // No turn in flight: acknowledge and carry on.
                 Input::Interrupt(id) => self.control_ack(&id),
+                Input::Initialize(id) => self.initialized(&id),
                 Input::Response(..) => {}
                 Input::Eof => return,
             }

@@ -149,6 +149,7 @@ impl Agent {
         loop {
             match self.rx.recv().unwrap_or(Input::Eof) {
                 Input::User(text) => self.queued.push_back(text),
+                Input::Initialize(id) => self.initialized(&id),
                 Input::Response(id, r) if id == request_id => {
                     return match r["behavior"].as_str() {
                         Some("allow") => {

@@ -193,6 +193,21 @@ async fn the_real_cli_pre_started_answers_its_first_message() -> anyhow::Result<
     let reply = reply_after(&mut c, &s2.name, 0).await?;
     assert!(reply.contains("hello from a pre-started CLI"), "{reply}");
     assert_eq!(start_paths(&mut c, &s2.name).await?, vec!["warm_process"]);
+    // The CLI answered berth's `initialize` before it was offered: the
+    // answer is not the session's, and its first line is the CLI's init.
+    let events = events_of(&mut c, &s2.name).await?;
+    let lines = agent_lines(&events);
+    assert!(
+        lines
+            .iter()
+            .all(|l| !String::from_utf8_lossy(l).contains("berth-warm-up")),
+        "the warm-up's answer reached the session"
+    );
+    let first: serde_json::Value = serde_json::from_slice(&lines[0])?;
+    assert_eq!(
+        (first["type"].as_str(), first["subtype"].as_str()),
+        (Some("system"), Some("init"))
+    );
     // The CLI's own session id is the one berth resumes under.
     let got = get(&mut c, &s2.name).await?;
     assert!(!got.runtime_session_id.is_empty(), "{got:?}");

@@ -37,7 +37,8 @@ use berth_common::usage::Reported;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Adapter, Asked, Block, Decoded, ToolDecision, TurnUsage, figures, json_field, reported, usd,
+    Adapter, Asked, Block, Decoded, ToolDecision, TurnUsage, WarmUp, WarmUpAnswer, figures,
+    json_field, reported, usd,
 };
 use crate::spec::SessionSpec;
 
@@ -57,6 +58,20 @@ pub struct ClaudeCode {
 }
 
 impl Adapter for ClaudeCode {
+    fn warm_up(&self) -> Option<WarmUp> {
+        let request = serde_json::json!({
+            "type": "control_request",
+            "request_id": WARM_UP_ID,
+            "request": {"subtype": "initialize", "hooks": null},
+        });
+        let mut line = request.to_string().into_bytes();
+        line.push(b'\n');
+        Some(WarmUp {
+            request: line,
+            answer: initialize_answer,
+        })
+    }
+
     fn command(&self, spec: &SessionSpec) -> Vec<String> {
         let mut cmd: Vec<String> = [
             "claude",
@@ -412,6 +427,32 @@ fn line(v: &Value) -> Vec<u8> {
     let mut out = v.to_string().into_bytes();
     out.push(b'\n');
     out
+}
+
+/// The request id of the warm-up `initialize` (no session's request uses
+/// it: the CLI's own ids are UUIDs).
+const WARM_UP_ID: &str = "berth-warm-up";
+
+/// Reads a line for the answer to the warm-up `initialize`:
+/// `{"type":"control_response","response":{"subtype":"success"|"error",
+/// "request_id":…,…}}`, as the CLI writes it.
+fn initialize_answer(line: &[u8]) -> WarmUpAnswer {
+    let Ok(v) = serde_json::from_slice::<Value>(line) else {
+        return WarmUpAnswer::Unrelated;
+    };
+    let r = &v["response"];
+    if v["type"] != "control_response" || r["request_id"] != WARM_UP_ID {
+        return WarmUpAnswer::Unrelated;
+    }
+    match r["subtype"].as_str() {
+        Some("success") => WarmUpAnswer::Ready,
+        _ => WarmUpAnswer::Refused(
+            r["error"]
+                .as_str()
+                .unwrap_or("initialize failed")
+                .to_string(),
+        ),
+    }
 }
 
 #[cfg(test)]
