@@ -86,6 +86,8 @@ pub struct ProcessPools {
     load: Arc<watch::Sender<Load>>,
     /// The refill loops: stopped by a drain, restarted by an undrain.
     loops: super::loops::Loops,
+    /// Misses starting cold: refills yield to them.
+    cold: Arc<super::cold::ColdStarts>,
 }
 
 impl ProcessPools {
@@ -109,7 +111,14 @@ impl ProcessPools {
             cfg,
             load,
             loops: super::loops::Loops::new(stop),
+            cold: Arc::default(),
         })
+    }
+
+    /// Counts a session's cold start (a miss) until the guard drops:
+    /// refills wait meanwhile (see [`super::cold`]).
+    pub fn cold_start(&self) -> super::ColdStart {
+        self.cold.enter()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -202,6 +211,13 @@ impl ProcessPools {
             // in-flight bound.
             let room = starts.len() < STARTS_IN_FLIGHT;
             if room && Instant::now() >= next_start {
+                // A miss starting cold goes first.
+                if self.cold.busy() {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = self.cold.yielded() => {}
+                    }
+                }
                 let next = self.state().next_start();
                 if let Some(s) = next {
                     next_start = Instant::now() + interval;

@@ -243,6 +243,8 @@ impl Pump<'_> {
             tokio::select! {
                 chunk = output.next() => match chunk {
                     Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
+                        // The agent is up: the pool's refills go on.
+                        started.cold = None;
                         for line in lines.push(&message) {
                             match emit(out, adapter, &events, line).await {
                                 Some(true) => checkpoints.turn_ended(node, spec, epoch, container_id, out),

@@ -46,6 +46,9 @@ pub(super) struct Started {
     pub path: StartPath,
     /// The gateway serves the session while this lives.
     pub _gate: Option<crate::gateway::GateGuard>,
+    /// A cold start (a miss of the pre-started processes) in flight until
+    /// the agent's first output line: refills wait for it.
+    pub cold: Option<crate::pool::ColdStart>,
 }
 
 /// Starts the session's agent the fastest way there is: `Err` is the
@@ -86,6 +89,7 @@ pub(super) async fn acquire(
                 process: w.process,
                 path: StartPath::WarmProcess,
                 _gate: gate,
+                cold: None,
             }),
             Err(e) => {
                 guard.remove().await;
@@ -93,9 +97,16 @@ pub(super) async fn acquire(
             }
         };
     }
+    // A miss: the pool's refills wait until this agent is up.
+    let cold = node.processes.cold_start();
     if let Some(warm) = node.pools.claim(&spec.agent.image) {
         match in_container(node, slot, session_id, spec, cmd, Some(warm)).await {
-            Ok(started) => return Ok(started),
+            Ok(started) => {
+                return Ok(Started {
+                    cold: Some(cold),
+                    ..started
+                });
+            }
             Err(Some(exit)) => return Err(exit),
             // It failed at the agent's start: cold, then.
             Err(None) => {}
@@ -103,6 +114,10 @@ pub(super) async fn acquire(
     }
     in_container(node, slot, session_id, spec, cmd, None)
         .await
+        .map(|started| Started {
+            cold: Some(cold),
+            ..started
+        })
         .map_err(|e| e.unwrap_or_else(|| Exit::failed("agent did not start")))
 }
 
@@ -197,6 +212,7 @@ async fn in_container(
                 process: p,
                 path,
                 _gate: gate,
+                cold: None,
             })
         }
         Err(e) if warm => {
