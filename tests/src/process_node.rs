@@ -181,6 +181,24 @@ impl ProcessNode {
         Ok(())
     }
 
+    /// Waits up to `within` for the process to exit; its status, or `None`
+    /// if it is still running.
+    pub async fn exit_within(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The most memory the process has held so far (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> anyhow::Result<u64> {
         proc_status_bytes(self.child.id(), "VmHWM")
