@@ -315,6 +315,25 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
         "docker run p50 / warm container p50",
         ratio(p50(&run), p50(&warm)),
     );
+    // The floor: the same CLI pre-started and initialized on the host, no
+    // berth, no container.
+    let cli = super::claude_floor::cached_cli()?;
+    let floor = super::claude_floor::floor(&cli, MODEL, PROMPT, a.sessions).await?;
+    report.latency(
+        "floor: the CLI pre-started and initialized on the host, no berth",
+        &floor,
+        &Errors::default(),
+    );
+    report.check_at_most(
+        "pre-started p50 - floor p50 (ms)",
+        (p50(&process) - p50(&floor)) / 1e3,
+        10.0,
+    );
+    report.check_at_most(
+        "pre-started p99 - floor p99 (ms)",
+        (process.quantile_us(0.99) as f64 - floor.quantile_us(0.99) as f64) / 1e3,
+        30.0,
+    );
     report.check_at_most("pre-started process p50 (ms)", p50(&process) / 1e3, 60.0);
     report.check_at_most(
         "pre-started process p99 (ms)",

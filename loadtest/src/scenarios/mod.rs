@@ -2,6 +2,7 @@
 
 pub mod balance;
 pub mod claude;
+mod claude_floor;
 pub mod dispatch;
 pub mod failover;
 pub mod fanin;
