@@ -3,9 +3,11 @@
 //! (the CLI starts at claim) and a pre-started CLI process (an agent pool),
 //! beside `docker run` of the same image to the CLI's first stdout line;
 //! then a burst of twice the agent pool against as many parallel
-//! `docker run`s, and the memory of an idle pre-started CLI. The CLI (from the pinned claude-agent-sdk wheel) talks to the
-//! Messages stand-in on its container's own loopback; containers have no
-//! other network.
+//! `docker run`s, the memory of an idle pre-started CLI, and the floor (the
+//! same CLI pre-started and initialized on the host: [`super::claude_floor`]).
+//! The CLI (from the pinned claude-agent-sdk wheel) talks to the Messages
+//! stand-in on its container's own loopback; containers have no other
+//! network.
 
 use std::sync::Mutex;
 use std::time::Duration;
