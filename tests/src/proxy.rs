@@ -11,6 +11,9 @@ pub struct Proxy {
     paused: tokio::sync::watch::Sender<bool>,
     /// Bumped by [`Proxy::cut`]: connections of an older generation end.
     generation: tokio::sync::watch::Sender<u64>,
+    /// The accept loop; its connections are a `JoinSet` of it, so aborting
+    /// it (on drop) ends every one.
+    server: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
@@ -19,12 +22,15 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let (paused, rx) = tokio::sync::watch::channel(false);
         let (generation, generations) = tokio::sync::watch::channel(0u64);
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((inbound, _)) = listener.accept().await {
+                // Reap the ones that ended.
+                while connections.try_join_next().is_some() {}
                 let rx = rx.clone();
                 let mut cut = generations.clone();
                 let born = *cut.borrow_and_update();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
@@ -44,6 +50,7 @@ impl Proxy {
             addr,
             paused,
             generation,
+            server,
         })
     }
 
@@ -78,4 +85,10 @@ async fn pipe(
         }
     }
     let _ = to.shutdown().await;
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
 }
