@@ -1,6 +1,7 @@
 //! Shared pieces of berth that both services (and the CLI) need: telemetry,
 //! gRPC server plumbing, event type names, resource names and time conversion.
 
+pub mod causes;
 pub mod events;
 pub mod field;
 pub mod grpc;

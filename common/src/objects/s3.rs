@@ -148,7 +148,7 @@ pub(super) async fn client(args: &ObjectStoreArgs) -> Result<aws_sdk_s3::Client>
             return Err(ObjectError::Config(format!(
                 "--s3-bucket needs credentials: none from the flags, the environment, the \
                  shared profile, web identity, or the container and instance metadata: {}",
-                causes(&e)
+                crate::causes::with_causes(e.to_string(), std::error::Error::source(&e))
             )));
         }
         Err(_) => {
@@ -167,21 +167,6 @@ pub(super) async fn client(args: &ObjectStoreArgs) -> Result<aws_sdk_s3::Client>
         cfg = cfg.endpoint_url(endpoint.clone());
     }
     Ok(aws_sdk_s3::Client::from_conf(cfg.build()))
-}
-
-/// `e` and its sources, each once, without the debug dump.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

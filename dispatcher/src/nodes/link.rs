@@ -255,16 +255,5 @@ pub(super) async fn watch_load(
 /// certificate problem) when there is one.
 fn describe(status: &tonic::Status) -> String {
     use std::error::Error as _;
-    let mut msg = status.message().to_string();
-    let mut source = status.source();
-    while let Some(s) = source {
-        let s_msg = s.to_string();
-        // Transport errors repeat their cause in their own text.
-        if !msg.contains(&s_msg) {
-            msg.push_str(": ");
-            msg.push_str(&s_msg);
-        }
-        source = s.source();
-    }
-    msg
+    berth_common::causes::with_causes(status.message().to_string(), status.source())
 }
