@@ -38,7 +38,10 @@ mod tests {
     fn each_cause_is_said_once() {
         let e = E(
             "connect failed: refused",
-            Some(Box::new(E("refused", Some(Box::new(E("os error 111", None)))))),
+            Some(Box::new(E(
+                "refused",
+                Some(Box::new(E("os error 111", None))),
+            ))),
         );
         assert_eq!(
             with_causes(e.to_string(), e.source()),

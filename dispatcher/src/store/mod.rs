@@ -23,6 +23,7 @@
 mod access;
 mod agents;
 mod audit;
+pub(crate) mod database_url;
 mod events;
 mod feedback;
 mod queue;
@@ -30,7 +31,6 @@ mod runs;
 mod schedules;
 mod sessions;
 mod tools;
-pub(crate) mod url;
 mod webhooks;
 
 use std::collections::BTreeMap;
@@ -74,7 +74,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 impl Store {
     /// Connects and applies the embedded migrations.
     pub async fn connect(url: &str, max_connections: u32, sealer: Arc<Sealer>) -> Result<Self> {
-        let checked = url::for_sqlx(url).map_err(|e| Error::InvalidArgument {
+        let checked = database_url::for_sqlx(url).map_err(|e| Error::InvalidArgument {
             field: "DATABASE_URL",
             reason: e.0,
         })?;

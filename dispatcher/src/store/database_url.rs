@@ -23,13 +23,19 @@ impl std::fmt::Display for UrlError {
 /// The URL to hand to sqlx: `url` checked, with `sslrootcert=system`
 /// removed (sqlx trusts the system's roots when no CA file is given).
 pub fn for_sqlx(url: &str) -> Result<String, UrlError> {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let params: Vec<(&str, &str)> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.split_once('=').unwrap_or((p, "")))
-        .collect();
-    let get = |k: &str| params.iter().rev().find(|(n, _)| *n == k).map(|(_, v)| *v);
+    let mut parsed = url::Url::parse(url).map_err(|e| {
+        UrlError(format!(
+            "not a URL ({e}); expected postgres://USER:PASSWORD@HOST:PORT/DATABASE?sslmode=…"
+        ))
+    })?;
+    let params: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+    let get = |k: &str| {
+        params
+            .iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
     let mode = get("sslmode").unwrap_or("prefer");
     const MODES: [&str; 6] = [
         "disable",
@@ -53,53 +59,29 @@ pub fn for_sqlx(url: &str) -> Result<String, UrlError> {
              the system's roots"
         )));
     }
-    match (get("sslcert"), get("sslkey")) {
-        (Some(_), None) | (None, Some(_)) => {
-            return Err(UrlError(
-                "sslcert and sslkey go together (a client certificate and its key)".into(),
-            ));
-        }
-        _ => {}
+    if get("sslcert").is_some() != get("sslkey").is_some() {
+        return Err(UrlError(
+            "sslcert and sslkey go together (a client certificate and its key)".into(),
+        ));
     }
     for name in ["sslrootcert", "sslcert", "sslkey"] {
-        if let Some(path) = get(name).filter(|p| *p != "system" || name != "sslrootcert") {
-            let path = percent_decoded(path);
-            if let Err(e) = std::fs::metadata(&path) {
-                return Err(UrlError(format!("{name}={path}: {e}")));
-            }
-        }
-    }
-    let kept: Vec<String> = params
-        .iter()
-        .filter(|(n, v)| !(*n == "sslrootcert" && *v == "system"))
-        .map(|(n, v)| format!("{n}={v}"))
-        .collect();
-    Ok(if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    })
-}
-
-/// `%2F` and the like, as a path in a URL may be written.
-fn percent_decoded(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        let path = get(name).filter(|p| !(name == "sslrootcert" && *p == "system"));
+        if let Some(path) = path
+            && let Err(e) = std::fs::metadata(path)
         {
-            out.push(b);
-            i += 3;
-            continue;
+            return Err(UrlError(format!("{name}={path}: {e}")));
         }
-        out.push(bytes[i]);
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    if root == Some("system") {
+        let kept = params
+            .iter()
+            .filter(|(n, v)| !(n == "sslrootcert" && v == "system"));
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+        if parsed.query() == Some("") {
+            parsed.set_query(None);
+        }
+    }
+    Ok(parsed.into())
 }
 
 #[cfg(test)]
