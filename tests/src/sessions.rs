@@ -233,6 +233,18 @@ pub async fn get(c: &mut SessionsClient<Api>, name: &str) -> anyhow::Result<pb::
         .into_inner())
 }
 
+/// Pauses a session and waits until it is `paused` (its snapshot stored),
+/// within `within`.
+pub async fn pause_and_wait(
+    c: &mut SessionsClient<Api>,
+    name: &str,
+    within: Duration,
+) -> anyhow::Result<pb::Session> {
+    c.pause_session(pb::PauseSessionRequest { name: name.into() })
+        .await?;
+    wait_for_status(c, name, pb::SessionStatus::Paused, within).await
+}
+
 /// Stops a session and waits until it is `stopped` (its snapshot saved).
 pub async fn stop_and_wait(c: &mut SessionsClient<Api>, name: &str) -> anyhow::Result<pb::Session> {
     c.stop_session(pb::StopSessionRequest { name: name.into() })

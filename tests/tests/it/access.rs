@@ -739,6 +739,28 @@ async fn pong_server() -> anyhow::Result<(
     Ok((addr, hits))
 }
 
+/// A `count_tokens` call to the model API through the container's
+/// forwarder on `port`, with a key that is not the vault's.
+pub(crate) fn count_tokens_script(port: u16) -> String {
+    let body = r#"{"messages":[]}"#;
+    format!(
+        "(printf 'POST /v1/messages/count_tokens HTTP/1.1\\r\\nHost: x\\r\\nx-api-key: a-guess\\r\\ncontent-type: application/json\\r\\ncontent-length: {}\\r\\nConnection: close\\r\\n\\r\\n{body}'; sleep 2) | timeout 5 nc 127.0.0.1 {port}",
+        body.len()
+    )
+}
+
+/// Stores `key` as a model-API key secret through `api`.
+pub(crate) async fn model_key_secret(api: Api, key: &str) -> anyhow::Result<pb::Secret> {
+    Ok(SecretsClient::new(api)
+        .create_secret(pb::CreateSecretRequest {
+            display_name: "model key".into(),
+            usage: pb::SecretUsage::AnthropicApiKey as i32,
+            value: key.to_string(),
+        })
+        .await?
+        .into_inner())
+}
+
 /// `CONNECT target` through the container's forwarder, then `ping`.
 fn connect_script(port: u16, target: &str) -> String {
     format!(
@@ -768,14 +790,7 @@ async fn the_sandbox_gets_out_only_through_the_gateway_and_its_key_stays_outside
         .await?;
     let port = berth_agent_server::Config::defaults().gateway_port;
     let (alpha, _) = member_of(&cluster, "alpha").await?;
-    let secret = SecretsClient::new(alpha.clone())
-        .create_secret(pb::CreateSecretRequest {
-            display_name: "model key".into(),
-            usage: pb::SecretUsage::AnthropicApiKey as i32,
-            value: key.clone(),
-        })
-        .await?
-        .into_inner();
+    let secret = model_key_secret(alpha.clone(), &key).await?;
     let mut a = SessionsClient::new(alpha.clone());
     let mut req = fake_session("echo hi");
     let spec = req.spec.as_mut().expect("spec");
@@ -834,12 +849,7 @@ async fn the_sandbox_gets_out_only_through_the_gateway_and_its_key_stays_outside
 
     // The model API: whatever key the agent sends, the gateway sends the
     // vault's; the stand-in accepts only that one.
-    let body = r#"{"messages":[]}"#;
-    let out = sh(format!(
-        "(printf 'POST /v1/messages/count_tokens HTTP/1.1\\r\\nHost: x\\r\\nx-api-key: a-guess\\r\\ncontent-type: application/json\\r\\ncontent-length: {}\\r\\nConnection: close\\r\\n\\r\\n{body}'; sleep 2) | timeout 5 nc 127.0.0.1 {port}",
-        body.len()
-    ))
-    .await?;
+    let out = sh(count_tokens_script(port)).await?;
     assert!(
         out.contains("200 OK") && out.contains("input_tokens"),
         "{out:?}"

@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use berth_proto::v1::{self as pb, secrets_client::SecretsClient};
+use berth_proto::v1 as pb;
 use berth_tests::engine::Engine;
 use berth_tests::*;
 
-use crate::access::ModelApi;
+use crate::access::{ModelApi, count_tokens_script, model_key_secret};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_runs_sessions_on_an_engine_that_is_not_the_hosts() -> anyhow::Result<()> {
@@ -52,14 +52,7 @@ async fn a_node_runs_sessions_on_an_engine_that_is_not_the_hosts() -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let secret = SecretsClient::new(cluster.api_on_last_dispatcher()?)
-        .create_secret(pb::CreateSecretRequest {
-            display_name: "model key".into(),
-            usage: pb::SecretUsage::AnthropicApiKey as i32,
-            value: key.clone(),
-        })
-        .await?
-        .into_inner();
+    let secret = model_key_secret(cluster.api_on_last_dispatcher()?, &key).await?;
     let mut req = fake_session("echo hi");
     req.spec.as_mut().expect("spec").vault_ids = vec![secret.secret_id];
     let s = idle_session(&mut c, req).await?;
@@ -81,14 +74,7 @@ async fn a_node_runs_sessions_on_an_engine_that_is_not_the_hosts() -> anyhow::Re
     // agent sends, the model API gets the vault's (the stand-in accepts no
     // other), and the key is nowhere in the sandbox.
     let port = berth_agent_server::Config::defaults().gateway_port;
-    let body = r#"{"messages":[]}"#;
-    let answer = engine.sh(
-        container,
-        &format!(
-            "(printf 'POST /v1/messages/count_tokens HTTP/1.1\\r\\nHost: x\\r\\nx-api-key: a-guess\\r\\ncontent-type: application/json\\r\\ncontent-length: {}\\r\\nConnection: close\\r\\n\\r\\n{body}'; sleep 2) | timeout 5 nc 127.0.0.1 {port}",
-            body.len()
-        ),
-    )?;
+    let answer = engine.sh(container, &count_tokens_script(port))?;
     assert!(
         answer.contains("200 OK") && answer.contains("input_tokens"),
         "{answer:?}"
@@ -102,17 +88,7 @@ async fn a_node_runs_sessions_on_an_engine_that_is_not_the_hosts() -> anyhow::Re
     // Pause to object storage and resume: the workspace comes back, in a
     // new container on the same engine.
     engine.sh(container, "echo kept > /workspace/note")?;
-    c.pause_session(pb::PauseSessionRequest {
-        name: s.name.clone(),
-    })
-    .await?;
-    wait_for_status(
-        &mut c,
-        &s.name,
-        pb::SessionStatus::Paused,
-        Duration::from_secs(120),
-    )
-    .await?;
+    pause_and_wait(&mut c, &s.name, Duration::from_secs(120)).await?;
     wait_until_gone(&engine, &s.id).await?;
     c.resume_session(pb::ResumeSessionRequest {
         name: s.name.clone(),

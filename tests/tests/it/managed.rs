@@ -138,17 +138,7 @@ async fn a_node_gets_its_s3_credentials_by_web_identity() -> anyhow::Result<()> 
     cluster.sigterm_dispatcher().await?;
     let s = idle_session(&mut c, fake_session("echo ready")).await?;
     let before = cluster.s3.requests().len();
-    c.pause_session(pb::PauseSessionRequest {
-        name: s.name.clone(),
-    })
-    .await?;
-    let paused = wait_for_status(
-        &mut c,
-        &s.name,
-        pb::SessionStatus::Paused,
-        Duration::from_secs(60),
-    )
-    .await?;
+    let paused = pause_and_wait(&mut c, &s.name, Duration::from_secs(60)).await?;
     assert!(paused.snapshot.is_some(), "a snapshot was stored");
     // The snapshot's upload was signed with STS's temporary credentials.
     let uploads: Vec<_> = cluster.s3.requests()[before..]

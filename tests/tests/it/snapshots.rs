@@ -95,17 +95,6 @@ async fn checksum(session_id: &str, path: &str) -> anyhow::Result<String> {
     Ok(sum)
 }
 
-/// Pauses `name` and waits for it to be paused.
-async fn pause(
-    c: &mut SessionsClient<Api>,
-    name: &str,
-    within: Duration,
-) -> anyhow::Result<pb::Session> {
-    c.pause_session(pb::PauseSessionRequest { name: name.into() })
-        .await?;
-    wait_for_status(c, name, pb::SessionStatus::Paused, within).await
-}
-
 /// Resumes `name` and waits until its agent answers again.
 async fn resume(c: &mut SessionsClient<Api>, name: &str, within: Duration) -> anyhow::Result<()> {
     c.resume_session(pb::ResumeSessionRequest { name: name.into() })
@@ -156,7 +145,7 @@ async fn a_2_gib_workspace_pauses_and_resumes_intact_in_bounded_node_memory() ->
     eprintln!("2 GiB written and summed in {:?}", started.elapsed());
 
     let started = Instant::now();
-    let paused = pause(&mut c, &s.name, Duration::from_secs(600)).await?;
+    let paused = pause_and_wait(&mut c, &s.name, Duration::from_secs(600)).await?;
     let snap = paused.snapshot.expect("a snapshot");
     eprintln!(
         "paused in {:?}: {} bytes stored",
@@ -202,7 +191,7 @@ async fn s3_killed_mid_upload_leaves_the_previous_snapshot_good() -> anyhow::Res
         .await?
         .into_inner();
     reply_after(&mut c, &s.name, 0).await?;
-    let first = pause(&mut c, &s.name, Duration::from_secs(60))
+    let first = pause_and_wait(&mut c, &s.name, Duration::from_secs(60))
         .await?
         .snapshot
         .expect("a first snapshot");
