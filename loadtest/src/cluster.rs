@@ -191,6 +191,7 @@ impl Cluster {
             sims.iter().map(|s| (s.url.clone(), s.addr)).collect();
         let b = TestCluster::builder()
             .nodes(0)
+            .metrics()
             .ca(&ca)
             .lease(Duration::from_secs(5))
             .configure_dispatcher(move |cfg| {
@@ -258,13 +259,27 @@ impl Cluster {
     /// `families`, by series, from the in-process dispatcher's `/metrics`
     /// (the recorder is process-wide: node metrics are there too).
     pub async fn stage_means(&self, families: &[&str]) -> Vec<(String, f64, f64)> {
+        self.histogram_totals(families)
+            .await
+            .into_iter()
+            .filter(|(_, (_, n))| *n > 0.0)
+            .map(|(k, (sum, n))| (k, sum / n, n))
+            .collect()
+    }
+
+    /// Sum and count of each histogram series whose name starts with one of
+    /// `families`, from the in-process dispatcher's `/metrics`.
+    pub async fn histogram_totals(
+        &self,
+        families: &[&str],
+    ) -> std::collections::BTreeMap<String, (f64, f64)> {
+        let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
         let Some(addr) = self.local.as_ref().and_then(|l| l.dispatcher_metrics) else {
-            return Vec::new();
+            return sums;
         };
         let Ok((200, text)) = berth_tests::http_get(addr, "/metrics").await else {
-            return Vec::new();
+            return sums;
         };
-        let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((series, value)) = line.rsplit_once(' ') else {
                 continue;
@@ -282,10 +297,7 @@ impl Cluster {
                 }
             }
         }
-        sums.into_iter()
-            .filter(|(_, (_, n))| *n > 0.0)
-            .map(|(k, (sum, n))| (k, sum / n, n))
-            .collect()
+        sums
     }
 
     /// The in-process cluster's database URL.

@@ -9,6 +9,8 @@
 //! - `hold MS`: the run ends by itself (exit 0) after MS milliseconds;
 //! - `events N BYTES`: N `agent.message` events of BYTES bytes, as fast as the
 //!   stream takes them, then an `agent.result` that ends the turn;
+//! - `paced N RATE BYTES`: N such events at RATE per second, each stamped
+//!   with [`clock_us`] when its line leaves the node (`sent_us`);
 //! - anything else: one `agent.message` echoing the text, then `agent.result`.
 
 use std::collections::HashMap;
@@ -287,8 +289,16 @@ async fn answer(
 ) -> bool {
     match frame.kind {
         Some(dispatcher_frame::Kind::Message(m)) => {
-            let mut words = m.text.split_whitespace();
-            match (words.next(), words.next(), words.next()) {
+            let words: Vec<&str> = m.text.split_whitespace().collect();
+            match (words.first().copied(), words.get(1), words.get(2)) {
+                (Some("paced"), Some(n), Some(rate)) => {
+                    let n: u64 = n.parse().unwrap_or(1);
+                    let rate: f64 = rate.parse().unwrap_or(1000.0);
+                    let bytes = words.get(3).and_then(|b| b.parse().ok()).unwrap_or(64);
+                    if !paced(seq, tx, n, rate, bytes).await {
+                        return false;
+                    }
+                }
                 (Some("hold"), Some(ms), _) => {
                     let ms = ms.parse().unwrap_or(0);
                     *hold = Some(tokio::time::Instant::now() + Duration::from_millis(ms));
@@ -332,6 +342,46 @@ async fn answer(
         _ => {}
     }
     true
+}
+
+/// Microseconds since this process first asked: the clock a paced event's
+/// `sent_us` is read on, so a reader in the same process can time it.
+pub fn clock_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(
+        EPOCH
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_micros(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+/// `n` events of `bytes` bytes at `rate` per second, each stamped when it
+/// is handed to the stream, then the turn's end; false when the stream is gone.
+async fn paced(
+    seq: &mut u64,
+    tx: &mpsc::Sender<Result<pb::NodeFrame, Status>>,
+    n: u64,
+    rate: f64,
+    bytes: usize,
+) -> bool {
+    let text = filler(bytes);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for _ in 0..n {
+        tick.tick().await;
+        let payload = serde_json::json!({ "text": text, "sent_us": clock_us() });
+        if tx
+            .send(Ok(event(seq, "agent.message", payload, false)))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    let e = event(seq, "agent.result", serde_json::json!({}), true);
+    tx.send(Ok(e)).await.is_ok()
 }
 
 #[tonic::async_trait]
