@@ -9,6 +9,7 @@
 //! See BENCHMARKS.md for every scenario, what it measures and the results.
 
 mod cluster;
+mod dispatcher;
 mod docker;
 mod driver;
 mod report;
@@ -20,7 +21,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use cluster::ClusterArgs;
-use scenarios::{balance, claude, dispatch, failover, fanin, relay, start};
+use scenarios::{balance, claude, dispatch, failover, fanin, fleet, relay, start};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +63,8 @@ enum Scenario {
     Claude(claude::ClaudeArgs),
     /// 8. Sessions mid-turn while dispatchers are restarted and killed: turns and events lost, time to resume.
     Failover(failover::FailoverArgs),
+    /// 9. A fleet on one Postgres: thousands of streamed sessions over several dispatchers, one killed mid-turns.
+    Fleet(fleet::FleetArgs),
 }
 
 #[tokio::main]
@@ -98,6 +101,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Scenario::Balance(a) => balance::run(c, a).await?,
         Scenario::Claude(a) => claude::run(c, a).await?,
         Scenario::Failover(a) => failover::run(c, a).await?,
+        Scenario::Fleet(a) => fleet::run(c, a).await?,
     };
     print!("{}", report.table());
     if let Some(path) = &cli.json {

@@ -138,6 +138,15 @@ impl SimNode {
         move || state.running()
     }
 
+    /// The ids of the sessions running here now.
+    pub fn session_ids(&self) -> Vec<String> {
+        self.state
+            .sessions
+            .lock()
+            .map(|s| s.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Sessions ever accepted here.
     pub fn accepted(&self) -> u64 {
         self.state.accepted.load(Ordering::Relaxed)

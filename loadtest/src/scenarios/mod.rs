@@ -6,6 +6,7 @@ mod claude_floor;
 pub mod dispatch;
 pub mod failover;
 pub mod fanin;
+pub mod fleet;
 pub mod relay;
 pub mod start;
 

@@ -29,9 +29,7 @@ use crate::driver::{Arrivals, Conns, Progress, open_loop};
 use crate::report::{Errors, Hist, Report, ratio};
 use crate::simnode::SimNode;
 
-mod dispatcher;
-
-use dispatcher::{rss, spawn_dispatcher};
+use crate::dispatcher::{rss, spawn_dispatcher};
 
 #[derive(Debug, Clone, clap::Args, Serialize)]
 pub struct FaninArgs {
@@ -124,25 +122,7 @@ async fn one(
     }
     let mut child = spawn_dispatcher(bin, &ca, &sims).await?;
     let conns_n = cl.connections.max(n.div_ceil(100));
-    let conns = loop {
-        if let Ok(Some(status)) = child.proc.try_wait() {
-            anyhow::bail!("the dispatcher exited with {status}");
-        }
-        if let Ok(c) = Conns::open(&child.url, None, None, conns_n).await {
-            let ok = c
-                .get()
-                .list_sessions(pb::ListSessionsRequest {
-                    page_size: 1,
-                    ..Default::default()
-                })
-                .await
-                .is_ok();
-            if ok {
-                break c;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let conns = child.connect(conns_n).await?;
     // Let its node links come up and its first allocations settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss0 = rss(child.pid)?;
