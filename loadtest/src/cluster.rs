@@ -82,6 +82,11 @@ fn agent_pools(cfg: &mut berth_agent_server::Config, n: u32) {
     cfg.warm_agent_refill_per_sec = 20.0;
 }
 
+/// The node's default most pre-started processes per agent.
+fn cfg_defaults_max() -> u32 {
+    berth_agent_server::Config::defaults().warm_agent_max
+}
+
 /// Real agent-server nodes, each with a warm pool.
 #[derive(Debug, Clone)]
 pub struct RealNodes {
@@ -145,23 +150,27 @@ impl Cluster {
 
     /// One real node for the real Claude Code image: each container's main
     /// process is the Messages stand-in on its own loopback, and containers
-    /// have no network but that (`--container-network none`).
+    /// have no network but that (`--container-network none`). `agents`:
+    /// pre-started processes kept per agent (`Some(0)`: none), or `None`
+    /// for the node's production defaults (an adaptive pool).
     pub async fn real_claude(
         args: &ClusterArgs,
         image: &str,
         pool: u32,
-        agents: u32,
+        agents: Option<u32>,
     ) -> anyhow::Result<Self> {
         args.in_process_only("claude", "it configures the node's containers")?;
         let mut b = TestCluster::builder()
             .direct()
             .metrics()
             .nodes(1)
-            .capacity(pool.max(agents).max(2) * 2)
+            .capacity(pool.max(agents.unwrap_or(cfg_defaults_max())).max(2) * 2)
             .lease(Duration::from_secs(5))
             .configure_node(move |_, cfg, _| {
                 cfg.load_heartbeat = Duration::from_secs(1);
-                agent_pools(cfg, agents);
+                if let Some(agents) = agents {
+                    agent_pools(cfg, agents);
+                }
                 cfg.keepalive_cmd = ["fake-anthropic", "--listen", "127.0.0.1:8787"]
                     .map(String::from)
                     .to_vec();

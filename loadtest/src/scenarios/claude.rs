@@ -40,6 +40,14 @@ pub struct ClaudeArgs {
     /// The real-CLI image (deploy/test-image/build-claude.sh).
     #[arg(long, default_value = "berth-test-claude:latest")]
     pub claude_image: String,
+    /// Steady arrivals on a node with the production agent-pool defaults:
+    /// this many sessions (the first teaches the node the agent; the hit
+    /// ratio counts the rest). 0 skips them.
+    #[arg(long, default_value_t = 41)]
+    pub steady: usize,
+    /// Seconds between two steady arrivals.
+    #[arg(long, default_value_t = 4.0)]
+    pub steady_every: f64,
 }
 
 /// The session each start makes. A pre-started process takes no env (env
@@ -148,6 +156,54 @@ async fn burst(cluster: &Cluster, image: &str, n: usize) -> anyhow::Result<(Dura
     Ok((all, hits))
 }
 
+/// Steady arrivals on a node with the production agent-pool defaults.
+async fn steady(cl: &ClusterArgs, a: &ClaudeArgs, report: &mut Report) -> anyhow::Result<()> {
+    let image = &a.claude_image;
+    let cluster = Cluster::real_claude(cl, image, 0, None).await?;
+    let every = Duration::from_secs_f64(a.steady_every);
+    let s = super::claude_steady::arrivals(
+        &cluster,
+        || request(image),
+        a.steady,
+        every,
+        FIRST_EVENT_TIMEOUT,
+    )
+    .await;
+    cluster.shutdown().await?;
+    let s = s?;
+    let (hits, n) = s.hits_after(1);
+    report.latency(
+        format!(
+            "steady: one session every {}s, production pool defaults",
+            a.steady_every
+        ),
+        &s.hist,
+        &Errors::default(),
+    );
+    report.value(
+        format!("steady: pre-started hits after the first arrival (of {n})"),
+        hits as f64,
+        "starts",
+    );
+    report.ratio_at_least(
+        format!("steady: hit ratio over {n} arrivals after the first"),
+        ratio(hits as f64, n as f64),
+        0.95,
+    );
+    let misses: Vec<String> = s
+        .paths
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| *p != "warm_process")
+        .map(|(i, p)| format!("{i}:{p}"))
+        .collect();
+    report.note(format!(
+        "steady arrivals that missed (index:start path): {}",
+        misses.join(", ")
+    ));
+    Ok(())
+}
+
 /// The shell line that runs the bare CLI against the stand-in model API,
 /// with the benchmark's prompt on stdin.
 fn bare_cli_script() -> String {
@@ -223,12 +279,12 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
     let mut report = Report::new("claude", a);
 
     let image = &a.claude_image;
-    let cluster = Cluster::real_claude(cl, image, 0, 0).await?;
+    let cluster = Cluster::real_claude(cl, image, 0, Some(0)).await?;
     let (cold, _, cold_err) = starts(&cluster, image, a.sessions, Ready::Nothing).await?;
     cluster.shutdown().await?;
     report.latency("berth: cold start (no pool)", &cold, &cold_err);
 
-    let cluster = Cluster::real_claude(cl, image, a.pool, 0).await?;
+    let cluster = Cluster::real_claude(cl, image, a.pool, Some(0)).await?;
     let (warm, paths, warm_err) =
         starts(&cluster, image, a.sessions, Ready::Containers(a.pool)).await?;
     cluster.shutdown().await?;
@@ -244,7 +300,7 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
         "starts",
     );
 
-    let cluster = Cluster::real_claude(cl, image, 0, a.pool).await?;
+    let cluster = Cluster::real_claude(cl, image, 0, Some(a.pool)).await?;
     let (process, paths, process_err) =
         starts(&cluster, image, a.sessions, Ready::Processes(a.pool)).await?;
     report.latency("berth: pre-started CLI process", &process, &process_err);
@@ -347,6 +403,9 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
         ratio(p50(&run), p50(&process)),
         10.0,
     );
+    if a.steady > 1 {
+        steady(cl, a, &mut report).await?;
+    }
     report.note("each start is alone (one at a time) and measured from CreateSession to the CLI's first event at the client (its system/init line); docker run is timed from container create to the CLI's first stdout line");
     Ok(report)
 }

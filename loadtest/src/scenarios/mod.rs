@@ -3,6 +3,7 @@
 pub mod balance;
 pub mod claude;
 mod claude_floor;
+mod claude_steady;
 pub mod dispatch;
 pub mod failover;
 pub mod fanin;
