@@ -142,6 +142,53 @@ async fn simulated(
         .connect(url)
         .await?;
     let mut direct = cluster.sims[0].client(ca).await?;
+    // Live latency first, on a fresh table: the throughput runs leave
+    // Postgres checkpointing the hundreds of MiB they wrote.
+    let n = (a.live_rate * a.live_seconds).round().max(1.0) as u64;
+    eprintln!(
+        "relay: live latency, {n} × {} B at {}/s through berth",
+        a.live_size, a.live_rate
+    );
+    let stages = [
+        "berth_event_persist_seconds",
+        "berth_event_persist_lag_seconds",
+        PERSIST_BATCH,
+    ];
+    let before = cluster.histogram_totals(&stages).await;
+    let through = live::through_berth(cluster, n, a.live_rate, a.live_size).await?;
+    let after = cluster.histogram_totals(&stages).await;
+    for (series, (sum, count)) in &after {
+        let (s0, c0) = before.get(series).copied().unwrap_or_default();
+        if count > &c0 {
+            report.value(
+                format!("live: mean of {series} over the run"),
+                (sum - s0) / (count - c0),
+                if series.contains("seconds") {
+                    "s"
+                } else {
+                    "events"
+                },
+            );
+        }
+    }
+    eprintln!("relay: live latency, the same straight from the node");
+    let bare = live::direct(&mut direct, n, a.live_rate, a.live_size).await?;
+    let label = format!("live {} B at {}/s", a.live_size, a.live_rate);
+    report.latency(
+        format!("{label}: node line → client, berth"),
+        &through,
+        &Errors::default(),
+    );
+    report.latency(
+        format!("{label}: node line → client, direct"),
+        &bare,
+        &Errors::default(),
+    );
+    report.check_at_most(
+        format!("{label}: berth p99 (ms)"),
+        through.quantile_us(0.99) as f64 / 1000.0,
+        5.0,
+    );
     for &size in &a.sizes {
         eprintln!(
             "relay: {} × {size} B through berth (simulated node)",
@@ -178,30 +225,6 @@ async fn simulated(
             0.5,
         );
     }
-    let n = (a.live_rate * a.live_seconds).round().max(1.0) as u64;
-    eprintln!(
-        "relay: live latency, {n} × {} B at {}/s through berth",
-        a.live_size, a.live_rate
-    );
-    let through = live::through_berth(cluster, n, a.live_rate, a.live_size).await?;
-    eprintln!("relay: live latency, the same straight from the node");
-    let bare = live::direct(&mut direct, n, a.live_rate, a.live_size).await?;
-    let label = format!("live {} B at {}/s", a.live_size, a.live_rate);
-    report.latency(
-        format!("{label}: node line → client, berth"),
-        &through,
-        &Errors::default(),
-    );
-    report.latency(
-        format!("{label}: node line → client, direct"),
-        &bare,
-        &Errors::default(),
-    );
-    report.check_at_most(
-        format!("{label}: berth p99 (ms)"),
-        through.quantile_us(0.99) as f64 / 1000.0,
-        5.0,
-    );
     Ok(())
 }
 
