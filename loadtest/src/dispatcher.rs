@@ -114,6 +114,7 @@ pub fn launch(l: &Launch<'_>) -> anyhow::Result<Child> {
             "BERTH_METRICS_LISTEN",
             metrics.map_or_else(|| "off".to_string(), |m| m.to_string()),
         )
+        .env("BERTH_WEBHOOK_LISTEN", "off")
         .env("BERTH_OBJECTS_DIR", dir.join("objects"))
         .env("BERTH_DISPATCHER_ID", &l.id)
         // A benchmark dispatcher of its own: anonymous calls, a fresh key.

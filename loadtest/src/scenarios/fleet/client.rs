@@ -50,7 +50,8 @@ pub(super) struct Turns {
 /// What every client saw.
 #[derive(Default)]
 pub(super) struct Tally {
-    /// CreateSession → `session.status_running` seen on the stream.
+    /// CreateSession → the first `session.status_running` or
+    /// `session.status_idle` seen on the stream (the session started).
     pub start: Mutex<Hist>,
     /// A turn's due time → its echo (`agent.message`) on the stream.
     pub live: Mutex<Hist>,
@@ -121,6 +122,8 @@ pub(super) async fn run(shared: Arc<Shared>, i: usize, t0: Instant) -> Option<St
     let mut turns = shared.turns.clone();
     let mut plan: Option<Turns> = *turns.borrow_and_update();
     let mut next_turn: Option<(Instant, u64)> = None;
+    // The plan's first turn was scheduled (the last one leaves `next_turn` empty).
+    let mut scheduled = false;
     let mut interrupted: Option<Instant> = None;
     let phase = fastrand::f64();
     'outer: loop {
@@ -144,9 +147,8 @@ pub(super) async fn run(shared: Arc<Shared>, i: usize, t0: Instant) -> Option<St
             Tally::record(&tally.resumed, t.elapsed());
         }
         loop {
-            if next_turn.is_none()
-                && let Some(p) = plan
-            {
+            if !scheduled && let Some(p) = plan {
+                scheduled = true;
                 let first = p.start + p.every.mul_f64(phase);
                 next_turn = (first < p.end).then_some((first, 0));
             }
@@ -243,7 +245,9 @@ impl Client {
         }
         self.last = e.seq;
         match e.r#type.as_str() {
-            "session.status_running" if !self.running => {
+            // Started: a session with no first message goes idle, one
+            // with a message runs.
+            "session.status_running" | "session.status_idle" if !self.running => {
                 self.running = true;
                 Tally::record(&tally.start, self.t0.elapsed());
                 tally.running.fetch_add(1, Ordering::Relaxed);

@@ -37,8 +37,9 @@ FROM waits
     ))
 }
 
-/// Sessions that reached `running`, and the seconds from the first
-/// session's insert to the last one's first `session.status_running`.
+/// Sessions that started (reached `running`, or `idle` when they had no
+/// first message), and the seconds from the first session's insert to the
+/// last one's start.
 pub(super) async fn starts(db: &PgPool) -> anyhow::Result<(i64, f64)> {
     let row: (i64, Option<f64>) = sqlx::query_as(
         r#"
@@ -47,7 +48,8 @@ WITH started AS (
     FROM sessions s
     JOIN LATERAL (
         SELECT create_time FROM events
-        WHERE session_id = s.id AND type = 'session.status_running'
+        WHERE session_id = s.id
+          AND type IN ('session.status_running', 'session.status_idle')
         ORDER BY seq LIMIT 1
     ) e ON true
 )
