@@ -74,6 +74,10 @@ pub async fn run(
     let loops = TaskTracker::new();
     let drivers = TaskTracker::new();
     let log_tasks = TaskTracker::new();
+    // Notices to other dispatchers, sent after what they announce commits;
+    // ends after the writer, with whatever it committed last.
+    let notices = store::notices::CloseOnDrop(store.notices());
+    let notifier = tokio::spawn(store::notices::run(store.pool().clone(), notices.0.clone()));
     let endpoint = TaskTracker::new();
     let parts = services::Parts::build(&cfg, store, fleet, &shutdown, &loops, &log_tasks).await?;
     let endpoint_stop = CancellationToken::new();
@@ -130,6 +134,13 @@ pub async fn run(
             tasks = log_tasks.len(),
             "the event writer or a follower still running at exit"
         );
+    }
+    drop(notices);
+    if tokio::time::timeout(LOG_SHUTDOWN_GRACE, notifier)
+        .await
+        .is_err()
+    {
+        tracing::warn!("notices to other dispatchers still being sent at exit");
     }
     endpoint_stop.cancel();
     endpoint.close();

@@ -17,8 +17,9 @@ use crate::session::{Event, NewEvent};
 
 mod sql {
     /// Appends a batch of events for any number of sessions, numbering each
-    /// session's events from its `last_seq` under the row lock (gapless), and
-    /// notifies other dispatchers once per session; a run's events move the
+    /// session's events from its `last_seq` under the row lock (gapless)
+    /// (the caller leaves other dispatchers a notice once it commits: see
+    /// `store::notices`); a run's events move the
     /// session's `node_seq` (the re-attach cursor). Payloads and lines are
     /// stored as written (text and bytea, never re-encoded).
     /// `lo`/`hi`: the epochs the batch's fenced events carry for a session
@@ -38,8 +39,7 @@ WITH input AS (
         node_seq = greatest(s.node_seq, coalesce(c.node_seq, s.node_seq))
     FROM counts c
     WHERE s.id = c.session_id AND (c.lo IS NULL OR (c.lo = s.epoch AND c.hi = s.epoch))
-    RETURNING s.id, s.last_seq - c.n AS base,
-              pg_notify('berth_events', s.id::text || ':' || s.last_seq) IS NULL AS notified
+    RETURNING s.id, s.last_seq - c.n AS base
 )
 INSERT INTO events (session_id, seq, id, type, payload, raw, line_part)
 SELECT i.session_id, b.base + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord), i.id,
@@ -90,12 +90,11 @@ SET input_tokens = m.input_tokens + excluded.input_tokens,
          cache_read_input_tokens, cache_creation_input_tokens, cost_usd \
          FROM session_models WHERE session_id = $1 ORDER BY cost_usd DESC, model";
 
-    /// Logs `session.usage` at the seq the turn took, and tells other
-    /// dispatchers.
+    /// Logs `session.usage` at the seq the turn took.
     pub const LOG_USAGE: &str = r#"
 INSERT INTO events (session_id, seq, id, type, payload)
 VALUES ($1, $2, $3, 'session.usage', $4)
-RETURNING create_time, pg_notify('berth_events', $1::text || ':' || $2) IS NULL AS notified
+RETURNING create_time
 "#;
 
     /// One page of a session's log after a seq.
@@ -243,9 +242,20 @@ impl Store {
     /// stored and the error says why for the first such event.
     pub(crate) async fn append(&self, batch: &[Append]) -> Result<Vec<Stored>> {
         let by_id = append_rows(&self.pool, batch).await?;
+        self.announce(batch, &by_id);
         match placed(batch, &by_id) {
             Some(out) => Ok(out),
             None => Err(self.refused(batch, &by_id).await),
+        }
+    }
+
+    /// Leaves a notice of each session's last stored event of `batch`
+    /// (committed) for other dispatchers.
+    fn announce(&self, batch: &[Append], by_id: &std::collections::HashMap<Uuid, Stored>) {
+        for a in batch {
+            if let Some(at) = by_id.get(&a.event.id) {
+                self.notices.event(a.session, at.seq);
+            }
         }
     }
 
@@ -266,6 +276,8 @@ impl Store {
         };
         let usage = record_usage_in(&mut tx, id, turn).await?;
         tx.commit().await?;
+        self.announce(batch, &by_id);
+        self.notices.event(id, usage.event.seq);
         Ok((stored, usage))
     }
 

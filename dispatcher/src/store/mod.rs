@@ -26,6 +26,7 @@ mod audit;
 pub(crate) mod database_url;
 mod events;
 mod feedback;
+pub(crate) mod notices;
 mod queue;
 mod runs;
 mod schedules;
@@ -64,6 +65,8 @@ pub(crate) const EVENTS_CHANNEL: &str = "berth_events";
 pub struct Store {
     pool: PgPool,
     sealer: Arc<Sealer>,
+    /// What committed, for other dispatchers' LISTEN ([`notices`]).
+    notices: Arc<notices::Notices>,
 }
 
 /// Longest a call waits for a database connection. While Postgres is down
@@ -93,7 +96,17 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| Error::Internal(format!("database migration failed: {e}")))?;
-        Ok(Self { pool, sealer })
+        Ok(Self {
+            pool,
+            sealer,
+            notices: Arc::default(),
+        })
+    }
+
+    /// The notices this store's commits leave for other dispatchers; run
+    /// [`notices::run`] to send them.
+    pub(crate) fn notices(&self) -> Arc<notices::Notices> {
+        self.notices.clone()
     }
 
     /// The deployment's keys.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
-use super::{QUEUE_CHANNEL, Store, status_literals};
+use super::{Store, status_literals};
 use crate::error::Result;
 use crate::session::{Session, SessionStatus};
 
@@ -52,8 +52,7 @@ WITH next AS (
         last_seq = s.last_seq + 1, update_time = now()
     FROM next
     WHERE s.id = next.id
-    RETURNING s.id, s.last_seq, s.epoch, next.status AS previous,
-              pg_notify('berth_events', s.id::text || ':' || s.last_seq) IS NULL AS notified
+    RETURNING s.id, s.last_seq, s.epoch, next.status AS previous
 ), numbered AS (
     SELECT m.*, row_number() OVER () AS n FROM moved m
 ), logged AS (
@@ -210,6 +209,9 @@ impl Store {
         if claimed.is_empty() {
             return Ok(Vec::new());
         }
+        for (id, seq) in &claimed {
+            self.notices.event(*id, *seq);
+        }
         let ids: Vec<Uuid> = claimed.iter().map(|c| c.0).collect();
         let mut sessions = self.sessions_by_id(&ids).await?;
         // As of the claim: a stop (or anything else) logged between the claim
@@ -222,12 +224,10 @@ impl Store {
         Ok(sessions)
     }
 
-    /// Wakes every dispatcher's claim loop (a session was queued again).
+    /// Wakes every dispatcher's claim loop (a session was queued again),
+    /// with the next batch of notices.
     pub(crate) async fn notify_queue(&self) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(QUEUE_CHANNEL)
-            .execute(&self.pool)
-            .await?;
+        self.notices.queue();
         Ok(())
     }
 

@@ -47,7 +47,7 @@ WITH created AS (
     VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]),
             $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19, $20)
     ON CONFLICT (project, request_id) DO NOTHING
-    RETURNING id, pg_notify('berth_queue', id::text) IS NULL AS notified
+    RETURNING id
 ), logged AS (
     INSERT INTO events (session_id, seq, id, type, payload)
     SELECT c.id, e.seq, e.id, e.type, e.payload
@@ -104,7 +104,7 @@ WITH moved AS (
         node = CASE WHEN $5 THEN '' ELSE node END,
         owner = CASE WHEN $5 THEN '' ELSE owner END
     WHERE id = $1 AND status = $2 AND epoch = $9
-    RETURNING id, last_seq, pg_notify('berth_events', id::text || ':' || last_seq) IS NULL AS notified
+    RETURNING id, last_seq
 )
 INSERT INTO events (session_id, seq, id, type, payload)
 SELECT id, last_seq, $6, $7, $8 FROM moved
@@ -303,6 +303,9 @@ impl Store {
             .bind(fingerprint)
             .fetch_optional(&self.pool)
             .await?;
+        if created.is_some() {
+            self.notices.queue();
+        }
         match (created, &new.request_id) {
             (Some(id), _) => Ok((
                 self.get_session(id).await?,
@@ -410,6 +413,7 @@ impl Store {
                     .fetch_optional(&self.pool)
                     .await?;
             if let Some((seq, create_time)) = row {
+                self.notices.event(id, seq);
                 let event = Event {
                     session_id: id,
                     seq,

@@ -238,6 +238,12 @@ impl Store {
             }
         }
         tx.commit().await?;
+        for (a, at) in appends.iter().zip(&out.stored) {
+            self.notices.event(a.session, at.seq);
+        }
+        for e in &out.events {
+            self.notices.event(e.session_id, e.seq);
+        }
         Ok(out)
     }
 

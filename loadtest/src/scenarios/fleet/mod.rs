@@ -46,7 +46,7 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 400.0)]
     pub create_rate: f64,
     /// Seconds between two turns of one session.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 20.0)]
     pub turn_every: f64,
     /// Seconds of turns; the kill comes halfway.
     #[arg(long, default_value_t = 40.0)]
@@ -127,6 +127,9 @@ async fn fleet(
             env: vec![
                 ("BERTH_DISPATCHER_LEASE", a.lease.to_string()),
                 ("BERTH_DB_MAX_CONNECTIONS", a.db_connections.to_string()),
+                // The driver is one caller standing in for thousands: the
+                // per-caller rate limit would shed it, not measure berth.
+                ("BERTH_API_RATE_LIMIT", "0".to_string()),
             ],
         })?);
     }
@@ -405,6 +408,7 @@ impl Figures {
         r.note("dispatchers are the real berth-dispatcher binary, one process each, on one Postgres database; nodes are simulated (the node protocol over mTLS, no container) in the driver's process, as are the clients: everything shares this machine's cores");
         r.note("starts/s: sessions that reached running over the time from the first insert to the last session's first `session.status_running` or `session.status_idle` (a session with no first message goes idle when its run is up), read from the event log; insert → claim: each session's create_time to its first `session.status_starting` event");
         r.note("memory per open stream: growth of the dispatchers' summed RSS from before the ramp to all sessions running, over the sessions; each session holds one client StreamEvents stream (on its creating dispatcher) and one node RunSession stream (on its owner)");
+        r.note("the dispatchers run with no per-caller rate limit (BERTH_API_RATE_LIMIT=0): the driver is one anonymous caller standing in for every session's client");
         r.note("takeover: from the SIGKILL until every session the killed dispatcher owned is running or idle under another owner (polled every 200 ms)");
     }
 }
