@@ -42,8 +42,8 @@ impl History for Store {
     }
 
     async fn position(&self, session: Uuid) -> Result<(bool, i64)> {
-        let s = self.get_session(session).await?;
-        Ok((s.status.is_live(), s.last_seq))
+        let p = Store::position(self, session).await?;
+        Ok((p.status.is_live(), p.last_seq))
     }
 }
 

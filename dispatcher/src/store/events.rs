@@ -477,7 +477,7 @@ async fn record_usage_in(
         total: totals.clone(),
     });
     let event_id = Uuid::now_v7();
-    let (create_time, _): (DateTime<Utc>, bool) = sqlx::query_as(sql::LOG_USAGE)
+    let create_time: DateTime<Utc> = sqlx::query_scalar(sql::LOG_USAGE)
         .bind(id)
         .bind(row.seq)
         .bind(event_id)

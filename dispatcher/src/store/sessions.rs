@@ -59,6 +59,10 @@ SELECT id FROM created
     /// One session by id.
     pub const GET_SESSION: &str = with_models!("WHERE id = $1");
 
+    /// Where a session stands, and nothing else: what a status change and a
+    /// follower need, read on every turn (no spec, no models).
+    pub const POSITION: &str = "SELECT status, epoch, last_seq FROM sessions WHERE id = $1";
+
     /// Sessions by id, oldest first.
     pub const SESSIONS_BY_ID: &str = with_models!("WHERE id = ANY($1) ORDER BY create_time");
 
@@ -125,6 +129,14 @@ static TRANSITION: LazyLock<String> = LazyLock::new(|| {
         .replace("{pending}", Pending.as_str())
         .replace("{archived}", Archived.as_str())
 });
+
+/// Where a session stands ([`Store::position`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Position {
+    pub status: SessionStatus,
+    pub epoch: i64,
+    pub last_seq: i64,
+}
 
 /// A filter and page for `list_sessions`.
 #[derive(Debug, Clone, Default)]
@@ -329,6 +341,24 @@ impl Store {
         }
     }
 
+    /// The session's status, epoch and last seq (see [`sql::POSITION`]).
+    pub(crate) async fn position(&self, id: Uuid) -> Result<Position> {
+        let row: (String, i64, i64) = sqlx::query_as(sql::POSITION)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
+        let status = row
+            .0
+            .parse::<SessionStatus>()
+            .map_err(|e| Error::Internal(format!("session {id}: {e}")))?;
+        Ok(Position {
+            status,
+            epoch: row.1,
+            last_seq: row.2,
+        })
+    }
+
     pub(crate) async fn get_session(&self, id: Uuid) -> Result<Session> {
         let row: SessionRow = sqlx::query_as(sql::GET_SESSION)
             .bind(id)
@@ -378,7 +408,7 @@ impl Store {
         detail: &StatusDetail,
     ) -> Result<Transitioned> {
         for _ in 0..8 {
-            let current = self.get_session(id).await?;
+            let current = self.position(id).await?;
             if let Some(epoch) = epoch.filter(|e| *e != current.epoch) {
                 return Err(Error::Superseded {
                     id,
