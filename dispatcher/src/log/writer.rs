@@ -1,8 +1,12 @@
 //! The writer: takes everything queued, commits consecutive appends in one
 //! statement, and runs transitions and usage in order between them.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use berth_common::events::payload::StatusDetail;
+use uuid::Uuid;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -11,8 +15,8 @@ use super::hub::Hub;
 use super::{MAX_BATCH, Op};
 use crate::error::{Error, Result};
 use crate::metrics as m;
-use crate::session::Event;
-use crate::store::{Append, Store};
+use crate::session::{Event, StatusEvent};
+use crate::store::{Append, Change, Store, Transitioned};
 
 /// Whom to tell an append's result, if anyone waits for it.
 type Done = Option<oneshot::Sender<Result<Event>>>;
@@ -33,6 +37,7 @@ pub(super) async fn run(
     shutdown: CancellationToken,
 ) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
+    let mut changes = Changes::default();
     let w = Writer {
         store,
         hub,
@@ -45,6 +50,9 @@ pub(super) async fn run(
         }
         metrics::gauge!(m::WRITER_QUEUE).set((rx.len() + ops.len()) as f64);
         let mut batch = Batch::default();
+        // Ops of different sessions commute; each session's stay in order:
+        // a change waits in `changes` behind the appends in `batch`, and an
+        // op of a session with a change pending commits both first.
         for op in ops.drain(..) {
             match op {
                 Op::Append {
@@ -52,6 +60,11 @@ pub(super) async fn run(
                     done,
                     queued,
                 } => {
+                    // After a change of its session that is still pending.
+                    if changes.has(append.session) {
+                        w.flush(&mut batch).await;
+                        w.changes(&mut changes).await;
+                    }
                     batch.oldest.get_or_insert(queued);
                     batch.appends.push(append);
                     batch.done.push(done);
@@ -64,23 +77,26 @@ pub(super) async fn run(
                     detail,
                     done,
                 } => {
-                    w.flush(&mut batch).await;
-                    let r = w
-                        .retry(|| w.store.transition(session, epoch, event, &reason, &detail))
-                        .await;
-                    if let Ok(t) = &r
-                        && let Some(e) = &t.event
-                    {
-                        metrics::counter!(m::EVENTS_PERSISTED).increment(1);
-                        if t.to.ends_run() {
-                            metrics::counter!(m::SESSIONS_ENDED, "status" => t.to.as_str())
-                                .increment(1);
-                        }
-                        w.hub.publish(&[Arc::new(e.clone())]);
+                    // One change per session per statement: a second one
+                    // depends on the first's outcome.
+                    if changes.has(session) {
+                        w.flush(&mut batch).await;
+                        w.changes(&mut changes).await;
                     }
-                    let _ = done.send(r);
+                    changes.push(PendingChange {
+                        session,
+                        epoch,
+                        event,
+                        reason,
+                        detail,
+                        done,
+                    });
                 }
                 Op::Line { appends, queued } => {
+                    if appends.iter().any(|a| changes.has(a.session)) {
+                        w.flush(&mut batch).await;
+                        w.changes(&mut changes).await;
+                    }
                     batch.oldest.get_or_insert(queued);
                     for a in appends {
                         batch.appends.push(a);
@@ -93,6 +109,7 @@ pub(super) async fn run(
                     done,
                 } => {
                     w.flush(&mut batch).await;
+                    w.changes(&mut changes).await;
                     let r = w.retry(|| w.store.apply_tool(&appends, &effect)).await;
                     let r = match r {
                         Ok(mut out) => {
@@ -118,6 +135,7 @@ pub(super) async fn run(
                     done,
                 } => {
                     w.flush(&mut batch).await;
+                    w.changes(&mut changes).await;
                     let r = w
                         .retry(|| w.store.append_with_usage(&appends, session, &turn))
                         .await;
@@ -139,7 +157,38 @@ pub(super) async fn run(
                 }
             }
         }
+        // Appends first: every change pending arrived after any append of
+        // its session that is still in the batch.
         w.flush(&mut batch).await;
+        w.changes(&mut changes).await;
+    }
+}
+
+/// A status change waiting for the next statement, and whom to tell.
+struct PendingChange {
+    session: Uuid,
+    epoch: Option<i64>,
+    event: StatusEvent,
+    reason: String,
+    detail: StatusDetail,
+    done: oneshot::Sender<Result<Transitioned>>,
+}
+
+/// Status changes waiting for the next statement, at most one per session.
+#[derive(Default)]
+struct Changes {
+    pending: Vec<PendingChange>,
+    sessions: HashSet<Uuid>,
+}
+
+impl Changes {
+    fn has(&self, session: Uuid) -> bool {
+        self.sessions.contains(&session)
+    }
+
+    fn push(&mut self, c: PendingChange) {
+        self.sessions.insert(c.session);
+        self.pending.push(c);
     }
 }
 
@@ -222,6 +271,59 @@ impl Writer {
                     }
                 }
             }
+        }
+    }
+
+    /// Commits the pending status changes in one statement; one that lost
+    /// to another writer is re-read and retried alone.
+    async fn changes(&self, changes: &mut Changes) {
+        if changes.pending.is_empty() {
+            return;
+        }
+        changes.sessions.clear();
+        let pending = std::mem::take(&mut changes.pending);
+        let batch: Vec<Change<'_>> = pending
+            .iter()
+            .map(|c| Change {
+                id: c.session,
+                epoch: c.epoch,
+                event: c.event,
+                reason: &c.reason,
+                detail: &c.detail,
+            })
+            .collect();
+        let outcomes = self.retry(|| self.store.transitions(&batch)).await;
+        drop(batch);
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => {
+                for c in pending {
+                    let _ = c.done.send(Err(same(&e)));
+                }
+                return;
+            }
+        };
+        for (c, outcome) in pending.into_iter().zip(outcomes) {
+            let r = match outcome {
+                Some(r) => r,
+                None => {
+                    self.retry(|| {
+                        self.store
+                            .transition(c.session, c.epoch, c.event, &c.reason, &c.detail)
+                    })
+                    .await
+                }
+            };
+            if let Ok(t) = &r
+                && let Some(e) = &t.event
+            {
+                metrics::counter!(m::EVENTS_PERSISTED).increment(1);
+                if t.to.ends_run() {
+                    metrics::counter!(m::SESSIONS_ENDED, "status" => t.to.as_str()).increment(1);
+                }
+                self.hub.publish(&[Arc::new(e.clone())]);
+            }
+            let _ = c.done.send(r);
         }
     }
 

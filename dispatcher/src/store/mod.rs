@@ -32,6 +32,7 @@ mod runs;
 mod schedules;
 mod sessions;
 mod tools;
+mod transitions;
 mod webhooks;
 
 use std::collections::BTreeMap;
@@ -52,8 +53,9 @@ pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
 pub(crate) use queue::Orphan;
 pub(crate) use runs::RunState;
-pub(crate) use sessions::{SessionFilter, Transitioned};
+pub(crate) use sessions::SessionFilter;
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
+pub(crate) use transitions::{Change, Transitioned};
 
 /// Channel a new pending session is announced on.
 pub(crate) const QUEUE_CHANNEL: &str = "berth_queue";

@@ -2,12 +2,10 @@
 //! compare-and-set, each logged as an event in the same statement.
 
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
 
-use berth_common::events::payload::{self, StatusChange, StatusDetail};
+use berth_common::events::payload::{self, StatusChange};
 use berth_common::usage::ModelFigures;
 use chrono::{DateTime, Utc};
-use sqlx::AssertSqlSafe;
 use sqlx::types::Json;
 use uuid::Uuid;
 
@@ -15,8 +13,7 @@ use super::{Store, from_millis, to_millis};
 use crate::error::{Error, Result};
 use crate::session::usage::RunningTotals;
 use crate::session::{
-    AgentSpec, Event, NewEvent, NewSession, Resource, Session, SessionStatus, Snapshot,
-    StatusEvent, Usage,
+    AgentSpec, NewEvent, NewSession, Resource, Session, SessionStatus, Snapshot, Usage,
 };
 
 mod sql {
@@ -59,9 +56,9 @@ SELECT id FROM created
     /// One session by id.
     pub const GET_SESSION: &str = with_models!("WHERE id = $1");
 
-    /// Where a session stands, and nothing else: what a status change and a
-    /// follower need, read on every turn (no spec, no models).
-    pub const POSITION: &str = "SELECT status, epoch, last_seq FROM sessions WHERE id = $1";
+    /// Where a session stands, and nothing else: what a follower needs,
+    /// read on every stream and run end (no spec, no models).
+    pub const POSITION: &str = "SELECT status, last_seq FROM sessions WHERE id = $1";
 
     /// Sessions by id, oldest first.
     pub const SESSIONS_BY_ID: &str = with_models!("WHERE id = ANY($1) ORDER BY create_time");
@@ -90,51 +87,16 @@ SELECT id FROM created
          ORDER BY create_time DESC, id DESC LIMIT $5"
     );
 
-    /// Compare-and-set of a status, logging the change as an event.
-    /// `status = $2 AND epoch = $9`: the change applies only if nobody moved or
-    /// re-placed the session since the caller read it; no row back means the
-    /// caller must re-read. `{running}` are the statuses that mark a start.
-    pub const TRANSITION: &str = r#"
-WITH moved AS (
-    UPDATE sessions
-    SET status = $3, status_reason = $4, last_seq = last_seq + 1, update_time = now(),
-        start_time = CASE WHEN $3 IN ({running}) THEN coalesce(start_time, now()) ELSE start_time END,
-        end_time = CASE WHEN $5 THEN now() WHEN $3 = '{pending}' THEN NULL ELSE end_time END,
-        -- Archiving stamps the time retention counts from.
-        archive_time = CASE WHEN $3 = '{archived}' THEN now() ELSE archive_time END,
-        -- Back in the queue (resumed): a fresh queue deadline.
-        queue_deadline = CASE WHEN $3 = '{pending}' THEN now() + queue_timeout_ms * interval '1 millisecond'
-                              ELSE queue_deadline END,
-        node = CASE WHEN $5 THEN '' ELSE node END,
-        owner = CASE WHEN $5 THEN '' ELSE owner END
-    WHERE id = $1 AND status = $2 AND epoch = $9
-    RETURNING id, last_seq
-)
-INSERT INTO events (session_id, seq, id, type, payload)
-SELECT id, last_seq, $6, $7, $8 FROM moved
-RETURNING seq, create_time
-"#;
-
     /// Deletes a session that is not live; events and turns go with it
     /// (cascade). `status <> ALL($2)`: a live session is never deleted.
     pub const DELETE_SESSION: &str =
         "DELETE FROM sessions WHERE id = $1 AND status <> ALL($2) RETURNING id";
 }
 
-/// [`sql::TRANSITION`] with its status names filled in from [`SessionStatus`].
-static TRANSITION: LazyLock<String> = LazyLock::new(|| {
-    use SessionStatus::*;
-    sql::TRANSITION
-        .replace("{running}", &super::status_literals([Running, Idle]))
-        .replace("{pending}", Pending.as_str())
-        .replace("{archived}", Archived.as_str())
-});
-
 /// Where a session stands ([`Store::position`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Position {
     pub status: SessionStatus,
-    pub epoch: i64,
     pub last_seq: i64,
 }
 
@@ -147,14 +109,6 @@ pub(crate) struct SessionFilter {
     pub before: Option<(DateTime<Utc>, Uuid)>,
     pub limit: i64,
     pub activity: Option<crate::session::Activity>,
-}
-
-/// A status change that was persisted.
-#[derive(Debug, Clone)]
-pub(crate) struct Transitioned {
-    pub to: SessionStatus,
-    /// The logged status event, or `None` when the status did not change.
-    pub event: Option<Event>,
 }
 
 /// A `sessions` row as stored.
@@ -341,9 +295,9 @@ impl Store {
         }
     }
 
-    /// The session's status, epoch and last seq (see [`sql::POSITION`]).
+    /// The session's status and last seq (see [`sql::POSITION`]).
     pub(crate) async fn position(&self, id: Uuid) -> Result<Position> {
-        let row: (String, i64, i64) = sqlx::query_as(sql::POSITION)
+        let row: (String, i64) = sqlx::query_as(sql::POSITION)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -354,8 +308,7 @@ impl Store {
             .map_err(|e| Error::Internal(format!("session {id}: {e}")))?;
         Ok(Position {
             status,
-            epoch: row.1,
-            last_seq: row.2,
+            last_seq: row.1,
         })
     }
 
@@ -394,73 +347,6 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(|r| self.session(r)).collect()
-    }
-
-    /// Applies `event` to the session's current status with compare-and-set,
-    /// logging the change. Re-reads and retries when another writer won.
-    /// With `epoch`, applies only while the session is at that epoch.
-    pub(crate) async fn transition(
-        &self,
-        id: Uuid,
-        epoch: Option<i64>,
-        event: StatusEvent,
-        reason: &str,
-        detail: &StatusDetail,
-    ) -> Result<Transitioned> {
-        for _ in 0..8 {
-            let current = self.position(id).await?;
-            if let Some(epoch) = epoch.filter(|e| *e != current.epoch) {
-                return Err(Error::Superseded {
-                    id,
-                    epoch,
-                    current: current.epoch,
-                });
-            }
-            let to = current.status.transition(event)?;
-            if to == current.status {
-                return Ok(Transitioned { to, event: None });
-            }
-            let payload = payload::to_json(&StatusChange {
-                status: to.as_str().into(),
-                previous: current.status.as_str().into(),
-                reason: reason.into(),
-                pause: event == StatusEvent::PauseRequested,
-                detail: detail.clone(),
-            });
-            let event_id = Uuid::now_v7();
-            let kind = to.event_type();
-            let row: Option<(i64, DateTime<Utc>)> =
-                sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
-                    .bind(id)
-                    .bind(current.status.as_str())
-                    .bind(to.as_str())
-                    .bind(reason)
-                    .bind(!to.is_live())
-                    .bind(event_id)
-                    .bind(&kind)
-                    .bind(&payload)
-                    .bind(current.epoch)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            if let Some((seq, create_time)) = row {
-                self.notices.event(id, seq);
-                let event = Event {
-                    session_id: id,
-                    seq,
-                    id: event_id,
-                    kind,
-                    create_time,
-                    payload,
-                    raw: None,
-                    line_seq: 0,
-                };
-                return Ok(Transitioned {
-                    to,
-                    event: Some(event),
-                });
-            }
-        }
-        Err(Error::Conflict)
     }
 
     /// Deletes a session that is not live with its events and usage rows.

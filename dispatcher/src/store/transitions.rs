@@ -1,0 +1,251 @@
+//! Status changes: compare-and-set of a session's status, logged as its
+//! event. The status machine ([`SessionStatus::transition`]) decides each
+//! change; the statement only applies it, and only to a session nobody moved
+//! or re-placed since its position was read. Many changes (any sessions, one
+//! each) go in one statement and one commit: at thousands of sessions every
+//! turn is two changes (running, idle), and one commit each was the event
+//! writer's limit.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use berth_common::events::payload::{self, StatusChange, StatusDetail};
+use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+use super::Store;
+use crate::error::{Error, Result};
+use crate::session::{Event, SessionStatus, StatusEvent};
+
+mod sql {
+    /// Positions of several sessions.
+    pub const POSITIONS: &str =
+        "SELECT id, status, epoch, last_seq FROM sessions WHERE id = ANY($1)";
+
+    /// Compare-and-set of several sessions' statuses (one change each),
+    /// logging each change as an event. `status = from AND epoch = epoch`:
+    /// a change applies only if nobody moved or re-placed the session since
+    /// its position was read; a session with no row back must be re-read.
+    /// `{running}` are the statuses that mark a start.
+    pub const TRANSITION: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],
+                         $6::uuid[], $7::text[], $8::text[], $9::bigint[])
+        AS t(id, from_status, to_status, reason, ends, event_id, kind, payload, epoch)
+), moved AS (
+    UPDATE sessions s
+    SET status = i.to_status, status_reason = i.reason, last_seq = s.last_seq + 1,
+        update_time = now(),
+        start_time = CASE WHEN i.to_status IN ({running}) THEN coalesce(s.start_time, now())
+                          ELSE s.start_time END,
+        end_time = CASE WHEN i.ends THEN now() WHEN i.to_status = '{pending}' THEN NULL
+                        ELSE s.end_time END,
+        -- Archiving stamps the time retention counts from.
+        archive_time = CASE WHEN i.to_status = '{archived}' THEN now() ELSE s.archive_time END,
+        -- Back in the queue (resumed): a fresh queue deadline.
+        queue_deadline = CASE WHEN i.to_status = '{pending}'
+                              THEN now() + s.queue_timeout_ms * interval '1 millisecond'
+                              ELSE s.queue_deadline END,
+        node = CASE WHEN i.ends THEN '' ELSE s.node END,
+        owner = CASE WHEN i.ends THEN '' ELSE s.owner END
+    FROM input i
+    WHERE s.id = i.id AND s.status = i.from_status AND s.epoch = i.epoch
+    RETURNING s.id, s.last_seq
+)
+INSERT INTO events (session_id, seq, id, type, payload)
+SELECT m.id, m.last_seq, i.event_id, i.kind, i.payload FROM moved m JOIN input i ON i.id = m.id
+RETURNING session_id, seq, create_time
+"#;
+}
+
+/// [`sql::TRANSITION`] with its status names filled in from [`SessionStatus`].
+static TRANSITION: LazyLock<String> = LazyLock::new(|| {
+    use SessionStatus::*;
+    sql::TRANSITION
+        .replace("{running}", &super::status_literals([Running, Idle]))
+        .replace("{pending}", Pending.as_str())
+        .replace("{archived}", Archived.as_str())
+});
+
+/// A status change that was persisted.
+#[derive(Debug, Clone)]
+pub(crate) struct Transitioned {
+    pub to: SessionStatus,
+    /// The logged status event, or `None` when the status did not change.
+    pub event: Option<Event>,
+}
+
+/// One status change to make.
+pub(crate) struct Change<'a> {
+    pub id: Uuid,
+    /// Applies only while the session is at this epoch.
+    pub epoch: Option<i64>,
+    pub event: StatusEvent,
+    pub reason: &'a str,
+    pub detail: &'a StatusDetail,
+}
+
+/// A change the status machine allowed, as the statement applies it.
+struct Planned {
+    index: usize,
+    id: Uuid,
+    from: SessionStatus,
+    to: SessionStatus,
+    reason: String,
+    event_id: Uuid,
+    kind: String,
+    payload: String,
+    epoch: i64,
+}
+
+impl Store {
+    /// Applies `event` to the session's current status with compare-and-set,
+    /// logging the change. Re-reads and retries when another writer won.
+    /// With `epoch`, applies only while the session is at that epoch.
+    pub(crate) async fn transition(
+        &self,
+        id: Uuid,
+        epoch: Option<i64>,
+        event: StatusEvent,
+        reason: &str,
+        detail: &StatusDetail,
+    ) -> Result<Transitioned> {
+        let change = Change {
+            id,
+            epoch,
+            event,
+            reason,
+            detail,
+        };
+        for _ in 0..8 {
+            if let Some(done) = self
+                .transitions(std::slice::from_ref(&change))
+                .await?
+                .pop()
+                .flatten()
+            {
+                return done;
+            }
+        }
+        Err(Error::Conflict)
+    }
+
+    /// Applies each change (at most one per session) against the sessions'
+    /// current positions, in one statement: each change's outcome, or `None`
+    /// where another writer moved the session first (re-read and retry it).
+    pub(crate) async fn transitions(
+        &self,
+        changes: &[Change<'_>],
+    ) -> Result<Vec<Option<Result<Transitioned>>>> {
+        let ids: Vec<Uuid> = changes.iter().map(|c| c.id).collect();
+        let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(sql::POSITIONS)
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        let positions: HashMap<Uuid, (String, i64)> =
+            rows.into_iter().map(|(id, s, e, _)| (id, (s, e))).collect();
+        let mut out: Vec<Option<Result<Transitioned>>> = Vec::with_capacity(changes.len());
+        let mut planned = Vec::new();
+        for (index, c) in changes.iter().enumerate() {
+            match plan(c, positions.get(&c.id)) {
+                Ok(Plan::Change(p)) => {
+                    out.push(None);
+                    planned.push(Planned { index, ..*p });
+                }
+                Ok(Plan::Stays(to)) => out.push(Some(Ok(Transitioned { to, event: None }))),
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if planned.is_empty() {
+            return Ok(out);
+        }
+        // One lock order for every writer: by session id.
+        planned.sort_by_key(|p| p.id);
+        let col = |f: fn(&Planned) -> String| planned.iter().map(f).collect::<Vec<_>>();
+        let rows: Vec<(Uuid, i64, DateTime<Utc>)> =
+            sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
+                .bind(planned.iter().map(|p| p.id).collect::<Vec<_>>())
+                .bind(col(|p| p.from.as_str().to_string()))
+                .bind(col(|p| p.to.as_str().to_string()))
+                .bind(col(|p| p.reason.clone()))
+                .bind(planned.iter().map(|p| !p.to.is_live()).collect::<Vec<_>>())
+                .bind(planned.iter().map(|p| p.event_id).collect::<Vec<_>>())
+                .bind(col(|p| p.kind.clone()))
+                .bind(col(|p| p.payload.clone()))
+                .bind(planned.iter().map(|p| p.epoch).collect::<Vec<_>>())
+                .fetch_all(&self.pool)
+                .await?;
+        let landed: HashMap<Uuid, (i64, DateTime<Utc>)> = rows
+            .into_iter()
+            .map(|(id, seq, at)| (id, (seq, at)))
+            .collect();
+        for p in planned {
+            let Some(&(seq, create_time)) = landed.get(&p.id) else {
+                continue;
+            };
+            self.notices.event(p.id, seq);
+            out[p.index] = Some(Ok(Transitioned {
+                to: p.to,
+                event: Some(Event {
+                    session_id: p.id,
+                    seq,
+                    id: p.event_id,
+                    kind: p.kind,
+                    create_time,
+                    payload: p.payload,
+                    raw: None,
+                    line_seq: 0,
+                }),
+            }));
+        }
+        Ok(out)
+    }
+}
+
+/// What the status machine makes of a change.
+enum Plan {
+    /// The status stays as it is: nothing to log.
+    Stays(SessionStatus),
+    Change(Box<Planned>),
+}
+
+/// What the status machine makes of `c` at the session's position
+/// (`status`, `epoch`), or why it is refused.
+fn plan(c: &Change<'_>, position: Option<&(String, i64)>) -> Result<Plan> {
+    let Some((status, epoch)) = position else {
+        return Err(Error::SessionNotFound(c.id.to_string()));
+    };
+    let current: SessionStatus = status
+        .parse()
+        .map_err(|e| Error::Internal(format!("session {}: {e}", c.id)))?;
+    if let Some(want) = c.epoch.filter(|e| e != epoch) {
+        return Err(Error::Superseded {
+            id: c.id,
+            epoch: want,
+            current: *epoch,
+        });
+    }
+    let to = current.transition(c.event)?;
+    if to == current {
+        return Ok(Plan::Stays(to));
+    }
+    let payload = payload::to_json(&StatusChange {
+        status: to.as_str().into(),
+        previous: current.as_str().into(),
+        reason: c.reason.into(),
+        pause: c.event == StatusEvent::PauseRequested,
+        detail: c.detail.clone(),
+    });
+    Ok(Plan::Change(Box::new(Planned {
+        index: 0,
+        id: c.id,
+        from: current,
+        to,
+        reason: c.reason.to_string(),
+        event_id: Uuid::now_v7(),
+        kind: to.event_type(),
+        payload,
+        epoch: *epoch,
+    })))
+}
