@@ -48,8 +48,9 @@ struct State {
     id: String,
     capacity: u32,
     heartbeat: Duration,
-    /// Sessions running, by id (with their epoch).
-    sessions: Mutex<HashMap<String, i64>>,
+    /// Sessions running, by id: their epoch, and what ends the run when a
+    /// dispatcher fences it.
+    sessions: Mutex<HashMap<String, (i64, CancellationToken)>>,
     /// Bumped on every change of `sessions`, waking load streams.
     changed: watch::Sender<u64>,
     generation: AtomicU64,
@@ -62,18 +63,32 @@ impl State {
         u32::try_from(self.sessions.lock().map(|s| s.len()).unwrap_or(0)).unwrap_or(u32::MAX)
     }
 
-    fn set(&self, id: &str, epoch: Option<i64>) {
+    fn set(&self, id: &str, epoch: i64, fenced: CancellationToken) {
         if let Ok(mut s) = self.sessions.lock() {
-            match epoch {
-                Some(e) => {
-                    s.insert(id.to_string(), e);
-                }
-                None => {
-                    s.remove(id);
-                }
-            }
+            s.insert(id.to_string(), (epoch, fenced));
         }
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The run of `id` at `epoch` ended (a newer run of it may be here).
+    fn unset(&self, id: &str, epoch: i64) {
+        if let Ok(mut s) = self.sessions.lock()
+            && s.get(id).is_some_and(|(e, _)| *e == epoch)
+        {
+            s.remove(id);
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Ends the run of `id` if it is at `epoch` (its session moved on, as
+    /// a dispatcher's reconcile says); whether there was one.
+    fn fence(&self, id: &str, epoch: i64) -> bool {
+        let run = self.sessions.lock().ok().and_then(|s| {
+            s.get(id)
+                .filter(|(e, _)| *e == epoch)
+                .map(|(_, t)| t.clone())
+        });
+        run.inspect(|t| t.cancel()).is_some()
     }
 }
 
@@ -253,6 +268,7 @@ async fn run(
     mut inbound: Streaming<pb::DispatcherFrame>,
     tx: mpsc::Sender<Result<pb::NodeFrame, Status>>,
     first_message: Option<pb::UserMessage>,
+    (epoch, fenced): (i64, CancellationToken),
 ) {
     // Frame 1 was `accepted`.
     let mut seq = 1u64;
@@ -271,6 +287,10 @@ async fn run(
         }
         let frame = tokio::select! {
             f = inbound.message() => f,
+            () = fenced.cancelled() => {
+                let _ = tx.send(Ok(exited(seq, true, "fenced"))).await;
+                break;
+            }
             () = async {
                 match hold {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -286,7 +306,7 @@ async fn run(
             break;
         }
     }
-    state.set(&id, None);
+    state.unset(&id, epoch);
 }
 
 /// Answers one frame; false when the session ends.
@@ -467,13 +487,15 @@ impl AgentServer for Api {
         };
         let _ = tx.send(Ok(accepted)).await;
         self.0.accepted.fetch_add(1, Ordering::Relaxed);
-        self.0.set(&start.session_id, Some(start.epoch));
+        let fenced = CancellationToken::new();
+        self.0.set(&start.session_id, start.epoch, fenced.clone());
         tokio::spawn(run(
             self.0.clone(),
             start.session_id,
             inbound,
             tx,
             start.first_message,
+            (start.epoch, fenced),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -513,7 +535,7 @@ impl AgentServer for Api {
             .lock()
             .map(|s| {
                 s.iter()
-                    .map(|(id, epoch)| pb::NodeSession {
+                    .map(|(id, (epoch, _))| pb::NodeSession {
                         session_id: id.clone(),
                         epoch: *epoch,
                         container_id: format!("sim-{id}"),
@@ -527,12 +549,21 @@ impl AgentServer for Api {
         }))
     }
 
-    /// The simulated runs reach nothing outside: a verdict changes nothing.
+    /// Ends the runs the verdict fences, as a node does (the simulated runs
+    /// reach nothing outside, so a confirmation changes nothing).
     async fn reconcile_sessions(
         &self,
-        _: Request<pb::ReconcileSessionsRequest>,
+        request: Request<pb::ReconcileSessionsRequest>,
     ) -> Result<Response<pb::ReconcileSessionsResponse>, Status> {
-        Ok(Response::new(pb::ReconcileSessionsResponse { fenced: 0 }))
+        let fenced = request
+            .into_inner()
+            .fence
+            .iter()
+            .filter(|r| self.0.fence(&r.session_id, r.epoch))
+            .count();
+        Ok(Response::new(pb::ReconcileSessionsResponse {
+            fenced: u32::try_from(fenced).unwrap_or(u32::MAX),
+        }))
     }
 }
 

@@ -79,26 +79,46 @@ impl Janitor {
                 return;
             }
         };
-        for o in orphans {
-            let reason = orphan_reason(&o, "stopped heartbeating");
+        // All at once: the writer commits them in a few statements, where
+        // one at a time a dead dispatcher's thousands of sessions waited
+        // behind each other for seconds.
+        let requeues = orphans.iter().map(|o| async move {
+            let reason = orphan_reason(o, "stopped heartbeating");
             let detail = StatusDetail {
                 owner: Some(o.owner.clone()),
                 ..StatusDetail::default()
             };
-            match self
+            let r = self
                 .log
                 .transition_at(o.id, o.epoch, StatusEvent::NodeLost, &reason, detail)
-                .await
-            {
+                .await;
+            match r {
                 Ok(_) => {
-                    tracing::warn!(session_id = %o.id, owner = %o.owner, "re-queued a session its dispatcher abandoned")
+                    tracing::info!(session_id = %o.id, owner = %o.owner, "re-queued a session its dispatcher abandoned");
+                    Some(o.owner.as_str())
                 }
                 // Another dispatcher got there first, or it just ended.
-                Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
+                Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => None,
                 Err(e) => {
-                    tracing::warn!(session_id = %o.id, error = %e, "could not re-queue an orphaned session")
+                    tracing::warn!(session_id = %o.id, error = %e, "could not re-queue an orphaned session");
+                    None
                 }
             }
+        });
+        let mut by_owner = std::collections::BTreeMap::<&str, usize>::new();
+        for owner in futures::future::join_all(requeues)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            *by_owner.entry(owner).or_default() += 1;
+        }
+        for (owner, sessions) in by_owner {
+            tracing::warn!(
+                owner,
+                sessions,
+                "re-queued the sessions of a dispatcher that stopped heartbeating"
+            );
         }
     }
 
