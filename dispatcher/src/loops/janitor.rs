@@ -13,7 +13,10 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 use crate::log::EventLog;
 use crate::session::StatusEvent;
-use crate::store::Store;
+use crate::store::{ORPHAN_PAGE, Store};
+
+/// Most pages of orphans one tick re-queues (the next tick goes on).
+const MAX_ORPHAN_PAGES: usize = 50;
 
 /// How often a dispatcher deletes events past retention.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
@@ -70,15 +73,27 @@ impl Janitor {
     }
 
     /// Re-queues the live sessions of dispatchers that stopped heartbeating
-    /// (crashed without handing back).
+    /// (crashed without handing back): a page of them at a time, until a
+    /// page is not full, so a dead dispatcher's thousands of sessions wait
+    /// for no further tick.
     async fn requeue_orphans(&self) {
+        for _ in 0..MAX_ORPHAN_PAGES {
+            if self.requeue_orphan_page().await < ORPHAN_PAGE {
+                return;
+            }
+        }
+    }
+
+    /// One page of [`Self::requeue_orphans`]: how many orphans it found.
+    async fn requeue_orphan_page(&self) -> usize {
         let orphans = match self.store.orphaned(self.lease).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %e, "looking for orphaned sessions failed");
-                return;
+                return 0;
             }
         };
+        let found = orphans.len();
         // All at once: the writer commits them in a few statements, where
         // one at a time a dead dispatcher's thousands of sessions waited
         // behind each other for seconds.
@@ -120,6 +135,7 @@ impl Janitor {
                 "re-queued the sessions of a dispatcher that stopped heartbeating"
             );
         }
+        found
     }
 
     /// Fails pending sessions still unplaced at their queue deadline.

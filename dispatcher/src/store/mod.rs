@@ -51,7 +51,7 @@ pub(crate) use access::{
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
-pub(crate) use queue::Orphan;
+pub(crate) use queue::{ORPHAN_PAGE, Orphan};
 pub(crate) use runs::RunState;
 pub(crate) use sessions::SessionFilter;
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};

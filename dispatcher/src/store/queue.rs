@@ -81,7 +81,7 @@ WHERE s.status IN ({claimed})
       SELECT 1 FROM dispatchers d
       WHERE d.id = s.owner AND d.heartbeat_time > now() - make_interval(secs => $1)
   )
-LIMIT 1000
+LIMIT {orphan_page}
 "#;
 
     /// Holds a session back from the next claim: a backoff that doubles
@@ -143,7 +143,12 @@ fn statuses(sql: &str) -> String {
 
 static CLAIM_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_SESSIONS));
 static CLAIM_REATTACH: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_REATTACH));
-static ORPHANED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::ORPHANED_SESSIONS));
+static ORPHANED_SESSIONS: LazyLock<String> = LazyLock::new(|| {
+    statuses(sql::ORPHANED_SESSIONS).replace("{orphan_page}", &ORPHAN_PAGE.to_string())
+});
+
+/// Most orphaned sessions one look finds.
+pub(crate) const ORPHAN_PAGE: usize = 1000;
 static OWNED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::OWNED_SESSIONS));
 static EXPIRED_PENDING: LazyLock<String> = LazyLock::new(|| statuses(sql::EXPIRED_PENDING));
 static OPEN_COUNTS: LazyLock<String> = LazyLock::new(|| statuses(sql::OPEN_COUNTS));
