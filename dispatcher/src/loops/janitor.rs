@@ -3,11 +3,13 @@
 //! that stopped heartbeating, fail sessions past their queue deadline, and
 //! delete archived sessions' events past retention.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_common::events::payload::StatusDetail;
+use berth_common::sync::lock;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -37,7 +39,10 @@ pub(crate) struct Janitor {
 }
 
 impl Janitor {
-    /// Heartbeats every third of the lease and sweeps after each heartbeat.
+    /// Heartbeats every third of the lease, and sweeps on a timer of its
+    /// own: a long sweep (a dead dispatcher's thousands of sessions) never
+    /// delays this dispatcher's heartbeat, or the others would take it for
+    /// dead too.
     ///
     /// Other dispatchers are judged only by a dispatcher that has itself
     /// reached Postgres without a break for a whole lease: after an outage
@@ -45,9 +50,14 @@ impl Janitor {
     /// in it is stale, and the others need a lease of their own to renew
     /// theirs before anyone may call them gone.
     pub(crate) async fn run(self) {
+        let healthy_since = Mutex::new(None);
+        tokio::join!(self.heartbeats(&healthy_since), self.sweeps(&healthy_since));
+    }
+
+    /// Records this dispatcher alive every third of the lease; `healthy`
+    /// holds since when every heartbeat reached Postgres.
+    async fn heartbeats(&self, healthy: &Mutex<Option<Instant>>) {
         let mut tick = tokio::time::interval(self.lease / 3);
-        let mut last_retention: Option<tokio::time::Instant> = None;
-        let mut healthy_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -56,17 +66,32 @@ impl Janitor {
             if let Err(e) = self.store.heartbeat(&self.owner).await {
                 tracing::warn!(error = %e, "dispatcher heartbeat failed");
                 self.db_ok.store(false, Ordering::Relaxed);
-                healthy_since = None;
+                *lock(healthy) = None;
                 continue;
             }
             self.db_ok.store(true, Ordering::Relaxed);
-            let since = *healthy_since.get_or_insert_with(tokio::time::Instant::now);
+            lock(healthy).get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// The fleet's sweeps, every third of the lease while healthy.
+    async fn sweeps(&self, healthy: &Mutex<Option<Instant>>) {
+        let mut tick = tokio::time::interval(self.lease / 3);
+        let mut last_retention: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(since) = *lock(healthy) else {
+                continue;
+            };
             if since.elapsed() >= self.lease {
                 self.requeue_orphans().await;
             }
             self.expire_queued().await;
             if last_retention.is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL) {
-                last_retention = Some(tokio::time::Instant::now());
+                last_retention = Some(Instant::now());
                 self.purge().await;
             }
         }
