@@ -15,8 +15,9 @@ use super::hub::Hub;
 use super::{MAX_BATCH, Op};
 use crate::error::{Error, Result};
 use crate::metrics as m;
+use crate::session::usage::Turn;
 use crate::session::{Event, StatusEvent};
-use crate::store::{Append, Change, Store, Transitioned};
+use crate::store::{Append, Change, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded};
 
 /// Whom to tell an append's result, if anyone waits for it.
 type Done = Option<oneshot::Sender<Result<Event>>>;
@@ -110,23 +111,7 @@ pub(super) async fn run(
                 } => {
                     w.flush(&mut batch).await;
                     w.changes(&mut changes).await;
-                    let r = w.retry(|| w.store.apply_tool(&appends, &effect)).await;
-                    let r = match r {
-                        Ok(mut out) => {
-                            let stored = std::mem::take(&mut out.stored);
-                            let mut events = stored_events(appends, stored);
-                            events.extend(out.events.iter().map(|e| (Arc::new(e.clone()), None)));
-                            w.persisted(events);
-                            Ok(out)
-                        }
-                        Err(e) => {
-                            if let Some(a) = appends.first() {
-                                report(a, same(&e), None);
-                            }
-                            Err(e)
-                        }
-                    };
-                    let _ = done.send(r);
+                    let _ = done.send(w.tool(appends, &effect).await);
                 }
                 Op::LineTurn {
                     appends,
@@ -136,24 +121,7 @@ pub(super) async fn run(
                 } => {
                     w.flush(&mut batch).await;
                     w.changes(&mut changes).await;
-                    let r = w
-                        .retry(|| w.store.append_with_usage(&appends, session, &turn))
-                        .await;
-                    let r = match r {
-                        Ok((stored, usage)) => {
-                            w.persisted(stored_events(appends, stored));
-                            metrics::counter!(m::EVENTS_PERSISTED).increment(1);
-                            w.hub.publish(&[Arc::new(usage.event.clone())]);
-                            Ok(usage)
-                        }
-                        Err(e) => {
-                            if let Some(a) = appends.first() {
-                                report(a, same(&e), None);
-                            }
-                            Err(e)
-                        }
-                    };
-                    let _ = done.send(r);
+                    let _ = done.send(w.line_turn(appends, session, &turn).await);
                 }
             }
         }
@@ -270,6 +238,52 @@ impl Writer {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A line's events and a tool request's change, in one transaction.
+    async fn tool(&self, appends: Vec<Append>, effect: &ToolEffect) -> Result<ToolOutcome> {
+        let r = self.retry(|| self.store.apply_tool(&appends, effect)).await;
+        match r {
+            Ok(mut out) => {
+                let stored = std::mem::take(&mut out.stored);
+                let mut events = stored_events(appends, stored);
+                events.extend(out.events.iter().map(|e| (Arc::new(e.clone()), None)));
+                self.persisted(events);
+                Ok(out)
+            }
+            Err(e) => {
+                if let Some(a) = appends.first() {
+                    report(a, same(&e), None);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The events of a line that ends a turn, with the turn's usage.
+    async fn line_turn(
+        &self,
+        appends: Vec<Append>,
+        session: Uuid,
+        turn: &Turn,
+    ) -> Result<UsageRecorded> {
+        let r = self
+            .retry(|| self.store.append_with_usage(&appends, session, turn))
+            .await;
+        match r {
+            Ok((stored, usage)) => {
+                self.persisted(stored_events(appends, stored));
+                metrics::counter!(m::EVENTS_PERSISTED).increment(1);
+                self.hub.publish(&[Arc::new(usage.event.clone())]);
+                Ok(usage)
+            }
+            Err(e) => {
+                if let Some(a) = appends.first() {
+                    report(a, same(&e), None);
+                }
+                Err(e)
             }
         }
     }

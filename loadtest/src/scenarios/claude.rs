@@ -156,6 +156,47 @@ async fn burst(cluster: &Cluster, image: &str, n: usize) -> anyhow::Result<(Dura
     Ok((all, hits))
 }
 
+/// The floor (the same CLI pre-started and initialized on the host, no
+/// berth, no container) and the pre-started path's goals against it and
+/// against `docker run`.
+async fn against_floor(
+    report: &mut Report,
+    sessions: usize,
+    process: &Hist,
+    run: &Hist,
+) -> anyhow::Result<()> {
+    let p50 = |h: &Hist| h.quantile_us(0.5) as f64;
+    let cli = super::claude_floor::cached_cli()?;
+    let floor = super::claude_floor::floor(&cli, MODEL, PROMPT, sessions).await?;
+    report.latency(
+        "floor: the CLI pre-started and initialized on the host, no berth",
+        &floor,
+        &Errors::default(),
+    );
+    report.check_at_most(
+        "pre-started p50 - floor p50 (ms)",
+        (p50(process) - p50(&floor)) / 1e3,
+        10.0,
+    );
+    report.check_at_most(
+        "pre-started p99 - floor p99 (ms)",
+        (process.quantile_us(0.99) as f64 - floor.quantile_us(0.99) as f64) / 1e3,
+        30.0,
+    );
+    report.check_at_most("pre-started process p50 (ms)", p50(process) / 1e3, 60.0);
+    report.check_at_most(
+        "pre-started process p99 (ms)",
+        process.quantile_us(0.99) as f64 / 1e3,
+        150.0,
+    );
+    report.ratio_at_least(
+        "docker run p50 / pre-started process p50",
+        ratio(p50(run), p50(process)),
+        10.0,
+    );
+    Ok(())
+}
+
 /// Steady arrivals on a node with the production agent-pool defaults.
 async fn steady(cl: &ClusterArgs, a: &ClaudeArgs, report: &mut Report) -> anyhow::Result<()> {
     let image = &a.claude_image;
@@ -373,36 +414,7 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
         "docker run p50 / warm container p50",
         ratio(p50(&run), p50(&warm)),
     );
-    // The floor: the same CLI pre-started and initialized on the host, no
-    // berth, no container.
-    let cli = super::claude_floor::cached_cli()?;
-    let floor = super::claude_floor::floor(&cli, MODEL, PROMPT, a.sessions).await?;
-    report.latency(
-        "floor: the CLI pre-started and initialized on the host, no berth",
-        &floor,
-        &Errors::default(),
-    );
-    report.check_at_most(
-        "pre-started p50 - floor p50 (ms)",
-        (p50(&process) - p50(&floor)) / 1e3,
-        10.0,
-    );
-    report.check_at_most(
-        "pre-started p99 - floor p99 (ms)",
-        (process.quantile_us(0.99) as f64 - floor.quantile_us(0.99) as f64) / 1e3,
-        30.0,
-    );
-    report.check_at_most("pre-started process p50 (ms)", p50(&process) / 1e3, 60.0);
-    report.check_at_most(
-        "pre-started process p99 (ms)",
-        process.quantile_us(0.99) as f64 / 1e3,
-        150.0,
-    );
-    report.ratio_at_least(
-        "docker run p50 / pre-started process p50",
-        ratio(p50(&run), p50(&process)),
-        10.0,
-    );
+    against_floor(&mut report, a.sessions, &process, &run).await?;
     if a.steady > 1 {
         steady(cl, a, &mut report).await?;
     }
