@@ -173,6 +173,20 @@ impl Child {
     }
 }
 
+/// The dispatcher binary: `given`, or `berth-dispatcher` beside this one.
+pub fn binary(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let bin = match given {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("berth-dispatcher"),
+    };
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build it beside berth-loadtest (`cargo build --release -p berth-server -p berth-loadtest`) or pass --dispatcher-bin",
+        bin.display()
+    );
+    Ok(bin)
+}
+
 /// Resident memory of a process, in bytes.
 pub fn rss(pid: u32) -> anyhow::Result<u64> {
     berth_tests::proc_status_bytes(pid, "VmRSS")

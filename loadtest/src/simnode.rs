@@ -210,6 +210,14 @@ pub async fn open_direct(
     Ok((tx, frames))
 }
 
+/// The stop of a session opened with [`open_direct`].
+pub fn direct_stop() -> pb::DispatcherFrame {
+    pb::DispatcherFrame {
+        epoch: 1,
+        kind: Some(dispatcher_frame::Kind::Stop(pb::Stop::default())),
+    }
+}
+
 /// A user message for a session opened with [`open_direct`].
 pub fn direct_message(text: String) -> pb::DispatcherFrame {
     pb::DispatcherFrame {

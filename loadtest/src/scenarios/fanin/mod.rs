@@ -63,15 +63,7 @@ pub async fn run(cl: &ClusterArgs, a: &FaninArgs) -> anyhow::Result<Report> {
         a.nodes > 0 && a.message_rate > 0.0 && a.seconds > 0.0,
         "--nodes, --message-rate and --seconds must be positive"
     );
-    let bin = match &a.dispatcher_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?.with_file_name("berth-dispatcher"),
-    };
-    anyhow::ensure!(
-        bin.exists(),
-        "{} not found: build it beside berth-loadtest (`cargo build --release -p berth-server -p berth-loadtest`) or pass --dispatcher-bin",
-        bin.display()
-    );
+    let bin = crate::dispatcher::binary(a.dispatcher_bin.as_ref())?;
     let mut report = Report::new("fanin", a);
     for &n in &a.streams {
         one(cl, a, &bin, n, &mut report).await?;

@@ -79,15 +79,7 @@ pub async fn run(cl: &ClusterArgs, a: &FleetArgs) -> anyhow::Result<Report> {
         a.create_rate > 0.0 && a.turn_every > 0.0 && a.seconds > 0.0 && a.lease > 0.0,
         "--create-rate, --turn-every, --seconds and --lease must be positive"
     );
-    let bin = match &a.dispatcher_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?.with_file_name("berth-dispatcher"),
-    };
-    anyhow::ensure!(
-        bin.exists(),
-        "{} not found: build it beside berth-loadtest (`cargo build --release -p berth-server -p berth-loadtest`) or pass --dispatcher-bin",
-        bin.display()
-    );
+    let bin = crate::dispatcher::binary(a.dispatcher_bin.as_ref())?;
     let ca = DevCa::generate("berth loadtest CA")?;
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();

@@ -102,12 +102,7 @@ pub(super) async fn direct(
             }
         }
     }
-    let _ = tx
-        .send(node::DispatcherFrame {
-            epoch: 1,
-            kind: Some(node::dispatcher_frame::Kind::Stop(node::Stop::default())),
-        })
-        .await;
+    let _ = tx.send(crate::simnode::direct_stop()).await;
     anyhow::ensure!(
         hist.len() == n,
         "the direct stream carried {} of {n} paced events",

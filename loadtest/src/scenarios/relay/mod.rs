@@ -360,12 +360,7 @@ async fn direct_echo(
         }
     }
     let span = first.map(|f| f.elapsed()).unwrap_or_default();
-    let _ = tx
-        .send(node::DispatcherFrame {
-            epoch: 1,
-            kind: Some(node::dispatcher_frame::Kind::Stop(node::Stop::default())),
-        })
-        .await;
+    let _ = tx.send(crate::simnode::direct_stop()).await;
     anyhow::ensure!(
         count == n,
         "the direct stream carried {count} of {n} events"
