@@ -77,7 +77,7 @@ pub async fn run(
     // Notices to other dispatchers, sent after what they announce commits;
     // ends after the writer, with whatever it committed last.
     let notices = store::notices::CloseOnDrop(store.notices());
-    let notifier = tokio::spawn(store::notices::run(store.pool().clone(), notices.0.clone()));
+    let mut notifier = tokio::spawn(store::notices::run(store.pool().clone(), notices.0.clone()));
     let endpoint = TaskTracker::new();
     let parts = services::Parts::build(&cfg, store, fleet, &shutdown, &loops, &log_tasks).await?;
     let endpoint_stop = CancellationToken::new();
@@ -136,11 +136,13 @@ pub async fn run(
         );
     }
     drop(notices);
-    if tokio::time::timeout(LOG_SHUTDOWN_GRACE, notifier)
+    if tokio::time::timeout(LOG_SHUTDOWN_GRACE, &mut notifier)
         .await
         .is_err()
     {
-        tracing::warn!("notices to other dispatchers still being sent at exit");
+        tracing::warn!("notices to other dispatchers still being sent at exit; dropped");
+        notifier.abort();
+        let _ = notifier.await;
     }
     endpoint_stop.cancel();
     endpoint.close();
