@@ -35,6 +35,17 @@ use crate::store::{Append, Store, ToolEffect, ToolOutcome, Transitioned, UsageRe
 const MAX_BATCH: usize = 1024;
 
 /// A write waiting for the writer.
+/// A status change to commit, and whom to tell.
+struct StatusOp {
+    session: Uuid,
+    /// Applies only while the session is at this epoch (fencing).
+    epoch: Option<i64>,
+    event: StatusEvent,
+    reason: String,
+    detail: StatusDetail,
+    done: oneshot::Sender<Result<Transitioned>>,
+}
+
 enum Op {
     Append {
         append: Append,
@@ -42,15 +53,7 @@ enum Op {
         /// When it was queued (persist lag).
         queued: std::time::Instant,
     },
-    Transition {
-        session: Uuid,
-        /// Applies only while the session is at this epoch (fencing).
-        epoch: Option<i64>,
-        event: StatusEvent,
-        reason: String,
-        detail: StatusDetail,
-        done: oneshot::Sender<Result<Transitioned>>,
-    },
+    Transition(StatusOp),
     /// The events of one agent line: committed together, consecutively.
     Line {
         appends: Vec<Append>,
@@ -292,14 +295,14 @@ impl EventLog {
         detail: StatusDetail,
     ) -> Result<Transitioned> {
         let (done, rx) = oneshot::channel();
-        self.submit(Op::Transition {
+        self.submit(Op::Transition(StatusOp {
             session,
             epoch,
             event,
             reason: reason.to_string(),
             detail,
             done,
-        })
+        }))
         .await?;
         rx.await.map_err(writer_stopped)?
     }

@@ -5,19 +5,18 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_common::events::payload::StatusDetail;
 use uuid::Uuid;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::Hub;
-use super::{MAX_BATCH, Op};
+use super::{MAX_BATCH, Op, StatusOp};
 use crate::error::{Error, Result};
 use crate::metrics as m;
+use crate::session::Event;
 use crate::session::usage::Turn;
-use crate::session::{Event, StatusEvent};
-use crate::store::{Append, Change, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded};
+use crate::store::{Append, Change, Store, ToolEffect, ToolOutcome, UsageRecorded};
 
 /// Whom to tell an append's result, if anyone waits for it.
 type Done = Option<oneshot::Sender<Result<Event>>>;
@@ -63,40 +62,23 @@ pub(super) async fn run(
                 } => {
                     // After a change of its session that is still pending.
                     if changes.has(append.session) {
-                        w.flush(&mut batch).await;
-                        w.changes(&mut changes).await;
+                        w.commit(&mut batch, &mut changes).await;
                     }
                     batch.oldest.get_or_insert(queued);
                     batch.appends.push(append);
                     batch.done.push(done);
                 }
-                Op::Transition {
-                    session,
-                    epoch,
-                    event,
-                    reason,
-                    detail,
-                    done,
-                } => {
+                Op::Transition(change) => {
                     // One change per session per statement: a second one
                     // depends on the first's outcome.
-                    if changes.has(session) {
-                        w.flush(&mut batch).await;
-                        w.changes(&mut changes).await;
+                    if changes.has(change.session) {
+                        w.commit(&mut batch, &mut changes).await;
                     }
-                    changes.push(PendingChange {
-                        session,
-                        epoch,
-                        event,
-                        reason,
-                        detail,
-                        done,
-                    });
+                    changes.push(change);
                 }
                 Op::Line { appends, queued } => {
                     if appends.iter().any(|a| changes.has(a.session)) {
-                        w.flush(&mut batch).await;
-                        w.changes(&mut changes).await;
+                        w.commit(&mut batch, &mut changes).await;
                     }
                     batch.oldest.get_or_insert(queued);
                     for a in appends {
@@ -109,8 +91,7 @@ pub(super) async fn run(
                     effect,
                     done,
                 } => {
-                    w.flush(&mut batch).await;
-                    w.changes(&mut changes).await;
+                    w.commit(&mut batch, &mut changes).await;
                     let _ = done.send(w.tool(appends, &effect).await);
                 }
                 Op::LineTurn {
@@ -119,33 +100,19 @@ pub(super) async fn run(
                     turn,
                     done,
                 } => {
-                    w.flush(&mut batch).await;
-                    w.changes(&mut changes).await;
+                    w.commit(&mut batch, &mut changes).await;
                     let _ = done.send(w.line_turn(appends, session, &turn).await);
                 }
             }
         }
-        // Appends first: every change pending arrived after any append of
-        // its session that is still in the batch.
-        w.flush(&mut batch).await;
-        w.changes(&mut changes).await;
+        w.commit(&mut batch, &mut changes).await;
     }
-}
-
-/// A status change waiting for the next statement, and whom to tell.
-struct PendingChange {
-    session: Uuid,
-    epoch: Option<i64>,
-    event: StatusEvent,
-    reason: String,
-    detail: StatusDetail,
-    done: oneshot::Sender<Result<Transitioned>>,
 }
 
 /// Status changes waiting for the next statement, at most one per session.
 #[derive(Default)]
 struct Changes {
-    pending: Vec<PendingChange>,
+    pending: Vec<StatusOp>,
     sessions: HashSet<Uuid>,
 }
 
@@ -154,7 +121,7 @@ impl Changes {
         self.sessions.contains(&session)
     }
 
-    fn push(&mut self, c: PendingChange) {
+    fn push(&mut self, c: StatusOp) {
         self.sessions.insert(c.session);
         self.pending.push(c);
     }
@@ -286,6 +253,13 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// Commits what is pending: the appends, then the status changes (every
+    /// change pending arrived after any append of its session in the batch).
+    async fn commit(&self, batch: &mut Batch, changes: &mut Changes) {
+        self.flush(batch).await;
+        self.changes(changes).await;
     }
 
     /// Commits the pending status changes in one statement; one that lost

@@ -252,11 +252,11 @@ impl Store {
     /// Leaves a notice of each session's last stored event of `batch`
     /// (committed) for other dispatchers.
     fn announce(&self, batch: &[Append], by_id: &std::collections::HashMap<Uuid, Stored>) {
-        for a in batch {
-            if let Some(at) = by_id.get(&a.event.id) {
-                self.notices.event(a.session, at.seq);
-            }
-        }
+        self.notices.events(
+            batch
+                .iter()
+                .filter_map(|a| by_id.get(&a.event.id).map(|at| (a.session, at.seq))),
+        );
     }
 
     /// Appends the events of one line that ends a turn and records the

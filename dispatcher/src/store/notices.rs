@@ -45,10 +45,18 @@ struct Pending {
 impl Notices {
     /// Session `id` has committed events up to `seq`.
     pub(crate) fn event(&self, id: Uuid, seq: i64) {
+        self.events([(id, seq)]);
+    }
+
+    /// Each session has committed events up to its seq: one lock and one
+    /// wake-up for a whole committed batch.
+    pub(crate) fn events(&self, committed: impl IntoIterator<Item = (Uuid, i64)>) {
         {
             let mut p = lock(&self.pending);
-            let at = p.events.entry(id).or_insert(seq);
-            *at = (*at).max(seq);
+            for (id, seq) in committed {
+                let at = p.events.entry(id).or_insert(seq);
+                *at = (*at).max(seq);
+            }
         }
         self.wake.notify_one();
     }

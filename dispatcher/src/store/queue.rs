@@ -214,9 +214,7 @@ impl Store {
         if claimed.is_empty() {
             return Ok(Vec::new());
         }
-        for (id, seq) in &claimed {
-            self.notices.event(*id, *seq);
-        }
+        self.notices.events(claimed.iter().copied());
         let ids: Vec<Uuid> = claimed.iter().map(|c| c.0).collect();
         let mut sessions = self.sessions_by_id(&ids).await?;
         // As of the claim: a stop (or anything else) logged between the claim

@@ -238,12 +238,12 @@ impl Store {
             }
         }
         tx.commit().await?;
-        for (a, at) in appends.iter().zip(&out.stored) {
-            self.notices.event(a.session, at.seq);
-        }
-        for e in &out.events {
-            self.notices.event(e.session_id, e.seq);
-        }
+        let stored = appends
+            .iter()
+            .zip(&out.stored)
+            .map(|(a, at)| (a.session, at.seq));
+        let logged = out.events.iter().map(|e| (e.session_id, e.seq));
+        self.notices.events(stored.chain(logged));
         Ok(out)
     }
 

@@ -162,17 +162,17 @@ impl Store {
         }
         // One lock order for every writer: by session id.
         planned.sort_by_key(|p| p.id);
-        let col = |f: fn(&Planned) -> String| planned.iter().map(f).collect::<Vec<_>>();
+        let col = |f: fn(&Planned) -> &str| planned.iter().map(f).collect::<Vec<_>>();
         let rows: Vec<(Uuid, i64, DateTime<Utc>)> =
             sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
                 .bind(planned.iter().map(|p| p.id).collect::<Vec<_>>())
-                .bind(col(|p| p.from.as_str().to_string()))
-                .bind(col(|p| p.to.as_str().to_string()))
-                .bind(col(|p| p.reason.clone()))
+                .bind(col(|p| p.from.as_str()))
+                .bind(col(|p| p.to.as_str()))
+                .bind(col(|p| p.reason.as_str()))
                 .bind(planned.iter().map(|p| !p.to.is_live()).collect::<Vec<_>>())
                 .bind(planned.iter().map(|p| p.event_id).collect::<Vec<_>>())
-                .bind(col(|p| p.kind.clone()))
-                .bind(col(|p| p.payload.clone()))
+                .bind(col(|p| p.kind.as_str()))
+                .bind(col(|p| p.payload.as_str()))
                 .bind(planned.iter().map(|p| p.epoch).collect::<Vec<_>>())
                 .fetch_all(&self.pool)
                 .await?;
@@ -184,7 +184,6 @@ impl Store {
             let Some(&(seq, create_time)) = landed.get(&p.id) else {
                 continue;
             };
-            self.notices.event(p.id, seq);
             out[p.index] = Some(Ok(Transitioned {
                 to: p.to,
                 event: Some(Event {
