@@ -282,31 +282,13 @@ impl Cluster {
         &self,
         families: &[&str],
     ) -> std::collections::BTreeMap<String, (f64, f64)> {
-        let mut sums = std::collections::BTreeMap::<String, (f64, f64)>::new();
         let Some(addr) = self.local.as_ref().and_then(|l| l.dispatcher_metrics) else {
-            return sums;
+            return Default::default();
         };
         let Ok((200, text)) = berth_tests::http_get(addr, "/metrics").await else {
-            return sums;
+            return Default::default();
         };
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            for f in families {
-                if let Some(rest) = series.strip_prefix(f) {
-                    if let Some(labels) = rest.strip_prefix("_sum") {
-                        sums.entry(format!("{f}{labels}")).or_default().0 = value;
-                    } else if let Some(labels) = rest.strip_prefix("_count") {
-                        sums.entry(format!("{f}{labels}")).or_default().1 = value;
-                    }
-                }
-            }
-        }
-        sums
+        crate::prometheus::histogram_totals(&text, families)
     }
 
     /// The in-process cluster's database URL.

@@ -12,6 +12,7 @@ mod cluster;
 mod dispatcher;
 mod docker;
 mod driver;
+mod prometheus;
 mod report;
 mod scenarios;
 mod simnode;

@@ -103,65 +103,41 @@ pub(super) async fn connections(db: &PgPool) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// CPU seconds every `postgres` process has used so far (user + system),
-/// from /proc. Processes that ended since the last read are not counted,
-/// so read it across a phase in which backends live throughout.
+/// CPU seconds every `postgres` process has used so far (user + system).
+/// Processes that ended since the last read are not counted, so read it
+/// across a phase in which backends live throughout.
 pub(super) fn postgres_cpu_seconds() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    let Ok(mut sys) = sysinfo::System::new() else {
         return 0.0;
     };
-    // The kernel's USER_HZ is 100 on every Linux this runs on.
-    const TICKS: f64 = 100.0;
-    let mut ticks = 0u64;
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ... utime(14) stime(15): split after the comm.
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if !head.contains("(postgres") {
-            continue;
-        }
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // rest starts at field 3 (state): utime is field 14, stime 15.
-        let get = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
-        ticks += get(14).unwrap_or(0) + get(15).unwrap_or(0);
-    }
-    ticks as f64 / TICKS
+    sys.refresh_processes_specifics(
+        sysinfo::ProcessesToUpdate::All,
+        true,
+        sysinfo::ProcessRefreshKind::nothing().with_cpu(),
+    );
+    let ms: u64 = sys
+        .processes()
+        .values()
+        .filter(|p| p.name() == "postgres")
+        .map(|p| p.accumulated_cpu_time())
+        .sum();
+    ms as f64 / 1000.0
 }
 
 /// Cumulative bucket counts of histogram `family` over every dispatcher's
 /// `/metrics` at `addrs`, by upper bound.
 pub(super) async fn buckets(addrs: &[SocketAddr], family: &str) -> Vec<(f64, f64)> {
     let mut by_le = std::collections::BTreeMap::<u64, (f64, f64)>::new();
-    let prefix = format!("{family}_bucket{{");
+    let bucket = format!("{family}_bucket");
     for addr in addrs {
         let Ok((200, text)) = berth_tests::http_get(*addr, "/metrics").await else {
             continue;
         };
-        for line in text.lines().filter(|l| l.starts_with(&prefix)) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
+        for (_, labels, v) in crate::prometheus::samples(&text).filter(|s| s.0 == bucket) {
+            let le = match crate::prometheus::label(labels, "le") {
+                Some("+Inf") | None => f64::INFINITY,
+                Some(le) => le.parse().unwrap_or(f64::INFINITY),
             };
-            let Some(le) = series
-                .split("le=\"")
-                .nth(1)
-                .and_then(|v| v.split('"').next())
-            else {
-                continue;
-            };
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().unwrap_or(f64::INFINITY)
-            };
-            let v: f64 = value.parse().unwrap_or(0.0);
             by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += v;
         }
     }
