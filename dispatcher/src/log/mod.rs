@@ -34,7 +34,6 @@ use crate::store::{Append, Store, ToolEffect, ToolOutcome, Transitioned, UsageRe
 /// Most writes committed in one statement.
 const MAX_BATCH: usize = 1024;
 
-/// A write waiting for the writer.
 /// A status change to commit, and whom to tell.
 struct StatusOp {
     session: Uuid,
@@ -46,6 +45,7 @@ struct StatusOp {
     done: oneshot::Sender<Result<Transitioned>>,
 }
 
+/// A write waiting for the writer.
 enum Op {
     Append {
         append: Append,

@@ -176,6 +176,8 @@ impl Store {
                 .bind(planned.iter().map(|p| p.epoch).collect::<Vec<_>>())
                 .fetch_all(&self.pool)
                 .await?;
+        self.notices
+            .events(rows.iter().map(|(id, seq, _)| (*id, *seq)));
         let landed: HashMap<Uuid, (i64, DateTime<Utc>)> = rows
             .into_iter()
             .map(|(id, seq, at)| (id, (seq, at)))
