@@ -1,6 +1,7 @@
 //! Compiles the .proto files with protox (pure Rust, no protoc) and feeds the
 //! descriptors to tonic-prost-build. The descriptor set is also written out for
-//! gRPC reflection.
+//! gRPC reflection and the HTTP/JSON API (with the methods' `google.api.http`
+//! options).
 
 use std::path::PathBuf;
 
@@ -18,11 +19,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["proto"])?;
+    for f in ["proto/google/api/http.proto", "proto/google/api/annotations.proto"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler
+        .include_imports(true)
+        .include_source_info(true)
+        .open_files(files)?;
+    let fds = compiler.file_descriptor_set();
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Encoded by protox itself: `prost_types` drops the methods'
+    // `google.api.http` options, which the HTTP/JSON API is built from.
     std::fs::write(
         out.join("berth_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        compiler.encode_file_descriptor_set(),
     )?;
     tonic_prost_build::configure()
         .build_client(cfg!(feature = "client"))

@@ -69,7 +69,9 @@ fn served(packages: &[&str]) -> anyhow::Result<prost_types::FileDescriptorSet> {
     let mut set = prost_types::FileDescriptorSet::decode(berth_proto::FILE_DESCRIPTOR_SET)?;
     set.file.retain(|f| {
         let package = f.package();
-        package.starts_with("google.protobuf") || packages.contains(&package)
+        package.starts_with("google.protobuf")
+            || package == "google.api"
+            || packages.contains(&package)
     });
     Ok(set)
 }

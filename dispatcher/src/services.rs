@@ -4,7 +4,7 @@
 //! - [`spawn_loops`]: every background loop, on one tracker, stopped by one
 //!   token (shutdown awaits them all);
 //! - [`serve_api`]: every gRPC service from one list, each registered with
-//!   the health service as it is added.
+//!   the health service as it is added, and the HTTP/JSON API over them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -343,6 +343,9 @@ pub(crate) async fn serve_api(
         (true, None) => anyhow::bail!("--api-tls needs --tls-ca, --tls-cert and --tls-key"),
     };
     let router = server
+        // The HTTP/JSON API (`/v1/…`, `/openapi.json`): outermost, so each
+        // of its calls goes through every layer below as a gRPC call.
+        .layer(crate::http::HttpLayer(crate::http::Api::new()?))
         .layer(tower::util::MapResponseLayer::new(
             berth_common::grpc::client_decode_errors,
         ))

@@ -53,7 +53,24 @@ pub async fn containers_labelled(labels: &[String]) -> anyhow::Result<Vec<String
         .collect())
 }
 
-/// Containers Docker still has for a session (running or not).
+/// Running containers carrying every one of `labels`.
+pub async fn running_labelled(labels: &[String]) -> anyhow::Result<Vec<String>> {
+    let filters = std::collections::HashMap::from([
+        ("label".to_string(), labels.to_vec()),
+        ("status".to_string(), vec!["running".to_string()]),
+    ]);
+    let opts = bollard::query_parameters::ListContainersOptionsBuilder::new()
+        .filters(&filters)
+        .build();
+    Ok(docker()
+        .await?
+        .list_containers(Some(opts))
+        .await?
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect())
+}
+
 /// Runs `cmd` in a container, as its image's user (the agent's: what a
 /// prompt-injected agent could run), to its end; its stdout, lossily.
 pub async fn exec_output(container: &str, cmd: &[&str]) -> anyhow::Result<String> {
@@ -82,8 +99,9 @@ pub async fn exec_output(container: &str, cmd: &[&str]) -> anyhow::Result<String
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// A cold start's container carries the session's label; a warm one takes
-/// its name (`berth-{node}-s-{session}`) when claimed.
+/// Containers Docker still has for a session (running or not). A cold
+/// start's container carries the session's label; a warm one takes its
+/// name (`berth-{node}-s-{session}`) when claimed.
 pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
     let mut ids = containers_labelled(&[format!("berth.session={session_id}")]).await?;
     let filters =

@@ -197,22 +197,32 @@ async fn a_node_killed_with_sigkill_leaves_no_container_running() -> anyhow::Res
     node.kill()?;
     node.wait()?;
     let killed = Instant::now();
-    let bound = Duration::from_secs(4 + 6);
-    while !containers_labelled(&label).await?.is_empty() {
-        if killed.elapsed() > bound {
+    // The switch's own bound: the timeout, the watcher's one-second poll,
+    // and the container's exit.
+    let stopped_within = Duration::from_secs(4 + 6);
+    while !running_labelled(&label).await?.is_empty() {
+        if killed.elapsed() > stopped_within {
             remove_node_containers(&id);
-            anyhow::bail!("containers of the killed node still there after {bound:?}");
+            anyhow::bail!("containers of the killed node still running after {stopped_within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stopped = killed.elapsed();
+    // Docker's auto-remove then takes them and their volumes; on a busy
+    // daemon that lags the stop by seconds.
+    let removed_within = Duration::from_secs(60);
+    while !containers_labelled(&label).await?.is_empty() || volumes(id.clone()).await? > 0 {
+        if killed.elapsed() > removed_within {
+            remove_node_containers(&id);
+            anyhow::bail!(
+                "the killed node's stopped containers or their volumes still there after {removed_within:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!(
-        "the killed node's containers were gone {:?} after the kill",
+        "the killed node's containers stopped {stopped:?} and were removed with their volumes {:?} after the kill",
         killed.elapsed()
-    );
-    assert_eq!(
-        volumes(id.clone()).await?,
-        0,
-        "their volumes went with them"
     );
     let _ = std::fs::remove_dir_all(&objects);
     Ok(())
