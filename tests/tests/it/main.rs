@@ -12,6 +12,7 @@ mod engine;
 mod failover;
 mod faults;
 mod fleet;
+mod http;
 mod local;
 mod managed;
 mod notify;
