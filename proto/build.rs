@@ -19,7 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
-    for f in ["proto/google/api/http.proto", "proto/google/api/annotations.proto"] {
+    for f in [
+        "proto/google/api/http.proto",
+        "proto/google/api/annotations.proto",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     let mut compiler = protox::Compiler::new(["proto"])?;

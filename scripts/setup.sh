@@ -59,13 +59,15 @@ sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='bert
 echo "==> building the sandbox forwarder (berth-forward), a node binary (for the tests that kill one) and the CLI (berth)"
 cargo build --quiet -p berth-agent-server --bin berth-forward --bin berth-agent-server -p berth-cli --bin berth
 
-echo "==> installing the Python client (clients/python), kubernetes-validate and helm-python-sdk into .berth/venv"
+echo "==> installing the Python client (clients/python), kubernetes-validate, helm-python-sdk and schemathesis into .berth/venv"
 [ -x "$root/.berth/venv/bin/python" ] || python3 -m venv "$root/.berth/venv"
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "$root/clients/python[test]"
 # The deploy tests validate the Kubernetes manifests against the API's schemas (offline).
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
 # ... and render and lint the Helm chart with Helm's own engine (no helm binary).
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "helm-python-sdk==0.2.2"
+# ... and fuzz the HTTP API from its OpenAPI document.
+"$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==4.32.5"
 
 echo "==> building the test agent image"
 "$root/deploy/test-image/build.sh"

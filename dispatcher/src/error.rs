@@ -69,6 +69,10 @@ mod pg_code {
     pub const FOREIGN_KEY_VIOLATION: &str = "23503";
     pub const SERIALIZATION_FAILURE: &str = "40001";
     pub const DEADLOCK_DETECTED: &str = "40P01";
+    /// Text with a NUL byte (`invalid byte sequence for encoding "UTF8": 0x00`).
+    pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
+    /// JSON with `\u0000`, which `jsonb` cannot hold as text.
+    pub const UNTRANSLATABLE_CHARACTER: &str = "22P05";
 }
 
 impl From<berth_common::spec::FieldError> for Error {
@@ -92,6 +96,14 @@ impl From<sqlx::Error> for Error {
         match &e {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some(pg_code::SERIALIZATION_FAILURE | pg_code::DEADLOCK_DETECTED) => Self::Conflict,
+                // Caught here for every field that reaches a text or jsonb
+                // column; the fields people name most are checked before.
+                Some(pg_code::CHARACTER_NOT_IN_REPERTOIRE | pg_code::UNTRANSLATABLE_CHARACTER) => {
+                    Self::invalid(
+                        "request",
+                        "a text field holds a NUL character (U+0000), which cannot be stored",
+                    )
+                }
                 Some(pg_code::FOREIGN_KEY_VIOLATION) => foreign_key(
                     db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                         .and_then(|pg| pg.detail()),

@@ -215,6 +215,14 @@ class HttpTest(unittest.TestCase):
             call("POST", "/v1/sessions", {"spec": {"image": 7}})
         self.assertEqual(e.exception.status, 400)
         self.assertTrue(e.exception.body["error"]["message"].startswith("spec.image"), e.exception.body)
+        # Text Postgres cannot store is the caller's error, not the server's.
+        with self.assertRaises(HttpError) as e:
+            call("POST", "/v1/apiKeys", {"role": "ROLE_MEMBER", "displayName": "a\u0000b"})
+        self.assertEqual((e.exception.status, e.exception.body["error"]["reason"]), (400, "INVALID_FIELD"))
+        self.assertIn("display_name", e.exception.body["error"]["message"])
+        with self.assertRaises(HttpError) as e:
+            call("POST", "/v1/sessions", {"spec": {"image": IMAGE}, "initialMessage": "nul \u0000 here"})
+        self.assertEqual(e.exception.status, 400, e.exception.body)
         with self.assertRaises(HttpError) as e:
             call("GET", "/v1/sessions?pageSize=lots")
         self.assertEqual(e.exception.status, 400)

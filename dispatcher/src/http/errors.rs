@@ -86,7 +86,11 @@ pub(crate) fn response(status: &Status) -> http::Response<tonic::body::Body> {
     let (code, _) = http_status(status.code());
     let mut response = super::respond::json(code, &body(status));
     let headers = response.headers_mut();
-    if let Some(delay) = status.get_error_details().retry_info().and_then(|r| r.retry_delay) {
+    if let Some(delay) = status
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+    {
         let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }

@@ -69,7 +69,7 @@ impl Api {
         match self.routes.find(req.method(), &path) {
             Found::Route(route, bound) => call(inner, route, bound, req).await,
             Found::OtherMethods(allowed) => method_not_allowed(&path, allowed),
-            Found::NotFound => errors::response(&Status::not_found(format!(
+            Found::Nowhere => errors::response(&Status::not_found(format!(
                 "no route {} {path}: GET /openapi.json lists them",
                 req.method()
             ))),
@@ -141,10 +141,13 @@ where
     }
     parts.headers.remove("grpc-encoding");
     parts.headers.remove("grpc-accept-encoding");
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     parts
         .headers
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        .insert(header::TE, HeaderValue::from_static("trailers"));
     let grpc = http::Request::from_parts(
         parts,
         Body::new(http_body_util::Full::new(transcode::frame(&message))),

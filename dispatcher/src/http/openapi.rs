@@ -110,7 +110,11 @@ fn operation(route: &Route, schemas: &mut BTreeMap<String, Value>) -> Value {
     op
 }
 
-fn reply(route: &Route, output: &MessageDescriptor, schemas: &mut BTreeMap<String, Value>) -> Value {
+fn reply(
+    route: &Route,
+    output: &MessageDescriptor,
+    schemas: &mut BTreeMap<String, Value>,
+) -> Value {
     if route.streams() {
         let event = reference(output, schemas);
         return json!({

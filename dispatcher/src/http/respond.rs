@@ -3,8 +3,15 @@
 use http::{HeaderValue, StatusCode, header};
 
 /// `value` as the JSON body of a `code` response.
-pub(crate) fn json(code: StatusCode, value: &serde_json::Value) -> http::Response<tonic::body::Body> {
-    bytes(code, "application/json", serde_json::to_vec(value).unwrap_or_default())
+pub(crate) fn json(
+    code: StatusCode,
+    value: &serde_json::Value,
+) -> http::Response<tonic::body::Body> {
+    bytes(
+        code,
+        "application/json",
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
 }
 
 /// `body` as a `code` response of `content_type`.

@@ -40,7 +40,7 @@ pub(crate) enum Found<'a> {
     Route(&'a Route, Bindings),
     /// The path exists under other methods (405, with `Allow`).
     OtherMethods(Vec<http::Method>),
-    NotFound,
+    Nowhere,
 }
 
 /// Every route, in the order the protos declare them.
@@ -67,9 +67,11 @@ impl Routes {
                 let Some(rule) = rule.as_message() else {
                     continue;
                 };
-                routes.push(route(&rpc, rule).map_err(|e| {
-                    anyhow::anyhow!("{}: google.api.http: {e}", rpc.full_name())
-                })?);
+                routes.push(
+                    route(&rpc, rule).map_err(|e| {
+                        anyhow::anyhow!("{}: google.api.http: {e}", rpc.full_name())
+                    })?,
+                );
             }
         }
         Ok(Self { routes })
@@ -84,14 +86,14 @@ impl Routes {
         let mut others = Vec::new();
         for route in &self.routes {
             if let Some(bound) = route.template.matches(path) {
-                if &route.method == method {
+                if route.method == *method {
                     return Found::Route(route, bound);
                 }
                 others.push(route.method.clone());
             }
         }
         if others.is_empty() {
-            Found::NotFound
+            Found::Nowhere
         } else {
             Found::OtherMethods(others)
         }
@@ -153,7 +155,10 @@ mod tests {
     fn every_public_rpc_but_the_bidirectional_one_has_a_route() {
         let pool = DescriptorPool::decode(berth_proto::FILE_DESCRIPTOR_SET).expect("descriptors");
         let routes = routes();
-        let routed: Vec<String> = routes.iter().map(|r| r.rpc.full_name().to_string()).collect();
+        let routed: Vec<String> = routes
+            .iter()
+            .map(|r| r.rpc.full_name().to_string())
+            .collect();
         for service in pool.services().filter(|s| s.package_name() == "berth.v1") {
             for rpc in service.methods() {
                 let bidi = rpc.is_client_streaming();
@@ -176,7 +181,10 @@ mod tests {
         };
         assert_eq!(
             find(http::Method::POST, "/v1/sessions/abc:stop"),
-            Some(("StopSession".into(), vec![("name".into(), "sessions/abc".into())]))
+            Some((
+                "StopSession".into(),
+                vec![("name".into(), "sessions/abc".into())]
+            ))
         );
         assert_eq!(
             find(http::Method::GET, "/v1/sessions/abc/events:stream").map(|f| f.0),
@@ -192,7 +200,7 @@ mod tests {
         ));
         assert!(matches!(
             routes.find(&http::Method::GET, "/v1/nothing"),
-            Found::NotFound
+            Found::Nowhere
         ));
     }
 

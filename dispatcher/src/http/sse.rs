@@ -126,8 +126,14 @@ mod tests {
     #[test]
     fn an_event_carries_its_seq_as_its_id() {
         let mut out = String::new();
-        event(&mut out, &serde_json::json!({"seq": "7", "type": "agent.message"}));
-        assert_eq!(out, "id: 7\ndata: {\"seq\":\"7\",\"type\":\"agent.message\"}\n\n");
+        event(
+            &mut out,
+            &serde_json::json!({"seq": "7", "type": "agent.message"}),
+        );
+        assert_eq!(
+            out,
+            "id: 7\ndata: {\"seq\":\"7\",\"type\":\"agent.message\"}\n\n"
+        );
         let mut out = String::new();
         event(&mut out, &serde_json::json!({"text": "a\nb"}));
         assert_eq!(out, "data: {\"text\":\"a\\nb\"}\n\n");

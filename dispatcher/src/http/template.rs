@@ -189,10 +189,7 @@ fn split_verb(rest: &str) -> (&str, Option<&str>) {
     let last = rest.rfind('/').map_or(0, |i| i + 1);
     let tail_start = rest[last..].rfind('}').map_or(last, |i| last + i + 1);
     match rest[tail_start..].find(':') {
-        Some(i) => (
-            &rest[..tail_start + i],
-            Some(&rest[tail_start + i + 1..]),
-        ),
+        Some(i) => (&rest[..tail_start + i], Some(&rest[tail_start + i + 1..])),
         None => (rest, None),
     }
 }
@@ -301,7 +298,14 @@ mod tests {
 
     #[test]
     fn malformed_templates_are_refused() {
-        for bad in ["v1/x", "/v1/{name", "/v1//x", "/v1/x/", "/v1/{=x}", "/v1/{a=**}"] {
+        for bad in [
+            "v1/x",
+            "/v1/{name",
+            "/v1//x",
+            "/v1/x/",
+            "/v1/{=x}",
+            "/v1/{a=**}",
+        ] {
             assert!(Template::parse(bad).is_err(), "{bad}");
         }
     }

@@ -5,7 +5,9 @@
 
 use berth_common::grpc::rich_status;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost_reflect::{DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
+use prost_reflect::{
+    DeserializeOptions, DynamicMessage, Kind, MessageDescriptor, SerializeOptions,
+};
 use serde_json::{Map, Value};
 use tonic::{Code, Status};
 
@@ -50,7 +52,11 @@ pub(crate) fn request(
     let de = serde_path_to_error::Deserializer::new(Value::Object(json), &mut track);
     DynamicMessage::deserialize_with_options(input, de, &DeserializeOptions::new()).map_err(|e| {
         let field = track.path().to_string();
-        let field = if field == "." { "body".to_string() } else { field };
+        let field = if field == "." {
+            "body".to_string()
+        } else {
+            field
+        };
         invalid(&field, format!("{field}: {e}"))
     })
 }
@@ -86,7 +92,9 @@ pub(crate) fn next_message(buf: &mut BytesMut) -> Result<Option<Bytes>, Status> 
         return Ok(None);
     }
     if buf[0] != 0 {
-        return Err(Status::internal("a compressed reply frame, which was not asked for"));
+        return Err(Status::internal(
+            "a compressed reply frame, which was not asked for",
+        ));
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     if buf.len() < 5 + len {
@@ -147,9 +155,7 @@ fn query_field(
             if field.is_list() || field.is_map() || is_wkt(&inner) {
                 return Err(unknown());
             }
-            let entry = map
-                .entry(name)
-                .or_insert_with(|| Value::Object(Map::new()));
+            let entry = map.entry(name).or_insert_with(|| Value::Object(Map::new()));
             let Value::Object(next) = entry else {
                 return Err(unknown());
             };
@@ -158,13 +164,21 @@ fn query_field(
             continue;
         }
         if field.is_map() || matches!(field.kind(), Kind::Message(m) if !is_wkt(&m)) {
-            return Err(invalid(key, format!("`{key}` is a message; send it in a body")));
+            return Err(invalid(
+                key,
+                format!("`{key}` is a message; send it in a body"),
+            ));
         }
         let scalar = match field.kind() {
             Kind::Bool => match value {
                 "true" => Value::Bool(true),
                 "false" => Value::Bool(false),
-                _ => return Err(invalid(key, format!("`{key}` is true or false, not `{value}`"))),
+                _ => {
+                    return Err(invalid(
+                        key,
+                        format!("`{key}` is true or false, not `{value}`"),
+                    ));
+                }
             },
             // Proto3 JSON takes every other scalar, enum and well-known
             // type from a string.
@@ -199,7 +213,10 @@ fn resume_after(
         )
     })?;
     json.remove(field.name());
-    json.insert(field.json_name().to_string(), Value::String(seq.to_string()));
+    json.insert(
+        field.json_name().to_string(),
+        Value::String(seq.to_string()),
+    );
     Ok(())
 }
 
@@ -245,7 +262,10 @@ mod tests {
             r#"{"text": "hello"}"#,
         )
         .expect("request");
-        assert_eq!(json(&m), serde_json::json!({"name": "sessions/abc", "text": "hello"}));
+        assert_eq!(
+            json(&m),
+            serde_json::json!({"name": "sessions/abc", "text": "hello"})
+        );
         let m = make(
             http::Method::GET,
             "/v1/sessions",
@@ -266,9 +286,19 @@ mod tests {
             assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
             status.message().to_string()
         };
-        let m = field(make(http::Method::GET, "/v1/sessions", Some("pageSize=many"), ""));
+        let m = field(make(
+            http::Method::GET,
+            "/v1/sessions",
+            Some("pageSize=many"),
+            "",
+        ));
         assert!(m.starts_with("pageSize:"), "{m}");
-        let m = field(make(http::Method::GET, "/v1/sessions", Some("colour=red"), ""));
+        let m = field(make(
+            http::Method::GET,
+            "/v1/sessions",
+            Some("colour=red"),
+            "",
+        ));
         assert!(m.contains("`colour`"), "{m}");
         let m = field(make(
             http::Method::POST,

@@ -165,5 +165,11 @@ fn check_display_name(name: &str) -> Result<()> {
     if name.chars().count() > crate::session::limits::DISPLAY_NAME_CHARS {
         return Err(Error::invalid("display_name", "longer than 256 characters"));
     }
+    if name.contains('\0') {
+        return Err(Error::invalid(
+            "display_name",
+            "holds a NUL character (U+0000)",
+        ));
+    }
     Ok(())
 }
