@@ -126,6 +126,11 @@ async fn a_node_gets_its_s3_credentials_by_web_identity() -> anyhow::Result<()> 
         ],
     )
     .await?;
+    // The node listens first and finds its credentials right after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sts.calls().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let calls = sts.calls();
     assert!(!calls.is_empty(), "the node asked STS at start");
     assert_eq!(calls[0].role_arn, role);
