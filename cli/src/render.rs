@@ -121,6 +121,11 @@ pub fn session_details(s: &pb::Session) -> String {
         line("activity", activity.into());
     }
     for r in &s.pending_tool_requests {
+        if r.tool_name == berth_common::events::ASK_USER_QUESTION {
+            let input = serde_json::from_str(&r.input_json).unwrap_or_default();
+            line("waiting", questions_line(&input, &s.id, &r.tool_use_id));
+            continue;
+        }
         line(
             "waiting",
             format!(
@@ -240,6 +245,10 @@ pub fn event_text(e: &pb::Event) -> Option<String> {
                 p.tool_use_id
             )
         }
+        ev::AGENT_QUESTION => {
+            let p: payload::ToolPermission = payload::parse(json).unwrap_or_default();
+            questions_line(&p.input, &e.session_id, &p.tool_use_id)
+        }
         ev::SESSION_ACTIVITY => {
             let a: payload::Activity = payload::parse(json).unwrap_or_default();
             format!("[{}]", a.activity.replace('_', " "))
@@ -355,4 +364,32 @@ pub(crate) fn node_table(out: &Out, nodes: &[pb::Node]) -> Table {
         t.add_row(row);
     }
     t
+}
+
+/// The agent's questions on one line, with how to answer them.
+fn questions_line(input: &serde_json::Value, session: &str, tool_use_id: &str) -> String {
+    let asked: Vec<String> = input["questions"]
+        .as_array()
+        .map(|qs| {
+            qs.iter()
+                .map(|q| {
+                    let options: Vec<&str> = q["options"]
+                        .as_array()
+                        .map(|o| o.iter().filter_map(|o| o["label"].as_str()).collect())
+                        .unwrap_or_default();
+                    let sep = if q["multiSelect"] == true { ", " } else { "/" };
+                    format!(
+                        "{}: {} [{}]",
+                        q["header"].as_str().unwrap_or_default(),
+                        q["question"].as_str().unwrap_or_default(),
+                        options.join(sep)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "? the agent asks: {}; answer with: berth sessions answer {session} {tool_use_id} --answer \"HEADER=ANSWER\"",
+        asked.join("; ")
+    )
 }

@@ -33,6 +33,29 @@ pub const SESSION_ERROR: &str = "session.error";
 /// The agent asks a person to allow a tool call (Claude Code's
 /// `control_request` `can_use_tool`).
 pub const AGENT_TOOL_PERMISSION: &str = "agent.tool_permission";
+/// The agent asks a person clarifying questions (Claude Code's
+/// `AskUserQuestion` tool, which asks through `can_use_tool`): the payload
+/// of [`AGENT_TOOL_PERMISSION`], whose `input.questions` hold each
+/// question, its header, its options and `multiSelect`. It waits as a
+/// permission request does, and is answered with `AnswerQuestion`.
+pub const AGENT_QUESTION: &str = "agent.question";
+/// The tool through which Claude Code asks questions.
+pub const ASK_USER_QUESTION: &str = "AskUserQuestion";
+
+/// Whether an event of `kind` is a request the agent waits on a person for
+/// (a tool permission, or questions).
+pub fn asks(kind: &str) -> bool {
+    kind == AGENT_TOOL_PERMISSION || kind == AGENT_QUESTION
+}
+
+/// The event kind of a permission request for `tool`.
+pub fn ask_kind(tool: &str) -> &'static str {
+    if tool == ASK_USER_QUESTION {
+        AGENT_QUESTION
+    } else {
+        AGENT_TOOL_PERMISSION
+    }
+}
 /// The agent withdrew a permission request (an interrupt, or its turn
 /// ended): it no longer waits for the answer.
 pub const AGENT_TOOL_PERMISSION_CANCELLED: &str = "agent.tool_permission_cancelled";

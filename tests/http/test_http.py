@@ -196,6 +196,27 @@ class HttpTest(unittest.TestCase):
         wait_for("the file's content", lambda: "approved over http" in texts(name))
         call("POST", "/v1/%s:stop" % name)
 
+    def test_questions_answered_over_http(self):
+        s = self.create("ask")
+        name = s["name"]
+        waiting = wait_for("a question", lambda: (lambda x: x if x["pendingToolRequests"] else None)(
+            call("GET", "/v1/" + name)))
+        req = waiting["pendingToolRequests"][0]
+        self.assertEqual(req["toolName"], "AskUserQuestion")
+        asked = json.loads(req["inputJson"])["questions"]
+        self.assertEqual([q["header"] for q in asked], ["Color", "Sizes"])
+        path = "/v1/%s:answerQuestion" % name
+        with self.assertRaises(HttpError) as e:
+            call("POST", path, {"toolUseId": req["toolUseId"], "answers": [
+                {"question": "Color", "labels": ["Green"]}, {"question": "Sizes", "labels": ["Small"]}]})
+        self.assertEqual(e.exception.status, 400)
+        self.assertIn("answers[0].labels[0]", e.exception.body["error"]["message"])
+        call("POST", path, {"toolUseId": req["toolUseId"], "answers": [
+            {"question": "Color", "text": "green, like grass"}, {"question": "Sizes", "labels": ["Medium"]}]})
+        wait_for("the agent's use of the answers",
+                 lambda: any('"Which color should the button be?"="green, like grass"' in t for t in texts(name)))
+        call("POST", "/v1/%s:stop" % name)
+
     def test_errors_are_json_under_the_right_status(self):
         with self.assertRaises(HttpError) as e:
             call("GET", "/v1/sessions", token=None)

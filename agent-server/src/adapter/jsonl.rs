@@ -76,7 +76,7 @@ impl Adapter for Jsonl {
                 let input = fields.get("input").unwrap_or(&Value::Null);
                 self.asked
                     .ask(field("request_id"), field("tool_use_id"), input);
-                ev::AGENT_TOOL_PERMISSION
+                ev::ask_kind(field("tool_name"))
             }
             Some("tool_permission_cancelled") => {
                 let id = fields.get("request_id").and_then(Value::as_str);

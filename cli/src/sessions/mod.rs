@@ -7,6 +7,7 @@ use clap::Subcommand;
 use crate::output::Out;
 use crate::{CliError, explain};
 
+mod answer;
 mod control;
 mod events;
 mod export;
@@ -48,6 +49,18 @@ pub(crate) enum SessionsCmd {
         /// Told to the agent as the reason.
         #[arg(long, default_value = "Denied by the user.")]
         message: String,
+    },
+    /// Answer the agent's clarifying questions (`agent.question`).
+    #[command(after_help = "Each --answer names a question by its header or its text: \
+        `--answer \"Color=Blue\"`. An option's label picks it; anything else is your own \
+        words (\"Other\"). Repeat a question to pick several options of a multi-select one.")]
+    Answer {
+        session: String,
+        /// The request's tool_use_id; may be left out when only one waits.
+        tool_use_id: Option<String>,
+        /// QUESTION=ANSWER, once per question (or per choice).
+        #[arg(long = "answer", required = true, value_name = "QUESTION=ANSWER")]
+        answers: Vec<String>,
     },
     /// Show one session.
     Get { session: String },
@@ -185,6 +198,11 @@ pub(crate) async fn run(
             let id = tool_use_id.as_deref();
             control::answer_tool(&mut c, &session, id, Answer::Deny, &message).await
         }
+        SessionsCmd::Answer {
+            session,
+            tool_use_id,
+            answers,
+        } => answer::answer(&mut c, &session, tool_use_id.as_deref(), &answers).await,
         SessionsCmd::Feedback {
             session,
             rating,

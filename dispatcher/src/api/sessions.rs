@@ -166,6 +166,22 @@ impl SessionsApi for SessionsService {
         }))
     }
 
+    async fn answer_question(
+        &self,
+        r: Request<pb::AnswerQuestionRequest>,
+    ) -> Result<Response<pb::AnswerQuestionResponse>, Status> {
+        let who = caller(&r)?;
+        let (id, tool_use_id, answers) = convert::question_answers(r.into_inner())?;
+        let (seq, already_answered) = self
+            .steer(&who)
+            .answer(id, tool_use_id, &answers)
+            .await?;
+        Ok(Response::new(pb::AnswerQuestionResponse {
+            seq,
+            already_answered,
+        }))
+    }
+
     async fn create_session(
         &self,
         r: Request<pb::CreateSessionRequest>,

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::ops::sessions::{Sessions, ToolAnswer};
+use crate::session::questions;
 
 use super::convert;
 
@@ -29,6 +30,19 @@ impl Steer<'_> {
     pub async fn interrupt(&self, id: Uuid) -> Result<i64> {
         self.sessions
             .interrupt(self.project, id, &self.identity)
+            .await
+    }
+
+    /// Answers the agent's questions: the seq of the answer, and whether
+    /// the questions had been answered before.
+    pub async fn answer(
+        &self,
+        id: Uuid,
+        tool_use_id: String,
+        answers: &[questions::Answer],
+    ) -> Result<(i64, bool)> {
+        self.sessions
+            .answer_question(self.project, id, self.identity.clone(), tool_use_id, answers)
             .await
     }
 

@@ -10,7 +10,7 @@ use std::fmt::Write;
 use berth_common::events::{self as ev, payload};
 use serde_json::{Value, json};
 
-use crate::session::{Event, Session, SessionStatus};
+use crate::session::{Event, Session, SessionStatus, questions};
 
 /// The transcript as Markdown.
 pub(crate) fn markdown(s: &Session, events: &[Event]) -> String {
@@ -118,6 +118,7 @@ fn transcript_entry(out: &mut String, e: &Event) {
                 p.tool_name, p.tool_use_id
             );
         }
+        ev::AGENT_QUESTION => asked(out, e),
         ev::USER_TOOL_CONFIRMATION => confirmation(out, e),
         ev::AGENT_TOOL_PERMISSION_CANCELLED | ev::SESSION_TOOL_PERMISSION_CANCELLED => {
             let c: payload::ToolPermissionCancelled =
@@ -172,11 +173,41 @@ fn confirmation(out: &mut String, e: &Event) {
     } else {
         format!(": {}", extra.join(", "))
     };
+    let answers = a
+        .updated_input
+        .as_ref()
+        .map(questions::answers_of)
+        .unwrap_or_default();
+    if a.tool_name == ev::ASK_USER_QUESTION && !answers.is_empty() {
+        let _ = writeln!(out, "\n**Answered**{who} ({}):\n", a.tool_use_id);
+        for (q, answer) in answers {
+            let _ = writeln!(out, "- {q} → **{answer}**");
+        }
+        return;
+    }
     let _ = write!(
         out,
         "\n**{verb}**{who} `{}` ({}) after {:.1}s{extra}\n",
         a.tool_name, a.tool_use_id, a.waited_s
     );
+}
+
+/// The agent's questions, each with its options.
+fn asked(out: &mut String, e: &Event) {
+    let p: payload::ToolPermission = payload::parse(&e.payload).unwrap_or_default();
+    let _ = writeln!(out, "\n**The agent asks** ({})\n", p.tool_use_id);
+    for q in questions::questions(&p.input) {
+        let header = Some(&q.header)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("**{h}**: "))
+            .unwrap_or_default();
+        let options = match (q.options.is_empty(), q.multi_select) {
+            (true, _) => String::new(),
+            (false, false) => format!(" ({})", q.options.join(" / ")),
+            (false, true) => format!(" (any of: {})", q.options.join(", ")),
+        };
+        let _ = writeln!(out, "- {header}{}{options}", q.question);
+    }
 }
 
 /// A turn's usage; a turn that used more than one model lists each.

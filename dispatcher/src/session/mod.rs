@@ -1,6 +1,7 @@
 //! The session domain: what a session is, with no wire or SQL types.
 
 pub mod notify;
+pub(crate) mod questions;
 pub mod status;
 pub(crate) mod tool_requests;
 pub mod usage;

@@ -40,7 +40,7 @@ pub fn subscriber_kinds(event_type: &str, payload: &str) -> Vec<&'static str> {
         } else {
             vec!["session.terminated"]
         }
-    } else if event_type == ev::AGENT_TOOL_PERMISSION {
+    } else if ev::asks(event_type) {
         vec!["session.requires_action"]
     } else {
         Vec::new()
@@ -76,6 +76,11 @@ mod tests {
         assert_eq!(
             subscriber_kinds(ev::AGENT_TOOL_PERMISSION, "{}"),
             ["session.requires_action"]
+        );
+        assert_eq!(
+            subscriber_kinds(ev::AGENT_QUESTION, "{}"),
+            ["session.requires_action"],
+            "questions wait on a person too"
         );
         assert!(subscriber_kinds("agent.message", "{}").is_empty());
         assert!(subscriber_kinds("session.status_running", "{}").is_empty());

@@ -13,6 +13,8 @@
 //! - `bash CMD` / `write PATH TEXT` / `read PATH`: a Bash / Write / Read
 //!   tool_use, which the CLI runs; the next request (carrying the
 //!   tool_result) is answered with `done: RESULT`;
+//! - `ask`: an AskUserQuestion tool_use (a single-select and a
+//!   multi-select question), answered like the others with `done: RESULT`;
 //! - `multi`: thinking, text and a Bash tool_use in one message;
 //! - `task TEXT`: a Task tool_use: a sub-agent on haiku (a second model)
 //!   whose prompt is `say sub TEXT`;
@@ -228,6 +230,20 @@ fn asked(req: &Value) -> Asked {
     Asked::Text(text.trim().to_string())
 }
 
+/// `ask`'s questions: one single-select, one multi-select (the same two
+/// fake-claude asks).
+fn ask_input() -> Value {
+    json!({"questions": [
+        {"question": "Which color should the button be?", "header": "Color", "multiSelect": false,
+         "options": [{"label": "Red", "description": "Warm and loud"},
+                     {"label": "Blue", "description": "Calm"}]},
+        {"question": "Which sizes should ship?", "header": "Sizes", "multiSelect": true,
+         "options": [{"label": "Small", "description": "Phones"},
+                     {"label": "Medium", "description": "Tablets"},
+                     {"label": "Large", "description": "Desktops"}]},
+    ]})
+}
+
 /// One content block of the reply.
 enum Block {
     Text(String),
@@ -276,6 +292,10 @@ fn reply(asked: Asked) -> Result<Reply, (u16, String)> {
                 input: json!({"file_path": path, "content": body}),
             }])
         }
+        "ask" => simple(vec![Block::Tool {
+            name: "AskUserQuestion",
+            input: ask_input(),
+        }]),
         "read" => simple(vec![Block::Tool {
             name: "Read",
             input: json!({"file_path": rest}),

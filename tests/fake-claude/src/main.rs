@@ -28,6 +28,9 @@
 //! |                         | carrying `parent_tool_use_id`) replies TEXT, then a reply        |
 //! | `edit PATH TEXT`        | a Write tool call, asking permission as the real CLI does (see   |
 //! |                         | below), then `done: RESULT` as fake-anthropic replies            |
+//! | `ask`                   | an AskUserQuestion call (a single- and a multi-select question), |
+//! |                         | asked as a permission request, then `done: RESULT` with the      |
+//! |                         | answers as the real CLI words them                               |
 //! | anything else           | replies `You said: …`                                             |
 //!
 //! Permissions, as the real CLI: with `--permission-prompt-tool stdio`, a
@@ -296,6 +299,7 @@ impl Agent {
         let reply = match cmd {
             "echo" => rest.join(" "),
             "edit" => return self.edit(prompt, &rest, started),
+            "ask" => return self.ask_user(prompt, started),
             "tool" if rest.contains(&">") || rest.iter().any(|w| w.starts_with('>')) => {
                 return self.bash_asking(prompt, &rest.join(" "), started);
             }

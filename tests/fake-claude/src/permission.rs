@@ -74,6 +74,42 @@ impl Agent {
         })
     }
 
+    /// `ask`: an AskUserQuestion call (the questions fake-anthropic's `ask`
+    /// makes the real CLI ask), which always asks the host; the answers
+    /// come back in the allowed input, and the tool result reads as the
+    /// real CLI's.
+    pub(super) fn ask_user(&mut self, prompt: &str, started: Instant) -> bool {
+        let input = json!({"questions": [
+            {"question": "Which color should the button be?", "header": "Color", "multiSelect": false,
+             "options": [{"label": "Red", "description": "Warm and loud"},
+                         {"label": "Blue", "description": "Calm"}]},
+            {"question": "Which sizes should ship?", "header": "Sizes", "multiSelect": true,
+             "options": [{"label": "Small", "description": "Phones"},
+                         {"label": "Medium", "description": "Tablets"},
+                         {"label": "Large", "description": "Desktops"}]},
+        ]});
+        self.tool_call(prompt, "AskUserQuestion", input, started, |input| {
+            let answers: Vec<String> = input["answers"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(q, a)| format!("\"{q}\"=\"{}\"", a.as_str().unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if answers.is_empty() {
+                return ("The user did not answer the questions.".into(), true);
+            }
+            (
+                format!(
+                    "Your questions have been answered: {}. You can now continue with these answers in mind.",
+                    answers.join(", ")
+                ),
+                false,
+            )
+        })
+    }
+
     /// `tool COMMAND` whose command writes (redirects): a Bash call that asks.
     pub(super) fn bash_asking(&mut self, prompt: &str, command: &str, started: Instant) -> bool {
         let input = json!({"command": command});

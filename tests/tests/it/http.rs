@@ -23,7 +23,7 @@ async fn every_route_works_from_the_standard_library() -> anyhow::Result<()> {
         .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python tests failed:\n{stderr}");
-    assert!(stderr.contains("Ran 6 tests"), "{stderr}");
+    assert!(stderr.contains("Ran 7 tests"), "{stderr}");
     cluster.shutdown().await
 }
 

@@ -18,6 +18,7 @@ mod managed;
 mod notify;
 mod ops;
 mod partition;
+mod questions;
 mod reliability;
 mod rotation;
 mod seed;

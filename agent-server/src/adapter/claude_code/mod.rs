@@ -15,8 +15,9 @@
 //!   `control_response`, `stream_event`, control requests other than
 //!   `can_use_tool` → `runtime.system`;
 //! - `control_request` `can_use_tool` → `agent.tool_permission` (the CLI
-//!   waits for the answer); `control_cancel_request` →
-//!   `agent.tool_permission_cancelled` (it no longer does);
+//!   waits for the answer), or `agent.question` for `AskUserQuestion`;
+//!   `control_cancel_request` → `agent.tool_permission_cancelled` (it no
+//!   longer does);
 //! - `assistant` → per block: `text` → `agent.message`, `thinking` and
 //!   `redacted_thinking` → `agent.thinking`, `tool_use` and
 //!   `server_tool_use` → `agent.tool_use`, any other type → `agent.block`
@@ -185,7 +186,8 @@ impl Adapter for ClaudeCode {
                         .unwrap_or(json!([])),
                 );
                 copy(r, &mut f, &["display_name", "blocked_path", "agent_id"]);
-                Decoded::one(Block::new(ev::AGENT_TOOL_PERMISSION, f))
+                let kind = ev::ask_kind(r["tool_name"].as_str().unwrap_or_default());
+                Decoded::one(Block::new(kind, f))
             }
             "control_cancel_request" => {
                 let request_id = v["request_id"].as_str().unwrap_or_default();

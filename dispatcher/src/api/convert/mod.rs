@@ -17,7 +17,7 @@ mod create;
 mod tools;
 
 pub use create::agent_spec;
-pub use tools::{pending_to_pb, tool_answer};
+pub use tools::{pending_to_pb, question_answers, tool_answer};
 
 /// The session id in `sessions/{id}` or a bare id.
 pub fn session_id(name: &str) -> Result<Uuid> {

@@ -11,6 +11,35 @@ use crate::error::{Error, Result};
 use crate::ops::sessions::ToolAnswer;
 use crate::store::PendingTool;
 
+/// An `AnswerQuestion` request, checked for shape (the answers are
+/// checked against the questions by the operation): the session, the
+/// request's tool_use_id and the answers.
+pub fn question_answers(
+    r: pb::AnswerQuestionRequest,
+) -> Result<(Uuid, String, Vec<crate::session::questions::Answer>)> {
+    let id = session_id(&r.name)?;
+    if r.tool_use_id.is_empty() {
+        return Err(Error::invalid(
+            "tool_use_id",
+            "required: the `tool_use_id` of the `agent.question` event",
+        ));
+    }
+    check_len("tool_use_id", &r.tool_use_id, 256)?;
+    if r.answers.is_empty() || r.answers.len() > 64 {
+        return Err(Error::invalid("answers", "one answer per question (1 to 64)"));
+    }
+    let answers = r
+        .answers
+        .into_iter()
+        .map(|a| crate::session::questions::Answer {
+            question: a.question,
+            labels: a.labels,
+            text: a.text,
+        })
+        .collect();
+    Ok((id, r.tool_use_id, answers))
+}
+
 /// A `ConfirmTool` request, checked: the session and the answer.
 pub fn tool_answer(r: pb::ConfirmToolRequest) -> Result<(Uuid, ToolAnswer)> {
     use berth_common::tools::{self, Decision};

@@ -64,7 +64,7 @@ impl Relay<'_> {
                     request_id: c.request_id,
                 })
             }
-            ev::AGENT_TOOL_PERMISSION => {
+            kind if ev::asks(kind) => {
                 let ask: payload::ToolPermission = payload::parse(&e.payload)?;
                 if ask.request_id.is_empty() || ask.tool_use_id.is_empty() {
                     return None;

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::{Sessions, ToolAnswer};
 use crate::error::{Error, Result};
 use crate::ops::audit::{Action, Detail};
-use crate::session::NewEvent;
+use crate::session::{NewEvent, questions};
 use crate::store::ToolEffect;
 
 impl Sessions {
@@ -86,6 +86,45 @@ impl Sessions {
         };
         self.audit(project, &identity, action, id, detail).await;
         Ok((e.seq, false))
+    }
+
+    /// Answers the agent's clarifying questions: checks `answers` against
+    /// the pending request's questions, then allows the call with them
+    /// (logged, idempotent and audited as [`Sessions::confirm_tool`]).
+    pub(crate) async fn answer_question(
+        &self,
+        project: &str,
+        id: Uuid,
+        identity: String,
+        tool_use_id: String,
+        answers: &[questions::Answer],
+    ) -> Result<(i64, bool)> {
+        self.get(project, id).await?;
+        let pending = self.store.pending_tools(&[id]).await?;
+        let updated_input = match pending.into_iter().find(|p| p.tool_use_id == tool_use_id) {
+            Some(p) if p.tool_name != berth_common::events::ASK_USER_QUESTION => {
+                return Err(Error::Precondition(format!(
+                    "{tool_use_id} asks to run {}, not questions: answer it with ConfirmTool",
+                    p.tool_name
+                )));
+            }
+            Some(p) => Some(
+                questions::answered_input(&p.input.0, answers)
+                    .map_err(|e| Error::invalid("answers", e))?,
+            ),
+            // Answered already (then the first answer stands), or never
+            // asked: the log says which.
+            None => None,
+        };
+        let answer = ToolAnswer {
+            tool_use_id,
+            decision: berth_common::tools::Decision::Allow,
+            updated_input,
+            always: false,
+            message: String::new(),
+            interrupt: false,
+        };
+        self.confirm_tool(project, id, identity, answer).await
     }
 
     /// Pending tool permission requests of these sessions, oldest first.
