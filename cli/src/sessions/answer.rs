@@ -55,7 +55,10 @@ fn answers(questions: &[Asked], pairs: &[String]) -> Result<Vec<pb::QuestionAnsw
                     .iter()
                     .map(|q| format!("`{}` ({})", q.header, q.question))
                     .collect();
-                format!("--answer `{pair}`: no such question; asked: {}", names.join(", "))
+                format!(
+                    "--answer `{pair}`: no such question; asked: {}",
+                    names.join(", ")
+                )
             })?;
         let i = match out.iter().position(|a| a.question == q.question) {
             Some(i) => i,
@@ -105,7 +108,9 @@ pub(super) async fn answer(
             return Err(CliError::new(format!(
                 "session {} has no questions waiting{}",
                 s.id,
-                tool_use_id.map(|id| format!(" under {id}")).unwrap_or_default()
+                tool_use_id
+                    .map(|id| format!(" under {id}"))
+                    .unwrap_or_default()
             )));
         }
         many => {
@@ -151,15 +156,23 @@ mod tests {
                 {"question": "Which sizes?", "header": "Sizes", "multiSelect": true,
                  "options": [{"label": "Small"}, {"label": "Large"}]}]}"#,
         );
-        let pairs = ["color=blue", "Sizes=Small", "Which sizes?=large", "Sizes=XXL"]
-            .map(String::from);
+        let pairs = [
+            "color=blue",
+            "Sizes=Small",
+            "Which sizes?=large",
+            "Sizes=XXL",
+        ]
+        .map(String::from);
         let a = answers(&qs, &pairs).expect("valid");
         assert_eq!(a[0].question, "Which color?");
         assert_eq!(a[0].labels, ["Blue"]);
         assert_eq!(a[1].labels, ["Small", "Large"]);
         assert_eq!(a[1].text, "XXL");
         let e = answers(&qs, &["Shape=round".to_string()]).expect_err("unknown");
-        assert!(e.contains("no such question") && e.contains("`Color`"), "{e}");
+        assert!(
+            e.contains("no such question") && e.contains("`Color`"),
+            "{e}"
+        );
         assert!(answers(&qs, &["blue".to_string()]).is_err());
     }
 }

@@ -51,9 +51,11 @@ pub(crate) enum SessionsCmd {
         message: String,
     },
     /// Answer the agent's clarifying questions (`agent.question`).
-    #[command(after_help = "Each --answer names a question by its header or its text: \
+    #[command(
+        after_help = "Each --answer names a question by its header or its text: \
         `--answer \"Color=Blue\"`. An option's label picks it; anything else is your own \
-        words (\"Other\"). Repeat a question to pick several options of a multi-select one.")]
+        words (\"Other\"). Repeat a question to pick several options of a multi-select one."
+    )]
     Answer {
         session: String,
         /// The request's tool_use_id; may be left out when only one waits.

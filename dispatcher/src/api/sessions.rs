@@ -172,10 +172,7 @@ impl SessionsApi for SessionsService {
     ) -> Result<Response<pb::AnswerQuestionResponse>, Status> {
         let who = caller(&r)?;
         let (id, tool_use_id, answers) = convert::question_answers(r.into_inner())?;
-        let (seq, already_answered) = self
-            .steer(&who)
-            .answer(id, tool_use_id, &answers)
-            .await?;
+        let (seq, already_answered) = self.steer(&who).answer(id, tool_use_id, &answers).await?;
         Ok(Response::new(pb::AnswerQuestionResponse {
             seq,
             already_answered,

@@ -42,7 +42,13 @@ impl Steer<'_> {
         answers: &[questions::Answer],
     ) -> Result<(i64, bool)> {
         self.sessions
-            .answer_question(self.project, id, self.identity.clone(), tool_use_id, answers)
+            .answer_question(
+                self.project,
+                id,
+                self.identity.clone(),
+                tool_use_id,
+                answers,
+            )
             .await
     }
 

@@ -69,7 +69,11 @@ pub(crate) fn answered_input(input: &Value, answers: &[Answer]) -> Result<Value,
         let q = asked
             .iter()
             .find(|q| q.question == a.question)
-            .or_else(|| asked.iter().find(|q| !q.header.is_empty() && q.header == a.question))
+            .or_else(|| {
+                asked
+                    .iter()
+                    .find(|q| !q.header.is_empty() && q.header == a.question)
+            })
             .ok_or_else(|| {
                 let names: Vec<&str> = asked.iter().map(|q| q.question.as_str()).collect();
                 format!(
@@ -137,7 +141,12 @@ pub(crate) fn answers_of(input: &Value) -> Vec<(String, String)> {
         .as_object()
         .map(|m| {
             m.iter()
-                .map(|(q, a)| (q.clone(), a.as_str().map_or_else(|| a.to_string(), String::from)))
+                .map(|(q, a)| {
+                    (
+                        q.clone(),
+                        a.as_str().map_or_else(|| a.to_string(), String::from),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -171,14 +180,21 @@ mod tests {
     fn answers_join_as_the_cli_joins_them() {
         let input = answered_input(
             &sample(),
-            &[answer("Color", &["Blue"], ""), answer("Which sizes?", &["S", "L"], "XXL")],
+            &[
+                answer("Color", &["Blue"], ""),
+                answer("Which sizes?", &["S", "L"], "XXL"),
+            ],
         )
         .expect("valid");
         assert_eq!(
             input["answers"],
             json!({"Which color?": "Blue", "Which sizes?": "S, L, XXL"})
         );
-        assert_eq!(input["questions"], sample()["questions"], "the questions go back as asked");
+        assert_eq!(
+            input["questions"],
+            sample()["questions"],
+            "the questions go back as asked"
+        );
         assert_eq!(
             answers_of(&input),
             vec![
@@ -188,7 +204,10 @@ mod tests {
         );
         let other = answered_input(
             &sample(),
-            &[answer("Which color?", &[], "green"), answer("Sizes", &["M"], "")],
+            &[
+                answer("Which color?", &[], "green"),
+                answer("Sizes", &["M"], ""),
+            ],
         )
         .expect("Other is free text");
         assert_eq!(other["answers"]["Which color?"], "green");
@@ -197,14 +216,24 @@ mod tests {
     #[test]
     fn a_wrong_answer_names_itself() {
         let err = |answers: &[Answer]| answered_input(&sample(), answers).expect_err("invalid");
-        let both = [answer("Which color?", &["Red"], ""), answer("Which sizes?", &["S"], "")];
+        let both = [
+            answer("Which color?", &["Red"], ""),
+            answer("Which sizes?", &["S"], ""),
+        ];
         let e = err(&[answer("Which color?", &["Purple"], ""), both[1].clone()]);
         assert!(e.starts_with("answers[0].labels[0]: `Purple`"), "{e}");
-        let e = err(&[answer("Which color?", &["Red", "Blue"], ""), both[1].clone()]);
+        let e = err(&[
+            answer("Which color?", &["Red", "Blue"], ""),
+            both[1].clone(),
+        ]);
         assert!(e.starts_with("answers[0].labels:"), "{e}");
         let e = err(&[both[0].clone()]);
         assert!(e.contains("`Which sizes?` has no answer"), "{e}");
-        let e = err(&[both[0].clone(), both[1].clone(), answer("Color", &["Red"], "")]);
+        let e = err(&[
+            both[0].clone(),
+            both[1].clone(),
+            answer("Color", &["Red"], ""),
+        ]);
         assert!(e.contains("answered twice"), "{e}");
         let e = err(&[answer("Which shape?", &["Red"], ""), both[1].clone()]);
         assert!(e.starts_with("answers[0].question:"), "{e}");

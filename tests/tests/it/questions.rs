@@ -34,10 +34,7 @@ fn answer(question: &str, labels: &[&str], text: &str) -> pb::QuestionAnswer {
 /// Asks, refuses bad answers by name, answers, and reads the agent's use
 /// of the answers and the export. `expect` is what the agent's reply must
 /// carry for the answers given.
-async fn ask_and_answer(
-    c: &mut SessionsClient<Api>,
-    s: &pb::Session,
-) -> anyhow::Result<String> {
+async fn ask_and_answer(c: &mut SessionsClient<Api>, s: &pb::Session) -> anyhow::Result<String> {
     let (asked, p) = question(c, &s.name).await?;
     assert_eq!(p["tool_name"], "AskUserQuestion", "{p}");
     let qs = p["input"]["questions"].as_array().expect("questions");
@@ -48,7 +45,10 @@ async fn ask_and_answer(
         s.activity == pb::Activity::WaitingInput as i32
     })
     .await?;
-    assert_eq!(waiting.pending_tool_requests[0].tool_name, "AskUserQuestion");
+    assert_eq!(
+        waiting.pending_tool_requests[0].tool_name,
+        "AskUserQuestion"
+    );
     let ask = |answers: Vec<pb::QuestionAnswer>| pb::AnswerQuestionRequest {
         name: s.name.clone(),
         tool_use_id: tool_use_id.clone(),
@@ -100,9 +100,18 @@ async fn ask_and_answer(
         .into_inner()
         .content;
     assert!(md.contains("**The agent asks**"), "{md}");
-    assert!(md.contains("Which sizes should ship? (any of: Small, Medium, Large)"), "{md}");
-    assert!(md.contains("Which color should the button be? → **Blue**"), "{md}");
-    assert!(md.contains("Which sizes should ship? → **Small, Large**"), "{md}");
+    assert!(
+        md.contains("Which sizes should ship? (any of: Small, Medium, Large)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Which color should the button be? → **Blue**"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Which sizes should ship? → **Small, Large**"),
+        "{md}"
+    );
     Ok(reply)
 }
 
@@ -119,7 +128,10 @@ async fn the_real_cli_asks_and_uses_the_answers() -> anyhow::Result<()> {
     eprintln!("the real CLI's tool result: {reply}");
     // fake-anthropic replies `done: ` and the tool result the CLI sent it.
     assert!(reply.starts_with("done: "), "{reply}");
-    assert!(reply.contains("Blue") && reply.contains("Small, Large"), "{reply}");
+    assert!(
+        reply.contains("Blue") && reply.contains("Small, Large"),
+        "{reply}"
+    );
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
@@ -187,8 +199,15 @@ async fn the_cli_answers_by_header_and_label() -> anyhow::Result<()> {
     assert!(!ok);
     assert!(err.contains("no such question"), "{err}");
     let (ok, out, err) = run(&[
-        "sessions", "answer", &s.id, "--answer", "color=red", "--answer", "Sizes=Medium",
-        "--answer", "Sizes=XXL",
+        "sessions",
+        "answer",
+        &s.id,
+        "--answer",
+        "color=red",
+        "--answer",
+        "Sizes=Medium",
+        "--answer",
+        "Sizes=XXL",
     ])?;
     assert!(ok, "{out}{err}");
     let reply = reply_after(&mut c, &s.name, asked).await?;

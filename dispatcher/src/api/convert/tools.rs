@@ -26,7 +26,10 @@ pub fn question_answers(
     }
     check_len("tool_use_id", &r.tool_use_id, 256)?;
     if r.answers.is_empty() || r.answers.len() > 64 {
-        return Err(Error::invalid("answers", "one answer per question (1 to 64)"));
+        return Err(Error::invalid(
+            "answers",
+            "one answer per question (1 to 64)",
+        ));
     }
     let answers = r
         .answers
