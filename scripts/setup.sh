@@ -29,6 +29,8 @@ command -v containerd-shim-runc-v2 >/dev/null || need+=(containerd)
 command -v runc >/dev/null || need+=(runc)
 # The Python client is installed into a venv and tested against a dispatcher.
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# The console's browser tests drive Debian's Chromium with Playwright.
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"
   sudo_ apt-get update -qq
@@ -59,7 +61,7 @@ sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='bert
 echo "==> building the sandbox forwarder (berth-forward), a node binary (for the tests that kill one) and the CLI (berth)"
 cargo build --quiet -p berth-agent-server --bin berth-forward --bin berth-agent-server -p berth-cli --bin berth
 
-echo "==> installing the Python client (clients/python), kubernetes-validate, helm-python-sdk and schemathesis into .berth/venv"
+echo "==> installing the Python client (clients/python), kubernetes-validate, helm-python-sdk, schemathesis and Playwright into .berth/venv"
 [ -x "$root/.berth/venv/bin/python" ] || python3 -m venv "$root/.berth/venv"
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "$root/clients/python[test]"
 # The deploy tests validate the Kubernetes manifests against the API's schemas (offline).
@@ -68,6 +70,8 @@ echo "==> installing the Python client (clients/python), kubernetes-validate, he
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "helm-python-sdk==0.2.2"
 # ... and fuzz the HTTP API from its OpenAPI document.
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==4.32.5"
+# ... and drive the console in Chromium (the system's: no browser download).
+PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "playwright==1.65.3"
 
 echo "==> building the test agent image"
 "$root/deploy/test-image/build.sh"

@@ -345,7 +345,9 @@ pub(crate) async fn serve_api(
     let router = server
         // The HTTP/JSON API (`/v1/…`, `/openapi.json`): outermost, so each
         // of its calls goes through every layer below as a gRPC call.
-        .layer(crate::http::HttpLayer(crate::http::Api::new()?))
+        .layer(crate::http::HttpLayer(crate::http::Api::new(
+            parts.authenticator.clone(),
+        )?))
         .layer(tower::util::MapResponseLayer::new(
             berth_common::grpc::client_decode_errors,
         ))

@@ -10,8 +10,10 @@
 //! as JSON, an error as Google's JSON error body under AIP-193's HTTP
 //! status, and a server-streaming RPC (`StreamEvents`) as Server-Sent
 //! Events. `GET /openapi.json` describes it all (OpenAPI 3.1), generated
-//! from the same routes.
+//! from the same routes. `/ui` is the web console on this API
+//! ([`console`]).
 
+mod console;
 mod errors;
 mod openapi;
 mod respond;
@@ -31,6 +33,7 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::ServiceExt;
 
+use crate::access::auth::Authenticator;
 use routes::{Found, Route, Routes};
 use template::Bindings;
 
@@ -42,16 +45,57 @@ const MAX_BODY: usize = berth_common::grpc::MAX_MESSAGE_BYTES * 3 / 2 + 64 * 102
 pub(crate) struct Api {
     routes: Routes,
     openapi: Bytes,
+    /// For the console's own calls (the API's go through the gRPC stack).
+    auth: Arc<Authenticator>,
 }
 
 impl Api {
     /// Reads the routes from the compiled descriptors. Fails if a proto's
     /// HTTP rule cannot be served.
-    pub fn new() -> anyhow::Result<Arc<Self>> {
+    pub fn new(auth: Arc<Authenticator>) -> anyhow::Result<Arc<Self>> {
         let pool = prost_reflect::DescriptorPool::decode(berth_proto::FILE_DESCRIPTOR_SET)?;
         let routes = Routes::from_pool(&pool, "berth.v1")?;
         let openapi = serde_json::to_vec(&openapi::document(&routes))?.into();
-        Ok(Arc::new(Self { routes, openapi }))
+        Ok(Arc::new(Self {
+            routes,
+            openapi,
+            auth,
+        }))
+    }
+
+    /// `/ui`: the console's assets, and its Markdown renderer (for a
+    /// caller with a key).
+    async fn console(&self, req: http::Request<Body>) -> http::Response<Body> {
+        let path = req.uri().path().to_string();
+        let mut response = match (req.method().clone(), path.as_str()) {
+            (http::Method::GET, _) => console::asset(&path).unwrap_or_else(|| {
+                errors::response(&Status::not_found(format!("no console page {path}")))
+            }),
+            (http::Method::POST, "/ui/markdown") => {
+                match self.auth.authenticate(req.headers(), None).await {
+                    Err(status) => errors::response(&status),
+                    Ok(_) => {
+                        let limited =
+                            http_body_util::Limited::new(req.into_body(), 4 * 1024 * 1024 + 4096);
+                        match limited
+                            .collect()
+                            .await
+                            .map(|c| console::render(&c.to_bytes()))
+                        {
+                            Ok(Ok(json)) => respond::json(StatusCode::OK, &json),
+                            Ok(Err(why)) => errors::response(&transcode::invalid("texts", why)),
+                            Err(_) => errors::response(&transcode::invalid(
+                                "body",
+                                "the body could not be read, or is over 4 MiB",
+                            )),
+                        }
+                    }
+                }
+            }
+            _ => method_not_allowed(&path, vec![http::Method::GET]),
+        };
+        console::harden(&mut response);
+        response
     }
 
     async fn serve<S>(&self, inner: S, req: http::Request<Body>) -> http::Response<Body>
@@ -59,6 +103,9 @@ impl Api {
         S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
     {
         let path = req.uri().path().to_string();
+        if console::is_console(&path) {
+            return self.console(req).await;
+        }
         if path == "/openapi.json" {
             return if req.method() == http::Method::GET {
                 respond::bytes(StatusCode::OK, "application/json", self.openapi.clone())
@@ -79,7 +126,7 @@ impl Api {
 
 /// Whether a request is the HTTP API's (gRPC paths are `/package.Service/…`).
 fn is_http(path: &str) -> bool {
-    path.starts_with("/v1/") || path == "/openapi.json"
+    path.starts_with("/v1/") || path == "/openapi.json" || console::is_console(path)
 }
 
 /// One route's call: the request message, the in-process gRPC call, and

@@ -6,6 +6,7 @@ mod approvals;
 
 mod claude;
 mod clients;
+mod console;
 mod docs;
 mod durable;
 mod engine;
