@@ -64,6 +64,8 @@ cargo build --quiet -p berth-agent-server --bin berth-forward --bin berth-agent-
 echo "==> installing the Python client (clients/python), kubernetes-validate, helm-python-sdk, schemathesis and Playwright into .berth/venv"
 [ -x "$root/.berth/venv/bin/python" ] || python3 -m venv "$root/.berth/venv"
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "$root/clients/python[test]"
+# ... and what builds its sdist and wheel without a network (`python -m build --no-isolation`).
+"$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "build==1.3.0" "setuptools>=70" "grpcio-tools>=1.70"
 # The deploy tests validate the Kubernetes manifests against the API's schemas (offline).
 "$root/.berth/venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
 # ... and render and lint the Helm chart with Helm's own engine (no helm binary).

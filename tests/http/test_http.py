@@ -319,7 +319,7 @@ class HttpTest(unittest.TestCase):
         self.assertIn(hook_name, [x["name"] for x in call("GET", "/v1/webhooks")["webhooks"]])
         call("DELETE", "/v1/" + hook_name)
         sub = call("POST", "/v1/subscriptions", {"subscriptionId": "http-" + uuid.uuid4().hex[:8],
-                                                 "subscription": {"url": "https://hooks.example/berth", "eventTypes": ["session.idle"]}})
+                                                 "subscription": {"url": "https://127.0.0.1:9/berth-hook", "eventTypes": ["session.idle"]}})
         sub_name = sub["subscription"]["name"]
         self.assertIn(sub_name, [x["name"] for x in call("GET", "/v1/subscriptions")["subscriptions"]])
         self.assertEqual(call("GET", "/v1/%s/deliveries" % sub_name)["deliveries"], [])

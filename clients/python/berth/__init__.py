@@ -1,10 +1,13 @@
-"""berth: a Python client for the berth dispatcher's public gRPC API.
+"""berth: a Python client for the berth dispatcher's public gRPC API, sync
+(``Client``) and asyncio (``AsyncClient``), each with every public RPC
+(``client.rpc.<service>.<method>``).
 
 The stubs in ``berth.v1`` are generated from the repository's ``proto/`` at
 install time; this package adds auth, typed events, event streams that
 resume after a dropped connection, ``run()``, and structured errors.
 """
 
+from .aio import AsyncClient
 from .client import Client, RunResult, SessionEnded
 from .errors import BerthError
 from .events import (
@@ -21,6 +24,7 @@ from .events import (
 
 __all__ = [
     "AgentMessage",
+    "AsyncClient",
     "BerthError",
     "Client",
     "Event",

@@ -1,20 +1,32 @@
-"""The client: an authenticated channel, the generated stubs, and the calls
-services need most, with errors as ``BerthError``."""
+"""The client: an authenticated channel, the generated stubs, every public
+RPC (``rpc``), and the calls services need most, with errors as
+``BerthError``."""
 
 from __future__ import annotations
 
 import os
 import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import grpc
 
+from . import requests
 from .errors import BerthError
 from .events import AgentMessage, Event, StatusChange, Usage, parse_event
-from .v1 import access_pb2, access_pb2_grpc, agents_pb2_grpc, nodes_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from .rpc import Rpc
+from .v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    agents_pb2_grpc,
+    audit_pb2_grpc,
+    nodes_pb2_grpc,
+    schedules_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
+    webhooks_pb2_grpc,
+)
 
 # Codes after which an event stream is opened again from the last seq seen:
 # the dispatcher restarted, the connection dropped, a proxy cut it.
@@ -123,6 +135,11 @@ class Client:
         self.nodes = nodes_pb2_grpc.NodesStub(self.channel)
         self.api_keys = access_pb2_grpc.ApiKeysStub(self.channel)
         self.secrets = access_pb2_grpc.SecretsStub(self.channel)
+        self.schedules = schedules_pb2_grpc.SchedulesStub(self.channel)
+        self.webhooks = webhooks_pb2_grpc.WebhooksStub(self.channel)
+        self.audit = audit_pb2_grpc.AuditStub(self.channel)
+        # Every public RPC, by snake_case name, with errors as BerthError.
+        self.rpc = Rpc(self.channel)
 
     @classmethod
     def from_env(cls, **kw) -> "Client":
@@ -152,44 +169,17 @@ class Client:
 
     @staticmethod
     def _name(session: str) -> str:
-        return session if session.startswith("sessions/") else f"sessions/{session}"
+        return requests.session_name(session)
 
     # --- sessions -----------------------------------------------------------
 
-    def create_session(
-        self,
-        prompt: str = "",
-        *,
-        image: Optional[str] = None,
-        agent: Optional[str] = None,
-        runtime: str = "claude_code",
-        model: str = "",
-        labels: Optional[Dict[str, str]] = None,
-        display_name: str = "",
-        request_id: Optional[str] = None,
-        **spec,
-    ):
+    def create_session(self, prompt: str = "", **create):
         """Queues a session and returns it (``berth.v1.Session``). Give
         ``agent`` (``NAME`` or ``NAME@VERSION``) or ``image``; further
-        ``AgentSpec`` fields as keywords. ``request_id`` makes a retry
-        return the same session (a fresh one is made per call)."""
-        req = sessions_pb2.CreateSessionRequest(
-            request_id=request_id or str(uuid.uuid4()),
-            initial_message=prompt,
-            labels=labels or {},
-            display_name=display_name,
-            agent=agent or "",
-        )
-        if image or not agent:
-            req.spec.CopyFrom(
-                sessions_pb2.AgentSpec(
-                    image=image or "",
-                    runtime=sessions_pb2.Runtime.Value(f"RUNTIME_{runtime.upper()}"),
-                    model=model,
-                    **spec,
-                )
-            )
-        return self._call(self.sessions.CreateSession, req)
+        ``AgentSpec`` fields as keywords (``runtime``, ``model``, ``labels``,
+        ``display_name``…). ``request_id`` makes a retry return the same
+        session (a fresh one is made per call)."""
+        return self._call(self.sessions.CreateSession, requests.create_session(prompt, **create))
 
     def get_session(self, session: str):
         return self._call(self.sessions.GetSession, sessions_pb2.GetSessionRequest(name=self._name(session)))
@@ -228,6 +218,13 @@ class Client:
             name=self._name(session), tool_use_id=tool_use_id, decision=sessions_pb2.TOOL_DECISION_DENY, message=message
         )
         return self._call(self.sessions.ConfirmTool, req).seq
+
+    def answer_question(self, session: str, tool_use_id: str, answers: Dict[str, requests.Answer]) -> int:
+        """Answers the agent's questions (an ``agent.question`` event):
+        ``{question or header: "Label" | ["Label", …] | {"labels": […],
+        "text": "own words"}}``. Returns the answer's seq."""
+        req = requests.answer_question(session, tool_use_id, answers)
+        return self._call(self.sessions.AnswerQuestion, req).seq
 
     def whoami(self):
         return self._call(self.api_keys.WhoAmI, access_pb2.WhoAmIRequest())

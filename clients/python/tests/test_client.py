@@ -3,12 +3,14 @@ test `clients::the_python_package_works_against_a_real_dispatcher`, which sets B
 BERTH_TEST_IMAGE). Run from this directory, against the installed package:
 python -m unittest -v test_client"""
 
+import asyncio
 import os
 import socket
 import struct
 import threading
 import unittest
 import urllib.request
+import uuid
 
 import grpc
 
@@ -200,6 +202,100 @@ class ClientTest(unittest.TestCase):
         trailers = frames[-1][1].decode()
         self.assertEqual(frames[-1][0] & 0x80, 0x80)
         self.assertIn("grpc-status:0", trailers.replace(" ", ""))
+
+
+    def test_every_public_rpc_is_a_method_sync_and_async(self):
+        from berth.rpc import services, snake
+
+        aio = berth.AsyncClient(DISPATCHER, TOKEN)
+        for service in services().values():
+            for method in service.methods:
+                if method.client_streaming:
+                    continue
+                for client in (self.client, aio):
+                    svc = getattr(client.rpc, snake(service.name))
+                    self.assertTrue(callable(getattr(svc, snake(method.name), None)), method.full_name)
+        asyncio.run(aio.close())
+
+    def test_agents_files_export_feedback_search_schedules_webhooks_keys_and_secrets(self):
+        rpc = self.client.rpc
+        agent_id = "py-" + uuid.uuid4().hex[:8]
+        a = rpc.agents.create_agent(agent_id=agent_id, spec={"image": IMAGE})
+        self.assertEqual(rpc.agents.update_agent(name=a.name, spec={"image": IMAGE, "model": "m2"}).version, 2)
+        self.assertIn(a.name, [x.name for x in rpc.agents.list_agents().agents])
+        f = rpc.files.upload_file(display_name="f.txt", content=b"from python")
+        self.assertEqual(rpc.files.get_file(name=f.name).size_bytes, 11)
+        rpc.files.delete_file(name=f.name)
+        r = self.client.run("echo findable by python", agent=a.name, keep=True, timeout=120)
+        md = rpc.sessions.export_session(name=r.session.name, format=sessions_pb2.EXPORT_FORMAT_MARKDOWN)
+        self.assertIn("findable by python", md.content)
+        fb = rpc.sessions.submit_feedback(name=r.session.name, turn=1, rating=4, comment="fine")
+        self.assertEqual(fb.rating, 4)
+        self.assertEqual(len(rpc.sessions.list_feedback(name=r.session.name).feedback), 1)
+        found = rpc.sessions.search_sessions(query="findable")
+        self.assertIn(r.session.name, [m.session.name for m in found.matches])
+        self.client.stop(r.session.name)
+        sched = rpc.schedules.create_schedule(
+            schedule_id="py-" + uuid.uuid4().hex[:8], schedule={"cron": "0 0 1 1 *", "agent": a.name, "input": "echo s"}
+        )
+        rpc.schedules.suspend_schedule(name=sched.name)
+        self.assertTrue(rpc.schedules.get_schedule(name=sched.name).suspended)
+        rpc.schedules.delete_schedule(name=sched.name)
+        hook = rpc.webhooks.create_webhook(webhook_id="py-" + uuid.uuid4().hex[:8], webhook={"agent": a.name})
+        self.assertTrue(hook.secret)
+        rpc.webhooks.delete_webhook(name=hook.webhook.name)
+        key = rpc.api_keys.create_api_key(role=access_pb2.ROLE_MEMBER, display_name="py member")
+        self.assertEqual(berth.Client(DISPATCHER, key.token).whoami().role, access_pb2.ROLE_MEMBER)
+        rpc.api_keys.revoke_api_key(name=key.key.name)
+        secret = rpc.secrets.create_secret(display_name="py-s", usage=access_pb2.SECRET_USAGE_ANTHROPIC_API_KEY, value="x")
+        rpc.secrets.delete_secret(name=secret.name)
+        events = rpc.audit.list_audit_events(page_size=500).events
+        self.assertTrue(any(e.resource == secret.name for e in events))
+        rpc.agents.archive_agent(name=a.name)
+        with self.assertRaises(berth.BerthError) as e:
+            rpc.agents.get_agent(name="agents/py-missing-" + uuid.uuid4().hex[:8])
+        self.assertEqual(e.exception.code, grpc.StatusCode.NOT_FOUND)
+
+    def test_questions_are_answered_by_question_or_header(self):
+        s = self.client.create_session("ask", image=IMAGE)
+        for e in self.client.stream_events(s.name, timeout=120):
+            if e.type == "agent.question":
+                break
+        tool_use_id = self.client.get_session(s.name).pending_tool_requests[0].tool_use_id
+        with self.assertRaises(berth.BerthError) as e:
+            self.client.answer_question(s.name, tool_use_id, {"Color": "Green", "Sizes": ["Small"]})
+        self.assertEqual(e.exception.reason, "INVALID_FIELD")
+        self.client.answer_question(
+            s.name, tool_use_id, {"Color": {"text": "teal"}, "Which sizes should ship?": ["Small", "Medium"]}
+        )
+        for e in self.client.stream_events(s.name, after_seq=0, timeout=120):
+            if isinstance(e, berth.AgentMessage) and "teal" in e.text:
+                self.assertIn('"Which sizes should ship?"="Small, Medium"', e.text)
+                break
+        self.client.stop(s.name)
+
+    def test_the_asyncio_client_runs_streams_and_answers(self):
+        async def main():
+            async with berth.AsyncClient(DISPATCHER, TOKEN) as c:
+                r = await c.run("echo hello from asyncio", image=IMAGE, timeout=120)
+                self.assertIn("hello from asyncio", r.text)
+                self.assertEqual((await c.rpc.api_keys.who_am_i()).project, "default")
+                s = await c.create_session("ask", image=IMAGE)
+                async for e in c.stream_events(s.name, timeout=120):
+                    if e.type == "agent.question":
+                        break
+                pending = (await c.get_session(s.name)).pending_tool_requests
+                await c.answer_question(s.name, pending[0].tool_use_id, {"Color": "Red", "Sizes": ["Large"]})
+                async for e in c.stream_events(s.name, timeout=120):
+                    if isinstance(e, berth.AgentMessage) and e.text.startswith("done:"):
+                        self.assertIn('"Which color should the button be?"="Red"', e.text)
+                        break
+                await c.stop(s.name)
+                with self.assertRaises(berth.BerthError) as e:
+                    await c.get_session("00000000-0000-0000-0000-000000000000")
+                self.assertEqual(e.exception.reason, "SESSION_NOT_FOUND")
+
+        asyncio.run(main())
 
 
 if __name__ == "__main__":

@@ -327,8 +327,40 @@ async fn the_python_package_works_against_a_real_dispatcher() -> anyhow::Result<
         .await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python tests failed:\n{stderr}");
-    assert!(stderr.contains("Ran 6 tests"), "{stderr}");
+    assert!(stderr.contains("Ran 10 tests"), "{stderr}");
     cluster.shutdown().await
+}
+
+/// `python -m build` makes the sdist, then the wheel from the sdist alone
+/// (it carries the protos), and the wheel holds the generated stubs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_package_builds_as_an_sdist_and_a_wheel() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::env::temp_dir().join(format!("berth-pybuild-{}", uuid::Uuid::new_v4().simple()));
+    let built = tokio::process::Command::new(root.join(".berth/venv/bin/python"))
+        .args(["-m", "build", "--no-isolation", "--outdir"])
+        .arg(&out)
+        .arg(root.join("clients/python"))
+        .output()
+        .await?;
+    let log = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "python -m build failed:\n{log}");
+    let files: Vec<String> = std::fs::read_dir(&out)?
+        .filter_map(Result::ok)
+        .map(|f| f.file_name().to_string_lossy().into_owned())
+        .collect();
+    let wheel = files.iter().find(|f| f.ends_with(".whl")).expect("a wheel");
+    assert!(files.iter().any(|f| f.ends_with(".tar.gz")), "an sdist: {files:?}");
+    let listing = std::process::Command::new("python3")
+        .args(["-m", "zipfile", "-l"])
+        .arg(out.join(wheel))
+        .output()?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for stub in ["berth/v1/sessions_pb2.py", "berth/v1/sessions_pb2_grpc.py", "berth/aio.py", "berth/rpc.py"] {
+        assert!(listing.contains(stub), "{stub} in the wheel:\n{listing}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
