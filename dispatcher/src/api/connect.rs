@@ -120,6 +120,13 @@ async fn ack(steer: &Steer<'_>, id: Uuid, kind: Option<Kind>) -> pb::ConnectAck 
             }
             (c.r#ref, confirm(steer, id, confirmation).await)
         }
+        Some(Kind::Answer(a)) => {
+            let mut answer = a.answer.unwrap_or_default();
+            if answer.name.is_empty() {
+                answer.name = id.to_string();
+            }
+            (a.r#ref, answer_question(steer, id, answer).await)
+        }
         Some(Kind::Open(_)) => (
             String::new(),
             Err(Error::invalid("open", "the stream is already open")),
@@ -154,4 +161,18 @@ async fn confirm(steer: &Steer<'_>, id: Uuid, c: pb::ConfirmToolRequest) -> Resu
         ));
     }
     steer.confirm(id, answer).await.map(|(seq, _)| seq)
+}
+
+async fn answer_question(steer: &Steer<'_>, id: Uuid, a: pb::AnswerQuestionRequest) -> Result<i64> {
+    let (named, tool_use_id, answers) = convert::question_answers(a)?;
+    if named != id {
+        return Err(Error::invalid(
+            "answer.name",
+            "names another session than the stream's; leave it empty (the stream's session is meant)",
+        ));
+    }
+    steer
+        .answer(id, tool_use_id, &answers)
+        .await
+        .map(|(seq, _)| seq)
 }

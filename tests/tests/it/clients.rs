@@ -350,13 +350,21 @@ async fn the_python_package_builds_as_an_sdist_and_a_wheel() -> anyhow::Result<(
         .map(|f| f.file_name().to_string_lossy().into_owned())
         .collect();
     let wheel = files.iter().find(|f| f.ends_with(".whl")).expect("a wheel");
-    assert!(files.iter().any(|f| f.ends_with(".tar.gz")), "an sdist: {files:?}");
+    assert!(
+        files.iter().any(|f| f.ends_with(".tar.gz")),
+        "an sdist: {files:?}"
+    );
     let listing = std::process::Command::new("python3")
         .args(["-m", "zipfile", "-l"])
         .arg(out.join(wheel))
         .output()?;
     let listing = String::from_utf8_lossy(&listing.stdout);
-    for stub in ["berth/v1/sessions_pb2.py", "berth/v1/sessions_pb2_grpc.py", "berth/aio.py", "berth/rpc.py"] {
+    for stub in [
+        "berth/v1/sessions_pb2.py",
+        "berth/v1/sessions_pb2_grpc.py",
+        "berth/aio.py",
+        "berth/rpc.py",
+    ] {
         assert!(listing.contains(stub), "{stub} in the wheel:\n{listing}");
     }
     let _ = std::fs::remove_dir_all(&out);

@@ -219,3 +219,83 @@ async fn the_cli_answers_by_header_and_label() -> anyhow::Result<()> {
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// A `Connect` stream answers questions too: a bad label is acked with
+/// INVALID_ARGUMENT, a good answer with its seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_stream_answers_questions() -> anyhow::Result<()> {
+    use tokio_stream::StreamExt;
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let s = c
+        .create_session(pb::CreateSessionRequest {
+            spec: Some(pb::AgentSpec {
+                image: TEST_IMAGE.into(),
+                ..Default::default()
+            }),
+            initial_message: "ask".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (asked, p) = question(&mut c, &s.name).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ConnectRequest {
+        kind: Some(pb::connect_request::Kind::Open(pb::ConnectOpen {
+            name: s.name.clone(),
+            after_seq: asked,
+        })),
+    })
+    .await?;
+    let mut stream = c
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let tool_use_id = p["tool_use_id"].as_str().unwrap_or_default().to_string();
+    let mut acks = Vec::new();
+    for (reference, color) in [("bad", "Purple"), ("good", "Blue")] {
+        tx.send(pb::ConnectRequest {
+            kind: Some(pb::connect_request::Kind::Answer(pb::ConnectAnswer {
+                answer: Some(pb::AnswerQuestionRequest {
+                    tool_use_id: tool_use_id.clone(),
+                    answers: vec![
+                        answer("Color", &[color], ""),
+                        answer("Sizes", &["Medium"], ""),
+                    ],
+                    ..Default::default()
+                }),
+                r#ref: reference.into(),
+            })),
+        })
+        .await?;
+        let ack = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(m) = stream.next().await {
+                if let Some(pb::connect_response::Kind::Ack(a)) = m?.kind {
+                    return anyhow::Ok(a);
+                }
+            }
+            anyhow::bail!("the stream ended before the ack")
+        })
+        .await??;
+        acks.push(ack);
+    }
+    assert_eq!(
+        (acks[0].r#ref.as_str(), acks[0].code),
+        ("bad", 3),
+        "{acks:?}"
+    );
+    assert!(acks[0].message.contains("Purple"), "{acks:?}");
+    assert_eq!(
+        (acks[1].r#ref.as_str(), acks[1].code),
+        ("good", 0),
+        "{acks:?}"
+    );
+    let reply = reply_after(&mut c, &s.name, asked).await?;
+    assert!(
+        reply.contains("\"Which color should the button be?\"=\"Blue\""),
+        "{reply}"
+    );
+    drop(tx);
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
