@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod names;
 #[cfg(feature = "objects")]
 pub mod objects;
+pub mod questions;
 pub mod retry;
 pub mod spec;
 pub mod sync;

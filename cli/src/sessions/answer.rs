@@ -6,41 +6,17 @@ use berth_proto::v1 as pb;
 use super::Ctx;
 use crate::CliError;
 
-/// One asked question, as the request's input holds it.
-struct Asked {
-    question: String,
-    header: String,
-    options: Vec<String>,
-}
+use berth_common::questions::Question;
 
-fn asked(input_json: &str) -> Vec<Asked> {
-    let input: serde_json::Value = serde_json::from_str(input_json).unwrap_or_default();
-    input["questions"]
-        .as_array()
-        .map(|qs| {
-            qs.iter()
-                .map(|q| Asked {
-                    question: q["question"].as_str().unwrap_or_default().into(),
-                    header: q["header"].as_str().unwrap_or_default().into(),
-                    options: q["options"]
-                        .as_array()
-                        .map(|o| {
-                            o.iter()
-                                .filter_map(|o| o["label"].as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+fn asked(input_json: &str) -> Vec<Question> {
+    berth_common::questions::questions(&serde_json::from_str(input_json).unwrap_or_default())
 }
 
 /// `QUESTION=ANSWER` pairs as answers: the question by its text or header
 /// (case-insensitive), an option's label as that label, anything else as
 /// the person's own words. The same question again adds a choice (a
 /// multi-select question).
-fn answers(questions: &[Asked], pairs: &[String]) -> Result<Vec<pb::QuestionAnswer>, String> {
+fn answers(questions: &[Question], pairs: &[String]) -> Result<Vec<pb::QuestionAnswer>, String> {
     let mut out: Vec<pb::QuestionAnswer> = Vec::new();
     for pair in pairs {
         let (key, value) = pair

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Dict, Optional, Sequence
 import grpc
 
 from . import requests
-from .client import _ENDED, _RESUMABLE, RunResult, SessionEnded, _target
+from .client import _ENDED, _RESUMABLE, RunResult, SessionEnded, _channel_args
 from .errors import BerthError
 from .events import Event, StatusChange, Usage, parse_event
 from .rpc import Rpc
@@ -66,13 +66,9 @@ class AsyncClient:
         server_name: Optional[str] = None,
         options: Sequence[tuple] = (),
     ):
-        addr, tls = _target(target)
-        opts = [("grpc.max_receive_message_length", 16 * 1024 * 1024), *options]
-        if server_name:
-            opts.append(("grpc.ssl_target_name_override", server_name))
+        addr, creds, opts = _channel_args(target, root_certificates, private_key, certificate_chain, server_name, options)
         interceptors = [_UnaryAuth(token), _StreamAuth(token)] if token else None
-        if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+        if creds:
             self.channel = grpc.aio.secure_channel(addr, creds, options=opts, interceptors=interceptors)
         else:
             self.channel = grpc.aio.insecure_channel(addr, options=opts, interceptors=interceptors)

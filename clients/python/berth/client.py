@@ -98,6 +98,17 @@ def _target(url: str) -> tuple:
     return url, False
 
 
+def _channel_args(target, root_certificates, private_key, certificate_chain, server_name, options):
+    """The address, TLS credentials (None for plain http) and options of a
+    channel to ``target``, for the sync and the asyncio client alike."""
+    addr, tls = _target(target)
+    opts = [("grpc.max_receive_message_length", 16 * 1024 * 1024), *options]
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain) if tls else None
+    return addr, creds, opts
+
+
 class Client:
     """A dispatcher client.
 
@@ -118,15 +129,8 @@ class Client:
         server_name: Optional[str] = None,
         options: Sequence[tuple] = (),
     ):
-        addr, tls = _target(target)
-        opts = [("grpc.max_receive_message_length", 16 * 1024 * 1024), *options]
-        if server_name:
-            opts.append(("grpc.ssl_target_name_override", server_name))
-        if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            channel = grpc.secure_channel(addr, creds, options=opts)
-        else:
-            channel = grpc.insecure_channel(addr, options=opts)
+        addr, creds, opts = _channel_args(target, root_certificates, private_key, certificate_chain, server_name, options)
+        channel = grpc.secure_channel(addr, creds, options=opts) if creds else grpc.insecure_channel(addr, options=opts)
         self._raw = channel
         self.channel = grpc.intercept_channel(channel, _Auth(token)) if token else channel
         self.sessions = sessions_pb2_grpc.SessionsStub(self.channel)

@@ -8,16 +8,8 @@
 //! the chosen labels joined by `, ` (as the CLI joins them), or the
 //! person's own words ("Other", or a question without options).
 
+pub(crate) use berth_common::questions::{Question, questions};
 use serde_json::{Map, Value};
-
-/// One question as the agent asked it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Question {
-    pub question: String,
-    pub header: String,
-    pub options: Vec<String>,
-    pub multi_select: bool,
-}
 
 /// A person's answer to one question.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,28 +24,6 @@ pub(crate) struct Answer {
 
 /// Upper bounds on what a person sends.
 const MAX_ANSWER_BYTES: usize = 4096;
-
-/// The questions of a request's input (empty if it holds none).
-pub(crate) fn questions(input: &Value) -> Vec<Question> {
-    let Some(list) = input["questions"].as_array() else {
-        return Vec::new();
-    };
-    list.iter()
-        .map(|q| Question {
-            question: q["question"].as_str().unwrap_or_default().to_string(),
-            header: q["header"].as_str().unwrap_or_default().to_string(),
-            options: q["options"]
-                .as_array()
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|o| o["label"].as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            multi_select: q["multiSelect"].as_bool().unwrap_or(false),
-        })
-        .collect()
-}
 
 /// The tool's input with the answers added, or what is wrong with them
 /// (naming the answer: `answers[1].labels[0]: …`). Every question needs

@@ -23,6 +23,18 @@ async fn question(
     Ok((e.seq, payload(e)))
 }
 
+/// A fake-claude session whose first message asks the two questions.
+fn fake_ask() -> pb::CreateSessionRequest {
+    pb::CreateSessionRequest {
+        spec: Some(pb::AgentSpec {
+            image: TEST_IMAGE.into(),
+            ..Default::default()
+        }),
+        initial_message: "ask".into(),
+        ..Default::default()
+    }
+}
+
 fn answer(question: &str, labels: &[&str], text: &str) -> pb::QuestionAnswer {
     pb::QuestionAnswer {
         question: question.into(),
@@ -141,17 +153,7 @@ async fn the_real_cli_asks_and_uses_the_answers() -> anyhow::Result<()> {
 async fn fake_claude_asks_like_the_real_cli() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c
-        .create_session(pb::CreateSessionRequest {
-            spec: Some(pb::AgentSpec {
-                image: TEST_IMAGE.into(),
-                ..Default::default()
-            }),
-            initial_message: "ask".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let s = c.create_session(fake_ask()).await?.into_inner();
     let reply = ask_and_answer(&mut c, &s).await?;
     assert_eq!(
         reply,
@@ -168,17 +170,7 @@ async fn fake_claude_asks_like_the_real_cli() -> anyhow::Result<()> {
 async fn the_cli_answers_by_header_and_label() -> anyhow::Result<()> {
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c
-        .create_session(pb::CreateSessionRequest {
-            spec: Some(pb::AgentSpec {
-                image: TEST_IMAGE.into(),
-                ..Default::default()
-            }),
-            initial_message: "ask".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let s = c.create_session(fake_ask()).await?.into_inner();
     let (asked, _) = question(&mut c, &s.name).await?;
     let run = |args: &[&str]| -> anyhow::Result<(bool, String, String)> {
         let out = berth_command(&cluster).args(args).output()?;
@@ -227,17 +219,7 @@ async fn a_connect_stream_answers_questions() -> anyhow::Result<()> {
     use tokio_stream::StreamExt;
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
-    let s = c
-        .create_session(pb::CreateSessionRequest {
-            spec: Some(pb::AgentSpec {
-                image: TEST_IMAGE.into(),
-                ..Default::default()
-            }),
-            initial_message: "ask".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let s = c.create_session(fake_ask()).await?.into_inner();
     let (asked, p) = question(&mut c, &s.name).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::ConnectRequest {
