@@ -1,9 +1,11 @@
 //! `berth attach`: follow a session and talk to it, like a chat. Each line
-//! read is a user message; `y`/`n`/`a` answers a waiting tool request.
+//! read is a user message; `y`/`n`/`a` answers a waiting tool request, and
+//! the agent's questions are answered a line each (numbers or words).
 //! Ctrl-C detaches; at the end of input, attach waits for the turn it
 //! started, then detaches. The session keeps running either way.
 
 use berth_cli::auth::Api;
+use berth_cli::questions::Asking;
 use berth_cli::tools::{self, Answer};
 use berth_common::events as ev;
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
@@ -27,6 +29,8 @@ pub(crate) struct AttachArgs {
 struct Waiting {
     tool_use_id: String,
     tool_name: String,
+    /// Set for the agent's questions: answered a line per question.
+    question: Option<Asking>,
 }
 
 pub(crate) async fn run(
@@ -55,7 +59,14 @@ pub(crate) async fn run(
     let mut waiting: Option<Waiting> = s.pending_tool_requests.first().map(|r| Waiting {
         tool_use_id: r.tool_use_id.clone(),
         tool_name: r.tool_name.clone(),
+        question: (r.tool_name == ev::ASK_USER_QUESTION)
+            .then(|| serde_json::from_str(&r.input_json).ok())
+            .flatten()
+            .and_then(|input| Asking::new(r.tool_use_id.clone(), &input)),
     });
+    if let Some(q) = waiting.as_ref().and_then(|w| w.question.as_ref()) {
+        eprint!("{}", q.prompt());
+    }
 
     // The event stream, from a task of its own (it reconnects through
     // dispatcher restarts).
@@ -114,6 +125,23 @@ pub(crate) async fn run(
                 if text.is_empty() {
                     continue;
                 }
+                if let Some(q) = waiting.as_mut().and_then(|w| w.question.as_mut()) {
+                    match q.take(text) {
+                        Err(why) => eprint!("{why}\n{}", q.prompt()),
+                        Ok(false) => eprint!("{}", q.prompt()),
+                        Ok(true) => {
+                            match client.answer_question(q.request(&s.name)).await {
+                                Ok(_) => {}
+                                Err(st) if matches!(st.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+                                    eprintln!("{}: {}", q.tool_use_id, st.message());
+                                }
+                                Err(st) => return Err(explain(d, Some(&id), st)),
+                            }
+                            waiting = None;
+                        }
+                    }
+                    continue;
+                }
                 if let (Some(w), Some(answer)) = (&waiting, tools::parse_answer(text)) {
                     let message = if answer == Answer::Deny { "Denied by the user." } else { "" };
                     match tools::confirm(client, &id, &w.tool_use_id, answer, message).await {
@@ -159,6 +187,19 @@ fn track(
             *waiting = Some(Waiting {
                 tool_use_id: p.tool_use_id,
                 tool_name: p.tool_name,
+                question: None,
+            });
+            false
+        }
+        ev::AGENT_QUESTION => {
+            let question = Asking::from_event(e);
+            if let Some(q) = &question {
+                eprint!("{}", q.prompt());
+            }
+            *waiting = question.map(|q| Waiting {
+                tool_use_id: q.tool_use_id.clone(),
+                tool_name: ev::ASK_USER_QUESTION.into(),
+                question: Some(q),
             });
             false
         }

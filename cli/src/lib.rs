@@ -4,4 +4,5 @@
 pub mod auth;
 pub mod errors;
 pub mod follow;
+pub mod questions;
 pub mod tools;

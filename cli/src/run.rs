@@ -35,7 +35,44 @@ pub(crate) struct RunArgs {
     prompt: String,
 }
 
-/// Shows a permission request and sends the person's answer.
+/// Asks the agent's questions one by one at the terminal and sends the
+/// answers. The end of input leaves them to the session's tool policy.
+async fn prompt_questions(
+    client: &mut SessionsClient<Api>,
+    d: &str,
+    session: &str,
+    mut asking: berth_cli::questions::Asking,
+) -> Result<(), CliError> {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    eprintln!();
+    eprint!("{}", asking.prompt());
+    loop {
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.read_line(&mut line).await.unwrap_or(0) == 0 {
+            eprintln!("(no answer; the session's tool policy decides when it times out)");
+            return Ok(());
+        }
+        match asking.take(&line) {
+            Err(why) => eprint!("{why}\n{}", asking.prompt()),
+            Ok(false) => eprint!("{}", asking.prompt()),
+            Ok(true) => break,
+        }
+    }
+    match client.answer_question(asking.request(session)).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            eprintln!("{}", s.message());
+            Ok(())
+        }
+        Err(s) => Err(explain(d, Some(session), s)),
+    }
+}
+
+/// Shows a permission request (or the agent's questions) and sends the
+/// person's answer.
 async fn prompt_tool(
     client: &mut SessionsClient<Api>,
     d: &str,
@@ -44,6 +81,9 @@ async fn prompt_tool(
 ) -> Result<(), CliError> {
     use std::io::Write;
     use tokio::io::AsyncBufReadExt;
+    if let Some(asking) = berth_cli::questions::Asking::from_event(e) {
+        return prompt_questions(client, d, session, asking).await;
+    }
     let p: berth_common::events::payload::ToolPermission =
         berth_common::events::payload::parse(&e.payload_json).unwrap_or_default();
     eprintln!("\n{}", berth_cli::tools::describe(e));
@@ -159,7 +199,7 @@ pub(crate) async fn run(
             if e.r#type == berth_common::events::SESSION_USAGE {
                 turn_done = true;
             }
-            if ask && e.r#type == berth_common::events::AGENT_TOOL_PERMISSION {
+            if ask && berth_common::events::asks(&e.r#type) {
                 asked = Some(e.clone());
                 return false;
             }

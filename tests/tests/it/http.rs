@@ -129,3 +129,68 @@ async fn schemathesis_finds_no_server_error_and_no_schema_mismatch() -> anyhow::
     let _ = std::fs::remove_dir_all(&reports);
     cluster.shutdown().await
 }
+
+/// Every route of `/openapi.json`, called with curl as a shell user would
+/// (a made-up id in the path, `{}` as a body): each answers JSON, a reply
+/// or an error body, and none a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_curl_with_json() -> anyhow::Result<()> {
+    let cluster = TestCluster::builder().start().await?;
+    let doc = std::process::Command::new("curl")
+        .args(["-sf", &format!("{}/openapi.json", cluster.dispatcher_url)])
+        .output()?;
+    let doc: serde_json::Value = serde_json::from_slice(&doc.stdout)?;
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut called = 0;
+    for (path, ops) in paths {
+        for method in ops.as_object().expect("operations").keys() {
+            let concrete = path
+                .split('/')
+                .map(|seg| match seg.find('{') {
+                    Some(i) => format!(
+                        "{}curl-missing{}",
+                        &seg[..i],
+                        &seg[seg.find('}').map_or(seg.len(), |j| j + 1)..]
+                    ),
+                    None => seg.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("/");
+            let mut cmd = std::process::Command::new("curl");
+            cmd.args([
+                "-s",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                &method.to_uppercase(),
+            ])
+            .args(["-H", &format!("Authorization: Bearer {}", cluster.token)]);
+            if method != "get" && method != "delete" {
+                cmd.args(["-H", "Content-Type: application/json", "-d", "{}"]);
+            }
+            let out = cmd
+                .arg(format!("{}{concrete}", cluster.dispatcher_url))
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+            let code: u16 = code.trim().parse().unwrap_or(0);
+            assert!(
+                (200..500).contains(&code),
+                "{method} {concrete}: {code} {body}"
+            );
+            let json: serde_json::Value = serde_json::from_str(body)
+                .map_err(|e| anyhow::anyhow!("{method} {concrete}: not JSON ({e}): {body}"))?;
+            if code >= 400 {
+                assert!(
+                    json["error"]["message"].is_string(),
+                    "{method} {concrete}: {body}"
+                );
+            }
+            called += 1;
+        }
+    }
+    assert!(called >= 50, "{called} routes called");
+    cluster.shutdown().await
+}

@@ -281,3 +281,42 @@ async fn a_connect_stream_answers_questions() -> anyhow::Result<()> {
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// `berth attach` asks each question in turn: a line of numbers picks
+/// options (several for a multi-select question).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_answers_questions_a_line_each() -> anyhow::Result<()> {
+    use std::io::Write;
+    let cluster = TestCluster::builder().start().await?;
+    let mut c = cluster.client();
+    let s = c.create_session(fake_ask()).await?.into_inner();
+    let (asked, _) = question(&mut c, &s.name).await?;
+    let mut attach = berth_command(&cluster)
+        .args(["attach", &s.id])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // A number out of range is asked again; then Blue; then Small and Large.
+    attach
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"7\n2\n1 3\n")?;
+    let out = tokio::task::spawn_blocking(move || attach.wait_with_output()).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[1/2] Color: Which color should the button be?"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("7 is not one of 1–2"), "{stderr}");
+    let reply = reply_after(&mut c, &s.name, asked).await?;
+    assert!(
+        reply.contains("\"Which color should the button be?\"=\"Blue\"")
+            && reply.contains("\"Which sizes should ship?\"=\"Small, Large\""),
+        "{reply}"
+    );
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await
+}
