@@ -52,6 +52,7 @@ async fn the_outbound_trigger_agrees_with_the_domain() -> anyhow::Result<()> {
     cases.push(status(SessionStatus::Stopping, BUDGET_REASON));
     for t in [
         ev::AGENT_TOOL_PERMISSION,
+        ev::AGENT_QUESTION,
         ev::AGENT_TOOL_PERMISSION_CANCELLED,
         ev::USER_TOOL_CONFIRMATION,
         ev::SESSION_TURN_LOST,
