@@ -18,6 +18,11 @@ pub(crate) async fn cluster() -> anyhow::Result<TestCluster> {
 }
 
 pub(crate) async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
+    builder(nodes).start().await
+}
+
+/// A cluster of `nodes` whose containers serve fake-anthropic, to start.
+pub(crate) fn builder(nodes: usize) -> berth_tests::Builder {
     TestCluster::builder()
         .nodes(nodes)
         .configure_node(|_, cfg, _| {
@@ -33,8 +38,6 @@ pub(crate) async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
             .to_vec();
             cfg.container_network = "none".into();
         })
-        .start()
-        .await
 }
 
 pub(crate) fn claude_session(first: &str) -> pb::CreateSessionRequest {

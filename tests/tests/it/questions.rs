@@ -320,3 +320,92 @@ async fn attach_answers_questions_a_line_each() -> anyhow::Result<()> {
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// The real CLI's questions reach a webhook subscriber as
+/// `session.requires_action`, and `berth sessions answer` answers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_clis_questions_reach_a_subscriber_and_the_cli_answers_them() -> anyhow::Result<()>
+{
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = {
+        let got = got.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: String| {
+                let got = got.clone();
+                async move {
+                    got.lock()
+                        .expect("lock")
+                        .push(serde_json::from_str(&body).unwrap_or_default());
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+    };
+    let receiver = tokio::spawn(async move { axum::serve(listener, app).await });
+    let cluster = super::claude::builder(1)
+        .configure_dispatcher(|cfg| cfg.subscription_allow_http_hosts = vec!["127.0.0.1".into()])
+        .start()
+        .await?;
+    pb::webhooks_client::WebhooksClient::new(cluster.api())
+        .create_subscription(pb::CreateSubscriptionRequest {
+            subscription_id: "questions".into(),
+            subscription: Some(pb::Subscription {
+                url: format!("http://{addr}/hook"),
+                event_types: vec!["session.requires_action".into()],
+                ..Default::default()
+            }),
+        })
+        .await?;
+    let mut c = cluster.client();
+    let mut req = claude_session("ask");
+    if let Some(spec) = req.spec.as_mut() {
+        spec.runtime_args.clear();
+    }
+    let s = c.create_session(req).await?.into_inner();
+    let (asked, _) = question(&mut c, &s.name).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let delivery = loop {
+        let found = got
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|b| b["type"] == "session.requires_action")
+            .cloned();
+        if let Some(d) = found {
+            break d;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no requires_action delivery"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(delivery["seq"], asked, "{delivery}");
+    assert!(
+        delivery.to_string().contains("AskUserQuestion"),
+        "{delivery}"
+    );
+    let out = berth_command(&cluster)
+        .args(["sessions", "answer", &s.id, "--answer", "Color=Red"])
+        .args(["--answer", "Sizes=Medium", "--answer", "Sizes=Large"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = reply_after(&mut c, &s.name, asked).await?;
+    assert!(
+        reply.contains("\"Which color should the button be?\"=\"Red\"")
+            && reply.contains("\"Which sizes should ship?\"=\"Medium, Large\""),
+        "{reply}"
+    );
+    stop_and_wait(&mut c, &s.name).await?;
+    cluster.shutdown().await?;
+    receiver.abort();
+    let _ = receiver.await;
+    Ok(())
+}
