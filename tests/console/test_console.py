@@ -146,11 +146,13 @@ class ConsoleTest(unittest.TestCase):
         # Export as Markdown: the transcript, questions and answers included.
         with page.expect_download() as download:
             page.get_by_role("button", name="Export Markdown").click()
-        text = open(download.value.path(), encoding="utf-8").read()
+        with open(download.value.path(), encoding="utf-8") as f:
+            text = f.read()
         self.assertIn("Which sizes should ship? → **Small, Large**", text)
         with page.expect_download() as download:
             page.get_by_role("button", name="Export PDF").click()
-        self.assertTrue(open(download.value.path(), "rb").read().startswith(b"%PDF"))
+        with open(download.value.path(), "rb") as f:
+            self.assertTrue(f.read().startswith(b"%PDF"))
 
         # Delete asks first, in the page.
         page.get_by_role("button", name="Stop").click()

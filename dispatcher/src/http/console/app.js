@@ -172,6 +172,9 @@ function sessionView(main, id) {
       el('div', { class: 'bar' }, el('button', { class: 'primary', type: 'submit' }, 'Send'))));
   const tools = new Map();
   const abort = new AbortController();
+  // Cleared when the view is left: a reply that lands later (the session
+  // just deleted, say) must not draw over the next view.
+  let live = true;
   let shownPending = '';
 
   function act(label, verb, opts = {}) {
@@ -214,6 +217,7 @@ function sessionView(main, id) {
   async function refresh() {
     try {
       const s = await api('GET', '/v1/' + name);
+      if (!live) return;
       head.replaceChildren(
         el('h1', {}, s.displayName || id),
         el('p', { class: 'muted', id: 'state' }, statusName(s.status), ' · ', activityName(s.activity) || '—', ' · ',
@@ -224,7 +228,10 @@ function sessionView(main, id) {
         pending.replaceChildren(...(s.pendingToolRequests || []).map(r =>
           r.toolName === 'AskUserQuestion' ? questionPanel(name, r) : approvalCard(name, r)));
       }
-    } catch (e) { if (e.status === 404) { main.replaceChildren(el('p', {}, 'No such session.')); } else failed(e); }
+    } catch (e) {
+      if (!live) return;
+      if (e.status === 404) main.replaceChildren(el('p', {}, 'No such session.')); else failed(e);
+    }
   }
 
   function row(node) { transcript.append(node); node.scrollIntoView({ block: 'nearest' }); }
@@ -327,7 +334,7 @@ function sessionView(main, id) {
   refresh();
   tail();
   const timer = setInterval(refresh, 2000);
-  return () => { clearInterval(timer); abort.abort(); };
+  return () => { live = false; clearInterval(timer); abort.abort(); };
 }
 
 function turnFooter(name, turn) {
