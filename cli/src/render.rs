@@ -368,26 +368,13 @@ pub(crate) fn node_table(out: &Out, nodes: &[pb::Node]) -> Table {
 
 /// The agent's questions on one line, with how to answer them.
 fn questions_line(input: &serde_json::Value, session: &str, tool_use_id: &str) -> String {
-    let asked: Vec<String> = input["questions"]
-        .as_array()
-        .map(|qs| {
-            qs.iter()
-                .map(|q| {
-                    let options: Vec<&str> = q["options"]
-                        .as_array()
-                        .map(|o| o.iter().filter_map(|o| o["label"].as_str()).collect())
-                        .unwrap_or_default();
-                    let sep = if q["multiSelect"] == true { ", " } else { "/" };
-                    format!(
-                        "{}: {} [{}]",
-                        q["header"].as_str().unwrap_or_default(),
-                        q["question"].as_str().unwrap_or_default(),
-                        options.join(sep)
-                    )
-                })
-                .collect()
+    let asked: Vec<String> = berth_common::questions::questions(input)
+        .iter()
+        .map(|q| {
+            let sep = if q.multi_select { ", " } else { "/" };
+            format!("{}: {} [{}]", q.header, q.question, q.options.join(sep))
         })
-        .unwrap_or_default();
+        .collect();
     format!(
         "? the agent asks: {}; answer with: berth sessions answer {session} {tool_use_id} --answer \"HEADER=ANSWER\"",
         asked.join("; ")

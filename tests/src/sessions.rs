@@ -251,3 +251,19 @@ pub async fn stop_and_wait(c: &mut SessionsClient<Api>, name: &str) -> anyhow::R
         .await?;
     wait_for_status(c, name, pb::SessionStatus::Stopped, Duration::from_secs(60)).await
 }
+
+/// The next ack on a `Connect` stream (events before it are passed over),
+/// within 20 s.
+pub async fn next_ack(
+    stream: &mut tonic::Streaming<pb::ConnectResponse>,
+) -> anyhow::Result<pb::ConnectAck> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(m) = stream.next().await {
+            if let Some(pb::connect_response::Kind::Ack(a)) = m?.kind {
+                return anyhow::Ok(a);
+            }
+        }
+        anyhow::bail!("the stream ended before the ack")
+    })
+    .await?
+}

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import time
 from typing import AsyncIterator, Dict, Optional, Sequence
 
 import grpc
 
 from . import requests
-from .client import _ENDED, _RESUMABLE, RunResult, SessionEnded, _channel_args
+from .client import _ENDED, RunResult, SessionEnded, _channel_args
 from .errors import BerthError
 from .events import Event, StatusChange, Usage, parse_event
 from .rpc import Rpc
@@ -127,31 +125,20 @@ class AsyncClient:
         """As ``Client.stream_events``: resumed from the last seq after a
         dropped stream, no event skipped or repeated."""
         name = requests.session_name(session)
-        interrupted_at = None
-        delay = 0.2
-        deadline = None if timeout is None else time.monotonic() + timeout
+        resume = requests.Resume(max_interruption, timeout)
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            call = self.rpc.sessions.stream_events(
-                sessions_pb2.StreamEventsRequest(name=name, after_seq=after_seq), timeout=remaining
-            )
+            req = sessions_pb2.StreamEventsRequest(name=name, after_seq=after_seq)
+            call = self.rpc.sessions.stream_events(req, timeout=resume.remaining())
             try:
                 async for e in call:
-                    interrupted_at, delay = None, 0.2
+                    resume.streaming()
                     if e.seq <= after_seq:
                         continue
                     after_seq = e.seq
                     yield parse_event(e)
                 return
             except grpc.RpcError as err:
-                if err.code() not in _RESUMABLE:
-                    raise BerthError.from_rpc_error(err) from None
-                now = time.monotonic()
-                interrupted_at = interrupted_at or now
-                if now - interrupted_at > max_interruption:
-                    raise BerthError.from_rpc_error(err) from None
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(resume.pause_after(err))
             finally:
                 call.cancel()
 

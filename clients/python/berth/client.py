@@ -5,7 +5,6 @@ RPC (``rpc``), and the calls services need most, with errors as
 from __future__ import annotations
 
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -28,9 +27,6 @@ from .v1 import (
     webhooks_pb2_grpc,
 )
 
-# Codes after which an event stream is opened again from the last seq seen:
-# the dispatcher restarted, the connection dropped, a proxy cut it.
-_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 # Statuses in which a session no longer runs its turn.
 _ENDED = {"stopped", "failed", "paused", "stopping", "archived"}
 
@@ -258,29 +254,20 @@ class Client:
         without a stream, or with DEADLINE_EXCEEDED once ``timeout`` seconds
         have passed in all."""
         name = self._name(session)
-        interrupted_at = None
-        delay = 0.2
-        deadline = None if timeout is None else time.monotonic() + timeout
+        resume = requests.Resume(max_interruption, timeout)
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            call = self.sessions.StreamEvents(sessions_pb2.StreamEventsRequest(name=name, after_seq=after_seq), timeout=remaining)
+            req = sessions_pb2.StreamEventsRequest(name=name, after_seq=after_seq)
+            call = self.sessions.StreamEvents(req, timeout=resume.remaining())
             try:
                 for e in call:
-                    interrupted_at, delay = None, 0.2
+                    resume.streaming()
                     if e.seq <= after_seq:
                         continue
                     after_seq = e.seq
                     yield parse_event(e)
                 return
             except grpc.RpcError as err:
-                if err.code() not in _RESUMABLE:
-                    raise BerthError.from_rpc_error(err) from None
-                now = time.monotonic()
-                interrupted_at = interrupted_at or now
-                if now - interrupted_at > max_interruption:
-                    raise BerthError.from_rpc_error(err) from None
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                time.sleep(resume.pause_after(err))
             finally:
                 call.cancel()
 

@@ -224,10 +224,10 @@ async fn unary_reply(route: &Route, body: Body) -> http::Response<Body> {
     let mut buf = bytes::BytesMut::from(collected.to_bytes());
     let reply = transcode::next_message(&mut buf).and_then(|m| {
         let m = m.ok_or_else(|| Status::internal("the call ended without a reply"))?;
-        transcode::reply(&route.rpc.output(), &m)
+        transcode::reply(&transcode::decode(&route.rpc.output(), &m)?)
     });
     match reply {
-        Ok(json) => respond::json(StatusCode::OK, &json),
+        Ok(json) => respond::bytes(StatusCode::OK, "application/json", json),
         Err(status) => errors::response(&status),
     }
 }

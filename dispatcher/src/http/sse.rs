@@ -61,13 +61,17 @@ impl State {
             if self.ended {
                 return None;
             }
-            let mut out = String::new();
+            let mut out = Vec::new();
             loop {
                 match transcode::next_message(&mut self.buf) {
-                    Ok(Some(message)) => match transcode::reply(&self.output, &message) {
-                        Ok(json) => event(&mut out, &json),
-                        Err(status) => return Some(self.end(Some(&status))),
-                    },
+                    Ok(Some(bytes)) => {
+                        let written = transcode::decode(&self.output, &bytes)
+                            .and_then(|m| Ok((seq(&m), transcode::reply(&m)?)));
+                        match written {
+                            Ok((seq, json)) => event(&mut out, seq, &json),
+                            Err(status) => return Some(self.end(Some(&status))),
+                        }
+                    }
                     Ok(None) => break,
                     Err(status) => return Some(self.end(Some(&status))),
                 }
@@ -103,20 +107,21 @@ impl State {
     }
 }
 
+/// A reply's `seq` field, when it has one (an `Event` does).
+fn seq(message: &prost_reflect::DynamicMessage) -> Option<i64> {
+    message.get_field_by_name("seq").and_then(|v| v.as_i64())
+}
+
 /// One reply as an event; its `seq` (when it has one) is the event's id.
-fn event(out: &mut String, json: &serde_json::Value) {
-    use std::fmt::Write;
-    match json.get("seq") {
-        Some(serde_json::Value::String(seq)) => {
-            let _ = writeln!(out, "id: {seq}");
-        }
-        Some(serde_json::Value::Number(seq)) => {
-            let _ = writeln!(out, "id: {seq}");
-        }
-        _ => {}
+fn event(out: &mut Vec<u8>, seq: Option<i64>, json: &[u8]) {
+    use std::io::Write;
+    if let Some(seq) = seq {
+        let _ = writeln!(out, "id: {seq}");
     }
     // Compact JSON has no raw newline: one `data:` line.
-    let _ = write!(out, "data: {json}\n\n");
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
 }
 
 #[cfg(test)]
@@ -125,17 +130,26 @@ mod tests {
 
     #[test]
     fn an_event_carries_its_seq_as_its_id() {
-        let mut out = String::new();
-        event(
-            &mut out,
-            &serde_json::json!({"seq": "7", "type": "agent.message"}),
+        use prost::Message;
+        let pool = prost_reflect::DescriptorPool::decode(berth_proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptors");
+        let desc = pool.get_message_by_name("berth.v1.Event").expect("Event");
+        let wire = berth_proto::v1::Event {
+            seq: 7,
+            r#type: "agent.message".into(),
+            payload_json: r#"{"text":"a\nb"}"#.into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let m = transcode::decode(&desc, &wire).expect("decodes");
+        let mut out = Vec::new();
+        event(&mut out, seq(&m), &transcode::reply(&m).expect("json"));
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.starts_with("id: 7\ndata: {"), "{text}");
+        assert!(text.contains(r#""seq":"7""#), "{text}");
+        assert!(
+            text.ends_with("}\n\n") && text.matches('\n').count() == 3,
+            "one data line: {text}"
         );
-        assert_eq!(
-            out,
-            "id: 7\ndata: {\"seq\":\"7\",\"type\":\"agent.message\"}\n\n"
-        );
-        let mut out = String::new();
-        event(&mut out, &serde_json::json!({"text": "a\nb"}));
-        assert_eq!(out, "data: {\"text\":\"a\\nb\"}\n\n");
     }
 }

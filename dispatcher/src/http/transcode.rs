@@ -61,15 +61,22 @@ pub(crate) fn request(
     })
 }
 
-/// The JSON of a reply message (every field, defaults included, names in
-/// lowerCamelCase, 64-bit integers as strings: proto3's JSON mapping).
-pub(crate) fn reply(output: &MessageDescriptor, message: &[u8]) -> Result<Value, Status> {
-    let message = DynamicMessage::decode(output.clone(), message)
-        .map_err(|e| Status::internal(format!("the reply does not decode: {e}")))?;
+/// A reply message, decoded.
+pub(crate) fn decode(output: &MessageDescriptor, message: &[u8]) -> Result<DynamicMessage, Status> {
+    DynamicMessage::decode(output.clone(), message)
+        .map_err(|e| Status::internal(format!("the reply does not decode: {e}")))
+}
+
+/// A reply's JSON text (every field, defaults included, names in
+/// lowerCamelCase, 64-bit integers as strings: proto3's JSON mapping),
+/// written straight to bytes: one line, no raw newline.
+pub(crate) fn reply(message: &DynamicMessage) -> Result<Vec<u8>, Status> {
     let options = SerializeOptions::new().skip_default_fields(false);
+    let mut out = Vec::with_capacity(256);
     message
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .map_err(|e| Status::internal(format!("the reply has no JSON form: {e}")))
+        .serialize_with_options(&mut serde_json::Serializer::new(&mut out), &options)
+        .map_err(|e| Status::internal(format!("the reply has no JSON form: {e}")))?;
+    Ok(out)
 }
 
 /// A message as one gRPC frame (uncompressed).

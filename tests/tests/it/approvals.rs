@@ -356,7 +356,6 @@ async fn a_real_cli_paused_while_waiting_asks_again_after_the_resume() -> anyhow
 /// stops the next edit asking, and an interrupt withdraws a request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_claude_asks_like_the_real_cli_and_connect_answers() -> anyhow::Result<()> {
-    use tokio_stream::StreamExt;
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
     let s = c
@@ -390,15 +389,7 @@ async fn fake_claude_asks_like_the_real_cli_and_connect_answers() -> anyhow::Res
         )),
     })
     .await?;
-    let ack = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(m) = stream.next().await {
-            if let Some(pb::connect_response::Kind::Ack(a)) = m?.kind {
-                return anyhow::Ok(a);
-            }
-        }
-        anyhow::bail!("the stream ended before the ack")
-    })
-    .await??;
+    let ack = next_ack(&mut stream).await?;
     assert_eq!((ack.r#ref.as_str(), ack.code), ("c1", 0), "{ack:?}");
     let reply = reply_to_turn(&mut c, &s.name, asked).await?;
     assert!(reply.contains("File created successfully"), "{reply}");

@@ -216,7 +216,6 @@ async fn the_cli_answers_by_header_and_label() -> anyhow::Result<()> {
 /// INVALID_ARGUMENT, a good answer with its seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_stream_answers_questions() -> anyhow::Result<()> {
-    use tokio_stream::StreamExt;
     let cluster = TestCluster::builder().start().await?;
     let mut c = cluster.client();
     let s = c.create_session(fake_ask()).await?.into_inner();
@@ -250,15 +249,7 @@ async fn a_connect_stream_answers_questions() -> anyhow::Result<()> {
             })),
         })
         .await?;
-        let ack = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(m) = stream.next().await {
-                if let Some(pb::connect_response::Kind::Ack(a)) = m?.kind {
-                    return anyhow::Ok(a);
-                }
-            }
-            anyhow::bail!("the stream ended before the ack")
-        })
-        .await??;
+        let ack = next_ack(&mut stream).await?;
         acks.push(ack);
     }
     assert_eq!(
