@@ -36,6 +36,7 @@ pub const GATEWAY_MODEL_REQUESTS: &str = "berth_gateway_model_requests_total";
 pub const RUNS_FENCED: &str = "berth_agent_server_runs_fenced_total";
 pub const GATEWAY_HELD: &str = "berth_gateway_held_requests_total";
 pub const RUNS_FROZEN: &str = "berth_agent_server_runs_frozen_total";
+pub const GATEWAY_CREDENTIAL_REQUESTS: &str = "berth_gateway_credential_requests_total";
 
 /// The `start` label's values: how an agent started.
 pub const START_PATHS: [&str; 3] = ["warm_process", "warm_container", "cold"];
@@ -221,6 +222,12 @@ pub const ALL: &[Def] = &[
         kind: Kind::Counter,
         help: "Bytes through allowed egress tunnels, by direction (sent, received).",
         labels: &["direction"],
+    },
+    Def {
+        name: GATEWAY_CREDENTIAL_REQUESTS,
+        kind: Kind::Counter,
+        help: "Requests the gateway sent on a declared route (MCP server, git repository) with a credential attached, by credential id, host and outcome (2xx..5xx, refused, unreachable). Never the value.",
+        labels: &["credential", "host", "outcome"],
     },
     Def {
         name: GATEWAY_MODEL_REQUESTS,

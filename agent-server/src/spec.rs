@@ -37,6 +37,37 @@ pub struct SessionSpec {
 #[derive(Clone, Default)]
 pub struct GatewaySecrets {
     pub anthropic_api_key: Option<String>,
+    /// Credentials the gateway sends as a header to their hosts.
+    pub credentials: Vec<Credential>,
+}
+
+/// A credential: sent as `header` to `hosts` only.
+#[derive(Clone)]
+pub struct Credential {
+    pub id: String,
+    pub hosts: Vec<String>,
+    pub header: berth_common::credentials::HttpHeader,
+    pub value: String,
+}
+
+impl Credential {
+    /// The header to send, as a sensitive value (never logged by hyper).
+    pub fn header_value(&self) -> Option<http::HeaderValue> {
+        let mut v = http::HeaderValue::from_str(&self.header.value(&self.value)).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("id", &self.id)
+            .field("hosts", &self.hosts)
+            .field("header", &self.header.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for GatewaySecrets {
@@ -46,16 +77,42 @@ impl std::fmt::Debug for GatewaySecrets {
                 "anthropic_api_key",
                 &self.anthropic_api_key.as_ref().map(|_| "<redacted>"),
             )
+            .field("credentials", &self.credentials)
             .finish()
     }
 }
 
 impl GatewaySecrets {
+    /// The credential `id`, if the session has it.
+    pub fn credential(&self, id: &str) -> Option<&Credential> {
+        self.credentials.iter().find(|c| c.id == id)
+    }
+
     fn from_pb(secrets: Vec<pb::GatewaySecret>) -> Result<Self, Error> {
         let mut out = Self::default();
         for s in secrets {
             match pb::SecretUsage::try_from(s.usage) {
                 Ok(pb::SecretUsage::AnthropicApiKey) => out.anthropic_api_key = Some(s.value),
+                Ok(pb::SecretUsage::HttpHeader) => {
+                    berth_common::credentials::validate_hosts("spec.secrets.hosts", &s.hosts)?;
+                    let header = berth_common::credentials::HttpHeader {
+                        name: s.header_name,
+                        prefix: s.header_prefix,
+                    };
+                    header.validate("spec.secrets.header_name")?;
+                    if s.id.is_empty() || s.value.contains(['\r', '\n', '\0']) {
+                        return Err(Error::invalid(
+                            "spec.secrets",
+                            "a credential needs an id and a one-line value",
+                        ));
+                    }
+                    out.credentials.push(Credential {
+                        id: s.id,
+                        hosts: s.hosts,
+                        header,
+                        value: s.value,
+                    });
+                }
                 _ => {
                     return Err(Error::invalid(
                         "spec.secrets.usage",
@@ -88,6 +145,9 @@ pub struct GitClone {
     pub path: String,
     /// For ssh:// URLs: the private key to clone with (node only).
     pub ssh_key: Option<String>,
+    /// For https:// URLs: the credential (one of the session's) to clone
+    /// and fetch with, through the gateway.
+    pub credential_id: Option<String>,
 }
 
 impl std::fmt::Debug for GitClone {
@@ -97,6 +157,7 @@ impl std::fmt::Debug for GitClone {
             .field("git_ref", &self.git_ref)
             .field("path", &self.path)
             .field("ssh_key", &self.ssh_key.as_ref().map(|_| "<redacted>"))
+            .field("credential_id", &self.credential_id)
             .finish()
     }
 }
@@ -140,6 +201,7 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
                 .into_iter()
                 .map(|g| GitClone {
                     ssh_key: Some(g.ssh_key).filter(|k| !k.is_empty()),
+                    credential_id: Some(g.credential_id).filter(|c| !c.is_empty()),
                     url: g.url,
                     git_ref: g.r#ref,
                     path: g.path,
@@ -184,6 +246,7 @@ mod tests {
         let s = GatewaySecrets::from_pb(vec![pb::GatewaySecret {
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: "sk-ant-very-secret".into(),
+            ..Default::default()
         }])
         .expect("a known usage");
         assert_eq!(s.anthropic_api_key.as_deref(), Some("sk-ant-very-secret"));
@@ -191,6 +254,7 @@ mod tests {
         let unknown = GatewaySecrets::from_pb(vec![pb::GatewaySecret {
             usage: 99,
             value: "x".into(),
+            ..Default::default()
         }]);
         assert!(unknown.is_err());
     }

@@ -418,6 +418,7 @@ pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Res
                         pb::SecretUsage::GitSshKey => value,
                         _ => value.trim_end_matches(['\n', '\r']).to_string(),
                     },
+                    ..Default::default()
                 })
                 .await
                 .map_err(e)?

@@ -70,6 +70,15 @@ pub struct SpecArgs {
     /// What a request nobody answers in time gets (default deny).
     #[arg(long, value_enum)]
     pub timeout_decision: Option<DecisionArg>,
+    /// A remote MCP server (streamable HTTP), NAME=URL, or
+    /// NAME=URL@secrets/ID with a credential the gateway adds (repeatable).
+    /// The agent reaches it only through the node's gateway.
+    #[arg(long = "mcp", value_parser = key_value)]
+    pub mcp: Vec<(String, String)>,
+    /// An MCP server the agent starts in its container on stdio,
+    /// NAME=COMMAND [ARGS...] (split like a shell; repeatable).
+    #[arg(long = "mcp-stdio", value_parser = key_value)]
+    pub mcp_stdio: Vec<(String, String)>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -137,7 +146,44 @@ impl SpecArgs {
             vault_ids: self.secrets.clone(),
             egress: self.egress(),
             tool_policy: self.tool_policy()?,
+            mcp_servers: self.mcp_servers()?,
         })
+    }
+
+    /// The MCP servers `--mcp` and `--mcp-stdio` declare.
+    fn mcp_servers(&self) -> Result<Vec<pb::McpServer>, CliError> {
+        use pb::mcp_server::Transport;
+        let mut out = Vec::new();
+        for (name, target) in &self.mcp {
+            let (url, credential) = match target.rsplit_once("@secrets/") {
+                Some((url, id)) => (url, format!("secrets/{id}")),
+                None => (target.as_str(), String::new()),
+            };
+            out.push(pb::McpServer {
+                name: name.clone(),
+                transport: Some(Transport::Remote(pb::McpRemote {
+                    url: url.to_string(),
+                    credential,
+                })),
+            });
+        }
+        for (name, line) in &self.mcp_stdio {
+            let mut words = shlex::split(line)
+                .filter(|w| !w.is_empty())
+                .ok_or_else(|| CliError::new(format!("--mcp-stdio {name}=…: unbalanced quotes")))?
+                .into_iter();
+            let command = words.next().ok_or_else(|| {
+                CliError::new(format!("--mcp-stdio {name}=: a command is required"))
+            })?;
+            out.push(pb::McpServer {
+                name: name.clone(),
+                transport: Some(Transport::Stdio(pb::McpStdio {
+                    command,
+                    args: words.collect(),
+                })),
+            });
+        }
+        Ok(out)
     }
 
     /// The tool policy these flags describe; `None` when none is given.
@@ -300,6 +346,7 @@ impl SessionOpts {
                     r#ref: git_ref.to_string(),
                     path: path.clone(),
                     ssh_key_secret: self.git_ssh_key.clone().unwrap_or_default(),
+                    ..Default::default()
                 })),
             });
         }

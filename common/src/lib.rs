@@ -2,6 +2,7 @@
 //! gRPC server plumbing, event type names, resource names and time conversion.
 
 pub mod causes;
+pub mod credentials;
 pub mod events;
 pub mod field;
 pub mod grpc;

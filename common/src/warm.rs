@@ -13,7 +13,9 @@
 //! - a resume (`resume_id`): the runtime takes the id on its command line;
 //! - a restored snapshot, files, memory stores or git clones: the agent
 //!   would start before they are in place;
-//! - any env value: env may hold secrets, and a warm process holds none.
+//! - any env value: env may hold secrets, and a warm process holds none;
+//! - a remote MCP server: the agent connects to it as it starts, through
+//!   the gateway route of a session that does not exist yet.
 //!
 //! The model API key is not part of the process: the node's egress gateway
 //! attaches it at egress. Only *whether* the session has one is in the key
@@ -39,7 +41,10 @@ pub fn template(spec: &node_pb::SessionSpec) -> Option<node_pb::SessionSpec> {
         && spec.files.is_empty()
         && spec.memory.is_empty()
         && spec.git.is_empty()
-        && spec.env.is_empty();
+        && spec.env.is_empty()
+        // The CLI connects to remote MCP servers as it starts, before a
+        // session (and its gateway route) exists.
+        && spec.mcp_servers.iter().all(|m| m.url.is_empty());
     if !eligible {
         return None;
     }
@@ -104,6 +109,7 @@ mod tests {
             s.secrets.push(node_pb::GatewaySecret {
                 usage: node_pb::SecretUsage::AnthropicApiKey as i32,
                 value: v.into(),
+                ..Default::default()
             });
             agent_key(&s)
         };
@@ -112,6 +118,7 @@ mod tests {
         s.secrets.push(node_pb::GatewaySecret {
             usage: node_pb::SecretUsage::AnthropicApiKey as i32,
             value: "sk-one".into(),
+            ..Default::default()
         });
         let t = template(&s).expect("eligible");
         assert!(

@@ -28,7 +28,7 @@ pub struct Jsonl {
 }
 
 impl Adapter for Jsonl {
-    fn command(&self, spec: &SessionSpec) -> Vec<String> {
+    fn command(&self, spec: &SessionSpec, _gateway_port: Option<u16>) -> Vec<String> {
         spec.agent.runtime_args.clone()
     }
 

@@ -104,8 +104,9 @@ impl Decoded {
 
 /// Speaks one runtime's protocol.
 pub trait Adapter: Send {
-    /// The command that starts the agent.
-    fn command(&self, spec: &SessionSpec) -> Vec<String>;
+    /// The command that starts the agent; `gateway_port` when the node's
+    /// gateway serves its container (declared routes point at it).
+    fn command(&self, spec: &SessionSpec, gateway_port: Option<u16>) -> Vec<String>;
     /// Bytes to write to stdin for a user message (one line, newline included).
     fn encode_message(&mut self, text: &str) -> Vec<u8>;
     /// Bytes to write to stdin to interrupt the current turn.

@@ -81,4 +81,7 @@ pub struct WorkspaceConfig {
     pub git_timeout: Duration,
     /// Hosts git resources may come from beyond public https.
     pub git_allow: Vec<String>,
+    /// The gateway's port in containers, when there is a gateway: a
+    /// checkout cloned with a credential has its `origin` there.
+    pub gateway_port: Option<u16>,
 }

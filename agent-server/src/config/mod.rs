@@ -430,6 +430,7 @@ impl Config {
             git_bin: self.git_bin.clone(),
             git_timeout: self.git_timeout,
             git_allow: self.git_allow_hosts.clone(),
+            gateway_port: (self.gateway_dir != "off").then_some(self.gateway_port),
         }
     }
 

@@ -389,10 +389,10 @@ impl Starter {
                 .map_err(|e| e.to_string())?;
         }
         crate::workspace::prepare(&self.runtime, &self.objects, &self.workspace, id, spec).await?;
-        let cmd = crate::adapter::for_runtime(spec.agent.runtime).command(spec);
         let port = self
             .gateway_port
             .filter(|_| self.runtime.gateway_dir(id).is_some());
+        let cmd = crate::adapter::for_runtime(spec.agent.runtime).command(spec, port);
         let env = crate::env::agent_env(spec, &self.home, port);
         let mut process = self
             .runtime

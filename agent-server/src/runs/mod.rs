@@ -412,6 +412,11 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             snapshot_key: key,
             snapshot_bytes: i64::try_from(bytes).unwrap_or(i64::MAX),
         }),
+        Output::CredentialUse(u) => pb::node_frame::Kind::CredentialUse(pb::CredentialUse {
+            credential_id: u.credential_id,
+            host: u.host,
+            requests: u.requests,
+        }),
         Output::Exited(x) => pb::node_frame::Kind::Exited(pb::Exited {
             exit_code: x.code,
             reason: x.reason,

@@ -69,6 +69,8 @@ pub enum Output {
         bytes: u64,
     },
     Exited(Exit),
+    /// The gateway attached a credential (reported at most once a minute).
+    CredentialUse(crate::gateway::CredentialUse),
 }
 
 /// How the agent ended.
@@ -151,8 +153,9 @@ async fn run_in_slot(
     out: &mpsc::Sender<Output>,
 ) -> Exit {
     let mut adapter = adapter::for_runtime(spec.agent.runtime);
-    let cmd = adapter.command(&spec);
-    let mut started = match start::acquire(node, slot, session_id, &spec, &cmd).await {
+    let gateway_port = node.gateway.is_some().then_some(node.cfg.gateway_port);
+    let cmd = adapter.command(&spec, gateway_port);
+    let mut started = match start::acquire(node, slot, session_id, &spec, &cmd, out).await {
         Ok(s) => s,
         Err(exit) => return exit,
     };

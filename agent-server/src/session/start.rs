@@ -59,6 +59,7 @@ pub(super) async fn acquire(
     session_id: &str,
     spec: &SessionSpec,
     cmd: &[String],
+    out: &tokio::sync::mpsc::Sender<super::Output>,
 ) -> Result<Started, Exit> {
     let runtime = node.runtime.clone();
     // Fastest first: a pre-started agent process (a pop and one liveness
@@ -82,7 +83,7 @@ pub(super) async fn acquire(
         };
         // Its limits and skills went in before it started (they are the
         // agent's); the session's gate opens now.
-        return match serve_gate(node, slot, session_id, spec, &w.id) {
+        return match serve_gate(node, slot, session_id, spec, &w.id, out) {
             Ok(gate) => Ok(Started {
                 container_id: w.id,
                 guard,
@@ -100,7 +101,7 @@ pub(super) async fn acquire(
     // A miss: the pool's refills wait until this agent is up.
     let cold = node.processes.cold_start();
     if let Some(warm) = node.pools.claim(&spec.agent.image) {
-        match in_container(node, slot, session_id, spec, cmd, Some(warm)).await {
+        match in_container(node, slot, session_id, spec, cmd, Some(warm), out).await {
             Ok(started) => {
                 return Ok(Started {
                     cold: Some(cold),
@@ -112,7 +113,7 @@ pub(super) async fn acquire(
             Err(None) => {}
         }
     }
-    in_container(node, slot, session_id, spec, cmd, None)
+    in_container(node, slot, session_id, spec, cmd, None, out)
         .await
         .map(|started| Started {
             cold: Some(cold),
@@ -131,6 +132,7 @@ async fn in_container(
     spec: &SessionSpec,
     cmd: &[String],
     warm_container: Option<crate::pool::Claimed>,
+    out: &tokio::sync::mpsc::Sender<super::Output>,
 ) -> Result<Started, Option<Exit>> {
     let runtime = node.runtime.clone();
     let warm = warm_container.is_some();
@@ -173,7 +175,7 @@ async fn in_container(
             "preparing the session failed: {reason}"
         ))));
     }
-    let gate = match serve_gate(node, slot, session_id, spec, &id) {
+    let gate = match serve_gate(node, slot, session_id, spec, &id, out) {
         Ok(g) => g,
         Err(e) => {
             guard.remove().await;
@@ -264,6 +266,7 @@ fn serve_gate(
     session_id: &str,
     spec: &SessionSpec,
     container_id: &str,
+    out: &tokio::sync::mpsc::Sender<super::Output>,
 ) -> Result<Option<crate::gateway::GateGuard>, String> {
     let (Some(gw), Some(dir)) = (&node.gateway, node.runtime.gateway_dir(container_id)) else {
         return Ok(None);
@@ -273,6 +276,14 @@ fn serve_gate(
         egress: spec.agent.egress.clone(),
         api_key: spec.secrets.anthropic_api_key.clone(),
         lease: Some(slot.lease.clone()),
+        routes: crate::gateway::routes_of(spec),
+        uses: Some({
+            let out = out.clone();
+            crate::gateway::UseLog::new(std::sync::Arc::new(move |u| {
+                // A full channel drops a report: the next one counts it.
+                let _ = out.try_send(super::Output::CredentialUse(u));
+            }))
+        }),
     };
     gw.serve(&dir, gate)
         .map(Some)

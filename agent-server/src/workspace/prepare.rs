@@ -9,7 +9,7 @@ use super::restore::restore;
 use super::snapshot::layout_volumes;
 use crate::config::WorkspaceConfig;
 use crate::container::ContainerRuntime;
-use crate::spec::{GitClone, SessionSpec};
+use crate::spec::{Credential, GitClone, SessionSpec};
 
 /// Copies everything the session needs into its container, in order:
 /// snapshot, then (first start only) files and git clones, then memory
@@ -56,8 +56,20 @@ pub async fn prepare(
                 .await
                 .map_err(|e| format!("copying file {} to {}: {e}", f.key, f.path))?;
         }
-        for g in &spec.git {
-            let tar = clone_repo(cfg, g).await?;
+        for (n, g) in spec.git.iter().enumerate() {
+            let credential = g
+                .credential_id
+                .as_deref()
+                .map(|id| {
+                    spec.secrets.credential(id).ok_or_else(|| {
+                        format!(
+                            "git repository {}: its credential secrets/{id} was deleted",
+                            g.url
+                        )
+                    })
+                })
+                .transpose()?;
+            let tar = clone_repo(cfg, g, credential.map(|c| (n, c))).await?;
             let (volume, _) = layout.volume_of(&g.path)?;
             runtime
                 .upload_tar(container, volume, tar)
@@ -138,8 +150,15 @@ async fn check_source(cfg: &WorkspaceConfig, url: &str, with_key: bool) -> Resul
 }
 
 /// Clones `g` on the node (the container has no network or git) and returns
-/// a tar of the checkout placed at its path relative to its volume.
-async fn clone_repo(cfg: &WorkspaceConfig, g: &GitClone) -> Result<Bytes, String> {
+/// a tar of the checkout placed at its path relative to its volume. With a
+/// credential (`(n, credential)`: the resource's index too), git sends it as
+/// an extra header given in its environment only (never a file or git's
+/// config), and the checkout's `origin` is the gateway's route for it.
+async fn clone_repo(
+    cfg: &WorkspaceConfig,
+    g: &GitClone,
+    credential: Option<(usize, &Credential)>,
+) -> Result<Bytes, String> {
     check_source(cfg, &g.url, g.ssh_key.is_some()).await?;
     let layout = &cfg.layout;
     let (_, rel) = layout.volume_of(&g.path)?;
@@ -158,11 +177,16 @@ async fn clone_repo(cfg: &WorkspaceConfig, g: &GitClone) -> Result<Bytes, String
             k.display()
         )
     });
+    let header =
+        credential.map(|(_, c)| format!("{}: {}", c.header.name, c.header.value(&c.value)));
     let result = async {
         git_with(
             cfg,
             None,
-            ssh.as_deref(),
+            GitAuth {
+                ssh: ssh.as_deref(),
+                header: header.as_deref(),
+            },
             &[
                 "clone",
                 "--quiet",
@@ -181,6 +205,17 @@ async fn clone_repo(cfg: &WorkspaceConfig, g: &GitClone) -> Result<Bytes, String
         git(cfg, Some(&dir), &["checkout", "--quiet", target, "--"])
             .await
             .map_err(|e| format!("git repository {}: no ref `{}`: {e}", g.url, target))?;
+        if let (Some((n, _)), Some(port)) = (credential, cfg.gateway_port) {
+            let origin = format!("http://127.0.0.1:{port}{}", crate::gateway::git_route(n));
+            git(cfg, Some(&dir), &["remote", "set-url", "origin", &origin])
+                .await
+                .map_err(|e| {
+                    format!(
+                        "git repository {}: pointing origin at the gateway: {e}",
+                        g.url
+                    )
+                })?;
+        }
         let (uid, gid) = (layout.uid, layout.gid);
         let src = dir.clone();
         blocking(move || dir_tar(&src, &rel, uid, gid))
@@ -212,19 +247,34 @@ fn write_key(path: &std::path::Path, key: &str) -> std::io::Result<PathBuf> {
 }
 
 async fn git(cfg: &WorkspaceConfig, cwd: Option<&PathBuf>, args: &[&str]) -> Result<(), String> {
-    git_with(cfg, cwd, None, args).await
+    git_with(cfg, cwd, GitAuth::default(), args).await
 }
 
-/// `git` with `GIT_SSH_COMMAND` set when `ssh` is given.
+/// How one git command authenticates.
+#[derive(Default, Clone, Copy)]
+struct GitAuth<'a> {
+    /// `GIT_SSH_COMMAND`.
+    ssh: Option<&'a str>,
+    /// An `http.extraHeader` (`Name: value`), given in git's environment
+    /// (`GIT_CONFIG_*`), so it is in no file and no config.
+    header: Option<&'a str>,
+}
+
+/// `git` with `auth` in its environment.
 async fn git_with(
     cfg: &WorkspaceConfig,
     cwd: Option<&PathBuf>,
-    ssh: Option<&str>,
+    auth: GitAuth<'_>,
     args: &[&str],
 ) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new(&cfg.git_bin);
-    if let Some(ssh) = ssh {
+    if let Some(ssh) = auth.ssh {
         cmd.env("GIT_SSH_COMMAND", ssh);
+    }
+    if let Some(header) = auth.header {
+        cmd.env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env("GIT_CONFIG_VALUE_0", header);
     }
     cmd.args(args)
         .env("GIT_TERMINAL_PROMPT", "0")

@@ -52,19 +52,7 @@ impl Egress {
             _ => {}
         }
         for a in &self.allow {
-            let (host, port) = split_host_port(a);
-            let name = host.strip_prefix("*.").unwrap_or(host);
-            let ok_name = !name.is_empty()
-                && name.len() <= 253
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-            if !ok_name || port.is_none() {
-                return Err(FieldError::new(
-                    "spec.egress.allow",
-                    format!("`{a}`: expected `host`, `host:port` or `*.domain[:port]`"),
-                ));
-            }
+            check_host_pattern("spec.egress.allow", a)?;
         }
         Ok(())
     }
@@ -75,19 +63,41 @@ impl Egress {
         match self.mode {
             EgressMode::None => false,
             EgressMode::Open => true,
-            EgressMode::Allowlist => self.allow.iter().any(|a| {
-                let (pattern, p) = split_host_port(a);
-                if p != Some(port) {
-                    return false;
-                }
-                let host = host.to_ascii_lowercase();
-                let pattern = pattern.to_ascii_lowercase();
-                match pattern.strip_prefix("*.") {
-                    Some(domain) => host.ends_with(&format!(".{domain}")),
-                    None => host == pattern,
-                }
-            }),
+            EgressMode::Allowlist => self.allow.iter().any(|a| host_matches(a, host, port)),
         }
+    }
+}
+
+/// Checks one host pattern: `host`, `host:port` or `*.domain[:port]`.
+pub fn check_host_pattern(field: &'static str, a: &str) -> Result<(), FieldError> {
+    let (host, port) = split_host_port(a);
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let ok_name = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !ok_name || port.is_none() {
+        return Err(FieldError::new(
+            field,
+            format!("`{a}`: expected `host`, `host:port` or `*.domain[:port]`"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `host:port` matches a pattern (`host` means port 443;
+/// `*.domain` matches subdomains only).
+pub fn host_matches(pattern: &str, host: &str, port: u16) -> bool {
+    let (pattern, p) = split_host_port(pattern);
+    if p != Some(port) {
+        return false;
+    }
+    let host = host.to_ascii_lowercase();
+    let pattern = pattern.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(domain) => host.ends_with(&format!(".{domain}")),
+        None => host == pattern,
     }
 }
 

@@ -11,11 +11,13 @@ use crate::names;
 
 mod egress;
 mod fields;
+pub mod mcp;
 mod sources;
 mod wire;
 
-pub use egress::{Egress, EgressMode};
+pub use egress::{Egress, EgressMode, check_host_pattern, host_matches};
 pub use fields::{check_len, validate_env, validate_git, validate_path};
+pub use mcp::{McpServer, McpTransport};
 pub use sources::{GitHost, check_git_source, is_internal_host, is_internal_ip};
 pub use wire::from_node_pb;
 
@@ -92,6 +94,9 @@ pub struct AgentSpec {
     /// Tool approvals; `None`: the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_policy: Option<crate::tools::ToolPolicy>,
+    /// MCP servers (claude-code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp_servers: Vec<McpServer>,
 }
 
 /// Container limits; zero means the node's default.
@@ -170,6 +175,7 @@ impl AgentSpec {
             }
         }
         self.egress.validate()?;
+        mcp::validate(&self.mcp_servers)?;
         if let Some(p) = &self.tool_policy {
             p.validate()?;
         }

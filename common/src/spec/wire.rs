@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use berth_proto::{node::v1 as node_pb, v1 as pb};
 
-use super::{AgentSpec, Egress, EgressMode, FieldError, Limits, Runtime, Skill};
+use super::{
+    AgentSpec, Egress, EgressMode, FieldError, Limits, McpServer, McpTransport, Runtime, Skill,
+};
 
 fn runtime_from_pb(value: i32) -> Result<Runtime, FieldError> {
     match pb::Runtime::try_from(value) {
@@ -70,6 +72,91 @@ impl Egress {
     }
 }
 
+/// A secret id as given (`secrets/{id}` or the id), as stored.
+fn secret_id(v: &str) -> String {
+    v.strip_prefix("secrets/").unwrap_or(v).to_ascii_lowercase()
+}
+
+fn mcp_from_pb(s: pb::McpServer) -> Result<McpServer, FieldError> {
+    let transport = match s.transport {
+        Some(pb::mcp_server::Transport::Remote(r)) => McpTransport::Remote {
+            url: r.url,
+            credential: Some(secret_id(&r.credential)).filter(|c| !c.is_empty()),
+        },
+        Some(pb::mcp_server::Transport::Stdio(st)) => McpTransport::Stdio {
+            command: st.command,
+            args: st.args,
+        },
+        None => {
+            return Err(FieldError::new(
+                "spec.mcp_servers",
+                format!("server `{}`: set `remote` or `stdio`", s.name),
+            ));
+        }
+    };
+    Ok(McpServer {
+        name: s.name,
+        transport,
+    })
+}
+
+fn mcp_to_pb(s: &McpServer) -> pb::McpServer {
+    let transport = match &s.transport {
+        McpTransport::Remote { url, credential } => {
+            pb::mcp_server::Transport::Remote(pb::McpRemote {
+                url: url.clone(),
+                credential: credential
+                    .as_ref()
+                    .map(|c| format!("secrets/{c}"))
+                    .unwrap_or_default(),
+            })
+        }
+        McpTransport::Stdio { command, args } => pb::mcp_server::Transport::Stdio(pb::McpStdio {
+            command: command.clone(),
+            args: args.clone(),
+        }),
+    };
+    pb::McpServer {
+        name: s.name.clone(),
+        transport: Some(transport),
+    }
+}
+
+fn mcp_from_node_pb(s: &node_pb::McpServer) -> McpServer {
+    let transport = if s.url.is_empty() {
+        McpTransport::Stdio {
+            command: s.command.clone(),
+            args: s.args.clone(),
+        }
+    } else {
+        McpTransport::Remote {
+            url: s.url.clone(),
+            credential: Some(s.credential_id.clone()).filter(|c| !c.is_empty()),
+        }
+    };
+    McpServer {
+        name: s.name.clone(),
+        transport,
+    }
+}
+
+fn mcp_to_node_pb(s: &McpServer) -> node_pb::McpServer {
+    match &s.transport {
+        McpTransport::Remote { url, credential } => node_pb::McpServer {
+            name: s.name.clone(),
+            url: url.clone(),
+            credential_id: credential.clone().unwrap_or_default(),
+            ..Default::default()
+        },
+        McpTransport::Stdio { command, args } => node_pb::McpServer {
+            name: s.name.clone(),
+            command: command.clone(),
+            args: args.clone(),
+            ..Default::default()
+        },
+    }
+}
+
 fn runtime_to_pb(r: Runtime) -> i32 {
     match r {
         Runtime::ClaudeCode => pb::Runtime::ClaudeCode as i32,
@@ -84,6 +171,18 @@ impl TryFrom<pb::AgentSpec> for AgentSpec {
 
     fn try_from(s: pb::AgentSpec) -> Result<Self, FieldError> {
         let lim = s.limits.unwrap_or_default();
+        let mcp_servers = s
+            .mcp_servers
+            .into_iter()
+            .map(mcp_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut vault_ids: Vec<String> = s.vault_ids.iter().map(|v| secret_id(v)).collect();
+        // A server's credential is one of the session's secrets.
+        for c in mcp_servers.iter().filter_map(McpServer::credential) {
+            if !vault_ids.iter().any(|v| v == c) {
+                vault_ids.push(c.to_string());
+            }
+        }
         let spec = Self {
             runtime: runtime_from_pb(s.runtime)?,
             image: s.image,
@@ -104,20 +203,13 @@ impl TryFrom<pb::AgentSpec> for AgentSpec {
                     content: k.content,
                 })
                 .collect(),
-            vault_ids: s
-                .vault_ids
-                .into_iter()
-                .map(|v| {
-                    v.strip_prefix("secrets/")
-                        .unwrap_or(&v)
-                        .to_ascii_lowercase()
-                })
-                .collect(),
+            vault_ids,
             egress: egress_from_pb(s.egress)?,
             tool_policy: s
                 .tool_policy
                 .map(crate::tools::ToolPolicy::from_pb)
                 .transpose()?,
+            mcp_servers,
         };
         spec.validate()?;
         Ok(spec)
@@ -150,6 +242,7 @@ impl From<AgentSpec> for pb::AgentSpec {
             egress: Some(egress_to_pb(&s.egress)),
             vault_ids: s.vault_ids,
             tool_policy: s.tool_policy.as_ref().map(crate::tools::ToolPolicy::to_pb),
+            mcp_servers: s.mcp_servers.iter().map(mcp_to_pb).collect(),
         }
     }
 }
@@ -185,6 +278,7 @@ pub fn from_node_pb(s: &node_pb::SessionSpec) -> Result<AgentSpec, FieldError> {
             .as_ref()
             .map(crate::tools::ToolPolicy::from_node_pb)
             .transpose()?,
+        mcp_servers: s.mcp_servers.iter().map(mcp_from_node_pb).collect(),
     };
     spec.validate()?;
     Ok(spec)
@@ -220,5 +314,6 @@ impl AgentSpec {
             .tool_policy
             .as_ref()
             .map(crate::tools::ToolPolicy::to_node_pb);
+        out.mcp_servers = self.mcp_servers.iter().map(mcp_to_node_pb).collect();
     }
 }

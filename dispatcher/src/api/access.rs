@@ -11,7 +11,10 @@ use uuid::Uuid;
 use crate::access::auth::{Caller, Role, caller};
 use crate::error::Error;
 use crate::ops::access::{Keys, Secrets};
-use crate::store::{ApiKeyRow, SecretRow, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY};
+use crate::store::{
+    ApiKeyRow, SecretRow, SecretShape, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY,
+    USAGE_HTTP_HEADER,
+};
 use berth_common::time::to_timestamp as timestamp;
 
 /// Serves `berth.v1.ApiKeys`.
@@ -177,9 +180,10 @@ fn usage_to_str(u: i32) -> Result<&'static str, Error> {
     match pb::SecretUsage::try_from(u) {
         Ok(pb::SecretUsage::AnthropicApiKey) => Ok(USAGE_ANTHROPIC_API_KEY),
         Ok(pb::SecretUsage::GitSshKey) => Ok(USAGE_GIT_SSH_KEY),
+        Ok(pb::SecretUsage::HttpHeader) => Ok(USAGE_HTTP_HEADER),
         Ok(pb::SecretUsage::Unspecified) => Err(Error::invalid(
             "usage",
-            "required: how sessions use the secret (SECRET_USAGE_ANTHROPIC_API_KEY)",
+            "required: how sessions use the secret (SECRET_USAGE_ANTHROPIC_API_KEY, SECRET_USAGE_GIT_SSH_KEY or SECRET_USAGE_HTTP_HEADER)",
         )),
         Err(_) => Err(Error::invalid("usage", format!("unknown usage {u}"))),
     }
@@ -189,6 +193,7 @@ fn usage_from_str(u: &str) -> pb::SecretUsage {
     match u {
         USAGE_ANTHROPIC_API_KEY => pb::SecretUsage::AnthropicApiKey,
         USAGE_GIT_SSH_KEY => pb::SecretUsage::GitSshKey,
+        USAGE_HTTP_HEADER => pb::SecretUsage::HttpHeader,
         _ => pb::SecretUsage::Unspecified,
     }
 }
@@ -200,6 +205,12 @@ fn secret_pb(s: SecretRow) -> pb::Secret {
         display_name: s.display_name,
         usage: usage_from_str(&s.usage) as i32,
         create_time: Some(timestamp(s.create_time)),
+        header: (s.usage == USAGE_HTTP_HEADER).then(|| pb::HttpHeader {
+            name: s.header_name,
+            prefix: s.header_prefix,
+        }),
+        hosts: s.hosts,
+        last_use_time: s.last_use_time.map(timestamp),
     }
 }
 
@@ -219,11 +230,15 @@ impl SecretsApi for SecretsService {
     ) -> Result<Response<pb::Secret>, Status> {
         let who = caller(&r)?;
         let r = r.into_inner();
-        let usage = usage_to_str(r.usage)?;
-        let row = self
-            .secrets
-            .create(&who, &r.display_name, usage, &r.value)
-            .await?;
+        let header = r.header.unwrap_or_default();
+        let shape = SecretShape {
+            display_name: r.display_name,
+            usage: usage_to_str(r.usage)?,
+            hosts: r.hosts,
+            header_name: header.name,
+            header_prefix: header.prefix,
+        };
+        let row = self.secrets.create(&who, shape, &r.value).await?;
         Ok(Response::new(secret_pb(row)))
     }
 

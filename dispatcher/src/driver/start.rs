@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::ctx::{Ctx, durably};
 use crate::error::{Error, Result};
 use crate::nodes::Placed;
-use crate::nodes::wire::{OpenedSecrets, node_spec};
+use crate::nodes::wire::{OpenedSecret, OpenedSecrets, node_spec};
 use crate::session::{Session, StatusEvent};
 
 /// A started run: the node, the frames it sends, the frames we send.
@@ -91,7 +91,7 @@ pub(super) async fn start(
             }
         };
         // A node that goes down before answering counts as a refusal.
-        let kind = match first_answer(&placed, &mut frames).await {
+        let kind = match first_answer(ctx, &placed, &mut frames).await {
             Ok(kind) => kind,
             Err(status) => {
                 reasons.push(format!("{url}: {}", status.message()));
@@ -137,7 +137,12 @@ pub(super) async fn start(
                 return Ok(None);
             }
             // No answer, an empty frame, or an event before the answer.
-            None | Some(node_frame::Kind::Line(_) | node_frame::Kind::Checkpoint(_)) => {
+            None
+            | Some(
+                node_frame::Kind::Line(_)
+                | node_frame::Kind::Checkpoint(_)
+                | node_frame::Kind::CredentialUse(_),
+            ) => {
                 return Err(Error::Internal(format!(
                     "node {url} broke the protocol: its first frame must accept or refuse the session"
                 )));
@@ -176,7 +181,7 @@ pub(super) async fn attach(
             return Ok(None);
         }
     };
-    match first_answer(&placed, &mut frames).await {
+    match first_answer(ctx, &placed, &mut frames).await {
         Ok(Some(node_frame::Kind::Accepted(a))) if a.attached => {
             tracing::info!(%url, after = session.node_seq, "re-attached to the run the lost owner left");
             metrics::counter!(crate::metrics::REATTACHED).increment(1);
@@ -268,14 +273,17 @@ async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
         .collect();
     for r in &session.resources {
         if let crate::session::Resource::Git {
-            ssh_key_secret: Some(id),
+            ssh_key_secret,
+            credential,
             ..
         } = r
-            && let Ok(id) = id.parse()
         {
-            ids.push(id);
+            let named = ssh_key_secret.iter().chain(credential.iter());
+            ids.extend(named.filter_map(|id| id.parse::<uuid::Uuid>().ok()));
         }
     }
+    ids.sort();
+    ids.dedup();
     if ids.is_empty() {
         return Ok(opened);
     }
@@ -288,30 +296,50 @@ async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
         );
     }
     let context = crate::store::secret_context(&session.project);
-    for (id, usage, sealed) in rows {
+    for row in rows {
+        let id = row.id;
         let value = ctx
             .store
             .sealer()
-            .open(&context, &sealed)
+            .open(&context, &row.sealed)
             .map_err(|e| Error::Internal(format!("secret secrets/{id}: {e}")))?;
         let value = String::from_utf8(value)
             .map_err(|_| Error::Internal(format!("secret secrets/{id} is not UTF-8")))?;
-        opened.by_id.insert(id.to_string(), (usage, value));
+        opened.by_id.insert(
+            id.to_string(),
+            OpenedSecret {
+                usage: row.usage,
+                value,
+                hosts: row.hosts,
+                header_name: row.header_name,
+                header_prefix: row.header_prefix,
+            },
+        );
     }
     Ok(opened)
 }
 
 /// The node's first frame (accept, refuse, exit); a node that goes down
 /// before answering is an error.
+/// A credential's use the gateway reported before the agent's start was
+/// (it may call out as it starts) is recorded on the way.
 async fn first_answer(
+    ctx: &Ctx,
     placed: &Placed,
     frames: &mut tonic::Streaming<pb::NodeFrame>,
 ) -> Result<Option<node_frame::Kind>, tonic::Status> {
-    let first = tokio::select! {
-        m = frames.message() => m,
-        () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
-    };
-    Ok(first?.and_then(|f| f.kind))
+    loop {
+        let first = tokio::select! {
+            m = frames.message() => m,
+            () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
+        };
+        match first?.and_then(|f| f.kind) {
+            Some(node_frame::Kind::CredentialUse(u)) => {
+                super::relay::credential_used(ctx, &u).await
+            }
+            other => return Ok(other),
+        }
+    }
 }
 
 /// Every node is full, draining, down or refused: back to the queue. The

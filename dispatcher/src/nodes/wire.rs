@@ -39,6 +39,7 @@ pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::Sessi
                 git_ref,
                 path,
                 ssh_key_secret,
+                credential,
             } => git.push(pb::GitClone {
                 url: url.clone(),
                 r#ref: git_ref.clone(),
@@ -46,8 +47,9 @@ pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::Sessi
                 ssh_key: ssh_key_secret
                     .as_ref()
                     .and_then(|id| secrets.by_id.get(id))
-                    .map(|(_, value)| value.clone())
+                    .map(|s| s.value.clone())
                     .unwrap_or_default(),
+                credential_id: credential.clone().unwrap_or_default(),
             }),
         }
     }
@@ -75,7 +77,7 @@ pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::Sessi
         files,
         memory,
         git,
-        secrets: secrets.gateway(&session.spec.vault_ids),
+        secrets: secrets.gateway(&session.spec.vault_ids, &session.resources),
         ..pb::SessionSpec::default()
     };
     session.spec.fill_node_pb(&mut spec);
@@ -84,23 +86,54 @@ pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::Sessi
 }
 
 /// What a session's run needs opened, once per start: its env values, and
-/// its secrets as `(usage, value)` by id.
+/// its secrets by id.
 #[derive(Default)]
 pub(crate) struct OpenedSecrets {
     pub env: std::collections::BTreeMap<String, String>,
-    pub by_id: std::collections::HashMap<String, (String, String)>,
+    pub by_id: std::collections::HashMap<String, OpenedSecret>,
+}
+
+/// One secret, opened for a run.
+pub(crate) struct OpenedSecret {
+    pub usage: String,
+    pub value: String,
+    /// Credentials: where they go, and how.
+    pub hosts: Vec<String>,
+    pub header_name: String,
+    pub header_prefix: String,
 }
 
 impl OpenedSecrets {
-    /// What the node's gateway gets: the vault's secrets it has a use for.
-    fn gateway(&self, vault_ids: &[String]) -> Vec<pb::GatewaySecret> {
-        vault_ids
-            .iter()
-            .filter_map(|id| self.by_id.get(id))
-            .filter(|(usage, _)| usage == crate::store::USAGE_ANTHROPIC_API_KEY)
-            .map(|(_, value)| pb::GatewaySecret {
-                usage: pb::SecretUsage::AnthropicApiKey as i32,
-                value: value.clone(),
+    /// What the node's gateway gets: the model API key and the credentials
+    /// among the vault's secrets, and the git resources' credentials.
+    fn gateway(&self, vault_ids: &[String], resources: &[Resource]) -> Vec<pb::GatewaySecret> {
+        let git = resources.iter().filter_map(|r| match r {
+            Resource::Git {
+                credential: Some(id),
+                ..
+            } => Some(id),
+            _ => None,
+        });
+        let mut ids: Vec<&String> = vault_ids.iter().chain(git).collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| Some((id, self.by_id.get(id)?)))
+            .filter_map(|(id, s)| match s.usage.as_str() {
+                crate::store::USAGE_ANTHROPIC_API_KEY => Some(pb::GatewaySecret {
+                    usage: pb::SecretUsage::AnthropicApiKey as i32,
+                    value: s.value.clone(),
+                    ..Default::default()
+                }),
+                crate::store::USAGE_HTTP_HEADER => Some(pb::GatewaySecret {
+                    usage: pb::SecretUsage::HttpHeader as i32,
+                    value: s.value.clone(),
+                    id: id.clone(),
+                    hosts: s.hosts.clone(),
+                    header_name: s.header_name.clone(),
+                    header_prefix: s.header_prefix.clone(),
+                }),
+                _ => None,
             })
             .collect()
     }

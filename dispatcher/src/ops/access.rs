@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::access::auth::{Authenticator, Caller, Role, new_token};
 use crate::error::{Error, Result};
 use crate::ops::audit::{Action, Audit, Detail};
-use crate::store::{ApiKeyRow, SecretRow, Store, secret_context};
+use crate::store::{ApiKeyRow, SecretRow, SecretShape, Store, USAGE_HTTP_HEADER, secret_context};
 
 /// Largest secret value.
 pub const SECRET_BYTES: usize = 16 * 1024;
@@ -95,13 +95,9 @@ pub(crate) struct Secrets {
 impl Secrets {
     /// Seals `value` under the project's context and stores it; the value
     /// never appears in an error, a log or the audit trail.
-    pub async fn create(
-        &self,
-        who: &Caller,
-        display_name: &str,
-        usage: &'static str,
-        value: &str,
-    ) -> Result<SecretRow> {
+    pub async fn create(&self, who: &Caller, shape: SecretShape, value: &str) -> Result<SecretRow> {
+        let shape = credential_shape(shape)?;
+        let (display_name, usage) = (shape.display_name.as_str(), shape.usage);
         if value.is_empty() {
             return Err(Error::invalid("value", "required"));
         }
@@ -113,19 +109,18 @@ impl Secrets {
             ));
         }
         check_display_name(display_name)?;
+        if value.contains(['\r', '\n', '\0']) && usage == USAGE_HTTP_HEADER {
+            return Err(Error::invalid(
+                "value",
+                "a credential sent as a header holds no line break or NUL",
+            ));
+        }
         let sealer = self.store.sealer();
         let sealed = sealer.seal(&secret_context(&who.project), value.as_bytes());
         let id = Uuid::now_v7();
         let row = self
             .store
-            .insert_secret(
-                id,
-                &who.project,
-                display_name,
-                usage,
-                &sealed,
-                sealer.primary(),
-            )
+            .insert_secret(id, &who.project, &shape, &sealed, sealer.primary())
             .await?;
         tracing::info!(secret_id = %id, project = %who.project, usage, "secret created");
         self.audit
@@ -159,6 +154,38 @@ impl Secrets {
             .await;
         Ok(())
     }
+}
+
+/// A credential (`http_header`) names 1 to 16 hosts and a valid header,
+/// stored with its defaults filled in; any other secret names neither.
+fn credential_shape(mut shape: SecretShape) -> Result<SecretShape> {
+    if shape.usage != USAGE_HTTP_HEADER {
+        if !shape.hosts.is_empty() {
+            return Err(Error::invalid(
+                "hosts",
+                "only credentials (SECRET_USAGE_HTTP_HEADER) name hosts",
+            ));
+        }
+        if !(shape.header_name.is_empty() && shape.header_prefix.is_empty()) {
+            return Err(Error::invalid(
+                "header",
+                "only credentials (SECRET_USAGE_HTTP_HEADER) have a header",
+            ));
+        }
+        return Ok(shape);
+    }
+    berth_common::credentials::validate_hosts("hosts", &shape.hosts)?;
+    for h in &mut shape.hosts {
+        *h = h.to_ascii_lowercase();
+    }
+    let header = berth_common::credentials::HttpHeader::with_defaults(
+        &shape.header_name,
+        &shape.header_prefix,
+    );
+    header.validate("header")?;
+    shape.header_name = header.name;
+    shape.header_prefix = header.prefix;
+    Ok(shape)
 }
 
 fn check_display_name(name: &str) -> Result<()> {

@@ -41,6 +41,9 @@ pub enum Resource {
         /// The secret (id) holding the SSH key to clone with.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ssh_key_secret: Option<String>,
+        /// The credential (id) to clone `https://` with, through the gateway.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential: Option<String>,
     },
 }
 

@@ -37,19 +37,25 @@ mod sql {
     pub const ACTIVE_ADMINS: &str =
         "SELECT count(*) FROM api_keys WHERE role = 'fleet_admin' AND revoke_time IS NULL";
 
-    pub const INSERT_SECRET: &str = "INSERT INTO secrets (id, project, display_name, usage, sealed, kek) \
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, display_name, usage, create_time";
+    pub const INSERT_SECRET: &str = "INSERT INTO secrets \
+         (id, project, display_name, usage, sealed, kek, hosts, header_name, header_prefix) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         RETURNING id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time";
 
-    pub const GET_SECRET: &str = "SELECT id, display_name, usage, create_time FROM secrets \
+    pub const GET_SECRET: &str = "SELECT id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time FROM secrets \
          WHERE project = $1 AND id = $2";
 
-    pub const LIST_SECRETS: &str = "SELECT id, display_name, usage, create_time FROM secrets \
+    pub const LIST_SECRETS: &str = "SELECT id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time FROM secrets \
          WHERE project = $1 ORDER BY create_time, id";
+
+    /// A node reported using credential `$1`; at most one write a minute.
+    pub const CREDENTIAL_USED: &str = "UPDATE secrets SET last_use_time = now() \
+         WHERE id = $1 AND (last_use_time IS NULL OR last_use_time < now() - interval '1 minute')";
 
     pub const DELETE_SECRET: &str = "DELETE FROM secrets WHERE project = $1 AND id = $2";
 
-    pub const SEALED_SECRETS: &str =
-        "SELECT id, usage, sealed FROM secrets WHERE project = $1 AND id = ANY($2)";
+    pub const SEALED_SECRETS: &str = "SELECT id, usage, sealed, hosts, header_name, header_prefix \
+         FROM secrets WHERE project = $1 AND id = ANY($2)";
 
     /// Sealed values under another KEK than `$1`, a batch at a time.
     pub const STALE_SECRETS: &str =
@@ -114,6 +120,8 @@ pub struct KeyRecord {
 pub(crate) const USAGE_ANTHROPIC_API_KEY: &str = "anthropic_api_key";
 /// How a secret is stored when git resources clone over ssh with it.
 pub(crate) const USAGE_GIT_SSH_KEY: &str = "git_ssh_key";
+/// How a credential the gateway sends as an HTTP header is stored.
+pub(crate) const USAGE_HTTP_HEADER: &str = "http_header";
 
 /// What sealed secrets are bound to: their project.
 pub(crate) fn secret_context(project: &str) -> String {
@@ -141,6 +149,32 @@ pub(crate) struct SecretRow {
     pub display_name: String,
     pub usage: String,
     pub create_time: DateTime<Utc>,
+    /// Credentials: where they may be sent, and how.
+    pub hosts: Vec<String>,
+    pub header_name: String,
+    pub header_prefix: String,
+    pub last_use_time: Option<DateTime<Utc>>,
+}
+
+/// A secret as a run opens it: still sealed, with what says where it goes.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct SealedSecret {
+    pub id: Uuid,
+    pub usage: String,
+    pub sealed: Vec<u8>,
+    pub hosts: Vec<String>,
+    pub header_name: String,
+    pub header_prefix: String,
+}
+
+/// What a new secret is besides its sealed value.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SecretShape {
+    pub display_name: String,
+    pub usage: &'static str,
+    pub hosts: Vec<String>,
+    pub header_name: String,
+    pub header_prefix: String,
 }
 
 /// Which sealed column a rewrap batch reads.
@@ -270,20 +304,32 @@ impl Store {
         &self,
         id: Uuid,
         project: &str,
-        display_name: &str,
-        usage: &str,
+        shape: &SecretShape,
         sealed: &[u8],
         kek: &str,
     ) -> Result<SecretRow> {
         Ok(sqlx::query_as(sql::INSERT_SECRET)
             .bind(id)
             .bind(project)
-            .bind(display_name)
-            .bind(usage)
+            .bind(&shape.display_name)
+            .bind(shape.usage)
             .bind(sealed)
             .bind(kek)
+            .bind(&shape.hosts)
+            .bind(&shape.header_name)
+            .bind(&shape.header_prefix)
             .fetch_one(&self.pool)
             .await?)
+    }
+
+    /// Records that a node attached credential `id` (at most one write a
+    /// minute per credential).
+    pub(crate) async fn credential_used(&self, id: Uuid) -> Result<()> {
+        sqlx::query(sql::CREDENTIAL_USED)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub(crate) async fn get_secret(&self, project: &str, id: Uuid) -> Result<SecretRow> {
@@ -311,12 +357,12 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
-    /// `(id, usage, sealed)` of those of `ids` in `project`.
+    /// Those of `ids` in `project`, sealed.
     pub(crate) async fn sealed_secrets(
         &self,
         project: &str,
         ids: &[Uuid],
-    ) -> Result<Vec<(Uuid, String, Vec<u8>)>> {
+    ) -> Result<Vec<SealedSecret>> {
         Ok(sqlx::query_as(sql::SEALED_SECRETS)
             .bind(project)
             .bind(ids)

@@ -46,7 +46,8 @@ use crate::seal::Sealer;
 use crate::session::SessionStatus;
 
 pub(crate) use access::{
-    ApiKeyRow, SealedTable, SecretRow, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY, secret_context,
+    ApiKeyRow, SealedSecret, SealedTable, SecretRow, SecretShape, USAGE_ANTHROPIC_API_KEY,
+    USAGE_GIT_SSH_KEY, USAGE_HTTP_HEADER, secret_context,
 };
 pub use access::{KeyRecord, Role};
 pub(crate) use events::{Append, Stored, UsageRecorded};

@@ -251,6 +251,7 @@ async fn another_projects_ids_are_not_found_on_every_rpc() -> anyhow::Result<()>
             display_name: "alpha key".into(),
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: "sk-ant-alpha".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -560,6 +561,7 @@ async fn secrets_and_env_values_never_reach_postgres_events_exports_or_the_conta
             display_name: "model key".into(),
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: value.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -756,6 +758,7 @@ pub(crate) async fn model_key_secret(api: Api, key: &str) -> anyhow::Result<pb::
             display_name: "model key".into(),
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: key.to_string(),
+            ..Default::default()
         })
         .await?
         .into_inner())
@@ -927,6 +930,7 @@ async fn the_real_cli_reaches_the_model_api_only_through_the_gateway_with_the_va
             display_name: "model key".into(),
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: key.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -1073,6 +1077,7 @@ async fn an_ssh_git_resource_clones_with_a_vault_key_that_never_enters_the_conta
             display_name: "deploy key".into(),
             usage: pb::SecretUsage::GitSshKey as i32,
             value: server.user_key.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -1081,6 +1086,7 @@ async fn an_ssh_git_resource_clones_with_a_vault_key_that_never_enters_the_conta
             display_name: "not an ssh key".into(),
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: "sk-ant-x".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -1092,6 +1098,7 @@ async fn an_ssh_git_resource_clones_with_a_vault_key_that_never_enters_the_conta
                 r#ref: String::new(),
                 path: "/workspace/repo".into(),
                 ssh_key_secret: secret.to_string(),
+                ..Default::default()
             })),
         }];
         req

@@ -184,6 +184,7 @@ async fn fixtures(cluster: &TestCluster, cwd: &Path, repo_url: String) -> anyhow
             display_name: "docs key".into(),
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: "sk-docs-test".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()

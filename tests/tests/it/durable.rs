@@ -301,6 +301,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                 r#ref: "feature".into(),
                 path: "/workspace/repo".into(),
                 ssh_key_secret: String::new(),
+                ..Default::default()
             })),
         },
     ];
@@ -349,6 +350,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                     r#ref: String::new(),
                     path: "/workspace/../etc".into(),
                     ssh_key_secret: String::new(),
+                    ..Default::default()
                 })),
             }],
             ..fake_session("echo x")
@@ -376,6 +378,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                         r#ref: String::new(),
                         path: "/workspace/repo".into(),
                         ssh_key_secret: String::new(),
+                        ..Default::default()
                     })),
                 }],
                 ..fake_session("echo x")
@@ -399,6 +402,7 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
                     r#ref: String::new(),
                     path: "/workspace/repo".into(),
                     ssh_key_secret: String::new(),
+                    ..Default::default()
                 })),
             }],
             ..fake_session("echo x")

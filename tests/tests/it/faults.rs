@@ -63,6 +63,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
             r#ref: String::new(),
             path: "/etc/passwd".into(),
             ssh_key_secret: String::new(),
+            ..Default::default()
         })),
     }];
     let e = c.create_session(outside).await.expect_err("/etc/passwd");

@@ -55,6 +55,7 @@ async fn a_second_session_takes_a_pre_started_process_holding_no_secret_nor_the_
             display_name: "model key".into(),
             usage: pb::SecretUsage::AnthropicApiKey as i32,
             value: key.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();

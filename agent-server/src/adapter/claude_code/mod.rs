@@ -73,7 +73,7 @@ impl Adapter for ClaudeCode {
         })
     }
 
-    fn command(&self, spec: &SessionSpec) -> Vec<String> {
+    fn command(&self, spec: &SessionSpec, gateway_port: Option<u16>) -> Vec<String> {
         let mut cmd: Vec<String> = [
             "claude",
             "-p",
@@ -110,6 +110,12 @@ impl Adapter for ClaudeCode {
         }
         if !spec.resume_id.is_empty() {
             cmd.extend(["--resume".into(), spec.resume_id.clone()]);
+        }
+        if !spec.agent.mcp_servers.is_empty() {
+            let gateway = gateway_port.map(|p| format!("http://127.0.0.1:{p}"));
+            let config =
+                berth_common::spec::mcp::claude_config(&spec.agent.mcp_servers, gateway.as_deref());
+            cmd.extend(["--mcp-config".into(), config.to_string()]);
         }
         cmd.extend(spec.agent.runtime_args.iter().cloned());
         cmd

@@ -35,6 +35,7 @@ fn env_only_spec(s: Option<pb::AgentSpec>) -> Result<AgentSpec> {
         ("spec.limits", s.limits.is_some()),
         ("spec.skills", !s.skills.is_empty()),
         ("spec.egress", s.egress.is_some()),
+        ("spec.mcp_servers", !s.mcp_servers.is_empty()),
     ];
     if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
         return Err(Error::invalid(
@@ -112,25 +113,27 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
             }
             Some(Kind::Git(g)) => {
                 validate_git("resources.git.url", "resources.git.ref", &g.url, &g.r#ref)?;
-                let key = g.ssh_key_secret.trim();
-                let ssh_key_secret = match key.strip_prefix("secrets/").unwrap_or(key) {
-                    "" => None,
-                    id => Some(
-                        uuid::Uuid::parse_str(id)
-                            .map_err(|_| {
-                                Error::invalid(
-                                    "resources.git.ssh_key_secret",
-                                    format!("`{key}` is not a secret id (`secrets/{{uuid}}`)"),
-                                )
-                            })?
-                            .to_string(),
-                    ),
-                };
+                let ssh_key_secret = secret_ref("resources.git.ssh_key_secret", &g.ssh_key_secret)?;
+                let credential = secret_ref("resources.git.credential", &g.credential)?;
+                if credential.is_some() && ssh_key_secret.is_some() {
+                    return Err(Error::invalid(
+                        "resources.git.credential",
+                        "a repository is cloned with an ssh key or a credential, not both",
+                    ));
+                }
+                let http = g.url.to_ascii_lowercase().starts_with("http");
+                if credential.is_some() && !http {
+                    return Err(Error::invalid(
+                        "resources.git.credential",
+                        "a credential is for https:// repositories (or http:// to a host the operator allowlists)",
+                    ));
+                }
                 Ok(Resource::Git {
                     url: g.url,
                     git_ref: g.r#ref,
                     path: path("resources.git.path", &g.path)?,
                     ssh_key_secret,
+                    credential,
                 })
             }
             None => Err(Error::invalid(
@@ -139,6 +142,22 @@ fn resources(rs: Vec<pb::Resource>) -> Result<Vec<Resource>> {
             )),
         })
         .collect()
+}
+
+/// An optional secret reference (`secrets/{uuid}` or the uuid), as stored.
+fn secret_ref(field: &'static str, given: &str) -> Result<Option<String>> {
+    let key = given.trim();
+    match key.strip_prefix("secrets/").unwrap_or(key) {
+        "" => Ok(None),
+        id => uuid::Uuid::parse_str(id)
+            .map(|u| Some(u.to_string()))
+            .map_err(|_| {
+                Error::invalid(
+                    field,
+                    format!("`{key}` is not a secret id (`secrets/{{uuid}}`)"),
+                )
+            }),
+    }
 }
 
 fn positive(

@@ -150,11 +150,15 @@ fn resource_to_pb(r: Resource) -> pb::Resource {
             git_ref,
             path,
             ssh_key_secret,
+            credential,
         } => Kind::Git(pb::GitResource {
             url,
             r#ref: git_ref,
             path,
             ssh_key_secret: ssh_key_secret
+                .map(|id| format!("secrets/{id}"))
+                .unwrap_or_default(),
+            credential: credential
                 .map(|id| format!("secrets/{id}"))
                 .unwrap_or_default(),
         }),
@@ -336,6 +340,7 @@ mod tests {
                             r#ref: String::new(),
                             path: "/workspace/repo".into(),
                             ssh_key_secret: String::new(),
+                            credential: String::new(),
                         })),
                     })
                 }),
@@ -349,6 +354,7 @@ mod tests {
                             r#ref: String::new(),
                             path: "/workspace/repo".into(),
                             ssh_key_secret: "not-a-secret-id".into(),
+                            credential: String::new(),
                         })),
                     })
                 }),

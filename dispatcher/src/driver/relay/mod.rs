@@ -113,6 +113,10 @@ impl Relay<'_> {
                     tracing::debug!(key = %c.snapshot_key, bytes = c.snapshot_bytes, "checkpoint recorded");
                     Ok(Flow::Continue)
                 }
+                node_frame::Kind::CredentialUse(u) => {
+                    credential_used(self.ctx, &u).await;
+                    Ok(Flow::Continue)
+                }
                 node_frame::Kind::Exited(x) => {
                     let flow = self.on_exit(x).await;
                     // Recorded (or refused for good): the node may forget the run.
@@ -418,5 +422,19 @@ async fn recv(feed: &mut Option<Feed>) -> Option<Result<Arc<Event>>> {
     match feed {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A node's gateway attached a credential: its `last_use_time` moves (at
+/// most once a minute). Best effort: a failed write is logged, never the
+/// session's problem.
+pub(super) async fn credential_used(ctx: &crate::driver::ctx::Ctx, u: &pb::CredentialUse) {
+    let Ok(id) = u.credential_id.parse::<uuid::Uuid>() else {
+        tracing::warn!(credential_id = %u.credential_id, "node reported the use of a credential that is no secret id; ignored");
+        return;
+    };
+    tracing::debug!(credential_id = %id, host = %u.host, requests = u.requests, "credential used");
+    if let Err(e) = ctx.store.credential_used(id).await {
+        tracing::warn!(credential_id = %id, error = %e, "could not record a credential's use");
     }
 }

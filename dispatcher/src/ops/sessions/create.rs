@@ -106,7 +106,8 @@ impl Sessions {
             new.spec.env.insert(k, v);
         }
         self.check_fleet_limits(&new)?;
-        self.check_vault_ids(project, &new.spec.vault_ids).await?;
+        self.check_secrets(project, &new.spec, &new.resources)
+            .await?;
         for r in &new.resources {
             if let Resource::Git {
                 url,
@@ -120,9 +121,6 @@ impl Sessions {
                     &self.git_allow,
                     ssh_key_secret.is_some(),
                 )?;
-                if let Some(id) = ssh_key_secret {
-                    self.check_ssh_key(project, id).await?;
-                }
             }
         }
         for r in &new.resources {
@@ -258,47 +256,6 @@ impl Sessions {
                     ),
                 ));
             }
-        }
-        Ok(())
-    }
-
-    /// A git resource's key must be a secret of `project` (else NOT_FOUND)
-    /// made for ssh.
-    async fn check_ssh_key(&self, project: &str, id: &str) -> Result<()> {
-        let not_found = || {
-            Error::NotFound(format!(
-                "resources.git.ssh_key_secret: secret secrets/{id} not found"
-            ))
-        };
-        let uuid: Uuid = id.parse().map_err(|_| not_found())?;
-        let found = self.store.sealed_secrets(project, &[uuid]).await?;
-        match found.first() {
-            None => Err(not_found()),
-            Some((_, usage, _)) if usage != crate::store::USAGE_GIT_SSH_KEY => Err(Error::invalid(
-                "resources.git.ssh_key_secret",
-                format!("secret secrets/{id} is not an SSH key (its usage is {usage})"),
-            )),
-            Some(_) => Ok(()),
-        }
-    }
-
-    /// Every secret id must name a secret of `project` (else NOT_FOUND).
-    async fn check_vault_ids(&self, project: &str, ids: &[String]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let not_found =
-            |id: &str| Error::NotFound(format!("spec.vault_ids: secret secrets/{id} not found"));
-        let ids = ids
-            .iter()
-            .map(|id| id.parse::<Uuid>().map_err(|_| not_found(id)))
-            .collect::<Result<Vec<_>>>()?;
-        let ids = ids.as_slice();
-        let found = self.store.sealed_secrets(project, ids).await?;
-        if let Some(missing) = ids.iter().find(|id| !found.iter().any(|f| f.0 == **id)) {
-            return Err(Error::NotFound(format!(
-                "spec.vault_ids: secret secrets/{missing} not found"
-            )));
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ mod create;
 mod input;
 mod life;
 mod read;
+mod secrets;
 
 pub(crate) use create::Origin;
 

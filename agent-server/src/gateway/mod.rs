@@ -6,6 +6,9 @@
 //! - proxies the model API: an origin-form request (`POST /v1/messages`) goes
 //!   to `--model-api-url`, with the session's API key (from its vault) put
 //!   in `x-api-key`, so the key never enters the container;
+//! - sends requests under `/berth/` on the session's declared routes (its
+//!   agent's remote MCP servers, its git resources with a credential), with
+//!   their credentials attached ([`routes`]);
 //! - tunnels `CONNECT host:port` when the session's egress policy allows
 //!   it, and never to a loopback, link-local or private address the operator
 //!   has not allowlisted (`--egress-allow-internal`);
@@ -30,6 +33,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::lease::RunLease;
 
+mod routes;
+
+pub use routes::{CredentialUse, Route, UseLog, UseSink, git_route, routes_of};
+
 /// The socket's name in a container's gateway directory.
 pub const SOCKET: &str = "egress.sock";
 /// The forwarder's name there.
@@ -50,6 +57,10 @@ pub struct SessionGate {
     /// The run's lease: every request waits for it to be confirmed, and a
     /// fenced run's connections close (see [`crate::lease`]).
     pub lease: Option<Arc<RunLease>>,
+    /// Its declared routes (credentials inside).
+    pub routes: Vec<Route>,
+    /// Where credential uses are reported.
+    pub uses: Option<UseLog>,
 }
 
 impl std::fmt::Debug for SessionGate {
@@ -58,6 +69,7 @@ impl std::fmt::Debug for SessionGate {
             .field("session_id", &self.session_id)
             .field("egress", &self.egress)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("routes", &self.routes)
             .finish()
     }
 }
@@ -212,6 +224,9 @@ impl Gateway {
         }
         if req.method() == Method::CONNECT {
             return self.connect(gate, closed, req).await;
+        }
+        if req.uri().authority().is_none() && req.uri().path().starts_with(routes::PREFIX) {
+            return self.route(gate, req).await;
         }
         if req.uri().authority().is_some() {
             decision(
@@ -458,6 +473,8 @@ mod tests {
             egress: Egress::default(),
             api_key: Some("sk-ant-very-secret".into()),
             lease: None,
+            routes: vec![],
+            uses: None,
         };
         let shown = format!("{gate:?}");
         assert!(
