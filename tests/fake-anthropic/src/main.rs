@@ -23,7 +23,13 @@
 //! - `cache TEXT`: TEXT, with cache read and write tokens in the usage;
 //! - `recall`: `recall: ` and the user's earlier messages in this request,
 //!   joined by ` | ` (what the CLI sent of its conversation);
+//! - `mcp SERVER TOOL JSON`: a call of the MCP tool `mcp__SERVER__TOOL`
+//!   with JSON as its input;
 //! - anything else: `ok: TEXT`.
+//!
+//! It is also a small MCP server (see `mcp.rs`): at `POST /mcp` (with
+//! `--mcp-token T`, only requests with `Authorization: Bearer T` are
+//! served; the others get 401), and on stdio as `fake-anthropic mcp-stdio`.
 //!
 //! Usage is deterministic: 10 input tokens plus one per message, 5 output
 //! tokens plus 3 per block.
@@ -40,9 +46,13 @@ use axum::routing::post;
 use serde_json::{Value, json};
 use std::io::Write;
 
+mod mcp;
+
 struct State {
     /// With `--require-key`: the only `x-api-key` accepted (401 otherwise).
     key: Option<String>,
+    /// With `--mcp-token`: the only bearer token `/mcp` serves.
+    mcp_token: Option<String>,
     ids: AtomicU64,
     log: Option<std::sync::Mutex<std::fs::File>>,
 }
@@ -52,14 +62,19 @@ async fn main() -> std::process::ExitCode {
     let mut listen = "127.0.0.1:8787".to_string();
     let mut log = None;
     let mut key = None;
+    let mut mcp_token = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
+            "mcp-stdio" => return mcp::serve_stdio(),
+            "--mcp-token" => mcp_token = args.next(),
             "--listen" => listen = args.next().unwrap_or(listen),
             "--log" => log = args.next(),
             "--require-key" => key = args.next(),
             "--help" | "-h" => {
-                println!("usage: fake-anthropic [--listen ADDR] [--log FILE] [--require-key KEY]");
+                println!(
+                    "usage: fake-anthropic [--listen ADDR] [--log FILE] [--require-key KEY] [--mcp-token TOKEN]\n       fake-anthropic mcp-stdio"
+                );
                 return std::process::ExitCode::SUCCESS;
             }
             other => {
@@ -93,7 +108,11 @@ async fn main() -> std::process::ExitCode {
         ids: AtomicU64::new(first_id),
         log,
         key,
+        mcp_token,
     });
+    let mcp_routes = Router::new()
+        .route("/mcp", post(mcp_http).get(mcp_no_stream))
+        .with_state(state.clone());
     let app = Router::new()
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
@@ -102,7 +121,8 @@ async fn main() -> std::process::ExitCode {
             state.clone(),
             check_key,
         ))
-        .with_state(state);
+        .with_state(state)
+        .merge(mcp_routes);
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -117,6 +137,46 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// One MCP message over streamable HTTP: logged (`{"mcp": METHOD,
+/// "authorization": HEADER}`), refused with 401 without the token when one
+/// is required, else answered as JSON (202 for a notification).
+async fn mcp_http(
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
+    };
+    if let Some(log) = &state.log {
+        let line = json!({"mcp": msg["method"], "authorization": auth});
+        let _ = writeln!(log.lock().unwrap_or_else(|p| p.into_inner()), "{line}");
+    }
+    if let Some(token) = &state.mcp_token
+        && auth != format!("Bearer {token}")
+    {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
+    }
+    match mcp::answer(&msg, mcp::Transport::Http) {
+        Some(reply) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            reply.to_string(),
+        )
+            .into_response(),
+        None => StatusCode::ACCEPTED.into_response(),
+    }
+}
+
+/// This server offers no server-to-client stream (the transport allows it).
+async fn mcp_no_stream() -> Response {
+    StatusCode::METHOD_NOT_ALLOWED.into_response()
 }
 
 /// As the real API: a request without the right `x-api-key` gets 401.
@@ -248,7 +308,7 @@ fn ask_input() -> Value {
 enum Block {
     Text(String),
     Thinking(String),
-    Tool { name: &'static str, input: Value },
+    Tool { name: String, input: Value },
 }
 
 struct Reply {
@@ -282,34 +342,44 @@ fn reply(asked: Asked) -> Result<Reply, (u16, String)> {
             Block::Text(rest),
         ]),
         "bash" => simple(vec![Block::Tool {
-            name: "Bash",
+            name: "Bash".into(),
             input: json!({"command": rest, "description": "run the command"}),
         }]),
         "write" => {
             let (path, body) = rest.split_once(' ').unwrap_or((rest.as_str(), ""));
             simple(vec![Block::Tool {
-                name: "Write",
+                name: "Write".into(),
                 input: json!({"file_path": path, "content": body}),
             }])
         }
         "ask" => simple(vec![Block::Tool {
-            name: "AskUserQuestion",
+            name: "AskUserQuestion".into(),
             input: ask_input(),
         }]),
+        // `mcp SERVER TOOL JSON`: a call of the MCP tool `mcp__SERVER__TOOL`.
+        "mcp" => {
+            let mut parts = rest.splitn(3, ' ');
+            let (server, tool) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let input = serde_json::from_str(parts.next().unwrap_or("{}")).unwrap_or(json!({}));
+            simple(vec![Block::Tool {
+                name: format!("mcp__{server}__{tool}"),
+                input,
+            }])
+        }
         "read" => simple(vec![Block::Tool {
-            name: "Read",
+            name: "Read".into(),
             input: json!({"file_path": rest}),
         }]),
         "multi" => simple(vec![
             Block::Thinking("several blocks".into()),
             Block::Text("first a text block".into()),
             Block::Tool {
-                name: "Bash",
+                name: "Bash".into(),
                 input: json!({"command": "echo multi", "description": "echo"}),
             },
         ]),
         "task" => simple(vec![Block::Tool {
-            name: "Task",
+            name: "Task".into(),
             input: json!({"description": "a sub-agent", "prompt": format!("say sub {rest}"),
                           "subagent_type": "general-purpose", "model": "haiku"}),
         }]),

@@ -35,7 +35,7 @@ async fn db(cluster: &TestCluster) -> anyhow::Result<sqlx::PgConnection> {
 }
 
 /// Every row of the tables that hold user data, as text.
-async fn all_rows(cluster: &TestCluster) -> anyhow::Result<String> {
+pub(crate) async fn all_rows(cluster: &TestCluster) -> anyhow::Result<String> {
     let mut conn = db(cluster).await?;
     let mut out = String::new();
     for table in [

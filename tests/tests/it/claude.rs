@@ -25,19 +25,22 @@ pub(crate) async fn cluster_of(nodes: usize) -> anyhow::Result<TestCluster> {
 pub(crate) fn builder(nodes: usize) -> berth_tests::Builder {
     TestCluster::builder()
         .nodes(nodes)
-        .configure_node(|_, cfg, _| {
-            // The stand-in is the container's main process.
-            cfg.keepalive_cmd = [
-                "fake-anthropic",
-                "--listen",
-                "127.0.0.1:8787",
-                "--log",
-                "/tmp/anthropic-requests.jsonl",
-            ]
-            .map(String::from)
-            .to_vec();
-            cfg.container_network = "none".into();
-        })
+        .configure_node(|_, cfg, _| claude_node(cfg))
+}
+
+/// A node whose containers serve fake-anthropic on their own loopback (the
+/// container's main process), with no network.
+pub(crate) fn claude_node(cfg: &mut berth_agent_server::Config) {
+    cfg.keepalive_cmd = [
+        "fake-anthropic",
+        "--listen",
+        "127.0.0.1:8787",
+        "--log",
+        "/tmp/anthropic-requests.jsonl",
+    ]
+    .map(String::from)
+    .to_vec();
+    cfg.container_network = "none".into();
 }
 
 pub(crate) fn claude_session(first: &str) -> pb::CreateSessionRequest {

@@ -7,6 +7,7 @@ mod approvals;
 mod claude;
 mod clients;
 mod console;
+mod credentials;
 mod docs;
 mod durable;
 mod engine;
