@@ -12,6 +12,7 @@ pub mod config_reference;
 pub mod doc_commands;
 pub mod engine;
 pub mod git_http;
+pub mod git_smart;
 pub mod git_ssh;
 pub mod netns;
 pub mod pg;

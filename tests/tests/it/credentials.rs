@@ -252,3 +252,181 @@ async fn the_real_cli_calls_mcp_servers_through_the_gateway_and_never_holds_thei
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// `METHOD path` through the container's forwarder; what came back.
+async fn through_gateway(container: &str, method: &str, path: &str) -> anyhow::Result<String> {
+    let port = berth_agent_server::Config::defaults().gateway_port;
+    exec_output(
+        container,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "(printf '{method} {path} HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer a-guess\\r\\nConnection: close\\r\\n\\r\\n'; sleep 2) | timeout 5 nc 127.0.0.1 {port}"
+            ),
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_repository_is_cloned_and_fetched_with_a_token_the_sandbox_never_sees()
+-> anyhow::Result<()> {
+    let token = format!("ghp_{}", uuid::Uuid::new_v4().simple());
+    let root = std::env::temp_dir().join(format!("berth-git-{}", uuid::Uuid::new_v4().simple()));
+    let work = root.join("work");
+    std::fs::create_dir_all(&work)?;
+    let git = |args: &[&str]| berth_tests::git_http::git(&work, args);
+    git(&["init", "-q"])?;
+    std::fs::write(work.join("README.md"), "from a private repository")?;
+    git(&["add", "."])?;
+    git(&["commit", "-qm", "first"])?;
+    git(&[
+        "clone",
+        "-q",
+        "--bare",
+        ".",
+        &root.join("repo.git").to_string_lossy(),
+    ])?;
+    let server =
+        berth_tests::git_smart::SmartGitServer::start(root.clone(), &format!("Bearer {token}"))
+            .await?;
+    let host = server.addr.to_string();
+    let (dispatcher_allows, node_allows) = (host.clone(), host.clone());
+    let cluster = TestCluster::builder()
+        .configure_dispatcher(move |cfg| cfg.git_allow_hosts = vec![dispatcher_allows.clone()])
+        .configure_node(move |_, cfg, _| {
+            cfg.git_allow_hosts = vec![node_allows.clone()];
+            cfg.egress_allow_internal = vec![node_allows.clone()];
+        })
+        .start()
+        .await?;
+    let (alpha, _) = access::member_of(&cluster, "alpha").await?;
+    let mut secrets = SecretsClient::new(alpha.clone());
+    // A credential names where it may go.
+    let err = secrets
+        .create_secret(pb::CreateSecretRequest {
+            usage: pb::SecretUsage::HttpHeader as i32,
+            value: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no hosts");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("hosts"), "{}", err.message());
+    assert!(!err.message().contains(&token));
+    let secret = bearer_credential(alpha.clone(), &token, std::slice::from_ref(&host)).await?;
+    let elsewhere = bearer_credential(alpha.clone(), &token, &["github.com".into()]).await?;
+    let mut c = SessionsClient::new(alpha.clone());
+    let repo = |credential: &pb::Secret| pb::Resource {
+        kind: Some(pb::resource::Kind::Git(pb::GitResource {
+            url: server.url("repo.git"),
+            path: "/workspace/repo".into(),
+            credential: credential.name.clone(),
+            ..Default::default()
+        })),
+    };
+
+    // A credential for other hosts is refused before anything runs.
+    let err = c
+        .create_session(pb::CreateSessionRequest {
+            resources: vec![repo(&elsewhere)],
+            ..fake_session("read repo/README.md")
+        })
+        .await
+        .expect_err("wrong hosts");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("resources.git.credential") && err.message().contains(&host),
+        "{}",
+        err.message()
+    );
+    assert!(server.requests().is_empty(), "nothing was cloned");
+
+    let s = c
+        .create_session(pb::CreateSessionRequest {
+            resources: vec![repo(&secret)],
+            ..fake_session("read repo/README.md")
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        reply_after(&mut c, &s.name, 0).await?,
+        "from a private repository"
+    );
+    let container = containers_of(&s.id).await?.pop().expect("a container");
+    // The checkout's origin is the gateway's route, with no token in it.
+    let config = exec_output(&container, &["cat", "/workspace/repo/.git/config"]).await?;
+    let port = berth_agent_server::Config::defaults().gateway_port;
+    assert!(
+        config.contains(&format!("url = http://127.0.0.1:{port}/berth/git/0")),
+        "{config}"
+    );
+    // A fetch from inside goes out with the token (the agent's own
+    // Authorization is dropped).
+    let before = server.requests().len();
+    let out = through_gateway(
+        &container,
+        "GET",
+        "/berth/git/0/info/refs?service=git-upload-pack",
+    )
+    .await?;
+    assert!(
+        out.contains("200 OK") && out.contains("# service=git-upload-pack"),
+        "{out}"
+    );
+    // A push is not in this session's egress policy (none).
+    let out = through_gateway(
+        &container,
+        "GET",
+        "/berth/git/0/info/refs?service=git-receive-pack",
+    )
+    .await?;
+    assert!(
+        out.contains("403") && out.contains("egress policy"),
+        "{out}"
+    );
+    // Undeclared routes do not exist.
+    for path in ["/berth/git/1/info/refs", "/berth/mcp/docs"] {
+        let out = through_gateway(&container, "GET", path).await?;
+        assert!(out.contains("404"), "{path}: {out}");
+    }
+    let requests = server.requests();
+    assert_eq!(requests.len(), before + 1, "{requests:?}");
+    assert!(
+        requests.iter().all(|r| r.authorized),
+        "a request without the token: {requests:?}"
+    );
+    assert!(
+        !requests.iter().any(|r| r.query.contains("receive-pack")),
+        "{requests:?}"
+    );
+    let found = where_found(&cluster, &mut c, &s, &token).await?;
+    assert!(found.is_empty(), "the token is in {found:?}");
+    stop_and_wait(&mut c, &s.name).await?;
+
+    // With the host in its egress policy, a session may push.
+    let mut req = pb::CreateSessionRequest {
+        resources: vec![repo(&secret)],
+        ..fake_session("read repo/README.md")
+    };
+    req.spec.as_mut().expect("spec").egress = Some(pb::Egress {
+        mode: pb::EgressMode::Allowlist as i32,
+        allow: vec![host.clone()],
+    });
+    let s = idle_session(&mut c, req).await?;
+    let container = containers_of(&s.id).await?.pop().expect("a container");
+    let out = through_gateway(
+        &container,
+        "GET",
+        "/berth/git/0/info/refs?service=git-receive-pack",
+    )
+    .await?;
+    assert!(
+        out.contains("200 OK") && out.contains("# service=git-receive-pack"),
+        "{out}"
+    );
+    stop_and_wait(&mut c, &s.name).await?;
+    let _ = std::fs::remove_dir_all(&root);
+    cluster.shutdown().await
+}
