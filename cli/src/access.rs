@@ -1,12 +1,11 @@
-//! `berth keys`, `berth secrets`, `berth whoami` and `berth config`
+//! `berth keys`, `berth whoami` and `berth config`
 //! (named contexts: dispatcher, token, TLS files, as kubectl has).
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::PathBuf;
 
 use berth_cli::auth::Api;
-use berth_proto::v1::{self as pb, api_keys_client::ApiKeysClient, secrets_client::SecretsClient};
+use berth_proto::v1::{self as pb, api_keys_client::ApiKeysClient};
 use clap::{Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
@@ -352,93 +351,4 @@ pub(crate) async fn whoami(api: Api, d: &str, out: Out) -> Result<(), CliError> 
         .into_inner();
     let one = std::slice::from_ref(&k);
     out.list(one, key_name, |o| key_table(o, one))
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum UsageArg {
-    /// Sent as `x-api-key` on the session's model API calls by the gateway.
-    AnthropicApiKey,
-    /// An SSH private key the node clones ssh:// git resources with.
-    GitSshKey,
-}
-
-#[derive(Subcommand)]
-pub(crate) enum SecretsCmd {
-    /// Store a secret; its value is read from stdin (never a flag, so it
-    /// stays out of shell history and `ps`).
-    Create {
-        name: String,
-        #[arg(long, value_enum)]
-        usage: UsageArg,
-    },
-    List,
-    Delete {
-        secret_id: String,
-    },
-}
-
-pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Result<(), CliError> {
-    let mut c = SecretsClient::new(api);
-    let e = |s| explain(d, None, s);
-    let table = |o: &Out, secrets: &[pb::Secret]| {
-        let mut t = o.table(&["ID", "NAME", "USAGE", "AGE"]);
-        for s in secrets {
-            let usage = pb::SecretUsage::try_from(s.usage)
-                .map(|u| {
-                    u.as_str_name()
-                        .trim_start_matches("SECRET_USAGE_")
-                        .to_lowercase()
-                })
-                .unwrap_or_default();
-            t.add_row(vec![
-                Cell::new(&s.secret_id),
-                Cell::new(&s.display_name),
-                Cell::new(usage),
-                Cell::new(age(&s.create_time)),
-            ]);
-        }
-        t
-    };
-    match cmd {
-        SecretsCmd::Create { name, usage } => {
-            let mut value = String::new();
-            std::io::stdin()
-                .read_to_string(&mut value)
-                .map_err(|e| CliError::new(format!("reading the secret from stdin: {e}")))?;
-            let usage = match usage {
-                UsageArg::AnthropicApiKey => pb::SecretUsage::AnthropicApiKey,
-                UsageArg::GitSshKey => pb::SecretUsage::GitSshKey,
-            };
-            let s = c
-                .create_secret(pb::CreateSecretRequest {
-                    display_name: name,
-                    usage: usage as i32,
-                    // A key file keeps its final newline; a token loses it.
-                    value: match usage {
-                        pb::SecretUsage::GitSshKey => value,
-                        _ => value.trim_end_matches(['\n', '\r']).to_string(),
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(e)?
-                .into_inner();
-            let one = std::slice::from_ref(&s);
-            out.list(one, |s| s.name.clone(), |o| table(o, one))?;
-        }
-        SecretsCmd::List => {
-            let r = c
-                .list_secrets(pb::ListSecretsRequest {})
-                .await
-                .map_err(e)?
-                .into_inner();
-            out.list(&r.secrets, |s| s.name.clone(), |o| table(o, &r.secrets))?;
-        }
-        SecretsCmd::Delete { secret_id } => {
-            c.delete_secret(pb::DeleteSecretRequest { name: secret_id })
-                .await
-                .map_err(e)?;
-        }
-    }
-    Ok(())
 }

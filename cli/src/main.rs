@@ -11,6 +11,7 @@ mod output;
 mod render;
 mod run;
 mod schedules;
+mod secrets;
 mod sessions;
 mod spec_args;
 mod webhooks;
@@ -79,7 +80,7 @@ enum Command {
     Sessions(sessions::SessionsCmd),
     /// Create, version and archive agents (session templates).
     #[command(subcommand)]
-    Agents(agents::AgentsCmd),
+    Agents(Box<agents::AgentsCmd>),
     /// Cron schedules that run an agent's sessions.
     #[command(subcommand)]
     Schedules(schedules::SchedulesCmd),
@@ -99,7 +100,7 @@ enum Command {
     Keys(access::KeysCmd),
     /// Secrets sessions use through the node's gateway (values write-only).
     #[command(subcommand)]
-    Secrets(access::SecretsCmd),
+    Secrets(secrets::SecretsCmd),
     /// The audit trail: who did what, oldest first (a session's whole life
     /// with `berth audit SESSION_ID`).
     Audit(audit::AuditArgs),
@@ -316,13 +317,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Certs(_) | Command::Config(_) | Command::Completions { .. } => Ok(()),
         Command::Keys(cmd) => access::keys(channel, d, out, cmd).await,
-        Command::Secrets(cmd) => access::secrets(channel, d, out, cmd).await,
+        Command::Secrets(cmd) => secrets::secrets(channel, d, out, cmd).await,
         Command::Whoami => access::whoami(channel, d, out).await,
         Command::Audit(args) => audit::run(channel, d, out, args).await,
         Command::Nodes(args) => nodes::run(NodesClient::new(channel), d, out, args.command).await,
         Command::Run(args) => run::run(&mut client, &channel, d, out, *args).await,
         Command::Attach(args) => attach::run(&mut client, d, out, args).await,
-        Command::Agents(cmd) => agents::agents(channel, d, out, cmd).await,
+        Command::Agents(cmd) => agents::agents(channel, d, out, *cmd).await,
         Command::Files(cmd) => files::files(channel, d, out, cmd).await,
         Command::Schedules(cmd) => schedules::run(channel, d, out, cmd).await,
         Command::Webhooks(cmd) => webhooks::run(channel, d, out, cmd).await,

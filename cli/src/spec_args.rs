@@ -284,6 +284,11 @@ pub struct SessionOpts {
     /// the --git repositories with, over ssh.
     #[arg(long)]
     pub git_ssh_key: Option<String>,
+    /// Credential (`berth secrets create --usage http-header --host HOST`)
+    /// the --git repositories are cloned and fetched with over https; the
+    /// checkout's origin goes through the node's gateway, which adds it.
+    #[arg(long, conflicts_with = "git_ssh_key")]
+    pub git_credential: Option<String>,
     /// Hard limit on the session's run time, e.g. 30m (ends in `timeout`).
     #[arg(long, value_parser = berth_common::time::parse_duration)]
     pub timeout: Option<Duration>,
@@ -346,7 +351,7 @@ impl SessionOpts {
                     r#ref: git_ref.to_string(),
                     path: path.clone(),
                     ssh_key_secret: self.git_ssh_key.clone().unwrap_or_default(),
-                    ..Default::default()
+                    credential: self.git_credential.clone().unwrap_or_default(),
                 })),
             });
         }

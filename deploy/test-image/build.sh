@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds berth's test agent image offline (no registry): a root filesystem with
-# Debian's busybox-static, the project's fake `claude` (with the shared
-# libraries it links) and the public Claude Code captures from ../shared, imported with `docker import`.
+# Debian's busybox-static, the project's fake `claude` and fake-anthropic (its stdio MCP
+# server), with the shared libraries they link, and the public Claude Code captures from
+# ../shared, imported with `docker import`.
 #
 # Usage: deploy/test-image/build.sh [IMAGE]      (default berth-test-agent:latest)
 set -euo pipefail
@@ -15,9 +16,10 @@ if [ ! -x "$busybox" ] || ldd "$busybox" >/dev/null 2>&1; then
   exit 1
 fi
 
-echo "==> building fake-claude"
-cargo build --quiet -p berth-fake-claude
+echo "==> building fake-claude and fake-anthropic (its stdio MCP server)"
+cargo build --quiet -p berth-fake-claude -p berth-fake-anthropic
 fake="${CARGO_TARGET_DIR:-$root/target}/debug/fake-claude"
+mcp="${CARGO_TARGET_DIR:-$root/target}/debug/fake-anthropic"
 
 rootfs="$(mktemp -d)"
 # mktemp makes it 0700: the image's / would be closed to the agent's user on
@@ -30,8 +32,9 @@ for applet in $("$busybox" --list); do
   [ -e "$rootfs/bin/$applet" ] || ln -s busybox "$rootfs/bin/$applet"
 done
 cp "$fake" "$rootfs/usr/local/bin/claude"
-# The shared libraries fake-claude links, at the same paths.
-for lib in $(ldd "$fake" | grep -oE '/[^ ]+\.so[^ ]*'); do
+cp "$mcp" "$rootfs/usr/local/bin/fake-anthropic"
+# The shared libraries they link, at the same paths.
+for lib in $(ldd "$fake" "$mcp" | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do
   mkdir -p "$rootfs$(dirname "$lib")"
   cp -L "$lib" "$rootfs$lib"
 done

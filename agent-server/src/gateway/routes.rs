@@ -91,8 +91,11 @@ const REPORT_EVERY: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct UseLog {
     sink: UseSink,
-    seen: Arc<Mutex<HashMap<String, (Option<Instant>, u64)>>>,
+    seen: Arc<Mutex<HashMap<String, Reported>>>,
 }
+
+/// One credential's reports: when the last went, and the uses since.
+type Reported = (Option<Instant>, u64);
 
 impl std::fmt::Debug for UseLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

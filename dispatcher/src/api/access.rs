@@ -205,7 +205,7 @@ fn secret_pb(s: SecretRow) -> pb::Secret {
         display_name: s.display_name,
         usage: usage_from_str(&s.usage) as i32,
         create_time: Some(timestamp(s.create_time)),
-        header: (s.usage == USAGE_HTTP_HEADER).then(|| pb::HttpHeader {
+        header: (s.usage == USAGE_HTTP_HEADER).then_some(pb::HttpHeader {
             name: s.header_name,
             prefix: s.header_prefix,
         }),

@@ -73,10 +73,10 @@ pub fn serve_stdio() -> std::process::ExitCode {
         let Ok(msg) = serde_json::from_str::<Value>(&line) else {
             continue;
         };
-        if let Some(reply) = answer(&msg, Transport::Stdio) {
-            if writeln!(out, "{reply}").and_then(|()| out.flush()).is_err() {
-                break;
-            }
+        if let Some(reply) = answer(&msg, Transport::Stdio)
+            && writeln!(out, "{reply}").and_then(|()| out.flush()).is_err()
+        {
+            break;
         }
     }
     std::process::ExitCode::SUCCESS

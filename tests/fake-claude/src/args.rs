@@ -47,6 +47,7 @@ pub(crate) struct Args {
     pub(crate) resume: Option<String>,
     pub(crate) session_id: Option<String>,
     pub(crate) permission: crate::permission::Policy,
+    pub(crate) mcp_config: Option<String>,
 }
 
 pub(crate) fn parse_args() -> Result<Args, String> {
@@ -83,6 +84,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
                 "--session-id" => args.session_id = Some(value),
                 "--permission-prompt-tool" => args.permission.prompt_tool = value == "stdio",
                 "--permission-mode" => args.permission.mode = value,
+                "--mcp-config" => args.mcp_config = Some(value),
                 "--allowedTools" | "--allowed-tools" => args.permission.allowed.push(value),
                 "--disallowedTools" | "--disallowed-tools" => {
                     args.permission.disallowed.push(value)

@@ -31,6 +31,9 @@
 //! | `ask`                   | an AskUserQuestion call (a single- and a multi-select question), |
 //! |                         | asked as a permission request, then `done: RESULT` with the      |
 //! |                         | answers as the real CLI words them                               |
+//! | `mcp SERVER TOOL JSON`  | a call of the MCP tool `mcp__SERVER__TOOL` (servers from          |
+//! |                         | `--mcp-config`, listed in `system/init`), asking permission as    |
+//! |                         | the real CLI does, then `done: RESULT`                            |
 //! | anything else           | replies `You said: …`                                             |
 //!
 //! Permissions, as the real CLI: with `--permission-prompt-tool stdio`, a
@@ -67,6 +70,7 @@ use serde_json::{Value, json};
 
 mod args;
 mod input;
+mod mcp;
 mod permission;
 mod scripts;
 
@@ -92,6 +96,8 @@ struct Agent {
     queued: std::collections::VecDeque<String>,
     eof: bool,
     permission: permission::Policy,
+    /// `--mcp-config`'s servers.
+    mcp: mcp::Servers,
 }
 
 /// How a wait inside a turn ended.
@@ -125,9 +131,14 @@ impl Agent {
         let cwd = std::env::current_dir()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
+        self.mcp.start();
+        let mut tools = vec!["Bash".to_string(), "Read".into(), "Write".into()];
+        tools.extend(self.mcp.tool_names());
+        // Like the real CLI, a tool the policy refuses is not offered.
+        tools.retain(|t| !self.permission.refuses(t));
         let init = json!({
             "type": "system", "subtype": "init", "cwd": cwd, "session_id": self.session_id,
-            "tools": ["Bash", "Read", "Write"], "mcp_servers": [], "model": self.model,
+            "tools": tools, "mcp_servers": self.mcp.statuses(), "model": self.model,
             "permissionMode": "default", "apiKeySource": "none", "claude_code_version": "fake",
         });
         self.emit(&init);
@@ -300,6 +311,7 @@ impl Agent {
             "echo" => rest.join(" "),
             "edit" => return self.edit(prompt, &rest, started),
             "ask" => return self.ask_user(prompt, started),
+            "mcp" => return self.mcp_call(prompt, &rest, started),
             "tool" if rest.contains(&">") || rest.iter().any(|w| w.starts_with('>')) => {
                 return self.bash_asking(prompt, &rest.join(" "), started);
             }
@@ -498,7 +510,11 @@ fn main() {
         queued: Default::default(),
         eof: false,
         permission: args.permission,
+        mcp: mcp::Servers::default(),
     };
+    if let Some(config) = args.mcp_config {
+        agent.mcp.configure(config);
+    }
     agent.run();
 }
 

@@ -43,6 +43,11 @@ impl Policy {
             .any(|r| r == tool || r.starts_with(&format!("{tool}(")))
     }
 
+    /// Whether the policy refuses `tool` outright (it is then not offered).
+    pub(super) fn refuses(&self, tool: &str) -> bool {
+        Self::lists(&self.disallowed, tool)
+    }
+
     /// Whether `tool` runs without asking; `None`: it must ask.
     fn decides(&self, tool: &str, edit: bool) -> Option<bool> {
         if Self::lists(&self.disallowed, tool) {
@@ -122,7 +127,7 @@ impl Agent {
     }
 
     /// A tool call that may need permission, its result, and the reply.
-    fn tool_call(
+    pub(super) fn tool_call(
         &mut self,
         prompt: &str,
         tool: &str,

@@ -122,12 +122,29 @@ async fn where_found(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_cli_calls_mcp_servers_through_the_gateway_and_never_holds_their_token()
 -> anyhow::Result<()> {
+    mcp_servers_through_the_gateway(Agent::RealCli).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_claude_calls_mcp_servers_as_the_real_cli_does() -> anyhow::Result<()> {
+    mcp_servers_through_the_gateway(Agent::Fake).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Agent {
+    RealCli,
+    Fake,
+}
+
+async fn mcp_servers_through_the_gateway(agent: Agent) -> anyhow::Result<()> {
     let token = format!("mcp-token-{}", uuid::Uuid::new_v4().simple());
     let server = McpHost::start(&token)?;
     let allow = vec![server.addr.to_string()];
     let cluster = TestCluster::builder()
         .configure_node(move |_, cfg, _| {
-            claude::claude_node(cfg);
+            if agent == Agent::RealCli {
+                claude::claude_node(cfg);
+            }
             // The test's server is on loopback: the operator allows it.
             cfg.egress_allow_internal = allow.clone();
         })
@@ -137,7 +154,11 @@ async fn the_real_cli_calls_mcp_servers_through_the_gateway_and_never_holds_thei
     let secret = bearer_credential(alpha.clone(), &token, &[server.addr.to_string()]).await?;
     let mut c = SessionsClient::new(alpha.clone());
 
-    let mut req = claude::claude_session(r#"mcp docs lookup {"query":"berth"}"#);
+    let first = r#"mcp docs lookup {"query":"berth"}"#;
+    let mut req = match agent {
+        Agent::RealCli => claude::claude_session(first),
+        Agent::Fake => fake_session(first),
+    };
     let spec = req.spec.as_mut().expect("spec");
     spec.runtime_args.clear();
     use pb::mcp_server::Transport;

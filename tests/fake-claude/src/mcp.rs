@@ -1,0 +1,251 @@
+//! MCP servers from `--mcp-config`, as the real CLI uses them: connected
+//! when the session starts (streamable HTTP with a small HTTP/1.1 client on
+//! loopback, or a stdio child), listed in `system/init` (`mcp_servers` with
+//! their status, their tools as `mcp__{server}__{tool}`), and called by the
+//! `mcp SERVER TOOL JSON` script.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::Agent;
+
+/// How one server is reached.
+enum Link {
+    Http {
+        addr: String,
+        path: String,
+    },
+    Stdio {
+        _child: Child,
+        stdin: ChildStdin,
+        stdout: BufReader<ChildStdout>,
+    },
+}
+
+struct Server {
+    name: String,
+    link: Option<Link>,
+    tools: Vec<String>,
+    next_id: u64,
+}
+
+/// The configured servers (connected on first use of [`Servers::start`]).
+#[derive(Default)]
+pub(crate) struct Servers {
+    config: Option<String>,
+    servers: Vec<Server>,
+    started: bool,
+}
+
+impl Servers {
+    /// `--mcp-config`: JSON, or a file holding it.
+    pub(crate) fn configure(&mut self, value: String) {
+        self.config = Some(value);
+    }
+
+    /// Connects every server once: initialize, then the tool list.
+    pub(crate) fn start(&mut self) {
+        if std::mem::replace(&mut self.started, true) {
+            return;
+        }
+        let Some(raw) = self.config.take() else {
+            return;
+        };
+        let text = if raw.trim_start().starts_with('{') {
+            raw
+        } else {
+            std::fs::read_to_string(&raw).unwrap_or_default()
+        };
+        let config: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let Some(map) = config["mcpServers"].as_object() else {
+            return;
+        };
+        for (name, entry) in map {
+            let mut s = Server {
+                name: name.clone(),
+                link: connect(entry),
+                tools: Vec::new(),
+                next_id: 0,
+            };
+            let ok = s
+                .request("initialize", json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                                              "clientInfo": {"name": "fake-claude", "version": "1"}}))
+                .is_some();
+            if ok {
+                s.notify("notifications/initialized");
+                s.tools = s
+                    .request("tools/list", json!({}))
+                    .and_then(|r| r["tools"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|t| t["name"].as_str().map(String::from))
+                    .collect();
+            } else {
+                s.link = None;
+            }
+            self.servers.push(s);
+        }
+    }
+
+    /// `mcp_servers` of `system/init`.
+    pub(crate) fn statuses(&self) -> Value {
+        self.servers
+            .iter()
+            .map(|s| {
+                let status = if s.link.is_some() {
+                    "connected"
+                } else {
+                    "failed"
+                };
+                json!({"name": s.name, "status": status})
+            })
+            .collect()
+    }
+
+    /// Every tool, as the model sees it (`mcp__{server}__{tool}`).
+    pub(crate) fn tool_names(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .flat_map(|s| s.tools.iter().map(move |t| format!("mcp__{}__{t}", s.name)))
+            .collect()
+    }
+
+    /// Calls `tool` of `server`: its text, and whether it is an error.
+    fn call(&mut self, server: &str, tool: &str, input: &Value) -> (String, bool) {
+        let Some(s) = self.servers.iter_mut().find(|s| s.name == server) else {
+            return (
+                format!("No such tool available: mcp__{server}__{tool}"),
+                true,
+            );
+        };
+        match s.request("tools/call", json!({"name": tool, "arguments": input})) {
+            Some(r) => {
+                let text: Vec<&str> = r["content"]
+                    .as_array()
+                    .map(|c| c.iter().filter_map(|b| b["text"].as_str()).collect())
+                    .unwrap_or_default();
+                (text.join("\n"), r["isError"] == true)
+            }
+            None => (format!("MCP server \"{server}\" did not answer"), true),
+        }
+    }
+}
+
+fn connect(entry: &Value) -> Option<Link> {
+    match entry["type"].as_str().unwrap_or("stdio") {
+        "http" => {
+            let url = entry["url"].as_str()?;
+            let rest = url.strip_prefix("http://")?;
+            let (addr, path) = rest.split_once('/').unwrap_or((rest, ""));
+            Some(Link::Http {
+                addr: addr.to_string(),
+                path: format!("/{path}"),
+            })
+        }
+        "stdio" => {
+            let args: Vec<&str> = entry["args"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut child = Command::new(entry["command"].as_str()?)
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            let (stdin, stdout) = (child.stdin.take()?, child.stdout.take()?);
+            Some(Link::Stdio {
+                _child: child,
+                stdin,
+                stdout: BufReader::new(stdout),
+            })
+        }
+        _ => None,
+    }
+}
+
+impl Server {
+    fn request(&mut self, method: &str, params: Value) -> Option<Value> {
+        self.next_id += 1;
+        let msg = json!({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params});
+        let reply = self.send(&msg)?;
+        reply.get("result").cloned()
+    }
+
+    fn notify(&mut self, method: &str) {
+        let _ = self.send(&json!({"jsonrpc": "2.0", "method": method}));
+    }
+
+    /// Sends one message; the answer, if one comes.
+    fn send(&mut self, msg: &Value) -> Option<Value> {
+        let notification = msg.get("id").is_none();
+        match self.link.as_mut()? {
+            Link::Http { addr, path } => {
+                let body = msg.to_string();
+                let mut conn = std::net::TcpStream::connect(addr.as_str()).ok()?;
+                write!(
+                    conn,
+                    "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .ok()?;
+                let mut raw = Vec::new();
+                conn.read_to_end(&mut raw).ok()?;
+                let text = String::from_utf8_lossy(&raw);
+                let (head, body) = text.split_once("\r\n\r\n")?;
+                let ok = head.split(' ').nth(1).is_some_and(|c| c.starts_with('2'));
+                if !ok || notification {
+                    return ok.then_some(Value::Null);
+                }
+                // JSON, or one SSE event carrying it.
+                let json = body
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data:"))
+                    .unwrap_or(body);
+                serde_json::from_str(json.trim()).ok()
+            }
+            Link::Stdio { stdin, stdout, .. } => {
+                writeln!(stdin, "{msg}").and_then(|()| stdin.flush()).ok()?;
+                if notification {
+                    return Some(Value::Null);
+                }
+                let mut line = String::new();
+                stdout.read_line(&mut line).ok()?;
+                serde_json::from_str(&line).ok()
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// `mcp SERVER TOOL JSON`: a call of `mcp__SERVER__TOOL`, asked for
+    /// like the real CLI asks for MCP tools, then `done: RESULT`.
+    pub(crate) fn mcp_call(&mut self, prompt: &str, rest: &[&str], started: Instant) -> bool {
+        let server = rest.first().copied().unwrap_or_default().to_string();
+        let tool = rest.get(1).copied().unwrap_or_default().to_string();
+        let input: Value =
+            serde_json::from_str(&rest.get(2..).map(|w| w.join(" ")).unwrap_or_default())
+                .unwrap_or(json!({}));
+        let name = format!("mcp__{server}__{tool}");
+        let known = self.mcp.tool_names().contains(&name);
+        let mut mcp = std::mem::take(&mut self.mcp);
+        let done = self.tool_call(prompt, &name, input, started, |input| {
+            if known {
+                mcp.call(&server, &tool, input)
+            } else {
+                (
+                    format!(
+                        "<tool_use_error>Error: No such tool available: {name}</tool_use_error>"
+                    ),
+                    true,
+                )
+            }
+        });
+        self.mcp = mcp;
+        done
+    }
+}
