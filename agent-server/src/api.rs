@@ -46,6 +46,7 @@ impl NodeApi {
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::channel(OUT_BUFFER);
         let evict_key = spec.evict_snapshot_key.clone();
+        let credentials = spec.secrets.credentials.clone();
         self.node.tasks.spawn(session::run(
             self.node.clone(),
             start.session_id.clone(),
@@ -64,9 +65,11 @@ impl NodeApi {
             &start.session_id,
             epoch,
             frame_tx.clone(),
-            cmd_tx,
-            out_rx,
-            evict_key,
+            (cmd_tx, out_rx),
+            crate::runs::Kept {
+                evict_snapshot_key: evict_key,
+                credentials,
+            },
         );
         if let Some(m) = first {
             run.deliver(m.seq);
@@ -370,6 +373,12 @@ async fn commands_from(
                     continue;
                 }
                 dispatcher_frame::Kind::Start(_) => continue,
+                dispatcher_frame::Kind::Credential(u) => {
+                    if !run.credentials.update(&u.id, u.value, u.error) {
+                        tracing::warn!(credential_id = %u.id, "a dispatcher updated a credential this run does not refresh; ignored");
+                    }
+                    continue;
+                }
             },
             Ok(Some(_)) => continue,
             // The dispatcher is gone: the run waits for a re-attach.

@@ -37,8 +37,67 @@ pub struct SessionSpec {
 #[derive(Clone, Default)]
 pub struct GatewaySecrets {
     pub anthropic_api_key: Option<String>,
-    /// Credentials the gateway sends as a header to their hosts.
-    pub credentials: Vec<Credential>,
+    /// Credentials the gateway sends as a header to their hosts (the
+    /// run's dispatcher updates refreshed ones).
+    pub credentials: CredentialBook,
+}
+
+/// A run's credentials, shared by its gateway routes and the stream that
+/// brings refreshed values.
+#[derive(Clone, Default)]
+pub struct CredentialBook(std::sync::Arc<std::sync::RwLock<Vec<Credential>>>);
+
+impl CredentialBook {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Credential>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Credential `id` as it is now.
+    pub fn get(&self, id: &str) -> Option<Credential> {
+        self.read().iter().find(|c| c.id == id).cloned()
+    }
+
+    /// A refreshed credential's new value, or why it has none. `false`
+    /// when the run has no such refreshed credential.
+    pub fn update(&self, id: &str, value: String, error: String) -> bool {
+        let mut all = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(c) = all.iter_mut().find(|c| c.id == id && c.refreshed) else {
+            return false;
+        };
+        if error.is_empty() && !value.contains(['\r', '\n', '\0']) {
+            c.value = value;
+            c.error = None;
+        } else {
+            c.error = Some(if error.is_empty() {
+                "the refreshed value cannot be sent as a header".into()
+            } else {
+                error
+            });
+        }
+        true
+    }
+
+    fn push(&self, c: Credential) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(c);
+    }
+
+    fn len(&self) -> usize {
+        self.read().len()
+    }
+}
+
+impl std::fmt::Debug for CredentialBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.read().iter()).finish()
+    }
 }
 
 /// A credential: sent as `header` to `hosts` only.
@@ -48,6 +107,10 @@ pub struct Credential {
     pub hosts: Vec<String>,
     pub header: berth_common::credentials::HttpHeader,
     pub value: String,
+    /// An OAuth access token the dispatcher refreshes.
+    pub refreshed: bool,
+    /// It could not be refreshed: why (its requests are refused).
+    pub error: Option<String>,
 }
 
 impl Credential {
@@ -66,6 +129,8 @@ impl std::fmt::Debug for Credential {
             .field("hosts", &self.hosts)
             .field("header", &self.header.name)
             .field("value", &"<redacted>")
+            .field("refreshed", &self.refreshed)
+            .field("error", &self.error)
             .finish()
     }
 }
@@ -83,9 +148,9 @@ impl std::fmt::Debug for GatewaySecrets {
 }
 
 impl GatewaySecrets {
-    /// The credential `id`, if the session has it.
-    pub fn credential(&self, id: &str) -> Option<&Credential> {
-        self.credentials.iter().find(|c| c.id == id)
+    /// The credential `id` as it is now, if the session has it.
+    pub fn credential(&self, id: &str) -> Option<Credential> {
+        self.credentials.get(id)
     }
 
     fn from_pb(secrets: Vec<pb::GatewaySecret>) -> Result<Self, Error> {
@@ -106,11 +171,16 @@ impl GatewaySecrets {
                             "a credential needs an id and a one-line value",
                         ));
                     }
+                    if out.credentials.len() >= berth_common::spec::limits::VAULT_IDS * 2 {
+                        return Err(Error::invalid("spec.secrets", "too many credentials"));
+                    }
                     out.credentials.push(Credential {
                         id: s.id,
                         hosts: s.hosts,
                         header,
                         value: s.value,
+                        refreshed: s.refreshed,
+                        error: Some(s.error).filter(|e| !e.is_empty()),
                     });
                 }
                 _ => {

@@ -22,6 +22,10 @@ pub(crate) enum UsageArg {
     /// `Authorization: Bearer VALUE`) to its --host(s) only: an MCP
     /// server's token, a git host's token.
     HttpHeader,
+    /// An OAuth 2.0 refresh token (stdin) with its client (--token-url,
+    /// --client-id, --client-secret-file): dispatchers trade it for access
+    /// tokens, which the gateway sends like http-header's.
+    Oauth2Refresh,
 }
 
 #[derive(Subcommand)]
@@ -34,6 +38,9 @@ pub(crate) enum SecretsCmd {
     ///
     /// A GitHub token for git over HTTPS:
     ///   printf x-access-token:%s "$TOKEN" | berth secrets create gh --usage http-header --host github.com --header-prefix "Basic "
+    ///
+    /// An OAuth refresh token, refreshed by the dispatchers:
+    ///   berth secrets create crm --usage oauth2-refresh --host api.example.com --token-url https://auth.example.com/token --client-id berth --client-secret-file client.txt < refresh.txt
     #[command(verbatim_doc_comment)]
     Create {
         name: String,
@@ -50,6 +57,18 @@ pub(crate) enum SecretsCmd {
         /// Authorization). `Basic ` base64-encodes a `user:password` value.
         #[arg(long, default_value = "")]
         header_prefix: String,
+        /// oauth2-refresh: the token endpoint (https://).
+        #[arg(long)]
+        token_url: Option<String>,
+        /// oauth2-refresh: the client id.
+        #[arg(long, default_value = "")]
+        client_id: String,
+        /// oauth2-refresh: a file holding the client secret (never a flag).
+        #[arg(long)]
+        client_secret_file: Option<std::path::PathBuf>,
+        /// oauth2-refresh: the scope to ask for.
+        #[arg(long, default_value = "")]
+        scope: String,
     },
     /// The project's secrets: usage, hosts, and when a gateway last
     /// attached each credential.
@@ -60,7 +79,15 @@ pub(crate) enum SecretsCmd {
 }
 
 fn table(o: &Out, secrets: &[pb::Secret]) -> comfy_table::Table {
-    let mut t = o.table(&["ID", "NAME", "USAGE", "HOSTS", "LAST USE", "AGE"]);
+    let mut t = o.table(&[
+        "ID",
+        "NAME",
+        "USAGE",
+        "HOSTS",
+        "LAST USE",
+        "LAST REFRESH",
+        "AGE",
+    ]);
     for s in secrets {
         let usage = pb::SecretUsage::try_from(s.usage)
             .map(|u| {
@@ -87,10 +114,21 @@ fn table(o: &Out, secrets: &[pb::Secret]) -> comfy_table::Table {
                 s.hosts.join(",")
             }),
             Cell::new(last_use),
+            Cell::new(refresh(s)),
             Cell::new(age(&s.create_time)),
         ]);
     }
     t
+}
+
+/// An OAuth credential's last refresh: when, and its error if it failed.
+fn refresh(s: &pb::Secret) -> String {
+    match (&s.last_refresh_time, s.last_refresh_error.as_str()) {
+        (None, _) if s.oauth.is_some() => "never".into(),
+        (None, _) => "-".into(),
+        (Some(t), "") => format!("{} ago", age(&Some(*t))),
+        (Some(t), why) => format!("failed {} ago: {why}", age(&Some(*t))),
+    }
 }
 
 pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Result<(), CliError> {
@@ -103,7 +141,26 @@ pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Res
             hosts,
             header,
             header_prefix,
+            token_url,
+            client_id,
+            client_secret_file,
+            scope,
         } => {
+            let client_secret = match &client_secret_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        CliError::new(format!("--client-secret-file {}: {e}", f.display()))
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+                None => String::new(),
+            };
+            let oauth = token_url.map(|token_url| pb::OAuth2Client {
+                token_url,
+                client_id,
+                client_secret,
+                scope,
+            });
             let mut value = String::new();
             std::io::stdin()
                 .read_to_string(&mut value)
@@ -112,6 +169,7 @@ pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Res
                 UsageArg::AnthropicApiKey => pb::SecretUsage::AnthropicApiKey,
                 UsageArg::GitSshKey => pb::SecretUsage::GitSshKey,
                 UsageArg::HttpHeader => pb::SecretUsage::HttpHeader,
+                UsageArg::Oauth2Refresh => pb::SecretUsage::Oauth2Refresh,
             };
             let header =
                 (!header.is_empty() || !header_prefix.is_empty()).then_some(pb::HttpHeader {
@@ -129,6 +187,7 @@ pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Res
                     },
                     hosts,
                     header,
+                    oauth,
                 })
                 .await
                 .map_err(e)?

@@ -30,6 +30,9 @@ pub const SESSION_USAGE: &str = "session.usage";
 pub const SESSION_TURN_LOST: &str = "session.turn_lost";
 /// Something went wrong that the user should see.
 pub const SESSION_ERROR: &str = "session.error";
+/// An OAuth credential of the session could not be refreshed: the gateway
+/// refuses its requests, saying so, until a refresh works again.
+pub const SESSION_CREDENTIAL_FAILED: &str = "session.credential_failed";
 /// The agent asks a person to allow a tool call (Claude Code's
 /// `control_request` `can_use_tool`).
 pub const AGENT_TOOL_PERMISSION: &str = "agent.tool_permission";
@@ -270,6 +273,14 @@ pub mod payload {
     /// `session.error`.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct SessionError {
+        pub message: String,
+    }
+
+    /// `session.credential_failed`: which credential (`secrets/{id}`), and
+    /// the refresh's error (never a token).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct CredentialFailed {
+        pub credential: String,
         pub message: String,
     }
 

@@ -153,6 +153,12 @@ pub struct Config {
     )]
     pub subscription_allow_http_hosts: Vec<String>,
 
+    /// Hosts (`HOST` or `HOST:PORT`, comma-separated) whose OAuth token
+    /// endpoints (SECRET_USAGE_OAUTH2_REFRESH credentials) may be plain
+    /// `http://`; every other token endpoint must be `https://`.
+    #[arg(long, env = "BERTH_OAUTH_ALLOW_HTTP_HOSTS", value_delimiter = ',')]
+    pub oauth_allow_http_hosts: Vec<String>,
+
     /// Longest an outbound webhook receiver may take to answer an attempt.
     #[arg(long, env = "BERTH_SUBSCRIPTION_TIMEOUT", value_parser = berth_common::time::parse_duration, default_value = "10")]
     pub subscription_timeout: Duration,

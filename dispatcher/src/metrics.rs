@@ -41,9 +41,16 @@ pub const SCHEDULE_FIRES: &str = "berth_schedule_fires_total";
 pub const WEBHOOK_DELIVERIES: &str = "berth_webhook_deliveries_total";
 pub const AUDIT_FAILURES: &str = "berth_audit_failures_total";
 pub const SUBSCRIPTION_ATTEMPTS: &str = "berth_subscription_attempts_total";
+pub const OAUTH_REFRESHES: &str = "berth_oauth_refreshes_total";
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: OAUTH_REFRESHES,
+        kind: Kind::Counter,
+        help: "OAuth access-token refreshes this dispatcher made, by outcome (ok, error).",
+        labels: &["outcome"],
+    },
     Def {
         name: SUBSCRIPTION_ATTEMPTS,
         kind: Kind::Counter,
@@ -323,6 +330,7 @@ fn init_series() {
 /// Counters whose one label takes values known up front: every value each
 /// takes, as the loop or layer that counts it says it.
 const LABELLED: &[(&str, &str, &[&str])] = &[
+    (OAUTH_REFRESHES, "outcome", &["ok", "error"]),
     (
         WEBHOOK_DELIVERIES,
         "outcome",

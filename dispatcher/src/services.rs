@@ -102,6 +102,7 @@ impl Parts {
             shutdown: shutdown.clone(),
             redeliver_lost_turns: cfg.redeliver_lost_turns,
             dispatcher_id: cfg.dispatcher_id.clone(),
+            oauth: crate::ops::oauth::OAuth::new(store.clone(), cfg.dispatcher_id.clone())?,
             inactivity_default: cfg
                 .inactivity_timeout
                 .unwrap_or(session::DEFAULT_INACTIVITY_TIMEOUT),
@@ -302,6 +303,7 @@ pub(crate) async fn serve_api(
             secrets: crate::ops::access::Secrets {
                 store: store.clone(),
                 audit: parts.audit.clone(),
+                oauth_allow_http: cfg.oauth_allow_http_hosts.clone(),
             },
         }))
         .add(SchedulesServer::new(api::schedules::SchedulesService {

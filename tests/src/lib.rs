@@ -15,6 +15,7 @@ pub mod git_http;
 pub mod git_smart;
 pub mod git_ssh;
 pub mod netns;
+pub mod oauth;
 pub mod pg;
 pub mod s3;
 pub mod sts;

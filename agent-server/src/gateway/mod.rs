@@ -57,8 +57,10 @@ pub struct SessionGate {
     /// The run's lease: every request waits for it to be confirmed, and a
     /// fenced run's connections close (see [`crate::lease`]).
     pub lease: Option<Arc<RunLease>>,
-    /// Its declared routes (credentials inside).
+    /// Its declared routes.
     pub routes: Vec<Route>,
+    /// The run's credentials (updated as the dispatcher refreshes them).
+    pub credentials: crate::spec::CredentialBook,
     /// Where credential uses are reported.
     pub uses: Option<UseLog>,
 }
@@ -474,6 +476,7 @@ mod tests {
             api_key: Some("sk-ant-very-secret".into()),
             lease: None,
             routes: vec![],
+            credentials: Default::default(),
             uses: None,
         };
         let shown = format!("{gate:?}");

@@ -30,7 +30,8 @@ pub struct Route {
     pub path: String,
     /// Where it goes.
     pub url: String,
-    pub credential: Option<Credential>,
+    /// Its credential's id (one of the gate's).
+    pub credential: Option<String>,
     /// A git repository: pushes need the egress policy's leave.
     pub git: bool,
 }
@@ -45,7 +46,10 @@ pub fn git_route(n: usize) -> String {
 /// was deleted) leaves the route without one; the server then answers as
 /// it does to anyone.
 pub fn routes_of(spec: &SessionSpec) -> Vec<Route> {
-    let credential = |id: Option<&str>| id.and_then(|id| spec.secrets.credential(id)).cloned();
+    let credential = |id: Option<&str>| {
+        id.filter(|id| spec.secrets.credential(id).is_some())
+            .map(String::from)
+    };
     let mut out = Vec::new();
     for m in &spec.agent.mcp_servers {
         if let berth_common::spec::McpTransport::Remote { url, credential: c } = &m.transport {
@@ -78,6 +82,8 @@ pub struct CredentialUse {
     pub host: String,
     /// Requests since the last report.
     pub requests: u64,
+    /// The host answered 401 with it (a refreshed credential).
+    pub rejected: bool,
 }
 
 /// Where a gate's use reports go (the run's frames).
@@ -111,7 +117,15 @@ impl UseLog {
         }
     }
 
-    fn used(&self, credential_id: &str, host: &str) {
+    fn used(&self, credential_id: &str, host: &str, rejected: bool) {
+        if rejected {
+            (self.sink)(CredentialUse {
+                credential_id: credential_id.to_string(),
+                host: host.to_string(),
+                requests: 0,
+                rejected: true,
+            });
+        }
         let due = {
             let mut seen = self
                 .seen
@@ -132,6 +146,7 @@ impl UseLog {
                 credential_id: credential_id.to_string(),
                 host: host.to_string(),
                 requests,
+                rejected: false,
             });
         }
     }
@@ -175,10 +190,12 @@ impl Gateway {
                 "berth gateway: the route's URL has no host\n",
             );
         };
-        let label = route
+        // The credential as it is now (a refreshed one changes).
+        let credential: Option<Credential> = route
             .credential
-            .as_ref()
-            .map_or_else(|| "none".to_string(), |c| c.id.clone());
+            .as_deref()
+            .and_then(|id| gate.credentials.get(id));
+        let label = route.credential.clone().unwrap_or_else(|| "none".into());
         let refuse = |status: StatusCode, why: String| {
             count(&label, &host, "refused");
             tracing::info!(session_id = %gate.session_id, route = %route.path, host, port, reason = %why, "route refused");
@@ -191,7 +208,13 @@ impl Gateway {
                 format!("pushes to {host}:{port} are not in this session's egress policy"),
             );
         }
-        if let Some(c) = &route.credential
+        if let Some(why) = credential.as_ref().and_then(|c| c.error.as_ref()) {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("credential secrets/{label} could not be refreshed: {why}"),
+            );
+        }
+        if let Some(c) = &credential
             && !covers(&c.hosts, &host, port)
         {
             return refuse(
@@ -222,7 +245,7 @@ impl Gateway {
         parts.headers.remove(http::header::HOST);
         // Whatever the agent sent in the credential's place is dropped.
         parts.headers.remove(http::header::AUTHORIZATION);
-        if let Some(c) = &route.credential {
+        if let Some(c) = &credential {
             parts.headers.remove(c.header.name.as_str());
             let (Ok(name), Some(value)) = (
                 http::HeaderName::from_bytes(c.header.name.as_bytes()),
@@ -240,8 +263,11 @@ impl Gateway {
             Ok(resp) => {
                 let outcome = format!("{}xx", resp.status().as_u16() / 100);
                 count(&label, &host, &outcome);
-                if let (Some(c), Some(uses)) = (&route.credential, &gate.uses) {
-                    uses.used(&c.id, &host);
+                if let (Some(c), Some(uses)) = (&credential, &gate.uses) {
+                    // A refreshed token the host refused: the dispatcher
+                    // refreshes it at once.
+                    let rejected = c.refreshed && resp.status() == StatusCode::UNAUTHORIZED;
+                    uses.used(&c.id, &host, rejected);
                 }
                 tracing::info!(
                     session_id = %gate.session_id,
@@ -313,9 +339,9 @@ mod tests {
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = got.clone();
         let log = UseLog::new(Arc::new(move |u| sink.lock().expect("lock").push(u)));
-        log.used("c1", "h");
-        log.used("c1", "h");
-        log.used("c2", "h");
+        log.used("c1", "h", false);
+        log.used("c1", "h", false);
+        log.used("c2", "h", false);
         let got = got.lock().expect("lock");
         let ids: Vec<_> = got.iter().map(|u| u.credential_id.as_str()).collect();
         assert_eq!(ids, ["c1", "c2"]);

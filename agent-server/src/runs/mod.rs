@@ -66,6 +66,8 @@ pub struct Run {
     cfg: JournalConfig,
     /// Where the run saves its snapshot when no dispatcher re-attaches.
     evict_snapshot_key: String,
+    /// Its credentials, which the dispatcher refreshes.
+    pub credentials: crate::spec::CredentialBook,
 }
 
 struct State {
@@ -110,10 +112,13 @@ impl Runs {
         session_id: &str,
         epoch: i64,
         link: FrameTx,
-        commands: mpsc::Sender<Command>,
-        outputs: mpsc::Receiver<Output>,
-        evict_snapshot_key: String,
+        (commands, outputs): (mpsc::Sender<Command>, mpsc::Receiver<Output>),
+        kept: Kept,
     ) -> Arc<Run> {
+        let Kept {
+            evict_snapshot_key,
+            credentials,
+        } = kept;
         let run = Arc::new(Run {
             session_id: session_id.to_string(),
             commands,
@@ -130,6 +135,7 @@ impl Runs {
             }),
             link: Arc::new(tokio::sync::Mutex::new(Some((0, link)))),
             room: Notify::new(),
+            credentials,
             cfg: self.cfg,
             evict_snapshot_key,
         });
@@ -379,6 +385,15 @@ async fn pump(runs: Arc<Runs>, run: Arc<Run>, mut outputs: mpsc::Receiver<Output
     }
 }
 
+/// What a run keeps of its spec.
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// Where it saves its snapshot when no dispatcher re-attaches.
+    pub evict_snapshot_key: String,
+    /// Its credentials, which the dispatcher refreshes.
+    pub credentials: crate::spec::CredentialBook,
+}
+
 /// One output of a run as the frame numbered `node_seq`.
 fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
     let kind = match output {
@@ -416,6 +431,7 @@ fn frame(node_seq: u64, output: Output) -> pb::NodeFrame {
             credential_id: u.credential_id,
             host: u.host,
             requests: u.requests,
+            rejected: u.rejected,
         }),
         Output::Exited(x) => pb::node_frame::Kind::Exited(pb::Exited {
             exit_code: x.code,

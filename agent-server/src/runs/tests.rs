@@ -34,7 +34,16 @@ fn start(max_bytes: usize, link: FrameTx) -> Harness {
     ));
     let (cmd_tx, commands) = mpsc::channel(8);
     let (outputs, out_rx) = mpsc::channel(64);
-    let run = runs.start("s", 1, link, cmd_tx, out_rx, "evict-key".into());
+    let run = runs.start(
+        "s",
+        1,
+        link,
+        (cmd_tx, out_rx),
+        super::Kept {
+            evict_snapshot_key: "evict-key".into(),
+            ..Default::default()
+        },
+    );
     Harness {
         runs,
         run,

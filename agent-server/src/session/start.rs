@@ -277,6 +277,7 @@ fn serve_gate(
         api_key: spec.secrets.anthropic_api_key.clone(),
         lease: Some(slot.lease.clone()),
         routes: crate::gateway::routes_of(spec),
+        credentials: spec.secrets.credentials.clone(),
         uses: Some({
             let out = out.clone();
             crate::gateway::UseLog::new(std::sync::Arc::new(move |u| {

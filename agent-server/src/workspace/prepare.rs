@@ -69,7 +69,7 @@ pub async fn prepare(
                     })
                 })
                 .transpose()?;
-            let tar = clone_repo(cfg, g, credential.map(|c| (n, c))).await?;
+            let tar = clone_repo(cfg, g, credential.as_ref().map(|c| (n, c))).await?;
             let (volume, _) = layout.volume_of(&g.path)?;
             runtime
                 .upload_tar(container, volume, tar)

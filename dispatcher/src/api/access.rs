@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::ops::access::{Keys, Secrets};
 use crate::store::{
     ApiKeyRow, SecretRow, SecretShape, USAGE_ANTHROPIC_API_KEY, USAGE_GIT_SSH_KEY,
-    USAGE_HTTP_HEADER,
+    USAGE_HTTP_HEADER, USAGE_OAUTH2_REFRESH,
 };
 use berth_common::time::to_timestamp as timestamp;
 
@@ -181,9 +181,10 @@ fn usage_to_str(u: i32) -> Result<&'static str, Error> {
         Ok(pb::SecretUsage::AnthropicApiKey) => Ok(USAGE_ANTHROPIC_API_KEY),
         Ok(pb::SecretUsage::GitSshKey) => Ok(USAGE_GIT_SSH_KEY),
         Ok(pb::SecretUsage::HttpHeader) => Ok(USAGE_HTTP_HEADER),
+        Ok(pb::SecretUsage::Oauth2Refresh) => Ok(USAGE_OAUTH2_REFRESH),
         Ok(pb::SecretUsage::Unspecified) => Err(Error::invalid(
             "usage",
-            "required: how sessions use the secret (SECRET_USAGE_ANTHROPIC_API_KEY, SECRET_USAGE_GIT_SSH_KEY or SECRET_USAGE_HTTP_HEADER)",
+            "required: how sessions use the secret (SECRET_USAGE_ANTHROPIC_API_KEY, SECRET_USAGE_GIT_SSH_KEY, SECRET_USAGE_HTTP_HEADER or SECRET_USAGE_OAUTH2_REFRESH)",
         )),
         Err(_) => Err(Error::invalid("usage", format!("unknown usage {u}"))),
     }
@@ -194,6 +195,7 @@ fn usage_from_str(u: &str) -> pb::SecretUsage {
         USAGE_ANTHROPIC_API_KEY => pb::SecretUsage::AnthropicApiKey,
         USAGE_GIT_SSH_KEY => pb::SecretUsage::GitSshKey,
         USAGE_HTTP_HEADER => pb::SecretUsage::HttpHeader,
+        USAGE_OAUTH2_REFRESH => pb::SecretUsage::Oauth2Refresh,
         _ => pb::SecretUsage::Unspecified,
     }
 }
@@ -205,12 +207,21 @@ fn secret_pb(s: SecretRow) -> pb::Secret {
         display_name: s.display_name,
         usage: usage_from_str(&s.usage) as i32,
         create_time: Some(timestamp(s.create_time)),
-        header: (s.usage == USAGE_HTTP_HEADER).then_some(pb::HttpHeader {
+        header: (!s.hosts.is_empty()).then_some(pb::HttpHeader {
             name: s.header_name,
             prefix: s.header_prefix,
         }),
         hosts: s.hosts,
         last_use_time: s.last_use_time.map(timestamp),
+        oauth: (s.usage == USAGE_OAUTH2_REFRESH).then_some(pb::OAuth2Client {
+            token_url: s.oauth_token_url,
+            client_id: s.oauth_client_id,
+            client_secret: String::new(),
+            scope: s.oauth_scope,
+        }),
+        last_refresh_time: s.last_refresh_time.map(timestamp),
+        last_refresh_error: s.last_refresh_error,
+        access_expire_time: s.access_expire_time.map(timestamp),
     }
 }
 
@@ -231,14 +242,26 @@ impl SecretsApi for SecretsService {
         let who = caller(&r)?;
         let r = r.into_inner();
         let header = r.header.unwrap_or_default();
+        let oauth = r.oauth.clone().unwrap_or_default();
         let shape = SecretShape {
             display_name: r.display_name,
             usage: usage_to_str(r.usage)?,
             hosts: r.hosts,
             header_name: header.name,
             header_prefix: header.prefix,
+            oauth_token_url: oauth.token_url,
+            oauth_client_id: oauth.client_id,
+            oauth_scope: oauth.scope,
         };
-        let row = self.secrets.create(&who, shape, &r.value).await?;
+        let row = self
+            .secrets
+            .create(
+                &who,
+                shape,
+                &r.value,
+                r.oauth.is_some().then_some(&oauth.client_secret),
+            )
+            .await?;
         Ok(Response::new(secret_pb(row)))
     }
 

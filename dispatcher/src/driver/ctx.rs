@@ -22,6 +22,8 @@ pub(crate) struct Ctx {
     pub redeliver_lost_turns: bool,
     /// This dispatcher's id, for the reasons it gives.
     pub dispatcher_id: String,
+    /// OAuth credentials' access tokens.
+    pub oauth: crate::ops::oauth::OAuth,
 }
 
 /// Runs a store call, retrying while Postgres is unreachable (backoff up

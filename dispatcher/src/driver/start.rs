@@ -30,6 +30,9 @@ pub(super) struct Link {
     pub attached: bool,
     pub frames: tonic::Streaming<pb::NodeFrame>,
     pub to_node: mpsc::Sender<pb::DispatcherFrame>,
+    /// The run's OAuth credentials as it started with them (the relay
+    /// keeps them fresh).
+    pub credentials: Vec<(uuid::Uuid, Result<crate::ops::oauth::Access, String>)>,
 }
 
 /// Places the session and sends `start`, trying other nodes when one refuses.
@@ -111,6 +114,7 @@ pub(super) async fn start(
                     attached: false,
                     frames,
                     to_node,
+                    credentials: secrets.oauth.clone(),
                 }));
             }
             Some(node_frame::Kind::Refused(r)) => {
@@ -193,6 +197,7 @@ pub(super) async fn attach(
                 attached: true,
                 frames,
                 to_node,
+                credentials: secrets.oauth.clone(),
             }))
         }
         Ok(Some(node_frame::Kind::Refused(r))) => {
@@ -298,18 +303,35 @@ async fn open_secrets(ctx: &Ctx, session: &Session) -> Result<OpenedSecrets> {
     let context = crate::store::secret_context(&session.project);
     for row in rows {
         let id = row.id;
-        let value = ctx
-            .store
-            .sealer()
-            .open(&context, &row.sealed)
-            .map_err(|e| Error::Internal(format!("secret secrets/{id}: {e}")))?;
-        let value = String::from_utf8(value)
-            .map_err(|_| Error::Internal(format!("secret secrets/{id} is not UTF-8")))?;
+        // An OAuth credential goes as its access token (refreshed now if it
+        // is stale); its refresh token stays here.
+        let (value, error) = if row.usage == crate::store::USAGE_OAUTH2_REFRESH {
+            match ctx.oauth.access(id, None).await {
+                Ok(a) => {
+                    opened.oauth.push((id, Ok(a.clone())));
+                    (a.value, None)
+                }
+                Err(why) => {
+                    opened.oauth.push((id, Err(why.clone())));
+                    (String::new(), Some(why))
+                }
+            }
+        } else {
+            let value = ctx
+                .store
+                .sealer()
+                .open(&context, &row.sealed)
+                .map_err(|e| Error::Internal(format!("secret secrets/{id}: {e}")))?;
+            let value = String::from_utf8(value)
+                .map_err(|_| Error::Internal(format!("secret secrets/{id} is not UTF-8")))?;
+            (value, None)
+        };
         opened.by_id.insert(
             id.to_string(),
             OpenedSecret {
                 usage: row.usage,
                 value,
+                error,
                 hosts: row.hosts,
                 header_name: row.header_name,
                 header_prefix: row.header_prefix,

@@ -91,12 +91,19 @@ pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::Sessi
 pub(crate) struct OpenedSecrets {
     pub env: std::collections::BTreeMap<String, String>,
     pub by_id: std::collections::HashMap<String, OpenedSecret>,
+    /// The OAuth credentials' access tokens as the run starts with them,
+    /// or why one has none (the relay keeps them fresh).
+    pub oauth: Vec<(uuid::Uuid, Result<crate::ops::oauth::Access, String>)>,
 }
 
 /// One secret, opened for a run.
 pub(crate) struct OpenedSecret {
     pub usage: String,
+    /// The value; an OAuth credential's current access token (empty with
+    /// `error`).
     pub value: String,
+    /// An OAuth credential that could not be refreshed: why.
+    pub error: Option<String>,
     /// Credentials: where they go, and how.
     pub hosts: Vec<String>,
     pub header_name: String,
@@ -125,14 +132,18 @@ impl OpenedSecrets {
                     value: s.value.clone(),
                     ..Default::default()
                 }),
-                crate::store::USAGE_HTTP_HEADER => Some(pb::GatewaySecret {
-                    usage: pb::SecretUsage::HttpHeader as i32,
-                    value: s.value.clone(),
-                    id: id.clone(),
-                    hosts: s.hosts.clone(),
-                    header_name: s.header_name.clone(),
-                    header_prefix: s.header_prefix.clone(),
-                }),
+                usage @ (crate::store::USAGE_HTTP_HEADER | crate::store::USAGE_OAUTH2_REFRESH) => {
+                    Some(pb::GatewaySecret {
+                        usage: pb::SecretUsage::HttpHeader as i32,
+                        value: s.value.clone(),
+                        id: id.clone(),
+                        hosts: s.hosts.clone(),
+                        header_name: s.header_name.clone(),
+                        header_prefix: s.header_prefix.clone(),
+                        refreshed: usage == crate::store::USAGE_OAUTH2_REFRESH,
+                        error: s.error.clone().unwrap_or_default(),
+                    })
+                }
                 _ => None,
             })
             .collect()

@@ -10,7 +10,10 @@ use uuid::Uuid;
 use crate::access::auth::{Authenticator, Caller, Role, new_token};
 use crate::error::{Error, Result};
 use crate::ops::audit::{Action, Audit, Detail};
-use crate::store::{ApiKeyRow, SecretRow, SecretShape, Store, USAGE_HTTP_HEADER, secret_context};
+use crate::store::{
+    ApiKeyRow, SecretRow, SecretShape, Store, USAGE_HTTP_HEADER, USAGE_OAUTH2_REFRESH,
+    secret_context,
+};
 
 /// Largest secret value.
 pub const SECRET_BYTES: usize = 16 * 1024;
@@ -90,13 +93,24 @@ impl Keys {
 pub(crate) struct Secrets {
     pub store: Store,
     pub audit: Audit,
+    /// Hosts (`host` or `host:port`) an OAuth token endpoint may be reached
+    /// at over plain `http://`.
+    pub oauth_allow_http: Vec<String>,
 }
 
 impl Secrets {
     /// Seals `value` under the project's context and stores it; the value
     /// never appears in an error, a log or the audit trail.
-    pub async fn create(&self, who: &Caller, shape: SecretShape, value: &str) -> Result<SecretRow> {
-        let shape = credential_shape(shape)?;
+    /// `client_secret`: an OAuth credential's (given or not), sealed with
+    /// the refresh token (the value); `None` for any other secret.
+    pub async fn create(
+        &self,
+        who: &Caller,
+        shape: SecretShape,
+        value: &str,
+        client_secret: Option<&String>,
+    ) -> Result<SecretRow> {
+        let shape = credential_shape(shape, client_secret.is_some(), &self.oauth_allow_http)?;
         let (display_name, usage) = (shape.display_name.as_str(), shape.usage);
         if value.is_empty() {
             return Err(Error::invalid("value", "required"));
@@ -109,14 +123,23 @@ impl Secrets {
             ));
         }
         check_display_name(display_name)?;
-        if value.contains(['\r', '\n', '\0']) && usage == USAGE_HTTP_HEADER {
+        let credential = usage == USAGE_HTTP_HEADER || usage == USAGE_OAUTH2_REFRESH;
+        if value.contains(['\r', '\n', '\0']) && credential {
             return Err(Error::invalid(
                 "value",
-                "a credential sent as a header holds no line break or NUL",
+                "a credential or refresh token holds no line break or NUL",
             ));
         }
+        let plain = match client_secret {
+            Some(client_secret) => serde_json::to_string(&crate::ops::oauth::RefreshSecret {
+                refresh_token: value.to_string(),
+                client_secret: client_secret.clone(),
+            })
+            .map_err(|e| Error::Internal(e.to_string()))?,
+            None => value.to_string(),
+        };
         let sealer = self.store.sealer();
-        let sealed = sealer.seal(&secret_context(&who.project), value.as_bytes());
+        let sealed = sealer.seal(&secret_context(&who.project), plain.as_bytes());
         let id = Uuid::now_v7();
         let row = self
             .store
@@ -156,10 +179,40 @@ impl Secrets {
     }
 }
 
-/// A credential (`http_header`) names 1 to 16 hosts and a valid header,
-/// stored with its defaults filled in; any other secret names neither.
-fn credential_shape(mut shape: SecretShape) -> Result<SecretShape> {
-    if shape.usage != USAGE_HTTP_HEADER {
+/// A credential (`http_header`, `oauth2_refresh`) names 1 to 16 hosts and
+/// a valid header, stored with its defaults filled in; an OAuth one also
+/// its client (`oauth`); any other secret names none of these.
+fn credential_shape(
+    mut shape: SecretShape,
+    has_oauth: bool,
+    oauth_allow_http: &[String],
+) -> Result<SecretShape> {
+    let oauth = shape.usage == USAGE_OAUTH2_REFRESH;
+    if has_oauth != oauth {
+        return Err(Error::invalid(
+            "oauth",
+            if oauth {
+                "required for SECRET_USAGE_OAUTH2_REFRESH: the token endpoint and client"
+            } else {
+                "only SECRET_USAGE_OAUTH2_REFRESH credentials have an OAuth client"
+            },
+        ));
+    }
+    if oauth {
+        check_token_url(&shape.oauth_token_url, oauth_allow_http)?;
+        if shape.oauth_client_id.trim().is_empty() {
+            return Err(Error::invalid("oauth.client_id", "required"));
+        }
+        for (field, v) in [
+            ("oauth.client_id", &shape.oauth_client_id),
+            ("oauth.scope", &shape.oauth_scope),
+        ] {
+            if v.len() > 1024 || v.contains('\0') {
+                return Err(Error::invalid(field, "up to 1024 characters, without NUL"));
+            }
+        }
+    }
+    if shape.usage != USAGE_HTTP_HEADER && !oauth {
         if !shape.hosts.is_empty() {
             return Err(Error::invalid(
                 "hosts",
@@ -186,6 +239,35 @@ fn credential_shape(mut shape: SecretShape) -> Result<SecretShape> {
     shape.header_name = header.name;
     shape.header_prefix = header.prefix;
     Ok(shape)
+}
+
+/// A token endpoint is `https://`, or `http://` to an allowed host.
+fn check_token_url(url: &str, allow_http: &[String]) -> Result<()> {
+    let field = "oauth.token_url";
+    let Some((host, port)) = berth_common::credentials::target_of(url) else {
+        return Err(Error::invalid(
+            field,
+            format!("`{url}` is not an https:// URL with a host"),
+        ));
+    };
+    if url.len() > 2048 {
+        return Err(Error::invalid(field, "longer than 2048 characters"));
+    }
+    let https = url
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    let allowed = allow_http.iter().any(|h| {
+        h.eq_ignore_ascii_case(&host) || h.eq_ignore_ascii_case(&format!("{host}:{port}"))
+    });
+    if !https && !allowed {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "`{url}` must be https:// (plain http:// only to hosts in --oauth-allow-http-hosts)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_display_name(name: &str) -> Result<()> {

@@ -9,6 +9,7 @@ pub(crate) mod agents;
 pub(crate) mod audit;
 pub(crate) mod export;
 mod export_pdf;
+pub(crate) mod oauth;
 pub(crate) mod outbound;
 pub(crate) mod schedules;
 pub(crate) mod sessions;

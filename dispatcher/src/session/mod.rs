@@ -371,6 +371,15 @@ impl NewEvent {
         };
         Self::new(ev::SESSION_ERROR, payload::to_json(&p))
     }
+
+    /// `session.credential_failed`: credential `id` could not be refreshed.
+    pub fn credential_failed(id: uuid::Uuid, message: &str) -> Self {
+        let p = payload::CredentialFailed {
+            credential: format!("secrets/{id}"),
+            message: message.into(),
+        };
+        Self::new(ev::SESSION_CREDENTIAL_FAILED, payload::to_json(&p))
+    }
 }
 
 /// One version of an agent.

@@ -38,14 +38,21 @@ mod sql {
         "SELECT count(*) FROM api_keys WHERE role = 'fleet_admin' AND revoke_time IS NULL";
 
     pub const INSERT_SECRET: &str = "INSERT INTO secrets \
-         (id, project, display_name, usage, sealed, kek, hosts, header_name, header_prefix) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-         RETURNING id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time";
+         (id, project, display_name, usage, sealed, kek, hosts, header_name, header_prefix, \
+          oauth_token_url, oauth_client_id, oauth_scope) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         RETURNING id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time, \
+         oauth_token_url, oauth_client_id, oauth_scope, last_refresh_time, last_refresh_error, \
+         access_expire_time";
 
-    pub const GET_SECRET: &str = "SELECT id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time FROM secrets \
+    pub const GET_SECRET: &str = "SELECT id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time, \
+         oauth_token_url, oauth_client_id, oauth_scope, last_refresh_time, last_refresh_error, \
+         access_expire_time FROM secrets \
          WHERE project = $1 AND id = $2";
 
-    pub const LIST_SECRETS: &str = "SELECT id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time FROM secrets \
+    pub const LIST_SECRETS: &str = "SELECT id, display_name, usage, create_time, hosts, header_name, header_prefix, last_use_time, \
+         oauth_token_url, oauth_client_id, oauth_scope, last_refresh_time, last_refresh_error, \
+         access_expire_time FROM secrets \
          WHERE project = $1 ORDER BY create_time, id";
 
     /// A node reported using credential `$1`; at most one write a minute.
@@ -122,6 +129,9 @@ pub(crate) const USAGE_ANTHROPIC_API_KEY: &str = "anthropic_api_key";
 pub(crate) const USAGE_GIT_SSH_KEY: &str = "git_ssh_key";
 /// How a credential the gateway sends as an HTTP header is stored.
 pub(crate) const USAGE_HTTP_HEADER: &str = "http_header";
+/// How an OAuth 2.0 refresh credential is stored (the sealed value holds the
+/// refresh token and the client secret).
+pub(crate) const USAGE_OAUTH2_REFRESH: &str = "oauth2_refresh";
 
 /// What sealed secrets are bound to: their project.
 pub(crate) fn secret_context(project: &str) -> String {
@@ -154,6 +164,13 @@ pub(crate) struct SecretRow {
     pub header_name: String,
     pub header_prefix: String,
     pub last_use_time: Option<DateTime<Utc>>,
+    /// OAuth credentials: the client, and the last refresh.
+    pub oauth_token_url: String,
+    pub oauth_client_id: String,
+    pub oauth_scope: String,
+    pub last_refresh_time: Option<DateTime<Utc>>,
+    pub last_refresh_error: String,
+    pub access_expire_time: Option<DateTime<Utc>>,
 }
 
 /// A secret as a run opens it: still sealed, with what says where it goes.
@@ -175,6 +192,10 @@ pub(crate) struct SecretShape {
     pub hosts: Vec<String>,
     pub header_name: String,
     pub header_prefix: String,
+    /// OAuth credentials' client (its secret is sealed with the value).
+    pub oauth_token_url: String,
+    pub oauth_client_id: String,
+    pub oauth_scope: String,
 }
 
 /// Which sealed column a rewrap batch reads.
@@ -318,6 +339,9 @@ impl Store {
             .bind(&shape.hosts)
             .bind(&shape.header_name)
             .bind(&shape.header_prefix)
+            .bind(&shape.oauth_token_url)
+            .bind(&shape.oauth_client_id)
+            .bind(&shape.oauth_scope)
             .fetch_one(&self.pool)
             .await?)
     }

@@ -7,6 +7,7 @@
 //! - [`queue`]: claims, dispatcher liveness and the queue's sweeps;
 //! - [`agents`]: agents with their versions, and uploaded files;
 //! - [`access`]: API keys and secrets;
+//! - [`credentials`]: OAuth credentials' access tokens and refresh leases;
 //! - [`tools`]: tool permission requests and their answers;
 //! - [`schedules`]: schedules and their fires (claimed by compare-and-set);
 //! - [`webhooks`]: inbound webhooks and the deliveries they accepted;
@@ -23,6 +24,7 @@
 mod access;
 mod agents;
 mod audit;
+mod credentials;
 pub(crate) mod database_url;
 mod events;
 mod feedback;
@@ -47,9 +49,10 @@ use crate::session::SessionStatus;
 
 pub(crate) use access::{
     ApiKeyRow, SealedSecret, SealedTable, SecretRow, SecretShape, USAGE_ANTHROPIC_API_KEY,
-    USAGE_GIT_SSH_KEY, USAGE_HTTP_HEADER, secret_context,
+    USAGE_GIT_SSH_KEY, USAGE_HTTP_HEADER, USAGE_OAUTH2_REFRESH, secret_context,
 };
 pub use access::{KeyRecord, Role};
+pub(crate) use credentials::{OAuthRow, Refreshed};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
 pub(crate) use queue::{ORPHAN_PAGE, Orphan};

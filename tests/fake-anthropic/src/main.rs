@@ -29,7 +29,9 @@
 //!
 //! It is also a small MCP server (see `mcp.rs`): at `POST /mcp` (with
 //! `--mcp-token T`, only requests with `Authorization: Bearer T` are
-//! served; the others get 401), and on stdio as `fake-anthropic mcp-stdio`.
+//! served, with `--mcp-token-file F` only the unexpired tokens listed in F
+//! (`TOKEN EXPIRES_MS` lines); the others get 401), and on stdio as
+//! `fake-anthropic mcp-stdio`.
 //!
 //! Usage is deterministic: 10 input tokens plus one per message, 5 output
 //! tokens plus 3 per block.
@@ -53,6 +55,9 @@ struct State {
     key: Option<String>,
     /// With `--mcp-token`: the only bearer token `/mcp` serves.
     mcp_token: Option<String>,
+    /// With `--mcp-token-file`: the bearer tokens `/mcp` serves, a
+    /// `TOKEN EXPIRES_MS` line each, read per request.
+    mcp_token_file: Option<String>,
     ids: AtomicU64,
     log: Option<std::sync::Mutex<std::fs::File>>,
 }
@@ -63,17 +68,19 @@ async fn main() -> std::process::ExitCode {
     let mut log = None;
     let mut key = None;
     let mut mcp_token = None;
+    let mut mcp_token_file = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "mcp-stdio" => return mcp::serve_stdio(),
             "--mcp-token" => mcp_token = args.next(),
+            "--mcp-token-file" => mcp_token_file = args.next(),
             "--listen" => listen = args.next().unwrap_or(listen),
             "--log" => log = args.next(),
             "--require-key" => key = args.next(),
             "--help" | "-h" => {
                 println!(
-                    "usage: fake-anthropic [--listen ADDR] [--log FILE] [--require-key KEY] [--mcp-token TOKEN]\n       fake-anthropic mcp-stdio"
+                    "usage: fake-anthropic [--listen ADDR] [--log FILE] [--require-key KEY] [--mcp-token TOKEN] [--mcp-token-file FILE]\n       fake-anthropic mcp-stdio"
                 );
                 return std::process::ExitCode::SUCCESS;
             }
@@ -109,6 +116,7 @@ async fn main() -> std::process::ExitCode {
         log,
         key,
         mcp_token,
+        mcp_token_file,
     });
     let mcp_routes = Router::new()
         .route("/mcp", post(mcp_http).get(mcp_no_stream))
@@ -159,10 +167,20 @@ async fn mcp_http(
         let line = json!({"mcp": msg["method"], "authorization": auth});
         let _ = writeln!(log.lock().unwrap_or_else(|p| p.into_inner()), "{line}");
     }
+    let given = auth.strip_prefix("Bearer ").unwrap_or_default();
     if let Some(token) = &state.mcp_token
-        && auth != format!("Bearer {token}")
+        && given != token
     {
         return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
+    }
+    if let Some(file) = &state.mcp_token_file
+        && !valid_in(file, given)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing, wrong or expired bearer token",
+        )
+            .into_response();
     }
     match mcp::answer(&msg, mcp::Transport::Http) {
         Some(reply) => (
@@ -172,6 +190,18 @@ async fn mcp_http(
             .into_response(),
         None => StatusCode::ACCEPTED.into_response(),
     }
+}
+
+/// Whether `token` is a line of `file` (`TOKEN EXPIRES_MS`) not yet expired.
+fn valid_in(file: &str, token: &str) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .any(|(t, e)| !token.is_empty() && t == token && e.parse::<u128>().is_ok_and(|e| e > now))
 }
 
 /// This server offers no server-to-client stream (the transport allows it).

@@ -121,15 +121,15 @@ impl Servers {
                 true,
             );
         };
-        match s.request("tools/call", json!({"name": tool, "arguments": input})) {
-            Some(r) => {
+        match s.call_raw("tools/call", json!({"name": tool, "arguments": input})) {
+            Ok(r) => {
                 let text: Vec<&str> = r["content"]
                     .as_array()
                     .map(|c| c.iter().filter_map(|b| b["text"].as_str()).collect())
                     .unwrap_or_default();
                 (text.join("\n"), r["isError"] == true)
             }
-            None => (format!("MCP server \"{server}\" did not answer"), true),
+            Err(why) => (format!("MCP server \"{server}\" failed: {why}"), true),
         }
     }
 }
@@ -170,52 +170,68 @@ fn connect(entry: &Value) -> Option<Link> {
 
 impl Server {
     fn request(&mut self, method: &str, params: Value) -> Option<Value> {
+        self.call_raw(method, params).ok()
+    }
+
+    /// A request's result, or what went wrong (the server's words).
+    fn call_raw(&mut self, method: &str, params: Value) -> Result<Value, String> {
         self.next_id += 1;
         let msg = json!({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params});
         let reply = self.send(&msg)?;
-        reply.get("result").cloned()
+        reply
+            .get("result")
+            .cloned()
+            .ok_or_else(|| format!("MCP error: {}", reply["error"]))
     }
 
     fn notify(&mut self, method: &str) {
         let _ = self.send(&json!({"jsonrpc": "2.0", "method": method}));
     }
 
-    /// Sends one message; the answer, if one comes.
-    fn send(&mut self, msg: &Value) -> Option<Value> {
+    /// Sends one message; the answer (`Null` for a notification), or why
+    /// there is none.
+    fn send(&mut self, msg: &Value) -> Result<Value, String> {
         let notification = msg.get("id").is_none();
-        match self.link.as_mut()? {
+        let gone = || "the server is not connected".to_string();
+        let io = |e: std::io::Error| e.to_string();
+        match self.link.as_mut().ok_or_else(gone)? {
             Link::Http { addr, path } => {
                 let body = msg.to_string();
-                let mut conn = std::net::TcpStream::connect(addr.as_str()).ok()?;
+                let mut conn = std::net::TcpStream::connect(addr.as_str()).map_err(io)?;
                 write!(
                     conn,
                     "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
-                .ok()?;
+                .map_err(io)?;
                 let mut raw = Vec::new();
-                conn.read_to_end(&mut raw).ok()?;
+                conn.read_to_end(&mut raw).map_err(io)?;
                 let text = String::from_utf8_lossy(&raw);
-                let (head, body) = text.split_once("\r\n\r\n")?;
-                let ok = head.split(' ').nth(1).is_some_and(|c| c.starts_with('2'));
-                if !ok || notification {
-                    return ok.then_some(Value::Null);
+                let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+                let status = head.split(' ').nth(1).unwrap_or_default();
+                if !status.starts_with('2') {
+                    return Err(format!("HTTP {status}: {}", body.trim()));
+                }
+                if notification {
+                    return Ok(Value::Null);
                 }
                 // JSON, or one SSE event carrying it.
                 let json = body
                     .lines()
                     .find_map(|l| l.strip_prefix("data:"))
                     .unwrap_or(body);
-                serde_json::from_str(json.trim()).ok()
+                serde_json::from_str(json.trim()).map_err(|e| e.to_string())
             }
             Link::Stdio { stdin, stdout, .. } => {
-                writeln!(stdin, "{msg}").and_then(|()| stdin.flush()).ok()?;
+                writeln!(stdin, "{msg}")
+                    .and_then(|()| stdin.flush())
+                    .map_err(io)?;
                 if notification {
-                    return Some(Value::Null);
+                    return Ok(Value::Null);
                 }
                 let mut line = String::new();
-                stdout.read_line(&mut line).ok()?;
-                serde_json::from_str(&line).ok()
+                stdout.read_line(&mut line).map_err(io)?;
+                serde_json::from_str(&line).map_err(|e| e.to_string())
             }
         }
     }

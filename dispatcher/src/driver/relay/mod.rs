@@ -16,6 +16,7 @@ use berth_proto::node::v1 as pb;
 use berth_proto::node::v1::{dispatcher_frame, node_frame};
 
 mod approvals;
+mod credentials;
 mod exit;
 mod state;
 
@@ -43,8 +44,13 @@ impl Relay<'_> {
             self.turn_status(StatusEvent::TurnStarted).await?;
         }
         self.load_tools().await?;
+        self.start_credentials().await?;
         loop {
             let flow = tokio::select! {
+                () = sleep_until(self.credentials.next_due()) => {
+                    self.on_credentials_due().await?;
+                    Flow::Continue
+                }
                 () = sleep_until(self.tools.next_deadline()) => self.on_tool_timeout().await?,
                 frame = self.link.frames.message() => self.on_frame(frame).await?,
                 _ = self.ack_tick.tick() => self.ack().await,
@@ -114,7 +120,11 @@ impl Relay<'_> {
                     Ok(Flow::Continue)
                 }
                 node_frame::Kind::CredentialUse(u) => {
-                    credential_used(self.ctx, &u).await;
+                    if u.rejected {
+                        self.on_credential_rejected(&u.credential_id).await?;
+                    } else {
+                        credential_used(self.ctx, &u).await;
+                    }
                     Ok(Flow::Continue)
                 }
                 node_frame::Kind::Exited(x) => {

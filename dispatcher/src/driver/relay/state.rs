@@ -58,16 +58,22 @@ pub(crate) struct Relay<'a> {
     pub(super) tools: PendingTools,
     /// Seq of the `user.message` that started the turn in flight (0: unknown).
     pub(super) turn_message_seq: i64,
+    /// The run's OAuth credentials, kept fresh on the node.
+    pub(super) credentials: super::credentials::Credentials,
 }
 
 impl<'a> Relay<'a> {
     /// `in_flight`: re-attached to a run whose turn is still going.
-    pub(crate) fn new(ctx: &'a Ctx, session: &'a Session, link: Link, in_flight: bool) -> Self {
+    pub(crate) fn new(ctx: &'a Ctx, session: &'a Session, mut link: Link, in_flight: bool) -> Self {
         let cursor = if link.attached { session.node_seq } else { 0 };
         // The start carried the first message: the agent has it, the
         // cursor is past it, and its turn is open.
         let first = link.first_message_seq;
         let input_seq = session.input_seq.max(first);
+        let credentials = super::credentials::Credentials::new(
+            std::mem::take(&mut link.credentials),
+            link.attached,
+        );
         let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
@@ -92,6 +98,7 @@ impl<'a> Relay<'a> {
             ack_tick,
             tools: PendingTools::default(),
             turn_message_seq: first,
+            credentials,
         }
     }
 }

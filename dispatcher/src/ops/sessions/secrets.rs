@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::Sessions;
 use crate::error::{Error, Result};
 use crate::session::Resource;
-use crate::store::{SealedSecret, USAGE_GIT_SSH_KEY, USAGE_HTTP_HEADER};
+use crate::store::{SealedSecret, USAGE_GIT_SSH_KEY, USAGE_HTTP_HEADER, USAGE_OAUTH2_REFRESH};
 use berth_common::spec::AgentSpec;
 
 /// One use of a secret by a session: the field that names it, the secret,
@@ -89,10 +89,14 @@ fn fits(secret: &SealedSecret, need: &Need<'_>) -> std::result::Result<(), Strin
             "secret secrets/{id} is not an SSH key (its usage is {})",
             secret.usage
         )),
-        Need::CredentialFor(_) if secret.usage != USAGE_HTTP_HEADER => Err(format!(
-            "secret secrets/{id} is not a credential (SECRET_USAGE_HTTP_HEADER; its usage is {})",
-            secret.usage
-        )),
+        Need::CredentialFor(_)
+            if secret.usage != USAGE_HTTP_HEADER && secret.usage != USAGE_OAUTH2_REFRESH =>
+        {
+            Err(format!(
+                "secret secrets/{id} is not a credential (SECRET_USAGE_HTTP_HEADER or SECRET_USAGE_OAUTH2_REFRESH; its usage is {})",
+                secret.usage
+            ))
+        }
         Need::CredentialFor(url) => {
             let Some((host, port)) = berth_common::credentials::target_of(url) else {
                 return Err(format!("`{url}` names no host"));

@@ -1,0 +1,182 @@
+//! The run's OAuth credentials, kept fresh on its node: each access token
+//! is refreshed when it grows stale (or a host refused it: a gateway's
+//! 401) and the new one is sent to the node. A refresh that fails is a
+//! `session.credential_failed` event naming the credential, and the node's
+//! gateway refuses its requests with the reason until a retry works.
+
+use berth_proto::node::v1::{self as pb, dispatcher_frame};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::Relay;
+use crate::error::Result;
+use crate::ops::oauth::Access;
+use crate::session::NewEvent;
+
+/// How soon a failed refresh is tried again.
+const RETRY: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+/// One credential as the node has it.
+struct Kept {
+    id: Uuid,
+    /// The access token sent (none while failed).
+    sent: Option<String>,
+    /// When to refresh (or retry).
+    due: DateTime<Utc>,
+    /// The failure the session was told of, until a refresh works.
+    failed: Option<String>,
+}
+
+/// The run's refreshed credentials.
+pub(crate) struct Credentials {
+    kept: Vec<Kept>,
+    /// The node already has the start's values (else: a re-attach, whose
+    /// node has whatever the lost owner last sent).
+    current: bool,
+}
+
+impl Credentials {
+    pub(crate) fn new(
+        started: Vec<(Uuid, std::result::Result<Access, String>)>,
+        attached: bool,
+    ) -> Self {
+        let now = Utc::now();
+        let kept = started
+            .into_iter()
+            .map(|(id, r)| match r {
+                Ok(a) => Kept {
+                    id,
+                    sent: Some(a.value),
+                    due: a.refresh_at,
+                    failed: None,
+                },
+                Err(why) => Kept {
+                    id,
+                    sent: None,
+                    due: now + RETRY,
+                    failed: Some(why),
+                },
+            })
+            .collect();
+        Self {
+            kept,
+            current: !attached,
+        }
+    }
+
+    /// When the next one is due; `None`: never (no credentials).
+    pub(crate) fn next_due(&self) -> Option<tokio::time::Instant> {
+        if !self.current {
+            return Some(tokio::time::Instant::now());
+        }
+        let due = self.kept.iter().map(|k| k.due).min()?;
+        let wait = (due - Utc::now()).to_std().unwrap_or_default();
+        Some(tokio::time::Instant::now() + wait)
+    }
+}
+
+impl Relay<'_> {
+    /// Starts the run's credentials: a failure at the start is told now; a
+    /// re-attached node is sent the current values.
+    pub(super) async fn start_credentials(&mut self) -> Result<()> {
+        let failed: Vec<(Uuid, String)> = self
+            .credentials
+            .kept
+            .iter()
+            .filter_map(|k| Some((k.id, k.failed.clone()?)))
+            .collect();
+        for (id, why) in failed {
+            self.tell_failed(id, &why).await?;
+        }
+        if !self.credentials.current {
+            self.credentials.current = true;
+            // What the lost owner sent is unknown: send the current one.
+            for k in &mut self.credentials.kept {
+                k.due = Utc::now();
+                k.sent = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refreshes what is due.
+    pub(super) async fn on_credentials_due(&mut self) -> Result<()> {
+        if !self.credentials.current {
+            return self.start_credentials().await;
+        }
+        let now = Utc::now();
+        let due: Vec<usize> = (0..self.credentials.kept.len())
+            .filter(|i| self.credentials.kept[*i].due <= now)
+            .collect();
+        for i in due {
+            self.renew(i, false).await?;
+        }
+        Ok(())
+    }
+
+    /// A host refused credential `id` (a 401 the node's gateway saw).
+    pub(super) async fn on_credential_rejected(&mut self, id: &str) -> Result<()> {
+        let Some(i) = self
+            .credentials
+            .kept
+            .iter()
+            .position(|k| k.id.to_string() == id)
+        else {
+            return Ok(());
+        };
+        tracing::info!(credential_id = %id, "a host refused the access token; refreshing it");
+        self.renew(i, true).await
+    }
+
+    /// Gets a fresh token for credential `i` and sends it (or the failure).
+    async fn renew(&mut self, i: usize, refused: bool) -> Result<()> {
+        let (id, sent) = {
+            let k = &self.credentials.kept[i];
+            (k.id, k.sent.clone())
+        };
+        let refused = if refused { sent.as_deref() } else { None };
+        match self.ctx.oauth.access(id, refused).await {
+            Ok(a) => {
+                let changed = sent.as_deref() != Some(a.value.as_str());
+                let k = &mut self.credentials.kept[i];
+                k.due = a.refresh_at.max(Utc::now() + chrono::TimeDelta::seconds(1));
+                k.failed = None;
+                if changed {
+                    k.sent = Some(a.value.clone());
+                    self.send_credential(id, a.value, String::new()).await;
+                }
+            }
+            Err(why) => {
+                let told = {
+                    let k = &mut self.credentials.kept[i];
+                    k.due = Utc::now() + RETRY;
+                    k.sent = None;
+                    k.failed.replace(why.clone()).is_some()
+                };
+                self.send_credential(id, String::new(), why.clone()).await;
+                if !told {
+                    self.tell_failed(id, &why).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_credential(&self, id: Uuid, value: String, error: String) {
+        self.send(dispatcher_frame::Kind::Credential(pb::CredentialUpdate {
+            id: id.to_string(),
+            value,
+            error,
+        }))
+        .await;
+    }
+
+    async fn tell_failed(&self, id: Uuid, why: &str) -> Result<()> {
+        tracing::warn!(credential_id = %id, error = %why, "the session's credential could not be refreshed");
+        self.ctx
+            .log
+            .append(self.session.id, NewEvent::credential_failed(id, why))
+            .await
+            .map(|_| ())
+    }
+}
