@@ -21,6 +21,14 @@ pub(crate) enum WebhooksCmd {
         /// Label of each session, KEY=VALUE (repeatable).
         #[arg(long = "label", value_parser = key_value)]
         labels: Vec<(String, String)>,
+        /// Make it a Slack app's Events API endpoint: the credential
+        /// (`berth secrets create NAME --usage http-header --host slack.com`)
+        /// holding the bot token. Each Slack thread is then one session.
+        #[arg(long, requires = "slack_signing_secret_file")]
+        slack_bot_token: Option<String>,
+        /// A file holding the Slack app's signing secret (never a flag).
+        #[arg(long, requires = "slack_bot_token")]
+        slack_signing_secret_file: Option<std::path::PathBuf>,
     },
     List,
     Get {
@@ -53,13 +61,35 @@ pub(crate) async fn run(api: Api, d: &str, out: Out, cmd: WebhooksCmd) -> Result
         out.list(&list, |w| w.name.clone(), |o| table(o, &list))
     };
     match cmd {
-        WebhooksCmd::Create { id, agent, labels } => {
+        WebhooksCmd::Create {
+            id,
+            agent,
+            labels,
+            slack_bot_token,
+            slack_signing_secret_file,
+        } => {
+            let slack = match (slack_bot_token, slack_signing_secret_file) {
+                (Some(bot_token_secret), Some(file)) => Some(pb::SlackApp {
+                    bot_token_secret,
+                    signing_secret: std::fs::read_to_string(&file)
+                        .map_err(|e| {
+                            CliError::new(format!(
+                                "--slack-signing-secret-file {}: {e}",
+                                file.display()
+                            ))
+                        })?
+                        .trim()
+                        .to_string(),
+                }),
+                _ => None,
+            };
             let r = c
                 .create_webhook(pb::CreateWebhookRequest {
                     webhook_id: id,
                     webhook: Some(pb::Webhook {
                         agent,
                         labels: labels.into_iter().collect(),
+                        slack,
                         ..Default::default()
                     }),
                 })
@@ -70,6 +100,13 @@ pub(crate) async fn run(api: Api, d: &str, out: Out, cmd: WebhooksCmd) -> Result
                 return out.object(&r, &r.secret, String::new);
             }
             let w = r.webhook.clone().unwrap_or_default();
+            if w.slack.is_some() {
+                eprintln!(
+                    "Set the Slack app's Event Subscriptions Request URL to the dispatcher's webhook port (--webhook-listen) at {}, and subscribe to message.channels and app_mention.",
+                    w.path
+                );
+                return line(&w.name);
+            }
             eprintln!(
                 "POST deliveries to {} on the dispatcher's webhook port (--webhook-listen, :7080), with headers\n  \
                  Berth-Delivery: <id>  Berth-Timestamp: <unix seconds>  Berth-Signature: v1=<hex HMAC-SHA256 of \"<timestamp>.<body>\">\n\

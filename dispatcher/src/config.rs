@@ -159,6 +159,16 @@ pub struct Config {
     #[arg(long, env = "BERTH_OAUTH_ALLOW_HTTP_HOSTS", value_delimiter = ',')]
     pub oauth_allow_http_hosts: Vec<String>,
 
+    /// The Slack Web API that Slack apps' replies are posted to
+    /// (`{url}/chat.postMessage`). A Slack app's bot token credential must
+    /// name its host.
+    #[arg(
+        long,
+        env = "BERTH_SLACK_API_URL",
+        default_value = "https://slack.com/api"
+    )]
+    pub slack_api_url: String,
+
     /// Longest an outbound webhook receiver may take to answer an attempt.
     #[arg(long, env = "BERTH_SUBSCRIPTION_TIMEOUT", value_parser = berth_common::time::parse_duration, default_value = "10")]
     pub subscription_timeout: Duration,

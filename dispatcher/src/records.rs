@@ -100,6 +100,9 @@ pub struct Webhook {
     pub labels: BTreeMap<String, String>,
     pub creator: String,
     pub create_time: DateTime<Utc>,
+    /// A Slack app: the credential holding its bot token (its secret is
+    /// then the app's signing secret).
+    pub slack_bot_secret: Option<Uuid>,
 }
 
 #[derive(Debug, Clone)]

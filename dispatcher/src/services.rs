@@ -87,6 +87,7 @@ impl Parts {
             sessions: sessions.clone(),
             tolerance: cfg.webhook_tolerance,
             read_timeout: cfg.webhook_read_timeout,
+            slack_api: cfg.slack_api_url.clone(),
         };
         let schedules = schedules::Schedules {
             store: store.clone(),
@@ -216,6 +217,15 @@ pub(crate) async fn spawn_loops(
             retry_base: cfg.subscription_retry_base,
             max_attempts: cfg.subscription_max_attempts.max(1),
             concurrency: cfg.subscription_concurrency,
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
+    loops.spawn(
+        crate::ops::slack_replies::SlackReplies {
+            store: store.clone(),
+            api: cfg.slack_api_url.clone(),
+            owner: cfg.dispatcher_id.clone(),
             shutdown: shutdown.clone(),
         }
         .run(),

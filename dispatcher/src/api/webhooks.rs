@@ -79,6 +79,10 @@ impl From<Webhook> for pb::Webhook {
             labels: w.labels.into_iter().collect(),
             create_time: Some(to_timestamp(w.create_time)),
             creator: w.creator,
+            slack: w.slack_bot_secret.map(|id| pb::SlackApp {
+                bot_token_secret: format!("secrets/{id}"),
+                signing_secret: String::new(),
+            }),
         }
     }
 }
@@ -101,6 +105,10 @@ impl WebhooksApi for WebhooksService {
                 &r.webhook_id,
                 &w.agent,
                 labels,
+                w.slack.map(|s| crate::ops::webhooks::slack::NewSlackApp {
+                    bot_token_secret: s.bot_token_secret,
+                    signing_secret: s.signing_secret,
+                }),
             )
             .await?;
         Ok(Response::new(pb::CreateWebhookResponse {

@@ -13,4 +13,5 @@ pub(crate) mod oauth;
 pub(crate) mod outbound;
 pub(crate) mod schedules;
 pub(crate) mod sessions;
+pub(crate) mod slack_replies;
 pub(crate) mod webhooks;

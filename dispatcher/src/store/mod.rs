@@ -11,6 +11,7 @@
 //! - [`tools`]: tool permission requests and their answers;
 //! - [`schedules`]: schedules and their fires (claimed by compare-and-set);
 //! - [`webhooks`]: inbound webhooks and the deliveries they accepted;
+//! - [`slack`]: Slack threads and their sessions;
 //! - [`audit`]: the audit trail;
 //! - [`feedback`]: ratings of sessions and turns, and message search.
 //!
@@ -33,6 +34,7 @@ mod queue;
 mod runs;
 mod schedules;
 mod sessions;
+mod slack;
 mod tools;
 mod transitions;
 mod webhooks;
@@ -58,6 +60,7 @@ pub(crate) use feedback::{FeedbackRow, SearchHit};
 pub(crate) use queue::{ORPHAN_PAGE, Orphan};
 pub(crate) use runs::RunState;
 pub(crate) use sessions::SessionFilter;
+pub(crate) use slack::{DueThread, ThreadKey};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
 pub(crate) use transitions::{Change, Transitioned};
 

@@ -14,15 +14,15 @@ mod sql {
     macro_rules! webhooks {
         ($filter:literal) => {
             concat!(
-                "SELECT id, project, webhook_id, agent, labels, creator, create_time, sealed \
-                 FROM webhooks ",
+                "SELECT id, project, webhook_id, agent, labels, creator, create_time, sealed, \
+                 slack_bot_secret FROM webhooks ",
                 $filter
             )
         };
     }
 
-    pub const CREATE: &str = "INSERT INTO webhooks (id, project, webhook_id, agent, labels, sealed, kek, creator) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+    pub const CREATE: &str = "INSERT INTO webhooks (id, project, webhook_id, agent, labels, sealed, kek, creator, slack_bot_secret) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
          ON CONFLICT (project, webhook_id) DO NOTHING RETURNING id";
     pub const GET: &str = webhooks!("WHERE project = $1 AND webhook_id = $2");
     pub const BY_ID: &str = webhooks!("WHERE id = $1");
@@ -52,6 +52,7 @@ struct WebhookRow {
     creator: String,
     create_time: DateTime<Utc>,
     sealed: Vec<u8>,
+    slack_bot_secret: Option<Uuid>,
 }
 
 impl WebhookRow {
@@ -65,6 +66,7 @@ impl WebhookRow {
                 labels: self.labels.0,
                 creator: self.creator,
                 create_time: self.create_time,
+                slack_bot_secret: self.slack_bot_secret,
             },
             self.sealed,
         )
@@ -97,6 +99,7 @@ impl Store {
             .bind(&sealed)
             .bind(self.sealer().primary())
             .bind(&w.creator)
+            .bind(w.slack_bot_secret)
             .fetch_optional(&self.pool)
             .await?;
         if created.is_none() {

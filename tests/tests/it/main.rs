@@ -25,6 +25,7 @@ mod reliability;
 mod rotation;
 mod seed;
 mod shutdown;
+mod slack;
 mod snapshots;
 mod spine;
 mod warm;

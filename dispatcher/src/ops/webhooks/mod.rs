@@ -20,6 +20,7 @@ use uuid::Uuid;
 mod replay;
 mod server;
 mod signature;
+pub(crate) mod slack;
 
 pub(crate) use server::serve;
 use signature::{content_sha256, delivery_id_ok};
@@ -51,6 +52,8 @@ pub(crate) struct Webhooks {
     pub tolerance: Duration,
     /// How long a delivery's headers, and then its body, may take to arrive.
     pub read_timeout: Duration,
+    /// The Slack Web API (`chat.postMessage`'s base), for Slack apps.
+    pub slack_api: String,
 }
 
 impl Webhooks {
@@ -62,6 +65,7 @@ impl Webhooks {
         webhook_id: &str,
         agent: &str,
         labels: BTreeMap<String, String>,
+        slack: Option<slack::NewSlackApp>,
     ) -> Result<(Webhook, String)> {
         if !berth_common::names::is_agent_id(webhook_id) {
             return Err(Error::invalid(
@@ -72,7 +76,13 @@ impl Webhooks {
         self.sessions
             .check_agent(project, agent, "webhook.agent")
             .await?;
-        let secret = new_secret()?;
+        let (secret, slack_bot_secret) = match &slack {
+            Some(app) => (
+                String::new(),
+                Some(self.check_slack_app(project, app).await?),
+            ),
+            None => (new_secret()?, None),
+        };
         let w = Webhook {
             id: Uuid::new_v4(),
             project: project.to_string(),
@@ -81,8 +91,13 @@ impl Webhooks {
             labels,
             creator: creator.to_string(),
             create_time: Utc::now(),
+            slack_bot_secret,
         };
-        let w = self.store.create_webhook(&w, &secret).await?;
+        let sealed_secret = match &slack {
+            Some(app) => app.signing_secret.clone(),
+            None => secret.clone(),
+        };
+        let w = self.store.create_webhook(&w, &sealed_secret).await?;
         self.audit
             .record(
                 project,
@@ -149,6 +164,9 @@ impl Webhooks {
             Ok(None) => return not_found(),
             Err(e) => return unavailable(e),
         };
+        if w.slack_bot_secret.is_some() {
+            return self.slack_event(&w, &secret, headers, body, now).await;
+        }
         let header = |name: &str| {
             headers
                 .get(name)
