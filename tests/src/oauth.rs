@@ -119,6 +119,12 @@ impl TokenEndpoint {
         self.inner().stale.clone()
     }
 
+    /// Forgets every access token issued (a provider revoking sessions):
+    /// hosts refuse them from now on, until the next refresh.
+    pub fn forget_access_tokens(&self) {
+        let _ = std::fs::write(&self.shared.tokens_file, "");
+    }
+
     /// From now on every refresh is refused (`invalid_grant`).
     pub fn revoke(&self) {
         self.inner().revoked = true;

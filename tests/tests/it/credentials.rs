@@ -573,6 +573,21 @@ async fn an_oauth_credential_is_refreshed_and_rotated_and_a_revoked_one_says_so(
         "{got:?}"
     );
 
+    // A host that refuses the current token (the provider dropped it): the
+    // gateway reports the 401, the dispatcher refreshes at once, and the
+    // next call works.
+    let before = endpoint.issued();
+    endpoint.forget_access_tokens();
+    let refused = turn(&mut c, &s.name, r#"mcp docs lookup {"query":"refused"}"#).await?;
+    assert!(refused.contains("401"), "{refused}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while endpoint.issued() == before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(endpoint.issued() > before, "the 401 did not bring a refresh");
+    let again = turn(&mut c, &s.name, r#"mcp docs lookup {"query":"again"}"#).await?;
+    assert!(again.contains("looked up: again"), "{again}");
+
     // Revoked: the next refresh fails; the session is told which credential,
     // and the agent's call fails saying why.
     endpoint.revoke();
