@@ -584,7 +584,10 @@ async fn an_oauth_credential_is_refreshed_and_rotated_and_a_revoked_one_says_so(
     while endpoint.issued() == before && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(endpoint.issued() > before, "the 401 did not bring a refresh");
+    assert!(
+        endpoint.issued() > before,
+        "the 401 did not bring a refresh"
+    );
     let again = turn(&mut c, &s.name, r#"mcp docs lookup {"query":"again"}"#).await?;
     assert!(again.contains("looked up: again"), "{again}");
 

@@ -28,6 +28,9 @@ struct Fixtures {
     session: String,
     node: String,
     secret: String,
+    /// A credential (SECRET_USAGE_HTTP_HEADER) for the docs' MCP server
+    /// host, Slack's API and the docs' git server.
+    credential: String,
     spare_key: String,
     dispatcher: String,
     token_file: PathBuf,
@@ -45,6 +48,7 @@ fn fill(words: &[String], f: &Fixtures) -> Result<Vec<String>, String> {
         let filled = match w.as_str() {
             "<id>" | "ID" | "SESSION" | "<session>" => match (area, prev) {
                 (_, "--secret" | "--git-ssh-key") => f.secret.clone(),
+                (_, "--git-credential" | "--slack-bot-token") => f.credential.clone(),
                 ("keys", _) => f.spare_key.clone(),
                 _ => f.session.clone(),
             },
@@ -74,6 +78,10 @@ fn fill(words: &[String], f: &Fixtures) -> Result<Vec<String>, String> {
             "USD" => "1".into(),
             "berth-agent:latest" => TEST_IMAGE.into(),
             // A git resource: the tests' loopback server, never a public host.
+            // An MCP server's credential: `NAME=URL@secrets/ID`.
+            w if w.ends_with("@secrets/ID") => {
+                format!("{}{}", w.trim_end_matches("ID"), f.credential)
+            }
             w if w.contains("github.com/") || w.starts_with("PATH=") => {
                 let (target, url) = w.split_once('=').unwrap_or(("/workspace/repo", w));
                 let target = if target == "PATH" {
@@ -189,6 +197,23 @@ async fn fixtures(cluster: &TestCluster, cwd: &Path, repo_url: String) -> anyhow
         .await?
         .into_inner()
         .name;
+    let repo_host = repo_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let credential = SecretsClient::new(cluster.api())
+        .create_secret(pb::CreateSecretRequest {
+            display_name: "docs credential".into(),
+            usage: pb::SecretUsage::HttpHeader as i32,
+            value: "docs-token".into(),
+            hosts: vec!["mcp.example.com".into(), "slack.com".into(), repo_host],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .name;
     let key = ApiKeysClient::new(cluster.api())
         .create_api_key(pb::CreateApiKeyRequest {
             display_name: "to revoke".into(),
@@ -201,10 +226,12 @@ async fn fixtures(cluster: &TestCluster, cwd: &Path, repo_url: String) -> anyhow
     let token_file = cwd.join("token");
     std::fs::write(&token_file, &cluster.token)?;
     std::fs::write(cwd.join("local.txt"), "from the docs")?;
+    std::fs::write(cwd.join("client.txt"), "docs-client-secret")?;
     Ok(Fixtures {
         session: session.id,
         node: cluster.nodes[0].id.clone(),
         secret: secret.trim_start_matches("secrets/").to_string(),
+        credential: credential.trim_start_matches("secrets/").to_string(),
         spare_key: key.name.trim_start_matches("keys/").to_string(),
         dispatcher: cluster.dispatcher_url.clone(),
         token_file,
