@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::field::FieldError;
 use crate::spec::{check_host_pattern, host_matches};
+pub use crate::spec::target_of;
 
 /// Most hosts one credential may name.
 pub const MAX_HOSTS: usize = 16;
@@ -123,36 +124,6 @@ pub fn validate_hosts(field: &'static str, hosts: &[String]) -> Result<(), Field
 /// Whether a credential for `hosts` may be sent to `host:port`.
 pub fn covers(hosts: &[String], host: &str, port: u16) -> bool {
     hosts.iter().any(|p| host_matches(p, host, port))
-}
-
-/// The host and port an `http(s)://` URL points at (`None` for anything
-/// else).
-pub fn target_of(url: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let default = match scheme.to_ascii_lowercase().as_str() {
-        "https" => 443,
-        "http" => 80,
-        _ => return None,
-    };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    if authority.contains('@') {
-        return None;
-    }
-    let (host, port) = match authority.strip_prefix('[') {
-        Some(v6) => {
-            let (h, after) = v6.split_once(']')?;
-            (h, after.strip_prefix(':'))
-        }
-        None => match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        },
-    };
-    let port = match port {
-        Some(p) => p.parse().ok().filter(|p| *p > 0)?,
-        None => default,
-    };
-    (!host.is_empty()).then(|| (host.to_ascii_lowercase(), port))
 }
 
 #[cfg(test)]

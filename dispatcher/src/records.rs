@@ -168,3 +168,21 @@ pub(crate) struct Recorded {
     pub session_id: uuid::Uuid,
     pub content_sha256: Option<Vec<u8>>,
 }
+
+/// A usable access token.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Access {
+    pub value: String,
+    pub expires: DateTime<Utc>,
+    /// When to refresh it.
+    pub refresh_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("value", &"<redacted>")
+            .field("expires", &self.expires)
+            .finish()
+    }
+}

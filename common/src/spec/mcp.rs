@@ -83,7 +83,7 @@ pub fn validate(servers: &[McpServer]) -> Result<(), FieldError> {
         }
         match &s.transport {
             McpTransport::Remote { url, .. } => {
-                if url.len() > MAX_CHARS || crate::credentials::target_of(url).is_none() {
+                if url.len() > MAX_CHARS || super::target_of(url).is_none() {
                     return Err(FieldError::new(
                         "spec.mcp_servers.remote.url",
                         format!(

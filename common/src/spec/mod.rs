@@ -18,7 +18,7 @@ mod wire;
 pub use egress::{Egress, EgressMode, check_host_pattern, host_matches};
 pub use fields::{check_len, validate_env, validate_git, validate_path};
 pub use mcp::{McpServer, McpTransport};
-pub use sources::{GitHost, check_git_source, is_internal_host, is_internal_ip};
+pub use sources::{GitHost, check_git_source, is_internal_host, is_internal_ip, target_of};
 pub use wire::from_node_pb;
 
 /// Limits on what a client may send. Documented in docs/limits.md.

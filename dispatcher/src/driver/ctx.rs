@@ -26,6 +26,22 @@ pub(crate) struct Ctx {
     pub oauth: crate::ops::oauth::OAuth,
 }
 
+impl Ctx {
+    /// A node's gateway attached a credential: its `last_use_time` moves
+    /// (at most once a minute). Best effort: a failed write is logged,
+    /// never the session's problem.
+    pub(super) async fn credential_used(&self, u: &berth_proto::node::v1::CredentialUse) {
+        let Ok(id) = u.credential_id.parse::<uuid::Uuid>() else {
+            tracing::warn!(credential_id = %u.credential_id, "node reported the use of a credential that is no secret id; ignored");
+            return;
+        };
+        tracing::debug!(credential_id = %id, host = %u.host, requests = u.requests, "credential used");
+        if let Err(e) = self.store.credential_used(id).await {
+            tracing::warn!(credential_id = %id, error = %e, "could not record a credential's use");
+        }
+    }
+}
+
 /// Runs a store call, retrying while Postgres is unreachable (backoff up
 /// to 2 s) until it answers or this dispatcher shuts down: an outage of the
 /// database never fails the session it happens to.

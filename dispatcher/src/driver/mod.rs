@@ -15,6 +15,7 @@ mod ctx;
 mod deadlines;
 mod relay;
 mod start;
+mod tokens;
 mod tools;
 
 pub(crate) use ctx::Ctx;

@@ -32,7 +32,7 @@ pub(super) struct Link {
     pub to_node: mpsc::Sender<pb::DispatcherFrame>,
     /// The run's OAuth credentials as it started with them (the relay
     /// keeps them fresh).
-    pub credentials: Vec<(uuid::Uuid, Result<crate::ops::oauth::Access, String>)>,
+    pub credentials: Vec<(uuid::Uuid, Result<crate::records::Access, String>)>,
 }
 
 /// Places the session and sends `start`, trying other nodes when one refuses.
@@ -357,7 +357,7 @@ async fn first_answer(
         };
         match first?.and_then(|f| f.kind) {
             Some(node_frame::Kind::CredentialUse(u)) => {
-                super::relay::credential_used(ctx, &u).await
+                ctx.credential_used(&u).await
             }
             other => return Ok(other),
         }

@@ -93,7 +93,7 @@ pub(crate) struct OpenedSecrets {
     pub by_id: std::collections::HashMap<String, OpenedSecret>,
     /// The OAuth credentials' access tokens as the run starts with them,
     /// or why one has none (the relay keeps them fresh).
-    pub oauth: Vec<(uuid::Uuid, Result<crate::ops::oauth::Access, String>)>,
+    pub oauth: Vec<(uuid::Uuid, Result<crate::records::Access, String>)>,
 }
 
 /// One secret, opened for a run.

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use uuid::Uuid;
 
+pub(crate) use crate::records::Access;
 use crate::store::{OAuthRow, Refreshed, Store, secret_context};
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -32,24 +33,6 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(15);
 /// `expires_in` when the endpoint gives none.
 const DEFAULT_LIFETIME: i64 = 3600;
-
-/// A usable access token.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Access {
-    pub value: String,
-    pub expires: DateTime<Utc>,
-    /// When to refresh it.
-    pub refresh_at: DateTime<Utc>,
-}
-
-impl std::fmt::Debug for Access {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Access")
-            .field("value", &"<redacted>")
-            .field("expires", &self.expires)
-            .finish()
-    }
-}
 
 /// When a token that was issued at `issued` and expires at `expires` is
 /// stale: a third of its life early, at least 1 s, at most 60 s.

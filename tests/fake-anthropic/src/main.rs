@@ -119,7 +119,7 @@ async fn main() -> std::process::ExitCode {
         mcp_token_file,
     });
     let mcp_routes = Router::new()
-        .route("/mcp", post(mcp_http).get(mcp_no_stream))
+        .route("/mcp", post(mcp::http).get(mcp::no_stream))
         .with_state(state.clone());
     let app = Router::new()
         .route("/v1/messages", post(messages))
@@ -145,68 +145,6 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// One MCP message over streamable HTTP: logged (`{"mcp": METHOD,
-/// "authorization": HEADER}`), refused with 401 without the token when one
-/// is required, else answered as JSON (202 for a notification).
-async fn mcp_http(
-    axum::extract::State(state): axum::extract::State<Arc<State>>,
-    headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> Response {
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
-        return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
-    };
-    if let Some(log) = &state.log {
-        let line = json!({"mcp": msg["method"], "authorization": auth});
-        let _ = writeln!(log.lock().unwrap_or_else(|p| p.into_inner()), "{line}");
-    }
-    let given = auth.strip_prefix("Bearer ").unwrap_or_default();
-    if let Some(token) = &state.mcp_token
-        && given != token
-    {
-        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
-    }
-    if let Some(file) = &state.mcp_token_file
-        && !valid_in(file, given)
-    {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing, wrong or expired bearer token",
-        )
-            .into_response();
-    }
-    match mcp::answer(&msg, mcp::Transport::Http) {
-        Some(reply) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            reply.to_string(),
-        )
-            .into_response(),
-        None => StatusCode::ACCEPTED.into_response(),
-    }
-}
-
-/// Whether `token` is a line of `file` (`TOKEN EXPIRES_MS`) not yet expired.
-fn valid_in(file: &str, token: &str) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .any(|(t, e)| !token.is_empty() && t == token && e.parse::<u128>().is_ok_and(|e| e > now))
-}
-
-/// This server offers no server-to-client stream (the transport allows it).
-async fn mcp_no_stream() -> Response {
-    StatusCode::METHOD_NOT_ALLOWED.into_response()
 }
 
 /// As the real API: a request without the right `x-api-key` gets 401.

@@ -9,7 +9,11 @@
 //!   over HTTP.
 
 use std::io::{BufRead, Write};
+use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 /// Which transport answers: it shapes `whoami`.
@@ -80,4 +84,66 @@ pub fn serve_stdio() -> std::process::ExitCode {
         }
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// One MCP message over streamable HTTP: logged (`{"mcp": METHOD,
+/// "authorization": HEADER}`), refused with 401 without the token when one
+/// is required, else answered as JSON (202 for a notification).
+pub(crate) async fn http(
+    axum::extract::State(state): axum::extract::State<Arc<crate::State>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
+    };
+    if let Some(log) = &state.log {
+        let line = json!({"mcp": msg["method"], "authorization": auth});
+        let _ = writeln!(log.lock().unwrap_or_else(|p| p.into_inner()), "{line}");
+    }
+    let given = auth.strip_prefix("Bearer ").unwrap_or_default();
+    if let Some(token) = &state.mcp_token
+        && given != token
+    {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
+    }
+    if let Some(file) = &state.mcp_token_file
+        && !valid_in(file, given)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing, wrong or expired bearer token",
+        )
+            .into_response();
+    }
+    match answer(&msg, Transport::Http) {
+        Some(reply) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            reply.to_string(),
+        )
+            .into_response(),
+        None => StatusCode::ACCEPTED.into_response(),
+    }
+}
+
+/// Whether `token` is a line of `file` (`TOKEN EXPIRES_MS`) not yet expired.
+fn valid_in(file: &str, token: &str) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .any(|(t, e)| !token.is_empty() && t == token && e.parse::<u128>().is_ok_and(|e| e > now))
+}
+
+/// This server offers no server-to-client stream (the transport allows it).
+pub(crate) async fn no_stream() -> Response {
+    StatusCode::METHOD_NOT_ALLOWED.into_response()
 }

@@ -18,6 +18,7 @@ mod http;
 mod local;
 mod managed;
 mod notify;
+mod oauth;
 mod ops;
 mod partition;
 mod questions;

@@ -5,75 +5,13 @@
 //! gateway refuses its requests with the reason until a retry works.
 
 use berth_proto::node::v1::{self as pb, dispatcher_frame};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use uuid::Uuid;
 
-use super::Relay;
+use super::state::Relay;
+use crate::driver::tokens::RETRY;
 use crate::error::Result;
-use crate::ops::oauth::Access;
 use crate::session::NewEvent;
-
-/// How soon a failed refresh is tried again.
-const RETRY: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
-
-/// One credential as the node has it.
-struct Kept {
-    id: Uuid,
-    /// The access token sent (none while failed).
-    sent: Option<String>,
-    /// When to refresh (or retry).
-    due: DateTime<Utc>,
-    /// The failure the session was told of, until a refresh works.
-    failed: Option<String>,
-}
-
-/// The run's refreshed credentials.
-pub(crate) struct Credentials {
-    kept: Vec<Kept>,
-    /// The node already has the start's values (else: a re-attach, whose
-    /// node has whatever the lost owner last sent).
-    current: bool,
-}
-
-impl Credentials {
-    pub(crate) fn new(
-        started: Vec<(Uuid, std::result::Result<Access, String>)>,
-        attached: bool,
-    ) -> Self {
-        let now = Utc::now();
-        let kept = started
-            .into_iter()
-            .map(|(id, r)| match r {
-                Ok(a) => Kept {
-                    id,
-                    sent: Some(a.value),
-                    due: a.refresh_at,
-                    failed: None,
-                },
-                Err(why) => Kept {
-                    id,
-                    sent: None,
-                    due: now + RETRY,
-                    failed: Some(why),
-                },
-            })
-            .collect();
-        Self {
-            kept,
-            current: !attached,
-        }
-    }
-
-    /// When the next one is due; `None`: never (no credentials).
-    pub(crate) fn next_due(&self) -> Option<tokio::time::Instant> {
-        if !self.current {
-            return Some(tokio::time::Instant::now());
-        }
-        let due = self.kept.iter().map(|k| k.due).min()?;
-        let wait = (due - Utc::now()).to_std().unwrap_or_default();
-        Some(tokio::time::Instant::now() + wait)
-    }
-}
 
 impl Relay<'_> {
     /// Starts the run's credentials: a failure at the start is told now; a

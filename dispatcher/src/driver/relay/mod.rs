@@ -123,7 +123,7 @@ impl Relay<'_> {
                     if u.rejected {
                         self.on_credential_rejected(&u.credential_id).await?;
                     } else {
-                        credential_used(self.ctx, &u).await;
+                        self.ctx.credential_used(&u).await;
                     }
                     Ok(Flow::Continue)
                 }
@@ -432,19 +432,5 @@ async fn recv(feed: &mut Option<Feed>) -> Option<Result<Arc<Event>>> {
     match feed {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// A node's gateway attached a credential: its `last_use_time` moves (at
-/// most once a minute). Best effort: a failed write is logged, never the
-/// session's problem.
-pub(super) async fn credential_used(ctx: &crate::driver::ctx::Ctx, u: &pb::CredentialUse) {
-    let Ok(id) = u.credential_id.parse::<uuid::Uuid>() else {
-        tracing::warn!(credential_id = %u.credential_id, "node reported the use of a credential that is no secret id; ignored");
-        return;
-    };
-    tracing::debug!(credential_id = %id, host = %u.host, requests = u.requests, "credential used");
-    if let Err(e) = ctx.store.credential_used(id).await {
-        tracing::warn!(credential_id = %id, error = %e, "could not record a credential's use");
     }
 }

@@ -59,7 +59,7 @@ pub(crate) struct Relay<'a> {
     /// Seq of the `user.message` that started the turn in flight (0: unknown).
     pub(super) turn_message_seq: i64,
     /// The run's OAuth credentials, kept fresh on the node.
-    pub(super) credentials: super::credentials::Credentials,
+    pub(super) credentials: crate::driver::tokens::Credentials,
 }
 
 impl<'a> Relay<'a> {
@@ -70,7 +70,7 @@ impl<'a> Relay<'a> {
         // cursor is past it, and its turn is open.
         let first = link.first_message_seq;
         let input_seq = session.input_seq.max(first);
-        let credentials = super::credentials::Credentials::new(
+        let credentials = crate::driver::tokens::Credentials::new(
             std::mem::take(&mut link.credentials),
             link.attached,
         );
