@@ -6,8 +6,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::field::FieldError;
-use crate::spec::{check_host_pattern, host_matches};
 pub use crate::spec::target_of;
+use crate::spec::{check_host_pattern, host_matches};
 
 /// Most hosts one credential may name.
 pub const MAX_HOSTS: usize = 16;

@@ -356,9 +356,7 @@ async fn first_answer(
             () = placed.link.down() => Err(tonic::Status::unavailable(format!("node down: {}", placed.link.last_error()))),
         };
         match first?.and_then(|f| f.kind) {
-            Some(node_frame::Kind::CredentialUse(u)) => {
-                ctx.credential_used(&u).await
-            }
+            Some(node_frame::Kind::CredentialUse(u)) => ctx.credential_used(&u).await,
             other => return Ok(other),
         }
     }

@@ -68,4 +68,3 @@ impl Credentials {
         Some(tokio::time::Instant::now() + wait)
     }
 }
-
