@@ -24,10 +24,10 @@ pub(crate) enum WebhooksCmd {
         /// Make it a Slack app's Events API endpoint: the credential
         /// (`berth secrets create NAME --usage http-header --host slack.com`)
         /// holding the bot token. Each Slack thread is then one session.
-        #[arg(long, requires = "slack_signing_secret_file")]
+        #[arg(long)]
         slack_bot_token: Option<String>,
         /// A file holding the Slack app's signing secret (never a flag).
-        #[arg(long, requires = "slack_bot_token")]
+        #[arg(long)]
         slack_signing_secret_file: Option<std::path::PathBuf>,
     },
     List,
@@ -81,7 +81,12 @@ pub(crate) async fn run(api: Api, d: &str, out: Out, cmd: WebhooksCmd) -> Result
                         .trim()
                         .to_string(),
                 }),
-                _ => None,
+                (None, None) => None,
+                _ => {
+                    return Err(CliError::new(
+                        "a Slack app needs both --slack-bot-token and --slack-signing-secret-file",
+                    ));
+                }
             };
             let r = c
                 .create_webhook(pb::CreateWebhookRequest {

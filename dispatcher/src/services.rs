@@ -147,6 +147,17 @@ impl Parts {
 
 /// Starts every background loop on `loops` (sessions this dispatcher
 /// claims run on `drivers`). Each ends when `shutdown` is cancelled.
+impl Parts {
+    /// The secret operations.
+    fn secrets(&self, cfg: &Config) -> crate::ops::access::Secrets {
+        crate::ops::access::Secrets {
+            store: self.store.clone(),
+            audit: self.audit.clone(),
+            oauth_allow_http: cfg.oauth_allow_http_hosts.clone(),
+        }
+    }
+}
+
 pub(crate) async fn spawn_loops(
     cfg: &Config,
     parts: &Parts,
@@ -310,11 +321,7 @@ pub(crate) async fn serve_api(
             },
         }))
         .add(SecretsServer::new(api::access::SecretsService {
-            secrets: crate::ops::access::Secrets {
-                store: store.clone(),
-                audit: parts.audit.clone(),
-                oauth_allow_http: cfg.oauth_allow_http_hosts.clone(),
-            },
+            secrets: parts.secrets(cfg),
         }))
         .add(SchedulesServer::new(api::schedules::SchedulesService {
             schedules: parts.schedules.clone(),

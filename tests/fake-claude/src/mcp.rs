@@ -12,6 +12,21 @@ use serde_json::{Value, json};
 
 use crate::Agent;
 
+/// Longest a stdio server may take to answer one request.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Forwards a stdio server's lines until it closes its stdout.
+fn read_lines(mut out: BufReader<ChildStdout>, tx: &std::sync::mpsc::Sender<String>) {
+    loop {
+        let mut line = String::new();
+        match out.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if tx.send(line).is_err() => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 /// How one server is reached.
 enum Link {
     Http {
@@ -21,7 +36,9 @@ enum Link {
     Stdio {
         _child: Child,
         stdin: ChildStdin,
-        stdout: BufReader<ChildStdout>,
+        /// The server's lines, read by a thread of their own, so a server
+        /// that never answers costs a timeout, not the session.
+        lines: std::sync::mpsc::Receiver<String>,
     },
 }
 
@@ -158,10 +175,12 @@ fn connect(entry: &Value) -> Option<Link> {
                 .spawn()
                 .ok()?;
             let (stdin, stdout) = (child.stdin.take()?, child.stdout.take()?);
+            let (tx, lines) = std::sync::mpsc::channel();
+            std::thread::spawn(move || read_lines(BufReader::new(stdout), &tx));
             Some(Link::Stdio {
                 _child: child,
                 stdin,
-                stdout: BufReader::new(stdout),
+                lines,
             })
         }
         _ => None,
@@ -198,6 +217,7 @@ impl Server {
             Link::Http { addr, path } => {
                 let body = msg.to_string();
                 let mut conn = std::net::TcpStream::connect(addr.as_str()).map_err(io)?;
+                conn.set_read_timeout(Some(ANSWER_WITHIN)).map_err(io)?;
                 write!(
                     conn,
                     "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -222,15 +242,16 @@ impl Server {
                     .unwrap_or(body);
                 serde_json::from_str(json.trim()).map_err(|e| e.to_string())
             }
-            Link::Stdio { stdin, stdout, .. } => {
+            Link::Stdio { stdin, lines, .. } => {
                 writeln!(stdin, "{msg}")
                     .and_then(|()| stdin.flush())
                     .map_err(io)?;
                 if notification {
                     return Ok(Value::Null);
                 }
-                let mut line = String::new();
-                stdout.read_line(&mut line).map_err(io)?;
+                let line = lines
+                    .recv_timeout(ANSWER_WITHIN)
+                    .map_err(|_| format!("no answer within {ANSWER_WITHIN:?}"))?;
                 serde_json::from_str(&line).map_err(|e| e.to_string())
             }
         }
