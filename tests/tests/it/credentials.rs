@@ -194,7 +194,23 @@ async fn mcp_servers_through_the_gateway(agent: Agent) -> anyhow::Result<()> {
     });
     let s = c.create_session(req).await?.into_inner();
     let first = reply_after(&mut c, &s.name, 0).await?;
-    assert!(first.contains("looked up: berth"), "{first}");
+    if !first.contains("looked up: berth") {
+        let lines: Vec<String> = events_of(&mut c, &s.name)
+            .await?
+            .iter()
+            .map(|e| format!("{} {}", e.r#type, String::from_utf8_lossy(&e.raw)))
+            .collect();
+        let logs = captured_logs();
+        let gateway: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("route") || l.contains("egress"))
+            .collect();
+        panic!(
+            "{first}\nevents:\n{}\ngateway:\n{}",
+            lines.join("\n"),
+            gateway.join("\n")
+        );
+    }
 
     // The CLI's init lists both servers' tools.
     let events = events_of(&mut c, &s.name).await?;
