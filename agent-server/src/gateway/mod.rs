@@ -266,16 +266,10 @@ impl Gateway {
             self.model_api.scheme_str().unwrap_or("https"),
             self.model_api.authority().map_or("", |a| a.as_str())
         );
-        parts.uri = match uri.parse() {
-            Ok(u) => u,
-            Err(_) => return text(StatusCode::BAD_REQUEST, "berth gateway: bad request path\n"),
-        };
-        for h in HOP {
-            parts.headers.remove(h);
+        if !retarget(&mut parts, &uri) {
+            return bad_path();
         }
-        parts.headers.remove(http::header::HOST);
         // Whatever the agent sent is dropped; the vault's key goes on.
-        parts.headers.remove(http::header::AUTHORIZATION);
         parts.headers.remove("x-api-key");
         match http::HeaderValue::from_str(key) {
             Ok(mut v) => {
@@ -408,6 +402,27 @@ impl Gateway {
                 .boxed(),
         )
     }
+}
+
+/// Points a request the agent made at `target`, for sending on: without
+/// hop-by-hop headers, its `Host` (the client sets the target's) and any
+/// `Authorization` the agent sent (the gateway adds the real one, if any).
+/// `false` when `target` is no URI (a bad path from the agent).
+fn retarget(parts: &mut http::request::Parts, target: &str) -> bool {
+    let Ok(uri) = target.parse() else {
+        return false;
+    };
+    parts.uri = uri;
+    for h in HOP {
+        parts.headers.remove(h);
+    }
+    parts.headers.remove(http::header::HOST);
+    parts.headers.remove(http::header::AUTHORIZATION);
+    true
+}
+
+fn bad_path() -> Response<Body> {
+    text(StatusCode::BAD_REQUEST, "berth gateway: bad request path\n")
 }
 
 /// Holds a request until the run's lease is confirmed; `Some` answer when

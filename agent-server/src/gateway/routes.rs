@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{Body, Gateway, HOP, SessionGate, text};
+use super::{Body, Gateway, SessionGate, bad_path, retarget, text};
 use crate::spec::{Credential, SessionSpec};
 
 /// Where declared routes live on the forwarder.
@@ -235,16 +235,10 @@ impl Gateway {
             format!("{base}{rest}?{query}")
         };
         let (mut parts, body) = req.into_parts();
-        parts.uri = match target.parse() {
-            Ok(u) => u,
-            Err(_) => return text(StatusCode::BAD_REQUEST, "berth gateway: bad request path\n"),
-        };
-        for h in HOP {
-            parts.headers.remove(h);
+        if !retarget(&mut parts, &target) {
+            return bad_path();
         }
-        parts.headers.remove(http::header::HOST);
         // Whatever the agent sent in the credential's place is dropped.
-        parts.headers.remove(http::header::AUTHORIZATION);
         if let Some(c) = &credential {
             parts.headers.remove(c.header.name.as_str());
             let (Ok(name), Some(value)) = (

@@ -15,15 +15,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use uuid::Uuid;
 
 pub(crate) use crate::records::Access;
 use crate::store::{OAuthRow, Refreshed, Store, secret_context};
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+use super::HttpsClient;
 
 /// How long one dispatcher holds a credential's refresh.
 const LEASE: Duration = Duration::from_secs(30);
@@ -70,15 +67,9 @@ pub(crate) struct OAuth {
 
 impl OAuth {
     pub(crate) fn new(store: Store, owner: String) -> anyhow::Result<Self> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| anyhow::anyhow!("loading the system's CA roots: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Self {
             store,
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: super::https_client()?,
             owner,
         })
     }

@@ -16,9 +16,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -170,18 +167,17 @@ pub(crate) struct Deliverer {
     pub shutdown: CancellationToken,
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<bytes::Bytes>>;
+use super::HttpsClient;
 
 impl Deliverer {
     pub(crate) async fn run(self) {
-        let https = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-            Ok(b) => b.https_or_http().enable_http1().build(),
+        let client = match super::https_client() {
+            Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "outbound webhooks off: cannot load the system's CA roots");
                 return;
             }
         };
-        let client: HttpsClient = Client::builder(TokioExecutor::new()).build(https);
         let slots = Arc::new(tokio::sync::Semaphore::new(self.concurrency.max(1)));
         let me = Arc::new(self);
         // Attempts in flight: on shutdown each finishes (within its timeout)

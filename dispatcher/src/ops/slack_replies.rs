@@ -17,9 +17,6 @@ use std::time::Duration;
 use berth_common::events::{self as ev, payload};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -27,7 +24,7 @@ use uuid::Uuid;
 use crate::session::Event;
 use crate::store::{DueThread, Store, secret_context};
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+use super::HttpsClient;
 
 /// How often a dispatcher looks for threads to answer.
 const POLL: Duration = Duration::from_millis(500);
@@ -144,14 +141,13 @@ pub(crate) fn replies(events: &[Event], after: i64, session: Uuid, new_session: 
 
 impl SlackReplies {
     pub(crate) async fn run(self) {
-        let https = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-            Ok(b) => b.https_or_http().enable_http1().build(),
+        let client = match super::https_client() {
+            Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "Slack replies off: cannot load the system's CA roots");
                 return;
             }
         };
-        let client: HttpsClient = Client::builder(TokioExecutor::new()).build(https);
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,

@@ -231,7 +231,7 @@ async fn a_schedule_fires_each_cron_time_once_through_a_rolling_update() -> anyh
 }
 
 /// `curl -X POST` as a webhook sender runs it: (status, body).
-async fn curl_post(
+pub(crate) async fn curl_post(
     url: &str,
     headers: &[(&str, String)],
     body: &str,

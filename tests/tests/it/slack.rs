@@ -105,28 +105,10 @@ fn message(event_id: &str, ts: &str, thread_ts: Option<&str>, text: &str) -> Str
         .to_string()
 }
 
+/// POSTs `body`; the status and the JSON answer.
 async fn post(url: &str, headers: &[(&str, String)], body: &str) -> anyhow::Result<(u16, Value)> {
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args([
-        "-sS",
-        "-X",
-        "POST",
-        "-w",
-        "\n%{http_code}",
-        url,
-        "--data-binary",
-        body,
-    ]);
-    for (k, v) in headers {
-        cmd.arg("-H").arg(format!("{k}: {v}"));
-    }
-    let out = cmd.output().await?;
-    let text = String::from_utf8(out.stdout)?;
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    Ok((
-        code.trim().parse()?,
-        serde_json::from_str(body).unwrap_or_default(),
-    ))
+    let (status, text) = crate::seed::curl_post(url, headers, body).await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or_default()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
