@@ -62,6 +62,10 @@ pub const GRPC_REQUESTS: &str = "berth_grpc_server_requests_total";
 pub const GRPC_HANDLING: &str = "berth_grpc_server_handling_seconds";
 /// Always 1, labelled with the service and version.
 pub const BUILD_INFO: &str = "berth_build_info";
+/// The async runtime's worker threads, live tasks and global queue.
+pub const RUNTIME_WORKERS: &str = "berth_runtime_workers";
+pub const RUNTIME_ALIVE_TASKS: &str = "berth_runtime_alive_tasks";
+pub const RUNTIME_GLOBAL_QUEUE: &str = "berth_runtime_global_queue_depth";
 
 /// The metrics every berth service exports through this module.
 pub const COMMON: &[Def] = &[
@@ -83,7 +87,38 @@ pub const COMMON: &[Def] = &[
         help: "Always 1: which berth service and version this process runs.",
         labels: &["service", "version"],
     },
+    Def {
+        name: RUNTIME_WORKERS,
+        kind: Kind::Gauge,
+        help: "Worker threads of the process's async runtime (sampled at each scrape).",
+        labels: &[],
+    },
+    Def {
+        name: RUNTIME_ALIVE_TASKS,
+        kind: Kind::Gauge,
+        help: "Tasks alive in the async runtime (sampled at each scrape): a count that only grows is a leak.",
+        labels: &[],
+    },
+    Def {
+        name: RUNTIME_GLOBAL_QUEUE,
+        kind: Kind::Gauge,
+        help: "Tasks waiting in the runtime's global queue (sampled at each scrape): a runtime that cannot keep up.",
+        labels: &[],
+    },
 ];
+
+/// Samples what is read at scrape time: the process (`process_*`: CPU,
+/// resident memory, open and maximum file descriptors, threads, start time)
+/// and the async runtime.
+fn sample(process: &metrics_process::Collector) {
+    process.collect();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let m = rt.metrics();
+        metrics::gauge!(RUNTIME_WORKERS).set(m.num_workers() as f64);
+        metrics::gauge!(RUNTIME_ALIVE_TASKS).set(m.num_alive_tasks() as f64);
+        metrics::gauge!(RUNTIME_GLOBAL_QUEUE).set(m.global_queue_depth() as f64);
+    }
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -171,12 +206,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     use axum::http::StatusCode;
     use axum::routing::get;
+    let process = Arc::new(metrics_process::Collector::default());
+    process.describe();
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
-                let handle = handle.clone();
+                let (handle, process) = (handle.clone(), process.clone());
                 async move {
+                    sample(&process);
                     handle.run_upkeep();
                     (
                         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],

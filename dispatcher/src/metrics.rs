@@ -42,9 +42,23 @@ pub const WEBHOOK_DELIVERIES: &str = "berth_webhook_deliveries_total";
 pub const AUDIT_FAILURES: &str = "berth_audit_failures_total";
 pub const SUBSCRIPTION_ATTEMPTS: &str = "berth_subscription_attempts_total";
 pub const OAUTH_REFRESHES: &str = "berth_oauth_refreshes_total";
+pub const DB_POOL_CONNECTIONS: &str = "berth_db_pool_connections";
+pub const DB_POOL_ACQUIRE: &str = "berth_db_pool_acquire_seconds";
 
 /// The dispatcher's metrics.
 pub const ALL: &[Def] = &[
+    Def {
+        name: DB_POOL_CONNECTIONS,
+        kind: Kind::Gauge,
+        help: "This dispatcher's Postgres connections, by state (in_use, idle), sampled every 5 s.",
+        labels: &["state"],
+    },
+    Def {
+        name: DB_POOL_ACQUIRE,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "How long taking a Postgres connection from the pool took, probed every 5 s, by outcome (ok, error: none came within the pool's acquire timeout).",
+        labels: &["outcome"],
+    },
     Def {
         name: OAUTH_REFRESHES,
         kind: Kind::Counter,

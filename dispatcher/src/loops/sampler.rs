@@ -29,6 +29,7 @@ pub(crate) async fn run(store: Store, nodes: Arc<Nodes>, shutdown: CancellationT
             _ = tick.tick() => {}
         }
         sample_nodes(&nodes, &mut seen_nodes, &mut seen_pools);
+        sample_pool(&store).await;
         match store.open_counts().await {
             Ok(counts) => {
                 for status in SessionStatus::ALL.iter().filter(|s| s.is_open()) {
@@ -50,6 +51,27 @@ pub(crate) async fn run(store: Store, nodes: Arc<Nodes>, shutdown: CancellationT
             Err(e) => tracing::debug!(error = %e, "sampling tool requests failed"),
         }
     }
+}
+
+/// The database pool: connections in use and idle, and how long taking
+/// one takes now (a probe: a pool that is exhausted, or a Postgres that is
+/// slow or gone, shows here first).
+async fn sample_pool(store: &Store) {
+    let pool = store.pool();
+    let (size, idle) = (pool.size(), pool.num_idle() as u32);
+    metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
+    metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use")
+        .set(f64::from(size.saturating_sub(idle)));
+    let started = std::time::Instant::now();
+    let outcome = match pool.acquire().await {
+        Ok(_) => "ok",
+        Err(e) => {
+            tracing::debug!(error = %e, "the database pool gave no connection");
+            "error"
+        }
+    };
+    metrics::histogram!(DB_POOL_ACQUIRE, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn sample_nodes(

@@ -191,6 +191,11 @@ async fn a_node_without_s3_credentials_says_so_at_start() -> anyhow::Result<()> 
         e.contains("--s3-bucket needs credentials") && e.contains("web identity"),
         "{e}"
     );
+    // Its log went to a file: plain text, no colour escape codes.
+    assert!(
+        !e.contains('\x1b'),
+        "escape codes in a redirected log: {e:?}"
+    );
     cluster.shutdown().await
 }
 

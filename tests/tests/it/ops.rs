@@ -133,7 +133,17 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
             n.warm.iter().any(|w| w.ready > 0)
         })
         .await?;
-    let s = c.create_session(fake_session("hello")).await?.into_inner();
+    // With an MCP server the gateway refuses (an internal address the
+    // operator did not allow): the route counter gets its series.
+    let mut req = fake_session("hello");
+    req.spec.as_mut().expect("spec").mcp_servers = vec![pb::McpServer {
+        name: "docs".into(),
+        transport: Some(pb::mcp_server::Transport::Remote(pb::McpRemote {
+            url: "http://127.0.0.1:9/mcp".into(),
+            credential: String::new(),
+        })),
+    }];
+    let s = c.create_session(req).await?.into_inner();
     reply_after(&mut c, &s.name, 0).await?;
     // A tool approval: the confirmation series get samples too.
     let asked = berth_tests::send(&mut c, &s.name, "edit metrics.txt counted").await?;
@@ -259,6 +269,22 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
             .types
             .contains_key("berth_pool_ready_containers")
     );
+    // The process, the async runtime and the database pool, from the
+    // dispatcher's own endpoint.
+    let (_, body) = http_get(dispatcher, "/metrics").await?;
+    let own = parse_scrape(&body);
+    for name in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
+        "berth_runtime_alive_tasks",
+        "berth_runtime_workers",
+        "berth_db_pool_connections",
+    ] {
+        assert!(own.types.contains_key(name), "{name} is not served");
+    }
+    assert!(own.sum("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(own.sum("berth_runtime_alive_tasks", &[]) >= 1.0);
     assert_eq!(http_get(dispatcher, "/healthz").await?.0, 200);
     assert_eq!(http_get(dispatcher, "/readyz").await?.0, 200);
     assert_eq!(http_get(node, "/readyz").await?.0, 200);
@@ -272,6 +298,13 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
             .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"),
         "the dashboard has a Prometheus datasource variable"
     );
+    for name in ["namespace", "job", "instance"] {
+        assert!(
+            vars.iter()
+                .any(|v| v["name"] == name && v["type"] == "query"),
+            "the dashboard has a `{name}` variable"
+        );
+    }
     let mut used = BTreeSet::new();
     let panels = dash["panels"].as_array().expect("panels");
     let mut shown = 0;
@@ -305,6 +338,7 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
 
     // The alert rules: the five the issue names, each complete.
     let rules = &yaml_docs("deploy/prometheus/alerts.yml")[0];
+    let runbooks = std::fs::read_to_string(repo().join("docs/runbooks.md"))?;
     let mut alerts = BTreeSet::new();
     for group in rules["groups"].as_vec().expect("groups") {
         for rule in group["rules"].as_vec().expect("rules") {
@@ -319,6 +353,20 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
                 rule["annotations"]["summary"].as_str().is_some(),
                 "{name} has a summary"
             );
+            // Its runbook: a section of docs/runbooks.md named after it.
+            let runbook = rule["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_default();
+            let anchor = runbook.rsplit_once("docs/runbooks.md#").map(|(_, a)| a);
+            assert_eq!(
+                anchor,
+                Some(name.to_lowercase().as_str()),
+                "{name}: {runbook}"
+            );
+            assert!(
+                runbooks.contains(&format!("\n## {name}\n")),
+                "docs/runbooks.md has no section for {name}"
+            );
             used.extend(berth_names(expr));
             alerts.insert(name.to_string());
         }
@@ -329,6 +377,18 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         "BerthWarmPoolExhausted",
         "BerthErrorRateRising",
         "BerthPersistLag",
+        "BerthDispatcherDown",
+        "BerthPostgresUnreachable",
+        "BerthNodesBelowMinimum",
+        "BerthQueueWaitHigh",
+        "BerthWebhookDeliveriesFailing",
+        "BerthScheduleFiresMissed",
+        "BerthEgressDenialsSpiking",
+        "BerthApprovalsWaiting",
+        "BerthApiRejections",
+        "BerthAuditWriteFailures",
+        "BerthOAuthRefreshFailing",
+        "BerthWarmHitRatioLow",
     ] {
         assert!(alerts.contains(want), "alert {want} exists: {alerts:?}");
     }
