@@ -323,6 +323,10 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
         );
         for t in p["targets"].as_array().expect("targets") {
             let expr = t["expr"].as_str().expect("expr");
+            assert!(
+                expr.contains(r#"job=~"$job""#) && expr.contains(r#"instance=~"$instance""#),
+                "panel `{title}` filters by the job and instance variables: {expr}"
+            );
             if expr.contains("rate(") {
                 assert!(
                     !expr.contains("rate(")
