@@ -11,6 +11,11 @@
 //! is dead, and nothing will stop this container otherwise. It also exits,
 //! with its code, when the keep-alive does.
 //!
+//! `berth-forward --ready ADDR SECONDS`: exits 0 once ADDR accepts a
+//! connection (the forwarder started beside it listens), 1 after SECONDS.
+//! The node runs it before it starts an agent, so the agent's first
+//! request never finds the port closed.
+//!
 //! Standard library only, so it runs in any glibc image.
 
 use std::io::{Read, Write};
@@ -100,8 +105,30 @@ fn watch(file: &str, timeout: &str, keepalive: &[String]) -> ! {
     }
 }
 
+/// Waits until `addr` accepts a connection; exits 0, or 1 after `seconds`.
+fn ready(addr: &str, seconds: &str) -> ! {
+    let Ok(seconds) = seconds.parse::<u64>() else {
+        eprintln!("berth-forward: --ready SECONDS must be a whole number, not `{seconds}`");
+        std::process::exit(2);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while std::time::Instant::now() < deadline {
+        if TcpStream::connect(addr).is_ok() {
+            std::process::exit(0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    eprintln!("berth-forward: nothing listens on {addr} after {seconds} s");
+    std::process::exit(1);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, addr, seconds] = args.as_slice()
+        && flag == "--ready"
+    {
+        ready(addr, seconds);
+    }
     if let [_, flag, file, timeout, rest @ ..] = args.as_slice()
         && flag == "--watch"
     {
@@ -113,7 +140,7 @@ fn main() {
     }
     let [_, listen, socket] = args.as_slice() else {
         eprintln!(
-            "usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET\n       berth-forward --watch FILE SECONDS [-- KEEPALIVE...]"
+            "usage: berth-forward LISTEN_ADDR GATEWAY_SOCKET\n       berth-forward --watch FILE SECONDS [-- KEEPALIVE...]\n       berth-forward --ready ADDR SECONDS"
         );
         std::process::exit(2);
     };

@@ -6,6 +6,9 @@ use bollard::exec::{CreateExecOptions, StartExecOptions};
 
 use super::{ContainerRuntime, Error, sanitize};
 
+/// How long a new container's forwarder may take to listen.
+const FORWARDER_READY_SECS: u64 = 10;
+
 impl ContainerRuntime {
     /// This node's part of the gateway directory.
     pub(super) fn gateway_root(&self) -> Option<std::path::PathBuf> {
@@ -45,7 +48,7 @@ impl ContainerRuntime {
     }
 
     /// Starts the forwarder on the container's loopback, detached, as the
-    /// agent's user.
+    /// agent's user, and waits until it listens.
     pub(super) async fn start_forwarder(&self, container_id: &str, port: u16) -> Result<(), Error> {
         let dir = crate::gateway::MOUNT;
         let exec = self
@@ -74,7 +77,23 @@ impl ContainerRuntime {
             )
             .await
             .map_err(|e| Error::Docker(format!("start gateway forwarder: {e}")))?;
-        Ok(())
+        // Listening before anything else runs: an agent connects to it as
+        // it starts (MCP servers), and must not find the port closed.
+        let ready = vec![
+            format!("{dir}/{}", crate::gateway::FORWARDER),
+            "--ready".to_string(),
+            format!("127.0.0.1:{port}"),
+            FORWARDER_READY_SECS.to_string(),
+        ];
+        let (_, exec_id) = self
+            .run_to_end(container_id, ready, "gateway forwarder readiness check")
+            .await?;
+        match self.exit_code(&exec_id).await {
+            Some(0) => Ok(()),
+            code => Err(Error::Docker(format!(
+                "the gateway forwarder did not listen on 127.0.0.1:{port} within {FORWARDER_READY_SECS} s (exit {code:?})"
+            ))),
+        }
     }
 }
 

@@ -392,7 +392,7 @@ impl ContainerRuntime {
     /// Runs `cmd` in the container as the agent user, to completion;
     /// returns its stdout and the exec's id (for [`Self::exit_code`]).
     /// `what` names it in errors.
-    async fn run_to_end(
+    pub(super) async fn run_to_end(
         &self,
         container_id: &str,
         cmd: Vec<String>,
