@@ -95,7 +95,16 @@ async fn a_node_runs_sessions_on_an_engine_that_is_not_the_hosts() -> anyhow::Re
     })
     .await?;
     assert_eq!(turn(&mut c, &s.name, "echo back").await?, "back");
-    let resumed = engine.containers_of(&s.id)?;
+    // A warm container takes the session's name off the first event's
+    // path: on a slow engine, after the turn may have ended.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let resumed = loop {
+        let found = engine.containers_of(&s.id)?;
+        if found.len() == 1 || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(resumed.len(), 1, "{resumed:?}");
     assert_ne!(&resumed[0], container, "a new container");
     assert_eq!(engine.sh(&resumed[0], "cat /workspace/note")?, "kept");
