@@ -30,6 +30,8 @@ use super::HttpsClient;
 const POLL: Duration = Duration::from_millis(500);
 /// How long one dispatcher holds a thread.
 const LEASE: Duration = Duration::from_secs(30);
+/// Events read per thread per pass.
+const BATCH: i64 = 500;
 /// Longest a post may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Slack's limit on a message's text is 40,000 characters; replies stay
@@ -64,8 +66,17 @@ fn cut(text: &str) -> String {
 }
 
 /// What a thread hears of `events` (after `after`). `session` names the
-/// session in notices; `new_session`: it follows one that ended.
-pub(crate) fn replies(events: &[Event], after: i64, session: Uuid, new_session: bool) -> Posts {
+/// session in notices; `new_session`: it follows one that ended; `full`:
+/// the batch is as long as a read gets, so a turn still open at its end is
+/// posted as far as it went (else a turn longer than a batch would never be
+/// answered).
+pub(crate) fn replies(
+    events: &[Event],
+    after: i64,
+    session: Uuid,
+    new_session: bool,
+    full: bool,
+) -> Posts {
     let name = berth_common::names::session_name(session);
     let mut posts = Vec::new();
     if new_session && after == 0 {
@@ -136,6 +147,13 @@ pub(crate) fn replies(events: &[Event], after: i64, session: Uuid, new_session: 
             through = e.seq;
         }
     }
+    if full
+        && !turn.is_empty()
+        && let Some(last) = events.last()
+    {
+        posts.push((last.seq, cut(&format!("{} (continued)", turn.join("\n\n")))));
+        through = last.seq;
+    }
     Posts { posts, through }
 }
 
@@ -177,13 +195,14 @@ impl SlackReplies {
     async fn answer(&self, client: &HttpsClient, t: &DueThread) -> i64 {
         let events = match self
             .store
-            .list_events(t.session_id, t.posted_seq, 500)
+            .list_events(t.session_id, t.posted_seq, BATCH)
             .await
         {
             Ok(e) => e,
             Err(_) => return t.posted_seq,
         };
-        let plan = replies(&events, t.posted_seq, t.session_id, t.generation > 0);
+        let full = events.len() as i64 == BATCH;
+        let plan = replies(&events, t.posted_seq, t.session_id, t.generation > 0, full);
         if plan.posts.is_empty() {
             return plan.through;
         }
@@ -307,15 +326,20 @@ mod tests {
             event(4, ev::AGENT_RESULT, json!({})),
             event(5, ev::AGENT_MESSAGE, json!({"text": "still going"})),
         ];
-        let p = replies(&events, 0, Uuid::nil(), false);
+        let p = replies(&events, 0, Uuid::nil(), false, false);
         assert_eq!(p.posts, vec![(4, "first\n\nsecond".to_string())]);
         assert_eq!(p.through, 4, "the open turn is posted when it ends");
+        // A batch as long as a read: the open turn goes out as far as it went.
+        let p = replies(&events, 0, Uuid::nil(), false, true);
+        assert_eq!(p.posts.len(), 2);
+        assert_eq!(p.posts[1], (5, "still going (continued)".to_string()));
+        assert_eq!(p.through, 5);
         let asks = vec![event(
             7,
             ev::AGENT_TOOL_PERMISSION,
             json!({"tool_name": "Bash", "tool_use_id": "toolu_1"}),
         )];
-        let p = replies(&asks, 6, Uuid::nil(), true);
+        let p = replies(&asks, 6, Uuid::nil(), true, false);
         assert_eq!(
             p.posts.len(),
             1,
