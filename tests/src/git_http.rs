@@ -8,30 +8,31 @@ use std::path::PathBuf;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use tokio_util::sync::CancellationToken;
+
+use crate::loopback::Loopback;
 
 pub struct GitServer {
     pub addr: SocketAddr,
-    stop: CancellationToken,
+    server: Loopback,
 }
 
 impl GitServer {
     /// Serves the files under `root` (bare repositories made ready with
     /// `git update-server-info`).
     pub async fn start(root: PathBuf) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let stop = CancellationToken::new();
         let app = axum::Router::new()
             .route("/{*path}", axum::routing::get(file))
             .with_state(root);
-        let token = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-        });
-        Ok(Self { addr, stop })
+        let server = Loopback::serve(app).await?;
+        Ok(Self {
+            addr: server.addr,
+            server,
+        })
+    }
+
+    /// Stops serving, and waits until it has.
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 
     /// The URL of repository `name` (a directory under the root).
@@ -42,12 +43,6 @@ impl GitServer {
     /// What a cluster allowlists to reach it: `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         self.addr.to_string()
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

@@ -13,7 +13,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
+
+use crate::loopback::Loopback;
 
 /// One request the server got.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,15 +34,13 @@ struct Shared {
 pub struct SmartGitServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: CancellationToken,
+    server: Loopback,
 }
 
 impl SmartGitServer {
     /// Serves the bare repositories under `root` to requests whose
     /// `Authorization` header is exactly `authorization`.
     pub async fn start(root: PathBuf, authorization: &str) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             root,
             authorization: authorization.to_string(),
@@ -50,14 +49,17 @@ impl SmartGitServer {
         let app = axum::Router::new()
             .fallback(backend)
             .with_state(shared.clone());
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-        });
-        Ok(Self { addr, shared, stop })
+        let server = Loopback::serve(app).await?;
+        Ok(Self {
+            addr: server.addr,
+            shared,
+            server,
+        })
+    }
+
+    /// Stops serving, and waits until it has.
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 
     /// The URL of repository `name` (a bare repository under the root).
@@ -72,12 +74,6 @@ impl SmartGitServer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
-    }
-}
-
-impl Drop for SmartGitServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod git_http;
 pub mod git_smart;
 pub mod git_ssh;
+pub mod loopback;
 pub mod netns;
 pub mod oauth;
 pub mod pg;

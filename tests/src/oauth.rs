@@ -14,7 +14,8 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use tokio_util::sync::CancellationToken;
+
+use crate::loopback::Loopback;
 
 struct Shared {
     client_id: String,
@@ -38,7 +39,7 @@ struct Inner {
 pub struct TokenEndpoint {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: CancellationToken,
+    server: Option<Loopback>,
 }
 
 fn now_ms() -> u128 {
@@ -56,8 +57,6 @@ impl TokenEndpoint {
         refresh: &str,
         lifetime: Duration,
     ) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let tokens_file =
             std::env::temp_dir().join(format!("berth-oauth-{}.txt", uuid::Uuid::new_v4().simple()));
         std::fs::write(&tokens_file, "")?;
@@ -74,14 +73,19 @@ impl TokenEndpoint {
         let app = axum::Router::new()
             .route("/token", axum::routing::post(token))
             .with_state(shared.clone());
-        let stop = CancellationToken::new();
-        let t = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(t.cancelled_owned())
-                .await;
-        });
-        Ok(Self { addr, shared, stop })
+        let server = Loopback::serve(app).await?;
+        Ok(Self {
+            addr: server.addr,
+            shared,
+            server: Some(server),
+        })
+    }
+
+    /// Stops serving, and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
     }
 
     pub fn url(&self) -> String {
@@ -133,7 +137,6 @@ impl TokenEndpoint {
 
 impl Drop for TokenEndpoint {
     fn drop(&mut self) {
-        self.stop.cancel();
         let _ = std::fs::remove_file(&self.shared.tokens_file);
     }
 }

@@ -34,12 +34,27 @@ enum Link {
         path: String,
     },
     Stdio {
-        _child: Child,
+        child: Child,
+        /// Reads `lines`; ends when the server closes its stdout, and is
+        /// joined when the link drops (the server killed first).
+        reader: Option<std::thread::JoinHandle<()>>,
         stdin: ChildStdin,
         /// The server's lines, read by a thread of their own, so a server
         /// that never answers costs a timeout, not the session.
         lines: std::sync::mpsc::Receiver<String>,
     },
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Link::Stdio { child, reader, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Some(r) = reader.take() {
+                let _ = r.join();
+            }
+        }
+    }
 }
 
 struct Server {
@@ -176,9 +191,10 @@ fn connect(entry: &Value) -> Option<Link> {
                 .ok()?;
             let (stdin, stdout) = (child.stdin.take()?, child.stdout.take()?);
             let (tx, lines) = std::sync::mpsc::channel();
-            std::thread::spawn(move || read_lines(BufReader::new(stdout), &tx));
+            let reader = std::thread::spawn(move || read_lines(BufReader::new(stdout), &tx));
             Some(Link::Stdio {
-                _child: child,
+                child,
+                reader: Some(reader),
                 stdin,
                 lines,
             })

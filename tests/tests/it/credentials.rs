@@ -472,5 +472,7 @@ async fn a_private_repository_is_cloned_and_fetched_with_a_token_the_sandbox_nev
     );
     stop_and_wait(&mut c, &s.name).await?;
     let _ = std::fs::remove_dir_all(&root);
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    server.stop().await;
+    Ok(())
 }

@@ -336,7 +336,9 @@ async fn every_documented_berth_command_runs() -> anyhow::Result<()> {
         failures.join("\n")
     );
     let _ = std::fs::remove_dir_all(&scratch);
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    server.stop().await;
+    Ok(())
 }
 
 /// Runs one filled-in command and judges how it ended: `Some` says what is

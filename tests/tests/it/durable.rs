@@ -426,7 +426,9 @@ async fn files_and_git_repositories_are_placed_before_the_agent_starts() -> anyh
     no_containers_left(&bad.id).await?;
     let _ = std::fs::remove_dir_all(&repo);
     let _ = std::fs::remove_dir_all(&served);
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    server.stop().await;
+    Ok(())
 }
 
 #[tokio::test]

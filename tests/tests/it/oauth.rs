@@ -181,5 +181,7 @@ async fn an_oauth_credential_is_refreshed_and_rotated_and_a_revoked_one_says_so(
     }
     assert!(!access::all_rows(&cluster).await?.contains("client-s3cret"));
     stop_and_wait(&mut c, &s.name).await?;
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    endpoint.stop().await;
+    Ok(())
 }

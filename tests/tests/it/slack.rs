@@ -15,12 +15,11 @@ use crate::credentials::bearer_credential;
 struct SlackApi {
     addr: std::net::SocketAddr,
     posts: Arc<Mutex<Vec<Value>>>,
+    server: berth_tests::loopback::Loopback,
 }
 
 impl SlackApi {
     async fn start(token: &str) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let posts = Arc::new(Mutex::new(Vec::new()));
         let (seen, expected) = (posts.clone(), format!("Bearer {token}"));
         let app = axum::Router::new().route(
@@ -41,10 +40,12 @@ impl SlackApi {
                 }
             }),
         );
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(Self { addr, posts })
+        let server = berth_tests::loopback::Loopback::serve(app).await?;
+        Ok(Self {
+            addr: server.addr,
+            posts,
+            server,
+        })
     }
 
     /// The texts posted to `thread_ts`, in order.
@@ -266,5 +267,7 @@ async fn slack_threads_are_sessions_one_per_thread_answered_in_the_thread() -> a
             .await?
             .contains(&bot_token)
     );
-    cluster.shutdown().await
+    cluster.shutdown().await?;
+    slack.server.stop().await;
+    Ok(())
 }
