@@ -114,11 +114,19 @@ pub struct Credential {
 }
 
 impl Credential {
-    /// The header to send, as a sensitive value (never logged by hyper).
-    pub fn header_value(&self) -> Option<http::HeaderValue> {
-        let mut v = http::HeaderValue::from_str(&self.header.value(&self.value)).ok()?;
-        v.set_sensitive(true);
-        Some(v)
+    /// Puts the credential's header on `headers` (as a sensitive value,
+    /// never logged by hyper), replacing whatever the agent sent in its
+    /// place. `false` when it cannot be a header.
+    pub fn attach(&self, headers: &mut http::HeaderMap) -> bool {
+        let (Ok(name), Ok(mut value)) = (
+            http::HeaderName::from_bytes(self.header.name.as_bytes()),
+            http::HeaderValue::from_str(&self.header.value(&self.value)),
+        ) else {
+            return false;
+        };
+        value.set_sensitive(true);
+        headers.insert(name, value);
+        true
     }
 }
 

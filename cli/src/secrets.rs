@@ -155,6 +155,17 @@ pub(crate) async fn secrets(api: Api, d: &str, out: Out, cmd: SecretsCmd) -> Res
                     .to_string(),
                 None => String::new(),
             };
+            let oauth_usage = matches!(usage, UsageArg::Oauth2Refresh);
+            if oauth_usage && (token_url.is_none() || client_id.is_empty()) {
+                return Err(CliError::new(
+                    "--usage oauth2-refresh needs --token-url and --client-id (and --client-secret-file for a confidential client)",
+                ));
+            }
+            if !oauth_usage && (token_url.is_some() || client_secret_file.is_some()) {
+                return Err(CliError::new(
+                    "--token-url, --client-id and --client-secret-file are for --usage oauth2-refresh",
+                ));
+            }
             let oauth = token_url.map(|token_url| pb::OAuth2Client {
                 token_url,
                 client_id,

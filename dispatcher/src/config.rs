@@ -350,6 +350,11 @@ impl Config {
             !self.api_tls || self.tls.material.is_some() || self.tls.cert.is_some(),
             "--api-tls needs --tls-ca, --tls-cert and --tls-key (the dispatcher's certificate)"
         );
+        anyhow::ensure!(
+            berth_common::credentials::target_of(&self.slack_api_url).is_some(),
+            "--slack-api-url `{}` must be an http(s) URL with a host (default https://slack.com/api)",
+            self.slack_api_url
+        );
         Ok(())
     }
 }

@@ -84,13 +84,7 @@ async fn backend(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let header = |name: &str| header_of(&headers, name);
     let authorized = header("authorization") == shared.authorization;
     shared
         .seen
@@ -111,6 +105,15 @@ async fn backend(
     }
 }
 
+/// A request header's value, or empty.
+fn header_of(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Runs `git http-backend` for one request and turns its CGI answer into a
 /// response.
 async fn cgi(
@@ -120,13 +123,7 @@ async fn cgi(
     headers: &HeaderMap,
     body: Bytes,
 ) -> anyhow::Result<Response> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let header = |name: &str| header_of(headers, name);
     let mut child = tokio::process::Command::new("git")
         .arg("http-backend")
         .env_clear()

@@ -238,19 +238,13 @@ impl Gateway {
         if !retarget(&mut parts, &target) {
             return bad_path();
         }
-        // Whatever the agent sent in the credential's place is dropped.
-        if let Some(c) = &credential {
-            parts.headers.remove(c.header.name.as_str());
-            let (Ok(name), Some(value)) = (
-                http::HeaderName::from_bytes(c.header.name.as_bytes()),
-                c.header_value(),
-            ) else {
-                return refuse(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("credential secrets/{} cannot be sent as a header", c.id),
-                );
-            };
-            parts.headers.insert(name, value);
+        if let Some(c) = &credential
+            && !c.attach(&mut parts.headers)
+        {
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("credential secrets/{} cannot be sent as a header", c.id),
+            );
         }
         let method = parts.method.clone();
         match self.client.request(Request::from_parts(parts, body)).await {

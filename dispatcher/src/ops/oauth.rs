@@ -103,7 +103,11 @@ impl OAuth {
                 None if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                None => return Err("another dispatcher's refresh did not finish".into()),
+                None => {
+                    return Err(format!(
+                        "another dispatcher has been refreshing it for over {WAIT:?} without a result; it is tried again in 30 s"
+                    ));
+                }
             }
         }
     }

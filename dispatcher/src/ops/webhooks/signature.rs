@@ -34,6 +34,28 @@ pub(crate) fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature: &st
     })
 }
 
+/// Whether a request whose `header` says it was signed at `timestamp`
+/// (Unix seconds) is within `tolerance` of `now`: else why it is refused
+/// (a possible replay, or a clock far off).
+pub(crate) fn within_window(
+    header: &str,
+    timestamp: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    tolerance: std::time::Duration,
+) -> std::result::Result<(), String> {
+    let Ok(sent) = timestamp.parse::<i64>() else {
+        return Err(format!("`{header}` must be Unix seconds"));
+    };
+    let skew = (now.timestamp() - sent).unsigned_abs();
+    if skew > tolerance.as_secs() {
+        return Err(format!(
+            "`{header}` is {skew} s from now, outside the {} s replay window (check the sender's clock)",
+            tolerance.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 /// A new signing secret: `whsec_` and 32 random bytes, base64url.
 pub(crate) fn new_secret() -> Result<String> {
     let mut raw = [0u8; 32];

@@ -34,16 +34,33 @@ pub(crate) enum SlackEvent {
     /// `url_verification`: answer the challenge.
     Challenge(String),
     /// A person's message in a channel or thread.
-    Message {
-        event_id: String,
-        team: String,
-        channel: String,
-        /// The thread (the message's own ts when it starts one).
-        thread_ts: String,
-        text: String,
-    },
+    Message(SlackMessage),
     /// Not for the agent: why.
     Ignored(&'static str),
+}
+
+/// A person's message: its event, where it was written, and its text.
+#[derive(Debug, PartialEq)]
+pub(crate) struct SlackMessage {
+    pub event_id: String,
+    pub team: String,
+    pub channel: String,
+    /// The thread (the message's own ts when it starts one).
+    pub thread_ts: String,
+    pub text: String,
+}
+
+impl SlackMessage {
+    /// The thread it belongs to, for `w`'s agent.
+    fn thread<'a>(&'a self, w: &'a Webhook) -> ThreadKey<'a> {
+        ThreadKey {
+            project: &w.project,
+            agent: &w.agent,
+            team: &self.team,
+            channel: &self.channel,
+            thread_ts: &self.thread_ts,
+        }
+    }
 }
 
 /// `v0=` + hex HMAC-SHA256 of `v0:{timestamp}:{body}` under `secret`.
@@ -96,13 +113,13 @@ pub(crate) fn classify(body: &Value) -> SlackEvent {
     if team.is_empty() || channel.is_empty() || thread_ts.is_empty() || event_id.is_empty() {
         return SlackEvent::Ignored("no team, channel, ts or event_id");
     }
-    SlackEvent::Message {
+    SlackEvent::Message(SlackMessage {
         event_id,
         team,
         channel,
         thread_ts,
         text,
-    }
+    })
 }
 
 /// The text without `<@U…>` mentions of the app, trimmed.
@@ -138,8 +155,11 @@ impl Webhooks {
         let secret = found
             .first()
             .ok_or_else(|| Error::NotFound(format!("{field}: secret secrets/{id} not found")))?;
-        let (host, port) = berth_common::credentials::target_of(&self.slack_api)
-            .ok_or_else(|| Error::Internal("--slack-api-url has no host".into()))?;
+        // Checked at start (`Config::validate`).
+        let (host, port) =
+            berth_common::credentials::target_of(&self.slack_api).ok_or_else(|| {
+                Error::Internal(format!("--slack-api-url `{}` has no host", self.slack_api))
+            })?;
         if secret.usage != crate::store::USAGE_HTTP_HEADER
             || !berth_common::credentials::covers(&secret.hosts, &host, port)
         {
@@ -166,23 +186,14 @@ impl Webhooks {
         let refuse = |status, outcome, why: String| (status, outcome, json!({ "error": why }));
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
         let (timestamp, signature) = (header(TIMESTAMP_HEADER), header(SIGNATURE_HEADER));
-        let Ok(sent) = timestamp.parse::<i64>() else {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "`X-Slack-Request-Timestamp` must be Unix seconds".into(),
-            );
-        };
-        let skew = (now.timestamp() - sent).unsigned_abs();
-        if skew > self.tolerance.as_secs() {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                format!(
-                    "the request is {skew} s old, outside the {} s replay window",
-                    self.tolerance.as_secs()
-                ),
-            );
+        let window = super::signature::within_window(
+            "X-Slack-Request-Timestamp",
+            timestamp,
+            now,
+            self.tolerance,
+        );
+        if let Err(why) = window {
+            return refuse(StatusCode::UNAUTHORIZED, "unauthorized", why);
         }
         if !verified(secret, timestamp, body, signature) {
             return refuse(
@@ -198,25 +209,23 @@ impl Webhooks {
                 "the body must be JSON".into(),
             );
         };
-        let (event_id, team, channel, thread_ts, text) = match classify(&parsed) {
+        let m = match classify(&parsed) {
             SlackEvent::Challenge(c) => {
                 return (StatusCode::OK, "challenge", json!({ "challenge": c }));
             }
             SlackEvent::Ignored(why) => {
                 return (StatusCode::OK, "ignored", json!({ "ignored": why }));
             }
-            SlackEvent::Message {
-                event_id,
-                team,
-                channel,
-                thread_ts,
-                text,
-            } => (event_id, team, channel, thread_ts, text),
+            SlackEvent::Message(m) => m,
         };
         // A retry (same event, new signature) is answered as the first; a
         // replay (the same signed request again) is refused.
         let content = super::signature::content_sha256(timestamp, body);
-        match self.store.deliveries_like(w.id, &event_id, &content).await {
+        match self
+            .store
+            .deliveries_like(w.id, &m.event_id, &content)
+            .await
+        {
             Ok(seen)
                 if seen
                     .iter()
@@ -235,23 +244,17 @@ impl Webhooks {
             Ok(_) => {}
             Err(e) => return unavailable(e),
         }
-        let key = ThreadKey {
-            project: &w.project,
-            agent: &w.agent,
-            team: &team,
-            channel: &channel,
-            thread_ts: &thread_ts,
-        };
-        match self.thread_message(w, &key, &text).await {
+        let key = m.thread(w);
+        match self.thread_message(w, &key, &m.text).await {
             Ok(session) => {
                 if let Err(e) = self
                     .store
-                    .record_delivery(w.id, &event_id, session, &content)
+                    .record_delivery(w.id, &m.event_id, session, &content)
                     .await
                 {
                     tracing::warn!(error = %e, "could not record a Slack event; a retry may send it again");
                 }
-                tracing::info!(webhook = %w.webhook_id, %event_id, %session, "Slack message");
+                tracing::info!(webhook = %w.webhook_id, event_id = %m.event_id, %session, "Slack message");
                 let reply = json!({"session": berth_common::names::session_name(session), "duplicate": false});
                 (StatusCode::OK, "created", reply)
             }
@@ -341,18 +344,18 @@ mod tests {
             classify(&msg(
                 json!({"type": "message", "channel": "C1", "ts": "1.1", "text": "<@U9> hi"})
             )),
-            SlackEvent::Message {
+            SlackEvent::Message(SlackMessage {
                 event_id: "Ev1".into(),
                 team: "T1".into(),
                 channel: "C1".into(),
                 thread_ts: "1.1".into(),
                 text: "hi".into()
-            }
+            })
         );
         let reply = classify(&msg(
             json!({"type": "message", "channel": "C1", "ts": "1.2", "thread_ts": "1.1", "text": "more"}),
         ));
-        assert!(matches!(reply, SlackEvent::Message { ref thread_ts, .. } if thread_ts == "1.1"));
+        assert!(matches!(reply, SlackEvent::Message(ref m) if m.thread_ts == "1.1"));
         for ignored in [
             json!({"type": "message", "channel": "C1", "ts": "1", "text": "x", "bot_id": "B1"}),
             json!({"type": "message", "subtype": "message_changed", "channel": "C1", "ts": "1"}),
