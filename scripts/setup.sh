@@ -58,8 +58,8 @@ sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='berth'\
 sudo_ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='berth'\"" | grep -q 1 ||
   sudo_ su postgres -c "psql -qc 'CREATE DATABASE berth OWNER berth'"
 
-echo "==> building the sandbox forwarder (berth-forward), a node binary (for the tests that kill one) and the CLI (berth)"
-cargo build --quiet -p berth-agent-server --bin berth-forward --bin berth-agent-server -p berth-cli --bin berth
+echo "==> building the sandbox forwarder (berth-forward), a node binary (for the tests that kill one), the CLI (berth) and the dispatcher (for the tests that run it as a process)"
+cargo build --quiet -p berth-agent-server --bin berth-forward --bin berth-agent-server -p berth-cli --bin berth -p berth-server --bin berth-dispatcher
 
 echo "==> installing the Python client (clients/python), kubernetes-validate, helm-python-sdk, schemathesis and Playwright into .berth/venv"
 [ -x "$root/.berth/venv/bin/python" ] || python3 -m venv "$root/.berth/venv"

@@ -49,8 +49,11 @@ impl NodeApi {
         let credentials = spec.secrets.credentials.clone();
         self.node.tasks.spawn(session::run(
             self.node.clone(),
-            start.session_id.clone(),
-            epoch,
+            session::RunOf {
+                session_id: start.session_id.clone(),
+                epoch,
+                traceparent: start.traceparent.clone(),
+            },
             spec,
             cmd_rx,
             out_tx,
@@ -59,7 +62,10 @@ impl NodeApi {
         // it the moment it runs, while the dispatcher records the start.
         let first = start.first_message.filter(|m| !m.text.is_empty());
         if let Some(m) = &first {
-            let _ = cmd_tx.try_send(Command::Message(m.text.clone()));
+            let _ = cmd_tx.try_send(Command::Message {
+                text: m.text.clone(),
+                traceparent: m.traceparent.clone(),
+            });
         }
         let run = runs.start(
             &start.session_id,
@@ -356,9 +362,10 @@ async fn commands_from(
             Ok(Some(pb::DispatcherFrame {
                 kind: Some(kind), ..
             })) => match kind {
-                dispatcher_frame::Kind::Message(m) if run.deliver(m.seq) => {
-                    Command::Message(m.text)
-                }
+                dispatcher_frame::Kind::Message(m) if run.deliver(m.seq) => Command::Message {
+                    text: m.text,
+                    traceparent: m.traceparent,
+                },
                 // Delivered before, by the owner this one replaced.
                 dispatcher_frame::Kind::Message(_) => continue,
                 dispatcher_frame::Kind::Interrupt(_) => Command::Interrupt,

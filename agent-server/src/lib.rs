@@ -243,7 +243,9 @@ async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        // A span per call, in the dispatcher's trace (`traceparent`).
+        .trace_fn(berth_common::traces::server_span);
     // With TLS, the handshake requires a CA-signed client certificate and the
     // interceptor requires one of the allowed names on it.
     let allowed = tls.is_some().then(|| node.cfg.tls_allowed_clients.clone());

@@ -6,7 +6,13 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cfg = berth_agent_server::Config::parse();
-    berth_common::telemetry::init(cfg.log_format);
+    let traces = match berth_common::telemetry::init(cfg.log_format, "berth-agent-server") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("berth-agent-server: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let drain = CancellationToken::new();
     let shutdown = CancellationToken::new();
     // The first signal drains, the second stops; watched beside the node
@@ -37,6 +43,11 @@ async fn main() -> std::process::ExitCode {
         r = node => r,
         never = signals => match never {},
     };
+    if let Some(t) = traces {
+        // Blocks until the last spans are sent (the exporter runs on this
+        // runtime): off the async workers.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

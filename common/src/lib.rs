@@ -15,10 +15,13 @@ pub mod questions;
 pub mod retry;
 pub mod spec;
 pub mod sync;
+#[cfg(feature = "telemetry")]
 pub mod telemetry;
 pub mod time;
 pub mod tls;
 pub mod tools;
+#[cfg(feature = "telemetry")]
+pub mod traces;
 pub mod usage;
 pub mod warm;
 

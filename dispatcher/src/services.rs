@@ -355,7 +355,9 @@ pub(crate) async fn serve_api(
         .http2_keepalive_timeout(keepalive)
         .tcp_keepalive(keepalive)
         // grpc-web (browsers, HTTP/1.1 proxies) beside native gRPC.
-        .accept_http1(true);
+        .accept_http1(true)
+        // A span per call, in the caller's trace (`traceparent`).
+        .trace_fn(berth_common::traces::server_span);
     let api_tls = match (cfg.api_tls, tls) {
         (false, _) => None,
         (true, Some(tls)) => Some(tls.clone()),

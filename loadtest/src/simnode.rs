@@ -225,6 +225,7 @@ pub fn direct_message(text: String) -> pb::DispatcherFrame {
         kind: Some(dispatcher_frame::Kind::Message(pb::UserMessage {
             text,
             seq: 0,
+            traceparent: String::new(),
         })),
     }
 }

@@ -7,7 +7,13 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cfg = berth_dispatcher::Config::parse();
-    berth_common::telemetry::init(cfg.log_format);
+    let traces = match berth_common::telemetry::init(cfg.log_format, "berth-dispatcher") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("berth-dispatcher: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -33,6 +39,11 @@ async fn main() -> std::process::ExitCode {
         berth_server::run(cfg, node, listener, shutdown).await
     }
     .await;
+    if let Some(t) = traces {
+        // Blocks until the last spans are sent (the exporter runs on this
+        // runtime): off the async workers.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

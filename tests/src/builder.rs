@@ -258,7 +258,7 @@ impl Builder {
         );
         let client = SessionsClient::new(channel.clone())
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
-        let cluster = TestCluster {
+        let mut cluster = TestCluster {
             client,
             nodes_client: NodesClient::new(channel.clone()),
             api: channel,
@@ -279,7 +279,7 @@ impl Builder {
             added_urls: Vec::new(),
             killed: Vec::new(),
         };
-        answering(cluster.client(), &cluster.tasks).await?;
+        answering(cluster.client(), &mut cluster.tasks).await?;
         Ok(cluster)
     }
 }

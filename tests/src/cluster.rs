@@ -7,7 +7,7 @@ use super::*;
 /// cluster task exits.
 pub async fn answering(
     mut client: SessionsClient<Api>,
-    tasks: &[tokio::task::JoinHandle<anyhow::Result<()>>],
+    tasks: &mut [tokio::task::JoinHandle<anyhow::Result<()>>],
 ) -> anyhow::Result<()> {
     for _ in 0..100 {
         let req = pb::ListSessionsRequest {
@@ -17,10 +17,13 @@ pub async fn answering(
         if client.list_sessions(req).await.is_ok() {
             return Ok(());
         }
-        if let Some(t) = tasks.iter().find(|t| t.is_finished()) {
-            anyhow::bail!(
-                "a cluster process exited during start-up ({t:?}); run with RUST_LOG=info to see why"
-            );
+        if let Some(t) = tasks.iter_mut().find(|t| t.is_finished()) {
+            let ended = match t.await {
+                Ok(Ok(())) => "ended without an error".to_string(),
+                Ok(Err(e)) => format!("failed: {e:#}"),
+                Err(e) => format!("panicked: {e}"),
+            };
+            anyhow::bail!("a cluster process exited during start-up: it {ended}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -286,7 +289,7 @@ impl TestCluster {
         let channel = tonic::transport::Endpoint::from_shared(url)?.connect_lazy();
         let client = SessionsClient::new(self.authorized(channel)?)
             .max_decoding_message_size(berth_common::grpc::MAX_MESSAGE_BYTES);
-        answering(client.clone(), &self.tasks).await?;
+        answering(client.clone(), &mut self.tasks).await?;
         Ok(client)
     }
 
@@ -334,7 +337,7 @@ impl TestCluster {
             client,
             stop,
         };
-        answering(killable.client.clone(), &[]).await?;
+        answering(killable.client.clone(), &mut []).await?;
         Ok(killable)
     }
 

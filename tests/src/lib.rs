@@ -17,6 +17,7 @@ pub mod git_ssh;
 pub mod loopback;
 pub mod netns;
 pub mod oauth;
+pub mod otlp;
 pub mod pg;
 pub mod s3;
 pub mod sts;
@@ -80,9 +81,32 @@ pub fn fixture(name: &str) -> anyhow::Result<String> {
     })
 }
 
-/// A free loopback port (bound, then released) for a service that binds it itself.
+/// A free loopback port for a service that binds it itself.
+///
+/// Taken below the kernel's ephemeral range (32768 and up), from a counter
+/// this process owns: a port the kernel hands to some other `bind(0)` (a
+/// test's listener, a client socket) can never be the one given here
+/// between this check and the service's own bind. The counter starts at an
+/// offset from the pid, so two test processes rarely try the same ports.
 pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(SPAN)) as u16 + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// The binary `name` that `scripts/setup.sh` builds beside the tests.

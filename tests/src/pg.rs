@@ -32,9 +32,7 @@ impl PrivatePostgres {
     /// Creates and starts a fresh server.
     pub fn start() -> anyhow::Result<Self> {
         let root = running_as_root();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = crate::free_addr()?.port();
         let dir = std::env::temp_dir().join(format!(
             "berth-pg-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]

@@ -39,7 +39,12 @@ pub use berth_proto::node::v1::StartPath;
 /// What the dispatcher asks of a running session.
 #[derive(Debug)]
 pub enum Command {
-    Message(String),
+    /// A user message; `traceparent`: the dispatcher's span for its turn
+    /// (empty: traces off).
+    Message {
+        text: String,
+        traceparent: String,
+    },
     Interrupt,
     /// The answer to the agent's tool permission request.
     ToolDecision(adapter::ToolDecision),
@@ -114,16 +119,35 @@ impl Exit {
 /// Bytes of stderr kept for the exit report.
 const STDERR_TAIL_BYTES: usize = 4096;
 
+/// Which run of which session, in which trace.
+pub struct RunOf {
+    pub session_id: String,
+    pub epoch: i64,
+    /// The dispatcher's placement span (empty: traces off).
+    pub traceparent: String,
+}
+
 /// Runs a session to its end. `commands` closing means the dispatcher went away.
 pub async fn run(
     node: Arc<Node>,
-    session_id: String,
-    epoch: i64,
+    of: RunOf,
     spec: SessionSpec,
     commands: mpsc::Receiver<Command>,
     out: mpsc::Sender<Output>,
 ) {
-    let span = tracing::info_span!("session", session_id = %session_id, epoch);
+    let RunOf {
+        session_id,
+        epoch,
+        traceparent,
+    } = of;
+    let span = tracing::info_span!(
+        "session",
+        otel.name = "node.session",
+        session_id = %session_id,
+        epoch,
+        node = %node.cfg.node_id,
+    );
+    berth_common::traces::adopt(&span, Some(&traceparent));
     async move {
         let slot = match node.reserve(&session_id, epoch) {
             Ok(slot) => slot,
@@ -155,7 +179,11 @@ async fn run_in_slot(
     let mut adapter = adapter::for_runtime(spec.agent.runtime);
     let gateway_port = node.gateway.is_some().then_some(node.cfg.gateway_port);
     let cmd = adapter.command(&spec, gateway_port);
-    let mut started = match start::acquire(node, slot, session_id, &spec, &cmd, out).await {
+    let starting = tracing::info_span!("agent.start", session_id = %session_id);
+    let acquired = start::acquire(node, slot, session_id, &spec, &cmd, out)
+        .instrument(starting)
+        .await;
+    let mut started = match acquired {
         Ok(s) => s,
         Err(exit) => return exit,
     };
@@ -242,12 +270,15 @@ impl Pump<'_> {
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut checkpoints = Checkpoints::new(node.cfg.checkpoint_interval);
         let epoch = slot.epoch();
+        // Open from a message's delivery until the agent writes a line.
+        let mut first_line: Option<tracing::Span> = None;
         loop {
             tokio::select! {
                 chunk = output.next() => match chunk {
                     Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                         // The agent is up: the pool's refills go on.
                         started.cold = None;
+                        first_line = None;
                         for line in lines.push(&message) {
                             match emit(out, adapter, &events, line).await {
                                 Some(true) => checkpoints.turn_ended(node, spec, epoch, container_id, out),
@@ -275,7 +306,13 @@ impl Pump<'_> {
                 },
                 cmd = commands.recv(), if ended.stop_reason.is_none() => {
                     let bytes = match cmd {
-                        Some(Command::Message(text)) => Some(adapter.encode_message(&text)),
+                        Some(Command::Message { text, traceparent }) => {
+                            // From delivery to the agent's first line.
+                            let span = tracing::info_span!("agent.first_line");
+                            berth_common::traces::adopt(&span, Some(&traceparent));
+                            first_line.get_or_insert(span);
+                            Some(adapter.encode_message(&text))
+                        }
                         Some(Command::Interrupt) => Some(adapter.encode_interrupt()),
                         Some(Command::ToolDecision(d)) => match adapter.encode_tool_decision(&d) {
                             Some(b) => Some(b),

@@ -182,11 +182,17 @@ async fn in_container(
             return Err(Some(Exit::failed(e)));
         }
     };
-    let env = crate::env::agent_env(
+    let mut env = crate::env::agent_env(
         spec,
         &node.cfg.home,
         gate.is_some().then_some(node.cfg.gateway_port),
     );
+    // The CLI's own telemetry joins the session's trace, where it can.
+    if let Some(tp) = berth_common::traces::current()
+        && !spec.agent.env.contains_key("TRACEPARENT")
+    {
+        env.push(format!("TRACEPARENT={tp}"));
+    }
     // A warm container's launcher starts the agent with one write; else
     // (none, gone, or a command it cannot carry) a Docker exec.
     let launched = match launcher {

@@ -32,7 +32,15 @@ use crate::session::{Session, StatusEvent};
 
 /// Runs a session from `starting` until its run ends.
 pub(crate) async fn drive(ctx: Arc<Ctx>, session: Session) {
-    let span = tracing::info_span!("session", session_id = %session.id, epoch = session.epoch);
+    let span = tracing::info_span!(
+        "session",
+        otel.name = "session.run",
+        session_id = %session.id,
+        epoch = session.epoch,
+        agent = session.agent.as_ref().map_or("", |a| a.0.as_str()),
+    );
+    // The run joins the trace the session was created in.
+    berth_common::traces::adopt(&span, session.traceparent.as_deref());
     async move {
         if let Err(e) = run(&ctx, &session).await {
             if let Error::Superseded { .. } | Error::Transition(_) = e {
@@ -69,6 +77,15 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
             .to_std()
             .unwrap_or_default();
         metrics::histogram!(crate::metrics::QUEUE_WAIT).record(waited.as_secs_f64());
+        if let Some(tp) = &session.traceparent {
+            berth_common::traces::record_interval(
+                "session.queue_wait",
+                tp,
+                session.create_time.into(),
+                std::time::SystemTime::now(),
+                &[("session_id", session.id.to_string())],
+            );
+        }
     }
     let claimed = std::time::Instant::now();
     // A run its lost owner left may still be going on its node: take it
@@ -84,7 +101,10 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     let session = resumed.as_ref().unwrap_or(session);
     let placed = match attached {
         Some(link) => Ok(Some(link)),
-        None => start::start(ctx, session, claimed).await,
+        None => {
+            let place = tracing::info_span!("session.place", session_id = %session.id);
+            start::start(ctx, session, claimed).instrument(place).await
+        }
     };
     let result = match &placed {
         Ok(Some(_)) => "placed",

@@ -26,6 +26,8 @@ pub(super) struct Link {
     /// The seq of the message the start carried (0: none): the agent has
     /// it already.
     pub first_message_seq: i64,
+    /// The trace that message was sent in.
+    pub first_traceparent: Option<String>,
     /// The run was already going: this link re-attached to it.
     pub attached: bool,
     pub frames: tonic::Streaming<pb::NodeFrame>,
@@ -49,9 +51,13 @@ pub(super) async fn start(
     // The first message rides in the start, so the agent works on it while
     // this dispatcher records the start.
     let (id, input_seq) = (session.id, session.input_seq);
-    let first = durably(ctx, || ctx.store.first_pending_message(id, input_seq))
-        .await?
-        .map(|(seq, text)| pb::UserMessage { text, seq });
+    let pending = durably(ctx, || ctx.store.first_pending_message(id, input_seq)).await?;
+    let first_traceparent = pending.as_ref().and_then(|p| p.2.clone());
+    let first = pending.map(|(seq, text, traceparent)| pb::UserMessage {
+        text,
+        seq,
+        traceparent: traceparent.unwrap_or_default(),
+    });
     let spec = node_spec(session, &secrets);
     let agent_key = berth_common::warm::agent_key(&spec);
     loop {
@@ -111,6 +117,7 @@ pub(super) async fn start(
                     claimed,
                     start,
                     first_message_seq: first.as_ref().map_or(0, |m| m.seq),
+                    first_traceparent,
                     attached: false,
                     frames,
                     to_node,
@@ -194,6 +201,7 @@ pub(super) async fn attach(
                 claimed,
                 start: start_path(&a),
                 first_message_seq: 0,
+                first_traceparent: None,
                 attached: true,
                 frames,
                 to_node,
@@ -248,14 +256,17 @@ async fn open_run(
             attach: attach.is_some(),
             after_node_seq: attach.unwrap_or(0),
             first_message,
+            traceparent: berth_common::traces::current().unwrap_or_default(),
         })),
     };
     // The channel is fresh: this send cannot fail.
     let _ = to_node.send(start).await;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    berth_common::traces::inject_metadata(request.metadata_mut());
     let frames = placed
         .link
         .client()
-        .run_session(ReceiverStream::new(rx))
+        .run_session(request)
         .await?
         .into_inner();
     Ok((frames, to_node))

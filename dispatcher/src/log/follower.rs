@@ -205,6 +205,7 @@ mod tests {
                 payload: "{}".into(),
                 raw: None,
                 line_seq: 0,
+                traceparent: None,
             };
             events.push(e.clone());
             Arc::new(e)

@@ -314,6 +314,7 @@ mod tests {
             payload: payload.to_string(),
             raw: None,
             line_seq: 0,
+            traceparent: None,
         }
     }
 

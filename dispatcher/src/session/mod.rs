@@ -148,6 +148,9 @@ pub struct Session {
     pub end_time: Option<DateTime<Utc>>,
     /// Tool permission requests waiting for an answer.
     pub pending_tools: i64,
+    /// The trace context it was created in (W3C `traceparent`): its
+    /// placement joins that trace. `None` when traces were off.
+    pub traceparent: Option<String>,
 }
 
 /// What a session's agent is doing.
@@ -314,6 +317,8 @@ pub struct Event {
     pub raw: Option<Vec<u8>>,
     /// Seq of the event carrying this event's line; 0 when not from a line.
     pub line_seq: i64,
+    /// The trace context it was written in (W3C `traceparent`).
+    pub traceparent: Option<String>,
 }
 
 impl Event {
@@ -337,6 +342,8 @@ pub struct NewEvent {
     pub raw: Option<Vec<u8>>,
     /// The event's place among its line's events; `None` when not from a line.
     pub line_part: Option<i32>,
+    /// The trace context it is written in: the current span's, when made.
+    pub traceparent: Option<String>,
 }
 
 impl NewEvent {
@@ -347,6 +354,7 @@ impl NewEvent {
             payload: payload.into(),
             raw: None,
             line_part: None,
+            traceparent: berth_common::traces::current(),
         }
     }
 

@@ -28,8 +28,8 @@ mod sql {
     pub const APPEND_EVENTS: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
-                         $6::bytea[], $7::integer[], $8::bigint[]) WITH ORDINALITY
-        AS t(session_id, id, type, payload, epoch, raw, line_part, node_seq, ord)
+                         $6::bytea[], $7::integer[], $8::bigint[], $9::text[]) WITH ORDINALITY
+        AS t(session_id, id, type, payload, epoch, raw, line_part, node_seq, traceparent, ord)
 ), counts AS (
     SELECT session_id, count(*) AS n, min(epoch) AS lo, max(epoch) AS hi, max(node_seq) AS node_seq
     FROM input GROUP BY session_id
@@ -41,9 +41,9 @@ WITH input AS (
     WHERE s.id = c.session_id AND (c.lo IS NULL OR (c.lo = s.epoch AND c.hi = s.epoch))
     RETURNING s.id, s.last_seq - c.n AS base
 )
-INSERT INTO events (session_id, seq, id, type, payload, raw, line_part)
+INSERT INTO events (session_id, seq, id, type, payload, raw, line_part, traceparent)
 SELECT i.session_id, b.base + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord), i.id,
-       i.type, i.payload, i.raw, i.line_part
+       i.type, i.payload, i.raw, i.line_part, i.traceparent
 FROM input i JOIN bumped b ON b.id = i.session_id
 RETURNING session_id, seq, id, create_time
 "#;
@@ -92,13 +92,13 @@ SET input_tokens = m.input_tokens + excluded.input_tokens,
 
     /// Logs `session.usage` at the seq the turn took.
     pub const LOG_USAGE: &str = r#"
-INSERT INTO events (session_id, seq, id, type, payload)
-VALUES ($1, $2, $3, 'session.usage', $4)
+INSERT INTO events (session_id, seq, id, type, payload, traceparent)
+VALUES ($1, $2, $3, 'session.usage', $4, $5)
 RETURNING create_time
 "#;
 
     /// One page of a session's log after a seq.
-    pub const LIST_EVENTS: &str = "SELECT session_id, seq, id, type AS kind, create_time, payload, raw, \
+    pub const LIST_EVENTS: &str = "SELECT session_id, seq, id, type AS kind, create_time, payload, raw, traceparent, \
          CASE WHEN line_part IS NULL THEN 0 ELSE seq - line_part END AS line_seq \
          FROM events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
@@ -106,9 +106,9 @@ RETURNING create_time
     pub const PENDING_INPUT: &str = "SELECT EXISTS (SELECT 1 FROM events \
          WHERE session_id = $1 AND seq > $2 AND type = 'user.message')";
 
-    /// The first user event after the input cursor ($2): its seq, type and
-    /// text (a message's).
-    pub const FIRST_PENDING_INPUT: &str = "SELECT seq, type, coalesce(payload::jsonb ->> 'text', '') \
+    /// The first user event after the input cursor ($2): its seq, type,
+    /// text (a message's) and trace context.
+    pub const FIRST_PENDING_INPUT: &str = "SELECT seq, type, coalesce(payload::jsonb ->> 'text', ''), traceparent \
          FROM events WHERE session_id = $1 AND seq > $2 AND type LIKE 'user.%' \
          ORDER BY seq LIMIT 1";
 
@@ -160,6 +160,7 @@ impl Append {
             payload: self.event.payload,
             raw: self.event.raw,
             line_seq,
+            traceparent: self.event.traceparent,
         }
     }
 }
@@ -218,6 +219,8 @@ struct EventRow {
     payload: String,
     raw: Option<Vec<u8>>,
     line_seq: i64,
+    #[sqlx(default)]
+    traceparent: Option<String>,
 }
 
 impl From<EventRow> for Event {
@@ -231,6 +234,7 @@ impl From<EventRow> for Event {
             payload: r.payload,
             raw: r.raw,
             line_seq: r.line_seq,
+            traceparent: r.traceparent,
         }
     }
 }
@@ -329,20 +333,21 @@ impl Store {
     }
 
     /// The user message a fresh run starts with: the first user event past
-    /// `after_seq`, when it is a message (its seq and text).
+    /// `after_seq`, when it is a message (its seq, text and trace context).
     pub(crate) async fn first_pending_message(
         &self,
         id: Uuid,
         after_seq: i64,
-    ) -> Result<Option<(i64, String)>> {
-        let row: Option<(i64, String, String)> = sqlx::query_as(sql::FIRST_PENDING_INPUT)
-            .bind(id)
-            .bind(after_seq)
-            .fetch_optional(&self.pool)
-            .await?;
+    ) -> Result<Option<(i64, String, Option<String>)>> {
+        let row: Option<(i64, String, String, Option<String>)> =
+            sqlx::query_as(sql::FIRST_PENDING_INPUT)
+                .bind(id)
+                .bind(after_seq)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row
-            .filter(|(_, kind, _)| kind == berth_common::events::USER_MESSAGE)
-            .map(|(seq, _, text)| (seq, text)))
+            .filter(|(_, kind, _, _)| kind == berth_common::events::USER_MESSAGE)
+            .map(|(seq, _, text, traceparent)| (seq, text, traceparent)))
     }
 
     /// Whether a user message beyond `after_seq` waits for the runtime.
@@ -393,6 +398,12 @@ pub(super) async fn append_rows<'e, E: sqlx::PgExecutor<'e>>(
         )
         .bind(batch.iter().map(|a| a.event.line_part).collect::<Vec<_>>())
         .bind(batch.iter().map(|a| a.node_seq).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|a| a.event.traceparent.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(ex)
         .await?;
     Ok(rows
@@ -477,11 +488,13 @@ async fn record_usage_in(
         total: totals.clone(),
     });
     let event_id = Uuid::now_v7();
+    let traceparent = berth_common::traces::current();
     let create_time: DateTime<Utc> = sqlx::query_scalar(sql::LOG_USAGE)
         .bind(id)
         .bind(row.seq)
         .bind(event_id)
         .bind(&body)
+        .bind(&traceparent)
         .fetch_one(&mut **tx)
         .await?;
     Ok(UsageRecorded {
@@ -494,6 +507,7 @@ async fn record_usage_in(
             payload: body,
             raw: None,
             line_seq: 0,
+            traceparent,
         },
         totals,
     })

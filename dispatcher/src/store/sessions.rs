@@ -40,14 +40,16 @@ mod sql {
 WITH created AS (
     INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq,
                           agent_id, agent_version, resources, inactivity_timeout_ms, budget_usd,
-                          queue_timeout_ms, queue_deadline, project, env_sealed, env_kek, request_sha256)
+                          queue_timeout_ms, queue_deadline, project, env_sealed, env_kek, request_sha256,
+                          traceparent)
     VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]),
-            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19, $20)
+            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19, $20,
+            $21)
     ON CONFLICT (project, request_id) DO NOTHING
     RETURNING id
 ), logged AS (
-    INSERT INTO events (session_id, seq, id, type, payload)
-    SELECT c.id, e.seq, e.id, e.type, e.payload
+    INSERT INTO events (session_id, seq, id, type, payload, traceparent)
+    SELECT c.id, e.seq, e.id, e.type, e.payload, $21
     FROM created c, unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[]) AS e(seq, id, type, payload)
 )
 SELECT id FROM created
@@ -154,6 +156,8 @@ pub(super) struct SessionRow {
     archive_time: Option<DateTime<Utc>>,
     runtime_totals: Json<RunningTotals>,
     env_sealed: Option<Vec<u8>>,
+    #[sqlx(default)]
+    traceparent: Option<String>,
     /// Read only where the statement selects it (see `with_models!`).
     #[sqlx(default)]
     models: Option<Json<Vec<ModelFigures>>>,
@@ -167,6 +171,7 @@ impl Store {
     fn session(&self, r: SessionRow) -> Result<Session> {
         Ok(Session {
             env_sealed: r.env_sealed,
+            traceparent: r.traceparent,
             id: r.id,
             project: r.project,
             request_id: r.request_id,
@@ -267,6 +272,7 @@ impl Store {
             .bind(&env_sealed)
             .bind(env_sealed.as_ref().map(|_| self.sealer().primary()))
             .bind(fingerprint)
+            .bind(berth_common::traces::current())
             .fetch_optional(&self.pool)
             .await?;
         if created.is_some() {

@@ -197,6 +197,7 @@ impl Store {
                     payload: p.payload,
                     raw: None,
                     line_seq: 0,
+                    traceparent: None,
                 }),
             }));
         }

@@ -468,6 +468,7 @@ fn jsonl_start(
             }),
             attach: attach.is_some(),
             after_node_seq: attach.unwrap_or(0),
+            traceparent: String::new(),
             first_message: None,
         })),
     }
@@ -700,6 +701,7 @@ async fn stale_epochs_are_fenced_on_the_node() -> anyhow::Result<()> {
             node_pb::UserMessage {
                 text: "hi".into(),
                 seq: 1,
+                traceparent: String::new(),
             },
         )),
     })
@@ -861,6 +863,7 @@ async fn a_node_keeps_a_run_for_a_reattaching_dispatcher() -> anyhow::Result<()>
             node_pb::UserMessage {
                 text: text.to_string(),
                 seq,
+                traceparent: String::new(),
             },
         )),
     };

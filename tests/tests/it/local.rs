@@ -42,13 +42,13 @@ async fn default_dispatcher(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(berth_server::run(cfg, node, listener, shutdown.clone()));
+    let mut task = tokio::spawn(berth_server::run(cfg, node, listener, shutdown.clone()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
     let client = SessionsClient::new(berth_tests::Api::new(
         channel,
         berth_tests::Bearer::default(),
     ));
-    answering(client.clone(), std::slice::from_ref(&task)).await?;
+    answering(client.clone(), std::slice::from_mut(&mut task)).await?;
     Ok((client, shutdown, task))
 }
 

@@ -29,4 +29,5 @@ mod shutdown;
 mod slack;
 mod snapshots;
 mod spine;
+mod traces;
 mod warm;

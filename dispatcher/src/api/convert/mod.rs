@@ -232,6 +232,11 @@ impl From<&Event> for pb::Event {
             payload_json: e.payload.clone(),
             raw: e.raw.clone().unwrap_or_default(),
             line_seq: e.line_seq,
+            trace_id: e
+                .traceparent
+                .as_deref()
+                .and_then(berth_common::traces::trace_id)
+                .unwrap_or_default(),
         }
     }
 }

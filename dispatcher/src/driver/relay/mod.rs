@@ -14,6 +14,7 @@ use berth_common::events::{self as ev, payload};
 use berth_common::sync::sleep_until;
 use berth_proto::node::v1 as pb;
 use berth_proto::node::v1::{dispatcher_frame, node_frame};
+use tracing::Instrument;
 
 mod approvals;
 mod credentials;
@@ -107,7 +108,11 @@ impl Relay<'_> {
                 kind: Some(kind),
                 node_seq,
             })) => match kind {
-                node_frame::Kind::Line(l) => self.on_line(l, node_seq).await,
+                node_frame::Kind::Line(l) => match self.turns.front().cloned() {
+                    // The agent's events go out in their turn's trace.
+                    Some(turn) => self.on_line(l, node_seq).instrument(turn).await,
+                    None => self.on_line(l, node_seq).await,
+                },
                 node_frame::Kind::Checkpoint(c) => {
                     // The session resumes from it if this run is lost.
                     let (ctx, id) = (self.ctx, self.session.id);
@@ -217,6 +222,7 @@ impl Relay<'_> {
             .append_line_with_usage(id, epoch, events, node_seq, &self.persisted, turn)
             .await?;
         self.check_budget(&usage).await?;
+        self.turns.pop_front();
         self.open_turns = self.open_turns.saturating_sub(1);
         if self.open_turns == 0 {
             self.turn_status(StatusEvent::TurnEnded).await?;
@@ -309,9 +315,13 @@ impl Relay<'_> {
                     .map(|m| m.text)
                     .unwrap_or_default();
                 self.open_turns += 1;
+                let turn = state::turn_span(self.session, e.seq, e.traceparent.as_deref());
+                let traceparent = berth_common::traces::traceparent_of(&turn).unwrap_or_default();
+                self.turns.push_back(turn);
                 Some(dispatcher_frame::Kind::Message(pb::UserMessage {
                     text,
                     seq: e.seq,
+                    traceparent,
                 }))
             }
             ev::USER_INTERRUPT if e.seq > self.input_seq => {

@@ -60,6 +60,9 @@ pub(crate) struct Relay<'a> {
     pub(super) turn_message_seq: i64,
     /// The run's OAuth credentials, kept fresh on the node.
     pub(super) credentials: crate::driver::tokens::Credentials,
+    /// A span per turn sent to the agent and not ended, oldest first:
+    /// the agent's events are written in the oldest one's trace.
+    pub(super) turns: std::collections::VecDeque<tracing::Span>,
 }
 
 impl<'a> Relay<'a> {
@@ -74,6 +77,8 @@ impl<'a> Relay<'a> {
             std::mem::take(&mut link.credentials),
             link.attached,
         );
+        let first_turn =
+            (first > 0).then(|| turn_span(session, first, link.first_traceparent.as_deref()));
         let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
@@ -99,8 +104,26 @@ impl<'a> Relay<'a> {
             tools: PendingTools::default(),
             turn_message_seq: first,
             credentials,
+            turns: first_turn.into_iter().collect(),
         }
     }
+}
+
+/// The span of the turn `message_seq` starts, in the trace the message
+/// was sent in (else the run's).
+pub(super) fn turn_span(
+    session: &Session,
+    message_seq: i64,
+    traceparent: Option<&str>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "session.turn",
+        session_id = %session.id,
+        message_seq,
+        agent = session.agent.as_ref().map_or("", |a| a.0.as_str()),
+    );
+    berth_common::traces::adopt(&span, traceparent);
+    span
 }
 
 /// A stop the driver asked the node for.

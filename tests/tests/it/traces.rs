@@ -1,0 +1,260 @@
+//! OpenTelemetry traces: `berth-dispatcher` (with its in-process node, over
+//! mTLS) started as an operator would, with only the standard `OTEL_*`
+//! variables pointing it at a loopback OTLP collector. A session created in
+//! the client's trace is one trace from the API call to the agent's first
+//! line, with the parents a reader expects.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
+use berth_tests::otlp::{Collector, Span};
+use berth_tests::{
+    create_database, drop_database, fake_session, free_addr, stop_and_wait, until_turn_ends,
+};
+
+/// The caller's trace: the test plays a client that already traces.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+/// Text only the message carries: no span may hold it.
+const MARKER: &str = "trace-marker-7f3a";
+
+/// A `berth-dispatcher` process, killed (and its database dropped by the
+/// test) when the test ends.
+struct Dispatcher {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Dispatcher {
+    fn start(database_url: &str, listen: std::net::SocketAddr, otlp: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "berth-traces-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("secrets.key"),
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
+        )?;
+        let log = std::fs::File::create(dir.join("dispatcher.log"))?;
+        let child = std::process::Command::new(berth_tests::built_binary("berth-dispatcher"))
+            .current_dir(&dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+            // Export within a fraction of a second (the default waits 5 s).
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+            .env("BERTH_LOG_FORMAT", "json")
+            .env("DATABASE_URL", database_url)
+            .env("BERTH_LISTEN", listen.to_string())
+            .env("BERTH_METRICS_LISTEN", "off")
+            .env("BERTH_WEBHOOK_LISTEN", "off")
+            .env("BERTH_ALLOW_ANONYMOUS", "true")
+            .env("BERTH_SECRETS_KEY_FILE", dir.join("secrets.key"))
+            .env("BERTH_LOCAL_CAPACITY", "2")
+            .env(
+                "BERTH_NODE_ID",
+                format!("traces-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            )
+            .env("BERTH_GATEWAY_FORWARDER", berth_tests::forwarder())
+            .env(
+                "BERTH_GATEWAY_DIR",
+                std::env::temp_dir().join("berth-test-gateway"),
+            )
+            .env("BERTH_MODEL_API_URL", "http://127.0.0.1:9")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Self { child, dir })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dispatcher.log")).unwrap_or_default()
+    }
+
+    /// Asks it to stop (SIGTERM: it flushes its last spans) and waits.
+    fn stop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The one span named `name` in the trace.
+fn one<'a>(spans: &'a [Span], name: &str) -> anyhow::Result<&'a Span> {
+    let found: Vec<&Span> = spans.iter().filter(|s| s.name == name).collect();
+    match found.as_slice() {
+        [s] => Ok(s),
+        _ => anyhow::bail!(
+            "expected one `{name}` span, found {}: {:?}",
+            found.len(),
+            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Result<()> {
+    let collector = Collector::start().await?;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+    let (database, database_url) = create_database(&tag).await?;
+    let listen = free_addr()?;
+    let mut dispatcher = Dispatcher::start(&database_url, listen, &collector.endpoint())?;
+    let result = async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?.connect_lazy();
+        let mut client = SessionsClient::new(berth_tests::Api::new(
+            channel,
+            berth_tests::Bearer::default(),
+        ));
+        let mut ready = false;
+        for _ in 0..300 {
+            let list = pb::ListSessionsRequest {
+                page_size: 1,
+                ..Default::default()
+            };
+            if client.list_sessions(list).await.is_ok() {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(
+            ready,
+            "berth-dispatcher did not answer: {}",
+            dispatcher.log()
+        );
+        let mut request = tonic::Request::new(fake_session(&format!("hello {MARKER}")));
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse()?,
+        );
+        let session = client.create_session(request).await?.into_inner();
+        let events = until_turn_ends(&mut client, &session.name, 0).await?;
+        // A run's spans end with the run.
+        stop_and_wait(&mut client, &session.name).await?;
+        let spans = collector
+            .wait_for(Duration::from_secs(30), "ended run spans", |spans| {
+                ["agent.first_line", "session.run", "node.session"]
+                    .iter()
+                    .all(|n| spans.iter().any(|s| s.trace_id == TRACE_ID && s.name == *n))
+            })
+            .await?;
+        let trace: Vec<Span> = spans
+            .into_iter()
+            .filter(|s| s.trace_id == TRACE_ID)
+            .collect();
+        check_trace(&trace, &session.id)?;
+        // Events name their trace: the message's, and the agent's replies
+        // (written in the turn's span).
+        for kind in ["user.message", "agent.message"] {
+            let e = events
+                .iter()
+                .find(|e| e.r#type == kind)
+                .ok_or_else(|| anyhow::anyhow!("no {kind} event"))?;
+            assert_eq!(e.trace_id, TRACE_ID, "{kind} carries its trace id");
+        }
+        // The JSON log lines about the session carry its trace.
+        let log = dispatcher.log();
+        let traced = log.lines().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["trace_id"] == TRACE_ID && v["span"]["session_id"] == session.id.as_str()
+            })
+        });
+        assert!(
+            traced,
+            "no JSON log line carries the trace and the session:\n{log}"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    dispatcher.stop();
+    collector.stop().await;
+    drop_database(&database).await?;
+    result
+}
+
+/// The spans form one tree under the client's span, with the expected
+/// parents, and none carries the message text.
+fn check_trace(trace: &[Span], session_id: &str) -> anyhow::Result<()> {
+    let by_id: HashMap<&str, &Span> = trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    let create = one(trace, "/berth.v1.Sessions/CreateSession")?;
+    assert_eq!(
+        create.parent_span_id, CLIENT_SPAN,
+        "the API call joins the caller's trace"
+    );
+    assert_eq!(create.service, "berth-dispatcher");
+    let queue = one(trace, "session.queue_wait")?;
+    assert_eq!(queue.parent_span_id, create.span_id);
+    assert_eq!(queue.attribute("session_id"), Some(session_id));
+    let run = one(trace, "session.run")?;
+    assert_eq!(
+        run.parent_span_id, create.span_id,
+        "the run joins the create call"
+    );
+    assert_eq!(run.attribute("session_id"), Some(session_id));
+    let place = one(trace, "session.place")?;
+    assert_eq!(place.parent_span_id, run.span_id);
+    // The node's side: its call span (from gRPC metadata), its session (from
+    // the Start frame), the agent's start, and the first line.
+    let node_call = one(trace, "/berth.node.v1.AgentServer/RunSession")?;
+    assert_eq!(
+        node_call.parent_span_id, place.span_id,
+        "the node call joins placement"
+    );
+    let node_session = one(trace, "node.session")?;
+    assert_eq!(node_session.parent_span_id, place.span_id);
+    assert!(
+        node_session
+            .attribute("node")
+            .is_some_and(|n| !n.is_empty())
+    );
+    let start = one(trace, "agent.start")?;
+    assert_eq!(start.parent_span_id, node_session.span_id);
+    let first_line = one(trace, "agent.first_line")?;
+    assert_eq!(
+        first_line.parent_span_id, create.span_id,
+        "the first message was sent in the create call"
+    );
+    let turn = one(trace, "session.turn")?;
+    assert_eq!(turn.parent_span_id, create.span_id);
+    assert!(
+        first_line.start_unix_nano >= start.start_unix_nano,
+        "the first line comes after the agent's start"
+    );
+    // No gap: every span's parent is in the trace, or is the caller's.
+    for s in trace {
+        assert!(
+            s.parent_span_id == CLIENT_SPAN || by_id.contains_key(s.parent_span_id.as_str()),
+            "span {} has a parent outside the trace",
+            s.name
+        );
+        for (k, v) in &s.attributes {
+            assert!(
+                !v.contains(MARKER),
+                "span {} attribute {k} holds the message",
+                s.name
+            );
+        }
+    }
+    Ok(())
+}
