@@ -135,6 +135,9 @@ pub struct Slot {
     pub evict: CancellationToken,
     /// The run's lease on the gateway; fenced when the session moved on.
     pub lease: Arc<RunLease>,
+    /// The trace its work is in now (the current turn's): the gateway's
+    /// spans join it.
+    pub trace: berth_common::traces::TraceCell,
 }
 
 impl Node {
@@ -309,6 +312,7 @@ impl Node {
             cancel,
             evict,
             lease,
+            trace: berth_common::traces::TraceCell::default(),
         })
     }
 

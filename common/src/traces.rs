@@ -185,6 +185,28 @@ pub fn exporting() -> bool {
 
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The trace a run's work is in now (its current turn's, else the run's),
+/// shared between the run and what serves it (the egress gateway).
+#[derive(Clone, Debug, Default)]
+pub struct TraceCell(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl TraceCell {
+    /// From now on, work joins `traceparent` (ignored when empty).
+    pub fn set(&self, traceparent: &str) {
+        if traceparent.is_empty() {
+            return;
+        }
+        if let Ok(mut t) = self.0.lock() {
+            *t = Some(traceparent.to_string());
+        }
+    }
+
+    /// The trace to join, if any.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|t| t.clone())
+    }
+}
+
 /// Records a span that already ended, from `start` to `end`, under
 /// `parent` (a `traceparent`): a wait measured from stored times (a
 /// session's time in the queue), which no `tracing` span covered.

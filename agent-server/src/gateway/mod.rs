@@ -30,6 +30,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::lease::RunLease;
 
@@ -51,6 +52,8 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>
 #[derive(Clone)]
 pub struct SessionGate {
     pub session_id: String,
+    /// The trace the run's work is in now: model requests join it.
+    pub trace: berth_common::traces::TraceCell,
     pub egress: Egress,
     /// Sent as `x-api-key` on model API requests.
     pub api_key: Option<String>,
@@ -245,7 +248,15 @@ impl Gateway {
                 "berth gateway: plain-http egress is refused; use https (CONNECT)\n",
             );
         }
-        self.model(gate, req).await
+        let span = tracing::info_span!(
+            "gateway.model_request",
+            otel.kind = "client",
+            session_id = %gate.session_id,
+            http.route = req.uri().path(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        berth_common::traces::adopt(&span, gate.trace.get().as_deref());
+        self.model(gate, req).instrument(span).await
     }
 
     /// A model API request, sent on with the session's key.
@@ -289,6 +300,8 @@ impl Gateway {
                 let code = format!("{}xx", resp.status().as_u16() / 100);
                 metrics::counter!(crate::metrics::GATEWAY_MODEL_REQUESTS, "outcome" => code)
                     .increment(1);
+                tracing::Span::current()
+                    .record("http.response.status_code", resp.status().as_u16());
                 tracing::debug!(session_id = %gate.session_id, %path, status = %resp.status(), "model API request");
                 resp.map(|b| b.boxed())
             }
@@ -487,6 +500,7 @@ mod tests {
     fn a_session_gate_never_shows_its_key() {
         let gate = SessionGate {
             session_id: "s1".into(),
+            trace: Default::default(),
             egress: Egress::default(),
             api_key: Some("sk-ant-very-secret".into()),
             lease: None,

@@ -179,6 +179,9 @@ async fn run_in_slot(
     let mut adapter = adapter::for_runtime(spec.agent.runtime);
     let gateway_port = node.gateway.is_some().then_some(node.cfg.gateway_port);
     let cmd = adapter.command(&spec, gateway_port);
+    // Until a message comes, the gateway's spans join the run's.
+    slot.trace
+        .set(&berth_common::traces::current().unwrap_or_default());
     let starting = tracing::info_span!("agent.start", session_id = %session_id);
     let acquired = start::acquire(node, slot, session_id, &spec, &cmd, out)
         .instrument(starting)
@@ -311,6 +314,7 @@ impl Pump<'_> {
                             let span = tracing::info_span!("agent.first_line");
                             berth_common::traces::adopt(&span, Some(&traceparent));
                             first_line.get_or_insert(span);
+                            slot.trace.set(&traceparent);
                             Some(adapter.encode_message(&text))
                         }
                         Some(Command::Interrupt) => Some(adapter.encode_interrupt()),

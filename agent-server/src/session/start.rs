@@ -279,6 +279,7 @@ fn serve_gate(
     };
     let gate = crate::gateway::SessionGate {
         session_id: session_id.to_string(),
+        trace: slot.trace.clone(),
         egress: spec.agent.egress.clone(),
         api_key: spec.secrets.anthropic_api_key.clone(),
         lease: Some(slot.lease.clone()),

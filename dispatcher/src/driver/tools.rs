@@ -16,6 +16,13 @@ pub(super) struct Waiting {
     pub deadline: Instant,
     /// The timeout's answer was logged; it reaches the agent through the feed.
     pub timed_out: bool,
+    /// `tool.approval_wait`: open until the request is answered or withdrawn.
+    pub _span: tracing::Span,
+}
+
+/// The span of one wait for an approval, in the current (turn's) trace.
+pub(super) fn approval_span(tool: &str, tool_use_id: &str) -> tracing::Span {
+    tracing::info_span!("tool.approval_wait", tool, tool_use_id)
 }
 
 /// Requests of this run waiting for an answer, by tool_use id.
@@ -107,6 +114,7 @@ mod tests {
             request_id: request_id.into(),
             deadline,
             timed_out: false,
+            _span: tracing::Span::none(),
         }
     }
 

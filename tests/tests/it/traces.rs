@@ -27,7 +27,12 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    fn start(database_url: &str, listen: std::net::SocketAddr, otlp: &str) -> anyhow::Result<Self> {
+    fn start(
+        database_url: &str,
+        listen: std::net::SocketAddr,
+        otlp: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "berth-traces-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -63,6 +68,7 @@ impl Dispatcher {
                 std::env::temp_dir().join("berth-test-gateway"),
             )
             .env("BERTH_MODEL_API_URL", "http://127.0.0.1:9")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -112,13 +118,29 @@ fn one<'a>(spans: &'a [Span], name: &str) -> anyhow::Result<&'a Span> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Result<()> {
+/// What a traced session left: its trace's spans, its events, the
+/// TRACEPARENT its agent process was started with, and its id.
+struct Traced {
+    spans: Vec<Span>,
+    events: Vec<pb::Event>,
+    agent_traceparent: String,
+    session_id: String,
+    log: String,
+}
+
+/// Runs one session of `request` (its first message holds [`MARKER`]) on a
+/// `berth-dispatcher` process with `env`, in the caller's trace, to its
+/// first turn's end, then stops it.
+async fn traced_session(
+    mut request: pb::CreateSessionRequest,
+    env: &[(&str, &str)],
+    model_key: Option<&str>,
+) -> anyhow::Result<Traced> {
     let collector = Collector::start().await?;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
     let (database, database_url) = create_database(&tag).await?;
     let listen = free_addr()?;
-    let mut dispatcher = Dispatcher::start(&database_url, listen, &collector.endpoint())?;
+    let mut dispatcher = Dispatcher::start(&database_url, listen, &collector.endpoint(), env)?;
     let result = async {
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?.connect_lazy();
@@ -143,13 +165,26 @@ async fn a_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Resu
             "berth-dispatcher did not answer: {}",
             dispatcher.log()
         );
-        let mut request = tonic::Request::new(fake_session(&format!("hello {MARKER}")));
+        if let Some(key) = model_key {
+            // The key goes in the vault: the agent reaches the model API
+            // through the gateway only.
+            let api = berth_tests::Api::new(
+                tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?.connect_lazy(),
+                berth_tests::Bearer::default(),
+            );
+            let secret = crate::access::model_key_secret(api, key).await?;
+            if let Some(spec) = request.spec.as_mut() {
+                spec.vault_ids.push(secret.name);
+            }
+        }
+        let mut request = tonic::Request::new(request);
         request.metadata_mut().insert(
             "traceparent",
             format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse()?,
         );
         let session = client.create_session(request).await?.into_inner();
         let events = until_turn_ends(&mut client, &session.name, 0).await?;
+        let agent_traceparent = agent_env(&session.id, "TRACEPARENT").await?;
         // A run's spans end with the run.
         stop_and_wait(&mut client, &session.name).await?;
         let spans = collector
@@ -159,38 +194,118 @@ async fn a_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Resu
                     .all(|n| spans.iter().any(|s| s.trace_id == TRACE_ID && s.name == *n))
             })
             .await?;
-        let trace: Vec<Span> = spans
-            .into_iter()
-            .filter(|s| s.trace_id == TRACE_ID)
-            .collect();
-        check_trace(&trace, &session.id)?;
-        // Events name their trace: the message's, and the agent's replies
-        // (written in the turn's span).
-        for kind in ["user.message", "agent.message"] {
-            let e = events
-                .iter()
-                .find(|e| e.r#type == kind)
-                .ok_or_else(|| anyhow::anyhow!("no {kind} event"))?;
-            assert_eq!(e.trace_id, TRACE_ID, "{kind} carries its trace id");
-        }
-        // The JSON log lines about the session carry its trace.
-        let log = dispatcher.log();
-        let traced = log.lines().any(|l| {
-            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
-                v["trace_id"] == TRACE_ID && v["span"]["session_id"] == session.id.as_str()
-            })
-        });
-        assert!(
-            traced,
-            "no JSON log line carries the trace and the session:\n{log}"
-        );
-        anyhow::Ok(())
+        anyhow::Ok(Traced {
+            spans: spans
+                .into_iter()
+                .filter(|s| s.trace_id == TRACE_ID)
+                .collect(),
+            events,
+            agent_traceparent,
+            session_id: session.id,
+            log: dispatcher.log(),
+        })
     }
     .await;
     dispatcher.stop();
     collector.stop().await;
     drop_database(&database).await?;
     result
+}
+
+/// A variable of the session's agent process, as its container's `/proc`
+/// shows it (empty when no process has it).
+async fn agent_env(session_id: &str, name: &str) -> anyhow::Result<String> {
+    let label = format!("berth.session={session_id}");
+    let containers = berth_tests::containers_labelled(&[label]).await?;
+    let container = containers
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no container for session {session_id}"))?;
+    let script = format!(
+        "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f 2>/dev/null; done | sed -n 's/^{name}=//p' | head -1"
+    );
+    Ok(berth_tests::exec_output(container, &["sh", "-c", &script])
+        .await?
+        .trim()
+        .to_string())
+}
+
+/// What every traced session shows, whatever its agent.
+fn check_session(t: &Traced) -> anyhow::Result<()> {
+    check_trace(&t.spans, &t.session_id)?;
+    // Events name their trace: the message's, and the agent's replies
+    // (written in the turn's span).
+    for kind in ["user.message", "agent.message"] {
+        let e = t
+            .events
+            .iter()
+            .find(|e| e.r#type == kind)
+            .ok_or_else(|| anyhow::anyhow!("no {kind} event"))?;
+        assert_eq!(e.trace_id, TRACE_ID, "{kind} carries its trace id");
+    }
+    // The agent was started in the trace: its TRACEPARENT names the
+    // agent's start span.
+    let start = one(&t.spans, "agent.start")?;
+    assert_eq!(
+        t.agent_traceparent,
+        format!("00-{TRACE_ID}-{}-01", start.span_id),
+        "the agent's TRACEPARENT"
+    );
+    // The JSON log lines about the session carry its trace.
+    let traced = t.log.lines().any(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+            v["trace_id"] == TRACE_ID && v["span"]["session_id"] == t.session_id.as_str()
+        })
+    });
+    assert!(
+        traced,
+        "no JSON log line carries the trace and the session:\n{}",
+        t.log
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Result<()> {
+    let t = traced_session(fake_session(&format!("hello {MARKER}")), &[], None).await?;
+    check_session(&t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_cli_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Result<()> {
+    // The model API on the host, reached through the node's gateway.
+    let key = format!("sk-ant-api03-{}", uuid::Uuid::new_v4().simple());
+    let model = crate::access::ModelApi::start(&key)?;
+    let model_url = format!("http://{}", model.addr);
+    let mut request = crate::claude::claude_session(&format!("Say hello {MARKER}"));
+    if let Some(spec) = request.spec.as_mut() {
+        // No stand-in key: the gateway's is the only one.
+        spec.env.clear();
+    }
+    let env = [("BERTH_MODEL_API_URL", model_url.as_str())];
+    let t = traced_session(request, &env, Some(&key)).await?;
+    check_session(&t)?;
+    // Each model request the CLI made through the gateway is a span of
+    // the turn's trace (the first message's: the create call).
+    let create = one(&t.spans, "/berth.v1.Sessions/CreateSession")?;
+    let requests: Vec<&Span> = t
+        .spans
+        .iter()
+        .filter(|s| s.name == "gateway.model_request")
+        .collect();
+    assert!(!requests.is_empty(), "no gateway.model_request span");
+    for r in requests {
+        assert_eq!(
+            r.parent_span_id, create.span_id,
+            "a model request joins its turn"
+        );
+        assert_eq!(r.attribute("session_id"), Some(t.session_id.as_str()));
+        assert_eq!(r.attribute("http.response.status_code"), Some("200"));
+        for (k, v) in &r.attributes {
+            assert!(!v.contains(&key), "span attribute {k} holds the model key");
+        }
+    }
+    drop(model);
+    Ok(())
 }
 
 /// The spans form one tree under the client's span, with the expected

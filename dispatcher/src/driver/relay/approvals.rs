@@ -10,7 +10,7 @@ use berth_proto::node::v1::dispatcher_frame;
 
 use super::state::{Flow, Relay};
 use crate::driver::ctx::durably;
-use crate::driver::tools::{Waiting, timeout_answer};
+use crate::driver::tools::{Waiting, approval_span, timeout_answer};
 use crate::error::{Error, Result};
 use crate::session::NewEvent;
 use crate::store::{NewToolRequest, ToolEffect};
@@ -39,12 +39,14 @@ impl Relay<'_> {
         let now = tokio::time::Instant::now();
         for p in pending {
             let left = (p.deadline - now_utc).to_std().unwrap_or_default();
+            let span = approval_span("", &p.tool_use_id);
             self.tools.insert(
                 p.tool_use_id,
                 Waiting {
                     request_id: p.request_id,
                     deadline: now + left,
                     timed_out: false,
+                    _span: span,
                 },
             );
         }
@@ -103,12 +105,14 @@ impl Relay<'_> {
                 tracing::info!(tool_use_id = %request.ask.tool_use_id, tool = %request.ask.tool_name,
                     "the agent asks to use a tool; waiting for an answer");
                 let was_empty = self.tools.is_empty();
+                let span = approval_span(&request.ask.tool_name, &request.ask.tool_use_id);
                 self.tools.insert(
                     request.ask.tool_use_id,
                     Waiting {
                         request_id: request.ask.request_id,
                         deadline: tokio::time::Instant::now() + request.timeout,
                         timed_out: false,
+                        _span: span,
                     },
                 );
                 was_empty
