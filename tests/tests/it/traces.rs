@@ -10,7 +10,8 @@ use std::time::Duration;
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use berth_tests::otlp::{Collector, Span};
 use berth_tests::{
-    create_database, drop_database, fake_session, free_addr, stop_and_wait, until_turn_ends,
+    collect_until, create_database, drop_database, fake_session, free_addr, stop_and_wait,
+    until_turn_ends,
 };
 
 /// The caller's trace: the test plays a client that already traces.
@@ -135,6 +136,7 @@ async fn traced_session(
     mut request: pb::CreateSessionRequest,
     env: &[(&str, &str)],
     model_key: Option<&str>,
+    approve: bool,
 ) -> anyhow::Result<Traced> {
     let collector = Collector::start().await?;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
@@ -183,6 +185,34 @@ async fn traced_session(
             format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse()?,
         );
         let session = client.create_session(request).await?.into_inner();
+        if approve {
+            // The agent asks to use a tool; a person allows it.
+            let asked = collect_until(
+                &mut client,
+                &session.name,
+                0,
+                Duration::from_secs(60),
+                |e| e.r#type == "agent.tool_permission",
+            )
+            .await?;
+            let ask: serde_json::Value = asked
+                .last()
+                .map(|e| serde_json::from_str(&e.payload_json))
+                .transpose()?
+                .unwrap_or_default();
+            // In the same trace: the caller's answer joins it.
+            let mut answer = tonic::Request::new(pb::ConfirmToolRequest {
+                name: session.name.clone(),
+                tool_use_id: ask["tool_use_id"].as_str().unwrap_or_default().into(),
+                decision: pb::ToolDecision::Allow as i32,
+                ..Default::default()
+            });
+            answer.metadata_mut().insert(
+                "traceparent",
+                format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse()?,
+            );
+            client.confirm_tool(answer).await?;
+        }
         let events = until_turn_ends(&mut client, &session.name, 0).await?;
         let agent_traceparent = agent_env(&session.id, "TRACEPARENT").await?;
         // A run's spans end with the run.
@@ -266,8 +296,24 @@ fn check_session(t: &Traced) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Result<()> {
-    let t = traced_session(fake_session(&format!("hello {MARKER}")), &[], None).await?;
-    check_session(&t)
+    // The file's text (the tool's input) holds the marker too.
+    let request = fake_session(&format!("edit notes.txt {MARKER}"));
+    let t = traced_session(request, &[], None, true).await?;
+    check_session(&t)?;
+    // The wait for the person's answer is a span of the turn.
+    let turn = one(&t.spans, "session.turn")?;
+    let wait = one(&t.spans, "tool.approval_wait")?;
+    assert_eq!(
+        wait.parent_span_id, turn.span_id,
+        "the approval wait is the turn's"
+    );
+    assert_eq!(wait.attribute("tool"), Some("Write"));
+    let confirm = one(&t.spans, "/berth.v1.Sessions/ConfirmTool")?;
+    assert!(
+        wait.end_unix_nano >= confirm.start_unix_nano,
+        "the wait lasts until the answer comes"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +328,7 @@ async fn a_real_cli_session_is_one_trace_from_the_api_call_to_the_agent() -> any
         spec.env.clear();
     }
     let env = [("BERTH_MODEL_API_URL", model_url.as_str())];
-    let t = traced_session(request, &env, Some(&key)).await?;
+    let t = traced_session(request, &env, Some(&key), false).await?;
     check_session(&t)?;
     // Each model request the CLI made through the gateway is a span of
     // the turn's trace (the first message's: the create call).
