@@ -5,13 +5,44 @@
 use crate::spec::SessionSpec;
 
 /// The env an agent process starts with; `gateway_port` when the node's
-/// gateway serves the container.
-pub fn agent_env(spec: &SessionSpec, home: &str, gateway_port: Option<u16>) -> Vec<String> {
+/// gateway serves the container; `telemetry`: the gateway forwards the
+/// agent's own telemetry (the node has a collector).
+pub fn agent_env(
+    spec: &SessionSpec,
+    home: &str,
+    gateway_port: Option<u16>,
+    telemetry: bool,
+) -> Vec<String> {
     let mut env = env_with_home(spec, home);
     if let Some(port) = gateway_port {
         env.extend(gateway_env(spec, port));
+        if telemetry && spec.telemetry.is_some() {
+            env.extend(telemetry_env(spec, port));
+        }
     }
     env
+}
+
+/// Claude Code's own OpenTelemetry, exported to the gateway (OTLP/HTTP
+/// protobuf), for what the session does not set itself (an export
+/// interval, say). Prompts stay redacted: `OTEL_LOG_USER_PROMPTS` is never
+/// set here.
+fn telemetry_env(spec: &SessionSpec, port: u16) -> Vec<String> {
+    let endpoint = format!(
+        "http://127.0.0.1:{port}{}",
+        crate::gateway::TELEMETRY_PREFIX.trim_end_matches('/')
+    );
+    [
+        ("CLAUDE_CODE_ENABLE_TELEMETRY", "1".to_string()),
+        ("OTEL_METRICS_EXPORTER", "otlp".into()),
+        ("OTEL_LOGS_EXPORTER", "otlp".into()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+    ]
+    .into_iter()
+    .filter(|(k, _)| !spec.agent.env.contains_key(*k))
+    .map(|(k, v)| format!("{k}={v}"))
+    .collect()
 }
 
 /// The agent's env, with `HOME` at the node's home volume unless the session

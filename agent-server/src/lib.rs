@@ -106,7 +106,15 @@ pub async fn run_with_drain(
                  --gateway-forwarder, or --gateway-dir off for no egress at all)",
                 g.forwarder.display()
             );
-            let gw = gateway::Gateway::new(&cfg.model_api_url, cfg.egress_allow_internal.clone())?;
+            let telemetry = cfg
+                .agent_telemetry()
+                .map(|e| gateway::TelemetryCollector::new(&e))
+                .transpose()?;
+            let gw = gateway::Gateway::new(
+                &cfg.model_api_url,
+                cfg.egress_allow_internal.clone(),
+                telemetry,
+            )?;
             tracing::info!(gateway = ?gw, dir = %g.root.display(), "egress gateway");
             Some(Arc::new(gw))
         }

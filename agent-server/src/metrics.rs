@@ -33,6 +33,7 @@ pub const AGENT_EVENTS: &str = "berth_agent_events_total";
 pub const EGRESS_CONNECTIONS: &str = "berth_egress_connections_total";
 pub const EGRESS_BYTES: &str = "berth_egress_bytes_total";
 pub const GATEWAY_MODEL_REQUESTS: &str = "berth_gateway_model_requests_total";
+pub const GATEWAY_TELEMETRY_EXPORTS: &str = "berth_gateway_telemetry_exports_total";
 pub const RUNS_FENCED: &str = "berth_agent_server_runs_fenced_total";
 pub const GATEWAY_HELD: &str = "berth_gateway_held_requests_total";
 pub const RUNS_FROZEN: &str = "berth_agent_server_runs_frozen_total";
@@ -235,6 +236,12 @@ pub const ALL: &[Def] = &[
         help: "Model API requests the gateway proxied with the session's key, by outcome (2xx..5xx, no_key, unreachable).",
         labels: &["outcome"],
     },
+    Def {
+        name: GATEWAY_TELEMETRY_EXPORTS,
+        kind: Kind::Counter,
+        help: "The agents' own OpenTelemetry exports the gateway took, by signal (metrics, logs, traces) and outcome (forwarded to the collector, refused as malformed, failed at the collector).",
+        labels: &["signal", "outcome"],
+    },
 ];
 
 /// Installs the recorder with the node's metrics.
@@ -272,6 +279,11 @@ pub fn init_series() {
     }
     for direction in ["sent", "received"] {
         let _ = metrics::counter!(EGRESS_BYTES, "direction" => direction);
+    }
+    for signal in ["metrics", "logs", "traces"] {
+        for outcome in ["forwarded", "refused", "failed"] {
+            let _ = metrics::counter!(GATEWAY_TELEMETRY_EXPORTS, "signal" => signal, "outcome" => outcome);
+        }
     }
     for outcome in ["2xx", "4xx", "5xx", "no_key", "unreachable"] {
         let _ = metrics::counter!(GATEWAY_MODEL_REQUESTS, "outcome" => outcome);

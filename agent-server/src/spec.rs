@@ -26,6 +26,9 @@ pub struct SessionSpec {
     pub git: Vec<GitClone>,
     /// Values the gateway attaches to the session's traffic.
     pub secrets: GatewaySecrets,
+    /// Set when the agent exports its own telemetry through the gateway:
+    /// the resource attributes put on it.
+    pub telemetry: Option<std::collections::BTreeMap<String, String>>,
     /// Its agent pool: key and what a pre-started process for it is
     /// started from (no secret, no run data). `None`: no process can be
     /// pre-started for it (a resume, resources, env).
@@ -252,6 +255,7 @@ impl TryFrom<pb::SessionSpec> for SessionSpec {
         Ok(Self {
             agent,
             warm,
+            telemetry: s.telemetry.map(|t| t.resource.into_iter().collect()),
             secrets: GatewaySecrets::from_pb(s.secrets)?,
             resume_id: s.resume_id,
             restore_snapshot_key: s.restore_snapshot_key,

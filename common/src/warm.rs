@@ -44,7 +44,9 @@ pub fn template(spec: &node_pb::SessionSpec) -> Option<node_pb::SessionSpec> {
         && spec.env.is_empty()
         // The CLI connects to remote MCP servers as it starts, before a
         // session (and its gateway route) exists.
-        && spec.mcp_servers.iter().all(|m| m.url.is_empty());
+        && spec.mcp_servers.iter().all(|m| m.url.is_empty())
+        // Its exporter's settings are the session's (its resource).
+        && spec.telemetry.is_none();
     if !eligible {
         return None;
     }

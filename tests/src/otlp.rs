@@ -1,10 +1,23 @@
 //! An OTLP/gRPC collector on a loopback port: it keeps every span it is
-//! sent, for a test to read back. Stopped (and its task awaited) by
+//! sent, and what each metrics and logs export held, for a test to read
+//! back. Stopped (and its task awaited) by
 //! [`Collector::stop`]; cancelled and aborted if dropped.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -12,6 +25,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio_util::sync::CancellationToken;
 
 /// One span as received: its ids in hex, its name, its attributes as
@@ -39,8 +53,93 @@ impl Span {
     }
 }
 
+/// One resource's part of a metrics or logs export: its attributes, and
+/// the metric names (or log event bodies) it held.
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// `metrics` or `logs`.
+    pub signal: &'static str,
+    pub resource: Vec<(String, String)>,
+    pub names: Vec<String>,
+}
+
+impl Export {
+    /// A resource attribute's value, as text.
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.resource
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 #[derive(Clone, Default)]
 struct Received(Arc<Mutex<Vec<Span>>>);
+
+#[derive(Clone, Default)]
+struct Exports(Arc<Mutex<Vec<Export>>>);
+
+impl Exports {
+    fn push(&self, e: Export) {
+        if let Ok(mut all) = self.0.lock() {
+            all.push(e);
+        }
+    }
+}
+
+fn attributes_of(r: Option<&Resource>) -> Vec<(String, String)> {
+    r.iter()
+        .flat_map(|r| &r.attributes)
+        .map(|kv| (kv.key.clone(), text_of(kv)))
+        .collect()
+}
+
+#[tonic::async_trait]
+impl MetricsService for Exports {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        for rm in request.into_inner().resource_metrics {
+            self.push(Export {
+                signal: "metrics",
+                resource: attributes_of(rm.resource.as_ref()),
+                names: rm
+                    .scope_metrics
+                    .iter()
+                    .flat_map(|s| &s.metrics)
+                    .map(|m| m.name.clone())
+                    .collect(),
+            });
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Exports {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        for rl in request.into_inner().resource_logs {
+            self.push(Export {
+                signal: "logs",
+                resource: attributes_of(rl.resource.as_ref()),
+                names: rl
+                    .scope_logs
+                    .iter()
+                    .flat_map(|s| &s.log_records)
+                    .map(|r| match r.body.as_ref().and_then(|b| b.value.as_ref()) {
+                        Some(any_value::Value::StringValue(s)) => s.clone(),
+                        _ => String::new(),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for Received {
@@ -99,6 +198,7 @@ pub struct Collector {
     /// Where it listens (`http://ADDR` is an OTLP endpoint).
     pub addr: SocketAddr,
     received: Received,
+    exports: Exports,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -111,17 +211,23 @@ impl Collector {
         let received = Received::default();
         let stop = CancellationToken::new();
         let token = stop.clone();
+        let exports = Exports::default();
         let svc = TraceServiceServer::new(received.clone());
+        let metrics = MetricsServiceServer::new(exports.clone());
+        let logs = LogsServiceServer::new(exports.clone());
         let task = tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(metrics)
+                .add_service(logs)
                 .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
                 .await;
         });
         Ok(Self {
             addr,
             received,
+            exports,
             stop,
             task: Some(task),
         })
@@ -139,6 +245,11 @@ impl Collector {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
+    }
+
+    /// Every metrics and logs export received so far, a resource each.
+    pub fn exports(&self) -> Vec<Export> {
+        self.exports.0.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
     /// Waits until `done` holds for the spans received, up to `within`.

@@ -153,6 +153,13 @@ pub struct Config {
     )]
     pub model_api_url: String,
 
+    /// The OTLP/gRPC collector (`http://HOST:4317`, or https) the gateway
+    /// forwards agents' own telemetry to, for sessions whose agent has
+    /// `telemetry` on. Defaults to `OTEL_EXPORTER_OTLP_ENDPOINT` (where the
+    /// node's own traces go); unset: agents export nothing.
+    #[arg(long, env = "BERTH_AGENT_TELEMETRY_ENDPOINT")]
+    pub agent_telemetry_endpoint: Option<String>,
+
     /// Internal destinations (`HOST` or `HOST:PORT`, comma-separated) that
     /// sessions may still reach through the gateway when their egress
     /// policy allows them. Loopback, link-local and private addresses are
@@ -356,6 +363,15 @@ impl FromStr for PoolSpec {
 
 impl Config {
     /// A configuration with every default, for tests and the in-process node.
+    /// Where agents' own telemetry goes: `--agent-telemetry-endpoint`,
+    /// else `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub fn agent_telemetry(&self) -> Option<String> {
+        self.agent_telemetry_endpoint
+            .clone()
+            .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+            .filter(|e| !e.trim().is_empty())
+    }
+
     pub fn defaults() -> Self {
         <Self as clap::Parser>::parse_from(["berth-agent-server"])
     }

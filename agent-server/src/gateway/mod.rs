@@ -35,8 +35,10 @@ use tracing::Instrument;
 use crate::lease::RunLease;
 
 mod routes;
+mod telemetry;
 
 pub use routes::{CredentialUse, Route, UseLog, UseSink, git_route, routes_of};
+pub use telemetry::{Collector as TelemetryCollector, PREFIX as TELEMETRY_PREFIX};
 
 /// The socket's name in a container's gateway directory.
 pub const SOCKET: &str = "egress.sock";
@@ -66,6 +68,9 @@ pub struct SessionGate {
     pub credentials: crate::spec::CredentialBook,
     /// Where credential uses are reported.
     pub uses: Option<UseLog>,
+    /// Set when the agent exports its own telemetry: the resource
+    /// attributes the gateway puts on it.
+    pub telemetry: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for SessionGate {
@@ -84,6 +89,8 @@ pub struct Gateway {
     model_api: http::Uri,
     allow_internal: Vec<String>,
     client: HttpsClient,
+    /// Where agents' own telemetry goes (`--agent-telemetry-endpoint`).
+    telemetry: Option<telemetry::Collector>,
     /// Every gate's accept loop, connections and tunnels: each ends when
     /// its gate closes, and shutdown awaits them ([`Gateway::stopped`]).
     tasks: TaskTracker,
@@ -135,7 +142,11 @@ const HOP: [&str; 8] = [
 ];
 
 impl Gateway {
-    pub fn new(model_api: &str, allow_internal: Vec<String>) -> anyhow::Result<Self> {
+    pub fn new(
+        model_api: &str,
+        allow_internal: Vec<String>,
+        telemetry: Option<telemetry::Collector>,
+    ) -> anyhow::Result<Self> {
         let model_api: http::Uri = model_api
             .parse()
             .map_err(|e| anyhow::anyhow!("--model-api-url `{model_api}`: {e}"))?;
@@ -153,8 +164,14 @@ impl Gateway {
             model_api,
             allow_internal,
             client: Client::builder(TokioExecutor::new()).build(https),
+            telemetry,
             tasks: TaskTracker::new(),
         })
+    }
+
+    /// Whether agents' own telemetry is forwarded (a collector is set).
+    pub fn forwards_telemetry(&self) -> bool {
+        self.telemetry.is_some()
     }
 
     /// Waits until every gate's tasks have ended (once no gate is open:
@@ -229,6 +246,15 @@ impl Gateway {
         }
         if req.method() == Method::CONNECT {
             return self.connect(gate, closed, req).await;
+        }
+        if req.uri().authority().is_none() && req.uri().path().starts_with(telemetry::PREFIX) {
+            return match &self.telemetry {
+                Some(c) => c.take(gate, req).await,
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "berth gateway: this node forwards no agent telemetry (no --agent-telemetry-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT)\n",
+                ),
+            };
         }
         if req.uri().authority().is_none() && req.uri().path().starts_with(routes::PREFIX) {
             return self.route(gate, req).await;
@@ -501,6 +527,7 @@ mod tests {
         let gate = SessionGate {
             session_id: "s1".into(),
             trace: Default::default(),
+            telemetry: None,
             egress: Egress::default(),
             api_key: Some("sk-ant-very-secret".into()),
             lease: None,

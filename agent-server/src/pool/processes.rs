@@ -393,7 +393,8 @@ impl Starter {
             .gateway_port
             .filter(|_| self.runtime.gateway_dir(id).is_some());
         let cmd = crate::adapter::for_runtime(spec.agent.runtime).command(spec, port);
-        let env = crate::env::agent_env(spec, &self.home, port);
+        // A pre-started process never exports telemetry (not eligible).
+        let env = crate::env::agent_env(spec, &self.home, port, false);
         let mut process = self
             .runtime
             .exec_agent(id, cmd, env)

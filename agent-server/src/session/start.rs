@@ -186,6 +186,9 @@ async fn in_container(
         spec,
         &node.cfg.home,
         gate.is_some().then_some(node.cfg.gateway_port),
+        node.gateway
+            .as_ref()
+            .is_some_and(|g| g.forwards_telemetry()),
     );
     // The CLI's own telemetry joins the session's trace, where it can.
     if let Some(tp) = berth_common::traces::current()
@@ -280,6 +283,7 @@ fn serve_gate(
     let gate = crate::gateway::SessionGate {
         session_id: session_id.to_string(),
         trace: slot.trace.clone(),
+        telemetry: spec.telemetry.clone(),
         egress: spec.agent.egress.clone(),
         api_key: spec.secrets.anthropic_api_key.clone(),
         lease: Some(slot.lease.clone()),

@@ -97,6 +97,10 @@ pub struct AgentSpec {
     /// MCP servers (claude-code).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mcp_servers: Vec<McpServer>,
+    /// The agent exports its own OpenTelemetry metrics and events through
+    /// the node's gateway (claude-code).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub telemetry: bool,
 }
 
 /// Container limits; zero means the node's default.

@@ -210,6 +210,7 @@ impl TryFrom<pb::AgentSpec> for AgentSpec {
                 .map(crate::tools::ToolPolicy::from_pb)
                 .transpose()?,
             mcp_servers,
+            telemetry: s.telemetry,
         };
         spec.validate()?;
         Ok(spec)
@@ -243,6 +244,7 @@ impl From<AgentSpec> for pb::AgentSpec {
             vault_ids: s.vault_ids,
             tool_policy: s.tool_policy.as_ref().map(crate::tools::ToolPolicy::to_pb),
             mcp_servers: s.mcp_servers.iter().map(mcp_to_pb).collect(),
+            telemetry: s.telemetry,
         }
     }
 }
@@ -279,6 +281,7 @@ pub fn from_node_pb(s: &node_pb::SessionSpec) -> Result<AgentSpec, FieldError> {
             .map(crate::tools::ToolPolicy::from_node_pb)
             .transpose()?,
         mcp_servers: s.mcp_servers.iter().map(mcp_from_node_pb).collect(),
+        telemetry: s.telemetry.is_some(),
     };
     spec.validate()?;
     Ok(spec)

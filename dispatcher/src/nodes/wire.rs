@@ -82,7 +82,25 @@ pub(crate) fn node_spec(session: &Session, secrets: &OpenedSecrets) -> pb::Sessi
     };
     session.spec.fill_node_pb(&mut spec);
     spec.env = secrets.env.clone().into_iter().collect();
+    if session.spec.telemetry {
+        spec.telemetry = Some(pb::AgentTelemetry {
+            resource: telemetry_resource(session),
+        });
+    }
     spec
+}
+
+/// The resource attributes the gateway puts on the agent's own telemetry.
+fn telemetry_resource(session: &Session) -> std::collections::HashMap<String, String> {
+    let mut r = std::collections::HashMap::from([
+        ("berth.session_id".to_string(), session.id.to_string()),
+        ("berth.project".to_string(), session.project.clone()),
+    ]);
+    if let Some((agent, version)) = &session.agent {
+        r.insert("berth.agent".into(), agent.clone());
+        r.insert("berth.agent_version".into(), version.to_string());
+    }
+    r
 }
 
 /// What a session's run needs opened, once per start: its env values, and

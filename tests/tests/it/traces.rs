@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
-use berth_tests::otlp::{Collector, Span};
+use berth_tests::otlp::{Collector, Export, Span};
 use berth_tests::{
     collect_until, create_database, drop_database, fake_session, free_addr, stop_and_wait,
     until_turn_ends,
@@ -123,6 +123,10 @@ fn one<'a>(spans: &'a [Span], name: &str) -> anyhow::Result<&'a Span> {
 /// TRACEPARENT its agent process was started with, and its id.
 struct Traced {
     spans: Vec<Span>,
+    /// The agent's own telemetry, with `agent_telemetry`.
+    exports: Vec<Export>,
+    /// Where the agent process exports it (its OTEL_EXPORTER_OTLP_ENDPOINT).
+    agent_otlp: String,
     events: Vec<pb::Event>,
     agent_traceparent: String,
     session_id: String,
@@ -132,12 +136,29 @@ struct Traced {
 /// Runs one session of `request` (its first message holds [`MARKER`]) on a
 /// `berth-dispatcher` process with `env`, in the caller's trace, to its
 /// first turn's end, then stops it.
+/// How a traced session runs.
+#[derive(Default)]
+struct Options<'a> {
+    /// More variables for `berth-dispatcher`.
+    env: &'a [(&'a str, &'a str)],
+    /// A model API key to put in the session's vault.
+    model_key: Option<&'a str>,
+    /// The agent asks to use a tool, and the test allows it.
+    approve: bool,
+    /// Wait for the agent's own telemetry (its metrics) too.
+    agent_telemetry: bool,
+}
+
 async fn traced_session(
     mut request: pb::CreateSessionRequest,
-    env: &[(&str, &str)],
-    model_key: Option<&str>,
-    approve: bool,
+    o: Options<'_>,
 ) -> anyhow::Result<Traced> {
+    let Options {
+        env,
+        model_key,
+        approve,
+        agent_telemetry,
+    } = o;
     let collector = Collector::start().await?;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
     let (database, database_url) = create_database(&tag).await?;
@@ -215,6 +236,7 @@ async fn traced_session(
         }
         let events = until_turn_ends(&mut client, &session.name, 0).await?;
         let agent_traceparent = agent_env(&session.id, "TRACEPARENT").await?;
+        let agent_otlp = agent_env(&session.id, "OTEL_EXPORTER_OTLP_ENDPOINT").await?;
         // A run's spans end with the run.
         stop_and_wait(&mut client, &session.name).await?;
         let spans = collector
@@ -224,7 +246,31 @@ async fn traced_session(
                     .all(|n| spans.iter().any(|s| s.trace_id == TRACE_ID && s.name == *n))
             })
             .await?;
+        let exports = if agent_telemetry {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let got: Vec<Export> = collector
+                    .exports()
+                    .into_iter()
+                    .filter(|e| e.attribute("berth.session_id") == Some(session.id.as_str()))
+                    .collect();
+                if got.iter().any(|e| e.signal == "metrics") {
+                    break got;
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "no metrics of the agent reached the collector; exports: {:?}\n{}",
+                    collector.exports(),
+                    dispatcher.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } else {
+            Vec::new()
+        };
         anyhow::Ok(Traced {
+            exports,
+            agent_otlp,
             spans: spans
                 .into_iter()
                 .filter(|s| s.trace_id == TRACE_ID)
@@ -298,7 +344,14 @@ fn check_session(t: &Traced) -> anyhow::Result<()> {
 async fn a_session_is_one_trace_from_the_api_call_to_the_agent() -> anyhow::Result<()> {
     // The file's text (the tool's input) holds the marker too.
     let request = fake_session(&format!("edit notes.txt {MARKER}"));
-    let t = traced_session(request, &[], None, true).await?;
+    let t = traced_session(
+        request,
+        Options {
+            approve: true,
+            ..Options::default()
+        },
+    )
+    .await?;
     check_session(&t)?;
     // The wait for the person's answer is a span of the turn.
     let turn = one(&t.spans, "session.turn")?;
@@ -328,7 +381,15 @@ async fn a_real_cli_session_is_one_trace_from_the_api_call_to_the_agent() -> any
         spec.env.clear();
     }
     let env = [("BERTH_MODEL_API_URL", model_url.as_str())];
-    let t = traced_session(request, &env, Some(&key), false).await?;
+    let t = traced_session(
+        request,
+        Options {
+            env: &env,
+            model_key: Some(&key),
+            ..Options::default()
+        },
+    )
+    .await?;
     check_session(&t)?;
     // Each model request the CLI made through the gateway is a span of
     // the turn's trace (the first message's: the create call).
@@ -416,6 +477,48 @@ fn check_trace(trace: &[Span], session_id: &str) -> anyhow::Result<()> {
                 s.name
             );
         }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_clis_own_telemetry_reaches_the_collector_through_the_gateway_tagged_with_the_session()
+-> anyhow::Result<()> {
+    let mut request = crate::claude::claude_session(&format!("Say hello {MARKER}"));
+    if let Some(spec) = request.spec.as_mut() {
+        spec.telemetry = true;
+        // The CLI exports every second (and at exit) instead of every minute.
+        spec.env
+            .insert("OTEL_METRIC_EXPORT_INTERVAL".into(), "1000".into());
+    }
+    let env = [(
+        "BERTH_KEEPALIVE_CMD",
+        "fake-anthropic --listen 127.0.0.1:8787 --log /tmp/anthropic-requests.jsonl",
+    )];
+    let t = traced_session(
+        request,
+        Options {
+            env: &env,
+            agent_telemetry: true,
+            ..Options::default()
+        },
+    )
+    .await?;
+    // The CLI exports to its gateway, never to the collector (which its
+    // container, with no network, could not reach anyway).
+    assert_eq!(t.agent_otlp, "http://127.0.0.1:18080/berth/otlp");
+    let metrics: Vec<&str> = t
+        .exports
+        .iter()
+        .filter(|e| e.signal == "metrics")
+        .flat_map(|e| e.names.iter().map(String::as_str))
+        .collect();
+    for name in ["claude_code.token.usage", "claude_code.cost.usage"] {
+        assert!(metrics.contains(&name), "no {name} in {metrics:?}");
+    }
+    for e in &t.exports {
+        assert_eq!(e.attribute("service.name"), Some("claude-code"));
+        assert_eq!(e.attribute("berth.project"), Some("default"));
     }
     Ok(())
 }
