@@ -61,6 +61,11 @@
 //! the turn, while `total_cost_usd` and `modelUsage` (per model) are running
 //! totals of the conversation, continued across `--resume` (they are kept in
 //! the conversation file).
+//!
+//! With `CLAUDE_CODE_ENABLE_TELEMETRY=1`, `OTEL_METRICS_EXPORTER=otlp` and
+//! `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`, it exports the
+//! conversation's token and cost metrics at exit as the real CLI does
+//! (see `telemetry.rs`).
 
 use std::io::Write;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -73,6 +78,7 @@ mod input;
 mod mcp;
 mod permission;
 mod scripts;
+mod telemetry;
 
 use args::parse_args;
 use input::{Input, read_stdin};
@@ -516,6 +522,7 @@ fn main() {
         agent.mcp.configure(config);
     }
     agent.run();
+    telemetry::export_at_exit(&agent.session_id, &agent.totals);
 }
 
 /// `len` pseudo-random letters (xorshift from `seed`): text that neither

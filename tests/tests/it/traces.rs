@@ -145,8 +145,8 @@ struct Options<'a> {
     model_key: Option<&'a str>,
     /// The agent asks to use a tool, and the test allows it.
     approve: bool,
-    /// Wait for the agent's own telemetry (its metrics) too.
-    agent_telemetry: bool,
+    /// Wait for the agent's own telemetry too: these signals of it.
+    agent_signals: &'a [&'a str],
 }
 
 async fn traced_session(
@@ -157,7 +157,7 @@ async fn traced_session(
         env,
         model_key,
         approve,
-        agent_telemetry,
+        agent_signals,
     } = o;
     let collector = Collector::start().await?;
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
@@ -246,7 +246,7 @@ async fn traced_session(
                     .all(|n| spans.iter().any(|s| s.trace_id == TRACE_ID && s.name == *n))
             })
             .await?;
-        let exports = if agent_telemetry {
+        let exports = if !agent_signals.is_empty() {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let got: Vec<Export> = collector
@@ -254,12 +254,15 @@ async fn traced_session(
                     .into_iter()
                     .filter(|e| e.attribute("berth.session_id") == Some(session.id.as_str()))
                     .collect();
-                if got.iter().any(|e| e.signal == "metrics") {
+                if agent_signals
+                    .iter()
+                    .all(|signal| got.iter().any(|e| e.signal == *signal))
+                {
                     break got;
                 }
                 anyhow::ensure!(
                     tokio::time::Instant::now() < deadline,
-                    "no metrics of the agent reached the collector; exports: {:?}\n{}",
+                    "not every signal of {agent_signals:?} of the agent reached the collector; exports: {:?}\n{}",
                     collector.exports(),
                     dispatcher.log()
                 );
@@ -499,7 +502,7 @@ async fn the_real_clis_own_telemetry_reaches_the_collector_through_the_gateway_t
         request,
         Options {
             env: &env,
-            agent_telemetry: true,
+            agent_signals: &["metrics", "logs"],
             ..Options::default()
         },
     )
@@ -516,9 +519,48 @@ async fn the_real_clis_own_telemetry_reaches_the_collector_through_the_gateway_t
     for name in ["claude_code.token.usage", "claude_code.cost.usage"] {
         assert!(metrics.contains(&name), "no {name} in {metrics:?}");
     }
+    // Its events (as OTLP logs): the prompt, the API request and the reply.
+    let events: Vec<&str> = t
+        .exports
+        .iter()
+        .filter(|e| e.signal == "logs")
+        .flat_map(|e| e.names.iter().map(String::as_str))
+        .collect();
+    for name in ["claude_code.user_prompt", "claude_code.api_request"] {
+        assert!(events.contains(&name), "no {name} in {events:?}");
+    }
     for e in &t.exports {
         assert_eq!(e.attribute("service.name"), Some("claude-code"));
         assert_eq!(e.attribute("berth.project"), Some("default"));
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_claudes_own_telemetry_reaches_the_collector_through_the_gateway() -> anyhow::Result<()>
+{
+    let mut request = fake_session(&format!("hello {MARKER}"));
+    if let Some(spec) = request.spec.as_mut() {
+        spec.telemetry = true;
+    }
+    let t = traced_session(
+        request,
+        Options {
+            agent_signals: &["metrics"],
+            ..Options::default()
+        },
+    )
+    .await?;
+    assert_eq!(t.agent_otlp, "http://127.0.0.1:18080/berth/otlp");
+    let e = t
+        .exports
+        .iter()
+        .find(|e| e.signal == "metrics")
+        .ok_or_else(|| anyhow::anyhow!("no metrics export"))?;
+    assert!(
+        e.names.iter().any(|n| n == "claude_code.token.usage"),
+        "{e:?}"
+    );
+    assert_eq!(e.attribute("service.name"), Some("claude-code"));
     Ok(())
 }
