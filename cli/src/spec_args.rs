@@ -79,6 +79,11 @@ pub struct SpecArgs {
     /// NAME=COMMAND [ARGS...] (split like a shell; repeatable).
     #[arg(long = "mcp-stdio", value_parser = key_value)]
     pub mcp_stdio: Vec<(String, String)>,
+    /// The agent exports its own OpenTelemetry metrics and events (Claude
+    /// Code's tokens, cost, API requests) through the node's gateway to the
+    /// operator's collector, tagged with the session.
+    #[arg(long)]
+    pub telemetry: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -147,6 +152,7 @@ impl SpecArgs {
             egress: self.egress(),
             tool_policy: self.tool_policy()?,
             mcp_servers: self.mcp_servers()?,
+            telemetry: self.telemetry,
         })
     }
 
