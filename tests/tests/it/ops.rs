@@ -308,9 +308,16 @@ async fn metrics_are_exported_and_the_dashboard_and_alerts_use_only_them() -> an
     let mut used = BTreeSet::new();
     let panels = dash["panels"].as_array().expect("panels");
     let mut shown = 0;
+    let mut descriptions = BTreeSet::new();
     for p in panels.iter().filter(|p| p["type"] != "row") {
         shown += 1;
         let title = p["title"].as_str().unwrap_or("?");
+        // Each panel says what it shows (not a neighbour's words).
+        let description = p["description"].as_str().unwrap_or_default();
+        assert!(
+            !description.is_empty() && descriptions.insert(description),
+            "panel `{title}` has a description of its own: {description:?}"
+        );
         assert!(
             p["fieldConfig"]["defaults"]["unit"]
                 .as_str()
