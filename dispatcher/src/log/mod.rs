@@ -42,6 +42,8 @@ struct StatusOp {
     event: StatusEvent,
     reason: String,
     detail: StatusDetail,
+    /// The trace the change is made in (its event records it).
+    traceparent: Option<String>,
     done: oneshot::Sender<Result<Transitioned>>,
 }
 
@@ -205,6 +207,8 @@ impl EventLog {
     /// Appends the events of a line that ends a turn (like
     /// [`Self::append_line_queued`]) together with the turn's usage, in one
     /// transaction, and waits: a line is never persisted without its usage.
+    /// Traced as `events.persist` (the turn's commit).
+    #[tracing::instrument(name = "events.persist", level = "info", skip_all, fields(events = events.len()))]
     pub(crate) async fn append_line_with_usage(
         &self,
         session: Uuid,
@@ -228,7 +232,8 @@ impl EventLog {
 
     /// Appends the events of a line that asks or withdraws a tool
     /// permission (like [`Self::append_line_queued`]) with the request's
-    /// change, in one transaction, and waits.
+    /// change, in one transaction, and waits. Traced as `events.persist`.
+    #[tracing::instrument(name = "events.persist", level = "info", skip_all, fields(events = events.len()))]
     pub(crate) async fn append_line_with_tool(
         &self,
         session: Uuid,
@@ -301,6 +306,7 @@ impl EventLog {
             event,
             reason: reason.to_string(),
             detail,
+            traceparent: berth_common::traces::current(),
             done,
         }))
         .await?;

@@ -278,6 +278,7 @@ impl Writer {
                 event: c.event,
                 reason: &c.reason,
                 detail: &c.detail,
+                traceparent: c.traceparent.as_deref(),
             })
             .collect();
         let outcomes = self.retry(|| self.store.transitions(&batch)).await;

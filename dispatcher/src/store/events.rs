@@ -278,7 +278,9 @@ impl Store {
             tx.rollback().await?;
             return Err(self.refused(batch, &by_id).await);
         };
-        let usage = record_usage_in(&mut tx, id, turn).await?;
+        // In the turn's trace, as the line's events are.
+        let traceparent = batch.iter().find_map(|a| a.event.traceparent.clone());
+        let usage = record_usage_in(&mut tx, id, turn, traceparent).await?;
         tx.commit().await?;
         self.announce(batch, &by_id);
         self.notices.event(id, usage.event.seq);
@@ -432,6 +434,7 @@ async fn record_usage_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     id: Uuid,
     turn: &Turn,
+    traceparent: Option<String>,
 ) -> Result<UsageRecorded> {
     let u = &turn.usage;
     let row: TurnRow = sqlx::query_as(sql::ADD_TURN)
@@ -488,7 +491,6 @@ async fn record_usage_in(
         total: totals.clone(),
     });
     let event_id = Uuid::now_v7();
-    let traceparent = berth_common::traces::current();
     let create_time: DateTime<Utc> = sqlx::query_scalar(sql::LOG_USAGE)
         .bind(id)
         .bind(row.seq)

@@ -52,13 +52,14 @@ WITH next AS (
         last_seq = s.last_seq + 1, update_time = now()
     FROM next
     WHERE s.id = next.id
-    RETURNING s.id, s.last_seq, s.epoch, next.status AS previous
+    RETURNING s.id, s.last_seq, s.epoch, next.status AS previous, s.traceparent
 ), numbered AS (
     SELECT m.*, row_number() OVER () AS n FROM moved m
 ), logged AS (
-    INSERT INTO events (session_id, seq, id, type, payload)
+    INSERT INTO events (session_id, seq, id, type, payload, traceparent)
     SELECT id, last_seq, ($2::uuid[])[n], 'session.status_{starting}',
-           jsonb_build_object('status', '{starting}', 'previous', previous, 'epoch', epoch, 'reason', '')::text
+           jsonb_build_object('status', '{starting}', 'previous', previous, 'epoch', epoch, 'reason', '')::text,
+           traceparent
     FROM numbered
 )
 SELECT id, last_seq FROM numbered

@@ -81,6 +81,8 @@ pub(crate) enum ToolEffect {
     Answer {
         session: Uuid,
         answer: payload::ToolConfirmation,
+        /// The trace the answer was given in (its event records it).
+        traceparent: Option<String>,
     },
     /// Closes every pending request of a session whose run ended, each
     /// with a `session.tool_permission_cancelled` event.
@@ -217,8 +219,15 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            ToolEffect::Answer { session, answer } => {
-                match self.answer(&mut tx, *session, answer).await? {
+            ToolEffect::Answer {
+                session,
+                answer,
+                traceparent,
+            } => {
+                match self
+                    .answer(&mut tx, *session, answer, traceparent.clone())
+                    .await?
+                {
                     Ok(event) => out.events.push(event),
                     Err(already) => {
                         out.already = already;
@@ -255,6 +264,7 @@ impl Store {
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         session: Uuid,
         answer: &payload::ToolConfirmation,
+        traceparent: Option<String>,
     ) -> Result<std::result::Result<Event, Option<i64>>> {
         let locked: Option<Locked> = sqlx::query_as(sql::LOCK)
             .bind(session)
@@ -272,11 +282,9 @@ impl Store {
             Verdict::Already(seq) => return Ok(Err(seq)),
             Verdict::Refused(why) => return Err(Error::Precondition(why)),
         };
-        let append = client_append(
-            session,
-            NewEvent::new(ev::USER_TOOL_CONFIRMATION, payload::to_json(&p)),
-            None,
-        );
+        let mut event = NewEvent::new(ev::USER_TOOL_CONFIRMATION, payload::to_json(&p));
+        event.traceparent = traceparent;
+        let append = client_append(session, event, None);
         let event = self.append_one(tx, append).await?;
         sqlx::query(sql::ANSWER)
             .bind(session)

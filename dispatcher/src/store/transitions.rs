@@ -31,8 +31,8 @@ mod sql {
     pub const TRANSITION: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],
-                         $6::uuid[], $7::text[], $8::text[], $9::bigint[])
-        AS t(id, from_status, to_status, reason, ends, event_id, kind, payload, epoch)
+                         $6::uuid[], $7::text[], $8::text[], $9::bigint[], $10::text[])
+        AS t(id, from_status, to_status, reason, ends, event_id, kind, payload, epoch, traceparent)
 ), moved AS (
     UPDATE sessions s
     SET status = i.to_status, status_reason = i.reason, last_seq = s.last_seq + 1,
@@ -53,8 +53,9 @@ WITH input AS (
     WHERE s.id = i.id AND s.status = i.from_status AND s.epoch = i.epoch
     RETURNING s.id, s.last_seq
 )
-INSERT INTO events (session_id, seq, id, type, payload)
-SELECT m.id, m.last_seq, i.event_id, i.kind, i.payload FROM moved m JOIN input i ON i.id = m.id
+INSERT INTO events (session_id, seq, id, type, payload, traceparent)
+SELECT m.id, m.last_seq, i.event_id, i.kind, i.payload, i.traceparent
+FROM moved m JOIN input i ON i.id = m.id
 RETURNING session_id, seq, create_time
 "#;
 }
@@ -84,6 +85,8 @@ pub(crate) struct Change<'a> {
     pub event: StatusEvent,
     pub reason: &'a str,
     pub detail: &'a StatusDetail,
+    /// The trace the change is made in (W3C `traceparent`).
+    pub traceparent: Option<&'a str>,
 }
 
 /// A change the status machine allowed, as the statement applies it.
@@ -97,6 +100,7 @@ struct Planned {
     kind: String,
     payload: String,
     epoch: i64,
+    traceparent: Option<String>,
 }
 
 impl Store {
@@ -111,12 +115,14 @@ impl Store {
         reason: &str,
         detail: &StatusDetail,
     ) -> Result<Transitioned> {
+        let traceparent = berth_common::traces::current();
         let change = Change {
             id,
             epoch,
             event,
             reason,
             detail,
+            traceparent: traceparent.as_deref(),
         };
         for _ in 0..8 {
             if let Some(done) = self
@@ -174,6 +180,12 @@ impl Store {
                 .bind(col(|p| p.kind.as_str()))
                 .bind(col(|p| p.payload.as_str()))
                 .bind(planned.iter().map(|p| p.epoch).collect::<Vec<_>>())
+                .bind(
+                    planned
+                        .iter()
+                        .map(|p| p.traceparent.as_deref())
+                        .collect::<Vec<_>>(),
+                )
                 .fetch_all(&self.pool)
                 .await?;
         self.notices
@@ -197,7 +209,7 @@ impl Store {
                     payload: p.payload,
                     raw: None,
                     line_seq: 0,
-                    traceparent: None,
+                    traceparent: p.traceparent,
                 }),
             }));
         }
@@ -249,5 +261,6 @@ fn plan(c: &Change<'_>, position: Option<&(String, i64)>) -> Result<Plan> {
         kind: to.event_type(),
         payload,
         epoch: *epoch,
+        traceparent: c.traceparent.map(str::to_string),
     })))
 }

@@ -311,15 +311,17 @@ async fn agent_env(session_id: &str, name: &str) -> anyhow::Result<String> {
 /// What every traced session shows, whatever its agent.
 fn check_session(t: &Traced) -> anyhow::Result<()> {
     check_trace(&t.spans, &t.session_id)?;
-    // Events name their trace: the message's, and the agent's replies
-    // (written in the turn's span).
-    for kind in ["user.message", "agent.message"] {
-        let e = t
-            .events
-            .iter()
-            .find(|e| e.r#type == kind)
-            .ok_or_else(|| anyhow::anyhow!("no {kind} event"))?;
-        assert_eq!(e.trace_id, TRACE_ID, "{kind} carries its trace id");
+    // Every event names the trace: the message, the statuses, the claim,
+    // the agent's events, the usage (written in the turn's span).
+    for kind in ["user.message", "agent.message", "session.usage"] {
+        anyhow::ensure!(t.events.iter().any(|e| e.r#type == kind), "no {kind} event");
+    }
+    for e in &t.events {
+        assert_eq!(
+            e.trace_id, TRACE_ID,
+            "{} (seq {}) carries its trace id",
+            e.r#type, e.seq
+        );
     }
     // The agent was started in the trace: its TRACEPARENT names the
     // agent's start span.
@@ -462,6 +464,13 @@ fn check_trace(trace: &[Span], session_id: &str) -> anyhow::Result<()> {
     );
     let turn = one(trace, "session.turn")?;
     assert_eq!(turn.parent_span_id, create.span_id);
+    // The turn's end is committed with its usage, inside the turn.
+    assert!(
+        trace
+            .iter()
+            .any(|s| s.name == "events.persist" && s.parent_span_id == turn.span_id),
+        "no events.persist span in the turn"
+    );
     assert!(
         first_line.start_unix_nano >= start.start_unix_nano,
         "the first line comes after the agent's start"

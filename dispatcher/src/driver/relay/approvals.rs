@@ -190,6 +190,7 @@ impl Relay<'_> {
             let effect = ToolEffect::Answer {
                 session: self.session.id,
                 answer,
+                traceparent: berth_common::traces::current(),
             };
             match self.ctx.log.tool(effect).await {
                 Ok(out) => {

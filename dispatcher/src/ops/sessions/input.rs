@@ -61,6 +61,7 @@ impl Sessions {
             .tool(ToolEffect::Answer {
                 session: id,
                 answer,
+                traceparent: berth_common::traces::current(),
             })
             .await?;
         if let Some(seq) = out.already {
