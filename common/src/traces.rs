@@ -168,12 +168,29 @@ pub fn server_span(req: &http::Request<()>) -> tracing::Span {
         return tracing::Span::none();
     }
     let path = req.uri().path();
-    let span = tracing::info_span!(
-        "rpc",
-        otel.name = path,
-        otel.kind = "server",
-        rpc.method = path,
-    );
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    // A gRPC method names its span (`/berth.v1.Sessions/CreateSession`);
+    // an HTTP call's path holds ids, so its span is named by its method.
+    let span = if grpc {
+        tracing::info_span!(
+            "rpc",
+            otel.name = path,
+            otel.kind = "server",
+            rpc.method = path
+        )
+    } else {
+        let name = format!("HTTP {}", req.method());
+        tracing::info_span!(
+            "http",
+            otel.name = name,
+            otel.kind = "server",
+            url.path = path
+        )
+    };
     adopt(&span, from_headers(req.headers()));
     span
 }

@@ -235,6 +235,9 @@ async fn traced_session(
             client.confirm_tool(answer).await?;
         }
         let events = until_turn_ends(&mut client, &session.name, 0).await?;
+        // An HTTP call joins the caller's trace too (its `traceparent` header).
+        let http = http_get(listen, &format!("/v1/{}", session.name)).await?;
+        anyhow::ensure!(http.starts_with("HTTP/1.1 200"), "GET the session: {http}");
         let agent_traceparent = agent_env(&session.id, "TRACEPARENT").await?;
         let agent_otlp = agent_env(&session.id, "OTEL_EXPORTER_OTLP_ENDPOINT").await?;
         // A run's spans end with the run.
@@ -289,6 +292,20 @@ async fn traced_session(
     collector.stop().await;
     drop_database(&database).await?;
     result
+}
+
+/// An HTTP/1.1 GET of `path` on the dispatcher's API port, in the caller's
+/// trace: the status line and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\ntraceparent: 00-{TRACE_ID}-{CLIENT_SPAN}-01\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await?;
+    Ok(answer)
 }
 
 /// A variable of the session's agent process, as its container's `/proc`
@@ -430,6 +447,15 @@ fn check_trace(trace: &[Span], session_id: &str) -> anyhow::Result<()> {
         "the API call joins the caller's trace"
     );
     assert_eq!(create.service, "berth-dispatcher");
+    let get = one(trace, "HTTP GET")?;
+    assert_eq!(
+        get.parent_span_id, CLIENT_SPAN,
+        "an HTTP call joins the caller's trace"
+    );
+    assert_eq!(
+        get.attribute("url.path"),
+        Some(format!("/v1/sessions/{session_id}").as_str())
+    );
     let queue = one(trace, "session.queue_wait")?;
     assert_eq!(queue.parent_span_id, create.span_id);
     assert_eq!(queue.attribute("session_id"), Some(session_id));
