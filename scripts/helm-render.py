@@ -32,13 +32,14 @@ for engine in ("host", "dind", "sysbox"):
             if text:
                 f.write(f"---\n# {path}\n{text}\n")
 # The cloud profile: a dind node pool, workload identity for S3, cert-manager
-# certificates and every monitoring object. Core objects go to cloud.yaml
+# certificates, every monitoring object and traces to a collector. Core objects go to cloud.yaml
 # (validated against the API's schemas), custom resources to custom.yaml.
 values = {
     "nodes": {"engine": "dind"},
     "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/berth"}},
     "tls": {"certManager": {"enabled": True, "issuerRef": {"name": "berth-ca", "kind": "ClusterIssuer"}}},
     "monitoring": {"serviceMonitor": True, "prometheusRule": True, "dashboard": True},
+    "tracing": {"otlpEndpoint": "http://otel-collector.monitoring:4317", "sampler": "parentbased_traceidratio", "samplerArg": "0.1"},
 }
 chart.validate_schema(chart.merge_values(values))
 rendered = chart.render(values, name="berth", namespace="berth", is_install=True)

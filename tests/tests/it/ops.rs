@@ -1477,6 +1477,23 @@ fn the_chart_s_cloud_profile_wires_identity_certificates_and_monitoring() {
     let workload = |k: &str| kind(&core, k).pop().unwrap_or_else(|| panic!("a {k}"));
     let (dispatcher, nodes) = (workload("Deployment"), workload("StatefulSet"));
     let first = |w: &Yaml| w["spec"]["template"]["spec"]["containers"][0].clone();
+    // Both export their spans to the collector (the nodes forward agents'
+    // own telemetry there too), sampled as the profile says.
+    for w in [&dispatcher, &nodes] {
+        let c = first(w);
+        assert_eq!(
+            env_value(&c, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some("http://otel-collector.monitoring:4317")
+        );
+        assert_eq!(env_value(&c, "OTEL_TRACES_SAMPLER_ARG"), Some("0.1"));
+    }
+    let host = rendered_chart("host");
+    assert!(
+        host.iter()
+            .filter(|d| matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet")))
+            .all(|w| env_value(&first(w), "OTEL_EXPORTER_OTLP_ENDPOINT").is_none()),
+        "traces are off by default"
+    );
     let agent_servers = env_value(&first(&dispatcher), "AGENT_SERVERS")
         .expect("AGENT_SERVERS")
         .to_string();

@@ -59,3 +59,20 @@ livenessProbe:
 - name: BERTH_TLS_KEY
   value: /certs/{{ ternary "tls.key" "tls-key.pem" $cm }}
 {{- end }}
+
+{{- /* OpenTelemetry: where spans (and agents' own telemetry) go, and how
+many traces are kept. Nothing when tracing.otlpEndpoint is empty. */ -}}
+{{- define "berth.otelEnv" -}}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $.Values.tracing.sampler | quote }}
+{{- with $.Values.tracing.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: k8s.namespace.name={{ $.Release.Namespace }},service.namespace={{ $.Release.Name }}
+{{- end }}
+{{- end }}
