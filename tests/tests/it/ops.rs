@@ -568,7 +568,8 @@ async fn deploy_files_are_valid_and_match_the_binaries_flags() -> anyhow::Result
     let (mut dispatcher_env, mut node_env) = (env_names(&dispatcher), env_names(&node));
     // What the AWS SDK's default credential chain reads for the object
     // store, in both binaries.
-    for sdk in AWS_CHAIN_ENV {
+    // And what configures their traces (the OpenTelemetry variables).
+    for sdk in AWS_CHAIN_ENV.iter().chain(berth_common::traces::ENV) {
         dispatcher_env.insert(sdk.to_string());
         node_env.insert(sdk.to_string());
     }
