@@ -98,9 +98,10 @@ impl Dispatcher {
 
 impl Drop for Dispatcher {
     fn drop(&mut self) {
+        // SIGTERM first: its node stops its sessions and removes their
+        // containers (a SIGKILL would leave them).
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.stop();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -288,7 +289,8 @@ async fn traced_session(
         })
     }
     .await;
-    dispatcher.stop();
+    // Off the async workers: the collector takes its last spans meanwhile.
+    tokio::task::block_in_place(|| dispatcher.stop());
     collector.stop().await;
     drop_database(&database).await?;
     result
