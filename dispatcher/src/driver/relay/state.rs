@@ -77,8 +77,10 @@ impl<'a> Relay<'a> {
             std::mem::take(&mut link.credentials),
             link.attached,
         );
-        let first_turn =
-            (first > 0).then(|| turn_span(session, first, link.first_traceparent.as_deref()));
+        // The turn the start carried, or the one a re-attached run has in
+        // flight (in the run's trace): one span per open turn.
+        let first_turn = (first > 0 || in_flight)
+            .then(|| turn_span(session, first, link.first_traceparent.as_deref()));
         let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
         ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
