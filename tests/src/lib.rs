@@ -19,6 +19,7 @@ pub mod netns;
 pub mod oauth;
 pub mod otlp;
 pub mod pg;
+pub mod process_dispatcher;
 pub mod s3;
 pub mod sts;
 

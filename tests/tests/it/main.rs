@@ -2,6 +2,7 @@
 //! Run `scripts/setup.sh` first (it starts Postgres and builds the test image).
 
 mod access;
+mod agent_telemetry;
 mod approvals;
 
 mod claude;

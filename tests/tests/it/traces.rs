@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use berth_proto::v1::{self as pb, sessions_client::SessionsClient};
 use berth_tests::otlp::{Collector, Export, Span};
+use berth_tests::process_dispatcher::ProcessDispatcher;
 use berth_tests::{
     collect_until, create_database, drop_database, fake_session, free_addr, stop_and_wait,
     until_turn_ends,
@@ -18,94 +19,7 @@ use berth_tests::{
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 /// Text only the message carries: no span may hold it.
-const MARKER: &str = "trace-marker-7f3a";
-
-/// A `berth-dispatcher` process, killed (and its database dropped by the
-/// test) when the test ends.
-struct Dispatcher {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl Dispatcher {
-    fn start(
-        database_url: &str,
-        listen: std::net::SocketAddr,
-        otlp: &str,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "berth-traces-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("secrets.key"),
-            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
-        )?;
-        let log = std::fs::File::create(dir.join("dispatcher.log"))?;
-        let child = std::process::Command::new(berth_tests::built_binary("berth-dispatcher"))
-            .current_dir(&dir)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
-            // Export within a fraction of a second (the default waits 5 s).
-            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-            .env("BERTH_LOG_FORMAT", "json")
-            .env("DATABASE_URL", database_url)
-            .env("BERTH_LISTEN", listen.to_string())
-            .env("BERTH_METRICS_LISTEN", "off")
-            .env("BERTH_WEBHOOK_LISTEN", "off")
-            .env("BERTH_ALLOW_ANONYMOUS", "true")
-            .env("BERTH_SECRETS_KEY_FILE", dir.join("secrets.key"))
-            .env("BERTH_LOCAL_CAPACITY", "2")
-            .env(
-                "BERTH_NODE_ID",
-                format!("traces-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
-            )
-            .env("BERTH_GATEWAY_FORWARDER", berth_tests::forwarder())
-            .env(
-                "BERTH_GATEWAY_DIR",
-                std::env::temp_dir().join("berth-test-gateway"),
-            )
-            .env("BERTH_MODEL_API_URL", "http://127.0.0.1:9")
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        Ok(Self { child, dir })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("dispatcher.log")).unwrap_or_default()
-    }
-
-    /// Asks it to stop (SIGTERM: it flushes its last spans) and waits.
-    fn stop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Dispatcher {
-    fn drop(&mut self) {
-        // SIGTERM first: its node stops its sessions and removes their
-        // containers (a SIGKILL would leave them).
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.stop();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+pub(crate) const MARKER: &str = "trace-marker-7f3a";
 
 /// The one span named `name` in the trace.
 fn one<'a>(spans: &'a [Span], name: &str) -> anyhow::Result<&'a Span> {
@@ -122,35 +36,35 @@ fn one<'a>(spans: &'a [Span], name: &str) -> anyhow::Result<&'a Span> {
 
 /// What a traced session left: its trace's spans, its events, the
 /// TRACEPARENT its agent process was started with, and its id.
-struct Traced {
-    spans: Vec<Span>,
+pub(crate) struct Traced {
+    pub(crate) spans: Vec<Span>,
     /// The agent's own telemetry, with `agent_telemetry`.
-    exports: Vec<Export>,
+    pub(crate) exports: Vec<Export>,
     /// Where the agent process exports it (its OTEL_EXPORTER_OTLP_ENDPOINT).
-    agent_otlp: String,
-    events: Vec<pb::Event>,
-    agent_traceparent: String,
-    session_id: String,
-    log: String,
+    pub(crate) agent_otlp: String,
+    pub(crate) events: Vec<pb::Event>,
+    pub(crate) agent_traceparent: String,
+    pub(crate) session_id: String,
+    pub(crate) log: String,
+}
+
+/// How a traced session runs.
+#[derive(Default)]
+pub(crate) struct Options<'a> {
+    /// More variables for `berth-dispatcher`.
+    pub(crate) env: &'a [(&'a str, &'a str)],
+    /// A model API key to put in the session's vault.
+    pub(crate) model_key: Option<&'a str>,
+    /// The agent asks to use a tool, and the test allows it.
+    pub(crate) approve: bool,
+    /// Wait for the agent's own telemetry too: these signals of it.
+    pub(crate) agent_signals: &'a [&'a str],
 }
 
 /// Runs one session of `request` (its first message holds [`MARKER`]) on a
-/// `berth-dispatcher` process with `env`, in the caller's trace, to its
-/// first turn's end, then stops it.
-/// How a traced session runs.
-#[derive(Default)]
-struct Options<'a> {
-    /// More variables for `berth-dispatcher`.
-    env: &'a [(&'a str, &'a str)],
-    /// A model API key to put in the session's vault.
-    model_key: Option<&'a str>,
-    /// The agent asks to use a tool, and the test allows it.
-    approve: bool,
-    /// Wait for the agent's own telemetry too: these signals of it.
-    agent_signals: &'a [&'a str],
-}
-
-async fn traced_session(
+/// `berth-dispatcher` process exporting to a loopback collector, in the
+/// caller's trace, to its first turn's end, then stops it.
+pub(crate) async fn traced_session(
     mut request: pb::CreateSessionRequest,
     o: Options<'_>,
 ) -> anyhow::Result<Traced> {
@@ -164,7 +78,14 @@ async fn traced_session(
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
     let (database, database_url) = create_database(&tag).await?;
     let listen = free_addr()?;
-    let mut dispatcher = Dispatcher::start(&database_url, listen, &collector.endpoint(), env)?;
+    let endpoint = collector.endpoint();
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        // Export within a fraction of a second (the default waits 5 s).
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let env: Vec<(&str, &str)> = otel.iter().chain(env).copied().collect();
+    let mut dispatcher = ProcessDispatcher::start(&database_url, listen, &env)?;
     let result = async {
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?.connect_lazy();
@@ -518,86 +439,5 @@ fn check_trace(trace: &[Span], session_id: &str) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_real_clis_own_telemetry_reaches_the_collector_through_the_gateway_tagged_with_the_session()
--> anyhow::Result<()> {
-    let mut request = crate::claude::claude_session(&format!("Say hello {MARKER}"));
-    if let Some(spec) = request.spec.as_mut() {
-        spec.telemetry = true;
-        // The CLI exports every second (and at exit) instead of every minute.
-        spec.env
-            .insert("OTEL_METRIC_EXPORT_INTERVAL".into(), "1000".into());
-    }
-    let env = [(
-        "BERTH_KEEPALIVE_CMD",
-        "fake-anthropic --listen 127.0.0.1:8787 --log /tmp/anthropic-requests.jsonl",
-    )];
-    let t = traced_session(
-        request,
-        Options {
-            env: &env,
-            agent_signals: &["metrics", "logs"],
-            ..Options::default()
-        },
-    )
-    .await?;
-    // The CLI exports to its gateway, never to the collector (which its
-    // container, with no network, could not reach anyway).
-    assert_eq!(t.agent_otlp, "http://127.0.0.1:18080/berth/otlp");
-    let metrics: Vec<&str> = t
-        .exports
-        .iter()
-        .filter(|e| e.signal == "metrics")
-        .flat_map(|e| e.names.iter().map(String::as_str))
-        .collect();
-    for name in ["claude_code.token.usage", "claude_code.cost.usage"] {
-        assert!(metrics.contains(&name), "no {name} in {metrics:?}");
-    }
-    // Its events (as OTLP logs): the prompt, the API request and the reply.
-    let events: Vec<&str> = t
-        .exports
-        .iter()
-        .filter(|e| e.signal == "logs")
-        .flat_map(|e| e.names.iter().map(String::as_str))
-        .collect();
-    for name in ["claude_code.user_prompt", "claude_code.api_request"] {
-        assert!(events.contains(&name), "no {name} in {events:?}");
-    }
-    for e in &t.exports {
-        assert_eq!(e.attribute("service.name"), Some("claude-code"));
-        assert_eq!(e.attribute("berth.project"), Some("default"));
-    }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fake_claudes_own_telemetry_reaches_the_collector_through_the_gateway() -> anyhow::Result<()>
-{
-    let mut request = fake_session(&format!("hello {MARKER}"));
-    if let Some(spec) = request.spec.as_mut() {
-        spec.telemetry = true;
-    }
-    let t = traced_session(
-        request,
-        Options {
-            agent_signals: &["metrics"],
-            ..Options::default()
-        },
-    )
-    .await?;
-    assert_eq!(t.agent_otlp, "http://127.0.0.1:18080/berth/otlp");
-    let e = t
-        .exports
-        .iter()
-        .find(|e| e.signal == "metrics")
-        .ok_or_else(|| anyhow::anyhow!("no metrics export"))?;
-    assert!(
-        e.names.iter().any(|n| n == "claude_code.token.usage"),
-        "{e:?}"
-    );
-    assert_eq!(e.attribute("service.name"), Some("claude-code"));
     Ok(())
 }
