@@ -92,37 +92,7 @@ pub async fn run_with_drain(
     }
     let objects = berth_common::objects::ObjectStore::open(&cfg.objects).await?;
     tracing::info!(store = ?objects, "object store");
-    let gateway = match cfg.gateway_mount() {
-        Some(g) => {
-            anyhow::ensure!(
-                g.root.as_os_str().len() <= container::MAX_GATEWAY_DIR_BYTES,
-                "--gateway-dir {} is longer than {} bytes: its sockets' paths would not fit a Unix socket address",
-                g.root.display(),
-                container::MAX_GATEWAY_DIR_BYTES
-            );
-            anyhow::ensure!(
-                g.forwarder.is_file(),
-                "the egress gateway's forwarder is not at {} (build `berth-forward`, set \
-                 --gateway-forwarder, or --gateway-dir off for no egress at all)",
-                g.forwarder.display()
-            );
-            let telemetry = cfg
-                .agent_telemetry()
-                .map(|e| gateway::TelemetryCollector::new(&e))
-                .transpose()?;
-            let gw = gateway::Gateway::new(
-                &cfg.model_api_url,
-                cfg.egress_allow_internal.clone(),
-                telemetry,
-            )?;
-            tracing::info!(gateway = ?gw, dir = %g.root.display(), "egress gateway");
-            Some(Arc::new(gw))
-        }
-        None => {
-            tracing::warn!("--gateway-dir off: sessions have no egress and no model API");
-            None
-        }
-    };
+    let gateway = gateway_of(&cfg)?;
     let node = node::Node::new(cfg, runtime, objects, gateway, shutdown.child_token());
     loops.spawn(node.clone().sample());
     loops.spawn(freezer::run(node.clone()));
@@ -297,4 +267,40 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// The node's egress gateway as `cfg` configures it; `None` with
+/// `--gateway-dir off` (sessions then have no egress and no model API).
+fn gateway_of(cfg: &Config) -> anyhow::Result<Option<Arc<gateway::Gateway>>> {
+    Ok(match cfg.gateway_mount() {
+        Some(g) => {
+            anyhow::ensure!(
+                g.root.as_os_str().len() <= container::MAX_GATEWAY_DIR_BYTES,
+                "--gateway-dir {} is longer than {} bytes: its sockets' paths would not fit a Unix socket address",
+                g.root.display(),
+                container::MAX_GATEWAY_DIR_BYTES
+            );
+            anyhow::ensure!(
+                g.forwarder.is_file(),
+                "the egress gateway's forwarder is not at {} (build `berth-forward`, set \
+                 --gateway-forwarder, or --gateway-dir off for no egress at all)",
+                g.forwarder.display()
+            );
+            let telemetry = cfg
+                .agent_telemetry()
+                .map(|e| gateway::TelemetryCollector::new(&e))
+                .transpose()?;
+            let gw = gateway::Gateway::new(
+                &cfg.model_api_url,
+                cfg.egress_allow_internal.clone(),
+                telemetry,
+            )?;
+            tracing::info!(gateway = ?gw, dir = %g.root.display(), "egress gateway");
+            Some(Arc::new(gw))
+        }
+        None => {
+            tracing::warn!("--gateway-dir off: sessions have no egress and no model API");
+            None
+        }
+    })
 }

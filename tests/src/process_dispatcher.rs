@@ -9,6 +9,7 @@ use std::time::Duration;
 pub struct ProcessDispatcher {
     child: std::process::Child,
     dir: std::path::PathBuf,
+    listen: std::net::SocketAddr,
 }
 
 impl ProcessDispatcher {
@@ -56,7 +57,33 @@ impl ProcessDispatcher {
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()?;
-        Ok(Self { child, dir })
+        Ok(Self { child, dir, listen })
+    }
+
+    /// A client of its API (anonymous), once it answers (within 30 s).
+    pub async fn client(
+        &self,
+    ) -> anyhow::Result<berth_proto::v1::sessions_client::SessionsClient<crate::Api>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.listen))?
+            .connect_lazy();
+        let mut client = berth_proto::v1::sessions_client::SessionsClient::new(crate::Api::new(
+            channel,
+            crate::Bearer::default(),
+        ));
+        for _ in 0..300 {
+            let list = berth_proto::v1::ListSessionsRequest {
+                page_size: 1,
+                ..Default::default()
+            };
+            if client.list_sessions(list).await.is_ok() {
+                return Ok(client);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!(
+            "berth-dispatcher did not answer within 30 s: {}",
+            self.log()
+        )
     }
 
     /// What it logged so far.

@@ -239,6 +239,16 @@ async fn run_in_slot(
     finish::finish(node, slot, &spec, started, ended).await
 }
 
+/// A message goes to the agent in the trace it was sent in: the gateway's
+/// spans join it from now on, and the span returned lasts until the
+/// agent's next line (`agent.first_line`).
+fn delivered(slot: &Slot, traceparent: &str) -> tracing::Span {
+    slot.trace.set(traceparent);
+    let span = tracing::info_span!("agent.first_line");
+    berth_common::traces::adopt(&span, Some(traceparent));
+    span
+}
+
 /// The running agent: its lines out, the dispatcher's commands in.
 struct Pump<'a> {
     node: &'a Arc<Node>,
@@ -310,11 +320,7 @@ impl Pump<'_> {
                 cmd = commands.recv(), if ended.stop_reason.is_none() => {
                     let bytes = match cmd {
                         Some(Command::Message { text, traceparent }) => {
-                            // From delivery to the agent's first line.
-                            let span = tracing::info_span!("agent.first_line");
-                            berth_common::traces::adopt(&span, Some(&traceparent));
-                            first_line.get_or_insert(span);
-                            slot.trace.set(&traceparent);
+                            first_line.get_or_insert_with(|| delivered(slot, &traceparent));
                             Some(adapter.encode_message(&text))
                         }
                         Some(Command::Interrupt) => Some(adapter.encode_interrupt()),

@@ -87,29 +87,7 @@ pub(crate) async fn traced_session(
     let env: Vec<(&str, &str)> = otel.iter().chain(env).copied().collect();
     let mut dispatcher = ProcessDispatcher::start(&database_url, listen, &env)?;
     let result = async {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{listen}"))?.connect_lazy();
-        let mut client = SessionsClient::new(berth_tests::Api::new(
-            channel,
-            berth_tests::Bearer::default(),
-        ));
-        let mut ready = false;
-        for _ in 0..300 {
-            let list = pb::ListSessionsRequest {
-                page_size: 1,
-                ..Default::default()
-            };
-            if client.list_sessions(list).await.is_ok() {
-                ready = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::ensure!(
-            ready,
-            "berth-dispatcher did not answer: {}",
-            dispatcher.log()
-        );
+        let mut client = dispatcher.client().await?;
         if let Some(key) = model_key {
             // The key goes in the vault: the agent reaches the model API
             // through the gateway only.
@@ -129,32 +107,7 @@ pub(crate) async fn traced_session(
         );
         let session = client.create_session(request).await?.into_inner();
         if approve {
-            // The agent asks to use a tool; a person allows it.
-            let asked = collect_until(
-                &mut client,
-                &session.name,
-                0,
-                Duration::from_secs(60),
-                |e| e.r#type == "agent.tool_permission",
-            )
-            .await?;
-            let ask: serde_json::Value = asked
-                .last()
-                .map(|e| serde_json::from_str(&e.payload_json))
-                .transpose()?
-                .unwrap_or_default();
-            // In the same trace: the caller's answer joins it.
-            let mut answer = tonic::Request::new(pb::ConfirmToolRequest {
-                name: session.name.clone(),
-                tool_use_id: ask["tool_use_id"].as_str().unwrap_or_default().into(),
-                decision: pb::ToolDecision::Allow as i32,
-                ..Default::default()
-            });
-            answer.metadata_mut().insert(
-                "traceparent",
-                format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse()?,
-            );
-            client.confirm_tool(answer).await?;
+            allow_the_first_ask(&mut client, &session.name).await?;
         }
         let events = until_turn_ends(&mut client, &session.name, 0).await?;
         // An HTTP call joins the caller's trace too (its `traceparent` header).
@@ -171,31 +124,7 @@ pub(crate) async fn traced_session(
                     .all(|n| spans.iter().any(|s| s.trace_id == TRACE_ID && s.name == *n))
             })
             .await?;
-        let exports = if !agent_signals.is_empty() {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let got: Vec<Export> = collector
-                    .exports()
-                    .into_iter()
-                    .filter(|e| e.attribute("berth.session_id") == Some(session.id.as_str()))
-                    .collect();
-                if agent_signals
-                    .iter()
-                    .all(|signal| got.iter().any(|e| e.signal == *signal))
-                {
-                    break got;
-                }
-                anyhow::ensure!(
-                    tokio::time::Instant::now() < deadline,
-                    "not every signal of {agent_signals:?} of the agent reached the collector; exports: {:?}\n{}",
-                    collector.exports(),
-                    dispatcher.log()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        } else {
-            Vec::new()
-        };
+        let exports = agent_exports(&collector, &session.id, agent_signals, &dispatcher).await?;
         anyhow::Ok(Traced {
             exports,
             agent_otlp,
@@ -215,6 +144,69 @@ pub(crate) async fn traced_session(
     collector.stop().await;
     drop_database(&database).await?;
     result
+}
+
+/// Waits for the agent's first permission request, and allows it in the
+/// caller's trace.
+async fn allow_the_first_ask(
+    client: &mut SessionsClient<berth_tests::Api>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let asked = collect_until(client, name, 0, Duration::from_secs(60), |e| {
+        e.r#type == "agent.tool_permission"
+    })
+    .await?;
+    let ask: serde_json::Value = asked
+        .last()
+        .map(|e| serde_json::from_str(&e.payload_json))
+        .transpose()?
+        .unwrap_or_default();
+    let mut answer = tonic::Request::new(pb::ConfirmToolRequest {
+        name: name.into(),
+        tool_use_id: ask["tool_use_id"].as_str().unwrap_or_default().into(),
+        decision: pb::ToolDecision::Allow as i32,
+        ..Default::default()
+    });
+    answer.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse()?,
+    );
+    client.confirm_tool(answer).await?;
+    Ok(())
+}
+
+/// The agent's own exports for `session_id`, once each of `signals` has
+/// arrived (within 30 s); none when no signal is awaited.
+async fn agent_exports(
+    collector: &Collector,
+    session_id: &str,
+    signals: &[&str],
+    dispatcher: &ProcessDispatcher,
+) -> anyhow::Result<Vec<Export>> {
+    if signals.is_empty() {
+        return Ok(Vec::new());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got: Vec<Export> = collector
+            .exports()
+            .into_iter()
+            .filter(|e| e.attribute("berth.session_id") == Some(session_id))
+            .collect();
+        if signals
+            .iter()
+            .all(|signal| got.iter().any(|e| e.signal == *signal))
+        {
+            return Ok(got);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not every signal of {signals:?} of the agent reached the collector; exports: {:?}\n{}",
+            collector.exports(),
+            dispatcher.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// An HTTP/1.1 GET of `path` on the dispatcher's API port, in the caller's
