@@ -433,3 +433,45 @@ fn check_trace(trace: &[Span], session_id: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampler_variable_decides_which_traces_are_exported() -> anyhow::Result<()> {
+    let collector = Collector::start().await?;
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+    let (database, database_url) = create_database(&tag).await?;
+    let endpoint = collector.endpoint();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ("OTEL_TRACES_SAMPLER", "always_off"),
+    ];
+    let mut dispatcher = ProcessDispatcher::start(&database_url, free_addr()?, &env)?;
+    let result = async {
+        let mut client = dispatcher.client().await?;
+        let mut request = tonic::Request::new(fake_session("hello"));
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse()?,
+        );
+        let session = client.create_session(request).await?.into_inner();
+        let events = until_turn_ends(&mut client, &session.name, 0).await?;
+        stop_and_wait(&mut client, &session.name).await?;
+        // Not sampled, the context still travels: the events name the
+        // caller's trace, for a log search.
+        assert!(events.iter().all(|e| e.trace_id == TRACE_ID), "{events:?}");
+        anyhow::Ok(())
+    }
+    .await;
+    // Stopped: whatever it buffered is flushed before it exits.
+    tokio::task::block_in_place(|| dispatcher.stop());
+    let spans = collector.spans();
+    collector.stop().await;
+    drop_database(&database).await?;
+    result?;
+    assert!(
+        spans.is_empty(),
+        "always_off exported {} spans",
+        spans.len()
+    );
+    Ok(())
+}
