@@ -23,38 +23,48 @@ pub(crate) async fn claim_loop(
     wake: Arc<Notify>,
     poll: Duration,
 ) {
+    let notices = ctx.store.notices();
     loop {
-        // Re-attaches first, whatever the load: a run still going on an up
-        // node needs no slot, and a full fleet is when a lost dispatcher's
-        // sessions most need taking over.
-        claim_reattaches(&ctx, &owner, &drivers).await;
-        // One claim per free slot; the driver takes the slot when it places.
-        let mut free = ctx.nodes.free_slots();
-        while free > 0 && !ctx.shutdown.is_cancelled() {
-            let batch = free.min(CLAIM_BATCH);
-            match ctx.store.claim(&owner, batch as usize).await {
-                Ok(sessions) => {
-                    let claimed = u32::try_from(sessions.len()).unwrap_or(batch);
-                    free = free.saturating_sub(claimed);
-                    for session in sessions {
-                        tracing::info!(session_id = %session.id, "claimed session");
-                        drivers.spawn(driver::drive(ctx.clone(), session));
-                    }
-                    if claimed < batch {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming from the queue failed");
-                    break;
-                }
-            }
-        }
+        // Re-attaches whatever the load (a run still going on an up node
+        // needs no slot, and a full fleet is when a lost dispatcher's
+        // sessions most need taking over), beside the claims of new
+        // sessions: two statements at once, not one after the other.
+        tokio::join!(
+            claim_reattaches(&ctx, &owner, &drivers),
+            claim_queued(&ctx, &owner, &drivers)
+        );
         tokio::select! {
             () = wake.notified() => {}
+            // Queued here: no round trip through Postgres's NOTIFY.
+            () = notices.queued() => {}
             () = ctx.nodes.changed.notified() => {}
             () = tokio::time::sleep(poll) => {}
             () = ctx.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One claim per free slot; the driver takes the slot when it places.
+async fn claim_queued(ctx: &Arc<Ctx>, owner: &str, drivers: &TaskTracker) {
+    let mut free = ctx.nodes.free_slots();
+    while free > 0 && !ctx.shutdown.is_cancelled() {
+        let batch = free.min(CLAIM_BATCH);
+        match ctx.store.claim(owner, batch as usize).await {
+            Ok(sessions) => {
+                let claimed = u32::try_from(sessions.len()).unwrap_or(batch);
+                free = free.saturating_sub(claimed);
+                for session in sessions {
+                    tracing::info!(session_id = %session.id, "claimed session");
+                    drivers.spawn(driver::drive(ctx.clone(), session));
+                }
+                if claimed < batch {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming from the queue failed");
+                break;
+            }
         }
     }
 }

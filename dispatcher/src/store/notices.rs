@@ -32,6 +32,10 @@ use super::{EVENTS_CHANNEL, QUEUE_CHANNEL};
 pub(crate) struct Notices {
     pending: Mutex<Pending>,
     wake: Notify,
+    /// This dispatcher's own queue wake-up: a session queued here is
+    /// claimed without waiting for the `NOTIFY` to come back through
+    /// Postgres (other dispatchers still get it).
+    queued: Notify,
     closed: AtomicBool,
 }
 
@@ -65,6 +69,12 @@ impl Notices {
     pub(crate) fn queue(&self) {
         lock(&self.pending).queue = true;
         self.wake.notify_one();
+        self.queued.notify_one();
+    }
+
+    /// Resolves when this dispatcher queues a session (see [`Self::queue`]).
+    pub(crate) async fn queued(&self) {
+        self.queued.notified().await;
     }
 
     /// No more notices will come: [`run`] sends what is pending and ends.
