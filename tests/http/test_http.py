@@ -71,6 +71,11 @@ def sse(path, last_event_id=None, stop_after=None, timeout=120):
                 k, _, v = line.partition(":")
                 fields[k] = v[1:] if v.startswith(" ") else v
                 continue
+            if "data" not in fields:
+                # A frame with no data (a keep-alive comment's blank line)
+                # dispatches nothing, as EventSource does.
+                fields = {}
+                continue
             if fields.get("event") == "end":
                 end = json.loads(fields["data"])
                 break

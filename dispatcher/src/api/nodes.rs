@@ -105,6 +105,10 @@ impl NodesApi for NodesService {
             .map_err(|s| {
                 Error::NodeUnavailable(format!("node {name} refused the drain: {}", s.message()))
             })?;
+        // The node said yes; its report says so a moment later. Waiting
+        // for it lets the caller read its own write (`ListNodes` shows
+        // DRAINING), bounded: the report comes anyway.
+        let _ = tokio::time::timeout(NODE_CALL_TIMEOUT, link.reported_draining(true)).await;
         tracing::info!(node = %link.key(), "node draining on request");
         Ok(Response::new(pb::DrainNodeResponse {
             running: resp.into_inner().running,
@@ -135,6 +139,8 @@ impl NodesApi for NodesService {
                 Error::NodeUnavailable(format!("node {name} refused the undrain: {}", s.message()))
             }
         })?;
+        // As for a drain: placements here see it taking sessions again.
+        let _ = tokio::time::timeout(NODE_CALL_TIMEOUT, link.reported_draining(false)).await;
         tracing::info!(node = %link.key(), "node undrained on request");
         Ok(Response::new(pb::UndrainNodeResponse {}))
     }

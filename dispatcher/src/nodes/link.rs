@@ -102,6 +102,15 @@ impl NodeLink {
         self.inflight.load(Ordering::SeqCst)
     }
 
+    /// Resolves once the node's reports say it is draining (`true`) or
+    /// not, or it is down: what the caller of a drain reads back next.
+    pub async fn reported_draining(&self, draining: bool) {
+        let mut rx = self.load.clone();
+        let _ = rx
+            .wait_for(|r| r.as_ref().is_none_or(|r| r.draining == draining))
+            .await;
+    }
+
     /// Resolves when the node is down (lease expired or stream failed).
     /// Never resolves once the link itself is dropped (shutdown).
     pub async fn down(&self) {
