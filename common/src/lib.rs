@@ -6,6 +6,8 @@ pub mod credentials;
 pub mod events;
 pub mod field;
 pub mod grpc;
+#[cfg(feature = "https")]
+pub mod https;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod names;

@@ -51,6 +51,7 @@ where
             let dispatch = Arc::new(OnceLock::new());
             let json = fmt::format()
                 .json()
+                .with_target(true)
                 .flatten_event(true)
                 .with_current_span(true)
                 .with_span_list(false);
@@ -58,11 +59,10 @@ where
                 inner: json,
                 dispatch: dispatch.clone(),
             };
+            // Span fields as JSON (what `with_current_span` prints); the
+            // lines themselves are `lines`'.
             let sub = builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false)
+                .fmt_fields(fmt::format::JsonFields::new())
                 .event_format(lines)
                 .finish();
             traced(sub, traces, DispatchCell(dispatch))

@@ -1,4 +1,4 @@
-//! An axum app served on a loopback port for the length of a test: the
+//! A server (an axum app, or any) on a loopback port for the length of a test: the
 //! task is owned, shut down gracefully by [`Loopback::stop`] (which awaits
 //! it), and cancelled and aborted if the test drops it early.
 
@@ -15,15 +15,26 @@ pub struct Loopback {
 impl Loopback {
     /// Serves `app` on `127.0.0.1` at a free port.
     pub async fn serve(app: axum::Router) -> anyhow::Result<Self> {
+        Self::own(|listener, stop| async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        })
+        .await
+    }
+
+    /// Runs the server `serve` makes of a listener on `127.0.0.1` at a free
+    /// port, which must end once its token is cancelled.
+    pub async fn own<F>(
+        serve: impl FnOnce(tokio::net::TcpListener, CancellationToken) -> F,
+    ) -> anyhow::Result<Self>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await;
-        });
+        let task = tokio::spawn(serve(listener, stop.clone()));
         Ok(Self {
             addr,
             stop,

@@ -1,7 +1,7 @@
 //! An OTLP/gRPC collector on a loopback port: it keeps every span it is
 //! sent, and what each metrics and logs export held, for a test to read
 //! back. Stopped (and its task awaited) by
-//! [`Collector::stop`]; cancelled and aborted if dropped.
+//! [`Collector::stop`]; cancelled and aborted if dropped (a [`crate::loopback::Loopback`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use tokio_util::sync::CancellationToken;
 
 /// One span as received: its ids in hex, its name, its attributes as
 /// text, and the service that sent it.
@@ -199,37 +198,32 @@ pub struct Collector {
     pub addr: SocketAddr,
     received: Received,
     exports: Exports,
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
+    server: crate::loopback::Loopback,
 }
 
 impl Collector {
     /// Starts one at a free loopback port.
     pub async fn start() -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let received = Received::default();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
         let exports = Exports::default();
-        let svc = TraceServiceServer::new(received.clone());
+        let traces = TraceServiceServer::new(received.clone());
         let metrics = MetricsServiceServer::new(exports.clone());
         let logs = LogsServiceServer::new(exports.clone());
-        let task = tokio::spawn(async move {
+        let server = crate::loopback::Loopback::own(|listener, stop| async move {
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
             let _ = tonic::transport::Server::builder()
-                .add_service(svc)
+                .add_service(traces)
                 .add_service(metrics)
                 .add_service(logs)
-                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await;
-        });
+        })
+        .await?;
         Ok(Self {
-            addr,
+            addr: server.addr,
             received,
             exports,
-            stop,
-            task: Some(task),
+            server,
         })
     }
 
@@ -277,19 +271,7 @@ impl Collector {
     }
 
     /// Stops serving and waits until its task has ended.
-    pub async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 }

@@ -25,9 +25,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -48,7 +46,7 @@ pub const FORWARDER: &str = "forward";
 pub const MOUNT: &str = "/run/berth";
 
 type Body = BoxBody<Bytes, hyper::Error>;
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>;
+type HttpsClient = berth_common::https::Client<Incoming>;
 
 /// What one session may do through the gateway.
 #[derive(Clone)]
@@ -154,16 +152,10 @@ impl Gateway {
             matches!(model_api.scheme_str(), Some("http" | "https")) && model_api.host().is_some(),
             "--model-api-url must be an http(s) URL"
         );
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| anyhow::anyhow!("loading the system's CA roots: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Self {
             model_api,
             allow_internal,
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: berth_common::https::client()?,
             telemetry,
             tasks: TaskTracker::new(),
         })

@@ -143,12 +143,6 @@ impl Collector {
         body: &[u8],
         resource: &BTreeMap<String, String>,
     ) -> Result<Bytes, (StatusCode, String)> {
-        let bad = |e: prost::DecodeError| {
-            (
-                StatusCode::BAD_REQUEST,
-                format!("the {} export is not OTLP protobuf: {e}", signal.name()),
-            )
-        };
         let sent = |e: tonic::Status| {
             // The agent's exporter retries a 503.
             (
@@ -156,46 +150,72 @@ impl Collector {
                 format!("the collector refused or is unreachable: {}", e.message()),
             )
         };
+        let ch = self.channel.clone();
         let answer = match signal {
-            Signal::Metrics => {
-                let mut req = ExportMetricsServiceRequest::decode(body).map_err(bad)?;
-                for r in &mut req.resource_metrics {
-                    tag(r.resource.get_or_insert_with(Resource::default), resource);
-                }
-                MetricsServiceClient::new(self.channel.clone())
-                    .export(req)
-                    .await
-                    .map_err(sent)?
-                    .into_inner()
-                    .encode_to_vec()
-            }
-            Signal::Logs => {
-                let mut req = ExportLogsServiceRequest::decode(body).map_err(bad)?;
-                for r in &mut req.resource_logs {
-                    tag(r.resource.get_or_insert_with(Resource::default), resource);
-                }
-                LogsServiceClient::new(self.channel.clone())
-                    .export(req)
-                    .await
-                    .map_err(sent)?
-                    .into_inner()
-                    .encode_to_vec()
-            }
-            Signal::Traces => {
-                let mut req = ExportTraceServiceRequest::decode(body).map_err(bad)?;
-                for r in &mut req.resource_spans {
-                    tag(r.resource.get_or_insert_with(Resource::default), resource);
-                }
-                TraceServiceClient::new(self.channel.clone())
-                    .export(req)
-                    .await
-                    .map_err(sent)?
-                    .into_inner()
-                    .encode_to_vec()
-            }
+            Signal::Metrics => MetricsServiceClient::new(ch)
+                .export(tagged::<ExportMetricsServiceRequest>(
+                    signal, body, resource,
+                )?)
+                .await
+                .map_err(sent)?
+                .into_inner()
+                .encode_to_vec(),
+            Signal::Logs => LogsServiceClient::new(ch)
+                .export(tagged::<ExportLogsServiceRequest>(signal, body, resource)?)
+                .await
+                .map_err(sent)?
+                .into_inner()
+                .encode_to_vec(),
+            Signal::Traces => TraceServiceClient::new(ch)
+                .export(tagged::<ExportTraceServiceRequest>(signal, body, resource)?)
+                .await
+                .map_err(sent)?
+                .into_inner()
+                .encode_to_vec(),
         };
         Ok(Bytes::from(answer))
     }
+}
+
+/// An OTLP export request: each of its resources.
+trait Export: Message + Default {
+    fn resources(&mut self) -> impl Iterator<Item = &mut Option<Resource>>;
+}
+
+impl Export for ExportMetricsServiceRequest {
+    fn resources(&mut self) -> impl Iterator<Item = &mut Option<Resource>> {
+        self.resource_metrics.iter_mut().map(|r| &mut r.resource)
+    }
+}
+
+impl Export for ExportLogsServiceRequest {
+    fn resources(&mut self) -> impl Iterator<Item = &mut Option<Resource>> {
+        self.resource_logs.iter_mut().map(|r| &mut r.resource)
+    }
+}
+
+impl Export for ExportTraceServiceRequest {
+    fn resources(&mut self) -> impl Iterator<Item = &mut Option<Resource>> {
+        self.resource_spans.iter_mut().map(|r| &mut r.resource)
+    }
+}
+
+/// `body` decoded as an export of `signal`, every resource tagged.
+fn tagged<R: Export>(
+    signal: Signal,
+    body: &[u8],
+    ours: &BTreeMap<String, String>,
+) -> Result<R, (StatusCode, String)> {
+    let mut req = R::decode(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("the {} export is not OTLP protobuf: {e}", signal.name()),
+        )
+    })?;
+    for r in req.resources() {
+        tag(r.get_or_insert_with(Resource::default), ours);
+    }
+    Ok(req)
 }
 
 #[derive(Clone, Copy, Debug)]

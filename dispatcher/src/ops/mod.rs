@@ -18,21 +18,9 @@ pub(crate) mod webhooks;
 
 /// The HTTP(S) client the dispatcher calls out with (webhook subscribers,
 /// OAuth token endpoints, Slack): HTTP/1.1, the system's CA roots.
-pub(crate) type HttpsClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Full<bytes::Bytes>,
->;
+pub(crate) type HttpsClient = berth_common::https::Client<http_body_util::Full<bytes::Bytes>>;
 
 /// A new [`HttpsClient`]; fails when the system's CA roots cannot be read.
 pub(crate) fn https_client() -> anyhow::Result<HttpsClient> {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| anyhow::anyhow!("loading the system's CA roots: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    Ok(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https),
-    )
+    berth_common::https::client()
 }

@@ -356,55 +356,76 @@ async fn a_real_cli_session_is_one_trace_from_the_api_call_to_the_agent() -> any
 /// parents, and none carries the message text.
 fn check_trace(trace: &[Span], session_id: &str) -> anyhow::Result<()> {
     let by_id: HashMap<&str, &Span> = trace.iter().map(|s| (s.span_id.as_str(), s)).collect();
-    let create = one(trace, "/berth.v1.Sessions/CreateSession")?;
-    assert_eq!(
-        create.parent_span_id, CLIENT_SPAN,
-        "the API call joins the caller's trace"
-    );
+    // The one span `name`, whose parent is the span `parent` (an id).
+    let child = |name: &str, parent: &str, why: &str| -> anyhow::Result<&Span> {
+        let s = one(trace, name)?;
+        anyhow::ensure!(
+            s.parent_span_id == parent,
+            "{name}: {why} (its parent is {}, not {parent})",
+            s.parent_span_id
+        );
+        Ok(s)
+    };
+    let create = child(
+        "/berth.v1.Sessions/CreateSession",
+        CLIENT_SPAN,
+        "the API call joins the caller's trace",
+    )?;
     assert_eq!(create.service, "berth-dispatcher");
-    let get = one(trace, "HTTP GET")?;
-    assert_eq!(
-        get.parent_span_id, CLIENT_SPAN,
-        "an HTTP call joins the caller's trace"
-    );
+    let get = child(
+        "HTTP GET",
+        CLIENT_SPAN,
+        "an HTTP call joins the caller's trace",
+    )?;
     assert_eq!(
         get.attribute("url.path"),
         Some(format!("/v1/sessions/{session_id}").as_str())
     );
-    let queue = one(trace, "session.queue_wait")?;
-    assert_eq!(queue.parent_span_id, create.span_id);
+    let queue = child(
+        "session.queue_wait",
+        &create.span_id,
+        "the wait follows the create",
+    )?;
     assert_eq!(queue.attribute("session_id"), Some(session_id));
-    let run = one(trace, "session.run")?;
-    assert_eq!(
-        run.parent_span_id, create.span_id,
-        "the run joins the create call"
-    );
+    let run = child(
+        "session.run",
+        &create.span_id,
+        "the run joins the create call",
+    )?;
     assert_eq!(run.attribute("session_id"), Some(session_id));
-    let place = one(trace, "session.place")?;
-    assert_eq!(place.parent_span_id, run.span_id);
+    let place = child("session.place", &run.span_id, "placement is the run's")?;
     // The node's side: its call span (from gRPC metadata), its session (from
     // the Start frame), the agent's start, and the first line.
-    let node_call = one(trace, "/berth.node.v1.AgentServer/RunSession")?;
-    assert_eq!(
-        node_call.parent_span_id, place.span_id,
-        "the node call joins placement"
-    );
-    let node_session = one(trace, "node.session")?;
-    assert_eq!(node_session.parent_span_id, place.span_id);
+    child(
+        "/berth.node.v1.AgentServer/RunSession",
+        &place.span_id,
+        "the node call joins placement",
+    )?;
+    let node_session = child(
+        "node.session",
+        &place.span_id,
+        "the node's run joins placement",
+    )?;
     assert!(
         node_session
             .attribute("node")
             .is_some_and(|n| !n.is_empty())
     );
-    let start = one(trace, "agent.start")?;
-    assert_eq!(start.parent_span_id, node_session.span_id);
-    let first_line = one(trace, "agent.first_line")?;
-    assert_eq!(
-        first_line.parent_span_id, create.span_id,
-        "the first message was sent in the create call"
-    );
-    let turn = one(trace, "session.turn")?;
-    assert_eq!(turn.parent_span_id, create.span_id);
+    let start = child(
+        "agent.start",
+        &node_session.span_id,
+        "the node's run starts the agent",
+    )?;
+    let first_line = child(
+        "agent.first_line",
+        &create.span_id,
+        "the first message was sent in the create call",
+    )?;
+    let turn = child(
+        "session.turn",
+        &create.span_id,
+        "the first turn is the create call's",
+    )?;
     // The turn's end is committed with its usage, inside the turn.
     assert!(
         trace

@@ -236,7 +236,8 @@ impl From<&Event> for pb::Event {
                 .traceparent
                 .as_deref()
                 .and_then(berth_common::traces::trace_id)
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .to_string(),
         }
     }
 }

@@ -222,9 +222,9 @@ impl Relay<'_> {
             .append_line_with_usage(id, epoch, events, node_seq, &self.persisted, turn)
             .await?;
         self.check_budget(&usage).await?;
+        // The turn ends: its span closes.
         self.turns.pop_front();
-        self.open_turns = self.open_turns.saturating_sub(1);
-        if self.open_turns == 0 {
+        if self.turns.is_empty() {
             self.turn_status(StatusEvent::TurnEnded).await?;
         }
         Ok(Flow::Continue)
@@ -314,7 +314,6 @@ impl Relay<'_> {
                 let text = payload::parse::<payload::UserMessage>(&e.payload)
                     .map(|m| m.text)
                     .unwrap_or_default();
-                self.open_turns += 1;
                 let turn = state::turn_span(self.session, e.seq, e.traceparent.as_deref());
                 let traceparent = berth_common::traces::traceparent_of(&turn).unwrap_or_default();
                 self.turns.push_back(turn);
@@ -358,7 +357,7 @@ impl Relay<'_> {
             self.input_seq = e.seq;
             let (ctx, id) = (self.ctx, self.session.id);
             durably(ctx, || ctx.store.set_input_seq(id, e.seq)).await?;
-            if e.kind == ev::USER_MESSAGE && self.open_turns == 1 {
+            if e.kind == ev::USER_MESSAGE && self.turns.len() == 1 {
                 self.turn_message_seq = e.seq;
                 self.turn_status(StatusEvent::TurnStarted).await?;
             }

@@ -36,8 +36,6 @@ pub(crate) struct Relay<'a> {
     /// Seq of the last user event forwarded to the node.
     pub(super) input_seq: i64,
     pub(super) feed: Option<Feed>,
-    /// Turns sent to the agent that have not ended yet.
-    pub(super) open_turns: u32,
     pub(super) runtime_id_seen: bool,
     /// The runtime's running totals after the last turn (usage baseline).
     pub(super) runtime_totals: RunningTotals,
@@ -60,8 +58,9 @@ pub(crate) struct Relay<'a> {
     pub(super) turn_message_seq: i64,
     /// The run's OAuth credentials, kept fresh on the node.
     pub(super) credentials: crate::driver::tokens::Credentials,
-    /// A span per turn sent to the agent and not ended, oldest first:
-    /// the agent's events are written in the oldest one's trace.
+    /// The turns sent to the agent that have not ended yet, oldest first,
+    /// each as its span: the agent's events are written in the oldest
+    /// one's trace.
     pub(super) turns: std::collections::VecDeque<tracing::Span>,
 }
 
@@ -89,7 +88,6 @@ impl<'a> Relay<'a> {
             link,
             input_seq,
             feed: Some(ctx.log.follow(session.id, input_seq, FEED_BUFFER)),
-            open_turns: u32::from(in_flight || first > 0),
             runtime_id_seen: !session.runtime_session_id.is_empty(),
             runtime_totals: session.runtime_totals.clone(),
             deadlines: Deadlines::new(
