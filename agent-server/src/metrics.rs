@@ -20,6 +20,7 @@ pub const WARM_AGENT_KEYS: &str = "berth_warm_agent_pools";
 pub const WARM_AGENT_START: &str = "berth_warm_agent_start_seconds";
 pub const CONTAINER_START: &str = "berth_container_start_seconds";
 pub const CONTAINER_EXEC: &str = "berth_container_exec_seconds";
+pub const AGENT_FIRST_LINE: &str = "berth_agent_first_line_seconds";
 pub const CONTAINER_REMOVE: &str = "berth_container_remove_seconds";
 pub const PREPARE: &str = "berth_session_prepare_seconds";
 pub const SNAPSHOT: &str = "berth_snapshot_seconds";
@@ -138,6 +139,12 @@ pub const ALL: &[Def] = &[
         name: WARM_AGENT_START,
         kind: Kind::Histogram(LATENCY_BUCKETS),
         help: "Seconds to pre-start one agent process: container, check, limits, skills and the process.",
+        labels: &[],
+    },
+    Def {
+        name: AGENT_FIRST_LINE,
+        kind: Kind::Histogram(LATENCY_BUCKETS),
+        help: "Seconds from a message written to an idle agent's stdin to the agent's next stdout line: the agent's own time to answer, with no berth in it.",
         labels: &[],
     },
     Def {
@@ -297,7 +304,13 @@ pub fn init_series() {
     for result in ["ok", "error"] {
         let _ = metrics::histogram!(SNAPSHOT, "result" => result);
     }
-    for name in [CONTAINER_EXEC, CONTAINER_REMOVE, PREPARE, SNAPSHOT_BYTES] {
+    for name in [
+        CONTAINER_EXEC,
+        CONTAINER_REMOVE,
+        PREPARE,
+        SNAPSHOT_BYTES,
+        AGENT_FIRST_LINE,
+    ] {
         let _ = metrics::histogram!(name);
     }
 }

@@ -14,14 +14,14 @@
 //! - a container is offered only after its health check passed, and only
 //!   until it is `max_idle` old; a background sweep evicts dead ones.
 
-mod cold;
+mod in_flight;
 mod loops;
 mod process_state;
 pub mod processes;
 mod state;
 mod warm_up;
 
-pub use cold::ColdStart;
+pub use in_flight::StartInFlight;
 pub use processes::{ProcessPools, Starter, WarmProcess};
 
 use std::collections::HashMap;

@@ -86,8 +86,8 @@ pub struct ProcessPools {
     load: Arc<watch::Sender<Load>>,
     /// The refill loops: stopped by a drain, restarted by an undrain.
     loops: super::loops::Loops,
-    /// Misses starting cold: refills yield to them.
-    cold: Arc<super::cold::ColdStarts>,
+    /// Session starts until their agent's first line: refills yield to them.
+    starts: Arc<super::in_flight::StartsInFlight>,
 }
 
 impl ProcessPools {
@@ -111,14 +111,20 @@ impl ProcessPools {
             cfg,
             load,
             loops: super::loops::Loops::new(stop),
-            cold: Arc::default(),
+            starts: Arc::default(),
         })
     }
 
-    /// Counts a session's cold start (a miss) until the guard drops:
-    /// refills wait meanwhile (see [`super::cold`]).
-    pub fn cold_start(&self) -> super::ColdStart {
-        self.cold.enter()
+    /// Counts a session's start (a hit or a miss) until the guard drops:
+    /// refills wait meanwhile (see [`super::in_flight`]).
+    pub fn start_in_flight(&self) -> super::StartInFlight {
+        self.starts.enter()
+    }
+
+    /// Waits until no session start is in flight (bounded): what only
+    /// tidies up after a start goes after it.
+    pub async fn starts_settled(&self) {
+        self.starts.yielded().await;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -211,11 +217,11 @@ impl ProcessPools {
             // in-flight bound.
             let room = starts.len() < STARTS_IN_FLIGHT;
             if room && Instant::now() >= next_start {
-                // A miss starting cold goes first.
-                if self.cold.busy() {
+                // A session's start goes first, hit or miss.
+                if self.starts.busy() {
                     tokio::select! {
                         () = stop.cancelled() => break,
-                        () = self.cold.yielded() => {}
+                        () = self.starts.yielded() => {}
                     }
                 }
                 let next = self.state().next_start();

@@ -209,15 +209,20 @@ async fn run_in_slot(
         started.guard.remove().await;
         return Exit::failed("dispatcher went away before the session was accepted");
     }
-    // A warm container takes the session's name now, off the first
-    // event's path (a cold one was created with it).
+    // A warm container takes the session's name once the starts in flight
+    // have their first lines (a cold one was created with it): Docker's work
+    // stays off the agent's first turn.
+    // A run that ends first skips it.
     let rename = (path != StartPath::Cold).then(|| {
-        let (runtime, id, session) = (
-            node.runtime.clone(),
-            container_id.clone(),
-            session_id.to_string(),
-        );
-        tokio::spawn(async move { runtime.name_for_session(&id, &session).await })
+        let (node, id, session) = (node.clone(), container_id.clone(), session_id.to_string());
+        let (ending, ended) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = node.processes.starts_settled() => node.runtime.name_for_session(&id, &session).await,
+                _ = ended => {}
+            }
+        });
+        (task, ending)
     });
     let pump = Pump {
         node,
@@ -228,7 +233,8 @@ async fn run_in_slot(
     };
     let ended = pump.run(&mut *adapter, &mut started, commands).await;
     // Renamed (or given up) before the container goes.
-    if let Some(rename) = rename {
+    if let Some((rename, ending)) = rename {
+        drop(ending);
         let _ = rename.await;
     }
     // A run frozen for want of confirmation is thawed to be stopped,
@@ -284,14 +290,17 @@ impl Pump<'_> {
         let mut checkpoints = Checkpoints::new(node.cfg.checkpoint_interval);
         let epoch = slot.epoch();
         // Open from a message's delivery until the agent writes a line.
-        let mut first_line: Option<tracing::Span> = None;
+        let mut first_line: Option<(tracing::Span, std::time::Instant)> = None;
+        let answer_time = metrics::histogram!(crate::metrics::AGENT_FIRST_LINE);
         loop {
             tokio::select! {
                 chunk = output.next() => match chunk {
                     Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                         // The agent is up: the pool's refills go on.
-                        started.cold = None;
-                        first_line = None;
+                        started.in_flight = None;
+                        if let Some((_, delivered)) = first_line.take() {
+                            answer_time.record(delivered.elapsed().as_secs_f64());
+                        }
                         for line in lines.push(&message) {
                             match emit(out, adapter, &events, line).await {
                                 Some(true) => checkpoints.turn_ended(node, spec, epoch, container_id, out),
@@ -320,7 +329,9 @@ impl Pump<'_> {
                 cmd = commands.recv(), if ended.stop_reason.is_none() => {
                     let bytes = match cmd {
                         Some(Command::Message { text, traceparent }) => {
-                            first_line.get_or_insert_with(|| delivered(slot, &traceparent));
+                            first_line.get_or_insert_with(|| {
+                                (delivered(slot, &traceparent), std::time::Instant::now())
+                            });
                             Some(adapter.encode_message(&text))
                         }
                         Some(Command::Interrupt) => Some(adapter.encode_interrupt()),

@@ -46,9 +46,9 @@ pub(super) struct Started {
     pub path: StartPath,
     /// The gateway serves the session while this lives.
     pub _gate: Option<crate::gateway::GateGuard>,
-    /// A cold start (a miss of the pre-started processes) in flight until
-    /// the agent's first output line: refills wait for it.
-    pub cold: Option<crate::pool::ColdStart>,
+    /// This start, in flight until the agent's first output line: the
+    /// pool's refills wait for it.
+    pub in_flight: Option<crate::pool::StartInFlight>,
 }
 
 /// Starts the session's agent the fastest way there is: `Err` is the
@@ -62,6 +62,9 @@ pub(super) async fn acquire(
     out: &tokio::sync::mpsc::Sender<super::Output>,
 ) -> Result<Started, Exit> {
     let runtime = node.runtime.clone();
+    // Counted before the claim, whose refill would otherwise start beside
+    // this agent's first turn.
+    let in_flight = node.processes.start_in_flight();
     // Fastest first: a pre-started agent process (a pop and one liveness
     // check); then a warm container (a pop, then the launch); then cold. A
     // claimed process or container that died falls through to the next.
@@ -90,7 +93,7 @@ pub(super) async fn acquire(
                 process: w.process,
                 path: StartPath::WarmProcess,
                 _gate: gate,
-                cold: None,
+                in_flight: Some(in_flight),
             }),
             Err(e) => {
                 guard.remove().await;
@@ -99,12 +102,11 @@ pub(super) async fn acquire(
         };
     }
     // A miss: the pool's refills wait until this agent is up.
-    let cold = node.processes.cold_start();
     if let Some(warm) = node.pools.claim(&spec.agent.image) {
         match in_container(node, slot, session_id, spec, cmd, Some(warm), out).await {
             Ok(started) => {
                 return Ok(Started {
-                    cold: Some(cold),
+                    in_flight: Some(in_flight),
                     ..started
                 });
             }
@@ -116,7 +118,7 @@ pub(super) async fn acquire(
     in_container(node, slot, session_id, spec, cmd, None, out)
         .await
         .map(|started| Started {
-            cold: Some(cold),
+            in_flight: Some(in_flight),
             ..started
         })
         .map_err(|e| e.unwrap_or_else(|| Exit::failed("agent did not start")))
@@ -223,7 +225,7 @@ async fn in_container(
                 process: p,
                 path,
                 _gate: gate,
-                cold: None,
+                in_flight: None,
             })
         }
         Err(e) if warm => {

@@ -29,9 +29,14 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::session::{Session, StatusEvent};
+use crate::store::{Claimed, FirstInput, Placement};
 
-/// Runs a session from `starting` until its run ends.
-pub(crate) async fn drive(ctx: Arc<Ctx>, session: Session) {
+/// Runs a claimed session from `starting` until its run ends.
+pub(crate) async fn drive(ctx: Arc<Ctx>, claim: Claimed) {
+    let Claimed {
+        session,
+        first_input,
+    } = claim;
     let span = tracing::info_span!(
         "session",
         otel.name = "session.run",
@@ -42,7 +47,7 @@ pub(crate) async fn drive(ctx: Arc<Ctx>, session: Session) {
     // The run joins the trace the session was created in.
     berth_common::traces::adopt(&span, session.traceparent.as_deref());
     async move {
-        if let Err(e) = run(&ctx, &session).await {
+        if let Err(e) = run(&ctx, &session, first_input).await {
             if let Error::Superseded { .. } | Error::Transition(_) = e {
                 // Another placement owns the session now, or it left this
                 // run (re-queued, stopped, timed out elsewhere): this run
@@ -71,7 +76,7 @@ pub(crate) async fn drive(ctx: Arc<Ctx>, session: Session) {
     .await
 }
 
-async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
+async fn run(ctx: &Ctx, session: &Session, first_input: Option<FirstInput>) -> Result<()> {
     if session.epoch == 1 {
         let waited = (chrono::Utc::now() - session.create_time)
             .to_std()
@@ -102,8 +107,18 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
     let placed = match attached {
         Some(link) => Ok(Some(link)),
         None => {
+            // The claim read the first input at its cursor; a lost turn
+            // moved the cursor back since.
+            let first_input = if resumed.is_some() {
+                let (id, after) = (session.id, session.input_seq);
+                durably(ctx, || ctx.store.first_input(id, after)).await?
+            } else {
+                first_input
+            };
             let place = tracing::info_span!("session.place", session_id = %session.id);
-            start::start(ctx, session, claimed).instrument(place).await
+            start::start(ctx, session, claimed, first_input)
+                .instrument(place)
+                .await
         }
     };
     let result = match &placed {
@@ -120,11 +135,6 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
         .record(claimed.elapsed().as_secs_f64());
     let node = link.placed.link.name();
     let first = link.first_message_seq;
-    durably(ctx, || {
-        ctx.store
-            .set_node(session.id, session.epoch, &node, link.attached, first)
-    })
-    .await?;
     // Busy: the start carried a message, input waits, or (re-attached) a
     // turn is still going.
     let in_flight = link.attached
@@ -146,24 +156,30 @@ async fn run(ctx: &Ctx, session: &Session) -> Result<()> {
         start: Some(start_label(link.start).into()),
         ..StatusDetail::default()
     };
+    // The start and where it runs, in one statement.
+    let placement = Placement {
+        node: node.clone(),
+        attached: link.attached,
+        input_seq: first,
+    };
     match ctx
         .log
-        .transition_at(
-            session.id,
-            session.epoch,
-            StatusEvent::Started { busy },
-            "",
-            detail,
-        )
+        .started_at(session.id, session.epoch, busy, detail, placement)
         .await
     {
         Ok(_) => {}
         // A stop (or pause) asked while the run was starting: the run is
         // still this one's, and the relay passes the stop on to the node
         // (it follows the log from the claim). Ending here would leave the
-        // session `stopping` with its agent orphaned.
+        // session `stopping` with its agent orphaned, so its placement is
+        // still recorded (a takeover re-attaches to the run).
         Err(Error::Transition(t)) if t.from == crate::session::SessionStatus::Stopping => {
             tracing::info!("stop asked while the session started; passing it on to the node");
+            durably(ctx, || {
+                ctx.store
+                    .set_node(session.id, session.epoch, &node, link.attached, first)
+            })
+            .await?;
         }
         Err(e) => return Err(e),
     }

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::nodes::Placed;
 use crate::nodes::wire::{OpenedSecret, OpenedSecrets, node_spec};
 use crate::session::{Session, StatusEvent};
+use crate::store::FirstInput;
 
 /// A started run: the node, the frames it sends, the frames we send.
 pub(super) struct Link {
@@ -40,24 +41,33 @@ pub(super) struct Link {
 /// Places the session and sends `start`, trying other nodes when one refuses.
 /// `None` when the start failed or the session went back to the queue; the
 /// log says which.
+/// `first_input` is the first user input after the session's input cursor:
+/// a message rides in the start, so the agent works on it while this
+/// dispatcher records the start.
 pub(super) async fn start(
     ctx: &Ctx,
     session: &Session,
     claimed: std::time::Instant,
+    first_input: Option<FirstInput>,
 ) -> Result<Option<Link>> {
     let mut refused: Vec<String> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
     let secrets = open_secrets(ctx, session).await?;
-    // The first message rides in the start, so the agent works on it while
-    // this dispatcher records the start.
-    let (id, input_seq) = (session.id, session.input_seq);
-    let pending = durably(ctx, || ctx.store.first_pending_message(id, input_seq)).await?;
-    let first_traceparent = pending.as_ref().and_then(|p| p.2.clone());
-    let first = pending.map(|(seq, text, traceparent)| pb::UserMessage {
-        text,
-        seq,
-        traceparent: traceparent.unwrap_or_default(),
-    });
+    let (first, first_traceparent) = match first_input {
+        Some(FirstInput {
+            seq,
+            message: Some(text),
+            traceparent,
+        }) => (
+            Some(pb::UserMessage {
+                text,
+                seq,
+                traceparent: traceparent.clone().unwrap_or_default(),
+            }),
+            traceparent,
+        ),
+        _ => (None, None),
+    };
     let spec = node_spec(session, &secrets);
     let agent_key = berth_common::warm::agent_key(&spec);
     loop {

@@ -29,7 +29,9 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent, StatusEvent};
-use crate::store::{Append, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded};
+use crate::store::{
+    Append, Change, Placement, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded,
+};
 
 /// Most writes committed in one statement.
 const MAX_BATCH: usize = 1024;
@@ -44,7 +46,30 @@ struct StatusOp {
     detail: StatusDetail,
     /// The trace the change is made in (its event records it).
     traceparent: Option<String>,
+    /// A start: where the run was placed. The driver that claimed the
+    /// session knows it `starting` at `epoch` (see [`Change::assumed`]).
+    placement: Option<Placement>,
     done: oneshot::Sender<Result<Transitioned>>,
+}
+
+impl StatusOp {
+    /// The change as the store applies it.
+    fn change(&self) -> Change<'_> {
+        Change {
+            id: self.session,
+            epoch: self.epoch,
+            assumed: self
+                .placement
+                .as_ref()
+                .and(self.epoch)
+                .map(|_| crate::session::SessionStatus::Starting),
+            placement: self.placement.as_ref(),
+            event: self.event,
+            reason: &self.reason,
+            detail: &self.detail,
+            traceparent: self.traceparent.as_deref(),
+        }
+    }
 }
 
 /// A write waiting for the writer.
@@ -272,7 +297,7 @@ impl EventLog {
         reason: &str,
         detail: StatusDetail,
     ) -> Result<Transitioned> {
-        self.transition_op(session, None, event, reason, detail)
+        self.transition_op(session, None, event, reason, detail, None)
             .await
     }
 
@@ -287,7 +312,22 @@ impl EventLog {
         reason: &str,
         detail: StatusDetail,
     ) -> Result<Transitioned> {
-        self.transition_op(session, Some(epoch), event, reason, detail)
+        self.transition_op(session, Some(epoch), event, reason, detail, None)
+            .await
+    }
+
+    /// Records the start of the run at `epoch` (the driver's claim) and
+    /// where it was placed, in one statement: see [`StatusOp::placement`].
+    pub(crate) async fn started_at(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        busy: bool,
+        detail: StatusDetail,
+        placement: Placement,
+    ) -> Result<Transitioned> {
+        let event = StatusEvent::Started { busy };
+        self.transition_op(session, Some(epoch), event, "", detail, Some(placement))
             .await
     }
 
@@ -298,6 +338,7 @@ impl EventLog {
         event: StatusEvent,
         reason: &str,
         detail: StatusDetail,
+        placement: Option<Placement>,
     ) -> Result<Transitioned> {
         let (done, rx) = oneshot::channel();
         self.submit(Op::Transition(StatusOp {
@@ -307,6 +348,7 @@ impl EventLog {
             reason: reason.to_string(),
             detail,
             traceparent: berth_common::traces::current(),
+            placement,
             done,
         }))
         .await?;

@@ -270,17 +270,7 @@ impl Writer {
         }
         changes.sessions.clear();
         let pending = std::mem::take(&mut changes.pending);
-        let batch: Vec<Change<'_>> = pending
-            .iter()
-            .map(|c| Change {
-                id: c.session,
-                epoch: c.epoch,
-                event: c.event,
-                reason: &c.reason,
-                detail: &c.detail,
-                traceparent: c.traceparent.as_deref(),
-            })
-            .collect();
+        let batch: Vec<Change<'_>> = pending.iter().map(StatusOp::change).collect();
         let outcomes = self.retry(|| self.store.transitions(&batch)).await;
         drop(batch);
         let outcomes = match outcomes {
@@ -296,11 +286,8 @@ impl Writer {
             let r = match outcome {
                 Some(r) => r,
                 None => {
-                    self.retry(|| {
-                        self.store
-                            .transition(c.session, c.epoch, c.event, &c.reason, &c.detail)
-                    })
-                    .await
+                    let change = c.change();
+                    self.retry(|| self.store.transition(&change)).await
                 }
             };
             if let Ok(t) = &r

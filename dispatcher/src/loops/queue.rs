@@ -53,9 +53,9 @@ async fn claim_queued(ctx: &Arc<Ctx>, owner: &str, drivers: &TaskTracker) {
             Ok(sessions) => {
                 let claimed = u32::try_from(sessions.len()).unwrap_or(batch);
                 free = free.saturating_sub(claimed);
-                for session in sessions {
-                    tracing::info!(session_id = %session.id, "claimed session");
-                    drivers.spawn(driver::drive(ctx.clone(), session));
+                for claim in sessions {
+                    tracing::info!(session_id = %claim.session.id, "claimed session");
+                    drivers.spawn(driver::drive(ctx.clone(), claim));
                 }
                 if claimed < batch {
                     break;
@@ -82,9 +82,9 @@ async fn claim_reattaches(ctx: &Arc<Ctx>, owner: &str, drivers: &TaskTracker) {
         {
             Ok(sessions) => {
                 let full = sessions.len() == CLAIM_BATCH as usize;
-                for session in sessions {
-                    tracing::info!(session_id = %session.id, node = %session.node, "claimed a session to re-attach");
-                    drivers.spawn(driver::drive(ctx.clone(), session));
+                for claim in sessions {
+                    tracing::info!(session_id = %claim.session.id, node = %claim.session.node, "claimed a session to re-attach");
+                    drivers.spawn(driver::drive(ctx.clone(), claim));
                 }
                 if !full {
                     return;

@@ -1,7 +1,9 @@
 //! The audit trail: who did what to which resource. The operations record
 //! an action once it has succeeded, as a typed [`Action`] with typed
 //! [`Detail`]; a failure to record is logged and counted
-//! (`berth_audit_failures_total`), and never undoes the action.
+//! (`berth_audit_failures_total`), and never undoes the action. A
+//! session's creation (or clone) is the exception: its record is written in
+//! the creating statement ([`Entry`]), so the two commit together.
 
 use serde::Serialize;
 
@@ -156,6 +158,24 @@ pub(crate) enum Detail {
 #[derive(Clone)]
 pub(crate) struct Audit {
     pub store: Store,
+}
+
+/// An audit record written in the same statement as the change it records
+/// (a session's creation): the two commit together or not at all.
+pub(crate) struct Entry {
+    pub identity: String,
+    pub action: &'static str,
+    pub detail: serde_json::Value,
+}
+
+impl Entry {
+    pub(crate) fn new(identity: &str, action: Action, detail: Detail) -> Self {
+        Self {
+            identity: identity.to_string(),
+            action: action.as_str(),
+            detail: serde_json::to_value(&detail).unwrap_or_default(),
+        }
+    }
 }
 
 impl Audit {

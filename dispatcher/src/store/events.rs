@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
 use super::Store;
+use super::queue::FirstInput;
 use crate::error::{Error, Result};
 use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent};
@@ -334,22 +335,21 @@ impl Store {
         Ok(rows.into_iter().map(Event::from).collect())
     }
 
-    /// The user message a fresh run starts with: the first user event past
-    /// `after_seq`, when it is a message (its seq, text and trace context).
-    pub(crate) async fn first_pending_message(
+    /// The first user input past `after_seq`: what a fresh run starts
+    /// with, when it is a message (the claim reads the same with the
+    /// session; this is for a run whose input cursor moved since).
+    pub(crate) async fn first_input(
         &self,
         id: Uuid,
         after_seq: i64,
-    ) -> Result<Option<(i64, String, Option<String>)>> {
+    ) -> Result<Option<FirstInput>> {
         let row: Option<(i64, String, String, Option<String>)> =
             sqlx::query_as(sql::FIRST_PENDING_INPUT)
                 .bind(id)
                 .bind(after_seq)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row
-            .filter(|(_, kind, _, _)| kind == berth_common::events::USER_MESSAGE)
-            .map(|(seq, _, text, traceparent)| (seq, text, traceparent)))
+        Ok(row.map(|(seq, kind, text, traceparent)| FirstInput::new(seq, &kind, text, traceparent)))
     }
 
     /// Whether a user message beyond `after_seq` waits for the runtime.

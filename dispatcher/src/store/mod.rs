@@ -57,12 +57,12 @@ pub use access::{KeyRecord, Role};
 pub(crate) use credentials::{OAuthRow, Refreshed};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
-pub(crate) use queue::{ORPHAN_PAGE, Orphan};
+pub(crate) use queue::{Claimed, FirstInput, ORPHAN_PAGE, Orphan};
 pub(crate) use runs::RunState;
 pub(crate) use sessions::SessionFilter;
 pub(crate) use slack::{DueThread, ThreadKey};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
-pub(crate) use transitions::{Change, Transitioned};
+pub(crate) use transitions::{Change, Placement, Transitioned};
 
 /// Channel a new pending session is announced on.
 pub(crate) const QUEUE_CHANNEL: &str = "berth_queue";

@@ -9,6 +9,7 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
+use super::sessions::{SESSION_COLUMNS, SessionRow};
 use super::{Store, status_literals};
 use crate::error::Result;
 use crate::session::{Session, SessionStatus};
@@ -45,14 +46,18 @@ WITH next AS (
     FOR UPDATE SKIP LOCKED
 ), {moved}"#;
 
-    /// The claim's common part: move `next` to `{starting}` and log it.
+    /// The claim's common part: move `next` to `{starting}`, log it, and
+    /// return each claimed session whole, with the first user input its
+    /// run has to take (after `input_seq`), so that the start needs no
+    /// read-back. The columns are as of the claim: the claim event itself is
+    /// not in this statement's snapshot, and it is not input.
     pub const MOVE_CLAIMED: &str = r#"moved AS (
     UPDATE sessions s
     SET status = '{starting}', status_reason = '', epoch = s.epoch + 1, owner = $1,
         last_seq = s.last_seq + 1, update_time = now()
     FROM next
     WHERE s.id = next.id
-    RETURNING s.id, s.last_seq, s.epoch, next.status AS previous, s.traceparent
+    RETURNING s.*, next.status AS previous
 ), numbered AS (
     SELECT m.*, row_number() OVER () AS n FROM moved m
 ), logged AS (
@@ -62,7 +67,17 @@ WITH next AS (
            traceparent
     FROM numbered
 )
-SELECT id, last_seq FROM numbered
+SELECT {session_columns},
+       f.seq AS input_first_seq, f.type AS input_first_type,
+       coalesce(f.payload::jsonb ->> 'text', '') AS input_first_text,
+       f.traceparent AS input_first_traceparent
+FROM numbered s
+LEFT JOIN LATERAL (
+    SELECT e.seq, e.type, e.payload, e.traceparent FROM events e
+    WHERE e.session_id = s.id AND e.seq > s.input_seq AND e.type LIKE 'user.%'
+    ORDER BY e.seq LIMIT 1
+) f ON true
+ORDER BY s.create_time
 "#;
 
     /// Records that dispatcher $1 is alive.
@@ -135,6 +150,7 @@ fn statuses(sql: &str) -> String {
     let claimed = [Starting, Running, Idle, Stopping];
     let open = SessionStatus::ALL.into_iter().filter(|s| s.is_open());
     sql.replace("{moved}", sql::MOVE_CLAIMED)
+        .replace("{session_columns}", SESSION_COLUMNS)
         .replace("{claimable}", &status_literals(SessionStatus::CLAIMABLE))
         .replace("{rescheduling}", Rescheduling.as_str())
         .replace("{starting}", Starting.as_str())
@@ -164,6 +180,47 @@ pub(crate) struct Orphan {
     pub status: String,
 }
 
+/// A claimed session, as of its claim, with the first input after its
+/// input cursor (read in the same statement).
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub session: Session,
+    pub first_input: Option<FirstInput>,
+}
+
+/// The first user input a run has to take.
+#[derive(Debug, Clone)]
+pub(crate) struct FirstInput {
+    pub seq: i64,
+    /// The text, when that input is a message (another kind, an interrupt,
+    /// cannot ride in a start).
+    pub message: Option<String>,
+    /// The trace it was sent in.
+    pub traceparent: Option<String>,
+}
+
+impl FirstInput {
+    /// A user event of type `kind` at `seq` (`text`: its message's text).
+    pub(super) fn new(seq: i64, kind: &str, text: String, traceparent: Option<String>) -> Self {
+        Self {
+            seq,
+            message: (kind == berth_common::events::USER_MESSAGE).then_some(text),
+            traceparent,
+        }
+    }
+}
+
+/// A row of a claim statement: the session and its first input.
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    #[sqlx(flatten)]
+    row: SessionRow,
+    input_first_seq: Option<i64>,
+    input_first_type: Option<String>,
+    input_first_text: String,
+    input_first_traceparent: Option<String>,
+}
+
 /// Sessions not yet ended, by status.
 #[derive(Debug, Default)]
 pub(crate) struct OpenCounts {
@@ -174,9 +231,9 @@ pub(crate) struct OpenCounts {
 
 impl Store {
     /// Claims up to `limit` of the oldest queued sessions for `owner`, moving
-    /// each to `starting`; oldest first. Two round trips for the batch. Each
+    /// each to `starting`; oldest first. One round trip for the batch. Each
     /// session's `last_seq` is its claim event's: what the run starts after.
-    pub(crate) async fn claim(&self, owner: &str, limit: usize) -> Result<Vec<Session>> {
+    pub(crate) async fn claim(&self, owner: &str, limit: usize) -> Result<Vec<Claimed>> {
         self.claim_with(&CLAIM_SESSIONS, owner, limit, None).await
     }
 
@@ -188,7 +245,7 @@ impl Store {
         owner: &str,
         limit: usize,
         nodes: &[String],
-    ) -> Result<Vec<Session>> {
+    ) -> Result<Vec<Claimed>> {
         if nodes.is_empty() {
             return Ok(Vec::new());
         }
@@ -202,7 +259,7 @@ impl Store {
         owner: &str,
         limit: usize,
         nodes: Option<&[String]>,
-    ) -> Result<Vec<Session>> {
+    ) -> Result<Vec<Claimed>> {
         let event_ids: Vec<Uuid> = (0..limit).map(|_| Uuid::now_v7()).collect();
         let mut query = sqlx::query_as(AssertSqlSafe(statement))
             .bind(owner)
@@ -211,21 +268,26 @@ impl Store {
         if let Some(nodes) = nodes {
             query = query.bind(nodes);
         }
-        let claimed: Vec<(Uuid, i64)> = query.fetch_all(&self.pool).await?;
-        if claimed.is_empty() {
-            return Ok(Vec::new());
+        let rows: Vec<ClaimRow> = query.fetch_all(&self.pool).await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in rows {
+            let first_input = match (r.input_first_seq, r.input_first_type) {
+                (Some(seq), Some(kind)) => Some(FirstInput::new(
+                    seq,
+                    &kind,
+                    r.input_first_text,
+                    r.input_first_traceparent,
+                )),
+                _ => None,
+            };
+            claimed.push(Claimed {
+                session: self.session(r.row)?,
+                first_input,
+            });
         }
-        self.notices.events(claimed.iter().copied());
-        let ids: Vec<Uuid> = claimed.iter().map(|c| c.0).collect();
-        let mut sessions = self.sessions_by_id(&ids).await?;
-        // As of the claim: a stop (or anything else) logged between the claim
-        // and this read is news for the run, not history before it.
-        for s in &mut sessions {
-            if let Some((_, seq)) = claimed.iter().find(|c| c.0 == s.id) {
-                s.last_seq = *seq;
-            }
-        }
-        Ok(sessions)
+        self.notices
+            .events(claimed.iter().map(|c| (c.session.id, c.session.last_seq)));
+        Ok(claimed)
     }
 
     /// Wakes every dispatcher's claim loop (a session was queued again),

@@ -16,24 +16,36 @@ use crate::session::{
     AgentSpec, NewEvent, NewSession, Resource, Session, SessionStatus, Snapshot, Usage,
 };
 
+pub(super) use sql::SESSION_COLUMNS;
+
 mod sql {
     /// `SELECT` of a session with its usage per model (largest cost first),
     /// then the rest of the statement.
     macro_rules! with_models {
         ($rest:literal) => {
-            concat!(
-                "SELECT s.*, (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' \
-                   ORDER BY m.cost_usd DESC, m.model), '[]') \
-                 FROM session_models m WHERE m.session_id = s.id) AS models, \
-                 (SELECT count(*) FROM tool_requests t \
-                  WHERE t.session_id = s.id AND t.decision IS NULL) AS pending_tools \
-                 FROM sessions s ",
-                $rest
-            )
+            concat!("SELECT ", session_columns!(), " FROM sessions s ", $rest)
         };
     }
 
-    /// Creates a session with its first events, and wakes the queue.
+    /// A session row `s` with its usage per model and its open tool
+    /// requests: what [`super::SessionRow`] reads.
+    macro_rules! session_columns {
+        () => {
+            "s.*, (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' \
+               ORDER BY m.cost_usd DESC, m.model), '[]') \
+             FROM session_models m WHERE m.session_id = s.id) AS models, \
+             (SELECT count(*) FROM tool_requests t \
+              WHERE t.session_id = s.id AND t.decision IS NULL) AS pending_tools"
+        };
+    }
+
+    /// The columns of [`super::SessionRow`] for a session row `s` (the
+    /// claim selects them from the rows it moved).
+    pub const SESSION_COLUMNS: &str = session_columns!();
+
+    /// Creates a session with its first events and its audit record (one
+    /// commit), and wakes the queue. Returns the new row (no usage, no tool
+    /// requests yet): no read-back.
     /// `ON CONFLICT (project, request_id) DO NOTHING`: a retried create inserts nothing
     /// and the caller reads the existing row instead.
     pub const CREATE_SESSION: &str = r#"
@@ -46,13 +58,16 @@ WITH created AS (
             $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19, $20,
             $21)
     ON CONFLICT (project, request_id) DO NOTHING
-    RETURNING id
+    RETURNING *
 ), logged AS (
     INSERT INTO events (session_id, seq, id, type, payload, traceparent)
     SELECT c.id, e.seq, e.id, e.type, e.payload, $21
     FROM created c, unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[]) AS e(seq, id, type, payload)
+), audited AS (
+    INSERT INTO audit_events (project, identity, action, resource, detail)
+    SELECT c.project, $22, $23, $24, $25 FROM created c
 )
-SELECT id FROM created
+SELECT c.*, '[]'::jsonb AS models, 0::bigint AS pending_tools FROM created c
 "#;
 
     /// One session by id.
@@ -61,9 +76,6 @@ SELECT id FROM created
     /// Where a session stands, and nothing else: what a follower needs,
     /// read on every stream and run end (no spec, no models).
     pub const POSITION: &str = "SELECT status, last_seq FROM sessions WHERE id = $1";
-
-    /// Sessions by id, oldest first.
-    pub const SESSIONS_BY_ID: &str = with_models!("WHERE id = ANY($1) ORDER BY create_time");
 
     /// The session an earlier create with this request id made.
     pub const SESSION_BY_REQUEST_ID: &str = with_models!("WHERE project = $2 AND request_id = $1");
@@ -168,7 +180,7 @@ pub(super) struct SessionRow {
 impl Store {
     /// A row as a session. Its env values stay sealed (the spec holds the
     /// names only) until a run needs them: [`Store::session_env`].
-    fn session(&self, r: SessionRow) -> Result<Session> {
+    pub(super) fn session(&self, r: SessionRow) -> Result<Session> {
         Ok(Session {
             env_sealed: r.env_sealed,
             traceparent: r.traceparent,
@@ -234,6 +246,7 @@ impl Store {
         project: &str,
         new: &NewSession,
         fingerprint: &[u8],
+        audit: &crate::ops::audit::Entry,
     ) -> Result<(Session, bool, Option<Vec<u8>>)> {
         let mut spec = new.spec.clone();
         let (blank, env_sealed) = self.seal_env(project, &spec.env);
@@ -251,7 +264,7 @@ impl Store {
             events.push(NewEvent::user_message(text));
         }
         let seqs: Vec<i64> = (1..=events.len() as i64).collect();
-        let created: Option<Uuid> = sqlx::query_scalar(sql::CREATE_SESSION)
+        let created: Option<SessionRow> = sqlx::query_as(sql::CREATE_SESSION)
             .bind(id)
             .bind(&new.request_id)
             .bind(&new.display_name)
@@ -273,17 +286,17 @@ impl Store {
             .bind(env_sealed.as_ref().map(|_| self.sealer().primary()))
             .bind(fingerprint)
             .bind(berth_common::traces::current())
+            .bind(&audit.identity)
+            .bind(audit.action)
+            .bind(berth_common::names::session_name(id))
+            .bind(Json(&audit.detail))
             .fetch_optional(&self.pool)
             .await?;
         if created.is_some() {
             self.notices.queue();
         }
         match (created, &new.request_id) {
-            (Some(id), _) => Ok((
-                self.get_session(id).await?,
-                true,
-                Some(fingerprint.to_vec()),
-            )),
+            (Some(row), _) => Ok((self.session(row)?, true, Some(fingerprint.to_vec()))),
             (None, Some(request_id)) => {
                 let row: SessionRow = sqlx::query_as(sql::SESSION_BY_REQUEST_ID)
                     .bind(request_id)
@@ -341,15 +354,6 @@ impl Store {
             .bind(f.limit)
             .bind(project)
             .bind(f.activity.map(crate::session::Activity::as_str))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(|r| self.session(r)).collect()
-    }
-
-    /// Sessions by id, oldest first (the claim reads its batch back).
-    pub(super) async fn sessions_by_id(&self, ids: &[Uuid]) -> Result<Vec<Session>> {
-        let rows: Vec<SessionRow> = sqlx::query_as(sql::SESSIONS_BY_ID)
-            .bind(ids)
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(|r| self.session(r)).collect()

@@ -28,11 +28,17 @@ mod sql {
     /// a change applies only if nobody moved or re-placed the session since
     /// its position was read; a session with no row back must be re-read.
     /// `{running}` are the statuses that mark a start.
+    ///
+    /// A change with a `node` also records where its run was placed (a
+    /// start): the node, a fresh node cursor unless the run was re-attached,
+    /// the input cursor past what the start carried, and no backoff.
     pub const TRANSITION: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::boolean[],
-                         $6::uuid[], $7::text[], $8::text[], $9::bigint[], $10::text[])
-        AS t(id, from_status, to_status, reason, ends, event_id, kind, payload, epoch, traceparent)
+                         $6::uuid[], $7::text[], $8::text[], $9::bigint[], $10::text[],
+                         $11::text[], $12::boolean[], $13::bigint[])
+        AS t(id, from_status, to_status, reason, ends, event_id, kind, payload, epoch, traceparent,
+             node, attached, input_seq)
 ), moved AS (
     UPDATE sessions s
     SET status = i.to_status, status_reason = i.reason, last_seq = s.last_seq + 1,
@@ -47,8 +53,13 @@ WITH input AS (
         queue_deadline = CASE WHEN i.to_status = '{pending}'
                               THEN now() + s.queue_timeout_ms * interval '1 millisecond'
                               ELSE s.queue_deadline END,
-        node = CASE WHEN i.ends THEN '' ELSE s.node END,
-        owner = CASE WHEN i.ends THEN '' ELSE s.owner END
+        node = CASE WHEN i.ends THEN '' ELSE coalesce(i.node, s.node) END,
+        owner = CASE WHEN i.ends THEN '' ELSE s.owner END,
+        requeues = CASE WHEN i.node IS NULL THEN s.requeues ELSE 0 END,
+        claim_after = CASE WHEN i.node IS NULL THEN s.claim_after END,
+        node_seq = CASE WHEN i.node IS NULL OR i.attached THEN s.node_seq ELSE 0 END,
+        input_seq = CASE WHEN i.node IS NULL THEN s.input_seq
+                         ELSE greatest(s.input_seq, i.input_seq) END
     FROM input i
     WHERE s.id = i.id AND s.status = i.from_status AND s.epoch = i.epoch
     RETURNING s.id, s.last_seq
@@ -77,11 +88,29 @@ pub(crate) struct Transitioned {
     pub event: Option<Event>,
 }
 
+/// Where a started run was placed, recorded with its start.
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    pub node: String,
+    /// The run was already going (a re-attach): its node cursor stays.
+    pub attached: bool,
+    /// The input the start carried (0: none): the input cursor moves past it.
+    pub input_seq: i64,
+}
+
 /// One status change to make.
+#[derive(Clone, Copy)]
 pub(crate) struct Change<'a> {
     pub id: Uuid,
     /// Applies only while the session is at this epoch.
     pub epoch: Option<i64>,
+    /// The status the caller knows the session has at `epoch` (a driver
+    /// that claimed it): planned from that, without reading the position
+    /// first. If it moved since, the compare-and-set misses and the change
+    /// is re-read and retried like any lost race.
+    pub assumed: Option<SessionStatus>,
+    /// The run's placement, recorded in the same statement.
+    pub placement: Option<&'a Placement>,
     pub event: StatusEvent,
     pub reason: &'a str,
     pub detail: &'a StatusDetail,
@@ -101,28 +130,18 @@ struct Planned {
     payload: String,
     epoch: i64,
     traceparent: Option<String>,
+    placement: Option<Placement>,
 }
 
 impl Store {
-    /// Applies `event` to the session's current status with compare-and-set,
-    /// logging the change. Re-reads and retries when another writer won.
-    /// With `epoch`, applies only while the session is at that epoch.
-    pub(crate) async fn transition(
-        &self,
-        id: Uuid,
-        epoch: Option<i64>,
-        event: StatusEvent,
-        reason: &str,
-        detail: &StatusDetail,
-    ) -> Result<Transitioned> {
-        let traceparent = berth_common::traces::current();
+    /// Applies `change` to the session's current status with compare-and-set,
+    /// logging it. Re-reads and retries when another writer won. With an
+    /// epoch, applies only while the session is at that epoch.
+    pub(crate) async fn transition(&self, change: &Change<'_>) -> Result<Transitioned> {
+        // Read the position: an assumed one is what just lost.
         let change = Change {
-            id,
-            epoch,
-            event,
-            reason,
-            detail,
-            traceparent: traceparent.as_deref(),
+            assumed: None,
+            ..*change
         };
         for _ in 0..8 {
             if let Some(done) = self
@@ -144,13 +163,27 @@ impl Store {
         &self,
         changes: &[Change<'_>],
     ) -> Result<Vec<Option<Result<Transitioned>>>> {
-        let ids: Vec<Uuid> = changes.iter().map(|c| c.id).collect();
-        let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(sql::POSITIONS)
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await?;
-        let positions: HashMap<Uuid, (String, i64)> =
-            rows.into_iter().map(|(id, s, e, _)| (id, (s, e))).collect();
+        let mut positions: HashMap<Uuid, (SessionStatus, i64)> = changes
+            .iter()
+            .filter_map(|c| Some((c.id, (c.assumed?, c.epoch?))))
+            .collect();
+        let ids: Vec<Uuid> = changes
+            .iter()
+            .map(|c| c.id)
+            .filter(|id| !positions.contains_key(id))
+            .collect();
+        if !ids.is_empty() {
+            let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(sql::POSITIONS)
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+            for (id, status, epoch, _) in rows {
+                let status = status
+                    .parse()
+                    .map_err(|e| Error::Internal(format!("session {id}: {e}")))?;
+                positions.insert(id, (status, epoch));
+            }
+        }
         let mut out: Vec<Option<Result<Transitioned>>> = Vec::with_capacity(changes.len());
         let mut planned = Vec::new();
         for (index, c) in changes.iter().enumerate() {
@@ -184,6 +217,24 @@ impl Store {
                     planned
                         .iter()
                         .map(|p| p.traceparent.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    planned
+                        .iter()
+                        .map(|p| p.placement.as_ref().map(|n| n.node.as_str()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    planned
+                        .iter()
+                        .map(|p| p.placement.as_ref().is_some_and(|n| n.attached))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    planned
+                        .iter()
+                        .map(|p| p.placement.as_ref().map_or(0, |n| n.input_seq))
                         .collect::<Vec<_>>(),
                 )
                 .fetch_all(&self.pool)
@@ -226,13 +277,10 @@ enum Plan {
 
 /// What the status machine makes of `c` at the session's position
 /// (`status`, `epoch`), or why it is refused.
-fn plan(c: &Change<'_>, position: Option<&(String, i64)>) -> Result<Plan> {
-    let Some((status, epoch)) = position else {
+fn plan(c: &Change<'_>, position: Option<&(SessionStatus, i64)>) -> Result<Plan> {
+    let Some(&(current, ref epoch)) = position else {
         return Err(Error::SessionNotFound(c.id.to_string()));
     };
-    let current: SessionStatus = status
-        .parse()
-        .map_err(|e| Error::Internal(format!("session {}: {e}", c.id)))?;
     if let Some(want) = c.epoch.filter(|e| e != epoch) {
         return Err(Error::Superseded {
             id: c.id,
@@ -262,5 +310,6 @@ fn plan(c: &Change<'_>, position: Option<&(String, i64)>) -> Result<Plan> {
         payload,
         epoch: *epoch,
         traceparent: c.traceparent.map(str::to_string),
+        placement: c.placement.cloned(),
     })))
 }

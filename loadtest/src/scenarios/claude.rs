@@ -99,16 +99,20 @@ async fn starts(
     image: &str,
     n: usize,
     ready: Ready,
-) -> anyhow::Result<(Hist, Vec<String>, Errors)> {
+) -> anyhow::Result<Starts> {
     let mut c = cluster.conns.get();
     let mut hist = Hist::new();
     let mut paths = Vec::new();
     let errors = Mutex::new(Errors::default());
+    let mut untimed = Vec::new();
     // One untimed start warms the connections and the node's code paths
     // (and shows an agent pool its agent).
     for i in 0..=n {
         if i > 0 || !matches!(ready, Ready::Processes(_)) {
             fill(cluster, image, ready).await?;
+        }
+        if i == 1 {
+            untimed = cluster.stage_means(super::start::STAGES).await;
         }
         let s = create_and_wait_first(&mut c, request(image), Instant::now(), FIRST_EVENT_TIMEOUT)
             .await
@@ -122,7 +126,22 @@ async fn starts(
         eprintln!("claude: {} start {i}/{n}: {:?}", s.start, s.first_event);
     }
     let errors = errors.lock().map(|e| e.clone()).unwrap_or_default();
-    Ok((hist, paths, errors))
+    Ok(Starts {
+        hist,
+        paths,
+        errors,
+        untimed,
+    })
+}
+
+/// The timed starts of one kind.
+struct Starts {
+    hist: Hist,
+    /// Each start's path (`warm_process`, …).
+    paths: Vec<String>,
+    errors: Errors,
+    /// The stage histograms before the first timed start.
+    untimed: Vec<(String, f64, f64)>,
 }
 
 /// `n` sessions created at once: the time until every one has its first
@@ -321,13 +340,21 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
 
     let image = &a.claude_image;
     let cluster = Cluster::real_claude(cl, image, 0, Some(0)).await?;
-    let (cold, _, cold_err) = starts(&cluster, image, a.sessions, Ready::Nothing).await?;
+    let Starts {
+        hist: cold,
+        errors: cold_err,
+        ..
+    } = starts(&cluster, image, a.sessions, Ready::Nothing).await?;
     cluster.shutdown().await?;
     report.latency("berth: cold start (no pool)", &cold, &cold_err);
 
     let cluster = Cluster::real_claude(cl, image, a.pool, Some(0)).await?;
-    let (warm, paths, warm_err) =
-        starts(&cluster, image, a.sessions, Ready::Containers(a.pool)).await?;
+    let Starts {
+        hist: warm,
+        paths,
+        errors: warm_err,
+        ..
+    } = starts(&cluster, image, a.sessions, Ready::Containers(a.pool)).await?;
     cluster.shutdown().await?;
     report.latency(
         "berth: warm container (CLI starts at claim)",
@@ -342,9 +369,17 @@ pub async fn run(cl: &ClusterArgs, a: &ClaudeArgs) -> anyhow::Result<Report> {
     );
 
     let cluster = Cluster::real_claude(cl, image, 0, Some(a.pool)).await?;
-    let (process, paths, process_err) =
-        starts(&cluster, image, a.sessions, Ready::Processes(a.pool)).await?;
+    let Starts {
+        hist: process,
+        paths,
+        errors: process_err,
+        untimed,
+    } = starts(&cluster, image, a.sessions, Ready::Processes(a.pool)).await?;
     report.latency("berth: pre-started CLI process", &process, &process_err);
+    // Where the timed pre-started starts spent their time; the agent's own
+    // share is `berth_agent_first_line_seconds` (its stdin to its first line).
+    let after = cluster.stage_means(super::start::STAGES).await;
+    super::start::profile(&mut report, &untimed, &after);
     report.value(
         "pre-started process hits",
         count(&paths, "warm_process"),

@@ -166,17 +166,18 @@ pub async fn warm(cl: &ClusterArgs, a: &WarmArgs) -> anyhow::Result<Report> {
 }
 
 /// Histograms whose means show where a start spends its time.
-const STAGES: &[&str] = &[
+pub(super) const STAGES: &[&str] = &[
     "berth_queue_wait_seconds",
     "berth_placement_seconds",
     "berth_container_exec_seconds",
     "berth_session_start_seconds",
     "berth_first_event_seconds",
     "berth_event_persist_seconds",
+    "berth_agent_first_line_seconds",
 ];
 
 /// Adds each stage's mean over the measured run (`after` minus `before`).
-fn profile(report: &mut Report, before: &[(String, f64, f64)], after: &[(String, f64, f64)]) {
+pub(super) fn profile(report: &mut Report, before: &[(String, f64, f64)], after: &[(String, f64, f64)]) {
     for (name, mean, n) in after {
         let (sum0, n0) = before
             .iter()

@@ -573,6 +573,19 @@ async fn delete_is_refused_while_live_and_then_leaves_nothing_behind() -> anyhow
         .filter(|t| t == "user.message" || t == "agent.message")
         .collect();
     assert!(history.is_empty(), "no history: {history:?}");
+    // The clone's audit record names what it was cloned from.
+    let trail = pb::audit_client::AuditClient::new(cluster.api())
+        .list_audit_events(pb::ListAuditEventsRequest {
+            resource: clone.name.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert_eq!(trail.len(), 1, "{trail:?}");
+    assert_eq!(trail[0].action, "session.clone");
+    let detail: serde_json::Value = serde_json::from_str(&trail[0].detail_json)?;
+    assert_eq!(detail["from"], s.name.as_str(), "{detail}");
 
     let r = c
         .delete_session(pb::DeleteSessionRequest {

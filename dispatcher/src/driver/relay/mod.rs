@@ -40,9 +40,10 @@ const HAND_BACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20
 impl Relay<'_> {
     /// Relays until the run ends.
     pub(super) async fn run(mut self) -> Result<()> {
+        // A start that carried a message is a turn under way: the start
+        // already made the session `running` (no second change to log).
         if self.link.first_message_seq > 0 {
             self.deadlines.touch();
-            self.turn_status(StatusEvent::TurnStarted).await?;
         }
         self.load_tools().await?;
         self.start_credentials().await?;

@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::Sessions;
 use crate::error::{Error, Result};
-use crate::ops::audit::{Action, Detail};
+use crate::ops::audit::{Action, Detail, Entry};
 use crate::session::{NewSession, Resource, Session};
 
 /// A display name for a session created without one: the first words of
@@ -145,9 +145,10 @@ impl Sessions {
         if new.display_name.trim().is_empty() {
             new.display_name = display_name_for(&new);
         }
+        let audit = Entry::new(by, Action::SessionCreate, origin.detail(&new));
         let (session, created, asked) = self
             .store
-            .create_session(project, &new, &fingerprint)
+            .create_session(project, &new, &fingerprint, &audit)
             .await?;
         // AIP-155: a request_id names one request; another one under it is
         // refused rather than answered with the first one's session.
@@ -163,9 +164,6 @@ impl Sessions {
         if created {
             metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
             tracing::info!(session_id = %session.id, project, image = %session.spec.image, "session created");
-            let detail = origin.detail(&new);
-            self.audit(project, by, Action::SessionCreate, session.id, detail)
-                .await;
         }
         Ok(session)
     }
@@ -287,17 +285,13 @@ impl Sessions {
             // The spec carries them already, as env.
             run_params: Default::default(),
         };
-        let (clone, created, _) = self
+        let from = berth_common::names::session_name(id);
+        let audit = Entry::new(by, Action::SessionClone, Detail::ClonedFrom { from });
+        let (clone, _, _) = self
             .store
-            .create_session(project, &new, &new.fingerprint())
+            .create_session(project, &new, &new.fingerprint(), &audit)
             .await?;
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
-        if created {
-            let from = berth_common::names::session_name(id);
-            let detail = Detail::ClonedFrom { from };
-            self.audit(project, by, Action::SessionClone, clone.id, detail)
-                .await;
-        }
         Ok(clone)
     }
 }

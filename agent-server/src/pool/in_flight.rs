@@ -1,11 +1,12 @@
-//! Cold starts in flight. A session that found no pre-started process
-//! starts its agent at once; while it does, the pre-start refills wait, so
-//! the miss does not share the machine's cores with starts that only refill
-//! the pool. A miss lasts until its agent's first output line: the
-//! CPU-heavy part of a CLI's start comes after its exec.
+//! Session starts in flight, until their agent's first output line: a
+//! miss starting its agent cold, and a hit whose pre-started process is
+//! working on its first message. Meanwhile the pre-start refills (and a warm
+//! container's rename) wait, so the start does not share the machine's
+//! cores with work that only refills the pool: a CLI's start is CPU-heavy
+//! after its exec, and so is its first turn.
 //!
-//! A refill waits at most [`MAX_YIELD`] for the misses, so a stream of
-//! misses still lets the pool fill, one start per wait.
+//! A refill waits at most [`MAX_YIELD`] for the starts, so a stream of them
+//! still lets the pool fill, one start per wait.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,33 +14,33 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// The longest a refill waits for cold starts to finish.
+/// The longest a refill waits for the starts in flight.
 pub const MAX_YIELD: Duration = Duration::from_secs(10);
 
-/// The count of cold starts in flight.
+/// The count of session starts in flight.
 #[derive(Debug, Default)]
-pub struct ColdStarts {
+pub struct StartsInFlight {
     running: AtomicUsize,
     idle: Notify,
 }
 
-/// One cold start; it ends when dropped.
+/// One session start; it ends when dropped.
 #[derive(Debug)]
-pub struct ColdStart(Arc<ColdStarts>);
+pub struct StartInFlight(Arc<StartsInFlight>);
 
-impl ColdStarts {
-    /// Counts a cold start until the guard drops.
-    pub fn enter(self: &Arc<Self>) -> ColdStart {
+impl StartsInFlight {
+    /// Counts a start until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> StartInFlight {
         self.running.fetch_add(1, Ordering::SeqCst);
-        ColdStart(self.clone())
+        StartInFlight(self.clone())
     }
 
-    /// Whether a cold start is in flight.
+    /// Whether a start is in flight.
     pub fn busy(&self) -> bool {
         self.running.load(Ordering::SeqCst) > 0
     }
 
-    /// Waits until no cold start is in flight, or [`MAX_YIELD`] has passed.
+    /// Waits until no start is in flight, or [`MAX_YIELD`] has passed.
     pub async fn yielded(&self) {
         let wait = async {
             loop {
@@ -56,7 +57,7 @@ impl ColdStarts {
     }
 }
 
-impl Drop for ColdStart {
+impl Drop for StartInFlight {
     fn drop(&mut self) {
         if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
@@ -69,8 +70,8 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn refills_wait_for_cold_starts_but_not_forever() {
-        let cold = Arc::new(ColdStarts::default());
+    async fn refills_wait_for_starts_in_flight_but_not_forever() {
+        let cold = Arc::new(StartsInFlight::default());
         cold.yielded().await; // none in flight: at once
         let (a, b) = (cold.enter(), cold.enter());
         let waiter = tokio::spawn({
@@ -80,9 +81,9 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         drop(a);
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "one cold start is still in flight");
+        assert!(!waiter.is_finished(), "one start is still in flight");
         drop(b);
-        waiter.await.expect("the last cold start ended");
+        waiter.await.expect("the last start ended");
 
         let _stuck = cold.enter();
         let started = tokio::time::Instant::now();
