@@ -44,11 +44,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `Sessions.Connect` would clash with the generated `connect()` constructor;
         // callers build a `Channel` themselves and use `new(channel)`.
         .build_transport(false)
+        // Small per-call buffers: see `src/codec.rs`.
+        .codec_path("crate::codec::LeanCodec")
         // `prost::Name` on every message: clients print proto3 JSON by
         // looking a message's full name up in the descriptors.
         .compile_fds_with_config(fds, {
             let mut config = prost_build::Config::new();
             config.enable_type_names();
+            // A frame's size is its largest variant's: the start (with the
+            // whole spec) would make every frame, and each slot of a
+            // channel of frames, 700 bytes.
+            config.boxed(".berth.node.v1.DispatcherFrame.kind.start");
             config
         })?;
     Ok(())

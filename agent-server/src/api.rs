@@ -210,6 +210,7 @@ impl AgentServer for NodeApi {
                 "RunSession: the first frame must be `start`",
             ));
         };
+        let start = *start;
         if start.session_id.is_empty() {
             return Err(Error::invalid("start.session_id", "must not be empty").into());
         }

@@ -22,6 +22,7 @@ mod api;
 pub mod config;
 mod driver;
 mod error;
+mod handoff;
 mod http;
 mod log;
 mod loops;

@@ -46,6 +46,9 @@ pub(crate) struct Parts {
     pub driver: Arc<driver::Ctx>,
     /// Whether the janitor's last heartbeat reached Postgres (readiness).
     pub db_ok: Arc<AtomicBool>,
+    /// Sessions claimed as they were created, for the claim loop (taken
+    /// when it starts).
+    pub handed_off: std::sync::Mutex<Option<crate::handoff::HandedOff>>,
 }
 
 impl Parts {
@@ -72,7 +75,9 @@ impl Parts {
         let audit = audit::Audit {
             store: store.clone(),
         };
+        let (handoff, handed_off) = crate::handoff::channel(&cfg.dispatcher_id);
         let sessions = sessions::Sessions {
+            handoff,
             audit: audit.clone(),
             store: store.clone(),
             log: log.clone(),
@@ -124,6 +129,7 @@ impl Parts {
             schedules,
             driver,
             db_ok: Arc::new(AtomicBool::new(true)),
+            handed_off: std::sync::Mutex::new(Some(handed_off)),
         })
     }
 
@@ -192,12 +198,18 @@ pub(crate) async fn spawn_loops(
     ));
     let wake = Arc::new(tokio::sync::Notify::new());
     loops.spawn(queue::listen(parts.driver.clone(), wake.clone()));
+    let handed_off = berth_common::sync::lock(&parts.handed_off)
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("the loops were started twice"))?;
     loops.spawn(queue::claim_loop(
         parts.driver.clone(),
         cfg.dispatcher_id.clone(),
         drivers.clone(),
-        wake,
-        cfg.queue_poll,
+        queue::Wakes {
+            wake,
+            handed_off,
+            poll: cfg.queue_poll,
+        },
     ));
     loops.spawn(
         janitor::Janitor {

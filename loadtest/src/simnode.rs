@@ -192,7 +192,7 @@ pub async fn open_direct(
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::DispatcherFrame {
         epoch: 1,
-        kind: Some(dispatcher_frame::Kind::Start(pb::Start {
+        kind: Some(dispatcher_frame::Kind::Start(Box::new(pb::Start {
             session_id: uuid::Uuid::new_v4().to_string(),
             epoch: 1,
             spec: Some(pb::SessionSpec {
@@ -200,7 +200,7 @@ pub async fn open_direct(
                 ..Default::default()
             }),
             ..Default::default()
-        })),
+        }))),
     })
     .await?;
     let frames = client

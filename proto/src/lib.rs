@@ -6,6 +6,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 /// The public API.
 pub mod v1 {
     tonic::include_proto!("berth.v1");

@@ -33,6 +33,12 @@ use crate::store::{Claimed, FirstInput, Placement};
 
 /// Runs a claimed session from `starting` until its run ends.
 pub(crate) async fn drive(ctx: Arc<Ctx>, claim: Claimed) {
+    drive_held(ctx, claim, ()).await
+}
+
+/// [`drive`], holding `held` (a slot reserved for the session) until the
+/// session is placed, or could not be.
+pub(crate) async fn drive_held(ctx: Arc<Ctx>, claim: Claimed, held: impl Send) {
     let Claimed {
         session,
         first_input,
@@ -47,7 +53,7 @@ pub(crate) async fn drive(ctx: Arc<Ctx>, claim: Claimed) {
     // The run joins the trace the session was created in.
     berth_common::traces::adopt(&span, session.traceparent.as_deref());
     async move {
-        if let Err(e) = run(&ctx, &session, first_input).await {
+        if let Err(e) = run(&ctx, &session, first_input, held).await {
             if let Error::Superseded { .. } | Error::Transition(_) = e {
                 // Another placement owns the session now, or it left this
                 // run (re-queued, stopped, timed out elsewhere): this run
@@ -76,7 +82,12 @@ pub(crate) async fn drive(ctx: Arc<Ctx>, claim: Claimed) {
     .await
 }
 
-async fn run(ctx: &Ctx, session: &Session, first_input: Option<FirstInput>) -> Result<()> {
+async fn run(
+    ctx: &Ctx,
+    session: &Session,
+    first_input: Option<FirstInput>,
+    held: impl Send,
+) -> Result<()> {
     if session.epoch == 1 {
         let waited = (chrono::Utc::now() - session.create_time)
             .to_std()
@@ -121,6 +132,8 @@ async fn run(ctx: &Ctx, session: &Session, first_input: Option<FirstInput>) -> R
                 .await
         }
     };
+    // Placed (the placement holds its slot now), or not.
+    drop(held);
     let result = match &placed {
         Ok(Some(_)) => "placed",
         Ok(None) => "not_placed",

@@ -259,7 +259,7 @@ async fn open_run(
     let (to_node, rx) = mpsc::channel(64);
     let start = pb::DispatcherFrame {
         epoch: session.epoch,
-        kind: Some(dispatcher_frame::Kind::Start(pb::Start {
+        kind: Some(dispatcher_frame::Kind::Start(Box::new(pb::Start {
             session_id: session.id.to_string(),
             epoch: session.epoch,
             spec: Some(spec),
@@ -267,7 +267,7 @@ async fn open_run(
             after_node_seq: attach.unwrap_or(0),
             first_message,
             traceparent: berth_common::traces::current().unwrap_or_default(),
-        })),
+        }))),
     };
     // The channel is fresh: this send cannot fail.
     let _ = to_node.send(start).await;

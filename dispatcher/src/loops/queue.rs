@@ -9,20 +9,33 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::driver::{self, Ctx};
+use crate::handoff::HandedOff;
+use crate::session::StatusEvent;
 use crate::store::{EVENTS_CHANNEL, QUEUE_CHANNEL};
 
 /// Most sessions claimed in one statement.
 const CLAIM_BATCH: u32 = 64;
 
+/// What wakes the claim loop besides its own dispatcher queueing a session
+/// and its nodes' changes.
+pub(crate) struct Wakes {
+    /// Another dispatcher queued a session (its `NOTIFY`).
+    pub wake: Arc<Notify>,
+    /// Sessions this dispatcher claimed as it created them.
+    pub handed_off: HandedOff,
+    /// The poll: the guarantee behind the hints.
+    pub poll: Duration,
+}
+
 /// Claims queued sessions while nodes have room, and drives each one on
-/// `drivers` (shutdown waits for them to hand their sessions back).
-pub(crate) async fn claim_loop(
-    ctx: Arc<Ctx>,
-    owner: String,
-    drivers: TaskTracker,
-    wake: Arc<Notify>,
-    poll: Duration,
-) {
+/// `drivers` (shutdown waits for them to hand their sessions back), with
+/// those the API claimed as it created them.
+pub(crate) async fn claim_loop(ctx: Arc<Ctx>, owner: String, drivers: TaskTracker, wakes: Wakes) {
+    let Wakes {
+        wake,
+        mut handed_off,
+        poll,
+    } = wakes;
     let notices = ctx.store.notices();
     loop {
         // Re-attaches whatever the load (a run still going on an up node
@@ -33,13 +46,42 @@ pub(crate) async fn claim_loop(
             claim_reattaches(&ctx, &owner, &drivers),
             claim_queued(&ctx, &owner, &drivers)
         );
-        tokio::select! {
-            () = wake.notified() => {}
-            // Queued here: no round trip through Postgres's NOTIFY.
-            () = notices.queued() => {}
-            () = ctx.nodes.changed.notified() => {}
-            () = tokio::time::sleep(poll) => {}
-            () = ctx.shutdown.cancelled() => return,
+        loop {
+            tokio::select! {
+                // Claimed as it was created: driven at once, and no claim
+                // statement follows.
+                Some((claim, reservation)) = handed_off.recv() => {
+                    tracing::info!(session_id = %claim.session.id, "claimed session at its creation");
+                    drivers.spawn(driver::drive_held(ctx.clone(), claim, reservation));
+                    continue;
+                }
+                () = wake.notified() => {}
+                // Queued here: no round trip through Postgres's NOTIFY.
+                () = notices.queued() => {}
+                () = ctx.nodes.changed.notified() => {}
+                () = tokio::time::sleep(poll) => {}
+                () = ctx.shutdown.cancelled() => {
+                    requeue_handed_off(&ctx, handed_off).await;
+                    return;
+                }
+            }
+            break;
+        }
+    }
+}
+
+/// At shutdown: what the API claimed at creation and no driver took yet
+/// goes back to the queue (another dispatcher starts it).
+async fn requeue_handed_off(ctx: &Ctx, handed_off: HandedOff) {
+    for claim in handed_off.close() {
+        let s = &claim.session;
+        let reason = "dispatcher shut down before the session started";
+        if let Err(e) = ctx
+            .log
+            .transition_at(s.id, s.epoch, StatusEvent::NodeLost, reason, Default::default())
+            .await
+        {
+            tracing::warn!(session_id = %s.id, error = %e, "could not re-queue a session claimed at creation; the janitor will, after this dispatcher's lease");
         }
     }
 }

@@ -3,12 +3,12 @@
 //! [`Detail`]; a failure to record is logged and counted
 //! (`berth_audit_failures_total`), and never undoes the action. A
 //! session's creation (or clone) is the exception: its record is written in
-//! the creating statement ([`Entry`]), so the two commit together.
+//! the creating statement ([`entry`]), so the two commit together.
 
 use serde::Serialize;
 
 pub(crate) use crate::records::AuditEvent;
-use crate::store::Store;
+use crate::store::{AuditEntry, Store};
 
 /// What was done. Its name (`session.create`…) is what the trail shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,21 +160,13 @@ pub(crate) struct Audit {
     pub store: Store,
 }
 
-/// An audit record written in the same statement as the change it records
-/// (a session's creation): the two commit together or not at all.
-pub(crate) struct Entry {
-    pub identity: String,
-    pub action: &'static str,
-    pub detail: serde_json::Value,
-}
-
-impl Entry {
-    pub(crate) fn new(identity: &str, action: Action, detail: Detail) -> Self {
-        Self {
-            identity: identity.to_string(),
-            action: action.as_str(),
-            detail: serde_json::to_value(&detail).unwrap_or_default(),
-        }
+/// The audit record of `identity` doing `action`, for a statement that
+/// writes it with the change ([`AuditEntry`]).
+pub(crate) fn entry(identity: &str, action: Action, detail: Detail) -> AuditEntry {
+    AuditEntry {
+        identity: identity.to_string(),
+        action: action.as_str(),
+        detail: serde_json::to_value(&detail).unwrap_or_default(),
     }
 }
 

@@ -15,6 +15,15 @@ mod sql {
          WHERE project = $1 AND id > $2 AND ($3 = '' OR resource = $3) ORDER BY id LIMIT $4";
 }
 
+/// An audit record written in the same statement as the change it records
+/// (a session's creation): the two commit together or not at all.
+pub(crate) struct AuditEntry {
+    pub identity: String,
+    /// The action's name (`session.create`…).
+    pub action: &'static str,
+    pub detail: serde_json::Value,
+}
+
 #[derive(sqlx::FromRow)]
 struct AuditRow {
     id: i64,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
 use super::Store;
-use super::queue::FirstInput;
+use super::claimed::FirstInput;
 use crate::error::{Error, Result};
 use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent};

@@ -9,10 +9,11 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
+use super::claimed::{Claimed, FirstInput};
 use super::sessions::{SESSION_COLUMNS, SessionRow};
 use super::{Store, status_literals};
 use crate::error::Result;
-use crate::session::{Session, SessionStatus};
+use crate::session::SessionStatus;
 
 mod sql {
     /// Claims up to `$3` of the oldest queued sessions for this dispatcher
@@ -178,36 +179,6 @@ pub(crate) struct Orphan {
     pub owner: String,
     /// Its status as its owner left it.
     pub status: String,
-}
-
-/// A claimed session, as of its claim, with the first input after its
-/// input cursor (read in the same statement).
-#[derive(Debug)]
-pub(crate) struct Claimed {
-    pub session: Session,
-    pub first_input: Option<FirstInput>,
-}
-
-/// The first user input a run has to take.
-#[derive(Debug, Clone)]
-pub(crate) struct FirstInput {
-    pub seq: i64,
-    /// The text, when that input is a message (another kind, an interrupt,
-    /// cannot ride in a start).
-    pub message: Option<String>,
-    /// The trace it was sent in.
-    pub traceparent: Option<String>,
-}
-
-impl FirstInput {
-    /// A user event of type `kind` at `seq` (`text`: its message's text).
-    pub(super) fn new(seq: i64, kind: &str, text: String, traceparent: Option<String>) -> Self {
-        Self {
-            seq,
-            message: (kind == berth_common::events::USER_MESSAGE).then_some(text),
-            traceparent,
-        }
-    }
 }
 
 /// A row of a claim statement: the session and its first input.

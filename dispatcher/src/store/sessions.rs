@@ -2,13 +2,17 @@
 //! compare-and-set, each logged as an event in the same statement.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use berth_common::events::payload::{self, StatusChange};
+use berth_common::events as ev;
 use berth_common::usage::ModelFigures;
 use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::claimed::{Claimed, FirstInput};
 use super::{Store, from_millis, to_millis};
 use crate::error::{Error, Result};
 use crate::session::usage::RunningTotals;
@@ -46,23 +50,42 @@ mod sql {
     /// Creates a session with its first events and its audit record (one
     /// commit), and wakes the queue. Returns the new row (no usage, no tool
     /// requests yet): no read-back.
+    ///
+    /// With `$26` (a dispatcher with room to start it), the new session is
+    /// claimed for that dispatcher in the same statement, `{starting}` at
+    /// epoch 1 with its claim event (`$27`, `$28`), unless a claimable
+    /// session is already waiting: the queue's order holds, and a start
+    /// saves the claim's own commit.
+    ///
     /// `ON CONFLICT (project, request_id) DO NOTHING`: a retried create inserts nothing
     /// and the caller reads the existing row instead.
     pub const CREATE_SESSION: &str = r#"
-WITH created AS (
+WITH direct AS (
+    SELECT $26::text AS owner
+    WHERE $26::text IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM sessions
+        WHERE status IN ({claimable}) AND (claim_after IS NULL OR claim_after <= now())
+    )
+), created AS (
     INSERT INTO sessions (id, request_id, display_name, status, spec, labels, timeout_ms, last_seq,
                           agent_id, agent_version, resources, inactivity_timeout_ms, budget_usd,
                           queue_timeout_ms, queue_deadline, project, env_sealed, env_kek, request_sha256,
-                          traceparent)
-    VALUES ($1, $2, $3, 'pending', $4, $5, $6, cardinality($7::bigint[]),
-            $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19, $20,
-            $21)
+                          traceparent, owner, epoch)
+    SELECT $1, $2, $3, CASE WHEN d.owner IS NULL THEN '{pending}' ELSE '{starting}' END, $4, $5, $6,
+           cardinality($7::bigint[]) + CASE WHEN d.owner IS NULL THEN 0 ELSE 1 END,
+           $11, $12, $13, $14, $15, $16, now() + $16 * interval '1 millisecond', $17, $18, $19, $20,
+           $21, coalesce(d.owner, ''), CASE WHEN d.owner IS NULL THEN 0 ELSE 1 END
+    FROM (SELECT 1) AS one LEFT JOIN direct d ON true
     ON CONFLICT (project, request_id) DO NOTHING
     RETURNING *
 ), logged AS (
     INSERT INTO events (session_id, seq, id, type, payload, traceparent)
     SELECT c.id, e.seq, e.id, e.type, e.payload, $21
     FROM created c, unnest($7::bigint[], $8::uuid[], $9::text[], $10::text[]) AS e(seq, id, type, payload)
+), claimed AS (
+    INSERT INTO events (session_id, seq, id, type, payload, traceparent)
+    SELECT c.id, c.last_seq, $27, 'session.status_{starting}', $28, $21
+    FROM created c WHERE c.owner <> ''
 ), audited AS (
     INSERT INTO audit_events (project, identity, action, resource, detail)
     SELECT c.project, $22, $23, $24, $25 FROM created c
@@ -105,6 +128,26 @@ SELECT c.*, '[]'::jsonb AS models, 0::bigint AS pending_tools FROM created c
     /// (cascade). `status <> ALL($2)`: a live session is never deleted.
     pub const DELETE_SESSION: &str =
         "DELETE FROM sessions WHERE id = $1 AND status <> ALL($2) RETURNING id";
+}
+
+/// [`sql::CREATE_SESSION`] with its status names filled in from
+/// [`SessionStatus`].
+static CREATE_SESSION: LazyLock<String> = LazyLock::new(|| {
+    sql::CREATE_SESSION
+        .replace("{claimable}", &super::status_literals(SessionStatus::CLAIMABLE))
+        .replace("{pending}", SessionStatus::Pending.as_str())
+        .replace("{starting}", SessionStatus::Starting.as_str())
+});
+
+/// What a create made (or found: an earlier create with the same request id).
+pub(crate) struct Created {
+    pub session: Session,
+    /// This call created it.
+    pub created: bool,
+    /// What the call that created it asked (its fingerprint).
+    pub asked: Option<Vec<u8>>,
+    /// Claimed for this dispatcher as it was created: to be driven here.
+    pub claimed: Option<Claimed>,
 }
 
 /// Where a session stands ([`Store::position`]).
@@ -239,15 +282,17 @@ impl Store {
     }
 
     /// Creates a session, or returns the one an earlier call with the same
-    /// `request_id` created, with what that call asked (`fingerprint`). The
-    /// second value is true when this call created it.
+    /// `request_id` created, with what that call asked (`fingerprint`).
+    /// With `start_here` (this dispatcher's id) the session may be claimed
+    /// for it in the same statement (see [`sql::CREATE_SESSION`]).
     pub(crate) async fn create_session(
         &self,
         project: &str,
         new: &NewSession,
         fingerprint: &[u8],
-        audit: &crate::ops::audit::Entry,
-    ) -> Result<(Session, bool, Option<Vec<u8>>)> {
+        audit: &super::AuditEntry,
+        start_here: Option<&str>,
+    ) -> Result<Created> {
         let mut spec = new.spec.clone();
         let (blank, env_sealed) = self.seal_env(project, &spec.env);
         spec.env = blank;
@@ -264,7 +309,17 @@ impl Store {
             events.push(NewEvent::user_message(text));
         }
         let seqs: Vec<i64> = (1..=events.len() as i64).collect();
-        let created: Option<SessionRow> = sqlx::query_as(sql::CREATE_SESSION)
+        let traceparent = berth_common::traces::current();
+        let claim = StatusChange {
+            status: SessionStatus::Starting.as_str().into(),
+            previous: SessionStatus::Pending.as_str().into(),
+            detail: payload::StatusDetail {
+                epoch: Some(1),
+                ..Default::default()
+            },
+            ..StatusChange::default()
+        };
+        let created: Option<SessionRow> = sqlx::query_as(AssertSqlSafe(CREATE_SESSION.as_str()))
             .bind(id)
             .bind(&new.request_id)
             .bind(&new.display_name)
@@ -285,18 +340,40 @@ impl Store {
             .bind(&env_sealed)
             .bind(env_sealed.as_ref().map(|_| self.sealer().primary()))
             .bind(fingerprint)
-            .bind(berth_common::traces::current())
+            .bind(&traceparent)
             .bind(&audit.identity)
             .bind(audit.action)
             .bind(berth_common::names::session_name(id))
             .bind(Json(&audit.detail))
+            .bind(start_here)
+            .bind(Uuid::now_v7())
+            .bind(payload::to_json(&claim))
             .fetch_optional(&self.pool)
             .await?;
-        if created.is_some() {
-            self.notices.queue();
+        match &created {
+            Some(row) if !row.owner.is_empty() => {
+                self.notices.event(row.id, row.last_seq);
+            }
+            Some(_) => self.notices.queue(),
+            None => {}
         }
         match (created, &new.request_id) {
-            (Some(row), _) => Ok((self.session(row)?, true, Some(fingerprint.to_vec()))),
+            (Some(row), _) => {
+                let session = self.session(row)?;
+                // Its first input is the message it was created with.
+                let claimed = (session.status == SessionStatus::Starting).then(|| Claimed {
+                    session: session.clone(),
+                    first_input: new.initial_message.as_ref().map(|text| {
+                        FirstInput::new(seqs[1], ev::USER_MESSAGE, text.clone(), traceparent.clone())
+                    }),
+                });
+                Ok(Created {
+                    session,
+                    created: true,
+                    asked: Some(fingerprint.to_vec()),
+                    claimed,
+                })
+            }
             (None, Some(request_id)) => {
                 let row: SessionRow = sqlx::query_as(sql::SESSION_BY_REQUEST_ID)
                     .bind(request_id)
@@ -308,7 +385,12 @@ impl Store {
                     .bind(project)
                     .fetch_one(&self.pool)
                     .await?;
-                Ok((self.session(row)?, false, asked))
+                Ok(Created {
+                    session: self.session(row)?,
+                    created: false,
+                    asked,
+                    claimed: None,
+                })
             }
             (None, None) => Err(Error::Internal("session insert returned nothing".into())),
         }

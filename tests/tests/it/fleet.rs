@@ -457,7 +457,7 @@ fn jsonl_start(
 ) -> node_pb::DispatcherFrame {
     node_pb::DispatcherFrame {
         epoch,
-        kind: Some(node_pb::dispatcher_frame::Kind::Start(node_pb::Start {
+        kind: Some(node_pb::dispatcher_frame::Kind::Start(Box::new(node_pb::Start {
             session_id: session_id.to_string(),
             epoch,
             spec: Some(node_pb::SessionSpec {
@@ -470,7 +470,7 @@ fn jsonl_start(
             after_node_seq: attach.unwrap_or(0),
             traceparent: String::new(),
             first_message: None,
-        })),
+        }))),
     }
 }
 

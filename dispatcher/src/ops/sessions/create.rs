@@ -5,8 +5,10 @@ use uuid::Uuid;
 
 use super::Sessions;
 use crate::error::{Error, Result};
-use crate::ops::audit::{Action, Detail, Entry};
-use crate::session::{NewSession, Resource, Session};
+use crate::ops::audit::{Action, Detail, entry};
+use crate::session::{NewSession, Resource, Session, StatusEvent};
+use crate::handoff::Reservation;
+use crate::store::{Claimed, Created};
 
 /// A display name for a session created without one: the first words of
 /// its first message (up to 60 characters), else its agent or image.
@@ -145,10 +147,16 @@ impl Sessions {
         if new.display_name.trim().is_empty() {
             new.display_name = display_name_for(&new);
         }
-        let audit = Entry::new(by, Action::SessionCreate, origin.detail(&new));
-        let (session, created, asked) = self
+        let audit = entry(by, Action::SessionCreate, origin.detail(&new));
+        let here = self.handoff.reserve(self.nodes.free_slots());
+        let Created {
+            session,
+            created,
+            asked,
+            claimed,
+        } = self
             .store
-            .create_session(project, &new, &fingerprint, &audit)
+            .create_session(project, &new, &fingerprint, &audit, here.as_ref().map(|h| h.0))
             .await?;
         // AIP-155: a request_id names one request; another one under it is
         // refused rather than answered with the first one's session.
@@ -164,8 +172,26 @@ impl Sessions {
         if created {
             metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
             tracing::info!(session_id = %session.id, project, image = %session.spec.image, "session created");
+            if let (Some(claimed), Some((_, reservation))) = (claimed, here) {
+                self.start_here(claimed, reservation).await?;
+            }
         }
         Ok(session)
+    }
+
+    /// A session the create claimed for this dispatcher goes to its claim
+    /// loop; one the loop can no longer take (it stopped since) goes back
+    /// to the queue.
+    async fn start_here(&self, claimed: Claimed, reservation: Reservation) -> Result<()> {
+        if let Err(claimed) = self.handoff.send(claimed, reservation) {
+            let s = &claimed.session;
+            tracing::info!(session_id = %s.id, "the claim loop stopped; the session goes back to the queue");
+            let reason = "dispatcher shut down before the session started";
+            self.log
+                .transition_at(s.id, s.epoch, StatusEvent::NodeLost, reason, Default::default())
+                .await?;
+        }
+        Ok(())
     }
 
     /// Checks that `agent` (`NAME` or `NAME@VERSION`) exists in `project`
@@ -286,11 +312,20 @@ impl Sessions {
             run_params: Default::default(),
         };
         let from = berth_common::names::session_name(id);
-        let audit = Entry::new(by, Action::SessionClone, Detail::ClonedFrom { from });
-        let (clone, _, _) = self
+        let audit = entry(by, Action::SessionClone, Detail::ClonedFrom { from });
+        // Claimed here when there is room, like any new session.
+        let here = self.handoff.reserve(self.nodes.free_slots());
+        let Created {
+            session: clone,
+            claimed,
+            ..
+        } = self
             .store
-            .create_session(project, &new, &new.fingerprint(), &audit)
+            .create_session(project, &new, &new.fingerprint(), &audit, here.as_ref().map(|h| h.0))
             .await?;
+        if let (Some(claimed), Some((_, reservation))) = (claimed, here) {
+            self.start_here(claimed, reservation).await?;
+        }
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
         Ok(clone)
     }

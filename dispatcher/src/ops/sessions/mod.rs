@@ -34,6 +34,8 @@ pub(crate) struct Sessions {
     pub queue_timeout: Option<std::time::Duration>,
     /// Where each operation records what it did, and who did it.
     pub audit: crate::ops::audit::Audit,
+    /// Where a session claimed as it is created goes to be driven.
+    pub handoff: crate::handoff::Handoff,
 }
 
 /// A page of search results, and the (time, id) the next one starts before.
