@@ -80,7 +80,9 @@ pub async fn spawn_dispatcher(
         dir: &dir,
         id: format!("loadtest-{tag}"),
         metrics: false,
-        env: Vec::new(),
+        // The driver is one caller standing in for thousands: the
+        // per-caller rate limit would shed it, not measure berth.
+        env: vec![("BERTH_API_RATE_LIMIT", "0".to_string())],
     })?;
     child.database = database;
     child._dir = Some(dir);

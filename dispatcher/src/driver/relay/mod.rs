@@ -175,22 +175,32 @@ impl Relay<'_> {
         Flow::Continue
     }
 
-    async fn on_line(&mut self, mut line: pb::RuntimeLine, node_seq: u64) -> Result<Flow> {
-        let (id, epoch) = (self.session.id, self.session.epoch);
+    async fn on_line(&mut self, line: pb::RuntimeLine, node_seq: u64) -> Result<Flow> {
+        let id = self.session.id;
         self.deadlines.touch();
         if std::mem::take(&mut self.first_event) {
             metrics::histogram!(crate::metrics::FIRST_EVENT, "start" => start_label(self.link.start))
                 .record(self.link.claimed.elapsed().as_secs_f64());
         }
-        if !self.runtime_id_seen && !line.runtime_session_id.is_empty() {
+        // The runtime's own session id (for `--resume` after a lost run) is
+        // recorded once, after the line that carries it is queued: the line
+        // commits (and reaches clients) meanwhile, and both are done before
+        // this relay acknowledges anything to the node.
+        let runtime_id = (!self.runtime_id_seen && !line.runtime_session_id.is_empty())
+            .then(|| line.runtime_session_id.clone());
+        let flow = self.relay_line(line, node_seq).await?;
+        if let Some(runtime_id) = runtime_id {
             self.runtime_id_seen = true;
             let ctx = self.ctx;
-            durably(ctx, || {
-                ctx.store
-                    .set_runtime_session_id(id, &line.runtime_session_id)
-            })
-            .await?;
+            durably(ctx, || ctx.store.set_runtime_session_id(id, &runtime_id)).await?;
         }
+        Ok(flow)
+    }
+
+    /// Persists (and relays) one line of the agent's, with its turn's
+    /// usage when it ends a turn.
+    async fn relay_line(&mut self, mut line: pb::RuntimeLine, node_seq: u64) -> Result<Flow> {
+        let (id, epoch) = (self.session.id, self.session.epoch);
         let turn_end = line.turn_end.take();
         let events = node_line(line);
         self.relayed.increment(events.len() as u64);

@@ -218,6 +218,11 @@ impl Figures {
             running as f64,
             "sessions",
         );
+        if running < n {
+            report.note(format!(
+                "{n} streams: only {running} sessions were held; the figures for {n} are not what they claim (see the errors above)"
+            ));
+        }
         report.latency(
             format!("{n} streams: berth message → echo"),
             &berth_hist,
