@@ -106,10 +106,7 @@ impl<H: History> Follower<H> {
                 }
             };
             let step = match signal {
-                Ok(Signal::Event(e)) if e.seq <= self.last => Ok(()),
-                Ok(Signal::Event(e)) if e.seq == self.last + 1 => self.send(e).await,
-                // A gap: events another dispatcher wrote come first.
-                Ok(Signal::Event(e)) => self.catch_up(Some(e.seq)).await,
+                Ok(Signal::Events(events)) => self.step(&events).await,
                 Ok(Signal::Upto(seq)) if seq > self.last => self.catch_up(Some(seq)).await,
                 Ok(Signal::Upto(_)) => Ok(()),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -123,6 +120,20 @@ impl<H: History> Follower<H> {
                 return;
             }
         }
+    }
+
+    /// One commit's events: each next one is sent; a gap (events another
+    /// dispatcher wrote) is read from the store first; what the store
+    /// already gave is skipped.
+    async fn step(&mut self, events: &[Arc<Event>]) -> Result<(), Done> {
+        for e in events {
+            if e.seq == self.last + 1 {
+                self.send(e.clone()).await?;
+            } else if e.seq > self.last {
+                self.catch_up(Some(e.seq)).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn send(&mut self, e: Arc<Event>) -> Result<(), Done> {
@@ -184,6 +195,8 @@ mod tests {
     struct Memory {
         events: Arc<Mutex<Vec<Event>>>,
         live: Arc<Mutex<bool>>,
+        /// Reads of history past the first (the catch-up at subscribe).
+        reads: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Memory {
@@ -214,6 +227,8 @@ mod tests {
 
     impl History for Memory {
         async fn events_after(&self, _: Uuid, after: i64, limit: i64) -> Result<Vec<Event>> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let events = lock(&self.events);
             Ok(events
                 .iter()
@@ -311,6 +326,46 @@ mod tests {
         }
         let got = seqs(&mut rx, n).await;
         assert_eq!(got, (1..=n as i64).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_large_commit_reaches_a_slow_subscriber_without_a_store_read() {
+        let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
+        let feed = hub.subscribe(id);
+        let mut rx = spawn(
+            mem.clone(),
+            id,
+            0,
+            1,
+            feed,
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        );
+        // The catch-up at subscribe has read the (empty) history.
+        assert!(seqs_within(&mut rx, Duration::from_millis(100)).await.is_empty());
+        let before = mem.reads.load(std::sync::atomic::Ordering::SeqCst);
+        // Commits far larger than the feed, each one signal.
+        let n = 1000;
+        for _ in 0..4 {
+            let batch: Vec<Arc<Event>> = (0..n / 4).map(|_| mem.write(id, "agent.message")).collect();
+            hub.publish(&batch);
+        }
+        let got = seqs(&mut rx, n).await;
+        assert_eq!(got, (1..=n as i64).collect::<Vec<_>>());
+        assert_eq!(
+            mem.reads.load(std::sync::atomic::Ordering::SeqCst),
+            before,
+            "no store read: the feed held the commits"
+        );
+    }
+
+    /// Whatever arrives within `wait`.
+    async fn seqs_within(rx: &mut mpsc::Receiver<Result<Arc<Event>>>, wait: Duration) -> Vec<i64> {
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(e))) = tokio::time::timeout(wait, rx.recv()).await {
+            out.push(e.seq);
+        }
+        out
     }
 
     #[tokio::test]

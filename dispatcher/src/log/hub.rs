@@ -10,14 +10,17 @@ use uuid::Uuid;
 
 use crate::session::Event;
 
-/// Events a live subscriber may fall behind before it reads from the store.
-const FEED_CAPACITY: usize = 256;
+/// Commits a live subscriber may fall behind before it reads from the
+/// store. A slot holds a whole commit's events of its session, so a batch
+/// of hundreds costs one slot; and every followed session holds a feed, so
+/// slots are memory (about 48 bytes each) per open stream.
+const FEED_CAPACITY: usize = 32;
 
 /// What a hub feed carries.
 #[derive(Debug, Clone)]
 pub(super) enum Signal {
-    /// An event this dispatcher persisted.
-    Event(Arc<Event>),
+    /// Events this dispatcher persisted in one commit, in seq order.
+    Events(Arc<[Arc<Event>]>),
     /// Another dispatcher persisted events up to this seq.
     Upto(i64),
 }
@@ -46,20 +49,28 @@ impl Hub {
         }
     }
 
-    /// Sends persisted events to their sessions' subscribers; sharing the
-    /// `Arc` costs no copy of the payload.
+    /// Sends persisted events to their sessions' subscribers, one signal
+    /// per session for the whole commit; sharing the `Arc`s costs no copy
+    /// of a payload.
     pub(super) fn publish(&self, events: &[Arc<Event>]) {
+        let mut by_session: HashMap<Uuid, Vec<Arc<Event>>> = HashMap::new();
         let mut feeds = lock(&self.feeds);
         for e in events {
-            let Some(feed) = feeds.get_mut(&e.session_id) else {
+            if feeds.contains_key(&e.session_id) {
+                by_session.entry(e.session_id).or_default().push(e.clone());
+            }
+        }
+        for (id, events) in by_session {
+            let Some(feed) = feeds.get_mut(&id) else {
                 continue;
             };
             if feed.tx.receiver_count() == 0 {
-                feeds.remove(&e.session_id);
+                feeds.remove(&id);
                 continue;
             }
-            feed.published = feed.published.max(e.seq);
-            let _ = feed.tx.send(Signal::Event(e.clone()));
+            let last = events.iter().map(|e| e.seq).max().unwrap_or(0);
+            feed.published = feed.published.max(last);
+            let _ = feed.tx.send(Signal::Events(events.into()));
         }
     }
 
