@@ -63,17 +63,14 @@ pub(crate) async fn drive_held(ctx: Arc<Ctx>, claim: Claimed, held: impl Send) {
             }
             tracing::warn!(error = %e, "session run failed");
             let reason = e.to_string();
-            if let Err(e) = ctx
-                .log
-                .transition_at(
-                    session.id,
-                    session.epoch,
-                    StatusEvent::Failed,
-                    &reason,
-                    StatusDetail::default(),
-                )
-                .await
-            {
+            let failed = ctx.log.transition_at(
+                session.id,
+                session.epoch,
+                StatusEvent::Failed,
+                &reason,
+                StatusDetail::default(),
+            );
+            if let Err(e) = Box::pin(failed).await {
                 tracing::debug!(error = %e, "could not mark the session failed");
             }
         }
@@ -82,12 +79,44 @@ pub(crate) async fn drive_held(ctx: Arc<Ctx>, claim: Claimed, held: impl Send) {
     .await
 }
 
+/// Starts the run (placed, or re-attached), then relays it. Each phase is
+/// boxed: what a held session keeps for its life is the relay's future,
+/// not the largest of every step's before it.
 async fn run(
     ctx: &Ctx,
     session: &Session,
     first_input: Option<FirstInput>,
     held: impl Send,
 ) -> Result<()> {
+    let Some(started) = Box::pin(start_run(ctx, session, first_input, held)).await? else {
+        return Ok(());
+    };
+    let Started {
+        resumed,
+        link,
+        in_flight,
+    } = started;
+    let session = resumed.as_ref().unwrap_or(session);
+    Box::pin(relay::Relay::new(ctx, session, link, in_flight).run()).await
+}
+
+/// A run that started: the session as it resumed (when a lost turn moved
+/// its input cursor back), its link, and whether a re-attached run has a
+/// turn in flight.
+struct Started {
+    resumed: Option<Session>,
+    link: start::Link,
+    in_flight: bool,
+}
+
+/// Places (or re-attaches) the run and records its start; `None` when it
+/// did not start (re-queued, or failed with its reason logged).
+async fn start_run(
+    ctx: &Ctx,
+    session: &Session,
+    first_input: Option<FirstInput>,
+    held: impl Send,
+) -> Result<Option<Started>> {
     if session.epoch == 1 {
         let waited = (chrono::Utc::now() - session.create_time)
             .to_std()
@@ -109,9 +138,9 @@ async fn run(
     let mut attached = None;
     let mut resumed = None;
     if !session.node.is_empty() {
-        attached = start::attach(ctx, session, claimed).await?;
+        attached = Box::pin(start::attach(ctx, session, claimed)).await?;
         if attached.is_none() {
-            resumed = Some(lost_turn(ctx, session).await?);
+            resumed = Some(Box::pin(lost_turn(ctx, session)).await?);
         }
     }
     let session = resumed.as_ref().unwrap_or(session);
@@ -127,9 +156,7 @@ async fn run(
                 first_input
             };
             let place = tracing::info_span!("session.place", session_id = %session.id);
-            start::start(ctx, session, claimed, first_input)
-                .instrument(place)
-                .await
+            Box::pin(start::start(ctx, session, claimed, first_input).instrument(place)).await
         }
     };
     // Placed (the placement holds its slot now), or not.
@@ -142,7 +169,7 @@ async fn run(
     metrics::histogram!(crate::metrics::PLACEMENT, "result" => result)
         .record(claimed.elapsed().as_secs_f64());
     let Some(link) = placed? else {
-        return Ok(());
+        return Ok(None);
     };
     metrics::histogram!(crate::metrics::SESSION_START, "start" => start_label(link.start))
         .record(claimed.elapsed().as_secs_f64());
@@ -197,7 +224,11 @@ async fn run(
         Err(e) => return Err(e),
     }
     tracing::info!(%node, start = start_label(link.start), attached = link.attached, "session started");
-    relay::Relay::new(ctx, session, link, in_flight).run().await
+    Ok(Some(Started {
+        resumed,
+        link,
+        in_flight,
+    }))
 }
 
 /// The run this session's last owner placed is gone with its node. If it

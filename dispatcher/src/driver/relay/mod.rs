@@ -45,25 +45,28 @@ impl Relay<'_> {
         if self.link.first_message_seq > 0 {
             self.deadlines.touch();
         }
-        self.load_tools().await?;
-        self.start_credentials().await?;
+        Box::pin(self.load_tools()).await?;
+        Box::pin(self.start_credentials()).await?;
         loop {
+            // Each handler runs boxed: a held session's future is only what
+            // it waits on (thousands of idle sessions each kept the largest
+            // handler's state inline: kilobytes apiece).
             let flow = tokio::select! {
                 () = sleep_until(self.credentials.next_due()) => {
-                    self.on_credentials_due().await?;
+                    Box::pin(self.on_credentials_due()).await?;
                     Flow::Continue
                 }
-                () = sleep_until(self.tools.next_deadline()) => self.on_tool_timeout().await?,
-                frame = self.link.frames.message() => self.on_frame(frame).await?,
-                _ = self.ack_tick.tick() => self.ack().await,
-                item = recv(&mut self.feed) => self.on_input(item).await?,
-                expiry = self.deadlines.expired() => self.on_expiry(expiry).await?,
+                () = sleep_until(self.tools.next_deadline()) => Box::pin(self.on_tool_timeout()).await?,
+                frame = self.link.frames.message() => Box::pin(self.on_frame(frame)).await?,
+                _ = self.ack_tick.tick() => Box::pin(self.ack()).await,
+                item = recv(&mut self.feed) => Box::pin(self.on_input(item)).await?,
+                expiry = self.deadlines.expired() => Box::pin(self.on_expiry(expiry)).await?,
                 // The node missed its lease: its stream may never end by itself.
-                () = self.link.placed.link.down() => self.on_node_down().await?,
-                () = self.ctx.shutdown.cancelled(), if self.handing_back.is_none() => self.on_shutdown().await,
+                () = self.link.placed.link.down() => Box::pin(self.on_node_down()).await?,
+                () = self.ctx.shutdown.cancelled(), if self.handing_back.is_none() => Box::pin(self.on_shutdown()).await,
                 () = sleep_until(self.handing_back) => {
                     tracing::warn!("the node did not stop the session in time for shutdown; re-queued without a snapshot");
-                    self.transition(StatusEvent::NodeLost, "dispatcher shut down", StatusDetail::default()).await?;
+                    Box::pin(self.transition(StatusEvent::NodeLost, "dispatcher shut down", StatusDetail::default())).await?;
                     Flow::Done
                 }
             };
