@@ -307,18 +307,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_lagging_subscriber_catches_up_from_history() {
-        let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
-        let feed = hub.subscribe(id);
         // A buffer of 1: the follower blocks while the feed overflows.
-        let mut rx = spawn(
-            mem.clone(),
-            id,
-            0,
-            1,
-            feed,
-            CancellationToken::new(),
-            &TaskTracker::new(),
-        );
+        let (id, mem, hub, mut rx) = slow_subscriber();
         let n = 600;
         for _ in 0..n {
             let e = mem.write(id, "agent.message");
@@ -330,17 +320,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_commit_reaches_a_slow_subscriber_without_a_store_read() {
-        let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
-        let feed = hub.subscribe(id);
-        let mut rx = spawn(
-            mem.clone(),
-            id,
-            0,
-            1,
-            feed,
-            CancellationToken::new(),
-            &TaskTracker::new(),
-        );
+        let (id, mem, hub, mut rx) = slow_subscriber();
         // The catch-up at subscribe has read the (empty) history.
         assert!(seqs_within(&mut rx, Duration::from_millis(100)).await.is_empty());
         let before = mem.reads.load(std::sync::atomic::Ordering::SeqCst);
@@ -357,6 +337,23 @@ mod tests {
             before,
             "no store read: the feed held the commits"
         );
+    }
+
+    /// A follower of a live session in memory that takes one event at a
+    /// time (a buffer of 1), from the start of its log.
+    fn slow_subscriber() -> (Uuid, Memory, Hub, mpsc::Receiver<Result<Arc<Event>>>) {
+        let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
+        let feed = hub.subscribe(id);
+        let rx = spawn(
+            mem.clone(),
+            id,
+            0,
+            1,
+            feed,
+            CancellationToken::new(),
+            &TaskTracker::new(),
+        );
+        (id, mem, hub, rx)
     }
 
     /// Whatever arrives within `wait`.
