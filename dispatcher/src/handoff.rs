@@ -112,7 +112,9 @@ mod tests {
         let second = handoff.reserve(2).expect("room for one more");
         assert!(handoff.reserve(2).is_none(), "both slots are reserved");
         drop(first);
-        let third = handoff.reserve(2).expect("a placed session freed its reservation");
+        let third = handoff
+            .reserve(2)
+            .expect("a placed session freed its reservation");
         drop((second, third));
         drop(loop_side);
         assert!(handoff.reserve(2).is_none(), "the claim loop has stopped");
@@ -126,6 +128,10 @@ mod tests {
         assert!(handoff.send(1, r1).is_ok());
         assert_eq!(loop_side.close(), vec![1], "sent, never received");
         assert_eq!(handoff.send(2, r2), Err(2), "closed: given back");
-        assert_eq!(handoff.reserved.load(Ordering::SeqCst), 0, "nothing stays reserved");
+        assert_eq!(
+            handoff.reserved.load(Ordering::SeqCst),
+            0,
+            "nothing stays reserved"
+        );
     }
 }

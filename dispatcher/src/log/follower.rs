@@ -227,8 +227,7 @@ mod tests {
 
     impl History for Memory {
         async fn events_after(&self, _: Uuid, after: i64, limit: i64) -> Result<Vec<Event>> {
-            self.reads
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let events = lock(&self.events);
             Ok(events
                 .iter()
@@ -322,12 +321,17 @@ mod tests {
     async fn a_large_commit_reaches_a_slow_subscriber_without_a_store_read() {
         let (id, mem, hub, mut rx) = slow_subscriber();
         // The catch-up at subscribe has read the (empty) history.
-        assert!(seqs_within(&mut rx, Duration::from_millis(100)).await.is_empty());
+        assert!(
+            seqs_within(&mut rx, Duration::from_millis(100))
+                .await
+                .is_empty()
+        );
         let before = mem.reads.load(std::sync::atomic::Ordering::SeqCst);
         // Commits far larger than the feed, each one signal.
         let n = 1000;
         for _ in 0..4 {
-            let batch: Vec<Arc<Event>> = (0..n / 4).map(|_| mem.write(id, "agent.message")).collect();
+            let batch: Vec<Arc<Event>> =
+                (0..n / 4).map(|_| mem.write(id, "agent.message")).collect();
             hub.publish(&batch);
         }
         let got = seqs(&mut rx, n).await;

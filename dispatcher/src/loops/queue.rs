@@ -78,7 +78,13 @@ async fn requeue_handed_off(ctx: &Ctx, handed_off: HandedOff) {
         let reason = "dispatcher shut down before the session started";
         if let Err(e) = ctx
             .log
-            .transition_at(s.id, s.epoch, StatusEvent::NodeLost, reason, Default::default())
+            .transition_at(
+                s.id,
+                s.epoch,
+                StatusEvent::NodeLost,
+                reason,
+                Default::default(),
+            )
             .await
         {
             tracing::warn!(session_id = %s.id, error = %e, "could not re-queue a session claimed at creation; the janitor will, after this dispatcher's lease");

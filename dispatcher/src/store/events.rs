@@ -338,18 +338,18 @@ impl Store {
     /// The first user input past `after_seq`: what a fresh run starts
     /// with, when it is a message (the claim reads the same with the
     /// session; this is for a run whose input cursor moved since).
-    pub(crate) async fn first_input(
-        &self,
-        id: Uuid,
-        after_seq: i64,
-    ) -> Result<Option<FirstInput>> {
+    pub(crate) async fn first_input(&self, id: Uuid, after_seq: i64) -> Result<Option<FirstInput>> {
         let row: Option<(i64, String, String, Option<String>)> =
             sqlx::query_as(sql::FIRST_PENDING_INPUT)
                 .bind(id)
                 .bind(after_seq)
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row.map(|(seq, kind, text, traceparent)| FirstInput::new(seq, &kind, text, traceparent)))
+        Ok(
+            row.map(|(seq, kind, text, traceparent)| {
+                FirstInput::new(seq, &kind, text, traceparent)
+            }),
+        )
     }
 
     /// Whether a user message beyond `after_seq` waits for the runtime.

@@ -55,11 +55,11 @@ pub(crate) use access::{
     USAGE_GIT_SSH_KEY, USAGE_HTTP_HEADER, USAGE_OAUTH2_REFRESH, secret_context,
 };
 pub use access::{KeyRecord, Role};
+pub(crate) use audit::AuditEntry;
+pub(crate) use claimed::{Claimed, FirstInput};
 pub(crate) use credentials::{OAuthRow, Refreshed};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
-pub(crate) use audit::AuditEntry;
-pub(crate) use claimed::{Claimed, FirstInput};
 pub(crate) use queue::{ORPHAN_PAGE, Orphan};
 pub(crate) use runs::RunState;
 pub(crate) use sessions::{Created, SessionFilter};

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-use berth_common::events::payload::{self, StatusChange};
 use berth_common::events as ev;
+use berth_common::events::payload::{self, StatusChange};
 use berth_common::usage::ModelFigures;
 use chrono::{DateTime, Utc};
 use sqlx::AssertSqlSafe;
@@ -134,7 +134,10 @@ SELECT c.*, '[]'::jsonb AS models, 0::bigint AS pending_tools FROM created c
 /// [`SessionStatus`].
 static CREATE_SESSION: LazyLock<String> = LazyLock::new(|| {
     sql::CREATE_SESSION
-        .replace("{claimable}", &super::status_literals(SessionStatus::CLAIMABLE))
+        .replace(
+            "{claimable}",
+            &super::status_literals(SessionStatus::CLAIMABLE),
+        )
         .replace("{pending}", SessionStatus::Pending.as_str())
         .replace("{starting}", SessionStatus::Starting.as_str())
 });
@@ -364,7 +367,12 @@ impl Store {
                 let claimed = (session.status == SessionStatus::Starting).then(|| Claimed {
                     session: session.clone(),
                     first_input: new.initial_message.as_ref().map(|text| {
-                        FirstInput::new(seqs[1], ev::USER_MESSAGE, text.clone(), traceparent.clone())
+                        FirstInput::new(
+                            seqs[1],
+                            ev::USER_MESSAGE,
+                            text.clone(),
+                            traceparent.clone(),
+                        )
                     }),
                 });
                 Ok(Created {

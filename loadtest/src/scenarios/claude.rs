@@ -94,12 +94,7 @@ async fn fill(cluster: &Cluster, image: &str, ready: Ready) -> anyhow::Result<()
 /// Starts `n` sessions one after another (each stopped before the next;
 /// with a pool, the pool refilled first) and returns their latencies and
 /// their start paths.
-async fn starts(
-    cluster: &Cluster,
-    image: &str,
-    n: usize,
-    ready: Ready,
-) -> anyhow::Result<Starts> {
+async fn starts(cluster: &Cluster, image: &str, n: usize, ready: Ready) -> anyhow::Result<Starts> {
     let mut c = cluster.conns.get();
     let mut hist = Hist::new();
     let mut paths = Vec::new();

@@ -177,7 +177,11 @@ pub(super) const STAGES: &[&str] = &[
 ];
 
 /// Adds each stage's mean over the measured run (`after` minus `before`).
-pub(super) fn profile(report: &mut Report, before: &[(String, f64, f64)], after: &[(String, f64, f64)]) {
+pub(super) fn profile(
+    report: &mut Report,
+    before: &[(String, f64, f64)],
+    after: &[(String, f64, f64)],
+) {
     for (name, mean, n) in after {
         let (sum0, n0) = before
             .iter()

@@ -457,20 +457,22 @@ fn jsonl_start(
 ) -> node_pb::DispatcherFrame {
     node_pb::DispatcherFrame {
         epoch,
-        kind: Some(node_pb::dispatcher_frame::Kind::Start(Box::new(node_pb::Start {
-            session_id: session_id.to_string(),
-            epoch,
-            spec: Some(node_pb::SessionSpec {
-                image: TEST_IMAGE.into(),
-                runtime: node_pb::Runtime::Jsonl as i32,
-                runtime_args: vec!["sh".into(), "-c".into(), script.into()],
-                ..Default::default()
-            }),
-            attach: attach.is_some(),
-            after_node_seq: attach.unwrap_or(0),
-            traceparent: String::new(),
-            first_message: None,
-        }))),
+        kind: Some(node_pb::dispatcher_frame::Kind::Start(Box::new(
+            node_pb::Start {
+                session_id: session_id.to_string(),
+                epoch,
+                spec: Some(node_pb::SessionSpec {
+                    image: TEST_IMAGE.into(),
+                    runtime: node_pb::Runtime::Jsonl as i32,
+                    runtime_args: vec!["sh".into(), "-c".into(), script.into()],
+                    ..Default::default()
+                }),
+                attach: attach.is_some(),
+                after_node_seq: attach.unwrap_or(0),
+                traceparent: String::new(),
+                first_message: None,
+            },
+        ))),
     }
 }
 

@@ -5,9 +5,9 @@ use uuid::Uuid;
 
 use super::Sessions;
 use crate::error::{Error, Result};
+use crate::handoff::Reservation;
 use crate::ops::audit::{Action, Detail, entry};
 use crate::session::{NewSession, Resource, Session, StatusEvent};
-use crate::handoff::Reservation;
 use crate::store::{Claimed, Created};
 
 /// A display name for a session created without one: the first words of
@@ -156,7 +156,13 @@ impl Sessions {
             claimed,
         } = self
             .store
-            .create_session(project, &new, &fingerprint, &audit, here.as_ref().map(|h| h.0))
+            .create_session(
+                project,
+                &new,
+                &fingerprint,
+                &audit,
+                here.as_ref().map(|h| h.0),
+            )
             .await?;
         // AIP-155: a request_id names one request; another one under it is
         // refused rather than answered with the first one's session.
@@ -188,7 +194,13 @@ impl Sessions {
             tracing::info!(session_id = %s.id, "the claim loop stopped; the session goes back to the queue");
             let reason = "dispatcher shut down before the session started";
             self.log
-                .transition_at(s.id, s.epoch, StatusEvent::NodeLost, reason, Default::default())
+                .transition_at(
+                    s.id,
+                    s.epoch,
+                    StatusEvent::NodeLost,
+                    reason,
+                    Default::default(),
+                )
                 .await?;
         }
         Ok(())
@@ -321,7 +333,13 @@ impl Sessions {
             ..
         } = self
             .store
-            .create_session(project, &new, &new.fingerprint(), &audit, here.as_ref().map(|h| h.0))
+            .create_session(
+                project,
+                &new,
+                &new.fingerprint(),
+                &audit,
+                here.as_ref().map(|h| h.0),
+            )
             .await?;
         if let (Some(claimed), Some((_, reservation))) = (claimed, here) {
             self.start_here(claimed, reservation).await?;
