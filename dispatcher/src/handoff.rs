@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::mpsc;
 
+use crate::log::EventLog;
+use crate::session::StatusEvent;
 use crate::store::Claimed;
 
 /// The creating side: whether a new session may start here, and where it
@@ -79,6 +81,30 @@ impl<T> Handoff<T> {
     /// it back when the loop has stopped (this dispatcher is shutting down).
     pub(crate) fn send(&self, claimed: T, reservation: Reservation) -> Result<(), T> {
         self.tx.send((claimed, reservation)).map_err(|e| e.0.0)
+    }
+}
+
+/// Puts a session claimed at its creation, that no driver will take (this
+/// dispatcher is shutting down), back in the queue: another dispatcher
+/// starts it. One the log cannot move now is re-queued by the janitor once
+/// this dispatcher's lease lapses.
+pub(crate) async fn give_back(log: &EventLog, claimed: &Claimed) {
+    let s = &claimed.session;
+    let reason = "the dispatcher that claimed it shut down before it started";
+    let back = log.transition_at(
+        s.id,
+        s.epoch,
+        StatusEvent::NodeLost,
+        reason,
+        Default::default(),
+    );
+    match back.await {
+        Ok(_) => {
+            tracing::info!(session_id = %s.id, "claimed at creation, given back to the queue at shutdown")
+        }
+        Err(e) => {
+            tracing::warn!(session_id = %s.id, error = %e, "could not give back a session claimed at creation; the janitor re-queues it after this dispatcher's lease")
+        }
     }
 }
 

@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use crate::driver::{self, Ctx};
 use crate::handoff::HandedOff;
-use crate::session::StatusEvent;
 use crate::store::{EVENTS_CHANNEL, QUEUE_CHANNEL};
 
 /// Most sessions claimed in one statement.
@@ -71,24 +70,10 @@ pub(crate) async fn claim_loop(ctx: Arc<Ctx>, owner: String, drivers: TaskTracke
 }
 
 /// At shutdown: what the API claimed at creation and no driver took yet
-/// goes back to the queue (another dispatcher starts it).
+/// goes back to the queue.
 async fn requeue_handed_off(ctx: &Ctx, handed_off: HandedOff) {
     for claim in handed_off.close() {
-        let s = &claim.session;
-        let reason = "dispatcher shut down before the session started";
-        if let Err(e) = ctx
-            .log
-            .transition_at(
-                s.id,
-                s.epoch,
-                StatusEvent::NodeLost,
-                reason,
-                Default::default(),
-            )
-            .await
-        {
-            tracing::warn!(session_id = %s.id, error = %e, "could not re-queue a session claimed at creation; the janitor will, after this dispatcher's lease");
-        }
+        crate::handoff::give_back(&ctx.log, &claim).await;
     }
 }
 

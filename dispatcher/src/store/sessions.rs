@@ -308,9 +308,10 @@ impl Store {
             SessionStatus::Pending.event_type(),
             payload::to_json(&pending),
         )];
-        if let Some(text) = &new.initial_message {
+        let first_message = new.initial_message.as_ref().map(|text| {
             events.push(NewEvent::user_message(text));
-        }
+            (events.len() as i64, text)
+        });
         let seqs: Vec<i64> = (1..=events.len() as i64).collect();
         let traceparent = berth_common::traces::current();
         let claim = StatusChange {
@@ -366,13 +367,8 @@ impl Store {
                 // Its first input is the message it was created with.
                 let claimed = (session.status == SessionStatus::Starting).then(|| Claimed {
                     session: session.clone(),
-                    first_input: new.initial_message.as_ref().map(|text| {
-                        FirstInput::new(
-                            seqs[1],
-                            ev::USER_MESSAGE,
-                            text.clone(),
-                            traceparent.clone(),
-                        )
+                    first_input: first_message.map(|(seq, text)| {
+                        FirstInput::new(seq, ev::USER_MESSAGE, text.clone(), traceparent.clone())
                     }),
                 });
                 Ok(Created {

@@ -48,17 +48,20 @@ impl Relay<'_> {
         Box::pin(self.load_tools()).await?;
         Box::pin(self.start_credentials()).await?;
         loop {
-            // Each handler runs boxed: a held session's future is only what
-            // it waits on (thousands of idle sessions each kept the largest
-            // handler's state inline: kilobytes apiece).
+            // The rare handlers run boxed, so a held session's future is
+            // mostly what it waits on (thousands of idle sessions each kept
+            // the largest handler's state inline: kilobytes apiece). A
+            // frame's handler stays inline, with no allocation per event;
+            // its own rare steps box themselves.
             let flow = tokio::select! {
                 () = sleep_until(self.credentials.next_due()) => {
                     Box::pin(self.on_credentials_due()).await?;
                     Flow::Continue
                 }
                 () = sleep_until(self.tools.next_deadline()) => Box::pin(self.on_tool_timeout()).await?,
-                frame = self.link.frames.message() => Box::pin(self.on_frame(frame)).await?,
-                _ = self.ack_tick.tick() => Box::pin(self.ack()).await,
+                // Per frame: inline (its rare steps box themselves).
+                frame = self.link.frames.message() => self.on_frame(frame).await?,
+                _ = self.ack_tick.tick() => self.ack().await,
                 item = recv(&mut self.feed) => Box::pin(self.on_input(item)).await?,
                 expiry = self.deadlines.expired() => Box::pin(self.on_expiry(expiry)).await?,
                 // The node missed its lease: its stream may never end by itself.
@@ -120,24 +123,24 @@ impl Relay<'_> {
                 node_frame::Kind::Checkpoint(c) => {
                     // The session resumes from it if this run is lost.
                     let (ctx, id) = (self.ctx, self.session.id);
-                    durably(ctx, || {
+                    Box::pin(durably(ctx, || {
                         ctx.store
                             .record_checkpoint(id, &c.snapshot_key, c.snapshot_bytes)
-                    })
+                    }))
                     .await?;
                     tracing::debug!(key = %c.snapshot_key, bytes = c.snapshot_bytes, "checkpoint recorded");
                     Ok(Flow::Continue)
                 }
                 node_frame::Kind::CredentialUse(u) => {
                     if u.rejected {
-                        self.on_credential_rejected(&u.credential_id).await?;
+                        Box::pin(self.on_credential_rejected(&u.credential_id)).await?;
                     } else {
-                        self.ctx.credential_used(&u).await;
+                        Box::pin(self.ctx.credential_used(&u)).await;
                     }
                     Ok(Flow::Continue)
                 }
                 node_frame::Kind::Exited(x) => {
-                    let flow = self.on_exit(x).await;
+                    let flow = Box::pin(self.on_exit(x)).await;
                     // Recorded (or refused for good): the node may forget the run.
                     self.send(dispatcher_frame::Kind::Ack(pb::Ack { node_seq }))
                         .await;
@@ -159,7 +162,7 @@ impl Relay<'_> {
                 };
                 tracing::warn!(node = %self.link.placed.link.key(), %why, "lost the node running this session; rescheduling");
                 let reason = format!("node link lost: {why}");
-                self.transition(StatusEvent::NodeLost, &reason, StatusDetail::default())
+                Box::pin(self.transition(StatusEvent::NodeLost, &reason, StatusDetail::default()))
                     .await?;
                 Ok(Flow::Done)
             }
@@ -195,7 +198,10 @@ impl Relay<'_> {
         if let Some(runtime_id) = runtime_id {
             self.runtime_id_seen = true;
             let ctx = self.ctx;
-            durably(ctx, || ctx.store.set_runtime_session_id(id, &runtime_id)).await?;
+            Box::pin(durably(ctx, || {
+                ctx.store.set_runtime_session_id(id, &runtime_id)
+            }))
+            .await?;
         }
         Ok(flow)
     }
@@ -211,7 +217,7 @@ impl Relay<'_> {
         if turn_end.is_none()
             && let Some(effect) = self.tool_effect(&events)
         {
-            return self.on_tool_line(events, node_seq, effect).await;
+            return Box::pin(self.on_tool_line(events, node_seq, effect)).await;
         }
         let Some(u) = turn_end else {
             self.ctx
@@ -220,6 +226,18 @@ impl Relay<'_> {
                 .await?;
             return Ok(Flow::Continue);
         };
+        Box::pin(self.on_turn_end(events, node_seq, u)).await
+    }
+
+    /// A line that ends a turn: it commits with the turn's usage, and the
+    /// session goes idle when no other turn is open.
+    async fn on_turn_end(
+        &mut self,
+        events: Vec<crate::session::NewEvent>,
+        node_seq: i64,
+        u: pb::TurnUsage,
+    ) -> Result<Flow> {
+        let (id, epoch) = (self.session.id, self.session.epoch);
         let turn = usage::account(&self.runtime_totals, &u.into());
         if turn.restarted {
             tracing::warn!(before = ?self.runtime_totals, after = ?turn.totals,

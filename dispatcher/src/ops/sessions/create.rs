@@ -5,10 +5,9 @@ use uuid::Uuid;
 
 use super::Sessions;
 use crate::error::{Error, Result};
-use crate::handoff::Reservation;
 use crate::ops::audit::{Action, Detail, entry};
-use crate::session::{NewSession, Resource, Session, StatusEvent};
-use crate::store::{Claimed, Created};
+use crate::session::{NewSession, Resource, Session};
+use crate::store::{AuditEntry, Created};
 
 /// A display name for a session created without one: the first words of
 /// its first message (up to 60 characters), else its agent or image.
@@ -148,22 +147,12 @@ impl Sessions {
             new.display_name = display_name_for(&new);
         }
         let audit = entry(by, Action::SessionCreate, origin.detail(&new));
-        let here = self.handoff.reserve(self.nodes.free_slots());
         let Created {
             session,
             created,
             asked,
-            claimed,
-        } = self
-            .store
-            .create_session(
-                project,
-                &new,
-                &fingerprint,
-                &audit,
-                here.as_ref().map(|h| h.0),
-            )
-            .await?;
+            ..
+        } = self.insert(project, &new, &fingerprint, &audit).await?;
         // AIP-155: a request_id names one request; another one under it is
         // refused rather than answered with the first one's session.
         if asked.is_some_and(|a| a != fingerprint) {
@@ -178,32 +167,32 @@ impl Sessions {
         if created {
             metrics::counter!(crate::metrics::SESSIONS_CREATED).increment(1);
             tracing::info!(session_id = %session.id, project, image = %session.spec.image, "session created");
-            if let (Some(claimed), Some((_, reservation))) = (claimed, here) {
-                self.start_here(claimed, reservation).await?;
-            }
         }
         Ok(session)
     }
 
-    /// A session the create claimed for this dispatcher goes to its claim
-    /// loop; one the loop can no longer take (it stopped since) goes back
-    /// to the queue.
-    async fn start_here(&self, claimed: Claimed, reservation: Reservation) -> Result<()> {
-        if let Err(claimed) = self.handoff.send(claimed, reservation) {
-            let s = &claimed.session;
-            tracing::info!(session_id = %s.id, "the claim loop stopped; the session goes back to the queue");
-            let reason = "dispatcher shut down before the session started";
-            self.log
-                .transition_at(
-                    s.id,
-                    s.epoch,
-                    StatusEvent::NodeLost,
-                    reason,
-                    Default::default(),
-                )
-                .await?;
+    /// Stores a new session (or finds the one its request id made): claimed
+    /// here in the same statement when this dispatcher has a slot for it
+    /// and nothing waits, and then handed to this dispatcher's claim loop
+    /// (or, if that has stopped, given back to the queue).
+    async fn insert(
+        &self,
+        project: &str,
+        new: &NewSession,
+        fingerprint: &[u8],
+        audit: &AuditEntry,
+    ) -> Result<Created> {
+        let here = self.handoff.reserve(self.nodes.free_slots());
+        let mut stored = self
+            .store
+            .create_session(project, new, fingerprint, audit, here.as_ref().map(|h| h.0))
+            .await?;
+        if let (Some(claimed), Some((_, reservation))) = (stored.claimed.take(), here)
+            && let Err(claimed) = self.handoff.send(claimed, reservation)
+        {
+            crate::handoff::give_back(&self.log, &claimed).await;
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// Checks that `agent` (`NAME` or `NAME@VERSION`) exists in `project`
@@ -325,25 +314,9 @@ impl Sessions {
         };
         let from = berth_common::names::session_name(id);
         let audit = entry(by, Action::SessionClone, Detail::ClonedFrom { from });
-        // Claimed here when there is room, like any new session.
-        let here = self.handoff.reserve(self.nodes.free_slots());
-        let Created {
-            session: clone,
-            claimed,
-            ..
-        } = self
-            .store
-            .create_session(
-                project,
-                &new,
-                &new.fingerprint(),
-                &audit,
-                here.as_ref().map(|h| h.0),
-            )
+        let Created { session: clone, .. } = self
+            .insert(project, &new, &new.fingerprint(), &audit)
             .await?;
-        if let (Some(claimed), Some((_, reservation))) = (claimed, here) {
-            self.start_here(claimed, reservation).await?;
-        }
         tracing::info!(session_id = %clone.id, from = %id, "session cloned");
         Ok(clone)
     }
