@@ -5,7 +5,10 @@
 //! - every write for a session goes through one ordered queue per dispatcher,
 //!   so a session's events, usage rows and status changes are persisted in the
 //!   order they were submitted; writes queued while a statement is in flight
-//!   are committed together in the next one (no per-event round trip);
+//!   are committed together in the next one (no per-event round trip). The
+//!   one write beside the queue releases dead dispatchers' sessions, which no
+//!   run of this dispatcher writes to (it is fenced by status and epoch like
+//!   any status change);
 //! - writes from a run carry its epoch and are refused once the session has
 //!   moved to a newer run, so a superseded run can add nothing to the log;
 //! - a follower subscribes to the hub *before* reading history and drops
@@ -30,7 +33,8 @@ use crate::error::{Error, Result};
 use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent, StatusEvent};
 use crate::store::{
-    Append, Change, Placement, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded,
+    Abandoned, Append, Change, Orphan, Placement, Released, Store, ToolEffect, ToolOutcome,
+    Transitioned, UsageRecorded,
 };
 
 /// Most writes committed in one statement.
@@ -353,6 +357,34 @@ impl EventLog {
         }))
         .await?;
         rx.await.map_err(writer_stopped)?
+    }
+
+    /// Releases a page of the sessions `whose` dispatcher left (see
+    /// [`Store::release_orphans`]) beside the writer's queue, publishes their
+    /// status changes, and wakes the claim loops for the re-queued ones.
+    pub(crate) async fn release_orphans(
+        &self,
+        whose: Abandoned<'_>,
+        why: &(dyn Fn(&Orphan) -> (String, StatusDetail) + Sync),
+    ) -> Result<Released> {
+        let released = self.store.release_orphans(whose, why).await?;
+        let events: Vec<Arc<Event>> = released
+            .moved
+            .iter()
+            .filter_map(|(_, t)| {
+                writer::count_change(t);
+                t.event.clone().map(Arc::new)
+            })
+            .collect();
+        self.hub.publish(&events);
+        if released
+            .moved
+            .iter()
+            .any(|(_, t)| crate::session::SessionStatus::CLAIMABLE.contains(&t.to))
+        {
+            self.store.notify_queue().await?;
+        }
+        Ok(released)
     }
 
     /// Another dispatcher persisted `session`'s events up to `seq`.

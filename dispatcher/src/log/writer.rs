@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::session::Event;
 use crate::session::usage::Turn;
-use crate::store::{Append, Change, Store, ToolEffect, ToolOutcome, UsageRecorded};
+use crate::store::{Append, Change, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded};
 
 /// Whom to tell an append's result, if anyone waits for it.
 type Done = Option<oneshot::Sender<Result<Event>>>;
@@ -293,10 +293,7 @@ impl Writer {
             if let Ok(t) = &r
                 && let Some(e) = &t.event
             {
-                metrics::counter!(m::EVENTS_PERSISTED).increment(1);
-                if t.to.ends_run() {
-                    metrics::counter!(m::SESSIONS_ENDED, "status" => t.to.as_str()).increment(1);
-                }
+                count_change(t);
                 self.hub.publish(&[Arc::new(e.clone())]);
             }
             let _ = c.done.send(r);
@@ -334,6 +331,17 @@ impl Writer {
                 r => return r,
             }
         }
+    }
+}
+
+/// Counts a persisted status change: its event, and the run it ended.
+pub(super) fn count_change(t: &Transitioned) {
+    if t.event.is_none() {
+        return;
+    }
+    metrics::counter!(m::EVENTS_PERSISTED).increment(1);
+    if t.to.ends_run() {
+        metrics::counter!(m::SESSIONS_ENDED, "status" => t.to.as_str()).increment(1);
     }
 }
 

@@ -15,10 +15,13 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 use crate::log::EventLog;
 use crate::session::StatusEvent;
-use crate::store::{ORPHAN_PAGE, Store};
+use crate::store::{Abandoned, ORPHAN_PAGE, Orphan, Store};
 
 /// Most pages of orphans one tick re-queues (the next tick goes on).
 const MAX_ORPHAN_PAGES: usize = 50;
+
+/// How often a dispatcher looks for dead dispatchers' sessions (at most).
+const ORPHAN_SWEEP: Duration = Duration::from_secs(1);
 
 /// How often a dispatcher deletes events past retention.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(600);
@@ -39,7 +42,7 @@ pub(crate) struct Janitor {
 }
 
 impl Janitor {
-    /// Heartbeats every third of the lease, and sweeps on a timer of its
+    /// Heartbeats every third of the lease, and sweeps on timers of their
     /// own: a long sweep (a dead dispatcher's thousands of sessions) never
     /// delays this dispatcher's heartbeat, or the others would take it for
     /// dead too.
@@ -51,7 +54,11 @@ impl Janitor {
     /// theirs before anyone may call them gone.
     pub(crate) async fn run(self) {
         let healthy_since = Mutex::new(None);
-        tokio::join!(self.heartbeats(&healthy_since), self.sweeps(&healthy_since));
+        tokio::join!(
+            self.heartbeats(&healthy_since),
+            self.orphan_sweeps(&healthy_since),
+            self.sweeps(),
+        );
     }
 
     /// Records this dispatcher alive every third of the lease; `healthy`
@@ -74,20 +81,31 @@ impl Janitor {
         }
     }
 
-    /// The fleet's sweeps, every third of the lease while healthy.
-    async fn sweeps(&self, healthy: &Mutex<Option<Instant>>) {
+    /// Looks for dead dispatchers' sessions every second (a third of the
+    /// lease, if shorter) while healthy: the look is an index probe per
+    /// silent dispatcher, and a second here is a second more of takeover.
+    async fn orphan_sweeps(&self, healthy: &Mutex<Option<Instant>>) {
+        let mut tick = tokio::time::interval((self.lease / 3).min(ORPHAN_SWEEP));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if lock(healthy).is_some_and(|since| since.elapsed() >= self.lease) {
+                self.requeue_orphans().await;
+            }
+        }
+    }
+
+    /// The fleet's other sweeps, every third of the lease.
+    async fn sweeps(&self) {
         let mut tick = tokio::time::interval(self.lease / 3);
         let mut last_retention: Option<Instant> = None;
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
-            }
-            let Some(since) = *lock(healthy) else {
-                continue;
-            };
-            if since.elapsed() >= self.lease {
-                self.requeue_orphans().await;
             }
             self.expire_queued().await;
             if last_retention.is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL) {
@@ -102,65 +120,41 @@ impl Janitor {
     /// page is not full, so a dead dispatcher's thousands of sessions wait
     /// for no further tick.
     async fn requeue_orphans(&self) {
-        for _ in 0..MAX_ORPHAN_PAGES {
-            if self.requeue_orphan_page().await < ORPHAN_PAGE {
-                return;
-            }
-        }
-    }
-
-    /// One page of [`Self::requeue_orphans`]: how many orphans it found.
-    async fn requeue_orphan_page(&self) -> usize {
-        let orphans = match self.store.orphaned(self.lease).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!(error = %e, "looking for orphaned sessions failed");
-                return 0;
-            }
-        };
-        let found = orphans.len();
-        // All at once: the writer commits them in a few statements, where
-        // one at a time a dead dispatcher's thousands of sessions waited
-        // behind each other for seconds.
-        let requeues = orphans.iter().map(|o| async move {
-            let reason = orphan_reason(o, "stopped heartbeating");
+        let why = |o: &Orphan| {
             let detail = StatusDetail {
                 owner: Some(o.owner.clone()),
                 ..StatusDetail::default()
             };
-            let r = self
+            (orphan_reason(o, "stopped heartbeating"), detail)
+        };
+        for _ in 0..MAX_ORPHAN_PAGES {
+            let released = match self
                 .log
-                .transition_at(o.id, o.epoch, StatusEvent::NodeLost, &reason, detail)
-                .await;
-            match r {
-                Ok(_) => {
-                    tracing::info!(session_id = %o.id, owner = %o.owner, "re-queued a session its dispatcher abandoned");
-                    Some(o.owner.as_str())
-                }
-                // Another dispatcher got there first, or it just ended.
-                Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => None,
+                .release_orphans(Abandoned::Lapsed(self.lease), &why)
+                .await
+            {
+                Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(session_id = %o.id, error = %e, "could not re-queue an orphaned session");
-                    None
+                    tracing::warn!(error = %e, "re-queuing orphaned sessions failed");
+                    return;
                 }
+            };
+            let mut by_owner = std::collections::BTreeMap::<&str, usize>::new();
+            for (o, t) in &released.moved {
+                tracing::info!(session_id = %o.id, owner = %o.owner, to = %t.to, "released a session its dispatcher abandoned");
+                *by_owner.entry(o.owner.as_str()).or_default() += 1;
             }
-        });
-        let mut by_owner = std::collections::BTreeMap::<&str, usize>::new();
-        for owner in futures::future::join_all(requeues)
-            .await
-            .into_iter()
-            .flatten()
-        {
-            *by_owner.entry(owner).or_default() += 1;
+            for (owner, sessions) in by_owner {
+                tracing::warn!(
+                    owner,
+                    sessions,
+                    "re-queued the sessions of a dispatcher that stopped heartbeating"
+                );
+            }
+            if released.found < ORPHAN_PAGE {
+                return;
+            }
         }
-        for (owner, sessions) in by_owner {
-            tracing::warn!(
-                owner,
-                sessions,
-                "re-queued the sessions of a dispatcher that stopped heartbeating"
-            );
-        }
-        found
     }
 
     /// Fails pending sessions still unplaced at their queue deadline.
@@ -212,7 +206,7 @@ impl Janitor {
 /// Why a session its dispatcher left changes status: a stop under way
 /// ends it `stopped` (a user's stop never becomes a restart), anything else
 /// goes back to the queue.
-fn orphan_reason(o: &crate::store::Orphan, what: &str) -> String {
+fn orphan_reason(o: &Orphan, what: &str) -> String {
     if o.status == crate::session::SessionStatus::Stopping.as_str() {
         format!(
             "dispatcher {} {what} while the session was stopping; stopped",
@@ -223,9 +217,10 @@ fn orphan_reason(o: &crate::store::Orphan, what: &str) -> String {
     }
 }
 
-/// Releases the sessions a previous process under `owner` (a restarted
-/// dispatcher keeps its id) left claimed: each is re-queued at once, or
-/// ends `stopped` if a stop was under way. Retries while Postgres is
+/// Records this dispatcher alive, then releases the sessions a previous
+/// process under `owner` (a restarted dispatcher keeps its id) left claimed:
+/// each is re-queued at once, or ends `stopped` if a stop was under way.
+/// Runs before this process claims anything. Retries while Postgres is
 /// unreachable, until it succeeds or shutdown.
 pub(crate) async fn release_previous(
     store: &Store,
@@ -235,35 +230,35 @@ pub(crate) async fn release_previous(
 ) {
     let mut backoff =
         berth_common::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let owned = loop {
-        match store.owned_by(owner).await {
-            Ok(o) => break o,
+    let why = |o: &Orphan| {
+        let detail = StatusDetail {
+            owner: Some(o.owner.clone()),
+            ..StatusDetail::default()
+        };
+        (orphan_reason(o, "restarted"), detail)
+    };
+    loop {
+        let page = async {
+            store.heartbeat(owner).await?;
+            log.release_orphans(Abandoned::Owner(owner), &why).await
+        };
+        match page.await {
+            Ok(released) => {
+                for (o, t) in &released.moved {
+                    tracing::warn!(session_id = %o.id, to = %t.to, "released a session a previous process under this id left");
+                }
+                if released.found < ORPHAN_PAGE {
+                    return;
+                }
+                backoff.reset();
+            }
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot read the sessions a previous process left; retrying");
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot release the sessions a previous process left; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
-            }
-        }
-    };
-    for o in owned {
-        let reason = orphan_reason(&o, "restarted");
-        let detail = StatusDetail {
-            owner: Some(owner.to_string()),
-            ..StatusDetail::default()
-        };
-        match log
-            .transition_at(o.id, o.epoch, StatusEvent::NodeLost, &reason, detail)
-            .await
-        {
-            Ok(t) => {
-                tracing::warn!(session_id = %o.id, to = %t.to, "released a session a previous process under this id left")
-            }
-            Err(Error::Transition(_) | Error::Conflict | Error::Superseded { .. }) => {}
-            Err(e) => {
-                tracing::warn!(session_id = %o.id, error = %e, "could not release a session a previous process left")
             }
         }
     }

@@ -5,6 +5,7 @@
 //! - [`sessions`]: the session rows and their status (compare-and-set);
 //! - [`events`]: each session's log, usage and retention;
 //! - [`queue`]: claims, dispatcher liveness and the queue's sweeps;
+//! - [`orphans`]: releasing the sessions of a dispatcher that died or restarted;
 //! - [`agents`]: agents with their versions, and uploaded files;
 //! - [`access`]: API keys and secrets;
 //! - [`credentials`]: OAuth credentials' access tokens and refresh leases;
@@ -20,7 +21,9 @@
 //! Rows are read through `#[derive(sqlx::FromRow)]` structs and converted to
 //! domain types with `TryFrom`, so a new column is one field and one line.
 //! Every write is a single statement: atomic without an explicit
-//! transaction, and one round trip.
+//! transaction, and one round trip. The one exception is the release of
+//! orphans, which reads a page under row locks so that the status machine,
+//! not SQL, plans each change, then moves the page in one statement.
 
 mod access;
 mod agents;
@@ -31,6 +34,7 @@ pub(crate) mod database_url;
 mod events;
 mod feedback;
 pub(crate) mod notices;
+mod orphans;
 mod queue;
 mod runs;
 mod schedules;
@@ -60,7 +64,7 @@ pub(crate) use claimed::{Claimed, FirstInput};
 pub(crate) use credentials::{OAuthRow, Refreshed};
 pub(crate) use events::{Append, Stored, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
-pub(crate) use queue::{ORPHAN_PAGE, Orphan};
+pub(crate) use orphans::{Abandoned, ORPHAN_PAGE, Orphan, Released};
 pub(crate) use runs::RunState;
 pub(crate) use sessions::{Created, SessionFilter};
 pub(crate) use slack::{DueThread, ThreadKey};

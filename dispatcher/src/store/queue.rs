@@ -1,6 +1,7 @@
-//! The queue: batched claims, dispatcher liveness, and the sweeps that find
-//! orphaned and expired sessions. Status names in these statements come from
-//! [`SessionStatus`], so the queue and the status machine cannot disagree.
+//! The queue: batched claims, dispatcher liveness, and the sweep that finds
+//! expired sessions (orphans are in [`super::orphans`]). Status names in
+//! these statements come from [`SessionStatus`], so the queue and the status
+//! machine cannot disagree.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -87,20 +88,6 @@ INSERT INTO dispatchers (id, heartbeat_time) VALUES ($1, now())
 ON CONFLICT (id) DO UPDATE SET heartbeat_time = now()
 "#;
 
-    /// Claimed sessions ({claimed}: a dispatcher drives them) whose owner has
-    /// not heartbeated within $1 seconds: their dispatcher is gone.
-    /// (`owner <> ''`: claimed sessions only.)
-    pub const ORPHANED_SESSIONS: &str = r#"
-SELECT s.id, s.epoch, s.owner, s.status FROM sessions s
-WHERE s.status IN ({claimed})
-  AND s.owner <> ''
-  AND NOT EXISTS (
-      SELECT 1 FROM dispatchers d
-      WHERE d.id = s.owner AND d.heartbeat_time > now() - make_interval(secs => $1)
-  )
-LIMIT {orphan_page}
-"#;
-
     /// Holds a session back from the next claim: a backoff that doubles
     /// with each start in a row that found no node (0.5 s, 1 s, … up to
     /// 30 s), with jitter (×0.5 to ×1.5). Set before the session goes back
@@ -112,13 +99,6 @@ SET claim_after = now() + least(30.0, 0.5 * power(2, least(requeues, 10))) * (0.
     requeues = requeues + 1
 WHERE id = $1 AND epoch = $2
 RETURNING claim_after - now() AS delay
-"#;
-
-    /// Claimed sessions ({claimed}) owned by $1: at a dispatcher's start,
-    /// those a previous process under the same id left.
-    pub const OWNED_SESSIONS: &str = r#"
-SELECT s.id, s.epoch, s.owner, s.status FROM sessions s
-WHERE s.status IN ({claimed}) AND s.owner = $1
 "#;
 
     /// Queued sessions whose queue deadline has passed and that were never
@@ -148,38 +128,19 @@ GROUP BY status
 /// Fills a statement's `{…}` status lists from [`SessionStatus`].
 fn statuses(sql: &str) -> String {
     use SessionStatus::*;
-    let claimed = [Starting, Running, Idle, Stopping];
     let open = SessionStatus::ALL.into_iter().filter(|s| s.is_open());
     sql.replace("{moved}", sql::MOVE_CLAIMED)
         .replace("{session_columns}", SESSION_COLUMNS)
         .replace("{claimable}", &status_literals(SessionStatus::CLAIMABLE))
         .replace("{rescheduling}", Rescheduling.as_str())
         .replace("{starting}", Starting.as_str())
-        .replace("{claimed}", &status_literals(claimed))
         .replace("{open}", &status_literals(open))
 }
 
 static CLAIM_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_SESSIONS));
 static CLAIM_REATTACH: LazyLock<String> = LazyLock::new(|| statuses(sql::CLAIM_REATTACH));
-static ORPHANED_SESSIONS: LazyLock<String> = LazyLock::new(|| {
-    statuses(sql::ORPHANED_SESSIONS).replace("{orphan_page}", &ORPHAN_PAGE.to_string())
-});
-
-/// Most orphaned sessions one look finds.
-pub(crate) const ORPHAN_PAGE: usize = 1000;
-static OWNED_SESSIONS: LazyLock<String> = LazyLock::new(|| statuses(sql::OWNED_SESSIONS));
 static EXPIRED_PENDING: LazyLock<String> = LazyLock::new(|| statuses(sql::EXPIRED_PENDING));
 static OPEN_COUNTS: LazyLock<String> = LazyLock::new(|| statuses(sql::OPEN_COUNTS));
-
-/// A live session whose dispatcher stopped heartbeating.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub(crate) struct Orphan {
-    pub id: Uuid,
-    pub epoch: i64,
-    pub owner: String,
-    /// Its status as its owner left it.
-    pub status: String,
-}
 
 /// A row of a claim statement: the session and its first input.
 #[derive(sqlx::FromRow)]
@@ -290,22 +251,6 @@ impl Store {
         }))
     }
 
-    /// Claimed sessions owned by `owner`.
-    pub(crate) async fn owned_by(&self, owner: &str) -> Result<Vec<Orphan>> {
-        Ok(sqlx::query_as(AssertSqlSafe(OWNED_SESSIONS.as_str()))
-            .bind(owner)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    /// Live sessions whose owning dispatcher missed its lease.
-    pub(crate) async fn orphaned(&self, lease: Duration) -> Result<Vec<Orphan>> {
-        Ok(sqlx::query_as(AssertSqlSafe(ORPHANED_SESSIONS.as_str()))
-            .bind(lease.as_secs_f64())
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
     /// Never-placed queued sessions past their queue deadline, with their epochs.
     pub(crate) async fn expired_pending(&self) -> Result<Vec<(Uuid, i64)>> {
         Ok(sqlx::query_as(AssertSqlSafe(EXPIRED_PENDING.as_str()))
@@ -343,14 +288,12 @@ mod tests {
         for s in [
             &*CLAIM_SESSIONS,
             &*CLAIM_REATTACH,
-            &*ORPHANED_SESSIONS,
             &*EXPIRED_PENDING,
             &*OPEN_COUNTS,
         ] {
             for hole in [
                 "{claimable}",
                 "{starting}",
-                "{claimed}",
                 "{open}",
                 "{moved}",
                 "{rescheduling}",

@@ -119,7 +119,7 @@ pub(crate) struct Change<'a> {
 }
 
 /// A change the status machine allowed, as the statement applies it.
-struct Planned {
+pub(super) struct Planned {
     index: usize,
     id: Uuid,
     from: SessionStatus,
@@ -163,10 +163,7 @@ impl Store {
         &self,
         changes: &[Change<'_>],
     ) -> Result<Vec<Option<Result<Transitioned>>>> {
-        let mut positions: HashMap<Uuid, (SessionStatus, i64)> = changes
-            .iter()
-            .filter_map(|c| Some((c.id, (c.assumed?, c.epoch?))))
-            .collect();
+        let mut positions = assumed_positions(changes);
         let ids: Vec<Uuid> = changes
             .iter()
             .map(|c| c.id)
@@ -184,87 +181,124 @@ impl Store {
                 positions.insert(id, (status, epoch));
             }
         }
-        let mut out: Vec<Option<Result<Transitioned>>> = Vec::with_capacity(changes.len());
-        let mut planned = Vec::new();
-        for (index, c) in changes.iter().enumerate() {
-            match plan(c, positions.get(&c.id)) {
-                Ok(Plan::Change(p)) => {
-                    out.push(None);
-                    planned.push(Planned { index, ..*p });
-                }
-                Ok(Plan::Stays(to)) => out.push(Some(Ok(Transitioned { to, event: None }))),
-                Err(e) => out.push(Some(Err(e))),
-            }
-        }
+        let (mut out, planned) = plan_all(changes, &positions);
         if planned.is_empty() {
             return Ok(out);
         }
-        // One lock order for every writer: by session id.
-        planned.sort_by_key(|p| p.id);
-        let col = |f: fn(&Planned) -> &str| planned.iter().map(f).collect::<Vec<_>>();
-        let rows: Vec<(Uuid, i64, DateTime<Utc>)> =
-            sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
-                .bind(planned.iter().map(|p| p.id).collect::<Vec<_>>())
-                .bind(col(|p| p.from.as_str()))
-                .bind(col(|p| p.to.as_str()))
-                .bind(col(|p| p.reason.as_str()))
-                .bind(planned.iter().map(|p| !p.to.is_live()).collect::<Vec<_>>())
-                .bind(planned.iter().map(|p| p.event_id).collect::<Vec<_>>())
-                .bind(col(|p| p.kind.as_str()))
-                .bind(col(|p| p.payload.as_str()))
-                .bind(planned.iter().map(|p| p.epoch).collect::<Vec<_>>())
-                .bind(
-                    planned
-                        .iter()
-                        .map(|p| p.traceparent.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    planned
-                        .iter()
-                        .map(|p| p.placement.as_ref().map(|n| n.node.as_str()))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    planned
-                        .iter()
-                        .map(|p| p.placement.as_ref().is_some_and(|n| n.attached))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    planned
-                        .iter()
-                        .map(|p| p.placement.as_ref().map_or(0, |n| n.input_seq))
-                        .collect::<Vec<_>>(),
-                )
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = apply(&self.pool, &planned).await?;
         self.notices
             .events(rows.iter().map(|(id, seq, _)| (*id, *seq)));
-        let landed: HashMap<Uuid, (i64, DateTime<Utc>)> = rows
-            .into_iter()
-            .map(|(id, seq, at)| (id, (seq, at)))
-            .collect();
-        for p in planned {
-            let Some(&(seq, create_time)) = landed.get(&p.id) else {
-                continue;
-            };
-            out[p.index] = Some(Ok(Transitioned {
-                to: p.to,
-                event: Some(Event {
-                    session_id: p.id,
-                    seq,
-                    id: p.event_id,
-                    kind: p.kind,
-                    create_time,
-                    payload: p.payload,
-                    raw: None,
-                    line_seq: 0,
-                    traceparent: p.traceparent,
-                }),
-            }));
-        }
+        landed(&mut out, planned, rows);
         Ok(out)
+    }
+}
+
+/// The positions the changes assume (status and epoch), where they do.
+pub(super) fn assumed_positions(changes: &[Change<'_>]) -> HashMap<Uuid, (SessionStatus, i64)> {
+    changes
+        .iter()
+        .filter_map(|c| Some((c.id, (c.assumed?, c.epoch?))))
+        .collect()
+}
+
+/// Plans each change at its session's position: the outcome of each that
+/// needs no statement, and the changes to apply, sorted by session id (one
+/// lock order for every writer).
+pub(super) fn plan_all(
+    changes: &[Change<'_>],
+    positions: &HashMap<Uuid, (SessionStatus, i64)>,
+) -> (Vec<Option<Result<Transitioned>>>, Vec<Planned>) {
+    let mut out: Vec<Option<Result<Transitioned>>> = Vec::with_capacity(changes.len());
+    let mut planned = Vec::new();
+    for (index, c) in changes.iter().enumerate() {
+        match plan(c, positions.get(&c.id)) {
+            Ok(Plan::Change(p)) => {
+                out.push(None);
+                planned.push(Planned { index, ..*p });
+            }
+            Ok(Plan::Stays(to)) => out.push(Some(Ok(Transitioned { to, event: None }))),
+            Err(e) => out.push(Some(Err(e))),
+        }
+    }
+    planned.sort_by_key(|p| p.id);
+    (out, planned)
+}
+
+/// Runs [`sql::TRANSITION`] for `planned` on `db` (the pool, or a
+/// transaction that holds the rows): the session, seq and time of each
+/// change that applied.
+pub(super) async fn apply<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    planned: &[Planned],
+) -> Result<Vec<(Uuid, i64, DateTime<Utc>)>> {
+    let col = |f: fn(&Planned) -> &str| planned.iter().map(f).collect::<Vec<_>>();
+    Ok(sqlx::query_as(AssertSqlSafe(TRANSITION.as_str()))
+        .bind(planned.iter().map(|p| p.id).collect::<Vec<_>>())
+        .bind(col(|p| p.from.as_str()))
+        .bind(col(|p| p.to.as_str()))
+        .bind(col(|p| p.reason.as_str()))
+        .bind(planned.iter().map(|p| !p.to.is_live()).collect::<Vec<_>>())
+        .bind(planned.iter().map(|p| p.event_id).collect::<Vec<_>>())
+        .bind(col(|p| p.kind.as_str()))
+        .bind(col(|p| p.payload.as_str()))
+        .bind(planned.iter().map(|p| p.epoch).collect::<Vec<_>>())
+        .bind(
+            planned
+                .iter()
+                .map(|p| p.traceparent.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            planned
+                .iter()
+                .map(|p| p.placement.as_ref().map(|n| n.node.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            planned
+                .iter()
+                .map(|p| p.placement.as_ref().is_some_and(|n| n.attached))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            planned
+                .iter()
+                .map(|p| p.placement.as_ref().map_or(0, |n| n.input_seq))
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(db)
+        .await?)
+}
+
+/// Fills in the outcome of each planned change that `rows` say applied;
+/// the others stay `None` (another writer moved the session first).
+pub(super) fn landed(
+    out: &mut [Option<Result<Transitioned>>],
+    planned: Vec<Planned>,
+    rows: Vec<(Uuid, i64, DateTime<Utc>)>,
+) {
+    let landed: HashMap<Uuid, (i64, DateTime<Utc>)> = rows
+        .into_iter()
+        .map(|(id, seq, at)| (id, (seq, at)))
+        .collect();
+    for p in planned {
+        let Some(&(seq, create_time)) = landed.get(&p.id) else {
+            continue;
+        };
+        out[p.index] = Some(Ok(Transitioned {
+            to: p.to,
+            event: Some(Event {
+                session_id: p.id,
+                seq,
+                id: p.event_id,
+                kind: p.kind,
+                create_time,
+                payload: p.payload,
+                raw: None,
+                line_seq: 0,
+                traceparent: p.traceparent,
+            }),
+        }));
     }
 }
 

@@ -416,3 +416,70 @@ async fn a_stalled_node_loses_only_the_turn_in_flight_and_its_return_changes_not
     stop_and_wait(&mut c, &s.name).await?;
     cluster.shutdown().await
 }
+
+/// A dead dispatcher's thousands of sessions are released in pages, each a
+/// transaction of its own beside the event writer: 2 500 sessions it left
+/// stopping (more than two pages) all end `stopped` within seconds of its
+/// lease running out, each once, each saying whose death stopped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_a_dead_dispatchers_sessions_are_released_within_seconds() -> anyhow::Result<()>
+{
+    const LEFT: i64 = 2_500;
+    let cluster = TestCluster::builder().nodes(1).start().await?;
+    let mut c = cluster.client();
+    let model = idle_session(&mut c, fake_session("echo model")).await?;
+    stop_and_wait(&mut c, &model.name).await?;
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.database_url).await?;
+    // Copies of a real session's row, left `stopping` by a dispatcher whose
+    // last heartbeat was a minute ago.
+    sqlx::query(
+        "INSERT INTO dispatchers (id, heartbeat_time) VALUES ('dead-dispatcher', now() - interval '1 minute')",
+    )
+    .execute(&mut db)
+    .await?;
+    sqlx::query(
+        "INSERT INTO sessions
+         SELECT (jsonb_populate_record(s, jsonb_build_object(
+             'id', gen_random_uuid(), 'request_id', NULL, 'status', 'stopping',
+             'owner', 'dead-dispatcher', 'node', '', 'last_seq', 0, 'end_time', NULL))).*
+         FROM sessions s, generate_series(1, $2)
+         WHERE s.id = $1::uuid",
+    )
+    .bind(&model.id)
+    .bind(LEFT)
+    .execute(&mut db)
+    .await?;
+    let left = std::time::Instant::now();
+    let mut open = LEFT;
+    while open > 0 {
+        anyhow::ensure!(
+            left.elapsed() < Duration::from_secs(30),
+            "{open} of {LEFT} sessions still not released after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = sqlx::query_scalar(
+            "SELECT count(*) FROM sessions WHERE owner = 'dead-dispatcher' AND status <> 'stopped'",
+        )
+        .fetch_one(&mut db)
+        .await?;
+    }
+    eprintln!("{LEFT} sessions released in {:?}", left.elapsed());
+    // Each ended once, as a stop (never a re-queue), naming the dead owner.
+    let (ended, sessions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT e.session_id) FROM events e
+         JOIN sessions s ON s.id = e.session_id
+         WHERE s.id <> $1::uuid AND e.type = 'session.status_stopped'
+           AND e.payload::jsonb ->> 'reason' = 'dispatcher dead-dispatcher stopped heartbeating while the session was stopping; stopped'
+           AND e.payload::jsonb ->> 'owner' = 'dead-dispatcher'",
+    )
+    .bind(&model.id)
+    .fetch_one(&mut db)
+    .await?;
+    assert_eq!((ended, sessions), (LEFT, LEFT));
+    let still_owned: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sessions WHERE owner = 'dead-dispatcher'")
+            .fetch_one(&mut db)
+            .await?;
+    assert_eq!(still_owned, 0, "a stopped session keeps no owner");
+    cluster.shutdown().await
+}
