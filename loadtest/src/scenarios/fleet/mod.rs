@@ -403,5 +403,6 @@ impl Figures {
         r.note("memory per open stream: growth of the dispatchers' summed RSS from before the ramp to all sessions running, over the sessions; each session holds one client StreamEvents stream (on its creating dispatcher) and one node RunSession stream (on its owner)");
         r.note("the dispatchers run with no per-caller rate limit (BERTH_API_RATE_LIMIT=0): the driver is one anonymous caller standing in for every session's client");
         r.note("takeover: from the SIGKILL until every session the killed dispatcher owned is running or idle under another owner (polled every 200 ms)");
+        r.note("simulated nodes keep a run 60 s past its dispatcher's stream, with every frame not yet acknowledged, and hand it to the epoch that re-attaches, as nodes do (`--reattach-grace`)");
     }
 }

@@ -12,6 +12,14 @@
 //! - `paced N RATE BYTES`: N such events at RATE per second, each stamped
 //!   with [`clock_us`] when its line leaves the node (`sent_us`);
 //! - anything else: one `agent.message` echoing the text, then `agent.result`.
+//!
+//! As a node does, a run outlives its dispatcher's stream for a grace
+//! period, and a newer epoch re-attaches to it (see [`run`]).
+
+mod run;
+
+pub use run::clock_us;
+use run::{Attach, Link, Started};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,9 +56,8 @@ struct State {
     id: String,
     capacity: u32,
     heartbeat: Duration,
-    /// Sessions running, by id: their epoch, and what ends the run when a
-    /// dispatcher fences it.
-    sessions: Mutex<HashMap<String, (i64, CancellationToken)>>,
+    /// Sessions running, by id.
+    sessions: Mutex<HashMap<String, Held>>,
     /// Bumped on every change of `sessions`, waking load streams.
     changed: watch::Sender<u64>,
     generation: AtomicU64,
@@ -58,14 +65,41 @@ struct State {
     accepted: AtomicU64,
 }
 
+/// A run held here.
+struct Held {
+    epoch: i64,
+    /// Ends the run when a dispatcher fences it.
+    fenced: CancellationToken,
+    /// Hands the run a re-attaching dispatcher's stream.
+    attach: mpsc::Sender<Attach>,
+}
+
 impl State {
     fn running(&self) -> u32 {
         u32::try_from(self.sessions.lock().map(|s| s.len()).unwrap_or(0)).unwrap_or(u32::MAX)
     }
 
-    fn set(&self, id: &str, epoch: i64, fenced: CancellationToken) {
+    /// Holds the run of `id` at `epoch`; a re-attach (no `attach`) keeps
+    /// the run's way in.
+    fn set(
+        &self,
+        id: &str,
+        epoch: i64,
+        fenced: CancellationToken,
+        attach: Option<mpsc::Sender<Attach>>,
+    ) {
         if let Ok(mut s) = self.sessions.lock() {
-            s.insert(id.to_string(), (epoch, fenced));
+            let attach = attach.or_else(|| s.get(id).map(|h| h.attach.clone()));
+            if let Some(attach) = attach {
+                s.insert(
+                    id.to_string(),
+                    Held {
+                        epoch,
+                        fenced,
+                        attach,
+                    },
+                );
+            }
         }
         self.changed.send_modify(|v| *v += 1);
     }
@@ -73,7 +107,7 @@ impl State {
     /// The run of `id` at `epoch` ended (a newer run of it may be here).
     fn unset(&self, id: &str, epoch: i64) {
         if let Ok(mut s) = self.sessions.lock()
-            && s.get(id).is_some_and(|(e, _)| *e == epoch)
+            && s.get(id).is_some_and(|h| h.epoch == epoch)
         {
             s.remove(id);
         }
@@ -85,8 +119,8 @@ impl State {
     fn fence(&self, id: &str, epoch: i64) -> bool {
         let run = self.sessions.lock().ok().and_then(|s| {
             s.get(id)
-                .filter(|(e, _)| *e == epoch)
-                .map(|(_, t)| t.clone())
+                .filter(|h| h.epoch == epoch)
+                .map(|h| h.fenced.clone())
         });
         run.inspect(|t| t.cancel()).is_some()
     }
@@ -183,6 +217,10 @@ impl SimNode {
     }
 }
 
+/// The image a direct session names: its run keeps no journal for a
+/// re-attach, and ends with its stream.
+const DIRECT_IMAGE: &str = "sim:direct";
+
 /// Opens a session directly on a simulated node (no dispatcher in between):
 /// where to send its frames, and its frames back. Epoch 1; the `accepted`
 /// frame comes first.
@@ -196,7 +234,7 @@ pub async fn open_direct(
             session_id: uuid::Uuid::new_v4().to_string(),
             epoch: 1,
             spec: Some(pb::SessionSpec {
-                image: "sim:latest".into(),
+                image: DIRECT_IMAGE.into(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -232,194 +270,42 @@ pub fn direct_message(text: String) -> pb::DispatcherFrame {
 
 struct Api(Arc<State>);
 
-/// One agent line as a real node sends it: the line itself, and the event
-/// made from it.
-fn event(seq: &mut u64, kind: &str, payload: serde_json::Value, end: bool) -> pb::NodeFrame {
-    *seq += 1;
-    let raw = serde_json::json!({"type": "sim", "event": kind, "payload": &payload}).to_string();
-    pb::NodeFrame {
-        node_seq: *seq,
-        kind: Some(node_frame::Kind::Line(pb::RuntimeLine {
-            raw: raw.into_bytes(),
-            events: vec![pb::RuntimeEvent {
-                r#type: kind.into(),
-                payload_json: payload.to_string(),
-            }],
-            turn_end: end.then(|| pb::TurnUsage {
-                total: Some(pb::ModelUsage {
-                    model: "sim".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })),
-    }
-}
-
-fn exited(seq: u64, stopped: bool, reason: &str) -> pb::NodeFrame {
-    pb::NodeFrame {
-        node_seq: seq + 1,
-        kind: Some(node_frame::Kind::Exited(pb::Exited {
-            exit_code: 0,
-            reason: reason.into(),
-            stopped,
-            ..Default::default()
-        })),
-    }
-}
-
-/// Runs one simulated session until it stops, ends by itself, or its
-/// dispatcher goes away.
-async fn run(
-    state: Arc<State>,
-    id: String,
-    mut inbound: Streaming<pb::DispatcherFrame>,
-    tx: mpsc::Sender<Result<pb::NodeFrame, Status>>,
-    first_message: Option<pb::UserMessage>,
-    (epoch, fenced): (i64, CancellationToken),
-) {
-    // Frame 1 was `accepted`.
-    let mut seq = 1u64;
-    let mut hold: Option<tokio::time::Instant> = None;
-    // The start's message is answered first, as a node's agent would.
-    let mut first = first_message.map(|m| pb::DispatcherFrame {
-        epoch: 0,
-        kind: Some(dispatcher_frame::Kind::Message(m)),
-    });
-    loop {
-        if let Some(f) = first.take() {
-            if !answer(f, &mut seq, &tx, &mut hold).await {
-                break;
-            }
-            continue;
-        }
-        let frame = tokio::select! {
-            f = inbound.message() => f,
-            () = fenced.cancelled() => {
-                let _ = tx.send(Ok(exited(seq, true, "fenced"))).await;
-                break;
-            }
-            () = async {
-                match hold {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let _ = tx.send(Ok(exited(seq, false, "finished"))).await;
-                break;
-            }
+impl Api {
+    /// Hands a re-attaching dispatcher's stream to the session's run, or
+    /// refuses when there is none (it ended, or it was never here).
+    async fn attach(
+        &self,
+        start: pb::Start,
+        inbound: Streaming<pb::DispatcherFrame>,
+        tx: run::Frames,
+    ) {
+        let held = self
+            .0
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&start.session_id).map(|h| h.attach.clone()));
+        let a = Attach {
+            link: Link { inbound, tx },
+            epoch: start.epoch,
+            after_node_seq: start.after_node_seq,
         };
-        let Ok(Some(frame)) = frame else { break };
-        if !answer(frame, &mut seq, &tx, &mut hold).await {
-            break;
-        }
+        let refused = match held {
+            Some(run) => match run.send(a).await {
+                Ok(()) => return,
+                Err(e) => e.0.link.tx,
+            },
+            None => a.link.tx,
+        };
+        let _ = refused
+            .send(Ok(pb::NodeFrame {
+                node_seq: 0,
+                kind: Some(node_frame::Kind::Refused(pb::Refused {
+                    reason: "no run of this session to re-attach to".into(),
+                })),
+            }))
+            .await;
     }
-    state.unset(&id, epoch);
-}
-
-/// Answers one frame; false when the session ends.
-async fn answer(
-    frame: pb::DispatcherFrame,
-    seq: &mut u64,
-    tx: &mpsc::Sender<Result<pb::NodeFrame, Status>>,
-    hold: &mut Option<tokio::time::Instant>,
-) -> bool {
-    match frame.kind {
-        Some(dispatcher_frame::Kind::Message(m)) => {
-            let words: Vec<&str> = m.text.split_whitespace().collect();
-            match (words.first().copied(), words.get(1), words.get(2)) {
-                (Some("paced"), Some(n), Some(rate)) => {
-                    let n: u64 = n.parse().unwrap_or(1);
-                    let rate: f64 = rate.parse().unwrap_or(1000.0);
-                    let bytes = words.get(3).and_then(|b| b.parse().ok()).unwrap_or(64);
-                    if !paced(seq, tx, n, rate, bytes).await {
-                        return false;
-                    }
-                }
-                (Some("hold"), Some(ms), _) => {
-                    let ms = ms.parse().unwrap_or(0);
-                    *hold = Some(tokio::time::Instant::now() + Duration::from_millis(ms));
-                }
-                (Some("events"), Some(n), bytes) => {
-                    let n: u64 = n.parse().unwrap_or(1);
-                    let bytes: usize = bytes.and_then(|b| b.parse().ok()).unwrap_or(64);
-                    let text = filler(bytes);
-                    for _ in 0..n {
-                        let e = event(
-                            seq,
-                            "agent.message",
-                            serde_json::json!({ "text": text }),
-                            false,
-                        );
-                        if tx.send(Ok(e)).await.is_err() {
-                            return false;
-                        }
-                    }
-                    let e = event(seq, "agent.result", serde_json::json!({}), true);
-                    let _ = tx.send(Ok(e)).await;
-                }
-                _ => {
-                    let reply = event(
-                        seq,
-                        "agent.message",
-                        serde_json::json!({ "text": m.text }),
-                        false,
-                    );
-                    let end = event(seq, "agent.result", serde_json::json!({}), true);
-                    if tx.send(Ok(reply)).await.is_err() || tx.send(Ok(end)).await.is_err() {
-                        return false;
-                    }
-                }
-            }
-        }
-        Some(dispatcher_frame::Kind::Stop(_)) => {
-            let _ = tx.send(Ok(exited(*seq, true, "stopped"))).await;
-            return false;
-        }
-        _ => {}
-    }
-    true
-}
-
-/// Microseconds since this process first asked: the clock a paced event's
-/// `sent_us` is read on, so a reader in the same process can time it.
-pub fn clock_us() -> u64 {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    u64::try_from(
-        EPOCH
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_micros(),
-    )
-    .unwrap_or(u64::MAX)
-}
-
-/// `n` events of `bytes` bytes at `rate` per second, each stamped when it
-/// is handed to the stream, then the turn's end; false when the stream is gone.
-async fn paced(
-    seq: &mut u64,
-    tx: &mpsc::Sender<Result<pb::NodeFrame, Status>>,
-    n: u64,
-    rate: f64,
-    bytes: usize,
-) -> bool {
-    let text = filler(bytes);
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    for _ in 0..n {
-        tick.tick().await;
-        let payload = serde_json::json!({ "text": text, "sent_us": clock_us() });
-        if tx
-            .send(Ok(event(seq, "agent.message", payload, false)))
-            .await
-            .is_err()
-        {
-            return false;
-        }
-    }
-    let e = event(seq, "agent.result", serde_json::json!({}), true);
-    tx.send(Ok(e)).await.is_ok()
 }
 
 #[tonic::async_trait]
@@ -475,14 +361,7 @@ impl AgentServer for Api {
         };
         let (tx, rx) = mpsc::channel(256);
         if start.attach {
-            // A simulated node keeps no run past its stream.
-            let refused = pb::NodeFrame {
-                node_seq: 0,
-                kind: Some(node_frame::Kind::Refused(pb::Refused {
-                    reason: "a simulated node keeps no runs to re-attach to".into(),
-                })),
-            };
-            let _ = tx.send(Ok(refused)).await;
+            self.attach(*start, inbound, tx).await;
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
         let accepted = pb::NodeFrame {
@@ -497,14 +376,25 @@ impl AgentServer for Api {
         let _ = tx.send(Ok(accepted)).await;
         self.0.accepted.fetch_add(1, Ordering::Relaxed);
         let fenced = CancellationToken::new();
-        self.0.set(&start.session_id, start.epoch, fenced.clone());
-        tokio::spawn(run(
+        let (attach_tx, attach) = mpsc::channel(1);
+        self.0.set(
+            &start.session_id,
+            start.epoch,
+            fenced.clone(),
+            Some(attach_tx),
+        );
+        let direct = start.spec.as_ref().is_some_and(|s| s.image == DIRECT_IMAGE);
+        tokio::spawn(run::run(
             self.0.clone(),
-            start.session_id,
-            inbound,
-            tx,
-            start.first_message,
-            (start.epoch, fenced),
+            Link { inbound, tx },
+            Started {
+                id: start.session_id,
+                epoch: start.epoch,
+                fenced,
+                first_message: start.first_message,
+                attach,
+                direct,
+            },
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -515,7 +405,9 @@ impl AgentServer for Api {
         &self,
         _: Request<pb::AttachSessionRequest>,
     ) -> Result<Response<Self::AttachSessionStream>, Status> {
-        Err(Status::unimplemented("simulated nodes do not re-attach"))
+        Err(Status::unimplemented(
+            "simulated nodes re-attach through RunSession (`start.attach`), as the dispatcher does",
+        ))
     }
 
     async fn drain(
@@ -544,9 +436,9 @@ impl AgentServer for Api {
             .lock()
             .map(|s| {
                 s.iter()
-                    .map(|(id, (epoch, _))| pb::NodeSession {
+                    .map(|(id, h)| pb::NodeSession {
                         session_id: id.clone(),
-                        epoch: *epoch,
+                        epoch: h.epoch,
                         container_id: format!("sim-{id}"),
                     })
                     .collect()
@@ -574,10 +466,4 @@ impl AgentServer for Api {
             fenced: u32::try_from(fenced).unwrap_or(u32::MAX),
         }))
     }
-}
-
-/// `len` pseudo-random letters, so nothing on the path compresses them away.
-fn filler(len: usize) -> String {
-    let mut rng = fastrand::Rng::new();
-    (0..len).map(|_| rng.lowercase()).collect()
 }
