@@ -59,9 +59,11 @@ impl SlackApi {
             .collect()
     }
 
-    /// Waits until `thread_ts` has `n` posts.
+    /// Waits until `thread_ts` has `n` posts: up to 60 s, since a post may
+    /// wait for a cold start while the suite runs other clusters on the
+    /// same two cores (30 s was once not enough there).
     async fn wait_for(&self, thread_ts: &str, n: usize) -> anyhow::Result<Vec<String>> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let got = self.thread(thread_ts);
             if got.len() >= n {
