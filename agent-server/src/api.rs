@@ -264,7 +264,7 @@ impl AgentServer for NodeApi {
         _: Request<pb::AttachSessionRequest>,
     ) -> Result<Response<Self::AttachSessionStream>, Status> {
         Err(Status::unimplemented(
-            "AttachSession is not available yet: this node stops a session when its dispatcher link drops",
+            "AttachSession is not implemented: a run outlives its dispatcher's stream for --reattach-grace; re-attach with RunSession and a `start` frame with `attach` and `after_node_seq`",
         ))
     }
 

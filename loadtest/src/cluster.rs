@@ -302,6 +302,9 @@ impl Cluster {
             l.shutdown().await?;
         }
         self.sims_stop.cancel();
+        for s in &self.sims {
+            s.stopped().await;
+        }
         Ok(())
     }
 }

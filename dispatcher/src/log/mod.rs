@@ -368,14 +368,11 @@ impl EventLog {
         why: &(dyn Fn(&Orphan) -> (String, StatusDetail) + Sync),
     ) -> Result<Released> {
         let released = self.store.release_orphans(whose, why).await?;
-        let events: Vec<Arc<Event>> = released
-            .moved
-            .iter()
-            .filter_map(|(_, t)| {
-                writer::count_change(t);
-                t.event.clone().map(Arc::new)
-            })
-            .collect();
+        let mut events = Vec::with_capacity(released.moved.len());
+        for (_, t) in &released.moved {
+            writer::count_change(t);
+            events.extend(t.event.clone().map(Arc::new));
+        }
         self.hub.publish(&events);
         if released
             .moved

@@ -120,13 +120,7 @@ impl Janitor {
     /// page is not full, so a dead dispatcher's thousands of sessions wait
     /// for no further tick.
     async fn requeue_orphans(&self) {
-        let why = |o: &Orphan| {
-            let detail = StatusDetail {
-                owner: Some(o.owner.clone()),
-                ..StatusDetail::default()
-            };
-            (orphan_reason(o, "stopped heartbeating"), detail)
-        };
+        let why = released_because("stopped heartbeating");
         for _ in 0..MAX_ORPHAN_PAGES {
             let released = match self
                 .log
@@ -217,6 +211,18 @@ fn orphan_reason(o: &Orphan, what: &str) -> String {
     }
 }
 
+/// The reason and detail of each change that releases an orphan whose
+/// dispatcher `what` (stopped heartbeating, restarted): it names the owner.
+fn released_because(what: &'static str) -> impl Fn(&Orphan) -> (String, StatusDetail) + Sync {
+    move |o| {
+        let detail = StatusDetail {
+            owner: Some(o.owner.clone()),
+            ..StatusDetail::default()
+        };
+        (orphan_reason(o, what), detail)
+    }
+}
+
 /// Records this dispatcher alive, then releases the sessions a previous
 /// process under `owner` (a restarted dispatcher keeps its id) left claimed:
 /// each is re-queued at once, or ends `stopped` if a stop was under way.
@@ -230,13 +236,7 @@ pub(crate) async fn release_previous(
 ) {
     let mut backoff =
         berth_common::retry::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let why = |o: &Orphan| {
-        let detail = StatusDetail {
-            owner: Some(o.owner.clone()),
-            ..StatusDetail::default()
-        };
-        (orphan_reason(o, "restarted"), detail)
-    };
+    let why = released_because("restarted");
     loop {
         let page = async {
             store.heartbeat(owner).await?;

@@ -37,6 +37,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -63,6 +64,9 @@ struct State {
     generation: AtomicU64,
     /// Sessions ever accepted.
     accepted: AtomicU64,
+    /// The server, its load streams and its runs: all end at `stop`.
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 /// A run held here.
@@ -79,29 +83,28 @@ impl State {
         u32::try_from(self.sessions.lock().map(|s| s.len()).unwrap_or(0)).unwrap_or(u32::MAX)
     }
 
-    /// Holds the run of `id` at `epoch`; a re-attach (no `attach`) keeps
-    /// the run's way in.
-    fn set(
-        &self,
-        id: &str,
-        epoch: i64,
-        fenced: CancellationToken,
-        attach: Option<mpsc::Sender<Attach>>,
-    ) {
+    /// Holds the run of `id` at `epoch`.
+    fn set(&self, id: &str, epoch: i64, fenced: CancellationToken, attach: mpsc::Sender<Attach>) {
         if let Ok(mut s) = self.sessions.lock() {
-            let attach = attach.or_else(|| s.get(id).map(|h| h.attach.clone()));
-            if let Some(attach) = attach {
-                s.insert(
-                    id.to_string(),
-                    Held {
-                        epoch,
-                        fenced,
-                        attach,
-                    },
-                );
-            }
+            s.insert(
+                id.to_string(),
+                Held {
+                    epoch,
+                    fenced,
+                    attach,
+                },
+            );
         }
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The run of `id` was re-attached at `epoch`.
+    fn reattached(&self, id: &str, epoch: i64) {
+        if let Ok(mut s) = self.sessions.lock()
+            && let Some(h) = s.get_mut(id)
+        {
+            h.epoch = epoch;
+        }
     }
 
     /// The run of `id` at `epoch` ended (a newer run of it may be here).
@@ -147,6 +150,8 @@ impl SimNode {
             changed: watch::channel(0).0,
             generation: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            stop: stop.clone(),
         });
         let tls = ca.material(&ca.issue(CertKind::Node, std::slice::from_ref(&name))?);
         let svc = AgentServerServer::new(Api(state.clone()))
@@ -157,7 +162,7 @@ impl SimNode {
             .max_concurrent_streams(Some(1_000_000))
             .tcp_nodelay(true)
             .add_service(svc);
-        tokio::spawn(async move {
+        state.tasks.spawn(async move {
             // No Nagle, as on a real node.
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -174,6 +179,13 @@ impl SimNode {
             addr,
             state,
         })
+    }
+
+    /// Waits until the server, its load streams and its runs have ended,
+    /// once the token it was started with is cancelled.
+    pub async fn stopped(&self) {
+        self.state.tasks.close();
+        self.state.tasks.wait().await;
     }
 
     /// Sessions running here now.
@@ -319,7 +331,7 @@ impl AgentServer for Api {
         let state = self.0.clone();
         let mut changed = state.changed.subscribe();
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
+        self.0.tasks.spawn(async move {
             let mut heartbeat = tokio::time::interval(state.heartbeat);
             loop {
                 changed.borrow_and_update();
@@ -334,6 +346,7 @@ impl AgentServer for Api {
                     return;
                 }
                 tokio::select! {
+                    () = state.stop.cancelled() => return,
                     () = tx.closed() => return,
                     c = changed.changed() => if c.is_err() { return },
                     _ = heartbeat.tick() => {}
@@ -377,14 +390,10 @@ impl AgentServer for Api {
         self.0.accepted.fetch_add(1, Ordering::Relaxed);
         let fenced = CancellationToken::new();
         let (attach_tx, attach) = mpsc::channel(1);
-        self.0.set(
-            &start.session_id,
-            start.epoch,
-            fenced.clone(),
-            Some(attach_tx),
-        );
+        self.0
+            .set(&start.session_id, start.epoch, fenced.clone(), attach_tx);
         let direct = start.spec.as_ref().is_some_and(|s| s.image == DIRECT_IMAGE);
-        tokio::spawn(run::run(
+        self.0.tasks.spawn(run::run(
             self.0.clone(),
             Link { inbound, tx },
             Started {

@@ -66,18 +66,15 @@ impl Out {
     }
 
     /// Takes `tx` as the stream, sending it every journaled frame after
-    /// `after`.
+    /// `after` first.
     async fn reattach(&mut self, tx: Frames, after: u64) {
         self.ack(after);
-        self.tx = Some(tx);
-        let again: Vec<pb::NodeFrame> = self.journal.iter().cloned().collect();
-        for f in again {
-            if let Some(tx) = &self.tx
-                && tx.send(Ok(f)).await.is_err()
-            {
-                self.tx = None;
+        for f in &self.journal {
+            if tx.send(Ok(f.clone())).await.is_err() {
+                return;
             }
         }
+        self.tx = Some(tx);
     }
 }
 
@@ -138,7 +135,7 @@ pub(super) async fn run(state: Arc<State>, link: Link, started: Started) {
             a = attach.recv(), if inbound.is_none() => {
                 let Some(a) = a else { break };
                 epoch = a.epoch;
-                state.set(&id, epoch, fenced.clone(), None);
+                state.reattached(&id, epoch);
                 let accepted = pb::NodeFrame {
                     node_seq: 0,
                     kind: Some(node_frame::Kind::Accepted(pb::Accepted {
@@ -161,6 +158,8 @@ pub(super) async fn run(state: Arc<State>, link: Link, started: Started) {
                     None => std::future::pending().await,
                 }
             } => break,
+            // The node stops: its runs go with it.
+            () = state.stop.cancelled() => break,
             () = fenced.cancelled() => {
                 out.send(exited(seq, true, "fenced")).await;
                 break;

@@ -188,6 +188,9 @@ async fn one(
 
     let _ = child.proc.kill().await;
     stop.cancel();
+    for s in &sims {
+        s.stopped().await;
+    }
     berth_tests::drop_database(&child.database).await?;
     Ok(())
 }

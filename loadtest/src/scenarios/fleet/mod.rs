@@ -93,6 +93,9 @@ pub async fn run(cl: &ClusterArgs, a: &FleetArgs) -> anyhow::Result<Report> {
     let dir = TempDir::fleet(&ca, &tag)?;
     let result = fleet(cl, a, &bin, &sims, &database_url, &dir, stop.clone()).await;
     stop.cancel();
+    for s in &sims {
+        s.stopped().await;
+    }
     berth_tests::drop_database(&database).await?;
     result
 }
