@@ -80,9 +80,14 @@ pub async fn spawn_dispatcher(
         dir: &dir,
         id: format!("loadtest-{tag}"),
         metrics: false,
-        // The driver is one caller standing in for thousands: the
-        // per-caller rate limit would shed it, not measure berth.
-        env: vec![("BERTH_API_RATE_LIMIT", "0".to_string())],
+        // The driver is one caller standing in for thousands, and opens
+        // its streams all at once: the per-caller rate limit and the
+        // in-flight bound (1 024 calls opening at once) would shed it, not
+        // measure berth.
+        env: vec![
+            ("BERTH_API_RATE_LIMIT", "0".to_string()),
+            ("BERTH_API_MAX_IN_FLIGHT", "65536".to_string()),
+        ],
     })?;
     child.database = database;
     child._dir = Some(dir);

@@ -64,10 +64,14 @@ pub(super) async fn connect(
         item.map(|e| pb::ConnectResponse {
             kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))),
         })
-        .map_err(Status::from)
+        .map_err(|e| Status::from(*e))
     });
-    // Commands in, each acknowledged.
-    let (tx, acks) = tokio::sync::mpsc::channel(ACKS_IN_FLIGHT);
+    // Commands in, each acknowledged. Acks are boxed: a channel allocates
+    // its first block of slots when it is made, and an idle stream's would
+    // hold 32 whole responses' worth.
+    let (tx, acks) = tokio::sync::mpsc::channel::<
+        std::result::Result<Box<pb::ConnectResponse>, Status>,
+    >(ACKS_IN_FLIGHT);
     let (sessions, shutdown) = (svc.sessions.clone(), svc.shutdown.clone());
     let revoked = key_revoked(svc.auth.clone(), &who);
     let (project, identity) = (who.project.clone(), who.identity());
@@ -93,16 +97,18 @@ pub(super) async fn connect(
                 // ends with UNAUTHENTICATED).
                 () = &mut revoked => return,
             };
-            let ack = ack(&steer, id, req.kind).await;
-            let ack = pb::ConnectResponse {
+            // Boxed: the task of an idle stream keeps only what it waits on.
+            let ack = Box::pin(ack(&steer, id, req.kind)).await;
+            let ack = Box::new(pb::ConnectResponse {
                 kind: Some(pb::connect_response::Kind::Ack(ack)),
-            };
+            });
             if tx.send(Ok(ack)).await.is_err() {
                 return;
             }
         }
     });
-    let out = futures::stream::select(events, ReceiverStream::new(acks));
+    let acks = ReceiverStream::new(acks).map(|ack| ack.map(|a| *a));
+    let out = futures::stream::select(events, acks);
     let stream = end_when_revoked(svc.auth.clone(), &who, Box::pin(out));
     Ok(Response::new(stream))
 }

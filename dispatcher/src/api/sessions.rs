@@ -424,7 +424,8 @@ impl SessionsApi for SessionsService {
         let open = crate::metrics::StreamGauge::open("events");
         let stream = ReceiverStream::new(rx).map(move |item| {
             let _open = &open;
-            item.map(|e| pb::Event::from(&*e)).map_err(Status::from)
+            item.map(|e| pb::Event::from(&*e))
+                .map_err(|e| Status::from(*e))
         });
         let stream = end_when_revoked(self.auth.clone(), &who, Box::pin(stream));
         Ok(Response::new(stream))

@@ -32,13 +32,21 @@ use crate::session::{Session, StatusEvent};
 use crate::store::{Claimed, FirstInput, Placement};
 
 /// Runs a claimed session from `starting` until its run ends.
-pub(crate) async fn drive(ctx: Arc<Ctx>, claim: Claimed) {
-    drive_held(ctx, claim, ()).await
+pub(crate) fn drive(ctx: Arc<Ctx>, claim: Claimed) -> impl Future<Output = ()> + Send {
+    drive_held(ctx, claim, ())
 }
 
 /// [`drive`], holding `held` (a slot reserved for the session) until the
 /// session is placed, or could not be.
-pub(crate) async fn drive_held(ctx: Arc<Ctx>, claim: Claimed, held: impl Send) {
+///
+/// Not an `async fn`: one would keep its arguments for its whole life
+/// beside what it moves them into, and a held session would carry its
+/// claim (about 1 KB) three times.
+pub(crate) fn drive_held(
+    ctx: Arc<Ctx>,
+    claim: Claimed,
+    held: impl Send,
+) -> impl Future<Output = ()> + Send {
     let Claimed {
         session,
         first_input,
@@ -76,7 +84,6 @@ pub(crate) async fn drive_held(ctx: Arc<Ctx>, claim: Claimed, held: impl Send) {
         }
     }
     .instrument(span)
-    .await
 }
 
 /// Starts the run (placed, or re-attached), then relays it. Each phase is
@@ -96,7 +103,7 @@ async fn run(
         link,
         in_flight,
     } = started;
-    let session = resumed.as_ref().unwrap_or(session);
+    let session = resumed.as_deref().unwrap_or(session);
     Box::pin(relay::Relay::new(ctx, session, link, in_flight).run()).await
 }
 
@@ -104,7 +111,8 @@ async fn run(
 /// its input cursor back), its link, and whether a re-attached run has a
 /// turn in flight.
 struct Started {
-    resumed: Option<Session>,
+    /// Boxed: most runs do not resume, and a held session keeps this.
+    resumed: Option<Box<Session>>,
     link: start::Link,
     in_flight: bool,
 }
@@ -140,10 +148,10 @@ async fn start_run(
     if !session.node.is_empty() {
         attached = Box::pin(start::attach(ctx, session, claimed)).await?;
         if attached.is_none() {
-            resumed = Some(Box::pin(lost_turn(ctx, session)).await?);
+            resumed = Some(Box::new(Box::pin(lost_turn(ctx, session)).await?));
         }
     }
-    let session = resumed.as_ref().unwrap_or(session);
+    let session = resumed.as_deref().unwrap_or(session);
     let placed = match attached {
         Some(link) => Ok(Some(link)),
         None => {

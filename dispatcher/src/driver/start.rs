@@ -7,6 +7,7 @@
 use berth_common::events::payload::StatusDetail;
 use berth_proto::node::v1 as pb;
 use berth_proto::node::v1::{dispatcher_frame, node_frame};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -16,6 +17,10 @@ use crate::nodes::Placed;
 use crate::nodes::wire::{OpenedSecret, OpenedSecrets, node_spec};
 use crate::session::{Session, StatusEvent};
 use crate::store::FirstInput;
+
+/// The frames a run sends its node. Boxed: the channel allocates its first
+/// block of 32 slots when it is made, and a held session keeps it.
+pub(super) type ToNode = mpsc::Sender<Box<pb::DispatcherFrame>>;
 
 /// A started run: the node, the frames it sends, the frames we send.
 pub(super) struct Link {
@@ -32,7 +37,7 @@ pub(super) struct Link {
     /// The run was already going: this link re-attached to it.
     pub attached: bool,
     pub frames: tonic::Streaming<pb::NodeFrame>,
-    pub to_node: mpsc::Sender<pb::DispatcherFrame>,
+    pub to_node: ToNode,
     /// The run's OAuth credentials as it started with them (the relay
     /// keeps them fresh).
     pub credentials: Vec<(uuid::Uuid, Result<crate::records::Access, String>)>,
@@ -249,15 +254,9 @@ async fn open_run(
     spec: pb::SessionSpec,
     attach: Option<u64>,
     first_message: Option<pb::UserMessage>,
-) -> Result<
-    (
-        tonic::Streaming<pb::NodeFrame>,
-        mpsc::Sender<pb::DispatcherFrame>,
-    ),
-    tonic::Status,
-> {
+) -> Result<(tonic::Streaming<pb::NodeFrame>, ToNode), tonic::Status> {
     let (to_node, rx) = mpsc::channel(64);
-    let start = pb::DispatcherFrame {
+    let start = Box::new(pb::DispatcherFrame {
         epoch: session.epoch,
         kind: Some(dispatcher_frame::Kind::Start(Box::new(pb::Start {
             session_id: session.id.to_string(),
@@ -268,10 +267,10 @@ async fn open_run(
             first_message,
             traceparent: berth_common::traces::current().unwrap_or_default(),
         }))),
-    };
+    });
     // The channel is fresh: this send cannot fail.
     let _ = to_node.send(start).await;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let mut request = tonic::Request::new(ReceiverStream::new(rx).map(|f| *f));
     berth_common::traces::inject_metadata(request.metadata_mut());
     let frames = placed
         .link

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::Followed;
 use super::hub::Signal;
 use crate::error::{Error, Result};
 use crate::metrics as m;
@@ -57,7 +58,7 @@ pub(super) fn spawn<H: History>(
     feed: broadcast::Receiver<Signal>,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
-) -> mpsc::Receiver<Result<Arc<Event>>> {
+) -> mpsc::Receiver<Followed> {
     let (tx, rx) = mpsc::channel(buffer);
     let follower = Follower {
         history,
@@ -74,7 +75,7 @@ struct Follower<H> {
     history: H,
     session: Uuid,
     last: i64,
-    tx: mpsc::Sender<Result<Arc<Event>>>,
+    tx: mpsc::Sender<Followed>,
     shutdown: CancellationToken,
 }
 
@@ -91,7 +92,7 @@ impl<H: History> Follower<H> {
             Ok((live, last_seq)) if !live && last_seq <= self.last => return,
             Ok(_) => {}
             Err(e) => {
-                let _ = self.tx.send(Err(e)).await;
+                let _ = self.tx.send(Err(Box::new(e))).await;
                 return;
             }
         }
@@ -101,7 +102,7 @@ impl<H: History> Follower<H> {
                 () = self.tx.closed() => return,
                 () = self.shutdown.cancelled() => {
                     let e = Error::ShuttingDown(format!("dispatcher shutting down; reconnect with after_seq={}", self.last));
-                    let _ = self.tx.send(Err(e)).await;
+                    let _ = self.tx.send(Err(Box::new(e))).await;
                     return;
                 }
             };
@@ -164,7 +165,7 @@ impl<H: History> Follower<H> {
             {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = self.tx.send(Err(e)).await;
+                    let _ = self.tx.send(Err(Box::new(e))).await;
                     return Err(Done);
                 }
             };
@@ -242,7 +243,7 @@ mod tests {
         }
     }
 
-    async fn seqs(rx: &mut mpsc::Receiver<Result<Arc<Event>>>, n: usize) -> Vec<i64> {
+    async fn seqs(rx: &mut mpsc::Receiver<Followed>, n: usize) -> Vec<i64> {
         let mut out = Vec::new();
         while out.len() < n {
             let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -345,7 +346,7 @@ mod tests {
 
     /// A follower of a live session in memory that takes one event at a
     /// time (a buffer of 1), from the start of its log.
-    fn slow_subscriber() -> (Uuid, Memory, Hub, mpsc::Receiver<Result<Arc<Event>>>) {
+    fn slow_subscriber() -> (Uuid, Memory, Hub, mpsc::Receiver<Followed>) {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         let feed = hub.subscribe(id);
         let rx = spawn(
@@ -361,7 +362,7 @@ mod tests {
     }
 
     /// Whatever arrives within `wait`.
-    async fn seqs_within(rx: &mut mpsc::Receiver<Result<Arc<Event>>>, wait: Duration) -> Vec<i64> {
+    async fn seqs_within(rx: &mut mpsc::Receiver<Followed>, wait: Duration) -> Vec<i64> {
         let mut out = Vec::new();
         while let Ok(Some(Ok(e))) = tokio::time::timeout(wait, rx.recv()).await {
             out.push(e.seq);

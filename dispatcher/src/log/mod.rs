@@ -37,6 +37,11 @@ use crate::store::{
     Transitioned, UsageRecorded,
 };
 
+/// What a follower sends: the next event, or the error that ended it.
+/// The error is boxed: a channel allocates its first block of slots when
+/// it is made, and thousands of held streams each keep one.
+pub(crate) type Followed = std::result::Result<Arc<Event>, Box<Error>>;
+
 /// Most writes committed in one statement.
 const MAX_BATCH: usize = 1024;
 
@@ -397,7 +402,7 @@ impl EventLog {
         session: Uuid,
         after_seq: i64,
         buffer: usize,
-    ) -> mpsc::Receiver<Result<Arc<Event>>> {
+    ) -> mpsc::Receiver<Followed> {
         let feed = self.hub.subscribe(session);
         follower::spawn(
             self.store.clone(),

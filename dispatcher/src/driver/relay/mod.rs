@@ -7,8 +7,6 @@
 //! are persisted (`Ack`, sent as the writer commits them), so an owner that
 //! dies loses nothing: the next one re-attaches and is sent the rest.
 
-use std::sync::Arc;
-
 use berth_common::events::payload::StatusDetail;
 use berth_common::events::{self as ev, payload};
 use berth_common::sync::sleep_until;
@@ -22,7 +20,7 @@ mod exit;
 mod state;
 
 pub(super) use state::Relay;
-use state::{FEED_BUFFER, Feed, Flow, StopAsked};
+use state::{FEED_BUFFER, Feed, Flow, REFOLLOW_MAX, REFOLLOW_MIN, StopAsked};
 
 use super::deadlines::Expiry;
 use crate::driver::ctx::durably;
@@ -30,7 +28,7 @@ use crate::driver::start::start_label;
 use crate::error::{Error, Result};
 use crate::nodes::wire::node_line;
 use crate::session::usage;
-use crate::session::{Event, SessionStatus, StatusEvent, snapshot_key};
+use crate::session::{SessionStatus, StatusEvent, snapshot_key};
 use crate::store::UsageRecorded;
 
 /// How long a shutting-down dispatcher waits for a node to snapshot a
@@ -63,6 +61,7 @@ impl Relay<'_> {
                 frame = self.link.frames.message() => self.on_frame(frame).await?,
                 _ = self.ack_tick.tick() => self.ack().await,
                 item = recv(&mut self.feed) => Box::pin(self.on_input(item)).await?,
+                () = sleep_until(self.refollow_at) => self.follow_again(),
                 expiry = self.deadlines.expired() => Box::pin(self.on_expiry(expiry)).await?,
                 // The node missed its lease: its stream may never end by itself.
                 () = self.link.placed.link.down() => Box::pin(self.on_node_down()).await?,
@@ -95,10 +94,10 @@ impl Relay<'_> {
     /// Sends a frame; a closed channel means the node stream is ending, and
     /// its frames say how.
     async fn send(&self, kind: dispatcher_frame::Kind) {
-        let frame = pb::DispatcherFrame {
+        let frame = Box::new(pb::DispatcherFrame {
             epoch: self.session.epoch,
             kind: Some(kind),
-        };
+        });
         let _ = self.link.to_node.send(frame).await;
     }
 
@@ -308,22 +307,30 @@ impl Relay<'_> {
         }
     }
 
-    async fn on_input(&mut self, item: Option<Result<Arc<Event>>>) -> Result<Flow> {
+    async fn on_input(&mut self, item: Option<crate::log::Followed>) -> Result<Flow> {
         let e = match item {
-            Some(Ok(e)) => e,
+            Some(Ok(e)) => {
+                self.refollow = None;
+                e
+            }
             // Shutting down: the shutdown branch ends the relay.
             Some(Err(_)) if self.ctx.shutdown.is_cancelled() => {
                 self.feed = None;
                 return Ok(Flow::Continue);
             }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "input feed failed; re-following");
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                self.feed = Some(
-                    self.ctx
-                        .log
-                        .follow(self.session.id, self.input_seq, FEED_BUFFER),
-                );
+                let wait = self
+                    .refollow
+                    .get_or_insert_with(|| {
+                        Box::new(berth_common::retry::Backoff::new(
+                            REFOLLOW_MIN,
+                            REFOLLOW_MAX,
+                        ))
+                    })
+                    .next_delay();
+                tracing::warn!(error = %e, ?wait, "input feed failed; following it again after a wait");
+                self.feed = None;
+                self.refollow_at = Some(tokio::time::Instant::now() + wait);
                 return Ok(Flow::Continue);
             }
             // The session left its run (failed or timed out elsewhere): stop the agent.
@@ -395,6 +402,18 @@ impl Relay<'_> {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Follows the input again after the feed failed, from the last user
+    /// event forwarded.
+    fn follow_again(&mut self) -> Flow {
+        self.refollow_at = None;
+        let feed = self
+            .ctx
+            .log
+            .follow(self.session.id, self.input_seq, FEED_BUFFER);
+        self.feed = Some(feed);
+        Flow::Continue
     }
 
     async fn on_expiry(&mut self, expiry: Expiry) -> Result<Flow> {
@@ -469,7 +488,7 @@ impl Relay<'_> {
     }
 }
 
-async fn recv(feed: &mut Option<Feed>) -> Option<Result<Arc<Event>>> {
+async fn recv(feed: &mut Option<Feed>) -> Option<crate::log::Followed> {
     match feed {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -9,12 +9,17 @@ use crate::driver::ctx::Ctx;
 use crate::driver::deadlines::Deadlines;
 use crate::driver::start::Link;
 use crate::driver::tools::PendingTools;
-use crate::error::Result;
+
+use crate::session::Session;
 use crate::session::usage::RunningTotals;
-use crate::session::{Event, Session};
 
 /// How often the relay tells the node which frames are persisted.
 const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The first and longest waits before following the input again after
+/// the feed failed.
+pub(super) const REFOLLOW_MIN: std::time::Duration = std::time::Duration::from_millis(200);
+pub(super) const REFOLLOW_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Events of the input feed buffered ahead of the relay.
 pub(super) const FEED_BUFFER: usize = 64;
@@ -26,7 +31,7 @@ pub(super) enum Flow {
     Done,
 }
 
-pub(super) type Feed = mpsc::Receiver<Result<Arc<Event>>>;
+pub(super) type Feed = mpsc::Receiver<crate::log::Followed>;
 
 /// One run's relay state.
 pub(crate) struct Relay<'a> {
@@ -36,6 +41,14 @@ pub(crate) struct Relay<'a> {
     /// Seq of the last user event forwarded to the node.
     pub(super) input_seq: i64,
     pub(super) feed: Option<Feed>,
+    /// Waits between re-follows while the input feed keeps failing (the
+    /// database is down or overloaded): set on the first failure, cleared
+    /// by the next event. Thousands of relays re-following at a fixed
+    /// interval would come back all at once.
+    pub(super) refollow: Option<Box<berth_common::retry::Backoff>>,
+    /// When the failed input feed is followed again (the relay goes on
+    /// relaying the node's frames meanwhile).
+    pub(super) refollow_at: Option<tokio::time::Instant>,
     pub(super) runtime_id_seen: bool,
     /// The runtime's running totals after the last turn (usage baseline).
     pub(super) runtime_totals: RunningTotals,
@@ -88,6 +101,8 @@ impl<'a> Relay<'a> {
             link,
             input_seq,
             feed: Some(ctx.log.follow(session.id, input_seq, FEED_BUFFER)),
+            refollow: None,
+            refollow_at: None,
             runtime_id_seen: !session.runtime_session_id.is_empty(),
             runtime_totals: session.runtime_totals.clone(),
             deadlines: Deadlines::new(

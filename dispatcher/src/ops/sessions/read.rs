@@ -1,8 +1,6 @@
 //! Reading a session: its events (paged and live), search, export and
 //! feedback.
 
-use std::sync::Arc;
-
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -126,7 +124,7 @@ impl Sessions {
         project: &str,
         id: Uuid,
         after_seq: i64,
-    ) -> Result<mpsc::Receiver<Result<Arc<Event>>>> {
+    ) -> Result<mpsc::Receiver<crate::log::Followed>> {
         if after_seq < 0 {
             return Err(Error::invalid("after_seq", "must not be negative"));
         }

@@ -70,6 +70,7 @@ pub async fn run(cl: &ClusterArgs, a: &FaninArgs) -> anyhow::Result<Report> {
     }
     report.note("nodes are simulated (they speak the node protocol over mTLS but run no container): 10 000 containers do not fit on this machine; the dispatcher is the real binary in its own process");
     report.note("added latency per hop = (berth p50 - direct p50) / 2: a message crosses the dispatcher once on its way in and its echo once on its way out; berth also persists both events in Postgres before relaying them");
+    report.note("the dispatcher runs with no per-caller rate limit (BERTH_API_RATE_LIMIT=0) and room for 65 536 calls opening at once (BERTH_API_MAX_IN_FLIGHT): the driver is one caller opening every stream at once");
     report.note("memory per idle stream = growth of the dispatcher's RSS from before the sessions were created to when all were held and idle, over their number; each holds a client Connect stream and a node RunSession stream");
     Ok(report)
 }
