@@ -59,7 +59,7 @@ pub(super) async fn connect(
         .stream(&who.project, id, open.after_seq)
         .await?;
     let gauge = crate::metrics::StreamGauge::open("connect");
-    let events = ReceiverStream::new(events).map(move |item| {
+    let events = events.map(move |item| {
         let _open = &gauge;
         item.map(|e| pb::ConnectResponse {
             kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))),

@@ -2,7 +2,6 @@
 
 use berth_proto::v1::{self as pb, sessions_server::Sessions as SessionsApi};
 use futures::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::BoxStream;
@@ -422,7 +421,7 @@ impl SessionsApi for SessionsService {
         let rx = self.sessions.stream(&who.project, id, r.after_seq).await?;
         // Counted while the client holds the stream open.
         let open = crate::metrics::StreamGauge::open("events");
-        let stream = ReceiverStream::new(rx).map(move |item| {
+        let stream = rx.map(move |item| {
             let _open = &open;
             item.map(|e| pb::Event::from(&*e))
                 .map_err(|e| Status::from(*e))

@@ -6,11 +6,13 @@
 //! missed live (it lagged, or another dispatcher wrote it) is read from
 //! history before anything newer is sent.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
+use futures::Stream;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::Followed;
@@ -48,100 +50,171 @@ impl History for Store {
     }
 }
 
-/// Starts a follower of `session` after `after_seq` on `feed` (already
-/// subscribed), sending into a channel of `buffer` events.
-pub(super) fn spawn<H: History>(
+/// What [`follow`] returns: the session's events, in order, ending after
+/// its run ends (or with the error that stopped it).
+pub(crate) type Follow = Pin<Box<dyn Stream<Item = Followed> + Send>>;
+
+/// Follows `session` after `after_seq` on `feed` (already subscribed).
+///
+/// A stream, not a task: it reads history and the feed as its subscriber
+/// polls it, so a held stream costs no task and no channel of its own, and
+/// a subscriber that stops polling just lags (and catches up from the
+/// store). Its state stays inside it when a poll is dropped, so it can be
+/// raced in `select!`.
+pub(super) fn follow<H: History>(
     history: H,
     session: Uuid,
     after_seq: i64,
-    buffer: usize,
     feed: broadcast::Receiver<Signal>,
     shutdown: CancellationToken,
-    tasks: &TaskTracker,
-) -> mpsc::Receiver<Followed> {
-    let (tx, rx) = mpsc::channel(buffer);
+) -> Follow {
     let follower = Follower {
         history,
         session,
         last: after_seq,
-        tx,
+        feed,
         shutdown,
+        phase: Phase::Start,
+        pending: VecDeque::new(),
+        signal: VecDeque::new(),
+        catching: None,
+        done: false,
     };
-    tasks.spawn(follower.run(feed));
-    rx
+    let stream = futures::stream::unfold(follower, |mut f| async move {
+        let item = f.next().await?;
+        Some((item, f))
+    });
+    Box::pin(futures::StreamExt::fuse(stream))
+}
+
+/// Where a follower is between items.
+enum Phase {
+    /// Nothing read yet.
+    Start,
+    /// History read: is there more to come?
+    Position,
+    /// Following the feed.
+    Live,
 }
 
 struct Follower<H> {
     history: H,
     session: Uuid,
+    /// The seq it sent last.
     last: i64,
-    tx: mpsc::Sender<Followed>,
+    feed: broadcast::Receiver<Signal>,
     shutdown: CancellationToken,
+    phase: Phase,
+    /// Read, in order, each past `last`: sent next.
+    pending: VecDeque<Arc<Event>>,
+    /// The rest of the feed's last commit, after a catch-up.
+    signal: VecDeque<Arc<Event>>,
+    /// Reading history: up to this seq (`Some(None)`: all there is).
+    catching: Option<Option<i64>>,
+    /// It has sent its last item.
+    done: bool,
 }
 
-/// The follower has stopped sending: the run ended, the subscriber left, or
-/// an error was sent.
-struct Done;
-
 impl<H: History> Follower<H> {
-    async fn run(mut self, mut feed: broadcast::Receiver<Signal>) {
-        if self.catch_up(None).await.is_err() {
-            return;
-        }
-        match self.history.position(self.session).await {
-            Ok((live, last_seq)) if !live && last_seq <= self.last => return,
-            Ok(_) => {}
-            Err(e) => {
-                let _ = self.tx.send(Err(Box::new(e))).await;
-                return;
-            }
-        }
+    /// The next item; `None` once the run ended, the feed closed, or an
+    /// error was sent.
+    async fn next(&mut self) -> Option<Followed> {
         loop {
-            let signal = tokio::select! {
-                s = feed.recv() => s,
-                () = self.tx.closed() => return,
-                () = self.shutdown.cancelled() => {
-                    let e = Error::ShuttingDown(format!("dispatcher shutting down; reconnect with after_seq={}", self.last));
-                    let _ = self.tx.send(Err(Box::new(e))).await;
-                    return;
+            if let Some(e) = self.pending.pop_front() {
+                if e.seq <= self.last {
+                    continue;
                 }
-            };
-            let step = match signal {
-                Ok(Signal::Events(events)) => self.step(&events).await,
-                Ok(Signal::Upto(seq)) if seq > self.last => self.catch_up(Some(seq)).await,
-                Ok(Signal::Upto(_)) => Ok(()),
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    metrics::counter!(m::STREAM_CATCHUPS).increment(1);
-                    tracing::debug!(session_id = %self.session, missed, "slow subscriber catching up from the store");
-                    self.catch_up(None).await
+                self.last = e.seq;
+                if e.ends_run() && self.is_last_run_end(e.seq).await {
+                    self.done = true;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if step.is_err() {
-                return;
+                return Some(Ok(e));
+            }
+            if self.done {
+                return None;
+            }
+            if let Some(upto) = self.catching {
+                if let Err(e) = self.read_page(upto).await {
+                    self.done = true;
+                    return Some(Err(Box::new(e)));
+                }
+                continue;
+            }
+            match self.phase {
+                Phase::Start => {
+                    self.catching = Some(None);
+                    self.phase = Phase::Position;
+                }
+                Phase::Position => match Box::pin(self.history.position(self.session)).await {
+                    Ok((live, last_seq)) if !live && last_seq <= self.last => return None,
+                    Ok(_) => self.phase = Phase::Live,
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(Box::new(e)));
+                    }
+                },
+                Phase::Live => {
+                    if let Some(e) = self.signal.pop_front() {
+                        // The next one is sent; a gap (events another
+                        // dispatcher wrote) is read from the store first;
+                        // what the store already gave is skipped.
+                        if e.seq == self.last + 1 {
+                            self.pending.push_back(e);
+                        } else if e.seq > self.last {
+                            self.catching = Some(Some(e.seq));
+                        }
+                        continue;
+                    }
+                    if let Err(e) = self.listen().await? {
+                        self.done = true;
+                        return Some(Err(Box::new(e)));
+                    }
+                }
             }
         }
     }
 
-    /// One commit's events: each next one is sent; a gap (events another
-    /// dispatcher wrote) is read from the store first; what the store
-    /// already gave is skipped.
-    async fn step(&mut self, events: &[Arc<Event>]) -> Result<(), Done> {
-        for e in events {
-            if e.seq == self.last + 1 {
-                self.send(e.clone()).await?;
-            } else if e.seq > self.last {
-                self.catch_up(Some(e.seq)).await?;
+    /// Waits for the feed's next signal and takes it in. `None`: the feed
+    /// closed; an error: this dispatcher is shutting down.
+    async fn listen(&mut self) -> Option<Result<()>> {
+        let signal = tokio::select! {
+            s = self.feed.recv() => s,
+            () = self.shutdown.cancelled() => {
+                return Some(Err(Error::ShuttingDown(format!(
+                    "dispatcher shutting down; reconnect with after_seq={}",
+                    self.last
+                ))));
             }
+        };
+        match signal {
+            Ok(Signal::Events(events)) => self.signal.extend(events.iter().cloned()),
+            Ok(Signal::Upto(seq)) if seq > self.last => self.catching = Some(Some(seq)),
+            Ok(Signal::Upto(_)) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                metrics::counter!(m::STREAM_CATCHUPS).increment(1);
+                tracing::debug!(session_id = %self.session, missed, "slow subscriber catching up from the store");
+                // What is left of the last commit is in the store too.
+                self.signal.clear();
+                self.catching = Some(None);
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
         }
-        Ok(())
+        Some(Ok(()))
     }
 
-    async fn send(&mut self, e: Arc<Event>) -> Result<(), Done> {
-        self.last = e.seq;
-        let ends = e.ends_run() && self.is_last_run_end(e.seq).await;
-        if self.tx.send(Ok(e)).await.is_err() || ends {
-            return Err(Done);
+    /// Reads one page of history past `last` into `pending`; the catch-up
+    /// ends with a short page, or once it reaches `upto`.
+    async fn read_page(&mut self, upto: Option<i64>) -> Result<()> {
+        let page = Box::pin(
+            self.history
+                .events_after(self.session, self.last, HISTORY_PAGE),
+        )
+        .await?;
+        let full = page.len() as i64 == HISTORY_PAGE;
+        let reached = page.last().map_or(self.last, |e| e.seq);
+        self.pending.extend(page.into_iter().map(Arc::new));
+        if !full || upto.is_some_and(|u| reached >= u) {
+            self.catching = None;
         }
         Ok(())
     }
@@ -149,33 +222,9 @@ impl<H: History> Follower<H> {
     /// Whether a run-ending event at `seq` is where the log ends for now: a
     /// paused or stopped session that was resumed since has more to come.
     async fn is_last_run_end(&self, seq: i64) -> bool {
-        match self.history.position(self.session).await {
+        match Box::pin(self.history.position(self.session)).await {
             Ok((live, last_seq)) => !(live || last_seq > seq),
             Err(_) => true,
-        }
-    }
-
-    /// Reads history past `last`, up to `upto` (or everything there is).
-    async fn catch_up(&mut self, upto: Option<i64>) -> Result<(), Done> {
-        loop {
-            let page = match self
-                .history
-                .events_after(self.session, self.last, HISTORY_PAGE)
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = self.tx.send(Err(Box::new(e))).await;
-                    return Err(Done);
-                }
-            };
-            let full = page.len() as i64 == HISTORY_PAGE;
-            for e in page {
-                self.send(Arc::new(e)).await?;
-            }
-            if !full || upto.is_some_and(|u| self.last >= u) {
-                return Ok(());
-            }
         }
     }
 }
@@ -186,6 +235,8 @@ mod tests {
     use std::time::Duration;
 
     use berth_common::sync::lock;
+
+    use futures::StreamExt;
 
     use super::*;
     use crate::log::hub::Hub;
@@ -243,10 +294,10 @@ mod tests {
         }
     }
 
-    async fn seqs(rx: &mut mpsc::Receiver<Followed>, n: usize) -> Vec<i64> {
+    async fn seqs(rx: &mut Follow, n: usize) -> Vec<i64> {
         let mut out = Vec::new();
         while out.len() < n {
-            let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            let e = tokio::time::timeout(Duration::from_secs(5), rx.next())
                 .await
                 .expect("the follower stalled")
                 .expect("the follower ended early")
@@ -263,15 +314,7 @@ mod tests {
             mem.write(id, "agent.message");
         }
         let feed = hub.subscribe(id);
-        let mut rx = spawn(
-            mem.clone(),
-            id,
-            1,
-            16,
-            feed,
-            CancellationToken::new(),
-            &TaskTracker::new(),
-        );
+        let mut rx = follow(mem.clone(), id, 1, feed, CancellationToken::new());
         assert_eq!(seqs(&mut rx, 2).await, vec![2, 3]);
         // Published live, and also already in history: sent once.
         let e4 = mem.write(id, "agent.message");
@@ -285,15 +328,7 @@ mod tests {
     async fn events_written_elsewhere_are_read_before_newer_live_ones() {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         let feed = hub.subscribe(id);
-        let mut rx = spawn(
-            mem.clone(),
-            id,
-            0,
-            16,
-            feed,
-            CancellationToken::new(),
-            &TaskTracker::new(),
-        );
+        let mut rx = follow(mem.clone(), id, 0, feed, CancellationToken::new());
         // Another dispatcher wrote 1 and 2; this one publishes 3.
         mem.write(id, "user.message");
         mem.write(id, "user.message");
@@ -307,8 +342,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_lagging_subscriber_catches_up_from_history() {
-        // A buffer of 1: the follower blocks while the feed overflows.
         let (id, mem, hub, mut rx) = slow_subscriber();
+        // Following live (the history at subscribe was empty).
+        assert!(
+            seqs_within(&mut rx, Duration::from_millis(100))
+                .await
+                .is_empty()
+        );
+        let before = mem.reads.load(std::sync::atomic::Ordering::SeqCst);
+        // Far more commits than the feed holds, while nobody polls.
         let n = 600;
         for _ in 0..n {
             let e = mem.write(id, "agent.message");
@@ -316,6 +358,10 @@ mod tests {
         }
         let got = seqs(&mut rx, n).await;
         assert_eq!(got, (1..=n as i64).collect::<Vec<_>>());
+        assert!(
+            mem.reads.load(std::sync::atomic::Ordering::SeqCst) > before,
+            "what the feed dropped was read from the store"
+        );
     }
 
     #[tokio::test]
@@ -344,27 +390,19 @@ mod tests {
         );
     }
 
-    /// A follower of a live session in memory that takes one event at a
-    /// time (a buffer of 1), from the start of its log.
-    fn slow_subscriber() -> (Uuid, Memory, Hub, mpsc::Receiver<Followed>) {
+    /// A follower of a live session in memory, from the start of its log,
+    /// that reads only when the test polls it.
+    fn slow_subscriber() -> (Uuid, Memory, Hub, Follow) {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         let feed = hub.subscribe(id);
-        let rx = spawn(
-            mem.clone(),
-            id,
-            0,
-            1,
-            feed,
-            CancellationToken::new(),
-            &TaskTracker::new(),
-        );
+        let rx = follow(mem.clone(), id, 0, feed, CancellationToken::new());
         (id, mem, hub, rx)
     }
 
     /// Whatever arrives within `wait`.
-    async fn seqs_within(rx: &mut mpsc::Receiver<Followed>, wait: Duration) -> Vec<i64> {
+    async fn seqs_within(rx: &mut Follow, wait: Duration) -> Vec<i64> {
         let mut out = Vec::new();
-        while let Ok(Some(Ok(e))) = tokio::time::timeout(wait, rx.recv()).await {
+        while let Ok(Some(Ok(e))) = tokio::time::timeout(wait, rx.next()).await {
             out.push(e.seq);
         }
         out
@@ -374,21 +412,13 @@ mod tests {
     async fn the_stream_ends_after_the_run_ends() {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         let feed = hub.subscribe(id);
-        let mut rx = spawn(
-            mem.clone(),
-            id,
-            0,
-            16,
-            feed,
-            CancellationToken::new(),
-            &TaskTracker::new(),
-        );
+        let mut rx = follow(mem.clone(), id, 0, feed, CancellationToken::new());
         let e1 = mem.write(id, "agent.message");
         *lock(&mem.live) = false;
         let e2 = mem.write(id, &SessionStatus::Completed.event_type());
         hub.publish(&[e1, e2]);
         assert_eq!(seqs(&mut rx, 2).await, vec![1, 2]);
-        let end = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        let end = tokio::time::timeout(Duration::from_secs(5), rx.next()).await;
         assert!(matches!(end, Ok(None)), "the stream should end");
     }
 
@@ -397,18 +427,10 @@ mod tests {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         mem.write(id, "agent.message");
         let stop = CancellationToken::new();
-        let mut rx = spawn(
-            mem.clone(),
-            id,
-            0,
-            16,
-            hub.subscribe(id),
-            stop.clone(),
-            &TaskTracker::new(),
-        );
+        let mut rx = follow(mem.clone(), id, 0, hub.subscribe(id), stop.clone());
         assert_eq!(seqs(&mut rx, 1).await, vec![1]);
         stop.cancel();
-        let e = rx.recv().await.expect("an error").expect_err("an error");
+        let e = rx.next().await.expect("an error").expect_err("an error");
         assert!(e.to_string().contains("after_seq=1"), "{e}");
     }
 }

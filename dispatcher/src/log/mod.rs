@@ -13,12 +13,14 @@
 //!   moved to a newer run, so a superseded run can add nothing to the log;
 //! - a follower subscribes to the hub *before* reading history and drops
 //!   anything at or below the last seq it sent: no gap, no duplicate;
-//! - a follower that falls behind its bounded buffer, or hears of events
+//! - a follower that falls behind the hub's bounded feed, or hears of events
 //!   another dispatcher wrote, reads them from the store. It never blocks the
 //!   writer and never loses an event.
 
 mod follower;
 mod hub;
+
+pub(crate) use follower::Follow;
 mod writer;
 
 use std::sync::Arc;
@@ -118,8 +120,6 @@ pub struct EventLog {
     hub: Arc<hub::Hub>,
     /// Ends every follower with UNAVAILABLE, so clients reconnect elsewhere.
     shutdown: CancellationToken,
-    /// The writer and the followers (shutdown awaits them).
-    tasks: TaskTracker,
 }
 
 /// The appends of one agent line, from node frame `node_seq` of the run at
@@ -148,9 +148,9 @@ fn writer_stopped<T>(_: T) -> Error {
 }
 
 impl EventLog {
-    /// Starts the writer on `tasks`, where followers run too. The writer
-    /// drains its queue and stops once the last handle on the log is
-    /// dropped; followers stop after `shutdown`.
+    /// Starts the writer on `tasks`. The writer drains its queue and stops
+    /// once the last handle on the log is dropped; followers end after
+    /// `shutdown`.
     pub fn start(store: Store, shutdown: CancellationToken, tasks: TaskTracker) -> Arc<Self> {
         let (ops, rx) = mpsc::channel(MAX_BATCH * 4);
         let hub = Arc::new(hub::Hub::default());
@@ -165,7 +165,6 @@ impl EventLog {
             ops,
             hub,
             shutdown,
-            tasks,
         })
     }
 
@@ -397,21 +396,14 @@ impl EventLog {
     /// Streams the session's events after `after_seq`, then live ones, ending
     /// after the event that stops the session's latest run (earlier runs'
     /// ends, before a resume, pass through). An error ends the stream.
-    pub(crate) fn follow(
-        &self,
-        session: Uuid,
-        after_seq: i64,
-        buffer: usize,
-    ) -> mpsc::Receiver<Followed> {
+    pub(crate) fn follow(&self, session: Uuid, after_seq: i64) -> Follow {
         let feed = self.hub.subscribe(session);
-        follower::spawn(
+        follower::follow(
             self.store.clone(),
             session,
             after_seq,
-            buffer,
             feed,
             self.shutdown.clone(),
-            &self.tasks,
         )
     }
 }

@@ -20,7 +20,7 @@ mod exit;
 mod state;
 
 pub(super) use state::Relay;
-use state::{FEED_BUFFER, Feed, Flow, REFOLLOW_MAX, REFOLLOW_MIN, StopAsked};
+use state::{Feed, Flow, REFOLLOW_MAX, REFOLLOW_MIN, StopAsked};
 
 use super::deadlines::Expiry;
 use crate::driver::ctx::durably;
@@ -408,10 +408,7 @@ impl Relay<'_> {
     /// event forwarded.
     fn follow_again(&mut self) -> Flow {
         self.refollow_at = None;
-        let feed = self
-            .ctx
-            .log
-            .follow(self.session.id, self.input_seq, FEED_BUFFER);
+        let feed = Feed::new(self.ctx.log.follow(self.session.id, self.input_seq));
         self.feed = Some(feed);
         Flow::Continue
     }
@@ -490,7 +487,7 @@ impl Relay<'_> {
 
 async fn recv(feed: &mut Option<Feed>) -> Option<crate::log::Followed> {
     match feed {
-        Some(rx) => rx.recv().await,
+        Some(rx) => futures::StreamExt::next(rx.get_mut()).await,
         None => std::future::pending().await,
     }
 }

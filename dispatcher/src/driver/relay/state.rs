@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
-use tokio::sync::mpsc;
-
 use crate::driver::ctx::Ctx;
 use crate::driver::deadlines::Deadlines;
 use crate::driver::start::Link;
@@ -21,9 +19,6 @@ const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 pub(super) const REFOLLOW_MIN: std::time::Duration = std::time::Duration::from_millis(200);
 pub(super) const REFOLLOW_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Events of the input feed buffered ahead of the relay.
-pub(super) const FEED_BUFFER: usize = 64;
-
 /// Whether the relay goes on after a step.
 pub(super) enum Flow {
     Continue,
@@ -31,7 +26,10 @@ pub(super) enum Flow {
     Done,
 }
 
-pub(super) type Feed = mpsc::Receiver<crate::log::Followed>;
+/// The input feed. Wrapped: the relay is shared (`&self`) across its
+/// awaits, so it must be `Sync`, and a follower's stream is not; the
+/// wrapper allows only `&mut` access, which is `Sync` for anything `Send`.
+pub(super) type Feed = sync_wrapper::SyncWrapper<crate::log::Follow>;
 
 /// One run's relay state.
 pub(crate) struct Relay<'a> {
@@ -100,7 +98,7 @@ impl<'a> Relay<'a> {
             session,
             link,
             input_seq,
-            feed: Some(ctx.log.follow(session.id, input_seq, FEED_BUFFER)),
+            feed: Some(Feed::new(ctx.log.follow(session.id, input_seq))),
             refollow: None,
             refollow_at: None,
             runtime_id_seen: !session.runtime_session_id.is_empty(),

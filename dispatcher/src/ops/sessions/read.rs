@@ -1,7 +1,6 @@
 //! Reading a session: its events (paged and live), search, export and
 //! feedback.
 
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{ExportFormat, SearchPage, Sessions};
@@ -124,11 +123,11 @@ impl Sessions {
         project: &str,
         id: Uuid,
         after_seq: i64,
-    ) -> Result<mpsc::Receiver<crate::log::Followed>> {
+    ) -> Result<crate::log::Follow> {
         if after_seq < 0 {
             return Err(Error::invalid("after_seq", "must not be negative"));
         }
         self.get(project, id).await?;
-        Ok(self.log.follow(id, after_seq, 128))
+        Ok(self.log.follow(id, after_seq))
     }
 }

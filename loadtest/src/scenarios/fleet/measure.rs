@@ -71,17 +71,73 @@ pub(super) async fn owned_by(db: &PgPool, owner: &str) -> anyhow::Result<Vec<uui
     .await?)
 }
 
-/// How many of `ids` another dispatcher than `gone` drives again (running
-/// or idle under a new owner).
-pub(super) async fn taken_over(db: &PgPool, ids: &[uuid::Uuid], gone: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM sessions WHERE id = ANY($1) AND owner <> $2 \
-         AND owner <> '' AND status IN ('running', 'idle')",
+/// How many of `ids` have left dispatcher `gone` (released to the queue,
+/// or claimed since), and how many another dispatcher drives again
+/// (running or idle under a new owner).
+pub(super) async fn taken_over(
+    db: &PgPool,
+    ids: &[uuid::Uuid],
+    gone: &str,
+) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE owner <> $2), \
+         count(*) FILTER (WHERE owner <> $2 AND owner <> '' AND status IN ('running', 'idle')) \
+         FROM sessions WHERE id = ANY($1)",
     )
     .bind(ids)
     .bind(gone)
     .fetch_one(db)
     .await?)
+}
+
+/// A takeover as it went: from the kill, when every session had left the
+/// dead owner, and when each fraction of them ran again.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Takeover {
+    pub owned: usize,
+    pub released: Option<Duration>,
+    /// (fraction, when), for 0.5, 0.9, 0.99 and 1.0.
+    pub taken: Vec<(f64, Option<Duration>)>,
+}
+
+impl Takeover {
+    pub const FRACTIONS: [f64; 4] = [0.5, 0.9, 0.99, 1.0];
+
+    /// The whole takeover (every session running again), if it ended.
+    pub fn all(&self) -> Option<Duration> {
+        self.taken.last().and_then(|(_, t)| *t)
+    }
+}
+
+/// Polls [`taken_over`] every 200 ms for up to `limit`, timing each step.
+pub(super) async fn takeover(
+    db: &PgPool,
+    ids: &[uuid::Uuid],
+    gone: &str,
+    limit: Duration,
+) -> Takeover {
+    let n = ids.len() as f64;
+    let mut t = Takeover {
+        owned: ids.len(),
+        released: None,
+        taken: Takeover::FRACTIONS.iter().map(|f| (*f, None)).collect(),
+    };
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < limit && t.all().is_none() {
+        if let Ok((left, taken)) = taken_over(db, ids, gone).await {
+            let now = start.elapsed();
+            if t.released.is_none() && left as f64 >= n {
+                t.released = Some(now);
+            }
+            for (f, at) in &mut t.taken {
+                if at.is_none() && taken as f64 >= (*f * n).ceil() {
+                    *at = Some(now);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t
 }
 
 /// Live sessions by owner, for the report's spread across dispatchers.

@@ -245,27 +245,22 @@ async fn ramp(
 
 /// Kills dispatcher `victim` (SIGKILL), takes it out of the clients' load
 /// balancer, and times until another dispatcher drives each of the
-/// sessions it owned. Returns the sessions it owned and the takeover time.
+/// sessions it owned.
 async fn kill(
     victim: &mut Child,
     shared: &Shared,
     db: &sqlx::PgPool,
     lease: f64,
-) -> anyhow::Result<(usize, Option<Duration>)> {
+) -> anyhow::Result<measure::Takeover> {
     let owned = measure::owned_by(db, &victim.id).await?;
     eprintln!("fleet: killing {} ({} sessions)", victim.id, owned.len());
     victim.proc.start_kill()?;
     shared.dispatchers.alive[0].store(false, Ordering::Relaxed);
-    let n = i64::try_from(owned.len())?;
     // Measured up to 8 × the lease, so a miss still has a number.
-    let took = measure::time_until(Duration::from_secs_f64(8.0 * lease), || async {
-        measure::taken_over(db, &owned, &victim.id)
-            .await
-            .is_ok_and(|k| k >= n)
-    })
-    .await;
-    eprintln!("fleet: taken over in {took:?}");
-    Ok((owned.len(), took))
+    let limit = Duration::from_secs_f64(8.0 * lease);
+    let took = measure::takeover(db, &owned, &victim.id, limit).await;
+    eprintln!("fleet: takeover {took:?}");
+    Ok(took)
 }
 
 /// Sessions running on more than one simulated node at once.
@@ -298,7 +293,7 @@ struct Figures {
     postgres_cores: f64,
     append: Vec<(f64, f64)>,
     live_steady: crate::report::Hist,
-    takeover: Option<(usize, Option<Duration>)>,
+    takeover: Option<measure::Takeover>,
     duplicate_runs: usize,
 }
 
@@ -363,15 +358,30 @@ impl Figures {
             bound,
         );
         r.value("Postgres CPU during turns", self.postgres_cores, "cores");
-        if let Some((owned, took)) = self.takeover {
+        if let Some(took) = &self.takeover {
+            let secs = |d: Option<Duration>| d.map_or(f64::INFINITY, |d| d.as_secs_f64());
             r.value(
                 "sessions owned by the killed dispatcher",
-                owned as f64,
+                took.owned as f64,
                 "sessions",
             );
+            r.value(
+                "takeover: every one of them released by the dead owner",
+                secs(took.released),
+                "s",
+            );
+            for (f, at) in &took.taken {
+                if *f < 1.0 {
+                    r.value(
+                        format!("takeover: {}% of them running again", f * 100.0),
+                        secs(*at),
+                        "s",
+                    );
+                }
+            }
             r.check_at_most(
                 format!("takeover of all of them (s; 2 × lease = {})", 2.0 * a.lease),
-                took.map_or(f64::INFINITY, |d| d.as_secs_f64()),
+                secs(took.all()),
                 2.0 * a.lease,
             );
             for (owner, n) in &self.owners_after {
