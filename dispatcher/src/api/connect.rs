@@ -7,7 +7,6 @@
 
 use berth_proto::v1::{self as pb, connect_request::Kind};
 use futures::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
@@ -18,9 +17,6 @@ use crate::access::auth::{Authenticator, caller};
 use crate::access::revocations::{end_when_revoked, key_revoked};
 use crate::error::{Error, Result};
 use crate::ops::sessions::Sessions;
-
-/// Commands waiting for their acks, per stream.
-const ACKS_IN_FLIGHT: usize = 128;
 
 /// The status an inbound stream's error ends the call with.
 fn inbound_error(status: Status) -> Status {
@@ -35,8 +31,6 @@ pub(super) struct Connect<'a> {
     pub shutdown: &'a tokio_util::sync::CancellationToken,
     /// Ends a revoked key's stream.
     pub auth: &'a std::sync::Arc<Authenticator>,
-    /// Owns the stream's command task.
-    pub tasks: &'a tokio_util::task::TaskTracker,
 }
 
 pub(super) async fn connect(
@@ -58,59 +52,112 @@ pub(super) async fn connect(
         .sessions
         .stream(&who.project, id, open.after_seq)
         .await?;
-    let gauge = crate::metrics::StreamGauge::open("connect");
-    let events = events.map(move |item| {
-        let _open = &gauge;
-        item.map(|e| pb::ConnectResponse {
-            kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))),
-        })
-        .map_err(|e| Status::from(*e))
+    let duplex = Duplex {
+        id,
+        events: Some(events),
+        inbound: Some(inbound),
+        sessions: svc.sessions.clone(),
+        project: who.project.clone(),
+        identity: who.identity(),
+        shutdown: svc.shutdown.clone(),
+        revoked: Box::pin(key_revoked(svc.auth.clone(), &who)),
+        _open: crate::metrics::StreamGauge::open("connect"),
+    };
+    let out = futures::stream::unfold(duplex, |mut d| async move {
+        let item = d.next().await?;
+        Some((item, d))
     });
-    // Commands in, each acknowledged. Acks are boxed: a channel allocates
-    // its first block of slots when it is made, and an idle stream's would
-    // hold 32 whole responses' worth.
-    let (tx, acks) = tokio::sync::mpsc::channel::<
-        std::result::Result<Box<pb::ConnectResponse>, Status>,
-    >(ACKS_IN_FLIGHT);
-    let (sessions, shutdown) = (svc.sessions.clone(), svc.shutdown.clone());
-    let revoked = key_revoked(svc.auth.clone(), &who);
-    let (project, identity) = (who.project.clone(), who.identity());
-    svc.tasks.spawn(async move {
-        tokio::pin!(revoked);
-        let steer = Steer {
-            sessions: &sessions,
-            project: &project,
-            identity,
-        };
-        loop {
-            let req = tokio::select! {
-                m = inbound.message() => match m {
-                    Ok(Some(req)) => req,
-                    Ok(None) => return,
-                    Err(status) => {
-                        let _ = tx.send(Err(inbound_error(status))).await;
-                        return;
-                    }
-                },
-                () = shutdown.cancelled() => return,
-                // The key was revoked: no more commands (the events side
-                // ends with UNAUTHENTICATED).
-                () = &mut revoked => return,
-            };
-            // Boxed: the task of an idle stream keeps only what it waits on.
-            let ack = Box::pin(ack(&steer, id, req.kind)).await;
-            let ack = Box::new(pb::ConnectResponse {
-                kind: Some(pb::connect_response::Kind::Ack(ack)),
-            });
-            if tx.send(Ok(ack)).await.is_err() {
-                return;
-            }
-        }
-    });
-    let acks = ReceiverStream::new(acks).map(|ack| ack.map(|a| *a));
-    let out = futures::stream::select(events, acks);
     let stream = end_when_revoked(svc.auth.clone(), &who, Box::pin(out));
     Ok(Response::new(stream))
+}
+
+/// One Connect stream: the session's events out, commands in, each
+/// answered by an ack on the way out.
+///
+/// Commands are carried out as the response is polled, by the stream
+/// itself: a held stream costs no task and no channel of its own. A
+/// client that stops reading stops its commands too; its acks would wait
+/// for it anyway.
+struct Duplex {
+    id: Uuid,
+    /// `None` once the session's events ended (its run ended).
+    events: Option<crate::log::Follow>,
+    /// `None` once no more commands come: the client closed its side, sent
+    /// what could not be decoded, its key was revoked, or this dispatcher
+    /// is shutting down.
+    inbound: Option<Streaming<pb::ConnectRequest>>,
+    sessions: Sessions,
+    project: String,
+    identity: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    revoked: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Counted while the client holds the stream open.
+    _open: crate::metrics::StreamGauge,
+}
+
+impl Duplex {
+    /// The next response: an event, or a command's ack. `None` once both
+    /// sides are done.
+    async fn next(&mut self) -> Option<std::result::Result<pb::ConnectResponse, Status>> {
+        loop {
+            let commands = self.inbound.is_some();
+            if self.events.is_none() && !commands {
+                return None;
+            }
+            tokio::select! {
+                item = next_event(&mut self.events) => match item {
+                    Some(item) => return Some(
+                        item.map(|e| pb::ConnectResponse {
+                            kind: Some(pb::connect_response::Kind::Event(pb::Event::from(&*e))),
+                        })
+                        .map_err(|e| Status::from(*e)),
+                    ),
+                    None => self.events = None,
+                },
+                m = next_command(&mut self.inbound) => match m {
+                    Ok(Some(req)) => {
+                        let steer = Steer {
+                            sessions: &self.sessions,
+                            project: &self.project,
+                            identity: self.identity.clone(),
+                        };
+                        // Boxed: an idle stream keeps only what it waits on.
+                        let ack = Box::pin(ack(&steer, self.id, req.kind)).await;
+                        return Some(Ok(pb::ConnectResponse {
+                            kind: Some(pb::connect_response::Kind::Ack(ack)),
+                        }));
+                    }
+                    Ok(None) => self.inbound = None,
+                    Err(status) => {
+                        self.inbound = None;
+                        return Some(Err(inbound_error(status)));
+                    }
+                },
+                () = self.shutdown.cancelled(), if commands => self.inbound = None,
+                // The key was revoked: no more commands (the events side
+                // ends with UNAUTHENTICATED).
+                () = &mut self.revoked, if commands => self.inbound = None,
+            }
+        }
+    }
+}
+
+/// The next event, or never once the events ended.
+async fn next_event(events: &mut Option<crate::log::Follow>) -> Option<crate::log::Followed> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next command, or never once the commands ended.
+async fn next_command(
+    inbound: &mut Option<Streaming<pb::ConnectRequest>>,
+) -> std::result::Result<Option<pb::ConnectRequest>, Status> {
+    match inbound {
+        Some(i) => i.message().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Carries out one command on the stream's session `id`; its ack.

@@ -23,8 +23,6 @@ pub struct SessionsService {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Ends a revoked key's streams.
     pub auth: std::sync::Arc<crate::access::auth::Authenticator>,
-    /// Connect streams' command tasks: shutdown awaits them.
-    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// What a ListSessions page token is bound to: the project and the filter.
@@ -440,7 +438,6 @@ impl SessionsApi for SessionsService {
             sessions: &self.sessions,
             shutdown: &self.shutdown,
             auth: &self.auth,
-            tasks: &self.tasks,
         };
         super::connect::connect(svc, r).await
     }

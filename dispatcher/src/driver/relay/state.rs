@@ -12,7 +12,7 @@ use crate::session::Session;
 use crate::session::usage::RunningTotals;
 
 /// How often the relay tells the node which frames are persisted.
-const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+pub(super) const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The first and longest waits before following the input again after
 /// the feed failed.
@@ -62,7 +62,11 @@ pub(crate) struct Relay<'a> {
     /// one acknowledged to the node.
     pub(super) persisted: Arc<AtomicI64>,
     pub(super) acked: i64,
-    pub(super) ack_tick: tokio::time::Interval,
+    /// The last node frame relayed to the writer.
+    pub(super) received: i64,
+    /// When to tell the node what is persisted: set while frames are
+    /// relayed and not acknowledged (an idle session never wakes for it).
+    pub(super) ack_at: Option<tokio::time::Instant>,
     /// Tool permission requests the agent waits on.
     pub(super) tools: PendingTools,
     /// Seq of the `user.message` that started the turn in flight (0: unknown).
@@ -91,8 +95,6 @@ impl<'a> Relay<'a> {
         // flight (in the run's trace): one span per open turn.
         let first_turn = (first > 0 || in_flight)
             .then(|| turn_span(session, first, link.first_traceparent.as_deref()));
-        let mut ack_tick = tokio::time::interval(ACK_INTERVAL);
-        ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             ctx,
             session,
@@ -113,7 +115,8 @@ impl<'a> Relay<'a> {
             relayed: metrics::counter!(crate::metrics::EVENTS_RELAYED),
             persisted: Arc::new(AtomicI64::new(cursor)),
             acked: cursor,
-            ack_tick,
+            received: cursor,
+            ack_at: None,
             tools: PendingTools::default(),
             turn_message_seq: first,
             credentials,
