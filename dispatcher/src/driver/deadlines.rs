@@ -60,17 +60,6 @@ impl Deadlines {
             Expiry::Inactive => self.last_activity = None,
         }
     }
-
-    /// Resolves when the next clock expires.
-    pub(crate) async fn expired(&self) -> Expiry {
-        match self.next() {
-            Some((at, e)) => {
-                tokio::time::sleep_until(at).await;
-                e
-            }
-            None => std::future::pending().await,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -87,7 +76,6 @@ mod tests {
         let (at, e) = d.next().expect("armed");
         assert_eq!(e, Expiry::Inactive);
         assert_eq!(at - tokio::time::Instant::now(), Duration::from_secs(10));
-        assert_eq!(d.expired().await, Expiry::Inactive);
         d.fired(Expiry::Inactive);
         d.touch();
         assert!(d.next().is_none(), "inactivity fires once");
@@ -102,7 +90,6 @@ mod tests {
         }
         // Busy all along (inactivity would fire at 50 s), yet due at 30 s.
         assert_eq!(d.next(), Some((tokio::time::Instant::now(), Expiry::Hard)));
-        assert_eq!(d.expired().await, Expiry::Hard);
         d.fired(Expiry::Hard);
         assert_eq!(d.next().map(|n| n.1), Some(Expiry::Inactive));
     }

@@ -9,13 +9,13 @@
 
 use berth_common::events::payload::StatusDetail;
 use berth_common::events::{self as ev, payload};
-use berth_common::sync::sleep_until;
 use berth_proto::node::v1 as pb;
 use berth_proto::node::v1::{dispatcher_frame, node_frame};
 use tracing::Instrument;
 
 mod approvals;
 mod credentials;
+mod due;
 mod exit;
 mod state;
 
@@ -52,24 +52,13 @@ impl Relay<'_> {
             // frame's box is one allocation per frame, against the commit
             // its events wait for.
             let flow = tokio::select! {
-                () = sleep_until(self.credentials.next_due()) => {
-                    Box::pin(self.on_credentials_due()).await?;
-                    Flow::Continue
-                }
-                () = sleep_until(self.tools.next_deadline()) => Box::pin(self.on_tool_timeout()).await?,
+                // Every clock at once: one timer, set to the first deadline.
+                due = due::wait(self.next_due()) => Box::pin(self.on_due(due)).await?,
                 frame = self.link.frames.message() => Box::pin(self.on_frame(frame)).await?,
-                () = sleep_until(self.ack_at) => self.ack().await,
                 item = recv(&mut self.feed) => Box::pin(self.on_input(item)).await?,
-                () = sleep_until(self.refollow_at) => self.follow_again(),
-                expiry = self.deadlines.expired() => Box::pin(self.on_expiry(expiry)).await?,
                 // The node missed its lease: its stream may never end by itself.
                 () = self.link.placed.link.down() => Box::pin(self.on_node_down()).await?,
                 () = self.ctx.shutdown.cancelled(), if self.handing_back.is_none() => Box::pin(self.on_shutdown()).await,
-                () = sleep_until(self.handing_back) => {
-                    tracing::warn!("the node did not stop the session in time for shutdown; re-queued without a snapshot");
-                    Box::pin(self.transition(StatusEvent::NodeLost, "dispatcher shut down", StatusDetail::default())).await?;
-                    Flow::Done
-                }
             };
             if let Flow::Done = flow {
                 return Ok(());
