@@ -317,6 +317,7 @@ pub(crate) async fn serve_api(
                 sessions: parts.sessions.clone(),
                 shutdown: shutdown.clone(),
                 auth: parts.authenticator.clone(),
+                tasks: loops.clone(),
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

@@ -31,6 +31,8 @@ pub(super) struct Connect<'a> {
     pub shutdown: &'a tokio_util::sync::CancellationToken,
     /// Ends a revoked key's stream.
     pub auth: &'a std::sync::Arc<Authenticator>,
+    /// Owns the commands in progress.
+    pub tasks: &'a tokio_util::task::TaskTracker,
 }
 
 pub(super) async fn connect(
@@ -60,6 +62,7 @@ pub(super) async fn connect(
         project: who.project.clone(),
         identity: who.identity(),
         shutdown: svc.shutdown.clone(),
+        tasks: svc.tasks.clone(),
         revoked: Box::pin(key_revoked(svc.auth.clone(), &who)),
         _open: crate::metrics::StreamGauge::open("connect"),
     };
@@ -74,10 +77,9 @@ pub(super) async fn connect(
 /// One Connect stream: the session's events out, commands in, each
 /// answered by an ack on the way out.
 ///
-/// Commands are carried out as the response is polled, by the stream
-/// itself: a held stream costs no task and no channel of its own. A
-/// client that stops reading stops its commands too; its acks would wait
-/// for it anyway.
+/// Commands are read as the response is polled: a held stream costs no
+/// task and no channel of its own. Each command runs on a task while it
+/// is carried out.
 struct Duplex {
     id: Uuid,
     /// `None` once the session's events ended (its run ended).
@@ -90,6 +92,7 @@ struct Duplex {
     project: String,
     identity: String,
     shutdown: tokio_util::sync::CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
     revoked: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Counted while the client holds the stream open.
     _open: crate::metrics::StreamGauge,
@@ -115,18 +118,7 @@ impl Duplex {
                     None => self.events = None,
                 },
                 m = next_command(&mut self.inbound) => match m {
-                    Ok(Some(req)) => {
-                        let steer = Steer {
-                            sessions: &self.sessions,
-                            project: &self.project,
-                            identity: self.identity.clone(),
-                        };
-                        // Boxed: an idle stream keeps only what it waits on.
-                        let ack = Box::pin(ack(&steer, self.id, req.kind)).await;
-                        return Some(Ok(pb::ConnectResponse {
-                            kind: Some(pb::connect_response::Kind::Ack(ack)),
-                        }));
-                    }
+                    Ok(Some(req)) => return Some(Ok(self.command(req.kind).await)),
                     Ok(None) => self.inbound = None,
                     Err(status) => {
                         self.inbound = None;
@@ -137,6 +129,36 @@ impl Duplex {
                 // The key was revoked: no more commands (the events side
                 // ends with UNAUTHENTICATED).
                 () = &mut self.revoked, if commands => self.inbound = None,
+            }
+        }
+    }
+}
+
+impl Duplex {
+    /// Carries out a command on a task of its own, and answers with its
+    /// ack. A command holds database connections while it runs: it must
+    /// not wait for this stream to be polled again (a client that stops
+    /// reading would keep them), nor be lost when the client leaves.
+    fn command(&self, kind: Option<Kind>) -> impl Future<Output = pb::ConnectResponse> + use<> {
+        let (sessions, project) = (self.sessions.clone(), self.project.clone());
+        let (identity, id) = (self.identity.clone(), self.id);
+        let task = self.tasks.spawn(async move {
+            let steer = Steer {
+                sessions: &sessions,
+                project: &project,
+                identity,
+            };
+            ack(&steer, id, kind).await
+        });
+        async move {
+            let ack = task.await.unwrap_or_else(|e| pb::ConnectAck {
+                r#ref: String::new(),
+                code: tonic::Code::Internal as i32,
+                message: format!("the command failed: {e}"),
+                seq: 0,
+            });
+            pb::ConnectResponse {
+                kind: Some(pb::connect_response::Kind::Ack(ack)),
             }
         }
     }

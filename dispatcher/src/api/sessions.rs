@@ -23,6 +23,8 @@ pub struct SessionsService {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Ends a revoked key's streams.
     pub auth: std::sync::Arc<crate::access::auth::Authenticator>,
+    /// Connect streams' commands in progress: shutdown awaits them.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// What a ListSessions page token is bound to: the project and the filter.
@@ -438,6 +440,7 @@ impl SessionsApi for SessionsService {
             sessions: &self.sessions,
             shutdown: &self.shutdown,
             auth: &self.auth,
+            tasks: &self.tasks,
         };
         super::connect::connect(svc, r).await
     }

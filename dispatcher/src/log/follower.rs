@@ -87,6 +87,19 @@ pub(super) fn follow<H: History>(
     Box::pin(futures::StreamExt::fuse(stream))
 }
 
+/// Runs a store read on a task of its own, cancelled if the follower is
+/// dropped. A follower is a stream, polled only while its subscriber
+/// reads: a read inside it would hold its pool connection for as long as
+/// the subscriber does something else (a relay awaiting a commit, a client
+/// not reading), and enough such streams starved the pool outright.
+async fn detached<T: Send + 'static>(
+    read: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(read))
+        .await
+        .map_err(|e| Error::Internal(format!("a store read of a follower failed: {e}")))?
+}
+
 /// Where a follower is between items.
 enum Phase {
     /// Nothing read yet.
@@ -145,7 +158,7 @@ impl<H: History> Follower<H> {
                     self.catching = Some(None);
                     self.phase = Phase::Position;
                 }
-                Phase::Position => match Box::pin(self.history.position(self.session)).await {
+                Phase::Position => match self.position().await {
                     Ok((live, last_seq)) if !live && last_seq <= self.last => return None,
                     Ok(_) => self.phase = Phase::Live,
                     Err(e) => {
@@ -205,11 +218,10 @@ impl<H: History> Follower<H> {
     /// Reads one page of history past `last` into `pending`; the catch-up
     /// ends with a short page, or once it reaches `upto`.
     async fn read_page(&mut self, upto: Option<i64>) -> Result<()> {
-        let page = Box::pin(
-            self.history
-                .events_after(self.session, self.last, HISTORY_PAGE),
-        )
-        .await?;
+        let (history, session, after) = (self.history.clone(), self.session, self.last);
+        let page =
+            detached(async move { history.events_after(session, after, HISTORY_PAGE).await })
+                .await?;
         let full = page.len() as i64 == HISTORY_PAGE;
         let reached = page.last().map_or(self.last, |e| e.seq);
         self.pending.extend(page.into_iter().map(Arc::new));
@@ -219,10 +231,16 @@ impl<H: History> Follower<H> {
         Ok(())
     }
 
+    /// Whether the session is live, and its last seq.
+    async fn position(&self) -> Result<(bool, i64)> {
+        let (history, session) = (self.history.clone(), self.session);
+        detached(async move { history.position(session).await }).await
+    }
+
     /// Whether a run-ending event at `seq` is where the log ends for now: a
     /// paused or stopped session that was resumed since has more to come.
     async fn is_last_run_end(&self, seq: i64) -> bool {
-        match Box::pin(self.history.position(self.session)).await {
+        match self.position().await {
             Ok((live, last_seq)) => !(live || last_seq > seq),
             Err(_) => true,
         }
