@@ -73,6 +73,12 @@ mod pg_code {
     pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
     /// JSON with `\u0000`, which `jsonb` cannot hold as text.
     pub const UNTRANSLATABLE_CHARACTER: &str = "22P05";
+    /// Class 08, connection exceptions.
+    pub const CONNECTION_EXCEPTION_CLASS: &str = "08";
+    /// The server is shutting down (`57P01`), crashed (`57P02`), is not
+    /// accepting connections yet (`57P03`) or dropped the database
+    /// (`57P04`). A pooled connection reports it on its next statement.
+    pub const SERVER_GONE: &str = "57P";
 }
 
 impl From<berth_common::spec::FieldError> for Error {
@@ -108,6 +114,12 @@ impl From<sqlx::Error> for Error {
                     db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                         .and_then(|pg| pg.detail()),
                 ),
+                Some(c)
+                    if c.starts_with(pg_code::CONNECTION_EXCEPTION_CLASS)
+                        || c.starts_with(pg_code::SERVER_GONE) =>
+                {
+                    Self::Unavailable(e.to_string())
+                }
                 _ => Self::Internal(e.to_string()),
             },
             sqlx::Error::Io(_)

@@ -90,6 +90,15 @@ pub struct Store {
 /// rather than hanging until the client's deadline.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A pooled connection idle at least this long is pinged before it is
+/// handed out (Postgres may have restarted meanwhile). A busy one is not:
+/// sqlx pings every connection it hands out by default, inside the acquire
+/// timeout, and under load an acquire that timed out mid-ping dropped its
+/// connection. Each new one then cost Postgres a backend and a TLS
+/// handshake that the next timeout cut short: a storm that left a
+/// dispatcher with a few connections of its 16.
+const PING_WHEN_IDLE: Duration = Duration::from_secs(5);
+
 impl Store {
     /// Connects and applies the embedded migrations.
     pub async fn connect(url: &str, max_connections: u32, sealer: Arc<Sealer>) -> Result<Self> {
@@ -100,6 +109,15 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(&checked)
             .await
             .map_err(|e| {
