@@ -132,9 +132,7 @@ impl Duplex {
             }
         }
     }
-}
 
-impl Duplex {
     /// Carries out a command on a task of its own, and answers with its
     /// ack. A command holds database connections while it runs: it must
     /// not wait for this stream to be polled again (a client that stops

@@ -8,8 +8,9 @@ use berth_common::events::payload::StatusDetail;
 use tokio::time::Instant;
 
 use super::state::{Flow, Relay};
-use super::{Expiry, StatusEvent};
+use crate::driver::deadlines::Expiry;
 use crate::error::Result;
+use crate::session::StatusEvent;
 
 /// What is due when the relay's timer fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
