@@ -8,7 +8,8 @@
 //!   are committed together in the next one (no per-event round trip). The
 //!   one write beside the queue releases dead dispatchers' sessions, which no
 //!   run of this dispatcher writes to (it is fenced by status and epoch like
-//!   any status change);
+//!   any status change). The one write the writer takes ahead of the queue
+//!   is a re-attached run's start, the first write of its session here;
 //! - writes from a run carry its epoch and are refused once the session has
 //!   moved to a newer run, so a superseded run can add nothing to the log;
 //! - a follower subscribes to the hub *before* reading history and drops
@@ -117,6 +118,12 @@ enum Op {
 pub struct EventLog {
     store: Store,
     ops: mpsc::Sender<Op>,
+    /// Ops the writer takes before the queue's: re-attached runs' starts.
+    /// Nothing of such a session is queued here before its start (its
+    /// dispatcher just claimed it, and a re-attach writes nothing first),
+    /// so no session's order changes, and a takeover does not wait behind
+    /// the survivor's backlog of other sessions' events.
+    ahead: mpsc::Sender<Op>,
     hub: Arc<hub::Hub>,
     /// Ends every follower with UNAVAILABLE, so clients reconnect elsewhere.
     shutdown: CancellationToken,
@@ -153,16 +160,21 @@ impl EventLog {
     /// `shutdown`.
     pub fn start(store: Store, shutdown: CancellationToken, tasks: TaskTracker) -> Arc<Self> {
         let (ops, rx) = mpsc::channel(MAX_BATCH * 4);
+        let (ahead, ahead_rx) = mpsc::channel(MAX_BATCH);
         let hub = Arc::new(hub::Hub::default());
         tasks.spawn(writer::run(
             store.clone(),
             hub.clone(),
-            rx,
+            writer::Queues {
+                ops: rx,
+                ahead: ahead_rx,
+            },
             shutdown.clone(),
         ));
         Arc::new(Self {
             store,
             ops,
+            ahead,
             hub,
             shutdown,
         })
@@ -326,6 +338,8 @@ impl EventLog {
 
     /// Records the start of the run at `epoch` (the driver's claim) and
     /// where it was placed, in one statement: see [`StatusOp::placement`].
+    /// A re-attached run's start goes ahead of the queue (see
+    /// [`EventLog::ahead`]).
     pub(crate) async fn started_at(
         &self,
         session: Uuid,
@@ -335,8 +349,24 @@ impl EventLog {
         placement: Placement,
     ) -> Result<Transitioned> {
         let event = StatusEvent::Started { busy };
-        self.transition_op(session, Some(epoch), event, "", detail, Some(placement))
-            .await
+        let ahead = placement.attached;
+        let (done, rx) = oneshot::channel();
+        let op = Op::Transition(StatusOp {
+            session,
+            epoch: Some(epoch),
+            event,
+            reason: String::new(),
+            detail,
+            traceparent: berth_common::traces::current(),
+            placement: Some(placement),
+            done,
+        });
+        if ahead {
+            self.ahead.send(op).await.map_err(writer_stopped)?;
+        } else {
+            self.submit(op).await?;
+        }
+        rx.await.map_err(writer_stopped)?
     }
 
     async fn transition_op(

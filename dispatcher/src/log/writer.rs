@@ -30,13 +30,21 @@ struct Batch {
     oldest: Option<std::time::Instant>,
 }
 
-pub(super) async fn run(
-    store: Store,
-    hub: Arc<Hub>,
-    mut rx: mpsc::Receiver<Op>,
-    shutdown: CancellationToken,
-) {
+/// The writer's queue, and the ops it takes before the queue's (see
+/// `EventLog::ahead`).
+pub(super) struct Queues {
+    pub ops: mpsc::Receiver<Op>,
+    pub ahead: mpsc::Receiver<Op>,
+}
+
+pub(super) async fn run(store: Store, hub: Arc<Hub>, queues: Queues, shutdown: CancellationToken) {
+    let Queues {
+        ops: mut rx,
+        mut ahead,
+    } = queues;
+    let mut ahead_open = true;
     let mut ops = Vec::with_capacity(MAX_BATCH);
+    let mut first = Vec::new();
     let mut changes = Changes::default();
     let w = Writer {
         store,
@@ -45,8 +53,24 @@ pub(super) async fn run(
     };
     loop {
         metrics::gauge!(m::WRITER_QUEUE).set(rx.len() as f64);
-        if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
-            return;
+        // Both close together, when the log is dropped; `biased` drains
+        // the ops ahead before the queue ends the writer.
+        let received = tokio::select! {
+            biased;
+            n = ahead.recv_many(&mut first, MAX_BATCH), if ahead_open => {
+                ahead_open = n > 0;
+                ops.append(&mut first);
+                n
+            }
+            n = rx.recv_many(&mut ops, MAX_BATCH) => {
+                if n == 0 {
+                    return;
+                }
+                n
+            }
+        };
+        if received == 0 {
+            continue;
         }
         metrics::gauge!(m::WRITER_QUEUE).set((rx.len() + ops.len()) as f64);
         let mut batch = Batch::default();
