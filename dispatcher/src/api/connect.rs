@@ -140,6 +140,7 @@ impl Duplex {
     fn command(&self, kind: Option<Kind>) -> impl Future<Output = pb::ConnectResponse> + use<> {
         let (sessions, project) = (self.sessions.clone(), self.project.clone());
         let (identity, id) = (self.identity.clone(), self.id);
+        let reference = reference(&kind);
         let task = self.tasks.spawn(async move {
             let steer = Steer {
                 sessions: &sessions,
@@ -150,9 +151,12 @@ impl Duplex {
         });
         async move {
             let ack = task.await.unwrap_or_else(|e| pb::ConnectAck {
-                r#ref: String::new(),
+                r#ref: reference,
                 code: tonic::Code::Internal as i32,
-                message: format!("the command failed: {e}"),
+                message: format!(
+                    "the dispatcher failed while carrying out this command ({e}); it may or may not \
+                     have been applied: read the session's events before sending it again"
+                ),
                 seq: 0,
             });
             pb::ConnectResponse {
@@ -180,31 +184,40 @@ async fn next_command(
     }
 }
 
+/// The caller's `ref` of a command, which its ack carries back.
+fn reference(kind: &Option<Kind>) -> String {
+    match kind {
+        Some(Kind::Message(m)) => m.r#ref.clone(),
+        Some(Kind::Interrupt(i)) => i.r#ref.clone(),
+        Some(Kind::ToolConfirmation(c)) => c.r#ref.clone(),
+        Some(Kind::Answer(a)) => a.r#ref.clone(),
+        Some(Kind::Open(_)) | None => String::new(),
+    }
+}
+
 /// Carries out one command on the stream's session `id`; its ack.
 async fn ack(steer: &Steer<'_>, id: Uuid, kind: Option<Kind>) -> pb::ConnectAck {
-    let (reference, result) = match kind {
-        Some(Kind::Message(m)) => (m.r#ref, steer.send(id, &m.text).await),
-        Some(Kind::Interrupt(i)) => (i.r#ref, steer.interrupt(id).await),
+    let reference = reference(&kind);
+    let result = match kind {
+        Some(Kind::Message(m)) => steer.send(id, &m.text).await,
+        Some(Kind::Interrupt(_)) => steer.interrupt(id).await,
         Some(Kind::ToolConfirmation(c)) => {
             let mut confirmation = c.confirmation.unwrap_or_default();
             // The stream's session; a name given must be it.
             if confirmation.name.is_empty() {
                 confirmation.name = id.to_string();
             }
-            (c.r#ref, confirm(steer, id, confirmation).await)
+            confirm(steer, id, confirmation).await
         }
         Some(Kind::Answer(a)) => {
             let mut answer = a.answer.unwrap_or_default();
             if answer.name.is_empty() {
                 answer.name = id.to_string();
             }
-            (a.r#ref, answer_question(steer, id, answer).await)
+            answer_question(steer, id, answer).await
         }
-        Some(Kind::Open(_)) => (
-            String::new(),
-            Err(Error::invalid("open", "the stream is already open")),
-        ),
-        None => (String::new(), Err(Error::invalid("kind", "required"))),
+        Some(Kind::Open(_)) => Err(Error::invalid("open", "the stream is already open")),
+        None => Err(Error::invalid("kind", "required")),
     };
     match result {
         Ok(seq) => pb::ConnectAck {

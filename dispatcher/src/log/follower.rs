@@ -13,6 +13,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use uuid::Uuid;
 
 use super::Followed;
@@ -67,6 +68,7 @@ pub(super) fn follow<H: History>(
     after_seq: i64,
     feed: broadcast::Receiver<Signal>,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 ) -> Follow {
     let follower = Follower {
         history,
@@ -74,9 +76,10 @@ pub(super) fn follow<H: History>(
         last: after_seq,
         feed,
         shutdown,
+        tasks,
         phase: Phase::Start,
         pending: VecDeque::new(),
-        signal: VecDeque::new(),
+        signal: None,
         catching: None,
         done: false,
     };
@@ -92,12 +95,15 @@ pub(super) fn follow<H: History>(
 /// reads: a read inside it would hold its pool connection for as long as
 /// the subscriber does something else (a relay awaiting a commit, a client
 /// not reading), and enough such streams starved the pool outright.
+/// The task is the log's (shutdown awaits it); dropping the follower
+/// aborts it.
 async fn detached<T: Send + 'static>(
+    tasks: &TaskTracker,
     read: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(read))
+    AbortOnDropHandle::new(tasks.spawn(read))
         .await
-        .map_err(|e| Error::Internal(format!("a store read of a follower failed: {e}")))?
+        .map_err(|e| Error::Internal(format!("a follower's store read failed: {e}")))?
 }
 
 /// Where a follower is between items.
@@ -117,11 +123,13 @@ struct Follower<H> {
     last: i64,
     feed: broadcast::Receiver<Signal>,
     shutdown: CancellationToken,
+    /// Runs its store reads.
+    tasks: TaskTracker,
     phase: Phase,
-    /// Read, in order, each past `last`: sent next.
+    /// Read from history, in order: sent next.
     pending: VecDeque<Arc<Event>>,
-    /// The rest of the feed's last commit, after a catch-up.
-    signal: VecDeque<Arc<Event>>,
+    /// The feed's last commit, and how far into it the follower is.
+    signal: Option<(Arc<[Arc<Event>]>, usize)>,
     /// Reading history: up to this seq (`Some(None)`: all there is).
     catching: Option<Option<i64>>,
     /// It has sent its last item.
@@ -137,11 +145,7 @@ impl<H: History> Follower<H> {
                 if e.seq <= self.last {
                     continue;
                 }
-                self.last = e.seq;
-                if e.ends_run() && self.is_last_run_end(e.seq).await {
-                    self.done = true;
-                }
-                return Some(Ok(e));
+                return Some(self.emit(e).await);
             }
             if self.done {
                 return None;
@@ -167,12 +171,12 @@ impl<H: History> Follower<H> {
                     }
                 },
                 Phase::Live => {
-                    if let Some(e) = self.signal.pop_front() {
+                    if let Some(e) = self.next_in_signal() {
                         // The next one is sent; a gap (events another
                         // dispatcher wrote) is read from the store first;
                         // what the store already gave is skipped.
                         if e.seq == self.last + 1 {
-                            self.pending.push_back(e);
+                            return Some(self.emit(e).await);
                         } else if e.seq > self.last {
                             self.catching = Some(Some(e.seq));
                         }
@@ -185,6 +189,27 @@ impl<H: History> Follower<H> {
                 }
             }
         }
+    }
+
+    /// Sends `e`, the event after `last`; the stream ends after it when it
+    /// ends the session's latest run.
+    async fn emit(&mut self, e: Arc<Event>) -> Followed {
+        self.last = e.seq;
+        if e.ends_run() && self.is_last_run_end(e.seq).await {
+            self.done = true;
+        }
+        Ok(e)
+    }
+
+    /// The next event of the feed's last commit, if any is left.
+    fn next_in_signal(&mut self) -> Option<Arc<Event>> {
+        let (events, at) = self.signal.as_mut()?;
+        let e = events.get(*at).cloned();
+        *at += 1;
+        if e.is_none() {
+            self.signal = None;
+        }
+        e
     }
 
     /// Waits for the feed's next signal and takes it in. `None`: the feed
@@ -200,14 +225,14 @@ impl<H: History> Follower<H> {
             }
         };
         match signal {
-            Ok(Signal::Events(events)) => self.signal.extend(events.iter().cloned()),
+            Ok(Signal::Events(events)) => self.signal = Some((events, 0)),
             Ok(Signal::Upto(seq)) if seq > self.last => self.catching = Some(Some(seq)),
             Ok(Signal::Upto(_)) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 metrics::counter!(m::STREAM_CATCHUPS).increment(1);
                 tracing::debug!(session_id = %self.session, missed, "slow subscriber catching up from the store");
                 // What is left of the last commit is in the store too.
-                self.signal.clear();
+                self.signal = None;
                 self.catching = Some(None);
             }
             Err(broadcast::error::RecvError::Closed) => return None,
@@ -219,9 +244,10 @@ impl<H: History> Follower<H> {
     /// ends with a short page, or once it reaches `upto`.
     async fn read_page(&mut self, upto: Option<i64>) -> Result<()> {
         let (history, session, after) = (self.history.clone(), self.session, self.last);
-        let page =
-            detached(async move { history.events_after(session, after, HISTORY_PAGE).await })
-                .await?;
+        let page = detached(&self.tasks, async move {
+            history.events_after(session, after, HISTORY_PAGE).await
+        })
+        .await?;
         let full = page.len() as i64 == HISTORY_PAGE;
         let reached = page.last().map_or(self.last, |e| e.seq);
         self.pending.extend(page.into_iter().map(Arc::new));
@@ -234,7 +260,7 @@ impl<H: History> Follower<H> {
     /// Whether the session is live, and its last seq.
     async fn position(&self) -> Result<(bool, i64)> {
         let (history, session) = (self.history.clone(), self.session);
-        detached(async move { history.position(session).await }).await
+        detached(&self.tasks, async move { history.position(session).await }).await
     }
 
     /// Whether a run-ending event at `seq` is where the log ends for now: a
@@ -331,8 +357,7 @@ mod tests {
         for _ in 0..3 {
             mem.write(id, "agent.message");
         }
-        let feed = hub.subscribe(id);
-        let mut rx = follow(mem.clone(), id, 1, feed, CancellationToken::new());
+        let mut rx = follow_memory(&mem, &hub, id, 1, CancellationToken::new());
         assert_eq!(seqs(&mut rx, 2).await, vec![2, 3]);
         // Published live, and also already in history: sent once.
         let e4 = mem.write(id, "agent.message");
@@ -345,8 +370,7 @@ mod tests {
     #[tokio::test]
     async fn events_written_elsewhere_are_read_before_newer_live_ones() {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
-        let feed = hub.subscribe(id);
-        let mut rx = follow(mem.clone(), id, 0, feed, CancellationToken::new());
+        let mut rx = follow_memory(&mem, &hub, id, 0, CancellationToken::new());
         // Another dispatcher wrote 1 and 2; this one publishes 3.
         mem.write(id, "user.message");
         mem.write(id, "user.message");
@@ -412,9 +436,27 @@ mod tests {
     /// that reads only when the test polls it.
     fn slow_subscriber() -> (Uuid, Memory, Hub, Follow) {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
-        let feed = hub.subscribe(id);
-        let rx = follow(mem.clone(), id, 0, feed, CancellationToken::new());
+        let rx = follow_memory(&mem, &hub, id, 0, CancellationToken::new());
         (id, mem, hub, rx)
+    }
+
+    /// A follower of `mem`'s session `id` after `after`, subscribed to `hub`
+    /// before it reads.
+    fn follow_memory(
+        mem: &Memory,
+        hub: &Hub,
+        id: Uuid,
+        after: i64,
+        stop: CancellationToken,
+    ) -> Follow {
+        follow(
+            mem.clone(),
+            id,
+            after,
+            hub.subscribe(id),
+            stop,
+            TaskTracker::new(),
+        )
     }
 
     /// Whatever arrives within `wait`.
@@ -429,8 +471,7 @@ mod tests {
     #[tokio::test]
     async fn the_stream_ends_after_the_run_ends() {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
-        let feed = hub.subscribe(id);
-        let mut rx = follow(mem.clone(), id, 0, feed, CancellationToken::new());
+        let mut rx = follow_memory(&mem, &hub, id, 0, CancellationToken::new());
         let e1 = mem.write(id, "agent.message");
         *lock(&mem.live) = false;
         let e2 = mem.write(id, &SessionStatus::Completed.event_type());
@@ -445,7 +486,7 @@ mod tests {
         let (id, mem, hub) = (Uuid::now_v7(), Memory::live(), Hub::default());
         mem.write(id, "agent.message");
         let stop = CancellationToken::new();
-        let mut rx = follow(mem.clone(), id, 0, hub.subscribe(id), stop.clone());
+        let mut rx = follow_memory(&mem, &hub, id, 0, stop.clone());
         assert_eq!(seqs(&mut rx, 1).await, vec![1]);
         stop.cancel();
         let e = rx.next().await.expect("an error").expect_err("an error");

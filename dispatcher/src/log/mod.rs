@@ -20,9 +20,9 @@
 
 mod follower;
 mod hub;
+mod writer;
 
 pub(crate) use follower::Follow;
-mod writer;
 
 use std::sync::Arc;
 
@@ -127,6 +127,8 @@ pub struct EventLog {
     hub: Arc<hub::Hub>,
     /// Ends every follower with UNAVAILABLE, so clients reconnect elsewhere.
     shutdown: CancellationToken,
+    /// The writer, and the followers' store reads (shutdown awaits them).
+    tasks: TaskTracker,
 }
 
 /// The appends of one agent line, from node frame `node_seq` of the run at
@@ -155,9 +157,9 @@ fn writer_stopped<T>(_: T) -> Error {
 }
 
 impl EventLog {
-    /// Starts the writer on `tasks`. The writer drains its queue and stops
-    /// once the last handle on the log is dropped; followers end after
-    /// `shutdown`.
+    /// Starts the writer on `tasks`, where followers read the store too.
+    /// The writer drains its queue and stops once the last handle on the
+    /// log is dropped; followers end after `shutdown`.
     pub fn start(store: Store, shutdown: CancellationToken, tasks: TaskTracker) -> Arc<Self> {
         let (ops, rx) = mpsc::channel(MAX_BATCH * 4);
         let (ahead, ahead_rx) = mpsc::channel(MAX_BATCH);
@@ -177,6 +179,7 @@ impl EventLog {
             ahead,
             hub,
             shutdown,
+            tasks,
         })
     }
 
@@ -349,24 +352,8 @@ impl EventLog {
         placement: Placement,
     ) -> Result<Transitioned> {
         let event = StatusEvent::Started { busy };
-        let ahead = placement.attached;
-        let (done, rx) = oneshot::channel();
-        let op = Op::Transition(StatusOp {
-            session,
-            epoch: Some(epoch),
-            event,
-            reason: String::new(),
-            detail,
-            traceparent: berth_common::traces::current(),
-            placement: Some(placement),
-            done,
-        });
-        if ahead {
-            self.ahead.send(op).await.map_err(writer_stopped)?;
-        } else {
-            self.submit(op).await?;
-        }
-        rx.await.map_err(writer_stopped)?
+        self.transition_op(session, Some(epoch), event, "", detail, Some(placement))
+            .await
     }
 
     async fn transition_op(
@@ -379,7 +366,12 @@ impl EventLog {
         placement: Option<Placement>,
     ) -> Result<Transitioned> {
         let (done, rx) = oneshot::channel();
-        self.submit(Op::Transition(StatusOp {
+        // A re-attached run's start goes ahead of the queue (see `ahead`).
+        let queue = match &placement {
+            Some(p) if p.attached => &self.ahead,
+            _ => &self.ops,
+        };
+        let op = Op::Transition(StatusOp {
             session,
             epoch,
             event,
@@ -388,8 +380,8 @@ impl EventLog {
             traceparent: berth_common::traces::current(),
             placement,
             done,
-        }))
-        .await?;
+        });
+        queue.send(op).await.map_err(writer_stopped)?;
         rx.await.map_err(writer_stopped)?
     }
 
@@ -434,6 +426,7 @@ impl EventLog {
             after_seq,
             feed,
             self.shutdown.clone(),
+            self.tasks.clone(),
         )
     }
 }

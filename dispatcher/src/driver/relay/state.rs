@@ -7,7 +7,6 @@ use crate::driver::ctx::Ctx;
 use crate::driver::deadlines::Deadlines;
 use crate::driver::start::Link;
 use crate::driver::tools::PendingTools;
-
 use crate::session::Session;
 use crate::session::usage::RunningTotals;
 
