@@ -1,5 +1,6 @@
 //! The writer: takes everything queued, commits consecutive appends in one
-//! statement, and runs transitions and usage in order between them.
+//! statement (with the usage of the turns their lines end, in one
+//! transaction), and runs transitions in order between them.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,18 +17,61 @@ use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::session::Event;
 use crate::session::usage::Turn;
-use crate::store::{Append, Change, Store, ToolEffect, ToolOutcome, Transitioned, UsageRecorded};
+use crate::store::{
+    Append, Change, Store, ToolEffect, ToolOutcome, Transitioned, TurnEnd, UsageRecorded,
+};
 
 /// Whom to tell an append's result, if anyone waits for it.
 type Done = Option<oneshot::Sender<Result<Event>>>;
 
 /// Appends waiting for the next statement, with whom to tell (same order),
-/// and when the oldest was queued.
+/// the turns that end lines among them, and when the oldest was queued.
 #[derive(Default)]
 struct Batch {
     appends: Vec<Append>,
     done: Vec<Done>,
+    turns: Vec<PendingTurn>,
+    /// The sessions of `turns`: a later op of one commits them first, so
+    /// a turn's usage stays right after its line.
+    turn_sessions: HashSet<Uuid>,
     oldest: Option<std::time::Instant>,
+}
+
+/// A line that ends a turn, waiting with the batch: its events are
+/// `appends[line]`, committed with the turn's usage in one transaction.
+struct PendingTurn {
+    session: Uuid,
+    turn: Turn,
+    line: std::ops::Range<usize>,
+    done: oneshot::Sender<Result<UsageRecorded>>,
+}
+
+impl Batch {
+    /// Whether the next op of `session` must wait for what is pending.
+    fn holds_turn(&self, session: Uuid) -> bool {
+        self.turn_sessions.contains(&session)
+    }
+
+    /// Queues a line that ends a turn, and the turn.
+    fn push_turn(
+        &mut self,
+        appends: Vec<Append>,
+        session: Uuid,
+        turn: Turn,
+        done: oneshot::Sender<Result<UsageRecorded>>,
+    ) {
+        let start = self.appends.len();
+        self.done
+            .extend(std::iter::repeat_with(|| None).take(appends.len()));
+        self.appends.extend(appends);
+        self.turn_sessions.insert(session);
+        self.turns.push(PendingTurn {
+            session,
+            turn,
+            line: start..self.appends.len(),
+            done,
+        });
+    }
 }
 
 /// The writer's queue, and the ops it takes before the queue's (see
@@ -84,8 +128,9 @@ pub(super) async fn run(store: Store, hub: Arc<Hub>, queues: Queues, shutdown: C
                     done,
                     queued,
                 } => {
-                    // After a change of its session that is still pending.
-                    if changes.has(append.session) {
+                    // After a change or a turn of its session that is
+                    // still pending.
+                    if changes.has(append.session) || batch.holds_turn(append.session) {
                         w.commit(&mut batch, &mut changes).await;
                     }
                     batch.oldest.get_or_insert(queued);
@@ -101,7 +146,10 @@ pub(super) async fn run(store: Store, hub: Arc<Hub>, queues: Queues, shutdown: C
                     changes.push(change);
                 }
                 Op::Line { appends, queued } => {
-                    if appends.iter().any(|a| changes.has(a.session)) {
+                    if appends
+                        .iter()
+                        .any(|a| changes.has(a.session) || batch.holds_turn(a.session))
+                    {
                         w.commit(&mut batch, &mut changes).await;
                     }
                     batch.oldest.get_or_insert(queued);
@@ -124,8 +172,10 @@ pub(super) async fn run(store: Store, hub: Arc<Hub>, queues: Queues, shutdown: C
                     turn,
                     done,
                 } => {
-                    w.commit(&mut batch, &mut changes).await;
-                    let _ = done.send(w.line_turn(appends, session, &turn).await);
+                    if changes.has(session) || batch.holds_turn(session) {
+                        w.commit(&mut batch, &mut changes).await;
+                    }
+                    batch.push_turn(appends, session, turn, done);
                 }
             }
         }
@@ -158,20 +208,85 @@ struct Writer {
 }
 
 impl Writer {
+    /// Commits the batch: its appends, with the turns that end lines of it.
+    async fn flush(&self, batch: &mut Batch) {
+        if batch.turns.is_empty() {
+            self.flush_appends(batch).await;
+        } else {
+            self.flush_turns(batch).await;
+        }
+    }
+
+    /// Commits the batch's appends and its turns in one transaction. When
+    /// any append is refused, or the transaction fails for good, the
+    /// appends go on their own and then each turn alone, so one session's
+    /// failure fails no other's (a session's appends in the batch all came
+    /// before its turn).
+    async fn flush_turns(&self, batch: &mut Batch) {
+        let turns = std::mem::take(&mut batch.turns);
+        batch.turn_sessions.clear();
+        let ends: Vec<TurnEnd<'_>> = turns
+            .iter()
+            .map(|t| TurnEnd {
+                session: t.session,
+                turn: &t.turn,
+                line: t.line.clone(),
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let result = self
+            .retry(|| self.store.append_with_turns(&batch.appends, &ends))
+            .await;
+        drop(ends);
+        let Ok(Some((stored, usages))) = result else {
+            // Back to front, so the earlier lines' ranges still hold.
+            let mut lines: Vec<Vec<Append>> = turns
+                .iter()
+                .rev()
+                .map(|t| {
+                    batch.done.drain(t.line.clone());
+                    batch.appends.drain(t.line.clone()).collect()
+                })
+                .collect();
+            lines.reverse();
+            self.flush_appends(batch).await;
+            for (t, appends) in turns.into_iter().zip(lines) {
+                let _ = t
+                    .done
+                    .send(self.line_turn(appends, t.session, &t.turn).await);
+            }
+            return;
+        };
+        record_commit(started, batch);
+        let events = batch
+            .appends
+            .drain(..)
+            .zip(batch.done.drain(..))
+            .zip(stored)
+            .map(|((a, done), at)| {
+                mark_persisted(&a);
+                (Arc::new(a.into_event(at)), done)
+            })
+            .collect();
+        self.persisted(events);
+        metrics::counter!(m::EVENTS_PERSISTED).increment(usages.len() as u64);
+        let arcs: Vec<Arc<Event>> = usages.iter().map(|u| Arc::new(u.event.clone())).collect();
+        self.hub.publish(&arcs);
+        for (t, usage) in turns.into_iter().zip(usages) {
+            let _ = t.done.send(Ok(usage));
+        }
+    }
+
     /// Commits the batch's appends in one statement; when any is refused,
     /// one by one, so one session's failure fails no other's. Each event is
     /// moved into the log, not copied: this runs for every agent event.
-    async fn flush(&self, batch: &mut Batch) {
+    async fn flush_appends(&self, batch: &mut Batch) {
         if batch.appends.is_empty() {
             return;
         }
         let started = std::time::Instant::now();
         let result = self.retry(|| self.store.append(&batch.appends)).await;
-        metrics::histogram!(m::PERSIST_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(m::PERSIST_BATCH).record(batch.appends.len() as f64);
-        if let Some(oldest) = batch.oldest.take() {
-            metrics::histogram!(m::PERSIST_LAG).record(oldest.elapsed().as_secs_f64());
-        }
+        record_commit(started, batch);
         let appends = batch.appends.drain(..).zip(batch.done.drain(..));
         match result {
             Ok(stored) => {
@@ -355,6 +470,15 @@ impl Writer {
                 r => return r,
             }
         }
+    }
+}
+
+/// Records a commit of `batch`'s appends that began at `started`.
+fn record_commit(started: std::time::Instant, batch: &mut Batch) {
+    metrics::histogram!(m::PERSIST_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::PERSIST_BATCH).record(batch.appends.len() as f64);
+    if let Some(oldest) = batch.oldest.take() {
+        metrics::histogram!(m::PERSIST_LAG).record(oldest.elapsed().as_secs_f64());
     }
 }
 

@@ -166,6 +166,14 @@ impl Append {
     }
 }
 
+/// A turn that ends a line of a batch (see [`Store::append_with_turns`]).
+pub(crate) struct TurnEnd<'a> {
+    pub session: Uuid,
+    pub turn: &'a Turn,
+    /// The line's events: their range in the batch.
+    pub line: std::ops::Range<usize>,
+}
+
 /// A recorded turn: its `session.usage` event and the session's totals.
 #[derive(Debug, Clone)]
 pub(crate) struct UsageRecorded {
@@ -286,6 +294,38 @@ impl Store {
         self.announce(batch, &by_id);
         self.notices.event(id, usage.event.seq);
         Ok((stored, usage))
+    }
+
+    /// Appends a batch of events (any sessions) and records turns that end
+    /// lines of it, all in one transaction: the writer's group commit of
+    /// turn ends. Each turn's line is `batch[turn.line]`. `None` (nothing
+    /// stored) when any event is refused: the caller then writes the batch
+    /// and each turn on its own, to learn whose.
+    pub(crate) async fn append_with_turns(
+        &self,
+        batch: &[Append],
+        turns: &[TurnEnd<'_>],
+    ) -> Result<Option<(Vec<Stored>, Vec<UsageRecorded>)>> {
+        let mut tx = self.pool.begin().await?;
+        let by_id = append_rows(&mut *tx, batch).await?;
+        let Some(stored) = placed(batch, &by_id) else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let mut usages = Vec::with_capacity(turns.len());
+        for t in turns {
+            // In the turn's trace, as the line's events are.
+            let traceparent = batch
+                .get(t.line.clone())
+                .and_then(|line| line.iter().find_map(|a| a.event.traceparent.clone()));
+            usages.push(record_usage_in(&mut tx, t.session, t.turn, traceparent).await?);
+        }
+        tx.commit().await?;
+        self.announce(batch, &by_id);
+        for u in &usages {
+            self.notices.event(u.event.session_id, u.event.seq);
+        }
+        Ok(Some((stored, usages)))
     }
 
     /// Why a batch stored nothing of some session. A stale epoch comes

@@ -62,7 +62,7 @@ pub use access::{KeyRecord, Role};
 pub(crate) use audit::AuditEntry;
 pub(crate) use claimed::{Claimed, FirstInput};
 pub(crate) use credentials::{OAuthRow, Refreshed};
-pub(crate) use events::{Append, Stored, UsageRecorded};
+pub(crate) use events::{Append, Stored, TurnEnd, UsageRecorded};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
 pub(crate) use orphans::{Abandoned, ORPHAN_PAGE, Orphan, Released};
 pub(crate) use runs::RunState;

@@ -31,4 +31,5 @@ mod slack;
 mod snapshots;
 mod spine;
 mod traces;
+mod turns;
 mod warm;
