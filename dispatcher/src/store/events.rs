@@ -1,10 +1,8 @@
-//! Each session's event log: batched appends fenced by epoch, pages of
-//! history, turn usage, and retention.
+//! Each session's event log: batched appends fenced by epoch (with the
+//! usage of the turns they end: see `usage`), pages of history, and
+//! retention.
 
-use berth_common::events::{self as ev, payload};
-use berth_common::usage::{Figures, ModelFigures};
 use chrono::{DateTime, Utc};
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use std::sync::Arc;
@@ -12,6 +10,7 @@ use std::sync::atomic::AtomicI64;
 
 use super::Store;
 use super::claimed::FirstInput;
+use super::usage::{self, TurnToRecord, UsageRecorded};
 use crate::error::{Error, Result};
 use crate::session::usage::Turn;
 use crate::session::{Event, NewEvent};
@@ -47,55 +46,6 @@ SELECT i.session_id, b.base + row_number() OVER (PARTITION BY i.session_id ORDER
        i.type, i.payload, i.raw, i.line_part, i.traceparent
 FROM input i JOIN bumped b ON b.id = i.session_id
 RETURNING session_id, seq, id, create_time
-"#;
-
-    /// Adds a turn to the session's totals and runtime baseline; returns
-    /// the turn's number, the new totals and the seq of its `session.usage`.
-    pub const ADD_TURN: &str = r#"
-UPDATE sessions
-SET input_tokens = input_tokens + $2, output_tokens = output_tokens + $3,
-    cache_read_input_tokens = cache_read_input_tokens + $4,
-    cache_creation_input_tokens = cache_creation_input_tokens + $5,
-    cost_usd = cost_usd + $6, turns = turns + 1, last_seq = last_seq + 1, update_time = now(),
-    runtime_totals = $7
-WHERE id = $1
-RETURNING turns, last_seq AS seq, input_tokens, output_tokens, cache_read_input_tokens,
-          cache_creation_input_tokens, cost_usd
-"#;
-
-    /// The turn's rows per model, and the session's totals per model.
-    pub const ADD_TURN_MODELS: &str = r#"
-WITH input AS (
-    SELECT * FROM unnest($3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
-                         $8::float8[])
-        AS t(model, input_tokens, output_tokens, cache_read_input_tokens,
-             cache_creation_input_tokens, cost_usd)
-), turns AS (
-    INSERT INTO session_turns (session_id, turn, model, input_tokens, output_tokens,
-                               cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
-    SELECT $1, $2, * FROM input
-)
-INSERT INTO session_models AS m (session_id, model, input_tokens, output_tokens,
-                                 cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
-SELECT $1, * FROM input
-ON CONFLICT (session_id, model) DO UPDATE
-SET input_tokens = m.input_tokens + excluded.input_tokens,
-    output_tokens = m.output_tokens + excluded.output_tokens,
-    cache_read_input_tokens = m.cache_read_input_tokens + excluded.cache_read_input_tokens,
-    cache_creation_input_tokens = m.cache_creation_input_tokens + excluded.cache_creation_input_tokens,
-    cost_usd = m.cost_usd + excluded.cost_usd
-"#;
-
-    /// The session's totals per model, largest cost first.
-    pub const SESSION_MODELS: &str = "SELECT model, input_tokens, output_tokens, \
-         cache_read_input_tokens, cache_creation_input_tokens, cost_usd \
-         FROM session_models WHERE session_id = $1 ORDER BY cost_usd DESC, model";
-
-    /// Logs `session.usage` at the seq the turn took.
-    pub const LOG_USAGE: &str = r#"
-INSERT INTO events (session_id, seq, id, type, payload, traceparent)
-VALUES ($1, $2, $3, 'session.usage', $4, $5)
-RETURNING create_time
 "#;
 
     /// One page of a session's log after a seq.
@@ -174,50 +124,6 @@ pub(crate) struct TurnEnd<'a> {
     pub line: std::ops::Range<usize>,
 }
 
-/// A recorded turn: its `session.usage` event and the session's totals.
-#[derive(Debug, Clone)]
-pub(crate) struct UsageRecorded {
-    pub event: Event,
-    pub totals: payload::UsageTotals,
-}
-
-/// What [`sql::ADD_TURN`] returns: the turn's number and seq, and the totals.
-#[derive(sqlx::FromRow)]
-struct TurnRow {
-    turns: i64,
-    seq: i64,
-    input_tokens: i64,
-    output_tokens: i64,
-    cache_read_input_tokens: i64,
-    cache_creation_input_tokens: i64,
-    cost_usd: f64,
-}
-
-#[derive(sqlx::FromRow)]
-struct ModelRow {
-    model: String,
-    input_tokens: i64,
-    output_tokens: i64,
-    cache_read_input_tokens: i64,
-    cache_creation_input_tokens: i64,
-    cost_usd: f64,
-}
-
-impl From<ModelRow> for ModelFigures {
-    fn from(r: ModelRow) -> Self {
-        Self {
-            model: r.model,
-            figures: Figures {
-                input_tokens: r.input_tokens,
-                output_tokens: r.output_tokens,
-                cache_read_input_tokens: r.cache_read_input_tokens,
-                cache_creation_input_tokens: r.cache_creation_input_tokens,
-                cost_usd: r.cost_usd,
-            },
-        }
-    }
-}
-
 #[derive(sqlx::FromRow)]
 struct EventRow {
     session_id: Uuid,
@@ -287,11 +193,17 @@ impl Store {
             tx.rollback().await?;
             return Err(self.refused(batch, &by_id).await);
         };
-        // In the turn's trace, as the line's events are.
-        let traceparent = batch.iter().find_map(|a| a.event.traceparent.clone());
-        let usage = record_usage_in(&mut tx, id, turn, traceparent).await?;
+        let ends = [TurnEnd {
+            session: id,
+            turn,
+            line: 0..batch.len(),
+        }];
+        let mut usages = usage::record_turns(&mut tx, &to_record(batch, &ends)).await?;
         tx.commit().await?;
         self.announce(batch, &by_id);
+        let usage = usages
+            .pop()
+            .ok_or_else(|| Error::Internal("no usage for a turn".into()))?;
         self.notices.event(id, usage.event.seq);
         Ok((stored, usage))
     }
@@ -312,14 +224,7 @@ impl Store {
             tx.rollback().await?;
             return Ok(None);
         };
-        let mut usages = Vec::with_capacity(turns.len());
-        for t in turns {
-            // In the turn's trace, as the line's events are.
-            let traceparent = batch
-                .get(t.line.clone())
-                .and_then(|line| line.iter().find_map(|a| a.event.traceparent.clone()));
-            usages.push(record_usage_in(&mut tx, t.session, t.turn, traceparent).await?);
-        }
+        let usages = usage::record_turns(&mut tx, &to_record(batch, turns)).await?;
         tx.commit().await?;
         self.announce(batch, &by_id);
         for u in &usages {
@@ -466,91 +371,16 @@ pub(super) fn placed(
         .collect()
 }
 
-/// Records an accounted turn (see [`crate::session::usage`]) inside `tx`,
-/// with the runtime's running totals after it: the session's totals, a row
-/// per model for the turn, the session's per-model totals, and a
-/// `session.usage` event carrying the turn and the totals.
-async fn record_usage_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    id: Uuid,
-    turn: &Turn,
-    traceparent: Option<String>,
-) -> Result<UsageRecorded> {
-    let u = &turn.usage;
-    let row: TurnRow = sqlx::query_as(sql::ADD_TURN)
-        .bind(id)
-        .bind(u.input_tokens)
-        .bind(u.output_tokens)
-        .bind(u.cache_read_input_tokens)
-        .bind(u.cache_creation_input_tokens)
-        .bind(u.cost_usd)
-        .bind(Json(&turn.totals))
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| Error::SessionNotFound(id.to_string()))?;
-    let models = &turn.models;
-    let col = |f: fn(&Figures) -> i64| models.iter().map(|m| f(&m.figures)).collect::<Vec<_>>();
-    sqlx::query(sql::ADD_TURN_MODELS)
-        .bind(id)
-        .bind(row.turns)
-        .bind(models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>())
-        .bind(col(|f| f.input_tokens))
-        .bind(col(|f| f.output_tokens))
-        .bind(col(|f| f.cache_read_input_tokens))
-        .bind(col(|f| f.cache_creation_input_tokens))
-        .bind(
-            models
-                .iter()
-                .map(|m| m.figures.cost_usd)
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut **tx)
-        .await?;
-    let by_model: Vec<ModelRow> = sqlx::query_as(sql::SESSION_MODELS)
-        .bind(id)
-        .fetch_all(&mut **tx)
-        .await?;
-    let totals = payload::UsageTotals {
-        turns: row.turns,
-        figures: Figures {
-            input_tokens: row.input_tokens,
-            output_tokens: row.output_tokens,
-            cache_read_input_tokens: row.cache_read_input_tokens,
-            cache_creation_input_tokens: row.cache_creation_input_tokens,
-            cost_usd: row.cost_usd,
-        },
-        models: by_model.into_iter().map(ModelFigures::from).collect(),
-    };
-    let body = payload::to_json(&payload::Usage {
-        turn: payload::TurnFigures {
-            number: row.turns,
-            model: turn.model.clone(),
-            figures: u.clone(),
-            models: models.clone(),
-        },
-        total: totals.clone(),
-    });
-    let event_id = Uuid::now_v7();
-    let create_time: DateTime<Utc> = sqlx::query_scalar(sql::LOG_USAGE)
-        .bind(id)
-        .bind(row.seq)
-        .bind(event_id)
-        .bind(&body)
-        .bind(&traceparent)
-        .fetch_one(&mut **tx)
-        .await?;
-    Ok(UsageRecorded {
-        event: Event {
-            session_id: id,
-            seq: row.seq,
-            id: event_id,
-            kind: ev::SESSION_USAGE.into(),
-            create_time,
-            payload: body,
-            raw: None,
-            line_seq: 0,
-            traceparent,
-        },
-        totals,
-    })
+/// The turns to record, each in the trace of the line that ended it.
+fn to_record<'a>(batch: &[Append], turns: &[TurnEnd<'a>]) -> Vec<TurnToRecord<'a>> {
+    turns
+        .iter()
+        .map(|t| TurnToRecord {
+            session: t.session,
+            turn: t.turn,
+            traceparent: batch
+                .get(t.line.clone())
+                .and_then(|line| line.iter().find_map(|a| a.event.traceparent.clone())),
+        })
+        .collect()
 }

@@ -42,6 +42,7 @@ mod sessions;
 mod slack;
 mod tools;
 mod transitions;
+mod usage;
 mod webhooks;
 
 use std::collections::BTreeMap;
@@ -62,7 +63,7 @@ pub use access::{KeyRecord, Role};
 pub(crate) use audit::AuditEntry;
 pub(crate) use claimed::{Claimed, FirstInput};
 pub(crate) use credentials::{OAuthRow, Refreshed};
-pub(crate) use events::{Append, Stored, TurnEnd, UsageRecorded};
+pub(crate) use events::{Append, Stored, TurnEnd};
 pub(crate) use feedback::{FeedbackRow, SearchHit};
 pub(crate) use orphans::{Abandoned, ORPHAN_PAGE, Orphan, Released};
 pub(crate) use runs::RunState;
@@ -70,6 +71,7 @@ pub(crate) use sessions::{Created, SessionFilter};
 pub(crate) use slack::{DueThread, ThreadKey};
 pub(crate) use tools::{NewToolRequest, PendingTool, ToolEffect, ToolOutcome};
 pub(crate) use transitions::{Change, Placement, Transitioned};
+pub(crate) use usage::UsageRecorded;
 
 /// Channel a new pending session is announced on.
 pub(crate) const QUEUE_CHANNEL: &str = "berth_queue";
