@@ -109,7 +109,11 @@ pub(super) async fn run(state: Arc<State>, link: Link, started: Started) {
     // Frame 1 was `accepted`.
     let mut seq = 1u64;
     let mut hold: Option<tokio::time::Instant> = None;
+    let mut delivered = Delivered::default();
     // The start's message is answered first, as a node's agent would.
+    if let Some(m) = &first_message {
+        delivered.deliver(m.seq);
+    }
     let mut first = first_message.map(|m| pb::DispatcherFrame {
         epoch: 0,
         kind: Some(dispatcher_frame::Kind::Message(m)),
@@ -179,11 +183,34 @@ pub(super) async fn run(state: Arc<State>, link: Link, started: Started) {
             inbound = None;
             continue;
         };
+        if let Some(dispatcher_frame::Kind::Message(m)) = &frame.kind
+            && !delivered.deliver(m.seq)
+        {
+            continue;
+        }
         if !answer(frame, &mut seq, &mut out, &mut hold).await {
             break;
         }
     }
     state.unset(&id, epoch);
+}
+
+/// The last user message a run's agent has had. A dispatcher that dies
+/// after sending a message, before it records the send, leaves its
+/// successor to send it again; a node gives it to the agent once.
+#[derive(Default)]
+struct Delivered(i64);
+
+impl Delivered {
+    /// Whether the message at `seq` is new to the agent (and marks it
+    /// delivered). Seq 0 (unnumbered) is always new.
+    fn deliver(&mut self, seq: i64) -> bool {
+        if seq > 0 && seq <= self.0 {
+            return false;
+        }
+        self.0 = self.0.max(seq);
+        true
+    }
 }
 
 /// Answers one frame; false when the session ends.

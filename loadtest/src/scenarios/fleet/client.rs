@@ -5,7 +5,7 @@
 //! another live one with `after_seq`, as a client behind a load balancer
 //! would.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,8 +68,14 @@ pub(super) struct Tally {
     pub turns_sent: AtomicU64,
     /// Turns whose echo came back.
     pub turns_echoed: AtomicU64,
-    /// Echoes seen twice.
+    /// Echoes seen twice, of turns sent once.
     pub echo_dups: AtomicU64,
+    /// Echoes seen twice, of turns sent again after a call that failed
+    /// with no answer (the first may have landed: `SendMessage` has no
+    /// request id).
+    pub echo_dups_resent: AtomicU64,
+    /// Turns sent again after such a call.
+    pub resent: AtomicU64,
 }
 
 impl Tally {
@@ -117,6 +123,7 @@ pub(super) async fn run(shared: Arc<Shared>, i: usize, t0: Instant) -> Option<St
         last: 0,
         running: false,
         pending: HashMap::new(),
+        resent: HashSet::new(),
         t0,
     };
     let mut turns = shared.turns.clone();
@@ -197,6 +204,8 @@ struct Client {
     running: bool,
     /// Turns awaiting their echo, by text.
     pending: HashMap<String, Instant>,
+    /// Turns sent again after a call that failed with no answer.
+    resent: HashSet<String>,
     t0: Instant,
 }
 
@@ -219,6 +228,13 @@ impl Client {
                 Err(e)
                     if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown =>
                 {
+                    // A dispatcher that sheds load answers before it
+                    // appends; one that died mid-call may have appended.
+                    if !e.message().contains("calls in progress")
+                        && self.resent.insert(text.clone())
+                    {
+                        shared.tally.resent.fetch_add(1, Ordering::Relaxed);
+                    }
                     *d = shared.dispatchers.pick(*d + 1);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -261,6 +277,9 @@ impl Client {
                     Some(due) => {
                         Tally::record(&tally.live, due.elapsed());
                         tally.turns_echoed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None if self.resent.contains(&text) => {
+                        tally.echo_dups_resent.fetch_add(1, Ordering::Relaxed);
                     }
                     None if text.starts_with('t') => {
                         tally.echo_dups.fetch_add(1, Ordering::Relaxed);

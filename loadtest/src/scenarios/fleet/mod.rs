@@ -410,7 +410,17 @@ impl Figures {
             (load(&t.turns_sent) - load(&t.turns_echoed)).max(0.0),
             0.0,
         );
-        r.check_at_most("turns echoed twice", load(&t.echo_dups), 0.0);
+        r.check_at_most("turns echoed twice (sent once)", load(&t.echo_dups), 0.0);
+        r.value(
+            "turns sent again after a call that failed unanswered",
+            load(&t.resent),
+            "turns",
+        );
+        r.value(
+            "of those, echoed twice (SendMessage has no request id)",
+            load(&t.echo_dups_resent),
+            "turns",
+        );
         r.check_at_most("events lost (seq gaps on streams)", load(&t.gaps), 0.0);
         r.check_at_most("events duplicated on streams", load(&t.dups), 0.0);
         r.check_at_most(
