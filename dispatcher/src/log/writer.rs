@@ -239,6 +239,9 @@ impl Writer {
             .await;
         drop(ends);
         let Ok(Some((stored, usages))) = result else {
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, turns = turns.len(), "a batch of turn ends failed; committing each on its own");
+            }
             // Back to front, so the earlier lines' ranges still hold.
             let mut lines: Vec<Vec<Append>> = turns
                 .iter()

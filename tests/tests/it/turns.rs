@@ -17,7 +17,10 @@ const TURNS: i64 = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_ending_together_are_each_accounted_once_after_their_line() -> anyhow::Result<()> {
-    let cluster = TestCluster::builder().start().await?;
+    let cluster = TestCluster::builder()
+        .capacity(SESSIONS as u32)
+        .start()
+        .await?;
     let mut c = cluster.client();
     let mut names = Vec::new();
     for _ in 0..SESSIONS {
