@@ -155,7 +155,7 @@ pub(crate) async fn run(
                     continue;
                 }
                 let r = client
-                    .send_message(pb::SendMessageRequest { name: s.name.clone(), text: text.to_string() })
+                    .send_message(pb::SendMessageRequest { name: s.name.clone(), text: text.to_string(), ..Default::default() })
                     .await
                     .map_err(|e| explain(d, Some(&id), e))?
                     .into_inner();

@@ -87,6 +87,9 @@ pub mod payload {
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct UserMessage {
         pub text: String,
+        /// The caller's idempotency key, when it gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub request_id: Option<String>,
     }
 
     /// `user.interrupt`: no fields.

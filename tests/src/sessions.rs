@@ -185,6 +185,7 @@ pub async fn send(c: &mut SessionsClient<Api>, name: &str, text: &str) -> anyhow
     Ok(c.send_message(pb::SendMessageRequest {
         name: name.into(),
         text: text.into(),
+        ..Default::default()
     })
     .await?
     .into_inner()

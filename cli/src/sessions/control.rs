@@ -60,6 +60,7 @@ pub(super) async fn send(c: &mut Ctx<'_>, session: &str, text: String) -> Result
         .send_message(pb::SendMessageRequest {
             name: session.to_string(),
             text,
+            ..Default::default()
         })
         .await
         .map_err(|e| c.explain(Some(session), e))?

@@ -199,7 +199,7 @@ fn reference(kind: &Option<Kind>) -> String {
 async fn ack(steer: &Steer<'_>, id: Uuid, kind: Option<Kind>) -> pb::ConnectAck {
     let reference = reference(&kind);
     let result = match kind {
-        Some(Kind::Message(m)) => steer.send(id, &m.text).await,
+        Some(Kind::Message(m)) => steer.send(id, &m.text, None).await,
         Some(Kind::Interrupt(_)) => steer.interrupt(id).await,
         Some(Kind::ToolConfirmation(c)) => {
             let mut confirmation = c.confirmation.unwrap_or_default();

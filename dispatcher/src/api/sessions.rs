@@ -240,7 +240,14 @@ impl SessionsApi for SessionsService {
         let who = caller(&r)?;
         let r = r.into_inner();
         let id = session_id(&r.name)?;
-        let seq = self.steer(&who).send(id, &r.text).await?;
+        berth_common::spec::check_len(
+            "request_id",
+            &r.request_id,
+            crate::session::limits::REQUEST_ID_CHARS,
+        )
+        .map_err(Error::from)?;
+        let request_id = Some(r.request_id.as_str()).filter(|s| !s.is_empty());
+        let seq = self.steer(&who).send(id, &r.text, request_id).await?;
         Ok(Response::new(pb::SendMessageResponse { seq }))
     }
 

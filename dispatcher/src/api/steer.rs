@@ -18,11 +18,12 @@ pub(super) struct Steer<'a> {
 }
 
 impl Steer<'_> {
-    /// Queues `text` for the session's agent; its seq.
-    pub async fn send(&self, id: Uuid, text: &str) -> Result<i64> {
+    /// Queues `text` for the session's agent, once per `request_id`; its
+    /// seq.
+    pub async fn send(&self, id: Uuid, text: &str, request_id: Option<&str>) -> Result<i64> {
         let text = convert::message_text(text)?;
         self.sessions
-            .send_message(self.project, id, text, &self.identity)
+            .send_message(self.project, id, text, request_id, &self.identity)
             .await
     }
 

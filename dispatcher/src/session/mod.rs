@@ -358,9 +358,12 @@ impl NewEvent {
         }
     }
 
-    /// `user.message` with `text`.
-    pub fn user_message(text: &str) -> Self {
-        let p = payload::UserMessage { text: text.into() };
+    /// `user.message` with `text`, under the caller's idempotency key.
+    pub fn user_message(text: &str, request_id: Option<&str>) -> Self {
+        let p = payload::UserMessage {
+            text: text.into(),
+            request_id: request_id.map(String::from),
+        };
         Self::new(ev::USER_MESSAGE, payload::to_json(&p))
     }
 

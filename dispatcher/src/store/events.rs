@@ -53,6 +53,12 @@ RETURNING session_id, seq, id, create_time
          CASE WHEN line_part IS NULL THEN 0 ELSE seq - line_part END AS line_seq \
          FROM events WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
+    /// A session's message under a request id (served by the unique
+    /// `events_message_request`, migration 0021).
+    pub const MESSAGE_BY_REQUEST: &str = "SELECT seq, coalesce(payload::jsonb ->> 'text', '') \
+         FROM events WHERE session_id = $1 AND type = 'user.message' \
+         AND (payload::jsonb ->> 'request_id') = $2";
+
     /// Whether user input is waiting beyond the forwarded cursor.
     pub const PENDING_INPUT: &str = "SELECT EXISTS (SELECT 1 FROM events \
          WHERE session_id = $1 AND seq > $2 AND type = 'user.message')";
@@ -295,6 +301,19 @@ impl Store {
                 FirstInput::new(seq, &kind, text, traceparent)
             }),
         )
+    }
+
+    /// The seq and text of the session's message sent under `request_id`.
+    pub(crate) async fn message_by_request(
+        &self,
+        id: Uuid,
+        request_id: &str,
+    ) -> Result<Option<(i64, String)>> {
+        Ok(sqlx::query_as(sql::MESSAGE_BY_REQUEST)
+            .bind(id)
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     /// Whether a user message beyond `after_seq` waits for the runtime.

@@ -309,7 +309,7 @@ impl Store {
             payload::to_json(&pending),
         )];
         let first_message = new.initial_message.as_ref().map(|text| {
-            events.push(NewEvent::user_message(text));
+            events.push(NewEvent::user_message(text, None));
             (events.len() as i64, text)
         });
         let seqs: Vec<i64> = (1..=events.len() as i64).collect();

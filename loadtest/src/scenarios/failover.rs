@@ -251,6 +251,7 @@ pub async fn run(cl: &ClusterArgs, a: &FailoverArgs) -> anyhow::Result<Report> {
         c.send_message(pb::SendMessageRequest {
             name: name.clone(),
             text: format!("delay {} {reply}", a.turn_ms),
+            ..Default::default()
         })
         .await?;
     }

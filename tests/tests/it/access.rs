@@ -274,6 +274,7 @@ async fn another_projects_ids_are_not_found_on_every_rpc() -> anyhow::Result<()>
                 b.send_message(pb::SendMessageRequest {
                     name: name.clone(),
                     text: "hi".into(),
+                    ..Default::default()
                 })
                 .await,
             ),

@@ -158,6 +158,7 @@ async fn a_budget_stops_the_real_cli_at_the_turn_that_reaches_it() -> anyhow::Re
     c.send_message(pb::SendMessageRequest {
         name: s.name.clone(),
         text: "say three".into(),
+        ..Default::default()
     })
     .await?;
     let stopped = wait_for_status(

@@ -646,6 +646,7 @@ async fn export_reads_as_the_recorded_conversation() -> anyhow::Result<()> {
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),
             text: "echo late".into(),
+            ..Default::default()
         })
         .await
         .expect_err("an archived session is read-only");

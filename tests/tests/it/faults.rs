@@ -21,6 +21,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
         .send_message(pb::SendMessageRequest {
             name: unknown.into(),
             text: "hi".into(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown");
@@ -83,6 +84,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
             .send_message(pb::SendMessageRequest {
                 name: s.name.clone(),
                 text: text.into(),
+                ..Default::default()
             })
             .await
             .expect_err(why);
@@ -94,6 +96,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),
             text: huge,
+            ..Default::default()
         })
         .await
         .expect_err("huge");
@@ -106,6 +109,7 @@ async fn bad_requests_get_precise_codes() -> anyhow::Result<()> {
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),
             text: "too late".into(),
+            ..Default::default()
         })
         .await
         .expect_err("finished");
@@ -209,6 +213,7 @@ async fn non_json_and_huge_lines_are_kept_and_the_stream_goes_on() -> anyhow::Re
     c.send_message(pb::SendMessageRequest {
         name: s.name.clone(),
         text: "longline 2000000".into(),
+        ..Default::default()
     })
     .await?;
     let events = until_turn_ends(&mut c, &s.name, last).await?;

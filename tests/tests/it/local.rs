@@ -113,6 +113,7 @@ async fn two_default_dispatchers_on_one_docker_host_leave_each_others_sessions_a
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),
             text: "echo still here".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -24,6 +24,7 @@ mod ops;
 mod partition;
 mod questions;
 mod reliability;
+mod retries;
 mod rotation;
 mod seed;
 mod shutdown;

@@ -129,6 +129,7 @@ async fn a_conversation_with_tools_then_a_stop_removes_the_container() -> anyhow
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),
             text: "echo second turn".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -424,6 +425,7 @@ async fn every_public_capture_arrives_line_for_line_and_block_for_block() -> any
             .send_message(pb::SendMessageRequest {
                 name: s.name.clone(),
                 text: format!("replay /fixtures/claude-code/{}", rel.display()),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -109,6 +109,7 @@ async fn a_second_session_takes_a_pre_started_process_holding_no_secret_nor_the_
         .send_message(pb::SendMessageRequest {
             name: s2.name.clone(),
             text: "read first-session.txt".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -146,6 +147,7 @@ async fn a_second_session_takes_a_pre_started_process_holding_no_secret_nor_the_
         .send_message(pb::SendMessageRequest {
             name: s2.name.clone(),
             text: "history".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -218,6 +220,7 @@ async fn the_real_cli_pre_started_answers_its_first_message() -> anyhow::Result<
         .send_message(pb::SendMessageRequest {
             name: s2.name.clone(),
             text: "say hello again".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

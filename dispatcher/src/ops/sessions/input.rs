@@ -12,20 +12,43 @@ use crate::store::ToolEffect;
 
 impl Sessions {
     /// Persists a user message; the driver forwards it. Returns its seq.
+    /// Under a `request_id` the session has logged already, the message is
+    /// not sent again: its first seq is returned (AIP-155), even once the
+    /// session no longer takes input.
     pub(crate) async fn send_message(
         &self,
         project: &str,
         id: Uuid,
         text: &str,
+        request_id: Option<&str>,
         by: &str,
     ) -> Result<i64> {
+        if let Some(rid) = request_id {
+            self.get(project, id).await?;
+            if let Some(seq) = self.sent_before(id, rid, text).await? {
+                return Ok(seq);
+            }
+        }
         self.require_input(
             project,
             id,
             "messages can only be sent to pending, starting, running or idle sessions",
         )
         .await?;
-        let e = self.log.append(id, NewEvent::user_message(text)).await?;
+        let appended = self
+            .log
+            .append(id, NewEvent::user_message(text, request_id))
+            .await;
+        let e = match (appended, request_id) {
+            (Ok(e), _) => e,
+            // A retry that raced the first call: the key's unique index
+            // refused the second message.
+            (Err(err), Some(rid)) => match self.sent_before(id, rid, text).await? {
+                Some(seq) => return Ok(seq),
+                None => return Err(err),
+            },
+            (Err(err), None) => return Err(err),
+        };
         let detail = Detail::Seq { seq: e.seq };
         self.audit(project, by, Action::SessionSend, id, detail)
             .await;
@@ -144,6 +167,24 @@ impl Sessions {
         self.audit(project, by, Action::SessionInterrupt, id, detail)
             .await;
         Ok(e.seq)
+    }
+
+    /// The seq of the message the session logged under `request_id`, if
+    /// any. A request id names one message: another text under it is the
+    /// caller's error.
+    async fn sent_before(&self, id: Uuid, request_id: &str, text: &str) -> Result<Option<i64>> {
+        let Some((seq, first)) = self.store.message_by_request(id, request_id).await? else {
+            return Ok(None);
+        };
+        if first != text {
+            return Err(Error::invalid(
+                "request_id",
+                format!(
+                    "was used by another message of this session (seq {seq}); give each message its own request_id"
+                ),
+            ));
+        }
+        Ok(Some(seq))
     }
 
     async fn require_input(&self, project: &str, id: Uuid, what: &'static str) -> Result<()> {

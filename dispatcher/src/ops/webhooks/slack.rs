@@ -297,7 +297,7 @@ impl Webhooks {
             }
         };
         self.sessions
-            .send_message(&w.project, session, text, &by)
+            .send_message(&w.project, session, text, None, &by)
             .await?;
         Ok(session)
     }

@@ -71,8 +71,8 @@ pub(super) struct Tally {
     /// Echoes seen twice, of turns sent once.
     pub echo_dups: AtomicU64,
     /// Echoes seen twice, of turns sent again after a call that failed
-    /// with no answer (the first may have landed: `SendMessage` has no
-    /// request id).
+    /// with no answer (the first may have landed; the request id makes
+    /// the second the same message).
     pub echo_dups_resent: AtomicU64,
     /// Turns sent again after such a call.
     pub resent: AtomicU64,
@@ -216,9 +216,11 @@ impl Client {
         let text = format!("t{}-{k}", self.i);
         self.pending.insert(text.clone(), at);
         for _ in 0..shared.dispatchers.conns.len() * 3 {
+            // Sent again under the same request id, it is sent once.
             let req = pb::SendMessageRequest {
                 name: self.name.clone(),
                 text: text.clone(),
+                request_id: text.clone(),
             };
             match shared.dispatchers.conns[*d].get().send_message(req).await {
                 Ok(_) => {

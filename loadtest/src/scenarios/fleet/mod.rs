@@ -416,11 +416,7 @@ impl Figures {
             load(&t.resent),
             "turns",
         );
-        r.value(
-            "of those, echoed twice (SendMessage has no request id)",
-            load(&t.echo_dups_resent),
-            "turns",
-        );
+        r.value("of those, echoed twice", load(&t.echo_dups_resent), "turns");
         r.check_at_most("events lost (seq gaps on streams)", load(&t.gaps), 0.0);
         r.check_at_most("events duplicated on streams", load(&t.dups), 0.0);
         r.check_at_most(

@@ -53,6 +53,7 @@ pub(super) async fn through_berth(
     c.send_message(pb::SendMessageRequest {
         name: s.name.clone(),
         text: paced(n, rate, size),
+        ..Default::default()
     })
     .await?;
     let mut hist = Hist::new();

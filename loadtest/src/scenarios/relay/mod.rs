@@ -262,6 +262,7 @@ async fn through_berth_named(
         .send_message(pb::SendMessageRequest {
             name: s.name.clone(),
             text: format!("events {n} {size}"),
+            ..Default::default()
         })
         .await?
         .into_inner();
