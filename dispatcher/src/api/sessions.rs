@@ -246,6 +246,9 @@ impl SessionsApi for SessionsService {
             crate::session::limits::REQUEST_ID_CHARS,
         )
         .map_err(Error::from)?;
+        if r.request_id.contains('\0') {
+            return Err(Error::invalid("request_id", "holds a NUL character (U+0000)").into());
+        }
         let request_id = Some(r.request_id.as_str()).filter(|s| !s.is_empty());
         let seq = self.steer(&who).send(id, &r.text, request_id).await?;
         Ok(Response::new(pb::SendMessageResponse { seq }))

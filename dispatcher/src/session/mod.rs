@@ -344,6 +344,8 @@ pub struct NewEvent {
     pub line_part: Option<i32>,
     /// The trace context it is written in: the current span's, when made.
     pub traceparent: Option<String>,
+    /// A message's idempotency key (unique per session).
+    pub request_id: Option<String>,
 }
 
 impl NewEvent {
@@ -355,6 +357,7 @@ impl NewEvent {
             raw: None,
             line_part: None,
             traceparent: berth_common::traces::current(),
+            request_id: None,
         }
     }
 
@@ -364,7 +367,10 @@ impl NewEvent {
             text: text.into(),
             request_id: request_id.map(String::from),
         };
-        Self::new(ev::USER_MESSAGE, payload::to_json(&p))
+        Self {
+            request_id: p.request_id.clone(),
+            ..Self::new(ev::USER_MESSAGE, payload::to_json(&p))
+        }
     }
 
     /// `user.interrupt`.

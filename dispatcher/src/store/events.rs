@@ -28,8 +28,10 @@ mod sql {
     pub const APPEND_EVENTS: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
-                         $6::bytea[], $7::integer[], $8::bigint[], $9::text[]) WITH ORDINALITY
-        AS t(session_id, id, type, payload, epoch, raw, line_part, node_seq, traceparent, ord)
+                         $6::bytea[], $7::integer[], $8::bigint[], $9::text[], $10::text[])
+        WITH ORDINALITY
+        AS t(session_id, id, type, payload, epoch, raw, line_part, node_seq, traceparent,
+             request_id, ord)
 ), counts AS (
     SELECT session_id, count(*) AS n, min(epoch) AS lo, max(epoch) AS hi, max(node_seq) AS node_seq
     FROM input GROUP BY session_id
@@ -41,9 +43,9 @@ WITH input AS (
     WHERE s.id = c.session_id AND (c.lo IS NULL OR (c.lo = s.epoch AND c.hi = s.epoch))
     RETURNING s.id, s.last_seq - c.n AS base
 )
-INSERT INTO events (session_id, seq, id, type, payload, raw, line_part, traceparent)
+INSERT INTO events (session_id, seq, id, type, payload, raw, line_part, traceparent, request_id)
 SELECT i.session_id, b.base + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord), i.id,
-       i.type, i.payload, i.raw, i.line_part, i.traceparent
+       i.type, i.payload, i.raw, i.line_part, i.traceparent, i.request_id
 FROM input i JOIN bumped b ON b.id = i.session_id
 RETURNING session_id, seq, id, create_time
 "#;
@@ -55,9 +57,8 @@ RETURNING session_id, seq, id, create_time
 
     /// A session's message under a request id (served by the unique
     /// `events_message_request`, migration 0021).
-    pub const MESSAGE_BY_REQUEST: &str = "SELECT seq, coalesce(payload::jsonb ->> 'text', '') \
-         FROM events WHERE session_id = $1 AND type = 'user.message' \
-         AND (payload::jsonb ->> 'request_id') = $2";
+    pub const MESSAGE_BY_REQUEST: &str = "SELECT seq, payload \
+         FROM events WHERE session_id = $1 AND request_id = $2";
 
     /// Whether user input is waiting beyond the forwarded cursor.
     pub const PENDING_INPUT: &str = "SELECT EXISTS (SELECT 1 FROM events \
@@ -309,11 +310,19 @@ impl Store {
         id: Uuid,
         request_id: &str,
     ) -> Result<Option<(i64, String)>> {
-        Ok(sqlx::query_as(sql::MESSAGE_BY_REQUEST)
+        let row: Option<(i64, String)> = sqlx::query_as(sql::MESSAGE_BY_REQUEST)
             .bind(id)
             .bind(request_id)
             .fetch_optional(&self.pool)
-            .await?)
+            .await?;
+        Ok(row.map(|(seq, payload)| {
+            let text = berth_common::events::payload::parse::<
+                berth_common::events::payload::UserMessage,
+            >(&payload)
+            .map(|m| m.text)
+            .unwrap_or_default();
+            (seq, text)
+        }))
     }
 
     /// Whether a user message beyond `after_seq` waits for the runtime.
@@ -368,6 +377,12 @@ pub(super) async fn append_rows<'e, E: sqlx::PgExecutor<'e>>(
             batch
                 .iter()
                 .map(|a| a.event.traceparent.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|a| a.event.request_id.as_deref())
                 .collect::<Vec<_>>(),
         )
         .fetch_all(ex)

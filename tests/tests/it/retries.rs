@@ -55,6 +55,12 @@ async fn a_message_retried_under_its_request_id_reaches_the_agent_once() -> anyh
         .into_inner()
         .seq;
     assert_eq!(late, first);
+    // Any text can be sent under a request id, a NUL escape too.
+    let nul = message(&s.name, "echo nul:\u{0}:end", "retry-nul");
+    let first_nul = c.send_message(nul.clone()).await?.into_inner().seq;
+    assert_eq!(c.send_message(nul).await?.into_inner().seq, first_nul);
+    until_turn_ends(&mut c, &s.name, first_nul - 1).await?;
+
     let events = events_of(&mut c, &s.name).await?;
     let sent: Vec<i64> = events
         .iter()
@@ -66,7 +72,7 @@ async fn a_message_retried_under_its_request_id_reaches_the_agent_once() -> anyh
         .iter()
         .filter(|e| e.r#type == "session.usage" && e.seq > first)
         .count();
-    assert_eq!(turns, 1, "the agent answered it once");
+    assert_eq!(turns, 2, "the agent answered each once");
     let last = events.last().map_or(0, |e| e.seq);
     let s = c
         .get_session(pb::GetSessionRequest { name: s.name })
