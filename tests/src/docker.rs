@@ -120,6 +120,20 @@ pub async fn containers_of(session_id: &str) -> anyhow::Result<Vec<String>> {
     Ok(ids)
 }
 
+/// The session's containers, waiting (briefly) for at least one: a
+/// pre-started container takes the session's name after the agent's first
+/// line, a moment after the session is under way.
+pub async fn containers_of_started(session_id: &str) -> anyhow::Result<Vec<String>> {
+    for _ in 0..50 {
+        let ids = containers_of(session_id).await?;
+        if !ids.is_empty() {
+            return Ok(ids);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    containers_of(session_id).await
+}
+
 /// Waits (briefly) until no container of the session exists: removal
 /// follows the status change by a moment.
 pub async fn no_containers_left(id: &str) -> anyhow::Result<()> {

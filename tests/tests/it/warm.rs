@@ -95,7 +95,7 @@ async fn a_second_session_takes_a_pre_started_process_holding_no_secret_nor_the_
 
     // Its container took the session's name at the claim; it holds neither
     // the key (the gateway attaches it) nor the first session's file.
-    let containers = containers_of(&s2.id).await?;
+    let containers = containers_of_started(&s2.id).await?;
     assert_eq!(containers.len(), 1, "{containers:?}");
     let environ = exec_output(&containers[0], &["sh", "-c", "cat /proc/*/environ"]).await?;
     assert!(!environ.contains(&key), "the key is in the process's env");
