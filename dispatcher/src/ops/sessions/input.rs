@@ -23,31 +23,30 @@ impl Sessions {
         request_id: Option<&str>,
         by: &str,
     ) -> Result<i64> {
-        if let Some(rid) = request_id {
-            self.get(project, id).await?;
-            if let Some(seq) = self.sent_before(id, rid, text).await? {
-                return Ok(seq);
-            }
-        }
-        self.require_input(
-            project,
-            id,
-            "messages can only be sent to pending, starting, running or idle sessions",
-        )
-        .await?;
-        let appended = self
-            .log
-            .append(id, NewEvent::user_message(text, request_id))
-            .await;
-        let e = match (appended, request_id) {
+        let sent = async {
+            self.require_input(
+                project,
+                id,
+                "messages can only be sent to pending, starting, running or idle sessions",
+            )
+            .await?;
+            self.log
+                .append(id, NewEvent::user_message(text, request_id))
+                .await
+        };
+        // A first call costs what a call without a key does; only a failed
+        // one looks for the key. A retry fails the key's unique index, or
+        // finds the session no longer taking input. Not for a session the
+        // caller cannot see: that error stands.
+        let e = match (sent.await, request_id) {
             (Ok(e), _) => e,
-            // A retry that raced the first call: the key's unique index
-            // refused the second message.
-            (Err(err), Some(rid)) => match self.sent_before(id, rid, text).await? {
-                Some(seq) => return Ok(seq),
-                None => return Err(err),
-            },
-            (Err(err), None) => return Err(err),
+            (Err(err @ (Error::WrongStatus { .. } | Error::Internal(_))), Some(rid)) => {
+                match self.sent_before(id, rid, text).await? {
+                    Some(seq) => return Ok(seq),
+                    None => return Err(err),
+                }
+            }
+            (Err(err), _) => return Err(err),
         };
         let detail = Detail::Seq { seq: e.seq };
         self.audit(project, by, Action::SessionSend, id, detail)
