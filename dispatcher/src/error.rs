@@ -67,6 +67,7 @@ impl Error {
 /// Postgres error codes we act on.
 mod pg_code {
     pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+    pub const UNIQUE_VIOLATION: &str = "23505";
     pub const SERIALIZATION_FAILURE: &str = "40001";
     pub const DEADLOCK_DETECTED: &str = "40P01";
     /// Text with a NUL byte (`invalid byte sequence for encoding "UTF8": 0x00`).
@@ -108,6 +109,15 @@ impl From<sqlx::Error> for Error {
                     Self::invalid(
                         "request",
                         "a text field holds a NUL character (U+0000), which cannot be stored",
+                    )
+                }
+                // A message under a request id its session has logged (a
+                // retry that raced the first call).
+                Some(pg_code::UNIQUE_VIOLATION)
+                    if db.constraint() == Some("events_message_request") =>
+                {
+                    Self::AlreadyExists(
+                        "the session has a message under this request_id already".into(),
                     )
                 }
                 Some(pg_code::FOREIGN_KEY_VIOLATION) => foreign_key(

@@ -239,7 +239,9 @@ impl Writer {
             .await;
         drop(ends);
         let Ok(Some((stored, usages))) = result else {
-            if let Err(e) = &result {
+            if let Err(e) = &result
+                && !matches!(e, Error::AlreadyExists(_))
+            {
                 tracing::warn!(error = %e, turns = turns.len(), "a batch of turn ends failed; committing each on its own");
             }
             // Back to front, so the earlier lines' ranges still hold.
@@ -261,17 +263,8 @@ impl Writer {
             return;
         };
         record_commit(started, batch);
-        let events = batch
-            .appends
-            .drain(..)
-            .zip(batch.done.drain(..))
-            .zip(stored)
-            .map(|((a, done), at)| {
-                mark_persisted(&a);
-                (Arc::new(a.into_event(at)), done)
-            })
-            .collect();
-        self.persisted(events);
+        let appends = batch.appends.drain(..).zip(batch.done.drain(..));
+        self.persisted(into_persisted(appends, stored));
         metrics::counter!(m::EVENTS_PERSISTED).increment(usages.len() as u64);
         let arcs: Vec<Arc<Event>> = usages.iter().map(|u| Arc::new(u.event.clone())).collect();
         self.hub.publish(&arcs);
@@ -292,16 +285,7 @@ impl Writer {
         record_commit(started, batch);
         let appends = batch.appends.drain(..).zip(batch.done.drain(..));
         match result {
-            Ok(stored) => {
-                let events: Vec<(Arc<Event>, Done)> = appends
-                    .zip(stored)
-                    .map(|((a, done), at)| {
-                        mark_persisted(&a);
-                        (Arc::new(a.into_event(at)), done)
-                    })
-                    .collect();
-                self.persisted(events);
-            }
+            Ok(stored) => self.persisted(into_persisted(appends, stored)),
             Err(e) => {
                 let appends: Vec<(Append, Done)> = appends.collect();
                 if appends.len() == 1 {
@@ -323,16 +307,7 @@ impl Writer {
                     let (group, dones): (Vec<Append>, Vec<Done>) = group.into_iter().unzip();
                     match self.retry(|| self.store.append(&group)).await {
                         Ok(at) if at.len() == group.len() => {
-                            let events = group
-                                .into_iter()
-                                .zip(at)
-                                .map(|(a, at)| {
-                                    mark_persisted(&a);
-                                    Arc::new(a.into_event(at))
-                                })
-                                .zip(dones)
-                                .collect();
-                            self.persisted(events);
+                            self.persisted(into_persisted(group.into_iter().zip(dones), at));
                         }
                         Ok(_) => {
                             for (a, done) in group.iter().zip(dones) {
@@ -496,20 +471,30 @@ pub(super) fn count_change(t: &Transitioned) {
     }
 }
 
-/// A line's appends as the events the store placed at `stored`, each
-/// marked persisted for the relay; nobody waits on them one by one.
-fn stored_events(
-    appends: Vec<Append>,
+/// Appends as the events the store placed at `stored` (same order), each
+/// marked persisted for the relay, with whom to tell. Moved, not copied:
+/// this runs for every agent event.
+fn into_persisted(
+    appends: impl IntoIterator<Item = (Append, Done)>,
     stored: Vec<crate::store::Stored>,
 ) -> Vec<(Arc<Event>, Done)> {
     appends
         .into_iter()
         .zip(stored)
-        .map(|(a, at)| {
+        .map(|((a, done), at)| {
             mark_persisted(&a);
-            (Arc::new(a.into_event(at)), None)
+            (Arc::new(a.into_event(at)), done)
         })
         .collect()
+}
+
+/// A line's appends as the events the store placed at `stored`; nobody
+/// waits on them one by one.
+fn stored_events(
+    appends: Vec<Append>,
+    stored: Vec<crate::store::Stored>,
+) -> Vec<(Arc<Event>, Done)> {
+    into_persisted(appends.into_iter().map(|a| (a, None)), stored)
 }
 
 /// Tells the relay that the node frame of `a` is persisted.
@@ -527,6 +512,7 @@ fn same(e: &Error) -> Error {
             epoch: *epoch,
             current: *current,
         },
+        Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
         other => Error::Internal(other.to_string()),
     }
 }
@@ -537,6 +523,10 @@ fn report(a: &Append, e: Error, done: Option<oneshot::Sender<Result<Event>>>) {
         // A superseded run's late event: the newer run owns the log now.
         (Error::Superseded { .. }, None) => {
             tracing::info!(session_id = %a.session, error = %e, kind = %a.event.kind, "dropped an event of a superseded run");
+        }
+        // A client's retry under a request id: not a failure to persist.
+        (Error::AlreadyExists(_), Some(done)) => {
+            let _ = done.send(Err(e));
         }
         (_, Some(done)) => {
             metrics::counter!(m::PERSIST_FAILURES).increment(1);

@@ -35,12 +35,12 @@ impl Sessions {
                 .await
         };
         // A first call costs what a call without a key does; only a failed
-        // one looks for the key. A retry fails the key's unique index, or
+        // one looks for the key. A retry meets the key's unique index, or
         // finds the session no longer taking input. Not for a session the
         // caller cannot see: that error stands.
         let e = match (sent.await, request_id) {
             (Ok(e), _) => e,
-            (Err(err @ (Error::WrongStatus { .. } | Error::Internal(_))), Some(rid)) => {
+            (Err(err @ (Error::WrongStatus { .. } | Error::AlreadyExists(_))), Some(rid)) => {
                 match self.sent_before(id, rid, text).await? {
                     Some(seq) => return Ok(seq),
                     None => return Err(err),
